@@ -1,0 +1,17 @@
+"""CachedAttention: an LLM serving engine that keeps every conversation's KV cache across turns."""
+
+from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
+from cachedattention.llm import LLM
+from cachedattention.outputs import RequestMetrics, RequestOutput
+from cachedattention.sampling import SamplingParams
+
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "RequestMetrics",
+    "EngineConfig",
+    "CacheConfig",
+    "SchedulerConfig",
+    "StoreConfig",
+]

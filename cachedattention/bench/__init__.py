@@ -1,0 +1,1 @@
+"""Multi-turn benchmark: workloads, metrics, cost model and reports (engine independent)."""

@@ -1,0 +1,86 @@
+"""Frozen configuration dataclasses for the engine, the KV cache and the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged device KV pool: page size and how much memory it may take."""
+
+    page_size: int = 16
+    memory_bytes: int | None = None  # None: a default sized for the device (see kvcache.kv_pool)
+    num_pages: int | None = None  # explicit page count wins over memory_bytes (tests force preemption)
+    enable_prefix_cache: bool = True  # keep finished requests' pages as a device-tier cache
+
+    def __post_init__(self) -> None:
+        if self.page_size <= 0:
+            raise ValueError(f"page_size must be positive, got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages must be at least 2, got {self.num_pages}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits: tokens per step (chunked prefill) and running requests."""
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_batched_tokens must be positive")
+        if self.max_num_seqs <= 0:
+            raise ValueError("max_num_seqs must be positive")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """AttentionStore tiers below the device: host DRAM and local disk, with byte budgets."""
+
+    enable: bool = True
+    store_dir: str | None = None  # None: no disk tier
+    host_bytes: int = 2 << 30
+    disk_bytes: int = 16 << 30
+    storage_dtype: str | None = None  # None: the model's dtype
+    layerwise: bool = True  # overlap loading layer l+1 with computing layer l
+    write_through: bool = False  # also write every saved segment to disk at once
+    policy: str = "lookahead"
+    prefetch_window: int | None = None
+    # context overflow: keep a head, drop a share of the history, reuse the rest
+    truncation: str = "reuse"  # "reuse" (keep KV at new positions) | "recompute" (paper's baseline) | "off"
+    keep_head_tokens: int | None = None  # None: the first turn's system prompt (found by the session)
+    drop_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.host_bytes < 0 or self.disk_bytes < 0:
+            raise ValueError("host_bytes and disk_bytes must be >= 0")
+        if self.storage_dtype is not None and self.storage_dtype not in _DTYPES:
+            raise ValueError(f"storage_dtype must be one of {_DTYPES}, got {self.storage_dtype!r}")
+        if self.truncation not in ("reuse", "recompute", "off"):
+            raise ValueError(f"truncation must be 'reuse', 'recompute' or 'off', got {self.truncation!r}")
+        if not 0.0 < self.drop_fraction <= 1.0:
+            raise ValueError(f"drop_fraction must be in (0, 1], got {self.drop_fraction}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; built by LLM(...) or the CLI."""
+
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_model_len: int | None = None  # None: the model's window
+    seed: int = 0
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    store: StoreConfig = StoreConfig(enable=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError("max_model_len must be positive")

@@ -1,0 +1,225 @@
+"""The step loop: admit requests, schedule a batch, run the model, sample, stop, hand out outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from cachedattention.config import EngineConfig
+from cachedattention.engine.request import Request, Status
+from cachedattention.engine.runner import ModelRunner
+from cachedattention.engine.scheduler import Scheduler
+from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
+from cachedattention.kvcache.page_pool import PagePool
+from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
+from cachedattention.outputs import RequestMetrics, RequestOutput
+from cachedattention.sampling import SamplingParams, make_generator, sample
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r} asked for but CUDA is not available")
+        self.device = torch.device(config.device)
+        self.loaded = loaded or load_model(config.model, config.device, config.dtype)
+        self.spec = self.loaded.spec
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        self.dtype = resolve_dtype(config.dtype)
+        self.model = self.loaded.model
+        self.model.init_rotary(self.max_model_len)
+        self.pool = self._make_pool()
+        self.pages = PagePool(self.pool.num_pages)
+        self.scheduler = Scheduler(
+            config.scheduler, self.pages, config.cache.page_size, config.cache.enable_prefix_cache
+        )
+        self.runner = ModelRunner(self.model, self.pool, self.device)
+        self.store = None
+        if config.store.enable:
+            from cachedattention.store.connector import StoreConnector
+
+            self.store = StoreConnector(config.store, self)
+            self.scheduler.store_lookup = self.store.lookup
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        eos = set(self.spec.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+
+    def _make_pool(self) -> KVPool:
+        c = self.config.cache
+        elt = torch.tensor([], dtype=self.dtype).element_size()
+        budget = c.memory_bytes or default_pool_bytes(self.device)
+        num_pages = c.num_pages or KVPool.pages_for_budget(self.spec, c.page_size, budget, elt)
+        return KVPool(self.spec, num_pages, c.page_size, self.device, self.dtype)
+
+    # -- requests -----------------------------------------------------------------------------
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass token ids instead of text")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError("a prompt must be a string or a list of token ids (ints)")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of the vocabulary (0..{self.spec.vocab_size - 1}): {bad[:5]}")
+        return ids
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        session_id: str | None = None,
+        stream_text: bool = False,
+    ) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise ValueError("session_id must be a non-empty string")
+        ids = self.tokenize(prompt)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = replace(params, eos_token_ids=() if params.ignore_eos else self.eos_token_ids)
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            params=params,
+            metrics=RequestMetrics(arrival_s=time.perf_counter(), prompt_tokens=len(ids)),
+            session_id=session_id,
+            logical_prompt=list(ids),
+            generator=make_generator(params, self.config.device),
+            stream_text=stream_text,
+        )
+        if self.store is not None:
+            self.store.prepare(req)  # may truncate an overflowing conversation
+        if len(req.prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(req.prompt_token_ids)} tokens but the model's window is "
+                f"{self.max_model_len}; shorten it (or enable store truncation for sessions)"
+            )
+        req.metrics.prompt_tokens = len(req.prompt_token_ids)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None or req.is_finished:
+            return None
+        self._finish(req, "abort")
+        return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        if self.store is not None:
+            self.store.publish_queue(self.scheduler.queued_sessions())
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        hooks = self.store.begin_step(scheduled) if self.store is not None else None
+        batch, wants = self.runner.build_batch(scheduled, hooks)
+        logits = self.runner.run(batch)
+        if self.store is not None:
+            self.store.end_step(scheduled)
+        for s in scheduled:
+            s.request.num_computed += s.num_new
+            self.scheduler.register_full_pages(s.request)
+        outputs = []
+        for row, i in enumerate(wants):
+            req = scheduled[i].request
+            token = sample(logits[row], req.params, req.generator)
+            self._append_token(req, token)
+            outputs.append(self._output(req))
+        return outputs
+
+    def _append_token(self, req: Request, token: int) -> None:
+        if req.metrics.first_token_s is None:
+            req.metrics.first_token_s = time.perf_counter()
+        req.output_token_ids.append(token)
+        p = req.params
+        reason = None
+        if token in p.stop_token_ids or token in p.eos_token_ids:
+            reason = "stop"
+        elif p.stop and self._hit_stop_string(req):
+            reason = "stop"
+        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(req, reason)
+
+    def _hit_stop_string(self, req: Request) -> bool:
+        text = self._decode(req.output_token_ids)
+        cut = min((i for i in (text.find(s) for s in req.params.stop) if i >= 0), default=-1)
+        if cut < 0:
+            return False
+        req.text = text[:cut]
+        return True
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        req.metrics.finish_s = time.perf_counter()
+        req.metrics.generated_tokens = len(req.output_token_ids)
+        if not (reason == "stop" and req.params.stop and req.text):
+            req.text = self._decode(req.output_token_ids)
+        if self.store is not None:
+            self.store.request_finished(req, saved=reason != "abort")
+        self.scheduler.finish(req)
+        self.requests.pop(req.request_id, None)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _output(self, req: Request) -> RequestOutput:
+        new = req.output_token_ids[req.num_sent :]
+        req.num_sent = len(req.output_token_ids)
+        text = req.text if req.is_finished else (self._decode(req.output_token_ids) if req.stream_text else "")
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=text,
+            finished=req.status is Status.FINISHED,
+            finish_reason=req.finish_reason,
+            metrics=req.metrics,
+            session_id=req.session_id,
+            new_token_ids=new,
+        )
+
+    # -- introspection ------------------------------------------------------------------------
+    def stats(self) -> dict:
+        out = {
+            "pages_total": self.pages.num_pages,
+            "pages_free": self.pages.num_available(),
+            "pages_cached": self.pages.num_cached(),
+            "device_evictions": self.pages.evictions,
+            "preemptions": self.scheduler.num_preemptions,
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+        }
+        if self.store is not None:
+            out.update(self.store.stats())
+        return out
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()

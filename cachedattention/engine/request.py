@@ -1,0 +1,56 @@
+"""A request's state as it moves waiting -> running -> finished (possibly preempted on the way)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cachedattention.outputs import RequestMetrics
+from cachedattention.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]  # what the model computes over (after any truncation)
+    params: SamplingParams
+    metrics: RequestMetrics
+    session_id: str | None = None
+    logical_prompt: list[int] | None = None  # the conversation as sent, before truncation (store bookkeeping)
+    generator: torch.Generator | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in `pages`
+    num_registered_blocks: int = 0  # full pages published to the prefix cache
+    block_hashes: list[int] = field(default_factory=list)
+    text: str = ""
+    stream_text: bool = False
+    num_sent: int = 0  # output tokens already handed out (streaming deltas)
+    store_state: Any = None  # the store connector's per-request bookkeeping
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_to_compute(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

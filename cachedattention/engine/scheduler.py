@@ -1,0 +1,150 @@
+"""Continuous batching: FCFS admission, a token budget per step (chunked prefill), preemption by recompute."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachedattention.config import SchedulerConfig
+from cachedattention.engine.request import Request, Status
+from cachedattention.kvcache.hashing import block_hashes, chain_hash
+from cachedattention.kvcache.page_pool import PagePool
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    num_new: int  # tokens computed this step
+    fresh: bool  # admitted this step (its store load, if any, starts now)
+
+
+# Called when a request is admitted after device-prefix matching: returns how many tokens
+# (beyond `device_hit`) the store can supply. The store records its plan on the request.
+StoreLookup = Callable[[Request, int], int]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pages: PagePool, page_size: int, prefix_cache: bool) -> None:
+        self.config = config
+        self.pages = pages
+        self.page_size = page_size
+        self.prefix_cache = prefix_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.store_lookup: StoreLookup | None = None
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def queued_sessions(self) -> list[str]:
+        """Session ids of the waiting jobs in queue order: the store's look-ahead hint."""
+        return [r.session_id for r in self.waiting if r.session_id is not None]
+
+    # -- one step -----------------------------------------------------------------------------
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status is not Status.RUNNING:
+                continue  # preempted by a request ahead of it this step
+            n = min(req.num_to_compute, budget)
+            if not self._grow(req, req.num_computed + n, out):
+                continue
+            out.append(ScheduledSeq(req, n, fresh=False))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hit = self._admit(req)
+            if hit is None:
+                break
+            self.waiting.popleft()
+            n = min(req.num_to_compute, budget)
+            if not self._grow(req, req.num_computed + n, out, allow_preempt=False):
+                self._release(req)
+                self.waiting.appendleft(req)
+                break
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.append(ScheduledSeq(req, n, fresh=True))
+            budget -= n
+        return out
+
+    def _admit(self, req: Request) -> int | None:
+        """Match the device prefix cache, then ask the store; set num_computed to the hit."""
+        tokens = req.all_token_ids
+        limit = len(tokens) - 1  # at least one token must be computed to get logits
+        if self.prefix_cache:
+            hashes = block_hashes(tokens, self.page_size, limit=limit)
+            blocks = [tokens[i * self.page_size : (i + 1) * self.page_size] for i in range(len(hashes))]
+            req.pages = self.pages.match_prefix(hashes, blocks)
+            req.block_hashes = hashes[: len(req.pages)]
+            req.num_registered_blocks = len(req.pages)
+        device_hit = len(req.pages) * self.page_size
+        store_hit = self.store_lookup(req, device_hit) if self.store_lookup else 0
+        req.num_computed = max(device_hit, min(store_hit, limit))
+        req.metrics.cached_tokens["device"] = device_hit
+        return req.num_computed
+
+    def _grow(self, req: Request, num_tokens: int, scheduled: list[ScheduledSeq], allow_preempt: bool = True) -> bool:
+        """Give req pages for num_tokens tokens, preempting the newest running requests if needed."""
+        need = -(-num_tokens // self.page_size) - len(req.pages)
+        while need > 0:
+            new = self.pages.allocate(need)
+            if new is not None:
+                req.pages.extend(new)
+                return True
+            if not allow_preempt:
+                return False
+            victim = self.running[-1]
+            self._preempt(victim, scheduled)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, victim: Request, scheduled: list[ScheduledSeq]) -> None:
+        """Free the victim's pages and requeue it at the front; it recomputes prompt + output later."""
+        self.running.remove(victim)
+        scheduled[:] = [s for s in scheduled if s.request is not victim]
+        self._release(victim)
+        victim.status = Status.WAITING
+        self.waiting.appendleft(victim)
+        self.num_preemptions += 1
+
+    def _release(self, req: Request) -> None:
+        self.pages.free(req.pages)
+        req.pages = []
+        req.num_computed = 0
+        req.num_registered_blocks = 0
+        req.block_hashes = []
+
+    # -- after the step -------------------------------------------------------------------------
+    def register_full_pages(self, req: Request) -> None:
+        """Publish the request's newly filled pages to the device prefix cache."""
+        if not self.prefix_cache:
+            return
+        tokens = req.all_token_ids
+        ps = self.page_size
+        while (req.num_registered_blocks + 1) * ps <= req.num_computed:
+            i = req.num_registered_blocks
+            parent = req.block_hashes[-1] if req.block_hashes else 0
+            block = tokens[i * ps : (i + 1) * ps]
+            h = chain_hash(parent, block)
+            req.block_hashes.append(h)
+            self.pages.register(req.pages[i], h, block)
+            req.num_registered_blocks += 1
+
+    def finish(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.pages.free(req.pages)
+        req.pages = []
+        req.status = Status.FINISHED

@@ -1,0 +1,1 @@
+"""Paged device KV memory: the page allocator, the KV tensors and prefix block hashes."""

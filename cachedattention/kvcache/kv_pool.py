@@ -1,0 +1,48 @@
+"""The device KV tensors: one flat slot array per layer for keys (post-RoPE) and values."""
+
+from __future__ import annotations
+
+import torch
+
+from cachedattention.model.spec import ModelSpec
+
+DEFAULT_CPU_BYTES = 1 << 30
+DEFAULT_GPU_FRACTION = 0.5
+
+
+def default_pool_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * DEFAULT_GPU_FRACTION)
+    return DEFAULT_CPU_BYTES
+
+
+class KVPool:
+    """Slot s = page * page_size + offset. Pages hold keys after RoPE (DESIGN.md)."""
+
+    def __init__(
+        self, spec: ModelSpec, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.num_pages = num_pages
+        self.page_size = page_size
+        shape = (num_pages * page_size, spec.num_kv_heads, spec.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+
+    @staticmethod
+    def pages_for_budget(spec: ModelSpec, page_size: int, budget_bytes: int, element_size: int) -> int:
+        return max(2, budget_bytes // (spec.kv_bytes_per_token(element_size) * page_size))
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
+
+    @staticmethod
+    def slots_for(pages: list[int], page_size: int, start: int, end: int, device: torch.device) -> torch.Tensor:
+        """Slots of token indices start..end-1 of a sequence with this page table."""
+        idx = torch.arange(start, end)
+        table = torch.tensor(pages, dtype=torch.long)
+        return (table[idx // page_size] * page_size + idx % page_size).to(device)

@@ -1,0 +1,118 @@
+"""Refcounted page allocator with a device-tier prefix cache of finished requests' full pages."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+
+class PagePool:
+    """Hands out fixed-size pages of the device KV pool.
+
+    A page is *free* (on the free list), *in use* (refcount > 0) or *cached* (refcount 0 but
+    holding a full block with a known hash, kept until the pool needs it, LRU first).
+    Shared prefixes are stored once: a cached or in-use page is matched by its block hash.
+    """
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 1:
+            raise ValueError("a page pool needs at least one page")
+        self.num_pages = num_pages
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        self._refs = [0] * num_pages
+        self._page_hash: dict[int, int] = {}
+        self._page_tokens: dict[int, tuple[int, ...]] = {}
+        self._hash_page: dict[int, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached pages, LRU first
+        self.evictions = 0
+
+    # -- queries -----------------------------------------------------------------------------
+    def num_available(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    def num_cached(self) -> int:
+        return len(self._evictable)
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
+
+    # -- allocation --------------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh pages (refcount 1), evicting cached pages LRU-first; None if the pool cannot."""
+        if n > self.num_available():
+            return None
+        pages = []
+        for _ in range(n):
+            page = self._free.pop() if self._free else self._evict_one()
+            self._refs[page] = 1
+            pages.append(page)
+        return pages
+
+    def free(self, pages: Sequence[int]) -> None:
+        """Drop one reference from each page; unreferenced hashed pages stay cached."""
+        for page in pages:
+            if self._refs[page] <= 0:
+                raise RuntimeError(f"page {page} freed more often than allocated")
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                if page in self._page_hash:
+                    self._evictable[page] = None
+                else:
+                    self._free.append(page)
+
+    def _evict_one(self) -> int:
+        page, _ = self._evictable.popitem(last=False)
+        self._forget_hash(page)
+        self.evictions += 1
+        return page
+
+    def _forget_hash(self, page: int) -> None:
+        h = self._page_hash.pop(page)
+        self._page_tokens.pop(page)
+        if self._hash_page.get(h) == page:
+            del self._hash_page[h]
+
+    # -- prefix cache ------------------------------------------------------------------------
+    def register(self, page: int, block_hash: int, tokens: Sequence[int]) -> None:
+        """Mark an in-use full page as holding the block with this hash (first writer wins)."""
+        if block_hash in self._hash_page or page in self._page_hash:
+            return
+        self._page_hash[page] = block_hash
+        self._page_tokens[page] = tuple(tokens)
+        self._hash_page[block_hash] = page
+
+    def match_prefix(self, hashes: Sequence[int], blocks: Sequence[Sequence[int]]) -> list[int]:
+        """Longest run of cached blocks, verified by their tokens; each matched page gains a reference."""
+        pages = []
+        for h, toks in zip(hashes, blocks):
+            page = self._hash_page.get(h)
+            if page is None or self._page_tokens[page] != tuple(toks):
+                break
+            pages.append(page)
+        for page in pages:
+            if self._refs[page] == 0:
+                del self._evictable[page]
+            self._refs[page] += 1
+        return pages
+
+    def clear_cache(self) -> None:
+        """Drop every cached (unreferenced) page, e.g. to force a store hit in tests."""
+        while self._evictable:
+            self._free.append(self._evict_one())
+
+    def check_integrity(self) -> None:
+        free = set(self._free)
+        if len(free) != len(self._free):
+            raise RuntimeError("a page is on the free list twice")
+        for page in range(self.num_pages):
+            states = (page in free) + (page in self._evictable) + (self._refs[page] > 0)
+            if states != 1:
+                raise RuntimeError(f"page {page} is in {states} states (free/cached/in use)")
+        for page in self._evictable:
+            if page not in self._page_hash:
+                raise RuntimeError(f"cached page {page} has no hash")
+        for h, page in self._hash_page.items():
+            if self._page_hash.get(page) != h:
+                raise RuntimeError(f"hash map out of sync for page {page}")
+        if any(r < 0 for r in self._refs):
+            raise RuntimeError("negative refcount")

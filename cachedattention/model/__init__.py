@@ -1,0 +1,1 @@
+"""Llama-family model code, weights loading and the embedded default model."""

@@ -1,0 +1,40 @@
+"""What one forward pass sees: the flat batch of new tokens and, per sequence, where its KV lives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a flat batch."""
+
+    start: int  # offset of its first new token in the flat batch
+    num_new: int  # new tokens computed this step
+    context_len: int  # tokens already in its pages before this step
+    slots: torch.Tensor  # pool slot of every token 0 .. context_len + num_new - 1
+
+    @property
+    def total_len(self) -> int:
+        return self.context_len + self.num_new
+
+
+class LayerHooks(Protocol):
+    """How the store talks to the model: wait until layer l's loaded KV is in the pages; take layer l's pre-RoPE KV."""
+
+    def wait_layer(self, layer: int) -> None: ...
+
+    def save_layer(self, layer: int, k_pre: torch.Tensor, v: torch.Tensor) -> None: ...
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    new_slots: torch.Tensor  # [T] pool slot of every new token
+    seqs: list[SeqSlice]
+    logits_indices: torch.Tensor  # flat indices whose next-token logits are wanted
+    hooks: LayerHooks | None = None

@@ -1,0 +1,120 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2) in plain PyTorch over a paged KV pool.
+
+Keys are rotated at attention time; each layer hands its pre-RoPE keys to the store hooks
+before rotating them (DESIGN.md, the positional-encoding rule).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cachedattention.kvcache.kv_pool import KVPool
+from cachedattention.model.batch import ForwardBatch, SeqSlice
+from cachedattention.model.layers import GatedMLP, RMSNorm
+from cachedattention.model.rope import RotaryEmbedding, apply_rotary
+from cachedattention.model.spec import ModelSpec
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        h, d = spec.hidden_size, spec.head_dim
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, layer: int, batch: ForwardBatch, pool: KVPool, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        s = self.spec
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, s.num_heads, s.head_dim)
+        k = self.k_proj(x).view(n, s.num_kv_heads, s.head_dim)
+        v = self.v_proj(x).view(n, s.num_kv_heads, s.head_dim)
+        if batch.hooks is not None:
+            batch.hooks.save_layer(layer, k, v)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if batch.hooks is not None:
+            batch.hooks.wait_layer(layer)
+        pool.write(layer, batch.new_slots, k, v)
+        out = torch.empty_like(q)
+        for seq in batch.seqs:
+            out[seq.start : seq.start + seq.num_new] = self._attend(q, k, v, seq, layer, pool)
+        return self.o_proj(out.view(n, -1))
+
+    @staticmethod
+    def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool) -> torch.Tensor:
+        lo, hi = seq.start, seq.start + seq.num_new
+        qs = q[lo:hi].transpose(0, 1)  # [heads, n, d]
+        if seq.context_len == 0:
+            # nothing cached: attend over this step's own keys, no gather from the pool
+            ks, vs = k[lo:hi], v[lo:hi]
+            mask, causal = None, seq.num_new > 1
+        else:
+            ks, vs = pool.gather(layer, seq.slots[: seq.total_len])
+            mask, causal = _offset_causal_mask(seq, q.device), False
+        o = F.scaled_dot_product_attention(
+            qs, ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
+        return o.transpose(0, 1)
+
+
+def _offset_causal_mask(seq: SeqSlice, device: torch.device) -> torch.Tensor | None:
+    """Query i (absolute index context_len + i) sees keys 0 .. context_len + i."""
+    if seq.num_new == 1:
+        return None
+    q_idx = torch.arange(seq.num_new, device=device).unsqueeze(1) + seq.context_len
+    k_idx = torch.arange(seq.total_len, device=device).unsqueeze(0)
+    return k_idx <= q_idx
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.self_attn = Attention(spec)
+        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Module names match Hugging Face checkpoints so state dicts load as they are."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = LlamaModel(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary: RotaryEmbedding | None = None
+
+    def tie_weights(self) -> None:
+        if self.spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_rotary(self, max_len: int) -> None:
+        p = self.lm_head.weight
+        self.rotary = RotaryEmbedding(self.spec, max_len, p.device, p.dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
+        """Run the flat batch through every layer; return float32 logits at batch.logits_indices."""
+        cos, sin = self.rotary.tables(batch.positions)
+        x = self.model.embed_tokens(batch.input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), i, batch, pool, cos, sin)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self.model.norm(x[batch.logits_indices])
+        return self.lm_head(x).float()

@@ -1,0 +1,125 @@
+"""Load a model from a Hugging Face folder, a GGUF file or the embedded default; random weights for benchmarks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cachedattention.model.embedded import embedded_model_dir
+from cachedattention.model.gguf_loader import gguf_config, gguf_state_dict
+from cachedattention.model.llama import LlamaForCausalLM
+from cachedattention.model.spec import ModelSpec, spec_from_hf_config
+from cachedattention.model.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    spec: ModelSpec
+    tokenizer: Tokenizer | None
+    name: str
+    weights_id: str  # identity of the weights, part of the store's model fingerprint
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def load_model(source: str | None, device: str, dtype: str) -> LoadedModel:
+    if source is None:
+        source = str(embedded_model_dir())
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(f"model path {source!r} does not exist (give a Hugging Face folder or a .gguf file)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{source!r} is a file but not a .gguf; give a Hugging Face model folder or a GGUF file")
+        config = gguf_config(str(path))
+        spec = spec_from_hf_config(config)
+        state = gguf_state_dict(str(path), config)
+        tok = Tokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        config = _read_config(path)
+        spec = spec_from_hf_config(config)
+        state = _read_safetensors(path)
+        tok = Tokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+    model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
+    return LoadedModel(model, spec, tok, path.name, _weights_id(path))
+
+
+def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+    """Instantiate without initialising (meta device), then adopt the given weights."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(spec)
+    expected = set(model.state_dict())
+    if spec.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    state = {k: v for k, v in state.items() if k in expected or k == "lm_head.weight"}
+    missing = expected - set(state)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def random_model(spec: ModelSpec, device: str, dtype: str, seed: int = 0) -> LlamaForCausalLM:
+    """Random weights of the given shape (benchmarks of large shapes without a download)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(spec)
+    model = model.to_empty(device=torch.device(device)).to(resolve_dtype(dtype))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.tie_weights()
+    return model.eval()
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise ValueError(f"{path} has no config.json; is it a Hugging Face model folder?")
+    return json.loads(cfg.read_text())
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if not files:
+        raise ValueError(f"{path} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def _weights_id(path: Path) -> str:
+    """Names and sizes of the weight files: cheap, and changes whenever the weights do."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]

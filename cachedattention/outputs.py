@@ -1,0 +1,43 @@
+"""What a finished (or streaming) request hands back: tokens, text and timing metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def empty_tiers() -> dict[str, int]:
+    return {"device": 0, "host": 0, "disk": 0}
+
+
+@dataclass
+class RequestMetrics:
+    arrival_s: float
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    cached_tokens: dict[str, int] = field(default_factory=empty_tiers)
+    load_s: float = 0.0  # time the forward waited for loaded KV (0 when fully overlapped)
+    save_s: float = 0.0  # time the save thread spent saving this request's KV
+    truncated_tokens: int = 0  # history tokens dropped by context-overflow truncation
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return sum(self.cached_tokens.values())
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    metrics: RequestMetrics
+    session_id: str | None = None
+    new_token_ids: list[int] = field(default_factory=list)  # tokens added since the last output (streaming)

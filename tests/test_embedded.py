@@ -1,0 +1,38 @@
+"""The embedded SmolLM2-135M-Instruct through our engine == transformers loading the same GGUF."""
+
+import pytest
+import torch
+
+from cachedattention import SamplingParams
+
+PROMPTS = [
+    [{"role": "user", "content": "Name three colors."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+]
+
+
+@pytest.mark.slow
+def test_embedded_greedy_matches_transformers_gguf(embedded_llm):
+    from transformers import AutoModelForCausalLM
+
+    from cachedattention.model.embedded import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    params = SamplingParams(max_tokens=32, temperature=0)
+    for messages in PROMPTS:
+        ids = embedded_llm.tokenizer.encode_chat(messages)
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=2)[0, len(ids):]
+        out = embedded_llm.chat(messages, params)
+        assert out.token_ids == ref.tolist()
+        assert len(out.token_ids) > 5
+
+
+@pytest.mark.slow
+def test_embedded_chat_text_and_stop_string(embedded_llm):
+    out = embedded_llm.chat(PROMPTS[0], SamplingParams(max_tokens=32, temperature=0))
+    assert out.finish_reason == "stop" and "Red" in out.text
+    cut = embedded_llm.chat(PROMPTS[0], SamplingParams(max_tokens=32, temperature=0, stop=("Blue",)))
+    assert cut.finish_reason == "stop" and cut.text.endswith("2. ") and "Blue" not in cut.text
+    assert cut.metrics.ttft_s > 0 and cut.metrics.prompt_tokens == len(embedded_llm.tokenizer.encode_chat(PROMPTS[0]))

@@ -1,0 +1,83 @@
+"""Bad input raises ValueError with a message that says what is wrong."""
+
+import json
+
+import pytest
+
+from cachedattention import LLM, SamplingParams
+
+
+def test_missing_model_path():
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(model="/no/such/model")
+
+
+def test_absolute_position_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    with pytest.raises(ValueError, match="absolute position"):
+        LLM(model=str(tmp_path))
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(ValueError, match="unsupported model_type"):
+        LLM(model=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
+def test_invalid_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_past_window_and_bad_tokens(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path), max_model_len=32)
+    with pytest.raises(ValueError, match="window"):
+        llm.generate([list(range(40))])
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate([[1, 2, 99999]])
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]])
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate(["text needs a tokenizer"])
+    # the engine still works after refusing bad input
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].finished
+    assert not llm.engine.has_unfinished()
+
+
+def test_pages_integrity_unit():
+    from cachedattention.kvcache.hashing import block_hashes
+    from cachedattention.kvcache.page_pool import PagePool
+
+    pool = PagePool(6)
+    a = pool.allocate(3)
+    assert pool.num_available() == 3 and pool.allocate(4) is None
+    toks = list(range(8))
+    hashes = block_hashes(toks, 4)
+    pool.register(a[0], hashes[0], toks[:4])
+    pool.register(a[1], hashes[1], toks[4:])
+    pool.free(a)
+    pool.check_integrity()
+    assert pool.num_cached() == 2 and pool.num_available() == 6
+    b = pool.match_prefix(hashes, [toks[:4], toks[4:]])
+    assert b == a[:2] and pool.refcount(a[0]) == 1
+    assert pool.match_prefix(hashes, [toks[:4], [9, 9, 9, 9]]) == [a[0]]  # verified by tokens
+    assert pool.refcount(a[0]) == 2
+    pool.free([a[0]])
+    pool.free(b)
+    with pytest.raises(RuntimeError):
+        pool.free([a[2]])
+    pool.check_integrity()
+    assert pool.allocate(6) is not None and pool.evictions == 2
+    pool.check_integrity()

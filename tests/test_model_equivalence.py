@@ -1,0 +1,124 @@
+"""Our Llama-family forward equals transformers' (logits and greedy tokens) on tiny random models."""
+
+import pytest
+import torch
+
+import cachedattention.engine.engine as engine_mod
+from cachedattention import LLM, SamplingParams
+from tests.tiny_models import hf_greedy
+
+KINDS = ["llama", "llama-tied", "qwen2", "mistral"]
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def capture_logits(monkeypatch) -> list[torch.Tensor]:
+    """Record every logits row the engine samples from."""
+    seen: list[torch.Tensor] = []
+    real = engine_mod.sample
+
+    def spy(logits, params, gen):
+        seen.append(logits.clone())
+        return real(logits, params, gen)
+
+    monkeypatch.setattr(engine_mod, "sample", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers_prefill_and_decode(kind, tiny_dirs, monkeypatch):
+    path, hf = tiny_dirs[kind]
+    llm = LLM(model=str(path))
+    seen = capture_logits(monkeypatch)
+    prompt = [(7 * i + 3) % 250 for i in range(37)]
+    out = llm.generate([prompt], GREEDY)[0]
+    ids = prompt + out.token_ids
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert len(seen) == 8
+    for step, logits in enumerate(seen):
+        assert rel_err(logits, ref[len(prompt) - 1 + step]) <= 1e-4, f"step {step}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_tokens_match_transformers(kind, tiny_dirs):
+    path, hf = tiny_dirs[kind]
+    llm = LLM(model=str(path))
+    for prompt in ([5, 9, 13], list(range(20, 80))):
+        out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+        assert out.token_ids == hf_greedy(hf, prompt, 12)
+
+
+def test_batched_chunked_prefill_equals_one_at_a_time(tiny_dirs):
+    from cachedattention import SchedulerConfig
+
+    path, _ = tiny_dirs["llama"]
+    prompts = [list(range(3, 3 + n)) for n in (5, 41, 17, 90, 1)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    single = [LLM(model=str(path)).generate([p], params)[0].token_ids for p in prompts]
+    llm = LLM(model=str(path), scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4))
+    batched = llm.generate(prompts, params)
+    assert [o.token_ids for o in batched] == single
+    llm.engine.pages.check_integrity()
+
+
+def test_tiny_pool_preempts_and_still_completes_correctly(tiny_dirs):
+    from cachedattention import CacheConfig, SchedulerConfig
+
+    path, _ = tiny_dirs["qwen2"]
+    prompts = [list(range(10 + i, 40 + i)) for i in range(4)]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    single = [LLM(model=str(path)).generate([p], params)[0].token_ids for p in prompts]
+    llm = LLM(
+        model=str(path),
+        cache=CacheConfig(page_size=4, num_pages=24, enable_prefix_cache=False),
+        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4),
+    )
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == single
+    assert llm.stats()["preemptions"] > 0
+    llm.engine.pages.check_integrity()
+    assert llm.engine.pages.num_available() == 24
+
+
+def test_prefix_cache_reuses_pages_and_keeps_tokens(tiny_dirs):
+    path, _ = tiny_dirs["mistral"]
+    llm = LLM(model=str(path))
+    prompt = list(range(5, 70))
+    first = llm.generate([prompt], GREEDY)[0]
+    second = llm.generate([prompt], GREEDY)[0]
+    assert second.token_ids == first.token_ids
+    assert first.metrics.cached_tokens["device"] == 0
+    assert second.metrics.cached_tokens["device"] == 64  # 4 full pages of 16, the last token recomputed
+    llm.engine.pages.check_integrity()
+
+
+def test_seeded_sampling_is_reproducible_and_topk1_is_greedy(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path))
+    prompt = list(range(30, 60))
+    p = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.9, seed=123, ignore_eos=True)
+    a = llm.generate([prompt, prompt], p)
+    b = llm.generate([prompt], p)[0]
+    assert a[0].token_ids == a[1].token_ids == b.token_ids
+    other = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=1.5, seed=7, ignore_eos=True))[0]
+    assert other.token_ids != b.token_ids
+    topk1 = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0.8, top_k=1, seed=1, ignore_eos=True))
+    greedy = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    assert topk1[0].token_ids == greedy[0].token_ids
+
+
+def test_stop_token_ids_and_eos_and_window(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path), max_model_len=64)
+    prompt = list(range(30, 60))
+    free = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    stop_at = free.token_ids[3]
+    out = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(stop_at,)))[0]
+    assert out.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
+    assert out.finish_reason == "stop"
+    long = llm.generate([prompt], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert long.finish_reason == "length" and len(prompt) + len(long.token_ids) == 64

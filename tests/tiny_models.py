@@ -1,0 +1,73 @@
+"""Tiny random-weight Hugging Face models (Llama, Qwen2, Mistral) used as references in tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 256
+
+
+def tiny_config(kind: str, **overrides):
+    import transformers
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "llama":
+        common.update(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=10000.0,
+        )
+        cls = transformers.LlamaConfig
+    elif kind == "llama-tied":
+        common.update(tie_word_embeddings=True, rope_theta=100000.0, num_key_value_heads=1)
+        cls = transformers.LlamaConfig
+    elif kind == "qwen2":
+        common.update(tie_word_embeddings=True, rope_theta=1000000.0)
+        cls = transformers.Qwen2Config
+    elif kind == "mistral":
+        common.update(sliding_window=None, rope_theta=10000.0)
+        cls = transformers.MistralConfig
+    else:
+        raise ValueError(kind)
+    common.update(overrides)
+    return cls(**common)
+
+
+def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
+    """Save a random tiny model to `path`; return the transformers model (float32, eval)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # random biases so qkv bias paths are exercised
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
+    """Reference greedy decoding with transformers' own KV cache."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
