@@ -47,7 +47,7 @@ class StoreConfig:
     disk_bytes: int = 16 << 30
     storage_dtype: str | None = None  # None: the model's dtype
     layerwise: bool = True  # overlap loading layer l+1 with computing layer l
-    write_through: bool = False  # also write every saved segment to disk at once
+    write_through: bool = True  # with a disk tier, persist each new segment at once (kill -9 loses at most one turn)
     policy: str = "lookahead"
     prefetch_window: int | None = None
     # context overflow: keep a head, drop a share of the history, reuse the rest

@@ -86,8 +86,11 @@ class LLM:
         """One assistant turn for a conversation; with a session_id its KV is reused next turn."""
         if self.engine.tokenizer is None:
             raise ValueError("this model has no tokenizer, so chat() cannot render messages")
-        prompt = self.engine.tokenizer.encode_chat(validate_messages(messages))
-        return self.generate([prompt], params, session_id=session_id)[0]
+        messages = validate_messages(messages)
+        prompt = self.engine.tokenizer.encode_chat(messages)
+        head = self.engine.tokenizer.head_length(messages, prompt)
+        rid = self.engine.add_request(prompt, params, session_id=session_id, head_tokens=head)
+        return self._run([rid])[0]
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

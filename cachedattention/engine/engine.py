@@ -86,6 +86,7 @@ class LLMEngine:
         request_id: str | None = None,
         session_id: str | None = None,
         stream_text: bool = False,
+        head_tokens: int = 0,
     ) -> str:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -106,6 +107,7 @@ class LLMEngine:
             logical_prompt=list(ids),
             generator=make_generator(params, self.config.device),
             stream_text=stream_text,
+            head_tokens=head_tokens,
         )
         if self.store is not None:
             self.store.prepare(req)  # may truncate an overflowing conversation
@@ -139,14 +141,18 @@ class LLMEngine:
         hooks = self.store.begin_step(scheduled) if self.store is not None else None
         batch, wants = self.runner.build_batch(scheduled, hooks)
         logits = self.runner.run(batch)
-        if self.store is not None:
-            self.store.end_step(scheduled)
+        failed = self.store.end_step(scheduled) if self.store is not None else []
         for s in scheduled:
-            s.request.num_computed += s.num_new
-            self.scheduler.register_full_pages(s.request)
+            if s.request not in failed:
+                s.request.num_computed += s.num_new
+                self.scheduler.register_full_pages(s.request)
+        for req in failed:  # a stored segment failed its check mid-load: recompute, never emit its logits
+            self.scheduler.requeue(req)
         outputs = []
         for row, i in enumerate(wants):
             req = scheduled[i].request
+            if req in failed:
+                continue
             token = sample(logits[row], req.params, req.generator)
             self._append_token(req, token)
             outputs.append(self._output(req))

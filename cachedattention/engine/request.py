@@ -26,6 +26,7 @@ class Request:
     metrics: RequestMetrics
     session_id: str | None = None
     logical_prompt: list[int] | None = None  # the conversation as sent, before truncation (store bookkeeping)
+    head_tokens: int = 0  # leading tokens truncation always keeps (the system prompt)
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING

@@ -109,13 +109,16 @@ class Scheduler:
         return True
 
     def _preempt(self, victim: Request, scheduled: list[ScheduledSeq]) -> None:
-        """Free the victim's pages and requeue it at the front; it recomputes prompt + output later."""
-        self.running.remove(victim)
         scheduled[:] = [s for s in scheduled if s.request is not victim]
-        self._release(victim)
-        victim.status = Status.WAITING
-        self.waiting.appendleft(victim)
+        self.requeue(victim)
         self.num_preemptions += 1
+
+    def requeue(self, req: Request) -> None:
+        """Free the request's pages and put it back at the front; it recomputes prompt + output later."""
+        self.running.remove(req)
+        self._release(req)
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
 
     def _release(self, req: Request) -> None:
         self.pages.free(req.pages)

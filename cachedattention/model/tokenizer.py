@@ -31,6 +31,19 @@ class Tokenizer:
             raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
         return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    def head_length(self, messages: Sequence[dict[str, str]], prompt: Sequence[int]) -> int:
+        """Tokens of the rendered prompt that come before the first non-system message's content:
+        the system prompt (given or the template's default) that context truncation keeps."""
+        if messages and messages[0]["role"] == "system":
+            probe = [messages[0]]
+        else:
+            probe = [{"role": "user", "content": "\x00"}]  # the content differs at once: LCP = template head
+        rendered = self.encode_chat(probe, add_generation_prompt=False)
+        n = 0
+        while n < min(len(rendered), len(prompt)) and rendered[n] == prompt[n]:
+            n += 1
+        return n
+
     def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt))
 

@@ -1,0 +1,111 @@
+"""`cachedattention serve | chat | generate | demo | bench`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv-pool-bytes", type=int, default=None, help="device KV pool budget")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    g = p.add_argument_group("AttentionStore")
+    g.add_argument("--no-store", action="store_true", help="plain engine: recompute every turn's history")
+    g.add_argument("--store-dir", default=None, help="disk tier folder (default: no disk tier)")
+    g.add_argument("--host-bytes", type=int, default=StoreConfig.host_bytes)
+    g.add_argument("--disk-bytes", type=int, default=StoreConfig.disk_bytes)
+    g.add_argument("--storage-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--policy", default="lookahead", choices=["lookahead", "lru", "fifo"])
+    g.add_argument("--no-layerwise", action="store_true", help="load the whole history before the forward")
+    g.add_argument("--write-back", action="store_true", help="write host segments to disk only on eviction or shutdown")
+    g.add_argument("--truncation", default="reuse", choices=["reuse", "recompute", "off"])
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        cache=CacheConfig(page_size=args.page_size, memory_bytes=args.kv_pool_bytes),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
+        store=StoreConfig(
+            enable=not args.no_store,
+            store_dir=args.store_dir,
+            host_bytes=args.host_bytes,
+            disk_bytes=args.disk_bytes,
+            storage_dtype=args.storage_dtype,
+            policy=args.policy,
+            layerwise=not args.no_layerwise,
+            write_through=not args.write_back,
+            truncation=args.truncation,
+        ),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cachedattention", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    add_engine_args(chat)
+    chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--system", default=None)
+    chat.add_argument("--session-id", default="terminal")
+
+    demo = sub.add_parser("demo", help="scripted multi-turn chat on the embedded model, with per-turn reuse")
+    add_engine_args(demo)
+    demo.add_argument("--max-tokens", type=int, default=48)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
+
+    bench = sub.add_parser("bench", help="benchmarks: throughput | turn | policy | workload")
+    from cachedattention.bench.cli import add_bench_args
+
+    add_bench_args(bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("generate", "chat", "demo"):
+            from cachedattention import terminal
+
+            return getattr(terminal, f"run_{args.command}")(args)
+        if args.command == "serve":
+            from cachedattention.server.app import serve
+
+            return serve(args)
+        from cachedattention.bench.cli import run_bench
+
+        return run_bench(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

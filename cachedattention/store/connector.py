@@ -1,0 +1,231 @@
+"""The engine's side of the store (vLLM-v1-style connector): plan, look up, load, capture, save.
+
+The scheduler sees only `lookup` (how many tokens the store supplies); the model sees only the
+layer hooks (wait for layer l, take layer l's pre-RoPE KV). Everything else stays in here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from cachedattention.config import StoreConfig
+from cachedattention.engine.request import Request
+from cachedattention.engine.scheduler import ScheduledSeq
+from cachedattention.kvcache.kv_pool import KVPool
+from cachedattention.model.loader import resolve_dtype
+from cachedattention.model.rope import apply_rotary
+from cachedattention.store.segment import KVLayout, SegmentKV
+from cachedattention.store.session import Span, TurnPlan, slice_spans
+from cachedattention.store.store import AttentionStore
+from cachedattention.store.transfer import Loader, LoadJob, Piece, SaveJob, Saver
+
+if TYPE_CHECKING:
+    from cachedattention.engine.engine import LLMEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TurnState:
+    """Per-request store bookkeeping, on `request.store_state`."""
+
+    key: str
+    plan: TurnPlan
+    reuse: list[Span] = field(default_factory=list)  # the part of plan.reuse still available at admission
+    hit: int = 0
+    tiers: list[tuple[Span, str]] = field(default_factory=list)
+    capture_start: int = 0  # first token of this turn's new segment
+    chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    pending_load: LoadJob | None = None
+    fresh: bool = False
+
+
+class StepHooks:
+    """The layer hooks of one forward pass."""
+
+    def __init__(self, jobs: list[LoadJob], savers: list[tuple[int, int, TurnState]]) -> None:
+        self.jobs = jobs
+        self.savers = savers  # (flat start, count, state) of sequences whose KV is captured
+
+    def wait_layer(self, layer: int) -> None:
+        for job in self.jobs:
+            job.wait(layer)
+
+    def save_layer(self, layer: int, k_pre: torch.Tensor, v: torch.Tensor) -> None:
+        for start, n, state in self.savers:
+            state.chunks[layer].append((k_pre[start : start + n], v[start : start + n]))
+
+
+class StoreConnector:
+    def __init__(self, config: StoreConfig, engine: LLMEngine) -> None:
+        spec = engine.spec
+        self.config = config
+        self.engine = engine
+        storage = resolve_dtype(config.storage_dtype or engine.config.dtype)
+        self.layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, storage)
+        fingerprint = f"{spec.fingerprint()}-{engine.loaded.weights_id}-{storage}".replace("torch.", "")
+        self.store = AttentionStore(config, self.layout, fingerprint, pin=engine.device.type == "cuda")
+        self.loader = Loader(engine.pool, engine.model.rotary, self.layout, engine.device)
+        self.saver = Saver(self.layout, self.store.host.allocate, engine.device)
+
+    # -- add_request ---------------------------------------------------------------------------
+    def prepare(self, req: Request) -> None:
+        """Plan the turn: match the session's record, truncate an overflowing conversation."""
+        window = self.engine.max_model_len
+        reserve = min(req.params.max_tokens, window // 4)
+        head = self.config.keep_head_tokens if self.config.keep_head_tokens is not None else req.head_tokens
+        key, plan = self.store.plan(req.session_id, list(req.logical_prompt), window, reserve, head)
+        req.prompt_token_ids = plan.effective_prompt
+        req.metrics.truncated_tokens = plan.truncated_now
+        req.store_state = TurnState(key=key, plan=plan)
+
+    # -- scheduler: admission ------------------------------------------------------------------
+    def lookup(self, req: Request, device_hit: int) -> int:
+        """Tokens the store can supply for this request (the scheduler takes max(device, store))."""
+        st: TurnState = req.store_state
+        st.tiers = self.store.available(st.plan.reuse)
+        st.reuse = [span for span, _ in st.tiers]
+        st.hit = sum(s.length for s in st.reuse)
+        limit = len(req.prompt_token_ids) - 1
+        usable = min(st.hit, limit)
+        counts = {"host": 0, "disk": 0}
+        pos = 0
+        for span, tier in st.tiers:
+            a, b = max(pos, device_hit), min(pos + span.length, usable)
+            if b > a:
+                counts[tier] += b - a
+            pos += span.length
+        req.metrics.cached_tokens.update(counts)
+        s = self.store.stats
+        s.lookups += 1
+        s.lookup_tokens += len(req.prompt_token_ids)
+        for tier, n in counts.items():
+            s.hit_tokens[tier] += n
+        st.fresh = True
+        return usable
+
+    # -- one step ------------------------------------------------------------------------------
+    def begin_step(self, scheduled: list[ScheduledSeq]) -> StepHooks:
+        jobs, savers = [], []
+        start = 0
+        for s in scheduled:
+            req, st = s.request, s.request.store_state
+            if st is not None and s.fresh:
+                job = self._start_turn(req, st)
+                if job is not None:
+                    jobs.append(job)
+            if st is not None:
+                savers.append((start, s.num_new, st))
+            start += s.num_new
+        return StepHooks(jobs, savers)
+
+    def _start_turn(self, req: Request, st: TurnState) -> LoadJob | None:
+        """A request was just admitted: load what the store supplies, start capturing the rest."""
+        num_layers = self.layout.num_layers
+        device_hit = req.metrics.cached_tokens["device"]
+        usable = req.num_computed if req.num_computed > device_hit else device_hit
+        st.chunks = [[] for _ in range(num_layers)]
+        st.capture_start = min(st.hit, usable)
+        if device_hit > st.hit:
+            self._capture_from_pages(req, st, st.hit, device_hit)
+        st.pending_load = None
+        if usable <= device_hit:
+            return None
+        job = self._load_job(req, st, device_hit, usable)
+        self.loader.submit(job, background=self.config.layerwise)
+        st.pending_load = job
+        return job
+
+    def _load_job(self, req: Request, st: TurnState, lo: int, hi: int) -> LoadJob:
+        pieces, pos = [], 0
+        for span, _tier in st.tiers:
+            a, b = max(pos, lo), min(pos + span.length, hi)
+            if b > a:
+                host = self.store.segment_host(span.seg_id)
+                if host is None and not self.store.wait_saved(span.seg_id, timeout=30):
+                    log.warning("store: segment %s still saving after 30 s", span.seg_id)
+                host = host or self.store.segment_host(span.seg_id)
+                lo_in = span.lo + a - pos
+                piece = Piece(span.seg_id, lo_in, lo_in + b - a, a, host)
+                if host is None and self.store.disk is not None:
+                    piece.open_disk = lambda seg=span.seg_id: self.store.disk.open(seg)
+                pieces.append(piece)
+            pos += span.length
+        dev = self.engine.device
+        slots = KVPool.slots_for(req.pages, self.engine.pool.page_size, lo, hi, dev)
+        positions = torch.arange(lo, hi, device=dev)
+        return LoadJob(pieces, slots, positions, lo, self.layout.num_layers)
+
+    def _capture_from_pages(self, req: Request, st: TurnState, lo: int, hi: int) -> None:
+        """Tokens served by another request's device pages: recover their pre-RoPE keys by rotating back."""
+        dev = self.engine.device
+        slots = KVPool.slots_for(req.pages, self.engine.pool.page_size, lo, hi, dev)
+        cos, sin = self.engine.model.rotary.tables(torch.arange(lo, hi, device=dev))
+        for layer in range(self.layout.num_layers):
+            k, v = self.engine.pool.gather(layer, slots)
+            st.chunks[layer].append((apply_rotary(k, cos, -sin), v))  # rotating by -theta undoes RoPE
+
+    def end_step(self, scheduled: list[ScheduledSeq]) -> list[Request]:
+        """Requests whose load failed a check: the engine recomputes them (never a wrong token)."""
+        failed = []
+        for s in scheduled:
+            st: TurnState | None = s.request.store_state
+            job = st.pending_load if st is not None else None
+            if job is None:
+                continue
+            st.pending_load = None
+            s.request.metrics.load_s += job.waited_s
+            for tier, n in job.bytes_read.items():
+                self.store.stats.bytes_loaded[tier] += n
+            if job.failed is not None:
+                self.store.drop_corrupt(*job.failed)
+                failed.append(s.request)
+        return failed
+
+    # -- finish --------------------------------------------------------------------------------
+    def request_finished(self, req: Request, saved: bool) -> None:
+        st: TurnState | None = req.store_state
+        if st is None:
+            return
+        req.store_state = None
+        plan = st.plan
+        if saved and st.chunks and req.num_computed > st.capture_start:
+            seg = self.store.new_segment_id()
+            n = req.num_computed - st.capture_start
+            full = (req.logical_prompt or []) + req.output_token_ids
+            logical_len = req.num_computed if req.num_computed <= plan.head else req.num_computed - plan.head + plan.dropped_until
+            reuse = slice_spans(st.reuse, 0, st.capture_start)
+            self.store.commit(st.key, full[:logical_len], plan, reuse, Span(seg, 0, n))
+            metrics = req.metrics
+
+            def done(seg_id: str, kv: SegmentKV | None, seconds: float) -> None:
+                metrics.save_s = seconds
+                if kv is not None:
+                    self.store.add_segment(seg_id, kv)
+                else:
+                    self.store.add_segment_failed(seg_id)
+
+            self.saver.submit(SaveJob(seg, st.chunks, done))
+        self.store.release(plan.reuse)
+
+    # -- look-ahead, stats, shutdown -----------------------------------------------------------
+    def publish_queue(self, session_ids: list[str]) -> None:
+        self.store.on_queue(session_ids)
+
+    def stats(self) -> dict:
+        return self.store.summary()
+
+    def check_integrity(self) -> None:
+        self.store.check_integrity()
+
+    def close(self) -> None:
+        self.store.flush()
+        self.loader.close()
+        self.saver.close()
+        self.store.close()
+
+

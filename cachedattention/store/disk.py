@@ -1,0 +1,265 @@
+"""Disk tier: one file per segment (header + per-layer K/V with checksums) and an SQLite index.
+
+Durability: a file is written to a temporary name, fsynced and renamed before its index row is
+committed, so a crash leaves at most an orphan file (removed at start-up), never a dangling row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"CATTNKV\x00"
+VERSION = 1
+_PREFIX = struct.Struct("<8sI")  # magic, header length
+_ALIGN = 64
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: store the raw 16-bit patterns
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def _from_bytes(buf: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.frombuffer(buf, dtype=np.int16).copy()).view(torch.bfloat16).view(shape)
+    return torch.from_numpy(np.frombuffer(buf, dtype=_NP_DTYPES[dtype]).copy()).view(shape)
+
+
+class DiskTier:
+    """Segments as files under `root/segments`, rows in `root/index.db` (segments and session records)."""
+
+    def __init__(self, root: str, budget_bytes: int, fingerprint: str, layout: KVLayout) -> None:
+        self.root = Path(root)
+        self.seg_dir = self.root / "segments"
+        self.seg_dir.mkdir(parents=True, exist_ok=True)
+        self.budget = budget_bytes
+        self.fingerprint = fingerprint
+        self.layout = layout
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.root / "index.db"), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS segments (seg_id TEXT PRIMARY KEY, num_tokens INT, nbytes INT, fingerprint TEXT)"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, body TEXT, fingerprint TEXT)")
+        self._sizes: dict[str, int] = {}
+        self._recover()
+
+    # -- start-up -----------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Drop own rows whose file is gone; delete temporary files and files no row names.
+
+        Rows of other models (another fingerprint) are left alone: they are not ours to serve or delete.
+        """
+        named = set()
+        for seg_id, nbytes, fp in self._db.execute("SELECT seg_id, nbytes, fingerprint FROM segments").fetchall():
+            named.add(seg_id)
+            if fp != self.fingerprint:
+                continue
+            if not self.path(seg_id).exists():
+                log.warning("store: index row %s has no file; dropping it", seg_id)
+                self._delete_row(seg_id)
+                continue
+            self._sizes[seg_id] = nbytes
+        for f in self.seg_dir.iterdir():
+            if f.suffix == ".tmp" or (f.suffix == ".kv" and f.stem not in named):
+                f.unlink(missing_ok=True)
+
+    # -- queries ------------------------------------------------------------------------------
+    def path(self, seg_id: str) -> Path:
+        return self.seg_dir / f"{seg_id}.kv"
+
+    def contains(self, seg_id: str) -> bool:
+        return seg_id in self._sizes
+
+    def size(self, seg_id: str) -> int:
+        return self._sizes[seg_id]
+
+    def used_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def segment_ids(self) -> list[str]:
+        return list(self._sizes)
+
+    # -- write --------------------------------------------------------------------------------
+    def put(self, seg_id: str, kv: SegmentKV) -> int:
+        """Write a segment durably; returns its file size. The caller made room in the budget."""
+        header, body = self._encode(seg_id, kv)
+        tmp = self.seg_dir / f"{seg_id}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for chunk in body:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(seg_id))
+        self._fsync_dir()
+        size = self.path(seg_id).stat().st_size
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO segments VALUES (?, ?, ?, ?)", (seg_id, kv.num_tokens, size, self.fingerprint)
+            )
+            self._sizes[seg_id] = size
+        return size
+
+    def file_size(self, kv: SegmentKV) -> int:
+        header, _ = self._encode("x" * 32, kv, with_body=False)
+        return len(header) + kv.nbytes
+
+    def _encode(self, seg_id: str, kv: SegmentKV, with_body: bool = True) -> tuple[bytes, list[bytes]]:
+        body: list[bytes] = []
+        sums: list[int] = []
+        if with_body:
+            for layer in range(kv.k.shape[0]):
+                kb, vb = _to_bytes(kv.k[layer]), _to_bytes(kv.v[layer])
+                sums.append(zlib.crc32(vb, zlib.crc32(kb)))
+                body += [kb, vb]
+        meta = {
+            "version": VERSION,
+            "seg_id": seg_id,
+            "fingerprint": self.fingerprint,
+            "num_tokens": kv.num_tokens,
+            "num_layers": self.layout.num_layers,
+            "kv_heads": self.layout.num_kv_heads,
+            "head_dim": self.layout.head_dim,
+            "dtype": str(self.layout.dtype).removeprefix("torch."),
+            "checksums": sums,
+        }
+        text = json.dumps(meta).encode()
+        total = _PREFIX.size + len(text)
+        pad = (-total) % _ALIGN
+        return _PREFIX.pack(MAGIC, len(text) + pad) + text + b" " * pad, body
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.seg_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- read ---------------------------------------------------------------------------------
+    def open(self, seg_id: str) -> SegmentReader:
+        """Open and validate a segment's header; CorruptSegment if anything is off."""
+        return SegmentReader(self.path(seg_id), self.fingerprint, self.layout)
+
+    def get(self, seg_id: str) -> SegmentKV:
+        """Read a whole segment (all layers, checksums verified)."""
+        with self.open(seg_id) as r:
+            ks, vs = zip(*(r.read_layer(layer) for layer in range(self.layout.num_layers)))
+        return SegmentKV(torch.stack(ks), torch.stack(vs))
+
+    # -- delete -------------------------------------------------------------------------------
+    def remove(self, seg_id: str) -> None:
+        with self._lock:
+            self._sizes.pop(seg_id, None)
+            self._delete_row(seg_id)
+        self.path(seg_id).unlink(missing_ok=True)
+
+    def _delete_row(self, seg_id: str) -> None:
+        self._db.execute("DELETE FROM segments WHERE seg_id=?", (seg_id,))
+
+    # -- session records ----------------------------------------------------------------------
+    def save_record(self, key: str, body: dict) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO records VALUES (?, ?, ?)", (key, json.dumps(body), self.fingerprint)
+            )
+
+    def delete_record(self, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM records WHERE key=?", (key,))
+
+    def load_records(self) -> list[dict]:
+        rows = self._db.execute("SELECT body FROM records WHERE fingerprint=?", (self.fingerprint,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def check_integrity(self) -> None:
+        rows = dict(self._db.execute("SELECT seg_id, nbytes FROM segments WHERE fingerprint=?", (self.fingerprint,)))
+        if rows != self._sizes:
+            raise RuntimeError("disk tier: index rows and in-memory sizes differ")
+        for seg_id, size in rows.items():
+            if not self.path(seg_id).exists() or self.path(seg_id).stat().st_size != size:
+                raise RuntimeError(f"disk tier: segment {seg_id} file missing or of the wrong size")
+        if self.used_bytes() > self.budget:
+            raise RuntimeError(f"disk tier over budget: {self.used_bytes()} > {self.budget}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class SegmentReader:
+    """Reads one segment layer by layer, verifying each layer's checksum as it goes."""
+
+    def __init__(self, path: Path, fingerprint: str, layout: KVLayout) -> None:
+        try:
+            self.f = open(path, "rb")
+        except OSError as e:
+            raise CorruptSegment(f"{path.name}: cannot open ({e.strerror})") from e
+        try:
+            magic, hlen = _PREFIX.unpack(self.f.read(_PREFIX.size))
+            if magic != MAGIC:
+                raise CorruptSegment(f"{path.name}: bad magic")
+            meta = json.loads(self.f.read(hlen))
+        except (struct.error, ValueError) as e:
+            self.f.close()
+            raise CorruptSegment(f"{path.name}: unreadable header") from e
+        self.meta = meta
+        self.layout = layout
+        self.n = meta["num_tokens"]
+        self.body = _PREFIX.size + hlen
+        self.half = self.n * layout.token_bytes()
+        problems = []
+        if meta.get("version") != VERSION:
+            problems.append(f"version {meta.get('version')}")
+        if meta.get("fingerprint") != fingerprint:
+            problems.append("model fingerprint differs")
+        if meta.get("dtype") != str(layout.dtype).removeprefix("torch."):
+            problems.append("dtype differs")
+        if os.fstat(self.f.fileno()).st_size != self.body + 2 * layout.num_layers * self.half:
+            problems.append("wrong file size (truncated?)")
+        if problems:
+            self.f.close()
+            raise CorruptSegment(f"{path.name}: " + ", ".join(problems))
+
+    def read_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = os.pread(self.f.fileno(), 2 * self.half, self.body + layer * 2 * self.half)
+        if len(buf) != 2 * self.half or zlib.crc32(buf) != self.meta["checksums"][layer]:
+            raise CorruptSegment(f"segment {self.meta['seg_id']}: layer {layer} checksum mismatch")
+        shape = (self.n, self.layout.num_kv_heads, self.layout.head_dim)
+        return (
+            _from_bytes(buf[: self.half], self.layout.dtype, shape),
+            _from_bytes(buf[self.half :], self.layout.dtype, shape),
+        )
+
+    def drop_page_cache(self) -> None:
+        """Evict this file from the OS page cache (benchmarks of cold disk reads)."""
+        os.posix_fadvise(self.f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> SegmentReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,151 @@
+"""A conversation's record in the store: its tokens, which of them truncation dropped, and where their KV lives.
+
+The record keeps the conversation's *logical* tokens (as the client renders it) and a
+truncation state: logical tokens [head, dropped_until) were dropped on context overflow.
+The *effective* tokens (what the model attends to) are logical[:head] + logical[dropped_until:],
+and `spans` hold the pre-RoPE KV of every effective token, in order, as slices of segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Span:
+    """Tokens [lo, hi) of one stored segment."""
+
+    seg_id: str
+    lo: int
+    hi: int
+
+    @property
+    def length(self) -> int:
+        return self.hi - self.lo
+
+
+@dataclass
+class SessionRecord:
+    key: str
+    logical: list[int]
+    spans: list[Span] = field(default_factory=list)
+    head: int = 0
+    dropped_until: int = 0  # == head when nothing was dropped
+
+    @property
+    def effective(self) -> list[int]:
+        return self.logical[: self.head] + self.logical[self.dropped_until :]
+
+    @property
+    def num_kv(self) -> int:
+        return sum(s.length for s in self.spans)
+
+    @property
+    def truncated(self) -> bool:
+        return self.dropped_until > self.head
+
+    def segment_ids(self) -> list[str]:
+        return list(dict.fromkeys(s.seg_id for s in self.spans))
+
+    def to_json(self) -> dict:
+        return {
+            "key": self.key,
+            "logical": self.logical,
+            "head": self.head,
+            "dropped_until": self.dropped_until,
+            "spans": [[s.seg_id, s.lo, s.hi] for s in self.spans],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> SessionRecord:
+        return cls(d["key"], list(d["logical"]), [Span(*s) for s in d["spans"]], d["head"], d["dropped_until"])
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def slice_spans(spans: Sequence[Span], lo: int, hi: int) -> list[Span]:
+    """The spans covering effective tokens [lo, hi)."""
+    out, pos = [], 0
+    for s in spans:
+        a, b = max(lo, pos), min(hi, pos + s.length)
+        if a < b:
+            out.append(Span(s.seg_id, s.lo + a - pos, s.lo + b - pos))
+        pos += s.length
+    return out
+
+
+def drop_range(spans: Sequence[Span], lo: int, hi: int) -> list[Span]:
+    """Spans without effective tokens [lo, hi): what truncation keeps."""
+    total = sum(s.length for s in spans)
+    return slice_spans(spans, 0, lo) + slice_spans(spans, hi, total)
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    """How one request relates to its session's record."""
+
+    effective_prompt: list[int]  # what the model computes over
+    reuse: list[Span]  # stored KV of effective tokens [0, hit)
+    head: int
+    dropped_until: int
+    truncated_now: int  # history tokens dropped by this turn's truncation
+
+    @property
+    def hit(self) -> int:
+        return sum(s.length for s in self.reuse)
+
+
+def plan_turn(
+    record: SessionRecord | None,
+    prompt: list[int],
+    window: int,
+    reserve: int,
+    head_hint: int,
+    drop_fraction: float,
+    mode: str,
+) -> TurnPlan:
+    """Match the new prompt against the record and truncate if it overflows the window.
+
+    mode: "reuse" keeps the retained pre-RoPE KV at its new positions; "recompute" is the
+    baseline that truncates tokens but recomputes the shifted history; "off" never truncates.
+    """
+    head, dropped = head_hint, head_hint
+    reuse: list[Span] = []
+    eff_lcp = 0  # effective tokens shared with the record: the history part of this prompt
+    if record is not None:
+        lcp = common_prefix(record.logical, prompt)
+        head = record.head
+        if record.truncated and lcp < record.dropped_until:
+            # the client edited history inside the dropped part: only the head still matches
+            dropped = head
+            eff_lcp = min(lcp, head)
+            reuse = slice_spans(record.spans, 0, min(eff_lcp, record.num_kv))
+        else:
+            dropped = record.dropped_until
+            eff_lcp = lcp if lcp <= head else head + lcp - dropped
+            reuse = slice_spans(record.spans, 0, min(eff_lcp, record.num_kv))
+    effective = prompt[:head] + prompt[dropped:]
+    limit = window - reserve
+    truncated_now = 0
+    if mode != "off" and len(effective) > limit and len(effective) - head > 1:
+        history = max(eff_lcp - head, 0)
+        need = len(effective) - limit
+        # drop a share of the history (not just what overflows) so the next turns do not re-truncate
+        drop = min(len(effective) - head - 1, max(need, int(history * drop_fraction + 0.5)))
+        new_dropped = dropped + drop
+        truncated_now = drop
+        hit = sum(s.length for s in reuse)
+        if mode == "reuse":
+            reuse = drop_range(reuse, head, min(head + drop, hit)) if hit > head else reuse
+        else:  # recompute baseline: positions shift, so nothing after the head is reusable
+            reuse = slice_spans(reuse, 0, min(head, hit))
+        dropped = new_dropped
+        effective = prompt[:head] + prompt[dropped:]
+    return TurnPlan(effective, reuse, head, dropped, truncated_now)

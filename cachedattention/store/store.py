@@ -1,0 +1,399 @@
+"""AttentionStore: session records and their KV segments across the host and disk tiers.
+
+Thread model: the engine thread plans turns and commits records; the save thread adds
+segments; the I/O thread writes through to disk and prefetches. One lock guards the metadata;
+big copies and file writes of new data happen outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cachedattention.config import StoreConfig
+from cachedattention.kvcache.hashing import block_hashes
+from cachedattention.store.disk import DiskTier
+from cachedattention.store.host import HostTier
+from cachedattention.store.ledger import TierLedger
+from cachedattention.store.policy import PolicyConfig, make_policy
+from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
+from cachedattention.store.session import SessionRecord, Span, TurnPlan, common_prefix, plan_turn
+
+log = logging.getLogger(__name__)
+
+ANON_BLOCK = 16  # tokens per block of the anonymous-prefix index
+
+
+@dataclass
+class StoreStats:
+    lookups: int = 0
+    hit_tokens: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
+    lookup_tokens: int = 0
+    host_evictions: int = 0
+    disk_evictions: int = 0
+    bytes_saved: int = 0
+    bytes_loaded: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
+    bytes_written_disk: int = 0
+    bytes_prefetched: int = 0
+    corrupt_segments: int = 0
+
+
+class AttentionStore:
+    def __init__(self, config: StoreConfig, layout: KVLayout, fingerprint: str, pin: bool) -> None:
+        self.config = config
+        self.layout = layout
+        self.fingerprint = fingerprint
+        self.host = HostTier(config.host_bytes, pin)
+        self.disk = DiskTier(config.store_dir, config.disk_bytes, fingerprint, layout) if config.store_dir else None
+        self.ledger = TierLedger(config.host_bytes, config.disk_bytes if self.disk else 0)
+        self.policy = make_policy(PolicyConfig(name=config.policy, prefetch_window=config.prefetch_window))
+        self.records: dict[str, SessionRecord] = {}
+        self._refs: dict[str, int] = {}  # segment -> spans of records and plans in flight that name it
+        self._pending: dict[str, threading.Event] = {}  # segments whose save is still running (write buffer)
+        self._anon: dict[int, str] = {}  # block hash -> anonymous record key
+        self._queue_keys: list[str] = []
+        self._lock = threading.RLock()
+        self.stats = StoreStats()
+        self._io: queue.Queue = queue.Queue()
+        self._fetching: set[str] = set()
+        self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
+        self._io_thread.start()
+        if self.disk is not None:
+            self._restore()
+
+    # -- restart ----------------------------------------------------------------------------
+    def _restore(self) -> None:
+        """Rebuild records and the ledger from the disk index (a previous process's sessions)."""
+        now = time.monotonic()
+        on_disk = set(self.disk.segment_ids())
+        for body in self.disk.load_records():
+            rec = SessionRecord.from_json(body)
+            self.records[rec.key] = rec
+            self._index_anon(rec)
+            for seg in rec.segment_ids():
+                self._refs[seg] = self._refs.get(seg, 0) + 1
+        for seg in on_disk:
+            if seg not in self._refs:
+                self.disk.remove(seg)  # no record names it: an orphan of a turn that never committed
+                continue
+            self.ledger.put_disk(seg, self.disk.size(seg), now)
+
+    # -- planning a turn --------------------------------------------------------------------
+    def plan(self, key: str | None, prompt: list[int], window: int, reserve: int, head_hint: int) -> tuple[str, TurnPlan]:
+        """Match a prompt against its session (or the longest anonymous prefix) and truncate if needed."""
+        with self._lock:
+            if key is None:
+                key, record = self._find_anon(prompt)
+                mode = "off"
+            else:
+                record = self.records.get(key)
+                mode = self.config.truncation
+            plan = plan_turn(record, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)
+            self._ref_spans(plan.reuse, +1)
+            return key, plan
+
+    def release(self, spans: Sequence[Span]) -> None:
+        with self._lock:
+            self._ref_spans(spans, -1)
+
+    def available(self, spans: Sequence[Span]) -> list[tuple[Span, str]]:
+        """The usable prefix of `spans`, each with the tier it will be read from; stops at the first missing segment."""
+        out = []
+        with self._lock:
+            for span in spans:
+                tier = self._tier_of(span.seg_id)
+                if tier is None:
+                    break
+                out.append((span, tier))
+                if span.seg_id in self.ledger:
+                    self.ledger.touch(span.seg_id, time.monotonic())
+        return out
+
+    def _tier_of(self, seg_id: str) -> str | None:
+        if self.host.contains(seg_id) or seg_id in self._pending:
+            return "host"
+        if self.disk is not None and self.disk.contains(seg_id):
+            return "disk"
+        return None
+
+    # -- committing a turn ------------------------------------------------------------------
+    def new_segment_id(self) -> str:
+        return uuid.uuid4().hex
+
+    def commit(self, key: str, logical: list[int], plan: TurnPlan, reuse: Sequence[Span], new: Span | None) -> None:
+        """Replace the session's record: the reused spans, then this turn's new segment (maybe still saving)."""
+        spans = list(reuse) + ([new] if new is not None and new.length > 0 else [])
+        record = SessionRecord(key, logical, spans, plan.head, plan.dropped_until)
+        with self._lock:
+            if new is not None and new.length > 0:
+                self._pending[new.seg_id] = threading.Event()
+            old = self.records.get(key)
+            self._ref_spans(spans, +1)
+            if old is not None:
+                self._unindex_anon(old)
+                self._ref_spans(old.spans, -1)
+            self.records[key] = record
+            if key.startswith("anon-"):
+                self._index_anon(record)
+        if self.disk is not None:
+            self._io.put(("record", key))
+
+    def add_segment(self, seg_id: str, kv: SegmentKV) -> None:
+        """The save thread's hand-off: the segment's KV is complete; place it in the host tier."""
+        with self._lock:
+            done = self._pending.pop(seg_id, None)
+            if seg_id not in self._refs:  # superseded before its save finished
+                if done:
+                    done.set()
+                return
+            self.stats.bytes_saved += kv.nbytes
+            if kv.nbytes <= self.host.budget and self._make_host_room(kv.nbytes, protect={seg_id}):
+                self.host.put(seg_id, kv)
+                self.ledger.put_host(seg_id, kv.nbytes, time.monotonic())
+                if self.disk is not None and self.config.write_through:
+                    self._io.put(("write", seg_id))
+            elif self.disk is not None:
+                self._write_to_disk(seg_id, kv)
+            if done:
+                done.set()
+
+    def add_segment_failed(self, seg_id: str) -> None:
+        """The save thread could not build the segment: records naming it end before it."""
+        with self._lock:
+            done = self._pending.pop(seg_id, None)
+            if done:
+                done.set()
+
+    def wait_saved(self, seg_id: str, timeout: float | None = None) -> bool:
+        ev = self._pending.get(seg_id)
+        return ev is None or ev.wait(timeout)
+
+    def segment_host(self, seg_id: str) -> SegmentKV | None:
+        return self.host.get(seg_id)
+
+    # -- eviction ---------------------------------------------------------------------------
+    def _queued_segments(self) -> list[str]:
+        segs: list[str] = []
+        for key in self._queue_keys:
+            rec = self.records.get(key)
+            if rec is not None:
+                segs.extend(rec.segment_ids())
+        return segs
+
+    def _make_host_room(self, need: int, protect: set[str]) -> bool:
+        victims = self.policy.host_victims(self.ledger, need, self._queued_segments(), time.monotonic(), protect)
+        for seg in victims:
+            self._demote(seg)
+        return self.ledger.host_free >= need
+
+    def _demote(self, seg_id: str) -> None:
+        """Host -> disk (write-back if it is not there yet), then drop the host copy."""
+        kv = self.host.evict(seg_id)
+        entry = self.ledger.entry(seg_id)
+        if entry is not None and entry.in_host:
+            self.ledger.drop_host(seg_id)
+        self.stats.host_evictions += 1
+        if kv is not None and self.disk is not None and not self.disk.contains(seg_id):
+            self._write_to_disk(seg_id, kv)
+
+    def _write_to_disk(self, seg_id: str, kv: SegmentKV) -> None:
+        size = self.disk.file_size(kv)
+        if size > self.disk.budget or not self._make_disk_room(size, protect={seg_id}):
+            log.warning("store: segment %s (%d bytes) does not fit the disk budget; dropped", seg_id, size)
+            return
+        try:
+            self.disk.put(seg_id, kv)
+        except OSError as e:  # a full or failing disk loses this segment, not the engine
+            log.warning("store: writing segment %s failed (%s); it stays only where it was", seg_id, e)
+            return
+        self.ledger.put_disk(seg_id, size, time.monotonic())
+        self.stats.bytes_written_disk += size
+
+    def _make_disk_room(self, need: int, protect: set[str]) -> bool:
+        victims = self.policy.disk_victims(self.ledger, need, self._queued_segments(), time.monotonic(), protect)
+        for seg in victims:
+            self.disk.remove(seg)
+            self.ledger.drop_disk(seg)
+            self.stats.disk_evictions += 1
+        return self.ledger.disk_free >= need
+
+    def drop_corrupt(self, seg_id: str, reason: str) -> None:
+        """A segment failed a check: forget every copy, so lookups stop before it."""
+        log.warning("store: segment %s is corrupt (%s); serving a shorter hit and recomputing", seg_id, reason)
+        with self._lock:
+            self.stats.corrupt_segments += 1
+            if self.host.evict(seg_id) is not None:
+                self.ledger.drop_host(seg_id)
+            if self.disk is not None and self.disk.contains(seg_id):
+                self.disk.remove(seg_id)
+                self.ledger.drop_disk(seg_id)
+
+    # -- look-ahead -------------------------------------------------------------------------
+    def on_queue(self, keys: Sequence[str]) -> None:
+        """The scheduler's hint: sessions of queued jobs in order. Prefetch the window's disk-only segments."""
+        with self._lock:
+            self._queue_keys = list(keys)
+            if self.disk is None:
+                return
+            for seg in self.policy.prefetch(self.ledger, self._queued_segments()):
+                if seg not in self._fetching:
+                    self._fetching.add(seg)
+                    self._io.put(("fetch", seg))
+
+    def _fetch(self, seg_id: str) -> None:
+        try:
+            kv = self.disk.get(seg_id)
+        except CorruptSegment as e:
+            self.drop_corrupt(seg_id, str(e))
+            return
+        finally:
+            self._fetching.discard(seg_id)
+        with self._lock:
+            if self.host.contains(seg_id) or seg_id not in self.ledger:
+                return
+            if self._make_host_room(kv.nbytes, protect=set(self._queued_segments()[:1]) | {seg_id}):
+                self.host.put(seg_id, kv)
+                self.ledger.put_host(seg_id, kv.nbytes, time.monotonic())
+                self.stats.bytes_prefetched += kv.nbytes
+
+    # -- the I/O thread ---------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        while True:
+            job = self._io.get()
+            try:
+                if job is None:
+                    return
+                kind, arg = job
+                if kind == "write":
+                    with self._lock:
+                        kv = self.host.get(arg)
+                        if kv is not None and not self.disk.contains(arg) and arg in self._refs:
+                            self._write_to_disk(arg, kv)
+                elif kind == "record":
+                    with self._lock:
+                        rec = self.records.get(arg)
+                        body = rec.to_json() if rec is not None else None
+                    if body is None:
+                        self.disk.delete_record(arg)
+                    else:
+                        self.disk.save_record(arg, body)
+                elif kind == "fetch":
+                    self._fetch(arg)
+            except Exception:  # the I/O thread must survive any single failure
+                log.exception("store: I/O job %s failed", job)
+            finally:
+                self._io.task_done()
+
+    def flush(self) -> None:
+        """Wait for pending saves and I/O, then write every host-only segment to disk (shutdown)."""
+        for ev in list(self._pending.values()):
+            ev.wait(30)
+        self._io.join()
+        if self.disk is None:
+            return
+        with self._lock:
+            for seg in self.host.segment_ids():
+                if not self.disk.contains(seg) and seg in self._refs:
+                    self._write_to_disk(seg, self.host.get(seg))
+            for key in self.records:
+                self._io.put(("record", key))
+        self._io.join()
+
+    def close(self) -> None:
+        self.flush()
+        self._io.put(None)
+        self._io_thread.join(timeout=10)
+        if self.disk is not None:
+            self.disk.close()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _ref_spans(self, spans: Sequence[Span], delta: int) -> None:
+        for seg in dict.fromkeys(s.seg_id for s in spans):
+            n = self._refs.get(seg, 0) + delta
+            if n > 0:
+                self._refs[seg] = n
+                continue
+            self._refs.pop(seg, None)
+            self._forget_segment(seg)
+
+    def _forget_segment(self, seg_id: str) -> None:
+        """No record or plan names it any more: free its bytes everywhere."""
+        self.host.evict(seg_id)
+        if self.disk is not None and self.disk.contains(seg_id):
+            self.disk.remove(seg_id)
+        if seg_id in self.ledger:
+            self.ledger.forget(seg_id)
+
+    def _find_anon(self, prompt: list[int]) -> tuple[str, SessionRecord | None]:
+        """The anonymous record sharing the longest block-aligned prefix (verified by tokens)."""
+        for h in reversed(block_hashes(prompt, ANON_BLOCK)):
+            key = self._anon.get(h)
+            rec = self.records.get(key) if key else None
+            if rec is not None and common_prefix(rec.logical, prompt) >= ANON_BLOCK:
+                # extend that record when this prompt continues it; otherwise start a new one
+                if common_prefix(rec.logical, prompt) == len(rec.logical):
+                    return key, rec
+                return f"anon-{uuid.uuid4().hex}", rec
+        return f"anon-{uuid.uuid4().hex}", None
+
+    def _index_anon(self, rec: SessionRecord) -> None:
+        if rec.key.startswith("anon-"):
+            for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv):
+                self._anon[h] = rec.key
+
+    def _unindex_anon(self, rec: SessionRecord) -> None:
+        for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv):
+            if self._anon.get(h) == rec.key:
+                del self._anon[h]
+
+    def summary(self) -> dict:
+        s = self.stats
+        hits = sum(s.hit_tokens.values())
+        return {
+            "store_lookups": s.lookups,
+            "store_hit_rate": hits / s.lookup_tokens if s.lookup_tokens else 0.0,
+            "store_hit_tokens": dict(s.hit_tokens),
+            "host_bytes_used": self.host.used_bytes(),
+            "host_bytes_budget": self.host.budget,
+            "disk_bytes_used": self.disk.used_bytes() if self.disk else 0,
+            "disk_bytes_budget": self.disk.budget if self.disk else 0,
+            "host_evictions": s.host_evictions,
+            "disk_evictions": s.disk_evictions,
+            "bytes_saved": s.bytes_saved,
+            "bytes_loaded": dict(s.bytes_loaded),
+            "bytes_written_disk": s.bytes_written_disk,
+            "bytes_prefetched": s.bytes_prefetched,
+            "corrupt_segments": s.corrupt_segments,
+            "sessions": len(self.records),
+        }
+
+    def check_integrity(self) -> None:
+        with self._lock:
+            self.host.check_integrity()
+            self.ledger.check_integrity()
+            if self.disk is not None:
+                self.disk.check_integrity()
+            for seg in self.host.segment_ids():
+                e = self.ledger.entry(seg)
+                if e is None or not e.in_host:
+                    raise RuntimeError(f"host segment {seg} missing from the ledger")
+            if self.disk is not None:
+                for seg in self.disk.segment_ids():
+                    e = self.ledger.entry(seg)
+                    if e is None or not e.in_disk:
+                        raise RuntimeError(f"disk segment {seg} missing from the ledger")
+            for e in self.ledger.sessions():
+                if e.in_host and not self.host.contains(e.session_id):
+                    raise RuntimeError(f"ledger says {e.session_id} is in host, but it is not")
+            counted: dict[str, int] = {}
+            for rec in self.records.values():
+                for seg in rec.segment_ids():
+                    counted[seg] = counted.get(seg, 0) + 1
+            for seg, n in counted.items():
+                if self._refs.get(seg, 0) < n:
+                    raise RuntimeError(f"segment {seg} has fewer refs than records naming it")

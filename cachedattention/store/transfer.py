@@ -1,0 +1,219 @@
+"""Moving KV between the store tiers and the device pages, layer by layer, off the compute thread.
+
+Loading: a loader thread (CUDA: a copy stream) reads layer l of every piece, rotates the
+pre-RoPE keys to the positions the tokens have now, writes them into the pages, and signals
+layer l's event; the forward waits only for the layer it is about to compute.
+Saving: the forward hands each layer's pre-RoPE K/V (views, no copy) to a per-request buffer;
+at the end of the request the save thread copies them layer by layer into a host segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cachedattention.kvcache.kv_pool import KVPool
+from cachedattention.model.rope import RotaryEmbedding
+from cachedattention.store.disk import SegmentReader
+from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Piece:
+    """Tokens [lo, hi) of one segment, landing at request tokens [dst, dst + hi - lo)."""
+
+    seg_id: str
+    lo: int
+    hi: int
+    dst: int
+    host: SegmentKV | None  # set when read from host memory
+    open_disk: Callable[[], SegmentReader] | None = None  # set when read from disk
+
+
+@dataclass
+class LoadJob:
+    pieces: list[Piece]
+    slots: torch.Tensor  # pool slots of request tokens [start, end)
+    positions: torch.Tensor  # positions those tokens have now (after any truncation)
+    start: int
+    num_layers: int
+    events: list[threading.Event] = field(default_factory=list)
+    cuda_events: list = field(default_factory=list)
+    failed: tuple[str, str] | None = None  # (segment, reason) when a read failed its check
+    waited_s: float = 0.0
+    bytes_read: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
+
+    def __post_init__(self) -> None:
+        self.events = [threading.Event() for _ in range(self.num_layers)]
+
+    def wait(self, layer: int) -> None:
+        if not self.events[layer].is_set():
+            t = time.perf_counter()
+            self.events[layer].wait()
+            self.waited_s += time.perf_counter() - t
+        if self.cuda_events:
+            torch.cuda.current_stream().wait_event(self.cuda_events[layer])
+
+
+class Loader:
+    """Runs load jobs, synchronously or on a background thread (layer-wise overlap)."""
+
+    def __init__(self, pool: KVPool, rotary: RotaryEmbedding, layout: KVLayout, device: torch.device) -> None:
+        self.pool = pool
+        self.rotary = rotary
+        self.layout = layout
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="store-loader", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: LoadJob, background: bool) -> None:
+        if self.stream is not None:
+            # the pages were allocated (and maybe zeroed) on the compute stream: order after it
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            job.cuda_events = [torch.cuda.Event() for _ in range(job.num_layers)]
+        if background:
+            self._jobs.put(job)
+        else:
+            self.run(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            self.run(job)
+
+    def run(self, job: LoadJob) -> None:
+        readers: dict[str, SegmentReader] = {}
+        try:
+            ctx = torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext()
+            with ctx, torch.inference_mode():
+                for layer in range(job.num_layers):
+                    if job.failed is None:
+                        try:
+                            self._load_layer(job, layer, readers)
+                        except CorruptSegment as e:
+                            job.failed = (getattr(e, "seg_id", ""), str(e))
+                    if job.cuda_events:
+                        job.cuda_events[layer].record(self.stream)
+                    job.events[layer].set()
+        finally:
+            for r in readers.values():
+                r.close()
+            for ev in job.events:  # never leave the forward waiting, whatever happened
+                ev.set()
+
+    def _load_layer(self, job: LoadJob, layer: int, readers: dict[str, SegmentReader]) -> None:
+        dtype = self.pool.k[0].dtype
+        for p in job.pieces:
+            if p.host is not None:
+                k, v = p.host.k[layer, p.lo : p.hi], p.host.v[layer, p.lo : p.hi]
+                tier = "host"
+            else:
+                if p.seg_id not in readers:
+                    readers[p.seg_id] = _open(p)
+                try:
+                    k_all, v_all = readers[p.seg_id].read_layer(layer)
+                except CorruptSegment as e:
+                    e.seg_id = p.seg_id
+                    raise
+                k, v = k_all[p.lo : p.hi], v_all[p.lo : p.hi]
+                tier = "disk"
+            job.bytes_read[tier] += 2 * k.numel() * k.element_size()
+            a, b = p.dst - job.start, p.dst - job.start + p.hi - p.lo
+            k = k.to(self.device, non_blocking=True).to(dtype)
+            v = v.to(self.device, non_blocking=True).to(dtype)
+            # pages hold post-RoPE keys: rotate to the positions these tokens have now
+            k = self.rotary.rotate(k, job.positions[a:b])
+            self.pool.write(layer, job.slots[a:b], k, v)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+def _open(p: Piece) -> SegmentReader:
+    try:
+        return p.open_disk()
+    except CorruptSegment as e:
+        e.seg_id = p.seg_id
+        raise
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@dataclass
+class SaveJob:
+    seg_id: str
+    chunks: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: pre-RoPE (k, v) pieces in token order
+    on_done: Callable[[str, SegmentKV, float], None]
+    ready: torch.cuda.Event | None = None
+
+
+class Saver:
+    """Copies finished requests' pre-RoPE KV into host segments, layer by layer, on its own thread."""
+
+    def __init__(self, layout: KVLayout, allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], device: torch.device) -> None:
+        self.layout = layout
+        self.allocate = allocate
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="store-saver", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: SaveJob) -> None:
+        if self.stream is not None:
+            job.ready = torch.cuda.Event()
+            job.ready.record(torch.cuda.current_stream())
+        self._jobs.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                t = time.perf_counter()
+                kv = self._copy(job)
+                job.on_done(job.seg_id, kv, time.perf_counter() - t)
+            except Exception:
+                log.exception("store: saving segment %s failed; the turn will be recomputed next time", job.seg_id)
+                job.on_done(job.seg_id, None, 0.0)
+
+    def _copy(self, job: SaveJob) -> SegmentKV:
+        n = sum(k.shape[0] for k, _ in job.chunks[0])
+        lay = self.layout
+        shape = (lay.num_layers, n, lay.num_kv_heads, lay.head_dim)
+        k_out, v_out = self.allocate(shape, lay.dtype), self.allocate(shape, lay.dtype)
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext()
+        with ctx, torch.inference_mode():
+            if job.ready is not None:
+                self.stream.wait_event(job.ready)
+            for layer, pieces in enumerate(job.chunks):
+                pos = 0
+                for k, v in pieces:
+                    m = k.shape[0]
+                    k_out[layer, pos : pos + m].copy_(k, non_blocking=True)
+                    v_out[layer, pos : pos + m].copy_(v, non_blocking=True)
+                    pos += m
+            if self.stream is not None:
+                self.stream.synchronize()
+        return SegmentKV(k_out, v_out)
+
+    def close(self) -> None:
+        self._jobs.put(None)
