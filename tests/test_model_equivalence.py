@@ -3,29 +3,12 @@
 import pytest
 import torch
 
-import cachedattention.engine.engine as engine_mod
 from cachedattention import LLM, SamplingParams
 from tests.tiny_models import hf_greedy
+from tests.util import capture_logits, rel_err
 
 KINDS = ["llama", "llama-tied", "qwen2", "mistral"]
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def capture_logits(monkeypatch) -> list[torch.Tensor]:
-    """Record every logits row the engine samples from."""
-    seen: list[torch.Tensor] = []
-    real = engine_mod.sample
-
-    def spy(logits, params, gen):
-        seen.append(logits.clone())
-        return real(logits, params, gen)
-
-    monkeypatch.setattr(engine_mod, "sample", spy)
-    return seen
 
 
 @pytest.mark.parametrize("kind", KINDS)

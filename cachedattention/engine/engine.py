@@ -58,7 +58,9 @@ class LLMEngine:
     def _make_pool(self) -> KVPool:
         c = self.config.cache
         elt = torch.tensor([], dtype=self.dtype).element_size()
-        budget = c.memory_bytes or default_pool_bytes(self.device)
+        # no more than the running requests can use at full window: tiny models get tiny pools
+        useful = self.config.scheduler.max_num_seqs * self.max_model_len * self.spec.kv_bytes_per_token(elt)
+        budget = c.memory_bytes or min(default_pool_bytes(self.device), useful)
         num_pages = c.num_pages or KVPool.pages_for_budget(self.spec, c.page_size, budget, elt)
         return KVPool(self.spec, num_pages, c.page_size, self.device, self.dtype)
 

@@ -73,6 +73,19 @@ class AttentionStore:
         on_disk = set(self.disk.segment_ids())
         for body in self.disk.load_records():
             rec = SessionRecord.from_json(body)
+            # a kill between a record's row and its segment's file leaves a dangling span: cut it
+            kept = []
+            for span in rec.spans:
+                if span.seg_id not in on_disk:
+                    break
+                kept.append(span)
+            if len(kept) != len(rec.spans):
+                rec.spans = kept
+                if kept:
+                    self.disk.save_record(rec.key, rec.to_json())
+                else:
+                    self.disk.delete_record(rec.key)
+                    continue
             self.records[rec.key] = rec
             self._index_anon(rec)
             for seg in rec.segment_ids():

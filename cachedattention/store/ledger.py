@@ -1,0 +1,199 @@
+"""Byte ledger of the store tiers: which tier(s) hold each session's KV, within budgets.
+
+The ledger only does accounting; it never decides what to evict (that is the policy's
+job, see `policy.py`) and never moves bytes (that is the store's). Every mutation keeps
+`host_used <= host_bytes` and `disk_used <= disk_bytes`; a put that would not fit raises
+ValueError, so callers make room first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LedgerEntry:
+    """What the ledger knows about one session's stored KV."""
+
+    session_id: str
+    nbytes: int  # the session's KV bytes (all its tokens)
+    in_host: bool
+    in_disk: bool
+    created_s: float  # first put (FIFO order)
+    last_access_s: float  # last lookup/put (LRU order)
+    host_nbytes: int = 0  # bytes of the host copy (== nbytes unless the copies differ)
+    disk_nbytes: int = 0  # bytes of the disk copy
+
+
+class TierLedger:
+    """Byte accounting of which tier(s) hold each session's KV. Never exceeds its budgets.
+
+    A session may be in host only (not yet written back), disk only, or both (a host copy
+    of a disk record). An entry with neither copy is removed.
+    """
+
+    def __init__(self, host_bytes: int, disk_bytes: int) -> None:
+        if host_bytes < 0 or disk_bytes < 0:
+            raise ValueError(f"tier budgets must be >= 0 bytes, got host={host_bytes} disk={disk_bytes}")
+        self.host_bytes = int(host_bytes)
+        self.disk_bytes = int(disk_bytes)
+        self._entries: dict[str, LedgerEntry] = {}
+        self._host_used = 0
+        self._disk_used = 0
+        self._nbytes_sum = 0  # sum of entry.nbytes, for mean_nbytes in O(1)
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def host_used(self) -> int:
+        return self._host_used
+
+    @property
+    def disk_used(self) -> int:
+        return self._disk_used
+
+    @property
+    def host_free(self) -> int:
+        return self.host_bytes - self._host_used
+
+    @property
+    def disk_free(self) -> int:
+        return self.disk_bytes - self._disk_used
+
+    @property
+    def mean_nbytes(self) -> float:
+        """Average session size (0.0 when empty): sizes the prefetch window."""
+        return self._nbytes_sum / len(self._entries) if self._entries else 0.0
+
+    # ---- queries -----------------------------------------------------------------------
+    def entry(self, session_id: str) -> LedgerEntry | None:
+        return self._entries.get(session_id)
+
+    def sessions(self) -> list[LedgerEntry]:
+        """All entries, in insertion order (a copy of the list; entries are live)."""
+        return list(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._entries
+
+    # ---- mutations ---------------------------------------------------------------------
+    def put_host(self, session_id: str, nbytes: int, now: float, *, touch: bool = True) -> None:
+        """Add or replace the host copy. ValueError if it does not fit (make room first).
+
+        `touch=False` for moves that are not accesses (prefetch), so LRU order stays true.
+        """
+        entry = self._prepare_put(session_id, nbytes, now, "host")
+        old = entry.host_nbytes if entry.in_host else 0
+        if nbytes - old > self.host_free:
+            raise ValueError(
+                f"host tier: {session_id!r} needs {nbytes - old} more bytes, only {self.host_free} "
+                f"of {self.host_bytes} free; evict first"
+            )
+        self._host_used += nbytes - old
+        entry.in_host, entry.host_nbytes = True, nbytes
+        self._commit_put(entry, nbytes, now, touch)
+
+    def put_disk(self, session_id: str, nbytes: int, now: float, *, touch: bool = True) -> None:
+        """Add or replace the disk copy. ValueError if it does not fit (make room first).
+
+        `touch=False` for moves that are not accesses (write-back on eviction).
+        """
+        entry = self._prepare_put(session_id, nbytes, now, "disk")
+        old = entry.disk_nbytes if entry.in_disk else 0
+        if nbytes - old > self.disk_free:
+            raise ValueError(
+                f"disk tier: {session_id!r} needs {nbytes - old} more bytes, only {self.disk_free} "
+                f"of {self.disk_bytes} free; evict first"
+            )
+        self._disk_used += nbytes - old
+        entry.in_disk, entry.disk_nbytes = True, nbytes
+        self._commit_put(entry, nbytes, now, touch)
+
+    def drop_host(self, session_id: str) -> None:
+        """Remove the host copy (the disk copy, if any, stays)."""
+        entry = self._require(session_id)
+        if not entry.in_host:
+            raise ValueError(f"session {session_id!r} has no host copy to drop")
+        self._host_used -= entry.host_nbytes
+        entry.in_host, entry.host_nbytes = False, 0
+        self._settle(entry)
+
+    def drop_disk(self, session_id: str) -> None:
+        """Remove the disk copy (the host copy, if any, stays)."""
+        entry = self._require(session_id)
+        if not entry.in_disk:
+            raise ValueError(f"session {session_id!r} has no disk copy to drop")
+        self._disk_used -= entry.disk_nbytes
+        entry.in_disk, entry.disk_nbytes = False, 0
+        self._settle(entry)
+
+    def forget(self, session_id: str) -> None:
+        """Drop the session from both tiers."""
+        entry = self._require(session_id)
+        self._host_used -= entry.host_nbytes if entry.in_host else 0
+        self._disk_used -= entry.disk_nbytes if entry.in_disk else 0
+        self._nbytes_sum -= entry.nbytes
+        del self._entries[session_id]
+
+    def touch(self, session_id: str, now: float) -> None:
+        """Record an access (lookup) for LRU order."""
+        self._require(session_id).last_access_s = now
+
+    def check_integrity(self) -> None:
+        """Recompute used bytes from the entries; RuntimeError with detail on any mismatch."""
+        host = sum(e.host_nbytes for e in self._entries.values() if e.in_host)
+        disk = sum(e.disk_nbytes for e in self._entries.values() if e.in_disk)
+        problems = []
+        if sum(e.nbytes for e in self._entries.values()) != self._nbytes_sum:
+            problems.append(f"nbytes sum {self._nbytes_sum} does not match the entries")
+        if host != self._host_used:
+            problems.append(f"host_used={self._host_used} but entries hold {host}")
+        if disk != self._disk_used:
+            problems.append(f"disk_used={self._disk_used} but entries hold {disk}")
+        if host > self.host_bytes:
+            problems.append(f"host holds {host} > budget {self.host_bytes}")
+        if disk > self.disk_bytes:
+            problems.append(f"disk holds {disk} > budget {self.disk_bytes}")
+        for sid, e in self._entries.items():
+            if sid != e.session_id:
+                problems.append(f"entry keyed {sid!r} names {e.session_id!r}")
+            if not (e.in_host or e.in_disk):
+                problems.append(f"{sid!r} is in no tier")
+            if (not e.in_host and e.host_nbytes) or (not e.in_disk and e.disk_nbytes):
+                problems.append(f"{sid!r} counts bytes for a tier it is not in")
+        if problems:
+            raise RuntimeError("ledger integrity: " + "; ".join(problems))
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _require(self, session_id: str) -> LedgerEntry:
+        entry = self._entries.get(session_id)
+        if entry is None:
+            raise ValueError(f"unknown session {session_id!r} (not in the ledger)")
+        return entry
+
+    def _prepare_put(self, session_id: str, nbytes: int, now: float, tier: str) -> LedgerEntry:
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise ValueError(f"{tier} tier: nbytes must be an int >= 0, got {nbytes!r}")
+        entry = self._entries.get(session_id)
+        if entry is None:  # not inserted until the put succeeds (see _commit_put)
+            entry = LedgerEntry(session_id, 0, False, False, now, now)
+        return entry
+
+    def _commit_put(self, entry: LedgerEntry, nbytes: int, now: float, touch: bool) -> None:
+        self._entries.setdefault(entry.session_id, entry)
+        self._set_nbytes(entry, nbytes)  # the newest copy defines the session's size
+        if touch:
+            entry.last_access_s = now
+
+    def _settle(self, entry: LedgerEntry) -> None:
+        if not (entry.in_host or entry.in_disk):
+            self._nbytes_sum -= entry.nbytes
+            del self._entries[entry.session_id]
+        else:  # the surviving copy defines the session's size
+            self._set_nbytes(entry, entry.host_nbytes if entry.in_host else entry.disk_nbytes)
+
+    def _set_nbytes(self, entry: LedgerEntry, nbytes: int) -> None:
+        self._nbytes_sum += nbytes - entry.nbytes
+        entry.nbytes = nbytes

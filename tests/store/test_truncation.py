@@ -1,0 +1,124 @@
+"""Context overflow: drop old history after a kept head and reuse the retained pre-RoPE KV at new positions."""
+
+import pytest
+import torch
+
+from cachedattention import LLM, CacheConfig, SamplingParams
+from cachedattention.store.session import SessionRecord, Span, plan_turn
+from tests.util import capture_logits, rel_err
+
+WINDOW = 128
+HEAD = 8
+NO_DEVICE = CacheConfig(enable_prefix_cache=False)
+
+
+def make(path, mode="reuse"):
+    return LLM(model=str(path), enable_store=True, cache=NO_DEVICE, max_model_len=WINDOW,
+               keep_head_tokens=HEAD, truncation=mode)
+
+
+def grow(conv, out, t):
+    return conv + out.token_ids + [20 + t, 21 + t, 22 + t, 23 + t, 24 + t, 25 + t]
+
+
+def test_plan_turn_drops_half_the_history_after_the_head():
+    rec = SessionRecord("s", list(range(100)), [Span("a", 0, 100)], head=HEAD, dropped_until=HEAD)
+    plan = plan_turn(rec, list(range(100)) + [7] * 20, window=WINDOW, reserve=16, head_hint=0,
+                     drop_fraction=0.5, mode="reuse")
+    assert plan.head == HEAD and plan.truncated_now == 46  # half of the 92 history tokens after the head
+    assert plan.effective_prompt == list(range(HEAD)) + list(range(HEAD + 46, 100)) + [7] * 20
+    assert plan.reuse == [Span("a", 0, HEAD), Span("a", HEAD + 46, 100)]
+    base = plan_turn(rec, list(range(100)) + [7] * 20, WINDOW, 16, 0, 0.5, "recompute")
+    assert base.reuse == [Span("a", 0, HEAD)] and base.effective_prompt == plan.effective_prompt
+
+
+def hand_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate [n, heads, d] to positions, written out from the RoPE definition (rotate-half layout)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = positions.double()[:, None] * inv[None, :]
+    cos, sin = torch.cos(ang).float()[:, None, :], torch.sin(ang).float()[:, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def test_truncated_cache_equals_hand_computed_reference(tiny_dirs, monkeypatch):
+    from transformers import DynamicCache
+
+    path, hf = tiny_dirs["mistral"]
+    llm = make(path)
+    eng = llm.engine
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    conv = list(range(5, 45))
+    for t in range(10):
+        rid = eng.add_request(conv, params, session_id="s")
+        req = eng.requests[rid]
+        state = req.store_state
+        if state.plan.truncated_now and state.plan.hit > HEAD:
+            break
+        out = llm._run([rid])[0]
+        eng.store.store.flush()
+        conv = grow(conv, out, t)
+    else:
+        pytest.fail("the conversation never overflowed the window")
+    seen = capture_logits(monkeypatch)
+    eng.step()  # admission + layer-wise load + prefill of the new tokens
+    hit = req.metrics.cached_tokens["host"]
+    assert hit > HEAD and req.metrics.truncated_tokens > 0
+    # 1) the pages hold the stored pre-RoPE keys rotated to their new positions 0..hit-1
+    slots = eng.pool.slots_for(req.pages, eng.pool.page_size, 0, hit, eng.device)
+    store = eng.store.store
+    k_pre = [torch.cat([store.host.get(s.seg_id).k[layer, s.lo:s.hi] for s in state.reuse]) for layer in range(3)]
+    v_st = [torch.cat([store.host.get(s.seg_id).v[layer, s.lo:s.hi] for s in state.reuse]) for layer in range(3)]
+    theta = hf.config.rope_theta if hasattr(hf.config, "rope_theta") else hf.config.rope_parameters["rope_theta"]
+    for layer in range(3):
+        expect = hand_rope(k_pre[layer][:hit], torch.arange(hit), theta)
+        assert torch.allclose(eng.pool.k[layer][slots], expect, atol=1e-5)
+        assert torch.equal(eng.pool.v[layer][slots], v_st[layer][:hit])
+    # 2) attention over that cache: transformers fed the same rotated cache gives the same logits
+    cache = DynamicCache()
+    for layer in range(3):
+        k = hand_rope(k_pre[layer][:hit], torch.arange(hit), theta)
+        cache.update(k.transpose(0, 1)[None], v_st[layer][:hit].transpose(0, 1)[None], layer)
+    rest = req.prompt_token_ids[hit:]
+    with torch.no_grad():
+        ref = hf(torch.tensor([rest]), past_key_values=cache,
+                 position_ids=torch.arange(hit, hit + len(rest))[None]).logits[0, -1]
+    assert rel_err(seen[0], ref) <= 1e-4
+    llm._run([rid])
+
+
+def test_long_conversation_keeps_working_and_reuses_after_overflow(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = make(path)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    conv, truncations, reused_after = list(range(5, 45)), 0, []
+    for t in range(12):
+        out = llm.generate([conv], params, session_id="s")[0]
+        llm.engine.store.store.flush()
+        if out.metrics.truncated_tokens:
+            truncations += 1
+            reused_after.append(out.metrics.cached_tokens["host"])
+        assert len(out.prompt_token_ids) + len(out.token_ids) <= WINDOW
+        assert out.prompt_token_ids[:HEAD] == list(range(5, 5 + HEAD))  # the head is always kept
+        conv = grow(conv, out, t)
+    assert truncations >= 2 and all(n > HEAD for n in reused_after)
+    llm.engine.store.check_integrity()
+
+
+def test_recompute_baseline_truncates_and_recomputes(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = make(path, mode="recompute")
+    plain = LLM(model=str(path), max_model_len=WINDOW)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    conv, seen_truncation = list(range(5, 45)), False
+    for t in range(8):
+        out = llm.generate([conv], params, session_id="s")[0]
+        llm.engine.store.store.flush()
+        if out.metrics.truncated_tokens:
+            seen_truncation = True
+            assert out.metrics.cached_tokens["host"] <= HEAD  # only the head keeps its positions
+        # recomputing the truncated prompt from scratch gives exactly these tokens
+        assert out.token_ids == plain.generate([out.prompt_token_ids], params)[0].token_ids
+        conv = grow(conv, out, t)
+    assert seen_truncation
