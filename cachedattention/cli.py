@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    serve.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, wait this long for in-flight requests")
 
     bench = sub.add_parser("bench", help="benchmarks: throughput | turn | policy | workload")
     from cachedattention.bench.cli import add_bench_args

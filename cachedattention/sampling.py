@@ -40,7 +40,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # a vanishing temperature is greedy: dividing logits by it would overflow to inf
+        return self.temperature < 1e-5
 
 
 def make_generator(params: SamplingParams, device: str) -> torch.Generator | None:

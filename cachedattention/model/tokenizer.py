@@ -21,7 +21,10 @@ class Tokenizer:
         return self.hf.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=False))
+        try:
+            return list(self.hf.encode(text, add_special_tokens=False))
+        except (TypeError, UnicodeError) as e:  # e.g. lone surrogates the tokenizer cannot take
+            raise ValueError(f"the text cannot be tokenized: {e}") from e
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)

@@ -1,0 +1,47 @@
+"""`cachedattention bench --mode throughput | turn | policy | workload`: arguments and dispatch."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="workload", choices=["throughput", "turn", "policy", "workload"])
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded SmolLM2)")
+    p.add_argument("--random-shape", default=None, choices=["llama3-8b", "llama-110m"],
+                   help="random weights of this shape instead of a checkpoint (no download)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", default=None, help="write every number to this JSON file")
+    p.add_argument("--out", default="bench-out", help="folder for plots and saved workloads")
+    p.add_argument("--quick", action="store_true", help="a small run that finishes in a couple of minutes on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per cell (median reported)")
+    # turn mode
+    p.add_argument("--history", default=None, help="comma-separated history lengths (turn mode)")
+    p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the timed turn (turn mode)")
+    # workload mode
+    p.add_argument("--sessions", type=int, default=None, help="number of sessions (workload mode)")
+    p.add_argument("--workload", default=None, help="ShareGPT JSON or a saved workload JSON (workload mode)")
+    p.add_argument("--systems", default=None, help="comma-separated systems (workload mode; default: all)")
+    p.add_argument("--url", default=None, help="drive an OpenAI-compatible server over HTTP instead (workload mode)")
+    p.add_argument("--time-scale", type=float, default=None, help="multiply arrival gaps and think times (workload)")
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.mode == "throughput":
+        from cachedattention.bench.throughput import run_throughput_bench
+
+        return run_throughput_bench(args)
+    if args.mode == "turn":
+        from cachedattention.bench.turn import run_turn_bench
+
+        return run_turn_bench(args)
+    if args.mode == "policy":
+        from cachedattention.bench.policy import run_policy_bench
+
+        return run_policy_bench(args)
+    from cachedattention.bench.workload_bench import run_workload_bench
+
+    return run_workload_bench(args)

@@ -1,0 +1,145 @@
+"""`bench --mode turn`: time to first token of the next turn after H history tokens, per way of serving it.
+
+Cells, measured side by side in one run: recompute; KV already on device; host hit loaded
+synchronously; host hit loaded layer-wise; disk hit (files dropped from the page cache) layer-wise;
+and the store's load alone. Each timed turn uses a fresh session whose history was stored first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cachedattention.bench.models import bench_model
+from cachedattention.bench.timing import fmt_ms, sync
+from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
+from cachedattention.engine.engine import LLMEngine
+from cachedattention.sampling import SamplingParams
+
+ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    store: bool
+    prefix_cache: bool
+    layerwise: bool = True
+    host_bytes: int = 64 << 30
+    disk: bool = False
+
+
+CELLS = [
+    Cell("recompute", store=False, prefix_cache=False),
+    Cell("device hit", store=False, prefix_cache=True),
+    Cell("host, sync", store=True, prefix_cache=False, layerwise=False),
+    Cell("host, layer-wise", store=True, prefix_cache=False),
+    Cell("disk (cold), layer-wise", store=True, prefix_cache=False, host_bytes=0, disk=True),
+]
+
+
+def _engine(cell: Cell, loaded, args, window: int, store_dir: str | None) -> LLMEngine:
+    cfg = EngineConfig(
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=window,
+        cache=CacheConfig(enable_prefix_cache=cell.prefix_cache, memory_bytes=None),
+        scheduler=SchedulerConfig(max_num_batched_tokens=window, max_num_seqs=1),
+        store=StoreConfig(
+            enable=cell.store, layerwise=cell.layerwise, host_bytes=cell.host_bytes,
+            store_dir=store_dir if cell.disk else None, disk_bytes=256 << 30, truncation="off",
+        ),
+    )
+    return LLMEngine(cfg, loaded=loaded)
+
+
+def _run(engine: LLMEngine, prompt: list[int], session: str | None) -> object:
+    rid = engine.add_request(prompt, ONE_TOKEN, session_id=session)
+    while True:
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                return out
+
+
+def _drop_page_cache(store_dir: str) -> None:
+    for f in Path(store_dir, "segments").glob("*.kv"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _history(h: int, rep: int, vocab: int) -> list[int]:
+    # distinct histories per repetition so no cache outside the cell's own can help
+    return [(1000 + 7 * i + 131 * rep) % (vocab - 100) + 50 for i in range(h)]
+
+
+def measure_cell(cell: Cell, loaded, args, h: int, window: int) -> dict:
+    store_dir = tempfile.mkdtemp(prefix="ca-turn-") if cell.disk else None
+    engine = _engine(cell, loaded, args, window, store_dir)
+    vocab = engine.spec.vocab_size
+    ttfts, loads = [], []
+    for rep in range(args.repeats + 1):  # the first repetition warms up and is not counted
+        hist = _history(h, rep, vocab)
+        new = [(5 + 3 * i + rep) % (vocab - 100) + 50 for i in range(args.new_tokens)]
+        session = f"s{rep}" if cell.store else None
+        if cell.store or cell.prefix_cache:
+            _run(engine, hist, session)  # turn 1: stores the history
+            if engine.store is not None:
+                engine.store.store.flush()
+            if store_dir:
+                _drop_page_cache(store_dir)
+        sync(args.device)
+        t = time.perf_counter()
+        out = _run(engine, hist + new, session)
+        sync(args.device)
+        if rep:
+            ttfts.append(time.perf_counter() - t)
+            loads.append(out.metrics.load_s)
+            if cell.name != "recompute" and out.metrics.num_cached_tokens < h - engine.config.cache.page_size:
+                raise RuntimeError(f"{cell.name}: expected a hit of ~{h} tokens, got {out.metrics.cached_tokens}")
+    engine.close()
+    return {"ttft_s": statistics.median(ttfts), "load_wait_s": statistics.median(loads)}
+
+
+def run_turn_bench(args: argparse.Namespace) -> int:
+    loaded = bench_model(args)
+    default = "512,1024,2048" if args.random_shape is None else "4096,16384,32768"
+    hs = [int(x) for x in (args.history or default).split(",")]
+    if args.quick:
+        hs, args.repeats = hs[:2], 1
+    window = max(hs) + args.new_tokens + 8
+    results: dict[str, dict[str, dict]] = {}
+    for h in hs:
+        results[str(h)] = {c.name: measure_cell(c, loaded, args, h, window) for c in CELLS}
+        print(f"H={h} done", flush=True)
+    print(_table(results, loaded.name, args))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"model": loaded.name, "device": args.device, "dtype": args.dtype,
+                                               "new_tokens": args.new_tokens, "history": results}, indent=2))
+    return 0
+
+
+def _table(results: dict, name: str, args) -> str:
+    names = [c.name for c in CELLS]
+    lines = [
+        f"Time to first token of the next turn ({name}, {args.device}, {args.dtype}, {args.new_tokens} new tokens; "
+        f"median of {args.repeats}; ms, and ratio to recompute)",
+        "",
+        "| history | " + " | ".join(names) + " | layer-wise / sync |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for h, row in results.items():
+        base = row["recompute"]["ttft_s"]
+        cells = [f"{fmt_ms(row[n]['ttft_s'])} ({row[n]['ttft_s'] / base:.2f}x)" for n in names]
+        lw = row["host, layer-wise"]["ttft_s"] / row["host, sync"]["ttft_s"]
+        lines.append(f"| {h} | " + " | ".join(cells) + f" | {lw:.2f} |")
+    return "\n".join(lines)

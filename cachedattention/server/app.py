@@ -1,0 +1,356 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over the engine loop, and `cachedattention serve`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cachedattention.config import EngineConfig
+from cachedattention.engine.engine import LLMEngine
+from cachedattention.outputs import RequestOutput
+from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
+from cachedattention.server.metrics import CONTENT_TYPE, EngineStatsCollector, RequestCounterMiddleware, ServerMetrics
+from cachedattention.server.protocol import (
+    APIError,
+    BodyLimitMiddleware,
+    ParsedRequest,
+    error_body,
+    error_response,
+    parse_chat,
+    parse_completion,
+    parse_json_object,
+)
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GRACE_S = 30.0
+
+
+def default_model_name(engine: LLMEngine) -> str:
+    return EMBEDDED_NAME if engine.config.model is None else engine.loaded.name
+
+
+def _as_api_error(e: BaseException) -> APIError:
+    if isinstance(e, ServerDraining):
+        return APIError(503, str(e), "server_shutting_down", type_="server_error")
+    if isinstance(e, ValueError):
+        msg = str(e)
+        code = "context_length_exceeded" if "window" in msg else "invalid_value"
+        return APIError(400, msg, code)
+    return APIError(500, "internal server error", "internal_error", type_="server_error")
+
+
+def _aborted() -> APIError:
+    return APIError(
+        503, "the request was aborted: the server is shutting down", "request_aborted", type_="server_error"
+    )
+
+
+def stream_delta(text: str, sent: str, stops: tuple[str, ...]) -> str:
+    """New text that is safe to stream: not an incomplete UTF-8 character, not the start of a stop string."""
+    if not text.startswith(sent):
+        return ""  # decoding of earlier tokens changed; wait for the final text
+    end = len(text)
+    while end > len(sent) and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stops:  # a tail that may grow into a stop string must not be sent (the engine cuts it off)
+        for k in range(min(len(s) - 1, end - len(sent)), hold, -1):
+            if text.startswith(s[:k], end - k):
+                hold = k
+                break
+    return text[len(sent) : end - hold]
+
+
+class _Format:
+    """OpenAI's response and chunk objects for one request."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, include_usage: bool) -> None:
+        self.id = request_id
+        self.model = model
+        self.chat = chat
+        self.include_usage = include_usage
+        self.created = int(time.time())
+
+    @staticmethod
+    def usage(out: RequestOutput) -> dict[str, Any]:
+        prompt, completion = out.metrics.prompt_tokens, len(out.token_ids)
+        tiers = dict(out.metrics.cached_tokens)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(tiers.values()), "cached_tokens_by_tier": tiers},
+        }
+
+    def full(self, out: RequestOutput) -> dict[str, Any]:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}}
+        else:
+            choice = {"index": 0, "text": out.text}
+        choice.update(logprobs=None, finish_reason=out.finish_reason)
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": self.usage(out)}  # fmt: skip
+
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> str:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return self._event([choice])
+
+    def usage_chunk(self, out: RequestOutput) -> str:
+        return self._event([], self.usage(out))
+
+    def _event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        data: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                                "choices": choices}  # fmt: skip
+        if self.include_usage:
+            data["usage"] = usage  # OpenAI sends usage: null on every chunk but the last
+        return sse(data)
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class OpenAIRoutes:
+    """The HTTP handlers; everything engine-side goes through the EngineLoop."""
+
+    def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_name: str, max_model_len: int) -> None:
+        self.loop = loop
+        self.metrics = metrics
+        self.model_name = model_name
+        self.aliases = {model_name, Path(model_name).stem, "default"}
+        self.max_model_len = max_model_len
+        self.created = int(time.time())
+
+    def register(self, app: FastAPI) -> None:
+        app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/metrics", self.prometheus, methods=["GET"])
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def models(self) -> dict[str, Any]:
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "cachedattention",
+                "max_model_len": self.max_model_len}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    async def health(self) -> JSONResponse:
+        stats = self.loop.stats()
+        numbers = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        body = {"status": "ok" if self.loop.accepting else "draining", "model": self.model_name, **numbers}
+        return JSONResponse(body, status_code=200 if self.loop.accepting else 503)
+
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- generation -------------------------------------------------------------------------------
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        body = parse_json_object(await request.body())
+        parse = parse_chat if chat else parse_completion
+        parsed = parse(body, request.headers.get("x-session-id"), self.max_model_len)
+        if parsed.model is not None and parsed.model not in self.aliases:
+            raise APIError(
+                404, f"the model {parsed.model!r} does not exist; this server serves {self.model_name!r}",
+                "model_not_found", "model",
+            )  # fmt: skip
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        job = Job(rid, parsed.params, parsed.session_id, parsed.prompt, parsed.messages, stream_text=parsed.stream)
+        try:
+            stream = self.loop.submit(job, asyncio.get_running_loop())
+        except ServerDraining as e:
+            raise _as_api_error(e) from None
+        try:
+            first = await stream.get()
+        except BaseException:  # cancelled (forced shutdown): free the pages
+            self.loop.abort(rid)
+            raise
+        if first is not ACCEPTED:
+            raise _as_api_error(first)
+        fmt = _Format(rid, self.model_name, chat, parsed.include_usage)
+        if parsed.stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(self._events(stream, fmt, parsed), media_type="text/event-stream", headers=headers)
+        return JSONResponse(fmt.full(await self._collect(request, stream)))
+
+    async def _collect(self, request: Request, stream: RequestStream) -> RequestOutput:
+        watcher = asyncio.create_task(self._abort_on_disconnect(request, stream.request_id))
+        out = None
+        try:
+            while out is None or not out.finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise _as_api_error(item)
+                out = item
+        finally:
+            client_gone = watcher.done() and not watcher.cancelled()
+            watcher.cancel()
+            if out is None or not out.finished:
+                self.loop.abort(stream.request_id)
+        if out.finish_reason == "abort":
+            # 499 (nginx's "client closed request") keeps these apart from shutdown aborts in /metrics
+            raise APIError(499, "the client closed the request", "client_closed") if client_gone else _aborted()
+        return out
+
+    async def _abort_on_disconnect(self, request: Request, request_id: str) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.loop.abort(request_id)
+
+    async def _events(self, stream: RequestStream, fmt: _Format, parsed: ParsedRequest) -> AsyncIterator[str]:
+        done, sent = False, ""
+        try:
+            if fmt.chat:
+                yield fmt.chunk(role=True)
+            while not done:
+                item = await stream.get()
+                if isinstance(item, BaseException) or item.finish_reason == "abort":
+                    done = True
+                    err = _aborted() if isinstance(item, RequestOutput) else _as_api_error(item)
+                    yield sse(err.body())
+                    break
+                if item.finished:
+                    done = True
+                    tail = item.text[len(sent) :]
+                    if tail:
+                        yield fmt.chunk(tail)
+                    yield fmt.chunk(None if fmt.chat else "", finish_reason=item.finish_reason)
+                    if fmt.include_usage:
+                        yield fmt.usage_chunk(item)
+                    break
+                delta = stream_delta(item.text, sent, parsed.params.stop)
+                if delta:
+                    sent += delta
+                    yield fmt.chunk(delta)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:  # the client went away (or the server cancelled us): free the request's pages
+                self.loop.abort(stream.request_id)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, e: APIError) -> Response:
+        return error_response(e.body(), e.status)
+
+    async def validation_error(_: Request, e: RequestValidationError) -> Response:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request"))
+        return error_response(error_body(msg, code="invalid_value", param=param), 400)
+
+    async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        body = error_body(str(e.detail), kind, codes.get(e.status_code, str(e.status_code)))
+        response = error_response(body, e.status_code)
+        response.headers.update(getattr(e, "headers", None) or {})
+        return response
+
+    async def unexpected(_: Request, e: Exception) -> Response:
+        log.exception("unhandled error", exc_info=e)
+        return error_response(error_body("internal server error", "server_error", "internal_error"), 500)
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def create_app(
+    engine_or_config: LLMEngine | EngineConfig,
+    served_model_name: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    grace_s: float = DEFAULT_GRACE_S,
+) -> FastAPI:
+    """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the store) with it."""
+    engine = engine_or_config if isinstance(engine_or_config, LLMEngine) else LLMEngine(engine_or_config)
+    metrics = ServerMetrics()
+    loop = EngineLoop(engine, on_finished=metrics.observe_finished)
+    metrics.registry.register(EngineStatsCollector(loop.stats))
+    routes = OpenAIRoutes(loop, metrics, served_model_name or default_model_name(engine), engine.max_model_len)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loop.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(loop.shutdown, grace_s)
+
+    app = FastAPI(title="CachedAttention", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine_loop = loop
+    app.state.metrics = metrics
+    app.state.model_name = routes.model_name
+    routes.register(app)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # outermost: also counts the 413s
+    return app
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`cachedattention serve`: run until SIGTERM/SIGINT, then drain in-flight requests and flush the store."""
+    from cachedattention.cli import engine_config
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    grace_s = float(getattr(args, "shutdown_grace_s", None) or DEFAULT_GRACE_S)
+    app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s)
+    loop: EngineLoop = app.state.engine_loop
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s))
+    )
+    server = _DrainingServer(config, loop)
+    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean exit 0
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits this way when startup fails (port taken, ...)
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        loop.shutdown(0.0)  # no-op after the lifespan shutdown; after a forced exit it still flushes the store
+    return 0 if server.started else 1
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn.Server that, on SIGTERM/SIGINT, first makes new requests answer 503, then shuts down as usual."""
+
+    def __init__(self, config: uvicorn.Config, loop: EngineLoop) -> None:
+        super().__init__(config)
+        self.engine_loop = loop
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.engine_loop.begin_drain()
+        super().handle_exit(sig, frame)

@@ -1,0 +1,256 @@
+"""The background thread that owns the (not thread-safe) engine: it takes new requests and aborts from a queue
+between steps, steps every running request as one batch, and hands outputs to per-request asyncio queues."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cachedattention.engine.engine import LLMEngine
+from cachedattention.outputs import RequestOutput
+from cachedattention.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = "accepted"  # first event of a stream: the engine took the request
+_STOP = object()
+IDLE_REFRESH_S = 0.5
+
+
+class ServerDraining(Exception):
+    """New requests are refused: the server is shutting down."""
+
+
+@dataclass
+class Job:
+    """One request for the engine: exactly one of prompt / messages (rendered on the engine thread)."""
+
+    request_id: str
+    params: SamplingParams
+    session_id: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    stream_text: bool = False
+
+
+class RequestStream:
+    """Events of one request, filled from the engine thread, read on the event loop.
+
+    Events: ACCEPTED, then RequestOutputs (the last one finished); or one exception instead
+    (ValueError: the request was invalid; anything else: a server fault).
+    """
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody listens any more
+            pass
+
+    async def get(self) -> Any:
+        return await self._queue.get()
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None) -> None:
+        self.engine = engine
+        self._on_finished = on_finished
+        self._cmds: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._cond = threading.Condition()
+        self._active: set[str] = set()  # submitted, not yet finished (guarded by _cond)
+        self._accepting = True
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._stats: dict[str, Any] = self._read_stats()
+
+    # -- event-loop side ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> RequestStream:
+        stream = RequestStream(job.request_id, loop)
+        with self._cond:
+            if not self._accepting:
+                raise ServerDraining("the server is shutting down and takes no new requests")
+            self._active.add(job.request_id)
+        self._cmds.put(("add", job, stream))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its pages (no-op when it already finished)."""
+        with self._cond:
+            if request_id not in self._active:
+                return
+        self._cmds.put(("abort", request_id))
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's stats as of the last step (a snapshot: reading the engine here would race)."""
+        return self._stats
+
+    def begin_drain(self) -> None:
+        # no lock: this runs inside a signal handler, and a plain assignment is atomic
+        self._accepting = False
+
+    def shutdown(self, grace_s: float) -> None:
+        """Refuse new requests, let in-flight ones finish for up to grace_s, abort the rest, flush the store."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._accepting = False
+            if self._thread.is_alive():
+                if not self._cond.wait_for(lambda: not self._active, timeout=grace_s):
+                    log.warning("grace period over: aborting %d in-flight request(s)", len(self._active))
+        if self._thread.is_alive():
+            self._cmds.put(_STOP)  # the thread aborts what is left, then exits
+            self._thread.join()
+        self.engine.close()  # flushes pending store saves to disk
+
+    # -- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                idle = not self.engine.has_unfinished()
+                if not self._handle_commands(block=idle):
+                    break
+                if self.engine.has_unfinished():
+                    self._step()
+                self._stats = self._read_stats()
+        except BaseException:  # a bug: fail everything rather than leave clients hanging
+            log.exception("engine loop crashed")
+        finally:
+            with self._cond:
+                self._accepting = False  # nobody would serve a new request now
+            self._abort_all()
+            self._fail_queued()
+            self._stats = self._read_stats()
+
+    def _handle_commands(self, block: bool) -> bool:
+        """Apply queued adds/aborts; False once asked to stop."""
+        try:
+            # idle: wake now and then anyway, so the stats snapshot follows the store's background saves
+            cmd = self._cmds.get(timeout=IDLE_REFRESH_S) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if cmd is _STOP:
+                return False
+            if cmd[0] == "add":
+                self._add(cmd[1], cmd[2])
+            else:
+                out = self._safe_abort(cmd[1])
+                if out is not None:
+                    self._deliver([out])
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, job: Job, stream: RequestStream) -> None:
+        try:
+            prompt = job.prompt if job.messages is None else self._render(job.messages)
+            self.engine.add_request(
+                prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text
+            )
+        except Exception as e:  # ValueError: bad input (-> 400); anything else is ours (-> 500)
+            if not isinstance(e, ValueError):
+                log.exception("add_request failed for %s", job.request_id)
+            self._settle(job.request_id)
+            stream.put(e)
+            return
+        self._streams[job.request_id] = stream
+        stream.put(ACCEPTED)
+
+    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+        import jinja2
+
+        if self.engine.tokenizer is None:
+            raise ValueError("this model has no tokenizer; use /v1/completions with token ids")
+        try:
+            return self.engine.tokenizer.encode_chat(messages)
+        except jinja2.TemplateError as e:  # the template itself rejects the conversation (role order...)
+            raise ValueError(f"the chat template rejected the messages: {e}") from None
+
+    def _step(self) -> None:
+        try:
+            outs = self.engine.step()
+        except Exception:
+            log.exception("engine step failed; aborting the running requests")
+            for rid in list(self._streams):
+                self._safe_abort(rid)
+                self._fail(rid, RuntimeError("the engine failed while running this request"))
+            return
+        self._deliver(outs)
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+                self._settle(out.request_id)
+                if self._on_finished is not None:
+                    try:
+                        self._on_finished(out)
+                    except Exception:
+                        log.exception("metrics observer failed")
+            if stream is not None:
+                stream.put(out)
+
+    def _safe_abort(self, request_id: str) -> RequestOutput | None:
+        try:
+            return self.engine.abort(request_id)
+        except Exception:
+            log.exception("abort of %s failed", request_id)
+            return None
+
+    def _abort_all(self) -> None:
+        for rid in list(self._streams):
+            out = self._safe_abort(rid)
+            if out is not None:
+                self._deliver([out])
+            else:
+                self._fail(rid, RuntimeError("the request was dropped"))
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd is not _STOP and cmd[0] == "add":
+                self._settle(cmd[1].request_id)
+                cmd[2].put(ServerDraining("the server is shutting down"))
+
+    def _fail(self, request_id: str, error: Exception) -> None:
+        stream = self._streams.pop(request_id, None)
+        self._settle(request_id)
+        if stream is not None:
+            stream.put(error)
+
+    def _settle(self, request_id: str) -> None:
+        with self._cond:
+            self._active.discard(request_id)
+            self._cond.notify_all()
+
+    def _read_stats(self) -> dict[str, Any]:
+        try:
+            stats = dict(self.engine.stats())
+        except Exception:
+            log.exception("engine.stats() failed")
+            return getattr(self, "_stats", {})
+        stats["in_flight"] = len(self._streams)
+        return stats

@@ -1,0 +1,316 @@
+"""Request validation for the OpenAI-compatible API and OpenAI's error format."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cachedattention.model.tokenizer import validate_messages
+from cachedattention.sampling import SamplingParams
+
+INVALID = "invalid_request_error"
+MAX_STOPS = 16
+GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None, type_: str = INVALID
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type_
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type_: str = INVALID, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(body: dict[str, Any], status: int) -> Response:
+    # ASCII JSON: an error message that quotes user text can never fail to encode
+    return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, code=code, param=param)
+
+
+@dataclass
+class ParsedRequest:
+    """What the engine loop needs: exactly one of prompt / messages, plus sampling and identity."""
+
+    model: str | None
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    session_id: str | None
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, absurd nesting, over-long integers
+        raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+# -- field readers: each names the field it rejects ------------------------------------------------
+def _text(v: str, param: str) -> str:
+    """JSON may carry lone surrogates; the tokenizer cannot take them."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{param} is not valid Unicode text (it has a lone surrogate)", param) from None
+    return v
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise bad(f"{key} must be a number", key, "invalid_type")
+    if v < lo or v > hi or (lo_open and v == lo):
+        left = "(" if lo_open else "["
+        raise bad(f"{key} must be in {left}{lo}, {hi}], got {v}", key)
+    return float(v)
+
+
+def _integer(body: dict, key: str) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not _is_int(v):
+        raise bad(f"{key} must be an integer", key, "invalid_type")
+    return v
+
+
+def _bool(body: dict, key: str, default: bool = False) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(f"{key} must be a boolean", key, "invalid_type")
+    return v
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad("stop must be a string or a list of strings", "stop", "invalid_type")
+    if any(not s for s in stops):
+        raise bad("stop strings must be non-empty", "stop")
+    if len(stops) > MAX_STOPS:
+        raise bad(f"at most {MAX_STOPS} stop strings are supported", "stop")
+    return tuple(_text(s, "stop") for s in stops)
+
+
+def _session_id(body: dict, header: str | None) -> str | None:
+    v = body.get("session_id")
+    if v is None:
+        v = header  # the body wins over the X-Session-ID header
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v or len(v) > 256:
+        raise bad("session_id must be a non-empty string of at most 256 characters", "session_id", "invalid_type")
+    return _text(v, "session_id")
+
+
+# fields we accept only at their neutral value (clients often send them explicitly)
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "tools": ([],),
+    "functions": ([],),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+}
+
+
+def _reject_unsupported(body: dict) -> None:
+    for key, ok in _NEUTRAL.items():
+        v = body.get(key)
+        if v is not None and not any(v == o for o in ok):
+            raise bad(f"{key}={v!r} is not supported by this server", key, "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise bad("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
+
+
+def sampling_params(body: dict, max_model_len: int) -> SamplingParams:
+    n = _integer(body, "n")
+    if n is not None and n != 1:
+        raise bad("only n=1 is supported", "n")
+    max_tokens = _integer(body, "max_completion_tokens")
+    key = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, key = _integer(body, "max_tokens"), "max_tokens"
+    if max_tokens is not None and max_tokens <= 0:
+        raise bad(f"{key} must be a positive integer, got {max_tokens}", key)
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
+    top_k = _integer(body, "top_k")
+    if top_k is not None and top_k < -1:
+        raise bad("top_k must be -1 or 0 (off) or a positive integer", "top_k")
+    seed = _integer(body, "seed")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise bad("seed must fit in 64 bits", "seed")
+    ignore_eos = _bool(body, "ignore_eos")
+    _reject_unsupported(body)
+    return SamplingParams(
+        # no max_tokens: generate until EOS or the end of the window (the engine stops there)
+        max_tokens=max_tokens if max_tokens is not None else max_model_len,
+        temperature=1.0 if temperature is None else (0.0 if temperature < GREEDY_BELOW else temperature),
+        top_p=1.0 if top_p is None else top_p,
+        top_k=max(top_k or 0, 0),
+        seed=seed,
+        stop=_stop(body),
+        ignore_eos=ignore_eos,
+    )
+
+
+def _common(body: dict, session_header: str | None, max_model_len: int) -> dict[str, Any]:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("model must be a string", "model", "invalid_type")
+    if model is not None:
+        _text(model, "model")
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise bad("stream_options must be an object", "stream_options", "invalid_type")
+    include_usage = _bool(opts or {}, "include_usage")
+    return dict(
+        model=model,
+        params=sampling_params(body, max_model_len),
+        stream=stream,
+        include_usage=include_usage,
+        session_id=_session_id(body, session_header),
+    )
+
+
+def _content(i: int, content: Any) -> Any:
+    """Flatten OpenAI's list-of-parts content into a string (text parts only)."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list of {'role': ..., 'content': ...} objects", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        out.append({"role": role, "content": _content(i, m.get("content"))})
+    try:
+        out = validate_messages(out)
+    except ValueError as e:
+        raise bad(str(e), "messages") from None
+    for i, m in enumerate(out):
+        _text(m["content"], f"messages[{i}].content")
+    return ParsedRequest(messages=out, **_common(body, session_header, max_model_len))
+
+
+def parse_completion(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:
+    prompt = body.get("prompt")
+    # a batch of exactly one prompt is the same as that prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad("prompt must not be empty", "prompt")
+        _text(prompt, "prompt")
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        pass
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise bad("batched prompts are not supported; send one prompt per request", "prompt")
+    else:
+        raise bad("prompt must be a non-empty string or a non-empty list of token ids", "prompt", "invalid_type")
+    return ParsedRequest(prompt=prompt, **_common(body, session_header, max_model_len))
+
+
+class BodyLimitMiddleware:
+    """Answers 413 for a request body over max_bytes (declared or streamed), before any handler parses it."""
+
+    DRAIN_LIMIT = 64 << 20  # read (and drop) at most this much of an oversized body so the client sees the 413
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        total, more = 0, True
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
+        while more and not too_big:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            more = message.get("more_body", False)
+            too_big = total > self.max_bytes
+        if too_big:
+            await self._drain(receive, more, total)
+            msg = f"the request body is larger than this server's limit of {self.max_bytes} bytes"
+            await error_response(error_body(msg, code="request_too_large"), 413)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls see the disconnect
+
+        await self.app(scope, replay, send)
+
+    async def _drain(self, receive: Receive, more: bool, total: int) -> None:
+        while more and total < self.DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            total += len(message.get("body", b""))
+            more = message.get("more_body", False)

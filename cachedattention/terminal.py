@@ -1,0 +1,106 @@
+"""Terminal front ends: `generate` (one prompt), `chat` (interactive) and `demo` (scripted multi-turn chat)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import replace
+
+from cachedattention.cli import engine_config
+from cachedattention.engine.engine import LLMEngine
+from cachedattention.llm import LLM
+from cachedattention.outputs import RequestOutput
+from cachedattention.sampling import SamplingParams
+
+DEMO_TURNS = [
+    "Hi! I am planning a trip to Lisbon in spring. What should I pack?",
+    "Good idea. Which neighbourhoods are nice to walk around?",
+    "And what food should I try there?",
+    "Thanks. Can you summarise our conversation in three bullet points?",
+]
+
+
+def _llm(args: argparse.Namespace) -> LLM:
+    llm = LLM.__new__(LLM)
+    llm.config = engine_config(args)
+    llm.engine = LLMEngine(llm.config)
+    return llm
+
+
+def turn_line(out: RequestOutput) -> str:
+    m = out.metrics
+    decode_s = (m.finish_s or 0) - (m.first_token_s or 0)
+    tps = (m.generated_tokens - 1) / decode_s if decode_s > 0 and m.generated_tokens > 1 else 0.0
+    reused = ", ".join(f"{t} {n}" for t, n in m.cached_tokens.items() if n) or "none"
+    trunc = f", truncated {m.truncated_tokens}" if m.truncated_tokens else ""
+    return (
+        f"[TTFT {m.ttft_s * 1000:.0f} ms | {tps:.1f} tok/s | prompt {m.prompt_tokens} tok, "
+        f"reused {m.num_cached_tokens} ({reused}){trunc}]"
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params)
+    else:
+        out = llm.generate(args.prompt, params)[0]
+    print(out.text)
+    print(turn_line(out), file=sys.stderr)
+    llm.close()
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: type a message; /exit or Ctrl-D ends.", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if line == "/exit":
+                break
+            if not line:
+                continue
+            messages.append({"role": "user", "content": line})
+            out = llm.chat(messages, params, session_id=args.session_id)
+            messages.append({"role": "assistant", "content": out.text})
+            print(f"bot> {out.text}\n{turn_line(out)}", flush=True)
+    finally:
+        llm.close()
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The same conversation on CachedAttention and on a recompute-every-turn engine, side by side."""
+    store_dir = args.store_dir or tempfile.mkdtemp(prefix="cachedattention-demo-")
+    args = argparse.Namespace(**{**vars(args), "store_dir": store_dir, "no_store": False})
+    cached = _llm(args)
+    cfg = engine_config(args)
+    # the baseline recomputes everything: no store and no device prefix cache
+    base = LLM.__new__(LLM)
+    base.config = replace(cfg, store=replace(cfg.store, enable=False), cache=replace(cfg.cache, enable_prefix_cache=False))
+    base.engine = LLMEngine(base.config, loaded=cached.engine.loaded)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    messages: list[dict[str, str]] = []
+    print(f"CachedAttention demo on {cached.engine.loaded.name} ({args.device}, {args.dtype}); store in {store_dir}\n")
+    for i, user in enumerate(DEMO_TURNS, 1):
+        messages.append({"role": "user", "content": user})
+        ref = base.chat(messages, params)
+        out = cached.chat(messages, params, session_id="demo")
+        cached.engine.store.store.flush() if cached.engine.store else None
+        same = "same tokens as recompute" if out.token_ids == ref.token_ids else "DIFFERENT from recompute"
+        print(f"turn {i} you> {user}\nturn {i} bot> {out.text.strip()}")
+        print(f"  CachedAttention {turn_line(out)}")
+        print(f"  recompute       {turn_line(ref)}")
+        print(f"  TTFT ratio {out.metrics.ttft_s / ref.metrics.ttft_s:.2f}x, {same}\n")
+        messages.append({"role": "assistant", "content": out.text})
+    print("store:", {k: v for k, v in cached.stats().items() if k.startswith(("store_", "host_", "disk_"))})
+    cached.close()
+    return 0

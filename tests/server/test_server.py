@@ -1,0 +1,439 @@
+"""The OpenAI-compatible server, end to end over real sockets with the official openai client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server.conftest import (
+    engine_config,
+    launch_cli_server,
+    needs_store,
+    start_server,
+    store_available,
+)
+
+MAX_TOKENS = 16
+QUESTIONS = ["Tell me about cats.", "And dogs?", "Which one is better for a flat?"]
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def converse(url: str, session_id: str | None, questions: list[str], header: bool = False) -> list[tuple[str, object]]:
+    """Greedy turns of one conversation; returns (text, usage) per turn."""
+    c = client(url)
+    messages: list[dict[str, str]] = []
+    turns = []
+    for q in questions:
+        messages.append({"role": "user", "content": q})
+        ident = (
+            {"extra_headers": {"X-Session-ID": session_id}} if header else {"extra_body": {"session_id": session_id}}
+        )
+        r = c.chat.completions.create(model="default", messages=messages, max_tokens=MAX_TOKENS, temperature=0, **ident)
+        text = r.choices[0].message.content
+        messages.append({"role": "assistant", "content": text})
+        turns.append((text, r.usage))
+    return turns
+
+
+def reference_conversation(reference, questions: list[str]) -> list[str]:
+    messages, texts = [], []
+    for q in questions:
+        messages.append({"role": "user", "content": q})
+        texts.append(reference(messages, MAX_TOKENS))
+        messages.append({"role": "assistant", "content": texts[-1]})
+    return texts
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def wait_idle(url: str, timeout_s: float = 15.0) -> dict:
+    """Poll /health until nothing runs or waits and every device page is free (or evictable) again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        h = httpx.get(f"{url}/health").json()
+        if h["running"] == 0 and h["waiting"] == 0 and h["pages_free"] == h["pages_total"]:
+            return h
+        assert time.monotonic() < deadline, f"the server did not go idle: {h}"
+        time.sleep(0.05)
+
+
+# -- basics -------------------------------------------------------------------------------------------
+def test_models_and_health(server):
+    models = client(server.url).models.list()
+    assert [m.id for m in models.data] == [server.app.state.model_name]
+    h = httpx.get(f"{server.url}/health").json()
+    assert h["status"] == "ok" and h["pages_total"] > 0 and "pages_free" in h
+
+
+def test_completions_with_text_and_token_ids(server, chat_model_dir):
+    c = client(server.url)
+    a = c.completions.create(model="default", prompt="The sky is", max_tokens=8, temperature=0)
+    assert a.choices[0].finish_reason in ("length", "stop") and a.usage.completion_tokens >= 1
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(chat_model_dir)).encode("The sky is", add_special_tokens=False)
+    b = c.completions.create(model=server.app.state.model_name, prompt=ids, max_tokens=8, temperature=0)
+    assert b.choices[0].text == a.choices[0].text
+    assert b.usage.prompt_tokens == len(ids)
+
+
+# -- multi-turn reuse -----------------------------------------------------------------------------------
+def test_three_turns_reuse_device_cache_and_match_recompute(server, reference):
+    turns = converse(server.url, "conv-device", QUESTIONS)
+    assert [t for t, _ in turns] == reference_conversation(reference, QUESTIONS)
+    for _, usage in turns[1:]:
+        assert usage.prompt_tokens_details.cached_tokens > 0
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@needs_store
+def test_three_turns_with_store_match_no_store_server(store_server, server):
+    with_store = converse(store_server.url, "conv-store", QUESTIONS, header=True)
+    without = converse(server.url, "conv-store-ref", QUESTIONS)
+    assert [t for t, _ in with_store] == [t for t, _ in without]
+    for _, usage in with_store[1:]:
+        assert usage.prompt_tokens_details.cached_tokens > 0
+    host_bytes = ("cachedattention_store_bytes", (("tier", "host"),))
+    deadline = time.monotonic() + 10
+    while (samples := metric_samples(store_server.url)).get(host_bytes, 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)  # saves run in the background
+    assert samples[host_bytes] > 0  # the turns were saved to host DRAM
+    assert ("cachedattention_evictions", (("stat", "host_evictions"), ("tier", "host"))) in samples
+
+
+# -- streaming ------------------------------------------------------------------------------------------
+def test_stream_joins_to_non_stream_text(server):
+    c = client(server.url)
+    msgs = [{"role": "user", "content": "Stream me something."}]
+    full = c.chat.completions.create(model="default", messages=msgs, max_tokens=24, temperature=0)
+    chunks = list(
+        c.chat.completions.create(
+            model="default",
+            messages=msgs,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    last_choice = [ch for ch in chunks if ch.choices][-1]
+    assert last_choice.choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_raw_sse_format(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert {e["object"] for e in events} == {"text_completion"}
+    assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+    full = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=30).json()
+    assert "".join(e["choices"][0]["text"] for e in events) == full["choices"][0]["text"]
+
+
+def test_stop_string_streams_and_cuts_the_same(server):
+    c = client(server.url)
+    msgs = [{"role": "user", "content": "Say something with a stop in it."}]
+    free = c.chat.completions.create(model="default", messages=msgs, max_tokens=24, temperature=0)
+    text = free.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # a string the greedy answer is known to contain
+    assert stop.strip()
+    cut = c.chat.completions.create(model="default", messages=msgs, max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+    stream = c.chat.completions.create(
+        model="default", messages=msgs, max_tokens=24, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream) == cut.choices[0].message.content
+
+
+# -- concurrency and disconnects ------------------------------------------------------------------------
+def test_eight_concurrent_sessions_are_unmixed(server, reference):
+    topics = ["apples", "rivers", "robots", "violins", "deserts", "comets", "bridges", "owls"]
+    convs = [[f"Tell me about {t}.", f"Why do people like {t}?"] for t in topics]
+    expected = [reference_conversation(reference, qs) for qs in convs]
+    assert len({tuple(e) for e in expected}) == len(convs)  # distinct answers, so a mix-up would show
+    barrier = threading.Barrier(len(convs))
+
+    def run(i: int) -> list[str]:
+        barrier.wait()
+        return [t for t, _ in converse(server.url, f"par-{i}", convs[i], header=i % 2 == 0)]
+
+    with ThreadPoolExecutor(len(convs)) as pool:
+        got = list(pool.map(run, range(len(convs))))
+    assert got == expected
+
+
+def test_disconnect_mid_stream_aborts_and_frees_pages(server):
+    wait_idle(server.url)
+    before = metric_samples(server.url).get(
+        ("cachedattention_requests_finished_total", (("finish_reason", "abort"),)), 0
+    )
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "Talk for a long time."}],
+        "max_tokens": 900,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                got += 1
+                if got == 2:
+                    break
+    # the client closed its connection: the request must be aborted and its pages given back
+    h = wait_idle(server.url)
+    assert h["in_flight"] == 0
+    after = metric_samples(server.url)[("cachedattention_requests_finished_total", (("finish_reason", "abort"),))]
+    assert after == before + 1
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+OK_MSGS = [{"role": "user", "content": "hi"}]
+BAD_INPUTS = [
+    ("malformed json", CHAT, b'{"messages": [', 400),
+    ("body not an object", CHAT, [1, 2], 400),
+    ("absurdly nested json", CHAT, b"[" * 30000 + b"]" * 30000, 400),
+    ("missing messages", CHAT, {"model": "default"}, 400),
+    ("empty messages", CHAT, {"messages": []}, 400),
+    ("messages not a list", CHAT, {"messages": "hi"}, 400),
+    ("bad role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("content not a string", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400),
+    ("unknown model", CHAT, {"model": "gpt-9", "messages": OK_MSGS}, 404),
+    ("max_tokens zero", CHAT, {"messages": OK_MSGS, "max_tokens": 0}, 400),
+    ("max_tokens negative", CHAT, {"messages": OK_MSGS, "max_tokens": -3}, 400),
+    ("max_tokens a string", CHAT, {"messages": OK_MSGS, "max_tokens": "10"}, 400),
+    ("max_completion_tokens zero", CHAT, {"messages": OK_MSGS, "max_completion_tokens": 0}, 400),
+    ("temperature a string", CHAT, {"messages": OK_MSGS, "temperature": "hot"}, 400),
+    ("temperature negative", CHAT, {"messages": OK_MSGS, "temperature": -1}, 400),
+    ("top_p zero", CHAT, {"messages": OK_MSGS, "top_p": 0}, 400),
+    ("n two", CHAT, {"messages": OK_MSGS, "n": 2}, 400),
+    ("stop a number", CHAT, {"messages": OK_MSGS, "stop": 5}, 400),
+    ("stream not a bool", CHAT, {"messages": OK_MSGS, "stream": "yes"}, 400),
+    ("session_id a number", CHAT, {"messages": OK_MSGS, "session_id": 5}, 400),
+    ("prompt past the window", CHAT, {"messages": [{"role": "user", "content": "word " * 1500}]}, 400),
+    (
+        "streamed prompt past the window",
+        CHAT,
+        {"messages": [{"role": "user", "content": "a " * 1500}], "stream": True},
+        400,
+    ),
+    ("completion without prompt", COMP, {"max_tokens": 4}, 400),
+    ("completion empty prompt", COMP, {"prompt": ""}, 400),
+    ("completion token id out of vocab", COMP, {"prompt": [1, 999999]}, 400),
+    ("completion batched prompts", COMP, {"prompt": ["a", "b"]}, 400),
+    ("completion prompt past the window", COMP, {"prompt": list(range(5, 1500))}, 400),
+    ("lone surrogate in content", CHAT, {"messages": [{"role": "user", "content": "a\ud800b"}]}, 400),
+    ("lone surrogate in prompt", COMP, {"prompt": "a\ud800b"}, 400),
+    ("image content part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
+    ("unsupported logprobs", CHAT, {"messages": OK_MSGS, "logprobs": True}, 400),
+    ("oversized body", CHAT, {"messages": [{"role": "user", "content": "x" * (100 << 10)}]}, 413),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_openai_error(server, name, path, body, status):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.url}{path}", content=content, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and isinstance(err["message"], str) and err["message"]
+    assert "code" in err
+    ok = httpx.post(f"{server.url}{CHAT}", json={"messages": OK_MSGS, "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200  # the server keeps serving
+
+
+def test_odd_but_valid_requests(server):
+    c = client(server.url)
+    greedy = c.chat.completions.create(model="default", messages=OK_MSGS, max_tokens=6, temperature=0)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
+    tiny_t = c.chat.completions.create(
+        model="default", messages=parts, max_tokens=6, temperature=1e-40, extra_body={"top_k": -1}
+    )
+    assert tiny_t.choices[0].message.content == greedy.choices[0].message.content
+    seeded = [
+        c.chat.completions.create(model="default", messages=OK_MSGS, max_tokens=6, temperature=0.9, seed=7)
+        for _ in range(2)
+    ]
+    assert seeded[0].choices[0].message.content == seeded[1].choices[0].message.content
+
+
+def test_unknown_routes_and_methods_use_openai_errors(server):
+    r = httpx.get(f"{server.url}/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(f"{server.url}{CHAT}")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_openai_client_sees_typed_errors(server):
+    c = client(server.url)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="no-such-model", messages=OK_MSGS)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="default", messages=OK_MSGS, max_tokens=0)
+
+
+# -- metrics --------------------------------------------------------------------------------------------
+def test_metrics_parse_and_count(server):
+    key = ("cachedattention_http_requests_total", (("endpoint", CHAT), ("status", "200")))
+    before = metric_samples(server.url).get(key, 0)
+    converse(server.url, "metrics-conv", QUESTIONS[:2])
+    samples = metric_samples(server.url)
+    assert samples[key] == before + 2
+    names = {name for name, _ in samples}
+    for name in (
+        "cachedattention_time_to_first_token_seconds_count",
+        "cachedattention_prompt_tokens_total",
+        "cachedattention_generation_tokens_total",
+        "cachedattention_num_requests_running",
+        "cachedattention_num_requests_waiting",
+        "cachedattention_kv_pages_free",
+    ):
+        assert name in names, name
+    assert samples[("cachedattention_cached_prompt_tokens_total", (("tier", "device"),))] > 0
+    assert samples[("cachedattention_time_to_first_token_seconds_count", ())] >= 2
+
+
+# -- shutdown -------------------------------------------------------------------------------------------
+def test_draining_refuses_new_requests_then_aborts_after_grace(chat_model_dir):
+    s = start_server(engine_config(chat_model_dir, store=False))
+    loop = s.app.state.engine_loop
+    lines: list[str] = []
+    first = threading.Event()
+
+    def long_stream() -> None:
+        body = {"messages": OK_MSGS, "max_tokens": 900, "ignore_eos": True, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{s.url}{CHAT}", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+
+    reader = threading.Thread(target=long_stream)
+    try:
+        reader.start()
+        assert first.wait(30)
+        loop.begin_drain()  # what SIGTERM does first
+        r = httpx.post(f"{s.url}{CHAT}", json={"messages": OK_MSGS})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down"
+        assert httpx.get(f"{s.url}/health").status_code == 503
+        loop.shutdown(grace_s=0.0)  # grace over at once: the running stream is aborted, the store flushed
+        reader.join(timeout=30)
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["error"]["code"] == "request_aborted"
+    finally:
+        s.stop()
+
+
+def test_served_name_and_stream_delta_rules():
+    from types import SimpleNamespace
+
+    from cachedattention.server.app import default_model_name, stream_delta
+
+    embedded = SimpleNamespace(config=SimpleNamespace(model=None), loaded=SimpleNamespace(name="smollm2-x"))
+    assert default_model_name(embedded) == "SmolLM2-135M-Instruct"
+    folder = SimpleNamespace(config=SimpleNamespace(model="/m/tiny"), loaded=SimpleNamespace(name="tiny"))
+    assert default_model_name(folder) == "tiny"
+    assert stream_delta("ab\ufffd", "a", ()) == "b"  # an unfinished UTF-8 character waits
+    assert stream_delta("hello wo", "he", ("world",)) == "llo "  # "wo" may become the stop string
+    assert stream_delta("hello", "hex", ()) == ""  # the text so far changed: wait for the final text
+
+
+SESSION = "restart-session"
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(chat_model_dir, tmp_path_factory):
+    """A CLI server (with a disk store when the store exists): one turn, then SIGTERM during a long stream."""
+    tmp = tmp_path_factory.mktemp("cli")
+    store_flags = ["--store-dir", str(tmp / "store")] if store_available() else ["--no-store"]
+    srv = launch_cli_server(chat_model_dir, tmp / "server1.log", *store_flags)
+    try:
+        first = converse(srv.url, SESSION, QUESTIONS[:1])
+        events: list[str] = []
+        started = threading.Event()
+
+        def long_stream() -> None:
+            body = {"messages": OK_MSGS, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+            with httpx.stream("POST", f"{srv.url}{CHAT}", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        started.set()
+
+        reader = threading.Thread(target=long_stream)
+        reader.start()
+        assert started.wait(30)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        rc = srv.proc.wait(timeout=45)
+        took = time.monotonic() - t0
+        reader.join(timeout=30)
+    finally:
+        srv.kill()
+    return dict(tmp=tmp, flags=store_flags, first=first, events=events, rc=rc, took=took, log=srv.log)
+
+
+def test_sigterm_finishes_in_flight_and_exits_zero(sigterm_run):
+    r = sigterm_run
+    assert r["rc"] == 0, r["log"].read_text()[-3000:]
+    assert r["took"] < 40
+    assert "Waiting for connections to close" in r["log"].read_text()  # the stream was still running at SIGTERM
+    assert r["events"][-1] == "data: [DONE]"  # the in-flight stream ran to its end
+    finals = [json.loads(e[6:]) for e in r["events"][:-1]]
+    assert finals[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@needs_store
+def test_restart_on_same_store_dir_reuses_the_session(sigterm_run, chat_model_dir, reference):
+    r = sigterm_run
+    srv = launch_cli_server(chat_model_dir, r["tmp"] / "server2.log", *r["flags"])
+    try:
+        c = client(srv.url)
+        first_text = r["first"][0][0]
+        messages = [
+            {"role": "user", "content": QUESTIONS[0]},
+            {"role": "assistant", "content": first_text},
+            {"role": "user", "content": QUESTIONS[1]},
+        ]
+        resp = c.chat.completions.create(
+            model="default", messages=messages, max_tokens=MAX_TOKENS, temperature=0, extra_body={"session_id": SESSION}
+        )
+        assert resp.usage.prompt_tokens_details.cached_tokens > 0  # nothing is on the new device: it came from disk
+        assert resp.choices[0].message.content == reference(messages, MAX_TOKENS)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=45) == 0
+    finally:
+        srv.kill()
