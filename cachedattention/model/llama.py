@@ -58,10 +58,14 @@ class Attention(nn.Module):
         else:
             ks, vs = pool.gather(layer, seq.slots[: seq.total_len])
             mask, causal = _offset_causal_mask(seq, q.device), False
-        o = F.scaled_dot_product_attention(
-            qs, ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=mask, is_causal=causal, enable_gqa=True
-        )
-        return o.transpose(0, 1)
+        group = qs.shape[0] // ks.shape[1]
+        # expand KV heads to the query heads ourselves: SDPA's enable_gqa path falls back to the
+        # slow math kernel on CPU, while plain SDPA takes the fused (flash) one
+        ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)
+        vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)
+        # 4-D inputs: the fused CPU kernel only takes (batch, heads, length, dim)
+        o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal)
+        return o[0].transpose(0, 1)
 
 
 def _offset_causal_mask(seq: SeqSlice, device: torch.device) -> torch.Tensor | None:
