@@ -18,6 +18,7 @@ class RequestMetrics:
     generated_tokens: int = 0
     cached_tokens: dict[str, int] = field(default_factory=empty_tiers)
     load_s: float = 0.0  # time the forward waited for loaded KV (0 when fully overlapped)
+    load_busy_s: float = 0.0  # the load's own duration (copy + rotate into pages), overlapped or not
     save_s: float = 0.0  # time the save thread spent saving this request's KV
     truncated_tokens: int = 0  # history tokens dropped by context-overflow truncation
 

@@ -20,6 +20,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     # turn mode
     p.add_argument("--history", default=None, help="comma-separated history lengths (turn mode)")
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the timed turn (turn mode)")
+    p.add_argument("--cells", default=None, help="comma-separated subset of the turn-mode cells")
     # workload mode
     p.add_argument("--sessions", type=int, default=None, help="number of sessions (workload mode)")
     p.add_argument("--workload", default=None, help="ShareGPT JSON or a saved workload JSON (workload mode)")

@@ -16,10 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from cachedattention.bench.models import bench_model
 from cachedattention.bench.timing import fmt_ms, sync
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
+from cachedattention.model.loader import resolve_dtype
 from cachedattention.sampling import SamplingParams
 
 ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
@@ -45,11 +48,13 @@ CELLS = [
 
 
 def _engine(cell: Cell, loaded, args, window: int, store_dir: str | None) -> LLMEngine:
+    elt = torch.tensor([], dtype=resolve_dtype(args.dtype)).element_size()
+    pool_bytes = loaded.spec.kv_bytes_per_token(elt) * (2 * window + 1024)  # history + the timed turn, twice
     cfg = EngineConfig(
         device=args.device,
         dtype=args.dtype,
         max_model_len=window,
-        cache=CacheConfig(enable_prefix_cache=cell.prefix_cache, memory_bytes=None),
+        cache=CacheConfig(enable_prefix_cache=cell.prefix_cache, memory_bytes=pool_bytes),
         scheduler=SchedulerConfig(max_num_batched_tokens=window, max_num_seqs=1),
         store=StoreConfig(
             enable=cell.store, layerwise=cell.layerwise, host_bytes=cell.host_bytes,
@@ -85,7 +90,7 @@ def measure_cell(cell: Cell, loaded, args, h: int, window: int) -> dict:
     store_dir = tempfile.mkdtemp(prefix="ca-turn-") if cell.disk else None
     engine = _engine(cell, loaded, args, window, store_dir)
     vocab = engine.spec.vocab_size
-    ttfts, loads = [], []
+    ttfts, waits, busy = [], [], []
     for rep in range(args.repeats + 1):  # the first repetition warms up and is not counted
         hist = _history(h, rep, vocab)
         new = [(5 + 3 * i + rep) % (vocab - 100) + 50 for i in range(args.new_tokens)]
@@ -102,11 +107,13 @@ def measure_cell(cell: Cell, loaded, args, h: int, window: int) -> dict:
         sync(args.device)
         if rep:
             ttfts.append(time.perf_counter() - t)
-            loads.append(out.metrics.load_s)
+            waits.append(out.metrics.load_s)
+            busy.append(out.metrics.load_busy_s)
             if cell.name != "recompute" and out.metrics.num_cached_tokens < h - engine.config.cache.page_size:
                 raise RuntimeError(f"{cell.name}: expected a hit of ~{h} tokens, got {out.metrics.cached_tokens}")
     engine.close()
-    return {"ttft_s": statistics.median(ttfts), "load_wait_s": statistics.median(loads)}
+    return {"ttft_s": statistics.median(ttfts), "load_wait_s": statistics.median(waits),
+            "load_alone_s": statistics.median(busy)}
 
 
 def run_turn_bench(args: argparse.Namespace) -> int:
@@ -116,9 +123,16 @@ def run_turn_bench(args: argparse.Namespace) -> int:
     if args.quick:
         hs, args.repeats = hs[:2], 1
     window = max(hs) + args.new_tokens + 8
+    cells = CELLS
+    if args.cells:
+        wanted = args.cells.split(",")
+        unknown = set(wanted) - {c.name for c in CELLS}
+        if unknown:
+            raise ValueError(f"unknown cells {sorted(unknown)}; choose from {[c.name for c in CELLS]}")
+        cells = [c for c in CELLS if c.name in wanted or c.name == "recompute"]
     results: dict[str, dict[str, dict]] = {}
     for h in hs:
-        results[str(h)] = {c.name: measure_cell(c, loaded, args, h, window) for c in CELLS}
+        results[str(h)] = {c.name: measure_cell(c, loaded, args, h, window) for c in cells}
         print(f"H={h} done", flush=True)
     print(_table(results, loaded.name, args))
     if args.json:
@@ -129,17 +143,21 @@ def run_turn_bench(args: argparse.Namespace) -> int:
 
 
 def _table(results: dict, name: str, args) -> str:
-    names = [c.name for c in CELLS]
+    names = list(next(iter(results.values())))
     lines = [
         f"Time to first token of the next turn ({name}, {args.device}, {args.dtype}, {args.new_tokens} new tokens; "
         f"median of {args.repeats}; ms, and ratio to recompute)",
         "",
-        "| history | " + " | ".join(names) + " | layer-wise / sync |",
-        "|---|" + "---|" * (len(names) + 1),
+        "| history | " + " | ".join(names) + " | load alone | layer-wise / sync | layer-wise / max(load, device) |",
+        "|---|" + "---|" * (len(names) + 3),
     ]
     for h, row in results.items():
         base = row["recompute"]["ttft_s"]
         cells = [f"{fmt_ms(row[n]['ttft_s'])} ({row[n]['ttft_s'] / base:.2f}x)" for n in names]
-        lw = row["host, layer-wise"]["ttft_s"] / row["host, sync"]["ttft_s"]
-        lines.append(f"| {h} | " + " | ".join(cells) + f" | {lw:.2f} |")
+        lw_cell, sync_cell, dev = row.get("host, layer-wise"), row.get("host, sync"), row.get("device hit")
+        alone = (sync_cell or lw_cell or {}).get("load_alone_s")
+        lw = f"{lw_cell['ttft_s'] / sync_cell['ttft_s']:.2f}" if lw_cell and sync_cell else "-"
+        bound = f"{lw_cell['ttft_s'] / max(alone, dev['ttft_s']):.2f}" if lw_cell and dev and alone else "-"
+        alone_txt = fmt_ms(alone) if alone else "-"
+        lines.append(f"| {h} | " + " | ".join(cells) + f" | {alone_txt} | {lw} | {bound} |")
     return "\n".join(lines)

@@ -179,6 +179,7 @@ class StoreConnector:
                 continue
             st.pending_load = None
             s.request.metrics.load_s += job.waited_s
+            s.request.metrics.load_busy_s += job.busy_s
             for tier, n in job.bytes_read.items():
                 self.store.stats.bytes_loaded[tier] += n
             if job.failed is not None:

@@ -48,7 +48,8 @@ class LoadJob:
     events: list[threading.Event] = field(default_factory=list)
     cuda_events: list = field(default_factory=list)
     failed: tuple[str, str] | None = None  # (segment, reason) when a read failed its check
-    waited_s: float = 0.0
+    waited_s: float = 0.0  # time the forward spent waiting for this job's layers
+    busy_s: float = 0.0  # the load's own duration, start to last layer (the "load alone" time)
     bytes_read: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
 
     def __post_init__(self) -> None:
@@ -95,6 +96,7 @@ class Loader:
 
     def run(self, job: LoadJob) -> None:
         readers: dict[str, SegmentReader] = {}
+        start = time.perf_counter()
         try:
             ctx = torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext()
             with ctx, torch.inference_mode():
@@ -107,6 +109,9 @@ class Loader:
                     if job.cuda_events:
                         job.cuda_events[layer].record(self.stream)
                     job.events[layer].set()
+            if self.stream is not None:
+                self.stream.synchronize()  # only this thread waits: it times the load alone
+            job.busy_s = time.perf_counter() - start
         finally:
             for r in readers.values():
                 r.close()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One prepared run on a CUDA GPU: the tests marked `gpu`, then the turn, throughput and workload
+# benchmarks on a Llama-3-8B-shaped random-weight model (bf16). Installs nothing: it runs from source
+# with the machine's own PyTorch (>= 2.11) and transformers (>= 5.17). Finishes in under 8 minutes on
+# an H200. Usage: bench/gpu.sh OUTPUT_DIR   (tables as .md, numbers as .json, logs as .log)
+set -uo pipefail
+out=${1:?usage: bench/gpu.sh OUTPUT_DIR}
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CACHEDATTENTION_HOME="$out/.home"
+cd "$root"
+py=${PYTHON:-python3}
+status=0
+
+$py - <<'PY' 2>&1 | tee "$out/env.log"
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__,
+      "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "-")
+PY
+
+echo "== tests marked gpu" | tee "$out/gpu-tests.log"
+timeout 180 $py -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee -a "$out/gpu-tests.log" || status=1
+
+echo "== turn benchmark" | tee "$out/turn.log"
+timeout 240 $py -m cachedattention.cli bench --mode turn --random-shape llama3-8b --device cuda --dtype bfloat16 \
+  --history 4096,16384,32768 --new-tokens 256 --repeats 3 \
+  --cells "device hit,host, sync,host, layer-wise" --json "$out/turn.json" 2>&1 | tee -a "$out/turn.log" || status=1
+
+echo "== throughput benchmark" | tee "$out/throughput.log"
+timeout 120 $py -m cachedattention.cli bench --mode throughput --random-shape llama3-8b --device cuda --dtype bfloat16 \
+  --repeats 3 --json "$out/throughput.json" 2>&1 | tee -a "$out/throughput.log" || status=1
+
+exit $status

@@ -1,0 +1,56 @@
+"""CUDA checks (run by bench/gpu.sh on a GPU machine; skipped elsewhere): the model and the store on the device."""
+
+import pytest
+import torch
+
+from cachedattention import LLM, CacheConfig, SamplingParams
+from tests.tiny_models import hf_greedy
+from tests.util import capture_logits, rel_err
+
+pytestmark = pytest.mark.gpu
+PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_cuda_float32_matches_transformers(kind, tiny_dirs, monkeypatch):
+    path, hf = tiny_dirs[kind]
+    llm = LLM(model=str(path), device="cuda")
+    seen = capture_logits(monkeypatch)
+    prompt = list(range(5, 60))
+    out = llm.generate([prompt], PARAMS)[0]
+    assert out.token_ids == hf_greedy(hf, prompt, 8)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0]
+    for i, logits in enumerate(seen):
+        assert rel_err(logits.cpu(), ref[len(prompt) - 1 + i]) <= 1e-3  # TF32-free fp32 on GPU, looser than CPU
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_cuda_store_turns_equal_recompute(tier, layerwise, tiny_dirs, tmp_path):
+    path, _ = tiny_dirs["llama"]
+    no_dev = CacheConfig(enable_prefix_cache=False)
+    base = LLM(model=str(path), device="cuda", cache=no_dev)
+    kw = {"store_dir": str(tmp_path), "host_bytes": 0} if tier == "disk" else {}
+    llm = LLM(model=str(path), device="cuda", cache=no_dev, enable_store=True, layerwise=layerwise, **kw)
+    conv = list(range(5, 70))
+    for t in range(3):
+        ref = base.generate([conv], PARAMS)[0]
+        out = llm.generate([conv], PARAMS, session_id="s")[0]
+        llm.engine.store.store.flush()
+        assert out.token_ids == ref.token_ids
+        if t:
+            assert out.metrics.cached_tokens[tier] > 0
+        conv = conv + ref.token_ids + [3, 4, 5]
+    llm.engine.store.check_integrity()
+
+
+def test_cuda_bfloat16_runs_and_reuses(tiny_dirs):
+    path, _ = tiny_dirs["qwen2"]
+    llm = LLM(model=str(path), device="cuda", dtype="bfloat16", enable_store=True,
+              cache=CacheConfig(enable_prefix_cache=False))
+    conv = list(range(5, 70))
+    first = llm.generate([conv], PARAMS, session_id="s")[0]
+    llm.engine.store.store.flush()
+    second = llm.generate([conv + first.token_ids + [1]], PARAMS, session_id="s")[0]
+    assert second.metrics.cached_tokens["host"] > 0 and len(second.token_ids) == 8
