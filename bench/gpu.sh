@@ -19,15 +19,15 @@ print("torch", torch.__version__, "transformers", transformers.__version__,
 PY
 
 echo "== tests marked gpu" | tee "$out/gpu-tests.log"
-timeout 180 $py -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee -a "$out/gpu-tests.log" || status=1
+timeout 120 $py -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee -a "$out/gpu-tests.log" || status=1
 
 echo "== turn benchmark" | tee "$out/turn.log"
-timeout 240 $py -m cachedattention.cli bench --mode turn --random-shape llama3-8b --device cuda --dtype bfloat16 \
+timeout 180 $py -m cachedattention.cli bench --mode turn --random-shape llama3-8b --device cuda --dtype bfloat16 \
   --history 4096,16384,32768 --new-tokens 256 --repeats 3 \
-  --cells "device hit,host, sync,host, layer-wise" --json "$out/turn.json" 2>&1 | tee -a "$out/turn.log" || status=1
+  --cells device,host-sync,host-layerwise --json "$out/turn.json" 2>&1 | tee -a "$out/turn.log" || status=1
 
 echo "== throughput benchmark" | tee "$out/throughput.log"
-timeout 120 $py -m cachedattention.cli bench --mode throughput --random-shape llama3-8b --device cuda --dtype bfloat16 \
+timeout 100 $py -m cachedattention.cli bench --mode throughput --random-shape llama3-8b --device cuda --dtype bfloat16 \
   --repeats 3 --json "$out/throughput.json" 2>&1 | tee -a "$out/throughput.log" || status=1
 
 exit $status

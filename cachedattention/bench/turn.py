@@ -40,10 +40,10 @@ class Cell:
 
 CELLS = [
     Cell("recompute", store=False, prefix_cache=False),
-    Cell("device hit", store=False, prefix_cache=True),
-    Cell("host, sync", store=True, prefix_cache=False, layerwise=False),
-    Cell("host, layer-wise", store=True, prefix_cache=False),
-    Cell("disk (cold), layer-wise", store=True, prefix_cache=False, host_bytes=0, disk=True),
+    Cell("device", store=False, prefix_cache=True),
+    Cell("host-sync", store=True, prefix_cache=False, layerwise=False),
+    Cell("host-layerwise", store=True, prefix_cache=False),
+    Cell("disk-cold-layerwise", store=True, prefix_cache=False, host_bytes=0, disk=True),
 ]
 
 
@@ -154,7 +154,7 @@ def _table(results: dict, name: str, args) -> str:
     for h, row in results.items():
         base = row["recompute"]["ttft_s"]
         cells = [f"{fmt_ms(row[n]['ttft_s'])} ({row[n]['ttft_s'] / base:.2f}x)" for n in names]
-        lw_cell, sync_cell, dev = row.get("host, layer-wise"), row.get("host, sync"), row.get("device hit")
+        lw_cell, sync_cell, dev = row.get("host-layerwise"), row.get("host-sync"), row.get("device")
         alone = (sync_cell or lw_cell or {}).get("load_alone_s")
         lw = f"{lw_cell['ttft_s'] / sync_cell['ttft_s']:.2f}" if lw_cell and sync_cell else "-"
         bound = f"{lw_cell['ttft_s'] / max(alone, dev['ttft_s']):.2f}" if lw_cell and dev and alone else "-"
