@@ -6,7 +6,7 @@ import torch
 
 from cachedattention.engine.scheduler import ScheduledSeq
 from cachedattention.kvcache.kv_pool import KVPool
-from cachedattention.model.batch import ForwardBatch, LayerHooks, SeqSlice
+from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, SeqSlice
 from cachedattention.model.llama import LlamaForCausalLM
 
 
@@ -34,6 +34,7 @@ class ModelRunner:
                 wants.append(i)
             start += s.num_new
         dev = self.device
+        decode = self._decode_group(seqs)
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -41,8 +42,25 @@ class ModelRunner:
             seqs=seqs,
             logits_indices=torch.tensor(logit_rows, dtype=torch.long, device=dev),
             hooks=hooks,
+            decode=decode,
         )
+        if decode is not None:
+            batch.seqs = [s for s in seqs if not (s.num_new == 1 and s.context_len > 0)]
         return batch, wants
+
+    def _decode_group(self, seqs: list[SeqSlice]) -> DecodeGroup | None:
+        """Group the decoding sequences (one new token on top of a context) for one padded attention call."""
+        dec = [s for s in seqs if s.num_new == 1 and s.context_len > 0]
+        if len(dec) < 2:
+            return None
+        lmax = max(s.total_len for s in dec)
+        slots = torch.zeros(len(dec), lmax, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(dec), 1, 1, lmax, dtype=torch.bool, device=self.device)
+        for i, s in enumerate(dec):
+            slots[i, : s.total_len] = s.slots
+            mask[i, 0, 0, : s.total_len] = True
+        rows = torch.tensor([s.start for s in dec], dtype=torch.long, device=self.device)
+        return DecodeGroup(rows=rows, slots=slots, mask=mask)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch, self.pool)

@@ -31,6 +31,15 @@ class LayerHooks(Protocol):
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token sequences attended in one padded call (fewer kernel launches than one per sequence)."""
+
+    rows: torch.Tensor  # [B] flat indices of their tokens
+    slots: torch.Tensor  # [B, Lmax] pool slots of each context, padded
+    mask: torch.Tensor  # [B, 1, 1, Lmax] True where a slot is real
+
+
+@dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -38,3 +47,4 @@ class ForwardBatch:
     seqs: list[SeqSlice]
     logits_indices: torch.Tensor  # flat indices whose next-token logits are wanted
     hooks: LayerHooks | None = None
+    decode: DecodeGroup | None = None  # when set, these sequences are not in `seqs`

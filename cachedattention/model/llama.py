@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from cachedattention.kvcache.kv_pool import KVPool
-from cachedattention.model.batch import ForwardBatch, SeqSlice
+from cachedattention.model.batch import DecodeGroup, ForwardBatch, SeqSlice
 from cachedattention.model.layers import GatedMLP, RMSNorm
 from cachedattention.model.rope import RotaryEmbedding, apply_rotary
 from cachedattention.model.spec import ModelSpec
@@ -43,9 +44,21 @@ class Attention(nn.Module):
             batch.hooks.wait_layer(layer)
         pool.write(layer, batch.new_slots, k, v)
         out = torch.empty_like(q)
+        if batch.decode is not None:
+            out[batch.decode.rows] = self._attend_decode(q, batch.decode, layer, pool)
         for seq in batch.seqs:
             out[seq.start : seq.start + seq.num_new] = self._attend(q, k, v, seq, layer, pool)
         return self.o_proj(out.view(n, -1))
+
+    @staticmethod
+    def _attend_decode(q: torch.Tensor, group: DecodeGroup, layer: int, pool: KVPool) -> torch.Tensor:
+        b, lmax = group.slots.shape
+        ks, vs = pool.gather(layer, group.slots.view(-1))
+        heads = q.shape[1]
+        ks = _expand_heads(ks.view(b, lmax, *ks.shape[1:]).transpose(1, 2), heads)  # [B, heads, Lmax, d]
+        vs = _expand_heads(vs.view(b, lmax, *vs.shape[1:]).transpose(1, 2), heads)
+        qs = q[group.rows].unsqueeze(2)  # [B, heads, 1, d]
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=group.mask).squeeze(2)
 
     @staticmethod
     def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool) -> torch.Tensor:
@@ -57,24 +70,22 @@ class Attention(nn.Module):
             mask, causal = None, seq.num_new > 1
         else:
             ks, vs = pool.gather(layer, seq.slots[: seq.total_len])
-            mask, causal = _offset_causal_mask(seq, q.device), False
-        group = qs.shape[0] // ks.shape[1]
-        # expand KV heads to the query heads ourselves: SDPA's enable_gqa path falls back to the
-        # slow math kernel on CPU, while plain SDPA takes the fused (flash) one
-        ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)
-        vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)
+            # query i sits at context_len + i: causal aligned to the bottom-right, which the
+            # fused kernels support without materialising a mask
+            mask = causal_lower_right(seq.num_new, seq.total_len) if seq.num_new > 1 else None
+            causal = False
+        ks = _expand_heads(ks.transpose(0, 1), qs.shape[0])
+        vs = _expand_heads(vs.transpose(0, 1), qs.shape[0])
         # 4-D inputs: the fused CPU kernel only takes (batch, heads, length, dim)
         o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal)
         return o[0].transpose(0, 1)
 
 
-def _offset_causal_mask(seq: SeqSlice, device: torch.device) -> torch.Tensor | None:
-    """Query i (absolute index context_len + i) sees keys 0 .. context_len + i."""
-    if seq.num_new == 1:
-        return None
-    q_idx = torch.arange(seq.num_new, device=device).unsqueeze(1) + seq.context_len
-    k_idx = torch.arange(seq.total_len, device=device).unsqueeze(0)
-    return k_idx <= q_idx
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[..., kv_heads, L, d] -> [..., heads, L, d]. SDPA's own enable_gqa path falls back to the
+    slow math kernel on CPU, while plain SDPA takes the fused one."""
+    group = heads // x.shape[-3]
+    return x if group == 1 else x.repeat_interleave(group, dim=-3)
 
 
 class DecoderLayer(nn.Module):

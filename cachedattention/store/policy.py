@@ -119,7 +119,8 @@ class CachePolicy(ABC):
         return max(1, int(ledger.host_bytes * self.config.prefetch_reserve_frac // avg))
 
     def protected(self, ledger: TierLedger, queue: Sequence[str]) -> set[str]:
-        """Sessions that proactive (threshold) eviction must leave in host: none by default."""
+        """Host copies the store should keep when it makes room for itself (threshold eviction,
+        storing a finished job, loading or prefetching): none by default."""
         return set()
 
     def _expired(self, entry: LedgerEntry, now: float) -> bool:
@@ -229,6 +230,8 @@ def _ordered(cands: list[LedgerEntry], key: Callable[[LedgerEntry], tuple]) -> I
 def _take(order: Iterable[LedgerEntry], short: int, size: Callable[[LedgerEntry], int]) -> list[str]:
     """Session ids from `order` until their bytes cover `short` (all of them if they never do)."""
     victims: list[str] = []
+    if short <= 0:  # before touching `order`: building the heap is the costly part
+        return victims
     for e in order:
         if short <= 0:
             break
