@@ -53,6 +53,14 @@ def make_generator(params: SamplingParams, device: str) -> torch.Generator | Non
     return gen
 
 
+def sample_batch(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """Next token of every row: greedy rows in one argmax (one device sync), the rest one by one."""
+    greedy = logits.argmax(dim=-1).tolist()
+    return [g if p.greedy else sample(row, p, gen) for g, row, p, gen in zip(greedy, logits, params, generators)]
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick the next token from one row of float32 logits."""
     if params.greedy:

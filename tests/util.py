@@ -14,11 +14,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def capture_logits(monkeypatch) -> list[torch.Tensor]:
     """Record every logits row the engine samples from (in sampling order)."""
     seen: list[torch.Tensor] = []
-    real = engine_mod.sample
+    real = engine_mod.sample_batch
 
-    def spy(logits, params, gen):
-        seen.append(logits.clone())
-        return real(logits, params, gen)
+    def spy(logits, params, gens):
+        seen.extend(row.clone() for row in logits)
+        return real(logits, params, gens)
 
-    monkeypatch.setattr(engine_mod, "sample", spy)
+    monkeypatch.setattr(engine_mod, "sample_batch", spy)
     return seen

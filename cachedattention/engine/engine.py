@@ -18,7 +18,7 @@ from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
 from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
 from cachedattention.outputs import RequestMetrics, RequestOutput
-from cachedattention.sampling import SamplingParams, make_generator, sample
+from cachedattention.sampling import SamplingParams, make_generator, sample_batch
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +150,12 @@ class LLMEngine:
                 self.scheduler.register_full_pages(s.request)
         for req in failed:  # a stored segment failed its check mid-load: recompute, never emit its logits
             self.scheduler.requeue(req)
+        reqs = [scheduled[i].request for i in wants]
+        tokens = sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs]) if reqs else []
         outputs = []
-        for row, i in enumerate(wants):
-            req = scheduled[i].request
-            if req in failed:
+        for req, token in zip(reqs, tokens):
+            if req in failed:  # its logits came from a partly loaded cache: discard them
                 continue
-            token = sample(logits[row], req.params, req.generator)
             self._append_token(req, token)
             outputs.append(self._output(req))
         return outputs

@@ -1,4 +1,8 @@
-"""Turns a scheduled step into one flat forward pass over the paged KV pool."""
+"""Turns a scheduled step into one flat forward pass over the paged KV pool.
+
+Index tensors are built on the CPU and moved to the device in a few transfers per step
+(not per sequence): on a GPU, per-sequence copies and syncs would dominate decode steps.
+"""
 
 from __future__ import annotations
 
@@ -18,49 +22,66 @@ class ModelRunner:
 
     def build_batch(self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None) -> tuple[ForwardBatch, list[int]]:
         """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""
-        ids, positions, slots, seqs, logit_rows, wants = [], [], [], [], [], []
+        ids, positions, seq_slots, new_slots, logit_rows, wants, shapes = [], [], [], [], [], [], []
         start = 0
-        ps = self.pool.page_size
         for i, s in enumerate(scheduled):
             req = s.request
             lo, hi = req.num_computed, req.num_computed + s.num_new
             ids.extend(req.all_token_ids[lo:hi])
             positions.extend(range(lo, hi))
-            seq_slots = KVPool.slots_for(req.pages, ps, 0, hi, self.device)
-            slots.append(seq_slots[lo:hi])
-            seqs.append(SeqSlice(start=start, num_new=s.num_new, context_len=lo, slots=seq_slots))
+            slots = KVPool.slots_for(req.pages, self.pool.page_size, 0, hi, torch.device("cpu"))
+            seq_slots.append(slots)
+            new_slots.append(slots[lo:hi])
+            shapes.append((start, s.num_new, lo))
             if hi == req.num_tokens:
                 logit_rows.append(start + s.num_new - 1)
                 wants.append(i)
             start += s.num_new
         dev = self.device
-        decode = self._decode_group(seqs)
+        small = torch.tensor(ids + positions + logit_rows, dtype=torch.long).to(dev, non_blocking=True)
+        n = len(ids)
+        all_slots = torch.cat(new_slots + seq_slots).to(dev, non_blocking=True)
+        seqs, off = [], n
+        for (begin, num_new, context), slots in zip(shapes, seq_slots):
+            seqs.append(SeqSlice(begin, num_new, context, all_slots[off : off + len(slots)]))
+            off += len(slots)
+        decode = self._decode_group(seqs, seq_slots)
+        if decode is not None:
+            seqs = [s for s in seqs if not _is_decode(s)]
         batch = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            new_slots=torch.cat(slots),
+            input_ids=small[:n],
+            positions=small[n : 2 * n],
+            new_slots=all_slots[:n],
             seqs=seqs,
-            logits_indices=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            logits_indices=small[2 * n :],
             hooks=hooks,
             decode=decode,
         )
-        if decode is not None:
-            batch.seqs = [s for s in seqs if not (s.num_new == 1 and s.context_len > 0)]
         return batch, wants
 
-    def _decode_group(self, seqs: list[SeqSlice]) -> DecodeGroup | None:
+    def _decode_group(self, seqs: list[SeqSlice], cpu_slots: list[torch.Tensor]) -> DecodeGroup | None:
         """Group the decoding sequences (one new token on top of a context) for one padded attention call."""
-        dec = [s for s in seqs if s.num_new == 1 and s.context_len > 0]
+        dec = [(s, c) for s, c in zip(seqs, cpu_slots) if _is_decode(s)]
         if len(dec) < 2:
             return None
-        lmax = max(s.total_len for s in dec)
-        slots = torch.zeros(len(dec), lmax, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(dec), 1, 1, lmax, dtype=torch.bool, device=self.device)
-        for i, s in enumerate(dec):
-            slots[i, : s.total_len] = s.slots
+        lmax = max(s.total_len for s, _ in dec)
+        slots = torch.zeros(len(dec), lmax, dtype=torch.long)
+        mask = torch.zeros(len(dec), 1, 1, lmax, dtype=torch.bool)
+        for i, (s, c) in enumerate(dec):
+            slots[i, : s.total_len] = c
             mask[i, 0, 0, : s.total_len] = True
-        rows = torch.tensor([s.start for s in dec], dtype=torch.long, device=self.device)
-        return DecodeGroup(rows=rows, slots=slots, mask=mask)
+        rows = torch.tensor([s.start for s, _ in dec], dtype=torch.long)
+        dev = self.device
+        return DecodeGroup(
+            rows=rows.to(dev, non_blocking=True),
+            slots=slots.to(dev, non_blocking=True),
+            mask=mask.to(dev, non_blocking=True),
+        )
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch, self.pool)
+
+
+def _is_decode(s: SeqSlice) -> bool:
+    return s.num_new == 1 and s.context_len > 0
+

@@ -42,7 +42,7 @@ class KVPool:
 
     @staticmethod
     def slots_for(pages: list[int], page_size: int, start: int, end: int, device: torch.device) -> torch.Tensor:
-        """Slots of token indices start..end-1 of a sequence with this page table."""
+        """Slots of token indices start..end-1 of a sequence with this page table (built on the CPU)."""
         idx = torch.arange(start, end)
         table = torch.tensor(pages, dtype=torch.long)
-        return (table[idx // page_size] * page_size + idx % page_size).to(device)
+        return (table[idx // page_size] * page_size + idx % page_size).to(device, non_blocking=True)

@@ -170,7 +170,6 @@ class LookaheadPolicy(CachePolicy):
             room -= nbytes
         return chosen
 
-
     def _window(self, ledger: TierLedger, queue: Sequence[str]) -> list[str]:
         """The first `prefetch_window` distinct queued sessions."""
         size = self.prefetch_window(ledger)

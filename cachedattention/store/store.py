@@ -224,7 +224,7 @@ class AttentionStore:
         except OSError as e:  # a full or failing disk loses this segment, not the engine
             log.warning("store: writing segment %s failed (%s); it stays only where it was", seg_id, e)
             return
-        self.ledger.put_disk(seg_id, size, time.monotonic())
+        self.ledger.put_disk(seg_id, size, time.monotonic(), touch=False)  # a write-back is no access
         self.stats.bytes_written_disk += size
 
     def _make_disk_room(self, need: int, protect: set[str]) -> bool:
@@ -271,7 +271,7 @@ class AttentionStore:
                 return
             if self._make_host_room(kv.nbytes, protect=set(self._queued_segments()[:1]) | {seg_id}):
                 self.host.put(seg_id, kv)
-                self.ledger.put_host(seg_id, kv.nbytes, time.monotonic())
+                self.ledger.put_host(seg_id, kv.nbytes, time.monotonic(), touch=False)  # a prefetch is no access
                 self.stats.bytes_prefetched += kv.nbytes
 
     # -- the I/O thread ---------------------------------------------------------------------
