@@ -1,0 +1,16 @@
+"""`bench --mode policy` runs the simulator for the three policies and writes the documented JSON."""
+
+import json
+
+from cachedattention.cli import main
+
+
+def test_policy_bench_json(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["bench", "--mode", "policy", "--quick", "--sessions", "300", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == {"lookahead", "lru", "fifo"}
+    for r in data["policies"].values():
+        assert 0.0 <= r["hit_rate"] <= 1.0 and 0.0 <= r["host_hit_share"] <= 1.0
+    assert data["policies"]["lookahead"]["host_hit_share"] > data["policies"]["lru"]["host_hit_share"]
+    assert "| lookahead |" in capsys.readouterr().out

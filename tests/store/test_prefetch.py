@@ -1,0 +1,63 @@
+"""Scheduler-aware fetching: a queued session living on disk is in host memory before its job runs."""
+
+import time
+
+from cachedattention import LLM, CacheConfig, SamplingParams, SchedulerConfig
+
+PARAMS = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+PER_TOKEN = 2 * 3 * 2 * 16 * 4  # tiny llama: layers * kv heads * head dim * fp32 bytes, K and V
+
+
+def engine_with_a_on_disk(path, tmp_path, **kw):
+    """Session A saved, then demoted to disk by session B (the host tier holds about one session)."""
+    llm = LLM(model=str(path), enable_store=True, cache=CacheConfig(enable_prefix_cache=False),
+              scheduler=SchedulerConfig(max_num_seqs=1), store_dir=str(tmp_path / "st"),
+              host_bytes=60 * PER_TOKEN, prefetch_window=2, **kw)
+    store = llm.engine.store.store
+    a = list(range(5, 45))
+    out_a = llm.generate([a], PARAMS, session_id="A")[0]
+    store.flush()
+    llm.generate([list(range(50, 90))], PARAMS, session_id="B")
+    store.flush()
+    seg_a = store.records["A"].spans[0].seg_id
+    assert not store.host.contains(seg_a) and store.disk.contains(seg_a)
+    return llm, store, seg_a, a + out_a.token_ids + [1, 2]
+
+
+def test_queued_disk_session_is_prefetched_to_host_before_it_runs(tiny_dirs, tmp_path):
+    path, _ = tiny_dirs["llama"]
+    llm, store, seg_a, turn2 = engine_with_a_on_disk(path, tmp_path)
+    eng = llm.engine
+    eng.add_request(list(range(100, 160)), SamplingParams(max_tokens=6, ignore_eos=True), session_id="C")
+    rid_a = eng.add_request(turn2, PARAMS, session_id="A")
+    eng.step()  # C runs (max_num_seqs=1); A waits and is published as a look-ahead hint
+    eng.step()
+    store._io.join()  # the prefetch runs on the store's I/O thread
+    assert eng.requests[rid_a].status.value == "waiting"
+    assert store.host.contains(seg_a), "A's KV should be in host while its job is still queued"
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert outs[rid_a].metrics.cached_tokens["host"] == len(turn2) - 3  # all but the 2 new and the last answer token
+    assert outs[rid_a].metrics.cached_tokens["disk"] == 0
+    assert llm.stats()["bytes_prefetched"] > 0
+    store.check_integrity()
+
+
+def test_a_slow_prefetch_never_stalls_the_job(tiny_dirs, tmp_path, monkeypatch):
+    path, _ = tiny_dirs["llama"]
+    llm, store, seg_a, turn2 = engine_with_a_on_disk(path, tmp_path)
+    real = store._fetch
+
+    def slow_fetch(seg_id):
+        time.sleep(3.0)
+        real(seg_id)
+
+    monkeypatch.setattr(store, "_fetch", slow_fetch)
+    t = time.perf_counter()
+    out = llm.generate([turn2], PARAMS, session_id="A")[0]
+    assert time.perf_counter() - t < 2.5  # did not wait for the 3 s prefetch
+    assert out.metrics.cached_tokens["disk"] == len(turn2) - 3  # read from disk directly instead
+    assert out.token_ids == LLM(model=str(path)).generate([turn2], PARAMS)[0].token_ids
+    store._io.join()
