@@ -54,11 +54,14 @@ class Attention(nn.Module):
     def _attend_decode(q: torch.Tensor, group: DecodeGroup, layer: int, pool: KVPool) -> torch.Tensor:
         b, lmax = group.slots.shape
         ks, vs = pool.gather(layer, group.slots.view(-1))
-        heads = q.shape[1]
-        ks = _expand_heads(ks.view(b, lmax, *ks.shape[1:]).transpose(1, 2), heads)  # [B, heads, Lmax, d]
-        vs = _expand_heads(vs.view(b, lmax, *vs.shape[1:]).transpose(1, 2), heads)
-        qs = q[group.rows].unsqueeze(2)  # [B, heads, 1, d]
-        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=group.mask).squeeze(2)
+        kv_heads, d = ks.shape[1], ks.shape[2]
+        ks = ks.view(b, lmax, kv_heads, d).transpose(1, 2)  # [B, kv_heads, Lmax, d]
+        vs = vs.view(b, lmax, kv_heads, d).transpose(1, 2)
+        # GQA without copying K/V: the query heads sharing a KV head become that head's query rows
+        # (one new token attends to every real key, so the rows need no causal mask)
+        qs = q[group.rows].view(b, kv_heads, -1, d)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=group.mask)
+        return o.reshape(b, -1, d)
 
     @staticmethod
     def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool) -> torch.Tensor:
