@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cachedattention.kvcache.kv_pool import KVPool
-from cachedattention.model.rope import RotaryEmbedding
+from cachedattention.model.rope import RotaryEmbedding, apply_rotary
 from cachedattention.store.disk import SegmentReader
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 
@@ -48,6 +48,7 @@ class LoadJob:
     events: list[threading.Event] = field(default_factory=list)
     cuda_events: list = field(default_factory=list)
     failed: tuple[str, str] | None = None  # (segment, reason) when a read failed its check
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of `positions`, filled by the loader
     waited_s: float = 0.0  # time the forward spent waiting for this job's layers
     busy_s: float = 0.0  # the load's own duration, start to last layer (the "load alone" time)
     bytes_read: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
@@ -120,6 +121,9 @@ class Loader:
 
     def _load_layer(self, job: LoadJob, layer: int, readers: dict[str, SegmentReader]) -> None:
         dtype = self.pool.k[0].dtype
+        if job.rope is None:  # the same positions for every layer: look the tables up once per job
+            job.rope = self.rotary.tables(job.positions)
+        cos, sin = job.rope
         for p in job.pieces:
             if p.host is not None:
                 k, v = p.host.k[layer, p.lo : p.hi], p.host.v[layer, p.lo : p.hi]
@@ -139,7 +143,7 @@ class Loader:
             k = k.to(self.device, non_blocking=True).to(dtype)
             v = v.to(self.device, non_blocking=True).to(dtype)
             # pages hold post-RoPE keys: rotate to the positions these tokens have now
-            k = self.rotary.rotate(k, job.positions[a:b])
+            k = apply_rotary(k, cos[a:b], sin[a:b])
             self.pool.write(layer, job.slots[a:b], k, v)
 
     def close(self) -> None:
