@@ -2,7 +2,8 @@
 # One prepared run on a CUDA GPU: the tests marked `gpu`, then the turn, throughput and workload
 # benchmarks on a Llama-3-8B-shaped random-weight model (bf16). Installs nothing: it runs from source
 # with the machine's own PyTorch (>= 2.11) and transformers (>= 5.17). Finishes in under 8 minutes on
-# an H200. Usage: bench/gpu.sh OUTPUT_DIR   (tables as .md, numbers as .json, logs as .log)
+# an H200 (the last run of the workload part was cut at its time limit; it has been made smaller since).
+# Usage: run bench/gpu-assets.sh here once, then bench/gpu.sh OUTPUT_DIR there with .gpu-assets carried.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTPUT_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,5 +30,11 @@ timeout 180 $py -m cachedattention.cli bench --mode turn --random-shape llama3-8
 echo "== throughput benchmark" | tee "$out/throughput.log"
 timeout 100 $py -m cachedattention.cli bench --mode throughput --random-shape llama3-8b --device cuda --dtype bfloat16 \
   --repeats 3 --json "$out/throughput.json" 2>&1 | tee -a "$out/throughput.log" || status=1
+
+echo "== workload benchmark" | tee "$out/workload.log"
+tok=${TOKENIZER_DIR:-$root/.gpu-assets/tokenizer}  # the embedded model's tokenizer (copied by bench/gpu-assets.sh)
+timeout 240 $py -m cachedattention.cli bench --mode workload --random-shape llama3-8b --device cuda --dtype bfloat16 \
+  --tokenizer "$tok" --sessions 10 --max-answer-tokens 48 --time-scale 0.2 --systems RE,CachedAttention \
+  --json "$out/workload.json" --out "$out/workload" 2>&1 | tee -a "$out/workload.log" || status=1
 
 exit $status

@@ -56,6 +56,14 @@ class LLM:
         )
         self.engine = LLMEngine(self.config, loaded=loaded)
 
+    @classmethod
+    def from_config(cls, config: EngineConfig, loaded: LoadedModel | None = None) -> LLM:
+        """An LLM over an explicit EngineConfig (the CLI and benchmarks build one from flags)."""
+        llm = cls.__new__(cls)
+        llm.config = config
+        llm.engine = LLMEngine(config, loaded=loaded)
+        return llm
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -8,7 +8,6 @@ import tempfile
 from dataclasses import replace
 
 from cachedattention.cli import engine_config
-from cachedattention.engine.engine import LLMEngine
 from cachedattention.llm import LLM
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import SamplingParams
@@ -22,10 +21,7 @@ DEMO_TURNS = [
 
 
 def _llm(args: argparse.Namespace) -> LLM:
-    llm = LLM.__new__(LLM)
-    llm.config = engine_config(args)
-    llm.engine = LLMEngine(llm.config)
-    return llm
+    return LLM.from_config(engine_config(args))
 
 
 def turn_line(out: RequestOutput) -> str:
@@ -84,9 +80,8 @@ def run_demo(args: argparse.Namespace) -> int:
     cached = _llm(args)
     cfg = engine_config(args)
     # the baseline recomputes everything: no store and no device prefix cache
-    base = LLM.__new__(LLM)
-    base.config = replace(cfg, store=replace(cfg.store, enable=False), cache=replace(cfg.cache, enable_prefix_cache=False))
-    base.engine = LLMEngine(base.config, loaded=cached.engine.loaded)
+    plain = replace(cfg, store=replace(cfg.store, enable=False), cache=replace(cfg.cache, enable_prefix_cache=False))
+    base = LLM.from_config(plain, loaded=cached.engine.loaded)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     messages: list[dict[str, str]] = []
     print(f"CachedAttention demo on {cached.engine.loaded.name} ({args.device}, {args.dtype}); store in {store_dir}\n")
@@ -94,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": user})
         ref = base.chat(messages, params)
         out = cached.chat(messages, params, session_id="demo")
-        cached.engine.store.store.flush() if cached.engine.store else None
+        cached.engine.store.store.flush()  # so the next turn's lookup sees this turn's segment
         same = "same tokens as recompute" if out.token_ids == ref.token_ids else "DIFFERENT from recompute"
         print(f"turn {i} you> {user}\nturn {i} bot> {out.text.strip()}")
         print(f"  CachedAttention {turn_line(out)}")

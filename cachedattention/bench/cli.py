@@ -10,6 +10,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded SmolLM2)")
     p.add_argument("--random-shape", default=None, choices=["llama3-8b", "llama-110m"],
                    help="random weights of this shape instead of a checkpoint (no download)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for --random-shape (default: the embedded one)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", default=None, help="write every number to this JSON file")
@@ -27,6 +28,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", default=None, help="comma-separated systems (workload mode; default: all)")
     p.add_argument("--url", default=None, help="drive an OpenAI-compatible server over HTTP instead (workload mode)")
     p.add_argument("--time-scale", type=float, default=None, help="multiply arrival gaps and think times (workload)")
+    p.add_argument("--max-answer-tokens", type=int, default=None, help="cap answer lengths (workload; CPU runs)")
+    p.add_argument("--session-rate", type=float, default=None, help="sessions arriving per second (workload)")
+    p.add_argument("--think-time", type=float, default=None, help="mean think time between turns, s (workload)")
     p.add_argument("--max-model-len", type=int, default=None)
 
 

@@ -15,7 +15,6 @@ import torch
 from cachedattention.bench.models import bench_model
 from cachedattention.bench.timing import median_time
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig
-from cachedattention.engine.engine import LLMEngine
 from cachedattention.llm import LLM
 from cachedattention.sampling import SamplingParams
 
@@ -30,8 +29,7 @@ def _ours(loaded, args, prompts: list[list[int]], new: int) -> float:
         cache=CacheConfig(enable_prefix_cache=False),
         scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=len(prompts)),
     )
-    llm = LLM.__new__(LLM)
-    llm.config, llm.engine = cfg, LLMEngine(cfg, loaded=loaded)
+    llm = LLM.from_config(cfg, loaded=loaded)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     return median_time(lambda: llm.generate(prompts, params), args.repeats, args.device)
 

@@ -73,7 +73,10 @@ def build_workload(args: argparse.Namespace, tokenizer: Any | None) -> Workload:
     if args.quick:
         spec = WorkloadSpec.quick(num_sessions=args.sessions or QUICK_SESSIONS, seed=args.seed)
     else:
-        spec = WorkloadSpec(num_sessions=args.sessions or DEFAULT_SESSIONS, seed=args.seed, with_text=True)
+        shape = {k: v for k, v in (("max_answer_tokens", getattr(args, "max_answer_tokens", None)),
+                                   ("session_rate", getattr(args, "session_rate", None)),
+                                   ("mean_think_time_s", getattr(args, "think_time", None))) if v is not None}
+        spec = WorkloadSpec(num_sessions=args.sessions or DEFAULT_SESSIONS, seed=args.seed, with_text=True, **shape)
     if args.workload is None:
         return generate_workload(spec)
     path = Path(args.workload)
@@ -125,7 +128,7 @@ def _load_model(args: argparse.Namespace) -> LoadedModel:
     from cachedattention.model.tokenizer import Tokenizer
 
     loaded = bench_model(args)
-    tok = Tokenizer.from_pretrained(str(embedded_model_dir()))
+    tok = Tokenizer.from_pretrained(getattr(args, "tokenizer", None) or str(embedded_model_dir()))
     if len(tok.hf) > loaded.spec.vocab_size:
         raise ValueError(
             f"--random-shape {args.random_shape} has a {loaded.spec.vocab_size}-token vocabulary, smaller than the "

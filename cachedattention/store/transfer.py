@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -99,7 +100,7 @@ class Loader:
         readers: dict[str, SegmentReader] = {}
         start = time.perf_counter()
         try:
-            ctx = torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext()
+            ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
             with ctx, torch.inference_mode():
                 for layer in range(job.num_layers):
                     if job.failed is None:
@@ -158,14 +159,6 @@ def _open(p: Piece) -> SegmentReader:
         raise
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @dataclass
 class SaveJob:
     seg_id: str
@@ -209,7 +202,7 @@ class Saver:
         lay = self.layout
         shape = (lay.num_layers, n, lay.num_kv_heads, lay.head_dim)
         k_out, v_out = self.allocate(shape, lay.dtype), self.allocate(shape, lay.dtype)
-        ctx = torch.cuda.stream(self.stream) if self.stream is not None else _nullcontext()
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with ctx, torch.inference_mode():
             if job.ready is not None:
                 self.stream.wait_event(job.ready)

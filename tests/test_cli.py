@@ -1,0 +1,29 @@
+"""The command line: `chat` on the embedded model (stdin until /exit) and `generate`."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_chat_prints_each_turn_with_ttft_and_reuse(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cachedattention.cli", "chat", "--max-tokens", "8", "--store-dir", str(tmp_path)],
+        input="Name three colors.\nAnd one more?\n/exit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[TTFT")]
+    assert len(lines) == 2
+    assert "reused 0 (none)" in lines[0]
+    assert "host" in lines[1] and "reused 0 " not in lines[1]  # turn 2 reused turn 1's KV from host
+
+
+@pytest.mark.slow
+def test_generate_and_bad_model_path():
+    ok = subprocess.run([sys.executable, "-m", "cachedattention.cli", "generate", "--prompt", "Hi", "--chat",
+                         "--max-tokens", "4", "--no-store"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and ok.stdout.strip() and "TTFT" in ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "cachedattention.cli", "generate", "/no/such/model", "--prompt", "x"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
