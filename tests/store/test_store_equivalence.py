@@ -30,7 +30,8 @@ def run_turns(llm, session, turns, monkeypatch, last_logits):
         monkeypatch.undo()
         outs.append(out)
         conv = conv + out.token_ids + [10 + t, 11 + t, 12 + t]
-        llm.engine.store.store.flush() if llm.engine.store else None
+        if llm.engine.store is not None:
+            llm.engine.store.store.flush()
     return outs
 
 
