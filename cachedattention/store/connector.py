@@ -41,7 +41,6 @@ class TurnState:
     capture_start: int = 0  # first token of this turn's new segment
     chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     pending_load: LoadJob | None = None
-    fresh: bool = False
 
 
 class StepHooks:
@@ -93,19 +92,14 @@ class StoreConnector:
         limit = len(req.prompt_token_ids) - 1
         usable = min(st.hit, limit)
         counts = {"host": 0, "disk": 0}
-        pos = 0
-        for span, tier in st.tiers:
-            a, b = max(pos, device_hit), min(pos + span.length, usable)
-            if b > a:
-                counts[tier] += b - a
-            pos += span.length
+        for _span, tier, a, b, _pos in _overlaps(st.tiers, device_hit, usable):
+            counts[tier] += b - a
         req.metrics.cached_tokens.update(counts)
         s = self.store.stats
         s.lookups += 1
         s.lookup_tokens += len(req.prompt_token_ids)
         for tier, n in counts.items():
             s.hit_tokens[tier] += n
-        st.fresh = True
         return usable
 
     # -- one step ------------------------------------------------------------------------------
@@ -127,7 +121,7 @@ class StoreConnector:
         """A request was just admitted: load what the store supplies, start capturing the rest."""
         num_layers = self.layout.num_layers
         device_hit = req.metrics.cached_tokens["device"]
-        usable = req.num_computed if req.num_computed > device_hit else device_hit
+        usable = max(req.num_computed, device_hit)
         st.chunks = [[] for _ in range(num_layers)]
         st.capture_start = min(st.hit, usable)
         if device_hit > st.hit:
@@ -141,20 +135,17 @@ class StoreConnector:
         return job
 
     def _load_job(self, req: Request, st: TurnState, lo: int, hi: int) -> LoadJob:
-        pieces, pos = [], 0
-        for span, _tier in st.tiers:
-            a, b = max(pos, lo), min(pos + span.length, hi)
-            if b > a:
-                host = self.store.segment_host(span.seg_id)
-                if host is None and not self.store.wait_saved(span.seg_id, timeout=30):
-                    log.warning("store: segment %s still saving after 30 s", span.seg_id)
-                host = host or self.store.segment_host(span.seg_id)
-                lo_in = span.lo + a - pos
-                piece = Piece(span.seg_id, lo_in, lo_in + b - a, a, host)
-                if host is None and self.store.disk is not None:
-                    piece.open_disk = lambda seg=span.seg_id: self.store.disk.open(seg)
-                pieces.append(piece)
-            pos += span.length
+        pieces = []
+        for span, _tier, a, b, pos in _overlaps(st.tiers, lo, hi):
+            host = self.store.segment_host(span.seg_id)
+            if host is None and not self.store.wait_saved(span.seg_id, timeout=30):
+                log.warning("store: segment %s still saving after 30 s", span.seg_id)
+            host = host or self.store.segment_host(span.seg_id)
+            lo_in = span.lo + a - pos
+            piece = Piece(span.seg_id, lo_in, lo_in + b - a, a, host)
+            if host is None and self.store.disk is not None:
+                piece.open_disk = lambda seg=span.seg_id: self.store.disk.open(seg)
+            pieces.append(piece)
         dev = self.engine.device
         slots = KVPool.slots_for(req.pages, self.engine.pool.page_size, lo, hi, dev)
         positions = torch.arange(lo, hi, device=dev)
@@ -230,3 +221,11 @@ class StoreConnector:
         self.store.close()
 
 
+def _overlaps(tiers: list[tuple[Span, str]], lo: int, hi: int):
+    """(span, tier, a, b, span start) for every span overlapping request tokens [lo, hi), clipped to [a, b)."""
+    pos = 0
+    for span, tier in tiers:
+        a, b = max(pos, lo), min(pos + span.length, hi)
+        if b > a:
+            yield span, tier, a, b, pos
+        pos += span.length
