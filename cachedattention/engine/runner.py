@@ -43,7 +43,7 @@ class ModelRunner:
         all_slots = torch.cat(new_slots + seq_slots).to(dev, non_blocking=True)
         seqs, off = [], n
         for (begin, num_new, context), slots in zip(shapes, seq_slots):
-            seqs.append(SeqSlice(begin, num_new, context, all_slots[off : off + len(slots)]))
+            seqs.append(SeqSlice(begin, num_new, context, all_slots[off : off + len(slots)], self._mask(num_new, context)))
             off += len(slots)
         decode = self._decode_group(seqs, seq_slots)
         if decode is not None:
@@ -58,6 +58,15 @@ class ModelRunner:
             decode=decode,
         )
         return batch, wants
+
+    def _mask(self, num_new: int, context: int) -> torch.Tensor | None:
+        """The bottom-right causal mask of new tokens over a cached context, for the CPU kernel.
+
+        (CUDA takes causal_lower_right natively; the CPU kernel would materialise it in every layer.)
+        """
+        if self.device.type != "cpu" or context == 0 or num_new == 1:
+            return None
+        return torch.ones(num_new, context + num_new, dtype=torch.bool).tril(context)
 
     def _decode_group(self, seqs: list[SeqSlice], cpu_slots: list[torch.Tensor]) -> DecodeGroup | None:
         """Group the decoding sequences (one new token on top of a context) for one padded attention call."""

@@ -41,6 +41,18 @@ class KVPool:
         return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
 
     @staticmethod
+    def contiguous_start(pages: list[int], page_size: int, start: int, end: int) -> int | None:
+        """The slot of token `start` when tokens start..end-1 occupy consecutive slots, else None.
+
+        Consecutive slots let a writer fill a plain slice of the pool instead of scattering.
+        """
+        first, last = start // page_size, (end - 1) // page_size
+        run = pages[first : last + 1]
+        if any(b != a + 1 for a, b in zip(run, run[1:])):
+            return None
+        return run[0] * page_size + start % page_size
+
+    @staticmethod
     def slots_for(pages: list[int], page_size: int, start: int, end: int, device: torch.device) -> torch.Tensor:
         """Slots of token indices start..end-1 of a sequence with this page table (built on the CPU)."""
         idx = torch.arange(start, end)

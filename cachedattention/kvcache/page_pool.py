@@ -46,6 +46,9 @@ class PagePool:
             page = self._free.pop() if self._free else self._evict_one()
             self._refs[page] = 1
             pages.append(page)
+        # ascending ids: pages freed together come back as consecutive slots, which the
+        # store's loader fills with one slice copy per layer instead of a scatter
+        pages.sort()
         return pages
 
     def free(self, pages: Sequence[int]) -> None:

@@ -16,6 +16,9 @@ class SeqSlice:
     num_new: int  # new tokens computed this step
     context_len: int  # tokens already in its pages before this step
     slots: torch.Tensor  # pool slot of every token 0 .. context_len + num_new - 1
+    # [num_new, total_len] True where query i may see key j; built once per step on CPU
+    # (every layer reuses it); None: the model builds its own
+    mask: torch.Tensor | None = None
 
     @property
     def total_len(self) -> int:

@@ -73,20 +73,27 @@ class Attention(nn.Module):
             mask, causal = None, seq.num_new > 1
         else:
             ks, vs = pool.gather(layer, seq.slots[: seq.total_len])
-            # query i sits at context_len + i: causal aligned to the bottom-right, which the
-            # fused kernels support without materialising a mask
-            mask = causal_lower_right(seq.num_new, seq.total_len) if seq.num_new > 1 else None
-            causal = False
-        ks = _expand_heads(ks.transpose(0, 1), qs.shape[0])
-        vs = _expand_heads(vs.transpose(0, 1), qs.shape[0])
+            mask, causal = seq.mask, False
+            if mask is None and seq.num_new > 1:
+                # query i sits at context_len + i: causal aligned to the bottom-right, which the
+                # fused CUDA kernels take without materialising a mask
+                mask = causal_lower_right(seq.num_new, seq.total_len)
+        ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)
         # 4-D inputs: the fused CPU kernel only takes (batch, heads, length, dim)
-        o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal)
+        if q.device.type == "cpu":
+            # the CPU flash kernel shares KV heads itself: no copies of K/V per query head
+            o = F.scaled_dot_product_attention(
+                qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal, enable_gqa=True
+            )
+        else:
+            # CUDA's masked kernels do not take enable_gqa (they would fall back to the math one)
+            ks, vs = _expand_heads(ks, qs.shape[0]), _expand_heads(vs, qs.shape[0])
+            o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal)
         return o[0].transpose(0, 1)
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[..., kv_heads, L, d] -> [..., heads, L, d]. SDPA's own enable_gqa path falls back to the
-    slow math kernel on CPU, while plain SDPA takes the fused one."""
+    """[..., kv_heads, L, d] -> [..., heads, L, d]."""
     group = heads // x.shape[-3]
     return x if group == 1 else x.repeat_interleave(group, dim=-3)
 

@@ -49,6 +49,17 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rotate_into(torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype)), x, cos, sin)
+
+
+def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """out = x * cos + rotate_half(x) * sin, written straight into `out` (a page-pool view or a buffer).
+
+    Three kernels and no temporaries: the loader rotates a whole history per layer, and
+    the concatenating form allocated four tensors of its size each time.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    torch.mul(x, cos, out=out)
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out

@@ -146,10 +146,11 @@ class StoreConnector:
             if host is None and self.store.disk is not None:
                 piece.open_disk = lambda seg=span.seg_id: self.store.disk.open(seg)
             pieces.append(piece)
-        dev = self.engine.device
-        slots = KVPool.slots_for(req.pages, self.engine.pool.page_size, lo, hi, dev)
+        dev, page_size = self.engine.device, self.engine.pool.page_size
+        slots = KVPool.slots_for(req.pages, page_size, lo, hi, dev)
         positions = torch.arange(lo, hi, device=dev)
-        return LoadJob(pieces, slots, positions, lo, self.layout.num_layers)
+        first = KVPool.contiguous_start(req.pages, page_size, lo, hi)
+        return LoadJob(pieces, slots, positions, lo, self.layout.num_layers, first_slot=first)
 
     def _capture_from_pages(self, req: Request, st: TurnState, lo: int, hi: int) -> None:
         """Tokens served by another request's device pages: recover their pre-RoPE keys by rotating back."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cachedattention.kvcache.kv_pool import KVPool
-from cachedattention.model.rope import RotaryEmbedding, apply_rotary
+from cachedattention.model.rope import RotaryEmbedding, rotate_into
 from cachedattention.store.disk import SegmentReader
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 
@@ -46,10 +46,12 @@ class LoadJob:
     positions: torch.Tensor  # positions those tokens have now (after any truncation)
     start: int
     num_layers: int
+    first_slot: int | None = None  # set when the slots are consecutive: pieces land in plain slices
     events: list[threading.Event] = field(default_factory=list)
     cuda_events: list = field(default_factory=list)
     failed: tuple[str, str] | None = None  # (segment, reason) when a read failed its check
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of `positions`, filled by the loader
+    scratch: torch.Tensor | None = None  # rotated keys before a scatter (non-consecutive slots), reused per layer
     waited_s: float = 0.0  # time the forward spent waiting for this job's layers
     busy_s: float = 0.0  # the load's own duration, start to last layer (the "load alone" time)
     bytes_read: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
@@ -121,7 +123,6 @@ class Loader:
                 ev.set()
 
     def _load_layer(self, job: LoadJob, layer: int, readers: dict[str, SegmentReader]) -> None:
-        dtype = self.pool.k[0].dtype
         if job.rope is None:  # the same positions for every layer: look the tables up once per job
             job.rope = self.rotary.tables(job.positions)
         cos, sin = job.rope
@@ -140,12 +141,21 @@ class Loader:
                 k, v = k_all[p.lo : p.hi], v_all[p.lo : p.hi]
                 tier = "disk"
             job.bytes_read[tier] += 2 * k.numel() * k.element_size()
-            a, b = p.dst - job.start, p.dst - job.start + p.hi - p.lo
-            k = k.to(self.device, non_blocking=True).to(dtype)
-            v = v.to(self.device, non_blocking=True).to(dtype)
-            # pages hold post-RoPE keys: rotate to the positions these tokens have now
-            k = apply_rotary(k, cos[a:b], sin[a:b])
-            self.pool.write(layer, job.slots[a:b], k, v)
+            self._write_piece(job, layer, p.dst - job.start, p.dst - job.start + p.hi - p.lo, k, v, cos, sin)
+
+    def _write_piece(self, job: LoadJob, layer: int, a: int, b: int, k, v, cos, sin) -> None:
+        """Job tokens [a, b) into the pages; keys rotated to the positions these tokens have now."""
+        k = k.to(self.device, non_blocking=True)
+        if job.first_slot is not None:
+            s = job.first_slot + a
+            rotate_into(self.pool.k[layer][s : s + b - a], k, cos[a:b], sin[a:b])
+            self.pool.v[layer][s : s + b - a].copy_(v, non_blocking=True)
+            return
+        pool_k = self.pool.k[layer]
+        if job.scratch is None:
+            job.scratch = torch.empty((job.slots.numel(), *pool_k.shape[1:]), dtype=pool_k.dtype, device=self.device)
+        k_rot = rotate_into(job.scratch[: b - a], k, cos[a:b], sin[a:b])
+        self.pool.write(layer, job.slots[a:b], k_rot, v.to(self.device, non_blocking=True).to(pool_k.dtype))
 
     def close(self) -> None:
         self._jobs.put(None)

@@ -1,0 +1,87 @@
+"""The loader writes stored pre-RoPE KV into pages, rotated to the tokens' current positions,
+whether the request's slots are consecutive (slice writes) or scattered (scatter writes)."""
+
+from __future__ import annotations
+
+import torch
+
+from cachedattention.kvcache.kv_pool import KVPool
+from cachedattention.kvcache.page_pool import PagePool
+from cachedattention.model.rope import RotaryEmbedding
+from cachedattention.model.spec import spec_from_hf_config
+from cachedattention.store.segment import KVLayout, SegmentKV
+from cachedattention.store.transfer import Loader, LoadJob, Piece
+
+PAGE = 4
+CFG = dict(
+    model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=10000.0, max_position_embeddings=128,
+)
+
+
+def _hand_rope(x: torch.Tensor, positions: torch.Tensor, spec) -> torch.Tensor:
+    """RoPE written out pair by pair (dims i and i + d/2 rotate together by pos * theta^(-2i/d))."""
+    d = x.shape[-1]
+    out = torch.empty_like(x)
+    for t, pos in enumerate(positions.tolist()):
+        for i in range(d // 2):
+            ang = pos * spec.rope_theta ** (-2 * i / d)
+            c, s = torch.tensor(ang, dtype=torch.float64).cos(), torch.tensor(ang, dtype=torch.float64).sin()
+            a, b = x[t, :, i].double(), x[t, :, i + d // 2].double()
+            out[t, :, i] = (a * c - b * s).float()
+            out[t, :, i + d // 2] = (b * c + a * s).float()
+    return out
+
+
+def _load(pages: list[int]) -> tuple[KVPool, torch.Tensor, SegmentKV, torch.Tensor, LoadJob]:
+    spec = spec_from_hf_config(CFG)
+    pool = KVPool(spec, num_pages=16, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32)
+    rotary = RotaryEmbedding(spec, 128, torch.device("cpu"), torch.float32)
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32)
+    torch.manual_seed(0)
+    n = 10
+    seg = SegmentKV(torch.randn(2, n, 2, 8), torch.randn(2, n, 2, 8))
+    lo, hi = 2, 12  # request tokens 2..11 come from segment tokens 0..9, two pieces
+    slots = KVPool.slots_for(pages, PAGE, lo, hi, torch.device("cpu"))
+    positions = torch.arange(lo, hi) + 5  # as after a truncation: the tokens sit at new positions
+    pieces = [Piece("a", 0, 4, lo, seg), Piece("a", 4, n, lo + 4, seg)]
+    job = LoadJob(pieces, slots, positions, lo, spec.num_layers, first_slot=KVPool.contiguous_start(pages, PAGE, lo, hi))
+    loader = Loader(pool, rotary, layout, torch.device("cpu"))
+    loader.submit(job, background=True)
+    for layer in range(spec.num_layers):
+        job.wait(layer)
+    loader.close()
+    return pool, slots, seg, positions, job
+
+
+def test_consecutive_and_scattered_slots_hold_rotated_keys():
+    spec = spec_from_hf_config(CFG)
+    for pages, consecutive in (([3, 4, 5, 6], True), ([9, 2, 7, 5], False)):
+        pool, slots, seg, positions, job = _load(pages)
+        assert (job.first_slot is not None) == consecutive
+        for layer in range(spec.num_layers):
+            k, v = pool.gather(layer, slots)
+            torch.testing.assert_close(k, _hand_rope(seg.k[layer], positions, spec), rtol=1e-5, atol=1e-5)
+            assert torch.equal(v, seg.v[layer])
+        # nothing outside the request's slots was touched
+        others = torch.ones(pool.k[0].shape[0], dtype=torch.bool)
+        others[slots] = False
+        assert all(pool.k[layer][others].abs().sum() == 0 for layer in range(spec.num_layers))
+
+
+def test_contiguous_start():
+    assert KVPool.contiguous_start([3, 4, 5], PAGE, 2, 12) == 3 * PAGE + 2
+    assert KVPool.contiguous_start([3, 5, 6], PAGE, 5, 12) == 5 * PAGE + 1  # only pages 5, 6 are covered
+    assert KVPool.contiguous_start([3, 5, 6], PAGE, 2, 12) is None
+    assert KVPool.contiguous_start([6, 5], PAGE, 0, 8) is None
+
+
+def test_pages_come_back_in_ascending_order():
+    pool = PagePool(8)
+    a = pool.allocate(3)
+    b = pool.allocate(3)
+    pool.free(b)
+    pool.free(a)
+    again = pool.allocate(6)
+    assert again == sorted(again)
+    pool.check_integrity()
