@@ -27,6 +27,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy", default="lookahead", choices=["lookahead", "lru", "fifo"])
     g.add_argument("--no-layerwise", action="store_true", help="load the whole history before the forward")
     g.add_argument("--write-back", action="store_true", help="write host segments to disk only on eviction or shutdown")
+    g.add_argument("--no-preload", action="store_true", help="do not load the queue head's KV before it is admitted")
+    g.add_argument("--prefetch-window", type=int, default=None,
+                   help="queued sessions fetched disk -> host ahead of their turn (default: from the host budget)")
+    g.add_argument("--host-free-threshold", type=float, default=StoreConfig.host_free_threshold,
+                   help="demote host -> disk ahead of need when free host falls below this share")
     g.add_argument("--truncation", default="reuse", choices=["reuse", "recompute", "off"])
 
 
@@ -46,6 +51,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             storage_dtype=args.storage_dtype,
             policy=args.policy,
             layerwise=not args.no_layerwise,
+            preload=not args.no_preload,
+            prefetch_window=args.prefetch_window,
+            host_free_threshold=args.host_free_threshold,
             write_through=not args.write_back,
             truncation=args.truncation,
         ),

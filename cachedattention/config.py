@@ -47,9 +47,11 @@ class StoreConfig:
     disk_bytes: int = 16 << 30
     storage_dtype: str | None = None  # None: the model's dtype
     layerwise: bool = True  # overlap loading layer l+1 with computing layer l
+    preload: bool = True  # load the queue head's stored KV into its pages while it waits (device read buffer)
     write_through: bool = True  # with a disk tier, persist each new segment at once (kill -9 loses at most one turn)
     policy: str = "lookahead"
     prefetch_window: int | None = None
+    host_free_threshold: float = 0.05  # demote host -> disk ahead of need when free host falls below this share
     # context overflow: keep a head, drop a share of the history, reuse the rest
     truncation: str = "reuse"  # "reuse" (keep KV at new positions) | "recompute" (paper's baseline) | "off"
     keep_head_tokens: int | None = None  # None: the first turn's system prompt (found by the session)
@@ -62,6 +64,8 @@ class StoreConfig:
             raise ValueError(f"storage_dtype must be one of {_DTYPES}, got {self.storage_dtype!r}")
         if self.truncation not in ("reuse", "recompute", "off"):
             raise ValueError(f"truncation must be 'reuse', 'recompute' or 'off', got {self.truncation!r}")
+        if not 0.0 <= self.host_free_threshold < 1.0:
+            raise ValueError(f"host_free_threshold must be in [0, 1), got {self.host_free_threshold}")
         if not 0.0 < self.drop_fraction <= 1.0:
             raise ValueError(f"drop_fraction must be in (0, 1], got {self.drop_fraction}")
 

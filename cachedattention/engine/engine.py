@@ -48,6 +48,7 @@ class LLMEngine:
 
             self.store = StoreConnector(config.store, self)
             self.scheduler.store_lookup = self.store.lookup
+            self.scheduler.on_unstage = self.store.unstage
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         eos = set(self.spec.eos_token_ids)
@@ -141,6 +142,10 @@ class LLMEngine:
         if not scheduled:
             return []
         hooks = self.store.begin_step(scheduled) if self.store is not None else None
+        if self.store is not None and self.store.config.preload:
+            staged = self.scheduler.stage_head()  # after this step's own loads: they go first
+            if staged is not None:
+                self.store.preload(staged)
         batch, wants = self.runner.build_batch(scheduled, hooks)
         logits = self.runner.run(batch)
         failed = self.store.end_step(scheduled) if self.store is not None else []

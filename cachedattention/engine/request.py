@@ -33,6 +33,7 @@ class Request:
     finish_reason: str | None = None
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in `pages`
+    staged: bool = False  # still queued, but holds pages its stored prefix is being loaded into (read buffer)
     num_registered_blocks: int = 0  # full pages published to the prefix cache
     block_hashes: list[int] = field(default_factory=list)
     text: str = ""

@@ -22,6 +22,9 @@ class ScheduledSeq:
 # Called when a request is admitted after device-prefix matching: returns how many tokens
 # (beyond `device_hit`) the store can supply. The store records its plan on the request.
 StoreLookup = Callable[[Request, int], int]
+# Called before a staged request (queued, its stored prefix loading into its pages) gives its
+# pages back: the store lets the load finish first, so nothing writes into pages reused elsewhere.
+Unstage = Callable[[Request], None]
 
 
 class Scheduler:
@@ -33,6 +36,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.store_lookup: StoreLookup | None = None
+        self.on_unstage: Unstage | None = None
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
@@ -60,23 +64,46 @@ class Scheduler:
             out.append(ScheduledSeq(req, n, fresh=False))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            hit = self._admit(req)
-            if hit is None:
-                break
-            self.waiting.popleft()
+            req = self.waiting.popleft()
+            if not req.staged:
+                self._admit(req)
             n = min(req.num_to_compute, budget)
             if not self._grow(req, req.num_computed + n, out, allow_preempt=False):
                 self._release(req)
                 self.waiting.appendleft(req)
                 break
+            req.staged = False
             req.status = Status.RUNNING
             self.running.append(req)
             out.append(ScheduledSeq(req, n, fresh=True))
             budget -= n
         return out
 
-    def _admit(self, req: Request) -> int | None:
+    def stage_head(self) -> Request | None:
+        """Give the queue head pages for its stored prefix before it is admitted (the device read buffer).
+
+        The store then loads that prefix while the current step computes; the head keeps its place
+        in the queue and, once admitted, finds its KV in place. Only when the pool has room for the
+        head's whole prompt besides what the running requests may take next step; None otherwise,
+        or when nothing beyond the device's own prefix cache would be loaded.
+        """
+        if not self.waiting or self.store_lookup is None or self.waiting[0].staged:
+            return None
+        req = self.waiting[0]
+        # what the running requests can take next step: the rest of their prompt and one token more
+        headroom = sum(max(0, self._pages_for(r.num_tokens + 1) - len(r.pages)) for r in self.running)
+        if self.pages.num_available() < self._pages_for(req.num_tokens) + headroom:
+            return None
+        self._admit(req)
+        if req.num_computed <= req.metrics.cached_tokens["device"] or not self._grow(
+            req, req.num_computed, [], allow_preempt=False
+        ):
+            self._release(req)
+            return None
+        req.staged = True
+        return req
+
+    def _admit(self, req: Request) -> int:
         """Match the device prefix cache, then ask the store; set num_computed to the hit."""
         tokens = req.all_token_ids
         limit = len(tokens) - 1  # at least one token must be computed to get logits
@@ -92,9 +119,12 @@ class Scheduler:
         req.metrics.cached_tokens["device"] = device_hit
         return req.num_computed
 
+    def _pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
     def _grow(self, req: Request, num_tokens: int, scheduled: list[ScheduledSeq], allow_preempt: bool = True) -> bool:
         """Give req pages for num_tokens tokens, preempting the newest running requests if needed."""
-        need = -(-num_tokens // self.page_size) - len(req.pages)
+        need = self._pages_for(num_tokens) - len(req.pages)
         while need > 0:
             new = self.pages.allocate(need)
             if new is not None:
@@ -102,6 +132,10 @@ class Scheduler:
                 return True
             if not allow_preempt:
                 return False
+            staged = next((r for r in self.waiting if r.staged), None)
+            if staged is not None:  # a queued job's read buffer gives way before a running job does
+                self._release(staged)
+                continue
             victim = self.running[-1]
             self._preempt(victim, scheduled)
             if victim is req:
@@ -120,7 +154,14 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.appendleft(req)
 
+    def _unstage(self, req: Request) -> None:
+        if req.staged:
+            req.staged = False
+            if self.on_unstage is not None:
+                self.on_unstage(req)
+
     def _release(self, req: Request) -> None:
+        self._unstage(req)
         self.pages.free(req.pages)
         req.pages = []
         req.num_computed = 0
@@ -148,6 +189,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        self._unstage(req)
         self.pages.free(req.pages)
         req.pages = []
         req.status = Status.FINISHED

@@ -95,11 +95,6 @@ class StoreConnector:
         for _span, tier, a, b, _pos in _overlaps(st.tiers, device_hit, usable):
             counts[tier] += b - a
         req.metrics.cached_tokens.update(counts)
-        s = self.store.stats
-        s.lookups += 1
-        s.lookup_tokens += len(req.prompt_token_ids)
-        for tier, n in counts.items():
-            s.hit_tokens[tier] += n
         return usable
 
     # -- one step ------------------------------------------------------------------------------
@@ -118,7 +113,8 @@ class StoreConnector:
         return StepHooks(jobs, savers)
 
     def _start_turn(self, req: Request, st: TurnState) -> LoadJob | None:
-        """A request was just admitted: load what the store supplies, start capturing the rest."""
+        """A request was just admitted: load what the store supplies (unless preloaded), start capturing the rest."""
+        self._count_lookup(req)
         num_layers = self.layout.num_layers
         device_hit = req.metrics.cached_tokens["device"]
         usable = max(req.num_computed, device_hit)
@@ -126,13 +122,38 @@ class StoreConnector:
         st.capture_start = min(st.hit, usable)
         if device_hit > st.hit:
             self._capture_from_pages(req, st, st.hit, device_hit)
+        if st.pending_load is None and usable > device_hit:
+            st.pending_load = self._load_job(req, st, device_hit, usable)
+            self.loader.submit(st.pending_load, background=self.config.layerwise)
+        return st.pending_load
+
+    def _count_lookup(self, req: Request) -> None:
+        """Hit statistics, once per admitted turn (a staged lookup that is undone does not count)."""
+        s = self.store.stats
+        s.lookups += 1
+        s.lookup_tokens += len(req.prompt_token_ids)
+        for tier in ("host", "disk"):
+            s.hit_tokens[tier] += req.metrics.cached_tokens[tier]
+
+    # -- the device read buffer: loading the queue head before it is admitted -------------------
+    def preload(self, req: Request) -> None:
+        """The scheduler staged the queue head (pages for its stored prefix): load them in the background now."""
+        st: TurnState = req.store_state
+        device_hit = req.metrics.cached_tokens["device"]
+        st.pending_load = self._load_job(req, st, device_hit, req.num_computed)
+        self.loader.submit(st.pending_load, background=True)
+        self.store.stats.preloads += 1
+
+    def unstage(self, req: Request) -> None:
+        """A staged request gives its pages back before running: let its load finish writing into them."""
+        st: TurnState | None = req.store_state
+        job = st.pending_load if st is not None else None
+        if job is None:
+            return
         st.pending_load = None
-        if usable <= device_hit:
-            return None
-        job = self._load_job(req, st, device_hit, usable)
-        self.loader.submit(job, background=self.config.layerwise)
-        st.pending_load = job
-        return job
+        job.wait_all()
+        if job.failed is not None:
+            self.store.drop_corrupt(*job.failed)
 
     def _load_job(self, req: Request, st: TurnState, lo: int, hi: int) -> LoadJob:
         pieces = []
@@ -184,6 +205,7 @@ class StoreConnector:
         st: TurnState | None = req.store_state
         if st is None:
             return
+        self.unstage(req)  # aborted while its preload ran: the pages are freed next
         req.store_state = None
         plan = st.plan
         if saved and st.chunks and req.num_computed > st.capture_start:

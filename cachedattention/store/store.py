@@ -41,6 +41,8 @@ class StoreStats:
     bytes_written_disk: int = 0
     bytes_prefetched: int = 0
     corrupt_segments: int = 0
+    preloads: int = 0  # queue heads loaded into the device read buffer before admission
+    threshold_demotions: int = 0  # host -> disk moves made ahead of need (free host under the threshold)
 
 
 class AttentionStore:
@@ -51,7 +53,13 @@ class AttentionStore:
         self.host = HostTier(config.host_bytes, pin)
         self.disk = DiskTier(config.store_dir, config.disk_bytes, fingerprint, layout) if config.store_dir else None
         self.ledger = TierLedger(config.host_bytes, config.disk_bytes if self.disk else 0)
-        self.policy = make_policy(PolicyConfig(name=config.policy, prefetch_window=config.prefetch_window))
+        self.policy = make_policy(
+            PolicyConfig(
+                name=config.policy,
+                prefetch_window=config.prefetch_window,
+                host_free_threshold=config.host_free_threshold,
+            )
+        )
         self.records: dict[str, SessionRecord] = {}
         self._refs: dict[str, int] = {}  # segment -> spans of records and plans in flight that name it
         self._pending: dict[str, threading.Event] = {}  # segments whose save is still running (write buffer)
@@ -61,6 +69,7 @@ class AttentionStore:
         self.stats = StoreStats()
         self._io: queue.Queue = queue.Queue()
         self._fetching: set[str] = set()
+        self._trim_queued = False
         self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
         self._io_thread.start()
         if self.disk is not None:
@@ -253,10 +262,29 @@ class AttentionStore:
             self._queue_keys = list(keys)
             if self.disk is None:
                 return
+            if not self._trim_queued and self.ledger.host_free < self._host_free_target():
+                self._trim_queued = True
+                self._io.put(("trim", None))
             for seg in self.policy.prefetch(self.ledger, self._queued_segments()):
                 if seg not in self._fetching:
                     self._fetching.add(seg)
                     self._io.put(("fetch", seg))
+
+    def _host_free_target(self) -> int:
+        return int(self.config.host_free_threshold * self.host.budget)
+
+    def _trim_host(self) -> None:
+        """Demote host -> disk until free host is back at the threshold, ahead of need, so saves and
+        prefetches find room without evicting on their own path. The policy picks the victims and
+        keeps the prefetch window."""
+        with self._lock:
+            self._trim_queued = False
+            target = self._host_free_target()
+            queued = self._queued_segments()
+            protect = self.policy.protected(self.ledger, queued)
+            for seg in self.policy.host_victims(self.ledger, target, queued, time.monotonic(), protect):
+                self._demote(seg)
+                self.stats.threshold_demotions += 1
 
     def _fetch(self, seg_id: str) -> None:
         try:
@@ -297,6 +325,8 @@ class AttentionStore:
                         self.disk.save_record(arg, body)
                 elif kind == "fetch":
                     self._fetch(arg)
+                elif kind == "trim":
+                    self._trim_host()
             except Exception:  # the I/O thread must survive any single failure
                 log.exception("store: I/O job %s failed", job)
             finally:
@@ -382,6 +412,8 @@ class AttentionStore:
             "bytes_written_disk": s.bytes_written_disk,
             "bytes_prefetched": s.bytes_prefetched,
             "corrupt_segments": s.corrupt_segments,
+            "preloads": s.preloads,
+            "threshold_demotions": s.threshold_demotions,
             "sessions": len(self.records),
         }
 

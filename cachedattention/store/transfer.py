@@ -67,6 +67,13 @@ class LoadJob:
         if self.cuda_events:
             torch.cuda.current_stream().wait_event(self.cuda_events[layer])
 
+    def wait_all(self) -> None:
+        """Block until every layer is written (before its pages may be freed or reused)."""
+        for ev in self.events:
+            ev.wait()
+        if self.cuda_events:
+            self.cuda_events[-1].synchronize()
+
 
 class Loader:
     """Runs load jobs, synchronously or on a background thread (layer-wise overlap)."""

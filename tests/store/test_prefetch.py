@@ -26,7 +26,8 @@ def engine_with_a_on_disk(path, tmp_path, **kw):
 
 def test_queued_disk_session_is_prefetched_to_host_before_it_runs(tiny_dirs, tmp_path):
     path, _ = tiny_dirs["llama"]
-    llm, store, seg_a, turn2 = engine_with_a_on_disk(path, tmp_path)
+    # the I/O prefetch alone: with preload the queue head would be read from disk into its pages
+    llm, store, seg_a, turn2 = engine_with_a_on_disk(path, tmp_path, preload=False)
     eng = llm.engine
     eng.add_request(list(range(100, 160)), SamplingParams(max_tokens=6, ignore_eos=True), session_id="C")
     rid_a = eng.add_request(turn2, PARAMS, session_id="A")
@@ -61,3 +62,21 @@ def test_a_slow_prefetch_never_stalls_the_job(tiny_dirs, tmp_path, monkeypatch):
     assert out.metrics.cached_tokens["disk"] == len(turn2) - 3  # read from disk directly instead
     assert out.token_ids == LLM(model=str(path)).generate([turn2], PARAMS)[0].token_ids
     store._io.join()
+
+
+def test_queue_head_living_on_disk_is_preloaded_into_its_pages(tiny_dirs, tmp_path):
+    path, _ = tiny_dirs["llama"]
+    llm, store, seg_a, turn2 = engine_with_a_on_disk(path, tmp_path)
+    eng = llm.engine
+    eng.add_request(list(range(100, 160)), SamplingParams(max_tokens=6, ignore_eos=True), session_id="C")
+    rid_a = eng.add_request(turn2, PARAMS, session_id="A")
+    eng.step()  # C runs; A, the queue head, is staged and read from disk into its pages meanwhile
+    req = eng.requests[rid_a]
+    assert req.staged and req.metrics.cached_tokens["disk"] == len(turn2) - 3
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert outs[rid_a].token_ids == LLM(model=str(path)).generate([turn2], PARAMS)[0].token_ids
+    assert llm.stats()["bytes_loaded"]["disk"] > 0
+    store.check_integrity()
