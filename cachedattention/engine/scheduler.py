@@ -69,7 +69,8 @@ class Scheduler:
                 self._admit(req)
             n = min(req.num_to_compute, budget)
             if not self._grow(req, req.num_computed + n, out, allow_preempt=False):
-                self._release(req)
+                if not req.staged:  # a staged head keeps its loaded prefix for the next try
+                    self._release(req)
                 self.waiting.appendleft(req)
                 break
             req.staged = False

@@ -140,6 +140,8 @@ class StoreConnector:
         """The scheduler staged the queue head (pages for its stored prefix): load them in the background now."""
         st: TurnState = req.store_state
         device_hit = req.metrics.cached_tokens["device"]
+        if any(self.store.saving(span.seg_id) for span, *_ in _overlaps(st.tiers, device_hit, req.num_computed)):
+            return  # never block the engine thread on a save in flight: admission loads it instead
         st.pending_load = self._load_job(req, st, device_hit, req.num_computed)
         self.loader.submit(st.pending_load, background=True)
         self.store.stats.preloads += 1

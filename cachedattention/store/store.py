@@ -191,6 +191,10 @@ class AttentionStore:
             if done:
                 done.set()
 
+    def saving(self, seg_id: str) -> bool:
+        """Whether the segment's save is still running (it sits in the write buffer)."""
+        return seg_id in self._pending
+
     def wait_saved(self, seg_id: str, timeout: float | None = None) -> bool:
         ev = self._pending.get(seg_id)
         return ev is None or ev.wait(timeout)

@@ -148,3 +148,41 @@ def test_free_host_under_the_threshold_demotes_ahead_of_need(tiny_dirs, tmp_path
         assert llm.stats()["threshold_demotions"] == 1
         store.check_integrity()
         llm.close()
+
+
+def test_a_staged_head_that_cannot_grow_yet_keeps_its_loaded_prefix():
+    pool = PagePool(12)
+    sched = Scheduler(SchedCfg(max_num_seqs=1, max_num_batched_tokens=8), pool, page_size=4, prefix_cache=False)
+    sched.store_lookup = lambda req, device_hit: 12 if req.request_id == "head" else 0
+    run, head = _req("run", 8), _req("head", 16)
+    sched.add(run)
+    sched.add(head)
+    sched.schedule()
+    assert sched.stage_head() is head
+    staged_pages = list(head.pages)
+    sched.finish(run)  # the running job ends: the head may be admitted ...
+    others = pool.allocate(pool.num_available())  # ... but its remaining page is not there yet
+    assert sched.schedule() == []
+    assert head.staged and head.pages == staged_pages and sched.waiting[0] is head
+    pool.free(others)
+    out = sched.schedule()
+    assert [s.request for s in out] == [head] and out[0].num_new == 4 and not head.staged
+    pool.check_integrity()
+
+
+def test_preload_waits_for_no_save_in_flight(tiny_dirs, monkeypatch):
+    path, _ = tiny_dirs["llama"]
+    llm = _store_llm(path)
+    eng, rid, turn2 = _queue_a_behind_c(llm)
+    monkeypatch.setattr(eng.store.store, "saving", lambda seg_id: True)  # as if A's segment were still saving
+    eng.step()
+    req = eng.requests[rid]
+    assert req.staged and req.store_state.pending_load is None  # pages kept, load left to admission
+    monkeypatch.undo()
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert outs[rid].metrics.cached_tokens["host"] == len(turn2) - 3
+    assert outs[rid].token_ids == LLM(model=str(path)).generate([turn2], PARAMS)[0].token_ids
+    eng.pages.check_integrity()
