@@ -54,3 +54,28 @@ def test_cuda_bfloat16_runs_and_reuses(tiny_dirs):
     llm.engine.store.store.flush()
     second = llm.generate([conv + first.token_ids + [1]], PARAMS, session_id="s")[0]
     assert second.metrics.cached_tokens["host"] > 0 and len(second.token_ids) == 8
+
+
+def test_cuda_queued_head_preloaded_on_the_copy_stream_equals_recompute(tiny_dirs):
+    """The read buffer on CUDA: the head's load runs on the copy stream while another job computes."""
+    from cachedattention import SchedulerConfig
+
+    path, _ = tiny_dirs["llama"]
+    no_dev = CacheConfig(enable_prefix_cache=False)
+    llm = LLM(model=str(path), device="cuda", cache=no_dev, enable_store=True, scheduler=SchedulerConfig(max_num_seqs=1))
+    eng = llm.engine
+    a = list(range(5, 70))
+    first = llm.generate([a], PARAMS, session_id="A")[0]
+    eng.store.store.flush()
+    turn2 = a + first.token_ids + [3, 4]
+    eng.add_request(list(range(100, 170)), PARAMS, session_id="C")
+    rid = eng.add_request(turn2, PARAMS, session_id="A")
+    eng.step()
+    assert eng.requests[rid].staged and eng.requests[rid].store_state.pending_load is not None
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    ref = LLM(model=str(path), device="cuda", cache=no_dev).generate([turn2], PARAMS)[0]
+    assert outs[rid].token_ids == ref.token_ids and outs[rid].metrics.cached_tokens["host"] > 0
+    eng.pages.check_integrity()
