@@ -32,6 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="queued sessions fetched disk -> host ahead of their turn (default: from the host budget)")
     g.add_argument("--host-free-threshold", type=float, default=StoreConfig.host_free_threshold,
                    help="demote host -> disk ahead of need when free host falls below this share")
+    g.add_argument("--disk-ttl-s", type=float, default=None,
+                   help="forget sessions whose KV has not been used for this many seconds (default: keep)")
     g.add_argument("--truncation", default="reuse", choices=["reuse", "recompute", "off"])
 
 
@@ -54,6 +56,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             preload=not args.no_preload,
             prefetch_window=args.prefetch_window,
             host_free_threshold=args.host_free_threshold,
+            disk_ttl_s=args.disk_ttl_s,
             write_through=not args.write_back,
             truncation=args.truncation,
         ),

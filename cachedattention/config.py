@@ -52,6 +52,7 @@ class StoreConfig:
     policy: str = "lookahead"
     prefetch_window: int | None = None
     host_free_threshold: float = 0.05  # demote host -> disk ahead of need when free host falls below this share
+    disk_ttl_s: float | None = None  # forget sessions whose KV has not been used for this long (None: keep)
     # context overflow: keep a head, drop a share of the history, reuse the rest
     truncation: str = "reuse"  # "reuse" (keep KV at new positions) | "recompute" (paper's baseline) | "off"
     keep_head_tokens: int | None = None  # None: the first turn's system prompt (found by the session)
@@ -66,6 +67,8 @@ class StoreConfig:
             raise ValueError(f"truncation must be 'reuse', 'recompute' or 'off', got {self.truncation!r}")
         if not 0.0 <= self.host_free_threshold < 1.0:
             raise ValueError(f"host_free_threshold must be in [0, 1), got {self.host_free_threshold}")
+        if self.disk_ttl_s is not None and not self.disk_ttl_s > 0:
+            raise ValueError(f"disk_ttl_s must be > 0 seconds or None, got {self.disk_ttl_s}")
         if not 0.0 < self.drop_fraction <= 1.0:
             raise ValueError(f"drop_fraction must be in (0, 1], got {self.drop_fraction}")
 

@@ -43,6 +43,7 @@ class StoreStats:
     corrupt_segments: int = 0
     preloads: int = 0  # queue heads loaded into the device read buffer before admission
     threshold_demotions: int = 0  # host -> disk moves made ahead of need (free host under the threshold)
+    expired_segments: int = 0  # segments forgotten by the disk TTL
 
 
 class AttentionStore:
@@ -58,6 +59,7 @@ class AttentionStore:
                 name=config.policy,
                 prefetch_window=config.prefetch_window,
                 host_free_threshold=config.host_free_threshold,
+                disk_ttl_s=config.disk_ttl_s,
             )
         )
         self.records: dict[str, SessionRecord] = {}
@@ -70,6 +72,7 @@ class AttentionStore:
         self._io: queue.Queue = queue.Queue()
         self._fetching: set[str] = set()
         self._trim_queued = False
+        self._next_expiry_s = 0.0  # monotonic time of the next TTL sweep
         self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
         self._io_thread.start()
         if self.disk is not None:
@@ -269,6 +272,10 @@ class AttentionStore:
             if not self._trim_queued and self.ledger.host_free < self._host_free_target():
                 self._trim_queued = True
                 self._io.put(("trim", None))
+            now = time.monotonic()
+            if self.config.disk_ttl_s is not None and now >= self._next_expiry_s:
+                self._next_expiry_s = now + min(self.config.disk_ttl_s, 1.0)  # sweep at most once a second
+                self._io.put(("expire", None))
             for seg in self.policy.prefetch(self.ledger, self._queued_segments()):
                 if seg not in self._fetching:
                     self._fetching.add(seg)
@@ -289,6 +296,23 @@ class AttentionStore:
             for seg in self.policy.host_victims(self.ledger, target, queued, time.monotonic(), protect):
                 self._demote(seg)
                 self.stats.threshold_demotions += 1
+
+    def _expire(self) -> None:
+        """Forget sessions whose KV has not been used for `disk_ttl_s`: their records go, and with
+        them every copy of their segments (a turn in flight keeps what it reads until it ends).
+        Queued sessions are kept whatever their age."""
+        with self._lock:
+            protect = set(self._queued_segments())
+            expired = set(self.policy.expired(self.ledger, time.monotonic(), protect))
+            for key in [k for k, rec in self.records.items() if expired & set(rec.segment_ids())]:
+                self._drop_record(key)
+            self.stats.expired_segments += len(expired)
+
+    def _drop_record(self, key: str) -> None:
+        rec = self.records.pop(key)
+        self._unindex_anon(rec)
+        self._ref_spans(rec.spans, -1)
+        self._io.put(("record", key))  # the I/O thread deletes the row: the record is gone
 
     def _fetch(self, seg_id: str) -> None:
         try:
@@ -331,6 +355,8 @@ class AttentionStore:
                     self._fetch(arg)
                 elif kind == "trim":
                     self._trim_host()
+                elif kind == "expire":
+                    self._expire()
             except Exception:  # the I/O thread must survive any single failure
                 log.exception("store: I/O job %s failed", job)
             finally:
@@ -418,6 +444,7 @@ class AttentionStore:
             "corrupt_segments": s.corrupt_segments,
             "preloads": s.preloads,
             "threshold_demotions": s.threshold_demotions,
+            "expired_segments": s.expired_segments,
             "sessions": len(self.records),
         }
 

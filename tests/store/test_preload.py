@@ -6,6 +6,7 @@
   staged job waits for its load, then frees its pages.
 - When free host memory falls under the threshold, the store demotes host -> disk ahead of need,
   with the policy's order (LRU outside the queue first; the look-ahead window kept).
+- With a disk TTL, sessions not used for that long are forgotten (records and every copy).
 """
 
 from cachedattention import LLM, CacheConfig, SamplingParams, SchedulerConfig
@@ -186,3 +187,28 @@ def test_preload_waits_for_no_save_in_flight(tiny_dirs, monkeypatch):
     assert outs[rid].metrics.cached_tokens["host"] == len(turn2) - 3
     assert outs[rid].token_ids == LLM(model=str(path)).generate([turn2], PARAMS)[0].token_ids
     eng.pages.check_integrity()
+
+
+def test_disk_ttl_forgets_sessions_not_used_for_that_long(tiny_dirs, tmp_path):
+    import time
+
+    path, _ = tiny_dirs["llama"]
+    llm = _store_llm(path, store_dir=str(tmp_path / "st"), disk_ttl_s=0.2)
+    store = llm.engine.store.store
+    a = list(range(5, 45))
+    out = llm.generate([a], PARAMS, session_id="A")[0]
+    store.flush()
+    seg = store.records["A"].spans[0].seg_id
+    store.on_queue([])
+    store._io.join()
+    assert "A" in store.records and store.disk.contains(seg)  # younger than the TTL: kept
+    time.sleep(0.3)
+    store._next_expiry_s = 0.0  # the sweep runs at most once a second; do not wait for it here
+    store.on_queue([])
+    store._io.join()
+    assert "A" not in store.records and not store.disk.contains(seg) and not store.host.contains(seg)
+    assert llm.stats()["expired_segments"] == 1
+    store.check_integrity()
+    again = llm.generate([a + out.token_ids + [1, 2]], PARAMS, session_id="A")[0]
+    assert again.metrics.cached_tokens["host"] == again.metrics.cached_tokens["disk"] == 0  # a miss, not an error
+    llm.close()
