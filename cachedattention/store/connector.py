@@ -7,6 +7,7 @@ layer hooks (wait for layer l, take layer l's pre-RoPE KV). Everything else stay
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,9 @@ class StoreConnector:
         self.store = AttentionStore(config, self.layout, fingerprint, pin=engine.device.type == "cuda")
         self.loader = Loader(engine.pool, engine.model.rotary, self.layout, engine.device)
         self.saver = Saver(self.layout, self.store.host.allocate, engine.device)
+        # a script that never calls close() still gets its saves flushed, and its threads stopped
+        # before the interpreter tears down (a thread caught inside torch then aborts the process)
+        self._finalizer = weakref.finalize(self, _shutdown, self.store, self.loader, self.saver)
 
     # -- add_request ---------------------------------------------------------------------------
     def prepare(self, req: Request) -> None:
@@ -240,10 +244,16 @@ class StoreConnector:
         self.store.check_integrity()
 
     def close(self) -> None:
-        self.store.flush()
-        self.loader.close()
-        self.saver.close()
-        self.store.close()
+        """Flush pending saves to disk and stop the store's threads (once; also run at interpreter exit)."""
+        self._finalizer()
+
+
+def _shutdown(store: AttentionStore, loader: Loader, saver: Saver) -> None:
+    # ordered: saves still running land in the store before its I/O thread stops
+    store.flush()
+    loader.close()
+    saver.close()
+    store.close()
 
 
 def _overlaps(tiers: list[tuple[Span, str]], lo: int, hi: int):

@@ -166,6 +166,7 @@ class Loader:
 
     def close(self) -> None:
         self._jobs.put(None)
+        self._thread.join(timeout=30)
 
 
 def _open(p: Piece) -> SegmentReader:
@@ -236,3 +237,4 @@ class Saver:
 
     def close(self) -> None:
         self._jobs.put(None)
+        self._thread.join(timeout=30)

@@ -140,3 +140,30 @@ def test_sigkill_while_saving_loses_at_most_the_turn_in_flight(tiny_dirs, tmp_pa
         conv = [3 + i % 200] + list(range(5, 60))
         out = llm.generate([conv + [1]], PARAMS, session_id=sid)[0]
         assert out.metrics.cached_tokens["disk"] == len(conv)  # the whole stored prompt, verified token by token
+
+
+NO_CLOSE_SCRIPT = r"""
+import sys
+from cachedattention import LLM, CacheConfig, SamplingParams
+llm = LLM(model=sys.argv[1], enable_store=True, cache=CacheConfig(enable_prefix_cache=False),
+          store_dir=sys.argv[2], write_through=False)  # write-back: only a flush at exit puts it on disk
+p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+out = llm.generate([list(range(5, 60))], p, session_id="s")[0]
+out = llm.generate([list(range(5, 60)) + out.token_ids + [1, 2]], p, session_id="s")[0]  # a layer-wise load
+print("cached", out.metrics.cached_tokens["host"], flush=True)
+# no llm.close(): the interpreter exits with the store's threads running
+"""
+
+
+def test_a_script_that_never_closes_exits_cleanly_and_keeps_its_sessions(tiny_dirs, tmp_path):
+    path, _ = tiny_dirs["llama"]
+    store = tmp_path / "st"
+    for _ in range(3):  # the abort at exit this guards against was intermittent
+        proc = subprocess.run([sys.executable, "-c", NO_CLOSE_SCRIPT, str(path), str(store)], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "cached" in proc.stdout and "terminate called" not in proc.stderr
+    llm = disk_llm(path, store)
+    conv = list(range(5, 60))
+    out = llm.generate([conv], PARAMS, session_id="s")[0]
+    assert out.metrics.cached_tokens["disk"] > len(conv) - 16  # flushed at exit, served after a restart
