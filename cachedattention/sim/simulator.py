@@ -71,6 +71,7 @@ class SimResult:
     hits: int = 0  # full history found in some tier
     host_hits: int = 0
     disk_hits: int = 0  # includes prefetches still in flight when the job started
+    disk_hits_on_arrival: int = 0  # of those, jobs that started as they arrived: no queue to look ahead at
     misses: int = 0
     bytes_prefetched: int = 0  # disk -> host, ahead of the job (look-ahead)
     bytes_written_back: int = 0  # to disk: host copies on eviction, results too big for host
@@ -155,7 +156,7 @@ class _Sim:
         self.result.max_queue_len = max(self.result.max_queue_len, len(self.queue))
         hint = self.hint()
         self.prefetch(hint, now)
-        threshold = int(self.config.policy.host_free_threshold * self.ledger.host_bytes)
+        threshold = self.policy.host_free_target(self.ledger)
         if self.ledger.host_free < threshold:
             self.make_host_room(threshold, hint, now, self.policy.protected(self.ledger, hint))
         self.result.peak_host_used = max(self.result.peak_host_used, self.ledger.host_used)
@@ -217,6 +218,7 @@ class _Sim:
             r.host_hits += 1
         else:
             r.disk_hits += 1
+            r.disk_hits_on_arrival += now == job.enqueued_s
 
     def load_on_demand(self, sid: str, now: float) -> float:
         nbytes = self.ledger.entry(sid).disk_nbytes
@@ -264,9 +266,13 @@ class _Sim:
                 break
             self.ledger.put_host(sid, nbytes, now, touch=False)
             self.result.bytes_prefetched += nbytes
-            if self.config.disk_read_bytes_s:  # one I/O queue, in prefetch order
-                self.io_free_s = max(self.io_free_s, now) + nbytes / self.config.disk_read_bytes_s
-                self.ready_s[sid] = self.io_free_s
+            self.read(sid, nbytes, now)
+
+    def read(self, sid: str, nbytes: int, now: float) -> None:
+        """Time a disk->host copy: one I/O queue, in issue order (instant without `disk_read_bytes_s`)."""
+        if self.config.disk_read_bytes_s:
+            self.io_free_s = max(self.io_free_s, now) + nbytes / self.config.disk_read_bytes_s
+            self.ready_s[sid] = self.io_free_s
 
     def make_host_room(self, need: int, hint: list[str], now: float, protect: Collection[str]) -> bool:
         """Demote the policy's host victims until `need` bytes are free; all or nothing."""

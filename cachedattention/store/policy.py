@@ -60,6 +60,7 @@ class CachePolicy(ABC):
       ``disk_free``; TTL-expired records come first and are always included.
     - Sessions in ``protect`` (e.g. the running jobs) are never returned.
     - ``prefetch``: disk-only sessions to copy disk->host now, in order (lookahead only).
+    - ``host_free_target``: free host bytes to keep; below it the caller demotes ahead of need.
     """
 
     name: str
@@ -108,6 +109,10 @@ class CachePolicy(ABC):
     def prefetch(self, ledger: TierLedger, queue: Sequence[str]) -> list[str]:
         """Disk-only sessions to fetch disk->host now, in order (none by default)."""
         return []
+
+    def host_free_target(self, ledger: TierLedger) -> int:
+        """Free host bytes to keep: below this the store demotes ahead of need."""
+        return int(self.config.host_free_threshold * ledger.host_bytes)
 
     def prefetch_window(self, ledger: TierLedger) -> int:
         """How many of the first queued sessions the prefetcher (and eviction) look at."""

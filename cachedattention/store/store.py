@@ -269,7 +269,7 @@ class AttentionStore:
             self._queue_keys = list(keys)
             if self.disk is None:
                 return
-            if not self._trim_queued and self.ledger.host_free < self._host_free_target():
+            if not self._trim_queued and self.ledger.host_free < self.policy.host_free_target(self.ledger):
                 self._trim_queued = True
                 self._io.put(("trim", None))
             now = time.monotonic()
@@ -281,16 +281,13 @@ class AttentionStore:
                     self._fetching.add(seg)
                     self._io.put(("fetch", seg))
 
-    def _host_free_target(self) -> int:
-        return int(self.config.host_free_threshold * self.host.budget)
-
     def _trim_host(self) -> None:
         """Demote host -> disk until free host is back at the threshold, ahead of need, so saves and
         prefetches find room without evicting on their own path. The policy picks the victims and
         keeps the prefetch window."""
         with self._lock:
             self._trim_queued = False
-            target = self._host_free_target()
+            target = self.policy.host_free_target(self.ledger)
             queued = self._queued_segments()
             protect = self.policy.protected(self.ledger, queued)
             for seg in self.policy.host_victims(self.ledger, target, queued, time.monotonic(), protect):

@@ -131,3 +131,10 @@ def test_unknown_policy_and_bad_config():
         "lru",
         "fifo",
     }
+
+
+
+def test_host_free_target_is_the_threshold_share_of_host():
+    led = TierLedger(host_bytes=200, disk_bytes=1000)
+    assert policy("lookahead").host_free_target(led) == 10  # 5% by default
+    assert policy("lru", host_free_threshold=0.25).host_free_target(led) == 50

@@ -53,6 +53,7 @@ def test_lookahead_prefetches_a_queued_session_into_host():
     lru = simulate(trace, config(120, 1000, "lru", **kw), check=True)
     assert look.host_hits == 1 and look.bytes_prefetched == 100
     assert lru.disk_hits == 1 and lru.bytes_loaded == 100 and lru.bytes_prefetched == 0
+    assert lru.disk_hits_on_arrival == 0  # that job waited in the queue: look-ahead could have fetched it
     # a slow disk: the prefetch (issued at t=2) lands at t=4, a second after the job started
     slow = simulate(trace, config(120, 1000, "lookahead", disk_read_bytes_s=50.0, **kw), check=True)
     assert slow.disk_hits == 1 and slow.makespan_s == pytest.approx(look.makespan_s + 1.0)
@@ -129,3 +130,16 @@ def test_open_loop_keeps_a_sessions_turns_in_order():
     assert r.host_hits == 1 and r.makespan_s == pytest.approx(11.0)
     r = simulate(trace, config(1000, 1000, service_tok_s=10.0), check=True)  # closed loop: think after end
     assert r.makespan_s == pytest.approx(11.0)
+
+
+
+def test_disk_hits_of_jobs_that_never_waited_are_counted_apart():
+    """a is demoted for b; a's next turn arrives to an empty queue, so no look-ahead could fetch it."""
+    trace = [
+        TraceTurn("a", 0.0, 0, 40, 0),  # ends 0.4
+        TraceTurn("b", 1.0, 0, 100, 0),  # ends 2.0: a demoted to disk to make room
+        TraceTurn("a", 5.0, 40, 10, 1),  # arrives to an empty queue and starts at once
+    ]
+    cfg = SimConfig(host_bytes=120, disk_bytes=1000, bytes_per_token=1, service_tok_s=100.0, closed_loop=False)
+    r = simulate(trace, cfg, check=True)
+    assert (r.disk_hits, r.disk_hits_on_arrival) == (1, 1)
