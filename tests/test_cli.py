@@ -27,3 +27,21 @@ def test_generate_and_bad_model_path():
     bad = subprocess.run([sys.executable, "-m", "cachedattention.cli", "generate", "/no/such/model", "--prompt", "x"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_store_flags_reach_the_engine_config():
+    from cachedattention.cli import build_parser, engine_config
+
+    args = build_parser().parse_args([
+        "serve", "--store-dir", "/tmp/kv", "--no-preload", "--prefetch-window", "3", "--host-free-threshold", "0.1",
+        "--disk-ttl-s", "60", "--policy", "lru",
+    ])
+    store = engine_config(args).store
+    assert (store.preload, store.prefetch_window, store.host_free_threshold, store.disk_ttl_s, store.policy) == (
+        False, 3, 0.1, 60.0, "lru")
+    defaults = engine_config(build_parser().parse_args(["serve"])).store
+    assert defaults.preload and defaults.prefetch_window is None and defaults.disk_ttl_s is None
+    with pytest.raises(ValueError, match="disk_ttl_s"):
+        engine_config(build_parser().parse_args(["serve", "--disk-ttl-s", "0"]))
+    with pytest.raises(ValueError, match="host_free_threshold"):
+        engine_config(build_parser().parse_args(["serve", "--host-free-threshold", "1.5"]))
