@@ -240,6 +240,8 @@ class SegmentReader:
         if problems:
             self.f.close()
             raise CorruptSegment(f"{path.name}: " + ", ".join(problems))
+        if hasattr(os, "posix_fadvise"):  # layers are read in order: let the kernel read the rest ahead
+            os.posix_fadvise(self.f.fileno(), self.body, 0, os.POSIX_FADV_WILLNEED)
 
     def read_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf = os.pread(self.f.fileno(), 2 * self.half, self.body + layer * 2 * self.half)
