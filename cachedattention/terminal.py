@@ -12,11 +12,11 @@ from cachedattention.llm import LLM
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import SamplingParams
 
-DEMO_TURNS = [
-    "Hi! I am planning a trip to Lisbon in spring. What should I pack?",
-    "Good idea. Which neighbourhoods are nice to walk around?",
-    "And what food should I try there?",
-    "Thanks. Can you summarise our conversation in three bullet points?",
+DEMO_TURNS = [  # answered coherently by the 135M model under greedy decoding (some topics make it loop)
+    "Can you explain what a black hole is?",
+    "How do scientists detect them?",
+    "Could Earth ever fall into one?",
+    "Summarise our conversation in one sentence.",
 ]
 
 
