@@ -32,6 +32,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-rate", type=float, default=None, help="sessions arriving per second (workload)")
     p.add_argument("--think-time", type=float, default=None, help="mean think time between turns, s (workload)")
     p.add_argument("--max-model-len", type=int, default=None)
+    # policy mode
+    p.add_argument("--disk-read-gbps", type=float, default=None,
+                   help="time disk->host reads at this bandwidth, GB/s at the paper's full scale (policy; default: instant)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ everything else (sessions, arrival rate, service speed and both budgets) by `--s
 so the trace's KV volume keeps the same ratio to the budgets. Hit rates are reported over the
 whole run and over its loaded middle (after a 100 s warm-up, until the last session arrives), and
 how many of look-ahead's disk hits were jobs that started the moment they arrived (an empty queue).
+Disk -> host reads are instant unless `--disk-read-gbps` gives the bandwidth at the paper's full
+scale (scaled like the rest); a prefetch still in flight when its job starts is then a disk hit.
 """
 
 from __future__ import annotations
@@ -34,36 +36,44 @@ def run_policy_bench(args: argparse.Namespace) -> int:
     last_arrival = max(s.arrival_s for s in wl.sessions)
     volume = trace_kv_bytes(trace, BYTES_PER_TOKEN)
     host, disk = int(HOST * f), int(DISK * f)
+    gbps = getattr(args, "disk_read_gbps", None)
+    if gbps is not None and not gbps > 0:
+        raise ValueError(f"--disk-read-gbps must be > 0, got {gbps}")
+    read_bytes_s = gbps * 1e9 * f if gbps else None  # I/O demand shrinks with the job rate: scale it alike
+    reads = f"disk reads {gbps} GB/s (full scale)" if gbps else "disk reads instant"
     print(f"trace: {n} sessions, {len(trace)} turns, KV volume {volume / 1e12:.2f} TB; "
-          f"default budgets host {host / 1e9:.1f} GB, disk {disk / 1e12:.2f} TB (128 GB : 10 TB scaled by {f:.3f})")
+          f"default budgets host {host / 1e9:.1f} GB, disk {disk / 1e12:.2f} TB (128 GB : 10 TB scaled by {f:.3f}); {reads}")
     t0 = time.perf_counter()
-    default = {p: _simulate(trace, host, disk, p, f, last_arrival) for p in POLICIES}
+    default = {p: _simulate(trace, host, disk, p, f, last_arrival, read_bytes_s) for p in POLICIES}
     sweep = []
     if not args.quick:
         for hx in (0.25, 0.5, 1.0, 2.0):
             for dx in (0.5, 1.0):
                 for p in POLICIES:
-                    r = default[p] if (hx, dx) == (1.0, 1.0) else _simulate(trace, int(host * hx), int(disk * dx), p, f, last_arrival)
+                    r = default[p] if (hx, dx) == (1.0, 1.0) else _simulate(
+                        trace, int(host * hx), int(disk * dx), p, f, last_arrival, read_bytes_s)
                     sweep.append({"host_bytes": int(host * hx), "disk_bytes": int(disk * dx), "policy": p, **r})
     print(_table(default, sweep))
     look = default["lookahead"]  # where its disk hits come from: the queue cannot help a job that never waits
     print(f"\nlookahead: {look['disk_hits_on_arrival']} of its {look['disk_hits']} disk hits are jobs that started "
           "the moment they arrived (nothing queued to look ahead at)")
     print(f"\n({time.perf_counter() - t0:.0f} s; `cachedattention bench --mode policy"
-          f"{' --quick' if args.quick else ''} --sessions {n} --seed {args.seed}`)")
+          f"{' --quick' if args.quick else ''} --sessions {n} --seed {args.seed}"
+          f"{f' --disk-read-gbps {gbps}' if gbps else ''}`)")
     if args.json:
         out = {"policies": default, "sweep": sweep, "setting": {
             "sessions": n, "turns": len(trace), "kv_volume_bytes": volume, "host_bytes": host, "disk_bytes": disk,
             "bytes_per_token": BYTES_PER_TOKEN, "session_rate": RATE * f, "service_tok_s": SERVICE_TOK_S * f,
-            "max_running": RUNNING, "seed": args.seed}}
+            "max_running": RUNNING, "seed": args.seed, "disk_read_gbps_full_scale": gbps}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 
-def _simulate(trace, host: int, disk: int, policy: str, f: float, last_arrival: float) -> dict:
+def _simulate(trace, host: int, disk: int, policy: str, f: float, last_arrival: float,
+              read_bytes_s: float | None = None) -> dict:
     base = dict(host_bytes=host, disk_bytes=disk, bytes_per_token=BYTES_PER_TOKEN, policy=PolicyConfig(name=policy),
-                service_tok_s=SERVICE_TOK_S * f, max_running=RUNNING)
+                service_tok_s=SERVICE_TOK_S * f, max_running=RUNNING, disk_read_bytes_s=read_bytes_s)
     whole = simulate(trace, SimConfig(**base)).to_dict()
     loaded = simulate(trace, SimConfig(**base, measure_from_s=100.0, measure_until_s=last_arrival)).to_dict()
     return {**whole, "hit_rate_loaded": loaded["hit_rate"], "host_hit_share_loaded": loaded["host_hit_share"]}

@@ -14,3 +14,16 @@ def test_policy_bench_json(tmp_path, capsys):
         assert 0.0 <= r["hit_rate"] <= 1.0 and 0.0 <= r["host_hit_share"] <= 1.0
     assert data["policies"]["lookahead"]["host_hit_share"] > data["policies"]["lru"]["host_hit_share"]
     assert "| lookahead |" in capsys.readouterr().out
+
+
+def test_policy_bench_with_timed_disk_reads(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    args = ["bench", "--mode", "policy", "--quick", "--sessions", "300", "--json", str(out)]
+    assert main(args + ["--disk-read-gbps", "1"]) == 0
+    timed = json.loads(out.read_text())
+    assert timed["setting"]["disk_read_gbps_full_scale"] == 1.0
+    assert "disk reads 1.0 GB/s" in capsys.readouterr().out
+    assert main(args) == 0
+    instant = json.loads(out.read_text())["policies"]["lookahead"]
+    # reads that take time land late: fewer hits come from host than when they are instant
+    assert timed["policies"]["lookahead"]["host_hit_share"] < instant["host_hit_share"]
