@@ -3,6 +3,9 @@
 Cells, measured side by side in one run: recompute; KV already on device; host hit loaded
 synchronously; host hit loaded layer-wise; disk hit (files dropped from the page cache) layer-wise;
 and the store's load alone. Each timed turn uses a fresh session whose history was stored first.
+The "queued" cells time a host hit that arrives while another job is running (one sequence at a
+time, so it waits for that job's last decode steps), with and without the device read buffer:
+with it, the history loads while the turn is still queued.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class Cell:
     layerwise: bool = True
     host_bytes: int = 64 << 30
     disk: bool = False
+    queued: bool = False  # the timed turn arrives behind a running job
+    preload: bool = True
 
 
 CELLS = [
@@ -44,7 +49,10 @@ CELLS = [
     Cell("host-sync", store=True, prefix_cache=False, layerwise=False),
     Cell("host-layerwise", store=True, prefix_cache=False),
     Cell("disk-cold-layerwise", store=True, prefix_cache=False, host_bytes=0, disk=True),
+    Cell("host-queued", store=True, prefix_cache=False, queued=True),
+    Cell("host-queued-no-preload", store=True, prefix_cache=False, queued=True, preload=False),
 ]
+BLOCKER_TOKENS, BLOCKER_STEPS = 64, 4  # the job a queued turn waits behind: its prompt, its answer
 
 
 def _engine(cell: Cell, loaded, args, window: int, store_dir: str | None) -> LLMEngine:
@@ -57,7 +65,7 @@ def _engine(cell: Cell, loaded, args, window: int, store_dir: str | None) -> LLM
         cache=CacheConfig(enable_prefix_cache=cell.prefix_cache, memory_bytes=pool_bytes),
         scheduler=SchedulerConfig(max_num_batched_tokens=window, max_num_seqs=1),
         store=StoreConfig(
-            enable=cell.store, layerwise=cell.layerwise, host_bytes=cell.host_bytes,
+            enable=cell.store, layerwise=cell.layerwise, host_bytes=cell.host_bytes, preload=cell.preload,
             store_dir=store_dir if cell.disk else None, disk_bytes=256 << 30, truncation="off",
         ),
     )
@@ -70,6 +78,13 @@ def _run(engine: LLMEngine, prompt: list[int], session: str | None) -> object:
         for out in engine.step():
             if out.request_id == rid and out.finished:
                 return out
+
+
+def _start_blocker(engine: LLMEngine, rep: int, vocab: int) -> None:
+    """A job that is running when the timed turn arrives: admitted, with decode steps still to go."""
+    prompt = [(11 + 5 * i + 97 * rep) % (vocab - 100) + 50 for i in range(BLOCKER_TOKENS)]
+    engine.add_request(prompt, SamplingParams(max_tokens=BLOCKER_STEPS, temperature=0, ignore_eos=True))
+    engine.step()
 
 
 def _drop_page_cache(store_dir: str) -> None:
@@ -101,10 +116,14 @@ def measure_cell(cell: Cell, loaded, args, h: int, window: int) -> dict:
                 engine.store.store.flush()
             if store_dir:
                 _drop_page_cache(store_dir)
+        if cell.queued:
+            _start_blocker(engine, rep, vocab)
         sync(args.device)
         t = time.perf_counter()
         out = _run(engine, hist + new, session)
         sync(args.device)
+        while engine.has_unfinished():  # a blocker outliving the turn would slow the next one
+            engine.step()
         if rep:
             ttfts.append(time.perf_counter() - t)
             waits.append(out.metrics.load_s)
@@ -148,8 +167,9 @@ def _table(results: dict, name: str, args) -> str:
         f"Time to first token of the next turn ({name}, {args.device}, {args.dtype}, {args.new_tokens} new tokens; "
         f"median of {args.repeats}; ms, and ratio to recompute)",
         "",
-        "| history | " + " | ".join(names) + " | load alone | layer-wise / sync | layer-wise / max(load, device) |",
-        "|---|" + "---|" * (len(names) + 3),
+        "| history | " + " | ".join(names)
+        + " | load alone | layer-wise / sync | layer-wise / max(load, device) | queued: preload / none |",
+        "|---|" + "---|" * (len(names) + 4),
     ]
     for h, row in results.items():
         base = row["recompute"]["ttft_s"]
@@ -159,5 +179,7 @@ def _table(results: dict, name: str, args) -> str:
         lw = f"{lw_cell['ttft_s'] / sync_cell['ttft_s']:.2f}" if lw_cell and sync_cell else "-"
         bound = f"{lw_cell['ttft_s'] / max(alone, dev['ttft_s']):.2f}" if lw_cell and dev and alone else "-"
         alone_txt = fmt_ms(alone) if alone else "-"
-        lines.append(f"| {h} | " + " | ".join(cells) + f" | {alone_txt} | {lw} | {bound} |")
+        q, nq = row.get("host-queued"), row.get("host-queued-no-preload")
+        queued = f"{q['ttft_s'] / nq['ttft_s']:.2f}" if q and nq else "-"
+        lines.append(f"| {h} | " + " | ".join(cells) + f" | {alone_txt} | {lw} | {bound} | {queued} |")
     return "\n".join(lines)
