@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run on a CUDA GPU: the tests marked `gpu`, then the turn, throughput and workload
-# benchmarks on a Llama-3-8B-shaped random-weight model (bf16). Installs nothing: it runs from source
-# with the machine's own PyTorch (>= 2.11) and transformers (>= 5.17). Finishes in under 8 minutes on
-# an H200 (the last run of the workload part was cut at its time limit; it has been made smaller since).
+# benchmarks on a Llama-3-8B-shaped random-weight model (bf16), and last (so it can never crowd out
+# the others) the turn bench's queued cells: the device read buffer on and off. Installs nothing: it
+# runs from source with the machine's own PyTorch (>= 2.11) and transformers (>= 5.17). Each stage has
+# its own time limit (about 12 minutes at most in all; the first run on an H200 was cut in its workload
+# part, which has been made smaller since; the whole script has not run on a GPU since).
 # Usage: run bench/gpu-assets.sh here once, then bench/gpu.sh OUTPUT_DIR there with .gpu-assets carried.
 set -uo pipefail
 out=${1:?usage: bench/gpu.sh OUTPUT_DIR}
@@ -36,5 +38,10 @@ tok=${TOKENIZER_DIR:-$root/.gpu-assets/tokenizer}  # the embedded model's tokeni
 timeout 240 $py -m cachedattention.cli bench --mode workload --random-shape llama3-8b --device cuda --dtype bfloat16 \
   --tokenizer "$tok" --sessions 10 --max-answer-tokens 48 --time-scale 0.2 --systems RE,CachedAttention \
   --json "$out/workload.json" --out "$out/workload" 2>&1 | tee -a "$out/workload.log" || status=1
+
+echo "== read buffer: a host hit queued behind a running job, with and without preload" | tee "$out/turn-queued.log"
+timeout 60 $py -m cachedattention.cli bench --mode turn --random-shape llama3-8b --device cuda --dtype bfloat16 \
+  --history 16384 --new-tokens 256 --repeats 3 --cells host-layerwise,host-queued,host-queued-no-preload \
+  --json "$out/turn-queued.json" 2>&1 | tee -a "$out/turn-queued.log" || status=1
 
 exit $status
