@@ -42,11 +42,6 @@ class RotaryEmbedding:
         """cos, sin of shape [n, 1, head_dim] for broadcasting over heads."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [n, heads, head_dim] to the given absolute positions."""
-        cos, sin = self.tables(positions)
-        return apply_rotary(x, cos, sin)
-
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return rotate_into(torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype)), x, cos, sin)
