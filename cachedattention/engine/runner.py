@@ -32,7 +32,7 @@ class ModelRunner:
             slots = KVPool.slots_for(req.pages, self.pool.page_size, 0, hi, torch.device("cpu"))
             seq_slots.append(slots)
             new_slots.append(slots[lo:hi])
-            shapes.append((start, s.num_new, lo))
+            shapes.append((start, s.num_new, lo, KVPool.contiguous_start(req.pages, self.pool.page_size, 0, hi)))
             if hi == req.num_tokens:
                 logit_rows.append(start + s.num_new - 1)
                 wants.append(i)
@@ -42,8 +42,9 @@ class ModelRunner:
         n = len(ids)
         all_slots = torch.cat(new_slots + seq_slots).to(dev, non_blocking=True)
         seqs, off = [], n
-        for (begin, num_new, context), slots in zip(shapes, seq_slots):
-            seqs.append(SeqSlice(begin, num_new, context, all_slots[off : off + len(slots)], self._mask(num_new, context)))
+        for (begin, num_new, context, first), slots in zip(shapes, seq_slots):
+            mask = self._mask(num_new, context)
+            seqs.append(SeqSlice(begin, num_new, context, all_slots[off : off + len(slots)], mask, first))
             off += len(slots)
         decode = self._decode_group(seqs, seq_slots)
         if decode is not None:

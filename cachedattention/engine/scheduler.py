@@ -127,7 +127,7 @@ class Scheduler:
         """Give req pages for num_tokens tokens, preempting the newest running requests if needed."""
         need = self._pages_for(num_tokens) - len(req.pages)
         while need > 0:
-            new = self.pages.allocate(need)
+            new = self.pages.allocate(need, after=req.pages[-1] if req.pages else None)
             if new is not None:
                 req.pages.extend(new)
                 return True

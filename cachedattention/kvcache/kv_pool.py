@@ -40,6 +40,15 @@ class KVPool:
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
 
+    def read(
+        self, layer: int, slots: torch.Tensor, first_slot: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of these slots: views of the pool when they are consecutive from first_slot, else a gather."""
+        if first_slot is None:
+            return self.gather(layer, slots)
+        end = first_slot + slots.shape[0]
+        return self.k[layer][first_slot:end], self.v[layer][first_slot:end]
+
     @staticmethod
     def contiguous_start(pages: list[int], page_size: int, start: int, end: int) -> int | None:
         """The slot of token `start` when tokens start..end-1 occupy consecutive slots, else None.

@@ -18,7 +18,11 @@ class PagePool:
         if num_pages < 1:
             raise ValueError("a page pool needs at least one page")
         self.num_pages = num_pages
+        # free pages: a stack to pop from, plus a flag per page so a wanted page can be taken out of
+        # the middle in O(1) (its stack entry goes stale and is skipped when popped)
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        self._is_free = bytearray([1]) * num_pages
+        self._num_free = num_pages
         self._refs = [0] * num_pages
         self._page_hash: dict[int, int] = {}
         self._page_tokens: dict[int, tuple[int, ...]] = {}
@@ -28,7 +32,7 @@ class PagePool:
 
     # -- queries -----------------------------------------------------------------------------
     def num_available(self) -> int:
-        return len(self._free) + len(self._evictable)
+        return self._num_free + len(self._evictable)
 
     def num_cached(self) -> int:
         return len(self._evictable)
@@ -37,19 +41,47 @@ class PagePool:
         return self._refs[page]
 
     # -- allocation --------------------------------------------------------------------------
-    def allocate(self, n: int) -> list[int] | None:
-        """n fresh pages (refcount 1), evicting cached pages LRU-first; None if the pool cannot."""
+    def allocate(self, n: int, after: int | None = None) -> list[int] | None:
+        """n fresh pages (refcount 1), evicting cached pages LRU-first; None if the pool cannot.
+
+        `after`: the sequence's last page. The free pages right after it come first, so a
+        growing sequence keeps consecutive slots: attention then reads a slice of the pool
+        instead of gathering, and the store's loader writes one slice per layer.
+        """
         if n > self.num_available():
             return None
         pages = []
-        for _ in range(n):
-            page = self._free.pop() if self._free else self._evict_one()
-            self._refs[page] = 1
+        page = -1 if after is None else after + 1
+        while len(pages) < n and 0 <= page < self.num_pages and self._is_free[page]:
+            self._take_free(page)
             pages.append(page)
-        # ascending ids: pages freed together come back as consecutive slots, which the
-        # store's loader fills with one slice copy per layer instead of a scatter
-        pages.sort()
+            page += 1
+        rest = []
+        while len(pages) + len(rest) < n:
+            rest.append(self._pop_free() if self._num_free else self._evict_one())
+        # ascending ids: pages freed together come back as consecutive slots
+        pages += sorted(rest)
+        for page in pages:
+            self._refs[page] = 1
         return pages
+
+    def _pop_free(self) -> int:
+        while True:
+            page = self._free.pop()
+            if self._is_free[page]:  # else a stale entry of a page taken by `after`
+                self._take_free(page)
+                return page
+
+    def _take_free(self, page: int) -> None:
+        self._is_free[page] = 0
+        self._num_free -= 1
+
+    def _put_free(self, page: int) -> None:
+        self._is_free[page] = 1
+        self._num_free += 1
+        self._free.append(page)
+        if len(self._free) > 2 * self.num_pages:  # too many stale entries: rebuild
+            self._free = [p for p in range(self.num_pages - 1, -1, -1) if self._is_free[p]]
 
     def free(self, pages: Sequence[int]) -> None:
         """Drop one reference from each page; unreferenced hashed pages stay cached."""
@@ -61,7 +93,7 @@ class PagePool:
                 if page in self._page_hash:
                     self._evictable[page] = None
                 else:
-                    self._free.append(page)
+                    self._put_free(page)
 
     def _evict_one(self) -> int:
         page, _ = self._evictable.popitem(last=False)
@@ -101,12 +133,14 @@ class PagePool:
     def clear_cache(self) -> None:
         """Drop every cached (unreferenced) page, e.g. to force a store hit in tests."""
         while self._evictable:
-            self._free.append(self._evict_one())
+            self._put_free(self._evict_one())
 
     def check_integrity(self) -> None:
-        free = set(self._free)
-        if len(free) != len(self._free):
-            raise RuntimeError("a page is on the free list twice")
+        free = {p for p in range(self.num_pages) if self._is_free[p]}
+        if len(free) != self._num_free:
+            raise RuntimeError(f"free count {self._num_free} but {len(free)} pages flagged free")
+        if not free <= set(self._free):
+            raise RuntimeError("a free page is missing from the free stack")
         for page in range(self.num_pages):
             states = (page in free) + (page in self._evictable) + (self._refs[page] > 0)
             if states != 1:

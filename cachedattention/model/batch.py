@@ -19,6 +19,9 @@ class SeqSlice:
     # [num_new, total_len] True where query i may see key j; built once per step on CPU
     # (every layer reuses it); None: the model builds its own
     mask: torch.Tensor | None = None
+    # slot of token 0 when all total_len tokens sit in consecutive slots: attention then reads a
+    # slice of the pool instead of gathering (pages are handed out in ascending order, so common)
+    first_slot: int | None = None
 
     @property
     def total_len(self) -> int:

@@ -72,7 +72,7 @@ class Attention(nn.Module):
             ks, vs = k[lo:hi], v[lo:hi]
             mask, causal = None, seq.num_new > 1
         else:
-            ks, vs = pool.gather(layer, seq.slots[: seq.total_len])
+            ks, vs = pool.read(layer, seq.slots[: seq.total_len], seq.first_slot)
             mask, causal = seq.mask, False
             if mask is None and seq.num_new > 1:
                 # query i sits at context_len + i: causal aligned to the bottom-right, which the

@@ -1,0 +1,104 @@
+"""The page allocator keeps growing sequences in consecutive slots; attention reads them as slices."""
+
+import random
+
+import pytest
+import torch
+
+import cachedattention.kvcache.kv_pool as kv_pool_mod
+from cachedattention import LLM, CacheConfig, SamplingParams
+from cachedattention.kvcache.page_pool import PagePool
+from tests.tiny_models import hf_greedy
+from tests.util import capture_logits, rel_err
+
+
+def test_allocate_after_takes_the_next_free_pages_first():
+    pool = PagePool(10)
+    a = pool.allocate(3)
+    b = pool.allocate(2)  # pages 3, 4: the sequence `a` cannot grow in place any more
+    assert a == [0, 1, 2] and b == [3, 4]
+    pool.free(b)
+    assert pool.allocate(2, after=a[-1]) == [3, 4]  # taken out of the middle of the free stack
+    pool.check_integrity()
+    c = pool.allocate(3, after=9)  # nothing after the last page: the free stack's order
+    assert c == [5, 6, 7]
+    d = pool.allocate(2, after=7)  # 8, 9 follow; then nothing is left
+    assert d == [8, 9] and pool.num_available() == 0 and pool.allocate(1) is None
+    pool.check_integrity()
+
+
+def test_allocate_after_mixes_consecutive_and_stack_pages():
+    pool = PagePool(8)
+    a = pool.allocate(8)
+    pool.free([a[2], a[3], a[6]])
+    got = pool.allocate(3, after=1)  # 2, 3 follow page 1; the third comes from the stack
+    assert got == [2, 3, 6]
+    pool.check_integrity()
+    assert pool.num_available() == 0
+
+
+def test_allocator_random_operations_keep_integrity():
+    """Stale stack entries (pages taken by `after`, then freed again) never hand a page out twice."""
+    rng = random.Random(0)
+    pool = PagePool(40)
+    held: list[list[int]] = []
+    for _ in range(3000):
+        if held and (rng.random() < 0.45 or pool.num_available() == 0):
+            pool.free(held.pop(rng.randrange(len(held))))
+        else:
+            after = held[rng.randrange(len(held))][-1] if held and rng.random() < 0.7 else None
+            got = pool.allocate(rng.randint(1, 4), after=after)
+            if got is not None:
+                held.append(got)
+        owned = [p for pages in held for p in pages]
+        assert len(owned) == len(set(owned))
+        assert pool.num_available() == 40 - len(owned)
+        pool.check_integrity()
+    assert len(pool._free) <= 2 * pool.num_pages + 1  # stale entries are compacted
+
+
+def test_read_is_a_slice_when_consecutive_and_equals_the_gather(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path), cache=CacheConfig(enable_prefix_cache=False))
+    pool = llm.engine.pool
+    for layer in range(len(pool.k)):
+        pool.k[layer].normal_()
+        pool.v[layer].normal_()
+    slots = torch.arange(20, 45)
+    k, v = pool.read(1, slots, first_slot=20)
+    gk, gv = pool.gather(1, slots)
+    assert k.data_ptr() == pool.k[1][20].data_ptr()  # a view: no copy
+    assert torch.equal(k, gk) and torch.equal(v, gv)
+
+
+@pytest.mark.parametrize("fragment", [False, True])
+def test_scattered_and_consecutive_pages_give_the_same_logits(fragment, tiny_dirs, monkeypatch):
+    """The slice path (consecutive pages) and the gather path (pages scattered by other holders) both
+    match transformers, and each path is the one actually taken."""
+    path, hf = tiny_dirs["llama"]
+    llm = LLM(model=str(path), cache=CacheConfig(page_size=4, num_pages=64, enable_prefix_cache=False))
+    pages = llm.engine.pages
+    if fragment:  # hold every other page, so no run of free pages is longer than one
+        pages.allocate(64)
+        pages.free(list(range(0, 64, 2)))
+    firsts: list = []
+    real = kv_pool_mod.KVPool.read
+
+    def spy(self, layer, slots, first_slot):
+        firsts.append(first_slot)
+        return real(self, layer, slots, first_slot)
+
+    monkeypatch.setattr(kv_pool_mod.KVPool, "read", spy)
+    seen = capture_logits(monkeypatch)
+    prompt = [(5 * i + 1) % 250 for i in range(21)]
+    out = llm.generate([prompt], SamplingParams(max_tokens=9, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(hf, prompt, 9)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0]
+    for step, logits in enumerate(seen):
+        assert rel_err(logits, ref[len(prompt) - 1 + step]) <= 1e-4, f"step {step}"
+    assert firsts  # decode steps read the cached context
+    if fragment:
+        assert all(f is None for f in firsts)
+    else:
+        assert all(f is not None for f in firsts)  # the decode steps grew in place
