@@ -8,6 +8,8 @@ whole run and over its loaded middle (after a 100 s warm-up, until the last sess
 how many of look-ahead's disk hits were jobs that started the moment they arrived (an empty queue).
 Disk -> host reads are instant unless `--disk-read-gbps` gives the bandwidth at the paper's full
 scale (scaled like the rest); a prefetch still in flight when its job starts is then a disk hit.
+It also prints look-ahead's read demand and the lead time its prefetches get from the queue,
+against the bytes they carry: the disk bandwidth this trace needs.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def run_policy_bench(args: argparse.Namespace) -> int:
     look = default["lookahead"]  # where its disk hits come from: the queue cannot help a job that never waits
     print(f"\nlookahead: {look['disk_hits_on_arrival']} of its {look['disk_hits']} disk hits are jobs that started "
           "the moment they arrived (nothing queued to look ahead at)")
+    print(_reads_line(look, f))
     print(f"\n({time.perf_counter() - t0:.0f} s; `cachedattention bench --mode policy"
           f"{' --quick' if args.quick else ''} --sessions {n} --seed {args.seed}"
           f"{f' --disk-read-gbps {gbps}' if gbps else ''}`)")
@@ -77,6 +80,20 @@ def _simulate(trace, host: int, disk: int, policy: str, f: float, last_arrival: 
     whole = simulate(trace, SimConfig(**base)).to_dict()
     loaded = simulate(trace, SimConfig(**base, measure_from_s=100.0, measure_until_s=last_arrival)).to_dict()
     return {**whole, "hit_rate_loaded": loaded["hit_rate"], "host_hit_share_loaded": loaded["host_hit_share"]}
+
+
+def _reads_line(r: dict, f: float) -> str:
+    """Look-ahead's disk reads at the paper's full scale: the average demand, and what its prefetches need.
+
+    The scaled trace runs every rate at f times the full one, so its intervals are 1/f longer:
+    full-scale seconds are scaled ones times f, full-scale rates scaled ones over f.
+    """
+    gb = 1e9 * f
+    return (f"lookahead reads disk -> host at {r['read_demand_bytes_s'] / gb:.1f} GB/s on average (full scale); "
+            f"its {r['prefetches_used']} prefetches had a lead time (issue to job start) of "
+            f"p50 {r['prefetch_lead_p50_s'] * f:.2f} s / p10 {r['prefetch_lead_p10_s'] * f:.2f} s, so landing each "
+            f"in time alone needs p50 {r['prefetch_rate_p50_bytes_s'] / gb:.0f} GB/s, "
+            f"p90 {r['prefetch_rate_p90_bytes_s'] / gb:.0f} GB/s (full scale)")
 
 
 def _table(default: dict, sweep: list[dict]) -> str:

@@ -12,7 +12,13 @@ Modelling choices: a running job's KV lives on the device, so its host copy is p
 only while it is loaded; the policy's `protected()` sessions (lookahead: the prefetch
 window) are never demoted to make room for the store's own moves, a result or a load that
 would need that goes straight to disk / is served from disk instead. Moves take no time
-unless `disk_read_bytes_s` is set; misses cost no extra time unless `recompute_tok_s` is.
+unless `disk_read_bytes_s` is set: then one I/O queue serves reads in issue order, except that a
+job starting with its KV on disk reads first (the prefetches in flight wait that long more).
+Misses cost no extra time unless `recompute_tok_s` is set.
+
+Each prefetch's lead time (issued to its job's start) is recorded with its bytes: the disk
+bandwidth a prefetch needs to land in time is bytes / lead, and the run's read demand is all
+disk -> host bytes over the makespan.
 """
 
 from __future__ import annotations
@@ -80,6 +86,12 @@ class SimResult:
     disk_evictions: int = 0  # disk copies dropped
     sessions_lost: int = 0  # times a session's KV was dropped from every tier (or had no room)
     max_queue_len: int = 0
+    read_demand_bytes_s: float = 0.0  # disk -> host bytes (prefetched + loaded) / makespan
+    prefetches_used: int = 0  # prefetches whose job started (in flight or landed)
+    prefetch_lead_p50_s: float = 0.0  # issued -> job start, over prefetches_used
+    prefetch_lead_p10_s: float = 0.0
+    prefetch_rate_p50_bytes_s: float = 0.0  # bytes / lead: the read rate that lands it in time
+    prefetch_rate_p90_bytes_s: float = 0.0
     mean_wait_s: float = 0.0
     makespan_s: float = 0.0
     peak_host_used: int = 0
@@ -119,6 +131,8 @@ class _Sim:
         self.ready_s: dict[str, float] = {}  # prefetches in flight: session -> landed at
         self.io_free_s = 0.0
         self.wait_total = 0.0
+        self.issued: dict[str, tuple[float, int]] = {}  # prefetched session -> (issued at, bytes)
+        self.leads: list[tuple[float, int]] = []  # (lead s, bytes) of prefetches whose job started
 
     # ---- the event loop ----------------------------------------------------------------
     def run(self, trace: Sequence[TraceTurn]) -> SimResult:
@@ -147,7 +161,21 @@ class _Sim:
             self.step(now)
         self.result.makespan_s = now
         self.result.mean_wait_s = self.wait_total / max(1, self.result.turns)
+        self.summarize_reads()
         return self.result
+
+    def summarize_reads(self) -> None:
+        r = self.result
+        if r.makespan_s > 0:
+            r.read_demand_bytes_s = (r.bytes_prefetched + r.bytes_loaded) / r.makespan_s
+        r.prefetches_used = len(self.leads)
+        if not self.leads:
+            return
+        leads = sorted(lead for lead, _ in self.leads)
+        # a prefetch issued the instant its job starts needs an infinite rate: floor the lead at 1 ms
+        rates = sorted(nbytes / max(lead, 1e-3) for lead, nbytes in self.leads)
+        r.prefetch_lead_p50_s, r.prefetch_lead_p10_s = _quantile(leads, 0.5), _quantile(leads, 0.1)
+        r.prefetch_rate_p50_bytes_s, r.prefetch_rate_p90_bytes_s = _quantile(rates, 0.5), _quantile(rates, 0.9)
 
     def step(self, now: float) -> None:
         for sid in self.policy.expired(self.ledger, now, protect=self.running):
@@ -189,6 +217,9 @@ class _Sim:
             return "none", 0.0
         need = turn.history_tokens * self.config.bytes_per_token
         entry = self.ledger.entry(turn.session_id)
+        issued = self.issued.pop(turn.session_id, None)
+        if issued is not None:
+            self.leads.append((now - issued[0], issued[1]))
         if entry is not None and entry.in_host and entry.host_nbytes >= need:
             self.ledger.touch(turn.session_id, now)
             late_s = self.ready_s.pop(turn.session_id, now) - now
@@ -228,7 +259,16 @@ class _Sim:
         if self.make_host_room(nbytes, hint, now, self.policy.protected(self.ledger, hint) | {sid}):
             self.ledger.put_host(sid, nbytes, now)
         # else: served straight from disk; it is still a hit
-        return nbytes / self.config.disk_read_bytes_s if self.config.disk_read_bytes_s else 0.0
+        bw = self.config.disk_read_bytes_s
+        if not bw:
+            return 0.0
+        # the starting job reads first: every prefetch still in flight lands that much later
+        read_s = nbytes / bw
+        for other, ready in self.ready_s.items():
+            if ready > now:
+                self.ready_s[other] = ready + read_s
+        self.io_free_s = max(self.io_free_s, now) + read_s
+        return read_s
 
     def finish(self, job: _Job, now: float) -> None:
         """Store history + new tokens in host (the disk copy, now stale, is dropped)."""
@@ -266,6 +306,7 @@ class _Sim:
                 break
             self.ledger.put_host(sid, nbytes, now, touch=False)
             self.result.bytes_prefetched += nbytes
+            self.issued[sid] = (now, nbytes)
             self.read(sid, nbytes, now)
 
     def read(self, sid: str, nbytes: int, now: float) -> None:
@@ -296,6 +337,7 @@ class _Sim:
             else:
                 self.result.sessions_lost += 1
         self.ready_s.pop(sid, None)
+        self.issued.pop(sid, None)  # a prefetch undone before its job ran
         self.ledger.drop_host(sid)
         self.result.host_evictions += 1
 
@@ -316,6 +358,11 @@ class _Sim:
 
     def hint(self) -> list[str]:
         return [job.turn.session_id for job in self.queue]
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile of an ascending, non-empty list."""
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 def simulate(trace: Iterable[TraceTurn], config: SimConfig, *, check: bool = False) -> SimResult:

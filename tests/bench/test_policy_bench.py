@@ -13,7 +13,11 @@ def test_policy_bench_json(tmp_path, capsys):
     for r in data["policies"].values():
         assert 0.0 <= r["hit_rate"] <= 1.0 and 0.0 <= r["host_hit_share"] <= 1.0
     assert data["policies"]["lookahead"]["host_hit_share"] > data["policies"]["lru"]["host_hit_share"]
-    assert "| lookahead |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| lookahead |" in printed and "lookahead reads disk -> host at" in printed
+    look = data["policies"]["lookahead"]
+    assert look["prefetches_used"] > 0 and look["prefetch_lead_p10_s"] <= look["prefetch_lead_p50_s"]
+    assert 0 < look["prefetch_rate_p50_bytes_s"] <= look["prefetch_rate_p90_bytes_s"]
 
 
 def test_policy_bench_with_timed_disk_reads(tmp_path, capsys):

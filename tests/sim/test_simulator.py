@@ -57,6 +57,20 @@ def test_lookahead_prefetches_a_queued_session_into_host():
     # a slow disk: the prefetch (issued at t=2) lands at t=4, a second after the job started
     slow = simulate(trace, config(120, 1000, "lookahead", disk_read_bytes_s=50.0, **kw), check=True)
     assert slow.disk_hits == 1 and slow.makespan_s == pytest.approx(look.makespan_s + 1.0)
+    # the prefetch was issued at t=2 and its job started at t=3: a 1 s lead for 100 bytes
+    assert (look.prefetches_used, look.prefetch_lead_p50_s, look.prefetch_rate_p50_bytes_s) == (1, 1.0, 100.0)
+    assert look.read_demand_bytes_s == pytest.approx(100 / look.makespan_s)
+    assert lru.prefetches_used == 0 and lru.read_demand_bytes_s == pytest.approx(100 / lru.makespan_s)
+
+
+def test_a_starting_job_reads_before_the_prefetches_in_flight():
+    from cachedattention.sim.simulator import _Sim
+
+    sim = _Sim(config(1000, 1000, disk_read_bytes_s=10.0), check=True)
+    sim.ledger.put_disk("x", 50, 0.0)
+    sim.ready_s["y"], sim.ready_s["z"], sim.io_free_s = 0.5, 3.0, 3.0  # y landed, z in flight
+    assert sim.load_on_demand("x", now=1.0) == pytest.approx(5.0)  # 50 bytes at 10 B/s, first in line
+    assert sim.ready_s == {"y": 0.5, "z": pytest.approx(8.0)} and sim.io_free_s == pytest.approx(8.0)
 
 
 def test_measure_window_counts_only_turns_arriving_inside_it():
