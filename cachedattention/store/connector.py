@@ -197,7 +197,7 @@ class StoreConnector:
             if job is None:
                 continue
             st.pending_load = None
-            s.request.metrics.load_s += job.waited_s
+            s.request.metrics.load_s += job.waited_s + job.written_s  # what the load cost the forward
             s.request.metrics.load_busy_s += job.busy_s
             for tier, n in job.bytes_read.items():
                 self.store.stats.bytes_loaded[tier] += n

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from cachedattention.config import StoreConfig
 from cachedattention.kvcache.hashing import block_hashes
 from cachedattention.store.disk import DiskTier
+from cachedattention.store.fresh_thread import call_in_fresh_thread
 from cachedattention.store.host import HostTier
 from cachedattention.store.ledger import TierLedger
 from cachedattention.store.policy import PolicyConfig, make_policy
@@ -334,30 +335,33 @@ class AttentionStore:
             try:
                 if job is None:
                     return
-                kind, arg = job
-                if kind == "write":
-                    with self._lock:
-                        kv = self.host.get(arg)
-                        if kv is not None and not self.disk.contains(arg) and arg in self._refs:
-                            self._write_to_disk(arg, kv)
-                elif kind == "record":
-                    with self._lock:
-                        rec = self.records.get(arg)
-                        body = rec.to_json() if rec is not None else None
-                    if body is None:
-                        self.disk.delete_record(arg)
-                    else:
-                        self.disk.save_record(arg, body)
-                elif kind == "fetch":
-                    self._fetch(arg)
-                elif kind == "trim":
-                    self._trim_host()
-                elif kind == "expire":
-                    self._expire()
+                # tensor work on the CPU: keep no OpenMP team alive between jobs (fresh_thread.py)
+                call_in_fresh_thread(self._run_io_job, *job, name="store-io-job")
             except Exception:  # the I/O thread must survive any single failure
                 log.exception("store: I/O job %s failed", job)
             finally:
                 self._io.task_done()
+
+    def _run_io_job(self, kind: str, arg: str) -> None:
+        if kind == "write":
+            with self._lock:
+                kv = self.host.get(arg)
+                if kv is not None and not self.disk.contains(arg) and arg in self._refs:
+                    self._write_to_disk(arg, kv)
+        elif kind == "record":
+            with self._lock:
+                rec = self.records.get(arg)
+                body = rec.to_json() if rec is not None else None
+            if body is None:
+                self.disk.delete_record(arg)
+            else:
+                self.disk.save_record(arg, body)
+        elif kind == "fetch":
+            self._fetch(arg)
+        elif kind == "trim":
+            self._trim_host()
+        elif kind == "expire":
+            self._expire()
 
     def flush(self) -> None:
         """Wait for pending saves and I/O, then write every host-only segment to disk (shutdown)."""

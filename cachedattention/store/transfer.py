@@ -22,6 +22,7 @@ import torch
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.rope import RotaryEmbedding, rotate_into
 from cachedattention.store.disk import SegmentReader
+from cachedattention.store.fresh_thread import call_in_fresh_thread
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,12 @@ class LoadJob:
     failed: tuple[str, str] | None = None  # (segment, reason) when a read failed its check
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of `positions`, filled by the loader
     scratch: torch.Tensor | None = None  # rotated keys before a scatter (non-consecutive slots), reused per layer
+    # CPU, background: per layer, the (a, b, k, v) runs the loader thread has read; the compute
+    # thread rotates them into the pages when it reaches that layer (`wait`)
+    deferred: list[list[tuple]] | None = None
+    write: Callable[[LoadJob, int, int, int, torch.Tensor, torch.Tensor], None] | None = None
     waited_s: float = 0.0  # time the forward spent waiting for this job's layers
+    written_s: float = 0.0  # time the forward spent writing deferred layers into the pages
     busy_s: float = 0.0  # the load's own duration, start to last layer (the "load alone" time)
     bytes_read: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
 
@@ -66,6 +72,15 @@ class LoadJob:
             self.waited_s += time.perf_counter() - t
         if self.cuda_events:
             torch.cuda.current_stream().wait_event(self.cuda_events[layer])
+        if self.deferred is not None and self.deferred[layer]:
+            runs, self.deferred[layer] = self.deferred[layer], []
+            t = time.perf_counter()
+            with torch.inference_mode():
+                for a, b, k, v in runs:
+                    self.write(self, layer, a, b, k, v)
+            spent = time.perf_counter() - t  # load work the forward does itself
+            self.written_s += spent
+            self.busy_s += spent
 
     def wait_all(self) -> None:
         """Block until every layer is written (before its pages may be freed or reused)."""
@@ -89,6 +104,13 @@ class Loader:
         self._thread.start()
 
     def submit(self, job: LoadJob, background: bool) -> None:
+        if background and self.stream is None:
+            # On a CPU the rotation and page writes are compute on the cores the forward already
+            # keeps busy: run beside it, they slowed the forward by more than they took on their
+            # own (a second OpenMP team on two cores, fresh_thread.py). The loader thread reads
+            # (disk reads overlap the forward); the forward's thread writes each layer before it.
+            job.deferred = [[] for _ in range(job.num_layers)]
+            job.write = self._write_piece
         if self.stream is not None:
             # the pages were allocated (and maybe zeroed) on the compute stream: order after it
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -103,7 +125,10 @@ class Loader:
             job = self._jobs.get()
             if job is None:
                 return
-            self.run(job)
+            if self.stream is None:  # CPU kernels: keep no OpenMP team alive between jobs
+                call_in_fresh_thread(self.run, job, name="store-load")
+            else:
+                self.run(job)
 
     def run(self, job: LoadJob) -> None:
         readers: dict[str, SegmentReader] = {}
@@ -122,7 +147,7 @@ class Loader:
                     job.events[layer].set()
             if self.stream is not None:
                 self.stream.synchronize()  # only this thread waits: it times the load alone
-            job.busy_s = time.perf_counter() - start
+            job.busy_s += time.perf_counter() - start
         finally:
             for r in readers.values():
                 r.close()
@@ -130,9 +155,6 @@ class Loader:
                 ev.set()
 
     def _load_layer(self, job: LoadJob, layer: int, readers: dict[str, SegmentReader]) -> None:
-        if job.rope is None:  # the same positions for every layer: look the tables up once per job
-            job.rope = self.rotary.tables(job.positions)
-        cos, sin = job.rope
         for p in job.pieces:
             if p.host is not None:
                 k, v = p.host.k[layer, p.lo : p.hi], p.host.v[layer, p.lo : p.hi]
@@ -148,10 +170,17 @@ class Loader:
                 k, v = k_all[p.lo : p.hi], v_all[p.lo : p.hi]
                 tier = "disk"
             job.bytes_read[tier] += 2 * k.numel() * k.element_size()
-            self._write_piece(job, layer, p.dst - job.start, p.dst - job.start + p.hi - p.lo, k, v, cos, sin)
+            a, b = p.dst - job.start, p.dst - job.start + p.hi - p.lo
+            if job.deferred is not None:
+                job.deferred[layer].append((a, b, k, v))
+            else:
+                self._write_piece(job, layer, a, b, k, v)
 
-    def _write_piece(self, job: LoadJob, layer: int, a: int, b: int, k, v, cos, sin) -> None:
+    def _write_piece(self, job: LoadJob, layer: int, a: int, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Job tokens [a, b) into the pages; keys rotated to the positions these tokens have now."""
+        if job.rope is None:  # the same positions for every layer: look the tables up once per job
+            job.rope = self.rotary.tables(job.positions)
+        cos, sin = job.rope
         k = k.to(self.device, non_blocking=True)
         if job.first_slot is not None:
             s = job.first_slot + a
@@ -209,7 +238,8 @@ class Saver:
                 return
             try:
                 t = time.perf_counter()
-                kv = self._copy(job)
+                # CPU kernels: keep no OpenMP team alive between jobs (fresh_thread.py says why)
+                kv = self._copy(job) if self.stream is not None else call_in_fresh_thread(self._copy, job, name="store-save")
                 job.on_done(job.seg_id, kv, time.perf_counter() - t)
             except Exception:
                 log.exception("store: saving segment %s failed; the turn will be recomputed next time", job.seg_id)

@@ -3,6 +3,9 @@ whether the request's slots are consecutive (slice writes) or scattered (scatter
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import torch
 
 from cachedattention.kvcache.kv_pool import KVPool
@@ -33,7 +36,7 @@ def _hand_rope(x: torch.Tensor, positions: torch.Tensor, spec) -> torch.Tensor:
     return out
 
 
-def _load(pages: list[int]) -> tuple[KVPool, torch.Tensor, SegmentKV, torch.Tensor, LoadJob]:
+def _load(pages: list[int], background: bool = True) -> tuple[KVPool, torch.Tensor, SegmentKV, torch.Tensor, LoadJob]:
     spec = spec_from_hf_config(CFG)
     pool = KVPool(spec, num_pages=16, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32)
     rotary = RotaryEmbedding(spec, 128, torch.device("cpu"), torch.float32)
@@ -47,17 +50,18 @@ def _load(pages: list[int]) -> tuple[KVPool, torch.Tensor, SegmentKV, torch.Tens
     pieces = [Piece("a", 0, 4, lo, seg), Piece("a", 4, n, lo + 4, seg)]
     job = LoadJob(pieces, slots, positions, lo, spec.num_layers, first_slot=KVPool.contiguous_start(pages, PAGE, lo, hi))
     loader = Loader(pool, rotary, layout, torch.device("cpu"))
-    loader.submit(job, background=True)
+    loader.submit(job, background=background)
     for layer in range(spec.num_layers):
         job.wait(layer)
     loader.close()
     return pool, slots, seg, positions, job
 
 
-def test_consecutive_and_scattered_slots_hold_rotated_keys():
+@pytest.mark.parametrize("background", [True, False])
+def test_consecutive_and_scattered_slots_hold_rotated_keys(background):
     spec = spec_from_hf_config(CFG)
     for pages, consecutive in (([3, 4, 5, 6], True), ([9, 2, 7, 5], False)):
-        pool, slots, seg, positions, job = _load(pages)
+        pool, slots, seg, positions, job = _load(pages, background)
         assert (job.first_slot is not None) == consecutive
         for layer in range(spec.num_layers):
             k, v = pool.gather(layer, slots)
@@ -67,6 +71,29 @@ def test_consecutive_and_scattered_slots_hold_rotated_keys():
         others = torch.ones(pool.k[0].shape[0], dtype=torch.bool)
         others[slots] = False
         assert all(pool.k[layer][others].abs().sum() == 0 for layer in range(spec.num_layers))
+
+
+def test_background_load_on_cpu_is_written_by_the_thread_that_waits():
+    """On a CPU the loader thread only reads; the forward's thread rotates each layer into the pages."""
+    spec = spec_from_hf_config(CFG)
+    pool = KVPool(spec, num_pages=16, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32)
+    loader = Loader(pool, RotaryEmbedding(spec, 128, torch.device("cpu"), torch.float32),
+                    KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32), torch.device("cpu"))
+    seg = SegmentKV(torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8))
+    slots = KVPool.slots_for([0, 1], PAGE, 0, 8, torch.device("cpu"))
+    job = LoadJob([Piece("a", 0, 8, 0, seg)], slots, torch.arange(8), 0, spec.num_layers, first_slot=0)
+    writers = []
+    real = loader._write_piece
+    loader._write_piece = lambda *a: (writers.append(threading.current_thread()), real(*a))
+    loader.submit(job, background=True)
+    for ev in job.events:  # every layer read...
+        ev.wait()
+    assert pool.k[0].abs().sum() == 0 and pool.v[1].abs().sum() == 0  # ...none written yet
+    for layer in range(spec.num_layers):
+        job.wait(layer)
+    loader.close()
+    assert writers == [threading.current_thread()] * spec.num_layers and job.written_s > 0
+    assert torch.equal(pool.v[1][:8], seg.v[1]) and job.deferred == [[], []]
 
 
 def test_contiguous_start():
