@@ -4,6 +4,8 @@ A diagnostic, not a benchmark mode: it wraps `ModelRunner.run` to time each 32-t
 the forward's own cost apart from the load's in a host hit. Two rounds of each cell.
 
     CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/forward_timing.py device,host-sync,host-layerwise
+
+Cells: the turn bench's, and device-with-store (a device hit with the store enabled).
 """
 
 import argparse
@@ -20,6 +22,9 @@ def main(cell_names: str) -> None:
                               new_tokens=32, seed=0)
     loaded = bench_model(args)
     cells = {c.name: c for c in turn.CELLS}
+    # a device hit with the store's threads alive (they cost the forward nothing when they keep no
+    # OpenMP team between jobs: cachedattention/store/fresh_thread.py)
+    cells["device-with-store"] = turn.Cell("device-with-store", store=True, prefix_cache=True)
     times: list[tuple[int, float]] = []
     real = runner.ModelRunner.run
 
