@@ -27,8 +27,6 @@ VERSION = 1
 _PREFIX = struct.Struct("<8sI")  # magic, header length
 _ALIGN = 64
 
-_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
-
 
 def _to_bytes(t: torch.Tensor) -> bytes:
     t = t.contiguous()
@@ -37,10 +35,19 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
-def _from_bytes(buf: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(np.frombuffer(buf, dtype=np.int16).copy()).view(torch.bfloat16).view(shape)
-    return torch.from_numpy(np.frombuffer(buf, dtype=_NP_DTYPES[dtype]).copy()).view(shape)
+def _read_into(fd: int, buf: np.ndarray, offset: int) -> int:
+    """Fill `buf` from the file at `offset` with no intermediate copy; the bytes actually read."""
+    if not hasattr(os, "preadv"):  # e.g. older macOS: one extra copy
+        data = os.pread(fd, buf.nbytes, offset)
+        buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+        return len(data)
+    done = 0
+    while done < buf.nbytes:
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got == 0:  # end of file
+            break
+        done += got
+    return done
 
 
 class DiskTier:
@@ -244,14 +251,15 @@ class SegmentReader:
             os.posix_fadvise(self.f.fileno(), self.body, 0, os.POSIX_FADV_WILLNEED)
 
     def read_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        buf = os.pread(self.f.fileno(), 2 * self.half, self.body + layer * 2 * self.half)
-        if len(buf) != 2 * self.half or zlib.crc32(buf) != self.meta["checksums"][layer]:
+        # straight into the tensor the K and V views share: the read is this layer's only copy
+        raw = torch.empty(2 * self.half, dtype=torch.uint8)
+        buf = raw.numpy()
+        got = _read_into(self.f.fileno(), buf, self.body + layer * 2 * self.half)
+        if got != 2 * self.half or zlib.crc32(buf) != self.meta["checksums"][layer]:
             raise CorruptSegment(f"segment {self.meta['seg_id']}: layer {layer} checksum mismatch")
         shape = (self.n, self.layout.num_kv_heads, self.layout.head_dim)
-        return (
-            _from_bytes(buf[: self.half], self.layout.dtype, shape),
-            _from_bytes(buf[self.half :], self.layout.dtype, shape),
-        )
+        dtype = self.layout.dtype
+        return raw[: self.half].view(dtype).view(shape), raw[self.half :].view(dtype).view(shape)
 
     def drop_page_cache(self) -> None:
         """Evict this file from the OS page cache (benchmarks of cold disk reads)."""
