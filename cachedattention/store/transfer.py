@@ -111,6 +111,9 @@ class Loader:
             # (disk reads overlap the forward); the forward's thread writes each layer before it.
             job.deferred = [[] for _ in range(job.num_layers)]
             job.write = self._write_piece
+            if all(p.host is not None for p in job.pieces):
+                self.run(job)  # nothing to read (host pieces are views): no thread hop at all
+                return
         if self.stream is not None:
             # the pages were allocated (and maybe zeroed) on the compute stream: order after it
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
