@@ -12,8 +12,9 @@ Modelling choices: a running job's KV lives on the device, so its host copy is p
 only while it is loaded; the policy's `protected()` sessions (lookahead: the prefetch
 window) are never demoted to make room for the store's own moves, a result or a load that
 would need that goes straight to disk / is served from disk instead. Moves take no time
-unless `disk_read_bytes_s` is set: then one I/O queue serves reads in issue order, except that a
-job starting with its KV on disk reads first (the prefetches in flight wait that long more).
+unless `disk_read_bytes_s` is set: then one I/O queue serves reads in issue order, except that
+jobs starting with their KV on disk read first, one after another (the prefetches in flight wait
+that long more).
 Misses cost no extra time unless `recompute_tok_s` is set.
 
 Each prefetch's lead time (issued to its job's start) is recorded with its bytes: the disk
@@ -129,7 +130,8 @@ class _Sim:
         self.done: list[tuple[float, int, _Job]] = []  # (end_s, seq, job) heap
         self.seq = itertools.count()
         self.ready_s: dict[str, float] = {}  # prefetches in flight: session -> landed at
-        self.io_free_s = 0.0
+        self.io_free_s = 0.0  # when the disk has served every read issued so far
+        self.demand_free_s = 0.0  # when it has served the reads of the jobs already started
         self.wait_total = 0.0
         self.issued: dict[str, tuple[float, int]] = {}  # prefetched session -> (issued at, bytes)
         self.leads: list[tuple[float, int]] = []  # (lead s, bytes) of prefetches whose job started
@@ -223,8 +225,12 @@ class _Sim:
         if entry is not None and entry.in_host and entry.host_nbytes >= need:
             self.ledger.touch(turn.session_id, now)
             late_s = self.ready_s.pop(turn.session_id, now) - now
-            # prefetched but not landed yet: the job waits for the rest, as for a disk load
-            return ("host", 0.0) if late_s <= 0 else ("disk", late_s)
+            if late_s <= 0:
+                return "host", 0.0
+            # prefetched but not landed yet: the job waits for the rest, as for a disk load,
+            # and a job starting after it reads behind it
+            self.demand_free_s = max(self.demand_free_s, now + late_s)
+            return "disk", late_s
         if entry is not None and entry.in_disk and entry.disk_nbytes >= need:
             return "disk", self.load_on_demand(turn.session_id, now)
         recompute_s = turn.history_tokens / self.config.recompute_tok_s if self.config.recompute_tok_s else 0.0
@@ -262,13 +268,14 @@ class _Sim:
         bw = self.config.disk_read_bytes_s
         if not bw:
             return 0.0
-        # the starting job reads first: every prefetch still in flight lands that much later
+        # started jobs read first, in turn; every prefetch still in flight lands that much later
         read_s = nbytes / bw
+        self.demand_free_s = max(self.demand_free_s, now) + read_s
         for other, ready in self.ready_s.items():
             if ready > now:
                 self.ready_s[other] = ready + read_s
         self.io_free_s = max(self.io_free_s, now) + read_s
-        return read_s
+        return self.demand_free_s - now
 
     def finish(self, job: _Job, now: float) -> None:
         """Store history + new tokens in host (the disk copy, now stale, is dropped)."""
@@ -276,6 +283,7 @@ class _Sim:
         del self.running[sid]
         nbytes = (job.turn.history_tokens + job.turn.new_tokens) * self.config.bytes_per_token
         self.ready_s.pop(sid, None)
+        self.issued.pop(sid, None)  # a prefetch of the copy this job now replaces
         entry = self.ledger.entry(sid)
         if entry is not None and entry.in_disk and entry.disk_nbytes != nbytes:
             self.ledger.drop_disk(sid)

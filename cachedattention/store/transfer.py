@@ -1,8 +1,11 @@
 """Moving KV between the store tiers and the device pages, layer by layer, off the compute thread.
 
-Loading: a loader thread (CUDA: a copy stream) reads layer l of every piece, rotates the
-pre-RoPE keys to the positions the tokens have now, writes them into the pages, and signals
+Loading on CUDA: a loader thread drives a copy stream that reads layer l of every piece, rotates
+the pre-RoPE keys to the positions the tokens have now, writes them into the pages, and records
 layer l's event; the forward waits only for the layer it is about to compute.
+Loading on a CPU: the rotation and page writes are compute on the cores the forward keeps busy,
+so the forward's own thread does them, layer l just before computing it; a loader thread reads
+disk pieces ahead of it (host pieces need no read at all).
 Saving: the forward hands each layer's pre-RoPE K/V (views, no copy) to a per-request buffer;
 at the end of the request the save thread copies them layer by layer into a host segment.
 """
@@ -59,11 +62,16 @@ class LoadJob:
     write: Callable[[LoadJob, int, int, int, torch.Tensor, torch.Tensor], None] | None = None
     waited_s: float = 0.0  # time the forward spent waiting for this job's layers
     written_s: float = 0.0  # time the forward spent writing deferred layers into the pages
-    busy_s: float = 0.0  # the load's own duration, start to last layer (the "load alone" time)
+    read_s: float = 0.0  # the loader's own duration, start to last layer
     bytes_read: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
 
     def __post_init__(self) -> None:
         self.events = [threading.Event() for _ in range(self.num_layers)]
+
+    @property
+    def busy_s(self) -> float:
+        """The "load alone" time: the loader's, plus the writes the forward did itself (CPU)."""
+        return self.read_s + self.written_s
 
     def wait(self, layer: int) -> None:
         if not self.events[layer].is_set():
@@ -78,12 +86,11 @@ class LoadJob:
             with torch.inference_mode():
                 for a, b, k, v in runs:
                     self.write(self, layer, a, b, k, v)
-            spent = time.perf_counter() - t  # load work the forward does itself
-            self.written_s += spent
-            self.busy_s += spent
+            self.written_s += time.perf_counter() - t  # load work the forward does itself
 
     def wait_all(self) -> None:
-        """Block until every layer is written (before its pages may be freed or reused)."""
+        """Block until the loader is done with this job, before its pages may be freed or reused
+        (on a CPU the deferred writes of a job that never runs are simply dropped)."""
         for ev in self.events:
             ev.wait()
         if self.cuda_events:
@@ -145,12 +152,15 @@ class Loader:
                             self._load_layer(job, layer, readers)
                         except CorruptSegment as e:
                             job.failed = (getattr(e, "seg_id", ""), str(e))
+                        except Exception as e:  # e.g. an I/O error: the request recomputes, the thread lives
+                            log.exception("store: loading layer %d failed", layer)
+                            job.failed = (getattr(e, "seg_id", ""), repr(e))
                     if job.cuda_events:
                         job.cuda_events[layer].record(self.stream)
                     job.events[layer].set()
             if self.stream is not None:
                 self.stream.synchronize()  # only this thread waits: it times the load alone
-            job.busy_s += time.perf_counter() - start
+            job.read_s = time.perf_counter() - start  # its own field: the forward adds to written_s
         finally:
             for r in readers.values():
                 r.close()
@@ -167,7 +177,7 @@ class Loader:
                     readers[p.seg_id] = _open(p)
                 try:
                     k_all, v_all = readers[p.seg_id].read_layer(layer)
-                except CorruptSegment as e:
+                except (CorruptSegment, OSError) as e:  # an unreadable file is as good as corrupt
                     e.seg_id = p.seg_id
                     raise
                 k, v = k_all[p.lo : p.hi], v_all[p.lo : p.hi]
@@ -204,7 +214,7 @@ class Loader:
 def _open(p: Piece) -> SegmentReader:
     try:
         return p.open_disk()
-    except CorruptSegment as e:
+    except (CorruptSegment, OSError) as e:
         e.seg_id = p.seg_id
         raise
 

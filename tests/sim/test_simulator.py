@@ -71,6 +71,9 @@ def test_a_starting_job_reads_before_the_prefetches_in_flight():
     sim.ready_s["y"], sim.ready_s["z"], sim.io_free_s = 0.5, 3.0, 3.0  # y landed, z in flight
     assert sim.load_on_demand("x", now=1.0) == pytest.approx(5.0)  # 50 bytes at 10 B/s, first in line
     assert sim.ready_s == {"y": 0.5, "z": pytest.approx(8.0)} and sim.io_free_s == pytest.approx(8.0)
+    sim.ledger.put_disk("w", 20, 0.0)
+    assert sim.load_on_demand("w", now=2.0) == pytest.approx(6.0)  # behind x's read (ends at 6), then 2 s
+    assert sim.ready_s["z"] == pytest.approx(10.0) and sim.io_free_s == pytest.approx(10.0)
 
 
 def test_measure_window_counts_only_turns_arriving_inside_it():

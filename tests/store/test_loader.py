@@ -12,6 +12,7 @@ from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.rope import RotaryEmbedding
 from cachedattention.model.spec import spec_from_hf_config
+from cachedattention.store.disk import DiskTier
 from cachedattention.store.segment import KVLayout, SegmentKV
 from cachedattention.store.transfer import Loader, LoadJob, Piece
 
@@ -94,6 +95,35 @@ def test_background_load_on_cpu_is_written_by_the_thread_that_waits():
     loader.close()
     assert writers == [threading.current_thread()] * spec.num_layers and job.written_s > 0
     assert torch.equal(pool.v[1][:8], seg.v[1]) and job.deferred == [[], []]
+
+
+def test_an_unreadable_file_fails_the_job_not_the_loader(tmp_path):
+    """An I/O error is a failed load (the request recomputes); the loader thread keeps serving."""
+    spec = spec_from_hf_config(CFG)
+    pool = KVPool(spec, num_pages=16, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32)
+    loader = Loader(pool, RotaryEmbedding(spec, 128, torch.device("cpu"), torch.float32),
+                    KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32), torch.device("cpu"))
+    slots = KVPool.slots_for([0, 1], PAGE, 0, 8, torch.device("cpu"))
+
+    def unreadable():
+        raise OSError(5, "Input/output error")
+
+    bad = LoadJob([Piece("gone", 0, 8, 0, None, open_disk=unreadable)], slots, torch.arange(8), 0, spec.num_layers)
+    loader.submit(bad, background=True)
+    bad.wait_all()
+    assert bad.failed is not None and bad.failed[0] == "gone" and "Input/output" in bad.failed[1]
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32)
+    disk = DiskTier(str(tmp_path), 1 << 20, "fp", layout)
+    seg = SegmentKV(torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8))
+    disk.put("a", seg)
+    good = LoadJob([Piece("a", 0, 8, 0, None, open_disk=lambda: disk.open("a"))], slots, torch.arange(8), 0,
+                   spec.num_layers, first_slot=0)
+    loader.submit(good, background=True)
+    for layer in range(spec.num_layers):
+        good.wait(layer)
+    loader.close()
+    disk.close()
+    assert good.failed is None and torch.equal(pool.v[1][:8], seg.v[1])
 
 
 def test_contiguous_start():
