@@ -4,8 +4,9 @@ Loading on CUDA: a loader thread drives a copy stream that reads layer l of ever
 the pre-RoPE keys to the positions the tokens have now, writes them into the pages, and records
 layer l's event; the forward waits only for the layer it is about to compute.
 Loading on a CPU: the rotation and page writes are compute on the cores the forward keeps busy,
-so the forward's own thread does them, layer l just before computing it; a loader thread reads
-disk pieces ahead of it (host pieces need no read at all).
+so the engine's own thread does them: a job with disk pieces is read by a loader thread ahead of
+the forward, which writes layer l just before computing it; a job served from host alone has
+nothing to read and is written when it is submitted.
 Saving: the forward hands each layer's pre-RoPE K/V (views, no copy) to a per-request buffer;
 at the end of the request the save thread copies them layer by layer into a host segment.
 """
@@ -114,13 +115,14 @@ class Loader:
         if background and self.stream is None:
             # On a CPU the rotation and page writes are compute on the cores the forward already
             # keeps busy: run beside it, they slowed the forward by more than they took on their
-            # own (a second OpenMP team on two cores, fresh_thread.py). The loader thread reads
-            # (disk reads overlap the forward); the forward's thread writes each layer before it.
-            job.deferred = [[] for _ in range(job.num_layers)]
-            job.write = self._write_piece
+            # own (a second OpenMP team on two cores, fresh_thread.py). Only disk reads can
+            # overlap the forward: the loader thread reads, and the forward's thread writes each
+            # layer before computing it. With nothing to read, the job is written right now.
             if all(p.host is not None for p in job.pieces):
-                self.run(job)  # nothing to read (host pieces are views): no thread hop at all
-                return
+                background = False
+            else:
+                job.deferred = [[] for _ in range(job.num_layers)]
+                job.write = self._write_piece
         if self.stream is not None:
             # the pages were allocated (and maybe zeroed) on the compute stream: order after it
             self.stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -74,15 +74,23 @@ def test_consecutive_and_scattered_slots_hold_rotated_keys(background):
         assert all(pool.k[layer][others].abs().sum() == 0 for layer in range(spec.num_layers))
 
 
-def test_background_load_on_cpu_is_written_by_the_thread_that_waits():
+def _cpu_loader(spec) -> tuple[KVPool, Loader, KVLayout]:
+    pool = KVPool(spec, num_pages=16, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32)
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32)
+    return pool, Loader(pool, RotaryEmbedding(spec, 128, torch.device("cpu"), torch.float32), layout,
+                        torch.device("cpu")), layout
+
+
+def test_cpu_disk_load_is_read_in_the_background_and_written_by_the_thread_that_waits(tmp_path):
     """On a CPU the loader thread only reads; the forward's thread rotates each layer into the pages."""
     spec = spec_from_hf_config(CFG)
-    pool = KVPool(spec, num_pages=16, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32)
-    loader = Loader(pool, RotaryEmbedding(spec, 128, torch.device("cpu"), torch.float32),
-                    KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32), torch.device("cpu"))
+    pool, loader, layout = _cpu_loader(spec)
+    disk = DiskTier(str(tmp_path), 1 << 20, "fp", layout)
     seg = SegmentKV(torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8))
+    disk.put("a", seg)
     slots = KVPool.slots_for([0, 1], PAGE, 0, 8, torch.device("cpu"))
-    job = LoadJob([Piece("a", 0, 8, 0, seg)], slots, torch.arange(8), 0, spec.num_layers, first_slot=0)
+    job = LoadJob([Piece("a", 0, 8, 0, None, open_disk=lambda: disk.open("a"))], slots, torch.arange(8), 0,
+                  spec.num_layers, first_slot=0)
     writers = []
     real = loader._write_piece
     loader._write_piece = lambda *a: (writers.append(threading.current_thread()), real(*a))
@@ -93,16 +101,28 @@ def test_background_load_on_cpu_is_written_by_the_thread_that_waits():
     for layer in range(spec.num_layers):
         job.wait(layer)
     loader.close()
+    disk.close()
     assert writers == [threading.current_thread()] * spec.num_layers and job.written_s > 0
-    assert torch.equal(pool.v[1][:8], seg.v[1]) and job.deferred == [[], []]
+    assert torch.equal(pool.v[1][:8], seg.v[1]) and job.deferred == [[], []] and job.bytes_read["disk"] > 0
+
+
+def test_cpu_host_load_is_written_at_submit():
+    """Nothing to read from host memory: the job is in the pages before submit returns."""
+    spec = spec_from_hf_config(CFG)
+    pool, loader, _ = _cpu_loader(spec)
+    seg = SegmentKV(torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8))
+    slots = KVPool.slots_for([0, 1], PAGE, 0, 8, torch.device("cpu"))
+    job = LoadJob([Piece("a", 0, 8, 0, seg)], slots, torch.arange(8), 0, spec.num_layers, first_slot=0)
+    loader.submit(job, background=True)
+    loader.close()
+    assert all(ev.is_set() for ev in job.events) and job.deferred is None
+    assert torch.equal(pool.v[1][:8], seg.v[1]) and job.bytes_read["host"] > 0
 
 
 def test_an_unreadable_file_fails_the_job_not_the_loader(tmp_path):
     """An I/O error is a failed load (the request recomputes); the loader thread keeps serving."""
     spec = spec_from_hf_config(CFG)
-    pool = KVPool(spec, num_pages=16, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32)
-    loader = Loader(pool, RotaryEmbedding(spec, 128, torch.device("cpu"), torch.float32),
-                    KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32), torch.device("cpu"))
+    pool, loader, layout = _cpu_loader(spec)
     slots = KVPool.slots_for([0, 1], PAGE, 0, 8, torch.device("cpu"))
 
     def unreadable():
@@ -112,7 +132,6 @@ def test_an_unreadable_file_fails_the_job_not_the_loader(tmp_path):
     loader.submit(bad, background=True)
     bad.wait_all()
     assert bad.failed is not None and bad.failed[0] == "gone" and "Input/output" in bad.failed[1]
-    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32)
     disk = DiskTier(str(tmp_path), 1 << 20, "fp", layout)
     seg = SegmentKV(torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8))
     disk.put("a", seg)

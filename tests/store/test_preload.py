@@ -9,8 +9,6 @@
 - With a disk TTL, sessions not used for that long are forgotten (records and every copy).
 """
 
-import pytest
-
 from cachedattention import LLM, CacheConfig, SamplingParams, SchedulerConfig
 from cachedattention.config import SchedulerConfig as SchedCfg
 from cachedattention.engine.request import Request
@@ -62,9 +60,7 @@ def test_queued_head_is_loaded_before_it_is_admitted(tiny_dirs, monkeypatch):
             outs[o.request_id] = o
     out = outs[rid]
     assert submits == [job], "admission must reuse the preloaded KV, not load again"
-    assert job.waited_s == 0.0  # the forward never waited for a layer to be read
-    # on a CPU the forward's own thread rotates the read layers into the pages (transfer.py says why)
-    assert out.metrics.load_s == pytest.approx(job.written_s) and (job.written_s > 0) == (eng.device.type == "cpu")
+    assert out.metrics.load_s == 0.0  # the forward never waited for (or wrote) a layer
     assert out.metrics.cached_tokens["host"] == len(turn2) - 3
     assert llm.stats()["preloads"] >= 1
     got = list(logits)
