@@ -38,7 +38,11 @@ def main(cell_names: str) -> None:
     for _ in range(2):
         for name in cell_names.split(","):
             times.clear()
-            r = turn.measure_cell(cells[name], loaded, args, 1024, 4096)
+            run = turn.CellRun(cells[name], loaded, args, 1024, 4096)
+            for rep in range(args.repeats + 1):
+                run.repeat(rep)
+            r = run.result()
+            run.close()
             fwd = [round(t * 1000, 1) for n, t in times if n == args.new_tokens]
             print(f"{name}: TTFT {r['ttft_s'] * 1000:.1f} ms, load alone {r['load_alone_s'] * 1000:.1f} ms, "
                   f"32-token forwards {fwd} ms", flush=True)

@@ -3,6 +3,8 @@
 Cells, measured side by side in one run: recompute; KV already on device; host hit loaded
 synchronously; host hit loaded layer-wise; disk hit (files dropped from the page cache) layer-wise;
 and the store's load alone. Each timed turn uses a fresh session whose history was stored first.
+Repetitions are interleaved across cells (every cell's r-th before any cell's next), so the
+medians of a noisy machine's slow spells fall on all cells alike.
 The "queued" cells time a host hit that arrives while another job is running (one sequence at a
 time, so it waits for that job's last decode steps), with and without the device read buffer:
 with it, the history loads while the turn is still queued.
@@ -57,7 +59,11 @@ BLOCKER_TOKENS, BLOCKER_STEPS = 64, 4  # the job a queued turn waits behind: its
 
 def _engine(cell: Cell, loaded, args, window: int, store_dir: str | None) -> LLMEngine:
     elt = torch.tensor([], dtype=resolve_dtype(args.dtype)).element_size()
-    pool_bytes = loaded.spec.kv_bytes_per_token(elt) * (2 * window + 1024)  # history + the timed turn, twice
+    per_token = loaded.spec.kv_bytes_per_token(elt)
+    pool_bytes = per_token * (2 * window + 1024)  # history + the timed turn, twice
+    # room for a few histories: older repetitions' sessions are evicted, so the cells (all alive
+    # at once, interleaved) hold a bounded amount of host memory at any history length
+    host_bytes = min(cell.host_bytes, 3 * window * per_token)
     cfg = EngineConfig(
         device=args.device,
         dtype=args.dtype,
@@ -65,7 +71,7 @@ def _engine(cell: Cell, loaded, args, window: int, store_dir: str | None) -> LLM
         cache=CacheConfig(enable_prefix_cache=cell.prefix_cache, memory_bytes=pool_bytes),
         scheduler=SchedulerConfig(max_num_batched_tokens=window, max_num_seqs=1),
         store=StoreConfig(
-            enable=cell.store, layerwise=cell.layerwise, host_bytes=cell.host_bytes, preload=cell.preload,
+            enable=cell.store, layerwise=cell.layerwise, host_bytes=host_bytes, preload=cell.preload,
             store_dir=store_dir if cell.disk else None, disk_bytes=256 << 30, truncation="off",
         ),
     )
@@ -101,21 +107,34 @@ def _history(h: int, rep: int, vocab: int) -> list[int]:
     return [(1000 + 7 * i + 131 * rep) % (vocab - 100) + 50 for i in range(h)]
 
 
-def measure_cell(cell: Cell, loaded, args, h: int, window: int) -> dict:
-    store_dir = tempfile.mkdtemp(prefix="ca-turn-") if cell.disk else None
-    engine = _engine(cell, loaded, args, window, store_dir)
-    vocab = engine.spec.vocab_size
-    ttfts, waits, busy = [], [], []
-    for rep in range(args.repeats + 1):  # the first repetition warms up and is not counted
-        hist = _history(h, rep, vocab)
+class CellRun:
+    """One cell's engine and timings at one history length, one repetition at a time.
+
+    The bench runs every cell's repetition r before any cell's r + 1, so a slow spell of this
+    shared machine lands on all cells alike instead of on whichever cell was running.
+    """
+
+    def __init__(self, cell: Cell, loaded, args, h: int, window: int) -> None:
+        self.cell, self.args, self.h = cell, args, h
+        self.store_dir = tempfile.mkdtemp(prefix="ca-turn-") if cell.disk else None
+        self.engine = _engine(cell, loaded, args, window, self.store_dir)
+        self.ttfts: list[float] = []
+        self.waits: list[float] = []
+        self.busy: list[float] = []
+
+    def repeat(self, rep: int) -> None:
+        """Repetition `rep` (0 warms up and is not counted): store a fresh history, time the next turn."""
+        cell, engine, args = self.cell, self.engine, self.args
+        vocab = engine.spec.vocab_size
+        hist = _history(self.h, rep, vocab)
         new = [(5 + 3 * i + rep) % (vocab - 100) + 50 for i in range(args.new_tokens)]
         session = f"s{rep}" if cell.store else None
         if cell.store or cell.prefix_cache:
             _run(engine, hist, session)  # turn 1: stores the history
             if engine.store is not None:
                 engine.store.store.flush()
-            if store_dir:
-                _drop_page_cache(store_dir)
+            if self.store_dir:
+                _drop_page_cache(self.store_dir)
         if cell.queued:
             _start_blocker(engine, rep, vocab)
         sync(args.device)
@@ -125,14 +144,33 @@ def measure_cell(cell: Cell, loaded, args, h: int, window: int) -> dict:
         while engine.has_unfinished():  # a blocker outliving the turn would slow the next one
             engine.step()
         if rep:
-            ttfts.append(time.perf_counter() - t)
-            waits.append(out.metrics.load_s)
-            busy.append(out.metrics.load_busy_s)
-            if cell.name != "recompute" and out.metrics.num_cached_tokens < h - engine.config.cache.page_size:
-                raise RuntimeError(f"{cell.name}: expected a hit of ~{h} tokens, got {out.metrics.cached_tokens}")
-    engine.close()
-    return {"ttft_s": statistics.median(ttfts), "load_wait_s": statistics.median(waits),
-            "load_alone_s": statistics.median(busy)}
+            self.ttfts.append(time.perf_counter() - t)
+            self.waits.append(out.metrics.load_s)
+            self.busy.append(out.metrics.load_busy_s)
+            if cell.name != "recompute" and out.metrics.num_cached_tokens < self.h - engine.config.cache.page_size:
+                raise RuntimeError(f"{cell.name}: expected a hit of ~{self.h} tokens, got {out.metrics.cached_tokens}")
+
+    def result(self) -> dict:
+        """Medians over the counted repetitions."""
+        return {"ttft_s": statistics.median(self.ttfts), "load_wait_s": statistics.median(self.waits),
+                "load_alone_s": statistics.median(self.busy)}
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def measure_cells(cells: list[Cell], loaded, args, h: int, window: int) -> dict[str, dict]:
+    """Every cell at history length h, repetitions interleaved across cells."""
+    runs: list[CellRun] = []
+    try:
+        runs.extend(CellRun(c, loaded, args, h, window) for c in cells)
+        for rep in range(args.repeats + 1):
+            for run in runs:
+                run.repeat(rep)
+        return {run.cell.name: run.result() for run in runs}
+    finally:
+        for run in runs:
+            run.close()
 
 
 def run_turn_bench(args: argparse.Namespace) -> int:
@@ -151,7 +189,7 @@ def run_turn_bench(args: argparse.Namespace) -> int:
         cells = [c for c in CELLS if c.name in wanted or c.name == "recompute"]
     results: dict[str, dict[str, dict]] = {}
     for h in hs:
-        results[str(h)] = {c.name: measure_cell(c, loaded, args, h, window) for c in cells}
+        results[str(h)] = measure_cells(cells, loaded, args, h, window)
         print(f"H={h} done", flush=True)
     print(_table(results, loaded.name, args))
     if args.json:
