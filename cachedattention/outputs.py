@@ -12,6 +12,7 @@ def empty_tiers() -> dict[str, int]:
 @dataclass
 class RequestMetrics:
     arrival_s: float
+    scheduled_s: float | None = None  # first admitted into a running batch (the end of its queue wait)
     first_token_s: float | None = None
     finish_s: float | None = None
     prompt_tokens: int = 0

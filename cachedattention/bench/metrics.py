@@ -43,6 +43,7 @@ class TurnRecord:
     latency_s: float  # arrival of the turn to its last token
     prefill_s: float | None = None  # prefill compute time; None = unknown, use ttft_s
     arrival_s: float = 0.0
+    queue_s: float | None = None  # arrival to first admission (part of ttft_s); None = unknown (HTTP)
 
     @property
     def prefill_time_s(self) -> float:
@@ -73,6 +74,7 @@ class SystemSummary:
     ttft_later_p90_s: float | None
     ttft_later_p99_s: float | None
     ttft_by_turn: dict[int, float]  # turn_index -> mean TTFT
+    queue_later_mean_s: float | None  # of ttft_later_mean_s, the wait to be admitted; None if unknown
     latency_mean_s: float
     prompt_tokens: int
     cached_tokens: int
@@ -125,6 +127,8 @@ def check_consistency(records: Sequence[TurnRecord]) -> None:
             raise ValueError(
                 f"{where}: prompt_tokens must be >= 1 and generated_tokens >= 0"
             )
+        if r.queue_s is not None and not 0 <= r.queue_s <= r.ttft_s + _CLOCK_SLACK_S:
+            raise ValueError(f"{where}: need 0 <= queue_s ({r.queue_s}) <= ttft_s ({r.ttft_s})")
         if r.total_cached > r.prompt_tokens:
             raise ValueError(
                 f"{where}: cached {r.total_cached} > prompt {r.prompt_tokens} tokens"
@@ -179,6 +183,7 @@ def summarize(
     decode_tokens = sum(max(r.generated_tokens - 1, 0) for r in records)
     compute = prefill_s + decode_s if compute_s is None else compute_s
 
+    queued = [r.queue_s for r in records if r.turn_index >= 1 and r.queue_s is not None]
     mean, p50, p90, p99 = _stats(ttft)
     later_mean, later_p50, later_p90, later_p99 = (
         _stats(later) if later.size else (None,) * 4
@@ -197,6 +202,7 @@ def summarize(
         ttft_later_p90_s=later_p90,
         ttft_later_p99_s=later_p99,
         ttft_by_turn={k: float(np.mean(v)) for k, v in sorted(by_turn.items())},
+        queue_later_mean_s=float(np.mean(queued)) if queued else None,
         latency_mean_s=float(np.mean([r.latency_s for r in records])),
         prompt_tokens=prompt,
         cached_tokens=cached,

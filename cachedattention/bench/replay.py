@@ -201,6 +201,7 @@ def _record(conv: _Conversation, out: RequestOutput, arrival: float, t0: float) 
         ttft_s=max(first - arrival, 0.0),
         latency_s=max(m.finish_s - arrival, first - arrival, 0.0),
         arrival_s=arrival - t0,
+        queue_s=None if m.scheduled_s is None else min(max(m.scheduled_s - arrival, 0.0), max(first - arrival, 0.0)),
     )
 
 

@@ -55,6 +55,10 @@ def run_workload_bench(args: argparse.Namespace) -> int:
     baseline = "RE" if "RE" in summaries else next(iter(summaries))
     print(markdown_table(summaries, baseline=baseline))
     print(COST_FORMULA)
+    waits = [f"{n} {s.queue_later_mean_s:.3f} s of {s.ttft_later_mean_s:.3f} s" for n, s in summaries.items()
+             if s.queue_later_mean_s is not None and s.ttft_later_mean_s is not None]
+    if waits:  # where the TTFT of later turns goes: waiting to be admitted, or the steps after that
+        print("TTFT turns>=2 spent waiting to be admitted (mean): " + "; ".join(waits))
     extra = {
         "workload": workload_stats(workload, out_dir / WORKLOAD_FILE),
         "config": config,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class Scheduler:
                 break
             req.staged = False
             req.status = Status.RUNNING
+            if req.metrics.scheduled_s is None:
+                req.metrics.scheduled_s = time.perf_counter()
             self.running.append(req)
             out.append(ScheduledSeq(req, n, fresh=True))
             budget -= n

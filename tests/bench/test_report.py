@@ -22,7 +22,7 @@ def _records(ttft_scale: float = 1.0) -> list[TurnRecord]:
             prefill_s=0.25 * s,
         ),
         TurnRecord("s1", 0, 100, {}, 1, 2.0 * s, 2.0 * s),
-        TurnRecord("s1", 1, 200, {"disk": 100}, 5, 1.5 * s, 1.5 * s + 1.0),
+        TurnRecord("s1", 1, 200, {"disk": 100}, 5, 1.5 * s, 1.5 * s + 1.0, queue_s=0.4 * s),
     ]
 
 
@@ -33,6 +33,7 @@ def test_summarize_hand_computed_values():
     assert s.ttft_p50_s == pytest.approx(1.25)  # sorted 0.5, 1, 1.5, 2
     assert s.ttft_p90_s == pytest.approx(1.85)  # 1.5 + 0.7 * 0.5
     assert s.ttft_later_mean_s == pytest.approx(1.0)
+    assert s.queue_later_mean_s == pytest.approx(0.4)  # the one later turn whose wait is known
     assert s.ttft_by_turn == pytest.approx({0: 1.5, 1: 1.0})
     assert (
         s.prompt_tokens == 600 and s.cached_tokens == 250 and s.generated_tokens == 38
@@ -53,7 +54,7 @@ def test_summarize_hand_computed_values():
 
 def test_summarize_first_turn_only_and_explicit_compute():
     s = summarize([_records()[0]], wall_s=1.0, system_name="RE", compute_s=0.5)
-    assert s.ttft_later_mean_s is None and s.ttft_later_p99_s is None
+    assert s.ttft_later_mean_s is None and s.ttft_later_p99_s is None and s.queue_later_mean_s is None
     assert s.compute_s == 0.5 and s.hit_rate == 0.0
     with pytest.raises(ValueError, match="no records"):
         summarize([], wall_s=1.0, system_name="RE")
@@ -67,6 +68,7 @@ def test_summarize_first_turn_only_and_explicit_compute():
         (TurnRecord("x", 0, 10, {}, 1, 0.3, 0.2), "ttft_s"),
         (TurnRecord("x", 0, 10, {}, 1, 0.1, 0.2, prefill_s=0.2), "prefill_s"),
         (TurnRecord("x", 0, 10, {"disk": -1}, 1, 0.1, 0.2), "negative"),
+        (TurnRecord("x", 0, 10, {}, 1, 0.1, 0.2, queue_s=0.15), "queue_s"),
     ],
 )
 def test_check_consistency_rejects_impossible_records(record, message):

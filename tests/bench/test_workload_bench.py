@@ -74,6 +74,7 @@ def run(tiny_chat_dir, tmp_path_factory) -> dict:
 def test_every_output_is_produced(run):
     text, data, out = run["stdout"], run["json"], run["out"]
     assert "| RE |" in text and "| CachedAttention |" in text and "cost_usd =" in text
+    assert "spent waiting to be admitted" in text
     assert set(data["systems"]) == {"RE", "CachedAttention"}
     for name in ("RE", "CachedAttention"):
         s = data["systems"][name]
@@ -97,6 +98,7 @@ def test_numbers_are_consistent(run):
             assert r["generated_tokens"] == answers[(r["session_id"], r["turn_index"])]
             if name == "CachedAttention" and r["turn_index"] >= 1:
                 assert cached > 0, r
+            assert 0 <= r["queue_s"] <= r["ttft_s"]  # in-process: the wait to be admitted is known
         s = data["systems"][name]
         assert sum(s["hit_rate_by_tier"].values()) == pytest.approx(s["hit_rate"])
         assert s["generated_tokens"] == WORKLOAD.total_answer_tokens
