@@ -24,6 +24,8 @@ class ModelRunner:
         """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""
         ids, positions, seq_slots, new_slots, logit_rows, wants, shapes = [], [], [], [], [], [], []
         start = 0
+        # two or more decoding sequences attend in one padded gather (_decode_group): no slice reads
+        grouped = sum(s.num_new == 1 and s.request.num_computed > 0 for s in scheduled) >= 2
         for i, s in enumerate(scheduled):
             req = s.request
             lo, hi = req.num_computed, req.num_computed + s.num_new
@@ -32,7 +34,9 @@ class ModelRunner:
             slots = KVPool.slots_for(req.pages, self.pool.page_size, 0, hi, torch.device("cpu"))
             seq_slots.append(slots)
             new_slots.append(slots[lo:hi])
-            shapes.append((start, s.num_new, lo, KVPool.contiguous_start(req.pages, self.pool.page_size, 0, hi)))
+            in_group = grouped and s.num_new == 1 and lo > 0
+            first = None if in_group else KVPool.contiguous_start(req.pages, self.pool.page_size, 0, hi)
+            shapes.append((start, s.num_new, lo, first))
             if hi == req.num_tokens:
                 logit_rows.append(start + s.num_new - 1)
                 wants.append(i)

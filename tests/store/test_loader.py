@@ -39,9 +39,7 @@ def _hand_rope(x: torch.Tensor, positions: torch.Tensor, spec) -> torch.Tensor:
 
 def _load(pages: list[int], background: bool = True) -> tuple[KVPool, torch.Tensor, SegmentKV, torch.Tensor, LoadJob]:
     spec = spec_from_hf_config(CFG)
-    pool = KVPool(spec, num_pages=16, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32)
-    rotary = RotaryEmbedding(spec, 128, torch.device("cpu"), torch.float32)
-    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32)
+    pool, loader, _ = _cpu_loader(spec)
     torch.manual_seed(0)
     n = 10
     seg = SegmentKV(torch.randn(2, n, 2, 8), torch.randn(2, n, 2, 8))
@@ -50,7 +48,6 @@ def _load(pages: list[int], background: bool = True) -> tuple[KVPool, torch.Tens
     positions = torch.arange(lo, hi) + 5  # as after a truncation: the tokens sit at new positions
     pieces = [Piece("a", 0, 4, lo, seg), Piece("a", 4, n, lo + 4, seg)]
     job = LoadJob(pieces, slots, positions, lo, spec.num_layers, first_slot=KVPool.contiguous_start(pages, PAGE, lo, hi))
-    loader = Loader(pool, rotary, layout, torch.device("cpu"))
     loader.submit(job, background=background)
     for layer in range(spec.num_layers):
         job.wait(layer)
