@@ -58,7 +58,9 @@ class LoadJob:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of `positions`, filled by the loader
     scratch: torch.Tensor | None = None  # rotated keys before a scatter (non-consecutive slots), reused per layer
     # CPU, background: per layer, the (a, b, k, v) runs the loader thread has read; the compute
-    # thread rotates them into the pages when it reaches that layer (`wait`)
+    # thread rotates them into the pages when it reaches that layer (`wait`). Until then they
+    # hold the read layers in memory outside the host budget: at most the running jobs' and the
+    # one staged queue head's.
     deferred: list[list[tuple]] | None = None
     write: Callable[[LoadJob, int, int, int, torch.Tensor, torch.Tensor], None] | None = None
     waited_s: float = 0.0  # time the forward spent waiting for this job's layers
