@@ -105,3 +105,20 @@ def test_stop_token_ids_and_eos_and_window(tiny_dirs):
     assert out.finish_reason == "stop"
     long = llm.generate([prompt], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
     assert long.finish_reason == "length" and len(prompt) + len(long.token_ids) == 64
+
+
+def test_stats_count_steps_that_left_the_queue_waiting(tiny_dirs):
+    from cachedattention import CacheConfig, SchedulerConfig
+
+    path, _ = tiny_dirs["llama"]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompts = [[(3 * i + j) % 250 for j in range(10)] for i in range(3)]
+    one_at_a_time = LLM(model=str(path), scheduler=SchedulerConfig(max_num_seqs=1))
+    one_at_a_time.generate(prompts, params)
+    stats = one_at_a_time.stats()
+    assert stats["steps_blocked_on_max_seqs"] > 0 and stats["steps_blocked_on_pages"] == 0
+    # 3 pages of 4 tokens per request (10 prompt + 4 answer tokens), 7 pages in all: two run at once
+    small_pool = LLM(model=str(path), cache=CacheConfig(page_size=4, num_pages=7, enable_prefix_cache=False))
+    small_pool.generate(prompts, params)
+    stats = small_pool.stats()
+    assert stats["steps_blocked_on_pages"] > 0 and stats["steps_blocked_on_max_seqs"] == 0

@@ -226,6 +226,8 @@ class LLMEngine:
             "pages_cached": self.pages.num_cached(),
             "device_evictions": self.pages.evictions,
             "preemptions": self.scheduler.num_preemptions,
+            "steps_blocked_on_pages": self.scheduler.steps_blocked["pages"],
+            "steps_blocked_on_max_seqs": self.scheduler.steps_blocked["seqs"],
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
         }

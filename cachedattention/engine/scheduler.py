@@ -39,6 +39,8 @@ class Scheduler:
         self.store_lookup: StoreLookup | None = None
         self.on_unstage: Unstage | None = None
         self.num_preemptions = 0
+        # steps that left the queue head waiting: no pages for it, or max_num_seqs already running
+        self.steps_blocked = {"pages": 0, "seqs": 0}
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -73,6 +75,7 @@ class Scheduler:
                 if not req.staged:  # a staged head keeps its loaded prefix for the next try
                     self._release(req)
                 self.waiting.appendleft(req)
+                self.steps_blocked["pages"] += 1
                 break
             req.staged = False
             req.status = Status.RUNNING
@@ -81,6 +84,8 @@ class Scheduler:
             self.running.append(req)
             out.append(ScheduledSeq(req, n, fresh=True))
             budget -= n
+        if self.waiting and len(self.running) >= self.config.max_num_seqs:
+            self.steps_blocked["seqs"] += 1
         return out
 
     def stage_head(self) -> Request | None:
