@@ -1,32 +1,55 @@
 """Background tensor work runs in a thread that exits, so no extra OpenMP team outlives the job."""
 
 import os
-import queue
+import subprocess
+import sys
 import threading
-import time
 
 import pytest
 import torch
 
 from cachedattention.store.fresh_thread import call_in_fresh_thread
 
+# Run in a fresh interpreter: in the test process, other tests' threads may exit at any moment
+# and move the count.
+_CHECK = r"""
+import os, queue, threading, time
+import torch
+from cachedattention.store.fresh_thread import call_in_fresh_thread
 
-def _threads() -> int:
+def threads():
     return len(os.listdir("/proc/self/task"))
 
-
-def _settled_threads(target: int) -> int:
-    """The thread count once exiting threads are gone (they leave /proc a moment after a join)."""
-    for _ in range(100):
-        if _threads() <= target:
+def settled(target):
+    for _ in range(100):  # exiting threads leave /proc a moment after a join
+        if threads() <= target:
             break
         time.sleep(0.01)
-    return _threads()
+    return threads()
 
-
-def _parallel_kernel() -> float:
+def kernel():
     with torch.inference_mode():
         return float(torch.ones(1 << 21).mul_(2).sum())  # far above PyTorch's serial grain size
+
+kernel()  # the main thread's own team exists from here on
+before = threads()
+assert call_in_fresh_thread(kernel) == 2.0 * (1 << 21)
+after_fresh = settled(before)
+jobs, done = queue.Queue(), threading.Event()
+
+def worker():
+    while jobs.get() is not None:
+        kernel()
+        done.set()
+
+t = threading.Thread(target=worker, daemon=True)
+t.start()
+jobs.put(1)
+done.wait()
+print(before, after_fresh, settled(before + 1))
+jobs.put(None)
+t.join()
+"""
 
 
 def test_returns_the_value_and_reraises_the_error():
@@ -39,23 +62,8 @@ def test_returns_the_value_and_reraises_the_error():
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2,
                     reason="needs Linux /proc and a multi-threaded PyTorch")
 def test_no_openmp_team_outlives_the_job():
-    _parallel_kernel()  # the main thread's own team exists from here on
-    before = _threads()
-    assert call_in_fresh_thread(_parallel_kernel) == 2.0 * (1 << 21)
-    assert _settled_threads(before) == before
-    # the premise: a long-lived thread that once ran a parallel kernel keeps a team beside its own
-    jobs: queue.Queue = queue.Queue()
-    done = threading.Event()
-
-    def worker() -> None:
-        while jobs.get() is not None:
-            _parallel_kernel()
-            done.set()
-
-    t = threading.Thread(target=worker, daemon=True)
-    t.start()
-    jobs.put(1)
-    done.wait()
-    assert _settled_threads(before + 1) > before + 1  # the worker itself, and its team
-    jobs.put(None)
-    t.join()
+    out = subprocess.run([sys.executable, "-c", _CHECK], capture_output=True, text=True, timeout=120, check=True)
+    before, after_fresh, with_live_worker = map(int, out.stdout.split())
+    assert after_fresh == before  # the fresh thread's team went with it
+    # the premise: a long-lived thread that once ran a parallel kernel keeps a team beside itself
+    assert with_live_worker > before + 1
