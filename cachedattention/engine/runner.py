@@ -24,8 +24,6 @@ class ModelRunner:
         """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""
         ids, positions, seq_slots, new_slots, logit_rows, wants, shapes = [], [], [], [], [], [], []
         start = 0
-        # two or more decoding sequences attend in one padded gather (_decode_group): no slice reads
-        grouped = sum(s.num_new == 1 and s.request.num_computed > 0 for s in scheduled) >= 2
         for i, s in enumerate(scheduled):
             req = s.request
             lo, hi = req.num_computed, req.num_computed + s.num_new
@@ -34,9 +32,7 @@ class ModelRunner:
             slots = KVPool.slots_for(req.pages, self.pool.page_size, 0, hi, torch.device("cpu"))
             seq_slots.append(slots)
             new_slots.append(slots[lo:hi])
-            in_group = grouped and s.num_new == 1 and lo > 0
-            first = None if in_group else KVPool.contiguous_start(req.pages, self.pool.page_size, 0, hi)
-            shapes.append((start, s.num_new, lo, first))
+            shapes.append((start, s.num_new, lo))
             if hi == req.num_tokens:
                 logit_rows.append(start + s.num_new - 1)
                 wants.append(i)
@@ -46,12 +42,15 @@ class ModelRunner:
         n = len(ids)
         all_slots = torch.cat(new_slots + seq_slots).to(dev, non_blocking=True)
         seqs, off = [], n
-        for (begin, num_new, context, first), slots in zip(shapes, seq_slots):
-            mask = self._mask(num_new, context)
-            seqs.append(SeqSlice(begin, num_new, context, all_slots[off : off + len(slots)], mask, first))
+        for (begin, num_new, context), slots in zip(shapes, seq_slots):
+            seqs.append(SeqSlice(begin, num_new, context, all_slots[off : off + len(slots)], self._mask(num_new, context)))
             off += len(slots)
         decode = self._decode_group(seqs, seq_slots)
-        if decode is not None:
+        grouped = decode is not None
+        for seq, s in zip(seqs, scheduled):
+            if not (grouped and _is_decode(seq)):  # the decode group gathers its padded slots anyway
+                seq.first_slot = KVPool.contiguous_start(s.request.pages, self.pool.page_size, 0, seq.total_len)
+        if grouped:
             seqs = [s for s in seqs if not _is_decode(s)]
         batch = ForwardBatch(
             input_ids=small[:n],
