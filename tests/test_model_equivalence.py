@@ -124,13 +124,25 @@ def test_stats_count_steps_that_left_the_queue_waiting(tiny_dirs):
     assert stats["steps_blocked_on_pages"] > 0 and stats["steps_blocked_on_max_seqs"] == 0
 
 
-def test_concurrent_decoders_match_transformers(tiny_dirs, monkeypatch):
-    """Several sequences decoding in one step, each over its own context length, in one padded
-    attention call: every sequence's logits match its own transformers reference."""
+@pytest.mark.parametrize("call_rows", [None, 16, 0])
+def test_concurrent_decoders_match_transformers(call_rows, tiny_dirs, monkeypatch):
+    """Several sequences decoding in one step, each over its own context length: in one padded
+    attention call (None), in groups of similar length (16), each alone (0). Every sequence's logits
+    match its own transformers reference."""
     path, hf = tiny_dirs["qwen2"]
     llm = LLM(model=str(path))
+    llm.engine.runner.group_call_rows = call_rows
+    groups = []
+    real = llm.engine.runner._decode_groups
+
+    def spy(seqs, slots):
+        found = real(seqs, slots)
+        groups.append(sorted(len(g.rows) for g in found[0]))
+        return found
+
+    monkeypatch.setattr(llm.engine.runner, "_decode_groups", spy)
     seen = capture_logits(monkeypatch)
-    prompts = [[(3 * i + j) % 250 for i in range(n)] for j, n in enumerate((7, 40, 23))]
+    prompts = [[(3 * i + j) % 250 + 1 for i in range(n)] for j, n in enumerate((5, 60, 9, 64))]
     outs = llm.generate(prompts, GREEDY)
     assert len(seen) == 8 * len(prompts)  # every step samples all three, in submission order
     for j, (prompt, out) in enumerate(zip(prompts, outs)):
@@ -139,3 +151,16 @@ def test_concurrent_decoders_match_transformers(tiny_dirs, monkeypatch):
             ref = hf(torch.tensor([prompt + out.token_ids])).logits[0]
         for step in range(8):
             assert rel_err(seen[step * len(prompts) + j], ref[len(prompt) - 1 + step]) <= 1e-4, f"seq {j} step {step}"
+    decode_steps = groups[1:]  # the first step prefills
+    assert decode_steps and all(g == {None: [4], 16: [2, 2], 0: []}[call_rows] for g in decode_steps)
+
+
+def test_bucket_by_length_pays_for_calls_with_less_padding():
+    from cachedattention.engine.runner import bucket_by_length
+
+    lengths = [100, 100, 4000, 4100, 120]
+    assert bucket_by_length(lengths, 1024) == [[0, 1, 4], [2, 3]]
+    assert bucket_by_length(lengths, None) == [[0, 1, 4, 2, 3]]  # one call for all
+    assert bucket_by_length(lengths, 100_000) == [[0, 1, 4, 2, 3]]  # calls dearer than any padding
+    assert bucket_by_length(lengths, 0) == [[0, 1], [4], [2], [3]]  # calls free: no padding (ties: fewer calls)
+    assert bucket_by_length([], 1024) == []

@@ -13,12 +13,19 @@ from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, SeqSlice
 from cachedattention.model.llama import LlamaForCausalLM
 
+# One more padded attention call on a CPU costs about as much as this many padded rows of context
+CPU_GROUP_CALL_ROWS = 1024
+
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVPool, device: torch.device) -> None:
         self.model = model
         self.pool = pool
         self.device = device
+        # what one more attention call costs, in padded context rows, when splitting the decoders
+        # into groups of similar length: a CPU pays per row copied (measured by
+        # bench/decode_timing.py), a GPU per kernel launch, so there it keeps one group
+        self.group_call_rows = CPU_GROUP_CALL_ROWS if device.type == "cpu" else None
 
     def build_batch(self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None) -> tuple[ForwardBatch, list[int]]:
         """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""
@@ -45,13 +52,11 @@ class ModelRunner:
         for (begin, num_new, context), slots in zip(shapes, seq_slots):
             seqs.append(SeqSlice(begin, num_new, context, all_slots[off : off + len(slots)], self._mask(num_new, context)))
             off += len(slots)
-        decode = self._decode_group(seqs, seq_slots)
-        grouped = decode is not None
-        for seq, s in zip(seqs, scheduled):
-            if not (grouped and _is_decode(seq)):  # the decode group gathers its padded slots anyway
+        decode, grouped = self._decode_groups(seqs, seq_slots)
+        for i, (seq, s) in enumerate(zip(seqs, scheduled)):
+            if i not in grouped:  # a decode group gathers its padded slots anyway
                 seq.first_slot = KVPool.contiguous_start(s.request.pages, self.pool.page_size, 0, seq.total_len)
-        if grouped:
-            seqs = [s for s in seqs if not _is_decode(s)]
+        seqs = [s for i, s in enumerate(seqs) if i not in grouped]
         batch = ForwardBatch(
             input_ids=small[:n],
             positions=small[n : 2 * n],
@@ -72,18 +77,33 @@ class ModelRunner:
             return None
         return torch.ones(num_new, context + num_new, dtype=torch.bool).tril(context)
 
-    def _decode_group(self, seqs: list[SeqSlice], cpu_slots: list[torch.Tensor]) -> DecodeGroup | None:
-        """Group the decoding sequences (one new token on top of a context) for one padded attention call."""
-        dec = [(s, c) for s, c in zip(seqs, cpu_slots) if _is_decode(s)]
+    def _decode_groups(
+        self, seqs: list[SeqSlice], cpu_slots: list[torch.Tensor]
+    ) -> tuple[list[DecodeGroup], set[int]]:
+        """Decoding sequences (one new token over a context) in padded groups of similar length.
+
+        Returns the groups and the indices of the sequences they hold; a sequence left alone
+        attends by itself.
+        """
+        dec = [i for i, s in enumerate(seqs) if _is_decode(s)]
         if len(dec) < 2:
-            return None
-        lmax = max(s.total_len for s, _ in dec)
-        slots = torch.zeros(len(dec), lmax, dtype=torch.long)
-        mask = torch.zeros(len(dec), 1, 1, lmax, dtype=torch.bool)
-        for i, (s, c) in enumerate(dec):
+            return [], set()
+        groups, grouped = [], set()
+        for bucket in bucket_by_length([seqs[i].total_len for i in dec], self.group_call_rows):
+            if len(bucket) > 1:
+                members = [dec[j] for j in bucket]
+                groups.append(self._group([seqs[i] for i in members], [cpu_slots[i] for i in members]))
+                grouped.update(members)
+        return groups, grouped
+
+    def _group(self, seqs: list[SeqSlice], cpu_slots: list[torch.Tensor]) -> DecodeGroup:
+        lmax = max(s.total_len for s in seqs)
+        slots = torch.zeros(len(seqs), lmax, dtype=torch.long)
+        mask = torch.zeros(len(seqs), 1, 1, lmax, dtype=torch.bool)
+        for i, (s, c) in enumerate(zip(seqs, cpu_slots)):
             slots[i, : s.total_len] = c
             mask[i, 0, 0, : s.total_len] = True
-        rows = torch.tensor([s.start for s, _ in dec], dtype=torch.long)
+        rows = torch.tensor([s.start for s in seqs], dtype=torch.long)
         dev = self.device
         return DecodeGroup(
             rows=rows.to(dev, non_blocking=True),
@@ -93,6 +113,31 @@ class ModelRunner:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch, self.pool)
+
+
+def bucket_by_length(lengths: list[int], call_rows: int | None) -> list[list[int]]:
+    """Split sequences into groups padded to their longest member, at the least cost.
+
+    Cost of a group: `call_rows` (one more attention call, in rows) plus members x longest length.
+    Sorted by length, the best split is found by dynamic programming over contiguous runs.
+    Returns lists of indices into `lengths`; None: one group holding all.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if call_rows is None or len(order) < 2:
+        return [order] if order else []
+    sorted_len = [lengths[i] for i in order]
+    best = [0.0] + [float("inf")] * len(order)  # best[j]: cost of the shortest j sequences
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # the last group holds sorted positions i .. j-1
+            cost = best[i] + call_rows + (j - i) * sorted_len[j - 1]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _is_decode(s: SeqSlice) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -38,7 +38,11 @@ class LayerHooks(Protocol):
 
 @dataclass
 class DecodeGroup:
-    """Single-token sequences attended in one padded call (fewer kernel launches than one per sequence)."""
+    """Single-token sequences attended in one padded call (fewer kernel launches than one per sequence).
+
+    Every member's context is gathered and padded to the longest; the runner groups sequences of
+    similar length so that the padding stays small.
+    """
 
     rows: torch.Tensor  # [B] flat indices of their tokens
     slots: torch.Tensor  # [B, Lmax] pool slots of each context, padded
@@ -53,4 +57,4 @@ class ForwardBatch:
     seqs: list[SeqSlice]
     logits_indices: torch.Tensor  # flat indices whose next-token logits are wanted
     hooks: LayerHooks | None = None
-    decode: DecodeGroup | None = None  # when set, these sequences are not in `seqs`
+    decode: list[DecodeGroup] = field(default_factory=list)  # their sequences are not in `seqs`

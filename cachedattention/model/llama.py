@@ -44,8 +44,8 @@ class Attention(nn.Module):
             batch.hooks.wait_layer(layer)
         pool.write(layer, batch.new_slots, k, v)
         out = torch.empty_like(q)
-        if batch.decode is not None:
-            out[batch.decode.rows] = self._attend_decode(q, batch.decode, layer, pool)
+        for group in batch.decode:
+            out[group.rows] = self._attend_decode(q, group, layer, pool)
         for seq in batch.seqs:
             out[seq.start : seq.start + seq.num_new] = self._attend(q, k, v, seq, layer, pool)
         return self.o_proj(out.view(n, -1))
