@@ -3,10 +3,11 @@
 Loading on CUDA: a loader thread drives a copy stream that reads layer l of every piece, rotates
 the pre-RoPE keys to the positions the tokens have now, writes them into the pages, and records
 layer l's event; the forward waits only for the layer it is about to compute.
-Loading on a CPU: the rotation and page writes are compute on the cores the forward keeps busy,
-so the engine's own thread does them: a job with disk pieces is read by a loader thread ahead of
-the forward, which writes layer l just before computing it; a job served from host alone has
-nothing to read and is written when it is submitted.
+Loading on a CPU: reading, checking, rotating and writing are all compute on the cores the
+forward keeps busy, so the engine's own thread does them. A job served from host alone is written
+when it is submitted. For a job with disk pieces the files are opened at submission, which starts
+the kernel reading them ahead (DMA, no CPU of ours); the forward then reads and writes layer l
+from the page cache just before computing it, so the disk time overlaps the forward.
 Saving: the forward hands each layer's pre-RoPE K/V (views, no copy) to a per-request buffer;
 at the end of the request the save thread copies them layer by layer into a host segment.
 """
@@ -57,14 +58,11 @@ class LoadJob:
     failed: tuple[str, str] | None = None  # (segment, reason) when a read failed its check
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of `positions`, filled by the loader
     scratch: torch.Tensor | None = None  # rotated keys before a scatter (non-consecutive slots), reused per layer
-    # CPU, background: per layer, the (a, b, k, v) runs the loader thread has read; the compute
-    # thread rotates them into the pages when it reaches that layer (`wait`). Until then they
-    # hold the read layers in memory outside the host budget: at most the running jobs' and the
-    # one staged queue head's.
-    deferred: list[list[tuple]] | None = None
-    write: Callable[[LoadJob, int, int, int, torch.Tensor, torch.Tensor], None] | None = None
+    # CPU, layer-wise: loads one layer (read, check, rotate, write) on the forward's thread when
+    # it reaches that layer (`wait`); the job's files are open and being read ahead by the kernel
+    load_layer: Callable[[LoadJob, int], None] | None = None
     waited_s: float = 0.0  # time the forward spent waiting for this job's layers
-    written_s: float = 0.0  # time the forward spent writing deferred layers into the pages
+    written_s: float = 0.0  # time the forward spent loading layers itself (CPU)
     read_s: float = 0.0  # the loader's own duration, start to last layer
     bytes_read: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
 
@@ -83,25 +81,25 @@ class LoadJob:
             self.waited_s += time.perf_counter() - t
         if self.cuda_events:
             torch.cuda.current_stream().wait_event(self.cuda_events[layer])
-        if self.deferred is not None and self.deferred[layer]:
-            runs, self.deferred[layer] = self.deferred[layer], []
+        if self.load_layer is not None:
             t = time.perf_counter()
-            with torch.inference_mode():
-                for a, b, k, v in runs:
-                    self.write(self, layer, a, b, k, v)
+            self.load_layer(self, layer)
             self.written_s += time.perf_counter() - t  # load work the forward does itself
 
     def wait_all(self) -> None:
         """Block until the loader is done with this job, before its pages may be freed or reused
-        (on a CPU the deferred writes of a job that never runs are simply dropped)."""
+        (on a CPU, the layers of a job that never runs are simply not loaded)."""
         for ev in self.events:
             ev.wait()
         if self.cuda_events:
             self.cuda_events[-1].synchronize()
+        if self.load_layer is not None:
+            self.load_layer(self, -1)  # close its files
 
 
 class Loader:
-    """Runs load jobs, synchronously or on a background thread (layer-wise overlap)."""
+    """Runs load jobs: synchronously, or layer-wise (CUDA: a loader thread driving a copy stream;
+    CPU: on the forward's thread, layer by layer, while the kernel reads the files ahead)."""
 
     def __init__(self, pool: KVPool, rotary: RotaryEmbedding, layout: KVLayout, device: torch.device) -> None:
         self.pool = pool
@@ -110,21 +108,23 @@ class Loader:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="store-loader", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if self.stream is not None:
+            self._thread = threading.Thread(target=self._loop, name="store-loader", daemon=True)
+            self._thread.start()
 
     def submit(self, job: LoadJob, background: bool) -> None:
         if background and self.stream is None:
-            # On a CPU the rotation and page writes are compute on the cores the forward already
-            # keeps busy: run beside it, they slowed the forward by more than they took on their
-            # own (a second OpenMP team on two cores, fresh_thread.py). Only disk reads can
-            # overlap the forward: the loader thread reads, and the forward's thread writes each
-            # layer before computing it. With nothing to read, the job is written right now.
-            if all(p.host is not None for p in job.pieces):
-                background = False
-            else:
-                job.deferred = [[] for _ in range(job.num_layers)]
-                job.write = self._write_piece
+            # On a CPU every step of a load is compute on the cores the forward already keeps
+            # busy: run beside it, a loader thread slowed the forward by more than it took on its
+            # own, and the forward then waited for the starved thread's layers. Only the disk
+            # itself can overlap the forward: the kernel reads the open files ahead while the
+            # forward's thread loads each layer before computing it. With nothing to read, the
+            # job is written right now.
+            if any(p.host is None for p in job.pieces):
+                self._start_inline(job)
+                return
+            background = False
         if self.stream is not None:
             # the pages were allocated (and maybe zeroed) on the compute stream: order after it
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -139,10 +139,34 @@ class Loader:
             job = self._jobs.get()
             if job is None:
                 return
-            if self.stream is None:  # CPU kernels: keep no OpenMP team alive between jobs
-                call_in_fresh_thread(self.run, job, name="store-load")
-            else:
-                self.run(job)
+            self.run(job)
+
+    def _start_inline(self, job: LoadJob) -> None:
+        """CPU, disk pieces: open the files now (the kernel starts reading them ahead); each layer
+        is then loaded by the forward's thread when it reaches it (`LoadJob.wait`)."""
+        readers: dict[str, SegmentReader] = {}
+        try:
+            for p in job.pieces:
+                if p.host is None and p.seg_id not in readers:
+                    readers[p.seg_id] = _open(p)
+        except (CorruptSegment, OSError) as e:
+            job.failed = (getattr(e, "seg_id", ""), str(e))
+
+        loaded: set[int] = set()
+
+        def load_layer(job: LoadJob, layer: int) -> None:
+            if layer >= 0 and layer not in loaded and readers:
+                loaded.add(layer)
+                with torch.inference_mode():
+                    self._load_layer_or_fail(job, layer, readers)
+            if layer < 0 or layer == job.num_layers - 1:
+                for r in readers.values():
+                    r.close()
+                readers.clear()
+
+        job.load_layer = load_layer
+        for ev in job.events:  # nothing runs elsewhere: the forward never waits on another thread
+            ev.set()
 
     def run(self, job: LoadJob) -> None:
         readers: dict[str, SegmentReader] = {}
@@ -151,14 +175,7 @@ class Loader:
             ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
             with ctx, torch.inference_mode():
                 for layer in range(job.num_layers):
-                    if job.failed is None:
-                        try:
-                            self._load_layer(job, layer, readers)
-                        except CorruptSegment as e:
-                            job.failed = (getattr(e, "seg_id", ""), str(e))
-                        except Exception as e:  # e.g. an I/O error: the request recomputes, the thread lives
-                            log.exception("store: loading layer %d failed", layer)
-                            job.failed = (getattr(e, "seg_id", ""), repr(e))
+                    self._load_layer_or_fail(job, layer, readers)
                     if job.cuda_events:
                         job.cuda_events[layer].record(self.stream)
                     job.events[layer].set()
@@ -170,6 +187,19 @@ class Loader:
                 r.close()
             for ev in job.events:  # never leave the forward waiting, whatever happened
                 ev.set()
+
+    def _load_layer_or_fail(self, job: LoadJob, layer: int, readers: dict[str, SegmentReader]) -> None:
+        """Load one layer unless the job already failed; a failure marks the job (the request
+        recomputes) and never escapes, so neither the loader thread nor the forward dies of it."""
+        if job.failed is not None:
+            return
+        try:
+            self._load_layer(job, layer, readers)
+        except CorruptSegment as e:
+            job.failed = (getattr(e, "seg_id", ""), str(e))
+        except Exception as e:  # e.g. an I/O error
+            log.exception("store: loading layer %d failed", layer)
+            job.failed = (getattr(e, "seg_id", ""), repr(e))
 
     def _load_layer(self, job: LoadJob, layer: int, readers: dict[str, SegmentReader]) -> None:
         for p in job.pieces:
@@ -188,10 +218,7 @@ class Loader:
                 tier = "disk"
             job.bytes_read[tier] += 2 * k.numel() * k.element_size()
             a, b = p.dst - job.start, p.dst - job.start + p.hi - p.lo
-            if job.deferred is not None:
-                job.deferred[layer].append((a, b, k, v))
-            else:
-                self._write_piece(job, layer, a, b, k, v)
+            self._write_piece(job, layer, a, b, k, v)
 
     def _write_piece(self, job: LoadJob, layer: int, a: int, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Job tokens [a, b) into the pages; keys rotated to the positions these tokens have now."""
@@ -211,8 +238,9 @@ class Loader:
         self.pool.write(layer, job.slots[a:b], k_rot, v.to(self.device, non_blocking=True).to(pool_k.dtype))
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=30)
 
 
 def _open(p: Piece) -> SegmentReader:

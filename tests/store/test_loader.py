@@ -78,29 +78,54 @@ def _cpu_loader(spec) -> tuple[KVPool, Loader, KVLayout]:
                         torch.device("cpu")), layout
 
 
-def test_cpu_disk_load_is_read_in_the_background_and_written_by_the_thread_that_waits(tmp_path):
-    """On a CPU the loader thread only reads; the forward's thread rotates each layer into the pages."""
+def test_cpu_disk_load_opens_at_submit_and_loads_each_layer_on_the_thread_that_waits(tmp_path):
+    """On a CPU no other thread touches the job: submit opens the file (the kernel reads it ahead),
+    and the forward's thread reads and writes layer l when it waits for it, each layer once."""
     spec = spec_from_hf_config(CFG)
     pool, loader, layout = _cpu_loader(spec)
     disk = DiskTier(str(tmp_path), 1 << 20, "fp", layout)
     seg = SegmentKV(torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8))
     disk.put("a", seg)
     slots = KVPool.slots_for([0, 1], PAGE, 0, 8, torch.device("cpu"))
-    job = LoadJob([Piece("a", 0, 8, 0, None, open_disk=lambda: disk.open("a"))], slots, torch.arange(8), 0,
-                  spec.num_layers, first_slot=0)
+    opened = []
+    job = LoadJob([Piece("a", 0, 8, 0, None, open_disk=lambda: opened.append(disk.open("a")) or opened[-1])], slots,
+                  torch.arange(8), 0, spec.num_layers, first_slot=0)
     writers = []
     real = loader._write_piece
     loader._write_piece = lambda *a: (writers.append(threading.current_thread()), real(*a))
     loader.submit(job, background=True)
-    for ev in job.events:  # every layer read...
-        ev.wait()
-    assert pool.k[0].abs().sum() == 0 and pool.v[1].abs().sum() == 0  # ...none written yet
-    for layer in range(spec.num_layers):
-        job.wait(layer)
+    assert len(opened) == 1 and all(ev.is_set() for ev in job.events)  # open, and nothing to wait for...
+    assert pool.k[0].abs().sum() == 0 and pool.v[1].abs().sum() == 0  # ...but nothing read or written yet
+    job.wait(0)
+    job.wait(0)  # a second wait loads nothing more
+    assert torch.equal(pool.v[0][:8], seg.v[0]) and pool.v[1].abs().sum() == 0  # layer 0 only
+    job.wait(1)
     loader.close()
     disk.close()
     assert writers == [threading.current_thread()] * spec.num_layers and job.written_s > 0
-    assert torch.equal(pool.v[1][:8], seg.v[1]) and job.deferred == [[], []] and job.bytes_read["disk"] > 0
+    assert torch.equal(pool.v[1][:8], seg.v[1]) and job.bytes_read["disk"] > 0
+    assert opened[0].f.closed  # closed after the last layer
+
+
+def test_cpu_disk_load_cut_short_fails_the_job_not_the_forward(tmp_path):
+    """A file that breaks between submit and the forward: the layer that cannot be read marks the
+    job failed (the request recomputes); waiting raises nothing."""
+    spec = spec_from_hf_config(CFG)
+    pool, loader, layout = _cpu_loader(spec)
+    disk = DiskTier(str(tmp_path), 1 << 20, "fp", layout)
+    disk.put("a", SegmentKV(torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8)))
+    slots = KVPool.slots_for([0, 1], PAGE, 0, 8, torch.device("cpu"))
+    job = LoadJob([Piece("a", 0, 8, 0, None, open_disk=lambda: disk.open("a"))], slots, torch.arange(8), 0,
+                  spec.num_layers, first_slot=0)
+    loader.submit(job, background=True)
+    path = disk.path("a")
+    path.write_bytes(path.read_bytes()[:-8])  # the last layer is cut
+    for layer in range(spec.num_layers):
+        job.wait(layer)
+    job.wait_all()
+    loader.close()
+    disk.close()
+    assert job.failed is not None and job.failed[0] == "a" and "layer 1" in job.failed[1]
 
 
 def test_cpu_host_load_is_written_at_submit():
@@ -112,12 +137,12 @@ def test_cpu_host_load_is_written_at_submit():
     job = LoadJob([Piece("a", 0, 8, 0, seg)], slots, torch.arange(8), 0, spec.num_layers, first_slot=0)
     loader.submit(job, background=True)
     loader.close()
-    assert all(ev.is_set() for ev in job.events) and job.deferred is None
+    assert all(ev.is_set() for ev in job.events) and job.load_layer is None
     assert torch.equal(pool.v[1][:8], seg.v[1]) and job.bytes_read["host"] > 0
 
 
 def test_an_unreadable_file_fails_the_job_not_the_loader(tmp_path):
-    """An I/O error is a failed load (the request recomputes); the loader thread keeps serving."""
+    """An I/O error opening a file is a failed load (the request recomputes); the loader keeps serving."""
     spec = spec_from_hf_config(CFG)
     pool, loader, layout = _cpu_loader(spec)
     slots = KVPool.slots_for([0, 1], PAGE, 0, 8, torch.device("cpu"))
