@@ -250,9 +250,12 @@ class SegmentReader:
         if hasattr(os, "posix_fadvise"):  # layers are read in order: let the kernel read the rest ahead
             os.posix_fadvise(self.f.fileno(), self.body, 0, os.POSIX_FADV_WILLNEED)
 
-    def read_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_layer(self, layer: int, into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s K and V, checked. `into`: a uint8 buffer of at least `layer_nbytes` to
+        read into (reused by a caller that consumes each layer before reading the next: fresh
+        memory costs a page fault per 4 KiB); by default a new tensor."""
         # straight into the tensor the K and V views share: the read is this layer's only copy
-        raw = torch.empty(2 * self.half, dtype=torch.uint8)
+        raw = torch.empty(2 * self.half, dtype=torch.uint8) if into is None else into[: 2 * self.half]
         buf = raw.numpy()
         got = _read_into(self.f.fileno(), buf, self.body + layer * 2 * self.half)
         if got != 2 * self.half or zlib.crc32(buf) != self.meta["checksums"][layer]:
@@ -260,6 +263,10 @@ class SegmentReader:
         shape = (self.n, self.layout.num_kv_heads, self.layout.head_dim)
         dtype = self.layout.dtype
         return raw[: self.half].view(dtype).view(shape), raw[self.half :].view(dtype).view(shape)
+
+    @property
+    def layer_nbytes(self) -> int:
+        return 2 * self.half
 
     def drop_page_cache(self) -> None:
         """Evict this file from the OS page cache (benchmarks of cold disk reads)."""

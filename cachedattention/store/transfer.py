@@ -109,6 +109,7 @@ class Loader:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._buffer: torch.Tensor | None = None  # CPU inline loads: one layer's read, reused
         if self.stream is not None:
             self._thread = threading.Thread(target=self._loop, name="store-loader", daemon=True)
             self._thread.start()
@@ -158,7 +159,8 @@ class Loader:
             if layer >= 0 and layer not in loaded and readers:
                 loaded.add(layer)
                 with torch.inference_mode():
-                    self._load_layer_or_fail(job, layer, readers)
+                    # each layer is written into the pages before the next is read: one buffer serves all
+                    self._load_layer_or_fail(job, layer, readers, self._read_buffer(readers))
             if layer < 0 or layer == job.num_layers - 1:
                 for r in readers.values():
                     r.close()
@@ -167,6 +169,13 @@ class Loader:
         job.load_layer = load_layer
         for ev in job.events:  # nothing runs elsewhere: the forward never waits on another thread
             ev.set()
+
+    def _read_buffer(self, readers: dict[str, SegmentReader]) -> torch.Tensor:
+        """The CPU inline loads' reusable read buffer, grown to the largest layer of these files."""
+        need = max(r.layer_nbytes for r in readers.values())
+        if self._buffer is None or self._buffer.numel() < need:
+            self._buffer = torch.empty(need, dtype=torch.uint8)
+        return self._buffer
 
     def run(self, job: LoadJob) -> None:
         readers: dict[str, SegmentReader] = {}
@@ -188,20 +197,24 @@ class Loader:
             for ev in job.events:  # never leave the forward waiting, whatever happened
                 ev.set()
 
-    def _load_layer_or_fail(self, job: LoadJob, layer: int, readers: dict[str, SegmentReader]) -> None:
+    def _load_layer_or_fail(
+        self, job: LoadJob, layer: int, readers: dict[str, SegmentReader], into: torch.Tensor | None = None
+    ) -> None:
         """Load one layer unless the job already failed; a failure marks the job (the request
         recomputes) and never escapes, so neither the loader thread nor the forward dies of it."""
         if job.failed is not None:
             return
         try:
-            self._load_layer(job, layer, readers)
+            self._load_layer(job, layer, readers, into)
         except CorruptSegment as e:
             job.failed = (getattr(e, "seg_id", ""), str(e))
         except Exception as e:  # e.g. an I/O error
             log.exception("store: loading layer %d failed", layer)
             job.failed = (getattr(e, "seg_id", ""), repr(e))
 
-    def _load_layer(self, job: LoadJob, layer: int, readers: dict[str, SegmentReader]) -> None:
+    def _load_layer(
+        self, job: LoadJob, layer: int, readers: dict[str, SegmentReader], into: torch.Tensor | None = None
+    ) -> None:
         for p in job.pieces:
             if p.host is not None:
                 k, v = p.host.k[layer, p.lo : p.hi], p.host.v[layer, p.lo : p.hi]
@@ -210,7 +223,7 @@ class Loader:
                 if p.seg_id not in readers:
                     readers[p.seg_id] = _open(p)
                 try:
-                    k_all, v_all = readers[p.seg_id].read_layer(layer)
+                    k_all, v_all = readers[p.seg_id].read_layer(layer, into)
                 except (CorruptSegment, OSError) as e:  # an unreadable file is as good as corrupt
                     e.seg_id = p.seg_id
                     raise

@@ -36,3 +36,18 @@ def test_a_truncated_layer_is_corrupt_not_short(tmp_path):
         reader.read_layer(1)
     reader.close()
     disk.close()
+
+
+def test_a_layer_can_be_read_into_a_reused_buffer(tmp_path):
+    layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float32)
+    disk = DiskTier(str(tmp_path), 1 << 20, "fp", layout)
+    kv = SegmentKV(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+    disk.put("seg", kv)
+    buf = torch.empty(1000, dtype=torch.uint8)
+    with disk.open("seg") as reader:
+        assert reader.layer_nbytes == 2 * 3 * 4 * 4
+        for layer in range(2):
+            k, v = reader.read_layer(layer, into=buf)
+            assert k.data_ptr() == buf.data_ptr()  # in the caller's buffer, no new memory
+            assert torch.equal(k, kv.k[layer]) and torch.equal(v, kv.v[layer])
+    disk.close()

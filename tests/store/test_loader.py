@@ -104,6 +104,8 @@ def test_cpu_disk_load_opens_at_submit_and_loads_each_layer_on_the_thread_that_w
     disk.close()
     assert writers == [threading.current_thread()] * spec.num_layers and job.written_s > 0
     assert torch.equal(pool.v[1][:8], seg.v[1]) and job.bytes_read["disk"] > 0
+    # both layers were read into one reused buffer: each was in the pages before the next read
+    assert all(torch.equal(pool.v[i][:8], seg.v[i]) for i in range(2)) and loader._buffer is not None
     assert opened[0].f.closed  # closed after the last layer
 
 
