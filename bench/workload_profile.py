@@ -1,0 +1,93 @@
+"""Where one system's engine time goes in the workload benchmark: the step's parts, and forward
+passes by how many sequences decode and how many tokens are prefilled in them.
+
+A diagnostic, not a benchmark mode (CPU, embedded model, a saved workload):
+
+    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/workload_profile.py \\
+        [docs/results/cpu/workload.json] [CachedAttention]
+"""
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+
+from cachedattention.bench import workload_bench
+from cachedattention.bench.replay import replay
+from cachedattention.bench.systems import build_systems
+from cachedattention.config import EngineConfig
+from cachedattention.engine import engine as engine_mod
+from cachedattention.engine import runner as runner_mod
+from cachedattention.engine import scheduler as scheduler_mod
+from cachedattention.engine.engine import LLMEngine
+from cachedattention.store import connector as connector_mod
+
+totals: collections.defaultdict[str, float] = collections.defaultdict(float)
+forwards: collections.defaultdict[tuple[int, int], list[float]] = collections.defaultdict(list)
+
+
+def timed(owner, name: str, key: str) -> None:
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
+def instrument() -> None:
+    real_run = runner_mod.ModelRunner.run
+
+    def run(self, batch):
+        start = time.perf_counter()
+        out = real_run(self, batch)
+        seconds = time.perf_counter() - start
+        decoders = sum(g.rows.shape[0] for g in batch.decode) + sum(1 for s in batch.seqs if s.num_new == 1)
+        prefill = sum(s.num_new for s in batch.seqs if s.num_new > 1)
+        forwards[(min(decoders, 8), min(prefill // 128, 4))].append(seconds)
+        totals["forward"] += seconds
+        return out
+
+    runner_mod.ModelRunner.run = run
+    timed(runner_mod.ModelRunner, "build_batch", "build_batch")
+    timed(scheduler_mod.Scheduler, "schedule", "schedule")
+    timed(engine_mod, "sample_batch", "sample")
+    timed(engine_mod.LLMEngine, "step", "step")
+    for name in ("begin_step", "end_step", "preload", "publish_queue", "request_finished", "lookup"):
+        timed(connector_mod.StoreConnector, name, "store." + name)
+
+
+def main(workload_path: str, system: str) -> None:
+    args = argparse.Namespace(model=None, device="cpu", dtype="float32", quick=False, sessions=None, seed=0,
+                              workload=workload_path, max_model_len=8192, random_shape=None)
+    loaded = workload_bench._load_model(args)
+    workload = workload_bench.build_workload(args, loaded.tokenizer)
+    budgets, _ = workload_bench.plan_budgets(loaded, workload, 8192, "float32")
+    base = EngineConfig(model=None, device="cpu", dtype="float32", max_model_len=8192, seed=0)
+    instrument()
+    with tempfile.TemporaryDirectory() as root:
+        spec = build_systems([system], budgets, root)[0]
+        engine = LLMEngine(spec.engine_config(base), loaded=loaded)
+        try:
+            result = replay(engine, workload, system, progress=False)
+        finally:
+            engine.close()
+    later = [r.ttft_s for r in result.records if r.turn_index >= 1]
+    print(f"{system}: compute {result.compute_s:.1f} s, TTFT turns>=2 {sum(later) / len(later):.3f} s")
+    for key in sorted(totals, key=lambda k: -totals[k]):
+        print(f"  {key:22s} {totals[key]:7.1f} s")
+    decode_only = sum(sum(v) for (_, p), v in forwards.items() if p == 0)
+    print(f"  forward passes with under 128 prefilled tokens (decode steps): {decode_only:.1f} s")
+    for (decoders, prefill), times in sorted(forwards.items()):
+        print(f"  {decoders}{'+' if decoders == 8 else ''} decoding, {prefill * 128}+ prefilled: {len(times)} steps, "
+              f"mean {1000 * sum(times) / len(times):.1f} ms, total {sum(times):.1f} s")
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    main(argv[0] if argv else "docs/results/cpu/workload.json", argv[1] if len(argv) > 1 else "CachedAttention")
