@@ -6,25 +6,19 @@ A diagnostic, not a benchmark mode (CPU, embedded model, a saved workload; ~3 mi
     CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/decode_groups_ab.py [workload.json]
 """
 
-import argparse
 import sys
 import tempfile
 
-from cachedattention.bench import workload_bench
+from workload_profile import load_saved_workload  # the script beside this one
+
 from cachedattention.bench.replay import replay
 from cachedattention.bench.systems import build_systems
-from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.engine.runner import CPU_GROUP_CALL_ROWS
 
 
 def main(workload_path: str) -> None:
-    args = argparse.Namespace(model=None, device="cpu", dtype="float32", quick=False, sessions=None, seed=0,
-                              workload=workload_path, max_model_len=8192, random_shape=None)
-    loaded = workload_bench._load_model(args)
-    workload = workload_bench.build_workload(args, loaded.tokenizer)
-    budgets, _ = workload_bench.plan_budgets(loaded, workload, 8192, "float32")
-    base = EngineConfig(model=None, device="cpu", dtype="float32", max_model_len=8192, seed=0)
+    loaded, workload, budgets, base = load_saved_workload(workload_path)
     for round_ in range(2):
         for rows in (None, CPU_GROUP_CALL_ROWS):
             with tempfile.TemporaryDirectory() as root:

@@ -62,13 +62,19 @@ def instrument() -> None:
         timed(connector_mod.StoreConnector, name, "store." + name)
 
 
-def main(workload_path: str, system: str) -> None:
+def load_saved_workload(workload_path: str):
+    """The embedded model, a saved workload, the bench's tier budgets for it and the base engine config."""
     args = argparse.Namespace(model=None, device="cpu", dtype="float32", quick=False, sessions=None, seed=0,
                               workload=workload_path, max_model_len=8192, random_shape=None)
     loaded = workload_bench._load_model(args)
     workload = workload_bench.build_workload(args, loaded.tokenizer)
     budgets, _ = workload_bench.plan_budgets(loaded, workload, 8192, "float32")
     base = EngineConfig(model=None, device="cpu", dtype="float32", max_model_len=8192, seed=0)
+    return loaded, workload, budgets, base
+
+
+def main(workload_path: str, system: str) -> None:
+    loaded, workload, budgets, base = load_saved_workload(workload_path)
     instrument()
     with tempfile.TemporaryDirectory() as root:
         spec = build_systems([system], budgets, root)[0]
