@@ -57,15 +57,14 @@ class Attention(nn.Module):
         kv_heads, d = ks.shape[1], ks.shape[2]
         ks = ks.view(b, lmax, kv_heads, d).transpose(1, 2)  # [B, kv_heads, Lmax, d]
         vs = vs.view(b, lmax, kv_heads, d).transpose(1, 2)
-        # GQA without copying K/V: the query heads sharing a KV head become that head's query rows
-        # (one new token attends to every real key, so the rows need no causal mask)
-        qs = q[group.rows].view(b, kv_heads, -1, d)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=group.mask)
-        return o.reshape(b, -1, d)
+        return _one_token_attention(q[group.rows], ks, vs, group.mask)
 
     @staticmethod
     def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool) -> torch.Tensor:
         lo, hi = seq.start, seq.start + seq.num_new
+        if seq.num_new == 1 and seq.context_len > 0:  # a lone decoder
+            ks, vs = pool.read(layer, seq.slots[: seq.total_len], seq.first_slot)
+            return _one_token_attention(q[lo:hi], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None])
         qs = q[lo:hi].transpose(0, 1)  # [heads, n, d]
         if seq.context_len == 0:
             # nothing cached: attend over this step's own keys, no gather from the pool
@@ -90,6 +89,21 @@ class Attention(nn.Module):
             ks, vs = _expand_heads(ks, qs.shape[0]), _expand_heads(vs, qs.shape[0])
             o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal)
         return o[0].transpose(0, 1)
+
+
+def _one_token_attention(
+    q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One new token per sequence over its context: q [B, heads, d], ks/vs [B, kv_heads, L, d].
+
+    GQA without copying K/V: the query heads sharing a KV head become that head's query rows (one
+    new token attends to every real key, so the rows need no causal mask; `mask` marks padding).
+    Faster on a CPU than the flash kernel's own GQA too (1 query over 2,500 keys: 216 against
+    312 us).
+    """
+    b, kv_heads, d = q.shape[0], ks.shape[1], ks.shape[3]
+    o = F.scaled_dot_product_attention(q.view(b, kv_heads, -1, d), ks, vs, attn_mask=mask)
+    return o.reshape(b, -1, d)
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
