@@ -85,7 +85,7 @@ class ModelRunner:
         Returns the groups and the indices of the sequences they hold; a sequence left alone
         attends by itself.
         """
-        dec = [i for i, s in enumerate(seqs) if _is_decode(s)]
+        dec = [i for i, s in enumerate(seqs) if s.is_decode]
         if len(dec) < 2:
             return [], set()
         groups, grouped = [], set()
@@ -138,8 +138,3 @@ def bucket_by_length(lengths: list[int], call_rows: int | None) -> list[list[int
         groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
-
-
-def _is_decode(s: SeqSlice) -> bool:
-    return s.num_new == 1 and s.context_len > 0
-

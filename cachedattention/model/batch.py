@@ -27,6 +27,11 @@ class SeqSlice:
     def total_len(self) -> int:
         return self.context_len + self.num_new
 
+    @property
+    def is_decode(self) -> bool:
+        """One new token over a cached context: it attends to every key, no causal mask."""
+        return self.num_new == 1 and self.context_len > 0
+
 
 class LayerHooks(Protocol):
     """How the store talks to the model: wait until layer l's loaded KV is in the pages; take layer l's pre-RoPE KV."""

@@ -62,7 +62,7 @@ class Attention(nn.Module):
     @staticmethod
     def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool) -> torch.Tensor:
         lo, hi = seq.start, seq.start + seq.num_new
-        if seq.num_new == 1 and seq.context_len > 0:  # a lone decoder
+        if seq.is_decode:  # a lone decoder
             ks, vs = pool.read(layer, seq.slots[: seq.total_len], seq.first_slot)
             return _one_token_attention(q[lo:hi], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None])
         qs = q[lo:hi].transpose(0, 1)  # [heads, n, d]
