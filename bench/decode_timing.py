@@ -1,8 +1,9 @@
-"""Times a decode step's forward with several sequences decoding together, for ways of splitting
-them into padded attention groups: one group (the CUDA path) or groups of similar length chosen with
-a given cost per call, in rows (the CPU path). CPU, embedded model.
+"""Times a decode step's forward with several sequences decoding together: with the paged decode
+kernel (`kernel`, the CPU default when it builds), or through torch in padded attention groups: one
+group (`none`, the CUDA path) or groups of similar length chosen with a given cost per call, in rows.
+CPU, embedded model.
 
-    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/decode_timing.py [rounds] [call rows, ...]
+    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/decode_timing.py [rounds] [kernel,none,1024,...]
 
 A diagnostic, not a benchmark mode; the settings alternate so machine noise hits each alike.
 """
@@ -22,9 +23,10 @@ CONTEXTS = (
 )
 
 
-def median_decode_ms(llm: LLM, call_rows: int | None, lens: list[int]) -> float:
+def median_decode_ms(llm: LLM, setting: int | str | None, lens: list[int], kernel) -> float:
     eng = llm.engine
-    eng.runner.group_call_rows = call_rows
+    eng.runner.decode_kernel = kernel if setting == "kernel" else None
+    eng.runner.group_call_rows = None if setting == "kernel" else setting
     gen = torch.Generator().manual_seed(0)
     for n in lens:
         ids = torch.randint(100, 40000, (n,), generator=gen).tolist()
@@ -47,20 +49,25 @@ def median_decode_ms(llm: LLM, call_rows: int | None, lens: list[int]) -> float:
     return statistics.median(t for n, t in times if n == len(lens)) * 1000
 
 
-def main(rounds: int, settings: list[int | None]) -> None:
+def main(rounds: int, settings: list[int | str | None]) -> None:
     llm = LLM(max_model_len=8192, cache=CacheConfig(enable_prefix_cache=False),
               scheduler=SchedulerConfig(max_num_batched_tokens=2048))
+    kernel = llm.engine.runner.decode_kernel
     for lens in CONTEXTS:
-        ms: dict[int | None, list[float]] = {s: [] for s in settings}
+        ms: dict[int | str | None, list[float]] = {s: [] for s in settings}
         for _ in range(rounds):
             for s in settings:
-                ms[s].append(median_decode_ms(llm, s, lens))
-        cells = ", ".join(f"{'one group' if s is None else f'{s} rows/call'} {statistics.median(v):.1f} ms"
+                ms[s].append(median_decode_ms(llm, s, lens, kernel))
+        cells = ", ".join(f"{_name(s)} {statistics.median(v):.1f} ms"
                           for s, v in ms.items())
         print(f"contexts {lens}: {cells} (medians of {rounds} rounds)", flush=True)
 
 
+def _name(setting: int | str | None) -> str:
+    return "one group" if setting is None else setting if isinstance(setting, str) else f"{setting} rows/call"
+
+
 if __name__ == "__main__":
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    values = sys.argv[2].split(",") if len(sys.argv) > 2 else ["none", "512", "1024", "2048"]
-    main(rounds, [None if v == "none" else int(v) for v in values])
+    values = sys.argv[2].split(",") if len(sys.argv) > 2 else ["kernel", "none", "1024"]
+    main(rounds, [None if v == "none" else v if v == "kernel" else int(v) for v in values])

@@ -64,11 +64,21 @@ def test_read_is_a_slice_when_consecutive_and_equals_the_gather(tiny_dirs):
     for layer in range(len(pool.k)):
         pool.k[layer].normal_()
         pool.v[layer].normal_()
-    slots = torch.arange(20, 45)
-    k, v = pool.read(1, slots, first_slot=20)
-    gk, gv = pool.gather(1, slots)
-    assert k.data_ptr() == pool.k[1][20].data_ptr()  # a view: no copy
+    ps, length = pool.page_size, 2 * pool.page_size + 5
+
+    def token_gather(pages):
+        slots = (pages[:, None] * ps + torch.arange(ps)).view(-1)[:length]
+        return pool.gather(1, slots)
+
+    consecutive = torch.tensor([5, 6, 7])
+    k, v = pool.read(1, consecutive, length, first_slot=5 * ps)
+    assert k.data_ptr() == pool.k[1][5 * ps].data_ptr()  # a view: no copy
+    gk, gv = token_gather(consecutive)
     assert torch.equal(k, gk) and torch.equal(v, gv)
+    scattered = torch.tensor([9, 2, 30])
+    k, v = pool.read(1, scattered, length, None)
+    gk, gv = token_gather(scattered)
+    assert k.shape == gk.shape and torch.equal(k, gk) and torch.equal(v, gv)
 
 
 @pytest.mark.parametrize("fragment", [False, True])
@@ -77,6 +87,7 @@ def test_scattered_and_consecutive_pages_give_the_same_logits(fragment, tiny_dir
     match transformers, and each path is the one actually taken."""
     path, hf = tiny_dirs["llama"]
     llm = LLM(model=str(path), cache=CacheConfig(page_size=4, num_pages=64, enable_prefix_cache=False))
+    llm.engine.runner.decode_kernel = None  # the torch path reads the pool (the kernel has its own tests)
     pages = llm.engine.pages
     if fragment:  # hold every other page, so no run of free pages is longer than one
         pages.allocate(64)
@@ -84,9 +95,9 @@ def test_scattered_and_consecutive_pages_give_the_same_logits(fragment, tiny_dir
     firsts: list = []
     real = kv_pool_mod.KVPool.read
 
-    def spy(self, layer, slots, first_slot):
+    def spy(self, layer, pages, length, first_slot):
         firsts.append(first_slot)
-        return real(self, layer, slots, first_slot)
+        return real(self, layer, pages, length, first_slot)
 
     monkeypatch.setattr(kv_pool_mod.KVPool, "read", spy)
     seen = capture_logits(monkeypatch)

@@ -124,23 +124,27 @@ def test_stats_count_steps_that_left_the_queue_waiting(tiny_dirs):
     assert stats["steps_blocked_on_pages"] > 0 and stats["steps_blocked_on_max_seqs"] == 0
 
 
-@pytest.mark.parametrize("call_rows", [None, 16, 0])
-def test_concurrent_decoders_match_transformers(call_rows, tiny_dirs, monkeypatch):
-    """Several sequences decoding in one step, each over its own context length: in one padded
-    attention call (None), in groups of similar length (16), each alone (0). Every sequence's logits
-    match its own transformers reference."""
+@pytest.mark.parametrize("mode", ["kernel", None, 16, 0])
+def test_concurrent_decoders_match_transformers(mode, tiny_dirs, monkeypatch):
+    """Several sequences decoding in one step, each over its own context length: by the paged
+    decode kernel (the CPU default), or through torch in one padded attention call (None), in groups
+    of similar length (16), each alone (0). Every sequence's logits match its own transformers reference."""
     path, hf = tiny_dirs["qwen2"]
     llm = LLM(model=str(path))
-    llm.engine.runner.group_call_rows = call_rows
+    runner = llm.engine.runner
+    assert runner.decode_kernel is not None  # this machine builds it
+    if mode != "kernel":
+        runner.decode_kernel, runner.group_call_rows = None, mode
     groups = []
-    real = llm.engine.runner._decode_groups
+    real = runner.build_batch
 
-    def spy(seqs, slots):
-        found = real(seqs, slots)
-        groups.append(sorted(len(g.rows) for g in found[0]))
-        return found
+    def spy(scheduled, hooks):
+        batch, wants = real(scheduled, hooks)
+        paged = [len(batch.paged_decode.rows)] if batch.paged_decode is not None else []
+        groups.append((paged, sorted(len(g.rows) for g in batch.decode)))
+        return batch, wants
 
-    monkeypatch.setattr(llm.engine.runner, "_decode_groups", spy)
+    monkeypatch.setattr(runner, "build_batch", spy)
     seen = capture_logits(monkeypatch)
     prompts = [[(3 * i + j) % 250 + 1 for i in range(n)] for j, n in enumerate((5, 60, 9, 64))]
     outs = llm.generate(prompts, GREEDY)
@@ -152,7 +156,8 @@ def test_concurrent_decoders_match_transformers(call_rows, tiny_dirs, monkeypatc
         for step in range(8):
             assert rel_err(seen[step * len(prompts) + j], ref[len(prompt) - 1 + step]) <= 1e-4, f"seq {j} step {step}"
     decode_steps = groups[1:]  # the first step prefills
-    assert decode_steps and all(g == {None: [4], 16: [2, 2], 0: []}[call_rows] for g in decode_steps)
+    expected = {"kernel": ([4], []), None: ([], [4]), 16: ([], [2, 2]), 0: ([], [])}[mode]
+    assert decode_steps and all(g == expected for g in decode_steps)
 
 
 def test_bucket_by_length_pays_for_calls_with_less_padding():

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from cachedattention.engine.scheduler import ScheduledSeq
+from cachedattention.kernels.paged_decode import PagedDecodeKernel
 from cachedattention.kvcache.kv_pool import KVPool
-from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, SeqSlice
+from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, PagedDecode, SeqSlice
 from cachedattention.model.llama import LlamaForCausalLM
 
 # One more padded attention call on a CPU costs about as much as this many padded rows of context
@@ -26,19 +27,20 @@ class ModelRunner:
         # into groups of similar length: a CPU pays per row copied (measured by
         # bench/decode_timing.py), a GPU per kernel launch, so there it keeps one group
         self.group_call_rows = CPU_GROUP_CALL_ROWS if device.type == "cpu" else None
+        # a CPU with a C compiler attends decoders straight over their pages; else padded groups
+        self.decode_kernel = _load_decode_kernel(device, pool.k[0].dtype, model.lm_head.weight.dtype)
 
     def build_batch(self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None) -> tuple[ForwardBatch, list[int]]:
         """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""
-        ids, positions, seq_slots, new_slots, logit_rows, wants, shapes = [], [], [], [], [], [], []
-        start = 0
+        ids, positions, new_slots, page_tables, logit_rows, wants, shapes = [], [], [], [], [], [], []
+        start, page_size = 0, self.pool.page_size
         for i, s in enumerate(scheduled):
             req = s.request
             lo, hi = req.num_computed, req.num_computed + s.num_new
             ids.extend(req.all_token_ids[lo:hi])
             positions.extend(range(lo, hi))
-            slots = KVPool.slots_for(req.pages, self.pool.page_size, 0, hi, torch.device("cpu"))
-            seq_slots.append(slots)
-            new_slots.append(slots[lo:hi])
+            new_slots.append(KVPool.slots_for(req.pages, page_size, lo, hi, torch.device("cpu")))
+            page_tables.append(torch.tensor(req.pages[: -(-hi // page_size)], dtype=torch.long))
             shapes.append((start, s.num_new, lo))
             if hi == req.num_tokens:
                 logit_rows.append(start + s.num_new - 1)
@@ -47,26 +49,49 @@ class ModelRunner:
         dev = self.device
         small = torch.tensor(ids + positions + logit_rows, dtype=torch.long).to(dev, non_blocking=True)
         n = len(ids)
-        all_slots = torch.cat(new_slots + seq_slots).to(dev, non_blocking=True)
+        index = torch.cat(new_slots + page_tables).to(dev, non_blocking=True)
         seqs, off = [], n
-        for (begin, num_new, context), slots in zip(shapes, seq_slots):
-            seqs.append(SeqSlice(begin, num_new, context, all_slots[off : off + len(slots)], self._mask(num_new, context)))
-            off += len(slots)
-        decode, grouped = self._decode_groups(seqs, seq_slots)
-        for i, (seq, s) in enumerate(zip(seqs, scheduled)):
-            if i not in grouped:  # a decode group gathers its padded slots anyway
-                seq.first_slot = KVPool.contiguous_start(s.request.pages, self.pool.page_size, 0, seq.total_len)
+        for (begin, num_new, context), pages in zip(shapes, page_tables):
+            seqs.append(SeqSlice(begin, num_new, context, index[off : off + len(pages)], self._mask(num_new, context)))
+            off += len(pages)
+        paged, grouped = self._paged_decode(seqs, page_tables)
+        if paged is None:
+            decode, grouped = self._decode_groups(seqs, page_tables)
+        else:
+            decode = []
         seqs = [s for i, s in enumerate(seqs) if i not in grouped]
+        for seq, s in zip(seqs, (s for i, s in enumerate(scheduled) if i not in grouped)):
+            seq.first_slot = KVPool.contiguous_start(s.request.pages, page_size, 0, seq.total_len)
         batch = ForwardBatch(
             input_ids=small[:n],
             positions=small[n : 2 * n],
-            new_slots=all_slots[:n],
+            new_slots=index[:n],
             seqs=seqs,
             logits_indices=small[2 * n :],
             hooks=hooks,
             decode=decode,
+            paged_decode=paged,
         )
         return batch, wants
+
+    def _paged_decode(
+        self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor]
+    ) -> tuple[PagedDecode | None, set[int]]:
+        """Every decoding sequence for the paged kernel (None when there is no kernel or no decoder),
+        and the indices of the sequences it holds."""
+        dec = [i for i, s in enumerate(seqs) if s.is_decode]
+        if self.decode_kernel is None or not dec:
+            return None, set()
+        counts = torch.tensor([0] + [len(cpu_pages[i]) for i in dec], dtype=torch.long)
+        paged = PagedDecode(
+            kernel=self.decode_kernel,
+            rows=torch.tensor([seqs[i].start for i in dec], dtype=torch.long),
+            pages=torch.cat([cpu_pages[i] for i in dec]),
+            page_start=counts.cumsum(0),
+            lengths=torch.tensor([seqs[i].total_len for i in dec], dtype=torch.long),
+            page_size=self.pool.page_size,
+        )
+        return paged, set(dec)
 
     def _mask(self, num_new: int, context: int) -> torch.Tensor | None:
         """The bottom-right causal mask of new tokens over a cached context, for the CPU kernel.
@@ -78,7 +103,7 @@ class ModelRunner:
         return torch.ones(num_new, context + num_new, dtype=torch.bool).tril(context)
 
     def _decode_groups(
-        self, seqs: list[SeqSlice], cpu_slots: list[torch.Tensor]
+        self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor]
     ) -> tuple[list[DecodeGroup], set[int]]:
         """Decoding sequences (one new token over a context) in padded groups of similar length.
 
@@ -92,27 +117,33 @@ class ModelRunner:
         for bucket in bucket_by_length([seqs[i].total_len for i in dec], self.group_call_rows):
             if len(bucket) > 1:
                 members = [dec[j] for j in bucket]
-                groups.append(self._group([seqs[i] for i in members], [cpu_slots[i] for i in members]))
+                groups.append(self._group([seqs[i] for i in members], [cpu_pages[i] for i in members]))
                 grouped.update(members)
         return groups, grouped
 
-    def _group(self, seqs: list[SeqSlice], cpu_slots: list[torch.Tensor]) -> DecodeGroup:
-        lmax = max(s.total_len for s in seqs)
-        slots = torch.zeros(len(seqs), lmax, dtype=torch.long)
-        mask = torch.zeros(len(seqs), 1, 1, lmax, dtype=torch.bool)
-        for i, (s, c) in enumerate(zip(seqs, cpu_slots)):
-            slots[i, : s.total_len] = c
+    def _group(self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor]) -> DecodeGroup:
+        most = max(len(p) for p in cpu_pages)
+        pages = torch.zeros(len(seqs), most, dtype=torch.long)  # padding reads page 0, masked out
+        mask = torch.zeros(len(seqs), 1, 1, most * self.pool.page_size, dtype=torch.bool)
+        for i, (s, p) in enumerate(zip(seqs, cpu_pages)):
+            pages[i, : len(p)] = p
             mask[i, 0, 0, : s.total_len] = True
         rows = torch.tensor([s.start for s in seqs], dtype=torch.long)
         dev = self.device
         return DecodeGroup(
             rows=rows.to(dev, non_blocking=True),
-            slots=slots.to(dev, non_blocking=True),
+            pages=pages.to(dev, non_blocking=True),
             mask=mask.to(dev, non_blocking=True),
         )
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch, self.pool)
+
+
+def _load_decode_kernel(device: torch.device, *dtypes: torch.dtype) -> PagedDecodeKernel | None:
+    if device.type != "cpu" or any(d != torch.float32 for d in dtypes):
+        return None  # the kernel is float32 C for a CPU; a GPU keeps its fused attention
+    return PagedDecodeKernel.load()
 
 
 def bucket_by_length(lengths: list[int], call_rows: int | None) -> list[list[int]]:

@@ -40,13 +40,23 @@ class KVPool:
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
 
+    def gather_pages(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of whole pages in the given order: [len(pages) * page_size, kv_heads, head_dim] each
+        (a copy per page, not per token; the page table is all a step has to build)."""
+        token_shape = (-1, *self.k[layer].shape[1:])
+        k = self.k[layer].view(self.num_pages, -1).index_select(0, pages).view(token_shape)
+        v = self.v[layer].view(self.num_pages, -1).index_select(0, pages).view(token_shape)
+        return k, v
+
     def read(
-        self, layer: int, slots: torch.Tensor, first_slot: int | None
+        self, layer: int, pages: torch.Tensor, length: int, first_slot: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of these slots: views of the pool when they are consecutive from first_slot, else a gather."""
+        """K/V of a sequence's first `length` tokens, held in these pages: views of the pool when
+        they are consecutive from first_slot, else a gather of the pages."""
         if first_slot is None:
-            return self.gather(layer, slots)
-        end = first_slot + slots.shape[0]
+            k, v = self.gather_pages(layer, pages)
+            return k[:length], v[:length]
+        end = first_slot + length
         return self.k[layer][first_slot:end], self.v[layer][first_slot:end]
 
     @staticmethod

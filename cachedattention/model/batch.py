@@ -15,12 +15,12 @@ class SeqSlice:
     start: int  # offset of its first new token in the flat batch
     num_new: int  # new tokens computed this step
     context_len: int  # tokens already in its pages before this step
-    slots: torch.Tensor  # pool slot of every token 0 .. context_len + num_new - 1
+    pages: torch.Tensor  # the pages holding tokens 0 .. context_len + num_new - 1, in order
     # [num_new, total_len] True where query i may see key j; built once per step on CPU
     # (every layer reuses it); None: the model builds its own
     mask: torch.Tensor | None = None
     # slot of token 0 when all total_len tokens sit in consecutive slots: attention then reads a
-    # slice of the pool instead of gathering (pages are handed out in ascending order, so common)
+    # slice of the pool instead of gathering its pages
     first_slot: int | None = None
 
     @property
@@ -50,8 +50,32 @@ class DecodeGroup:
     """
 
     rows: torch.Tensor  # [B] flat indices of their tokens
-    slots: torch.Tensor  # [B, Lmax] pool slots of each context, padded
-    mask: torch.Tensor  # [B, 1, 1, Lmax] True where a slot is real
+    pages: torch.Tensor  # [B, P] the pages of each context, padded with page 0
+    mask: torch.Tensor  # [B, 1, 1, P * page_size] True where a token is real
+
+
+class DecodeKernel(Protocol):
+    """Attention of one new token per sequence straight over the paged pool (kernels/paged_decode.py)."""
+
+    def __call__(self, q: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, k_pool: torch.Tensor,
+                 v_pool: torch.Tensor, pages: torch.Tensor, page_start: torch.Tensor, lengths: torch.Tensor,
+                 page_size: int) -> None: ...
+
+
+@dataclass
+class PagedDecode:
+    """Every decoding sequence of the step, attended by a kernel that reads the pool's pages in place
+    (no gather, no padding); built once per step, used by every layer."""
+
+    kernel: DecodeKernel
+    rows: torch.Tensor  # [S] flat indices of their tokens
+    pages: torch.Tensor  # their page tables, concatenated
+    page_start: torch.Tensor  # [S + 1] where each sequence's pages start in `pages`
+    lengths: torch.Tensor  # [S] context length including the new token
+    page_size: int
+
+    def attend(self, q: torch.Tensor, out: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
+        self.kernel(q.contiguous(), out, self.rows, k_pool, v_pool, self.pages, self.page_start, self.lengths, self.page_size)
 
 
 @dataclass
@@ -63,3 +87,4 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # flat indices whose next-token logits are wanted
     hooks: LayerHooks | None = None
     decode: list[DecodeGroup] = field(default_factory=list)  # their sequences are not in `seqs`
+    paged_decode: PagedDecode | None = None  # its sequences are neither in `seqs` nor in `decode`

@@ -44,6 +44,8 @@ class Attention(nn.Module):
             batch.hooks.wait_layer(layer)
         pool.write(layer, batch.new_slots, k, v)
         out = torch.empty_like(q)
+        if batch.paged_decode is not None:
+            batch.paged_decode.attend(q, out, pool.k[layer], pool.v[layer])
         for group in batch.decode:
             out[group.rows] = self._attend_decode(q, group, layer, pool)
         for seq in batch.seqs:
@@ -52,18 +54,18 @@ class Attention(nn.Module):
 
     @staticmethod
     def _attend_decode(q: torch.Tensor, group: DecodeGroup, layer: int, pool: KVPool) -> torch.Tensor:
-        b, lmax = group.slots.shape
-        ks, vs = pool.gather(layer, group.slots.view(-1))
+        b = group.pages.shape[0]
+        ks, vs = pool.gather_pages(layer, group.pages.view(-1))
         kv_heads, d = ks.shape[1], ks.shape[2]
-        ks = ks.view(b, lmax, kv_heads, d).transpose(1, 2)  # [B, kv_heads, Lmax, d]
-        vs = vs.view(b, lmax, kv_heads, d).transpose(1, 2)
+        ks = ks.view(b, -1, kv_heads, d).transpose(1, 2)  # [B, kv_heads, P * page_size, d]
+        vs = vs.view(b, -1, kv_heads, d).transpose(1, 2)
         return _one_token_attention(q[group.rows], ks, vs, group.mask)
 
     @staticmethod
     def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool) -> torch.Tensor:
         lo, hi = seq.start, seq.start + seq.num_new
         if seq.is_decode:  # a lone decoder
-            ks, vs = pool.read(layer, seq.slots[: seq.total_len], seq.first_slot)
+            ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
             return _one_token_attention(q[lo:hi], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None])
         qs = q[lo:hi].transpose(0, 1)  # [heads, n, d]
         if seq.context_len == 0:
@@ -71,7 +73,7 @@ class Attention(nn.Module):
             ks, vs = k[lo:hi], v[lo:hi]
             mask, causal = None, seq.num_new > 1
         else:
-            ks, vs = pool.read(layer, seq.slots[: seq.total_len], seq.first_slot)
+            ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
             mask, causal = seq.mask, False
             if mask is None and seq.num_new > 1:
                 # query i sits at context_len + i: causal aligned to the bottom-right, which the

@@ -1,0 +1,313 @@
+/* Decode attention straight over the paged KV pool, for a CPU.
+ *
+ * Each decoding sequence has one new query token (all its heads) and a context held in pages of
+ * the pool. The torch path gathers every context into a padded tensor first, then attends: three
+ * passes over the KV bytes (read, write, read again). This kernel reads each page once, where it
+ * lies, with an online softmax (running max and sum, rescaled once per page), and prefetches the
+ * next page while it computes on this one (pages are scattered, so the hardware cannot guess).
+ *
+ * Work is split into items of at most `chunk_pages` pages of one sequence, so that a lone long
+ * context still keeps every thread busy; a second pass merges each sequence's items by their
+ * softmax statistics. Compiled at run time by kernels/build.py with OpenMP, which shares the
+ * OpenMP runtime PyTorch has already loaded (same soname), so there is one thread team.
+ * With AVX-512, head_dim 64 and pages of at most 16 tokens take a hand-vectorised path; other
+ * shapes a plain C one that the compiler vectorises.
+ *
+ * Layouts (float32, contiguous):
+ *   q, out      [rows, heads, head_dim]; sequence s uses row rows[s]
+ *   k_pool, v_pool  [num_slots, kv_heads, head_dim], slot = page * page_size + offset
+ *   pages       the page tables of all sequences, concatenated; sequence s owns
+ *               pages[page_start[s] .. page_start[s + 1])
+ *   lengths     [num_seqs] tokens of context (including the new one) of each sequence
+ * Returns 0, or -1 when a size is out of the supported range or memory runs out.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+/* the intrinsic, not __builtin_prefetch: GCC deletes a loop that holds only the latter */
+#define PREFETCH(address) _mm_prefetch((const char *)(address), _MM_HINT_T0)
+#else
+#define PREFETCH(address) __builtin_prefetch(address)
+#endif
+
+/* below every real score, yet finite: the kernel is built with -ffast-math (vectorised expf),
+ * which assumes no infinities; exp(NO_SCORE - m) underflows to 0 */
+#define NO_SCORE (-1e30f)
+#define MAX_HEADS 256
+#define MAX_GROUP 16
+#define MAX_HEAD_DIM 256
+#define MAX_PAGE_SIZE 256
+
+typedef struct {
+    int64_t seq;
+    int64_t page_lo; /* index into the sequence's page table */
+    int64_t page_hi;
+} Item;
+
+/* Ask for every cache line of the item's next page, keys and values. A macro, not a function:
+ * GCC counts a function that only prefetches as free of effects and deletes its calls. */
+#define PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_floats)                          \
+    if ((p) + 1 < (it)->page_hi) {                                                            \
+        const float *next_k = (k_pool) + (table)[(p) + 1] * (page_floats);                    \
+        const float *next_v = (v_pool) + (table)[(p) + 1] * (page_floats);                    \
+        for (int64_t line = 0; line < (page_floats); line += 16) { /* 16 floats: 64 bytes */ \
+            PREFETCH(next_k + line);                                                          \
+            PREFETCH(next_v + line);                                                          \
+        }                                                                                     \
+    }
+
+/* One item: the partial attention of every head over pages [page_lo, page_hi) of one sequence.
+ * Writes, per head, the running max m, the sum l and the unnormalised output acc[head_dim]. */
+static void attend_item_generic(const Item *it, const float *restrict q, const int64_t *rows,
+                                const float *restrict k_pool, const float *restrict v_pool, const int64_t *table,
+                                int64_t length, int64_t heads, int64_t kv_heads, int64_t d, int64_t page_size,
+                                float scale, float *restrict m, float *restrict l, float *restrict acc) {
+    const int64_t group = heads / kv_heads;
+    const int64_t slot_stride = kv_heads * d;
+    const float *qs = q + rows[it->seq] * heads * d;
+    float scores[MAX_PAGE_SIZE];
+    for (int64_t h = 0; h < heads; h++) {
+        m[h] = NO_SCORE;
+        l[h] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * heads * d);
+    for (int64_t p = it->page_lo; p < it->page_hi; p++) {
+        const int64_t n = length - p * page_size < page_size ? length - p * page_size : page_size;
+        const float *kp = k_pool + table[p] * page_size * slot_stride;
+        const float *vp = v_pool + table[p] * page_size * slot_stride;
+        PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride)
+        for (int64_t h = 0; h < heads; h++) {
+            const float *qh = qs + h * d;
+            const int64_t offset = (h / group) * d; /* this head's KV head within a slot */
+            float page_max = NO_SCORE;
+            for (int64_t t = 0; t < n; t++) {
+                const float *kt = kp + t * slot_stride + offset;
+                float dot = 0.0f;
+                for (int64_t i = 0; i < d; i++) dot += qh[i] * kt[i];
+                scores[t] = dot * scale;
+                page_max = scores[t] > page_max ? scores[t] : page_max;
+            }
+            const float m_new = page_max > m[h] ? page_max : m[h];
+            const float correction = expf(m[h] - m_new); /* 0 on the first page */
+            float sum = 0.0f;
+            for (int64_t t = 0; t < n; t++) {
+                scores[t] = expf(scores[t] - m_new);
+                sum += scores[t];
+            }
+            l[h] = l[h] * correction + sum;
+            m[h] = m_new;
+            float *acc_h = acc + h * d;
+            for (int64_t i = 0; i < d; i++) acc_h[i] *= correction;
+            for (int64_t t = 0; t < n; t++) {
+                const float *vt = vp + t * slot_stride + offset;
+                for (int64_t i = 0; i < d; i++) acc_h[i] += scores[t] * vt[i];
+            }
+        }
+    }
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* exp(x) for 16 lanes, x <= 0: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for
+ * exp(r), scaled by 2^n; relative error about 2e-7. Inputs below -87 count as -87: a weight of
+ * 1.6e-38 next to the page's largest, 1 (and no denormals). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The same as attend_item_generic for head_dim 64 and pages of at most 16 tokens, in AVX-512: a key or
+ * value row is four registers, a page's scores for one head one register. */
+static void attend_item_avx512_d64(const Item *it, const float *restrict q, const int64_t *rows,
+                                   const float *restrict k_pool, const float *restrict v_pool,
+                                   const int64_t *table, int64_t length, int64_t heads, int64_t kv_heads,
+                                   int64_t page_size, float scale,
+                                   float *restrict m, float *restrict l, float *restrict acc) {
+    const int64_t group = heads / kv_heads;
+    const int64_t slot_stride = kv_heads * 64;
+    const float *qs = q + rows[it->seq] * heads * 64;
+    float scores[MAX_GROUP][16] __attribute__((aligned(64)));
+    float corrections[MAX_GROUP];
+    for (int64_t h = 0; h < heads; h++) {
+        m[h] = NO_SCORE;
+        l[h] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * heads * 64);
+    for (int64_t p = it->page_lo; p < it->page_hi; p++) {
+        int64_t n = length - p * page_size;
+        if (n > page_size) n = page_size;
+        const __mmask16 valid = (__mmask16)((1u << n) - 1u);
+        const float *kp = k_pool + table[p] * page_size * slot_stride;
+        const float *vp = v_pool + table[p] * page_size * slot_stride;
+        PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride)
+        for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
+            const float *qg = qs + kvh * group * 64;
+            for (int64_t t = 0; t < n; t++) {
+                const float *kt = kp + t * slot_stride + kvh * 64;
+                const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16);
+                const __m512 k2 = _mm512_loadu_ps(kt + 32), k3 = _mm512_loadu_ps(kt + 48);
+                for (int64_t j = 0; j < group; j++) {
+                    const float *qh = qg + j * 64;
+                    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(qh), k0);
+                    x = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16), k1, x);
+                    x = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 32), k2, x);
+                    x = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 48), k3, x);
+                    scores[j][t] = _mm512_reduce_add_ps(x);
+                }
+            }
+            for (int64_t j = 0; j < group; j++) {
+                const int64_t h = kvh * group + j;
+                const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(NO_SCORE), valid, _mm512_load_ps(scores[j]),
+                                                    _mm512_set1_ps(scale));
+                const float page_max = _mm512_reduce_max_ps(s);
+                const float m_new = page_max > m[h] ? page_max : m[h];
+                const float correction = expf(m[h] - m_new);
+                const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
+                _mm512_store_ps(scores[j], e);
+                l[h] = l[h] * correction + _mm512_reduce_add_ps(e);
+                m[h] = m_new;
+                corrections[j] = correction;
+            }
+            /* acc = acc * correction + weights . V, one head at a time with its output in registers;
+             * even and odd tokens in separate sums so that the adds do not wait on each other */
+            for (int64_t j = 0; j < group; j++) {
+                float *acc_h = acc + (kvh * group + j) * 64;
+                const __m512 c = _mm512_set1_ps(corrections[j]);
+                __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(acc_h), c), a1 = _mm512_mul_ps(_mm512_loadu_ps(acc_h + 16), c);
+                __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(acc_h + 32), c), a3 = _mm512_mul_ps(_mm512_loadu_ps(acc_h + 48), c);
+                __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+                const float *vt = vp + kvh * 64;
+                int64_t t = 0;
+                for (; t + 1 < n; t += 2, vt += 2 * slot_stride) {
+                    const __m512 w = _mm512_set1_ps(scores[j][t]), u = _mm512_set1_ps(scores[j][t + 1]);
+                    const float *vu = vt + slot_stride;
+                    a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt), a0);
+                    a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 16), a1);
+                    a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 32), a2);
+                    a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 48), a3);
+                    b0 = _mm512_fmadd_ps(u, _mm512_loadu_ps(vu), b0);
+                    b1 = _mm512_fmadd_ps(u, _mm512_loadu_ps(vu + 16), b1);
+                    b2 = _mm512_fmadd_ps(u, _mm512_loadu_ps(vu + 32), b2);
+                    b3 = _mm512_fmadd_ps(u, _mm512_loadu_ps(vu + 48), b3);
+                }
+                if (t < n) {
+                    const __m512 w = _mm512_set1_ps(scores[j][t]);
+                    a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt), a0);
+                    a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 16), a1);
+                    a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 32), a2);
+                    a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 48), a3);
+                }
+                _mm512_storeu_ps(acc_h, _mm512_add_ps(a0, b0));
+                _mm512_storeu_ps(acc_h + 16, _mm512_add_ps(a1, b1));
+                _mm512_storeu_ps(acc_h + 32, _mm512_add_ps(a2, b2));
+                _mm512_storeu_ps(acc_h + 48, _mm512_add_ps(a3, b3));
+            }
+        }
+    }
+}
+#endif
+
+static void attend_item(const Item *it, const float *q, const int64_t *rows, const float *k_pool,
+                        const float *v_pool, const int64_t *pages, const int64_t *page_start,
+                        const int64_t *lengths, int64_t heads, int64_t kv_heads, int64_t d,
+                        int64_t page_size, float scale, float *m, float *l, float *acc) {
+    const int64_t *table = pages + page_start[it->seq];
+    const int64_t length = lengths[it->seq];
+#if defined(__AVX512F__)
+    if (d == 64 && page_size <= 16) {
+        attend_item_avx512_d64(it, q, rows, k_pool, v_pool, table, length, heads, kv_heads, page_size, scale, m, l,
+                               acc);
+        return;
+    }
+#endif
+    attend_item_generic(it, q, rows, k_pool, v_pool, table, length, heads, kv_heads, d, page_size, scale, m, l, acc);
+}
+
+int paged_decode_attention(const float *q, const int64_t *rows, const float *k_pool, const float *v_pool,
+                           const int64_t *pages, const int64_t *page_start, const int64_t *lengths,
+                           float *out, int64_t num_seqs, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                           int64_t page_size, int64_t chunk_pages, float scale) {
+    if (heads <= 0 || heads > MAX_HEADS || kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP || head_dim <= 0 ||
+        head_dim > MAX_HEAD_DIM || page_size <= 0 || page_size > MAX_PAGE_SIZE || chunk_pages <= 0)
+        return -1;
+    /* the items: each sequence's pages in runs of at most chunk_pages */
+    int64_t num_items = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t used = (lengths[s] + page_size - 1) / page_size;
+        if (lengths[s] <= 0 || used > page_start[s + 1] - page_start[s]) return -1;
+        num_items += (used + chunk_pages - 1) / chunk_pages;
+    }
+    Item *items = malloc(sizeof(Item) * (size_t)num_items);
+    int64_t *first_item = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1));
+    const int64_t stats = heads * (head_dim + 2); /* per item: m[heads], l[heads], acc[heads * d] */
+    float *partial = malloc(sizeof(float) * (size_t)(num_items * stats));
+    if (!items || !first_item || !partial) {
+        free(items);
+        free(first_item);
+        free(partial);
+        return -1;
+    }
+    int64_t next = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t used = (lengths[s] + page_size - 1) / page_size;
+        first_item[s] = next;
+        for (int64_t lo = 0; lo < used; lo += chunk_pages) {
+            items[next].seq = s;
+            items[next].page_lo = lo;
+            items[next].page_hi = lo + chunk_pages < used ? lo + chunk_pages : used;
+            next++;
+        }
+    }
+    first_item[num_seqs] = next;
+
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_items; i++) {
+        float *base = partial + i * stats;
+        attend_item(&items[i], q, rows, k_pool, v_pool, pages, page_start, lengths, heads, kv_heads, head_dim,
+                    page_size, scale, base, base + heads, base + 2 * heads);
+    }
+
+    /* merge each sequence's items: rescale by exp(m_item - m_max), normalise by the total sum */
+#pragma omp parallel for schedule(static)
+    for (int64_t s = 0; s < num_seqs; s++) {
+        float *o = out + rows[s] * heads * head_dim;
+        for (int64_t h = 0; h < heads; h++) {
+            float m_max = NO_SCORE;
+            for (int64_t i = first_item[s]; i < first_item[s + 1]; i++) {
+                const float mi = partial[i * stats + h];
+                if (mi > m_max) m_max = mi;
+            }
+            float total = 0.0f;
+            float *oh = o + h * head_dim;
+            memset(oh, 0, sizeof(float) * head_dim);
+            for (int64_t i = first_item[s]; i < first_item[s + 1]; i++) {
+                const float *base = partial + i * stats;
+                const float w = expf(base[h] - m_max);
+                total += base[heads + h] * w;
+                const float *acc = base + 2 * heads + h * head_dim;
+                for (int64_t j = 0; j < head_dim; j++) oh[j] += w * acc[j];
+            }
+            const float inv = 1.0f / total;
+            for (int64_t j = 0; j < head_dim; j++) oh[j] *= inv;
+        }
+    }
+    free(items);
+    free(first_item);
+    free(partial);
+    return 0;
+}

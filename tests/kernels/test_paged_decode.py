@@ -1,0 +1,88 @@
+"""The paged decode kernel equals torch's attention over each sequence's gathered context."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from cachedattention.kernels import build
+from cachedattention.kernels.paged_decode import CHUNK_TOKENS, PagedDecodeKernel
+
+
+@pytest.fixture(scope="module")
+def kernel() -> PagedDecodeKernel:
+    loaded = PagedDecodeKernel.load()
+    assert loaded is not None, "this machine has a C compiler: the kernel must build"
+    return loaded
+
+
+def reference(q, k_pool, v_pool, pages, length, page_size):
+    """One token's attention over the first `length` tokens of these pages, gathered by torch."""
+    slots = (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)[:length]
+    ks, vs = k_pool[slots].transpose(0, 1), v_pool[slots].transpose(0, 1)  # [kv_heads, L, d]
+    group = q.shape[0] // ks.shape[0]
+    ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
+    return F.scaled_dot_product_attention(q[:, None], ks, vs)[:, 0]
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim, page_size",
+    [(9, 3, 64, 16), (4, 4, 128, 16), (8, 2, 32, 4), (6, 1, 48, 7)],  # GQA, MHA, MQA; d 64/128 and others
+)
+def test_matches_torch_over_scattered_pages(kernel, heads, kv_heads, head_dim, page_size):
+    gen = torch.Generator().manual_seed(heads * head_dim + page_size)
+    num_pages = 900
+    k_pool = torch.randn(num_pages * page_size, kv_heads, head_dim, generator=gen)
+    v_pool = torch.randn(num_pages * page_size, kv_heads, head_dim, generator=gen)
+    # one token; a page's worth plus one; several work items (longer than CHUNK_TOKENS)
+    lengths = [1, page_size + 1, 37, 2 * CHUNK_TOKENS + 3, page_size * 5]
+    order = torch.randperm(num_pages, generator=gen)  # pages scattered over the pool
+    tables, used = [], 0
+    for n in lengths:
+        count = math.ceil(n / page_size) + 1  # the table may hold more pages than the context uses
+        tables.append(order[used : used + count])
+        used += count
+    rows = torch.tensor([2 * i + 1 for i in range(len(lengths))])  # their tokens sit between others
+    q = 3 * torch.randn(2 * len(lengths) + 1, heads, head_dim, generator=gen)  # peaked softmax too
+    out = torch.full_like(q, 7.0)
+    page_start = torch.tensor([0] + [len(t) for t in tables]).cumsum(0)
+    kernel(q, out, rows, k_pool, v_pool, torch.cat(tables), page_start, torch.tensor(lengths), page_size)
+    for s, n in enumerate(lengths):
+        ref = reference(q[rows[s]], k_pool, v_pool, tables[s], n, page_size)
+        assert (out[rows[s]] - ref).abs().max() <= 1e-5 * ref.abs().max(), f"sequence {s} ({n} tokens)"
+    others = [r for r in range(q.shape[0]) if r not in rows.tolist()]
+    assert torch.all(out[others] == 7.0)  # rows of other tokens are left alone
+
+
+def test_refuses_bad_inputs_with_a_clear_error(kernel):
+    k_pool = torch.zeros(64, 2, 16)
+    q, out = torch.zeros(1, 4, 16), torch.zeros(1, 4, 16)
+    idx = dict(rows=torch.tensor([0]), pages=torch.tensor([0]), page_start=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="page table too short"):  # 20 tokens need two pages of 16
+        kernel(q, out, idx["rows"], k_pool, k_pool, idx["pages"], idx["page_start"], torch.tensor([20]), 16)
+    with pytest.raises(ValueError, match="float32"):
+        kernel(q.double(), out, idx["rows"], k_pool, k_pool, idx["pages"], idx["page_start"], torch.tensor([5]), 16)
+    with pytest.raises(ValueError, match="int64"):
+        kernel(q, out, idx["rows"].int(), k_pool, k_pool, idx["pages"], idx["page_start"], torch.tensor([5]), 16)
+    with pytest.raises(ValueError, match="refused heads=3"):  # 3 query heads over 2 KV heads
+        kernel(torch.zeros(1, 3, 16), torch.zeros(1, 3, 16), idx["rows"], k_pool, k_pool, idx["pages"],
+               idx["page_start"], torch.tensor([5]), 16)
+
+
+def test_built_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
+    assert build.load_kernel("paged_decode") is not None
+    built = list((tmp_path / "kernels").glob("paged_decode-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert build.load_kernel("paged_decode") is not None
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("paged_decode-*.so")] == [stamp]
+    assert not list((tmp_path / "kernels").glob(".*"))  # no temporary files left behind
+
+
+def test_without_a_compiler_the_kernel_is_off_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert PagedDecodeKernel.load() is None
+    assert "attention uses torch" in caplog.text
