@@ -169,3 +169,16 @@ def test_bucket_by_length_pays_for_calls_with_less_padding():
     assert bucket_by_length(lengths, 100_000) == [[0, 1, 4, 2, 3]]  # calls dearer than any padding
     assert bucket_by_length(lengths, 0) == [[0, 1], [4], [2], [3]]  # calls free: no padding (ties: fewer calls)
     assert bucket_by_length([], 1024) == []
+
+
+def test_onednn_packed_weight_equals_the_plain_linear():
+    from torch.nn import functional as F
+
+    from cachedattention.model.layers import OneDNNWeight
+
+    weight = torch.randn(300, 48, generator=torch.Generator().manual_seed(0))
+    head = OneDNNWeight(weight, rows=(4, 128))
+    assert head.packed is not None  # this machine's torch has oneDNN
+    for rows in (1, 4, 9, 128, 129):  # below, inside and above the packed range
+        x = torch.randn(rows, 48)
+        assert rel_err(head.linear(x), F.linear(x, weight)) <= 1e-5, f"{rows} rows"
