@@ -48,6 +48,7 @@ def instrument() -> None:
         out = real_run(self, batch)
         seconds = time.perf_counter() - start
         decoders = sum(g.rows.shape[0] for g in batch.decode) + sum(1 for s in batch.seqs if s.num_new == 1)
+        decoders += batch.paged_decode.rows.shape[0] if batch.paged_decode is not None else 0
         prefill = sum(s.num_new for s in batch.seqs if s.num_new > 1)
         forwards[(min(decoders, 8), min(prefill // 128, 4))].append(seconds)
         totals["forward"] += seconds

@@ -25,6 +25,22 @@ def test_cuda_float32_matches_transformers(kind, tiny_dirs, monkeypatch):
         assert rel_err(logits.cpu(), ref[len(prompt) - 1 + i]) <= 1e-3  # TF32-free fp32 on GPU, looser than CPU
 
 
+def test_cuda_concurrent_decoders_in_one_padded_group_match_transformers(tiny_dirs, monkeypatch):
+    """Decoders of different context lengths share one padded attention call over gathered pages."""
+    path, hf = tiny_dirs["qwen2"]
+    llm = LLM(model=str(path), device="cuda")
+    assert llm.engine.runner.decode_kernel is None and llm.engine.runner.group_call_rows is None
+    seen = capture_logits(monkeypatch)
+    prompts = [[(3 * i + j) % 250 + 1 for i in range(n)] for j, n in enumerate((5, 60, 9, 64))]
+    outs = llm.generate(prompts, PARAMS)
+    for j, (prompt, out) in enumerate(zip(prompts, outs)):
+        assert out.token_ids == hf_greedy(hf, prompt, 8)
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt + out.token_ids])).logits[0]
+        for step in range(8):
+            assert rel_err(seen[step * len(prompts) + j].cpu(), ref[len(prompt) - 1 + step]) <= 1e-3
+
+
 @pytest.mark.parametrize("layerwise", [True, False])
 @pytest.mark.parametrize("tier", ["host", "disk"])
 def test_cuda_store_turns_equal_recompute(tier, layerwise, tiny_dirs, tmp_path):

@@ -28,7 +28,7 @@ class ModelRunner:
         # bench/decode_timing.py), a GPU per kernel launch, so there it keeps one group
         self.group_call_rows = CPU_GROUP_CALL_ROWS if device.type == "cpu" else None
         # a CPU with a C compiler attends decoders straight over their pages; else padded groups
-        self.decode_kernel = _load_decode_kernel(device, pool.k[0].dtype, model.lm_head.weight.dtype)
+        self.decode_kernel = _load_decode_kernel(model, pool, device)
 
     def build_batch(self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None) -> tuple[ForwardBatch, list[int]]:
         """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""
@@ -59,9 +59,10 @@ class ModelRunner:
             decode, grouped = self._decode_groups(seqs, page_tables)
         else:
             decode = []
-        seqs = [s for i, s in enumerate(seqs) if i not in grouped]
-        for seq, s in zip(seqs, (s for i, s in enumerate(scheduled) if i not in grouped)):
-            seq.first_slot = KVPool.contiguous_start(s.request.pages, page_size, 0, seq.total_len)
+        alone = [i for i in range(len(seqs)) if i not in grouped]  # attended through pool.read
+        for i in alone:
+            seqs[i].first_slot = KVPool.contiguous_start(scheduled[i].request.pages, page_size, 0, seqs[i].total_len)
+        seqs = [seqs[i] for i in alone]
         batch = ForwardBatch(
             input_ids=small[:n],
             positions=small[n : 2 * n],
@@ -140,10 +141,15 @@ class ModelRunner:
         return self.model(batch, self.pool)
 
 
-def _load_decode_kernel(device: torch.device, *dtypes: torch.dtype) -> PagedDecodeKernel | None:
-    if device.type != "cpu" or any(d != torch.float32 for d in dtypes):
+def _load_decode_kernel(model: LlamaForCausalLM, pool: KVPool, device: torch.device) -> PagedDecodeKernel | None:
+    """The paged decode kernel when it serves this engine: float32 on a CPU, a shape it takes."""
+    if device.type != "cpu" or pool.k[0].dtype != torch.float32 or model.lm_head.weight.dtype != torch.float32:
         return None  # the kernel is float32 C for a CPU; a GPU keeps its fused attention
-    return PagedDecodeKernel.load()
+    kernel = PagedDecodeKernel.load()
+    spec = model.spec
+    if kernel is None or not kernel.supports(spec.num_heads, spec.num_kv_heads, spec.head_dim, pool.page_size):
+        return None
+    return kernel
 
 
 def bucket_by_length(lengths: list[int], call_rows: int | None) -> list[list[int]]:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -24,14 +25,18 @@ from cachedattention.model.embedded import cache_home
 
 log = logging.getLogger(__name__)
 
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c11", "-fPIC")
+# linked without -ffast-math: that would add crtfastmath.o, whose constructor switches the loading
+# thread to flush denormals to zero, changing every later torch op's numerics in that thread
+LINK_FLAGS = ("-shared", "-fopenmp")
 
 
 def load_kernel(name: str) -> ctypes.CDLL | None:
     """The compiled `kernels/<name>.c`, or None (with a warning) when it cannot be built here."""
     source = Path(__file__).with_name(f"{name}.c")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    found = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = shlex.split(found) if found else None  # CC may hold a wrapper: "ccache gcc"
+    if not compiler:
         log.warning("no C compiler found: the %s kernel is off, attention uses torch", name)
         return None
     try:
@@ -42,9 +47,10 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
         return None
 
 
-def _build(source: Path, compiler: str) -> Path:
+def _build(source: Path, compiler: list[str]) -> Path:
     code = source.read_bytes()
-    key = hashlib.sha256(code + " ".join(FLAGS).encode() + _compiler_id(compiler) + _cpu_id()).hexdigest()[:16]
+    flags = " ".join(COMPILE_FLAGS + LINK_FLAGS).encode()
+    key = hashlib.sha256(code + flags + _compiler_id(compiler) + _cpu_id(compiler)).hexdigest()[:16]
     folder = cache_home() / "kernels"
     target = folder / f"{source.stem}-{key}.so"
     if target.exists():
@@ -52,28 +58,39 @@ def _build(source: Path, compiler: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=folder)
     os.close(fd)
+    obj = tmp[: -len(".so")] + ".o"
     try:
-        subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], check=True, capture_output=True,
-                       timeout=120)
+        _run([*compiler, *COMPILE_FLAGS, "-c", str(source), "-o", obj])
+        _run([*compiler, *LINK_FLAGS, obj, "-o", tmp, "-lm"])
         os.replace(tmp, target)
-    except subprocess.CalledProcessError as exc:
-        raise subprocess.SubprocessError(exc.stderr.decode(errors="replace").strip()[-500:]) from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return target
 
 
-def _compiler_id(compiler: str) -> bytes:
-    done = subprocess.run([compiler, "--version"], capture_output=True, timeout=30)
-    return done.stdout
+def _run(command: list[str]) -> None:
+    try:
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+    except subprocess.CalledProcessError as exc:
+        raise subprocess.SubprocessError(exc.stderr.decode(errors="replace").strip()[-500:]) from exc
 
 
-def _cpu_id() -> bytes:
-    """What -march=native depends on: the CPU model and its feature flags."""
+def _compiler_id(compiler: list[str]) -> bytes:
+    return subprocess.run([*compiler, "--version"], capture_output=True, timeout=30).stdout
+
+
+def _cpu_id(compiler: list[str]) -> bytes:
+    """What -march=native means here: the compiler's resolved target options (GCC), else the CPU's
+    identity and features from /proc/cpuinfo (x86 and ARM name them differently)."""
+    native = subprocess.run([*compiler, "-march=native", "-Q", "--help=target"], capture_output=True, timeout=30)
+    if native.returncode == 0 and native.stdout:
+        return native.stdout
     try:
         with open("/proc/cpuinfo", "rb") as f:
-            lines = [ln for ln in f.read().splitlines() if ln.startswith((b"model name", b"flags"))]
-        return b"\n".join(sorted(set(lines)))
+            keys = (b"model name", b"flags", b"Features", b"CPU implementer", b"CPU part")
+            lines = [ln for ln in f.read().splitlines() if ln.startswith(keys)]
+        return b"\n".join(sorted(set(lines))) or platform.processor().encode()
     except OSError:
         return platform.processor().encode()

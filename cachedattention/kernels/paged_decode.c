@@ -8,10 +8,11 @@
  *
  * Work is split into items of at most `chunk_pages` pages of one sequence, so that a lone long
  * context still keeps every thread busy; a second pass merges each sequence's items by their
- * softmax statistics. Compiled at run time by kernels/build.py with OpenMP, which shares the
- * OpenMP runtime PyTorch has already loaded (same soname), so there is one thread team.
- * With AVX-512, head_dim 64 and pages of at most 16 tokens take a hand-vectorised path; other
- * shapes a plain C one that the compiler vectorises.
+ * softmax statistics. Compiled at run time by kernels/build.py with OpenMP; with PyTorch's pip
+ * wheels the library resolves to the libgomp torch has already loaded (same soname), so its
+ * threads are torch's, and it runs with torch's thread count (passed in).
+ * With AVX-512, head_dim 64, pages of at most 16 tokens and at most 16 query heads per KV head
+ * take a hand-vectorised path; other shapes a plain C one that the compiler vectorises.
  *
  * Layouts (float32, contiguous):
  *   q, out      [rows, heads, head_dim]; sequence s uses row rows[s]
@@ -19,7 +20,7 @@
  *   pages       the page tables of all sequences, concatenated; sequence s owns
  *               pages[page_start[s] .. page_start[s + 1])
  *   lengths     [num_seqs] tokens of context (including the new one) of each sequence
- * Returns 0, or -1 when a size is out of the supported range or memory runs out.
+ * Returns 0, or one of the PD_* codes below.
  */
 #include <math.h>
 #include <stdint.h>
@@ -36,10 +37,18 @@
 /* below every real score, yet finite: the kernel is built with -ffast-math (vectorised expf),
  * which assumes no infinities; exp(NO_SCORE - m) underflows to 0 */
 #define NO_SCORE (-1e30f)
-#define MAX_HEADS 256
-#define MAX_GROUP 16
-#define MAX_HEAD_DIM 256
-#define MAX_PAGE_SIZE 256
+#define MAX_GROUP 16      /* query heads per KV head on the AVX-512 path (its score rows) */
+#define MAX_PAGE_SIZE 256 /* tokens per page (the score buffer of one page) */
+
+enum { PD_OK = 0, PD_UNSUPPORTED_SHAPE = 1, PD_BAD_INDEX = 2, PD_NO_MEMORY = 3 };
+
+/* What every work item reads: the call's arguments. */
+typedef struct {
+    const float *q, *k_pool, *v_pool;
+    const int64_t *rows, *pages, *page_start, *lengths;
+    int64_t heads, kv_heads, head_dim, page_size;
+    float scale;
+} Call;
 
 typedef struct {
     int64_t seq;
@@ -47,27 +56,36 @@ typedef struct {
     int64_t page_hi;
 } Item;
 
+int paged_decode_supports(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t page_size) {
+    return heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && page_size > 0 &&
+           page_size <= MAX_PAGE_SIZE;
+}
+
 /* Ask for every cache line of the item's next page, keys and values. A macro, not a function:
  * GCC counts a function that only prefetches as free of effects and deletes its calls. */
-#define PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_floats)                          \
-    if ((p) + 1 < (it)->page_hi) {                                                            \
-        const float *next_k = (k_pool) + (table)[(p) + 1] * (page_floats);                    \
-        const float *next_v = (v_pool) + (table)[(p) + 1] * (page_floats);                    \
-        for (int64_t line = 0; line < (page_floats); line += 16) { /* 16 floats: 64 bytes */ \
-            PREFETCH(next_k + line);                                                          \
-            PREFETCH(next_v + line);                                                          \
-        }                                                                                     \
-    }
+#define PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_floats)                              \
+    do {                                                                                          \
+        if ((p) + 1 < (it)->page_hi) {                                                            \
+            const float *next_k = (k_pool) + (table)[(p) + 1] * (page_floats);                    \
+            const float *next_v = (v_pool) + (table)[(p) + 1] * (page_floats);                    \
+            for (int64_t line = 0; line < (page_floats); line += 16) { /* 16 floats: 64 bytes */ \
+                PREFETCH(next_k + line);                                                          \
+                PREFETCH(next_v + line);                                                          \
+            }                                                                                     \
+        }                                                                                         \
+    } while (0)
 
 /* One item: the partial attention of every head over pages [page_lo, page_hi) of one sequence.
  * Writes, per head, the running max m, the sum l and the unnormalised output acc[head_dim]. */
-static void attend_item_generic(const Item *it, const float *restrict q, const int64_t *rows,
-                                const float *restrict k_pool, const float *restrict v_pool, const int64_t *table,
-                                int64_t length, int64_t heads, int64_t kv_heads, int64_t d, int64_t page_size,
-                                float scale, float *restrict m, float *restrict l, float *restrict acc) {
+static void attend_item_generic(const Call *c, const Item *it, float *restrict m, float *restrict l,
+                                float *restrict acc) {
+    const float *restrict k_pool = c->k_pool, *restrict v_pool = c->v_pool;
+    const int64_t *table = c->pages + c->page_start[it->seq], length = c->lengths[it->seq];
+    const int64_t heads = c->heads, kv_heads = c->kv_heads, d = c->head_dim, page_size = c->page_size;
+    const float scale = c->scale;
     const int64_t group = heads / kv_heads;
     const int64_t slot_stride = kv_heads * d;
-    const float *qs = q + rows[it->seq] * heads * d;
+    const float *qs = c->q + c->rows[it->seq] * heads * d;
     float scores[MAX_PAGE_SIZE];
     for (int64_t h = 0; h < heads; h++) {
         m[h] = NO_SCORE;
@@ -78,7 +96,7 @@ static void attend_item_generic(const Item *it, const float *restrict q, const i
         const int64_t n = length - p * page_size < page_size ? length - p * page_size : page_size;
         const float *kp = k_pool + table[p] * page_size * slot_stride;
         const float *vp = v_pool + table[p] * page_size * slot_stride;
-        PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride)
+        PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride);
         for (int64_t h = 0; h < heads; h++) {
             const float *qh = qs + h * d;
             const int64_t offset = (h / group) * d; /* this head's KV head within a slot */
@@ -133,14 +151,15 @@ static inline __m512 exp16(__m512 x) {
 
 /* The same as attend_item_generic for head_dim 64 and pages of at most 16 tokens, in AVX-512: a key or
  * value row is four registers, a page's scores for one head one register. */
-static void attend_item_avx512_d64(const Item *it, const float *restrict q, const int64_t *rows,
-                                   const float *restrict k_pool, const float *restrict v_pool,
-                                   const int64_t *table, int64_t length, int64_t heads, int64_t kv_heads,
-                                   int64_t page_size, float scale,
-                                   float *restrict m, float *restrict l, float *restrict acc) {
+static void attend_item_avx512_d64(const Call *c, const Item *it, float *restrict m, float *restrict l,
+                                   float *restrict acc) {
+    const float *restrict k_pool = c->k_pool, *restrict v_pool = c->v_pool;
+    const int64_t *table = c->pages + c->page_start[it->seq], length = c->lengths[it->seq];
+    const int64_t heads = c->heads, kv_heads = c->kv_heads, page_size = c->page_size;
+    const float scale = c->scale;
     const int64_t group = heads / kv_heads;
     const int64_t slot_stride = kv_heads * 64;
-    const float *qs = q + rows[it->seq] * heads * 64;
+    const float *qs = c->q + c->rows[it->seq] * heads * 64;
     float scores[MAX_GROUP][16] __attribute__((aligned(64)));
     float corrections[MAX_GROUP];
     for (int64_t h = 0; h < heads; h++) {
@@ -154,7 +173,7 @@ static void attend_item_avx512_d64(const Item *it, const float *restrict q, cons
         const __mmask16 valid = (__mmask16)((1u << n) - 1u);
         const float *kp = k_pool + table[p] * page_size * slot_stride;
         const float *vp = v_pool + table[p] * page_size * slot_stride;
-        PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride)
+        PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride);
         for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
             const float *qg = qs + kvh * group * 64;
             for (int64_t t = 0; t < n; t++) {
@@ -172,7 +191,7 @@ static void attend_item_avx512_d64(const Item *it, const float *restrict q, cons
             }
             for (int64_t j = 0; j < group; j++) {
                 const int64_t h = kvh * group + j;
-                const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(NO_SCORE), valid, _mm512_load_ps(scores[j]),
+                const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(NO_SCORE), valid, _mm512_maskz_load_ps(valid, scores[j]),
                                                     _mm512_set1_ps(scale));
                 const float page_max = _mm512_reduce_max_ps(s);
                 const float m_new = page_max > m[h] ? page_max : m[h];
@@ -222,49 +241,41 @@ static void attend_item_avx512_d64(const Item *it, const float *restrict q, cons
 }
 #endif
 
-static void attend_item(const Item *it, const float *q, const int64_t *rows, const float *k_pool,
-                        const float *v_pool, const int64_t *pages, const int64_t *page_start,
-                        const int64_t *lengths, int64_t heads, int64_t kv_heads, int64_t d,
-                        int64_t page_size, float scale, float *m, float *l, float *acc) {
-    const int64_t *table = pages + page_start[it->seq];
-    const int64_t length = lengths[it->seq];
+static void attend_item(const Call *c, const Item *it, float *m, float *l, float *acc) {
 #if defined(__AVX512F__)
-    if (d == 64 && page_size <= 16) {
-        attend_item_avx512_d64(it, q, rows, k_pool, v_pool, table, length, heads, kv_heads, page_size, scale, m, l,
-                               acc);
+    if (c->head_dim == 64 && c->page_size <= 16 && c->heads / c->kv_heads <= MAX_GROUP) {
+        attend_item_avx512_d64(c, it, m, l, acc);
         return;
     }
 #endif
-    attend_item_generic(it, q, rows, k_pool, v_pool, table, length, heads, kv_heads, d, page_size, scale, m, l, acc);
+    attend_item_generic(c, it, m, l, acc);
 }
 
-int paged_decode_attention(const float *q, const int64_t *rows, const float *k_pool, const float *v_pool,
-                           const int64_t *pages, const int64_t *page_start, const int64_t *lengths,
-                           float *out, int64_t num_seqs, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                           int64_t page_size, int64_t chunk_pages, float scale) {
-    if (heads <= 0 || heads > MAX_HEADS || kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP || head_dim <= 0 ||
-        head_dim > MAX_HEAD_DIM || page_size <= 0 || page_size > MAX_PAGE_SIZE || chunk_pages <= 0)
-        return -1;
-    /* the items: each sequence's pages in runs of at most chunk_pages */
-    int64_t num_items = 0;
+/* Checks every index the items will follow; counts the items (runs of at most chunk_pages). */
+static int count_items(const Call *c, int64_t num_seqs, int64_t num_rows, int64_t num_pages, int64_t table_len,
+                       int64_t chunk_pages, int64_t *num_items) {
+    *num_items = 0;
+    if (num_seqs > 0 && (c->page_start[0] < 0 || c->page_start[num_seqs] > table_len)) return PD_BAD_INDEX;
     for (int64_t s = 0; s < num_seqs; s++) {
-        const int64_t used = (lengths[s] + page_size - 1) / page_size;
-        if (lengths[s] <= 0 || used > page_start[s + 1] - page_start[s]) return -1;
-        num_items += (used + chunk_pages - 1) / chunk_pages;
+        const int64_t used = (c->lengths[s] + c->page_size - 1) / c->page_size;
+        if (c->rows[s] < 0 || c->rows[s] >= num_rows || c->lengths[s] <= 0) return PD_BAD_INDEX;
+        if (c->page_start[s + 1] < c->page_start[s] || used > c->page_start[s + 1] - c->page_start[s])
+            return PD_BAD_INDEX;
+        for (int64_t p = 0; p < used; p++) {
+            const int64_t page = c->pages[c->page_start[s] + p];
+            if (page < 0 || page >= num_pages) return PD_BAD_INDEX;
+        }
+        for (int64_t r = 0; r < s; r++)
+            if (c->rows[r] == c->rows[s]) return PD_BAD_INDEX; /* two writers of one output row */
+        *num_items += (used + chunk_pages - 1) / chunk_pages;
     }
-    Item *items = malloc(sizeof(Item) * (size_t)num_items);
-    int64_t *first_item = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1));
-    const int64_t stats = heads * (head_dim + 2); /* per item: m[heads], l[heads], acc[heads * d] */
-    float *partial = malloc(sizeof(float) * (size_t)(num_items * stats));
-    if (!items || !first_item || !partial) {
-        free(items);
-        free(first_item);
-        free(partial);
-        return -1;
-    }
+    return PD_OK;
+}
+
+static void build_items(const Call *c, int64_t num_seqs, int64_t chunk_pages, Item *items, int64_t *first_item) {
     int64_t next = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
-        const int64_t used = (lengths[s] + page_size - 1) / page_size;
+        const int64_t used = (c->lengths[s] + c->page_size - 1) / c->page_size;
         first_item[s] = next;
         for (int64_t lo = 0; lo < used; lo += chunk_pages) {
             items[next].seq = s;
@@ -274,40 +285,61 @@ int paged_decode_attention(const float *q, const int64_t *rows, const float *k_p
         }
     }
     first_item[num_seqs] = next;
+}
 
-#pragma omp parallel for schedule(dynamic, 1)
+/* One sequence's output from its items: rescale each by exp(m_item - m_max), divide by the sum. */
+static void merge_sequence(const Call *c, const float *partial, int64_t stats, int64_t lo, int64_t hi, float *o) {
+    const int64_t heads = c->heads, d = c->head_dim;
+    for (int64_t h = 0; h < heads; h++) {
+        float m_max = NO_SCORE;
+        for (int64_t i = lo; i < hi; i++) m_max = partial[i * stats + h] > m_max ? partial[i * stats + h] : m_max;
+        float total = 0.0f;
+        float *oh = o + h * d;
+        memset(oh, 0, sizeof(float) * d);
+        for (int64_t i = lo; i < hi; i++) {
+            const float *base = partial + i * stats;
+            const float w = expf(base[h] - m_max);
+            total += base[heads + h] * w; /* >= 1: the item holding m_max has a weight of 1 */
+            const float *acc = base + 2 * heads + h * d;
+            for (int64_t j = 0; j < d; j++) oh[j] += w * acc[j];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t j = 0; j < d; j++) oh[j] *= inv;
+    }
+}
+
+int paged_decode_attention(const float *q, const int64_t *rows, const float *k_pool, const float *v_pool,
+                           const int64_t *pages, const int64_t *page_start, const int64_t *lengths, float *out,
+                           int64_t num_seqs, int64_t num_rows, int64_t num_pages, int64_t table_len, int64_t heads,
+                           int64_t kv_heads, int64_t head_dim, int64_t page_size, int64_t chunk_pages,
+                           int64_t num_threads, float scale) {
+    if (!paged_decode_supports(heads, kv_heads, head_dim, page_size) || chunk_pages <= 0 || num_threads <= 0)
+        return PD_UNSUPPORTED_SHAPE;
+    const Call c = {q, k_pool, v_pool, rows, pages, page_start, lengths, heads, kv_heads, head_dim, page_size, scale};
+    int64_t num_items;
+    const int status = count_items(&c, num_seqs, num_rows, num_pages, table_len, chunk_pages, &num_items);
+    if (status != PD_OK || num_items == 0) return status;
+    const int64_t stats = heads * (head_dim + 2); /* per item: m[heads], l[heads], acc[heads * d] */
+    Item *items = malloc(sizeof(Item) * (size_t)num_items);
+    int64_t *first_item = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1));
+    float *partial = malloc(sizeof(float) * (size_t)(num_items * stats));
+    if (!items || !first_item || !partial) {
+        free(items);
+        free(first_item);
+        free(partial);
+        return PD_NO_MEMORY;
+    }
+    build_items(&c, num_seqs, chunk_pages, items, first_item);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t i = 0; i < num_items; i++) {
         float *base = partial + i * stats;
-        attend_item(&items[i], q, rows, k_pool, v_pool, pages, page_start, lengths, heads, kv_heads, head_dim,
-                    page_size, scale, base, base + heads, base + 2 * heads);
+        attend_item(&c, &items[i], base, base + heads, base + 2 * heads);
     }
-
-    /* merge each sequence's items: rescale by exp(m_item - m_max), normalise by the total sum */
-#pragma omp parallel for schedule(static)
-    for (int64_t s = 0; s < num_seqs; s++) {
-        float *o = out + rows[s] * heads * head_dim;
-        for (int64_t h = 0; h < heads; h++) {
-            float m_max = NO_SCORE;
-            for (int64_t i = first_item[s]; i < first_item[s + 1]; i++) {
-                const float mi = partial[i * stats + h];
-                if (mi > m_max) m_max = mi;
-            }
-            float total = 0.0f;
-            float *oh = o + h * head_dim;
-            memset(oh, 0, sizeof(float) * head_dim);
-            for (int64_t i = first_item[s]; i < first_item[s + 1]; i++) {
-                const float *base = partial + i * stats;
-                const float w = expf(base[h] - m_max);
-                total += base[heads + h] * w;
-                const float *acc = base + 2 * heads + h * head_dim;
-                for (int64_t j = 0; j < head_dim; j++) oh[j] += w * acc[j];
-            }
-            const float inv = 1.0f / total;
-            for (int64_t j = 0; j < head_dim; j++) oh[j] *= inv;
-        }
-    }
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t s = 0; s < num_seqs; s++)
+        merge_sequence(&c, partial, stats, first_item[s], first_item[s + 1], out + rows[s] * heads * head_dim);
     free(items);
     free(first_item);
     free(partial);
-    return 0;
+    return PD_OK;
 }

@@ -17,7 +17,12 @@ from cachedattention.kernels.build import load_kernel
 # pages per work item: 512 tokens at page size 16, so one long context still splits across threads
 CHUNK_TOKENS = 512
 
-_ARGTYPES = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+_ARGTYPES = (*[ctypes.c_void_p] * 8, *[ctypes.c_int64] * 10, ctypes.c_float)
+_FAILURES = {  # the C code's return codes
+    1: "unsupported shape",
+    2: "an index is out of range (rows, page ids, page_start or lengths)",
+}
+_NO_MEMORY = 3
 
 
 class PagedDecodeKernel:
@@ -27,11 +32,18 @@ class PagedDecodeKernel:
         self._fn = lib.paged_decode_attention
         self._fn.argtypes = _ARGTYPES
         self._fn.restype = ctypes.c_int
+        self._supports = lib.paged_decode_supports
+        self._supports.argtypes = [ctypes.c_int64] * 4
+        self._supports.restype = ctypes.c_int
 
     @classmethod
     def load(cls) -> PagedDecodeKernel | None:
         lib = load_kernel("paged_decode")
         return cls(lib) if lib is not None else None
+
+    def supports(self, heads: int, kv_heads: int, head_dim: int, page_size: int) -> bool:
+        """Whether the kernel takes this model shape and page size (else the caller keeps torch)."""
+        return bool(self._supports(heads, kv_heads, head_dim, page_size))
 
     def __call__(
         self,
@@ -48,29 +60,36 @@ class PagedDecodeKernel:
         """Write into out[rows[s]] the attention of q[rows[s]] over sequence s's first lengths[s]
         tokens, held in pages[page_start[s]:page_start[s + 1]].
 
-        q, out: [tokens, heads, head_dim]; k_pool, v_pool: [slots, kv_heads, head_dim]; the index
-        tensors are int64. Every tensor is a contiguous CPU tensor (float32 or int64).
+        q, out: [tokens, heads, head_dim]; k_pool, v_pool: [pages * page_size, kv_heads, head_dim];
+        the index tensors are int64. Every tensor is a contiguous CPU tensor. The C code checks
+        every index before it follows one.
         """
-        heads, head_dim = q.shape[1], q.shape[2]
-        kv_heads = k_pool.shape[1]
-        _check(q, out, k_pool, v_pool, rows, pages, page_start, lengths)
+        _check(q, out, k_pool, v_pool, rows, pages, page_start, lengths, page_size)
+        heads, head_dim, kv_heads = q.shape[1], q.shape[2], k_pool.shape[1]
         status = self._fn(
             q.data_ptr(), rows.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), pages.data_ptr(),
-            page_start.data_ptr(), lengths.data_ptr(), out.data_ptr(), rows.shape[0], heads, kv_heads,
-            head_dim, page_size, max(1, CHUNK_TOKENS // page_size), 1.0 / math.sqrt(head_dim),
+            page_start.data_ptr(), lengths.data_ptr(), out.data_ptr(), rows.shape[0], q.shape[0],
+            k_pool.shape[0] // page_size, pages.shape[0], heads, kv_heads, head_dim, page_size,
+            max(1, CHUNK_TOKENS // page_size), torch.get_num_threads(), 1.0 / math.sqrt(head_dim),
         )
+        if status == _NO_MEMORY:
+            raise MemoryError("paged decode kernel: out of memory for its work items")
         if status != 0:
-            raise ValueError(f"paged decode kernel refused heads={heads}, kv_heads={kv_heads}, "
-                             f"head_dim={head_dim}, page_size={page_size} or a page table too short")
+            raise ValueError(f"paged decode kernel: {_FAILURES.get(status, f'error {status}')} "
+                             f"(heads={heads}, kv_heads={kv_heads}, head_dim={head_dim}, page_size={page_size})")
 
 
-def _check(q, out, k_pool, v_pool, *index: torch.Tensor) -> None:
-    # the C code trusts its pointers: a wrong dtype or stride would read the wrong bytes
+def _check(q, out, k_pool, v_pool, rows, pages, page_start, lengths, page_size: int) -> None:
+    # the C code trusts dtypes, layouts and shapes: a mismatch would read the wrong bytes
     for t in (q, out, k_pool, v_pool):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError("the paged decode kernel takes contiguous float32 CPU tensors")
-    for t in index:
-        if t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError("the paged decode kernel takes contiguous int64 CPU index tensors")
-    if q.shape != out.shape or k_pool.shape != v_pool.shape:
-        raise ValueError("q/out and k_pool/v_pool must have matching shapes")
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 3:
+            raise ValueError("the paged decode kernel takes contiguous 3-D float32 CPU tensors")
+    for t in (rows, pages, page_start, lengths):
+        if t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 1:
+            raise ValueError("the paged decode kernel takes contiguous 1-D int64 CPU index tensors")
+    if q.shape != out.shape or k_pool.shape != v_pool.shape or q.shape[2] != k_pool.shape[2]:
+        raise ValueError("q/out and k_pool/v_pool must match, with the same head_dim")
+    if page_size <= 0 or k_pool.shape[0] % page_size:
+        raise ValueError(f"the pool's {k_pool.shape[0]} slots are not whole pages of {page_size}")
+    if page_start.shape[0] != rows.shape[0] + 1 or lengths.shape[0] != rows.shape[0]:
+        raise ValueError("page_start needs one entry per sequence plus one, lengths one per sequence")

@@ -35,8 +35,8 @@ def test_matches_torch_over_scattered_pages(kernel, heads, kv_heads, head_dim, p
     num_pages = 900
     k_pool = torch.randn(num_pages * page_size, kv_heads, head_dim, generator=gen)
     v_pool = torch.randn(num_pages * page_size, kv_heads, head_dim, generator=gen)
-    # one token; a page's worth plus one; several work items (longer than CHUNK_TOKENS)
-    lengths = [1, page_size + 1, 37, 2 * CHUNK_TOKENS + 3, page_size * 5]
+    # one token; a page's worth plus one; exactly one work item; several work items
+    lengths = [1, page_size + 1, 37, CHUNK_TOKENS, 2 * CHUNK_TOKENS + 3, page_size * 5]
     order = torch.randperm(num_pages, generator=gen)  # pages scattered over the pool
     tables, used = [], 0
     for n in lengths:
@@ -56,18 +56,44 @@ def test_matches_torch_over_scattered_pages(kernel, heads, kv_heads, head_dim, p
 
 
 def test_refuses_bad_inputs_with_a_clear_error(kernel):
-    k_pool = torch.zeros(64, 2, 16)
-    q, out = torch.zeros(1, 4, 16), torch.zeros(1, 4, 16)
-    idx = dict(rows=torch.tensor([0]), pages=torch.tensor([0]), page_start=torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="page table too short"):  # 20 tokens need two pages of 16
-        kernel(q, out, idx["rows"], k_pool, k_pool, idx["pages"], idx["page_start"], torch.tensor([20]), 16)
+    k_pool = torch.zeros(64, 2, 16)  # 4 pages of 16
+    q, out = torch.zeros(2, 4, 16), torch.zeros(2, 4, 16)
+
+    def call(rows=(0,), pages=(0,), page_start=(0, 1), lengths=(5,), q=q, out=out, page_size=16):
+        t = torch.tensor
+        kernel(q, out, t(rows), k_pool, k_pool, t(pages), t(page_start), t(lengths), page_size)
+
+    call()  # the baseline call is fine
+    for bad in (dict(lengths=(20,)), dict(pages=(4,)), dict(rows=(2,)), dict(lengths=(0,)),
+                dict(rows=(0, 0), pages=(0, 1), page_start=(0, 1, 2), lengths=(5, 5)),  # two writers, one row
+                dict(page_start=(0, 2))):  # past the end of the page table
+        with pytest.raises(ValueError, match="out of range"):
+            call(**bad)
     with pytest.raises(ValueError, match="float32"):
-        kernel(q.double(), out, idx["rows"], k_pool, k_pool, idx["pages"], idx["page_start"], torch.tensor([5]), 16)
-    with pytest.raises(ValueError, match="int64"):
-        kernel(q, out, idx["rows"].int(), k_pool, k_pool, idx["pages"], idx["page_start"], torch.tensor([5]), 16)
-    with pytest.raises(ValueError, match="refused heads=3"):  # 3 query heads over 2 KV heads
-        kernel(torch.zeros(1, 3, 16), torch.zeros(1, 3, 16), idx["rows"], k_pool, k_pool, idx["pages"],
-               idx["page_start"], torch.tensor([5]), 16)
+        call(q=q.double())
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        call(page_start=(0,))
+    with pytest.raises(ValueError, match="unsupported shape"):  # 3 query heads over 2 KV heads
+        call(q=torch.zeros(1, 3, 16), out=torch.zeros(1, 3, 16))
+    assert not kernel.supports(4, 2, 16, 512) and kernel.supports(4, 2, 16, 16)
+
+
+def test_an_unsupported_page_size_falls_back_to_torch(tiny_dirs):
+    from cachedattention import LLM, CacheConfig, SamplingParams
+    from tests.tiny_models import hf_greedy
+
+    path, hf = tiny_dirs["qwen2"]
+    llm = LLM(model=str(path), cache=CacheConfig(page_size=512, num_pages=4))
+    assert llm.engine.runner.decode_kernel is None  # pages of 512 tokens: more than the kernel takes
+    prompts = [[(3 * i + j) % 250 + 1 for i in range(n)] for j, n in enumerate((5, 40))]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
+
+
+def test_the_library_leaves_the_floating_point_mode_alone(kernel):
+    """Linked without -ffast-math's startup code, which would flush denormals to zero."""
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # a denormal
+    assert (tiny * 1.0).item() != 0.0
 
 
 def test_built_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
