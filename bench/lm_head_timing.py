@@ -9,22 +9,17 @@ Both run alternately in one process, so machine noise hits each alike.
 
 import statistics
 import sys
-import time
 
 import torch
 from torch.nn import functional as F
 
+from cachedattention.bench.timing import median_time
 from cachedattention.model.layers import OneDNNWeight
 
 
-def median_ms(fn, repeats: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+def median_ms(fn) -> float:
+    fn()  # warm
+    return median_time(fn, 20, "cpu") * 1000
 
 
 def main(row_counts: list[int]) -> None:

@@ -7,26 +7,20 @@ A diagnostic, not a benchmark mode:
     CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/paged_kernel_timing.py
 """
 
-import statistics
 import sys
-import time
 
 import torch
 
+from cachedattention.bench.timing import median_time
 from cachedattention.kernels.paged_decode import PagedDecodeKernel
 
 PAGE, KV_HEADS, HEADS, HEAD_DIM, LAYERS = 16, 3, 9, 64, 30
 LENGTHS = [300, 500, 900, 1200, 1800, 2500, 3500, 4500]
 
 
-def median_s(fn, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_s(fn) -> float:
+    fn()  # warm
+    return median_time(fn, 10, "cpu")
 
 
 def main() -> None:
