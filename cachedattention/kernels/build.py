@@ -67,7 +67,17 @@ def _build(source: Path, compiler: list[str]) -> Path:
         for leftover in (tmp, obj):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+    _remove_older_builds(target)
     return target
+
+
+def _remove_older_builds(current: Path) -> None:
+    """Builds of earlier sources or flags are never loaded again (a process that has one mapped
+    keeps it: unlinking does not unmap); one that asks for it again rebuilds it."""
+    stem = current.name.rsplit("-", 1)[0]
+    for old in current.parent.glob(f"{stem}-*.so"):
+        if old != current:
+            old.unlink(missing_ok=True)
 
 
 def _run(command: list[str]) -> None:

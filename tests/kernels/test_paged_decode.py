@@ -98,9 +98,12 @@ def test_the_library_leaves_the_floating_point_mode_alone(kernel):
 
 def test_built_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
+    (tmp_path / "kernels").mkdir()
+    stale = tmp_path / "kernels" / "paged_decode-0123456789abcdef.so"  # a build of an older source
+    stale.write_bytes(b"old")
     assert build.load_kernel("paged_decode") is not None
     built = list((tmp_path / "kernels").glob("paged_decode-*.so"))
-    assert len(built) == 1
+    assert len(built) == 1 and built[0] != stale  # the new build replaced the stale one
     stamp = built[0].stat().st_mtime_ns
     assert build.load_kernel("paged_decode") is not None
     assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("paged_decode-*.so")] == [stamp]
