@@ -54,11 +54,12 @@ class ModelRunner:
         for (begin, num_new, context), pages in zip(shapes, page_tables):
             seqs.append(SeqSlice(begin, num_new, context, index[off : off + len(pages)], self._mask(num_new, context)))
             off += len(pages)
-        paged, grouped = self._paged_decode(seqs, page_tables)
-        if paged is None:
-            decode, grouped = self._decode_groups(seqs, page_tables)
+        decoders = [i for i, s in enumerate(seqs) if s.is_decode]
+        paged, decode = None, []
+        if self.decode_kernel is not None and decoders:
+            paged, grouped = self._paged_decode(seqs, page_tables, decoders), set(decoders)
         else:
-            decode = []
+            decode, grouped = self._decode_groups(seqs, page_tables, decoders)
         alone = [i for i in range(len(seqs)) if i not in grouped]  # attended through pool.read
         for i in alone:
             seqs[i].first_slot = KVPool.contiguous_start(scheduled[i].request.pages, page_size, 0, seqs[i].total_len)
@@ -75,16 +76,10 @@ class ModelRunner:
         )
         return batch, wants
 
-    def _paged_decode(
-        self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor]
-    ) -> tuple[PagedDecode | None, set[int]]:
-        """Every decoding sequence for the paged kernel (None when there is no kernel or no decoder),
-        and the indices of the sequences it holds."""
-        dec = [i for i, s in enumerate(seqs) if s.is_decode]
-        if self.decode_kernel is None or not dec:
-            return None, set()
+    def _paged_decode(self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor], dec: list[int]) -> PagedDecode:
+        """The decoding sequences `dec` (indices into seqs) for the paged kernel."""
         counts = torch.tensor([0] + [len(cpu_pages[i]) for i in dec], dtype=torch.long)
-        paged = PagedDecode(
+        return PagedDecode(
             kernel=self.decode_kernel,
             rows=torch.tensor([seqs[i].start for i in dec], dtype=torch.long),
             pages=torch.cat([cpu_pages[i] for i in dec]),
@@ -92,7 +87,6 @@ class ModelRunner:
             lengths=torch.tensor([seqs[i].total_len for i in dec], dtype=torch.long),
             page_size=self.pool.page_size,
         )
-        return paged, set(dec)
 
     def _mask(self, num_new: int, context: int) -> torch.Tensor | None:
         """The bottom-right causal mask of new tokens over a cached context, for the CPU kernel.
@@ -104,14 +98,13 @@ class ModelRunner:
         return torch.ones(num_new, context + num_new, dtype=torch.bool).tril(context)
 
     def _decode_groups(
-        self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor]
+        self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor], dec: list[int]
     ) -> tuple[list[DecodeGroup], set[int]]:
-        """Decoding sequences (one new token over a context) in padded groups of similar length.
+        """The decoding sequences `dec` (indices into seqs) in padded groups of similar length.
 
         Returns the groups and the indices of the sequences they hold; a sequence left alone
         attends by itself.
         """
-        dec = [i for i, s in enumerate(seqs) if s.is_decode]
         if len(dec) < 2:
             return [], set()
         groups, grouped = [], set()
