@@ -1,9 +1,10 @@
 """Times a decode step's forward with several sequences decoding together: with the paged decode
 kernel (`kernel`, the CPU default when it builds), or through torch in padded attention groups: one
 group (`none`, the CUDA path) or groups of similar length chosen with a given cost per call, in rows.
-CPU, embedded model.
+`kernel-mkl` is the paged decode kernel with the linear layers on torch's GEMM (and the oneDNN-packed
+vocabulary head) instead of the few-rows kernel, which every other setting uses. CPU, embedded model.
 
-    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/decode_timing.py [rounds] [kernel,none,1024,...]
+    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/decode_timing.py [rounds] [kernel,kernel-mkl,none,1024,...]
 
 A diagnostic, not a benchmark mode; the settings alternate so machine noise hits each alike.
 """
@@ -23,10 +24,12 @@ CONTEXTS = (
 )
 
 
-def median_decode_ms(llm: LLM, setting: int | str | None, lens: list[int], kernel) -> float:
+def median_decode_ms(llm: LLM, setting: int | str | None, lens: list[int], kernel, linear_kernel) -> float:
     eng = llm.engine
-    eng.runner.decode_kernel = kernel if setting == "kernel" else None
-    eng.runner.group_call_rows = None if setting == "kernel" else setting
+    paged = setting in ("kernel", "kernel-mkl")
+    eng.runner.decode_kernel = kernel if paged else None
+    eng.runner.group_call_rows = None if paged else setting
+    eng.model.speed_up_few_rows(None if setting == "kernel-mkl" else linear_kernel)
     gen = torch.Generator().manual_seed(0)
     for n in lens:
         ids = torch.randint(100, 40000, (n,), generator=gen).tolist()
@@ -53,11 +56,12 @@ def main(rounds: int, settings: list[int | str | None]) -> None:
     llm = LLM(max_model_len=8192, cache=CacheConfig(enable_prefix_cache=False),
               scheduler=SchedulerConfig(max_num_batched_tokens=2048))
     kernel = llm.engine.runner.decode_kernel
+    linear_kernel = llm.engine.model.lm_head.few_rows
     for lens in CONTEXTS:
         ms: dict[int | str | None, list[float]] = {s: [] for s in settings}
         for _ in range(rounds):
             for s in settings:
-                ms[s].append(median_decode_ms(llm, s, lens, kernel))
+                ms[s].append(median_decode_ms(llm, s, lens, kernel, linear_kernel))
         cells = ", ".join(f"{_name(s)} {statistics.median(v):.1f} ms"
                           for s, v in ms.items())
         print(f"contexts {lens}: {cells} (medians of {rounds} rounds)", flush=True)
@@ -70,4 +74,4 @@ def _name(setting: int | str | None) -> str:
 if __name__ == "__main__":
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     values = sys.argv[2].split(",") if len(sys.argv) > 2 else ["kernel", "none", "1024"]
-    main(rounds, [None if v == "none" else v if v == "kernel" else int(v) for v in values])
+    main(rounds, [None if v == "none" else v if v.startswith("kernel") else int(v) for v in values])

@@ -36,7 +36,6 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype)
         self.model = self.loaded.model
         self.model.init_rotary(self.max_model_len)
-        self.model.pack_lm_head()
         self.pool = self._make_pool()
         self.pages = PagePool(self.pool.num_pages)
         self.scheduler = Scheduler(

@@ -1,4 +1,5 @@
-"""Building blocks of a Llama decoder layer: RMSNorm and the gated MLP; a oneDNN-packed weight."""
+"""Building blocks of a Llama decoder layer: linear layers that hand few-row calls to a CPU kernel,
+RMSNorm and the gated MLP; a oneDNN-packed weight."""
 
 from __future__ import annotations
 
@@ -8,7 +9,32 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
+
 log = logging.getLogger(__name__)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) whose calls with a few float32 rows on a CPU go to the
+    few-rows kernel once one is attached (decode steps: one row per decoder); a oneDNN-packed copy,
+    when attached, serves the calls the kernel does not take; everything else is torch's GEMM."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.few_rows: FewRowsLinearKernel | None = None
+        self.packed: OneDNNWeight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.few_rows
+        if kernel is not None and kernel.takes(x, self.weight) and not _needs_grad(self.weight):
+            return kernel(x, self.weight, self.bias)
+        if self.packed is not None and self.bias is None:
+            return self.packed.linear(x)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _needs_grad(weight: torch.Tensor) -> bool:
+    return weight.requires_grad and torch.is_grad_enabled()  # the C kernel has no backward
 
 
 class RMSNorm(nn.Module):
@@ -29,9 +55,9 @@ class RMSNorm(nn.Module):
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))

@@ -11,9 +11,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, SeqSlice
-from cachedattention.model.layers import GatedMLP, OneDNNWeight, RMSNorm
+from cachedattention.model.layers import GatedMLP, Linear, OneDNNWeight, RMSNorm
 from cachedattention.model.rope import RotaryEmbedding, apply_rotary
 from cachedattention.model.spec import ModelSpec
 
@@ -23,10 +24,10 @@ class Attention(nn.Module):
         super().__init__()
         self.spec = spec
         h, d = spec.hidden_size, spec.head_dim
-        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+        self.q_proj = Linear(h, spec.num_heads * d, bias=spec.qkv_bias)
+        self.k_proj = Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
+        self.v_proj = Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
+        self.o_proj = Linear(spec.num_heads * d, h, bias=False)
 
     def forward(
         self, x: torch.Tensor, layer: int, batch: ForwardBatch, pool: KVPool, cos: torch.Tensor, sin: torch.Tensor
@@ -138,9 +139,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = LlamaModel(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
-        self.packed_lm_head: OneDNNWeight | None = None
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -150,11 +150,17 @@ class LlamaForCausalLM(nn.Module):
         p = self.lm_head.weight
         self.rotary = RotaryEmbedding(self.spec, max_len, p.device, p.dtype)
 
-    def pack_lm_head(self) -> None:
-        """Decode steps compute logits for a few rows at a time: on a CPU those take oneDNN's packed
-        GEMM (4 to 128 rows; 1 to 3 are as fast or faster unpacked). Once per model."""
-        if self.packed_lm_head is None or self.packed_lm_head.weight is not self.lm_head.weight:
-            self.packed_lm_head = OneDNNWeight(self.lm_head.weight, rows=(4, 128))
+    def speed_up_few_rows(self, kernel: FewRowsLinearKernel | None) -> None:
+        """Decode steps multiply every weight by a few rows (one per decoder), where torch's GEMM on
+        a CPU reads the weights at half speed or less. With the few-rows kernel every linear layer
+        hands such calls to it; without one, the vocabulary head, the widest weight, gets a
+        oneDNN-packed copy for 4 to 128 rows (1 to 3 are as fast or faster unpacked)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in linears:
+            m.few_rows = kernel
+            m.packed = None
+        if kernel is None:
+            self.lm_head.packed = OneDNNWeight(self.lm_head.weight, rows=(4, 128))
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
@@ -165,5 +171,5 @@ class LlamaForCausalLM(nn.Module):
             x = x + layer.self_attn(layer.input_layernorm(x), i, batch, pool, cos, sin)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = self.model.norm(x[batch.logits_indices])
-        logits = self.packed_lm_head.linear(x) if self.packed_lm_head is not None else self.lm_head(x)
+        logits = self.lm_head(x)
         return logits.float()
