@@ -1,10 +1,12 @@
 """Times a decode step's forward with several sequences decoding together: with the paged decode
 kernel (`kernel`, the CPU default when it builds), or through torch in padded attention groups: one
 group (`none`, the CUDA path) or groups of similar length chosen with a given cost per call, in rows.
-`kernel-mkl` is the paged decode kernel with the linear layers on torch's GEMM (and the oneDNN-packed
-vocabulary head) instead of the few-rows kernel, which every other setting uses. CPU, embedded model.
+Every setting but two uses the few-row kernels (the few-rows linear and the row ops) too:
+`kernel-linear` is the paged decode kernel and the few-rows linear with torch's small operators, and
+`kernel-torch` the paged decode kernel alone (torch's GEMM, the oneDNN-packed vocabulary head, torch's
+small operators). CPU, embedded model.
 
-    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/decode_timing.py [rounds] [kernel,kernel-mkl,none,1024,...]
+    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/decode_timing.py [rounds] [kernel,kernel-torch,none,1024,...]
 
 A diagnostic, not a benchmark mode; the settings alternate so machine noise hits each alike.
 """
@@ -24,12 +26,13 @@ CONTEXTS = (
 )
 
 
-def median_decode_ms(llm: LLM, setting: int | str | None, lens: list[int], kernel, linear_kernel) -> float:
+def median_decode_ms(llm: LLM, setting: int | str | None, lens: list[int], kernel, linear, row_ops) -> float:
     eng = llm.engine
-    paged = setting in ("kernel", "kernel-mkl")
+    paged = isinstance(setting, str)
     eng.runner.decode_kernel = kernel if paged else None
     eng.runner.group_call_rows = None if paged else setting
-    eng.model.speed_up_few_rows(None if setting == "kernel-mkl" else linear_kernel)
+    eng.model.use_few_row_kernels(None if setting == "kernel-torch" else linear,
+                                  None if setting in ("kernel-torch", "kernel-linear") else row_ops)
     gen = torch.Generator().manual_seed(0)
     for n in lens:
         ids = torch.randint(100, 40000, (n,), generator=gen).tolist()
@@ -56,12 +59,12 @@ def main(rounds: int, settings: list[int | str | None]) -> None:
     llm = LLM(max_model_len=8192, cache=CacheConfig(enable_prefix_cache=False),
               scheduler=SchedulerConfig(max_num_batched_tokens=2048))
     kernel = llm.engine.runner.decode_kernel
-    linear_kernel = llm.engine.model.lm_head.few_rows
+    linear, row_ops = llm.engine.model.lm_head.few_rows, llm.engine.model.row_ops
     for lens in CONTEXTS:
         ms: dict[int | str | None, list[float]] = {s: [] for s in settings}
         for _ in range(rounds):
             for s in settings:
-                ms[s].append(median_decode_ms(llm, s, lens, kernel, linear_kernel))
+                ms[s].append(median_decode_ms(llm, s, lens, kernel, linear, row_ops))
         cells = ", ".join(f"{_name(s)} {statistics.median(v):.1f} ms"
                           for s, v in ms.items())
         print(f"contexts {lens}: {cells} (medians of {rounds} rounds)", flush=True)

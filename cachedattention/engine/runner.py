@@ -11,6 +11,7 @@ import torch
 from cachedattention.engine.scheduler import ScheduledSeq
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.kernels.paged_decode import PagedDecodeKernel
+from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, PagedDecode, SeqSlice
 from cachedattention.model.llama import LlamaForCausalLM
@@ -30,8 +31,8 @@ class ModelRunner:
         self.group_call_rows = CPU_GROUP_CALL_ROWS if device.type == "cpu" else None
         # a CPU with a C compiler attends decoders straight over their pages; else padded groups
         self.decode_kernel = _load_decode_kernel(model, pool, device)
-        # and hands the linear layers' few-row calls (decode steps) to a kernel that reads weights faster
-        model.speed_up_few_rows(_load_few_rows_kernel(model, device))
+        # and runs few-row steps (decode) through kernels that read weights faster and dispatch less
+        model.use_few_row_kernels(*_load_few_row_kernels(model, device))
 
     def build_batch(self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None) -> tuple[ForwardBatch, list[int]]:
         """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""
@@ -148,11 +149,13 @@ def _load_decode_kernel(model: LlamaForCausalLM, pool: KVPool, device: torch.dev
     return kernel
 
 
-def _load_few_rows_kernel(model: LlamaForCausalLM, device: torch.device) -> FewRowsLinearKernel | None:
-    """The few-rows linear kernel when it serves this model: float32 weights on a CPU with AVX-512."""
+def _load_few_row_kernels(
+    model: LlamaForCausalLM, device: torch.device
+) -> tuple[FewRowsLinearKernel | None, RowOpsKernel | None]:
+    """The few-rows linear kernel (AVX-512) and the row ops when they serve this model: float32 on a CPU."""
     if device.type != "cpu" or model.lm_head.weight.dtype != torch.float32:
-        return None
-    return FewRowsLinearKernel.load()
+        return None, None
+    return FewRowsLinearKernel.load(), RowOpsKernel.load()
 
 
 def bucket_by_length(lengths: list[int], call_rows: int | None) -> list[list[int]]:

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
+from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, SeqSlice
 from cachedattention.model.layers import GatedMLP, Linear, OneDNNWeight, RMSNorm
@@ -30,7 +31,14 @@ class Attention(nn.Module):
         self.o_proj = Linear(spec.num_heads * d, h, bias=False)
 
     def forward(
-        self, x: torch.Tensor, layer: int, batch: ForwardBatch, pool: KVPool, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        layer: int,
+        batch: ForwardBatch,
+        pool: KVPool,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ops: RowOpsKernel | None = None,
     ) -> torch.Tensor:
         s = self.spec
         n = x.shape[0]
@@ -38,12 +46,14 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(n, s.num_kv_heads, s.head_dim)
         v = self.v_proj(x).view(n, s.num_kv_heads, s.head_dim)
         if batch.hooks is not None:
-            batch.hooks.save_layer(layer, k, v)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        if batch.hooks is not None:
+            batch.hooks.save_layer(layer, k, v)  # pre-RoPE: kept as it is
             batch.hooks.wait_layer(layer)
-        pool.write(layer, batch.new_slots, k, v)
+        if ops is not None:  # a few rows on a CPU: rotate and write the pool in one call
+            k = ops.rope_store(q, k, v, cos, sin, batch.new_slots, pool.k[layer], pool.v[layer])
+        else:
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
+            pool.write(layer, batch.new_slots, k, v)
         out = torch.empty_like(q)
         if batch.paged_decode is not None:
             batch.paged_decode.attend(q, out, pool.k[layer], pool.v[layer])
@@ -94,6 +104,15 @@ class Attention(nn.Module):
         return o[0].transpose(0, 1)
 
 
+def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm, ops: RowOpsKernel | None) -> torch.Tensor:
+    """x += delta (the residual stream, in place; nothing when None), then the norm that reads it."""
+    if ops is not None:
+        return ops.add_rms_norm(x, delta, norm.weight, norm.eps)
+    if delta is not None:
+        x.add_(delta)
+    return norm(x)
+
+
 def _one_token_attention(
     q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -141,6 +160,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(spec)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
+        self.row_ops: RowOpsKernel | None = None
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -150,26 +170,36 @@ class LlamaForCausalLM(nn.Module):
         p = self.lm_head.weight
         self.rotary = RotaryEmbedding(self.spec, max_len, p.device, p.dtype)
 
-    def speed_up_few_rows(self, kernel: FewRowsLinearKernel | None) -> None:
-        """Decode steps multiply every weight by a few rows (one per decoder), where torch's GEMM on
-        a CPU reads the weights at half speed or less. With the few-rows kernel every linear layer
-        hands such calls to it; without one, the vocabulary head, the widest weight, gets a
-        oneDNN-packed copy for 4 to 128 rows (1 to 3 are as fast or faster unpacked)."""
+    def use_few_row_kernels(self, linear: FewRowsLinearKernel | None, row_ops: RowOpsKernel | None) -> None:
+        """Decode steps have a few rows (one per decoder). On a CPU torch's GEMM reads the weights
+        at half speed or less for those, and its small operators cost more to dispatch than to run.
+        With the few-rows kernel every linear layer hands such calls to it; without one, the
+        vocabulary head, the widest weight, gets a oneDNN-packed copy for 4 to 128 rows (1 to 3 are
+        as fast or faster unpacked). With the row ops, such steps norm, rotate and write the pool in
+        one call each."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         for m in linears:
-            m.few_rows = kernel
+            m.few_rows = linear
             m.packed = None
-        if kernel is None:
+        if linear is None:
             self.lm_head.packed = OneDNNWeight(self.lm_head.weight, rows=(4, 128))
+        self.row_ops = row_ops
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
         """Run the flat batch through every layer; return float32 logits at batch.logits_indices."""
         cos, sin = self.rotary.tables(batch.positions)
-        x = self.model.embed_tokens(batch.input_ids)
-        for i, layer in enumerate(self.model.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), i, batch, pool, cos, sin)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self.model.embed_tokens(batch.input_ids)  # the residual stream, added to in place
+        ops = self.row_ops if self.row_ops is not None and self.row_ops.takes(x) else None
+        layers = self.model.layers
+        h = _add_norm(x, None, layers[0].input_layernorm, ops)
+        for i, layer in enumerate(layers):
+            h = _add_norm(x, layer.self_attn(h, i, batch, pool, cos, sin, ops), layer.post_attention_layernorm, ops)
+            delta = layer.mlp(h)
+            if i + 1 < len(layers):
+                h = _add_norm(x, delta, layers[i + 1].input_layernorm, ops)
+            else:
+                x.add_(delta)
         x = self.model.norm(x[batch.logits_indices])
         logits = self.lm_head(x)
         return logits.float()

@@ -70,11 +70,11 @@ def test_linear_layer_calls_the_kernel_only_for_a_few_rows(kernel, monkeypatch):
     assert len(calls) == 2 and layer.weight.grad is not None
 
 
-def test_the_engine_hands_every_linear_layer_to_the_kernel(tiny_dirs):
+def test_the_engine_hands_few_row_calls_to_the_kernels(tiny_dirs):
     path, _ = tiny_dirs["qwen2"]
     model = LLM(model=str(path)).engine.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 3 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the head
-    assert all(m.few_rows is not None and m.packed is None for m in linears)
-    model.speed_up_few_rows(None)  # no kernel: the head falls back to a oneDNN-packed copy
+    assert all(m.few_rows is not None and m.packed is None for m in linears) and model.row_ops is not None
+    model.use_few_row_kernels(None, None)  # no kernel: the head falls back to a oneDNN-packed copy
     assert model.lm_head.packed is not None and all(m.few_rows is None for m in linears)

@@ -1,0 +1,72 @@
+/* The small per-layer operations of a decode step, one call each, for a CPU.
+ *
+ * A decode step has a few rows (one per decoder), so its norms, rotations and KV writes are tiny:
+ * what they cost in torch is the dispatch of several operators each (an RMSNorm alone took about
+ * 50 us for 8 rows, bench/decode_profile.py). Here each is one plain loop.
+ *
+ *   add_rms_norm: residual += delta (when delta is given); out = residual * rsqrt(mean(residual^2)
+ *       + eps) * weight. The residual stream of a Llama layer and the norm that follows it.
+ *   rope_store: rotate q in place; rotate k into k_out and into the pool at each row's slot; copy v
+ *       into the pool at that slot. cos/sin hold each row's table row ([rows, head_dim], the Hugging
+ *       Face layout: both halves of a row carry the same frequencies). The pre-RoPE k is left alone:
+ *       the store saves it.
+ *
+ * Layouts: float32, contiguous rows; q [rows, heads, head_dim], k, v, k_out [rows, kv_heads,
+ * head_dim]; the pools [num_slots, kv_heads, head_dim]. Every slot is checked before it is used.
+ * Returns 0, or RO_BAD_INDEX.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { RO_OK = 0, RO_BAD_INDEX = 2 };
+
+int add_rms_norm(float *restrict residual, const float *restrict delta, const float *restrict weight,
+                 float *restrict out, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *h = residual + r * dim;
+        if (delta) {
+            const float *d = delta + r * dim;
+            for (int64_t j = 0; j < dim; j++) h[j] += d[j];
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < dim; j++) sum += h[j] * h[j];
+        const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+        float *o = out + r * dim;
+        for (int64_t j = 0; j < dim; j++) o[j] = h[j] * inv * weight[j];
+    }
+    return RO_OK;
+}
+
+/* out = x * cos + rotate_half(x) * sin for one head of head_dim (out may be x). */
+static inline void rotate(float *out, const float *x, const float *cos, const float *sin, int64_t half) {
+    for (int64_t j = 0; j < half; j++) {
+        const float lo = x[j], hi = x[j + half];
+        out[j] = lo * cos[j] - hi * sin[j];
+        out[j + half] = hi * cos[j + half] + lo * sin[j + half];
+    }
+}
+
+int rope_store(float *restrict q, const float *restrict k, const float *restrict v, const float *restrict cos,
+               const float *restrict sin, const int64_t *restrict slots, float *restrict k_out,
+               float *restrict k_pool, float *restrict v_pool, int64_t rows, int64_t heads, int64_t kv_heads,
+               int64_t head_dim, int64_t num_slots) {
+    for (int64_t r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= num_slots) return RO_BAD_INDEX;
+    const int64_t half = head_dim / 2, kv_row = kv_heads * head_dim;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * head_dim, *s = sin + r * head_dim;
+        for (int64_t h = 0; h < heads; h++) {
+            float *qh = q + (r * heads + h) * head_dim;
+            rotate(qh, qh, c, s, half);
+        }
+        float *pk = k_pool + slots[r] * kv_row;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t at = h * head_dim;
+            rotate(k_out + r * kv_row + at, k + r * kv_row + at, c, s, half);
+        }
+        memcpy(pk, k_out + r * kv_row, sizeof(float) * (size_t)kv_row);
+        memcpy(v_pool + slots[r] * kv_row, v + r * kv_row, sizeof(float) * (size_t)kv_row);
+    }
+    return RO_OK;
+}

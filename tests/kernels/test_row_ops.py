@@ -1,0 +1,66 @@
+"""The row ops (residual add + RMSNorm; rotation + KV write) equal the torch operators they replace."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from cachedattention.kernels.row_ops import RowOpsKernel
+from cachedattention.model.rope import apply_rotary
+from tests.util import rel_err
+
+
+@pytest.fixture(scope="module")
+def ops() -> RowOpsKernel:
+    loaded = RowOpsKernel.load()
+    assert loaded is not None, "this machine has a C compiler: the kernel must build"
+    return loaded
+
+
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_torch(ops, with_delta):
+    gen = torch.Generator().manual_seed(1)
+    residual = 3 * torch.randn(5, 96, generator=gen)
+    delta = torch.randn(5, 96, generator=gen) if with_delta else None
+    weight = torch.randn(96, generator=gen)
+    expected_stream = residual + delta if with_delta else residual.clone()
+    expected = F.rms_norm(expected_stream, (96,), weight, 1e-5)
+    out = ops.add_rms_norm(residual, delta, weight, 1e-5)
+    assert rel_err(out, expected) <= 1e-5
+    assert rel_err(residual, expected_stream) <= 1e-6  # the stream is added to in place
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 4, 32), (6, 1, 10)])
+def test_rope_store_rotates_and_writes_the_pool(ops, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads + head_dim)
+    rows, num_slots = 4, 40
+    q = torch.randn(rows, heads, head_dim, generator=gen)
+    k = torch.randn(rows, kv_heads, head_dim, generator=gen)
+    v = torch.randn(rows, kv_heads, head_dim, generator=gen)
+    angles = torch.randn(rows, 1, head_dim // 2, generator=gen).repeat(1, 1, 2)  # both halves alike
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([7, 0, 39, 21])
+    k_pool, v_pool = torch.full((num_slots, kv_heads, head_dim), 5.0), torch.full((num_slots, kv_heads, head_dim), 6.0)
+    q_ref, k_ref = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k_before = k.clone()
+    k_rot = ops.rope_store(q, k, v, cos, sin, slots, k_pool, v_pool)
+    assert rel_err(q, q_ref) <= 1e-5 and rel_err(k_rot, k_ref) <= 1e-5  # q in place, k into a new tensor
+    assert torch.equal(k, k_before)  # the pre-RoPE keys the store saves are untouched
+    assert torch.equal(k_pool[slots], k_rot) and torch.equal(v_pool[slots], v)
+    others = [s for s in range(num_slots) if s not in slots.tolist()]
+    assert torch.all(k_pool[others] == 5.0) and torch.all(v_pool[others] == 6.0)
+
+
+def test_refuses_bad_inputs_with_a_clear_error(ops):
+    q, k, v = torch.zeros(2, 4, 8), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8)
+    cos = sin = torch.zeros(2, 1, 8)
+    pool = torch.zeros(16, 2, 8)
+    with pytest.raises(ValueError, match="outside the pool"):
+        ops.rope_store(q, k, v, cos, sin, torch.tensor([3, 16]), pool, pool.clone())
+    with pytest.raises(ValueError, match="slots"):
+        ops.rope_store(q, k, v, cos, sin, torch.tensor([3, 4], dtype=torch.int32), pool, pool.clone())
+    with pytest.raises(ValueError, match="do not agree"):
+        ops.rope_store(q, k, torch.zeros(2, 2, 6), cos, sin, torch.tensor([3, 4]), pool, pool.clone())
+    with pytest.raises(ValueError, match="float32"):
+        ops.add_rms_norm(torch.zeros(2, 8, dtype=torch.float64), None, torch.ones(8, dtype=torch.float64), 1e-6)
+    with pytest.raises(ValueError, match="disagree"):
+        ops.add_rms_norm(torch.zeros(2, 8), torch.zeros(3, 8), torch.ones(8), 1e-6)
