@@ -43,7 +43,7 @@ def main(mode: str) -> None:
     eng.runner.run = run
     while eng.has_unfinished():
         eng.step()
-    print(seen["profile"].key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(seen["profile"].key_averages().table(sort_by="self_cpu_time_total", row_limit=16))
 
 
 if __name__ == "__main__":

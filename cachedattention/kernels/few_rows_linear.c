@@ -11,12 +11,13 @@
  * Layouts (float32): w [out_features, in_features] contiguous (torch's nn.Linear weight); x rows
  * of in_features floats, x_stride apart; y rows of out_features floats, y_stride apart; bias
  * [out_features] or NULL. AVX-512 only: elsewhere few_rows_linear_supported() says no and the
- * caller keeps torch's GEMM.
- * Returns 0, or FRL_UNSUPPORTED.
+ * caller keeps torch's GEMM. Weights may also come as GGUF blocks (few_rows_linear_quantized, below).
+ * Returns 0, FRL_UNSUPPORTED, or FRL_NO_MEMORY.
  */
 #include <stdint.h>
+#include <stdlib.h>
 
-enum { FRL_OK = 0, FRL_UNSUPPORTED = 1 };
+enum { FRL_OK = 0, FRL_UNSUPPORTED = 1, FRL_NO_MEMORY = 3 };
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -100,11 +101,15 @@ static inline __attribute__((always_inline)) void weight_block(const float *x, i
     }
 }
 
+static int bad_call(int64_t rows, int64_t in_features, int64_t out_features, int64_t x_stride, int64_t y_stride,
+                    int64_t num_threads) {
+    return rows < 0 || in_features <= 0 || out_features < 0 || x_stride < in_features || y_stride < out_features ||
+           num_threads <= 0;
+}
+
 int few_rows_linear(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t in_features,
                     int64_t out_features, int64_t x_stride, int64_t y_stride, int64_t num_threads) {
-    if (rows < 0 || in_features <= 0 || out_features < 0 || x_stride < in_features || y_stride < out_features ||
-        num_threads <= 0)
-        return FRL_UNSUPPORTED;
+    if (bad_call(rows, in_features, out_features, x_stride, y_stride, num_threads)) return FRL_UNSUPPORTED;
     const int64_t blocks = out_features / TILE, tail = out_features % TILE;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t b = 0; b <= blocks; b++) {
@@ -122,9 +127,85 @@ int few_rows_linear(const float *x, const float *w, const float *bias, float *y,
     return FRL_OK;
 }
 
+/* Weights kept as GGUF blocks of 32 (the embedded model's layers are Q4_1, its head Q8_0): a decode
+ * step then reads 0.6-1.1 bytes per weight instead of 4. Each thread dequantizes four weight rows at
+ * a time into a buffer that stays in L1 and runs the float32 tiles over it. The dequantized values
+ * are exactly GGUF's (scale * q is exact in float32, so adding the min rounds once, fused or not),
+ * so the result equals the float32 path over the dequantized weight, bit for bit.
+ *   Q4_1: quants [out, in / 2] bytes; byte j of a block holds element j (low nibble) and j + 16
+ *         (high nibble); value = scale * q + min.
+ *   Q8_0: quants [out, in] int8; value = scale * q.
+ * scales (and mins) are float32 [out, in / 32]. */
+enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2 };
+
+static inline void dequantize_row(int kind, const uint8_t *restrict q, const float *restrict scales,
+                                  const float *restrict mins, int64_t k_len, float *restrict out) {
+    for (int64_t b = 0; b < k_len / 32; b++) {
+        const __m512 d = _mm512_set1_ps(scales[b]);
+        __m512 lo, hi;
+        if (kind == KIND_Q4_1) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * b)));
+            const __m512 m = _mm512_set1_ps(mins[b]);
+            lo = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))), m);
+            hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))), m);
+        } else {
+            lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * b)))));
+            hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(
+                                      _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * b + 16)))));
+        }
+        _mm512_storeu_ps(out + 32 * b, lo);
+        _mm512_storeu_ps(out + 32 * b + 16, hi);
+    }
+}
+
+int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quants, const float *scales,
+                              const float *mins, const float *bias, float *y, int64_t rows, int64_t in_features,
+                              int64_t out_features, int64_t x_stride, int64_t y_stride, int64_t num_threads) {
+    if (bad_call(rows, in_features, out_features, x_stride, y_stride, num_threads) || in_features % 32 ||
+        (kind != KIND_Q4_1 && kind != KIND_Q8_0) || (kind == KIND_Q4_1 && !mins))
+        return FRL_UNSUPPORTED;
+    const int64_t row_bytes = kind == KIND_Q4_1 ? in_features / 2 : in_features, row_blocks = in_features / 32;
+    const int64_t blocks = (out_features + TILE - 1) / TILE;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *buf = aligned_alloc(64, sizeof(float) * (size_t)(TILE * in_features + 16));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (!buf) continue;
+            const int64_t n = b * TILE, nr = out_features - n < TILE ? out_features - n : TILE;
+            const uint8_t *next = quants + (n + TILE) * row_bytes; /* the next tile's rows: contiguous */
+            if (b + 1 < blocks)
+                for (int64_t at = 0; at < TILE * row_bytes; at += 64) _mm_prefetch((const char *)(next + at), _MM_HINT_T0);
+            for (int64_t i = 0; i < nr; i++)
+                dequantize_row((int)kind, quants + (n + i) * row_bytes, scales + (n + i) * row_blocks,
+                               mins ? mins + (n + i) * row_blocks : 0, in_features, buf + i * in_features);
+            const float *bb = bias ? bias + n : 0;
+            if (nr == 4) weight_block(x, x_stride, buf, in_features, y + n, y_stride, bb, rows, 4, 0);
+            else if (nr == 3) weight_block(x, x_stride, buf, in_features, y + n, y_stride, bb, rows, 3, 0);
+            else if (nr == 2) weight_block(x, x_stride, buf, in_features, y + n, y_stride, bb, rows, 2, 0);
+            else weight_block(x, x_stride, buf, in_features, y + n, y_stride, bb, rows, 1, 0);
+        }
+        free(buf);
+    }
+    return failed ? FRL_NO_MEMORY : FRL_OK;
+}
+
 #else /* no AVX-512: torch's GEMM serves */
 
 int few_rows_linear_supported(void) { return 0; }
+
+int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quants, const float *scales,
+                              const float *mins, const float *bias, float *y, int64_t rows, int64_t in_features,
+                              int64_t out_features, int64_t x_stride, int64_t y_stride, int64_t num_threads) {
+    (void)x, (void)kind, (void)quants, (void)scales, (void)mins, (void)bias, (void)y, (void)rows, (void)in_features,
+        (void)out_features, (void)x_stride, (void)y_stride, (void)num_threads;
+    return FRL_UNSUPPORTED;
+}
 
 int few_rows_linear(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t in_features,
                     int64_t out_features, int64_t x_stride, int64_t y_stride, int64_t num_threads) {

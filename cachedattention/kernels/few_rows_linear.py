@@ -8,7 +8,9 @@ once, near the machine's memory bandwidth (bench/few_rows_linear_timing.py).
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cachedattention.kernels.build import load_kernel
@@ -18,6 +20,81 @@ from cachedattention.kernels.build import load_kernel
 MAX_ROWS = 32
 
 _ARGTYPES = (*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 6)
+_QUANTIZED_ARGTYPES = (ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 6)
+_KINDS = {"Q4_1": 1, "Q8_0": 2}  # the GGUF block types the kernel reads; blocks of 32 weights
+QUANTIZED_KINDS = tuple(_KINDS)
+_NO_MEMORY = 3
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A linear weight kept as GGUF blocks of 32, for the kernel to read instead of float32: the
+    quantized values (Q4_1: two per byte, element j of a block in the low nibble of byte j and
+    element j + 16 in its high nibble; Q8_0: int8), and each block's float32 scale (and Q4_1's min).
+    Dequantized, it equals GGUF's float32 values exactly."""
+
+    kind: str
+    quants: torch.Tensor  # uint8 [out, in / 2] (Q4_1) or int8 [out, in] (Q8_0)
+    scales: torch.Tensor  # float32 [out, in / 32]
+    mins: torch.Tensor | None  # float32 [out, in / 32] for Q4_1
+    shape: tuple[int, int]  # (out_features, in_features)
+
+    def __post_init__(self) -> None:
+        # the C code trusts these layouts: a mismatch would read the wrong bytes
+        out, k = self.shape
+        per_row = {"Q4_1": (torch.uint8, k // 2), "Q8_0": (torch.int8, k)}.get(self.kind)
+        ok = (
+            per_row is not None
+            and k % 32 == 0
+            and self.quants.dtype == per_row[0]
+            and self.quants.shape == (out, per_row[1])
+            and (self.mins is None) == (self.kind == "Q8_0")
+            and all(
+                t.dtype == torch.float32 and t.shape == (out, k // 32) and t.is_contiguous() and t.device.type == "cpu"
+                for t in (self.scales, *([self.mins] if self.kind == "Q4_1" else []))
+            )
+            and self.quants.is_contiguous()
+            and self.quants.device.type == "cpu"
+        )
+        if not ok:
+            raise ValueError(f"not a valid {self.kind} weight of shape {self.shape} for the few-rows kernel")
+
+    @classmethod
+    def from_gguf_rows(cls, kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
+        """From a GGUF tensor's raw rows (uint8 [out, bytes per row]) of type Q4_1 or Q8_0."""
+        if kind not in _KINDS or in_features % 32:
+            raise ValueError(f"the few-rows kernel reads Q4_1 and Q8_0 rows of whole blocks, not {kind} of {in_features}")
+        block_bytes = {"Q4_1": 20, "Q8_0": 34}[kind]
+        out = rows.shape[0]
+        blocks = np.ascontiguousarray(rows).reshape(out, in_features // 32, block_bytes)
+        scales = blocks[:, :, 0:2].copy().view(np.float16).astype(np.float32)[:, :, 0]
+        if kind == "Q4_1":
+            mins = torch.from_numpy(blocks[:, :, 2:4].copy().view(np.float16).astype(np.float32)[:, :, 0])
+            quants = torch.from_numpy(blocks[:, :, 4:].reshape(out, -1).copy())
+        else:
+            mins = None
+            quants = torch.from_numpy(blocks[:, :, 2:].reshape(out, -1).copy().view(np.int8))
+        return cls(kind, quants, torch.from_numpy(scales), mins, (out, in_features))
+
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The float32 weight [out, in], or some of its rows (GGUF's own dequantization, in torch)."""
+        k = self.shape[1]
+        scales = self.scales[rows][:, :, None]
+        if self.kind == "Q4_1":
+            q = self.quants[rows].reshape(-1, k // 32, 16).to(torch.int32)
+            w = scales * torch.cat([q & 15, q >> 4], dim=2).float() + self.mins[rows][:, :, None]
+        else:
+            w = scales * self.quants[rows].reshape(-1, k // 32, 32).float()
+        return w.reshape(-1, k)
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        """Whether `weight` is this weight dequantized (its first and last rows compared exactly)."""
+        if tuple(weight.shape) != self.shape or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return False
+        ends = [0, self.shape[0] - 1]
+        return torch.equal(self.dequantize(slice(0, 1)), weight[:1].detach()) and torch.equal(
+            self.dequantize(slice(ends[1], ends[1] + 1)), weight[ends[1] :].detach()
+        )
 
 
 class FewRowsLinearKernel:
@@ -27,6 +104,9 @@ class FewRowsLinearKernel:
         self._fn = lib.few_rows_linear
         self._fn.argtypes = _ARGTYPES
         self._fn.restype = ctypes.c_int
+        self._quantized = lib.few_rows_linear_quantized
+        self._quantized.argtypes = _QUANTIZED_ARGTYPES
+        self._quantized.restype = ctypes.c_int
 
     @classmethod
     def load(cls) -> FewRowsLinearKernel | None:
@@ -37,26 +117,28 @@ class FewRowsLinearKernel:
         return cls(lib)
 
     @staticmethod
-    def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether this call is one for the kernel: a few float32 CPU rows, a contiguous weight."""
+    def takes(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
+        """Whether this call is one for the kernel: a few float32 CPU rows, a contiguous float32
+        weight or GGUF blocks."""
         return (
             x.dim() == 2
             and 0 < x.shape[0] <= MAX_ROWS
             and x.dtype == torch.float32
             and x.device.type == "cpu"
-            and weight.dtype == torch.float32
-            and weight.is_contiguous()
+            and (isinstance(weight, QuantizedWeight) or (weight.dtype == torch.float32 and weight.is_contiguous()))
         )
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if isinstance(weight, QuantizedWeight):
+            return self._call_quantized(x, weight, bias)
         if not self.takes(x, weight) or x.shape[1] != weight.shape[1] or weight.dim() != 2:
             raise ValueError(
                 f"few-rows linear takes 1-{MAX_ROWS} float32 CPU rows against a contiguous [out, in] "
                 f"float32 weight; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
             )
-        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (weight.shape[0],)
-                                 or not bias.is_contiguous()):
-            raise ValueError(f"bias must be a contiguous float32 vector of {weight.shape[0]}")
+        _check_bias(bias, weight.shape[0])
         x = x.contiguous()  # a few rows: a copy costs nothing next to the weight
         y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
         status = self._fn(
@@ -66,3 +148,27 @@ class FewRowsLinearKernel:
         if status != 0:
             raise ValueError(f"few-rows linear: unsupported call (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
         return y
+
+    def _call_quantized(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        out_features, in_features = weight.shape
+        if not self.takes(x, weight) or x.shape[1] != in_features:
+            raise ValueError(f"few-rows linear takes 1-{MAX_ROWS} float32 CPU rows of {in_features}; "
+                             f"got x {tuple(x.shape)} {x.dtype}")
+        _check_bias(bias, out_features)
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+        status = self._quantized(
+            x.data_ptr(), _KINDS[weight.kind], weight.quants.data_ptr(), weight.scales.data_ptr(),
+            weight.mins.data_ptr() if weight.mins is not None else None, bias.data_ptr() if bias is not None else None,
+            y.data_ptr(), x.shape[0], in_features, out_features, x.stride(0), y.stride(0), torch.get_num_threads(),
+        )
+        if status == _NO_MEMORY:
+            raise MemoryError("few-rows linear: out of memory for its dequantization buffers")
+        if status != 0:
+            raise ValueError(f"few-rows linear: unsupported {weight.kind} call (x {tuple(x.shape)}, weight {weight.shape})")
+        return y
+
+
+def _check_bias(bias: torch.Tensor | None, out_features: int) -> None:
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous float32 vector of {out_features}")

@@ -1,4 +1,5 @@
-"""Read a llama-architecture GGUF file: its config (as a config.json dict) and dequantized weights."""
+"""Read a llama-architecture GGUF file: its config (as a config.json dict), dequantized weights, and the
+linear layers' quantized blocks as they are (for the CPU few-rows kernel)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from cachedattention.kernels.few_rows_linear import QUANTIZED_KINDS, QuantizedWeight
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -78,23 +81,42 @@ def gguf_state_dict(path: str, config: dict[str, Any]) -> dict[str, torch.Tensor
     """Dequantize every tensor to float32 under Hugging Face parameter names."""
     from gguf.quants import dequantize
 
-    r = _reader(path)
     state: dict[str, torch.Tensor] = {}
-    for t in r.tensors:
-        base, _, suffix = t.name.rpartition(".")
-        w = dequantize(t.data, t.tensor_type).astype(np.float32)
-        if base.startswith("blk."):
-            _, idx, kind = base.split(".", 2)
-            if kind not in _LAYER_NAMES:
-                continue
-            if kind == "attn_q":
-                w = _unpermute(w, config["num_attention_heads"])
-            elif kind == "attn_k":
-                w = _unpermute(w, config["num_key_value_heads"])
-            name = f"model.layers.{idx}.{_LAYER_NAMES[kind]}.{suffix}"
-        elif base in _GLOBAL_NAMES:
-            name = f"{_GLOBAL_NAMES[base]}.{suffix}"
-        else:
-            continue
+    for name, t in _named_tensors(_reader(path)):
+        w = _in_hf_row_order(name, dequantize(t.data, t.tensor_type).astype(np.float32), config)
         state[name] = torch.from_numpy(np.ascontiguousarray(w))
     return state
+
+
+def gguf_quantized_weights(path: str, config: dict[str, Any] | None = None) -> dict[str, QuantizedWeight]:
+    """The weights of linear layers stored in block types the few-rows kernel reads (Q4_1, Q8_0), as
+    those blocks, under Hugging Face names and row order (the embedding too: a tied head uses it)."""
+    config = config or gguf_config(path)
+    out: dict[str, QuantizedWeight] = {}
+    for name, t in _named_tensors(_reader(path)):
+        kind = t.tensor_type.name
+        if kind not in QUANTIZED_KINDS or len(t.shape) != 2 or name.endswith("norm.weight"):
+            continue
+        rows = _in_hf_row_order(name, np.asarray(t.data), config)  # a row's blocks move with it
+        out[name] = QuantizedWeight.from_gguf_rows(kind, rows, int(t.shape[0]))  # GGUF lists shapes inner first
+    return out
+
+
+def _named_tensors(reader):
+    """(Hugging Face name, tensor) for every tensor the model uses."""
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")
+        if base.startswith("blk."):
+            _, idx, kind = base.split(".", 2)
+            if kind in _LAYER_NAMES:
+                yield f"model.layers.{idx}.{_LAYER_NAMES[kind]}.{suffix}", t
+        elif base in _GLOBAL_NAMES:
+            yield f"{_GLOBAL_NAMES[base]}.{suffix}", t
+
+
+def _in_hf_row_order(name: str, rows: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    if ".self_attn.q_proj." in name:
+        return _unpermute(rows, config["num_attention_heads"])
+    if ".self_attn.k_proj." in name:
+        return _unpermute(rows, config["num_key_value_heads"])
+    return rows

@@ -9,25 +9,27 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
+from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names) whose calls with a few float32 rows on a CPU go to the
-    few-rows kernel once one is attached (decode steps: one row per decoder); a oneDNN-packed copy,
+    few-rows kernel once one is attached (decode steps: one row per decoder), which reads the GGUF
+    blocks the weight came from when the loader attached them (`quantized`); a oneDNN-packed copy,
     when attached, serves the calls the kernel does not take; everything else is torch's GEMM."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.few_rows: FewRowsLinearKernel | None = None
+        self.quantized: QuantizedWeight | None = None
         self.packed: OneDNNWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.few_rows
         if kernel is not None and kernel.takes(x, self.weight) and not _needs_grad(self.weight):
-            return kernel(x, self.weight, self.bias)
+            return kernel(x, self.quantized if self.quantized is not None else self.weight, self.bias)
         if self.packed is not None and self.bias is None:
             return self.packed.linear(x)
         return F.linear(x, self.weight, self.bias)

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cachedattention.model.embedded import embedded_model_dir
-from cachedattention.model.gguf_loader import gguf_config, gguf_state_dict
+from cachedattention.kernels.few_rows_linear import QuantizedWeight
+from cachedattention.model.embedded import embedded_gguf_path, embedded_model_dir
+from cachedattention.model.gguf_loader import gguf_config, gguf_quantized_weights, gguf_state_dict
+from cachedattention.model.layers import Linear
 from cachedattention.model.llama import LlamaForCausalLM
 from cachedattention.model.spec import ModelSpec, spec_from_hf_config
 from cachedattention.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,8 +40,9 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_model(source: str | None, device: str, dtype: str) -> LoadedModel:
+    gguf_file = None
     if source is None:
-        source = str(embedded_model_dir())
+        source, gguf_file = str(embedded_model_dir()), embedded_gguf_path()  # converted from this GGUF
     path = Path(source).expanduser()
     if not path.exists():
         raise ValueError(f"model path {source!r} does not exist (give a Hugging Face folder or a .gguf file)")
@@ -47,13 +53,38 @@ def load_model(source: str | None, device: str, dtype: str) -> LoadedModel:
         spec = spec_from_hf_config(config)
         state = gguf_state_dict(str(path), config)
         tok = Tokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        gguf_file = path
     else:
         config = _read_config(path)
         spec = spec_from_hf_config(config)
         state = _read_safetensors(path)
         tok = Tokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
     model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
+    if gguf_file is not None and torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32:
+        attach_quantized(model, gguf_quantized_weights(str(gguf_file), config))
     return LoadedModel(model, spec, tok, path.name, _weights_id(path))
+
+
+def attach_quantized(model: LlamaForCausalLM, quantized: dict[str, QuantizedWeight]) -> int:
+    """Give each linear layer the GGUF blocks its float32 weight was dequantized from, for the
+    few-rows kernel to read (a quarter of the bytes or less); a tied head shares the embedding's.
+    A layer whose blocks do not dequantize to its weight (first and last rows compared) keeps
+    float32 alone. Returns how many layers got blocks."""
+    attached = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        qw = quantized.get(f"{name}.weight")
+        if qw is None and module.weight is model.model.embed_tokens.weight:
+            qw = quantized.get("model.embed_tokens.weight")
+        if qw is None:
+            continue
+        if not qw.matches(module.weight):
+            log.warning("the GGUF blocks of %s do not match its weights: it keeps float32 alone", name)
+            continue
+        module.quantized = qw
+        attached += 1
+    return attached
 
 
 def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):

@@ -1,12 +1,13 @@
 """The few-rows linear kernel equals torch's linear, and the model's linear layers use it only where
 it applies."""
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
 from cachedattention import LLM
-from cachedattention.kernels.few_rows_linear import MAX_ROWS, FewRowsLinearKernel
+from cachedattention.kernels.few_rows_linear import MAX_ROWS, FewRowsLinearKernel, QuantizedWeight
 from cachedattention.model.layers import Linear
 from tests.util import rel_err
 
@@ -78,3 +79,67 @@ def test_the_engine_hands_few_row_calls_to_the_kernels(tiny_dirs):
     assert all(m.few_rows is not None and m.packed is None for m in linears) and model.row_ops is not None
     model.use_few_row_kernels(None, None)  # no kernel: the head falls back to a oneDNN-packed copy
     assert model.lm_head.packed is not None and all(m.few_rows is None for m in linears)
+
+
+def random_gguf_rows(kind: str, out_features: int, in_features: int, seed: int) -> np.ndarray:
+    """Raw GGUF rows of random Q4_1 or Q8_0 blocks (uint8 [out, bytes per row])."""
+    rng = np.random.default_rng(seed)
+    blocks = out_features * in_features // 32
+    scales = rng.uniform(0.001, 0.05, (blocks, 1)).astype(np.float16).view(np.uint8)
+    if kind == "Q4_1":
+        mins = rng.uniform(-0.3, 0.0, (blocks, 1)).astype(np.float16).view(np.uint8)
+        raw = np.concatenate([scales, mins, rng.integers(0, 256, (blocks, 16), dtype=np.uint8)], axis=1)
+    else:
+        raw = np.concatenate([scales, rng.integers(-128, 128, (blocks, 32), dtype=np.int8).view(np.uint8)], axis=1)
+    return raw.reshape(out_features, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("in_features, out_features", [(576, 1536), (96, 7), (32, 1), (1536, 6)])
+def test_on_gguf_blocks_equals_the_float32_path_bit_for_bit(kernel, kind, in_features, out_features):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rows = random_gguf_rows(kind, out_features, in_features, seed=in_features + out_features)
+    weight = QuantizedWeight.from_gguf_rows(kind, rows, in_features)
+    reference = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).astype(np.float32))
+    assert torch.equal(weight.dequantize(), reference)  # GGUF's own values
+    assert weight.matches(reference) and not weight.matches(reference + 1e-3)
+    bias = torch.randn(out_features)
+    for n in (1, 3, 4, 9, MAX_ROWS):
+        x = torch.randn(n, in_features)
+        # the blocks are dequantized into the same tiles the float32 weight goes through
+        assert torch.equal(kernel(x, weight, bias), kernel(x, reference, bias)), f"{n} rows"
+        assert rel_err(kernel(x, weight), F.linear(x, reference)) <= 1e-5
+
+
+def test_quantized_weights_are_checked_when_made():
+    rows = random_gguf_rows("Q4_1", 8, 64, seed=0)
+    good = QuantizedWeight.from_gguf_rows("Q4_1", rows, 64)
+    with pytest.raises(ValueError, match="Q4_1 and Q8_0"):
+        QuantizedWeight.from_gguf_rows("Q4_K", rows, 64)
+    with pytest.raises(ValueError, match="not a valid"):
+        QuantizedWeight("Q4_1", good.quants[:, :-1], good.scales, good.mins, good.shape)  # short rows
+    with pytest.raises(ValueError, match="not a valid"):
+        QuantizedWeight("Q4_1", good.quants, good.scales, None, good.shape)  # Q4_1 needs its mins
+    with pytest.raises(ValueError, match="not a valid"):
+        QuantizedWeight("Q8_0", good.quants, good.scales.double(), None, good.shape)
+
+
+def test_the_embedded_model_decodes_from_its_gguf_blocks(embedded_llm, caplog):
+    from cachedattention.model.loader import attach_quantized
+
+    model = embedded_llm.engine.model
+    linears = dict((n, m) for n, m in model.named_modules() if isinstance(m, Linear))
+    assert len(linears) == 30 * 7 + 1 and all(m.quantized is not None for m in linears.values())
+    assert model.lm_head.quantized.kind == "Q8_0" and linears["model.layers.0.mlp.up_proj"].quantized.kind == "Q4_1"
+    # blocks that do not dequantize to the layer's weight are refused, with a warning
+    layer = linears["model.layers.0.self_attn.q_proj"]
+    stale = {"model.layers.0.self_attn.q_proj.weight": linears["model.layers.0.self_attn.k_proj"].quantized}
+    kept = layer.quantized
+    layer.quantized = None
+    try:
+        assert attach_quantized(model, stale) == 0 and layer.quantized is None
+        assert "do not match" in caplog.text
+    finally:
+        layer.quantized = kept
