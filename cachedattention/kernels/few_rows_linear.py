@@ -15,9 +15,11 @@ import torch
 
 from cachedattention.kernels.build import load_kernel
 
-# Up to this many rows the kernel beats MKL here (bench/few_rows_linear_timing.py); prefill
-# chunks are far larger and keep MKL's GEMM, which is compute-bound and good at it.
+# Up to this many rows the kernel beats MKL here (bench/few_rows_linear_timing.py): on float32
+# weights, and on GGUF blocks (a quarter of the bytes or less). Prefill chunks are far larger and keep
+# MKL's GEMM, which is compute-bound and good at it.
 MAX_ROWS = 32
+MAX_ROWS_GGUF = 96
 
 _ARGTYPES = (*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 6)
 _QUANTIZED_ARGTYPES = (ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 6)
@@ -98,7 +100,8 @@ class QuantizedWeight:
 
 
 class FewRowsLinearKernel:
-    """y = x @ weight.T (+ bias) for float32 CPU tensors with at most MAX_ROWS rows."""
+    """y = x @ weight.T (+ bias) for float32 CPU rows, at most MAX_ROWS of them (MAX_ROWS_GGUF
+    against GGUF blocks)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._fn = lib.few_rows_linear
@@ -120,12 +123,13 @@ class FewRowsLinearKernel:
     def takes(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
         """Whether this call is one for the kernel: a few float32 CPU rows, a contiguous float32
         weight or GGUF blocks."""
+        blocks = isinstance(weight, QuantizedWeight)
         return (
             x.dim() == 2
-            and 0 < x.shape[0] <= MAX_ROWS
+            and 0 < x.shape[0] <= (MAX_ROWS_GGUF if blocks else MAX_ROWS)
             and x.dtype == torch.float32
             and x.device.type == "cpu"
-            and (isinstance(weight, QuantizedWeight) or (weight.dtype == torch.float32 and weight.is_contiguous()))
+            and (blocks or (weight.dtype == torch.float32 and weight.is_contiguous()))
         )
 
     def __call__(
@@ -152,7 +156,7 @@ class FewRowsLinearKernel:
     def _call_quantized(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         out_features, in_features = weight.shape
         if not self.takes(x, weight) or x.shape[1] != in_features:
-            raise ValueError(f"few-rows linear takes 1-{MAX_ROWS} float32 CPU rows of {in_features}; "
+            raise ValueError(f"few-rows linear takes 1-{MAX_ROWS_GGUF} float32 CPU rows of {in_features}; "
                              f"got x {tuple(x.shape)} {x.dtype}")
         _check_bias(bias, out_features)
         x = x.contiguous()

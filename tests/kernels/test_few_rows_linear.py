@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from cachedattention import LLM
-from cachedattention.kernels.few_rows_linear import MAX_ROWS, FewRowsLinearKernel, QuantizedWeight
+from cachedattention.kernels.few_rows_linear import MAX_ROWS, MAX_ROWS_GGUF, FewRowsLinearKernel, QuantizedWeight
 from cachedattention.model.layers import Linear
 from tests.util import rel_err
 
@@ -106,11 +106,13 @@ def test_on_gguf_blocks_equals_the_float32_path_bit_for_bit(kernel, kind, in_fea
     assert torch.equal(weight.dequantize(), reference)  # GGUF's own values
     assert weight.matches(reference) and not weight.matches(reference + 1e-3)
     bias = torch.randn(out_features)
-    for n in (1, 3, 4, 9, MAX_ROWS):
+    for n in (1, 3, 4, 9, MAX_ROWS, MAX_ROWS_GGUF):
         x = torch.randn(n, in_features)
-        # the blocks are dequantized into the same tiles the float32 weight goes through
-        assert torch.equal(kernel(x, weight, bias), kernel(x, reference, bias)), f"{n} rows"
+        if n <= MAX_ROWS:  # the blocks are dequantized into the same tiles the float32 weight goes through
+            assert torch.equal(kernel(x, weight, bias), kernel(x, reference, bias)), f"{n} rows"
         assert rel_err(kernel(x, weight), F.linear(x, reference)) <= 1e-5
+    with pytest.raises(ValueError, match="few-rows linear"):
+        kernel(torch.randn(MAX_ROWS_GGUF + 1, in_features), weight)
 
 
 def test_quantized_weights_are_checked_when_made():
