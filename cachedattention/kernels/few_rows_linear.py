@@ -90,13 +90,12 @@ class QuantizedWeight:
         return w.reshape(-1, k)
 
     def matches(self, weight: torch.Tensor) -> bool:
-        """Whether `weight` is this weight dequantized (its first and last rows compared exactly)."""
+        """Whether `weight` is this weight dequantized, comparing rows 0, 1 and the last exactly (row 1
+        also tells whether q/k rows were put in the same order: llama.cpp's permutation moves it)."""
         if tuple(weight.shape) != self.shape or weight.dtype != torch.float32 or weight.device.type != "cpu":
             return False
-        ends = [0, self.shape[0] - 1]
-        return torch.equal(self.dequantize(slice(0, 1)), weight[:1].detach()) and torch.equal(
-            self.dequantize(slice(ends[1], ends[1] + 1)), weight[ends[1] :].detach()
-        )
+        rows = sorted({0, min(1, self.shape[0] - 1), self.shape[0] - 1})
+        return all(torch.equal(self.dequantize(slice(r, r + 1)), weight[r : r + 1].detach()) for r in rows)
 
 
 class FewRowsLinearKernel:
@@ -129,7 +128,7 @@ class FewRowsLinearKernel:
             and 0 < x.shape[0] <= (MAX_ROWS_GGUF if blocks else MAX_ROWS)
             and x.dtype == torch.float32
             and x.device.type == "cpu"
-            and (blocks or (weight.dtype == torch.float32 and weight.is_contiguous()))
+            and (blocks or (weight.dtype == torch.float32 and weight.is_contiguous() and weight.device.type == "cpu"))
         )
 
     def __call__(
@@ -137,7 +136,7 @@ class FewRowsLinearKernel:
     ) -> torch.Tensor:
         if isinstance(weight, QuantizedWeight):
             return self._call_quantized(x, weight, bias)
-        if not self.takes(x, weight) or x.shape[1] != weight.shape[1] or weight.dim() != 2:
+        if weight.dim() != 2 or not self.takes(x, weight) or x.shape[1] != weight.shape[1]:
             raise ValueError(
                 f"few-rows linear takes 1-{MAX_ROWS} float32 CPU rows against a contiguous [out, in] "
                 f"float32 weight; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
@@ -147,7 +146,7 @@ class FewRowsLinearKernel:
         y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
         status = self._fn(
             x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
-            x.shape[0], x.shape[1], weight.shape[0], x.stride(0), y.stride(0), torch.get_num_threads(),
+            x.shape[0], x.shape[1], weight.shape[0], _row_stride(x), y.stride(0), torch.get_num_threads(),
         )
         if status != 0:
             raise ValueError(f"few-rows linear: unsupported call (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
@@ -164,7 +163,7 @@ class FewRowsLinearKernel:
         status = self._quantized(
             x.data_ptr(), _KINDS[weight.kind], weight.quants.data_ptr(), weight.scales.data_ptr(),
             weight.mins.data_ptr() if weight.mins is not None else None, bias.data_ptr() if bias is not None else None,
-            y.data_ptr(), x.shape[0], in_features, out_features, x.stride(0), y.stride(0), torch.get_num_threads(),
+            y.data_ptr(), x.shape[0], in_features, out_features, _row_stride(x), y.stride(0), torch.get_num_threads(),
         )
         if status == _NO_MEMORY:
             raise MemoryError("few-rows linear: out of memory for its dequantization buffers")
@@ -174,5 +173,11 @@ class FewRowsLinearKernel:
 
 
 def _check_bias(bias: torch.Tensor | None, out_features: int) -> None:
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()):
-        raise ValueError(f"bias must be a contiguous float32 vector of {out_features}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()
+                             or bias.device.type != "cpu"):
+        raise ValueError(f"bias must be a contiguous float32 CPU vector of {out_features}")
+
+
+def _row_stride(x: torch.Tensor) -> int:
+    # torch calls one row contiguous whatever its stride; the C code wants rows at least a row apart
+    return x.stride(0) if x.shape[0] > 1 else x.shape[1]

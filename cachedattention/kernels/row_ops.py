@@ -73,8 +73,8 @@ class RowOpsKernel:
         if (k.shape != (rows, kv_heads, d) or v.shape != k.shape or k_pool.shape[1:] != k.shape[1:]
                 or v_pool.shape != k_pool.shape or cos.numel() != rows * d or sin.numel() != rows * d or d % 2):
             raise ValueError("rope_store: shapes of q, k, v, cos, sin and the pools do not agree")
-        if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (rows,):
-            raise ValueError("rope_store: slots must be a contiguous int64 vector, one per row")
+        if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (rows,) or slots.device.type != "cpu":
+            raise ValueError("rope_store: slots must be a contiguous int64 CPU vector, one per row")
         k_rot = torch.empty_like(k)
         status = self._rope(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                             slots.data_ptr(), k_rot.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),

@@ -28,8 +28,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.few_rows
-        if kernel is not None and kernel.takes(x, self.weight) and not _needs_grad(self.weight):
-            return kernel(x, self.quantized if self.quantized is not None else self.weight, self.bias)
+        weight = self.quantized if self.quantized is not None else self.weight
+        if kernel is not None and kernel.takes(x, weight) and not _needs_grad(self.weight):
+            return kernel(x, weight, self.bias)
         if self.packed is not None and self.bias is None:
             return self.packed.linear(x)
         return F.linear(x, self.weight, self.bias)

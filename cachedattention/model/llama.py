@@ -173,15 +173,14 @@ class LlamaForCausalLM(nn.Module):
     def use_few_row_kernels(self, linear: FewRowsLinearKernel | None, row_ops: RowOpsKernel | None) -> None:
         """Decode steps have a few rows (one per decoder). On a CPU torch's GEMM reads the weights
         at half speed or less for those, and its small operators cost more to dispatch than to run.
-        With the few-rows kernel every linear layer hands such calls to it; without one, the
-        vocabulary head, the widest weight, gets a oneDNN-packed copy for 4 to 128 rows (1 to 3 are
-        as fast or faster unpacked). With the row ops, such steps norm, rotate and write the pool in
-        one call each."""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        for m in linears:
-            m.few_rows = linear
-            m.packed = None
-        if linear is None:
+        With the few-rows kernel every linear layer hands such calls to it. The vocabulary head, the
+        widest weight, also gets a oneDNN-packed copy for the calls of 4 to 128 rows the kernel does
+        not take (all of them without a kernel; 1 to 3 rows are as fast or faster unpacked). With
+        the row ops, such steps norm, rotate and write the pool in one call each."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.few_rows = linear
+        if self.lm_head.packed is None or self.lm_head.packed.weight is not self.lm_head.weight:
             self.lm_head.packed = OneDNNWeight(self.lm_head.weight, rows=(4, 128))
         self.row_ops = row_ops
 

@@ -74,9 +74,8 @@ def attach_quantized(model: LlamaForCausalLM, quantized: dict[str, QuantizedWeig
     for name, module in model.named_modules():
         if not isinstance(module, Linear):
             continue
-        qw = quantized.get(f"{name}.weight")
-        if qw is None and module.weight is model.model.embed_tokens.weight:
-            qw = quantized.get("model.embed_tokens.weight")
+        tied = module.weight is model.model.embed_tokens.weight  # the head, sharing the embedding
+        qw = quantized.get("model.embed_tokens.weight" if tied else f"{name}.weight")
         if qw is None:
             continue
         if not qw.matches(module.weight):

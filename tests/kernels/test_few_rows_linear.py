@@ -39,6 +39,9 @@ def test_takes_strided_rows(kernel):
     assert rel_err(kernel(x, weight), F.linear(x, weight)) <= 1e-5
     rows = torch.randn(10, 24)[::3]  # rows further apart than their length
     assert rel_err(kernel(rows, weight), F.linear(rows, weight)) <= 1e-5
+    one = torch.randn(24, 1).t()  # one row torch calls contiguous, with a row stride of 1
+    assert one.is_contiguous() and one.stride(0) == 1
+    assert rel_err(kernel(one, weight), F.linear(one, weight)) <= 1e-5
 
 
 def test_refuses_bad_inputs_with_a_clear_error(kernel):
@@ -69,6 +72,17 @@ def test_linear_layer_calls_the_kernel_only_for_a_few_rows(kernel, monkeypatch):
     x = torch.randn(3, 24)
     layer(x).sum().backward()  # outside inference mode, with grads wanted: torch, which has a backward
     assert len(calls) == 2 and layer.weight.grad is not None
+    # with GGUF blocks attached, it reads them, for up to MAX_ROWS_GGUF rows
+    blocks = QuantizedWeight.from_gguf_rows("Q8_0", random_gguf_rows("Q8_0", 40, 32, seed=3), 32)
+    layer = Linear(32, 40, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(blocks.dequantize())
+    layer.few_rows, layer.quantized = kernel, blocks
+    with torch.inference_mode():
+        for rows in (MAX_ROWS + 1, MAX_ROWS_GGUF, MAX_ROWS_GGUF + 1):
+            x = torch.randn(rows, 32)
+            assert rel_err(layer(x), F.linear(x, layer.weight)) <= 1e-5
+    assert len(calls) == 4  # MAX_ROWS + 1 and MAX_ROWS_GGUF rows went to the kernel
 
 
 def test_the_engine_hands_few_row_calls_to_the_kernels(tiny_dirs):
@@ -76,9 +90,11 @@ def test_the_engine_hands_few_row_calls_to_the_kernels(tiny_dirs):
     model = LLM(model=str(path)).engine.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 3 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the head
-    assert all(m.few_rows is not None and m.packed is None for m in linears) and model.row_ops is not None
-    model.use_few_row_kernels(None, None)  # no kernel: the head falls back to a oneDNN-packed copy
-    assert model.lm_head.packed is not None and all(m.few_rows is None for m in linears)
+    assert all(m.few_rows is not None for m in linears) and model.row_ops is not None
+    # the head also keeps a oneDNN-packed copy for the 4-128 rows the kernel does not take
+    assert model.lm_head.packed is not None and all(m.packed is None for m in linears if m is not model.lm_head)
+    model.use_few_row_kernels(None, None)  # no kernels: torch, and the packed head
+    assert model.lm_head.packed is not None and all(m.few_rows is None for m in linears) and model.row_ops is None
 
 
 def random_gguf_rows(kind: str, out_features: int, in_features: int, seed: int) -> np.ndarray:
