@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BLOCKS_FILE = "gguf_blocks.safetensors"  # the linear layers' GGUF blocks (model/gguf_loader.py)
 CONVERTED_NAME = "smollm2-135m-instruct"
 
 
@@ -31,22 +32,30 @@ def embedded_gguf_path() -> Path:
 
 
 def embedded_model_dir() -> Path:
-    """A Hugging Face style folder with the dequantized weights and tokenizer, built on first use."""
+    """A Hugging Face style folder with the dequantized weights, the linear layers' GGUF blocks and the
+    tokenizer, built on first use."""
     gguf = embedded_gguf_path()
     target = cache_home() / f"{CONVERTED_NAME}-{gguf.stat().st_size}"
-    if not (target / "model.safetensors").exists():
-        _convert(gguf, target)
+    if not all((target / f).exists() for f in ("model.safetensors", BLOCKS_FILE)):
+        _convert(gguf, target)  # also a folder converted before the blocks were kept
     return target
 
 
 def _convert(gguf: Path, target: Path) -> None:
     from safetensors.torch import save_file
 
-    from cachedattention.model.gguf_loader import gguf_config, gguf_state_dict
+    from cachedattention.model.gguf_loader import (
+        gguf_config,
+        gguf_quantized_weights,
+        gguf_state_dict,
+        open_gguf,
+        save_blocks,
+    )
     from cachedattention.model.tokenizer import Tokenizer
 
-    config = gguf_config(str(gguf))
-    state = gguf_state_dict(str(gguf), config)
+    reader = open_gguf(str(gguf))
+    config = gguf_config(reader)
+    state = gguf_state_dict(reader, config)
     if config["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +63,7 @@ def _convert(gguf: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
         save_file(state, str(tmp / "model.safetensors"))
+        save_blocks(gguf_quantized_weights(reader, config), tmp / BLOCKS_FILE)  # for decode steps on a CPU
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         Tokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).hf.save_pretrained(str(tmp))
         if target.exists():

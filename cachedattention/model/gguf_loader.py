@@ -3,6 +3,8 @@ linear layers' quantized blocks as they are (for the CPU few-rows kernel)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,10 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def _reader(path: str):
+
+
+def open_gguf(path: str):
+    """A reader of the file, to share between the calls below (parsing its metadata takes seconds)."""
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - gguf is a declared dependency
@@ -35,12 +40,16 @@ def _reader(path: str):
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
 
 
+def _reader(source):
+    return open_gguf(source) if isinstance(source, (str, Path)) else source
+
+
 def _field(reader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
 
-def gguf_config(path: str) -> dict[str, Any]:
+def gguf_config(path) -> dict[str, Any]:
     """The file's metadata as a Hugging Face style config dict."""
     r = _reader(path)
     arch = _field(r, "general.architecture")
@@ -77,7 +86,7 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_state_dict(path: str, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def gguf_state_dict(path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Dequantize every tensor to float32 under Hugging Face parameter names."""
     from gguf.quants import dequantize
 
@@ -88,18 +97,50 @@ def gguf_state_dict(path: str, config: dict[str, Any]) -> dict[str, torch.Tensor
     return state
 
 
-def gguf_quantized_weights(path: str, config: dict[str, Any] | None = None) -> dict[str, QuantizedWeight]:
+def gguf_quantized_weights(path, config: dict[str, Any] | None = None) -> dict[str, QuantizedWeight]:
     """The weights of linear layers stored in block types the few-rows kernel reads (Q4_1, Q8_0), as
-    those blocks, under Hugging Face names and row order (the embedding too: a tied head uses it)."""
-    config = config or gguf_config(path)
+    those blocks, under Hugging Face names and row order (the embedding too: a tied head uses it).
+    `path` is a file name or a reader from open_gguf."""
+    reader = _reader(path)
+    config = config or gguf_config(reader)
     out: dict[str, QuantizedWeight] = {}
-    for name, t in _named_tensors(_reader(path)):
+    for name, t in _named_tensors(reader):
         kind = t.tensor_type.name
         if kind not in QUANTIZED_KINDS or len(t.shape) != 2 or name.endswith("norm.weight"):
             continue
         rows = _in_hf_row_order(name, np.asarray(t.data), config)  # a row's blocks move with it
         out[name] = QuantizedWeight.from_gguf_rows(kind, rows, int(t.shape[0]))  # GGUF lists shapes inner first
     return out
+
+
+def save_blocks(blocks: dict[str, QuantizedWeight], path: Path) -> None:
+    """Write blocks (from gguf_quantized_weights) to a safetensors file, kinds in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in blocks.items():
+        tensors[f"{name}.quants"], tensors[f"{name}.scales"] = w.quants, w.scales
+        if w.mins is not None:
+            tensors[f"{name}.mins"] = w.mins
+    save_file(tensors, str(path), metadata={"kinds": json.dumps({n: w.kind for n, w in blocks.items()})})
+
+
+def load_blocks(path: Path) -> dict[str, QuantizedWeight]:
+    """Read a file written by save_blocks; ValueError if it is not one (the caller keeps float32)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            kinds = json.loads((f.metadata() or {})["kinds"])
+            out = {}
+            for name, kind in kinds.items():
+                scales = f.get_tensor(f"{name}.scales")
+                mins = f.get_tensor(f"{name}.mins") if kind == "Q4_1" else None
+                shape = (scales.shape[0], scales.shape[1] * 32)
+                out[name] = QuantizedWeight(kind, f.get_tensor(f"{name}.quants"), scales, mins, shape)
+            return out
+    except Exception as e:  # whatever a damaged file raises (safetensors' own error included)
+        raise ValueError(f"{path} is not a readable blocks file: {e}") from e
 
 
 def _named_tensors(reader):

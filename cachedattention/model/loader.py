@@ -12,8 +12,14 @@ from pathlib import Path
 import torch
 
 from cachedattention.kernels.few_rows_linear import QuantizedWeight
-from cachedattention.model.embedded import embedded_gguf_path, embedded_model_dir
-from cachedattention.model.gguf_loader import gguf_config, gguf_quantized_weights, gguf_state_dict
+from cachedattention.model.embedded import BLOCKS_FILE, embedded_model_dir
+from cachedattention.model.gguf_loader import (
+    gguf_config,
+    gguf_quantized_weights,
+    gguf_state_dict,
+    load_blocks,
+    open_gguf,
+)
 from cachedattention.model.layers import Linear
 from cachedattention.model.llama import LlamaForCausalLM
 from cachedattention.model.spec import ModelSpec, spec_from_hf_config
@@ -40,28 +46,32 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_model(source: str | None, device: str, dtype: str) -> LoadedModel:
-    gguf_file = None
     if source is None:
-        source, gguf_file = str(embedded_model_dir()), embedded_gguf_path()  # converted from this GGUF
+        source = str(embedded_model_dir())
     path = Path(source).expanduser()
     if not path.exists():
         raise ValueError(f"model path {source!r} does not exist (give a Hugging Face folder or a .gguf file)")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{source!r} is a file but not a .gguf; give a Hugging Face model folder or a GGUF file")
-        config = gguf_config(str(path))
+        reader = open_gguf(str(path))
+        config = gguf_config(reader)
         spec = spec_from_hf_config(config)
-        state = gguf_state_dict(str(path), config)
+        state = gguf_state_dict(reader, config)
         tok = Tokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        gguf_file = path
+        blocks = lambda: gguf_quantized_weights(reader, config)  # noqa: E731
     else:
         config = _read_config(path)
         spec = spec_from_hf_config(config)
         state = _read_safetensors(path)
         tok = Tokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+        blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
     model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
-    if gguf_file is not None and torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32:
-        attach_quantized(model, gguf_quantized_weights(str(gguf_file), config))
+    if blocks is not None and torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32:
+        try:
+            attach_quantized(model, blocks())
+        except ValueError as e:  # the float32 weights serve alone
+            log.warning("GGUF blocks not used: %s", e)
     return LoadedModel(model, spec, tok, path.name, _weights_id(path))
 
 
@@ -129,7 +139,7 @@ def _read_config(path: Path) -> dict:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != BLOCKS_FILE)
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cachedattention import LLM
+from cachedattention import LLM, SamplingParams
 from cachedattention.kernels.few_rows_linear import MAX_ROWS, MAX_ROWS_GGUF, FewRowsLinearKernel, QuantizedWeight
 from cachedattention.model.layers import Linear
+from tests.tiny_models import hf_greedy
 from tests.util import rel_err
 
 
@@ -161,3 +162,37 @@ def test_the_embedded_model_decodes_from_its_gguf_blocks(embedded_llm, caplog):
         assert "do not match" in caplog.text
     finally:
         layer.quantized = kept
+
+
+def test_blocks_file_round_trip_and_a_damaged_one(tmp_path):
+    from cachedattention.model.gguf_loader import load_blocks, save_blocks
+
+    blocks = {
+        "a.weight": QuantizedWeight.from_gguf_rows("Q4_1", random_gguf_rows("Q4_1", 6, 64, seed=1), 64),
+        "b.weight": QuantizedWeight.from_gguf_rows("Q8_0", random_gguf_rows("Q8_0", 5, 32, seed=2), 32),
+    }
+    save_blocks(blocks, tmp_path / "blocks.safetensors")
+    loaded = load_blocks(tmp_path / "blocks.safetensors")
+    assert loaded.keys() == blocks.keys()
+    for name, w in blocks.items():
+        assert loaded[name].kind == w.kind and loaded[name].shape == w.shape
+        assert torch.equal(loaded[name].dequantize(), w.dequantize())
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    with pytest.raises(ValueError, match="not a readable blocks file"):
+        load_blocks(tmp_path / "bad.safetensors")
+
+
+def test_a_damaged_blocks_file_leaves_the_model_on_float32(tiny_dirs, tmp_path, caplog):
+    import shutil
+
+    from cachedattention.model.embedded import BLOCKS_FILE
+
+    path, hf = tiny_dirs["llama"]
+    folder = tmp_path / "model"
+    shutil.copytree(path, folder)
+    (folder / BLOCKS_FILE).write_bytes(b"garbage")
+    llm = LLM(model=str(folder))  # loads, with a warning, and serves from its float32 weights
+    assert "GGUF blocks not used" in caplog.text
+    assert all(m.quantized is None for m in llm.engine.model.modules() if isinstance(m, Linear))
+    out = llm.generate([[5, 9, 13]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(hf, [5, 9, 13], 6)
