@@ -2,11 +2,14 @@
 embedded model's head shape) for one decode step of 8 sequences at 300-4,500 tokens, next to a
 plain sequential read (`x.sum()`) of as many bytes: how close the kernel runs to memory bandwidth.
 
+With `--huge-pages` the pool is backed by transparent huge pages (anonymous private memory,
+madvise(MADV_HUGEPAGE); Linux), to see what the TLB costs the kernel's scattered page reads.
 A diagnostic, not a benchmark mode:
 
-    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/paged_kernel_timing.py
+    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/paged_kernel_timing.py [--huge-pages]
 """
 
+import mmap
 import sys
 
 import torch
@@ -23,14 +26,30 @@ def median_s(fn) -> float:
     return median_time(fn, 10, "cpu")
 
 
-def main() -> None:
+def main(huge_pages: bool) -> None:
     kernel = PagedDecodeKernel.load()
     if kernel is None:
         sys.exit("the kernel did not build here")
     gen = torch.Generator().manual_seed(0)
     num_pages = (1 << 30) // (LAYERS * 2 * PAGE * KV_HEADS * HEAD_DIM * 4)
-    ks = [torch.randn(num_pages * PAGE, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(LAYERS)]
-    vs = [torch.randn(num_pages * PAGE, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(LAYERS)]
+    shape = (num_pages * PAGE, KV_HEADS, HEAD_DIM)
+    keep = []  # the mappings behind huge-page tensors stay alive as long as the tensors
+
+    def pool_tensor() -> torch.Tensor:
+        if not huge_pages:
+            return torch.randn(shape, generator=gen)
+        n = num_pages * PAGE * KV_HEADS * HEAD_DIM
+        mm = mmap.mmap(-1, n * 4 + (2 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mm.madvise(mmap.MADV_HUGEPAGE)
+        keep.append(mm)
+        flat = torch.frombuffer(mm, dtype=torch.float32)
+        start = (-flat.data_ptr() % (2 << 20)) // 4  # 2 MiB aligned, as huge pages are
+        t = flat[start : start + n].view(shape)
+        t.copy_(torch.randn(shape, generator=gen))
+        return t
+
+    ks = [pool_tensor() for _ in range(LAYERS)]
+    vs = [pool_tensor() for _ in range(LAYERS)]
     order = torch.randperm(num_pages, generator=gen)
     counts = [-(-n // PAGE) for n in LENGTHS]
     pages = order[: sum(counts)].contiguous()
@@ -48,8 +67,16 @@ def main() -> None:
     kernel_s, read_s = median_s(step), median_s(flat.sum)
     print(f"{kv_bytes / 1e6:.0f} MB of KV: kernel {kernel_s * 1000:.1f} ms ({kv_bytes / kernel_s / 1e9:.1f} GB/s), "
           f"sequential read {read_s * 1000:.1f} ms ({kv_bytes / read_s / 1e9:.1f} GB/s), "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {_anon_huge_kb()} kB of huge pages in this process")
+
+
+def _anon_huge_kb() -> str:
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next((line.split()[1] for line in f if line.startswith("AnonHugePages")), "?")
+    except OSError:
+        return "?"
 
 
 if __name__ == "__main__":
-    main()
+    main("--huge-pages" in sys.argv[1:])
