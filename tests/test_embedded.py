@@ -36,3 +36,18 @@ def test_embedded_chat_text_and_stop_string(embedded_llm):
     cut = embedded_llm.chat(PROMPTS[0], SamplingParams(max_tokens=32, temperature=0, stop=("Blue",)))
     assert cut.finish_reason == "stop" and cut.text.endswith("2. ") and "Blue" not in cut.text
     assert cut.metrics.ttft_s > 0 and cut.metrics.prompt_tokens == len(embedded_llm.tokenizer.encode_chat(PROMPTS[0]))
+
+
+def test_a_gguf_file_loads_with_its_blocks_and_matches_the_converted_folder(embedded_llm):
+    """LLM(model="x.gguf") parses the file once for config, weights and blocks; it decodes from the
+    blocks and gives the converted folder's tokens."""
+    from cachedattention import LLM
+    from cachedattention.model.embedded import embedded_gguf_path
+    from cachedattention.model.layers import Linear
+
+    llm = LLM(model=str(embedded_gguf_path()))
+    linears = [m for m in llm.engine.model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 211 and all(m.quantized is not None for m in linears)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompt = [1, 504, 3456, 314, 260, 1345, 30]
+    assert llm.generate([prompt], params)[0].token_ids == embedded_llm.generate([prompt], params)[0].token_ids
