@@ -47,12 +47,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, s.num_kv_heads, s.head_dim)
         if batch.hooks is not None:
             batch.hooks.save_layer(layer, k, v)  # pre-RoPE: kept as it is
+        if ops is None:  # rotate while the layer's stored KV may still be loading (a CUDA copy stream)
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
+        if batch.hooks is not None:
             batch.hooks.wait_layer(layer)
         if ops is not None:  # a few rows on a CPU: rotate and write the pool in one call
             k = ops.rope_store(q, k, v, cos, sin, batch.new_slots, pool.k[layer], pool.v[layer])
         else:
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(k, cos, sin)
             pool.write(layer, batch.new_slots, k, v)
         out = torch.empty_like(q)
         if batch.paged_decode is not None:
