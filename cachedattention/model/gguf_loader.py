@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
 
 from cachedattention.kernels.few_rows_linear import QUANTIZED_KINDS, QuantizedWeight
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
+
+GGUFSource = Union[str, Path, "GGUFReader"]  # a file name, or a reader from open_gguf (parsed once)
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -26,9 +31,7 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-
-
-def open_gguf(path: str):
+def open_gguf(path: str | Path) -> GGUFReader:
     """A reader of the file, to share between the calls below (parsing its metadata takes seconds)."""
     try:
         import gguf
@@ -40,7 +43,7 @@ def open_gguf(path: str):
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
 
 
-def _reader(source):
+def _reader(source: GGUFSource) -> GGUFReader:
     return open_gguf(source) if isinstance(source, (str, Path)) else source
 
 
@@ -49,7 +52,7 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
-def gguf_config(path) -> dict[str, Any]:
+def gguf_config(path: GGUFSource) -> dict[str, Any]:
     """The file's metadata as a Hugging Face style config dict."""
     r = _reader(path)
     arch = _field(r, "general.architecture")
@@ -86,7 +89,7 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_state_dict(path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def gguf_state_dict(path: GGUFSource, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Dequantize every tensor to float32 under Hugging Face parameter names."""
     from gguf.quants import dequantize
 
@@ -97,7 +100,7 @@ def gguf_state_dict(path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def gguf_quantized_weights(path, config: dict[str, Any] | None = None) -> dict[str, QuantizedWeight]:
+def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = None) -> dict[str, QuantizedWeight]:
     """The weights of linear layers stored in block types the few-rows kernel reads (Q4_1, Q8_0), as
     those blocks, under Hugging Face names and row order (the embedding too: a tied head uses it).
     `path` is a file name or a reader from open_gguf."""
