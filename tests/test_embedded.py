@@ -51,3 +51,22 @@ def test_a_gguf_file_loads_with_its_blocks_and_matches_the_converted_folder(embe
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompt = [1, 504, 3456, 314, 260, 1345, 30]
     assert llm.generate([prompt], params)[0].token_ids == embedded_llm.generate([prompt], params)[0].token_ids
+
+
+def test_a_folder_converted_before_the_blocks_gets_them_and_keeps_its_weights(tmp_path, monkeypatch):
+    """An older cache folder (no blocks file) gets one, without rewriting its weights: the store's
+    model fingerprint (names, sizes and times of the weight files) stays the same."""
+    from cachedattention.model.embedded import BLOCKS_FILE, cache_home, embedded_model_dir
+    from cachedattention.model.loader import _weights_id
+
+    current = embedded_model_dir()
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
+    old = cache_home() / current.name
+    old.mkdir()
+    for f in current.iterdir():
+        if f.name != BLOCKS_FILE:
+            (old / f.name).symlink_to(f)  # the same files, without the blocks
+    before = _weights_id(old)
+    assert embedded_model_dir() == old
+    assert (old / BLOCKS_FILE).is_file() and (old / "model.safetensors").is_symlink()
+    assert _weights_id(old) == before == _weights_id(current)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BLOCKS_FILE = "gguf_blocks.safetensors"  # the linear layers' GGUF blocks (model/gguf_loader.py)
@@ -36,9 +39,32 @@ def embedded_model_dir() -> Path:
     tokenizer, built on first use."""
     gguf = embedded_gguf_path()
     target = cache_home() / f"{CONVERTED_NAME}-{gguf.stat().st_size}"
-    if not all((target / f).exists() for f in ("model.safetensors", BLOCKS_FILE)):
-        _convert(gguf, target)  # also a folder converted before the blocks were kept
+    if not (target / "model.safetensors").exists():
+        _convert(gguf, target)
+    elif not (target / BLOCKS_FILE).exists():
+        _add_blocks(gguf, target)  # a folder converted before the blocks were kept
     return target
+
+
+def _add_blocks(gguf: Path, target: Path) -> None:
+    """Write the blocks file into an existing folder, leaving its weights (and so the store's model
+    fingerprint) alone. Where that cannot be written (a read-only cache), decoding keeps float32."""
+    from cachedattention.model.gguf_loader import gguf_quantized_weights, save_blocks
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=".blocks-", suffix=".safetensors")
+    except OSError as exc:
+        log.warning("cannot write %s into %s (%s): decode steps read float32 weights", BLOCKS_FILE, target, exc)
+        return
+    try:
+        os.close(fd)
+        save_blocks(gguf_quantized_weights(str(gguf)), Path(tmp))
+        os.replace(tmp, target / BLOCKS_FILE)  # atomic: a concurrent writer's file is as good
+    except OSError as exc:
+        log.warning("could not write %s into %s (%s): decode steps read float32 weights", BLOCKS_FILE, target, exc)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _convert(gguf: Path, target: Path) -> None:
@@ -68,6 +94,11 @@ def _convert(gguf: Path, target: Path) -> None:
         Tokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).hf.save_pretrained(str(tmp))
         if target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise
+            # another process converted it meanwhile: its folder is as good as ours
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -157,7 +157,9 @@ def _has_tokenizer(path: Path) -> bool:
 
 def _weights_id(path: Path) -> str:
     """Names and sizes of the weight files: cheap, and changes whenever the weights do."""
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
+    # the blocks file is left out: it holds the same values (decoding from it is bit-identical)
+    weights = sorted(f for f in path.glob("*.safetensors") if f.name != BLOCKS_FILE) if path.is_dir() else []
+    files = [path] if path.is_file() else weights + sorted(path.glob("*.gguf"))
     h = hashlib.sha256()
     for f in files:
         st = os.stat(f)

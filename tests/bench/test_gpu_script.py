@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from cachedattention.bench.models import SHAPES
+from cachedattention.bench.systems import parse_system_names
 from cachedattention.bench.turn import CELLS
 from cachedattention.cli import build_parser
 
@@ -37,3 +38,5 @@ def test_each_benchmark_command_parses(argv):
         assert set(args.cells.split(",")) <= names, f"unknown cells in {args.cells}"
     if args.history:
         assert all(int(h) > 0 for h in args.history.split(","))
+    if args.systems:
+        parse_system_names(args.systems)  # raises on an unknown system
