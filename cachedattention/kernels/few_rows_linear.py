@@ -120,56 +120,58 @@ class FewRowsLinearKernel:
 
     @staticmethod
     def takes(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
-        """Whether this call is one for the kernel: a few float32 CPU rows, a contiguous float32
-        weight or GGUF blocks."""
-        blocks = isinstance(weight, QuantizedWeight)
+        """Whether this call is one for the kernel: a few float32 CPU rows as wide as the weight's
+        input, and a contiguous 2-D float32 CPU weight or GGUF blocks."""
+        if isinstance(weight, QuantizedWeight):
+            max_rows, in_features = MAX_ROWS_GGUF, weight.shape[1]
+        elif weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous() and weight.device.type == "cpu":
+            max_rows, in_features = MAX_ROWS, weight.shape[1]
+        else:
+            return False
         return (
             x.dim() == 2
-            and 0 < x.shape[0] <= (MAX_ROWS_GGUF if blocks else MAX_ROWS)
+            and 0 < x.shape[0] <= max_rows
+            and x.shape[1] == in_features
             and x.dtype == torch.float32
             and x.device.type == "cpu"
-            and (blocks or (weight.dtype == torch.float32 and weight.is_contiguous() and weight.device.type == "cpu"))
         )
 
     def __call__(
         self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if isinstance(weight, QuantizedWeight):
-            return self._call_quantized(x, weight, bias)
-        if weight.dim() != 2 or not self.takes(x, weight) or x.shape[1] != weight.shape[1]:
+        if not self.takes(x, weight):
             raise ValueError(
-                f"few-rows linear takes 1-{MAX_ROWS} float32 CPU rows against a contiguous [out, in] "
-                f"float32 weight; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+                f"few-rows linear takes 1-{MAX_ROWS} float32 CPU rows (1-{MAX_ROWS_GGUF} against GGUF blocks) "
+                f"as wide as a contiguous [out, in] float32 weight; got x {tuple(x.shape)} {x.dtype}, "
+                f"weight {_describe(weight)}"
             )
-        _check_bias(bias, weight.shape[0])
-        x = x.contiguous()  # a few rows: a copy costs nothing next to the weight
-        y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-        status = self._fn(
-            x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
-            x.shape[0], x.shape[1], weight.shape[0], _row_stride(x), y.stride(0), torch.get_num_threads(),
-        )
-        if status != 0:
-            raise ValueError(f"few-rows linear: unsupported call (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
-        return y
+        return self.run(x, weight, bias)
 
-    def _call_quantized(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        out_features, in_features = weight.shape
-        if not self.takes(x, weight) or x.shape[1] != in_features:
-            raise ValueError(f"few-rows linear takes 1-{MAX_ROWS_GGUF} float32 CPU rows of {in_features}; "
-                             f"got x {tuple(x.shape)} {x.dtype}")
+    def run(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        """The call, once takes(x, weight) holds (the model's linear layers ask first)."""
+        out_features = weight.shape[0]
         _check_bias(bias, out_features)
-        x = x.contiguous()
+        x = x.contiguous()  # a few rows: a copy costs nothing next to the weight
         y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-        status = self._quantized(
-            x.data_ptr(), _KINDS[weight.kind], weight.quants.data_ptr(), weight.scales.data_ptr(),
-            weight.mins.data_ptr() if weight.mins is not None else None, bias.data_ptr() if bias is not None else None,
-            y.data_ptr(), x.shape[0], in_features, out_features, _row_stride(x), y.stride(0), torch.get_num_threads(),
-        )
+        shape = (x.shape[0], x.shape[1], out_features, _row_stride(x), y.stride(0), torch.get_num_threads())
+        bias_ptr = bias.data_ptr() if bias is not None else None
+        if isinstance(weight, QuantizedWeight):
+            mins = weight.mins.data_ptr() if weight.mins is not None else None
+            status = self._quantized(x.data_ptr(), _KINDS[weight.kind], weight.quants.data_ptr(),
+                                     weight.scales.data_ptr(), mins, bias_ptr, y.data_ptr(), *shape)
+        else:
+            status = self._fn(x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), *shape)
         if status == _NO_MEMORY:
             raise MemoryError("few-rows linear: out of memory for its dequantization buffers")
         if status != 0:
-            raise ValueError(f"few-rows linear: unsupported {weight.kind} call (x {tuple(x.shape)}, weight {weight.shape})")
+            raise ValueError(f"few-rows linear: unsupported call (x {tuple(x.shape)}, weight {_describe(weight)})")
         return y
+
+
+def _describe(weight: torch.Tensor | QuantizedWeight) -> str:
+    if isinstance(weight, QuantizedWeight):
+        return f"{weight.kind} blocks of {weight.shape}"
+    return f"{tuple(weight.shape)} {weight.dtype}"
 
 
 def _check_bias(bias: torch.Tensor | None, out_features: int) -> None:

@@ -30,7 +30,7 @@ class Linear(nn.Linear):
         kernel = self.few_rows
         weight = self.quantized if self.quantized is not None else self.weight
         if kernel is not None and kernel.takes(x, weight) and not _needs_grad(self.weight):
-            return kernel(x, weight, self.bias)
+            return kernel.run(x, weight, self.bias)
         if self.packed is not None and self.bias is None:
             return self.packed.linear(x)
         return F.linear(x, self.weight, self.bias)
