@@ -113,3 +113,20 @@ def test_scattered_and_consecutive_pages_give_the_same_logits(fragment, tiny_dir
         assert all(f is None for f in firsts)
     else:
         assert all(f is not None for f in firsts)  # the decode steps grew in place
+
+
+def test_cpu_pool_memory_is_zeroed_aligned_and_outlives_its_base():
+    """On a Linux CPU the pool lives in memory advised for transparent huge pages: zeroed, 2 MiB
+    aligned, and a view of it stays valid after the tensor it came from is gone."""
+    import gc
+    import mmap
+
+    t = kv_pool_mod._zeros((4096, 3, 64), torch.device("cpu"), torch.float32)
+    assert t.shape == (4096, 3, 64) and t.is_contiguous() and torch.all(t == 0)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert t.data_ptr() % (2 << 20) == 0
+    view = t[100:200]
+    del t
+    gc.collect()
+    view.fill_(2.0)
+    assert float(view.sum()) == 2.0 * 100 * 3 * 64
