@@ -101,6 +101,19 @@ static inline __attribute__((always_inline)) void weight_block(const float *x, i
     }
 }
 
+/* weight_block for the next `left` weight rows, at most TILE of them: a whole tile, or the tail of
+ * out_features % TILE (each row count its own inlined copy). */
+static void weight_rows(const float *x, int64_t x_stride, const float *w, int64_t k_len, float *y, int64_t y_stride,
+                        const float *bias, int64_t rows, int64_t left, int more) {
+    switch (left < TILE ? left : TILE) {
+        case 4: weight_block(x, x_stride, w, k_len, y, y_stride, bias, rows, 4, more); break;
+        case 3: weight_block(x, x_stride, w, k_len, y, y_stride, bias, rows, 3, 0); break;
+        case 2: weight_block(x, x_stride, w, k_len, y, y_stride, bias, rows, 2, 0); break;
+        case 1: weight_block(x, x_stride, w, k_len, y, y_stride, bias, rows, 1, 0); break;
+        default: break;
+    }
+}
+
 static int bad_call(int64_t rows, int64_t in_features, int64_t out_features, int64_t x_stride, int64_t y_stride,
                     int64_t num_threads) {
     return rows < 0 || in_features <= 0 || out_features < 0 || x_stride < in_features || y_stride < out_features ||
@@ -110,28 +123,22 @@ static int bad_call(int64_t rows, int64_t in_features, int64_t out_features, int
 int few_rows_linear(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t in_features,
                     int64_t out_features, int64_t x_stride, int64_t y_stride, int64_t num_threads) {
     if (bad_call(rows, in_features, out_features, x_stride, y_stride, num_threads)) return FRL_UNSUPPORTED;
-    const int64_t blocks = out_features / TILE, tail = out_features % TILE;
+    const int64_t blocks = (out_features + TILE - 1) / TILE, full = out_features / TILE;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t b = 0; b <= blocks; b++) {
+    for (int64_t b = 0; b < blocks; b++) {
         const int64_t n = b * TILE;
-        const float *wb = w + n * in_features, *bb = bias ? bias + n : 0;
-        if (b < blocks)
-            weight_block(x, x_stride, wb, in_features, y + n, y_stride, bb, rows, TILE, b + 1 < blocks);
-        else if (tail == 3)
-            weight_block(x, x_stride, wb, in_features, y + n, y_stride, bb, rows, 3, 0);
-        else if (tail == 2)
-            weight_block(x, x_stride, wb, in_features, y + n, y_stride, bb, rows, 2, 0);
-        else if (tail == 1)
-            weight_block(x, x_stride, wb, in_features, y + n, y_stride, bb, rows, 1, 0);
+        weight_rows(x, x_stride, w + n * in_features, in_features, y + n, y_stride, bias ? bias + n : 0, rows,
+                    out_features - n, b + 1 < full);
     }
     return FRL_OK;
 }
 
 /* Weights kept as GGUF blocks of 32 (the embedded model's layers are Q4_1, its head Q8_0): a decode
- * step then reads 0.6-1.1 bytes per weight instead of 4. Each thread dequantizes four weight rows at
- * a time into a buffer that stays in L1 and runs the float32 tiles over it. The dequantized values
- * are exactly GGUF's (scale * q is exact in float32, so adding the min rounds once, fused or not),
- * so the result equals the float32 path over the dequantized weight, bit for bit.
+ * step then reads 0.75-1.1 bytes per weight (float32 scales included) instead of 4. Each thread
+ * dequantizes four weight rows at a time into a buffer that stays in L1 and runs the float32 tiles
+ * over it. The dequantized values are exactly GGUF's (scale * q is exact in float32, so adding the
+ * min rounds once, fused or not), so the result equals the float32 path over the dequantized
+ * weight, bit for bit.
  *   Q4_1: quants [out, in / 2] bytes; byte j of a block holds element j (low nibble) and j + 16
  *         (high nibble); value = scale * q + min.
  *   Q8_0: quants [out, in] int8; value = scale * q.
@@ -184,11 +191,7 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
             for (int64_t i = 0; i < nr; i++)
                 dequantize_row((int)kind, quants + (n + i) * row_bytes, scales + (n + i) * row_blocks,
                                mins ? mins + (n + i) * row_blocks : 0, in_features, buf + i * in_features);
-            const float *bb = bias ? bias + n : 0;
-            if (nr == 4) weight_block(x, x_stride, buf, in_features, y + n, y_stride, bb, rows, 4, 0);
-            else if (nr == 3) weight_block(x, x_stride, buf, in_features, y + n, y_stride, bb, rows, 3, 0);
-            else if (nr == 2) weight_block(x, x_stride, buf, in_features, y + n, y_stride, bb, rows, 2, 0);
-            else weight_block(x, x_stride, buf, in_features, y + n, y_stride, bb, rows, 1, 0);
+            weight_rows(x, x_stride, buf, in_features, y + n, y_stride, bias ? bias + n : 0, rows, nr, 0);
         }
         free(buf);
     }
