@@ -12,8 +12,8 @@ import ctypes
 import torch
 
 from cachedattention.kernels.build import load_kernel
+from cachedattention.kernels.few_rows_linear import MAX_ROWS  # the same few-row steps (decode)
 
-MAX_ROWS = 32  # the same few-row steps as the few-rows linear kernel (decode steps)
 
 _BAD_INDEX = 2
 
