@@ -14,7 +14,6 @@ import torch
 from cachedattention.kernels.build import load_kernel
 from cachedattention.kernels.few_rows_linear import MAX_ROWS  # the same few-row steps (decode)
 
-
 _BAD_INDEX = 2
 
 
