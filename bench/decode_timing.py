@@ -1,10 +1,12 @@
 """Times a decode step's forward with several sequences decoding together: with the paged decode
 kernel (`kernel`, the CPU default when it builds), or through torch in padded attention groups: one
 group (`none`, the CUDA path) or groups of similar length chosen with a given cost per call, in rows.
-Every setting but two uses the few-row kernels (the few-rows linear and the row ops) too:
-`kernel-linear` is the paged decode kernel and the few-rows linear with torch's small operators, and
-`kernel-torch` the paged decode kernel alone (torch's GEMM, the oneDNN-packed vocabulary head, torch's
-small operators). CPU, embedded model.
+Every setting but two uses the few-row kernels (the few-rows linear and the row ops) too, and
+`kernel` (the default) runs each layer of such a step in two C calls (kernels/decode_layer.c);
+`kernel-ops` calls the same kernels one operation at a time from Python, `kernel-linear` is the paged
+decode kernel and the few-rows linear with torch's small operators, and `kernel-torch` the paged
+decode kernel alone (torch's GEMM, the oneDNN-packed vocabulary head, torch's small operators). CPU,
+embedded model.
 
     CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/decode_timing.py [rounds] [kernel,kernel-torch,none,1024,...]
 
@@ -26,13 +28,14 @@ CONTEXTS = (
 )
 
 
-def median_decode_ms(llm: LLM, setting: int | str | None, lens: list[int], kernel, linear, row_ops) -> float:
+def median_decode_ms(llm: LLM, setting: int | str | None, lens: list[int], kernel, linear, row_ops, fused) -> float:
     eng = llm.engine
     paged = isinstance(setting, str)
     eng.runner.decode_kernel = kernel if paged else None
     eng.runner.group_call_rows = None if paged else setting
     eng.model.use_few_row_kernels(None if setting == "kernel-torch" else linear,
-                                  None if setting in ("kernel-torch", "kernel-linear") else row_ops)
+                                  None if setting in ("kernel-torch", "kernel-linear") else row_ops,
+                                  fused if setting == "kernel" else None)
     gen = torch.Generator().manual_seed(0)
     for n in lens:
         ids = torch.randint(100, 40000, (n,), generator=gen).tolist()
@@ -59,12 +62,13 @@ def main(rounds: int, settings: list[int | str | None]) -> None:
     llm = LLM(max_model_len=8192, cache=CacheConfig(enable_prefix_cache=False),
               scheduler=SchedulerConfig(max_num_batched_tokens=2048))
     kernel = llm.engine.runner.decode_kernel
-    linear, row_ops = llm.engine.model.lm_head.few_rows, llm.engine.model.row_ops
+    model = llm.engine.model
+    linear, row_ops, fused = model.lm_head.few_rows, model.row_ops, model.fused_decode
     for lens in CONTEXTS:
         ms: dict[int | str | None, list[float]] = {s: [] for s in settings}
         for _ in range(rounds):
             for s in settings:
-                ms[s].append(median_decode_ms(llm, s, lens, kernel, linear, row_ops))
+                ms[s].append(median_decode_ms(llm, s, lens, kernel, linear, row_ops, fused))
         cells = ", ".join(f"{_name(s)} {statistics.median(v):.1f} ms"
                           for s, v in ms.items())
         print(f"contexts {lens}: {cells} (medians of {rounds} rounds)", flush=True)
@@ -76,5 +80,5 @@ def _name(setting: int | str | None) -> str:
 
 if __name__ == "__main__":
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    values = sys.argv[2].split(",") if len(sys.argv) > 2 else ["kernel", "none", "1024"]
+    values = sys.argv[2].split(",") if len(sys.argv) > 2 else ["kernel", "kernel-ops", "none"]
     main(rounds, [None if v == "none" else v if v.startswith("kernel") else int(v) for v in values])

@@ -6,15 +6,21 @@ Index tensors are built on the CPU and moved to the device in a few transfers pe
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from cachedattention.engine.scheduler import ScheduledSeq
+from cachedattention.kernels.decode_layer import DecodeLayerKernel
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.kernels.paged_decode import PagedDecodeKernel
 from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, PagedDecode, SeqSlice
+from cachedattention.model.fused_decode import FusedDecode
 from cachedattention.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
 
 # One more padded attention call on a CPU costs about as much as this many padded rows of context
 CPU_GROUP_CALL_ROWS = 1024
@@ -32,7 +38,10 @@ class ModelRunner:
         # a CPU with a C compiler attends decoders straight over their pages; else padded groups
         self.decode_kernel = _load_decode_kernel(model, pool, device)
         # and runs few-row steps (decode) through kernels that read weights faster and dispatch less
-        model.use_few_row_kernels(*_load_few_row_kernels(model, device))
+        linear, row_ops = _load_few_row_kernels(model, device)
+        # and when all of a step's rows are such decoders, each layer in two C calls
+        fused = _fused_decode(model, pool) if linear and row_ops and self.decode_kernel else None
+        model.use_few_row_kernels(linear, row_ops, fused)
 
     def build_batch(self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None) -> tuple[ForwardBatch, list[int]]:
         """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""
@@ -156,6 +165,17 @@ def _load_few_row_kernels(
     if device.type != "cpu" or model.lm_head.weight.dtype != torch.float32:
         return None, None
     return FewRowsLinearKernel.load(), RowOpsKernel.load()
+
+
+def _fused_decode(model: LlamaForCausalLM, pool: KVPool) -> FusedDecode | None:
+    kernel = DecodeLayerKernel.load()
+    if kernel is None:
+        return None
+    try:
+        return FusedDecode(kernel, model, pool)
+    except ValueError as exc:  # a weight or pool layout the C code does not take: one call per operation
+        log.info("fused decode layers off: %s", exc)
+        return None
 
 
 def bucket_by_length(lengths: list[int], call_rows: int | None) -> list[list[int]]:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -48,7 +49,7 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
 
 
 def _build(source: Path, compiler: list[str]) -> Path:
-    code = source.read_bytes()
+    code = _source_with_includes(source)
     flags = " ".join(COMPILE_FLAGS + LINK_FLAGS).encode()
     key = hashlib.sha256(code + flags + _compiler_id(compiler) + _cpu_id(compiler)).hexdigest()[:16]
     folder = cache_home() / "kernels"
@@ -69,6 +70,13 @@ def _build(source: Path, compiler: list[str]) -> Path:
                 os.unlink(leftover)
     _remove_older_builds(target)
     return target
+
+
+def _source_with_includes(source: Path) -> bytes:
+    """The source and the local files it includes (`#include "x.c"`), for the build's key."""
+    code = source.read_bytes()
+    included = re.findall(rb'^#include "([^"]+)"', code, flags=re.MULTILINE)
+    return code + b"".join(source.with_name(name.decode()).read_bytes() for name in included)
 
 
 def _remove_older_builds(current: Path) -> None:

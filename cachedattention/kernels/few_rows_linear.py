@@ -98,6 +98,11 @@ class QuantizedWeight:
         return all(torch.equal(self.dequantize(slice(r, r + 1)), weight[r : r + 1].detach()) for r in rows)
 
 
+def kind_code(kind: str) -> int:
+    """The C code's number for a GGUF block type it reads."""
+    return _KINDS[kind]
+
+
 class FewRowsLinearKernel:
     """y = x @ weight.T (+ bias) for float32 CPU rows, at most MAX_ROWS of them (MAX_ROWS_GGUF
     against GGUF blocks)."""

@@ -10,6 +10,7 @@
  *       into the pool at that slot. cos/sin hold each row's table row ([rows, head_dim], the Hugging
  *       Face layout: both halves of a row carry the same frequencies). The pre-RoPE k is left alone:
  *       the store saves it.
+ *   silu_mul: gate = silu(gate) * up, elementwise: the gated MLP's activation.
  *
  * Layouts: float32, contiguous rows; q [rows, heads, head_dim], k, v, k_out [rows, kv_heads,
  * head_dim]; the pools [num_slots, kv_heads, head_dim]. Every slot is checked before it is used.
@@ -67,6 +68,15 @@ int rope_store(float *restrict q, const float *restrict k, const float *restrict
         }
         memcpy(pk, k_out + r * kv_row, sizeof(float) * (size_t)kv_row);
         memcpy(v_pool + slots[r] * kv_row, v + r * kv_row, sizeof(float) * (size_t)kv_row);
+    }
+    return RO_OK;
+}
+
+/* exp of -|x| only: it never overflows, which -ffast-math (no infinities) needs */
+int silu_mul(float *restrict gate, const float *restrict up, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i], e = expf(-fabsf(g));
+        gate[i] = g * (g >= 0.0f ? 1.0f : e) / (1.0f + e) * up[i];
     }
     return RO_OK;
 }

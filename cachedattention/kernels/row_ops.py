@@ -1,5 +1,6 @@
 """The small per-layer operations of a decode step in one C call each (row_ops.c): the residual add
-with the RMSNorm that follows it, and the rotation of q and k with the KV write into the pool.
+with the RMSNorm that follows it, the rotation of q and k with the KV write into the pool, and the
+gated MLP's activation.
 
 For a few rows, torch spends its time dispatching operators, not computing; the model uses these
 for steps of at most MAX_ROWS tokens on a CPU in float32.
@@ -25,6 +26,9 @@ class RowOpsKernel:
         self._rope = lib.rope_store
         self._rope.argtypes = (*[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 5)
         self._rope.restype = ctypes.c_int
+        self._silu_mul = lib.silu_mul
+        self._silu_mul.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+        self._silu_mul.restype = ctypes.c_int
 
     @classmethod
     def load(cls) -> RowOpsKernel | None:
@@ -81,6 +85,15 @@ class RowOpsKernel:
         if status == _BAD_INDEX:
             raise ValueError(f"rope_store: a slot is outside the pool's {k_pool.shape[0]} slots")
         return k_rot
+
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """gate = silu(gate) * up, in place; returns gate."""
+        _need_float32(gate, up)
+        if gate.shape != up.shape:
+            raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+        self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel())
+        return gate
 
 
 def _need_float32(*tensors: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel, QuantizedWeight
+from cachedattention.kernels.row_ops import RowOpsKernel
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,11 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
+    def forward(self, x: torch.Tensor, ops: RowOpsKernel | None = None) -> torch.Tensor:
+        """With the row ops (a few rows on a CPU), the activation is one C call."""
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        act = ops.silu_mul(gate, up) if ops is not None else F.silu(gate, inplace=True).mul_(up)
+        return self.down_proj(act)
 
 
 class OneDNNWeight:

@@ -15,6 +15,7 @@ from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, SeqSlice
+from cachedattention.model.fused_decode import FusedDecode
 from cachedattention.model.layers import GatedMLP, Linear, OneDNNWeight, RMSNorm
 from cachedattention.model.rope import RotaryEmbedding, apply_rotary
 from cachedattention.model.spec import ModelSpec
@@ -163,6 +164,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
         self.row_ops: RowOpsKernel | None = None
+        self.fused_decode: FusedDecode | None = None
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -172,35 +174,46 @@ class LlamaForCausalLM(nn.Module):
         p = self.lm_head.weight
         self.rotary = RotaryEmbedding(self.spec, max_len, p.device, p.dtype)
 
-    def use_few_row_kernels(self, linear: FewRowsLinearKernel | None, row_ops: RowOpsKernel | None) -> None:
+    def use_few_row_kernels(
+        self, linear: FewRowsLinearKernel | None, row_ops: RowOpsKernel | None, fused: FusedDecode | None = None
+    ) -> None:
         """Decode steps have a few rows (one per decoder). On a CPU torch's GEMM reads the weights
         at half speed or less for those, and its small operators cost more to dispatch than to run.
         With the few-rows kernel every linear layer hands such calls to it. The vocabulary head, the
         widest weight, also gets a oneDNN-packed copy for the calls of 4 to 128 rows the kernel does
         not take (all of them without a kernel; 1 to 3 rows are as fast or faster unpacked). With
-        the row ops, such steps norm, rotate and write the pool in one call each."""
+        the row ops, such steps norm, rotate and write the pool in one call each; with `fused`, a step
+        whose rows are all paged decoders runs each layer in two C calls."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.few_rows = linear
         if self.lm_head.packed is None or self.lm_head.packed.weight is not self.lm_head.weight:
             self.lm_head.packed = OneDNNWeight(self.lm_head.weight, rows=(4, 128))
         self.row_ops = row_ops
+        self.fused_decode = fused
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
         """Run the flat batch through every layer; return float32 logits at batch.logits_indices."""
         cos, sin = self.rotary.tables(batch.positions)
         x = self.model.embed_tokens(batch.input_ids)  # the residual stream, added to in place
+        if self.fused_decode is not None and self.fused_decode.takes(batch, x, pool):
+            self.fused_decode.run(x, batch, cos, sin)
+        else:
+            self._layers(x, batch, pool, cos, sin)
+        x = self.model.norm(x[batch.logits_indices])
+        logits = self.lm_head(x)
+        return logits.float()
+
+    def _layers(self, x: torch.Tensor, batch: ForwardBatch, pool: KVPool, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Every decoder layer over the residual stream x, in place, one operation at a time."""
         ops = self.row_ops if self.row_ops is not None and self.row_ops.takes(x) else None
         layers = self.model.layers
         h = _add_norm(x, None, layers[0].input_layernorm, ops)
         for i, layer in enumerate(layers):
             h = _add_norm(x, layer.self_attn(h, i, batch, pool, cos, sin, ops), layer.post_attention_layernorm, ops)
-            delta = layer.mlp(h)
+            delta = layer.mlp(h, ops)
             if i + 1 < len(layers):
                 h = _add_norm(x, delta, layers[i + 1].input_layernorm, ops)
             else:
                 x.add_(delta)
-        x = self.model.norm(x[batch.logits_indices])
-        logits = self.lm_head(x)
-        return logits.float()

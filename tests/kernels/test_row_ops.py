@@ -64,3 +64,15 @@ def test_refuses_bad_inputs_with_a_clear_error(ops):
         ops.add_rms_norm(torch.zeros(2, 8, dtype=torch.float64), None, torch.ones(8, dtype=torch.float64), 1e-6)
     with pytest.raises(ValueError, match="disagree"):
         ops.add_rms_norm(torch.zeros(2, 8), torch.zeros(3, 8), torch.ones(8), 1e-6)
+
+
+def test_silu_mul_matches_torch_even_far_out(ops):
+    gate = torch.cat([torch.randn(3, 50, generator=torch.Generator().manual_seed(2)) * 4,
+                      torch.tensor([[-200.0, -90.0, 0.0, 90.0, 200.0] * 10])])
+    up = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    expected = F.silu(gate) * up
+    out = ops.silu_mul(gate, up)
+    assert out is gate and torch.isfinite(out).all()  # in place; exp never overflows
+    assert rel_err(out, expected) <= 1e-6
+    with pytest.raises(ValueError, match="differ"):
+        ops.silu_mul(torch.zeros(2, 4), torch.zeros(2, 5))

@@ -1,0 +1,83 @@
+/* One decoder layer of a few-row decode step on a CPU, in two calls instead of a dozen from Python.
+ *
+ * A decode step's layer is a dozen small operations: two norms, seven linear layers, the rotation
+ * and KV write, the attention and the MLP's activation. Each is fast in C, but from Python each costs
+ * its dispatch too, about a third of a lone decoder's step (bench/lone_decode_timing.py). Here a
+ * layer is two calls, split where the store takes the layer's pre-RoPE K/V and waits for its load:
+ *
+ *   decode_layer_in:  residual += delta (the previous layer's output, when given); h = norm(residual);
+ *                     q, k, v = h's projections (k, v pre-RoPE, into the caller's buffers).
+ *   decode_layer_out: rotate q and k, write k and v into the pool; attend over the pages; delta =
+ *                     o(attention); residual += delta; h = norm(residual); delta = down(silu(gate(h))
+ *                     * up(h)).
+ *
+ * They run the very functions the per-operation path calls (included below), with the same
+ * arguments, so the results are the same bit for bit. After the last layer the caller adds the
+ * last delta to the residual. Every layout is float32, contiguous, rows first; each call returns 0,
+ * 1 (an unsupported shape), 2 (a slot or page index out of range, found before anything is
+ * written) or 3 (out of memory).
+ */
+#include "few_rows_linear.c"
+#include "paged_decode.c"
+#include "row_ops.c"
+
+/* A linear layer's weight: float32 [out, in] (kind 0), or GGUF blocks (KIND_Q4_1, KIND_Q8_0). */
+typedef struct {
+    const float *weight;
+    const uint8_t *quants;
+    const float *scales, *mins, *bias;
+    int64_t kind, in_features, out_features;
+} DLLinear;
+
+typedef struct {
+    DLLinear q, k, v, o, gate, up, down;
+    const float *input_norm, *post_norm;
+    float *k_pool, *v_pool; /* [num_slots, kv_heads, head_dim] */
+} DLLayer;
+
+/* What every layer of the step shares: its shape, positions, slots, sequences and buffers. */
+typedef struct {
+    int64_t rows, hidden, heads, kv_heads, head_dim, intermediate, num_slots, num_threads;
+    float eps, scale;
+    const float *cos, *sin; /* [rows, head_dim] */
+    const int64_t *slots;   /* [rows]: pool slot of each row's new token */
+    /* the decoders, as the paged decode kernel takes them */
+    const int64_t *seq_rows, *pages, *page_start, *lengths;
+    int64_t num_seqs, table_len, page_size, chunk_pages;
+    /* buffers: residual, delta and h [rows, hidden]; q and attn [rows, heads * head_dim]; k_rot
+     * [rows, kv_heads * head_dim]; gate, up [rows, intermediate] */
+    float *residual, *delta, *h, *q, *attn, *k_rot, *gate, *up;
+} DLStep;
+
+static int dl_linear(const DLLinear *l, const float *x, float *y, const DLStep *s) {
+    if (l->kind == 0)
+        return few_rows_linear(x, l->weight, l->bias, y, s->rows, l->in_features, l->out_features, l->in_features,
+                               l->out_features, s->num_threads);
+    return few_rows_linear_quantized(x, l->kind, l->quants, l->scales, l->mins, l->bias, y, s->rows, l->in_features,
+                                     l->out_features, l->in_features, l->out_features, s->num_threads);
+}
+
+int decode_layer_in(const DLLayer *l, const DLStep *s, int add_delta, float *k_pre, float *v) {
+    int status = add_rms_norm(s->residual, add_delta ? s->delta : 0, l->input_norm, s->h, s->rows, s->hidden, s->eps);
+    if (!status) status = dl_linear(&l->q, s->h, s->q, s);
+    if (!status) status = dl_linear(&l->k, s->h, k_pre, s);
+    if (!status) status = dl_linear(&l->v, s->h, v, s);
+    return status;
+}
+
+int decode_layer_out(const DLLayer *l, const DLStep *s, const float *k_pre, const float *v) {
+    int status = rope_store(s->q, k_pre, v, s->cos, s->sin, s->slots, s->k_rot, l->k_pool, l->v_pool, s->rows,
+                            s->heads, s->kv_heads, s->head_dim, s->num_slots);
+    if (!status)
+        status = paged_decode_attention(s->q, s->seq_rows, l->k_pool, l->v_pool, s->pages, s->page_start, s->lengths,
+                                        s->attn, s->num_seqs, s->rows, s->num_slots / s->page_size, s->table_len,
+                                        s->heads, s->kv_heads, s->head_dim, s->page_size, s->chunk_pages,
+                                        s->num_threads, s->scale);
+    if (!status) status = dl_linear(&l->o, s->attn, s->delta, s);
+    if (!status) status = add_rms_norm(s->residual, s->delta, l->post_norm, s->h, s->rows, s->hidden, s->eps);
+    if (!status) status = dl_linear(&l->gate, s->h, s->gate, s);
+    if (!status) status = dl_linear(&l->up, s->h, s->up, s);
+    if (!status) status = silu_mul(s->gate, s->up, s->rows * s->intermediate);
+    if (!status) status = dl_linear(&l->down, s->gate, s->delta, s);
+    return status;
+}

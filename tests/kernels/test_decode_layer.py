@@ -1,0 +1,146 @@
+"""The fused decode layers (two C calls per layer) give the per-operation path's results bit for bit,
+are used exactly where they should be, and refuse what the C code cannot take."""
+
+import pytest
+import torch
+
+from cachedattention import LLM, CacheConfig, SamplingParams
+from cachedattention.kernels.decode_layer import DecodeLayerKernel, LayerArgs, LayerShape, StepArgs
+from cachedattention.model.fused_decode import FusedDecode
+from tests.util import capture_logits
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+NO_PREFIX_CACHE = CacheConfig(enable_prefix_cache=False)  # a second run computes exactly what the first did
+PROMPTS = [[(5 * i + j) % 250 + 1 for i in range(n)] for j, n in enumerate((5, 40, 17))]
+
+
+def count_fused_steps(model, monkeypatch) -> list[int]:
+    calls = []
+    real = FusedDecode.run
+
+    def spy(self, x, batch, cos, sin):
+        calls.append(x.shape[0])
+        return real(self, x, batch, cos, sin)
+
+    monkeypatch.setattr(FusedDecode, "run", spy)
+    return calls
+
+
+def logits_of(llm, monkeypatch, run) -> list[torch.Tensor]:
+    seen = capture_logits(monkeypatch)
+    run(llm)
+    out = list(seen)
+    seen.clear()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])  # qwen2: q/k/v biases
+def test_fused_layers_equal_the_per_operation_path_bit_for_bit(kind, tiny_dirs, monkeypatch):
+    path, _ = tiny_dirs[kind]
+    llm = LLM(model=str(path), cache=NO_PREFIX_CACHE)
+    model = llm.engine.model
+    fused = model.fused_decode
+    assert fused is not None  # this machine builds the kernels
+    steps = count_fused_steps(model, monkeypatch)
+    with_fused = logits_of(llm, monkeypatch, lambda m: m.generate(PROMPTS, GREEDY))
+    assert steps == [3] * (GREEDY.max_tokens - 1)  # every step after the prefill: all rows are decoders
+    model.fused_decode = None
+    per_op = logits_of(llm, monkeypatch, lambda m: m.generate(PROMPTS, GREEDY))
+    assert len(steps) == GREEDY.max_tokens - 1  # not called again
+    assert len(with_fused) == len(per_op) == len(PROMPTS) * GREEDY.max_tokens
+    assert all(torch.equal(a, b) for a, b in zip(with_fused, per_op))
+
+
+def test_the_store_gets_the_same_pre_rope_kv_from_fused_steps(tiny_dirs, monkeypatch):
+    """The answer's K/V is saved by decode steps: a next turn reusing it sees the same logits."""
+    path, _ = tiny_dirs["llama"]
+
+    def conversation(llm):
+        conv = list(range(5, 45))
+        for t in range(3):
+            out = llm.generate([conv], GREEDY, session_id="s")[0]
+            conv = conv + out.token_ids + [10 + t, 11 + t]
+            llm.engine.store.store.flush()
+        return out
+
+    runs = []
+    for use_fused in (True, False):
+        llm = LLM(model=str(path), enable_store=True)
+        if not use_fused:
+            llm.engine.model.fused_decode = None
+        seen, steps = capture_logits(monkeypatch), count_fused_steps(llm.engine.model, monkeypatch)
+        last_turn = conversation(llm)
+        runs.append(list(seen))
+        assert bool(steps) == use_fused  # the answers' K/V came from fused steps (or not at all)
+        monkeypatch.undo()
+        assert sum(last_turn.metrics.cached_tokens.values()) > 0
+    assert len(runs[0]) == len(runs[1]) and all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_embedded_gguf_blocks_fused_equal_per_operation(embedded_llm, monkeypatch):
+    model = embedded_llm.engine.model
+    fused = model.fused_decode
+    assert fused is not None and fused.layers  # the embedded model's Q4_1 layers
+    steps = count_fused_steps(model, monkeypatch)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    prompts = [[100 + i for i in range(14)], [200 + i for i in range(9)]]  # under a page: no prefix-cache hit
+    try:
+        with_fused = logits_of(embedded_llm, monkeypatch, lambda m: m.generate(prompts, params))
+        model.fused_decode = None
+        per_op = logits_of(embedded_llm, monkeypatch, lambda m: m.generate(prompts, params))
+    finally:
+        model.fused_decode = fused
+    assert steps == [2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(with_fused, per_op))
+
+
+def test_a_replaced_weight_turns_the_fused_path_off(tiny_dirs, monkeypatch):
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path), cache=NO_PREFIX_CACHE)
+    model = llm.engine.model
+    q = model.model.layers[1].self_attn.q_proj
+    q.weight = torch.nn.Parameter(q.weight.detach() * 0.5)  # the described pointer would be stale
+    steps = count_fused_steps(model, monkeypatch)
+    changed = logits_of(llm, monkeypatch, lambda m: m.generate(PROMPTS, GREEDY))
+    assert steps == []  # noticed, so every step took the per-operation path, with the new weight
+    model.fused_decode = None
+    assert all(torch.equal(a, b) for a, b in zip(changed, logits_of(llm, monkeypatch, lambda m: m.generate(PROMPTS, GREEDY))))
+
+
+@pytest.fixture(scope="module")
+def kernel() -> DecodeLayerKernel:
+    loaded = DecodeLayerKernel.load()
+    assert loaded is not None, "this machine has a C compiler and AVX-512: the kernel must build"
+    return loaded
+
+
+def small_layer(shape: LayerShape, num_slots: int, **replace) -> LayerArgs:
+    gen = torch.Generator().manual_seed(0)
+    linears = {name: (torch.randn(*dims, generator=gen), None) for name, dims in shape.linear_shapes().items()}
+    linears.update(replace)
+    norms = (torch.ones(shape.hidden), torch.ones(shape.hidden))
+    pools = (torch.zeros(num_slots, shape.kv_heads, shape.head_dim), torch.zeros(num_slots, shape.kv_heads, shape.head_dim))
+    return LayerArgs(shape, linears, norms, pools)
+
+
+def test_refuses_bad_layouts_and_slots_with_a_clear_error(kernel):
+    shape = LayerShape(hidden=32, heads=2, kv_heads=1, head_dim=16, intermediate=64, eps=1e-6)
+    with pytest.raises(ValueError, match="the q weight"):
+        small_layer(shape, 32, q=(torch.zeros(32, 31), None))
+    with pytest.raises(ValueError, match="the down weight"):
+        small_layer(shape, 32, down=(torch.zeros(64, 32).t(), None))  # the right shape, not contiguous
+    with pytest.raises(ValueError, match="the k bias"):
+        small_layer(shape, 32, k=(torch.zeros(16, 32), torch.zeros(15)))
+    layer = small_layer(shape, 32)
+    rows = 2
+    decoders = (torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0, 1, 2]), torch.tensor([3, 5]))
+    cos = sin = torch.zeros(rows, 1, 16)
+    with pytest.raises(ValueError, match="one slot per row"):
+        StepArgs(shape, torch.randn(rows, 32), cos, sin, torch.tensor([3]), decoders, 16, 32)
+    step = StepArgs(shape, torch.randn(rows, 32), cos, sin, torch.tensor([3, 32]), decoders, 16, 32)
+    k_pre, v = torch.zeros(rows, 16), torch.zeros(rows, 16)
+    kernel.layer_in(layer, step, False, k_pre, v)
+    pools = [p.clone() for p in layer.keep[2]]
+    with pytest.raises(ValueError, match="out of range"):
+        kernel.layer_out(layer, step, k_pre, v)  # slot 32 of a 32-slot pool
+    assert all(torch.equal(a, b) for a, b in zip(pools, layer.keep[2]))  # found before anything was written
