@@ -34,8 +34,9 @@ def median_decode_ms(llm: LLM, setting: int | str | None, lens: list[int], kerne
     eng.runner.decode_kernel = kernel if paged else None
     eng.runner.group_call_rows = None if paged else setting
     eng.model.use_few_row_kernels(None if setting == "kernel-torch" else linear,
-                                  None if setting in ("kernel-torch", "kernel-linear") else row_ops,
-                                  fused if setting == "kernel" else None)
+                                  None if setting in ("kernel-torch", "kernel-linear") else row_ops)
+    if setting == "kernel":
+        eng.model.use_fused_decode(fused)
     gen = torch.Generator().manual_seed(0)
     for n in lens:
         ids = torch.randint(100, 40000, (n,), generator=gen).tolist()

@@ -70,3 +70,26 @@ def test_a_folder_converted_before_the_blocks_gets_them_and_keeps_its_weights(tm
     assert embedded_model_dir() == old
     assert (old / BLOCKS_FILE).is_file() and (old / "model.safetensors").is_symlink()
     assert _weights_id(old) == before == _weights_id(current)
+
+
+def test_a_damaged_blocks_file_in_the_cache_is_written_again(tmp_path, monkeypatch, caplog):
+    """The converted folder is our own cache: a blocks file that cannot be read (a truncated write
+    from outside, a bad disk) is rebuilt from the GGUF at the next load, and decoding reads blocks again."""
+    from cachedattention.model.embedded import BLOCKS_FILE, cache_home, embedded_model_dir
+    from cachedattention.model.layers import Linear
+    from cachedattention.model.loader import load_model
+
+    current = embedded_model_dir()
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
+    copy = cache_home() / current.name
+    copy.mkdir()
+    for f in current.iterdir():
+        if f.name != BLOCKS_FILE:
+            (copy / f.name).symlink_to(f)
+    good = (current / BLOCKS_FILE).read_bytes()
+    (copy / BLOCKS_FILE).write_bytes(good[: len(good) // 3])  # cut short
+    with caplog.at_level("WARNING"):
+        model = load_model(None, "cpu", "float32").model
+    assert "damaged" in caplog.text
+    assert (copy / BLOCKS_FILE).read_bytes() == good
+    assert all(m.quantized is not None for m in model.modules() if isinstance(m, Linear))

@@ -39,9 +39,9 @@ class ModelRunner:
         self.decode_kernel = _load_decode_kernel(model, pool, device)
         # and runs few-row steps (decode) through kernels that read weights faster and dispatch less
         linear, row_ops = _load_few_row_kernels(model, device)
-        # and when all of a step's rows are such decoders, each layer in two C calls
-        fused = _fused_decode(model, pool) if linear and row_ops and self.decode_kernel else None
-        model.use_few_row_kernels(linear, row_ops, fused)
+        model.use_few_row_kernels(linear, row_ops)
+        if linear and row_ops and self.decode_kernel:  # and when all of a step's rows are decoders, fused layers
+            model.use_fused_decode(_fused_decode(model, pool))
 
     def build_batch(self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None) -> tuple[ForwardBatch, list[int]]:
         """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""

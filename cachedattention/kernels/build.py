@@ -73,10 +73,10 @@ def _build(source: Path, compiler: list[str]) -> Path:
 
 
 def _source_with_includes(source: Path) -> bytes:
-    """The source and the local files it includes (`#include "x.c"`), for the build's key."""
+    """The source and the local files it includes directly (`#include "x.c"`), for the build's key."""
     code = source.read_bytes()
-    included = re.findall(rb'^#include "([^"]+)"', code, flags=re.MULTILINE)
-    return code + b"".join(source.with_name(name.decode()).read_bytes() for name in included)
+    included = re.findall(rb'^\s*#\s*include\s*"([^"]+)"', code, flags=re.MULTILINE)
+    return code + b"".join((source.parent / name.decode()).read_bytes() for name in included)
 
 
 def _remove_older_builds(current: Path) -> None:

@@ -14,8 +14,8 @@
  * They run the very functions the per-operation path calls (included below), with the same
  * arguments, so the results are the same bit for bit. After the last layer the caller adds the
  * last delta to the residual. Every layout is float32, contiguous, rows first; each call returns 0,
- * 1 (an unsupported shape), 2 (a slot or page index out of range, found before anything is
- * written) or 3 (out of memory).
+ * 1 (an unsupported shape), 2 (a slot or page index out of range: a bad slot is found before this
+ * layer writes the pool, a bad page after) or 3 (out of memory).
  */
 #include "few_rows_linear.c"
 #include "paged_decode.c"

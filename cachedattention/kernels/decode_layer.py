@@ -57,6 +57,11 @@ class LayerShape:
     intermediate: int
     eps: float
 
+    def __post_init__(self) -> None:
+        dims = (self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate)
+        if min(dims) <= 0 or self.head_dim % 2 or self.heads % self.kv_heads:
+            raise ValueError(f"not a decoder layer shape the fused kernel takes: {self}")
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of each linear layer."""
         h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate

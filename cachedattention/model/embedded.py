@@ -46,6 +46,11 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def rewrite_embedded_blocks(target: Path) -> None:
+    """Write the converted folder's blocks file again from the GGUF (it was found damaged)."""
+    _add_blocks(embedded_gguf_path(), target)
+
+
 def _add_blocks(gguf: Path, target: Path) -> None:
     """Write the blocks file into an existing folder, leaving its weights (and so the store's model
     fingerprint) alone. Where that cannot be written (a read-only cache), decoding keeps float32."""

@@ -2,12 +2,15 @@
 
 Used on a CPU in float32 when every row of the step is a decoder attended by the paged kernel; the
 results equal the per-operation path's bit for bit (it runs the same kernels). The layers' weights
-are described to the C code once; if a module's weight, bias, GGUF blocks or norm is replaced
-afterwards, the step notices and takes the per-operation path until `FusedDecode` is rebuilt.
+are described to the C code once, by address. Each step checks that every weight, bias, GGUF block,
+norm and pool is still where it was (and that each linear layer still has its kernel); if not, the
+fused path turns itself off for good (logged) and steps go one operation at a time.
 """
 
 from __future__ import annotations
 
+import logging
+import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,33 +19,43 @@ from cachedattention.kernels.decode_layer import DecodeLayerKernel, LayerArgs, L
 from cachedattention.kernels.few_rows_linear import MAX_ROWS
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import ForwardBatch
+from cachedattention.model.layers import Linear
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from cachedattention.model.llama import DecoderLayer, LlamaForCausalLM
+
+log = logging.getLogger(__name__)
 
 
 class FusedDecode:
     def __init__(self, kernel: DecodeLayerKernel, model: LlamaForCausalLM, pool: KVPool) -> None:
-        """Raises ValueError when a weight, norm or pool is not one the C code takes."""
+        """Raises ValueError when a weight, norm or pool is not one the C code takes, or a linear layer
+        has no few-rows kernel attached (the per-operation path it reproduces would use torch)."""
         spec = model.spec
+        if any(isinstance(m, Linear) and m.few_rows is None for m in model.model.layers.modules()):
+            raise ValueError("attach the few-rows kernel to the linear layers first")
         self.kernel, self.pool = kernel, pool
         self.shape = LayerShape(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                                 spec.intermediate_size, spec.rms_norm_eps)
-        self.decoder_layers = list(model.model.layers)
-        self.sources = _sources(self.decoder_layers)
+        self.watch = _Watch(model.model.layers, pool)
         self.layers = [
             LayerArgs(self.shape, _linears(layer),
                       (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()),
                       (pool.k[i], pool.v[i]))
-            for i, layer in enumerate(self.decoder_layers)
+            for i, layer in enumerate(model.model.layers)
         ]
+        if len({layer.num_slots for layer in self.layers}) > 1:
+            raise ValueError("the layers' pools differ in size")
 
     def takes(self, batch: ForwardBatch, x: torch.Tensor, pool: KVPool) -> bool:
         """Whether this step is one for the fused layers: a few float32 CPU rows, all of them decoders
         for the paged kernel, over this pool, with the weights the layers were described with."""
         paged = batch.paged_decode
-        return (
-            paged is not None
+        fits = (
+            bool(self.layers)
+            and paged is not None
             and not batch.seqs
             and not batch.decode
             and 0 < x.shape[0] <= MAX_ROWS
@@ -50,8 +63,12 @@ class FusedDecode:
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and pool is self.pool
-            and _same(_sources(self.decoder_layers), self.sources)
         )
+        if fits and not self.watch.unchanged():
+            log.info("a decoder layer's weights, kernels or pool changed: fused decode steps are off")
+            self.layers = []  # and the old weights they kept alive go
+            return False
+        return fits
 
     def run(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Every layer over the residual stream x (updated in place), as LlamaForCausalLM.forward's loop."""
@@ -60,15 +77,19 @@ class FusedDecode:
                         (paged.rows, paged.pages, paged.page_start, paged.lengths), paged.page_size,
                         self.layers[0].num_slots)
         s = self.shape
-        kv = torch.empty(2, len(self.layers), x.shape[0], s.kv_heads, s.head_dim)  # pre-RoPE, kept by the store
+        # pre-RoPE K/V, which the store keeps
+        kv = torch.empty(2, len(self.layers), x.shape[0], s.kv_heads, s.head_dim, dtype=torch.float32)
         hooks = batch.hooks
         for i, layer in enumerate(self.layers):
             k_pre, v = kv[0, i], kv[1, i]
-            self.kernel.layer_in(layer, step, i > 0, k_pre, v)
-            if hooks is not None:
-                hooks.save_layer(i, k_pre, v)
-                hooks.wait_layer(i)
-            self.kernel.layer_out(layer, step, k_pre, v)
+            try:
+                self.kernel.layer_in(layer, step, i > 0, k_pre, v)
+                if hooks is not None:
+                    hooks.save_layer(i, k_pre, v)
+                    hooks.wait_layer(i)
+                self.kernel.layer_out(layer, step, k_pre, v)
+            except ValueError as e:
+                raise ValueError(f"decoder layer {i} of a step of {x.shape[0]} decoders: {e}") from e
         x.add_(step.delta)
 
 
@@ -83,16 +104,32 @@ def _linears(layer: DecoderLayer) -> dict:
     }
 
 
-def _sources(layers: list[DecoderLayer]) -> list[object]:
-    """The objects the fused layers were described from: replaced ones mean stale pointers."""
-    out: list[object] = []
-    for layer in layers:
-        a, m = layer.self_attn, layer.mlp
-        for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-            out += (mod._parameters["weight"], mod._parameters.get("bias"), mod.quantized)
-        out += (layer.input_layernorm._parameters["weight"], layer.post_attention_layernorm._parameters["weight"])
-    return out
+class _Watch:
+    """Notices, cheaply enough for every step, any change to what the fused layers were described
+    from: a module's weight, bias, norm, GGUF blocks or kernel replaced, a tensor given new memory
+    (`p.data = ...`), a layer swapped, a pool's memory moved."""
 
+    def __init__(self, layers: nn.ModuleList, pool: KVPool) -> None:
+        self.layers, self.layer_objects = layers, list(layers)
+        self.slots: list[tuple[dict, str, object]] = []  # (a module's dict, key, the object it held)
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                self.slots += [(mod._parameters, key, mod._parameters.get(key)) for key in ("weight", "bias")]
+                self.slots += [(mod.__dict__, key, mod.__dict__.get(key)) for key in ("quantized", "few_rows")]
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                self.slots.append((norm._parameters, "weight", norm._parameters["weight"]))
+        # GGUF blocks are ours and frozen: only the parameters and pools can be given new memory
+        self.tensors = [o for _, _, o in self.slots if isinstance(o, torch.Tensor)] + [*pool.k, *pool.v]
+        self.addresses = [t.data_ptr() for t in self.tensors]
+        self.keys = [(d, key) for d, key, _ in self.slots]
+        self.objects = [o for _, _, o in self.slots]
 
-def _same(now: list[object], then: list[object]) -> bool:
-    return len(now) == len(then) and all(a is b for a, b in zip(now, then))
+    def unchanged(self) -> bool:
+        return (
+            all(map(operator.is_, self.layers, self.layer_objects))
+            and len(self.layers) == len(self.layer_objects)
+            and all(map(operator.is_, [d.get(key) for d, key in self.keys], self.objects))
+            and [t.data_ptr() for t in self.tensors] == self.addresses
+        )
+

@@ -174,22 +174,27 @@ class LlamaForCausalLM(nn.Module):
         p = self.lm_head.weight
         self.rotary = RotaryEmbedding(self.spec, max_len, p.device, p.dtype)
 
-    def use_few_row_kernels(
-        self, linear: FewRowsLinearKernel | None, row_ops: RowOpsKernel | None, fused: FusedDecode | None = None
-    ) -> None:
+    def use_few_row_kernels(self, linear: FewRowsLinearKernel | None, row_ops: RowOpsKernel | None) -> None:
         """Decode steps have a few rows (one per decoder). On a CPU torch's GEMM reads the weights
         at half speed or less for those, and its small operators cost more to dispatch than to run.
         With the few-rows kernel every linear layer hands such calls to it. The vocabulary head, the
         widest weight, also gets a oneDNN-packed copy for the calls of 4 to 128 rows the kernel does
         not take (all of them without a kernel; 1 to 3 rows are as fast or faster unpacked). With
-        the row ops, such steps norm, rotate and write the pool in one call each; with `fused`, a step
-        whose rows are all paged decoders runs each layer in two C calls."""
+        the row ops, such steps norm, rotate and write the pool in one call each. Fused decode layers,
+        described from the previous kernels, are dropped (see use_fused_decode)."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.few_rows = linear
         if self.lm_head.packed is None or self.lm_head.packed.weight is not self.lm_head.weight:
             self.lm_head.packed = OneDNNWeight(self.lm_head.weight, rows=(4, 128))
         self.row_ops = row_ops
+        self.fused_decode = None
+
+    def use_fused_decode(self, fused: FusedDecode | None) -> None:
+        """With both few-row kernels attached: a step whose rows are all paged decoders runs each layer
+        in two C calls, which give the same results as those kernels one operation at a time."""
+        if fused is not None and (self.row_ops is None or self.lm_head.few_rows is None):
+            raise ValueError("fused decode layers reproduce the few-row kernels: attach them first")
         self.fused_decode = fused
 
     @torch.inference_mode()

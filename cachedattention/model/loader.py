@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cachedattention.kernels.few_rows_linear import QuantizedWeight
-from cachedattention.model.embedded import BLOCKS_FILE, embedded_model_dir
+from cachedattention.model.embedded import BLOCKS_FILE, embedded_model_dir, rewrite_embedded_blocks
 from cachedattention.model.gguf_loader import (
     gguf_config,
     gguf_quantized_weights,
@@ -46,7 +46,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_model(source: str | None, device: str, dtype: str) -> LoadedModel:
-    if source is None:
+    embedded = source is None
+    if embedded:
         source = str(embedded_model_dir())
     path = Path(source).expanduser()
     if not path.exists():
@@ -68,11 +69,26 @@ def load_model(source: str | None, device: str, dtype: str) -> LoadedModel:
         blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
     model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
     if blocks is not None and torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32:
-        try:
-            attach_quantized(model, blocks())
-        except ValueError as e:  # the float32 weights serve alone
-            log.warning("GGUF blocks not used: %s", e)
+        _attach_blocks(model, blocks, path if embedded else None)
     return LoadedModel(model, spec, tok, path.name, _weights_id(path))
+
+
+def _attach_blocks(model: LlamaForCausalLM, blocks, embedded_dir: Path | None) -> None:
+    """Attach the GGUF blocks; a damaged blocks file leaves the float32 weights to serve alone, except
+    the embedded model's, which is our own cache: it is written again from the GGUF and read once more."""
+    try:
+        attach_quantized(model, blocks())
+        return
+    except ValueError as e:
+        if embedded_dir is None:
+            log.warning("GGUF blocks not used: %s", e)
+            return
+        log.warning("the embedded model's blocks file is damaged (%s): writing it again", e)
+    rewrite_embedded_blocks(embedded_dir)
+    try:
+        attach_quantized(model, load_blocks(embedded_dir / BLOCKS_FILE))
+    except ValueError as e:  # could not be rewritten (a read-only cache): float32 serves alone
+        log.warning("GGUF blocks not used: %s", e)
 
 
 def attach_quantized(model: LlamaForCausalLM, quantized: dict[str, QuantizedWeight]) -> int:

@@ -94,12 +94,18 @@ def test_embedded_gguf_blocks_fused_equal_per_operation(embedded_llm, monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(with_fused, per_op))
 
 
-def test_a_replaced_weight_turns_the_fused_path_off(tiny_dirs, monkeypatch):
+@pytest.mark.parametrize("how", ["parameter", "data", "kernel"])
+def test_a_replaced_weight_turns_the_fused_path_off(how, tiny_dirs, monkeypatch):
     path, _ = tiny_dirs["llama"]
     llm = LLM(model=str(path), cache=NO_PREFIX_CACHE)
     model = llm.engine.model
     q = model.model.layers[1].self_attn.q_proj
-    q.weight = torch.nn.Parameter(q.weight.detach() * 0.5)  # the described pointer would be stale
+    if how == "parameter":  # the described address would be stale
+        q.weight = torch.nn.Parameter(q.weight.detach() * 0.5)
+    elif how == "data":  # the same Parameter, new memory
+        q.weight.data = q.weight.data * 0.5
+    else:  # this layer's calls would go to torch, which the fused path does not reproduce
+        q.few_rows = None
     steps = count_fused_steps(model, monkeypatch)
     changed = logits_of(llm, monkeypatch, lambda m: m.generate(PROMPTS, GREEDY))
     assert steps == []  # noticed, so every step took the per-operation path, with the new weight
