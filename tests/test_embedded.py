@@ -53,19 +53,28 @@ def test_a_gguf_file_loads_with_its_blocks_and_matches_the_converted_folder(embe
     assert llm.generate([prompt], params)[0].token_ids == embedded_llm.generate([prompt], params)[0].token_ids
 
 
-def test_a_folder_converted_before_the_blocks_gets_them_and_keeps_its_weights(tmp_path, monkeypatch):
-    """An older cache folder (no blocks file) gets one, without rewriting its weights: the store's
-    model fingerprint (names, sizes and times of the weight files) stays the same."""
+def cache_without_blocks(tmp_path, monkeypatch):
+    """A cache folder under tmp_path holding the converted embedded model's files (links) but its
+    blocks file; returns (the real folder, that one)."""
     from cachedattention.model.embedded import BLOCKS_FILE, cache_home, embedded_model_dir
-    from cachedattention.model.loader import _weights_id
 
     current = embedded_model_dir()
     monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
-    old = cache_home() / current.name
-    old.mkdir()
+    folder = cache_home() / current.name
+    folder.mkdir()
     for f in current.iterdir():
         if f.name != BLOCKS_FILE:
-            (old / f.name).symlink_to(f)  # the same files, without the blocks
+            (folder / f.name).symlink_to(f)
+    return current, folder
+
+
+def test_a_folder_converted_before_the_blocks_gets_them_and_keeps_its_weights(tmp_path, monkeypatch):
+    """An older cache folder (no blocks file) gets one, without rewriting its weights: the store's
+    model fingerprint (names, sizes and times of the weight files) stays the same."""
+    from cachedattention.model.embedded import BLOCKS_FILE, embedded_model_dir
+    from cachedattention.model.loader import _weights_id
+
+    current, old = cache_without_blocks(tmp_path, monkeypatch)
     before = _weights_id(old)
     assert embedded_model_dir() == old
     assert (old / BLOCKS_FILE).is_file() and (old / "model.safetensors").is_symlink()
@@ -75,17 +84,11 @@ def test_a_folder_converted_before_the_blocks_gets_them_and_keeps_its_weights(tm
 def test_a_damaged_blocks_file_in_the_cache_is_written_again(tmp_path, monkeypatch, caplog):
     """The converted folder is our own cache: a blocks file that cannot be read (a truncated write
     from outside, a bad disk) is rebuilt from the GGUF at the next load, and decoding reads blocks again."""
-    from cachedattention.model.embedded import BLOCKS_FILE, cache_home, embedded_model_dir
+    from cachedattention.model.embedded import BLOCKS_FILE
     from cachedattention.model.layers import Linear
     from cachedattention.model.loader import load_model
 
-    current = embedded_model_dir()
-    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
-    copy = cache_home() / current.name
-    copy.mkdir()
-    for f in current.iterdir():
-        if f.name != BLOCKS_FILE:
-            (copy / f.name).symlink_to(f)
+    current, copy = cache_without_blocks(tmp_path, monkeypatch)
     good = (current / BLOCKS_FILE).read_bytes()
     (copy / BLOCKS_FILE).write_bytes(good[: len(good) // 3])  # cut short
     with caplog.at_level("WARNING"):
