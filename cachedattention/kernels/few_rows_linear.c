@@ -41,6 +41,21 @@ static inline __m512 reduce16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
 }
 
+/* y[j][i] = the sum of acc[i + TILE j]'s lanes (+ bias[i]), for i < nr, j < mr. */
+static inline __attribute__((always_inline)) void store_tile(const __m512 *acc, float *restrict y, int64_t y_stride,
+                                                             const float *restrict bias, const int nr, const int mr) {
+    float sums[TILE * TILE];
+    if (nr == TILE && mr == TILE) {
+        _mm512_storeu_ps(sums, reduce16(acc)); /* lane 4i + j: acc[i + 4j] */
+        for (int j = 0; j < TILE; j++)
+            for (int i = 0; i < TILE; i++) y[j * y_stride + i] = sums[TILE * i + j] + (bias ? bias[i] : 0.0f);
+    } else {
+        for (int j = 0; j < mr; j++)
+            for (int i = 0; i < nr; i++)
+                y[j * y_stride + i] = _mm512_reduce_add_ps(acc[i + TILE * j]) + (bias ? bias[i] : 0.0f);
+    }
+}
+
 /* y[j][i] = dot(x[j], w[i]) for i < nr weight rows, j < mr input rows (both at most TILE); inlined
  * with constant nr and mr, so the loops unroll into registers. When `prefetch`, ask for the weight
  * rows of the next tile, at the same offsets. */
@@ -70,16 +85,7 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
             for (int i = 0; i < nr; i++) acc[i + TILE * j] = _mm512_fmadd_ps(wv[i], xv, acc[i + TILE * j]);
         }
     }
-    float sums[TILE * TILE];
-    if (nr == TILE && mr == TILE) {
-        _mm512_storeu_ps(sums, reduce16(acc)); /* lane 4i + j: acc[i + 4j] */
-        for (int j = 0; j < TILE; j++)
-            for (int i = 0; i < TILE; i++) y[j * y_stride + i] = sums[TILE * i + j] + (bias ? bias[i] : 0.0f);
-    } else {
-        for (int j = 0; j < mr; j++)
-            for (int i = 0; i < nr; i++)
-                y[j * y_stride + i] = _mm512_reduce_add_ps(acc[i + TILE * j]) + (bias ? bias[i] : 0.0f);
-    }
+    store_tile(acc, y, y_stride, bias, nr, mr);
 }
 
 /* Every input row against weight rows [n, n + nr): full tiles of TILE input rows, then the rest.
@@ -134,11 +140,12 @@ int few_rows_linear(const float *x, const float *w, const float *bias, float *y,
 }
 
 /* Weights kept as GGUF blocks of 32 (the embedded model's layers are Q4_1, its head Q8_0): a decode
- * step then reads 0.75-1.1 bytes per weight (float32 scales included) instead of 4. Each thread
- * dequantizes four weight rows at a time into a buffer that stays in L1 and runs the float32 tiles
- * over it. The dequantized values are exactly GGUF's (scale * q is exact in float32, so adding the
- * min rounds once, fused or not), so the result equals the float32 path over the dequantized
- * weight, bit for bit.
+ * step then reads 0.75-1.1 bytes per weight (float32 scales included) instead of 4. For up to four
+ * input rows, each block is dequantized into registers and multiplied right away (tile_blocks);
+ * for more, each thread dequantizes four weight rows at a time into a buffer that stays in L1 and
+ * runs the float32 tiles over it, once for all the input rows. The dequantized values are exactly
+ * GGUF's (scale * q is exact in float32, so adding the min rounds once, fused or not), so either
+ * way the result equals the float32 path over the dequantized weight, bit for bit.
  *   Q4_1: quants [out, in / 2] bytes; byte j of a block holds element j (low nibble) and j + 16
  *         (high nibble); value = scale * q + min.
  *   Q8_0: quants [out, in] int8; value = scale * q.
@@ -165,6 +172,70 @@ static inline void dequantize_row(int kind, const uint8_t *restrict q, const flo
     }
 }
 
+/* GGUF weights, at most TILE input rows: no buffer. Each block of 32 of the nr weight rows is
+ * dequantized into registers (two vectors: elements 0-15, 16-31) and multiplied with every input
+ * row right away. Each accumulator takes the same fused multiply-adds in the same order (k rising)
+ * as `tile` over the dequantized rows, and is summed the same way: the same result, bit for bit,
+ * without storing and reloading every dequantized weight. The next tile's blocks are asked for ahead. */
+static inline __attribute__((always_inline)) void tile_blocks(const float *restrict x, int64_t x_stride, const int kind,
+                                                              const uint8_t *restrict q, int64_t row_bytes,
+                                                              const float *restrict scales,
+                                                              const float *restrict mins, int64_t row_blocks,
+                                                              float *restrict y, int64_t y_stride,
+                                                              const float *restrict bias, const int nr, const int mr) {
+    __m512 acc[TILE * TILE];
+    for (int t = 0; t < TILE * TILE; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < row_blocks; b++) {
+        __m512 lo[TILE], hi[TILE];
+        for (int i = 0; i < nr; i++) {
+            const __m512 d = _mm512_set1_ps(scales[i * row_blocks + b]);
+            if (kind == KIND_Q4_1) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i * row_bytes + 16 * b)));
+                const __m512 m = _mm512_set1_ps(mins[i * row_blocks + b]);
+                lo[i] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))), m);
+                hi[i] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))), m);
+            } else {
+                const uint8_t *row = q + i * row_bytes + 32 * b;
+                lo[i] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)row))));
+                hi[i] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 16)))));
+            }
+        }
+        for (int j = 0; j < mr; j++) {
+            const __m512 xlo = _mm512_loadu_ps(x + j * x_stride + 32 * b);
+            for (int i = 0; i < nr; i++) acc[i + TILE * j] = _mm512_fmadd_ps(lo[i], xlo, acc[i + TILE * j]);
+            const __m512 xhi = _mm512_loadu_ps(x + j * x_stride + 32 * b + 16);
+            for (int i = 0; i < nr; i++) acc[i + TILE * j] = _mm512_fmadd_ps(hi[i], xhi, acc[i + TILE * j]);
+        }
+    }
+    store_tile(acc, y, y_stride, bias, nr, mr);
+}
+
+/* tile_blocks with constant kind, nr and mr (each combination its own inlined copy). */
+#define TILE_BLOCKS_MR(KIND, NR)                                                                                      \
+    switch (rows) {                                                                                                   \
+        case 4: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 4); break; \
+        case 3: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 3); break; \
+        case 2: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 2); break; \
+        default: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 1); break; \
+    }
+#define TILE_BLOCKS_NR(KIND)                                    \
+    switch (nr) {                                               \
+        case 4: TILE_BLOCKS_MR(KIND, 4) break;                  \
+        case 3: TILE_BLOCKS_MR(KIND, 3) break;                  \
+        case 2: TILE_BLOCKS_MR(KIND, 2) break;                  \
+        default: TILE_BLOCKS_MR(KIND, 1) break;                 \
+    }
+
+static void weight_tile_blocks(const float *x, int64_t x_stride, int kind, const uint8_t *q, int64_t row_bytes,
+                               const float *scales, const float *mins, int64_t row_blocks, float *y, int64_t y_stride,
+                               const float *bias, int64_t rows, int64_t nr) {
+    if (kind == KIND_Q4_1) {
+        TILE_BLOCKS_NR(KIND_Q4_1)
+    } else {
+        TILE_BLOCKS_NR(KIND_Q8_0)
+    }
+}
+
 int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quants, const float *scales,
                               const float *mins, const float *bias, float *y, int64_t rows, int64_t in_features,
                               int64_t out_features, int64_t x_stride, int64_t y_stride, int64_t num_threads) {
@@ -173,6 +244,20 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
         return FRL_UNSUPPORTED;
     const int64_t row_bytes = kind == KIND_Q4_1 ? in_features / 2 : in_features, row_blocks = in_features / 32;
     const int64_t blocks = (out_features + TILE - 1) / TILE;
+    if (rows == 0) return FRL_OK;
+    if (rows <= TILE) { /* one tile of input rows: dequantize into registers, straight into the products */
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n = b * TILE, nr = out_features - n < TILE ? out_features - n : TILE;
+            if (b + 1 < blocks) /* the next tile's rows: contiguous */
+                for (int64_t at = 0; at < TILE * row_bytes; at += 64)
+                    _mm_prefetch((const char *)(quants + (n + TILE) * row_bytes + at), _MM_HINT_T0);
+            weight_tile_blocks(x, x_stride, (int)kind, quants + n * row_bytes, row_bytes, scales + n * row_blocks,
+                               mins ? mins + n * row_blocks : 0, row_blocks, y + n, y_stride, bias ? bias + n : 0,
+                               rows, nr);
+        }
+        return FRL_OK;
+    }
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {

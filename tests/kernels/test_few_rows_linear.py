@@ -124,7 +124,7 @@ def test_on_gguf_blocks_equals_the_float32_path_bit_for_bit(kernel, kind, in_fea
     assert torch.equal(weight.dequantize(), reference)  # GGUF's own values
     assert weight.matches(reference) and not weight.matches(reference + 1e-3)
     bias = torch.randn(out_features)
-    for n in (1, 3, 4, 9, MAX_ROWS, MAX_ROWS_GGUF):
+    for n in (1, 2, 3, 4, 5, 9, MAX_ROWS, MAX_ROWS_GGUF):  # up to 4: dequantized in registers; more: via L1
         x = torch.randn(n, in_features)
         if n <= MAX_ROWS:  # the blocks are dequantized into the same tiles the float32 weight goes through
             assert torch.equal(kernel(x, weight, bias), kernel(x, reference, bias)), f"{n} rows"
