@@ -144,8 +144,9 @@ int few_rows_linear(const float *x, const float *w, const float *bias, float *y,
  * input rows, each block is dequantized into registers and multiplied right away (tile_blocks);
  * for more, each thread dequantizes four weight rows at a time into a buffer that stays in L1 and
  * runs the float32 tiles over it, once for all the input rows. The dequantized values are exactly
- * GGUF's (scale * q is exact in float32, so adding the min rounds once, fused or not), so either
- * way the result equals the float32 path over the dequantized weight, bit for bit.
+ * GGUF's (its scales are float16, so scale * q is exact in float32 and adding the min rounds once,
+ * fused or not), so either way the result equals the float32 path over the dequantized weight, bit
+ * for bit.
  *   Q4_1: quants [out, in / 2] bytes; byte j of a block holds element j (low nibble) and j + 16
  *         (high nibble); value = scale * q + min.
  *   Q8_0: quants [out, in] int8; value = scale * q.
@@ -170,6 +171,12 @@ static inline void dequantize_row(int kind, const uint8_t *restrict q, const flo
         _mm512_storeu_ps(out + 32 * b, lo);
         _mm512_storeu_ps(out + 32 * b + 16, hi);
     }
+}
+
+/* Ask for the quantized weight rows [first, first + TILE) that exist (contiguous): the next tile's. */
+static inline void prefetch_rows(const uint8_t *quants, int64_t row_bytes, int64_t first, int64_t out_features) {
+    const int64_t rows = out_features - first < TILE ? out_features - first : TILE;
+    for (int64_t at = 0; at < rows * row_bytes; at += 64) _mm_prefetch((const char *)(quants + first * row_bytes + at), _MM_HINT_T0);
 }
 
 /* GGUF weights, at most TILE input rows: no buffer. Each block of 32 of the nr weight rows is
@@ -216,14 +223,16 @@ static inline __attribute__((always_inline)) void tile_blocks(const float *restr
         case 4: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 4); break; \
         case 3: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 3); break; \
         case 2: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 2); break; \
-        default: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 1); break; \
+        case 1: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 1); break; \
+        default: break;                                                                                               \
     }
 #define TILE_BLOCKS_NR(KIND)                                    \
     switch (nr) {                                               \
         case 4: TILE_BLOCKS_MR(KIND, 4) break;                  \
         case 3: TILE_BLOCKS_MR(KIND, 3) break;                  \
         case 2: TILE_BLOCKS_MR(KIND, 2) break;                  \
-        default: TILE_BLOCKS_MR(KIND, 1) break;                 \
+        case 1: TILE_BLOCKS_MR(KIND, 1) break;                  \
+        default: break;                                         \
     }
 
 static void weight_tile_blocks(const float *x, int64_t x_stride, int kind, const uint8_t *q, int64_t row_bytes,
@@ -235,6 +244,8 @@ static void weight_tile_blocks(const float *x, int64_t x_stride, int kind, const
         TILE_BLOCKS_NR(KIND_Q8_0)
     }
 }
+#undef TILE_BLOCKS_NR
+#undef TILE_BLOCKS_MR
 
 int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quants, const float *scales,
                               const float *mins, const float *bias, float *y, int64_t rows, int64_t in_features,
@@ -249,9 +260,7 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
 #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t n = b * TILE, nr = out_features - n < TILE ? out_features - n : TILE;
-            if (b + 1 < blocks) /* the next tile's rows: contiguous */
-                for (int64_t at = 0; at < TILE * row_bytes; at += 64)
-                    _mm_prefetch((const char *)(quants + (n + TILE) * row_bytes + at), _MM_HINT_T0);
+            prefetch_rows(quants, row_bytes, n + TILE, out_features);
             weight_tile_blocks(x, x_stride, (int)kind, quants + n * row_bytes, row_bytes, scales + n * row_blocks,
                                mins ? mins + n * row_blocks : 0, row_blocks, y + n, y_stride, bias ? bias + n : 0,
                                rows, nr);
@@ -270,9 +279,7 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
         for (int64_t b = 0; b < blocks; b++) {
             if (!buf) continue;
             const int64_t n = b * TILE, nr = out_features - n < TILE ? out_features - n : TILE;
-            const uint8_t *next = quants + (n + TILE) * row_bytes; /* the next tile's rows: contiguous */
-            if (b + 1 < blocks)
-                for (int64_t at = 0; at < TILE * row_bytes; at += 64) _mm_prefetch((const char *)(next + at), _MM_HINT_T0);
+            prefetch_rows(quants, row_bytes, n + TILE, out_features);
             for (int64_t i = 0; i < nr; i++)
                 dequantize_row((int)kind, quants + (n + i) * row_bytes, scales + (n + i) * row_blocks,
                                mins ? mins + (n + i) * row_blocks : 0, in_features, buf + i * in_features);

@@ -128,6 +128,7 @@ def test_on_gguf_blocks_equals_the_float32_path_bit_for_bit(kernel, kind, in_fea
         x = torch.randn(n, in_features)
         if n <= MAX_ROWS:  # the blocks are dequantized into the same tiles the float32 weight goes through
             assert torch.equal(kernel(x, weight, bias), kernel(x, reference, bias)), f"{n} rows"
+            assert torch.equal(kernel(x, weight), kernel(x, reference)), f"{n} rows, no bias"
         assert rel_err(kernel(x, weight), F.linear(x, reference)) <= 1e-5
     with pytest.raises(ValueError, match="few-rows linear"):
         kernel(torch.randn(MAX_ROWS_GGUF + 1, in_features), weight)
