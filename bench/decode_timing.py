@@ -35,8 +35,7 @@ def median_decode_ms(llm: LLM, setting: int | str | None, lens: list[int], kerne
     eng.runner.group_call_rows = None if paged else setting
     eng.model.use_few_row_kernels(None if setting == "kernel-torch" else linear,
                                   None if setting in ("kernel-torch", "kernel-linear") else row_ops)
-    if setting == "kernel":
-        eng.model.use_fused_decode(fused)
+    eng.runner.fused_decode = fused if setting == "kernel" else None
     gen = torch.Generator().manual_seed(0)
     for n in lens:
         ids = torch.randint(100, 40000, (n,), generator=gen).tolist()
@@ -64,7 +63,7 @@ def main(rounds: int, settings: list[int | str | None]) -> None:
               scheduler=SchedulerConfig(max_num_batched_tokens=2048))
     kernel = llm.engine.runner.decode_kernel
     model = llm.engine.model
-    linear, row_ops, fused = model.lm_head.few_rows, model.row_ops, model.fused_decode
+    linear, row_ops, fused = model.lm_head.few_rows, model.row_ops, llm.engine.runner.fused_decode
     for lens in CONTEXTS:
         ms: dict[int | str | None, list[float]] = {s: [] for s in settings}
         for _ in range(rounds):

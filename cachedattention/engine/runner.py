@@ -40,8 +40,9 @@ class ModelRunner:
         # and runs few-row steps (decode) through kernels that read weights faster and dispatch less
         linear, row_ops = _load_few_row_kernels(model, device)
         model.use_few_row_kernels(linear, row_ops)
-        if linear and row_ops and self.decode_kernel:  # and when all of a step's rows are decoders, fused layers
-            model.use_fused_decode(_fused_decode(model, pool))
+        # and when all of a step's rows are decoders, each layer in two C calls; over this engine's
+        # pool, so it is the runner's (engines may share a model: the demo's two do)
+        self.fused_decode = _fused_decode(model, pool) if linear and row_ops and self.decode_kernel else None
 
     def build_batch(self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None) -> tuple[ForwardBatch, list[int]]:
         """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""
@@ -144,7 +145,7 @@ class ModelRunner:
         )
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model(batch, self.pool)
+        return self.model(batch, self.pool, self.fused_decode)
 
 
 def _load_decode_kernel(model: LlamaForCausalLM, pool: KVPool, device: torch.device) -> PagedDecodeKernel | None:

@@ -63,6 +63,7 @@ class FusedDecode:
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and pool is self.pool
+            and self.watch.kernels_attached()  # (if not, the per-operation path uses torch: for now)
         )
         if fits and not self.watch.unchanged():
             log.info("a decoder layer's weights, kernels or pool changed: fused decode steps are off")
@@ -106,17 +107,20 @@ def _linears(layer: DecoderLayer) -> dict:
 
 class _Watch:
     """Notices, cheaply enough for every step, any change to what the fused layers were described
-    from: a module's weight, bias, norm, GGUF blocks or kernel replaced, a tensor given new memory
-    (`p.data = ...`), a layer swapped, a pool's memory moved."""
+    from: a module's weight, bias, norm or GGUF blocks replaced, a tensor given new memory
+    (`p.data = ...`), a layer swapped, a pool's memory moved; and whether every linear layer still
+    has a few-rows kernel (any: they compute alike; engines sharing a model each attach their own)."""
 
     def __init__(self, layers: nn.ModuleList, pool: KVPool) -> None:
         self.layers, self.layer_objects = layers, list(layers)
         self.slots: list[tuple[dict, str, object]] = []  # (a module's dict, key, the object it held)
+        self.linears: list[nn.Module] = []  # each must keep a few-rows kernel (any: they compute alike)
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
             for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
                 self.slots += [(mod._parameters, key, mod._parameters.get(key)) for key in ("weight", "bias")]
-                self.slots += [(mod.__dict__, key, mod.__dict__.get(key)) for key in ("quantized", "few_rows")]
+                self.slots.append((mod.__dict__, "quantized", mod.quantized))
+                self.linears.append(mod)
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 self.slots.append((norm._parameters, "weight", norm._parameters["weight"]))
         # GGUF blocks are ours and frozen: only the parameters and pools can be given new memory
@@ -124,6 +128,9 @@ class _Watch:
         self.addresses = [t.data_ptr() for t in self.tensors]
         self.keys = [(d, key) for d, key, _ in self.slots]
         self.objects = [o for _, _, o in self.slots]
+
+    def kernels_attached(self) -> bool:
+        return all(m.few_rows is not None for m in self.linears)
 
     def unchanged(self) -> bool:
         return (

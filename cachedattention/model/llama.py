@@ -164,7 +164,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
         self.row_ops: RowOpsKernel | None = None
-        self.fused_decode: FusedDecode | None = None
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -180,30 +179,24 @@ class LlamaForCausalLM(nn.Module):
         With the few-rows kernel every linear layer hands such calls to it. The vocabulary head, the
         widest weight, also gets a oneDNN-packed copy for the calls of 4 to 128 rows the kernel does
         not take (all of them without a kernel; 1 to 3 rows are as fast or faster unpacked). With
-        the row ops, such steps norm, rotate and write the pool in one call each. Fused decode layers,
-        described from the previous kernels, are dropped (see use_fused_decode)."""
+        the row ops, such steps norm, rotate and write the pool in one call each."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.few_rows = linear
         if self.lm_head.packed is None or self.lm_head.packed.weight is not self.lm_head.weight:
             self.lm_head.packed = OneDNNWeight(self.lm_head.weight, rows=(4, 128))
         self.row_ops = row_ops
-        self.fused_decode = None
-
-    def use_fused_decode(self, fused: FusedDecode | None) -> None:
-        """With both few-row kernels attached: a step whose rows are all paged decoders runs each layer
-        in two C calls, which give the same results as those kernels one operation at a time."""
-        if fused is not None and (self.row_ops is None or self.lm_head.few_rows is None):
-            raise ValueError("fused decode layers reproduce the few-row kernels: attach them first")
-        self.fused_decode = fused
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
-        """Run the flat batch through every layer; return float32 logits at batch.logits_indices."""
+    def forward(self, batch: ForwardBatch, pool: KVPool, fused: FusedDecode | None = None) -> torch.Tensor:
+        """Run the flat batch through every layer; return float32 logits at batch.logits_indices.
+
+        `fused`: the layers described over this pool in two C calls each, for a step whose rows are
+        all paged decoders; they reproduce the row ops and few-rows kernels, so only with those."""
         cos, sin = self.rotary.tables(batch.positions)
         x = self.model.embed_tokens(batch.input_ids)  # the residual stream, added to in place
-        if self.fused_decode is not None and self.fused_decode.takes(batch, x, pool):
-            self.fused_decode.run(x, batch, cos, sin)
+        if fused is not None and self.row_ops is not None and fused.takes(batch, x, pool):
+            fused.run(x, batch, cos, sin)
         else:
             self._layers(x, batch, pool, cos, sin)
         x = self.model.norm(x[batch.logits_indices])

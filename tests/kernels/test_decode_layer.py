@@ -14,7 +14,7 @@ NO_PREFIX_CACHE = CacheConfig(enable_prefix_cache=False)  # a second run compute
 PROMPTS = [[(5 * i + j) % 250 + 1 for i in range(n)] for j, n in enumerate((5, 40, 17))]
 
 
-def count_fused_steps(model, monkeypatch) -> list[int]:
+def count_fused_steps(monkeypatch) -> list[int]:
     calls = []
     real = FusedDecode.run
 
@@ -38,13 +38,12 @@ def logits_of(llm, monkeypatch, run) -> list[torch.Tensor]:
 def test_fused_layers_equal_the_per_operation_path_bit_for_bit(kind, tiny_dirs, monkeypatch):
     path, _ = tiny_dirs[kind]
     llm = LLM(model=str(path), cache=NO_PREFIX_CACHE)
-    model = llm.engine.model
-    fused = model.fused_decode
-    assert fused is not None  # this machine builds the kernels
-    steps = count_fused_steps(model, monkeypatch)
+    runner = llm.engine.runner
+    assert runner.fused_decode is not None  # this machine builds the kernels
+    steps = count_fused_steps(monkeypatch)
     with_fused = logits_of(llm, monkeypatch, lambda m: m.generate(PROMPTS, GREEDY))
     assert steps == [3] * (GREEDY.max_tokens - 1)  # every step after the prefill: all rows are decoders
-    model.fused_decode = None
+    runner.fused_decode = None
     per_op = logits_of(llm, monkeypatch, lambda m: m.generate(PROMPTS, GREEDY))
     assert len(steps) == GREEDY.max_tokens - 1  # not called again
     assert len(with_fused) == len(per_op) == len(PROMPTS) * GREEDY.max_tokens
@@ -67,8 +66,8 @@ def test_the_store_gets_the_same_pre_rope_kv_from_fused_steps(tiny_dirs, monkeyp
     for use_fused in (True, False):
         llm = LLM(model=str(path), enable_store=True)
         if not use_fused:
-            llm.engine.model.fused_decode = None
-        seen, steps = capture_logits(monkeypatch), count_fused_steps(llm.engine.model, monkeypatch)
+            llm.engine.runner.fused_decode = None
+        seen, steps = capture_logits(monkeypatch), count_fused_steps(monkeypatch)
         last_turn = conversation(llm)
         runs.append(list(seen))
         assert bool(steps) == use_fused  # the answers' K/V came from fused steps (or not at all)
@@ -78,18 +77,18 @@ def test_the_store_gets_the_same_pre_rope_kv_from_fused_steps(tiny_dirs, monkeyp
 
 
 def test_embedded_gguf_blocks_fused_equal_per_operation(embedded_llm, monkeypatch):
-    model = embedded_llm.engine.model
-    fused = model.fused_decode
+    runner = embedded_llm.engine.runner
+    fused = runner.fused_decode
     assert fused is not None and fused.layers  # the embedded model's Q4_1 layers
-    steps = count_fused_steps(model, monkeypatch)
+    steps = count_fused_steps(monkeypatch)
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     prompts = [[100 + i for i in range(14)], [200 + i for i in range(9)]]  # under a page: no prefix-cache hit
     try:
         with_fused = logits_of(embedded_llm, monkeypatch, lambda m: m.generate(prompts, params))
-        model.fused_decode = None
+        runner.fused_decode = None
         per_op = logits_of(embedded_llm, monkeypatch, lambda m: m.generate(prompts, params))
     finally:
-        model.fused_decode = fused
+        runner.fused_decode = fused
     assert steps == [2, 2]
     assert all(torch.equal(a, b) for a, b in zip(with_fused, per_op))
 
@@ -106,11 +105,24 @@ def test_a_replaced_weight_turns_the_fused_path_off(how, tiny_dirs, monkeypatch)
         q.weight.data = q.weight.data * 0.5
     else:  # this layer's calls would go to torch, which the fused path does not reproduce
         q.few_rows = None
-    steps = count_fused_steps(model, monkeypatch)
+    steps = count_fused_steps(monkeypatch)
     changed = logits_of(llm, monkeypatch, lambda m: m.generate(PROMPTS, GREEDY))
     assert steps == []  # noticed, so every step took the per-operation path, with the new weight
-    model.fused_decode = None
+    llm.engine.runner.fused_decode = None
     assert all(torch.equal(a, b) for a, b in zip(changed, logits_of(llm, monkeypatch, lambda m: m.generate(PROMPTS, GREEDY))))
+
+
+def test_engines_sharing_a_model_each_fuse_over_their_own_pool(tiny_dirs, monkeypatch):
+    """The demo runs CachedAttention and a recompute engine on one loaded model, turn by turn: each
+    engine's decode steps take its own fused layers, and give the same logits as the other's."""
+    path, _ = tiny_dirs["llama"]
+    first = LLM(model=str(path), cache=NO_PREFIX_CACHE)
+    second = LLM.from_config(first.engine.config, loaded=first.engine.loaded)
+    assert second.engine.model is first.engine.model and second.engine.pool is not first.engine.pool
+    steps = count_fused_steps(monkeypatch)
+    runs = [logits_of(llm, monkeypatch, lambda m: m.generate(PROMPTS, GREEDY)) for llm in (first, second, first)]
+    assert steps == [3] * (3 * (GREEDY.max_tokens - 1))  # no engine's steps fell back
+    assert all(torch.equal(a, b) for other in runs[1:] for a, b in zip(runs[0], other))
 
 
 @pytest.fixture(scope="module")

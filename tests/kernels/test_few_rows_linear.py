@@ -96,7 +96,6 @@ def test_the_engine_hands_few_row_calls_to_the_kernels(tiny_dirs):
     assert model.lm_head.packed is not None and all(m.packed is None for m in linears if m is not model.lm_head)
     model.use_few_row_kernels(None, None)  # no kernels: torch, and the packed head
     assert model.lm_head.packed is not None and all(m.few_rows is None for m in linears) and model.row_ops is None
-    assert model.fused_decode is None  # it reproduced the kernels just dropped
 
 
 def random_gguf_rows(kind: str, out_features: int, in_features: int, seed: int) -> np.ndarray:
