@@ -86,7 +86,6 @@ class RowOpsKernel:
             raise ValueError(f"rope_store: a slot is outside the pool's {k_pool.shape[0]} slots")
         return k_rot
 
-
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """gate = silu(gate) * up, in place; returns gate."""
         _need_float32(gate, up)
