@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class FusedDecode:
+    """One engine's decoder layers, described once over its pool, for its all-decoder steps."""
+
     def __init__(self, kernel: DecodeLayerKernel, model: LlamaForCausalLM, pool: KVPool) -> None:
         """Raises ValueError when a weight, norm or pool is not one the C code takes, or a linear layer
         has no few-rows kernel attached (the per-operation path it reproduces would use torch)."""
