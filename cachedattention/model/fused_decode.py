@@ -96,15 +96,22 @@ class FusedDecode:
         x.add_(step.delta)
 
 
-def _linears(layer: DecoderLayer) -> dict:
+def _linear_modules(layer: DecoderLayer) -> dict[str, Linear]:
     a, m = layer.self_attn, layer.mlp
-    modules = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
-               "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+    return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
+            "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+
+
+def _linears(layer: DecoderLayer) -> dict:
+    """Each linear layer's (weight the kernel reads, bias), as the per-operation path passes them."""
     return {
-        name: (mod.quantized if mod.quantized is not None else mod.weight.detach(),
-               None if mod.bias is None else mod.bias.detach())
-        for name, mod in modules.items()
+        name: (_detached(mod.kernel_weight()), None if mod.bias is None else mod.bias.detach())
+        for name, mod in _linear_modules(layer).items()
     }
+
+
+def _detached(weight):
+    return weight.detach() if isinstance(weight, torch.Tensor) else weight
 
 
 class _Watch:
@@ -118,8 +125,7 @@ class _Watch:
         self.slots: list[tuple[dict, str, object]] = []  # (a module's dict, key, the object it held)
         self.linears: list[nn.Module] = []  # each must keep a few-rows kernel (any: they compute alike)
         for layer in layers:
-            a, m = layer.self_attn, layer.mlp
-            for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            for mod in _linear_modules(layer).values():
                 self.slots += [(mod._parameters, key, mod._parameters.get(key)) for key in ("weight", "bias")]
                 self.slots.append((mod.__dict__, "quantized", mod.quantized))
                 self.linears.append(mod)

@@ -27,9 +27,13 @@ class Linear(nn.Linear):
         self.quantized: QuantizedWeight | None = None
         self.packed: OneDNNWeight | None = None
 
+    def kernel_weight(self) -> torch.Tensor | QuantizedWeight:
+        """What the few-rows kernel reads: the GGUF blocks when attached, else the float32 weight."""
+        return self.quantized if self.quantized is not None else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.few_rows
-        weight = self.quantized if self.quantized is not None else self.weight
+        weight = self.kernel_weight()
         if kernel is not None and kernel.takes(x, weight) and not _needs_grad(self.weight):
             return kernel.run(x, weight, self.bias)
         if self.packed is not None and self.bias is None:
