@@ -121,7 +121,8 @@ def test_cpu_pool_memory_is_zeroed_aligned_and_outlives_its_base():
     import gc
     import mmap
 
-    t = kv_pool_mod._zeros((4096, 3, 64), torch.device("cpu"), torch.float32)
+    t, lazy = kv_pool_mod._zeros((4096, 3, 64), torch.device("cpu"), torch.float32)
+    assert lazy == hasattr(mmap, "MADV_HUGEPAGE")
     assert t.shape == (4096, 3, 64) and t.is_contiguous() and torch.all(t == 0)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         assert t.data_ptr() % (2 << 20) == 0

@@ -38,6 +38,7 @@ class LLMEngine:
         self.model.init_rotary(self.max_model_len)
         self.pool = self._make_pool()
         self.pages = PagePool(self.pool.num_pages)
+        self.pool.prefault_start()  # the first requests' pages, at start-up rather than in their TTFT
         self.scheduler = Scheduler(
             config.scheduler, self.pages, config.cache.page_size, config.cache.enable_prefix_cache
         )

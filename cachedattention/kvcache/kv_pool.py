@@ -7,6 +7,7 @@ import mmap
 
 import torch
 
+from cachedattention.kvcache.prefault import HUGE_PAGE, populate
 from cachedattention.model.spec import ModelSpec
 
 DEFAULT_CPU_BYTES = 1 << 30
@@ -20,21 +21,21 @@ def default_pool_bytes(device: torch.device) -> int:
     return DEFAULT_CPU_BYTES
 
 
-def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Zeroed pool memory. On a Linux CPU, in transparent huge pages: decode attention reads pages
-    scattered over the whole pool, and 2 MiB pages spare it most TLB misses."""
+def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """Zeroed pool memory, and whether the OS backs it lazily (on first write). On a Linux CPU, an
+    anonymous mapping in transparent huge pages: decode attention reads pages scattered over the
+    whole pool, and 2 MiB pages spare it most TLB misses."""
     if device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.zeros(shape, device=device, dtype=dtype)
+        return torch.zeros(shape, device=device, dtype=dtype), False
     nbytes = math.prod(shape) * dtype.itemsize
-    huge = 2 << 20
     try:
-        mapping = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero-filled
+        mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero-filled
         mapping.madvise(mmap.MADV_HUGEPAGE)
     except (OSError, ValueError):
-        return torch.zeros(shape, device=device, dtype=dtype)
+        return torch.zeros(shape, device=device, dtype=dtype), False
     flat = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive as long as any view
-    start = -flat.data_ptr() % huge  # huge pages need 2 MiB alignment
-    return flat[start : start + nbytes].view(dtype).view(shape)
+    start = -flat.data_ptr() % HUGE_PAGE  # huge pages need 2 MiB alignment
+    return flat[start : start + nbytes].view(dtype).view(shape), True
 
 
 class KVPool:
@@ -46,8 +47,16 @@ class KVPool:
         self.num_pages = num_pages
         self.page_size = page_size
         shape = (num_pages * page_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [_zeros(shape, device, dtype) for _ in range(spec.num_layers)]
-        self.v = [_zeros(shape, device, dtype) for _ in range(spec.num_layers)]
+        k = [_zeros(shape, device, dtype) for _ in range(spec.num_layers)]
+        v = [_zeros(shape, device, dtype) for _ in range(spec.num_layers)]
+        self.k, self.v = [t for t, _ in k], [t for t, _ in v]
+        self._lazy = all(is_lazy for _, is_lazy in k + v)
+
+    def prefault_start(self) -> bool:
+        """Back the first huge page of every layer's K and V now, where the OS backs the pool on first
+        write: the first requests' pages, faulted in at start-up instead of in their time to first
+        token (kvcache/prefault.py). True if done (or nothing to do)."""
+        return not self._lazy or populate(self.k + self.v, HUGE_PAGE)
 
     @staticmethod
     def pages_for_budget(spec: ModelSpec, page_size: int, budget_bytes: int, element_size: int) -> int:
