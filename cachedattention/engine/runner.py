@@ -19,6 +19,7 @@ from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, PagedDecode, SeqSlice
 from cachedattention.model.fused_decode import FusedDecode
 from cachedattention.model.llama import LlamaForCausalLM
+from cachedattention.model.split_attention import split_applies
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class ModelRunner:
         """
         if self.device.type != "cpu" or context == 0 or num_new == 1:
             return None
+        if split_applies(num_new, context, self.pool.k[0].dtype):
+            return None  # attended in two parts that need no mask (model/split_attention.py)
         return torch.ones(num_new, context + num_new, dtype=torch.bool).tril(context)
 
     def _decode_groups(
