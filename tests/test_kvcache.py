@@ -122,9 +122,9 @@ def test_cpu_pool_memory_is_zeroed_aligned_and_outlives_its_base():
     import mmap
 
     t, lazy = kv_pool_mod._zeros((4096, 3, 64), torch.device("cpu"), torch.float32)
-    assert lazy == hasattr(mmap, "MADV_HUGEPAGE")
+    assert lazy or not hasattr(mmap, "MADV_HUGEPAGE")  # lazy unless the kernel has no huge pages at all
     assert t.shape == (4096, 3, 64) and t.is_contiguous() and torch.all(t == 0)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if lazy:
         assert t.data_ptr() % (2 << 20) == 0
     view = t[100:200]
     del t

@@ -21,10 +21,12 @@ def _reference(q, k, v, context_len):
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
 
 
-@pytest.mark.parametrize("heads,kv_heads,n,context", [(9, 3, 40, 300), (4, 4, 7, 50), (8, 2, 1, 20), (6, 1, 33, 129)])
-def test_split_equals_the_masked_call(heads, kv_heads, n, context):
+@pytest.mark.parametrize(
+    "heads,kv_heads,n,context,d",
+    [(9, 3, 40, 300, 16), (4, 4, 7, 50, 16), (8, 2, 1, 20, 16), (6, 1, 33, 129, 16), (9, 3, 100, 1100, 64)],
+)
+def test_split_equals_the_masked_call(heads, kv_heads, n, context, d):
     torch.manual_seed(heads * 100 + n)
-    d = 16
     q = torch.randn(n, heads, d).transpose(0, 1)  # strided like the model's queries
     pool_k = torch.randn(context + n + 5, kv_heads, d) * 3  # a pool slice: [tokens, kv_heads, d]
     pool_v = torch.randn(context + n + 5, kv_heads, d)
@@ -32,6 +34,15 @@ def test_split_equals_the_masked_call(heads, kv_heads, n, context):
     got = split_attention.attend_history_then_new(q, k, v, context)
     assert got is not None and got.shape == (heads, n, d)
     assert rel_err(got, _reference(q, k, v, context)) <= 1e-5
+
+
+def test_split_refuses_inputs_whose_last_dimension_is_strided():
+    """The flash op reads the head dimension as packed; a strided one would give wrong numbers."""
+    q = torch.randn(4, 8, 16)
+    k = torch.randn(2, 16, 40).transpose(1, 2)  # [kv_heads, tokens, d] with d strided
+    v = torch.randn(2, 40, 16)
+    assert split_attention.attend_history_then_new(q, k, v, 32) is None
+    assert split_attention.attend_history_then_new(q, k.contiguous(), v, 32) is not None
 
 
 def test_split_applies_only_to_long_float32_histories():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 
 import torch
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MADV_POPULATE_WRITE = 23  # <linux/mman.h>; not in Python 3.11's mmap module
 HUGE_PAGE = 2 << 20
-OS_PAGE = 4096
+OS_PAGE = mmap.PAGESIZE
 
 
 def populate(tensors: list[torch.Tensor], nbytes: int) -> bool:

@@ -29,12 +29,16 @@ def attend_history_then_new(
 ) -> torch.Tensor | None:
     """Causal attention of n new queries over context_len + n keys, the last n being their own.
 
-    q [heads, n, d]; k, v [kv_heads, context_len + n, d] (any strides). Returns [heads, n, d],
-    or None if this torch's flash op does not give its log-sum-exp in the layout relied on.
+    q [heads, n, d]; k, v [kv_heads, context_len + n, d], each with its last dimension packed
+    (stride 1; any other strides). Returns [heads, n, d], or None if an input's last dimension is
+    strided or this torch's flash op does not give its log-sum-exp in the layout relied on.
     """
     heads, n, d = q.shape
     kv_heads = k.shape[0]
     group = heads // kv_heads
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return None  # the op behind F.sdpa skips the checks F.sdpa makes: it reads d as packed
+    # (nor does it check that q and k have as many heads: the new tokens' K/V are expanded for it)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     # history: every new token sees every key; a KV head's query heads are just more rows
     o_hist, lse_hist = flash(q.reshape(kv_heads, group * n, d)[None], k[None, :, :context_len],
