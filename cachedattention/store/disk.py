@@ -61,13 +61,17 @@ class DiskTier:
         self.fingerprint = fingerprint
         self.layout = layout
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.root / "index.db"), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS segments (seg_id TEXT PRIMARY KEY, num_tokens INT, nbytes INT, fingerprint TEXT)"
-        )
-        self._db.execute("CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, body TEXT, fingerprint TEXT)")
+        index = self.root / "index.db"
+        try:
+            self._db = sqlite3.connect(str(index), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS segments (seg_id TEXT PRIMARY KEY, num_tokens INT, nbytes INT, fingerprint TEXT)"
+            )
+            self._db.execute("CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, body TEXT, fingerprint TEXT)")
+        except sqlite3.Error as e:
+            raise OSError(f"cannot open the store's index {index}: {e}") from e
         self._sizes: dict[str, int] = {}
         self._recover()
 
@@ -84,7 +88,10 @@ class DiskTier:
                 continue
             if not self.path(seg_id).exists():
                 log.warning("store: index row %s has no file; dropping it", seg_id)
-                self._delete_row(seg_id)
+                try:
+                    self._delete_row(seg_id)
+                except sqlite3.Error as e:  # a full disk: ignore the row now, drop it another time
+                    log.warning("store: could not drop the row (%s)", e)
                 continue
             self._sizes[seg_id] = nbytes
         for f in self.seg_dir.iterdir():
@@ -109,23 +116,33 @@ class DiskTier:
 
     # -- write --------------------------------------------------------------------------------
     def put(self, seg_id: str, kv: SegmentKV) -> int:
-        """Write a segment durably; returns its file size. The caller made room in the budget."""
+        """Write a segment durably; returns its file size. The caller made room in the budget.
+
+        Any failure (a full disk, an I/O error, the index refusing the row) raises OSError and
+        leaves nothing behind: no temporary file, no file without its row, no row.
+        """
         header, body = self._encode(seg_id, kv)
-        tmp = self.seg_dir / f"{seg_id}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for chunk in body:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path(seg_id))
-        self._fsync_dir()
-        size = self.path(seg_id).stat().st_size
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO segments VALUES (?, ?, ?, ?)", (seg_id, kv.num_tokens, size, self.fingerprint)
-            )
-            self._sizes[seg_id] = size
+        tmp, final = self.seg_dir / f"{seg_id}.tmp", self.path(seg_id)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                for chunk in body:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            self._fsync_dir()
+            size = final.stat().st_size
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO segments VALUES (?, ?, ?, ?)", (seg_id, kv.num_tokens, size, self.fingerprint)
+                )
+                self._sizes[seg_id] = size
+        except (OSError, sqlite3.Error) as e:
+            tmp.unlink(missing_ok=True)
+            if seg_id not in self._sizes:
+                final.unlink(missing_ok=True)
+            raise e if isinstance(e, OSError) else OSError(f"the index refused the segment: {e}") from e
         return size
 
     def file_size(self, kv: SegmentKV) -> int:
@@ -176,9 +193,14 @@ class DiskTier:
 
     # -- delete -------------------------------------------------------------------------------
     def remove(self, seg_id: str) -> None:
+        """Forget a segment and delete its file. Never raises: if the index cannot be written (a full
+        disk), the row stays, and the next start-up drops it as a row without a file."""
         with self._lock:
             self._sizes.pop(seg_id, None)
-            self._delete_row(seg_id)
+            try:
+                self._delete_row(seg_id)
+            except sqlite3.Error as e:
+                log.warning("store: index row of segment %s not deleted (%s); dropped at the next start", seg_id, e)
         self.path(seg_id).unlink(missing_ok=True)
 
     def _delete_row(self, seg_id: str) -> None:
@@ -186,14 +208,18 @@ class DiskTier:
 
     # -- session records ----------------------------------------------------------------------
     def save_record(self, key: str, body: dict) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO records VALUES (?, ?, ?)", (key, json.dumps(body), self.fingerprint)
-            )
+        """Persist a session's record; OSError if the index cannot be written (e.g. a full disk)."""
+        self._write_index("INSERT OR REPLACE INTO records VALUES (?, ?, ?)", (key, json.dumps(body), self.fingerprint))
 
     def delete_record(self, key: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM records WHERE key=?", (key,))
+        self._write_index("DELETE FROM records WHERE key=?", (key,))
+
+    def _write_index(self, sql: str, args: tuple) -> None:
+        try:
+            with self._lock:
+                self._db.execute(sql, args)
+        except sqlite3.Error as e:
+            raise OSError(f"the store's index could not be written: {e}") from e
 
     def load_records(self) -> list[dict]:
         rows = self._db.execute("SELECT body FROM records WHERE fingerprint=?", (self.fingerprint,)).fetchall()

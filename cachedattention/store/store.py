@@ -94,10 +94,8 @@ class AttentionStore:
                 kept.append(span)
             if len(kept) != len(rec.spans):
                 rec.spans = kept
-                if kept:
-                    self.disk.save_record(rec.key, rec.to_json())
-                else:
-                    self.disk.delete_record(rec.key)
+                self._persist_record(rec.key, rec.to_json() if kept else None)
+                if not kept:
                     continue
             self.records[rec.key] = rec
             self._index_anon(rec)
@@ -238,8 +236,9 @@ class AttentionStore:
             return
         try:
             self.disk.put(seg_id, kv)
-        except OSError as e:  # a full or failing disk loses this segment, not the engine
-            log.warning("store: writing segment %s failed (%s); it stays only where it was", seg_id, e)
+        except OSError as e:  # a full or failing disk loses this segment's disk copy, not the engine
+            log.warning("store: writing segment %s to disk failed (%s); it is kept in host memory only if "
+                        "it still is there", seg_id, e)
             return
         self.ledger.put_disk(seg_id, size, time.monotonic(), touch=False)  # a write-back is no access
         self.stats.bytes_written_disk += size
@@ -253,13 +252,18 @@ class AttentionStore:
         return self.ledger.disk_free >= need
 
     def drop_corrupt(self, seg_id: str, reason: str) -> None:
-        """A segment failed a check: forget every copy, so lookups stop before it."""
-        log.warning("store: segment %s is corrupt (%s); serving a shorter hit and recomputing", seg_id, reason)
+        """A segment failed a check, or could not be read: forget every copy, so lookups stop before it."""
         with self._lock:
+            in_host = self.host.evict(seg_id) is not None
+            on_disk = self.disk is not None and self.disk.contains(seg_id)
+            if not in_host and not on_disk:  # its save found no room in either tier (e.g. a full disk)
+                log.warning("store: segment %s was kept by no tier; recomputing it", seg_id)
+                return
+            log.warning("store: segment %s is corrupt (%s); serving a shorter hit and recomputing", seg_id, reason)
             self.stats.corrupt_segments += 1
-            if self.host.evict(seg_id) is not None:
+            if in_host:
                 self.ledger.drop_host(seg_id)
-            if self.disk is not None and self.disk.contains(seg_id):
+            if on_disk:
                 self.disk.remove(seg_id)
                 self.ledger.drop_disk(seg_id)
 
@@ -315,7 +319,7 @@ class AttentionStore:
     def _fetch(self, seg_id: str) -> None:
         try:
             kv = self.disk.get(seg_id)
-        except CorruptSegment as e:
+        except (CorruptSegment, OSError) as e:  # an unreadable file is as good as corrupt
             self.drop_corrupt(seg_id, str(e))
             return
         finally:
@@ -352,16 +356,24 @@ class AttentionStore:
             with self._lock:
                 rec = self.records.get(arg)
                 body = rec.to_json() if rec is not None else None
-            if body is None:
-                self.disk.delete_record(arg)
-            else:
-                self.disk.save_record(arg, body)
+            self._persist_record(arg, body)
         elif kind == "fetch":
             self._fetch(arg)
         elif kind == "trim":
             self._trim_host()
         elif kind == "expire":
             self._expire()
+
+    def _persist_record(self, key: str, body: dict | None) -> None:
+        """Write (or delete, for None) a session's row in the disk index. A full disk costs the
+        session its restart, not this process: its KV and record stay served from memory."""
+        try:
+            if body is None:
+                self.disk.delete_record(key)
+            else:
+                self.disk.save_record(key, body)
+        except OSError as e:
+            log.warning("store: session %s's record not written to disk (%s); a restart would not find it", key, e)
 
     def flush(self) -> None:
         """Wait for pending saves and I/O, then write every host-only segment to disk (shutdown)."""
