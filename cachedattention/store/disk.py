@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
+from cachedattention.store.write_pause import WritePause
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,12 @@ class DiskTier:
                 "CREATE TABLE IF NOT EXISTS segments (seg_id TEXT PRIMARY KEY, num_tokens INT, nbytes INT, fingerprint TEXT)"
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, body TEXT, fingerprint TEXT)")
+            self._sizes: dict[str, int] = {}
+            self._stale_rows: set[str] = set()  # rows whose file is gone but whose delete failed
+            self.writes = WritePause()
+            self._recover()
         except sqlite3.Error as e:
             raise OSError(f"cannot open the store's index {index}: {e}") from e
-        self._sizes: dict[str, int] = {}
-        self._recover()
 
     # -- start-up -----------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -88,10 +91,7 @@ class DiskTier:
                 continue
             if not self.path(seg_id).exists():
                 log.warning("store: index row %s has no file; dropping it", seg_id)
-                try:
-                    self._delete_row(seg_id)
-                except sqlite3.Error as e:  # a full disk: ignore the row now, drop it another time
-                    log.warning("store: could not drop the row (%s)", e)
+                self._delete_row(seg_id)
                 continue
             self._sizes[seg_id] = nbytes
         for f in self.seg_dir.iterdir():
@@ -119,11 +119,13 @@ class DiskTier:
         """Write a segment durably; returns its file size. The caller made room in the budget.
 
         Any failure (a full disk, an I/O error, the index refusing the row) raises OSError and
-        leaves nothing behind: no temporary file, no file without its row, no row.
+        leaves nothing behind: no temporary file, no file without its row, no row. After one,
+        writes pause a while (write_pause.py): they raise DiskWritesPaused without trying.
         """
-        header, body = self._encode(seg_id, kv)
+        self.writes.check()
         tmp, final = self.seg_dir / f"{seg_id}.tmp", self.path(seg_id)
         try:
+            header, body = self._encode(seg_id, kv)
             with open(tmp, "wb") as f:
                 f.write(header)
                 for chunk in body:
@@ -142,7 +144,11 @@ class DiskTier:
             tmp.unlink(missing_ok=True)
             if seg_id not in self._sizes:
                 final.unlink(missing_ok=True)
-            raise e if isinstance(e, OSError) else OSError(f"the index refused the segment: {e}") from e
+            self.writes.failed(e)
+            if isinstance(e, OSError):
+                raise
+            raise OSError(f"the index refused the segment: {e}") from e
+        self._wrote()
         return size
 
     def file_size(self, kv: SegmentKV) -> int:
@@ -194,17 +200,27 @@ class DiskTier:
     # -- delete -------------------------------------------------------------------------------
     def remove(self, seg_id: str) -> None:
         """Forget a segment and delete its file. Never raises: if the index cannot be written (a full
-        disk), the row stays, and the next start-up drops it as a row without a file."""
+        disk), the row is deleted after the next write that works, or at the next start-up."""
         with self._lock:
             self._sizes.pop(seg_id, None)
-            try:
-                self._delete_row(seg_id)
-            except sqlite3.Error as e:
-                log.warning("store: index row of segment %s not deleted (%s); dropped at the next start", seg_id, e)
+            self._delete_row(seg_id)
         self.path(seg_id).unlink(missing_ok=True)
 
     def _delete_row(self, seg_id: str) -> None:
-        self._db.execute("DELETE FROM segments WHERE seg_id=?", (seg_id,))
+        """Delete a segment's row, or keep it as stale (ignored until deleted) if the index refuses."""
+        try:
+            self._db.execute("DELETE FROM segments WHERE seg_id=?", (seg_id,))
+            self._stale_rows.discard(seg_id)
+        except sqlite3.Error:
+            self._stale_rows.add(seg_id)
+
+    def _wrote(self) -> None:
+        """A write worked: the disk has room again; delete the rows that could not be deleted before."""
+        self.writes.succeeded()
+        if self._stale_rows:
+            with self._lock:
+                for seg_id in list(self._stale_rows):
+                    self._delete_row(seg_id)
 
     # -- session records ----------------------------------------------------------------------
     def save_record(self, key: str, body: dict) -> None:
@@ -215,18 +231,28 @@ class DiskTier:
         self._write_index("DELETE FROM records WHERE key=?", (key,))
 
     def _write_index(self, sql: str, args: tuple) -> None:
+        self.writes.check()
         try:
             with self._lock:
                 self._db.execute(sql, args)
         except sqlite3.Error as e:
+            self.writes.failed(e)
             raise OSError(f"the store's index could not be written: {e}") from e
+        self._wrote()
 
     def load_records(self) -> list[dict]:
-        rows = self._db.execute("SELECT body FROM records WHERE fingerprint=?", (self.fingerprint,)).fetchall()
+        try:
+            rows = self._db.execute("SELECT body FROM records WHERE fingerprint=?", (self.fingerprint,)).fetchall()
+        except sqlite3.Error as e:
+            raise OSError(f"cannot read the store's index {self.root / 'index.db'}: {e}") from e
         return [json.loads(r[0]) for r in rows]
 
     def check_integrity(self) -> None:
         rows = dict(self._db.execute("SELECT seg_id, nbytes FROM segments WHERE fingerprint=?", (self.fingerprint,)))
+        for seg_id in self._stale_rows:  # rows whose delete the index refused: their files are gone
+            if self.path(seg_id).exists():
+                raise RuntimeError(f"disk tier: stale row {seg_id} still has a file")
+            rows.pop(seg_id, None)
         if rows != self._sizes:
             raise RuntimeError("disk tier: index rows and in-memory sizes differ")
         for seg_id, size in rows.items():

@@ -219,29 +219,34 @@ class AttentionStore:
             self._demote(seg)
         return self.ledger.host_free >= need
 
-    def _demote(self, seg_id: str) -> None:
-        """Host -> disk (write-back if it is not there yet), then drop the host copy."""
-        kv = self.host.evict(seg_id)
+    def _demote(self, seg_id: str, keep_unsaved: bool = False) -> bool:
+        """Host -> disk (write-back if it is not there yet), then drop the host copy. If the write
+        fails (a full disk), the copy is kept when `keep_unsaved` (demoting ahead of need), else
+        dropped (the room is needed now). Returns whether the host copy went."""
+        kv = self.host.get(seg_id)
+        if kv is not None and self.disk is not None and not self.disk.contains(seg_id):
+            if not self._write_to_disk(seg_id, kv) and keep_unsaved:
+                return False
+        self.host.evict(seg_id)
         entry = self.ledger.entry(seg_id)
         if entry is not None and entry.in_host:
             self.ledger.drop_host(seg_id)
         self.stats.host_evictions += 1
-        if kv is not None and self.disk is not None and not self.disk.contains(seg_id):
-            self._write_to_disk(seg_id, kv)
+        return True
 
-    def _write_to_disk(self, seg_id: str, kv: SegmentKV) -> None:
+    def _write_to_disk(self, seg_id: str, kv: SegmentKV) -> bool:
         size = self.disk.file_size(kv)
         if size > self.disk.budget or not self._make_disk_room(size, protect={seg_id}):
             log.warning("store: segment %s (%d bytes) does not fit the disk budget; dropped", seg_id, size)
-            return
+            return False
         try:
             self.disk.put(seg_id, kv)
-        except OSError as e:  # a full or failing disk loses this segment's disk copy, not the engine
-            log.warning("store: writing segment %s to disk failed (%s); it is kept in host memory only if "
-                        "it still is there", seg_id, e)
-            return
+        except OSError as e:  # a full or failing disk costs this segment its disk copy, not the engine
+            log.debug("store: segment %s not written to disk (%s)", seg_id, e)  # the disk tier warns once
+            return False
         self.ledger.put_disk(seg_id, size, time.monotonic(), touch=False)  # a write-back is no access
         self.stats.bytes_written_disk += size
+        return True
 
     def _make_disk_room(self, need: int, protect: set[str]) -> bool:
         victims = self.policy.disk_victims(self.ledger, need, self._queued_segments(), time.monotonic(), protect)
@@ -296,7 +301,8 @@ class AttentionStore:
             queued = self._queued_segments()
             protect = self.policy.protected(self.ledger, queued)
             for seg in self.policy.host_victims(self.ledger, target, queued, time.monotonic(), protect):
-                self._demote(seg)
+                if not self._demote(seg, keep_unsaved=True):
+                    break  # the disk takes nothing now: keep the host copies rather than lose them
                 self.stats.threshold_demotions += 1
 
     def _expire(self) -> None:
@@ -319,8 +325,11 @@ class AttentionStore:
     def _fetch(self, seg_id: str) -> None:
         try:
             kv = self.disk.get(seg_id)
-        except (CorruptSegment, OSError) as e:  # an unreadable file is as good as corrupt
+        except CorruptSegment as e:
             self.drop_corrupt(seg_id, str(e))
+            return
+        except OSError as e:  # perhaps passing (EIO, EMFILE): keep the file; a load checks it again
+            log.warning("store: prefetching segment %s failed (%s)", seg_id, e)
             return
         finally:
             self._fetching.discard(seg_id)
@@ -372,8 +381,8 @@ class AttentionStore:
                 self.disk.delete_record(key)
             else:
                 self.disk.save_record(key, body)
-        except OSError as e:
-            log.warning("store: session %s's record not written to disk (%s); a restart would not find it", key, e)
+        except OSError as e:  # the disk tier warns once; the record is written again with the next turn
+            log.debug("store: session %s's record not written to disk (%s)", key, e)
 
     def flush(self) -> None:
         """Wait for pending saves and I/O, then write every host-only segment to disk (shutdown)."""
@@ -382,6 +391,7 @@ class AttentionStore:
         self._io.join()
         if self.disk is None:
             return
+        self.disk.writes.resume()  # shutdown is the last chance to persist: try even if writes paused
         with self._lock:
             for seg in self.host.segment_ids():
                 if not self.disk.contains(seg) and seg in self._refs:

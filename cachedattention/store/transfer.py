@@ -206,9 +206,9 @@ class Loader:
             return
         try:
             self._load_layer(job, layer, readers, into)
-        except CorruptSegment as e:
+        except (CorruptSegment, OSError) as e:  # an unreadable file is as good as corrupt
             job.failed = (getattr(e, "seg_id", ""), str(e))
-        except Exception as e:  # e.g. an I/O error
+        except Exception as e:  # a bug: say where
             log.exception("store: loading layer %d failed", layer)
             job.failed = (getattr(e, "seg_id", ""), repr(e))
 
