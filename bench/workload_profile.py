@@ -22,6 +22,7 @@ from cachedattention.engine import runner as runner_mod
 from cachedattention.engine import scheduler as scheduler_mod
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.store import connector as connector_mod
+from cachedattention.store import store as store_mod
 
 totals: collections.defaultdict[str, float] = collections.defaultdict(float)
 forwards: collections.defaultdict[tuple[int, int], list[float]] = collections.defaultdict(list)
@@ -59,8 +60,10 @@ def instrument() -> None:
     timed(scheduler_mod.Scheduler, "schedule", "schedule")
     timed(engine_mod, "sample_batch", "sample")
     timed(engine_mod.LLMEngine, "step", "step")
-    for name in ("begin_step", "end_step", "preload", "publish_queue", "request_finished", "lookup"):
+    for name in ("begin_step", "end_step", "preload", "publish_queue", "request_finished", "lookup",
+                 "_capture_from_pages", "_load_job"):
         timed(connector_mod.StoreConnector, name, "store." + name)
+    timed(store_mod.AttentionStore, "wait_saved", "store.wait_saved")
 
 
 def load_saved_workload(workload_path: str):
