@@ -23,6 +23,7 @@ from cachedattention.engine import scheduler as scheduler_mod
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.store import connector as connector_mod
 from cachedattention.store import store as store_mod
+from cachedattention.store import transfer as transfer_mod
 
 totals: collections.defaultdict[str, float] = collections.defaultdict(float)
 forwards: collections.defaultdict[tuple[int, int], list[float]] = collections.defaultdict(list)
@@ -64,6 +65,7 @@ def instrument() -> None:
                  "_capture_from_pages", "_load_job"):
         timed(connector_mod.StoreConnector, name, "store." + name)
     timed(store_mod.AttentionStore, "wait_saved", "store.wait_saved")
+    timed(transfer_mod.Loader, "submit", "store.loader.submit")  # on a CPU, host-tier loads run right here
 
 
 def load_saved_workload(workload_path: str):
