@@ -45,3 +45,10 @@ def test_store_flags_reach_the_engine_config():
         engine_config(build_parser().parse_args(["serve", "--disk-ttl-s", "0"]))
     with pytest.raises(ValueError, match="host_free_threshold"):
         engine_config(build_parser().parse_args(["serve", "--host-free-threshold", "1.5"]))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_cuda_benchmark_without_cuda_says_so_before_building_a_model():
+    proc = subprocess.run([sys.executable, "-m", "cachedattention.cli", "bench", "--mode", "turn", "--device", "cuda",
+                           "--random-shape", "llama3-8b"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "sees no CUDA device" in proc.stderr and "Traceback" not in proc.stderr

@@ -95,3 +95,15 @@ def test_cuda_queued_head_preloaded_on_the_copy_stream_equals_recompute(tiny_dir
     ref = LLM(model=str(path), device="cuda", cache=no_dev).generate([turn2], PARAMS)[0]
     assert outs[rid].token_ids == ref.token_ids and outs[rid].metrics.cached_tokens["host"] > 0
     eng.pages.check_integrity()
+
+
+def test_cuda_layerwise_host_hit_reports_its_load_time(tiny_dirs):
+    """The loader thread times its copy stream after the forward has consumed the layers: the turn's
+    metrics wait for that timing instead of reading it as zero."""
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path), device="cuda", cache=CacheConfig(enable_prefix_cache=False), enable_store=True)
+    conv = list(range(5, 200))
+    first = llm.generate([conv], PARAMS, session_id="s")[0]
+    llm.engine.store.store.flush()
+    out = llm.generate([conv + first.token_ids + [3, 4, 5]], PARAMS, session_id="s")[0]
+    assert out.metrics.cached_tokens["host"] > 0 and out.metrics.load_busy_s > 0

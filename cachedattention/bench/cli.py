@@ -38,6 +38,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.mode != "policy" and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # before a model is built on it, with a clear word
+            raise ValueError(f"--device {args.device} asked for, but this PyTorch sees no CUDA device")
     if args.mode == "throughput":
         from cachedattention.bench.throughput import run_throughput_bench
 

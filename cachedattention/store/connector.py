@@ -198,6 +198,7 @@ class StoreConnector:
                 continue
             st.pending_load = None
             s.request.metrics.load_s += job.waited_s + job.written_s  # what the load cost the forward
+            job.done.wait(timeout=30)  # a CUDA loader thread's own timing lands just after the layers
             s.request.metrics.load_busy_s += job.busy_s
             for tier, n in job.bytes_read.items():
                 self.store.stats.bytes_loaded[tier] += n

@@ -65,6 +65,9 @@ class LoadJob:
     written_s: float = 0.0  # time the forward spent loading layers itself (CPU)
     read_s: float = 0.0  # the loader's own duration, start to last layer
     bytes_read: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
+    # set once read_s is final: a CUDA loader thread times its stream after the forward has consumed
+    # the layers, so whoever reports the load waits for this, not for the layers' events
+    done: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.events = [threading.Event() for _ in range(self.num_layers)]
@@ -141,6 +144,7 @@ class Loader:
             if job is None:
                 return
             self.run(job)
+            del job  # its index tensors: not held until the next job arrives
 
     def _start_inline(self, job: LoadJob) -> None:
         """CPU, disk pieces: open the files now (the kernel starts reading them ahead); each layer
@@ -169,6 +173,7 @@ class Loader:
         job.load_layer = load_layer
         for ev in job.events:  # nothing runs elsewhere: the forward never waits on another thread
             ev.set()
+        job.done.set()  # its timing is the forward's own (written_s)
 
     def _read_buffer(self, readers: dict[str, SegmentReader]) -> torch.Tensor:
         """The CPU inline loads' reusable read buffer, grown to the largest layer of these files."""
@@ -196,6 +201,7 @@ class Loader:
                 r.close()
             for ev in job.events:  # never leave the forward waiting, whatever happened
                 ev.set()
+            job.done.set()
 
     def _load_layer_or_fail(
         self, job: LoadJob, layer: int, readers: dict[str, SegmentReader], into: torch.Tensor | None = None
@@ -302,6 +308,7 @@ class Saver:
             except Exception:
                 log.exception("store: saving segment %s failed; the turn will be recomputed next time", job.seg_id)
                 job.on_done(job.seg_id, None, 0.0)
+            job = kv = None  # the pre-RoPE K/V pieces (device memory on CUDA): not held until the next job
 
     def _copy(self, job: SaveJob) -> SegmentKV:
         n = sum(k.shape[0] for k, _ in job.chunks[0])

@@ -40,3 +40,11 @@ def test_each_benchmark_command_parses(argv):
         assert all(int(h) > 0 for h in args.history.split(","))
     if args.systems:
         parse_system_names(args.systems)  # raises on an unknown system
+
+
+def test_the_stages_fit_one_device_command():
+    """The device tool runs one command for at most 600 s: the stages' own limits must leave room for
+    Python's start-up and the archive."""
+    limits = [int(word) for line in SCRIPT.read_text().splitlines() if line.startswith("timeout ")
+              for word in [line.split()[1]]]
+    assert len(limits) == 5 and sum(limits) <= 580, limits

@@ -95,6 +95,7 @@ def test_cpu_disk_load_opens_at_submit_and_loads_each_layer_on_the_thread_that_w
     loader._write_piece = lambda *a: (writers.append(threading.current_thread()), real(*a))
     loader.submit(job, background=True)
     assert len(opened) == 1 and all(ev.is_set() for ev in job.events)  # open, and nothing to wait for...
+    assert job.done.is_set()  # its timing is the forward's own: end_step need not wait for it
     assert pool.k[0].abs().sum() == 0 and pool.v[1].abs().sum() == 0  # ...but nothing read or written yet
     job.wait(0)
     job.wait(0)  # a second wait loads nothing more
@@ -141,6 +142,7 @@ def test_cpu_host_load_is_written_at_submit():
     loader.close()
     assert all(ev.is_set() for ev in job.events) and job.load_layer is None
     assert torch.equal(pool.v[1][:8], seg.v[1]) and job.bytes_read["host"] > 0
+    assert job.done.is_set() and job.read_s > 0  # timed, and that timing final
 
 
 def test_an_unreadable_file_fails_the_job_not_the_loader(tmp_path):
