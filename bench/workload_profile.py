@@ -42,6 +42,11 @@ def timed(owner, name: str, key: str) -> None:
     setattr(owner, name, wrapper)
 
 
+def _prefill_bucket(tokens: int) -> int:
+    """The bucket's lower bound: none, 1-127 (a short prompt mixed in), then by 128 up to 512+."""
+    return 0 if tokens == 0 else 1 if tokens < 128 else 128 * min(tokens // 128, 4)
+
+
 def instrument() -> None:
     real_run = runner_mod.ModelRunner.run
 
@@ -52,7 +57,7 @@ def instrument() -> None:
         decoders = sum(g.rows.shape[0] for g in batch.decode) + sum(1 for s in batch.seqs if s.num_new == 1)
         decoders += batch.paged_decode.rows.shape[0] if batch.paged_decode is not None else 0
         prefill = sum(s.num_new for s in batch.seqs if s.num_new > 1)
-        forwards[(min(decoders, 8), min(prefill // 128, 4))].append(seconds)
+        forwards[(min(decoders, 8), _prefill_bucket(prefill))].append(seconds)
         totals["forward"] += seconds
         return out
 
@@ -93,10 +98,10 @@ def main(workload_path: str, system: str) -> None:
     print(f"{system}: compute {result.compute_s:.1f} s, TTFT turns>=2 {sum(later) / len(later):.3f} s")
     for key in sorted(totals, key=lambda k: -totals[k]):
         print(f"  {key:22s} {totals[key]:7.1f} s")
-    decode_only = sum(sum(v) for (_, p), v in forwards.items() if p == 0)
+    decode_only = sum(sum(v) for (_, p), v in forwards.items() if p < 128)
     print(f"  forward passes with under 128 prefilled tokens (decode steps): {decode_only:.1f} s")
     for (decoders, prefill), times in sorted(forwards.items()):
-        print(f"  {decoders}{'+' if decoders == 8 else ''} decoding, {prefill * 128}+ prefilled: {len(times)} steps, "
+        print(f"  {decoders}{'+' if decoders == 8 else ''} decoding, {f'{prefill}+' if prefill else 'no'} prefilled: {len(times)} steps, "
               f"mean {1000 * sum(times) / len(times):.1f} ms, total {sum(times):.1f} s")
 
 
