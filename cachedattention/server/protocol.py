@@ -207,6 +207,8 @@ def _common(body: dict, session_header: str | None, max_model_len: int) -> dict[
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise bad("stream_options must be an object", "stream_options", "invalid_type")
+    if opts is not None and not stream:  # as OpenAI's API and vLLM: a client bug worth telling
+        raise bad("stream_options is only allowed when stream is true", "stream_options")
     include_usage = _bool(opts or {}, "include_usage")
     return dict(
         model=model,

@@ -241,6 +241,7 @@ BAD_INPUTS = [
     ("n two", CHAT, {"messages": OK_MSGS, "n": 2}, 400),
     ("stop a number", CHAT, {"messages": OK_MSGS, "stop": 5}, 400),
     ("stream not a bool", CHAT, {"messages": OK_MSGS, "stream": "yes"}, 400),
+    ("stream_options without stream", CHAT, {"messages": OK_MSGS, "stream_options": {"include_usage": True}}, 400),
     ("session_id a number", CHAT, {"messages": OK_MSGS, "session_id": 5}, 400),
     ("prompt past the window", CHAT, {"messages": [{"role": "user", "content": "word " * 1500}]}, 400),
     (
