@@ -185,7 +185,8 @@ class OpenAIRoutes:
                 "model_not_found", "model",
             )  # fmt: skip
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        job = Job(rid, parsed.params, parsed.session_id, parsed.prompt, parsed.messages, stream_text=parsed.stream)
+        job = Job(rid, parsed.params, parsed.session_id, parsed.prompt, parsed.messages, stream_text=parsed.stream,
+                  check_room=parsed.max_tokens_given and parsed.session_id is None)
         try:
             stream = self.loop.submit(job, asyncio.get_running_loop())
         except ServerDraining as e:

@@ -36,6 +36,8 @@ class Job:
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
     stream_text: bool = False
+    # the prompt plus max_tokens must fit the window (as in vLLM); a session instead drops old history
+    check_room: bool = False
 
 
 class RequestStream:
@@ -166,6 +168,8 @@ class EngineLoop:
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text
             )
+            if job.check_room:
+                self._check_room(job)
         except Exception as e:  # ValueError: bad input (-> 400); anything else is ours (-> 500)
             if not isinstance(e, ValueError):
                 log.exception("add_request failed for %s", job.request_id)
@@ -174,6 +178,16 @@ class EngineLoop:
             return
         self._streams[job.request_id] = stream
         stream.put(ACCEPTED)
+
+    def _check_room(self, job: Job) -> None:
+        """ValueError (and the request withdrawn) if the prompt plus max_tokens passes the window."""
+        n, window = len(self.engine.requests[job.request_id].prompt_token_ids), self.engine.max_model_len
+        if n + job.params.max_tokens > window:
+            self.engine.abort(job.request_id)
+            raise ValueError(
+                f"the prompt has {n} tokens and max_tokens asks for {job.params.max_tokens} more, past the model's "
+                f"window of {window} tokens; shorten the prompt or lower max_tokens"
+            )
 
     def _render(self, messages: list[dict[str, str]]) -> list[int]:
         import jinja2

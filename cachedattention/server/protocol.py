@@ -59,6 +59,7 @@ class ParsedRequest:
     session_id: str | None
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
+    max_tokens_given: bool = False  # the client asked for a length (else: until EOS or the window)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -216,6 +217,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int) -> dict[
         stream=stream,
         include_usage=include_usage,
         session_id=_session_id(body, session_header),
+        max_tokens_given=body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None,
     )
 
 

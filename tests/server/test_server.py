@@ -255,6 +255,13 @@ BAD_INPUTS = [
     ("completion token id out of vocab", COMP, {"prompt": [1, 999999]}, 400),
     ("completion batched prompts", COMP, {"prompt": ["a", "b"]}, 400),
     ("completion prompt past the window", COMP, {"prompt": list(range(5, 1500))}, 400),
+    ("prompt plus max_tokens past the window", COMP, {"prompt": list(range(5, 1020)), "max_tokens": 20}, 400),
+    (
+        "streamed prompt plus max_tokens past the window",
+        COMP,
+        {"prompt": list(range(5, 1020)), "max_tokens": 20, "stream": True},
+        400,
+    ),
     ("lone surrogate in content", CHAT, {"messages": [{"role": "user", "content": "a\ud800b"}]}, 400),
     ("lone surrogate in prompt", COMP, {"prompt": "a\ud800b"}, 400),
     ("image content part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
@@ -273,6 +280,21 @@ def test_bad_input_gets_openai_error(server, name, path, body, status):
     assert "code" in err
     ok = httpx.post(f"{server.url}{CHAT}", json={"messages": OK_MSGS, "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200  # the server keeps serving
+
+
+def test_a_long_prompt_fits_by_its_session_or_without_an_explicit_max_tokens(server):
+    """As vLLM: an explicit max_tokens past the window is refused (above). Without one, generation
+    stops at the window; with a session, old history is dropped instead."""
+    prompt = list(range(5, 1020))  # 1,015 of the window's 1,024 tokens
+    r = httpx.post(f"{server.url}{COMP}", json={"prompt": prompt, "max_tokens": 20}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "1015" in r.json()["error"]["message"] and "max_tokens" in r.json()["error"]["message"]
+    open_ended = httpx.post(f"{server.url}{COMP}", json={"prompt": prompt, "ignore_eos": True}, timeout=60)
+    assert open_ended.status_code == 200 and open_ended.json()["choices"][0]["finish_reason"] == "length"
+    session = httpx.post(f"{server.url}{COMP}", json={"prompt": prompt, "max_tokens": 20, "session_id": "roomy"},
+                         timeout=60)
+    assert session.status_code == 200, session.text
+    assert wait_idle(server.url)["in_flight"] == 0  # the refused request was withdrawn, not left running
 
 
 def test_odd_but_valid_requests(server):
