@@ -346,7 +346,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn.Server that, on SIGTERM/SIGINT, first makes new requests answer 503, then shuts down as usual."""
+    """uvicorn.Server that, on SIGTERM/SIGINT, first makes new requests answer 503, then shuts down as usual.
+
+    uvicorn stops listening at once, so a new connection is refused; the 503 reaches requests that
+    arrive on connections already open (keep-alive), while the in-flight ones finish."""
 
     def __init__(self, config: uvicorn.Config, loop: EngineLoop) -> None:
         super().__init__(config)
