@@ -67,7 +67,9 @@ class ModelRunner:
         index = torch.cat(new_slots + page_tables).to(dev, non_blocking=True)
         seqs, off = [], n
         for (begin, num_new, context), pages in zip(shapes, page_tables):
-            seqs.append(SeqSlice(begin, num_new, context, index[off : off + len(pages)], self._mask(num_new, context)))
+            split = self._split(num_new, context)
+            mask = None if split else self._mask(num_new, context)
+            seqs.append(SeqSlice(begin, num_new, context, index[off : off + len(pages)], mask, split=split))
             off += len(pages)
         decoders = [i for i, s in enumerate(seqs) if s.is_decode]
         paged, decode = None, []
@@ -110,9 +112,11 @@ class ModelRunner:
         """
         if self.device.type != "cpu" or context == 0 or num_new == 1:
             return None
-        if split_applies(num_new, context, self.pool.k[0].dtype):
-            return None  # attended in two parts that need no mask (model/split_attention.py)
         return torch.ones(num_new, context + num_new, dtype=torch.bool).tril(context)
+
+    def _split(self, num_new: int, context: int) -> bool:
+        """Whether this prompt attends its history and its own tokens apart (then needing no mask)."""
+        return self.device.type == "cpu" and context > 0 and split_applies(num_new, context, self.pool.k[0].dtype)
 
     def _decode_groups(
         self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor], dec: list[int]

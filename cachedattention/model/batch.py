@@ -22,6 +22,9 @@ class SeqSlice:
     # slot of token 0 when all total_len tokens sit in consecutive slots: attention then reads a
     # slice of the pool instead of gathering its pages
     first_slot: int | None = None
+    # attend the cached history and the new tokens apart, merged by log-sum-exp (CPU, long history:
+    # model/split_attention.py); the runner decides, and then builds no mask
+    split: bool = False
 
     @property
     def total_len(self) -> int:

@@ -36,12 +36,12 @@ class FusedDecode:
         """Raises ValueError when a weight, norm or pool is not one the C code takes, or a linear layer
         has no few-rows kernel attached (the per-operation path it reproduces would use torch)."""
         spec = model.spec
-        if any(isinstance(m, Linear) and m.few_rows is None for m in model.model.layers.modules()):
+        self.watch = _Watch(model.model.layers, pool)
+        if not self.watch.kernels_attached():
             raise ValueError("attach the few-rows kernel to the linear layers first")
         self.kernel, self.pool = kernel, pool
         self.shape = LayerShape(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                                 spec.intermediate_size, spec.rms_norm_eps)
-        self.watch = _Watch(model.model.layers, pool)
         self.layers = [
             LayerArgs(self.shape, _linears(layer),
                       (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()),

@@ -19,7 +19,7 @@ from cachedattention.model.fused_decode import FusedDecode
 from cachedattention.model.layers import GatedMLP, Linear, OneDNNWeight, RMSNorm
 from cachedattention.model.rope import RotaryEmbedding, apply_rotary
 from cachedattention.model.spec import ModelSpec
-from cachedattention.model.split_attention import attend_history_then_new, split_applies
+from cachedattention.model.split_attention import attend_history_then_new
 
 
 class Attention(nn.Module):
@@ -89,7 +89,7 @@ class Attention(nn.Module):
             mask, causal = None, seq.num_new > 1
         else:
             ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
-            if q.device.type == "cpu" and split_applies(seq.num_new, seq.context_len, q.dtype):
+            if seq.split:
                 o = attend_history_then_new(qs, ks.transpose(0, 1), vs.transpose(0, 1), seq.context_len)
                 if o is not None:
                     return o.transpose(0, 1)
