@@ -97,7 +97,9 @@ class _Format:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(tiers.values()), "cached_tokens_by_tier": tiers},
+            # truncated_tokens: history dropped because the session outgrew the window (see `truncation`)
+            "prompt_tokens_details": {"cached_tokens": sum(tiers.values()), "cached_tokens_by_tier": tiers,
+                                      "truncated_tokens": out.metrics.truncated_tokens},
         }
 
     def full(self, out: RequestOutput) -> dict[str, Any]:
@@ -151,7 +153,7 @@ class OpenAIRoutes:
         app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
-        app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/health", self.health, methods=["GET", "HEAD"])  # HEAD: load balancers' probes
         app.add_api_route("/metrics", self.prometheus, methods=["GET"])
 
     async def chat(self, request: Request) -> Response:

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import openai
@@ -83,6 +84,11 @@ def test_models_and_health(server):
     assert h["status"] == "ok" and h["pages_total"] > 0 and "pages_free" in h
 
 
+def test_health_answers_head_probes(server):
+    r = httpx.head(f"{server.url}/health")
+    assert r.status_code == 200 and r.content == b""  # a load balancer's probe: the status line is the answer
+
+
 def test_completions_with_text_and_token_ids(server, chat_model_dir):
     c = client(server.url)
     a = c.completions.create(model="default", prompt="The sky is", max_tokens=8, temperature=0)
@@ -117,6 +123,27 @@ def test_three_turns_with_store_match_no_store_server(store_server, server):
         time.sleep(0.1)  # saves run in the background
     assert samples[host_bytes] > 0  # the turns were saved to host DRAM
     assert ("cachedattention_evictions", (("stat", "host_evictions"), ("tier", "host"))) in samples
+
+
+@needs_store
+def test_usage_says_how_much_history_a_session_dropped(chat_model_dir, tmp_path):
+    """A session outgrowing a 160-token window drops old history; its usage says how many tokens."""
+    config = replace(engine_config(chat_model_dir, store=True, store_dir=str(tmp_path)), max_model_len=160)
+    srv = start_server(config)
+    try:
+        c, messages, dropped = client(srv.url), [], []
+        for i in range(4):
+            messages.append({"role": "user", "content": f"Question {i}: " + "tell me more about the weather " * 5})
+            r = c.chat.completions.create(model="default", messages=messages, max_tokens=8, temperature=0,
+                                          extra_body={"session_id": "overflow"})
+            messages.append({"role": "assistant", "content": r.choices[0].message.content})
+            details = r.usage.prompt_tokens_details
+            dropped.append(details.truncated_tokens)
+            assert r.usage.prompt_tokens + r.usage.completion_tokens <= 160
+        assert dropped[0] == 0 and max(dropped) > 0, dropped  # the first turn fits; a later one overflowed
+        assert details.cached_tokens > 0  # and the retained history was reused, not recomputed
+    finally:
+        srv.stop()
 
 
 # -- streaming ------------------------------------------------------------------------------------------
