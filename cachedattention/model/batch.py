@@ -37,11 +37,14 @@ class SeqSlice:
 
 
 class LayerHooks(Protocol):
-    """How the store talks to the model: wait until layer l's loaded KV is in the pages; take layer l's pre-RoPE KV."""
+    """How the store talks to the model: wait until layer l's loaded KV is in the pages; take layer l's
+    pre-RoPE KV (layers in order, each step), or every layer's at once ([layers, tokens, ...])."""
 
     def wait_layer(self, layer: int) -> None: ...
 
     def save_layer(self, layer: int, k_pre: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def save_layers(self, k_pre: torch.Tensor, v: torch.Tensor) -> None: ...
 
 
 @dataclass

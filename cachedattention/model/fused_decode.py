@@ -88,12 +88,13 @@ class FusedDecode:
             try:
                 self.kernel.layer_in(layer, step, i > 0, k_pre, v)
                 if hooks is not None:
-                    hooks.save_layer(i, k_pre, v)
                     hooks.wait_layer(i)
                 self.kernel.layer_out(layer, step, k_pre, v)
             except ValueError as e:
                 raise ValueError(f"decoder layer {i} of a step of {x.shape[0]} decoders: {e}") from e
         x.add_(step.delta)
+        if hooks is not None:  # one hand-off for every layer: a decoder's token is saved when its turn ends
+            hooks.save_layers(kv[0], kv[1])
 
 
 def _linear_modules(layer: DecoderLayer) -> dict[str, Linear]:

@@ -22,7 +22,7 @@ from cachedattention.model.rope import apply_rotary
 from cachedattention.store.segment import KVLayout, SegmentKV
 from cachedattention.store.session import Span, TurnPlan, slice_spans
 from cachedattention.store.store import AttentionStore
-from cachedattention.store.transfer import Loader, LoadJob, Piece, SaveJob, Saver
+from cachedattention.store.transfer import KVPiece, Loader, LoadJob, Piece, SaveJob, Saver
 
 if TYPE_CHECKING:
     from cachedattention.engine.engine import LLMEngine
@@ -40,7 +40,7 @@ class TurnState:
     hit: int = 0
     tiers: list[tuple[Span, str]] = field(default_factory=list)
     capture_start: int = 0  # first token of this turn's new segment
-    chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    chunks: list[KVPiece] = field(default_factory=list)  # this turn's new tokens, in token order
     pending_load: LoadJob | None = None
 
 
@@ -50,14 +50,24 @@ class StepHooks:
     def __init__(self, jobs: list[LoadJob], savers: list[tuple[int, int, TurnState]]) -> None:
         self.jobs = jobs
         self.savers = savers  # (flat start, count, state) of sequences whose KV is captured
+        self._pieces: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
     def wait_layer(self, layer: int) -> None:
         for job in self.jobs:
             job.wait(layer)
 
     def save_layer(self, layer: int, k_pre: torch.Tensor, v: torch.Tensor) -> None:
+        if layer == 0:  # the forward's first layer: each saver's piece of this step starts
+            self._pieces = [([], []) for _ in self.savers]
+            for piece, (_, _, state) in zip(self._pieces, self.savers):
+                state.chunks.append(piece)
+        for (ks, vs), (start, n, _) in zip(self._pieces, self.savers):
+            ks.append(k_pre[start : start + n])
+            vs.append(v[start : start + n])
+
+    def save_layers(self, k_pre: torch.Tensor, v: torch.Tensor) -> None:
         for start, n, state in self.savers:
-            state.chunks[layer].append((k_pre[start : start + n], v[start : start + n]))
+            state.chunks.append((k_pre[:, start : start + n], v[:, start : start + n]))
 
 
 class StoreConnector:
@@ -119,10 +129,9 @@ class StoreConnector:
     def _start_turn(self, req: Request, st: TurnState) -> LoadJob | None:
         """A request was just admitted: load what the store supplies (unless preloaded), start capturing the rest."""
         self._count_lookup(req)
-        num_layers = self.layout.num_layers
         device_hit = req.metrics.cached_tokens["device"]
         usable = max(req.num_computed, device_hit)
-        st.chunks = [[] for _ in range(num_layers)]
+        st.chunks = []
         st.capture_start = min(st.hit, usable)
         if device_hit > st.hit:
             self._capture_from_pages(req, st, st.hit, device_hit)
@@ -184,9 +193,12 @@ class StoreConnector:
         dev = self.engine.device
         slots = KVPool.slots_for(req.pages, self.engine.pool.page_size, lo, hi, dev)
         cos, sin = self.engine.model.rotary.tables(torch.arange(lo, hi, device=dev))
+        ks, vs = [], []
         for layer in range(self.layout.num_layers):
             k, v = self.engine.pool.gather(layer, slots)
-            st.chunks[layer].append((apply_rotary(k, cos, -sin), v))  # rotating by -theta undoes RoPE
+            ks.append(apply_rotary(k, cos, -sin))  # rotating by -theta undoes RoPE
+            vs.append(v)
+        st.chunks.append((ks, vs))
 
     def end_step(self, scheduled: list[ScheduledSeq]) -> list[Request]:
         """Requests whose load failed a check: the engine recomputes them (never a wrong token)."""

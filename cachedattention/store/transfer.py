@@ -30,6 +30,10 @@ from cachedattention.store.disk import SegmentReader
 from cachedattention.store.fresh_thread import call_in_fresh_thread
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 
+# Some tokens' pre-RoPE (K, V), each indexed by layer: a [layers, tokens, kv_heads, head_dim] view (a fused
+# decode step hands over every layer at once) or a list with one [tokens, kv_heads, head_dim] per layer.
+KVPiece = tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor]]
+
 log = logging.getLogger(__name__)
 
 
@@ -273,7 +277,7 @@ def _open(p: Piece) -> SegmentReader:
 @dataclass
 class SaveJob:
     seg_id: str
-    chunks: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: pre-RoPE (k, v) pieces in token order
+    chunks: list[KVPiece]  # the segment's pre-RoPE K/V, in token order
     on_done: Callable[[str, SegmentKV, float], None]
     ready: torch.cuda.Event | None = None
 
@@ -311,7 +315,7 @@ class Saver:
             job = kv = None  # the pre-RoPE K/V pieces (device memory on CUDA): not held until the next job
 
     def _copy(self, job: SaveJob) -> SegmentKV:
-        n = sum(k.shape[0] for k, _ in job.chunks[0])
+        n = sum(ks[0].shape[0] for ks, _ in job.chunks)
         lay = self.layout
         shape = (lay.num_layers, n, lay.num_kv_heads, lay.head_dim)
         k_out, v_out = self.allocate(shape, lay.dtype), self.allocate(shape, lay.dtype)
@@ -319,13 +323,17 @@ class Saver:
         with ctx, torch.inference_mode():
             if job.ready is not None:
                 self.stream.wait_event(job.ready)
-            for layer, pieces in enumerate(job.chunks):
-                pos = 0
-                for k, v in pieces:
-                    m = k.shape[0]
-                    k_out[layer, pos : pos + m].copy_(k, non_blocking=True)
-                    v_out[layer, pos : pos + m].copy_(v, non_blocking=True)
-                    pos += m
+            pos = 0
+            for ks, vs in job.chunks:
+                m = ks[0].shape[0]
+                if isinstance(ks, torch.Tensor):  # every layer in one tensor: one copy
+                    k_out[:, pos : pos + m].copy_(ks, non_blocking=True)
+                    v_out[:, pos : pos + m].copy_(vs, non_blocking=True)
+                else:
+                    for layer, (k, v) in enumerate(zip(ks, vs)):
+                        k_out[layer, pos : pos + m].copy_(k, non_blocking=True)
+                        v_out[layer, pos : pos + m].copy_(v, non_blocking=True)
+                pos += m
             if self.stream is not None:
                 self.stream.synchronize()
         return SegmentKV(k_out, v_out)
