@@ -18,6 +18,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-pool-bytes", type=int, default=None, help="device KV pool budget")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--long-prefill-token-threshold", type=int, default=SchedulerConfig.long_prefill_token_threshold,
+                   help="most prompt tokens one request computes per step, so short prompts are not held "
+                        "behind a long one (0: up to the whole step's budget)")
     g = p.add_argument_group("AttentionStore")
     g.add_argument("--no-store", action="store_true", help="plain engine: recompute every turn's history")
     g.add_argument("--store-dir", default=None, help="disk tier folder (default: no disk tier)")
@@ -44,7 +47,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         cache=CacheConfig(page_size=args.page_size, memory_bytes=args.kv_pool_bytes),
-        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                                  long_prefill_token_threshold=args.long_prefill_token_threshold),
         store=StoreConfig(
             enable=not args.no_store,
             store_dir=args.store_dir,

@@ -29,12 +29,15 @@ class SchedulerConfig:
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 16
+    long_prefill_token_threshold: int = 0  # most prompt tokens one request computes per step (0: the budget)
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_batched_tokens must be positive")
         if self.max_num_seqs <= 0:
             raise ValueError("max_num_seqs must be positive")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0 (0: no limit below the step's budget)")
 
 
 @dataclass(frozen=True)

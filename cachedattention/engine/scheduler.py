@@ -61,7 +61,7 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:
                 continue  # preempted by a request ahead of it this step
-            n = min(req.num_to_compute, budget)
+            n = self._chunk(req, budget)
             if not self._grow(req, req.num_computed + n, out):
                 continue
             out.append(ScheduledSeq(req, n, fresh=False))
@@ -70,7 +70,7 @@ class Scheduler:
             req = self.waiting.popleft()
             if not req.staged:
                 self._admit(req)
-            n = min(req.num_to_compute, budget)
+            n = self._chunk(req, budget)
             if not self._grow(req, req.num_computed + n, out, allow_preempt=False):
                 if not req.staged:  # a staged head keeps its loaded prefix for the next try
                     self._release(req)
@@ -87,6 +87,13 @@ class Scheduler:
         if self.waiting and len(self.running) >= self.config.max_num_seqs:
             self.steps_blocked["seqs"] += 1
         return out
+
+    def _chunk(self, req: Request, budget: int) -> int:
+        """Tokens req computes this step: what it has left, within the budget and, for a prompt, the
+        long-prefill threshold (so that a long prompt leaves room for short ones each step)."""
+        n = min(req.num_to_compute, budget)
+        limit = self.config.long_prefill_token_threshold
+        return min(n, limit) if limit else n
 
     def stage_head(self) -> Request | None:
         """Give the queue head pages for its stored prefix before it is admitted (the device read buffer).

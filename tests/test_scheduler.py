@@ -1,0 +1,64 @@
+"""The scheduler's step plan: chunked prefill under the token budget and the long-prefill threshold."""
+
+import pytest
+
+from cachedattention import LLM, SamplingParams, SchedulerConfig
+from cachedattention.engine.request import Request
+from cachedattention.engine.scheduler import Scheduler
+from cachedattention.kvcache.page_pool import PagePool
+from cachedattention.outputs import RequestMetrics
+
+
+def _req(rid: str, n: int) -> Request:
+    return Request(rid, list(range(n)), SamplingParams(max_tokens=50), RequestMetrics(arrival_s=0.0))
+
+
+def _plan(sched: Scheduler) -> dict[str, int]:
+    return {s.request.request_id: s.num_new for s in sched.schedule()}
+
+
+def _finish_step(sched: Scheduler, plan: dict[str, int]) -> None:
+    """What the engine does after the forward: advance each request; one whose KV covers all its
+    tokens samples one more (then it decodes a token per step)."""
+    for req in sched.running:
+        req.num_computed += plan.get(req.request_id, 0)
+        if req.num_to_compute == 0:
+            req.output_token_ids.append(0)
+
+
+def test_a_long_prompt_leaves_room_for_a_short_one_behind_it():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, long_prefill_token_threshold=32),
+                      PagePool(64), page_size=4, prefix_cache=False)
+    sched.add(_req("long", 100))
+    plan = _plan(sched)
+    assert plan == {"long": 32}  # alone, it still takes no more than the threshold
+    _finish_step(sched, plan)
+    sched.add(_req("short", 10))
+    plan = _plan(sched)
+    assert plan == {"long": 32, "short": 10}  # the short prompt runs now, not after the long one's last chunk
+    _finish_step(sched, plan)
+    assert _plan(sched) == {"long": 32, "short": 1}  # short decodes; decoders are never held back
+
+
+def test_without_the_threshold_a_long_prompt_takes_the_whole_budget():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, long_prefill_token_threshold=0),
+                      PagePool(64), page_size=4, prefix_cache=False)
+    sched.add(_req("long", 100))
+    sched.add(_req("short", 10))
+    assert _plan(sched) == {"long": 64}
+
+
+def test_threshold_must_not_be_negative():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
+
+
+def test_threshold_chunks_give_the_same_tokens(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    prompts = [list(range(3, 3 + n)) for n in (90, 5, 41)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    single = [LLM(model=str(path), scheduler=SchedulerConfig(long_prefill_token_threshold=0)).generate([p], params)[0]
+              for p in prompts]
+    llm = LLM(model=str(path), scheduler=SchedulerConfig(max_num_batched_tokens=32, long_prefill_token_threshold=8))
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in single]
+    llm.engine.pages.check_integrity()
