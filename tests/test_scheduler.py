@@ -35,7 +35,7 @@ def test_a_long_prompt_leaves_room_for_a_short_one_behind_it():
     _finish_step(sched, plan)
     sched.add(_req("short", 10))
     plan = _plan(sched)
-    assert plan == {"long": 32, "short": 10}  # the short prompt runs now, not after the long one's last chunk
+    assert plan == {"long": 32, "short": 10}  # the long one leaves the budget's rest to the short one
     _finish_step(sched, plan)
     assert _plan(sched) == {"long": 32, "short": 1}  # short decodes; decoders are never held back
 
@@ -53,12 +53,22 @@ def test_threshold_must_not_be_negative():
         SchedulerConfig(long_prefill_token_threshold=-1)
 
 
-def test_threshold_chunks_give_the_same_tokens(tiny_dirs):
+def test_threshold_chunks_give_the_same_tokens(tiny_dirs, monkeypatch):
     path, _ = tiny_dirs["llama"]
     prompts = [list(range(3, 3 + n)) for n in (90, 5, 41)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     single = [LLM(model=str(path), scheduler=SchedulerConfig(long_prefill_token_threshold=0)).generate([p], params)[0]
               for p in prompts]
     llm = LLM(model=str(path), scheduler=SchedulerConfig(max_num_batched_tokens=32, long_prefill_token_threshold=8))
+    chunks = []
+    real = Scheduler.schedule
+
+    def schedule(self):
+        out = real(self)
+        chunks.extend(s.num_new for s in out)
+        return out
+
+    monkeypatch.setattr(Scheduler, "schedule", schedule)
     assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in single]
+    assert max(chunks) == 8  # the prompts were cut at the threshold, not at the 32-token budget
     llm.engine.pages.check_integrity()

@@ -89,8 +89,9 @@ class Scheduler:
         return out
 
     def _chunk(self, req: Request, budget: int) -> int:
-        """Tokens req computes this step: what it has left, within the budget and, for a prompt, the
-        long-prefill threshold (so that a long prompt leaves room for short ones each step)."""
+        """Tokens req computes this step: what it has left, within the budget and the long-prefill
+        threshold (so that a long prompt, or a preempted request's recompute, leaves room for short
+        ones each step; a decoder computes one token anyway)."""
         n = min(req.num_to_compute, budget)
         limit = self.config.long_prefill_token_threshold
         return min(n, limit) if limit else n

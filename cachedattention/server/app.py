@@ -97,7 +97,8 @@ class _Format:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            # truncated_tokens: history dropped because the session outgrew the window (see `truncation`)
+            # truncated_tokens: history this turn dropped because the session outgrew the window (a later
+            # turn reports 0 and keeps the shorter history; see `truncation`)
             "prompt_tokens_details": {"cached_tokens": sum(tiers.values()), "cached_tokens_by_tier": tiers,
                                       "truncated_tokens": out.metrics.truncated_tokens},
         }
@@ -153,7 +154,9 @@ class OpenAIRoutes:
         app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
-        app.add_api_route("/health", self.health, methods=["GET", "HEAD"])  # HEAD: load balancers' probes
+        app.add_api_route("/health", self.health, methods=["GET"])
+        # load balancers' probes; its own route, kept out of the schema (one operation id per route)
+        app.add_api_route("/health", self.health, methods=["HEAD"], include_in_schema=False)
         app.add_api_route("/metrics", self.prometheus, methods=["GET"])
 
     async def chat(self, request: Request) -> Response:

@@ -1,7 +1,8 @@
 """The engine's side of the store (vLLM-v1-style connector): plan, look up, load, capture, save.
 
 The scheduler sees only `lookup` (how many tokens the store supplies); the model sees only the
-layer hooks (wait for layer l, take layer l's pre-RoPE KV). Everything else stays in here.
+layer hooks (wait for layer l, take layer l's pre-RoPE KV, or every layer's at once after a fused
+decode step). Everything else stays in here.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class StepHooks:
             for piece, (_, _, state) in zip(self._pieces, self.savers):
                 state.chunks.append(piece)
         for (ks, vs), (start, n, _) in zip(self._pieces, self.savers):
+            if len(ks) != layer:  # a piece is indexed by layer: they must come 0, 1, 2, ... each step
+                raise RuntimeError(f"store hooks: layer {layer} saved after {len(ks)} layers of this step")
             ks.append(k_pre[start : start + n])
             vs.append(v[start : start + n])
 

@@ -8,8 +8,9 @@ forward keeps busy, so the engine's own thread does them. A job served from host
 when it is submitted. For a job with disk pieces the files are opened at submission, which starts
 the kernel reading them ahead (DMA, no CPU of ours); the forward then reads and writes layer l
 from the page cache just before computing it, so the disk time overlaps the forward.
-Saving: the forward hands each layer's pre-RoPE K/V (views, no copy) to a per-request buffer;
-at the end of the request the save thread copies them layer by layer into a host segment.
+Saving: the forward hands each layer's pre-RoPE K/V (views, no copy) to a per-request buffer (a
+fused decode step hands every layer's at once); at the end of the request the save thread copies
+them into a host segment: a per-layer piece layer by layer, an every-layer piece in one copy.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ class SaveJob:
 
 
 class Saver:
-    """Copies finished requests' pre-RoPE KV into host segments, layer by layer, on its own thread."""
+    """Copies finished requests' pre-RoPE KV into host segments, piece by piece, on its own thread."""
 
     def __init__(self, layout: KVLayout, allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], device: torch.device) -> None:
         self.layout = layout

@@ -50,29 +50,35 @@ def test_fused_layers_equal_the_per_operation_path_bit_for_bit(kind, tiny_dirs, 
     assert all(torch.equal(a, b) for a, b in zip(with_fused, per_op))
 
 
-def test_the_store_gets_the_same_pre_rope_kv_from_fused_steps(tiny_dirs, monkeypatch):
-    """The answer's K/V is saved by decode steps: a next turn reusing it sees the same logits."""
+@pytest.mark.parametrize("sessions", [1, 2])
+def test_the_store_gets_the_same_pre_rope_kv_from_fused_steps(sessions, tiny_dirs, monkeypatch):
+    """The answers' K/V is saved by decode steps (each step hands every layer over at once, each
+    sequence's rows sliced out of it): next turns reusing it see the same logits."""
     path, _ = tiny_dirs["llama"]
+    # with two sessions, no device prefix cache: every reused token comes from the saved segments
+    cache = None if sessions == 1 else NO_PREFIX_CACHE
 
     def conversation(llm):
-        conv = list(range(5, 45))
+        convs = [list(range(5 + 7 * i, 45 + 7 * i)) for i in range(sessions)]
         for t in range(3):
-            out = llm.generate([conv], GREEDY, session_id="s")[0]
-            conv = conv + out.token_ids + [10 + t, 11 + t]
+            outs = llm.generate(convs, GREEDY, session_id=[f"s{i}" for i in range(sessions)])
+            convs = [c + o.token_ids + [10 + t, 11 + t] for c, o in zip(convs, outs)]
             llm.engine.store.store.flush()
-        return out
+        return outs
 
     runs = []
     for use_fused in (True, False):
-        llm = LLM(model=str(path), enable_store=True)
+        llm = LLM(model=str(path), enable_store=True, cache=cache)
         if not use_fused:
             llm.engine.runner.fused_decode = None
         seen, steps = capture_logits(monkeypatch), count_fused_steps(monkeypatch)
         last_turn = conversation(llm)
         runs.append(list(seen))
-        assert bool(steps) == use_fused  # the answers' K/V came from fused steps (or not at all)
+        assert (max(steps) if steps else 0) == (sessions if use_fused else 0)  # answers' K/V from fused steps
         monkeypatch.undo()
-        assert sum(last_turn.metrics.cached_tokens.values()) > 0
+        for out in last_turn:
+            tiers = out.metrics.cached_tokens
+            assert tiers["host"] + tiers["disk"] > (0 if sessions == 1 else 40), tiers  # beyond the first prompt
     assert len(runs[0]) == len(runs[1]) and all(torch.equal(a, b) for a, b in zip(*runs))
 
 

@@ -85,8 +85,9 @@ def test_models_and_health(server):
 
 
 def test_health_answers_head_probes(server):
-    r = httpx.head(f"{server.url}/health")
-    assert r.status_code == 200 and r.content == b""  # a load balancer's probe: the status line is the answer
+    assert httpx.head(f"{server.url}/health").status_code == 200  # a load balancer's probe
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert list(paths["/health"]) == ["get"]  # HEAD stays out of the schema: no duplicate operation id
 
 
 def test_completions_with_text_and_token_ids(server, chat_model_dir):
@@ -140,8 +141,10 @@ def test_usage_says_how_much_history_a_session_dropped(chat_model_dir, tmp_path)
             details = r.usage.prompt_tokens_details
             dropped.append(details.truncated_tokens)
             assert r.usage.prompt_tokens + r.usage.completion_tokens <= 160
+            if details.truncated_tokens:  # the retained history came from the store, at its new positions
+                by_tier = details.cached_tokens_by_tier
+                assert by_tier["host"] + by_tier["disk"] > 0, by_tier
         assert dropped[0] == 0 and max(dropped) > 0, dropped  # the first turn fits; a later one overflowed
-        assert details.cached_tokens > 0  # and the retained history was reused, not recomputed
     finally:
         srv.stop()
 
