@@ -1,5 +1,6 @@
-"""Where one system's engine time goes in the workload benchmark: the step's parts, and forward
-passes by how many sequences decode and how many tokens are prefilled in them.
+"""Where one system's engine time goes in the workload benchmark: the step's parts, forward passes
+by how many sequences decode and how many tokens are prefilled in them, and why turns wait to be
+admitted (no pages for the queue head, max_num_seqs, the step's token budget, or the current step).
 
 A diagnostic, not a benchmark mode (CPU, embedded model, a saved workload):
 
@@ -27,6 +28,8 @@ from cachedattention.store import transfer as transfer_mod
 
 totals: collections.defaultdict[str, float] = collections.defaultdict(float)
 forwards: collections.defaultdict[tuple[int, int], list[float]] = collections.defaultdict(list)
+# queued turns x seconds of the steps that left them queued, by why the queue head was not admitted
+held: collections.defaultdict[str, float] = collections.defaultdict(float)
 
 
 def timed(owner, name: str, key: str) -> None:
@@ -62,6 +65,26 @@ def instrument() -> None:
         return out
 
     runner_mod.ModelRunner.run = run
+    real_schedule, real_step = scheduler_mod.Scheduler.schedule, engine_mod.LLMEngine.step
+    pending: list[tuple[float, int, str]] = []
+
+    def schedule(self):
+        before = dict(self.steps_blocked)
+        out = real_schedule(self)
+        if self.waiting:
+            why = next((k for k in ("pages", "seqs") if self.steps_blocked[k] > before[k]), "budget")
+            pending.append((time.perf_counter(), len(self.waiting), why))
+        return out
+
+    def step(self):
+        pending.clear()
+        out = real_step(self)
+        for start, waiting, why in pending:
+            held[why] += waiting * (time.perf_counter() - start)
+        return out
+
+    scheduler_mod.Scheduler.schedule = schedule
+    engine_mod.LLMEngine.step = step
     timed(runner_mod.ModelRunner, "build_batch", "build_batch")
     timed(scheduler_mod.Scheduler, "schedule", "schedule")
     timed(engine_mod, "sample_batch", "sample")
@@ -96,6 +119,12 @@ def main(workload_path: str, system: str) -> None:
             engine.close()
     later = [r.ttft_s for r in result.records if r.turn_index >= 1]
     print(f"{system}: compute {result.compute_s:.1f} s, TTFT turns>=2 {sum(later) / len(later):.3f} s")
+    queued = sum(r.queue_s or 0.0 for r in result.records)
+    after = sum(r.ttft_s - (r.queue_s or 0.0) for r in result.records)
+    print(f"  TTFT of all turns, summed: {queued:.1f} s queued + {after:.1f} s from admission to first token;")
+    print("  queued while a step ran without admitting them, by why the queue head waited: "
+          + ", ".join(f"{why} {seconds:.1f} s" for why, seconds in sorted(held.items(), key=lambda kv: -kv[1]))
+          + f" (the rest, {queued - sum(held.values()):.1f} s: arriving during a step and waiting for its end)")
     for key in sorted(totals, key=lambda k: -totals[k]):
         print(f"  {key:22s} {totals[key]:7.1f} s")
     decode_only = sum(sum(v) for (_, p), v in forwards.items() if p < 128)
