@@ -248,18 +248,19 @@ class DiskTier:
         return [json.loads(r[0]) for r in rows]
 
     def check_integrity(self) -> None:
-        rows = dict(self._db.execute("SELECT seg_id, nbytes FROM segments WHERE fingerprint=?", (self.fingerprint,)))
-        for seg_id in self._stale_rows:  # rows whose delete the index refused: their files are gone
-            if self.path(seg_id).exists():
-                raise RuntimeError(f"disk tier: stale row {seg_id} still has a file")
-            rows.pop(seg_id, None)
-        if rows != self._sizes:
-            raise RuntimeError("disk tier: index rows and in-memory sizes differ")
-        for seg_id, size in rows.items():
-            if not self.path(seg_id).exists() or self.path(seg_id).stat().st_size != size:
-                raise RuntimeError(f"disk tier: segment {seg_id} file missing or of the wrong size")
-        if self.used_bytes() > self.budget:
-            raise RuntimeError(f"disk tier over budget: {self.used_bytes()} > {self.budget}")
+        with self._lock:  # a consistent snapshot: a write-through in progress adds its row and size together
+            rows = dict(self._db.execute("SELECT seg_id, nbytes FROM segments WHERE fingerprint=?", (self.fingerprint,)))
+            for seg_id in self._stale_rows:  # rows whose delete the index refused: their files are gone
+                if self.path(seg_id).exists():
+                    raise RuntimeError(f"disk tier: stale row {seg_id} still has a file")
+                rows.pop(seg_id, None)
+            if rows != self._sizes:
+                raise RuntimeError("disk tier: index rows and in-memory sizes differ")
+            for seg_id, size in rows.items():
+                if not self.path(seg_id).exists() or self.path(seg_id).stat().st_size != size:
+                    raise RuntimeError(f"disk tier: segment {seg_id} file missing or of the wrong size")
+            if self.used_bytes() > self.budget:
+                raise RuntimeError(f"disk tier over budget: {self.used_bytes()} > {self.budget}")
 
     def close(self) -> None:
         with self._lock:

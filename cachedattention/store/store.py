@@ -2,7 +2,7 @@
 
 Thread model: the engine thread plans turns and commits records; the save thread adds
 segments; the I/O thread writes through to disk and prefetches. One lock guards the metadata;
-big copies and file writes of new data happen outside it.
+big copies and write-through files happen outside it (write-backs on eviction, rarer, under it).
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class AttentionStore:
         self.stats = StoreStats()
         self._io: queue.Queue = queue.Queue()
         self._fetching: set[str] = set()
+        self._writing: set[str] = set()  # segments the I/O thread is writing through, outside the lock
         self._trim_queued = False
         self._next_expiry_s = 0.0  # monotonic time of the next TTL sweep
         self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
@@ -214,6 +215,7 @@ class AttentionStore:
         return segs
 
     def _make_host_room(self, need: int, protect: set[str]) -> bool:
+        protect = protect | self._writing  # their host copy is what is being written
         victims = self.policy.host_victims(self.ledger, need, self._queued_segments(), time.monotonic(), protect)
         for seg in victims:
             self._demote(seg)
@@ -223,6 +225,8 @@ class AttentionStore:
         """Host -> disk (write-back if it is not there yet), then drop the host copy. If the write
         fails (a full disk), the copy is kept when `keep_unsaved` (demoting ahead of need), else
         dropped (the room is needed now). Returns whether the host copy went."""
+        if seg_id in self._writing:  # victims leave these out; its file is not there yet: keep the copy
+            return False
         kv = self.host.get(seg_id)
         if kv is not None and self.disk is not None and not self.disk.contains(seg_id):
             if not self._write_to_disk(seg_id, kv) and keep_unsaved:
@@ -235,9 +239,8 @@ class AttentionStore:
         return True
 
     def _write_to_disk(self, seg_id: str, kv: SegmentKV) -> bool:
-        size = self.disk.file_size(kv)
-        if size > self.disk.budget or not self._make_disk_room(size, protect={seg_id}):
-            log.warning("store: segment %s (%d bytes) does not fit the disk budget; dropped", seg_id, size)
+        size = self._disk_room_for(seg_id, kv)
+        if size is None:
             return False
         try:
             self.disk.put(seg_id, kv)
@@ -248,7 +251,52 @@ class AttentionStore:
         self.stats.bytes_written_disk += size
         return True
 
+    def _disk_room_for(self, seg_id: str, kv: SegmentKV) -> int | None:
+        """Make room on disk for the segment's file; its size, or None (warned) if it cannot fit."""
+        size = self.disk.file_size(kv)
+        if size > self.disk.budget or not self._make_disk_room(size, protect={seg_id}):
+            log.warning("store: segment %s (%d bytes) does not fit the disk budget; dropped", seg_id, size)
+            return None
+        return size
+
+    def _write_through(self, seg_id: str) -> None:
+        """The I/O thread's copy of a new host segment to disk. Room is made and reserved in the ledger
+        under the lock, but the file is written and fsynced outside it: the engine's per-step calls
+        (the queue hint, lookups, commits) would otherwise wait for the disk, for as long as an fsync
+        of a large segment takes. The host copy stays while the file is written (victims skip it)."""
+        with self._lock:
+            kv = self.host.get(seg_id)
+            if kv is None or self.disk.contains(seg_id) or seg_id not in self._refs or seg_id in self._writing:
+                return
+            size = self._disk_room_for(seg_id, kv)
+            if size is None:
+                return
+            self.ledger.put_disk(seg_id, size, time.monotonic(), touch=False)  # the room, reserved
+            self._writing.add(seg_id)
+        written = False
+        try:
+            self.disk.put(seg_id, kv)
+            written = True
+        except OSError as e:  # a full or failing disk costs this segment its disk copy (the tier warns once)
+            log.debug("store: segment %s not written to disk (%s)", seg_id, e)
+        finally:  # whatever put raised: the reservation and the _writing mark never outlive the write
+            self._end_write_through(seg_id, size, written)
+
+    def _end_write_through(self, seg_id: str, size: int, written: bool) -> None:
+        with self._lock:
+            self._writing.discard(seg_id)
+            if seg_id not in self._refs:  # forgotten while written (_forget_segment left the room reserved)
+                if written:
+                    self.disk.remove(seg_id)
+                if seg_id in self.ledger:
+                    self.ledger.forget(seg_id)
+            elif written:
+                self.stats.bytes_written_disk += size
+            elif (entry := self.ledger.entry(seg_id)) is not None and entry.in_disk:
+                self.ledger.drop_disk(seg_id)  # the reserved room goes back; the host copy stays
+
     def _make_disk_room(self, need: int, protect: set[str]) -> bool:
+        protect = protect | self._writing  # their room is reserved and their file on its way
         victims = self.policy.disk_victims(self.ledger, need, self._queued_segments(), time.monotonic(), protect)
         for seg in victims:
             self.disk.remove(seg)
@@ -299,7 +347,7 @@ class AttentionStore:
             self._trim_queued = False
             target = self.policy.host_free_target(self.ledger)
             queued = self._queued_segments()
-            protect = self.policy.protected(self.ledger, queued)
+            protect = self.policy.protected(self.ledger, queued) | self._writing
             for seg in self.policy.host_victims(self.ledger, target, queued, time.monotonic(), protect):
                 if not self._demote(seg, keep_unsaved=True):
                     break  # the disk takes nothing now: keep the host copies rather than lose them
@@ -357,10 +405,7 @@ class AttentionStore:
 
     def _run_io_job(self, kind: str, arg: str) -> None:
         if kind == "write":
-            with self._lock:
-                kv = self.host.get(arg)
-                if kv is not None and not self.disk.contains(arg) and arg in self._refs:
-                    self._write_to_disk(arg, kv)
+            self._write_through(arg)
         elif kind == "record":
             with self._lock:
                 rec = self.records.get(arg)
@@ -393,8 +438,8 @@ class AttentionStore:
             return
         self.disk.writes.resume()  # shutdown is the last chance to persist: try even if writes paused
         with self._lock:
-            for seg in self.host.segment_ids():
-                if not self.disk.contains(seg) and seg in self._refs:
+            for seg in self.host.segment_ids():  # (a write-through still running lands by the join below)
+                if not self.disk.contains(seg) and seg in self._refs and seg not in self._writing:
                     self._write_to_disk(seg, self.host.get(seg))
             for key in self.records:
                 self._io.put(("record", key))
@@ -420,6 +465,11 @@ class AttentionStore:
     def _forget_segment(self, seg_id: str) -> None:
         """No record or plan names it any more: free its bytes everywhere."""
         self.host.evict(seg_id)
+        if seg_id in self._writing:  # its file is being written: the writer frees the room it reserved
+            entry = self.ledger.entry(seg_id)
+            if entry is not None and entry.in_host:
+                self.ledger.drop_host(seg_id)
+            return
         if self.disk is not None and self.disk.contains(seg_id):
             self.disk.remove(seg_id)
         if seg_id in self.ledger:

@@ -1,7 +1,7 @@
 """Pauses the disk tier's writes for a while after one fails (a full disk, an I/O error).
 
 While the disk stays full, every segment and record write would fail the same way, each after
-encoding a whole segment under the store's lock and each with its own warning: on a small machine
+encoding a whole segment and each with its own warning: on a small machine
 that takes CPU from the forward passes and floods the log. So after a failure, writes are refused
 at once for `seconds`, then tried again; the user is told once when writes pause and once when
 they work again. Sessions meanwhile stay in host memory as far as it holds them.
@@ -10,6 +10,7 @@ they work again. Sessions meanwhile stay in host memory as far as it holds them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ class WritePause:
         self._until = 0.0
         self._paused = False  # a failure was reported and no write has succeeded since
         self.failures = 0
+        self._lock = threading.Lock()  # write-throughs (the I/O thread) and write-backs may fail at once
 
     def check(self) -> None:
         """Raise DiskWritesPaused while writes are paused; else let the caller try."""
@@ -34,19 +36,22 @@ class WritePause:
             raise DiskWritesPaused("disk writes are paused after a failed write")
 
     def failed(self, error: BaseException) -> None:
-        self.failures += 1
-        if not self._paused:
-            log.warning("store: a disk write failed (%s); disk writes pause for %.0f s at a time until one "
-                        "works again, and sessions stay in host memory as far as it holds them", error, self.seconds)
-        self._paused = True
-        self._until = self._clock() + self.seconds
+        with self._lock:
+            self.failures += 1
+            if not self._paused:
+                log.warning("store: a disk write failed (%s); disk writes pause for %.0f s at a time until one "
+                            "works again, and sessions stay in host memory as far as it holds them", error, self.seconds)
+            self._paused = True
+            self._until = self._clock() + self.seconds
 
     def succeeded(self) -> None:
-        if self._paused:
-            log.warning("store: disk writes work again")
-        self._paused = False
-        self._until = 0.0
+        with self._lock:
+            if self._paused:
+                log.warning("store: disk writes work again")
+            self._paused = False
+            self._until = 0.0
 
     def resume(self) -> None:
         """Allow the next write at once (shutdown's flush: its last chance to persist sessions)."""
-        self._until = 0.0
+        with self._lock:
+            self._until = 0.0
