@@ -2,6 +2,7 @@
 the store's lock, so the engine's per-step calls do not wait for the disk; a segment forgotten while
 its file was written leaves no file behind."""
 
+import contextlib
 import threading
 
 import pytest
@@ -29,28 +30,32 @@ def held_disk_writes(monkeypatch, fail: type[Exception] | None = None) -> tuple[
     return entered, release
 
 
-def store_llm(path, store_dir):
-    return LLM(model=str(path), enable_store=True, cache=CacheConfig(enable_prefix_cache=False),
-               store_dir=str(store_dir), host_bytes=64 << 20, disk_bytes=256 << 20)
+@contextlib.contextmanager
+def first_turn_write_held(tiny_dirs, store_dir, monkeypatch, fail: type[Exception] | None = None):
+    """An engine whose first turn's segment write is held inside DiskTier.put for the with block:
+    yields (llm, the first turn's output, release); the write goes on (or fails) when the block ends."""
+    path, _ = tiny_dirs["llama"]
+    entered, release = held_disk_writes(monkeypatch, fail)
+    llm = LLM(model=str(path), enable_store=True, cache=CacheConfig(enable_prefix_cache=False),
+              store_dir=str(store_dir), host_bytes=64 << 20, disk_bytes=256 << 20)
+    try:
+        first = llm.generate([list(range(5, 60))], PARAMS, session_id="a")[0]
+        assert entered.wait(30)  # the I/O thread is inside the first turn's write
+        yield llm, first, release
+    finally:
+        release.set()
 
 
 def test_turns_run_while_a_disk_write_is_held(tiny_dirs, tmp_path, monkeypatch):
-    path, _ = tiny_dirs["llama"]
-    entered, release = held_disk_writes(monkeypatch)
-    llm = store_llm(path, tmp_path)
-    store = llm.engine.store.store
-    try:
-        llm.generate([list(range(5, 60))], PARAMS, session_id="a")
-        assert entered.wait(30)  # the I/O thread is inside the first turn's write
+    with first_turn_write_held(tiny_dirs, tmp_path, monkeypatch) as (llm, _, release):
         outs: list = []
         other = threading.Thread(target=lambda: outs.extend(
             llm.generate([list(range(100, 150)), list(range(5, 60)) + [9, 9]], PARAMS, session_id=["b", "a"])))
         other.start()
         other.join(60)
         ran_while_held = bool(outs) and not release.is_set()
-    finally:
-        release.set()
     other.join(60)
+    store = llm.engine.store.store
     assert ran_while_held  # two more turns (one reusing the segment being written) did not wait for it
     assert outs[1].metrics.cached_tokens["host"] > 0
     store.flush()
@@ -60,18 +65,11 @@ def test_turns_run_while_a_disk_write_is_held(tiny_dirs, tmp_path, monkeypatch):
 
 
 def test_a_segment_forgotten_during_its_write_leaves_no_file(tiny_dirs, tmp_path, monkeypatch):
-    path, _ = tiny_dirs["llama"]
-    entered, release = held_disk_writes(monkeypatch)
-    llm = store_llm(path, tmp_path)
-    store = llm.engine.store.store
-    try:
-        llm.generate([list(range(5, 60))], PARAMS, session_id="a")
-        assert entered.wait(30)
+    with first_turn_write_held(tiny_dirs, tmp_path, monkeypatch) as (llm, _, _):
+        store = llm.engine.store.store
         with store._lock:  # as a commit or release on the engine thread may, while the segment is written
             (key,) = store.records
             store._drop_record(key)
-    finally:
-        release.set()
     store.flush()
     store.check_integrity()
     assert store.disk.segment_ids() == [] and not list((tmp_path / "segments").glob("*"))
@@ -81,15 +79,8 @@ def test_a_segment_forgotten_during_its_write_leaves_no_file(tiny_dirs, tmp_path
 
 @pytest.mark.parametrize("fail", [OSError, RuntimeError])  # RuntimeError: e.g. out of memory while encoding
 def test_a_failed_write_gives_its_room_back_and_keeps_the_host_copy(fail, tiny_dirs, tmp_path, monkeypatch):
-    path, _ = tiny_dirs["llama"]
-    entered, release = held_disk_writes(monkeypatch, fail)
-    llm = store_llm(path, tmp_path)
-    store = llm.engine.store.store
-    try:
-        first = llm.generate([list(range(5, 60))], PARAMS, session_id="a")[0]
-        assert entered.wait(30)
-    finally:
-        release.set()
+    with first_turn_write_held(tiny_dirs, tmp_path, monkeypatch, fail) as (llm, first, _):
+        store = llm.engine.store.store
     store._io.join()
     (seg,) = store.host.segment_ids()
     assert not store._writing and store.ledger.disk_free == store.disk.budget and not store.disk.contains(seg)
