@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cachedattention.config import SchedulerConfig
+
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="workload", choices=["throughput", "turn", "policy", "workload"])
@@ -32,6 +34,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-rate", type=float, default=None, help="sessions arriving per second (workload)")
     p.add_argument("--think-time", type=float, default=None, help="mean think time between turns, s (workload)")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--long-prefill-token-threshold", type=int, default=SchedulerConfig.long_prefill_token_threshold,
+                   help="most prompt tokens one request computes per step, for every system (workload)")
     # policy mode
     p.add_argument("--disk-read-gbps", type=float, default=None,
                    help="time disk->host reads at this bandwidth, GB/s at the paper's full scale (policy; default: instant)")

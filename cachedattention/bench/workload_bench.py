@@ -25,7 +25,7 @@ from cachedattention.bench.replay import ReplayResult, replay, template_overhead
 from cachedattention.bench.report import markdown_table, write_json, write_plots
 from cachedattention.bench.systems import Budgets, SystemSpec, build_systems, parse_system_names, session_tokens
 from cachedattention.bench.workload import Workload, WorkloadSpec, generate_workload, load_sharegpt
-from cachedattention.config import EngineConfig
+from cachedattention.config import EngineConfig, SchedulerConfig
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
 
 DEFAULT_SESSIONS = 30
@@ -154,7 +154,8 @@ def _run_local(
     args: argparse.Namespace, loaded: LoadedModel, workload: Workload, names: tuple[str, ...], time_scale: float
 ) -> tuple[list[ReplayResult], dict[str, Any]]:
     base = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed
+        model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        scheduler=SchedulerConfig(long_prefill_token_threshold=args.long_prefill_token_threshold),
     )
     max_model_len = args.max_model_len or loaded.spec.max_position_embeddings
     budgets, per_token = plan_budgets(loaded, workload, max_model_len, args.dtype)
