@@ -43,3 +43,5 @@ class RequestOutput:
     metrics: RequestMetrics
     session_id: str | None = None
     new_token_ids: list[int] = field(default_factory=list)  # tokens added since the last output (streaming)
+    # one per token in token_ids when SamplingParams.logprobs was set (sampling.TokenLogprob), else None
+    logprobs: list | None = None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list (vLLM's default max_logprobs)
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
+    # vLLM's penalties: repetition over prompt and output (> 1 discourages), presence and frequency
+    # over the output (OpenAI's: logit -= frequency * count + presence * (count > 0))
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # added to a token's logit, {token id: bias in [-100, 100]} (kept as sorted pairs: hashable)
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
+    # None: no logprobs; n: each generated token's log-probability and the n most likely tokens'
+    # (under the model's own distribution: before penalties, bias and temperature, as vLLM)
+    logprobs: int | None = None
     # filled in by the engine: the model's end-of-sequence ids
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -27,6 +42,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if self.temperature < 0:
@@ -37,11 +53,100 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        self._check_adjustments()
+
+    def _check_adjustments(self) -> None:
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a number > 0 (1 is off), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (_is_number(v) and -2.0 <= v <= 2.0):
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         # a vanishing temperature is greedy: dividing logits by it would overflow to inf
         return self.temperature < 1e-5
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the sampler changes this request's logits before picking (bias, min_tokens, penalties)."""
+        return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
+                    or self.presence_penalty or self.frequency_penalty)  # fmt: skip
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bias_pairs(bias: Mapping[int, float] | Sequence[tuple[int, float]] | None) -> tuple[tuple[int, float], ...]:
+    pairs = bias.items() if isinstance(bias, Mapping) else (bias or ())
+    out = {}
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError("logit_bias must map token ids to numbers")
+        token, value = pair
+        if not (_is_int(token) and token >= 0):
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        if not (_is_number(value) and -100.0 <= value <= 100.0):
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {token}")
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, its rank (1: the most likely token) and
+    the most likely tokens with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    """The log-probability of `token` in one row of raw logits, and the top_n alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    value = lp[token]
+    rank = int((lp > value).sum()) + 1
+    top = ()
+    if top_n:
+        values, ids = torch.topk(lp, min(top_n, lp.numel()))
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(value), rank, top)
+
+
+def adjust_logits(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> torch.Tensor:
+    """A copy of one row of logits with the request's bias, min_tokens and penalties applied, in
+    vLLM's order: bias and min_tokens, then repetition, frequency and presence penalties."""
+    row = logits.float().clone()
+    dev = row.device
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], device=dev)
+        row.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], device=dev))
+    if len(output_ids) < params.min_tokens:
+        banned = sorted(set(params.eos_token_ids) | set(params.stop_token_ids))
+        if banned:
+            row[torch.tensor(banned, device=dev)] = float("-inf")
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor([*prompt_ids, *output_ids], device=dev).unique()
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        ids, counts = torch.tensor(list(output_ids), device=dev).unique(return_counts=True)
+        row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
+    return row
 
 
 def make_generator(params: SamplingParams, device: str) -> torch.Generator | None:
@@ -54,11 +159,21 @@ def make_generator(params: SamplingParams, device: str) -> torch.Generator | Non
 
 
 def sample_batch(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    histories: list[tuple[Sequence[int], Sequence[int]]],
 ) -> list[int]:
-    """Next token of every row: greedy rows in one argmax (one device sync), the rest one by one."""
+    """Next token of every row: plain greedy rows in one argmax (one device sync), the rest one by
+    one. `histories` holds each row's (prompt, output) token ids, which the penalties look at."""
     greedy = logits.argmax(dim=-1).tolist()
-    return [g if p.greedy else sample(row, p, gen) for g, row, p, gen in zip(greedy, logits, params, generators)]
+    out = []
+    for g, row, p, gen, (prompt, output) in zip(greedy, logits, params, generators, histories):
+        if p.adjusts_logits:
+            row = adjust_logits(row, p, prompt, output)
+            g = int(torch.argmax(row)) if p.greedy else g
+        out.append(g if p.greedy else sample(row, p, gen))
+    return out
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

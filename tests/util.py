@@ -16,9 +16,9 @@ def capture_logits(monkeypatch) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     real = engine_mod.sample_batch
 
-    def spy(logits, params, gens):
+    def spy(logits, *rest):
         seen.extend(row.clone() for row in logits)
-        return real(logits, params, gens)
+        return real(logits, *rest)
 
     monkeypatch.setattr(engine_mod, "sample_batch", spy)
     return seen

@@ -18,7 +18,7 @@ from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
 from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
 from cachedattention.outputs import RequestMetrics, RequestOutput
-from cachedattention.sampling import SamplingParams, make_generator, sample_batch
+from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ class LLMEngine:
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError("session_id must be a non-empty string")
         ids = self.tokenize(prompt)
+        biased_oov = [t for t, _ in params.logit_bias if t >= self.spec.vocab_size]
+        if biased_oov:
+            raise ValueError(f"logit_bias names token ids out of the vocabulary (0..{self.spec.vocab_size - 1}): {biased_oov[:5]}")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -112,6 +115,7 @@ class LLMEngine:
             generator=make_generator(params, self.config.device),
             stream_text=stream_text,
             head_tokens=head_tokens,
+            logprobs=None if params.logprobs is None else [],
         )
         if self.store is not None:
             self.store.prepare(req)  # may truncate an overflowing conversation
@@ -157,11 +161,14 @@ class LLMEngine:
         for req in failed:  # a stored segment failed its check mid-load: recompute, never emit its logits
             self.scheduler.requeue(req)
         reqs = [scheduled[i].request for i in wants]
-        tokens = sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs]) if reqs else []
+        histories = [(r.prompt_token_ids, r.output_token_ids) for r in reqs]
+        tokens = sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs], histories) if reqs else []
         outputs = []
-        for req, token in zip(reqs, tokens):
+        for row, req, token in zip(logits, reqs, tokens):
             if req in failed:  # its logits came from a partly loaded cache: discard them
                 continue
+            if req.logprobs is not None:
+                req.logprobs.append(token_logprob(row, token, req.params.logprobs))
             self._append_token(req, token)
             outputs.append(self._output(req))
         return outputs
@@ -174,7 +181,7 @@ class LLMEngine:
         reason = None
         if token in p.stop_token_ids or token in p.eos_token_ids:
             reason = "stop"
-        elif p.stop and self._hit_stop_string(req):
+        elif p.stop and len(req.output_token_ids) >= p.min_tokens and self._hit_stop_string(req):
             reason = "stop"
         elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             reason = "length"
@@ -217,6 +224,7 @@ class LLMEngine:
             metrics=req.metrics,
             session_id=req.session_id,
             new_token_ids=new,
+            logprobs=None if req.logprobs is None else list(req.logprobs),
         )
 
     # -- introspection ------------------------------------------------------------------------

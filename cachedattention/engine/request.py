@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from cachedattention.outputs import RequestMetrics
-from cachedattention.sampling import SamplingParams
+from cachedattention.sampling import SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -40,6 +40,7 @@ class Request:
     stream_text: bool = False
     num_sent: int = 0  # output tokens already handed out (streaming deltas)
     store_state: Any = None  # the store connector's per-request bookkeeping
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when the params ask for them
 
     @property
     def all_token_ids(self) -> list[int]:
