@@ -52,6 +52,10 @@ class StepHooks:
         self.jobs = jobs
         self.savers = savers  # (flat start, count, state) of sequences whose KV is captured
         self._pieces: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        # savers whose rows are copied out of each layer's K/V (`_plan_copies`): row index, and where
+        # each saver's rows start in the copy (None: its piece views the step's tensors)
+        self._copy_rows: torch.Tensor | None = None
+        self._copy_at: list[int | None] = []
 
     def wait_layer(self, layer: int) -> None:
         for job in self.jobs:
@@ -62,11 +66,34 @@ class StepHooks:
             self._pieces = [([], []) for _ in self.savers]
             for piece, (_, _, state) in zip(self._pieces, self.savers):
                 state.chunks.append(piece)
-        for (ks, vs), (start, n, _) in zip(self._pieces, self.savers):
+            self._plan_copies(k_pre.shape[0], k_pre.device)
+        if self._copy_rows is not None:
+            k_copy, v_copy = k_pre.index_select(0, self._copy_rows), v.index_select(0, self._copy_rows)
+        for (ks, vs), (start, n, _), at in zip(self._pieces, self.savers, self._copy_at):
             if len(ks) != layer:  # a piece is indexed by layer: they must come 0, 1, 2, ... each step
                 raise RuntimeError(f"store hooks: layer {layer} saved after {len(ks)} layers of this step")
-            ks.append(k_pre[start : start + n])
-            vs.append(v[start : start + n])
+            if at is None:
+                ks.append(k_pre[start : start + n])
+                vs.append(v[start : start + n])
+            else:
+                ks.append(k_copy[at : at + n])
+                vs.append(v_copy[at : at + n])
+
+    def _plan_copies(self, rows: int, device: torch.device) -> None:
+        """A view keeps the step's whole K/V tensor alive until its request is saved: a decoder's one
+        row of a step that also prefilled 512 tokens would hold all 512 for as long as it decodes.
+        So savers with less than half the rows (together less than half) get their rows copied,
+        once per layer into one shared tensor; the rest view the tensor they mostly fill anyway."""
+        small = [i for i, (_, n, _) in enumerate(self.savers) if 2 * n < rows]
+        if 2 * sum(self.savers[i][1] for i in small) >= rows:
+            small = []  # e.g. a step of decoders only: the views cover most of the tensor
+        self._copy_at = [None] * len(self.savers)
+        index, at = [], 0
+        for i in small:
+            start, n, _ = self.savers[i]
+            index.extend(range(start, start + n))
+            self._copy_at[i], at = at, at + n
+        self._copy_rows = torch.tensor(index, device=device) if index else None
 
     def save_layers(self, k_pre: torch.Tensor, v: torch.Tensor) -> None:
         for start, n, state in self.savers:

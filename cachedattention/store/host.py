@@ -32,10 +32,16 @@ class HostTier:
                 return
             if self._used + kv.nbytes > self.budget:
                 raise RuntimeError(f"host tier over budget: {self._used} + {kv.nbytes} > {self.budget}")
-            if self.pin and not kv.k.is_pinned():
-                kv = SegmentKV(kv.k.pin_memory(), kv.v.pin_memory())
+            kv = self.pinned(kv)  # a no-op for callers that pinned it first, outside their locks
             self._segments[seg_id] = kv
             self._used += kv.nbytes
+
+    def pinned(self, kv: SegmentKV) -> SegmentKV:
+        """kv in page-locked memory when this tier pins (CUDA: device copies from it run async).
+        Pinning a large segment takes long: do it before taking a lock others wait on."""
+        if self.pin and not kv.k.is_pinned():
+            return SegmentKV(kv.k.pin_memory(), kv.v.pin_memory())
+        return kv
 
     def evict(self, seg_id: str) -> SegmentKV | None:
         with self._lock:

@@ -381,6 +381,7 @@ class AttentionStore:
             return
         finally:
             self._fetching.discard(seg_id)
+        kv = self.host.pinned(kv)  # on CUDA: not under the lock, which the engine takes every step
         with self._lock:
             if self.host.contains(seg_id) or seg_id not in self.ledger:
                 return

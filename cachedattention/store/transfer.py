@@ -201,6 +201,9 @@ class Loader:
             if self.stream is not None:
                 self.stream.synchronize()  # only this thread waits: it times the load alone
             job.read_s = time.perf_counter() - start  # its own field: the forward adds to written_s
+        except Exception as e:  # e.g. a CUDA error in a record or a sync: fail the job, keep the thread
+            log.exception("store: a load job failed")
+            job.failed = job.failed or ("", repr(e))
         finally:
             for r in readers.values():
                 r.close()

@@ -187,3 +187,21 @@ def test_pages_come_back_in_ascending_order():
     again = pool.allocate(6)
     assert again == sorted(again)
     pool.check_integrity()
+
+
+def test_an_error_outside_a_layer_fails_the_job_and_releases_the_forward(monkeypatch):
+    """E.g. a CUDA error recording an event: the job fails (its request recomputes), every layer's
+    event is set so the forward never waits forever, and the loader thread would live on."""
+    spec = spec_from_hf_config(CFG)
+    pool, loader, _ = _cpu_loader(spec)
+    seg = SegmentKV(torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8))
+    slots = KVPool.slots_for([0, 1], PAGE, 0, 8, torch.device("cpu"))
+    job = LoadJob([Piece("a", 0, 8, 0, seg)], slots, torch.arange(8), 0, spec.num_layers, first_slot=0)
+
+    def broken(*_):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(loader, "_load_layer_or_fail", broken)
+    loader.run(job)
+    assert job.failed is not None and "illegal memory access" in job.failed[1]
+    assert all(ev.is_set() for ev in job.events) and job.done.is_set()
