@@ -25,6 +25,7 @@ from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.outputs import RequestOutput
 from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
+from cachedattention.server.logprobs import LogprobFormatter
 from cachedattention.server.metrics import CONTENT_TYPE, EngineStatsCollector, RequestCounterMiddleware, ServerMetrics
 from cachedattention.server.protocol import (
     APIError,
@@ -82,12 +83,18 @@ def stream_delta(text: str, sent: str, stops: tuple[str, ...]) -> str:
 class _Format:
     """OpenAI's response and chunk objects for one request."""
 
-    def __init__(self, request_id: str, model: str, chat: bool, include_usage: bool) -> None:
+    def __init__(
+        self, request_id: str, model: str, chat: bool, include_usage: bool, logprobs: LogprobFormatter | None = None
+    ) -> None:
         self.id = request_id
         self.model = model
         self.chat = chat
         self.include_usage = include_usage
+        self.logprobs = logprobs  # None: the request asked for no logprobs
         self.created = int(time.time())
+
+    def _logprobs(self, logprobs: list | None) -> dict[str, Any] | None:
+        return None if self.logprobs is None or logprobs is None else self.logprobs.render(logprobs)
 
     @staticmethod
     def usage(out: RequestOutput) -> dict[str, Any]:
@@ -108,19 +115,23 @@ class _Format:
             choice = {"index": 0, "message": {"role": "assistant", "content": out.text}}
         else:
             choice = {"index": 0, "text": out.text}
-        choice.update(logprobs=None, finish_reason=out.finish_reason)
+        choice.update(logprobs=self._logprobs(out.logprobs), finish_reason=out.finish_reason)
         obj = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": self.usage(out)}  # fmt: skip
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> str:
+    def chunk(
+        self, text: str | None = None, finish_reason: str | None = None, role: bool = False, logprobs: list | None = None
+    ) -> str:
+        """One streamed choice; `logprobs`: those of the tokens generated since the last chunk."""
+        lps = self._logprobs(logprobs)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text or "", "logprobs": lps, "finish_reason": finish_reason}
         return self._event([choice])
 
     def usage_chunk(self, out: RequestOutput) -> str:
@@ -203,7 +214,8 @@ class OpenAIRoutes:
             raise
         if first is not ACCEPTED:
             raise _as_api_error(first)
-        fmt = _Format(rid, self.model_name, chat, parsed.include_usage)
+        lps = LogprobFormatter(self.token_text, chat) if parsed.params.logprobs is not None else None
+        fmt = _Format(rid, self.model_name, chat, parsed.include_usage, lps)
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(stream, fmt, parsed), media_type="text/event-stream", headers=headers)
@@ -233,8 +245,21 @@ class OpenAIRoutes:
             pass
         self.loop.abort(request_id)
 
+    def token_text(self, token_id: int) -> str:
+        tokenizer = self.loop.engine.tokenizer
+        return tokenizer.token_text(token_id) if tokenizer is not None else f"token_id:{token_id}"
+
     async def _events(self, stream: RequestStream, fmt: _Format, parsed: ParsedRequest) -> AsyncIterator[str]:
-        done, sent = False, ""
+        done, sent, lp_sent = False, "", 0
+
+        def new_logprobs(out: RequestOutput) -> list | None:
+            """The logprobs of tokens no chunk carried yet (they go with the next text sent)."""
+            nonlocal lp_sent
+            if out.logprobs is None:
+                return None
+            new, lp_sent = out.logprobs[lp_sent:], len(out.logprobs)
+            return new
+
         try:
             if fmt.chat:
                 yield fmt.chunk(role=True)
@@ -247,9 +272,9 @@ class OpenAIRoutes:
                     break
                 if item.finished:
                     done = True
-                    tail = item.text[len(sent) :]
-                    if tail:
-                        yield fmt.chunk(tail)
+                    tail, lps = item.text[len(sent) :], new_logprobs(item)
+                    if tail or lps:
+                        yield fmt.chunk(tail, logprobs=lps)
                     yield fmt.chunk(None if fmt.chat else "", finish_reason=item.finish_reason)
                     if fmt.include_usage:
                         yield fmt.usage_chunk(item)
@@ -257,7 +282,7 @@ class OpenAIRoutes:
                 delta = stream_delta(item.text, sent, parsed.params.stop)
                 if delta:
                     sent += delta
-                    yield fmt.chunk(delta)
+                    yield fmt.chunk(delta, logprobs=new_logprobs(item))
             yield "data: [DONE]\n\n"
         finally:
             if not done:  # the client went away (or the server cancelled us): free the request's pages

@@ -11,10 +11,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachedattention.model.tokenizer import validate_messages
-from cachedattention.sampling import SamplingParams
+from cachedattention.sampling import MAX_LOGPROBS, SamplingParams
 
 INVALID = "invalid_request_error"
 MAX_STOPS = 16
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
+MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
 
 
@@ -143,11 +145,6 @@ def _session_id(body: dict, header: str | None) -> str | None:
 
 # fields we accept only at their neutral value (clients often send them explicitly)
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "logit_bias": ({},),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "tools": ([],),
     "functions": ([],),
     "echo": (False,),
@@ -166,7 +163,45 @@ def _reject_unsupported(body: dict) -> None:
         raise bad("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
 
 
-def sampling_params(body: dict, max_model_len: int) -> SamplingParams:
+def _logit_bias(body: dict) -> dict[int, float]:
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad("logit_bias must be an object mapping token ids to numbers", "logit_bias", "invalid_type")
+    if len(v) > MAX_LOGIT_BIAS:
+        raise bad(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens", "logit_bias")
+    out = {}
+    for key, bias in v.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise bad(f"logit_bias keys must be token ids (non-negative integers), got {key!r}", "logit_bias")
+        if not (isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias)
+                and -100 <= bias <= 100):  # fmt: skip
+            raise bad(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {key}", "logit_bias")
+        out[int(key)] = float(bias)
+    return out
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives each token's logprobs list (None: no logprobs). Chat: `logprobs` (a
+    boolean) and `top_logprobs`; completions: `logprobs`, the number itself."""
+    if chat:
+        wanted = _bool(body, "logprobs")
+        top = _integer(body, "top_logprobs")
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise bad(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
+        if top and not wanted:
+            raise bad("top_logprobs needs logprobs set to true", "top_logprobs")
+        return (top or 0) if wanted else None
+    v = body.get("logprobs")
+    if v is None or v is False:  # a neutral false, as some clients send
+        return None
+    if not _is_int(v) or not 0 <= v <= MAX_LOGPROBS:
+        raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] for completions, got {v!r}", "logprobs")
+    return v
+
+
+def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> SamplingParams:
     n = _integer(body, "n")
     if n is not None and n != 1:
         raise bad("only n=1 is supported", "n")
@@ -185,6 +220,12 @@ def sampling_params(body: dict, max_model_len: int) -> SamplingParams:
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise bad("seed must fit in 64 bits", "seed")
     ignore_eos = _bool(body, "ignore_eos")
+    presence = _number(body, "presence_penalty", -2.0, 2.0)
+    frequency = _number(body, "frequency_penalty", -2.0, 2.0)
+    repetition = _number(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, lo_open=True)
+    min_tokens = _integer(body, "min_tokens")
+    if min_tokens is not None and not 0 <= min_tokens <= (max_tokens or max_model_len):
+        raise bad(f"min_tokens must be an integer in [0, max_tokens], got {min_tokens}", "min_tokens")
     _reject_unsupported(body)
     return SamplingParams(
         # no max_tokens: generate until EOS or the end of the window (the engine stops there)
@@ -195,10 +236,16 @@ def sampling_params(body: dict, max_model_len: int) -> SamplingParams:
         seed=seed,
         stop=_stop(body),
         ignore_eos=ignore_eos,
+        min_tokens=min_tokens or 0,
+        repetition_penalty=1.0 if repetition is None else repetition,
+        presence_penalty=presence or 0.0,
+        frequency_penalty=frequency or 0.0,
+        logit_bias=_logit_bias(body),
+        logprobs=_logprobs(body, chat),
     )
 
 
-def _common(body: dict, session_header: str | None, max_model_len: int) -> dict[str, Any]:
+def _common(body: dict, session_header: str | None, max_model_len: int, chat: bool) -> dict[str, Any]:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model must be a string", "model", "invalid_type")
@@ -213,7 +260,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int) -> dict[
     include_usage = _bool(opts or {}, "include_usage")
     return dict(
         model=model,
-        params=sampling_params(body, max_model_len),
+        params=sampling_params(body, max_model_len, chat),
         stream=stream,
         include_usage=include_usage,
         session_id=_session_id(body, session_header),
@@ -249,7 +296,7 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
         raise bad(str(e), "messages") from None
     for i, m in enumerate(out):
         _text(m["content"], f"messages[{i}].content")
-    return ParsedRequest(messages=out, **_common(body, session_header, max_model_len))
+    return ParsedRequest(messages=out, **_common(body, session_header, max_model_len, chat=True))
 
 
 def parse_completion(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:
@@ -267,7 +314,7 @@ def parse_completion(body: dict, session_header: str | None, max_model_len: int)
         raise bad("batched prompts are not supported; send one prompt per request", "prompt")
     else:
         raise bad("prompt must be a non-empty string or a non-empty list of token ids", "prompt", "invalid_type")
-    return ParsedRequest(prompt=prompt, **_common(body, session_header, max_model_len))
+    return ParsedRequest(prompt=prompt, **_common(body, session_header, max_model_len, chat=False))
 
 
 class BodyLimitMiddleware:

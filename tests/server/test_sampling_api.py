@@ -1,0 +1,110 @@
+"""Logprobs, penalties, logit_bias and min_tokens over HTTP: OpenAI's formats, streamed and not,
+and the same numbers as the in-process engine with the same parameters."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from cachedattention.config import CacheConfig
+from tests.server.conftest import PAGES
+
+MSGS = [{"role": "user", "content": "Name three colours."}]
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def engine(chat_model_dir):
+    from cachedattention import LLM
+
+    llm = LLM(str(chat_model_dir), cache=CacheConfig(num_pages=PAGES, enable_prefix_cache=False))
+    yield llm
+    llm.close()
+
+
+def test_chat_logprobs_match_the_engine_and_stream_the_same(server, engine):
+    from cachedattention import SamplingParams
+
+    c = client(server.url)
+    r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=8, temperature=0, logprobs=True,
+                                  top_logprobs=3)  # fmt: skip
+    content = r.choices[0].logprobs.content
+    want = engine.chat(MSGS, SamplingParams(max_tokens=8, temperature=0, logprobs=3))
+    assert len(content) == r.usage.completion_tokens == len(want.token_ids)
+    for got, lp in zip(content, want.logprobs):
+        assert got.token == engine.tokenizer.token_text(lp.token_id)
+        assert got.bytes == list(got.token.encode())
+        assert got.logprob == pytest.approx(lp.logprob, abs=1e-4)
+        assert [t.token for t in got.top_logprobs] == [engine.tokenizer.token_text(t) for t, _ in lp.top]
+        assert got.top_logprobs[0].logprob == pytest.approx(got.logprob, abs=1e-6)  # greedy: the top token
+    stream = c.chat.completions.create(model="default", messages=MSGS, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=3, stream=True)  # fmt: skip
+    streamed = [t for ch in stream if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    # the second request reuses the first's cached prefix: equal up to float rounding
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    plain = c.chat.completions.create(model="default", messages=MSGS, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_lists_and_offsets(server):
+    body = {"prompt": "The sky is", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    lp = r["choices"][0]["logprobs"]
+    n = r["usage"]["completion_tokens"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n)]
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 2 and value <= 0 and top[token] == pytest.approx(value, abs=1e-6)  # greedy: top-1
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    chunks = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert [t for ch in chunks for t in ch["tokens"]] == lp["tokens"]
+    assert [o for ch in chunks for o in ch["text_offset"]] == lp["text_offset"]  # offsets run on across chunks
+
+
+def test_penalties_and_bias_reach_the_sampler(server, engine):
+    from cachedattention import SamplingParams
+
+    c = client(server.url)
+    extra = {"repetition_penalty": 1.5, "min_tokens": 2}
+    r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=10, temperature=0,
+                                  presence_penalty=1.0, frequency_penalty=0.5, extra_body=extra)  # fmt: skip
+    want = engine.chat(MSGS, SamplingParams(max_tokens=10, temperature=0, presence_penalty=1.0, frequency_penalty=0.5,
+                                            repetition_penalty=1.5, min_tokens=2))  # fmt: skip
+    assert r.choices[0].message.content == want.text
+    eos = engine.tokenizer.eos_token_id
+    forced = c.completions.create(model="default", prompt="Hello", max_tokens=8, temperature=0,
+                                  logit_bias={str(eos): 100}, extra_body={"min_tokens": 3})  # fmt: skip
+    assert forced.usage.completion_tokens == 4 and forced.choices[0].finish_reason == "stop"  # EOS as 4th token
+
+
+BAD = [
+    ("top_logprobs without logprobs", "/v1/chat/completions", {"messages": MSGS, "top_logprobs": 3}, "top_logprobs"),
+    ("too many top_logprobs", "/v1/chat/completions", {"messages": MSGS, "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
+    ("completion logprobs a bool", "/v1/completions", {"prompt": "a", "logprobs": True}, "logprobs"),
+    ("presence_penalty out of range", "/v1/chat/completions", {"messages": MSGS, "presence_penalty": 3}, "presence_penalty"),
+    ("repetition_penalty zero", "/v1/chat/completions", {"messages": MSGS, "repetition_penalty": 0}, "repetition_penalty"),
+    ("logit_bias key not an id", "/v1/chat/completions", {"messages": MSGS, "logit_bias": {"a": 1}}, "logit_bias"),
+    ("logit_bias value too big", "/v1/chat/completions", {"messages": MSGS, "logit_bias": {"5": 101}}, "logit_bias"),
+    ("logit_bias out of vocabulary", "/v1/chat/completions", {"messages": MSGS, "logit_bias": {"999999": 1}}, None),
+    ("min_tokens past max_tokens", "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2, "min_tokens": 5},
+     "min_tokens"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_sampling_fields_get_400_naming_the_field(server, name, path, body, param):
+    r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    if param is None:  # only the engine knows the vocabulary: its message names the field
+        assert "logit_bias" in err["message"]
