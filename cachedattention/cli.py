@@ -67,6 +67,18 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The sampling flags of `generate` and `chat` (greedy by default; see SamplingParams)."""
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="as vLLM's: > 1 discourages repeats")
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cachedattention", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,13 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    add_sampling_args(gen, max_tokens=64)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
     add_engine_args(chat)
-    chat.add_argument("--max-tokens", type=int, default=128)
-    chat.add_argument("--temperature", type=float, default=0.0)
+    add_sampling_args(chat, max_tokens=128)
     chat.add_argument("--system", default=None)
     chat.add_argument("--session-id", default="terminal")
 

@@ -36,9 +36,18 @@ def turn_line(out: RequestOutput) -> str:
     )
 
 
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from the flags of `cli.add_sampling_args`."""
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+    )
+
+
 def run_generate(args: argparse.Namespace) -> int:
     llm = _llm(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    params = sampling_params(args)
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)
     else:
@@ -51,7 +60,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     llm = _llm(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    params = sampling_params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; /exit or Ctrl-D ends.", file=sys.stderr)
     try:

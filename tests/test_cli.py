@@ -52,3 +52,18 @@ def test_a_cuda_benchmark_without_cuda_says_so_before_building_a_model():
     proc = subprocess.run([sys.executable, "-m", "cachedattention.cli", "bench", "--mode", "turn", "--device", "cuda",
                            "--random-shape", "llama3-8b"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "sees no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sampling_flags_reach_sampling_params():
+    from cachedattention.cli import build_parser
+    from cachedattention.terminal import sampling_params
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--temperature", "0.7", "--top-p", "0.9",
+                                      "--top-k", "40", "--seed", "3", "--repetition-penalty", "1.2",
+                                      "--presence-penalty", "0.5", "--frequency-penalty", "0.25"])  # fmt: skip
+    p = sampling_params(args)
+    assert (p.temperature, p.top_p, p.top_k, p.seed, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (
+        0.7, 0.9, 40, 3, 1.2, 0.5, 0.25)
+    assert sampling_params(build_parser().parse_args(["chat"])).greedy  # greedy unless asked
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        sampling_params(build_parser().parse_args(["chat", "--repetition-penalty", "0"]))
