@@ -14,6 +14,7 @@ from cachedattention.config import EngineConfig
 from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
+from cachedattention.errors import InvalidRequest
 from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
 from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
@@ -70,17 +71,17 @@ class LLMEngine:
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; pass token ids instead of text")
+                raise InvalidRequest("this model has no tokenizer; pass token ids instead of text", "prompt")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
-            raise ValueError("a prompt must be a string or a list of token ids (ints)")
+            raise InvalidRequest("a prompt must be a string or a list of token ids (ints)", "prompt")
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", "prompt")
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
         if bad:
-            raise ValueError(f"token ids out of the vocabulary (0..{self.spec.vocab_size - 1}): {bad[:5]}")
+            raise InvalidRequest(f"token ids out of the vocabulary (0..{self.spec.vocab_size - 1}): {bad[:5]}", "prompt")
         return ids
 
     def add_request(
@@ -100,7 +101,10 @@ class LLMEngine:
         ids = self.tokenize(prompt)
         biased_oov = [t for t, _ in params.logit_bias if t >= self.spec.vocab_size]
         if biased_oov:
-            raise ValueError(f"logit_bias names token ids out of the vocabulary (0..{self.spec.vocab_size - 1}): {biased_oov[:5]}")
+            raise InvalidRequest(
+                f"logit_bias names token ids out of the vocabulary (0..{self.spec.vocab_size - 1}): {biased_oov[:5]}",
+                "logit_bias",
+            )
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -54,7 +54,7 @@ def _as_api_error(e: BaseException) -> APIError:
     if isinstance(e, ValueError):
         msg = str(e)
         code = "context_length_exceeded" if "window" in msg else "invalid_value"
-        return APIError(400, msg, code)
+        return APIError(400, msg, code, param=getattr(e, "param", None))
     return APIError(500, "internal server error", "internal_error", type_="server_error")
 
 

@@ -94,17 +94,17 @@ BAD = [
     ("repetition_penalty zero", "/v1/chat/completions", {"messages": MSGS, "repetition_penalty": 0}, "repetition_penalty"),
     ("logit_bias key not an id", "/v1/chat/completions", {"messages": MSGS, "logit_bias": {"a": 1}}, "logit_bias"),
     ("logit_bias value too big", "/v1/chat/completions", {"messages": MSGS, "logit_bias": {"5": 101}}, "logit_bias"),
-    ("logit_bias out of vocabulary", "/v1/chat/completions", {"messages": MSGS, "logit_bias": {"999999": 1}}, None),
+    ("logit_bias out of vocabulary", "/v1/chat/completions", {"messages": MSGS, "logit_bias": {"999999": 1}},
+     "logit_bias"),
+    ("prompt ids out of vocabulary", "/v1/completions", {"prompt": [1, 999999]}, "prompt"),
     ("min_tokens past max_tokens", "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2, "min_tokens": 5},
      "min_tokens"),
 ]
 
 
 @pytest.mark.parametrize("name,path,body,param", BAD, ids=[b[0] for b in BAD])
-def test_bad_sampling_fields_get_400_naming_the_field(server, name, path, body, param):
+def test_bad_fields_get_400_naming_the_field(server, name, path, body, param):
     r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == param
-    if param is None:  # only the engine knows the vocabulary: its message names the field
-        assert "logit_bias" in err["message"]
+    assert err["param"] == param  # also where only the engine can tell (the vocabulary's size)
