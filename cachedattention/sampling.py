@@ -56,6 +56,8 @@ class SamplingParams:
         self._check_adjustments()
 
     def _check_adjustments(self) -> None:
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):

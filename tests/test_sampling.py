@@ -80,6 +80,7 @@ def test_token_logprob_rank_and_alternatives():
         (dict(logit_bias={-1: 1.0}), "logit_bias"),
         (dict(logit_bias={3: 101}), "logit_bias"),
         (dict(logit_bias={"3": 1.0}), "logit_bias"),
+        (dict(stop_token_ids=(-1,)), "stop_token_ids"),
     ],
 )
 def test_bad_sampling_params_are_refused_by_name(kwargs, word):
@@ -119,3 +120,23 @@ def test_engine_penalties_change_greedy_output_and_min_tokens_holds_eos(tiny_dir
     assert 2 not in out.token_ids[:3]
     with pytest.raises(ValueError, match="logit_bias"):
         llm.generate([prompt], SamplingParams(logit_bias={10_000: 1.0}))
+    with pytest.raises(ValueError, match="stop_token_ids"):  # min_tokens would index the logits with it
+        llm.generate([prompt], SamplingParams(stop_token_ids=(10_000,), min_tokens=2))
+
+
+def test_a_stop_string_before_min_tokens_is_kept(embedded_llm):
+    """As vLLM: stop strings count from the min_tokens-th token on; an earlier one stays in the text."""
+    llm = embedded_llm
+    prompt = "The days of the week are Monday, Tuesday, Wednesday,"
+    free = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    stop = ","
+    first = free.text.find(stop)
+    assert 0 <= first and free.text.count(stop) >= 2, free.text  # a list: commas early and later
+    early = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=(stop,)))[0]
+    assert early.text == free.text[:first] and early.finish_reason == "stop"
+    # min_tokens past the first comma's token: the text keeps it and stops at a later one
+    upto = next(i for i in range(1, 13) if stop in llm.tokenizer.decode(free.token_ids[:i]))
+    late = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=(stop,),
+                                                 min_tokens=upto + 1))[0]  # fmt: skip
+    assert late.finish_reason == "stop" and len(late.text) > first
+    assert free.text.startswith(late.text) and free.text[len(late.text)] == stop

@@ -99,6 +99,11 @@ class LLMEngine:
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError("session_id must be a non-empty string")
         ids = self.tokenize(prompt)
+        stop_oov = [t for t in params.stop_token_ids if t >= self.spec.vocab_size]
+        if stop_oov:
+            raise InvalidRequest(
+                f"stop_token_ids out of the vocabulary (0..{self.spec.vocab_size - 1}): {stop_oov[:5]}", "stop_token_ids"
+            )
         biased_oov = [t for t, _ in params.logit_bias if t >= self.spec.vocab_size]
         if biased_oov:
             raise InvalidRequest(
@@ -185,7 +190,7 @@ class LLMEngine:
         reason = None
         if token in p.stop_token_ids or token in p.eos_token_ids:
             reason = "stop"
-        elif p.stop and len(req.output_token_ids) >= p.min_tokens and self._hit_stop_string(req):
+        elif p.stop and self._hit_stop_string(req):
             reason = "stop"
         elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             reason = "length"
@@ -193,8 +198,15 @@ class LLMEngine:
             self._finish(req, reason)
 
     def _hit_stop_string(self, req: Request) -> bool:
+        """Whether the output now contains a stop string (the text is cut before it). As vLLM, only
+        text from the min_tokens-th token on counts: a stop string wholly before it is kept."""
         text = self._decode(req.output_token_ids)
-        cut = min((i for i in (text.find(s) for s in req.params.stop) if i >= 0), default=-1)
+        if len(req.output_token_ids) < req.params.min_tokens:
+            # the next search starts where a stop string could still end after this token
+            req.stop_search_from = max(0, len(text) - max(map(len, req.params.stop)) + 1)
+            return False
+        found = (text.find(s, req.stop_search_from) for s in req.params.stop)
+        cut = min((i for i in found if i >= 0), default=-1)
         if cut < 0:
             return False
         req.text = text[:cut]

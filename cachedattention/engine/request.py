@@ -41,6 +41,7 @@ class Request:
     num_sent: int = 0  # output tokens already handed out (streaming deltas)
     store_state: Any = None  # the store connector's per-request bookkeeping
     logprobs: list[TokenLogprob] | None = None  # one per output token, when the params ask for them
+    stop_search_from: int = 0  # output text before this offset ended before min_tokens: no stop string there
 
     @property
     def all_token_ids(self) -> list[int]:

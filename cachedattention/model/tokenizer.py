@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 from typing import Any
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2's) writes each byte as one printable character: character -> byte."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    out, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + shifted)] = b
+            shifted += 1
+    return out
 
 
 class Tokenizer:
     def __init__(self, hf_tokenizer: Any) -> None:
         self.hf = hf_tokenizer
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+        self._alphabet = _byte_level_alphabet() if byte_level else None
+        self._special = set(getattr(hf_tokenizer, "all_special_ids", ()) or ())
+        # logprobs look the same tokens up again and again (the vocabulary is finite)
+        self.token_bytes = functools.lru_cache(maxsize=1 << 16)(self._token_bytes)
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> Tokenizer:
@@ -30,8 +53,24 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
-        """One token's text, special tokens included (what logprobs show for it)."""
-        return self.hf.decode([token_id])
+        """One token's text, special tokens included (what logprobs show for it); a token holding
+        part of a character shows U+FFFD, as in vLLM and OpenAI (its bytes say which part)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for (byte-level BPE, SentencePiece, special tokens)."""
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return self.hf.decode([token_id]).encode()
+        if self._alphabet is not None and all(c in self._alphabet for c in piece):
+            return bytes(self._alphabet[c] for c in piece)
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()  # SentencePiece's word-start mark is a space
 
     def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not getattr(self.hf, "chat_template", None):

@@ -214,7 +214,7 @@ class OpenAIRoutes:
             raise
         if first is not ACCEPTED:
             raise _as_api_error(first)
-        lps = LogprobFormatter(self.token_text, chat) if parsed.params.logprobs is not None else None
+        lps = LogprobFormatter(self.loop.engine.tokenizer, chat) if parsed.params.logprobs is not None else None
         fmt = _Format(rid, self.model_name, chat, parsed.include_usage, lps)
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -244,10 +244,6 @@ class OpenAIRoutes:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         self.loop.abort(request_id)
-
-    def token_text(self, token_id: int) -> str:
-        tokenizer = self.loop.engine.tokenizer
-        return tokenizer.token_text(token_id) if tokenizer is not None else f"token_id:{token_id}"
 
     async def _events(self, stream: RequestStream, fmt: _Format, parsed: ParsedRequest) -> AsyncIterator[str]:
         done, sent, lp_sent = False, "", 0

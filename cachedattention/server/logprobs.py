@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
+from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.sampling import TokenLogprob
 
 # JSON has no -inf; vLLM and OpenAI send a large negative number for a token of probability 0
@@ -15,21 +15,30 @@ def _value(logprob: float) -> float:
     return max(logprob, FLOOR)
 
 
-class LogprobFormatter:
-    """Renders a request's token logprobs, chunk by chunk when streaming (completions' text_offset
-    runs on across chunks)."""
+def _chars(data: bytes) -> int:
+    """Characters a token adds to the text: its bytes that start a UTF-8 character (a character
+    split over tokens counts once, for the token holding its first byte)."""
+    return sum(1 for b in data if b & 0xC0 != 0x80)
 
-    def __init__(self, token_text: Callable[[int], str], chat: bool) -> None:
-        self.token_text = token_text
+
+class LogprobFormatter:
+    """Renders a request's token logprobs, chunk by chunk when streaming (completions' text_offset,
+    characters into the generated text, runs on across chunks)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, chat: bool) -> None:
+        self.tokenizer = tokenizer
         self.chat = chat
-        self.offset = 0  # completions: characters of generated text before the next token
+        self.offset = 0
 
     def render(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         return self._chat(logprobs) if self.chat else self._completion(logprobs)
 
+    def _text(self, token_id: int) -> str:
+        return self.tokenizer.token_text(token_id) if self.tokenizer is not None else f"token_id:{token_id}"
+
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text = self.token_text(token_id)
-        return {"token": text, "logprob": _value(logprob), "bytes": list(text.encode("utf-8", "replace"))}
+        data = self.tokenizer.token_bytes(token_id) if self.tokenizer is not None else self._text(token_id).encode()
+        return {"token": self._text(token_id), "logprob": _value(logprob), "bytes": list(data)}
 
     def _chat(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         content = []
@@ -40,15 +49,17 @@ class LogprobFormatter:
         return {"content": content}
 
     def _completion(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
-        tokens, offsets = [], []
+        offsets = []
         for lp in logprobs:
-            text = self.token_text(lp.token_id)
-            tokens.append(text)
             offsets.append(self.offset)
-            self.offset += len(text)
+            if self.tokenizer is not None and not self.tokenizer.is_special(lp.token_id):  # the text skips those
+                self.offset += _chars(self.tokenizer.token_bytes(lp.token_id))
         return {
-            "tokens": tokens,
+            "tokens": [self._text(lp.token_id) for lp in logprobs],
             "token_logprobs": [_value(lp.logprob) for lp in logprobs],
-            "top_logprobs": [{self.token_text(t): _value(v) for t, v in lp.top} for lp in logprobs],
+            # as OpenAI's legacy API and vLLM: the sampled token is listed too, in or beyond the top n
+            "top_logprobs": [
+                {self._text(t): _value(v) for t, v in (*lp.top, (lp.token_id, lp.logprob))} for lp in logprobs
+            ],
             "text_offset": offsets,
         }

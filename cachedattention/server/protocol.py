@@ -88,12 +88,22 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v: Any) -> bool:
+    """A JSON number that fits a float (a 400-digit integer does not: math.isfinite overflows on it)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
     v = body.get(key)
     if v is None:
         return None
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise bad(f"{key} must be a number", key, "invalid_type")
+    if not _is_number(v):
+        raise bad(f"{key} must be a finite number", key, "invalid_type")
     if v < lo or v > hi or (lo_open and v == lo):
         left = "(" if lo_open else "["
         raise bad(f"{key} must be in {left}{lo}, {hi}], got {v}", key)
@@ -173,10 +183,9 @@ def _logit_bias(body: dict) -> dict[int, float]:
         raise bad(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens", "logit_bias")
     out = {}
     for key, bias in v.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
-            raise bad(f"logit_bias keys must be token ids (non-negative integers), got {key!r}", "logit_bias")
-        if not (isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias)
-                and -100 <= bias <= 100):  # fmt: skip
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise bad(f"logit_bias keys must be token ids (non-negative integers), got {key[:20]!r}", "logit_bias")
+        if not (_is_number(bias) and -100 <= bias <= 100):
             raise bad(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {key}", "logit_bias")
         out[int(key)] = float(bias)
     return out

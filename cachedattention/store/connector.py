@@ -43,6 +43,7 @@ class TurnState:
     capture_start: int = 0  # first token of this turn's new segment
     chunks: list[KVPiece] = field(default_factory=list)  # this turn's new tokens, in token order
     pending_load: LoadJob | None = None
+    bypass: bool = False  # a load failed through no segment's fault: recompute this turn without the store
 
 
 class StepHooks:
@@ -93,7 +94,10 @@ class StepHooks:
             start, n, _ = self.savers[i]
             index.extend(range(start, start + n))
             self._copy_at[i], at = at, at + n
-        self._copy_rows = torch.tensor(index, device=device) if index else None
+        rows = torch.tensor(index) if index else None
+        if rows is not None and device.type == "cuda":  # from pinned memory: no stream sync mid-forward
+            rows = rows.pin_memory().to(device, non_blocking=True)
+        self._copy_rows = rows
 
     def save_layers(self, k_pre: torch.Tensor, v: torch.Tensor) -> None:
         for start, n, state in self.savers:
@@ -130,7 +134,7 @@ class StoreConnector:
     def lookup(self, req: Request, device_hit: int) -> int:
         """Tokens the store can supply for this request (the scheduler takes max(device, store))."""
         st: TurnState = req.store_state
-        st.tiers = self.store.available(st.plan.reuse)
+        st.tiers = [] if st.bypass else self.store.available(st.plan.reuse)
         st.reuse = [span for span, _ in st.tiers]
         st.hit = sum(s.length for s in st.reuse)
         limit = len(req.prompt_token_ids) - 1
@@ -198,7 +202,14 @@ class StoreConnector:
         st.pending_load = None
         job.wait_all()
         if job.failed is not None:
-            self.store.drop_corrupt(*job.failed)
+            self._load_failed(st, *job.failed)
+
+    def _load_failed(self, st: TurnState, seg_id: str, reason: str) -> None:
+        if seg_id:  # a segment failed its check: forget it; a retry serves a shorter hit
+            self.store.drop_corrupt(seg_id, reason)
+        else:  # a bug or a device error: the same load could fail again, so the retry skips the store
+            log.warning("store: a load failed (%s); recomputing the turn without stored KV", reason)
+            st.bypass = True
 
     def _load_job(self, req: Request, st: TurnState, lo: int, hi: int) -> LoadJob:
         pieces = []
@@ -245,7 +256,7 @@ class StoreConnector:
             for tier, n in job.bytes_read.items():
                 self.store.stats.bytes_loaded[tier] += n
             if job.failed is not None:
-                self.store.drop_corrupt(*job.failed)
+                self._load_failed(st, *job.failed)
                 failed.append(s.request)
         return failed
 

@@ -53,15 +53,22 @@ def test_chat_logprobs_match_the_engine_and_stream_the_same(server, engine):
     assert plain.choices[0].logprobs is None
 
 
-def test_completion_logprobs_lists_and_offsets(server):
+def test_completion_logprobs_lists_and_offsets(server, engine):
+    from cachedattention import SamplingParams
+
     body = {"prompt": "The sky is", "max_tokens": 6, "temperature": 0, "logprobs": 2}
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
     lp = r["choices"][0]["logprobs"]
     n = r["usage"]["completion_tokens"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
-    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n)]
+    ids = engine.generate("The sky is", SamplingParams(max_tokens=6, temperature=0))[0].token_ids
+    assert lp["text_offset"] == [len(engine.tokenizer.decode(ids[:i])) for i in range(n)]  # into the text
     for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert len(top) == 2 and value <= 0 and top[token] == pytest.approx(value, abs=1e-6)  # greedy: top-1
+    sampled = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "prompt": "The sky is", "max_tokens": 8, "temperature": 1.5, "seed": 1, "logprobs": 0}).json()
+    slp = sampled["choices"][0]["logprobs"]
+    assert all(top == {tok: value} for tok, value, top in zip(slp["tokens"], slp["token_logprobs"], slp["top_logprobs"]))
     with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as s:
         events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
     chunks = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
@@ -69,16 +76,34 @@ def test_completion_logprobs_lists_and_offsets(server):
     assert [o for ch in chunks for o in ch["text_offset"]] == lp["text_offset"]  # offsets run on across chunks
 
 
+def test_a_token_holding_part_of_a_character_shows_its_bytes(server, engine):
+    """' \U0001F600' is two tokens in this vocabulary; forcing the first shows its exact UTF-8 bytes."""
+    first = engine.tokenizer.encode(" \U0001F600")[0]
+    data = engine.tokenizer.token_bytes(first)
+    assert data == " \U0001F600".encode()[: len(data)] and 1 < len(data) < 5
+    c = client(server.url)
+    r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=2, temperature=0, logprobs=True,
+                                  logit_bias={str(first): 100})  # fmt: skip
+    assert [t.bytes for t in r.choices[0].logprobs.content] == [list(data)] * 2
+    assert r.choices[0].logprobs.content[0].token == data.decode(errors="replace")
+    comp = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "prompt": "Hi", "max_tokens": 2, "temperature": 0, "logprobs": 0, "logit_bias": {str(first): 100}}).json()
+    assert comp["choices"][0]["logprobs"]["text_offset"] == [0, len(engine.tokenizer.decode([first]))]
+
+
 def test_penalties_and_bias_reach_the_sampler(server, engine):
     from cachedattention import SamplingParams
 
     c = client(server.url)
-    extra = {"repetition_penalty": 1.5, "min_tokens": 2}
-    r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=10, temperature=0,
-                                  presence_penalty=1.0, frequency_penalty=0.5, extra_body=extra)  # fmt: skip
-    want = engine.chat(MSGS, SamplingParams(max_tokens=10, temperature=0, presence_penalty=1.0, frequency_penalty=0.5,
-                                            repetition_penalty=1.5, min_tokens=2))  # fmt: skip
-    assert r.choices[0].message.content == want.text
+    blue = engine.tokenizer.encode(" blue")[0]
+    bias = {str(blue): 10}  # " blue" wins every step unless a penalty takes it back
+    forced = c.chat.completions.create(model="default", messages=MSGS, max_tokens=6, temperature=0, logit_bias=bias)
+    assert forced.choices[0].message.content == " blue" * 6
+    for fields in ({"repetition_penalty": 10.0}, {"presence_penalty": 2.0, "frequency_penalty": 2.0}):
+        r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=6, temperature=0, logit_bias=bias,
+                                      extra_body=fields)  # fmt: skip
+        want = engine.chat(MSGS, SamplingParams(max_tokens=6, temperature=0, logit_bias={blue: 10}, **fields))
+        assert r.choices[0].message.content == want.text != forced.choices[0].message.content, fields
     eos = engine.tokenizer.eos_token_id
     forced = c.completions.create(model="default", prompt="Hello", max_tokens=8, temperature=0,
                                   logit_bias={str(eos): 100}, extra_body={"min_tokens": 3})  # fmt: skip
@@ -97,6 +122,12 @@ BAD = [
     ("logit_bias out of vocabulary", "/v1/chat/completions", {"messages": MSGS, "logit_bias": {"999999": 1}},
      "logit_bias"),
     ("prompt ids out of vocabulary", "/v1/completions", {"prompt": [1, 999999]}, "prompt"),
+    ("presence_penalty past a float", "/v1/chat/completions", {"messages": MSGS, "presence_penalty": 10**400},
+     "presence_penalty"),
+    ("logit_bias value past a float", "/v1/chat/completions", {"messages": MSGS, "logit_bias": {"5": 10**400}},
+     "logit_bias"),
+    ("logit_bias key of 5,000 digits", "/v1/chat/completions", {"messages": MSGS, "logit_bias": {"9" * 5000: 1}},
+     "logit_bias"),
     ("min_tokens past max_tokens", "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2, "min_tokens": 5},
      "min_tokens"),
 ]

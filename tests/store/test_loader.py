@@ -205,3 +205,31 @@ def test_an_error_outside_a_layer_fails_the_job_and_releases_the_forward(monkeyp
     loader.run(job)
     assert job.failed is not None and "illegal memory access" in job.failed[1]
     assert all(ev.is_set() for ev in job.events) and job.done.is_set()
+
+
+def test_a_load_failing_through_no_segments_fault_recomputes_the_turn(tiny_dirs, monkeypatch):
+    """Every load raises a non-segment error (a bug): the turn is recomputed without the store, once,
+    with the same tokens as recompute; no segment is dropped as corrupt."""
+    from cachedattention import LLM, CacheConfig, SamplingParams
+    from cachedattention.store import transfer
+
+    path, _ = tiny_dirs["llama"]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    no_device = CacheConfig(enable_prefix_cache=False)
+    llm = LLM(model=str(path), enable_store=True, cache=no_device)
+    turn1 = list(range(5, 40))
+    first = llm.generate([turn1], params, session_id="s")[0]
+    llm.engine.store.store.flush()
+    calls = []
+
+    def broken(self, job, layer, readers, into=None):
+        calls.append(layer)
+        raise RuntimeError("a bug in the loader")
+
+    monkeypatch.setattr(transfer.Loader, "_load_layer", broken)
+    turn2 = turn1 + first.token_ids + [7, 8, 9]
+    got = llm.generate([turn2], params, session_id="s")[0]
+    want = LLM(model=str(path), cache=no_device).generate([turn2], params)[0]
+    assert got.token_ids == want.token_ids
+    assert calls and got.metrics.cached_tokens["host"] == 0  # tried once, then recomputed
+    assert llm.engine.store.store.stats.corrupt_segments == 0
