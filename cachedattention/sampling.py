@@ -60,11 +60,11 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
+        if not (is_number(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be a number > 0 (1 is off), got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            if not (_is_number(v) and -2.0 <= v <= 2.0):
+            if not (is_number(v) and -2.0 <= v <= 2.0):
                 raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
         if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
@@ -85,8 +85,14 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def is_number(v: object) -> bool:
+    """A finite int or float that fits a float (math.isfinite overflows on a 400-digit int)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _bias_pairs(bias: Mapping[int, float] | Sequence[tuple[int, float]] | None) -> tuple[tuple[int, float], ...]:
@@ -98,7 +104,7 @@ def _bias_pairs(bias: Mapping[int, float] | Sequence[tuple[int, float]] | None) 
         token, value = pair
         if not (_is_int(token) and token >= 0):
             raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
-        if not (_is_number(value) and -100.0 <= value <= 100.0):
+        if not (is_number(value) and -100.0 <= value <= 100.0):
             raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {token}")
         out[token] = float(value)
     return tuple(sorted(out.items()))

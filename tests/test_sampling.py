@@ -72,6 +72,7 @@ def test_token_logprob_rank_and_alternatives():
         (dict(repetition_penalty=0), "repetition_penalty"),
         (dict(repetition_penalty=float("nan")), "repetition_penalty"),
         (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(presence_penalty=10**400), "presence_penalty"),
         (dict(frequency_penalty="1"), "frequency_penalty"),
         (dict(min_tokens=9, max_tokens=8), "min_tokens"),
         (dict(min_tokens=-1), "min_tokens"),

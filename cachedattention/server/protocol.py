@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachedattention.model.tokenizer import validate_messages
-from cachedattention.sampling import MAX_LOGPROBS, SamplingParams
+from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, is_number
 
 INVALID = "invalid_request_error"
 MAX_STOPS = 16
@@ -88,21 +87,11 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
-    """A JSON number that fits a float (a 400-digit integer does not: math.isfinite overflows on it)."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
 def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
     v = body.get(key)
     if v is None:
         return None
-    if not _is_number(v):
+    if not is_number(v):
         raise bad(f"{key} must be a finite number", key, "invalid_type")
     if v < lo or v > hi or (lo_open and v == lo):
         left = "(" if lo_open else "["
@@ -185,7 +174,7 @@ def _logit_bias(body: dict) -> dict[int, float]:
     for key, bias in v.items():
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
             raise bad(f"logit_bias keys must be token ids (non-negative integers), got {key[:20]!r}", "logit_bias")
-        if not (_is_number(bias) and -100 <= bias <= 100):
+        if not (is_number(bias) and -100 <= bias <= 100):
             raise bad(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {key}", "logit_bias")
         out[int(key)] = float(bias)
     return out
