@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    serve.add_argument("--body-timeout-s", type=float, default=30.0,
+                       help="answer 408 to a request whose body has not arrived within this time")
     serve.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, wait this long for in-flight requests")
 
     bench = sub.add_parser("bench", help="benchmarks: throughput | turn | policy | workload")

@@ -318,9 +318,12 @@ def create_app(
     engine_or_config: LLMEngine | EngineConfig,
     served_model_name: str | None = None,
     max_body_bytes: int = 1 << 20,
+    body_timeout_s: float = 30.0,
     grace_s: float = DEFAULT_GRACE_S,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the store) with it."""
+    if not body_timeout_s > 0:
+        raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     engine = engine_or_config if isinstance(engine_or_config, LLMEngine) else LLMEngine(engine_or_config)
     metrics = ServerMetrics()
     loop = EngineLoop(engine, on_finished=metrics.observe_finished)
@@ -341,7 +344,7 @@ def create_app(
     app.state.model_name = routes.model_name
     routes.register(app)
     _install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # outermost: also counts the 413s
     return app
 
@@ -352,7 +355,8 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     grace_s = float(getattr(args, "shutdown_grace_s", None) or DEFAULT_GRACE_S)
-    app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s)
+    app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s=grace_s,
+                     body_timeout_s=args.body_timeout_s)
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -316,13 +317,16 @@ def parse_completion(body: dict, session_header: str | None, max_model_len: int)
 
 
 class BodyLimitMiddleware:
-    """Answers 413 for a request body over max_bytes (declared or streamed), before any handler parses it."""
+    """Answers 413 for a request body over max_bytes (declared or streamed), and 408 for one that has
+    not fully arrived within timeout_s (a stalled or trickling client holds no handler forever),
+    before any handler parses it."""
 
     DRAIN_LIMIT = 64 << 20  # read (and drop) at most this much of an oversized body so the client sees the 413
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -332,8 +336,14 @@ class BodyLimitMiddleware:
         total, more = 0, True
         declared = dict(scope.get("headers") or []).get(b"content-length")
         too_big = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while more and not too_big:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
+                msg = f"the request body did not arrive within {self.timeout_s:g} s"
+                await error_response(error_body(msg, code="request_timeout"), 408)(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return  # the client left before sending its body
             chunks.append(message.get("body", b""))

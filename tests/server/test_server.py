@@ -342,6 +342,26 @@ def test_odd_but_valid_requests(server):
     assert seeded[0].choices[0].message.content == seeded[1].choices[0].message.content
 
 
+def test_a_stalled_body_gets_408_and_the_server_keeps_serving(chat_model_dir):
+    """A client that declares 100 bytes and sends 10 is answered 408 after the body timeout."""
+    import socket
+
+    s = start_server(engine_config(chat_model_dir, store=False), body_timeout_s=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n" + b'{"prompt":')  # fmt: skip
+            start = time.monotonic()
+            reply = conn.recv(65536).decode()
+            waited = time.monotonic() - start
+        assert reply.startswith("HTTP/1.1 408"), reply
+        assert '"request_timeout"' in reply and 0.3 < waited < 5
+        ok = httpx.post(f"{s.url}{COMP}", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        s.stop()
+
+
 def test_unknown_routes_and_methods_use_openai_errors(server):
     r = httpx.get(f"{server.url}/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
