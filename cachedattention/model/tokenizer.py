@@ -7,6 +7,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from cachedattention.errors import InvalidRequest
+
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
@@ -95,14 +97,16 @@ class Tokenizer:
 
 
 def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Check the OpenAI-style message list; ValueError names what is wrong."""
+    """Check the OpenAI-style message list; InvalidRequest (a ValueError) names what is wrong."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise InvalidRequest("messages must be a non-empty list of {'role': ..., 'content': ...} dicts", "messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be a dict, got {type(m).__name__}")
+            raise InvalidRequest(f"messages[{i}] must be a dict, got {type(m).__name__}", f"messages[{i}]")
         if m.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"messages[{i}].role must be 'system', 'user' or 'assistant', got {m.get('role')!r}")
+            raise InvalidRequest(
+                f"messages[{i}].role must be 'system', 'user' or 'assistant', got {m.get('role')!r}", f"messages[{i}].role"
+            )
         if not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}].content must be a string")
+            raise InvalidRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

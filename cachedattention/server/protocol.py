@@ -292,7 +292,7 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
     try:
         out = validate_messages(out)
     except ValueError as e:
-        raise bad(str(e), "messages") from None
+        raise bad(str(e), getattr(e, "param", None) or "messages") from None
     for i, m in enumerate(out):
         _text(m["content"], f"messages[{i}].content")
     return ParsedRequest(messages=out, **_common(body, session_header, max_model_len, chat=True))
