@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
     serve.add_argument("--body-timeout-s", type=float, default=30.0,
-                       help="answer 408 to a request whose body has not arrived within this time")
+                       help="answer 408 when no part of a request body arrives for this long")
     serve.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, wait this long for in-flight requests")
 
     bench = sub.add_parser("bench", help="benchmarks: throughput | turn | policy | workload")

@@ -82,6 +82,8 @@ def test_token_logprob_rank_and_alternatives():
         (dict(logit_bias={3: 101}), "logit_bias"),
         (dict(logit_bias={"3": 1.0}), "logit_bias"),
         (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=float("nan")), "top_p"),
     ],
 )
 def test_bad_sampling_params_are_refused_by_name(kwargs, word):
@@ -137,7 +139,12 @@ def test_a_stop_string_before_min_tokens_is_kept(embedded_llm):
     assert early.text == free.text[:first] and early.finish_reason == "stop"
     # min_tokens past the first comma's token: the text keeps it and stops at a later one
     upto = next(i for i in range(1, 13) if stop in llm.tokenizer.decode(free.token_ids[:i]))
-    late = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=(stop,),
+    # with a longer stop string beside it: each is looked for only where it could end past min_tokens
+    stops = (stop, "a stop string far longer than the text before min_tokens")
+    late = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=stops,
                                                  min_tokens=upto + 1))[0]  # fmt: skip
     assert late.finish_reason == "stop" and len(late.text) > first
     assert free.text.startswith(late.text) and free.text[len(late.text)] == stop
+    # a stop string at the very start leaves no text at all
+    at_start = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, stop=(free.text[:2],)))[0]
+    assert at_start.text == "" and at_start.finish_reason == "stop"

@@ -202,21 +202,21 @@ class LLMEngine:
         text from the min_tokens-th token on counts: a stop string wholly before it is kept."""
         text = self._decode(req.output_token_ids)
         if len(req.output_token_ids) < req.params.min_tokens:
-            # the next search starts where a stop string could still end after this token
-            req.stop_search_from = max(0, len(text) - max(map(len, req.params.stop)) + 1)
+            req.stop_text_before = len(text)  # a stop string must end after this much text
             return False
-        found = (text.find(s, req.stop_search_from) for s in req.params.stop)
+        before = req.stop_text_before
+        found = (text.find(s, max(0, before - len(s) + 1)) for s in req.params.stop)
         cut = min((i for i in found if i >= 0), default=-1)
         if cut < 0:
             return False
-        req.text = text[:cut]
+        req.text, req.stopped_by_string = text[:cut], True
         return True
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         req.metrics.finish_s = time.perf_counter()
         req.metrics.generated_tokens = len(req.output_token_ids)
-        if not (reason == "stop" and req.params.stop and req.text):
+        if not req.stopped_by_string:  # else the text was cut before the stop string (maybe to "")
             req.text = self._decode(req.output_token_ids)
         if self.store is not None:
             self.store.request_finished(req, saved=reason != "abort")

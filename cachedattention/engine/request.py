@@ -41,7 +41,8 @@ class Request:
     num_sent: int = 0  # output tokens already handed out (streaming deltas)
     store_state: Any = None  # the store connector's per-request bookkeeping
     logprobs: list[TokenLogprob] | None = None  # one per output token, when the params ask for them
-    stop_search_from: int = 0  # output text before this offset ended before min_tokens: no stop string there
+    stop_text_before: int = 0  # output text before min_tokens: a stop string wholly inside it does not count
+    stopped_by_string: bool = False  # `text` was cut before a stop string
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -25,15 +25,28 @@ def _byte_level_alphabet() -> dict[str, int]:
     return out
 
 
+def _decodes_byte_level(hf_tokenizer: Any) -> bool:
+    """Whether the tokenizer's decoder (or one in its sequence) is byte-level BPE's."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+    except (ValueError, AttributeError):
+        return False
+    parts = (decoder.get("decoders") or []) if decoder.get("type") == "Sequence" else [decoder]
+    return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
+
+
 class Tokenizer:
     def __init__(self, hf_tokenizer: Any) -> None:
         self.hf = hf_tokenizer
-        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-        byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
-        self._alphabet = _byte_level_alphabet() if byte_level else None
+        self._alphabet = _byte_level_alphabet() if _decodes_byte_level(hf_tokenizer) else None
         self._special = set(getattr(hf_tokenizer, "all_special_ids", ()) or ())
-        # logprobs look the same tokens up again and again (the vocabulary is finite)
-        self.token_bytes = functools.lru_cache(maxsize=1 << 16)(self._token_bytes)
+        # added tokens (special or not) are their text as written, not pieces of the vocabulary's alphabet
+        added = getattr(hf_tokenizer, "added_tokens_decoder", None) or {}
+        self._added = {i: str(getattr(t, "content", t)) for i, t in added.items()}
+        self._bytes: dict[int, bytes] = {}  # logprobs look the same tokens up again and again
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> Tokenizer:
@@ -62,8 +75,20 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for (byte-level BPE, SentencePiece, added tokens)."""
+        data = self._bytes.get(token_id)
+        if data is None:
+            data = self._bytes[token_id] = self._token_bytes(token_id)
+        return data
+
+    def first_token_length(self, token_id: int) -> int:
+        """Characters a token adds when it starts a text (SentencePiece's decoder drops its space)."""
+        return len(self.decode([token_id]))
+
     def _token_bytes(self, token_id: int) -> bytes:
-        """The exact bytes a token stands for (byte-level BPE, SentencePiece, special tokens)."""
+        if token_id in self._added:
+            return self._added[token_id].encode()
         piece = self.hf.convert_ids_to_tokens(token_id)
         if piece is None:
             return self.hf.decode([token_id]).encode()

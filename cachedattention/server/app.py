@@ -356,7 +356,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     grace_s = float(getattr(args, "shutdown_grace_s", None) or DEFAULT_GRACE_S)
     app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s=grace_s,
-                     body_timeout_s=args.body_timeout_s)
+                     body_timeout_s=getattr(args, "body_timeout_s", 30.0))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s))

@@ -52,8 +52,12 @@ class LogprobFormatter:
         offsets = []
         for lp in logprobs:
             offsets.append(self.offset)
-            if self.tokenizer is not None and not self.tokenizer.is_special(lp.token_id):  # the text skips those
-                self.offset += _chars(self.tokenizer.token_bytes(lp.token_id))
+            tok = self.tokenizer
+            if tok is None or tok.is_special(lp.token_id):  # the text skips special tokens
+                continue
+            # the text's first token as the decoder renders it (SentencePiece drops its leading space)
+            first = self.offset == 0
+            self.offset += tok.first_token_length(lp.token_id) if first else _chars(tok.token_bytes(lp.token_id))
         return {
             "tokens": [self._text(lp.token_id) for lp in logprobs],
             "token_logprobs": [_value(lp.logprob) for lp in logprobs],

@@ -317,9 +317,9 @@ def parse_completion(body: dict, session_header: str | None, max_model_len: int)
 
 
 class BodyLimitMiddleware:
-    """Answers 413 for a request body over max_bytes (declared or streamed), and 408 for one that has
-    not fully arrived within timeout_s (a stalled or trickling client holds no handler forever),
-    before any handler parses it."""
+    """Answers 413 for a request body over max_bytes (declared or streamed), and 408 when no part of
+    the body arrives for timeout_s (a stalled client holds no handler forever; a slow upload that
+    keeps sending is fine), before any handler parses it."""
 
     DRAIN_LIMIT = 64 << 20  # read (and drop) at most this much of an oversized body so the client sees the 413
 
@@ -336,22 +336,23 @@ class BodyLimitMiddleware:
         total, more = 0, True
         declared = dict(scope.get("headers") or []).get(b"content-length")
         too_big = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
-        while more and not too_big:
-            try:
-                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
-            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
-                msg = f"the request body did not arrive within {self.timeout_s:g} s"
+        try:
+            while more and not too_big:
+                message = await self._next(receive)
+                if message["type"] == "http.disconnect":
+                    return  # the client left before sending its body
+                chunks.append(message.get("body", b""))
+                total += len(chunks[-1])
+                more = message.get("more_body", False)
+                too_big = total > self.max_bytes
+            if too_big:
+                await self._drain(receive, more, total)
+        except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
+            if not too_big:
+                msg = f"no part of the request body arrived for {self.timeout_s:g} s"
                 await error_response(error_body(msg, code="request_timeout"), 408)(scope, receive, send)
                 return
-            if message["type"] == "http.disconnect":
-                return  # the client left before sending its body
-            chunks.append(message.get("body", b""))
-            total += len(chunks[-1])
-            more = message.get("more_body", False)
-            too_big = total > self.max_bytes
         if too_big:
-            await self._drain(receive, more, total)
             msg = f"the request body is larger than this server's limit of {self.max_bytes} bytes"
             await error_response(error_body(msg, code="request_too_large"), 413)(scope, receive, send)
             return
@@ -366,9 +367,13 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
+    async def _next(self, receive: Receive) -> Message:
+        """The next part of the body; asyncio.TimeoutError when none comes within timeout_s."""
+        return await asyncio.wait_for(receive(), self.timeout_s)
+
     async def _drain(self, receive: Receive, more: bool, total: int) -> None:
         while more and total < self.DRAIN_LIMIT:
-            message = await receive()
+            message = await self._next(receive)
             if message["type"] != "http.request":
                 return
             total += len(message.get("body", b""))

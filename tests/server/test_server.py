@@ -342,22 +342,40 @@ def test_odd_but_valid_requests(server):
     assert seeded[0].choices[0].message.content == seeded[1].choices[0].message.content
 
 
-def test_a_stalled_body_gets_408_and_the_server_keeps_serving(chat_model_dir):
-    """A client that declares 100 bytes and sends 10 is answered 408 after the body timeout."""
+def _raw_post(port: int, declared: int, parts: list[bytes], pause_s: float = 0.0) -> tuple[str, float]:
+    """POST /v1/completions declaring `declared` body bytes, sending `parts` pause_s apart; the reply
+    and how long after the last part it came."""
     import socket
 
-    s = start_server(engine_config(chat_model_dir, store=False), body_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % declared)  # fmt: skip
+        for part in parts:
+            time.sleep(pause_s)
+            conn.sendall(part)
+        start = time.monotonic()
+        reply = conn.recv(65536)
+        waited = time.monotonic() - start
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")))
+        while len(body) < length:  # the body may come in a later packet
+            body += conn.recv(65536)
+        return (head + b"\r\n\r\n" + body).decode(), waited
+
+
+def test_a_stalled_body_gets_408_and_a_slow_one_is_served(chat_model_dir):
+    """No part of the body for body_timeout_s: 408 (413 when it is also too big); a body sent in
+    parts, more slowly than the timeout in all but never pausing that long, is served."""
+    s = start_server(engine_config(chat_model_dir, store=False), body_timeout_s=0.5, max_body_bytes=1000)
     try:
-        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as conn:
-            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n" + b'{"prompt":')  # fmt: skip
-            start = time.monotonic()
-            reply = conn.recv(65536).decode()
-            waited = time.monotonic() - start
-        assert reply.startswith("HTTP/1.1 408"), reply
-        assert '"request_timeout"' in reply and 0.3 < waited < 5
-        ok = httpx.post(f"{s.url}{COMP}", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
-        assert ok.status_code == 200
+        reply, waited = _raw_post(s.port, 100, [b'{"prompt":'])
+        assert reply.startswith("HTTP/1.1 408") and '"request_timeout"' in reply and 0.3 < waited < 5, reply
+        reply, waited = _raw_post(s.port, 5000, [b"{}"])
+        assert reply.startswith("HTTP/1.1 413") and waited < 5, reply
+        body = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
+        parts = [body[i : i + 8] for i in range(0, len(body), 8)]  # 5 parts, 0.3 s apart: 1.5 s in all
+        reply, _ = _raw_post(s.port, len(body), parts, pause_s=0.3)
+        assert reply.startswith("HTTP/1.1 200"), reply
     finally:
         s.stop()
 
