@@ -231,5 +231,11 @@ def test_a_load_failing_through_no_segments_fault_recomputes_the_turn(tiny_dirs,
     got = llm.generate([turn2], params, session_id="s")[0]
     want = LLM(model=str(path), cache=no_device).generate([turn2], params)[0]
     assert got.token_ids == want.token_ids
-    assert calls and got.metrics.cached_tokens["host"] == 0  # tried once, then recomputed
+    assert calls == [0] and got.metrics.cached_tokens["host"] == 0  # tried once (failed at layer 0), then recomputed
     assert llm.engine.store.store.stats.corrupt_segments == 0
+    monkeypatch.undo()  # the loader works again: the record the recomputed turn committed serves turn 3
+    llm.engine.store.store.flush()
+    turn3 = turn2 + got.token_ids + [4, 5]
+    third = llm.generate([turn3], params, session_id="s")[0]
+    assert third.token_ids == LLM(model=str(path), cache=no_device).generate([turn3], params)[0].token_ids
+    assert third.metrics.cached_tokens["host"] >= len(turn2)
