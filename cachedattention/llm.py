@@ -71,10 +71,11 @@ class LLM:
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        params: SamplingParams | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
         session_id: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Complete every prompt (text or token ids); outputs come back in prompt order."""
+        """Complete every prompt (text or token ids); outputs come back in prompt order. `params`
+        and `session_id` are one for all prompts or one per prompt (as vLLM's sampling_params)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts, Sequence) and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -82,7 +83,17 @@ class LLM:
         sessions = list(session_id) if isinstance(session_id, (list, tuple)) else [session_id] * len(prompts)
         if len(sessions) != len(prompts):
             raise ValueError("session_id must be one id or one per prompt")
-        ids = [self.engine.add_request(p, params, session_id=s) for p, s in zip(prompts, sessions)]
+        each = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(each) != len(prompts):
+            raise ValueError(f"params must be one SamplingParams or one per prompt ({len(prompts)}), got {len(each)}")
+        ids: list[str] = []
+        try:
+            for p, sp, s in zip(prompts, each, sessions):
+                ids.append(self.engine.add_request(p, sp, session_id=s))
+        except BaseException:  # one bad prompt: the ones before it must not run later, unasked
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
         return self._run(ids)
 
     def chat(

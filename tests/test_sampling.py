@@ -148,3 +148,19 @@ def test_a_stop_string_before_min_tokens_is_kept(embedded_llm):
     # a stop string at the very start leaves no text at all
     at_start = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, stop=(free.text[:2],)))[0]
     assert at_start.text == "" and at_start.finish_reason == "stop"
+
+
+def test_generate_takes_one_sampling_params_per_prompt(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path))
+    prompts = [[1, 17, 33], [1, 40, 41, 42]]
+    each = [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+            SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=1)]  # fmt: skip
+    outs = llm.generate(prompts, each)
+    assert [len(o.token_ids) for o in outs] == [3, 5] and outs[0].logprobs is None and len(outs[1].logprobs) == 5
+    assert [o.token_ids for o in outs] == [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, each)]
+    with pytest.raises(ValueError, match="one per prompt"):
+        llm.generate(prompts, each[:1])
+    with pytest.raises(ValueError, match="logit_bias"):  # the second prompt is refused: the first is withdrawn
+        llm.generate(prompts, [each[0], SamplingParams(logit_bias={10_000: 1.0})])
+    assert not llm.engine.has_unfinished()
