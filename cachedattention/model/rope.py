@@ -32,7 +32,8 @@ class RotaryEmbedding:
 
     def __init__(self, spec: ModelSpec, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
         pos = torch.arange(max_len, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_frequencies(spec))
+        self.inv = inv_frequencies(spec)
+        freqs = torch.outer(pos, self.inv)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
         self.sin = emb.sin().to(device=device, dtype=dtype)
@@ -41,6 +42,13 @@ class RotaryEmbedding:
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [n, 1, head_dim] for broadcasting over heads."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def float_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tables` in float32 whatever the model's dtype: undoing a rotation with bf16 tables
+        (whose cos^2 + sin^2 is not 1) adds their rounding to the keys'."""
+        freqs = torch.outer(positions.float(), self.inv.to(positions.device))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -233,11 +233,14 @@ class StoreConnector:
         """Tokens served by another request's device pages: recover their pre-RoPE keys by rotating back."""
         dev = self.engine.device
         slots = KVPool.slots_for(req.pages, self.engine.pool.page_size, lo, hi, dev)
-        cos, sin = self.engine.model.rotary.tables(torch.arange(lo, hi, device=dev))
+        rotary, positions = self.engine.model.rotary, torch.arange(lo, hi, device=dev)
+        f32 = self.engine.pool.k[0].dtype == torch.float32  # else undo in float32: bf16 tables are lossy
+        cos, sin = rotary.tables(positions) if f32 else rotary.float_tables(positions)
         ks, vs = [], []
         for layer in range(self.layout.num_layers):
             k, v = self.engine.pool.gather(layer, slots)
-            ks.append(apply_rotary(k, cos, -sin))  # rotating by -theta undoes RoPE
+            k = apply_rotary(k if f32 else k.float(), cos, -sin)  # rotating by -theta undoes RoPE
+            ks.append(k if f32 else k.to(self.layout.dtype))
             vs.append(v)
         st.chunks.append((ks, vs))
 

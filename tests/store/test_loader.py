@@ -10,7 +10,7 @@ import torch
 
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.kvcache.page_pool import PagePool
-from cachedattention.model.rope import RotaryEmbedding
+from cachedattention.model.rope import RotaryEmbedding, apply_rotary, rotate_into
 from cachedattention.model.spec import spec_from_hf_config
 from cachedattention.store.disk import DiskTier
 from cachedattention.store.segment import KVLayout, SegmentKV
@@ -239,3 +239,24 @@ def test_a_load_failing_through_no_segments_fault_recomputes_the_turn(tiny_dirs,
     third = llm.generate([turn3], params, session_id="s")[0]
     assert third.token_ids == LLM(model=str(path), cache=no_device).generate([turn3], params)[0].token_ids
     assert third.metrics.cached_tokens["host"] >= len(turn2)
+
+
+def test_float_tables_undo_a_bf16_rotation_more_exactly():
+    """The store recovers pre-RoPE keys from bf16 device pages (a prefix-cache hit it then saves):
+    float32 tables undo the rotation with only the keys' own rounding left."""
+    spec = spec_from_hf_config({**CFG, "head_dim": 64, "hidden_size": 256, "rope_theta": 500000.0,
+                                "max_position_embeddings": 40000})  # fmt: skip
+    positions = torch.arange(30000, 30256)
+    f32 = RotaryEmbedding(spec, 40000, torch.device("cpu"), torch.float32)
+    for a, b in zip(f32.float_tables(positions), f32.tables(positions)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # the same tables where the model is float32
+    bf16 = RotaryEmbedding(spec, 40000, torch.device("cpu"), torch.bfloat16)
+    torch.manual_seed(0)
+    pre = torch.randn(256, 2, 64).bfloat16()
+    cos, sin = bf16.tables(positions)
+    post = rotate_into(torch.empty_like(pre), pre, cos, sin)  # what the forward writes into the pages
+    with_bf16 = apply_rotary(post, cos, -sin).bfloat16().float()
+    fcos, fsin = bf16.float_tables(positions)
+    with_f32 = apply_rotary(post.float(), fcos, -fsin).bfloat16().float()
+    err = {name: (got - pre.float()).abs().mean().item() for name, got in (("bf16", with_bf16), ("f32", with_f32))}
+    assert err["f32"] < 0.8 * err["bf16"], err
