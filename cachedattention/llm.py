@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
@@ -13,6 +13,15 @@ from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
+Message = dict[str, str]
+
+
+def _one_each(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams | None]:
+    """One SamplingParams for each of n requests, from one for all or a list of n."""
+    each = list(params) if isinstance(params, (list, tuple)) else [params] * n
+    if len(each) != n:
+        raise ValueError(f"params must be one SamplingParams or one per prompt ({n}), got {len(each)}")
+    return each
 
 
 class LLM:
@@ -83,33 +92,56 @@ class LLM:
         sessions = list(session_id) if isinstance(session_id, (list, tuple)) else [session_id] * len(prompts)
         if len(sessions) != len(prompts):
             raise ValueError("session_id must be one id or one per prompt")
-        each = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(each) != len(prompts):
-            raise ValueError(f"params must be one SamplingParams or one per prompt ({len(prompts)}), got {len(each)}")
+        each = _one_each(params, len(prompts))
+        return self._run(self._submit([(p, sp, s, 0) for p, sp, s in zip(prompts, each, sessions)]))
+
+    @overload
+    def chat(
+        self, messages: Sequence[Message], params: SamplingParams | None = None, session_id: str | None = None
+    ) -> RequestOutput: ...
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        session_id: Sequence[str | None] | None = None,
+    ) -> list[RequestOutput]: ...
+
+    def chat(self, messages, params=None, session_id=None):
+        """One assistant turn for a conversation; with a session_id its KV is reused next turn.
+
+        A list of conversations (as vLLM's chat) runs them together and returns one output each;
+        `params` and `session_id` are then one for all or one per conversation (ids must differ)."""
+        if self.engine.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so chat() cannot render messages")
+        batch = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
+        convs = list(messages) if batch else [messages]
+        sessions = list(session_id) if batch and isinstance(session_id, (list, tuple)) else [session_id] * len(convs)
+        if len(sessions) != len(convs):
+            raise ValueError("session_id must be one id per conversation")
+        if batch and session_id is not None and len({s for s in sessions if s is not None}) < len(convs):
+            raise ValueError("conversations run together need distinct session ids (or none)")
+        items = []
+        for conv, sp, sid in zip(convs, _one_each(params, len(convs)), sessions):
+            conv = validate_messages(conv)
+            prompt = self.engine.tokenizer.encode_chat(conv)
+            items.append((prompt, sp, sid, self.engine.tokenizer.head_length(conv, prompt)))
+        outs = self._run(self._submit(items))
+        return outs if batch else outs[0]
+
+    def _submit(self, items: list[tuple[Prompt, SamplingParams | None, str | None, int]]) -> list[str]:
+        """Add every request; if one is refused, withdraw those added before it (they would run
+        unasked during a later call) and raise."""
         ids: list[str] = []
         try:
-            for p, sp, s in zip(prompts, each, sessions):
-                ids.append(self.engine.add_request(p, sp, session_id=s))
-        except BaseException:  # one bad prompt: the ones before it must not run later, unasked
+            for prompt, sp, sid, head in items:
+                ids.append(self.engine.add_request(prompt, sp, session_id=sid, head_tokens=head))
+        except BaseException:
             for rid in ids:
                 self.engine.abort(rid)
             raise
-        return self._run(ids)
-
-    def chat(
-        self,
-        messages: Sequence[dict[str, str]],
-        params: SamplingParams | None = None,
-        session_id: str | None = None,
-    ) -> RequestOutput:
-        """One assistant turn for a conversation; with a session_id its KV is reused next turn."""
-        if self.engine.tokenizer is None:
-            raise ValueError("this model has no tokenizer, so chat() cannot render messages")
-        messages = validate_messages(messages)
-        prompt = self.engine.tokenizer.encode_chat(messages)
-        head = self.engine.tokenizer.head_length(messages, prompt)
-        rid = self.engine.add_request(prompt, params, session_id=session_id, head_tokens=head)
-        return self._run([rid])[0]
+        return ids
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

@@ -164,3 +164,17 @@ def test_generate_takes_one_sampling_params_per_prompt(tiny_dirs):
     with pytest.raises(ValueError, match="logit_bias"):  # the second prompt is refused: the first is withdrawn
         llm.generate(prompts, [each[0], SamplingParams(logit_bias={10_000: 1.0})])
     assert not llm.engine.has_unfinished()
+
+
+def test_chat_runs_a_list_of_conversations_together(embedded_llm):
+    llm = embedded_llm
+    convs = [[{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "Name a fruit."}]]
+    each = [SamplingParams(max_tokens=4, temperature=0), SamplingParams(max_tokens=6, temperature=0)]
+    outs = llm.chat(convs, each, session_id=["c1", "c2"])
+    assert [o.text for o in outs] == [llm.chat(c, sp).text for c, sp in zip(convs, each)]
+    assert [o.session_id for o in outs] == ["c1", "c2"]
+    with pytest.raises(ValueError, match="distinct session ids"):
+        llm.chat(convs, each, session_id=["same", "same"])
+    with pytest.raises(ValueError, match="role"):  # the second conversation is bad: nothing runs
+        llm.chat([convs[0], [{"role": "wizard", "content": "hi"}]])
+    assert not llm.engine.has_unfinished()
