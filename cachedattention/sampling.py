@@ -56,9 +56,9 @@ class SamplingParams:
         self._check_adjustments()
 
     def _check_adjustments(self) -> None:
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if not (is_number(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be a number > 0 (1 is off), got {self.repetition_penalty!r}")
@@ -66,7 +66,7 @@ class SamplingParams:
             v = getattr(self, name)
             if not (is_number(v) and -2.0 <= v <= 2.0):
                 raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
-        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+        if self.logprobs is not None and not (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
@@ -81,7 +81,8 @@ class SamplingParams:
                     or self.presence_penalty or self.frequency_penalty)  # fmt: skip
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
+    """An int that is not a bool (JSON's true would pass isinstance(v, int))."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -102,7 +103,7 @@ def _bias_pairs(bias: Mapping[int, float] | Sequence[tuple[int, float]] | None) 
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError("logit_bias must map token ids to numbers")
         token, value = pair
-        if not (_is_int(token) and token >= 0):
+        if not (is_int(token) and token >= 0):
             raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
         if not (is_number(value) and -100.0 <= value <= 100.0):
             raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {token}")
@@ -138,7 +139,7 @@ def adjust_logits(
 ) -> torch.Tensor:
     """A copy of one row of logits with the request's bias, min_tokens and penalties applied, in
     vLLM's order: bias and min_tokens, then repetition, frequency and presence penalties."""
-    row = logits.float().clone()
+    row = logits.to(torch.float32, copy=True)
     dev = row.device
     if params.logit_bias:
         ids = torch.tensor([t for t, _ in params.logit_bias], device=dev)

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachedattention.model.tokenizer import validate_messages
-from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, is_number
+from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, is_int, is_number
 
 INVALID = "invalid_request_error"
 MAX_STOPS = 16
@@ -84,10 +84,6 @@ def _text(v: str, param: str) -> str:
     return v
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
     v = body.get(key)
     if v is None:
@@ -104,7 +100,7 @@ def _integer(body: dict, key: str) -> int | None:
     v = body.get(key)
     if v is None:
         return None
-    if not _is_int(v):
+    if not is_int(v):
         raise bad(f"{key} must be an integer", key, "invalid_type")
     return v
 
@@ -195,7 +191,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     v = body.get("logprobs")
     if v is None or v is False:  # a neutral false, as some clients send
         return None
-    if not _is_int(v) or not 0 <= v <= MAX_LOGPROBS:
+    if not is_int(v) or not 0 <= v <= MAX_LOGPROBS:
         raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] for completions, got {v!r}", "logprobs")
     return v
 
@@ -307,7 +303,7 @@ def parse_completion(body: dict, session_header: str | None, max_model_len: int)
         if not prompt:
             raise bad("prompt must not be empty", "prompt")
         _text(prompt, "prompt")
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         pass
     elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         raise bad("batched prompts are not supported; send one prompt per request", "prompt")
