@@ -11,7 +11,8 @@ import math
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,25 +82,33 @@ def stream_delta(text: str, sent: str, stops: tuple[str, ...]) -> str:
 
 
 class _Format:
-    """OpenAI's response and chunk objects for one request."""
+    """OpenAI's response and chunk objects for one request (one choice per engine request)."""
 
     def __init__(
-        self, request_id: str, model: str, chat: bool, include_usage: bool, logprobs: LogprobFormatter | None = None
-    ) -> None:
+        self, request_id: str, model: str, chat: bool, include_usage: bool,
+        logprobs: Callable[[], LogprobFormatter] | None = None,
+    ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
         self.chat = chat
         self.include_usage = include_usage
-        self.logprobs = logprobs  # None: the request asked for no logprobs
+        self.new_logprobs = logprobs  # None: the request asked for no logprobs
+        self._logprob_formats: dict[int, LogprobFormatter] = {}  # each choice's (completions' offsets run on)
         self.created = int(time.time())
 
-    def _logprobs(self, logprobs: list | None) -> dict[str, Any] | None:
-        return None if self.logprobs is None or logprobs is None else self.logprobs.render(logprobs)
+    def _logprobs(self, index: int, logprobs: list | None) -> dict[str, Any] | None:
+        if self.new_logprobs is None or logprobs is None:
+            return None
+        if index not in self._logprob_formats:
+            self._logprob_formats[index] = self.new_logprobs()
+        return self._logprob_formats[index].render(logprobs)
 
     @staticmethod
-    def usage(out: RequestOutput) -> dict[str, Any]:
-        prompt, completion = out.metrics.prompt_tokens, len(out.token_ids)
-        tiers = dict(out.metrics.cached_tokens)
+    def usage(outs: list[RequestOutput]) -> dict[str, Any]:
+        """The prompt once (every choice shares it), the completions of all choices."""
+        first = outs[0]
+        prompt, completion = first.metrics.prompt_tokens, sum(len(o.token_ids) for o in outs)
+        tiers = dict(first.metrics.cached_tokens)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -107,35 +116,39 @@ class _Format:
             # truncated_tokens: history this turn dropped because the session outgrew the window (a later
             # turn reports 0 and keeps the shorter history; see `truncation`)
             "prompt_tokens_details": {"cached_tokens": sum(tiers.values()), "cached_tokens_by_tier": tiers,
-                                      "truncated_tokens": out.metrics.truncated_tokens},
+                                      "truncated_tokens": first.metrics.truncated_tokens},
         }
 
-    def full(self, out: RequestOutput) -> dict[str, Any]:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}}
-        else:
-            choice = {"index": 0, "text": out.text}
-        choice.update(logprobs=self._logprobs(out.logprobs), finish_reason=out.finish_reason)
+    def full(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for i, out in enumerate(outs):
+            if self.chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": out.text}}
+            else:
+                choice = {"index": i, "text": out.text}
+            choice.update(logprobs=self._logprobs(i, out.logprobs), finish_reason=out.finish_reason)
+            choices.append(choice)
         obj = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": self.usage(out)}  # fmt: skip
+                "choices": choices, "usage": self.usage(outs)}  # fmt: skip
 
     def chunk(
-        self, text: str | None = None, finish_reason: str | None = None, role: bool = False, logprobs: list | None = None
-    ) -> str:
+        self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
+        logprobs: list | None = None, index: int = 0,
+    ) -> str:  # fmt: skip
         """One streamed choice; `logprobs`: those of the tokens generated since the last chunk."""
-        lps = self._logprobs(logprobs)
+        lps = self._logprobs(index, logprobs)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": lps, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": lps, "finish_reason": finish_reason}
         return self._event([choice])
 
-    def usage_chunk(self, out: RequestOutput) -> str:
-        return self._event([], self.usage(out))
+    def usage_chunk(self, outs: list[RequestOutput]) -> str:
+        return self._event([], self.usage(outs))
 
     def _event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -201,88 +214,133 @@ class OpenAIRoutes:
                 "model_not_found", "model",
             )  # fmt: skip
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        job = Job(rid, parsed.params, parsed.session_id, parsed.prompt, parsed.messages, stream_text=parsed.stream,
-                  check_room=parsed.max_tokens_given and parsed.session_id is None)
-        try:
-            stream = self.loop.submit(job, asyncio.get_running_loop())
-        except ServerDraining as e:
-            raise _as_api_error(e) from None
-        try:
-            first = await stream.get()
-        except BaseException:  # cancelled (forced shutdown): free the pages
-            self.loop.abort(rid)
-            raise
-        if first is not ACCEPTED:
-            raise _as_api_error(first)
-        lps = LogprobFormatter(self.loop.engine.tokenizer, chat) if parsed.params.logprobs is not None else None
+        streams = await self._submit(rid, parsed)
+        tok = self.loop.engine.tokenizer
+        lps = (lambda: LogprobFormatter(tok, chat)) if parsed.params.logprobs is not None else None
         fmt = _Format(rid, self.model_name, chat, parsed.include_usage, lps)
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(self._events(stream, fmt, parsed), media_type="text/event-stream", headers=headers)
-        return JSONResponse(fmt.full(await self._collect(request, stream)))
+            return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
+        return JSONResponse(fmt.full(await self._collect(request, streams)))
 
-    async def _collect(self, request: Request, stream: RequestStream) -> RequestOutput:
-        watcher = asyncio.create_task(self._abort_on_disconnect(request, stream.request_id))
-        out = None
+    async def _submit(self, rid: str, parsed: ParsedRequest) -> list[RequestStream]:
+        """One engine request per choice (n > 1: seeds seed, seed + 1, ... so that seeded choices
+        differ); each accepted, or all withdrawn and the first error raised."""
+        streams: list[RequestStream] = []
         try:
-            while out is None or not out.finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise _as_api_error(item)
-                out = item
+            for i in range(parsed.n):
+                params = parsed.params
+                if params.seed is not None and i:
+                    params = replace(params, seed=(params.seed + i) % 2**64)
+                job = Job(rid if parsed.n == 1 else f"{rid}-{i}", params, parsed.session_id, parsed.prompt,
+                          parsed.messages, stream_text=parsed.stream,
+                          check_room=parsed.max_tokens_given and parsed.session_id is None)  # fmt: skip
+                streams.append(self.loop.submit(job, asyncio.get_running_loop()))
+            firsts = [await s.get() for s in streams]
+        except BaseException as e:  # draining, or cancelled (forced shutdown): free the pages
+            for s in streams:
+                self.loop.abort(s.request_id)
+            if isinstance(e, ServerDraining):
+                raise _as_api_error(e) from None
+            raise
+        refused = next((f for f in firsts if f is not ACCEPTED), None)
+        if refused is not None:
+            for s in streams:
+                self.loop.abort(s.request_id)
+            raise _as_api_error(refused)
+        return streams
+
+    async def _collect(self, request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
+        watcher = asyncio.create_task(self._abort_on_disconnect(request, [s.request_id for s in streams]))
+        outs: list[RequestOutput | None] = [None] * len(streams)
+        try:
+            for i, stream in enumerate(streams):  # the engine runs them together; read them in turn
+                while outs[i] is None or not outs[i].finished:
+                    item = await stream.get()
+                    if isinstance(item, BaseException):
+                        raise _as_api_error(item)
+                    outs[i] = item
         finally:
             client_gone = watcher.done() and not watcher.cancelled()
             watcher.cancel()
-            if out is None or not out.finished:
-                self.loop.abort(stream.request_id)
-        if out.finish_reason == "abort":
+            for stream, out in zip(streams, outs):
+                if out is None or not out.finished:
+                    self.loop.abort(stream.request_id)
+        if any(out.finish_reason == "abort" for out in outs):
             # 499 (nginx's "client closed request") keeps these apart from shutdown aborts in /metrics
             raise APIError(499, "the client closed the request", "client_closed") if client_gone else _aborted()
-        return out
+        return outs
 
-    async def _abort_on_disconnect(self, request: Request, request_id: str) -> None:
+    async def _abort_on_disconnect(self, request: Request, request_ids: list[str]) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        self.loop.abort(request_id)
+        for rid in request_ids:
+            self.loop.abort(rid)
 
-    async def _events(self, stream: RequestStream, fmt: _Format, parsed: ParsedRequest) -> AsyncIterator[str]:
-        done, sent, lp_sent = False, "", 0
+    async def _events(self, streams: list[RequestStream], fmt: _Format, parsed: ParsedRequest) -> AsyncIterator[str]:
+        """The choices' chunks as they come (each tagged with its index), then usage and [DONE]."""
+        choices = [_StreamedChoice(i) for i in range(len(streams))]
+        merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
-        def new_logprobs(out: RequestOutput) -> list | None:
-            """The logprobs of tokens no chunk carried yet (they go with the next text sent)."""
-            nonlocal lp_sent
-            if out.logprobs is None:
-                return None
-            new, lp_sent = out.logprobs[lp_sent:], len(out.logprobs)
-            return new
+        async def pump(i: int, stream: RequestStream) -> None:
+            while True:
+                item = await stream.get()
+                merged.put_nowait((i, item))
+                if isinstance(item, BaseException) or item.finished:
+                    return
 
+        pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        failed = False
         try:
             if fmt.chat:
-                yield fmt.chunk(role=True)
-            while not done:
-                item = await stream.get()
+                for c in choices:
+                    yield fmt.chunk(role=True, index=c.index)
+            while not all(c.done for c in choices):
+                i, item = await merged.get()
+                c = choices[i]
                 if isinstance(item, BaseException) or item.finish_reason == "abort":
-                    done = True
+                    failed = True
                     err = _aborted() if isinstance(item, RequestOutput) else _as_api_error(item)
                     yield sse(err.body())
                     break
                 if item.finished:
-                    done = True
-                    tail, lps = item.text[len(sent) :], new_logprobs(item)
+                    c.done, c.out = True, item
+                    tail, lps = item.text[len(c.sent) :], c.new_logprobs(item)
                     if tail or lps:
-                        yield fmt.chunk(tail, logprobs=lps)
-                    yield fmt.chunk(None if fmt.chat else "", finish_reason=item.finish_reason)
-                    if fmt.include_usage:
-                        yield fmt.usage_chunk(item)
-                    break
-                delta = stream_delta(item.text, sent, parsed.params.stop)
+                        yield fmt.chunk(tail, logprobs=lps, index=i)
+                    yield fmt.chunk(None if fmt.chat else "", finish_reason=item.finish_reason, index=i)
+                    continue
+                delta = stream_delta(item.text, c.sent, parsed.params.stop)
                 if delta:
-                    sent += delta
-                    yield fmt.chunk(delta, logprobs=new_logprobs(item))
+                    c.sent += delta
+                    yield fmt.chunk(delta, logprobs=c.new_logprobs(item), index=i)
+            if not failed and fmt.include_usage:
+                yield fmt.usage_chunk([c.out for c in choices])
             yield "data: [DONE]\n\n"
         finally:
-            if not done:  # the client went away (or the server cancelled us): free the request's pages
-                self.loop.abort(stream.request_id)
+            for task in pumps:
+                task.cancel()
+            for c, stream in zip(choices, streams):
+                if not c.done:  # the client went away, a sibling failed, or the server cancelled us
+                    self.loop.abort(stream.request_id)
+
+
+@dataclass
+class _StreamedChoice:
+    """What one streamed choice has sent so far."""
+
+    index: int
+    sent: str = ""
+    logprobs_sent: int = 0
+    done: bool = False
+    out: RequestOutput | None = None
+
+    def new_logprobs(self, out: RequestOutput) -> list | None:
+        """The logprobs of tokens no chunk carried yet (they go with the next text sent)."""
+        if out.logprobs is None:
+            return None
+        new, self.logprobs_sent = out.logprobs[self.logprobs_sent :], len(out.logprobs)
+        return new
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -16,6 +16,7 @@ from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, is_int, is_nu
 INVALID = "invalid_request_error"
 MAX_STOPS = 16
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
+MAX_CHOICES = 16  # most choices (n) one request may ask for
 MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
 
@@ -62,6 +63,7 @@ class ParsedRequest:
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
     max_tokens_given: bool = False  # the client asked for a length (else: until EOS or the window)
+    n: int = 1  # choices to generate for the prompt
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -197,9 +199,6 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 
 
 def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> SamplingParams:
-    n = _integer(body, "n")
-    if n is not None and n != 1:
-        raise bad("only n=1 is supported", "n")
     max_tokens = _integer(body, "max_completion_tokens")
     key = "max_completion_tokens"
     if max_tokens is None:
@@ -253,13 +252,20 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     if opts is not None and not stream:  # as OpenAI's API and vLLM: a client bug worth telling
         raise bad("stream_options is only allowed when stream is true", "stream_options")
     include_usage = _bool(opts or {}, "include_usage")
+    session_id = _session_id(body, session_header)
+    n = _integer(body, "n")
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise bad(f"n must be an integer in [1, {MAX_CHOICES}], got {n}", "n")
+    if (n or 1) > 1 and session_id is not None:
+        raise bad("n > 1 cannot continue a session: which choice would be its next turn?", "n")
     return dict(
         model=model,
         params=sampling_params(body, max_model_len, chat),
         stream=stream,
         include_usage=include_usage,
-        session_id=_session_id(body, session_header),
+        session_id=session_id,
         max_tokens_given=body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None,
+        n=n or 1,
     )
 
 

@@ -110,6 +110,31 @@ def test_penalties_and_bias_reach_the_sampler(server, engine):
     assert forced.usage.completion_tokens == 4 and forced.choices[0].finish_reason == "stop"  # EOS as 4th token
 
 
+def test_n_choices_streamed_and_not(server, engine):
+    from cachedattention import SamplingParams
+
+    c = client(server.url)
+    r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=8, temperature=1.0, seed=5, n=3,
+                                  logprobs=True)  # fmt: skip
+    texts = [ch.message.content for ch in r.choices]
+    assert [ch.index for ch in r.choices] == [0, 1, 2] and len(set(texts)) == 3  # seeds 5, 6, 7
+    assert texts[1] == engine.chat(MSGS, SamplingParams(max_tokens=8, temperature=1.0, seed=6)).text
+    assert r.usage.completion_tokens == sum(len(ch.logprobs.content) for ch in r.choices)  # every choice's tokens
+    assert r.usage.prompt_tokens == len(engine.tokenizer.encode_chat(MSGS))  # the prompt counted once
+    stream = c.chat.completions.create(model="default", messages=MSGS, max_tokens=8, temperature=1.0, seed=5, n=3,
+                                       stream=True, stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    joined = ["".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
+              for i in range(3)]  # fmt: skip
+    assert joined == texts
+    finished = [ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1, 2] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    greedy = c.completions.create(model="default", prompt="The sky is", max_tokens=5, temperature=0, n=2, logprobs=1)
+    assert greedy.choices[0].text == greedy.choices[1].text
+    assert greedy.choices[0].logprobs.tokens == greedy.choices[1].logprobs.tokens
+    assert greedy.choices[1].logprobs.text_offset[0] == 0  # each choice's offsets start at its own text
+
+
 BAD = [
     ("top_logprobs without logprobs", "/v1/chat/completions", {"messages": MSGS, "top_logprobs": 3}, "top_logprobs"),
     ("too many top_logprobs", "/v1/chat/completions", {"messages": MSGS, "logprobs": True, "top_logprobs": 21},
