@@ -92,6 +92,7 @@ class LLMEngine:
         session_id: str | None = None,
         stream_text: bool = False,
         head_tokens: int = 0,
+        save_to_store: bool = True,
     ) -> str:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -125,6 +126,7 @@ class LLMEngine:
             stream_text=stream_text,
             head_tokens=head_tokens,
             logprobs=None if params.logprobs is None else [],
+            save_to_store=save_to_store,
         )
         if self.store is not None:
             self.store.prepare(req)  # may truncate an overflowing conversation
@@ -219,7 +221,7 @@ class LLMEngine:
         if not req.stopped_by_string:  # else the text was cut before the stop string (maybe to "")
             req.text = self._decode(req.output_token_ids)
         if self.store is not None:
-            self.store.request_finished(req, saved=reason != "abort")
+            self.store.request_finished(req, saved=reason != "abort" and req.save_to_store)
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
 

@@ -234,7 +234,8 @@ class OpenAIRoutes:
                     params = replace(params, seed=(params.seed + i) % 2**64)
                 job = Job(rid if parsed.n == 1 else f"{rid}-{i}", params, parsed.session_id, parsed.prompt,
                           parsed.messages, stream_text=parsed.stream,
-                          check_room=parsed.max_tokens_given and parsed.session_id is None)  # fmt: skip
+                          check_room=parsed.max_tokens_given and parsed.session_id is None,
+                          save_to_store=i == 0)  # fmt: skip
                 streams.append(self.loop.submit(job, asyncio.get_running_loop()))
             firsts = [await s.get() for s in streams]
         except BaseException as e:  # draining, or cancelled (forced shutdown): free the pages
@@ -253,14 +254,22 @@ class OpenAIRoutes:
     async def _collect(self, request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
         watcher = asyncio.create_task(self._abort_on_disconnect(request, [s.request_id for s in streams]))
         outs: list[RequestOutput | None] = [None] * len(streams)
+
+        async def drain(i: int, stream: RequestStream) -> None:
+            # every choice read as its outputs come: each carries all its tokens so far, and
+            # outputs left queued behind a slower reader would pile up
+            while outs[i] is None or not outs[i].finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise _as_api_error(item)
+                outs[i] = item
+
+        drains = [asyncio.create_task(drain(i, s)) for i, s in enumerate(streams)]
         try:
-            for i, stream in enumerate(streams):  # the engine runs them together; read them in turn
-                while outs[i] is None or not outs[i].finished:
-                    item = await stream.get()
-                    if isinstance(item, BaseException):
-                        raise _as_api_error(item)
-                    outs[i] = item
+            await asyncio.gather(*drains)  # the first error raises at once
         finally:
+            for task in drains:
+                task.cancel()
             client_gone = watcher.done() and not watcher.cancelled()
             watcher.cancel()
             for stream, out in zip(streams, outs):

@@ -38,6 +38,7 @@ class Job:
     stream_text: bool = False
     # the prompt plus max_tokens must fit the window (as in vLLM); a session instead drops old history
     check_room: bool = False
+    save_to_store: bool = True  # n > 1: only the first choice saves its KV (the prompt's is the same)
 
 
 class RequestStream:
@@ -166,7 +167,8 @@ class EngineLoop:
         try:
             prompt = job.prompt if job.messages is None else self._render(job.messages)
             self.engine.add_request(
-                prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text
+                prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
+                save_to_store=job.save_to_store,
             )
             if job.check_room:
                 self._check_room(job)

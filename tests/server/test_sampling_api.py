@@ -168,3 +168,14 @@ def test_bad_fields_get_400_naming_the_field(server, name, path, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param  # also where only the engine can tell (the vocabulary's size)
+
+
+def test_n_choices_save_the_prompt_once(store_server):
+    """Only the first choice saves its KV: the others would store the same prompt again."""
+    store = store_server.app.state.engine_loop.engine.store.store
+    before = len(store.records)
+    r = httpx.post(f"{store_server.url}/v1/completions", timeout=60, json={
+        "prompt": "A prompt no other test sends, for three choices.", "max_tokens": 4, "temperature": 1.0, "n": 3})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+    assert len(store.records) == before + 1
+    store.check_integrity()
