@@ -16,11 +16,11 @@ Prompt = str | Sequence[int]
 Message = dict[str, str]
 
 
-def _one_each(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams | None]:
-    """One SamplingParams for each of n requests, from one for all or a list of n."""
-    each = list(params) if isinstance(params, (list, tuple)) else [params] * n
+def _one_each(value: Any, n: int, name: str) -> list[Any]:
+    """One value (SamplingParams, session id) for each of n requests, from one for all or a list of n."""
+    each = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(each) != n:
-        raise ValueError(f"params must be one SamplingParams or one per prompt ({n}), got {len(each)}")
+        raise ValueError(f"{name} must be one for all or one per prompt ({n}), got {len(each)}")
     return each
 
 
@@ -89,10 +89,8 @@ class LLM:
             prompts = [prompts]
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
-        sessions = list(session_id) if isinstance(session_id, (list, tuple)) else [session_id] * len(prompts)
-        if len(sessions) != len(prompts):
-            raise ValueError("session_id must be one id or one per prompt")
-        each = _one_each(params, len(prompts))
+        sessions = _one_each(session_id, len(prompts), "session_id")
+        each = _one_each(params, len(prompts), "params")
         return self._run(self._submit([(p, sp, s, 0) for p, sp, s in zip(prompts, each, sessions)]))
 
     @overload
@@ -117,13 +115,11 @@ class LLM:
             raise ValueError("this model has no tokenizer, so chat() cannot render messages")
         batch = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
         convs = list(messages) if batch else [messages]
-        sessions = list(session_id) if batch and isinstance(session_id, (list, tuple)) else [session_id] * len(convs)
-        if len(sessions) != len(convs):
-            raise ValueError("session_id must be one id per conversation")
+        sessions = _one_each(session_id, len(convs), "session_id")
         if batch and session_id is not None and len({s for s in sessions if s is not None}) < len(convs):
             raise ValueError("conversations run together need distinct session ids (or none)")
         items = []
-        for conv, sp, sid in zip(convs, _one_each(params, len(convs)), sessions):
+        for conv, sp, sid in zip(convs, _one_each(params, len(convs), "params"), sessions):
             conv = validate_messages(conv)
             prompt = self.engine.tokenizer.encode_chat(conv)
             items.append((prompt, sp, sid, self.engine.tokenizer.head_length(conv, prompt)))

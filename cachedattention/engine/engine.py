@@ -79,10 +79,13 @@ class LLMEngine:
             raise InvalidRequest("a prompt must be a string or a list of token ids (ints)", "prompt")
         if not ids:
             raise InvalidRequest("the prompt is empty", "prompt")
+        self._check_in_vocabulary(ids, "prompt", "token ids")
+        return ids
+
+    def _check_in_vocabulary(self, ids: Sequence[int], param: str, what: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
         if bad:
-            raise InvalidRequest(f"token ids out of the vocabulary (0..{self.spec.vocab_size - 1}): {bad[:5]}", "prompt")
-        return ids
+            raise InvalidRequest(f"{what} out of the vocabulary (0..{self.spec.vocab_size - 1}): {bad[:5]}", param)
 
     def add_request(
         self,
@@ -100,17 +103,8 @@ class LLMEngine:
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError("session_id must be a non-empty string")
         ids = self.tokenize(prompt)
-        stop_oov = [t for t in params.stop_token_ids if t >= self.spec.vocab_size]
-        if stop_oov:
-            raise InvalidRequest(
-                f"stop_token_ids out of the vocabulary (0..{self.spec.vocab_size - 1}): {stop_oov[:5]}", "stop_token_ids"
-            )
-        biased_oov = [t for t, _ in params.logit_bias if t >= self.spec.vocab_size]
-        if biased_oov:
-            raise InvalidRequest(
-                f"logit_bias names token ids out of the vocabulary (0..{self.spec.vocab_size - 1}): {biased_oov[:5]}",
-                "logit_bias",
-            )
+        self._check_in_vocabulary(params.stop_token_ids, "stop_token_ids", "stop_token_ids")
+        self._check_in_vocabulary([t for t, _ in params.logit_bias], "logit_bias", "logit_bias names token ids")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -238,17 +238,15 @@ class OpenAIRoutes:
                           save_to_store=i == 0)  # fmt: skip
                 streams.append(self.loop.submit(job, asyncio.get_running_loop()))
             firsts = [await s.get() for s in streams]
-        except BaseException as e:  # draining, or cancelled (forced shutdown): free the pages
+            refused = next((f for f in firsts if f is not ACCEPTED), None)
+            if refused is not None:
+                raise _as_api_error(refused)
+        except BaseException as e:  # refused, draining, or cancelled (forced shutdown): free the pages
             for s in streams:
                 self.loop.abort(s.request_id)
             if isinstance(e, ServerDraining):
                 raise _as_api_error(e) from None
             raise
-        refused = next((f for f in firsts if f is not ACCEPTED), None)
-        if refused is not None:
-            for s in streams:
-                self.loop.abort(s.request_id)
-            raise _as_api_error(refused)
         return streams
 
     async def _collect(self, request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
