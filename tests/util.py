@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import cachedattention.engine.engine as engine_mod
+from cachedattention.model.tokenizer import Tokenizer
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -22,3 +23,17 @@ def capture_logits(monkeypatch) -> list[torch.Tensor]:
 
     monkeypatch.setattr(engine_mod, "sample_batch", spy)
     return seen
+
+
+def sentencepiece_like() -> Tokenizer:
+    """A SentencePiece-style tokenizer built in memory: a word-start mark for spaces, byte pieces for
+    characters outside the vocabulary (\u4e2d is <0xE4> <0xB8> <0xAD>)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "\u2581Hello": 2, "\u2581world": 3, "<0xE4>": 4, "<0xB8>": 5, "<0xAD>": 6, "!": 7}
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>"))

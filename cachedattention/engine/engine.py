@@ -11,6 +11,7 @@ from dataclasses import replace
 import torch
 
 from cachedattention.config import EngineConfig
+from cachedattention.engine.detokenizer import IncrementalDetokenizer
 from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
@@ -118,6 +119,7 @@ class LLMEngine:
             logical_prompt=list(ids),
             generator=make_generator(params, self.config.device),
             stream_text=stream_text,
+            detokenizer=IncrementalDetokenizer(self._decode),
             head_tokens=head_tokens,
             logprobs=None if params.logprobs is None else [],
             save_to_store=save_to_store,
@@ -194,14 +196,18 @@ class LLMEngine:
             self._finish(req, reason)
 
     def _hit_stop_string(self, req: Request) -> bool:
-        """Whether the output now contains a stop string (the text is cut before it). As vLLM, only
+        """Whether the output now contains a stop string (the text is cut before it). Only the text
+        new since the last check (and a stop string's length before it) is searched. As vLLM, only
         text from the min_tokens-th token on counts: a stop string wholly before it is kept."""
-        text = self._decode(req.output_token_ids)
+        delta = req.detokenizer.update(req.output_token_ids)
+        text = req.detokenizer.text
         if len(req.output_token_ids) < req.params.min_tokens:
             req.stop_text_before = len(text)  # a stop string must end after this much text
             return False
-        before = req.stop_text_before
-        found = (text.find(s, max(0, before - len(s) + 1)) for s in req.params.stop)
+        if not delta:
+            return False
+        start = max(req.stop_text_before, len(text) - len(delta))
+        found = (text.find(s, max(0, start - len(s) + 1)) for s in req.params.stop)
         cut = min((i for i in found if i >= 0), default=-1)
         if cut < 0:
             return False
@@ -213,19 +219,26 @@ class LLMEngine:
         req.metrics.finish_s = time.perf_counter()
         req.metrics.generated_tokens = len(req.output_token_ids)
         if not req.stopped_by_string:  # else the text was cut before the stop string (maybe to "")
-            req.text = self._decode(req.output_token_ids)
+            req.detokenizer.update(req.output_token_ids, final=True)
+            req.text = req.detokenizer.text
         if self.store is not None:
             self.store.request_finished(req, saved=reason != "abort" and req.save_to_store)
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
 
-    def _decode(self, ids: list[int]) -> str:
+    def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
     def _output(self, req: Request) -> RequestOutput:
         new = req.output_token_ids[req.num_sent :]
         req.num_sent = len(req.output_token_ids)
-        text = req.text if req.is_finished else (self._decode(req.output_token_ids) if req.stream_text else "")
+        if req.is_finished:
+            text = req.text
+        elif req.stream_text:
+            req.detokenizer.update(req.output_token_ids)
+            text = req.detokenizer.text
+        else:
+            text = ""
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,

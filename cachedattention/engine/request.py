@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from cachedattention.engine.detokenizer import IncrementalDetokenizer
 from cachedattention.outputs import RequestMetrics
 from cachedattention.sampling import SamplingParams, TokenLogprob
 
@@ -36,8 +37,9 @@ class Request:
     staged: bool = False  # still queued, but holds pages its stored prefix is being loaded into (read buffer)
     num_registered_blocks: int = 0  # full pages published to the prefix cache
     block_hashes: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # the final text (set when the request finishes)
     stream_text: bool = False
+    detokenizer: IncrementalDetokenizer | None = None  # output text so far, for streaming and stop strings
     num_sent: int = 0  # output tokens already handed out (streaming deltas)
     store_state: Any = None  # the store connector's per-request bookkeeping
     logprobs: list[TokenLogprob] | None = None  # one per output token, when the params ask for them

@@ -6,22 +6,11 @@ from __future__ import annotations
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.sampling import TokenLogprob
 from cachedattention.server.logprobs import LogprobFormatter
-
-
-def _sentencepiece_like() -> Tokenizer:
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "\u2581Hello": 2, "\u2581world": 3, "<0xE4>": 4, "<0xB8>": 5, "<0xAD>": 6, "!": 7}
-    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
-    return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>"))
+from tests.util import sentencepiece_like
 
 
 def test_sentencepiece_tokens_bytes_and_offsets_into_the_text():
-    tok = _sentencepiece_like()
+    tok = sentencepiece_like()
     ids = [1, 2, 3, 4, 5, 6, 7]  # <s> Hello world 中 (three byte pieces) !
     text = tok.decode(ids)
     assert text == "Hello world\u4e2d!"  # the decoder drops the first word's space and the special token
@@ -40,4 +29,4 @@ def test_byte_level_detection_and_added_tokens():
     assert tok.token_bytes(tok.encode(" hello")[0]) == b" hello"
     eos = tok.eos_token_id
     assert tok.token_bytes(eos) == tok.hf.convert_ids_to_tokens(eos).encode()  # an added token, as written
-    assert _sentencepiece_like().token_bytes(2) == b" Hello"  # not read through the byte-level alphabet
+    assert sentencepiece_like().token_bytes(2) == b" Hello"  # not read through the byte-level alphabet

@@ -1,0 +1,98 @@
+"""The output text built token by token equals a whole decode, only grows, and decodes a few tokens per step."""
+
+from __future__ import annotations
+
+import pytest
+
+from cachedattention.engine.detokenizer import IncrementalDetokenizer
+from cachedattention.model.tokenizer import Tokenizer
+from tests.util import sentencepiece_like
+
+TEXT = "Héllo wörld! 中文字符 and emoji 🙂🚀 — \"quotes\"\n\tnew line   spaces, ünïcödé. " * 8
+
+
+@pytest.fixture(scope="module")
+def byte_level() -> Tokenizer:
+    from cachedattention.model.embedded import embedded_model_dir
+
+    return Tokenizer.from_pretrained(str(embedded_model_dir()))
+
+
+def _stream(tok: Tokenizer, ids: list[int]) -> tuple[IncrementalDetokenizer, list[str], list[int]]:
+    """Feed ids one at a time; return the detokenizer, the deltas, and how many ids each decode took."""
+    sizes: list[int] = []
+
+    def decode(part):
+        sizes.append(len(part))
+        return tok.decode(part)
+
+    detok = IncrementalDetokenizer(decode)
+    deltas = [detok.update(ids[: i + 1]) for i in range(len(ids))]
+    deltas.append(detok.update(ids, final=True))
+    return detok, deltas, sizes
+
+
+def test_byte_level_text_grows_to_the_whole_decode_without_broken_characters(byte_level):
+    ids = byte_level.encode(TEXT)
+    assert any("\ufffd" in byte_level.decode([t]) for t in ids)  # some tokens hold part of a character
+    detok, deltas, sizes = _stream(byte_level, ids)
+    assert detok.text == byte_level.decode(ids) == TEXT
+    assert "".join(deltas) == TEXT
+    assert not any("\ufffd" in d for d in deltas)  # a character cut in two waits for its other part
+    assert max(sizes) <= 8  # a few tokens per update, not the whole output (len(ids) is hundreds)
+    assert len(ids) > 300
+
+
+def test_sentencepiece_keeps_word_spaces_and_joins_byte_pieces():
+    tok = sentencepiece_like()
+    ids = [2, 3, 4, 5, 6, 7, 3]  # Hello world 中 (three byte pieces) ! world
+    detok, deltas, _ = _stream(tok, ids)
+    assert deltas == ["Hello", " world", "", "", "\u4e2d", "!", " world", ""]
+    assert detok.text == tok.decode(ids) == "Hello world\u4e2d! world"
+
+
+def test_a_skipped_special_token_adds_nothing_and_the_next_word_keeps_its_space():
+    tok = sentencepiece_like()
+    detok, deltas, _ = _stream(tok, [2, 1, 3])  # Hello <s> world
+    assert deltas == ["Hello", "", " world", ""]
+    assert detok.text == tok.decode([2, 1, 3])
+
+
+def test_the_final_update_writes_a_trailing_partial_character_as_a_whole_decode_does():
+    tok = sentencepiece_like()
+    detok = IncrementalDetokenizer(tok.decode)
+    assert detok.update([2]) == "Hello"
+    assert detok.update([2, 4]) == ""  # the first of a character's three bytes: wait
+    assert detok.update([2, 4], final=True) == "\ufffd"
+    assert detok.text == tok.decode([2, 4]) == "Hello\ufffd"
+
+
+def test_catching_up_many_tokens_at_once_equals_the_whole_decode(byte_level):
+    ids = byte_level.encode(TEXT)
+    detok = IncrementalDetokenizer(byte_level.decode)
+    detok.update(ids[:37])
+    detok.update(ids[:250])
+    detok.update(ids, final=True)
+    assert detok.text == TEXT
+    assert IncrementalDetokenizer(byte_level.decode).update(ids, final=True) == TEXT  # one call: a whole decode
+
+
+def test_a_streamed_answer_with_stop_strings_decodes_a_few_tokens_per_step(embedded_llm, monkeypatch):
+    """Engine level: each step's text extends the last; the final text is the whole decode; the
+    tokenizer sees a few tokens per step, not the whole answer again (quadratic in its length)."""
+    from cachedattention import SamplingParams
+
+    engine = embedded_llm.engine
+    decoded: list[int] = []
+    real = engine.tokenizer.decode
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda ids: decoded.append(len(ids)) or real(ids))
+    params = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True, stop=("never in this text \x00",))
+    engine.add_request("Write a long story about a dragon.", params, request_id="long", stream_text=True)
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.request_id == "long"]
+    final = outs[-1].text
+    assert outs[-1].finished and len(outs[-1].token_ids) == 96
+    assert all(final.startswith(o.text) for o in outs) and len({o.text for o in outs}) > 48  # grew step by step
+    assert final == real(outs[-1].token_ids) and len(final) > 200
+    assert max(decoded) <= 8 and sum(decoded) < 96 * 8  # a whole decode each step would sum to ~4,600
