@@ -45,3 +45,5 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)  # tokens added since the last output (streaming)
     # one per token in token_ids when SamplingParams.logprobs was set (sampling.TokenLogprob), else None
     logprobs: list | None = None
+    # one per prompt token when SamplingParams.prompt_logprobs was set (None for the first token), else None
+    prompt_logprobs: list | None = None

@@ -34,6 +34,10 @@ class SamplingParams:
     # None: no logprobs; n: each generated token's log-probability and the n most likely tokens'
     # (under the model's own distribution: before penalties, bias and temperature, as vLLM)
     logprobs: int | None = None
+    # None: none; n: each prompt token's log-probability given the tokens before it (the first has
+    # none) and the n most likely tokens'. Such a request computes its whole prompt (as vLLM): cached
+    # KV gives no logits for the positions it covers
+    prompt_logprobs: int | None = None
     # filled in by the engine: the model's end-of-sequence ids
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -66,8 +70,10 @@ class SamplingParams:
             v = getattr(self, name)
             if not (is_number(v) and -2.0 <= v <= 2.0):
                 raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
-        if self.logprobs is not None and not (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not (is_int(v) and 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {v!r}")
 
     @property
     def greedy(self) -> bool:
@@ -124,14 +130,20 @@ class TokenLogprob:
 
 def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
     """The log-probability of `token` in one row of raw logits, and the top_n alternatives."""
+    return token_logprobs(logits[None], [token], top_n)[0]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int) -> list[TokenLogprob]:
+    """Row i's log-probability of tokens[i] in raw logits [rows, vocab], its rank, and the top_n."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    value = lp[token]
-    rank = int((lp > value).sum()) + 1
-    top = ()
+    index = torch.tensor(list(tokens), dtype=torch.long, device=lp.device)[:, None]
+    values = lp.gather(1, index)
+    ranks = ((lp > values).sum(dim=1) + 1).tolist()
+    tops: list[tuple[tuple[int, float], ...]] = [()] * len(ranks)
     if top_n:
-        values, ids = torch.topk(lp, min(top_n, lp.numel()))
-        top = tuple(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token, float(value), rank, top)
+        top_values, top_ids = torch.topk(lp, min(top_n, lp.shape[1]), dim=1)
+        tops = [tuple(zip(i, v)) for i, v in zip(top_ids.tolist(), top_values.tolist())]
+    return [TokenLogprob(t, v, r, top) for t, v, r, top in zip(tokens, values[:, 0].tolist(), ranks, tops)]
 
 
 def adjust_logits(

@@ -139,10 +139,10 @@ def test_concurrent_decoders_match_transformers(mode, tiny_dirs, monkeypatch):
     real = runner.build_batch
 
     def spy(scheduled, hooks):
-        batch, wants = real(scheduled, hooks)
+        batch, *rest = real(scheduled, hooks)
         paged = [len(batch.paged_decode.rows)] if batch.paged_decode is not None else []
         groups.append((paged, sorted(len(g.rows) for g in batch.decode)))
-        return batch, wants
+        return batch, *rest
 
     monkeypatch.setattr(runner, "build_batch", spy)
     seen = capture_logits(monkeypatch)

@@ -107,6 +107,34 @@ def test_engine_logprobs_match_transformers(tiny_dirs):
     assert llm.generate([prompt], SamplingParams(max_tokens=2))[0].logprobs is None  # only when asked
 
 
+def test_prompt_logprobs_match_transformers_over_chunked_prefill_and_skip_cached_prefixes(tiny_dirs, tmp_path):
+    """Each prompt token's log-probability given the tokens before it, computed in chunks of 16
+    beside another prompt; a prompt whose prefix is cached (device and store) still computes it all."""
+    from cachedattention import SchedulerConfig
+
+    path, hf = tiny_dirs["llama"]
+    llm = LLM(model=str(path), scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4),
+              enable_store=True, store_dir=str(tmp_path), host_bytes=1 << 26)  # fmt: skip
+    prompt = [(7 * i + 3) % 250 + 1 for i in range(45)]
+    other = [(11 * i + 5) % 250 + 1 for i in range(30)]
+    plain = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    asked = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    llm.generate([prompt], plain, session_id="s")  # the prompt's KV is now in the device cache and the store
+    out, side = llm.generate([prompt, other], [asked, plain])
+    assert side.prompt_logprobs is None and out.metrics.cached_tokens == {"device": 0, "host": 0, "disk": 0}
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for j, lp in enumerate(out.prompt_logprobs[1:], start=1):
+        row = ref[j - 1]
+        assert lp.token_id == prompt[j] and rel_err(torch.tensor([lp.logprob]), row[prompt[j] : prompt[j] + 1]) < 1e-4
+        assert lp.rank == int((row > row[prompt[j]]).sum()) + 1
+        assert [t for t, _ in lp.top] == row.topk(2).indices.tolist()
+    assert out.token_ids == llm.generate([prompt], plain)[0].token_ids  # the answer is unchanged
+    again = llm.generate([prompt], plain, session_id="s")[0]  # the session's KV still serves a plain turn
+    assert sum(again.metrics.cached_tokens.values()) > 0
+
+
 def test_engine_penalties_change_greedy_output_and_min_tokens_holds_eos(tiny_dirs):
     path, _ = tiny_dirs["llama"]
     llm = LLM(model=str(path))

@@ -20,7 +20,7 @@ from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
 from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
 from cachedattention.outputs import RequestMetrics, RequestOutput
-from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob
+from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self._decode),
             head_tokens=head_tokens,
             logprobs=None if params.logprobs is None else [],
+            prompt_logprobs=None if params.prompt_logprobs is None else [None],
             save_to_store=save_to_store,
         )
         if self.store is not None:
@@ -158,8 +159,11 @@ class LLMEngine:
             staged = self.scheduler.stage_head()  # after this step's own loads: they go first
             if staged is not None:
                 self.store.preload(staged)
-        batch, wants = self.runner.build_batch(scheduled, hooks)
+        batch, wants, prompt_rows = self.runner.build_batch(scheduled, hooks)
         logits = self.runner.run(batch)
+        if prompt_rows:  # rows after the sampled ones: prompt positions whose logprobs were asked for
+            self._add_prompt_logprobs(scheduled, prompt_rows, logits[len(wants) :])
+            logits = logits[: len(wants)]
         failed = self.store.end_step(scheduled) if self.store is not None else []
         for s in scheduled:
             if s.request not in failed:
@@ -179,6 +183,18 @@ class LLMEngine:
             self._append_token(req, token)
             outputs.append(self._output(req))
         return outputs
+
+    @staticmethod
+    def _add_prompt_logprobs(scheduled: list, spans: list[tuple[int, int, int]], logits: torch.Tensor) -> None:
+        """Each span (scheduled index, first prompt token, count) owns the next `count` rows: the
+        logits that predicted those prompt tokens. (No store load runs for these requests, so no
+        step of theirs fails midway.)"""
+        row = 0
+        for i, first, count in spans:
+            req = scheduled[i].request
+            tokens = req.prompt_token_ids[first : first + count]
+            req.prompt_logprobs.extend(token_logprobs(logits[row : row + count], tokens, req.params.prompt_logprobs))
+            row += count
 
     def _append_token(self, req: Request, token: int) -> None:
         if req.metrics.first_token_s is None:
@@ -250,6 +266,7 @@ class LLMEngine:
             session_id=req.session_id,
             new_token_ids=new,
             logprobs=None if req.logprobs is None else list(req.logprobs),
+            prompt_logprobs=None if req.prompt_logprobs is None else list(req.prompt_logprobs),
         )
 
     # -- introspection ------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class Request:
     num_sent: int = 0  # output tokens already handed out (streaming deltas)
     store_state: Any = None  # the store connector's per-request bookkeeping
     logprobs: list[TokenLogprob] | None = None  # one per output token, when the params ask for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token computed so far (the first: None)
     stop_text_before: int = 0  # output text before min_tokens: a stop string wholly inside it does not count
     stopped_by_string: bool = False  # `text` was cut before a stop string
     save_to_store: bool = True  # False: reuse stored KV but save none (e.g. a second choice of one prompt)

@@ -45,9 +45,14 @@ class ModelRunner:
         # pool, so it is the runner's (engines may share a model: the demo's two do)
         self.fused_decode = _fused_decode(model, pool) if linear and row_ops and self.decode_kernel else None
 
-    def build_batch(self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None) -> tuple[ForwardBatch, list[int]]:
-        """The flat batch, and which scheduled entries get logits (those whose tokens are all computed)."""
+    def build_batch(
+        self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None
+    ) -> tuple[ForwardBatch, list[int], list[tuple[int, int, int]]]:
+        """The flat batch; which scheduled entries get logits to sample from (those whose tokens are
+        all computed); and the prompt positions whose logits give asked-for prompt logprobs, as
+        spans (scheduled index, first prompt token predicted, count), their rows after the sampled ones."""
         ids, positions, new_slots, page_tables, logit_rows, wants, shapes = [], [], [], [], [], [], []
+        prompt_rows, prompt_spans = [], []
         start, page_size = 0, self.pool.page_size
         for i, s in enumerate(scheduled):
             req = s.request
@@ -60,9 +65,15 @@ class ModelRunner:
             if hi == req.num_tokens:
                 logit_rows.append(start + s.num_new - 1)
                 wants.append(i)
+            if req.prompt_logprobs is not None:
+                # row r predicts token r + 1; the prompt's last row samples; a recomputed row is not counted twice
+                first, last = max(lo + 1, len(req.prompt_logprobs)), min(hi, len(req.prompt_token_ids) - 1)
+                if first <= last:
+                    prompt_rows.extend(range(start + first - 1 - lo, start + last - lo))
+                    prompt_spans.append((i, first, last - first + 1))
             start += s.num_new
         dev = self.device
-        small = torch.tensor(ids + positions + logit_rows, dtype=torch.long).to(dev, non_blocking=True)
+        small = torch.tensor(ids + positions + logit_rows + prompt_rows, dtype=torch.long).to(dev, non_blocking=True)
         n = len(ids)
         index = torch.cat(new_slots + page_tables).to(dev, non_blocking=True)
         seqs, off = [], n
@@ -91,7 +102,7 @@ class ModelRunner:
             decode=decode,
             paged_decode=paged,
         )
-        return batch, wants
+        return batch, wants, prompt_spans
 
     def _paged_decode(self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor], dec: list[int]) -> PagedDecode:
         """The decoding sequences `dec` (indices into seqs) for the paged kernel."""

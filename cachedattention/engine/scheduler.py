@@ -124,7 +124,9 @@ class Scheduler:
         """Match the device prefix cache, then ask the store; set num_computed to the hit."""
         tokens = req.all_token_ids
         limit = len(tokens) - 1  # at least one token must be computed to get logits
-        if self.prefix_cache:
+        if req.prompt_logprobs is not None:  # every prompt position's logits are wanted: compute them all
+            limit = 0
+        if self.prefix_cache and limit:
             hashes = block_hashes(tokens, self.page_size, limit=limit)
             blocks = [tokens[i * self.page_size : (i + 1) * self.page_size] for i in range(len(hashes))]
             req.pages = self.pages.match_prefix(hashes, blocks)

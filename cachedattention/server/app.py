@@ -11,7 +11,7 @@ import math
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
+from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
 from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
 from cachedattention.server.logprobs import LogprobFormatter
@@ -85,23 +86,40 @@ class _Format:
     """OpenAI's response and chunk objects for one request (one choice per engine request)."""
 
     def __init__(
-        self, request_id: str, model: str, chat: bool, include_usage: bool,
-        logprobs: Callable[[], LogprobFormatter] | None = None,
+        self, request_id: str, model: str, chat: bool, include_usage: bool, tokenizer: Tokenizer | None = None,
+        logprobs: int | None = None, echo: str | None = None, prompt_logprobs: int | None = None,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
         self.chat = chat
         self.include_usage = include_usage
-        self.new_logprobs = logprobs  # None: the request asked for no logprobs
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs  # None: the request asked for no logprobs; n: alternatives per token
+        self.echo = echo  # completions' echo: the prompt's text, sent before the answer's
+        self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs=n (None: not asked for)
         self._logprob_formats: dict[int, LogprobFormatter] = {}  # each choice's (completions' offsets run on)
         self.created = int(time.time())
 
-    def _logprobs(self, index: int, logprobs: list | None) -> dict[str, Any] | None:
-        if self.new_logprobs is None or logprobs is None:
-            return None
+    def _formatter(self, index: int) -> LogprobFormatter:
         if index not in self._logprob_formats:
-            self._logprob_formats[index] = self.new_logprobs()
-        return self._logprob_formats[index].render(logprobs)
+            self._logprob_formats[index] = LogprobFormatter(self.tokenizer, self.chat)
+        return self._logprob_formats[index]
+
+    def _logprobs(self, index: int, logprobs: list | None) -> dict[str, Any] | None:
+        if self.logprobs is None or logprobs is None:
+            return None
+        return self._formatter(index).render(logprobs)
+
+    def _echo_logprobs(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
+        """The echoed prompt's tokens in completions' lists (their offsets into the echoed text)."""
+        if self.logprobs is None or out.prompt_logprobs is None:
+            return None
+        return self._formatter(index).render_prompt(out.prompt_logprobs, out.prompt_token_ids, self.echo, self.logprobs)
+
+    def _vllm_prompt_logprobs(self, out: RequestOutput) -> list | None:
+        if self.prompt_logprobs is None or out.prompt_logprobs is None:
+            return None
+        return LogprobFormatter(self.tokenizer, chat=False).prompt_logprobs(out.prompt_logprobs, self.prompt_logprobs)
 
     @staticmethod
     def usage(outs: list[RequestOutput]) -> dict[str, Any]:
@@ -125,12 +143,26 @@ class _Format:
             if self.chat:
                 choice = {"index": i, "message": {"role": "assistant", "content": out.text}}
             else:
-                choice = {"index": i, "text": out.text}
-            choice.update(logprobs=self._logprobs(i, out.logprobs), finish_reason=out.finish_reason)
+                choice = {"index": i, "text": out.text if self.echo is None else self.echo + out.text}
+            head = self._echo_logprobs(i, out) if self.echo is not None else None
+            logprobs = self._logprobs(i, out.logprobs)
+            if head is not None and logprobs is not None:  # the prompt's tokens, then the answer's
+                logprobs = {k: head[k] + logprobs[k] for k in head}
+            choice.update(logprobs=logprobs, finish_reason=out.finish_reason)
+            if not self.chat and self.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out)
             choices.append(choice)
         obj = "chat.completion" if self.chat else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage(outs)}  # fmt: skip
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                "usage": self.usage(outs)}  # fmt: skip
+        if self.chat and self.prompt_logprobs is not None:  # as vLLM: once, beside the choices (one prompt)
+            body["prompt_logprobs"] = self._vllm_prompt_logprobs(outs[0])
+        return body
+
+    def echo_chunk(self, index: int, out: RequestOutput) -> str:
+        """Completions' streamed echo: the prompt's text (and its tokens' logprobs) before the answer's."""
+        choice = {"index": index, "text": self.echo, "logprobs": self._echo_logprobs(index, out), "finish_reason": None}
+        return self._event([choice])
 
     def chunk(
         self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
@@ -216,8 +248,11 @@ class OpenAIRoutes:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams = await self._submit(rid, parsed)
         tok = self.loop.engine.tokenizer
-        lps = (lambda: LogprobFormatter(tok, chat)) if parsed.params.logprobs is not None else None
-        fmt = _Format(rid, self.model_name, chat, parsed.include_usage, lps)
+        echo = None
+        if parsed.echo:  # the prompt as sent, or its ids' text
+            echo = parsed.prompt if isinstance(parsed.prompt, str) else (tok.decode(parsed.prompt) if tok else "")
+        fmt = _Format(rid, self.model_name, chat, parsed.include_usage, tok, parsed.params.logprobs, echo,
+                      parsed.prompt_logprobs)  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
@@ -305,6 +340,10 @@ class OpenAIRoutes:
             while not all(c.done for c in choices):
                 i, item = await merged.get()
                 c = choices[i]
+                first = not c.echoed and isinstance(item, RequestOutput) and item.finish_reason != "abort"
+                if fmt.echo is not None and first:
+                    c.echoed = True  # the first output: the prompt is computed, its logprobs known
+                    yield fmt.echo_chunk(i, item)
                 if isinstance(item, BaseException) or item.finish_reason == "abort":
                     failed = True
                     err = _aborted() if isinstance(item, RequestOutput) else _as_api_error(item)
@@ -339,6 +378,7 @@ class _StreamedChoice:
     index: int
     sent: str = ""
     logprobs_sent: int = 0
+    echoed: bool = False
     done: bool = False
     out: RequestOutput | None = None
 

@@ -29,6 +29,7 @@ class LogprobFormatter:
         self.tokenizer = tokenizer
         self.chat = chat
         self.offset = 0
+        self.start = 0  # where the generated text starts (after an echoed prompt)
 
     def render(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         return self._chat(logprobs) if self.chat else self._completion(logprobs)
@@ -56,7 +57,7 @@ class LogprobFormatter:
             if tok is None or tok.is_special(lp.token_id):  # the text skips special tokens
                 continue
             # the text's first token as the decoder renders it (SentencePiece drops its leading space)
-            first = self.offset == 0
+            first = self.offset == self.start
             self.offset += tok.first_token_length(lp.token_id) if first else _chars(tok.token_bytes(lp.token_id))
         return {
             "tokens": [self._text(lp.token_id) for lp in logprobs],
@@ -67,3 +68,31 @@ class LogprobFormatter:
             ],
             "text_offset": offsets,
         }
+
+    def render_prompt(
+        self, entries: list[TokenLogprob | None], ids: list[int], text: str, top_n: int
+    ) -> dict[str, Any]:
+        """Completions' lists for an echoed prompt (its first token has no logprob: null), before the
+        answer's; the answer's offsets then start after `text`, the prompt as echoed."""
+        out = self._completion([TokenLogprob(t, 0.0, 1) if e is None else e for t, e in zip(ids, entries)])
+        for i, e in enumerate(entries):
+            if e is None:
+                out["token_logprobs"][i] = out["top_logprobs"][i] = None
+            else:  # the engine computed as many alternatives as the larger of echo's and prompt_logprobs' n
+                top = {self._text(t): _value(v) for t, v in (*e.top[:top_n], (e.token_id, e.logprob))}
+                out["top_logprobs"][i] = top
+        self.offset = self.start = len(text)
+        return out
+
+    def prompt_logprobs(self, entries: list[TokenLogprob | None], top_n: int) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: {logprob,
+        rank, decoded_token}} for the token itself and the top_n most likely."""
+        out: list[dict[str, Any] | None] = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            ranked = [(e.token_id, e.logprob, e.rank)] + [(t, v, r) for r, (t, v) in enumerate(e.top[:top_n], 1)]
+            out.append({str(t): {"logprob": _value(v), "rank": r, "decoded_token": self._text(t)}
+                        for t, v, r in ranked})  # fmt: skip
+        return out

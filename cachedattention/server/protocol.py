@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.responses import Response
@@ -64,6 +64,8 @@ class ParsedRequest:
     messages: list[dict[str, str]] | None = None
     max_tokens_given: bool = False  # the client asked for a length (else: until EOS or the window)
     n: int = 1  # choices to generate for the prompt
+    echo: bool = False  # completions: the prompt's text (and its tokens' logprobs) before the answer's
+    prompt_logprobs: int | None = None  # vLLM's field: each prompt token's logprob and the top n, as a list
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -151,8 +153,10 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _reject_unsupported(body: dict) -> None:
+def _reject_unsupported(body: dict, chat: bool) -> None:
     for key, ok in _NEUTRAL.items():
+        if key == "echo" and not chat:  # completions echo the prompt; chat's echo (the last message) is not supported
+            continue
         v = body.get(key)
         if v is not None and not any(v == o for o in ok):
             raise bad(f"{key}={v!r} is not supported by this server", key, "unsupported_parameter")
@@ -198,6 +202,17 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return v
 
 
+def _prompt_logprobs(body: dict, stream: bool) -> int | None:
+    v = body.get("prompt_logprobs")
+    if v is None:
+        return None
+    if not is_int(v) or not 0 <= v <= MAX_LOGPROBS:
+        raise bad(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {v!r}", "prompt_logprobs")
+    if stream:  # as vLLM
+        raise bad("prompt_logprobs are not available when stream is true", "prompt_logprobs")
+    return v
+
+
 def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> SamplingParams:
     max_tokens = _integer(body, "max_completion_tokens")
     key = "max_completion_tokens"
@@ -220,7 +235,7 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> Sampli
     min_tokens = _integer(body, "min_tokens")
     if min_tokens is not None and not 0 <= min_tokens <= (max_tokens or max_model_len):
         raise bad(f"min_tokens must be an integer in [0, max_tokens], got {min_tokens}", "min_tokens")
-    _reject_unsupported(body)
+    _reject_unsupported(body, chat)
     return SamplingParams(
         # no max_tokens: generate until EOS or the end of the window (the engine stops there)
         max_tokens=max_tokens if max_tokens is not None else max_model_len,
@@ -258,9 +273,18 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
         raise bad(f"n must be an integer in [1, {MAX_CHOICES}], got {n}", "n")
     if (n or 1) > 1 and session_id is not None:
         raise bad("n > 1 cannot continue a session: which choice would be its next turn?", "n")
+    params = sampling_params(body, max_model_len, chat)
+    echo = not chat and _bool(body, "echo")
+    prompt_logprobs = _prompt_logprobs(body, stream)
+    # echo with logprobs lists the prompt's tokens too: the engine computes them for the larger of the two
+    wanted = [v for v in (prompt_logprobs, params.logprobs if echo else None) if v is not None]
+    if wanted:
+        params = replace(params, prompt_logprobs=max(wanted))
     return dict(
         model=model,
-        params=sampling_params(body, max_model_len, chat),
+        params=params,
+        echo=echo,
+        prompt_logprobs=prompt_logprobs,
         stream=stream,
         include_usage=include_usage,
         session_id=session_id,

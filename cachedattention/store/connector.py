@@ -43,7 +43,8 @@ class TurnState:
     capture_start: int = 0  # first token of this turn's new segment
     chunks: list[KVPiece] = field(default_factory=list)  # this turn's new tokens, in token order
     pending_load: LoadJob | None = None
-    bypass: bool = False  # a load failed through no segment's fault: recompute this turn without the store
+    # recompute this turn without the store (a load failed through no segment's fault, or prompt logprobs)
+    bypass: bool = False
 
 
 class StepHooks:
@@ -128,7 +129,8 @@ class StoreConnector:
         key, plan = self.store.plan(req.session_id, list(req.logical_prompt), window, reserve, head)
         req.prompt_token_ids = plan.effective_prompt
         req.metrics.truncated_tokens = plan.truncated_now
-        req.store_state = TurnState(key=key, plan=plan)
+        # prompt logprobs need every prompt position computed: the store supplies nothing (it still saves)
+        req.store_state = TurnState(key=key, plan=plan, bypass=req.params.prompt_logprobs is not None)
 
     # -- scheduler: admission ------------------------------------------------------------------
     def lookup(self, req: Request, device_hit: int) -> int:

@@ -76,6 +76,55 @@ def test_completion_logprobs_lists_and_offsets(server, engine):
     assert [o for ch in chunks for o in ch["text_offset"]] == lp["text_offset"]  # offsets run on across chunks
 
 
+def test_completion_echo_lists_the_prompt_tokens_then_the_answer(server, engine):
+    """As lm-eval-harness asks for log-likelihoods: echo, logprobs=1, max_tokens=1."""
+    from cachedattention import SamplingParams
+
+    prompt = "The capital of France is Paris"
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    choice, tok = r["choices"][0], engine.tokenizer
+    ids = tok.encode(prompt)
+    want = engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))[0]
+    assert choice["text"] == prompt + want.text and r["usage"]["prompt_tokens"] == len(ids)
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [tok.token_text(t) for t in ids + want.token_ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing before the first token
+    assert lp["token_logprobs"][1:-1] == pytest.approx([e.logprob for e in want.prompt_logprobs[1:]], abs=1e-4)
+    for token, top, e in zip(lp["tokens"][1:-1], lp["top_logprobs"][1:-1], want.prompt_logprobs[1:]):
+        assert token in top and len(top) <= 2 and tok.token_text(e.top[0][0]) in top  # itself and the top 1
+    assert lp["text_offset"] == [len(tok.decode(ids[:i])) for i in range(len(ids))] + [len(prompt)]
+    assert choice["text"][lp["text_offset"][-1] :] == want.text
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    texts = [e["choices"][0]["text"] for e in events]
+    assert texts[0] == prompt and "".join(texts) == choice["text"]
+    chunks = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert [t for ch in chunks for t in ch["tokens"]] == lp["tokens"]
+    assert [o for ch in chunks for o in ch["text_offset"]] == lp["text_offset"]
+    plain = httpx.post(f"{server.url}/v1/completions", json={**body, "logprobs": None}, timeout=60).json()
+    assert plain["choices"][0]["text"] == choice["text"] and plain["choices"][0]["logprobs"] is None
+
+
+def test_prompt_logprobs_as_vllm_returns_them(server, engine):
+    from cachedattention import SamplingParams
+
+    want = engine.generate("Hello there", SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))[0]
+    body = {"prompt": "Hello there", "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3}
+    got = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(want.prompt_token_ids)
+    for entry, e in zip(got[1:], want.prompt_logprobs[1:]):
+        mine = entry[str(e.token_id)]
+        assert mine["logprob"] == pytest.approx(e.logprob, abs=1e-4) and mine["rank"] == e.rank
+        assert mine["decoded_token"] == engine.tokenizer.token_text(e.token_id)
+        assert {str(t) for t, _ in e.top} <= set(entry) and len(entry) <= 4
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "messages": MSGS, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 0}).json()  # fmt: skip
+    prompt_ids = engine.tokenizer.encode_chat(MSGS)
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert all(list(e) == [str(t)] for e, t in zip(chat["prompt_logprobs"][1:], prompt_ids[1:]))
+
+
 def test_a_token_holding_part_of_a_character_shows_its_bytes(server, engine):
     """' \U0001F600' is two tokens in this vocabulary; forcing the first shows its exact UTF-8 bytes."""
     first = engine.tokenizer.encode(" \U0001F600")[0]
@@ -159,6 +208,10 @@ BAD = [
      "logit_bias"),
     ("min_tokens past max_tokens", "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2, "min_tokens": 5},
      "min_tokens"),
+    ("prompt_logprobs streamed", "/v1/completions", {"prompt": "a", "prompt_logprobs": 1, "stream": True},
+     "prompt_logprobs"),
+    ("too many prompt_logprobs", "/v1/chat/completions", {"messages": MSGS, "prompt_logprobs": 21}, "prompt_logprobs"),
+    ("chat echo", "/v1/chat/completions", {"messages": MSGS, "echo": True}, "echo"),
 ]
 
 
