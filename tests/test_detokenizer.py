@@ -96,3 +96,62 @@ def test_a_streamed_answer_with_stop_strings_decodes_a_few_tokens_per_step(embed
     assert all(final.startswith(o.text) for o in outs) and len({o.text for o in outs}) > 48  # grew step by step
     assert final == real(outs[-1].token_ids) and len(final) > 200
     assert max(decoded) <= 8 and sum(decoded) < 96 * 8  # a whole decode each step would sum to ~4,600
+
+
+def _whole_decode_stop(tok: Tokenizer, ids: list[int], params) -> tuple[int, str, str]:
+    """The reference: decode the whole output after each token and look for the stop strings (from
+    the min_tokens-th token on, as vLLM)."""
+    before = 0
+    for k in range(len(ids)):
+        text = tok.decode(ids[: k + 1])
+        if k + 1 < params.min_tokens:
+            before = len(text)
+        else:
+            found = [i for i in (text.find(s, max(0, before - len(s) + 1)) for s in params.stop) if i >= 0]
+            if found:
+                return k, "stop", text[: min(found)]
+        if k + 1 >= params.max_tokens:
+            return k, "length", text
+    raise AssertionError("max_tokens is at most len(ids)")
+
+
+def test_stop_strings_are_found_where_a_whole_decode_finds_them(embedded_llm):
+    """Random stop strings cut out of multilingual text (characters split over tokens, stop strings
+    just before a split character, min_tokens), forced token by token through the engine."""
+    import random
+
+    from cachedattention import SamplingParams
+
+    engine, tok, rng = embedded_llm.engine, embedded_llm.tokenizer, random.Random(0)
+    texts = [TEXT[:60], "日本語のテキストです。東京は大きい都市。", "Привет мир, как дела? 🙂", "😀😃 ok 한국어 문장"]
+    checked = 0
+    for trial in range(300):
+        ids = tok.encode(" ".join(rng.choice(texts) for _ in range(3)))
+        full = tok.decode(ids)
+        a = rng.randrange(len(full))
+        stop = full[a : a + rng.randint(1, 3)]
+        if "\ufffd" in stop:
+            continue
+        most = rng.randint(1, len(ids))
+        params = SamplingParams(max_tokens=most, stop=(stop,), min_tokens=rng.choice([0, rng.randint(0, most)]),
+                                ignore_eos=True)  # fmt: skip
+        rid = engine.add_request([1, 2, 3], params, request_id=f"forced-{trial}")
+        req = engine.requests[rid]
+        for token in ids:
+            engine._append_token(req, token)
+            if req.finish_reason is not None:
+                break
+        last = len(req.output_token_ids) - 1
+        assert (last, req.finish_reason, req.text) == _whole_decode_stop(tok, ids, params), (stop, params)
+        checked += 1
+    assert checked > 250
+
+
+def test_a_run_of_skipped_special_tokens_does_not_grow_the_decoded_window(byte_level):
+    ids = byte_level.encode("Hello there") + [byte_level.eos_token_id] * 300 + byte_level.encode(" friend")
+    detok, deltas, sizes = _stream(byte_level, ids)
+    assert detok.text == byte_level.decode(ids) == "Hello there friend"
+    assert max(sizes) <= 4  # the end-of-text tokens add nothing and leave the context
+    sp = sentencepiece_like()
+    detok, _, sizes = _stream(sp, [2] + [1] * 50 + [3])  # Hello <s>... world: the space survives
+    assert detok.text == sp.decode([2] + [1] * 50 + [3]) == "Hello world" and max(sizes) <= 3

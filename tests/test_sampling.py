@@ -135,6 +135,26 @@ def test_prompt_logprobs_match_transformers_over_chunked_prefill_and_skip_cached
     assert sum(again.metrics.cached_tokens.values()) > 0
 
 
+def test_prompt_logprobs_survive_preemption(tiny_dirs):
+    """A pool too small for both: the newer request (asking for prompt logprobs) is preempted and
+    recomputed, and still lists each prompt token once, with the same values."""
+    from cachedattention import SchedulerConfig
+    from cachedattention.config import CacheConfig
+
+    path, _ = tiny_dirs["llama"]
+    asking = [(7 * i + 3) % 250 + 1 for i in range(60)]
+    other = [(11 * i + 5) % 250 + 1 for i in range(60)]
+    asked = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    alone = LLM(model=str(path)).generate([asking], asked)[0]
+    llm = LLM(model=str(path), cache=CacheConfig(num_pages=9, enable_prefix_cache=False),
+              scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4))  # fmt: skip
+    _, out = llm.generate([other, asking], [SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), asked])
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [e.token_id for e in out.prompt_logprobs[1:]] == asking[1:] and out.token_ids == alone.token_ids
+    assert [e.logprob for e in out.prompt_logprobs[1:]] == pytest.approx([e.logprob for e in alone.prompt_logprobs[1:]],
+                                                                        abs=1e-5)  # fmt: skip
+
+
 def test_engine_penalties_change_greedy_output_and_min_tokens_holds_eos(tiny_dirs):
     path, _ = tiny_dirs["llama"]
     llm = LLM(model=str(path))

@@ -48,6 +48,18 @@ def test_without_the_threshold_a_long_prompt_takes_the_whole_budget():
     assert _plan(sched) == {"long": 64}
 
 
+def test_a_prompt_logprobs_request_computes_a_bounded_chunk_per_step():
+    """Each prompt row it computes brings a row of logits: at most PROMPT_LOGPROBS_CHUNK per step."""
+    from cachedattention.engine.scheduler import PROMPT_LOGPROBS_CHUNK
+
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=2048), PagePool(1024), page_size=4, prefix_cache=False)
+    asking = _req("asking", 1500)
+    asking.prompt_logprobs = [None]
+    sched.add(asking)
+    sched.add(_req("plain", 1600))
+    assert _plan(sched) == {"asking": PROMPT_LOGPROBS_CHUNK, "plain": 2048 - PROMPT_LOGPROBS_CHUNK}
+
+
 def test_threshold_must_not_be_negative():
     with pytest.raises(ValueError, match="long_prefill_token_threshold"):
         SchedulerConfig(long_prefill_token_threshold=-1)

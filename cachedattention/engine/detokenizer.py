@@ -12,18 +12,20 @@ class IncrementalDetokenizer:
 
     Decoding the whole output again at every step costs time in its length (0.5 ms at 2,000 tokens
     with SmolLM2's tokenizer): a streamed answer, or one watched for stop strings, costs the square of
-    its length. Here an update decodes only the tokens it has not read plus the few read last, as
-    context: SentencePiece drops a word's leading space at the start of a text, so the new tokens'
-    text is decode(context + new) minus decode(context). Text is only ever appended, so what was
-    streamed stays a prefix of the final text; an update that would end inside a character (a
-    byte-level token holding part of one) waits for the next token, unless it is the last.
+    its length. Here an update decodes only the tokens it has not read plus the last visible ones read
+    before them, as context: SentencePiece drops a word's leading space at the start of a text, so the
+    new tokens' text is decode(context + new) minus decode(context). Text is only ever appended, so
+    what was streamed stays a prefix of the final text. An update that would end inside a character (a
+    byte-level token holding part of one) holds its text back in `pending` until the next token, unless
+    it is the last; tokens that add no text (skipped special tokens) are dropped from the context.
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
         self._decode = decode
         self.text = ""
-        self._context = 0  # first token of the context decoded before the new tokens
-        self._read = 0  # tokens whose text is in self.text
+        self.pending = ""  # text decoded but held back: it ends inside a character
+        self._context: list[int] = []  # the visible tokens read last
+        self._read = 0  # tokens whose text is in self.text (or that have none)
 
     def update(self, ids: Sequence[int], final: bool = False) -> str:
         """Append the text of ids[read:] (ids grows between calls) and return what was appended.
@@ -32,11 +34,16 @@ class IncrementalDetokenizer:
         shows it (U+FFFD), as a whole decode would."""
         if self._read >= len(ids):
             return ""
-        before = self._decode(ids[self._context : self._read]) if self._read > self._context else ""
-        after = self._decode(ids[self._context :])
-        if not final and (len(after) <= len(before) or after.endswith(REPLACEMENT)):
-            return ""  # nothing visible yet (a special token skipped, a character cut in two)
+        new = list(ids[self._read :])
+        before = self._decode(self._context) if self._context else ""
+        after = self._decode(self._context + new)
         delta = after[len(before) :]
-        self.text += delta
-        self._context, self._read = self._read, len(ids)
+        if not final and delta.endswith(REPLACEMENT):
+            self.pending = delta  # wait for the rest of the character
+            return ""
+        self.pending = ""
+        self._read = len(ids)
+        if delta:
+            self.text += delta
+            self._context = new
         return delta

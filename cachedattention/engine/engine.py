@@ -212,17 +212,18 @@ class LLMEngine:
             self._finish(req, reason)
 
     def _hit_stop_string(self, req: Request) -> bool:
-        """Whether the output now contains a stop string (the text is cut before it). Only the text
-        new since the last check (and a stop string's length before it) is searched. As vLLM, only
-        text from the min_tokens-th token on counts: a stop string wholly before it is kept."""
-        delta = req.detokenizer.update(req.output_token_ids)
-        text = req.detokenizer.text
+        """Whether the output now contains a stop string (the text is cut before it). The text held back
+        for a character cut in two is searched too (a stop string may end before that character);
+        text searched before is not searched again, but for a stop string's length before its end.
+        As vLLM, only text from the min_tokens-th token on counts: a stop string wholly before it is kept."""
+        detok = req.detokenizer
+        detok.update(req.output_token_ids)
+        text = detok.text + detok.pending
         if len(req.output_token_ids) < req.params.min_tokens:
             req.stop_text_before = len(text)  # a stop string must end after this much text
             return False
-        if not delta:
-            return False
-        start = max(req.stop_text_before, len(text) - len(delta))
+        start = max(req.stop_text_before, req.stop_searched_to)
+        req.stop_searched_to = len(detok.text)  # the pending part may decode differently next time
         found = (text.find(s, max(0, start - len(s) + 1)) for s in req.params.stop)
         cut = min((i for i in found if i >= 0), default=-1)
         if cut < 0:
@@ -266,7 +267,9 @@ class LLMEngine:
             session_id=req.session_id,
             new_token_ids=new,
             logprobs=None if req.logprobs is None else list(req.logprobs),
-            prompt_logprobs=None if req.prompt_logprobs is None else list(req.prompt_logprobs),
+            # complete before the first output (sampling waits for the whole prompt) and never changed
+            # after: shared, not copied at every step
+            prompt_logprobs=req.prompt_logprobs,
         )
 
     # -- introspection ------------------------------------------------------------------------

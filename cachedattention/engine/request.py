@@ -45,6 +45,7 @@ class Request:
     logprobs: list[TokenLogprob] | None = None  # one per output token, when the params ask for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token computed so far (the first: None)
     stop_text_before: int = 0  # output text before min_tokens: a stop string wholly inside it does not count
+    stop_searched_to: int = 0  # output text already searched for stop strings
     stopped_by_string: bool = False  # `text` was cut before a stop string
     save_to_store: bool = True  # False: reuse stored KV but save none (e.g. a second choice of one prompt)
 

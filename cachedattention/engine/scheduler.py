@@ -12,6 +12,10 @@ from cachedattention.engine.request import Request, Status
 from cachedattention.kvcache.hashing import block_hashes, chain_hash
 from cachedattention.kvcache.page_pool import PagePool
 
+# most prompt tokens a request asking for prompt logprobs computes per step: each brings a row of
+# logits, so 512 rows are 100 MB at SmolLM2's 49k vocabulary, 311 MB at Qwen2's 152k (float32)
+PROMPT_LOGPROBS_CHUNK = 512
+
 
 @dataclass
 class ScheduledSeq:
@@ -94,6 +98,8 @@ class Scheduler:
         ones each step; a decoder computes one token anyway)."""
         n = min(req.num_to_compute, budget)
         limit = self.config.long_prefill_token_threshold
+        if req.prompt_logprobs is not None:  # each row computed brings a row of logits [vocab]: bound them
+            limit = min(limit or PROMPT_LOGPROBS_CHUNK, PROMPT_LOGPROBS_CHUNK)
         return min(n, limit) if limit else n
 
     def stage_head(self) -> Request | None:

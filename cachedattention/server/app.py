@@ -88,6 +88,7 @@ class _Format:
     def __init__(
         self, request_id: str, model: str, chat: bool, include_usage: bool, tokenizer: Tokenizer | None = None,
         logprobs: int | None = None, echo: str | None = None, prompt_logprobs: int | None = None,
+        echo_as_sent: bool = True,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
@@ -96,6 +97,7 @@ class _Format:
         self.tokenizer = tokenizer
         self.logprobs = logprobs  # None: the request asked for no logprobs; n: alternatives per token
         self.echo = echo  # completions' echo: the prompt's text, sent before the answer's
+        self.echo_as_sent = echo_as_sent  # the client's string (else decoded from its token ids)
         self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs=n (None: not asked for)
         self._logprob_formats: dict[int, LogprobFormatter] = {}  # each choice's (completions' offsets run on)
         self.created = int(time.time())
@@ -114,7 +116,19 @@ class _Format:
         """The echoed prompt's tokens in completions' lists (their offsets into the echoed text)."""
         if self.logprobs is None or out.prompt_logprobs is None:
             return None
-        return self._formatter(index).render_prompt(out.prompt_logprobs, out.prompt_token_ids, self.echo, self.logprobs)
+        return self._formatter(index).render_prompt(out.prompt_logprobs, out.prompt_token_ids, self.echo,
+                                                    self.logprobs, self.echo_as_sent)  # fmt: skip
+
+    def _echoed(self, out: RequestOutput) -> str:
+        """The prompt and what joins it to the answer: the answer's text is decoded alone, and a
+        SentencePiece decoder drops its first word's leading space, which follows a prompt."""
+        tok, ids = self.tokenizer, out.token_ids
+        if tok is None or not ids:
+            return self.echo
+        context = out.prompt_token_ids[-4:]
+        lead, alone = tok.decode(context + ids[:1])[len(tok.decode(context)) :], tok.decode(ids[:1])
+        joint = lead[: len(lead) - len(alone)] if len(lead) > len(alone) and lead.endswith(alone) else ""
+        return self.echo + joint
 
     def _vllm_prompt_logprobs(self, out: RequestOutput) -> list | None:
         if self.prompt_logprobs is None or out.prompt_logprobs is None:
@@ -143,7 +157,7 @@ class _Format:
             if self.chat:
                 choice = {"index": i, "message": {"role": "assistant", "content": out.text}}
             else:
-                choice = {"index": i, "text": out.text if self.echo is None else self.echo + out.text}
+                choice = {"index": i, "text": out.text if self.echo is None else self._echoed(out) + out.text}
             head = self._echo_logprobs(i, out) if self.echo is not None else None
             logprobs = self._logprobs(i, out.logprobs)
             if head is not None and logprobs is not None:  # the prompt's tokens, then the answer's
@@ -161,7 +175,8 @@ class _Format:
 
     def echo_chunk(self, index: int, out: RequestOutput) -> str:
         """Completions' streamed echo: the prompt's text (and its tokens' logprobs) before the answer's."""
-        choice = {"index": index, "text": self.echo, "logprobs": self._echo_logprobs(index, out), "finish_reason": None}
+        choice = {"index": index, "text": self._echoed(out), "logprobs": self._echo_logprobs(index, out),
+                  "finish_reason": None}  # fmt: skip
         return self._event([choice])
 
     def chunk(
@@ -252,7 +267,7 @@ class OpenAIRoutes:
         if parsed.echo:  # the prompt as sent, or its ids' text
             echo = parsed.prompt if isinstance(parsed.prompt, str) else (tok.decode(parsed.prompt) if tok else "")
         fmt = _Format(rid, self.model_name, chat, parsed.include_usage, tok, parsed.params.logprobs, echo,
-                      parsed.prompt_logprobs)  # fmt: skip
+                      parsed.prompt_logprobs, isinstance(parsed.prompt, str))  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)

@@ -49,12 +49,15 @@ class LogprobFormatter:
             content.append(entry)
         return {"content": content}
 
-    def _completion(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    def _completion(self, logprobs: list[TokenLogprob], specials_shown: bool = False) -> dict[str, Any]:
         offsets = []
         for lp in logprobs:
             offsets.append(self.offset)
             tok = self.tokenizer
-            if tok is None or tok.is_special(lp.token_id):  # the text skips special tokens
+            if tok is None:
+                continue
+            if tok.is_special(lp.token_id):  # decoded text skips them; a prompt echoed as sent shows them
+                self.offset += len(tok.token_text(lp.token_id)) if specials_shown else 0
                 continue
             # the text's first token as the decoder renders it (SentencePiece drops its leading space)
             first = self.offset == self.start
@@ -70,18 +73,21 @@ class LogprobFormatter:
         }
 
     def render_prompt(
-        self, entries: list[TokenLogprob | None], ids: list[int], text: str, top_n: int
+        self, entries: list[TokenLogprob | None], ids: list[int], text: str, top_n: int, as_sent: bool
     ) -> dict[str, Any]:
         """Completions' lists for an echoed prompt (its first token has no logprob: null), before the
-        answer's; the answer's offsets then start after `text`, the prompt as echoed."""
-        out = self._completion([TokenLogprob(t, 0.0, 1) if e is None else e for t, e in zip(ids, entries)])
+        answer's. `text`: the prompt as echoed, `as_sent` (the client's string: special tokens show in
+        it) or decoded from ids. The answer's offsets then start after it, its first token with all
+        its bytes (the echo joins them: a SentencePiece word keeps its leading space)."""
+        listed = [TokenLogprob(t, 0.0, 1) if e is None else e for t, e in zip(ids, entries)]
+        out = self._completion(listed, specials_shown=as_sent)
         for i, e in enumerate(entries):
             if e is None:
                 out["token_logprobs"][i] = out["top_logprobs"][i] = None
             else:  # the engine computed as many alternatives as the larger of echo's and prompt_logprobs' n
                 top = {self._text(t): _value(v) for t, v in (*e.top[:top_n], (e.token_id, e.logprob))}
                 out["top_logprobs"][i] = top
-        self.offset = self.start = len(text)
+        self.offset, self.start = len(text), -1
         return out
 
     def prompt_logprobs(self, entries: list[TokenLogprob | None], top_n: int) -> list[dict[str, Any] | None]:

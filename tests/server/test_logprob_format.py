@@ -30,3 +30,39 @@ def test_byte_level_detection_and_added_tokens():
     eos = tok.eos_token_id
     assert tok.token_bytes(eos) == tok.hf.convert_ids_to_tokens(eos).encode()  # an added token, as written
     assert sentencepiece_like().token_bytes(2) == b" Hello"  # not read through the byte-level alphabet
+
+
+def _echoed(tok: Tokenizer, prompt: str | list[int], answer: list[int]) -> dict:
+    """One non-streamed completion with echo and logprobs=1, formatted as the server does."""
+    from cachedattention.outputs import RequestMetrics, RequestOutput
+    from cachedattention.server.app import _Format
+
+    ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+    entries = [None] + [TokenLogprob(t, -1.0, 1) for t in ids[1:]]
+    out = RequestOutput("r", ids, answer, tok.decode(answer), True, "length", RequestMetrics(0.0, prompt_tokens=len(ids)),
+                        logprobs=[TokenLogprob(t, -1.0, 1) for t in answer], prompt_logprobs=entries)  # fmt: skip
+    echo = prompt if isinstance(prompt, str) else tok.decode(prompt)
+    fmt = _Format("r", "m", False, False, tok, logprobs=1, echo=echo, echo_as_sent=isinstance(prompt, str))
+    return fmt.full([out])["choices"][0]
+
+
+def test_echo_keeps_a_sentencepiece_answer_s_leading_space_and_offsets_follow():
+    tok = sentencepiece_like()
+    choice = _echoed(tok, [2, 3], [3, 7])  # "Hello world" + ▁world !
+    assert choice["text"] == "Hello world world!" == tok.decode([2, 3, 3, 7])
+    assert choice["logprobs"]["text_offset"] == [0, 5, 11, 17]
+    assert choice["logprobs"]["token_logprobs"][0] is None and choice["logprobs"]["top_logprobs"][0] is None
+
+
+def test_echo_offsets_count_special_tokens_written_in_the_prompt():
+    from cachedattention.model.embedded import embedded_model_dir
+
+    tok = Tokenizer.from_pretrained(str(embedded_model_dir()))
+    prompt = "<|im_start|>user\nHi there"
+    choice = _echoed(tok, prompt, tok.encode(" friend"))
+    assert choice["text"] == prompt + " friend"
+    lp = choice["logprobs"]
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        assert choice["text"][offset:].startswith(token), (token, offset)
+    plain = _echoed(tok, tok.encode(prompt), tok.encode(" friend"))  # ids: echoed as decoded, specials skipped
+    assert plain["text"] == "user\nHi there friend" and plain["logprobs"]["text_offset"][:2] == [0, 0]
