@@ -105,7 +105,7 @@ def _whole_decode_stop(tok: Tokenizer, ids: list[int], params) -> tuple[int, str
     for k in range(len(ids)):
         text = tok.decode(ids[: k + 1])
         if k + 1 < params.min_tokens:
-            before = len(text)
+            before = len(text.rstrip("\ufffd"))  # a character still being written is not before min_tokens
         else:
             found = [i for i in (text.find(s, max(0, before - len(s) + 1)) for s in params.stop) if i >= 0]
             if found:
@@ -155,3 +155,30 @@ def test_a_run_of_skipped_special_tokens_does_not_grow_the_decoded_window(byte_l
     sp = sentencepiece_like()
     detok, _, sizes = _stream(sp, [2] + [1] * 50 + [3])  # Hello <s>... world: the space survives
     assert detok.text == sp.decode([2] + [1] * 50 + [3]) == "Hello world" and max(sizes) <= 3
+
+
+def test_a_leading_bare_word_mark_keeps_its_space_and_min_tokens_counts_released_text(embedded_llm):
+    """SentencePiece (Llama-2 style, the decoder strips one leading space): "▁" then "▁Sure" decodes
+    to " Sure" whole, so the first, invisible alone, stays as context. And a stop string completed by
+    the min_tokens-th token counts, though its character began before it."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from cachedattention import SamplingParams
+
+    vocab = {"<unk>": 0, "<s>": 1, "\u2581": 2, "\u2581Sure": 3, "\u2581thing": 4}
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok = Tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>"))
+    for ids in ([2, 3, 4], [2, 2, 3], [1, 2, 3]):
+        detok, _, _ = _stream(tok, ids)
+        assert detok.text == tok.decode(ids), ids
+    engine, byte_level = embedded_llm.engine, embedded_llm.tokenizer
+    ids = byte_level.encode("ab日x")
+    assert "\ufffd" in byte_level.decode(ids[:2]) and len(ids) == 4  # 日 is split: it ends at the 3rd token
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, min_tokens=3, stop=("日",)), request_id="split")
+    req = engine.requests[rid]
+    for token in ids[:3]:
+        engine._append_token(req, token)
+    assert req.finish_reason == "stop" and req.text == "ab"

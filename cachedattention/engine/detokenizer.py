@@ -17,7 +17,8 @@ class IncrementalDetokenizer:
     new tokens' text is decode(context + new) minus decode(context). Text is only ever appended, so
     what was streamed stays a prefix of the final text. An update that would end inside a character (a
     byte-level token holding part of one) holds its text back in `pending` until the next token, unless
-    it is the last; tokens that add no text (skipped special tokens) are dropped from the context.
+    it is the last; tokens that add no text after visible ones (skipped special tokens) are dropped
+    from the context (before any, they stay: a SentencePiece "▁" shows only before a word).
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
@@ -46,4 +47,6 @@ class IncrementalDetokenizer:
         if delta:
             self.text += delta
             self._context = new
+        elif not self.text:  # nothing visible yet: a SentencePiece "▁" alone is "", but a space before a word
+            self._context = self._context + new
         return delta

@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 
 from cachedattention.config import EngineConfig
-from cachedattention.engine.detokenizer import IncrementalDetokenizer
+from cachedattention.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
@@ -220,7 +220,9 @@ class LLMEngine:
         detok.update(req.output_token_ids)
         text = detok.text + detok.pending
         if len(req.output_token_ids) < req.params.min_tokens:
-            req.stop_text_before = len(text)  # a stop string must end after this much text
+            # a stop string must end after this much text (not a character still being written:
+            # the min_tokens-th token may complete it)
+            req.stop_text_before = len(text.rstrip(REPLACEMENT))
             return False
         start = max(req.stop_text_before, req.stop_searched_to)
         req.stop_searched_to = len(detok.text)  # the pending part may decode differently next time

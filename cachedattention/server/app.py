@@ -116,19 +116,22 @@ class _Format:
         """The echoed prompt's tokens in completions' lists (their offsets into the echoed text)."""
         if self.logprobs is None or out.prompt_logprobs is None:
             return None
+        joined = bool(self._joint(out))
         return self._formatter(index).render_prompt(out.prompt_logprobs, out.prompt_token_ids, self.echo,
-                                                    self.logprobs, self.echo_as_sent)  # fmt: skip
+                                                    self.logprobs, self.echo_as_sent, joined)  # fmt: skip
 
     def _echoed(self, out: RequestOutput) -> str:
-        """The prompt and what joins it to the answer: the answer's text is decoded alone, and a
+        return self.echo + self._joint(out)
+
+    def _joint(self, out: RequestOutput) -> str:
+        """What joins the echoed prompt to the answer: the answer's text is decoded alone, and a
         SentencePiece decoder drops its first word's leading space, which follows a prompt."""
         tok, ids = self.tokenizer, out.token_ids
         if tok is None or not ids:
-            return self.echo
+            return ""
         context = out.prompt_token_ids[-4:]
         lead, alone = tok.decode(context + ids[:1])[len(tok.decode(context)) :], tok.decode(ids[:1])
-        joint = lead[: len(lead) - len(alone)] if len(lead) > len(alone) and lead.endswith(alone) else ""
-        return self.echo + joint
+        return lead[: len(lead) - len(alone)] if len(lead) > len(alone) and lead.endswith(alone) else ""
 
     def _vllm_prompt_logprobs(self, out: RequestOutput) -> list | None:
         if self.prompt_logprobs is None or out.prompt_logprobs is None:

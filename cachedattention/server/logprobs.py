@@ -73,12 +73,14 @@ class LogprobFormatter:
         }
 
     def render_prompt(
-        self, entries: list[TokenLogprob | None], ids: list[int], text: str, top_n: int, as_sent: bool
-    ) -> dict[str, Any]:
+        self, entries: list[TokenLogprob | None], ids: list[int], text: str, top_n: int, as_sent: bool,
+        joined: bool,
+    ) -> dict[str, Any]:  # fmt: skip
         """Completions' lists for an echoed prompt (its first token has no logprob: null), before the
         answer's. `text`: the prompt as echoed, `as_sent` (the client's string: special tokens show in
-        it) or decoded from ids. The answer's offsets then start after it, its first token with all
-        its bytes (the echo joins them: a SentencePiece word keeps its leading space)."""
+        it) or decoded from ids. The answer's offsets then start after it; `joined`: the echo put back
+        the leading space a SentencePiece decoder drops from the answer's first word, so that token
+        counts all its bytes (else it counts as the start of a text)."""
         listed = [TokenLogprob(t, 0.0, 1) if e is None else e for t, e in zip(ids, entries)]
         out = self._completion(listed, specials_shown=as_sent)
         for i, e in enumerate(entries):
@@ -87,7 +89,8 @@ class LogprobFormatter:
             else:  # the engine computed as many alternatives as the larger of echo's and prompt_logprobs' n
                 top = {self._text(t): _value(v) for t, v in (*e.top[:top_n], (e.token_id, e.logprob))}
                 out["top_logprobs"][i] = top
-        self.offset, self.start = len(text), -1
+        self.offset = len(text)
+        self.start = -1 if joined else self.offset
         return out
 
     def prompt_logprobs(self, entries: list[TokenLogprob | None], top_n: int) -> list[dict[str, Any] | None]:

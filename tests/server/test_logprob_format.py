@@ -52,6 +52,8 @@ def test_echo_keeps_a_sentencepiece_answer_s_leading_space_and_offsets_follow():
     assert choice["text"] == "Hello world world!" == tok.decode([2, 3, 3, 7])
     assert choice["logprobs"]["text_offset"] == [0, 5, 11, 17]
     assert choice["logprobs"]["token_logprobs"][0] is None and choice["logprobs"]["top_logprobs"][0] is None
+    bare = _echoed(tok, [1], [2, 7])  # a prompt that decodes to "": the answer starts the text
+    assert bare["text"] == "Hello!" and bare["logprobs"]["text_offset"] == [0, 0, 5]
 
 
 def test_echo_offsets_count_special_tokens_written_in_the_prompt():
