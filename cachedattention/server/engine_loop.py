@@ -166,9 +166,11 @@ class EngineLoop:
     def _add(self, job: Job, stream: RequestStream) -> None:
         try:
             prompt = job.prompt if job.messages is None else self._render(job.messages)
+            # the system prompt, which a session's context-overflow truncation keeps (as LLM.chat does)
+            head = 0 if job.messages is None else self.engine.tokenizer.head_length(job.messages, prompt)
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
-                save_to_store=job.save_to_store,
+                head_tokens=head, save_to_store=job.save_to_store,
             )
             if job.check_room:
                 self._check_room(job)

@@ -128,11 +128,13 @@ def test_three_turns_with_store_match_no_store_server(store_server, server):
 
 @needs_store
 def test_usage_says_how_much_history_a_session_dropped(chat_model_dir, tmp_path):
-    """A session outgrowing a 160-token window drops old history; its usage says how many tokens."""
+    """A session outgrowing a 160-token window drops old history, never its system prompt; its usage
+    says how many tokens."""
     config = replace(engine_config(chat_model_dir, store=True, store_dir=str(tmp_path)), max_model_len=160)
     srv = start_server(config)
+    system = {"role": "system", "content": "You answer in one short sentence."}
     try:
-        c, messages, dropped = client(srv.url), [], []
+        c, messages, dropped = client(srv.url), [system], []
         for i in range(4):
             messages.append({"role": "user", "content": f"Question {i}: " + "tell me more about the weather " * 5})
             r = c.chat.completions.create(model="default", messages=messages, max_tokens=8, temperature=0,
@@ -145,6 +147,9 @@ def test_usage_says_how_much_history_a_session_dropped(chat_model_dir, tmp_path)
                 by_tier = details.cached_tokens_by_tier
                 assert by_tier["host"] + by_tier["disk"] > 0, by_tier
         assert dropped[0] == 0 and max(dropped) > 0, dropped  # the first turn fits; a later one overflowed
+        engine = srv.app.state.engine_loop.engine
+        kept = engine.store.store.records["overflow"].head
+        assert kept == engine.tokenizer.head_length([system], engine.tokenizer.encode_chat([system])) > 5
     finally:
         srv.stop()
 
