@@ -8,7 +8,7 @@ from typing import Any, overload
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.model.loader import LoadedModel
-from cachedattention.model.tokenizer import validate_messages
+from cachedattention.model.messages import validate_messages, validate_tools
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import SamplingParams
 
@@ -95,7 +95,11 @@ class LLM:
 
     @overload
     def chat(
-        self, messages: Sequence[Message], params: SamplingParams | None = None, session_id: str | None = None
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams | None = None,
+        session_id: str | None = None,
+        tools: list[dict] | None = None,
     ) -> RequestOutput: ...
 
     @overload
@@ -104,13 +108,15 @@ class LLM:
         messages: Sequence[Sequence[Message]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         session_id: Sequence[str | None] | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]: ...
 
-    def chat(self, messages, params=None, session_id=None):
+    def chat(self, messages, params=None, session_id=None, tools=None):
         """One assistant turn for a conversation; with a session_id its KV is reused next turn.
 
         A list of conversations (as vLLM's chat) runs them together and returns one output each;
-        `params` and `session_id` are then one for all or one per conversation (ids must differ)."""
+        `params` and `session_id` are then one for all or one per conversation (ids must differ).
+        `tools`: OpenAI-style function definitions, for chat templates that describe them to the model."""
         if self.engine.tokenizer is None:
             raise ValueError("this model has no tokenizer, so chat() cannot render messages")
         batch = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
@@ -118,11 +124,12 @@ class LLM:
         sessions = _one_each(session_id, len(convs), "session_id")
         if batch and session_id is not None and len({s for s in sessions if s is not None}) < len(convs):
             raise ValueError("conversations run together need distinct session ids (or none)")
+        tools = validate_tools(tools)
         items = []
         for conv, sp, sid in zip(convs, _one_each(params, len(convs), "params"), sessions):
             conv = validate_messages(conv)
-            prompt = self.engine.tokenizer.encode_chat(conv)
-            items.append((prompt, sp, sid, self.engine.tokenizer.head_length(conv, prompt)))
+            prompt = self.engine.tokenizer.encode_chat(conv, tools=tools)
+            items.append((prompt, sp, sid, self.engine.tokenizer.head_length(conv, prompt, tools)))
         outs = self._run(self._submit(items))
         return outs if batch else outs[0]
 

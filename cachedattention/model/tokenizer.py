@@ -7,8 +7,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from cachedattention.errors import InvalidRequest
-
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
@@ -99,39 +97,31 @@ class Tokenizer:
             return bytes([int(m.group(1), 16)])
         return piece.replace("\u2581", " ").encode()  # SentencePiece's word-start mark is a space
 
-    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
+        """The chat template's text; `tools` (OpenAI's function definitions) go to templates that
+        describe them to the model (others ignore them)."""
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
-        return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(
+            list(messages), tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
-    def head_length(self, messages: Sequence[dict[str, str]], prompt: Sequence[int]) -> int:
+    def head_length(self, messages: Sequence[dict[str, Any]], prompt: Sequence[int], tools: list | None = None) -> int:
         """Tokens of the rendered prompt that come before the first non-system message's content:
-        the system prompt (given or the template's default) that context truncation keeps."""
+        the system prompt (given or the template's default, with any tools) that context truncation keeps."""
         if messages and messages[0]["role"] == "system":
             probe = [messages[0]]
         else:
             probe = [{"role": "user", "content": "\x00"}]  # the content differs at once: LCP = template head
-        rendered = self.encode_chat(probe, add_generation_prompt=False)
+        rendered = self.encode_chat(probe, add_generation_prompt=False, tools=tools)
         n = 0
         while n < min(len(rendered), len(prompt)) and rendered[n] == prompt[n]:
             n += 1
         return n
 
-    def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
-
-
-def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Check the OpenAI-style message list; InvalidRequest (a ValueError) names what is wrong."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise InvalidRequest("messages must be a non-empty list of {'role': ..., 'content': ...} dicts", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InvalidRequest(f"messages[{i}] must be a dict, got {type(m).__name__}", f"messages[{i}]")
-        if m.get("role") not in ("system", "user", "assistant"):
-            raise InvalidRequest(
-                f"messages[{i}].role must be 'system', 'user' or 'assistant', got {m.get('role')!r}", f"messages[{i}].role"
-            )
-        if not isinstance(m.get("content"), str):
-            raise InvalidRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools))

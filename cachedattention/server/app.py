@@ -39,6 +39,7 @@ from cachedattention.server.protocol import (
     parse_completion,
     parse_json_object,
 )
+from cachedattention.server.tool_calls import ToolCall, parse_tool_calls, plain_text_end
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class _Format:
     def __init__(
         self, request_id: str, model: str, chat: bool, include_usage: bool, tokenizer: Tokenizer | None = None,
         logprobs: int | None = None, echo: str | None = None, prompt_logprobs: int | None = None,
-        echo_as_sent: bool = True,
+        echo_as_sent: bool = True, tool_calls: bool = False,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
@@ -98,6 +99,7 @@ class _Format:
         self.logprobs = logprobs  # None: the request asked for no logprobs; n: alternatives per token
         self.echo = echo  # completions' echo: the prompt's text, sent before the answer's
         self.echo_as_sent = echo_as_sent  # the client's string (else decoded from its token ids)
+        self.tool_calls = tool_calls  # chat: answers' <tool_call> blocks are returned as tool_calls
         self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs=n (None: not asked for)
         self._logprob_formats: dict[int, LogprobFormatter] = {}  # each choice's (completions' offsets run on)
         self.created = int(time.time())
@@ -158,14 +160,14 @@ class _Format:
         choices = []
         for i, out in enumerate(outs):
             if self.chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": out.text}}
+                choice = {"index": i, "message": self._message(out)}
             else:
                 choice = {"index": i, "text": out.text if self.echo is None else self._echoed(out) + out.text}
             head = self._echo_logprobs(i, out) if self.echo is not None else None
             logprobs = self._logprobs(i, out.logprobs)
             if head is not None and logprobs is not None:  # the prompt's tokens, then the answer's
                 logprobs = {k: head[k] + logprobs[k] for k in head}
-            choice.update(logprobs=logprobs, finish_reason=out.finish_reason)
+            choice.update(logprobs=logprobs, finish_reason=self.finish_reason(out))
             if not self.chat and self.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out)
             choices.append(choice)
@@ -175,6 +177,24 @@ class _Format:
         if self.chat and self.prompt_logprobs is not None:  # as vLLM: once, beside the choices (one prompt)
             body["prompt_logprobs"] = self._vllm_prompt_logprobs(outs[0])
         return body
+
+    def _message(self, out: RequestOutput) -> dict[str, Any]:
+        content, calls = parse_tool_calls(out.text) if self.tool_calls else (out.text, [])
+        message: dict[str, Any] = {"role": "assistant", "content": content if calls else out.text}
+        if calls:
+            message["tool_calls"] = [c.as_json() for c in calls]
+        return message
+
+    def finish_reason(self, out: RequestOutput) -> str | None:
+        """As OpenAI: "tool_calls" when the answer called tools."""
+        if self.tool_calls and out.finished and parse_tool_calls(out.text)[1]:
+            return "tool_calls"
+        return out.finish_reason
+
+    def tool_calls_chunk(self, calls: list[ToolCall], index: int) -> str:
+        """A streamed choice's tool calls, each whole in one delta (OpenAI clients join deltas by index)."""
+        delta = {"tool_calls": [c.as_json(k) for k, c in enumerate(calls)]}
+        return self._event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def echo_chunk(self, index: int, out: RequestOutput) -> str:
         """Completions' streamed echo: the prompt's text (and its tokens' logprobs) before the answer's."""
@@ -270,7 +290,7 @@ class OpenAIRoutes:
         if parsed.echo:  # the prompt as sent, or its ids' text
             echo = parsed.prompt if isinstance(parsed.prompt, str) else (tok.decode(parsed.prompt) if tok else "")
         fmt = _Format(rid, self.model_name, chat, parsed.include_usage, tok, parsed.params.logprobs, echo,
-                      parsed.prompt_logprobs, isinstance(parsed.prompt, str))  # fmt: skip
+                      parsed.prompt_logprobs, isinstance(parsed.prompt, str), parsed.parse_tool_calls)  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
@@ -286,7 +306,7 @@ class OpenAIRoutes:
                 if params.seed is not None and i:
                     params = replace(params, seed=(params.seed + i) % 2**64)
                 job = Job(rid if parsed.n == 1 else f"{rid}-{i}", params, parsed.session_id, parsed.prompt,
-                          parsed.messages, stream_text=parsed.stream,
+                          parsed.messages, parsed.tools, stream_text=parsed.stream,
                           check_room=parsed.max_tokens_given and parsed.session_id is None,
                           save_to_store=i == 0)  # fmt: skip
                 streams.append(self.loop.submit(job, asyncio.get_running_loop()))
@@ -369,12 +389,18 @@ class OpenAIRoutes:
                     break
                 if item.finished:
                     c.done, c.out = True, item
-                    tail, lps = item.text[len(c.sent) :], c.new_logprobs(item)
+                    content, calls = parse_tool_calls(item.text) if fmt.tool_calls else (item.text, [])
+                    text = (content or "") if calls else item.text
+                    tail, lps = text[len(c.sent) :], c.new_logprobs(item)
                     if tail or lps:
                         yield fmt.chunk(tail, logprobs=lps, index=i)
-                    yield fmt.chunk(None if fmt.chat else "", finish_reason=item.finish_reason, index=i)
+                    if calls:
+                        yield fmt.tool_calls_chunk(calls, i)
+                    yield fmt.chunk(None if fmt.chat else "", finish_reason=fmt.finish_reason(item), index=i)
                     continue
-                delta = stream_delta(item.text, c.sent, parsed.params.stop)
+                # with tools, text from a <tool_call> on waits for the end (it may be a call)
+                shown = item.text[: plain_text_end(item.text)] if fmt.tool_calls else item.text
+                delta = stream_delta(shown, c.sent, parsed.params.stop)
                 if delta:
                     c.sent += delta
                     yield fmt.chunk(delta, logprobs=c.new_logprobs(item), index=i)

@@ -34,7 +34,8 @@ class Job:
     params: SamplingParams
     session_id: str | None = None
     prompt: str | list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # function definitions for the chat template
     stream_text: bool = False
     # the prompt plus max_tokens must fit the window (as in vLLM); a session instead drops old history
     check_room: bool = False
@@ -165,9 +166,9 @@ class EngineLoop:
 
     def _add(self, job: Job, stream: RequestStream) -> None:
         try:
-            prompt = job.prompt if job.messages is None else self._render(job.messages)
+            prompt = job.prompt if job.messages is None else self._render(job.messages, job.tools)
             # the system prompt, which a session's context-overflow truncation keeps (as LLM.chat does)
-            head = 0 if job.messages is None else self.engine.tokenizer.head_length(job.messages, prompt)
+            head = 0 if job.messages is None else self.engine.tokenizer.head_length(job.messages, prompt, job.tools)
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
                 head_tokens=head, save_to_store=job.save_to_store,
@@ -193,13 +194,13 @@ class EngineLoop:
                 f"window of {window} tokens; shorten the prompt or lower max_tokens"
             )
 
-    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         import jinja2
 
         if self.engine.tokenizer is None:
             raise ValueError("this model has no tokenizer; use /v1/completions with token ids")
         try:
-            return self.engine.tokenizer.encode_chat(messages)
+            return self.engine.tokenizer.encode_chat(messages, tools=tools)
         except jinja2.TemplateError as e:  # the template itself rejects the conversation (role order...)
             raise ValueError(f"the chat template rejected the messages: {e}") from None
 

@@ -10,7 +10,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cachedattention.model.tokenizer import validate_messages
+from cachedattention.model.messages import validate_messages, validate_tools
 from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, is_int, is_number
 
 INVALID = "invalid_request_error"
@@ -66,6 +66,8 @@ class ParsedRequest:
     n: int = 1  # choices to generate for the prompt
     echo: bool = False  # completions: the prompt's text (and its tokens' logprobs) before the answer's
     prompt_logprobs: int | None = None  # vLLM's field: each prompt token's logprob and the top n, as a list
+    tools: list[dict[str, Any]] | None = None  # chat: function definitions for the template
+    parse_tool_calls: bool = False  # chat: answers' <tool_call> blocks become tool_calls (tool_choice auto)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -154,8 +156,10 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 
 
 def _reject_unsupported(body: dict, chat: bool) -> None:
+    # completions echo the prompt (chat's echo, of the last message, is not supported); chat takes tools
+    taken = {"echo": not chat, "tools": chat}
     for key, ok in _NEUTRAL.items():
-        if key == "echo" and not chat:  # completions echo the prompt; chat's echo (the last message) is not supported
+        if taken.get(key):
             continue
         v = body.get(key)
         if v is not None and not any(v == o for o in ok):
@@ -305,6 +309,20 @@ def _content(i: int, content: Any) -> Any:
     return "".join(texts)
 
 
+def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool]:
+    """The function definitions, and whether answers are parsed for calls (tool_choice "auto", the
+    default with tools; "none" keeps the tools in the prompt and the answer as text)."""
+    try:
+        tools = validate_tools(body.get("tools"))
+    except ValueError as e:
+        raise bad(str(e), getattr(e, "param", None) or "tools") from None
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):  # "required" and a named function need guided decoding
+        raise bad(f"tool_choice {choice!r} is not supported; use 'auto' or 'none'", "tool_choice",
+                  "unsupported_parameter")  # fmt: skip
+    return tools, tools is not None and choice != "none"
+
+
 def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -314,14 +332,16 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
         if not isinstance(m, dict):
             raise bad(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
         role = "system" if m.get("role") == "developer" else m.get("role")
-        out.append({"role": role, "content": _content(i, m.get("content"))})
+        out.append({**m, "role": role, "content": _content(i, m.get("content"))})
     try:
         out = validate_messages(out)
     except ValueError as e:
         raise bad(str(e), getattr(e, "param", None) or "messages") from None
     for i, m in enumerate(out):
         _text(m["content"], f"messages[{i}].content")
-    return ParsedRequest(messages=out, **_common(body, session_header, max_model_len, chat=True))
+    tools, parse_calls = _tools(body)
+    return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls,
+                         **_common(body, session_header, max_model_len, chat=True))  # fmt: skip
 
 
 def parse_completion(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:

@@ -301,7 +301,7 @@ BAD_INPUTS = [
     ("lone surrogate in content", CHAT, {"messages": [{"role": "user", "content": "a\ud800b"}]}, 400),
     ("lone surrogate in prompt", COMP, {"prompt": "a\ud800b"}, 400),
     ("image content part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
-    ("unsupported tools", CHAT, {"messages": OK_MSGS, "tools": [{"type": "function"}]}, 400),
+    ("a tool without a name", CHAT, {"messages": OK_MSGS, "tools": [{"type": "function"}]}, 400),
     ("oversized body", CHAT, {"messages": [{"role": "user", "content": "x" * (100 << 10)}]}, 413),
 ]
 

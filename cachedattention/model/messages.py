@@ -1,0 +1,86 @@
+"""OpenAI-style chat messages, checked before a chat template renders them: roles and text content,
+an assistant's tool calls and the tool results that answer them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cachedattention.errors import InvalidRequest
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them; InvalidRequest (a ValueError) names what is wrong.
+
+    An assistant message may carry `tool_calls` (then its content may be null); a `tool` message
+    is a tool's result, with the `tool_call_id` it answers."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {'role': ..., 'content': ...} dicts", "messages")
+    return [_message(i, m) for i, m in enumerate(messages)]
+
+
+def _message(i: int, m: Any) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise InvalidRequest(f"messages[{i}] must be a dict, got {type(m).__name__}", f"messages[{i}]")
+    role = m.get("role")
+    if role not in ROLES:
+        raise InvalidRequest(
+            f"messages[{i}].role must be one of {', '.join(map(repr, ROLES))}, got {role!r}", f"messages[{i}].role"
+        )
+    calls = _tool_calls(i, m.get("tool_calls")) if role == "assistant" and m.get("tool_calls") is not None else None
+    content = m.get("content")
+    if content is None and calls:
+        content = ""  # an assistant that only called tools (templates concatenate content)
+    if not isinstance(content, str):
+        raise InvalidRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
+    out: dict[str, Any] = {"role": role, "content": content}
+    if calls:
+        out["tool_calls"] = calls
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            v = m.get(key)
+            if v is not None and not isinstance(v, str):
+                raise InvalidRequest(f"messages[{i}].{key} must be a string", f"messages[{i}].{key}")
+            if v is not None:
+                out[key] = v
+    return out
+
+
+def _tool_calls(i: int, calls: Any) -> list[dict[str, Any]]:
+    if not isinstance(calls, list) or not calls:
+        raise InvalidRequest(f"messages[{i}].tool_calls must be a non-empty list", f"messages[{i}].tool_calls")
+    out = []
+    for j, call in enumerate(calls):
+        param = f"messages[{i}].tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidRequest(f"{param}.function.name must be a non-empty string", f"{param}.function.name")
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, (str, dict)):
+            raise InvalidRequest(f"{param}.function.arguments must be a JSON string", f"{param}.function.arguments")
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise InvalidRequest(f"{param}.id must be a string", f"{param}.id")
+        out.append({"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+MAX_TOOLS = 128  # OpenAI's limit
+
+
+def validate_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """OpenAI's function definitions ([{"type": "function", "function": {"name", "description",
+    "parameters"}}]) as the chat template takes them; None for none."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise InvalidRequest(f"tools must be a list of at most {MAX_TOOLS} function definitions", "tools")
+    for j, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            shape = "{'type': 'function', 'function': {'name': ..., 'parameters': {...}}}"
+            raise InvalidRequest(f"tools[{j}] must be {shape}", f"tools[{j}]")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise InvalidRequest(f"tools[{j}].function.parameters must be a JSON schema object", f"tools[{j}]")
+    return tools or None

@@ -1,0 +1,172 @@
+"""Tools in chat: definitions and tool messages reach a tool-aware chat template, <tool_call> blocks
+in an answer come back as OpenAI's tool_calls (whole and streamed), and bad tool fields get 400s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import httpx
+import pytest
+
+from cachedattention.outputs import RequestMetrics, RequestOutput
+from cachedattention.server.tool_calls import parse_tool_calls, plain_text_end
+from tests.server.conftest import engine_config, start_server
+
+# Hermes-style (as Qwen2.5's): the tools in the system turn, calls in <tool_call> blocks, results as <tool_response>
+TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n"
+    "{{ messages[0].content if messages[0].role == 'system' else 'You are a helpful assistant.' }}\n# Tools\n<tools>"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools><|im_end|>\n"
+    "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' %}"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{{ m.content }}"
+    "{%- for c in m.tool_calls %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments if c.function.arguments is string else c.function.arguments | tojson }}}\n</tool_call>"
+    "{%- endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_hermes_blocks_parse_into_calls_and_anything_else_stays_text():
+    content, calls = parse_tool_calls("Let me check.\n" + CALL + "\n" + CALL.replace("Paris", "Oslo"))
+    assert content == "Let me check.\n" and [c.name for c in calls] == ["get_weather"] * 2
+    assert [json.loads(c.arguments) for c in calls] == [{"city": "Paris"}, {"city": "Oslo"}]
+    assert calls[0].id != calls[1].id and calls[0].id.startswith("call_")
+    assert parse_tool_calls(CALL)[0] is None  # only a call: no content
+    unclosed = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": "{}"}')  # stopped after the JSON
+    assert unclosed[0] is None and unclosed[1][0].arguments == "{}"
+    for text in ("no calls here", "I would write <tool_call> here", "<tool_call>{\"arguments\": {}}</tool_call>"):
+        assert parse_tool_calls(text) == (text, [])  # not a call: the answer stays as it was
+    assert plain_text_end("Sure <tool") == len("Sure ") and plain_text_end("a <tool_call>{") == 2
+    assert plain_text_end("a <b>") == len("a <b>")
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(chat_model_dir, tmp_path_factory):
+    """The tiny chat model with a tool-aware template."""
+    path = tmp_path_factory.mktemp("tool-chat")
+    shutil.copytree(chat_model_dir, path, dirs_exist_ok=True)
+    config_file = path / "tokenizer_config.json"
+    tok_config = json.loads(config_file.read_text())
+    tok_config["chat_template"] = TEMPLATE
+    config_file.write_text(json.dumps(tok_config))
+    (path / "chat_template.jinja").unlink(missing_ok=True)  # newer transformers keep the template beside it
+    return path
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_model_dir):
+    srv = start_server(engine_config(tool_model_dir, store=False))
+    yield srv
+    srv.stop()
+
+
+def test_llm_chat_takes_tools_and_tool_messages(tool_model_dir):
+    from cachedattention import LLM, SamplingParams
+
+    llm = LLM(str(tool_model_dir))
+    user = [{"role": "user", "content": "Weather in Paris?"}]
+    params = SamplingParams(max_tokens=2, temperature=0)
+    with_tools = llm.chat(user, params, tools=[WEATHER])
+    assert with_tools.prompt_token_ids == llm.tokenizer.encode_chat(user, tools=[WEATHER])
+    assert len(with_tools.prompt_token_ids) > len(llm.chat(user, params).prompt_token_ids)
+    result = [*user, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}]  # fmt: skip
+    assert "Sunny" in llm.tokenizer.decode(llm.chat(result, params, tools=[WEATHER]).prompt_token_ids)
+    with pytest.raises(ValueError, match="tools"):
+        llm.chat(user, params, tools=[{"type": "function"}])
+    llm.close()
+
+
+def _chat(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json={"max_tokens": 4, "temperature": 0, **body}, timeout=60)
+
+
+def test_tools_and_tool_messages_reach_the_template_and_history_is_reused(tool_server):
+    engine = tool_server.app.state.engine_loop.engine
+    user = [{"role": "user", "content": "What is the weather in Paris?"}]
+    plain = _chat(tool_server.url, messages=user).json()
+    asked = _chat(tool_server.url, messages=user, tools=[WEATHER]).json()
+    want = len(engine.tokenizer.encode_chat(user, tools=[WEATHER]))
+    assert asked["usage"]["prompt_tokens"] == want > plain["usage"]["prompt_tokens"] + 20  # the tools are in it
+    called = [*user, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]  # fmt: skip
+    r = _chat(tool_server.url, messages=called, tools=[WEATHER])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    rendered = engine.tokenizer.hf.apply_chat_template(called, tools=[WEATHER], tokenize=False,
+                                                       add_generation_prompt=True)  # fmt: skip
+    assert "<tool_response>\nSunny, 21 C" in rendered and '"city": "Paris"' in rendered
+    assert body["usage"]["prompt_tokens"] == len(engine.tokenizer.encode(rendered))
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= want - 16  # the first turn's prefix, reused
+    none = _chat(tool_server.url, messages=user, tools=[WEATHER], tool_choice="none").json()
+    assert none["usage"]["prompt_tokens"] == want  # tool_choice none: described, not parsed
+
+
+BAD_TOOLS = [
+    ("required", {"tool_choice": "required"}, "tool_choice"),
+    ("a named function", {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ("tools not a list", {"tools": {"type": "function"}}, "tools"),
+    ("a tool without a name", {"tools": [{"type": "function", "function": {}}]}, "tools[0]"),
+]
+
+
+@pytest.mark.parametrize("name,extra,param", BAD_TOOLS, ids=[b[0] for b in BAD_TOOLS])
+def test_bad_tool_fields_get_400_naming_the_field(tool_server, name, extra, param):
+    r = _chat(tool_server.url, messages=[{"role": "user", "content": "hi"}], **{"tools": [WEATHER], **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_a_bad_tool_call_in_the_history_gets_400_naming_it(tool_server):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                                "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}]
+    r = _chat(tool_server.url, messages=msgs, tools=[WEATHER])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].tool_calls[0].function.name"
+
+
+def _output(text: str, finished: bool) -> RequestOutput:
+    return RequestOutput("r", [1, 2], [5] * len(text), text, finished, "stop" if finished else None,
+                         RequestMetrics(0.0, prompt_tokens=2))  # fmt: skip
+
+
+def test_answers_with_calls_come_back_as_tool_calls_whole_and_streamed():
+    """The server's own formatting and streaming over outputs as the engine hands them out."""
+    from cachedattention.server.app import OpenAIRoutes, _Format
+    from cachedattention.server.engine_loop import RequestStream
+    from cachedattention.server.protocol import parse_chat
+
+    answer = "Checking. " + CALL
+    fmt = _Format("c", "m", True, False, tool_calls=True)
+    msg = fmt.full([_output(answer, True)])["choices"][0]
+    assert msg["finish_reason"] == "tool_calls" and msg["message"]["content"] == "Checking. "
+    assert msg["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    off = _Format("c", "m", True, False, tool_calls=False).full([_output(answer, True)])["choices"][0]
+    assert off["message"] == {"role": "assistant", "content": answer} and off["finish_reason"] == "stop"
+
+    async def stream() -> list[dict]:
+        parsed = parse_chat({"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "stream": True},
+                            None, 1024)  # fmt: skip
+        source = RequestStream("c", asyncio.get_running_loop())
+        for end in (3, 10, 14, 30, len(answer)):  # text grows as tokens come; the call arrives in pieces
+            source.put(_output(answer[:end], end == len(answer)))
+        routes = OpenAIRoutes(None, None, "m", 1024)
+        return [json.loads(e[6:]) for e in [e async for e in routes._events([source], fmt, parsed)] if "{" in e]
+
+    events = asyncio.run(stream())
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking. "  # no piece of the call as text
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
