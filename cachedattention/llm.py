@@ -129,7 +129,8 @@ class LLM:
         for conv, sp, sid in zip(convs, _one_each(params, len(convs), "params"), sessions):
             conv = validate_messages(conv)
             prompt = self.engine.tokenizer.encode_chat(conv, tools=tools)
-            items.append((prompt, sp, sid, self.engine.tokenizer.head_length(conv, prompt, tools)))
+            head = self.engine.tokenizer.head_length(conv, prompt, tools) if sid is not None else 0
+            items.append((prompt, sp, sid, head))
         outs = self._run(self._submit(items))
         return outs if batch else outs[0]
 

@@ -3,6 +3,7 @@ an assistant's tool calls and the tool results that answer them."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from cachedattention.errors import InvalidRequest
@@ -28,7 +29,8 @@ def _message(i: int, m: Any) -> dict[str, Any]:
         raise InvalidRequest(
             f"messages[{i}].role must be one of {', '.join(map(repr, ROLES))}, got {role!r}", f"messages[{i}].role"
         )
-    calls = _tool_calls(i, m.get("tool_calls")) if role == "assistant" and m.get("tool_calls") is not None else None
+    # an empty list is no calls (some clients send one), as vLLM takes it
+    calls = _tool_calls(i, m.get("tool_calls")) if role == "assistant" and m.get("tool_calls") else None
     content = m.get("content")
     if content is None and calls:
         content = ""  # an assistant that only called tools (templates concatenate content)
@@ -48,8 +50,8 @@ def _message(i: int, m: Any) -> dict[str, Any]:
 
 
 def _tool_calls(i: int, calls: Any) -> list[dict[str, Any]]:
-    if not isinstance(calls, list) or not calls:
-        raise InvalidRequest(f"messages[{i}].tool_calls must be a non-empty list", f"messages[{i}].tool_calls")
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"messages[{i}].tool_calls must be a list", f"messages[{i}].tool_calls")
     out = []
     for j, call in enumerate(calls):
         param = f"messages[{i}].tool_calls[{j}]"
@@ -59,11 +61,21 @@ def _tool_calls(i: int, calls: Any) -> list[dict[str, Any]]:
         args = fn.get("arguments", "{}")
         if not isinstance(args, (str, dict)):
             raise InvalidRequest(f"{param}.function.arguments must be a JSON string", f"{param}.function.arguments")
+        if isinstance(args, str):  # clients send JSON text; templates write arguments as objects (as vLLM)
+            args = _json_object(args)
         call_id = call.get("id")
         if call_id is not None and not isinstance(call_id, str):
             raise InvalidRequest(f"{param}.id must be a string", f"{param}.id")
         out.append({"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return out
+
+
+def _json_object(text: str) -> dict[str, Any] | str:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text  # not JSON: the template gets the text as it came
+    return value if isinstance(value, dict) else text
 
 
 MAX_TOOLS = 128  # OpenAI's limit

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
@@ -115,7 +118,13 @@ class Tokenizer:
             probe = [messages[0]]
         else:
             probe = [{"role": "user", "content": "\x00"}]  # the content differs at once: LCP = template head
-        rendered = self.encode_chat(probe, add_generation_prompt=False, tools=tools)
+        import jinja2
+
+        try:
+            rendered = self.encode_chat(probe, add_generation_prompt=False, tools=tools)
+        except (jinja2.TemplateError, ValueError) as e:  # a template may refuse a lone system turn (no user query)
+            log.info("the chat template cannot render the system turn alone (%s); truncation keeps no head", e)
+            return 0
         n = 0
         while n < min(len(rendered), len(prompt)) and rendered[n] == prompt[n]:
             n += 1

@@ -168,7 +168,9 @@ class EngineLoop:
         try:
             prompt = job.prompt if job.messages is None else self._render(job.messages, job.tools)
             # the system prompt, which a session's context-overflow truncation keeps (as LLM.chat does)
-            head = 0 if job.messages is None else self.engine.tokenizer.head_length(job.messages, prompt, job.tools)
+            head = 0
+            if job.messages is not None and job.session_id is not None:
+                head = self.engine.tokenizer.head_length(job.messages, prompt, job.tools)
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
                 head_tokens=head, save_to_store=job.save_to_store,

@@ -41,7 +41,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
             return text, []
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
             return text, []
-        args = obj.get("arguments", obj.get("parameters", {}))
+        args = obj.get("arguments", obj.get("parameters")) or {}
         args_text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
         calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", obj["name"], args_text))
     content = text[:start]

@@ -10,6 +10,7 @@ import shutil
 import httpx
 import pytest
 
+from cachedattention.model.messages import validate_messages
 from cachedattention.outputs import RequestMetrics, RequestOutput
 from cachedattention.server.tool_calls import parse_tool_calls, plain_text_end
 from tests.server.conftest import engine_config, start_server
@@ -24,7 +25,7 @@ TEMPLATE = (
     "{%- if m.role == 'system' %}"
     "{%- elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{{ m.content }}"
     "{%- for c in m.tool_calls %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": "
-    "{{ c.function.arguments if c.function.arguments is string else c.function.arguments | tojson }}}\n</tool_call>"
+    "{{ c.function.arguments | tojson }}}\n</tool_call>"
     "{%- endfor %}<|im_end|>\n"
     "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
     "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
@@ -44,23 +45,28 @@ def test_hermes_blocks_parse_into_calls_and_anything_else_stays_text():
     assert parse_tool_calls(CALL)[0] is None  # only a call: no content
     unclosed = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": "{}"}')  # stopped after the JSON
     assert unclosed[0] is None and unclosed[1][0].arguments == "{}"
+    assert parse_tool_calls('<tool_call>{"name": "f", "arguments": null}</tool_call>')[1][0].arguments == "{}"
     for text in ("no calls here", "I would write <tool_call> here", "<tool_call>{\"arguments\": {}}</tool_call>"):
         assert parse_tool_calls(text) == (text, [])  # not a call: the answer stays as it was
     assert plain_text_end("Sure <tool") == len("Sure ") and plain_text_end("a <tool_call>{") == 2
     assert plain_text_end("a <b>") == len("a <b>")
 
 
-@pytest.fixture(scope="module")
-def tool_model_dir(chat_model_dir, tmp_path_factory):
-    """The tiny chat model with a tool-aware template."""
-    path = tmp_path_factory.mktemp("tool-chat")
+def _with_template(chat_model_dir, path, template: str):
+    """A copy of the tiny chat model with another chat template."""
     shutil.copytree(chat_model_dir, path, dirs_exist_ok=True)
     config_file = path / "tokenizer_config.json"
     tok_config = json.loads(config_file.read_text())
-    tok_config["chat_template"] = TEMPLATE
+    tok_config["chat_template"] = template
     config_file.write_text(json.dumps(tok_config))
     (path / "chat_template.jinja").unlink(missing_ok=True)  # newer transformers keep the template beside it
     return path
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(chat_model_dir, tmp_path_factory):
+    """The tiny chat model with a tool-aware template."""
+    return _with_template(chat_model_dir, tmp_path_factory.mktemp("tool-chat"), TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +89,16 @@ def test_llm_chat_takes_tools_and_tool_messages(tool_model_dir):
         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}]  # fmt: skip
     assert "Sunny" in llm.tokenizer.decode(llm.chat(result, params, tools=[WEATHER]).prompt_token_ids)
+    # clients send arguments as JSON text: the template gets the object (as vLLM does), as the model wrote it
+    as_text = [dict(m) for m in result]
+    as_text[1] = {**result[1], "tool_calls": [{**result[1]["tool_calls"][0], "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]}  # fmt: skip
+    same = [llm.tokenizer.encode_chat(validate_messages(m), tools=[WEATHER]) for m in (as_text, result)]
+    assert same[0] == same[1]
+    rendered = llm.tokenizer.render_chat(validate_messages(as_text), tools=[WEATHER])
+    assert '"arguments": {"city": "Paris"}' in rendered
+    empty = [*user, {"role": "assistant", "content": "Hi.", "tool_calls": []}, *user]  # no calls, as vLLM takes it
+    assert llm.chat(empty, params).finished
     with pytest.raises(ValueError, match="tools"):
         llm.chat(user, params, tools=[{"type": "function"}])
     llm.close()
@@ -105,9 +121,8 @@ def test_tools_and_tool_messages_reach_the_template_and_history_is_reused(tool_s
     r = _chat(tool_server.url, messages=called, tools=[WEATHER])
     assert r.status_code == 200, r.text
     body = r.json()
-    rendered = engine.tokenizer.hf.apply_chat_template(called, tools=[WEATHER], tokenize=False,
-                                                       add_generation_prompt=True)  # fmt: skip
-    assert "<tool_response>\nSunny, 21 C" in rendered and '"city": "Paris"' in rendered
+    rendered = engine.tokenizer.render_chat(validate_messages(called), tools=[WEATHER])
+    assert "<tool_response>\nSunny, 21 C" in rendered and '"arguments": {"city": "Paris"}' in rendered
     assert body["usage"]["prompt_tokens"] == len(engine.tokenizer.encode(rendered))
     assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= want - 16  # the first turn's prefix, reused
     none = _chat(tool_server.url, messages=user, tools=[WEATHER], tool_choice="none").json()
@@ -170,3 +185,29 @@ def test_answers_with_calls_come_back_as_tool_calls_whole_and_streamed():
     assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+# as Qwen3's templates: a conversation without a user message is refused
+GUARDED = (
+    "{%- set ns = namespace(user=false) %}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- set ns.user = true %}{%- endif %}{%- endfor %}"
+    "{%- if not ns.user %}{{- raise_exception('No user query found in messages.') }}{%- endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_a_template_that_refuses_a_lone_system_turn_still_serves_sessions(chat_model_dir, tmp_path):
+    """The kept head is measured by rendering the system turn alone; a template refusing that
+    keeps no head (truncation may then drop the system prompt) instead of failing the request."""
+    path = _with_template(chat_model_dir, tmp_path / "guarded", GUARDED)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    srv = start_server(engine_config(path, store=False))
+    try:
+        r = _chat(srv.url, messages=msgs, session_id="guarded")
+        assert r.status_code == 200, r.text
+        tok = srv.app.state.engine_loop.engine.tokenizer
+        assert tok.head_length(msgs, tok.encode_chat(msgs)) == 0
+        assert _chat(srv.url, messages=msgs[:1]).status_code == 400  # the template's own refusal: the client's
+    finally:
+        srv.stop()
