@@ -25,7 +25,8 @@ class ToolCall:
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
-    """The answer's text before its tool calls (None when only whitespace) and the calls. A block
+    """The answer's text before its tool calls (None when there is none, as vLLM; whitespace stays,
+    as it streams) and the calls. A block
     that is not a JSON object with a name (or a model that only talks about <tool_call>) leaves
     the whole answer as text, as vLLM's parser does. The last block may lack its closing tag (a
     model that stops right after the JSON)."""
@@ -44,8 +45,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
         args = obj.get("arguments", obj.get("parameters")) or {}
         args_text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
         calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", obj["name"], args_text))
-    content = text[:start]
-    return (content if content.strip() else None), calls
+    return text[:start] or None, calls
 
 
 def plain_text_end(text: str) -> int:

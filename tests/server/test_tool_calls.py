@@ -42,7 +42,7 @@ def test_hermes_blocks_parse_into_calls_and_anything_else_stays_text():
     assert content == "Let me check.\n" and [c.name for c in calls] == ["get_weather"] * 2
     assert [json.loads(c.arguments) for c in calls] == [{"city": "Paris"}, {"city": "Oslo"}]
     assert calls[0].id != calls[1].id and calls[0].id.startswith("call_")
-    assert parse_tool_calls(CALL)[0] is None  # only a call: no content
+    assert parse_tool_calls(CALL)[0] is None and parse_tool_calls("\n" + CALL)[0] == "\n"  # as streamed
     unclosed = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": "{}"}')  # stopped after the JSON
     assert unclosed[0] is None and unclosed[1][0].arguments == "{}"
     assert parse_tool_calls('<tool_call>{"name": "f", "arguments": null}</tool_call>')[1][0].arguments == "{}"
