@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,6 +39,8 @@ class SamplingParams:
     # none) and the n most likely tokens'. Such a request computes its whole prompt (as vLLM): cached
     # KV gives no logits for the positions it covers
     prompt_logprobs: int | None = None
+    # OpenAI's response_format json_object: the answer is one JSON object (engine/json_mode.py)
+    json_object: bool = False
     # filled in by the engine: the model's end-of-sequence ids
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -184,14 +187,20 @@ def sample_batch(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     histories: list[tuple[Sequence[int], Sequence[int]]],
+    constraints: Sequence[Any] | None = None,
 ) -> list[int]:
     """Next token of every row: plain greedy rows in one argmax (one device sync), the rest one by
-    one. `histories` holds each row's (prompt, output) token ids, which the penalties look at."""
+    one. `histories` holds each row's (prompt, output) token ids, which the penalties look at;
+    `constraints` a row's JSON mode (its mask(row) keeps the tokens that may come next), or None."""
     greedy = logits.argmax(dim=-1).tolist()
+    constraints = constraints or [None] * len(params)
     out = []
-    for g, row, p, gen, (prompt, output) in zip(greedy, logits, params, generators, histories):
+    for g, row, p, gen, (prompt, output), rule in zip(greedy, logits, params, generators, histories, constraints):
         if p.adjusts_logits:
             row = adjust_logits(row, p, prompt, output)
+        if rule is not None:
+            row = rule.mask(row)
+        if p.adjusts_logits or rule is not None:
             g = int(torch.argmax(row)) if p.greedy else g
         out.append(g if p.greedy else sample(row, p, gen))
     return out

@@ -12,6 +12,7 @@ import torch
 
 from cachedattention.config import EngineConfig
 from cachedattention.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from cachedattention.engine.json_mode import JsonConstraint
 from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
@@ -123,6 +124,7 @@ class LLMEngine:
             head_tokens=head_tokens,
             logprobs=None if params.logprobs is None else [],
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
+            json=self._json_constraint(params),
             save_to_store=save_to_store,
         )
         if self.store is not None:
@@ -136,6 +138,13 @@ class LLMEngine:
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def _json_constraint(self, params: SamplingParams) -> JsonConstraint | None:
+        if not params.json_object:
+            return None
+        if self.tokenizer is None:
+            raise InvalidRequest("JSON mode needs the model's tokenizer (each token's bytes)", "response_format")
+        return JsonConstraint(self.tokenizer.token_bytes, self.tokenizer.is_special)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -173,7 +182,8 @@ class LLMEngine:
             self.scheduler.requeue(req)
         reqs = [scheduled[i].request for i in wants]
         histories = [(r.prompt_token_ids, r.output_token_ids) for r in reqs]
-        tokens = sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs], histories) if reqs else []
+        params, generators, rules = [r.params for r in reqs], [r.generator for r in reqs], [r.json for r in reqs]
+        tokens = sample_batch(logits, params, generators, histories, rules) if reqs else []
         outputs = []
         for row, req, token in zip(logits, reqs, tokens):
             if req in failed:  # its logits came from a partly loaded cache: discard them
@@ -202,8 +212,10 @@ class LLMEngine:
         req.output_token_ids.append(token)
         p = req.params
         reason = None
-        if token in p.stop_token_ids or token in p.eos_token_ids:
-            reason = "stop"
+        if req.json is not None:
+            req.json.accept(token)
+        if token in p.stop_token_ids or token in p.eos_token_ids or (req.json is not None and req.json.done):
+            reason = "stop"  # JSON mode: the object is closed
         elif p.stop and self._hit_stop_string(req):
             reason = "stop"
         elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:

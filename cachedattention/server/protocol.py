@@ -164,9 +164,17 @@ def _reject_unsupported(body: dict, chat: bool) -> None:
         v = body.get(key)
         if v is not None and not any(v == o for o in ok):
             raise bad(f"{key}={v!r} is not supported by this server", key, "unsupported_parameter")
+
+
+def _json_object(body: dict) -> bool:
+    """response_format: text (the default), or json_object (the answer is one JSON object)."""
     fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
+    if fmt is None or fmt == {"type": "text"}:
+        return False
+    if fmt == {"type": "json_object"}:
+        return True
+    raise bad("response_format must be {'type': 'text'} or {'type': 'json_object'} (json_schema is not supported)",
+              "response_format", "unsupported_parameter")  # fmt: skip
 
 
 def _logit_bias(body: dict) -> dict[int, float]:
@@ -255,6 +263,7 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> Sampli
         frequency_penalty=frequency or 0.0,
         logit_bias=_logit_bias(body),
         logprobs=_logprobs(body, chat),
+        json_object=_json_object(body),
     )
 
 

@@ -1,0 +1,103 @@
+"""JSON mode: the automaton agrees with Python's json on valid and broken objects, and the engine's
+answers in JSON mode are JSON objects (or prefixes of one when cut by max_tokens)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cachedattention import LLM, SamplingParams
+from cachedattention.engine.json_mode import START, advance
+
+BROKEN = ['[1, 2]', '"text"', '{"a" 1}', '{,}', '{"a": tru}', '{"a": 01}', '{"a": "x\ny"}', '{"a": 1,}',
+          '{"a": -}', '{"a": 1.}', '{"a": "\\x"}', '{"a": 1} x', '{"a": [1 2]}', '{"a": NaN}', '{a: 1}',
+          '{"a": "\\u12G4"}', '{"a": 1e}', "{'a': 1}"]  # fmt: skip
+
+
+def _random_value(rng: random.Random, depth: int = 0):
+    kinds = ["int", "float", "str", "bool", "null"] + (["list", "dict"] if depth < 3 else [])
+    kind = rng.choice(kinds)
+    if kind == "int":
+        return rng.randint(-(10**6), 10**6)
+    if kind == "float":
+        return rng.choice([rng.uniform(-1e3, 1e3), rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30)])
+    if kind == "str":
+        return "".join(rng.choice('ab "\\/\n\tü中🙂\x01') for _ in range(rng.randint(0, 6)))
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    if kind == "list":
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {f"k{i}{rng.choice('xé')}": _random_value(rng, depth + 1) for i in range(rng.randint(0, 3))}
+
+
+def _done(text: bytes) -> bool:
+    state = advance(START, text)
+    return state is not None and state[0] == "done"
+
+
+def _python_says_object(text: bytes) -> bool:
+    def refuse(name):
+        raise ValueError(name)
+
+    try:
+        return isinstance(json.loads(text, parse_constant=refuse), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def test_every_prefix_of_a_json_object_is_followed_to_its_end():
+    rng = random.Random(0)
+    for _ in range(200):
+        obj = {f"key{i}": _random_value(rng) for i in range(rng.randint(0, 4))}
+        text = json.dumps(obj, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 2])).encode()
+        state = START
+        for i, b in enumerate(text):
+            assert state[0] != "done", text[:i]  # not closed early
+            state = advance(state, bytes([b]))
+            assert state is not None, (text, i)
+        assert state[0] == "done"
+
+
+@pytest.mark.parametrize("text", BROKEN)
+def test_broken_json_is_refused(text):
+    assert not _done(text.encode()) and not _python_says_object(text.encode())
+
+
+def test_the_automaton_agrees_with_python_on_mutated_objects():
+    """One byte of a valid object changed, dropped or doubled: complete exactly when json.loads
+    reads an object (no NaN or Infinity)."""
+    rng = random.Random(1)
+    for _ in range(1500):
+        text = bytearray(json.dumps({"a": _random_value(rng), "b": [1, -2.5e3, "x"]}, ensure_ascii=False).encode())
+        i = rng.randrange(len(text))
+        edit = rng.choice(["change", "drop", "double"])
+        if edit == "change":
+            text[i] = rng.choice(b'{}[]",:0123456789-+.eE tfnrul\\x\n')
+        elif edit == "drop":
+            del text[i]
+        else:
+            text.insert(i, text[i])
+        try:
+            bytes(text).decode()
+        except UnicodeDecodeError:  # inside strings any byte >= 0x80 passes (the text decodes them as U+FFFD)
+            continue
+        assert _done(bytes(text)) == _python_says_object(bytes(text)), bytes(text)
+
+
+def test_the_embedded_model_answers_with_a_json_object(embedded_llm):
+    question = [{"role": "user", "content": "Give me a JSON object listing three fruits and their prices."}]
+    free = embedded_llm.chat(question, SamplingParams(max_tokens=60, temperature=0))
+    assert not free.text.lstrip().startswith("{")  # left alone it writes a Markdown code block
+    out = embedded_llm.chat(question, SamplingParams(max_tokens=200, temperature=0, json_object=True))
+    assert out.finish_reason == "stop" and isinstance(json.loads(out.text), dict)
+
+
+def test_json_mode_without_a_tokenizer_is_refused_by_field(tiny_dirs):
+    path, _ = tiny_dirs["llama"]  # saved without a tokenizer: no token bytes to steer by
+    with pytest.raises(ValueError, match="tokenizer") as e:
+        LLM(model=str(path)).generate([[1, 2, 3]], SamplingParams(json_object=True))
+    assert e.value.param == "response_format"
