@@ -101,3 +101,24 @@ def test_json_mode_without_a_tokenizer_is_refused_by_field(tiny_dirs):
     with pytest.raises(ValueError, match="tokenizer") as e:
         LLM(model=str(path)).generate([[1, 2, 3]], SamplingParams(json_object=True))
     assert e.value.param == "response_format"
+
+
+def test_end_and_special_tokens_never_close_an_unfinished_object(embedded_llm):
+    """A token that would end the answer (EOS, a stop token id) or that decoding skips (any added
+    token marked special, also those all_special_ids leaves out) is never allowed mid-object."""
+    import torch
+
+    from cachedattention.engine.json_mode import JsonConstraint
+
+    tok = embedded_llm.tokenizer
+    hidden = [i for i, t in tok.hf.added_tokens_decoder.items() if t.special and i not in tok.hf.all_special_ids]
+    assert hidden and all(tok.is_special(i) for i in hidden)  # e.g. <filename>: skipped by decode
+    quote = tok.encode('"')[0]
+    rule = JsonConstraint(tok.token_bytes, tok.is_special, enders=[tok.eos_token_id, quote])
+    for t in tok.encode('{"a": "x'):
+        rule.accept(t)
+    row = torch.zeros(len(tok.hf))
+    row[[tok.eos_token_id, quote, hidden[0]]] = 10.0  # the model wants to stop here
+    masked = rule.mask(row)
+    assert masked[[tok.eos_token_id, quote, hidden[0]]].eq(float("-inf")).all()
+    assert masked.isfinite().sum() > 0  # other tokens still continue the string

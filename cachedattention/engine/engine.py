@@ -144,7 +144,8 @@ class LLMEngine:
             return None
         if self.tokenizer is None:
             raise InvalidRequest("JSON mode needs the model's tokenizer (each token's bytes)", "response_format")
-        return JsonConstraint(self.tokenizer.token_bytes, self.tokenizer.is_special)
+        enders = (*params.eos_token_ids, *params.stop_token_ids)
+        return JsonConstraint(self.tokenizer.token_bytes, self.tokenizer.is_special, enders)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

@@ -7,8 +7,9 @@ request finishes ("stop") when the object closes.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -125,9 +126,12 @@ def advance(state: State, data: bytes) -> State | None:
 class JsonConstraint:
     """One request's JSON mode: which tokens may come next, and where the answer stands."""
 
-    def __init__(self, token_bytes: Callable[[int], bytes], is_special: Callable[[int], bool]) -> None:
+    def __init__(
+        self, token_bytes: Callable[[int], bytes], is_special: Callable[[int], bool], enders: Iterable[int] = ()
+    ) -> None:
         self._bytes = token_bytes
         self._special = is_special
+        self._enders = frozenset(enders)  # end-of-sequence and stop token ids: they would end the answer mid-object
         self.state: State = START
         self._whitespace = 0  # whitespace bytes written in a row
 
@@ -136,7 +140,7 @@ class JsonConstraint:
         return self.state[0] == "done"
 
     def _fits(self, token: int) -> bool:
-        if self._special(token):
+        if token in self._enders or self._special(token):
             return False
         data = self._bytes(token)
         if not data or (self._whitespace + len(data) > MAX_WHITESPACE and all(b in WHITESPACE for b in data)):
@@ -149,8 +153,9 @@ class JsonConstraint:
         of them fits."""
         order = torch.topk(row, min(CANDIDATES, row.numel())).indices.tolist()
         fits = [t for t in order if self._fits(t)]
-        if not fits:
-            fits = [t for t in torch.argsort(row, descending=True).tolist() if self._fits(t)][:CANDIDATES]
+        if not fits:  # the whole vocabulary, most likely first, until CANDIDATES fit
+            ranked = torch.argsort(row, descending=True).tolist()
+            fits = list(itertools.islice((t for t in ranked if self._fits(t)), CANDIDATES))
         if not fits:  # a vocabulary without JSON's characters: nothing to steer (accept() ends the answer)
             return row
         index = torch.tensor(fits, device=row.device)

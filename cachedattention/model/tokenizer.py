@@ -46,6 +46,8 @@ class Tokenizer:
         self._special = set(getattr(hf_tokenizer, "all_special_ids", ()) or ())
         # added tokens (special or not) are their text as written, not pieces of the vocabulary's alphabet
         added = getattr(hf_tokenizer, "added_tokens_decoder", None) or {}
+        # decoding skips every added token marked special, not only those all_special_ids lists
+        self._special |= {i for i, t in added.items() if getattr(t, "special", False)}
         self._added = {i: str(getattr(t, "content", t)) for i, t in added.items()}
         self._bytes: dict[int, bytes] = {}  # logprobs look the same tokens up again and again
 
