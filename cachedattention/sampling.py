@@ -41,6 +41,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # OpenAI's response_format json_object: the answer is one JSON object (engine/json_mode.py)
     json_object: bool = False
+    # tool_choice "required" or a named function: the answer is one Hermes-style call of one of
+    # these functions, its arguments a JSON object (engine/tool_choice.py)
+    tool_call_names: tuple[str, ...] = ()
     # filled in by the engine: the model's end-of-sequence ids
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -50,6 +53,7 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        object.__setattr__(self, "tool_call_names", tuple(self.tool_call_names))
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not (is_number(self.temperature) and self.temperature >= 0):
@@ -60,6 +64,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if not all(isinstance(n, str) and n for n in self.tool_call_names):
+            raise ValueError("tool_call_names must be non-empty function names")
+        if self.tool_call_names and self.json_object:
+            raise ValueError("json_object and tool_call_names cannot be combined: the answer is one or the other")
         self._check_adjustments()
 
     def _check_adjustments(self) -> None:

@@ -12,10 +12,11 @@ import torch
 
 from cachedattention.config import EngineConfig
 from cachedattention.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
-from cachedattention.engine.json_mode import JsonConstraint
+from cachedattention.engine.json_mode import JSON_OBJECT, JsonConstraint
 from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
+from cachedattention.engine.tool_choice import tool_call_automaton
 from cachedattention.errors import InvalidRequest
 from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
 from cachedattention.kvcache.page_pool import PagePool
@@ -140,12 +141,15 @@ class LLMEngine:
         return request_id
 
     def _json_constraint(self, params: SamplingParams) -> JsonConstraint | None:
-        if not params.json_object:
+        """JSON mode, or a forced tool call: the tokens each step may take."""
+        if not params.json_object and not params.tool_call_names:
             return None
+        param = "response_format" if params.json_object else "tool_choice"
         if self.tokenizer is None:
-            raise InvalidRequest("JSON mode needs the model's tokenizer (each token's bytes)", "response_format")
+            raise InvalidRequest("a guided answer needs the model's tokenizer (each token's bytes)", param)
         enders = (*params.eos_token_ids, *params.stop_token_ids)
-        return JsonConstraint(self.tokenizer.token_bytes, self.tokenizer.is_special, enders)
+        automaton = tool_call_automaton(params.tool_call_names) if params.tool_call_names else JSON_OBJECT
+        return JsonConstraint(self.tokenizer.token_bytes, self.tokenizer.is_special, enders, automaton)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -216,7 +220,7 @@ class LLMEngine:
         if req.json is not None:
             req.json.accept(token)
         if token in p.stop_token_ids or token in p.eos_token_ids or (req.json is not None and req.json.done):
-            reason = "stop"  # JSON mode: the object is closed
+            reason = "stop"  # a guided answer is complete (the JSON object, the tool call)
         elif p.stop and self._hit_stop_string(req):
             reason = "stop"
         elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:

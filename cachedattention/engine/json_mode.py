@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -116,28 +118,47 @@ def step(state: State, b: int) -> State | None:
 
 
 def advance(state: State, data: bytes) -> State | None:
-    for b in data:
-        state = step(state, b)
-        if state is None:
-            return None
-    return state
+    return JSON_OBJECT.advance(state, data)
+
+
+@dataclass(frozen=True)
+class Automaton:
+    """A byte-level recognizer of the answers allowed: a start state, one step per byte (None: the
+    answer can no longer be allowed), and which states are a complete answer."""
+
+    start: Any
+    step: Callable[[Any, int], Any]
+    is_done: Callable[[Any], bool]
+
+    def advance(self, state: Any, data: bytes) -> Any:
+        for b in data:
+            state = self.step(state, b)
+            if state is None:
+                return None
+        return state
+
+
+JSON_OBJECT = Automaton(START, step, lambda state: state[0] == "done")
 
 
 class JsonConstraint:
-    """One request's JSON mode: which tokens may come next, and where the answer stands."""
+    """One request's guided answer (a JSON object, or a tool call holding one): which tokens may
+    come next, and where the answer stands."""
 
     def __init__(
-        self, token_bytes: Callable[[int], bytes], is_special: Callable[[int], bool], enders: Iterable[int] = ()
-    ) -> None:
+        self, token_bytes: Callable[[int], bytes], is_special: Callable[[int], bool], enders: Iterable[int] = (),
+        automaton: Automaton = JSON_OBJECT,
+    ) -> None:  # fmt: skip
         self._bytes = token_bytes
         self._special = is_special
         self._enders = frozenset(enders)  # end-of-sequence and stop token ids: they would end the answer mid-object
-        self.state: State = START
+        self.automaton = automaton
+        self.state = automaton.start
         self._whitespace = 0  # whitespace bytes written in a row
 
     @property
     def done(self) -> bool:
-        return self.state[0] == "done"
+        return self.automaton.is_done(self.state)
 
     def _fits(self, token: int) -> bool:
         if token in self._enders or self._special(token):
@@ -145,7 +166,7 @@ class JsonConstraint:
         data = self._bytes(token)
         if not data or (self._whitespace + len(data) > MAX_WHITESPACE and all(b in WHITESPACE for b in data)):
             return False
-        return advance(self.state, data) is not None
+        return self.automaton.advance(self.state, data) is not None
 
     def mask(self, row: torch.Tensor) -> torch.Tensor:
         """A copy of one row of logits with every token that would break the JSON at -inf. Only the
@@ -166,9 +187,10 @@ class JsonConstraint:
     def accept(self, token: int) -> None:
         """Follow the sampled token (one mask() allowed); one that breaks the JSON ends the answer."""
         data = self._bytes(token)
-        state = advance(self.state, data) if not self._special(token) else None
+        state = self.automaton.advance(self.state, data) if not self._special(token) else None
         if state is None:
-            log.warning("token %d does not continue the JSON answer; ending it", token)
+            log.warning("token %d does not continue the guided answer; ending it", token)
+            self.automaton = JSON_OBJECT  # whose "done" state ends the request
             state = ("done", "", "")
         self.state = state
         self._whitespace = self._whitespace + len(data) if all(b in WHITESPACE for b in data) else 0

@@ -318,18 +318,28 @@ def _content(i: int, content: Any) -> Any:
     return "".join(texts)
 
 
-def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool]:
-    """The function definitions, and whether answers are parsed for calls (tool_choice "auto", the
-    default with tools; "none" keeps the tools in the prompt and the answer as text)."""
+def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool, tuple[str, ...]]:
+    """The function definitions; whether answers are parsed for calls (tool_choice "auto", the
+    default with tools; "none" keeps the tools in the prompt and the answer as text); and the
+    functions one of which the answer must call ("required": any; a named function: that one)."""
     try:
         tools = validate_tools(body.get("tools"))
     except ValueError as e:
         raise bad(str(e), getattr(e, "param", None) or "tools") from None
     choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):  # "required" and a named function need guided decoding
-        raise bad(f"tool_choice {choice!r} is not supported; use 'auto' or 'none'", "tool_choice",
-                  "unsupported_parameter")  # fmt: skip
-    return tools, tools is not None and choice != "none"
+    names = tuple(t["function"]["name"] for t in tools or ())
+    if choice in (None, "auto", "none"):
+        return tools, tools is not None and choice != "none", ()
+    if not tools:
+        raise bad("tool_choice needs tools", "tool_choice")
+    if choice == "required":
+        return tools, True, names
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if name not in names:
+        raise bad(f"tool_choice must be 'auto', 'none', 'required' or {{'type': 'function', 'function': {{'name': "
+                  f"...}}}} naming one of the tools ({', '.join(names)})", "tool_choice")  # fmt: skip
+    return tools, True, (name,)
 
 
 def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:
@@ -348,9 +358,13 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
         raise bad(str(e), getattr(e, "param", None) or "messages") from None
     for i, m in enumerate(out):
         _text(m["content"], f"messages[{i}].content")
-    tools, parse_calls = _tools(body)
-    return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls,
-                         **_common(body, session_header, max_model_len, chat=True))  # fmt: skip
+    tools, parse_calls, forced = _tools(body)
+    common = _common(body, session_header, max_model_len, chat=True)
+    if forced:
+        if common["params"].json_object:
+            raise bad("response_format json_object cannot be combined with a required tool call", "response_format")
+        common["params"] = replace(common["params"], tool_call_names=forced)
+    return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, **common)
 
 
 def parse_completion(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:

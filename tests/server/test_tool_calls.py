@@ -130,8 +130,11 @@ def test_tools_and_tool_messages_reach_the_template_and_history_is_reused(tool_s
 
 
 BAD_TOOLS = [
-    ("required", {"tool_choice": "required"}, "tool_choice"),
-    ("a named function", {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ("a function not among the tools", {"tool_choice": {"type": "function", "function": {"name": "other"}}},
+     "tool_choice"),
+    ("a tool_choice of another kind", {"tool_choice": "always"}, "tool_choice"),
+    ("required with json_object", {"tool_choice": "required", "response_format": {"type": "json_object"}},
+     "response_format"),
     ("tools not a list", {"tools": {"type": "function"}}, "tools"),
     ("a tool without a name", {"tools": [{"type": "function", "function": {}}]}, "tools[0]"),
 ]
@@ -211,3 +214,42 @@ def test_a_template_that_refuses_a_lone_system_turn_still_serves_sessions(chat_m
         assert _chat(srv.url, messages=msgs[:1]).status_code == 400  # the template's own refusal: the client's
     finally:
         srv.stop()
+
+
+def test_the_forced_call_automaton_takes_one_call_of_an_allowed_function():
+    from cachedattention.engine.tool_choice import tool_call_automaton
+
+    auto = tool_call_automaton(["get_weather", "get_time"])
+
+    def complete(text: str) -> bool:
+        state = auto.advance(auto.start, text.encode())
+        return state is not None and auto.is_done(state)
+
+    assert complete(CALL.replace("Paris", "Zürich"))
+    assert complete('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    for wrong in ('<tool_call>\n{"name": "get_date", "arguments": {}}\n</tool_call>',  # not a given function
+                  '<tool_call>\n{"name": "get_time", "arguments": [1]}\n</tool_call>',  # arguments not an object
+                  "Sure! " + CALL):  # text first  # fmt: skip
+        assert auto.advance(auto.start, wrong.encode()) is None or not complete(wrong)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_a_required_or_named_tool_choice_makes_the_answer_a_call(tool_server, choice):
+    """Even a random-weight model (which left alone writes anything) answers with one call of an
+    allowed function, arguments a JSON object; streamed, the same call comes as a delta. (A bias
+    towards "}" makes it close the arguments at once: left alone it may write a string for ever.)"""
+    time_fn = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    close = tool_server.app.state.engine_loop.engine.tokenizer.encode("}")[0]
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER, time_fn],
+            "tool_choice": choice, "max_tokens": 200, "logit_bias": {str(close): 30}}  # fmt: skip
+    r = _chat(tool_server.url, **body).json()
+    call = r["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert r["choices"][0]["finish_reason"] == "tool_calls" and r["choices"][0]["message"]["content"] is None
+    assert call["name"] in (("get_weather", "get_time") if choice == "required" else ("get_time",))
+    assert isinstance(json.loads(call["arguments"]), dict)
+    with httpx.stream("POST", f"{tool_server.url}/v1/chat/completions", timeout=60,
+                      json={"max_tokens": 200, "temperature": 0, **body, "stream": True}) as s:  # fmt: skip
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    streamed = [c for e in events for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert [c["function"] for c in streamed] == [call]  # greedy: the same call
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
