@@ -53,7 +53,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
-        object.__setattr__(self, "tool_call_names", tuple(self.tool_call_names))
+        names = self.tool_call_names
+        object.__setattr__(self, "tool_call_names", (names,) if isinstance(names, str) else tuple(names))
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not (is_number(self.temperature) and self.temperature >= 0):

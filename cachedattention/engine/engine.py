@@ -149,7 +149,8 @@ class LLMEngine:
             raise InvalidRequest("a guided answer needs the model's tokenizer (each token's bytes)", param)
         enders = (*params.eos_token_ids, *params.stop_token_ids)
         automaton = tool_call_automaton(params.tool_call_names) if params.tool_call_names else JSON_OBJECT
-        return JsonConstraint(self.tokenizer.token_bytes, self.tokenizer.is_special, enders, automaton)
+        tok = self.tokenizer
+        return JsonConstraint(tok.token_bytes, tok.is_special, enders, automaton, tok.tokens_by_first_byte)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

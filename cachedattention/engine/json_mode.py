@@ -147,10 +147,11 @@ class JsonConstraint:
 
     def __init__(
         self, token_bytes: Callable[[int], bytes], is_special: Callable[[int], bool], enders: Iterable[int] = (),
-        automaton: Automaton = JSON_OBJECT,
+        automaton: Automaton = JSON_OBJECT, by_first_byte: Callable[[], dict[int, list[int]]] | None = None,
     ) -> None:  # fmt: skip
         self._bytes = token_bytes
         self._special = is_special
+        self._by_first_byte = by_first_byte  # the vocabulary grouped by first byte, for the fallback
         self._enders = frozenset(enders)  # end-of-sequence and stop token ids: they would end the answer mid-object
         self.automaton = automaton
         self.state = automaton.start
@@ -174,15 +175,29 @@ class JsonConstraint:
         of them fits."""
         order = torch.topk(row, min(CANDIDATES, row.numel())).indices.tolist()
         fits = [t for t in order if self._fits(t)]
-        if not fits:  # the whole vocabulary, most likely first, until CANDIDATES fit
-            ranked = torch.argsort(row, descending=True).tolist()
-            fits = list(itertools.islice((t for t in ranked if self._fits(t)), CANDIDATES))
+        if not fits:
+            fits = self._fallback(row)
         if not fits:  # a vocabulary without JSON's characters: nothing to steer (accept() ends the answer)
             return row
         index = torch.tensor(fits, device=row.device)
         out = torch.full_like(row, float("-inf"))
         out[index] = row[index]
         return out
+
+    def _fallback(self, row: torch.Tensor) -> list[int]:
+        """The most likely CANDIDATES tokens that fit, out of the whole vocabulary: only those whose
+        first byte the automaton takes now are tried (in a call's fixed text, one byte: a few hundred
+        tokens, where trying all 49k took 60-180 ms a step)."""
+        if self._by_first_byte is None:
+            ranked = torch.argsort(row, descending=True).tolist()
+            return list(itertools.islice((t for t in ranked if self._fits(t)), CANDIDATES))
+        groups = self._by_first_byte()
+        firsts = [b for b in range(256) if self.automaton.step(self.state, b) is not None]
+        fits = [t for b in firsts for t in groups.get(b, ()) if self._fits(t)]
+        if len(fits) > CANDIDATES:
+            index = torch.tensor(fits, device=row.device)
+            fits = index[torch.topk(row[index], CANDIDATES).indices].tolist()
+        return fits
 
     def accept(self, token: int) -> None:
         """Follow the sampled token (one mask() allowed); one that breaks the JSON ends the answer."""

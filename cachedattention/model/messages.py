@@ -4,6 +4,7 @@ an assistant's tool calls and the tool results that answer them."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from cachedattention.errors import InvalidRequest
@@ -79,6 +80,7 @@ def _json_object(text: str) -> dict[str, Any] | str:
 
 
 MAX_TOOLS = 128  # OpenAI's limit
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
 def validate_tools(tools: Any) -> list[dict[str, Any]] | None:
@@ -93,6 +95,9 @@ def validate_tools(tools: Any) -> list[dict[str, Any]] | None:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             shape = "{'type': 'function', 'function': {'name': ..., 'parameters': {...}}}"
             raise InvalidRequest(f"tools[{j}] must be {shape}", f"tools[{j}]")
+        if not TOOL_NAME.fullmatch(fn["name"]):
+            raise InvalidRequest(f"tools[{j}].function.name must be 1 to 64 of a-z, A-Z, 0-9, _ and - (as OpenAI's)",
+                                 f"tools[{j}]")  # fmt: skip
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise InvalidRequest(f"tools[{j}].function.parameters must be a JSON schema object", f"tools[{j}]")
     return tools or None

@@ -50,6 +50,7 @@ class Tokenizer:
         self._special |= {i for i, t in added.items() if getattr(t, "special", False)}
         self._added = {i: str(getattr(t, "content", t)) for i, t in added.items()}
         self._bytes: dict[int, bytes] = {}  # logprobs look the same tokens up again and again
+        self._by_first_byte: dict[int, list[int]] | None = None
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> Tokenizer:
@@ -84,6 +85,18 @@ class Tokenizer:
         if data is None:
             data = self._bytes[token_id] = self._token_bytes(token_id)
         return data
+
+    def tokens_by_first_byte(self) -> dict[int, list[int]]:
+        """Token ids grouped by their first byte (special tokens left out), built once: guided
+        decoding looks for the tokens that may come next among those starting with an allowed byte."""
+        if self._by_first_byte is None:
+            groups: dict[int, list[int]] = {}
+            for t in range(len(self.hf)):
+                data = self.token_bytes(t)
+                if data and not self.is_special(t):
+                    groups.setdefault(data[0], []).append(t)
+            self._by_first_byte = groups
+        return self._by_first_byte
 
     def first_token_length(self, token_id: int) -> int:
         """Characters a token adds when it starts a text (SentencePiece's decoder drops its space)."""

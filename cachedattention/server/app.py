@@ -89,7 +89,7 @@ class _Format:
     def __init__(
         self, request_id: str, model: str, chat: bool, include_usage: bool, tokenizer: Tokenizer | None = None,
         logprobs: int | None = None, echo: str | None = None, prompt_logprobs: int | None = None,
-        echo_as_sent: bool = True, tool_calls: bool = False,
+        echo_as_sent: bool = True, tool_calls: bool = False, named_tool: bool = False,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
@@ -100,6 +100,7 @@ class _Format:
         self.echo = echo  # completions' echo: the prompt's text, sent before the answer's
         self.echo_as_sent = echo_as_sent  # the client's string (else decoded from its token ids)
         self.tool_calls = tool_calls  # chat: answers' <tool_call> blocks are returned as tool_calls
+        self.named_tool = named_tool  # tool_choice named the function: finish_reason stays "stop"
         self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs=n (None: not asked for)
         self._logprob_formats: dict[int, LogprobFormatter] = {}  # each choice's (completions' offsets run on)
         self.created = int(time.time())
@@ -186,8 +187,8 @@ class _Format:
         return message
 
     def finish_reason(self, out: RequestOutput) -> str | None:
-        """As OpenAI: "tool_calls" when the answer called tools."""
-        if self.tool_calls and out.finished and parse_tool_calls(out.text)[1]:
+        """As OpenAI: "tool_calls" when the answer called tools (but "stop" for a named tool_choice)."""
+        if self.tool_calls and not self.named_tool and out.finished and parse_tool_calls(out.text)[1]:
             return "tool_calls"
         return out.finish_reason
 
@@ -290,7 +291,8 @@ class OpenAIRoutes:
         if parsed.echo:  # the prompt as sent, or its ids' text
             echo = parsed.prompt if isinstance(parsed.prompt, str) else (tok.decode(parsed.prompt) if tok else "")
         fmt = _Format(rid, self.model_name, chat, parsed.include_usage, tok, parsed.params.logprobs, echo,
-                      parsed.prompt_logprobs, isinstance(parsed.prompt, str), parsed.parse_tool_calls)  # fmt: skip
+                      parsed.prompt_logprobs, isinstance(parsed.prompt, str), parsed.parse_tool_calls,
+                      parsed.named_tool)  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)

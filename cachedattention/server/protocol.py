@@ -68,6 +68,7 @@ class ParsedRequest:
     prompt_logprobs: int | None = None  # vLLM's field: each prompt token's logprob and the top n, as a list
     tools: list[dict[str, Any]] | None = None  # chat: function definitions for the template
     parse_tool_calls: bool = False  # chat: answers' <tool_call> blocks become tool_calls (tool_choice auto)
+    named_tool: bool = False  # tool_choice named one function: OpenAI then finishes with "stop", not "tool_calls"
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -364,7 +365,8 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
         if common["params"].json_object:
             raise bad("response_format json_object cannot be combined with a required tool call", "response_format")
         common["params"] = replace(common["params"], tool_call_names=forced)
-    return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, **common)
+    named = isinstance(body.get("tool_choice"), dict)
+    return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named, **common)
 
 
 def parse_completion(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:

@@ -137,6 +137,7 @@ BAD_TOOLS = [
      "response_format"),
     ("tools not a list", {"tools": {"type": "function"}}, "tools"),
     ("a tool without a name", {"tools": [{"type": "function", "function": {}}]}, "tools[0]"),
+    ("a tool name with a space", {"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools[0]"),
 ]
 
 
@@ -244,7 +245,8 @@ def test_a_required_or_named_tool_choice_makes_the_answer_a_call(tool_server, ch
             "tool_choice": choice, "max_tokens": 200, "logit_bias": {str(close): 30}}  # fmt: skip
     r = _chat(tool_server.url, **body).json()
     call = r["choices"][0]["message"]["tool_calls"][0]["function"]
-    assert r["choices"][0]["finish_reason"] == "tool_calls" and r["choices"][0]["message"]["content"] is None
+    finish = "tool_calls" if choice == "required" else "stop"  # as OpenAI: a named function finishes with stop
+    assert r["choices"][0]["finish_reason"] == finish and r["choices"][0]["message"]["content"] is None
     assert call["name"] in (("get_weather", "get_time") if choice == "required" else ("get_time",))
     assert isinstance(json.loads(call["arguments"]), dict)
     with httpx.stream("POST", f"{tool_server.url}/v1/chat/completions", timeout=60,
@@ -252,4 +254,29 @@ def test_a_required_or_named_tool_choice_makes_the_answer_a_call(tool_server, ch
         events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
     streamed = [c for e in events for c in e["choices"][0]["delta"].get("tool_calls", [])]
     assert [c["function"] for c in streamed] == [call]  # greedy: the same call
-    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert events[-1]["choices"][0]["finish_reason"] == finish
+
+
+def test_guided_fallback_tries_only_tokens_with_an_allowed_first_byte(embedded_llm):
+    """In a call's fixed text one byte is allowed next: the fallback (none of the 256 most likely
+    tokens fits) looks among the tokens starting with it, not the whole vocabulary."""
+    import torch
+
+    from cachedattention import SamplingParams
+    from cachedattention.engine.json_mode import JsonConstraint
+    from cachedattention.engine.tool_choice import tool_call_automaton
+
+    tok = embedded_llm.tokenizer
+    looked: list[int] = []
+
+    def token_bytes(t: int) -> bytes:
+        looked.append(t)
+        return tok.token_bytes(t)
+
+    rule = JsonConstraint(token_bytes, tok.is_special, (), tool_call_automaton(["get_time"]), tok.tokens_by_first_byte)
+    row = torch.randn(len(tok.hf), generator=torch.Generator().manual_seed(0))
+    masked = rule.mask(row)
+    allowed = masked.isfinite().nonzero().flatten().tolist()
+    assert allowed and all(b"<tool_call>".startswith(tok.token_bytes(t)[:11]) for t in allowed)
+    assert len(looked) < 256 + len(tok.tokens_by_first_byte()[ord("<")]) + 1 < len(tok.hf) // 10
+    assert SamplingParams(tool_call_names="get_time").tool_call_names == ("get_time",)  # one name, not letters
