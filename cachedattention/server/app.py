@@ -115,16 +115,12 @@ class _Format:
             return None
         return self._formatter(index).render(logprobs)
 
-    def _echo_logprobs(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
+    def _echo_logprobs(self, index: int, out: RequestOutput, joint: str) -> dict[str, Any] | None:
         """The echoed prompt's tokens in completions' lists (their offsets into the echoed text)."""
         if self.logprobs is None or out.prompt_logprobs is None:
             return None
-        joined = bool(self._joint(out))
         return self._formatter(index).render_prompt(out.prompt_logprobs, out.prompt_token_ids, self.echo,
-                                                    self.logprobs, self.echo_as_sent, joined)  # fmt: skip
-
-    def _echoed(self, out: RequestOutput) -> str:
-        return self.echo + self._joint(out)
+                                                    self.logprobs, self.echo_as_sent, bool(joint))  # fmt: skip
 
     def _joint(self, out: RequestOutput) -> str:
         """What joins the echoed prompt to the answer: the answer's text is decoded alone, and a
@@ -160,15 +156,20 @@ class _Format:
     def full(self, outs: list[RequestOutput]) -> dict[str, Any]:
         choices = []
         for i, out in enumerate(outs):
+            called, head = False, None
             if self.chat:
                 choice = {"index": i, "message": self._message(out)}
+                called = "tool_calls" in choice["message"]
+            elif self.echo is None:
+                choice = {"index": i, "text": out.text}
             else:
-                choice = {"index": i, "text": out.text if self.echo is None else self._echoed(out) + out.text}
-            head = self._echo_logprobs(i, out) if self.echo is not None else None
+                joint = self._joint(out)
+                choice = {"index": i, "text": self.echo + joint + out.text}
+                head = self._echo_logprobs(i, out, joint)
             logprobs = self._logprobs(i, out.logprobs)
             if head is not None and logprobs is not None:  # the prompt's tokens, then the answer's
                 logprobs = {k: head[k] + logprobs[k] for k in head}
-            choice.update(logprobs=logprobs, finish_reason=self.finish_reason(out))
+            choice.update(logprobs=logprobs, finish_reason=self.finish_reason(out, called))
             if not self.chat and self.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out)
             choices.append(choice)
@@ -186,11 +187,9 @@ class _Format:
             message["tool_calls"] = [c.as_json() for c in calls]
         return message
 
-    def finish_reason(self, out: RequestOutput) -> str | None:
+    def finish_reason(self, out: RequestOutput, called: bool) -> str | None:
         """As OpenAI: "tool_calls" when the answer called tools (but "stop" for a named tool_choice)."""
-        if self.tool_calls and not self.named_tool and out.finished and parse_tool_calls(out.text)[1]:
-            return "tool_calls"
-        return out.finish_reason
+        return "tool_calls" if called and not self.named_tool else out.finish_reason
 
     def tool_calls_chunk(self, calls: list[ToolCall], index: int) -> str:
         """A streamed choice's tool calls, each whole in one delta (OpenAI clients join deltas by index)."""
@@ -199,7 +198,8 @@ class _Format:
 
     def echo_chunk(self, index: int, out: RequestOutput) -> str:
         """Completions' streamed echo: the prompt's text (and its tokens' logprobs) before the answer's."""
-        choice = {"index": index, "text": self._echoed(out), "logprobs": self._echo_logprobs(index, out),
+        joint = self._joint(out)
+        choice = {"index": index, "text": self.echo + joint, "logprobs": self._echo_logprobs(index, out, joint),
                   "finish_reason": None}  # fmt: skip
         return self._event([choice])
 
@@ -398,7 +398,8 @@ class OpenAIRoutes:
                         yield fmt.chunk(tail, logprobs=lps, index=i)
                     if calls:
                         yield fmt.tool_calls_chunk(calls, i)
-                    yield fmt.chunk(None if fmt.chat else "", finish_reason=fmt.finish_reason(item), index=i)
+                    reason = fmt.finish_reason(item, bool(calls))
+                    yield fmt.chunk(None if fmt.chat else "", finish_reason=reason, index=i)
                     continue
                 # with tools, text from a <tool_call> on waits for the end (it may be a call)
                 shown = item.text[: plain_text_end(item.text)] if fmt.tool_calls else item.text
