@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from cachedattention.engine import json_schema
+from cachedattention.engine.guided import Automaton
+from cachedattention.engine.tool_choice import tool_call_automaton
 
 MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list (vLLM's default max_logprobs)
 
@@ -39,11 +44,17 @@ class SamplingParams:
     # none) and the n most likely tokens'. Such a request computes its whole prompt (as vLLM): cached
     # KV gives no logits for the positions it covers
     prompt_logprobs: int | None = None
-    # OpenAI's response_format json_object: the answer is one JSON object (engine/json_mode.py)
+    # guided answers (engine/guided.py), at most one of: OpenAI's response_format json_object (the
+    # answer is one JSON object); json_schema (a JSON document valid under this schema, a dict or its
+    # JSON text, kept as text: engine/json_schema.py); choice (exactly one of these strings, vLLM's
+    # guided_choice); tool_choice "required" or a named function (one Hermes-style call of one of
+    # these functions, engine/tool_choice.py; tool_call_parameters: each one's parameters schema as
+    # JSON text, "" for any object, in the same order, or none at all)
     json_object: bool = False
-    # tool_choice "required" or a named function: the answer is one Hermes-style call of one of
-    # these functions, its arguments a JSON object (engine/tool_choice.py)
+    json_schema: str | Mapping[str, Any] | None = None
+    choice: tuple[str, ...] = ()
     tool_call_names: tuple[str, ...] = ()
+    tool_call_parameters: tuple[str, ...] = ()
     # filled in by the engine: the model's end-of-sequence ids
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -53,8 +64,11 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
-        names = self.tool_call_names
-        object.__setattr__(self, "tool_call_names", (names,) if isinstance(names, str) else tuple(names))
+        for name in ("tool_call_names", "choice"):  # one string is one name, not its letters
+            v = getattr(self, name)
+            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
+        object.__setattr__(self, "tool_call_parameters", tuple(_schema_text(p) or "" for p in self.tool_call_parameters))
+        object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not (is_number(self.temperature) and self.temperature >= 0):
@@ -65,11 +79,32 @@ class SamplingParams:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        self._check_guided()
+        self._check_adjustments()
+
+    def _check_guided(self) -> None:
         if not all(isinstance(n, str) and n for n in self.tool_call_names):
             raise ValueError("tool_call_names must be non-empty function names")
-        if self.tool_call_names and self.json_object:
-            raise ValueError("json_object and tool_call_names cannot be combined: the answer is one or the other")
-        self._check_adjustments()
+        if self.tool_call_parameters and len(self.tool_call_parameters) != len(self.tool_call_names):
+            raise ValueError("tool_call_parameters must hold one schema per name in tool_call_names (or none)")
+        if not all(isinstance(c, str) and c for c in self.choice):
+            raise ValueError("choice must be non-empty strings")
+        given = [n for n in ("json_object", "json_schema", "choice", "tool_call_names") if getattr(self, n) not in (None, False, ())]
+        if len(given) > 1:
+            raise ValueError(f"{given[0]} and {given[1]} cannot be combined: the answer is one or the other")
+        self.guided_automaton()  # a schema that cannot be followed is refused here, with its place named
+
+    def guided_automaton(self) -> Automaton | None:
+        """The automaton of the answers allowed, or None when the answer is free."""
+        if self.json_object:
+            return json_schema.JSON_OBJECT
+        if self.json_schema is not None:
+            return json_schema.schema_automaton(self.json_schema)
+        if self.choice:
+            return json_schema.choice_automaton(self.choice)
+        if self.tool_call_names:
+            return tool_call_automaton(self.tool_call_names, self.tool_call_parameters)
+        return None
 
     def _check_adjustments(self) -> None:
         if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -88,6 +123,11 @@ class SamplingParams:
                 raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {v!r}")
 
     @property
+    def guided(self) -> bool:
+        """Whether the answer is held to a form (JSON, a schema, a choice, a tool call)."""
+        return bool(self.json_object or self.json_schema is not None or self.choice or self.tool_call_names)
+
+    @property
     def greedy(self) -> bool:
         # a vanishing temperature is greedy: dividing logits by it would overflow to inf
         return self.temperature < 1e-5
@@ -97,6 +137,18 @@ class SamplingParams:
         """Whether the sampler changes this request's logits before picking (bias, min_tokens, penalties)."""
         return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
                     or self.presence_penalty or self.frequency_penalty)  # fmt: skip
+
+
+def _schema_text(schema: str | Mapping[str, Any] | None) -> str | None:
+    """A schema kept as JSON text: a frozen, hashable field."""
+    if schema is None or isinstance(schema, str):
+        return schema
+    if not isinstance(schema, Mapping):
+        raise ValueError(f"a JSON schema must be a dict or its JSON text, got {type(schema).__name__}")
+    try:
+        return json.dumps(schema)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the JSON schema cannot be written as JSON: {e}") from None
 
 
 def is_int(v: object) -> bool:

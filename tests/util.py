@@ -37,3 +37,22 @@ def sentencepiece_like() -> Tokenizer:
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
     return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>"))
+
+
+def mutate_json(rng, text: bytes) -> bytes | None:
+    """One byte of a JSON text changed (to one of JSON's own characters), dropped or doubled; None
+    when the result is not UTF-8 (inside strings any byte >= 0x80 passes: nothing to compare)."""
+    out = bytearray(text)
+    i = rng.randrange(len(out))
+    edit = rng.choice(["change", "drop", "double"])
+    if edit == "change":
+        out[i] = rng.choice(b'{}[]",:0123456789-+.eE tfnrul\\x\n')
+    elif edit == "drop":
+        del out[i]
+    else:
+        out.insert(i, out[i])
+    try:
+        out.decode()
+    except UnicodeDecodeError:
+        return None
+    return bytes(out)

@@ -12,11 +12,10 @@ import torch
 
 from cachedattention.config import EngineConfig
 from cachedattention.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
-from cachedattention.engine.json_mode import JSON_OBJECT, JsonConstraint
+from cachedattention.engine.guided import GuidedConstraint
 from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
-from cachedattention.engine.tool_choice import tool_call_automaton
 from cachedattention.errors import InvalidRequest
 from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
 from cachedattention.kvcache.page_pool import PagePool
@@ -125,7 +124,7 @@ class LLMEngine:
             head_tokens=head_tokens,
             logprobs=None if params.logprobs is None else [],
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
-            json=self._json_constraint(params),
+            json=self._guided_constraint(params),
             save_to_store=save_to_store,
         )
         if self.store is not None:
@@ -140,17 +139,17 @@ class LLMEngine:
         self.scheduler.add(req)
         return request_id
 
-    def _json_constraint(self, params: SamplingParams) -> JsonConstraint | None:
-        """JSON mode, or a forced tool call: the tokens each step may take."""
-        if not params.json_object and not params.tool_call_names:
+    def _guided_constraint(self, params: SamplingParams) -> GuidedConstraint | None:
+        """JSON mode, a JSON schema, a choice or a forced tool call: the tokens each step may take."""
+        automaton = params.guided_automaton()
+        if automaton is None:
             return None
-        param = "response_format" if params.json_object else "tool_choice"
         if self.tokenizer is None:
+            param = "tool_choice" if params.tool_call_names else "choice" if params.choice else "response_format"
             raise InvalidRequest("a guided answer needs the model's tokenizer (each token's bytes)", param)
         enders = (*params.eos_token_ids, *params.stop_token_ids)
-        automaton = tool_call_automaton(params.tool_call_names) if params.tool_call_names else JSON_OBJECT
         tok = self.tokenizer
-        return JsonConstraint(tok.token_bytes, tok.is_special, enders, automaton, tok.tokens_by_first_byte)
+        return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from cachedattention.engine.detokenizer import IncrementalDetokenizer
-from cachedattention.engine.json_mode import JsonConstraint
+from cachedattention.engine.guided import GuidedConstraint
 from cachedattention.outputs import RequestMetrics
 from cachedattention.sampling import SamplingParams, TokenLogprob
 
@@ -44,7 +44,7 @@ class Request:
     num_sent: int = 0  # output tokens already handed out (streaming deltas)
     store_state: Any = None  # the store connector's per-request bookkeeping
     logprobs: list[TokenLogprob] | None = None  # one per output token, when the params ask for them
-    json: JsonConstraint | None = None  # JSON mode: which tokens may come next
+    json: GuidedConstraint | None = None  # a guided answer: which tokens may come next
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token computed so far (the first: None)
     stop_text_before: int = 0  # output text before min_tokens: a stop string wholly inside it does not count
     stop_searched_to: int = 0  # output text already searched for stop strings

@@ -1,8 +1,8 @@
 """tool_choice "required" or a named function: the answer is one Hermes-style tool call,
 <tool_call>\n{"name": NAME, "arguments": {...}}\n</tool_call>, of one of the given functions.
 
-The name is one of the allowed names exactly; the arguments are any JSON object (not checked
-against the function's parameters schema); the request stops when the call's closing tag is written.
+The name is one of the allowed names exactly; the arguments follow that function's parameters
+schema (any JSON object where it has none); the request stops when the call's closing tag is written.
 """
 
 from __future__ import annotations
@@ -11,30 +11,38 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from cachedattention.engine.json_mode import START, Automaton
-from cachedattention.engine.json_mode import step as json_step
+from cachedattention.engine import json_schema
+from cachedattention.engine.guided import Automaton
 
 TAIL = b"}\n</tool_call>"
 
 
-def tool_call_automaton(names: Sequence[str]) -> Automaton:
-    """States: ("head", bytes so far), ("args", JSON state), ("tail", bytes of TAIL written), ("done",)."""
+def tool_call_automaton(names: Sequence[str], parameters: Sequence[Any] = ()) -> Automaton:
+    """`parameters`: each function's parameters schema (a dict or its JSON text; None or "": any
+    object), in the order of `names`, or none at all. States: ("head", bytes so far), ("args", the
+    schema automaton's state), ("tail", bytes of TAIL written), ("done",)."""
     if not names:
         raise ValueError("a forced tool call needs at least one function name")
-    heads = tuple(f'<tool_call>\n{{"name": {json.dumps(n, ensure_ascii=False)}, "arguments": '.encode() for n in names)
+    if parameters and len(parameters) != len(names):
+        raise ValueError("give one parameters schema per function name, or none")
+    nodes = [json_schema.compile_schema(p) if p else json_schema.ANY_OBJECT for p in parameters or [None] * len(names)]
+    heads = {
+        f'<tool_call>\n{{"name": {json.dumps(n, ensure_ascii=False)}, "arguments": '.encode(): json_schema.automaton(node)
+        for n, node in zip(names, nodes)
+    }
 
     def step(state: tuple[Any, ...], b: int) -> tuple[Any, ...] | None:
         kind = state[0]
         if kind == "head":
             text = state[1] + bytes([b])
             if text in heads:
-                return ("args", START)
+                return ("args", heads[text].start)
             return ("head", text) if any(h.startswith(text) for h in heads) else None
         if kind == "args":
-            nxt = json_step(state[1], b)
+            nxt = json_schema.step(state[1], b)
             if nxt is None:
                 return None
-            return ("tail", 0) if nxt[0] == "done" else ("args", nxt)  # the arguments' object closed
+            return ("tail", 0) if json_schema.is_done(nxt) else ("args", nxt)  # the arguments' object closed
         if kind == "tail" and b == TAIL[state[1]]:
             return ("done",) if state[1] + 1 == len(TAIL) else ("tail", state[1] + 1)
         return None

@@ -26,15 +26,13 @@ from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
+from cachedattention.server.api_error import APIError, error_body, error_response
 from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
 from cachedattention.server.logprobs import LogprobFormatter
 from cachedattention.server.metrics import CONTENT_TYPE, EngineStatsCollector, RequestCounterMiddleware, ServerMetrics
 from cachedattention.server.protocol import (
-    APIError,
     BodyLimitMiddleware,
     ParsedRequest,
-    error_body,
-    error_response,
     parse_chat,
     parse_completion,
     parse_json_object,

@@ -1,4 +1,4 @@
-"""Request validation for the OpenAI-compatible API and OpenAI's error format."""
+"""Request validation for the OpenAI-compatible API."""
 
 from __future__ import annotations
 
@@ -7,48 +7,18 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachedattention.model.messages import validate_messages, validate_tools
 from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, is_int, is_number
+from cachedattention.server.api_error import bad, error_body, error_response
+from cachedattention.server.structured import forced_parameters, guided_fields
 
-INVALID = "invalid_request_error"
 MAX_STOPS = 16
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 MAX_CHOICES = 16  # most choices (n) one request may ask for
 MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self, status: int, message: str, code: str | None = None, param: str | None = None, type_: str = INVALID
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.type = type_
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.code, self.param)
-
-
-def error_body(message: str, type_: str = INVALID, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def error_response(body: dict[str, Any], status: int) -> Response:
-    # ASCII JSON: an error message that quotes user text can never fail to encode
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
-
-
-def bad(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, code=code, param=param)
 
 
 @dataclass
@@ -167,17 +137,6 @@ def _reject_unsupported(body: dict, chat: bool) -> None:
             raise bad(f"{key}={v!r} is not supported by this server", key, "unsupported_parameter")
 
 
-def _json_object(body: dict) -> bool:
-    """response_format: text (the default), or json_object (the answer is one JSON object)."""
-    fmt = body.get("response_format")
-    if fmt is None or fmt == {"type": "text"}:
-        return False
-    if fmt == {"type": "json_object"}:
-        return True
-    raise bad("response_format must be {'type': 'text'} or {'type': 'json_object'} (json_schema is not supported)",
-              "response_format", "unsupported_parameter")  # fmt: skip
-
-
 def _logit_bias(body: dict) -> dict[int, float]:
     v = body.get("logit_bias")
     if v is None:
@@ -264,7 +223,7 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> Sampli
         frequency_penalty=frequency or 0.0,
         logit_bias=_logit_bias(body),
         logprobs=_logprobs(body, chat),
-        json_object=_json_object(body),
+        **guided_fields(body),
     )
 
 
@@ -362,9 +321,11 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
     tools, parse_calls, forced = _tools(body)
     common = _common(body, session_header, max_model_len, chat=True)
     if forced:
-        if common["params"].json_object:
-            raise bad("response_format json_object cannot be combined with a required tool call", "response_format")
-        common["params"] = replace(common["params"], tool_call_names=forced)
+        if common["params"].guided:
+            field = next(k for k in ("response_format", "guided_json", "guided_choice", "structured_outputs") if k in body)
+            raise bad(f"{field} cannot be combined with a required tool call: the answer is one or the other", field)
+        parameters = forced_parameters(tools, forced)
+        common["params"] = replace(common["params"], tool_call_names=forced, tool_call_parameters=parameters)
     named = isinstance(body.get("tool_choice"), dict)
     return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named, **common)
 

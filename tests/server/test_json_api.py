@@ -1,13 +1,19 @@
-"""JSON mode with a random-weight model (which left alone writes anything) and over HTTP."""
+"""JSON mode and structured outputs (a JSON schema, a choice) with a random-weight model (which left
+alone writes anything) and over HTTP, with vLLM's and OpenAI's fields."""
 
 from __future__ import annotations
 
 import json
 
 import httpx
+import jsonschema
+import pytest
 
 from cachedattention import SamplingParams
-from cachedattention.engine.json_mode import START, advance
+from cachedattention.engine.json_schema import JSON_OBJECT, schema_automaton
+
+ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"type": "integer"}},
+          "required": ["answer", "score"], "additionalProperties": False}  # fmt: skip
 
 
 def test_a_random_model_in_json_mode_writes_only_json_object_prefixes(chat_model_dir):
@@ -16,17 +22,17 @@ def test_a_random_model_in_json_mode_writes_only_json_object_prefixes(chat_model
     llm = LLM(str(chat_model_dir))
     prompt = [{"role": "user", "content": "Anything."}]
     free = llm.chat(prompt, SamplingParams(max_tokens=24, temperature=0))
-    assert advance(START, free.text.encode()) is None  # left alone: not JSON
+    assert JSON_OBJECT.advance(JSON_OBJECT.start, free.text.encode()) is None  # left alone: not JSON
     finished = 0
     for seed in range(6):
         params = SamplingParams(max_tokens=48, temperature=1.0, seed=seed, json_object=True)
         out = llm.chat(prompt, params)
-        assert advance(START, out.text.encode()) is not None, out.text  # a prefix of a JSON object
+        assert JSON_OBJECT.advance(JSON_OBJECT.start, out.text.encode()) is not None, out.text  # a prefix of a JSON object
         if out.finish_reason == "stop":
             finished += 1
             assert isinstance(json.loads(out.text), dict)
     greedy = llm.chat(prompt, SamplingParams(max_tokens=48, temperature=0, json_object=True, logprobs=1))
-    assert advance(START, greedy.text.encode()) is not None
+    assert JSON_OBJECT.advance(JSON_OBJECT.start, greedy.text.encode()) is not None
     assert greedy.text.startswith("{") and greedy.logprobs[0].rank > 1  # logprobs: the model's own distribution
     llm.close()
 
@@ -36,9 +42,61 @@ def test_response_format_json_object_over_http(server):
             "response_format": {"type": "json_object"}}  # fmt: skip
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
     text = r["choices"][0]["message"]["content"]
-    assert advance(START, text.encode()) is not None
+    assert JSON_OBJECT.advance(JSON_OBJECT.start, text.encode()) is not None
     if r["choices"][0]["finish_reason"] == "stop":
         assert isinstance(json.loads(text), dict)
-    schema = {**body, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}
-    bad = httpx.post(f"{server.url}/v1/chat/completions", json=schema, timeout=60)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+
+
+def _held_to(schema: dict, text: str, finish: str) -> None:
+    """The answer is a prefix of a document valid under the schema; a finished one is valid."""
+    automaton = schema_automaton(schema)
+    assert automaton.advance(automaton.start, text.encode()) is not None, text
+    if finish == "stop":
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_response_format_json_schema_and_vllm_guided_json_over_http(server):
+    """A close bias makes the random model end its integer (left alone it may write digits for ever)."""
+    close = server.app.state.engine_loop.engine.tokenizer.encode("}")[0]
+    base = {"max_tokens": 64, "temperature": 0, "logit_bias": {str(close): 20}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": ANSWER, "strict": True}}
+    chat = {**base, "messages": [{"role": "user", "content": "Yes or no?"}], "response_format": fmt}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60).json()["choices"][0]
+    _held_to(ANSWER, r["message"]["content"], r["finish_reason"])
+    assert r["finish_reason"] == "stop"
+    for extra in ({"guided_json": ANSWER}, {"guided_json": json.dumps(ANSWER)}, {"structured_outputs": {"json": ANSWER}}):
+        r = httpx.post(f"{server.url}/v1/completions", json={**base, "prompt": "Verdict:", **extra}, timeout=60)
+        choice = r.json()["choices"][0]
+        _held_to(ANSWER, choice["text"], choice["finish_reason"])
+
+
+@pytest.mark.parametrize("field", [{"guided_choice": ["red", "green", "blue"]},
+                                   {"structured_outputs": {"choice": ["red", "green", "blue"]}}])  # fmt: skip
+def test_guided_choice_answers_with_one_of_the_strings(server, field):
+    body = {"messages": [{"role": "user", "content": "A colour?"}], "max_tokens": 16, "n": 3, "temperature": 1.0,
+            "seed": 5, **field}  # fmt: skip
+    choices = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()["choices"]
+    assert {c["finish_reason"] for c in choices} == {"stop"}
+    assert all(c["message"]["content"] in ("red", "green", "blue") for c in choices)
+
+
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "a+"}}}},
+         "response_format", "'pattern' is not supported"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema must be an object"),
+        ({"response_format": {"type": "yaml"}}, "response_format", "response_format must be"),
+        ({"guided_json": {"type": "integer", "minimum": 1}}, "guided_json", "'minimum' is not supported"),
+        ({"guided_json": "{oops"}, "guided_json", "not valid JSON"),
+        ({"guided_choice": []}, "guided_choice", "non-empty list"),
+        ({"guided_regex": "a+"}, "guided_regex", "not supported"),
+        ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "structured_outputs.grammar"),
+        ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice", "cannot be combined"),
+    ],
+)
+def test_structured_output_fields_that_cannot_be_held_to_get_400_naming_them(server, extra, param, words):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **extra}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert words in r.json()["error"]["message"]

@@ -234,6 +234,39 @@ def test_the_forced_call_automaton_takes_one_call_of_an_allowed_function():
         assert auto.advance(auto.start, wrong.encode()) is None or not complete(wrong)
 
 
+def test_a_forced_call_s_arguments_follow_the_function_s_parameters_schema():
+    from cachedattention.engine.tool_choice import tool_call_automaton
+
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    auto = tool_call_automaton(["get_weather", "get_time"], [json.dumps(city), ""])
+    head = '<tool_call>\n{"name": "get_weather", "arguments": '
+    assert auto.is_done(auto.advance(auto.start, CALL.encode()))
+    for wrong in ('{"town": "Paris"}', '{"city": 3}', "{}"):  # another key, another type, a required key missing
+        state = auto.advance(auto.start, (head + wrong + "}\n</tool_call>").encode())
+        assert state is None or not auto.is_done(state), wrong
+    free = '<tool_call>\n{"name": "get_time", "arguments": {"zone": [1]}}\n</tool_call>'  # no schema: any object
+    assert auto.is_done(auto.advance(auto.start, free.encode()))
+
+
+def test_a_forced_call_of_a_strict_function_needs_a_schema_it_can_be_held_to(tool_server):
+    unit = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"]}
+    fn = {"type": "function", "function": {"name": "temperature", "parameters": unit, "strict": True}}
+    body = {"messages": [{"role": "user", "content": "Temperature?"}], "tools": [fn], "tool_choice": "required",
+            "max_tokens": 64}  # fmt: skip
+    r = _chat(tool_server.url, **body).json()["choices"][0]
+    args = json.loads(r["message"]["tool_calls"][0]["function"]["arguments"])
+    assert r["finish_reason"] == "tool_calls" and args in ({"unit": "celsius"}, {"unit": "fahrenheit"})
+    ranged = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}
+    strict = {"type": "function", "function": {"name": "count", "parameters": ranged, "strict": True}}
+    r = _chat(tool_server.url, **{**body, "tools": [strict]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].function.parameters"
+    assert "'minimum' is not supported" in r.json()["error"]["message"]
+    loose = {"type": "function", "function": {"name": "count", "parameters": ranged}}  # best effort: any object
+    close = tool_server.app.state.engine_loop.engine.tokenizer.encode("}")[0]
+    r = _chat(tool_server.url, **{**body, "tools": [loose], "logit_bias": {str(close): 30}}).json()["choices"][0]
+    assert isinstance(json.loads(r["message"]["tool_calls"][0]["function"]["arguments"]), dict)
+
+
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_a_required_or_named_tool_choice_makes_the_answer_a_call(tool_server, choice):
     """Even a random-weight model (which left alone writes anything) answers with one call of an
@@ -263,7 +296,7 @@ def test_guided_fallback_tries_only_tokens_with_an_allowed_first_byte(embedded_l
     import torch
 
     from cachedattention import SamplingParams
-    from cachedattention.engine.json_mode import JsonConstraint
+    from cachedattention.engine.guided import GuidedConstraint
     from cachedattention.engine.tool_choice import tool_call_automaton
 
     tok = embedded_llm.tokenizer
@@ -273,7 +306,7 @@ def test_guided_fallback_tries_only_tokens_with_an_allowed_first_byte(embedded_l
         looked.append(t)
         return tok.token_bytes(t)
 
-    rule = JsonConstraint(token_bytes, tok.is_special, (), tool_call_automaton(["get_time"]), tok.tokens_by_first_byte)
+    rule = GuidedConstraint(tool_call_automaton(["get_time"]), token_bytes, tok.is_special, (), tok.tokens_by_first_byte)
     row = torch.randn(len(tok.hf), generator=torch.Generator().manual_seed(0))
     masked = rule.mask(row)
     allowed = masked.isfinite().nonzero().flatten().tolist()

@@ -1,0 +1,476 @@
+"""Structured answers: JSON that follows a schema (OpenAI's response_format json_schema, vLLM's
+guided_json), any JSON object (json_object), or one of given strings (vLLM's guided_choice).
+
+A schema compiles to a tree of nodes; a byte-level automaton follows the answer through it. A state
+is the set of stacks of open values that the text so far can be in (more than one where the schema
+offers alternatives: anyOf, a list of types, enums), all immutable tuples, so trying a token copies
+nothing. Keywords that would constrain the answer but are not enforced are refused with the keyword
+named, so a schema is never silently loosened; annotations (title, description, format, ...) pass.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachedattention.engine.guided import WHITESPACE, Automaton
+
+HEX = frozenset(b"0123456789abcdefABCDEF")
+DIGITS = frozenset(b"0123456789")
+ESCAPES = frozenset(b'"\\/bfnrt')
+NUMBER_ENDS = frozenset(("0", "int", "frac", "exp"))  # number parts after which the number may end
+ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+                         "readOnly", "writeOnly", "format", "discriminator", "$defs", "definitions", "strict",
+                         "contentMediaType", "contentEncoding"))  # fmt: skip
+KEYWORDS = {
+    "object": frozenset(("properties", "required", "additionalProperties")),
+    "array": frozenset(("items", "minItems", "maxItems")),
+    "string": frozenset(("minLength", "maxLength")),
+    "number": frozenset(), "integer": frozenset(), "boolean": frozenset(), "null": frozenset(),
+}  # fmt: skip
+MAX_SCHEMA_NODES = 10_000
+
+
+# -- nodes: what a value must be ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)  # identity hash: states hold nodes
+class Obj:
+    keys: dict[bytes, str]  # each property's name as written between its quotes -> the name
+    props: dict[str, Any]  # name -> node
+    required: frozenset[str]
+    extra: Any  # the node of properties not listed, or None: not allowed
+
+
+@dataclass(frozen=True, eq=False)
+class Arr:
+    items: Any
+    min_items: int = 0
+    max_items: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Str:
+    min_len: int = 0
+    max_len: int | None = None
+
+    @property
+    def counts(self) -> bool:
+        return self.min_len > 0 or self.max_len is not None
+
+
+@dataclass(frozen=True, eq=False)
+class Num:
+    integer: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Lit:
+    text: bytes  # exactly these bytes (a const, an enum's value, true, false, null, a choice)
+
+
+@dataclass(frozen=True, eq=False)
+class Union:
+    options: tuple[Any, ...]
+
+
+@dataclass(eq=False)
+class Ref:
+    """A $ref, pointing at its node once that is compiled (schemas may be recursive)."""
+
+    pointer: str
+    target: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class AnyValue:
+    """Any JSON value."""
+
+
+ANY = AnyValue()
+ANY_OBJECT = Obj({}, {}, frozenset(), ANY)
+ANY_ARRAY = Arr(ANY)
+ANY_STRING = Str()
+NUMBER = Num()
+LITERALS = {ord("t"): Lit(b"true"), ord("f"): Lit(b"false"), ord("n"): Lit(b"null")}
+
+
+def literal(value: Any) -> Lit:
+    return Lit(json.dumps(value, ensure_ascii=False).encode())
+
+
+# -- the automaton: a state is a tuple of stacks (tuples of frames) --------------------------------
+# frames: ("r", node) the root value, ("v", node) a value after optional whitespace,
+# ("o", obj, seen names, phase, name) an object (phase: first, key, colon, after),
+# ("k", obj, seen, key bytes, escape) a key, ("a", arr, count, phase) an array (first, after),
+# ("s", str, count, escape) a string, ("n", integer, part) a number, ("l", bytes) the rest of a literal
+
+
+def _resolve(node: Any) -> Any:
+    while isinstance(node, Ref):
+        node = node.target
+    return node
+
+
+def _escape(esc: str, b: int) -> str | None:
+    """Inside a string, after `esc` (an escape in progress: "\\", or "uN" with N hex digits to come),
+    byte b: the escape state after it, or None when the string breaks (the closing quote is the caller's)."""
+    if esc == "\\":
+        return "" if b in ESCAPES else "u4" if b == ord("u") else None
+    if esc:
+        return (f"u{int(esc[1]) - 1}" if esc[1] != "1" else "") if b in HEX else None
+    if b == ord("\\"):
+        return "\\"
+    return None if b < 0x20 else ""  # raw control characters are not allowed
+
+
+def _number_part(part: str, b: int, integer: bool) -> str | None:
+    digit = b in DIGITS
+    if part == "-":
+        return "0" if b == ord("0") else "int" if digit else None
+    if part in ("0", "int") and not integer and b in b".eE":
+        return "." if b == ord(".") else "e"
+    if part == "int" and digit:
+        return "int"
+    if part == ".":
+        return "frac" if digit else None
+    if part == "frac":
+        return "frac" if digit else "e" if b in b"eE" else None
+    if part == "e":
+        return "es" if b in b"+-" else "exp" if digit else None
+    if part in ("es", "exp"):
+        return "exp" if digit else None
+    return None
+
+
+def _start(rest: tuple, node: Any, b: int, out: list, seen: set[int]) -> None:
+    """Byte b begins a value of `node`, on top of the frames `rest`: add each stack it can lead to."""
+    node = _resolve(node)
+    if id(node) in seen:  # a union that reaches itself: already tried
+        return
+    seen.add(id(node))
+    if isinstance(node, Union):
+        for option in node.options:
+            _start(rest, option, b, out, seen)
+    elif isinstance(node, AnyValue):
+        if b == ord("{"):
+            _start(rest, ANY_OBJECT, b, out, seen)
+        elif b == ord("["):
+            _start(rest, ANY_ARRAY, b, out, seen)
+        elif b == ord('"'):
+            _start(rest, ANY_STRING, b, out, seen)
+        elif b in LITERALS:
+            _start(rest, LITERALS[b], b, out, seen)
+        else:
+            _start(rest, NUMBER, b, out, seen)
+    elif isinstance(node, Obj):
+        if b == ord("{"):
+            out.append((*rest, ("o", node, frozenset(), "first", None)))
+    elif isinstance(node, Arr):
+        if b == ord("["):
+            out.append((*rest, ("a", node, 0, "first")))
+    elif isinstance(node, Str):
+        if b == ord('"'):
+            out.append((*rest, ("s", node, 0, "")))
+    elif isinstance(node, Num):
+        if b == ord("-"):
+            out.append((*rest, ("n", node.integer, "-")))
+        elif b in DIGITS:
+            out.append((*rest, ("n", node.integer, "0" if b == ord("0") else "int")))
+    elif isinstance(node, Lit) and b == node.text[0]:
+        out.append((*rest, ("l", node.text[1:])) if len(node.text) > 1 else rest)
+
+
+def _more_keys(obj: Obj, seen: frozenset[str]) -> bool:
+    return obj.extra is not None or any(name not in seen for name in obj.props)
+
+
+def _object(rest: tuple, frame: tuple, b: int, out: list) -> None:
+    _, obj, seen, phase, name = frame
+    if b in WHITESPACE:
+        out.append((*rest, frame))
+    elif phase in ("first", "key"):
+        if b == ord('"') and _more_keys(obj, seen):
+            out.append((*rest, ("k", obj, seen, b"", "")))
+        elif b == ord("}") and phase == "first" and obj.required <= seen:
+            out.append(rest)
+    elif phase == "colon":
+        if b == ord(":"):
+            value = obj.props[name] if name is not None else obj.extra
+            out.append((*rest, ("o", obj, seen, "after", None), ("v", value)))
+    elif b == ord(","):  # after a value
+        if _more_keys(obj, seen):
+            out.append((*rest, ("o", obj, seen, "key", None)))
+    elif b == ord("}") and obj.required <= seen:
+        out.append(rest)
+
+
+def _key(rest: tuple, frame: tuple, b: int, out: list) -> None:
+    """A property's name: one of the listed ones not written yet, or (where the object allows
+    others) any other string."""
+    _, obj, seen, text, esc = frame
+    if b == ord('"') and not esc:
+        name = obj.keys.get(text)
+        if name is not None:
+            if name not in seen:
+                out.append((*rest, ("o", obj, seen | {name}, "colon", name)))
+        elif obj.extra is not None:
+            out.append((*rest, ("o", obj, seen, "colon", None)))
+        return
+    nxt = _escape(esc, b)
+    if nxt is None:
+        return
+    text += bytes((b,))
+    if obj.extra is not None or any(k.startswith(text) and n not in seen for k, n in obj.keys.items()):
+        out.append((*rest, ("k", obj, seen, text if obj.keys else b"", nxt)))
+
+
+def _array(rest: tuple, frame: tuple, b: int, out: list) -> None:
+    _, arr, count, phase = frame
+    if b in WHITESPACE:
+        out.append((*rest, frame))
+    elif phase == "first":
+        if b == ord("]") and arr.min_items == 0:
+            out.append(rest)
+        elif arr.max_items != 0:
+            _start((*rest, ("a", arr, 1, "after")), arr.items, b, out, set())
+    elif b == ord(","):
+        if arr.max_items is None or count < arr.max_items:
+            counted = count + 1 if arr.max_items is not None or count < arr.min_items else count  # unbounded: stop counting
+            out.append((*rest, ("a", arr, counted, "after"), ("v", arr.items)))
+    elif b == ord("]") and count >= arr.min_items:
+        out.append(rest)
+
+
+def _string(rest: tuple, frame: tuple, b: int, out: list) -> None:
+    _, node, count, esc = frame
+    if b == ord('"') and not esc:
+        if count >= node.min_len:
+            out.append(rest)
+        return
+    nxt = _escape(esc, b)
+    if nxt is None:
+        return
+    if node.counts and not esc and b & 0xC0 != 0x80:  # a character starts here (not a UTF-8 continuation byte)
+        count += 1
+        if node.max_len is not None and count > node.max_len:
+            return
+    out.append((*rest, ("s", node, count, nxt)))
+
+
+def _advance(stack: tuple, b: int, out: list) -> None:
+    """Add to `out` every stack that one more byte b can lead to from `stack`."""
+    frame, rest = stack[-1], stack[:-1]
+    kind = frame[0]
+    if kind == "s":
+        _string(rest, frame, b, out)
+    elif kind == "n":
+        part = _number_part(frame[2], b, frame[1])
+        if part is not None:
+            out.append((*rest, ("n", frame[1], part)))
+        elif frame[2] in NUMBER_ENDS and rest:  # the number ended: b is its container's
+            _advance(rest, b, out)
+    elif kind == "l":
+        if b == frame[1][0]:
+            out.append((*rest, ("l", frame[1][1:])) if len(frame[1]) > 1 else rest)
+    elif kind == "k":
+        _key(rest, frame, b, out)
+    elif kind == "o":
+        _object(rest, frame, b, out)
+    elif kind == "a":
+        _array(rest, frame, b, out)
+    elif kind == "v" and b in WHITESPACE:
+        out.append(stack)
+    else:  # "v" or "r": a value starts (the root's first byte is the value's own)
+        _start(rest, frame[1], b, out, set())
+
+
+def step(state: tuple, b: int) -> tuple | None:
+    """The state after one more byte, or None when no allowed answer starts with the text."""
+    if len(state) == 1 and state[0]:  # fast path: a plain character inside a string leaves one state as it is
+        frame = state[0][-1]
+        if frame[0] == "s" and not frame[3] and b >= 0x20 and b != 0x22 and b != 0x5C and not frame[1].counts:
+            return state
+    out: list = []
+    for stack in state:
+        if stack:
+            _advance(stack, b, out)
+    if not out:
+        return None
+    return (out[0],) if len(out) == 1 else tuple(dict.fromkeys(out))
+
+
+def is_done(state: tuple) -> bool:
+    """The answer is complete and nothing may follow it."""
+    return all(not stack for stack in state)
+
+
+def may_end(state: tuple) -> bool:
+    """The answer could end here (a root number may also go on: its end is the model's to choose)."""
+    return any(not s or (len(s) == 1 and s[0][0] == "n" and s[0][2] in NUMBER_ENDS) for s in state)
+
+
+def automaton(node: Any) -> Automaton:
+    return Automaton(((("r", node),),), step, is_done, may_end)
+
+
+def schema_automaton(schema: Any) -> Automaton:
+    """The answers that are JSON documents valid under `schema` (a dict, or its JSON text)."""
+    return automaton(compile_schema(schema))
+
+
+def choice_automaton(choices: Sequence[str]) -> Automaton:
+    """The answers that are exactly one of `choices`."""
+    if not choices or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError("choice must be a non-empty list of non-empty strings")
+    return automaton(Union(tuple(Lit(c.encode()) for c in choices)))
+
+
+JSON_OBJECT = automaton(ANY_OBJECT)
+
+
+# -- the compiler --------------------------------------------------------------------------------
+
+
+def compile_schema(schema: Any) -> Any:
+    """The node of a JSON schema (draft 2020-12 / OpenAPI subset): type (or a list of types), enum,
+    const, anyOf / oneOf (held as anyOf), allOf of one schema, $ref within the document; objects'
+    properties, required and additionalProperties (not allowed unless given, where properties are
+    listed: OpenAI's strict mode); arrays' items, minItems, maxItems; strings' minLength, maxLength.
+    Raises ValueError naming the place and keyword of anything else that constrains."""
+    if isinstance(schema, (str, bytes)):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+    try:
+        return _Compiler(schema).compile(schema, "schema")
+    except RecursionError:
+        raise ValueError("the JSON schema is nested too deeply") from None
+
+
+class _Compiler:
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.refs: dict[str, Ref] = {}
+        self.nodes = 0
+
+    def compile(self, s: Any, where: str) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_SCHEMA_NODES:
+            raise ValueError(f"the JSON schema has more than {MAX_SCHEMA_NODES} subschemas")
+        if s is True:
+            return ANY
+        if s is False:
+            raise ValueError(f"{where} is false: no value is allowed there")
+        if not isinstance(s, dict):
+            raise ValueError(f"{where} must be a schema (an object), got {type(s).__name__}")
+        for combinator in ("$ref", "const", "enum", "anyOf", "oneOf", "allOf"):
+            if combinator in s:
+                self._alone(s, combinator, where)
+                return self._combinator(s, combinator, where)
+        types = s.get("type")
+        if types is None:  # no type: what the keywords describe, or anything
+            types = "object" if "properties" in s or "additionalProperties" in s else "array" if "items" in s else None
+            if types is None:
+                self._alone(s, None, where)
+                return ANY
+        if isinstance(types, list) and types and all(isinstance(t, str) for t in types):
+            return Union(tuple(self._typed(s, t, where) for t in dict.fromkeys(types)))
+        return self._typed(s, types, where)
+
+    def _alone(self, s: dict, keyword: str | None, where: str) -> None:
+        """A combinator, or a schema without a type, with other constraints beside it is refused."""
+        extra = set(s) - ANNOTATIONS - {keyword} - ({"type"} if keyword in ("const", "enum") else set())
+        if extra:
+            raise ValueError(f"{where}: {sorted(extra)[0]!r} beside {keyword or 'no type'} is not supported")
+
+    def _combinator(self, s: dict, keyword: str, where: str) -> Any:
+        v = s[keyword]
+        if keyword == "$ref":
+            return self._ref(v, where)
+        if keyword == "const":
+            return literal(v)
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"{where}.{keyword} must be a non-empty list")
+        if keyword == "enum":
+            return Union(tuple(literal(x) for x in v))
+        if keyword == "allOf" and len(v) > 1:
+            raise ValueError(f"{where}.allOf with more than one schema is not supported")
+        options = tuple(self.compile(x, f"{where}.{keyword}[{i}]") for i, x in enumerate(v))
+        return options[0] if len(options) == 1 else Union(options)
+
+    def _ref(self, pointer: Any, where: str) -> Ref:
+        if not isinstance(pointer, str) or not (pointer == "#" or pointer.startswith("#/")):
+            raise ValueError(f"{where}.$ref must point inside the schema ('#/$defs/Name'), got {pointer!r}")
+        if pointer in self.refs:
+            return self.refs[pointer]
+        ref = self.refs[pointer] = Ref(pointer)
+        target: Any = self.root
+        for part in pointer[2:].split("/") if pointer != "#" else ():
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            elif isinstance(target, dict) and part in target:
+                target = target[part]
+            else:
+                raise ValueError(f"{where}.$ref {pointer!r} points at nothing in the schema")
+        ref.target = self.compile(target, pointer)
+        seen = set()  # a chain of $refs that only points at itself describes no value
+        node = ref
+        while isinstance(node, Ref):
+            if id(node) in seen or node.target is None:
+                raise ValueError(f"{where}.$ref {pointer!r} refers only to itself")
+            seen.add(id(node))
+            node = node.target
+        return ref
+
+    def _typed(self, s: dict, kind: Any, where: str) -> Any:
+        if kind not in KEYWORDS:
+            raise ValueError(f"{where}.type must be one of {', '.join(KEYWORDS)} (or a list of them), got {kind!r}")
+        for key in s:
+            if key not in ANNOTATIONS and key != "type" and key not in KEYWORDS[kind]:
+                if not any(key in kw for kw in KEYWORDS.values()):
+                    raise ValueError(f"{where}: {key!r} is not supported (the answer could not be held to it)")
+        if kind == "object":
+            return self._object(s, where)
+        if kind == "array":
+            items = s.get("items", True)
+            lo, hi = self._range(s, "minItems", "maxItems", where)
+            return Arr(self.compile(items, f"{where}.items"), lo, hi)
+        if kind == "string":
+            lo, hi = self._range(s, "minLength", "maxLength", where)
+            return Str(lo, hi) if lo or hi is not None else ANY_STRING
+        if kind in ("number", "integer"):
+            return Num(kind == "integer")
+        if kind == "boolean":
+            return Union((LITERALS[ord("t")], LITERALS[ord("f")]))
+        return LITERALS[ord("n")]
+
+    def _range(self, s: dict, low: str, high: str, where: str) -> tuple[int, int | None]:
+        for key in (low, high):
+            v = s.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"{where}.{key} must be an integer >= 0, got {v!r}")
+        lo, hi = s.get(low) or 0, s.get(high)
+        if hi is not None and lo > hi:
+            raise ValueError(f"{where}: {low} {lo} is above {high} {hi}: no value is allowed there")
+        return lo, hi
+
+    def _object(self, s: dict, where: str) -> Obj:
+        props = s.get("properties", {})
+        if not isinstance(props, dict):
+            raise ValueError(f"{where}.properties must be an object of schemas")
+        required = s.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ValueError(f"{where}.required must be a list of property names")
+        extra_schema = s.get("additionalProperties", not props)  # listed properties: only those (strict)
+        extra = None if extra_schema is False else self.compile(extra_schema, f"{where}.additionalProperties")
+        missing = [r for r in required if r not in props]
+        if missing:
+            raise ValueError(f"{where}.required names {missing[0]!r}, which is not among the properties")
+        nodes = {name: self.compile(p, f"{where}.properties.{name}") for name, p in props.items()}
+        keys = {json.dumps(name, ensure_ascii=False)[1:-1].encode(): name for name in props}
+        return Obj(keys, nodes, frozenset(required), extra)

@@ -1,0 +1,102 @@
+"""What a request says its answer must be: OpenAI's response_format (text, json_object,
+json_schema) and vLLM's structured outputs (guided_json, guided_choice, or structured_outputs with
+json / choice / json_object), as SamplingParams fields; and each forced tool's parameters schema."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cachedattention.engine.json_schema import compile_schema
+from cachedattention.server.api_error import bad
+
+log = logging.getLogger(__name__)
+
+UNSUPPORTED = ("guided_regex", "guided_grammar")  # vLLM's, not held to here
+STRUCTURED_KEYS = ("json", "choice", "json_object")
+
+
+def guided_fields(body: dict) -> dict[str, Any]:
+    """SamplingParams' json_object / json_schema / choice, from whichever one field asks for them."""
+    asked: dict[str, dict[str, Any]] = {}
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        asked["response_format"] = _response_format(fmt)
+    if body.get("guided_json") is not None:
+        asked["guided_json"] = {"json_schema": _schema(body["guided_json"], "guided_json")}
+    if body.get("guided_choice") is not None:
+        asked["guided_choice"] = {"choice": _choice(body["guided_choice"], "guided_choice")}
+    for key in UNSUPPORTED:
+        if body.get(key) is not None:
+            raise bad(f"{key} is not supported by this server (guided_json and guided_choice are)", key,
+                      "unsupported_parameter")  # fmt: skip
+    if body.get("structured_outputs") is not None:
+        asked.update(_structured_outputs(body["structured_outputs"]))
+    if len(asked) > 1:
+        first, second = list(asked)[:2]
+        raise bad(f"{first} and {second} cannot be combined: the answer follows one of them", second)
+    return next(iter(asked.values()), {})
+
+
+def _response_format(fmt: Any) -> dict[str, Any]:
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind != "json_schema":
+        raise bad("response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', "
+                  "'json_schema': {'name': ..., 'schema': {...}}}", "response_format")  # fmt: skip
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad("response_format.json_schema must be an object with the schema under 'schema'", "response_format")
+    return {"json_schema": _schema(spec.get("schema", {}), "response_format")}
+
+
+def _structured_outputs(v: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(v, dict):
+        raise bad("structured_outputs must be an object", "structured_outputs", "invalid_type")
+    for key, value in v.items():
+        if key not in STRUCTURED_KEYS and value not in (None, False):
+            raise bad(f"structured_outputs.{key} is not supported by this server (json, choice and json_object are)",
+                      "structured_outputs", "unsupported_parameter")  # fmt: skip
+    asked = {}
+    if v.get("json") is not None:
+        asked["structured_outputs.json"] = {"json_schema": _schema(v["json"], "structured_outputs")}
+    if v.get("choice") is not None:
+        asked["structured_outputs.choice"] = {"choice": _choice(v["choice"], "structured_outputs")}
+    if v.get("json_object"):
+        asked["structured_outputs.json_object"] = {"json_object": True}
+    return asked
+
+
+def _schema(schema: Any, param: str) -> Any:
+    """A schema (an object, or its JSON text) the answer can be held to; a 400 naming what cannot."""
+    try:
+        compile_schema(schema)
+    except ValueError as e:
+        raise bad(f"{param}: {e}", param) from None
+    return schema
+
+
+def _choice(v: Any, param: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v):
+        raise bad(f"{param} must be a non-empty list of non-empty strings", param)
+    return tuple(v)
+
+
+def forced_parameters(tools: list[dict[str, Any]], names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The parameters schema each forced function's arguments follow: its own where it can be held
+    to; where it cannot, any object (as OpenAI, best effort), unless the function says strict: true."""
+    by_name = {t["function"]["name"]: (j, t["function"]) for j, t in enumerate(tools)}
+    out = []
+    for name in names:
+        j, fn = by_name[name]
+        schema = fn.get("parameters")
+        try:
+            compile_schema(schema or {"type": "object"})
+        except ValueError as e:
+            if fn.get("strict") is True:
+                raise bad(f"tools[{j}].function.parameters: {e}", f"tools[{j}].function.parameters") from None
+            log.info("tool %r: its arguments are held to any JSON object (%s)", name, e)
+            schema = None
+        out.append(schema or "")
+    return tuple(out)

@@ -1,0 +1,247 @@
+"""JSON schema guided answers: the automaton agrees with the jsonschema package on random documents
+(complete exactly when valid, for documents written as json.dumps writes them), never completes an
+invalid one, refuses what it cannot enforce by name, and the embedded model's guided answers validate."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import jsonschema
+import pytest
+import torch
+
+from cachedattention import LLM, SamplingParams
+from cachedattention.engine.guided import GuidedConstraint
+from cachedattention.engine.json_schema import choice_automaton, compile_schema, schema_automaton
+from tests.util import mutate_json
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 8, "title": "Name"},
+        "age": {"type": "integer", "description": "years"},
+        "height": {"type": "number"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "ü", None, True]}, "maxItems": 3},
+        "pet": {"anyOf": [{"$ref": "#/$defs/Pet"}, {"type": "null"}], "default": None},
+    },
+    "required": ["name", "age"],
+    "$defs": {"Pet": {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
+                      "required": ["kind"]}},
+}  # fmt: skip
+TREE = {  # recursive
+    "$defs": {"Node": {"type": "object", "properties": {"value": {"type": ["integer", "string"]},
+                                                         "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}},
+                       "required": ["value"]}},
+    "$ref": "#/$defs/Node",
+}  # fmt: skip
+FLAGS = {"type": "object", "properties": {"id": {"type": "string", "maxLength": 3}},
+         "additionalProperties": {"type": "boolean"}}  # fmt: skip
+NUMBERS = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 4}
+SCHEMAS = {"person": PERSON, "tree": TREE, "flags": FLAGS, "numbers": NUMBERS}
+
+
+def strict(schema):
+    """What the automaton enforces, for jsonschema: listed properties and no others unless given."""
+    schema = copy.deepcopy(schema)
+
+    def walk(s):
+        if isinstance(s, dict):
+            if "properties" in s:
+                s.setdefault("additionalProperties", False)
+            for v in s.values():
+                walk(v)
+        elif isinstance(s, list):
+            for v in s:
+                walk(v)
+
+    walk(schema)
+    return schema
+
+
+def _text(rng: random.Random, depth: int = 0):
+    return "".join(rng.choice('ab "\\\nü中🙂') for _ in range(rng.randint(0, 10 if depth else 3)))
+
+
+def _value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
+    """A random value shaped by the schema: mostly valid, sometimes off in one way or another."""
+    if rng.random() < 0.04:  # anything at all
+        return rng.choice([1, 2.5, "x", None, True, [], {}, {"name": "x"}])
+    if "$ref" in schema:
+        return _value(rng, root["$defs"][schema["$ref"].split("/")[-1]], root, depth)
+    if "anyOf" in schema:
+        return _value(rng, rng.choice(schema["anyOf"]), root, depth)
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    if "const" in schema:
+        return schema["const"] if rng.random() < 0.9 else "dog"
+    kind = schema.get("type")
+    kind = rng.choice(kind) if isinstance(kind, list) else kind
+    if kind == "object":
+        props = schema.get("properties", {})
+        out = {k: _value(rng, v, root, depth + 1) for k, v in props.items()
+               if k in schema.get("required", []) and rng.random() < 0.97 or rng.random() < 0.5}  # fmt: skip
+        extra = schema.get("additionalProperties")
+        for i in range(rng.randint(0, 2) if extra else int(rng.random() < 0.05)):
+            out[f"x{i}"] = _value(rng, extra or {"type": "integer"}, root, depth + 1)
+        return out
+    if kind == "array":
+        n = rng.randint(0, 5 if depth < 3 else 0)
+        return [_value(rng, schema["items"], root, depth + 1) for _ in range(n)]
+    if kind == "string":
+        return _text(rng, depth)
+    if kind == "integer":
+        return rng.randint(-1000, 1000) if rng.random() < 0.95 else 2.5
+    if kind == "number":
+        return rng.choice([rng.randint(-9, 9), rng.uniform(-1e3, 1e3), rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30)])
+    if kind == "boolean":
+        return rng.random() < 0.5
+    return None
+
+
+def _dump(rng: random.Random, value) -> bytes:
+    style = rng.choice([{}, {"indent": 2}, {"separators": (",", ":")}])
+    return json.dumps(value, ensure_ascii=False, **style).encode()
+
+
+def _complete(automaton, text: bytes) -> bool:
+    state = automaton.advance(automaton.start, text)
+    return state is not None and automaton.is_done(state)
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_complete_exactly_when_the_document_is_valid(name):
+    schema = SCHEMAS[name]
+    automaton, validator = schema_automaton(schema), jsonschema.Draft202012Validator(strict(schema))
+    rng = random.Random(name)
+    valid = 0
+    for _ in range(400):
+        value = _value(rng, schema, schema)
+        text = _dump(rng, value)
+        ok = validator.is_valid(value)
+        assert _complete(automaton, text) == ok, (text, ok)
+        valid += ok
+        if ok:  # no proper prefix of a valid document is complete (a root number may still go on)
+            state = automaton.start
+            for i, b in enumerate(text[:-1]):
+                state = automaton.step(state, b)
+                assert state is not None and not automaton.is_done(state), text[: i + 1]
+    assert 100 < valid < 380  # both kinds were tried
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_a_changed_byte_never_makes_an_invalid_document_complete(name):
+    schema = SCHEMAS[name]
+    automaton, validator = schema_automaton(schema), jsonschema.Draft202012Validator(strict(schema))
+    rng = random.Random(f"mutate-{name}")
+    done = 0
+    for _ in range(600):
+        text = mutate_json(rng, _dump(rng, _value(rng, schema, schema)))
+        if text is not None and _complete(automaton, text):
+            done += 1
+            assert validator.is_valid(json.loads(text)), text
+    assert done > 10
+
+
+def test_keys_may_come_in_any_order_once_each_and_required_ones_before_the_end():
+    automaton = schema_automaton(PERSON)
+    assert _complete(automaton, b'{"age": 3, "name": "Al"}')
+    assert not _complete(automaton, b'{"name": "Al"}')  # age is required
+    assert automaton.advance(automaton.start, b'{"name": "Al", "name"') is None  # once each
+    assert automaton.advance(automaton.start, b'{"nam') is not None
+    assert automaton.advance(automaton.start, b'{"nam"') is None  # a listed name whole, not part of one
+    assert automaton.advance(automaton.start, b'{"nose') is None  # not a listed property
+    assert automaton.advance(automaton.start, b'{"name": ""') is None  # minLength 1
+    assert automaton.advance(automaton.start, b'{"name": "123456789') is None  # maxLength 8
+    assert automaton.advance(automaton.start, b'{"name": "\\u00e9\\n\xf0\x9f\x99\x82abcde"') is not None  # 8 characters
+    assert automaton.advance(automaton.start, b'{"tags": ["a", "a", "a", "a"') is None  # maxItems 3
+    assert automaton.advance(automaton.start, b'{"age": 1.5') is None  # an integer
+    assert automaton.advance(automaton.start, b' {') is None  # the answer starts with the value
+
+
+def test_a_root_number_may_end_or_go_on_and_a_choice_ends_where_no_other_goes_on():
+    integer = schema_automaton({"type": "integer"})
+    state = integer.advance(integer.start, b"12")
+    assert not integer.is_done(state) and integer.may_end(state)
+    assert not integer.may_end(integer.advance(integer.start, b"-"))
+    choice = choice_automaton(["yes", "yes!", "no"])
+    state = choice.advance(choice.start, b"yes")
+    assert not choice.is_done(state) and choice.may_end(state)  # "yes!" goes on
+    assert choice.is_done(choice.advance(choice.start, b"yes!")) and choice.is_done(choice.advance(choice.start, b"no"))
+    assert choice.advance(choice.start, b"nope") is None
+
+
+@pytest.mark.parametrize(
+    "schema, message",
+    [
+        ({"type": "string", "pattern": "^a"}, "schema: 'pattern' is not supported"),
+        ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}, "schema.properties.n: 'minimum'"),
+        ({"type": "object", "properties": {}, "required": ["x"]}, "required names 'x'"),
+        ({"$ref": "#/$defs/Missing"}, "points at nothing"),
+        ({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}, "refers only to itself"),
+        ({"$ref": "https://example.com/s.json"}, "must point inside the schema"),
+        ({"type": "text"}, "schema.type must be one of"),
+        ({"type": "array", "minItems": 3, "maxItems": 2}, "minItems 3 is above maxItems 2"),
+        ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "allOf with more than one"),
+        ({"anyOf": [{"type": "string"}], "maxLength": 2}, "'maxLength' beside anyOf"),
+        ({"not": {"type": "string"}}, "'not' beside no type"),
+        ({"type": "object", "properties": {"a": False}}, "schema.properties.a is false"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_what_cannot_be_enforced_is_refused_by_place_and_keyword(schema, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        compile_schema(schema)
+    with pytest.raises(ValueError):
+        SamplingParams(json_schema=schema)
+
+
+def test_guided_fields_are_one_at_a_time_and_a_schema_is_kept_as_text():
+    params = SamplingParams(json_schema=PERSON)
+    assert json.loads(params.json_schema) == PERSON and hash(params)
+    with pytest.raises(ValueError, match="json_object and json_schema cannot be combined"):
+        SamplingParams(json_object=True, json_schema=PERSON)
+    with pytest.raises(ValueError, match="choice"):
+        SamplingParams(choice=["a", ""])
+    assert SamplingParams(choice="yes").choice == ("yes",)
+
+
+def test_an_end_token_is_allowed_only_where_the_answer_may_end(embedded_llm):
+    tok = embedded_llm.tokenizer
+    eos = tok.eos_token_id
+    rule = GuidedConstraint(schema_automaton({"type": "integer"}), tok.token_bytes, tok.is_special, [eos])
+    row = torch.zeros(len(tok.hf))
+    row[eos] = 10.0
+    for t in tok.encode("-"):
+        rule.accept(t)
+    assert rule.mask(row)[eos] == float("-inf")
+    for t in tok.encode("42"):
+        rule.accept(t)
+    assert rule.mask(row)[eos] == 10.0 and not rule.done
+    rule.accept(eos)
+    assert rule.done
+
+
+def test_the_embedded_model_answers_by_the_schema(embedded_llm):
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
+                       "colors": {"type": "array", "items": {"enum": ["black", "white", "orange"]}, "maxItems": 3}},
+        "required": ["name", "age", "colors"],
+    }  # fmt: skip
+    question = [{"role": "user", "content": "Describe a cat as JSON with its name, age and colors."}]
+    out = embedded_llm.chat(question, SamplingParams(max_tokens=80, temperature=0, json_schema=schema))
+    assert out.finish_reason == "stop", out.text
+    jsonschema.validate(json.loads(out.text), strict(schema))
+    sentiment = [{"role": "user", "content": "Is 'I love this film!' positive or negative?"}]
+    out = embedded_llm.chat(sentiment, SamplingParams(max_tokens=8, temperature=0, choice=["positive", "negative"]))
+    assert out.finish_reason == "stop" and out.text == "positive"
+
+
+def test_a_schema_needs_a_tokenizer_and_is_checked_before_the_request_runs(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path))
+    with pytest.raises(ValueError, match="tokenizer") as e:
+        llm.generate([[1, 2, 3]], SamplingParams(choice=["a", "b"]))
+    assert e.value.param == "choice"
