@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from cachedattention.server.protocol import (
     parse_completion,
     parse_json_object,
 )
+from cachedattention.server.tokenize import detokenize, tokenize
 from cachedattention.server.tool_calls import ToolCall, parse_tool_calls, plain_text_end
 
 log = logging.getLogger(__name__)
@@ -228,6 +230,13 @@ class _Format:
         return sse(data)
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("cachedattention")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree (PYTHONPATH), not installed
+        return "unknown"
+
+
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -251,6 +260,9 @@ class OpenAIRoutes:
         # load balancers' probes; its own route, kept out of the schema (one operation id per route)
         app.add_api_route("/health", self.health, methods=["HEAD"], include_in_schema=False)
         app.add_api_route("/metrics", self.prometheus, methods=["GET"])
+        app.add_api_route("/tokenize", self.tokenize, methods=["POST"])
+        app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
+        app.add_api_route("/version", self.version, methods=["GET"])
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
@@ -272,16 +284,39 @@ class OpenAIRoutes:
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
+    async def version(self) -> dict[str, str]:
+        return {"version": package_version()}
+
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        body, tok = await self._tokenizer_request(request)
+        # off the event loop: a long prompt takes a while, and answers stream meanwhile
+        return await asyncio.to_thread(tokenize, tok, body, self.max_model_len)
+
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        body, tok = await self._tokenizer_request(request)
+        return await asyncio.to_thread(detokenize, tok, body, self.loop.engine.spec.vocab_size)
+
+    async def _tokenizer_request(self, request: Request) -> tuple[dict[str, Any], Tokenizer]:
+        body = parse_json_object(await request.body())
+        self._check_model(body.get("model"))
+        tok = self.loop.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model was loaded without a tokenizer", "no_tokenizer")
+        return body, tok
+
+    def _check_model(self, model: Any) -> None:
+        if model is not None and model not in self.aliases:
+            raise APIError(
+                404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                "model_not_found", "model",
+            )  # fmt: skip
+
     # -- generation -------------------------------------------------------------------------------
     async def _generate(self, request: Request, chat: bool) -> Response:
         body = parse_json_object(await request.body())
         parse = parse_chat if chat else parse_completion
         parsed = parse(body, request.headers.get("x-session-id"), self.max_model_len)
-        if parsed.model is not None and parsed.model not in self.aliases:
-            raise APIError(
-                404, f"the model {parsed.model!r} does not exist; this server serves {self.model_name!r}",
-                "model_not_found", "model",
-            )  # fmt: skip
+        self._check_model(parsed.model)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams = await self._submit(rid, parsed)
         tok = self.loop.engine.tokenizer

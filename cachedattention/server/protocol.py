@@ -82,7 +82,7 @@ def _integer(body: dict, key: str) -> int | None:
     return v
 
 
-def _bool(body: dict, key: str, default: bool = False) -> bool:
+def flag(body: dict, key: str, default: bool = False) -> bool:
     v = body.get(key)
     if v is None:
         return default
@@ -159,7 +159,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     """How many alternatives each token's logprobs list (None: no logprobs). Chat: `logprobs` (a
     boolean) and `top_logprobs`; completions: `logprobs`, the number itself."""
     if chat:
-        wanted = _bool(body, "logprobs")
+        wanted = flag(body, "logprobs")
         top = _integer(body, "top_logprobs")
         if top is not None and not 0 <= top <= MAX_LOGPROBS:
             raise bad(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
@@ -200,7 +200,7 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> Sampli
     seed = _integer(body, "seed")
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise bad("seed must fit in 64 bits", "seed")
-    ignore_eos = _bool(body, "ignore_eos")
+    ignore_eos = flag(body, "ignore_eos")
     presence = _number(body, "presence_penalty", -2.0, 2.0)
     frequency = _number(body, "frequency_penalty", -2.0, 2.0)
     repetition = _number(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, lo_open=True)
@@ -233,13 +233,13 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
         raise bad("model must be a string", "model", "invalid_type")
     if model is not None:
         _text(model, "model")
-    stream = _bool(body, "stream")
+    stream = flag(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise bad("stream_options must be an object", "stream_options", "invalid_type")
     if opts is not None and not stream:  # as OpenAI's API and vLLM: a client bug worth telling
         raise bad("stream_options is only allowed when stream is true", "stream_options")
-    include_usage = _bool(opts or {}, "include_usage")
+    include_usage = flag(opts or {}, "include_usage")
     session_id = _session_id(body, session_header)
     n = _integer(body, "n")
     if n is not None and not 1 <= n <= MAX_CHOICES:
@@ -247,7 +247,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     if (n or 1) > 1 and session_id is not None:
         raise bad("n > 1 cannot continue a session: which choice would be its next turn?", "n")
     params = sampling_params(body, max_model_len, chat)
-    echo = not chat and _bool(body, "echo")
+    echo = not chat and flag(body, "echo")
     prompt_logprobs = _prompt_logprobs(body, stream)
     # echo with logprobs lists the prompt's tokens too: the engine computes them for the larger of the two
     wanted = [v for v in (prompt_logprobs, params.logprobs if echo else None) if v is not None]

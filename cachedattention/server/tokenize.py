@@ -1,0 +1,60 @@
+"""vLLM's /tokenize and /detokenize: the token ids this server computes for a prompt or a chat (as
+the generation endpoints would feed them to the model), and the text of token ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cachedattention.model.tokenizer import Tokenizer
+from cachedattention.sampling import is_int
+from cachedattention.server.api_error import bad
+from cachedattention.server.protocol import flag, parse_chat
+
+
+def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> dict[str, Any]:
+    """{"prompt": text} or {"messages": [...], "tools"?, "add_generation_prompt"?: true}; with
+    "return_token_strs": true, each token's text too."""
+    if body.get("add_special_tokens") is True and "messages" not in body:
+        raise bad("add_special_tokens: this server adds no special tokens to a prompt (a chat template writes its "
+                  "own); the ids returned are the ones it computes", "add_special_tokens")  # fmt: skip
+    if body.get("continue_final_message"):
+        raise bad("continue_final_message is not supported by this server", "continue_final_message",
+                  "unsupported_parameter")  # fmt: skip
+    if "messages" in body:
+        ids = _chat_ids(tok, body, max_model_len)
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise bad("give a prompt (a string) or messages to tokenize", "prompt")
+        try:
+            ids = tok.encode(prompt)
+        except ValueError as e:
+            raise bad(str(e), "prompt") from None
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": None}
+    if flag(body, "return_token_strs"):
+        out["token_strs"] = [tok.token_text(t) for t in ids]
+    return out
+
+
+def _chat_ids(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> list[int]:
+    import jinja2
+
+    parsed = parse_chat({"messages": body.get("messages"), "tools": body.get("tools")}, None, max_model_len)
+    try:
+        return tok.encode_chat(parsed.messages, flag(body, "add_generation_prompt", True), parsed.tools)
+    except jinja2.TemplateError as e:
+        raise bad(f"the chat template rejected the messages: {e}", "messages") from None
+    except ValueError as e:  # no chat template, text that cannot be tokenized
+        raise bad(str(e), "messages") from None
+
+
+def detokenize(tok: Tokenizer, body: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """{"tokens": [ids]} -> {"prompt": their text} (special tokens skipped, as answers are decoded)."""
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(is_int(t) for t in ids):
+        raise bad("tokens must be a list of token ids (integers)", "tokens")
+    outside = [t for t in ids if not 0 <= t < vocab_size]
+    if outside:
+        raise bad(f"token ids out of the vocabulary (0..{vocab_size - 1}): {outside[:5]}", "tokens")
+    return {"prompt": tok.decode(ids)}
+

@@ -1,0 +1,59 @@
+"""vLLM's /tokenize and /detokenize, and /version: the ids are the ones generation uses (the usage's
+prompt_tokens agree), text round-trips, and bad input gets a 400 naming the field."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo, wörld 🙂"}]
+
+
+def _post(server, path: str, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=60)
+
+
+def test_tokenize_gives_the_ids_generation_uses(server):
+    tok = server.app.state.engine_loop.engine.tokenizer
+    r = _post(server, "/tokenize", prompt="Héllo, wörld 🙂", return_token_strs=True).json()
+    assert r["tokens"] == tok.encode("Héllo, wörld 🙂") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == server.app.state.engine_loop.engine.max_model_len
+    assert "".join(r["token_strs"]) == "Héllo, wörld 🙂"
+    done = _post(server, "/v1/completions", prompt="Héllo, wörld 🙂", max_tokens=1).json()
+    assert done["usage"]["prompt_tokens"] == r["count"]
+    chat = _post(server, "/tokenize", messages=MESSAGES).json()
+    used = _post(server, "/v1/chat/completions", messages=MESSAGES, max_tokens=1).json()["usage"]["prompt_tokens"]
+    assert chat["count"] == used and chat["token_strs"] is None
+    bare = _post(server, "/tokenize", messages=MESSAGES, add_generation_prompt=False).json()["tokens"]
+    assert len(bare) < chat["count"] and chat["tokens"][: len(bare)] == bare  # the assistant's header comes last
+
+
+def test_detokenize_round_trips_and_version_answers(server):
+    ids = _post(server, "/tokenize", prompt="Héllo, wörld 🙂").json()["tokens"]
+    assert _post(server, "/detokenize", tokens=ids).json() == {"prompt": "Héllo, wörld 🙂"}
+    version = httpx.get(f"{server.url}/version", timeout=60).json()["version"]
+    assert isinstance(version, str) and version
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": 3}, "prompt"),
+        ("/tokenize", {"prompt": "x", "add_special_tokens": True}, "add_special_tokens"),
+        ("/tokenize", {"prompt": "x", "return_token_strs": "yes"}, "return_token_strs"),
+        ("/tokenize", {"messages": [{"role": "user"}]}, "messages[0].content"),
+        ("/tokenize", {"messages": MESSAGES, "continue_final_message": True}, "continue_final_message"),
+        ("/detokenize", {"tokens": [1, "2"]}, "tokens"),
+        ("/detokenize", {"tokens": [10**9]}, "tokens"),
+        ("/detokenize", {}, "tokens"),
+    ],
+)
+def test_bad_tokenizer_requests_get_400_naming_the_field(server, path, body, param):
+    r = _post(server, path, **body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_an_unknown_model_is_404(server):
+    r = _post(server, "/tokenize", prompt="x", model="gpt-9")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
