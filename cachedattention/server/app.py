@@ -329,7 +329,8 @@ class OpenAIRoutes:
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
-        return JSONResponse(fmt.full(await self._collect(request, streams)))
+        outs = await self._collect(request, streams)
+        return JSONResponse(fmt.full([_prompt_only(o) for o in outs] if parsed.prompt_only else outs))
 
     async def _submit(self, rid: str, parsed: ParsedRequest) -> list[RequestStream]:
         """One engine request per choice (n > 1: seeds seed, seed + 1, ... so that seeded choices
@@ -400,7 +401,8 @@ class OpenAIRoutes:
         async def pump(i: int, stream: RequestStream) -> None:
             while True:
                 item = await stream.get()
-                merged.put_nowait((i, item))
+                prompt_only = parsed.prompt_only and isinstance(item, RequestOutput)
+                merged.put_nowait((i, _prompt_only(item) if prompt_only else item))
                 if isinstance(item, BaseException) or item.finished:
                     return
 
@@ -449,6 +451,14 @@ class OpenAIRoutes:
             for c, stream in zip(choices, streams):
                 if not c.done:  # the client went away, a sibling failed, or the server cancelled us
                     self.loop.abort(stream.request_id)
+
+
+def _prompt_only(out: RequestOutput) -> RequestOutput:
+    """An echo with max_tokens 0: the output without the token computed alongside the prompt."""
+    if out.finish_reason == "abort":
+        return out
+    return replace(out, token_ids=[], new_token_ids=[], text="", logprobs=None if out.logprobs is None else [],
+                   finish_reason="length" if out.finished else None)  # fmt: skip
 
 
 @dataclass

@@ -33,6 +33,7 @@ class ParsedRequest:
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
     max_tokens_given: bool = False  # the client asked for a length (else: until EOS or the window)
+    prompt_only: bool = False  # completions' echo with max_tokens 0: the prompt (and its logprobs), no answer
     n: int = 1  # choices to generate for the prompt
     echo: bool = False  # completions: the prompt's text (and its tokens' logprobs) before the answer's
     prompt_logprobs: int | None = None  # vLLM's field: each prompt token's logprob and the top n, as a list
@@ -246,8 +247,11 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
         raise bad(f"n must be an integer in [1, {MAX_CHOICES}], got {n}", "n")
     if (n or 1) > 1 and session_id is not None:
         raise bad("n > 1 cannot continue a session: which choice would be its next turn?", "n")
-    params = sampling_params(body, max_model_len, chat)
     echo = not chat and flag(body, "echo")
+    # echo with max_tokens 0 (what older lm-eval-harness sends to score a prompt, as vLLM takes it):
+    # one token is computed with the prompt at no extra forward pass, and left out of the answer
+    prompt_only = echo and is_int(body.get("max_tokens")) and body["max_tokens"] == 0
+    params = sampling_params({**body, "max_tokens": 1} if prompt_only else body, max_model_len, chat)
     prompt_logprobs = _prompt_logprobs(body, stream)
     # echo with logprobs lists the prompt's tokens too: the engine computes them for the larger of the two
     wanted = [v for v in (prompt_logprobs, params.logprobs if echo else None) if v is not None]
@@ -262,6 +266,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
         include_usage=include_usage,
         session_id=session_id,
         max_tokens_given=body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None,
+        prompt_only=prompt_only,
         n=n or 1,
     )
 

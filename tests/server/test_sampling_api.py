@@ -106,6 +106,25 @@ def test_completion_echo_lists_the_prompt_tokens_then_the_answer(server, engine)
     assert plain["choices"][0]["text"] == choice["text"] and plain["choices"][0]["logprobs"] is None
 
 
+def test_echo_with_max_tokens_0_gives_the_prompt_alone(server):
+    """What older lm-eval-harness sends to score a prompt: its text and tokens' logprobs, no answer."""
+    body = {"prompt": "The capital of France is Paris", "temperature": 0, "logprobs": 1, "echo": True}
+    one = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 1}, timeout=60).json()
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 0}, timeout=60).json()
+    choice, lp = r["choices"][0], one["choices"][0]["logprobs"]
+    assert choice["text"] == body["prompt"] and choice["finish_reason"] == "length"
+    assert choice["logprobs"] == {k: v[:-1] for k, v in lp.items()}  # the prompt's tokens, not the answer's
+    assert r["usage"]["completion_tokens"] == 0 and r["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "max_tokens": 0, "stream": True},
+                      timeout=60) as s:  # fmt: skip
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == body["prompt"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    for bad in ({"max_tokens": 0}, {"max_tokens": 0, "echo": False}):  # an answer of nothing is asked only with echo
+        no = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", **bad}, timeout=60)
+        assert no.status_code == 400 and no.json()["error"]["param"] == "max_tokens"
+
+
 def test_prompt_logprobs_as_vllm_returns_them(server, engine):
     from cachedattention import SamplingParams
 
