@@ -172,6 +172,17 @@ def test_a_root_number_may_end_or_go_on_and_a_choice_ends_where_no_other_goes_on
     assert choice.advance(choice.start, b"nope") is None
 
 
+def test_a_large_enum_is_one_state_and_takes_exactly_its_values():
+    rng = random.Random(3)
+    words = sorted({"".join(rng.choice("abcü") for _ in range(rng.randint(1, 8))) for _ in range(3000)})
+    automaton = schema_automaton({"type": "object", "properties": {"w": {"enum": words}}, "required": ["w"]})
+    state = automaton.advance(automaton.start, b'{"w": "')
+    assert len(state) == 1  # a trie of the values, not one stack per value
+    assert all(_complete(automaton, f'{{"w": "{w}"}}'.encode()) for w in words)
+    others = ({w + "a" for w in words} | {w[:-1] for w in words}) - set(words)
+    assert not any(_complete(automaton, f'{{"w": "{w}"}}'.encode()) for w in others)
+
+
 @pytest.mark.parametrize(
     "schema, message",
     [

@@ -11,7 +11,7 @@ named, so a schema is never silently loosened; annotations (title, description, 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +68,12 @@ class Num:
 
 @dataclass(frozen=True, eq=False)
 class Lit:
-    text: bytes  # exactly these bytes (a const, an enum's value, true, false, null, a choice)
+    """Exactly one of some byte strings (a const, an enum's values, true / false / null, a choice),
+    as a trie: each node's next bytes, and whether a string ends there. An enum of a thousand values
+    is one state, not a thousand."""
+
+    next: dict[int, Lit]
+    end: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,18 +99,51 @@ ANY_OBJECT = Obj({}, {}, frozenset(), ANY)
 ANY_ARRAY = Arr(ANY)
 ANY_STRING = Str()
 NUMBER = Num()
-LITERALS = {ord("t"): Lit(b"true"), ord("f"): Lit(b"false"), ord("n"): Lit(b"null")}
 
 
-def literal(value: Any) -> Lit:
-    return Lit(json.dumps(value, ensure_ascii=False).encode())
+def literals(texts: Iterable[bytes]) -> Lit:
+    """The trie of non-empty byte strings (built without recursion: a const may be long)."""
+    trie: dict[int, Any] = {}
+    for text in texts:
+        node = trie
+        for b in text:
+            node = node.setdefault(b, {})
+        node[-1] = True  # a string ends here
+    order, stack = [], [trie]
+    while stack:  # parents before children; frozen in the reverse order
+        node = stack.pop()
+        order.append(node)
+        stack.extend(v for k, v in node.items() if k != -1)
+    frozen: dict[int, Lit] = {}
+    for node in reversed(order):
+        frozen[id(node)] = Lit({k: frozen[id(v)] for k, v in node.items() if k != -1}, -1 in node)
+    return frozen[id(trie)]
+
+
+def json_literals(values: Iterable[Any]) -> Lit:
+    """Values written as json.dumps writes them (so an enum's 1.0 is "1.0", not "1")."""
+    return literals(json.dumps(v, ensure_ascii=False).encode() for v in values)
+
+
+LITERALS = {ord("t"): literals([b"true"]), ord("f"): literals([b"false"]), ord("n"): literals([b"null"])}
+BOOLEAN = literals([b"true", b"false"])
+
+
+def _literal_step(rest: tuple, node: Lit, b: int, out: list) -> None:
+    child = node.next.get(b)
+    if child is None:
+        return
+    if child.end:  # a string ends here (another may go on)
+        out.append(rest)
+    if child.next:
+        out.append((*rest, ("l", child)))
 
 
 # -- the automaton: a state is a tuple of stacks (tuples of frames) --------------------------------
 # frames: ("r", node) the root value, ("v", node) a value after optional whitespace,
 # ("o", obj, seen names, phase, name) an object (phase: first, key, colon, after),
 # ("k", obj, seen, key bytes, escape) a key, ("a", arr, count, phase) an array (first, after),
-# ("s", str, count, escape) a string, ("n", integer, part) a number, ("l", bytes) the rest of a literal
+# ("s", str, count, escape) a string, ("n", integer, part) a number, ("l", trie node) the rest of a literal
 
 
 def _resolve(node: Any) -> Any:
@@ -179,8 +217,8 @@ def _start(rest: tuple, node: Any, b: int, out: list, seen: set[int]) -> None:
             out.append((*rest, ("n", node.integer, "-")))
         elif b in DIGITS:
             out.append((*rest, ("n", node.integer, "0" if b == ord("0") else "int")))
-    elif isinstance(node, Lit) and b == node.text[0]:
-        out.append((*rest, ("l", node.text[1:])) if len(node.text) > 1 else rest)
+    elif isinstance(node, Lit):
+        _literal_step(rest, node, b, out)
 
 
 def _more_keys(obj: Obj, seen: frozenset[str]) -> bool:
@@ -273,8 +311,7 @@ def _advance(stack: tuple, b: int, out: list) -> None:
         elif frame[2] in NUMBER_ENDS and rest:  # the number ended: b is its container's
             _advance(rest, b, out)
     elif kind == "l":
-        if b == frame[1][0]:
-            out.append((*rest, ("l", frame[1][1:])) if len(frame[1]) > 1 else rest)
+        _literal_step(rest, frame[1], b, out)
     elif kind == "k":
         _key(rest, frame, b, out)
     elif kind == "o":
@@ -325,7 +362,7 @@ def choice_automaton(choices: Sequence[str]) -> Automaton:
     """The answers that are exactly one of `choices`."""
     if not choices or not all(isinstance(c, str) and c for c in choices):
         raise ValueError("choice must be a non-empty list of non-empty strings")
-    return automaton(Union(tuple(Lit(c.encode()) for c in choices)))
+    return automaton(literals(c.encode() for c in choices))
 
 
 JSON_OBJECT = automaton(ANY_OBJECT)
@@ -392,11 +429,11 @@ class _Compiler:
         if keyword == "$ref":
             return self._ref(v, where)
         if keyword == "const":
-            return literal(v)
+            return json_literals([v])
         if not isinstance(v, list) or not v:
             raise ValueError(f"{where}.{keyword} must be a non-empty list")
         if keyword == "enum":
-            return Union(tuple(literal(x) for x in v))
+            return json_literals(v)
         if keyword == "allOf" and len(v) > 1:
             raise ValueError(f"{where}.allOf with more than one schema is not supported")
         options = tuple(self.compile(x, f"{where}.{keyword}[{i}]") for i, x in enumerate(v))
@@ -446,7 +483,7 @@ class _Compiler:
         if kind in ("number", "integer"):
             return Num(kind == "integer")
         if kind == "boolean":
-            return Union((LITERALS[ord("t")], LITERALS[ord("f")]))
+            return BOOLEAN
         return LITERALS[ord("n")]
 
     def _range(self, s: dict, low: str, high: str, where: str) -> tuple[int, int | None]:
