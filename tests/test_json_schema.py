@@ -14,7 +14,7 @@ import torch
 
 from cachedattention import LLM, SamplingParams
 from cachedattention.engine.guided import GuidedConstraint
-from cachedattention.engine.json_schema import choice_automaton, compile_schema, schema_automaton
+from cachedattention.engine.json_schema import MAX_STACKS, choice_automaton, compile_schema, schema_automaton
 from tests.util import mutate_json
 
 PERSON = {
@@ -172,6 +172,42 @@ def test_a_root_number_may_end_or_go_on_and_a_choice_ends_where_no_other_goes_on
     assert choice.advance(choice.start, b"nope") is None
 
 
+def test_findings_of_a_review_stay_fixed():
+    # a type beside an enum keeps only its values
+    typed = schema_automaton({"type": "string", "enum": ["a", 1]})
+    assert _complete(typed, b'"a"') and typed.advance(typed.start, b"1") is None
+    # an escaped key may not spell a listed property under another schema
+    extra = schema_automaton({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+                              "additionalProperties": True})  # fmt: skip
+    assert _complete(extra, b'{"a": 5, "b": "x"}')
+    assert extra.advance(extra.start, b'{"a": 5, "\\u0061') is None and extra.advance(extra.start, b'{"\\u') is None
+    # strings are UTF-8: lone continuation bytes, overlong forms and surrogates are refused; characters count
+    one = schema_automaton({"type": "string", "maxLength": 1})
+    for broken in (b'"\x80', b'"\xc3\xc3', b'"\xe0\x80', b'"\xed\xa0\x80', b'"\xf5'):
+        assert one.advance(one.start, broken) is None, broken
+    assert _complete(one, '"🙂"'.encode()) and one.advance(one.start, '"éé'.encode()) is None
+    # a $ref to a $ref is an alias, not a loop
+    alias = {"$defs": {"Tree": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/Alias"}}}},
+                       "Alias": {"$ref": "#/$defs/Tree"}}, "$ref": "#/$defs/Alias"}  # fmt: skip
+    assert _complete(schema_automaton(alias), b'{"kids": [{"kids": []}, {}]}')
+    # a string with only a minimum stops counting past it (its states recur)
+    least = schema_automaton({"type": "string", "minLength": 3})
+    assert least.advance(least.start, b'"' + b"x" * 10) == least.advance(least.start, b'"' + b"x" * 100)
+
+
+def test_overlapping_options_nested_deep_are_followed_a_bounded_number_of_ways():
+    """Two options sharing their fields, nested: each level doubles the readings of the text. At
+    most MAX_STACKS are followed (the first); the answer stays valid."""
+    node = {"type": "object", "properties": {"name": {"type": "string"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
+            "required": ["name", "kids"]}  # fmt: skip
+    schema = {"anyOf": [node, {**node, "properties": {**node["properties"], "size": {"type": "integer"}}}]}
+    automaton = schema_automaton(schema)
+    state = automaton.advance(automaton.start, b'{"name": "x", "kids": [' * 20)
+    assert state is not None and len(state) <= MAX_STACKS
+    closed = b'{"name": "x", "kids": [' * 20 + b'{"name": "y", "kids": [], "size": 3}' + b"]}" * 20
+    assert _complete(automaton, closed)
+
+
 def test_a_large_enum_is_one_state_and_takes_exactly_its_values():
     rng = random.Random(3)
     words = sorted({"".join(rng.choice("abcü") for _ in range(rng.randint(1, 8))) for _ in range(3000)})
@@ -193,6 +229,11 @@ def test_a_large_enum_is_one_state_and_takes_exactly_its_values():
         ({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}, "refers only to itself"),
         ({"$ref": "https://example.com/s.json"}, "must point inside the schema"),
         ({"type": "text"}, "schema.type must be one of"),
+        ({"type": []}, "schema.type must be one of"),
+        ({"type": ["string", 1]}, "schema.type must be one of"),
+        ({"type": {"a": 1}}, "schema.type must be one of"),
+        ({"type": "integer", "enum": ["a", 1.5]}, "no value of the enum or const is of type 'integer'"),
+        ({"const": float("nan")}, "NaN or infinite"),
         ({"type": "array", "minItems": 3, "maxItems": 2}, "minItems 3 is above maxItems 2"),
         ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "allOf with more than one"),
         ({"anyOf": [{"type": "string"}], "maxLength": 2}, "'maxLength' beside anyOf"),
@@ -232,6 +273,18 @@ def test_an_end_token_is_allowed_only_where_the_answer_may_end(embedded_llm):
     assert rule.mask(row)[eos] == 10.0 and not rule.done
     rule.accept(eos)
     assert rule.done
+    # where nothing but the end may follow ("0" of an integer), the end is taken even when it is
+    # not among the likely tokens, the request ignores EOS (no enders) or min_tokens holds EOS back
+    for enders, eos_logit in (([eos], -30.0), ([], 10.0), ([eos], float("-inf"))):
+        rule = GuidedConstraint(schema_automaton({"type": "integer"}), tok.token_bytes, tok.is_special, enders,
+                                tok.tokens_by_first_byte, end_token=eos)  # fmt: skip
+        rule.accept(tok.encode("0")[0])
+        row = torch.randn(len(tok.hf), generator=torch.Generator().manual_seed(0))
+        row[eos] = eos_logit
+        masked = rule.mask(row)
+        assert masked.isfinite().nonzero().flatten().tolist() == [eos]
+        rule.accept(eos)
+        assert rule.done
 
 
 def test_the_embedded_model_answers_by_the_schema(embedded_llm):

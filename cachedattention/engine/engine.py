@@ -149,7 +149,8 @@ class LLMEngine:
             raise InvalidRequest("a guided answer needs the model's tokenizer (each token's bytes)", param)
         enders = (*params.eos_token_ids, *params.stop_token_ids)
         tok = self.tokenizer
-        return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte)
+        end = self.eos_token_ids[0] if self.eos_token_ids else None
+        return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte, end)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

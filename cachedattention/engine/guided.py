@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 WHITESPACE = frozenset(b" \t\n\r")
 CANDIDATES = 256  # most likely tokens tried first; the whole vocabulary only when none of them fits
 MAX_WHITESPACE = 24  # whitespace bytes in a row before whitespace-only tokens are refused (no endless padding)
+NEG_INF = float("-inf")
 MEMO_STATES = 512  # answer states whose tokens' fit is remembered
 
 
@@ -46,11 +47,15 @@ class GuidedConstraint:
     def __init__(
         self, automaton: Automaton, token_bytes: Callable[[int], bytes], is_special: Callable[[int], bool],
         enders: Iterable[int] = (), by_first_byte: Callable[[], dict[int, list[int]]] | None = None,
+        end_token: int | None = None,
     ) -> None:  # fmt: skip
         self._bytes = token_bytes
         self._special = is_special
         self._by_first_byte = by_first_byte  # the vocabulary grouped by first byte, for the fallback
         self._enders = frozenset(enders)  # end-of-sequence and stop token ids: only where the answer may end
+        # the model's end-of-sequence token: taken where nothing but the end may follow, even where
+        # the request ignores EOS or min_tokens holds it back (the answer is complete)
+        self._end_token = end_token
         self.automaton = automaton
         self.state = automaton.start
         self._whitespace = 0  # whitespace bytes written in a row
@@ -93,14 +98,19 @@ class GuidedConstraint:
         CANDIDATES most likely tokens are tried (the rest keep too little mass to matter), unless none
         of them fits."""
         self._recall()
-        order = torch.topk(row, min(CANDIDATES, row.numel())).indices.tolist()
-        fits = [t for t in order if self._fits(t)]
+        values, order = torch.topk(row, min(CANDIDATES, row.numel()))
+        # a token already at -inf (min_tokens holding back EOS) is not a way on
+        fits = [t for v, t in zip(values.tolist(), order.tolist()) if v != NEG_INF and self._fits(t)]
         if not fits:
             fits = self._fallback(row)
-        if not fits:  # a vocabulary without the answer's characters: nothing to steer (accept() ends it)
-            return row
+        out = torch.full_like(row, NEG_INF)
+        if not fits:
+            end = self._end_token if self._end_token is not None else min(self._enders, default=None)
+            if end is not None and self._may_end():  # only the end may follow: end here
+                out[end] = 0.0
+                return out
+            return row  # a vocabulary without the answer's characters: nothing to steer (accept() ends it)
         index = torch.tensor(fits, device=row.device)
-        out = torch.full_like(row, float("-inf"))
         out[index] = row[index]
         return out
 
@@ -108,12 +118,15 @@ class GuidedConstraint:
         """The most likely CANDIDATES tokens that fit, out of the whole vocabulary: only those whose
         first byte the automaton takes now are tried (in a call's fixed text, one byte: a few hundred
         tokens, where trying all 49k took 60-180 ms a step)."""
+        finite = row.isfinite()
         if self._by_first_byte is None:
-            ranked = torch.argsort(row, descending=True).tolist()
+            ranked = torch.argsort(row, descending=True)[: int(finite.sum())].tolist()
             return list(itertools.islice((t for t in ranked if self._fits(t, False)), CANDIDATES))
         groups = self._by_first_byte()
         firsts = [b for b in range(256) if self.automaton.step(self.state, b) is not None]
         fits = [t for b in firsts for t in groups.get(b, ()) if self._fits(t, False)]
+        fits += [t for t in sorted(self._enders) if self._fits(t, False)]  # outside the CANDIDATES most likely
+        fits = [t for t, ok in zip(fits, finite[fits].tolist()) if ok] if fits else fits
         if len(fits) > CANDIDATES:
             index = torch.tensor(fits, device=row.device)
             fits = index[torch.topk(row[index], CANDIDATES).indices].tolist()
@@ -121,7 +134,7 @@ class GuidedConstraint:
 
     def accept(self, token: int) -> None:
         """Follow the sampled token (one mask() allowed); one that breaks the answer ends it."""
-        if token in self._enders and self._may_end():
+        if (token in self._enders or token == self._end_token) and self._may_end():
             self._ended = True
             return
         data = self._bytes(token)

@@ -31,6 +31,7 @@ KEYWORDS = {
     "number": frozenset(), "integer": frozenset(), "boolean": frozenset(), "null": frozenset(),
 }  # fmt: skip
 MAX_SCHEMA_NODES = 10_000
+MAX_STACKS = 32  # readings of the text followed at once
 
 
 # -- nodes: what a value must be ------------------------------------------------------------------
@@ -122,7 +123,16 @@ def literals(texts: Iterable[bytes]) -> Lit:
 
 def json_literals(values: Iterable[Any]) -> Lit:
     """Values written as json.dumps writes them (so an enum's 1.0 is "1.0", not "1")."""
-    return literals(json.dumps(v, ensure_ascii=False).encode() for v in values)
+    return literals(json.dumps(v, ensure_ascii=False, allow_nan=False).encode() for v in values)
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)  # written as json.dumps writes it: "1", not "1.0"
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    types = {"string": str, "boolean": bool, "object": dict, "array": list}
+    return value is None if kind == "null" else isinstance(value, types[kind])
 
 
 LITERALS = {ord("t"): literals([b"true"]), ord("f"): literals([b"false"]), ord("n"): literals([b"null"])}
@@ -146,22 +156,42 @@ def _literal_step(rest: tuple, node: Lit, b: int, out: list) -> None:
 # ("s", str, count, escape) a string, ("n", integer, part) a number, ("l", trie node) the rest of a literal
 
 
-def _resolve(node: Any) -> Any:
+def resolve(node: Any) -> Any:
     while isinstance(node, Ref):
         node = node.target
     return node
 
 
-def _escape(esc: str, b: int) -> str | None:
-    """Inside a string, after `esc` (an escape in progress: "\\", or "uN" with N hex digits to come),
-    byte b: the escape state after it, or None when the string breaks (the closing quote is the caller's)."""
+# a UTF-8 lead byte -> (the range of the next byte, the state after it): overlong forms and
+# surrogates are refused as Python's decoder refuses them
+UTF8_LEADS = {
+    **{b: ((0x80, 0xBF), "") for b in range(0xC2, 0xE0)},
+    0xE0: ((0xA0, 0xBF), "c1"), 0xED: ((0x80, 0x9F), "c1"),
+    **{b: ((0x80, 0xBF), "c1") for b in (*range(0xE1, 0xED), 0xEE, 0xEF)},
+    0xF0: ((0x90, 0xBF), "c2"), 0xF4: ((0x80, 0x8F), "c2"),
+    **{b: ((0x80, 0xBF), "c2") for b in range(0xF1, 0xF4)},
+}  # fmt: skip
+
+
+def _escape(esc: str | tuple, b: int) -> str | tuple | None:
+    """Inside a string, after `esc` (what is in progress: "" nothing, "\\" an escape, "uN" N hex
+    digits of a \\u escape to come, "cN" N UTF-8 continuation bytes to come, or a lead byte's
+    (range of the next byte, state after it)), byte b: the state after it, or None when the string
+    breaks (the closing quote is the caller's)."""
+    if not esc:
+        if b == ord("\\"):
+            return "\\"
+        if b < 0x80:
+            return None if b < 0x20 else ""  # raw control characters are not allowed
+        return UTF8_LEADS.get(b)  # a character's first byte, or None: not valid UTF-8
+    if isinstance(esc, tuple):
+        (lo, hi), after = esc
+        return after if lo <= b <= hi else None
     if esc == "\\":
         return "" if b in ESCAPES else "u4" if b == ord("u") else None
-    if esc:
-        return (f"u{int(esc[1]) - 1}" if esc[1] != "1" else "") if b in HEX else None
-    if b == ord("\\"):
-        return "\\"
-    return None if b < 0x20 else ""  # raw control characters are not allowed
+    if esc[0] == "c":
+        return ("" if esc == "c1" else f"c{int(esc[1]) - 1}") if 0x80 <= b <= 0xBF else None
+    return (f"u{int(esc[1]) - 1}" if esc[1] != "1" else "") if b in HEX else None
 
 
 def _number_part(part: str, b: int, integer: bool) -> str | None:
@@ -185,7 +215,7 @@ def _number_part(part: str, b: int, integer: bool) -> str | None:
 
 def _start(rest: tuple, node: Any, b: int, out: list, seen: set[int]) -> None:
     """Byte b begins a value of `node`, on top of the frames `rest`: add each stack it can lead to."""
-    node = _resolve(node)
+    node = resolve(node)
     if id(node) in seen:  # a union that reaches itself: already tried
         return
     seen.add(id(node))
@@ -261,7 +291,11 @@ def _key(rest: tuple, frame: tuple, b: int, out: list) -> None:
     if nxt is None:
         return
     text += bytes((b,))
-    if obj.extra is not None or any(k.startswith(text) and n not in seen for k, n in obj.keys.items()):
+    listed = any(k.startswith(text) and n not in seen for k, n in obj.keys.items())
+    # another key may not be escaped where properties are listed: "\\u0061" would be a listed "a"
+    # under another schema
+    other = obj.extra is not None and not (obj.keys and b"\\" in text)
+    if listed or other:
         out.append((*rest, ("k", obj, seen, text if obj.keys else b"", nxt)))
 
 
@@ -291,10 +325,12 @@ def _string(rest: tuple, frame: tuple, b: int, out: list) -> None:
     nxt = _escape(esc, b)
     if nxt is None:
         return
-    if node.counts and not esc and b & 0xC0 != 0x80:  # a character starts here (not a UTF-8 continuation byte)
+    if node.counts and not esc:  # a character starts here
         count += 1
         if node.max_len is not None and count > node.max_len:
             return
+        if node.max_len is None:  # only a minimum: past it, the count no longer matters
+            count = min(count, node.min_len)
     out.append((*rest, ("s", node, count, nxt)))
 
 
@@ -328,7 +364,7 @@ def step(state: tuple, b: int) -> tuple | None:
     """The state after one more byte, or None when no allowed answer starts with the text."""
     if len(state) == 1 and state[0]:  # fast path: a plain character inside a string leaves one state as it is
         frame = state[0][-1]
-        if frame[0] == "s" and not frame[3] and b >= 0x20 and b != 0x22 and b != 0x5C and not frame[1].counts:
+        if frame[0] == "s" and not frame[3] and 0x20 <= b < 0x80 and b != 0x22 and b != 0x5C and not frame[1].counts:
             return state
     out: list = []
     for stack in state:
@@ -336,7 +372,11 @@ def step(state: tuple, b: int) -> tuple | None:
             _advance(stack, b, out)
     if not out:
         return None
-    return (out[0],) if len(out) == 1 else tuple(dict.fromkeys(out))
+    if len(out) == 1:
+        return (out[0],)
+    # overlapping options (anyOf of objects sharing fields, nested) could double the readings at
+    # each level: past MAX_STACKS the first are followed; each is a valid prefix, so the answer stays valid
+    return tuple(dict.fromkeys(out))[:MAX_STACKS]
 
 
 def is_done(state: tuple) -> bool:
@@ -383,9 +423,12 @@ def compile_schema(schema: Any) -> Any:
         except ValueError as e:
             raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
     try:
-        return _Compiler(schema).compile(schema, "schema")
+        compiler = _Compiler(schema)
+        node = compiler.compile(schema, "schema")
     except RecursionError:
         raise ValueError("the JSON schema is nested too deeply") from None
+    compiler.check_refs()
+    return node
 
 
 class _Compiler:
@@ -408,15 +451,35 @@ class _Compiler:
             if combinator in s:
                 self._alone(s, combinator, where)
                 return self._combinator(s, combinator, where)
-        types = s.get("type")
+        types = self._types(s, where)
         if types is None:  # no type: what the keywords describe, or anything
-            types = "object" if "properties" in s or "additionalProperties" in s else "array" if "items" in s else None
+            types = ["object"] if "properties" in s or "additionalProperties" in s else ["array"] if "items" in s else None
             if types is None:
                 self._alone(s, None, where)
                 return ANY
-        if isinstance(types, list) and types and all(isinstance(t, str) for t in types):
-            return Union(tuple(self._typed(s, t, where) for t in dict.fromkeys(types)))
-        return self._typed(s, types, where)
+        nodes = tuple(self._typed(s, t, where) for t in types)
+        return nodes[0] if len(nodes) == 1 else Union(nodes)
+
+    @staticmethod
+    def _types(s: dict, where: str) -> list[str] | None:
+        """The schema's type as a list of known type names (None: no type given)."""
+        kind = s.get("type")
+        if kind is None:
+            return None
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not kinds or not all(isinstance(k, str) and k in KEYWORDS for k in kinds):
+            raise ValueError(f"{where}.type must be one of {', '.join(KEYWORDS)} (or a list of them), got {kind!r}")
+        return list(dict.fromkeys(kinds))
+
+    def check_refs(self) -> None:
+        """A chain of $refs that only points at itself describes no value (checked once all are compiled)."""
+        for pointer, ref in self.refs.items():
+            seen, node = set(), ref
+            while isinstance(node, Ref):
+                if id(node) in seen:
+                    raise ValueError(f"$ref {pointer!r} refers only to itself")
+                seen.add(id(node))
+                node = node.target
 
     def _alone(self, s: dict, keyword: str | None, where: str) -> None:
         """A combinator, or a schema without a type, with other constraints beside it is refused."""
@@ -429,15 +492,27 @@ class _Compiler:
         if keyword == "$ref":
             return self._ref(v, where)
         if keyword == "const":
-            return json_literals([v])
+            return self._values(s, [v], where)
         if not isinstance(v, list) or not v:
             raise ValueError(f"{where}.{keyword} must be a non-empty list")
         if keyword == "enum":
-            return json_literals(v)
+            return self._values(s, v, where)
         if keyword == "allOf" and len(v) > 1:
             raise ValueError(f"{where}.allOf with more than one schema is not supported")
         options = tuple(self.compile(x, f"{where}.{keyword}[{i}]") for i, x in enumerate(v))
         return options[0] if len(options) == 1 else Union(options)
+
+    def _values(self, s: dict, values: list, where: str) -> Lit:
+        """An enum's or a const's values, those of the type beside them if one is given."""
+        types = self._types(s, where)
+        if types is not None:
+            values = [v for v in values if any(_is_type(v, t) for t in types)]
+            if not values:
+                raise ValueError(f"{where}: no value of the enum or const is of type {s['type']!r}")
+        try:
+            return json_literals(values)
+        except ValueError:  # NaN or Infinity: not JSON
+            raise ValueError(f"{where}: an enum or const value is NaN or infinite, which JSON cannot write") from None
 
     def _ref(self, pointer: Any, where: str) -> Ref:
         if not isinstance(pointer, str) or not (pointer == "#" or pointer.startswith("#/")):
@@ -455,18 +530,9 @@ class _Compiler:
             else:
                 raise ValueError(f"{where}.$ref {pointer!r} points at nothing in the schema")
         ref.target = self.compile(target, pointer)
-        seen = set()  # a chain of $refs that only points at itself describes no value
-        node = ref
-        while isinstance(node, Ref):
-            if id(node) in seen or node.target is None:
-                raise ValueError(f"{where}.$ref {pointer!r} refers only to itself")
-            seen.add(id(node))
-            node = node.target
         return ref
 
-    def _typed(self, s: dict, kind: Any, where: str) -> Any:
-        if kind not in KEYWORDS:
-            raise ValueError(f"{where}.type must be one of {', '.join(KEYWORDS)} (or a list of them), got {kind!r}")
+    def _typed(self, s: dict, kind: str, where: str) -> Any:
         for key in s:
             if key not in ANNOTATIONS and key != "type" and key not in KEYWORDS[kind]:
                 if not any(key in kw for kw in KEYWORDS.values()):

@@ -17,6 +17,29 @@ from cachedattention.engine.guided import Automaton
 TAIL = b"}\n</tool_call>"
 
 
+def parameters_node(schema: Any) -> Any:
+    """A function's parameters schema compiled, as the object its arguments are: the schema's
+    object readings (any object where it allows any value). ValueError when it allows no object."""
+    objects = _objects(json_schema.compile_schema(schema), set())
+    if not objects:
+        raise ValueError("a function's parameters schema must describe an object (its arguments)")
+    return objects[0] if len(objects) == 1 else json_schema.Union(tuple(objects))
+
+
+def _objects(node: Any, seen: set[int]) -> list[Any]:
+    node = json_schema.resolve(node)
+    if id(node) in seen:
+        return []
+    seen.add(id(node))
+    if isinstance(node, json_schema.AnyValue):
+        return [json_schema.ANY_OBJECT]
+    if isinstance(node, json_schema.Obj):
+        return [node]
+    if isinstance(node, json_schema.Union):
+        return [o for option in node.options for o in _objects(option, seen)]
+    return []
+
+
 def tool_call_automaton(names: Sequence[str], parameters: Sequence[Any] = ()) -> Automaton:
     """`parameters`: each function's parameters schema (a dict or its JSON text; None or "": any
     object), in the order of `names`, or none at all. States: ("head", bytes so far), ("args", the
@@ -25,7 +48,7 @@ def tool_call_automaton(names: Sequence[str], parameters: Sequence[Any] = ()) ->
         raise ValueError("a forced tool call needs at least one function name")
     if parameters and len(parameters) != len(names):
         raise ValueError("give one parameters schema per function name, or none")
-    nodes = [json_schema.compile_schema(p) if p else json_schema.ANY_OBJECT for p in parameters or [None] * len(names)]
+    nodes = [parameters_node(p) if p else json_schema.ANY_OBJECT for p in parameters or [None] * len(names)]
     heads = {
         f'<tool_call>\n{{"name": {json.dumps(n, ensure_ascii=False)}, "arguments": '.encode(): json_schema.automaton(node)
         for n, node in zip(names, nodes)

@@ -100,4 +100,8 @@ def validate_tools(tools: Any) -> list[dict[str, Any]] | None:
                                  f"tools[{j}]")  # fmt: skip
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise InvalidRequest(f"tools[{j}].function.parameters must be a JSON schema object", f"tools[{j}]")
+    names = [t["function"]["name"] for t in tools]
+    for j, name in enumerate(names):
+        if name in names[:j]:  # which one would a call of it mean?
+            raise InvalidRequest(f"tools[{j}].function.name {name!r} is given twice", f"tools[{j}]")
     return tools or None

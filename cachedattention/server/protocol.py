@@ -327,7 +327,8 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
     common = _common(body, session_header, max_model_len, chat=True)
     if forced:
         if common["params"].guided:
-            field = next(k for k in ("response_format", "guided_json", "guided_choice", "structured_outputs") if k in body)
+            asked = ("response_format", "guided_json", "guided_choice", "structured_outputs")
+            field = next(k for k in asked if body.get(k) not in (None, {"type": "text"}))
             raise bad(f"{field} cannot be combined with a required tool call: the answer is one or the other", field)
         parameters = forced_parameters(tools, forced)
         common["params"] = replace(common["params"], tool_call_names=forced, tool_call_parameters=parameters)

@@ -8,11 +8,12 @@ import logging
 from typing import Any
 
 from cachedattention.engine.json_schema import compile_schema
+from cachedattention.engine.tool_choice import parameters_node
 from cachedattention.server.api_error import bad
 
 log = logging.getLogger(__name__)
 
-UNSUPPORTED = ("guided_regex", "guided_grammar")  # vLLM's, not held to here
+UNSUPPORTED = ("guided_regex", "guided_grammar", "guided_whitespace_pattern")  # vLLM's, not held to here
 STRUCTURED_KEYS = ("json", "choice", "json_object")
 
 
@@ -92,7 +93,7 @@ def forced_parameters(tools: list[dict[str, Any]], names: tuple[str, ...]) -> tu
         j, fn = by_name[name]
         schema = fn.get("parameters")
         try:
-            compile_schema(schema or {"type": "object"})
+            parameters_node(schema or {"type": "object"})
         except ValueError as e:
             if fn.get("strict") is True:
                 raise bad(f"tools[{j}].function.parameters: {e}", f"tools[{j}].function.parameters") from None

@@ -91,6 +91,7 @@ def test_guided_choice_answers_with_one_of_the_strings(server, field):
         ({"guided_json": "{oops"}, "guided_json", "not valid JSON"),
         ({"guided_choice": []}, "guided_choice", "non-empty list"),
         ({"guided_regex": "a+"}, "guided_regex", "not supported"),
+        ({"guided_json": {}, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
         ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "structured_outputs.grammar"),
         ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice", "cannot be combined"),
     ],
@@ -100,3 +101,17 @@ def test_structured_output_fields_that_cannot_be_held_to_get_400_naming_them(ser
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert words in r.json()["error"]["message"]
+
+
+def test_an_answer_that_can_only_end_ends_even_with_ignore_eos_and_min_tokens(chat_model_dir):
+    """A random model pushed to write "0" as an integer: nothing may follow it but the end, so the
+    answer ends there ("stop") whatever ignore_eos and min_tokens say, instead of writing anything."""
+    from cachedattention import LLM
+
+    llm = LLM(str(chat_model_dir))
+    zero = llm.tokenizer.encode("0")[0]
+    params = SamplingParams(max_tokens=12, temperature=0, json_schema={"type": "integer"}, ignore_eos=True,
+                            min_tokens=6, logit_bias={zero: 100})  # fmt: skip
+    out = llm.generate(["Count:"], params)[0]
+    assert out.text == "0" and out.finish_reason == "stop"
+    llm.close()

@@ -136,6 +136,9 @@ BAD_TOOLS = [
     ("required with json_object", {"tool_choice": "required", "response_format": {"type": "json_object"}},
      "response_format"),
     ("tools not a list", {"tools": {"type": "function"}}, "tools"),
+    ("a tool given twice", {"tools": [WEATHER, WEATHER]}, "tools[1]"),
+    ("required beside a structured answer", {"tool_choice": "required", "response_format": {"type": "text"},
+                                             "guided_choice": ["a"]}, "guided_choice"),
     ("a tool without a name", {"tools": [{"type": "function", "function": {}}]}, "tools[0]"),
     ("a tool name with a space", {"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools[0]"),
 ]
@@ -246,6 +249,12 @@ def test_a_forced_call_s_arguments_follow_the_function_s_parameters_schema():
         assert state is None or not auto.is_done(state), wrong
     free = '<tool_call>\n{"name": "get_time", "arguments": {"zone": [1]}}\n</tool_call>'  # no schema: any object
     assert auto.is_done(auto.advance(auto.start, free.encode()))
+    for loose in ({"title": "Args"}, {"type": ["object", "number"]}):  # arguments are an object all the same
+        auto = tool_call_automaton(["f"], [json.dumps(loose)])
+        assert auto.advance(auto.start, b'<tool_call>\n{"name": "f", "arguments": 5') is None
+        assert auto.is_done(auto.advance(auto.start, b'<tool_call>\n{"name": "f", "arguments": {"x": 5}}\n</tool_call>'))
+    with pytest.raises(ValueError, match="must describe an object"):
+        tool_call_automaton(["f"], ['{"type": "string"}'])
 
 
 def test_a_forced_call_of_a_strict_function_needs_a_schema_it_can_be_held_to(tool_server):
