@@ -8,7 +8,7 @@ from typing import Any, overload
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.model.loader import LoadedModel
-from cachedattention.model.messages import validate_messages, validate_tools
+from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import SamplingParams
 
@@ -100,6 +100,10 @@ class LLM:
         params: SamplingParams | None = None,
         session_id: str | None = None,
         tools: list[dict] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> RequestOutput: ...
 
     @overload
@@ -109,14 +113,22 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         session_id: Sequence[str | None] | None = None,
         tools: list[dict] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]: ...
 
-    def chat(self, messages, params=None, session_id=None, tools=None):
+    def chat(self, messages, params=None, session_id=None, tools=None, *, add_generation_prompt=True,
+             continue_final_message=False, chat_template_kwargs=None):  # fmt: skip
         """One assistant turn for a conversation; with a session_id its KV is reused next turn.
 
         A list of conversations (as vLLM's chat) runs them together and returns one output each;
         `params` and `session_id` are then one for all or one per conversation (ids must differ).
-        `tools`: OpenAI-style function definitions, for chat templates that describe them to the model."""
+        `tools`: OpenAI-style function definitions, for chat templates that describe them to the model.
+        As vLLM's: `continue_final_message` (with add_generation_prompt False) has the model go on
+        with the last message, the assistant's; `chat_template_kwargs` are extra template variables."""
+        options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs or {})
         if self.engine.tokenizer is None:
             raise ValueError("this model has no tokenizer, so chat() cannot render messages")
         batch = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
@@ -128,8 +140,8 @@ class LLM:
         items = []
         for conv, sp, sid in zip(convs, _one_each(params, len(convs), "params"), sessions):
             conv = validate_messages(conv)
-            prompt = self.engine.tokenizer.encode_chat(conv, tools=tools)
-            head = self.engine.tokenizer.head_length(conv, prompt, tools) if sid is not None else 0
+            prompt = self.engine.tokenizer.encode_chat(conv, tools=tools, options=options)
+            head = self.engine.tokenizer.head_length(conv, prompt, tools, options) if sid is not None else 0
             items.append((prompt, sp, sid, head))
         outs = self._run(self._submit(items))
         return outs if batch else outs[0]

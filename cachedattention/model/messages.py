@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from cachedattention.errors import InvalidRequest
@@ -105,3 +107,46 @@ def validate_tools(tools: Any) -> list[dict[str, Any]] | None:
         if name in names[:j]:  # which one would a call of it mean?
             raise InvalidRequest(f"tools[{j}].function.name {name!r} is given twice", f"tools[{j}]")
     return tools or None
+
+
+# what the template receives beside these, which chat_template_kwargs may not replace
+RESERVED_TEMPLATE_NAMES = frozenset(("messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                                     "tokenize", "chat_template", "return_dict", "conversation"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a conversation becomes a prompt beyond its messages (vLLM's chat fields): the assistant's
+    header at the end (add_generation_prompt), or the last message, the assistant's, left open for
+    the model to go on with (continue_final_message); extra variables for the chat template
+    (chat_template_kwargs, e.g. Qwen3's enable_thinking)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("add_generation_prompt", "continue_final_message"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be true or false", name)
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidRequest("continue_final_message goes on with the last message: set add_generation_prompt "
+                                 "to false with it", "continue_final_message")  # fmt: skip
+        kwargs = self.template_kwargs
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise InvalidRequest("chat_template_kwargs must map template variable names to values",
+                                 "chat_template_kwargs")  # fmt: skip
+        taken = sorted(RESERVED_TEMPLATE_NAMES & set(kwargs))
+        if taken:
+            raise InvalidRequest(f"chat_template_kwargs may not set {taken[0]!r}: it has its own field",
+                                 "chat_template_kwargs")  # fmt: skip
+
+    def check(self, messages: Sequence[dict[str, Any]]) -> None:
+        if self.continue_final_message and messages[-1]["role"] != "assistant":
+            raise InvalidRequest("continue_final_message goes on with the last message, which must be the "
+                                 "assistant's", "continue_final_message")  # fmt: skip
+
+    def render_kwargs(self) -> dict[str, Any]:
+        """apply_chat_template's keyword arguments."""
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message, **self.template_kwargs}  # fmt: skip

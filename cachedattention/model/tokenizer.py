@@ -8,6 +8,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from cachedattention.model.messages import ChatOptions
+
 log = logging.getLogger(__name__)
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
@@ -116,17 +118,23 @@ class Tokenizer:
         return piece.replace("\u2581", " ").encode()  # SentencePiece's word-start mark is a space
 
     def render_chat(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None
-    ) -> str:
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None,
+        options: ChatOptions | None = None,
+    ) -> str:  # fmt: skip
         """The chat template's text; `tools` (OpenAI's function definitions) go to templates that
-        describe them to the model (others ignore them)."""
+        describe them to the model (others ignore them); `options` (when given, its
+        add_generation_prompt counts): continue the last message, extra template variables."""
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
-        return self.hf.apply_chat_template(
-            list(messages), tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        if options is not None:
+            options.check(messages)
+        kwargs = options.render_kwargs() if options is not None else {"add_generation_prompt": add_generation_prompt}
+        return self.hf.apply_chat_template(list(messages), tools=tools or None, tokenize=False, **kwargs)
 
-    def head_length(self, messages: Sequence[dict[str, Any]], prompt: Sequence[int], tools: list | None = None) -> int:
+    def head_length(
+        self, messages: Sequence[dict[str, Any]], prompt: Sequence[int], tools: list | None = None,
+        options: ChatOptions | None = None,
+    ) -> int:  # fmt: skip
         """Tokens of the rendered prompt that come before the first non-system message's content:
         the system prompt (given or the template's default, with any tools) that context truncation keeps."""
         if messages and messages[0]["role"] == "system":
@@ -136,7 +144,8 @@ class Tokenizer:
         import jinja2
 
         try:
-            rendered = self.encode_chat(probe, add_generation_prompt=False, tools=tools)
+            kwargs = options.template_kwargs if options is not None else {}
+            rendered = self.encode_chat(probe, tools=tools, options=ChatOptions(False, template_kwargs=kwargs))
         except (jinja2.TemplateError, ValueError) as e:  # a template may refuse a lone system turn (no user query)
             log.info("the chat template cannot render the system turn alone (%s); truncation keeps no head", e)
             return 0
@@ -146,6 +155,7 @@ class Tokenizer:
         return n
 
     def encode_chat(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None
-    ) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt, tools))
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None,
+        options: ChatOptions | None = None,
+    ) -> list[int]:  # fmt: skip
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools, options))

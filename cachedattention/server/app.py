@@ -342,7 +342,7 @@ class OpenAIRoutes:
                 if params.seed is not None and i:
                     params = replace(params, seed=(params.seed + i) % 2**64)
                 job = Job(rid if parsed.n == 1 else f"{rid}-{i}", params, parsed.session_id, parsed.prompt,
-                          parsed.messages, parsed.tools, stream_text=parsed.stream,
+                          parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
                           check_room=parsed.max_tokens_given and parsed.session_id is None,
                           save_to_store=i == 0)  # fmt: skip
                 streams.append(self.loop.submit(job, asyncio.get_running_loop()))

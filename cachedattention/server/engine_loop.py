@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cachedattention.engine.engine import LLMEngine
+from cachedattention.model.messages import ChatOptions
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import SamplingParams
 
@@ -36,6 +37,7 @@ class Job:
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None  # function definitions for the chat template
+    chat_options: ChatOptions | None = None  # continue the last message, template variables
     stream_text: bool = False
     # the prompt plus max_tokens must fit the window (as in vLLM); a session instead drops old history
     check_room: bool = False
@@ -166,11 +168,11 @@ class EngineLoop:
 
     def _add(self, job: Job, stream: RequestStream) -> None:
         try:
-            prompt = job.prompt if job.messages is None else self._render(job.messages, job.tools)
+            prompt = job.prompt if job.messages is None else self._render(job)
             # the system prompt, which a session's context-overflow truncation keeps (as LLM.chat does)
             head = 0
             if job.messages is not None and job.session_id is not None:
-                head = self.engine.tokenizer.head_length(job.messages, prompt, job.tools)
+                head = self.engine.tokenizer.head_length(job.messages, prompt, job.tools, job.chat_options)
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
                 head_tokens=head, save_to_store=job.save_to_store,
@@ -196,13 +198,13 @@ class EngineLoop:
                 f"window of {window} tokens; shorten the prompt or lower max_tokens"
             )
 
-    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+    def _render(self, job: Job) -> list[int]:
         import jinja2
 
         if self.engine.tokenizer is None:
             raise ValueError("this model has no tokenizer; use /v1/completions with token ids")
         try:
-            return self.engine.tokenizer.encode_chat(messages, tools=tools)
+            return self.engine.tokenizer.encode_chat(job.messages, tools=job.tools, options=job.chat_options)
         except jinja2.TemplateError as e:  # the template itself rejects the conversation (role order...)
             raise ValueError(f"the chat template rejected the messages: {e}") from None
 

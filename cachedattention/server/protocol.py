@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cachedattention.model.messages import validate_messages, validate_tools
+from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, is_int, is_number
 from cachedattention.server.api_error import bad, error_body, error_response
 from cachedattention.server.structured import forced_parameters, guided_fields
@@ -40,6 +40,7 @@ class ParsedRequest:
     tools: list[dict[str, Any]] | None = None  # chat: function definitions for the template
     parse_tool_calls: bool = False  # chat: answers' <tool_call> blocks become tool_calls (tool_choice auto)
     named_tool: bool = False  # tool_choice named one function: OpenAI then finishes with "stop", not "tool_calls"
+    chat_options: ChatOptions | None = None  # chat: vLLM's add_generation_prompt, continue_final_message, kwargs
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -333,7 +334,20 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
         parameters = forced_parameters(tools, forced)
         common["params"] = replace(common["params"], tool_call_names=forced, tool_call_parameters=parameters)
     named = isinstance(body.get("tool_choice"), dict)
-    return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named, **common)
+    return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named,
+                         chat_options=chat_options(body, out), **common)  # fmt: skip
+
+
+def chat_options(body: dict, messages: list[dict[str, Any]]) -> ChatOptions:
+    """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs."""
+    kwargs = body.get("chat_template_kwargs")
+    try:
+        options = ChatOptions(flag(body, "add_generation_prompt", True), flag(body, "continue_final_message"),
+                              {} if kwargs is None else kwargs)  # fmt: skip
+        options.check(messages)
+    except ValueError as e:
+        raise bad(str(e), getattr(e, "param", None)) from None
+    return options
 
 
 def parse_completion(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:

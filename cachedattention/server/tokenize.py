@@ -12,14 +12,12 @@ from cachedattention.server.protocol import flag, parse_chat
 
 
 def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> dict[str, Any]:
-    """{"prompt": text} or {"messages": [...], "tools"?, "add_generation_prompt"?: true}; with
-    "return_token_strs": true, each token's text too."""
+    """{"prompt": text} or {"messages": [...]} with chat's tools, add_generation_prompt,
+    continue_final_message and chat_template_kwargs; with "return_token_strs": true, each token's
+    text too."""
     if body.get("add_special_tokens") is True and "messages" not in body:
         raise bad("add_special_tokens: this server adds no special tokens to a prompt (a chat template writes its "
                   "own); the ids returned are the ones it computes", "add_special_tokens")  # fmt: skip
-    if body.get("continue_final_message"):
-        raise bad("continue_final_message is not supported by this server", "continue_final_message",
-                  "unsupported_parameter")  # fmt: skip
     if "messages" in body:
         ids = _chat_ids(tok, body, max_model_len)
     else:
@@ -39,9 +37,10 @@ def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> dict[s
 def _chat_ids(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> list[int]:
     import jinja2
 
-    parsed = parse_chat({"messages": body.get("messages"), "tools": body.get("tools")}, None, max_model_len)
+    fields = ("messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs")
+    parsed = parse_chat({k: body[k] for k in fields if k in body}, None, max_model_len)
     try:
-        return tok.encode_chat(parsed.messages, flag(body, "add_generation_prompt", True), parsed.tools)
+        return tok.encode_chat(parsed.messages, tools=parsed.tools, options=parsed.chat_options)
     except jinja2.TemplateError as e:
         raise bad(f"the chat template rejected the messages: {e}", "messages") from None
     except ValueError as e:  # no chat template, text that cannot be tokenized

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,6 +56,17 @@ def chat_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+def with_template(chat_model_dir: Path, path: Path, template: str) -> Path:
+    """A copy of the tiny chat model with another chat template."""
+    shutil.copytree(chat_model_dir, path, dirs_exist_ok=True)
+    config_file = path / "tokenizer_config.json"
+    tok_config = json.loads(config_file.read_text())
+    tok_config["chat_template"] = template
+    config_file.write_text(json.dumps(tok_config))
+    (path / "chat_template.jinja").unlink(missing_ok=True)  # newer transformers keep the template beside it
     return path
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import httpx
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from cachedattention.model.messages import validate_messages
 from cachedattention.outputs import RequestMetrics, RequestOutput
 from cachedattention.server.tool_calls import parse_tool_calls, plain_text_end
-from tests.server.conftest import engine_config, start_server
+from tests.server.conftest import engine_config, start_server, with_template
 
 # Hermes-style (as Qwen2.5's): the tools in the system turn, calls in <tool_call> blocks, results as <tool_response>
 TEMPLATE = (
@@ -52,21 +51,10 @@ def test_hermes_blocks_parse_into_calls_and_anything_else_stays_text():
     assert plain_text_end("a <b>") == len("a <b>")
 
 
-def _with_template(chat_model_dir, path, template: str):
-    """A copy of the tiny chat model with another chat template."""
-    shutil.copytree(chat_model_dir, path, dirs_exist_ok=True)
-    config_file = path / "tokenizer_config.json"
-    tok_config = json.loads(config_file.read_text())
-    tok_config["chat_template"] = template
-    config_file.write_text(json.dumps(tok_config))
-    (path / "chat_template.jinja").unlink(missing_ok=True)  # newer transformers keep the template beside it
-    return path
-
-
 @pytest.fixture(scope="module")
 def tool_model_dir(chat_model_dir, tmp_path_factory):
     """The tiny chat model with a tool-aware template."""
-    return _with_template(chat_model_dir, tmp_path_factory.mktemp("tool-chat"), TEMPLATE)
+    return with_template(chat_model_dir, tmp_path_factory.mktemp("tool-chat"), TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +195,7 @@ GUARDED = (
 def test_a_template_that_refuses_a_lone_system_turn_still_serves_sessions(chat_model_dir, tmp_path):
     """The kept head is measured by rendering the system turn alone; a template refusing that
     keeps no head (truncation may then drop the system prompt) instead of failing the request."""
-    path = _with_template(chat_model_dir, tmp_path / "guarded", GUARDED)
+    path = with_template(chat_model_dir, tmp_path / "guarded", GUARDED)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     srv = start_server(engine_config(path, store=False))
     try:

@@ -1,0 +1,63 @@
+"""vLLM's chat fields: continue_final_message (the model goes on with the assistant's last
+message), add_generation_prompt, and chat_template_kwargs (extra template variables), in LLM.chat,
+over HTTP and in /tokenize; bad combinations get a 400 naming the field."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from cachedattention import LLM, SamplingParams
+from cachedattention.model.messages import ChatOptions
+from tests.server.conftest import with_template
+
+THINKING = (
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{%- if not (loop.last and continue_final_message) %}<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{%- endif %}{%- endif %}"
+)
+OPEN = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "The capital is"}]
+
+
+def test_continue_final_message_leaves_the_answer_open_over_http_and_in_tokenize(server):
+    tok = server.app.state.engine_loop.engine.tokenizer
+    body = {"messages": OPEN, "add_generation_prompt": False, "continue_final_message": True}
+    ids = httpx.post(f"{server.url}/tokenize", json=body, timeout=60).json()["tokens"]
+    text = tok.render_chat(OPEN, options=ChatOptions(False, True))
+    assert ids == tok.encode(text) and text.endswith("The capital is")  # no end of turn after it
+    closed = tok.encode(tok.render_chat(OPEN, add_generation_prompt=False))
+    assert closed[: len(ids)] == ids and len(closed) > len(ids)
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=60).json()
+    assert r["usage"]["prompt_tokens"] == len(ids)
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"continue_final_message": True}, "continue_final_message"),  # with the generation prompt
+        ({"continue_final_message": True, "add_generation_prompt": False, "messages": OPEN[:1]},
+         "continue_final_message"),  # the last message is the user's
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
+        ({"add_generation_prompt": "no"}, "add_generation_prompt"),
+    ],
+)
+def test_bad_chat_options_get_400_naming_the_field(server, extra, param):
+    body = {"messages": OPEN, "max_tokens": 2, **extra}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_chat_template_kwargs_reach_the_template(chat_model_dir, tmp_path):
+    llm = LLM(str(with_template(chat_model_dir, tmp_path / "thinking", THINKING)))
+    user = OPEN[:1]
+    params = SamplingParams(max_tokens=1, temperature=0)
+    plain = llm.chat(user, params).prompt_token_ids
+    quiet = llm.chat(user, params, chat_template_kwargs={"enable_thinking": False}).prompt_token_ids
+    assert quiet[: len(plain)] == plain and llm.tokenizer.decode(quiet[len(plain) :]).strip() == "<think>\n\n</think>"
+    going_on = llm.chat(OPEN, params, add_generation_prompt=False, continue_final_message=True)
+    assert llm.tokenizer.decode(going_on.prompt_token_ids).endswith("The capital is")
+    with pytest.raises(ValueError, match="must be the assistant's"):
+        llm.chat(user, params, add_generation_prompt=False, continue_final_message=True)
+    llm.close()
