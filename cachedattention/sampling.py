@@ -25,11 +25,15 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0
+    min_p: float = 0.0  # vLLM's: tokens less likely than min_p times the most likely one are dropped (0: off)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the answer stays in its text
     min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
+    allowed_token_ids: tuple[int, ...] = ()  # vLLM's: sample only among these (empty: any)
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (None: all)
     # vLLM's penalties: repetition over prompt and output (> 1 discourages), presence and frequency
     # over the output (OpenAI's: logit -= frequency * count + presence * (count > 0))
     repetition_penalty: float = 1.0
@@ -63,6 +67,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         for name in ("tool_call_names", "choice"):  # one string is one name, not its letters
             v = getattr(self, name)
@@ -77,6 +82,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not (is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not (is_number(self.min_p) and 0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be a number in [0, 1] (0 is off), got {self.min_p!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         self._check_guided()
@@ -107,8 +114,12 @@ class SamplingParams:
         return None
 
     def _check_adjustments(self) -> None:
-        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            if not all(is_int(t) and t >= 0 for t in getattr(self, name)):
+                raise ValueError(f"{name} must be token ids (integers >= 0), got {getattr(self, name)!r}")
+        k = self.truncate_prompt_tokens
+        if k is not None and not (is_int(k) and k >= 1):
+            raise ValueError(f"truncate_prompt_tokens must be None or an integer >= 1, got {k!r}")
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if not (is_number(self.repetition_penalty) and self.repetition_penalty > 0):
@@ -134,9 +145,10 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether the sampler changes this request's logits before picking (bias, min_tokens, penalties)."""
+        """Whether the sampler changes this request's logits before picking (bias, min_tokens, penalties,
+        allowed tokens)."""
         return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
-                    or self.presence_penalty or self.frequency_penalty)  # fmt: skip
+                    or self.presence_penalty or self.frequency_penalty or self.allowed_token_ids)  # fmt: skip
 
 
 def _schema_text(schema: str | Mapping[str, Any] | None) -> str | None:
@@ -213,10 +225,16 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int) -> l
 def adjust_logits(
     logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
 ) -> torch.Tensor:
-    """A copy of one row of logits with the request's bias, min_tokens and penalties applied, in
-    vLLM's order: bias and min_tokens, then repetition, frequency and presence penalties."""
+    """A copy of one row of logits with the request's allowed tokens, bias, min_tokens and penalties
+    applied, in vLLM's order: allowed tokens, bias and min_tokens, then repetition, frequency and
+    presence penalties."""
     row = logits.to(torch.float32, copy=True)
     dev = row.device
+    if params.allowed_token_ids:
+        keep = torch.tensor(params.allowed_token_ids, device=dev)
+        allowed = row[keep]
+        row.fill_(float("-inf"))
+        row[keep] = allowed
     if params.logit_bias:
         ids = torch.tensor([t for t, _ in params.logit_bias], device=dev)
         row.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], device=dev))
@@ -276,6 +294,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0.0:  # relative to the most likely token, after temperature (as vLLM)
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest set whose mass reaches top_p (the first token always stays)

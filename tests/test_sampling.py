@@ -84,6 +84,9 @@ def test_token_logprob_rank_and_alternatives():
         (dict(stop_token_ids=(-1,)), "stop_token_ids"),
         (dict(temperature=float("nan")), "temperature"),
         (dict(top_p=float("nan")), "top_p"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(allowed_token_ids=[1, -2]), "allowed_token_ids"),
+        (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
     ],
 )
 def test_bad_sampling_params_are_refused_by_name(kwargs, word):
@@ -226,3 +229,38 @@ def test_chat_runs_a_list_of_conversations_together(embedded_llm):
     with pytest.raises(ValueError, match="role"):  # the second conversation is bad: nothing runs
         llm.chat([convs[0], [{"role": "wizard", "content": "hi"}]])
     assert not llm.engine.has_unfinished()
+
+
+def test_min_p_and_allowed_token_ids_shape_the_draw():
+    from cachedattention.sampling import make_generator
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    params = SamplingParams(temperature=1.0, min_p=0.4, seed=1)  # keeps p >= 0.2: tokens 0 and 1
+    gen = make_generator(params, "cpu")
+    drawn = {sample_batch(logits[None], [params], [gen], [((), ())])[0] for _ in range(300)}
+    assert drawn == {0, 1}
+    allowed = SamplingParams(temperature=0, allowed_token_ids=[2, 3])
+    assert sample_batch(logits[None], [allowed], [None], [((), ())]) == [2]  # the most likely of the allowed
+    sampled = SamplingParams(temperature=1.0, allowed_token_ids=[1, 3], seed=2)
+    gen = make_generator(sampled, "cpu")
+    assert {sample_batch(logits[None], [sampled], [gen], [((), ())])[0] for _ in range(200)} == {1, 3}
+
+
+def test_include_stop_str_in_output_and_truncate_prompt_tokens(embedded_llm):
+    llm = embedded_llm
+    prompt = "The days of the week are Monday, Tuesday, Wednesday,"
+    free = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    stop = free.text[3:6]
+    cut = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, stop=stop))[0]
+    kept = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, stop=stop,
+                                                 include_stop_str_in_output=True))[0]  # fmt: skip
+    assert kept.finish_reason == cut.finish_reason == "stop"
+    assert kept.text == cut.text + stop and free.text.startswith(kept.text)
+    ids = llm.tokenizer.encode(prompt)
+    short = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0, truncate_prompt_tokens=5))[0]
+    assert short.prompt_token_ids == ids[-5:]
+    with pytest.raises(ValueError, match="truncate_prompt_tokens") as e:
+        llm.generate([prompt], SamplingParams(max_tokens=2, truncate_prompt_tokens=5), session_id="s")
+    assert e.value.param == "truncate_prompt_tokens"
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        llm.generate([prompt], SamplingParams(max_tokens=2, allowed_token_ids=[10**7]))

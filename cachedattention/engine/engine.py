@@ -105,7 +105,13 @@ class LLMEngine:
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError("session_id must be a non-empty string")
         ids = self.tokenize(prompt)
+        if params.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens
+            if session_id is not None:
+                raise InvalidRequest("truncate_prompt_tokens cannot cut a session's prompt (its history is kept "
+                                     "whole, or truncated by the store's own rule)", "truncate_prompt_tokens")  # fmt: skip
+            ids = ids[-params.truncate_prompt_tokens :]
         self._check_in_vocabulary(params.stop_token_ids, "stop_token_ids", "stop_token_ids")
+        self._check_in_vocabulary(params.allowed_token_ids, "allowed_token_ids", "allowed_token_ids")
         self._check_in_vocabulary([t for t, _ in params.logit_bias], "logit_bias", "logit_bias names token ids")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -233,7 +239,8 @@ class LLMEngine:
         """Whether the output now contains a stop string (the text is cut before it). The text held back
         for a character cut in two is searched too (a stop string may end before that character);
         text searched before is not searched again, but for a stop string's length before its end.
-        As vLLM, only text from the min_tokens-th token on counts: a stop string wholly before it is kept."""
+        As vLLM, only text from the min_tokens-th token on counts: a stop string wholly before it is kept;
+        with include_stop_str_in_output the text is cut after the stop string."""
         detok = req.detokenizer
         detok.update(req.output_token_ids)
         text = detok.text + detok.pending
@@ -244,11 +251,13 @@ class LLMEngine:
             return False
         start = max(req.stop_text_before, req.stop_searched_to)
         req.stop_searched_to = len(detok.text)  # the pending part may decode differently next time
-        found = (text.find(s, max(0, start - len(s) + 1)) for s in req.params.stop)
-        cut = min((i for i in found if i >= 0), default=-1)
-        if cut < 0:
+        found = [(text.find(s, max(0, start - len(s) + 1)), s) for s in req.params.stop]
+        hits = [(i, s) for i, s in found if i >= 0]
+        if not hits:
             return False
-        req.text, req.stopped_by_string = text[:cut], True
+        cut, stop = min(hits, key=lambda hit: hit[0])  # the first to start (of those, the first listed)
+        end = cut + len(stop) if req.params.include_stop_str_in_output else cut
+        req.text, req.stopped_by_string = text[:end], True
         return True
 
     def _finish(self, req: Request, reason: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -14,8 +15,22 @@ from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, is_int, is_nu
 from cachedattention.server.api_error import bad, error_body, error_response
 from cachedattention.server.structured import forced_parameters, guided_fields
 
+log = logging.getLogger(__name__)
+
 MAX_STOPS = 16
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
+MAX_TOKEN_IDS = 100_000  # stop_token_ids, allowed_token_ids
+# the fields read (or refused with a 400 when they ask for what is not supported); others are logged
+FIELDS = frozenset((
+    "model", "stream", "stream_options", "session_id", "n", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs", "top_logprobs", "prompt_logprobs", "echo",
+    "best_of", "suffix", "response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar",
+    "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "allowed_token_ids",
+    "include_stop_str_in_output", "truncate_prompt_tokens", "user",
+))  # fmt: skip
+CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
+                         "continue_final_message", "chat_template_kwargs"))  # fmt: skip
 MAX_CHOICES = 16  # most choices (n) one request may ask for
 MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
@@ -225,11 +240,39 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> Sampli
         frequency_penalty=frequency or 0.0,
         logit_bias=_logit_bias(body),
         logprobs=_logprobs(body, chat),
+        **_vllm_sampling(body, max_model_len),
         **guided_fields(body),
     )
 
 
+def _vllm_sampling(body: dict, max_model_len: int) -> dict[str, Any]:
+    """vLLM's extra sampling fields: min_p, stop_token_ids, allowed_token_ids,
+    include_stop_str_in_output, truncate_prompt_tokens (-1: the window, less one token to answer)."""
+    truncate = _integer(body, "truncate_prompt_tokens")
+    if truncate is not None and not (truncate == -1 or truncate >= 1):
+        raise bad("truncate_prompt_tokens must be -1 (the model's window) or an integer >= 1", "truncate_prompt_tokens")
+    return dict(
+        min_p=_number(body, "min_p", 0.0, 1.0) or 0.0,
+        stop_token_ids=_token_ids(body, "stop_token_ids"),
+        allowed_token_ids=_token_ids(body, "allowed_token_ids"),
+        include_stop_str_in_output=flag(body, "include_stop_str_in_output"),
+        truncate_prompt_tokens=max_model_len - 1 if truncate == -1 else truncate,
+    )
+
+
+def _token_ids(body: dict, key: str) -> tuple[int, ...]:
+    v = body.get(key)
+    if v is None:
+        return ()
+    if not isinstance(v, list) or len(v) > MAX_TOKEN_IDS or not all(is_int(t) and t >= 0 for t in v):
+        raise bad(f"{key} must be a list of at most {MAX_TOKEN_IDS} token ids (integers >= 0)", key)
+    return tuple(v)
+
+
 def _common(body: dict, session_header: str | None, max_model_len: int, chat: bool) -> dict[str, Any]:
+    ignored = sorted(set(body) - FIELDS - (CHAT_FIELDS if chat else {"prompt"}))
+    if ignored:  # as vLLM: served, with the operator told what was not used
+        log.warning("fields present in the request but not used by this server: %s", ", ".join(ignored)[:500])
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model must be a string", "model", "invalid_type")

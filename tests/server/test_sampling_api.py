@@ -231,6 +231,15 @@ BAD = [
      "prompt_logprobs"),
     ("too many prompt_logprobs", "/v1/chat/completions", {"messages": MSGS, "prompt_logprobs": 21}, "prompt_logprobs"),
     ("chat echo", "/v1/chat/completions", {"messages": MSGS, "echo": True}, "echo"),
+    ("min_p past 1", "/v1/chat/completions", {"messages": MSGS, "min_p": 1.5}, "min_p"),
+    ("allowed_token_ids not ids", "/v1/chat/completions", {"messages": MSGS, "allowed_token_ids": ["a"]},
+     "allowed_token_ids"),
+    ("allowed_token_ids out of vocabulary", "/v1/completions", {"prompt": "a", "allowed_token_ids": [999999]},
+     "allowed_token_ids"),
+    ("stop_token_ids out of vocabulary", "/v1/completions", {"prompt": "a", "stop_token_ids": [999999]},
+     "stop_token_ids"),
+    ("truncate_prompt_tokens 0", "/v1/completions", {"prompt": "a", "truncate_prompt_tokens": 0},
+     "truncate_prompt_tokens"),
 ]
 
 
@@ -251,3 +260,32 @@ def test_n_choices_save_the_prompt_once(store_server):
     assert r.status_code == 200 and len(r.json()["choices"]) == 3
     assert len(store.records) == before + 1
     store.check_integrity()
+
+
+def test_vllm_sampling_extras_over_http(server, engine, caplog):
+    """min_p, allowed_token_ids, stop_token_ids, include_stop_str_in_output, truncate_prompt_tokens;
+    a field the server does not use is logged, as vLLM does, and the request served."""
+    from cachedattention import SamplingParams
+
+    prompt = "The days of the week are Monday, Tuesday,"
+    free = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    stop = free.text[2:5]
+    base = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with caplog.at_level("WARNING", logger="cachedattention.server.protocol"):
+        r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                       json={**base, "stop": stop, "include_stop_str_in_output": True, "min_p": 0.1, "frobnicate": 1})
+    assert r.json()["choices"][0]["text"].endswith(stop) and free.text.startswith(r.json()["choices"][0]["text"])
+    assert "frobnicate" in caplog.text
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      json={**base, "stop": stop, "include_stop_str_in_output": True, "stream": True}) as s:
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == r.json()["choices"][0]["text"]
+    allowed = engine.tokenizer.encode(" Friday Saturday")
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                   json={**base, "allowed_token_ids": allowed, "logprobs": 0}).json()  # fmt: skip
+    assert set(r["choices"][0]["logprobs"]["tokens"]) <= {engine.tokenizer.token_text(t) for t in allowed}
+    second = free.token_ids[1]
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={**base, "stop_token_ids": [second]}).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 2
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={**base, "truncate_prompt_tokens": 3}).json()
+    assert r["usage"]["prompt_tokens"] == 3
