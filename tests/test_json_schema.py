@@ -173,9 +173,10 @@ def test_a_root_number_may_end_or_go_on_and_a_choice_ends_where_no_other_goes_on
 
 
 def test_findings_of_a_review_stay_fixed():
-    # a type beside an enum keeps only its values
+    # a type beside an enum keeps only its values (1.0 is an integer, written as json.dumps writes it)
     typed = schema_automaton({"type": "string", "enum": ["a", 1]})
     assert _complete(typed, b'"a"') and typed.advance(typed.start, b"1") is None
+    assert _complete(schema_automaton({"type": "integer", "const": 1.0}), b"1.0")
     # an escaped key may not spell a listed property under another schema
     extra = schema_automaton({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
                               "additionalProperties": True})  # fmt: skip
@@ -285,6 +286,17 @@ def test_an_end_token_is_allowed_only_where_the_answer_may_end(embedded_llm):
         assert masked.isfinite().nonzero().flatten().tolist() == [eos]
         rule.accept(eos)
         assert rule.done
+
+
+def test_where_no_token_goes_on_the_answer_ends_unfinished_rather_than_broken():
+    vocab = [b"a", b"b", b""]  # a vocabulary without "c"; token 2 is the end
+    rule = GuidedConstraint(choice_automaton(["ac"]), vocab.__getitem__, lambda t: t == 2, [2], end_token=2)
+    row = torch.zeros(3)
+    assert rule.mask(row).isfinite().tolist() == [True, False, False]
+    rule.accept(0)
+    assert rule.mask(row).isfinite().tolist() == [False, False, True]  # only the end: never "ab"
+    rule.accept(2)
+    assert rule.done
 
 
 def test_the_embedded_model_answers_by_the_schema(embedded_llm):

@@ -155,7 +155,8 @@ class LLMEngine:
             raise InvalidRequest("a guided answer needs the model's tokenizer (each token's bytes)", param)
         enders = (*params.eos_token_ids, *params.stop_token_ids)
         tok = self.tokenizer
-        end = self.eos_token_ids[0] if self.eos_token_ids else None
+        # the end the model itself writes (Llama-3's <|eot_id|>, not the smallest of its end ids)
+        end = tok.eos_token_id if tok.eos_token_id in self.eos_token_ids else min(self.eos_token_ids, default=None)
         return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte, end)
 
     def abort(self, request_id: str) -> RequestOutput | None:

@@ -60,6 +60,7 @@ class GuidedConstraint:
         self.state = automaton.start
         self._whitespace = 0  # whitespace bytes written in a row
         self._ended = False  # an end token was taken where the answer may end, or a token broke it
+        self._stuck = False  # no token of the vocabulary continues the answer: the end was forced
         # state -> {token: whether it continues the answer}: states recur (inside any string of an
         # object, after any comma), and the likely tokens there are much the same each time
         self._memo: dict[Any, dict[int, bool]] = {}
@@ -106,10 +107,13 @@ class GuidedConstraint:
         out = torch.full_like(row, NEG_INF)
         if not fits:
             end = self._end_token if self._end_token is not None else min(self._enders, default=None)
-            if end is not None and self._may_end():  # only the end may follow: end here
-                out[end] = 0.0
-                return out
-            return row  # a vocabulary without the answer's characters: nothing to steer (accept() ends it)
+            if end is None:  # nothing to end with: any token (accept() ends the answer at it)
+                return row
+            if not self._may_end():  # no token of the vocabulary goes on: stop where the answer stands
+                log.warning("no token continues the guided answer; ending it unfinished")
+                self._stuck = True
+            out[end] = 0.0  # only the end may follow: end here
+            return out
         index = torch.tensor(fits, device=row.device)
         out[index] = row[index]
         return out
@@ -134,7 +138,7 @@ class GuidedConstraint:
 
     def accept(self, token: int) -> None:
         """Follow the sampled token (one mask() allowed); one that breaks the answer ends it."""
-        if (token in self._enders or token == self._end_token) and self._may_end():
+        if (token in self._enders or token == self._end_token) and (self._may_end() or self._stuck):
             self._ended = True
             return
         data = self._bytes(token)

@@ -127,8 +127,8 @@ def json_literals(values: Iterable[Any]) -> Lit:
 
 
 def _is_type(value: Any, kind: str) -> bool:
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)  # written as json.dumps writes it: "1", not "1.0"
+    if kind == "integer":  # 1.0 is an integer too (written "1.0", as json.dumps writes it)
+        return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
     if kind == "number":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     types = {"string": str, "boolean": bool, "object": dict, "array": list}

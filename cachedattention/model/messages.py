@@ -109,9 +109,14 @@ def validate_tools(tools: Any) -> list[dict[str, Any]] | None:
     return tools or None
 
 
-# what the template receives beside these, which chat_template_kwargs may not replace
-RESERVED_TEMPLATE_NAMES = frozenset(("messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
-                                     "tokenize", "chat_template", "return_dict", "conversation"))  # fmt: skip
+# what the template receives beside these (and its own functions), and apply_chat_template's own
+# options: chat_template_kwargs may not replace them
+RESERVED_TEMPLATE_NAMES = frozenset((
+    "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "conversation",
+    "conversations", "self", "namespace", "raise_exception", "strftime_now", "range", "loop", "tokenize",
+    "chat_template", "return_dict", "padding", "truncation", "max_length", "return_tensors", "tokenizer_kwargs",
+    "return_assistant_tokens_mask", "sanitize_control_tokens", "kwargs",
+))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from cachedattention.errors import InvalidRequest
 from cachedattention.model.messages import ChatOptions
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,12 @@ class Tokenizer:
         except (TypeError, UnicodeError) as e:  # e.g. lone surrogates the tokenizer cannot take
             raise ValueError(f"the text cannot be tokenized: {e}") from e
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary's own strings for the ids (byte-level "Ġworld", SentencePiece "▁world")."""
+        return list(self.hf.convert_ids_to_tokens(list(ids)))
 
     def token_text(self, token_id: int) -> str:
         """One token's text, special tokens included (what logprobs show for it); a token holding
@@ -129,7 +134,13 @@ class Tokenizer:
         if options is not None:
             options.check(messages)
         kwargs = options.render_kwargs() if options is not None else {"add_generation_prompt": add_generation_prompt}
-        return self.hf.apply_chat_template(list(messages), tools=tools or None, tokenize=False, **kwargs)
+        try:
+            return self.hf.apply_chat_template(list(messages), tools=tools or None, tokenize=False, **kwargs)
+        except (TypeError, RecursionError) as e:  # a template variable of the wrong kind, or absurdly nested
+            if options is None or not options.template_kwargs:
+                raise
+            raise InvalidRequest(f"the chat template cannot be rendered with these chat_template_kwargs: {e}",
+                                 "chat_template_kwargs") from None  # fmt: skip
 
     def head_length(
         self, messages: Sequence[dict[str, Any]], prompt: Sequence[int], tools: list | None = None,

@@ -294,8 +294,12 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     echo = not chat and flag(body, "echo")
     # echo with max_tokens 0 (what older lm-eval-harness sends to score a prompt, as vLLM takes it):
     # one token is computed with the prompt at no extra forward pass, and left out of the answer
-    prompt_only = echo and is_int(body.get("max_tokens")) and body["max_tokens"] == 0
-    params = sampling_params({**body, "max_tokens": 1} if prompt_only else body, max_model_len, chat)
+    asked = body.get("max_completion_tokens")  # it wins over max_tokens, as sampling_params reads them
+    asked = body.get("max_tokens") if asked is None else asked
+    prompt_only = echo and is_int(asked) and asked == 0
+    if prompt_only:
+        body = {**body, "max_tokens": 1, "max_completion_tokens": None}
+    params = sampling_params(body, max_model_len, chat)
     prompt_logprobs = _prompt_logprobs(body, stream)
     # echo with logprobs lists the prompt's tokens too: the engine computes them for the larger of the two
     wanted = [v for v in (prompt_logprobs, params.logprobs if echo else None) if v is not None]

@@ -29,8 +29,8 @@ def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> dict[s
         except ValueError as e:
             raise bad(str(e), "prompt") from None
     out: dict[str, Any] = {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": None}
-    if flag(body, "return_token_strs"):
-        out["token_strs"] = [tok.token_text(t) for t in ids]
+    if flag(body, "return_token_strs"):  # the vocabulary's own pieces, as vLLM lists them
+        out["token_strs"] = tok.pieces(ids)
     return out
 
 
@@ -43,17 +43,18 @@ def _chat_ids(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> list[
         return tok.encode_chat(parsed.messages, tools=parsed.tools, options=parsed.chat_options)
     except jinja2.TemplateError as e:
         raise bad(f"the chat template rejected the messages: {e}", "messages") from None
-    except ValueError as e:  # no chat template, text that cannot be tokenized
-        raise bad(str(e), "messages") from None
+    except ValueError as e:  # no chat template, text that cannot be tokenized, template variables
+        raise bad(str(e), getattr(e, "param", None) or "messages") from None
 
 
 def detokenize(tok: Tokenizer, body: dict[str, Any], vocab_size: int) -> dict[str, Any]:
-    """{"tokens": [ids]} -> {"prompt": their text} (special tokens skipped, as answers are decoded)."""
+    """{"tokens": [ids]} -> {"prompt": their text}, special tokens kept (as vLLM: /tokenize's ids of a
+    chat come back as the rendered chat)."""
     ids = body.get("tokens")
     if not isinstance(ids, list) or not all(is_int(t) for t in ids):
         raise bad("tokens must be a list of token ids (integers)", "tokens")
     outside = [t for t in ids if not 0 <= t < vocab_size]
     if outside:
         raise bad(f"token ids out of the vocabulary (0..{vocab_size - 1}): {outside[:5]}", "tokens")
-    return {"prompt": tok.decode(ids)}
+    return {"prompt": tok.decode(ids, skip_special_tokens=False)}
 

@@ -4,6 +4,8 @@ over HTTP and in /tokenize; bad combinations get a 400 naming the field."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -40,6 +42,9 @@ def test_continue_final_message_leaves_the_answer_open_over_http_and_in_tokenize
          "continue_final_message"),  # the last message is the user's
         ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
         ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"namespace": 1}}, "chat_template_kwargs"),  # the template's own function
+        ({"chat_template_kwargs": {"conversations": []}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"deep": json.loads("[" * 700 + "]" * 700)}}, "chat_template_kwargs"),
         ({"add_generation_prompt": "no"}, "add_generation_prompt"),
     ],
 )

@@ -120,6 +120,10 @@ def test_echo_with_max_tokens_0_gives_the_prompt_alone(server):
         events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
     assert "".join(e["choices"][0]["text"] for e in events) == body["prompt"]
     assert events[-1]["choices"][0]["finish_reason"] == "length"
+    both = {**body, "max_tokens": 0, "max_completion_tokens": 2}  # the latter wins: an answer of 2 tokens
+    assert httpx.post(f"{server.url}/v1/completions", json=both, timeout=60).json()["usage"]["completion_tokens"] == 2
+    zero = {**body, "max_completion_tokens": 0}
+    assert httpx.post(f"{server.url}/v1/completions", json=zero, timeout=60).json()["choices"][0] == choice
     for bad in ({"max_tokens": 0}, {"max_tokens": 0, "echo": False}):  # an answer of nothing is asked only with echo
         no = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", **bad}, timeout=60)
         assert no.status_code == 400 and no.json()["error"]["param"] == "max_tokens"
