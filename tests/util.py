@@ -25,17 +25,20 @@ def capture_logits(monkeypatch) -> list[torch.Tensor]:
     return seen
 
 
-def sentencepiece_like() -> Tokenizer:
+def sentencepiece_like(add_bos: bool = False) -> Tokenizer:
     """A SentencePiece-style tokenizer built in memory: a word-start mark for spaces, byte pieces for
-    characters outside the vocabulary (\u4e2d is <0xE4> <0xB8> <0xAD>)."""
+    characters outside the vocabulary (\u4e2d is <0xE4> <0xB8> <0xAD>); add_bos: <s> goes before
+    an encoded prompt, as Llama's tokenizers put it."""
     from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "\u2581Hello": 2, "\u2581world": 3, "<0xE4>": 4, "<0xB8>": 5, "<0xAD>": 6, "!": 7}
     backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>"))
 
 

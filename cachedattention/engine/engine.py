@@ -70,11 +70,13 @@ class LLMEngine:
         return KVPool(self.spec, num_pages, c.page_size, self.device, self.dtype)
 
     # -- requests -----------------------------------------------------------------------------
-    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+    def tokenize(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
+        """A text prompt's ids, with what the tokenizer adds around a text (Llama's BOS) unless told
+        not to, as vLLM encodes a prompt; token ids as given."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequest("this model has no tokenizer; pass token ids instead of text", "prompt")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
@@ -98,13 +100,14 @@ class LLMEngine:
         stream_text: bool = False,
         head_tokens: int = 0,
         save_to_store: bool = True,
+        add_special_tokens: bool = True,
     ) -> str:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError("session_id must be a non-empty string")
-        ids = self.tokenize(prompt)
+        ids = self.tokenize(prompt, add_special_tokens)
         if params.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens
             if session_id is not None:
                 raise InvalidRequest("truncate_prompt_tokens cannot cut a session's prompt (its history is kept "

@@ -65,14 +65,21 @@ class Tokenizer:
     def eos_token_id(self) -> int | None:
         return self.hf.eos_token_id
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """The text's ids; add_special_tokens: with what the tokenizer adds around a text (Llama's
+        BOS), as a plain prompt is encoded (a chat template writes its own)."""
         try:
-            return list(self.hf.encode(text, add_special_tokens=False))
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
         except (TypeError, UnicodeError) as e:  # e.g. lone surrogates the tokenizer cannot take
             raise ValueError(f"the text cannot be tokenized: {e}") from e
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def added_prefix(self, text: str) -> int:
+        """How many tokens encoding `text` as a prompt puts before the text's own (a BOS: 1)."""
+        bare, full = self.encode(text), self.encode(text, add_special_tokens=True)
+        return next((k for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare), 0)
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         """The vocabulary's own strings for the ids (byte-level "Ġworld", SentencePiece "▁world")."""

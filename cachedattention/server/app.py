@@ -89,7 +89,7 @@ class _Format:
     def __init__(
         self, request_id: str, model: str, chat: bool, include_usage: bool, tokenizer: Tokenizer | None = None,
         logprobs: int | None = None, echo: str | None = None, prompt_logprobs: int | None = None,
-        echo_as_sent: bool = True, tool_calls: bool = False, named_tool: bool = False,
+        echo_as_sent: bool = True, tool_calls: bool = False, named_tool: bool = False, echo_hidden: int = 0,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
@@ -99,6 +99,7 @@ class _Format:
         self.logprobs = logprobs  # None: the request asked for no logprobs; n: alternatives per token
         self.echo = echo  # completions' echo: the prompt's text, sent before the answer's
         self.echo_as_sent = echo_as_sent  # the client's string (else decoded from its token ids)
+        self.echo_hidden = echo_hidden  # tokens the tokenizer put before the client's string (a BOS)
         self.tool_calls = tool_calls  # chat: answers' <tool_call> blocks are returned as tool_calls
         self.named_tool = named_tool  # tool_choice named the function: finish_reason stays "stop"
         self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs=n (None: not asked for)
@@ -119,8 +120,8 @@ class _Format:
         """The echoed prompt's tokens in completions' lists (their offsets into the echoed text)."""
         if self.logprobs is None or out.prompt_logprobs is None:
             return None
-        return self._formatter(index).render_prompt(out.prompt_logprobs, out.prompt_token_ids, self.echo,
-                                                    self.logprobs, self.echo_as_sent, bool(joint))  # fmt: skip
+        return self._formatter(index).render_prompt(out.prompt_logprobs, out.prompt_token_ids, self.echo, self.logprobs,
+                                                    self.echo_as_sent, bool(joint), self.echo_hidden)  # fmt: skip
 
     def _joint(self, out: RequestOutput) -> str:
         """What joins the echoed prompt to the answer: the answer's text is decoded alone, and a
@@ -320,12 +321,14 @@ class OpenAIRoutes:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams = await self._submit(rid, parsed)
         tok = self.loop.engine.tokenizer
-        echo = None
+        echo, hidden = None, 0
         if parsed.echo:  # the prompt as sent, or its ids' text
             echo = parsed.prompt if isinstance(parsed.prompt, str) else (tok.decode(parsed.prompt) if tok else "")
+            if isinstance(parsed.prompt, str) and parsed.add_special_tokens and tok is not None:
+                hidden = tok.added_prefix(parsed.prompt)
         fmt = _Format(rid, self.model_name, chat, parsed.include_usage, tok, parsed.params.logprobs, echo,
                       parsed.prompt_logprobs, isinstance(parsed.prompt, str), parsed.parse_tool_calls,
-                      parsed.named_tool)  # fmt: skip
+                      parsed.named_tool, hidden)  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
@@ -344,7 +347,7 @@ class OpenAIRoutes:
                 job = Job(rid if parsed.n == 1 else f"{rid}-{i}", params, parsed.session_id, parsed.prompt,
                           parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
                           check_room=parsed.max_tokens_given and parsed.session_id is None,
-                          save_to_store=i == 0)  # fmt: skip
+                          save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens)  # fmt: skip
                 streams.append(self.loop.submit(job, asyncio.get_running_loop()))
             firsts = [await s.get() for s in streams]
             refused = next((f for f in firsts if f is not ACCEPTED), None)

@@ -42,6 +42,7 @@ class Job:
     # the prompt plus max_tokens must fit the window (as in vLLM); a session instead drops old history
     check_room: bool = False
     save_to_store: bool = True  # n > 1: only the first choice saves its KV (the prompt's is the same)
+    add_special_tokens: bool = True  # a text prompt gets the tokenizer's own around it (Llama's BOS)
 
 
 class RequestStream:
@@ -175,7 +176,7 @@ class EngineLoop:
                 head = self.engine.tokenizer.head_length(job.messages, prompt, job.tools, job.chat_options)
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
-                head_tokens=head, save_to_store=job.save_to_store,
+                head_tokens=head, save_to_store=job.save_to_store, add_special_tokens=job.add_special_tokens,
             )
             if job.check_room:
                 self._check_room(job)

@@ -49,15 +49,16 @@ class LogprobFormatter:
             content.append(entry)
         return {"content": content}
 
-    def _completion(self, logprobs: list[TokenLogprob], specials_shown: bool = False) -> dict[str, Any]:
+    def _completion(self, logprobs: list[TokenLogprob], specials_shown: bool = False, hidden: int = 0) -> dict[str, Any]:
+        """`hidden`: the first tokens add no text (a BOS the tokenizer put before a prompt sent as text)."""
         offsets = []
-        for lp in logprobs:
+        for i, lp in enumerate(logprobs):
             offsets.append(self.offset)
             tok = self.tokenizer
             if tok is None:
                 continue
             if tok.is_special(lp.token_id):  # decoded text skips them; a prompt echoed as sent shows them
-                self.offset += len(tok.token_text(lp.token_id)) if specials_shown else 0
+                self.offset += len(tok.token_text(lp.token_id)) if specials_shown and i >= hidden else 0
                 continue
             # the text's first token as the decoder renders it (SentencePiece drops its leading space)
             first = self.offset == self.start
@@ -74,15 +75,16 @@ class LogprobFormatter:
 
     def render_prompt(
         self, entries: list[TokenLogprob | None], ids: list[int], text: str, top_n: int, as_sent: bool,
-        joined: bool,
+        joined: bool, hidden: int = 0,
     ) -> dict[str, Any]:  # fmt: skip
         """Completions' lists for an echoed prompt (its first token has no logprob: null), before the
         answer's. `text`: the prompt as echoed, `as_sent` (the client's string: special tokens show in
         it) or decoded from ids. The answer's offsets then start after it; `joined`: the echo put back
         the leading space a SentencePiece decoder drops from the answer's first word, so that token
-        counts all its bytes (else it counts as the start of a text)."""
+        counts all its bytes (else it counts as the start of a text); `hidden`: tokens the tokenizer put
+        before the text sent (a BOS), in no text."""
         listed = [TokenLogprob(t, 0.0, 1) if e is None else e for t, e in zip(ids, entries)]
-        out = self._completion(listed, specials_shown=as_sent)
+        out = self._completion(listed, specials_shown=as_sent, hidden=hidden)
         for i, e in enumerate(entries):
             if e is None:
                 out["token_logprobs"][i] = out["top_logprobs"][i] = None

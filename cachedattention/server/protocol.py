@@ -27,7 +27,7 @@ FIELDS = frozenset((
     "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs", "top_logprobs", "prompt_logprobs", "echo",
     "best_of", "suffix", "response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar",
     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "allowed_token_ids",
-    "include_stop_str_in_output", "truncate_prompt_tokens", "user",
+    "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs"))  # fmt: skip
@@ -56,6 +56,7 @@ class ParsedRequest:
     parse_tool_calls: bool = False  # chat: answers' <tool_call> blocks become tool_calls (tool_choice auto)
     named_tool: bool = False  # tool_choice named one function: OpenAI then finishes with "stop", not "tool_calls"
     chat_options: ChatOptions | None = None  # chat: vLLM's add_generation_prompt, continue_final_message, kwargs
+    add_special_tokens: bool = True  # completions: a text prompt gets the tokenizer's own (Llama's BOS)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -387,6 +388,9 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
 
 def chat_options(body: dict, messages: list[dict[str, Any]]) -> ChatOptions:
     """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs."""
+    if flag(body, "add_special_tokens"):
+        raise bad("add_special_tokens: a chat template writes its own special tokens; none are added to a chat",
+                  "add_special_tokens")  # fmt: skip
     kwargs = body.get("chat_template_kwargs")
     try:
         options = ChatOptions(flag(body, "add_generation_prompt", True), flag(body, "continue_final_message"),
@@ -412,7 +416,9 @@ def parse_completion(body: dict, session_header: str | None, max_model_len: int)
         raise bad("batched prompts are not supported; send one prompt per request", "prompt")
     else:
         raise bad("prompt must be a non-empty string or a non-empty list of token ids", "prompt", "invalid_type")
-    return ParsedRequest(prompt=prompt, **_common(body, session_header, max_model_len, chat=False))
+    # as vLLM: a text prompt gets what the tokenizer adds around a text (Llama's BOS) unless told not to
+    specials = flag(body, "add_special_tokens", True)
+    return ParsedRequest(prompt=prompt, add_special_tokens=specials, **_common(body, session_header, max_model_len, chat=False))
 
 
 class BodyLimitMiddleware:

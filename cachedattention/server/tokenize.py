@@ -15,17 +15,14 @@ def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> dict[s
     """{"prompt": text} or {"messages": [...]} with chat's tools, add_generation_prompt,
     continue_final_message and chat_template_kwargs; with "return_token_strs": true, each token's
     text too."""
-    if body.get("add_special_tokens") is True and "messages" not in body:
-        raise bad("add_special_tokens: this server adds no special tokens to a prompt (a chat template writes its "
-                  "own); the ids returned are the ones it computes", "add_special_tokens")  # fmt: skip
     if "messages" in body:
         ids = _chat_ids(tok, body, max_model_len)
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise bad("give a prompt (a string) or messages to tokenize", "prompt")
-        try:
-            ids = tok.encode(prompt)
+        try:  # as a completion encodes it: with the tokenizer's own (Llama's BOS) unless told not to
+            ids = tok.encode(prompt, add_special_tokens=flag(body, "add_special_tokens", True))
         except ValueError as e:
             raise bad(str(e), "prompt") from None
     out: dict[str, Any] = {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": None}
@@ -37,7 +34,8 @@ def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> dict[s
 def _chat_ids(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> list[int]:
     import jinja2
 
-    fields = ("messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs")
+    fields = ("messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+              "add_special_tokens")
     parsed = parse_chat({k: body[k] for k in fields if k in body}, None, max_model_len)
     try:
         return tok.encode_chat(parsed.messages, tools=parsed.tools, options=parsed.chat_options)

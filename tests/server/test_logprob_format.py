@@ -37,12 +37,14 @@ def _echoed(tok: Tokenizer, prompt: str | list[int], answer: list[int]) -> dict:
     from cachedattention.outputs import RequestMetrics, RequestOutput
     from cachedattention.server.app import _Format
 
-    ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+    ids = tok.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else prompt
     entries = [None] + [TokenLogprob(t, -1.0, 1) for t in ids[1:]]
     out = RequestOutput("r", ids, answer, tok.decode(answer), True, "length", RequestMetrics(0.0, prompt_tokens=len(ids)),
                         logprobs=[TokenLogprob(t, -1.0, 1) for t in answer], prompt_logprobs=entries)  # fmt: skip
     echo = prompt if isinstance(prompt, str) else tok.decode(prompt)
-    fmt = _Format("r", "m", False, False, tok, logprobs=1, echo=echo, echo_as_sent=isinstance(prompt, str))
+    hidden = tok.added_prefix(prompt) if isinstance(prompt, str) else 0
+    fmt = _Format("r", "m", False, False, tok, logprobs=1, echo=echo, echo_as_sent=isinstance(prompt, str),
+                  echo_hidden=hidden)  # fmt: skip
     return fmt.full([out])["choices"][0]
 
 
@@ -68,3 +70,11 @@ def test_echo_offsets_count_special_tokens_written_in_the_prompt():
         assert choice["text"][offset:].startswith(token), (token, offset)
     plain = _echoed(tok, tok.encode(prompt), tok.encode(" friend"))  # ids: echoed as decoded, specials skipped
     assert plain["text"] == "user\nHi there friend" and plain["logprobs"]["text_offset"][:2] == [0, 0]
+
+
+def test_a_bos_the_tokenizer_puts_before_a_prompt_sent_as_text_adds_no_text():
+    tok = sentencepiece_like(add_bos=True)
+    assert tok.encode("Hello world", add_special_tokens=True) == [1, 2, 3] and tok.added_prefix("Hello world") == 1
+    choice = _echoed(tok, "Hello world", [3, 7])
+    assert choice["text"] == "Hello world world!"
+    assert choice["logprobs"]["tokens"][0] == "<s>" and choice["logprobs"]["text_offset"] == [0, 0, 5, 11, 17]

@@ -43,7 +43,7 @@ def test_detokenize_round_trips_and_version_answers(server):
     [
         ("/tokenize", {}, "prompt"),
         ("/tokenize", {"prompt": 3}, "prompt"),
-        ("/tokenize", {"prompt": "x", "add_special_tokens": True}, "add_special_tokens"),
+        ("/tokenize", {"prompt": "x", "add_special_tokens": "yes"}, "add_special_tokens"),
         ("/tokenize", {"prompt": "x", "return_token_strs": "yes"}, "return_token_strs"),
         ("/tokenize", {"messages": [{"role": "user"}]}, "messages[0].content"),
         ("/tokenize", {"messages": MESSAGES, "continue_final_message": True}, "continue_final_message"),
@@ -60,3 +60,27 @@ def test_bad_tokenizer_requests_get_400_naming_the_field(server, path, body, par
 def test_an_unknown_model_is_404(server):
     r = _post(server, "/tokenize", prompt="x", model="gpt-9")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_text_prompt_gets_the_tokenizer_s_bos_as_vllm_encodes_it(tiny_dirs, tmp_path):
+    """Llama-style tokenizers put a BOS before a prompt; a chat template writes its own instead."""
+    import shutil
+
+    from cachedattention import LLM, SamplingParams
+    from tests.util import sentencepiece_like
+
+    path, _ = tiny_dirs["llama"]
+    shutil.copytree(path, tmp_path / "m")
+    sentencepiece_like(add_bos=True).hf.save_pretrained(tmp_path / "m")
+    llm = LLM(str(tmp_path / "m"))
+    assert llm.generate(["Hello world"], SamplingParams(max_tokens=1))[0].prompt_token_ids == [1, 2, 3]
+    rid = llm.engine.add_request("Hello world", SamplingParams(max_tokens=1), add_special_tokens=False)
+    assert llm.engine.requests[rid].prompt_token_ids == [2, 3]
+    llm.close()
+
+
+def test_a_chat_adds_no_special_tokens(server):
+    body = {"messages": MESSAGES, "add_special_tokens": True}
+    for path in ("/tokenize", "/v1/chat/completions"):
+        r = _post(server, path, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "add_special_tokens", r.text
