@@ -39,7 +39,11 @@ TREE = {  # recursive
 FLAGS = {"type": "object", "properties": {"id": {"type": "string", "maxLength": 3}},
          "additionalProperties": {"type": "boolean"}}  # fmt: skip
 NUMBERS = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 4}
-SCHEMAS = {"person": PERSON, "tree": TREE, "flags": FLAGS, "numbers": NUMBERS}
+BOUNDED = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                            "delta": {"type": "integer", "exclusiveMinimum": -5.5, "exclusiveMaximum": 20},
+                                            "low": {"type": "integer", "maximum": -3}},
+           "required": ["age"]}  # fmt: skip
+SCHEMAS = {"person": PERSON, "tree": TREE, "flags": FLAGS, "numbers": NUMBERS, "bounded": BOUNDED}
 
 
 def strict(schema):
@@ -92,7 +96,9 @@ def _value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
     if kind == "string":
         return _text(rng, depth)
     if kind == "integer":
-        return rng.randint(-1000, 1000) if rng.random() < 0.95 else 2.5
+        lo = schema.get("minimum", schema.get("exclusiveMinimum", -1000))
+        hi = schema.get("maximum", schema.get("exclusiveMaximum", 1000))
+        return rng.randint(int(lo) - 3, int(hi) + 3) if rng.random() < 0.95 else 2.5
     if kind == "number":
         return rng.choice([rng.randint(-9, 9), rng.uniform(-1e3, 1e3), rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30)])
     if kind == "boolean":
@@ -160,6 +166,24 @@ def test_keys_may_come_in_any_order_once_each_and_required_ones_before_the_end()
     assert automaton.advance(automaton.start, b' {') is None  # the answer starts with the value
 
 
+def test_a_bounded_integer_s_prefixes_are_those_of_integers_within_its_bounds():
+    from cachedattention.engine.json_schema import Num
+
+    rng = random.Random(7)
+    for _ in range(60):
+        lo, hi = rng.choice([None, rng.randint(-300, 300)]), rng.choice([None, rng.randint(-300, 300)])
+        if lo is not None and hi is not None and lo > hi:
+            lo, hi = hi, lo
+        node = Num(True, lo, hi)
+        inside = [str(v) for v in range(-2000, 2001) if (lo is None or v >= lo) and (hi is None or v <= hi)]
+        inside += ["-0"] if node.holds("0") else []
+        for text in {str(v)[:k] for v in range(-1500, 1501, 7) for k in range(1, len(str(v)) + 1)} | {"-0", "0"}:
+            # beyond +-2000 only an unbounded side has integers: those start with any digits
+            far = (hi is None and not text.startswith("-")) or (lo is None and text.startswith("-"))
+            want = any(t.startswith(text) for t in inside) or (far and text not in ("0", "-0"))
+            assert node.viable(text) == want, (lo, hi, text)
+
+
 def test_a_root_number_may_end_or_go_on_and_a_choice_ends_where_no_other_goes_on():
     integer = schema_automaton({"type": "integer"})
     state = integer.advance(integer.start, b"12")
@@ -224,7 +248,11 @@ def test_a_large_enum_is_one_state_and_takes_exactly_its_values():
     "schema, message",
     [
         ({"type": "string", "pattern": "^a"}, "schema: 'pattern' is not supported"),
-        ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}, "schema.properties.n: 'minimum'"),
+        ({"type": "object", "properties": {"n": {"type": "number", "minimum": 0}}},
+         "schema.properties.n: 'minimum' is not supported on a number"),
+        ({"type": "integer", "multipleOf": 2}, "'multipleOf' is not supported"),
+        ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, "no integer lies within"),
+        ({"type": "integer", "exclusiveMinimum": True}, "exclusiveMinimum must be a finite number"),
         ({"type": "object", "properties": {}, "required": ["x"]}, "required names 'x'"),
         ({"$ref": "#/$defs/Missing"}, "points at nothing"),
         ({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}, "refers only to itself"),
@@ -302,7 +330,7 @@ def test_where_no_token_goes_on_the_answer_ends_unfinished_rather_than_broken():
 def test_the_embedded_model_answers_by_the_schema(embedded_llm):
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 30},
                        "colors": {"type": "array", "items": {"enum": ["black", "white", "orange"]}, "maxItems": 3}},
         "required": ["name", "age", "colors"],
     }  # fmt: skip

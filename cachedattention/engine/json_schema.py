@@ -11,6 +11,7 @@ named, so a schema is never silently loosened; annotations (title, description, 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,8 @@ KEYWORDS = {
     "object": frozenset(("properties", "required", "additionalProperties")),
     "array": frozenset(("items", "minItems", "maxItems")),
     "string": frozenset(("minLength", "maxLength")),
-    "number": frozenset(), "integer": frozenset(), "boolean": frozenset(), "null": frozenset(),
+    "integer": frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")),
+    "number": frozenset(), "boolean": frozenset(), "null": frozenset(),
 }  # fmt: skip
 MAX_SCHEMA_NODES = 10_000
 MAX_STACKS = 32  # readings of the text followed at once
@@ -65,6 +67,38 @@ class Str:
 @dataclass(frozen=True, eq=False)
 class Num:
     integer: bool = False
+    lo: int | None = None  # an integer's bounds, inclusive (None: none)
+    hi: int | None = None
+
+    @property
+    def bounded(self) -> bool:
+        return self.lo is not None or self.hi is not None
+
+    def holds(self, text: str) -> bool:
+        """Whether the integer written (an optional "-", then digits) is within the bounds."""
+        v = int(text)  # "-0" is 0
+        return (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi)
+
+    def viable(self, text: str) -> bool:
+        """Whether some integer within the bounds is written starting with `text`: the integers
+        that start with digits p are p, then [10p, 10p + 9], [100p, 100p + 99], ... (negated after "-")."""
+        lo, hi = self.lo, self.hi
+        negative = text.startswith("-")
+        digits = text[1:] if negative else text
+        if not digits:  # "-" alone: any integer <= 0 ("-0" is 0)
+            return lo is None or lo <= (0 if hi is None else min(hi, 0))
+        if digits == "0":  # nothing may follow a leading 0
+            return self.holds(text)
+        p, scale = int(digits), 1
+        while True:
+            a, b = p * scale, (p + 1) * scale - 1
+            if negative:
+                a, b = -b, -a
+            if (lo is None or b >= lo) and (hi is None or a <= hi):
+                return True
+            if (hi is not None and a > hi) if not negative else (lo is not None and b < lo):
+                return False  # past the bound on the side these integers move to
+            scale *= 10
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,6 +134,7 @@ ANY_OBJECT = Obj({}, {}, frozenset(), ANY)
 ANY_ARRAY = Arr(ANY)
 ANY_STRING = Str()
 NUMBER = Num()
+INTEGER = Num(True)
 
 
 def literals(texts: Iterable[bytes]) -> Lit:
@@ -153,7 +188,8 @@ def _literal_step(rest: tuple, node: Lit, b: int, out: list) -> None:
 # frames: ("r", node) the root value, ("v", node) a value after optional whitespace,
 # ("o", obj, seen names, phase, name) an object (phase: first, key, colon, after),
 # ("k", obj, seen, key bytes, escape) a key, ("a", arr, count, phase) an array (first, after),
-# ("s", str, count, escape) a string, ("n", integer, part) a number, ("l", trie node) the rest of a literal
+# ("s", str, count, escape) a string, ("n", num, part, text of a bounded integer) a number,
+# ("l", trie node) the rest of a literal
 
 
 def resolve(node: Any) -> Any:
@@ -242,11 +278,10 @@ def _start(rest: tuple, node: Any, b: int, out: list, seen: set[int]) -> None:
     elif isinstance(node, Str):
         if b == ord('"'):
             out.append((*rest, ("s", node, 0, "")))
-    elif isinstance(node, Num):
-        if b == ord("-"):
-            out.append((*rest, ("n", node.integer, "-")))
-        elif b in DIGITS:
-            out.append((*rest, ("n", node.integer, "0" if b == ord("0") else "int")))
+    elif isinstance(node, Num) and (b == ord("-") or b in DIGITS):
+        text = chr(b) if node.bounded else ""  # only a bounded integer keeps its text (states stay shared)
+        if not node.bounded or node.viable(text):
+            out.append((*rest, ("n", node, "-" if b == ord("-") else "0" if b == ord("0") else "int", text)))
     elif isinstance(node, Lit):
         _literal_step(rest, node, b, out)
 
@@ -341,11 +376,15 @@ def _advance(stack: tuple, b: int, out: list) -> None:
     if kind == "s":
         _string(rest, frame, b, out)
     elif kind == "n":
-        part = _number_part(frame[2], b, frame[1])
-        if part is not None:
-            out.append((*rest, ("n", frame[1], part)))
-        elif frame[2] in NUMBER_ENDS and rest:  # the number ended: b is its container's
-            _advance(rest, b, out)
+        _, node, part, text = frame
+        nxt = _number_part(part, b, node.integer)
+        if nxt is not None:
+            if node.bounded:
+                text += chr(b)
+            if not node.bounded or node.viable(text):
+                out.append((*rest, ("n", node, nxt, text)))
+        elif part in NUMBER_ENDS and rest and (not node.bounded or node.holds(text)):
+            _advance(rest, b, out)  # the number ended: b is its container's
     elif kind == "l":
         _literal_step(rest, frame[1], b, out)
     elif kind == "k":
@@ -386,7 +425,11 @@ def is_done(state: tuple) -> bool:
 
 def may_end(state: tuple) -> bool:
     """The answer could end here (a root number may also go on: its end is the model's to choose)."""
-    return any(not s or (len(s) == 1 and s[0][0] == "n" and s[0][2] in NUMBER_ENDS) for s in state)
+    return any(not s or (len(s) == 1 and _number_may_end(s[0])) for s in state)
+
+
+def _number_may_end(frame: tuple) -> bool:
+    return frame[0] == "n" and frame[2] in NUMBER_ENDS and (not frame[1].bounded or frame[1].holds(frame[3]))
 
 
 def automaton(node: Any) -> Automaton:
@@ -546,11 +589,33 @@ class _Compiler:
         if kind == "string":
             lo, hi = self._range(s, "minLength", "maxLength", where)
             return Str(lo, hi) if lo or hi is not None else ANY_STRING
-        if kind in ("number", "integer"):
-            return Num(kind == "integer")
+        if kind == "integer":
+            lo, hi = self._bounds(s, where)
+            return Num(True, lo, hi) if lo is not None or hi is not None else INTEGER
+        if kind == "number":
+            taken = sorted(set(s) & KEYWORDS["integer"])
+            if taken:
+                raise ValueError(f"{where}: {taken[0]!r} is not supported on a number (on an integer it is)")
+            return NUMBER
         if kind == "boolean":
             return BOOLEAN
         return LITERALS[ord("n")]
+
+    @staticmethod
+    def _bounds(s: dict, where: str) -> tuple[int | None, int | None]:
+        """An integer's inclusive bounds from minimum, maximum, exclusiveMinimum, exclusiveMaximum."""
+        for key in KEYWORDS["integer"]:
+            v = s.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ValueError(f"{where}.{key} must be a finite number, got {v!r}")
+        lows = [math.ceil(s["minimum"])] if "minimum" in s else []
+        lows += [math.floor(s["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in s else []
+        highs = [math.floor(s["maximum"])] if "maximum" in s else []
+        highs += [math.ceil(s["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in s else []
+        lo, hi = max(lows, default=None), min(highs, default=None)
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"{where}: no integer lies within its minimum and maximum")
+        return lo, hi
 
     def _range(self, s: dict, low: str, high: str, where: str) -> tuple[int, int | None]:
         for key in (low, high):

@@ -87,7 +87,7 @@ def test_guided_choice_answers_with_one_of_the_strings(server, field):
          "response_format", "'pattern' is not supported"),
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema must be an object"),
         ({"response_format": {"type": "yaml"}}, "response_format", "response_format must be"),
-        ({"guided_json": {"type": "integer", "minimum": 1}}, "guided_json", "'minimum' is not supported"),
+        ({"guided_json": {"type": "integer", "multipleOf": 3}}, "guided_json", "'multipleOf' is not supported"),
         ({"guided_json": "{oops"}, "guided_json", "not valid JSON"),
         ({"guided_choice": []}, "guided_choice", "non-empty list"),
         ({"guided_regex": "a+"}, "guided_regex", "not supported"),
