@@ -41,7 +41,9 @@ FLAGS = {"type": "object", "properties": {"id": {"type": "string", "maxLength": 
 NUMBERS = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 4}
 BOUNDED = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
                                             "delta": {"type": "integer", "exclusiveMinimum": -5.5, "exclusiveMaximum": 20},
-                                            "low": {"type": "integer", "maximum": -3}},
+                                            "low": {"type": "integer", "maximum": -3},
+                                            "score": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                                            "temp": {"type": "number", "exclusiveMinimum": -40.5, "maximum": 60}},
            "required": ["age"]}  # fmt: skip
 SCHEMAS = {"person": PERSON, "tree": TREE, "flags": FLAGS, "numbers": NUMBERS, "bounded": BOUNDED}
 
@@ -100,6 +102,10 @@ def _value(rng: random.Random, schema: dict, root: dict, depth: int = 0):
         hi = schema.get("maximum", schema.get("exclusiveMaximum", 1000))
         return rng.randint(int(lo) - 3, int(hi) + 3) if rng.random() < 0.95 else 2.5
     if kind == "number":
+        if any(k in schema for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
+            lo = schema.get("minimum", schema.get("exclusiveMinimum"))
+            hi = schema.get("maximum", schema.get("exclusiveMaximum"))
+            return rng.choice([lo, hi, -lo, round(rng.uniform(lo - 1, hi + 1), rng.randint(0, 3)), int(hi)])
         return rng.choice([rng.randint(-9, 9), rng.uniform(-1e3, 1e3), rng.uniform(-1, 1) * 10 ** rng.randint(-30, 30)])
     if kind == "boolean":
         return rng.random() < 0.5
@@ -184,6 +190,22 @@ def test_a_bounded_integer_s_prefixes_are_those_of_integers_within_its_bounds():
             assert node.viable(text) == want, (lo, hi, text)
 
 
+def test_a_bounded_number_s_digits_stay_within_its_bounds():
+    from cachedattention.engine.json_schema import compile_schema
+
+    unit = compile_schema({"type": "number", "minimum": 0, "exclusiveMaximum": 1})
+    assert all(unit.viable(t) for t in ("0", "0.", "0.9", "0.99", "-", "-0"))
+    assert not any(unit.viable(t) for t in ("1", "2", "-1"))
+    assert unit.holds("0") and unit.holds("0.999") and not unit.holds("1") and not unit.holds("1.0")
+    assert not unit.viable("1.") and not unit.viable("-0.1") and unit.viable("-0.0")  # -0.0 is 0
+    automaton = schema_automaton({"type": "object", "properties": {"p": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}}})
+    assert _complete(automaton, b'{"p": 0.25}') and automaton.advance(automaton.start, b'{"p": 1}') is None
+    assert automaton.advance(automaton.start, b'{"p": 0.5e') is None  # no exponent where bounded
+    band = compile_schema({"type": "number", "exclusiveMinimum": 2.5, "maximum": 12})
+    assert band.viable("2.5") and band.viable("2.51") and not band.holds("2.5") and band.holds("12")  # (2.5, 2.6)
+    assert band.viable("1") and not band.viable("13") and not band.viable("-")  # 1 -> 10, 11, 12
+
+
 def test_a_root_number_may_end_or_go_on_and_a_choice_ends_where_no_other_goes_on():
     integer = schema_automaton({"type": "integer"})
     state = integer.advance(integer.start, b"12")
@@ -248,10 +270,9 @@ def test_a_large_enum_is_one_state_and_takes_exactly_its_values():
     "schema, message",
     [
         ({"type": "string", "pattern": "^a"}, "schema: 'pattern' is not supported"),
-        ({"type": "object", "properties": {"n": {"type": "number", "minimum": 0}}},
-         "schema.properties.n: 'minimum' is not supported on a number"),
         ({"type": "integer", "multipleOf": 2}, "'multipleOf' is not supported"),
         ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, "no integer lies within"),
+        ({"type": "number", "minimum": 1, "exclusiveMaximum": 1}, "no number lies within"),
         ({"type": "integer", "exclusiveMinimum": True}, "exclusiveMinimum must be a finite number"),
         ({"type": "object", "properties": {}, "required": ["x"]}, "required names 'x'"),
         ({"$ref": "#/$defs/Missing"}, "points at nothing"),

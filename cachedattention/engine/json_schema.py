@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
 from cachedattention.engine.guided import WHITESPACE, Automaton
@@ -25,12 +26,12 @@ NUMBER_ENDS = frozenset(("0", "int", "frac", "exp"))  # number parts after which
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "format", "discriminator", "$defs", "definitions", "strict",
                          "contentMediaType", "contentEncoding"))  # fmt: skip
+NUMBER_BOUNDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
 KEYWORDS = {
     "object": frozenset(("properties", "required", "additionalProperties")),
     "array": frozenset(("items", "minItems", "maxItems")),
     "string": frozenset(("minLength", "maxLength")),
-    "integer": frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")),
-    "number": frozenset(), "boolean": frozenset(), "null": frozenset(),
+    "integer": NUMBER_BOUNDS, "number": NUMBER_BOUNDS, "boolean": frozenset(), "null": frozenset(),
 }  # fmt: skip
 MAX_SCHEMA_NODES = 10_000
 MAX_STACKS = 32  # readings of the text followed at once
@@ -66,39 +67,69 @@ class Str:
 
 @dataclass(frozen=True, eq=False)
 class Num:
+    """A number, or an integer; bounded, the digits written so far are kept and each next one is
+    allowed only if some number within the bounds starts so (no exponent then)."""
+
     integer: bool = False
-    lo: int | None = None  # an integer's bounds, inclusive (None: none)
-    hi: int | None = None
+    lo: Decimal | None = None  # None: no bound
+    hi: Decimal | None = None
+    lo_open: bool = False  # exclusiveMinimum: the bound itself is out
+    hi_open: bool = False
 
     @property
     def bounded(self) -> bool:
         return self.lo is not None or self.hi is not None
 
     def holds(self, text: str) -> bool:
-        """Whether the integer written (an optional "-", then digits) is within the bounds."""
-        v = int(text)  # "-0" is 0
-        return (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi)
+        """Whether the number written is within the bounds."""
+        v = Decimal(text)
+        return _overlap((v, True, v, True), self._bounds())
 
     def viable(self, text: str) -> bool:
-        """Whether some integer within the bounds is written starting with `text`: the integers
-        that start with digits p are p, then [10p, 10p + 9], [100p, 100p + 99], ... (negated after "-")."""
-        lo, hi = self.lo, self.hi
+        """Whether some number within the bounds is written starting with `text` (a sign, digits, a
+        point, digits): after digits p, p itself, then [10p, 10p + 10), [100p, 100p + 100), ...;
+        after a point and k more digits v, [v, v + 10^-k); negated after "-"."""
         negative = text.startswith("-")
-        digits = text[1:] if negative else text
-        if not digits:  # "-" alone: any integer <= 0 ("-0" is 0)
-            return lo is None or lo <= (0 if hi is None else min(hi, 0))
-        if digits == "0":  # nothing may follow a leading 0
-            return self.holds(text)
-        p, scale = int(digits), 1
+        body = text[1:] if negative else text
+        if "." in body or body == "0" or not body:
+            if not body:  # a sign alone: anything <= 0 ("-0" is 0)
+                a, b, b_closed = Decimal(0), None, True
+            elif body == "0":  # nothing but a point may follow a leading 0
+                a, b, b_closed = Decimal(0), Decimal(0 if self.integer else 1), self.integer
+            else:
+                point = body.index(".")
+                a = Decimal(body.rstrip(".")) if point < len(body) - 1 else Decimal(body[:point])
+                b, b_closed = a + Decimal(1).scaleb(-(len(body) - point - 1)), False
+            return _overlap(_signed(a, True, b, b_closed, negative), self._bounds())
+        p, scale = int(body), 1
         while True:
-            a, b = p * scale, (p + 1) * scale - 1
-            if negative:
-                a, b = -b, -a
-            if (lo is None or b >= lo) and (hi is None or a <= hi):
+            a, b = Decimal(p * scale), Decimal((p + 1) * scale - (1 if self.integer else 0))
+            span = _signed(a, True, b, self.integer, negative)
+            if _overlap(span, self._bounds()):
                 return True
-            if (hi is not None and a > hi) if not negative else (lo is not None and b < lo):
-                return False  # past the bound on the side these integers move to
+            if (self.hi is not None and a > self.hi) if not negative else (self.lo is not None and -a < self.lo):
+                return False  # past the bound on the side these numbers move to
             scale *= 10
+
+    def _bounds(self) -> tuple:
+        return (self.lo, not self.lo_open, self.hi, not self.hi_open)
+
+
+def _signed(a: Decimal, a_closed: bool, b: Decimal | None, b_closed: bool, negative: bool) -> tuple:
+    """The interval (low, closed, high, closed) of [a, b] (b None: no end), negated when negative."""
+    return (None if b is None else -b, b_closed, -a, a_closed) if negative else (a, a_closed, b, b_closed)
+
+
+def _overlap(x: tuple, y: tuple) -> bool:
+    """Whether two intervals (low, low closed, high, high closed; None: unbounded) share a point."""
+    lows = [(v, c) for v, c in (x[:2], y[:2]) if v is not None]
+    highs = [(v, c) for v, c in (x[2:], y[2:]) if v is not None]
+    if not lows or not highs:
+        return True
+    low = max(v for v, _ in lows)
+    high = min(v for v, _ in highs)
+    closed = all(c for v, c in lows if v == low) and all(c for v, c in highs if v == high)
+    return low < high or (low == high and closed)
 
 
 @dataclass(frozen=True, eq=False)
@@ -230,18 +261,18 @@ def _escape(esc: str | tuple, b: int) -> str | tuple | None:
     return (f"u{int(esc[1]) - 1}" if esc[1] != "1" else "") if b in HEX else None
 
 
-def _number_part(part: str, b: int, integer: bool) -> str | None:
+def _number_part(part: str, b: int, node: Num) -> str | None:
     digit = b in DIGITS
     if part == "-":
         return "0" if b == ord("0") else "int" if digit else None
-    if part in ("0", "int") and not integer and b in b".eE":
+    if part in ("0", "int") and not node.integer and (b == ord(".") or (b in b"eE" and not node.bounded)):
         return "." if b == ord(".") else "e"
     if part == "int" and digit:
         return "int"
     if part == ".":
         return "frac" if digit else None
     if part == "frac":
-        return "frac" if digit else "e" if b in b"eE" else None
+        return "frac" if digit else "e" if b in b"eE" and not node.bounded else None
     if part == "e":
         return "es" if b in b"+-" else "exp" if digit else None
     if part in ("es", "exp"):
@@ -377,7 +408,7 @@ def _advance(stack: tuple, b: int, out: list) -> None:
         _string(rest, frame, b, out)
     elif kind == "n":
         _, node, part, text = frame
-        nxt = _number_part(part, b, node.integer)
+        nxt = _number_part(part, b, node)
         if nxt is not None:
             if node.bounded:
                 text += chr(b)
@@ -589,33 +620,37 @@ class _Compiler:
         if kind == "string":
             lo, hi = self._range(s, "minLength", "maxLength", where)
             return Str(lo, hi) if lo or hi is not None else ANY_STRING
-        if kind == "integer":
-            lo, hi = self._bounds(s, where)
-            return Num(True, lo, hi) if lo is not None or hi is not None else INTEGER
-        if kind == "number":
-            taken = sorted(set(s) & KEYWORDS["integer"])
-            if taken:
-                raise ValueError(f"{where}: {taken[0]!r} is not supported on a number (on an integer it is)")
-            return NUMBER
+        if kind in ("integer", "number"):
+            return self._number(s, kind == "integer", where)
         if kind == "boolean":
             return BOOLEAN
         return LITERALS[ord("n")]
 
     @staticmethod
-    def _bounds(s: dict, where: str) -> tuple[int | None, int | None]:
-        """An integer's inclusive bounds from minimum, maximum, exclusiveMinimum, exclusiveMaximum."""
-        for key in KEYWORDS["integer"]:
+    def _number(s: dict, integer: bool, where: str) -> Num:
+        """A number's or an integer's bounds, from minimum, maximum, exclusiveMinimum, exclusiveMaximum
+        (an integer's made inclusive: exclusiveMinimum 2.5 is minimum 3)."""
+        given = {}
+        for key in NUMBER_BOUNDS:
             v = s.get(key)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
                 raise ValueError(f"{where}.{key} must be a finite number, got {v!r}")
-        lows = [math.ceil(s["minimum"])] if "minimum" in s else []
-        lows += [math.floor(s["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in s else []
-        highs = [math.floor(s["maximum"])] if "maximum" in s else []
-        highs += [math.ceil(s["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in s else []
-        lo, hi = max(lows, default=None), min(highs, default=None)
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"{where}: no integer lies within its minimum and maximum")
-        return lo, hi
+            if v is not None:
+                given[key] = Decimal(str(v))
+        if not given:
+            return INTEGER if integer else NUMBER
+        # the tighter of each pair; at a tie the exclusive one
+        lows = [(v, k == "exclusiveMinimum") for k, v in given.items() if k in ("minimum", "exclusiveMinimum")]
+        highs = [(v, k == "exclusiveMaximum") for k, v in given.items() if k in ("maximum", "exclusiveMaximum")]
+        lo = max(lows, default=(None, False), key=lambda x: (x[0], x[1]))
+        hi = min(highs, default=(None, False), key=lambda x: (x[0], not x[1]))
+        if integer:  # inclusive integer bounds
+            lo = (None if lo[0] is None else (lo[0].to_integral_value(ROUND_FLOOR) + 1 if lo[1] else lo[0].to_integral_value(ROUND_CEILING)), False)
+            hi = (None if hi[0] is None else (hi[0].to_integral_value(ROUND_CEILING) - 1 if hi[1] else hi[0].to_integral_value(ROUND_FLOOR)), False)
+        node = Num(integer, lo[0], hi[0], lo[1], hi[1])
+        if lo[0] is not None and hi[0] is not None and not _overlap(node._bounds(), node._bounds()):
+            raise ValueError(f"{where}: no {'integer' if integer else 'number'} lies within its bounds")
+        return node
 
     def _range(self, s: dict, low: str, high: str, where: str) -> tuple[int, int | None]:
         for key in (low, high):
