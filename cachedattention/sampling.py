@@ -31,6 +31,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the answer stays in its text
+    skip_special_tokens: bool = True  # vLLM's: special tokens (<|im_end|>, ...) are left out of the text
     min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: sample only among these (empty: any)
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (None: all)

@@ -129,7 +129,7 @@ class LLMEngine:
             logical_prompt=list(ids),
             generator=make_generator(params, self.config.device),
             stream_text=stream_text,
-            detokenizer=IncrementalDetokenizer(self._decode),
+            detokenizer=IncrementalDetokenizer(self._decode if params.skip_special_tokens else self._decode_all),
             head_tokens=head_tokens,
             logprobs=None if params.logprobs is None else [],
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
@@ -278,6 +278,10 @@ class LLMEngine:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _decode_all(self, ids: Sequence[int]) -> str:
+        """Special tokens included (skip_special_tokens=False)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
 
     def _output(self, req: Request) -> RequestOutput:
         new = req.output_token_ids[req.num_sent :]

@@ -27,7 +27,7 @@ FIELDS = frozenset((
     "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs", "top_logprobs", "prompt_logprobs", "echo",
     "best_of", "suffix", "response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar",
     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "allowed_token_ids",
-    "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens",
+    "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens", "skip_special_tokens",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs"))  # fmt: skip
@@ -248,7 +248,8 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> Sampli
 
 def _vllm_sampling(body: dict, max_model_len: int) -> dict[str, Any]:
     """vLLM's extra sampling fields: min_p, stop_token_ids, allowed_token_ids,
-    include_stop_str_in_output, truncate_prompt_tokens (-1: the window, less one token to answer)."""
+    include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens (-1: the window, less
+    one token to answer)."""
     truncate = _integer(body, "truncate_prompt_tokens")
     if truncate is not None and not (truncate == -1 or truncate >= 1):
         raise bad("truncate_prompt_tokens must be -1 (the model's window) or an integer >= 1", "truncate_prompt_tokens")
@@ -257,6 +258,7 @@ def _vllm_sampling(body: dict, max_model_len: int) -> dict[str, Any]:
         stop_token_ids=_token_ids(body, "stop_token_ids"),
         allowed_token_ids=_token_ids(body, "allowed_token_ids"),
         include_stop_str_in_output=flag(body, "include_stop_str_in_output"),
+        skip_special_tokens=flag(body, "skip_special_tokens", True),
         truncate_prompt_tokens=max_model_len - 1 if truncate == -1 else truncate,
     )
 

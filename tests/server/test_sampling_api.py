@@ -293,3 +293,16 @@ def test_vllm_sampling_extras_over_http(server, engine, caplog):
     assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 2
     r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={**base, "truncate_prompt_tokens": 3}).json()
     assert r["usage"]["prompt_tokens"] == 3
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(server, engine):
+    """As vLLM: special tokens are left out of the text unless skip_special_tokens is false."""
+    end = engine.tokenizer.eos_token_id
+    body = {"prompt": "Hi", "max_tokens": 3, "temperature": 0, "ignore_eos": True, "logit_bias": {str(end): 100}}
+    kept = httpx.post(f"{server.url}/v1/completions", json={**body, "skip_special_tokens": False}, timeout=60).json()
+    plain = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    assert kept["choices"][0]["text"] == engine.tokenizer.token_text(end) * 3 and plain["choices"][0]["text"] == ""
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      json={**body, "skip_special_tokens": False, "stream": True}) as s:  # fmt: skip
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == kept["choices"][0]["text"]
