@@ -14,7 +14,8 @@ import torch
 
 from cachedattention import LLM, SamplingParams
 from cachedattention.engine.guided import GuidedConstraint
-from cachedattention.engine.json_schema import MAX_STACKS, choice_automaton, compile_schema, schema_automaton
+from cachedattention.engine.json_schema import MAX_STACKS, choice_automaton, schema_automaton
+from cachedattention.engine.schema_compile import compile_schema
 from tests.util import mutate_json
 
 PERSON = {
@@ -173,7 +174,7 @@ def test_keys_may_come_in_any_order_once_each_and_required_ones_before_the_end()
 
 
 def test_a_bounded_integer_s_prefixes_are_those_of_integers_within_its_bounds():
-    from cachedattention.engine.json_schema import Num
+    from cachedattention.engine.schema_nodes import Num
 
     rng = random.Random(7)
     for _ in range(60):
@@ -191,7 +192,7 @@ def test_a_bounded_integer_s_prefixes_are_those_of_integers_within_its_bounds():
 
 
 def test_a_bounded_number_s_digits_stay_within_its_bounds():
-    from cachedattention.engine.json_schema import compile_schema
+    from cachedattention.engine.schema_compile import compile_schema
 
     unit = compile_schema({"type": "number", "minimum": 0, "exclusiveMaximum": 1})
     assert all(unit.viable(t) for t in ("0", "0.", "0.9", "0.99", "-", "-0"))

@@ -11,8 +11,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from cachedattention.engine import json_schema
+from cachedattention.engine import json_schema, schema_nodes
 from cachedattention.engine.guided import Automaton
+from cachedattention.engine.schema_compile import compile_schema
 
 TAIL = b"}\n</tool_call>"
 
@@ -20,22 +21,22 @@ TAIL = b"}\n</tool_call>"
 def parameters_node(schema: Any) -> Any:
     """A function's parameters schema compiled, as the object its arguments are: the schema's
     object readings (any object where it allows any value). ValueError when it allows no object."""
-    objects = _objects(json_schema.compile_schema(schema), set())
+    objects = _objects(compile_schema(schema), set())
     if not objects:
         raise ValueError("a function's parameters schema must describe an object (its arguments)")
-    return objects[0] if len(objects) == 1 else json_schema.Union(tuple(objects))
+    return objects[0] if len(objects) == 1 else schema_nodes.Union(tuple(objects))
 
 
 def _objects(node: Any, seen: set[int]) -> list[Any]:
-    node = json_schema.resolve(node)
+    node = schema_nodes.resolve(node)
     if id(node) in seen:
         return []
     seen.add(id(node))
-    if isinstance(node, json_schema.AnyValue):
-        return [json_schema.ANY_OBJECT]
-    if isinstance(node, json_schema.Obj):
+    if isinstance(node, schema_nodes.AnyValue):
+        return [schema_nodes.ANY_OBJECT]
+    if isinstance(node, schema_nodes.Obj):
         return [node]
-    if isinstance(node, json_schema.Union):
+    if isinstance(node, schema_nodes.Union):
         return [o for option in node.options for o in _objects(option, seen)]
     return []
 
@@ -48,7 +49,7 @@ def tool_call_automaton(names: Sequence[str], parameters: Sequence[Any] = ()) ->
         raise ValueError("a forced tool call needs at least one function name")
     if parameters and len(parameters) != len(names):
         raise ValueError("give one parameters schema per function name, or none")
-    nodes = [parameters_node(p) if p else json_schema.ANY_OBJECT for p in parameters or [None] * len(names)]
+    nodes = [parameters_node(p) if p else schema_nodes.ANY_OBJECT for p in parameters or [None] * len(names)]
     heads = {
         f'<tool_call>\n{{"name": {json.dumps(n, ensure_ascii=False)}, "arguments": '.encode(): json_schema.automaton(node)
         for n, node in zip(names, nodes)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from cachedattention.engine.json_schema import compile_schema
+from cachedattention.engine.schema_compile import compile_schema
 from cachedattention.engine.tool_choice import parameters_node
 from cachedattention.server.api_error import bad
 

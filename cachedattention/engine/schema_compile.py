@@ -1,0 +1,242 @@
+"""A JSON schema (draft 2020-12 / OpenAPI subset) compiled to nodes; whatever would constrain the
+answer but is not enforced is refused with its place and keyword named."""
+
+from __future__ import annotations
+
+import json
+import math
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Any
+
+from cachedattention.engine.schema_nodes import (
+    ANY,
+    ANY_STRING,
+    BOOLEAN,
+    INTEGER,
+    LITERALS,
+    NUMBER,
+    Arr,
+    Lit,
+    Num,
+    Obj,
+    Ref,
+    Str,
+    Union,
+    intervals_meet,
+    json_literals,
+)  # fmt: skip
+
+ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+                         "readOnly", "writeOnly", "format", "discriminator", "$defs", "definitions", "strict",
+                         "contentMediaType", "contentEncoding"))  # fmt: skip
+NUMBER_BOUNDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
+KEYWORDS = {
+    "object": frozenset(("properties", "required", "additionalProperties")),
+    "array": frozenset(("items", "minItems", "maxItems")),
+    "string": frozenset(("minLength", "maxLength")),
+    "integer": NUMBER_BOUNDS, "number": NUMBER_BOUNDS, "boolean": frozenset(), "null": frozenset(),
+}  # fmt: skip
+MAX_SCHEMA_NODES = 10_000
+
+
+def compile_schema(schema: Any) -> Any:
+    """The node of a JSON schema (draft 2020-12 / OpenAPI subset): type (or a list of types), enum,
+    const, anyOf / oneOf (held as anyOf), allOf of one schema, $ref within the document; objects'
+    properties, required and additionalProperties (not allowed unless given, where properties are
+    listed: OpenAI's strict mode); arrays' items, minItems, maxItems; strings' minLength, maxLength.
+    Raises ValueError naming the place and keyword of anything else that constrains."""
+    if isinstance(schema, (str, bytes)):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+    try:
+        compiler = _Compiler(schema)
+        node = compiler.compile(schema, "schema")
+    except RecursionError:
+        raise ValueError("the JSON schema is nested too deeply") from None
+    compiler.check_refs()
+    return node
+
+
+class _Compiler:
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.refs: dict[str, Ref] = {}
+        self.nodes = 0
+
+    def compile(self, s: Any, where: str) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_SCHEMA_NODES:
+            raise ValueError(f"the JSON schema has more than {MAX_SCHEMA_NODES} subschemas")
+        if s is True:
+            return ANY
+        if s is False:
+            raise ValueError(f"{where} is false: no value is allowed there")
+        if not isinstance(s, dict):
+            raise ValueError(f"{where} must be a schema (an object), got {type(s).__name__}")
+        for combinator in ("$ref", "const", "enum", "anyOf", "oneOf", "allOf"):
+            if combinator in s:
+                self._alone(s, combinator, where)
+                return self._combinator(s, combinator, where)
+        types = self._types(s, where)
+        if types is None:  # no type: what the keywords describe, or anything
+            types = ["object"] if "properties" in s or "additionalProperties" in s else ["array"] if "items" in s else None
+            if types is None:
+                self._alone(s, None, where)
+                return ANY
+        nodes = tuple(self._typed(s, t, where) for t in types)
+        return nodes[0] if len(nodes) == 1 else Union(nodes)
+
+    @staticmethod
+    def _types(s: dict, where: str) -> list[str] | None:
+        """The schema's type as a list of known type names (None: no type given)."""
+        kind = s.get("type")
+        if kind is None:
+            return None
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not kinds or not all(isinstance(k, str) and k in KEYWORDS for k in kinds):
+            raise ValueError(f"{where}.type must be one of {', '.join(KEYWORDS)} (or a list of them), got {kind!r}")
+        return list(dict.fromkeys(kinds))
+
+    def check_refs(self) -> None:
+        """A chain of $refs that only points at itself describes no value (checked once all are compiled)."""
+        for pointer, ref in self.refs.items():
+            seen, node = set(), ref
+            while isinstance(node, Ref):
+                if id(node) in seen:
+                    raise ValueError(f"$ref {pointer!r} refers only to itself")
+                seen.add(id(node))
+                node = node.target
+
+    def _alone(self, s: dict, keyword: str | None, where: str) -> None:
+        """A combinator, or a schema without a type, with other constraints beside it is refused."""
+        extra = set(s) - ANNOTATIONS - {keyword} - ({"type"} if keyword in ("const", "enum") else set())
+        if extra:
+            raise ValueError(f"{where}: {sorted(extra)[0]!r} beside {keyword or 'no type'} is not supported")
+
+    def _combinator(self, s: dict, keyword: str, where: str) -> Any:
+        v = s[keyword]
+        if keyword == "$ref":
+            return self._ref(v, where)
+        if keyword == "const":
+            return self._values(s, [v], where)
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"{where}.{keyword} must be a non-empty list")
+        if keyword == "enum":
+            return self._values(s, v, where)
+        if keyword == "allOf" and len(v) > 1:
+            raise ValueError(f"{where}.allOf with more than one schema is not supported")
+        options = tuple(self.compile(x, f"{where}.{keyword}[{i}]") for i, x in enumerate(v))
+        return options[0] if len(options) == 1 else Union(options)
+
+    def _values(self, s: dict, values: list, where: str) -> Lit:
+        """An enum's or a const's values, those of the type beside them if one is given."""
+        types = self._types(s, where)
+        if types is not None:
+            values = [v for v in values if any(_is_type(v, t) for t in types)]
+            if not values:
+                raise ValueError(f"{where}: no value of the enum or const is of type {s['type']!r}")
+        try:
+            return json_literals(values)
+        except ValueError:  # NaN or Infinity: not JSON
+            raise ValueError(f"{where}: an enum or const value is NaN or infinite, which JSON cannot write") from None
+
+    def _ref(self, pointer: Any, where: str) -> Ref:
+        if not isinstance(pointer, str) or not (pointer == "#" or pointer.startswith("#/")):
+            raise ValueError(f"{where}.$ref must point inside the schema ('#/$defs/Name'), got {pointer!r}")
+        if pointer in self.refs:
+            return self.refs[pointer]
+        ref = self.refs[pointer] = Ref(pointer)
+        target: Any = self.root
+        for part in pointer[2:].split("/") if pointer != "#" else ():
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            elif isinstance(target, dict) and part in target:
+                target = target[part]
+            else:
+                raise ValueError(f"{where}.$ref {pointer!r} points at nothing in the schema")
+        ref.target = self.compile(target, pointer)
+        return ref
+
+    def _typed(self, s: dict, kind: str, where: str) -> Any:
+        for key in s:
+            if key not in ANNOTATIONS and key != "type" and key not in KEYWORDS[kind]:
+                if not any(key in kw for kw in KEYWORDS.values()):
+                    raise ValueError(f"{where}: {key!r} is not supported (the answer could not be held to it)")
+        if kind == "object":
+            return self._object(s, where)
+        if kind == "array":
+            items = s.get("items", True)
+            lo, hi = self._range(s, "minItems", "maxItems", where)
+            return Arr(self.compile(items, f"{where}.items"), lo, hi)
+        if kind == "string":
+            lo, hi = self._range(s, "minLength", "maxLength", where)
+            return Str(lo, hi) if lo or hi is not None else ANY_STRING
+        if kind in ("integer", "number"):
+            return self._number(s, kind == "integer", where)
+        if kind == "boolean":
+            return BOOLEAN
+        return LITERALS[ord("n")]
+
+    @staticmethod
+    def _number(s: dict, integer: bool, where: str) -> Num:
+        """A number's or an integer's bounds, from minimum, maximum, exclusiveMinimum, exclusiveMaximum
+        (an integer's made inclusive: exclusiveMinimum 2.5 is minimum 3)."""
+        given = {}
+        for key in NUMBER_BOUNDS:
+            v = s.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ValueError(f"{where}.{key} must be a finite number, got {v!r}")
+            if v is not None:
+                given[key] = Decimal(str(v))
+        if not given:
+            return INTEGER if integer else NUMBER
+        # the tighter of each pair; at a tie the exclusive one
+        lows = [(v, k == "exclusiveMinimum") for k, v in given.items() if k in ("minimum", "exclusiveMinimum")]
+        highs = [(v, k == "exclusiveMaximum") for k, v in given.items() if k in ("maximum", "exclusiveMaximum")]
+        lo = max(lows, default=(None, False), key=lambda x: (x[0], x[1]))
+        hi = min(highs, default=(None, False), key=lambda x: (x[0], not x[1]))
+        if integer:  # inclusive integer bounds
+            lo = (None if lo[0] is None else (lo[0].to_integral_value(ROUND_FLOOR) + 1 if lo[1] else lo[0].to_integral_value(ROUND_CEILING)), False)
+            hi = (None if hi[0] is None else (hi[0].to_integral_value(ROUND_CEILING) - 1 if hi[1] else hi[0].to_integral_value(ROUND_FLOOR)), False)
+        node = Num(integer, lo[0], hi[0], lo[1], hi[1])
+        if lo[0] is not None and hi[0] is not None and not intervals_meet(node.bounds(), node.bounds()):
+            raise ValueError(f"{where}: no {'integer' if integer else 'number'} lies within its bounds")
+        return node
+
+    def _range(self, s: dict, low: str, high: str, where: str) -> tuple[int, int | None]:
+        for key in (low, high):
+            v = s.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"{where}.{key} must be an integer >= 0, got {v!r}")
+        lo, hi = s.get(low) or 0, s.get(high)
+        if hi is not None and lo > hi:
+            raise ValueError(f"{where}: {low} {lo} is above {high} {hi}: no value is allowed there")
+        return lo, hi
+
+    def _object(self, s: dict, where: str) -> Obj:
+        props = s.get("properties", {})
+        if not isinstance(props, dict):
+            raise ValueError(f"{where}.properties must be an object of schemas")
+        required = s.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ValueError(f"{where}.required must be a list of property names")
+        extra_schema = s.get("additionalProperties", not props)  # listed properties: only those (strict)
+        extra = None if extra_schema is False else self.compile(extra_schema, f"{where}.additionalProperties")
+        missing = [r for r in required if r not in props]
+        if missing:
+            raise ValueError(f"{where}.required names {missing[0]!r}, which is not among the properties")
+        nodes = {name: self.compile(p, f"{where}.properties.{name}") for name, p in props.items()}
+        keys = {json.dumps(name, ensure_ascii=False)[1:-1].encode(): name for name in props}
+        return Obj(keys, nodes, frozenset(required), extra)
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    if kind == "integer":  # 1.0 is an integer too (written "1.0", as json.dumps writes it)
+        return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    types = {"string": str, "boolean": bool, "object": dict, "array": list}
+    return value is None if kind == "null" else isinstance(value, types[kind])

@@ -1,0 +1,174 @@
+"""The nodes a JSON schema compiles to: what a value must be (an object's properties, an array's
+items, a string's length, a number's bounds, literal texts as a trie, alternatives, references)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+# -- nodes: what a value must be ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)  # identity hash: states hold nodes
+class Obj:
+    keys: dict[bytes, str]  # each property's name as written between its quotes -> the name
+    props: dict[str, Any]  # name -> node
+    required: frozenset[str]
+    extra: Any  # the node of properties not listed, or None: not allowed
+
+
+@dataclass(frozen=True, eq=False)
+class Arr:
+    items: Any
+    min_items: int = 0
+    max_items: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Str:
+    min_len: int = 0
+    max_len: int | None = None
+
+    @property
+    def counts(self) -> bool:
+        return self.min_len > 0 or self.max_len is not None
+
+
+@dataclass(frozen=True, eq=False)
+class Num:
+    """A number, or an integer; bounded, the digits written so far are kept and each next one is
+    allowed only if some number within the bounds starts so (no exponent then)."""
+
+    integer: bool = False
+    lo: Decimal | None = None  # None: no bound
+    hi: Decimal | None = None
+    lo_open: bool = False  # exclusiveMinimum: the bound itself is out
+    hi_open: bool = False
+
+    @property
+    def bounded(self) -> bool:
+        return self.lo is not None or self.hi is not None
+
+    def holds(self, text: str) -> bool:
+        """Whether the number written is within the bounds."""
+        v = Decimal(text)
+        return intervals_meet((v, True, v, True), self.bounds())
+
+    def viable(self, text: str) -> bool:
+        """Whether some number within the bounds is written starting with `text` (a sign, digits, a
+        point, digits): after digits p, p itself, then [10p, 10p + 10), [100p, 100p + 100), ...;
+        after a point and k more digits v, [v, v + 10^-k); negated after "-"."""
+        negative = text.startswith("-")
+        body = text[1:] if negative else text
+        if "." in body or body == "0" or not body:
+            if not body:  # a sign alone: anything <= 0 ("-0" is 0)
+                a, b, b_closed = Decimal(0), None, True
+            elif body == "0":  # nothing but a point may follow a leading 0
+                a, b, b_closed = Decimal(0), Decimal(0 if self.integer else 1), self.integer
+            else:
+                point = body.index(".")
+                a = Decimal(body.rstrip(".")) if point < len(body) - 1 else Decimal(body[:point])
+                b, b_closed = a + Decimal(1).scaleb(-(len(body) - point - 1)), False
+            return intervals_meet(_signed(a, True, b, b_closed, negative), self.bounds())
+        p, scale = int(body), 1
+        while True:
+            a, b = Decimal(p * scale), Decimal((p + 1) * scale - (1 if self.integer else 0))
+            span = _signed(a, True, b, self.integer, negative)
+            if intervals_meet(span, self.bounds()):
+                return True
+            if (self.hi is not None and a > self.hi) if not negative else (self.lo is not None and -a < self.lo):
+                return False  # past the bound on the side these numbers move to
+            scale *= 10
+
+    def bounds(self) -> tuple:
+        return (self.lo, not self.lo_open, self.hi, not self.hi_open)
+
+
+def _signed(a: Decimal, a_closed: bool, b: Decimal | None, b_closed: bool, negative: bool) -> tuple:
+    """The interval (low, closed, high, closed) of [a, b] (b None: no end), negated when negative."""
+    return (None if b is None else -b, b_closed, -a, a_closed) if negative else (a, a_closed, b, b_closed)
+
+
+def intervals_meet(x: tuple, y: tuple) -> bool:
+    """Whether two intervals (low, low closed, high, high closed; None: unbounded) share a point."""
+    lows = [(v, c) for v, c in (x[:2], y[:2]) if v is not None]
+    highs = [(v, c) for v, c in (x[2:], y[2:]) if v is not None]
+    if not lows or not highs:
+        return True
+    low = max(v for v, _ in lows)
+    high = min(v for v, _ in highs)
+    closed = all(c for v, c in lows if v == low) and all(c for v, c in highs if v == high)
+    return low < high or (low == high and closed)
+
+
+@dataclass(frozen=True, eq=False)
+class Lit:
+    """Exactly one of some byte strings (a const, an enum's values, true / false / null, a choice),
+    as a trie: each node's next bytes, and whether a string ends there. An enum of a thousand values
+    is one state, not a thousand."""
+
+    next: dict[int, Lit]
+    end: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Union:
+    options: tuple[Any, ...]
+
+
+@dataclass(eq=False)
+class Ref:
+    """A $ref, pointing at its node once that is compiled (schemas may be recursive)."""
+
+    pointer: str
+    target: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class AnyValue:
+    """Any JSON value."""
+
+
+ANY = AnyValue()
+ANY_OBJECT = Obj({}, {}, frozenset(), ANY)
+ANY_ARRAY = Arr(ANY)
+ANY_STRING = Str()
+NUMBER = Num()
+INTEGER = Num(True)
+
+
+def literals(texts: Iterable[bytes]) -> Lit:
+    """The trie of non-empty byte strings (built without recursion: a const may be long)."""
+    trie: dict[int, Any] = {}
+    for text in texts:
+        node = trie
+        for b in text:
+            node = node.setdefault(b, {})
+        node[-1] = True  # a string ends here
+    order, stack = [], [trie]
+    while stack:  # parents before children; frozen in the reverse order
+        node = stack.pop()
+        order.append(node)
+        stack.extend(v for k, v in node.items() if k != -1)
+    frozen: dict[int, Lit] = {}
+    for node in reversed(order):
+        frozen[id(node)] = Lit({k: frozen[id(v)] for k, v in node.items() if k != -1}, -1 in node)
+    return frozen[id(trie)]
+
+
+def json_literals(values: Iterable[Any]) -> Lit:
+    """Values written as json.dumps writes them (so an enum's 1.0 is "1.0", not "1")."""
+    return literals(json.dumps(v, ensure_ascii=False, allow_nan=False).encode() for v in values)
+
+
+LITERALS = {ord("t"): literals([b"true"]), ord("f"): literals([b"false"]), ord("n"): literals([b"null"])}
+BOOLEAN = literals([b"true", b"false"])
+
+
+def resolve(node: Any) -> Any:
+    while isinstance(node, Ref):
+        node = node.target
+    return node
