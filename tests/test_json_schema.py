@@ -207,6 +207,22 @@ def test_a_bounded_number_s_digits_stay_within_its_bounds():
     assert band.viable("1") and not band.viable("13") and not band.viable("-")  # 1 -> 10, 11, 12
 
 
+def test_bounds_and_numbers_of_any_length_are_never_rounded():
+    """Found by a review: 28-digit Decimal arithmetic looped for ever on a 29-digit negative number,
+    took 10^30 under an exclusiveMaximum of 10^30, and dead-ended on a 29-digit bound."""
+    below = schema_automaton({"type": "object", "properties": {"x": {"type": "number", "maximum": 100}}})
+    assert _complete(below, b'{"x": -' + b"1" * 40 + b"}")
+    huge = schema_automaton({"type": "integer", "exclusiveMaximum": 10**30})
+    assert huge.advance(huge.start, b"1" + b"0" * 30) is None and huge.may_end(huge.advance(huge.start, b"9" * 30))
+    exact = -12345678901234567890123456789
+    only = schema_automaton({"type": "integer", "minimum": exact, "maximum": exact})
+    assert only.may_end(only.advance(only.start, str(exact).encode()))
+    at_least = compile_schema({"type": "number", "minimum": -7})
+    assert at_least.viable("67.388475041455927442685844702806") and at_least.viable("1" * 29 + ".")
+    assert compile_schema({"type": "number", "exclusiveMinimum": 1}).viable("1." + "0" * 27 + "1")
+    assert compile_schema({"type": "integer", "minimum": 1e300}).viable("1")  # 1 followed by 300 digits
+
+
 def test_a_root_number_may_end_or_go_on_and_a_choice_ends_where_no_other_goes_on():
     integer = schema_automaton({"type": "integer"})
     state = integer.advance(integer.start, b"12")

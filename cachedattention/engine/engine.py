@@ -26,6 +26,12 @@ from cachedattention.sampling import SamplingParams, make_generator, sample_batc
 log = logging.getLogger(__name__)
 
 
+def _keep_last(ids: list[int], k: int, head: int) -> list[int]:
+    """The first `head` ids (a BOS) and the last of the others, k in all."""
+    tail, keep = ids[head:], max(k - head, 0)
+    return ids[: min(head, k)] + (tail[len(tail) - keep :] if keep else [])
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
@@ -108,11 +114,15 @@ class LLMEngine:
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError("session_id must be a non-empty string")
         ids = self.tokenize(prompt, add_special_tokens)
+        # what the tokenizer put before a text prompt (a BOS) stays through truncation of either kind
+        cut = session_id is not None or params.truncate_prompt_tokens is not None
+        added = self.tokenizer.added_prefix(prompt) if cut and add_special_tokens and isinstance(prompt, str) else 0
+        head_tokens = max(head_tokens, added) if session_id is not None else head_tokens
         if params.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens
             if session_id is not None:
                 raise InvalidRequest("truncate_prompt_tokens cannot cut a session's prompt (its history is kept "
                                      "whole, or truncated by the store's own rule)", "truncate_prompt_tokens")  # fmt: skip
-            ids = ids[-params.truncate_prompt_tokens :]
+            ids = _keep_last(ids, params.truncate_prompt_tokens, added)
         self._check_in_vocabulary(params.stop_token_ids, "stop_token_ids", "stop_token_ids")
         self._check_in_vocabulary(params.allowed_token_ids, "allowed_token_ids", "allowed_token_ids")
         self._check_in_vocabulary([t for t, _ in params.logit_bias], "logit_bias", "logit_bias names token ids")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 from cachedattention.engine.schema_nodes import (
@@ -190,7 +191,7 @@ class _Compiler:
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
                 raise ValueError(f"{where}.{key} must be a finite number, got {v!r}")
             if v is not None:
-                given[key] = Decimal(str(v))
+                given[key] = Fraction(Decimal(str(v)))  # exactly the number as JSON wrote it
         if not given:
             return INTEGER if integer else NUMBER
         # the tighter of each pair; at a tie the exclusive one
@@ -199,8 +200,8 @@ class _Compiler:
         lo = max(lows, default=(None, False), key=lambda x: (x[0], x[1]))
         hi = min(highs, default=(None, False), key=lambda x: (x[0], not x[1]))
         if integer:  # inclusive integer bounds
-            lo = (None if lo[0] is None else (lo[0].to_integral_value(ROUND_FLOOR) + 1 if lo[1] else lo[0].to_integral_value(ROUND_CEILING)), False)
-            hi = (None if hi[0] is None else (hi[0].to_integral_value(ROUND_CEILING) - 1 if hi[1] else hi[0].to_integral_value(ROUND_FLOOR)), False)
+            lo = (None if lo[0] is None else Fraction(math.floor(lo[0]) + 1 if lo[1] else math.ceil(lo[0])), False)
+            hi = (None if hi[0] is None else Fraction(math.ceil(hi[0]) - 1 if hi[1] else math.floor(hi[0])), False)
         node = Num(integer, lo[0], hi[0], lo[1], hi[1])
         if lo[0] is not None and hi[0] is not None and not intervals_meet(node.bounds(), node.bounds()):
             raise ValueError(f"{where}: no {'integer' if integer else 'number'} lies within its bounds")

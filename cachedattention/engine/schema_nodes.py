@@ -4,9 +4,10 @@ items, a string's length, a number's bounds, literal texts as a trie, alternativ
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 # -- nodes: what a value must be ------------------------------------------------------------------
@@ -40,11 +41,12 @@ class Str:
 @dataclass(frozen=True, eq=False)
 class Num:
     """A number, or an integer; bounded, the digits written so far are kept and each next one is
-    allowed only if some number within the bounds starts so (no exponent then)."""
+    allowed only if some number within the bounds starts so (no exponent then). Exact arithmetic
+    (Fraction): a bound or a number of any length is never rounded."""
 
     integer: bool = False
-    lo: Decimal | None = None  # None: no bound
-    hi: Decimal | None = None
+    lo: Fraction | None = None  # None: no bound
+    hi: Fraction | None = None
     lo_open: bool = False  # exclusiveMinimum: the bound itself is out
     hi_open: bool = False
 
@@ -54,42 +56,42 @@ class Num:
 
     def holds(self, text: str) -> bool:
         """Whether the number written is within the bounds."""
-        v = Decimal(text)
+        v = Fraction(text)
         return intervals_meet((v, True, v, True), self.bounds())
 
     def viable(self, text: str) -> bool:
         """Whether some number within the bounds is written starting with `text` (a sign, digits, a
-        point, digits): after digits p, p itself, then [10p, 10p + 10), [100p, 100p + 100), ...;
-        after a point and k more digits v, [v, v + 10^-k); negated after "-"."""
+        point, digits). After "-" the magnitude x is what is written, within the bounds negated; x
+        after digits p lies in [p, p+1), [10p, 10p+10), [100p, 100p+100), ...; after a point and k more
+        digits v, in [v, v + 10^-k)."""
         negative = text.startswith("-")
         body = text[1:] if negative else text
-        if "." in body or body == "0" or not body:
-            if not body:  # a sign alone: anything <= 0 ("-0" is 0)
-                a, b, b_closed = Decimal(0), None, True
-            elif body == "0":  # nothing but a point may follow a leading 0
-                a, b, b_closed = Decimal(0), Decimal(0 if self.integer else 1), self.integer
-            else:
-                point = body.index(".")
-                a = Decimal(body.rstrip(".")) if point < len(body) - 1 else Decimal(body[:point])
-                b, b_closed = a + Decimal(1).scaleb(-(len(body) - point - 1)), False
-            return intervals_meet(_signed(a, True, b, b_closed, negative), self.bounds())
-        p, scale = int(body), 1
+        lo, lo_closed, hi, hi_closed = self.bounds()
+        if negative:  # the magnitude's bounds
+            lo, lo_closed, hi, hi_closed = (None if hi is None else -hi), hi_closed, (None if lo is None else -lo), lo_closed
+        limits = (lo, lo_closed, hi, hi_closed)
+        if not body:  # a sign alone: any magnitude
+            return intervals_meet((Fraction(0), True, None, True), limits)
+        if body == "0":  # nothing but a point may follow a leading 0
+            return intervals_meet((Fraction(0), True, Fraction(0 if self.integer else 1), self.integer), limits)
+        if "." in body:
+            point = body.index(".")
+            a = Fraction(body.rstrip("."))
+            return intervals_meet((a, True, a + Fraction(1, 10 ** (len(body) - point - 1)), False), limits)
+        p, d = int(body), len(body)
+        # below lo's own number of digits, (p + 1) * 10^j <= lo: start where the spans may reach it
+        j = max(0, len(str(math.floor(lo))) - d - 1) if lo is not None and lo > 0 else 0
         while True:
-            a, b = Decimal(p * scale), Decimal((p + 1) * scale - (1 if self.integer else 0))
-            span = _signed(a, True, b, self.integer, negative)
-            if intervals_meet(span, self.bounds()):
+            a, b = p * 10**j, (p + 1) * 10**j
+            span = (Fraction(a), True, Fraction(b - 1 if self.integer else b), self.integer)
+            if intervals_meet(span, limits):
                 return True
-            if (self.hi is not None and a > self.hi) if not negative else (self.lo is not None and -a < self.lo):
-                return False  # past the bound on the side these numbers move to
-            scale *= 10
+            if hi is not None and a > hi:  # the spans only grow past the upper bound
+                return False
+            j += 1
 
     def bounds(self) -> tuple:
         return (self.lo, not self.lo_open, self.hi, not self.hi_open)
-
-
-def _signed(a: Decimal, a_closed: bool, b: Decimal | None, b_closed: bool, negative: bool) -> tuple:
-    """The interval (low, closed, high, closed) of [a, b] (b None: no end), negated when negative."""
-    return (None if b is None else -b, b_closed, -a, a_closed) if negative else (a, a_closed, b, b_closed)
 
 
 def intervals_meet(x: tuple, y: tuple) -> bool:

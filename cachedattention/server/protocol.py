@@ -295,6 +295,9 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     if (n or 1) > 1 and session_id is not None:
         raise bad("n > 1 cannot continue a session: which choice would be its next turn?", "n")
     echo = not chat and flag(body, "echo")
+    if echo and body.get("truncate_prompt_tokens") is not None:
+        raise bad("echo cannot be combined with truncate_prompt_tokens: the prompt echoed would not be the one "
+                  "computed", "truncate_prompt_tokens")  # fmt: skip
     # echo with max_tokens 0 (what older lm-eval-harness sends to score a prompt, as vLLM takes it):
     # one token is computed with the prompt at no extra forward pass, and left out of the answer
     asked = body.get("max_completion_tokens")  # it wins over max_tokens, as sampling_params reads them

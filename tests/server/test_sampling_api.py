@@ -244,6 +244,8 @@ BAD = [
      "stop_token_ids"),
     ("truncate_prompt_tokens 0", "/v1/completions", {"prompt": "a", "truncate_prompt_tokens": 0},
      "truncate_prompt_tokens"),
+    ("echo of a truncated prompt", "/v1/completions", {"prompt": "a b", "echo": True, "truncate_prompt_tokens": 1},
+     "truncate_prompt_tokens"),
 ]
 
 

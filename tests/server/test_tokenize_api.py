@@ -76,6 +76,10 @@ def test_a_text_prompt_gets_the_tokenizer_s_bos_as_vllm_encodes_it(tiny_dirs, tm
     assert llm.generate(["Hello world"], SamplingParams(max_tokens=1))[0].prompt_token_ids == [1, 2, 3]
     rid = llm.engine.add_request("Hello world", SamplingParams(max_tokens=1), add_special_tokens=False)
     assert llm.engine.requests[rid].prompt_token_ids == [2, 3]
+    cut = llm.generate(["Hello world world"], SamplingParams(max_tokens=1, truncate_prompt_tokens=2))[0]
+    assert cut.prompt_token_ids == [1, 3]  # the BOS stays, as a tokenizer's own truncation keeps it
+    rid = llm.engine.add_request("Hello world", SamplingParams(max_tokens=1), session_id="bos")
+    assert llm.engine.requests[rid].head_tokens == 1  # a session's overflow truncation keeps it too
     llm.close()
 
 
