@@ -1,5 +1,6 @@
 """What one guided step's mask costs where an enum's value starts: a 1,000-string enum inside an
-object, and the same strings as a choice, on the embedded model's tokenizer with random logits.
+object, and the same strings as a choice; and inside a number with and without bounds (digits
+made likely, as a model writing one makes them). The embedded model's tokenizer, random logits.
 
     CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/guided_mask_timing.py [values] [rounds]
 """
@@ -24,7 +25,15 @@ def main() -> None:
     words = sorted({"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 12)))
                     for _ in range(values)})  # fmt: skip
     schema = {"type": "object", "properties": {"country": {"enum": words}}, "required": ["country"]}
-    cases = {"enum in an object": (schema_automaton(schema), '{"country": "'), "choice": (choice_automaton(words), "")}
+    number = {"type": "object", "properties": {"p": {"type": "number"}}}
+    bounded = {"type": "object", "properties": {"p": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}}}
+    cases = {
+        f"enum in an object, {len(words)} values": (schema_automaton(schema), '{"country": "'),
+        f"choice, {len(words)} values": (choice_automaton(words), ""),
+        "a number": (schema_automaton(number), '{"p": 0.'),
+        "a number in [0, 1)": (schema_automaton(bounded), '{"p": 0.'),
+    }
+    digits = [tok.encode(d)[0] for d in "0123456789"]
     for name, (automaton, prefix) in cases.items():
         best = float("inf")
         for _ in range(rounds):  # a fresh constraint each round: nothing remembered from the last
@@ -33,10 +42,12 @@ def main() -> None:
             for t in tok.encode(prefix):
                 rule.accept(t)
             row = torch.randn(len(tok.hf), generator=torch.Generator().manual_seed(0))
+            if prefix.endswith("0."):
+                row[digits] += 20.0
             start = time.perf_counter()
             rule.mask(row)
             best = min(best, time.perf_counter() - start)
-        print(f"{name}, {len(words)} values: {best * 1e3:.1f} ms for one mask at the value's start (best of {rounds})")
+        print(f"{name}: {best * 1e3:.2f} ms for one mask (best of {rounds})")
 
 
 if __name__ == "__main__":
