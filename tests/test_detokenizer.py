@@ -85,7 +85,7 @@ def test_a_streamed_answer_with_stop_strings_decodes_a_few_tokens_per_step(embed
     engine = embedded_llm.engine
     decoded: list[int] = []
     real = engine.tokenizer.decode
-    monkeypatch.setattr(engine.tokenizer, "decode", lambda ids: decoded.append(len(ids)) or real(ids))
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda ids, *a: decoded.append(len(ids)) or real(ids, *a))
     params = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True, stop=("never in this text \x00",))
     engine.add_request("Write a long story about a dragon.", params, request_id="long", stream_text=True)
     outs = []

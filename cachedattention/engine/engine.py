@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -116,7 +117,7 @@ class LLMEngine:
         ids = self.tokenize(prompt, add_special_tokens)
         # what the tokenizer put before a text prompt (a BOS) stays through truncation of either kind
         cut = session_id is not None or params.truncate_prompt_tokens is not None
-        added = self.tokenizer.added_prefix(prompt) if cut and add_special_tokens and isinstance(prompt, str) else 0
+        added = self.tokenizer.added_prefix(prompt, ids) if cut and add_special_tokens and isinstance(prompt, str) else 0
         head_tokens = max(head_tokens, added) if session_id is not None else head_tokens
         if params.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens
             if session_id is not None:
@@ -139,7 +140,7 @@ class LLMEngine:
             logical_prompt=list(ids),
             generator=make_generator(params, self.config.device),
             stream_text=stream_text,
-            detokenizer=IncrementalDetokenizer(self._decode if params.skip_special_tokens else self._decode_all),
+            detokenizer=IncrementalDetokenizer(partial(self._decode, skip_special_tokens=params.skip_special_tokens)),
             head_tokens=head_tokens,
             logprobs=None if params.logprobs is None else [],
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
@@ -286,12 +287,8 @@ class LLMEngine:
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
-
-    def _decode_all(self, ids: Sequence[int]) -> str:
-        """Special tokens included (skip_special_tokens=False)."""
-        return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
+    def _decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens) if self.tokenizer is not None else ""
 
     def _output(self, req: Request) -> RequestOutput:
         new = req.output_token_ids[req.num_sent :]

@@ -76,9 +76,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def added_prefix(self, text: str) -> int:
-        """How many tokens encoding `text` as a prompt puts before the text's own (a BOS: 1)."""
-        bare, full = self.encode(text), self.encode(text, add_special_tokens=True)
+    def added_prefix(self, text: str, full: Sequence[int] | None = None) -> int:
+        """How many tokens encoding `text` as a prompt (`full`, when already encoded) puts before the
+        text's own (a BOS: 1)."""
+        bare = self.encode(text)
+        full = self.encode(text, add_special_tokens=True) if full is None else list(full)
         return next((k for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare), 0)
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
