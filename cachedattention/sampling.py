@@ -12,8 +12,10 @@ import torch
 
 from cachedattention.engine import json_schema
 from cachedattention.engine.guided import Automaton
+from cachedattention.engine.regex import regex_automaton
 from cachedattention.engine.tool_choice import tool_call_automaton
 
+GUIDED_FIELDS = ("json_object", "json_schema", "choice", "regex", "tool_call_names")  # at most one per request
 MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list (vLLM's default max_logprobs)
 
 
@@ -52,12 +54,14 @@ class SamplingParams:
     # guided answers (engine/guided.py), at most one of: OpenAI's response_format json_object (the
     # answer is one JSON object); json_schema (a JSON document valid under this schema, a dict or its
     # JSON text, kept as text: engine/json_schema.py); choice (exactly one of these strings, vLLM's
-    # guided_choice); tool_choice "required" or a named function (one Hermes-style call of one of
+    # guided_choice); regex (text the pattern matches whole, vLLM's guided_regex: engine/regex.py);
+    # tool_choice "required" or a named function (one Hermes-style call of one of
     # these functions, engine/tool_choice.py; tool_call_parameters: each one's parameters schema as
     # JSON text, "" for any object, in the same order, or none at all)
     json_object: bool = False
     json_schema: str | Mapping[str, Any] | None = None
     choice: tuple[str, ...] = ()
+    regex: str | None = None
     tool_call_names: tuple[str, ...] = ()
     tool_call_parameters: tuple[str, ...] = ()
     # filled in by the engine: the model's end-of-sequence ids
@@ -97,7 +101,9 @@ class SamplingParams:
             raise ValueError("tool_call_parameters must hold one schema per name in tool_call_names (or none)")
         if not all(isinstance(c, str) and c for c in self.choice):
             raise ValueError("choice must be non-empty strings")
-        given = [n for n in ("json_object", "json_schema", "choice", "tool_call_names") if getattr(self, n) not in (None, False, ())]
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError(f"regex must be a string (a pattern), got {type(self.regex).__name__}")
+        given = [n for n in GUIDED_FIELDS if getattr(self, n) not in (None, False, ())]
         if len(given) > 1:
             raise ValueError(f"{given[0]} and {given[1]} cannot be combined: the answer is one or the other")
         self.guided_automaton()  # a schema that cannot be followed is refused here, with its place named
@@ -110,6 +116,8 @@ class SamplingParams:
             return json_schema.schema_automaton(self.json_schema)
         if self.choice:
             return json_schema.choice_automaton(self.choice)
+        if self.regex is not None:
+            return regex_automaton(self.regex)
         if self.tool_call_names:
             return tool_call_automaton(self.tool_call_names, self.tool_call_parameters)
         return None
@@ -136,8 +144,13 @@ class SamplingParams:
 
     @property
     def guided(self) -> bool:
-        """Whether the answer is held to a form (JSON, a schema, a choice, a tool call)."""
-        return bool(self.json_object or self.json_schema is not None or self.choice or self.tool_call_names)
+        """Whether the answer is held to a form (JSON, a schema, a choice, a pattern, a tool call)."""
+        return self.guided_field is not None
+
+    @property
+    def guided_field(self) -> str | None:
+        """The guided field that is set (one of GUIDED_FIELDS), or None."""
+        return next((n for n in GUIDED_FIELDS if getattr(self, n) not in (None, False, ())), None)
 
     @property
     def greedy(self) -> bool:

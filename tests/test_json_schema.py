@@ -46,7 +46,10 @@ BOUNDED = {"type": "object", "properties": {"age": {"type": "integer", "minimum"
                                             "score": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
                                             "temp": {"type": "number", "exclusiveMinimum": -40.5, "maximum": 60}},
            "required": ["age"]}  # fmt: skip
-SCHEMAS = {"person": PERSON, "tree": TREE, "flags": FLAGS, "numbers": NUMBERS, "bounded": BOUNDED}
+PATTERNED = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[ab ü]*[b中\\\\\"]"},
+                                             "mood": {"type": "string", "pattern": "[🙂中]|^[ab]", "maxLength": 6}},
+             "required": ["code"]}  # fmt: skip
+SCHEMAS = {"person": PERSON, "tree": TREE, "flags": FLAGS, "numbers": NUMBERS, "bounded": BOUNDED, "patterned": PATTERNED}
 
 
 def strict(schema):
@@ -286,7 +289,9 @@ def test_a_large_enum_is_one_state_and_takes_exactly_its_values():
 @pytest.mark.parametrize(
     "schema, message",
     [
-        ({"type": "string", "pattern": "^a"}, "schema: 'pattern' is not supported"),
+        ({"type": "string", "pattern": "(?i)^a"}, "schema.pattern: an inline flag"),
+        ({"type": "string", "pattern": 5}, "schema.pattern must be a string"),
+        ({"type": "object", "patternProperties": {"^x": {}}}, "'patternProperties' is not supported"),
         ({"type": "integer", "multipleOf": 2}, "'multipleOf' is not supported"),
         ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, "no integer lies within"),
         ({"type": "number", "minimum": 1, "exclusiveMaximum": 1}, "no number lies within"),
@@ -387,3 +392,6 @@ def test_a_schema_needs_a_tokenizer_and_is_checked_before_the_request_runs(tiny_
     with pytest.raises(ValueError, match="tokenizer") as e:
         llm.generate([[1, 2, 3]], SamplingParams(choice=["a", "b"]))
     assert e.value.param == "choice"
+    with pytest.raises(ValueError, match="tokenizer") as e:
+        llm.generate([[1, 2, 3]], SamplingParams(regex="a+"))
+    assert e.value.param == "regex"

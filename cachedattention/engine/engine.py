@@ -160,12 +160,13 @@ class LLMEngine:
         return request_id
 
     def _guided_constraint(self, params: SamplingParams) -> GuidedConstraint | None:
-        """JSON mode, a JSON schema, a choice or a forced tool call: the tokens each step may take."""
+        """JSON mode, a JSON schema, a choice, a pattern or a forced tool call: the tokens each step may take."""
         automaton = params.guided_automaton()
         if automaton is None:
             return None
         if self.tokenizer is None:
-            param = "tool_choice" if params.tool_call_names else "choice" if params.choice else "response_format"
+            field = params.guided_field
+            param = {"tool_call_names": "tool_choice", "json_schema": "response_format", "json_object": "response_format"}.get(field, field)
             raise InvalidRequest("a guided answer needs the model's tokenizer (each token's bytes)", param)
         enders = (*params.eos_token_ids, *params.stop_token_ids)
         tok = self.tokenizer

@@ -9,10 +9,11 @@ types), all immutable tuples, so trying a token copies nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cachedattention.engine.guided import WHITESPACE, Automaton
+from cachedattention.engine.regex import Regex
 from cachedattention.engine.schema_compile import compile_schema
 from cachedattention.engine.schema_nodes import (
     ANY_ARRAY,
@@ -34,6 +35,7 @@ from cachedattention.engine.schema_nodes import (
 HEX = frozenset(b"0123456789abcdefABCDEF")
 DIGITS = frozenset(b"0123456789")
 ESCAPES = frozenset(b'"\\/bfnrt')
+JSON_ESCAPES = dict(zip(b'"\\/bfnrt', map(ord, '"\\/\b\f\n\r\t')))  # escape letter -> the character it writes
 NUMBER_ENDS = frozenset(("0", "int", "frac", "exp"))  # number parts after which the number may end
 MAX_STACKS = 32  # readings of the text followed at once
 
@@ -135,7 +137,8 @@ def _start(rest: tuple, node: Any, b: int, out: list, seen: set[int]) -> None:
             out.append((*rest, ("a", node, 0, "first")))
     elif isinstance(node, Str):
         if b == ord('"'):
-            out.append((*rest, ("s", node, 0, "")))
+            cursors = tuple(rx.start for rx in node.patterns)
+            out.append((*rest, ("s", node, 0, "", cursors, "") if cursors else ("s", node, 0, "")))
     elif isinstance(node, Num) and (b == ord("-") or b in DIGITS):
         text = chr(b) if node.bounded else ""  # only a bounded integer keeps its text (states stay shared)
         if not node.bounded or node.viable(text):
@@ -210,21 +213,69 @@ def _array(rest: tuple, frame: tuple, b: int, out: list) -> None:
 
 
 def _string(rest: tuple, frame: tuple, b: int, out: list) -> None:
-    _, node, count, esc = frame
+    _, node, count, esc = frame[:4]
+    if node.patterns:
+        _pattern_string(rest, frame, b, out)
+        return
     if b == ord('"') and not esc:
         if count >= node.min_len:
             out.append(rest)
         return
     nxt = _escape(esc, b)
+    if nxt is not None:
+        count = _counted(node, count, esc)
+        if count is not None:
+            out.append((*rest, ("s", node, count, nxt)))
+
+
+def _counted(node: Str, count: int, esc: str | tuple) -> int | None:
+    """The string's character count after one more byte (None: past maxLength)."""
+    if not node.counts or esc:  # not counted, or inside a character
+        return count
+    count += 1  # a character starts here
+    if node.max_len is not None:
+        return count if count <= node.max_len else None
+    return min(count, node.min_len)  # only a minimum: past it, the count no longer matters
+
+
+def _pattern_string(rest: tuple, frame: tuple, b: int, out: list) -> None:
+    """A string held to patterns (a pattern, a format): the characters it stands for (escapes
+    decoded) go through each. A \\u escape of a surrogate is refused (the character may be written
+    as itself)."""
+    _, node, count, esc, cursors, hexa = frame
+    if b == ord('"') and not esc:
+        if count >= node.min_len and all(rx.matched(c) for rx, c in zip(node.patterns, cursors)):
+            out.append(rest)
+        return
+    nxt = _escape(esc, b)
     if nxt is None:
         return
-    if node.counts and not esc:  # a character starts here
-        count += 1
-        if node.max_len is not None and count > node.max_len:
+    if isinstance(esc, str) and esc.startswith("u"):
+        hexa += chr(b)
+    step = _pattern_step(esc, b, hexa)
+    if step is not None:
+        cursors = tuple(step(rx, c) for rx, c in zip(node.patterns, cursors))
+        if None in cursors:
             return
-        if node.max_len is None:  # only a minimum: past it, the count no longer matters
-            count = min(count, node.min_len)
-    out.append((*rest, ("s", node, count, nxt)))
+    count = _counted(node, count, esc)
+    if count is not None:
+        out.append((*rest, ("s", node, count, nxt, cursors, "" if len(hexa) == 4 else hexa)))
+
+
+def _pattern_step(esc: str | tuple, b: int, hexa: str) -> Callable[[Regex, tuple], tuple | None] | None:
+    """How byte b moves a pattern's cursor inside a string (None: it does not, an escape begins)."""
+    if esc == "\\":
+        return None if b == ord("u") else lambda rx, c: rx.step_char(c, JSON_ESCAPES[b])
+    if len(hexa) == 4:  # a \\u escape's last digit: its character (never a surrogate)
+        cp = int(hexa, 16)
+        return (lambda rx, c: None) if 0xD800 <= cp <= 0xDFFF else lambda rx, c: rx.step_char(c, cp)
+    if hexa:  # the characters \\u and these digits can still stand for
+        unit = 16 ** (4 - len(hexa))
+        lo = int(hexa, 16) * unit
+        return lambda rx, c: c if rx.takes_some(c[0], lo, lo + unit - 1) else None
+    if b == ord("\\") and not esc:
+        return None
+    return lambda rx, c: rx.step_byte(c, b)  # a byte of the text itself
 
 
 def _advance(stack: tuple, b: int, out: list) -> None:
@@ -261,7 +312,7 @@ def step(state: tuple, b: int) -> tuple | None:
     """The state after one more byte, or None when no allowed answer starts with the text."""
     if len(state) == 1 and state[0]:  # fast path: a plain character inside a string leaves one state as it is
         frame = state[0][-1]
-        if frame[0] == "s" and not frame[3] and 0x20 <= b < 0x80 and b != 0x22 and b != 0x5C and not frame[1].counts:
+        if frame[0] == "s" and not frame[3] and 0x20 <= b < 0x80 and b != 0x22 and b != 0x5C and frame[1].plain:
             return state
     out: list = []
     for stack in state:

@@ -9,6 +9,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+from cachedattention.engine.regex import Regex
 from cachedattention.engine.schema_nodes import (
     ANY,
     ANY_STRING,
@@ -26,6 +27,7 @@ from cachedattention.engine.schema_nodes import (
     intervals_meet,
     json_literals,
 )  # fmt: skip
+from cachedattention.engine.string_formats import FORMATS
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "format", "discriminator", "$defs", "definitions", "strict",
@@ -34,7 +36,7 @@ NUMBER_BOUNDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveM
 KEYWORDS = {
     "object": frozenset(("properties", "required", "additionalProperties")),
     "array": frozenset(("items", "minItems", "maxItems")),
-    "string": frozenset(("minLength", "maxLength")),
+    "string": frozenset(("minLength", "maxLength", "pattern")),
     "integer": NUMBER_BOUNDS, "number": NUMBER_BOUNDS, "boolean": frozenset(), "null": frozenset(),
 }  # fmt: skip
 MAX_SCHEMA_NODES = 10_000
@@ -44,7 +46,8 @@ def compile_schema(schema: Any) -> Any:
     """The node of a JSON schema (draft 2020-12 / OpenAPI subset): type (or a list of types), enum,
     const, anyOf / oneOf (held as anyOf), allOf of one schema, $ref within the document; objects'
     properties, required and additionalProperties (not allowed unless given, where properties are
-    listed: OpenAI's strict mode); arrays' items, minItems, maxItems; strings' minLength, maxLength.
+    listed: OpenAI's strict mode); arrays' items, minItems, maxItems; strings' minLength, maxLength, pattern and the formats of
+    engine/string_formats.py.
     Raises ValueError naming the place and keyword of anything else that constrains."""
     if isinstance(schema, (str, bytes)):
         try:
@@ -174,7 +177,8 @@ class _Compiler:
             return Arr(self.compile(items, f"{where}.items"), lo, hi)
         if kind == "string":
             lo, hi = self._range(s, "minLength", "maxLength", where)
-            return Str(lo, hi) if lo or hi is not None else ANY_STRING
+            patterns = self._patterns(s, where)
+            return Str(lo, hi, patterns) if lo or hi is not None or patterns else ANY_STRING
         if kind in ("integer", "number"):
             return self._number(s, kind == "integer", where)
         if kind == "boolean":
@@ -206,6 +210,23 @@ class _Compiler:
         if lo[0] is not None and hi[0] is not None and not intervals_meet(node.bounds(), node.bounds()):
             raise ValueError(f"{where}: no {'integer' if integer else 'number'} lies within its bounds")
         return node
+
+    @staticmethod
+    def _patterns(s: dict, where: str) -> tuple[Regex, ...]:
+        """A string's pattern (a match anywhere in it, as JSON schema says, unless anchored) and its
+        format's, where the format is one held to (engine/string_formats.py)."""
+        out = []
+        pattern = s.get("pattern")
+        if pattern is not None:
+            if not isinstance(pattern, str):
+                raise ValueError(f"{where}.pattern must be a string, got {type(pattern).__name__}")
+            try:
+                out.append(Regex(pattern, search=True))
+            except ValueError as e:
+                raise ValueError(f"{where}.pattern: {e}") from None
+        if s.get("format") in FORMATS:
+            out.append(Regex(FORMATS[s["format"]]))
+        return tuple(out)
 
     def _range(self, s: dict, low: str, high: str, where: str) -> tuple[int, int | None]:
         for key in (low, high):

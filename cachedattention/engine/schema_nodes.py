@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from cachedattention.engine.regex import Regex
+
 # -- nodes: what a value must be ------------------------------------------------------------------
 
 
@@ -32,10 +34,16 @@ class Arr:
 class Str:
     min_len: int = 0
     max_len: int | None = None
+    patterns: tuple[Regex, ...] = ()  # the string's characters (escapes decoded) match each (pattern, format)
 
     @property
     def counts(self) -> bool:
         return self.min_len > 0 or self.max_len is not None
+
+    @property
+    def plain(self) -> bool:
+        """Any string: no character is counted or checked."""
+        return not self.counts and not self.patterns
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,20 +1,22 @@
 """What a request says its answer must be: OpenAI's response_format (text, json_object,
-json_schema) and vLLM's structured outputs (guided_json, guided_choice, or structured_outputs with
-json / choice / json_object), as SamplingParams fields; and each forced tool's parameters schema."""
+json_schema) and vLLM's structured outputs (guided_json, guided_choice, guided_regex, or
+structured_outputs with json / choice / regex / json_object), as SamplingParams fields; and each forced tool's parameters schema."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from cachedattention.engine.regex import regex_automaton
 from cachedattention.engine.schema_compile import compile_schema
 from cachedattention.engine.tool_choice import parameters_node
 from cachedattention.server.api_error import bad
 
 log = logging.getLogger(__name__)
 
-UNSUPPORTED = ("guided_regex", "guided_grammar", "guided_whitespace_pattern")  # vLLM's, not held to here
-STRUCTURED_KEYS = ("json", "choice", "json_object")
+UNSUPPORTED = ("guided_grammar", "guided_whitespace_pattern")  # vLLM's, not held to here
+STRUCTURED_KEYS = ("json", "choice", "regex", "json_object")
 
 
 def guided_fields(body: dict) -> dict[str, Any]:
@@ -27,9 +29,11 @@ def guided_fields(body: dict) -> dict[str, Any]:
         asked["guided_json"] = {"json_schema": _schema(body["guided_json"], "guided_json")}
     if body.get("guided_choice") is not None:
         asked["guided_choice"] = {"choice": _choice(body["guided_choice"], "guided_choice")}
+    if body.get("guided_regex") is not None:
+        asked["guided_regex"] = {"regex": _regex(body["guided_regex"], "guided_regex")}
     for key in UNSUPPORTED:
         if body.get(key) is not None:
-            raise bad(f"{key} is not supported by this server (guided_json and guided_choice are)", key,
+            raise bad(f"{key} is not supported by this server (guided_json, guided_choice and guided_regex are)", key,
                       "unsupported_parameter")  # fmt: skip
     if body.get("structured_outputs") is not None:
         asked.update(_structured_outputs(body["structured_outputs"]))
@@ -57,13 +61,15 @@ def _structured_outputs(v: Any) -> dict[str, dict[str, Any]]:
         raise bad("structured_outputs must be an object", "structured_outputs", "invalid_type")
     for key, value in v.items():
         if key not in STRUCTURED_KEYS and value not in (None, False):
-            raise bad(f"structured_outputs.{key} is not supported by this server (json, choice and json_object are)",
+            raise bad(f"structured_outputs.{key} is not supported by this server (json, choice, regex and json_object are)",
                       "structured_outputs", "unsupported_parameter")  # fmt: skip
     asked = {}
     if v.get("json") is not None:
         asked["structured_outputs.json"] = {"json_schema": _schema(v["json"], "structured_outputs")}
     if v.get("choice") is not None:
         asked["structured_outputs.choice"] = {"choice": _choice(v["choice"], "structured_outputs")}
+    if v.get("regex") is not None:
+        asked["structured_outputs.regex"] = {"regex": _regex(v["regex"], "structured_outputs")}
     if v.get("json_object"):
         asked["structured_outputs.json_object"] = {"json_object": True}
     return asked
@@ -71,11 +77,21 @@ def _structured_outputs(v: Any) -> dict[str, dict[str, Any]]:
 
 def _schema(schema: Any, param: str) -> Any:
     """A schema (an object, or its JSON text) the answer can be held to; a 400 naming what cannot."""
+    return _checked(compile_schema, schema, param)
+
+
+def _regex(pattern: Any, param: str) -> str:
+    """A pattern the whole answer must match; a 400 saying what in it cannot be held to."""
+    return _checked(regex_automaton, pattern, param)
+
+
+def _checked(compile: Callable[[Any], Any], value: Any, param: str) -> Any:
+    """The value, once it compiles; a 400 naming the field where it does not."""
     try:
-        compile_schema(schema)
+        compile(value)
     except ValueError as e:
         raise bad(f"{param}: {e}", param) from None
-    return schema
+    return value
 
 
 def _choice(v: Any, param: str) -> tuple[str, ...]:

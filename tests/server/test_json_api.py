@@ -4,6 +4,7 @@ alone writes anything) and over HTTP, with vLLM's and OpenAI's fields."""
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import jsonschema
@@ -80,17 +81,28 @@ def test_guided_choice_answers_with_one_of_the_strings(server, field):
     assert all(c["message"]["content"] in ("red", "green", "blue") for c in choices)
 
 
+@pytest.mark.parametrize("field", [{"guided_regex": r"[0-9]{3}-[a-z]{2}"},
+                                   {"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2}"}}])  # fmt: skip
+def test_guided_regex_answers_match_the_pattern_whole(server, field):
+    body = {"prompt": "Code:", "max_tokens": 16, "n": 3, "temperature": 1.0, "seed": 3, **field}
+    choices = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"]
+    assert {c["finish_reason"] for c in choices} == {"stop"}  # nothing may follow a whole match: it ends
+    assert all(re.fullmatch(r"[0-9]{3}-[a-z]{2}", c["text"]) for c in choices), choices
+
+
 @pytest.mark.parametrize(
     "extra, param, words",
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "a+"}}}},
-         "response_format", "'pattern' is not supported"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(a)\\1"}}}},
+         "response_format", "schema.pattern: backreferences are not supported"),
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema must be an object"),
         ({"response_format": {"type": "yaml"}}, "response_format", "response_format must be"),
         ({"guided_json": {"type": "integer", "multipleOf": 3}}, "guided_json", "'multipleOf' is not supported"),
         ({"guided_json": "{oops"}, "guided_json", "not valid JSON"),
         ({"guided_choice": []}, "guided_choice", "non-empty list"),
-        ({"guided_regex": "a+"}, "guided_regex", "not supported"),
+        ({"guided_regex": "(?=a)b"}, "guided_regex", "lookahead '(?=' is not supported"),
+        ({"guided_regex": 5}, "guided_regex", "must be a string"),
+        ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_regex", "cannot be combined"),
         ({"guided_json": {}, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
         ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "structured_outputs.grammar"),
         ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice", "cannot be combined"),
