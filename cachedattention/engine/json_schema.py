@@ -196,18 +196,19 @@ def _key(rest: tuple, frame: tuple, b: int, out: list) -> None:
 
 
 def _array(rest: tuple, frame: tuple, b: int, out: list) -> None:
-    _, arr, count, phase = frame
+    _, arr, count, phase = frame  # count: the items written (up to arr.counted where unbounded)
     if b in WHITESPACE:
         out.append((*rest, frame))
     elif phase == "first":
         if b == ord("]") and arr.min_items == 0:
             out.append(rest)
-        elif arr.max_items != 0:
-            _start((*rest, ("a", arr, 1, "after")), arr.items, b, out, set())
+        elif arr.max_items != 0 and arr.item(0) is not None:
+            _start((*rest, ("a", arr, 1, "after")), arr.item(0), b, out, set())
     elif b == ord(","):
-        if arr.max_items is None or count < arr.max_items:
-            counted = count + 1 if arr.max_items is not None or count < arr.min_items else count  # unbounded: stop counting
-            out.append((*rest, ("a", arr, counted, "after"), ("v", arr.items)))
+        item = arr.item(count)
+        if (arr.max_items is None or count < arr.max_items) and item is not None:
+            counted = count + 1 if arr.max_items is not None or count < arr.counted else count  # unbounded: stop counting
+            out.append((*rest, ("a", arr, counted, "after"), ("v", item)))
     elif b == ord("]") and count >= arr.min_items:
         out.append(rest)
 

@@ -24,7 +24,6 @@ from cachedattention.engine.schema_nodes import (
     Ref,
     Str,
     Union,
-    intervals_meet,
     json_literals,
 )  # fmt: skip
 from cachedattention.engine.string_formats import FORMATS
@@ -32,10 +31,10 @@ from cachedattention.engine.string_formats import FORMATS
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "format", "discriminator", "$defs", "definitions", "strict",
                          "contentMediaType", "contentEncoding"))  # fmt: skip
-NUMBER_BOUNDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
+NUMBER_BOUNDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"))
 KEYWORDS = {
     "object": frozenset(("properties", "required", "additionalProperties")),
-    "array": frozenset(("items", "minItems", "maxItems")),
+    "array": frozenset(("items", "prefixItems", "additionalItems", "minItems", "maxItems")),
     "string": frozenset(("minLength", "maxLength", "pattern")),
     "integer": NUMBER_BOUNDS, "number": NUMBER_BOUNDS, "boolean": frozenset(), "null": frozenset(),
 }  # fmt: skip
@@ -46,7 +45,8 @@ def compile_schema(schema: Any) -> Any:
     """The node of a JSON schema (draft 2020-12 / OpenAPI subset): type (or a list of types), enum,
     const, anyOf / oneOf (held as anyOf), allOf of one schema, $ref within the document; objects'
     properties, required and additionalProperties (not allowed unless given, where properties are
-    listed: OpenAI's strict mode); arrays' items, minItems, maxItems; strings' minLength, maxLength, pattern and the formats of
+    listed: OpenAI's strict mode); arrays' prefixItems (or draft 7's
+    list of items), items (additionalItems), minItems, maxItems; strings' minLength, maxLength, pattern and the formats of
     engine/string_formats.py.
     Raises ValueError naming the place and keyword of anything else that constrains."""
     if isinstance(schema, (str, bytes)):
@@ -172,9 +172,7 @@ class _Compiler:
         if kind == "object":
             return self._object(s, where)
         if kind == "array":
-            items = s.get("items", True)
-            lo, hi = self._range(s, "minItems", "maxItems", where)
-            return Arr(self.compile(items, f"{where}.items"), lo, hi)
+            return self._array(s, where)
         if kind == "string":
             lo, hi = self._range(s, "minLength", "maxLength", where)
             patterns = self._patterns(s, where)
@@ -185,10 +183,31 @@ class _Compiler:
             return BOOLEAN
         return LITERALS[ord("n")]
 
+    def _array(self, s: dict, where: str) -> Arr:
+        """An array: prefixItems (or draft 7's list of items) one by one, then items (or draft 7's
+        additionalItems); false there: no more items."""
+        lo, hi = self._range(s, "minItems", "maxItems", where)
+        items, rest_key = s.get("items", True), "items"
+        prefix_key = "prefixItems"
+        if isinstance(items, list):  # draft 7's tuple
+            prefix_key, rest_key = "items", "additionalItems"
+            prefix, items = items, s.get("additionalItems", True)
+        else:
+            prefix = s.get("prefixItems", [])
+            if not isinstance(prefix, list):
+                raise ValueError(f"{where}.prefixItems must be a list of schemas")
+        nodes = tuple(self.compile(x, f"{where}.{prefix_key}[{i}]") for i, x in enumerate(prefix))
+        node = None if items is False else self.compile(items, f"{where}.{rest_key}")
+        most = len(nodes) if node is None else None  # no items past the prefix: at most its length
+        if most is not None and lo > most:
+            raise ValueError(f"{where}: minItems {lo} is above the {most} items that may stand there")
+        hi = most if hi is None else hi if most is None else min(hi, most)
+        return Arr(node, lo, hi, nodes)
+
     @staticmethod
     def _number(s: dict, integer: bool, where: str) -> Num:
         """A number's or an integer's bounds, from minimum, maximum, exclusiveMinimum, exclusiveMaximum
-        (an integer's made inclusive: exclusiveMinimum 2.5 is minimum 3)."""
+        (an integer's made inclusive: exclusiveMinimum 2.5 is minimum 3), and multipleOf."""
         given = {}
         for key in NUMBER_BOUNDS:
             v = s.get(key)
@@ -203,12 +222,17 @@ class _Compiler:
         highs = [(v, k == "exclusiveMaximum") for k, v in given.items() if k in ("maximum", "exclusiveMaximum")]
         lo = max(lows, default=(None, False), key=lambda x: (x[0], x[1]))
         hi = min(highs, default=(None, False), key=lambda x: (x[0], not x[1]))
-        if integer:  # inclusive integer bounds
+        multiple = given.get("multipleOf")
+        if multiple is not None and multiple <= 0:
+            raise ValueError(f"{where}.multipleOf must be a number > 0, got {s['multipleOf']!r}")
+        if integer:  # inclusive integer bounds; the integer multiples of p/q are those of p
             lo = (None if lo[0] is None else Fraction(math.floor(lo[0]) + 1 if lo[1] else math.ceil(lo[0])), False)
             hi = (None if hi[0] is None else Fraction(math.ceil(hi[0]) - 1 if hi[1] else math.floor(hi[0])), False)
-        node = Num(integer, lo[0], hi[0], lo[1], hi[1])
-        if lo[0] is not None and hi[0] is not None and not intervals_meet(node.bounds(), node.bounds()):
-            raise ValueError(f"{where}: no {'integer' if integer else 'number'} lies within its bounds")
+            multiple = None if multiple is None else Fraction(multiple.numerator)
+        node = Num(integer, lo[0], hi[0], lo[1], hi[1], multiple)
+        if not (node.viable("") or node.viable("-")):  # neither a number >= 0 nor one below
+            raise ValueError(f"{where}: no {'integer' if integer else 'number'} lies within its bounds"
+                             + (" that is a multiple of its multipleOf" if multiple is not None else ""))  # fmt: skip
         return node
 
     @staticmethod

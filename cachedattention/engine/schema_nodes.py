@@ -25,9 +25,19 @@ class Obj:
 
 @dataclass(frozen=True, eq=False)
 class Arr:
-    items: Any
+    items: Any  # the node of the items after the prefix; None: none may follow it
     min_items: int = 0
     max_items: int | None = None
+    prefix: tuple[Any, ...] = ()  # prefixItems: the first items' nodes, one each
+
+    def item(self, index: int) -> Any:
+        """The node of the item at `index` (None: no item may stand there)."""
+        return self.prefix[index] if index < len(self.prefix) else self.items
+
+    @property
+    def counted(self) -> int:
+        """How far the items are counted (past it, unbounded, the count no longer matters)."""
+        return max(self.min_items, len(self.prefix))
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,15 +67,17 @@ class Num:
     hi: Fraction | None = None
     lo_open: bool = False  # exclusiveMinimum: the bound itself is out
     hi_open: bool = False
+    multiple: Fraction | None = None  # multipleOf (an integer's: the integer multiples' step)
 
     @property
     def bounded(self) -> bool:
-        return self.lo is not None or self.hi is not None
+        """Bounds or a multipleOf: the text is kept and each digit checked (no exponent then)."""
+        return self.lo is not None or self.hi is not None or self.multiple is not None
 
     def holds(self, text: str) -> bool:
-        """Whether the number written is within the bounds."""
+        """Whether the number written is within the bounds (and a multiple)."""
         v = Fraction(text)
-        return intervals_meet((v, True, v, True), self.bounds())
+        return self._meets((v, True, v, True), self.bounds())
 
     def viable(self, text: str) -> bool:
         """Whether some number within the bounds is written starting with `text` (a sign, digits, a
@@ -79,20 +91,20 @@ class Num:
             lo, lo_closed, hi, hi_closed = (None if hi is None else -hi), hi_closed, (None if lo is None else -lo), lo_closed
         limits = (lo, lo_closed, hi, hi_closed)
         if not body:  # a sign alone: any magnitude
-            return intervals_meet((Fraction(0), True, None, True), limits)
+            return self._meets((Fraction(0), True, None, True), limits)
         if body == "0":  # nothing but a point may follow a leading 0
-            return intervals_meet((Fraction(0), True, Fraction(0 if self.integer else 1), self.integer), limits)
+            return self._meets((Fraction(0), True, Fraction(0 if self.integer else 1), self.integer), limits)
         if "." in body:
             point = body.index(".")
             a = Fraction(body.rstrip("."))
-            return intervals_meet((a, True, a + Fraction(1, 10 ** (len(body) - point - 1)), False), limits)
+            return self._meets((a, True, a + Fraction(1, 10 ** (len(body) - point - 1)), False), limits)
         p, d = int(body), len(body)
         # below lo's own number of digits, (p + 1) * 10^j <= lo: start where the spans may reach it
         j = max(0, len(str(math.floor(lo))) - d - 1) if lo is not None and lo > 0 else 0
         while True:
             a, b = p * 10**j, (p + 1) * 10**j
             span = (Fraction(a), True, Fraction(b - 1 if self.integer else b), self.integer)
-            if intervals_meet(span, limits):
+            if self._meets(span, limits):
                 return True
             if hi is not None and a > hi:  # the spans only grow past the upper bound
                 return False
@@ -101,17 +113,36 @@ class Num:
     def bounds(self) -> tuple:
         return (self.lo, not self.lo_open, self.hi, not self.hi_open)
 
+    def _meets(self, span: tuple, limits: tuple) -> bool:
+        """Whether some number of the span lies within the limits (and is a multiple). Multiples
+        are symmetric around 0, so a magnitude's span and limits serve as well."""
+        both = intersection(span, limits)
+        if both is None or self.multiple is None:
+            return both is not None
+        low, low_closed, high, high_closed = both
+        m = self.multiple
+        first = None if low is None else math.floor(low / m) + 1 if not low_closed and (low / m).denominator == 1 else math.ceil(low / m)
+        last = None if high is None else math.ceil(high / m) - 1 if not high_closed and (high / m).denominator == 1 else math.floor(high / m)
+        return first is None or last is None or first <= last
+
+
+def intersection(x: tuple, y: tuple) -> tuple | None:
+    """The common part of two intervals (low, low closed, high, high closed; None: unbounded), or
+    None when they share no point."""
+    lows = [(v, c) for v, c in (x[:2], y[:2]) if v is not None]
+    highs = [(v, c) for v, c in (x[2:], y[2:]) if v is not None]
+    low = max(v for v, _ in lows) if lows else None
+    high = min(v for v, _ in highs) if highs else None
+    low_closed = all(c for v, c in lows if v == low)
+    high_closed = all(c for v, c in highs if v == high)
+    if low is not None and high is not None and not (low < high or (low == high and low_closed and high_closed)):
+        return None
+    return (low, low_closed, high, high_closed)
+
 
 def intervals_meet(x: tuple, y: tuple) -> bool:
     """Whether two intervals (low, low closed, high, high closed; None: unbounded) share a point."""
-    lows = [(v, c) for v, c in (x[:2], y[:2]) if v is not None]
-    highs = [(v, c) for v, c in (x[2:], y[2:]) if v is not None]
-    if not lows or not highs:
-        return True
-    low = max(v for v, _ in lows)
-    high = min(v for v, _ in highs)
-    closed = all(c for v, c in lows if v == low) and all(c for v, c in highs if v == high)
-    return low < high or (low == high and closed)
+    return intersection(x, y) is not None
 
 
 @dataclass(frozen=True, eq=False)

@@ -97,7 +97,7 @@ def test_guided_regex_answers_match_the_pattern_whole(server, field):
          "response_format", "schema.pattern: backreferences are not supported"),
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema must be an object"),
         ({"response_format": {"type": "yaml"}}, "response_format", "response_format must be"),
-        ({"guided_json": {"type": "integer", "multipleOf": 3}}, "guided_json", "'multipleOf' is not supported"),
+        ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json", "'uniqueItems' is not supported"),
         ({"guided_json": "{oops"}, "guided_json", "not valid JSON"),
         ({"guided_choice": []}, "guided_choice", "non-empty list"),
         ({"guided_regex": "(?=a)b"}, "guided_regex", "lookahead '(?=' is not supported"),
