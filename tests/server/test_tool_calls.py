@@ -253,11 +253,11 @@ def test_a_forced_call_of_a_strict_function_needs_a_schema_it_can_be_held_to(too
     r = _chat(tool_server.url, **body).json()["choices"][0]
     args = json.loads(r["message"]["tool_calls"][0]["function"]["arguments"])
     assert r["finish_reason"] == "tool_calls" and args in ({"unit": "celsius"}, {"unit": "fahrenheit"})
-    ranged = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}
+    ranged = {"type": "object", "properties": {"n": {"type": "array", "uniqueItems": True}}}
     strict = {"type": "function", "function": {"name": "count", "parameters": ranged, "strict": True}}
     r = _chat(tool_server.url, **{**body, "tools": [strict]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].function.parameters"
-    assert "'multipleOf' is not supported" in r.json()["error"]["message"]
+    assert "'uniqueItems' is not supported" in r.json()["error"]["message"]
     loose = {"type": "function", "function": {"name": "count", "parameters": ranged}}  # best effort: any object
     close = tool_server.app.state.engine_loop.engine.tokenizer.encode("}")[0]
     r = _chat(tool_server.url, **{**body, "tools": [loose], "logit_bias": {str(close): 30}}).json()["choices"][0]
