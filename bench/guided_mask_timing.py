@@ -1,7 +1,7 @@
 """What one guided step's mask costs where an enum's value starts: a 1,000-string enum inside an
 object, and the same strings as a choice; and inside a number with and without bounds (digits
 made likely, as a model writing one makes them); at a string's start with and without a pattern,
-and at a guided_regex answer's start. The embedded model's tokenizer, random logits.
+at a guided_regex answer's start and inside a guided_grammar answer. The embedded model's tokenizer, random logits.
 
     CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/guided_mask_timing.py [values] [rounds]
 """
@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from cachedattention.engine.grammar import grammar_automaton
 from cachedattention.engine.guided import GuidedConstraint
 from cachedattention.engine.json_schema import choice_automaton, schema_automaton
 from cachedattention.engine.regex import regex_automaton
@@ -19,6 +20,7 @@ from cachedattention.model.embedded import embedded_model_dir
 from cachedattention.model.tokenizer import Tokenizer
 
 EMAIL = r"[a-z0-9._]{1,20}@[a-z]{2,12}\.(com|org|net)"
+REASON = 'root ::= answer ", because " [a-z ,]{3,60} "."\nanswer ::= "Yes" | "No"'
 
 
 def main() -> None:
@@ -41,6 +43,7 @@ def main() -> None:
         "a string": (schema_automaton(text), '{"p": "'),
         "a string with a pattern": (schema_automaton(email), '{"p": "'),
         "a regex (guided_regex)": (regex_automaton(EMAIL), ""),
+        "a grammar (guided_grammar), after its first word": (grammar_automaton(REASON), "Yes, because "),
     }
     digits = [tok.encode(d)[0] for d in "0123456789"]
     for name, (automaton, prefix) in cases.items():

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from cachedattention.engine import json_schema
+from cachedattention.engine.grammar import grammar_automaton
 from cachedattention.engine.guided import Automaton
 from cachedattention.engine.regex import regex_automaton
 from cachedattention.engine.tool_choice import tool_call_automaton
 
-GUIDED_FIELDS = ("json_object", "json_schema", "choice", "regex", "tool_call_names")  # at most one per request
+GUIDED_FIELDS = ("json_object", "json_schema", "choice", "regex", "grammar", "tool_call_names")  # at most one per request
 MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list (vLLM's default max_logprobs)
 
 
@@ -55,6 +56,7 @@ class SamplingParams:
     # answer is one JSON object); json_schema (a JSON document valid under this schema, a dict or its
     # JSON text, kept as text: engine/json_schema.py); choice (exactly one of these strings, vLLM's
     # guided_choice); regex (text the pattern matches whole, vLLM's guided_regex: engine/regex.py);
+    # grammar (text a GBNF grammar's root derives, vLLM's guided_grammar: engine/grammar.py);
     # tool_choice "required" or a named function (one Hermes-style call of one of
     # these functions, engine/tool_choice.py; tool_call_parameters: each one's parameters schema as
     # JSON text, "" for any object, in the same order, or none at all)
@@ -62,6 +64,7 @@ class SamplingParams:
     json_schema: str | Mapping[str, Any] | None = None
     choice: tuple[str, ...] = ()
     regex: str | None = None
+    grammar: str | None = None
     tool_call_names: tuple[str, ...] = ()
     tool_call_parameters: tuple[str, ...] = ()
     # filled in by the engine: the model's end-of-sequence ids
@@ -101,8 +104,10 @@ class SamplingParams:
             raise ValueError("tool_call_parameters must hold one schema per name in tool_call_names (or none)")
         if not all(isinstance(c, str) and c for c in self.choice):
             raise ValueError("choice must be non-empty strings")
-        if self.regex is not None and not isinstance(self.regex, str):
-            raise ValueError(f"regex must be a string (a pattern), got {type(self.regex).__name__}")
+        for name, what in (("regex", "a pattern"), ("grammar", "GBNF")):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{name} must be a string ({what}), got {type(v).__name__}")
         given = [n for n in GUIDED_FIELDS if getattr(self, n) not in (None, False, ())]
         if len(given) > 1:
             raise ValueError(f"{given[0]} and {given[1]} cannot be combined: the answer is one or the other")
@@ -118,6 +123,8 @@ class SamplingParams:
             return json_schema.choice_automaton(self.choice)
         if self.regex is not None:
             return regex_automaton(self.regex)
+        if self.grammar is not None:
+            return grammar_automaton(self.grammar)
         if self.tool_call_names:
             return tool_call_automaton(self.tool_call_names, self.tool_call_parameters)
         return None
@@ -144,7 +151,7 @@ class SamplingParams:
 
     @property
     def guided(self) -> bool:
-        """Whether the answer is held to a form (JSON, a schema, a choice, a pattern, a tool call)."""
+        """Whether the answer is held to a form (JSON, a schema, a choice, a pattern, a grammar, a tool call)."""
         return self.guided_field is not None
 
     @property

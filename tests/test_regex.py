@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from cachedattention import SamplingParams
+from cachedattention.engine.code_points import utf8_span
 from cachedattention.engine.guided import GuidedConstraint
 from cachedattention.engine.json_schema import schema_automaton
-from cachedattention.engine.regex import Regex, regex_automaton, utf8_span
+from cachedattention.engine.regex import Regex, regex_automaton
 from cachedattention.engine.regex_parse import parse
 from cachedattention.engine.string_formats import FORMATS
 
@@ -272,3 +273,103 @@ def test_the_embedded_model_writes_a_date_where_the_schema_says_so(embedded_llm)
     out = embedded_llm.chat(question, SamplingParams(max_tokens=48, temperature=0, json_schema=schema))
     assert out.finish_reason == "stop", out.text
     datetime.date.fromisoformat(json.loads(out.text)["born"])
+
+
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        (r"\u{41", "\\u needs 4 hex digits"),  # used to loop for ever
+        ("a" + "*" * 1500, "multiple repeat"),  # used to overflow the stack
+        (r"x{2}{3}", "multiple repeat"),
+        (r"a{,3}", "write {0,3}"),
+        (r"{2}", "nothing to repeat"),
+        (r"\x4", "\\x needs 2 hex digits"),
+        (r"\Z", "write $"),
+        (r"\U0001F600", "write the character itself"),
+        (r"[]]", "write \\]"),
+        ("a\\\ud800", "lone surrogate"),
+    ],
+)
+def test_findings_of_the_review_are_refused(pattern, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        regex_automaton(pattern)
+
+
+def test_findings_of_the_review_stay_fixed():
+    # a negated class's shorthands take their widest reading: its complement holds to both syntaxes
+    for pattern, text in ((r"[^\s]", "\u00a0"), (r"[^\s]", "\x1c"), (r"[^\w]", "é"), (r"[^\d]", "٣"), (r"[^\D]", "٣"),
+                          (r"[^\W]", "é")):  # fmt: skip
+        assert not _matches(regex_automaton(pattern), text), (pattern, text)
+    assert _matches(regex_automaton(r"[^\s]"), "a") and _matches(regex_automaton(r"[^\D]"), "5")
+    with pytest.raises(ValueError, match="matches no text"):
+        regex_automaton(r"[^\s\S]")
+    # a class that holds nothing makes its branch a dead end: never entered
+    empty = regex_automaton(r"a[^\s\S]|b")
+    assert empty.step(empty.start, ord("a")) is None and empty.step(empty.start, ord("b")) is not None
+    # inside a string with a pattern, an escape begins only where a character may follow
+    anchored = schema_automaton({"type": "string", "pattern": "^a$"})
+    assert anchored.advance(anchored.start, b'"a\\') is None and _string_held({"type": "string", "pattern": "^a$"}, "a")
+    assert schema_automaton({"type": "string", "format": "date"}).advance(schema_automaton({"type": "string", "format": "date"}).start, b'"2024-01-01\\') is None
+    # patterns, formats and lengths that no string meets together are refused; a length is held with them
+    for schema in ({"type": "string", "format": "uuid", "pattern": "z"}, {"type": "string", "pattern": "^a$", "minLength": 2},
+                   {"type": "string", "pattern": "^a{5}$", "maxLength": 3}, {"type": "string", "format": "date", "maxLength": 5}):  # fmt: skip
+        with pytest.raises(ValueError, match="no text matches all of the string's pattern, format and length"):
+            schema_automaton(schema)
+    short = {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}
+    assert _string_held(short, "abc") and not _string_held(short, "abcd")
+    with pytest.raises(ValueError, match="format must be a string"):
+        schema_automaton({"type": "string", "format": ["date"]})
+
+
+def test_a_pattern_may_ask_for_long_runs_of_whitespace():
+    vocab = [b" ", b"  ", b"x", b""]
+    rule = GuidedConstraint(regex_automaton(" {30}x"), vocab.__getitem__, lambda t: t == 3, [3], end_token=3)
+    text = b""
+    while not rule.done:
+        token = int(torch.argmax(rule.mask(torch.zeros(len(vocab)))))
+        rule.accept(token)
+        text += vocab[token]
+    assert text == b" " * 30 + b"x"
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "^[a-c]{2,4}(-[0-9])?$"},
+        {"type": "string", "format": "date", "pattern": "^20"},
+        {"type": "string", "format": "uuid", "pattern": "ab"},
+        {"type": "string", "pattern": "é|\\n", "minLength": 3, "maxLength": 6},
+        {"type": "string", "format": "email", "maxLength": 12},
+    ],
+)
+def test_random_walks_through_patterned_strings_never_get_stuck(schema):
+    """From every state reached by bytes the automaton allows, some byte goes on or the string is
+    complete; and a walk that completes the string gives one that holds."""
+    automaton, rng = schema_automaton(schema), random.Random(json.dumps(schema))
+    finished = 0
+    for _ in range(150):
+        state, text = automaton.start, b""
+        while not automaton.is_done(state) and len(text) < 80:
+            allowed = [b for b in range(256) if automaton.step(state, b) is not None]
+            assert allowed, (schema, text)  # never stuck
+            quote = ord('"') if ord('"') in allowed and rng.random() < 0.3 else None
+            b = quote or rng.choice(allowed)
+            state, text = automaton.step(state, b), text + bytes((b,))
+        if automaton.is_done(state):
+            finished += 1
+            value = json.loads(text)
+            pattern, fmt = schema.get("pattern"), schema.get("format")
+            assert pattern is None or re.search(pattern, value), (schema, value)
+            assert fmt is None or re.fullmatch(FORMATS[fmt], value), (schema, value)
+            assert schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 10**9), (schema, value)
+    assert finished > 10
+
+
+def test_the_memory_of_a_large_pattern_stays_bounded():
+    from cachedattention.engine.code_points import MEMO_WEIGHT
+
+    rx = Regex("[ab]*a[ab]{300}")
+    rng, state = random.Random(5), rx.start
+    for _ in range(3000):
+        state = rx.step_char(state, ord(rng.choice("ab")))
+    assert rx._weight <= MEMO_WEIGHT and len(rx._steps) < 3000

@@ -160,7 +160,7 @@ class LLMEngine:
         return request_id
 
     def _guided_constraint(self, params: SamplingParams) -> GuidedConstraint | None:
-        """JSON mode, a JSON schema, a choice, a pattern or a forced tool call: the tokens each step may take."""
+        """JSON mode, a JSON schema, a choice, a pattern, a grammar or a forced tool call: the tokens each step may take."""
         automaton = params.guided_automaton()
         if automaton is None:
             return None

@@ -32,6 +32,9 @@ class Automaton:
     step: Callable[[Any, int], Any]
     is_done: Callable[[Any], bool]
     may_end: Callable[[Any], bool] | None = None  # whether the answer may end here though it could go on
+    # whitespace bytes in a row before whitespace-only tokens are refused (JSON's: no endless
+    # padding); None where the answer's own form decides (a pattern, a grammar)
+    max_whitespace: int | None = MAX_WHITESPACE
 
     def advance(self, state: Any, data: bytes) -> Any:
         for b in data:
@@ -79,7 +82,8 @@ class GuidedConstraint:
         if self._special(token):
             return False
         data = self._bytes(token)
-        if not data or (self._whitespace + len(data) > MAX_WHITESPACE and all(b in WHITESPACE for b in data)):
+        limit = self.automaton.max_whitespace
+        if not data or (limit is not None and self._whitespace + len(data) > limit and all(b in WHITESPACE for b in data)):
             return False
         fits = self._known.get(token)
         if fits is None:

@@ -9,11 +9,10 @@ types), all immutable tuples, so trying a token copies nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from cachedattention.engine.guided import WHITESPACE, Automaton
-from cachedattention.engine.regex import Regex
 from cachedattention.engine.schema_compile import compile_schema
 from cachedattention.engine.schema_nodes import (
     ANY_ARRAY,
@@ -137,8 +136,8 @@ def _start(rest: tuple, node: Any, b: int, out: list, seen: set[int]) -> None:
             out.append((*rest, ("a", node, 0, "first")))
     elif isinstance(node, Str):
         if b == ord('"'):
-            cursors = tuple(rx.start for rx in node.patterns)
-            out.append((*rest, ("s", node, 0, "", cursors, "") if cursors else ("s", node, 0, "")))
+            matched = node.matcher
+            out.append((*rest, ("s", node, 0, "") if matched is None else ("s", node, 0, "", matched.start, "")))
     elif isinstance(node, Num) and (b == ord("-") or b in DIGITS):
         text = chr(b) if node.bounded else ""  # only a bounded integer keeps its text (states stay shared)
         if not node.bounded or node.viable(text):
@@ -215,7 +214,7 @@ def _array(rest: tuple, frame: tuple, b: int, out: list) -> None:
 
 def _string(rest: tuple, frame: tuple, b: int, out: list) -> None:
     _, node, count, esc = frame[:4]
-    if node.patterns:
+    if node.matcher is not None:
         _pattern_string(rest, frame, b, out)
         return
     if b == ord('"') and not esc:
@@ -240,43 +239,36 @@ def _counted(node: Str, count: int, esc: str | tuple) -> int | None:
 
 
 def _pattern_string(rest: tuple, frame: tuple, b: int, out: list) -> None:
-    """A string held to patterns (a pattern, a format): the characters it stands for (escapes
-    decoded) go through each. A \\u escape of a surrogate is refused (the character may be written
-    as itself)."""
-    _, node, count, esc, cursors, hexa = frame
+    """A string held to a pattern or a format (its node's matcher, which also counts its length):
+    the characters it stands for, escapes decoded, go through the matcher. An escape begins only
+    where some character may follow; a \\u escape of a surrogate is refused (the character may be
+    written as itself)."""
+    _, node, count, esc, cursor, hexa = frame
+    matcher = node.matcher
     if b == ord('"') and not esc:
-        if count >= node.min_len and all(rx.matched(c) for rx, c in zip(node.patterns, cursors)):
+        if matcher.matched(cursor):
             out.append(rest)
         return
     nxt = _escape(esc, b)
     if nxt is None:
         return
-    if isinstance(esc, str) and esc.startswith("u"):
+    if esc == "\\":  # the escape's letter: its character, or a \\u escape begins
+        cursor = matcher.step_char(cursor, JSON_ESCAPES[b]) if b != ord("u") else cursor
+    elif isinstance(esc, str) and esc.startswith("u"):
         hexa += chr(b)
-    step = _pattern_step(esc, b, hexa)
-    if step is not None:
-        cursors = tuple(step(rx, c) for rx, c in zip(node.patterns, cursors))
-        if None in cursors:
+        if len(hexa) == 4:
+            cp, hexa = int(hexa, 16), ""
+            cursor = None if 0xD800 <= cp <= 0xDFFF else matcher.step_char(cursor, cp)
+    elif b != ord("\\") or esc:
+        cursor = matcher.step_byte(cursor, b)  # a byte of the text itself
+    if cursor is None:
+        return
+    if nxt == "\\" or (isinstance(nxt, str) and nxt.startswith("u")):  # inside an escape: some character must be able to follow
+        unit = 16 ** (4 - len(hexa)) if hexa else 0x10000
+        lo = int(hexa, 16) * unit if hexa else 0
+        if not matcher.takes_some(cursor[0], lo, lo + unit - 1):
             return
-    count = _counted(node, count, esc)
-    if count is not None:
-        out.append((*rest, ("s", node, count, nxt, cursors, "" if len(hexa) == 4 else hexa)))
-
-
-def _pattern_step(esc: str | tuple, b: int, hexa: str) -> Callable[[Regex, tuple], tuple | None] | None:
-    """How byte b moves a pattern's cursor inside a string (None: it does not, an escape begins)."""
-    if esc == "\\":
-        return None if b == ord("u") else lambda rx, c: rx.step_char(c, JSON_ESCAPES[b])
-    if len(hexa) == 4:  # a \\u escape's last digit: its character (never a surrogate)
-        cp = int(hexa, 16)
-        return (lambda rx, c: None) if 0xD800 <= cp <= 0xDFFF else lambda rx, c: rx.step_char(c, cp)
-    if hexa:  # the characters \\u and these digits can still stand for
-        unit = 16 ** (4 - len(hexa))
-        lo = int(hexa, 16) * unit
-        return lambda rx, c: c if rx.takes_some(c[0], lo, lo + unit - 1) else None
-    if b == ord("\\") and not esc:
-        return None
-    return lambda rx, c: rx.step_byte(c, b)  # a byte of the text itself
+    out.append((*rest, ("s", node, count, nxt, cursor, hexa)))
 
 
 def _advance(stack: tuple, b: int, out: list) -> None:

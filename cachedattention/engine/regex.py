@@ -9,41 +9,14 @@ pattern can take some character that starts with them.
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass, field
+from collections.abc import Hashable
 
+from cachedattention.engine.code_points import CodePointRecognizer, Conjunction
 from cachedattention.engine.guided import Automaton
-from cachedattention.engine.regex_parse import ANY_BUT_LINE_END, MAX_CODE_POINT, parse, union
+from cachedattention.engine.regex_parse import ANY_BUT_LINE_END, contains, meets, parse, union
 
 MAX_NFA_STATES = 20_000
-MEMO_STEPS = 100_000  # remembered steps before the memory starts over
 ANY_CHAR = union(ANY_BUT_LINE_END, ((0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)))
-
-# a UTF-8 lead byte -> (its character's length, the range of the byte after it)
-UTF8_LEADS = {
-    **{b: (2, (0x80, 0xBF)) for b in range(0xC2, 0xE0)},
-    0xE0: (3, (0xA0, 0xBF)), 0xED: (3, (0x80, 0x9F)),
-    **{b: (3, (0x80, 0xBF)) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)},
-    0xF0: (4, (0x90, 0xBF)), 0xF4: (4, (0x80, 0x8F)),
-    **{b: (4, (0x80, 0xBF)) for b in range(0xF1, 0xF4)},
-}  # fmt: skip
-
-
-def utf8_span(prefix: bytes) -> tuple[int, int] | None:
-    """The lowest and highest code points whose UTF-8 starts with `prefix` (a lead byte and some
-    continuation bytes), or None when no valid character does."""
-    lead = UTF8_LEADS.get(prefix[0])
-    if lead is None or len(prefix) >= lead[0]:
-        return None
-    size, (lo2, hi2) = lead
-    for i, b in enumerate(prefix[1:], 1):
-        lo, hi = (lo2, hi2) if i == 1 else (0x80, 0xBF)
-        if not lo <= b <= hi:
-            return None
-    low = prefix + bytes([lo2] if len(prefix) == 1 else []) + b"\x80" * (size - max(len(prefix), 2))
-    high = prefix + bytes([hi2] if len(prefix) == 1 else []) + b"\xbf" * (size - max(len(prefix), 2))
-    return ord(low.decode()), ord(high.decode())
-
 
 class _NFA:
     """Thompson's construction: each state has epsilon moves and moves on a set of characters."""
@@ -129,22 +102,25 @@ def _strip_anchors(tree: tuple, search: bool) -> tuple:
     return out[0] if len(out) == 1 else ("alt", tuple(out))
 
 
-@dataclass(eq=False)
-class Regex:
-    """A compiled pattern. A cursor (its state) is (set of NFA states, bytes of a character begun)."""
+class Regex(CodePointRecognizer):
+    """A compiled pattern; a cursor's states are the set of NFA states reached."""
 
-    pattern: str
-    search: bool = False
-    _nfa: _NFA = field(init=False, repr=False)
-    _accept: int = field(init=False, repr=False)
-    _steps: dict = field(init=False, repr=False, default_factory=dict)
-    _spans: dict = field(init=False, repr=False, default_factory=dict)
-    start: tuple = field(init=False)
-
-    def __post_init__(self) -> None:
+    def __init__(self, pattern: str, search: bool = False) -> None:
+        super().__init__()
+        self.pattern, self.search = pattern, search
         self._nfa = _NFA()
-        first, self._accept = self._nfa.build(_strip_anchors(parse(self.pattern), self.search))
+        try:
+            first, self._accept = self._nfa.build(_strip_anchors(parse(pattern), search))
+        except RecursionError:
+            raise ValueError(f"the pattern {pattern!r} is nested too deeply") from None
+        self._interned: dict = {}  # one object per state set: less memory, and equal ones are identical
         self.start = (self._closure([first]), b"")
+
+    def _memos(self) -> list[dict]:
+        return [*super()._memos(), self._interned]
+
+    def __repr__(self) -> str:
+        return f"Regex({self.pattern!r}, search={self.search})"
 
     def _closure(self, states: list[int]) -> frozenset[int]:
         """The states reachable by epsilon moves that matter: those with moves, and the accept state."""
@@ -154,75 +130,29 @@ class Regex:
                 if t not in seen:
                     seen.add(t)
                     todo.append(t)
-        return frozenset(s for s in seen if self._nfa.moves[s] or s == self._accept)
+        states = frozenset(s for s in seen if self._nfa.moves[s] or s == self._accept)
+        if states not in self._interned:
+            self._remember(self._interned, states, states)
+        return self._interned[states]
 
-    def _remember(self, memo: dict, key: tuple, value: object) -> None:
-        if len(memo) >= MEMO_STEPS:
-            memo.clear()
-        memo[key] = value
+    def _char(self, states: Hashable, cp: int) -> frozenset[int] | None:
+        targets = [t for s in states for ranges, t in self._nfa.moves[s] if contains(ranges, cp)]
+        return self._closure(targets) if targets else None
 
-    def char(self, states: frozenset[int], cp: int) -> frozenset[int] | None:
-        """The states after one character, or None when the pattern cannot take it."""
-        key = (states, cp)
-        if key in self._steps:
-            return self._steps[key]
-        targets = [t for s in states for ranges, t in self._nfa.moves[s] if _contains(ranges, cp)]
-        nxt = self._closure(targets) if targets else None
-        self._remember(self._steps, key, nxt)
-        return nxt
+    def _takes_some_now(self, states: Hashable, lo: int, hi: int) -> bool:
+        return any(meets(ranges, lo, hi) for s in states for ranges, _ in self._nfa.moves[s])
 
-    def takes_some(self, states: frozenset[int], lo: int, hi: int) -> bool:
-        """Whether the pattern can take some character in [lo, hi] now."""
-        key = (states, lo, hi)
-        if key not in self._spans:
-            meets = any(_meets(ranges, lo, hi) for s in states for ranges, _ in self._nfa.moves[s])
-            self._remember(self._spans, key, meets)
-        return self._spans[key]
+    def accepting(self, states: Hashable) -> bool:
+        return self._accept in states
 
-    def step_char(self, cursor: tuple, cp: int) -> tuple | None:
-        """The cursor after a whole character (none begun)."""
-        nxt = self.char(cursor[0], cp)
-        return None if nxt is None else (nxt, b"")
+    def has_moves(self, states: Hashable) -> bool:
+        return any(self._nfa.moves[s] for s in states)
 
-    def step_byte(self, cursor: tuple, b: int) -> tuple | None:
-        """The cursor after one byte of UTF-8 text, or None when the text can no longer match."""
-        states, begun = cursor
-        if not begun and b < 0x80:
-            return self.step_char(cursor, b)
-        data = begun + bytes((b,))
-        if begun and len(data) == UTF8_LEADS[data[0]][0]:  # the character is whole
-            try:
-                return self.step_char(cursor, ord(data.decode()))
-            except UnicodeDecodeError:  # overlong, a surrogate, or not a continuation byte
-                return None
-        span = utf8_span(data)
-        return None if span is None or not self.takes_some(states, *span) else (states, data)
-
-    def matched(self, cursor: tuple) -> bool:
-        """The text so far matches (and ends a character)."""
-        return not cursor[1] and self._accept in cursor[0]
-
-    def final(self, cursor: tuple) -> bool:
-        """The text matches and nothing may follow it."""
-        return self.matched(cursor) and not any(self._nfa.moves[s] for s in cursor[0])
-
-    def automaton(self) -> Automaton:
-        """The answers the pattern matches whole."""
-        return Automaton(self.start, self.step_byte, self.final, self.matched)
-
-
-def _contains(ranges: tuple, cp: int) -> bool:
-    i = bisect.bisect_right(ranges, (cp, MAX_CODE_POINT + 1)) - 1
-    return i >= 0 and ranges[i][0] <= cp <= ranges[i][1]
-
-
-def _meets(ranges: tuple, lo: int, hi: int) -> bool:
-    i = bisect.bisect_right(ranges, (lo, MAX_CODE_POINT + 1)) - 1
-    if i >= 0 and ranges[i][1] >= lo:
-        return True
-    return i + 1 < len(ranges) and ranges[i + 1][0] <= hi
+    def move_ranges(self, states: Hashable) -> list[tuple]:
+        return [ranges for s in states for ranges, _ in self._nfa.moves[s]]
 
 
 def regex_automaton(pattern: str) -> Automaton:
-    """The answers that `pattern` matches whole (vLLM's guided_regex)."""
-    return Regex(pattern).automaton()
+    """The answers that `pattern` matches whole (vLLM's guided_regex); a prefix is kept only if some
+    answer goes on from it (a class that holds nothing can make a branch a dead end)."""
+    return Conjunction((Regex(pattern),), nothing=f"the pattern {pattern!r} matches no text").automaton()

@@ -10,6 +10,7 @@ word boundaries, anchors inside the pattern) is refused with a ValueError saying
 
 from __future__ import annotations
 
+import bisect
 import functools
 import sys
 from dataclasses import dataclass
@@ -74,38 +75,47 @@ LINE_ENDS = _chars("\n\r\u2028\u2029")  # what "." leaves out (JavaScript's; Pyt
 JS_SPACE = _chars("\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff")
 
 
-def shorthand(letter: str) -> tuple:
-    """\\d \\w \\s: ASCII (what both syntaxes match); \\D \\W \\S: neither syntax's class."""
-    if letter == "d":
-        return DIGIT
-    if letter == "w":
-        return WORD
-    if letter == "s":
-        return SPACE
-    wider = {"D": lambda: union(DIGIT, _unicode_class("d")), "W": lambda: union(WORD, _unicode_class("w")),
-             "S": lambda: union(SPACE, JS_SPACE, _unicode_class("s"))}[letter]()  # fmt: skip
-    return negate(wider)
+def shorthand(letter: str, wide: bool = False) -> tuple:
+    """\\d \\w \\s: ASCII (what both syntaxes match); \\D \\W \\S: what neither syntax's class
+    holds. `wide`: the other way round, what either syntax may take (for a negated class)."""
+    narrow = {"d": DIGIT, "w": WORD, "s": SPACE}[letter.lower()]
+    if letter.islower() != wide:
+        return narrow if letter.islower() else negate(narrow)
+    widest = {"d": lambda: union(DIGIT, _unicode_class("d")), "w": lambda: union(WORD, _unicode_class("w")),
+              "s": lambda: union(SPACE, JS_SPACE, _unicode_class("s"))}[letter.lower()]()  # fmt: skip
+    return widest if letter.islower() else negate(widest)
 
 
 ANY_BUT_LINE_END = negate(LINE_ENDS)
+# escapes one syntax reads as a letter and the other does not (JavaScript without the u flag)
+AMBIGUOUS_ESCAPES = {
+    "A": "(the start) reads differently in Python and JavaScript: write ^",
+    "Z": "(the end) reads differently in Python and JavaScript: write $",
+    "z": "(the end) reads differently in Python and JavaScript: write $",
+    "a": "reads differently in Python and JavaScript: write \\x07",
+    "U": "reads differently in Python and JavaScript: write the character itself",
+}
 SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0", "a": "\a"}
 
 
 # -- the parser --------------------------------------------------------------------------------------
 @dataclass
-class _Parser:
+class PatternParser:
+    """A pattern's parser; its classes and escapes also read a grammar's (engine/grammar.py)."""
+
     text: str
     pos: int = 0
+    kind: str = "pattern"
 
     def error(self, what: str) -> ValueError:
-        return ValueError(f"{what} at position {self.pos} of the pattern {self.text!r}")
+        return ValueError(f"{what} at position {self.pos} of the {self.kind} {self.text!r}")
 
     def peek(self, n: int = 1) -> str:
         return self.text[self.pos : self.pos + n]
 
     def take(self) -> str:
         if self.pos >= len(self.text):
-            raise self.error("the pattern ends too early")
+            raise self.error(f"the {self.kind} ends too early")
         c = self.text[self.pos]
         self.pos += 1
         return c
@@ -125,17 +135,18 @@ class _Parser:
         return ("cat", tuple(items))
 
     def quantified(self, atom: tuple) -> tuple:
-        while True:
-            bounds = self.quantifier()
-            if bounds is None:
-                return atom
-            if atom[0] in ("bol", "eol"):
-                raise self.error("an anchor cannot be repeated")
-            if self.peek() == "+":
-                raise self.error("possessive quantifiers are not supported")
-            if self.peek() == "?":  # lazy: the same answers
-                self.pos += 1
-            atom = ("rep", atom, *bounds)
+        bounds = self.quantifier()
+        if bounds is None:
+            return atom
+        if atom[0] in ("bol", "eol"):
+            raise self.error("an anchor cannot be repeated")
+        if self.peek() == "+":
+            raise self.error("possessive quantifiers are not supported")
+        if self.peek() == "?":  # lazy: the same answers
+            self.pos += 1
+        if self.quantifier() is not None:  # Python and JavaScript refuse "a**" and "a{2}{3}" too
+            raise self.error("a quantifier cannot follow another (multiple repeat)")
+        return ("rep", atom, *bounds)
 
     def quantifier(self) -> tuple[int, int | None] | None:
         c = self.peek()
@@ -147,7 +158,9 @@ class _Parser:
         end = self.text.find("}", self.pos)
         body = self.text[self.pos + 1 : end] if end > 0 else ""
         low, comma, high = body.partition(",")
-        if not low.isdigit() or not (high.isdigit() or not high):  # not a quantifier: a literal "{"
+        if not low and comma and _ascii_digits(high):
+            raise self.error(f"{{{body}}} reads differently in Python and JavaScript: write {{0{body}}}")
+        if not _ascii_digits(low) or not (_ascii_digits(high) or not high):  # not a quantifier: a literal "{"
             return None
         lo, hi = int(low), (int(high) if high else None if comma else int(low))
         if hi is not None and hi < lo:
@@ -171,7 +184,7 @@ class _Parser:
             return ("eol",)
         if c == "\\":
             return self.escape()
-        if c in "*+?":
+        if c in "*+?" or (c == "{" and self._quantifier_at(self.pos - 1)):
             raise self.error(f"nothing to repeat before {c!r}")
         return _char(self._code_point(c))
 
@@ -179,6 +192,13 @@ class _Parser:
         if SURROGATES[0] <= ord(c) <= SURROGATES[1]:  # a lone surrogate (JSON's "\\ud800") is no character
             raise self.error("a lone surrogate is not a character")
         return ord(c)
+
+    def _quantifier_at(self, pos: int) -> bool:
+        here, self.pos = self.pos, pos
+        try:
+            return self.quantifier() is not None
+        finally:
+            self.pos = here
 
     def group(self, depth: int) -> tuple:
         if depth > 100:
@@ -202,54 +222,52 @@ class _Parser:
         self.pos += 1
         return inner
 
-    def escape(self, in_class: bool = False) -> tuple:
+    def escape(self, in_class: bool = False, negated: bool = False) -> tuple:
+        """The node of an escape (the backslash taken). In a negated class each shorthand takes its
+        widest reading, so that the class's complement is the narrowest."""
         c = self.take()
         if c in "dwsDWS":
-            return ("set", shorthand(c))
+            return ("set", shorthand(c, wide=negated))
+        if self.kind == "pattern" and c in AMBIGUOUS_ESCAPES:
+            raise self.error(f"\\{c} {AMBIGUOUS_ESCAPES[c]}")
         if c in SIMPLE_ESCAPES and not (c == "0" and self.peek().isdigit()):
             return _char(ord(SIMPLE_ESCAPES[c]))
         if c == "b" and in_class:
             return _char(8)
         if c in "xuU":
             digits = {"x": 2, "u": 4, "U": 8}[c]
-            if c == "u" and self.peek() == "{":
-                end = self.text.find("}", self.pos)
-                hexa, self.pos = self.text[self.pos + 1 : end], end + 1
-            else:
-                hexa = self.text[self.pos : self.pos + digits]
-                self.pos += digits
-            if not hexa or len(hexa) > 8 or any(h not in "0123456789abcdefABCDEF" for h in hexa):
-                raise self.error(f"\\{c} needs hex digits")
+            hexa = self.text[self.pos : self.pos + digits]
+            if len(hexa) != digits or any(h not in "0123456789abcdefABCDEF" for h in hexa):
+                raise self.error(f"\\{c} needs {digits} hex digits")
+            self.pos += digits
             cp = int(hexa, 16)
             if cp > MAX_CODE_POINT or SURROGATES[0] <= cp <= SURROGATES[1]:
                 raise self.error(f"\\{c}{hexa} is not a character")
             return _char(cp)
-        if c in ("A", "Z", "z") and not in_class:
-            return ("bol",) if c == "A" else ("eol",)
         if c.isdigit():
             raise self.error("backreferences are not supported")
         if c.isalnum():
             what = {"b": "word boundaries", "B": "word boundaries", "p": "Unicode properties", "P": "Unicode properties"}
             raise self.error(f"\\{c} ({what.get(c, 'an unknown escape')}) is not supported")
-        return _char(ord(c))  # an escaped punctuation mark is itself
+        return _char(self._code_point(c))  # an escaped punctuation mark is itself
 
     def char_class(self) -> tuple:
         negated = self.peek() == "^"
         if negated:
             self.pos += 1
+        if self.peek() == "]":
+            raise self.error("a class that begins with ']' reads differently in Python and JavaScript: write \\]")
         parts: list[tuple] = []
-        first = True
         while True:
             c = self.take()
-            if c == "]" and not first:
+            if c == "]":
                 break
-            first = False
             if c == "[" and self.peek() == ":":
                 raise self.error("POSIX classes ([:alpha:]) are not supported")
-            low = self._class_item(c)
+            low = self._class_item(c, negated)
             if self.peek() == "-" and self.peek(2) not in ("-]", "-"):  # a range (a "-" before "]" is itself)
                 self.pos += 1
-                high = self._class_item(self.take())
+                high = self._class_item(self.take(), negated)
                 if len(low) != 1 or len(high) != 1 or low[0][0] != low[0][1] or high[0][0] != high[0][1]:
                     raise self.error("a range's ends must be single characters")
                 if high[0][0] < low[0][0]:
@@ -260,8 +278,26 @@ class _Parser:
         return negate(ranges) if negated else _without_surrogates(ranges)
 
 
-    def _class_item(self, c: str) -> tuple:
-        return self.escape(in_class=True)[1] if c == "\\" else _char(self._code_point(c))[1]
+    def _class_item(self, c: str, negated: bool = False) -> tuple:
+        return self.escape(True, negated)[1] if c == "\\" else _char(self._code_point(c))[1]
+
+
+def contains(ranges: tuple, cp: int) -> bool:
+    """Whether the set holds the character."""
+    i = bisect.bisect_right(ranges, (cp, MAX_CODE_POINT + 1)) - 1
+    return i >= 0 and ranges[i][0] <= cp <= ranges[i][1]
+
+
+def meets(ranges: tuple, lo: int, hi: int) -> bool:
+    """Whether the set holds some character in [lo, hi]."""
+    i = bisect.bisect_right(ranges, (lo, MAX_CODE_POINT + 1)) - 1
+    if i >= 0 and ranges[i][1] >= lo:
+        return True
+    return i + 1 < len(ranges) and ranges[i + 1][0] <= hi
+
+
+def _ascii_digits(text: str) -> bool:
+    return bool(text) and all("0" <= c <= "9" for c in text)
 
 
 def _without_surrogates(ranges: tuple) -> tuple:
@@ -277,7 +313,7 @@ def parse(pattern: str) -> tuple:
     compiler's to check."""
     if not isinstance(pattern, str):
         raise ValueError(f"a pattern must be a string, got {type(pattern).__name__}")
-    parser = _Parser(pattern)
+    parser = PatternParser(pattern)
     try:
         tree = parser.alternation(0)
     except RecursionError:

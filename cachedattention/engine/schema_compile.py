@@ -9,6 +9,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+from cachedattention.engine.code_points import Conjunction
 from cachedattention.engine.regex import Regex
 from cachedattention.engine.schema_nodes import (
     ANY,
@@ -176,7 +177,12 @@ class _Compiler:
         if kind == "string":
             lo, hi = self._range(s, "minLength", "maxLength", where)
             patterns = self._patterns(s, where)
-            return Str(lo, hi, patterns) if lo or hi is not None or patterns else ANY_STRING
+            if patterns:
+                try:
+                    return Str(lo, hi, Conjunction(patterns, lo, hi))
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+            return Str(lo, hi) if lo or hi is not None else ANY_STRING
         if kind in ("integer", "number"):
             return self._number(s, kind == "integer", where)
         if kind == "boolean":
@@ -248,8 +254,11 @@ class _Compiler:
                 out.append(Regex(pattern, search=True))
             except ValueError as e:
                 raise ValueError(f"{where}.pattern: {e}") from None
-        if s.get("format") in FORMATS:
-            out.append(Regex(FORMATS[s["format"]]))
+        fmt = s.get("format")
+        if fmt is not None and not isinstance(fmt, str):
+            raise ValueError(f"{where}.format must be a string, got {type(fmt).__name__}")
+        if fmt in FORMATS:
+            out.append(Regex(FORMATS[fmt]))
         return tuple(out)
 
     def _range(self, s: dict, low: str, high: str, where: str) -> tuple[int, int | None]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from cachedattention.engine.regex import Regex
+from cachedattention.engine.code_points import Conjunction
 
 # -- nodes: what a value must be ------------------------------------------------------------------
 
@@ -44,7 +44,9 @@ class Arr:
 class Str:
     min_len: int = 0
     max_len: int | None = None
-    patterns: tuple[Regex, ...] = ()  # the string's characters (escapes decoded) match each (pattern, format)
+    # with a pattern or a format: the string's characters (escapes decoded) go through this, which
+    # also holds its length (engine/code_points.py)
+    matcher: Conjunction | None = None
 
     @property
     def counts(self) -> bool:
@@ -53,7 +55,7 @@ class Str:
     @property
     def plain(self) -> bool:
         """Any string: no character is counted or checked."""
-        return not self.counts and not self.patterns
+        return not self.counts and self.matcher is None
 
 
 @dataclass(frozen=True, eq=False)

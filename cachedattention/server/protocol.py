@@ -381,7 +381,7 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
     common = _common(body, session_header, max_model_len, chat=True)
     if forced:
         if common["params"].guided:
-            asked = ("response_format", "guided_json", "guided_choice", "guided_regex", "structured_outputs")
+            asked = ("response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar", "structured_outputs")
             field = next(k for k in asked if body.get(k) not in (None, {"type": "text"}))
             raise bad(f"{field} cannot be combined with a required tool call: the answer is one or the other", field)
         parameters = forced_parameters(tools, forced)

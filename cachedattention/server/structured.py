@@ -1,6 +1,6 @@
 """What a request says its answer must be: OpenAI's response_format (text, json_object,
-json_schema) and vLLM's structured outputs (guided_json, guided_choice, guided_regex, or
-structured_outputs with json / choice / regex / json_object), as SamplingParams fields; and each forced tool's parameters schema."""
+json_schema) and vLLM's structured outputs (guided_json, guided_choice, guided_regex,
+guided_grammar, or structured_outputs with json / choice / regex / grammar / json_object), as SamplingParams fields; and each forced tool's parameters schema."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from cachedattention.engine.grammar import grammar_automaton
 from cachedattention.engine.regex import regex_automaton
 from cachedattention.engine.schema_compile import compile_schema
 from cachedattention.engine.tool_choice import parameters_node
@@ -15,8 +16,8 @@ from cachedattention.server.api_error import bad
 
 log = logging.getLogger(__name__)
 
-UNSUPPORTED = ("guided_grammar", "guided_whitespace_pattern")  # vLLM's, not held to here
-STRUCTURED_KEYS = ("json", "choice", "regex", "json_object")
+UNSUPPORTED = ("guided_whitespace_pattern",)  # vLLM's, not held to here
+STRUCTURED_KEYS = ("json", "choice", "regex", "grammar", "json_object")
 
 
 def guided_fields(body: dict) -> dict[str, Any]:
@@ -30,10 +31,12 @@ def guided_fields(body: dict) -> dict[str, Any]:
     if body.get("guided_choice") is not None:
         asked["guided_choice"] = {"choice": _choice(body["guided_choice"], "guided_choice")}
     if body.get("guided_regex") is not None:
-        asked["guided_regex"] = {"regex": _regex(body["guided_regex"], "guided_regex")}
+        asked["guided_regex"] = {"regex": _checked(regex_automaton, body["guided_regex"], "guided_regex")}
+    if body.get("guided_grammar") is not None:
+        asked["guided_grammar"] = {"grammar": _checked(grammar_automaton, body["guided_grammar"], "guided_grammar")}
     for key in UNSUPPORTED:
         if body.get(key) is not None:
-            raise bad(f"{key} is not supported by this server (guided_json, guided_choice and guided_regex are)", key,
+            raise bad(f"{key} is not supported by this server (guided_json, guided_choice, guided_regex and guided_grammar are)", key,
                       "unsupported_parameter")  # fmt: skip
     if body.get("structured_outputs") is not None:
         asked.update(_structured_outputs(body["structured_outputs"]))
@@ -61,7 +64,7 @@ def _structured_outputs(v: Any) -> dict[str, dict[str, Any]]:
         raise bad("structured_outputs must be an object", "structured_outputs", "invalid_type")
     for key, value in v.items():
         if key not in STRUCTURED_KEYS and value not in (None, False):
-            raise bad(f"structured_outputs.{key} is not supported by this server (json, choice, regex and json_object are)",
+            raise bad(f"structured_outputs.{key} is not supported by this server (json, choice, regex, grammar and json_object are)",
                       "structured_outputs", "unsupported_parameter")  # fmt: skip
     asked = {}
     if v.get("json") is not None:
@@ -69,7 +72,9 @@ def _structured_outputs(v: Any) -> dict[str, dict[str, Any]]:
     if v.get("choice") is not None:
         asked["structured_outputs.choice"] = {"choice": _choice(v["choice"], "structured_outputs")}
     if v.get("regex") is not None:
-        asked["structured_outputs.regex"] = {"regex": _regex(v["regex"], "structured_outputs")}
+        asked["structured_outputs.regex"] = {"regex": _checked(regex_automaton, v["regex"], "structured_outputs")}
+    if v.get("grammar") is not None:
+        asked["structured_outputs.grammar"] = {"grammar": _checked(grammar_automaton, v["grammar"], "structured_outputs")}
     if v.get("json_object"):
         asked["structured_outputs.json_object"] = {"json_object": True}
     return asked
@@ -78,11 +83,6 @@ def _structured_outputs(v: Any) -> dict[str, dict[str, Any]]:
 def _schema(schema: Any, param: str) -> Any:
     """A schema (an object, or its JSON text) the answer can be held to; a 400 naming what cannot."""
     return _checked(compile_schema, schema, param)
-
-
-def _regex(pattern: Any, param: str) -> str:
-    """A pattern the whole answer must match; a 400 saying what in it cannot be held to."""
-    return _checked(regex_automaton, pattern, param)
 
 
 def _checked(compile: Callable[[Any], Any], value: Any, param: str) -> Any:

@@ -90,6 +90,15 @@ def test_guided_regex_answers_match_the_pattern_whole(server, field):
     assert all(re.fullmatch(r"[0-9]{3}-[a-z]{2}", c["text"]) for c in choices), choices
 
 
+@pytest.mark.parametrize("field", [{"guided_grammar": 'root ::= ("yes" | "no") " " [0-9]{2}'},
+                                   {"structured_outputs": {"grammar": 'root ::= ("yes" | "no") " " [0-9]{2}'}}])  # fmt: skip
+def test_guided_grammar_answers_are_derived_by_the_grammar(server, field):
+    body = {"prompt": "Answer:", "max_tokens": 16, "n": 3, "temperature": 1.0, "seed": 4, **field}
+    choices = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"]
+    assert {c["finish_reason"] for c in choices} == {"stop"}
+    assert all(re.fullmatch(r"(yes|no) [0-9]{2}", c["text"]) for c in choices), choices
+
+
 @pytest.mark.parametrize(
     "extra, param, words",
     [
@@ -104,7 +113,9 @@ def test_guided_regex_answers_match_the_pattern_whole(server, field):
         ({"guided_regex": 5}, "guided_regex", "must be a string"),
         ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_regex", "cannot be combined"),
         ({"guided_json": {}, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
-        ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "structured_outputs.grammar"),
+        ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "the rule 'x' is used but not defined"),
+        ({"guided_grammar": "expr ::= expr \"+\" [0-9] | [0-9]"}, "guided_grammar", "no 'root' rule"),
+        ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs", "structured_outputs.whitespace_pattern"),
         ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice", "cannot be combined"),
     ],
 )
