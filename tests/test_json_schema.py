@@ -444,3 +444,31 @@ def test_a_schema_needs_a_tokenizer_and_is_checked_before_the_request_runs(tiny_
     with pytest.raises(ValueError, match="tokenizer") as e:
         llm.generate([[1, 2, 3]], SamplingParams(regex="a+"))
     assert e.value.param == "regex"
+
+
+def test_whitespace_is_capped_between_values_but_not_inside_strings():
+    """A string's spaces are its text (code indented deep inside a JSON string); between values a
+    run of whitespace-only tokens stops after MAX_WHITESPACE bytes (no endless padding)."""
+    from cachedattention.engine.guided import MAX_WHITESPACE
+    from cachedattention.engine.tool_choice import tool_call_automaton
+
+    vocab = [b" " * 8, b'"', b"x", b'{"code": ', b"}", b""]  # token 5 is the end
+    for automaton, opening in ((schema_automaton({"type": "object", "properties": {"code": {"type": "string"}}}), [3]),
+                               (tool_call_automaton(["run"]), None)):  # fmt: skip
+        rule = GuidedConstraint(automaton, vocab.__getitem__, lambda t: t == 5, [5], end_token=5)
+        if opening is None:  # the call's fixed head, then the arguments' object opens
+            for b in b'<tool_call>\n{"name": "run", "arguments": ':
+                rule.state = automaton.step(rule.state, b)
+            rule.accept(3)
+        else:
+            rule.accept(opening[0])
+        rule.accept(1)  # inside the string: spaces are text
+        for _ in range(6):
+            assert rule.mask(torch.zeros(len(vocab)))[0] == 0.0
+            rule.accept(0)
+        rule.accept(1)  # the string closed: between values the run is capped
+        allowed = 0
+        while rule.mask(torch.zeros(len(vocab)))[0] == 0.0:
+            rule.accept(0)
+            allowed += 8
+        assert allowed == MAX_WHITESPACE

@@ -35,6 +35,11 @@ class Automaton:
     # whitespace bytes in a row before whitespace-only tokens are refused (JSON's: no endless
     # padding); None where the answer's own form decides (a pattern, a grammar)
     max_whitespace: int | None = MAX_WHITESPACE
+    # whether a state is inside text, where whitespace is content and not counted (a JSON string)
+    in_text: Callable[[Any], bool] | None = None
+
+    def counts_whitespace(self, state: Any) -> bool:
+        return self.max_whitespace is not None and (self.in_text is None or not self.in_text(state))
 
     def advance(self, state: Any, data: bytes) -> Any:
         for b in data:
@@ -82,8 +87,10 @@ class GuidedConstraint:
         if self._special(token):
             return False
         data = self._bytes(token)
-        limit = self.automaton.max_whitespace
-        if not data or (limit is not None and self._whitespace + len(data) > limit and all(b in WHITESPACE for b in data)):
+        if not data:
+            return False
+        if (self._whitespace + len(data) > (self.automaton.max_whitespace or 0) and all(b in WHITESPACE for b in data)
+                and self.automaton.counts_whitespace(self.state)):  # fmt: skip
             return False
         fits = self._known.get(token)
         if fits is None:
@@ -152,4 +159,5 @@ class GuidedConstraint:
             self._ended = True
             return
         self.state = state
-        self._whitespace = self._whitespace + len(data) if all(b in WHITESPACE for b in data) else 0
+        spaces = all(b in WHITESPACE for b in data) and self.automaton.counts_whitespace(state)
+        self._whitespace = self._whitespace + len(data) if spaces else 0

@@ -334,8 +334,13 @@ def _number_may_end(frame: tuple) -> bool:
     return frame[0] == "n" and frame[2] in NUMBER_ENDS and (not frame[1].bounded or frame[1].holds(frame[3]))
 
 
+def in_text(state: tuple) -> bool:
+    """Inside a string or a key, where whitespace is the text's own (no cap on it)."""
+    return all(stack and stack[-1][0] in ("s", "k") for stack in state)
+
+
 def automaton(node: Any) -> Automaton:
-    return Automaton(((("r", node),),), step, is_done, may_end)
+    return Automaton(((("r", node),),), step, is_done, may_end, in_text=in_text)
 
 
 def schema_automaton(schema: Any) -> Automaton:

@@ -71,4 +71,7 @@ def tool_call_automaton(names: Sequence[str], parameters: Sequence[Any] = ()) ->
             return ("done",) if state[1] + 1 == len(TAIL) else ("tail", state[1] + 1)
         return None
 
-    return Automaton(("head", b""), step, lambda state: state[0] == "done")
+    def in_text(state: tuple[Any, ...]) -> bool:  # inside the arguments' strings
+        return state[0] == "args" and json_schema.in_text(state[1])
+
+    return Automaton(("head", b""), step, lambda state: state[0] == "done", in_text=in_text)
