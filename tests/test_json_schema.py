@@ -54,8 +54,10 @@ PATTERNED = {"type": "object", "properties": {"code": {"type": "string", "patter
              "required": ["code"]}  # fmt: skip
 TUPLE = {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string", "maxLength": 3}],
          "items": {"type": "boolean"}, "maxItems": 4}  # pydantic's tuple[int, str, *bool] (draft 2020-12)
+COUNTED = {"type": "object", "properties": {"id": {"type": "integer"}, "tag": {"type": "boolean"}}, "required": ["id"],
+           "additionalProperties": {"type": "integer"}, "minProperties": 2, "maxProperties": 3}  # fmt: skip
 SCHEMAS = {"person": PERSON, "tree": TREE, "flags": FLAGS, "numbers": NUMBERS, "bounded": BOUNDED, "patterned": PATTERNED,
-           "tuple": TUPLE}  # fmt: skip
+           "tuple": TUPLE, "counted": COUNTED}  # fmt: skip
 
 
 def strict(schema):
@@ -342,6 +344,10 @@ def test_a_large_enum_is_one_state_and_takes_exactly_its_values():
         ({"type": "integer", "minimum": 1, "maximum": 4, "multipleOf": 5}, "that is a multiple of its multipleOf"),
         ({"type": "number", "maximum": -1, "minimum": -2, "multipleOf": 3}, "that is a multiple"),
         ({"type": "array", "uniqueItems": True}, "'uniqueItems' is not supported"),
+        ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a", "b"], "maxProperties": 1},
+         "2 required properties are above maxProperties 1"),
+        ({"type": "object", "properties": {"a": {}}, "minProperties": 2}, "minProperties 2 is above the 1 properties allowed"),
+        ({"type": "object", "minProperties": 3, "maxProperties": 2}, "minProperties 3 is above maxProperties 2"),
         ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, "no integer lies within"),
         ({"type": "number", "minimum": 1, "exclusiveMaximum": 1}, "no number lies within"),
         ({"type": "integer", "exclusiveMinimum": True}, "exclusiveMinimum must be a finite number"),
@@ -472,3 +478,14 @@ def test_whitespace_is_capped_between_values_but_not_inside_strings():
             rule.accept(0)
             allowed += 8
         assert allowed == MAX_WHITESPACE
+
+
+def test_max_properties_leaves_room_for_the_required_ones():
+    schema = {"type": "object", "properties": {"r": {"type": "integer"}}, "required": ["r"], "additionalProperties": True,
+              "maxProperties": 2, "minProperties": 1}  # fmt: skip
+    automaton = schema_automaton(schema)
+    assert _complete(automaton, b'{"x": 1, "r": 2}') and _complete(automaton, b'{"r": 1}')
+    assert automaton.advance(automaton.start, b'{"x": 1, "y') is None  # "r" must still fit
+    state = automaton.advance(automaton.start, b'{"x": 1, "')
+    assert [chr(b) for b in range(256) if automaton.step(state, b) is not None] == ["r"]
+    assert not _complete(automaton, b"{}") and automaton.advance(automaton.start, b'{"r": 1, "x": 2, "') is None

@@ -51,7 +51,8 @@ def _literal_step(rest: tuple, node: Lit, b: int, out: list) -> None:
 
 # -- the automaton: a state is a tuple of stacks (tuples of frames) --------------------------------
 # frames: ("r", node) the root value, ("v", node) a value after optional whitespace,
-# ("o", obj, seen names, phase, name) an object (phase: first, key, colon, after),
+# ("o", obj, seen names, phase, name) an object (phase: first, key, colon, after; seen also holds
+# a number per property not listed where the object counts its properties),
 # ("k", obj, seen, key bytes, escape) a key, ("a", arr, count, phase) an array (first, after),
 # ("s", str, count, escape) a string, ("n", num, part, text of a bounded integer) a number,
 # ("l", trie node) the rest of a literal
@@ -146,8 +147,27 @@ def _start(rest: tuple, node: Any, b: int, out: list, seen: set[int]) -> None:
         _literal_step(rest, node, b, out)
 
 
-def _more_keys(obj: Obj, seen: frozenset[str]) -> bool:
-    return obj.extra is not None or any(name not in seen for name in obj.props)
+def _more_keys(obj: Obj, seen: frozenset) -> bool:
+    return (obj.extra is not None and _may_add(obj, seen, None)) or any(
+        name not in seen and _may_add(obj, seen, name) for name in obj.props)  # fmt: skip
+
+
+def _may_add(obj: Obj, seen: frozenset, name: str | None) -> bool:
+    """Whether one more property (`name`; None: one not listed) leaves room under maxProperties
+    for the required ones still missing."""
+    if obj.max_props is None:
+        return True
+    missing = len(obj.required - seen - {name})
+    return len(seen) + 1 + missing <= obj.max_props
+
+
+def _closes(obj: Obj, seen: frozenset) -> bool:
+    return obj.required <= seen and len(seen) >= obj.min_props
+
+
+def _with_other(obj: Obj, seen: frozenset) -> frozenset:
+    """`seen` after a property not listed: counted (as a number) where the object counts them."""
+    return seen | {len(seen)} if obj.counts else seen
 
 
 def _object(rest: tuple, frame: tuple, b: int, out: list) -> None:
@@ -157,7 +177,7 @@ def _object(rest: tuple, frame: tuple, b: int, out: list) -> None:
     elif phase in ("first", "key"):
         if b == ord('"') and _more_keys(obj, seen):
             out.append((*rest, ("k", obj, seen, b"", "")))
-        elif b == ord("}") and phase == "first" and obj.required <= seen:
+        elif b == ord("}") and phase == "first" and _closes(obj, seen):
             out.append(rest)
     elif phase == "colon":
         if b == ord(":"):
@@ -166,7 +186,7 @@ def _object(rest: tuple, frame: tuple, b: int, out: list) -> None:
     elif b == ord(","):  # after a value
         if _more_keys(obj, seen):
             out.append((*rest, ("o", obj, seen, "key", None)))
-    elif b == ord("}") and obj.required <= seen:
+    elif b == ord("}") and _closes(obj, seen):
         out.append(rest)
 
 
@@ -177,19 +197,19 @@ def _key(rest: tuple, frame: tuple, b: int, out: list) -> None:
     if b == ord('"') and not esc:
         name = obj.keys.get(text)
         if name is not None:
-            if name not in seen:
+            if name not in seen and _may_add(obj, seen, name):
                 out.append((*rest, ("o", obj, seen | {name}, "colon", name)))
-        elif obj.extra is not None:
-            out.append((*rest, ("o", obj, seen, "colon", None)))
+        elif obj.extra is not None and _may_add(obj, seen, None):
+            out.append((*rest, ("o", obj, _with_other(obj, seen), "colon", None)))
         return
     nxt = _escape(esc, b)
     if nxt is None:
         return
     text += bytes((b,))
-    listed = any(k.startswith(text) and n not in seen for k, n in obj.keys.items())
+    listed = any(k.startswith(text) and n not in seen and _may_add(obj, seen, n) for k, n in obj.keys.items())
     # another key may not be escaped where properties are listed: "\\u0061" would be a listed "a"
     # under another schema
-    other = obj.extra is not None and not (obj.keys and b"\\" in text)
+    other = obj.extra is not None and not (obj.keys and b"\\" in text) and _may_add(obj, seen, None)
     if listed or other:
         out.append((*rest, ("k", obj, seen, text if obj.keys else b"", nxt)))
 

@@ -34,7 +34,7 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
                          "contentMediaType", "contentEncoding"))  # fmt: skip
 NUMBER_BOUNDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"))
 KEYWORDS = {
-    "object": frozenset(("properties", "required", "additionalProperties")),
+    "object": frozenset(("properties", "required", "additionalProperties", "minProperties", "maxProperties")),
     "array": frozenset(("items", "prefixItems", "additionalItems", "minItems", "maxItems")),
     "string": frozenset(("minLength", "maxLength", "pattern")),
     "integer": NUMBER_BOUNDS, "number": NUMBER_BOUNDS, "boolean": frozenset(), "null": frozenset(),
@@ -46,9 +46,9 @@ def compile_schema(schema: Any) -> Any:
     """The node of a JSON schema (draft 2020-12 / OpenAPI subset): type (or a list of types), enum,
     const, anyOf / oneOf (held as anyOf), allOf of one schema, $ref within the document; objects'
     properties, required and additionalProperties (not allowed unless given, where properties are
-    listed: OpenAI's strict mode); arrays' prefixItems (or draft 7's
-    list of items), items (additionalItems), minItems, maxItems; strings' minLength, maxLength, pattern and the formats of
-    engine/string_formats.py.
+    listed: OpenAI's strict mode), minProperties, maxProperties; arrays' prefixItems (or draft 7's
+    list of items), items (additionalItems), minItems, maxItems; strings' minLength, maxLength,
+    pattern and the formats of engine/string_formats.py; numbers' bounds and multipleOf.
     Raises ValueError naming the place and keyword of anything else that constrains."""
     if isinstance(schema, (str, bytes)):
         try:
@@ -285,7 +285,13 @@ class _Compiler:
             raise ValueError(f"{where}.required names {missing[0]!r}, which is not among the properties")
         nodes = {name: self.compile(p, f"{where}.properties.{name}") for name, p in props.items()}
         keys = {json.dumps(name, ensure_ascii=False)[1:-1].encode(): name for name in props}
-        return Obj(keys, nodes, frozenset(required), extra)
+        lo, hi = self._range(s, "minProperties", "maxProperties", where)
+        required = list(dict.fromkeys(required))
+        if hi is not None and len(required) > hi:
+            raise ValueError(f"{where}: {len(required)} required properties are above maxProperties {hi}")
+        if extra is None and lo > len(props):
+            raise ValueError(f"{where}: minProperties {lo} is above the {len(props)} properties allowed")
+        return Obj(keys, nodes, frozenset(required), extra, lo, hi)
 
 
 def _is_type(value: Any, kind: str) -> bool:

@@ -21,6 +21,13 @@ class Obj:
     props: dict[str, Any]  # name -> node
     required: frozenset[str]
     extra: Any  # the node of properties not listed, or None: not allowed
+    min_props: int = 0  # minProperties
+    max_props: int | None = None  # maxProperties
+
+    @property
+    def counts(self) -> bool:
+        """Whether the properties written are counted (else states stay shared)."""
+        return self.min_props > 0 or self.max_props is not None
 
 
 @dataclass(frozen=True, eq=False)
