@@ -35,6 +35,7 @@ def main() -> None:
     bounded = {"type": "object", "properties": {"p": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}}}
     text = {"type": "object", "properties": {"p": {"type": "string"}}}
     email = {"type": "object", "properties": {"p": {"type": "string", "pattern": f"^{EMAIL}$"}}}
+    symbols = {"type": "object", "properties": {"p": {"type": "string", "pattern": "^\\W+$", "minLength": 50}}}
     cases = {
         f"enum in an object, {len(words)} values": (schema_automaton(schema), '{"country": "'),
         f"choice, {len(words)} values": (choice_automaton(words), ""),
@@ -43,6 +44,7 @@ def main() -> None:
         "a string": (schema_automaton(text), '{"p": "'),
         "a string with a pattern": (schema_automaton(email), '{"p": "'),
         "a regex (guided_regex)": (regex_automaton(EMAIL), ""),
+        "a string of 50+ non-word characters (a large class and a length)": (schema_automaton(symbols), '{"p": "'),
         "a grammar (guided_grammar), after its first word": (grammar_automaton(REASON), "Yes, because "),
     }
     digits = [tok.encode(d)[0] for d in "0123456789"]

@@ -70,6 +70,8 @@ class CodePointRecognizer(ABC):
     def has_moves(self, states: Hashable) -> bool:
         """Whether any character may follow."""
 
+    always_finishes = False  # every state reached can still finish (no dead ends to search for)
+
     @abstractmethod
     def move_ranges(self, states: Hashable) -> list[tuple]:
         """The character sets (tuples of ranges) of the moves from these states: within each piece
@@ -135,21 +137,24 @@ class CodePointRecognizer(ABC):
 class Conjunction(CodePointRecognizer):
     """Texts that every part takes whole (a JSON string's pattern and format), of a length within
     [min_len, max_len] characters. A step is kept only if a complete text can still be reached from
-    it, so no prefix is a dead end: the parts may not agree, or the length may not allow one."""
+    it, so no prefix is a dead end: the parts may not agree, or the length may not allow one. (A
+    lone part whose every state can finish, with no length, needs no search.)"""
 
     def __init__(self, parts: tuple[CodePointRecognizer, ...], min_len: int = 0, max_len: int | None = None,
                  nothing: str = "no text matches all of the string's pattern, format and length") -> None:  # fmt: skip
         """`nothing`: the ValueError's message where no text is taken."""
         super().__init__()
         self.parts, self.min_len, self.max_len = parts, min_len, max_len
+        self._search = len(parts) > 1 or min_len > 0 or max_len is not None or not parts[0].always_finishes
         self._live: dict = {}
+        self._signatures: dict = {}
         start = (tuple(p.start[0] for p in parts), 0)
         if not self._reachable(start):
             raise ValueError(nothing)
         self.start = (start, b"")
 
     def _memos(self) -> list[dict]:
-        return [self._steps, self._spans, self._live]
+        return [self._steps, self._spans, self._live, self._signatures]
 
     def _raw_step(self, states: tuple, cp: int) -> tuple | None:
         parts, count = states
@@ -164,42 +169,68 @@ class Conjunction(CodePointRecognizer):
             nxt.append(st)
         return (tuple(nxt), count if self.max_len is not None else min(count, self.min_len))
 
-    def _pieces(self, states: tuple, lo: int = 0, hi: int = MAX_CODE_POINT) -> list[int]:
-        """One character of each piece of [lo, hi] that the parts' moves cut it into."""
-        cuts = {lo}
-        for part, st in zip(self.parts, states[0]):
-            for ranges in part.move_ranges(st):
+    def _representatives(self, parts: tuple, lo: int = 0, hi: int = MAX_CODE_POINT) -> list[int]:
+        """One character of [lo, hi] for each different set of moves the parts can take together
+        (characters in the same moves lead to the same states): a sweep over the moves' ranges, so a
+        large class (\\W: hundreds of ranges) gives one character, not one per range."""
+        key = (parts, lo, hi)
+        if key in self._signatures:
+            return self._signatures[key]
+        events = []
+        for i, (part, st) in enumerate(zip(self.parts, parts)):
+            for j, ranges in enumerate(part.move_ranges(st)):
                 for a, b in ranges:
-                    cuts.update(c for c in (a, b + 1) if lo < c <= hi)
-        return sorted(cuts)
+                    if a <= hi and b >= lo:
+                        events += [(max(a, lo), 1, i, j), (min(b, hi) + 1, -1, i, j)]
+        events.sort()
+        active: list[set[int]] = [set() for _ in self.parts]
+        found: dict = {}
+        for k, (pos, delta, i, j) in enumerate(events):
+            (active[i].add if delta > 0 else active[i].discard)(j)
+            if k + 1 < len(events) and events[k + 1][0] == pos:
+                continue  # the signature once every event at this point is applied
+            signature = tuple(frozenset(a) for a in active)
+            if pos <= hi and all(signature) and signature not in found:
+                found[signature] = pos
+        reps = list(found.values())
+        self._remember(self._signatures, key, reps)
+        return reps
 
     def _reachable(self, states: tuple) -> bool:
-        """Whether a complete text can be reached (breadth first, up to LIVE_SEARCH states)."""
+        """Whether a complete text can be reached (breadth first, up to LIVE_SEARCH states; every
+        state on the path found is remembered as live too)."""
+        if not self._search:
+            return True
         if states in self._live:
             return self._live[states]
-        seen, frontier, found = {states}, [states], False
-        while frontier and not found and len(seen) < LIVE_SEARCH:
+        parent: dict = {states: None}
+        frontier, found = [states], None
+        while frontier and found is None and len(parent) < LIVE_SEARCH:
             nxt = []
             for st in frontier:
-                if self.accepting(st):
-                    found = True
+                if self.accepting(st) or self._live.get(st):
+                    found = st
                     break
-                for cp in self._pieces(st):
+                for cp in self._representatives(st[0]):
                     after = self._raw_step(st, cp)
-                    if after is not None and after not in seen:
-                        seen.add(after)
+                    if after is not None and after not in parent and self._live.get(after) is not False:
+                        parent[after] = st
                         nxt.append(after)
             frontier = nxt
-        found = found or len(seen) >= LIVE_SEARCH  # too large to tell: taken as live
-        self._remember(self._live, states, found)
-        return found
+        if found is None:  # none, or too large to tell (then taken as live)
+            self._remember(self._live, states, len(parent) >= LIVE_SEARCH)
+            return self._live[states]
+        while found is not None:
+            self._remember(self._live, found, True)
+            found = parent[found]
+        return True
 
     def _char(self, states: Hashable, cp: int) -> Hashable | None:
         after = self._raw_step(states, cp)
         return after if after is not None and self._reachable(after) else None
 
     def _takes_some_now(self, states: Hashable, lo: int, hi: int) -> bool:
-        return any(self.char(states, cp) is not None for cp in self._pieces(states, lo, hi))
+        return any(self.char(states, cp) is not None for cp in self._representatives(states[0], lo, hi))
 
     def accepting(self, states: Hashable) -> bool:
         parts, count = states

@@ -217,6 +217,8 @@ class Grammar(CodePointRecognizer):
     """A compiled GBNF grammar; a cursor's states are a tuple of stacks (tuples of symbols, the next
     to match last), each with a character set on top, or empty (complete)."""
 
+    always_finishes = True  # every stack is made of symbols that can finish
+
     def __init__(self, text: str) -> None:
         if not isinstance(text, str):
             raise ValueError(f"a grammar must be a string (GBNF), got {type(text).__name__}")

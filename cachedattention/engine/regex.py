@@ -59,6 +59,25 @@ class _NFA:
             return self._repeat(start, node[1], node[2], node[3])
         raise ValueError("anchors (^, $) are only supported at the start and end of the pattern")
 
+    def finishing(self, accept: int) -> set[int]:
+        """The states from which the accept state can be reached (by moves on sets that hold some
+        character)."""
+        back: list[list[int]] = [[] for _ in self.eps]
+        for s, targets in enumerate(self.eps):
+            for t in targets:
+                back[t].append(s)
+        for s, moves in enumerate(self.moves):
+            for ranges, t in moves:
+                if ranges:
+                    back[t].append(s)
+        seen, todo = {accept}, [accept]
+        while todo:
+            for s in back[todo.pop()]:
+                if s not in seen:
+                    seen.add(s)
+                    todo.append(s)
+        return seen
+
     def _repeat(self, start: int, child: tuple, low: int, high: int | None) -> tuple[int, int]:
         end = start
         for _ in range(low):
@@ -103,7 +122,10 @@ def _strip_anchors(tree: tuple, search: bool) -> tuple:
 
 
 class Regex(CodePointRecognizer):
-    """A compiled pattern; a cursor's states are the set of NFA states reached."""
+    """A compiled pattern; a cursor's states are the set of NFA states reached, less those that
+    cannot reach the end (a class that holds nothing): every state set reached can finish."""
+
+    always_finishes = True
 
     def __init__(self, pattern: str, search: bool = False) -> None:
         super().__init__()
@@ -114,7 +136,11 @@ class Regex(CodePointRecognizer):
         except RecursionError:
             raise ValueError(f"the pattern {pattern!r} is nested too deeply") from None
         self._interned: dict = {}  # one object per state set: less memory, and equal ones are identical
-        self.start = (self._closure([first]), b"")
+        self._finishing = self._nfa.finishing(self._accept)
+        start = self._closure([first])
+        if not start:
+            raise ValueError(f"the pattern {pattern!r} matches no text")
+        self.start = (start, b"")
 
     def _memos(self) -> list[dict]:
         return [*super()._memos(), self._interned]
@@ -130,14 +156,14 @@ class Regex(CodePointRecognizer):
                 if t not in seen:
                     seen.add(t)
                     todo.append(t)
-        states = frozenset(s for s in seen if self._nfa.moves[s] or s == self._accept)
+        states = frozenset(s for s in seen if (self._nfa.moves[s] or s == self._accept) and s in self._finishing)
         if states not in self._interned:
             self._remember(self._interned, states, states)
         return self._interned[states]
 
     def _char(self, states: Hashable, cp: int) -> frozenset[int] | None:
         targets = [t for s in states for ranges, t in self._nfa.moves[s] if contains(ranges, cp)]
-        return self._closure(targets) if targets else None
+        return (self._closure(targets) or None) if targets else None
 
     def _takes_some_now(self, states: Hashable, lo: int, hi: int) -> bool:
         return any(meets(ranges, lo, hi) for s in states for ranges, _ in self._nfa.moves[s])
