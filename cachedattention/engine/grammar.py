@@ -214,29 +214,49 @@ def _finishing(rules: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
 
 
 class Grammar(CodePointRecognizer):
-    """A compiled GBNF grammar; a cursor's states are a tuple of stacks (tuples of symbols, the next
-    to match last), each with a character set on top, or empty (complete)."""
+    """A compiled GBNF grammar. A cursor's states are a tuple of stacks; a stack is a tuple of frames
+    (alternative, position of its next symbol), innermost last, whose top frame is at a character
+    set, or empty (complete). A frame at its alternative's last symbol is dropped when that symbol's
+    rule is entered (a tail call), so a repetition does not grow the stack, nor does a long
+    alternative: the depth is the nesting's."""
 
-    always_finishes = True  # every stack is made of symbols that can finish
+    always_finishes = True  # every frame's symbols can finish
 
     def __init__(self, text: str) -> None:
         if not isinstance(text, str):
             raise ValueError(f"a grammar must be a string (GBNF), got {type(text).__name__}")
         try:
-            self._rules = _GrammarParser(text).grammar()
+            rules = _GrammarParser(text).grammar()
         except RecursionError:
             raise ValueError("the grammar is nested too deeply") from None
-        looped = _left_recursive(self._rules)
+        looped = _left_recursive(rules)
         if looped is not None:
             shown = repr(looped) if not looped.startswith(" ") else "a group or repetition"
             raise ValueError(f"the rule {shown} is left-recursive (it can begin with itself): write it with * or +")
         super().__init__()
-        self._rules = _finishing(self._rules)
-        if not self._rules["root"]:
+        rules = _finishing(rules)
+        if not rules["root"]:
             raise ValueError("the grammar matches nothing: its root never finishes (each alternative needs itself, or a class holds nothing)")
+        self._alternatives: list[tuple] = []  # every rule's alternatives, by number
+        self._rules: dict[str, list[int]] = {}  # a rule -> its alternatives' numbers
+        for name, options in rules.items():
+            self._rules[name] = list(range(len(self._alternatives), len(self._alternatives) + len(options)))
+            self._alternatives.extend(options)
         self._expanded: dict = {}
-        start = self._expand((("root",),))
-        self.start = (start, b"")
+        self.start = (self._expand(self._enter((), "root")), b"")
+
+    def _enter(self, rest: tuple, rule: str) -> tuple:
+        """The stacks that begin each alternative of `rule` on top of `rest` (not yet expanded)."""
+        return tuple(rest + ((a, 0),) if self._alternatives[a] else rest for a in self._rules[rule])
+
+    def _top(self, stack: tuple) -> object:
+        a, i = stack[-1]
+        return self._alternatives[a][i]
+
+    def _after_top(self, stack: tuple) -> tuple:
+        """The stack once its top symbol is matched: the frame moves on, or ends."""
+        a, i = stack[-1]
+        return stack[:-1] + ((a, i + 1),) if i + 1 < len(self._alternatives[a]) else stack[:-1]
 
     def _expand(self, stacks: tuple) -> tuple:
         """Each stack expanded until a character set is on top (or it is empty), at most MAX_STACKS."""
@@ -247,7 +267,7 @@ class Grammar(CodePointRecognizer):
         return tuple(out)[:MAX_STACKS]
 
     def _expand_one(self, stack: tuple) -> tuple:
-        if not stack or not isinstance(stack[-1], str):
+        if not stack or not isinstance(self._top(stack), str):
             return (stack,)
         if stack in self._expanded:
             return self._expanded[stack]
@@ -255,22 +275,21 @@ class Grammar(CodePointRecognizer):
         todo, seen = [stack], set()
         while todo and len(out) < MAX_STACKS:
             s = todo.pop()
-            if not s or not isinstance(s[-1], str):
+            if not s or not isinstance(self._top(s), str):
                 out[s] = None
             elif s not in seen:
                 seen.add(s)
-                rest = s[:-1]
-                todo.extend(rest + option[::-1] for option in reversed(self._rules[s[-1]]))
+                todo.extend(reversed(self._enter(self._after_top(s), self._top(s))))
         result = tuple(out)
         self._remember(self._expanded, stack, result)
         return result
 
     def _char(self, states: Hashable, cp: int) -> Hashable | None:
-        moved = tuple(s[:-1] for s in states if s and contains(s[-1], cp))
+        moved = tuple(self._after_top(s) for s in states if s and contains(self._top(s), cp))
         return self._expand(moved) if moved else None
 
     def _takes_some_now(self, states: Hashable, lo: int, hi: int) -> bool:
-        return any(s and meets(s[-1], lo, hi) for s in states)
+        return any(s and meets(self._top(s), lo, hi) for s in states)
 
     def accepting(self, states: Hashable) -> bool:
         return any(not s for s in states)
@@ -279,7 +298,7 @@ class Grammar(CodePointRecognizer):
         return any(states)
 
     def move_ranges(self, states: Hashable) -> list[tuple]:
-        return [s[-1] for s in states if s]
+        return [self._top(s) for s in states if s]
 
     def _memos(self) -> list[dict]:
         return [*super()._memos(), self._expanded]
