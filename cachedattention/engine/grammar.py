@@ -231,8 +231,8 @@ class Grammar(CodePointRecognizer):
             raise ValueError("the grammar is nested too deeply") from None
         looped = _left_recursive(rules)
         if looped is not None:
-            shown = repr(looped) if not looped.startswith(" ") else "a group or repetition"
-            raise ValueError(f"the rule {shown} is left-recursive (it can begin with itself): write it with * or +")
+            shown = f"the rule {looped!r}" if not looped.startswith(" ") else "a group or repetition"
+            raise ValueError(f"{shown} is left-recursive (it can begin with itself): write it with * or +")
         super().__init__()
         rules = _finishing(rules)
         if not rules["root"]:
