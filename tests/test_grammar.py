@@ -216,3 +216,8 @@ def test_the_embedded_model_answers_by_the_grammar(embedded_llm):
     out = embedded_llm.chat(question, SamplingParams(max_tokens=40, temperature=0, grammar=grammar))
     assert out.finish_reason == "stop", out.text
     assert re.fullmatch(r"(Yes|No), because [a-z ,]{3,60}\.", out.text), out.text
+
+
+def test_a_lone_surrogate_in_a_string_is_refused():
+    with pytest.raises(ValueError, match="lone surrogate"):
+        Grammar('root ::= "a\ud800"')

@@ -373,3 +373,10 @@ def test_the_memory_of_a_large_pattern_stays_bounded():
     for _ in range(3000):
         state = rx.step_char(state, ord(rng.choice("ab")))
     assert rx._weight <= MEMO_WEIGHT and len(rx._steps) < 3000
+
+
+def test_a_search_that_cannot_decide_counts_as_no_way_on():
+    """Found by the second review: hostname with "_" (which no host name has) under a maxLength
+    compiled (the search gave up and took the start as live), and a walk then got stuck."""
+    with pytest.raises(ValueError, match="no text matches"):
+        schema_automaton({"type": "string", "format": "hostname", "pattern": "_", "maxLength": 255})

@@ -14,7 +14,7 @@ from collections.abc import Hashable
 from cachedattention.engine.guided import Automaton
 
 MEMO_WEIGHT = 1_000_000  # remembered steps, weighed by the states' sizes, before the memory starts over
-LIVE_SEARCH = 4_000  # states a liveness search visits before it gives up (and takes the state as live)
+LIVE_SEARCH = 4_000  # states a liveness search visits before it gives up (and takes the state as dead)
 MAX_CODE_POINT = 0x10FFFF
 
 # a UTF-8 lead byte -> (its character's length, the range of the byte after it)
@@ -149,8 +149,9 @@ class Conjunction(CodePointRecognizer):
         self._live: dict = {}
         self._signatures: dict = {}
         start = (tuple(p.start[0] for p in parts), 0)
+        self._gave_up = False
         if not self._reachable(start):
-            raise ValueError(nothing)
+            raise ValueError(nothing if not self._gave_up else f"{nothing}, or the search for one gave up after {LIVE_SEARCH} states")
         self.start = (start, b"")
 
     def _memos(self) -> list[dict]:
@@ -217,9 +218,11 @@ class Conjunction(CodePointRecognizer):
                         parent[after] = st
                         nxt.append(after)
             frontier = nxt
-        if found is None:  # none, or too large to tell (then taken as live)
-            self._remember(self._live, states, len(parent) >= LIVE_SEARCH)
-            return self._live[states]
+        if found is None:  # none, or too large to tell: taken as dead (a state on a path found is
+            # kept, so a kept prefix always has a way on)
+            self._gave_up = self._gave_up or len(parent) >= LIVE_SEARCH
+            self._remember(self._live, states, False)
+            return False
         while found is not None:
             self._remember(self._live, found, True)
             found = parent[found]

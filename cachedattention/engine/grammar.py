@@ -113,7 +113,7 @@ class _GrammarParser(PatternParser):
         if c == '"':
             chars = []
             while (c := self.take()) != '"':
-                chars.append(self.escape(in_class=True)[1] if c == "\\" else ((ord(c), ord(c)),))
+                chars.append(self.escape(in_class=True)[1] if c == "\\" else ((self._code_point(c),) * 2,))
             return tuple(chars)
         if c == "[":
             return (self.char_class(),)
