@@ -33,8 +33,8 @@ from cachedattention.engine.schema_nodes import (
 
 HEX = frozenset(b"0123456789abcdefABCDEF")
 DIGITS = frozenset(b"0123456789")
-ESCAPES = frozenset(b'"\\/bfnrt')
 JSON_ESCAPES = dict(zip(b'"\\/bfnrt', map(ord, '"\\/\b\f\n\r\t')))  # escape letter -> the character it writes
+ESCAPES = frozenset(JSON_ESCAPES)
 NUMBER_ENDS = frozenset(("0", "int", "frac", "exp"))  # number parts after which the number may end
 MAX_STACKS = 32  # readings of the text followed at once
 

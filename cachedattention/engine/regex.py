@@ -13,10 +13,10 @@ from collections.abc import Hashable
 
 from cachedattention.engine.code_points import CodePointRecognizer, Conjunction
 from cachedattention.engine.guided import Automaton
-from cachedattention.engine.regex_parse import ANY_BUT_LINE_END, contains, meets, parse, union
+from cachedattention.engine.regex_parse import contains, meets, negate, parse
 
 MAX_NFA_STATES = 20_000
-ANY_CHAR = union(ANY_BUT_LINE_END, ((0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)))
+ANY_CHAR = negate(())  # every character
 
 class _NFA:
     """Thompson's construction: each state has epsilon moves and moves on a set of characters."""
