@@ -16,6 +16,12 @@ from cachedattention.engine.guided import Automaton
 from cachedattention.engine.regex import regex_automaton
 from cachedattention.engine.tool_choice import tool_call_automaton
 
+
+class GuidedFormError(ValueError):
+    """A guided answer's form (a schema, a pattern, a grammar) that cannot be followed: the server
+    names the request field it came from."""
+
+
 GUIDED_FIELDS = ("json_object", "json_schema", "choice", "regex", "grammar", "tool_call_names")  # at most one per request
 MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list (vLLM's default max_logprobs)
 
@@ -69,6 +75,9 @@ class SamplingParams:
     tool_call_parameters: tuple[str, ...] = ()
     # filled in by the engine: the model's end-of-sequence ids
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    # the guided answer's automaton, compiled once: (what it was compiled from, the automaton); kept
+    # by dataclasses.replace (the engine's copy with eos_token_ids), compiled again if the form changes
+    _compiled: tuple[tuple, Automaton | None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -107,14 +116,28 @@ class SamplingParams:
         for name, what in (("regex", "a pattern"), ("grammar", "GBNF")):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
-                raise ValueError(f"{name} must be a string ({what}), got {type(v).__name__}")
+                raise GuidedFormError(f"{name} must be a string ({what}), got {type(v).__name__}")
         given = [n for n in GUIDED_FIELDS if getattr(self, n) not in (None, False, ())]
         if len(given) > 1:
             raise ValueError(f"{given[0]} and {given[1]} cannot be combined: the answer is one or the other")
-        self.guided_automaton()  # a schema that cannot be followed is refused here, with its place named
+        form = self._guided_form()
+        if self._compiled is None or self._compiled[0] != form:
+            try:  # a form that cannot be followed is refused here, with its place named
+                automaton = self._compile_guided()
+            except ValueError as e:
+                raise e if isinstance(e, GuidedFormError) else GuidedFormError(str(e)) from None
+            object.__setattr__(self, "_compiled", (form, automaton))
+
+    def _guided_form(self) -> tuple:
+        name = self.guided_field
+        return () if name is None else (name, getattr(self, name), self.tool_call_parameters)
 
     def guided_automaton(self) -> Automaton | None:
-        """The automaton of the answers allowed, or None when the answer is free."""
+        """The automaton of the answers allowed (compiled once, when the params were made), or None
+        when the answer is free."""
+        return self._compiled[1]
+
+    def _compile_guided(self) -> Automaton | None:
         if self.json_object:
             return json_schema.JSON_OBJECT
         if self.json_schema is not None:
@@ -177,11 +200,11 @@ def _schema_text(schema: str | Mapping[str, Any] | None) -> str | None:
     if schema is None or isinstance(schema, str):
         return schema
     if not isinstance(schema, Mapping):
-        raise ValueError(f"a JSON schema must be a dict or its JSON text, got {type(schema).__name__}")
+        raise GuidedFormError(f"a JSON schema must be a dict or its JSON text, got {type(schema).__name__}")
     try:
         return json.dumps(schema)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"the JSON schema cannot be written as JSON: {e}") from None
+        raise GuidedFormError(f"the JSON schema cannot be written as JSON: {e}") from None
 
 
 def is_int(v: object) -> bool:

@@ -3,21 +3,32 @@ llama.cpp and xgrammar: `root ::= ...` rules of quoted strings, character classe
 `.`, rule names, groups, `|`, and `* + ? {m} {m,} {m,n}`; `#` comments.
 
 The rules compile to alternatives of symbols (groups and repetitions become rules of their own).
-The answer is followed as a pushdown automaton: a state is a set of stacks of the symbols still to
-match, each expanded until a character set is on top; the answer is complete where a stack is
-empty. Left-recursive rules (which such an expansion would never finish) are refused.
+The answer is followed as a pushdown automaton whose stacks share their frames (a graph-structured
+stack): a state is the set of frames at a character set, each with the frames below it; the answer
+is complete where the root's frame has returned. Ambiguous grammars and nested repetitions of what
+may match nothing cost one node per frame of the grammar at each position, never one stack per
+reading. Left-recursive rules (whose graph would loop) are refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 from cachedattention.engine.code_points import CodePointRecognizer
 from cachedattention.engine.guided import Automaton
-from cachedattention.engine.regex_parse import ANY_BUT_LINE_END, PatternParser, contains, meets
+from cachedattention.engine.regex_parse import (
+    ANY_BUT_LINE_END,
+    MAX_REPEAT,
+    PatternParser,
+    ascii_digits,
+    contains,
+    meets,
+)
 
-MAX_STACKS = 64  # readings of the text followed at once
 MAX_SYMBOLS = 50_000
+WAITING = "waiting"  # marks a node that waits for a rule to return (see _Position)
+FEW_SEEDS = 8  # nodes reached by one character that are followed one by one (each remembered)
+SHORTHANDS = frozenset("dwsDWS")  # class escapes: a class, not a string's character
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 # a symbol: a str (a rule's name) or a tuple of code point ranges (one character of the set)
@@ -113,6 +124,9 @@ class _GrammarParser(PatternParser):
         if c == '"':
             chars = []
             while (c := self.take()) != '"':
+                if c == "\\" and self.peek() in SHORTHANDS:
+                    shown = "\\" + self.peek()
+                    raise self.error(f"{shown} is a class, not a character: write it outside the string, as [{shown}]")
                 chars.append(self.escape(in_class=True)[1] if c == "\\" else ((self._code_point(c),) * 2,))
             return tuple(chars)
         if c == "[":
@@ -133,6 +147,18 @@ class _GrammarParser(PatternParser):
             raise self.error(f"unexpected {c!r}")
         self.used.setdefault(name, self.pos - len(name))
         return (name,)
+
+    def quantifier(self) -> tuple[int, int | None] | None:
+        """As a pattern's, after any whitespace (llama.cpp takes `"a" *`), and with GBNF's {,n}."""
+        self.space()
+        end = self.text.find("}", self.pos)
+        if self.peek(2) == "{," and end > 0 and ascii_digits(self.text[self.pos + 2 : end]):
+            high = int(self.text[self.pos + 2 : end])  # {,n} is {0,n} (no other reading to differ from)
+            if high > MAX_REPEAT:
+                raise self.error(f"a repetition bound above {MAX_REPEAT} is not supported")
+            self.pos = end + 1
+            return 0, high
+        return super().quantifier()
 
     def repeated(self, item: tuple) -> tuple:
         """The item with its quantifier (if any) applied, as symbols."""
@@ -159,66 +185,307 @@ class _GrammarParser(PatternParser):
         return name
 
 
+def _derives(rules: dict[str, list[tuple]], class_ok: Callable[[tuple], bool]) -> set[str]:
+    """The rules with an alternative whose symbols all do: the classes class_ok takes, and rules
+    found so. Each alternative counts its rules not yet found, so the fixpoint is linear."""
+    missing: dict[tuple[str, int], int] = {}  # (rule, alternative) -> its rule symbols not yet found
+    needed_by: dict[str, list[tuple[str, int]]] = {}
+    todo: list[str] = []
+    for name, options in rules.items():
+        for k, option in enumerate(options):
+            if not all(class_ok(s) for s in option if not isinstance(s, str)):
+                continue
+            names = [s for s in option if isinstance(s, str)]
+            missing[(name, k)] = len(names)
+            for s in names:
+                needed_by.setdefault(s, []).append((name, k))
+            if not names:
+                todo.append(name)
+    found: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        for owner in needed_by.get(name, ()):
+            missing[owner] -= 1
+            if not missing[owner]:
+                todo.append(owner[0])
+    return found
+
+
+def _components(roots: Iterable[Hashable], edges: Callable[[Hashable], Iterable[Hashable]]) -> list[list]:
+    """The strongly connected components of what the roots reach, each after every component it
+    reaches (Tarjan's algorithm, with a stack of its own: chains of rules or frames may be longer
+    than Python's recursion allows)."""
+    index: dict = {}
+    low: dict = {}
+    path: list = []
+    on_path: set = set()
+    found: list[list] = []
+    work: list[tuple[Hashable, Iterator]] = []
+
+    def visit(node: Hashable) -> None:
+        index[node] = low[node] = len(index)
+        path.append(node)
+        on_path.add(node)
+        work.append((node, iter(edges(node))))
+
+    for root in roots:
+        if root in index:
+            continue
+        visit(root)
+        while work:
+            node, out = work[-1]
+            for nxt in out:
+                if nxt not in index:
+                    visit(nxt)
+                    break
+                if nxt in on_path:
+                    low[node] = min(low[node], index[nxt])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while not component or component[-1] != node:
+                        component.append(path.pop())
+                        on_path.discard(component[-1])
+                    found.append(component)
+    return found
+
+
 def _left_recursive(rules: dict[str, list[tuple]]) -> str | None:
     """A rule that can begin with itself with symbols left behind it (its expansion would grow for
-    ever), or None. Rules that may match nothing are seen through; a rule that only comes back to
-    itself alone (a repetition of something that may be empty) is harmless."""
-    nullable: set[str] = set()
-    changed = True
-    while changed:
-        changed = False
-        for name, options in rules.items():
-            if name not in nullable and any(all(isinstance(s, str) and s in nullable for s in o) for o in options):
-                nullable.add(name)
-                changed = True
-    # name -> (a rule it may begin with, whether symbols may be left after that one)
-    starts: dict[str, set[tuple[str, bool]]] = {name: set() for name in rules}
+    ever, and the graph of stacks would loop), or None. Rules that may match nothing are seen
+    through; a rule that only comes back to itself alone (a repetition of something that may be
+    empty) is harmless. Such a rule lies on a cycle of 'begins with' through an edge that leaves
+    something behind: both ends of that edge in one strongly connected component."""
+    nullable = _derives(rules, lambda chars: False)
+    begins: dict[str, list[tuple[str, bool]]] = {name: [] for name in rules}  # (rule, something left after it)
     for name, options in rules.items():
         for option in options:
             for i, symbol in enumerate(option):
                 if not isinstance(symbol, str):
                     break
-                starts[name].add((symbol, any(not (isinstance(t, str) and t in nullable) for t in option[i + 1 :])
-                                  or len(option) > i + 1))  # fmt: skip
+                begins[name].append((symbol, i + 1 < len(option)))
                 if symbol not in nullable:
                     break
-    for name in rules:  # a path back to the rule with something left on the way
-        seen: set[tuple[str, bool]] = set()
-        todo = list(starts[name])
-        while todo:
-            nxt, left = todo.pop()
-            if nxt == name and left:
-                return name
-            if (nxt, left) not in seen:
-                seen.add((nxt, left))
-                todo.extend((after, left or more) for after, more in starts[nxt])
+    component = {}
+    for number, members in enumerate(_components(rules, lambda name: [nxt for nxt, _ in begins[name]])):
+        component.update(dict.fromkeys(members, number))
+    for name, edges in begins.items():
+        if any(left and component[nxt] == component[name] for nxt, left in edges):
+            return name
     return None
 
 
 def _finishing(rules: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
     """The rules with only the alternatives that can finish (derive some text): every stack made
     of what is left can be completed, so no prefix the automaton keeps is a dead end."""
-    done: set[str] = set()
+    done = _derives(rules, bool)
+    return {name: [o for o in options if all(s in done if isinstance(s, str) else bool(s) for s in o)]
+            for name, options in rules.items()}  # fmt: skip
 
-    def finishes(option: tuple) -> bool:
-        return all(s in done if isinstance(s, str) else bool(s) for s in option)
 
-    changed = True
-    while changed:
-        changed = False
-        for name, options in rules.items():
-            if name not in done and any(finishes(o) for o in options):
-                done.add(name)
-                changed = True
-    return {name: [o for o in options if finishes(o)] for name, options in rules.items()}
+class _Node:
+    """A frame of the graph of stacks (a graph-structured stack, as in GLR parsing): an alternative
+    and the position of its next symbol, and the frames below it, one for each way the text read so
+    far got here. Nodes are shared, so readings that differ below a frame (which copy of a repeated
+    group this is, at each level) cost one node per frame, not one stack per combination."""
+
+    __slots__ = ("frame", "below")
+
+    def __init__(self, frame: tuple[int, int] | None, below: frozenset) -> None:
+        self.frame = frame
+        self.below = below
+
+
+class _Position:
+    """The nodes at one position of the text, found by following every way on from the frames the
+    last character moved. A frame whose next symbol is a rule enters the rule's alternatives: a
+    frame at its last symbol hands them its own frames below (a tail call, so a repetition does not
+    grow the graph); any other puts below them a node that waits for the rule to return, to go on
+    at the frame after it. An alternative that ends here returns to every node below it.
+
+    Keys: a frame (alternative, position) reached here, or (alternative, position, WAITING) for the
+    node that waits here to go on at that frame: it is not reached until the rule returns (the two
+    must not be one node, or a reading would skip the rule). A key is one node whatever the ways
+    it is reached by. What lies below it is kept as where it comes from (sets of earlier nodes,
+    nodes here, and keys here whose sets are also its own), so each key, link and return is handled
+    once: a position costs time linear in what it reaches, even where nested repetitions of what
+    may match nothing give thousands of frames thousands of ways down. The sets below are built
+    once, at the end."""
+
+    def __init__(self, grammar: Grammar) -> None:
+        self.grammar = grammar
+        self.includes: dict[tuple, set] = {}  # key -> keys here whose sets below are its too
+        self.here_below: dict[tuple, set] = {}  # key -> waiting nodes here just below it
+        self.earlier_below: dict[tuple, set[frozenset]] = {}  # key -> sets of earlier nodes below it
+        self.active: set[tuple[int, int]] = set()  # frames reached
+        self.ended: set[tuple] = set()  # keys whose nodes below all return (an alternative ended on them)
+        self.returned: set = set()  # waiting keys and earlier nodes returned to
+        self.returned_sets: set[frozenset] = set()  # sets of earlier nodes returned to
+        self.todo: list[tuple[str, object]] = []
+        self.complete = False  # the root returned: the text may end here
+
+    def reach(self, frame: tuple[int, int]) -> None:
+        if frame not in self.active:
+            self.active.add(frame)
+            self.todo.append(("reached", frame))
+
+    @staticmethod
+    def _link(table: dict, key: tuple, item: Hashable) -> bool:
+        """Add the item to the key's links in the table; whether it is new."""
+        links = table.setdefault(key, set())
+        if item in links:
+            return False
+        links.add(item)
+        return True
+
+    def below_earlier(self, key: tuple, nodes: frozenset) -> None:
+        if self._link(self.earlier_below, key, nodes) and key in self.ended:
+            self.ret(nodes)
+
+    def _below_here(self, key: tuple, waiting: tuple) -> None:
+        if self._link(self.here_below, key, waiting) and key in self.ended:
+            self.todo.append(("return", waiting))
+
+    def _include(self, key: tuple, other: tuple) -> None:
+        if self._link(self.includes, key, other) and key in self.ended:
+            self.todo.append(("ended", other))
+
+    def enter(self, rule: str, frame: tuple[int, int] | None = None, waiting: tuple | None = None) -> None:
+        """Each alternative of the rule begins here: on top of a waiting node here, or of what lies
+        below `frame` (a tail call), or of the bottom (the root)."""
+        for b in self.grammar.rules[rule]:
+            if not self.grammar.alternatives[b]:  # it ends at once
+                if waiting is not None:
+                    self.todo.append(("return", waiting))
+                elif frame is not None:
+                    self.todo.append(("ended", frame))
+                else:
+                    self.complete = True
+                continue
+            if waiting is not None:
+                self._below_here((b, 0), waiting)
+            elif frame is not None:
+                self._include((b, 0), frame)
+            else:
+                self.below_earlier((b, 0), frozenset((self.grammar.bottom,)))
+            self.reach((b, 0))
+
+    def ret(self, nodes: frozenset) -> None:
+        """Return to each of a set of earlier nodes (a set is shared by many keys: once is enough)."""
+        if nodes not in self.returned_sets:
+            self.returned_sets.add(nodes)
+            self.todo.extend(("return", node) for node in nodes)
+
+    def follow(self) -> None:
+        alternatives = self.grammar.alternatives
+        while self.todo:
+            what, item = self.todo.pop()
+            if what == "reached":
+                a, i = item
+                symbol = alternatives[a][i]
+                if not isinstance(symbol, str):  # a character set: a move
+                    continue
+                if i + 1 == len(alternatives[a]):
+                    self.enter(symbol, frame=item)
+                else:
+                    waiting = (a, i + 1, WAITING)
+                    self._include(waiting, item)
+                    self.enter(symbol, waiting=waiting)
+            elif what == "ended":
+                if item not in self.ended:
+                    self.ended.add(item)
+                    self.todo.extend(("return", key) for key in self.here_below.get(item, ()))
+                    for nodes in self.earlier_below.get(item, ()):
+                        self.ret(nodes)
+                    self.todo.extend(("ended", key) for key in self.includes.get(item, ()))
+            elif item not in self.returned:  # a return to a waiting node here, an earlier node or the bottom
+                self.returned.add(item)
+                if isinstance(item, tuple):
+                    self._include(item[:2], item)
+                    self.reach(item[:2])
+                elif item.frame is None:
+                    self.complete = True
+                else:
+                    self.below_earlier(item.frame, item.below)
+                    self.reach(item.frame)
+
+    def _links(self, key: tuple) -> tuple:
+        """The keys here whose sets the key's set is built from."""
+        return (*self.includes.get(key, ()), *self.here_below.get(key, ()))
+
+    def _in_order(self, tops: list) -> list[list] | None:
+        """Each key the tops need after those it is built from (a depth-first walk), or None where
+        keys here loop through tail calls (their sets are one: strongly connected components)."""
+        order: list[list] = []
+        done: set = set()
+        pending: set = set()
+        for top in tops:
+            work = [top]
+            while work:
+                key = work[-1]
+                if key in done:
+                    work.pop()
+                    continue
+                links = [k for k in self._links(key) if k not in done]
+                if links:
+                    if key in pending:
+                        return None
+                    pending.add(key)
+                    work.extend(links)
+                    continue
+                work.pop()
+                done.add(key)
+                order.append([key])
+        return order
+
+    def state(self) -> frozenset:
+        """The nodes at a character set (and the bottom if the text may end here)."""
+        alternatives = self.grammar.alternatives
+        tops = [f for f in self.active if not isinstance(alternatives[f[0]][f[1]], str)]
+        below: dict[tuple, frozenset] = {}
+        nodes: dict[tuple, _Node] = {}
+
+        def node(key: tuple) -> _Node:
+            if key not in nodes:
+                nodes[key] = self.grammar.node(key[:2], below[key])
+            return nodes[key]
+
+        includes, here_below, earlier_below = self.includes, self.here_below, self.earlier_below
+        order = self._in_order(tops)
+        for component in order if order is not None else _components(tops, self._links):
+            here = {k for c in component for k in here_below.get(c, ())}
+            if here.intersection(component):  # refused left recursion is what would make a loop
+                raise RuntimeError("the grammar's graph of stacks loops at one position")
+            parts = {nodes for c in component for nodes in earlier_below.get(c, ())}
+            parts.update(below[k] for c in component for k in includes.get(c, ()) if k in below)
+            if here:
+                parts.add(frozenset(node(k) for k in here))
+            if len(parts) == 1:
+                shared = parts.pop()  # the same set all down a chain of tail calls: one object, not a copy each
+            else:
+                largest = max(parts, key=len)
+                shared = largest.union(*parts)
+                shared = largest if len(shared) == len(largest) else shared
+            for c in component:
+                below[c] = shared
+        found = {node(f) for f in tops}
+        if self.complete:
+            found.add(self.grammar.bottom)
+        return frozenset(found)
 
 
 class Grammar(CodePointRecognizer):
-    """A compiled GBNF grammar. A cursor's states are a tuple of stacks; a stack is a tuple of frames
-    (alternative, position of its next symbol), innermost last, whose top frame is at a character
-    set, or empty (complete). A frame at its alternative's last symbol is dropped when that symbol's
-    rule is entered (a tail call), so a repetition does not grow the stack, nor does a long
-    alternative: the depth is the nesting's."""
+    """A compiled GBNF grammar, followed as a pushdown automaton whose stacks share their frames (a
+    state is the frozenset of nodes at a character set, with the bottom node where the text may
+    end). Every ambiguity and every repetition of what may match nothing costs at most one node per
+    frame of the grammar at each position, so a step is polynomial in the grammar's size, and a
+    deep nesting adds one node per level."""
 
     always_finishes = True  # every frame's symbols can finish
 
@@ -237,71 +504,88 @@ class Grammar(CodePointRecognizer):
         rules = _finishing(rules)
         if not rules["root"]:
             raise ValueError("the grammar matches nothing: its root never finishes (each alternative needs itself, or a class holds nothing)")
-        self._alternatives: list[tuple] = []  # every rule's alternatives, by number
-        self._rules: dict[str, list[int]] = {}  # a rule -> its alternatives' numbers
+        self.alternatives: list[tuple] = []  # every rule's alternatives, by number
+        self.rules: dict[str, list[int]] = {}  # a rule -> its alternatives' numbers
         for name, options in rules.items():
-            self._rules[name] = list(range(len(self._alternatives), len(self._alternatives) + len(options)))
-            self._alternatives.extend(options)
-        self._expanded: dict = {}
-        self.start = (self._expand(self._enter((), "root")), b"")
+            self.rules[name] = list(range(len(self.alternatives), len(self.alternatives) + len(options)))
+            self.alternatives.extend(options)
+        self._nodes: dict = {}  # (frame, frames below) -> its node: equal states are one object
+        self._closures: dict = {}  # a node reached -> the state it leads to
+        self.bottom = _Node(None, frozenset())  # below the root: where the text may end
+        start = _Position(self)
+        start.enter("root")
+        start.follow()
+        self.start = (start.state(), b"")
 
-    def _enter(self, rest: tuple, rule: str) -> tuple:
-        """The stacks that begin each alternative of `rule` on top of `rest` (not yet expanded)."""
-        return tuple(rest + ((a, 0),) if self._alternatives[a] else rest for a in self._rules[rule])
+    def node(self, frame: tuple[int, int], below: frozenset) -> _Node:
+        key = (frame, below)
+        if key not in self._nodes:
+            self._remember(self._nodes, key, _Node(frame, below))
+        return self._nodes[key]
 
-    def _top(self, stack: tuple) -> object:
-        a, i = stack[-1]
-        return self._alternatives[a][i]
-
-    def _after_top(self, stack: tuple) -> tuple:
-        """The stack once its top symbol is matched: the frame moves on, or ends."""
-        a, i = stack[-1]
-        return stack[:-1] + ((a, i + 1),) if i + 1 < len(self._alternatives[a]) else stack[:-1]
-
-    def _expand(self, stacks: tuple) -> tuple:
-        """Each stack expanded until a character set is on top (or it is empty), at most MAX_STACKS."""
-        out: dict = {}
-        for stack in stacks:
-            for s in self._expand_one(stack):
-                out[s] = None
-        return tuple(out)[:MAX_STACKS]
-
-    def _expand_one(self, stack: tuple) -> tuple:
-        if not stack or not isinstance(self._top(stack), str):
-            return (stack,)
-        if stack in self._expanded:
-            return self._expanded[stack]
-        out: dict = {}
-        todo, seen = [stack], set()
-        while todo and len(out) < MAX_STACKS:
-            s = todo.pop()
-            if not s or not isinstance(self._top(s), str):
-                out[s] = None
-            elif s not in seen:
-                seen.add(s)
-                todo.extend(reversed(self._enter(self._after_top(s), self._top(s))))
-        result = tuple(out)
-        self._remember(self._expanded, stack, result)
-        return result
+    def _symbol(self, node: _Node) -> object:
+        a, i = node.frame
+        return self.alternatives[a][i]
 
     def _char(self, states: Hashable, cp: int) -> Hashable | None:
-        moved = tuple(self._after_top(s) for s in states if s and contains(self._top(s), cp))
-        return self._expand(moved) if moved else None
+        moved = [node for node in states if node.frame is not None and contains(self._symbol(node), cp)]
+        if not moved:
+            return None
+        seeds: list[_Node] = []  # the nodes reached: each moved frame's next, or the nodes below it
+        for node in moved:
+            a, i = node.frame
+            if i + 1 < len(self.alternatives[a]):
+                seeds.append(self.node((a, i + 1), node.below))
+            else:
+                seeds.extend(node.below)
+        if len(seeds) <= FEW_SEEDS:
+            return self._merged([self._closure(seed) for seed in seeds])
+        here = _Position(self)  # many ways on: one walk keeps the position linear in what it reaches
+        for seed in seeds:
+            here.ret(frozenset((seed,)))
+        here.follow()
+        return here.state()
+
+    def _closure(self, node: _Node) -> frozenset:
+        """The nodes at a character set (and the bottom) that a node reached leads to: the same
+        wherever the node recurs (a string's next character, a list's next item), so remembered."""
+        if node.frame is None:
+            return frozenset((node,))
+        if node not in self._closures:
+            here = _Position(self)
+            here.below_earlier(node.frame, node.below)
+            here.reach(node.frame)
+            here.follow()
+            self._remember(self._closures, node, here.state())
+        return self._closures[node]
+
+    def _merged(self, parts: list[frozenset]) -> frozenset:
+        """The union of states, a frame's nodes made one (their sets below joined): a node per frame."""
+        found = parts[0] if len(parts) == 1 else frozenset().union(*parts)
+        by_frame: dict = {}
+        for node in found:
+            by_frame.setdefault(node.frame, []).append(node)
+        if len(by_frame) == len(found):
+            return found
+        return frozenset(
+            nodes[0] if len(nodes) == 1 else self.node(frame, frozenset().union(*(n.below for n in nodes)))
+            for frame, nodes in by_frame.items()
+        )
 
     def _takes_some_now(self, states: Hashable, lo: int, hi: int) -> bool:
-        return any(s and meets(self._top(s), lo, hi) for s in states)
+        return any(node.frame is not None and meets(self._symbol(node), lo, hi) for node in states)
 
     def accepting(self, states: Hashable) -> bool:
-        return any(not s for s in states)
+        return self.bottom in states
 
     def has_moves(self, states: Hashable) -> bool:
-        return any(states)
+        return any(node.frame is not None for node in states)
 
     def move_ranges(self, states: Hashable) -> list[tuple]:
-        return [self._top(s) for s in states if s]
+        return [self._symbol(node) for node in states if node.frame is not None]
 
     def _memos(self) -> list[dict]:
-        return [*super()._memos(), self._expanded]
+        return [*super()._memos(), self._nodes, self._closures]
 
 
 def grammar_automaton(text: str) -> Automaton:

@@ -158,9 +158,9 @@ class PatternParser:
         end = self.text.find("}", self.pos)
         body = self.text[self.pos + 1 : end] if end > 0 else ""
         low, comma, high = body.partition(",")
-        if not low and comma and _ascii_digits(high):
+        if not low and comma and ascii_digits(high):
             raise self.error(f"{{{body}}} reads differently in Python and JavaScript: write {{0{body}}}")
-        if not _ascii_digits(low) or not (_ascii_digits(high) or not high):  # not a quantifier: a literal "{"
+        if not ascii_digits(low) or not (ascii_digits(high) or not high):  # not a quantifier: a literal "{"
             return None
         lo, hi = int(low), (int(high) if high else None if comma else int(low))
         if hi is not None and hi < lo:
@@ -256,7 +256,8 @@ class PatternParser:
         if negated:
             self.pos += 1
         if self.peek() == "]":
-            raise self.error("a class that begins with ']' reads differently in Python and JavaScript: write \\]")
+            differs = "reads differently in Python and JavaScript" if self.kind == "pattern" else "is ambiguous"
+            raise self.error(f"a class that begins with ']' {differs}: write \\]")
         parts: list[tuple] = []
         while True:
             c = self.take()
@@ -296,7 +297,7 @@ def meets(ranges: tuple, lo: int, hi: int) -> bool:
     return i + 1 < len(ranges) and ranges[i + 1][0] <= hi
 
 
-def _ascii_digits(text: str) -> bool:
+def ascii_digits(text: str) -> bool:
     return bool(text) and all("0" <= c <= "9" for c in text)
 
 

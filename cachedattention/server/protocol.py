@@ -11,7 +11,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
-from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, is_int, is_number
+from cachedattention.sampling import MAX_LOGPROBS, GuidedFormError, SamplingParams, is_int, is_number
 from cachedattention.server.api_error import bad, error_body, error_response
 from cachedattention.server.structured import forced_parameters, guided_fields
 
@@ -226,24 +226,28 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> Sampli
     if min_tokens is not None and not 0 <= min_tokens <= (max_tokens or max_model_len):
         raise bad(f"min_tokens must be an integer in [0, max_tokens], got {min_tokens}", "min_tokens")
     _reject_unsupported(body, chat)
-    return SamplingParams(
-        # no max_tokens: generate until EOS or the end of the window (the engine stops there)
-        max_tokens=max_tokens if max_tokens is not None else max_model_len,
-        temperature=1.0 if temperature is None else (0.0 if temperature < GREEDY_BELOW else temperature),
-        top_p=1.0 if top_p is None else top_p,
-        top_k=max(top_k or 0, 0),
-        seed=seed,
-        stop=_stop(body),
-        ignore_eos=ignore_eos,
-        min_tokens=min_tokens or 0,
-        repetition_penalty=1.0 if repetition is None else repetition,
-        presence_penalty=presence or 0.0,
-        frequency_penalty=frequency or 0.0,
-        logit_bias=_logit_bias(body),
-        logprobs=_logprobs(body, chat),
-        **_vllm_sampling(body, max_model_len),
-        **guided_fields(body),
-    )
+    guided, guided_param = guided_fields(body)
+    try:
+        return SamplingParams(
+            # no max_tokens: generate until EOS or the end of the window (the engine stops there)
+            max_tokens=max_tokens if max_tokens is not None else max_model_len,
+            temperature=1.0 if temperature is None else (0.0 if temperature < GREEDY_BELOW else temperature),
+            top_p=1.0 if top_p is None else top_p,
+            top_k=max(top_k or 0, 0),
+            seed=seed,
+            stop=_stop(body),
+            ignore_eos=ignore_eos,
+            min_tokens=min_tokens or 0,
+            repetition_penalty=1.0 if repetition is None else repetition,
+            presence_penalty=presence or 0.0,
+            frequency_penalty=frequency or 0.0,
+            logit_bias=_logit_bias(body),
+            logprobs=_logprobs(body, chat),
+            **_vllm_sampling(body, max_model_len),
+            **guided,
+        )
+    except GuidedFormError as e:
+        raise bad(f"{guided_param}: {e}", guided_param) from None
 
 
 def _vllm_sampling(body: dict, max_model_len: int) -> dict[str, Any]:

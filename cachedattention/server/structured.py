@@ -5,12 +5,8 @@ guided_grammar, or structured_outputs with json / choice / regex / grammar / jso
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from cachedattention.engine.grammar import grammar_automaton
-from cachedattention.engine.regex import regex_automaton
-from cachedattention.engine.schema_compile import compile_schema
 from cachedattention.engine.tool_choice import parameters_node
 from cachedattention.server.api_error import bad
 
@@ -20,20 +16,22 @@ UNSUPPORTED = ("guided_whitespace_pattern",)  # vLLM's, not held to here
 STRUCTURED_KEYS = ("json", "choice", "regex", "grammar", "json_object")
 
 
-def guided_fields(body: dict) -> dict[str, Any]:
-    """SamplingParams' json_object / json_schema / choice, from whichever one field asks for them."""
+def guided_fields(body: dict) -> tuple[dict[str, Any], str | None]:
+    """SamplingParams' guided field (json_object, json_schema, choice, regex or grammar) from
+    whichever one request field asks for it, and that field's name (SamplingParams compiles the
+    form once; where it cannot be followed, the 400 names this field)."""
     asked: dict[str, dict[str, Any]] = {}
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         asked["response_format"] = _response_format(fmt)
     if body.get("guided_json") is not None:
-        asked["guided_json"] = {"json_schema": _schema(body["guided_json"], "guided_json")}
+        asked["guided_json"] = {"json_schema": body["guided_json"]}
     if body.get("guided_choice") is not None:
         asked["guided_choice"] = {"choice": _choice(body["guided_choice"], "guided_choice")}
     if body.get("guided_regex") is not None:
-        asked["guided_regex"] = {"regex": _checked(regex_automaton, body["guided_regex"], "guided_regex")}
+        asked["guided_regex"] = {"regex": body["guided_regex"]}
     if body.get("guided_grammar") is not None:
-        asked["guided_grammar"] = {"grammar": _checked(grammar_automaton, body["guided_grammar"], "guided_grammar")}
+        asked["guided_grammar"] = {"grammar": body["guided_grammar"]}
     for key in UNSUPPORTED:
         if body.get(key) is not None:
             raise bad(f"{key} is not supported by this server (guided_json, guided_choice, guided_regex and guided_grammar are)", key,
@@ -43,7 +41,8 @@ def guided_fields(body: dict) -> dict[str, Any]:
     if len(asked) > 1:
         first, second = list(asked)[:2]
         raise bad(f"{first} and {second} cannot be combined: the answer follows one of them", second)
-    return next(iter(asked.values()), {})
+    field = next(iter(asked), None)
+    return asked.get(field, {}), None if field is None else field.split(".")[0]
 
 
 def _response_format(fmt: Any) -> dict[str, Any]:
@@ -56,7 +55,7 @@ def _response_format(fmt: Any) -> dict[str, Any]:
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict):
         raise bad("response_format.json_schema must be an object with the schema under 'schema'", "response_format")
-    return {"json_schema": _schema(spec.get("schema", {}), "response_format")}
+    return {"json_schema": spec.get("schema", {})}
 
 
 def _structured_outputs(v: Any) -> dict[str, dict[str, Any]]:
@@ -68,30 +67,16 @@ def _structured_outputs(v: Any) -> dict[str, dict[str, Any]]:
                       "structured_outputs", "unsupported_parameter")  # fmt: skip
     asked = {}
     if v.get("json") is not None:
-        asked["structured_outputs.json"] = {"json_schema": _schema(v["json"], "structured_outputs")}
+        asked["structured_outputs.json"] = {"json_schema": v["json"]}
     if v.get("choice") is not None:
         asked["structured_outputs.choice"] = {"choice": _choice(v["choice"], "structured_outputs")}
     if v.get("regex") is not None:
-        asked["structured_outputs.regex"] = {"regex": _checked(regex_automaton, v["regex"], "structured_outputs")}
+        asked["structured_outputs.regex"] = {"regex": v["regex"]}
     if v.get("grammar") is not None:
-        asked["structured_outputs.grammar"] = {"grammar": _checked(grammar_automaton, v["grammar"], "structured_outputs")}
+        asked["structured_outputs.grammar"] = {"grammar": v["grammar"]}
     if v.get("json_object"):
         asked["structured_outputs.json_object"] = {"json_object": True}
     return asked
-
-
-def _schema(schema: Any, param: str) -> Any:
-    """A schema (an object, or its JSON text) the answer can be held to; a 400 naming what cannot."""
-    return _checked(compile_schema, schema, param)
-
-
-def _checked(compile: Callable[[Any], Any], value: Any, param: str) -> Any:
-    """The value, once it compiles; a 400 naming the field where it does not."""
-    try:
-        compile(value)
-    except ValueError as e:
-        raise bad(f"{param}: {e}", param) from None
-    return value
 
 
 def _choice(v: Any, param: str) -> tuple[str, ...]:
