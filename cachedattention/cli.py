@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
     serve.add_argument("--body-timeout-s", type=float, default=30.0,
                        help="answer 408 when no part of a request body arrives for this long")
+    serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                       help="the /v1 routes answer 401 unless sent 'Authorization: Bearer KEY' (repeat for more keys; "
+                            "as vLLM's --api-key; default: $CACHEDATTENTION_API_KEY, if set)")
     serve.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, wait this long for in-flight requests")
 
     bench = sub.add_parser("bench", help="benchmarks: throughput | turn | policy | workload")

@@ -9,10 +9,11 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from cachedattention.engine.engine import LLMEngine
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
 from cachedattention.server.api_error import APIError, error_body, error_response
+from cachedattention.server.auth import ApiKeyMiddleware, api_keys_from, checked_api_keys
 from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
 from cachedattention.server.logprobs import LogprobFormatter
 from cachedattention.server.metrics import CONTENT_TYPE, EngineStatsCollector, RequestCounterMiddleware, ServerMetrics
@@ -518,10 +520,13 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     body_timeout_s: float = 30.0,
     grace_s: float = DEFAULT_GRACE_S,
+    api_keys: Sequence[str] = (),
 ) -> FastAPI:
-    """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the store) with it."""
+    """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
+    store) with it. With `api_keys`, the /v1 routes answer 401 unless given one of them (vLLM's --api-key)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
+    api_keys = checked_api_keys(api_keys)
     engine = engine_or_config if isinstance(engine_or_config, LLMEngine) else LLMEngine(engine_or_config)
     metrics = ServerMetrics()
     loop = EngineLoop(engine, on_finished=metrics.observe_finished)
@@ -543,7 +548,9 @@ def create_app(
     routes.register(app)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
-    app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # outermost: also counts the 413s
+    if api_keys:  # outside the body limit: a request without a key is refused before its body is read
+        app.add_middleware(ApiKeyMiddleware, keys=api_keys)
+    app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # outermost: also counts the 413s and 401s
     return app
 
 
@@ -553,8 +560,9 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     grace_s = float(getattr(args, "shutdown_grace_s", None) or DEFAULT_GRACE_S)
+    keys = api_keys_from(getattr(args, "api_key", None), os.environ)
     app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s=grace_s,
-                     body_timeout_s=getattr(args, "body_timeout_s", 30.0))
+                     body_timeout_s=getattr(args, "body_timeout_s", 30.0), api_keys=keys)
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s))

@@ -177,6 +177,7 @@ p.add_argument("--host", default="127.0.0.1")
 p.add_argument("--port", type=int, default=8000)
 p.add_argument("--served-model-name", default=None)
 p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+p.add_argument("--api-key", action="append", default=None)
 sys.exit(serve(p.parse_args()))
 """
 

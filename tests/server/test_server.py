@@ -14,6 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cachedattention.server.auth import api_keys_from
 from tests.server.conftest import (
     engine_config,
     launch_cli_server,
@@ -386,6 +387,34 @@ def test_a_stalled_body_gets_408_and_a_slow_one_is_served(chat_model_dir):
         s.stop()
 
 
+def test_api_keys_guard_the_v1_routes_and_leave_the_probes_open(chat_model_dir):
+    """vLLM's --api-key: a /v1 request without one of the keys gets OpenAI's 401 (before its body is
+    read); each key works; /health, /metrics, /version and /tokenize answer without one."""
+    s = start_server(engine_config(chat_model_dir, store=False), api_keys=("key-one", "key-two"))
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}, {"Authorization": "Bearer key-one-and-more"}):
+            r = httpx.post(f"{s.url}{CHAT}", json={"messages": OK_MSGS, "max_tokens": 2}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, r.text)
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{s.url}/v1/models").status_code == 401
+        for path in ("/health", "/metrics", "/version"):
+            assert httpx.get(f"{s.url}{path}").status_code == 200, path
+        assert httpx.post(f"{s.url}/tokenize", json={"prompt": "Hi"}).status_code == 200
+        for key in ("key-one", "key-two"):
+            c = openai.OpenAI(base_url=f"{s.url}/v1", api_key=key, max_retries=0, timeout=60)
+            assert c.chat.completions.create(model="default", messages=OK_MSGS, max_tokens=2).choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{s.url}/v1", api_key="nope", max_retries=0).models.list()
+        refused = ("cachedattention_http_requests_total", (("endpoint", CHAT), ("status", "401")))
+        assert metric_samples(s.url).get(refused) == 4  # the 401s are counted too
+    finally:
+        s.stop()
+    with pytest.raises(ValueError, match="API key"):
+        start_server(engine_config(chat_model_dir, store=False), api_keys=("has space",))
+    assert api_keys_from(["a", "b"], {"CACHEDATTENTION_API_KEY": "env"}) == ("a", "b")  # the flags win
+    assert api_keys_from(None, {"CACHEDATTENTION_API_KEY": "env"}) == ("env",) and api_keys_from(None, {}) == ()
+
+
 def test_unknown_routes_and_methods_use_openai_errors(server):
     r = httpx.get(f"{server.url}/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
@@ -516,8 +545,9 @@ def test_sigterm_finishes_in_flight_and_exits_zero(sigterm_run):
 @needs_store
 def test_restart_on_same_store_dir_reuses_the_session(sigterm_run, chat_model_dir, reference):
     r = sigterm_run
-    srv = launch_cli_server(chat_model_dir, r["tmp"] / "server2.log", *r["flags"])
+    srv = launch_cli_server(chat_model_dir, r["tmp"] / "server2.log", *r["flags"], "--api-key", "x")  # client() sends "x"
     try:
+        assert httpx.get(f"{srv.url}/v1/models").status_code == 401 and httpx.get(f"{srv.url}/health").status_code == 200
         c = client(srv.url)
         first_text = r["first"][0][0]
         messages = [
