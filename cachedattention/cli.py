@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
                        help="the /v1 routes answer 401 unless sent 'Authorization: Bearer KEY' (repeat for more keys; "
                             "as vLLM's --api-key; default: $CACHEDATTENTION_API_KEY, if set)")
+    serve.add_argument("--allowed-origins", type=origins_list, default=["*"], metavar="ORIGINS",
+                       help="origins whose pages may call the server (CORS): a JSON list as vLLM takes it, or "
+                            "comma-separated; '[]' for none (default: any origin, as vLLM)")
     serve.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, wait this long for in-flight requests")
 
     bench = sub.add_parser("bench", help="benchmarks: throughput | turn | policy | workload")
@@ -117,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_args(bench)
     return parser
+
+
+def origins_list(text: str) -> list[str]:
+    """--allowed-origins: a JSON list (vLLM's form) or comma-separated origins."""
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list of origins: {e}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise argparse.ArgumentTypeError("a JSON list of origin strings was expected")
+        return value
+    return [o.strip() for o in text.split(",") if o.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -521,9 +522,12 @@ def create_app(
     body_timeout_s: float = 30.0,
     grace_s: float = DEFAULT_GRACE_S,
     api_keys: Sequence[str] = (),
+    allowed_origins: Sequence[str] = ("*",),
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
-    store) with it. With `api_keys`, the /v1 routes answer 401 unless given one of them (vLLM's --api-key)."""
+    store) with it. With `api_keys`, the /v1 routes answer 401 unless given one of them (vLLM's
+    --api-key). Browsers on `allowed_origins` may call it (CORS; any origin by default, as vLLM;
+    none when empty)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     api_keys = checked_api_keys(api_keys)
@@ -550,6 +554,8 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     if api_keys:  # outside the body limit: a request without a key is refused before its body is read
         app.add_middleware(ApiKeyMiddleware, keys=api_keys)
+    if allowed_origins:  # outside the key check: preflights are answered, and a 401 is readable by the page
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # outermost: also counts the 413s and 401s
     return app
 
@@ -562,7 +568,8 @@ def serve(args: argparse.Namespace) -> int:
     grace_s = float(getattr(args, "shutdown_grace_s", None) or DEFAULT_GRACE_S)
     keys = api_keys_from(getattr(args, "api_key", None), os.environ)
     app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s=grace_s,
-                     body_timeout_s=getattr(args, "body_timeout_s", 30.0), api_keys=keys)
+                     body_timeout_s=getattr(args, "body_timeout_s", 30.0), api_keys=keys,
+                     allowed_origins=getattr(args, "allowed_origins", ("*",)))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s))

@@ -389,9 +389,20 @@ def test_a_stalled_body_gets_408_and_a_slow_one_is_served(chat_model_dir):
 
 def test_api_keys_guard_the_v1_routes_and_leave_the_probes_open(chat_model_dir):
     """vLLM's --api-key: a /v1 request without one of the keys gets OpenAI's 401 (before its body is
-    read); each key works; /health, /metrics, /version and /tokenize answer without one."""
-    s = start_server(engine_config(chat_model_dir, store=False), api_keys=("key-one", "key-two"))
+    read); each key works; /health, /metrics, /version and /tokenize answer without one. CORS: an
+    allowed origin's preflight is answered without a key, another origin's is not, and a 401 carries
+    the allow-origin header (the page can read why)."""
+    s = start_server(engine_config(chat_model_dir, store=False), api_keys=("key-one", "key-two"),
+                     allowed_origins=("https://chat.example",))  # fmt: skip
     try:
+        preflight = {"Origin": "https://chat.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+        r = httpx.options(f"{s.url}{CHAT}", headers=preflight)  # a browser's preflight carries no key
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://chat.example"
+        r = httpx.options(f"{s.url}{CHAT}", headers={**preflight, "Origin": "https://elsewhere.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = httpx.get(f"{s.url}/v1/models", headers={"Origin": "https://chat.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://chat.example"  # readable by the page
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}, {"Authorization": "Bearer key-one-and-more"}):
             r = httpx.post(f"{s.url}{CHAT}", json={"messages": OK_MSGS, "max_tokens": 2}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, r.text)
@@ -564,3 +575,16 @@ def test_restart_on_same_store_dir_reuses_the_session(sigterm_run, chat_model_di
         assert srv.proc.wait(timeout=45) == 0
     finally:
         srv.kill()
+
+
+def test_any_origin_may_call_by_default_and_the_flag_reads_vllm_s_json_list(server):
+    from cachedattention.cli import build_parser
+
+    r = httpx.post(f"{server.url}{CHAT}", json={"messages": OK_MSGS, "max_tokens": 2}, headers={"Origin": "https://a.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    parse = build_parser().parse_args
+    assert parse(["serve", "m", "--allowed-origins", '["https://a.example", "http://b"]']).allowed_origins == ["https://a.example", "http://b"]
+    assert parse(["serve", "m", "--allowed-origins", "https://a.example,http://b"]).allowed_origins == ["https://a.example", "http://b"]
+    assert parse(["serve", "m", "--allowed-origins", "[]"]).allowed_origins == [] and parse(["serve", "m"]).allowed_origins == ["*"]
+    with pytest.raises(SystemExit):
+        parse(["serve", "m", "--allowed-origins", '["unclosed"'])
