@@ -15,6 +15,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                   help="a Jinja chat template, or a file holding one, instead of the tokenizer's (as vLLM's)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-pool-bytes", type=int, default=None, help="device KV pool budget")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -50,6 +52,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(page_size=args.page_size, memory_bytes=args.kv_pool_bytes),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                   long_prefill_token_threshold=args.long_prefill_token_threshold),
+        chat_template=getattr(args, "chat_template", None),
         store=StoreConfig(
             enable=not args.no_store,
             store_dir=args.store_dir,

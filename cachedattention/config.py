@@ -88,6 +88,7 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     store: StoreConfig = StoreConfig(enable=False)
+    chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the tokenizer's
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

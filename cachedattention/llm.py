@@ -45,6 +45,7 @@ class LLM:
         scheduler: SchedulerConfig | None = None,
         store: StoreConfig | None = None,
         loaded: LoadedModel | None = None,
+        chat_template: str | None = None,
         **store_options: Any,
     ) -> None:
         store_cfg = store or StoreConfig(enable=enable_store)
@@ -62,6 +63,7 @@ class LLM:
             cache=cache or CacheConfig(),
             scheduler=scheduler or SchedulerConfig(),
             store=store_cfg,
+            chat_template=chat_template,
         )
         self.engine = LLMEngine(self.config, loaded=loaded)
 

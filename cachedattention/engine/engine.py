@@ -20,6 +20,7 @@ from cachedattention.engine.scheduler import Scheduler
 from cachedattention.errors import InvalidRequest
 from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
 from cachedattention.kvcache.page_pool import PagePool
+from cachedattention.model.chat_template import resolve_chat_template
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
 from cachedattention.outputs import RequestMetrics, RequestOutput
 from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob, token_logprobs
@@ -42,6 +43,10 @@ class LLMEngine:
         self.loaded = loaded or load_model(config.model, config.device, config.dtype)
         self.spec = self.loaded.spec
         self.tokenizer = self.loaded.tokenizer
+        if config.chat_template is not None:
+            if self.tokenizer is None:
+                raise ValueError("a chat template needs the model's tokenizer, and this model has none")
+            self.tokenizer = self.tokenizer.with_chat_template(resolve_chat_template(config.chat_template))
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         self.dtype = resolve_dtype(config.dtype)
         self.model = self.loaded.model

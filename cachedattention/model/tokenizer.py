@@ -43,8 +43,9 @@ def _decodes_byte_level(hf_tokenizer: Any) -> bool:
 
 
 class Tokenizer:
-    def __init__(self, hf_tokenizer: Any) -> None:
+    def __init__(self, hf_tokenizer: Any, chat_template: str | None = None) -> None:
         self.hf = hf_tokenizer
+        self.chat_template = chat_template  # a template that replaces the tokenizer's own (vLLM's --chat-template)
         self._alphabet = _byte_level_alphabet() if _decodes_byte_level(hf_tokenizer) else None
         self._special = set(getattr(hf_tokenizer, "all_special_ids", ()) or ())
         # added tokens (special or not) are their text as written, not pieces of the vocabulary's alphabet
@@ -60,6 +61,10 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(path, **kwargs))
+
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """The same tokenizer with another chat template (the loaded model's is left as it is)."""
+        return Tokenizer(self.hf, template)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -138,11 +143,14 @@ class Tokenizer:
         """The chat template's text; `tools` (OpenAI's function definitions) go to templates that
         describe them to the model (others ignore them); `options` (when given, its
         add_generation_prompt counts): continue the last message, extra template variables."""
-        if not getattr(self.hf, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
+        if not self.chat_template and not getattr(self.hf, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; give one (--chat-template, "
+                             "LLM(chat_template=...)) or use generate() with a plain prompt")  # fmt: skip
         if options is not None:
             options.check(messages)
         kwargs = options.render_kwargs() if options is not None else {"add_generation_prompt": add_generation_prompt}
+        if self.chat_template:
+            kwargs["chat_template"] = self.chat_template
         try:
             return self.hf.apply_chat_template(list(messages), tools=tools or None, tokenize=False, **kwargs)
         except (TypeError, RecursionError) as e:  # a template variable of the wrong kind, or absurdly nested

@@ -30,7 +30,7 @@ FIELDS = frozenset((
     "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens", "skip_special_tokens",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
-                         "continue_final_message", "chat_template_kwargs"))  # fmt: skip
+                         "continue_final_message", "chat_template_kwargs", "chat_template"))  # fmt: skip
 MAX_CHOICES = 16  # most choices (n) one request may ask for
 MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
@@ -400,6 +400,9 @@ def chat_options(body: dict, messages: list[dict[str, Any]]) -> ChatOptions:
     if flag(body, "add_special_tokens"):
         raise bad("add_special_tokens: a chat template writes its own special tokens; none are added to a chat",
                   "add_special_tokens")  # fmt: skip
+    if body.get("chat_template") is not None:  # vLLM too refuses one unless told to trust requests' templates
+        raise bad("a request's own chat_template is not run by this server: start it with --chat-template",
+                  "chat_template", "unsupported_parameter")  # fmt: skip
     kwargs = body.get("chat_template_kwargs")
     try:
         options = ChatOptions(flag(body, "add_generation_prompt", True), flag(body, "continue_final_message"),

@@ -73,3 +73,47 @@ def test_chat_template_kwargs_reach_the_template(chat_model_dir, tmp_path):
     with pytest.raises(ValueError, match="must be the assistant's"):
         llm.chat(user, params, add_generation_prompt=False, continue_final_message=True)
     llm.close()
+
+
+PLAIN = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+
+
+def test_a_chat_template_given_to_the_engine_replaces_the_tokenizer_s(chat_model_dir, tmp_path):
+    """vLLM's --chat-template: the template itself or a file that holds it; the loaded tokenizer keeps
+    its own; a template with a Jinja error, or a name that is neither a template nor a file, is
+    refused when the engine starts."""
+    from cachedattention.cli import build_parser, engine_config
+
+    messages = [{"role": "user", "content": "Hi there"}]
+    inline = LLM(str(chat_model_dir), chat_template=PLAIN)
+    assert inline.tokenizer.render_chat(messages) == "[user] Hi there\n[assistant]"
+    assert inline.chat(messages, SamplingParams(max_tokens=3, temperature=0)).metrics.prompt_tokens == len(
+        inline.tokenizer.encode("[user] Hi there\n[assistant]"))  # fmt: skip
+    assert inline.engine.loaded.tokenizer.render_chat(messages) != "[user] Hi there\n[assistant]"  # the model's own stays
+    inline.close()
+    (tmp_path / "plain.jinja").write_text(PLAIN)
+    args = build_parser().parse_args(["serve", str(chat_model_dir), "--chat-template", str(tmp_path / "plain.jinja")])
+    from_file = LLM(str(chat_model_dir), chat_template=engine_config(args).chat_template)
+    assert from_file.tokenizer.render_chat(messages) == "[user] Hi there\n[assistant]"
+    from_file.close()
+    with pytest.raises(ValueError, match=r"not valid Jinja \(line 1\)"):
+        LLM(str(chat_model_dir), chat_template="{% for m in messages %}{{ m.content }}")
+    with pytest.raises(ValueError, match="neither a Jinja template nor a readable file"):
+        LLM(str(chat_model_dir), chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_a_server_s_chat_template_shapes_its_prompts_and_a_request_s_own_is_refused(chat_model_dir, server):
+    from dataclasses import replace
+
+    from tests.server.conftest import engine_config, start_server
+
+    s = start_server(replace(engine_config(chat_model_dir, store=False), chat_template=PLAIN))
+    try:
+        tok = s.app.state.engine_loop.engine.tokenizer
+        ids = httpx.post(f"{s.url}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}, timeout=60).json()["tokens"]
+        assert tok.decode(ids) == "[user] Hi\n[assistant]"
+    finally:
+        s.stop()
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "chat_template": PLAIN}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text

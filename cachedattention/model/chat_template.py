@@ -1,0 +1,37 @@
+"""A chat template given in place of the tokenizer's own (vLLM's --chat-template): the template
+itself, or a file that holds it; checked for Jinja syntax when the engine starts, not at the first
+chat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+JINJA_MARKS = ("{{", "{%", "{#", "\n")  # what only a template (not a file name) holds
+
+
+def resolve_chat_template(value: str) -> str:
+    """The template's text: `value` itself when it reads as a template, else the file it names."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("a chat template must be a non-empty string: a Jinja template or a file that holds one")
+    if any(mark in value for mark in JINJA_MARKS):
+        text = value
+    else:
+        path = Path(value).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"chat template {value!r} is neither a Jinja template nor a readable file: {e}") from None
+    _check_syntax(text)
+    return text
+
+
+def _check_syntax(text: str) -> None:
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])  # as transformers renders
+    try:
+        env.parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from None
