@@ -15,6 +15,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+                   help="sampling defaults where a request sets none: the model's generation_config.json (auto), "
+                        "none (vllm), or a folder's (as vLLM's)")
     p.add_argument("--chat-template", default=None, metavar="TEMPLATE",
                    help="a Jinja chat template, or a file holding one, instead of the tokenizer's (as vLLM's)")
     p.add_argument("--page-size", type=int, default=16)
@@ -53,6 +56,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                   long_prefill_token_threshold=args.long_prefill_token_threshold),
         chat_template=getattr(args, "chat_template", None),
+        generation_config=getattr(args, "generation_config", "auto"),
         store=StoreConfig(
             enable=not args.no_store,
             store_dir=args.store_dir,

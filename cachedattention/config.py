@@ -89,6 +89,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     store: StoreConfig = StoreConfig(enable=False)
     chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the tokenizer's
+    # the model's sampling defaults (vLLM's --generation-config): "auto" reads generation_config.json
+    # beside the weights, "vllm" ignores it, a folder reads that folder's file
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -46,6 +46,7 @@ class LLM:
         store: StoreConfig | None = None,
         loaded: LoadedModel | None = None,
         chat_template: str | None = None,
+        generation_config: str = "auto",
         **store_options: Any,
     ) -> None:
         store_cfg = store or StoreConfig(enable=enable_store)
@@ -64,6 +65,7 @@ class LLM:
             scheduler=scheduler or SchedulerConfig(),
             store=store_cfg,
             chat_template=chat_template,
+            generation_config=generation_config,
         )
         self.engine = LLMEngine(self.config, loaded=loaded)
 
@@ -78,6 +80,11 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without SamplingParams samples with: their defaults, with the model's own
+        generation config over them (as vLLM's)."""
+        return self.engine.default_params()
 
     def generate(
         self,

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,7 @@ from cachedattention.errors import InvalidRequest
 from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
 from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.chat_template import resolve_chat_template
+from cachedattention.model.generation_defaults import generation_defaults
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
 from cachedattention.outputs import RequestMetrics, RequestOutput
 from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob, token_logprobs
@@ -47,6 +49,9 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("a chat template needs the model's tokenizer, and this model has none")
             self.tokenizer = self.tokenizer.with_chat_template(resolve_chat_template(config.chat_template))
+        folder = Path(config.model).expanduser() if config.model is not None else None
+        # the request fields the model's generation config sets: where a request sets none
+        self.sampling_defaults = generation_defaults(config.generation_config, folder if folder and folder.is_dir() else None)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         self.dtype = resolve_dtype(config.dtype)
         self.model = self.loaded.model
@@ -114,7 +119,7 @@ class LLMEngine:
         save_to_store: bool = True,
         add_special_tokens: bool = True,
     ) -> str:
-        params = params or SamplingParams()
+        params = params or self.default_params()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
@@ -163,6 +168,11 @@ class LLMEngine:
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def default_params(self) -> SamplingParams:
+        """A request's params when none are given: SamplingParams' defaults, with the model's own
+        (its generation config) over them, as vLLM's get_default_sampling_params."""
+        return SamplingParams(**self.sampling_defaults)
 
     def _guided_constraint(self, params: SamplingParams) -> GuidedConstraint | None:
         """JSON mode, a JSON schema, a choice, a pattern, a grammar or a forced tool call: the tokens each step may take."""

@@ -319,7 +319,7 @@ class OpenAIRoutes:
     async def _generate(self, request: Request, chat: bool) -> Response:
         body = parse_json_object(await request.body())
         parse = parse_chat if chat else parse_completion
-        parsed = parse(body, request.headers.get("x-session-id"), self.max_model_len)
+        parsed = parse(body, request.headers.get("x-session-id"), self.max_model_len, self.loop.engine.sampling_defaults)
         self._check_model(parsed.model)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams = await self._submit(rid, parsed)

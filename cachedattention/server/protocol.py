@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -203,7 +204,11 @@ def _prompt_logprobs(body: dict, stream: bool) -> int | None:
     return v
 
 
-def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> SamplingParams:
+def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+    """The request's SamplingParams; `defaults` (the model's generation config) fill in the sampling
+    fields it leaves out, and bound the answer's length when it gives none (as vLLM)."""
+    defaults = defaults or {}
+    body = {**body, **{k: v for k, v in defaults.items() if k != "max_tokens" and body.get(k) is None}}
     max_tokens = _integer(body, "max_completion_tokens")
     key = "max_completion_tokens"
     if max_tokens is None:
@@ -230,7 +235,7 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True) -> Sampli
     try:
         return SamplingParams(
             # no max_tokens: generate until EOS or the end of the window (the engine stops there)
-            max_tokens=max_tokens if max_tokens is not None else max_model_len,
+            max_tokens=max_tokens if max_tokens is not None else min(defaults.get("max_tokens", max_model_len), max_model_len),
             temperature=1.0 if temperature is None else (0.0 if temperature < GREEDY_BELOW else temperature),
             top_p=1.0 if top_p is None else top_p,
             top_k=max(top_k or 0, 0),
@@ -276,7 +281,8 @@ def _token_ids(body: dict, key: str) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _common(body: dict, session_header: str | None, max_model_len: int, chat: bool) -> dict[str, Any]:
+def _common(body: dict, session_header: str | None, max_model_len: int, chat: bool,
+            defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     ignored = sorted(set(body) - FIELDS - (CHAT_FIELDS if chat else {"prompt"}))
     if ignored:  # as vLLM: served, with the operator told what was not used
         log.warning("fields present in the request but not used by this server: %s", ", ".join(ignored)[:500])
@@ -309,7 +315,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     prompt_only = echo and is_int(asked) and asked == 0
     if prompt_only:
         body = {**body, "max_tokens": 1, "max_completion_tokens": None}
-    params = sampling_params(body, max_model_len, chat)
+    params = sampling_params(body, max_model_len, chat, defaults)
     prompt_logprobs = _prompt_logprobs(body, stream)
     # echo with logprobs lists the prompt's tokens too: the engine computes them for the larger of the two
     wanted = [v for v in (prompt_logprobs, params.logprobs if echo else None) if v is not None]
@@ -365,7 +371,8 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool, tuple[str, ..
     return tools, True, (name,)
 
 
-def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:
+def parse_chat(body: dict, session_header: str | None, max_model_len: int,
+               defaults: Mapping[str, Any] | None = None) -> ParsedRequest:  # fmt: skip
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {'role': ..., 'content': ...} objects", "messages")
@@ -382,7 +389,7 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int) -> Pa
     for i, m in enumerate(out):
         _text(m["content"], f"messages[{i}].content")
     tools, parse_calls, forced = _tools(body)
-    common = _common(body, session_header, max_model_len, chat=True)
+    common = _common(body, session_header, max_model_len, chat=True, defaults=defaults)
     if forced:
         if common["params"].guided:
             asked = ("response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar", "structured_outputs")
@@ -413,7 +420,8 @@ def chat_options(body: dict, messages: list[dict[str, Any]]) -> ChatOptions:
     return options
 
 
-def parse_completion(body: dict, session_header: str | None, max_model_len: int) -> ParsedRequest:
+def parse_completion(body: dict, session_header: str | None, max_model_len: int,
+                     defaults: Mapping[str, Any] | None = None) -> ParsedRequest:  # fmt: skip
     prompt = body.get("prompt")
     # a batch of exactly one prompt is the same as that prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -430,7 +438,7 @@ def parse_completion(body: dict, session_header: str | None, max_model_len: int)
         raise bad("prompt must be a non-empty string or a non-empty list of token ids", "prompt", "invalid_type")
     # as vLLM: a text prompt gets what the tokenizer adds around a text (Llama's BOS) unless told not to
     specials = flag(body, "add_special_tokens", True)
-    return ParsedRequest(prompt=prompt, add_special_tokens=specials, **_common(body, session_header, max_model_len, chat=False))
+    return ParsedRequest(prompt=prompt, add_special_tokens=specials, **_common(body, session_header, max_model_len, chat=False, defaults=defaults))
 
 
 class BodyLimitMiddleware:

@@ -1,0 +1,65 @@
+"""The model's own sampling defaults, as vLLM's --generation-config: generation_config.json's
+temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens (as max_tokens), used where a
+request (or an LLM call without SamplingParams) sets none. "auto" reads the model's folder, "vllm"
+ignores it, a folder reads that folder's file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# generation_config.json's key -> (the request field, whether a value is allowed)
+FIELDS = {
+    "temperature": ("temperature", lambda v: _number(v) and 0.0 <= v <= 2.0),
+    "top_p": ("top_p", lambda v: _number(v) and 0.0 < v <= 1.0),
+    "top_k": ("top_k", lambda v: _integer(v) and v >= -1),
+    "min_p": ("min_p", lambda v: _number(v) and 0.0 <= v <= 1.0),
+    "repetition_penalty": ("repetition_penalty", lambda v: _number(v) and 0.0 < v <= 10.0),
+    "max_new_tokens": ("max_tokens", lambda v: _integer(v) and v > 0),
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def generation_defaults(source: str, model_dir: Path | None) -> dict[str, Any]:
+    """The request fields the model's generation config sets (those it sets outside their ranges are
+    left out, with a warning); {} for "vllm", or where there is no such file in "auto"'s folder."""
+    if source == "vllm":
+        return {}
+    folder = model_dir if source == "auto" else Path(source).expanduser()
+    if folder is None:  # a GGUF file or the embedded model: no generation config beside it
+        return {}
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        if source != "auto":
+            raise ValueError(f"generation config folder {source!r} holds no generation_config.json")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    out: dict[str, Any] = {}
+    for key, (field, allowed) in FIELDS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if not allowed(value):
+            log.warning("%s: %s=%r is out of range; the server's default is used instead", path, key, value)
+            continue
+        out[field] = max(value, 0) if field == "top_k" else value  # -1 and 0 both mean off
+    if out:
+        log.info("sampling defaults from the model's generation config (a request's own values win): %s", out)
+    return out
