@@ -21,6 +21,9 @@ def cases(depth: int) -> list[tuple[str, str, str]]:
         ("40 rules doubling their readings", f'root ::= t0 "z"\n{doubling}\nt40 ::= ""', "z"),
         ('eight nested ("a"){0,3}', "root ::= " + "(" * 8 + '"a"' + "){0,3}" * 8 + ' "z"', "aaaz"),
         ('eight nested ("a"?){0,1000}', "root ::= " + "(" * 8 + '"a"?' + "){0,1000}" * 8 + ' "z"', "aaaz"),
+        ('forty nested ("a"?){0,1000}', "root ::= " + "(" * 40 + '"a"?' + "){0,1000}" * 40 + ' "z"', "aaz"),
+        ("up to 1,000 lines", 'root ::= (line "\\n"?){0,1000} "END"\nline ::= [^\\n]*', "hello world\n" * 10 + "END"),
+        ("an ambiguous grammar, 2,000 characters", 'root ::= e\ne ::= "a" e? "c"?', "a" * 2000),
         ("a chain of 8,000 rules", f"root ::= r0\n{chain}\nr8000 ::= \"y\"", "y"),
         (f"{depth} nested parentheses", 'root ::= "(" root ")" | "x"', "(" * depth + "x" + ")" * depth),
     ]

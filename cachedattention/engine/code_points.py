@@ -80,10 +80,12 @@ class CodePointRecognizer(ABC):
     def _memos(self) -> list[dict]:
         return [self._steps, self._spans]
 
-    def _remember(self, memo: dict, key: Hashable, value: object) -> None:
+    def _remember(self, memo: dict, key: Hashable, value: object, weight: int | None = None) -> None:
         """Remember a step; past MEMO_WEIGHT (counted in states' elements, as large NFA state sets
-        weigh kilobytes each) all memories start over."""
-        self._weight += 1 + (len(value) if isinstance(value, (frozenset, tuple)) else 0)
+        weigh kilobytes each, or as `weight` says) all memories start over."""
+        if weight is None:
+            weight = 1 + (len(value) if isinstance(value, (frozenset, tuple)) else 0)
+        self._weight += weight
         if self._weight > MEMO_WEIGHT:
             for m in self._memos():
                 m.clear()

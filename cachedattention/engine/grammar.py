@@ -151,8 +151,8 @@ class _GrammarParser(PatternParser):
     def quantifier(self) -> tuple[int, int | None] | None:
         """As a pattern's, after any whitespace (llama.cpp takes `"a" *`), and with GBNF's {,n}."""
         self.space()
-        end = self.text.find("}", self.pos)
-        if self.peek(2) == "{," and end > 0 and ascii_digits(self.text[self.pos + 2 : end]):
+        end = self.text.find("}", self.pos) if self.peek(2) == "{," else -1  # (a search per item would be quadratic)
+        if end > 0 and ascii_digits(self.text[self.pos + 2 : end]):
             high = int(self.text[self.pos + 2 : end])  # {,n} is {0,n} (no other reading to differ from)
             if high > MAX_REPEAT:
                 raise self.error(f"a repetition bound above {MAX_REPEAT} is not supported")
@@ -329,6 +329,7 @@ class _Position:
         self.returned_sets: set[frozenset] = set()  # sets of earlier nodes returned to
         self.todo: list[tuple[str, object]] = []
         self.complete = False  # the root returned: the text may end here
+        self.unions: dict[frozenset, frozenset] = {}  # sets of sets below -> their union
 
     def reach(self, frame: tuple[int, int]) -> None:
         if frame not in self.active:
@@ -350,7 +351,7 @@ class _Position:
 
     def _below_here(self, key: tuple, waiting: tuple) -> None:
         if self._link(self.here_below, key, waiting) and key in self.ended:
-            self.todo.append(("return", waiting))
+            self.ret((waiting,))
 
     def _include(self, key: tuple, other: tuple) -> None:
         if self._link(self.includes, key, other) and key in self.ended:
@@ -362,7 +363,7 @@ class _Position:
         for b in self.grammar.rules[rule]:
             if not self.grammar.alternatives[b]:  # it ends at once
                 if waiting is not None:
-                    self.todo.append(("return", waiting))
+                    self.ret((waiting,))
                 elif frame is not None:
                     self.todo.append(("ended", frame))
                 else:
@@ -376,11 +377,19 @@ class _Position:
                 self.below_earlier((b, 0), frozenset((self.grammar.bottom,)))
             self.reach((b, 0))
 
-    def ret(self, nodes: frozenset) -> None:
-        """Return to each of a set of earlier nodes (a set is shared by many keys: once is enough)."""
-        if nodes not in self.returned_sets:
+    def ret(self, nodes: Iterable) -> None:
+        """Return to each of these (earlier nodes, waiting keys here, the bottom) not returned to yet.
+        Sets of earlier nodes are shared by many keys and overlap: each set is looked at once, and
+        only its nodes not yet returned to go on (a set difference, not a walk of every member)."""
+        if isinstance(nodes, frozenset):
+            if nodes in self.returned_sets:
+                return
             self.returned_sets.add(nodes)
-            self.todo.extend(("return", node) for node in nodes)
+            new = nodes - self.returned
+        else:
+            new = {n for n in nodes if n not in self.returned}
+        self.returned |= new
+        self.todo.extend(("return", n) for n in new)
 
     def follow(self) -> None:
         alternatives = self.grammar.alternatives
@@ -400,12 +409,11 @@ class _Position:
             elif what == "ended":
                 if item not in self.ended:
                     self.ended.add(item)
-                    self.todo.extend(("return", key) for key in self.here_below.get(item, ()))
+                    self.ret(self.here_below.get(item, ()))
                     for nodes in self.earlier_below.get(item, ()):
                         self.ret(nodes)
                     self.todo.extend(("ended", key) for key in self.includes.get(item, ()))
-            elif item not in self.returned:  # a return to a waiting node here, an earlier node or the bottom
-                self.returned.add(item)
+            else:  # a return (once each) to a waiting node here, an earlier node or the bottom
                 if isinstance(item, tuple):
                     self._include(item[:2], item)
                     self.reach(item[:2])
@@ -444,6 +452,16 @@ class _Position:
                 order.append([key])
         return order
 
+    def _union(self, parts: frozenset) -> frozenset:
+        """The sets joined: once per position for the same sets (down a chain of keys they recur, and
+        joining thousands of nodes again at each key would make a position quadratic), and the
+        largest set itself where it holds the others (one object, not a copy each)."""
+        if parts not in self.unions:
+            largest = max(parts, key=len)
+            joined = largest.union(*parts)
+            self.unions[parts] = largest if len(joined) == len(largest) else joined
+        return self.unions[parts]
+
     def state(self) -> frozenset:
         """The nodes at a character set (and the bottom if the text may end here)."""
         alternatives = self.grammar.alternatives
@@ -466,12 +484,7 @@ class _Position:
             parts.update(below[k] for c in component for k in includes.get(c, ()) if k in below)
             if here:
                 parts.add(frozenset(node(k) for k in here))
-            if len(parts) == 1:
-                shared = parts.pop()  # the same set all down a chain of tail calls: one object, not a copy each
-            else:
-                largest = max(parts, key=len)
-                shared = largest.union(*parts)
-                shared = largest if len(shared) == len(largest) else shared
+            shared = parts.pop() if len(parts) == 1 else self._union(frozenset(parts))
             for c in component:
                 below[c] = shared
         found = {node(f) for f in tops}
@@ -519,8 +532,8 @@ class Grammar(CodePointRecognizer):
 
     def node(self, frame: tuple[int, int], below: frozenset) -> _Node:
         key = (frame, below)
-        if key not in self._nodes:
-            self._remember(self._nodes, key, _Node(frame, below))
+        if key not in self._nodes:  # weighed by its set below: large sets are what fill memory
+            self._remember(self._nodes, key, _Node(frame, below), weight=1 + len(below))
         return self._nodes[key]
 
     def _symbol(self, node: _Node) -> object:
@@ -541,8 +554,7 @@ class Grammar(CodePointRecognizer):
         if len(seeds) <= FEW_SEEDS:
             return self._merged([self._closure(seed) for seed in seeds])
         here = _Position(self)  # many ways on: one walk keeps the position linear in what it reaches
-        for seed in seeds:
-            here.ret(frozenset((seed,)))
+        here.ret(seeds)
         here.follow()
         return here.state()
 
