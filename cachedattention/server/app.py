@@ -319,7 +319,9 @@ class OpenAIRoutes:
     async def _generate(self, request: Request, chat: bool) -> Response:
         body = parse_json_object(await request.body())
         parse = parse_chat if chat else parse_completion
-        parsed = parse(body, request.headers.get("x-session-id"), self.max_model_len, self.loop.engine.sampling_defaults)
+        # in a worker thread: compiling a large schema or grammar must not hold up other requests' streams
+        parsed = await asyncio.to_thread(parse, body, request.headers.get("x-session-id"), self.max_model_len,
+                                         self.loop.engine.sampling_defaults)  # fmt: skip
         self._check_model(parsed.model)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams = await self._submit(rid, parsed)
