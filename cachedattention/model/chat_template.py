@@ -13,25 +13,26 @@ def resolve_chat_template(value: str) -> str:
     """The template's text: `value` itself when it reads as a template, else the file it names."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("a chat template must be a non-empty string: a Jinja template or a file that holds one")
-    if any(mark in value for mark in JINJA_MARKS):
-        text = value
-    else:
-        path = Path(value).expanduser()
+    path = Path(value).expanduser() if "\n" not in value else None
+    if path is not None and path.is_file():  # a file first (its name may hold braces), as vLLM
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"chat template {value!r} is neither a Jinja template nor a readable file: {e}") from None
+            raise ValueError(f"chat template file {value!r} cannot be read: {e}") from None
+    elif any(mark in value for mark in JINJA_MARKS):
+        text = value
+    else:
+        raise ValueError(f"chat template {value!r} is neither a Jinja template nor a readable file")
     _check_syntax(text)
     return text
 
 
 def _check_syntax(text: str) -> None:
+    """Compiled as transformers compiles it (its sandbox and extensions, e.g. {% generation %})."""
     import jinja2
-    import jinja2.ext
-    import jinja2.sandbox
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])  # as transformers renders
     try:
-        env.parse(text)
+        _compile_jinja_template(text)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from None

@@ -47,10 +47,13 @@ def generation_defaults(source: str, model_dir: Path | None) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read as JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+        if source != "auto":  # asked for by name: an error; beside the weights: served without (as vLLM)
+            raise ValueError(f"{path} cannot be read as a JSON object: {e}") from None
+        log.warning("%s cannot be read as a JSON object (%s); no sampling defaults from it", path, e)
+        return {}
     out: dict[str, Any] = {}
     for key, (field, allowed) in FIELDS.items():
         value = data.get(key)

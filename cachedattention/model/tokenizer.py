@@ -12,6 +12,8 @@ from cachedattention.errors import InvalidRequest
 from cachedattention.model.messages import ChatOptions
 
 log = logging.getLogger(__name__)
+# what a Jinja template raises while it runs on what it was given (jinja2's own errors are answered apart)
+RENDER_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError, RecursionError)
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
@@ -153,11 +155,12 @@ class Tokenizer:
             kwargs["chat_template"] = self.chat_template
         try:
             return self.hf.apply_chat_template(list(messages), tools=tools or None, tokenize=False, **kwargs)
-        except (TypeError, RecursionError) as e:  # a template variable of the wrong kind, or absurdly nested
-            if options is None or not options.template_kwargs:
-                raise
-            raise InvalidRequest(f"the chat template cannot be rendered with these chat_template_kwargs: {e}",
-                                 "chat_template_kwargs") from None  # fmt: skip
+        except RENDER_ERRORS as e:  # the template failed at run time: a 400 that says why, not a 500
+            if options is not None and options.template_kwargs:  # a variable of the wrong kind, absurdly nested
+                raise InvalidRequest(f"the chat template cannot be rendered with these chat_template_kwargs: {e}",
+                                     "chat_template_kwargs") from None  # fmt: skip
+            raise InvalidRequest(f"the chat template failed to render these messages: {type(e).__name__}: {e}",
+                                 "messages") from None  # fmt: skip
 
     def head_length(
         self, messages: Sequence[dict[str, Any]], prompt: Sequence[int], tools: list | None = None,

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cachedattention.server.api_error import error_body, error_response
 
 PROTECTED_PREFIX = "/v1"
-API_KEY_ENV = "CACHEDATTENTION_API_KEY"  # read by `serve` when --api-key is not given
+API_KEY_ENVS = ("CACHEDATTENTION_API_KEY", "VLLM_API_KEY")  # read by `serve` when --api-key is not given, in this order
 
 
 def checked_api_keys(keys: Sequence[str]) -> tuple[str, ...]:
@@ -26,10 +26,12 @@ def checked_api_keys(keys: Sequence[str]) -> tuple[str, ...]:
 
 
 def api_keys_from(flags: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[str, ...]:
-    """`serve`'s keys: the --api-key flags, or else $CACHEDATTENTION_API_KEY when it is set."""
+    """`serve`'s keys: the --api-key flags, or else $CACHEDATTENTION_API_KEY, or else $VLLM_API_KEY
+    (a deployment moved from vLLM keeps its key: it must not come up open)."""
     if flags:
         return checked_api_keys(flags)
-    return checked_api_keys([environ[API_KEY_ENV]]) if environ.get(API_KEY_ENV) else ()
+    found = next((environ[name] for name in API_KEY_ENVS if environ.get(name)), None)
+    return checked_api_keys([found]) if found else ()
 
 
 class ApiKeyMiddleware:

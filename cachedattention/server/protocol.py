@@ -227,15 +227,16 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
     presence = _number(body, "presence_penalty", -2.0, 2.0)
     frequency = _number(body, "frequency_penalty", -2.0, 2.0)
     repetition = _number(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, lo_open=True)
+    if max_tokens is None:  # generate until EOS or the end of the window (the engine stops there), or the model's own bound
+        max_tokens = min(defaults.get("max_tokens", max_model_len), max_model_len)
     min_tokens = _integer(body, "min_tokens")
-    if min_tokens is not None and not 0 <= min_tokens <= (max_tokens or max_model_len):
-        raise bad(f"min_tokens must be an integer in [0, max_tokens], got {min_tokens}", "min_tokens")
+    if min_tokens is not None and not 0 <= min_tokens <= max_tokens:
+        raise bad(f"min_tokens must be an integer in [0, max_tokens={max_tokens}], got {min_tokens}", "min_tokens")
     _reject_unsupported(body, chat)
     guided, guided_param = guided_fields(body)
     try:
         return SamplingParams(
-            # no max_tokens: generate until EOS or the end of the window (the engine stops there)
-            max_tokens=max_tokens if max_tokens is not None else min(defaults.get("max_tokens", max_model_len), max_model_len),
+            max_tokens=max_tokens,
             temperature=1.0 if temperature is None else (0.0 if temperature < GREEDY_BELOW else temperature),
             top_p=1.0 if top_p is None else top_p,
             top_k=max(top_k or 0, 0),
@@ -253,6 +254,8 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
         )
     except GuidedFormError as e:
         raise bad(f"{guided_param}: {e}", guided_param) from None
+    except ValueError as e:  # what the fields checked here let through, SamplingParams' own checks catch
+        raise bad(str(e)) from None
 
 
 def _vllm_sampling(body: dict, max_model_len: int) -> dict[str, Any]:

@@ -100,6 +100,14 @@ def test_a_chat_template_given_to_the_engine_replaces_the_tokenizer_s(chat_model
         LLM(str(chat_model_dir), chat_template="{% for m in messages %}{{ m.content }}")
     with pytest.raises(ValueError, match="neither a Jinja template nor a readable file"):
         LLM(str(chat_model_dir), chat_template=str(tmp_path / "missing.jinja"))
+    braced = tmp_path / "tpl{{v}}"  # a file's name may hold braces: a file first, as vLLM
+    braced.mkdir()
+    (braced / "t.jinja").write_text(PLAIN)
+    marked = "{% generation %}{{ messages[0].content }}{% endgeneration %}"  # transformers' own tag
+    for template, want in ((str(braced / "t.jinja"), "[user] Hi there\n[assistant]"), (marked, "Hi there")):
+        llm = LLM(str(chat_model_dir), chat_template=template)
+        assert llm.tokenizer.render_chat(messages) == want
+        llm.close()
 
 
 def test_a_server_s_chat_template_shapes_its_prompts_and_a_request_s_own_is_refused(chat_model_dir, server):
@@ -115,5 +123,22 @@ def test_a_server_s_chat_template_shapes_its_prompts_and_a_request_s_own_is_refu
     finally:
         s.stop()
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "chat_template": PLAIN}
-    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
+    for path in ("/v1/chat/completions", "/tokenize"):
+        r = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", (path, r.text)
+
+
+def test_a_template_that_fails_while_it_runs_is_a_400_that_says_why(chat_model_dir):
+    from dataclasses import replace
+
+    from tests.server.conftest import engine_config, start_server
+
+    failing = "{{ messages | length + 'x' }}"  # compiles; adding a number and a string fails at render
+    s = start_server(replace(engine_config(chat_model_dir, store=False), chat_template=failing))
+    try:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        for path in ("/v1/chat/completions", "/tokenize"):
+            r = httpx.post(f"{s.url}{path}", json=body, timeout=60)
+            assert r.status_code == 400 and "failed to render" in r.json()["error"]["message"], (path, r.text)
+    finally:
+        s.stop()

@@ -40,6 +40,16 @@ def test_an_llm_call_without_params_samples_with_the_model_s_defaults(configured
         LLM(str(configured_dir), generation_config=str(configured_dir / "nowhere"))
 
 
+
+def test_a_broken_generation_config_is_skipped_beside_the_weights_and_refused_by_name(chat_model_dir, tmp_path):
+    from cachedattention.model.generation_defaults import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text("{not json")
+    assert generation_defaults("auto", tmp_path) == {}  # served without, as vLLM
+    with pytest.raises(ValueError, match="cannot be read as a JSON object"):
+        generation_defaults(str(tmp_path), None)
+
+
 def test_a_request_s_own_values_win_over_the_model_s(configured_dir):
     from cachedattention.cli import build_parser
     from cachedattention.cli import engine_config as cli_engine_config
@@ -56,6 +66,9 @@ def test_a_request_s_own_values_win_over_the_model_s(configured_dir):
         r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 5, "temperature": 1.0,
                                                         "seed": 1, "n": 4}, timeout=60).json()  # fmt: skip
         assert r["usage"]["completion_tokens"] == 20 and len({c["text"] for c in r["choices"]}) > 1
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello", "min_tokens": 10}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text  # above the model's 3
+        assert "max_tokens=3" in r.json()["error"]["message"]
     finally:
         s.stop()
     args = build_parser().parse_args(["serve", str(configured_dir), "--generation-config", "vllm"])

@@ -424,6 +424,7 @@ def test_api_keys_guard_the_v1_routes_and_leave_the_probes_open(chat_model_dir):
         start_server(engine_config(chat_model_dir, store=False), api_keys=("has space",))
     assert api_keys_from(["a", "b"], {"CACHEDATTENTION_API_KEY": "env"}) == ("a", "b")  # the flags win
     assert api_keys_from(None, {"CACHEDATTENTION_API_KEY": "env"}) == ("env",) and api_keys_from(None, {}) == ()
+    assert api_keys_from(None, {"VLLM_API_KEY": "moved"}) == ("moved",)  # a deployment from vLLM stays guarded
 
 
 def test_unknown_routes_and_methods_use_openai_errors(server):
