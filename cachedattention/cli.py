@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer 408 when no part of a request body arrives for this long")
     serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
                        help="the /v1 routes answer 401 unless sent 'Authorization: Bearer KEY' (repeat for more keys; "
-                            "as vLLM's --api-key; default: $CACHEDATTENTION_API_KEY, if set)")
+                            "as vLLM's --api-key; default: $CACHEDATTENTION_API_KEY or $VLLM_API_KEY, if set)")
     serve.add_argument("--allowed-origins", type=origins_list, default=["*"], metavar="ORIGINS",
                        help="origins whose pages may call the server (CORS): a JSON list as vLLM takes it, or "
                             "comma-separated; '[]' for none (default: any origin, as vLLM)")
