@@ -7,29 +7,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
+
+from cachedattention.sampling import is_int, is_number
 
 log = logging.getLogger(__name__)
 
 # generation_config.json's key -> (the request field, whether a value is allowed)
 FIELDS = {
-    "temperature": ("temperature", lambda v: _number(v) and 0.0 <= v <= 2.0),
-    "top_p": ("top_p", lambda v: _number(v) and 0.0 < v <= 1.0),
-    "top_k": ("top_k", lambda v: _integer(v) and v >= -1),
-    "min_p": ("min_p", lambda v: _number(v) and 0.0 <= v <= 1.0),
-    "repetition_penalty": ("repetition_penalty", lambda v: _number(v) and 0.0 < v <= 10.0),
-    "max_new_tokens": ("max_tokens", lambda v: _integer(v) and v > 0),
+    "temperature": ("temperature", lambda v: is_number(v) and 0.0 <= v <= 2.0),
+    "top_p": ("top_p", lambda v: is_number(v) and 0.0 < v <= 1.0),
+    "top_k": ("top_k", lambda v: is_int(v) and v >= -1),
+    "min_p": ("min_p", lambda v: is_number(v) and 0.0 <= v <= 1.0),
+    "repetition_penalty": ("repetition_penalty", lambda v: is_number(v) and 0.0 < v <= 10.0),
+    "max_new_tokens": ("max_tokens", lambda v: is_int(v) and v > 0),
 }
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _integer(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def generation_defaults(source: str, model_dir: Path | None) -> dict[str, Any]:
