@@ -7,6 +7,7 @@ from typing import Any, overload
 
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
+from cachedattention.model.chat_template import resolve_chat_template
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.outputs import RequestOutput
@@ -113,6 +114,7 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> RequestOutput: ...
 
     @overload
@@ -126,20 +128,25 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]: ...
 
     def chat(self, messages, params=None, session_id=None, tools=None, *, add_generation_prompt=True,
-             continue_final_message=False, chat_template_kwargs=None):  # fmt: skip
+             continue_final_message=False, chat_template_kwargs=None, chat_template=None):  # fmt: skip
         """One assistant turn for a conversation; with a session_id its KV is reused next turn.
 
         A list of conversations (as vLLM's chat) runs them together and returns one output each;
         `params` and `session_id` are then one for all or one per conversation (ids must differ).
         `tools`: OpenAI-style function definitions, for chat templates that describe them to the model.
         As vLLM's: `continue_final_message` (with add_generation_prompt False) has the model go on
-        with the last message, the assistant's; `chat_template_kwargs` are extra template variables."""
+        with the last message, the assistant's; `chat_template_kwargs` are extra template variables;
+        `chat_template` (a Jinja template or the file holding one) renders this call's messages."""
         options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs or {})
-        if self.engine.tokenizer is None:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
             raise ValueError("this model has no tokenizer, so chat() cannot render messages")
+        if chat_template is not None:
+            tokenizer = tokenizer.with_chat_template(resolve_chat_template(chat_template))
         batch = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
         convs = list(messages) if batch else [messages]
         sessions = _one_each(session_id, len(convs), "session_id")
@@ -149,8 +156,8 @@ class LLM:
         items = []
         for conv, sp, sid in zip(convs, _one_each(params, len(convs), "params"), sessions):
             conv = validate_messages(conv)
-            prompt = self.engine.tokenizer.encode_chat(conv, tools=tools, options=options)
-            head = self.engine.tokenizer.head_length(conv, prompt, tools, options) if sid is not None else 0
+            prompt = tokenizer.encode_chat(conv, tools=tools, options=options)
+            head = tokenizer.head_length(conv, prompt, tools, options) if sid is not None else 0
             items.append((prompt, sp, sid, head))
         outs = self._run(self._submit(items))
         return outs if batch else outs[0]

@@ -91,6 +91,14 @@ def test_a_chat_template_given_to_the_engine_replaces_the_tokenizer_s(chat_model
         inline.tokenizer.encode("[user] Hi there\n[assistant]"))  # fmt: skip
     assert inline.engine.loaded.tokenizer.render_chat(messages) != "[user] Hi there\n[assistant]"  # the model's own stays
     inline.close()
+    own = LLM(str(chat_model_dir))  # vLLM's per-call chat(..., chat_template=...): that call alone
+    once = own.chat(messages, SamplingParams(max_tokens=2, temperature=0), chat_template=PLAIN)
+    after = own.chat(messages, SamplingParams(max_tokens=2, temperature=0))
+    assert once.metrics.prompt_tokens == len(own.tokenizer.encode("[user] Hi there\n[assistant]"))
+    assert after.metrics.prompt_tokens == len(own.tokenizer.encode_chat(messages)) != once.metrics.prompt_tokens
+    with pytest.raises(ValueError, match="not valid Jinja"):
+        own.chat(messages, chat_template="{% if %}")
+    own.close()
     (tmp_path / "plain.jinja").write_text(PLAIN)
     args = build_parser().parse_args(["serve", str(chat_model_dir), "--chat-template", str(tmp_path / "plain.jinja")])
     from_file = LLM(str(chat_model_dir), chat_template=engine_config(args).chat_template)
