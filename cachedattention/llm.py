@@ -7,7 +7,6 @@ from typing import Any, overload
 
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
-from cachedattention.model.chat_template import resolve_chat_template
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.outputs import RequestOutput
@@ -146,7 +145,7 @@ class LLM:
         if tokenizer is None:
             raise ValueError("this model has no tokenizer, so chat() cannot render messages")
         if chat_template is not None:
-            tokenizer = tokenizer.with_chat_template(resolve_chat_template(chat_template))
+            tokenizer = tokenizer.with_chat_template(chat_template)
         batch = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
         convs = list(messages) if batch else [messages]
         sessions = _one_each(session_id, len(convs), "session_id")

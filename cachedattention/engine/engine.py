@@ -21,7 +21,6 @@ from cachedattention.engine.scheduler import Scheduler
 from cachedattention.errors import InvalidRequest
 from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
 from cachedattention.kvcache.page_pool import PagePool
-from cachedattention.model.chat_template import resolve_chat_template
 from cachedattention.model.generation_defaults import generation_defaults
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
 from cachedattention.outputs import RequestMetrics, RequestOutput
@@ -48,7 +47,7 @@ class LLMEngine:
         if config.chat_template is not None:
             if self.tokenizer is None:
                 raise ValueError("a chat template needs the model's tokenizer, and this model has none")
-            self.tokenizer = self.tokenizer.with_chat_template(resolve_chat_template(config.chat_template))
+            self.tokenizer = self.tokenizer.with_chat_template(config.chat_template)
         folder = Path(config.model).expanduser() if config.model is not None else None
         # the request fields the model's generation config sets: where a request sets none
         self.sampling_defaults = generation_defaults(config.generation_config, folder if folder and folder.is_dir() else None)

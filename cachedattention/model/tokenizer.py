@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cachedattention.errors import InvalidRequest
+from cachedattention.model.chat_template import resolve_chat_template
 from cachedattention.model.messages import ChatOptions
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,10 @@ class Tokenizer:
 
         return cls(AutoTokenizer.from_pretrained(path, **kwargs))
 
-    def with_chat_template(self, template: str) -> Tokenizer:
-        """The same tokenizer with another chat template (the loaded model's is left as it is)."""
-        return Tokenizer(self.hf, template)
+    def with_chat_template(self, template_or_file: str) -> Tokenizer:
+        """The same tokenizer with another chat template, given as a Jinja template or the file that
+        holds one, checked as transformers compiles it (the loaded model's is left as it is)."""
+        return Tokenizer(self.hf, resolve_chat_template(template_or_file))
 
     @property
     def eos_token_id(self) -> int | None:
