@@ -44,6 +44,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disk-ttl-s", type=float, default=None,
                    help="forget sessions whose KV has not been used for this many seconds (default: keep)")
     g.add_argument("--truncation", default="reuse", choices=["reuse", "recompute", "off"])
+    g.add_argument("--remote-url", default=None, metavar="URL",
+                   help="remote tier shared by replicas: a Redis-protocol server (redis://HOST:PORT/DB, rediss://..., "
+                        "unix:///PATH.sock); each turn is published there, and a session another replica served is "
+                        "fetched from there (needs `pip install redis`)")
+    g.add_argument("--remote-wait-s", type=float, default=StoreConfig.remote_wait_s,
+                   help="longest wait at admission for a turn's KV still coming from the remote tier (then recompute)")
+    g.add_argument("--remote-timeout-s", type=float, default=StoreConfig.remote_timeout_s,
+                   help="a call to the remote tier gives up after this long")
+    g.add_argument("--remote-ttl-s", type=float, default=None,
+                   help="the remote server forgets values not written again for this long (default: its own eviction)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -71,6 +81,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             disk_ttl_s=args.disk_ttl_s,
             write_through=not args.write_back,
             truncation=args.truncation,
+            remote_url=args.remote_url,
+            remote_wait_s=args.remote_wait_s,
+            remote_timeout_s=args.remote_timeout_s,
+            remote_ttl_s=args.remote_ttl_s,
         ),
     )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cachedattention.store.remote import check_remote_url
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -60,6 +62,12 @@ class StoreConfig:
     truncation: str = "reuse"  # "reuse" (keep KV at new positions) | "recompute" (paper's baseline) | "off"
     keep_head_tokens: int | None = None  # None: the first turn's system prompt (found by the session)
     drop_fraction: float = 0.5
+    # a Redis-protocol store shared by replicas (redis://HOST:PORT/DB, rediss://, unix:///PATH): every
+    # session's turns published there, a session another replica served fetched from there
+    remote_url: str | None = None
+    remote_timeout_s: float = 2.0  # a call to the remote store gives up after this long
+    remote_wait_s: float = 2.0  # at admission, wait at most this long for a turn's segments still coming from remote
+    remote_ttl_s: float | None = None  # the remote store forgets values not written again for this long (None: never)
 
     def __post_init__(self) -> None:
         if self.host_bytes < 0 or self.disk_bytes < 0:
@@ -74,6 +82,12 @@ class StoreConfig:
             raise ValueError(f"disk_ttl_s must be > 0 seconds or None, got {self.disk_ttl_s}")
         if not 0.0 < self.drop_fraction <= 1.0:
             raise ValueError(f"drop_fraction must be in (0, 1], got {self.drop_fraction}")
+        if self.remote_url is not None:
+            check_remote_url(self.remote_url)
+        if not self.remote_timeout_s > 0 or not self.remote_wait_s >= 0:
+            raise ValueError(f"remote_timeout_s must be > 0 and remote_wait_s >= 0 seconds, got {self.remote_timeout_s} and {self.remote_wait_s}")
+        if self.remote_ttl_s is not None and not self.remote_ttl_s >= 0.001:
+            raise ValueError(f"remote_ttl_s must be at least 0.001 seconds or None, got {self.remote_ttl_s}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 
 def empty_tiers() -> dict[str, int]:
-    return {"device": 0, "host": 0, "disk": 0}
+    return {"device": 0, "host": 0, "disk": 0, "remote": 0}
 
 
 @dataclass

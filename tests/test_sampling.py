@@ -124,7 +124,7 @@ def test_prompt_logprobs_match_transformers_over_chunked_prefill_and_skip_cached
     asked = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=2)
     llm.generate([prompt], plain, session_id="s")  # the prompt's KV is now in the device cache and the store
     out, side = llm.generate([prompt, other], [asked, plain])
-    assert side.prompt_logprobs is None and out.metrics.cached_tokens == {"device": 0, "host": 0, "disk": 0}
+    assert side.prompt_logprobs is None and out.metrics.cached_tokens == {"device": 0, "host": 0, "disk": 0, "remote": 0}
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)

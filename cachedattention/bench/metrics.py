@@ -25,7 +25,7 @@ from cachedattention.bench.cost import (
     serving_cost,
 )
 
-TIERS = ("device", "host", "disk")
+TIERS = ("device", "host", "disk", "remote")
 # Prefill and TTFT may come from different timer reads; allow that much disagreement.
 _CLOCK_SLACK_S = 1e-6
 

@@ -171,13 +171,22 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
+_ID_SAMPLES, _ID_CHUNK = 8, 64 << 10
+
+
 def _weights_id(path: Path) -> str:
-    """Names and sizes of the weight files: cheap, and changes whenever the weights do."""
+    """Names, sizes and sampled bytes of the weight files: cheap (half a MiB read per file), changes
+    whenever the weights do, and the same for every copy of them, so replicas on other machines
+    (other file times) share the remote tier's sessions."""
     # the blocks file is left out: it holds the same values (decoding from it is bit-identical)
     weights = sorted(f for f in path.glob("*.safetensors") if f.name != BLOCKS_FILE) if path.is_dir() else []
     files = [path] if path.is_file() else weights + sorted(path.glob("*.gguf"))
     h = hashlib.sha256()
     for f in files:
-        st = os.stat(f)
-        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+        size = os.stat(f).st_size
+        h.update(f"{f.name}:{size}:".encode())
+        with open(f, "rb") as fh:  # the header (tensor names, shapes) and 7 more samples spread over the data
+            for i in range(_ID_SAMPLES):
+                fh.seek(max(0, size - _ID_CHUNK) * i // (_ID_SAMPLES - 1))
+                h.update(fh.read(_ID_CHUNK))
     return h.hexdigest()[:16]

@@ -45,7 +45,7 @@ class ServerMetrics:
         self.finished = Counter(
             "cachedattention_requests_finished", "Finished requests by finish reason", ["finish_reason"], registry=r
         )
-        for tier in TIERS[:3]:
+        for tier in TIERS:
             self.cached_tokens.labels(tier)  # present from the start, at 0
 
     def observe_finished(self, out: RequestOutput) -> None:

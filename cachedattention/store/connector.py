@@ -8,6 +8,7 @@ decode step). Everything else stays in here.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -45,6 +46,7 @@ class TurnState:
     pending_load: LoadJob | None = None
     # recompute this turn without the store (a load failed through no segment's fault, or prompt logprobs)
     bypass: bool = False
+    remote_deadline: float | None = None  # admission waits for segments coming from remote until then
 
 
 class StepHooks:
@@ -136,12 +138,16 @@ class StoreConnector:
     def lookup(self, req: Request, device_hit: int) -> int:
         """Tokens the store can supply for this request (the scheduler takes max(device, store))."""
         st: TurnState = req.store_state
+        if self.store.remote is not None and not st.bypass:
+            if st.remote_deadline is None:  # the turn's whole wait, however often admission asks
+                st.remote_deadline = time.monotonic() + self.config.remote_wait_s
+            self.store.remote.wait(st.plan.reuse, st.remote_deadline)
         st.tiers = [] if st.bypass else self.store.available(st.plan.reuse)
         st.reuse = [span for span, _ in st.tiers]
         st.hit = sum(s.length for s in st.reuse)
         limit = len(req.prompt_token_ids) - 1
         usable = min(st.hit, limit)
-        counts = {"host": 0, "disk": 0}
+        counts = {"host": 0, "disk": 0, "remote": 0}
         for _span, tier, a, b, _pos in _overlaps(st.tiers, device_hit, usable):
             counts[tier] += b - a
         req.metrics.cached_tokens.update(counts)
@@ -181,7 +187,7 @@ class StoreConnector:
         s = self.store.stats
         s.lookups += 1
         s.lookup_tokens += len(req.prompt_token_ids)
-        for tier in ("host", "disk"):
+        for tier in s.hit_tokens:
             s.hit_tokens[tier] += req.metrics.cached_tokens[tier]
 
     # -- the device read buffer: loading the queue head before it is admitted -------------------

@@ -10,30 +10,17 @@ import json
 import logging
 import os
 import sqlite3
-import struct
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cachedattention.store import segment_format
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 from cachedattention.store.write_pause import WritePause
 
 log = logging.getLogger(__name__)
-
-MAGIC = b"CATTNKV\x00"
-VERSION = 1
-_PREFIX = struct.Struct("<8sI")  # magic, header length
-_ALIGN = 64
-
-
-def _to_bytes(t: torch.Tensor) -> bytes:
-    t = t.contiguous()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: store the raw 16-bit patterns
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
 
 
 def _read_into(fd: int, buf: np.ndarray, offset: int) -> int:
@@ -151,33 +138,11 @@ class DiskTier:
         self._wrote()
         return size
 
-    def file_size(self, kv: SegmentKV) -> int:
-        header, _ = self._encode("x" * 32, kv, with_body=False)
-        return len(header) + kv.nbytes
+    def file_size(self, seg_id: str, kv: SegmentKV) -> int:
+        return segment_format.encoded_size(seg_id, kv, self.fingerprint, self.layout)
 
-    def _encode(self, seg_id: str, kv: SegmentKV, with_body: bool = True) -> tuple[bytes, list[bytes]]:
-        body: list[bytes] = []
-        sums: list[int] = []
-        if with_body:
-            for layer in range(kv.k.shape[0]):
-                kb, vb = _to_bytes(kv.k[layer]), _to_bytes(kv.v[layer])
-                sums.append(zlib.crc32(vb, zlib.crc32(kb)))
-                body += [kb, vb]
-        meta = {
-            "version": VERSION,
-            "seg_id": seg_id,
-            "fingerprint": self.fingerprint,
-            "num_tokens": kv.num_tokens,
-            "num_layers": self.layout.num_layers,
-            "kv_heads": self.layout.num_kv_heads,
-            "head_dim": self.layout.head_dim,
-            "dtype": str(self.layout.dtype).removeprefix("torch."),
-            "checksums": sums,
-        }
-        text = json.dumps(meta).encode()
-        total = _PREFIX.size + len(text)
-        pad = (-total) % _ALIGN
-        return _PREFIX.pack(MAGIC, len(text) + pad) + text + b" " * pad, body
+    def _encode(self, seg_id: str, kv: SegmentKV) -> tuple[bytes, list[bytes]]:
+        return segment_format.encode(seg_id, kv, self.fingerprint, self.layout)
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.seg_dir, os.O_RDONLY)
@@ -276,30 +241,16 @@ class SegmentReader:
         except OSError as e:
             raise CorruptSegment(f"{path.name}: cannot open ({e.strerror})") from e
         try:
-            magic, hlen = _PREFIX.unpack(self.f.read(_PREFIX.size))
-            if magic != MAGIC:
-                raise CorruptSegment(f"{path.name}: bad magic")
-            meta = json.loads(self.f.read(hlen))
-        except (struct.error, ValueError) as e:
+            meta, self.body = segment_format.parse_header(self.f.read(segment_format.PREFIX.size), self.f.read, path.name)
+            self.half = segment_format.check_header(
+                meta, self.body, os.fstat(self.f.fileno()).st_size, fingerprint, layout, path.name
+            )
+        except CorruptSegment:
             self.f.close()
-            raise CorruptSegment(f"{path.name}: unreadable header") from e
+            raise
         self.meta = meta
         self.layout = layout
         self.n = meta["num_tokens"]
-        self.body = _PREFIX.size + hlen
-        self.half = self.n * layout.token_bytes()
-        problems = []
-        if meta.get("version") != VERSION:
-            problems.append(f"version {meta.get('version')}")
-        if meta.get("fingerprint") != fingerprint:
-            problems.append("model fingerprint differs")
-        if meta.get("dtype") != str(layout.dtype).removeprefix("torch."):
-            problems.append("dtype differs")
-        if os.fstat(self.f.fileno()).st_size != self.body + 2 * layout.num_layers * self.half:
-            problems.append("wrong file size (truncated?)")
-        if problems:
-            self.f.close()
-            raise CorruptSegment(f"{path.name}: " + ", ".join(problems))
         if hasattr(os, "posix_fadvise"):  # layers are read in order: let the kernel read the rest ahead
             os.posix_fadvise(self.f.fileno(), self.body, 0, os.POSIX_FADV_WILLNEED)
 
@@ -309,13 +260,8 @@ class SegmentReader:
         memory costs a page fault per 4 KiB); by default a new tensor."""
         # straight into the tensor the K and V views share: the read is this layer's only copy
         raw = torch.empty(2 * self.half, dtype=torch.uint8) if into is None else into[: 2 * self.half]
-        buf = raw.numpy()
-        got = _read_into(self.f.fileno(), buf, self.body + layer * 2 * self.half)
-        if got != 2 * self.half or zlib.crc32(buf) != self.meta["checksums"][layer]:
-            raise CorruptSegment(f"segment {self.meta['seg_id']}: layer {layer} checksum mismatch")
-        shape = (self.n, self.layout.num_kv_heads, self.layout.head_dim)
-        dtype = self.layout.dtype
-        return raw[: self.half].view(dtype).view(shape), raw[self.half :].view(dtype).view(shape)
+        got = _read_into(self.f.fileno(), raw.numpy(), self.body + layer * 2 * self.half)
+        return segment_format.layer_views(raw[:got], self.meta, self.layout, self.half, layer)
 
     @property
     def layer_nbytes(self) -> int:

@@ -22,6 +22,8 @@ from cachedattention.store.fresh_thread import call_in_fresh_thread
 from cachedattention.store.host import HostTier
 from cachedattention.store.ledger import TierLedger
 from cachedattention.store.policy import PolicyConfig, make_policy
+from cachedattention.store.remote import RemoteTier
+from cachedattention.store.remote_sync import RemoteSync
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 from cachedattention.store.session import SessionRecord, Span, TurnPlan, common_prefix, plan_turn
 
@@ -33,7 +35,7 @@ ANON_BLOCK = 16  # tokens per block of the anonymous-prefix index
 @dataclass
 class StoreStats:
     lookups: int = 0
-    hit_tokens: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
+    hit_tokens: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0, "remote": 0})
     lookup_tokens: int = 0
     host_evictions: int = 0
     disk_evictions: int = 0
@@ -77,6 +79,10 @@ class AttentionStore:
         self._next_expiry_s = 0.0  # monotonic time of the next TTL sweep
         self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
         self._io_thread.start()
+        self.remote: RemoteSync | None = None
+        if config.remote_url is not None:
+            tier = RemoteTier(config.remote_url, fingerprint, layout, timeout_s=config.remote_timeout_s, ttl_s=config.remote_ttl_s)
+            self.remote = RemoteSync(self, tier)
         if self.disk is not None:
             self._restore()
 
@@ -110,7 +116,9 @@ class AttentionStore:
 
     # -- planning a turn --------------------------------------------------------------------
     def plan(self, key: str | None, prompt: list[int], window: int, reserve: int, head_hint: int) -> tuple[str, TurnPlan]:
-        """Match a prompt against its session (or the longest anonymous prefix) and truncate if needed."""
+        """Match a prompt against its session (or the longest anonymous prefix) and truncate if needed.
+        With a remote tier, a session that another replica served further is adopted from there."""
+        remote = self.remote.read_record(key) if self.remote is not None and key is not None else None
         with self._lock:
             if key is None:
                 key, record = self._find_anon(prompt)
@@ -119,8 +127,22 @@ class AttentionStore:
                 record = self.records.get(key)
                 mode = self.config.truncation
             plan = plan_turn(record, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)
+            if remote is not None:  # adopt it if it serves more of this turn than what this replica holds
+                theirs = plan_turn(remote, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)
+                if theirs.hit > self._held(plan.reuse):
+                    self.remote.adopt(key, remote)
+                    plan = theirs
             self._ref_spans(plan.reuse, +1)
             return key, plan
+
+    def _held(self, spans: Sequence[Span]) -> int:
+        """Tokens of the first spans whose segments this replica holds (in a tier, or still saving)."""
+        held = 0
+        for span in spans:
+            if self._tier_of(span.seg_id) is None:
+                break
+            held += span.length
+        return held
 
     def release(self, spans: Sequence[Span]) -> None:
         with self._lock:
@@ -141,7 +163,7 @@ class AttentionStore:
 
     def _tier_of(self, seg_id: str) -> str | None:
         if self.host.contains(seg_id) or seg_id in self._pending:
-            return "host"
+            return "remote" if self.remote is not None and seg_id in self.remote.fresh else "host"
         if self.disk is not None and self.disk.contains(seg_id):
             return "disk"
         return None
@@ -165,6 +187,9 @@ class AttentionStore:
             self.records[key] = record
             if key.startswith("anon-"):
                 self._index_anon(record)
+            elif self.remote is not None:
+                self.remote.used(reuse)
+                self.remote.publish(key)
         if self.disk is not None:
             self._io.put(("record", key))
 
@@ -177,15 +202,20 @@ class AttentionStore:
                     done.set()
                 return
             self.stats.bytes_saved += kv.nbytes
-            if kv.nbytes <= self.host.budget and self._make_host_room(kv.nbytes, protect={seg_id}):
-                self.host.put(seg_id, kv)
-                self.ledger.put_host(seg_id, kv.nbytes, time.monotonic())
-                if self.disk is not None and self.config.write_through:
-                    self._io.put(("write", seg_id))
-            elif self.disk is not None:
-                self._write_to_disk(seg_id, kv)
+            self._place(seg_id, kv)
             if done:
                 done.set()
+
+    def _place(self, seg_id: str, kv: SegmentKV) -> bool:
+        """A new segment into host (room made by the policy), written through to disk if so configured;
+        straight to disk if host cannot take it. Whether a tier took it. Under the lock."""
+        if kv.nbytes <= self.host.budget and self._make_host_room(kv.nbytes, protect={seg_id}):
+            self.host.put(seg_id, kv)
+            self.ledger.put_host(seg_id, kv.nbytes, time.monotonic())
+            if self.disk is not None and self.config.write_through:
+                self._io.put(("write", seg_id))
+            return True
+        return self.disk is not None and self._write_to_disk(seg_id, kv)
 
     def add_segment_failed(self, seg_id: str) -> None:
         """The save thread could not build the segment: records naming it end before it."""
@@ -253,7 +283,7 @@ class AttentionStore:
 
     def _disk_room_for(self, seg_id: str, kv: SegmentKV) -> int | None:
         """Make room on disk for the segment's file; its size, or None (warned) if it cannot fit."""
-        size = self.disk.file_size(kv)
+        size = self.disk.file_size(seg_id, kv)
         if size > self.disk.budget or not self._make_disk_room(size, protect={seg_id}):
             log.warning("store: segment %s (%d bytes) does not fit the disk budget; dropped", seg_id, size)
             return None
@@ -434,6 +464,8 @@ class AttentionStore:
         """Wait for pending saves and I/O, then write every host-only segment to disk (shutdown)."""
         for ev in list(self._pending.values()):
             ev.wait(30)
+        if self.remote is not None:
+            self.remote.join()
         self._io.join()
         if self.disk is None:
             return
@@ -448,6 +480,8 @@ class AttentionStore:
 
     def close(self) -> None:
         self.flush()
+        if self.remote is not None:
+            self.remote.close()
         self._io.put(None)
         self._io_thread.join(timeout=10)
         if self.disk is not None:
@@ -464,8 +498,11 @@ class AttentionStore:
             self._forget_segment(seg)
 
     def _forget_segment(self, seg_id: str) -> None:
-        """No record or plan names it any more: free its bytes everywhere."""
+        """No record or plan names it any more: free its bytes everywhere (the remote store's copy is
+        shared with other replicas: the server's own eviction ages it out)."""
         self.host.evict(seg_id)
+        if self.remote is not None:
+            self.remote.forget(seg_id)
         if seg_id in self._writing:  # its file is being written: the writer frees the room it reserved
             entry = self.ledger.entry(seg_id)
             if entry is not None and entry.in_host:
@@ -520,6 +557,7 @@ class AttentionStore:
             "threshold_demotions": s.threshold_demotions,
             "expired_segments": s.expired_segments,
             "sessions": len(self.records),
+            **(self.remote.summary() if self.remote is not None else {}),
         }
 
     def check_integrity(self) -> None:
@@ -537,6 +575,8 @@ class AttentionStore:
                     e = self.ledger.entry(seg)
                     if e is None or not e.in_disk:
                         raise RuntimeError(f"disk segment {seg} missing from the ledger")
+                    if e.disk_nbytes != self.disk.size(seg):
+                        raise RuntimeError(f"disk segment {seg}: the ledger counts {e.disk_nbytes} bytes, its file has {self.disk.size(seg)}")
             for e in self.ledger.sessions():
                 if e.in_host and not self.host.contains(e.session_id):
                     raise RuntimeError(f"ledger says {e.session_id} is in host, but it is not")
@@ -547,3 +587,5 @@ class AttentionStore:
             for seg, n in counted.items():
                 if self._refs.get(seg, 0) < n:
                     raise RuntimeError(f"segment {seg} has fewer refs than records naming it")
+        if self.remote is not None:
+            self.remote.check_integrity()

@@ -46,7 +46,7 @@ def test_summarize_hand_computed_values():
     assert s.compute_s == pytest.approx(7.75)
     assert s.hit_rate == pytest.approx(250 / 600)
     assert s.hit_rate_by_tier == pytest.approx(
-        {"device": 50 / 600, "host": 100 / 600, "disk": 100 / 600}
+        {"device": 50 / 600, "host": 100 / 600, "disk": 100 / 600, "remote": 0.0}
     )
     assert s.cost.gpu_usd == pytest.approx(7.75 / 3600 * 5)
     assert s.cost.dram_usd == pytest.approx(2 * 10 / 3600 * 0.0088)

@@ -152,7 +152,7 @@ def test_fit_prompt_and_clamp(tiny_chat_dir):
     assert len(ids) <= len(full) // 2 and kept[-1] == msgs[-1] and kept[0]["content"] != msgs[0]["content"]
     ids, kept = fit_prompt(tok, msgs, len(full), drop_history=True)
     assert kept == msgs and ids == full
-    assert clamp_tiers({"device": 5, "host": 9}, 10) == {"device": 5, "host": 5, "disk": 0}
+    assert clamp_tiers({"device": 5, "host": 9}, 10) == {"device": 5, "host": 5, "disk": 0, "remote": 0}
 
 
 def _free_port_server(model_dir: Path):

@@ -1,0 +1,191 @@
+"""The remote tier: segments and session records in a Redis-protocol store shared by replicas.
+
+Any server that speaks Redis's protocol serves (Redis, Valkey, KeyDB, Dragonfly); its own memory
+limit and eviction (e.g. `maxmemory` with `allkeys-lru`) are the tier's budget. Keys are namespaced
+by a hash of the model fingerprint, and every value carries the fingerprint and its checksums, so
+replicas of another model, or a damaged value, are never served. The store calls this tier from
+its own threads only; after a failed call, calls pause for a few seconds (the replica serves from
+its local tiers meanwhile) instead of waiting for a timeout on every turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from urllib.parse import urlsplit
+
+from cachedattention.store import segment_format
+from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
+from cachedattention.store.write_pause import WritePause
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("redis", "rediss", "unix")
+_CHECKED_WRITES = 4096  # the latest writes check_integrity() verifies
+
+
+class RemoteError(OSError):
+    """A call to the remote store failed (down, unreachable, timed out, refused the value)."""
+
+
+def check_remote_url(url: str) -> None:
+    """ValueError unless `url` names a Redis-protocol server (redis://, rediss://, unix://)."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise ValueError(
+            f"remote_url must be a Redis-protocol URL (redis://HOST:PORT/DB, rediss://..., unix:///PATH.sock), got {url!r}"
+        )
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError(f"remote_url {url!r} names no socket path (unix:///PATH.sock)")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError(f"remote_url {url!r} names no host ({parts.scheme}://HOST:PORT)")
+
+
+def connect(url: str, timeout_s: float):
+    """A client of the server at `url` (nothing is sent yet)."""
+    check_remote_url(url)
+    try:
+        import redis
+    except ImportError as e:
+        raise ValueError(
+            "the remote tier needs the `redis` client: pip install 'cachedattention[remote]' (or pip install redis)"
+        ) from e
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+
+class RemoteTier:
+    """contains / put / get / evict / stats over segments (and session records) in a shared store.
+
+    Contract: `put` stores a segment under its id (every value self-checking: header, fingerprint,
+    per-layer checksums); `get` returns it, None if the store does not hold it (never stored, or
+    evicted by the server), or raises CorruptSegment if its value fails a check; `evict` deletes it.
+    Every call that cannot reach the store raises RemoteError (an OSError). The budget is the
+    server's: this tier never holds bytes of its own.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        fingerprint: str,
+        layout: KVLayout,
+        *,
+        timeout_s: float = 2.0,
+        ttl_s: float | None = None,
+        namespace: str = "cachedattention",
+        client=None,
+    ) -> None:
+        self.url = url
+        self.fingerprint = fingerprint
+        self.layout = layout
+        self.ttl_ms = int(ttl_s * 1000) if ttl_s is not None else None
+        self.client = client if client is not None else connect(url, timeout_s)
+        self.prefix = f"{namespace}:{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+        self.calls = WritePause(what="remote store call", meanwhile="turns are served from the local tiers")
+        self.bytes_written = 0
+        self.bytes_read = 0
+        self._written: OrderedDict[str, int] = OrderedDict()  # key -> value size, the latest writes
+
+    # -- keys -----------------------------------------------------------------------------------
+    def segment_key(self, seg_id: str) -> str:
+        return f"{self.prefix}:seg:{seg_id}"
+
+    def record_key(self, key: str) -> str:
+        return f"{self.prefix}:rec:{key}"
+
+    # -- calls ----------------------------------------------------------------------------------
+    def _call(self, fn, *args, **kwargs):
+        self.calls.check()  # raises while paused (an OSError), without waiting for a timeout
+        try:
+            import redis  # connect() imported it already
+
+            result = fn(*args, **kwargs)
+        except (redis.RedisError, OSError) as e:
+            self.calls.failed(e)
+            raise RemoteError(f"remote store {self.url}: {e}") from e
+        self.calls.succeeded()
+        return result
+
+    def _set(self, key: str, value: bytes) -> None:
+        self._call(self.client.set, key, value, px=self.ttl_ms)
+        self.bytes_written += len(value)
+        self._written[key] = len(value)
+        self._written.move_to_end(key)
+        while len(self._written) > _CHECKED_WRITES:
+            self._written.popitem(last=False)
+
+    # -- segments -------------------------------------------------------------------------------
+    def contains_many(self, seg_ids: list[str]) -> list[bool]:
+        pipe = self.client.pipeline(transaction=False)
+        for seg in seg_ids:
+            pipe.exists(self.segment_key(seg))
+        return [bool(n) for n in self._call(pipe.execute)]
+
+    def contains(self, seg_id: str) -> bool:
+        return self.contains_many([seg_id])[0]
+
+    def put(self, seg_id: str, kv: SegmentKV) -> int:
+        """Store a segment; its value's size."""
+        value = segment_format.encode_bytes(seg_id, kv, self.fingerprint, self.layout)
+        self._set(self.segment_key(seg_id), value)
+        return len(value)
+
+    def get(self, seg_id: str) -> SegmentKV | None:
+        value = self._call(self.client.get, self.segment_key(seg_id))
+        if value is None:
+            return None
+        self.bytes_read += len(value)
+        return segment_format.decode_bytes(value, self.fingerprint, self.layout, f"remote segment {seg_id}")
+
+    def evict(self, seg_id: str) -> None:
+        self._call(self.client.delete, self.segment_key(seg_id))
+        self._written.pop(self.segment_key(seg_id), None)
+
+    # -- session records ------------------------------------------------------------------------
+    def put_record(self, key: str, body: dict) -> None:
+        self._set(self.record_key(key), json.dumps({**body, "fingerprint": self.fingerprint}).encode())
+
+    def get_record(self, key: str) -> dict | None:
+        """The session's record as another replica (or this one) last published it; None if there is
+        none, or if it is not a record of this model (a warning: a damaged value is not served)."""
+        value = self._call(self.client.get, self.record_key(key))
+        if value is None:
+            return None
+        try:
+            body = json.loads(value)
+            if body.get("fingerprint") != self.fingerprint:
+                raise CorruptSegment("model fingerprint differs")
+            return body
+        except (ValueError, AttributeError, CorruptSegment) as e:
+            log.warning("store: the remote record of session %r is unreadable (%s); not served", key, e)
+            return None
+
+    # -- accounting -----------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        return {
+            "remote_bytes_written": self.bytes_written,
+            "remote_bytes_read": self.bytes_read,
+            "remote_failed_calls": self.calls.failures,
+        }
+
+    def check_integrity(self) -> None:
+        """Each of this tier's latest writes is on the server at the size written, or gone (evicted
+        or expired by the server, or overwritten by another replica's put of the same key)."""
+        keys = list(self._written)
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.strlen(key)
+        try:
+            sizes = self._call(pipe.execute)
+        except OSError:  # unreachable: nothing to check (what the replica serves comes from its local tiers)
+            return
+        for key, size in zip(keys, sizes):
+            if size not in (0, self._written[key]) and ":seg:" in key:
+                raise RuntimeError(f"remote tier: {key} holds {size} bytes, {self._written[key]} were written")
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception as e:  # closing must never fail a shutdown
+            log.debug("store: closing the remote client failed (%s)", e)

@@ -1,0 +1,246 @@
+"""Keeps a replica's store and the shared remote tier in step: publishes each committed turn, and
+adopts a session's record when another replica served it further.
+
+Publishing runs on its own thread (a slow network never holds up saves or disk writes): a turn's
+segments first, then the record naming them, so a record on the server only names segments that
+were there when it was written. Adopting happens while a turn is planned (one small read of the
+record, on the engine's thread); the segments it lacks are fetched on a second thread into the
+host tier, and admission waits for them at most `remote_wait_s` before recomputing the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cachedattention.store.remote import RemoteTier
+from cachedattention.store.segment import CorruptSegment, SegmentKV
+from cachedattention.store.session import SessionRecord, Span
+
+if TYPE_CHECKING:
+    from cachedattention.store.store import AttentionStore
+
+log = logging.getLogger(__name__)
+
+SAVE_WAIT_S = 30.0  # how long a publish waits for a turn's save to finish
+
+
+@dataclass
+class RemoteStats:
+    record_reads: int = 0
+    records_adopted: int = 0  # sessions taken over from the remote store (served further elsewhere)
+    records_published: int = 0
+    segments_published: int = 0
+    segments_fetched: int = 0
+    bytes_fetched: int = 0
+    failed_fetches: int = 0  # gone from the server, unreachable, or failing a check
+
+
+class RemoteSync:
+    def __init__(self, store: AttentionStore, tier: RemoteTier) -> None:
+        self.store = store
+        self.tier = tier
+        self.stats = RemoteStats()
+        self.fetching: dict[str, threading.Event] = {}  # segments on their way from remote (store lock)
+        self.fresh: set[str] = set()  # fetched from remote, not yet reused by a turn: their hits count as remote
+        self._publish_q: queue.Queue = queue.Queue()
+        self._publish_queued: set[str] = set()
+        self._fetch_q: queue.Queue = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(self._publish_q, self._publish), name="store-remote-publish", daemon=True),
+            threading.Thread(target=self._loop, args=(self._fetch_q, self._fetch), name="store-remote-fetch", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- adopting another replica's turns ------------------------------------------------------------
+    def read_record(self, key: str) -> SessionRecord | None:
+        """The session's record on the remote store (None if none, or unreachable). Not under the store lock."""
+        self.stats.record_reads += 1
+        try:
+            body = self.tier.get_record(key)
+        except OSError as e:  # the tier warns once and pauses its calls
+            log.debug("store: reading session %r's remote record failed (%s)", key, e)
+            return None
+        if body is None:
+            return None
+        try:
+            rec = SessionRecord.from_json(body)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("store: the remote record of session %r is malformed (%s); not served", key, e)
+            return None
+        rec.key = key
+        return rec
+
+    def adopt(self, key: str, remote: SessionRecord) -> None:
+        """Make the remote record the session's (the caller found it matches the prompt further) and
+        start fetching the segments this replica lacks. Under the store lock."""
+        store = self.store
+        old = store.records.get(key)
+        store._ref_spans(remote.spans, +1)  # before the old ones go: segments both name stay
+        if old is not None:
+            store._ref_spans(old.spans, -1)
+        store.records[key] = remote
+        self.stats.records_adopted += 1
+        for seg in remote.segment_ids():
+            if store._tier_of(seg) is None and seg not in self.fetching:
+                self.fetching[seg] = threading.Event()
+                self._fetch_q.put(seg)
+        if store.disk is not None:
+            store._io.put(("record", key))
+
+    def wait(self, spans: Sequence[Span], deadline: float) -> None:
+        """Wait (until the monotonic `deadline` at most) for these spans' segments still being fetched."""
+        with self.store._lock:
+            events = [self.fetching[s.seg_id] for s in spans if s.seg_id in self.fetching]
+        for ev in events:
+            left = deadline - time.monotonic()
+            if left <= 0 or not ev.wait(left):
+                return
+
+    def _fetch(self, seg_id: str) -> None:
+        kv = None
+        try:
+            kv = self.tier.get(seg_id)
+            if kv is None:
+                log.info("store: segment %s is gone from the remote store (evicted); recomputing from there", seg_id)
+        except CorruptSegment as e:
+            log.warning("store: remote segment %s is corrupt (%s); deleting it and recomputing from there", seg_id, e)
+            self.store.stats.corrupt_segments += 1
+            try:
+                self.tier.evict(seg_id)
+            except OSError:
+                pass  # the tier warned; the next replica to read it finds it corrupt too
+        except OSError as e:
+            log.debug("store: fetching segment %s from the remote store failed (%s)", seg_id, e)
+        if kv is not None:
+            kv = self.store.host.pinned(kv)  # on CUDA: not under the lock
+        with self.store._lock:
+            done = self.fetching.pop(seg_id, None)
+            if kv is None:
+                self.stats.failed_fetches += 1
+            elif seg_id in self.store._refs and self.store._tier_of(seg_id) is None:
+                if self.store._place(seg_id, kv):
+                    self.fresh.add(seg_id)
+                    self.stats.segments_fetched += 1
+                    self.stats.bytes_fetched += kv.nbytes
+            if done is not None:
+                done.set()
+
+    def used(self, spans: Sequence[Span]) -> None:
+        """A turn reused these spans: later hits on them are this replica's own. Under the store lock."""
+        for s in spans:
+            self.fresh.discard(s.seg_id)
+
+    def forget(self, seg_id: str) -> None:
+        self.fresh.discard(seg_id)
+
+    # -- publishing this replica's turns -------------------------------------------------------------
+    def publish(self, key: str) -> None:
+        """Queue the session's record for publishing (after its segments). Under the store lock."""
+        if key not in self._publish_queued:
+            self._publish_queued.add(key)
+            self._publish_q.put(key)
+
+    def _publish(self, key: str) -> None:
+        store = self.store
+        with store._lock:
+            self._publish_queued.discard(key)
+            rec = store.records.get(key)
+            if rec is None:
+                return
+            rec = SessionRecord(key, list(rec.logical), list(rec.spans), rec.head, rec.dropped_until)
+        segs = rec.segment_ids()
+        for seg in segs:
+            store.wait_saved(seg, SAVE_WAIT_S)
+        try:
+            on_server = dict(zip(segs, self.tier.contains_many(segs)))
+            for seg in segs:
+                if on_server[seg]:
+                    continue
+                kv = self._local_copy(seg)
+                if kv is None:
+                    break
+                self.tier.put(seg, kv)
+                on_server[seg] = True
+                self.stats.segments_published += 1
+            kept = _prefix_on(rec.spans, on_server)
+            if not kept:
+                return
+            rec.spans = kept
+            self.tier.put_record(key, rec.to_json())
+            self.stats.records_published += 1
+        except OSError as e:  # the tier warns once and pauses its calls; the next turn publishes again
+            log.debug("store: publishing session %r failed (%s)", key, e)
+
+    def _local_copy(self, seg_id: str) -> SegmentKV | None:
+        store = self.store
+        with store._lock:
+            kv = store.host.get(seg_id)
+            on_disk = store.disk is not None and store.disk.contains(seg_id)
+        if kv is None and on_disk:
+            try:
+                kv = store.disk.get(seg_id)
+            except (CorruptSegment, OSError) as e:
+                log.debug("store: segment %s not published: its disk copy cannot be read (%s)", seg_id, e)
+        return kv
+
+    # -- threads -------------------------------------------------------------------------------------
+    def _loop(self, jobs: queue.Queue, run) -> None:
+        while True:
+            job = jobs.get()
+            try:
+                if job is None:
+                    return
+                run(job)
+            except Exception:  # a thread must survive any single failure
+                log.exception("store: remote job %s failed", job)
+            finally:
+                jobs.task_done()
+
+    def join(self) -> None:
+        """Wait until every queued publish and fetch is done (flush, tests)."""
+        self._fetch_q.join()
+        self._publish_q.join()
+
+    def summary(self) -> dict:
+        s = self.stats
+        return {
+            "remote_record_reads": s.record_reads,
+            "remote_records_adopted": s.records_adopted,
+            "remote_records_published": s.records_published,
+            "remote_segments_published": s.segments_published,
+            "remote_segments_fetched": s.segments_fetched,
+            "remote_bytes_fetched": s.bytes_fetched,
+            "remote_failed_fetches": s.failed_fetches,
+            **self.tier.stats(),
+        }
+
+    def check_integrity(self) -> None:
+        with self.store._lock:
+            for seg in self.fresh:
+                if seg not in self.store._refs:
+                    raise RuntimeError(f"remote sync: fetched segment {seg} is named by no record")
+        self.tier.check_integrity()
+
+    def close(self) -> None:
+        for q in (self._publish_q, self._fetch_q):
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        self.tier.close()
+
+
+def _prefix_on(spans: list[Span], on_server: dict[str, bool]) -> list[Span]:
+    """The spans up to the first whose segment the server does not hold."""
+    kept = []
+    for s in spans:
+        if not on_server.get(s.seg_id):
+            break
+        kept.append(s)
+    return kept

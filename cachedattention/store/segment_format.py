@@ -1,0 +1,124 @@
+"""A stored segment's bytes: a header (magic, version, model fingerprint, shape, per-layer checksums),
+then each layer's K and V. The disk tier writes them as a file, the remote tier as one value."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import torch
+
+from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
+
+MAGIC = b"CATTNKV\x00"
+VERSION = 1
+PREFIX = struct.Struct("<8sI")  # magic, header length
+_ALIGN = 64
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: store the raw 16-bit patterns
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def encode(seg_id: str, kv: SegmentKV, fingerprint: str, layout: KVLayout, with_body: bool = True) -> tuple[bytes, list[bytes]]:
+    """The header and the body's chunks (K then V of each layer); without the body, just the header's size."""
+    body: list[bytes] = []
+    sums: list[int] = []
+    if with_body:
+        for layer in range(kv.k.shape[0]):
+            kb, vb = _to_bytes(kv.k[layer]), _to_bytes(kv.v[layer])
+            sums.append(zlib.crc32(vb, zlib.crc32(kb)))
+            body += [kb, vb]
+    meta = {
+        "version": VERSION,
+        "seg_id": seg_id,
+        "fingerprint": fingerprint,
+        "num_tokens": kv.num_tokens,
+        "num_layers": layout.num_layers,
+        "kv_heads": layout.num_kv_heads,
+        "head_dim": layout.head_dim,
+        "dtype": str(layout.dtype).removeprefix("torch."),
+        "checksums": sums,
+    }
+    text = json.dumps(meta).encode()
+    # padded as if every checksum took its widest form: the size is known before they are computed
+    widest = len(json.dumps({**meta, "checksums": [0xFFFFFFFF] * layout.num_layers}).encode())
+    size = PREFIX.size + widest
+    size += (-size) % _ALIGN  # the body starts aligned
+    return PREFIX.pack(MAGIC, size - PREFIX.size) + text + b" " * (size - PREFIX.size - len(text)), body
+
+
+def encoded_size(seg_id: str, kv: SegmentKV, fingerprint: str, layout: KVLayout) -> int:
+    """The size `encode` gives, without encoding the body."""
+    header, _ = encode(seg_id, kv, fingerprint, layout, with_body=False)
+    return len(header) + kv.nbytes
+
+
+def parse_header(head: bytes, read_meta, name: str) -> tuple[dict, int]:
+    """(meta, body offset) from the first PREFIX.size bytes and `read_meta(n)`, which returns the next n."""
+    try:
+        magic, hlen = PREFIX.unpack(head)
+        if magic != MAGIC:
+            raise CorruptSegment(f"{name}: bad magic")
+        meta = json.loads(read_meta(hlen))
+    except (struct.error, ValueError) as e:
+        raise CorruptSegment(f"{name}: unreadable header") from e
+    if not isinstance(meta, dict):
+        raise CorruptSegment(f"{name}: unreadable header")
+    return meta, PREFIX.size + hlen
+
+
+def check_header(meta: dict, body_offset: int, total_size: int, fingerprint: str, layout: KVLayout, name: str) -> int:
+    """Refuse a segment of another version, model or dtype, or of the wrong size; its half-layer bytes."""
+    problems = []
+    if meta.get("version") != VERSION:
+        problems.append(f"version {meta.get('version')}")
+    if meta.get("fingerprint") != fingerprint:
+        problems.append("model fingerprint differs")
+    if meta.get("dtype") != str(layout.dtype).removeprefix("torch."):
+        problems.append("dtype differs")
+    n = meta.get("num_tokens")
+    if not isinstance(n, int) or n < 0:
+        problems.append("bad token count")
+        n = 0
+    half = n * layout.token_bytes()
+    if total_size != body_offset + 2 * layout.num_layers * half:
+        problems.append("wrong size (truncated?)")
+    sums = meta.get("checksums")
+    if not isinstance(sums, list) or len(sums) != layout.num_layers:
+        problems.append("bad checksum list")
+    if problems:
+        raise CorruptSegment(f"{name}: " + ", ".join(problems))
+    return half
+
+
+def layer_views(raw: torch.Tensor, meta: dict, layout: KVLayout, half: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `layer`'s K and V viewed in `raw` (its 2 * half bytes), after checking the layer's checksum."""
+    if raw.numel() != 2 * half or zlib.crc32(raw.numpy()) != meta["checksums"][layer]:
+        raise CorruptSegment(f"segment {meta.get('seg_id')}: layer {layer} checksum mismatch")
+    shape = (meta["num_tokens"], layout.num_kv_heads, layout.head_dim)
+    return raw[:half].view(layout.dtype).view(shape), raw[half:].view(layout.dtype).view(shape)
+
+
+def encode_bytes(seg_id: str, kv: SegmentKV, fingerprint: str, layout: KVLayout) -> bytes:
+    """The whole segment as one bytes value (the remote tier's)."""
+    header, body = encode(seg_id, kv, fingerprint, layout)
+    return b"".join([header, *body])
+
+
+def decode_bytes(blob: bytes, fingerprint: str, layout: KVLayout, name: str) -> SegmentKV:
+    """A segment from `encode_bytes`'s value, every check of a disk read made (CorruptSegment if one fails)."""
+    view = memoryview(blob)
+    meta, body = parse_header(bytes(view[: PREFIX.size]), lambda n: bytes(view[PREFIX.size : PREFIX.size + n]), name)
+    half = check_header(meta, body, len(blob), fingerprint, layout, name)
+    raw = torch.frombuffer(bytearray(view[body:]), dtype=torch.uint8) if half else torch.empty(0, dtype=torch.uint8)
+    for layer in range(layout.num_layers):  # every layer checked before any is used
+        layer_views(raw[2 * half * layer : 2 * half * (layer + 1)], meta, layout, half, layer)
+    # K and V of every layer as strided views of the one buffer: no second copy of the segment
+    shape = (layout.num_layers, meta["num_tokens"], layout.num_kv_heads, layout.head_dim)
+    both = raw.view(layout.num_layers, 2, half).view(layout.dtype) if half else torch.empty(layout.num_layers, 2, 0, dtype=layout.dtype)
+    return SegmentKV(both[:, 0].view(shape), both[:, 1].view(shape))

@@ -1,0 +1,345 @@
+"""The remote tier: replicas sharing sessions through a real Redis server (a Unix socket in a temporary folder)."""
+
+import json
+import logging
+import sys
+
+import pytest
+import torch
+
+from cachedattention import LLM, CacheConfig, SamplingParams
+from cachedattention.config import StoreConfig
+from cachedattention.store import segment_format
+from cachedattention.store.remote import RemoteTier, connect
+from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
+from tests.redis_server import RedisServer
+from tests.util import capture_logits, rel_err
+
+PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+NO_DEVICE = CacheConfig(enable_prefix_cache=False)  # every reuse comes from the store's tiers
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield srv
+    srv.stop()
+
+
+def replica(path, url, **kw):
+    return LLM(model=str(path), enable_store=True, cache=NO_DEVICE, remote_url=url, **kw)
+
+
+def store_of(llm):
+    return llm.engine.store.store
+
+
+def settle(*llms):
+    """Every save landed and every publish reached the server."""
+    for llm in llms:
+        store_of(llm).flush()
+
+
+def grow(conv, out, t):
+    return conv + out.token_ids + [10 + t, 11 + t, 12 + t]
+
+
+def test_turns_alternating_between_replicas_equal_recompute(tiny_dirs, server, monkeypatch):
+    path, _ = tiny_dirs["llama"]
+    ref = LLM(model=str(path), cache=NO_DEVICE)
+    a, b = replica(path, server.url), replica(path, server.url)
+    conv = list(range(5, 45))
+    for t, llm in enumerate([a, b, a, b]):
+        seen = capture_logits(monkeypatch)
+        out = llm.generate([conv], PARAMS, session_id="alternating")[0]
+        monkeypatch.undo()
+        want = capture_logits(monkeypatch)
+        expect = ref.generate([conv], PARAMS)[0]
+        monkeypatch.undo()
+        assert out.token_ids == expect.token_ids
+        assert max(rel_err(x, y) for x, y in zip(seen, want)) <= 1e-4
+        cached = out.metrics.cached_tokens
+        if t == 0:
+            assert out.metrics.num_cached_tokens == 0
+        else:  # the other replica served the turn before: what it added comes from the remote store
+            assert out.metrics.num_cached_tokens >= len(conv) - 8 and cached["remote"] >= (40 if t == 1 else 8), cached
+            assert (cached["host"] == 0) == (t == 1), cached  # later, what it served or fetched before is in its host
+        settle(a, b)
+        conv = grow(conv, out, t)
+    for llm, adopted in ((a, 1), (b, 2)):  # each turn but the first took the other replica's record
+        store_of(llm).check_integrity()
+        stats = llm.engine.store.stats()
+        assert stats["remote_records_adopted"] == adopted and stats["store_hit_tokens"]["remote"] > 0
+
+
+def test_a_replica_serves_its_own_sessions_from_its_tiers(tiny_dirs, server):
+    path, _ = tiny_dirs["llama"]
+    a = replica(path, server.url)
+    conv = list(range(5, 45))
+    out = a.generate([conv], PARAMS, session_id="own")[0]
+    settle(a)
+    again = a.generate([grow(conv, out, 0)], PARAMS, session_id="own")[0]
+    assert again.metrics.cached_tokens["host"] >= len(conv) and again.metrics.cached_tokens["remote"] == 0
+    assert a.engine.store.stats()["remote_records_adopted"] == 0  # the server's record is its own: nothing to fetch
+
+
+def test_a_fetched_segment_lands_on_disk_when_host_has_no_room(tiny_dirs, server, tmp_path):
+    path, _ = tiny_dirs["qwen2"]
+    ref = LLM(model=str(path), cache=NO_DEVICE)
+    a = replica(path, server.url)
+    b = replica(path, server.url, store_dir=str(tmp_path / "b"), host_bytes=0)
+    conv = list(range(5, 45))
+    out = a.generate([conv], PARAMS, session_id="to-disk")[0]
+    settle(a)
+    conv = grow(conv, out, 0)
+    got = b.generate([conv], PARAMS, session_id="to-disk")[0]
+    assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids
+    assert got.metrics.cached_tokens["disk"] >= 40  # fetched into b's disk tier, read from there
+    settle(b)
+    store_of(b).check_integrity()
+    assert store_of(b).disk.used_bytes() > 0 and store_of(b).host.used_bytes() == 0
+
+
+def test_an_unreachable_remote_store_costs_nothing_but_sharing(tiny_dirs, tmp_path, caplog):
+    path, _ = tiny_dirs["llama"]
+    ref = LLM(model=str(path), cache=NO_DEVICE)
+    a = replica(path, f"unix://{tmp_path / 'nobody-listens.sock'}")
+    conv = list(range(5, 45))
+    with caplog.at_level(logging.WARNING, logger="cachedattention"):
+        for t in range(3):
+            out = a.generate([conv], PARAMS, session_id="offline")[0]
+            assert out.token_ids == ref.generate([conv], PARAMS)[0].token_ids
+            if t:
+                assert out.metrics.cached_tokens["host"] >= len(conv) - 8
+            settle(a)
+            conv = grow(conv, out, t)
+    assert caplog.text.count("a remote store call failed") == 1  # told once, then calls pause
+    assert a.engine.store.stats()["remote_failed_calls"] >= 1
+    store_of(a).check_integrity()
+
+
+def published(llm, key):
+    """The session's record as the server holds it."""
+    tier = store_of(llm).remote.tier
+    return json.loads(tier.client.get(tier.record_key(key)))
+
+
+def test_a_corrupt_remote_segment_is_recomputed_and_deleted(tiny_dirs, server, caplog):
+    path, _ = tiny_dirs["llama"]
+    ref = LLM(model=str(path), cache=NO_DEVICE)
+    a, b = replica(path, server.url), replica(path, server.url)
+    conv = list(range(5, 45))
+    out = a.generate([conv], PARAMS, session_id="corrupt")[0]
+    settle(a)
+    tier = store_of(a).remote.tier
+    seg = published(a, "corrupt")["spans"][0][0]
+    key = tier.segment_key(seg)
+    tier.client.setrange(key, tier.client.strlen(key) - 5, b"\xff\x00")  # a flipped byte in the last layer
+    conv = grow(conv, out, 0)
+    with caplog.at_level(logging.WARNING, logger="cachedattention"):
+        got = b.generate([conv], PARAMS, session_id="corrupt")[0]
+    assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids
+    assert got.metrics.num_cached_tokens == 0 and "checksum mismatch" in caplog.text
+    assert not tier.client.exists(key) and b.engine.store.stats()["corrupt_segments"] == 1
+    settle(b)
+    store_of(b).check_integrity()
+
+
+def test_a_segment_the_server_evicted_ends_the_hit_there(tiny_dirs, server):
+    path, _ = tiny_dirs["llama"]
+    ref = LLM(model=str(path), cache=NO_DEVICE)
+    a, b = replica(path, server.url), replica(path, server.url)
+    conv = list(range(5, 45))
+    for t in range(2):
+        out = a.generate([conv], PARAMS, session_id="evicted")[0]
+        settle(a)
+        conv = grow(conv, out, t)
+    spans = published(a, "evicted")["spans"]
+    assert len(spans) == 2
+    tier = store_of(a).remote.tier
+    tier.client.delete(tier.segment_key(spans[1][0]))  # as the server's LRU would
+    got = b.generate([conv], PARAMS, session_id="evicted")[0]
+    assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids
+    first = spans[0][2] - spans[0][1]
+    assert got.metrics.cached_tokens["remote"] == first  # the first turn's segment, then recompute
+    assert b.engine.store.stats()["remote_failed_fetches"] == 1
+    settle(b)
+    store_of(b).check_integrity()
+
+
+def test_another_model_never_sees_the_session(tiny_dirs, server):
+    llama, _ = tiny_dirs["llama"]
+    mistral, _ = tiny_dirs["mistral"]
+    a = replica(llama, server.url)
+    conv = list(range(5, 45))
+    out = a.generate([conv], PARAMS, session_id="shared-name")[0]
+    settle(a)
+    other = replica(mistral, server.url)
+    got = other.generate([grow(conv, out, 0)], PARAMS, session_id="shared-name")[0]
+    assert got.metrics.num_cached_tokens == 0
+    assert other.engine.store.stats()["remote_records_adopted"] == 0
+
+
+def test_a_record_of_another_model_under_our_key_is_not_served(tiny_dirs, server, caplog):
+    path, _ = tiny_dirs["llama"]
+    a = replica(path, server.url)
+    tier = store_of(a).remote.tier
+    tier.client.set(tier.record_key("forged"), json.dumps(
+        {"key": "forged", "logical": list(range(5, 45)), "head": 0, "dropped_until": 0,
+         "spans": [["x" * 32, 0, 40]], "fingerprint": "another-model"}))
+    with caplog.at_level(logging.WARNING, logger="cachedattention"):
+        out = a.generate([list(range(5, 50))], PARAMS, session_id="forged")[0]
+    assert out.metrics.num_cached_tokens == 0 and "fingerprint differs" in caplog.text
+    assert a.engine.store.stats()["remote_records_adopted"] == 0
+
+
+def test_admission_waits_for_a_slow_fetch_only_so_long(tiny_dirs, server, monkeypatch):
+    path, _ = tiny_dirs["llama"]
+    ref = LLM(model=str(path), cache=NO_DEVICE)
+    a = replica(path, server.url)
+    b = replica(path, server.url, remote_wait_s=0.05)
+    conv = list(range(5, 45))
+    out = a.generate([conv], PARAMS, session_id="slow")[0]
+    settle(a)
+    tier = store_of(b).remote.tier
+    release = __import__("threading").Event()
+    real_get = tier.get
+
+    def slow_get(seg_id):
+        release.wait(10)  # the fetch lands only after the turn was admitted
+        return real_get(seg_id)
+
+    monkeypatch.setattr(tier, "get", slow_get)
+    conv = grow(conv, out, 0)
+    got = b.generate([conv], PARAMS, session_id="slow")[0]
+    release.set()
+    assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids
+    assert got.metrics.num_cached_tokens == 0  # it did not wait for the fetch (10 s): it recomputed
+    settle(b)
+    # the fetch landed after the turn had saved its own KV of every token: nothing names it, so it is not kept
+    assert b.engine.store.stats()["remote_segments_fetched"] == 0 and store_of(b).host.used_bytes() == got_bytes(b)
+    store_of(b).check_integrity()
+
+
+def got_bytes(llm):
+    """Bytes of the segments the replica's records name."""
+    store = store_of(llm)
+    return sum(store.host.get(seg).nbytes for rec in store.records.values() for seg in rec.segment_ids())
+
+
+def test_truncated_sessions_move_between_replicas_unchanged(tiny_dirs, server):
+    """Context overflow: replicas taking turns decide and reuse exactly as one replica would."""
+    path, _ = tiny_dirs["mistral"]
+    window = dict(max_model_len=128, keep_head_tokens=8)
+    one = LLM(model=str(path), enable_store=True, cache=NO_DEVICE, **window)
+    a, b = replica(path, server.url, **window), replica(path, server.url, **window)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    solo = pair = list(range(5, 45))
+    truncated = 0
+    for t in range(8):
+        want = one.generate([solo], params, session_id="long")[0]
+        got = (a, b)[t % 2].generate([pair], params, session_id="long")[0]
+        assert got.token_ids == want.token_ids
+        assert got.metrics.truncated_tokens == want.metrics.truncated_tokens
+        assert got.metrics.num_cached_tokens == want.metrics.num_cached_tokens
+        truncated += got.metrics.truncated_tokens
+        settle(one, a, b)
+        solo, pair = grow(solo, want, t), grow(pair, got, t)
+    assert truncated > 0
+
+
+def test_values_expire_when_a_ttl_is_set(tiny_dirs, server):
+    path, _ = tiny_dirs["llama"]
+    a = replica(path, server.url, remote_ttl_s=600)
+    a.generate([list(range(5, 45))], PARAMS, session_id="ttl")
+    settle(a)
+    tier = store_of(a).remote.tier
+    seg = published(a, "ttl")["spans"][0][0]
+    for key in (tier.record_key("ttl"), tier.segment_key(seg)):
+        assert 0 < tier.client.pttl(key) <= 600_000
+
+
+LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_segment_value_round_trips_and_refuses_damage(dtype):
+    layout = KVLayout(3, 2, 4, dtype)
+    kv = SegmentKV(torch.randn(3, 5, 2, 4).to(dtype), torch.randn(3, 5, 2, 4).to(dtype))
+    blob = segment_format.encode_bytes("seg", kv, "fp", layout)
+    back = segment_format.decode_bytes(blob, "fp", layout, "seg")
+    assert torch.equal(back.k, kv.k) and torch.equal(back.v, kv.v) and back.nbytes == kv.nbytes
+    assert len(blob) == segment_format.encoded_size("seg", kv, "fp", layout)
+    flipped = bytearray(blob)
+    flipped[-3] ^= 1
+    for bad, why in [(bytes(flipped), "checksum"), (blob[:-1], "wrong size"), (b"nonsense" * 4, "bad magic")]:
+        with pytest.raises(CorruptSegment, match=why):
+            segment_format.decode_bytes(bad, "fp", layout, "seg")
+    with pytest.raises(CorruptSegment, match="fingerprint"):
+        segment_format.decode_bytes(blob, "another", layout, "seg")
+    empty = SegmentKV(torch.empty(3, 0, 2, 4, dtype=dtype), torch.empty(3, 0, 2, 4, dtype=dtype))
+    assert segment_format.decode_bytes(segment_format.encode_bytes("e", empty, "fp", layout), "fp", layout, "e").num_tokens == 0
+
+
+def test_the_tier_contract_against_the_server(server):
+    tier = RemoteTier(server.url, "tier-contract", LAYOUT)
+    kv = SegmentKV(torch.randn(3, 5, 2, 4), torch.randn(3, 5, 2, 4))
+    assert tier.get("s1") is None and not tier.contains("s1")
+    size = tier.put("s1", kv)
+    assert tier.contains_many(["s1", "s2"]) == [True, False] and size == tier.stats()["remote_bytes_written"]
+    assert torch.equal(tier.get("s1").k, kv.k)
+    tier.check_integrity()
+    tier.client.setrange(tier.segment_key("s1"), 0, b"\x00" * 4)  # same size: the check reads values' sizes
+    tier.check_integrity()
+    tier.client.append(tier.segment_key("s1"), b"tail")  # a value that is not what was written
+    with pytest.raises(RuntimeError, match="were written"):
+        tier.check_integrity()
+    tier.evict("s1")
+    assert tier.get("s1") is None
+    tier.check_integrity()
+    tier.close()
+
+
+@pytest.mark.parametrize("url", ["http://localhost:6379", "redis://", "unix://", "localhost:6379", "memcached://h:1"])
+def test_a_remote_url_that_is_not_redis_is_refused(url):
+    with pytest.raises(ValueError, match="remote_url"):
+        StoreConfig(remote_url=url)
+
+
+def test_without_the_redis_client_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(ValueError, match="pip install"):
+        connect("redis://localhost:6379/0", 1.0)
+
+
+def test_the_cli_flags_reach_the_store_config():
+    from cachedattention.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["serve", "--remote-url", "redis://cache:6379/2", "--remote-wait-s", "0.5",
+                                      "--remote-ttl-s", "3600"])
+    store = engine_config(args).store
+    assert (store.remote_url, store.remote_wait_s, store.remote_ttl_s) == ("redis://cache:6379/2", 0.5, 3600)
+    with pytest.raises(ValueError, match="remote_url"):
+        engine_config(build_parser().parse_args(["serve", "--remote-url", "cache:6379"]))
+
+
+def test_copies_of_the_weights_share_the_fingerprint_and_other_weights_do_not(tiny_dirs, tmp_path):
+    """Replicas on other machines load copies with other file times: the remote namespace must match."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cachedattention.model.loader import _weights_id
+
+    path, _ = tiny_dirs["llama"]
+    copy = shutil.copytree(path, tmp_path / "copy", copy_function=shutil.copyfile)  # new file times
+    for f in copy.iterdir():
+        os.utime(f, (1, 1))
+    assert _weights_id(copy) == _weights_id(path)
+    (weights,) = copy.glob("*.safetensors")
+    tensors, size = load_file(str(weights)), weights.stat().st_size
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1  # a fine-tune: same names, shapes and file size
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert weights.stat().st_size == size and _weights_id(copy) != _weights_id(path)
