@@ -24,6 +24,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", default=None, help="comma-separated history lengths (turn mode)")
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the timed turn (turn mode)")
     p.add_argument("--cells", default=None, help="comma-separated subset of the turn-mode cells")
+    p.add_argument("--remote-url", default=None, metavar="URL",
+                   help="a Redis-protocol server: adds the turn-mode cell of a history another replica stored there")
     # workload mode
     p.add_argument("--sessions", type=int, default=None, help="number of sessions (workload mode)")
     p.add_argument("--workload", default=None, help="ShareGPT JSON or a saved workload JSON (workload mode)")

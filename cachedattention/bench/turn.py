@@ -8,6 +8,8 @@ medians of a noisy machine's slow spells fall on all cells alike.
 The "queued" cells time a host hit that arrives while another job is running (one sequence at a
 time, so it waits for that job's last decode steps), with and without the device read buffer:
 with it, the history loads while the turn is still queued.
+With `--remote-url`, the "remote" cell times a turn whose history another replica (a second
+engine on the same remote tier) stored: the record is read, the segments fetched, then loaded.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Cell:
     disk: bool = False
     queued: bool = False  # the timed turn arrives behind a running job
     preload: bool = True
+    remote: bool = False  # the history was stored by another replica on the remote tier (--remote-url)
 
 
 CELLS = [
@@ -55,6 +58,7 @@ CELLS = [
     Cell("host-queued", store=True, prefix_cache=False, queued=True),
     Cell("host-queued-no-preload", store=True, prefix_cache=False, queued=True, preload=False),
 ]
+REMOTE_CELL = Cell("remote", store=True, prefix_cache=False, remote=True)
 BLOCKER_TOKENS, BLOCKER_STEPS = 64, 4  # the job a queued turn waits behind: its prompt, its answer
 
 
@@ -74,6 +78,7 @@ def _engine(cell: Cell, loaded, args, window: int, store_dir: str | None) -> LLM
         store=StoreConfig(
             enable=cell.store, layerwise=cell.layerwise, host_bytes=host_bytes, preload=cell.preload,
             store_dir=store_dir if cell.disk else None, disk_bytes=256 << 30, truncation="off",
+            remote_url=args.remote_url if cell.remote else None,
         ),
     )
     return LLMEngine(cfg, loaded=loaded)
@@ -119,6 +124,8 @@ class CellRun:
         self.cell, self.args, self.h = cell, args, h
         self.store_dir = tempfile.mkdtemp(prefix="ca-turn-") if cell.disk else None
         self.engine = _engine(cell, loaded, args, window, self.store_dir)
+        # the replica that served the history: it publishes it to the remote tier
+        self.writer = _engine(cell, loaded, args, window, None) if cell.remote else None
         self.ttfts: list[float] = []
         self.waits: list[float] = []
         self.busy: list[float] = []
@@ -131,9 +138,10 @@ class CellRun:
         new = [(5 + 3 * i + rep) % (vocab - 100) + 50 for i in range(args.new_tokens)]
         session = f"s{rep}" if cell.store else None
         if cell.store or cell.prefix_cache:
-            _run(engine, hist, session)  # turn 1: stores the history
-            if engine.store is not None:
-                engine.store.store.flush()
+            first = self.writer or engine
+            _run(first, hist, session)  # turn 1: stores the history (on the other replica for "remote")
+            if first.store is not None:
+                first.store.store.flush()  # saved, written through, published
             if self.store_dir:
                 _drop_page_cache(self.store_dir)
         if cell.queued:
@@ -158,6 +166,8 @@ class CellRun:
 
     def close(self) -> None:
         self.engine.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def measure_cells(cells: list[Cell], loaded, args, h: int, window: int) -> dict[str, dict]:
@@ -187,13 +197,14 @@ def run_turn_bench(args: argparse.Namespace) -> int:
     if args.quick:
         hs, args.repeats = hs[:2], 1
     window = max(hs) + args.new_tokens + 8
-    cells = CELLS
+    cells = CELLS + ([REMOTE_CELL] if args.remote_url else [])
     if args.cells:
         wanted = args.cells.split(",")
-        unknown = set(wanted) - {c.name for c in CELLS}
+        unknown = set(wanted) - {c.name for c in cells}
         if unknown:
-            raise ValueError(f"unknown cells {sorted(unknown)}; choose from {[c.name for c in CELLS]}")
-        cells = [c for c in CELLS if c.name in wanted or c.name == "recompute"]
+            hint = " (remote needs --remote-url)" if "remote" in unknown else ""
+            raise ValueError(f"unknown cells {sorted(unknown)}; choose from {[c.name for c in cells]}{hint}")
+        cells = [c for c in cells if c.name in wanted or c.name == "recompute"]
     results: dict[str, dict[str, dict]] = {}
     for h in hs:
         results[str(h)] = measure_cells(cells, loaded, args, h, window)

@@ -20,3 +20,19 @@ def test_turn_bench_runs_every_cell_and_writes_json(tiny_dirs, tmp_path, capsys)
         assert row["host-sync"]["load_alone_s"] > 0
     text = capsys.readouterr().out
     assert "| 96 |" in text and "queued: preload / none" in text
+
+
+def test_the_remote_cell_times_a_history_another_replica_stored(tiny_dirs, tmp_path, capsys):
+    from tests.redis_server import RedisServer
+
+    path, _ = tiny_dirs["llama"]
+    out = tmp_path / "turn.json"
+    redis = RedisServer(tmp_path)
+    try:  # the bench raises unless the timed turn hits ~the whole history (here: fetched from remote)
+        assert main(["bench", "--mode", "turn", "--model", str(path), "--history", "64", "--new-tokens", "8",
+                     "--repeats", "1", "--cells", "remote", "--remote-url", redis.url, "--json", str(out)]) == 0
+    finally:
+        redis.stop()
+    row = json.loads(out.read_text())["history"]["64"]
+    assert set(row) == {"recompute", "remote"} and row["remote"]["ttft_s"] > 0
+    assert "| 64 |" in capsys.readouterr().out
