@@ -72,7 +72,7 @@ def test_a_folder_converted_before_the_blocks_gets_them_and_keeps_its_weights(tm
     """An older cache folder (no blocks file) gets one, without rewriting its weights: the store's
     model fingerprint (names, sizes and times of the weight files) stays the same."""
     from cachedattention.model.embedded import BLOCKS_FILE, embedded_model_dir
-    from cachedattention.model.loader import _weights_id
+    from cachedattention.model.weights_id import weights_id as _weights_id
 
     current, old = cache_without_blocks(tmp_path, monkeypatch)
     before = _weights_id(old)

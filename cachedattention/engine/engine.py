@@ -68,6 +68,7 @@ class LLMEngine:
 
             self.store = StoreConnector(config.store, self)
             self.scheduler.store_lookup = self.store.lookup
+            self.scheduler.store_ready = self.store.ready
             self.scheduler.on_unstage = self.store.unstage
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -204,6 +205,8 @@ class LLMEngine:
             self.store.publish_queue(self.scheduler.queued_sessions())
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            if self.store is not None:
+                self.store.idle()  # e.g. every queued turn waits for KV from the remote tier
             return []
         hooks = self.store.begin_step(scheduled) if self.store is not None else None
         if self.store is not None and self.store.config.preload:

@@ -27,6 +27,9 @@ class ScheduledSeq:
 # Called when a request is admitted after device-prefix matching: returns how many tokens
 # (beyond `device_hit`) the store can supply. The store records its plan on the request.
 StoreLookup = Callable[[Request, int], int]
+# Whether a waiting request may be admitted now (False: its stored KV is still on its way; the
+# scheduler admits the requests behind it meanwhile).
+StoreReady = Callable[[Request], bool]
 # Called before a staged request (queued, its stored prefix loading into its pages) gives its
 # pages back: the store lets the load finish first, so nothing writes into pages reused elsewhere.
 Unstage = Callable[[Request], None]
@@ -41,6 +44,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.store_lookup: StoreLookup | None = None
+        self.store_ready: StoreReady | None = None
         self.on_unstage: Unstage | None = None
         self.num_preemptions = 0
         # steps that left the queue head waiting: no pages for it, or max_num_seqs already running
@@ -70,8 +74,12 @@ class Scheduler:
                 continue
             out.append(ScheduledSeq(req, n, fresh=False))
             budget -= n
+        not_ready: list[Request] = []  # kept in their places, ahead of whatever stays queued
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
+            if not req.staged and self.store_ready is not None and not self.store_ready(req):
+                not_ready.append(req)
+                continue
             if not req.staged:
                 self._admit(req)
             n = self._chunk(req, budget)
@@ -88,6 +96,7 @@ class Scheduler:
             self.running.append(req)
             out.append(ScheduledSeq(req, n, fresh=True))
             budget -= n
+        self.waiting.extendleft(reversed(not_ready))
         if self.waiting and len(self.running) >= self.config.max_num_seqs:
             self.steps_blocked["seqs"] += 1
         return out
@@ -113,6 +122,8 @@ class Scheduler:
         if not self.waiting or self.store_lookup is None or self.waiting[0].staged:
             return None
         req = self.waiting[0]
+        if self.store_ready is not None and not self.store_ready(req):
+            return None
         # what the running requests can take next step: the rest of their prompt and one token more
         headroom = sum(max(0, self._pages_for(r.num_tokens + 1) - len(r.pages)) for r in self.running)
         if self.pages.num_available() < self._pages_for(req.num_tokens) + headroom:

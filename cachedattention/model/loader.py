@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from cachedattention.model.layers import Linear
 from cachedattention.model.llama import LlamaForCausalLM
 from cachedattention.model.spec import ModelSpec, spec_from_hf_config
 from cachedattention.model.tokenizer import Tokenizer
+from cachedattention.model.weights_id import weights_id
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def load_model(source: str | None, device: str, dtype: str) -> LoadedModel:
     model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
     if blocks is not None and torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32:
         _attach_blocks(model, blocks, path if embedded else None)
-    return LoadedModel(model, spec, tok, path.name, _weights_id(path))
+    return LoadedModel(model, spec, tok, path.name, weights_id(path))
 
 
 def _attach_blocks(model: LlamaForCausalLM, blocks, embedded_dir: Path | None) -> None:
@@ -169,24 +168,3 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _has_tokenizer(path: Path) -> bool:
     return any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-
-
-_ID_SAMPLES, _ID_CHUNK = 8, 64 << 10
-
-
-def _weights_id(path: Path) -> str:
-    """Names, sizes and sampled bytes of the weight files: cheap (half a MiB read per file), changes
-    whenever the weights do, and the same for every copy of them, so replicas on other machines
-    (other file times) share the remote tier's sessions."""
-    # the blocks file is left out: it holds the same values (decoding from it is bit-identical)
-    weights = sorted(f for f in path.glob("*.safetensors") if f.name != BLOCKS_FILE) if path.is_dir() else []
-    files = [path] if path.is_file() else weights + sorted(path.glob("*.gguf"))
-    h = hashlib.sha256()
-    for f in files:
-        size = os.stat(f).st_size
-        h.update(f"{f.name}:{size}:".encode())
-        with open(f, "rb") as fh:  # the header (tensor names, shapes) and 7 more samples spread over the data
-            for i in range(_ID_SAMPLES):
-                fh.seek(max(0, size - _ID_CHUNK) * i // (_ID_SAMPLES - 1))
-                h.update(fh.read(_ID_CHUNK))
-    return h.hexdigest()[:16]

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 0.01  # an engine with nothing to schedule but fetches in flight waits this long for one
+
 
 @dataclass
 class TurnState:
@@ -138,10 +140,6 @@ class StoreConnector:
     def lookup(self, req: Request, device_hit: int) -> int:
         """Tokens the store can supply for this request (the scheduler takes max(device, store))."""
         st: TurnState = req.store_state
-        if self.store.remote is not None and not st.bypass:
-            if st.remote_deadline is None:  # the turn's whole wait, however often admission asks
-                st.remote_deadline = time.monotonic() + self.config.remote_wait_s
-            self.store.remote.wait(st.plan.reuse, st.remote_deadline)
         st.tiers = [] if st.bypass else self.store.available(st.plan.reuse)
         st.reuse = [span for span, _ in st.tiers]
         st.hit = sum(s.length for s in st.reuse)
@@ -152,6 +150,24 @@ class StoreConnector:
             counts[tier] += b - a
         req.metrics.cached_tokens.update(counts)
         return usable
+
+    def ready(self, req: Request) -> bool:
+        """Whether the scheduler may admit the request now: not while segments of its history are
+        still on their way from the remote tier, for at most `remote_wait_s` (then it recomputes
+        what has not arrived). Other requests are admitted meanwhile."""
+        st: TurnState | None = req.store_state
+        remote = self.store.remote
+        if remote is None or st is None or st.bypass or not remote.pending(st.plan.reuse):
+            return True
+        now = time.monotonic()
+        if st.remote_deadline is None:  # the turn's whole wait, however often admission asks
+            st.remote_deadline = now + self.config.remote_wait_s
+        return now >= st.remote_deadline
+
+    def idle(self) -> None:
+        """No request could be scheduled: if fetches are in flight, wait a little for one to land."""
+        if self.store.remote is not None:
+            self.store.remote.wait_landed(IDLE_WAIT_S)
 
     # -- one step ------------------------------------------------------------------------------
     def begin_step(self, scheduled: list[ScheduledSeq]) -> StepHooks:

@@ -13,17 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections import OrderedDict
 from urllib.parse import urlsplit
 
 from cachedattention.store import segment_format
-from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
+from cachedattention.store.segment import KVLayout, SegmentKV
 from cachedattention.store.write_pause import WritePause
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("redis", "rediss", "unix")
 _CHECKED_WRITES = 4096  # the latest writes check_integrity() verifies
+RECORD_READ_TIMEOUT_S = 0.25  # the engine's thread reads records: a hung server holds it at most this long
 
 
 class RemoteError(OSError):
@@ -58,11 +60,12 @@ def connect(url: str, timeout_s: float):
 class RemoteTier:
     """contains / put / get / evict / stats over segments (and session records) in a shared store.
 
-    Contract: `put` stores a segment under its id (every value self-checking: header, fingerprint,
-    per-layer checksums); `get` returns it, None if the store does not hold it (never stored, or
-    evicted by the server), or raises CorruptSegment if its value fails a check; `evict` deletes it.
-    Every call that cannot reach the store raises RemoteError (an OSError). The budget is the
-    server's: this tier never holds bytes of its own.
+    Contract: `put` stores a segment under its id (every value self-checking: header, segment id,
+    fingerprint, per-layer checksums); `get` returns it, None if the store does not hold it (never
+    stored, or evicted by the server), or raises CorruptSegment if its value fails a check; `evict`
+    deletes it. A record is replaced only by a newer one (its `stamp`). Every call that cannot reach
+    the store raises RemoteError (an OSError). The budget is the server's: this tier holds no bytes
+    of its own. Checksums catch damage, not forgery: whoever may write to the server is trusted.
     """
 
     def __init__(
@@ -81,11 +84,16 @@ class RemoteTier:
         self.layout = layout
         self.ttl_ms = int(ttl_s * 1000) if ttl_s is not None else None
         self.client = client if client is not None else connect(url, timeout_s)
+        # records are read on the engine's thread while it plans a turn: a hung server may hold it this long
+        self.record_client = client if client is not None else connect(url, min(timeout_s, RECORD_READ_TIMEOUT_S))
         self.prefix = f"{namespace}:{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
-        self.calls = WritePause(what="remote store call", meanwhile="turns are served from the local tiers")
+        # reads and writes pause apart: a server refusing writes (out of memory) still serves reads
+        self.reads = WritePause(what="remote store read", meanwhile="turns are served from the local tiers")
+        self.writes = WritePause(what="remote store write", meanwhile="turns are not shared meanwhile")
         self.bytes_written = 0
         self.bytes_read = 0
-        self._written: OrderedDict[str, int] = OrderedDict()  # key -> value size, the latest writes
+        self._lock = threading.Lock()  # _written: the publish and fetch threads change it, tests read it
+        self._written: OrderedDict[str, int] = OrderedDict()  # segment key -> value size, the latest writes
 
     # -- keys -----------------------------------------------------------------------------------
     def segment_key(self, seg_id: str) -> str:
@@ -95,32 +103,29 @@ class RemoteTier:
         return f"{self.prefix}:rec:{key}"
 
     # -- calls ----------------------------------------------------------------------------------
-    def _call(self, fn, *args, **kwargs):
-        self.calls.check()  # raises while paused (an OSError), without waiting for a timeout
-        try:
-            import redis  # connect() imported it already
+    def _call(self, pause: WritePause, fn, *args, **kwargs):
+        pause.check()  # raises while paused (an OSError), without waiting for a timeout
+        import redis  # connect() imported it already
 
+        try:
             result = fn(*args, **kwargs)
         except (redis.RedisError, OSError) as e:
-            self.calls.failed(e)
+            pause.failed(e)
             raise RemoteError(f"remote store {self.url}: {e}") from e
-        self.calls.succeeded()
+        pause.succeeded()
         return result
-
-    def _set(self, key: str, value: bytes) -> None:
-        self._call(self.client.set, key, value, px=self.ttl_ms)
-        self.bytes_written += len(value)
-        self._written[key] = len(value)
-        self._written.move_to_end(key)
-        while len(self._written) > _CHECKED_WRITES:
-            self._written.popitem(last=False)
 
     # -- segments -------------------------------------------------------------------------------
     def contains_many(self, seg_ids: list[str]) -> list[bool]:
+        """Which segments the server holds; with a TTL, their expiry starts over (a session's first
+        segments live as long as its latest)."""
         pipe = self.client.pipeline(transaction=False)
         for seg in seg_ids:
-            pipe.exists(self.segment_key(seg))
-        return [bool(n) for n in self._call(pipe.execute)]
+            if self.ttl_ms is None:
+                pipe.exists(self.segment_key(seg))
+            else:
+                pipe.pexpire(self.segment_key(seg), self.ttl_ms)  # 0 when the key is not there
+        return [bool(n) for n in self._call(self.reads, pipe.execute)]
 
     def contains(self, seg_id: str) -> bool:
         return self.contains_many([seg_id])[0]
@@ -128,64 +133,102 @@ class RemoteTier:
     def put(self, seg_id: str, kv: SegmentKV) -> int:
         """Store a segment; its value's size."""
         value = segment_format.encode_bytes(seg_id, kv, self.fingerprint, self.layout)
-        self._set(self.segment_key(seg_id), value)
+        key = self.segment_key(seg_id)
+        self._call(self.writes, self.client.set, key, value, px=self.ttl_ms)
+        with self._lock:
+            self.bytes_written += len(value)
+            self._written[key] = len(value)
+            self._written.move_to_end(key)
+            while len(self._written) > _CHECKED_WRITES:
+                self._written.popitem(last=False)
         return len(value)
 
     def get(self, seg_id: str) -> SegmentKV | None:
-        value = self._call(self.client.get, self.segment_key(seg_id))
+        value = self._call(self.reads, self.client.get, self.segment_key(seg_id))
         if value is None:
             return None
-        self.bytes_read += len(value)
-        return segment_format.decode_bytes(value, self.fingerprint, self.layout, f"remote segment {seg_id}")
+        with self._lock:
+            self.bytes_read += len(value)
+        return segment_format.decode_bytes(value, seg_id, self.fingerprint, self.layout, f"remote segment {seg_id}")
 
     def evict(self, seg_id: str) -> None:
-        self._call(self.client.delete, self.segment_key(seg_id))
-        self._written.pop(self.segment_key(seg_id), None)
+        self._call(self.writes, self.client.delete, self.segment_key(seg_id))
+        with self._lock:
+            self._written.pop(self.segment_key(seg_id), None)
 
     # -- session records ------------------------------------------------------------------------
-    def put_record(self, key: str, body: dict) -> None:
-        self._set(self.record_key(key), json.dumps({**body, "fingerprint": self.fingerprint}).encode())
+    def put_record(self, key: str, body: dict) -> bool:
+        """Store the session's record unless the server holds a newer one (a later turn another
+        replica published while this one was on its way); whether it was stored."""
+        name = self.record_key(key)
+        value = json.dumps({**body, "fingerprint": self.fingerprint}).encode()
+
+        def newest_wins(pipe) -> bool:
+            held = pipe.get(name)  # WATCHed: a write by anyone until EXEC makes the transaction retry
+            if held is not None and _stamp(held) > body["stamp"]:
+                return False
+            pipe.multi()
+            pipe.set(name, value, px=self.ttl_ms)
+            return True
+
+        stored = self._call(self.writes, self.client.transaction, newest_wins, name, value_from_callable=True)
+        if stored:
+            with self._lock:
+                self.bytes_written += len(value)
+        return stored
 
     def get_record(self, key: str) -> dict | None:
         """The session's record as another replica (or this one) last published it; None if there is
         none, or if it is not a record of this model (a warning: a damaged value is not served)."""
-        value = self._call(self.client.get, self.record_key(key))
+        value = self._call(self.reads, self.record_client.get, self.record_key(key))
         if value is None:
             return None
         try:
             body = json.loads(value)
-            if body.get("fingerprint") != self.fingerprint:
-                raise CorruptSegment("model fingerprint differs")
+            if not isinstance(body, dict) or body.get("fingerprint") != self.fingerprint:
+                raise ValueError("model fingerprint differs")
             return body
-        except (ValueError, AttributeError, CorruptSegment) as e:
+        except ValueError as e:
             log.warning("store: the remote record of session %r is unreadable (%s); not served", key, e)
             return None
 
     # -- accounting -----------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
-        return {
-            "remote_bytes_written": self.bytes_written,
-            "remote_bytes_read": self.bytes_read,
-            "remote_failed_calls": self.calls.failures,
-        }
+        with self._lock:
+            return {
+                "remote_bytes_written": self.bytes_written,
+                "remote_bytes_read": self.bytes_read,
+                "remote_failed_calls": self.reads.failures + self.writes.failures,
+            }
 
     def check_integrity(self) -> None:
-        """Each of this tier's latest writes is on the server at the size written, or gone (evicted
-        or expired by the server, or overwritten by another replica's put of the same key)."""
-        keys = list(self._written)
+        """Each of this tier's latest segment writes is on the server at the size written, or gone
+        (evicted or expired by the server)."""
+        with self._lock:
+            written = list(self._written.items())
         pipe = self.client.pipeline(transaction=False)
-        for key in keys:
+        for key, _ in written:
             pipe.strlen(key)
         try:
-            sizes = self._call(pipe.execute)
+            sizes = self._call(self.reads, pipe.execute)
         except OSError:  # unreachable: nothing to check (what the replica serves comes from its local tiers)
             return
-        for key, size in zip(keys, sizes):
-            if size not in (0, self._written[key]) and ":seg:" in key:
-                raise RuntimeError(f"remote tier: {key} holds {size} bytes, {self._written[key]} were written")
+        for (key, size), now in zip(written, sizes):
+            if now not in (0, size):
+                raise RuntimeError(f"remote tier: {key} holds {now} bytes, {size} were written")
 
     def close(self) -> None:
-        try:
-            self.client.close()
-        except Exception as e:  # closing must never fail a shutdown
-            log.debug("store: closing the remote client failed (%s)", e)
+        for client in {id(c): c for c in (self.client, self.record_client)}.values():
+            try:
+                client.close()
+            except Exception as e:  # closing must never fail a shutdown
+                log.debug("store: closing the remote client failed (%s)", e)
+
+
+def _stamp(value: bytes) -> float:
+    """A stored record's stamp (0 for one without, or unreadable: any record may replace it)."""
+    try:
+        stamp = json.loads(value).get("stamp", 0.0)
+        return float(stamp) if isinstance(stamp, (int, float)) else 0.0
+    except (ValueError, AttributeError):
+        return 0.0

@@ -4,8 +4,10 @@ adopts a session's record when another replica served it further.
 Publishing runs on its own thread (a slow network never holds up saves or disk writes): a turn's
 segments first, then the record naming them, so a record on the server only names segments that
 were there when it was written. Adopting happens while a turn is planned (one small read of the
-record, on the engine's thread); the segments it lacks are fetched on a second thread into the
-host tier, and admission waits for them at most `remote_wait_s` before recomputing the rest.
+record, on the engine's thread, under a short timeout); the segments it lacks are fetched on a
+second thread into the host tier. The turn is not admitted until they are there, or until
+`remote_wait_s` has passed (then it recomputes what has not arrived); other requests are admitted
+and running ones keep stepping meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ class RemoteStats:
     record_reads: int = 0
     records_adopted: int = 0  # sessions taken over from the remote store (served further elsewhere)
     records_published: int = 0
+    records_superseded: int = 0  # not published: the server held a later turn of the session
     segments_published: int = 0
     segments_fetched: int = 0
     bytes_fetched: int = 0
@@ -48,6 +50,7 @@ class RemoteSync:
         self.stats = RemoteStats()
         self.fetching: dict[str, threading.Event] = {}  # segments on their way from remote (store lock)
         self.fresh: set[str] = set()  # fetched from remote, not yet reused by a turn: their hits count as remote
+        self.landed = threading.Event()  # set whenever a fetch ends: an idle engine waits on it, not in a spin
         self._publish_q: queue.Queue = queue.Queue()
         self._publish_queued: set[str] = set()
         self._fetch_q: queue.Queue = queue.Queue()
@@ -94,14 +97,15 @@ class RemoteSync:
         if store.disk is not None:
             store._io.put(("record", key))
 
-    def wait(self, spans: Sequence[Span], deadline: float) -> None:
-        """Wait (until the monotonic `deadline` at most) for these spans' segments still being fetched."""
+    def pending(self, spans: Sequence[Span]) -> bool:
+        """Whether a segment of these spans is still on its way from remote."""
         with self.store._lock:
-            events = [self.fetching[s.seg_id] for s in spans if s.seg_id in self.fetching]
-        for ev in events:
-            left = deadline - time.monotonic()
-            if left <= 0 or not ev.wait(left):
-                return
+            return any(s.seg_id in self.fetching for s in spans)
+
+    def wait_landed(self, timeout: float) -> None:
+        """Nothing else to do: wait (at most `timeout`) until a fetch ends."""
+        if self.fetching and self.landed.wait(timeout):
+            self.landed.clear()
 
     def _fetch(self, seg_id: str) -> None:
         kv = None
@@ -131,6 +135,7 @@ class RemoteSync:
                     self.stats.bytes_fetched += kv.nbytes
             if done is not None:
                 done.set()
+        self.landed.set()
 
     def used(self, spans: Sequence[Span]) -> None:
         """A turn reused these spans: later hits on them are this replica's own. Under the store lock."""
@@ -154,7 +159,7 @@ class RemoteSync:
             rec = store.records.get(key)
             if rec is None:
                 return
-            rec = SessionRecord(key, list(rec.logical), list(rec.spans), rec.head, rec.dropped_until)
+            rec = SessionRecord(key, list(rec.logical), list(rec.spans), rec.head, rec.dropped_until, rec.stamp)
         segs = rec.segment_ids()
         for seg in segs:
             store.wait_saved(seg, SAVE_WAIT_S)
@@ -173,8 +178,10 @@ class RemoteSync:
             if not kept:
                 return
             rec.spans = kept
-            self.tier.put_record(key, rec.to_json())
-            self.stats.records_published += 1
+            if self.tier.put_record(key, rec.to_json()):
+                self.stats.records_published += 1
+            else:  # another replica published a later turn meanwhile
+                self.stats.records_superseded += 1
         except OSError as e:  # the tier warns once and pauses its calls; the next turn publishes again
             log.debug("store: publishing session %r failed (%s)", key, e)
 
@@ -214,6 +221,7 @@ class RemoteSync:
             "remote_record_reads": s.record_reads,
             "remote_records_adopted": s.records_adopted,
             "remote_records_published": s.records_published,
+            "remote_records_superseded": s.records_superseded,
             "remote_segments_published": s.segments_published,
             "remote_segments_fetched": s.segments_fetched,
             "remote_bytes_fetched": s.bytes_fetched,

@@ -110,11 +110,14 @@ def encode_bytes(seg_id: str, kv: SegmentKV, fingerprint: str, layout: KVLayout)
     return b"".join([header, *body])
 
 
-def decode_bytes(blob: bytes, fingerprint: str, layout: KVLayout, name: str) -> SegmentKV:
-    """A segment from `encode_bytes`'s value, every check of a disk read made (CorruptSegment if one fails)."""
+def decode_bytes(blob: bytes, seg_id: str, fingerprint: str, layout: KVLayout, name: str) -> SegmentKV:
+    """Segment `seg_id` from `encode_bytes`'s value, every check of a disk read made, and that it is
+    that segment (CorruptSegment if one fails)."""
     view = memoryview(blob)
     meta, body = parse_header(bytes(view[: PREFIX.size]), lambda n: bytes(view[PREFIX.size : PREFIX.size + n]), name)
     half = check_header(meta, body, len(blob), fingerprint, layout, name)
+    if meta.get("seg_id") != seg_id:
+        raise CorruptSegment(f"{name}: holds segment {meta.get('seg_id')!r}")
     raw = torch.frombuffer(bytearray(view[body:]), dtype=torch.uint8) if half else torch.empty(0, dtype=torch.uint8)
     for layer in range(layout.num_layers):  # every layer checked before any is used
         layer_views(raw[2 * half * layer : 2 * half * (layer + 1)], meta, layout, half, layer)

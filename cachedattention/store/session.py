@@ -8,6 +8,7 @@ and `spans` hold the pre-RoPE KV of every effective token, in order, as slices o
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ class SessionRecord:
     spans: list[Span] = field(default_factory=list)
     head: int = 0
     dropped_until: int = 0  # == head when nothing was dropped
+    stamp: float = field(default_factory=time.time)  # wall time of the turn that wrote it (newest wins remotely)
 
     @property
     def effective(self) -> list[int]:
@@ -55,11 +57,32 @@ class SessionRecord:
             "head": self.head,
             "dropped_until": self.dropped_until,
             "spans": [[s.seg_id, s.lo, s.hi] for s in self.spans],
+            "stamp": self.stamp,
         }
 
     @classmethod
     def from_json(cls, d: dict) -> SessionRecord:
-        return cls(d["key"], list(d["logical"]), [Span(*s) for s in d["spans"]], d["head"], d["dropped_until"])
+        """A record from `to_json`'s form; ValueError if it is not one (a remote store's values are
+        shared with other processes: nothing in them is taken on trust)."""
+        try:
+            logical, spans = d["logical"], d["spans"]
+            head, dropped, stamp = d["head"], d["dropped_until"], d.get("stamp", 0.0)
+            ok = (
+                isinstance(d["key"], str) and isinstance(logical, list) and isinstance(spans, list)
+                and all(type(t) is int and t >= 0 for t in logical)
+                and type(head) is int and type(dropped) is int and 0 <= head <= dropped <= len(logical)
+                and isinstance(stamp, (int, float))
+                and all(isinstance(s, list) and len(s) == 3 and isinstance(s[0], str)
+                        and type(s[1]) is int and type(s[2]) is int and 0 <= s[1] < s[2] for s in spans)
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a session record ({e!r})") from e
+        if not ok:
+            raise ValueError("not a session record (a field has the wrong type or is out of range)")
+        rec = cls(d["key"], logical, [Span(*s) for s in spans], head, dropped, float(stamp))
+        if rec.num_kv > len(rec.effective):
+            raise ValueError(f"not a session record: KV of {rec.num_kv} tokens for {len(rec.effective)} tokens")
+        return rec
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

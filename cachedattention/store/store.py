@@ -77,12 +77,13 @@ class AttentionStore:
         self._writing: set[str] = set()  # segments the I/O thread is writing through, outside the lock
         self._trim_queued = False
         self._next_expiry_s = 0.0  # monotonic time of the next TTL sweep
-        self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
-        self._io_thread.start()
-        self.remote: RemoteSync | None = None
+        # the remote client first: without the redis package it raises before any thread starts
+        tier = None
         if config.remote_url is not None:
             tier = RemoteTier(config.remote_url, fingerprint, layout, timeout_s=config.remote_timeout_s, ttl_s=config.remote_ttl_s)
-            self.remote = RemoteSync(self, tier)
+        self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
+        self._io_thread.start()
+        self.remote: RemoteSync | None = RemoteSync(self, tier) if tier is not None else None
         if self.disk is not None:
             self._restore()
 
@@ -92,7 +93,13 @@ class AttentionStore:
         now = time.monotonic()
         on_disk = set(self.disk.segment_ids())
         for body in self.disk.load_records():
-            rec = SessionRecord.from_json(body)
+            try:
+                rec = SessionRecord.from_json(body)
+            except ValueError as e:  # a damaged row: the session starts over, the others are served
+                log.warning("store: a session record in the index is unreadable (%s); dropping it", e)
+                if isinstance(body, dict) and isinstance(body.get("key"), str):
+                    self._persist_record(body["key"], None)
+                continue
             # a kill between a record's row and its segment's file leaves a dangling span: cut it
             kept = []
             for span in rec.spans:

@@ -243,6 +243,10 @@ class Loader:
                     raise
                 k, v = k_all[p.lo : p.hi], v_all[p.lo : p.hi]
                 tier = "disk"
+            if k.shape[0] != p.hi - p.lo:  # a record naming tokens its segment does not hold: never broadcast
+                e = CorruptSegment(f"segment {p.seg_id} holds fewer tokens than its record names ({p.lo}..{p.hi})")
+                e.seg_id = p.seg_id
+                raise e
             job.bytes_read[tier] += 2 * k.numel() * k.element_size()
             a, b = p.dst - job.start, p.dst - job.start + p.hi - p.lo
             self._write_piece(job, layer, a, b, k, v)

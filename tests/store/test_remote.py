@@ -3,6 +3,7 @@
 import json
 import logging
 import sys
+import threading
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_an_unreachable_remote_store_costs_nothing_but_sharing(tiny_dirs, tmp_pa
                 assert out.metrics.cached_tokens["host"] >= len(conv) - 8
             settle(a)
             conv = grow(conv, out, t)
-    assert caplog.text.count("a remote store call failed") == 1  # told once, then calls pause
+    assert caplog.text.count("a remote store read failed") == 1  # told once, then reads pause
     assert a.engine.store.stats()["remote_failed_calls"] >= 1
     store_of(a).check_integrity()
 
@@ -124,18 +125,22 @@ def published(llm, key):
     return json.loads(tier.client.get(tier.record_key(key)))
 
 
-def test_a_corrupt_remote_segment_is_recomputed_and_deleted(tiny_dirs, server, caplog):
-    path, _ = tiny_dirs["llama"]
+def after_one_turn(path, url, session):
+    """The recompute reference, replicas a and b, and the session's first turn served by a (published)."""
     ref = LLM(model=str(path), cache=NO_DEVICE)
-    a, b = replica(path, server.url), replica(path, server.url)
+    a, b = replica(path, url), replica(path, url)
     conv = list(range(5, 45))
-    out = a.generate([conv], PARAMS, session_id="corrupt")[0]
+    out = a.generate([conv], PARAMS, session_id=session)[0]
     settle(a)
+    return ref, a, b, grow(conv, out, 0)
+
+
+def test_a_corrupt_remote_segment_is_recomputed_and_deleted(tiny_dirs, server, caplog):
+    ref, a, b, conv = after_one_turn(tiny_dirs["llama"][0], server.url, "corrupt")
     tier = store_of(a).remote.tier
     seg = published(a, "corrupt")["spans"][0][0]
     key = tier.segment_key(seg)
     tier.client.setrange(key, tier.client.strlen(key) - 5, b"\xff\x00")  # a flipped byte in the last layer
-    conv = grow(conv, out, 0)
     with caplog.at_level(logging.WARNING, logger="cachedattention"):
         got = b.generate([conv], PARAMS, session_id="corrupt")[0]
     assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids
@@ -193,6 +198,19 @@ def test_a_record_of_another_model_under_our_key_is_not_served(tiny_dirs, server
     assert a.engine.store.stats()["remote_records_adopted"] == 0
 
 
+def hold_fetches(llm, monkeypatch) -> threading.Event:
+    """The replica's fetches from the server wait (at most 30 s) until the returned event is set."""
+    tier = store_of(llm).remote.tier
+    release, real_get = threading.Event(), tier.get
+
+    def slow_get(seg_id):
+        release.wait(30)
+        return real_get(seg_id)
+
+    monkeypatch.setattr(tier, "get", slow_get)
+    return release
+
+
 def test_admission_waits_for_a_slow_fetch_only_so_long(tiny_dirs, server, monkeypatch):
     path, _ = tiny_dirs["llama"]
     ref = LLM(model=str(path), cache=NO_DEVICE)
@@ -201,20 +219,12 @@ def test_admission_waits_for_a_slow_fetch_only_so_long(tiny_dirs, server, monkey
     conv = list(range(5, 45))
     out = a.generate([conv], PARAMS, session_id="slow")[0]
     settle(a)
-    tier = store_of(b).remote.tier
-    release = __import__("threading").Event()
-    real_get = tier.get
-
-    def slow_get(seg_id):
-        release.wait(10)  # the fetch lands only after the turn was admitted
-        return real_get(seg_id)
-
-    monkeypatch.setattr(tier, "get", slow_get)
+    release = hold_fetches(b, monkeypatch)  # the fetch lands only after the turn was admitted
     conv = grow(conv, out, 0)
     got = b.generate([conv], PARAMS, session_id="slow")[0]
     release.set()
     assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids
-    assert got.metrics.num_cached_tokens == 0  # it did not wait for the fetch (10 s): it recomputed
+    assert got.metrics.num_cached_tokens == 0  # it did not wait for the fetch (30 s): it recomputed
     settle(b)
     # the fetch landed after the turn had saved its own KV of every token: nothing names it, so it is not kept
     assert b.engine.store.stats()["remote_segments_fetched"] == 0 and store_of(b).host.used_bytes() == got_bytes(b)
@@ -267,18 +277,20 @@ def test_the_segment_value_round_trips_and_refuses_damage(dtype):
     layout = KVLayout(3, 2, 4, dtype)
     kv = SegmentKV(torch.randn(3, 5, 2, 4).to(dtype), torch.randn(3, 5, 2, 4).to(dtype))
     blob = segment_format.encode_bytes("seg", kv, "fp", layout)
-    back = segment_format.decode_bytes(blob, "fp", layout, "seg")
+    back = segment_format.decode_bytes(blob, "seg", "fp", layout, "seg")
     assert torch.equal(back.k, kv.k) and torch.equal(back.v, kv.v) and back.nbytes == kv.nbytes
     assert len(blob) == segment_format.encoded_size("seg", kv, "fp", layout)
     flipped = bytearray(blob)
     flipped[-3] ^= 1
     for bad, why in [(bytes(flipped), "checksum"), (blob[:-1], "wrong size"), (b"nonsense" * 4, "bad magic")]:
         with pytest.raises(CorruptSegment, match=why):
-            segment_format.decode_bytes(bad, "fp", layout, "seg")
+            segment_format.decode_bytes(bad, "seg", "fp", layout, "seg")
     with pytest.raises(CorruptSegment, match="fingerprint"):
-        segment_format.decode_bytes(blob, "another", layout, "seg")
+        segment_format.decode_bytes(blob, "seg", "another", layout, "seg")
+    with pytest.raises(CorruptSegment, match="holds segment 'seg'"):  # a value copied under another key
+        segment_format.decode_bytes(blob, "other", "fp", layout, "other")
     empty = SegmentKV(torch.empty(3, 0, 2, 4, dtype=dtype), torch.empty(3, 0, 2, 4, dtype=dtype))
-    assert segment_format.decode_bytes(segment_format.encode_bytes("e", empty, "fp", layout), "fp", layout, "e").num_tokens == 0
+    assert segment_format.decode_bytes(segment_format.encode_bytes("e", empty, "fp", layout), "e", "fp", layout, "e").num_tokens == 0
 
 
 def test_the_tier_contract_against_the_server(server):
@@ -323,23 +335,102 @@ def test_the_cli_flags_reach_the_store_config():
         engine_config(build_parser().parse_args(["serve", "--remote-url", "cache:6379"]))
 
 
-def test_copies_of_the_weights_share_the_fingerprint_and_other_weights_do_not(tiny_dirs, tmp_path):
-    """Replicas on other machines load copies with other file times: the remote namespace must match."""
+def test_copies_of_the_weights_share_the_fingerprint_and_other_weights_do_not(tiny_dirs, tmp_path, monkeypatch):
+    """Replicas on other machines load copies with other file times: the remote namespace must match;
+    any change to the weights (a fine-tune, a merged adapter, one edited row) must not."""
     import os
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    from cachedattention.model.loader import _weights_id
+    from cachedattention.model.weights_id import DIGESTS_FILE, weights_id
 
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path / "home"))
     path, _ = tiny_dirs["llama"]
     copy = shutil.copytree(path, tmp_path / "copy", copy_function=shutil.copyfile)  # new file times
     for f in copy.iterdir():
         os.utime(f, (1, 1))
-    assert _weights_id(copy) == _weights_id(path)
+    assert weights_id(copy) == weights_id(path)
+    assert (tmp_path / "home" / DIGESTS_FILE).is_file()  # the digests are kept: the next start reads nothing
     (weights,) = copy.glob("*.safetensors")
     tensors, size = load_file(str(weights)), weights.stat().st_size
-    name = next(iter(tensors))
-    tensors[name] = tensors[name] + 1  # a fine-tune: same names, shapes and file size
+    name = max(tensors, key=lambda n: tensors[n].numel())
+    tensors[name][len(tensors[name]) // 2, 3] += 1  # one weight of the largest matrix, in its middle
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    assert weights.stat().st_size == size and _weights_id(copy) != _weights_id(path)
+    assert weights.stat().st_size == size and weights_id(copy) != weights_id(path)
+    (tmp_path / "home" / DIGESTS_FILE).write_text("{not json")  # a damaged list is computed again
+    assert weights_id(copy) != weights_id(path)
+
+
+def test_a_hostile_or_damaged_remote_record_is_not_served(tiny_dirs, server, caplog):
+    """Records on the server are shared input: wrong types, spans out of range, a segment shorter
+    than its record says: never served, never an error to the client."""
+    ref, a, b, conv = after_one_turn(tiny_dirs["llama"][0], server.url, "hostile")
+    tier = store_of(a).remote.tier
+    good = published(a, "hostile")
+    seg, lo, hi = good["spans"][0]
+    want = ref.generate([conv], PARAMS)[0].token_ids
+    bad_records = [
+        {**good, "spans": ["abc"]},
+        {**good, "spans": [[seg, -5, -1]]},
+        {**good, "spans": [[seg, 0, 10_000]]},
+        {**good, "logical": "not a list"},
+        {**good, "head": 3, "dropped_until": 1},
+        {**good, "stamp": "late"},
+    ]
+    with caplog.at_level(logging.WARNING, logger="cachedattention"):
+        for i, body in enumerate(bad_records):
+            tier.client.set(tier.record_key(f"hostile-{i}"), json.dumps(body))
+            got = b.generate([conv], PARAMS, session_id=f"hostile-{i}")[0]
+            assert got.token_ids == want and got.metrics.num_cached_tokens == 0, body
+    assert caplog.text.count("malformed") == len(bad_records)
+    # a well-formed record naming more tokens than its segment holds: the load refuses it, the turn recomputes
+    short = {**good, "spans": [[seg, lo, hi]], "logical": conv[: hi + 5]}
+    held = store_of(a).host.get(seg)
+    one_token = SegmentKV(held.k[:, :1], held.v[:, :1])  # a valid value, of one token
+    tier.client.set(tier.segment_key(seg), segment_format.encode_bytes(seg, one_token, tier.fingerprint, tier.layout))
+    tier.client.set(tier.record_key("short"), json.dumps(short))
+    with caplog.at_level(logging.WARNING, logger="cachedattention"):
+        got = b.generate([conv], PARAMS, session_id="short")[0]
+    assert got.token_ids == want and got.metrics.num_cached_tokens == 0
+    assert "fewer tokens than its record names" in caplog.text
+    settle(b)
+    store_of(b).check_integrity()
+
+
+def test_a_late_publish_does_not_replace_a_later_turn(server):
+    tier = RemoteTier(server.url, "newest-wins", LAYOUT)
+    body = {"key": "s", "logical": [1, 2], "head": 0, "dropped_until": 0, "spans": []}
+    assert tier.put_record("s", {**body, "stamp": 20.0})
+    assert not tier.put_record("s", {**body, "logical": [1], "stamp": 10.0})  # turn N lands after N + 1
+    assert tier.get_record("s")["stamp"] == 20.0 and tier.get_record("s")["logical"] == [1, 2]
+    assert tier.put_record("s", {**body, "stamp": 30.0})
+    tier.close()
+
+
+def test_turns_behind_a_slow_fetch_are_admitted_first(tiny_dirs, server, monkeypatch):
+    """A turn waiting for its history from remote does not hold up the queue behind it."""
+    path, _ = tiny_dirs["llama"]
+    a = replica(path, server.url)
+    b = replica(path, server.url, remote_wait_s=30)
+    conv = list(range(5, 45))
+    out = a.generate([conv], PARAMS, session_id="slow-head")[0]
+    settle(a)
+    release = hold_fetches(b, monkeypatch)
+    engine = b.engine
+    head = engine.add_request(grow(conv, out, 0), PARAMS, session_id="slow-head")
+    other = engine.add_request(list(range(100, 130)), PARAMS)
+    done = {}
+    for _ in range(200):
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+        if other in done:
+            break
+    assert other in done and head not in done  # the second request ran to the end while the head waited
+    release.set()
+    while head not in done:
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert done[head].metrics.cached_tokens["remote"] >= 40  # then the head was served from remote
