@@ -52,6 +52,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="longest wait at admission for a turn's KV still coming from the remote tier (then recompute)")
     g.add_argument("--remote-timeout-s", type=float, default=StoreConfig.remote_timeout_s,
                    help="a call to the remote tier gives up after this long")
+    g.add_argument("--remote-namespace", default=StoreConfig.remote_namespace,
+                   help="prefix of the remote tier's keys: deployments sharing one server keep apart")
     g.add_argument("--remote-ttl-s", type=float, default=None,
                    help="the remote server forgets values not written again for this long (default: its own eviction)")
 
@@ -85,6 +87,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             remote_wait_s=args.remote_wait_s,
             remote_timeout_s=args.remote_timeout_s,
             remote_ttl_s=args.remote_ttl_s,
+            remote_namespace=args.remote_namespace,
         ),
     )
 

@@ -68,6 +68,7 @@ class StoreConfig:
     remote_timeout_s: float = 2.0  # a call to the remote store gives up after this long
     remote_wait_s: float = 2.0  # at admission, wait at most this long for a turn's segments still coming from remote
     remote_ttl_s: float | None = None  # the remote store forgets values not written again for this long (None: never)
+    remote_namespace: str = "cachedattention"  # key prefix: deployments sharing one server keep apart
 
     def __post_init__(self) -> None:
         if self.host_bytes < 0 or self.disk_bytes < 0:
@@ -86,6 +87,8 @@ class StoreConfig:
             check_remote_url(self.remote_url)
         if not self.remote_timeout_s > 0 or not self.remote_wait_s >= 0:
             raise ValueError(f"remote_timeout_s must be > 0 and remote_wait_s >= 0 seconds, got {self.remote_timeout_s} and {self.remote_wait_s}")
+        if not self.remote_namespace or any(c.isspace() for c in self.remote_namespace):
+            raise ValueError(f"remote_namespace must be a non-empty name without spaces, got {self.remote_namespace!r}")
         if self.remote_ttl_s is not None and not self.remote_ttl_s >= 0.001:
             raise ValueError(f"remote_ttl_s must be at least 0.001 seconds or None, got {self.remote_ttl_s}")
 

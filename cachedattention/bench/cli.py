@@ -25,11 +25,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the timed turn (turn mode)")
     p.add_argument("--cells", default=None, help="comma-separated subset of the turn-mode cells")
     p.add_argument("--remote-url", default=None, metavar="URL",
-                   help="a Redis-protocol server: adds the turn-mode cell of a history another replica stored there")
+                   help="a Redis-protocol server: adds the turn-mode cell of a history another replica stored "
+                        "there; the replicas+remote system's shared tier (workload mode)")
     # workload mode
     p.add_argument("--sessions", type=int, default=None, help="number of sessions (workload mode)")
     p.add_argument("--workload", default=None, help="ShareGPT JSON or a saved workload JSON (workload mode)")
-    p.add_argument("--systems", default=None, help="comma-separated systems (workload mode; default: all)")
+    p.add_argument("--systems", default=None,
+                   help="comma-separated systems (workload mode; default: all but replicas and replicas+remote)")
+    p.add_argument("--replicas", type=int, default=2, help="replicas of the replicas systems (workload mode)")
     p.add_argument("--url", default=None, help="drive an OpenAI-compatible server over HTTP instead (workload mode)")
     p.add_argument("--time-scale", type=float, default=None, help="multiply arrival gaps and think times (workload)")
     p.add_argument("--max-answer-tokens", type=int, default=None, help="cap answer lengths (workload; CPU runs)")

@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,25 +128,30 @@ def clamp_tiers(cached: dict[str, int], prompt_tokens: int) -> dict[str, int]:
 
 
 def replay(
-    engine: LLMEngine,
+    engine: LLMEngine | Sequence[LLMEngine],
     workload: Workload,
     system: str,
     time_scale: float = 1.0,
     text_seed: int | None = 0,
     progress: bool = True,
 ) -> ReplayResult:
-    """Run every turn of `workload` through `engine` in real time; returns one TurnRecord per turn."""
-    if engine.tokenizer is None:
+    """Run every turn of `workload` through `engine` in real time; returns one TurnRecord per turn.
+
+    Given several engines (replicas), each turn goes to one drawn at random (seeded, the same for
+    every system): a load balancer that does not keep a conversation on one replica. They step in
+    turn on this one machine."""
+    engines = [engine] if isinstance(engine, LLMEngine) else list(engine)
+    if any(e.tokenizer is None for e in engines):
         raise ValueError("the workload benchmark renders chat messages, so the model needs a tokenizer")
     if not time_scale > 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale}")
-    drop_history = engine.store is None  # store systems truncate by themselves (and reuse the KV)
+    drop_history = engines[0].store is None  # store systems truncate by themselves (and reuse the KV)
     arrivals = [
         (s.arrival_s * time_scale, i, _Conversation(i, s, due_s=s.arrival_s * time_scale))
         for i, s in enumerate(workload.sessions)
     ]
     heapq.heapify(arrivals)
-    active: dict[str, tuple[_Conversation, float]] = {}
+    active: dict[tuple[int, str], tuple[_Conversation, float]] = {}  # (replica, request id) -> turn
     records: list[TurnRecord] = []
     compute_s = 0.0
     bar = tqdm(total=workload.num_turns, desc=system, unit="turn", file=sys.stderr, disable=not progress)
@@ -155,27 +161,39 @@ def replay(
             now = time.perf_counter() - t0
             while arrivals and arrivals[0][0] <= now:
                 _, _, conv = heapq.heappop(arrivals)
-                rid = _submit(engine, conv, text_seed, drop_history)
-                active[rid] = (conv, t0 + conv.due_s)
+                replica = _route(conv, len(engines), text_seed)
+                rid = _submit(engines[replica], conv, text_seed, drop_history)
+                active[replica, rid] = (conv, t0 + conv.due_s)
             if not active:
                 time.sleep(max(arrivals[0][0] - (time.perf_counter() - t0), 0.0))
                 continue
-            start = time.perf_counter()
-            outputs = engine.step()
-            compute_s += time.perf_counter() - start
-            for out in outputs:
-                if out.finished and out.request_id in active:
-                    conv, arrival = active.pop(out.request_id)
-                    records.append(_record(conv, out, arrival, t0))
-                    bar.update(1)
-                    if _advance(conv, out, time_scale, t0):
-                        heapq.heappush(arrivals, (conv.due_s, conv.index, conv))
+            for replica, eng in enumerate(engines):
+                if not eng.has_unfinished():
+                    continue
+                start, idle = time.perf_counter(), eng.idle_s
+                outputs = eng.step()
+                compute_s += time.perf_counter() - start - (eng.idle_s - idle)  # waiting for KV is not compute
+                for out in outputs:
+                    if out.finished and (replica, out.request_id) in active:
+                        conv, arrival = active.pop((replica, out.request_id))
+                        records.append(_record(conv, out, arrival, t0))
+                        bar.update(1)
+                        if _advance(conv, out, time_scale, t0):
+                            heapq.heappush(arrivals, (conv.due_s, conv.index, conv))
     finally:
         bar.close()
-        for rid in active:
-            engine.abort(rid)
+        for replica, rid in active:
+            engines[replica].abort(rid)
     wall_s = max((r.arrival_s + r.latency_s for r in records), default=0.0)
-    return ReplayResult(system, records, wall_s, compute_s, stats=engine.stats())
+    stats = engines[0].stats() if len(engines) == 1 else {"replicas": [e.stats() for e in engines]}
+    return ReplayResult(system, records, wall_s, compute_s, stats=stats)
+
+
+def _route(conv: _Conversation, replicas: int, seed: int | None) -> int:
+    """The replica a turn goes to: drawn per (session, turn), so every system sees the same routing."""
+    if replicas == 1:
+        return 0
+    return random.Random(f"{seed}:route:{conv.session.session_id}:{conv.turn}").randrange(replicas)
 
 
 def _submit(engine: LLMEngine, conv: _Conversation, text_seed: int | None, drop_history: bool) -> str:

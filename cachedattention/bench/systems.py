@@ -3,10 +3,14 @@
 RE recomputes every turn; device-only keeps a prefix cache in the device pool (vLLM/SGLang's
 default); device+host adds the store's host tier; CachedAttention adds the disk tier with the
 look-ahead policy; lru and fifo are CachedAttention with those eviction policies instead.
+Only when named: "replicas" is CachedAttention on several replicas (each with the budgets above)
+behind a load balancer that does not keep a conversation on one replica; "replicas+remote" adds
+the remote tier they share (`--remote-url`).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +19,7 @@ from cachedattention.bench.workload import Workload
 from cachedattention.config import CacheConfig, EngineConfig, StoreConfig
 
 SYSTEM_NAMES = ("RE", "device-only", "device+host", "CachedAttention", "lru", "fifo")
+REPLICA_NAMES = ("replicas", "replicas+remote")  # run only when named (the second needs a server)
 _STORE_POLICIES = {"CachedAttention": "lookahead", "lru": "lru", "fifo": "fifo"}
 
 # Fractions of the workload's total KV given to each tier: no tier but disk can hold every session,
@@ -49,18 +54,27 @@ class SystemSpec:
     name: str
     cache: CacheConfig
     store: StoreConfig
+    replicas: int = 1  # engines, each with these budgets (and its own disk folder)
 
     @property
     def billed_host_bytes(self) -> int:
-        """Provisioned host DRAM for the cost (0 when the store is off)."""
-        return self.store.host_bytes if self.store.enable else 0
+        """Provisioned host DRAM for the cost (0 when the store is off), every replica's."""
+        return self.replicas * self.store.host_bytes if self.store.enable else 0
 
     @property
     def billed_disk_bytes(self) -> int:
-        return self.store.disk_bytes if self.store.enable and self.store.store_dir else 0
+        return self.replicas * self.store.disk_bytes if self.store.enable and self.store.store_dir else 0
 
-    def engine_config(self, base: EngineConfig) -> EngineConfig:
-        return replace(base, cache=self.cache, store=self.store)
+    def engine_configs(self, base: EngineConfig) -> list[EngineConfig]:
+        """One config per replica; replicas' disk tiers in their own subfolders."""
+        if self.replicas == 1:
+            return [replace(base, cache=self.cache, store=self.store)]
+        configs = []
+        for i in range(self.replicas):
+            folder = Path(self.store.store_dir) / f"replica-{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            configs.append(replace(base, cache=self.cache, store=replace(self.store, store_dir=str(folder))))
+        return configs
 
 
 def parse_system_names(text: str | None) -> tuple[str, ...]:
@@ -68,18 +82,29 @@ def parse_system_names(text: str | None) -> tuple[str, ...]:
     if not text:
         return SYSTEM_NAMES
     wanted = [n.strip() for n in text.split(",") if n.strip()]
-    lower = {n.lower(): n for n in SYSTEM_NAMES}
+    known = SYSTEM_NAMES + REPLICA_NAMES
+    lower = {n.lower(): n for n in known}
     unknown = [n for n in wanted if n.lower() not in lower]
     if unknown or not wanted:
-        raise ValueError(f"unknown systems {unknown or [text]}; choose from {', '.join(SYSTEM_NAMES)}")
+        raise ValueError(f"unknown systems {unknown or [text]}; choose from {', '.join(known)}")
     chosen = {lower[n.lower()] for n in wanted}
-    return tuple(n for n in SYSTEM_NAMES if n in chosen)
+    return tuple(n for n in known if n in chosen)
 
 
 def build_systems(
-    names: Sequence[str], budgets: Budgets, store_root: str | Path, page_size: int = 16
+    names: Sequence[str],
+    budgets: Budgets,
+    store_root: str | Path,
+    page_size: int = 16,
+    replicas: int = 2,
+    remote_url: str | None = None,
 ) -> list[SystemSpec]:
-    """One SystemSpec per name; each disk-tier system gets its own fresh folder under `store_root`."""
+    """One SystemSpec per name; each disk-tier system gets its own fresh folder under `store_root`.
+    "replicas+remote" needs `remote_url`; its keys get a namespace of their own for this run."""
+    if replicas < 2 and any(n in REPLICA_NAMES for n in names):
+        raise ValueError(f"--replicas must be >= 2 for {', '.join(REPLICA_NAMES)}, got {replicas}")
+    if "replicas+remote" in names and not remote_url:
+        raise ValueError("the replicas+remote system needs --remote-url (a Redis-protocol server)")
     device = CacheConfig(page_size=page_size, memory_bytes=budgets.device_bytes)
     off = StoreConfig(enable=False)
     out = []
@@ -90,7 +115,7 @@ def build_systems(
             out.append(SystemSpec(name, device, off))
         elif name == "device+host":
             out.append(SystemSpec(name, device, StoreConfig(enable=True, host_bytes=budgets.host_bytes)))
-        elif name in _STORE_POLICIES:
+        elif name in _STORE_POLICIES or name in REPLICA_NAMES:
             folder = Path(store_root) / name
             folder.mkdir(parents=True, exist_ok=True)
             store = StoreConfig(
@@ -98,11 +123,13 @@ def build_systems(
                 store_dir=str(folder),
                 host_bytes=budgets.host_bytes,
                 disk_bytes=budgets.disk_bytes,
-                policy=_STORE_POLICIES[name],
+                policy=_STORE_POLICIES.get(name, "lookahead"),
             )
-            out.append(SystemSpec(name, device, store))
+            if name == "replicas+remote":  # a fresh namespace: an earlier run's sessions are not this run's
+                store = replace(store, remote_url=remote_url, remote_namespace=f"bench-{uuid.uuid4().hex[:12]}")
+            out.append(SystemSpec(name, device, store, replicas if name in REPLICA_NAMES else 1))
         else:
-            raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEM_NAMES)}")
+            raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEM_NAMES + REPLICA_NAMES)}")
     return out
 
 

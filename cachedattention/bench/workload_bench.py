@@ -166,7 +166,7 @@ def _run_local(
     budgets, per_token = plan_budgets(loaded, workload, max_model_len, args.dtype)
     results, systems = [], {}
     with tempfile.TemporaryDirectory(prefix="cachedattention-bench-") as store_root:
-        for spec in build_systems(names, budgets, store_root):
+        for spec in build_systems(names, budgets, store_root, replicas=args.replicas, remote_url=args.remote_url):
             result = _run_system(spec, base, loaded, workload, time_scale, args.seed)
             results.append(result)
             systems[spec.name] = _system_config(spec, result)
@@ -192,17 +192,20 @@ def _run_system(
 ) -> ReplayResult:
     from cachedattention.engine.engine import LLMEngine
 
-    engine = LLMEngine(spec.engine_config(base), loaded=loaded)
+    engines = []
     try:
-        return replay(engine, workload, spec.name, time_scale=time_scale, text_seed=seed)
+        engines.extend(LLMEngine(config, loaded=loaded) for config in spec.engine_configs(base))
+        return replay(engines, workload, spec.name, time_scale=time_scale, text_seed=seed)
     finally:
-        engine.close()
+        for engine in engines:
+            engine.close()
 
 
 def _system_config(spec: SystemSpec, result: ReplayResult) -> dict[str, Any]:
     return {
         "cache": asdict(spec.cache),
         "store": asdict(spec.store),
+        "replicas": spec.replicas,
         "host_bytes": spec.billed_host_bytes,
         "disk_bytes": spec.billed_disk_bytes,
         "compute_s": result.compute_s,

@@ -71,6 +71,7 @@ class LLMEngine:
             self.scheduler.store_ready = self.store.ready
             self.scheduler.on_unstage = self.store.unstage
         self.requests: dict[str, Request] = {}
+        self.idle_s = 0.0  # time step() spent waiting with nothing to schedule (not compute)
         self._ids = itertools.count()
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -205,8 +206,10 @@ class LLMEngine:
             self.store.publish_queue(self.scheduler.queued_sessions())
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            if self.store is not None:
-                self.store.idle()  # e.g. every queued turn waits for KV from the remote tier
+            if self.store is not None:  # e.g. every queued turn waits for KV from the remote tier
+                start = time.perf_counter()
+                self.store.idle()
+                self.idle_s += time.perf_counter() - start
             return []
         hooks = self.store.begin_step(scheduled) if self.store is not None else None
         if self.store is not None and self.store.config.preload:

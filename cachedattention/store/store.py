@@ -80,7 +80,8 @@ class AttentionStore:
         # the remote client first: without the redis package it raises before any thread starts
         tier = None
         if config.remote_url is not None:
-            tier = RemoteTier(config.remote_url, fingerprint, layout, timeout_s=config.remote_timeout_s, ttl_s=config.remote_ttl_s)
+            tier = RemoteTier(config.remote_url, fingerprint, layout, timeout_s=config.remote_timeout_s,
+                              ttl_s=config.remote_ttl_s, namespace=config.remote_namespace)
         self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
         self._io_thread.start()
         self.remote: RemoteSync | None = RemoteSync(self, tier) if tier is not None else None

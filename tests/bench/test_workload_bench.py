@@ -195,3 +195,42 @@ def test_http_replay_against_a_real_server(tiny_chat_dir, tmp_path, capsys):
         assert r["generated_tokens"] == answers[(r["session_id"], r["turn_index"])]
         assert sum(r["cached_tokens"].values()) < r["prompt_tokens"]
     assert data["systems"][url]["hit_rate"] > 0  # the server's device prefix cache serves later turns
+
+
+def test_replicas_share_sessions_through_the_remote_tier(tiny_chat_dir, tmp_path, capsys):
+    """Two replicas behind a load balancer that does not keep conversations on one replica: alone, a
+    replica misses what the other served; with the remote tier, every later turn reuses its history."""
+    from tests.redis_server import RedisServer
+
+    wl = tmp_path / "input.json"
+    # users think for a while: a replica's publish lands before the session's next turn arrives
+    thinking = [Session(s.session_id, s.arrival_s, tuple(Turn(t.user_tokens, t.answer_tokens, 0.3) for t in s.turns))
+                for s in WORKLOAD.sessions]
+    Workload(sessions=tuple(thinking), seed=7, source="test").to_json(wl)
+    redis = RedisServer(tmp_path)
+    try:
+        _, data = _bench(capsys, tiny_chat_dir, wl, tmp_path / "out", "--systems", "replicas,replicas+remote",
+                         "--replicas", "2", "--remote-url", redis.url)
+    finally:
+        redis.stop()
+    config = data["config"]["systems"]
+    assert config["replicas"]["replicas"] == 2 and len(config["replicas"]["engine_stats"]["replicas"]) == 2
+    assert config["replicas+remote"]["host_bytes"] == 2 * data["config"]["budgets"]["host_bytes"]
+    moved = 0
+    for name, records in data["records"].items():
+        for r in records:
+            if name == "replicas+remote" and r["turn_index"]:  # whichever replica served the turn before
+                assert sum(r["cached_tokens"].values()) > 0, r
+            moved += name == "replicas+remote" and r["cached_tokens"]["remote"] > 0
+    assert moved > 0  # some turns did land on the other replica
+    remote, alone = data["systems"]["replicas+remote"], data["systems"]["replicas"]
+    assert remote["hit_rate"] > alone["hit_rate"] and alone["hit_rate_by_tier"]["remote"] == 0
+
+
+def test_replica_systems_need_their_arguments(tmp_path):
+    budgets = Budgets.for_workload(1000, 100)
+    with pytest.raises(ValueError, match="--remote-url"):
+        build_systems(("replicas+remote",), budgets, tmp_path)
+    with pytest.raises(ValueError, match="--replicas"):
+        build_systems(("replicas",), budgets, tmp_path, replicas=1)
+    assert parse_system_names("replicas, RE") == ("RE", "replicas")
