@@ -37,6 +37,7 @@ class ReplayResult:
     compute_s: float | None  # summed engine.step() time ("GPU busy"); None when unknown (HTTP)
     failed_turns: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    remote_bytes: int = 0  # what the run's sessions take on a remote tier's server (billed as DRAM)
 
 
 @dataclass
@@ -167,12 +168,12 @@ def replay(
             if not active:
                 time.sleep(max(arrivals[0][0] - (time.perf_counter() - t0), 0.0))
                 continue
-            for replica, eng in enumerate(engines):
-                if not eng.has_unfinished():
-                    continue
-                start, idle = time.perf_counter(), eng.idle_s
-                outputs = eng.step()
-                compute_s += time.perf_counter() - start - (eng.idle_s - idle)  # waiting for KV is not compute
+            stepped = [(replica, eng) for replica, eng in enumerate(engines) if eng.has_unfinished()]
+            idle_before = sum(eng.idle_steps for _, eng in stepped)
+            for replica, eng in stepped:
+                start = time.perf_counter()
+                outputs = eng.step(wait_when_idle=False)  # a replica waiting for KV must not hold up the others
+                compute_s += time.perf_counter() - start
                 for out in outputs:
                     if out.finished and (replica, out.request_id) in active:
                         conv, arrival = active.pop((replica, out.request_id))
@@ -180,6 +181,8 @@ def replay(
                         bar.update(1)
                         if _advance(conv, out, time_scale, t0):
                             heapq.heappush(arrivals, (conv.due_s, conv.index, conv))
+            if stepped and sum(eng.idle_steps for _, eng in stepped) - idle_before == len(stepped):
+                stepped[0][1].wait_idle()  # no replica could schedule anything: wait for a fetch, not in a spin
     finally:
         bar.close()
         for replica, rid in active:

@@ -195,7 +195,14 @@ def _run_system(
     engines = []
     try:
         engines.extend(LLMEngine(config, loaded=loaded) for config in spec.engine_configs(base))
-        return replay(engines, workload, spec.name, time_scale=time_scale, text_seed=seed)
+        result = replay(engines, workload, spec.name, time_scale=time_scale, text_seed=seed)
+        if spec.store.remote_url is not None:  # the shared tier's memory is billed too; then the run's keys go
+            for engine in engines:
+                engine.store.store.flush()
+            tier = engines[0].store.store.remote.tier
+            result.remote_bytes = tier.footprint()
+            tier.drop_all()
+        return result
     finally:
         for engine in engines:
             engine.close()
@@ -206,7 +213,9 @@ def _system_config(spec: SystemSpec, result: ReplayResult) -> dict[str, Any]:
         "cache": asdict(spec.cache),
         "store": asdict(spec.store),
         "replicas": spec.replicas,
-        "host_bytes": spec.billed_host_bytes,
+        # DRAM billed: every replica's host tier, and what the run left on the remote server (DRAM too)
+        "host_bytes": spec.billed_host_bytes + result.remote_bytes,
+        "remote_bytes": result.remote_bytes,
         "disk_bytes": spec.billed_disk_bytes,
         "compute_s": result.compute_s,
         "failed_turns": result.failed_turns,

@@ -72,6 +72,7 @@ class LLMEngine:
             self.scheduler.on_unstage = self.store.unstage
         self.requests: dict[str, Request] = {}
         self.idle_s = 0.0  # time step() spent waiting with nothing to schedule (not compute)
+        self.idle_steps = 0  # steps that scheduled nothing
         self._ids = itertools.count()
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -200,16 +201,25 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def wait_idle(self) -> None:
+        """Nothing to schedule: wait a little for KV on its way from the remote tier (not compute)."""
+        if self.store is not None:
+            start = time.perf_counter()
+            self.store.idle()
+            self.idle_s += time.perf_counter() - start
+
     # -- the step -----------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, wait_when_idle: bool = True) -> list[RequestOutput]:
+        """One scheduled forward pass and its sampled tokens. When nothing can be scheduled (every
+        queued turn waits for KV from the remote tier), waits a little for a fetch to land unless
+        `wait_when_idle` is False (a caller with other engines to step: see `wait_idle`)."""
         if self.store is not None:
             self.store.publish_queue(self.scheduler.queued_sessions())
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            if self.store is not None:  # e.g. every queued turn waits for KV from the remote tier
-                start = time.perf_counter()
-                self.store.idle()
-                self.idle_s += time.perf_counter() - start
+            self.idle_steps += 1
+            if wait_when_idle:
+                self.wait_idle()
             return []
         hooks = self.store.begin_step(scheduled) if self.store is not None else None
         if self.store is not None and self.store.config.preload:

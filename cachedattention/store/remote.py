@@ -89,6 +89,8 @@ class RemoteTier:
         self.prefix = f"{namespace}:{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
         # reads and writes pause apart: a server refusing writes (out of memory) still serves reads
         self.reads = WritePause(what="remote store read", meanwhile="turns are served from the local tiers")
+        # a record read's short timeout must not pause the segment fetches of a server that is only slow
+        self.record_reads = WritePause(what="remote record read", meanwhile="sessions are not taken from it")
         self.writes = WritePause(what="remote store write", meanwhile="turns are not shared meanwhile")
         self.bytes_written = 0
         self.bytes_read = 0
@@ -180,7 +182,7 @@ class RemoteTier:
     def get_record(self, key: str) -> dict | None:
         """The session's record as another replica (or this one) last published it; None if there is
         none, or if it is not a record of this model (a warning: a damaged value is not served)."""
-        value = self._call(self.reads, self.record_client.get, self.record_key(key))
+        value = self._call(self.record_reads, self.record_client.get, self.record_key(key))
         if value is None:
             return None
         try:
@@ -193,12 +195,28 @@ class RemoteTier:
             return None
 
     # -- accounting -----------------------------------------------------------------------------
+    def footprint(self) -> int:
+        """Bytes of every value of this namespace and model on the server (every replica's)."""
+        keys = list(self.client.scan_iter(match=f"{self.prefix}:*", count=1000))
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.strlen(key)
+        return sum(self._call(self.reads, pipe.execute)) if keys else 0
+
+    def drop_all(self) -> None:
+        """Delete every value of this namespace and model (a benchmark's run, once it is over)."""
+        keys = list(self.client.scan_iter(match=f"{self.prefix}:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            self._call(self.writes, self.client.delete, *keys[i : i + 1000])
+        with self._lock:
+            self._written.clear()
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
                 "remote_bytes_written": self.bytes_written,
                 "remote_bytes_read": self.bytes_read,
-                "remote_failed_calls": self.reads.failures + self.writes.failures,
+                "remote_failed_calls": self.reads.failures + self.record_reads.failures + self.writes.failures,
             }
 
     def check_integrity(self) -> None:

@@ -110,6 +110,13 @@ class RemoteSync:
     def _fetch(self, seg_id: str) -> None:
         kv = None
         try:
+            kv = self._read_segment(seg_id)
+        finally:  # whatever happened, the segment is no longer on its way: turns waiting for it go on
+            self._land(seg_id, kv)
+
+    def _read_segment(self, seg_id: str) -> SegmentKV | None:
+        kv = None
+        try:
             kv = self.tier.get(seg_id)
             if kv is None:
                 log.info("store: segment %s is gone from the remote store (evicted); recomputing from there", seg_id)
@@ -122,20 +129,23 @@ class RemoteSync:
                 pass  # the tier warned; the next replica to read it finds it corrupt too
         except OSError as e:
             log.debug("store: fetching segment %s from the remote store failed (%s)", seg_id, e)
-        if kv is not None:
-            kv = self.store.host.pinned(kv)  # on CUDA: not under the lock
+        return self.store.host.pinned(kv) if kv is not None else None  # on CUDA: not under the lock
+
+    def _land(self, seg_id: str, kv: SegmentKV | None) -> None:
+        """Place a fetched segment (if it is still named and not held); end its wait in any case."""
         with self.store._lock:
             done = self.fetching.pop(seg_id, None)
-            if kv is None:
-                self.stats.failed_fetches += 1
-            elif seg_id in self.store._refs and self.store._tier_of(seg_id) is None:
-                if self.store._place(seg_id, kv):
+            try:
+                if kv is None:
+                    self.stats.failed_fetches += 1
+                elif seg_id in self.store._refs and self.store._tier_of(seg_id) is None and self.store._place(seg_id, kv):
                     self.fresh.add(seg_id)
                     self.stats.segments_fetched += 1
                     self.stats.bytes_fetched += kv.nbytes
-            if done is not None:
-                done.set()
-        self.landed.set()
+            finally:
+                if done is not None:
+                    done.set()
+                self.landed.set()
 
     def used(self, spans: Sequence[Span]) -> None:
         """A turn reused these spans: later hits on them are this replica's own. Under the store lock."""

@@ -211,11 +211,13 @@ def test_replicas_share_sessions_through_the_remote_tier(tiny_chat_dir, tmp_path
     try:
         _, data = _bench(capsys, tiny_chat_dir, wl, tmp_path / "out", "--systems", "replicas,replicas+remote",
                          "--replicas", "2", "--remote-url", redis.url)
+        assert redis.client().dbsize() == 0  # the run's keys are gone once its footprint is billed
     finally:
         redis.stop()
     config = data["config"]["systems"]
     assert config["replicas"]["replicas"] == 2 and len(config["replicas"]["engine_stats"]["replicas"]) == 2
-    assert config["replicas+remote"]["host_bytes"] == 2 * data["config"]["budgets"]["host_bytes"]
+    shared = config["replicas+remote"]["remote_bytes"]
+    assert shared > 0 and config["replicas+remote"]["host_bytes"] == 2 * data["config"]["budgets"]["host_bytes"] + shared
     moved = 0
     for name, records in data["records"].items():
         for r in records:

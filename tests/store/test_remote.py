@@ -434,3 +434,17 @@ def test_turns_behind_a_slow_fetch_are_admitted_first(tiny_dirs, server, monkeyp
             if o.finished:
                 done[o.request_id] = o
     assert done[head].metrics.cached_tokens["remote"] >= 40  # then the head was served from remote
+
+
+def test_a_fetch_that_fails_unexpectedly_ends_the_wait(tiny_dirs, server, monkeypatch, caplog):
+    ref, _, _, conv = after_one_turn(tiny_dirs["llama"][0], server.url, "fetch-bug")
+    b = replica(tiny_dirs["llama"][0], server.url, remote_wait_s=30)
+    tier = store_of(b).remote.tier
+
+    def broken_get(seg_id):
+        raise MemoryError("no room for the value")  # not an OSError: a fetch must end however it fails
+
+    monkeypatch.setattr(tier, "get", broken_get)
+    got = b.generate([conv], PARAMS, session_id="fetch-bug")[0]
+    assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids and got.metrics.num_cached_tokens == 0
+    assert not store_of(b).remote.fetching and b.engine.store.stats()["remote_failed_fetches"] == 1
