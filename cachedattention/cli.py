@@ -18,6 +18,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
                    help="sampling defaults where a request sets none: the model's generation_config.json (auto), "
                         "none (vllm), or a folder's (as vLLM's)")
+    p.add_argument("--override-generation-config", type=json_object, default=None, metavar="JSON",
+                   help="sampling defaults laid over the generation config's, in its names, e.g. "
+                        "'{\"temperature\": 0.5}' (as vLLM's)")
     p.add_argument("--chat-template", default=None, metavar="TEMPLATE",
                    help="a Jinja chat template, or a file holding one, instead of the tokenizer's (as vLLM's)")
     p.add_argument("--page-size", type=int, default=16)
@@ -69,6 +72,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                                   long_prefill_token_threshold=args.long_prefill_token_threshold),
         chat_template=getattr(args, "chat_template", None),
         generation_config=getattr(args, "generation_config", "auto"),
+        override_generation_config=getattr(args, "override_generation_config", None),
         store=StoreConfig(
             enable=not args.no_store,
             store_dir=args.store_dir,
@@ -128,16 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="the names requests may give (as vLLM's: answers carry the first)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
     serve.add_argument("--body-timeout-s", type=float, default=30.0,
                        help="answer 408 when no part of a request body arrives for this long")
     serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
                        help="the /v1 routes answer 401 unless sent 'Authorization: Bearer KEY' (repeat for more keys; "
                             "as vLLM's --api-key; default: $CACHEDATTENTION_API_KEY or $VLLM_API_KEY, if set)")
-    serve.add_argument("--allowed-origins", type=origins_list, default=["*"], metavar="ORIGINS",
+    serve.add_argument("--allowed-origins", type=json_list, default=["*"], metavar="ORIGINS",
                        help="origins whose pages may call the server (CORS): a JSON list as vLLM takes it, or "
                             "comma-separated; '[]' for none (default: any origin, as vLLM)")
+    serve.add_argument("--allowed-methods", type=json_list, default=["*"], metavar="METHODS",
+                       help="HTTP methods browsers may use (CORS): a JSON list as vLLM takes it, or comma-separated")
+    serve.add_argument("--allowed-headers", type=json_list, default=["*"], metavar="HEADERS",
+                       help="request headers browsers may send (CORS): a JSON list or comma-separated")
+    serve.add_argument("--allow-credentials", action="store_true",
+                       help="let browsers send cookies and credentials (CORS), as vLLM's")
     serve.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, wait this long for in-flight requests")
 
     bench = sub.add_parser("bench", help="benchmarks: throughput | turn | policy | workload")
@@ -147,17 +158,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def origins_list(text: str) -> list[str]:
-    """--allowed-origins: a JSON list (vLLM's form) or comma-separated origins."""
+def json_list(text: str) -> list[str]:
+    """--allowed-origins, --allowed-methods, --allowed-headers: a JSON list (vLLM's form) or comma-separated."""
     if text.lstrip().startswith("["):
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise argparse.ArgumentTypeError(f"not a JSON list of origins: {e}") from None
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise argparse.ArgumentTypeError("a JSON list of origin strings was expected")
+            raise argparse.ArgumentTypeError("a JSON list of non-empty strings was expected")
         return value
     return [o.strip() for o in text.split(",") if o.strip()]
+
+
+
+def json_object(text: str) -> dict:
+    """--override-generation-config: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object was expected, e.g. '{\"temperature\": 0.5}'")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

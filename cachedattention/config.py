@@ -109,6 +109,8 @@ class EngineConfig:
     # the model's sampling defaults (vLLM's --generation-config): "auto" reads generation_config.json
     # beside the weights, "vllm" ignores it, a folder reads that folder's file
     generation_config: str = "auto"
+    # laid over the generation config's defaults, in its names (vLLM's --override-generation-config)
+    override_generation_config: dict | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

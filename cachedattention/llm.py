@@ -47,6 +47,7 @@ class LLM:
         loaded: LoadedModel | None = None,
         chat_template: str | None = None,
         generation_config: str = "auto",
+        override_generation_config: dict | None = None,
         **store_options: Any,
     ) -> None:
         store_cfg = store or StoreConfig(enable=enable_store)
@@ -66,6 +67,7 @@ class LLM:
             store=store_cfg,
             chat_template=chat_template,
             generation_config=generation_config,
+            override_generation_config=override_generation_config,
         )
         self.engine = LLMEngine(self.config, loaded=loaded)
 

@@ -50,7 +50,9 @@ class LLMEngine:
             self.tokenizer = self.tokenizer.with_chat_template(config.chat_template)
         folder = Path(config.model).expanduser() if config.model is not None else None
         # the request fields the model's generation config sets: where a request sets none
-        self.sampling_defaults = generation_defaults(config.generation_config, folder if folder and folder.is_dir() else None)
+        self.sampling_defaults = generation_defaults(
+            config.generation_config, folder if folder and folder.is_dir() else None, config.override_generation_config
+        )
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         self.dtype = resolve_dtype(config.dtype)
         self.model = self.loaded.model

@@ -25,9 +25,25 @@ FIELDS = {
 }
 
 
-def generation_defaults(source: str, model_dir: Path | None) -> dict[str, Any]:
+def generation_defaults(source: str, model_dir: Path | None, override: dict[str, Any] | None = None) -> dict[str, Any]:
     """The request fields the model's generation config sets (those it sets outside their ranges are
-    left out, with a warning); {} for "vllm", or where there is no such file in "auto"'s folder."""
+    left out, with a warning); {} for "vllm", or where there is no such file in "auto"'s folder.
+    `override` (vLLM's --override-generation-config, in generation_config.json's names) is laid over
+    it; a value of its out of range is a ValueError."""
+    out = _read(source, model_dir)
+    for key, value in (override or {}).items():
+        if key not in FIELDS:
+            raise ValueError(f"override_generation_config: unknown key {key!r}; it takes {', '.join(FIELDS)}")
+        field, allowed = FIELDS[key]
+        if not allowed(value):
+            raise ValueError(f"override_generation_config: {key}={value!r} is out of range")
+        out[field] = max(value, 0) if field == "top_k" else value
+    if out:
+        log.info("sampling defaults from the model's generation config (a request's own values win): %s", out)
+    return out
+
+
+def _read(source: str, model_dir: Path | None) -> dict[str, Any]:
     if source == "vllm":
         return {}
     folder = model_dir if source == "auto" else Path(source).expanduser()
@@ -56,6 +72,4 @@ def generation_defaults(source: str, model_dir: Path | None) -> dict[str, Any]:
             log.warning("%s: %s=%r is out of range; the server's default is used instead", path, key, value)
             continue
         out[field] = max(value, 0) if field == "top_k" else value  # -1 and 0 both mean off
-    if out:
-        log.info("sampling defaults from the model's generation config (a request's own values win): %s", out)
     return out

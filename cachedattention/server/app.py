@@ -248,11 +248,12 @@ def sse(data: Any) -> str:
 class OpenAIRoutes:
     """The HTTP handlers; everything engine-side goes through the EngineLoop."""
 
-    def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_name: str, max_model_len: int) -> None:
+    def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_names: Sequence[str], max_model_len: int) -> None:
         self.loop = loop
         self.metrics = metrics
-        self.model_name = model_name
-        self.aliases = {model_name, Path(model_name).stem, "default"}
+        self.model_names = list(dict.fromkeys(model_names))  # answers carry the first, as vLLM's
+        self.model_name = self.model_names[0]
+        self.aliases = {*self.model_names, *(Path(n).stem for n in self.model_names), "default"}
         self.max_model_len = max_model_len
         self.created = int(time.time())
 
@@ -275,9 +276,9 @@ class OpenAIRoutes:
         return await self._generate(request, chat=False)
 
     async def models(self) -> dict[str, Any]:
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "cachedattention",
-                "max_model_len": self.max_model_len}  # fmt: skip
-        return {"object": "list", "data": [card]}
+        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "cachedattention",
+                  "max_model_len": self.max_model_len} for name in self.model_names]  # fmt: skip
+        return {"object": "list", "data": cards}
 
     async def health(self) -> JSONResponse:
         stats = self.loop.stats()
@@ -311,7 +312,7 @@ class OpenAIRoutes:
     def _check_model(self, model: Any) -> None:
         if model is not None and model not in self.aliases:
             raise APIError(
-                404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                404, f"the model {model!r} does not exist; this server serves {' or '.join(map(repr, self.model_names))}",
                 "model_not_found", "model",
             )  # fmt: skip
 
@@ -519,25 +520,32 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(
     engine_or_config: LLMEngine | EngineConfig,
-    served_model_name: str | None = None,
+    served_model_name: str | Sequence[str] | None = None,
     max_body_bytes: int = 1 << 20,
     body_timeout_s: float = 30.0,
     grace_s: float = DEFAULT_GRACE_S,
     api_keys: Sequence[str] = (),
     allowed_origins: Sequence[str] = ("*",),
+    allowed_methods: Sequence[str] = ("*",),
+    allowed_headers: Sequence[str] = ("*",),
+    allow_credentials: bool = False,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
-    store) with it. With `api_keys`, the /v1 routes answer 401 unless given one of them (vLLM's
-    --api-key). Browsers on `allowed_origins` may call it (CORS; any origin by default, as vLLM;
-    none when empty)."""
+    store) with it. `served_model_name`: the names requests may give (answers carry the first). With
+    `api_keys`, the /v1 routes answer 401 unless given one of them (vLLM's --api-key). Browsers on
+    `allowed_origins` may call it (CORS; any origin by default, as vLLM; none when empty) with those
+    methods and headers, and credentials if allowed."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     api_keys = checked_api_keys(api_keys)
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"served model names must be non-empty strings, got {names!r}")
     engine = engine_or_config if isinstance(engine_or_config, LLMEngine) else LLMEngine(engine_or_config)
     metrics = ServerMetrics()
     loop = EngineLoop(engine, on_finished=metrics.observe_finished)
     metrics.registry.register(EngineStatsCollector(loop.stats))
-    routes = OpenAIRoutes(loop, metrics, served_model_name or default_model_name(engine), engine.max_model_len)
+    routes = OpenAIRoutes(loop, metrics, names or [default_model_name(engine)], engine.max_model_len)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -557,7 +565,8 @@ def create_app(
     if api_keys:  # outside the body limit: a request without a key is refused before its body is read
         app.add_middleware(ApiKeyMiddleware, keys=api_keys)
     if allowed_origins:  # outside the key check: preflights are answered, and a 401 is readable by the page
-        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=list(allowed_methods),
+                           allow_headers=list(allowed_headers), allow_credentials=allow_credentials)
     app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # outermost: also counts the 413s and 401s
     return app
 
@@ -571,7 +580,10 @@ def serve(args: argparse.Namespace) -> int:
     keys = api_keys_from(getattr(args, "api_key", None), os.environ)
     app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s=grace_s,
                      body_timeout_s=getattr(args, "body_timeout_s", 30.0), api_keys=keys,
-                     allowed_origins=getattr(args, "allowed_origins", ("*",)))
+                     allowed_origins=getattr(args, "allowed_origins", ("*",)),
+                     allowed_methods=getattr(args, "allowed_methods", ("*",)),
+                     allowed_headers=getattr(args, "allowed_headers", ("*",)),
+                     allow_credentials=getattr(args, "allow_credentials", False))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s))
