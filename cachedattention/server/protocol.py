@@ -206,7 +206,8 @@ def _prompt_logprobs(body: dict, stream: bool) -> int | None:
 
 def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
     """The request's SamplingParams; `defaults` (the model's generation config) fill in the sampling
-    fields it leaves out, and bound the answer's length when it gives none (as vLLM)."""
+    fields it leaves out, and their max_tokens (generation_config.json's max_new_tokens) bounds every
+    answer's length, as vLLM's server-wide limit."""
     defaults = defaults or {}
     body = {**body, **{k: v for k, v in defaults.items() if k != "max_tokens" and body.get(k) is None}}
     max_tokens = _integer(body, "max_completion_tokens")
@@ -229,6 +230,8 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
     repetition = _number(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, lo_open=True)
     if max_tokens is None:  # generate until EOS or the end of the window (the engine stops there), or the model's own bound
         max_tokens = min(defaults.get("max_tokens", max_model_len), max_model_len)
+    elif "max_tokens" in defaults:  # the generation config's max_new_tokens: a limit for every request (vLLM)
+        max_tokens = min(max_tokens, defaults["max_tokens"])
     min_tokens = _integer(body, "min_tokens")
     if min_tokens is not None and not 0 <= min_tokens <= max_tokens:
         raise bad(f"min_tokens must be an integer in [0, max_tokens={max_tokens}], got {min_tokens}", "min_tokens")
