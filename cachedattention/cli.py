@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="request headers browsers may send (CORS): a JSON list or comma-separated")
     serve.add_argument("--allow-credentials", action="store_true",
                        help="let browsers send cookies and credentials (CORS), as vLLM's")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="render a request's own chat_template (in transformers' sandbox), as vLLM's; "
+                            "refused by default")
     serve.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, wait this long for in-flight requests")
 
     bench = sub.add_parser("bench", help="benchmarks: throughput | turn | policy | workload")

@@ -23,11 +23,11 @@ def resolve_chat_template(value: str) -> str:
         text = value
     else:
         raise ValueError(f"chat template {value!r} is neither a Jinja template nor a readable file")
-    _check_syntax(text)
+    check_template_syntax(text)
     return text
 
 
-def _check_syntax(text: str) -> None:
+def check_template_syntax(text: str) -> None:
     """Compiled as transformers compiles it (its sandbox and extensions, e.g. {% generation %})."""
     import jinja2
     from transformers.utils.chat_template_utils import _compile_jinja_template

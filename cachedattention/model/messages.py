@@ -129,6 +129,7 @@ class ChatOptions:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    template: str | None = None  # a request's own chat template (a server started to trust them), checked
 
     def __post_init__(self) -> None:
         for name in ("add_generation_prompt", "continue_final_message"):

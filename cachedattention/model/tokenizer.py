@@ -147,13 +147,15 @@ class Tokenizer:
         """The chat template's text; `tools` (OpenAI's function definitions) go to templates that
         describe them to the model (others ignore them); `options` (when given, its
         add_generation_prompt counts): continue the last message, extra template variables."""
-        if not self.chat_template and not getattr(self.hf, "chat_template", None):
+        if not self.chat_template and not getattr(self.hf, "chat_template", None) and not (options and options.template):
             raise ValueError("this model's tokenizer has no chat template; give one (--chat-template, "
                              "LLM(chat_template=...)) or use generate() with a plain prompt")  # fmt: skip
         if options is not None:
             options.check(messages)
         kwargs = options.render_kwargs() if options is not None else {"add_generation_prompt": add_generation_prompt}
-        if self.chat_template:
+        if options is not None and options.template:  # rendered in transformers' sandbox, as the model's own
+            kwargs["chat_template"] = options.template
+        elif self.chat_template:
             kwargs["chat_template"] = self.chat_template
         try:
             return self.hf.apply_chat_template(list(messages), tools=tools or None, tokenize=False, **kwargs)
@@ -177,8 +179,8 @@ class Tokenizer:
         import jinja2
 
         try:
-            kwargs = options.template_kwargs if options is not None else {}
-            rendered = self.encode_chat(probe, tools=tools, options=ChatOptions(False, template_kwargs=kwargs))
+            kwargs, template = (options.template_kwargs, options.template) if options is not None else ({}, None)
+            rendered = self.encode_chat(probe, tools=tools, options=ChatOptions(False, template_kwargs=kwargs, template=template))
         except (jinja2.TemplateError, ValueError) as e:  # a template may refuse a lone system turn (no user query)
             log.info("the chat template cannot render the system turn alone (%s); truncation keeps no head", e)
             return 0

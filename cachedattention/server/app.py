@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import json
 import logging
@@ -248,8 +249,10 @@ def sse(data: Any) -> str:
 class OpenAIRoutes:
     """The HTTP handlers; everything engine-side goes through the EngineLoop."""
 
-    def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_names: Sequence[str], max_model_len: int) -> None:
+    def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_names: Sequence[str], max_model_len: int,
+                 trust_request_chat_template: bool = False) -> None:  # fmt: skip
         self.loop = loop
+        self.trust_template = trust_request_chat_template
         self.metrics = metrics
         self.model_names = list(dict.fromkeys(model_names))  # answers carry the first, as vLLM's
         self.model_name = self.model_names[0]
@@ -295,7 +298,7 @@ class OpenAIRoutes:
     async def tokenize(self, request: Request) -> dict[str, Any]:
         body, tok = await self._tokenizer_request(request)
         # off the event loop: a long prompt takes a while, and answers stream meanwhile
-        return await asyncio.to_thread(tokenize, tok, body, self.max_model_len)
+        return await asyncio.to_thread(tokenize, tok, body, self.max_model_len, self.trust_template)
 
     async def detokenize(self, request: Request) -> dict[str, Any]:
         body, tok = await self._tokenizer_request(request)
@@ -319,7 +322,7 @@ class OpenAIRoutes:
     # -- generation -------------------------------------------------------------------------------
     async def _generate(self, request: Request, chat: bool) -> Response:
         body = parse_json_object(await request.body())
-        parse = parse_chat if chat else parse_completion
+        parse = functools.partial(parse_chat, trust_template=self.trust_template) if chat else parse_completion
         # in a worker thread: compiling a large schema or grammar must not hold up other requests' streams
         parsed = await asyncio.to_thread(parse, body, request.headers.get("x-session-id"), self.max_model_len,
                                          self.loop.engine.sampling_defaults)  # fmt: skip
@@ -529,12 +532,14 @@ def create_app(
     allowed_methods: Sequence[str] = ("*",),
     allowed_headers: Sequence[str] = ("*",),
     allow_credentials: bool = False,
+    trust_request_chat_template: bool = False,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
     `api_keys`, the /v1 routes answer 401 unless given one of them (vLLM's --api-key). Browsers on
     `allowed_origins` may call it (CORS; any origin by default, as vLLM; none when empty) with those
-    methods and headers, and credentials if allowed."""
+    methods and headers, and credentials if allowed. `trust_request_chat_template`: a request's own
+    chat_template is rendered (in transformers' sandbox), as vLLM's --trust-request-chat-template."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     api_keys = checked_api_keys(api_keys)
@@ -545,7 +550,8 @@ def create_app(
     metrics = ServerMetrics()
     loop = EngineLoop(engine, on_finished=metrics.observe_finished)
     metrics.registry.register(EngineStatsCollector(loop.stats))
-    routes = OpenAIRoutes(loop, metrics, names or [default_model_name(engine)], engine.max_model_len)
+    routes = OpenAIRoutes(loop, metrics, names or [default_model_name(engine)], engine.max_model_len,
+                          trust_request_chat_template)  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -583,7 +589,8 @@ def serve(args: argparse.Namespace) -> int:
                      allowed_origins=getattr(args, "allowed_origins", ("*",)),
                      allowed_methods=getattr(args, "allowed_methods", ("*",)),
                      allowed_headers=getattr(args, "allowed_headers", ("*",)),
-                     allow_credentials=getattr(args, "allow_credentials", False))
+                     allow_credentials=getattr(args, "allow_credentials", False),
+                     trust_request_chat_template=getattr(args, "trust_request_chat_template", False))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s))

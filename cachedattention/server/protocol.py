@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cachedattention.model.chat_template import check_template_syntax
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.sampling import MAX_LOGPROBS, GuidedFormError, SamplingParams, is_int, is_number
 from cachedattention.server.api_error import bad, error_body, error_response
@@ -378,7 +379,7 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool, tuple[str, ..
 
 
 def parse_chat(body: dict, session_header: str | None, max_model_len: int,
-               defaults: Mapping[str, Any] | None = None) -> ParsedRequest:  # fmt: skip
+               defaults: Mapping[str, Any] | None = None, trust_template: bool = False) -> ParsedRequest:  # fmt: skip
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {'role': ..., 'content': ...} objects", "messages")
@@ -405,21 +406,30 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int,
         common["params"] = replace(common["params"], tool_call_names=forced, tool_call_parameters=parameters)
     named = isinstance(body.get("tool_choice"), dict)
     return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named,
-                         chat_options=chat_options(body, out), **common)  # fmt: skip
+                         chat_options=chat_options(body, out, trust_template), **common)  # fmt: skip
 
 
-def chat_options(body: dict, messages: list[dict[str, Any]]) -> ChatOptions:
-    """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs."""
+def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: bool = False) -> ChatOptions:
+    """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs, and
+    chat_template when the server trusts requests' templates (as vLLM's --trust-request-chat-template)."""
     if flag(body, "add_special_tokens"):
         raise bad("add_special_tokens: a chat template writes its own special tokens; none are added to a chat",
                   "add_special_tokens")  # fmt: skip
-    if body.get("chat_template") is not None:  # vLLM too refuses one unless told to trust requests' templates
-        raise bad("a request's own chat_template is not run by this server: start it with --chat-template",
-                  "chat_template", "unsupported_parameter")  # fmt: skip
+    template = body.get("chat_template")
+    if template is not None and not trust_template:  # vLLM too refuses one unless told to trust requests' templates
+        raise bad("a request's own chat_template is not run by this server: start it with --chat-template, or "
+                  "with --trust-request-chat-template", "chat_template", "unsupported_parameter")  # fmt: skip
+    if template is not None:
+        if not isinstance(template, str) or not template.strip():
+            raise bad("chat_template must be a non-empty Jinja template (a string)", "chat_template", "invalid_type")
+        try:
+            check_template_syntax(template)
+        except ValueError as e:
+            raise bad(str(e), "chat_template") from None
     kwargs = body.get("chat_template_kwargs")
     try:
         options = ChatOptions(flag(body, "add_generation_prompt", True), flag(body, "continue_final_message"),
-                              {} if kwargs is None else kwargs)  # fmt: skip
+                              {} if kwargs is None else kwargs, template)  # fmt: skip
         options.check(messages)
     except ValueError as e:
         raise bad(str(e), getattr(e, "param", None)) from None

@@ -11,12 +11,12 @@ from cachedattention.server.api_error import bad
 from cachedattention.server.protocol import flag, parse_chat
 
 
-def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> dict[str, Any]:
+def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_template: bool = False) -> dict[str, Any]:
     """{"prompt": text} or {"messages": [...]} with chat's tools, add_generation_prompt,
     continue_final_message and chat_template_kwargs; with "return_token_strs": true, each token's
     text too."""
     if "messages" in body:
-        ids = _chat_ids(tok, body, max_model_len)
+        ids = _chat_ids(tok, body, max_model_len, trust_template)
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
@@ -31,12 +31,12 @@ def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> dict[s
     return out
 
 
-def _chat_ids(tok: Tokenizer, body: dict[str, Any], max_model_len: int) -> list[int]:
+def _chat_ids(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_template: bool) -> list[int]:
     import jinja2
 
     fields = ("messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
-              "add_special_tokens", "chat_template")  # a request's own chat_template is refused, as in chat
-    parsed = parse_chat({k: body[k] for k in fields if k in body}, None, max_model_len)
+              "add_special_tokens", "chat_template")  # a request's own chat_template: as in chat
+    parsed = parse_chat({k: body[k] for k in fields if k in body}, None, max_model_len, trust_template=trust_template)
     try:
         return tok.encode_chat(parsed.messages, tools=parsed.tools, options=parsed.chat_options)
     except jinja2.TemplateError as e:

@@ -86,3 +86,22 @@ def test_served_names_must_be_names(chat_model_dir):
 
     with pytest.raises(ValueError, match="served model names"):
         create_app(engine_config(chat_model_dir, store=False), served_model_name=["ok", " "])
+
+
+PLAIN = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+
+
+def test_a_trusting_server_renders_a_request_s_own_chat_template(chat_model_dir):
+    s = start_server(engine_config(chat_model_dir, store=False), trust_request_chat_template=True)
+    try:
+        tok = s.app.state.engine_loop.engine.tokenizer
+        r = httpx.post(f"{s.url}/tokenize", json={"messages": HELLO, "chat_template": PLAIN}).json()
+        assert r["tokens"] == tok.encode("[user] Hello\n[assistant]")
+        r = httpx.post(f"{s.url}{CHAT}", json={"messages": HELLO, "chat_template": PLAIN, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(tok.encode("[user] Hello\n[assistant]"))
+        for bad in ("{% for %}", "", 7, "{{ ''.__class__.__mro__[1].__subclasses__() }}"):
+            r = httpx.post(f"{s.url}{CHAT}", json={"messages": HELLO, "chat_template": bad, "max_tokens": 2}, timeout=60)
+            assert r.status_code == 400, (bad, r.text)
+    finally:
+        s.stop()
+    assert build_parser().parse_args(["serve", "m", "--trust-request-chat-template"]).trust_request_chat_template
