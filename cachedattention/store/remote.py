@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 import threading
 from collections import OrderedDict
 from urllib.parse import urlsplit
@@ -26,6 +27,16 @@ log = logging.getLogger(__name__)
 SCHEMES = ("redis", "rediss", "unix")
 _CHECKED_WRITES = 4096  # the latest writes check_integrity() verifies
 RECORD_READ_TIMEOUT_S = 0.25  # the engine's thread reads records: a hung server holds it at most this long
+
+
+def block_keys(tokens: list[int], block: int) -> list[str]:
+    """Chained hashes of the full blocks of `tokens`, the same in every process and on every machine
+    (Python's hash() is not promised to be): a prompt's blocks find the records that share them."""
+    out, chain = [], b""
+    for lo in range(0, len(tokens) - block + 1, block):
+        chain = hashlib.blake2b(chain + struct.pack(f"<{block}q", *tokens[lo : lo + block]), digest_size=16).digest()
+        out.append(chain.hex())
+    return out
 
 
 class RemoteError(OSError):
@@ -103,6 +114,9 @@ class RemoteTier:
 
     def record_key(self, key: str) -> str:
         return f"{self.prefix}:rec:{key}"
+
+    def block_key(self, block_hash: str) -> str:
+        return f"{self.prefix}:blk:{block_hash}"
 
     # -- calls ----------------------------------------------------------------------------------
     def _call(self, pause: WritePause, fn, *args, **kwargs):
@@ -193,6 +207,19 @@ class RemoteTier:
         except ValueError as e:
             log.warning("store: the remote record of session %r is unreadable (%s); not served", key, e)
             return None
+
+    # -- the anonymous-prefix index: block hash -> the anonymous record whose prefix it ends ------
+    def put_block_owners(self, hashes: list[str], key: str) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for h in hashes:
+            pipe.set(self.block_key(h), key, px=self.ttl_ms)
+        self._call(self.writes, pipe.execute)
+
+    def block_owners(self, hashes: list[str]) -> list[str | None]:
+        """Each block's record key (None where no replica published one); one round trip, on the
+        engine's thread (the record reads' short timeout)."""
+        values = self._call(self.record_reads, self.record_client.mget, [self.block_key(h) for h in hashes])
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
 
     # -- accounting -----------------------------------------------------------------------------
     def footprint(self) -> int:

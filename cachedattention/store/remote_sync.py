@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cachedattention.store.remote import RemoteTier
+from cachedattention.store.remote import RemoteTier, block_keys
 from cachedattention.store.segment import CorruptSegment, SegmentKV
-from cachedattention.store.session import SessionRecord, Span
+from cachedattention.store.session import SessionRecord, Span, common_prefix
 
 if TYPE_CHECKING:
     from cachedattention.store.store import AttentionStore
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAVE_WAIT_S = 30.0  # how long a publish waits for a turn's save to finish
+PREFIX_TRIES = 2  # records read for one prompt's prefix (a block may name a record replaced since)
 
 
 @dataclass
@@ -44,9 +45,10 @@ class RemoteStats:
 
 
 class RemoteSync:
-    def __init__(self, store: AttentionStore, tier: RemoteTier) -> None:
+    def __init__(self, store: AttentionStore, tier: RemoteTier, block: int) -> None:
         self.store = store
         self.tier = tier
+        self.block = block  # tokens per block of the anonymous-prefix index
         self.stats = RemoteStats()
         self.fetching: dict[str, threading.Event] = {}  # segments on their way from remote (store lock)
         self.fresh: set[str] = set()  # fetched from remote, not yet reused by a turn: their hits count as remote
@@ -80,6 +82,27 @@ class RemoteSync:
         rec.key = key
         return rec
 
+    def read_prefix(self, prompt: list[int]) -> SessionRecord | None:
+        """The anonymous record (any replica's) that shares the longest block-aligned prefix with the
+        prompt, verified token by token; None if none (or unreachable). Not under the store lock."""
+        keys = block_keys(prompt[: len(prompt) - 1], self.block)  # one token is always computed
+        if not keys:
+            return None
+        try:
+            owners = self.tier.block_owners(keys)
+        except OSError as e:
+            log.debug("store: looking up the prompt's prefix on the remote store failed (%s)", e)
+            return None
+        tried = set()
+        for owner in reversed(owners):  # the deepest block first; a record replaced since is skipped
+            if owner is None or owner in tried or len(tried) >= PREFIX_TRIES:
+                continue
+            tried.add(owner)
+            rec = self.read_record(owner)
+            if rec is not None and rec.key.startswith("anon-") and common_prefix(rec.logical, prompt) >= self.block:
+                return rec
+        return None
+
     def adopt(self, key: str, remote: SessionRecord) -> None:
         """Make the remote record the session's (the caller found it matches the prompt further) and
         start fetching the segments this replica lacks. Under the store lock."""
@@ -87,8 +110,10 @@ class RemoteSync:
         old = store.records.get(key)
         store._ref_spans(remote.spans, +1)  # before the old ones go: segments both name stay
         if old is not None:
+            store._unindex_anon(old)
             store._ref_spans(old.spans, -1)
         store.records[key] = remote
+        store._index_anon(remote)  # an anonymous record: its prefix is found from now on
         self.stats.records_adopted += 1
         for seg in remote.segment_ids():
             if store._tier_of(seg) is None and seg not in self.fetching:
@@ -190,6 +215,8 @@ class RemoteSync:
             rec.spans = kept
             if self.tier.put_record(key, rec.to_json()):
                 self.stats.records_published += 1
+                if key.startswith("anon-"):  # its blocks lead other replicas' prompts to it
+                    self.tier.put_block_owners(block_keys(rec.logical[: rec.num_kv], self.block), key)
             else:  # another replica published a later turn meanwhile
                 self.stats.records_superseded += 1
         except OSError as e:  # the tier warns once and pauses its calls; the next turn publishes again

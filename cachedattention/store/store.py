@@ -84,7 +84,7 @@ class AttentionStore:
                               ttl_s=config.remote_ttl_s, namespace=config.remote_namespace)
         self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
         self._io_thread.start()
-        self.remote: RemoteSync | None = RemoteSync(self, tier) if tier is not None else None
+        self.remote: RemoteSync | None = RemoteSync(self, tier, ANON_BLOCK) if tier is not None else None
         if self.disk is not None:
             self._restore()
 
@@ -125,10 +125,15 @@ class AttentionStore:
     # -- planning a turn --------------------------------------------------------------------
     def plan(self, key: str | None, prompt: list[int], window: int, reserve: int, head_hint: int) -> tuple[str, TurnPlan]:
         """Match a prompt against its session (or the longest anonymous prefix) and truncate if needed.
-        With a remote tier, a session that another replica served further is adopted from there."""
-        remote = self.remote.read_record(key) if self.remote is not None and key is not None else None
+        With a remote tier, a session (or prefix) that another replica served further is adopted from there."""
+        remote = None
+        if self.remote is not None:
+            remote = self.remote.read_record(key) if key is not None else self.remote.read_prefix(prompt)
         with self._lock:
             if key is None:
+                if remote is not None:
+                    self._adopt_prefix(remote, prompt, window, reserve)
+                    remote = None
                 key, record = self._find_anon(prompt)
                 mode = "off"
             else:
@@ -142,6 +147,14 @@ class AttentionStore:
                     plan = theirs
             self._ref_spans(plan.reuse, +1)
             return key, plan
+
+    def _adopt_prefix(self, remote: SessionRecord, prompt: list[int], window: int, reserve: int) -> None:
+        """Another replica's anonymous record: adopt it if it serves more of the prompt than the best
+        prefix this replica holds (the anonymous index then finds it)."""
+        _, local = self._find_anon(prompt)
+        held = self._held(plan_turn(local, prompt, window, reserve, 0, 1.0, "off").reuse) if local else 0
+        if plan_turn(remote, prompt, window, reserve, 0, 1.0, "off").hit > held:
+            self.remote.adopt(remote.key, remote)
 
     def _held(self, spans: Sequence[Span]) -> int:
         """Tokens of the first spans whose segments this replica holds (in a tier, or still saving)."""
@@ -195,7 +208,7 @@ class AttentionStore:
             self.records[key] = record
             if key.startswith("anon-"):
                 self._index_anon(record)
-            elif self.remote is not None:
+            if self.remote is not None:
                 self.remote.used(reuse)
                 self.remote.publish(key)
         if self.disk is not None:

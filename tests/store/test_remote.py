@@ -448,3 +448,43 @@ def test_a_fetch_that_fails_unexpectedly_ends_the_wait(tiny_dirs, server, monkey
     got = b.generate([conv], PARAMS, session_id="fetch-bug")[0]
     assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids and got.metrics.num_cached_tokens == 0
     assert not store_of(b).remote.fetching and b.engine.store.stats()["remote_failed_fetches"] == 1
+
+
+def test_anonymous_conversations_move_between_replicas_by_their_prefix(tiny_dirs, server, monkeypatch):
+    """No session id (an OpenAI client sending the whole conversation): a replica finds the longest
+    prefix another replica published by the prompt's block hashes, verified token by token."""
+    path, _ = tiny_dirs["qwen2"]
+    ref = LLM(model=str(path), cache=NO_DEVICE)
+    a, b = replica(path, server.url), replica(path, server.url)
+    conv = list(range(100, 140))
+    for t, llm in enumerate([a, b, a]):
+        seen = capture_logits(monkeypatch)
+        out = llm.generate([conv], PARAMS)[0]
+        monkeypatch.undo()
+        want = capture_logits(monkeypatch)
+        assert out.token_ids == ref.generate([conv], PARAMS)[0].token_ids
+        monkeypatch.undo()
+        assert max(rel_err(x, y) for x, y in zip(seen, want)) <= 1e-4
+        if t:  # the other replica served the turn before: what it added comes from the remote store
+            cached = out.metrics.cached_tokens
+            assert cached["remote"] >= (40 if t == 1 else 1) and out.metrics.num_cached_tokens >= len(conv) - 8, cached
+        settle(a, b)
+        conv = grow(conv, out, t)
+    # a shared system prompt: another user's question after the same 48 tokens reuses their blocks
+    system = list(range(150, 198))
+    a.generate([system + [7, 8, 9]], PARAMS)
+    settle(a)
+    other = b.generate([system + [1, 2, 3, 4]], PARAMS)[0]
+    assert other.metrics.cached_tokens["remote"] == 48
+    assert other.token_ids == ref.generate([system + [1, 2, 3, 4]], PARAMS)[0].token_ids
+    for llm in (a, b):
+        store_of(llm).check_integrity()
+
+
+def test_the_block_keys_are_the_same_everywhere():
+    from cachedattention.store.remote import block_keys
+
+    keys = block_keys(list(range(40)), 16)
+    assert len(keys) == 2 and keys == block_keys(list(range(40)), 16)
+    assert keys[0] == block_keys(list(range(16)) + [99] * 16, 16)[0] and keys[1] != block_keys(list(range(16)) + [99] * 16, 16)[1]
+    assert all(len(k) == 32 and int(k, 16) >= 0 for k in keys)  # 128 bits, hex
