@@ -25,6 +25,7 @@ from cachedattention.model.generation_defaults import generation_defaults
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
 from cachedattention.outputs import RequestMetrics, RequestOutput
 from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob, token_logprobs
+from cachedattention.store.session import ANON_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class LLMEngine:
             raise ValueError("params must be a SamplingParams")
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError("session_id must be a non-empty string")
+        if session_id is not None and session_id.startswith(ANON_PREFIX):  # the store's own keys: never a client's
+            raise InvalidRequest(f"session_id may not start with {ANON_PREFIX!r}: such keys name the store's "
+                                 "anonymous prefixes", "session_id")  # fmt: skip
         ids = self.tokenize(prompt, add_special_tokens)
         # what the tokenizer put before a text prompt (a BOS) stays through truncation of either kind
         cut = session_id is not None or params.truncate_prompt_tokens is not None

@@ -14,7 +14,8 @@ from cachedattention.model.messages import ChatOptions
 
 log = logging.getLogger(__name__)
 # what a Jinja template raises while it runs on what it was given (jinja2's own errors are answered apart)
-RENDER_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError, RecursionError)
+RENDER_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError, RecursionError,
+                 MemoryError)  # e.g. a request's own template building a huge string
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 

@@ -250,13 +250,14 @@ class OpenAIRoutes:
     """The HTTP handlers; everything engine-side goes through the EngineLoop."""
 
     def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_names: Sequence[str], max_model_len: int,
-                 trust_request_chat_template: bool = False) -> None:  # fmt: skip
+                 trust_request_chat_template: bool = False, named: bool = True) -> None:  # fmt: skip
         self.loop = loop
         self.trust_template = trust_request_chat_template
         self.metrics = metrics
         self.model_names = list(dict.fromkeys(model_names))  # answers carry the first, as vLLM's
         self.model_name = self.model_names[0]
-        self.aliases = {*self.model_names, *(Path(n).stem for n in self.model_names), "default"}
+        # names given by the operator are answered exactly (as vLLM); the default (a file's name) also without its suffix
+        self.aliases = {*self.model_names, "default"} | (set() if named else {Path(self.model_name).stem})
         self.max_model_len = max_model_len
         self.created = int(time.time())
 
@@ -348,6 +349,7 @@ class OpenAIRoutes:
         """One engine request per choice (n > 1: seeds seed, seed + 1, ... so that seeded choices
         differ); each accepted, or all withdrawn and the first error raised."""
         streams: list[RequestStream] = []
+        rendered = None
         try:
             for i in range(parsed.n):
                 params = parsed.params
@@ -357,6 +359,10 @@ class OpenAIRoutes:
                           parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
                           check_room=parsed.max_tokens_given and parsed.session_id is None,
                           save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens)  # fmt: skip
+                if parsed.chat_options is not None and parsed.chat_options.template is not None:
+                    if rendered is None:  # a request's own template: rendered in a worker thread, once
+                        rendered = await asyncio.to_thread(self.loop.render, job)
+                    job.rendered = rendered
                 streams.append(self.loop.submit(job, asyncio.get_running_loop()))
             firsts = [await s.get() for s in streams]
             refused = next((f for f in firsts if f is not ACCEPTED), None)
@@ -365,7 +371,7 @@ class OpenAIRoutes:
         except BaseException as e:  # refused, draining, or cancelled (forced shutdown): free the pages
             for s in streams:
                 self.loop.abort(s.request_id)
-            if isinstance(e, ServerDraining):
+            if isinstance(e, (ServerDraining, ValueError)):  # ValueError: a request's own template refused it
                 raise _as_api_error(e) from None
             raise
         return streams
@@ -551,7 +557,10 @@ def create_app(
     loop = EngineLoop(engine, on_finished=metrics.observe_finished)
     metrics.registry.register(EngineStatsCollector(loop.stats))
     routes = OpenAIRoutes(loop, metrics, names or [default_model_name(engine)], engine.max_model_len,
-                          trust_request_chat_template)  # fmt: skip
+                          trust_request_chat_template, named=bool(names))  # fmt: skip
+    if allow_credentials and "*" in allowed_origins:
+        log.warning("--allow-credentials with any origin: every web page may call this server with its users' "
+                    "cookies; name the origins (--allowed-origins)")  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

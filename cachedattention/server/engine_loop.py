@@ -43,6 +43,8 @@ class Job:
     check_room: bool = False
     save_to_store: bool = True  # n > 1: only the first choice saves its KV (the prompt's is the same)
     add_special_tokens: bool = True  # a text prompt gets the tokenizer's own around it (Llama's BOS)
+    # the messages already rendered (a request's own chat template: off the engine thread) and their head
+    rendered: tuple[list[int], int] | None = None
 
 
 class RequestStream:
@@ -169,11 +171,12 @@ class EngineLoop:
 
     def _add(self, job: Job, stream: RequestStream) -> None:
         try:
-            prompt = job.prompt if job.messages is None else self._render(job)
-            # the system prompt, which a session's context-overflow truncation keeps (as LLM.chat does)
-            head = 0
-            if job.messages is not None and job.session_id is not None:
-                head = self.engine.tokenizer.head_length(job.messages, prompt, job.tools, job.chat_options)
+            if job.rendered is not None:
+                prompt, head = job.rendered
+            else:
+                prompt = job.prompt if job.messages is None else self._render(job)
+                # the system prompt, which a session's context-overflow truncation keeps (as LLM.chat does)
+                head = self.head_tokens(job, prompt)
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
                 head_tokens=head, save_to_store=job.save_to_store, add_special_tokens=job.add_special_tokens,
@@ -198,6 +201,17 @@ class EngineLoop:
                 f"the prompt has {n} tokens and max_tokens asks for {job.params.max_tokens} more, past the model's "
                 f"window of {window} tokens; shorten the prompt or lower max_tokens"
             )
+
+    def head_tokens(self, job: Job, prompt: list[int]) -> int:
+        if job.messages is None or job.session_id is None:
+            return 0
+        return self.engine.tokenizer.head_length(job.messages, prompt, job.tools, job.chat_options)
+
+    def render(self, job: Job) -> tuple[list[int], int]:
+        """The job's prompt ids and head, rendered on the caller's thread (a request's own chat
+        template may run long: not on the engine's thread, where every stream would wait)."""
+        prompt = self._render(job)
+        return prompt, self.head_tokens(job, prompt)
 
     def _render(self, job: Job) -> list[int]:
         import jinja2

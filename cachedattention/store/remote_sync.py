@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cachedattention.store.remote import RemoteTier, block_keys
 from cachedattention.store.segment import CorruptSegment, SegmentKV
-from cachedattention.store.session import SessionRecord, Span, common_prefix
+from cachedattention.store.session import ANON_PREFIX, SessionRecord, Span, common_prefix
 
 if TYPE_CHECKING:
     from cachedattention.store.store import AttentionStore
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SAVE_WAIT_S = 30.0  # how long a publish waits for a turn's save to finish
 PREFIX_TRIES = 2  # records read for one prompt's prefix (a block may name a record replaced since)
+PUBLISHED_KEYS_KEPT = 10_000  # anonymous keys whose published blocks are remembered (the latest)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class RemoteSync:
         self.fresh: set[str] = set()  # fetched from remote, not yet reused by a turn: their hits count as remote
         self.landed = threading.Event()  # set whenever a fetch ends: an idle engine waits on it, not in a spin
         self._publish_q: queue.Queue = queue.Queue()
+        self._blocks_published: OrderedDict[str, int] = OrderedDict()  # anonymous key -> its blocks on the server
         self._publish_queued: set[str] = set()
         self._fetch_q: queue.Queue = queue.Queue()
         self._threads = [
@@ -99,7 +102,8 @@ class RemoteSync:
                 continue
             tried.add(owner)
             rec = self.read_record(owner)
-            if rec is not None and rec.key.startswith("anon-") and common_prefix(rec.logical, prompt) >= self.block:
+            ok = rec is not None and rec.key.startswith(ANON_PREFIX) and not rec.truncated
+            if ok and common_prefix(rec.logical, prompt) >= self.block:
                 return rec
         return None
 
@@ -163,6 +167,7 @@ class RemoteSync:
             try:
                 if kv is None:
                     self.stats.failed_fetches += 1
+                    self.store.cut_records_at(seg_id)  # nothing names what cannot be had
                 elif seg_id in self.store._refs and self.store._tier_of(seg_id) is None and self.store._place(seg_id, kv):
                     self.fresh.add(seg_id)
                     self.stats.segments_fetched += 1
@@ -215,12 +220,21 @@ class RemoteSync:
             rec.spans = kept
             if self.tier.put_record(key, rec.to_json()):
                 self.stats.records_published += 1
-                if key.startswith("anon-"):  # its blocks lead other replicas' prompts to it
-                    self.tier.put_block_owners(block_keys(rec.logical[: rec.num_kv], self.block), key)
+                if key.startswith(ANON_PREFIX):  # its blocks lead other replicas' prompts to it
+                    self._publish_blocks(key, rec)
             else:  # another replica published a later turn meanwhile
                 self.stats.records_superseded += 1
         except OSError as e:  # the tier warns once and pauses its calls; the next turn publishes again
             log.debug("store: publishing session %r failed (%s)", key, e)
+
+    def _publish_blocks(self, key: str, rec: SessionRecord) -> None:
+        """The record's blocks not published under this key before (an extended record: its new ones)."""
+        blocks = block_keys(rec.logical[: rec.num_kv], self.block)
+        done = self._blocks_published.pop(key, 0)
+        self.tier.put_block_owners(blocks[done:], key)
+        self._blocks_published[key] = len(blocks)
+        while len(self._blocks_published) > PUBLISHED_KEYS_KEPT:
+            self._blocks_published.popitem(last=False)
 
     def _local_copy(self, seg_id: str) -> SegmentKV | None:
         store = self.store

@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+ANON_PREFIX = "anon-"  # keys of records of requests without a session id (clients may not use it)
+
 
 @dataclass(frozen=True)
 class Span:

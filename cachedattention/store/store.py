@@ -25,7 +25,7 @@ from cachedattention.store.policy import PolicyConfig, make_policy
 from cachedattention.store.remote import RemoteTier
 from cachedattention.store.remote_sync import RemoteSync
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
-from cachedattention.store.session import SessionRecord, Span, TurnPlan, common_prefix, plan_turn
+from cachedattention.store.session import ANON_PREFIX, SessionRecord, Span, TurnPlan, common_prefix, plan_turn
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,10 @@ class AttentionStore:
         """Match a prompt against its session (or the longest anonymous prefix) and truncate if needed.
         With a remote tier, a session (or prefix) that another replica served further is adopted from there."""
         remote = None
-        if self.remote is not None:
-            remote = self.remote.read_record(key) if key is not None else self.remote.read_prefix(prompt)
+        if self.remote is not None and key is not None:
+            remote = self.remote.read_record(key)
+        elif self.remote is not None and self._anon_hit(prompt, window, reserve) < len(prompt) - 1:
+            remote = self.remote.read_prefix(prompt)  # another replica may hold a longer prefix
         with self._lock:
             if key is None:
                 if remote is not None:
@@ -148,13 +150,38 @@ class AttentionStore:
             self._ref_spans(plan.reuse, +1)
             return key, plan
 
+    def _anon_hit(self, prompt: list[int], window: int, reserve: int) -> int:
+        """Tokens of the prompt the best anonymous prefix this replica holds would serve."""
+        with self._lock:
+            _, local = self._find_anon(prompt)
+            return self._held(plan_turn(local, prompt, window, reserve, 0, 1.0, "off").reuse) if local else 0
+
     def _adopt_prefix(self, remote: SessionRecord, prompt: list[int], window: int, reserve: int) -> None:
         """Another replica's anonymous record: adopt it if it serves more of the prompt than the best
         prefix this replica holds (the anonymous index then finds it)."""
-        _, local = self._find_anon(prompt)
-        held = self._held(plan_turn(local, prompt, window, reserve, 0, 1.0, "off").reuse) if local else 0
-        if plan_turn(remote, prompt, window, reserve, 0, 1.0, "off").hit > held:
+        if not remote.truncated and plan_turn(remote, prompt, window, reserve, 0, 1.0, "off").hit > self._anon_hit(
+            prompt, window, reserve
+        ):
             self.remote.adopt(remote.key, remote)
+
+    def cut_records_at(self, seg_id: str) -> None:
+        """A segment no tier can supply (a fetch failed): records naming it end before it, and the
+        anonymous index is rebuilt, so a record cut short hides no prefix another record holds."""
+        with self._lock:
+            for key, rec in list(self.records.items()):
+                if seg_id not in rec.segment_ids():
+                    continue
+                kept = rec.spans[: next(i for i, s in enumerate(rec.spans) if s.seg_id == seg_id)]
+                self._unindex_anon(rec)
+                self._ref_spans(kept, +1)
+                self._ref_spans(rec.spans, -1)
+                if kept:
+                    self.records[key] = SessionRecord(key, rec.logical, kept, rec.head, rec.dropped_until, rec.stamp)
+                else:
+                    del self.records[key]
+            self._anon.clear()
+            for rec in self.records.values():
+                self._index_anon(rec)
 
     def _held(self, spans: Sequence[Span]) -> int:
         """Tokens of the first spans whose segments this replica holds (in a tier, or still saving)."""
@@ -206,7 +233,7 @@ class AttentionStore:
                 self._unindex_anon(old)
                 self._ref_spans(old.spans, -1)
             self.records[key] = record
-            if key.startswith("anon-"):
+            if key.startswith(ANON_PREFIX):
                 self._index_anon(record)
             if self.remote is not None:
                 self.remote.used(reuse)
@@ -543,11 +570,11 @@ class AttentionStore:
                 # extend that record when this prompt continues it; otherwise start a new one
                 if common_prefix(rec.logical, prompt) == len(rec.logical):
                     return key, rec
-                return f"anon-{uuid.uuid4().hex}", rec
-        return f"anon-{uuid.uuid4().hex}", None
+                return f"{ANON_PREFIX}{uuid.uuid4().hex}", rec
+        return f"{ANON_PREFIX}{uuid.uuid4().hex}", None
 
     def _index_anon(self, rec: SessionRecord) -> None:
-        if rec.key.startswith("anon-"):
+        if rec.key.startswith(ANON_PREFIX) and not rec.truncated:  # a prefix is served whole, never cut
             for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv):
                 self._anon[h] = rec.key
 

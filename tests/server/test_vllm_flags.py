@@ -27,11 +27,12 @@ def named(chat_model_dir):
 def test_every_served_name_is_answered_and_answers_carry_the_first(named):
     models = httpx.get(f"{named.url}/v1/models").json()["data"]
     assert [m["id"] for m in models] == ["main-name", "alias/other"]
-    for name in ("main-name", "alias/other", "other"):
+    for name in ("main-name", "alias/other", "default"):
         r = httpx.post(f"{named.url}{CHAT}", json={"model": name, "messages": HELLO, "max_tokens": 2}, timeout=60)
         assert r.status_code == 200 and r.json()["model"] == "main-name"
-    r = httpx.post(f"{named.url}{CHAT}", json={"model": "nope", "messages": HELLO, "max_tokens": 2})
-    assert r.status_code == 404 and "'main-name' or 'alias/other'" in r.json()["error"]["message"]
+    for name in ("nope", "other", "alias"):  # names given are answered exactly, as vLLM's
+        r = httpx.post(f"{named.url}{CHAT}", json={"model": name, "messages": HELLO, "max_tokens": 2})
+        assert r.status_code == 404 and "'main-name' or 'alias/other'" in r.json()["error"]["message"]
 
 
 def test_the_cors_lists_and_credentials_are_the_server_s(named):
@@ -99,9 +100,20 @@ def test_a_trusting_server_renders_a_request_s_own_chat_template(chat_model_dir)
         assert r["tokens"] == tok.encode("[user] Hello\n[assistant]")
         r = httpx.post(f"{s.url}{CHAT}", json={"messages": HELLO, "chat_template": PLAIN, "max_tokens": 2}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(tok.encode("[user] Hello\n[assistant]"))
-        for bad in ("{% for %}", "", 7, "{{ ''.__class__.__mro__[1].__subclasses__() }}"):
+        for bad in ("{% for %}", "", 7, "{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ 'a' * 10**15 }}",
+                    "{{ raise_exception('not this conversation') }}"):
             r = httpx.post(f"{s.url}{CHAT}", json={"messages": HELLO, "chat_template": bad, "max_tokens": 2}, timeout=60)
             assert r.status_code == 400, (bad, r.text)
     finally:
         s.stop()
     assert build_parser().parse_args(["serve", "m", "--trust-request-chat-template"]).trust_request_chat_template
+
+
+def test_credentials_for_any_origin_are_warned_of(chat_model_dir, caplog):
+    import logging
+
+    from cachedattention.server.app import create_app
+
+    with caplog.at_level(logging.WARNING, logger="cachedattention"):
+        create_app(engine_config(chat_model_dir, store=False), allow_credentials=True)
+    assert "--allow-credentials with any origin" in caplog.text

@@ -488,3 +488,31 @@ def test_the_block_keys_are_the_same_everywhere():
     assert len(keys) == 2 and keys == block_keys(list(range(40)), 16)
     assert keys[0] == block_keys(list(range(16)) + [99] * 16, 16)[0] and keys[1] != block_keys(list(range(16)) + [99] * 16, 16)[1]
     assert all(len(k) == 32 and int(k, 16) >= 0 for k in keys)  # 128 bits, hex
+
+
+def test_a_client_may_not_name_a_session_like_the_store_s_anonymous_records(tiny_dirs):
+    a = LLM(model=str(tiny_dirs["llama"][0]), enable_store=True)
+    with pytest.raises(ValueError, match="may not start with 'anon-'"):
+        a.generate([list(range(5, 45))], PARAMS, session_id="anon-mine")
+
+
+def test_an_adopted_prefix_whose_segments_are_gone_hides_nothing_this_replica_holds(tiny_dirs, server):
+    """B's record of S + q2 is adopted by A for S + q2 + q3, but its segments are gone from the server:
+    A cuts it, and its own record of S + q1 serves S again to the prompts after."""
+    path, _ = tiny_dirs["llama"]
+    a, b = replica(path, server.url), replica(path, server.url)
+    system = list(range(60, 108))  # 48 tokens: three blocks
+    a.generate([system + [1, 2, 3]], PARAMS)
+    theirs = b.generate([system + [4, 5, 6]], PARAMS)[0]
+    settle(a, b)
+    tier = store_of(b).remote.tier
+    for seg in list(store_of(b).host.segment_ids()):
+        tier.client.delete(tier.segment_key(seg))  # as the server's eviction would
+    # a turn that keeps nothing of its own (its index entries would replace R's): n > 1's other choices
+    rid = a.engine.add_request(system + [4, 5, 6] + theirs.token_ids + [7, 8], PARAMS, save_to_store=False)
+    cont = a._run([rid])[0]
+    assert cont.metrics.cached_tokens["remote"] == 0 and a.engine.store.stats()["remote_failed_fetches"] >= 1
+    settle(a)
+    again = a.generate([system + [9, 10, 11]], PARAMS)[0]
+    assert again.metrics.cached_tokens["host"] >= 48  # S, from its own record again
+    store_of(a).check_integrity()
