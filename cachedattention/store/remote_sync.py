@@ -111,13 +111,8 @@ class RemoteSync:
         """Make the remote record the session's (the caller found it matches the prompt further) and
         start fetching the segments this replica lacks. Under the store lock."""
         store = self.store
-        old = store.records.get(key)
-        store._ref_spans(remote.spans, +1)  # before the old ones go: segments both name stay
-        if old is not None:
-            store._unindex_anon(old)
-            store._ref_spans(old.spans, -1)
-        store.records[key] = remote
-        store._index_anon(remote)  # an anonymous record: its prefix is found from now on
+        remote.key = key
+        store._replace_record(remote)  # an anonymous record: its prefix is found from now on
         self.stats.records_adopted += 1
         for seg in remote.segment_ids():
             if store._tier_of(seg) is None and seg not in self.fetching:

@@ -172,13 +172,10 @@ class AttentionStore:
                 if seg_id not in rec.segment_ids():
                     continue
                 kept = rec.spans[: next(i for i, s in enumerate(rec.spans) if s.seg_id == seg_id)]
-                self._unindex_anon(rec)
-                self._ref_spans(kept, +1)
-                self._ref_spans(rec.spans, -1)
                 if kept:
-                    self.records[key] = SessionRecord(key, rec.logical, kept, rec.head, rec.dropped_until, rec.stamp)
+                    self._replace_record(SessionRecord(key, rec.logical, kept, rec.head, rec.dropped_until, rec.stamp))
                 else:
-                    del self.records[key]
+                    self._drop_record(key)
             self._anon.clear()
             for rec in self.records.values():
                 self._index_anon(rec)
@@ -227,14 +224,7 @@ class AttentionStore:
         with self._lock:
             if new is not None and new.length > 0:
                 self._pending[new.seg_id] = threading.Event()
-            old = self.records.get(key)
-            self._ref_spans(spans, +1)
-            if old is not None:
-                self._unindex_anon(old)
-                self._ref_spans(old.spans, -1)
-            self.records[key] = record
-            if key.startswith(ANON_PREFIX):
-                self._index_anon(record)
+            self._replace_record(record)
             if self.remote is not None:
                 self.remote.used(reuse)
                 self.remote.publish(key)
@@ -442,11 +432,23 @@ class AttentionStore:
                 self._drop_record(key)
             self.stats.expired_segments += len(expired)
 
+    def _replace_record(self, record: SessionRecord) -> None:
+        """Make `record` its session's, indexed if anonymous; the segments it names are counted before
+        the old record's are let go (those both name stay). Under the lock."""
+        old = self.records.get(record.key)
+        self._ref_spans(record.spans, +1)
+        if old is not None:
+            self._unindex_anon(old)
+            self._ref_spans(old.spans, -1)
+        self.records[record.key] = record
+        self._index_anon(record)
+
     def _drop_record(self, key: str) -> None:
         rec = self.records.pop(key)
         self._unindex_anon(rec)
         self._ref_spans(rec.spans, -1)
-        self._io.put(("record", key))  # the I/O thread deletes the row: the record is gone
+        if self.disk is not None:
+            self._io.put(("record", key))  # the I/O thread deletes the row: the record is gone
 
     def _fetch(self, seg_id: str) -> None:
         try:
