@@ -4,6 +4,7 @@ import json
 import logging
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -516,3 +517,41 @@ def test_an_adopted_prefix_whose_segments_are_gone_hides_nothing_this_replica_ho
     again = a.generate([system + [9, 10, 11]], PARAMS)[0]
     assert again.metrics.cached_tokens["host"] >= 48  # S, from its own record again
     store_of(a).check_integrity()
+
+
+def test_a_server_that_restarts_costs_only_the_turns_in_between(tiny_dirs, tmp_path, caplog, monkeypatch):
+    """The remote server is killed mid-conversation and comes back empty: the replicas keep answering
+    from their own tiers (one warning), and sharing resumes once calls work again."""
+    import cachedattention.store.write_pause as write_pause
+
+    path, _ = tiny_dirs["llama"]
+    ref = LLM(model=str(path), cache=NO_DEVICE)
+    srv = RedisServer(tmp_path)
+    a, b = replica(path, srv.url), replica(path, srv.url)
+    for tier in (store_of(a).remote.tier, store_of(b).remote.tier):
+        for pause in (tier.reads, tier.record_reads, tier.writes):
+            pause.seconds = 0.2  # short pauses, so the test does not wait out the 5 s default
+    conv = list(range(5, 45))
+    out = a.generate([conv], PARAMS, session_id="restart")[0]
+    settle(a)
+    srv.stop()
+    with caplog.at_level(logging.WARNING, logger=write_pause.__name__):
+        conv = grow(conv, out, 0)
+        out = a.generate([conv], PARAMS, session_id="restart")[0]  # the server is down: a's own host serves
+        assert out.token_ids == ref.generate([conv], PARAMS)[0].token_ids and out.metrics.cached_tokens["host"] > 0
+        settle(a)
+        srv = RedisServer(tmp_path)  # back, empty, on the same socket
+        try:
+            time.sleep(0.3)  # the pauses end
+            conv = grow(conv, out, 1)
+            out = a.generate([conv], PARAMS, session_id="restart")[0]  # publishes again
+            settle(a)
+            conv = grow(conv, out, 2)
+            got = b.generate([conv], PARAMS, session_id="restart")[0]
+            assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids
+            assert got.metrics.cached_tokens["remote"] >= len(conv) - 8  # sharing resumed
+        finally:
+            srv.stop()
+    assert "work again" in caplog.text
+    for llm in (a, b):
+        store_of(llm).check_integrity()
