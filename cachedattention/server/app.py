@@ -357,7 +357,7 @@ class OpenAIRoutes:
                     params = replace(params, seed=(params.seed + i) % 2**64)
                 job = Job(rid if parsed.n == 1 else f"{rid}-{i}", params, parsed.session_id, parsed.prompt,
                           parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
-                          check_room=parsed.max_tokens_given and parsed.session_id is None,
+                          check_room=parsed.max_tokens_asked if parsed.session_id is None else None,
                           save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens)  # fmt: skip
                 if parsed.chat_options is not None and parsed.chat_options.template is not None:
                     if rendered is None:  # a request's own template: rendered in a worker thread, once

@@ -40,7 +40,8 @@ class Job:
     chat_options: ChatOptions | None = None  # continue the last message, template variables
     stream_text: bool = False
     # the prompt plus max_tokens must fit the window (as in vLLM); a session instead drops old history
-    check_room: bool = False
+    # as vLLM, the length asked for (before the model's generation config bounds it): None, no check
+    check_room: int | None = None
     save_to_store: bool = True  # n > 1: only the first choice saves its KV (the prompt's is the same)
     add_special_tokens: bool = True  # a text prompt gets the tokenizer's own around it (Llama's BOS)
     # the messages already rendered (a request's own chat template: off the engine thread) and their head
@@ -181,8 +182,8 @@ class EngineLoop:
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
                 head_tokens=head, save_to_store=job.save_to_store, add_special_tokens=job.add_special_tokens,
             )
-            if job.check_room:
-                self._check_room(job)
+            if job.check_room is not None:
+                self._check_room(job, job.check_room)
         except Exception as e:  # ValueError: bad input (-> 400); anything else is ours (-> 500)
             if not isinstance(e, ValueError):
                 log.exception("add_request failed for %s", job.request_id)
@@ -192,13 +193,13 @@ class EngineLoop:
         self._streams[job.request_id] = stream
         stream.put(ACCEPTED)
 
-    def _check_room(self, job: Job) -> None:
-        """ValueError (and the request withdrawn) if the prompt plus max_tokens passes the window."""
+    def _check_room(self, job: Job, asked: int) -> None:
+        """ValueError (and the request withdrawn) if the prompt plus the max_tokens asked for passes the window."""
         n, window = len(self.engine.requests[job.request_id].prompt_token_ids), self.engine.max_model_len
-        if n + job.params.max_tokens > window:
+        if n + asked > window:
             self.engine.abort(job.request_id)
             raise ValueError(
-                f"the prompt has {n} tokens and max_tokens asks for {job.params.max_tokens} more, past the model's "
+                f"the prompt has {n} tokens and max_tokens asks for {asked} more, past the model's "
                 f"window of {window} tokens; shorten the prompt or lower max_tokens"
             )
 

@@ -49,7 +49,7 @@ class ParsedRequest:
     session_id: str | None
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
-    max_tokens_given: bool = False  # the client asked for a length (else: until EOS or the window)
+    max_tokens_asked: int | None = None  # the length the client asked for (before the model's bound); None: none
     prompt_only: bool = False  # completions' echo with max_tokens 0: the prompt (and its logprobs), no answer
     n: int = 1  # choices to generate for the prompt
     echo: bool = False  # completions: the prompt's text (and its tokens' logprobs) before the answer's
@@ -336,7 +336,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
         stream=stream,
         include_usage=include_usage,
         session_id=session_id,
-        max_tokens_given=body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None,
+        max_tokens_asked=_integer(body, "max_completion_tokens") or _integer(body, "max_tokens"),  # checked above
         prompt_only=prompt_only,
         n=n or 1,
     )

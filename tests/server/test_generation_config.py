@@ -69,6 +69,9 @@ def test_a_request_s_own_values_win_over_the_model_s(configured_dir):
         assert r["usage"]["completion_tokens"] == 12 and len({c["text"] for c in r["choices"]}) > 1
         r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=60).json()
         assert r["usage"]["completion_tokens"] == 2  # below the limit: the request's
+        # as vLLM, the room is checked for the length asked for, before the model's bound shortens it
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 5000}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
         r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Hello", "min_tokens": 10}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text  # above the model's 3
         assert "max_tokens=3" in r.json()["error"]["message"]
