@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from cachedattention.store.remote import RemoteTier, block_keys
 from cachedattention.store.segment import CorruptSegment, SegmentKV
-from cachedattention.store.session import ANON_PREFIX, SessionRecord, Span, common_prefix
+from cachedattention.store.session import ANON_PREFIX, SessionRecord, Span, common_prefix, spans_while
 
 if TYPE_CHECKING:
     from cachedattention.store.store import AttentionStore
@@ -209,7 +209,7 @@ class RemoteSync:
                 self.tier.put(seg, kv)
                 on_server[seg] = True
                 self.stats.segments_published += 1
-            kept = _prefix_on(rec.spans, on_server)
+            kept = spans_while(rec.spans, on_server.__getitem__)
             if not kept:
                 return
             rec.spans = kept
@@ -288,13 +288,3 @@ class RemoteSync:
         for t in self._threads:
             t.join(timeout=10)
         self.tier.close()
-
-
-def _prefix_on(spans: list[Span], on_server: dict[str, bool]) -> list[Span]:
-    """The spans up to the first whose segment the server does not hold."""
-    kept = []
-    for s in spans:
-        if not on_server.get(s.seg_id):
-            break
-        kept.append(s)
-    return kept

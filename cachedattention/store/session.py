@@ -9,7 +9,7 @@ and `spans` hold the pre-RoPE KV of every effective token, in order, as slices o
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 ANON_PREFIX = "anon-"  # keys of records of requests without a session id (clients may not use it)
@@ -93,6 +93,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def spans_while(spans: Sequence[Span], held: Callable[[str], bool]) -> list[Span]:
+    """The spans up to the first whose segment is not `held` (what can still be served, in order)."""
+    out = []
+    for s in spans:
+        if not held(s.seg_id):
+            break
+        out.append(s)
+    return out
 
 
 def slice_spans(spans: Sequence[Span], lo: int, hi: int) -> list[Span]:

@@ -25,7 +25,15 @@ from cachedattention.store.policy import PolicyConfig, make_policy
 from cachedattention.store.remote import RemoteTier
 from cachedattention.store.remote_sync import RemoteSync
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
-from cachedattention.store.session import ANON_PREFIX, SessionRecord, Span, TurnPlan, common_prefix, plan_turn
+from cachedattention.store.session import (
+    ANON_PREFIX,
+    SessionRecord,
+    Span,
+    TurnPlan,
+    common_prefix,
+    plan_turn,
+    spans_while,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +110,7 @@ class AttentionStore:
                     self._persist_record(body["key"], None)
                 continue
             # a kill between a record's row and its segment's file leaves a dangling span: cut it
-            kept = []
-            for span in rec.spans:
-                if span.seg_id not in on_disk:
-                    break
-                kept.append(span)
+            kept = spans_while(rec.spans, on_disk.__contains__)
             if len(kept) != len(rec.spans):
                 rec.spans = kept
                 self._persist_record(rec.key, rec.to_json() if kept else None)
@@ -129,13 +133,15 @@ class AttentionStore:
         remote = None
         if self.remote is not None and key is not None:
             remote = self.remote.read_record(key)
-        elif self.remote is not None and self._anon_hit(prompt, window, reserve) < len(prompt) - 1:
+        elif self.remote is not None and (held := self._anon_hit(prompt, window, reserve)) < len(prompt) - 1:
             remote = self.remote.read_prefix(prompt)  # another replica may hold a longer prefix
         with self._lock:
             if key is None:
-                if remote is not None:
-                    self._adopt_prefix(remote, prompt, window, reserve)
-                    remote = None
+                # another replica's anonymous record, if it serves more than what this one holds: the index then finds it
+                if remote is not None and not remote.truncated:
+                    if plan_turn(remote, prompt, window, reserve, 0, 1.0, "off").hit > held:
+                        self.remote.adopt(remote.key, remote)
+                remote = None
                 key, record = self._find_anon(prompt)
                 mode = "off"
             else:
@@ -156,14 +162,6 @@ class AttentionStore:
             _, local = self._find_anon(prompt)
             return self._held(plan_turn(local, prompt, window, reserve, 0, 1.0, "off").reuse) if local else 0
 
-    def _adopt_prefix(self, remote: SessionRecord, prompt: list[int], window: int, reserve: int) -> None:
-        """Another replica's anonymous record: adopt it if it serves more of the prompt than the best
-        prefix this replica holds (the anonymous index then finds it)."""
-        if not remote.truncated and plan_turn(remote, prompt, window, reserve, 0, 1.0, "off").hit > self._anon_hit(
-            prompt, window, reserve
-        ):
-            self.remote.adopt(remote.key, remote)
-
     def cut_records_at(self, seg_id: str) -> None:
         """A segment no tier can supply (a fetch failed): records naming it end before it, and the
         anonymous index is rebuilt, so a record cut short hides no prefix another record holds."""
@@ -171,7 +169,7 @@ class AttentionStore:
             for key, rec in list(self.records.items()):
                 if seg_id not in rec.segment_ids():
                     continue
-                kept = rec.spans[: next(i for i, s in enumerate(rec.spans) if s.seg_id == seg_id)]
+                kept = spans_while(rec.spans, lambda s: s != seg_id)
                 if kept:
                     self._replace_record(SessionRecord(key, rec.logical, kept, rec.head, rec.dropped_until, rec.stamp))
                 else:
@@ -182,12 +180,7 @@ class AttentionStore:
 
     def _held(self, spans: Sequence[Span]) -> int:
         """Tokens of the first spans whose segments this replica holds (in a tier, or still saving)."""
-        held = 0
-        for span in spans:
-            if self._tier_of(span.seg_id) is None:
-                break
-            held += span.length
-        return held
+        return sum(s.length for s in spans_while(spans, lambda seg: self._tier_of(seg) is not None))
 
     def release(self, spans: Sequence[Span]) -> None:
         with self._lock:
