@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from dataclasses import replace
@@ -84,8 +85,18 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The same conversation on CachedAttention and on a recompute-every-turn engine, side by side."""
-    store_dir = args.store_dir or tempfile.mkdtemp(prefix="cachedattention-demo-")
-    args = argparse.Namespace(**{**vars(args), "store_dir": store_dir, "no_store": False})
+    own_dir = None if args.store_dir else tempfile.mkdtemp(prefix="cachedattention-demo-")
+    store_dir = args.store_dir or own_dir
+    try:
+        _play_demo(argparse.Namespace(**{**vars(args), "store_dir": store_dir, "no_store": False}))
+    finally:
+        if own_dir is not None:  # a store the demo made for itself goes with it; --store-dir stays
+            shutil.rmtree(own_dir, ignore_errors=True)
+    return 0
+
+
+def _play_demo(args: argparse.Namespace) -> None:
+    store_dir = args.store_dir
     cached = _llm(args)
     cfg = engine_config(args)
     # the baseline recomputes everything: no store and no device prefix cache
@@ -107,4 +118,3 @@ def run_demo(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": out.text})
     print("store:", {k: v for k, v in cached.stats().items() if k.startswith(("store_", "host_", "disk_"))})
     cached.close()
-    return 0

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +35,33 @@ def embedded_llm():
     from cachedattention import LLM
 
     return LLM()
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with the embedded model's tokenizer and chat template (vocab 49152)."""
+    import torch
+    import transformers
+
+    from cachedattention.model.embedded import embedded_model_dir
+
+    path = tmp_path_factory.mktemp("tiny-chat")
+    tok = transformers.AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=0.2,  # peaked logits: varied, prompt-dependent greedy text instead of one repeated token
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -67,3 +67,21 @@ def test_sampling_flags_reach_sampling_params():
     assert sampling_params(build_parser().parse_args(["chat"])).greedy  # greedy unless asked
     with pytest.raises(ValueError, match="repetition_penalty"):
         sampling_params(build_parser().parse_args(["chat", "--repetition-penalty", "0"]))
+
+
+def test_the_demo_plays_every_turn_and_removes_its_own_store(chat_model_dir, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from cachedattention.cli import main
+
+    path = chat_model_dir
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the demo makes its store
+    assert main(["demo", str(path), "--max-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("same tokens as recompute") == 4 and "DIFFERENT" not in out
+    assert list(scratch.iterdir()) == []
+    kept = tmp_path / "kept"
+    assert main(["demo", str(path), "--max-tokens", "3", "--store-dir", str(kept)]) == 0
+    assert any(kept.iterdir())  # a store the user named is theirs to keep

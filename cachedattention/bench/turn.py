@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -168,6 +169,8 @@ class CellRun:
         self.engine.close()
         if self.writer is not None:
             self.writer.close()
+        if self.store_dir is not None:  # a GPU cell's history is gigabytes of segments
+            shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
 def measure_cells(cells: list[Cell], loaded, args, h: int, window: int) -> dict[str, dict]:

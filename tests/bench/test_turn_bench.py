@@ -36,3 +36,15 @@ def test_the_remote_cell_times_a_history_another_replica_stored(tiny_dirs, tmp_p
     row = json.loads(out.read_text())["history"]["64"]
     assert set(row) == {"recompute", "remote"} and row["remote"]["ttft_s"] > 0
     assert "| 64 |" in capsys.readouterr().out
+
+
+def test_the_turn_bench_removes_its_disk_cells_store_folders(tiny_dirs, tmp_path, monkeypatch):
+    import tempfile
+
+    path, _ = tiny_dirs["llama"]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where mkdtemp puts the disk cells' stores
+    assert main(["bench", "--mode", "turn", "--model", str(path), "--history", "48", "--new-tokens", "8",
+                 "--repeats", "1", "--cells", "disk-cold-layerwise"]) == 0
+    assert list(scratch.iterdir()) == []
