@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from cachedattention.cli_vllm import add_vllm_engine_args, add_vllm_server_args, model_arg
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 
 
@@ -23,13 +24,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "'{\"temperature\": 0.5}' (as vLLM's)")
     p.add_argument("--chat-template", default=None, metavar="TEMPLATE",
                    help="a Jinja chat template, or a file holding one, instead of the tokenizer's (as vLLM's)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--kv-pool-bytes", type=int, default=None, help="device KV pool budget")
+    p.add_argument("--page-size", "--block-size", type=int, default=16, help="tokens per KV page (vLLM's --block-size)")
+    p.add_argument("--kv-pool-bytes", type=int, default=None,
+                   help="device KV pool budget; wins over --gpu-memory-utilization (default: on CUDA half the free "
+                        "memory, on a CPU 1 GiB, no more than --max-num-seqs full windows take)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--long-prefill-token-threshold", type=int, default=SchedulerConfig.long_prefill_token_threshold,
                    help="most prompt tokens one request computes per step, so short prompts are not held "
                         "behind a long one (0: up to the whole step's budget)")
+    add_vllm_engine_args(p)
     g = p.add_argument_group("AttentionStore")
     g.add_argument("--no-store", action="store_true", help="plain engine: recompute every turn's history")
     g.add_argument("--store-dir", default=None, help="disk tier folder (default: no disk tier)")
@@ -63,11 +67,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model,
+        model=model_arg(args),
         device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
-        cache=CacheConfig(page_size=args.page_size, memory_bytes=args.kv_pool_bytes),
+        seed=getattr(args, "engine_seed", None),  # serve's --seed (generate's and chat's is a request's)
+        max_logprobs=args.max_logprobs,
+        cache=CacheConfig(page_size=args.page_size, memory_bytes=args.kv_pool_bytes,
+                          enable_prefix_cache=args.enable_prefix_caching,
+                          gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                   long_prefill_token_threshold=args.long_prefill_token_threshold),
         chat_template=getattr(args, "chat_template", None),
@@ -130,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(serve)
+    add_vllm_server_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -153,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="render a request's own chat_template (in transformers' sandbox), as vLLM's; "
                             "refused by default")
     serve.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, wait this long for in-flight requests")
+    serve.add_argument("--responses-store-bytes", type=int, default=256 << 20, metavar="N",
+                       help="memory for /v1/responses' stored responses (previous_response_id, GET), least recently "
+                            "used dropped first; 0 keeps none")
 
     bench = sub.add_parser("bench", help="benchmarks: throughput | turn | policy | workload")
     from cachedattention.bench.cli import add_bench_args

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cachedattention.sampling import MAX_LOGPROBS
 from cachedattention.store.remote import check_remote_url
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -17,10 +18,18 @@ class CacheConfig:
     memory_bytes: int | None = None  # None: a default sized for the device (see kvcache.kv_pool)
     num_pages: int | None = None  # explicit page count wins over memory_bytes (tests force preemption)
     enable_prefix_cache: bool = True  # keep finished requests' pages as a device-tier cache
+    # vLLM's gpu_memory_utilization: on CUDA, the share of the device's memory this engine may use for
+    # weights, activations and the pool together (the pool takes what is left); None: the default size.
+    # memory_bytes and num_pages win over it; on a CPU it does not apply (see kvcache.kv_pool)
+    gpu_memory_utilization: float | None = None
 
     def __post_init__(self) -> None:
         if self.page_size <= 0:
             raise ValueError(f"page_size must be positive, got {self.page_size}")
+        f = self.gpu_memory_utilization
+        if f is not None and not 0.0 < f <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1] of the device's memory "
+                             f"(vLLM's default is 0.9), got {f}")  # fmt: skip
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError(f"num_pages must be at least 2, got {self.num_pages}")
 
@@ -101,7 +110,10 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_model_len: int | None = None  # None: the model's window
-    seed: int = 0
+    # vLLM's --seed: the random state of sampled requests without their own seed, so that they repeat
+    # from one start to the next (None: torch's global state, different each start)
+    seed: int | None = None
+    max_logprobs: int = MAX_LOGPROBS  # most logprobs / prompt_logprobs a request may ask for (-1: no limit)
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     store: StoreConfig = StoreConfig(enable=False)
@@ -117,3 +129,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be an integer >= 0, or -1 for no limit, got {self.max_logprobs!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")

@@ -10,7 +10,7 @@ from cachedattention.engine.engine import LLMEngine
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.outputs import RequestOutput
-from cachedattention.sampling import SamplingParams
+from cachedattention.sampling import MAX_LOGPROBS, SamplingParams
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
@@ -28,7 +28,9 @@ class LLM:
     """Run prompts or chat turns to completion in this process.
 
     LLM() loads the embedded SmolLM2-135M-Instruct on the CPU in float32. Pass enable_store=True
-    (with host_bytes / store_dir / disk_bytes) to keep every session's KV across turns.
+    (with host_bytes / store_dir / disk_bytes) to keep every session's KV across turns. As vLLM's:
+    `seed` seeds the sampling of requests without their own seed; `max_logprobs` bounds the
+    logprobs a request may ask for (-1: no bound).
     """
 
     def __init__(
@@ -48,6 +50,8 @@ class LLM:
         chat_template: str | None = None,
         generation_config: str = "auto",
         override_generation_config: dict | None = None,
+        seed: int | None = None,
+        max_logprobs: int = MAX_LOGPROBS,
         **store_options: Any,
     ) -> None:
         store_cfg = store or StoreConfig(enable=enable_store)
@@ -68,6 +72,8 @@ class LLM:
             chat_template=chat_template,
             generation_config=generation_config,
             override_generation_config=override_generation_config,
+            seed=seed,
+            max_logprobs=max_logprobs,
         )
         self.engine = LLMEngine(self.config, loaded=loaded)
 

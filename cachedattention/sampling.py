@@ -23,7 +23,7 @@ class GuidedFormError(ValueError):
 
 
 GUIDED_FIELDS = ("json_object", "json_schema", "choice", "regex", "grammar", "tool_call_names")  # at most one per request
-MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list (vLLM's default max_logprobs)
+MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list by default (vLLM's max_logprobs; EngineConfig's)
 
 
 @dataclass(frozen=True)
@@ -167,10 +167,10 @@ class SamplingParams:
             v = getattr(self, name)
             if not (is_number(v) and -2.0 <= v <= 2.0):
                 raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
-        for name in ("logprobs", "prompt_logprobs"):
+        for name in ("logprobs", "prompt_logprobs"):  # the most a request may ask for is the engine's max_logprobs
             v = getattr(self, name)
-            if v is not None and not (is_int(v) and 0 <= v <= MAX_LOGPROBS):
-                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+            if v is not None and not (is_int(v) and v >= 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {v!r}")
 
     @property
     def guided(self) -> bool:

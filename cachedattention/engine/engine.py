@@ -19,7 +19,13 @@ from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
 from cachedattention.errors import InvalidRequest
-from cachedattention.kvcache.kv_pool import KVPool, default_pool_bytes
+from cachedattention.kvcache.kv_pool import (
+    DEFAULT_CPU_BYTES,
+    KVPool,
+    activation_bytes,
+    default_pool_bytes,
+    pool_bytes_for_utilization,
+)
 from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.generation_defaults import generation_defaults
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
@@ -81,15 +87,42 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        # the most logprobs / prompt_logprobs a request may ask for (-1: any, up to the vocabulary)
+        self.max_logprobs = self.spec.vocab_size if config.max_logprobs == -1 else config.max_logprobs
+        # vLLM's --seed: sampled requests without their own seed draw from this engine's generator,
+        # seeded at start, so they repeat from one start to the next (None: torch's global state)
+        self.rng = None if config.seed is None else torch.Generator(device=config.device).manual_seed(config.seed)
 
     def _make_pool(self) -> KVPool:
         c = self.config.cache
         elt = torch.tensor([], dtype=self.dtype).element_size()
-        # no more than the running requests can use at full window: tiny models get tiny pools
-        useful = self.config.scheduler.max_num_seqs * self.max_model_len * self.spec.kv_bytes_per_token(elt)
-        budget = c.memory_bytes or min(default_pool_bytes(self.device), useful)
-        num_pages = c.num_pages or KVPool.pages_for_budget(self.spec, c.page_size, budget, elt)
+        num_pages = c.num_pages or KVPool.pages_for_budget(self.spec, c.page_size, self._pool_budget(elt), elt)
         return KVPool(self.spec, num_pages, c.page_size, self.device, self.dtype)
+
+    def _pool_budget(self, elt: int) -> int:
+        """The pool's bytes (when no num_pages is given): memory_bytes if given, else on CUDA what
+        gpu_memory_utilization leaves (measured now, after the weights are loaded), else the default size."""
+        c, s = self.config.cache, self.config.scheduler
+        util = c.gpu_memory_utilization
+        if c.memory_bytes:
+            if util is not None:
+                log.info("the KV pool is sized by kv_pool_bytes (%d bytes); gpu_memory_utilization is not used", c.memory_bytes)
+            return c.memory_bytes
+        if util is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the loader's freed temporaries are not this engine's use
+            free, total = torch.cuda.mem_get_info(self.device)
+            headroom = activation_bytes(self.spec, s.max_num_batched_tokens, s.max_num_seqs, self.max_model_len, elt)
+            page_bytes = self.spec.kv_bytes_per_token(elt) * c.page_size
+            return pool_bytes_for_utilization(util, total, total - free, headroom, min_bytes=2 * page_bytes)
+        if util is not None and self.device.type != "cuda":
+            log.warning("gpu_memory_utilization (--gpu-memory-utilization) applies on CUDA only: the %s KV pool is "
+                        "sized by kv_pool_bytes (--kv-pool-bytes; by default at most %d MiB)", self.device.type,
+                        DEFAULT_CPU_BYTES >> 20)  # fmt: skip
+        return min(default_pool_bytes(self.device), self._useful_bytes(elt))
+
+    def _useful_bytes(self, elt: int) -> int:
+        """No more than the running requests can use at full window: tiny models get tiny pools."""
+        return self.config.scheduler.max_num_seqs * self.max_model_len * self.spec.kv_bytes_per_token(elt)
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
@@ -145,6 +178,7 @@ class LLMEngine:
         self._check_in_vocabulary(params.stop_token_ids, "stop_token_ids", "stop_token_ids")
         self._check_in_vocabulary(params.allowed_token_ids, "allowed_token_ids", "allowed_token_ids")
         self._check_in_vocabulary([t for t, _ in params.logit_bias], "logit_bias", "logit_bias names token ids")
+        self._check_logprobs(params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -156,7 +190,7 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_s=time.perf_counter(), prompt_tokens=len(ids)),
             session_id=session_id,
             logical_prompt=list(ids),
-            generator=make_generator(params, self.config.device),
+            generator=make_generator(params, self.config.device) or self.rng,  # unseeded: the engine's (--seed)
             stream_text=stream_text,
             detokenizer=IncrementalDetokenizer(partial(self._decode, skip_special_tokens=params.skip_special_tokens)),
             head_tokens=head_tokens,
@@ -176,6 +210,13 @@ class LLMEngine:
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > self.max_logprobs:
+                raise InvalidRequest(f"{name} asks for {v} alternatives per token, more than this engine's "
+                                     f"max_logprobs of {self.max_logprobs} (--max-logprobs)", name)  # fmt: skip
 
     def default_params(self) -> SamplingParams:
         """A request's params when none are given: SamplingParams' defaults, with the model's own

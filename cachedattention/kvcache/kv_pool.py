@@ -14,11 +14,50 @@ DEFAULT_CPU_BYTES = 1 << 30
 DEFAULT_GPU_FRACTION = 0.5
 
 
+ACTIVATION_RESERVE = 256 << 20  # beyond the estimate: cuBLAS workspaces, the allocator's fragmentation, the store's scratch
+GIB = 1 << 30
+
+
 def default_pool_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * DEFAULT_GPU_FRACTION)
     return DEFAULT_CPU_BYTES
+
+
+def activation_bytes(spec: ModelSpec, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+                     element_size: int) -> int:  # fmt: skip
+    """An upper estimate of one step's activations beyond the weights and the pool (vLLM measures
+    them by profiling a forward pass; this engine's are few and known): the step's hidden states,
+    attention and MLP; its logits in float32 (every position's, for prompt logprobs) with softmax's
+    copy; and one layer's gathered history (a window's K/V spread to every query head on CUDA, or a
+    decode group's K/V), plus a fixed reserve."""
+    tokens = max_num_batched_tokens
+    q_width = spec.num_heads * spec.head_dim
+    per_token = (4 * spec.hidden_size + 3 * spec.intermediate_size + 3 * q_width) * element_size
+    logits = 2 * tokens * spec.vocab_size * 4
+    history = 2 * max_model_len * spec.head_dim * element_size  # one head's K and V over a window
+    gathered = max(history * spec.num_heads, max_num_seqs * history * spec.num_kv_heads)
+    return tokens * per_token + logits + gathered + ACTIVATION_RESERVE
+
+
+def pool_bytes_for_utilization(fraction: float, total_bytes: int, used_bytes: int, activation_bytes: int,
+                               min_bytes: int) -> int:  # fmt: skip
+    """vLLM's --gpu-memory-utilization: the pool gets what is left of `fraction` of the device's
+    memory once what is already used (the weights, and other processes') and the activations'
+    headroom are counted. ValueError when that is less than `min_bytes` (the smallest pool)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {fraction}")
+    budget = int(fraction * total_bytes) - used_bytes - activation_bytes
+    if budget < min_bytes:
+        raise ValueError(
+            f"gpu_memory_utilization {fraction} allows {fraction * total_bytes / GIB:.2f} GiB of the device's "
+            f"{total_bytes / GIB:.2f} GiB, but {used_bytes / GIB:.2f} GiB is in use already (the weights, other "
+            f"processes) and {activation_bytes / GIB:.2f} GiB is kept for activations: that leaves no room for "
+            f"the KV cache; raise --gpu-memory-utilization, lower --max-num-batched-tokens or --max-model-len, "
+            f"or size the pool with --kv-pool-bytes"
+        )
+    return budget
 
 
 def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:

@@ -7,6 +7,8 @@ from typing import Any
 
 from starlette.responses import Response
 
+from cachedattention.server.engine_loop import ServerDraining
+
 INVALID = "invalid_request_error"
 
 
@@ -38,3 +40,20 @@ def error_response(body: dict[str, Any], status: int) -> Response:
 
 def bad(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, code=code, param=param)
+
+
+def as_api_error(e: BaseException) -> APIError:
+    """An engine request's failure as the HTTP error the client gets."""
+    if isinstance(e, ServerDraining):
+        return APIError(503, str(e), "server_shutting_down", type_="server_error")
+    if isinstance(e, ValueError):
+        msg = str(e)
+        code = "context_length_exceeded" if "window" in msg else "invalid_value"
+        return APIError(400, msg, code, param=getattr(e, "param", None))
+    return APIError(500, "internal server error", "internal_error", type_="server_error")
+
+
+def aborted_error() -> APIError:
+    return APIError(
+        503, "the request was aborted: the server is shutting down", "request_aborted", type_="server_error"
+    )

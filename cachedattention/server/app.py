@@ -30,7 +30,7 @@ from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
-from cachedattention.server.api_error import APIError, error_body, error_response
+from cachedattention.server.api_error import APIError, aborted_error, as_api_error, error_body, error_response
 from cachedattention.server.auth import ApiKeyMiddleware, api_keys_from, checked_api_keys
 from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
 from cachedattention.server.logprobs import LogprobFormatter
@@ -42,6 +42,9 @@ from cachedattention.server.protocol import (
     parse_completion,
     parse_json_object,
 )
+from cachedattention.server.responses import ResponsesRoutes
+from cachedattention.server.responses_store import ResponseStore, SharedResponses
+from cachedattention.server.stream_text import stream_delta
 from cachedattention.server.tokenize import detokenize, tokenize
 from cachedattention.server.tool_calls import ToolCall, parse_tool_calls, plain_text_end
 
@@ -49,42 +52,11 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GRACE_S = 30.0
+DEFAULT_RESPONSES_STORE_BYTES = 256 << 20
 
 
 def default_model_name(engine: LLMEngine) -> str:
     return EMBEDDED_NAME if engine.config.model is None else engine.loaded.name
-
-
-def _as_api_error(e: BaseException) -> APIError:
-    if isinstance(e, ServerDraining):
-        return APIError(503, str(e), "server_shutting_down", type_="server_error")
-    if isinstance(e, ValueError):
-        msg = str(e)
-        code = "context_length_exceeded" if "window" in msg else "invalid_value"
-        return APIError(400, msg, code, param=getattr(e, "param", None))
-    return APIError(500, "internal server error", "internal_error", type_="server_error")
-
-
-def _aborted() -> APIError:
-    return APIError(
-        503, "the request was aborted: the server is shutting down", "request_aborted", type_="server_error"
-    )
-
-
-def stream_delta(text: str, sent: str, stops: tuple[str, ...]) -> str:
-    """New text that is safe to stream: not an incomplete UTF-8 character, not the start of a stop string."""
-    if not text.startswith(sent):
-        return ""  # decoding of earlier tokens changed; wait for the final text
-    end = len(text)
-    while end > len(sent) and text[end - 1] == "\ufffd":
-        end -= 1
-    hold = 0
-    for s in stops:  # a tail that may grow into a stop string must not be sent (the engine cuts it off)
-        for k in range(min(len(s) - 1, end - len(sent)), hold, -1):
-            if text.startswith(s[:k], end - k):
-                hold = k
-                break
-    return text[len(sent) : end - hold]
 
 
 class _Format:
@@ -324,12 +296,13 @@ class OpenAIRoutes:
     async def _generate(self, request: Request, chat: bool) -> Response:
         body = parse_json_object(await request.body())
         parse = functools.partial(parse_chat, trust_template=self.trust_template) if chat else parse_completion
+        parse = functools.partial(parse, max_logprobs=self.loop.engine.max_logprobs)  # --max-logprobs
         # in a worker thread: compiling a large schema or grammar must not hold up other requests' streams
         parsed = await asyncio.to_thread(parse, body, request.headers.get("x-session-id"), self.max_model_len,
                                          self.loop.engine.sampling_defaults)  # fmt: skip
         self._check_model(parsed.model)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        streams = await self._submit(rid, parsed)
+        streams = await self._submit(rid, parsed, parsed.max_tokens_asked if parsed.session_id is None else None)
         tok = self.loop.engine.tokenizer
         echo, hidden = None, 0
         if parsed.echo:  # the prompt as sent, or its ids' text
@@ -345,9 +318,10 @@ class OpenAIRoutes:
         outs = await self._collect(request, streams)
         return JSONResponse(fmt.full([_prompt_only(o) for o in outs] if parsed.prompt_only else outs))
 
-    async def _submit(self, rid: str, parsed: ParsedRequest) -> list[RequestStream]:
+    async def _submit(self, rid: str, parsed: ParsedRequest, check_room: int | None) -> list[RequestStream]:
         """One engine request per choice (n > 1: seeds seed, seed + 1, ... so that seeded choices
-        differ); each accepted, or all withdrawn and the first error raised."""
+        differ); each accepted, or all withdrawn and the first error raised. `check_room`: the
+        answer's length that must fit in the window after the prompt (None: no check)."""
         streams: list[RequestStream] = []
         rendered = None
         try:
@@ -357,7 +331,7 @@ class OpenAIRoutes:
                     params = replace(params, seed=(params.seed + i) % 2**64)
                 job = Job(rid if parsed.n == 1 else f"{rid}-{i}", params, parsed.session_id, parsed.prompt,
                           parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
-                          check_room=parsed.max_tokens_asked if parsed.session_id is None else None,
+                          check_room=check_room,
                           save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens)  # fmt: skip
                 if parsed.chat_options is not None and parsed.chat_options.template is not None:
                     if rendered is None:  # a request's own template: rendered in a worker thread, once
@@ -367,12 +341,12 @@ class OpenAIRoutes:
             firsts = [await s.get() for s in streams]
             refused = next((f for f in firsts if f is not ACCEPTED), None)
             if refused is not None:
-                raise _as_api_error(refused)
+                raise as_api_error(refused)
         except BaseException as e:  # refused, draining, or cancelled (forced shutdown): free the pages
             for s in streams:
                 self.loop.abort(s.request_id)
             if isinstance(e, (ServerDraining, ValueError)):  # ValueError: a request's own template refused it
-                raise _as_api_error(e) from None
+                raise as_api_error(e) from None
             raise
         return streams
 
@@ -386,7 +360,7 @@ class OpenAIRoutes:
             while outs[i] is None or not outs[i].finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
-                    raise _as_api_error(item)
+                    raise as_api_error(item)
                 outs[i] = item
 
         drains = [asyncio.create_task(drain(i, s)) for i, s in enumerate(streams)]
@@ -402,7 +376,7 @@ class OpenAIRoutes:
                     self.loop.abort(stream.request_id)
         if any(out.finish_reason == "abort" for out in outs):
             # 499 (nginx's "client closed request") keeps these apart from shutdown aborts in /metrics
-            raise APIError(499, "the client closed the request", "client_closed") if client_gone else _aborted()
+            raise APIError(499, "the client closed the request", "client_closed") if client_gone else aborted_error()
         return outs
 
     async def _abort_on_disconnect(self, request: Request, request_ids: list[str]) -> None:
@@ -439,7 +413,7 @@ class OpenAIRoutes:
                     yield fmt.echo_chunk(i, item)
                 if isinstance(item, BaseException) or item.finish_reason == "abort":
                     failed = True
-                    err = _aborted() if isinstance(item, RequestOutput) else _as_api_error(item)
+                    err = aborted_error() if isinstance(item, RequestOutput) else as_api_error(item)
                     yield sse(err.body())
                     break
                 if item.finished:
@@ -539,13 +513,17 @@ def create_app(
     allowed_headers: Sequence[str] = ("*",),
     allow_credentials: bool = False,
     trust_request_chat_template: bool = False,
+    responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES,
+    log_requests: bool = False,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
     `api_keys`, the /v1 routes answer 401 unless given one of them (vLLM's --api-key). Browsers on
     `allowed_origins` may call it (CORS; any origin by default, as vLLM; none when empty) with those
     methods and headers, and credentials if allowed. `trust_request_chat_template`: a request's own
-    chat_template is rendered (in transformers' sandbox), as vLLM's --trust-request-chat-template."""
+    chat_template is rendered (in transformers' sandbox), as vLLM's --trust-request-chat-template.
+    /v1/responses keeps stored responses (for previous_response_id) within `responses_store_bytes`.
+    `log_requests`: one INFO line per request received (vLLM's --enable-log-requests)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     api_keys = checked_api_keys(api_keys)
@@ -554,7 +532,7 @@ def create_app(
         raise ValueError(f"served model names must be non-empty strings, got {names!r}")
     engine = engine_or_config if isinstance(engine_or_config, LLMEngine) else LLMEngine(engine_or_config)
     metrics = ServerMetrics()
-    loop = EngineLoop(engine, on_finished=metrics.observe_finished)
+    loop = EngineLoop(engine, on_finished=metrics.observe_finished, log_requests=log_requests)
     metrics.registry.register(EngineStatsCollector(loop.stats))
     routes = OpenAIRoutes(loop, metrics, names or [default_model_name(engine)], engine.max_model_len,
                           trust_request_chat_template, named=bool(names))  # fmt: skip
@@ -575,6 +553,9 @@ def create_app(
     app.state.metrics = metrics
     app.state.model_name = routes.model_name
     routes.register(app)
+    remote = engine.store.store.remote if engine.store is not None else None
+    shared = SharedResponses(remote.tier) if remote is not None else None
+    ResponsesRoutes(routes, ResponseStore(responses_store_bytes), shared).register(app)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     if api_keys:  # outside the body limit: a request without a key is refused before its body is read
@@ -599,10 +580,13 @@ def serve(args: argparse.Namespace) -> int:
                      allowed_methods=getattr(args, "allowed_methods", ("*",)),
                      allowed_headers=getattr(args, "allowed_headers", ("*",)),
                      allow_credentials=getattr(args, "allow_credentials", False),
-                     trust_request_chat_template=getattr(args, "trust_request_chat_template", False))
+                     trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
+                     responses_store_bytes=getattr(args, "responses_store_bytes", DEFAULT_RESPONSES_STORE_BYTES),
+                     log_requests=getattr(args, "enable_log_requests", False))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s))
+        app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s)),
+        log_level=getattr(args, "uvicorn_log_level", None),  # None: uvicorn's own (info)
     )
     server = _DrainingServer(config, loop)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean exit 0

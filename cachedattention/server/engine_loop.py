@@ -39,13 +39,25 @@ class Job:
     tools: list[dict[str, Any]] | None = None  # function definitions for the chat template
     chat_options: ChatOptions | None = None  # continue the last message, template variables
     stream_text: bool = False
-    # the prompt plus max_tokens must fit the window (as in vLLM); a session instead drops old history
-    # as vLLM, the length asked for (before the model's generation config bounds it): None, no check
+    # the prompt plus max_tokens must fit the window (as in vLLM), the length asked for (before the model's
+    # generation config bounds it); None: no check (a session then drops old history to fit)
     check_room: int | None = None
     save_to_store: bool = True  # n > 1: only the first choice saves its KV (the prompt's is the same)
     add_special_tokens: bool = True  # a text prompt gets the tokenizer's own around it (Llama's BOS)
     # the messages already rendered (a request's own chat template: off the engine thread) and their head
     rendered: tuple[list[int], int] | None = None
+
+
+def describe(job: Job) -> str:
+    """The request log's line (--enable-log-requests): what was asked, not the prompt's text."""
+    if job.messages is not None:
+        prompt = f"{len(job.messages)} message(s)"
+    elif isinstance(job.prompt, str):
+        prompt = f"a prompt of {len(job.prompt)} characters"
+    else:
+        prompt = f"a prompt of {len(job.prompt or ())} tokens"
+    return (f"received request {job.request_id}: session {job.session_id or '-'}, {prompt}, "
+            f"max_tokens {job.params.max_tokens}, {'streamed' if job.stream_text else 'not streamed'}")
 
 
 class RequestStream:
@@ -71,9 +83,11 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None,
+                 log_requests: bool = False) -> None:  # fmt: skip
         self.engine = engine
         self._on_finished = on_finished
+        self.log_requests = log_requests  # vLLM's --enable-log-requests: one INFO line per request received
         self._cmds: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._cond = threading.Condition()
@@ -97,6 +111,8 @@ class EngineLoop:
             if not self._accepting:
                 raise ServerDraining("the server is shutting down and takes no new requests")
             self._active.add(job.request_id)
+        if self.log_requests:
+            log.info("%s", describe(job))
         self._cmds.put(("add", job, stream))
         return stream
 
@@ -178,12 +194,20 @@ class EngineLoop:
                 prompt = job.prompt if job.messages is None else self._render(job)
                 # the system prompt, which a session's context-overflow truncation keeps (as LLM.chat does)
                 head = self.head_tokens(job, prompt)
+            # a session's conversation is checked whole, before the store drops its oldest turns to fit
+            before = job.check_room is not None and job.session_id is not None and not isinstance(prompt, str)
+            if before:
+                self._check_room(len(prompt), job.check_room)
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
                 head_tokens=head, save_to_store=job.save_to_store, add_special_tokens=job.add_special_tokens,
             )
-            if job.check_room is not None:
-                self._check_room(job, job.check_room)
+            if job.check_room is not None and not before:
+                try:  # as the engine holds it: tokenized, cut to truncate_prompt_tokens
+                    self._check_room(len(self.engine.requests[job.request_id].prompt_token_ids), job.check_room)
+                except ValueError:
+                    self.engine.abort(job.request_id)
+                    raise
         except Exception as e:  # ValueError: bad input (-> 400); anything else is ours (-> 500)
             if not isinstance(e, ValueError):
                 log.exception("add_request failed for %s", job.request_id)
@@ -193,11 +217,10 @@ class EngineLoop:
         self._streams[job.request_id] = stream
         stream.put(ACCEPTED)
 
-    def _check_room(self, job: Job, asked: int) -> None:
-        """ValueError (and the request withdrawn) if the prompt plus the max_tokens asked for passes the window."""
-        n, window = len(self.engine.requests[job.request_id].prompt_token_ids), self.engine.max_model_len
+    def _check_room(self, n: int, asked: int) -> None:
+        """ValueError if a prompt of n tokens plus the max_tokens asked for passes the window."""
+        window = self.engine.max_model_len
         if n + asked > window:
-            self.engine.abort(job.request_id)
             raise ValueError(
                 f"the prompt has {n} tokens and max_tokens asks for {asked} more, past the model's "
                 f"window of {window} tokens; shorten the prompt or lower max_tokens"

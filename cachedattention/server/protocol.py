@@ -175,40 +175,42 @@ def _logit_bias(body: dict) -> dict[int, float]:
     return out
 
 
-def _logprobs(body: dict, chat: bool) -> int | None:
+def _logprobs(body: dict, chat: bool, limit: int = MAX_LOGPROBS) -> int | None:
     """How many alternatives each token's logprobs list (None: no logprobs). Chat: `logprobs` (a
-    boolean) and `top_logprobs`; completions: `logprobs`, the number itself."""
+    boolean) and `top_logprobs`; completions: `logprobs`, the number itself. `limit`: the server's
+    --max-logprobs."""
     if chat:
         wanted = flag(body, "logprobs")
         top = _integer(body, "top_logprobs")
-        if top is not None and not 0 <= top <= MAX_LOGPROBS:
-            raise bad(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
+        if top is not None and not 0 <= top <= limit:
+            raise bad(f"top_logprobs must be an integer in [0, {limit}], got {top}", "top_logprobs")
         if top and not wanted:
             raise bad("top_logprobs needs logprobs set to true", "top_logprobs")
         return (top or 0) if wanted else None
     v = body.get("logprobs")
     if v is None or v is False:  # a neutral false, as some clients send
         return None
-    if not is_int(v) or not 0 <= v <= MAX_LOGPROBS:
-        raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] for completions, got {v!r}", "logprobs")
+    if not is_int(v) or not 0 <= v <= limit:
+        raise bad(f"logprobs must be an integer in [0, {limit}] for completions, got {v!r}", "logprobs")
     return v
 
 
-def _prompt_logprobs(body: dict, stream: bool) -> int | None:
+def _prompt_logprobs(body: dict, stream: bool, limit: int = MAX_LOGPROBS) -> int | None:
     v = body.get("prompt_logprobs")
     if v is None:
         return None
-    if not is_int(v) or not 0 <= v <= MAX_LOGPROBS:
-        raise bad(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {v!r}", "prompt_logprobs")
+    if not is_int(v) or not 0 <= v <= limit:
+        raise bad(f"prompt_logprobs must be an integer in [0, {limit}], got {v!r}", "prompt_logprobs")
     if stream:  # as vLLM
         raise bad("prompt_logprobs are not available when stream is true", "prompt_logprobs")
     return v
 
 
-def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults: Mapping[str, Any] | None = None,
+                    max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:  # fmt: skip
     """The request's SamplingParams; `defaults` (the model's generation config) fill in the sampling
     fields it leaves out, and their max_tokens (generation_config.json's max_new_tokens) bounds every
-    answer's length, as vLLM's server-wide limit."""
+    answer's length, as vLLM's server-wide limit. `max_logprobs`: the most logprobs it may ask for."""
     defaults = defaults or {}
     body = {**body, **{k: v for k, v in defaults.items() if k != "max_tokens" and body.get(k) is None}}
     max_tokens = _integer(body, "max_completion_tokens")
@@ -252,7 +254,7 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
             presence_penalty=presence or 0.0,
             frequency_penalty=frequency or 0.0,
             logit_bias=_logit_bias(body),
-            logprobs=_logprobs(body, chat),
+            logprobs=_logprobs(body, chat, max_logprobs),
             **_vllm_sampling(body, max_model_len),
             **guided,
         )
@@ -289,7 +291,7 @@ def _token_ids(body: dict, key: str) -> tuple[int, ...]:
 
 
 def _common(body: dict, session_header: str | None, max_model_len: int, chat: bool,
-            defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+            defaults: Mapping[str, Any] | None = None, max_logprobs: int = MAX_LOGPROBS) -> dict[str, Any]:  # fmt: skip
     ignored = sorted(set(body) - FIELDS - (CHAT_FIELDS if chat else {"prompt"}))
     if ignored:  # as vLLM: served, with the operator told what was not used
         log.warning("fields present in the request but not used by this server: %s", ", ".join(ignored)[:500])
@@ -322,8 +324,8 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     prompt_only = echo and is_int(asked) and asked == 0
     if prompt_only:
         body = {**body, "max_tokens": 1, "max_completion_tokens": None}
-    params = sampling_params(body, max_model_len, chat, defaults)
-    prompt_logprobs = _prompt_logprobs(body, stream)
+    params = sampling_params(body, max_model_len, chat, defaults, max_logprobs)
+    prompt_logprobs = _prompt_logprobs(body, stream, max_logprobs)
     # echo with logprobs lists the prompt's tokens too: the engine computes them for the larger of the two
     wanted = [v for v in (prompt_logprobs, params.logprobs if echo else None) if v is not None]
     if wanted:
@@ -378,8 +380,8 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool, tuple[str, ..
     return tools, True, (name,)
 
 
-def parse_chat(body: dict, session_header: str | None, max_model_len: int,
-               defaults: Mapping[str, Any] | None = None, trust_template: bool = False) -> ParsedRequest:  # fmt: skip
+def parse_chat(body: dict, session_header: str | None, max_model_len: int, defaults: Mapping[str, Any] | None = None,
+               trust_template: bool = False, max_logprobs: int = MAX_LOGPROBS) -> ParsedRequest:  # fmt: skip
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {'role': ..., 'content': ...} objects", "messages")
@@ -396,7 +398,7 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int,
     for i, m in enumerate(out):
         _text(m["content"], f"messages[{i}].content")
     tools, parse_calls, forced = _tools(body)
-    common = _common(body, session_header, max_model_len, chat=True, defaults=defaults)
+    common = _common(body, session_header, max_model_len, chat=True, defaults=defaults, max_logprobs=max_logprobs)
     if forced:
         if common["params"].guided:
             asked = ("response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar", "structured_outputs")
@@ -437,7 +439,7 @@ def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: boo
 
 
 def parse_completion(body: dict, session_header: str | None, max_model_len: int,
-                     defaults: Mapping[str, Any] | None = None) -> ParsedRequest:  # fmt: skip
+                     defaults: Mapping[str, Any] | None = None, max_logprobs: int = MAX_LOGPROBS) -> ParsedRequest:  # fmt: skip
     prompt = body.get("prompt")
     # a batch of exactly one prompt is the same as that prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -454,7 +456,8 @@ def parse_completion(body: dict, session_header: str | None, max_model_len: int,
         raise bad("prompt must be a non-empty string or a non-empty list of token ids", "prompt", "invalid_type")
     # as vLLM: a text prompt gets what the tokenizer adds around a text (Llama's BOS) unless told not to
     specials = flag(body, "add_special_tokens", True)
-    return ParsedRequest(prompt=prompt, add_special_tokens=specials, **_common(body, session_header, max_model_len, chat=False, defaults=defaults))
+    common = _common(body, session_header, max_model_len, chat=False, defaults=defaults, max_logprobs=max_logprobs)
+    return ParsedRequest(prompt=prompt, add_special_tokens=specials, **common)
 
 
 class BodyLimitMiddleware:

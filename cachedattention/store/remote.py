@@ -221,6 +221,22 @@ class RemoteTier:
         values = self._call(self.record_reads, self.record_client.mget, [self.block_key(h) for h in hashes])
         return [v.decode() if isinstance(v, bytes) else v for v in values]
 
+    # -- stored responses (the Responses API): a conversation continued on any replica ------------
+    def response_key(self, response_id: str) -> str:
+        return f"{self.prefix}:resp:{response_id}"
+
+    def put_response(self, response_id: str, value: bytes) -> None:
+        self._call(self.writes, self.client.set, self.response_key(response_id), value, px=self.ttl_ms)
+        with self._lock:
+            self.bytes_written += len(value)
+
+    def get_response(self, response_id: str) -> bytes | None:
+        value = self._call(self.reads, self.client.get, self.response_key(response_id))
+        if value is not None:
+            with self._lock:
+                self.bytes_read += len(value)
+        return value
+
     # -- accounting -----------------------------------------------------------------------------
     def footprint(self) -> int:
         """Bytes of every value of this namespace and model on the server (every replica's)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import openai
 import pytest
 
 from tests.redis_server import RedisServer
@@ -54,3 +55,30 @@ def test_a_conversation_across_replicas_reads_its_history_from_the_remote_tier(r
         wait_published(replicas[side], published[side])
         messages.append({"role": "assistant", "content": text})
     assert metric_samples(replicas[0]).get(("cachedattention_cached_prompt_tokens_total", (("tier", "remote"),)), 0) > 0
+
+
+def test_a_responses_conversation_continues_on_the_other_replica(replicas, reference):
+    """/v1/responses behind a load balancer: each response is stored on the remote tier's server too,
+    so the next request's previous_response_id is found on the other replica, and the turn's history
+    comes from the remote tier; the answers equal a recomputed chat of the whole conversation."""
+    messages: list[dict[str, str]] = []
+    previous = None
+    published = [metric_samples(url).get(PUBLISHED, 0) for url in replicas]
+    for turn, question in enumerate(QUESTIONS[:3]):
+        side = turn % 2
+        r = client(replicas[side]).responses.create(model="default", input=question, previous_response_id=previous,
+                                                    max_output_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
+        messages.append({"role": "user", "content": question})
+        assert r.output_text == reference(messages, MAX_TOKENS)
+        if turn:
+            assert r.usage.input_tokens_details.cached_tokens_by_tier["remote"] > 0
+        messages.append({"role": "assistant", "content": r.output_text})
+        wait_published(replicas[side], published[side] + 1)  # its KV reaches the remote tier after the answer
+        published[side] += 1
+        previous = r.id
+    stored_by = (len(QUESTIONS[:3]) - 1) % 2
+    other = client(replicas[1 - stored_by]).responses.retrieve(previous)
+    assert other.id == previous and other.output_text == r.output_text
+    client(replicas[1 - stored_by]).responses.delete(previous)
+    with pytest.raises(openai.NotFoundError):  # the replica that stored it learns it was deleted
+        client(replicas[stored_by]).responses.retrieve(previous)

@@ -498,7 +498,8 @@ def test_draining_refuses_new_requests_then_aborts_after_grace(chat_model_dir):
 def test_served_name_and_stream_delta_rules():
     from types import SimpleNamespace
 
-    from cachedattention.server.app import default_model_name, stream_delta
+    from cachedattention.server.app import default_model_name
+    from cachedattention.server.stream_text import stream_delta
 
     embedded = SimpleNamespace(config=SimpleNamespace(model=None), loaded=SimpleNamespace(name="smollm2-x"))
     assert default_model_name(embedded) == "SmolLM2-135M-Instruct"

@@ -1,12 +1,15 @@
 """vLLM's serve flags beyond the basics: several --served-model-name, the CORS lists and
-credentials, --override-generation-config."""
+credentials, --override-generation-config, and a `vllm serve` command line's engine and server flags
+(--gpu-memory-utilization, --seed, --max-logprobs, --enable-log-requests, and those accepted or refused)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import httpx
 import pytest
 
-from cachedattention import LLM
+from cachedattention import LLM, SamplingParams
 from cachedattention.cli import build_parser
 from cachedattention.cli import engine_config as cli_engine_config
 from tests.server.conftest import engine_config, start_server
@@ -117,3 +120,186 @@ def test_credentials_for_any_origin_are_warned_of(chat_model_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="cachedattention"):
         create_app(engine_config(chat_model_dir, store=False), allow_credentials=True)
     assert "--allow-credentials with any origin" in caplog.text
+
+
+# -- a `vllm serve` command line: the engine and server flags vLLM users pass ---------------------------
+VLLM_LINE = ["serve", "--model", "m", "--gpu-memory-utilization", "0.85", "--no-enable-prefix-caching", "--seed", "3",
+             "--max-logprobs", "5", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "-tp", "1",
+             "--pipeline-parallel-size", "1", "--kv-cache-dtype", "auto", "--enforce-eager", "--enable-chunked-prefill",
+             "--block-size", "32", "--disable-log-requests", "--disable-log-stats", "--uvicorn-log-level", "warning",
+             "--trust-remote-code", "--response-role", "assistant"]  # fmt: skip
+
+
+def test_a_vllm_command_line_parses_and_reaches_the_engine_config():
+    config = cli_engine_config(build_parser().parse_args(VLLM_LINE))
+    assert (config.model, config.seed, config.max_logprobs) == ("m", 3, 5)
+    assert (config.cache.gpu_memory_utilization, config.cache.enable_prefix_cache, config.cache.page_size) == (0.85, False, 32)
+    defaults = cli_engine_config(build_parser().parse_args(["serve", "m"]))
+    assert (defaults.seed, defaults.max_logprobs, defaults.cache.gpu_memory_utilization) == (None, 20, None)
+    assert defaults.cache.enable_prefix_cache and defaults.cache.page_size == 16
+    # generate's --seed stays a request's seed, not the engine's
+    gen = build_parser().parse_args(["generate", "--prompt", "x", "--seed", "4", "--enable-prefix-caching"])
+    assert gen.seed == 4 and cli_engine_config(gen).seed is None
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["-tp", "2"], "this engine runs one device"),
+    (["--pipeline-parallel-size", "2"], "this engine runs one device"),
+    (["--kv-cache-dtype", "fp8"], "only 'auto' is supported"),
+    (["--tool-call-parser", "mistral"], "only 'hermes' is supported"),
+    (["--no-enable-chunked-prefill"], "always chunks prefill"),
+    (["--gpu-memory-utilization", "0"], "in (0, 1]"),
+    (["--gpu-memory-utilization", "1.2"], "in (0, 1]"),
+    (["--max-logprobs", "-2"], "-1 for no limit"),
+    (["--enable-log-requests", "--disable-log-requests"], "not allowed with"),
+    (["--response-role", "bot"], "only 'assistant'"),
+    (["--uvicorn-log-level", "loud"], "invalid choice"),
+])  # fmt: skip
+def test_what_this_engine_cannot_do_is_a_usage_error_saying_why(flags, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "m", *flags])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_the_model_given_twice_must_agree(capsys):
+    from cachedattention.cli import main
+
+    parse = build_parser().parse_args
+    assert cli_engine_config(parse(["serve", "a", "--model", "a"])).model == "a"
+    assert cli_engine_config(parse(["chat", "--model", "b"])).model == "b"
+    assert main(["serve", "a", "--model", "b"]) == 2  # refused before any model is loaded
+    assert "two models given: 'a' and --model 'b'" in capsys.readouterr().err
+
+
+def test_the_pool_gets_what_the_utilization_leaves():
+    from cachedattention.kvcache.kv_pool import ACTIVATION_RESERVE, GIB, activation_bytes, pool_bytes_for_utilization
+    from cachedattention.model.spec import ModelSpec
+
+    # 0.9 of 80 GiB, less 20 GiB in use and 2 GiB of activations
+    assert pool_bytes_for_utilization(0.9, 80 * GIB, 20 * GIB, 2 * GIB, min_bytes=1) == int(0.9 * 80 * GIB) - 22 * GIB
+    with pytest.raises(ValueError, match=r"allows 20.00 GiB of the device's 80.00 GiB, but 20.00 GiB is in use") as e:
+        pool_bytes_for_utilization(0.25, 80 * GIB, 20 * GIB, 2 * GIB, min_bytes=1)
+    assert "--kv-pool-bytes" in str(e.value)
+    with pytest.raises(ValueError, match="no room"):  # room, but less than the smallest pool
+        pool_bytes_for_utilization(0.5, 100, 40, 9, min_bytes=2)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        pool_bytes_for_utilization(1.5, 100, 0, 0, min_bytes=1)
+    spec = ModelSpec("llama", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=256,
+                     tie_word_embeddings=True, qkv_bias=False)  # fmt: skip
+    # per token (4*64 + 3*128 + 3*64) * 2 bytes; logits 2 * 10 * 1000 * 4; history 2 * 256 * 16 * 2 per head,
+    # the larger of 4 query heads' and 3 sequences x 2 KV heads'
+    expect = 10 * 832 * 2 + 80_000 + 3 * 2 * 16_384 + ACTIVATION_RESERVE
+    assert activation_bytes(spec, max_num_batched_tokens=10, max_num_seqs=3, max_model_len=256, element_size=2) == expect
+
+
+def test_gpu_memory_utilization_sizes_a_cuda_pool_and_warns_on_a_cpu(chat_model_dir, monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from cachedattention.config import CacheConfig
+    from cachedattention.kvcache.kv_pool import GIB, activation_bytes
+
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be a fraction"):
+        CacheConfig(gpu_memory_utilization=0.0)
+    plain = LLM(str(chat_model_dir))
+    with caplog.at_level(logging.WARNING, logger="cachedattention"):
+        llm = LLM(str(chat_model_dir), cache=CacheConfig(gpu_memory_utilization=0.5))
+    assert "applies on CUDA only" in caplog.text and "--kv-pool-bytes" in caplog.text
+    assert llm.engine.pool.num_pages == plain.engine.pool.num_pages  # the CPU pool's size is the default's
+    plain.close()
+    # the same engine's arithmetic as on a CUDA device: 0.5 of 16 GiB, less the 3 GiB in use and the activations
+    engine = llm.engine
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (13 * GIB, 16 * GIB))
+    s = engine.config.scheduler
+    headroom = activation_bytes(engine.spec, s.max_num_batched_tokens, s.max_num_seqs, engine.max_model_len, 4)
+    assert engine._pool_budget(4) == 8 * GIB - 3 * GIB - headroom
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (7 * GIB, 16 * GIB))  # 9 GiB in use: over 0.5
+    with pytest.raises(ValueError, match="no room for the KV cache"):
+        engine._pool_budget(4)
+    engine.config = replace(engine.config, cache=replace(engine.config.cache, memory_bytes=1 << 20))
+    assert engine._pool_budget(4) == 1 << 20  # --kv-pool-bytes wins
+    llm.close()
+
+
+def _sampled_text(chat_model_dir, seed: int | None) -> str:
+    """A temperature-1 chat answer, without a request seed, from a fresh server started with `seed`."""
+    s = start_server(replace(engine_config(chat_model_dir, store=False), seed=seed))
+    try:
+        r = httpx.post(f"{s.url}{CHAT}", json={"messages": HELLO, "max_tokens": 12, "temperature": 1.0}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+    finally:
+        s.stop()
+
+
+def test_the_server_seed_makes_unseeded_sampling_repeat_across_restarts(chat_model_dir):
+    first, again, other = (_sampled_text(chat_model_dir, seed) for seed in (7, 7, 8))
+    assert first == again and first != other
+
+
+def test_max_logprobs_bounds_what_a_request_may_ask_for(chat_model_dir):
+    s = start_server(replace(engine_config(chat_model_dir, store=False), max_logprobs=25))  # above vLLM's 20
+    try:
+        def ask(path: str, **fields) -> httpx.Response:
+            body = {"messages": HELLO} if path == CHAT else {"prompt": "Hello"}
+            return httpx.post(f"{s.url}{path}", json={**body, "max_tokens": 2, **fields}, timeout=60)
+
+        r = ask(CHAT, logprobs=True, top_logprobs=25)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 25
+        assert ask("/v1/completions", logprobs=25, prompt_logprobs=25).status_code == 200
+        for path, field, fields in ((CHAT, "top_logprobs", {"logprobs": True, "top_logprobs": 26}),
+                                    ("/v1/completions", "logprobs", {"logprobs": 26}),
+                                    (CHAT, "prompt_logprobs", {"prompt_logprobs": 26})):  # fmt: skip
+            r = ask(path, **fields)
+            assert r.status_code == 400 and r.json()["error"]["param"] == field
+            assert "[0, 25]" in r.json()["error"]["message"]
+    finally:
+        s.stop()
+    llm = LLM(str(chat_model_dir), max_logprobs=2)  # the offline engine holds to it too
+    with pytest.raises(ValueError, match="more than this engine's max_logprobs of 2"):
+        llm.generate("Hello", SamplingParams(max_tokens=2, logprobs=3))
+    assert len(llm.generate("Hello", SamplingParams(max_tokens=2, logprobs=2))[0].logprobs[0].top) == 2
+    llm.close()
+
+
+def test_requests_are_logged_only_when_asked(chat_model_dir, named, caplog):
+    import logging
+
+    s = start_server(engine_config(chat_model_dir, store=False), log_requests=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="cachedattention.server.engine_loop"):
+            r = httpx.post(f"{s.url}{CHAT}", json={"messages": HELLO, "max_tokens": 3, "session_id": "s-1"}, timeout=60)
+            r2 = httpx.post(f"{s.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2, "stream": True}, timeout=60)
+    finally:
+        s.stop()
+    assert r.status_code == 200 and r2.status_code == 200
+    assert f"received request {r.json()['id']}: session s-1, 1 message(s), max_tokens 3, not streamed" in caplog.text
+    assert "session -, a prompt of 3 tokens, max_tokens 2, streamed" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cachedattention.server.engine_loop"):
+        httpx.post(f"{named.url}{CHAT}", json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+    assert "received request" not in caplog.text
+
+
+def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch):
+    from cachedattention.server import app as app_module
+
+    seen = {}
+
+    class FakeServer:  # records what serve() would run, without binding a port
+        def __init__(self, config, loop) -> None:
+            seen.update(log_level=config.log_level, log_requests=loop.log_requests, seed=loop.engine.config.seed)
+            self.started = True
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(app_module, "_DrainingServer", FakeServer)
+    args = build_parser().parse_args(["serve", str(chat_model_dir), "--kv-pool-bytes", str(4 << 20), "--seed", "5",
+                                      "--uvicorn-log-level", "warning", "--enable-log-requests"])  # fmt: skip
+    assert app_module.serve(args) == 0
+    assert seen == {"log_level": "warning", "log_requests": True, "seed": 5}

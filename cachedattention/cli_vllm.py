@@ -1,0 +1,155 @@
+"""vLLM's `serve` flags, so that a `vllm serve MODEL ...` command line runs here: each does what it
+does in vLLM, is accepted where this engine already behaves so, or is a usage error saying why."""
+
+from __future__ import annotations
+
+import argparse
+
+from cachedattention.sampling import MAX_LOGPROBS
+
+
+def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's engine flags, so that a `vllm serve MODEL ...` command line runs here: each does what
+    it does in vLLM, or is accepted where this engine already behaves so, or is refused saying why."""
+    g = p.add_argument_group("vLLM's engine flags")
+    g.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
+                   help="the model, as the positional MODEL (vLLM takes either; both must then agree)")
+    g.add_argument("--gpu-memory-utilization", type=fraction, default=None, metavar="F",
+                   help="on CUDA, the share in (0, 1] of the device's memory for weights, activations and the KV "
+                        "pool: the pool gets F x total memory, less what is in use once the weights are loaded "
+                        "(other processes' too) and an estimate of the activations (vLLM's default is 0.9; ours "
+                        "without it: --kv-pool-bytes' default). --kv-pool-bytes wins; a CPU pool is sized by "
+                        "--kv-pool-bytes only")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep finished requests' KV pages on the device for later prompts that share a prefix "
+                        "(default: on)")
+    g.add_argument("--max-logprobs", type=logprobs_limit, default=MAX_LOGPROBS, metavar="N",
+                   help=f"the most logprobs, top_logprobs or prompt_logprobs a request may ask for (-1: no limit; "
+                        f"default {MAX_LOGPROBS}, as vLLM); above it a request is answered 400")
+    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
+        g.add_argument(flag, short, type=one_device, default=1, metavar="N",
+                       help="1 only: this engine runs one device")
+    g.add_argument("--kv-cache-dtype", type=kv_cache_dtype, default="auto",
+                   help="auto only: the device pool keeps the model's dtype (--dtype); --storage-dtype sets the "
+                        "store's")
+    _accept(g, ENGINE_AS_IS)
+    g.add_argument("--no-enable-chunked-prefill", action=Refuse, nargs=0,
+                   help="refused: this scheduler always chunks prefill; to compute a prompt in as few steps as "
+                        "it can, raise --max-num-batched-tokens (with --long-prefill-token-threshold 0)")
+
+
+# flags that ask for what this engine always does: accepted, their help says so
+ENGINE_AS_IS = {
+    "--enforce-eager": "this engine always runs eagerly (it never captures CUDA graphs)",
+    "--enable-chunked-prefill": "prefill is always chunked here (--max-num-batched-tokens per step)",
+    "--trust-remote-code": "this engine never runs a model's own code; it serves the Llama-family architectures "
+                           "it implements itself",
+}  # fmt: skip
+SERVER_AS_IS = {
+    "--enable-auto-tool-choice": "tool_choice 'auto' is always on here (answers' <tool_call> blocks become tool_calls)",
+    "--disable-log-stats": "this server logs no periodic stats (they are at /metrics and /health)",
+}
+
+
+def _accept(group: argparse._ArgumentGroup, flags: dict[str, str]) -> None:
+    for flag, why in flags.items():
+        group.add_argument(flag, action="store_true", help=f"accepted: {why}")
+
+
+def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's server flags for `serve` (see add_vllm_engine_args)."""
+    g = p.add_argument_group("vLLM's server flags")
+    g.add_argument("--seed", dest="engine_seed", type=seed_value, default=None, metavar="N",
+                   help="seed of the sampling of requests without their own seed, so that a restarted server "
+                        "answers them alike (default: none, a new random state each start; vLLM's V1 engine "
+                        "defaults to 0)")
+    _accept(g, SERVER_AS_IS)
+    g.add_argument("--tool-call-parser", type=tool_call_parser, default="hermes", metavar="NAME",
+                   help=f"the tool call format parsed: {', '.join(TOOL_CALL_PARSERS)} (the only one implemented)")
+    logs = g.add_mutually_exclusive_group()
+    logs.add_argument("--enable-log-requests", action="store_true",
+                      help="log one INFO line per request received: its id, session, prompt size, max_tokens, "
+                           "whether streamed (never the prompt's text)")
+    logs.add_argument("--disable-log-requests", action="store_true",
+                      help="accepted (deprecated in vLLM): requests are not logged unless --enable-log-requests")
+    g.add_argument("--uvicorn-log-level", default=None, choices=UVICORN_LOG_LEVELS,
+                   help="uvicorn's log level (default: info)")
+    g.add_argument("--response-role", type=response_role, default="assistant", metavar="ROLE",
+                   help="assistant only: chat answers' role is always 'assistant' here")
+
+
+class Refuse(argparse.Action):
+    """A flag that asks for what this engine cannot do: a usage error saying why (its help)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        parser.error(f"{option_string}: {self.help}")
+
+
+TOOL_CALL_PARSERS = ("hermes",)  # server/tool_calls.py parses Hermes-style <tool_call> blocks
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def fraction(text: str) -> float:
+    """--gpu-memory-utilization: a share of the device's memory, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number in (0, 1] was expected, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction of the device's memory in (0, 1] was expected (e.g. 0.9), got {text}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer was expected, got {text!r}") from None
+
+
+def one_device(text: str) -> int:
+    """--tensor-parallel-size, --pipeline-parallel-size: 1, the one device this engine runs on."""
+    value = _integer(text)
+    if value != 1:
+        raise argparse.ArgumentTypeError(f"this engine runs one device: only 1 is accepted, got {value} "
+                                         "(run several servers instead, sharing sessions with --remote-url)")  # fmt: skip
+    return value
+
+
+def logprobs_limit(text: str) -> int:
+    value = _integer(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"an integer >= 0, or -1 for no limit, was expected, got {value}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"an integer in [0, 2**64) was expected, got {value}")
+    return value
+
+
+def only(allowed: tuple[str, ...], why: str):
+    """An argument type that takes what this engine does (`allowed`) and refuses the rest, saying why."""
+
+    def check(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(f"only {', '.join(map(repr, allowed))} is supported: {why}, got {text!r}")
+        return text
+
+    return check
+
+
+kv_cache_dtype = only(("auto",), "the device pool keeps the model's dtype (--dtype)")
+tool_call_parser = only(TOOL_CALL_PARSERS, "this server parses Hermes-style <tool_call> blocks")
+response_role = only(("assistant",), "chat answers' role is always 'assistant' here")
+
+
+def model_arg(args: argparse.Namespace) -> str | None:
+    """The model, given as the positional MODEL or as vLLM's --model (both: they must agree)."""
+    named = getattr(args, "model_option", None)
+    if named is not None and args.model is not None and named != args.model:
+        raise ValueError(f"two models given: {args.model!r} and --model {named!r}; give one")
+    return args.model if args.model is not None else named

@@ -1,0 +1,306 @@
+"""OpenAI's Responses API: POST /v1/responses (streamed or not), GET and DELETE /v1/responses/{id}.
+
+A stored response (`store`, true by default) keeps its conversation on the server; a request that
+names it in `previous_response_id` sends only what is new, and its turn runs in the same session
+of the KV store as the turns before it: the conversation's history is not computed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from cachedattention.model.tokenizer import Tokenizer
+from cachedattention.outputs import RequestOutput
+from cachedattention.server.api_error import APIError, aborted_error, as_api_error
+from cachedattention.server.logprobs import LogprobFormatter
+from cachedattention.server.protocol import ParsedRequest, parse_chat, parse_json_object
+from cachedattention.server.responses_request import ResponsesRequest, previous_id, read_request
+from cachedattention.server.responses_store import DELETED, ResponseStore, SharedResponses, StoredResponse
+from cachedattention.server.stream_text import stream_delta
+from cachedattention.server.tool_calls import ToolCall, parse_tool_calls, plain_text_end
+
+if TYPE_CHECKING:
+    from cachedattention.server.app import OpenAIRoutes
+
+
+def _not_found(response_id: str, param: str | None = None) -> APIError:
+    return APIError(404, f"Response with id {response_id!r} not found.", "not_found", param)
+
+
+def _room(parsed: ParsedRequest, truncation: str) -> int | None:
+    """The answer's length that must fit in the window after the prompt (None: no check)."""
+    if parsed.session_id is None:
+        return parsed.max_tokens_asked  # as chat: the prompt and the length asked for must fit
+    if truncation == "disabled":
+        return parsed.max_tokens_asked or 1  # the whole conversation must fit, with room to answer
+    return None  # "auto": the store drops the session's oldest turns to fit
+
+
+class _Answer:
+    """One response object for one engine request: its output items, status and usage."""
+
+    def __init__(self, rid: str, model: str, req: ResponsesRequest, parsed: ParsedRequest,
+                 tokenizer: Tokenizer | None) -> None:  # fmt: skip
+        self.id, self.model, self.req, self.parsed = rid, model, req, parsed
+        self.created_at = int(time.time())
+        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.tokenizer = tokenizer
+        self.logprobs = parsed.params.logprobs is not None
+
+    def split(self, out: RequestOutput) -> tuple[str | None, list[ToolCall]]:
+        """The answer's text and its tool calls (when tools may be called)."""
+        return parse_tool_calls(out.text) if self.parsed.parse_tool_calls else (out.text, [])
+
+    def logprob_entries(self, logprobs: list | None) -> list[dict[str, Any]]:
+        if not self.logprobs or not logprobs:
+            return []
+        return LogprobFormatter(self.tokenizer, chat=True).render(logprobs)["content"]
+
+    def text_part(self, text: str, logprobs: list | None) -> dict[str, Any]:
+        part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+        if self.logprobs:
+            part["logprobs"] = self.logprob_entries(logprobs)
+        return part
+
+    def message(self, text: str, logprobs: list | None, status: str) -> dict[str, Any]:
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
+                "content": [self.text_part(text, logprobs)]}  # fmt: skip
+
+    @staticmethod
+    def call_item(call: ToolCall) -> dict[str, Any]:
+        return {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}", "call_id": call.id,
+                "name": call.name, "arguments": call.arguments, "status": "completed"}  # fmt: skip
+
+    def output(self, out: RequestOutput) -> list[dict[str, Any]]:
+        text, calls = self.split(out)
+        items = []
+        if not calls or (text and text.strip()):  # a reply that only calls tools (after blank text) has no message
+            status = "incomplete" if out.finish_reason == "length" else "completed"
+            items.append(self.message(text or "", None if calls else out.logprobs, status))
+        return items + [self.call_item(c) for c in calls]
+
+    def assistant_turn(self, out: RequestOutput) -> dict[str, Any]:
+        """The answer as the chat message the next turn's conversation holds."""
+        text, calls = self.split(out)
+        if not calls:
+            return {"role": "assistant", "content": out.text}
+        tool_calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                      for c in calls]  # fmt: skip
+        return {"role": "assistant", "content": text or "", "tool_calls": tool_calls}
+
+    @staticmethod
+    def usage(out: RequestOutput) -> dict[str, Any]:
+        tiers = dict(out.metrics.cached_tokens)
+        prompt, answer = out.metrics.prompt_tokens, len(out.token_ids)
+        return {"input_tokens": prompt,
+                "input_tokens_details": {"cached_tokens": sum(tiers.values()), "cached_tokens_by_tier": tiers,
+                                         "truncated_tokens": out.metrics.truncated_tokens},
+                "output_tokens": answer, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + answer}  # fmt: skip
+
+    def body(self, out: RequestOutput | None) -> dict[str, Any]:
+        """The response object: in progress (out None) or finished with `out`."""
+        params = self.parsed.params
+        body: dict[str, Any] = {
+            "id": self.id, "object": "response", "created_at": self.created_at, "model": self.model,
+            "status": "in_progress", "error": None, "incomplete_details": None, "output": [], "usage": None,
+            **self.req.echo, "store": self.req.store, "temperature": params.temperature, "top_p": params.top_p,
+            "reasoning": {"effort": None, "summary": None}, "background": False, "service_tier": "default",
+        }  # fmt: skip
+        if out is not None:
+            incomplete = out.finish_reason == "length"
+            body.update(status="incomplete" if incomplete else "completed", output=self.output(out),
+                        usage=self.usage(out),
+                        incomplete_details={"reason": "max_output_tokens"} if incomplete else None)  # fmt: skip
+        return body
+
+
+class ResponsesRoutes:
+    """The Responses API over the chat routes' engine requests."""
+
+    def __init__(self, routes: OpenAIRoutes, store: ResponseStore, shared: SharedResponses | None = None) -> None:
+        self.routes = routes
+        self.store = store
+        self.shared = shared  # with a remote tier: responses stored there too, for every replica
+
+    def register(self, app: Any) -> None:
+        app.add_api_route("/v1/responses", self.create, methods=["POST"])
+        app.add_api_route("/v1/responses/{response_id}", self.retrieve, methods=["GET"])
+        app.add_api_route("/v1/responses/{response_id}", self.delete, methods=["DELETE"])
+
+    async def retrieve(self, response_id: str) -> dict[str, Any]:
+        stored = await self._lookup(response_id)
+        if stored is None:
+            raise _not_found(response_id)
+        return stored.body
+
+    async def delete(self, response_id: str) -> dict[str, Any]:
+        here = self.store.delete(response_id)
+        shared = self.shared is not None and await asyncio.to_thread(self.shared.delete, response_id)
+        if not (here or shared):
+            raise _not_found(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    async def _lookup(self, response_id: str) -> StoredResponse | None:
+        """The stored response: the remote tier's when there is one (any replica may have stored it,
+        or deleted it), else this replica's own."""
+        shared = await asyncio.to_thread(self.shared.get, response_id) if self.shared is not None else None
+        if shared == DELETED:
+            self.store.delete(response_id)
+            return None
+        if isinstance(shared, StoredResponse):
+            self.store.put(response_id, shared)
+            return shared
+        return self.store.get(response_id)  # not shared (or the server is down, or evicted it)
+
+    async def _keep(self, response_id: str, stored: StoredResponse) -> None:
+        self.store.put(response_id, stored)
+        if self.shared is not None:  # before the client has the response: its next request may go anywhere
+            await asyncio.to_thread(self.shared.put, response_id, stored)
+
+    async def create(self, request: Request) -> Response:
+        routes = self.routes
+        body = parse_json_object(await request.body())
+        prev_id = previous_id(body)
+        prev = await self._lookup(prev_id) if prev_id is not None else None
+        if prev_id is not None and prev is None:
+            raise _not_found(prev_id, "previous_response_id")
+        req = read_request(body, prev.conversation if prev else [])
+        # in a worker thread, as chat's: a large schema or grammar compiles there
+        parsed = await asyncio.to_thread(parse_chat, req.chat_body, request.headers.get("x-session-id"),
+                                         routes.max_model_len, routes.loop.engine.sampling_defaults,
+                                         routes.trust_template, routes.loop.engine.max_logprobs)  # fmt: skip
+        routes._check_model(parsed.model)
+        rid = f"resp_{uuid.uuid4().hex}"
+        # the conversation's turns share one session of the KV store: the one it started in
+        session = parsed.session_id or (prev.session_id if prev else None) or (rid if req.store else None)
+        parsed = replace(parsed, session_id=session)
+        streams = await routes._submit(rid, parsed, _room(parsed, req.truncation))
+        answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer)
+        if parsed.stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            events = self._events(streams[0], answer, prev)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        (out,) = await routes._collect(request, streams)
+        return JSONResponse(await self._finish(answer, out, prev))
+
+    async def _finish(self, answer: _Answer, out: RequestOutput, prev: StoredResponse | None) -> dict[str, Any]:
+        body = answer.body(out)
+        if answer.req.store:
+            history = prev.conversation if prev else []
+            conversation = history + answer.req.input_messages + [answer.assistant_turn(out)]
+            await self._keep(answer.id, StoredResponse(body, conversation, answer.parsed.session_id))
+        return body
+
+    async def _events(self, stream: Any, answer: _Answer, prev: StoredResponse | None) -> AsyncIterator[str]:
+        """Server-sent events as OpenAI's: created, in_progress, the message's text deltas, each
+        output item done, then completed (or incomplete); an error event if the request fails."""
+        events = _EventWriter()
+        yield events.send("response.created", response=answer.body(None))
+        yield events.send("response.in_progress", response=answer.body(None))
+        text = _StreamedText(answer, events)
+        done = False
+        try:
+            while not done:
+                item = await stream.get()
+                if isinstance(item, BaseException) or item.finish_reason == "abort":
+                    err = aborted_error() if isinstance(item, RequestOutput) else as_api_error(item)
+                    yield events.send("error", code=err.code, message=err.message, param=err.param)
+                    return
+                done = item.finished
+                if not done:
+                    for event in text.progress(item):
+                        yield event
+            body = await self._finish(answer, item, prev)
+            for event in text.finish(body, item):
+                yield event
+            for event in _call_events(events, body, first_index=int(text.opened)):
+                yield event
+            kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
+            yield events.send(kind, response=body)
+        finally:
+            if not done:  # the client went away, or the server is cancelling us
+                self.routes.loop.abort(stream.request_id)
+
+
+class _StreamedText:
+    """The message item's events as its text grows: opened at the first text that is surely not a
+    tool call, then deltas (with their tokens' logprobs), then its done events."""
+
+    def __init__(self, answer: _Answer, events: _EventWriter) -> None:
+        self.answer, self.events = answer, events
+        self.sent, self.opened, self.logprobs_sent = "", False, 0
+        self.ids = {"item_id": answer.message_id, "output_index": 0, "content_index": 0}
+
+    def progress(self, out: RequestOutput) -> list[str]:
+        text = out.text
+        if self.answer.parsed.parse_tool_calls:  # from a <tool_call> on, text waits for the end (it may be a call)
+            text = text[: plain_text_end(text)]
+            if not text.strip():
+                return []  # blank text before a call is no message
+        return self._send(stream_delta(text, self.sent, self.answer.parsed.params.stop), out.logprobs)
+
+    def finish(self, body: dict[str, Any], out: RequestOutput) -> list[str]:
+        message = next((o for o in body["output"] if o["type"] == "message"), None)
+        if message is None:
+            return []
+        part = message["content"][0]
+        tail = part["text"][len(self.sent) :] if part["text"].startswith(self.sent) else ""
+        events = self._send(tail, out.logprobs, force=True)
+        send = self.events.send
+        events.append(send("response.output_text.done", **self.ids, text=part["text"], logprobs=part.get("logprobs", [])))
+        events.append(send("response.content_part.done", **self.ids, part=part))
+        events.append(send("response.output_item.done", output_index=0, item=message))
+        return events
+
+    def _send(self, delta: str, logprobs: list | None, force: bool = False) -> list[str]:
+        out = []
+        if not self.opened and (delta or force):
+            self.opened = True
+            item = {**self.answer.message("", None, "in_progress"), "content": []}
+            out.append(self.events.send("response.output_item.added", output_index=0, item=item))
+            part = self.answer.text_part("", [])
+            out.append(self.events.send("response.content_part.added", **self.ids, part=part))
+        if delta:
+            new = (logprobs or [])[self.logprobs_sent :]
+            self.logprobs_sent += len(new)
+            self.sent += delta
+            lps = self.answer.logprob_entries(new)
+            out.append(self.events.send("response.output_text.delta", **self.ids, delta=delta, logprobs=lps))
+        return out
+
+
+def _call_events(events: _EventWriter, body: dict[str, Any], first_index: int) -> list[str]:
+    """Each function call in the output, whole: added, its arguments, done."""
+    out = []
+    calls = [o for o in body["output"] if o["type"] == "function_call"]
+    for index, call in enumerate(calls, first_index):
+        out.append(events.send("response.output_item.added", output_index=index,
+                               item={**call, "arguments": "", "status": "in_progress"}))  # fmt: skip
+        ids = {"item_id": call["id"], "output_index": index}
+        out.append(events.send("response.function_call_arguments.delta", **ids, delta=call["arguments"]))
+        out.append(events.send("response.function_call_arguments.done", **ids, arguments=call["arguments"],
+                               name=call["name"]))  # fmt: skip
+        out.append(events.send("response.output_item.done", output_index=index, item=call))
+    return out
+
+
+class _EventWriter:
+    """Numbered server-sent events: `event: TYPE` and a JSON body with the type and sequence number."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def send(self, kind: str, **fields: Any) -> str:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -1,0 +1,238 @@
+"""A Responses API request (POST /v1/responses) read into the chat request the engine already serves.
+
+OpenAI's Responses API keeps a conversation on the server: a request names the response it
+continues (`previous_response_id`) and sends only the new input. The conversation is rebuilt as
+chat messages: this request's `instructions` (a previous response's are not carried over, as in
+OpenAI's API), the conversation so far, then the new input items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cachedattention.server.api_error import bad
+from cachedattention.server.protocol import flag
+
+# sampling fields passed to the chat parser as they are (vLLM's Responses request takes these too)
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "logit_bias", "min_tokens", "ignore_eos", "skip_special_tokens",
+                   "stop_token_ids", "include_stop_str_in_output", "session_id")  # fmt: skip
+# read here, or accepted at their neutral values; anything else is refused (the API is young and
+# a field silently dropped would change what the client gets)
+FIELDS = frozenset((
+    "model", "input", "instructions", "previous_response_id", "max_output_tokens", "stream", "store", "tools",
+    "tool_choice", "parallel_tool_calls", "text", "metadata", "user", "truncation", "include", "top_logprobs",
+    "background", "reasoning", "service_tier", "prompt_cache_key", "safety_identifier", "stream_options",
+    "max_tool_calls", *SAMPLING_FIELDS,
+))  # fmt: skip
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+TEXT_PARTS = ("input_text", "output_text", "text")
+MESSAGE_ROLES = ("user", "assistant", "system", "developer")
+MAX_METADATA_KEYS = 16
+
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    """The chat body to parse, and what the response echoes or needs besides."""
+
+    chat_body: dict[str, Any]
+    input_messages: list[dict[str, Any]]  # the new input as chat messages (stored with the answer)
+    instructions: str | None
+    previous_response_id: str | None
+    store: bool
+    truncation: str  # "disabled": a conversation past the window is a 400; "auto": old turns dropped
+    echo: dict[str, Any]  # the request's fields a response object repeats
+
+
+def read_request(body: dict[str, Any], history: list[dict[str, Any]]) -> ResponsesRequest:
+    """`history`: the chat messages of the conversation `previous_response_id` names (empty without one)."""
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise bad(f"{unknown[0]} is not supported by this server's Responses API", unknown[0], "unsupported_parameter")
+    _refuse_unsupported(body)
+    instructions = _optional_text(body, "instructions")
+    new = input_messages(body.get("input"))
+    messages = ([{"role": "system", "content": instructions}] if instructions else []) + history + new
+    chat: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    chat.update(messages=messages, stream=flag(body, "stream"), model=body.get("model"))
+    tokens = body.get("max_output_tokens")
+    if tokens is not None:
+        chat["max_tokens"] = tokens  # checked by the chat parser (a positive integer)
+    chat.update(_logprobs(body))
+    chat.update(_tools(body))
+    fmt = _text_format(body.get("text"))
+    if fmt is not None:
+        chat["response_format"] = fmt
+    truncation = body.get("truncation") or "disabled"
+    if truncation not in ("disabled", "auto"):
+        raise bad(f"truncation must be 'disabled' or 'auto', got {truncation!r}", "truncation")
+    echo = {
+        "instructions": instructions,
+        "max_output_tokens": tokens,
+        "metadata": _metadata(body.get("metadata")),
+        "parallel_tool_calls": flag(body, "parallel_tool_calls", True),
+        "previous_response_id": body.get("previous_response_id"),
+        "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
+        "tool_choice": body.get("tool_choice") or ("auto" if body.get("tools") else "none"),
+        "tools": body.get("tools") or [],
+        "top_logprobs": body.get("top_logprobs"),
+        "truncation": truncation,
+        "user": _optional_text(body, "user"),
+    }  # fmt: skip
+    return ResponsesRequest(chat, new, instructions, body.get("previous_response_id"), flag(body, "store", True),
+                            truncation, echo)  # fmt: skip
+
+
+def previous_id(body: dict[str, Any]) -> str | None:
+    v = body.get("previous_response_id")
+    if v is not None and (not isinstance(v, str) or not v):
+        raise bad("previous_response_id must be a non-empty string", "previous_response_id", "invalid_type")
+    return v
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    if flag(body, "background"):
+        raise bad("background responses are not supported by this server; stream the response instead",
+                  "background", "unsupported_parameter")  # fmt: skip
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and any(v is not None for v in reasoning.values()):
+        raise bad("reasoning options are not supported: this server's models do not reason before answering",
+                  "reasoning", "unsupported_parameter")  # fmt: skip
+    include = body.get("include") or []
+    if not isinstance(include, list) or any(i != LOGPROBS_INCLUDE for i in include):
+        raise bad(f"include may only list {LOGPROBS_INCLUDE!r} on this server", "include", "unsupported_parameter")
+
+
+def _optional_text(body: dict[str, Any], key: str) -> str | None:
+    v = body.get(key)
+    if v is not None and not isinstance(v, str):
+        raise bad(f"{key} must be a string", key, "invalid_type")
+    return v
+
+
+def input_messages(value: Any) -> list[dict[str, Any]]:
+    """The input as chat messages: a string is one user message; a list holds message items,
+    function_call items (an assistant's tool calls, consecutive ones in one message) and
+    function_call_output items (a tool's result)."""
+    if isinstance(value, str):
+        if not value:
+            raise bad("input must not be empty", "input")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise bad("input must be a non-empty string or a non-empty list of input items", "input", "invalid_type")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(value):
+        param = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise bad(f"{param} must be an object", param, "invalid_type")
+        kind = item.get("type", "message")
+        if kind == "message":
+            if item.get("role") not in MESSAGE_ROLES:
+                raise bad(f"{param}.role must be one of {', '.join(MESSAGE_ROLES)}", f"{param}.role")
+            out.append({"role": item["role"], "content": _content(item.get("content"), f"{param}.content")})
+        elif kind == "function_call":
+            call = {"id": _string(item, "call_id", param), "type": "function",
+                    "function": {"name": _string(item, "name", param), "arguments": _string(item, "arguments", param)}}  # fmt: skip
+            if out and out[-1].get("role") == "assistant" and out[-1].get("tool_calls"):
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            content = output if isinstance(output, str) else _content(output, f"{param}.output")
+            out.append({"role": "tool", "tool_call_id": _string(item, "call_id", param), "content": content})
+        elif kind == "reasoning":
+            continue  # another model's reasoning: not part of what this model reads
+        else:
+            raise bad(f"{param}.type {kind!r} is not supported: use message, function_call or function_call_output "
+                      "items", f"{param}.type", "unsupported_parameter")  # fmt: skip
+    if not out:
+        raise bad("input has no message", "input")
+    return out
+
+
+def _string(item: dict[str, Any], key: str, param: str) -> str:
+    v = item.get(key)
+    if not isinstance(v, str) or (key != "arguments" and not v):
+        raise bad(f"{param}.{key} must be a non-empty string", f"{param}.{key}", "invalid_type")
+    return v
+
+
+def _content(content: Any, param: str) -> Any:
+    """A message's text: a string, or a list of text parts (input_text, output_text) joined."""
+    if not isinstance(content, list):
+        return content  # strings pass; other types are refused by the chat parser, which names the message
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise bad(f"{param}[{j}]: only text parts are supported (input_text, output_text), got {kind!r}",
+                      f"{param}[{j}]", "unsupported_parameter")  # fmt: skip
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """Logprobs come with the text when `include` asks for them; top_logprobs alternatives each."""
+    wanted = LOGPROBS_INCLUDE in (body.get("include") or [])
+    top = body.get("top_logprobs")
+    if not wanted and not top:
+        return {}
+    return {"logprobs": True, "top_logprobs": top or 0}
+
+
+def _tools(body: dict[str, Any]) -> dict[str, Any]:
+    """Responses' function tools ({"type": "function", "name": ...}) in chat's nesting."""
+    tools = body.get("tools")
+    if tools is None:
+        return {}
+    if not isinstance(tools, list):
+        raise bad("tools must be a list of function tools", "tools", "invalid_type")
+    chat_tools = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
+            raise bad(f"tools[{i}]: only function tools are supported, got {kind!r}", f"tools[{i}]",
+                      "unsupported_parameter")  # fmt: skip
+        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+        chat_tools.append({"type": "function", "function": fn})
+    out: dict[str, Any] = {"tools": chat_tools} if chat_tools else {}
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise bad("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'name': ...}",
+                      "tool_choice")  # fmt: skip
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    if choice is not None:
+        out["tool_choice"] = choice
+    return out
+
+
+def _text_format(text: Any) -> dict[str, Any] | None:
+    """`text.format` as chat's response_format: text, json_object, or json_schema (name, schema, strict)."""
+    if text is None:
+        return None
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if fmt is None:
+        if isinstance(text, dict):
+            return None
+        raise bad("text must be an object such as {'format': {'type': 'json_object'}}", "text", "invalid_type")
+    if not isinstance(fmt, dict):
+        raise bad("text.format must be an object", "text.format", "invalid_type")
+    if fmt.get("type") != "json_schema":
+        return fmt  # text / json_object: the chat parser takes them as they are (and refuses other types)
+    inner = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+    return {"type": "json_schema", "json_schema": inner}
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    """OpenAI's metadata: at most 16 string pairs, echoed back."""
+    if value is None:
+        return {}
+    if (not isinstance(value, dict) or len(value) > MAX_METADATA_KEYS
+            or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+                       for k, v in value.items())):  # fmt: skip
+        raise bad(f"metadata must be an object of at most {MAX_METADATA_KEYS} string values (keys up to 64 "
+                  "characters, values up to 512)", "metadata", "invalid_type")  # fmt: skip
+    return dict(value)

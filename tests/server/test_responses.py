@@ -1,0 +1,285 @@
+"""OpenAI's Responses API through the official `openai` client: conversations kept on the server
+(`previous_response_id`) run as sessions of the KV store, and answer as the same conversation
+recomputed from scratch does."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import httpx
+import openai
+import pytest
+
+from cachedattention.server.responses_store import ResponseStore, StoredResponse
+from tests.server.conftest import engine_config, needs_store, start_server, with_template
+
+INSTRUCTIONS = "You answer briefly."
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def create(c: openai.OpenAI, text, previous=None, max_tokens: int = 8, **kwargs):
+    return c.responses.create(model="default", input=text, previous_response_id=previous, max_output_tokens=max_tokens,
+                              temperature=0, instructions=INSTRUCTIONS, **kwargs)  # fmt: skip
+
+
+@needs_store
+def test_a_chained_conversation_reuses_its_history_and_answers_as_recompute(store_server, reference):
+    """Three turns, each sending only its new input: the answers equal a recomputed chat of the whole
+    conversation, turns 2 and 3 reuse the history, and the streamed turn joins to its final text."""
+    c = client(store_server.url)
+    messages = [{"role": "system", "content": INSTRUCTIONS}]
+    first = create(c, "Name three colors.")
+    messages += [{"role": "user", "content": "Name three colors."}]
+    assert first.output_text == reference(messages, 8)
+    assert first.usage.input_tokens_details.cached_tokens == 0 and first.usage.output_tokens == 8
+    messages.append({"role": "assistant", "content": first.output_text})
+    second = create(c, [{"role": "user", "content": [{"type": "input_text", "text": "And one more?"}]}], first.id)
+    messages.append({"role": "user", "content": "And one more?"})
+    assert second.output_text == reference(messages, 8)
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens  # the whole first turn
+    messages.append({"role": "assistant", "content": second.output_text})
+
+    events = list(c.responses.create(model="default", input="Why?", previous_response_id=second.id,
+                                     max_output_tokens=8, temperature=0, instructions=INSTRUCTIONS, stream=True))
+    messages.append({"role": "user", "content": "Why?"})
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]  # fmt: skip  (max_output_tokens reached)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert streamed == final.output_text == reference(messages, 8)
+    assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
+    assert final.usage.input_tokens_details.cached_tokens >= second.usage.input_tokens
+    # the stored third turn continues like the others
+    fourth = create(c, "Thanks.", final.id)
+    messages += [{"role": "assistant", "content": final.output_text}, {"role": "user", "content": "Thanks."}]
+    assert fourth.output_text == reference(messages, 8)
+
+
+@needs_store
+def test_instructions_are_not_carried_over_and_a_branch_answers_as_its_own_conversation(store_server, reference):
+    c = client(store_server.url)
+    root = create(c, "Pick a number.")
+    a = c.responses.create(model="default", input="Double it.", previous_response_id=root.id, max_output_tokens=6,
+                           temperature=0, instructions="You are terse.")  # fmt: skip
+    b = create(c, "Halve it.", root.id, max_tokens=6)  # a second branch from the same turn
+    base = [{"role": "user", "content": "Pick a number."}, {"role": "assistant", "content": root.output_text}]
+    assert a.output_text == reference([{"role": "system", "content": "You are terse."}, *base,
+                                       {"role": "user", "content": "Double it."}], 6)  # fmt: skip
+    assert b.output_text == reference([{"role": "system", "content": INSTRUCTIONS}, *base,
+                                       {"role": "user", "content": "Halve it."}], 6)  # fmt: skip
+    assert b.usage.input_tokens_details.cached_tokens > 0  # the shared turn, verified token by token
+
+
+def test_stored_responses_are_retrieved_deleted_and_unknown_ones_are_404(server):
+    c = client(server.url)
+    r = create(c, "Hello there.")
+    got = c.responses.retrieve(r.id)
+    assert got.id == r.id and got.output_text == r.output_text and got.usage.output_tokens == r.usage.output_tokens
+    c.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        create(c, "Go on.", r.id)
+    assert e.value.body["param"] == "previous_response_id" and r.id in e.value.body["message"]
+    unstored = create(c, "Hi.", store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(unstored.id)
+
+
+def test_the_response_object_echoes_the_request(server):
+    c = client(server.url)
+    r = c.responses.create(model="default", input="Hi.", max_output_tokens=5, temperature=0, top_p=0.5,
+                           metadata={"user": "u1"}, instructions="Be kind.", user="someone")  # fmt: skip
+    assert (r.object, r.instructions, r.max_output_tokens, r.temperature, r.top_p) == ("response", "Be kind.", 5, 0.0, 0.5)
+    assert r.model == c.models.list().data[0].id
+    assert r.metadata == {"user": "u1"} and r.user == "someone" and r.store is True
+    assert r.text.format.type == "text" and r.tools == [] and r.truncation == "disabled"
+    assert r.output[0].type == "message" and r.output[0].role == "assistant"
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
+         "input[0].content[0]"),
+        ({"background": True}, "background"),
+        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"include": ["file_search_call.results"]}, "include"),
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
+        ({"input": ""}, "input"),
+        ({"truncation": "middle"}, "truncation"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"max_output_tokens": 0}, "max_tokens"),
+        ({"metadata": {"k": 1}}, "metadata"),
+    ],
+)  # fmt: skip
+def test_what_is_not_supported_or_malformed_is_a_400_naming_the_field(server, extra, param):
+    body = {"model": "default", "input": "Hi.", **extra}
+    r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_a_conversation_past_the_window_is_refused_unless_truncation_is_auto(chat_model_dir, tmp_path):
+    config = replace(engine_config(chat_model_dir, store=True, store_dir=str(tmp_path)), max_model_len=160)
+    srv = start_server(config)
+    try:
+        c = client(srv.url)
+        long = "tell me more about the weather " * 12
+        r = create(c, long, max_tokens=4)
+        with pytest.raises(openai.BadRequestError) as e:
+            create(c, long, r.id, max_tokens=4)
+        assert e.value.body["code"] == "context_length_exceeded"
+        ok = create(c, long, r.id, max_tokens=4, truncation="auto")
+        details = ok.usage.input_tokens_details
+        assert ok.truncation == "auto" and details.truncated_tokens > 0
+        assert details.cached_tokens > 0  # the turns kept came from the store, at their new positions
+        assert ok.usage.input_tokens + ok.usage.output_tokens <= 160
+    finally:
+        srv.stop()
+
+
+def test_logprobs_come_with_the_text_when_included(server):
+    c = client(server.url)
+    r = c.responses.create(model="default", input="Count.", max_output_tokens=5, temperature=0,
+                           include=["message.output_text.logprobs"], top_logprobs=2)  # fmt: skip
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == r.usage.output_tokens == 5
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in part.logprobs)
+    assert "".join(lp.token for lp in part.logprobs).strip() == part.text.strip() or part.text
+
+
+def test_a_json_schema_text_format_is_held_to(server):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}  # fmt: skip
+    c = client(server.url)
+    r = c.responses.create(model="default", input="A number as JSON.", max_output_tokens=40, temperature=0,
+                           text={"format": {"type": "json_schema", "name": "num", "schema": schema, "strict": True}})
+    assert isinstance(json.loads(r.output_text)["n"], int)
+
+
+@pytest.fixture(scope="module")
+def tool_server(chat_model_dir, tmp_path_factory):
+    from tests.server.test_tool_calls import TEMPLATE
+
+    srv = start_server(engine_config(with_template(chat_model_dir, tmp_path_factory.mktemp("tools"), TEMPLATE), False))
+    yield srv
+    srv.stop()
+
+
+def test_function_calls_come_out_as_items_and_their_outputs_continue_the_conversation(tool_server):
+    tools = [{"type": "function", "name": "get_weather", "description": "Weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    c = client(tool_server.url)
+    # a bias towards '"' then '}' closes the random model's arguments soon (left alone it may write on for ever)
+    tok = tool_server.app.state.engine_loop.engine.tokenizer
+    bias = {"logit_bias": {str(tok.encode('"')[0]): 8, str(tok.encode("}")[0]): 8}}
+    forced = dict(model="default", tools=tools, tool_choice="required", max_output_tokens=200, temperature=0,
+                  extra_body=bias)  # fmt: skip
+    r = c.responses.create(input="Weather in Paris?", **forced)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert [o.type for o in r.output] == ["function_call"] and r.status == "completed"
+    assert calls[0].name == "get_weather" and isinstance(json.loads(calls[0].arguments)["city"], str)
+    assert calls[0].call_id.startswith("call_") and calls[0].id.startswith("fc_")
+    nxt = c.responses.create(model="default", previous_response_id=r.id, tools=tools, max_output_tokens=6,
+                             temperature=0, input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                                                    "output": "sunny, 21 C"}])  # fmt: skip
+    assert nxt.output[0].type == "message" and nxt.usage.input_tokens > r.usage.input_tokens
+    streamed = list(c.responses.create(input="Weather in Paris?", stream=True, **forced))
+    kinds = [e.type for e in streamed]
+    assert "response.output_text.delta" not in kinds and kinds[-1] == "response.completed"
+    done = next(e for e in streamed if e.type == "response.function_call_arguments.done")
+    assert (done.name, done.arguments) == (calls[0].name, calls[0].arguments)  # greedy: the same call
+
+
+def test_items_in_the_input_become_the_conversation_they_stand_for():
+    from cachedattention.server.responses_request import input_messages
+
+    items = [
+        {"role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                        {"type": "input_text", "text": "b"}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{\"x\": 1}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "one"},
+        {"type": "reasoning", "summary": []},
+    ]  # fmt: skip
+    out = input_messages(items)
+    assert out[0] == {"role": "developer", "content": "Be brief."} and out[1] == {"role": "user", "content": "ab"}
+    assert [c["id"] for c in out[2]["tool_calls"]] == ["c1", "c2"] and out[2]["role"] == "assistant"
+    assert out[3] == {"role": "tool", "tool_call_id": "c1", "content": "one"} and len(out) == 4
+
+
+def _stored(rid: str, words: int) -> StoredResponse:
+    return StoredResponse({"id": rid}, [{"role": "user", "content": "w " * words}], None)
+
+
+def test_the_responses_store_keeps_within_its_budget_dropping_the_least_recently_used():
+    one = _stored("a", 100).size()
+    store = ResponseStore(max_bytes=3 * one)
+    for rid in "abc":
+        assert store.put(rid, _stored(rid, 100))
+    assert store.get("a") is not None  # a is now the most recently used
+    store.put("d", _stored("d", 100))
+    store.check_integrity()
+    assert "b" not in store and all(r in store for r in "acd") and store.evicted == 1
+    assert not store.put("huge", _stored("huge", 10_000)) and "huge" not in store  # alone past the budget
+    assert store.delete("a") and not store.delete("a")
+    store.check_integrity()
+    assert store.used_bytes <= store.max_bytes and len(store) == 2
+    with pytest.raises(ValueError, match="budget"):
+        ResponseStore(-1)
+
+
+def test_a_server_with_no_room_for_responses_keeps_none(chat_model_dir):
+    from cachedattention.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--responses-store-bytes", "0"]).responses_store_bytes == 0
+    srv = start_server(engine_config(chat_model_dir, store=False), responses_store_bytes=0)
+    try:
+        c = client(srv.url)
+        r = create(c, "Hi.")
+        assert r.output_text and r.store is True
+        with pytest.raises(openai.NotFoundError):
+            create(c, "More.", r.id)
+    finally:
+        srv.stop()
+
+
+def test_shared_responses_survive_damage_deletion_and_an_unreachable_server(tmp_path, caplog):
+    import torch
+
+    from cachedattention.server.responses_store import DELETED, SharedResponses
+    from cachedattention.store.remote import RemoteTier
+    from cachedattention.store.segment import KVLayout
+    from tests.redis_server import RedisServer
+
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
+    redis = RedisServer(tmp_path)
+    try:
+        shared = SharedResponses(RemoteTier(redis.url, "responses", layout))
+        kept = StoredResponse({"id": "resp_1"}, [{"role": "user", "content": "hi"}], "resp_1")
+        shared.put("resp_1", kept)
+        assert shared.get("resp_1") == kept and shared.get("resp_2") is None
+        for damaged in (b"{not json", b'{"body": {"id": "resp_other"}, "conversation": []}', b"[1, 2]"):
+            shared.tier.put_response("resp_3", damaged)
+            assert shared.get("resp_3") is None  # a warning, never an error
+        assert "not a stored response" in caplog.text
+        assert shared.delete("resp_1") and shared.get("resp_1") == DELETED and not shared.delete("resp_1")
+    finally:
+        redis.stop()
+    down = SharedResponses(RemoteTier(redis.url, "responses", layout, timeout_s=0.2))
+    down.put("resp_4", kept)  # the server is gone: nothing shared, nothing raised
+    assert down.get("resp_4") is None and not down.delete("resp_4")
