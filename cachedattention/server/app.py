@@ -540,6 +540,8 @@ def create_app(
         log.warning("--allow-credentials with any origin: every web page may call this server with its users' "
                     "cookies; name the origins (--allowed-origins)")  # fmt: skip
 
+    responses = ResponseStore(responses_store_bytes, _responses_file(engine))
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loop.start()
@@ -547,15 +549,14 @@ def create_app(
             yield
         finally:
             await asyncio.to_thread(loop.shutdown, grace_s)
+            responses.close()
 
     app = FastAPI(title="CachedAttention", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine_loop = loop
     app.state.metrics = metrics
     app.state.model_name = routes.model_name
     routes.register(app)
-    remote = engine.store.store.remote if engine.store is not None else None
-    shared = SharedResponses(remote.tier) if remote is not None else None
-    ResponsesRoutes(routes, ResponseStore(responses_store_bytes), shared).register(app)
+    ResponsesRoutes(routes, responses, _shared_responses(engine)).register(app)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     if api_keys:  # outside the body limit: a request without a key is refused before its body is read
@@ -565,6 +566,18 @@ def create_app(
                            allow_headers=list(allowed_headers), allow_credentials=allow_credentials)
     app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # outermost: also counts the 413s and 401s
     return app
+
+
+def _responses_file(engine: LLMEngine) -> Path | None:
+    """Stored responses live beside the disk tier, so that a restart continues their conversations."""
+    store = engine.config.store
+    return Path(store.store_dir) / "responses.db" if engine.store is not None and store.store_dir else None
+
+
+def _shared_responses(engine: LLMEngine) -> SharedResponses | None:
+    """With a remote tier, stored responses are on its server too, for every replica."""
+    remote = engine.store.store.remote if engine.store is not None else None
+    return SharedResponses(remote.tier) if remote is not None else None
 
 
 def serve(args: argparse.Namespace) -> int:

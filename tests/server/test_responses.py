@@ -227,7 +227,7 @@ def _stored(rid: str, words: int) -> StoredResponse:
 
 
 def test_the_responses_store_keeps_within_its_budget_dropping_the_least_recently_used():
-    one = _stored("a", 100).size()
+    one = len(_stored("a", 100).to_json())
     store = ResponseStore(max_bytes=3 * one)
     for rid in "abc":
         assert store.put(rid, _stored(rid, 100))
@@ -283,3 +283,59 @@ def test_shared_responses_survive_damage_deletion_and_an_unreachable_server(tmp_
     down = SharedResponses(RemoteTier(redis.url, "responses", layout, timeout_s=0.2))
     down.put("resp_4", kept)  # the server is gone: nothing shared, nothing raised
     assert down.get("resp_4") is None and not down.delete("resp_4")
+
+
+def test_stored_responses_outlive_a_restart_in_their_file(tmp_path):
+    path = tmp_path / "responses.db"
+    store = ResponseStore(10_000, path)
+    for rid in "abc":
+        store.put(rid, _stored(rid, 10))
+    store.get("a")  # the most recently used from now on
+    store.delete("b")
+    store.close()
+    again = ResponseStore(10_000, path)
+    assert again.get("a") == _stored("a", 10) and "b" not in again and "c" in again
+    again.check_integrity()
+    again.close()
+    one = len(_stored("a", 10).to_json())
+    smaller = ResponseStore(one, path)  # a smaller budget than the last run's: the least recently used go
+    assert "a" in smaller and "c" not in smaller and len(smaller) == 1
+    smaller.check_integrity()  # the file holds what memory holds
+    smaller.close()
+
+
+def test_an_unreadable_responses_file_is_set_aside_and_a_failing_one_leaves_memory_serving(tmp_path, caplog):
+    path = tmp_path / "responses.db"
+    path.write_bytes(b"this is not a database" * 100)
+    store = ResponseStore(10_000, path)
+    assert len(store) == 0 and "cannot be read" in caplog.text
+    assert list(tmp_path.glob("responses.db.unreadable-*"))  # the damaged file is kept, aside
+    store.put("a", _stored("a", 10))
+    store._file._db.execute("INSERT INTO responses VALUES ('x', 'not json', 0)")
+    store.close()
+    reopened = ResponseStore(10_000, path)  # a row that is not a response is dropped, with a warning
+    assert "a" in reopened and "x" not in reopened and "not a stored response" in caplog.text
+    reopened.check_integrity()
+    reopened._file._db.close()  # as if the disk failed underneath: memory keeps serving
+    assert reopened.put("b", _stored("b", 10)) and reopened.get("b") is not None
+    assert "kept in memory only" in caplog.text
+    reopened.check_integrity()
+
+
+@needs_store
+def test_a_restarted_server_continues_a_stored_conversation_from_its_disk_tier(chat_model_dir, tmp_path, reference):
+    config = engine_config(chat_model_dir, store=True, store_dir=str(tmp_path))
+    srv = start_server(config)
+    try:
+        first = create(client(srv.url), "Name three colors.")
+    finally:
+        srv.stop()  # flushes the store's saves to disk
+    srv = start_server(config)
+    try:
+        second = create(client(srv.url), "And one more?", first.id)
+    finally:
+        srv.stop()
+    messages = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": "Name three colors."},
+                {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "And one more?"}]
+    assert second.output_text == reference(messages, 8)
+    assert second.usage.input_tokens_details.cached_tokens_by_tier["disk"] >= first.usage.input_tokens
