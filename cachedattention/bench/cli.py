@@ -34,6 +34,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated systems (workload mode; default: all but replicas and replicas+remote)")
     p.add_argument("--replicas", type=int, default=2, help="replicas of the replicas systems (workload mode)")
     p.add_argument("--url", default=None, help="drive an OpenAI-compatible server over HTTP instead (workload mode)")
+    p.add_argument("--api", default="chat", choices=["chat", "responses"],
+                   help="with --url: each turn to /v1/chat/completions with the whole conversation (chat), or to "
+                        "/v1/responses with the new message and previous_response_id (responses)")
     p.add_argument("--time-scale", type=float, default=None, help="multiply arrival gaps and think times (workload)")
     p.add_argument("--max-answer-tokens", type=int, default=None, help="cap answer lengths (workload; CPU runs)")
     p.add_argument("--session-rate", type=float, default=None, help="sessions arriving per second (workload)")

@@ -1,7 +1,9 @@
 """Replay a multi-turn workload against an OpenAI-compatible server (`--url`), one asyncio task per session.
 
-TTFT is measured on the streamed response (first chunk with content); cached tokens come from
-`usage.prompt_tokens_details` (`cached_tokens_by_tier` when the server reports it, else all "host").
+Each turn goes to /v1/chat/completions with the whole conversation (`api="chat"`), or to
+/v1/responses with only the new message and the previous response's id (`api="responses"`: the
+server keeps the conversation). TTFT is measured on the streamed response (first text); cached
+tokens come from the usage (`cached_tokens_by_tier` when the server reports it, else all "host").
 The chat template is the server's; compute time and tier budgets are unknown from outside.
 """
 
@@ -26,11 +28,19 @@ class HttpTarget:
     model: str | None = None  # a served model's name; None (or one the server lacks): its first model
     api_key: str = "EMPTY"
     timeout_s: float = 600.0
+    api: str = "chat"  # "chat": /v1/chat/completions, the whole conversation; "responses": /v1/responses
+
+    def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ValueError(f"api must be one of {', '.join(APIS)}, got {self.api!r}")
 
     @property
     def base_url(self) -> str:
         base = self.url.rstrip("/")
         return base if base.endswith("/v1") else base + "/v1"
+
+
+APIS = ("chat", "responses")
 
 
 @dataclass
@@ -41,6 +51,7 @@ class _Answer:
     cached: dict[str, int]
     first_s: float | None
     finish_s: float
+    response_id: str | None = None  # the Responses API's: the next turn continues it
 
 
 def replay_http(
@@ -75,7 +86,7 @@ async def _replay(
         t0 = time.perf_counter()
         try:
             await asyncio.gather(
-                *(_session(client, model, s, t0, scale, seed, records, failed, bar) for s in workload.sessions)
+                *(_session(client, model, target.api, s, t0, scale, seed, records, failed, bar) for s in workload.sessions)
             )
         finally:
             bar.close()
@@ -103,6 +114,7 @@ async def _pick_model(client: Any, target: HttpTarget) -> str:
 async def _session(
     client: Any,
     model: str,
+    api: str,
     session: Session,
     t0: float,
     scale: float,
@@ -113,13 +125,18 @@ async def _session(
 ) -> None:
     await asyncio.sleep(max(t0 + session.arrival_s * scale - time.perf_counter(), 0.0))
     messages: list[dict[str, str]] = []
+    previous = None
     for index, turn in enumerate(session.turns):
         if index:
             await asyncio.sleep(turn.think_time_s * scale)
         messages.append({"role": "user", "content": user_text(session, index, seed)})
         arrival = time.perf_counter()
         try:
-            answer = await _ask(client, model, session.session_id, messages, turn)
+            if api == "responses":
+                answer = await _respond(client, model, messages[-1]["content"], previous, turn)
+                previous = answer.response_id
+            else:
+                answer = await _ask(client, model, session.session_id, messages, turn)
         except Exception as e:  # a failed turn ends its session: the rest of the conversation is unknowable
             print(f"error: session {session.session_id} turn {index}: {e}", file=sys.stderr)
             failed[0] += len(session.turns) - index
@@ -167,8 +184,34 @@ async def _ask(client: Any, model: str, session_id: str, messages: list[dict[str
     return _Answer("".join(parts), usage.prompt_tokens, usage.completion_tokens, _cached(usage), first_s, finish_s)
 
 
+async def _respond(client: Any, model: str, text: str, previous: str | None, turn: Turn) -> _Answer:
+    """One turn through the Responses API: the new message only; the server keeps the conversation."""
+    stream = await client.responses.create(model=model, input=text, previous_response_id=previous,
+                                           max_output_tokens=turn.answer_tokens, temperature=0.0, stream=True,
+                                           extra_body={"ignore_eos": True})  # fmt: skip
+    parts: list[str] = []
+    first_s, final = None, None
+    async for event in stream:
+        if event.type == "response.output_text.delta" and event.delta:
+            first_s = first_s or time.perf_counter()
+            parts.append(event.delta)
+        elif event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+        elif event.type in ("error", "response.failed"):
+            raise ValueError(f"the server failed the response: {getattr(event, 'message', None) or event}")
+    finish_s = time.perf_counter()
+    if final is None or final.usage is None:
+        raise ValueError("the server's response stream ended without its response and usage")
+    usage = final.usage
+    return _Answer("".join(parts), usage.input_tokens, usage.output_tokens,
+                   _cached_details(usage.input_tokens_details), first_s, finish_s, final.id)  # fmt: skip
+
+
 def _cached(usage: Any) -> dict[str, int]:
-    details = getattr(usage, "prompt_tokens_details", None)
+    return _cached_details(getattr(usage, "prompt_tokens_details", None))
+
+
+def _cached_details(details: Any) -> dict[str, int]:
     if details is None:
         return {}
     by_tier = getattr(details, "cached_tokens_by_tier", None)  # this project's server reports the tiers

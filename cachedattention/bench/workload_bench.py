@@ -229,8 +229,9 @@ def _run_http(
 ) -> tuple[list[ReplayResult], dict[str, Any]]:
     from cachedattention.bench.http_replay import HttpTarget, replay_http
 
-    target = HttpTarget(args.url, model=args.model)
-    result = replay_http(target, workload, system=args.url, time_scale=time_scale, text_seed=args.seed)
+    target = HttpTarget(args.url, model=args.model, api=args.api)
+    system = args.url if args.api == "chat" else f"{args.url} (responses)"
+    result = replay_http(target, workload, system=system, time_scale=time_scale, text_seed=args.seed)
     if not result.records:
         raise ValueError(f"no turn succeeded against {args.url} ({result.failed_turns} failed)")
     # the server's tier budgets and busy time are unknown from outside: no storage billed, GPU = per-turn time
@@ -238,6 +239,7 @@ def _run_http(
     config = {
         "mode": "http",
         "url": args.url,
+        "api": args.api,
         "model": result.stats.get("model"),
         "time_scale": time_scale,
         "seed": args.seed,

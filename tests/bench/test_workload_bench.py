@@ -184,9 +184,15 @@ def test_http_replay_against_a_real_server(tiny_chat_dir, tmp_path, capsys):
         wl = tmp_path / "w.json"
         WORKLOAD.to_json(wl)
         text, data = _bench(capsys, None, wl, tmp_path, "--url", url)
+        _, kept = _bench(capsys, None, wl, tmp_path / "responses", "--url", url, "--api", "responses")
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+    # the Responses API sends each turn's new message only; the server's conversation is the same one
+    by_turn = {(r["session_id"], r["turn_index"]): r["prompt_tokens"] for r in data["records"][url]}
+    kept_records = kept["records"][f"{url} (responses)"]
+    assert {(r["session_id"], r["turn_index"]): r["prompt_tokens"] for r in kept_records} == by_turn
+    assert kept["config"]["api"] == "responses" and sum(sum(r["cached_tokens"].values()) for r in kept_records) > 0
     assert list(data["systems"]) == [url] and f"| {url} |" in text
     records = data["records"][url]
     assert len(records) == WORKLOAD.num_turns and data["config"]["systems"][url]["failed_turns"] == 0
