@@ -156,7 +156,11 @@ class LLMEngine:
         head_tokens: int = 0,
         save_to_store: bool = True,
         add_special_tokens: bool = True,
+        truncate: bool = True,
     ) -> str:
+        """Queue a prompt. With a session, the store reuses its history and, when the conversation
+        outgrows the window, drops its oldest turns; `truncate=False` serves the prompt whole instead
+        (not cut now, nor by an earlier turn's cut): it must then fit the window."""
         params = params or self.default_params()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
@@ -198,6 +202,7 @@ class LLMEngine:
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
             json=self._guided_constraint(params),
             save_to_store=save_to_store,
+            truncate=truncate,
         )
         if self.store is not None:
             self.store.prepare(req)  # may truncate an overflowing conversation

@@ -318,10 +318,13 @@ class OpenAIRoutes:
         outs = await self._collect(request, streams)
         return JSONResponse(fmt.full([_prompt_only(o) for o in outs] if parsed.prompt_only else outs))
 
-    async def _submit(self, rid: str, parsed: ParsedRequest, check_room: int | None) -> list[RequestStream]:
+    async def _submit(self, rid: str, parsed: ParsedRequest, check_room: int | None, truncate: bool = True,
+                      render_aside: bool = False) -> list[RequestStream]:  # fmt: skip
         """One engine request per choice (n > 1: seeds seed, seed + 1, ... so that seeded choices
         differ); each accepted, or all withdrawn and the first error raised. `check_room`: the
-        answer's length that must fit in the window after the prompt (None: no check)."""
+        answer's length that must fit in the window after the prompt (None: no check); `truncate`:
+        whether a session's conversation may be cut to fit; `render_aside`: render the messages in
+        a worker thread (a long conversation must not hold up the engine's thread)."""
         streams: list[RequestStream] = []
         rendered = None
         try:
@@ -332,9 +335,11 @@ class OpenAIRoutes:
                 job = Job(rid if parsed.n == 1 else f"{rid}-{i}", params, parsed.session_id, parsed.prompt,
                           parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
                           check_room=check_room,
-                          save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens)  # fmt: skip
-                if parsed.chat_options is not None and parsed.chat_options.template is not None:
-                    if rendered is None:  # a request's own template: rendered in a worker thread, once
+                          save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens,
+                          truncate=truncate)  # fmt: skip
+                own_template = parsed.chat_options is not None and parsed.chat_options.template is not None
+                if parsed.messages is not None and (own_template or render_aside):
+                    if rendered is None:  # a request's own template may run long: in a worker thread, once
                         rendered = await asyncio.to_thread(self.loop.render, job)
                     job.rendered = rendered
                 streams.append(self.loop.submit(job, asyncio.get_running_loop()))

@@ -23,13 +23,25 @@ from cachedattention.outputs import RequestOutput
 from cachedattention.server.api_error import APIError, aborted_error, as_api_error
 from cachedattention.server.logprobs import LogprobFormatter
 from cachedattention.server.protocol import ParsedRequest, parse_chat, parse_json_object
-from cachedattention.server.responses_request import ResponsesRequest, previous_id, read_request
-from cachedattention.server.responses_store import DELETED, ResponseStore, SharedResponses, StoredResponse
+from cachedattention.server.responses_request import (
+    ResponsesRequest,
+    in_responses_terms,
+    previous_id,
+    read_request,
+    trim_conversation,
+)
+from cachedattention.server.responses_store import ResponseStore, SharedResponses, StoredResponse
 from cachedattention.server.stream_text import stream_delta
 from cachedattention.server.tool_calls import ToolCall, parse_tool_calls, plain_text_end
 
 if TYPE_CHECKING:
     from cachedattention.server.app import OpenAIRoutes
+
+
+LOCAL_ONLY_PRUNE = 4096  # ids of responses not shared, past which those no longer stored are forgotten
+# an "auto" conversation's stored text is kept within this many bytes per token of the window (about
+# eight windows of text): the engine keeps only the latest window of it anyway
+CONVERSATION_BYTES_PER_TOKEN = 32
 
 
 def _not_found(response_id: str, param: str | None = None) -> APIError:
@@ -131,6 +143,7 @@ class ResponsesRoutes:
         self.routes = routes
         self.store = store
         self.shared = shared  # with a remote tier: responses stored there too, for every replica
+        self._local_only: set[str] = set()  # stored here, but not on the remote tier's server (its writes failed)
 
     def register(self, app: Any) -> None:
         app.add_api_route("/v1/responses", self.create, methods=["POST"])
@@ -144,28 +157,44 @@ class ResponsesRoutes:
         return stored.body
 
     async def delete(self, response_id: str) -> dict[str, Any]:
-        here = self.store.delete(response_id)
-        shared = self.shared is not None and await asyncio.to_thread(self.shared.delete, response_id)
-        if not (here or shared):
+        held = False
+        if self.shared is not None:
+            try:
+                held = await asyncio.to_thread(self.shared.delete, response_id)
+            except OSError:
+                raise APIError(503, "the shared store of responses cannot be reached: the response was not deleted; "
+                               "retry", "store_unavailable", type_="server_error") from None  # fmt: skip
+        self._local_only.discard(response_id)
+        if not (self.store.delete(response_id) or held):
             raise _not_found(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
     async def _lookup(self, response_id: str) -> StoredResponse | None:
-        """The stored response: the remote tier's when there is one (any replica may have stored it,
-        or deleted it), else this replica's own."""
-        shared = await asyncio.to_thread(self.shared.get, response_id) if self.shared is not None else None
-        if shared == DELETED:
-            self.store.delete(response_id)
-            return None
-        if isinstance(shared, StoredResponse):
+        """The stored response. With a remote tier, the server's copy counts (any replica may have
+        stored it, or deleted it); this replica's own serves while the server cannot be reached, and
+        for responses whose sharing failed."""
+        if self.shared is None:
+            return self.store.get(response_id)
+        try:
+            shared = await asyncio.to_thread(self.shared.get, response_id)
+        except OSError:
+            return self.store.get(response_id)
+        if shared is not None:
             self.store.put(response_id, shared)
+            self._local_only.discard(response_id)
             return shared
-        return self.store.get(response_id)  # not shared (or the server is down, or evicted it)
+        if response_id in self._local_only:
+            return self.store.get(response_id)
+        self.store.delete(response_id)  # deleted (or evicted) on the server: gone for every replica
+        return None
 
     async def _keep(self, response_id: str, stored: StoredResponse) -> None:
         self.store.put(response_id, stored)
-        if self.shared is not None:  # before the client has the response: its next request may go anywhere
-            await asyncio.to_thread(self.shared.put, response_id, stored)
+        # shared before the client has the response: its next request may go to any replica
+        if self.shared is not None and not await asyncio.to_thread(self.shared.put, response_id, stored):
+            self._local_only.add(response_id)
+            if len(self._local_only) > LOCAL_ONLY_PRUNE:
+                self._local_only = {rid for rid in self._local_only if rid in self.store}
 
     async def create(self, request: Request) -> Response:
         routes = self.routes
@@ -175,16 +204,20 @@ class ResponsesRoutes:
         if prev_id is not None and prev is None:
             raise _not_found(prev_id, "previous_response_id")
         req = read_request(body, prev.conversation if prev else [])
-        # in a worker thread, as chat's: a large schema or grammar compiles there
-        parsed = await asyncio.to_thread(parse_chat, req.chat_body, request.headers.get("x-session-id"),
-                                         routes.max_model_len, routes.loop.engine.sampling_defaults,
-                                         routes.trust_template, routes.loop.engine.max_logprobs)  # fmt: skip
+        try:  # in a worker thread, as chat's: a large schema or grammar compiles there
+            parsed = await asyncio.to_thread(parse_chat, req.chat_body, request.headers.get("x-session-id"),
+                                             routes.max_model_len, routes.loop.engine.sampling_defaults,
+                                             routes.trust_template, routes.loop.engine.max_logprobs)  # fmt: skip
+        except APIError as e:
+            raise in_responses_terms(e) from None
         routes._check_model(parsed.model)
         rid = f"resp_{uuid.uuid4().hex}"
-        # the conversation's turns share one session of the KV store: the one it started in
-        session = parsed.session_id or (prev.session_id if prev else None) or (rid if req.store else None)
+        # the conversation's turns share one session of the KV store: the one it started in ("auto"
+        # truncation needs one even for a response that is not stored)
+        auto = req.truncation == "auto"
+        session = parsed.session_id or (prev.session_id if prev else None) or (rid if req.store or auto else None)
         parsed = replace(parsed, session_id=session)
-        streams = await routes._submit(rid, parsed, _room(parsed, req.truncation))
+        streams = await routes._submit(rid, parsed, _room(parsed, req.truncation), truncate=auto, render_aside=True)
         answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer)
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -198,6 +231,8 @@ class ResponsesRoutes:
         if answer.req.store:
             history = prev.conversation if prev else []
             conversation = history + answer.req.input_messages + [answer.assistant_turn(out)]
+            if answer.req.truncation == "auto":  # the engine cuts the prompt to fit; the stored text is bounded too
+                conversation = trim_conversation(conversation, CONVERSATION_BYTES_PER_TOKEN * self.routes.max_model_len)
             await self._keep(answer.id, StoredResponse(body, conversation, answer.parsed.session_id))
         return body
 

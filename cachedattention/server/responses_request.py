@@ -8,10 +8,12 @@ OpenAI's API), the conversation so far, then the new input items.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from cachedattention.server.api_error import bad
+from cachedattention.sampling import is_int
+from cachedattention.server.api_error import APIError, bad
 from cachedattention.server.protocol import flag
 
 # sampling fields passed to the chat parser as they are (vLLM's Responses request takes these too)
@@ -27,6 +29,9 @@ FIELDS = frozenset((
     "max_tool_calls", *SAMPLING_FIELDS,
 ))  # fmt: skip
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# the chat request's field names -> the Responses request's (errors name the field the client sent)
+CHAT_NAMES = (("max_completion_tokens", "max_output_tokens"), ("max_tokens", "max_output_tokens"),
+              ("response_format", "text.format"), ("logprobs", "include"))  # fmt: skip
 TEXT_PARTS = ("input_text", "output_text", "text")
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 MAX_METADATA_KEYS = 16
@@ -50,6 +55,7 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]]) -> Respons
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise bad(f"{unknown[0]} is not supported by this server's Responses API", unknown[0], "unsupported_parameter")
+    _check_unicode(body)
     _refuse_unsupported(body)
     instructions = _optional_text(body, "instructions")
     new = input_messages(body.get("input"))
@@ -82,6 +88,48 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]]) -> Respons
     }  # fmt: skip
     return ResponsesRequest(chat, new, instructions, body.get("previous_response_id"), flag(body, "store", True),
                             truncation, echo)  # fmt: skip
+
+
+def _check_unicode(body: dict[str, Any]) -> None:
+    """JSON may carry lone surrogates; what is echoed, stored or tokenized must be valid text."""
+    for key, value in body.items():
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise bad(f"{key} is not valid Unicode text (it has a lone surrogate)", key) from None
+
+
+def in_responses_terms(e: APIError) -> APIError:
+    """The chat parser's error, naming the Responses request's field (its messages are the input)."""
+    param = e.param or ""
+    for chat, ours in CHAT_NAMES:
+        if param == chat or param.startswith((chat + ".", chat + "[")):
+            param = ours + param[len(chat) :]
+            break
+    param = param.replace(".function.", ".")  # chat nests a tool's fields under "function"
+    if param.startswith("messages"):  # the conversation so far and this input: "input" is the part sent
+        param = "input"
+    return APIError(e.status, e.message, e.code, param or None, e.type)
+
+
+def trim_conversation(conversation: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]]:
+    """The conversation within max_bytes of JSON, or as it is: past it, its oldest turns (after its
+    leading system messages) go until half of it is left, so that trims are rare (each costs the
+    next turn the reuse of its history)."""
+    sizes = [len(json.dumps(m, ensure_ascii=False)) for m in conversation]
+    if sum(sizes) <= max_bytes:
+        return conversation
+    head = 0
+    while head < len(conversation) and conversation[head].get("role") in ("system", "developer"):
+        head += 1
+    start, total = head, sum(sizes)
+    while total > max_bytes // 2:
+        nxt = next((i for i in range(start + 1, len(conversation)) if conversation[i].get("role") == "user"), None)
+        if nxt is None:
+            break  # the last turn stays whole
+        total -= sum(sizes[start:nxt])
+        start = nxt
+    return conversation[:head] + conversation[start:]
 
 
 def previous_id(body: dict[str, Any]) -> str | None:
@@ -174,10 +222,11 @@ def _content(content: Any, param: str) -> Any:
 
 
 def _logprobs(body: dict[str, Any]) -> dict[str, Any]:
-    """Logprobs come with the text when `include` asks for them; top_logprobs alternatives each."""
-    wanted = LOGPROBS_INCLUDE in (body.get("include") or [])
+    """Logprobs come with the text when `include` asks for them, top_logprobs alternatives each."""
     top = body.get("top_logprobs")
-    if not wanted and not top:
+    if top is not None and not is_int(top):
+        raise bad("top_logprobs must be an integer", "top_logprobs", "invalid_type")
+    if LOGPROBS_INCLUDE not in (body.get("include") or []):
         return {}
     return {"logprobs": True, "top_logprobs": top or 0}
 
@@ -185,8 +234,9 @@ def _logprobs(body: dict[str, Any]) -> dict[str, Any]:
 def _tools(body: dict[str, Any]) -> dict[str, Any]:
     """Responses' function tools ({"type": "function", "name": ...}) in chat's nesting."""
     tools = body.get("tools")
+    choice = body.get("tool_choice")
     if tools is None:
-        return {}
+        return {} if choice is None else {"tool_choice": choice}  # the chat parser refuses a choice without tools
     if not isinstance(tools, list):
         raise bad("tools must be a list of function tools", "tools", "invalid_type")
     chat_tools = []
@@ -198,7 +248,6 @@ def _tools(body: dict[str, Any]) -> dict[str, Any]:
         fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
         chat_tools.append({"type": "function", "function": fn})
     out: dict[str, Any] = {"tools": chat_tools} if chat_tools else {}
-    choice = body.get("tool_choice")
     if isinstance(choice, dict):
         if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
             raise bad("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'name': ...}",

@@ -244,36 +244,28 @@ class _ResponsesFile:
             self._db = None
 
 
-TOMBSTONE = b"deleted"  # a deleted response's value (no stored response is this JSON)
-DELETED = "deleted"
-
-
 class SharedResponses:
     """Stored responses also kept on the remote tier's server, so that a conversation continues on
     whichever replica a load balancer sends its next request to (its KV follows through the tier).
-    A server that cannot be reached, or a value that is not a stored response, counts as absent."""
+    The server's copy is the one that counts: what it no longer holds (deleted by any replica,
+    evicted, expired) is gone. `get` and `delete` raise OSError when the server cannot be reached."""
 
     def __init__(self, tier: RemoteTier) -> None:
         self.tier = tier
 
-    def put(self, response_id: str, response: StoredResponse) -> None:
+    def put(self, response_id: str, response: StoredResponse) -> bool:
+        """Whether it is on the server now."""
         try:
             self.tier.put_response(response_id, response.to_json())
+            return True
         except OSError as e:  # the remote tier paused its writes and said so once
             log.debug("responses: %s not shared (%s)", response_id, e)
+            return False
 
-    def get(self, response_id: str) -> StoredResponse | str | None:
-        """The stored response; DELETED if a replica deleted it; None if the server does not hold it
-        (never shared, evicted, expired) or cannot be reached."""
-        try:
-            value = self.tier.get_response(response_id)
-        except OSError as e:
-            log.debug("responses: %s not read from the remote store (%s)", response_id, e)
-            return None
+    def get(self, response_id: str) -> StoredResponse | None:
+        value = self.tier.get_response(response_id)
         if value is None:
             return None
-        if value == TOMBSTONE:
-            return DELETED
         try:
             return StoredResponse.from_json(value, response_id)
         except (ValueError, TypeError) as e:
@@ -281,12 +273,5 @@ class SharedResponses:
             return None
 
     def delete(self, response_id: str) -> bool:
-        """Whether the server held it. A tombstone takes its place: replicas that hold a copy of
-        their own learn from it that the response is gone."""
-        try:
-            held = self.tier.get_response(response_id) not in (None, TOMBSTONE)
-            self.tier.put_response(response_id, TOMBSTONE)
-            return held
-        except OSError as e:
-            log.debug("responses: %s not deleted from the remote store (%s)", response_id, e)
-            return False
+        """Whether the server held it."""
+        return self.tier.delete_response(response_id)

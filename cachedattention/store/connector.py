@@ -130,7 +130,8 @@ class StoreConnector:
         window = self.engine.max_model_len
         reserve = min(req.params.max_tokens, window // 4)
         head = self.config.keep_head_tokens if self.config.keep_head_tokens is not None else req.head_tokens
-        key, plan = self.store.plan(req.session_id, list(req.logical_prompt), window, reserve, head)
+        mode = None if req.truncate else "whole"
+        key, plan = self.store.plan(req.session_id, list(req.logical_prompt), window, reserve, head, mode)
         req.prompt_token_ids = plan.effective_prompt
         req.metrics.truncated_tokens = plan.truncated_now
         # prompt logprobs need every prompt position computed: the store supplies nothing (it still saves)

@@ -237,6 +237,10 @@ class RemoteTier:
                 self.bytes_read += len(value)
         return value
 
+    def delete_response(self, response_id: str) -> bool:
+        """Whether the server held it."""
+        return bool(self._call(self.writes, self.client.delete, self.response_key(response_id)))
+
     # -- accounting -----------------------------------------------------------------------------
     def footprint(self) -> int:
         """Bytes of every value of this namespace and model on the server (every replica's)."""

@@ -149,27 +149,30 @@ def plan_turn(
     """Match the new prompt against the record and truncate if it overflows the window.
 
     mode: "reuse" keeps the retained pre-RoPE KV at its new positions; "recompute" is the
-    baseline that truncates tokens but recomputes the shifted history; "off" never truncates.
+    baseline that truncates tokens but recomputes the shifted history; "off" never truncates
+    (a record's earlier truncation still applies to the history it dropped); "whole" serves the
+    prompt whole: no truncation, a record's earlier one neither.
     """
     head, dropped = head_hint, head_hint
     reuse: list[Span] = []
     eff_lcp = 0  # effective tokens shared with the record: the history part of this prompt
     if record is not None:
         lcp = common_prefix(record.logical, prompt)
-        head = record.head
-        if record.truncated and lcp < record.dropped_until:
-            # the client edited history inside the dropped part: only the head still matches
-            dropped = head
-            eff_lcp = min(lcp, head)
-            reuse = slice_spans(record.spans, 0, min(eff_lcp, record.num_kv))
+        if lcp < record.head:
+            # the prompt differs inside the recorded head (a new system prompt): its own head applies
+            eff_lcp = lcp
+        elif record.truncated and (lcp < record.dropped_until or mode == "whole"):
+            # the client edited history inside the dropped part (or wants it whole): only the head still matches
+            head = dropped = record.head
+            eff_lcp = head
         else:
-            dropped = record.dropped_until
+            head, dropped = record.head, record.dropped_until
             eff_lcp = lcp if lcp <= head else head + lcp - dropped
-            reuse = slice_spans(record.spans, 0, min(eff_lcp, record.num_kv))
+        reuse = slice_spans(record.spans, 0, min(eff_lcp, record.num_kv))
     effective = prompt[:head] + prompt[dropped:]
     limit = window - reserve
     truncated_now = 0
-    if mode != "off" and len(effective) > limit and len(effective) - head > 1:
+    if mode not in ("off", "whole") and len(effective) > limit and len(effective) - head > 1:
         history = max(eff_lcp - head, 0)
         need = len(effective) - limit
         # drop a share of the history (not just what overflows) so the next turns do not re-truncate

@@ -127,9 +127,11 @@ class AttentionStore:
             self.ledger.put_disk(seg, self.disk.size(seg), now)
 
     # -- planning a turn --------------------------------------------------------------------
-    def plan(self, key: str | None, prompt: list[int], window: int, reserve: int, head_hint: int) -> tuple[str, TurnPlan]:
-        """Match a prompt against its session (or the longest anonymous prefix) and truncate if needed.
-        With a remote tier, a session (or prefix) that another replica served further is adopted from there."""
+    def plan(self, key: str | None, prompt: list[int], window: int, reserve: int, head_hint: int,
+             mode: str | None = None) -> tuple[str, TurnPlan]:  # fmt: skip
+        """Match a prompt against its session (or the longest anonymous prefix) and truncate if needed
+        (`mode`: plan_turn's, for a session; None: the configured truncation). With a remote tier, a
+        session (or prefix) that another replica served further is adopted from there."""
         remote = None
         if self.remote is not None and key is not None:
             remote = self.remote.read_record(key)
@@ -146,7 +148,7 @@ class AttentionStore:
                 mode = "off"
             else:
                 record = self.records.get(key)
-                mode = self.config.truncation
+                mode = mode or self.config.truncation
             plan = plan_turn(record, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)
             if remote is not None:  # adopt it if it serves more of this turn than what this replica holds
                 theirs = plan_turn(remote, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)

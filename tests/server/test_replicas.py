@@ -82,3 +82,5 @@ def test_a_responses_conversation_continues_on_the_other_replica(replicas, refer
     client(replicas[1 - stored_by]).responses.delete(previous)
     with pytest.raises(openai.NotFoundError):  # the replica that stored it learns it was deleted
         client(replicas[stored_by]).responses.retrieve(previous)
+    with pytest.raises(openai.NotFoundError):
+        client(replicas[0]).responses.delete("resp_never_stored")

@@ -121,13 +121,22 @@ def test_the_response_object_echoes_the_request(server):
         ({"input": ""}, "input"),
         ({"truncation": "middle"}, "truncation"),
         ({"conversation": "conv_1"}, "conversation"),
-        ({"max_output_tokens": 0}, "max_tokens"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"metadata": {"k": 1}}, "metadata"),
+        ({"metadata": {"k": "\ud800"}}, "metadata"),
+        ({"user": "\udfff"}, "user"),
+        ({"tools": [{"type": "function", "name": "f", "description": "\ud800"}]}, "tools"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "\ud800"}]}, "input"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"text": {"format": {"type": "yaml"}}}, "text.format"),
+        ({"top_logprobs": "many"}, "top_logprobs"),
     ],
 )  # fmt: skip
 def test_what_is_not_supported_or_malformed_is_a_400_naming_the_field(server, extra, param):
     body = {"model": "default", "input": "Hi.", **extra}
-    r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=60)
+    # ASCII JSON: lone surrogates travel as escapes, as a client's JSON may carry them
+    r = httpx.post(f"{server.url}/v1/responses", content=json.dumps(body), timeout=60,
+                   headers={"Content-Type": "application/json"})  # fmt: skip
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
@@ -258,31 +267,33 @@ def test_a_server_with_no_room_for_responses_keeps_none(chat_model_dir):
         srv.stop()
 
 
-def test_shared_responses_survive_damage_deletion_and_an_unreachable_server(tmp_path, caplog):
+def test_shared_responses_survive_damage_and_an_unreachable_server(tmp_path, caplog):
     import torch
 
-    from cachedattention.server.responses_store import DELETED, SharedResponses
+    from cachedattention.server.responses_store import SharedResponses
     from cachedattention.store.remote import RemoteTier
     from cachedattention.store.segment import KVLayout
     from tests.redis_server import RedisServer
 
     layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
     redis = RedisServer(tmp_path)
+    kept = StoredResponse({"id": "resp_1"}, [{"role": "user", "content": "hi"}], "resp_1")
     try:
         shared = SharedResponses(RemoteTier(redis.url, "responses", layout))
-        kept = StoredResponse({"id": "resp_1"}, [{"role": "user", "content": "hi"}], "resp_1")
-        shared.put("resp_1", kept)
+        assert shared.put("resp_1", kept)
         assert shared.get("resp_1") == kept and shared.get("resp_2") is None
         for damaged in (b"{not json", b'{"body": {"id": "resp_other"}, "conversation": []}', b"[1, 2]"):
             shared.tier.put_response("resp_3", damaged)
             assert shared.get("resp_3") is None  # a warning, never an error
         assert "not a stored response" in caplog.text
-        assert shared.delete("resp_1") and shared.get("resp_1") == DELETED and not shared.delete("resp_1")
+        assert shared.delete("resp_1") and shared.get("resp_1") is None and not shared.delete("resp_1")
+        assert not list(shared.tier.client.scan_iter(match="*resp_1*"))  # nothing left behind
     finally:
         redis.stop()
     down = SharedResponses(RemoteTier(redis.url, "responses", layout, timeout_s=0.2))
-    down.put("resp_4", kept)  # the server is gone: nothing shared, nothing raised
-    assert down.get("resp_4") is None and not down.delete("resp_4")
+    assert not down.put("resp_4", kept)  # the server is gone: not shared, nothing raised
+    with pytest.raises(OSError):
+        down.get("resp_4")  # the routes then serve this replica's own copy
 
 
 def test_stored_responses_outlive_a_restart_in_their_file(tmp_path):
@@ -339,3 +350,60 @@ def test_a_restarted_server_continues_a_stored_conversation_from_its_disk_tier(c
                 {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "And one more?"}]
     assert second.output_text == reference(messages, 8)
     assert second.usage.input_tokens_details.cached_tokens_by_tier["disk"] >= first.usage.input_tokens
+
+
+def test_truncation_disabled_serves_a_conversation_whole_even_after_an_auto_branch(chat_model_dir, tmp_path,
+                                                                                   reference):  # fmt: skip
+    """'disabled' never cuts: not a prompt that fills most of the window (the store keeps a quarter
+    of it for the answer when it may cut), nor a branch of a conversation another branch cut."""
+    config = replace(engine_config(chat_model_dir, store=True, store_dir=str(tmp_path)), max_model_len=160)
+    srv = start_server(config)
+    try:
+        c = client(srv.url)
+        text = "tell me more about the weather " * 16  # about 125 tokens: past 3/4 of the window
+        r = c.responses.create(model="default", input=text, max_output_tokens=4, temperature=0)
+        assert r.usage.input_tokens_details.truncated_tokens == 0
+        assert r.output_text == reference([{"role": "user", "content": text}], 4)
+        cut = c.responses.create(model="default", input="And what about the rain and the snow? " * 3,
+                                 previous_response_id=r.id, max_output_tokens=4, temperature=0, truncation="auto")
+        assert cut.usage.input_tokens_details.truncated_tokens > 0  # this branch is cut...
+        short = c.responses.create(model="default", input="Why?", previous_response_id=r.id, max_output_tokens=4,
+                                   temperature=0)  # fmt: skip
+        messages = [{"role": "user", "content": text}, {"role": "assistant", "content": r.output_text},
+                    {"role": "user", "content": "Why?"}]  # fmt: skip
+        assert short.usage.input_tokens_details.truncated_tokens == 0  # ...the other is not
+        assert short.output_text == reference(messages, 4)
+        unstored = c.responses.create(model="default", input=text * 2, max_output_tokens=4, temperature=0,
+                                      truncation="auto", store=False)  # fmt: skip
+        assert unstored.usage.input_tokens_details.truncated_tokens > 0  # "auto" cuts without being stored too
+    finally:
+        srv.stop()
+
+
+def test_an_auto_conversation_keeps_its_stored_text_bounded():
+    from cachedattention.server.responses_request import trim_conversation
+
+    turn = [{"role": "user", "content": "q" * 100}, {"role": "assistant", "content": "a" * 100}]
+    conversation = [{"role": "system", "content": "rules"}] + turn * 20
+    assert trim_conversation(conversation, 1 << 20) is conversation  # within the bound: as it is
+    trimmed = trim_conversation(conversation, 2000)
+    assert trimmed[0]["role"] == "system" and trimmed[1]["role"] == "user"  # whole turns go, the system stays
+    assert len(json.dumps(trimmed)) <= 1000 + 300 and trimmed[-2:] == turn
+
+
+@needs_store
+def test_with_the_remote_tier_down_responses_are_served_from_this_replica_and_not_deleted(chat_model_dir,
+                                                                                          tmp_path):  # fmt: skip
+    config = engine_config(chat_model_dir, store=True)
+    config = replace(config, store=replace(config.store, remote_url=f"unix://{tmp_path}/no-server.sock"))
+    srv = start_server(config)
+    try:
+        c = client(srv.url)
+        r = create(c, "Hi.")
+        nxt = create(c, "More.", r.id)  # this replica's own copy continues the conversation
+        assert nxt.previous_response_id == r.id and c.responses.retrieve(r.id).id == r.id
+        with pytest.raises(openai.InternalServerError) as e:  # a deletion that would not reach every replica
+            c.responses.delete(r.id)
+        assert e.value.status_code == 503 and c.responses.retrieve(r.id).id == r.id
+    finally:
+        srv.stop()

@@ -32,6 +32,21 @@ def test_plan_turn_drops_half_the_history_after_the_head():
     assert base.reuse == [Span("a", 0, HEAD)] and base.effective_prompt == plan.effective_prompt
 
 
+def test_a_new_head_replaces_the_recorded_one_and_whole_mode_applies_no_cut():
+    # turn 2 after a cut: history [HEAD, HEAD + 46) was dropped
+    rec = SessionRecord("s", list(range(100)), [Span("a", 0, HEAD), Span("a", HEAD + 46, 100)], head=HEAD,
+                        dropped_until=HEAD + 46)  # fmt: skip
+    longer_head = [0, 1, 2] + [500] * 12  # a new system prompt of 15 tokens, differing at token 3
+    plan = plan_turn(rec, longer_head + [7] * 120, WINDOW, 16, head_hint=15, drop_fraction=0.5, mode="reuse")
+    assert plan.head == 15 and plan.effective_prompt[:15] == longer_head  # never cut inside the new head
+    assert plan.reuse == [Span("a", 0, 3)] and plan.truncated_now > 0
+    whole = plan_turn(rec, list(range(100)) + [7] * 10, WINDOW, 16, 0, 0.5, "whole")
+    assert whole.effective_prompt == list(range(100)) + [7] * 10 and whole.truncated_now == 0
+    assert whole.reuse == [Span("a", 0, HEAD)]  # the dropped history is computed again, not skipped
+    assert plan_turn(rec, list(range(100)) + [7] * 10, WINDOW, 16, 0, 0.5, "off").effective_prompt == (
+        list(range(HEAD)) + list(range(HEAD + 46, 100)) + [7] * 10)  # "off" keeps the earlier cut
+
+
 def hand_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate [n, heads, d] to positions, written out from the RoPE definition (rotate-half layout)."""
     d = x.shape[-1]
