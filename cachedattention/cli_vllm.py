@@ -7,6 +7,9 @@ import argparse
 
 from cachedattention.sampling import MAX_LOGPROBS
 
+# server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+
 
 def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
     """vLLM's engine flags, so that a `vllm serve MODEL ...` command line runs here: each does what
@@ -65,7 +68,9 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                         "defaults to 0)")
     _accept(g, SERVER_AS_IS)
     g.add_argument("--tool-call-parser", type=tool_call_parser, default="hermes", metavar="NAME",
-                   help=f"the tool call format parsed: {', '.join(TOOL_CALL_PARSERS)} (the only one implemented)")
+                   help=f"how the model writes tool calls: {', '.join(TOOL_CALL_PARSERS)} (default hermes: Qwen2.5, "
+                        "Hermes; llama3_json: Llama 3.1 to 3.3); also the form a required or named tool_choice "
+                        "makes the answer take")
     logs = g.add_mutually_exclusive_group()
     logs.add_argument("--enable-log-requests", action="store_true",
                       help="log one INFO line per request received: its id, session, prompt size, max_tokens, "
@@ -86,7 +91,6 @@ class Refuse(argparse.Action):
         parser.error(f"{option_string}: {self.help}")
 
 
-TOOL_CALL_PARSERS = ("hermes",)  # server/tool_calls.py parses Hermes-style <tool_call> blocks
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -136,14 +140,14 @@ def only(allowed: tuple[str, ...], why: str):
 
     def check(text: str) -> str:
         if text not in allowed:
-            raise argparse.ArgumentTypeError(f"only {', '.join(map(repr, allowed))} is supported: {why}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not supported: {why} (supported: {', '.join(allowed)})")
         return text
 
     return check
 
 
 kv_cache_dtype = only(("auto",), "the device pool keeps the model's dtype (--dtype)")
-tool_call_parser = only(TOOL_CALL_PARSERS, "this server parses Hermes-style <tool_call> blocks")
+tool_call_parser = only(TOOL_CALL_PARSERS, "this server reads the tool call formats it knows")
 response_role = only(("assistant",), "chat answers' role is always 'assistant' here")
 
 

@@ -14,7 +14,7 @@ from cachedattention.engine import json_schema
 from cachedattention.engine.grammar import grammar_automaton
 from cachedattention.engine.guided import Automaton
 from cachedattention.engine.regex import regex_automaton
-from cachedattention.engine.tool_choice import tool_call_automaton
+from cachedattention.engine.tool_choice import CALL_FORMS, tool_call_automaton
 
 
 class GuidedFormError(ValueError):
@@ -63,9 +63,9 @@ class SamplingParams:
     # JSON text, kept as text: engine/json_schema.py); choice (exactly one of these strings, vLLM's
     # guided_choice); regex (text the pattern matches whole, vLLM's guided_regex: engine/regex.py);
     # grammar (text a GBNF grammar's root derives, vLLM's guided_grammar: engine/grammar.py);
-    # tool_choice "required" or a named function (one Hermes-style call of one of
-    # these functions, engine/tool_choice.py; tool_call_parameters: each one's parameters schema as
-    # JSON text, "" for any object, in the same order, or none at all)
+    # tool_choice "required" or a named function (one call of one of these functions, written as
+    # tool_call_format says, engine/tool_choice.py; tool_call_parameters: each one's parameters
+    # schema as JSON text, "" for any object, in the same order, or none at all)
     json_object: bool = False
     json_schema: str | Mapping[str, Any] | None = None
     choice: tuple[str, ...] = ()
@@ -73,6 +73,7 @@ class SamplingParams:
     grammar: str | None = None
     tool_call_names: tuple[str, ...] = ()
     tool_call_parameters: tuple[str, ...] = ()
+    tool_call_format: str = "hermes"  # how the model writes a call: engine/tool_choice.py's CALL_FORMS
     # filled in by the engine: the model's end-of-sequence ids
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
     # the guided answer's automaton, compiled once: (what it was compiled from, the automaton); kept
@@ -109,6 +110,8 @@ class SamplingParams:
     def _check_guided(self) -> None:
         if not all(isinstance(n, str) and n for n in self.tool_call_names):
             raise ValueError("tool_call_names must be non-empty function names")
+        if self.tool_call_format not in CALL_FORMS:
+            raise ValueError(f"tool_call_format must be one of {', '.join(CALL_FORMS)}, got {self.tool_call_format!r}")
         if self.tool_call_parameters and len(self.tool_call_parameters) != len(self.tool_call_names):
             raise ValueError("tool_call_parameters must hold one schema per name in tool_call_names (or none)")
         if not all(isinstance(c, str) and c for c in self.choice):
@@ -130,7 +133,7 @@ class SamplingParams:
 
     def _guided_form(self) -> tuple:
         name = self.guided_field
-        return () if name is None else (name, getattr(self, name), self.tool_call_parameters)
+        return () if name is None else (name, getattr(self, name), self.tool_call_parameters, self.tool_call_format)
 
     def guided_automaton(self) -> Automaton | None:
         """The automaton of the answers allowed (compiled once, when the params were made), or None
@@ -149,7 +152,7 @@ class SamplingParams:
         if self.grammar is not None:
             return grammar_automaton(self.grammar)
         if self.tool_call_names:
-            return tool_call_automaton(self.tool_call_names, self.tool_call_parameters)
+            return tool_call_automaton(self.tool_call_names, self.tool_call_parameters, self.tool_call_format)
         return None
 
     def _check_adjustments(self) -> None:

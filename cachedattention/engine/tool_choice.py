@@ -1,21 +1,39 @@
-"""tool_choice "required" or a named function: the answer is one Hermes-style tool call,
-<tool_call>\n{"name": NAME, "arguments": {...}}\n</tool_call>, of one of the given functions.
+"""tool_choice "required" or a named function: the answer is one tool call of one of the given
+functions, written as the model writes its calls (its CallForm): Hermes-style
+<tool_call>\n{"name": NAME, "arguments": {...}}\n</tool_call> (Qwen2.5, Hermes), or Llama 3.1's
+JSON {"name": NAME, "parameters": {...}}.
 
 The name is one of the allowed names exactly; the arguments follow that function's parameters
-schema (any JSON object where it has none); the request stops when the call's closing tag is written.
+schema (any JSON object where it has none); the request stops when the call is written whole.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cachedattention.engine import json_schema, schema_nodes
 from cachedattention.engine.guided import Automaton
 from cachedattention.engine.schema_compile import compile_schema
 
-TAIL = b"}\n</tool_call>"
+
+@dataclass(frozen=True)
+class CallForm:
+    """How a model writes one call: `opening` NAME `between` ARGUMENTS `closing` (the name and the
+    arguments in JSON)."""
+
+    name: str
+    opening: str
+    between: str
+    closing: str
+
+
+CALL_FORMS = {
+    "hermes": CallForm("hermes", '<tool_call>\n{"name": ', ', "arguments": ', "}\n</tool_call>"),
+    "llama3_json": CallForm("llama3_json", '{"name": ', ', "parameters": ', "}"),
+}
 
 
 def parameters_node(schema: Any) -> Any:
@@ -41,17 +59,21 @@ def _objects(node: Any, seen: set[int]) -> list[Any]:
     return []
 
 
-def tool_call_automaton(names: Sequence[str], parameters: Sequence[Any] = ()) -> Automaton:
+def tool_call_automaton(names: Sequence[str], parameters: Sequence[Any] = (), form: str = "hermes") -> Automaton:
     """`parameters`: each function's parameters schema (a dict or its JSON text; None or "": any
-    object), in the order of `names`, or none at all. States: ("head", bytes so far), ("args", the
-    schema automaton's state), ("tail", bytes of TAIL written), ("done",)."""
+    object), in the order of `names`, or none at all; `form`: a CALL_FORMS name. States: ("head",
+    bytes so far), ("args", the schema automaton's state), ("tail", bytes of the closing written), ("done",)."""
     if not names:
         raise ValueError("a forced tool call needs at least one function name")
     if parameters and len(parameters) != len(names):
         raise ValueError("give one parameters schema per function name, or none")
+    if form not in CALL_FORMS:
+        raise ValueError(f"tool call format must be one of {', '.join(CALL_FORMS)}, got {form!r}")
+    call = CALL_FORMS[form]
+    tail = call.closing.encode()
     nodes = [parameters_node(p) if p else schema_nodes.ANY_OBJECT for p in parameters or [None] * len(names)]
     heads = {
-        f'<tool_call>\n{{"name": {json.dumps(n, ensure_ascii=False)}, "arguments": '.encode(): json_schema.automaton(node)
+        f"{call.opening}{json.dumps(n, ensure_ascii=False)}{call.between}".encode(): json_schema.automaton(node)
         for n, node in zip(names, nodes)
     }
 
@@ -67,8 +89,8 @@ def tool_call_automaton(names: Sequence[str], parameters: Sequence[Any] = ()) ->
             if nxt is None:
                 return None
             return ("tail", 0) if json_schema.is_done(nxt) else ("args", nxt)  # the arguments' object closed
-        if kind == "tail" and b == TAIL[state[1]]:
-            return ("done",) if state[1] + 1 == len(TAIL) else ("tail", state[1] + 1)
+        if kind == "tail" and b == tail[state[1]]:
+            return ("done",) if state[1] + 1 == len(tail) else ("tail", state[1] + 1)
         return None
 
     def in_text(state: tuple[Any, ...]) -> bool:  # inside the arguments' strings

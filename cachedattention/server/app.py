@@ -46,7 +46,7 @@ from cachedattention.server.responses import ResponsesRoutes
 from cachedattention.server.responses_store import ResponseStore, SharedResponses
 from cachedattention.server.stream_text import stream_delta
 from cachedattention.server.tokenize import detokenize, tokenize
-from cachedattention.server.tool_calls import ToolCall, parse_tool_calls, plain_text_end
+from cachedattention.server.tool_calls import HermesCalls, ToolCall, ToolCallParser, tool_call_parser
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class _Format:
         self, request_id: str, model: str, chat: bool, include_usage: bool, tokenizer: Tokenizer | None = None,
         logprobs: int | None = None, echo: str | None = None, prompt_logprobs: int | None = None,
         echo_as_sent: bool = True, tool_calls: bool = False, named_tool: bool = False, echo_hidden: int = 0,
+        tool_parser: ToolCallParser = HermesCalls,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
@@ -76,7 +77,8 @@ class _Format:
         self.echo = echo  # completions' echo: the prompt's text, sent before the answer's
         self.echo_as_sent = echo_as_sent  # the client's string (else decoded from its token ids)
         self.echo_hidden = echo_hidden  # tokens the tokenizer put before the client's string (a BOS)
-        self.tool_calls = tool_calls  # chat: answers' <tool_call> blocks are returned as tool_calls
+        self.tool_calls = tool_calls  # chat: answers' tool calls are returned as tool_calls
+        self.tool_parser = tool_parser  # how the model writes them (--tool-call-parser)
         self.named_tool = named_tool  # tool_choice named the function: finish_reason stays "stop"
         self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs=n (None: not asked for)
         self._logprob_formats: dict[int, LogprobFormatter] = {}  # each choice's (completions' offsets run on)
@@ -158,7 +160,7 @@ class _Format:
         return body
 
     def _message(self, out: RequestOutput) -> dict[str, Any]:
-        content, calls = parse_tool_calls(out.text) if self.tool_calls else (out.text, [])
+        content, calls = self.tool_parser.parse(out.text) if self.tool_calls else (out.text, [])
         message: dict[str, Any] = {"role": "assistant", "content": content if calls else out.text}
         if calls:
             message["tool_calls"] = [c.as_json() for c in calls]
@@ -222,9 +224,11 @@ class OpenAIRoutes:
     """The HTTP handlers; everything engine-side goes through the EngineLoop."""
 
     def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_names: Sequence[str], max_model_len: int,
-                 trust_request_chat_template: bool = False, named: bool = True) -> None:  # fmt: skip
+                 trust_request_chat_template: bool = False, named: bool = True,
+                 tool_parser: ToolCallParser = HermesCalls) -> None:  # fmt: skip
         self.loop = loop
         self.trust_template = trust_request_chat_template
+        self.tool_parser = tool_parser  # how the model writes tool calls (--tool-call-parser)
         self.metrics = metrics
         self.model_names = list(dict.fromkeys(model_names))  # answers carry the first, as vLLM's
         self.model_name = self.model_names[0]
@@ -295,7 +299,8 @@ class OpenAIRoutes:
     # -- generation -------------------------------------------------------------------------------
     async def _generate(self, request: Request, chat: bool) -> Response:
         body = parse_json_object(await request.body())
-        parse = functools.partial(parse_chat, trust_template=self.trust_template) if chat else parse_completion
+        parse = (functools.partial(parse_chat, trust_template=self.trust_template, tool_format=self.tool_parser.name)
+                 if chat else parse_completion)  # fmt: skip
         parse = functools.partial(parse, max_logprobs=self.loop.engine.max_logprobs)  # --max-logprobs
         # in a worker thread: compiling a large schema or grammar must not hold up other requests' streams
         parsed = await asyncio.to_thread(parse, body, request.headers.get("x-session-id"), self.max_model_len,
@@ -311,7 +316,7 @@ class OpenAIRoutes:
                 hidden = tok.added_prefix(parsed.prompt)
         fmt = _Format(rid, self.model_name, chat, parsed.include_usage, tok, parsed.params.logprobs, echo,
                       parsed.prompt_logprobs, isinstance(parsed.prompt, str), parsed.parse_tool_calls,
-                      parsed.named_tool, hidden)  # fmt: skip
+                      parsed.named_tool, hidden, self.tool_parser)  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
@@ -423,7 +428,7 @@ class OpenAIRoutes:
                     break
                 if item.finished:
                     c.done, c.out = True, item
-                    content, calls = parse_tool_calls(item.text) if fmt.tool_calls else (item.text, [])
+                    content, calls = fmt.tool_parser.parse(item.text) if fmt.tool_calls else (item.text, [])
                     text = (content or "") if calls else item.text
                     tail, lps = text[len(c.sent) :], c.new_logprobs(item)
                     if tail or lps:
@@ -434,7 +439,7 @@ class OpenAIRoutes:
                     yield fmt.chunk(None if fmt.chat else "", finish_reason=reason, index=i)
                     continue
                 # with tools, text from a <tool_call> on waits for the end (it may be a call)
-                shown = item.text[: plain_text_end(item.text)] if fmt.tool_calls else item.text
+                shown = item.text[: fmt.tool_parser.plain_text_end(item.text)] if fmt.tool_calls else item.text
                 delta = stream_delta(shown, c.sent, parsed.params.stop)
                 if delta:
                     c.sent += delta
@@ -520,6 +525,7 @@ def create_app(
     trust_request_chat_template: bool = False,
     responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES,
     log_requests: bool = False,
+    tool_call_format: str = "hermes",
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
@@ -528,6 +534,7 @@ def create_app(
     methods and headers, and credentials if allowed. `trust_request_chat_template`: a request's own
     chat_template is rendered (in transformers' sandbox), as vLLM's --trust-request-chat-template.
     /v1/responses keeps stored responses (for previous_response_id) within `responses_store_bytes`.
+    `tool_call_format`: how the model writes tool calls (hermes, llama3_json; vLLM's --tool-call-parser).
     `log_requests`: one INFO line per request received (vLLM's --enable-log-requests)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
@@ -540,7 +547,8 @@ def create_app(
     loop = EngineLoop(engine, on_finished=metrics.observe_finished, log_requests=log_requests)
     metrics.registry.register(EngineStatsCollector(loop.stats))
     routes = OpenAIRoutes(loop, metrics, names or [default_model_name(engine)], engine.max_model_len,
-                          trust_request_chat_template, named=bool(names))  # fmt: skip
+                          trust_request_chat_template, named=bool(names),
+                          tool_parser=tool_call_parser(tool_call_format))  # fmt: skip
     if allow_credentials and "*" in allowed_origins:
         log.warning("--allow-credentials with any origin: every web page may call this server with its users' "
                     "cookies; name the origins (--allowed-origins)")  # fmt: skip
@@ -600,6 +608,7 @@ def serve(args: argparse.Namespace) -> int:
                      allow_credentials=getattr(args, "allow_credentials", False),
                      trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
                      responses_store_bytes=getattr(args, "responses_store_bytes", DEFAULT_RESPONSES_STORE_BYTES),
+                     tool_call_format=getattr(args, "tool_call_parser", "hermes"),
                      log_requests=getattr(args, "enable_log_requests", False))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(

@@ -381,7 +381,9 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool, tuple[str, ..
 
 
 def parse_chat(body: dict, session_header: str | None, max_model_len: int, defaults: Mapping[str, Any] | None = None,
-               trust_template: bool = False, max_logprobs: int = MAX_LOGPROBS) -> ParsedRequest:  # fmt: skip
+               trust_template: bool = False, max_logprobs: int = MAX_LOGPROBS,
+               tool_format: str = "hermes") -> ParsedRequest:  # fmt: skip
+    """A chat request; `tool_format`: how the model writes a call a tool_choice forces (--tool-call-parser)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {'role': ..., 'content': ...} objects", "messages")
@@ -405,7 +407,8 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
             field = next(k for k in asked if body.get(k) not in (None, {"type": "text"}))
             raise bad(f"{field} cannot be combined with a required tool call: the answer is one or the other", field)
         parameters = forced_parameters(tools, forced)
-        common["params"] = replace(common["params"], tool_call_names=forced, tool_call_parameters=parameters)
+        common["params"] = replace(common["params"], tool_call_names=forced, tool_call_parameters=parameters,
+                                   tool_call_format=tool_format)  # fmt: skip
     named = isinstance(body.get("tool_choice"), dict)
     return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named,
                          chat_options=chat_options(body, out, trust_template), **common)  # fmt: skip

@@ -32,7 +32,7 @@ from cachedattention.server.responses_request import (
 )
 from cachedattention.server.responses_store import ResponseStore, SharedResponses, StoredResponse
 from cachedattention.server.stream_text import stream_delta
-from cachedattention.server.tool_calls import ToolCall, parse_tool_calls, plain_text_end
+from cachedattention.server.tool_calls import ToolCall, ToolCallParser
 
 if TYPE_CHECKING:
     from cachedattention.server.app import OpenAIRoutes
@@ -61,8 +61,9 @@ class _Answer:
     """One response object for one engine request: its output items, status and usage."""
 
     def __init__(self, rid: str, model: str, req: ResponsesRequest, parsed: ParsedRequest,
-                 tokenizer: Tokenizer | None) -> None:  # fmt: skip
+                 tokenizer: Tokenizer | None, tool_parser: ToolCallParser) -> None:  # fmt: skip
         self.id, self.model, self.req, self.parsed = rid, model, req, parsed
+        self.tool_parser = tool_parser
         self.created_at = int(time.time())
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.tokenizer = tokenizer
@@ -70,7 +71,7 @@ class _Answer:
 
     def split(self, out: RequestOutput) -> tuple[str | None, list[ToolCall]]:
         """The answer's text and its tool calls (when tools may be called)."""
-        return parse_tool_calls(out.text) if self.parsed.parse_tool_calls else (out.text, [])
+        return self.tool_parser.parse(out.text) if self.parsed.parse_tool_calls else (out.text, [])
 
     def logprob_entries(self, logprobs: list | None) -> list[dict[str, Any]]:
         if not self.logprobs or not logprobs:
@@ -207,7 +208,8 @@ class ResponsesRoutes:
         try:  # in a worker thread, as chat's: a large schema or grammar compiles there
             parsed = await asyncio.to_thread(parse_chat, req.chat_body, request.headers.get("x-session-id"),
                                              routes.max_model_len, routes.loop.engine.sampling_defaults,
-                                             routes.trust_template, routes.loop.engine.max_logprobs)  # fmt: skip
+                                             routes.trust_template, routes.loop.engine.max_logprobs,
+                                             routes.tool_parser.name)  # fmt: skip
         except APIError as e:
             raise in_responses_terms(e) from None
         routes._check_model(parsed.model)
@@ -218,7 +220,7 @@ class ResponsesRoutes:
         session = parsed.session_id or (prev.session_id if prev else None) or (rid if req.store or auto else None)
         parsed = replace(parsed, session_id=session)
         streams = await routes._submit(rid, parsed, _room(parsed, req.truncation), truncate=auto, render_aside=True)
-        answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer)
+        answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer, routes.tool_parser)
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             events = self._events(streams[0], answer, prev)
@@ -279,7 +281,7 @@ class _StreamedText:
     def progress(self, out: RequestOutput) -> list[str]:
         text = out.text
         if self.answer.parsed.parse_tool_calls:  # from a <tool_call> on, text waits for the end (it may be a call)
-            text = text[: plain_text_end(text)]
+            text = text[: self.answer.tool_parser.plain_text_end(text)]
             if not text.strip():
                 return []  # blank text before a call is no message
         return self._send(stream_delta(text, self.sent, self.answer.parsed.params.stop), out.logprobs)

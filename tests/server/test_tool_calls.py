@@ -11,8 +11,10 @@ import pytest
 
 from cachedattention.model.messages import validate_messages
 from cachedattention.outputs import RequestMetrics, RequestOutput
-from cachedattention.server.tool_calls import parse_tool_calls, plain_text_end
+from cachedattention.server.tool_calls import HermesCalls, Llama3JsonCalls
 from tests.server.conftest import engine_config, start_server, with_template
+
+parse_tool_calls, plain_text_end = HermesCalls.parse, HermesCalls.plain_text_end
 
 # Hermes-style (as Qwen2.5's): the tools in the system turn, calls in <tool_call> blocks, results as <tool_response>
 TEMPLATE = (
@@ -310,3 +312,65 @@ def test_guided_fallback_tries_only_tokens_with_an_allowed_first_byte(embedded_l
     assert allowed and all(b"<tool_call>".startswith(tok.token_bytes(t)[:11]) for t in allowed)
     assert len(looked) < 256 + len(tok.tokens_by_first_byte()[ord("<")]) + 1 < len(tok.hf) // 10
     assert SamplingParams(tool_call_names="get_time").tool_call_names == ("get_time",)  # one name, not letters
+
+
+# as Llama 3.1's: the tools in the first user turn, calls written as bare JSON, results as "ipython"
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n"
+    "{%- for c in m.tool_calls %}{\"name\": \"{{ c.function.name }}\", \"parameters\": "
+    "{{ c.function.arguments | tojson }}}{%- endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}<|im_start|>ipython\n{{ m.content }}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n"
+    "{%- if tools and loop.first %}Functions: {% for t in tools %}{{ t | tojson }} {% endfor %}\n{%- endif %}"
+    "{{ m.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_llama3_json_calls_are_read_from_an_answer_that_is_nothing_but_calls():
+    parse, shown = Llama3JsonCalls.parse, Llama3JsonCalls.plain_text_end
+    content, calls = parse(' {"name": "get_weather", "parameters": {"city": "Paris"}}')
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    two = parse('<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "arguments": {"x": 1}}')[1]
+    assert [(c.name, c.arguments) for c in two] == [("f", "{}"), ("g", '{"x": 1}')]
+    for text in ("The weather is fine.", '{"name": "f", "parameters": {', '{"city": "Paris"}',
+                 'Sure: {"name": "f", "parameters": {}}', '{"name": "f"} trailing words'):  # fmt: skip
+        assert parse(text) == (text, [])  # not calls: the answer stays as it was
+    assert shown("") == shown("  ") == shown(' {"na') == shown("<|pyth") == 0  # it may still be a call: held
+    assert shown("Sure, ") == len("Sure, ")  # a call starts the answer or there is none
+
+
+def test_a_forced_call_in_llama3_form_is_written_and_read_back(tool_model_dir, tmp_path):
+    """tool_choice "required" with --tool-call-parser llama3_json: the answer is one Llama 3 JSON
+    call (even from a random-weight model), returned as tool_calls, whole and streamed."""
+    from cachedattention.engine.tool_choice import tool_call_automaton
+
+    auto = tool_call_automaton(["f"], [], "llama3_json")
+    assert auto.is_done(auto.advance(auto.start, b'{"name": "f", "parameters": {"x": 5}}'))
+    assert auto.advance(auto.start, b"<tool_call>") is None  # not the Hermes form
+    srv = start_server(engine_config(with_template(tool_model_dir, tmp_path / "llama3", LLAMA3_TEMPLATE), False),
+                       tool_call_format="llama3_json")  # fmt: skip
+    try:
+        tok = srv.app.state.engine_loop.engine.tokenizer
+        bias = {str(tok.encode('"')[0]): 8, str(tok.encode("}")[0]): 8}  # a random model then closes its strings
+        body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "tool_choice": "required",
+                "max_tokens": 200, "temperature": 0, "logit_bias": bias}  # fmt: skip
+        r = _chat(srv.url, **body).json()["choices"][0]
+        call = r["message"]["tool_calls"][0]["function"]
+        assert r["finish_reason"] == "tool_calls" and r["message"]["content"] is None
+        assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"]), dict)
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+            events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert not "".join(d.get("content") or "" for d in deltas)  # none of the call streamed as text
+        assert [c["function"] for d in deltas for c in d.get("tool_calls", [])] == [call]
+        # the call and its result go back into the conversation as the template writes them
+        history = [{"role": "user", "content": "Weather?"},
+                   {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                                          "function": call}]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]  # fmt: skip
+        again = _chat(srv.url, messages=history, tools=[WEATHER], max_tokens=3, temperature=0)
+        assert again.status_code == 200, again.text
+    finally:
+        srv.stop()

@@ -145,14 +145,14 @@ def test_a_vllm_command_line_parses_and_reaches_the_engine_config():
 @pytest.mark.parametrize("flags, says", [
     (["-tp", "2"], "this engine runs one device"),
     (["--pipeline-parallel-size", "2"], "this engine runs one device"),
-    (["--kv-cache-dtype", "fp8"], "only 'auto' is supported"),
-    (["--tool-call-parser", "mistral"], "only 'hermes' is supported"),
+    (["--kv-cache-dtype", "fp8"], "'fp8' is not supported: the device pool keeps the model's dtype"),
+    (["--tool-call-parser", "mistral"], "supported: hermes, llama3_json"),
     (["--no-enable-chunked-prefill"], "always chunks prefill"),
     (["--gpu-memory-utilization", "0"], "in (0, 1]"),
     (["--gpu-memory-utilization", "1.2"], "in (0, 1]"),
     (["--max-logprobs", "-2"], "-1 for no limit"),
     (["--enable-log-requests", "--disable-log-requests"], "not allowed with"),
-    (["--response-role", "bot"], "only 'assistant'"),
+    (["--response-role", "bot"], "supported: assistant"),
     (["--uvicorn-log-level", "loud"], "invalid choice"),
 ])  # fmt: skip
 def test_what_this_engine_cannot_do_is_a_usage_error_saying_why(flags, says, capsys):
@@ -292,7 +292,9 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch):
 
     class FakeServer:  # records what serve() would run, without binding a port
         def __init__(self, config, loop) -> None:
-            seen.update(log_level=config.log_level, log_requests=loop.log_requests, seed=loop.engine.config.seed)
+            chat = next(r for r in config.app.routes if getattr(r, "path", "") == "/v1/chat/completions")
+            seen.update(log_level=config.log_level, log_requests=loop.log_requests, seed=loop.engine.config.seed,
+                        tool_parser=chat.endpoint.__self__.tool_parser.name)
             self.started = True
 
         def run(self) -> None:
@@ -300,6 +302,11 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch):
 
     monkeypatch.setattr(app_module, "_DrainingServer", FakeServer)
     args = build_parser().parse_args(["serve", str(chat_model_dir), "--kv-pool-bytes", str(4 << 20), "--seed", "5",
-                                      "--uvicorn-log-level", "warning", "--enable-log-requests"])  # fmt: skip
+                                      "--uvicorn-log-level", "warning", "--enable-log-requests",
+                                      "--tool-call-parser", "llama3_json"])  # fmt: skip
     assert app_module.serve(args) == 0
-    assert seen == {"log_level": "warning", "log_requests": True, "seed": 5}
+    assert seen == {"log_level": "warning", "log_requests": True, "seed": 5, "tool_parser": "llama3_json"}
+    from cachedattention.cli_vllm import TOOL_CALL_PARSERS
+    from cachedattention.server.tool_calls import TOOL_CALL_PARSERS as IMPLEMENTED
+
+    assert TOOL_CALL_PARSERS == tuple(IMPLEMENTED)  # the flag offers exactly the parsers there are
