@@ -10,3 +10,7 @@ class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class SessionBusy(InvalidRequest):
+    """A session cannot be forgotten while a turn of it is running (the server answers 409)."""

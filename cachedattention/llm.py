@@ -200,5 +200,10 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    def forget_session(self, session_id: str) -> bool:
+        """Forget a conversation's KV everywhere it is kept (device pages, host, disk, the remote
+        server): its next turn is computed whole. Whether the store held it."""
+        return self.engine.forget_session(session_id)
+
     def close(self) -> None:
         self.engine.close()

@@ -18,7 +18,8 @@ from cachedattention.engine.guided import GuidedConstraint
 from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
-from cachedattention.errors import InvalidRequest
+from cachedattention.errors import InvalidRequest, SessionBusy
+from cachedattention.kvcache.hashing import block_hashes
 from cachedattention.kvcache.kv_pool import (
     DEFAULT_CPU_BYTES,
     KVPool,
@@ -242,6 +243,24 @@ class LLMEngine:
         # the end the model itself writes (Llama-3's <|eot_id|>, not the smallest of its end ids)
         end = tok.eos_token_id if tok.eos_token_id in self.eos_token_ids else min(self.eos_token_ids, default=None)
         return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte, end)
+
+    def forget_session(self, session_id: str) -> bool:
+        """Forget a conversation: its KV in the store's tiers (host, disk, the remote server) and
+        its device pages no request is using; whether the store held it. SessionBusy (a ValueError)
+        while a turn of it runs: that turn would save it again."""
+        if not isinstance(session_id, str) or not session_id or session_id.startswith(ANON_PREFIX):
+            raise InvalidRequest("session_id must be a non-empty string naming a client's session", "session_id")
+        if any(r.session_id == session_id and not r.is_finished for r in self.requests.values()):
+            raise SessionBusy(f"session {session_id!r} has a turn in progress; forget it once that turn has finished",
+                              "session_id")  # fmt: skip
+        rec = self.store.store.forget(session_id) if self.store is not None else None
+        if rec is None:
+            return False
+        # its device pages: the blocks of the conversation as sent, and as computed after a cut
+        size = self.config.cache.page_size
+        computed = rec.logical[: rec.head] + rec.logical[rec.dropped_until :]
+        self.pages.forget_cached(block_hashes(rec.logical, size) + block_hashes(computed, size))
+        return True
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

@@ -130,6 +130,19 @@ class PagePool:
             self._refs[page] += 1
         return pages
 
+    def forget_cached(self, hashes: Sequence[int]) -> int:
+        """Free the cached pages holding these blocks (a conversation forgotten); pages in use stay
+        with their requests. How many were freed."""
+        freed = 0
+        for h in hashes:
+            page = self._hash_page.get(h)
+            if page is not None and page in self._evictable:
+                del self._evictable[page]
+                self._forget_hash(page)
+                self._put_free(page)
+                freed += 1
+        return freed
+
     def clear_cache(self) -> None:
         """Drop every cached (unreferenced) page, e.g. to force a store hit in tests."""
         while self._evictable:

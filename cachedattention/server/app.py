@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
+from cachedattention.errors import SessionBusy
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
 from cachedattention.server.api_error import APIError, aborted_error, as_api_error, error_body, error_response
@@ -248,6 +249,7 @@ class OpenAIRoutes:
         app.add_api_route("/tokenize", self.tokenize, methods=["POST"])
         app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
         app.add_api_route("/version", self.version, methods=["GET"])
+        app.add_api_route("/v1/sessions/{session_id:path}", self.forget_session, methods=["DELETE"])
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
@@ -268,6 +270,18 @@ class OpenAIRoutes:
 
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def forget_session(self, session_id: str) -> dict[str, Any]:
+        """Forget a conversation's KV wherever it is kept (this server's tiers and the remote one)."""
+        try:
+            held = await self.loop.forget_session(session_id)
+        except SessionBusy as e:
+            raise APIError(409, str(e), "session_busy", "session_id") from None
+        except (ServerDraining, ValueError) as e:
+            raise as_api_error(e) from None
+        if not held:
+            raise APIError(404, f"session {session_id!r} is not held by this server", "not_found", "session_id")
+        return {"id": session_id, "object": "session", "deleted": True}
 
     async def version(self) -> dict[str, str]:
         return {"version": package_version()}

@@ -83,6 +83,23 @@ class RequestStream:
         return await self._queue.get()
 
 
+def _resolve(future: asyncio.Future, result: Any) -> None:
+    """Settle an event-loop future from the engine thread: its result, or the exception given."""
+
+    def settle() -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    try:
+        future.get_loop().call_soon_threadsafe(settle)
+    except RuntimeError:  # the event loop is closed: nobody waits any more
+        pass
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None,
                  log_requests: bool = False) -> None:  # fmt: skip
@@ -123,6 +140,15 @@ class EngineLoop:
             if request_id not in self._active:
                 return
         self._cmds.put(("abort", request_id))
+
+    def forget_session(self, session_id: str) -> asyncio.Future:
+        """Forget a session on the engine's thread (its page pool is that thread's); the future
+        resolves to whether it was held, or to the engine's error."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        if not self._accepting:
+            raise ServerDraining("the server is shutting down")
+        self._cmds.put(("forget", session_id, future))
+        return future
 
     def stats(self) -> dict[str, Any]:
         """The engine's stats as of the last step (a snapshot: reading the engine here would race)."""
@@ -178,6 +204,8 @@ class EngineLoop:
                 return False
             if cmd[0] == "add":
                 self._add(cmd[1], cmd[2])
+            elif cmd[0] == "forget":
+                self._forget(*cmd[1:])
             else:
                 out = self._safe_abort(cmd[1])
                 if out is not None:
@@ -218,6 +246,15 @@ class EngineLoop:
             return
         self._streams[job.request_id] = stream
         stream.put(ACCEPTED)
+
+    def _forget(self, session_id: str, future: asyncio.Future) -> None:
+        try:
+            result: Any = self.engine.forget_session(session_id)
+        except Exception as e:  # ValueError: the client's (-> 4xx); anything else is ours (-> 500)
+            if not isinstance(e, ValueError):
+                log.exception("forgetting session %r failed", session_id)
+            result = e
+        _resolve(future, result)
 
     def _check_room(self, n: int, asked: int) -> None:
         """ValueError if a prompt of n tokens plus the max_tokens asked for passes the window."""
@@ -298,6 +335,8 @@ class EngineLoop:
             if cmd is not _STOP and cmd[0] == "add":
                 self._settle(cmd[1].request_id)
                 cmd[2].put(ServerDraining("the server is shutting down"))
+            elif cmd is not _STOP and cmd[0] == "forget":
+                _resolve(cmd[2], ServerDraining("the server is shutting down"))
 
     def _fail(self, request_id: str, error: Exception) -> None:
         stream = self._streams.pop(request_id, None)

@@ -180,6 +180,11 @@ class RemoteSync:
     def forget(self, seg_id: str) -> None:
         self.fresh.discard(seg_id)
 
+    def forget_session(self, rec: SessionRecord) -> None:
+        """Delete the session's record and segments on the server, after any publish of it queued
+        before (the same thread, in order: a late publish cannot bring it back). Under the store lock."""
+        self._publish_q.put(("forget", rec.key, rec.segment_ids()))
+
     # -- publishing this replica's turns -------------------------------------------------------------
     def publish(self, key: str) -> None:
         """Queue the session's record for publishing (after its segments). Under the store lock."""
@@ -187,7 +192,11 @@ class RemoteSync:
             self._publish_queued.add(key)
             self._publish_q.put(key)
 
-    def _publish(self, key: str) -> None:
+    def _publish(self, job: str | tuple) -> None:
+        if isinstance(job, tuple):  # ("forget", key, segment ids)
+            self._unpublish(job[1], job[2])
+            return
+        key = job
         store = self.store
         with store._lock:
             self._publish_queued.discard(key)
@@ -221,6 +230,12 @@ class RemoteSync:
                 self.stats.records_superseded += 1
         except OSError as e:  # the tier warns once and pauses its calls; the next turn publishes again
             log.debug("store: publishing session %r failed (%s)", key, e)
+
+    def _unpublish(self, key: str, seg_ids: list[str]) -> None:
+        try:
+            self.tier.drop_session(key, seg_ids)
+        except OSError as e:  # the server is down: its own eviction (or the TTL) ages them out
+            log.warning("store: session %r could not be deleted from the remote store (%s)", key, e)
 
     def _publish_blocks(self, key: str, rec: SessionRecord) -> None:
         """The record's blocks not published under this key before (an extended record: its new ones)."""

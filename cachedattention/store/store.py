@@ -55,6 +55,7 @@ class StoreStats:
     preloads: int = 0  # queue heads loaded into the device read buffer before admission
     threshold_demotions: int = 0  # host -> disk moves made ahead of need (free host under the threshold)
     expired_segments: int = 0  # segments forgotten by the disk TTL
+    sessions_forgotten: int = 0  # sessions a client asked to forget
 
 
 class AttentionStore:
@@ -438,6 +439,24 @@ class AttentionStore:
         self.records[record.key] = record
         self._index_anon(record)
 
+    def forget(self, key: str) -> SessionRecord | None:
+        """Drop a session: its record, the segments no other record names (host, disk), and its
+        record and segments on the remote tier's server (also when only another replica served it);
+        the record forgotten, None if there was none."""
+        with self._lock:
+            rec = self.records.get(key)
+            if rec is not None:
+                self._drop_record(key)
+        if rec is None and self.remote is not None:
+            rec = self.remote.read_record(key)  # a network call: not under the lock
+        if rec is None:
+            return None
+        with self._lock:
+            if self.remote is not None:
+                self.remote.forget_session(rec)
+            self.stats.sessions_forgotten += 1
+        return rec
+
     def _drop_record(self, key: str) -> None:
         rec = self.records.pop(key)
         self._unindex_anon(rec)
@@ -601,6 +620,7 @@ class AttentionStore:
             "preloads": s.preloads,
             "threshold_demotions": s.threshold_demotions,
             "expired_segments": s.expired_segments,
+            "sessions_forgotten": s.sessions_forgotten,
             "sessions": len(self.records),
             **(self.remote.summary() if self.remote is not None else {}),
         }
