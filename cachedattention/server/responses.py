@@ -70,8 +70,12 @@ class _Answer:
         self.logprobs = parsed.params.logprobs is not None
 
     def split(self, out: RequestOutput) -> tuple[str | None, list[ToolCall]]:
-        """The answer's text and its tool calls (when tools may be called)."""
-        return self.tool_parser.parse(out.text) if self.parsed.parse_tool_calls else (out.text, [])
+        """The answer's text and its tool calls (when tools may be called; with parallel_tool_calls
+        false, the first one only, as OpenAI promises at most one)."""
+        if not self.parsed.parse_tool_calls:
+            return out.text, []
+        text, calls = self.tool_parser.parse(out.text)
+        return text, calls if self.req.echo["parallel_tool_calls"] else calls[:1]
 
     def logprob_entries(self, logprobs: list | None) -> list[dict[str, Any]]:
         if not self.logprobs or not logprobs:

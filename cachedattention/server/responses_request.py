@@ -144,7 +144,9 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise bad("background responses are not supported by this server; stream the response instead",
                   "background", "unsupported_parameter")  # fmt: skip
     reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and any(v is not None for v in reasoning.values()):
+    if reasoning is not None and not isinstance(reasoning, dict):
+        raise bad("reasoning must be an object", "reasoning", "invalid_type")
+    if reasoning and any(v is not None for v in reasoning.values()):
         raise bad("reasoning options are not supported: this server's models do not reason before answering",
                   "reasoning", "unsupported_parameter")  # fmt: skip
     include = body.get("include") or []

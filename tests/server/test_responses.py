@@ -130,6 +130,7 @@ def test_the_response_object_echoes_the_request(server):
         ({"tool_choice": "required"}, "tool_choice"),
         ({"text": {"format": {"type": "yaml"}}}, "text.format"),
         ({"top_logprobs": "many"}, "top_logprobs"),
+        ({"reasoning": "high"}, "reasoning"),
     ],
 )  # fmt: skip
 def test_what_is_not_supported_or_malformed_is_a_400_naming_the_field(server, extra, param):
@@ -407,3 +408,20 @@ def test_with_the_remote_tier_down_responses_are_served_from_this_replica_and_no
         assert e.value.status_code == 503 and c.responses.retrieve(r.id).id == r.id
     finally:
         srv.stop()
+
+
+def test_parallel_tool_calls_false_keeps_one_call():
+    from cachedattention.server.protocol import parse_chat
+    from cachedattention.server.responses import _Answer
+    from cachedattention.server.responses_request import read_request
+    from cachedattention.server.tool_calls import HermesCalls
+    from tests.server.test_tool_calls import CALL, _output
+
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    two = _output(CALL + CALL.replace("Paris", "Oslo"), True)
+    for parallel, n in ((True, 2), (False, 1)):
+        req = read_request({"input": "Weather?", "tools": [tool], "parallel_tool_calls": parallel}, [])
+        answer = _Answer("resp_1", "m", req, parse_chat(req.chat_body, None, 1024), None, HermesCalls)
+        calls = [o for o in answer.output(two) if o["type"] == "function_call"]
+        assert len(calls) == n and json.loads(calls[0]["arguments"]) == {"city": "Paris"}
+        assert len(answer.assistant_turn(two)["tool_calls"]) == n  # the conversation holds what was returned
