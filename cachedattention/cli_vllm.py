@@ -19,13 +19,15 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
                    help="the model, as the positional MODEL (vLLM takes either; both must then agree)")
     g.add_argument("--gpu-memory-utilization", type=fraction, default=None, metavar="F",
                    help="on CUDA, the share in (0, 1] of the device's memory for weights, activations and the KV "
-                        "pool: the pool gets F x total memory, less what is in use once the weights are loaded "
-                        "(other processes' too) and an estimate of the activations (vLLM's default is 0.9; ours "
+                        "pool: the pool gets F x total memory, less what this engine uses once its weights are "
+                        "loaded and an estimate of the activations; F of the device must be free at start "
+                        "(vLLM's default is 0.9; ours "
                         "without it: --kv-pool-bytes' default). --kv-pool-bytes wins; a CPU pool is sized by "
                         "--kv-pool-bytes only")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="keep finished requests' KV pages on the device for later prompts that share a prefix "
-                        "(default: on)")
+                        "(default: on); the store's sessions and stored prefixes serve whatever this says "
+                        "(--no-store: none)")
     g.add_argument("--max-logprobs", type=logprobs_limit, default=MAX_LOGPROBS, metavar="N",
                    help=f"the most logprobs, top_logprobs or prompt_logprobs a request may ask for (-1: no limit; "
                         f"default {MAX_LOGPROBS}, as vLLM); above it a request is answered 400")
@@ -49,7 +51,7 @@ ENGINE_AS_IS = {
                            "it implements itself",
 }  # fmt: skip
 SERVER_AS_IS = {
-    "--enable-auto-tool-choice": "tool_choice 'auto' is always on here (answers' <tool_call> blocks become tool_calls)",
+    "--enable-auto-tool-choice": "tool_choice 'auto' is always on here (answers' calls become tool_calls)",
     "--disable-log-stats": "this server logs no periodic stats (they are at /metrics and /health)",
 }
 

@@ -19,7 +19,6 @@ from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
 from cachedattention.errors import InvalidRequest, SessionBusy
-from cachedattention.kvcache.hashing import block_hashes
 from cachedattention.kvcache.kv_pool import (
     DEFAULT_CPU_BYTES,
     KVPool,
@@ -112,9 +111,14 @@ class LLMEngine:
         if util is not None and self.device.type == "cuda":
             torch.cuda.empty_cache()  # the loader's freed temporaries are not this engine's use
             free, total = torch.cuda.mem_get_info(self.device)
+            ours = torch.cuda.memory_reserved(self.device)  # the weights: this process's, not other processes'
+            if util * total > free + ours:  # as vLLM: the share asked for must be free at start
+                raise ValueError(f"gpu_memory_utilization {util} asks for {util * total / 2**30:.2f} GiB of the device, "
+                                 f"but only {(free + ours) / 2**30:.2f} GiB is free for this engine (other processes "
+                                 f"use the rest); lower --gpu-memory-utilization")  # fmt: skip
             headroom = activation_bytes(self.spec, s.max_num_batched_tokens, s.max_num_seqs, self.max_model_len, elt)
             page_bytes = self.spec.kv_bytes_per_token(elt) * c.page_size
-            return pool_bytes_for_utilization(util, total, total - free, headroom, min_bytes=2 * page_bytes)
+            return pool_bytes_for_utilization(util, total, ours, headroom, min_bytes=2 * page_bytes)
         if util is not None and self.device.type != "cuda":
             log.warning("gpu_memory_utilization (--gpu-memory-utilization) applies on CUDA only: the %s KV pool is "
                         "sized by kv_pool_bytes (--kv-pool-bytes; by default at most %d MiB)", self.device.type,
@@ -208,6 +212,8 @@ class LLMEngine:
         if self.store is not None:
             self.store.prepare(req)  # may truncate an overflowing conversation
         if len(req.prompt_token_ids) >= self.max_model_len:
+            if self.store is not None:  # the plan holds its history's segments: let them go
+                self.store.request_finished(req, saved=False)
             raise ValueError(
                 f"the prompt has {len(req.prompt_token_ids)} tokens but the model's window is "
                 f"{self.max_model_len}; shorten it (or enable store truncation for sessions)"
@@ -245,22 +251,16 @@ class LLMEngine:
         return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte, end)
 
     def forget_session(self, session_id: str) -> bool:
-        """Forget a conversation: its KV in the store's tiers (host, disk, the remote server) and
-        its device pages no request is using; whether the store held it. SessionBusy (a ValueError)
-        while a turn of it runs: that turn would save it again."""
+        """Forget a conversation: its device blocks and its KV in the store's tiers (host, disk, the
+        remote server); whether anything was held. SessionBusy (a ValueError) while a turn of it
+        runs (that turn would save it again); OSError when the remote server cannot be read."""
         if not isinstance(session_id, str) or not session_id or session_id.startswith(ANON_PREFIX):
             raise InvalidRequest("session_id must be a non-empty string naming a client's session", "session_id")
         if any(r.session_id == session_id and not r.is_finished for r in self.requests.values()):
             raise SessionBusy(f"session {session_id!r} has a turn in progress; forget it once that turn has finished",
                               "session_id")  # fmt: skip
-        rec = self.store.store.forget(session_id) if self.store is not None else None
-        if rec is None:
-            return False
-        # its device pages: the blocks of the conversation as sent, and as computed after a cut
-        size = self.config.cache.page_size
-        computed = rec.logical[: rec.head] + rec.logical[rec.dropped_until :]
-        self.pages.forget_cached(block_hashes(rec.logical, size) + block_hashes(computed, size))
-        return True
+        on_device = self.pages.forget_owner(session_id) > 0  # every device block its requests wrote
+        return (self.store is not None and self.store.store.forget(session_id)) or on_device
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

@@ -217,7 +217,7 @@ class Scheduler:
             block = tokens[i * ps : (i + 1) * ps]
             h = chain_hash(parent, block)
             req.block_hashes.append(h)
-            self.pages.register(req.pages[i], h, block)
+            self.pages.register(req.pages[i], h, block, req.session_id)
             req.num_registered_blocks += 1
 
     def finish(self, req: Request) -> None:

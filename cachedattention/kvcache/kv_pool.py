@@ -44,16 +44,16 @@ def activation_bytes(spec: ModelSpec, max_num_batched_tokens: int, max_num_seqs:
 def pool_bytes_for_utilization(fraction: float, total_bytes: int, used_bytes: int, activation_bytes: int,
                                min_bytes: int) -> int:  # fmt: skip
     """vLLM's --gpu-memory-utilization: the pool gets what is left of `fraction` of the device's
-    memory once what is already used (the weights, and other processes') and the activations'
-    headroom are counted. ValueError when that is less than `min_bytes` (the smallest pool)."""
+    memory once what this engine already uses (the weights) and the activations' headroom are
+    counted. ValueError when that is less than `min_bytes` (the smallest pool)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {fraction}")
     budget = int(fraction * total_bytes) - used_bytes - activation_bytes
     if budget < min_bytes:
         raise ValueError(
             f"gpu_memory_utilization {fraction} allows {fraction * total_bytes / GIB:.2f} GiB of the device's "
-            f"{total_bytes / GIB:.2f} GiB, but {used_bytes / GIB:.2f} GiB is in use already (the weights, other "
-            f"processes) and {activation_bytes / GIB:.2f} GiB is kept for activations: that leaves no room for "
+            f"{total_bytes / GIB:.2f} GiB, but this engine uses {used_bytes / GIB:.2f} GiB already (the weights) "
+            f"and {activation_bytes / GIB:.2f} GiB is kept for activations: that leaves no room for "
             f"the KV cache; raise --gpu-memory-utilization, lower --max-num-batched-tokens or --max-model-len, "
             f"or size the pool with --kv-pool-bytes"
         )

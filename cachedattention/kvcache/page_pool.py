@@ -27,6 +27,7 @@ class PagePool:
         self._page_hash: dict[int, int] = {}
         self._page_tokens: dict[int, tuple[int, ...]] = {}
         self._hash_page: dict[int, int] = {}
+        self._page_owner: dict[int, str] = {}  # the session whose request wrote a cached block (forgetting it)
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached pages, LRU first
         self.evictions = 0
 
@@ -104,17 +105,21 @@ class PagePool:
     def _forget_hash(self, page: int) -> None:
         h = self._page_hash.pop(page)
         self._page_tokens.pop(page)
+        self._page_owner.pop(page, None)
         if self._hash_page.get(h) == page:
             del self._hash_page[h]
 
     # -- prefix cache ------------------------------------------------------------------------
-    def register(self, page: int, block_hash: int, tokens: Sequence[int]) -> None:
-        """Mark an in-use full page as holding the block with this hash (first writer wins)."""
+    def register(self, page: int, block_hash: int, tokens: Sequence[int], owner: str | None = None) -> None:
+        """Mark an in-use full page as holding the block with this hash (first writer wins); `owner`:
+        the session it was computed for."""
         if block_hash in self._hash_page or page in self._page_hash:
             return
         self._page_hash[page] = block_hash
         self._page_tokens[page] = tuple(tokens)
         self._hash_page[block_hash] = page
+        if owner is not None:
+            self._page_owner[page] = owner
 
     def match_prefix(self, hashes: Sequence[int], blocks: Sequence[Sequence[int]]) -> list[int]:
         """Longest run of cached blocks, verified by their tokens; each matched page gains a reference."""
@@ -130,15 +135,15 @@ class PagePool:
             self._refs[page] += 1
         return pages
 
-    def forget_cached(self, hashes: Sequence[int]) -> int:
-        """Free the cached pages holding these blocks (a conversation forgotten); pages in use stay
-        with their requests. How many were freed."""
+    def forget_owner(self, owner: str) -> int:
+        """A conversation forgotten: free the cached blocks its requests wrote, and make those still
+        in use (by a request sharing them) never cached again. How many cached pages were freed."""
+        pages = [p for p, o in self._page_owner.items() if o == owner]
         freed = 0
-        for h in hashes:
-            page = self._hash_page.get(h)
-            if page is not None and page in self._evictable:
+        for page in pages:
+            self._forget_hash(page)
+            if page in self._evictable:
                 del self._evictable[page]
-                self._forget_hash(page)
                 self._put_free(page)
                 freed += 1
         return freed
@@ -166,3 +171,5 @@ class PagePool:
                 raise RuntimeError(f"hash map out of sync for page {page}")
         if any(r < 0 for r in self._refs):
             raise RuntimeError("negative refcount")
+        if not self._page_owner.keys() <= self._page_hash.keys():
+            raise RuntimeError("a page has an owner but holds no cached block")

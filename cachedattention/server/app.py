@@ -279,6 +279,9 @@ class OpenAIRoutes:
             raise APIError(409, str(e), "session_busy", "session_id") from None
         except (ServerDraining, ValueError) as e:
             raise as_api_error(e) from None
+        except OSError as e:
+            raise APIError(503, f"the remote store cannot be reached ({e}): the session is not forgotten there; "
+                           "retry", "store_unavailable", type_="server_error") from None  # fmt: skip
         if not held:
             raise APIError(404, f"session {session_id!r} is not held by this server", "not_found", "session_id")
         return {"id": session_id, "object": "session", "deleted": True}

@@ -250,8 +250,8 @@ class EngineLoop:
     def _forget(self, session_id: str, future: asyncio.Future) -> None:
         try:
             result: Any = self.engine.forget_session(session_id)
-        except Exception as e:  # ValueError: the client's (-> 4xx); anything else is ours (-> 500)
-            if not isinstance(e, ValueError):
+        except Exception as e:  # ValueError: the client's (-> 4xx); OSError: the remote store's (-> 503)
+            if not isinstance(e, (ValueError, OSError)):
                 log.exception("forgetting session %r failed", session_id)
             result = e
         _resolve(future, result)

@@ -33,11 +33,16 @@ class ToolCall:
         return out if index is None else {"index": index, **out}
 
 
-def _call(obj: Any, keys: tuple[str, ...]) -> ToolCall | None:
-    """A call from a decoded JSON object with a name and its arguments under one of `keys`."""
+def _call(obj: Any, keys: tuple[str, ...], required: bool = False) -> ToolCall | None:
+    """A call from a decoded JSON object with a name and its arguments under the first of `keys`
+    it has (`required`: an object must be there, else it is no call: a JSON answer that only has a
+    "name" is not one)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
-    args = next((obj[k] for k in keys if k in obj), None) or {}
+    key = next((k for k in keys if k in obj), None)
+    if required and (key is None or not isinstance(obj[key], dict)):
+        return None
+    args = (obj[key] if key is not None else None) or {}
     args_text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
     return ToolCall(f"call_{uuid.uuid4().hex[:24]}", obj["name"], args_text)
 
@@ -98,7 +103,7 @@ class Llama3JsonCalls:
                 obj, i = decoder.raw_decode(body, i)
             except ValueError:
                 return text, []
-            call = _call(obj, ("parameters", "arguments"))
+            call = _call(obj, ("arguments", "parameters"), required=True)  # vLLM's order
             if call is None:
                 return text, []
             calls.append(call)

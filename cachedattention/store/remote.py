@@ -208,12 +208,13 @@ class RemoteTier:
             log.warning("store: the remote record of session %r is unreadable (%s); not served", key, e)
             return None
 
-    def drop_session(self, key: str, seg_ids: list[str]) -> None:
-        """Delete a session's record and these segments (a client asked to forget the conversation)."""
-        names = [self.record_key(key)] + [self.segment_key(s) for s in seg_ids]
-        self._call(self.writes, self.client.delete, *names)
+    def drop_segments(self, seg_ids: list[str]) -> None:
+        """Delete these segments (a client asked to forget their conversation)."""
+        names = [self.segment_key(s) for s in seg_ids]
+        if names:
+            self._call(self.writes, self.client.delete, *names)
         with self._lock:
-            for name in names[1:]:
+            for name in names:
                 self._written.pop(name, None)
 
     # -- the anonymous-prefix index: block hash -> the anonymous record whose prefix it ends ------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,15 +68,22 @@ class RemoteSync:
             t.start()
 
     # -- adopting another replica's turns ------------------------------------------------------------
-    def read_record(self, key: str) -> SessionRecord | None:
-        """The session's record on the remote store (None if none, or unreachable). Not under the store lock."""
+    def read_record(self, key: str, strict: bool = False) -> SessionRecord | None:
+        """The session's record on the remote store (None if none, or unreachable: `strict` raises
+        OSError then). A session some replica forgot is dropped here too, if this replica's copy is
+        older than the forgetting. Not under the store lock."""
         self.stats.record_reads += 1
         try:
             body = self.tier.get_record(key)
         except OSError as e:  # the tier warns once and pauses its calls
+            if strict:
+                raise
             log.debug("store: reading session %r's remote record failed (%s)", key, e)
             return None
         if body is None:
+            return None
+        if body.get("forgotten"):
+            self.store.forgotten_elsewhere(key, body.get("stamp"))
             return None
         try:
             rec = SessionRecord.from_json(body)
@@ -180,10 +188,14 @@ class RemoteSync:
     def forget(self, seg_id: str) -> None:
         self.fresh.discard(seg_id)
 
-    def forget_session(self, rec: SessionRecord) -> None:
-        """Delete the session's record and segments on the server, after any publish of it queued
-        before (the same thread, in order: a late publish cannot bring it back). Under the store lock."""
-        self._publish_q.put(("forget", rec.key, rec.segment_ids()))
+    def forget_session(self, key: str, records: Sequence[SessionRecord | None]) -> None:
+        """Replace the session's record on the server with a tombstone (other replicas drop their
+        copies at their next turn of it, and a publish of an older turn is refused) and delete the
+        segments these records name; after any publish of it queued before (the same thread, in
+        order). Under the store lock."""
+        segs = list(dict.fromkeys(seg for rec in records if rec is not None for seg in rec.segment_ids()))
+        self._publish_queued.discard(key)  # a turn after this one publishes again, after the tombstone
+        self._publish_q.put(("forget", key, segs, time.time()))
 
     # -- publishing this replica's turns -------------------------------------------------------------
     def publish(self, key: str) -> None:
@@ -193,8 +205,8 @@ class RemoteSync:
             self._publish_q.put(key)
 
     def _publish(self, job: str | tuple) -> None:
-        if isinstance(job, tuple):  # ("forget", key, segment ids)
-            self._unpublish(job[1], job[2])
+        if isinstance(job, tuple):  # ("forget", key, segment ids, when)
+            self._unpublish(*job[1:])
             return
         key = job
         store = self.store
@@ -231,9 +243,10 @@ class RemoteSync:
         except OSError as e:  # the tier warns once and pauses its calls; the next turn publishes again
             log.debug("store: publishing session %r failed (%s)", key, e)
 
-    def _unpublish(self, key: str, seg_ids: list[str]) -> None:
+    def _unpublish(self, key: str, seg_ids: list[str], stamp: float) -> None:
         try:
-            self.tier.drop_session(key, seg_ids)
+            self.tier.put_record(key, {"forgotten": True, "stamp": stamp})  # unless a later turn is there
+            self.tier.drop_segments(seg_ids)
         except OSError as e:  # the server is down: its own eviction (or the TTL) ages them out
             log.warning("store: session %r could not be deleted from the remote store (%s)", key, e)
 

@@ -158,9 +158,10 @@ def plan_turn(
     eff_lcp = 0  # effective tokens shared with the record: the history part of this prompt
     if record is not None:
         lcp = common_prefix(record.logical, prompt)
-        if lcp < record.head:
-            # the prompt differs inside the recorded head (a new system prompt): its own head applies
-            eff_lcp = lcp
+        if lcp < max(record.head, head_hint):
+            # the prompt differs inside the recorded head or its own (a new system prompt): its own head
+            # applies; a cut record's KV past its head sits at other positions, so none of it is reused
+            eff_lcp = min(lcp, record.head) if record.truncated else lcp
         elif record.truncated and (lcp < record.dropped_until or mode == "whole"):
             # the client edited history inside the dropped part (or wants it whole): only the head still matches
             head = dropped = record.head

@@ -78,6 +78,7 @@ class AttentionStore:
         self._refs: dict[str, int] = {}  # segment -> spans of records and plans in flight that name it
         self._pending: dict[str, threading.Event] = {}  # segments whose save is still running (write buffer)
         self._anon: dict[int, str] = {}  # block hash -> anonymous record key
+        self._forgotten: list[str] = []  # sessions another replica forgot, their device blocks still to drop
         self._queue_keys: list[str] = []
         self._lock = threading.RLock()
         self.stats = StoreStats()
@@ -439,23 +440,38 @@ class AttentionStore:
         self.records[record.key] = record
         self._index_anon(record)
 
-    def forget(self, key: str) -> SessionRecord | None:
-        """Drop a session: its record, the segments no other record names (host, disk), and its
-        record and segments on the remote tier's server (also when only another replica served it);
-        the record forgotten, None if there was none."""
+    def forget(self, key: str) -> bool:
+        """Drop a session: its record and the segments no other record names (host, disk); on the
+        remote tier's server, its record becomes a tombstone and the segments either record names go
+        (also when only other replicas served it). Whether anything was held. OSError when the
+        remote server cannot be read (what was held here is dropped all the same)."""
         with self._lock:
             rec = self.records.get(key)
             if rec is not None:
                 self._drop_record(key)
-        if rec is None and self.remote is not None:
-            rec = self.remote.read_record(key)  # a network call: not under the lock
-        if rec is None:
-            return None
+        theirs = self.remote.read_record(key, strict=True) if self.remote is not None else None  # not under the lock
+        if rec is None and theirs is None:
+            return False
         with self._lock:
             if self.remote is not None:
-                self.remote.forget_session(rec)
+                self.remote.forget_session(key, [rec, theirs])
             self.stats.sessions_forgotten += 1
-        return rec
+        return True
+
+    def forgotten_elsewhere(self, key: str, stamp: object) -> None:
+        """Another replica forgot the session at `stamp`: drop this replica's copy if it is older,
+        and have the engine drop its device blocks (`take_forgotten`)."""
+        with self._lock:
+            rec = self.records.get(key)
+            if rec is not None and isinstance(stamp, (int, float)) and rec.stamp < stamp:
+                self._drop_record(key)
+                self._forgotten.append(key)
+
+    def take_forgotten(self) -> list[str]:
+        """Sessions forgotten elsewhere since the last call (the engine drops their device blocks)."""
+        with self._lock:
+            out, self._forgotten = self._forgotten, []
+            return out
 
     def _drop_record(self, key: str) -> None:
         rec = self.records.pop(key)

@@ -335,6 +335,7 @@ def test_llama3_json_calls_are_read_from_an_answer_that_is_nothing_but_calls():
     two = parse('<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "arguments": {"x": 1}}')[1]
     assert [(c.name, c.arguments) for c in two] == [("f", "{}"), ("g", '{"x": 1}')]
     for text in ("The weather is fine.", '{"name": "f", "parameters": {', '{"city": "Paris"}',
+                 '{"name": "Alice", "age": 30}', '{"name": "f", "parameters": "not json"}',
                  'Sure: {"name": "f", "parameters": {}}', '{"name": "f"} trailing words'):  # fmt: skip
         assert parse(text) == (text, [])  # not calls: the answer stays as it was
     assert shown("") == shown("  ") == shown(' {"na') == shown("<|pyth") == 0  # it may still be a call: held

@@ -177,7 +177,7 @@ def test_the_pool_gets_what_the_utilization_leaves():
 
     # 0.9 of 80 GiB, less 20 GiB in use and 2 GiB of activations
     assert pool_bytes_for_utilization(0.9, 80 * GIB, 20 * GIB, 2 * GIB, min_bytes=1) == int(0.9 * 80 * GIB) - 22 * GIB
-    with pytest.raises(ValueError, match=r"allows 20.00 GiB of the device's 80.00 GiB, but 20.00 GiB is in use") as e:
+    with pytest.raises(ValueError, match=r"allows 20.00 GiB of the device's 80.00 GiB, but this engine uses 20.00 GiB") as e:
         pool_bytes_for_utilization(0.25, 80 * GIB, 20 * GIB, 2 * GIB, min_bytes=1)
     assert "--kv-pool-bytes" in str(e.value)
     with pytest.raises(ValueError, match="no room"):  # room, but less than the smallest pool
@@ -209,16 +209,23 @@ def test_gpu_memory_utilization_sizes_a_cuda_pool_and_warns_on_a_cpu(chat_model_
     assert "applies on CUDA only" in caplog.text and "--kv-pool-bytes" in caplog.text
     assert llm.engine.pool.num_pages == plain.engine.pool.num_pages  # the CPU pool's size is the default's
     plain.close()
-    # the same engine's arithmetic as on a CUDA device: 0.5 of 16 GiB, less the 3 GiB in use and the activations
+    # the same engine's arithmetic as on a CUDA device: 0.5 of 16 GiB, less this engine's 3 GiB (its weights)
+    # and the activations; another process's 2 GiB is not this engine's
     engine = llm.engine
     monkeypatch.setattr(engine, "device", torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (13 * GIB, 16 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3 * GIB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (11 * GIB, 16 * GIB))
     s = engine.config.scheduler
     headroom = activation_bytes(engine.spec, s.max_num_batched_tokens, s.max_num_seqs, engine.max_model_len, 4)
     assert engine._pool_budget(4) == 8 * GIB - 3 * GIB - headroom
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (7 * GIB, 16 * GIB))  # 9 GiB in use: over 0.5
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 9 * GIB)  # weights past half the device
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (7 * GIB, 16 * GIB))
     with pytest.raises(ValueError, match="no room for the KV cache"):
+        engine._pool_budget(4)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 1 * GIB)  # others hold 13 GiB: 0.5 is not free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * GIB, 16 * GIB))
+    with pytest.raises(ValueError, match="other processes use the rest"):
         engine._pool_budget(4)
     engine.config = replace(engine.config, cache=replace(engine.config.cache, memory_bytes=1 << 20))
     assert engine._pool_budget(4) == 1 << 20  # --kv-pool-bytes wins

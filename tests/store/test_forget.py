@@ -61,20 +61,64 @@ def test_a_session_with_a_turn_in_progress_is_not_forgotten(tiny_dirs):
     assert llm.forget_session("busy")
 
 
-def test_forgetting_on_one_replica_deletes_the_session_from_the_remote_server(tiny_dirs, tmp_path):
+def test_forgetting_on_one_replica_reaches_the_remote_server_and_the_other_replicas(tiny_dirs, tmp_path):
+    """Turn 1 on a, turn 2 on b (adopted through the server), then a forgets: every turn's segments
+    leave the server, the record becomes a tombstone, and b drops its own copy at its next turn."""
     path, _ = tiny_dirs["llama"]
     redis = RedisServer(tmp_path)
     try:
-        a = LLM(model=str(path), enable_store=True, remote_url=redis.url, cache=NO_DEVICE)
-        b = LLM(model=str(path), enable_store=True, remote_url=redis.url, cache=NO_DEVICE)
-        conv, _ = turns(a, "shared", 2)
-        a.engine.store.store.flush()  # published
-        tier = a.engine.store.store.remote.tier
-        assert tier.get_record("shared") is not None
-        assert b.forget_session("shared")  # b never served it: the server's copy is what it forgets
-        b.engine.store.store.flush()
-        assert tier.get_record("shared") is None and not list(tier.client.scan_iter(match=f"{tier.prefix}:seg:*"))
+        a = LLM(model=str(path), enable_store=True, remote_url=redis.url)
+        b = LLM(model=str(path), enable_store=True, remote_url=redis.url)
+        conv = list(range(5, 45))
+        out = a.generate([conv], PARAMS, session_id="shared")[0]
+        a.engine.store.store.flush()
+        conv = conv + out.token_ids + [10, 11, 12]
         out = b.generate([conv], PARAMS, session_id="shared")[0]
-        assert out.metrics.cached_tokens["remote"] == 0
+        assert out.metrics.cached_tokens["remote"] > 0
+        b.engine.store.store.flush()
+        conv = conv + out.token_ids + [13, 14, 15]
+        tier = a.engine.store.store.remote.tier
+        assert len(list(tier.client.scan_iter(match=f"{tier.prefix}:seg:*"))) == 2
+        assert a.forget_session("shared")
+        a.engine.store.store.flush()
+        assert tier.get_record("shared")["forgotten"] and not list(tier.client.scan_iter(match=f"{tier.prefix}:seg:*"))
+        again = b.generate([conv], PARAMS, session_id="shared")[0]  # b learns it from the tombstone
+        assert sum(again.metrics.cached_tokens.values()) == 0 and "shared" in b.engine.store.store.records
+        b.engine.store.store.flush()  # b's new turn publishes: later than the forgetting, it replaces the tombstone
+        assert "forgotten" not in tier.get_record("shared")
+        c = LLM(model=str(path), enable_store=True, remote_url=redis.url)
+        assert c.forget_session("shared")  # c never served it: the server's copy is what it forgets
+        for llm in (a, b, c):
+            llm.engine.store.store.check_integrity()
+            llm.engine.pages.check_integrity()
     finally:
         redis.stop()
+    down = LLM(model=str(path), enable_store=True, remote_url=redis.url)
+    with pytest.raises(OSError):  # the server cannot be read: it may still hold the session (a 503)
+        down.forget_session("shared")
+
+
+def test_a_refused_turn_lets_its_history_go(tiny_dirs):
+    """A session's turn refused after its plan (it does not fit) holds none of its segments."""
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path), enable_store=True, max_model_len=96)
+    conv, _ = turns(llm, "s", 1)
+    with pytest.raises(ValueError, match="window"):
+        llm.engine.add_request(conv + list(range(5, 95)), PARAMS, session_id="s", truncate=False)
+    assert llm.forget_session("s")
+    llm.engine.store.store.flush()
+    assert llm.stats()["host_bytes_used"] == 0
+
+
+def test_every_device_block_of_a_forgotten_session_goes_an_edited_branch_too(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path))  # no store: the device cache alone
+    original = list(range(5, 70))
+    llm.generate([original], PARAMS, session_id="u")
+    llm.generate([original[:20] + list(range(80, 125))], PARAMS, session_id="u")  # an edited history
+    llm.generate([list(range(130, 170))], PARAMS, session_id="other")
+    assert llm.forget_session("u") and not llm.forget_session("u")
+    replay = llm.generate([original], PARAMS)[0]  # someone sends u's original branch again
+    assert replay.metrics.cached_tokens["device"] == 0
+    assert llm.generate([list(range(130, 170))], PARAMS)[0].metrics.cached_tokens["device"] > 0  # not another's
+    llm.engine.pages.check_integrity()

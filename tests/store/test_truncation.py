@@ -40,6 +40,11 @@ def test_a_new_head_replaces_the_recorded_one_and_whole_mode_applies_no_cut():
     plan = plan_turn(rec, longer_head + [7] * 120, WINDOW, 16, head_hint=15, drop_fraction=0.5, mode="reuse")
     assert plan.head == 15 and plan.effective_prompt[:15] == longer_head  # never cut inside the new head
     assert plan.reuse == [Span("a", 0, 3)] and plan.truncated_now > 0
+    # a session started without a system prompt (head: one BOS) that gets one: the new head is kept whole
+    bos = SessionRecord("b", [1] + list(range(100, 150)), [Span("c", 0, 51)], head=1, dropped_until=1)
+    system = [1] + [600] * 30
+    grown = plan_turn(bos, system + list(range(100, 200)), WINDOW, 16, head_hint=31, drop_fraction=0.5, mode="reuse")
+    assert grown.head == 31 and grown.effective_prompt[:31] == system and grown.reuse == [Span("c", 0, 1)]
     whole = plan_turn(rec, list(range(100)) + [7] * 10, WINDOW, 16, 0, 0.5, "whole")
     assert whole.effective_prompt == list(range(100)) + [7] * 10 and whole.truncated_now == 0
     assert whole.reuse == [Span("a", 0, HEAD)]  # the dropped history is computed again, not skipped
