@@ -79,6 +79,9 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                            "whether streamed (never the prompt's text)")
     logs.add_argument("--disable-log-requests", action="store_true",
                       help="accepted (deprecated in vLLM): requests are not logged unless --enable-log-requests")
+    g.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name each token as 'token_id:N' (tokens that are not valid text stay "
+                        "identifiable); also a request field")
     g.add_argument("--uvicorn-log-level", default=None, choices=UVICORN_LOG_LEVELS,
                    help="uvicorn's log level (default: info)")
     g.add_argument("--response-role", type=response_role, default="assistant", metavar="ROLE",

@@ -67,7 +67,7 @@ class _Format:
         self, request_id: str, model: str, chat: bool, include_usage: bool, tokenizer: Tokenizer | None = None,
         logprobs: int | None = None, echo: str | None = None, prompt_logprobs: int | None = None,
         echo_as_sent: bool = True, tool_calls: bool = False, named_tool: bool = False, echo_hidden: int = 0,
-        tool_parser: ToolCallParser = HermesCalls,
+        tool_parser: ToolCallParser = HermesCalls, continuous_usage: bool = False, token_ids: bool = False,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
@@ -83,11 +83,14 @@ class _Format:
         self.named_tool = named_tool  # tool_choice named the function: finish_reason stays "stop"
         self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs=n (None: not asked for)
         self._logprob_formats: dict[int, LogprobFormatter] = {}  # each choice's (completions' offsets run on)
+        self.token_ids = token_ids  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
+        self.continuous_usage = continuous_usage  # vLLM's continuous_usage_stats: usage on every chunk
+        self.progress: dict[int, RequestOutput] = {}  # each streamed choice's latest output (its usage so far)
         self.created = int(time.time())
 
     def _formatter(self, index: int) -> LogprobFormatter:
         if index not in self._logprob_formats:
-            self._logprob_formats[index] = LogprobFormatter(self.tokenizer, self.chat)
+            self._logprob_formats[index] = LogprobFormatter(self.tokenizer, self.chat, self.token_ids)
         return self._logprob_formats[index]
 
     def _logprobs(self, index: int, logprobs: list | None) -> dict[str, Any] | None:
@@ -115,7 +118,8 @@ class _Format:
     def _vllm_prompt_logprobs(self, out: RequestOutput) -> list | None:
         if self.prompt_logprobs is None or out.prompt_logprobs is None:
             return None
-        return LogprobFormatter(self.tokenizer, chat=False).prompt_logprobs(out.prompt_logprobs, self.prompt_logprobs)
+        return LogprobFormatter(self.tokenizer, False, self.token_ids).prompt_logprobs(out.prompt_logprobs,
+                                                                                         self.prompt_logprobs)
 
     @staticmethod
     def usage(outs: list[RequestOutput]) -> dict[str, Any]:
@@ -205,6 +209,8 @@ class _Format:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         data: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                                 "choices": choices}  # fmt: skip
+        if self.continuous_usage and usage is None and self.progress:
+            usage = self.usage([self.progress[i] for i in sorted(self.progress)])
         if self.include_usage:
             data["usage"] = usage  # OpenAI sends usage: null on every chunk but the last
         return sse(data)
@@ -226,8 +232,9 @@ class OpenAIRoutes:
 
     def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_names: Sequence[str], max_model_len: int,
                  trust_request_chat_template: bool = False, named: bool = True,
-                 tool_parser: ToolCallParser = HermesCalls) -> None:  # fmt: skip
+                 tool_parser: ToolCallParser = HermesCalls, token_ids_as_tokens: bool = False) -> None:  # fmt: skip
         self.loop = loop
+        self.token_ids_as_tokens = token_ids_as_tokens  # vLLM's --return-tokens-as-token-ids
         self.trust_template = trust_request_chat_template
         self.tool_parser = tool_parser  # how the model writes tool calls (--tool-call-parser)
         self.metrics = metrics
@@ -323,7 +330,7 @@ class OpenAIRoutes:
         parsed = await asyncio.to_thread(parse, body, request.headers.get("x-session-id"), self.max_model_len,
                                          self.loop.engine.sampling_defaults)  # fmt: skip
         self._check_model(parsed.model)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{parsed.request_id or uuid.uuid4().hex}"
         streams = await self._submit(rid, parsed, parsed.max_tokens_asked if parsed.session_id is None else None)
         tok = self.loop.engine.tokenizer
         echo, hidden = None, 0
@@ -333,7 +340,8 @@ class OpenAIRoutes:
                 hidden = tok.added_prefix(parsed.prompt)
         fmt = _Format(rid, self.model_name, chat, parsed.include_usage, tok, parsed.params.logprobs, echo,
                       parsed.prompt_logprobs, isinstance(parsed.prompt, str), parsed.parse_tool_calls,
-                      parsed.named_tool, hidden, self.tool_parser)  # fmt: skip
+                      parsed.named_tool, hidden, self.tool_parser, parsed.continuous_usage,
+                      parsed.token_ids_as_tokens or self.token_ids_as_tokens)  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
@@ -434,6 +442,8 @@ class OpenAIRoutes:
             while not all(c.done for c in choices):
                 i, item = await merged.get()
                 c = choices[i]
+                if isinstance(item, RequestOutput):
+                    fmt.progress[i] = item  # continuous usage: the tokens so far
                 first = not c.echoed and isinstance(item, RequestOutput) and item.finish_reason != "abort"
                 if fmt.echo is not None and first:
                     c.echoed = True  # the first output: the prompt is computed, its logprobs known
@@ -543,6 +553,7 @@ def create_app(
     responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES,
     log_requests: bool = False,
     tool_call_format: str = "hermes",
+    return_tokens_as_token_ids: bool = False,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
@@ -551,7 +562,8 @@ def create_app(
     methods and headers, and credentials if allowed. `trust_request_chat_template`: a request's own
     chat_template is rendered (in transformers' sandbox), as vLLM's --trust-request-chat-template.
     /v1/responses keeps stored responses (for previous_response_id) within `responses_store_bytes`.
-    `tool_call_format`: how the model writes tool calls (hermes, llama3_json; vLLM's --tool-call-parser).
+    `tool_call_format`: how the model writes tool calls (hermes, llama3_json; vLLM's --tool-call-parser);
+    `return_tokens_as_token_ids`: logprob tokens as "token_id:N" (vLLM's flag; also a request field).
     `log_requests`: one INFO line per request received (vLLM's --enable-log-requests)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
@@ -565,7 +577,8 @@ def create_app(
     metrics.registry.register(EngineStatsCollector(loop.stats))
     routes = OpenAIRoutes(loop, metrics, names or [default_model_name(engine)], engine.max_model_len,
                           trust_request_chat_template, named=bool(names),
-                          tool_parser=tool_call_parser(tool_call_format))  # fmt: skip
+                          tool_parser=tool_call_parser(tool_call_format),
+                          token_ids_as_tokens=return_tokens_as_token_ids)  # fmt: skip
     if allow_credentials and "*" in allowed_origins:
         log.warning("--allow-credentials with any origin: every web page may call this server with its users' "
                     "cookies; name the origins (--allowed-origins)")  # fmt: skip
@@ -626,6 +639,7 @@ def serve(args: argparse.Namespace) -> int:
                      trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
                      responses_store_bytes=getattr(args, "responses_store_bytes", DEFAULT_RESPONSES_STORE_BYTES),
                      tool_call_format=getattr(args, "tool_call_parser", "hermes"),
+                     return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
                      log_requests=getattr(args, "enable_log_requests", False))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(

@@ -25,9 +25,10 @@ class LogprobFormatter:
     """Renders a request's token logprobs, chunk by chunk when streaming (completions' text_offset,
     characters into the generated text, runs on across chunks)."""
 
-    def __init__(self, tokenizer: Tokenizer | None, chat: bool) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, chat: bool, as_ids: bool = False) -> None:
         self.tokenizer = tokenizer
         self.chat = chat
+        self.as_ids = as_ids or tokenizer is None  # vLLM's return_tokens_as_token_ids: "token_id:N"
         self.offset = 0
         self.start = 0  # where the generated text starts (after an echoed prompt)
 
@@ -35,10 +36,10 @@ class LogprobFormatter:
         return self._chat(logprobs) if self.chat else self._completion(logprobs)
 
     def _text(self, token_id: int) -> str:
-        return self.tokenizer.token_text(token_id) if self.tokenizer is not None else f"token_id:{token_id}"
+        return f"token_id:{token_id}" if self.as_ids else self.tokenizer.token_text(token_id)
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        data = self.tokenizer.token_bytes(token_id) if self.tokenizer is not None else self._text(token_id).encode()
+        data = self._text(token_id).encode() if self.as_ids else self.tokenizer.token_bytes(token_id)
         return {"token": self._text(token_id), "logprob": _value(logprob), "bytes": list(data)}
 
     def _chat(self, logprobs: list[TokenLogprob]) -> dict[str, Any]:

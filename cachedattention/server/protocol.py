@@ -30,6 +30,7 @@ FIELDS = frozenset((
     "best_of", "suffix", "response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar",
     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "allowed_token_ids",
     "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens", "skip_special_tokens",
+    "request_id", "return_tokens_as_token_ids",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs", "chat_template"))  # fmt: skip
@@ -59,6 +60,9 @@ class ParsedRequest:
     named_tool: bool = False  # tool_choice named one function: OpenAI then finishes with "stop", not "tool_calls"
     chat_options: ChatOptions | None = None  # chat: vLLM's add_generation_prompt, continue_final_message, kwargs
     add_special_tokens: bool = True  # completions: a text prompt gets the tokenizer's own (Llama's BOS)
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
+    request_id: str | None = None  # vLLM's: the client's id for the request (the response's id ends with it)
+    token_ids_as_tokens: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -134,6 +138,16 @@ def _session_id(body: dict, header: str | None) -> str | None:
     if not isinstance(v, str) or not v or len(v) > 256:
         raise bad("session_id must be a non-empty string of at most 256 characters", "session_id", "invalid_type")
     return _text(v, "session_id")
+
+
+def _request_id(body: dict) -> str | None:
+    v = body.get("request_id")
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v or len(v) > 256 or not v.isprintable():
+        raise bad("request_id must be a non-empty printable string of at most 256 characters", "request_id",
+                  "invalid_type")  # fmt: skip
+    return _text(v, "request_id")
 
 
 # fields we accept only at their neutral value (clients often send them explicitly)
@@ -307,6 +321,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     if opts is not None and not stream:  # as OpenAI's API and vLLM: a client bug worth telling
         raise bad("stream_options is only allowed when stream is true", "stream_options")
     include_usage = flag(opts or {}, "include_usage")
+    continuous_usage = flag(opts or {}, "continuous_usage_stats")  # vLLM's: usage on every chunk
     session_id = _session_id(body, session_header)
     n = _integer(body, "n")
     if n is not None and not 1 <= n <= MAX_CHOICES:
@@ -336,8 +351,11 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
         echo=echo,
         prompt_logprobs=prompt_logprobs,
         stream=stream,
-        include_usage=include_usage,
+        include_usage=include_usage or continuous_usage,
+        continuous_usage=continuous_usage,
         session_id=session_id,
+        request_id=_request_id(body),
+        token_ids_as_tokens=flag(body, "return_tokens_as_token_ids"),
         max_tokens_asked=_integer(body, "max_completion_tokens") or _integer(body, "max_tokens"),  # checked above
         prompt_only=prompt_only,
         n=n or 1,

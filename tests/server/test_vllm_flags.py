@@ -317,3 +317,34 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch):
     from cachedattention.server.tool_calls import TOOL_CALL_PARSERS as IMPLEMENTED
 
     assert TOOL_CALL_PARSERS == tuple(IMPLEMENTED)  # the flag offers exactly the parsers there are
+
+
+def test_vllm_s_request_id_continuous_usage_and_token_ids(named, chat_model_dir):
+    import json
+
+    url = named.url
+    r = httpx.post(f"{url}{CHAT}", json={"messages": HELLO, "max_tokens": 3, "request_id": "my-req-1"}, timeout=60)
+    assert r.status_code == 200 and r.json()["id"] == "chatcmpl-my-req-1"
+    c = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "request_id": "x2"}, timeout=60)
+    assert c.json()["id"] == "cmpl-x2"
+    bad = httpx.post(f"{url}{CHAT}", json={"messages": HELLO, "request_id": 5}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "request_id"
+    body = {"messages": HELLO, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"continuous_usage_stats": True}}  # fmt: skip
+    with httpx.stream("POST", f"{url}{CHAT}", json=body, timeout=60) as s:
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    tokens = [e["usage"]["completion_tokens"] for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert tokens and tokens == sorted(tokens) and tokens[-1] <= 5  # usage on every chunk, growing
+    assert all(e["usage"]["prompt_tokens"] == events[-1]["usage"]["prompt_tokens"] for e in events if e["usage"])
+    lp = {"messages": HELLO, "max_tokens": 2, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    shown = httpx.post(f"{url}{CHAT}", json={**lp, "return_tokens_as_token_ids": True}, timeout=60).json()
+    entry = shown["choices"][0]["logprobs"]["content"][0]
+    assert entry["token"].startswith("token_id:") and entry["top_logprobs"][0]["token"].startswith("token_id:")
+    assert bytes(entry["bytes"]).decode() == entry["token"]
+    srv = start_server(engine_config(chat_model_dir, store=False), return_tokens_as_token_ids=True)
+    try:  # the server's flag: every request's logprobs so
+        flagged = httpx.post(f"{srv.url}{CHAT}", json=lp, timeout=60).json()
+        assert flagged["choices"][0]["logprobs"]["content"][0]["token"].startswith("token_id:")
+    finally:
+        srv.stop()
+    assert build_parser().parse_args(["serve", "--return-tokens-as-token-ids"]).return_tokens_as_token_ids
