@@ -146,7 +146,7 @@ class Scheduler:
         if self.prefix_cache and limit:
             hashes = block_hashes(tokens, self.page_size, limit=limit)
             blocks = [tokens[i * self.page_size : (i + 1) * self.page_size] for i in range(len(hashes))]
-            req.pages = self.pages.match_prefix(hashes, blocks)
+            req.pages = self.pages.match_prefix(hashes, blocks, req.session_id)
             req.block_hashes = hashes[: len(req.pages)]
             req.num_registered_blocks = len(req.pages)
         device_hit = len(req.pages) * self.page_size

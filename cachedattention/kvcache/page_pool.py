@@ -27,7 +27,9 @@ class PagePool:
         self._page_hash: dict[int, int] = {}
         self._page_tokens: dict[int, tuple[int, ...]] = {}
         self._hash_page: dict[int, int] = {}
-        self._page_owner: dict[int, str] = {}  # the session whose request wrote a cached block (forgetting it)
+        # the sessions whose requests wrote or reused a cached block (forgetting them); None: a request
+        # without a session (the block is no one's alone, and is never forgotten)
+        self._page_owners: dict[int, set[str | None]] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached pages, LRU first
         self.evictions = 0
 
@@ -105,7 +107,7 @@ class PagePool:
     def _forget_hash(self, page: int) -> None:
         h = self._page_hash.pop(page)
         self._page_tokens.pop(page)
-        self._page_owner.pop(page, None)
+        self._page_owners.pop(page, None)
         if self._hash_page.get(h) == page:
             del self._hash_page[h]
 
@@ -118,11 +120,11 @@ class PagePool:
         self._page_hash[page] = block_hash
         self._page_tokens[page] = tuple(tokens)
         self._hash_page[block_hash] = page
-        if owner is not None:
-            self._page_owner[page] = owner
+        self._page_owners[page] = {owner}
 
-    def match_prefix(self, hashes: Sequence[int], blocks: Sequence[Sequence[int]]) -> list[int]:
-        """Longest run of cached blocks, verified by their tokens; each matched page gains a reference."""
+    def match_prefix(self, hashes: Sequence[int], blocks: Sequence[Sequence[int]], owner: str | None = None) -> list[int]:
+        """Longest run of cached blocks, verified by their tokens; each matched page gains a reference
+        (and `owner`, the session reusing it)."""
         pages = []
         for h, toks in zip(hashes, blocks):
             page = self._hash_page.get(h)
@@ -133,20 +135,23 @@ class PagePool:
             if self._refs[page] == 0:
                 del self._evictable[page]
             self._refs[page] += 1
+            self._page_owners[page].add(owner)
         return pages
 
     def forget_owner(self, owner: str) -> int:
-        """A conversation forgotten: free the cached blocks its requests wrote, and make those still
-        in use (by a request sharing them) never cached again. How many cached pages were freed."""
-        pages = [p for p, o in self._page_owner.items() if o == owner]
-        freed = 0
+        """A conversation forgotten: its blocks no other session (nor a request without one) wrote or
+        reused are freed when cached, and never cached again when in use. How many it had."""
+        pages = [p for p, owners in self._page_owners.items() if owner in owners]
         for page in pages:
+            owners = self._page_owners[page]
+            owners.discard(owner)
+            if owners:
+                continue  # another conversation's too
             self._forget_hash(page)
             if page in self._evictable:
                 del self._evictable[page]
                 self._put_free(page)
-                freed += 1
-        return freed
+        return len(pages)
 
     def clear_cache(self) -> None:
         """Drop every cached (unreferenced) page, e.g. to force a store hit in tests."""
@@ -171,5 +176,5 @@ class PagePool:
                 raise RuntimeError(f"hash map out of sync for page {page}")
         if any(r < 0 for r in self._refs):
             raise RuntimeError("negative refcount")
-        if not self._page_owner.keys() <= self._page_hash.keys():
-            raise RuntimeError("a page has an owner but holds no cached block")
+        if self._page_owners.keys() != self._page_hash.keys():
+            raise RuntimeError("the pages with owners are not the pages holding cached blocks")

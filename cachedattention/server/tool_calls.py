@@ -40,11 +40,21 @@ def _call(obj: Any, keys: tuple[str, ...], required: bool = False) -> ToolCall |
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
     key = next((k for k in keys if k in obj), None)
-    if required and (key is None or not isinstance(obj[key], dict)):
+    if required and (key is None or not _is_object(obj[key])):
         return None
     args = (obj[key] if key is not None else None) or {}
     args_text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
     return ToolCall(f"call_{uuid.uuid4().hex[:24]}", obj["name"], args_text)
+
+
+def _is_object(value: Any) -> bool:
+    """A call's arguments: a JSON object, or its text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return False
+    return isinstance(value, dict)
 
 
 class HermesCalls:

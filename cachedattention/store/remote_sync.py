@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -188,14 +187,14 @@ class RemoteSync:
     def forget(self, seg_id: str) -> None:
         self.fresh.discard(seg_id)
 
-    def forget_session(self, key: str, records: Sequence[SessionRecord | None]) -> None:
-        """Replace the session's record on the server with a tombstone (other replicas drop their
-        copies at their next turn of it, and a publish of an older turn is refused) and delete the
-        segments these records name; after any publish of it queued before (the same thread, in
-        order). Under the store lock."""
+    def forget_session(self, key: str, records: Sequence[SessionRecord | None], stamp: float) -> None:
+        """Replace the session's record on the server with a tombstone stamped `stamp` (other
+        replicas drop their copies at their next turn of it; a turn planned before it, still running
+        anywhere, is refused when it publishes) and delete the segments these records name. Not
+        under the store lock; OSError when the server cannot be reached."""
         segs = list(dict.fromkeys(seg for rec in records if rec is not None for seg in rec.segment_ids()))
-        self._publish_queued.discard(key)  # a turn after this one publishes again, after the tombstone
-        self._publish_q.put(("forget", key, segs, time.time()))
+        self.tier.put_record(key, {"forgotten": True, "stamp": stamp})  # unless a turn planned later is there
+        self.tier.drop_segments(segs)
 
     # -- publishing this replica's turns -------------------------------------------------------------
     def publish(self, key: str) -> None:
@@ -204,11 +203,7 @@ class RemoteSync:
             self._publish_queued.add(key)
             self._publish_q.put(key)
 
-    def _publish(self, job: str | tuple) -> None:
-        if isinstance(job, tuple):  # ("forget", key, segment ids, when)
-            self._unpublish(*job[1:])
-            return
-        key = job
+    def _publish(self, key: str) -> None:
         store = self.store
         with store._lock:
             self._publish_queued.discard(key)
@@ -219,6 +214,7 @@ class RemoteSync:
         segs = rec.segment_ids()
         for seg in segs:
             store.wait_saved(seg, SAVE_WAIT_S)
+        uploaded: list[str] = []
         try:
             on_server = dict(zip(segs, self.tier.contains_many(segs)))
             for seg in segs:
@@ -228,6 +224,7 @@ class RemoteSync:
                 if kv is None:
                     break
                 self.tier.put(seg, kv)
+                uploaded.append(seg)
                 on_server[seg] = True
                 self.stats.segments_published += 1
             kept = spans_while(rec.spans, on_server.__getitem__)
@@ -238,17 +235,11 @@ class RemoteSync:
                 self.stats.records_published += 1
                 if key.startswith(ANON_PREFIX):  # its blocks lead other replicas' prompts to it
                     self._publish_blocks(key, rec)
-            else:  # another replica published a later turn meanwhile
+            else:  # a later turn (or the session's forgetting) is there: what this one uploaded is no one's
                 self.stats.records_superseded += 1
+                self.tier.drop_segments(uploaded)
         except OSError as e:  # the tier warns once and pauses its calls; the next turn publishes again
             log.debug("store: publishing session %r failed (%s)", key, e)
-
-    def _unpublish(self, key: str, seg_ids: list[str], stamp: float) -> None:
-        try:
-            self.tier.put_record(key, {"forgotten": True, "stamp": stamp})  # unless a later turn is there
-            self.tier.drop_segments(seg_ids)
-        except OSError as e:  # the server is down: its own eviction (or the TTL) ages them out
-            log.warning("store: session %r could not be deleted from the remote store (%s)", key, e)
 
     def _publish_blocks(self, key: str, rec: SessionRecord) -> None:
         """The record's blocks not published under this key before (an extended record: its new ones)."""

@@ -131,6 +131,9 @@ class TurnPlan:
     head: int
     dropped_until: int
     truncated_now: int  # history tokens dropped by this turn's truncation
+    # when the turn was planned: its record's stamp, so that a turn begun before a forgetting (or
+    # before another replica's later turn) never replaces it, however late it ends
+    planned_at: float = field(default_factory=time.time)
 
     @property
     def hit(self) -> int:
@@ -166,9 +169,12 @@ def plan_turn(
             # the client edited history inside the dropped part (or wants it whole): only the head still matches
             head = dropped = record.head
             eff_lcp = head
-        else:
+        elif record.truncated:
             head, dropped = record.head, record.dropped_until
             eff_lcp = lcp if lcp <= head else head + lcp - dropped
+        else:  # nothing was cut: a longer head of this prompt's own is kept whole too
+            head = dropped = max(record.head, head_hint)
+            eff_lcp = lcp
         reuse = slice_spans(record.spans, 0, min(eff_lcp, record.num_kv))
     effective = prompt[:head] + prompt[dropped:]
     limit = window - reserve

@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from cachedattention.store.session import (
 log = logging.getLogger(__name__)
 
 ANON_BLOCK = 16  # tokens per block of the anonymous-prefix index
+FORGOTTEN_KEPT = 100_000  # sessions whose forgetting time is remembered (turns begun before it are not kept)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class AttentionStore:
         self._pending: dict[str, threading.Event] = {}  # segments whose save is still running (write buffer)
         self._anon: dict[int, str] = {}  # block hash -> anonymous record key
         self._forgotten: list[str] = []  # sessions another replica forgot, their device blocks still to drop
+        self._forgotten_at: OrderedDict[str, float] = OrderedDict()  # when sessions were forgotten (the latest)
         self._queue_keys: list[str] = []
         self._lock = threading.RLock()
         self.stats = StoreStats()
@@ -217,8 +220,10 @@ class AttentionStore:
     def commit(self, key: str, logical: list[int], plan: TurnPlan, reuse: Sequence[Span], new: Span | None) -> None:
         """Replace the session's record: the reused spans, then this turn's new segment (maybe still saving)."""
         spans = list(reuse) + ([new] if new is not None and new.length > 0 else [])
-        record = SessionRecord(key, logical, spans, plan.head, plan.dropped_until)
+        record = SessionRecord(key, logical, spans, plan.head, plan.dropped_until, plan.planned_at)
         with self._lock:
+            if plan.planned_at < self._forgotten_at.get(key, float("-inf")):
+                return  # planned before the session was forgotten (on another replica): it stays forgotten
             if new is not None and new.length > 0:
                 self._pending[new.seg_id] = threading.Event()
             self._replace_record(record)
@@ -445,27 +450,39 @@ class AttentionStore:
         remote tier's server, its record becomes a tombstone and the segments either record names go
         (also when only other replicas served it). Whether anything was held. OSError when the
         remote server cannot be read (what was held here is dropped all the same)."""
+        now = time.time()
         with self._lock:
+            self._note_forgotten(key, now)
             rec = self.records.get(key)
             if rec is not None:
                 self._drop_record(key)
         theirs = self.remote.read_record(key, strict=True) if self.remote is not None else None  # not under the lock
         if rec is None and theirs is None:
             return False
+        if self.remote is not None:
+            self.remote.forget_session(key, [rec, theirs], now)
         with self._lock:
-            if self.remote is not None:
-                self.remote.forget_session(key, [rec, theirs])
             self.stats.sessions_forgotten += 1
         return True
 
     def forgotten_elsewhere(self, key: str, stamp: object) -> None:
         """Another replica forgot the session at `stamp`: drop this replica's copy if it is older,
-        and have the engine drop its device blocks (`take_forgotten`)."""
+        have the engine drop its device blocks (`take_forgotten`), and refuse the commit of a turn
+        of it planned before then (one still running here)."""
+        if not isinstance(stamp, (int, float)):
+            return
         with self._lock:
+            self._note_forgotten(key, float(stamp))
             rec = self.records.get(key)
-            if rec is not None and isinstance(stamp, (int, float)) and rec.stamp < stamp:
+            if rec is not None and rec.stamp < stamp:
                 self._drop_record(key)
                 self._forgotten.append(key)
+
+    def _note_forgotten(self, key: str, stamp: float) -> None:
+        self._forgotten_at[key] = max(stamp, self._forgotten_at.get(key, stamp))
+        self._forgotten_at.move_to_end(key)
+        while len(self._forgotten_at) > FORGOTTEN_KEPT:
+            self._forgotten_at.popitem(last=False)
 
     def take_forgotten(self) -> list[str]:
         """Sessions forgotten elsewhere since the last call (the engine drops their device blocks)."""

@@ -334,6 +334,7 @@ def test_llama3_json_calls_are_read_from_an_answer_that_is_nothing_but_calls():
     assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
     two = parse('<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "arguments": {"x": 1}}')[1]
     assert [(c.name, c.arguments) for c in two] == [("f", "{}"), ("g", '{"x": 1}')]
+    assert parse('{"name": "f", "arguments": "{\\"x\\": 1}"}')[1][0].arguments == '{"x": 1}'  # its text, as sent
     for text in ("The weather is fine.", '{"name": "f", "parameters": {', '{"city": "Paris"}',
                  '{"name": "Alice", "age": 30}', '{"name": "f", "parameters": "not json"}',
                  'Sure: {"name": "f", "parameters": {}}', '{"name": "f"} trailing words'):  # fmt: skip

@@ -11,8 +11,8 @@ PARAMS = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 NO_DEVICE = CacheConfig(enable_prefix_cache=False)
 
 
-def turns(llm, session, n):
-    conv, outs = list(range(5, 45)), []
+def turns(llm, session, n, start=5):
+    conv, outs = list(range(start, start + 40)), []
     for t in range(n):
         out = llm.generate([conv], PARAMS, session_id=session)[0]
         outs.append(out)
@@ -25,7 +25,7 @@ def test_a_forgotten_session_leaves_every_tier_and_is_computed_whole_next(tiny_d
     llm = LLM(model=str(path), enable_store=True, store_dir=str(tmp_path), host_bytes=1 << 16)  # host overflows to disk
     plain = LLM(model=str(path), cache=NO_DEVICE)
     conv, _ = turns(llm, "gone", 3)
-    kept, _ = turns(llm, "kept", 2)
+    kept, _ = turns(llm, "kept", 2, start=60)  # another conversation: no block in common
     store = llm.engine.store.store
     store.flush()
     files = set((tmp_path / "segments").glob("*.kv"))
@@ -121,4 +121,39 @@ def test_every_device_block_of_a_forgotten_session_goes_an_edited_branch_too(tin
     replay = llm.generate([original], PARAMS)[0]  # someone sends u's original branch again
     assert replay.metrics.cached_tokens["device"] == 0
     assert llm.generate([list(range(130, 170))], PARAMS)[0].metrics.cached_tokens["device"] > 0  # not another's
+    llm.engine.pages.check_integrity()
+
+
+def test_a_turn_running_elsewhere_when_the_session_is_forgotten_does_not_bring_it_back(tiny_dirs, tmp_path):
+    path, _ = tiny_dirs["llama"]
+    redis = RedisServer(tmp_path)
+    try:
+        a = LLM(model=str(path), enable_store=True, remote_url=redis.url, cache=NO_DEVICE)
+        b = LLM(model=str(path), enable_store=True, remote_url=redis.url, cache=NO_DEVICE)
+        conv, _ = turns(a, "raced", 1)
+        a.engine.store.store.flush()
+        rid = b.engine.add_request(conv, PARAMS, session_id="raced")  # planned now, on b
+        b.engine.step()
+        b.engine.step()
+        assert a.forget_session("raced")  # while b's turn runs
+        while b.engine.has_unfinished():
+            b.engine.step()
+        assert rid not in b.engine.requests or b.engine.requests[rid].is_finished
+        b.engine.store.store.flush()  # b's publish: refused (planned before the forgetting), its uploads gone
+        tier = a.engine.store.store.remote.tier
+        assert tier.get_record("raced")["forgotten"] and not list(tier.client.scan_iter(match=f"{tier.prefix}:seg:*"))
+        again = b.generate([conv], PARAMS, session_id="raced")[0]  # b reads the tombstone: its copy goes
+        assert sum(again.metrics.cached_tokens.values()) == 0
+    finally:
+        redis.stop()
+
+
+def test_forgetting_one_session_keeps_the_blocks_another_shares(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path))
+    system = list(range(5, 69))  # four 16-token pages
+    llm.generate([system + [100, 101, 102]], PARAMS, session_id="u")
+    assert llm.generate([system + [110, 111]], PARAMS, session_id="v")[0].metrics.cached_tokens["device"] == 64
+    assert llm.forget_session("u")
+    assert llm.generate([system + [120, 121]], PARAMS, session_id="v")[0].metrics.cached_tokens["device"] == 64
     llm.engine.pages.check_integrity()

@@ -45,6 +45,10 @@ def test_a_new_head_replaces_the_recorded_one_and_whole_mode_applies_no_cut():
     system = [1] + [600] * 30
     grown = plan_turn(bos, system + list(range(100, 200)), WINDOW, 16, head_hint=31, drop_fraction=0.5, mode="reuse")
     assert grown.head == 31 and grown.effective_prompt[:31] == system and grown.reuse == [Span("c", 0, 1)]
+    # the new head matches the record further than its recorded head: the longer one is kept whole
+    longer = plan_turn(bos, [1] + list(range(100, 230)), WINDOW, 16, head_hint=20, drop_fraction=0.5, mode="reuse")
+    assert longer.head == 20 and longer.effective_prompt[:20] == [1] + list(range(100, 119))
+    assert longer.reuse[0] == Span("c", 0, 20) and longer.truncated_now > 0  # the cut falls after it
     whole = plan_turn(rec, list(range(100)) + [7] * 10, WINDOW, 16, 0, 0.5, "whole")
     assert whole.effective_prompt == list(range(100)) + [7] * 10 and whole.truncated_now == 0
     assert whole.reuse == [Span("a", 0, HEAD)]  # the dropped history is computed again, not skipped
