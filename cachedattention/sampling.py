@@ -43,6 +43,10 @@ class SamplingParams:
     skip_special_tokens: bool = True  # vLLM's: special tokens (<|im_end|>, ...) are left out of the text
     min_tokens: int = 0  # no EOS, stop token or stop string before this many tokens
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: sample only among these (empty: any)
+    # vLLM's: words the answer never contains (each as the tokenizer writes it, with and without a
+    # leading space: the engine fills bad_words_ids, the token sequences kept out)
+    bad_words: tuple[str, ...] = ()
+    bad_words_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (None: all)
     # vLLM's penalties: repetition over prompt and output (> 1 discourages), presence and frequency
     # over the output (OpenAI's: logit -= frequency * count + presence * (count > 0))
@@ -87,7 +91,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
-        for name in ("tool_call_names", "choice"):  # one string is one name, not its letters
+        for name in ("tool_call_names", "choice", "bad_words"):  # one string is one name, not its letters
             v = getattr(self, name)
             object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
         object.__setattr__(self, "tool_call_parameters", tuple(_schema_text(p) or "" for p in self.tool_call_parameters))
@@ -156,6 +160,11 @@ class SamplingParams:
         return None
 
     def _check_adjustments(self) -> None:
+        if not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            raise ValueError("bad_words must be non-empty strings")
+        object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in self.bad_words_ids))
+        if not all(w and all(is_int(t) and t >= 0 for t in w) for w in self.bad_words_ids):
+            raise ValueError("bad_words_ids must be non-empty sequences of token ids")
         for name in ("stop_token_ids", "allowed_token_ids"):
             if not all(is_int(t) and t >= 0 for t in getattr(self, name)):
                 raise ValueError(f"{name} must be token ids (integers >= 0), got {getattr(self, name)!r}")
@@ -194,8 +203,8 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Whether the sampler changes this request's logits before picking (bias, min_tokens, penalties,
         allowed tokens)."""
-        return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0
-                    or self.presence_penalty or self.frequency_penalty or self.allowed_token_ids)  # fmt: skip
+        return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0 or self.presence_penalty
+                    or self.frequency_penalty or self.allowed_token_ids or self.bad_words_ids)  # fmt: skip
 
 
 def _schema_text(schema: str | Mapping[str, Any] | None) -> str | None:
@@ -272,9 +281,9 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int) -> l
 def adjust_logits(
     logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
 ) -> torch.Tensor:
-    """A copy of one row of logits with the request's allowed tokens, bias, min_tokens and penalties
-    applied, in vLLM's order: allowed tokens, bias and min_tokens, then repetition, frequency and
-    presence penalties."""
+    """A copy of one row of logits with the request's allowed tokens, bias, bad words, min_tokens and
+    penalties applied, in vLLM's order: allowed tokens, bias, bad words and min_tokens, then
+    repetition, frequency and presence penalties."""
     row = logits.to(torch.float32, copy=True)
     dev = row.device
     if params.allowed_token_ids:
@@ -285,6 +294,9 @@ def adjust_logits(
     if params.logit_bias:
         ids = torch.tensor([t for t, _ in params.logit_bias], device=dev)
         row.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], device=dev))
+    banned_words = _bad_word_ends(params.bad_words_ids, output_ids)
+    if banned_words:  # the token that would complete a bad word after what is written
+        row[torch.tensor(banned_words, device=dev)] = float("-inf")
     if len(output_ids) < params.min_tokens:
         banned = sorted(set(params.eos_token_ids) | set(params.stop_token_ids))
         if banned:
@@ -297,6 +309,16 @@ def adjust_logits(
         ids, counts = torch.tensor(list(output_ids), device=dev).unique(return_counts=True)
         row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
     return row
+
+
+def _bad_word_ends(words: Sequence[Sequence[int]], output_ids: Sequence[int]) -> list[int]:
+    """The last token of each bad word whose other tokens end the output so far (a one-token word: always)."""
+    out = []
+    for word in words:
+        head = len(word) - 1
+        if head == 0 or (len(output_ids) >= head and list(output_ids[len(output_ids) - head :]) == list(word[:head])):
+            out.append(word[-1])
+    return out
 
 
 def make_generator(params: SamplingParams, device: str) -> torch.Generator | None:

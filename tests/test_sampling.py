@@ -264,3 +264,25 @@ def test_include_stop_str_in_output_and_truncate_prompt_tokens(embedded_llm):
     assert e.value.param == "truncate_prompt_tokens"
     with pytest.raises(ValueError, match="allowed_token_ids"):
         llm.generate([prompt], SamplingParams(max_tokens=2, allowed_token_ids=[10**7]))
+
+
+def test_bad_words_never_appear_as_their_tokens(chat_model_dir):
+    from dataclasses import replace
+
+    from cachedattention.sampling import _bad_word_ends
+
+    assert _bad_word_ends([(7,), (1, 2, 3)], [9, 1, 2]) == [7, 3] and _bad_word_ends([(1, 2, 3)], [2]) == []
+    llm = LLM(str(chat_model_dir))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    free = llm.generate(["The weather today is"], params)[0]
+    tok = llm.engine.tokenizer
+    words = [w for w in (tok.decode(free.token_ids[i : i + 2]).strip() for i in range(0, 10, 2)) if w][:3]
+    assert words  # words the unconstrained answer writes
+    kept_out = llm.engine._bad_words_ids(words)
+    answer = llm.generate(["The weather today is"], replace(params, bad_words=words))[0].token_ids
+    for word in kept_out:
+        n = len(word)
+        assert all(tuple(answer[i : i + n]) != word for i in range(len(answer) - n + 1)), (word, answer)
+    assert answer != free.token_ids
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=[" "])

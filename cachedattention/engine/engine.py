@@ -191,7 +191,8 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        params = replace(params, eos_token_ids=() if params.ignore_eos else self.eos_token_ids)
+        params = replace(params, eos_token_ids=() if params.ignore_eos else self.eos_token_ids,
+                         bad_words_ids=self._bad_words_ids(params.bad_words) or params.bad_words_ids)  # fmt: skip
         req = Request(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -222,6 +223,22 @@ class LLMEngine:
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def _bad_words_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        """Each bad word's token ids as the tokenizer writes it alone and after a space (a word of its
+        own mid-sentence), as vLLM: the second only when it differs from the first."""
+        if not words:
+            return ()
+        if self.tokenizer is None:
+            raise InvalidRequest("bad_words needs the model's tokenizer", "bad_words")
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            bare = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            out.append(bare)
+            if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):  # a token of its own, not a space's
+                out.append(spaced)
+        return tuple(w for w in out if w)
 
     def _check_logprobs(self, params: SamplingParams) -> None:
         for name in ("logprobs", "prompt_logprobs"):

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MAX_STOPS = 16
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 MAX_TOKEN_IDS = 100_000  # stop_token_ids, allowed_token_ids
+MAX_BAD_WORDS = 256  # words one request may keep out of its answer
 # the fields read (or refused with a 400 when they ask for what is not supported); others are logged
 FIELDS = frozenset((
     "model", "stream", "stream_options", "session_id", "n", "max_tokens", "max_completion_tokens", "temperature",
@@ -30,7 +31,7 @@ FIELDS = frozenset((
     "best_of", "suffix", "response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar",
     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "allowed_token_ids",
     "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens", "skip_special_tokens",
-    "request_id", "return_tokens_as_token_ids",
+    "request_id", "return_tokens_as_token_ids", "bad_words",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs", "chat_template"))  # fmt: skip
@@ -290,9 +291,19 @@ def _vllm_sampling(body: dict, max_model_len: int) -> dict[str, Any]:
         stop_token_ids=_token_ids(body, "stop_token_ids"),
         allowed_token_ids=_token_ids(body, "allowed_token_ids"),
         include_stop_str_in_output=flag(body, "include_stop_str_in_output"),
+        bad_words=_bad_words(body),
         skip_special_tokens=flag(body, "skip_special_tokens", True),
         truncate_prompt_tokens=max_model_len - 1 if truncate == -1 else truncate,
     )
+
+
+def _bad_words(body: dict) -> tuple[str, ...]:
+    v = body.get("bad_words")
+    if v is None:
+        return ()
+    if not isinstance(v, list) or len(v) > MAX_BAD_WORDS or not all(isinstance(w, str) and w.strip() for w in v):
+        raise bad(f"bad_words must be a list of at most {MAX_BAD_WORDS} non-empty strings", "bad_words", "invalid_type")
+    return tuple(_text(w, "bad_words") for w in v)
 
 
 def _token_ids(body: dict, key: str) -> tuple[int, ...]:

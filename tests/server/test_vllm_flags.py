@@ -329,6 +329,11 @@ def test_vllm_s_request_id_continuous_usage_and_token_ids(named, chat_model_dir)
     assert c.json()["id"] == "cmpl-x2"
     bad = httpx.post(f"{url}{CHAT}", json={"messages": HELLO, "request_id": 5}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "request_id"
+    words = httpx.post(f"{url}{CHAT}", json={"messages": HELLO, "max_tokens": 3, "bad_words": ["the", "a b"]}, timeout=60)
+    assert words.status_code == 200, words.text
+    for wrong in ("the", [""], [3]):
+        r = httpx.post(f"{url}{CHAT}", json={"messages": HELLO, "bad_words": wrong}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words"
     body = {"messages": HELLO, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"continuous_usage_stats": True}}  # fmt: skip
     with httpx.stream("POST", f"{url}{CHAT}", json=body, timeout=60) as s:
