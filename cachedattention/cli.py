@@ -30,6 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "memory, on a CPU 1 GiB, no more than --max-num-seqs full windows take)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="the waiting queue's order: arrival (fcfs), or each request's `priority` (lower first, "
+                        "then arrival; the running request of the lowest priority is the one preempted), as vLLM's")
     p.add_argument("--long-prefill-token-threshold", type=int, default=SchedulerConfig.long_prefill_token_threshold,
                    help="most prompt tokens one request computes per step, so short prompts are not held "
                         "behind a long one (0: up to the whole step's budget)")
@@ -77,7 +80,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                           enable_prefix_cache=args.enable_prefix_caching,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                                  long_prefill_token_threshold=args.long_prefill_token_threshold),
+                                  long_prefill_token_threshold=args.long_prefill_token_threshold,
+                                  policy=args.scheduling_policy),
         chat_template=getattr(args, "chat_template", None),
         generation_config=getattr(args, "generation_config", "auto"),
         override_generation_config=getattr(args, "override_generation_config", None),

@@ -41,8 +41,13 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 16
     long_prefill_token_threshold: int = 0  # most prompt tokens one request computes per step (0: the budget)
+    # vLLM's --scheduling-policy: "fcfs" (arrival order) or "priority" (a request's priority, lower first,
+    # then arrival; the running request of the lowest priority, newest first, is preempted for pages)
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
         if self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_batched_tokens must be positive")
         if self.max_num_seqs <= 0:

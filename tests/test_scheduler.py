@@ -84,3 +84,52 @@ def test_threshold_chunks_give_the_same_tokens(tiny_dirs, monkeypatch):
     assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in single]
     assert max(chunks) == 8  # the prompts were cut at the threshold, not at the 32-token budget
     llm.engine.pages.check_integrity()
+
+
+def _prio(rid: str, n: int, priority: int) -> Request:
+    req = _req(rid, n)
+    req.priority = priority
+    return req
+
+
+def test_the_priority_policy_admits_lower_values_first_and_preempts_the_lowest_priority():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=1, policy="priority"),
+                      PagePool(64), page_size=4, prefix_cache=False)  # fmt: skip
+    for rid, priority in (("late-5", 5), ("first-0", 0), ("then-1", 1), ("also-0", 0)):
+        sched.add(_prio(rid, 8, priority))
+    assert [r.request_id for r in sched.waiting] == ["first-0", "also-0", "then-1", "late-5"]  # ties: arrival
+    fcfs = Scheduler(SchedulerConfig(max_num_seqs=1), PagePool(64), page_size=4, prefix_cache=False)
+    for rid, priority in (("late-5", 5), ("first-0", 0)):
+        fcfs.add(_prio(rid, 8, priority))
+    assert [r.request_id for r in fcfs.waiting] == ["late-5", "first-0"]
+    # pages run short: the running request of the lowest priority (the largest value) gives its pages back
+    tight = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, policy="priority"),
+                      PagePool(6), page_size=4, prefix_cache=False)  # fmt: skip
+    tight.add(_prio("background", 8, 9))
+    _finish_step(tight, _plan(tight))
+    tight.add(_prio("urgent", 8, 0))  # arrives later: the newest running request, which fcfs would preempt
+    plan = _plan(tight)
+    assert plan == {"background": 1, "urgent": 8}
+    _finish_step(tight, plan)
+    for _ in range(6):  # both decode until the pool cannot hold both
+        plan = _plan(tight)
+        _finish_step(tight, plan)
+    assert [r.request_id for r in tight.running] == ["urgent"] and tight.num_preemptions >= 1
+    assert tight.waiting[0].request_id == "background"
+
+
+def test_a_priority_needs_the_priority_policy(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path))
+    with pytest.raises(ValueError, match="--scheduling-policy priority"):
+        llm.engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), priority=3)
+    with pytest.raises(ValueError, match="priority must be an integer"):
+        llm.engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), priority="high")
+    ranked = LLM(model=str(path), scheduler=SchedulerConfig(policy="priority", max_num_seqs=1))
+    ids = [ranked.engine.add_request([5 + i] * 8, SamplingParams(max_tokens=2), priority=p) for i, p in enumerate((2, 1, 0))]
+    finished = []
+    while ranked.engine.has_unfinished():
+        finished += [o.request_id for o in ranked.engine.step() if o.finished]
+    assert finished == ids[::-1]  # one at a time, lowest value first
+    with pytest.raises(ValueError, match="scheduling policy"):
+        SchedulerConfig(policy="lifo")

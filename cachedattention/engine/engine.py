@@ -162,13 +162,20 @@ class LLMEngine:
         save_to_store: bool = True,
         add_special_tokens: bool = True,
         truncate: bool = True,
+        priority: int = 0,
     ) -> str:
         """Queue a prompt. With a session, the store reuses its history and, when the conversation
         outgrows the window, drops its oldest turns; `truncate=False` serves the prompt whole instead
-        (not cut now, nor by an earlier turn's cut): it must then fit the window."""
+        (not cut now, nor by an earlier turn's cut): it must then fit the window. `priority`: its
+        place under the priority scheduling policy (lower first)."""
         params = params or self.default_params()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
+        if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) >= 2**63:
+            raise InvalidRequest(f"priority must be an integer, got {priority!r}", "priority")
+        if priority and self.config.scheduler.policy != "priority":  # as vLLM
+            raise InvalidRequest("priority needs the priority scheduling policy (--scheduling-policy priority)",
+                                 "priority")  # fmt: skip
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError("session_id must be a non-empty string")
         if session_id is not None and session_id.startswith(ANON_PREFIX):  # the store's own keys: never a client's
@@ -209,6 +216,7 @@ class LLMEngine:
             json=self._guided_constraint(params),
             save_to_store=save_to_store,
             truncate=truncate,
+            priority=priority,
         )
         if self.store is not None:
             self.store.prepare(req)  # may truncate an overflowing conversation

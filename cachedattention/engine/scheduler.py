@@ -51,7 +51,16 @@ class Scheduler:
         self.steps_blocked = {"pages": 0, "seqs": 0}
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        if self.config.policy != "priority":
+            self.waiting.append(request)
+            return
+        # after every waiting request of its priority or a lower value; a staged request it passes gives
+        # its read buffer back (only the head is staged)
+        at = next((i for i, r in enumerate(self.waiting) if r.priority > request.priority), len(self.waiting))
+        for passed in list(self.waiting)[at:]:
+            if passed.staged:
+                self._release(passed)
+        self.waiting.insert(at, request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -172,11 +181,18 @@ class Scheduler:
             if staged is not None:  # a queued job's read buffer gives way before a running job does
                 self._release(staged)
                 continue
-            victim = self.running[-1]
+            victim = self._victim()
             self._preempt(victim, scheduled)
             if victim is req:
                 return False
         return True
+
+    def _victim(self) -> Request:
+        """The running request that gives its pages back: the newest (fcfs), or the newest of the
+        lowest priority (the largest value)."""
+        if self.config.policy != "priority":
+            return self.running[-1]
+        return max(reversed(self.running), key=lambda r: r.priority)  # max keeps the first of equals: the newest
 
     def _preempt(self, victim: Request, scheduled: list[ScheduledSeq]) -> None:
         scheduled[:] = [s for s in scheduled if s.request is not victim]
@@ -184,11 +200,17 @@ class Scheduler:
         self.num_preemptions += 1
 
     def requeue(self, req: Request) -> None:
-        """Free the request's pages and put it back at the front; it recomputes prompt + output later."""
+        """Free the request's pages and put it back at the front (of its priority); it recomputes prompt +
+        output later."""
         self.running.remove(req)
         self._release(req)
         req.status = Status.WAITING
-        self.waiting.appendleft(req)
+        if self.config.policy != "priority":
+            self.waiting.appendleft(req)
+            return
+        # ahead of the waiting requests of its priority (it came before them), behind those of a lower value
+        at = next((i for i, r in enumerate(self.waiting) if r.priority >= req.priority), len(self.waiting))
+        self.waiting.insert(at, req)
 
     def _unstage(self, req: Request) -> None:
         if req.staged:

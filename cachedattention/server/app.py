@@ -366,7 +366,7 @@ class OpenAIRoutes:
                           parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
                           check_room=check_room,
                           save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens,
-                          truncate=truncate)  # fmt: skip
+                          truncate=truncate, priority=parsed.priority)  # fmt: skip
                 own_template = parsed.chat_options is not None and parsed.chat_options.template is not None
                 if parsed.messages is not None and (own_template or render_aside):
                     if rendered is None:  # a request's own template may run long: in a worker thread, once

@@ -44,6 +44,7 @@ class Job:
     check_room: int | None = None
     save_to_store: bool = True  # n > 1: only the first choice saves its KV (the prompt's is the same)
     truncate: bool = True  # False: a session's conversation is served whole (the Responses API's truncation "disabled")
+    priority: int = 0  # vLLM's: the request's place under --scheduling-policy priority (lower first)
     add_special_tokens: bool = True  # a text prompt gets the tokenizer's own around it (Llama's BOS)
     # the messages already rendered (a request's own chat template: off the engine thread) and their head
     rendered: tuple[list[int], int] | None = None
@@ -230,7 +231,7 @@ class EngineLoop:
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
                 head_tokens=head, save_to_store=job.save_to_store, add_special_tokens=job.add_special_tokens,
-                truncate=job.truncate,
+                truncate=job.truncate, priority=job.priority,
             )
             if job.check_room is not None and not before:
                 try:  # as the engine holds it: tokenized, cut to truncate_prompt_tokens

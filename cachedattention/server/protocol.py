@@ -31,7 +31,7 @@ FIELDS = frozenset((
     "best_of", "suffix", "response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar",
     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "allowed_token_ids",
     "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens", "skip_special_tokens",
-    "request_id", "return_tokens_as_token_ids", "bad_words",
+    "request_id", "return_tokens_as_token_ids", "bad_words", "priority",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs", "chat_template"))  # fmt: skip
@@ -64,6 +64,7 @@ class ParsedRequest:
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     request_id: str | None = None  # vLLM's: the client's id for the request (the response's id ends with it)
     token_ids_as_tokens: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
+    priority: int = 0  # vLLM's: the request's place under --scheduling-policy priority (lower first)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -366,6 +367,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
         continuous_usage=continuous_usage,
         session_id=session_id,
         request_id=_request_id(body),
+        priority=_integer(body, "priority") or 0,
         token_ids_as_tokens=flag(body, "return_tokens_as_token_ids"),
         max_tokens_asked=_integer(body, "max_completion_tokens") or _integer(body, "max_tokens"),  # checked above
         prompt_only=prompt_only,

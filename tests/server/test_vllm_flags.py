@@ -334,6 +334,12 @@ def test_vllm_s_request_id_continuous_usage_and_token_ids(named, chat_model_dir)
     for wrong in ("the", [""], [3]):
         r = httpx.post(f"{url}{CHAT}", json={"messages": HELLO, "bad_words": wrong}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words"
+    for wrong in (1, "high"):  # a priority without the priority policy, as vLLM; or not an integer
+        r = httpx.post(f"{url}{CHAT}", json={"messages": HELLO, "priority": wrong}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+    assert httpx.post(f"{url}{CHAT}", json={"messages": HELLO, "max_tokens": 2, "priority": 0}, timeout=60).is_success
+    args = build_parser().parse_args(["serve", "--scheduling-policy", "priority"])
+    assert cli_engine_config(args).scheduler.policy == "priority"
     body = {"messages": HELLO, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"continuous_usage_stats": True}}  # fmt: skip
     with httpx.stream("POST", f"{url}{CHAT}", json=body, timeout=60) as s:
