@@ -348,6 +348,11 @@ def sample_batch(
             row = adjust_logits(row, p, prompt, output)
         if rule is not None:
             row = rule.mask(row)
+        if (p.adjusts_logits or rule is not None) and not bool(torch.isfinite(row).any()):
+            # the request's own rules leave no token (allowed_token_ids all bad words or held back by
+            # min_tokens...): it ends here, its batch mates go on
+            out.append(p.eos_token_ids[0] if p.eos_token_ids else g)
+            continue
         if p.adjusts_logits or rule is not None:
             g = int(torch.argmax(row)) if p.greedy else g
         out.append(g if p.greedy else sample(row, p, gen))

@@ -286,3 +286,5 @@ def test_bad_words_never_appear_as_their_tokens(chat_model_dir):
     assert answer != free.token_ids
     with pytest.raises(ValueError, match="bad_words"):
         SamplingParams(bad_words=[" "])
+    with pytest.raises(ValueError, match="bad_words_ids out of the vocabulary"):  # refused, not a failed step
+        llm.engine.add_request([5, 6], replace(params, bad_words_ids=((10**6,),)))

@@ -200,6 +200,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = replace(params, eos_token_ids=() if params.ignore_eos else self.eos_token_ids,
                          bad_words_ids=self._bad_words_ids(params.bad_words) or params.bad_words_ids)  # fmt: skip
+        self._check_in_vocabulary([t for w in params.bad_words_ids for t in w], "bad_words", "bad_words_ids")
         req = Request(
             request_id=request_id,
             prompt_token_ids=ids,

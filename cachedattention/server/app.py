@@ -209,8 +209,9 @@ class _Format:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         data: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                                 "choices": choices}  # fmt: skip
-        if self.continuous_usage and usage is None and self.progress:
-            usage = self.usage([self.progress[i] for i in sorted(self.progress)])
+        index = choices[0]["index"] if choices else None
+        if self.continuous_usage and usage is None and index in self.progress:  # as vLLM: that choice's tokens
+            usage = self.usage([self.progress[index]])
         if self.include_usage:
             data["usage"] = usage  # OpenAI sends usage: null on every chunk but the last
         return sse(data)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cachedattention.engine.engine import LLMEngine
+from cachedattention.errors import InvalidRequest
 from cachedattention.model.messages import ChatOptions
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import SamplingParams
@@ -129,6 +130,9 @@ class EngineLoop:
         with self._cond:
             if not self._accepting:
                 raise ServerDraining("the server is shutting down and takes no new requests")
+            if job.request_id in self._active:  # a client's request_id given twice: the first keeps it
+                raise InvalidRequest(f"request id {job.request_id!r} is already in use by a request in progress",
+                                     "request_id")  # fmt: skip
             self._active.add(job.request_id)
         if self.log_requests:
             log.info("%s", describe(job))

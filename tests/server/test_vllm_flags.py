@@ -4,6 +4,7 @@ credentials, --override-generation-config, and a `vllm serve` command line's eng
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import httpx
@@ -341,7 +342,7 @@ def test_vllm_s_request_id_continuous_usage_and_token_ids(named, chat_model_dir)
     args = build_parser().parse_args(["serve", "--scheduling-policy", "priority"])
     assert cli_engine_config(args).scheduler.policy == "priority"
     body = {"messages": HELLO, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"continuous_usage_stats": True}}  # fmt: skip
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
     with httpx.stream("POST", f"{url}{CHAT}", json=body, timeout=60) as s:
         events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
     tokens = [e["usage"]["completion_tokens"] for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]
@@ -359,3 +360,31 @@ def test_vllm_s_request_id_continuous_usage_and_token_ids(named, chat_model_dir)
     finally:
         srv.stop()
     assert build_parser().parse_args(["serve", "--return-tokens-as-token-ids"]).return_tokens_as_token_ids
+    # a request whose own rules leave no token ends there; a request beside it is not disturbed
+    the = named.app.state.engine_loop.engine.tokenizer.encode("the")[:1]  # the only token allowed: a bad word
+    boxed = {"messages": HELLO, "max_tokens": 5, "temperature": 1, "allowed_token_ids": the, "bad_words": ["the"]}
+    r = httpx.post(f"{url}{CHAT}", json=boxed, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop", r.text
+
+
+def test_a_request_id_in_use_is_refused_and_the_first_request_keeps_it(named):
+    from cachedattention.server.engine_loop import Job
+
+    loop = named.app.state.engine_loop
+    with loop._cond:
+        loop._active.add("cmpl-taken")  # as if a request with that id were streaming
+    try:
+        r = httpx.post(f"{named.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "request_id": "taken"},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["param"] == "request_id"
+        with loop._cond:
+            assert "cmpl-taken" in loop._active  # still the first one's: its abort and the shutdown's wait work
+        with pytest.raises(ValueError, match="already in use"):
+            asyncio.run(_submit_now(loop, Job("cmpl-taken", SamplingParams(max_tokens=1), prompt=[1, 2])))
+    finally:
+        with loop._cond:
+            loop._active.discard("cmpl-taken")
+
+
+async def _submit_now(loop, job):
+    return loop.submit(job, asyncio.get_running_loop())
