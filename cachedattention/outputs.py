@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def empty_tiers() -> dict[str, int]:
@@ -30,6 +31,14 @@ class RequestMetrics:
     @property
     def num_cached_tokens(self) -> int:
         return sum(self.cached_tokens.values())
+
+    def cached_details(self) -> dict[str, Any]:
+        """The prompt's reuse as the server's usage reports it (chat's prompt_tokens_details, the
+        Responses API's input_tokens_details): cached tokens, by tier, and the history this turn
+        dropped because the session outgrew the window (a later turn reports 0)."""
+        tiers = dict(self.cached_tokens)
+        return {"cached_tokens": sum(tiers.values()), "cached_tokens_by_tier": tiers,
+                "truncated_tokens": self.truncated_tokens}  # fmt: skip
 
 
 @dataclass

@@ -126,15 +126,11 @@ class _Format:
         """The prompt once (every choice shares it), the completions of all choices."""
         first = outs[0]
         prompt, completion = first.metrics.prompt_tokens, sum(len(o.token_ids) for o in outs)
-        tiers = dict(first.metrics.cached_tokens)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            # truncated_tokens: history this turn dropped because the session outgrew the window (a later
-            # turn reports 0 and keeps the shorter history; see `truncation`)
-            "prompt_tokens_details": {"cached_tokens": sum(tiers.values()), "cached_tokens_by_tier": tiers,
-                                      "truncated_tokens": first.metrics.truncated_tokens},
+            "prompt_tokens_details": first.metrics.cached_details(),
         }
 
     def full(self, outs: list[RequestOutput]) -> dict[str, Any]:

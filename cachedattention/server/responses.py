@@ -116,11 +116,8 @@ class _Answer:
 
     @staticmethod
     def usage(out: RequestOutput) -> dict[str, Any]:
-        tiers = dict(out.metrics.cached_tokens)
         prompt, answer = out.metrics.prompt_tokens, len(out.token_ids)
-        return {"input_tokens": prompt,
-                "input_tokens_details": {"cached_tokens": sum(tiers.values()), "cached_tokens_by_tier": tiers,
-                                         "truncated_tokens": out.metrics.truncated_tokens},
+        return {"input_tokens": prompt, "input_tokens_details": out.metrics.cached_details(),
                 "output_tokens": answer, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": prompt + answer}  # fmt: skip
 
