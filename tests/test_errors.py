@@ -24,6 +24,53 @@ def test_unknown_architecture_is_refused(tmp_path):
         LLM(model=str(tmp_path))
 
 
+BASE_CONFIG = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "max_position_embeddings": 512}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "mistral", "sliding_window": 128},
+        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128},
+        {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 128},
+        {"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]},
+    ],
+)
+def test_sliding_window_attention_is_refused(config, tmp_path):
+    """The store keeps and reloads every token: a layer that attends to a window only is not served."""
+    (tmp_path / "config.json").write_text(json.dumps({**BASE_CONFIG, **config}))
+    with pytest.raises(ValueError, match="sliding-window attention .* not supported"):
+        LLM(model=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "mistral", "sliding_window": None},
+        {"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 128},  # named, not used
+        {"model_type": "qwen3", "layer_types": ["full_attention", "full_attention"], "sliding_window": 128},
+    ],
+)
+def test_a_window_named_but_unused_is_served(config):
+    from cachedattention.model.spec import spec_from_hf_config
+
+    assert spec_from_hf_config({**BASE_CONFIG, **config}).model_type == config["model_type"]
+
+
+def test_qk_norm_keeps_the_other_families_fingerprints():
+    """Adding Qwen3's flag must not change a Llama's fingerprint: its stored KV stays servable."""
+    import hashlib
+    from dataclasses import asdict
+
+    from cachedattention.model.spec import spec_from_hf_config
+
+    llama = spec_from_hf_config({**BASE_CONFIG, "model_type": "llama"})
+    before = {k: v for k, v in asdict(llama).items() if k != "qk_norm"}  # the spec's fields until Qwen3
+    assert llama.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert not llama.qk_norm and spec_from_hf_config({**BASE_CONFIG, "model_type": "qwen3"}).qk_norm
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

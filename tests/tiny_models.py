@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face models (Llama, Qwen2, Mistral) used as references in tests."""
+"""Tiny random-weight Hugging Face models (Llama, Qwen2, Qwen3, Mistral) used as references in tests."""
 
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def tiny_config(kind: str, **overrides):
     elif kind == "qwen2":
         common.update(tie_word_embeddings=True, rope_theta=1000000.0)
         cls = transformers.Qwen2Config
+    elif kind == "qwen3":  # per-head q/k norms; heads wider than hidden / heads, as Qwen3's are
+        common.update(tie_word_embeddings=True, rope_theta=1000000.0, head_dim=32)
+        cls = transformers.Qwen3Config
     elif kind == "mistral":
         common.update(sliding_window=None, rope_theta=10000.0)
         cls = transformers.MistralConfig
@@ -58,10 +61,12 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     cfg = tiny_config(kind, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():  # random biases so qkv bias paths are exercised
+    with torch.no_grad():  # random biases and head norms so their paths are exercised
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.2)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     return model
 

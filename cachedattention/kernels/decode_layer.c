@@ -6,7 +6,8 @@
  * layer is two calls, split where the store takes the layer's pre-RoPE K/V and waits for its load:
  *
  *   decode_layer_in:  residual += delta (the previous layer's output, when given); h = norm(residual);
- *                     q, k, v = h's projections (k, v pre-RoPE, into the caller's buffers).
+ *                     q, k, v = h's projections (k, v pre-RoPE, into the caller's buffers); with
+ *                     head norms (Qwen3), each head of q and k normed in place.
  *   decode_layer_out: rotate q and k, write k and v into the pool; attend over the pages; delta =
  *                     o(attention); residual += delta; h = norm(residual); delta = down(silu(gate(h))
  *                     * up(h)).
@@ -32,7 +33,8 @@ typedef struct {
 typedef struct {
     DLLinear q, k, v, o, gate, up, down;
     const float *input_norm, *post_norm;
-    float *k_pool, *v_pool; /* [num_slots, kv_heads, head_dim] */
+    float *k_pool, *v_pool;         /* [num_slots, kv_heads, head_dim] */
+    const float *q_norm, *k_norm;   /* [head_dim] each, or both null: no per-head norm */
 } DLLayer;
 
 /* What every layer of the step shares: its shape, positions, slots, sequences and buffers. */
@@ -62,6 +64,10 @@ int decode_layer_in(const DLLayer *l, const DLStep *s, int add_delta, float *k_p
     if (!status) status = dl_linear(&l->q, s->h, s->q, s);
     if (!status) status = dl_linear(&l->k, s->h, k_pre, s);
     if (!status) status = dl_linear(&l->v, s->h, v, s);
+    if (!status && l->q_norm) {
+        status = head_rms_norm(s->q, l->q_norm, s->rows * s->heads, s->head_dim, s->eps);
+        if (!status) status = head_rms_norm(k_pre, l->k_norm, s->rows * s->kv_heads, s->head_dim, s->eps);
+    }
     return status;
 }
 

@@ -32,7 +32,7 @@ class _Linear(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [
         *[(name, _Linear) for name in LINEARS],
-        *[(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "k_pool", "v_pool")],
+        *[(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "k_pool", "v_pool", "q_norm", "k_norm")],
     ]
 
 
@@ -69,8 +69,8 @@ class LayerShape:
 
 
 class LayerArgs:
-    """One layer's weights (float32 or GGUF blocks, with an optional bias), norms and pools, checked
-    once: the C code trusts every layout."""
+    """One layer's weights (float32 or GGUF blocks, with an optional bias), norms (and Qwen3's norms of
+    each head's q and k, when given) and pools, checked once: the C code trusts every layout."""
 
     def __init__(
         self,
@@ -78,8 +78,9 @@ class LayerArgs:
         linears: dict[str, tuple[torch.Tensor | QuantizedWeight, torch.Tensor | None]],
         norms: tuple[torch.Tensor, torch.Tensor],
         pools: tuple[torch.Tensor, torch.Tensor],
+        head_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        self.keep = (linears, norms, pools)  # the tensors the struct points at
+        self.keep = (linears, norms, pools, head_norms)  # the tensors the struct points at
         self.struct = _Layer()
         for name, (out, inp) in shape.linear_shapes().items():
             weight, bias = linears[name]
@@ -92,6 +93,10 @@ class LayerArgs:
         self.num_slots = k_pool.shape[0]
         self.struct.input_norm, self.struct.post_norm = norms[0].data_ptr(), norms[1].data_ptr()
         self.struct.k_pool, self.struct.v_pool = k_pool.data_ptr(), v_pool.data_ptr()
+        if head_norms is not None:
+            for t in head_norms:
+                _need(t, (shape.head_dim,), "a head norm weight")
+            self.struct.q_norm, self.struct.k_norm = head_norms[0].data_ptr(), head_norms[1].data_ptr()
 
 
 class StepArgs:

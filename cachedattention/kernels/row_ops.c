@@ -10,6 +10,8 @@
  *       into the pool at that slot. cos/sin hold each row's table row ([rows, head_dim], the Hugging
  *       Face layout: both halves of a row carry the same frequencies). The pre-RoPE k is left alone:
  *       the store saves it.
+ *   head_rms_norm: x = x * rsqrt(mean(x^2) + eps) * weight for each row of dim, in place: Qwen3's
+ *       norm of each head's q and k (rows = tokens x heads, dim = head_dim), before the rotation.
  *   silu_mul: gate = silu(gate) * up, elementwise: the gated MLP's activation.
  *
  * Layouts: float32, contiguous rows; q [rows, heads, head_dim], k, v, k_out [rows, kv_heads,
@@ -35,6 +37,17 @@ int add_rms_norm(float *restrict residual, const float *restrict delta, const fl
         const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
         float *o = out + r * dim;
         for (int64_t j = 0; j < dim; j++) o[j] = h[j] * inv * weight[j];
+    }
+    return RO_OK;
+}
+
+int head_rms_norm(float *x, const float *restrict weight, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *h = x + r * dim;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < dim; j++) sum += h[j] * h[j];
+        const float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+        for (int64_t j = 0; j < dim; j++) h[j] = h[j] * inv * weight[j];
     }
     return RO_OK;
 }

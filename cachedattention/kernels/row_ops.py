@@ -1,6 +1,6 @@
 """The small per-layer operations of a decode step in one C call each (row_ops.c): the residual add
-with the RMSNorm that follows it, the rotation of q and k with the KV write into the pool, and the
-gated MLP's activation.
+with the RMSNorm that follows it, Qwen3's norm of each head's q and k, the rotation of q and k with
+the KV write into the pool, and the gated MLP's activation.
 
 For a few rows, torch spends its time dispatching operators, not computing; the model uses these
 for steps of at most MAX_ROWS tokens on a CPU in float32.
@@ -26,6 +26,9 @@ class RowOpsKernel:
         self._rope = lib.rope_store
         self._rope.argtypes = (*[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 5)
         self._rope.restype = ctypes.c_int
+        self._head_norm = lib.head_rms_norm
+        self._head_norm.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float)
+        self._head_norm.restype = ctypes.c_int
         self._silu_mul = lib.silu_mul
         self._silu_mul.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
         self._silu_mul.restype = ctypes.c_int
@@ -53,6 +56,15 @@ class RowOpsKernel:
         self._norm(residual.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
                    out.data_ptr(), rows, dim, eps)
         return out
+
+    def head_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [rows, heads, d] = RMSNorm over each head's d values * weight [d], in place; returns x."""
+        _need_float32(x, weight)
+        d = x.shape[-1]
+        if weight.shape != (d,):
+            raise ValueError(f"head_rms_norm: weight {tuple(weight.shape)} is not one per head value ({d})")
+        self._head_norm(x.data_ptr(), weight.data_ptr(), x.numel() // d, d, eps)
+        return x
 
     def rope_store(
         self,

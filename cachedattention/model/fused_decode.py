@@ -45,7 +45,7 @@ class FusedDecode:
         self.layers = [
             LayerArgs(self.shape, _linears(layer),
                       (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()),
-                      (pool.k[i], pool.v[i]))
+                      (pool.k[i], pool.v[i]), _head_norms(layer))
             for i, layer in enumerate(model.model.layers)
         ]
         if len({layer.num_slots for layer in self.layers}) > 1:
@@ -111,6 +111,18 @@ def _linears(layer: DecoderLayer) -> dict:
     }
 
 
+def _norms(layer: DecoderLayer) -> list[nn.Module]:
+    """The layer's RMSNorms: its two, and Qwen3's norms of each head's q and k."""
+    a = layer.self_attn
+    return [layer.input_layernorm, layer.post_attention_layernorm, *(
+        [a.q_norm, a.k_norm] if a.spec.qk_norm else [])]
+
+
+def _head_norms(layer: DecoderLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    a = layer.self_attn
+    return (a.q_norm.weight.detach(), a.k_norm.weight.detach()) if a.spec.qk_norm else None
+
+
 def _detached(weight):
     return weight.detach() if isinstance(weight, torch.Tensor) else weight
 
@@ -130,7 +142,7 @@ class _Watch:
                 self.slots += [(mod._parameters, key, mod._parameters.get(key)) for key in ("weight", "bias")]
                 self.slots.append((mod.__dict__, "quantized", mod.quantized))
                 self.linears.append(mod)
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            for norm in _norms(layer):
                 self.slots.append((norm._parameters, "weight", norm._parameters["weight"]))
         # GGUF blocks are ours and frozen: only the parameters and pools can be given new memory
         self.tensors = [o for _, _, o in self.slots if isinstance(o, torch.Tensor)] + [*pool.k, *pool.v]

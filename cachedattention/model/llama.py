@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2) in plain PyTorch over a paged KV pool.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) in plain PyTorch over a paged KV pool.
 
 Keys are rotated at attention time; each layer hands its pre-RoPE keys to the store hooks
 before rotating them (DESIGN.md, the positional-encoding rule).
@@ -31,6 +31,9 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
         self.v_proj = Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
         self.o_proj = Linear(spec.num_heads * d, h, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
 
     def forward(
         self,
@@ -47,6 +50,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n, s.num_heads, s.head_dim)
         k = self.k_proj(x).view(n, s.num_kv_heads, s.head_dim)
         v = self.v_proj(x).view(n, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:  # per head, before RoPE: the stored keys are the normed ones
+            q, k = _head_norm(q, self.q_norm, ops), _head_norm(k, self.k_norm, ops)
         if batch.hooks is not None:
             batch.hooks.save_layer(layer, k, v)  # pre-RoPE: kept as it is
         if ops is None:  # rotate while the layer's stored KV may still be loading (a CUDA copy stream)
@@ -110,6 +115,10 @@ class Attention(nn.Module):
             ks, vs = _expand_heads(ks, qs.shape[0]), _expand_heads(vs, qs.shape[0])
             o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal)
         return o[0].transpose(0, 1)
+
+
+def _head_norm(x: torch.Tensor, norm: RMSNorm, ops: RowOpsKernel | None) -> torch.Tensor:
+    return ops.head_rms_norm(x, norm.weight, norm.eps) if ops is not None else norm(x)
 
 
 def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm, ops: RowOpsKernel | None) -> torch.Tensor:

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
 ABSOLUTE_POSITION = ("gpt2", "gpt_neo", "gptj", "opt", "bloom", "bert", "gpt_bigcode")
 
@@ -40,13 +40,18 @@ class ModelSpec:
     rope_scaling: RopeScaling | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k, before RoPE
+
 
     def kv_bytes_per_token(self, element_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
 
     def fingerprint(self) -> str:
         """Stable hash of the architecture, part of every stored record's identity."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if not self.qk_norm:  # added later: the families without it keep the fingerprints they had
+            del fields["qk_norm"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _rope_params(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -73,6 +78,21 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
+def _refuse_sliding_window(model_type: str, cfg: dict[str, Any]) -> None:
+    """Every layer must attend to the whole context: the store keeps and reloads all of it."""
+    sliding = cfg.get("sliding_window")
+    windowed = "sliding_attention" in (cfg.get("layer_types") or ())
+    if model_type == "mistral":
+        windowed = windowed or bool(sliding and sliding < cfg.get("max_position_embeddings", 0))
+    elif model_type in ("qwen2", "qwen3"):  # their configs name a window but use it only when asked
+        windowed = windowed or bool(cfg.get("use_sliding_window") and sliding)
+    if windowed:
+        raise ValueError(
+            f"{model_type} sliding-window attention ({sliding}) is not supported; "
+            "set sliding_window to null (Mistral) or use_sliding_window to false (Qwen)"
+        )
+
+
 def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     """Validate a config.json dict and turn it into a ModelSpec (ValueError if we cannot serve it)."""
     model_type = cfg.get("model_type")
@@ -83,9 +103,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         )
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
-    sliding = cfg.get("sliding_window")
-    if model_type == "mistral" and sliding and sliding < cfg.get("max_position_embeddings", 0):
-        raise ValueError(f"Mistral sliding-window attention ({sliding}) is not supported; set sliding_window to null")
+    _refuse_sliding_window(model_type, cfg)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     theta, scaling = _rope_params(cfg)
@@ -103,6 +121,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qk_norm=model_type == "qwen3",
         rope_scaling=scaling,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),

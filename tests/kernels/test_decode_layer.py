@@ -34,7 +34,7 @@ def logits_of(llm, monkeypatch, run) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])  # qwen2: q/k/v biases
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])  # qwen2: q/k/v biases; qwen3: head norms
 def test_fused_layers_equal_the_per_operation_path_bit_for_bit(kind, tiny_dirs, monkeypatch):
     path, _ = tiny_dirs[kind]
     llm = LLM(model=str(path), cache=NO_PREFIX_CACHE)

@@ -66,10 +66,11 @@ def hand_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def test_truncated_cache_equals_hand_computed_reference(tiny_dirs, monkeypatch):
+@pytest.mark.parametrize("kind", ["mistral", "qwen3"])  # qwen3: the stored keys are normed per head
+def test_truncated_cache_equals_hand_computed_reference(kind, tiny_dirs, monkeypatch):
     from transformers import DynamicCache
 
-    path, hf = tiny_dirs["mistral"]
+    path, hf = tiny_dirs[kind]
     llm = make(path)
     eng = llm.engine
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
