@@ -9,6 +9,7 @@ from cachedattention.sampling import MAX_LOGPROBS
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+REASONING_PARSERS = ("qwen3", "deepseek_r1")  # server/reasoning.py's
 
 
 def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
@@ -73,6 +74,10 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                    help=f"how the model writes tool calls: {', '.join(TOOL_CALL_PARSERS)} (default hermes: Qwen2.5, "
                         "Hermes; llama3_json: Llama 3.1 to 3.3); also the form a required or named tool_choice "
                         "makes the answer take")
+    g.add_argument("--reasoning-parser", type=reasoning_parser_name, default=None, metavar="NAME",
+                   help=f"how the model writes its reasoning: {', '.join(REASONING_PARSERS)} (<think>...</think>; "
+                        "qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distills, which start without the tag); "
+                        "chat answers return it as `reasoning` (and `reasoning_content`) apart from `content`")
     logs = g.add_mutually_exclusive_group()
     logs.add_argument("--enable-log-requests", action="store_true",
                       help="log one INFO line per request received: its id, session, prompt size, max_tokens, "
@@ -153,6 +158,7 @@ def only(allowed: tuple[str, ...], why: str):
 
 kv_cache_dtype = only(("auto",), "the device pool keeps the model's dtype (--dtype)")
 tool_call_parser = only(TOOL_CALL_PARSERS, "this server reads the tool call formats it knows")
+reasoning_parser_name = only(REASONING_PARSERS, "this server reads the reasoning formats it knows")
 response_role = only(("assistant",), "chat answers' role is always 'assistant' here")
 
 

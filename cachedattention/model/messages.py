@@ -1,5 +1,5 @@
 """OpenAI-style chat messages, checked before a chat template renders them: roles and text content,
-an assistant's tool calls and the tool results that answer them."""
+an assistant's tool calls (and reasoning) and the tool results that answer them."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ def _message(i: int, m: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"role": role, "content": content}
     if calls:
         out["tool_calls"] = calls
+    if role == "assistant":
+        reasoning = _reasoning(i, m)
+        if reasoning is not None:  # a reasoning model's thinking, given back: its template may write it
+            out["reasoning_content"] = reasoning
     if role == "tool":
         for key in ("tool_call_id", "name"):
             v = m.get(key)
@@ -50,6 +54,17 @@ def _message(i: int, m: Any) -> dict[str, Any]:
             if v is not None:
                 out[key] = v
     return out
+
+
+def _reasoning(i: int, m: dict[str, Any]) -> str | None:
+    """An assistant's reasoning, under vLLM's name (`reasoning`) or its older one (`reasoning_content`)."""
+    for key in ("reasoning_content", "reasoning"):
+        value = m.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise InvalidRequest(f"messages[{i}].{key} must be a string", f"messages[{i}].{key}")
+            return value
+    return None
 
 
 def _tool_calls(i: int, calls: Any) -> list[dict[str, Any]]:

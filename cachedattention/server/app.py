@@ -43,6 +43,7 @@ from cachedattention.server.protocol import (
     parse_completion,
     parse_json_object,
 )
+from cachedattention.server.reasoning import Reasoning, ReasoningParser, Split, reasoning_parser
 from cachedattention.server.responses import ResponsesRoutes
 from cachedattention.server.responses_store import ResponseStore, SharedResponses
 from cachedattention.server.stream_text import stream_delta
@@ -68,6 +69,7 @@ class _Format:
         logprobs: int | None = None, echo: str | None = None, prompt_logprobs: int | None = None,
         echo_as_sent: bool = True, tool_calls: bool = False, named_tool: bool = False, echo_hidden: int = 0,
         tool_parser: ToolCallParser = HermesCalls, continuous_usage: bool = False, token_ids: bool = False,
+        reasoning: Reasoning | None = None,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
@@ -86,7 +88,14 @@ class _Format:
         self.token_ids = token_ids  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
         self.continuous_usage = continuous_usage  # vLLM's continuous_usage_stats: usage on every chunk
         self.progress: dict[int, RequestOutput] = {}  # each streamed choice's latest output (its usage so far)
+        self.reasoning = reasoning  # chat, with --reasoning-parser: thinking apart from the answer
         self.created = int(time.time())
+
+    def split(self, out: RequestOutput, final: bool = True) -> Split:
+        """A chat answer's reasoning and the rest, its content (where tool calls are looked for)."""
+        if self.reasoning is None:
+            return Split(None, out.text)
+        return self.reasoning.split(out, self.tokenizer, final)
 
     def _formatter(self, index: int) -> LogprobFormatter:
         if index not in self._logprob_formats:
@@ -161,8 +170,12 @@ class _Format:
         return body
 
     def _message(self, out: RequestOutput) -> dict[str, Any]:
-        content, calls = self.tool_parser.parse(out.text) if self.tool_calls else (out.text, [])
-        message: dict[str, Any] = {"role": "assistant", "content": content if calls else out.text}
+        reasoning, text, _ = self.split(out)
+        content, calls = self.tool_parser.parse(text) if self.tool_calls else (text, [])
+        message: dict[str, Any] = {"role": "assistant", "content": content if calls else text}
+        if self.reasoning is not None:
+            message.update(self.reasoning.fields(reasoning))
+            message["content"] = message["content"] or None  # as vLLM's: no text after the reasoning is none
         if calls:
             message["tool_calls"] = [c.as_json() for c in calls]
         return message
@@ -185,14 +198,17 @@ class _Format:
 
     def chunk(
         self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
-        logprobs: list | None = None, index: int = 0,
+        logprobs: list | None = None, index: int = 0, reasoning: str | None = None,
     ) -> str:  # fmt: skip
-        """One streamed choice; `logprobs`: those of the tokens generated since the last chunk."""
+        """One streamed choice; `logprobs`: those of the tokens generated since the last chunk;
+        `reasoning`: more of the answer's reasoning (chat, with a reasoning parser)."""
         lps = self._logprobs(index, logprobs)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
+            if reasoning is not None and self.reasoning is not None:
+                delta.update(self.reasoning.fields(reasoning))
             choice = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text or "", "logprobs": lps, "finish_reason": finish_reason}
@@ -229,11 +245,13 @@ class OpenAIRoutes:
 
     def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_names: Sequence[str], max_model_len: int,
                  trust_request_chat_template: bool = False, named: bool = True,
-                 tool_parser: ToolCallParser = HermesCalls, token_ids_as_tokens: bool = False) -> None:  # fmt: skip
+                 tool_parser: ToolCallParser = HermesCalls, token_ids_as_tokens: bool = False,
+                 reasoning_parser: ReasoningParser | None = None) -> None:  # fmt: skip
         self.loop = loop
         self.token_ids_as_tokens = token_ids_as_tokens  # vLLM's --return-tokens-as-token-ids
         self.trust_template = trust_request_chat_template
         self.tool_parser = tool_parser  # how the model writes tool calls (--tool-call-parser)
+        self.reasoning_parser = reasoning_parser  # how the model writes its reasoning (--reasoning-parser)
         self.metrics = metrics
         self.model_names = list(dict.fromkeys(model_names))  # answers carry the first, as vLLM's
         self.model_name = self.model_names[0]
@@ -310,6 +328,13 @@ class OpenAIRoutes:
             raise APIError(400, "this model was loaded without a tokenizer", "no_tokenizer")
         return body, tok
 
+    def reasoning_of(self, parsed: ParsedRequest) -> Reasoning | None:
+        """How a chat request's answers are split into reasoning and content (None: no parser)."""
+        if self.reasoning_parser is None:
+            return None
+        params = parsed.params
+        return Reasoning(self.reasoning_parser, params.guided, parsed.include_reasoning, params.skip_special_tokens)
+
     def _check_model(self, model: Any) -> None:
         if model is not None and model not in self.aliases:
             raise APIError(
@@ -338,7 +363,8 @@ class OpenAIRoutes:
         fmt = _Format(rid, self.model_name, chat, parsed.include_usage, tok, parsed.params.logprobs, echo,
                       parsed.prompt_logprobs, isinstance(parsed.prompt, str), parsed.parse_tool_calls,
                       parsed.named_tool, hidden, self.tool_parser, parsed.continuous_usage,
-                      parsed.token_ids_as_tokens or self.token_ids_as_tokens)  # fmt: skip
+                      parsed.token_ids_as_tokens or self.token_ids_as_tokens,
+                      self.reasoning_of(parsed) if chat else None)  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
@@ -452,8 +478,13 @@ class OpenAIRoutes:
                     break
                 if item.finished:
                     c.done, c.out = True, item
-                    content, calls = fmt.tool_parser.parse(item.text) if fmt.tool_calls else (item.text, [])
-                    text = (content or "") if calls else item.text
+                    reasoning, answer, _ = fmt.split(item)
+                    if reasoning is not None and reasoning.startswith(c.reasoning_sent):
+                        thought = reasoning[len(c.reasoning_sent) :]
+                        if thought:
+                            yield fmt.chunk(reasoning=thought, logprobs=c.new_logprobs(item), index=i)
+                    content, calls = fmt.tool_parser.parse(answer) if fmt.tool_calls else (answer, [])
+                    text = (content or "") if calls else answer
                     tail, lps = text[len(c.sent) :], c.new_logprobs(item)
                     if tail or lps:
                         yield fmt.chunk(tail, logprobs=lps, index=i)
@@ -462,8 +493,14 @@ class OpenAIRoutes:
                     reason = fmt.finish_reason(item, bool(calls))
                     yield fmt.chunk(None if fmt.chat else "", finish_reason=reason, index=i)
                     continue
+                reasoning, answer, closed = fmt.split(item, final=False)
+                if reasoning is not None:  # a closed reasoning cannot grow into a stop string: all of it goes
+                    thought = stream_delta(reasoning, c.reasoning_sent, () if closed else parsed.params.stop)
+                    if thought:
+                        c.reasoning_sent += thought
+                        yield fmt.chunk(reasoning=thought, logprobs=c.new_logprobs(item), index=i)
                 # with tools, text from a <tool_call> on waits for the end (it may be a call)
-                shown = item.text[: fmt.tool_parser.plain_text_end(item.text)] if fmt.tool_calls else item.text
+                shown = answer[: fmt.tool_parser.plain_text_end(answer)] if fmt.tool_calls else answer
                 delta = stream_delta(shown, c.sent, parsed.params.stop)
                 if delta:
                     c.sent += delta
@@ -493,6 +530,7 @@ class _StreamedChoice:
 
     index: int
     sent: str = ""
+    reasoning_sent: str = ""
     logprobs_sent: int = 0
     echoed: bool = False
     done: bool = False
@@ -551,6 +589,7 @@ def create_app(
     log_requests: bool = False,
     tool_call_format: str = "hermes",
     return_tokens_as_token_ids: bool = False,
+    reasoning_parser_name: str | None = None,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
@@ -561,6 +600,8 @@ def create_app(
     /v1/responses keeps stored responses (for previous_response_id) within `responses_store_bytes`.
     `tool_call_format`: how the model writes tool calls (hermes, llama3_json; vLLM's --tool-call-parser);
     `return_tokens_as_token_ids`: logprob tokens as "token_id:N" (vLLM's flag; also a request field).
+    `reasoning_parser_name`: how the model writes its reasoning (qwen3, deepseek_r1; vLLM's
+    --reasoning-parser): chat answers return it apart from their content.
     `log_requests`: one INFO line per request received (vLLM's --enable-log-requests)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
@@ -575,7 +616,8 @@ def create_app(
     routes = OpenAIRoutes(loop, metrics, names or [default_model_name(engine)], engine.max_model_len,
                           trust_request_chat_template, named=bool(names),
                           tool_parser=tool_call_parser(tool_call_format),
-                          token_ids_as_tokens=return_tokens_as_token_ids)  # fmt: skip
+                          token_ids_as_tokens=return_tokens_as_token_ids,
+                          reasoning_parser=reasoning_parser(reasoning_parser_name))  # fmt: skip
     if allow_credentials and "*" in allowed_origins:
         log.warning("--allow-credentials with any origin: every web page may call this server with its users' "
                     "cookies; name the origins (--allowed-origins)")  # fmt: skip
@@ -637,6 +679,7 @@ def serve(args: argparse.Namespace) -> int:
                      responses_store_bytes=getattr(args, "responses_store_bytes", DEFAULT_RESPONSES_STORE_BYTES),
                      tool_call_format=getattr(args, "tool_call_parser", "hermes"),
                      return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
+                     reasoning_parser_name=getattr(args, "reasoning_parser", None),
                      log_requests=getattr(args, "enable_log_requests", False))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(

@@ -34,7 +34,8 @@ FIELDS = frozenset((
     "request_id", "return_tokens_as_token_ids", "bad_words", "priority",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
-                         "continue_final_message", "chat_template_kwargs", "chat_template"))  # fmt: skip
+                         "continue_final_message", "chat_template_kwargs", "chat_template",
+                         "include_reasoning"))  # fmt: skip
 MAX_CHOICES = 16  # most choices (n) one request may ask for
 MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
@@ -65,6 +66,7 @@ class ParsedRequest:
     request_id: str | None = None  # vLLM's: the client's id for the request (the response's id ends with it)
     token_ids_as_tokens: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
     priority: int = 0  # vLLM's: the request's place under --scheduling-policy priority (lower first)
+    include_reasoning: bool = True  # chat, vLLM's: with a reasoning parser, the answer's reasoning is returned
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -442,7 +444,8 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
                                    tool_call_format=tool_format)  # fmt: skip
     named = isinstance(body.get("tool_choice"), dict)
     return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named,
-                         chat_options=chat_options(body, out, trust_template), **common)  # fmt: skip
+                         chat_options=chat_options(body, out, trust_template),
+                         include_reasoning=flag(body, "include_reasoning", True), **common)  # fmt: skip
 
 
 def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: bool = False) -> ChatOptions:

@@ -23,6 +23,7 @@ from cachedattention.outputs import RequestOutput
 from cachedattention.server.api_error import APIError, aborted_error, as_api_error
 from cachedattention.server.logprobs import LogprobFormatter
 from cachedattention.server.protocol import ParsedRequest, parse_chat, parse_json_object
+from cachedattention.server.reasoning import Reasoning, Split
 from cachedattention.server.responses_request import (
     ResponsesRequest,
     in_responses_terms,
@@ -61,21 +62,38 @@ class _Answer:
     """One response object for one engine request: its output items, status and usage."""
 
     def __init__(self, rid: str, model: str, req: ResponsesRequest, parsed: ParsedRequest,
-                 tokenizer: Tokenizer | None, tool_parser: ToolCallParser) -> None:  # fmt: skip
+                 tokenizer: Tokenizer | None, tool_parser: ToolCallParser,
+                 reasoning: Reasoning | None = None) -> None:  # fmt: skip
         self.id, self.model, self.req, self.parsed = rid, model, req, parsed
         self.tool_parser = tool_parser
         self.created_at = int(time.time())
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.tokenizer = tokenizer
         self.logprobs = parsed.params.logprobs is not None
+        self.reasoning = reasoning  # with --reasoning-parser: the thinking, an output item of its own
+        self.reasoning_id = f"rs_{uuid.uuid4().hex}"
+
+    def thinking(self, out: RequestOutput, final: bool = True) -> Split:
+        """The answer's reasoning (None: none) and the rest of its text."""
+        if self.reasoning is None:
+            return Split(None, out.text)
+        return self.reasoning.split(out, self.tokenizer, final)
+
+    def reasoning_tokens(self, out: RequestOutput) -> int:
+        return self.reasoning.tokens(out, self.tokenizer) if self.reasoning is not None else 0
 
     def split(self, out: RequestOutput) -> tuple[str | None, list[ToolCall]]:
-        """The answer's text and its tool calls (when tools may be called; with parallel_tool_calls
-        false, the first one only, as OpenAI promises at most one)."""
+        """The answer's text after its reasoning and its tool calls (when tools may be called; with
+        parallel_tool_calls false, the first one only, as OpenAI promises at most one)."""
+        text = self.thinking(out).content
         if not self.parsed.parse_tool_calls:
-            return out.text, []
-        text, calls = self.tool_parser.parse(out.text)
+            return text, []
+        text, calls = self.tool_parser.parse(text)
         return text, calls if self.req.echo["parallel_tool_calls"] else calls[:1]
+
+    def reasoning_item(self, text: str, status: str) -> dict[str, Any]:
+        return {"type": "reasoning", "id": self.reasoning_id, "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}] if text else []}  # fmt: skip
 
     def logprob_entries(self, logprobs: list | None) -> list[dict[str, Any]]:
         if not self.logprobs or not logprobs:
@@ -98,27 +116,34 @@ class _Answer:
                 "name": call.name, "arguments": call.arguments, "status": "completed"}  # fmt: skip
 
     def output(self, out: RequestOutput) -> list[dict[str, Any]]:
+        reasoning, _, closed = self.thinking(out)
         text, calls = self.split(out)
-        items = []
-        if not calls or (text and text.strip()):  # a reply that only calls tools (after blank text) has no message
-            status = "incomplete" if out.finish_reason == "length" else "completed"
-            items.append(self.message(text or "", None if calls else out.logprobs, status))
+        status = "incomplete" if out.finish_reason == "length" else "completed"
+        items = [self.reasoning_item(reasoning, "completed" if closed else status)] if reasoning else []
+        logprobs = out.logprobs[self.reasoning_tokens(out) :] if out.logprobs is not None else None  # the text's own
+        if not calls and not (reasoning and not text):  # an answer cut in its reasoning has no message
+            items.append(self.message(text or "", logprobs, status))
+        elif text and text.strip():  # a reply that only calls tools (after blank text) has no message
+            items.append(self.message(text, None, status))
         return items + [self.call_item(c) for c in calls]
 
     def assistant_turn(self, out: RequestOutput) -> dict[str, Any]:
-        """The answer as the chat message the next turn's conversation holds."""
+        """The answer as the chat message the next turn's conversation holds (its reasoning as
+        `reasoning_content`, which reasoning models' templates read)."""
+        reasoning, rest, _ = self.thinking(out)
         text, calls = self.split(out)
-        if not calls:
-            return {"role": "assistant", "content": out.text}
-        tool_calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                      for c in calls]  # fmt: skip
-        return {"role": "assistant", "content": text or "", "tool_calls": tool_calls}
+        turn: dict[str, Any] = {"role": "assistant", "content": rest if not calls else text or ""}
+        if reasoning:
+            turn["reasoning_content"] = reasoning
+        if calls:
+            turn["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name,
+                                   "arguments": c.arguments}} for c in calls]  # fmt: skip
+        return turn
 
-    @staticmethod
-    def usage(out: RequestOutput) -> dict[str, Any]:
+    def usage(self, out: RequestOutput) -> dict[str, Any]:
         prompt, answer = out.metrics.prompt_tokens, len(out.token_ids)
         return {"input_tokens": prompt, "input_tokens_details": out.metrics.cached_details(),
-                "output_tokens": answer, "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens": answer, "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens(out)},
                 "total_tokens": prompt + answer}  # fmt: skip
 
     def body(self, out: RequestOutput | None) -> dict[str, Any]:
@@ -128,7 +153,7 @@ class _Answer:
             "id": self.id, "object": "response", "created_at": self.created_at, "model": self.model,
             "status": "in_progress", "error": None, "incomplete_details": None, "output": [], "usage": None,
             **self.req.echo, "store": self.req.store, "temperature": params.temperature, "top_p": params.top_p,
-            "reasoning": {"effort": None, "summary": None}, "background": False, "service_tier": "default",
+            "background": False, "service_tier": "default",
         }  # fmt: skip
         if out is not None:
             incomplete = out.finish_reason == "length"
@@ -205,7 +230,7 @@ class ResponsesRoutes:
         prev = await self._lookup(prev_id) if prev_id is not None else None
         if prev_id is not None and prev is None:
             raise _not_found(prev_id, "previous_response_id")
-        req = read_request(body, prev.conversation if prev else [])
+        req = read_request(body, prev.conversation if prev else [], reasons=routes.reasoning_parser is not None)
         try:  # in a worker thread, as chat's: a large schema or grammar compiles there
             parsed = await asyncio.to_thread(parse_chat, req.chat_body, request.headers.get("x-session-id"),
                                              routes.max_model_len, routes.loop.engine.sampling_defaults,
@@ -221,7 +246,8 @@ class ResponsesRoutes:
         session = parsed.session_id or (prev.session_id if prev else None) or (rid if req.store or auto else None)
         parsed = replace(parsed, session_id=session)
         streams = await routes._submit(rid, parsed, _room(parsed, req.truncation), truncate=auto, render_aside=True)
-        answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer, routes.tool_parser)
+        answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer, routes.tool_parser,
+                         routes.reasoning_of(parsed))
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             events = self._events(streams[0], answer, prev)
@@ -261,7 +287,8 @@ class ResponsesRoutes:
             body = await self._finish(answer, item, prev)
             for event in text.finish(body, item):
                 yield event
-            for event in _call_events(events, body, first_index=int(text.opened)):
+            first_call = sum(o["type"] != "function_call" for o in body["output"])
+            for event in _call_events(events, body, first_index=first_call):
                 yield event
             kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
             yield events.send(kind, response=body)
@@ -271,50 +298,106 @@ class ResponsesRoutes:
 
 
 class _StreamedText:
-    """The message item's events as its text grows: opened at the first text that is surely not a
-    tool call, then deltas (with their tokens' logprobs), then its done events."""
+    """The message item's events as its text grows (after the reasoning item's, when the answer
+    reasons): opened at the first text that is surely not a tool call, then deltas (with their
+    tokens' logprobs), then its done events."""
 
     def __init__(self, answer: _Answer, events: _EventWriter) -> None:
         self.answer, self.events = answer, events
+        self.thought = _StreamedThought(answer, events)
         self.sent, self.opened, self.logprobs_sent = "", False, 0
         self.ids = {"item_id": answer.message_id, "output_index": 0, "content_index": 0}
 
     def progress(self, out: RequestOutput) -> list[str]:
-        text = out.text
+        split = self.answer.thinking(out, final=False)
+        events = self.thought.progress(split)
+        text = split.content
         if self.answer.parsed.parse_tool_calls:  # from a <tool_call> on, text waits for the end (it may be a call)
             text = text[: self.answer.tool_parser.plain_text_end(text)]
             if not text.strip():
-                return []  # blank text before a call is no message
-        return self._send(stream_delta(text, self.sent, self.answer.parsed.params.stop), out.logprobs)
+                return events  # blank text before a call is no message
+        return events + self._send(stream_delta(text, self.sent, self.answer.parsed.params.stop), out)
 
     def finish(self, body: dict[str, Any], out: RequestOutput) -> list[str]:
+        events = self.thought.finish(body)
         message = next((o for o in body["output"] if o["type"] == "message"), None)
         if message is None:
-            return []
+            return events
         part = message["content"][0]
         tail = part["text"][len(self.sent) :] if part["text"].startswith(self.sent) else ""
-        events = self._send(tail, out.logprobs, force=True)
-        send = self.events.send
+        events += self._send(tail, out, force=True)
+        send, index = self.events.send, self.ids["output_index"]
         events.append(send("response.output_text.done", **self.ids, text=part["text"], logprobs=part.get("logprobs", [])))
         events.append(send("response.content_part.done", **self.ids, part=part))
-        events.append(send("response.output_item.done", output_index=0, item=message))
+        events.append(send("response.output_item.done", output_index=index, item=message))
         return events
 
-    def _send(self, delta: str, logprobs: list | None, force: bool = False) -> list[str]:
-        out = []
+    def _send(self, delta: str, out: RequestOutput, force: bool = False) -> list[str]:
+        events = []
         if not self.opened and (delta or force):
             self.opened = True
+            self.ids["output_index"] = int(self.thought.opened)  # after the reasoning item
+            self.logprobs_sent = self.answer.reasoning_tokens(out)  # the reasoning's tokens are not the text's
             item = {**self.answer.message("", None, "in_progress"), "content": []}
-            out.append(self.events.send("response.output_item.added", output_index=0, item=item))
+            events.append(self.events.send("response.output_item.added", output_index=self.ids["output_index"],
+                                           item=item))  # fmt: skip
             part = self.answer.text_part("", [])
-            out.append(self.events.send("response.content_part.added", **self.ids, part=part))
+            events.append(self.events.send("response.content_part.added", **self.ids, part=part))
         if delta:
-            new = (logprobs or [])[self.logprobs_sent :]
+            new = (out.logprobs or [])[self.logprobs_sent :]
             self.logprobs_sent += len(new)
             self.sent += delta
             lps = self.answer.logprob_entries(new)
-            out.append(self.events.send("response.output_text.delta", **self.ids, delta=delta, logprobs=lps))
-        return out
+            events.append(self.events.send("response.output_text.delta", **self.ids, delta=delta, logprobs=lps))
+        return events
+
+
+class _StreamedThought:
+    """The reasoning item's events (output index 0): opened at its first text, deltas, and done as
+    soon as </think> closes it (before the message's events begin)."""
+
+    def __init__(self, answer: _Answer, events: _EventWriter) -> None:
+        self.answer, self.events = answer, events
+        self.sent, self.opened, self.done = "", False, False
+        self.ids = {"item_id": answer.reasoning_id, "output_index": 0, "content_index": 0}
+
+    def progress(self, split: Split) -> list[str]:
+        if not split.reasoning or self.done:
+            return []
+        # a closed reasoning cannot grow into a stop string: all of it goes
+        stops = () if split.closed else self.answer.parsed.params.stop
+        events = self._send(stream_delta(split.reasoning, self.sent, stops))
+        if split.closed and self.opened:
+            events += self._finish(self.answer.reasoning_item(split.reasoning, "completed"))
+        return events
+
+    def finish(self, body: dict[str, Any]) -> list[str]:
+        item = next((o for o in body["output"] if o["type"] == "reasoning"), None)
+        if item is None or self.done:
+            return []
+        text = item["content"][0]["text"]
+        return self._send(text[len(self.sent) :] if text.startswith(self.sent) else "", force=True) + self._finish(item)
+
+    def _finish(self, item: dict[str, Any]) -> list[str]:
+        self.done = True
+        send = self.events.send
+        text = item["content"][0]["text"]
+        return [send("response.reasoning_text.done", **self.ids, text=text),
+                send("response.content_part.done", **self.ids, part=item["content"][0]),
+                send("response.output_item.done", output_index=0, item=item)]  # fmt: skip
+
+    def _send(self, delta: str, force: bool = False) -> list[str]:
+        events = []
+        if not self.opened and (delta or force):
+            self.opened = True
+            item = self.answer.reasoning_item("", "in_progress")
+            events.append(self.events.send("response.output_item.added", output_index=0, item=item))
+            part = {"type": "reasoning_text", "text": ""}
+            events.append(self.events.send("response.content_part.added", **self.ids, part=part))
+        if delta:
+            self.sent += delta
+            events.append(self.events.send("response.reasoning_text.delta", **self.ids, delta=delta))
+        return events
 
 
 def _call_events(events: _EventWriter, body: dict[str, Any], first_index: int) -> list[str]:

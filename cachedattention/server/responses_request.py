@@ -50,13 +50,14 @@ class ResponsesRequest:
     echo: dict[str, Any]  # the request's fields a response object repeats
 
 
-def read_request(body: dict[str, Any], history: list[dict[str, Any]]) -> ResponsesRequest:
-    """`history`: the chat messages of the conversation `previous_response_id` names (empty without one)."""
+def read_request(body: dict[str, Any], history: list[dict[str, Any]], reasons: bool = False) -> ResponsesRequest:
+    """`history`: the chat messages of the conversation `previous_response_id` names (empty without one);
+    `reasons`: the server reads its model's reasoning (--reasoning-parser), so `reasoning` options are taken."""
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise bad(f"{unknown[0]} is not supported by this server's Responses API", unknown[0], "unsupported_parameter")
     _check_unicode(body)
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, reasons)
     instructions = _optional_text(body, "instructions")
     new = input_messages(body.get("input"))
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + history + new
@@ -67,6 +68,9 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]]) -> Respons
         chat["max_tokens"] = tokens  # checked by the chat parser (a positive integer)
     chat.update(_logprobs(body))
     chat.update(_tools(body))
+    effort, summary = _reasoning_options(body.get("reasoning"))
+    if effort is not None:  # as vLLM's: the chat template gets it (a template that reads it may act on it)
+        chat["chat_template_kwargs"] = {"reasoning_effort": effort}
     fmt = _text_format(body.get("text"))
     if fmt is not None:
         chat["response_format"] = fmt
@@ -79,6 +83,7 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]]) -> Respons
         "metadata": _metadata(body.get("metadata")),
         "parallel_tool_calls": flag(body, "parallel_tool_calls", True),
         "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": effort, "summary": summary},
         "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
         "tool_choice": body.get("tool_choice") or ("auto" if body.get("tools") else "none"),
         "tools": body.get("tools") or [],
@@ -139,19 +144,38 @@ def previous_id(body: dict[str, Any]) -> str | None:
     return v
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
+def _refuse_unsupported(body: dict[str, Any], reasons: bool) -> None:
     if flag(body, "background"):
         raise bad("background responses are not supported by this server; stream the response instead",
                   "background", "unsupported_parameter")  # fmt: skip
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
         raise bad("reasoning must be an object", "reasoning", "invalid_type")
-    if reasoning and any(v is not None for v in reasoning.values()):
-        raise bad("reasoning options are not supported: this server's models do not reason before answering",
-                  "reasoning", "unsupported_parameter")  # fmt: skip
+    if reasoning and any(v is not None for v in reasoning.values()) and not reasons:
+        raise bad("reasoning options are not supported: this server reads no reasoning from its model (start it "
+                  "with --reasoning-parser for a reasoning model)", "reasoning", "unsupported_parameter")  # fmt: skip
     include = body.get("include") or []
     if not isinstance(include, list) or any(i != LOGPROBS_INCLUDE for i in include):
         raise bad(f"include may only list {LOGPROBS_INCLUDE!r} on this server", "include", "unsupported_parameter")
+
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+REASONING_SUMMARIES = ("auto", "concise", "detailed")
+
+
+def _reasoning_options(reasoning: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """`reasoning.effort` and `.summary` (accepted only with a reasoning parser: checked before).
+    No summary is written here: a reasoning item's summary stays empty, as OpenAI's may be."""
+    reasoning = reasoning or {}
+    unknown = sorted(set(reasoning) - {"effort", "summary", "generate_summary"})
+    if unknown:
+        raise bad(f"reasoning.{unknown[0]} is not supported", f"reasoning.{unknown[0]}", "unsupported_parameter")
+    effort, summary = reasoning.get("effort"), reasoning.get("summary") or reasoning.get("generate_summary")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise bad(f"reasoning.effort must be one of {', '.join(REASONING_EFFORTS)}", "reasoning.effort")
+    if summary is not None and summary not in REASONING_SUMMARIES:
+        raise bad(f"reasoning.summary must be one of {', '.join(REASONING_SUMMARIES)}", "reasoning.summary")
+    return effort, summary
 
 
 def _optional_text(body: dict[str, Any], key: str) -> str | None:
@@ -163,8 +187,9 @@ def _optional_text(body: dict[str, Any], key: str) -> str | None:
 
 def input_messages(value: Any) -> list[dict[str, Any]]:
     """The input as chat messages: a string is one user message; a list holds message items,
-    function_call items (an assistant's tool calls, consecutive ones in one message) and
-    function_call_output items (a tool's result)."""
+    function_call items (an assistant's tool calls, consecutive ones in one message),
+    function_call_output items (a tool's result) and reasoning items (the reasoning of the assistant
+    turn that follows, given to the template as its `reasoning_content`)."""
     if isinstance(value, str):
         if not value:
             raise bad("input must not be empty", "input")
@@ -172,11 +197,15 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise bad("input must be a non-empty string or a non-empty list of input items", "input", "invalid_type")
     out: list[dict[str, Any]] = []
+    thought: str | None = None  # a reasoning item's text, for the assistant turn that follows it
     for i, item in enumerate(value):
         param = f"input[{i}]"
         if not isinstance(item, dict):
             raise bad(f"{param} must be an object", param, "invalid_type")
         kind = item.get("type", "message")
+        if kind == "reasoning":
+            thought = _reasoning_text(item, param)
+            continue
         if kind == "message":
             if item.get("role") not in MESSAGE_ROLES:
                 raise bad(f"{param}.role must be one of {', '.join(MESSAGE_ROLES)}", f"{param}.role")
@@ -184,7 +213,7 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", param), "type": "function",
                     "function": {"name": _string(item, "name", param), "arguments": _string(item, "arguments", param)}}  # fmt: skip
-            if out and out[-1].get("role") == "assistant" and out[-1].get("tool_calls"):
+            if out and out[-1].get("role") == "assistant" and out[-1].get("tool_calls") and thought is None:
                 out[-1]["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
@@ -192,14 +221,23 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
             output = item.get("output")
             content = output if isinstance(output, str) else _content(output, f"{param}.output")
             out.append({"role": "tool", "tool_call_id": _string(item, "call_id", param), "content": content})
-        elif kind == "reasoning":
-            continue  # another model's reasoning: not part of what this model reads
         else:
-            raise bad(f"{param}.type {kind!r} is not supported: use message, function_call or function_call_output "
-                      "items", f"{param}.type", "unsupported_parameter")  # fmt: skip
+            raise bad(f"{param}.type {kind!r} is not supported: use message, function_call, function_call_output "
+                      "or reasoning items", f"{param}.type", "unsupported_parameter")  # fmt: skip
+        if thought is not None and out[-1]["role"] == "assistant":
+            out[-1]["reasoning_content"] = thought
+        thought = None  # reasoning before anything but an assistant turn is no one's
     if not out:
         raise bad("input has no message", "input")
     return out
+
+
+def _reasoning_text(item: dict[str, Any], param: str) -> str:
+    """A reasoning item's text: its reasoning_text parts joined (its summary is not the reasoning)."""
+    parts = item.get("content") or []
+    if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
+        raise bad(f"{param}.content must be a list of reasoning_text parts", f"{param}.content", "invalid_type")
+    return "".join(p["text"] for p in parts)
 
 
 def _string(item: dict[str, Any], key: str, param: str) -> str:

@@ -302,7 +302,8 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch):
         def __init__(self, config, loop) -> None:
             chat = next(r for r in config.app.routes if getattr(r, "path", "") == "/v1/chat/completions")
             seen.update(log_level=config.log_level, log_requests=loop.log_requests, seed=loop.engine.config.seed,
-                        tool_parser=chat.endpoint.__self__.tool_parser.name)
+                        tool_parser=chat.endpoint.__self__.tool_parser.name,
+                        reasoning=chat.endpoint.__self__.reasoning_parser.name)
             self.started = True
 
         def run(self) -> None:
@@ -311,13 +312,18 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch):
     monkeypatch.setattr(app_module, "_DrainingServer", FakeServer)
     args = build_parser().parse_args(["serve", str(chat_model_dir), "--kv-pool-bytes", str(4 << 20), "--seed", "5",
                                       "--uvicorn-log-level", "warning", "--enable-log-requests",
-                                      "--tool-call-parser", "llama3_json"])  # fmt: skip
+                                      "--tool-call-parser", "llama3_json", "--reasoning-parser", "deepseek_r1"])  # fmt: skip
     assert app_module.serve(args) == 0
-    assert seen == {"log_level": "warning", "log_requests": True, "seed": 5, "tool_parser": "llama3_json"}
+    assert seen == {"log_level": "warning", "log_requests": True, "seed": 5, "tool_parser": "llama3_json",
+                    "reasoning": "deepseek_r1"}
     from cachedattention.cli_vllm import TOOL_CALL_PARSERS
     from cachedattention.server.tool_calls import TOOL_CALL_PARSERS as IMPLEMENTED
 
     assert TOOL_CALL_PARSERS == tuple(IMPLEMENTED)  # the flag offers exactly the parsers there are
+    from cachedattention.cli_vllm import REASONING_PARSERS
+    from cachedattention.server.reasoning import REASONING_PARSERS as REASONERS
+
+    assert REASONING_PARSERS == tuple(REASONERS)
 
 
 def test_vllm_s_request_id_continuous_usage_and_token_ids(named, chat_model_dir):
