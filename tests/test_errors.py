@@ -58,15 +58,17 @@ def test_a_window_named_but_unused_is_served(config):
     assert spec_from_hf_config({**BASE_CONFIG, **config}).model_type == config["model_type"]
 
 
-def test_qk_norm_keeps_the_other_families_fingerprints():
-    """Adding Qwen3's flag must not change a Llama's fingerprint: its stored KV stays servable."""
+def test_fields_added_later_keep_the_other_models_fingerprints():
+    """Adding Qwen3's flag and GGUF's rope divisors must not change a Llama's fingerprint: its stored
+    KV stays servable."""
     import hashlib
     from dataclasses import asdict
 
     from cachedattention.model.spec import spec_from_hf_config
 
     llama = spec_from_hf_config({**BASE_CONFIG, "model_type": "llama"})
-    before = {k: v for k, v in asdict(llama).items() if k != "qk_norm"}  # the spec's fields until Qwen3
+    later = ("qk_norm", "rope_freq_factors")
+    before = {k: v for k, v in asdict(llama).items() if k not in later}  # the spec's fields until Qwen3
     assert llama.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert not llama.qk_norm and spec_from_hf_config({**BASE_CONFIG, "model_type": "qwen3"}).qk_norm
 

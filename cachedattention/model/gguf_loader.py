@@ -1,5 +1,5 @@
-"""Read a llama-architecture GGUF file: its config (as a config.json dict), dequantized weights, and the
-linear layers' quantized blocks as they are (for the CPU few-rows kernel)."""
+"""Read a GGUF file of the Llama, Qwen2 or Qwen3 architecture: its config (as a config.json dict),
+dequantized weights, and the linear layers' quantized blocks as they are (for the CPU few-rows kernel)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,11 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
 }
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-dimension divisors of the frequencies (Llama 3.1's scaling)
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -56,28 +60,36 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     """The file's metadata as a Hugging Face style config dict."""
     r = _reader(path)
     arch = _field(r, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
 
     def p(name: str, default: Any = None) -> Any:
-        return _field(r, f"llama.{name}", default)
+        return _field(r, f"{arch}.{name}", default)
 
+    scaling = p("rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"GGUF rope scaling {scaling!r} is not supported")
     heads = p("attention.head_count")
     vocab = p("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
-    tensor_names = {t.name for t in r.tensors}
+    tensors = {t.name: t for t in r.tensors}
+    head_dim = p("attention.key_length", p("rope.dimension_count", p("embedding_length") // heads))
+    extra = {}
+    if ROPE_FREQS in tensors:  # written as a tensor, not as scaling parameters: the divisors themselves
+        extra["rope_freq_factors"] = [float(x) for x in np.asarray(tensors[ROPE_FREQS].data, dtype=np.float32)]
     return {
-        "model_type": "llama",
+        **extra,
+        "model_type": arch,
         "vocab_size": int(vocab),
         "hidden_size": int(p("embedding_length")),
         "intermediate_size": int(p("feed_forward_length")),
         "num_hidden_layers": int(p("block_count")),
         "num_attention_heads": int(heads),
         "num_key_value_heads": int(p("attention.head_count_kv", heads)),
-        "head_dim": int(p("rope.dimension_count", p("embedding_length") // heads)),
+        "head_dim": int(head_dim),
         "rms_norm_eps": float(p("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(p("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(p("context_length", 4096)),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": _field(r, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(r, "tokenizer.ggml.eos_token_id"),
     }
@@ -159,6 +171,8 @@ def _named_tensors(reader):
 
 
 def _in_hf_row_order(name: str, rows: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    if config["model_type"] != "llama":  # llama.cpp permutes the q/k rows of its Llama conversions only
+        return rows
     if ".self_attn.q_proj." in name:
         return _unpermute(rows, config["num_attention_heads"])
     if ".self_attn.k_proj." in name:

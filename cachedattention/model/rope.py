@@ -12,6 +12,8 @@ from cachedattention.model.spec import ModelSpec
 def inv_frequencies(spec: ModelSpec) -> torch.Tensor:
     dim = spec.head_dim
     inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if spec.rope_freq_factors is not None:  # a GGUF file's divisors, as llama.cpp applies them
+        return (inv / torch.tensor(spec.rope_freq_factors, dtype=torch.float64)).float()
     s = spec.rope_scaling
     if s is None:
         return inv.float()

@@ -41,6 +41,8 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k, before RoPE
+    # a GGUF file's rope_freqs: each frequency's divisor (how llama.cpp writes Llama 3.1's scaling)
+    rope_freq_factors: tuple[float, ...] | None = None
 
 
     def kv_bytes_per_token(self, element_size: int) -> int:
@@ -49,8 +51,9 @@ class ModelSpec:
     def fingerprint(self) -> str:
         """Stable hash of the architecture, part of every stored record's identity."""
         fields = asdict(self)
-        if not self.qk_norm:  # added later: the families without it keep the fingerprints they had
-            del fields["qk_norm"]
+        for name in ("qk_norm", "rope_freq_factors"):  # added later: models without them keep their fingerprints
+            if not fields[name]:
+                del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -70,6 +73,16 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
     )
+
+
+def _freq_factors(cfg: dict[str, Any], heads: int, hidden: int, scaling: RopeScaling | None) -> tuple[float, ...] | None:
+    factors = cfg.get("rope_freq_factors")
+    if factors is None:
+        return None
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    if scaling is not None or len(factors) != head_dim // 2 or not all(float(f) > 0 for f in factors):
+        raise ValueError(f"rope_freq_factors must be {head_dim // 2} positive divisors, without rope_scaling")
+    return tuple(float(f) for f in factors)
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -122,6 +135,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
         qk_norm=model_type == "qwen3",
+        rope_freq_factors=_freq_factors(cfg, heads, hidden, scaling),
         rope_scaling=scaling,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),

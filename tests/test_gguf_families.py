@@ -1,0 +1,67 @@
+"""GGUF files of each family served (Llama with its q/k rows un-permuted and Llama 3.1's rope_freqs
+divisors, Qwen2 with its biases, Qwen3 with its head norms) match transformers on the same weights."""
+
+import pytest
+import torch
+
+from cachedattention import LLM, SamplingParams
+from tests.gguf_files import write_tiny_gguf
+from tests.util import capture_logits, rel_err
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory):
+    """Each family's file, written once: (its folder, the transformers model it holds)."""
+    written = {}
+
+    def get(kind: str):
+        if kind not in written:
+            folder = tmp_path_factory.mktemp(f"gguf-{kind}")
+            written[kind] = (folder, write_tiny_gguf(kind, folder))
+        return written[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_a_gguf_file_of_each_family_matches_transformers(kind, gguf_files, monkeypatch):
+    folder, hf = gguf_files(kind)
+    llm = LLM(model=str(folder / "model.gguf"))
+    spec = llm.engine.spec
+    assert spec.model_type == kind and spec.qk_norm == (kind == "qwen3") and spec.qkv_bias == (kind == "qwen2")
+    assert (spec.rope_freq_factors is not None) == (kind == "llama")  # the tiny Llama is Llama-3 scaled
+    seen = capture_logits(monkeypatch)
+    prompt = [(11 * i + 5) % 3000 + 20 for i in range(40)]
+    out = llm.generate([prompt], GREEDY)[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0]
+    assert len(seen) == GREEDY.max_tokens
+    for step, logits in enumerate(seen):
+        assert rel_err(logits, ref[len(prompt) - 1 + step]) <= 1e-4, f"step {step}"
+
+
+def test_rope_freq_divisors_are_part_of_the_fingerprint(gguf_files):
+    from cachedattention.model.gguf_loader import gguf_config
+    from cachedattention.model.spec import spec_from_hf_config
+
+    config = gguf_config(str(gguf_files("llama")[0] / "model.gguf"))
+    scaled = spec_from_hf_config(config)
+    plain = spec_from_hf_config({k: v for k, v in config.items() if k != "rope_freq_factors"})
+    assert scaled.fingerprint() != plain.fingerprint()  # a store of one never serves the other
+    with pytest.raises(ValueError, match="rope_freq_factors must be 8 positive divisors"):
+        spec_from_hf_config({**config, "rope_freq_factors": [1.0] * 3})
+
+
+def test_a_gguf_file_of_another_architecture_is_refused(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gemma2")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="GGUF architecture 'gemma2' is not supported .*qwen3"):
+        LLM(model=str(tmp_path / "m.gguf"))
