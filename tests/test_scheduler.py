@@ -133,3 +133,40 @@ def test_a_priority_needs_the_priority_policy(tiny_dirs):
     assert finished == ids[::-1]  # one at a time, lowest value first
     with pytest.raises(ValueError, match="scheduling policy"):
         SchedulerConfig(policy="lifo")
+
+
+def test_a_preempted_request_goes_back_in_its_place_by_priority_then_arrival():
+    """As vLLM's priority policy: not ahead of the requests of its priority that arrived before it."""
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=1, policy="priority"),
+                      PagePool(64), page_size=4, prefix_cache=False)  # fmt: skip
+    early, running, late = _prio("early", 8, 1), _prio("running", 8, 1), _prio("late", 8, 1)
+    early.metrics.arrival_s, running.metrics.arrival_s, late.metrics.arrival_s = 1.0, 2.0, 3.0
+    urgent = _prio("urgent", 8, 0)
+    urgent.metrics.arrival_s = 4.0
+    sched.add(running)
+    _plan(sched)
+    for req in (early, late, urgent):  # early: say a session turn that arrived first but waited for its KV
+        sched.add(req)
+    assert [r.request_id for r in sched.waiting] == ["urgent", "early", "late"]
+    sched.requeue(running)
+    assert [r.request_id for r in sched.waiting] == ["urgent", "early", "running", "late"]
+
+
+def test_a_request_preempted_during_the_step_gives_its_tokens_back_to_the_budget():
+    """vLLM returns a preempted request's scheduled tokens to the step's budget: here a waiting
+    request gets them in the same step."""
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=4, policy="priority",
+                                      long_prefill_token_threshold=0),
+                      PagePool(6), page_size=4, prefix_cache=False)  # fmt: skip
+    sched.add(_prio("low", 8, 9))
+    _finish_step(sched, _plan(sched))  # low decodes from here
+    sched.add(_prio("high", 40, 0))
+    plan = _plan(sched)
+    assert plan == {"low": 1, "high": 9}  # the pool's 6 pages: low 3, high 3
+    _finish_step(sched, plan)
+    sched.add(_prio("next", 4, 5))
+    plan = _plan(sched)
+    # high's next 9 tokens need 2 pages more: low (the lowest priority) is preempted, and the token it
+    # had been given goes to "next" (there is a page left for it)
+    assert plan == {"high": 9, "next": 1} and sched.num_preemptions == 1
+    assert [r.request_id for r in sched.waiting] == ["low"]

@@ -54,9 +54,13 @@ class Scheduler:
         if self.config.policy != "priority":
             self.waiting.append(request)
             return
-        # after every waiting request of its priority or a lower value; a staged request it passes gives
-        # its read buffer back (only the head is staged)
-        at = next((i for i, r in enumerate(self.waiting) if r.priority > request.priority), len(self.waiting))
+        self._insert_by_priority(request)
+
+    def _insert_by_priority(self, request: Request) -> None:
+        """Into the queue ordered as vLLM's priority policy orders it: by priority (lower first), then
+        arrival. A staged request it passes gives its read buffer back (only the head is staged)."""
+        key = (request.priority, request.metrics.arrival_s)
+        at = next((i for i, r in enumerate(self.waiting) if (r.priority, r.metrics.arrival_s) > key), len(self.waiting))
         for passed in list(self.waiting)[at:]:
             if passed.staged:
                 self._release(passed)
@@ -71,9 +75,9 @@ class Scheduler:
 
     # -- one step -----------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.config.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         for req in list(self.running):
+            budget = self._budget_left(out)  # a request preempted this step gives its tokens back
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:
@@ -82,7 +86,7 @@ class Scheduler:
             if not self._grow(req, req.num_computed + n, out):
                 continue
             out.append(ScheduledSeq(req, n, fresh=False))
-            budget -= n
+        budget = self._budget_left(out)
         not_ready: list[Request] = []  # kept in their places, ahead of whatever stays queued
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
@@ -109,6 +113,9 @@ class Scheduler:
         if self.waiting and len(self.running) >= self.config.max_num_seqs:
             self.steps_blocked["seqs"] += 1
         return out
+
+    def _budget_left(self, scheduled: list[ScheduledSeq]) -> int:
+        return self.config.max_num_batched_tokens - sum(s.num_new for s in scheduled)
 
     def _chunk(self, req: Request, budget: int) -> int:
         """Tokens req computes this step: what it has left, within the budget and the long-prefill
@@ -200,17 +207,15 @@ class Scheduler:
         self.num_preemptions += 1
 
     def requeue(self, req: Request) -> None:
-        """Free the request's pages and put it back at the front (of its priority); it recomputes prompt +
-        output later."""
+        """Free the request's pages and put it back at the front (fcfs), or in its place by priority
+        and arrival (priority, as vLLM's); it recomputes prompt + output later."""
         self.running.remove(req)
         self._release(req)
         req.status = Status.WAITING
         if self.config.policy != "priority":
             self.waiting.appendleft(req)
             return
-        # ahead of the waiting requests of its priority (it came before them), behind those of a lower value
-        at = next((i for i, r in enumerate(self.waiting) if r.priority >= req.priority), len(self.waiting))
-        self.waiting.insert(at, req)
+        self._insert_by_priority(req)
 
     def _unstage(self, req: Request) -> None:
         if req.staged:
