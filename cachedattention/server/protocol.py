@@ -35,7 +35,8 @@ FIELDS = frozenset((
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs", "chat_template",
-                         "include_reasoning"))  # fmt: skip
+                         "include_reasoning", "reasoning_effort"))  # fmt: skip
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 MAX_CHOICES = 16  # most choices (n) one request may ask for
 MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
@@ -449,8 +450,9 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
 
 
 def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: bool = False) -> ChatOptions:
-    """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs, and
-    chat_template when the server trusts requests' templates (as vLLM's --trust-request-chat-template)."""
+    """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs (and
+    reasoning_effort, one of them), and chat_template when the server trusts requests' templates (as
+    vLLM's --trust-request-chat-template)."""
     if flag(body, "add_special_tokens"):
         raise bad("add_special_tokens: a chat template writes its own special tokens; none are added to a chat",
                   "add_special_tokens")  # fmt: skip
@@ -466,6 +468,12 @@ def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: boo
         except ValueError as e:
             raise bad(str(e), "chat_template") from None
     kwargs = body.get("chat_template_kwargs")
+    effort = body.get("reasoning_effort")
+    if effort is not None:  # as vLLM's: a template variable (templates that read it act on it)
+        if effort not in REASONING_EFFORTS:
+            raise bad(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", "reasoning_effort")
+        if kwargs is None or isinstance(kwargs, dict):
+            kwargs = {"reasoning_effort": effort, **(kwargs or {})}  # chat_template_kwargs' own value wins
     try:
         options = ChatOptions(flag(body, "add_generation_prompt", True), flag(body, "continue_final_message"),
                               {} if kwargs is None else kwargs, template)  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any
 
 from cachedattention.sampling import is_int
 from cachedattention.server.api_error import APIError, bad
-from cachedattention.server.protocol import flag
+from cachedattention.server.protocol import REASONING_EFFORTS, flag
 
 # sampling fields passed to the chat parser as they are (vLLM's Responses request takes these too)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
@@ -70,7 +70,7 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]], reasons: b
     chat.update(_tools(body))
     effort, summary = _reasoning_options(body.get("reasoning"))
     if effort is not None:  # as vLLM's: the chat template gets it (a template that reads it may act on it)
-        chat["chat_template_kwargs"] = {"reasoning_effort": effort}
+        chat["reasoning_effort"] = effort
     fmt = _text_format(body.get("text"))
     if fmt is not None:
         chat["response_format"] = fmt
@@ -159,7 +159,6 @@ def _refuse_unsupported(body: dict[str, Any], reasons: bool) -> None:
         raise bad(f"include may only list {LOGPROBS_INCLUDE!r} on this server", "include", "unsupported_parameter")
 
 
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 REASONING_SUMMARIES = ("auto", "concise", "detailed")
 
 

@@ -156,7 +156,7 @@ def test_a_closed_reasoning_is_not_held_back_for_a_stop_string():
 
 
 # a template that opens the model's reasoning for it, as Qwen3.5's and DeepSeek-R1's later ones
-OPENING = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>"
+OPENING = ("{%- if reasoning_effort %}[effort {{ reasoning_effort }}]{%- endif %}{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>"
            "{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|im_end|>\n{%- endfor %}"
            "{%- if add_generation_prompt %}<|im_start|>assistant\n<think>\n{%- endif %}")  # fmt: skip
 
@@ -333,10 +333,27 @@ def test_reasoning_options_need_a_reasoning_parser(chat_model_dir, reasoning_ser
         read_request({"input": "hi", "reasoning": {"effort": "low"}}, [])
     req = read_request({"input": "hi", "reasoning": {"effort": "low", "summary": "auto"}}, [], reasons=True)
     assert req.echo["reasoning"] == {"effort": "low", "summary": "auto"}
-    assert req.chat_body["chat_template_kwargs"] == {"reasoning_effort": "low"}  # as vLLM's: the template gets it
+    assert req.chat_body["reasoning_effort"] == "low"  # as chat's field: the template gets it
     r = httpx.post(f"{reasoning_server.url}/v1/responses", timeout=60, json={
         "input": "hi", "max_output_tokens": 2, "reasoning": {"effort": "extreme"}})  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning.effort"
     r = httpx.post(f"{reasoning_server.url}/v1/responses", timeout=60, json={
         "input": "hi", "max_output_tokens": 2, "reasoning": {"effort": "high"}})  # fmt: skip
     assert r.status_code == 200 and r.json()["reasoning"] == {"effort": "high", "summary": None}
+
+
+def test_reasoning_effort_reaches_the_chat_template(reasoning_server):
+    """As vLLM's: a template variable (chat_template_kwargs' own value wins)."""
+    from cachedattention.server.protocol import chat_options
+
+    messages = [{"role": "user", "content": "hi"}]
+    assert chat_options({"reasoning_effort": "low"}, messages).template_kwargs == {"reasoning_effort": "low"}
+    both = chat_options({"reasoning_effort": "low", "chat_template_kwargs": {"reasoning_effort": "high", "x": 1}},
+                        messages)  # fmt: skip
+    assert both.template_kwargs == {"reasoning_effort": "high", "x": 1}
+    url = reasoning_server.url
+    ids = httpx.post(f"{url}/tokenize", json={"messages": HELLO, "reasoning_effort": "low"}, timeout=60).json()["tokens"]
+    assert httpx.post(f"{url}/detokenize", json={"tokens": ids}, timeout=60).json()["prompt"].startswith("[effort low]")
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                   json={"messages": HELLO, "max_tokens": 1, "reasoning_effort": "max"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
