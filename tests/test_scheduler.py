@@ -153,20 +153,46 @@ def test_a_preempted_request_goes_back_in_its_place_by_priority_then_arrival():
 
 
 def test_a_request_preempted_during_the_step_gives_its_tokens_back_to_the_budget():
-    """vLLM returns a preempted request's scheduled tokens to the step's budget: here a waiting
-    request gets them in the same step."""
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=4, policy="priority",
-                                      long_prefill_token_threshold=0),
-                      PagePool(6), page_size=4, prefix_cache=False)  # fmt: skip
-    sched.add(_prio("low", 8, 9))
+    """As vLLM's: a running request preempted while the step is planned gives back the tokens it
+    had been given, to the running requests after it; and no waiting request is admitted in a step
+    that had to preempt (the pages just freed are for the running ones)."""
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=12, max_num_seqs=4, policy="priority",
+                                      long_prefill_token_threshold=8),
+                      PagePool(9), page_size=4, prefix_cache=False)  # fmt: skip
+    arrivals = iter(range(10))
+
+    def add(rid: str, n: int, priority: int) -> None:
+        req = _prio(rid, n, priority)
+        req.metrics.arrival_s = float(next(arrivals))
+        sched.add(req)
+
+    add("low", 8, 9)
     _finish_step(sched, _plan(sched))  # low decodes from here
-    sched.add(_prio("high", 40, 0))
+    add("high", 40, 0)
     plan = _plan(sched)
-    assert plan == {"low": 1, "high": 9}  # the pool's 6 pages: low 3, high 3
+    assert plan == {"low": 1, "high": 8}
     _finish_step(sched, plan)
-    sched.add(_prio("next", 4, 5))
+    add("mid", 20, 5)
     plan = _plan(sched)
-    # high's next 9 tokens need 2 pages more: low (the lowest priority) is preempted, and the token it
-    # had been given goes to "next" (there is a page left for it)
-    assert plan == {"high": 9, "next": 1} and sched.num_preemptions == 1
-    assert [r.request_id for r in sched.waiting] == ["low"]
+    assert plan == {"low": 1, "high": 8, "mid": 3}  # 8 of the pool's 9 pages held
+    _finish_step(sched, plan)
+    add("next", 4, 1)
+    plan = _plan(sched)
+    # high's next 8 tokens need 2 pages more: low (the lowest priority) is preempted, and its token goes
+    # to mid (4 tokens, not 3); "next", though of a higher priority than mid, waits for the next step
+    assert plan == {"high": 8, "mid": 4} and sched.num_preemptions == 1
+    assert [r.request_id for r in sched.waiting] == ["next", "low"]
+
+
+def test_the_priority_victim_is_the_lowest_priority_that_arrived_last():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, policy="priority"),
+                      PagePool(64), page_size=4, prefix_cache=False)  # fmt: skip
+    for rid, arrival in (("a", 2.0), ("b", 1.0), ("c", 3.0)):
+        req = _prio(rid, 4, 7 if rid != "c" else 0)
+        req.metrics.arrival_s = arrival
+        sched.add(req)
+    _plan(sched)
+    assert [r.request_id for r in sched.running] == ["c", "b", "a"]
+    c, b, a = sched.running
+    sched.running = [c, a, b]  # as after b was preempted and admitted again
+    assert sched._victim().request_id == "a"  # priority 7, arrived after b (not the last admitted)

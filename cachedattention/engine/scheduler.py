@@ -76,6 +76,7 @@ class Scheduler:
     # -- one step -----------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledSeq]:
         out: list[ScheduledSeq] = []
+        preemptions = self.num_preemptions
         for req in list(self.running):
             budget = self._budget_left(out)  # a request preempted this step gives its tokens back
             if budget == 0:
@@ -86,7 +87,8 @@ class Scheduler:
             if not self._grow(req, req.num_computed + n, out):
                 continue
             out.append(ScheduledSeq(req, n, fresh=False))
-        budget = self._budget_left(out)
+        # as vLLM's: none admitted in a step that had to preempt (pages just freed go to the running)
+        budget = self._budget_left(out) if self.num_preemptions == preemptions else 0
         not_ready: list[Request] = []  # kept in their places, ahead of whatever stays queued
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
@@ -195,11 +197,11 @@ class Scheduler:
         return True
 
     def _victim(self) -> Request:
-        """The running request that gives its pages back: the newest (fcfs), or the newest of the
-        lowest priority (the largest value)."""
+        """The running request that gives its pages back: the newest (fcfs), or the one of the lowest
+        priority (the largest value) that arrived last."""
         if self.config.policy != "priority":
             return self.running[-1]
-        return max(reversed(self.running), key=lambda r: r.priority)  # max keeps the first of equals: the newest
+        return max(self.running, key=lambda r: (r.priority, r.metrics.arrival_s))  # vLLM's: the last to arrive
 
     def _preempt(self, victim: Request, scheduled: list[ScheduledSeq]) -> None:
         scheduled[:] = [s for s in scheduled if s.request is not victim]
