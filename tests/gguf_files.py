@@ -41,13 +41,13 @@ def _rope_freqs(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
 
 
 def write_tiny_gguf(kind: str, folder: Path):
-    """Write `folder/model.gguf` of a tiny random `kind` model (llama, qwen2, qwen3); return the
-    transformers model it holds (float32 tensors: the same weights exactly)."""
+    """Write `folder/model.gguf` of a tiny random `kind` model (llama, llama-linear, qwen2, qwen3);
+    return the transformers model it holds (float32 tensors: the same weights exactly)."""
     import gguf
 
     from cachedattention.model.embedded import embedded_gguf_path
 
-    arch = kind
+    arch = "llama" if kind.startswith("llama") else kind
     hf = make_tiny_model(kind, folder / "hf", vocab_size=49152)
     cfg = hf.config
     rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
@@ -75,6 +75,8 @@ def write_tiny_gguf(kind: str, folder: Path):
     w.add_eos_token_id(2)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _rope_freqs(head_dim, theta, rope))
+    elif rope.get("rope_type") == "linear":  # as older converters wrote it: the factor, no type
+        w.add_float32(f"{arch}.rope.scale_linear", rope["factor"])
     for name, t in hf.state_dict().items():
         if name != "lm_head.weight" or not cfg.tie_word_embeddings:  # a tied head is the embedding
             w.add_tensor(*_gguf_tensor(name, t.float().numpy(), cfg, arch))

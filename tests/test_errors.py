@@ -34,7 +34,9 @@ BASE_CONFIG = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "
         {"model_type": "mistral", "sliding_window": 128},
         {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128},
         {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 128},
-        {"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]},
+        {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 128,
+         "layer_types": ["full_attention", "sliding_attention"]},
+        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128, "max_window_layers": 1},
     ],
 )
 def test_sliding_window_attention_is_refused(config, tmp_path):
@@ -50,6 +52,9 @@ def test_sliding_window_attention_is_refused(config, tmp_path):
         {"model_type": "mistral", "sliding_window": None},
         {"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 128},  # named, not used
         {"model_type": "qwen3", "layer_types": ["full_attention", "full_attention"], "sliding_window": 128},
+        # as transformers reads them: no window unless use_sliding_window, and then from max_window_layers on
+        {"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 128},
+        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128, "max_window_layers": 2},
     ],
 )
 def test_a_window_named_but_unused_is_served(config):

@@ -1,5 +1,6 @@
 """GGUF files of each family served (Llama with its q/k rows un-permuted and Llama 3.1's rope_freqs
-divisors, Qwen2 with its biases, Qwen3 with its head norms) match transformers on the same weights."""
+divisors or a linear scaling factor, Qwen2 with its biases, Qwen3 with its head norms) match
+transformers on the same weights."""
 
 import pytest
 import torch
@@ -25,13 +26,15 @@ def gguf_files(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "llama-linear", "qwen2", "qwen3"])
 def test_a_gguf_file_of_each_family_matches_transformers(kind, gguf_files, monkeypatch):
     folder, hf = gguf_files(kind)
     llm = LLM(model=str(folder / "model.gguf"))
     spec = llm.engine.spec
-    assert spec.model_type == kind and spec.qk_norm == (kind == "qwen3") and spec.qkv_bias == (kind == "qwen2")
-    assert (spec.rope_freq_factors is not None) == (kind == "llama")  # the tiny Llama is Llama-3 scaled
+    assert spec.model_type == kind.split("-")[0] and spec.qk_norm == (kind == "qwen3")
+    assert spec.qkv_bias == (kind == "qwen2")
+    # the tiny Llama is Llama-3 scaled (the file's rope_freqs), the other one linearly (its factor)
+    assert (spec.rope_freq_factors is not None) == kind.startswith("llama")
     seen = capture_logits(monkeypatch)
     prompt = [(11 * i + 5) % 3000 + 20 for i in range(40)]
     out = llm.generate([prompt], GREEDY)[0]

@@ -36,6 +36,9 @@ def tiny_config(kind: str, **overrides):
             rope_theta=10000.0,
         )
         cls = transformers.LlamaConfig
+    elif kind == "llama-linear":  # positions scaled down linearly (context-extended Llama 2s, Code Llama's kin)
+        common.update(rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=10000.0)
+        cls = transformers.LlamaConfig
     elif kind == "llama-tied":
         common.update(tie_word_embeddings=True, rope_theta=100000.0, num_key_value_heads=1)
         cls = transformers.LlamaConfig

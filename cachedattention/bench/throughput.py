@@ -35,11 +35,13 @@ def _ours(loaded, args, prompts: list[list[int]], new: int) -> float:
 
 
 def _hf_model(loaded, device: str, dtype: str):
-    """transformers' Llama with exactly our weights (same state dict names)."""
+    """transformers' model of the same family with exactly our weights (same state dict names)."""
     import transformers
 
-    s = loaded.spec
-    cfg = transformers.LlamaConfig(
+    s = loaded.spec  # RoPE scaling left out: it changes no timing
+    family = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+              "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[s.model_type]  # fmt: skip
+    cfg = family(
         vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
         num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
         head_dim=s.head_dim, rms_norm_eps=s.rms_norm_eps, rope_theta=s.rope_theta,
@@ -48,8 +50,10 @@ def _hf_model(loaded, device: str, dtype: str):
     )
     cfg.dtype = dtype
     with torch.device(device):  # built where it runs: its rotary buffers must be real tensors
-        hf = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype))
-    hf.load_state_dict(loaded.model.state_dict(), strict=False)
+        hf = transformers.AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype))
+    missing, _ = hf.load_state_dict(loaded.model.state_dict(), strict=False)
+    if set(missing) - {"lm_head.weight"}:  # a tied head comes with tie_weights below
+        raise ValueError(f"the transformers reference lacks our weights for {sorted(missing)[:3]}")
     hf.tie_weights()
     return hf.eval()
 

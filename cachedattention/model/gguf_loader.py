@@ -66,14 +66,17 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     def p(name: str, default: Any = None) -> Any:
         return _field(r, f"{arch}.{name}", default)
 
-    scaling = p("rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise ValueError(f"GGUF rope scaling {scaling!r} is not supported")
+    scaling = p("rope.scaling.type")  # llama.cpp reads a factor without a type as linear scaling
+    factor = p("rope.scaling.factor", p("rope.scale_linear"))
+    if scaling not in (None, "none", "linear"):
+        raise ValueError(f"GGUF rope scaling {scaling!r} is not supported (only linear, and Llama 3.1's rope_freqs)")
     heads = p("attention.head_count")
     vocab = p("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
     tensors = {t.name: t for t in r.tensors}
     head_dim = p("attention.key_length", p("rope.dimension_count", p("embedding_length") // heads))
-    extra = {}
+    extra: dict[str, Any] = {}
+    if scaling != "none" and factor not in (None, 0.0, 1.0):
+        extra["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
     if ROPE_FREQS in tensors:  # written as a tensor, not as scaling parameters: the divisors themselves
         extra["rope_freq_factors"] = [float(x) for x in np.asarray(tensors[ROPE_FREQS].data, dtype=np.float32)]
     return {

@@ -41,7 +41,8 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k, before RoPE
-    # a GGUF file's rope_freqs: each frequency's divisor (how llama.cpp writes Llama 3.1's scaling)
+    # each frequency's divisor: a GGUF file's rope_freqs (how llama.cpp writes Llama 3.1's scaling),
+    # linear scaling's factor
     rope_freq_factors: tuple[float, ...] | None = None
 
 
@@ -57,32 +58,40 @@ class ModelSpec:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _rope_params(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+def _rope_params(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
+    """(theta, Llama 3's scaling, linear scaling's factor)."""
     # transformers 5 nests these under rope_parameters; 4.x used rope_theta + rope_scaling
     params = dict(cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling") or params
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type in (None, "default"):
-        return theta, None
+        return theta, None, None
+    if rope_type == "linear":  # positions divided by the factor: every frequency is
+        factor = float(scaling["factor"])
+        if not factor > 0:
+            raise ValueError(f"linear rope scaling needs a positive factor, got {factor}")
+        return theta, None, factor
     if rope_type != "llama3":
-        raise ValueError(f"unsupported rope scaling {rope_type!r}: only default and 'llama3' are implemented")
+        raise ValueError(f"unsupported rope scaling {rope_type!r}: only default, 'linear' and 'llama3' are implemented")
     return theta, RopeScaling(
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-    )
+    ), None
 
 
-def _freq_factors(cfg: dict[str, Any], heads: int, hidden: int, scaling: RopeScaling | None) -> tuple[float, ...] | None:
+def _freq_factors(cfg: dict[str, Any], head_dim: int, scaling: RopeScaling | None,
+                  linear: float | None) -> tuple[float, ...] | None:  # fmt: skip
+    """Each rotary frequency's divisor: a GGUF file's rope_freqs, times linear scaling's factor."""
     factors = cfg.get("rope_freq_factors")
-    if factors is None:
+    if factors is None and linear is None:
         return None
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    if scaling is not None or len(factors) != head_dim // 2 or not all(float(f) > 0 for f in factors):
-        raise ValueError(f"rope_freq_factors must be {head_dim // 2} positive divisors, without rope_scaling")
-    return tuple(float(f) for f in factors)
+    if factors is not None and (scaling is not None or len(factors) != head_dim // 2
+                                or not all(float(f) > 0 for f in factors)):  # fmt: skip
+        raise ValueError(f"rope_freq_factors must be {head_dim // 2} positive divisors, without Llama 3 scaling")
+    return tuple(float(f) * (linear or 1.0) for f in (factors or [1.0] * (head_dim // 2)))
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -94,11 +103,16 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 def _refuse_sliding_window(model_type: str, cfg: dict[str, Any]) -> None:
     """Every layer must attend to the whole context: the store keeps and reloads all of it."""
     sliding = cfg.get("sliding_window")
-    windowed = "sliding_attention" in (cfg.get("layer_types") or ())
-    if model_type == "mistral":
-        windowed = windowed or bool(sliding and sliding < cfg.get("max_position_embeddings", 0))
-    elif model_type in ("qwen2", "qwen3"):  # their configs name a window but use it only when asked
-        windowed = windowed or bool(cfg.get("use_sliding_window") and sliding)
+    layer_types = cfg.get("layer_types") or ()
+    if model_type in ("qwen2", "qwen3"):
+        # their configs name a window but use it only when asked, and then (as transformers reads them)
+        # in the layers from max_window_layers on, or those layer_types marks
+        windowed = bool(cfg.get("use_sliding_window") and sliding) and (
+            "sliding_attention" in layer_types if layer_types
+            else int(cfg.get("max_window_layers") or 0) < int(cfg.get("num_hidden_layers", 0)))
+    else:
+        windowed = "sliding_attention" in layer_types or bool(
+            sliding and sliding < cfg.get("max_position_embeddings", 0))
     if windowed:
         raise ValueError(
             f"{model_type} sliding-window attention ({sliding}) is not supported; "
@@ -119,7 +133,8 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     _refuse_sliding_window(model_type, cfg)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
-    theta, scaling = _rope_params(cfg)
+    theta, scaling, linear = _rope_params(cfg)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
     return ModelSpec(
         model_type=model_type,
         vocab_size=int(cfg["vocab_size"]),
@@ -128,14 +143,14 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         num_layers=int(cfg["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
         qk_norm=model_type == "qwen3",
-        rope_freq_factors=_freq_factors(cfg, heads, hidden, scaling),
+        rope_freq_factors=_freq_factors(cfg, head_dim, scaling, linear),
         rope_scaling=scaling,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),

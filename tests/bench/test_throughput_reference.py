@@ -1,0 +1,17 @@
+"""The throughput bench's transformers reference is the same model as ours: its family's class, our
+weights (a Qwen3 keeps its head norms, a Qwen2 its biases), so the timing compares like with like."""
+
+import pytest
+import torch
+
+from cachedattention.bench.throughput import _hf_model
+from cachedattention.model.loader import load_model
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "qwen2", "qwen3", "mistral"])
+def test_the_reference_computes_what_the_checkpoint_does(kind, tiny_dirs):
+    path, hf = tiny_dirs[kind]
+    reference = _hf_model(load_model(str(path), "cpu", "float32"), "cpu", "float32")
+    ids = torch.tensor([[5, 9, 13, 200, 17, 3]])
+    with torch.no_grad():
+        assert torch.equal(reference(ids).logits, hf(ids).logits)
