@@ -71,6 +71,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=model_arg(args),
+        tokenizer=getattr(args, "tokenizer", None),
         device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,

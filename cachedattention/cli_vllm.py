@@ -4,6 +4,7 @@ does in vLLM, is accepted where this engine already behaves so, or is a usage er
 from __future__ import annotations
 
 import argparse
+import os
 
 from cachedattention.sampling import MAX_LOGPROBS
 
@@ -18,6 +19,14 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vLLM's engine flags")
     g.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
                    help="the model, as the positional MODEL (vLLM takes either; both must then agree)")
+    g.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="another tokenizer than the model's: a Hugging Face folder, or a GGUF file (e.g. a GGUF "
+                        "model's original folder, for its exact tokenizer and chat template)")
+    g.add_argument("--tokenizer-mode", type=tokenizer_mode, default="auto",
+                   help="auto only: transformers' fast tokenizer of the model (or of --tokenizer)")
+    g.add_argument("--load-format", type=load_format, default="auto",
+                   help="auto, safetensors or gguf: the model's files say which (a folder of safetensors, a "
+                        ".gguf file); one that does not match them is refused at start")
     g.add_argument("--gpu-memory-utilization", type=fraction, default=None, metavar="F",
                    help="on CUDA, the share in (0, 1] of the device's memory for weights, activations and the KV "
                         "pool: the pool gets F x total memory, less what this engine uses once its weights are "
@@ -54,6 +63,8 @@ ENGINE_AS_IS = {
 SERVER_AS_IS = {
     "--enable-auto-tool-choice": "tool_choice 'auto' is always on here (answers' calls become tool_calls)",
     "--disable-log-stats": "this server logs no periodic stats (they are at /metrics and /health)",
+    "--disable-fastapi-docs": "this server serves no /docs, /redoc or /openapi.json pages",
+    "--enable-prompt-tokens-details": "usage always has prompt_tokens_details (cached tokens, and by tier here)",
 }
 
 
@@ -91,6 +102,21 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                    help="uvicorn's log level (default: info)")
     g.add_argument("--response-role", type=response_role, default="assistant", metavar="ROLE",
                    help="assistant only: chat answers' role is always 'assistant' here")
+    g.add_argument("--enable-force-include-usage", action="store_true",
+                   help="every streamed answer ends with its usage, whether or not the request's stream_options "
+                        "asks for it (answers not streamed always carry it)")
+    g.add_argument("--max-log-len", type=int, default=None, metavar="N",
+                   help="accepted: the requests logged (--enable-log-requests) never show their prompt here")
+    g.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="serve HTTPS with this private key (PEM)")
+    g.add_argument("--ssl-certfile", default=None, metavar="FILE", help="and this certificate (PEM)")
+    g.add_argument("--ssl-ca-certs", default=None, metavar="FILE",
+                   help="the CA certificates that client certificates are checked against")
+    g.add_argument("--ssl-cert-reqs", type=int, default=0, choices=(0, 1, 2), metavar="N",
+                   help="client certificates: 0 not asked for (default), 1 optional, 2 required (Python's "
+                        "ssl.CERT_*), as uvicorn's")
+    g.add_argument("--root-path", default="", metavar="PATH",
+                   help="the path prefix a proxy serves this server under (FastAPI's root_path), as vLLM's")
+    g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no access log line per request")
 
 
 class Refuse(argparse.Action):
@@ -157,9 +183,26 @@ def only(allowed: tuple[str, ...], why: str):
 
 
 kv_cache_dtype = only(("auto",), "the device pool keeps the model's dtype (--dtype)")
+tokenizer_mode = only(("auto",), "the model's own (fast) tokenizer serves; --tokenizer names another one")
+load_format = only(("auto", "safetensors", "gguf"), "weights load from safetensors folders or GGUF files")
 tool_call_parser = only(TOOL_CALL_PARSERS, "this server reads the tool call formats it knows")
 reasoning_parser_name = only(REASONING_PARSERS, "this server reads the reasoning formats it knows")
 response_role = only(("assistant",), "chat answers' role is always 'assistant' here")
+
+
+def uvicorn_options(args: argparse.Namespace) -> dict:
+    """uvicorn's keyword arguments for vLLM's listening flags (TLS, root path, access log), the files
+    checked before any model is loaded."""
+    files = {name: getattr(args, name, None) for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs")}
+    for name, path in files.items():
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"--{name.replace('_', '-')} {path!r} is not a file")
+    if (files["ssl_keyfile"] is None) != (files["ssl_certfile"] is None):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together: HTTPS needs both")
+    if getattr(args, "ssl_cert_reqs", 0) and files["ssl_ca_certs"] is None:
+        raise ValueError("--ssl-cert-reqs checks client certificates: give --ssl-ca-certs to check them against")
+    return {**files, "ssl_cert_reqs": getattr(args, "ssl_cert_reqs", 0), "root_path": getattr(args, "root_path", ""),
+            "access_log": not getattr(args, "disable_uvicorn_access_log", False)}
 
 
 def model_arg(args: argparse.Namespace) -> str | None:
@@ -167,4 +210,9 @@ def model_arg(args: argparse.Namespace) -> str | None:
     named = getattr(args, "model_option", None)
     if named is not None and args.model is not None and named != args.model:
         raise ValueError(f"two models given: {args.model!r} and --model {named!r}; give one")
-    return args.model if args.model is not None else named
+    model = args.model if args.model is not None else named
+    fmt = getattr(args, "load_format", "auto")
+    if model is not None and fmt != "auto" and (fmt == "gguf") != model.endswith(".gguf"):
+        raise ValueError(f"--load-format {fmt} does not match the model {model!r} (a .gguf file is gguf, a folder "
+                         "safetensors)")
+    return model

@@ -112,6 +112,7 @@ class EngineConfig:
     """Everything the engine needs; built by LLM(...) or the CLI."""
 
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    tokenizer: str | None = None  # vLLM's --tokenizer: a folder (or GGUF file) whose tokenizer serves instead of the model's
     device: str = "cpu"
     dtype: str = "float32"
     max_model_len: int | None = None  # None: the model's window

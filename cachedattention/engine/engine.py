@@ -28,7 +28,7 @@ from cachedattention.kvcache.kv_pool import (
 )
 from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.generation_defaults import generation_defaults
-from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
+from cachedattention.model.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from cachedattention.outputs import RequestMetrics, RequestOutput
 from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob, token_logprobs
 from cachedattention.store.session import ANON_PREFIX
@@ -48,9 +48,11 @@ class LLMEngine:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} asked for but CUDA is not available")
         self.device = torch.device(config.device)
-        self.loaded = loaded or load_model(config.model, config.device, config.dtype)
+        self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.tokenizer)
         self.spec = self.loaded.spec
         self.tokenizer = self.loaded.tokenizer
+        if loaded is not None and config.tokenizer is not None:  # a model loaded before: its tokenizer replaced
+            self.tokenizer = load_tokenizer(config.tokenizer, self.spec.vocab_size)
         if config.chat_template is not None:
             if self.tokenizer is None:
                 raise ValueError("a chat template needs the model's tokenizer, and this model has none")

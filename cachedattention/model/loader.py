@@ -44,7 +44,9 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(source: str | None, device: str, dtype: str) -> LoadedModel:
+def load_model(source: str | None, device: str, dtype: str, tokenizer: str | None = None) -> LoadedModel:
+    """`tokenizer`: another folder's (or GGUF file's) tokenizer instead of the model's own (vLLM's
+    --tokenizer, e.g. a GGUF file's original model folder)."""
     embedded = source is None
     if embedded:
         source = str(embedded_model_dir())
@@ -58,18 +60,41 @@ def load_model(source: str | None, device: str, dtype: str) -> LoadedModel:
         config = gguf_config(reader)
         spec = spec_from_hf_config(config)
         state = gguf_state_dict(reader, config)
-        tok = Tokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = Tokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if tokenizer is None else None
         blocks = lambda: gguf_quantized_weights(reader, config)  # noqa: E731
     else:
         config = _read_config(path)
         spec = spec_from_hf_config(config)
         state = _read_safetensors(path)
-        tok = Tokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+        tok = Tokenizer.from_pretrained(str(path)) if tokenizer is None and _has_tokenizer(path) else None
         blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer, spec.vocab_size)
     model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
     if blocks is not None and torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32:
         _attach_blocks(model, blocks, path if embedded else None)
     return LoadedModel(model, spec, tok, path.name, weights_id(path))
+
+
+def load_tokenizer(source: str, vocab_size: int) -> Tokenizer:
+    """The tokenizer of a Hugging Face folder or a GGUF file, for a model of `vocab_size` tokens."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(f"tokenizer path {source!r} does not exist (give a folder with a tokenizer, or a .gguf file)")
+    try:
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ValueError("a file must be a .gguf")
+            tok = Tokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            if not _has_tokenizer(path):
+                raise ValueError("the folder has no tokenizer.json, tokenizer.model or tokenizer_config.json")
+            tok = Tokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer {source!r} cannot be loaded: {e}") from None
+    if len(tok.hf) > vocab_size:  # its ids past the model's vocabulary would index outside the embedding
+        raise ValueError(f"tokenizer {source!r} has {len(tok.hf)} tokens, more than the model's {vocab_size}")
+    return tok
 
 
 def _attach_blocks(model: LlamaForCausalLM, blocks, embedded_dir: Path | None) -> None:

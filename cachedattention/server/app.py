@@ -26,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cachedattention.cli_vllm import uvicorn_options
 from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import SessionBusy
@@ -246,12 +247,14 @@ class OpenAIRoutes:
     def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_names: Sequence[str], max_model_len: int,
                  trust_request_chat_template: bool = False, named: bool = True,
                  tool_parser: ToolCallParser = HermesCalls, token_ids_as_tokens: bool = False,
-                 reasoning_parser: ReasoningParser | None = None) -> None:  # fmt: skip
+                 reasoning_parser: ReasoningParser | None = None,
+                 force_include_usage: bool = False) -> None:  # fmt: skip
         self.loop = loop
         self.token_ids_as_tokens = token_ids_as_tokens  # vLLM's --return-tokens-as-token-ids
         self.trust_template = trust_request_chat_template
         self.tool_parser = tool_parser  # how the model writes tool calls (--tool-call-parser)
         self.reasoning_parser = reasoning_parser  # how the model writes its reasoning (--reasoning-parser)
+        self.force_include_usage = force_include_usage  # streamed answers end with usage, asked for or not
         self.metrics = metrics
         self.model_names = list(dict.fromkeys(model_names))  # answers carry the first, as vLLM's
         self.model_name = self.model_names[0]
@@ -360,7 +363,8 @@ class OpenAIRoutes:
             echo = parsed.prompt if isinstance(parsed.prompt, str) else (tok.decode(parsed.prompt) if tok else "")
             if isinstance(parsed.prompt, str) and parsed.add_special_tokens and tok is not None:
                 hidden = tok.added_prefix(parsed.prompt)
-        fmt = _Format(rid, self.model_name, chat, parsed.include_usage, tok, parsed.params.logprobs, echo,
+        include_usage = parsed.include_usage or (self.force_include_usage and parsed.stream)
+        fmt = _Format(rid, self.model_name, chat, include_usage, tok, parsed.params.logprobs, echo,
                       parsed.prompt_logprobs, isinstance(parsed.prompt, str), parsed.parse_tool_calls,
                       parsed.named_tool, hidden, self.tool_parser, parsed.continuous_usage,
                       parsed.token_ids_as_tokens or self.token_ids_as_tokens,
@@ -590,6 +594,7 @@ def create_app(
     tool_call_format: str = "hermes",
     return_tokens_as_token_ids: bool = False,
     reasoning_parser_name: str | None = None,
+    force_include_usage: bool = False,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
@@ -601,7 +606,8 @@ def create_app(
     `tool_call_format`: how the model writes tool calls (hermes, llama3_json; vLLM's --tool-call-parser);
     `return_tokens_as_token_ids`: logprob tokens as "token_id:N" (vLLM's flag; also a request field).
     `reasoning_parser_name`: how the model writes its reasoning (qwen3, deepseek_r1; vLLM's
-    --reasoning-parser): chat answers return it apart from their content.
+    --reasoning-parser): chat answers return it apart from their content. `force_include_usage`: every
+    streamed answer ends with its usage (vLLM's --enable-force-include-usage).
     `log_requests`: one INFO line per request received (vLLM's --enable-log-requests)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
@@ -617,7 +623,8 @@ def create_app(
                           trust_request_chat_template, named=bool(names),
                           tool_parser=tool_call_parser(tool_call_format),
                           token_ids_as_tokens=return_tokens_as_token_ids,
-                          reasoning_parser=reasoning_parser(reasoning_parser_name))  # fmt: skip
+                          reasoning_parser=reasoning_parser(reasoning_parser_name),
+                          force_include_usage=force_include_usage)  # fmt: skip
     if allow_credentials and "*" in allowed_origins:
         log.warning("--allow-credentials with any origin: every web page may call this server with its users' "
                     "cookies; name the origins (--allowed-origins)")  # fmt: skip
@@ -667,6 +674,7 @@ def serve(args: argparse.Namespace) -> int:
     from cachedattention.cli import engine_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    listening = uvicorn_options(args)  # its files checked before the model loads
     grace_s = float(getattr(args, "shutdown_grace_s", None) or DEFAULT_GRACE_S)
     keys = api_keys_from(getattr(args, "api_key", None), os.environ)
     app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s=grace_s,
@@ -680,11 +688,13 @@ def serve(args: argparse.Namespace) -> int:
                      tool_call_format=getattr(args, "tool_call_parser", "hermes"),
                      return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
                      reasoning_parser_name=getattr(args, "reasoning_parser", None),
+                     force_include_usage=getattr(args, "enable_force_include_usage", False),
                      log_requests=getattr(args, "enable_log_requests", False))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s)),
         log_level=getattr(args, "uvicorn_log_level", None),  # None: uvicorn's own (info)
+        **listening,
     )
     server = _DrainingServer(config, loop)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean exit 0

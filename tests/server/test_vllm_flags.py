@@ -155,6 +155,9 @@ def test_a_vllm_command_line_parses_and_reaches_the_engine_config():
     (["--enable-log-requests", "--disable-log-requests"], "not allowed with"),
     (["--response-role", "bot"], "supported: assistant"),
     (["--uvicorn-log-level", "loud"], "invalid choice"),
+    (["--tokenizer-mode", "mistral"], "supported: auto"),
+    (["--load-format", "pt"], "supported: auto, safetensors, gguf"),
+    (["--ssl-cert-reqs", "3"], "invalid choice"),
 ])  # fmt: skip
 def test_what_this_engine_cannot_do_is_a_usage_error_saying_why(flags, says, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -1,0 +1,111 @@
+"""vLLM's flags for where the model's tokenizer and files come from and how the server listens:
+--tokenizer, --load-format, TLS (--ssl-*), --root-path, the access log, --enable-force-include-usage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cachedattention import LLM, SamplingParams
+from cachedattention.cli import build_parser, main
+from cachedattention.cli_vllm import uvicorn_options
+from tests.server.conftest import engine_config, start_server
+
+TLS = Path(__file__).parent.parent / "data" / "tls"  # a self-signed localhost certificate, for tests only
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def test_another_folder_s_tokenizer_serves_a_model_without_one(chat_model_dir, tmp_path, tiny_dirs):
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(chat_model_dir / f, bare / f)
+    params = SamplingParams(max_tokens=3, temperature=0)
+    own = LLM(model=str(chat_model_dir)).chat(HELLO, params)
+    borrowed = LLM(model=str(bare), tokenizer=str(chat_model_dir)).chat(HELLO, params)
+    assert borrowed.prompt_token_ids == own.prompt_token_ids and borrowed.token_ids == own.token_ids
+    with pytest.raises(ValueError, match="has 49152 tokens, more than the model's 256"):
+        LLM(model=str(tiny_dirs["llama"][0]), tokenizer=str(chat_model_dir))
+    with pytest.raises(ValueError, match="tokenizer path .* does not exist"):
+        LLM(model=str(bare), tokenizer=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        LLM(model=str(chat_model_dir), tokenizer=str(bare))
+    args = build_parser().parse_args(["serve", str(bare), "--tokenizer", str(chat_model_dir)])
+    from cachedattention.cli import engine_config as cli_engine_config
+
+    assert cli_engine_config(args).tokenizer == str(chat_model_dir)
+
+
+def test_the_load_format_must_match_the_model_s_files(capsys, tmp_path):
+    assert main(["serve", str(tmp_path), "--load-format", "gguf"]) == 2  # refused before the model loads
+    assert "--load-format gguf does not match the model" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "m.gguf"), "--load-format", "safetensors"]) == 2
+
+
+def _listening(argv: list[str]) -> dict:
+    return uvicorn_options(build_parser().parse_args(["serve", "m", *argv]))
+
+
+def test_the_listening_flags_become_uvicorn_s_options():
+    opts = _listening(["--ssl-keyfile", str(TLS / "key.pem"), "--ssl-certfile", str(TLS / "cert.pem"),
+                       "--root-path", "/llm", "--disable-uvicorn-access-log"])  # fmt: skip
+    assert opts["ssl_keyfile"] == str(TLS / "key.pem") and opts["ssl_certfile"] == str(TLS / "cert.pem")
+    assert opts["root_path"] == "/llm" and opts["access_log"] is False and opts["ssl_cert_reqs"] == 0
+    defaults = _listening([])
+    assert defaults["ssl_keyfile"] is None and defaults["root_path"] == "" and defaults["access_log"] is True
+    for argv, says in ((["--ssl-keyfile", str(TLS / "key.pem")], "go together"),
+                       (["--ssl-keyfile", "/no/key.pem", "--ssl-certfile", str(TLS / "cert.pem")], "is not a file"),
+                       (["--ssl-cert-reqs", "2"], "give --ssl-ca-certs")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            _listening(argv)
+
+
+def test_https_is_served_with_the_given_key_and_certificate(chat_model_dir):
+    import uvicorn
+
+    from cachedattention.server.app import create_app
+
+    opts = _listening(["--ssl-keyfile", str(TLS / "key.pem"), "--ssl-certfile", str(TLS / "cert.pem")])
+    app = create_app(engine_config(chat_model_dir, store=False))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", **opts))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    url = f"127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        trusted = ssl.create_default_context(cafile=str(TLS / "cert.pem"))
+        r = httpx.post(f"https://{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2},
+                       verify=trusted, timeout=60)  # fmt: skip
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not answered
+            httpx.get(f"http://{url}/health", timeout=10)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_forced_usage_ends_every_streamed_answer(chat_model_dir):
+    srv = start_server(engine_config(chat_model_dir, store=False), force_include_usage=True)
+    try:
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", timeout=60,
+                          json={"messages": HELLO, "max_tokens": 3, "stream": True}) as r:  # fmt: skip
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
+        with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=60,
+                          json={"prompt": "Hi", "max_tokens": 2, "stream": True}) as r:  # fmt: skip
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert events[-1]["usage"]["completion_tokens"] == 2
+    finally:
+        srv.stop()
