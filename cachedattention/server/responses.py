@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
-from cachedattention.server.api_error import APIError, aborted_error, as_api_error
+from cachedattention.server.api_error import APIError, aborted_error, as_api_error, bad
 from cachedattention.server.logprobs import LogprobFormatter
 from cachedattention.server.protocol import ParsedRequest, parse_chat, parse_json_object
 from cachedattention.server.reasoning import Reasoning, Split
@@ -176,12 +176,35 @@ class ResponsesRoutes:
         app.add_api_route("/v1/responses", self.create, methods=["POST"])
         app.add_api_route("/v1/responses/{response_id}", self.retrieve, methods=["GET"])
         app.add_api_route("/v1/responses/{response_id}", self.delete, methods=["DELETE"])
+        app.add_api_route("/v1/responses/{response_id}/input_items", self.input_items, methods=["GET"])
 
     async def retrieve(self, response_id: str) -> dict[str, Any]:
         stored = await self._lookup(response_id)
         if stored is None:
             raise _not_found(response_id)
         return stored.body
+
+    async def input_items(self, response_id: str, request: Request) -> dict[str, Any]:
+        """The stored response's input items, a page at a time (OpenAI's after, limit, order)."""
+        stored = await self._lookup(response_id)
+        if stored is None:
+            raise _not_found(response_id)
+        query = request.query_params
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise bad("order must be 'asc' or 'desc'", "order")
+        limit = query.get("limit", "20")
+        if not (limit.isdigit() and 1 <= int(limit) <= 100):
+            raise bad("limit must be an integer from 1 to 100", "limit")
+        items = list(stored.input_items)[:: 1 if order == "asc" else -1]
+        start = 0
+        if "after" in query:
+            start = next((i + 1 for i, item in enumerate(items) if item.get("id") == query["after"]), -1)
+            if start < 0:
+                raise bad(f"after: {query['after']!r} is not an input item of this response", "after")
+        page = items[start : start + int(limit)]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": start + int(limit) < len(items)}  # fmt: skip
 
     async def delete(self, response_id: str) -> dict[str, Any]:
         held = False
@@ -262,7 +285,8 @@ class ResponsesRoutes:
             conversation = history + answer.req.input_messages + [answer.assistant_turn(out)]
             if answer.req.truncation == "auto":  # the engine cuts the prompt to fit; the stored text is bounded too
                 conversation = trim_conversation(conversation, CONVERSATION_BYTES_PER_TOKEN * self.routes.max_model_len)
-            await self._keep(answer.id, StoredResponse(body, conversation, answer.parsed.session_id))
+            stored = StoredResponse(body, conversation, answer.parsed.session_id, tuple(answer.req.items))
+            await self._keep(answer.id, stored)
         return body
 
     async def _events(self, stream: Any, answer: _Answer, prev: StoredResponse | None) -> AsyncIterator[str]:

@@ -9,6 +9,7 @@ OpenAI's API), the conversation so far, then the new input items.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ class ResponsesRequest:
 
     chat_body: dict[str, Any]
     input_messages: list[dict[str, Any]]  # the new input as chat messages (stored with the answer)
+    items: list[dict[str, Any]]  # the new input as items with ids (GET /v1/responses/{id}/input_items)
     instructions: str | None
     previous_response_id: str | None
     store: bool
@@ -91,7 +93,8 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]], reasons: b
         "truncation": truncation,
         "user": _optional_text(body, "user"),
     }  # fmt: skip
-    return ResponsesRequest(chat, new, instructions, body.get("previous_response_id"), flag(body, "store", True),
+    return ResponsesRequest(chat, new, input_items(body["input"]), instructions, body.get("previous_response_id"),
+                            flag(body, "store", True),
                             truncation, echo)  # fmt: skip
 
 
@@ -228,6 +231,27 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
         thought = None  # reasoning before anything but an assistant turn is no one's
     if not out:
         raise bad("input has no message", "input")
+    return out
+
+
+ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def input_items(value: Any) -> list[dict[str, Any]]:
+    """The input (checked by input_messages first) as OpenAI lists it back: items with ids, a
+    message's text as content parts (input_text; output_text for an assistant's)."""
+    if isinstance(value, str):
+        value = [{"type": "message", "role": "user", "content": value}]
+    out = []
+    for item in value:
+        kind = item.get("type", "message")
+        item = {"id": f"{ITEM_ID_PREFIXES[kind]}_{uuid.uuid4().hex}", **item, "type": kind}
+        if kind == "message":
+            part = "output_text" if item["role"] == "assistant" else "input_text"
+            if isinstance(item.get("content"), str):
+                item["content"] = [{"type": part, "text": item["content"]}]
+            item.setdefault("status", "completed")
+        out.append(item)
     return out
 
 

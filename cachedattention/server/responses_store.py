@@ -28,9 +28,11 @@ class StoredResponse:
     body: dict[str, Any]
     conversation: list[dict[str, Any]]
     session_id: str | None  # the KV store's session the conversation runs in
+    input_items: tuple[dict[str, Any], ...] = ()  # its request's input, as items with ids (GET .../input_items)
 
     def to_json(self) -> bytes:
-        value = {"body": self.body, "conversation": self.conversation, "session_id": self.session_id}
+        value = {"body": self.body, "conversation": self.conversation, "session_id": self.session_id,
+                 "input_items": list(self.input_items)}  # fmt: skip
         return json.dumps(value, ensure_ascii=False).encode()
 
     @classmethod
@@ -46,7 +48,10 @@ class StoredResponse:
             raise ValueError("its conversation is not a list of messages")
         if session is not None and not isinstance(session, str):
             raise ValueError("its session id is not a string")
-        return cls(body, conversation, session)
+        items = value.get("input_items", [])  # responses stored before input items were kept: none
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise ValueError("its input items are not a list of objects")
+        return cls(body, conversation, session, tuple(items))
 
 
 class ResponseStore:

@@ -425,3 +425,38 @@ def test_parallel_tool_calls_false_keeps_one_call():
         calls = [o for o in answer.output(two) if o["type"] == "function_call"]
         assert len(calls) == n and json.loads(calls[0]["arguments"]) == {"city": "Paris"}
         assert len(answer.assistant_turn(two)["tool_calls"]) == n  # the conversation holds what was returned
+
+
+def test_a_response_s_input_items_are_listed_back_a_page_at_a_time(server):
+    """OpenAI's GET /v1/responses/{id}/input_items: this request's input (not the chain's), as items
+    with ids and content parts, newest first by default; after/limit/order page through them."""
+    c = client(server.url)
+    first = create(c, "Hello there.")
+    (item,) = c.responses.input_items.list(first.id).data
+    assert item.type == "message" and item.role == "user" and item.id.startswith("msg_")
+    assert item.content[0].type == "input_text" and item.content[0].text == "Hello there."
+    given = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+             {"role": "user", "content": [{"type": "input_text", "text": "three"}]}]  # fmt: skip
+    second = create(c, given, first.id)
+    url = f"{server.url}/v1/responses/{second.id}/input_items"
+    newest_first = httpx.get(url, timeout=30).json()
+    texts = [i["content"][0]["text"] for i in newest_first["data"]]
+    assert texts == ["three", "two", "one"] and not newest_first["has_more"]
+    assert newest_first["data"][1]["content"][0]["type"] == "output_text"  # an assistant's message
+    page = httpx.get(url, params={"order": "asc", "limit": 2}, timeout=30).json()
+    assert [i["content"][0]["text"] for i in page["data"]] == ["one", "two"] and page["has_more"]
+    rest = httpx.get(url, params={"order": "asc", "after": page["last_id"]}, timeout=30).json()
+    assert [i["content"][0]["text"] for i in rest["data"]] == ["three"] and not rest["has_more"]
+    assert rest["first_id"] == rest["last_id"] == newest_first["first_id"]
+    for params, param in (({"order": "up"}, "order"), ({"limit": 0}, "limit"), ({"after": "msg_x"}, "after")):
+        r = httpx.get(url, params=params, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    assert httpx.get(f"{server.url}/v1/responses/resp_nope/input_items", timeout=30).status_code == 404
+
+
+def test_responses_stored_before_input_items_were_kept_still_load():
+    old = json.dumps({"body": {"id": "resp_1"}, "conversation": [{"role": "user", "content": "hi"}],
+                      "session_id": None}).encode()  # fmt: skip
+    assert StoredResponse.from_json(old, "resp_1").input_items == ()
+    kept = replace(StoredResponse({"id": "resp_2"}, [], None), input_items=({"id": "msg_1", "type": "message"},))
+    assert StoredResponse.from_json(kept.to_json(), "resp_2") == kept
