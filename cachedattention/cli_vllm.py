@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 
 from cachedattention.sampling import MAX_LOGPROBS
 
@@ -63,7 +64,6 @@ ENGINE_AS_IS = {
 SERVER_AS_IS = {
     "--enable-auto-tool-choice": "tool_choice 'auto' is always on here (answers' calls become tool_calls)",
     "--disable-log-stats": "this server logs no periodic stats (they are at /metrics and /health)",
-    "--disable-fastapi-docs": "this server serves no /docs, /redoc or /openapi.json pages",
     "--enable-prompt-tokens-details": "usage always has prompt_tokens_details (cached tokens, and by tier here)",
 }
 
@@ -114,9 +114,11 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ssl-cert-reqs", type=int, default=0, choices=(0, 1, 2), metavar="N",
                    help="client certificates: 0 not asked for (default), 1 optional, 2 required (Python's "
                         "ssl.CERT_*), as uvicorn's")
-    g.add_argument("--root-path", default="", metavar="PATH",
+    g.add_argument("--root-path", type=root_path, default="", metavar="PATH",
                    help="the path prefix a proxy serves this server under (FastAPI's root_path), as vLLM's")
     g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no access log line per request")
+    g.add_argument("--disable-fastapi-docs", action="store_true",
+                   help="no /openapi.json schema either (/docs and /redoc are never served here)")
 
 
 class Refuse(argparse.Action):
@@ -190,19 +192,33 @@ reasoning_parser_name = only(REASONING_PARSERS, "this server reads the reasoning
 response_role = only(("assistant",), "chat answers' role is always 'assistant' here")
 
 
+def root_path(text: str) -> str:
+    if text and (not text.startswith("/") or text.endswith("/")):
+        raise argparse.ArgumentTypeError(f"{text!r} must start with '/' and not end with one (e.g. /llm)")
+    return text
+
+
 def uvicorn_options(args: argparse.Namespace) -> dict:
-    """uvicorn's keyword arguments for vLLM's listening flags (TLS, root path, access log), the files
-    checked before any model is loaded."""
+    """uvicorn's keyword arguments for vLLM's listening flags (TLS, access log), the files checked
+    before any model is loaded."""
     files = {name: getattr(args, name, None) for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs")}
     for name, path in files.items():
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"--{name.replace('_', '-')} {path!r} is not a file")
-    if (files["ssl_keyfile"] is None) != (files["ssl_certfile"] is None):
-        raise ValueError("--ssl-keyfile and --ssl-certfile go together: HTTPS needs both")
-    if getattr(args, "ssl_cert_reqs", 0) and files["ssl_ca_certs"] is None:
+    key, cert, reqs = files["ssl_keyfile"], files["ssl_certfile"], getattr(args, "ssl_cert_reqs", 0)
+    if key is not None and cert is None:  # a certificate file may hold its key too: alone, it serves
+        raise ValueError("--ssl-keyfile needs --ssl-certfile: HTTPS needs the certificate")
+    if cert is None and (reqs or files["ssl_ca_certs"] is not None):
+        raise ValueError("client certificates (--ssl-cert-reqs, --ssl-ca-certs) are checked over HTTPS only: "
+                         "give --ssl-certfile")  # fmt: skip
+    if reqs and files["ssl_ca_certs"] is None:
         raise ValueError("--ssl-cert-reqs checks client certificates: give --ssl-ca-certs to check them against")
-    return {**files, "ssl_cert_reqs": getattr(args, "ssl_cert_reqs", 0), "root_path": getattr(args, "root_path", ""),
-            "access_log": not getattr(args, "disable_uvicorn_access_log", False)}
+    if cert is not None:  # a wrong or mismatched file: said now, not as a traceback once the model is loaded
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError(f"--ssl-certfile {cert!r} (with --ssl-keyfile {key!r}) cannot be used: {e}") from None
+    return {**files, "ssl_cert_reqs": reqs, "access_log": not getattr(args, "disable_uvicorn_access_log", False)}
 
 
 def model_arg(args: argparse.Namespace) -> str | None:

@@ -77,7 +77,8 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
 
 
 def load_tokenizer(source: str, vocab_size: int) -> Tokenizer:
-    """The tokenizer of a Hugging Face folder or a GGUF file, for a model of `vocab_size` tokens."""
+    """The tokenizer of a Hugging Face folder or a GGUF file, for a model of `vocab_size` tokens (one
+    with more is served with a warning: each request's ids are checked against the vocabulary)."""
     path = Path(source).expanduser()
     if not path.exists():
         raise ValueError(f"tokenizer path {source!r} does not exist (give a folder with a tokenizer, or a .gguf file)")
@@ -92,8 +93,9 @@ def load_tokenizer(source: str, vocab_size: int) -> Tokenizer:
             tok = Tokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise ValueError(f"tokenizer {source!r} cannot be loaded: {e}") from None
-    if len(tok.hf) > vocab_size:  # its ids past the model's vocabulary would index outside the embedding
-        raise ValueError(f"tokenizer {source!r} has {len(tok.hf)} tokens, more than the model's {vocab_size}")
+    if len(tok.hf) > vocab_size:  # e.g. a pad token added without resizing: requests reaching it are refused
+        log.warning("tokenizer %r has %d tokens, more than the model's %d: a prompt holding one of those is "
+                    "refused", source, len(tok.hf), vocab_size)  # fmt: skip
     return tok
 
 

@@ -33,7 +33,7 @@ from cachedattention.errors import SessionBusy
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
 from cachedattention.server.api_error import APIError, aborted_error, as_api_error, error_body, error_response
-from cachedattention.server.auth import ApiKeyMiddleware, api_keys_from, checked_api_keys
+from cachedattention.server.auth import ApiKeyMiddleware, RootPathMiddleware, api_keys_from, checked_api_keys
 from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
 from cachedattention.server.logprobs import LogprobFormatter
 from cachedattention.server.metrics import CONTENT_TYPE, EngineStatsCollector, RequestCounterMiddleware, ServerMetrics
@@ -366,7 +366,7 @@ class OpenAIRoutes:
         include_usage = parsed.include_usage or (self.force_include_usage and parsed.stream)
         fmt = _Format(rid, self.model_name, chat, include_usage, tok, parsed.params.logprobs, echo,
                       parsed.prompt_logprobs, isinstance(parsed.prompt, str), parsed.parse_tool_calls,
-                      parsed.named_tool, hidden, self.tool_parser, parsed.continuous_usage,
+                      parsed.named_tool, hidden, self.tool_parser, include_usage and parsed.continuous_usage,
                       parsed.token_ids_as_tokens or self.token_ids_as_tokens,
                       self.reasoning_of(parsed) if chat else None)  # fmt: skip
         if parsed.stream:
@@ -595,6 +595,8 @@ def create_app(
     return_tokens_as_token_ids: bool = False,
     reasoning_parser_name: str | None = None,
     force_include_usage: bool = False,
+    root_path: str = "",
+    disable_docs: bool = False,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
@@ -607,7 +609,9 @@ def create_app(
     `return_tokens_as_token_ids`: logprob tokens as "token_id:N" (vLLM's flag; also a request field).
     `reasoning_parser_name`: how the model writes its reasoning (qwen3, deepseek_r1; vLLM's
     --reasoning-parser): chat answers return it apart from their content. `force_include_usage`: every
-    streamed answer ends with its usage (vLLM's --enable-force-include-usage).
+    streamed answer ends with its usage (vLLM's --enable-force-include-usage). `root_path`: the path
+    prefix a proxy serves the app under (kept in the URL or not, both route); `disable_docs`: no
+    /openapi.json either (vLLM's --disable-fastapi-docs; /docs and /redoc are never served).
     `log_requests`: one INFO line per request received (vLLM's --enable-log-requests)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
@@ -640,7 +644,8 @@ def create_app(
             await asyncio.to_thread(loop.shutdown, grace_s)
             responses.close()
 
-    app = FastAPI(title="CachedAttention", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="CachedAttention", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None if disable_docs else "/openapi.json")
     app.state.engine_loop = loop
     app.state.metrics = metrics
     app.state.model_name = routes.model_name
@@ -653,7 +658,9 @@ def create_app(
     if allowed_origins:  # outside the key check: preflights are answered, and a 401 is readable by the page
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=list(allowed_methods),
                            allow_headers=list(allowed_headers), allow_credentials=allow_credentials)
-    app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # outermost: also counts the 413s and 401s
+    app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # also counts the 413s and 401s
+    if root_path:  # outermost: every layer reads the route path under it (auth.route_path)
+        app.add_middleware(RootPathMiddleware, root_path=root_path)
     return app
 
 
@@ -689,6 +696,8 @@ def serve(args: argparse.Namespace) -> int:
                      return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
                      reasoning_parser_name=getattr(args, "reasoning_parser", None),
                      force_include_usage=getattr(args, "enable_force_include_usage", False),
+                     root_path=getattr(args, "root_path", ""),
+                     disable_docs=getattr(args, "disable_fastapi_docs", False),
                      log_requests=getattr(args, "enable_log_requests", False))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(

@@ -13,6 +13,29 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cachedattention.server.api_error import error_body, error_response
 
 PROTECTED_PREFIX = "/v1"
+
+
+class RootPathMiddleware:
+    """Serves the app under a proxy's path prefix (vLLM's --root-path): the prefix becomes the
+    request's root path, and the routes match with or without it in the URL."""
+
+    def __init__(self, app: ASGIApp, root_path: str) -> None:
+        self.app = app
+        self.root_path = root_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope = {**scope, "root_path": self.root_path}
+        await self.app(scope, receive, send)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the routes match: behind a proxy that keeps the app's root path (--root-path) in the
+    URL, without it (as Starlette's router reads it), so that no check is skipped by the prefix."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :]
+    return path
 API_KEY_ENVS = ("CACHEDATTENTION_API_KEY", "VLLM_API_KEY")  # read by `serve` when --api-key is not given, in this order
 
 
@@ -45,7 +68,7 @@ class ApiKeyMiddleware:
     def _allowed(self, scope: Scope) -> bool:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS":  # CORS preflights carry no credentials
             return True
-        path = scope.get("path", "")
+        path = route_path(scope)
         if path != PROTECTED_PREFIX and not path.startswith(PROTECTED_PREFIX + "/"):
             return True
         given = dict(scope.get("headers") or []).get(b"authorization", b"")

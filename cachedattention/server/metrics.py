@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachedattention.outputs import RequestOutput
+from cachedattention.server.auth import route_path
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TIERS = ("device", "host", "disk", "remote")
@@ -137,7 +138,7 @@ class RequestCounterMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        path = route_path(scope)
         endpoint = path if path in ENDPOINTS else "other"  # bounded label values
         status: list[int] = []
 

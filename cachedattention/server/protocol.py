@@ -367,7 +367,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
         prompt_logprobs=prompt_logprobs,
         stream=stream,
         include_usage=include_usage,
-        continuous_usage=include_usage and continuous_usage,  # as vLLM: with include_usage only
+        continuous_usage=continuous_usage,  # as vLLM: with include_usage only (asked for, or forced)
         session_id=session_id,
         request_id=_request_id(body),
         priority=_integer(body, "priority") or 0,

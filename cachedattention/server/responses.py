@@ -194,7 +194,7 @@ class ResponsesRoutes:
         if order not in ("asc", "desc"):
             raise bad("order must be 'asc' or 'desc'", "order")
         limit = query.get("limit", "20")
-        if not (limit.isdigit() and 1 <= int(limit) <= 100):
+        if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100):
             raise bad("limit must be an integer from 1 to 100", "limit")
         items = list(stored.input_items)[:: 1 if order == "asc" else -1]
         start = 0

@@ -242,16 +242,29 @@ def input_items(value: Any) -> list[dict[str, Any]]:
     message's text as content parts (input_text; output_text for an assistant's)."""
     if isinstance(value, str):
         value = [{"type": "message", "role": "user", "content": value}]
-    out = []
+    out, seen = [], set()
     for item in value:
         kind = item.get("type", "message")
-        item = {"id": f"{ITEM_ID_PREFIXES[kind]}_{uuid.uuid4().hex}", **item, "type": kind}
+        item = {**item, "type": kind, "status": item.get("status") or "completed"}
+        if not isinstance(item.get("id"), str) or not item["id"] or item["id"] in seen:  # ids page the listing
+            item["id"] = f"{ITEM_ID_PREFIXES[kind]}_{uuid.uuid4().hex}"
+        seen.add(item["id"])
         if kind == "message":
-            part = "output_text" if item["role"] == "assistant" else "input_text"
-            if isinstance(item.get("content"), str):
-                item["content"] = [{"type": part, "text": item["content"]}]
-            item.setdefault("status", "completed")
+            item["content"] = _listed_parts(item.get("content"), item["role"])
         out.append(item)
+    return out
+
+
+def _listed_parts(content: Any, role: str) -> list[dict[str, Any]]:
+    """A message's text as OpenAI lists it: input_text parts (an assistant's: output_text, with annotations)."""
+    kind = "output_text" if role == "assistant" else "input_text"
+    parts = [{"type": kind, "text": content}] if isinstance(content, str) else list(content)
+    out = []
+    for part in parts:
+        part = {**part, "type": kind} if part.get("type") == "text" else dict(part)
+        if part["type"] == "output_text":
+            part.setdefault("annotations", [])
+        out.append(part)
     return out
 
 

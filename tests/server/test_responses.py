@@ -442,13 +442,14 @@ def test_a_response_s_input_items_are_listed_back_a_page_at_a_time(server):
     newest_first = httpx.get(url, timeout=30).json()
     texts = [i["content"][0]["text"] for i in newest_first["data"]]
     assert texts == ["three", "two", "one"] and not newest_first["has_more"]
-    assert newest_first["data"][1]["content"][0]["type"] == "output_text"  # an assistant's message
+    assert newest_first["data"][1]["content"][0] == {"type": "output_text", "text": "two", "annotations": []}
     page = httpx.get(url, params={"order": "asc", "limit": 2}, timeout=30).json()
     assert [i["content"][0]["text"] for i in page["data"]] == ["one", "two"] and page["has_more"]
     rest = httpx.get(url, params={"order": "asc", "after": page["last_id"]}, timeout=30).json()
     assert [i["content"][0]["text"] for i in rest["data"]] == ["three"] and not rest["has_more"]
     assert rest["first_id"] == rest["last_id"] == newest_first["first_id"]
-    for params, param in (({"order": "up"}, "order"), ({"limit": 0}, "limit"), ({"after": "msg_x"}, "after")):
+    for params, param in (({"order": "up"}, "order"), ({"limit": 0}, "limit"), ({"limit": "\u00b2"}, "limit"),
+                          ({"after": "msg_x"}, "after")):
         r = httpx.get(url, params=params, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param
     assert httpx.get(f"{server.url}/v1/responses/resp_nope/input_items", timeout=30).status_code == 404

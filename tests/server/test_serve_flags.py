@@ -23,7 +23,7 @@ TLS = Path(__file__).parent.parent / "data" / "tls"  # a self-signed localhost c
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
-def test_another_folder_s_tokenizer_serves_a_model_without_one(chat_model_dir, tmp_path, tiny_dirs):
+def test_another_folder_s_tokenizer_serves_a_model_without_one(chat_model_dir, tmp_path, tiny_dirs, caplog):
     bare = tmp_path / "weights-only"
     bare.mkdir()
     for f in ("config.json", "model.safetensors"):
@@ -32,8 +32,11 @@ def test_another_folder_s_tokenizer_serves_a_model_without_one(chat_model_dir, t
     own = LLM(model=str(chat_model_dir)).chat(HELLO, params)
     borrowed = LLM(model=str(bare), tokenizer=str(chat_model_dir)).chat(HELLO, params)
     assert borrowed.prompt_token_ids == own.prompt_token_ids and borrowed.token_ids == own.token_ids
-    with pytest.raises(ValueError, match="has 49152 tokens, more than the model's 256"):
-        LLM(model=str(tiny_dirs["llama"][0]), tokenizer=str(chat_model_dir))
+    # more tokens than the model (a pad token added without resizing): served, its ids refused per request
+    small = LLM(model=str(tiny_dirs["llama"][0]), tokenizer=str(chat_model_dir))
+    assert "has 49152 tokens, more than the model's 256" in caplog.text
+    with pytest.raises(ValueError, match="vocabulary"):
+        small.generate([[300, 5]], params)
     with pytest.raises(ValueError, match="tokenizer path .* does not exist"):
         LLM(model=str(bare), tokenizer=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="has no tokenizer.json"):
@@ -54,18 +57,43 @@ def _listening(argv: list[str]) -> dict:
     return uvicorn_options(build_parser().parse_args(["serve", "m", *argv]))
 
 
-def test_the_listening_flags_become_uvicorn_s_options():
+def test_the_listening_flags_become_uvicorn_s_options(tmp_path):
     opts = _listening(["--ssl-keyfile", str(TLS / "key.pem"), "--ssl-certfile", str(TLS / "cert.pem"),
-                       "--root-path", "/llm", "--disable-uvicorn-access-log"])  # fmt: skip
+                       "--disable-uvicorn-access-log"])  # fmt: skip
     assert opts["ssl_keyfile"] == str(TLS / "key.pem") and opts["ssl_certfile"] == str(TLS / "cert.pem")
-    assert opts["root_path"] == "/llm" and opts["access_log"] is False and opts["ssl_cert_reqs"] == 0
+    assert opts["access_log"] is False and opts["ssl_cert_reqs"] == 0
     defaults = _listening([])
-    assert defaults["ssl_keyfile"] is None and defaults["root_path"] == "" and defaults["access_log"] is True
-    for argv, says in ((["--ssl-keyfile", str(TLS / "key.pem")], "go together"),
+    assert defaults["ssl_keyfile"] is None and defaults["access_log"] is True
+    both = tmp_path / "both.pem"  # a certificate file that holds its key too serves alone
+    both.write_text((TLS / "key.pem").read_text() + (TLS / "cert.pem").read_text())
+    assert _listening(["--ssl-certfile", str(both)])["ssl_certfile"] == str(both)
+    for argv, says in ((["--ssl-keyfile", str(TLS / "key.pem")], "needs --ssl-certfile"),
                        (["--ssl-keyfile", "/no/key.pem", "--ssl-certfile", str(TLS / "cert.pem")], "is not a file"),
-                       (["--ssl-cert-reqs", "2"], "give --ssl-ca-certs")):  # fmt: skip
+                       (["--ssl-certfile", str(TLS / "cert.pem")], "cannot be used"),  # no key anywhere
+                       (["--ssl-certfile", str(TLS / "key.pem"), "--ssl-keyfile", str(TLS / "key.pem")],
+                        "cannot be used"),
+                       (["--ssl-cert-reqs", "2", "--ssl-ca-certs", str(TLS / "cert.pem")], "over HTTPS only"),
+                       (["--ssl-cert-reqs", "2", "--ssl-certfile", str(both)], "give --ssl-ca-certs")):  # fmt: skip
         with pytest.raises(ValueError, match=says):
             _listening(argv)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m", "--root-path", "llm/"])
+
+
+def test_behind_a_root_path_every_route_keeps_its_key_check_and_metrics(chat_model_dir):
+    """A proxy may keep the prefix in the URL or strip it: both route, and neither skips the key check."""
+    srv = start_server(engine_config(chat_model_dir, store=False), api_keys=["k"], root_path="/llm",
+                       disable_docs=True)  # fmt: skip
+    try:
+        for path in ("/v1/models", "/llm/v1/models"):
+            assert httpx.get(f"{srv.url}{path}", timeout=30).status_code == 401
+            assert httpx.get(f"{srv.url}{path}", headers={"Authorization": "Bearer k"}, timeout=30).status_code == 200
+        assert httpx.get(f"{srv.url}/llm/health", timeout=30).status_code == 200
+        assert httpx.get(f"{srv.url}/openapi.json", timeout=30).status_code == 404  # --disable-fastapi-docs
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
+        assert 'endpoint="/v1/models",status="401"' in metrics and 'endpoint="/v1/models",status="200"' in metrics
+    finally:
+        srv.stop()
 
 
 def test_https_is_served_with_the_given_key_and_certificate(chat_model_dir):
@@ -107,5 +135,11 @@ def test_forced_usage_ends_every_streamed_answer(chat_model_dir):
                           json={"prompt": "Hi", "max_tokens": 2, "stream": True}) as r:  # fmt: skip
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         assert events[-1]["usage"]["completion_tokens"] == 2
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", timeout=60,
+                          json={"messages": HELLO, "max_tokens": 3, "stream": True,
+                                "stream_options": {"continuous_usage_stats": True}}) as r:  # fmt: skip
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        content = [e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]
+        assert content and all(e["usage"] is not None for e in content)  # forced usage, asked for on every chunk
     finally:
         srv.stop()
