@@ -10,7 +10,7 @@ import ssl
 from cachedattention.sampling import MAX_LOGPROBS
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
 REASONING_PARSERS = ("qwen3", "deepseek_r1")  # server/reasoning.py's
 
 
@@ -83,8 +83,8 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     _accept(g, SERVER_AS_IS)
     g.add_argument("--tool-call-parser", type=tool_call_parser, default="hermes", metavar="NAME",
                    help=f"how the model writes tool calls: {', '.join(TOOL_CALL_PARSERS)} (default hermes: Qwen2.5, "
-                        "Hermes; llama3_json: Llama 3.1 to 3.3); also the form a required or named tool_choice "
-                        "makes the answer take")
+                        "Hermes; llama3_json: Llama 3.1 to 3.3; mistral: Mistral 7B v0.3, Nemo, Small); also the "
+                        "form a required or named tool_choice makes the answer take")
     g.add_argument("--reasoning-parser", type=reasoning_parser_name, default=None, metavar="NAME",
                    help=f"how the model writes its reasoning: {', '.join(REASONING_PARSERS)} (<think>...</think>; "
                         "qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distills, which start without the tag); "

@@ -266,6 +266,25 @@ def test_include_stop_str_in_output_and_truncate_prompt_tokens(embedded_llm):
         llm.generate([prompt], SamplingParams(max_tokens=2, allowed_token_ids=[10**7]))
 
 
+def test_the_token_that_stops_an_answer_is_not_in_its_text(embedded_llm):
+    """As vLLM: an EOS or stop token ends the answer (it is in token_ids) but not its text, whatever
+    skip_special_tokens says, unless include_stop_str_in_output."""
+    llm = embedded_llm
+    prompt = "The days of the week are Monday, Tuesday, Wednesday,"
+    free = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    word = free.token_ids[2]
+    before = llm.tokenizer.decode(free.token_ids[:2])
+    stopped = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(word,)))[0]
+    assert stopped.token_ids == free.token_ids[:3] and stopped.text == before
+    kept = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(word,),
+                                                 include_stop_str_in_output=True))[0]  # fmt: skip
+    assert kept.text == llm.tokenizer.decode(free.token_ids[:3])
+    end = llm.tokenizer.eos_token_id
+    forced = SamplingParams(max_tokens=4, temperature=0, logit_bias={end: 100.0}, skip_special_tokens=False)
+    out = llm.generate([prompt], forced)[0]
+    assert out.token_ids == [end] and out.finish_reason == "stop" and out.text == ""
+
+
 def test_bad_words_never_appear_as_their_tokens(chat_model_dir):
     from dataclasses import replace
 

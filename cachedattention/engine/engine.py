@@ -371,7 +371,9 @@ class LLMEngine:
         reason = None
         if req.json is not None:
             req.json.accept(token)
-        if token in p.stop_token_ids or token in p.eos_token_ids or (req.json is not None and req.json.done):
+        if token in p.stop_token_ids or token in p.eos_token_ids:
+            reason, req.stopped_by_token = "stop", True
+        elif req.json is not None and req.json.done:
             reason = "stop"  # a guided answer is complete (the JSON object, the tool call)
         elif p.stop and self._hit_stop_string(req):
             reason = "stop"
@@ -410,7 +412,10 @@ class LLMEngine:
         req.metrics.finish_s = time.perf_counter()
         req.metrics.generated_tokens = len(req.output_token_ids)
         if not req.stopped_by_string:  # else the text was cut before the stop string (maybe to "")
-            req.detokenizer.update(req.output_token_ids, final=True)
+            # as vLLM: the EOS or stop token ends the answer without being part of its text (it shows
+            # with skip_special_tokens false, or for a stop token that is a word) unless asked for
+            hide = req.stopped_by_token and not req.params.include_stop_str_in_output
+            req.detokenizer.update(req.output_token_ids[:-1] if hide else req.output_token_ids, final=True)
             req.text = req.detokenizer.text
         if self.store is not None:
             self.store.request_finished(req, saved=reason != "abort" and req.save_to_store)

@@ -51,6 +51,7 @@ class Request:
     stop_text_before: int = 0  # output text before min_tokens: a stop string wholly inside it does not count
     stop_searched_to: int = 0  # output text already searched for stop strings
     stopped_by_string: bool = False  # `text` was cut before a stop string
+    stopped_by_token: bool = False  # the last token is an EOS or stop token: not in `text` (as vLLM)
     save_to_store: bool = True  # False: reuse stored KV but save none (e.g. a second choice of one prompt)
 
     @property

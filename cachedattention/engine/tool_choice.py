@@ -1,7 +1,7 @@
 """tool_choice "required" or a named function: the answer is one tool call of one of the given
 functions, written as the model writes its calls (its CallForm): Hermes-style
-<tool_call>\n{"name": NAME, "arguments": {...}}\n</tool_call> (Qwen2.5, Hermes), or Llama 3.1's
-JSON {"name": NAME, "parameters": {...}}.
+<tool_call>\n{"name": NAME, "arguments": {...}}\n</tool_call> (Qwen2.5, Hermes), Llama 3.1's
+JSON {"name": NAME, "parameters": {...}}, or Mistral's [TOOL_CALLS][{"name": NAME, "arguments": {...}}].
 
 The name is one of the allowed names exactly; the arguments follow that function's parameters
 schema (any JSON object where it has none); the request stops when the call is written whole.
@@ -33,6 +33,7 @@ class CallForm:
 CALL_FORMS = {
     "hermes": CallForm("hermes", '<tool_call>\n{"name": ', ', "arguments": ', "}\n</tool_call>"),
     "llama3_json": CallForm("llama3_json", '{"name": ', ', "parameters": ', "}"),
+    "mistral": CallForm("mistral", '[TOOL_CALLS][{"name": ', ', "arguments": ', "}]"),
 }
 
 

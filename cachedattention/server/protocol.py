@@ -414,6 +414,24 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool, tuple[str, ..
     return tools, True, (name,)
 
 
+def _mistral_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mistral's templates take call ids of 9 characters only: longer ones (another server's, or a
+    client's) keep their last 9, as vLLM does, in the calls and in the tool results that answer them."""
+
+    def short(call_id: Any) -> Any:
+        return call_id[-9:] if isinstance(call_id, str) and len(call_id) > 9 else call_id
+
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**c, "id": short(c.get("id"))} for c in m["tool_calls"]]
+        if "tool_call_id" in m:
+            m["tool_call_id"] = short(m["tool_call_id"])
+        out.append(m)
+    return out
+
+
 def parse_chat(body: dict, session_header: str | None, max_model_len: int, defaults: Mapping[str, Any] | None = None,
                trust_template: bool = False, max_logprobs: int = MAX_LOGPROBS,
                tool_format: str = "hermes") -> ParsedRequest:  # fmt: skip
@@ -433,6 +451,8 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
         raise bad(str(e), getattr(e, "param", None) or "messages") from None
     for i, m in enumerate(out):
         _text(m["content"], f"messages[{i}].content")
+    if tool_format == "mistral":
+        out = _mistral_call_ids(out)
     tools, parse_calls, forced = _tools(body)
     common = _common(body, session_header, max_model_len, chat=True, defaults=defaults, max_logprobs=max_logprobs)
     if forced:
@@ -443,6 +463,8 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
         parameters = forced_parameters(tools, forced)
         common["params"] = replace(common["params"], tool_call_names=forced, tool_call_parameters=parameters,
                                    tool_call_format=tool_format)  # fmt: skip
+    if parse_calls and tool_format == "mistral":  # its [TOOL_CALLS] is a special token: kept in the text, as vLLM
+        common["params"] = replace(common["params"], skip_special_tokens=False)
     named = isinstance(body.get("tool_choice"), dict)
     return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named,
                          chat_options=chat_options(body, out, trust_template),

@@ -3,7 +3,10 @@
 - `hermes` (Qwen2.5, Hermes 2 and 3, SmolLM3, ...): text, then one or more
   <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks;
 - `llama3_json` (Llama 3.1, 3.2, 3.3): an answer that is one or more JSON objects
-  {"name": ..., "parameters": {...}}, separated by ";" (after the <|python_tag|> some write first).
+  {"name": ..., "parameters": {...}}, separated by ";" (after the <|python_tag|> some write first);
+- `mistral` (Mistral 7B v0.3, Mistral Nemo, Small, ...): text, then [TOOL_CALLS] and a JSON array of
+  {"name": ..., "arguments": {...}}; or, as the later ones write them, [TOOL_CALLS]NAME{...} (or
+  NAME[ARGS]{...}) for each call. Their templates want call ids of 9 letters and digits.
 
 Each parser gives the answer's text besides its calls, and how much of a streamed answer is plain
 text for sure (the rest may still become a call, and waits).
@@ -12,12 +15,16 @@ text for sure (the rest may still become a call, and waits).
 from __future__ import annotations
 
 import json
+import secrets
+import string
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+MISTRAL_TAG, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+ID_CHARS = string.ascii_letters + string.digits
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,15 @@ class ToolCall:
         return out if index is None else {"index": index, **out}
 
 
-def _call(obj: Any, keys: tuple[str, ...], required: bool = False) -> ToolCall | None:
+def _openai_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _mistral_id() -> str:
+    return "".join(secrets.choice(ID_CHARS) for _ in range(9))
+
+
+def _call(obj: Any, keys: tuple[str, ...], required: bool = False, new_id=_openai_id) -> ToolCall | None:
     """A call from a decoded JSON object with a name and its arguments under the first of `keys`
     it has (`required`: an object must be there, else it is no call: a JSON answer that only has a
     "name" is not one)."""
@@ -44,7 +59,7 @@ def _call(obj: Any, keys: tuple[str, ...], required: bool = False) -> ToolCall |
         return None
     args = (obj[key] if key is not None else None) or {}
     args_text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return ToolCall(f"call_{uuid.uuid4().hex[:24]}", obj["name"], args_text)
+    return ToolCall(new_id(), obj["name"], args_text)
 
 
 def _is_object(value: Any) -> bool:
@@ -55,6 +70,17 @@ def _is_object(value: Any) -> bool:
         except ValueError:
             return False
     return isinstance(value, dict)
+
+
+def _text_before(text: str, tag: str) -> int:
+    """Up to the first `tag`, less a tail that may still grow into one."""
+    i = text.find(tag)
+    if i >= 0:
+        return i
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return len(text) - k
+    return len(text)
 
 
 class HermesCalls:
@@ -85,13 +111,7 @@ class HermesCalls:
     @staticmethod
     def plain_text_end(text: str) -> int:
         """Up to the first <tool_call>, less a tail that may still grow into one."""
-        i = text.find(OPEN)
-        if i >= 0:
-            return i
-        for k in range(min(len(OPEN) - 1, len(text)), 0, -1):
-            if text.endswith(OPEN[:k]):
-                return len(text) - k
-        return len(text)
+        return _text_before(text, OPEN)
 
 
 class Llama3JsonCalls:
@@ -130,8 +150,59 @@ class Llama3JsonCalls:
         return len(text)
 
 
-ToolCallParser = type[HermesCalls] | type[Llama3JsonCalls]
-TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesCalls, Llama3JsonCalls)}
+class MistralCalls:
+    """[TOOL_CALLS] and the calls after the answer's text (the tag is a special token: the server
+    keeps special tokens in the text of requests whose calls it reads)."""
+
+    name = "mistral"
+
+    @staticmethod
+    def parse(text: str) -> tuple[str | None, list[ToolCall]]:
+        """The text before [TOOL_CALLS] (None when there is none) and the calls; anything after the
+        tag that is not calls leaves the whole answer as text."""
+        start = text.find(MISTRAL_TAG)
+        if start < 0:
+            return text, []
+        body = text[start + len(MISTRAL_TAG) :].strip()
+        calls = _mistral_array(body) if body.startswith("[") else _mistral_named(body)
+        return (text[:start] or None, calls) if calls else (text, [])
+
+    @staticmethod
+    def plain_text_end(text: str) -> int:
+        return _text_before(text, MISTRAL_TAG)
+
+
+def _mistral_array(body: str) -> list[ToolCall]:
+    """[{"name": ..., "arguments": {...}}, ...] (what follows it is ignored, as vLLM's parser does)."""
+    try:
+        value, _ = json.JSONDecoder().raw_decode(body)
+    except ValueError:
+        return []
+    if not isinstance(value, list):
+        return []
+    calls = [_call(obj, ("arguments", "parameters"), required=True, new_id=_mistral_id) for obj in value]
+    return calls if calls and all(calls) else []
+
+
+def _mistral_named(body: str) -> list[ToolCall]:
+    """NAME{...} or NAME[ARGS]{...} for each call, each after its own [TOOL_CALLS]."""
+    calls = []
+    for piece in body.split(MISTRAL_TAG):
+        piece = piece.strip()
+        brace = piece.find("{")
+        name = piece[:brace].removesuffix(MISTRAL_ARGS).strip() if brace > 0 else ""
+        try:
+            args, end = json.JSONDecoder().raw_decode(piece, brace) if name else (None, 0)
+        except ValueError:
+            return []
+        if not isinstance(args, dict) or piece[end:].strip():
+            return []
+        calls.append(ToolCall(_mistral_id(), name, json.dumps(args, ensure_ascii=False)))
+    return calls
+
+
+ToolCallParser = type[HermesCalls] | type[Llama3JsonCalls] | type[MistralCalls]
+TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesCalls, Llama3JsonCalls, MistralCalls)}
 
 
 def tool_call_parser(name: str) -> ToolCallParser:

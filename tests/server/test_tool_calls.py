@@ -376,3 +376,63 @@ def test_a_forced_call_in_llama3_form_is_written_and_read_back(tool_model_dir, t
         assert again.status_code == 200, again.text
     finally:
         srv.stop()
+
+
+def test_mistral_calls_are_read_in_both_of_its_forms():
+    from cachedattention.server.tool_calls import MistralCalls
+
+    parse, shown = MistralCalls.parse, MistralCalls.plain_text_end
+    content, calls = parse('Checking. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                           '{"name": "f", "arguments": {}}]')  # fmt: skip
+    assert content == "Checking. " and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"}), ("f", {})]
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)  # what Mistral's templates accept
+    later = parse('[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]f{}')  # tokenizer v11 and later
+    assert later[0] is None and [(c.name, c.arguments) for c in later[1]] == [("get_weather", '{"city": "Oslo"}'),
+                                                                              ("f", "{}")]  # fmt: skip
+    for text in ("No calls here.", "[TOOL_CALLS] not json", '[TOOL_CALLS][{"city": "Paris"}]',
+                 '[TOOL_CALLS]{"name": "f"}', "[TOOL_CALLS]f{} trailing", '[TOOL_CALLS][{"name": "f", "arguments": 3}]'):
+        assert parse(text) == (text, [])  # not calls: the answer stays as it was
+    assert shown("Sure [TOOL_") == len("Sure ") and shown("a [TOOL_CALLS][") == 2 and shown("a [b]") == 5
+
+
+def test_a_forced_call_in_mistral_form_is_written_and_read_back(tool_model_dir, tmp_path):
+    """tool_choice "required" with --tool-call-parser mistral: the answer is one [TOOL_CALLS] array
+    (even from a random-weight model), returned as tool_calls with Mistral's 9-character ids; a
+    request whose calls are read keeps special tokens in its text (the tag is one in Mistral's
+    tokenizers), while the EOS that ends it stays out."""
+    from cachedattention.engine.tool_choice import tool_call_automaton
+    from cachedattention.server.protocol import parse_chat
+
+    auto = tool_call_automaton(["f"], [], "mistral")
+    assert auto.is_done(auto.advance(auto.start, b'[TOOL_CALLS][{"name": "f", "arguments": {"x": 5}}]'))
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER]}
+    assert not parse_chat(body, None, 1024, tool_format="mistral").params.skip_special_tokens
+    assert parse_chat(body, None, 1024, tool_format="hermes").params.skip_special_tokens
+    assert parse_chat({**body, "tool_choice": "none"}, None, 1024, tool_format="mistral").params.skip_special_tokens
+    srv = start_server(engine_config(tool_model_dir, False), tool_call_format="mistral")
+    try:
+        tok = srv.app.state.engine_loop.engine.tokenizer
+        bias = {str(tok.encode('"')[0]): 8, str(tok.encode("}")[0]): 8}  # a random model then closes its strings
+        forced = {**body, "tool_choice": "required", "max_tokens": 200, "temperature": 0, "logit_bias": bias}
+        r = _chat(srv.url, **forced).json()["choices"][0]
+        (call,) = r["message"]["tool_calls"]
+        assert r["finish_reason"] == "tool_calls" and r["message"]["content"] is None
+        assert call["function"]["name"] == "get_weather" and len(call["id"]) == 9 and call["id"].isalnum()
+        plain = _chat(srv.url, **body, max_tokens=4, temperature=0).json()["choices"][0]["message"]
+        assert "<|im_end|>" not in (plain["content"] or "")
+    finally:
+        srv.stop()
+
+
+def test_long_call_ids_are_cut_to_mistral_s_nine_characters():
+    from cachedattention.server.protocol import parse_chat
+
+    history = [{"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_0123456789abcdef", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "call_0123456789abcdef", "content": "sunny"}]  # fmt: skip
+    mistral = parse_chat({"messages": history, "tools": [WEATHER]}, None, 1024, tool_format="mistral").messages
+    assert mistral[1]["tool_calls"][0]["id"] == mistral[2]["tool_call_id"] == "789abcdef"
+    hermes = parse_chat({"messages": history, "tools": [WEATHER]}, None, 1024, tool_format="hermes").messages
+    assert hermes[1]["tool_calls"][0]["id"] == "call_0123456789abcdef"  # other formats keep them
