@@ -199,8 +199,8 @@ def root_path(text: str) -> str:
 
 
 def uvicorn_options(args: argparse.Namespace) -> dict:
-    """uvicorn's keyword arguments for vLLM's listening flags (TLS, access log), the files checked
-    before any model is loaded."""
+    """uvicorn's keyword arguments for vLLM's listening flags (TLS, access log), the TLS files loaded
+    before any model is."""
     files = {name: getattr(args, name, None) for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs")}
     for name, path in files.items():
         if path is not None and not os.path.isfile(path):
@@ -214,10 +214,16 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
     if reqs and files["ssl_ca_certs"] is None:
         raise ValueError("--ssl-cert-reqs checks client certificates: give --ssl-ca-certs to check them against")
     if cert is not None:  # a wrong or mismatched file: said now, not as a traceback once the model is loaded
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+            context.load_cert_chain(cert, key)
         except (ssl.SSLError, OSError) as e:
             raise ValueError(f"--ssl-certfile {cert!r} (with --ssl-keyfile {key!r}) cannot be used: {e}") from None
+        if files["ssl_ca_certs"] is not None:
+            try:
+                context.load_verify_locations(files["ssl_ca_certs"])
+            except (ssl.SSLError, OSError) as e:
+                raise ValueError(f"--ssl-ca-certs {files['ssl_ca_certs']!r} cannot be used: {e}") from None
     return {**files, "ssl_cert_reqs": reqs, "access_log": not getattr(args, "disable_uvicorn_access_log", False)}
 
 

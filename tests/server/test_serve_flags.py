@@ -67,13 +67,18 @@ def test_the_listening_flags_become_uvicorn_s_options(tmp_path):
     both = tmp_path / "both.pem"  # a certificate file that holds its key too serves alone
     both.write_text((TLS / "key.pem").read_text() + (TLS / "cert.pem").read_text())
     assert _listening(["--ssl-certfile", str(both)])["ssl_certfile"] == str(both)
+    checked = _listening(["--ssl-certfile", str(both), "--ssl-ca-certs", str(TLS / "cert.pem"), "--ssl-cert-reqs", "2"])
+    assert checked["ssl_ca_certs"] == str(TLS / "cert.pem") and checked["ssl_cert_reqs"] == 2
     for argv, says in ((["--ssl-keyfile", str(TLS / "key.pem")], "needs --ssl-certfile"),
                        (["--ssl-keyfile", "/no/key.pem", "--ssl-certfile", str(TLS / "cert.pem")], "is not a file"),
                        (["--ssl-certfile", str(TLS / "cert.pem")], "cannot be used"),  # no key anywhere
                        (["--ssl-certfile", str(TLS / "key.pem"), "--ssl-keyfile", str(TLS / "key.pem")],
                         "cannot be used"),
                        (["--ssl-cert-reqs", "2", "--ssl-ca-certs", str(TLS / "cert.pem")], "over HTTPS only"),
-                       (["--ssl-cert-reqs", "2", "--ssl-certfile", str(both)], "give --ssl-ca-certs")):  # fmt: skip
+                       (["--ssl-cert-reqs", "2", "--ssl-certfile", str(both)], "give --ssl-ca-certs"),
+                       (["--ssl-certfile", str(both), "--ssl-ca-certs", str(both.parent / "bad.pem")], "is not a file"),
+                       (["--ssl-certfile", str(both), "--ssl-ca-certs", str(TLS / "key.pem")],
+                        "--ssl-ca-certs .* cannot be used")):  # fmt: skip
         with pytest.raises(ValueError, match=says):
             _listening(argv)
     with pytest.raises(SystemExit):
