@@ -146,14 +146,16 @@ class _Answer:
                 "output_tokens": answer, "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens(out)},
                 "total_tokens": prompt + answer}  # fmt: skip
 
-    def body(self, out: RequestOutput | None) -> dict[str, Any]:
-        """The response object: in progress (out None) or finished with `out`."""
+    def body(self, out: RequestOutput | None, status: str = "in_progress",
+             error: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """The response object: without `out`, as `status` says (in progress, queued, or a
+        background response cancelled or failed), or finished with `out`."""
         params = self.parsed.params
         body: dict[str, Any] = {
             "id": self.id, "object": "response", "created_at": self.created_at, "model": self.model,
-            "status": "in_progress", "error": None, "incomplete_details": None, "output": [], "usage": None,
+            "status": status, "error": error, "incomplete_details": None, "output": [], "usage": None,
             **self.req.echo, "store": self.req.store, "temperature": params.temperature, "top_p": params.top_p,
-            "background": False, "service_tier": "default",
+            "service_tier": "default",
         }  # fmt: skip
         if out is not None:
             incomplete = out.finish_reason == "length"
@@ -171,14 +173,19 @@ class ResponsesRoutes:
         self.store = store
         self.shared = shared  # with a remote tier: responses stored there too, for every replica
         self._local_only: set[str] = set()  # stored here, but not on the remote tier's server (its writes failed)
+        self._background: dict[str, _Background] = {}  # background responses still being generated here
 
     def register(self, app: Any) -> None:
         app.add_api_route("/v1/responses", self.create, methods=["POST"])
         app.add_api_route("/v1/responses/{response_id}", self.retrieve, methods=["GET"])
         app.add_api_route("/v1/responses/{response_id}", self.delete, methods=["DELETE"])
         app.add_api_route("/v1/responses/{response_id}/input_items", self.input_items, methods=["GET"])
+        app.add_api_route("/v1/responses/{response_id}/cancel", self.cancel, methods=["POST"])
 
     async def retrieve(self, response_id: str) -> dict[str, Any]:
+        running = self._background.get(response_id)
+        if running is not None:  # a background response still being generated: as it stands
+            return running.answer.body(None)
         stored = await self._lookup(response_id)
         if stored is None:
             raise _not_found(response_id)
@@ -251,6 +258,9 @@ class ResponsesRoutes:
         body = parse_json_object(await request.body())
         prev_id = previous_id(body)
         prev = await self._lookup(prev_id) if prev_id is not None else None
+        if prev_id in self._background:
+            raise APIError(400, f"Response {prev_id!r} is still in progress: continue it once it has finished.",
+                           "invalid_request_error", "previous_response_id")  # fmt: skip
         if prev_id is not None and prev is None:
             raise _not_found(prev_id, "previous_response_id")
         req = read_request(body, prev.conversation if prev else [], reasons=routes.reasoning_parser is not None)
@@ -275,8 +285,57 @@ class ResponsesRoutes:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             events = self._events(streams[0], answer, prev)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        if req.echo["background"]:
+            running = self._background[rid] = _Background(answer, streams[0])
+            running.task = asyncio.create_task(self._run_background(running, prev))
+            return JSONResponse(answer.body(None, status="queued"))
         (out,) = await routes._collect(request, streams)
         return JSONResponse(await self._finish(answer, out, prev))
+
+    async def _run_background(self, running: _Background, prev: StoredResponse | None) -> None:
+        """Generate a background response to its end, then store it: completed (or incomplete),
+        cancelled, or failed with the error."""
+        answer, stream = running.answer, running.stream
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    err = as_api_error(item)
+                    failed = answer.body(None, status="failed", error={"code": err.code, "message": err.message})
+                    await self._keep(answer.id, self._stored(answer, failed, prev))
+                    return
+                if item.finish_reason == "abort":
+                    status = "cancelled" if running.cancelled else "failed"
+                    error = None if running.cancelled else {"code": "server_error", "message": "the server stopped"}
+                    await self._keep(answer.id, self._stored(answer, answer.body(None, status=status, error=error), prev))
+                    return
+                if item.finished:
+                    await self._finish(answer, item, prev)
+                    return
+        finally:
+            self._background.pop(answer.id, None)
+
+    @staticmethod
+    def _stored(answer: _Answer, body: dict[str, Any], prev: StoredResponse | None) -> StoredResponse:
+        """A background response that ended without an answer: kept so its id reads back, and its
+        conversation (the one it continued, and its input) goes on from it."""
+        conversation = (prev.conversation if prev else []) + answer.req.input_messages
+        return StoredResponse(body, conversation, answer.parsed.session_id, tuple(answer.req.items))
+
+    async def cancel(self, response_id: str) -> dict[str, Any]:
+        """Stop a background response still being generated (OpenAI's cancel); one that has ended is
+        returned as it is."""
+        running = self._background.get(response_id)
+        if running is not None:
+            running.cancelled = True
+            self.routes.loop.abort(running.stream.request_id)
+            await asyncio.shield(running.task)
+        stored = await self._lookup(response_id)
+        if stored is None:
+            raise _not_found(response_id)
+        if not stored.body.get("background"):
+            raise APIError(400, "Only a background response can be cancelled.", "invalid_request_error")
+        return stored.body
 
     async def _finish(self, answer: _Answer, out: RequestOutput, prev: StoredResponse | None) -> dict[str, Any]:
         body = answer.body(out)
@@ -319,6 +378,15 @@ class ResponsesRoutes:
         finally:
             if not done:  # the client went away, or the server is cancelling us
                 self.routes.loop.abort(stream.request_id)
+
+
+class _Background:
+    """A background response being generated: its answer, the engine's stream, the task reading it."""
+
+    def __init__(self, answer: _Answer, stream: Any) -> None:
+        self.answer, self.stream = answer, stream
+        self.task: asyncio.Task | None = None
+        self.cancelled = False
 
 
 class _StreamedText:

@@ -86,6 +86,7 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]], reasons: b
         "parallel_tool_calls": flag(body, "parallel_tool_calls", True),
         "previous_response_id": body.get("previous_response_id"),
         "reasoning": {"effort": effort, "summary": summary},
+        "background": flag(body, "background"),
         "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
         "tool_choice": body.get("tool_choice") or ("auto" if body.get("tools") else "none"),
         "tools": body.get("tools") or [],
@@ -148,9 +149,11 @@ def previous_id(body: dict[str, Any]) -> str | None:
 
 
 def _refuse_unsupported(body: dict[str, Any], reasons: bool) -> None:
-    if flag(body, "background"):
-        raise bad("background responses are not supported by this server; stream the response instead",
+    if flag(body, "background") and flag(body, "stream"):
+        raise bad("a background response is not streamed here: poll GET /v1/responses/{id} for it",
                   "background", "unsupported_parameter")  # fmt: skip
+    if flag(body, "background") and not flag(body, "store", True):
+        raise bad("a background response must be stored (store: true): it is read back by its id", "background")
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
         raise bad("reasoning must be an object", "reasoning", "invalid_type")

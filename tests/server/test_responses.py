@@ -113,7 +113,8 @@ def test_the_response_object_echoes_the_request(server):
     [
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
          "input[0].content[0]"),
-        ({"background": True}, "background"),
+        ({"background": True, "stream": True}, "background"),
+        ({"background": True, "store": False}, "background"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
         ({"include": ["file_search_call.results"]}, "include"),
@@ -461,3 +462,33 @@ def test_responses_stored_before_input_items_were_kept_still_load():
     assert StoredResponse.from_json(old, "resp_1").input_items == ()
     kept = replace(StoredResponse({"id": "resp_2"}, [], None), input_items=({"id": "msg_1", "type": "message"},))
     assert StoredResponse.from_json(kept.to_json(), "resp_2") == kept
+
+
+def test_a_background_response_is_polled_to_its_end_and_one_can_be_cancelled(server):
+    """OpenAI's background mode: the request returns at once (queued), GET shows it in progress and
+    then finished, as the same request answered in the foreground; cancel stops one still running."""
+    import time
+
+    c = client(server.url)
+    foreground = create(c, "Name three colors.", max_tokens=12)
+    queued = create(c, "Name three colors.", max_tokens=12, background=True)
+    assert queued.status in ("queued", "in_progress") and queued.background is True and not queued.output
+    deadline = time.monotonic() + 60
+    polled = c.responses.retrieve(queued.id)
+    while polled.status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        polled = c.responses.retrieve(queued.id)
+    assert polled.status == foreground.status == "incomplete"  # 12 tokens: cut by max_output_tokens
+    assert polled.output_text == foreground.output_text
+    assert polled.usage.output_tokens == 12
+    follow = create(c, "And one more?", polled.id)  # its conversation goes on like any stored response's
+    assert follow.status in ("completed", "incomplete")
+    long = create(c, "Count to a thousand.", max_tokens=900, background=True, extra_body={"ignore_eos": True})
+    busy = httpx.post(f"{server.url}/v1/responses", json={"input": "x", "previous_response_id": long.id}, timeout=30)
+    assert busy.status_code == 400 and busy.json()["error"]["param"] == "previous_response_id"  # still running
+    cancelled = c.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and cancelled.background is True
+    assert c.responses.retrieve(long.id).status == cancelled.status
+    r = httpx.post(f"{server.url}/v1/responses/{foreground.id}/cancel", timeout=30)
+    assert r.status_code == 400  # only a background response can be cancelled
+    assert httpx.post(f"{server.url}/v1/responses/resp_nope/cancel", timeout=30).status_code == 404
