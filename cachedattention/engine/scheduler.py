@@ -76,9 +76,11 @@ class Scheduler:
     # -- one step -----------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledSeq]:
         out: list[ScheduledSeq] = []
-        preemptions = self.num_preemptions
+        preemptions = seen = self.num_preemptions
+        budget = self.config.max_num_batched_tokens
         for req in list(self.running):
-            budget = self._budget_left(out)  # a request preempted this step gives its tokens back
+            if self.num_preemptions != seen:  # a request preempted this step gave its tokens back
+                budget, seen = self._budget_left(out), self.num_preemptions
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:
@@ -87,8 +89,10 @@ class Scheduler:
             if not self._grow(req, req.num_computed + n, out):
                 continue
             out.append(ScheduledSeq(req, n, fresh=False))
+            budget -= n
         # as vLLM's: none admitted in a step that had to preempt (pages just freed go to the running)
-        budget = self._budget_left(out) if self.num_preemptions == preemptions else 0
+        if self.num_preemptions != preemptions:
+            budget = 0
         not_ready: list[Request] = []  # kept in their places, ahead of whatever stays queued
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()

@@ -44,7 +44,7 @@ from cachedattention.server.protocol import (
     parse_completion,
     parse_json_object,
 )
-from cachedattention.server.reasoning import Reasoning, ReasoningParser, Split, reasoning_parser
+from cachedattention.server.reasoning import Reasoning, ReasoningParser, Split, reasoning_parser, split_answer
 from cachedattention.server.responses import ResponsesRoutes
 from cachedattention.server.responses_store import ResponseStore, SharedResponses
 from cachedattention.server.stream_text import stream_delta
@@ -94,9 +94,7 @@ class _Format:
 
     def split(self, out: RequestOutput, final: bool = True) -> Split:
         """A chat answer's reasoning and the rest, its content (where tool calls are looked for)."""
-        if self.reasoning is None:
-            return Split(None, out.text)
-        return self.reasoning.split(out, self.tokenizer, final)
+        return split_answer(self.reasoning, out, self.tokenizer, final)
 
     def _formatter(self, index: int) -> LogprobFormatter:
         if index not in self._logprob_formats:

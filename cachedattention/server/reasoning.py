@@ -125,6 +125,12 @@ class Reasoning:
         return {"reasoning": reasoning, "reasoning_content": reasoning}
 
 
+def split_answer(reasoning: Reasoning | None, out: RequestOutput, tokenizer: Tokenizer | None,
+                 final: bool = True) -> Split:  # fmt: skip
+    """An answer split as its request's reasoning says (without a parser, all of it is content)."""
+    return Split(None, out.text) if reasoning is None else reasoning.split(out, tokenizer, final)
+
+
 REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), ReasoningParser("deepseek_r1", True))}
 
 

@@ -23,7 +23,7 @@ from cachedattention.outputs import RequestOutput
 from cachedattention.server.api_error import APIError, aborted_error, as_api_error, bad
 from cachedattention.server.logprobs import LogprobFormatter
 from cachedattention.server.protocol import ParsedRequest, parse_chat, parse_json_object
-from cachedattention.server.reasoning import Reasoning, Split
+from cachedattention.server.reasoning import Reasoning, Split, split_answer
 from cachedattention.server.responses_request import (
     ResponsesRequest,
     in_responses_terms,
@@ -75,9 +75,7 @@ class _Answer:
 
     def thinking(self, out: RequestOutput, final: bool = True) -> Split:
         """The answer's reasoning (None: none) and the rest of its text."""
-        if self.reasoning is None:
-            return Split(None, out.text)
-        return self.reasoning.split(out, self.tokenizer, final)
+        return split_answer(self.reasoning, out, self.tokenizer, final)
 
     def reasoning_tokens(self, out: RequestOutput) -> int:
         return self.reasoning.tokens(out, self.tokenizer) if self.reasoning is not None else 0
