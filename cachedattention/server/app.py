@@ -44,7 +44,14 @@ from cachedattention.server.protocol import (
     parse_completion,
     parse_json_object,
 )
-from cachedattention.server.reasoning import Reasoning, ReasoningParser, Split, reasoning_parser, split_answer
+from cachedattention.server.reasoning import (
+    Reasoning,
+    ReasoningParser,
+    Split,
+    reasoning_delta,
+    reasoning_parser,
+    split_answer,
+)
 from cachedattention.server.responses import ResponsesRoutes
 from cachedattention.server.responses_store import ResponseStore, SharedResponses
 from cachedattention.server.stream_text import stream_delta
@@ -495,9 +502,10 @@ class OpenAIRoutes:
                     reason = fmt.finish_reason(item, bool(calls))
                     yield fmt.chunk(None if fmt.chat else "", finish_reason=reason, index=i)
                     continue
-                reasoning, answer, closed = fmt.split(item, final=False)
-                if reasoning is not None:  # a closed reasoning cannot grow into a stop string: all of it goes
-                    thought = stream_delta(reasoning, c.reasoning_sent, () if closed else parsed.params.stop)
+                split = fmt.split(item, final=False)
+                reasoning, answer = split.reasoning, split.content
+                if reasoning is not None:
+                    thought = reasoning_delta(split, c.reasoning_sent, parsed.params.stop)
                     if thought:
                         c.reasoning_sent += thought
                         yield fmt.chunk(reasoning=thought, logprobs=c.new_logprobs(item), index=i)

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from cachedattention.server.stream_text import stream_delta
+
 if TYPE_CHECKING:
     from cachedattention.model.tokenizer import Tokenizer
     from cachedattention.outputs import RequestOutput
@@ -123,6 +125,15 @@ class Reasoning:
     def fields(self, reasoning: str | None) -> dict[str, Any]:
         """A message's or delta's reasoning, under vLLM's name and its older one."""
         return {"reasoning": reasoning, "reasoning_content": reasoning}
+
+
+def reasoning_delta(split: Split, sent: str, stops: tuple[str, ...]) -> str:
+    """More of a streamed reasoning that is safe to show, as stream_delta says; while it may still
+    grow, neither what may start a stop string nor its trailing whitespace (a stop string may end the
+    reasoning there, and the whole answer's is trimmed)."""
+    if split.closed:  # it can no longer grow: all of it
+        return stream_delta(split.reasoning or "", sent, ())
+    return stream_delta(split.reasoning or "", sent, stops).rstrip()
 
 
 def split_answer(reasoning: Reasoning | None, out: RequestOutput, tokenizer: Tokenizer | None,

@@ -23,7 +23,7 @@ from cachedattention.outputs import RequestOutput
 from cachedattention.server.api_error import APIError, aborted_error, as_api_error, bad
 from cachedattention.server.logprobs import LogprobFormatter
 from cachedattention.server.protocol import ParsedRequest, parse_chat, parse_json_object
-from cachedattention.server.reasoning import Reasoning, Split, split_answer
+from cachedattention.server.reasoning import Reasoning, Split, reasoning_delta, split_answer
 from cachedattention.server.responses_request import (
     ResponsesRequest,
     in_responses_terms,
@@ -454,9 +454,7 @@ class _StreamedThought:
     def progress(self, split: Split) -> list[str]:
         if not split.reasoning or self.done:
             return []
-        # a closed reasoning cannot grow into a stop string: all of it goes
-        stops = () if split.closed else self.answer.parsed.params.stop
-        events = self._send(stream_delta(split.reasoning, self.sent, stops))
+        events = self._send(reasoning_delta(split, self.sent, self.answer.parsed.params.stop))
         if split.closed and self.opened:
             events += self._finish(self.answer.reasoning_item(split.reasoning, "completed"))
         return events

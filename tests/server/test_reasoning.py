@@ -104,8 +104,9 @@ def test_chat_messages_carry_the_reasoning_and_tool_calls_come_from_the_content(
     assert plain["choices"][0]["message"] == {"role": "assistant", "content": THOUGHT + "Sunny."}  # no parser
 
 
-def _stream_chat(answer: str, reasoning: Reasoning, prompt: str, **body) -> list[dict]:
-    """The chat deltas of `answer` streamed a few characters at a time (tags arrive in pieces)."""
+def _stream_chat(answer: str, reasoning: Reasoning, prompt: str, grown: str | None = None, **body) -> list[dict]:
+    """The chat deltas of an answer streamed a character at a time (tags arrive in pieces) up to
+    `grown` (default: `answer`), then finished as `answer` (shorter when a stop string cut it)."""
     from cachedattention.server.app import OpenAIRoutes, _Format
     from cachedattention.server.engine_loop import RequestStream
     from cachedattention.server.protocol import parse_chat
@@ -114,8 +115,9 @@ def _stream_chat(answer: str, reasoning: Reasoning, prompt: str, **body) -> list
         parsed = parse_chat({"messages": [{"role": "user", "content": "hi"}], "stream": True, **body}, None, 1024)
         fmt = _Format("c", "m", True, False, _Tail(), tool_calls=parsed.parse_tool_calls, reasoning=reasoning)
         source = RequestStream("c", asyncio.get_running_loop())
-        for end in range(1, len(answer)):
-            source.put(_output(answer[:end], False, _prompt(prompt)))
+        growing = grown or answer
+        for end in range(1, len(growing) + (grown is not None)):
+            source.put(_output(growing[:end], False, _prompt(prompt)))
         source.put(_output(answer, True, _prompt(prompt)))
         routes = OpenAIRoutes(None, None, "m", 1024)
         return [json.loads(e[6:]) for e in [e async for e in routes._events([source], fmt, parsed)] if "{" in e]
@@ -146,6 +148,17 @@ def test_a_tag_the_answer_writes_inside_a_reasoning_it_began_in_never_shows():
     """DeepSeek-R1 begins in its reasoning, and may still write <think> (not one token everywhere)."""
     deltas = _stream_chat("<think>\nHmm.</think>Hi", Reasoning(R1), "<|Assistant|>")
     assert _joined(deltas, "reasoning") == "Hmm." and _joined(deltas, "content") == "Hi"
+
+
+def test_a_reasoning_cut_by_a_stop_string_streams_as_the_whole_answer_has_it():
+    """The space before a stop string that then cuts the reasoning is not streamed (the whole answer's
+    reasoning is trimmed), in chat and in the Responses API."""
+    deltas = _stream_chat("<think>abc ", Reasoning(QWEN3), "x", grown="<think>abc Okay, s", stop=["Okay, so"])
+    assert _joined(deltas, "reasoning") == "abc" and not _joined(deltas, "content")
+    answer, tok = _answer(stop=["Okay, so"])
+    events = _response_events(answer, tok, "<think>abc ", grown="<think>abc Okay, s")
+    text = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    assert text == "abc" == events[-1]["response"]["output"][0]["content"][0]["text"]
 
 
 def test_a_closed_reasoning_is_not_held_back_for_a_stop_string():
