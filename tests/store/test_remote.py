@@ -512,8 +512,9 @@ def test_an_adopted_prefix_whose_segments_are_gone_hides_nothing_this_replica_ho
     # a turn that keeps nothing of its own (its index entries would replace R's): n > 1's other choices
     rid = a.engine.add_request(system + [4, 5, 6] + theirs.token_ids + [7, 8], PARAMS, save_to_store=False)
     cont = a._run([rid])[0]
-    assert cont.metrics.cached_tokens["remote"] == 0 and a.engine.store.stats()["remote_failed_fetches"] >= 1
-    settle(a)
+    assert cont.metrics.cached_tokens["remote"] == 0
+    settle(a)  # the fetch has failed by now (on a loaded machine the turn may not have waited for it)
+    assert a.engine.store.stats()["remote_failed_fetches"] >= 1
     again = a.generate([system + [9, 10, 11]], PARAMS)[0]
     assert again.metrics.cached_tokens["host"] >= 48  # S, from its own record again
     store_of(a).check_integrity()
