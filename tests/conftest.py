@@ -24,7 +24,8 @@ def tiny_dirs(tmp_path_factory):
     from tests.tiny_models import make_tiny_model
 
     out = {}
-    for kind in ("llama", "llama-linear", "llama-tied", "qwen2", "qwen3", "mistral"):
+    for kind in ("llama", "llama-linear", "llama-tied", "qwen2", "qwen3", "mistral", "mixtral", "qwen2-moe",
+                 "qwen3-moe"):
         path = tmp_path_factory.mktemp(kind)
         out[kind] = (path, make_tiny_model(kind, path))
     return out

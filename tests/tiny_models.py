@@ -1,4 +1,5 @@
-"""Tiny random-weight Hugging Face models (Llama, Qwen2, Qwen3, Mistral) used as references in tests."""
+"""Tiny random-weight Hugging Face models (Llama, Qwen2, Qwen3, Mistral, and the mixtures of experts
+Mixtral, Qwen2-MoE, Qwen3-MoE) used as references in tests."""
 
 from __future__ import annotations
 
@@ -51,6 +52,18 @@ def tiny_config(kind: str, **overrides):
     elif kind == "mistral":
         common.update(sliding_window=None, rope_theta=10000.0)
         cls = transformers.MistralConfig
+    elif kind == "mixtral":  # 8 experts, 2 per token, every layer sparse
+        common.update(sliding_window=None, rope_theta=10000.0, num_local_experts=8, num_experts_per_tok=2,
+                      intermediate_size=48)
+        cls = transformers.MixtralConfig
+    elif kind == "qwen2-moe":  # a shared expert beside the routed ones; layer 1 a plain MLP; top-k not rescaled
+        common.update(rope_theta=1000000.0, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=96, norm_topk_prob=False, mlp_only_layers=[1])
+        cls = transformers.Qwen2MoeConfig
+    elif kind == "qwen3-moe":  # Qwen3's head norms; top-k rescaled, as Qwen3-30B-A3B's
+        common.update(tie_word_embeddings=True, rope_theta=1000000.0, head_dim=32, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+        cls = transformers.Qwen3MoeConfig
     else:
         raise ValueError(kind)
     common.update(overrides)
@@ -64,12 +77,14 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     cfg = tiny_config(kind, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():  # random biases and head norms so their paths are exercised
+    with torch.no_grad():  # random biases, head norms and routers so their paths are exercised
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.2)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith((".gate.weight", "shared_expert_gate.weight")):  # routers (zeros in some families)
+                p.normal_(0.0, 0.5)
     model.save_pretrained(path)
     return model
 

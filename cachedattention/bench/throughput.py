@@ -39,6 +39,9 @@ def _hf_model(loaded, device: str, dtype: str):
     import transformers
 
     s = loaded.spec  # RoPE scaling left out: it changes no timing
+    if s.moe is not None:  # transformers 5 fuses the experts into other tensors than the checkpoints'
+        raise ValueError(f"the throughput bench's transformers reference takes dense models only, not {s.model_type}'s "
+                         "experts; measure a mixture of experts with --mode turn or --mode workload")
     family = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[s.model_type]  # fmt: skip
     cfg = family(

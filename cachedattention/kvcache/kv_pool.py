@@ -34,7 +34,7 @@ def activation_bytes(spec: ModelSpec, max_num_batched_tokens: int, max_num_seqs:
     decode group's K/V), plus a fixed reserve."""
     tokens = max_num_batched_tokens
     q_width = spec.num_heads * spec.head_dim
-    per_token = (4 * spec.hidden_size + 3 * spec.intermediate_size + 3 * q_width) * element_size
+    per_token = (4 * spec.hidden_size + 3 * spec.widest_mlp() + 3 * q_width) * element_size
     logits = 2 * tokens * spec.vocab_size * 4
     history = 2 * max_model_len * spec.head_dim * element_size  # one head's K and V over a window
     gathered = max(history * spec.num_heads, max_num_seqs * history * spec.num_kv_heads)

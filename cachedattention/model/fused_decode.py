@@ -33,9 +33,12 @@ class FusedDecode:
     """One engine's decoder layers, described once over its pool, for its all-decoder steps."""
 
     def __init__(self, kernel: DecodeLayerKernel, model: LlamaForCausalLM, pool: KVPool) -> None:
-        """Raises ValueError when a weight, norm or pool is not one the C code takes, or a linear layer
-        has no few-rows kernel attached (the per-operation path it reproduces would use torch)."""
+        """Raises ValueError when a weight, norm or pool is not one the C code takes, the MLPs are
+        mixtures of experts, or a linear layer has no few-rows kernel attached (the per-operation path
+        it reproduces would use torch)."""
         spec = model.spec
+        if spec.moe is not None:
+            raise ValueError("the C layers have no mixture-of-experts MLP")
         self.watch = _Watch(model.model.layers, pool)
         if not self.watch.kernels_attached():
             raise ValueError("attach the few-rows kernel to the linear layers first")

@@ -66,6 +66,9 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     def p(name: str, default: Any = None) -> Any:
         return _field(r, f"{arch}.{name}", default)
 
+    if p("expert_count"):  # e.g. a Mixtral file: "llama" with experts
+        raise ValueError(f"GGUF mixture-of-experts files ({arch} with {p('expert_count')} experts) are not supported; "
+                         "serve the model's Hugging Face folder")
     scaling = p("rope.scaling.type")  # llama.cpp reads a factor without a type as linear scaling
     factor = p("rope.scaling.factor", p("rope.scale_linear"))
     if scaling not in (None, "none", "linear"):

@@ -1,5 +1,5 @@
 """Building blocks of a Llama decoder layer: linear layers that hand few-row calls to a CPU kernel,
-RMSNorm and the gated MLP; a oneDNN-packed weight."""
+RMSNorm, the gated MLP and the sparse mixture of them; a oneDNN-packed weight."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel, QuantizedWeight
 from cachedattention.kernels.row_ops import RowOpsKernel
+from cachedattention.model.spec import MoESpec
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,38 @@ class GatedMLP(nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)
         act = ops.silu_mul(gate, up) if ops is not None else F.silu(gate, inplace=True).mul_(up)
         return self.down_proj(act)
+
+
+class SparseMoE(nn.Module):
+    """Each token runs through the top_k experts (gated MLPs) its router picks, their outputs summed
+    with the router's softmax probabilities (rescaled to sum to 1 when the model says so); Qwen2-MoE
+    adds a shared expert every token runs, scaled by a sigmoid gate. Names match the checkpoints."""
+
+    def __init__(self, hidden: int, moe: MoESpec) -> None:
+        super().__init__()
+        self.top_k, self.normalize_top_k = moe.top_k, moe.normalize_top_k
+        self.gate = Linear(hidden, moe.num_experts, bias=False)
+        self.experts = nn.ModuleList(GatedMLP(hidden, moe.expert_intermediate_size) for _ in range(moe.num_experts))
+        self.shared_expert: GatedMLP | None = None
+        if moe.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(hidden, moe.shared_expert_intermediate_size)
+            self.shared_expert_gate = Linear(hidden, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, ops: RowOpsKernel | None = None) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x).float(), dim=-1)  # in float32 whatever the model's dtype
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize_top_k:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        # one call per expert over the rows that chose it (a decode step: a few experts of one row each)
+        for expert in chosen.unique().tolist():
+            rows, rank = torch.nonzero(chosen == expert, as_tuple=True)
+            y = self.experts[expert](x[rows], ops)
+            out.index_add_(0, rows, y.mul_(weights[rows, rank, None]))
+        if self.shared_expert is not None:
+            out.add_(self.shared_expert(x, ops).mul_(torch.sigmoid(self.shared_expert_gate(x))))
+        return out
 
 
 class OneDNNWeight:

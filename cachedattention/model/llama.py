@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) in plain PyTorch over a paged KV pool.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, and the mixtures of experts Mixtral, Qwen2-MoE,
+Qwen3-MoE) in plain PyTorch over a paged KV pool.
 
 Keys are rotated at attention time; each layer hands its pre-RoPE keys to the store hooks
 before rotating them (DESIGN.md, the positional-encoding rule).
@@ -16,7 +17,7 @@ from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, SeqSlice
 from cachedattention.model.fused_decode import FusedDecode
-from cachedattention.model.layers import GatedMLP, Linear, OneDNNWeight, RMSNorm
+from cachedattention.model.layers import GatedMLP, Linear, OneDNNWeight, RMSNorm, SparseMoE
 from cachedattention.model.rope import RotaryEmbedding, apply_rotary
 from cachedattention.model.spec import ModelSpec
 from cachedattention.model.split_attention import attend_history_then_new
@@ -152,10 +153,11 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(spec)
-        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size)
+        self.mlp = (SparseMoE(spec.hidden_size, spec.moe) if spec.is_sparse(index)
+                    else GatedMLP(spec.hidden_size, spec.intermediate_size))  # fmt: skip
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -164,7 +166,7 @@ class LlamaModel(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 

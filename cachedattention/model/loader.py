@@ -65,7 +65,7 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
     else:
         config = _read_config(path)
         spec = spec_from_hf_config(config)
-        state = _read_safetensors(path)
+        state = _our_names(_read_safetensors(path), spec)
         tok = Tokenizer.from_pretrained(str(path)) if tokenizer is None and _has_tokenizer(path) else None
         blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
     if tokenizer is not None:
@@ -191,6 +191,23 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for f in files:
         state.update(load_file(str(f)))
     return state
+
+
+MIXTRAL_NAMES = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+
+
+def _our_names(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Mixtral's checkpoints name the sparse MLP block_sparse_moe and its experts' weights w1/w3/w2;
+    ours is `mlp` with gate_proj/up_proj/down_proj, as the Qwen MoE checkpoints have it."""
+    if spec.model_type != "mixtral":
+        return state
+    renamed = {}
+    for name, tensor in state.items():
+        if ".block_sparse_moe." in name:
+            for old, new in MIXTRAL_NAMES.items():
+                name = name.replace(old, new)
+        renamed[name] = tensor
+    return renamed
 
 
 def _has_tokenizer(path: Path) -> bool:

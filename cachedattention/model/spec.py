@@ -7,7 +7,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
 ABSOLUTE_POSITION = ("gpt2", "gpt_neo", "gptj", "opt", "bloom", "bert", "gpt_bigcode")
 
@@ -20,6 +21,19 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Sparse mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE): each token runs through the
+    top_k of num_experts gated MLPs its router picks, weighted by the router's probabilities."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    normalize_top_k: bool  # the chosen experts' probabilities rescaled to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an expert every token runs, gated by a sigmoid
+    dense_layers: tuple[int, ...] = ()  # layers with a plain MLP of the spec's intermediate_size
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,18 @@ class ModelSpec:
     # each frequency's divisor: a GGUF file's rope_freqs (how llama.cpp writes Llama 3.1's scaling),
     # linear scaling's factor
     rope_freq_factors: tuple[float, ...] | None = None
+    moe: MoESpec | None = None
 
+    def is_sparse(self, layer: int) -> bool:
+        """Whether the layer's MLP is a mixture of experts."""
+        return self.moe is not None and layer not in self.moe.dense_layers
+
+    def widest_mlp(self) -> int:
+        """The most intermediate activations one token's MLP holds at once, in elements."""
+        if self.moe is None:
+            return self.intermediate_size
+        dense = self.intermediate_size if self.moe.dense_layers else 0
+        return max(dense, self.moe.expert_intermediate_size, self.moe.shared_expert_intermediate_size)
 
     def kv_bytes_per_token(self, element_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
@@ -52,7 +77,7 @@ class ModelSpec:
     def fingerprint(self) -> str:
         """Stable hash of the architecture, part of every stored record's identity."""
         fields = asdict(self)
-        for name in ("qk_norm", "rope_freq_factors"):  # added later: models without them keep their fingerprints
+        for name in ("qk_norm", "rope_freq_factors", "moe"):  # added later: models without them keep their fingerprints
             if not fields[name]:
                 del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -104,7 +129,7 @@ def _refuse_sliding_window(model_type: str, cfg: dict[str, Any]) -> None:
     """Every layer must attend to the whole context: the store keeps and reloads all of it."""
     sliding = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types") or ()
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in QWEN:
         # their configs name a window but use it only when asked, and then (as transformers reads them)
         # in the layers from max_window_layers on, or those layer_types marks
         windowed = bool(cfg.get("use_sliding_window") and sliding) and (
@@ -118,6 +143,33 @@ def _refuse_sliding_window(model_type: str, cfg: dict[str, Any]) -> None:
             f"{model_type} sliding-window attention ({sliding}) is not supported; "
             "set sliding_window to null (Mistral) or use_sliding_window to false (Qwen)"
         )
+
+
+def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
+    # the hub's configs say num_local_experts (Mixtral) or num_experts (Qwen); transformers 5 writes
+    # either name for either family
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if model_type == "mixtral":  # every layer sparse; the chosen experts' weights always sum to 1
+        moe = MoESpec(num_experts=experts, top_k=int(cfg["num_experts_per_tok"]),
+                      expert_intermediate_size=int(cfg["intermediate_size"]), normalize_top_k=True)
+    elif model_type in ("qwen2_moe", "qwen3_moe") and experts:
+        layers, step = int(cfg["num_hidden_layers"]), int(cfg.get("decoder_sparse_step") or 1)
+        only_mlp = set(cfg.get("mlp_only_layers") or ())
+        moe = MoESpec(
+            num_experts=experts,
+            top_k=int(cfg["num_experts_per_tok"]),
+            expert_intermediate_size=int(cfg["moe_intermediate_size"]),
+            normalize_top_k=bool(cfg.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+            if model_type == "qwen2_moe" else 0,
+            # transformers' rule: every decoder_sparse_step-th layer is sparse, unless listed as MLP-only
+            dense_layers=tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step),
+        )
+    else:
+        return None
+    if not 0 < moe.top_k <= moe.num_experts:
+        raise ValueError(f"num_experts_per_tok must be in [1, {moe.num_experts}], got {moe.top_k}")
+    return moe
 
 
 def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
@@ -148,10 +200,12 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         rope_theta=theta,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-        qk_norm=model_type == "qwen3",
+        qkv_bias=model_type == "qwen2" or bool(cfg.get("qkv_bias", True) if model_type == "qwen2_moe"
+                                               else cfg.get("attention_bias", False)),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         rope_freq_factors=_freq_factors(cfg, head_dim, scaling, linear),
         rope_scaling=scaling,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        moe=_moe(model_type, cfg),
     )

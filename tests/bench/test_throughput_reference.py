@@ -15,3 +15,9 @@ def test_the_reference_computes_what_the_checkpoint_does(kind, tiny_dirs):
     ids = torch.tensor([[5, 9, 13, 200, 17, 3]])
     with torch.no_grad():
         assert torch.equal(reference(ids).logits, hf(ids).logits)
+
+
+def test_a_mixture_of_experts_gets_a_clear_refusal(tiny_dirs):
+    path, _ = tiny_dirs["mixtral"]
+    with pytest.raises(ValueError, match="dense models only"):
+        _hf_model(load_model(str(path), "cpu", "float32"), "cpu", "float32")
