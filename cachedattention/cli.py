@@ -86,6 +86,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         chat_template=getattr(args, "chat_template", None),
         generation_config=getattr(args, "generation_config", "auto"),
         override_generation_config=getattr(args, "override_generation_config", None),
+        reasoning_parser=getattr(args, "reasoning_parser", None),
         store=StoreConfig(
             enable=not args.no_store,
             store_dir=args.store_dir,

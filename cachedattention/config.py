@@ -129,8 +129,15 @@ class EngineConfig:
     generation_config: str = "auto"
     # laid over the generation config's defaults, in its names (vLLM's --override-generation-config)
     override_generation_config: dict | None = None
+    # how the model writes its reasoning (qwen3, deepseek_r1; vLLM's --reasoning-parser): a guided
+    # answer is held to its shape only after the reasoning (engine/reasoning_gate.py)
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
+        if self.reasoning_parser is not None:
+            from cachedattention.reasoning_parser import reasoning_parser
+
+            reasoning_parser(self.reasoning_parser)  # a ValueError naming the known ones
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:

@@ -53,6 +53,7 @@ class LLM:
         override_generation_config: dict | None = None,
         seed: int | None = None,
         max_logprobs: int = MAX_LOGPROBS,
+        reasoning_parser: str | None = None,
         **store_options: Any,
     ) -> None:
         store_cfg = store or StoreConfig(enable=enable_store)
@@ -74,6 +75,7 @@ class LLM:
             tokenizer=tokenizer,
             generation_config=generation_config,
             override_generation_config=override_generation_config,
+            reasoning_parser=reasoning_parser,
             seed=seed,
             max_logprobs=max_logprobs,
         )

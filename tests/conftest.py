@@ -66,3 +66,28 @@ def chat_model_dir(tmp_path_factory) -> Path:
     transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def thinking_model(chat_model_dir, tmp_path_factory):
+    """The tiny chat model with <think> and </think> added to its tokenizer as single (plain) tokens,
+    as Qwen3's and DeepSeek-R1's tokenizers have them, and two more rows in its embedding. Returns
+    the folder and the two tags' ids."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("thinking-tags")
+    shutil.copytree(chat_model_dir, path, dirs_exist_ok=True)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    tok.add_tokens(["<think>", "</think>"])
+    tok.save_pretrained(path)
+    state = load_file(str(path / "model.safetensors"))
+    emb = state["model.embed_tokens.weight"]
+    state["model.embed_tokens.weight"] = torch.cat([emb, emb[:2].flip(1)])
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    config.vocab_size = len(tok)
+    config.save_pretrained(path)
+    return path, tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>")

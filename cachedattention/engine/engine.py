@@ -15,6 +15,7 @@ import torch
 from cachedattention.config import EngineConfig
 from cachedattention.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from cachedattention.engine.guided import GuidedConstraint
+from cachedattention.engine.reasoning_gate import ReasoningGate, reasoning_tags
 from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
@@ -30,6 +31,7 @@ from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.generation_defaults import generation_defaults
 from cachedattention.model.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from cachedattention.outputs import RequestMetrics, RequestOutput
+from cachedattention.reasoning_parser import ReasoningParser, reasoning_parser
 from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob, token_logprobs
 from cachedattention.store.session import ANON_PREFIX
 
@@ -94,6 +96,19 @@ class LLMEngine:
         # vLLM's --seed: sampled requests without their own seed draw from this engine's generator,
         # seeded at start, so they repeat from one start to the next (None: torch's global state)
         self.rng = None if config.seed is None else torch.Generator(device=config.device).manual_seed(config.seed)
+        self.reasoning_parser: ReasoningParser | None = None
+        self.use_reasoning_parser(config.reasoning_parser)
+
+    def use_reasoning_parser(self, name: str | None) -> None:
+        """How the model writes its reasoning (None: it does not): guided answers reason first when
+        the tokenizer has the tags as single tokens (the server sets the one it parses with)."""
+        self.reasoning_parser = reasoning_parser(name)
+        self._reasoning_tags = reasoning_tags(self.tokenizer) if self.reasoning_parser is not None else None
+
+    @property
+    def guided_after_reasoning(self) -> bool:
+        """Whether a guided answer is held to its shape only after the model's reasoning."""
+        return self._reasoning_tags is not None
 
     def _make_pool(self) -> KVPool:
         c = self.config.cache
@@ -216,7 +231,7 @@ class LLMEngine:
             head_tokens=head_tokens,
             logprobs=None if params.logprobs is None else [],
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
-            json=self._guided_constraint(params),
+            json=self._guided_constraint(params, ids),
             save_to_store=save_to_store,
             truncate=truncate,
             priority=priority,
@@ -263,8 +278,9 @@ class LLMEngine:
         (its generation config) over them, as vLLM's get_default_sampling_params."""
         return SamplingParams(**self.sampling_defaults)
 
-    def _guided_constraint(self, params: SamplingParams) -> GuidedConstraint | None:
-        """JSON mode, a JSON schema, a choice, a pattern, a grammar or a forced tool call: the tokens each step may take."""
+    def _guided_constraint(self, params: SamplingParams, prompt_ids: list[int]) -> GuidedConstraint | None:
+        """JSON mode, a JSON schema, a choice, a pattern, a grammar or a forced tool call: the tokens
+        each step may take (after the model's reasoning, with a reasoning parser)."""
         automaton = params.guided_automaton()
         if automaton is None:
             return None
@@ -276,7 +292,11 @@ class LLMEngine:
         tok = self.tokenizer
         # the end the model itself writes (Llama-3's <|eot_id|>, not the smallest of its end ids)
         end = tok.eos_token_id if tok.eos_token_id in self.eos_token_ids else min(self.eos_token_ids, default=None)
-        return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte, end)
+        gate = None
+        if self._reasoning_tags is not None:
+            gate = ReasoningGate.for_prompt(self.reasoning_parser, self._reasoning_tags, tok, prompt_ids)
+        return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte, end,
+                                gate)  # fmt: skip
 
     def forget_session(self, session_id: str) -> bool:
         """Forget a conversation: its device blocks and its KV in the store's tiers (host, disk, the

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from cachedattention.engine.reasoning_gate import ReasoningGate
+
 log = logging.getLogger(__name__)
 
 WHITESPACE = frozenset(b" \t\n\r")
@@ -55,7 +57,7 @@ class GuidedConstraint:
     def __init__(
         self, automaton: Automaton, token_bytes: Callable[[int], bytes], is_special: Callable[[int], bool],
         enders: Iterable[int] = (), by_first_byte: Callable[[], dict[int, list[int]]] | None = None,
-        end_token: int | None = None,
+        end_token: int | None = None, reasoning: ReasoningGate | None = None,
     ) -> None:  # fmt: skip
         self._bytes = token_bytes
         self._special = is_special
@@ -64,6 +66,7 @@ class GuidedConstraint:
         # the model's end-of-sequence token: taken where nothing but the end may follow, even where
         # the request ignores EOS or min_tokens holds it back (the answer is complete)
         self._end_token = end_token
+        self.reasoning = reasoning  # a reasoning model's thinking first: the answer's shape holds after it
         self.automaton = automaton
         self.state = automaton.start
         self._whitespace = 0  # whitespace bytes written in a row
@@ -76,6 +79,8 @@ class GuidedConstraint:
 
     @property
     def done(self) -> bool:
+        if self.reasoning is not None and not self.reasoning.over:
+            return False
         return self._ended or self.automaton.is_done(self.state)
 
     def _may_end(self) -> bool:
@@ -106,9 +111,19 @@ class GuidedConstraint:
         self._known = self._memo.setdefault(self.state, {})
 
     def mask(self, row: torch.Tensor) -> torch.Tensor:
-        """A copy of one row of logits with every token that would break the answer at -inf. Only the
-        CANDIDATES most likely tokens are tried (the rest keep too little mass to matter), unless none
-        of them fits."""
+        """A copy of one row of logits with every token that would break the answer at -inf (none
+        while the model reasons; its first token may also open the reasoning)."""
+        gate = self.reasoning
+        if gate is not None and not gate.over:
+            return row
+        out = self._mask_answer(row)
+        if gate is not None and gate.may_open:
+            out[gate.start] = row[gate.start]
+        return out
+
+    def _mask_answer(self, row: torch.Tensor) -> torch.Tensor:
+        """The answer's mask. Only the CANDIDATES most likely tokens are tried (the rest keep too
+        little mass to matter), unless none of them fits."""
         self._recall()
         values, order = torch.topk(row, min(CANDIDATES, row.numel()))
         # a token already at -inf (min_tokens holding back EOS) is not a way on
@@ -149,6 +164,8 @@ class GuidedConstraint:
 
     def accept(self, token: int) -> None:
         """Follow the sampled token (one mask() allowed); one that breaks the answer ends it."""
+        if self.reasoning is not None and self.reasoning.accept(token):
+            return
         if (token in self._enders or token == self._end_token) and (self._may_end() or self._stuck):
             self._ended = True
             return

@@ -93,6 +93,11 @@ class Tokenizer:
         full = self.encode(text, add_special_tokens=True) if full is None else list(full)
         return next((k for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare), 0)
 
+    def single_token_id(self, text: str) -> int | None:
+        """The id of the one token that is exactly `text` (an added tag like <think>), else None."""
+        ids = self.encode(text)
+        return ids[0] if len(ids) == 1 and self.token_bytes(ids[0]) == text.encode() else None
+
     def pieces(self, ids: Sequence[int]) -> list[str]:
         """The vocabulary's own strings for the ids (byte-level "Ġworld", SentencePiece "▁world")."""
         return list(self.hf.convert_ids_to_tokens(list(ids)))

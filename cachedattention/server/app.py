@@ -49,7 +49,6 @@ from cachedattention.server.reasoning import (
     ReasoningParser,
     Split,
     reasoning_delta,
-    reasoning_parser,
     split_answer,
 )
 from cachedattention.server.responses import ResponsesRoutes
@@ -341,7 +340,8 @@ class OpenAIRoutes:
         if self.reasoning_parser is None:
             return None
         params = parsed.params
-        return Reasoning(self.reasoning_parser, params.guided, parsed.include_reasoning, params.skip_special_tokens)
+        shaped_from_start = params.guided and not self.loop.engine.guided_after_reasoning
+        return Reasoning(self.reasoning_parser, shaped_from_start, parsed.include_reasoning, params.skip_special_tokens)
 
     def _check_model(self, model: Any) -> None:
         if model is not None and model not in self.aliases:
@@ -626,6 +626,8 @@ def create_app(
     if not all(isinstance(n, str) and n.strip() for n in names):
         raise ValueError(f"served model names must be non-empty strings, got {names!r}")
     engine = engine_or_config if isinstance(engine_or_config, LLMEngine) else LLMEngine(engine_or_config)
+    if reasoning_parser_name is not None:  # the engine's too: guided answers reason first
+        engine.use_reasoning_parser(reasoning_parser_name)
     metrics = ServerMetrics()
     loop = EngineLoop(engine, on_finished=metrics.observe_finished, log_requests=log_requests)
     metrics.registry.register(EngineStatsCollector(loop.stats))
@@ -633,7 +635,7 @@ def create_app(
                           trust_request_chat_template, named=bool(names),
                           tool_parser=tool_call_parser(tool_call_format),
                           token_ids_as_tokens=return_tokens_as_token_ids,
-                          reasoning_parser=reasoning_parser(reasoning_parser_name),
+                          reasoning_parser=engine.reasoning_parser,
                           force_include_usage=force_include_usage)  # fmt: skip
     if allow_credentials and "*" in allowed_origins:
         log.warning("--allow-credentials with any origin: every web page may call this server with its users' "

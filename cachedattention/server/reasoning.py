@@ -1,86 +1,39 @@
-"""vLLM's --reasoning-parser: the thinking a reasoning model writes before its answer (between
-<think> and </think>) comes back apart, as the message's `reasoning` (and `reasoning_content`, its
-older name), and only what follows is the answer's `content` (where tool calls are looked for).
+"""vLLM's --reasoning-parser in the server: the thinking a reasoning model writes before its answer
+comes back apart, as the message's `reasoning` (and `reasoning_content`, its older name), and only
+what follows is the answer's `content` (where tool calls are looked for). How the thinking is
+written, and when an answer starts inside it: `cachedattention/reasoning_parser.py`. Streamed
+reasoning holds its trailing whitespace until more text follows.
 
-The rule, for both parsers: an answer is in its reasoning from its first token when it opens with
-<think> itself (Qwen3's first release), when the prompt ends with an open <think> (templates that
-write it for the model: Qwen3.5, DeepSeek-R1's later ones), or always with `deepseek_r1` (R1 starts
-thinking without a tag). A prompt that ends with a closed block (`<think></think>`, Qwen3's
-enable_thinking=false) leaves the whole answer as content. Reasoning ends at </think>; an answer
-cut before it (max_tokens) is all reasoning. Whitespace between the tags and the texts is dropped
-(streamed reasoning holds its trailing whitespace until more text follows).
-A structured answer (response_format, guided_*, a forced tool call) is held to its shape from its
-first token, so it has no reasoning here (vLLM lets the model reason first).
+A structured answer (response_format, guided_*, a forced tool call) reasons first, as vLLM's, when
+the tags are single tokens of the tokenizer (the engine holds the answer to its shape only after
+</think>: engine/reasoning_gate.py); otherwise it is held to its shape from its first token and has
+no reasoning.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
+from cachedattention.reasoning_parser import (  # noqa: F401 (REASONING_PARSERS, reasoning_parser: the server's names)
+    END,
+    REASONING_PARSERS,
+    ReasoningParser,
+    Split,
+    prompt_tail,
+    reasoning_parser,
+)
 from cachedattention.server.stream_text import stream_delta
 
 if TYPE_CHECKING:
     from cachedattention.model.tokenizer import Tokenizer
     from cachedattention.outputs import RequestOutput
 
-START, END = "<think>", "</think>"
-PROMPT_TAIL_TOKENS = 8  # enough of the prompt's end to hold an open or closed <think></think>
-
-
-class Split(NamedTuple):
-    """An answer's text, split: its reasoning (None: it has none), the content after it, and whether
-    the reasoning is over (closed by </think>, or none at all): then it can no longer grow."""
-
-    reasoning: str | None
-    content: str
-    closed: bool = True
-
-
-@dataclass(frozen=True)
-class ReasoningParser:
-    name: str
-    starts_open: bool  # the model reasons first even without a tag (DeepSeek-R1)
-
-    def opens(self, prompt_tail: str, structured: bool) -> bool:
-        """Whether an answer after a prompt ending in `prompt_tail` begins inside its reasoning
-        (an answer that opens with <think> itself is inside it anyway)."""
-        tail = prompt_tail.rstrip()
-        if structured or tail.endswith(END):
-            return False
-        return self.starts_open or tail.endswith(START)
-
-    def split(self, text: str, open_at_start: bool, final: bool = True) -> Split:
-        """The answer's text split into reasoning and content.
-
-        Not `final` (text still growing): what may yet become a tag is held back, so that pieces
-        shown as the text grows always add up to the final split."""
-        body = text.lstrip()
-        if body.startswith(START):
-            body, open_at_start = body[len(START) :], True
-        elif not final and START.startswith(body):  # may still become <think> (blank text may come before one)
-            return Split("" if open_at_start else None, "", closed=not open_at_start)
-        elif not open_at_start:
-            return Split(None, text)
-        reasoning, closed, content = body.partition(END)
-        if not closed:
-            held = 0 if final else _tag_prefix_at_end(reasoning, END)
-            return Split(reasoning[: len(reasoning) - held].strip(), "", closed=False)
-        return Split(reasoning.strip(), content.lstrip())
-
-
-def _tag_prefix_at_end(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that starts `tag` (0: none)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
-
 
 @dataclass
 class Reasoning:
-    """One request's reasoning: the server's parser, whether the answer is structured (then it has
-    none), whether the client wants it (vLLM's include_reasoning; if not, it is dropped, and the
+    """One request's reasoning: the server's parser, whether the answer is structured from its first
+    token (then it has none), whether the client wants it (vLLM's include_reasoning; if not, it is dropped, and the
     content is still only what follows it), and how the answer's text was decoded."""
 
     parser: ReasoningParser
@@ -99,8 +52,7 @@ class Reasoning:
 
     def _opens(self, out: RequestOutput, tokenizer: Tokenizer | None) -> bool:
         if self._open is None:
-            ids = out.prompt_token_ids[-PROMPT_TAIL_TOKENS:]
-            tail = tokenizer.decode(ids, skip_special_tokens=False) if tokenizer is not None else ""
+            tail = prompt_tail(tokenizer, out.prompt_token_ids) if tokenizer is not None else ""
             self._open = self.parser.opens(tail, self.structured)
         return self._open
 
@@ -140,14 +92,3 @@ def split_answer(reasoning: Reasoning | None, out: RequestOutput, tokenizer: Tok
                  final: bool = True) -> Split:  # fmt: skip
     """An answer split as its request's reasoning says (without a parser, all of it is content)."""
     return Split(None, out.text) if reasoning is None else reasoning.split(out, tokenizer, final)
-
-
-REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), ReasoningParser("deepseek_r1", True))}
-
-
-def reasoning_parser(name: str | None) -> ReasoningParser | None:
-    if name is None:
-        return None
-    if name not in REASONING_PARSERS:
-        raise ValueError(f"unknown reasoning parser {name!r}; known: {', '.join(REASONING_PARSERS)}")
-    return REASONING_PARSERS[name]

@@ -183,6 +183,9 @@ def reasoning_server(chat_model_dir, tmp_path_factory):
 
 
 HELLO = [{"role": "user", "content": "Hello"}]
+# no arguments: the random model's call ends quickly (a free string argument may run to max_tokens)
+CLOCK = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {},
+                                                                         "additionalProperties": False}}}
 
 
 def test_a_prompt_that_opens_the_reasoning_makes_the_answer_reasoning(reasoning_server):
@@ -192,7 +195,7 @@ def test_a_prompt_that_opens_the_reasoning_makes_the_answer_reasoning(reasoning_
     r = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 6, "temperature": 0}, timeout=60)
     msg = r.json()["choices"][0]["message"]
     assert r.status_code == 200 and msg["content"] is None and msg["reasoning"] and msg["reasoning_content"]
-    # structured: no reasoning, the answer is the JSON
+    # structured, and <think> is not a token of this tokenizer: no reasoning, the answer is the choice
     r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
         "messages": HELLO, "max_tokens": 12, "temperature": 0, "guided_choice": ["yes", "no"]})  # fmt: skip
     msg = r.json()["choices"][0]["message"]
@@ -212,6 +215,40 @@ def test_a_prompt_that_opens_the_reasoning_makes_the_answer_reasoning(reasoning_
     assert r.json()["choices"][0]["message"]["reasoning"] is None
     bad = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "include_reasoning": "yes"}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "include_reasoning"
+
+
+def test_a_structured_answer_reasons_first_when_the_tags_are_tokens(thinking_model, tmp_path_factory):
+    """With <think> and </think> as single tokens the engine holds the answer's shape only after the
+    reasoning (vLLM's rule). The tiny model is steered: " Hmm" pushed up but penalised each time it
+    comes, </think> a little below it, so it thinks a few words, closes, and answers in shape."""
+    import transformers
+
+    path, _, end = thinking_model
+    hmm = transformers.AutoTokenizer.from_pretrained(str(path)).encode(" Hmm", add_special_tokens=False)[0]
+    model = with_template(path, tmp_path_factory.mktemp("thinking-opening"), OPENING)
+    srv = start_server(engine_config(model, store=False), reasoning_parser_name="qwen3")
+    steer = {"messages": HELLO, "max_tokens": 16, "temperature": 0, "frequency_penalty": 2,
+             "logit_bias": {str(hmm): 100, str(end): 97}}  # fmt: skip
+    try:
+        url = f"{srv.url}/v1/chat/completions"
+        msg = httpx.post(url, json={**steer, "guided_choice": ["yes", "no"]}, timeout=60).json()["choices"][0]["message"]
+        assert msg["reasoning"].startswith("Hmm Hmm") and set(msg["reasoning"].split()) == {"Hmm"}
+        assert msg["content"] in ("yes", "no")
+        with httpx.stream("POST", url, timeout=60, json={**steer, "guided_choice": ["yes", "no"], "stream": True}) as s:
+            deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in s.iter_lines()
+                      if line.startswith("data: {") and json.loads(line[6:])["choices"]]  # fmt: skip
+        assert "".join(d.get("reasoning") or "" for d in deltas) == msg["reasoning"]
+        assert "".join(d.get("content") or "" for d in deltas) == msg["content"]
+        # a forced call comes after the reasoning too, read from the content
+        r = httpx.post(url, json={**steer, "max_tokens": 64, "tools": [CLOCK], "tool_choice": "required"}, timeout=60)
+        choice = r.json()["choices"][0]
+        assert choice["message"]["reasoning"].startswith("Hmm") and choice["finish_reason"] == "tool_calls", choice
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["now"]
+        # cut while thinking: all reasoning, no content
+        cut = httpx.post(url, json={**steer, "guided_choice": ["yes", "no"], "max_tokens": 2}, timeout=60).json()
+        assert cut["choices"][0]["message"]["content"] is None and cut["choices"][0]["finish_reason"] == "length"
+    finally:
+        srv.stop()
 
 
 def test_a_reasoning_given_back_reaches_the_template(reasoning_server):

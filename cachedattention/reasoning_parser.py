@@ -1,0 +1,93 @@
+"""How reasoning models write their thinking (vLLM's --reasoning-parser): between <think> and
+</think>, before the answer. Shared by the server, which splits an answer's text into reasoning and
+content, and the engine, which holds a guided answer to its shape only once the reasoning is over.
+
+The rule, for both parsers: an answer is in its reasoning from its first token when it opens with
+<think> itself (Qwen3's first release), when the prompt ends with an open <think> (templates that
+write it for the model: Qwen3.5, DeepSeek-R1's later ones), or always with `deepseek_r1` (R1 starts
+thinking without a tag). A prompt that ends with a closed block (`<think></think>`, Qwen3's
+enable_thinking=false) leaves the whole answer as content. Reasoning ends at </think>; an answer
+cut before it (max_tokens) is all reasoning. Whitespace between the tags and the texts is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from cachedattention.model.tokenizer import Tokenizer
+
+START, END = "<think>", "</think>"
+PROMPT_TAIL_TOKENS = 8  # enough of the prompt's end to hold an open or closed <think></think>
+
+
+class Split(NamedTuple):
+    """An answer's text, split: its reasoning (None: it has none), the content after it, and whether
+    the reasoning is over (closed by </think>, or none at all): then it can no longer grow."""
+
+    reasoning: str | None
+    content: str
+    closed: bool = True
+
+
+@dataclass(frozen=True)
+class ReasoningParser:
+    name: str
+    starts_open: bool  # the model reasons first even without a tag (DeepSeek-R1)
+
+    def opens(self, prompt_tail: str, structured: bool) -> bool:
+        """Whether an answer after a prompt ending in `prompt_tail` begins inside its reasoning
+        (an answer that opens with <think> itself is inside it anyway). `structured`: the answer is
+        held to its shape from its first token, so it has no reasoning."""
+        if structured or self.closes(prompt_tail):
+            return False
+        return self.starts_open or prompt_tail.rstrip().endswith(START)
+
+    @staticmethod
+    def closes(prompt_tail: str) -> bool:
+        """Whether the prompt ends with a closed reasoning (Qwen3's enable_thinking=false): the answer has none."""
+        return prompt_tail.rstrip().endswith(END)
+
+    def split(self, text: str, open_at_start: bool, final: bool = True) -> Split:
+        """The answer's text split into reasoning and content.
+
+        Not `final` (text still growing): what may yet become a tag is held back, so that pieces
+        shown as the text grows always add up to the final split."""
+        body = text.lstrip()
+        if body.startswith(START):
+            body, open_at_start = body[len(START) :], True
+        elif not final and START.startswith(body):  # may still become <think> (blank text may come before one)
+            return Split("" if open_at_start else None, "", closed=not open_at_start)
+        elif not open_at_start:
+            return Split(None, text)
+        reasoning, closed, content = body.partition(END)
+        if not closed:
+            held = 0 if final else _tag_prefix_at_end(reasoning, END)
+            return Split(reasoning[: len(reasoning) - held].strip(), "", closed=False)
+        return Split(reasoning.strip(), content.lstrip())
+
+
+def _tag_prefix_at_end(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that starts `tag` (0: none)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), ReasoningParser("deepseek_r1", True))}
+
+
+def reasoning_parser(name: str | None) -> ReasoningParser | None:
+    if name is None:
+        return None
+    if name not in REASONING_PARSERS:
+        raise ValueError(f"unknown reasoning parser {name!r}; known: {', '.join(REASONING_PARSERS)}")
+    return REASONING_PARSERS[name]
+
+
+def prompt_tail(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> str:
+    """The end of a prompt as text, special tokens kept: enough to hold an open or closed <think></think>."""
+    return tokenizer.decode(list(prompt_ids[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False)
