@@ -28,41 +28,6 @@ BASE_CONFIG = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "
                "num_attention_heads": 4, "max_position_embeddings": 512}
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        {"model_type": "mistral", "sliding_window": 128},
-        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128},
-        {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 128},
-        {"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 128,
-         "layer_types": ["full_attention", "sliding_attention"]},
-        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128, "max_window_layers": 1},
-    ],
-)
-def test_sliding_window_attention_is_refused(config, tmp_path):
-    """The store keeps and reloads every token: a layer that attends to a window only is not served."""
-    (tmp_path / "config.json").write_text(json.dumps({**BASE_CONFIG, **config}))
-    with pytest.raises(ValueError, match="sliding-window attention .* not supported"):
-        LLM(model=str(tmp_path))
-
-
-@pytest.mark.parametrize(
-    "config",
-    [
-        {"model_type": "mistral", "sliding_window": None},
-        {"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 128},  # named, not used
-        {"model_type": "qwen3", "layer_types": ["full_attention", "full_attention"], "sliding_window": 128},
-        # as transformers reads them: no window unless use_sliding_window, and then from max_window_layers on
-        {"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 128},
-        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128, "max_window_layers": 2},
-    ],
-)
-def test_a_window_named_but_unused_is_served(config):
-    from cachedattention.model.spec import spec_from_hf_config
-
-    assert spec_from_hf_config({**BASE_CONFIG, **config}).model_type == config["model_type"]
-
-
 def test_fields_added_later_keep_the_other_models_fingerprints():
     """Adding Qwen3's flag and GGUF's rope divisors must not change a Llama's fingerprint: its stored
     KV stays servable."""
@@ -72,7 +37,7 @@ def test_fields_added_later_keep_the_other_models_fingerprints():
     from cachedattention.model.spec import spec_from_hf_config
 
     llama = spec_from_hf_config({**BASE_CONFIG, "model_type": "llama"})
-    later = ("qk_norm", "rope_freq_factors", "moe")
+    later = ("qk_norm", "rope_freq_factors", "moe", "sliding_window", "window_layers")
     before = {k: v for k, v in asdict(llama).items() if k not in later}  # the spec's fields until Qwen3
     assert llama.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert not llama.qk_norm and spec_from_hf_config({**BASE_CONFIG, "model_type": "qwen3"}).qk_norm

@@ -49,10 +49,12 @@ def test_an_impossible_expert_count_per_token_is_refused(top_k, tmp_path):
         LLM(model=str(tmp_path))
 
 
-def test_a_qwen_moe_window_in_use_is_refused():
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        spec_from_hf_config({**QWEN_MOE, "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0})
-    assert spec_from_hf_config({**QWEN_MOE, "sliding_window": 64}).moe is not None  # named, not used
+def test_the_moe_families_read_their_windows_as_transformers_does():
+    """Qwen2-MoE: every other layer below max_window_layers; Qwen3-MoE: every layer; only when used."""
+    windowed = {**QWEN_MOE, "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 3}
+    assert spec_from_hf_config(windowed).window_layers == (0, 2)
+    assert spec_from_hf_config({**windowed, "model_type": "qwen3_moe"}).window_layers == (0, 1, 2, 3)
+    assert spec_from_hf_config({**QWEN_MOE, "sliding_window": 64}).window_layers == ()  # named, not used
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe"])

@@ -1,5 +1,5 @@
-"""Tiny random-weight Hugging Face models (Llama, Qwen2, Qwen3, Mistral, and the mixtures of experts
-Mixtral, Qwen2-MoE, Qwen3-MoE) used as references in tests."""
+"""Tiny random-weight Hugging Face models (Llama, Qwen2, Qwen3, Mistral, with and without sliding
+windows, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE) used as references in tests."""
 
 from __future__ import annotations
 
@@ -52,6 +52,13 @@ def tiny_config(kind: str, **overrides):
     elif kind == "mistral":
         common.update(sliding_window=None, rope_theta=10000.0)
         cls = transformers.MistralConfig
+    elif kind == "mistral-window":  # every layer sees the last 8 keys only (Mistral 7B v0.1's 4096, scaled down)
+        common.update(sliding_window=8, rope_theta=10000.0)
+        cls = transformers.MistralConfig
+    elif kind == "qwen2-window":  # layer 0 full, layers 1 and 2 a window of 12 (from max_window_layers on)
+        common.update(tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=True, sliding_window=12,
+                      max_window_layers=1)
+        cls = transformers.Qwen2Config
     elif kind == "mixtral":  # 8 experts, 2 per token, every layer sparse
         common.update(sliding_window=None, rope_theta=10000.0, num_local_experts=8, num_experts_per_tok=2,
                       intermediate_size=48)

@@ -16,7 +16,7 @@ from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.kernels.paged_decode import PagedDecodeKernel
 from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
-from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, PagedDecode, SeqSlice
+from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, PagedDecode, SeqSlice, window_band
 from cachedattention.model.fused_decode import FusedDecode
 from cachedattention.model.llama import LlamaForCausalLM
 from cachedattention.model.split_attention import split_applies
@@ -36,6 +36,7 @@ class ModelRunner:
         # into groups of similar length: a CPU pays per row copied (measured by
         # bench/decode_timing.py), a GPU per kernel launch, so there it keeps one group
         self.group_call_rows = CPU_GROUP_CALL_ROWS if device.type == "cpu" else None
+        self.window = model.spec.sliding_window if model.spec.window_layers else None
         # a CPU with a C compiler attends decoders straight over their pages; else padded groups
         self.decode_kernel = _load_decode_kernel(model, pool, device)
         # and runs few-row steps (decode) through kernels that read weights faster and dispatch less
@@ -80,7 +81,8 @@ class ModelRunner:
         for (begin, num_new, context), pages in zip(shapes, page_tables):
             split = self._split(num_new, context)
             mask = None if split else self._mask(num_new, context)
-            seqs.append(SeqSlice(begin, num_new, context, index[off : off + len(pages)], mask, split=split))
+            seqs.append(SeqSlice(begin, num_new, context, index[off : off + len(pages)], mask, split=split,
+                                 window_mask=self._window_mask(num_new, context)))
             off += len(pages)
         decoders = [i for i, s in enumerate(seqs) if s.is_decode]
         paged, decode = None, []
@@ -125,6 +127,13 @@ class ModelRunner:
             return None
         return torch.ones(num_new, context + num_new, dtype=torch.bool).tril(context)
 
+    def _window_mask(self, num_new: int, context: int) -> torch.Tensor | None:
+        """The sliding window's mask of a prompt (chunk) whose context it cuts; a decoder takes its
+        last keys instead."""
+        if self.window is None or context + num_new <= self.window or (num_new == 1 and context > 0):
+            return None
+        return window_band(num_new, context, self.window).to(self.device, non_blocking=True)
+
     def _split(self, num_new: int, context: int) -> bool:
         """Whether this prompt attends its history and its own tokens apart (then needing no mask)."""
         return self.device.type == "cpu" and context > 0 and split_applies(num_new, context, self.pool.k[0].dtype)
@@ -151,15 +160,19 @@ class ModelRunner:
         most = max(len(p) for p in cpu_pages)
         pages = torch.zeros(len(seqs), most, dtype=torch.long)  # padding reads page 0, masked out
         mask = torch.zeros(len(seqs), 1, 1, most * self.pool.page_size, dtype=torch.bool)
+        windowed = mask.clone() if self.window is not None else None  # each context's last window tokens
         for i, (s, p) in enumerate(zip(seqs, cpu_pages)):
             pages[i, : len(p)] = p
             mask[i, 0, 0, : s.total_len] = True
+            if windowed is not None:
+                windowed[i, 0, 0, max(0, s.total_len - self.window) : s.total_len] = True
         rows = torch.tensor([s.start for s in seqs], dtype=torch.long)
         dev = self.device
         return DecodeGroup(
             rows=rows.to(dev, non_blocking=True),
             pages=pages.to(dev, non_blocking=True),
             mask=mask.to(dev, non_blocking=True),
+            window_mask=windowed.to(dev, non_blocking=True) if windowed is not None else None,
         )
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
@@ -167,9 +180,12 @@ class ModelRunner:
 
 
 def _load_decode_kernel(model: LlamaForCausalLM, pool: KVPool, device: torch.device) -> PagedDecodeKernel | None:
-    """The paged decode kernel when it serves this engine: float32 on a CPU, a shape it takes."""
+    """The paged decode kernel when it serves this engine: float32 on a CPU, a shape it takes, no
+    sliding window (the kernel attends to whole contexts; such decoders go through torch)."""
     if device.type != "cpu" or pool.k[0].dtype != torch.float32 or model.lm_head.weight.dtype != torch.float32:
         return None  # the kernel is float32 C for a CPU; a GPU keeps its fused attention
+    if model.spec.window_layers:
+        return None
     kernel = PagedDecodeKernel.load()
     spec = model.spec
     if kernel is None or not kernel.supports(spec.num_heads, spec.num_kv_heads, spec.head_dim, pool.page_size):

@@ -25,6 +25,9 @@ class SeqSlice:
     # attend the cached history and the new tokens apart, merged by log-sum-exp (CPU, long history:
     # model/split_attention.py); the runner decides, and then builds no mask
     split: bool = False
+    # [num_new, total_len] True where query i may see key j in a layer with a sliding window, when
+    # the window cuts this sequence's context (then no split either); None where it does not
+    window_mask: torch.Tensor | None = None
 
     @property
     def total_len(self) -> int:
@@ -58,6 +61,8 @@ class DecodeGroup:
     rows: torch.Tensor  # [B] flat indices of their tokens
     pages: torch.Tensor  # [B, P] the pages of each context, padded with page 0
     mask: torch.Tensor  # [B, 1, 1, P * page_size] True where a token is real
+    # the same for a layer with a sliding window: only each context's last window tokens
+    window_mask: torch.Tensor | None = None
 
 
 class DecodeKernel(Protocol):
@@ -94,3 +99,11 @@ class ForwardBatch:
     hooks: LayerHooks | None = None
     decode: list[DecodeGroup] = field(default_factory=list)  # their sequences are not in `seqs`
     paged_decode: PagedDecode | None = None  # its sequences are neither in `seqs` nor in `decode`
+
+
+def window_band(num_new: int, context: int, window: int) -> torch.Tensor:
+    """[num_new, context + num_new]: query i (at position context + i) sees key j when j is at or
+    before it and fewer than `window` positions back, as transformers' sliding-window mask."""
+    query = torch.arange(context, context + num_new)[:, None]
+    key = torch.arange(context + num_new)[None, :]
+    return (key <= query) & (query - key < window)

@@ -65,29 +65,36 @@ class Attention(nn.Module):
         else:
             pool.write(layer, batch.new_slots, k, v)
         out = torch.empty_like(q)
-        if batch.paged_decode is not None:
+        window = s.window(layer)  # None: this layer sees the whole context
+        if batch.paged_decode is not None:  # (never for a model with a sliding window: the runner's choice)
             batch.paged_decode.attend(q, out, pool.k[layer], pool.v[layer])
         for group in batch.decode:
-            out[group.rows] = self._attend_decode(q, group, layer, pool)
+            out[group.rows] = self._attend_decode(q, group, layer, pool, window is not None)
         for seq in batch.seqs:
-            out[seq.start : seq.start + seq.num_new] = self._attend(q, k, v, seq, layer, pool)
+            out[seq.start : seq.start + seq.num_new] = self._attend(q, k, v, seq, layer, pool, window)
         return self.o_proj(out.view(n, -1))
 
     @staticmethod
-    def _attend_decode(q: torch.Tensor, group: DecodeGroup, layer: int, pool: KVPool) -> torch.Tensor:
+    def _attend_decode(q: torch.Tensor, group: DecodeGroup, layer: int, pool: KVPool,
+                       windowed: bool = False) -> torch.Tensor:  # fmt: skip
         b = group.pages.shape[0]
         ks, vs = pool.gather_pages(layer, group.pages.view(-1))
         kv_heads, d = ks.shape[1], ks.shape[2]
         ks = ks.view(b, -1, kv_heads, d).transpose(1, 2)  # [B, kv_heads, P * page_size, d]
         vs = vs.view(b, -1, kv_heads, d).transpose(1, 2)
-        return _one_token_attention(q[group.rows], ks, vs, group.mask)
+        mask = group.window_mask if windowed and group.window_mask is not None else group.mask
+        return _one_token_attention(q[group.rows], ks, vs, mask)
 
     @staticmethod
-    def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool) -> torch.Tensor:
+    def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool, window: int | None = None) -> torch.Tensor:
+        """`window`: the layer's sliding window (None: the whole context)."""
         lo, hi = seq.start, seq.start + seq.num_new
         if seq.is_decode:  # a lone decoder
             ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
+            if window is not None:  # the last keys only
+                ks, vs = ks[-window:], vs[-window:]
             return _one_token_attention(q[lo:hi], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None])
+        band = seq.window_mask if window is not None else None  # where the window cuts this context
         qs = q[lo:hi].transpose(0, 1)  # [heads, n, d]
         if seq.context_len == 0:
             # nothing cached: attend over this step's own keys, no gather from the pool
@@ -95,7 +102,7 @@ class Attention(nn.Module):
             mask, causal = None, seq.num_new > 1
         else:
             ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
-            if seq.split:
+            if seq.split and band is None:
                 o = attend_history_then_new(qs, ks.transpose(0, 1), vs.transpose(0, 1), seq.context_len)
                 if o is not None:
                     return o.transpose(0, 1)
@@ -104,6 +111,8 @@ class Attention(nn.Module):
                 # query i sits at context_len + i: causal aligned to the bottom-right, which the
                 # fused CUDA kernels take without materialising a mask
                 mask = causal_lower_right(seq.num_new, seq.total_len)
+        if band is not None:
+            mask, causal = band, False
         ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)
         # 4-D inputs: the fused CPU kernel only takes (batch, heads, length, dim)
         if q.device.type == "cpu":

@@ -59,6 +59,14 @@ class ModelSpec:
     # linear scaling's factor
     rope_freq_factors: tuple[float, ...] | None = None
     moe: MoESpec | None = None
+    # sliding-window attention: the layers whose queries see only the last sliding_window keys (the
+    # store keeps every token all the same: other layers, and later truncation, may need them)
+    sliding_window: int | None = None
+    window_layers: tuple[int, ...] = ()
+
+    def window(self, layer: int) -> int | None:
+        """The layer's sliding window, or None when it attends to the whole context."""
+        return self.sliding_window if layer in self.window_layers else None
 
     def is_sparse(self, layer: int) -> bool:
         """Whether the layer's MLP is a mixture of experts."""
@@ -77,7 +85,8 @@ class ModelSpec:
     def fingerprint(self) -> str:
         """Stable hash of the architecture, part of every stored record's identity."""
         fields = asdict(self)
-        for name in ("qk_norm", "rope_freq_factors", "moe"):  # added later: models without them keep their fingerprints
+        # added later: models without them keep their fingerprints
+        for name in ("qk_norm", "rope_freq_factors", "moe", "sliding_window", "window_layers"):
             if not fields[name]:
                 del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -125,24 +134,32 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-def _refuse_sliding_window(model_type: str, cfg: dict[str, Any]) -> None:
-    """Every layer must attend to the whole context: the store keeps and reloads all of it."""
-    sliding = cfg.get("sliding_window")
-    layer_types = cfg.get("layer_types") or ()
-    if model_type in QWEN:
-        # their configs name a window but use it only when asked, and then (as transformers reads them)
-        # in the layers from max_window_layers on, or those layer_types marks
-        windowed = bool(cfg.get("use_sliding_window") and sliding) and (
-            "sliding_attention" in layer_types if layer_types
-            else int(cfg.get("max_window_layers") or 0) < int(cfg.get("num_hidden_layers", 0)))
-    else:
-        windowed = "sliding_attention" in layer_types or bool(
-            sliding and sliding < cfg.get("max_position_embeddings", 0))
-    if windowed:
-        raise ValueError(
-            f"{model_type} sliding-window attention ({sliding}) is not supported; "
-            "set sliding_window to null (Mistral) or use_sliding_window to false (Qwen)"
-        )
+def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int, ...]] | None:
+    """The sliding window and the layers that attend within it, as transformers reads the config
+    (None: every layer sees the whole context). A window no shorter than the model's context never
+    cuts, so it is none."""
+    window = cfg.get("sliding_window")
+    layers = int(cfg.get("num_hidden_layers", 0))
+    if not window:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
+    if window >= int(cfg.get("max_position_embeddings", 0)):
+        return None
+    types = cfg.get("layer_types") or ()
+    if model_type in ("mistral", "mixtral"):  # every layer (their modeling ignores layer_types)
+        windowed = range(layers)
+    elif not cfg.get("use_sliding_window"):  # Qwen: the window is named, and used only when asked
+        return None
+    elif types:
+        windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    elif model_type == "qwen3_moe":
+        windowed = range(layers)
+    elif model_type == "qwen2_moe":  # every other layer below max_window_layers
+        windowed = [i for i in range(layers) if (i + 1) % 2 and i < int(cfg.get("max_window_layers") or 0)]
+    else:  # qwen2, qwen3: from max_window_layers on
+        windowed = range(int(cfg.get("max_window_layers") or 0), layers)
+    return (window, tuple(windowed)) if windowed else None
 
 
 def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
@@ -182,7 +199,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         )
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
-    _refuse_sliding_window(model_type, cfg)
+    window = _window_layers(model_type, cfg) if model_type != "llama" else None
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     theta, scaling, linear = _rope_params(cfg)
@@ -208,4 +225,6 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         moe=_moe(model_type, cfg),
+        sliding_window=window[0] if window else None,
+        window_layers=window[1] if window else (),
     )
