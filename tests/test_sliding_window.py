@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cachedattention import LLM, SamplingParams, SchedulerConfig
+from cachedattention.kernels.paged_decode import PagedDecodeKernel
 from cachedattention.model.spec import spec_from_hf_config
 from tests.tiny_models import hf_greedy, make_tiny_model
 from tests.util import capture_logits, rel_err
@@ -54,13 +55,16 @@ PROMPTS = [[(7 * i + j) % 250 + 3 for i in range(n)] for j, n in enumerate((5, 3
 
 @pytest.mark.parametrize("kind", ["mistral-window", "qwen2-window"])
 def test_chunked_prompts_and_batched_decoders_equal_transformers(kind, tiny_dirs):
-    """Chunks of 16 tokens over a context the window cuts; four decoders at once (padded groups on a
-    CPU: the paged kernel attends whole contexts, so it is off for windowed models)."""
+    """Chunks of 16 tokens over a context the window cuts; four decoders at once, through the paged
+    kernel from each window's first token (a CPU with a compiler), and in padded groups."""
     path, hf = tiny_dirs[kind]
+    expect = [hf_greedy(hf, p, 12) for p in PROMPTS]
     llm = LLM(model=str(path), scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4))
-    assert llm.engine.runner.decode_kernel is None and llm.engine.runner.fused_decode is None
-    outs = llm.generate(PROMPTS, GREEDY)
-    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 12) for p in PROMPTS]
+    assert llm.engine.runner.fused_decode is None  # the fused C layers attend whole contexts
+    assert llm.engine.runner.decode_kernel is not None or PagedDecodeKernel.load() is None
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expect
+    llm.engine.runner.decode_kernel = None  # the padded groups' window mask
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expect
 
 
 def test_a_long_prompt_over_a_long_history_splits_only_its_full_layers(tmp_path, monkeypatch):

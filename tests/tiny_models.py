@@ -1,5 +1,5 @@
 """Tiny random-weight Hugging Face models (Llama, Qwen2, Qwen3, Mistral, with and without sliding
-windows, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE) used as references in tests."""
+windows, the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, and Gemma 3) used as references in tests."""
 
 from __future__ import annotations
 
@@ -59,6 +59,13 @@ def tiny_config(kind: str, **overrides):
         common.update(tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=True, sliding_window=12,
                       max_window_layers=1)
         cls = transformers.Qwen2Config
+    elif kind in ("gemma3", "gemma3-scaled"):  # windows of 8 in layers 0 and 1, layer 2 full; a query scale
+        # apart from head_dim; "scaled": the full layers' RoPE linearly scaled, as Gemma 3 4B's and up
+        common.update(head_dim=32, query_pre_attn_scalar=24, sliding_window=8, sliding_window_pattern=3,
+                      num_key_value_heads=1)
+        if kind == "gemma3-scaled":
+            common.update(rope_scaling={"rope_type": "linear", "factor": 8.0})
+        cls = transformers.Gemma3TextConfig
     elif kind == "mixtral":  # 8 experts, 2 per token, every layer sparse
         common.update(sliding_window=None, rope_theta=10000.0, num_local_experts=8, num_experts_per_tok=2,
                       intermediate_size=48)
@@ -92,6 +99,8 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
                 p.uniform_(0.5, 1.5)
             elif name.endswith((".gate.weight", "shared_expert_gate.weight")):  # routers (zeros in some families)
                 p.normal_(0.0, 0.5)
+            elif "gemma" in kind and name.endswith("norm.weight"):  # Gemma's (1 + w): zeros at init
+                p.uniform_(-0.5, 0.5)
     model.save_pretrained(path)
     return model
 

@@ -39,11 +39,12 @@ def _hf_model(loaded, device: str, dtype: str):
     import transformers
 
     s = loaded.spec  # RoPE scaling left out: it changes no timing
-    if s.moe is not None:  # transformers 5 fuses the experts into other tensors than the checkpoints'
-        raise ValueError(f"the throughput bench's transformers reference takes dense models only, not {s.model_type}'s "
-                         "experts; measure a mixture of experts with --mode turn or --mode workload")
     family = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-              "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[s.model_type]  # fmt: skip
+              "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}.get(s.model_type)  # fmt: skip
+    # (transformers 5 fuses a mixture's experts into other tensors than ours; Gemma's weights are folded here)
+    if family is None or s.moe is not None or s.window_layers:
+        raise ValueError(f"the throughput bench's transformers reference takes dense Llama, Mistral and Qwen models "
+                         f"without a sliding window, not {s.model_type}'s; measure it with --mode turn or --mode workload")
     cfg = family(
         vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
         num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,

@@ -109,13 +109,15 @@ class ModelRunner:
     def _paged_decode(self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor], dec: list[int]) -> PagedDecode:
         """The decoding sequences `dec` (indices into seqs) for the paged kernel."""
         counts = torch.tensor([0] + [len(cpu_pages[i]) for i in dec], dtype=torch.long)
+        lengths = torch.tensor([seqs[i].total_len for i in dec], dtype=torch.long)
         return PagedDecode(
             kernel=self.decode_kernel,
             rows=torch.tensor([seqs[i].start for i in dec], dtype=torch.long),
             pages=torch.cat([cpu_pages[i] for i in dec]),
             page_start=counts.cumsum(0),
-            lengths=torch.tensor([seqs[i].total_len for i in dec], dtype=torch.long),
+            lengths=lengths,
             page_size=self.pool.page_size,
+            window_starts=(lengths - self.window).clamp_(min=0) if self.window is not None else None,
         )
 
     def _mask(self, num_new: int, context: int) -> torch.Tensor | None:
@@ -180,12 +182,9 @@ class ModelRunner:
 
 
 def _load_decode_kernel(model: LlamaForCausalLM, pool: KVPool, device: torch.device) -> PagedDecodeKernel | None:
-    """The paged decode kernel when it serves this engine: float32 on a CPU, a shape it takes, no
-    sliding window (the kernel attends to whole contexts; such decoders go through torch)."""
+    """The paged decode kernel when it serves this engine: float32 on a CPU, a shape it takes."""
     if device.type != "cpu" or pool.k[0].dtype != torch.float32 or model.lm_head.weight.dtype != torch.float32:
         return None  # the kernel is float32 C for a CPU; a GPU keeps its fused attention
-    if model.spec.window_layers:
-        return None
     kernel = PagedDecodeKernel.load()
     spec = model.spec
     if kernel is None or not kernel.supports(spec.num_heads, spec.num_kv_heads, spec.head_dim, pool.page_size):

@@ -75,8 +75,9 @@ int decode_layer_out(const DLLayer *l, const DLStep *s, const float *k_pre, cons
     int status = rope_store(s->q, k_pre, v, s->cos, s->sin, s->slots, s->k_rot, l->k_pool, l->v_pool, s->rows,
                             s->heads, s->kv_heads, s->head_dim, s->num_slots);
     if (!status)
+        /* whole contexts: the fused layers are not built for a model with a sliding window */
         status = paged_decode_attention(s->q, s->seq_rows, l->k_pool, l->v_pool, s->pages, s->page_start, s->lengths,
-                                        s->attn, s->num_seqs, s->rows, s->num_slots / s->page_size, s->table_len,
+                                        NULL, s->attn, s->num_seqs, s->rows, s->num_slots / s->page_size, s->table_len,
                                         s->heads, s->kv_heads, s->head_dim, s->page_size, s->chunk_pages,
                                         s->num_threads, s->scale);
     if (!status) status = dl_linear(&l->o, s->attn, s->delta, s);

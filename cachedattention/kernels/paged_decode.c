@@ -46,6 +46,7 @@ enum { PD_OK = 0, PD_UNSUPPORTED_SHAPE = 1, PD_BAD_INDEX = 2, PD_NO_MEMORY = 3 }
 typedef struct {
     const float *q, *k_pool, *v_pool;
     const int64_t *rows, *pages, *page_start, *lengths;
+    const int64_t *starts; /* each context's first token attended (a sliding window's); NULL: token 0 */
     int64_t heads, kv_heads, head_dim, page_size;
     float scale;
 } Call;
@@ -55,6 +56,8 @@ typedef struct {
     int64_t page_lo; /* index into the sequence's page table */
     int64_t page_hi;
 } Item;
+
+static inline int64_t first_token(const Call *c, int64_t seq) { return c->starts ? c->starts[seq] : 0; }
 
 int paged_decode_supports(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t page_size) {
     return heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && page_size > 0 &&
@@ -92,8 +95,10 @@ static void attend_item_generic(const Call *c, const Item *it, float *restrict m
         l[h] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * heads * d);
+    const int64_t first = first_token(c, it->seq);
     for (int64_t p = it->page_lo; p < it->page_hi; p++) {
         const int64_t n = length - p * page_size < page_size ? length - p * page_size : page_size;
+        const int64_t t0 = first > p * page_size ? first - p * page_size : 0; /* tokens before the window */
         const float *kp = k_pool + table[p] * page_size * slot_stride;
         const float *vp = v_pool + table[p] * page_size * slot_stride;
         PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride);
@@ -101,7 +106,7 @@ static void attend_item_generic(const Call *c, const Item *it, float *restrict m
             const float *qh = qs + h * d;
             const int64_t offset = (h / group) * d; /* this head's KV head within a slot */
             float page_max = NO_SCORE;
-            for (int64_t t = 0; t < n; t++) {
+            for (int64_t t = t0; t < n; t++) {
                 const float *kt = kp + t * slot_stride + offset;
                 float dot = 0.0f;
                 for (int64_t i = 0; i < d; i++) dot += qh[i] * kt[i];
@@ -111,7 +116,7 @@ static void attend_item_generic(const Call *c, const Item *it, float *restrict m
             const float m_new = page_max > m[h] ? page_max : m[h];
             const float correction = expf(m[h] - m_new); /* 0 on the first page */
             float sum = 0.0f;
-            for (int64_t t = 0; t < n; t++) {
+            for (int64_t t = t0; t < n; t++) {
                 scores[t] = expf(scores[t] - m_new);
                 sum += scores[t];
             }
@@ -119,7 +124,7 @@ static void attend_item_generic(const Call *c, const Item *it, float *restrict m
             m[h] = m_new;
             float *acc_h = acc + h * d;
             for (int64_t i = 0; i < d; i++) acc_h[i] *= correction;
-            for (int64_t t = 0; t < n; t++) {
+            for (int64_t t = t0; t < n; t++) {
                 const float *vt = vp + t * slot_stride + offset;
                 for (int64_t i = 0; i < d; i++) acc_h[i] += scores[t] * vt[i];
             }
@@ -167,10 +172,13 @@ static void attend_item_avx512_d64(const Call *c, const Item *it, float *restric
         l[h] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * heads * 64);
+    const int64_t first = first_token(c, it->seq);
     for (int64_t p = it->page_lo; p < it->page_hi; p++) {
         int64_t n = length - p * page_size;
         if (n > page_size) n = page_size;
-        const __mmask16 valid = (__mmask16)((1u << n) - 1u);
+        const int64_t t0 = first > p * page_size ? first - p * page_size : 0; /* tokens before the window */
+        /* the page's tokens in the window: their weights, the others' 0 (their scores are not used) */
+        const __mmask16 valid = (__mmask16)(((1u << n) - 1u) & ~((1u << t0) - 1u));
         const float *kp = k_pool + table[p] * page_size * slot_stride;
         const float *vp = v_pool + table[p] * page_size * slot_stride;
         PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride);
@@ -259,6 +267,8 @@ static int count_items(const Call *c, int64_t num_seqs, int64_t num_rows, int64_
     for (int64_t s = 0; s < num_seqs; s++) {
         const int64_t used = (c->lengths[s] + c->page_size - 1) / c->page_size;
         if (c->rows[s] < 0 || c->rows[s] >= num_rows || c->lengths[s] <= 0) return PD_BAD_INDEX;
+        const int64_t first = first_token(c, s);
+        if (first < 0 || first >= c->lengths[s]) return PD_BAD_INDEX;
         if (c->page_start[s + 1] < c->page_start[s] || used > c->page_start[s + 1] - c->page_start[s])
             return PD_BAD_INDEX;
         for (int64_t p = 0; p < used; p++) {
@@ -267,7 +277,8 @@ static int count_items(const Call *c, int64_t num_seqs, int64_t num_rows, int64_
         }
         for (int64_t r = 0; r < s; r++)
             if (c->rows[r] == c->rows[s]) return PD_BAD_INDEX; /* two writers of one output row */
-        *num_items += (used + chunk_pages - 1) / chunk_pages;
+        const int64_t attended = used - first / c->page_size; /* pages from the window's first */
+        *num_items += (attended + chunk_pages - 1) / chunk_pages;
     }
     return PD_OK;
 }
@@ -277,7 +288,7 @@ static void build_items(const Call *c, int64_t num_seqs, int64_t chunk_pages, It
     for (int64_t s = 0; s < num_seqs; s++) {
         const int64_t used = (c->lengths[s] + c->page_size - 1) / c->page_size;
         first_item[s] = next;
-        for (int64_t lo = 0; lo < used; lo += chunk_pages) {
+        for (int64_t lo = first_token(c, s) / c->page_size; lo < used; lo += chunk_pages) {
             items[next].seq = s;
             items[next].page_lo = lo;
             items[next].page_hi = lo + chunk_pages < used ? lo + chunk_pages : used;
@@ -309,13 +320,15 @@ static void merge_sequence(const Call *c, const float *partial, int64_t stats, i
 }
 
 int paged_decode_attention(const float *q, const int64_t *rows, const float *k_pool, const float *v_pool,
-                           const int64_t *pages, const int64_t *page_start, const int64_t *lengths, float *out,
+                           const int64_t *pages, const int64_t *page_start, const int64_t *lengths,
+                           const int64_t *starts, float *out,
                            int64_t num_seqs, int64_t num_rows, int64_t num_pages, int64_t table_len, int64_t heads,
                            int64_t kv_heads, int64_t head_dim, int64_t page_size, int64_t chunk_pages,
                            int64_t num_threads, float scale) {
     if (!paged_decode_supports(heads, kv_heads, head_dim, page_size) || chunk_pages <= 0 || num_threads <= 0)
         return PD_UNSUPPORTED_SHAPE;
-    const Call c = {q, k_pool, v_pool, rows, pages, page_start, lengths, heads, kv_heads, head_dim, page_size, scale};
+    const Call c = {q, k_pool, v_pool, rows, pages, page_start, lengths, starts, heads, kv_heads, head_dim, page_size,
+                    scale};
     int64_t num_items;
     const int status = count_items(&c, num_seqs, num_rows, num_pages, table_len, chunk_pages, &num_items);
     if (status != PD_OK || num_items == 0) return status;

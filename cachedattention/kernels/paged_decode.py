@@ -17,10 +17,10 @@ from cachedattention.kernels.build import load_kernel
 # pages per work item: 512 tokens at page size 16, so one long context still splits across threads
 CHUNK_TOKENS = 512
 
-_ARGTYPES = (*[ctypes.c_void_p] * 8, *[ctypes.c_int64] * 10, ctypes.c_float)
+_ARGTYPES = (*[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 10, ctypes.c_float)
 _FAILURES = {  # the C code's return codes
     1: "unsupported shape",
-    2: "an index is out of range (rows, page ids, page_start or lengths)",
+    2: "an index is out of range (rows, page ids, page_start, lengths or starts)",
 }
 _NO_MEMORY = 3
 
@@ -56,19 +56,21 @@ class PagedDecodeKernel:
         page_start: torch.Tensor,
         lengths: torch.Tensor,
         page_size: int,
+        starts: torch.Tensor | None = None,
     ) -> None:
         """Write into out[rows[s]] the attention of q[rows[s]] over sequence s's first lengths[s]
-        tokens, held in pages[page_start[s]:page_start[s + 1]].
+        tokens, held in pages[page_start[s]:page_start[s + 1]]; from its token starts[s] on when
+        given (a sliding window: the tokens before it are not read).
 
         q, out: [tokens, heads, head_dim]; k_pool, v_pool: [pages * page_size, kv_heads, head_dim];
         the index tensors are int64. Every tensor is a contiguous CPU tensor. The C code checks
         every index before it follows one.
         """
-        _check(q, out, k_pool, v_pool, rows, pages, page_start, lengths, page_size)
+        _check(q, out, k_pool, v_pool, rows, pages, page_start, lengths, page_size, starts)
         heads, head_dim, kv_heads = q.shape[1], q.shape[2], k_pool.shape[1]
         status = self._fn(
             q.data_ptr(), rows.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), pages.data_ptr(),
-            page_start.data_ptr(), lengths.data_ptr(), out.data_ptr(), rows.shape[0], q.shape[0],
+            page_start.data_ptr(), lengths.data_ptr(), starts.data_ptr() if starts is not None else None, out.data_ptr(), rows.shape[0], q.shape[0],
             k_pool.shape[0] // page_size, pages.shape[0], heads, kv_heads, head_dim, page_size,
             max(1, CHUNK_TOKENS // page_size), torch.get_num_threads(), 1.0 / math.sqrt(head_dim),
         )
@@ -79,12 +81,14 @@ class PagedDecodeKernel:
                              f"(heads={heads}, kv_heads={kv_heads}, head_dim={head_dim}, page_size={page_size})")
 
 
-def _check(q, out, k_pool, v_pool, rows, pages, page_start, lengths, page_size: int) -> None:
+def _check(q, out, k_pool, v_pool, rows, pages, page_start, lengths, page_size: int, starts=None) -> None:
     # the C code trusts dtypes, layouts and shapes: a mismatch would read the wrong bytes
     for t in (q, out, k_pool, v_pool):
         if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 3:
             raise ValueError("the paged decode kernel takes contiguous 3-D float32 CPU tensors")
-    for t in (rows, pages, page_start, lengths):
+    if starts is not None and starts.shape != lengths.shape:
+        raise ValueError("starts needs one entry per sequence, as lengths")
+    for t in (rows, pages, page_start, lengths, *([starts] if starts is not None else [])):
         if t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 1:
             raise ValueError("the paged decode kernel takes contiguous 1-D int64 CPU index tensors")
     if q.shape != out.shape or k_pool.shape != v_pool.shape or q.shape[2] != k_pool.shape[2]:

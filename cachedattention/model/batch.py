@@ -70,7 +70,7 @@ class DecodeKernel(Protocol):
 
     def __call__(self, q: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, k_pool: torch.Tensor,
                  v_pool: torch.Tensor, pages: torch.Tensor, page_start: torch.Tensor, lengths: torch.Tensor,
-                 page_size: int) -> None: ...
+                 page_size: int, starts: torch.Tensor | None = None) -> None: ...
 
 
 @dataclass
@@ -84,9 +84,14 @@ class PagedDecode:
     page_start: torch.Tensor  # [S + 1] where each sequence's pages start in `pages`
     lengths: torch.Tensor  # [S] context length including the new token
     page_size: int
+    # [S] each context's first token in a layer with a sliding window (None: the model has none)
+    window_starts: torch.Tensor | None = None
 
-    def attend(self, q: torch.Tensor, out: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
-        self.kernel(q.contiguous(), out, self.rows, k_pool, v_pool, self.pages, self.page_start, self.lengths, self.page_size)
+    def attend(self, q: torch.Tensor, out: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+               windowed: bool = False) -> None:  # fmt: skip
+        starts = self.window_starts if windowed else None
+        self.kernel(q.contiguous(), out, self.rows, k_pool, v_pool, self.pages, self.page_start, self.lengths,
+                    self.page_size, starts)  # fmt: skip
 
 
 @dataclass

@@ -34,11 +34,15 @@ class FusedDecode:
 
     def __init__(self, kernel: DecodeLayerKernel, model: LlamaForCausalLM, pool: KVPool) -> None:
         """Raises ValueError when a weight, norm or pool is not one the C code takes, the MLPs are
-        mixtures of experts, or a linear layer has no few-rows kernel attached (the per-operation path
+        mixtures of experts or the layers Gemma's, a layer has a sliding window, or a linear layer has no few-rows kernel attached (the per-operation path
         it reproduces would use torch)."""
         spec = model.spec
         if spec.moe is not None:
             raise ValueError("the C layers have no mixture-of-experts MLP")
+        if spec.sandwich_norms or spec.hidden_act != "silu" or spec.embed_scale is not None:
+            raise ValueError("the C layers are Llama's: no Gemma norms around attention and MLP, no GeGLU")
+        if spec.window_layers:
+            raise ValueError("the C layers attend whole contexts: no sliding window")
         self.watch = _Watch(model.model.layers, pool)
         if not self.watch.kernels_attached():
             raise ValueError("attach the few-rows kernel to the linear layers first")

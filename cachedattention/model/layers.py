@@ -62,15 +62,20 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    """down(act(gate(x)) * up(x)): SwiGLU (act silu), or Gemma's GeGLU (gelu_pytorch_tanh)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu") -> None:
         super().__init__()
         self.gate_proj = Linear(hidden, intermediate, bias=False)
         self.up_proj = Linear(hidden, intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
+        self.act = act
 
     def forward(self, x: torch.Tensor, ops: RowOpsKernel | None = None) -> torch.Tensor:
-        """With the row ops (a few rows on a CPU), the activation is one C call."""
+        """With the row ops (a few rows on a CPU), SiLU-times-up is one C call."""
         gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act != "silu":
+            return self.down_proj(F.gelu(gate, approximate="tanh").mul_(up))
         act = ops.silu_mul(gate, up) if ops is not None else F.silu(gate, inplace=True).mul_(up)
         return self.down_proj(act)
 

@@ -1,5 +1,5 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, and the mixtures of experts Mixtral, Qwen2-MoE,
-Qwen3-MoE) in plain PyTorch over a paged KV pool.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, the mixtures of experts Mixtral, Qwen2-MoE,
+Qwen3-MoE, and Gemma 3's variation on it) in plain PyTorch over a paged KV pool.
 
 Keys are rotated at attention time; each layer hands its pre-RoPE keys to the store hooks
 before rotating them (DESIGN.md, the positional-encoding rule).
@@ -66,8 +66,8 @@ class Attention(nn.Module):
             pool.write(layer, batch.new_slots, k, v)
         out = torch.empty_like(q)
         window = s.window(layer)  # None: this layer sees the whole context
-        if batch.paged_decode is not None:  # (never for a model with a sliding window: the runner's choice)
-            batch.paged_decode.attend(q, out, pool.k[layer], pool.v[layer])
+        if batch.paged_decode is not None:
+            batch.paged_decode.attend(q, out, pool.k[layer], pool.v[layer], windowed=window is not None)
         for group in batch.decode:
             out[group.rows] = self._attend_decode(q, group, layer, pool, window is not None)
         for seq in batch.seqs:
@@ -162,13 +162,29 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
+    """Attention and MLP, each after a norm. Gemma's (`sandwich`) also norms each one's output before
+    it joins the residual stream, and its post_attention_layernorm is that norm of the attention's."""
+
     def __init__(self, spec: ModelSpec, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(spec)
         self.mlp = (SparseMoE(spec.hidden_size, spec.moe) if spec.is_sparse(index)
-                    else GatedMLP(spec.hidden_size, spec.intermediate_size))  # fmt: skip
+                    else GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act))  # fmt: skip
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.sandwich = spec.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def attention_out(self, out: torch.Tensor) -> torch.Tensor:
+        return self.post_attention_layernorm(out) if self.sandwich else out
+
+    def mlp_norm(self) -> RMSNorm:
+        return self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
+
+    def mlp_out(self, out: torch.Tensor) -> torch.Tensor:
+        return self.post_feedforward_layernorm(out) if self.sandwich else out
 
 
 class LlamaModel(nn.Module):
@@ -218,24 +234,34 @@ class LlamaForCausalLM(nn.Module):
 
         `fused`: the layers described over this pool in two C calls each, for a step whose rows are
         all paged decoders; they reproduce the row ops and few-rows kernels, so only with those."""
-        cos, sin = self.rotary.tables(batch.positions)
+        ropes = self._rope_tables(batch.positions)
         x = self.model.embed_tokens(batch.input_ids)  # the residual stream, added to in place
+        if self.spec.embed_scale is not None:  # Gemma: in the model's dtype, as transformers scales it
+            x.mul_(torch.tensor(self.spec.embed_scale, dtype=x.dtype))
         if fused is not None and self.row_ops is not None and fused.takes(batch, x, pool):
-            fused.run(x, batch, cos, sin)
+            fused.run(x, batch, *ropes[0])  # (one table for every layer: fused layers are Llama's)
         else:
-            self._layers(x, batch, pool, cos, sin)
+            self._layers(x, batch, pool, ropes)
         x = self.model.norm(x[batch.logits_indices])
         logits = self.lm_head(x)
         return logits.float()
 
-    def _layers(self, x: torch.Tensor, batch: ForwardBatch, pool: KVPool, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    def _rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's cos/sin for the step's positions (looked up once per table)."""
+        main = self.rotary.tables(positions)
+        local = self.rotary.local.tables(positions) if self.rotary.local is not None else main
+        return [local if i in self.rotary.local_layers else main for i in range(self.spec.num_layers)]
+
+    def _layers(self, x: torch.Tensor, batch: ForwardBatch, pool: KVPool,
+                ropes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # fmt: skip
         """Every decoder layer over the residual stream x, in place, one operation at a time."""
         ops = self.row_ops if self.row_ops is not None and self.row_ops.takes(x) else None
         layers = self.model.layers
         h = _add_norm(x, None, layers[0].input_layernorm, ops)
         for i, layer in enumerate(layers):
-            h = _add_norm(x, layer.self_attn(h, i, batch, pool, cos, sin, ops), layer.post_attention_layernorm, ops)
-            delta = layer.mlp(h, ops)
+            attn = layer.attention_out(layer.self_attn(h, i, batch, pool, *ropes[i], ops))
+            h = _add_norm(x, attn, layer.mlp_norm(), ops)
+            delta = layer.mlp_out(layer.mlp(h, ops))
             if i + 1 < len(layers):
                 h = _add_norm(x, delta, layers[i + 1].input_layernorm, ops)
             else:

@@ -60,16 +60,15 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         config = gguf_config(reader)
         spec = spec_from_hf_config(config)
         state = gguf_state_dict(reader, config)
-        tok = Tokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if tokenizer is None else None
         blocks = lambda: gguf_quantized_weights(reader, config)  # noqa: E731
     else:
         config = _read_config(path)
         spec = spec_from_hf_config(config)
-        state = _our_names(_read_safetensors(path), spec)
-        tok = Tokenizer.from_pretrained(str(path)) if tokenizer is None and _has_tokenizer(path) else None
+        state = _to_our_weights(_read_safetensors(path), spec)
         blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer, spec.vocab_size)
+    # another's (--tokenizer), else its own: one loader for both; a folder may have none (ids only)
+    no_tokenizer = tokenizer is None and path.is_dir() and not _has_tokenizer(path)
+    tok = None if no_tokenizer else load_tokenizer(tokenizer or str(path), spec.vocab_size)
     model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
     if blocks is not None and torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32:
         _attach_blocks(model, blocks, path if embedded else None)
@@ -194,20 +193,42 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 MIXTRAL_NAMES = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+# a multimodal Gemma 3's language model, under the names of the text-only one (its vision tower is left out)
+GEMMA_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
+                  "model.language_model.": "model."}  # fmt: skip
 
 
-def _our_names(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Mixtral's checkpoints name the sparse MLP block_sparse_moe and its experts' weights w1/w3/w2;
-    ours is `mlp` with gate_proj/up_proj/down_proj, as the Qwen MoE checkpoints have it."""
-    if spec.model_type != "mixtral":
+def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as our modules hold them. Mixtral's sparse MLP is block_sparse_moe with
+    experts' w1/w3/w2; ours is `mlp` with gate_proj/up_proj/down_proj, as Qwen's MoE checkpoints have
+    it. Gemma's norms scale by (1 + w): ours hold 1 + w; its queries are scaled by
+    query_pre_attn_scalar ** -0.5, ours by head_dim ** -0.5: its q norm's weight carries the ratio
+    (the store keeps keys and values only, so it never sees the difference)."""
+    if spec.model_type == "mixtral":
+        return {_mixtral_name(name): t for name, t in state.items()}
+    if not spec.sandwich_norms:
         return state
-    renamed = {}
-    for name, tensor in state.items():
-        if ".block_sparse_moe." in name:
-            for old, new in MIXTRAL_NAMES.items():
-                name = name.replace(old, new)
-        renamed[name] = tensor
-    return renamed
+    state = {_gemma_name(name): t for name, t in state.items()}
+    query_ratio = (spec.head_dim / spec.query_pre_attn_scalar) ** 0.5
+    for name, t in state.items():
+        if name.startswith(("model.", "lm_head.")) and name.endswith("norm.weight"):
+            folded = t.float() + 1.0
+            state[name] = folded * query_ratio if name.endswith("q_norm.weight") else folded
+    return state
+
+
+def _mixtral_name(name: str) -> str:
+    if ".block_sparse_moe." in name:
+        for old, new in MIXTRAL_NAMES.items():
+            name = name.replace(old, new)
+    return name
+
+
+def _gemma_name(name: str) -> str:
+    for old, new in GEMMA_PREFIXES.items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -30,7 +31,8 @@ def inv_frequencies(spec: ModelSpec) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """cos/sin tables for every position of the window, computed once per device and dtype."""
+    """cos/sin tables for every position of the window, computed once per device and dtype. A model
+    whose window-typed layers have a RoPE base of their own (Gemma 3) has their tables in `local`."""
 
     def __init__(self, spec: ModelSpec, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
         pos = torch.arange(max_len, dtype=torch.float32)
@@ -40,6 +42,17 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(device=device, dtype=dtype)
         self.sin = emb.sin().to(device=device, dtype=dtype)
         self.max_len = max_len
+        self.local: RotaryEmbedding | None = None
+        self.local_layers: frozenset[int] = frozenset()
+        if spec.local_rope_layers:  # plain RoPE at their base: the full layers' scaling is theirs
+            local = replace(spec, rope_theta=spec.local_rope_theta, rope_scaling=None, rope_freq_factors=None,
+                            local_rope_layers=())  # fmt: skip
+            self.local = RotaryEmbedding(local, max_len, device, dtype)
+            self.local_layers = frozenset(spec.local_rope_layers)
+
+    def for_layer(self, layer: int) -> RotaryEmbedding:
+        """The tables this layer rotates with."""
+        return self.local if layer in self.local_layers else self
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [n, 1, head_dim] for broadcasting over heads."""

@@ -7,7 +7,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+from cachedattention.model.gemma_config import gemma3_text_config
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3_text", "gemma3")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
 ABSOLUTE_POSITION = ("gpt2", "gpt_neo", "gptj", "opt", "bloom", "bert", "gpt_bigcode")
@@ -63,6 +66,16 @@ class ModelSpec:
     # store keeps every token all the same: other layers, and later truncation, may need them)
     sliding_window: int | None = None
     window_layers: tuple[int, ...] = ()
+    # Gemma 3: its MLP's activation, the embedding scaled by sqrt(hidden), a norm after attention and
+    # around the MLP (its post_attention_layernorm normalises the attention's output), the query
+    # scale's divisor (instead of head_dim), and the RoPE base of the layers typed for a window
+    # (whether or not the window cuts), unscaled
+    hidden_act: str = "silu"
+    embed_scale: float | None = None
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    local_rope_theta: float | None = None
+    local_rope_layers: tuple[int, ...] = ()
 
     def window(self, layer: int) -> int | None:
         """The layer's sliding window, or None when it attends to the whole context."""
@@ -85,11 +98,16 @@ class ModelSpec:
     def fingerprint(self) -> str:
         """Stable hash of the architecture, part of every stored record's identity."""
         fields = asdict(self)
-        # added later: models without them keep their fingerprints
-        for name in ("qk_norm", "rope_freq_factors", "moe", "sliding_window", "window_layers"):
-            if not fields[name]:
+        for name, default in LATER_FIELDS.items():  # models without them keep their fingerprints
+            if fields[name] == default:
                 del fields[name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# fields added after stores were written, with the value that leaves them out of the fingerprint
+LATER_FIELDS = {"qk_norm": False, "rope_freq_factors": None, "moe": None, "sliding_window": None, "window_layers": (),
+                "hidden_act": "silu", "embed_scale": None, "sandwich_norms": False, "query_pre_attn_scalar": None,
+                "local_rope_theta": None, "local_rope_layers": ()}  # fmt: skip
 
 
 def _rope_params(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
@@ -149,6 +167,8 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
     types = cfg.get("layer_types") or ()
     if model_type in ("mistral", "mixtral"):  # every layer (their modeling ignores layer_types)
         windowed = range(layers)
+    elif model_type == "gemma3_text":  # its layer_types (five windowed layers, then a full one)
+        windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
     elif not cfg.get("use_sliding_window"):  # Qwen: the window is named, and used only when asked
         return None
     elif types:
@@ -199,6 +219,13 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         )
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
+    gemma = model_type in ("gemma3", "gemma3_text")
+    if gemma:
+        cfg = gemma3_text_config(cfg)
+        model_type = cfg["model_type"]
+    act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
+    if act not in ACTIVATIONS:
+        raise ValueError(f"the MLP's activation {act!r} is not implemented; known: {', '.join(ACTIVATIONS)}")
     window = _window_layers(model_type, cfg) if model_type != "llama" else None
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
@@ -219,7 +246,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(cfg.get("qkv_bias", True) if model_type == "qwen2_moe"
                                                else cfg.get("attention_bias", False)),
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         rope_freq_factors=_freq_factors(cfg, head_dim, scaling, linear),
         rope_scaling=scaling,
         bos_token_id=cfg.get("bos_token_id"),
@@ -227,4 +254,10 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         moe=_moe(model_type, cfg),
         sliding_window=window[0] if window else None,
         window_layers=window[1] if window else (),
+        hidden_act=act,
+        embed_scale=hidden**0.5 if gemma else None,
+        sandwich_norms=gemma,
+        query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]) if gemma else None,
+        local_rope_theta=float(cfg["rope_local_base_freq"]) if gemma else None,
+        local_rope_layers=tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention") if gemma else (),
     )

@@ -17,7 +17,8 @@ def test_the_reference_computes_what_the_checkpoint_does(kind, tiny_dirs):
         assert torch.equal(reference(ids).logits, hf(ids).logits)
 
 
-def test_a_mixture_of_experts_gets_a_clear_refusal(tiny_dirs):
-    path, _ = tiny_dirs["mixtral"]
-    with pytest.raises(ValueError, match="dense models only"):
+@pytest.mark.parametrize("kind", ["mixtral", "gemma3", "mistral-window"])
+def test_a_model_without_a_reference_gets_a_clear_refusal(kind, tiny_dirs):
+    path, _ = tiny_dirs[kind]
+    with pytest.raises(ValueError, match="takes dense Llama, Mistral and Qwen models"):
         _hf_model(load_model(str(path), "cpu", "float32"), "cpu", "float32")

@@ -17,9 +17,9 @@ def kernel() -> PagedDecodeKernel:
     return loaded
 
 
-def reference(q, k_pool, v_pool, pages, length, page_size):
-    """One token's attention over the first `length` tokens of these pages, gathered by torch."""
-    slots = (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)[:length]
+def reference(q, k_pool, v_pool, pages, length, page_size, start=0):
+    """One token's attention over tokens [start, length) of these pages, gathered by torch."""
+    slots = (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)[start:length]
     ks, vs = k_pool[slots].transpose(0, 1), v_pool[slots].transpose(0, 1)  # [kv_heads, L, d]
     group = q.shape[0] // ks.shape[0]
     ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
@@ -53,6 +53,36 @@ def test_matches_torch_over_scattered_pages(kernel, heads, kv_heads, head_dim, p
         assert (out[rows[s]] - ref).abs().max() <= 1e-5 * ref.abs().max(), f"sequence {s} ({n} tokens)"
     others = [r for r in range(q.shape[0]) if r not in rows.tolist()]
     assert torch.all(out[others] == 7.0)  # rows of other tokens are left alone
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, page_size", [(9, 3, 64, 16), (8, 2, 32, 4)])  # AVX-512, generic
+def test_a_window_attends_from_its_first_token(kernel, heads, kv_heads, head_dim, page_size):
+    """starts[s]: the first token a sliding window leaves; mid-page, on a page's first token, 0, and the
+    last token alone; over contexts of one and of several work items."""
+    gen = torch.Generator().manual_seed(7 + head_dim)
+    num_pages = 800  # the six tables need 683 pages of 4
+    k_pool = torch.randn(num_pages * page_size, kv_heads, head_dim, generator=gen)
+    v_pool = torch.randn(num_pages * page_size, kv_heads, head_dim, generator=gen)
+    cases = [(40, 3), (40, 2 * page_size), (37, 0), (37, 36), (2 * CHUNK_TOKENS + 9, CHUNK_TOKENS + 5),
+             (3 * CHUNK_TOKENS, 2 * CHUNK_TOKENS - page_size + 1)]  # fmt: skip
+    order = torch.randperm(num_pages, generator=gen)
+    tables, used = [], 0
+    for n, _ in cases:
+        tables.append(order[used : used + math.ceil(n / page_size)])
+        used += len(tables[-1])
+    rows = torch.arange(len(cases))
+    q = 3 * torch.randn(len(cases), heads, head_dim, generator=gen)
+    out = torch.empty_like(q)
+    page_start = torch.tensor([0] + [len(t) for t in tables]).cumsum(0)
+    lengths, starts = torch.tensor([n for n, _ in cases]), torch.tensor([w for _, w in cases])
+    kernel(q, out, rows, k_pool, v_pool, torch.cat(tables), page_start, lengths, page_size, starts)
+    for s, (n, start) in enumerate(cases):
+        ref = reference(q[s], k_pool, v_pool, tables[s], n, page_size, start)
+        assert (out[s] - ref).abs().max() <= 1e-5 * ref.abs().max(), f"case {s} ({start}..{n})"
+    for bad in ((-1,), (5,)):  # before the context, or past its last token
+        with pytest.raises(ValueError, match="out of range"):
+            kernel(q[:1], out[:1], rows[:1], k_pool, v_pool, tables[0][:1], torch.tensor([0, 1]), torch.tensor([5]),
+                   page_size, torch.tensor(bad))  # fmt: skip
 
 
 def test_refuses_bad_inputs_with_a_clear_error(kernel):

@@ -66,8 +66,16 @@ def hand_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-# qwen3: the stored keys are normed per head; mistral-window: each layer sees its last 8 keys
-@pytest.mark.parametrize("kind", ["mistral", "qwen3", "mistral-window"])
+def layer_theta(cfg, layer: int) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if "full_attention" in params:  # Gemma 3: a base per layer type
+        return params[cfg.layer_types[layer]]["rope_theta"]
+    return cfg.rope_theta if hasattr(cfg, "rope_theta") else params["rope_theta"]
+
+
+# qwen3: the stored keys are normed per head; mistral-window: each layer sees its last 8 keys;
+# gemma3: windowed layers with a RoPE base of their own beside a full one
+@pytest.mark.parametrize("kind", ["mistral", "qwen3", "mistral-window", "gemma3"])
 def test_truncated_cache_equals_hand_computed_reference(kind, tiny_dirs, monkeypatch):
     from transformers import DynamicCache
 
@@ -96,15 +104,14 @@ def test_truncated_cache_equals_hand_computed_reference(kind, tiny_dirs, monkeyp
     store = eng.store.store
     k_pre = [torch.cat([store.host.get(s.seg_id).k[layer, s.lo:s.hi] for s in state.reuse]) for layer in range(3)]
     v_st = [torch.cat([store.host.get(s.seg_id).v[layer, s.lo:s.hi] for s in state.reuse]) for layer in range(3)]
-    theta = hf.config.rope_theta if hasattr(hf.config, "rope_theta") else hf.config.rope_parameters["rope_theta"]
     for layer in range(3):
-        expect = hand_rope(k_pre[layer][:hit], torch.arange(hit), theta)
+        expect = hand_rope(k_pre[layer][:hit], torch.arange(hit), layer_theta(hf.config, layer))
         assert torch.allclose(eng.pool.k[layer][slots], expect, atol=1e-5)
         assert torch.equal(eng.pool.v[layer][slots], v_st[layer][:hit])
     # 2) attention over that cache: transformers fed the same rotated cache gives the same logits
     cache = DynamicCache()
     for layer in range(3):
-        k = hand_rope(k_pre[layer][:hit], torch.arange(hit), theta)
+        k = hand_rope(k_pre[layer][:hit], torch.arange(hit), layer_theta(hf.config, layer))
         cache.update(k.transpose(0, 1)[None], v_st[layer][:hit].transpose(0, 1)[None], layer)
     rest = req.prompt_token_ids[hit:]
     with torch.no_grad():
