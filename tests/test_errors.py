@@ -28,6 +28,17 @@ BASE_CONFIG = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "
                "num_attention_heads": 4, "max_position_embeddings": 512}
 
 
+@pytest.mark.parametrize("config, match", [
+    ({"partial_rotary_factor": 0.75}, "partial rotary"),  # Phi-4-mini's
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial rotary"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}, "longrope"),  # Phi-3.5's
+])  # fmt: skip
+def test_phi_models_beyond_what_is_implemented_are_refused(config, match, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE_CONFIG, "model_type": "phi3", **config}))
+    with pytest.raises(ValueError, match=match):
+        LLM(model=str(tmp_path))
+
+
 def test_fields_added_later_keep_the_other_models_fingerprints():
     """Adding Qwen3's flag and GGUF's rope divisors must not change a Llama's fingerprint: its stored
     KV stays servable."""

@@ -30,6 +30,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
       "layer_types": ["full_attention", "sliding_attention"] * 2}, 128, (1, 3)),
     ({"model_type": "qwen3", "sliding_window": 128, "layer_types": ["sliding_attention"] * 4}, None, ()),
     ({"model_type": "llama", "sliding_window": 128}, None, ()),  # Llama has none
+    ({"model_type": "phi3", "sliding_window": 128}, 128, (0, 1, 2, 3)),  # Phi-3-mini-4k's (2047)
 ])  # fmt: skip
 def test_windows_are_read_as_transformers_reads_them(config, window, layers):
     spec = spec_from_hf_config({**BASE, **config})

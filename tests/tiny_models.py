@@ -66,6 +66,9 @@ def tiny_config(kind: str, **overrides):
         if kind == "gemma3-scaled":
             common.update(rope_scaling={"rope_type": "linear", "factor": 8.0})
         cls = transformers.Gemma3TextConfig
+    elif kind in ("phi3", "phi3-window"):  # fused q/k/v and gate/up; "window": Phi-3-mini-4k's window, scaled down
+        common.update(rope_theta=10000.0, sliding_window=8 if kind == "phi3-window" else None, pad_token_id=0)
+        cls = transformers.Phi3Config
     elif kind == "mixtral":  # 8 experts, 2 per token, every layer sparse
         common.update(sliding_window=None, rope_theta=10000.0, num_local_experts=8, num_experts_per_tok=2,
                       intermediate_size=48)

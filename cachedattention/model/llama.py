@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, the mixtures of experts Mixtral, Qwen2-MoE,
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, the mixtures of experts Mixtral, Qwen2-MoE,
 Qwen3-MoE, and Gemma 3's variation on it) in plain PyTorch over a paged KV pool.
 
 Keys are rotated at attention time; each layer hands its pre-RoPE keys to the store hooks

@@ -199,13 +199,15 @@ GEMMA_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": 
 
 
 def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights as our modules hold them. Mixtral's sparse MLP is block_sparse_moe with
+    """A checkpoint's weights as our modules hold them. Phi-3 fuses q/k/v and gate/up. Mixtral's sparse MLP is block_sparse_moe with
     experts' w1/w3/w2; ours is `mlp` with gate_proj/up_proj/down_proj, as Qwen's MoE checkpoints have
     it. Gemma's norms scale by (1 + w): ours hold 1 + w; its queries are scaled by
     query_pre_attn_scalar ** -0.5, ours by head_dim ** -0.5: its q norm's weight carries the ratio
     (the store keeps keys and values only, so it never sees the difference)."""
     if spec.model_type == "mixtral":
         return {_mixtral_name(name): t for name, t in state.items()}
+    if spec.model_type == "phi3":
+        return _split_phi3(state, spec)
     if not spec.sandwich_norms:
         return state
     state = {_gemma_name(name): t for name, t in state.items()}
@@ -215,6 +217,22 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
             folded = t.float() + 1.0
             state[name] = folded * query_ratio if name.endswith("q_norm.weight") else folded
     return state
+
+
+def _split_phi3(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Phi-3's fused projections, split into ours: qkv_proj's rows are q, k, v; gate_up_proj's gate, up."""
+    q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    out = {}
+    for name, t in state.items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            parts = zip(("q_proj", "k_proj", "v_proj"), t.split([q_rows, kv_rows, kv_rows]))
+            out.update({name.replace("qkv_proj", part): w for part, w in parts})
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            gate, up = t.chunk(2)
+            out.update({name.replace("gate_up_proj", "gate_proj"): gate, name.replace("gate_up_proj", "up_proj"): up})
+        else:
+            out[name] = t
+    return out
 
 
 def _mixtral_name(name: str) -> str:

@@ -9,7 +9,8 @@ from typing import Any
 
 from cachedattention.model.gemma_config import gemma3_text_config
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3_text", "gemma3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3_text", "gemma3",
+             "phi3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
@@ -165,7 +166,7 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
     if window >= int(cfg.get("max_position_embeddings", 0)):
         return None
     types = cfg.get("layer_types") or ()
-    if model_type in ("mistral", "mixtral"):  # every layer (their modeling ignores layer_types)
+    if model_type in ("mistral", "mixtral", "phi3"):  # every layer (their modeling ignores layer_types)
         windowed = range(layers)
     elif model_type == "gemma3_text":  # its layer_types (five windowed layers, then a full one)
         windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
@@ -223,6 +224,9 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     if gemma:
         cfg = gemma3_text_config(cfg)
         model_type = cfg["model_type"]
+    partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if float(partial or 1.0) != 1.0:  # Phi-4-mini's: RoPE over a part of each head
+        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not implemented")
     act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
     if act not in ACTIVATIONS:
         raise ValueError(f"the MLP's activation {act!r} is not implemented; known: {', '.join(ACTIVATIONS)}")
