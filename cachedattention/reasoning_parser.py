@@ -3,8 +3,9 @@
 content, and the engine, which holds a guided answer to its shape only once the reasoning is over.
 
 The rule, for both parsers: an answer is in its reasoning from its first token when it opens with
-<think> itself (Qwen3's first release), when the prompt ends with an open <think> (templates that
-write it for the model: Qwen3.5, DeepSeek-R1's later ones), or always with `deepseek_r1` (R1 starts
+<think> itself (Qwen3's first release), when the prompt's last tag is an open <think> (templates that
+write it for the model: Qwen3.5, DeepSeek-R1's later ones; a prefilled answer still thinking, with
+continue_final_message), or always with `deepseek_r1` (R1 starts
 thinking without a tag). A prompt that ends with a closed block (`<think></think>`, Qwen3's
 enable_thinking=false) leaves the whole answer as content. Reasoning ends at </think>; an answer
 cut before it (max_tokens) is all reasoning. Whitespace between the tags and the texts is dropped.
@@ -43,7 +44,22 @@ class ReasoningParser:
         held to its shape from its first token, so it has no reasoning."""
         if structured or self.closes(prompt_tail):
             return False
-        return self.starts_open or prompt_tail.rstrip().endswith(START)
+        # the tail's last tag opens it: the template's <think>, or a prefilled answer still thinking
+        return self.starts_open or prompt_tail.rfind(START) > prompt_tail.rfind(END)
+
+    def opens_after(self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int], structured: bool = False) -> bool:
+        """`opens` for a prompt: where the tags are single tokens, also when its last tag is an open
+        <think> further back than the tail (a long prefilled answer still thinking)."""
+        if tokenizer is None:
+            return self.opens("", structured)
+        tail = prompt_tail(tokenizer, prompt_ids)
+        if self.opens(tail, structured):
+            return True
+        tags = reasoning_tags(tokenizer)
+        if structured or self.closes(tail) or tags is None:
+            return False
+        start, end = tags
+        return next((t == start for t in reversed(prompt_ids) if t in tags), False)
 
     @staticmethod
     def closes(prompt_tail: str) -> bool:
@@ -86,6 +102,14 @@ def reasoning_parser(name: str | None) -> ReasoningParser | None:
     if name not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {name!r}; known: {', '.join(REASONING_PARSERS)}")
     return REASONING_PARSERS[name]
+
+
+def reasoning_tags(tokenizer: Tokenizer | None) -> tuple[int, int] | None:
+    """The ids of <think> and </think> when each is one token that decodes as itself, else None."""
+    if tokenizer is None:
+        return None
+    ids = tuple(tokenizer.single_token_id(tag) for tag in (START, END))
+    return None if None in ids else ids
 
 
 def prompt_tail(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> str:

@@ -39,6 +39,19 @@ def test_phi_models_beyond_what_is_implemented_are_refused(config, match, tmp_pa
         LLM(model=str(tmp_path))
 
 
+def test_a_checkpoint_weight_the_model_has_no_place_for_is_refused(tiny_dirs, tmp_path):
+    """A config that leaves out what its weights hold (here attention_bias and mlp_bias) would answer
+    without those weights, wrongly: refused, naming them."""
+    import shutil
+
+    path, _ = tiny_dirs["llama-biases"]
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "attention_bias": False, "mlp_bias": False}))
+    with pytest.raises(ValueError, match=r"has \d+ weights this engine's llama model has no place for, e.g. .*bias"):
+        LLM(model=str(tmp_path))
+
+
 def test_fields_added_later_keep_the_other_models_fingerprints():
     """Adding Qwen3's flag and GGUF's rope divisors must not change a Llama's fingerprint: its stored
     KV stays servable."""
@@ -49,7 +62,8 @@ def test_fields_added_later_keep_the_other_models_fingerprints():
 
     llama = spec_from_hf_config({**BASE_CONFIG, "model_type": "llama"})
     later = ("qk_norm", "rope_freq_factors", "moe", "sliding_window", "window_layers", "hidden_act", "embed_scale",
-             "sandwich_norms", "query_pre_attn_scalar", "local_rope_theta", "local_rope_layers")
+             "sandwich_norms", "query_pre_attn_scalar", "local_rope_theta", "local_rope_layers", "o_bias", "mlp_bias",
+             "nope_layers")
     before = {k: v for k, v in asdict(llama).items() if k not in later}  # the spec's fields until Qwen3
     assert llama.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert not llama.qk_norm and spec_from_hf_config({**BASE_CONFIG, "model_type": "qwen3"}).qk_norm

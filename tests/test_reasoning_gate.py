@@ -60,6 +60,10 @@ def test_a_prompt_that_opened_or_closed_the_reasoning_decides_the_start():
     ("qwen3", "assistant\n<think>\n", True, False),  # the template opened it
     ("qwen3", "<think>\n\n</think>\n\n", False, False),  # enable_thinking=false
     ("deepseek_r1", "<|Assistant|>", True, False),  # R1 starts thinking without the tag
+    ("qwen3", "assistant\n<think>\nLet me check", True, False),  # a prefilled answer still thinking
+    ("qwen3", "assistant\n<think>\n" + "Let me check the weather first, then the map. " * 4, True, False),  # far back
+    ("qwen3", "<think>\nA.\n</think>\n\nB.<|im_end|>\n<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n",
+     False, True),  # the history's reasoning is closed: this answer may open its own
 ])  # fmt: skip
 def test_the_gate_reads_the_prompt_as_the_server_splits_it(name, tail, reasoning, may_open, thinking_model):
     from cachedattention.model.tokenizer import Tokenizer

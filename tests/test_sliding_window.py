@@ -24,7 +24,14 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     ({"model_type": "mistral", "sliding_window": None}, None, ()),
     ({"model_type": "mistral", "sliding_window": 512}, None, ()),  # no shorter than the context: never cuts
     ({"model_type": "qwen2", "sliding_window": 128}, None, ()),  # named, not used
-    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128}, 128, (0, 1, 2, 3)),
+    # transformers' default max_window_layers (28): no layer of four; its default window (4096), when none is named
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128}, None, ()),
+    ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1, "max_position_embeddings": 8192},
+     4096, (1, 2, 3)),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128, "max_window_layers": 0}, 128,
+     (0, 1, 2, 3)),
+    ({"model_type": "qwen2_moe", "use_sliding_window": True, "sliding_window": 128}, 128, (0, 2)),
+    ({"model_type": "mistral", "sliding_window": 128, "max_position_embeddings": None}, 128, (0, 1, 2, 3)),
     ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 128, "max_window_layers": 3}, 128, (3,)),
     ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 128,
       "layer_types": ["full_attention", "sliding_attention"] * 2}, 128, (1, 3)),
@@ -57,15 +64,24 @@ PROMPTS = [[(7 * i + j) % 250 + 3 for i in range(n)] for j, n in enumerate((5, 3
 @pytest.mark.parametrize("kind", ["mistral-window", "qwen2-window"])
 def test_chunked_prompts_and_batched_decoders_equal_transformers(kind, tiny_dirs):
     """Chunks of 16 tokens over a context the window cuts; four decoders at once, through the paged
-    kernel from each window's first token (a CPU with a compiler), and in padded groups."""
+    kernel from each window's first token (a CPU with a compiler), and in padded groups: the same
+    tokens, and each token's log-probability, as transformers (greedy tokens alone can miss a window
+    one token off)."""
     path, hf = tiny_dirs[kind]
     expect = [hf_greedy(hf, p, 12) for p in PROMPTS]
+    with torch.no_grad():
+        ref = [torch.log_softmax(hf(torch.tensor([p + e])).logits[0, len(p) - 1 : -1], -1) for p, e in zip(PROMPTS, expect)]
     llm = LLM(model=str(path), scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4))
     assert llm.engine.runner.fused_decode is None  # the fused C layers attend whole contexts
     assert llm.engine.runner.decode_kernel is not None or PagedDecodeKernel.load() is None
-    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expect
-    llm.engine.runner.decode_kernel = None  # the padded groups' window mask
-    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expect
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+    for attempt in ("paged kernel", "padded groups"):
+        outs = llm.generate(PROMPTS, params)
+        assert [o.token_ids for o in outs] == expect, attempt
+        for out, lp in zip(outs, ref):
+            got = torch.tensor([t.logprob for t in out.logprobs])
+            assert (got - lp[torch.arange(12), out.token_ids]).abs().max() <= 1e-4, attempt
+        llm.engine.runner.decode_kernel = None  # then the padded groups' window mask
 
 
 def test_a_long_prompt_over_a_long_history_splits_only_its_full_layers(tmp_path, monkeypatch):

@@ -69,6 +69,13 @@ def tiny_config(kind: str, **overrides):
     elif kind in ("phi3", "phi3-window"):  # fused q/k/v and gate/up; "window": Phi-3-mini-4k's window, scaled down
         common.update(rope_theta=10000.0, sliding_window=8 if kind == "phi3-window" else None, pad_token_id=0)
         cls = transformers.Phi3Config
+    elif kind == "smollm3":  # layer 1 without RoPE and with a window of 8 (SmolLM3-3B: every fourth, no window)
+        common.update(rope_theta=5000000.0, no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=8,
+                      attention_bias=True, mlp_bias=True, pad_token_id=0)
+        cls = transformers.SmolLM3Config
+    elif kind == "llama-biases":  # attention_bias and mlp_bias: q/k/v/o and gate/up/down have biases
+        common.update(rope_theta=10000.0, attention_bias=True, mlp_bias=True)
+        cls = transformers.LlamaConfig
     elif kind == "mixtral":  # 8 experts, 2 per token, every layer sparse
         common.update(sliding_window=None, rope_theta=10000.0, num_local_experts=8, num_experts_per_tok=2,
                       intermediate_size=48)

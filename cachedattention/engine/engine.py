@@ -15,7 +15,7 @@ import torch
 from cachedattention.config import EngineConfig
 from cachedattention.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from cachedattention.engine.guided import GuidedConstraint
-from cachedattention.engine.reasoning_gate import ReasoningGate, reasoning_tags
+from cachedattention.engine.reasoning_gate import ReasoningGate
 from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
 from cachedattention.engine.scheduler import Scheduler
@@ -31,7 +31,7 @@ from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.generation_defaults import generation_defaults
 from cachedattention.model.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from cachedattention.outputs import RequestMetrics, RequestOutput
-from cachedattention.reasoning_parser import ReasoningParser, reasoning_parser
+from cachedattention.reasoning_parser import ReasoningParser, reasoning_parser, reasoning_tags
 from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob, token_logprobs
 from cachedattention.store.session import ANON_PREFIX
 

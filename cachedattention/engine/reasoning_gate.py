@@ -13,18 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cachedattention.reasoning_parser import END, START, ReasoningParser, prompt_tail
+from cachedattention.reasoning_parser import ReasoningParser, prompt_tail
 
 if TYPE_CHECKING:
     from cachedattention.model.tokenizer import Tokenizer
-
-
-def reasoning_tags(tokenizer: Tokenizer | None) -> tuple[int, int] | None:
-    """The ids of <think> and </think> when each is one token that decodes as itself, else None."""
-    if tokenizer is None:
-        return None
-    ids = tuple(tokenizer.single_token_id(tag) for tag in (START, END))
-    return None if None in ids else ids
 
 
 @dataclass
@@ -41,9 +33,9 @@ class ReasoningGate:
     def for_prompt(cls, parser: ReasoningParser, tags: tuple[int, int], tokenizer: Tokenizer,
                    prompt_ids: Sequence[int]) -> ReasoningGate:  # fmt: skip
         """As the server splits the answer (the same rule on the same prompt tail)."""
-        tail = prompt_tail(tokenizer, prompt_ids)
-        reasoning = parser.opens(tail, structured=False)
-        return cls(*tags, reasoning=reasoning, may_open=not reasoning and not parser.closes(tail))
+        reasoning = parser.opens_after(tokenizer, prompt_ids)
+        closed = parser.closes(prompt_tail(tokenizer, prompt_ids))
+        return cls(*tags, reasoning=reasoning, may_open=not reasoning and not closed)
 
     @property
     def over(self) -> bool:

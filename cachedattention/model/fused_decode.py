@@ -43,6 +43,8 @@ class FusedDecode:
             raise ValueError("the C layers are Llama's: no Gemma norms around attention and MLP, no GeGLU")
         if spec.window_layers:
             raise ValueError("the C layers attend whole contexts: no sliding window")
+        if spec.local_rope_layers or spec.nope_layers:
+            raise ValueError("the C layers rotate every layer with one table")
         self.watch = _Watch(model.model.layers, pool)
         if not self.watch.kernels_attached():
             raise ValueError("attach the few-rows kernel to the linear layers first")

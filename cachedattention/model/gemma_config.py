@@ -16,6 +16,9 @@ TEXT_DEFAULTS = {
 }  # fmt: skip
 
 
+KEPT_NONE = ("sliding_window", "final_logit_softcapping", "attn_logit_softcapping")
+
+
 def gemma3_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The text model's config: the RoPE of full layers as rope_theta/rope_scaling, the windowed
     layers' base as rope_local_base_freq, every layer's type in layer_types."""
@@ -25,7 +28,8 @@ def gemma3_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
             if key in cfg and key not in text:
                 text[key] = cfg[key]
         cfg = text
-    cfg = {**TEXT_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k.endswith("softcapping")}}
+    # a None in the config is a default's, except where None means none (no window, no capping)
+    cfg = {**TEXT_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k in KEPT_NONE}}
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if cfg.get(key) is not None:
             raise ValueError(f"Gemma's {key} ({cfg[key]}) is not implemented; Gemma 3 has none")

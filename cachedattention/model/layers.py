@@ -64,11 +64,11 @@ class RMSNorm(nn.Module):
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU (act silu), or Gemma's GeGLU (gelu_pytorch_tanh)."""
 
-    def __init__(self, hidden: int, intermediate: int, act: str = "silu") -> None:
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = Linear(hidden, intermediate, bias=False)
-        self.up_proj = Linear(hidden, intermediate, bias=False)
-        self.down_proj = Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act = act
 
     def forward(self, x: torch.Tensor, ops: RowOpsKernel | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ class Attention(nn.Module):
         self.q_proj = Linear(h, spec.num_heads * d, bias=spec.qkv_bias)
         self.k_proj = Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
         self.v_proj = Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
-        self.o_proj = Linear(spec.num_heads * d, h, bias=False)
+        self.o_proj = Linear(spec.num_heads * d, h, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(d, spec.rms_norm_eps)
@@ -169,7 +169,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(spec)
         self.mlp = (SparseMoE(spec.hidden_size, spec.moe) if spec.is_sparse(index)
-                    else GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act))  # fmt: skip
+                    else GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, spec.mlp_bias))  # fmt: skip
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.sandwich = spec.sandwich_norms
@@ -248,9 +248,12 @@ class LlamaForCausalLM(nn.Module):
 
     def _rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's cos/sin for the step's positions (looked up once per table)."""
-        main = self.rotary.tables(positions)
-        local = self.rotary.local.tables(positions) if self.rotary.local is not None else main
-        return [local if i in self.rotary.local_layers else main for i in range(self.spec.num_layers)]
+        looked_up: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i in range(self.spec.num_layers):
+            table = self.rotary.for_layer(i)
+            if id(table) not in looked_up:
+                looked_up[id(table)] = table.tables(positions)
+        return [looked_up[id(self.rotary.for_layer(i))] for i in range(self.spec.num_layers)]
 
     def _layers(self, x: torch.Tensor, batch: ForwardBatch, pool: KVPool,
                 ropes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # fmt: skip

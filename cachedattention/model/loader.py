@@ -137,6 +137,9 @@ def attach_quantized(model: LlamaForCausalLM, quantized: dict[str, QuantizedWeig
     return attached
 
 
+PLACED = ("model.layers.", "model.norm.", "model.embed_tokens.")  # where every weight must be one of ours
+
+
 def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
     """Instantiate without initialising (meta device), then adopt the given weights."""
     with torch.device("meta"):
@@ -144,6 +147,10 @@ def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.d
     expected = set(model.state_dict())
     if spec.tie_word_embeddings:
         expected.discard("lm_head.weight")
+    unplaced = sorted(k for k in state if k not in expected and k.startswith(PLACED) and not k.endswith("inv_freq"))
+    if unplaced:  # left out, they would change every answer without a word
+        raise ValueError(f"the checkpoint has {len(unplaced)} weights this engine's {spec.model_type} model has no "
+                         f"place for, e.g. {unplaced[:3]}: a config option it does not implement")
     state = {k: v for k, v in state.items() if k in expected or k == "lm_head.weight"}
     missing = expected - set(state)
     if missing:

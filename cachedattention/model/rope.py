@@ -31,28 +31,33 @@ def inv_frequencies(spec: ModelSpec) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """cos/sin tables for every position of the window, computed once per device and dtype. A model
-    whose window-typed layers have a RoPE base of their own (Gemma 3) has their tables in `local`."""
+    """cos/sin tables for every position of the window, computed once per device and dtype; the
+    layers that rotate otherwise have theirs in `layer_tables`."""
 
-    def __init__(self, spec: ModelSpec, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, spec: ModelSpec, max_len: int, device: torch.device, dtype: torch.dtype,
+                 inv: torch.Tensor | None = None) -> None:  # fmt: skip
         pos = torch.arange(max_len, dtype=torch.float32)
-        self.inv = inv_frequencies(spec)
+        self.inv = inv_frequencies(spec) if inv is None else inv
         freqs = torch.outer(pos, self.inv)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
         self.sin = emb.sin().to(device=device, dtype=dtype)
         self.max_len = max_len
-        self.local: RotaryEmbedding | None = None
-        self.local_layers: frozenset[int] = frozenset()
-        if spec.local_rope_layers:  # plain RoPE at their base: the full layers' scaling is theirs
+        # the layers that rotate otherwise: Gemma's window-typed ones (their own base, unscaled),
+        # SmolLM3's without RoPE (frequencies of 0: the rotation leaves keys and queries as they are)
+        self.layer_tables: dict[int, RotaryEmbedding] = {}
+        if spec.local_rope_layers:
             local = replace(spec, rope_theta=spec.local_rope_theta, rope_scaling=None, rope_freq_factors=None,
-                            local_rope_layers=())  # fmt: skip
-            self.local = RotaryEmbedding(local, max_len, device, dtype)
-            self.local_layers = frozenset(spec.local_rope_layers)
+                            local_rope_layers=(), nope_layers=())  # fmt: skip
+            self.layer_tables.update(dict.fromkeys(spec.local_rope_layers, RotaryEmbedding(local, max_len, device, dtype)))
+        if spec.nope_layers:
+            still = RotaryEmbedding(replace(spec, local_rope_layers=(), nope_layers=()), max_len, device, dtype,
+                                    inv=torch.zeros_like(self.inv))  # fmt: skip
+            self.layer_tables.update(dict.fromkeys(spec.nope_layers, still))
 
     def for_layer(self, layer: int) -> RotaryEmbedding:
         """The tables this layer rotates with."""
-        return self.local if layer in self.local_layers else self
+        return self.layer_tables.get(layer, self)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [n, 1, head_dim] for broadcasting over heads."""

@@ -10,7 +10,7 @@ from typing import Any
 from cachedattention.model.gemma_config import gemma3_text_config
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3_text", "gemma3",
-             "phi3")
+             "phi3", "smollm3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
@@ -59,6 +59,8 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k, before RoPE
+    o_bias: bool = False  # attention_bias in Llama-style modeling: o_proj has one too
+    mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down have one
     # each frequency's divisor: a GGUF file's rope_freqs (how llama.cpp writes Llama 3.1's scaling),
     # linear scaling's factor
     rope_freq_factors: tuple[float, ...] | None = None
@@ -77,6 +79,8 @@ class ModelSpec:
     query_pre_attn_scalar: float | None = None
     local_rope_theta: float | None = None
     local_rope_layers: tuple[int, ...] = ()
+    # SmolLM3: layers without RoPE (every fourth): their keys are stored and attended as they are
+    nope_layers: tuple[int, ...] = ()
 
     def window(self, layer: int) -> int | None:
         """The layer's sliding window, or None when it attends to the whole context."""
@@ -106,9 +110,9 @@ class ModelSpec:
 
 
 # fields added after stores were written, with the value that leaves them out of the fingerprint
-LATER_FIELDS = {"qk_norm": False, "rope_freq_factors": None, "moe": None, "sliding_window": None, "window_layers": (),
+LATER_FIELDS = {"qk_norm": False, "o_bias": False, "mlp_bias": False, "rope_freq_factors": None, "moe": None, "sliding_window": None, "window_layers": (),
                 "hidden_act": "silu", "embed_scale": None, "sandwich_norms": False, "query_pre_attn_scalar": None,
-                "local_rope_theta": None, "local_rope_layers": ()}  # fmt: skip
+                "local_rope_theta": None, "local_rope_layers": (), "nope_layers": ()}  # fmt: skip
 
 
 def _rope_params(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
@@ -147,71 +151,137 @@ def _freq_factors(cfg: dict[str, Any], head_dim: int, scaling: RopeScaling | Non
     return tuple(float(f) * (linear or 1.0) for f in (factors or [1.0] * (head_dim // 2)))
 
 
+# families whose attention_bias puts a bias on q, k, v and o (transformers' modeling of each)
+ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma3_text", "smollm3")
+
+
+def _qkv_bias(model_type: str, cfg: dict[str, Any]) -> bool:
+    if model_type == "qwen2":
+        return True
+    if model_type == "qwen2_moe":
+        return bool(cfg.get("qkv_bias", True))
+    return model_type in ATTENTION_BIAS and bool(cfg.get("attention_bias", False))
+
+
 def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
+# transformers' defaults where a Qwen config that uses its window leaves them out
+QWEN_WINDOW, QWEN_MAX_WINDOW_LAYERS = 4096, 28
+
+
 def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int, ...]] | None:
     """The sliding window and the layers that attend within it, as transformers reads the config
     (None: every layer sees the whole context). A window no shorter than the model's context never
     cuts, so it is none."""
-    window = cfg.get("sliding_window")
+    qwen = model_type in QWEN
+    if (qwen or model_type == "smollm3") and not cfg.get("use_sliding_window"):  # named, used only when asked
+        return None
+    window = cfg.get("sliding_window", QWEN_WINDOW if qwen else None)
     layers = int(cfg.get("num_hidden_layers", 0))
     if not window:
         return None
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
-    if window >= int(cfg.get("max_position_embeddings", 0)):
+    if window >= int(cfg.get("max_position_embeddings") or 4096):
         return None
     types = cfg.get("layer_types") or ()
+    below = int(cfg.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS))
     if model_type in ("mistral", "mixtral", "phi3"):  # every layer (their modeling ignores layer_types)
         windowed = range(layers)
-    elif model_type == "gemma3_text":  # its layer_types (five windowed layers, then a full one)
+    elif model_type == "gemma3_text" or types:  # as layer_types says (Gemma: five windowed layers, then a full one)
         windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
-    elif not cfg.get("use_sliding_window"):  # Qwen: the window is named, and used only when asked
-        return None
-    elif types:
-        windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    elif model_type == "smollm3":  # its layers without RoPE
+        windowed = _nope_layers(model_type, cfg)
     elif model_type == "qwen3_moe":
         windowed = range(layers)
     elif model_type == "qwen2_moe":  # every other layer below max_window_layers
-        windowed = [i for i in range(layers) if (i + 1) % 2 and i < int(cfg.get("max_window_layers") or 0)]
+        windowed = [i for i in range(layers) if (i + 1) % 2 and i < below]
     else:  # qwen2, qwen3: from max_window_layers on
-        windowed = range(int(cfg.get("max_window_layers") or 0), layers)
+        windowed = range(below, layers)
     return (window, tuple(windowed)) if windowed else None
 
 
+# transformers' defaults where a config leaves them out: (experts, per token, an expert's width, the shared one's)
+MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0)}
+
+
+def _nope_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, ...]:
+    """SmolLM3's layers without RoPE: no_rope_layers[i] is 0 (1: RoPE), else every interval-th layer."""
+    if model_type != "smollm3":
+        return ()
+    layers = int(cfg["num_hidden_layers"])
+    uses_rope = cfg.get("no_rope_layers")
+    if uses_rope is None:
+        interval = int(cfg.get("no_rope_layer_interval") or 4)
+        uses_rope = [(i + 1) % interval != 0 for i in range(layers)]
+    if len(uses_rope) != layers:
+        raise ValueError(f"no_rope_layers names {len(uses_rope)} layers, the model has {layers}")
+    return tuple(i for i, rope in enumerate(uses_rope) if not rope)
+
+
 def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
+    if model_type not in MOE_DEFAULTS:
+        return None
+    experts, top_k, width, shared = MOE_DEFAULTS[model_type]
     # the hub's configs say num_local_experts (Mixtral) or num_experts (Qwen); transformers 5 writes
     # either name for either family
-    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    named = cfg.get("num_experts", cfg.get("num_local_experts"))
+    experts = int(experts if named is None else named)
+    top_k = int(cfg.get("num_experts_per_tok", top_k))
     if model_type == "mixtral":  # every layer sparse; the chosen experts' weights always sum to 1
-        moe = MoESpec(num_experts=experts, top_k=int(cfg["num_experts_per_tok"]),
-                      expert_intermediate_size=int(cfg["intermediate_size"]), normalize_top_k=True)
-    elif model_type in ("qwen2_moe", "qwen3_moe") and experts:
+        moe = MoESpec(num_experts=experts, top_k=top_k, expert_intermediate_size=int(cfg["intermediate_size"]),
+                      normalize_top_k=True)  # fmt: skip
+    elif not experts:  # a Qwen MoE config without experts: dense
+        return None
+    else:
         layers, step = int(cfg["num_hidden_layers"]), int(cfg.get("decoder_sparse_step") or 1)
         only_mlp = set(cfg.get("mlp_only_layers") or ())
         moe = MoESpec(
             num_experts=experts,
-            top_k=int(cfg["num_experts_per_tok"]),
-            expert_intermediate_size=int(cfg["moe_intermediate_size"]),
+            top_k=top_k,
+            expert_intermediate_size=int(cfg.get("moe_intermediate_size") or width),
             normalize_top_k=bool(cfg.get("norm_topk_prob", False)),
-            shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
-            if model_type == "qwen2_moe" else 0,
+            shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size", shared) or 0)
+            if model_type == "qwen2_moe" else 0,  # Qwen3-MoE has none, whatever its config names
             # transformers' rule: every decoder_sparse_step-th layer is sparse, unless listed as MLP-only
             dense_layers=tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step),
         )
-    else:
-        return None
     if not 0 < moe.top_k <= moe.num_experts:
         raise ValueError(f"num_experts_per_tok must be in [1, {moe.num_experts}], got {moe.top_k}")
     return moe
 
 
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_shape(cfg: dict[str, Any]) -> None:
+    """The fields every model's shape is read from: present (or optional), positive integers."""
+    for key in (*SHAPE_FIELDS, "num_key_value_heads", "head_dim"):
+        value = cfg.get(key)
+        if value is None and key in SHAPE_FIELDS:
+            raise ValueError(f"config.json lacks {key!r}, which every model needs")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"config.json's {key} must be a positive integer, got {value!r}")
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+
+
 def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     """Validate a config.json dict and turn it into a ModelSpec (ValueError if we cannot serve it)."""
+    try:
+        return _spec(cfg)
+    except KeyError as e:  # a field the family needs (its experts, its window...)
+        raise ValueError(f"config.json lacks {e.args[0]!r}, which a {cfg.get('model_type')!r} model needs") from None
+    except TypeError as e:
+        raise ValueError(f"config.json has a field of the wrong type: {e}") from None
+
+
+def _spec(cfg: dict[str, Any]) -> ModelSpec:
     model_type = cfg.get("model_type")
     if model_type in ABSOLUTE_POSITION:
         raise ValueError(
@@ -224,6 +294,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     if gemma:
         cfg = gemma3_text_config(cfg)
         model_type = cfg["model_type"]
+    _check_shape(cfg)
     partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if float(partial or 1.0) != 1.0:  # Phi-4-mini's: RoPE over a part of each head
         raise ValueError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not implemented")
@@ -246,10 +317,11 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(cfg.get("qkv_bias", True) if model_type == "qwen2_moe"
-                                               else cfg.get("attention_bias", False)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "smollm3")),  # transformers' defaults
+        qkv_bias=_qkv_bias(model_type, cfg),
+        o_bias=model_type in ATTENTION_BIAS and bool(cfg.get("attention_bias", False)),
+        mlp_bias=model_type in ("llama", "smollm3") and bool(cfg.get("mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         rope_freq_factors=_freq_factors(cfg, head_dim, scaling, linear),
         rope_scaling=scaling,
@@ -264,4 +336,5 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]) if gemma else None,
         local_rope_theta=float(cfg["rope_local_base_freq"]) if gemma else None,
         local_rope_layers=tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention") if gemma else (),
+        nope_layers=_nope_layers(model_type, cfg),
     )

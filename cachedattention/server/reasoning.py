@@ -20,7 +20,6 @@ from cachedattention.reasoning_parser import (  # noqa: F401 (REASONING_PARSERS,
     REASONING_PARSERS,
     ReasoningParser,
     Split,
-    prompt_tail,
     reasoning_parser,
 )
 from cachedattention.server.stream_text import stream_delta
@@ -52,8 +51,7 @@ class Reasoning:
 
     def _opens(self, out: RequestOutput, tokenizer: Tokenizer | None) -> bool:
         if self._open is None:
-            tail = prompt_tail(tokenizer, out.prompt_token_ids) if tokenizer is not None else ""
-            self._open = self.parser.opens(tail, self.structured)
+            self._open = self.parser.opens_after(tokenizer, out.prompt_token_ids, self.structured)
         return self._open
 
     def tokens(self, out: RequestOutput, tokenizer: Tokenizer | None) -> int:

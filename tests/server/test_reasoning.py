@@ -25,6 +25,7 @@ THOUGHT = "<think>\nThe user wants the weather.\nI should call the tool.\n</thin
                                                                "Sunny.")),
         (QWEN3, "<|im_start|>assistant\n", "Sunny, no thinking.", (None, "Sunny, no thinking.")),
         (QWEN3, "assistant\n<think>\n", "Hmm.\n</think>\n\nSunny.", ("Hmm.", "Sunny.")),  # the template opened it
+        (QWEN3, "<think>\nLet me", " see.\n</think>\n\nSunny.", ("see.", "Sunny.")),  # a prefill still thinking
         (QWEN3, "<think>\n\n</think>\n\n", "Sunny.", (None, "Sunny.")),  # enable_thinking=false closed it
         (QWEN3, "<|im_start|>assistant\n", "<think>\nStill thinking when cut", ("Still thinking when cut", "")),
         (R1, "<|Assistant|>", "Hmm.\n</think>\n\nSunny.", ("Hmm.", "Sunny.")),  # R1 starts without the tag
@@ -72,6 +73,10 @@ class _Tail:
     @staticmethod
     def decode(ids, skip_special_tokens: bool = True) -> str:
         return "".join(map(chr, ids))
+
+    @staticmethod
+    def single_token_id(text: str) -> None:  # a tag is several characters: several tokens
+        return None
 
 
 def _prompt(text: str) -> list[int]:

@@ -57,7 +57,10 @@ def test_a_new_head_replaces_the_recorded_one_and_whole_mode_applies_no_cut():
 
 
 def hand_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate [n, heads, d] to positions, written out from the RoPE definition (rotate-half layout)."""
+    """Rotate [n, heads, d] to positions, written out from the RoPE definition (rotate-half layout);
+    a layer without RoPE (theta None) keeps x."""
+    if theta is None:
+        return x
     d = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = positions.double()[:, None] * inv[None, :]
@@ -66,7 +69,10 @@ def hand_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def layer_theta(cfg, layer: int) -> float:
+def layer_theta(cfg, layer: int) -> float | None:
+    """The RoPE base of a layer (None: SmolLM3's layers without RoPE)."""
+    if not (getattr(cfg, "no_rope_layers", None) or [1] * 99)[layer]:
+        return None
     params = getattr(cfg, "rope_parameters", None) or {}
     if "full_attention" in params:  # Gemma 3: a base per layer type
         return params[cfg.layer_types[layer]]["rope_theta"]
@@ -74,8 +80,8 @@ def layer_theta(cfg, layer: int) -> float:
 
 
 # qwen3: the stored keys are normed per head; mistral-window: each layer sees its last 8 keys;
-# gemma3: windowed layers with a RoPE base of their own beside a full one
-@pytest.mark.parametrize("kind", ["mistral", "qwen3", "mistral-window", "gemma3"])
+# gemma3: windowed layers with a RoPE base of their own beside a full one; smollm3: a layer without RoPE
+@pytest.mark.parametrize("kind", ["mistral", "qwen3", "mistral-window", "gemma3", "smollm3"])
 def test_truncated_cache_equals_hand_computed_reference(kind, tiny_dirs, monkeypatch):
     from transformers import DynamicCache
 
