@@ -52,6 +52,21 @@ def test_a_checkpoint_weight_the_model_has_no_place_for_is_refused(tiny_dirs, tm
         LLM(model=str(tmp_path))
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"vocab_size": None}, "lacks 'vocab_size'"),
+    ({"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+    ({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
+    ({"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": None, "moe_intermediate_size": 16},
+     "num_experts_per_tok must be an integer, got None"),
+])  # fmt: skip
+def test_a_malformed_config_names_its_field(change, match, tmp_path):
+    config = {**BASE_CONFIG, "model_type": "llama", **change}
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None or k == "num_experts_per_tok"}))
+    with pytest.raises(ValueError, match=match):
+        LLM(model=str(tmp_path))
+
+
 def test_fields_added_later_keep_the_other_models_fingerprints():
     """Adding Qwen3's flag and GGUF's rope divisors must not change a Llama's fingerprint: its stored
     KV stays servable."""

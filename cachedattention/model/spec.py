@@ -209,6 +209,13 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
 MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0)}
 
 
+def _int_field(cfg: dict[str, Any], key: str, default: int) -> int:
+    value = cfg.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"config.json's {key} must be an integer, got {value!r}")
+    return value
+
+
 def _nope_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, ...]:
     """SmolLM3's layers without RoPE: no_rope_layers[i] is 0 (1: RoPE), else every interval-th layer."""
     if model_type != "smollm3":
@@ -229,9 +236,9 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
     experts, top_k, width, shared = MOE_DEFAULTS[model_type]
     # the hub's configs say num_local_experts (Mixtral) or num_experts (Qwen); transformers 5 writes
     # either name for either family
-    named = cfg.get("num_experts", cfg.get("num_local_experts"))
-    experts = int(experts if named is None else named)
-    top_k = int(cfg.get("num_experts_per_tok", top_k))
+    key = "num_experts" if "num_experts" in cfg else "num_local_experts"
+    experts = _int_field(cfg, key, experts)
+    top_k = _int_field(cfg, "num_experts_per_tok", top_k)
     if model_type == "mixtral":  # every layer sparse; the chosen experts' weights always sum to 1
         moe = MoESpec(num_experts=experts, top_k=top_k, expert_intermediate_size=int(cfg["intermediate_size"]),
                       normalize_top_k=True)  # fmt: skip
