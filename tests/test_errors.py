@@ -59,6 +59,7 @@ def test_a_checkpoint_weight_the_model_has_no_place_for_is_refused(tiny_dirs, tm
     ({"num_key_value_heads": 3}, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
     ({"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": None, "moe_intermediate_size": 16},
      "num_experts_per_tok must be an integer, got None"),
+    ({"model_type": "granite", "attention_multiplier": 0}, "attention_multiplier must be a positive number"),
 ])  # fmt: skip
 def test_a_malformed_config_names_its_field(change, match, tmp_path):
     config = {**BASE_CONFIG, "model_type": "llama", **change}
@@ -77,7 +78,7 @@ def test_fields_added_later_keep_the_other_models_fingerprints():
 
     llama = spec_from_hf_config({**BASE_CONFIG, "model_type": "llama"})
     later = ("qk_norm", "rope_freq_factors", "moe", "sliding_window", "window_layers", "hidden_act", "embed_scale",
-             "sandwich_norms", "query_pre_attn_scalar", "local_rope_theta", "local_rope_layers", "o_bias", "mlp_bias",
+             "sandwich_norms", "attn_scale", "residual_scale", "logits_scale", "local_rope_theta", "local_rope_layers", "o_bias", "mlp_bias",
              "nope_layers")
     before = {k: v for k, v in asdict(llama).items() if k not in later}  # the spec's fields until Qwen3
     assert llama.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]

@@ -29,7 +29,7 @@ def test_a_hub_config_reads_as_transformers_reads_it():
     assert spec.window_layers == (0, 1, 2, 3, 4, 6) and spec.sliding_window == 512  # every sixth layer full
     assert (spec.rope_theta, spec.local_rope_theta, spec.local_rope_layers) == (1e6, 1e4, spec.window_layers)
     assert spec.qk_norm and spec.sandwich_norms
-    assert spec.hidden_act == "gelu_pytorch_tanh" and spec.embed_scale == 8.0 and spec.query_pre_attn_scalar == 256
+    assert spec.hidden_act == "gelu_pytorch_tanh" and spec.embed_scale == 8.0 and spec.attn_scale == 256**-0.5
     scaled = spec_from_hf_config({**HUB_1B, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
     assert scaled.rope_freq_factors == (8.0,) * 16  # the full layers' linear scaling
 

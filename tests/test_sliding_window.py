@@ -38,6 +38,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     ({"model_type": "qwen3", "sliding_window": 128, "layer_types": ["sliding_attention"] * 4}, None, ()),
     ({"model_type": "llama", "sliding_window": 128}, None, ()),  # Llama has none
     ({"model_type": "phi3", "sliding_window": 128}, 128, (0, 1, 2, 3)),  # Phi-3-mini-4k's (2047)
+    ({"model_type": "ministral", "sliding_window": 128,
+      "layer_types": ["sliding_attention", "full_attention"] * 2}, 128, (0, 2)),  # Ministral 8B's interleaving
 ])  # fmt: skip
 def test_windows_are_read_as_transformers_reads_them(config, window, layers):
     spec = spec_from_hf_config({**BASE, **config})

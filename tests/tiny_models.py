@@ -73,6 +73,14 @@ def tiny_config(kind: str, **overrides):
         common.update(rope_theta=5000000.0, no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=8,
                       attention_bias=True, mlp_bias=True, pad_token_id=0)
         cls = transformers.SmolLM3Config
+    elif kind == "granite":  # its four multipliers, each away from 1; a tied head
+        common.update(rope_theta=10000.0, embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
+                      logits_scaling=4.0, tie_word_embeddings=True)
+        cls = transformers.GraniteConfig
+    elif kind == "ministral":  # windows of 8 in layers 0 and 2, layer 1 full (Ministral 8B's interleaving)
+        common.update(rope_theta=10000.0, sliding_window=8, head_dim=16,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        cls = transformers.MinistralConfig
     elif kind == "llama-biases":  # attention_bias and mlp_bias: q/k/v/o and gate/up/down have biases
         common.update(rope_theta=10000.0, attention_bias=True, mlp_bias=True)
         cls = transformers.LlamaConfig

@@ -39,7 +39,7 @@ class FusedDecode:
         spec = model.spec
         if spec.moe is not None:
             raise ValueError("the C layers have no mixture-of-experts MLP")
-        if spec.sandwich_norms or spec.hidden_act != "silu" or spec.embed_scale is not None:
+        if spec.sandwich_norms or spec.hidden_act != "silu":  # (an embedding scale is applied before them)
             raise ValueError("the C layers are Llama's: no Gemma norms around attention and MLP, no GeGLU")
         if spec.window_layers:
             raise ValueError("the C layers attend whole contexts: no sliding window")

@@ -236,15 +236,15 @@ class LlamaForCausalLM(nn.Module):
         all paged decoders; they reproduce the row ops and few-rows kernels, so only with those."""
         ropes = self._rope_tables(batch.positions)
         x = self.model.embed_tokens(batch.input_ids)  # the residual stream, added to in place
-        if self.spec.embed_scale is not None:  # Gemma: in the model's dtype, as transformers scales it
+        if self.spec.embed_scale is not None:  # Gemma's, Granite's: in the model's dtype, as transformers scales it
             x.mul_(torch.tensor(self.spec.embed_scale, dtype=x.dtype))
         if fused is not None and self.row_ops is not None and fused.takes(batch, x, pool):
             fused.run(x, batch, *ropes[0])  # (one table for every layer: fused layers are Llama's)
         else:
             self._layers(x, batch, pool, ropes)
         x = self.model.norm(x[batch.logits_indices])
-        logits = self.lm_head(x)
-        return logits.float()
+        logits = self.lm_head(x).float()
+        return logits if self.spec.logits_scale is None else logits.div_(self.spec.logits_scale)
 
     def _rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's cos/sin for the step's positions (looked up once per table)."""

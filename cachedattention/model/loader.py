@@ -206,23 +206,27 @@ GEMMA_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": 
 
 
 def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights as our modules hold them. Phi-3 fuses q/k/v and gate/up. Mixtral's sparse MLP is block_sparse_moe with
-    experts' w1/w3/w2; ours is `mlp` with gate_proj/up_proj/down_proj, as Qwen's MoE checkpoints have
-    it. Gemma's norms scale by (1 + w): ours hold 1 + w; its queries are scaled by
-    query_pre_attn_scalar ** -0.5, ours by head_dim ** -0.5: its q norm's weight carries the ratio
-    (the store keeps keys and values only, so it never sees the difference)."""
+    """A checkpoint's weights as our modules hold them. Phi-3 fuses q/k/v and gate/up. Mixtral's
+    sparse MLP is block_sparse_moe with experts' w1/w3/w2; ours is `mlp` with gate_proj/up_proj/
+    down_proj, as Qwen's MoE checkpoints have it. Gemma's norms scale by (1 + w): ours hold 1 + w.
+    Scales the model applies where ours does not are folded into the weights before them: the
+    attention's (ours is head_dim ** -0.5) into q's norm (Gemma) or projection (Granite), Granite's
+    residual one into o_proj and down_proj (the store keeps keys and values, which none of these touch)."""
     if spec.model_type == "mixtral":
-        return {_mixtral_name(name): t for name, t in state.items()}
-    if spec.model_type == "phi3":
-        return _split_phi3(state, spec)
-    if not spec.sandwich_norms:
-        return state
-    state = {_gemma_name(name): t for name, t in state.items()}
-    query_ratio = (spec.head_dim / spec.query_pre_attn_scalar) ** 0.5
-    for name, t in state.items():
-        if name.startswith(("model.", "lm_head.")) and name.endswith("norm.weight"):
-            folded = t.float() + 1.0
-            state[name] = folded * query_ratio if name.endswith("q_norm.weight") else folded
+        state = {_mixtral_name(name): t for name, t in state.items()}
+    elif spec.model_type == "phi3":
+        state = _split_phi3(state, spec)
+    elif spec.sandwich_norms:
+        state = {_gemma_name(name): t for name, t in state.items()}
+        state.update({name: t.float() + 1.0 for name, t in state.items()
+                      if name.startswith(("model.", "lm_head.")) and name.endswith("norm.weight")})  # fmt: skip
+    scales = {}
+    if spec.attn_scale is not None:
+        scales[".self_attn.q_norm." if spec.qk_norm else ".self_attn.q_proj."] = spec.attn_scale * spec.head_dim**0.5
+    if spec.residual_scale is not None:
+        scales.update(dict.fromkeys((".self_attn.o_proj.", ".mlp.down_proj."), spec.residual_scale))
+    for part, factor in scales.items():
+        state.update({name: t.float() * factor for name, t in state.items() if part in name})
     return state
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from cachedattention.model.gemma_config import gemma3_text_config
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3_text", "gemma3",
-             "phi3", "smollm3")
+             "phi3", "smollm3", "granite", "ministral")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
@@ -70,13 +70,16 @@ class ModelSpec:
     sliding_window: int | None = None
     window_layers: tuple[int, ...] = ()
     # Gemma 3: its MLP's activation, the embedding scaled by sqrt(hidden), a norm after attention and
-    # around the MLP (its post_attention_layernorm normalises the attention's output), the query
-    # scale's divisor (instead of head_dim), and the RoPE base of the layers typed for a window
-    # (whether or not the window cuts), unscaled
+    # around the MLP (its post_attention_layernorm normalises the attention's output), and the RoPE
+    # base of the layers typed for a window (whether or not the window cuts), unscaled
     hidden_act: str = "silu"
-    embed_scale: float | None = None
+    embed_scale: float | None = None  # Gemma's sqrt(hidden), Granite's embedding_multiplier
     sandwich_norms: bool = False
-    query_pre_attn_scalar: float | None = None
+    # the attention's softmax scale where it is not head_dim ** -0.5 (Gemma's query_pre_attn_scalar
+    # ** -0.5, Granite's attention_multiplier); the loader folds it into the query's weights
+    attn_scale: float | None = None
+    residual_scale: float | None = None  # Granite: each sublayer's output scaled (folded into o and down)
+    logits_scale: float | None = None  # Granite: the logits divided by logits_scaling (its head is tied)
     local_rope_theta: float | None = None
     local_rope_layers: tuple[int, ...] = ()
     # SmolLM3: layers without RoPE (every fourth): their keys are stored and attended as they are
@@ -111,7 +114,8 @@ class ModelSpec:
 
 # fields added after stores were written, with the value that leaves them out of the fingerprint
 LATER_FIELDS = {"qk_norm": False, "o_bias": False, "mlp_bias": False, "rope_freq_factors": None, "moe": None, "sliding_window": None, "window_layers": (),
-                "hidden_act": "silu", "embed_scale": None, "sandwich_norms": False, "query_pre_attn_scalar": None,
+                "hidden_act": "silu", "embed_scale": None, "sandwich_norms": False, "attn_scale": None,
+                "residual_scale": None, "logits_scale": None,
                 "local_rope_theta": None, "local_rope_layers": (), "nope_layers": ()}  # fmt: skip
 
 
@@ -152,7 +156,7 @@ def _freq_factors(cfg: dict[str, Any], head_dim: int, scaling: RopeScaling | Non
 
 
 # families whose attention_bias puts a bias on q, k, v and o (transformers' modeling of each)
-ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma3_text", "smollm3")
+ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma3_text", "smollm3", "granite")
 
 
 def _qkv_bias(model_type: str, cfg: dict[str, Any]) -> bool:
@@ -180,7 +184,7 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
     qwen = model_type in QWEN
     if (qwen or model_type == "smollm3") and not cfg.get("use_sliding_window"):  # named, used only when asked
         return None
-    window = cfg.get("sliding_window", QWEN_WINDOW if qwen else None)
+    window = cfg.get("sliding_window", QWEN_WINDOW if qwen or model_type == "ministral" else None)
     layers = int(cfg.get("num_hidden_layers", 0))
     if not window:
         return None
@@ -194,6 +198,8 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
         windowed = range(layers)
     elif model_type == "gemma3_text" or types:  # as layer_types says (Gemma: five windowed layers, then a full one)
         windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    elif model_type == "ministral":  # without layer_types: every layer
+        windowed = range(layers)
     elif model_type == "smollm3":  # its layers without RoPE
         windowed = _nope_layers(model_type, cfg)
     elif model_type == "qwen3_moe":
@@ -207,6 +213,14 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
 
 # transformers' defaults where a config leaves them out: (experts, per token, an expert's width, the shared one's)
 MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0)}
+
+
+def _granite(cfg: dict[str, Any], key: str) -> float | None:
+    """One of Granite's multipliers (None: 1, or not Granite)."""
+    value = cfg.get(key, 1.0) if cfg.get("model_type") == "granite" else 1.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"config.json's {key} must be a positive number, got {value!r}")
+    return None if float(value) == 1.0 else float(value)
 
 
 def _int_field(cfg: dict[str, Any], key: str, default: int) -> int:
@@ -328,7 +342,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "smollm3")),  # transformers' defaults
         qkv_bias=_qkv_bias(model_type, cfg),
         o_bias=model_type in ATTENTION_BIAS and bool(cfg.get("attention_bias", False)),
-        mlp_bias=model_type in ("llama", "smollm3") and bool(cfg.get("mlp_bias", False)),
+        mlp_bias=model_type in ("llama", "smollm3", "granite") and bool(cfg.get("mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         rope_freq_factors=_freq_factors(cfg, head_dim, scaling, linear),
         rope_scaling=scaling,
@@ -338,9 +352,11 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         sliding_window=window[0] if window else None,
         window_layers=window[1] if window else (),
         hidden_act=act,
-        embed_scale=hidden**0.5 if gemma else None,
+        embed_scale=hidden**0.5 if gemma else _granite(cfg, "embedding_multiplier"),
         sandwich_norms=gemma,
-        query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]) if gemma else None,
+        attn_scale=float(cfg["query_pre_attn_scalar"]) ** -0.5 if gemma else _granite(cfg, "attention_multiplier"),
+        residual_scale=_granite(cfg, "residual_multiplier"),
+        logits_scale=_granite(cfg, "logits_scaling"),
         local_rope_theta=float(cfg["rope_local_base_freq"]) if gemma else None,
         local_rope_layers=tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention") if gemma else (),
         nope_layers=_nope_layers(model_type, cfg),
