@@ -68,6 +68,18 @@ def test_a_malformed_config_names_its_field(change, match, tmp_path):
         LLM(model=str(tmp_path))
 
 
+def test_missing_fields_take_each_family_s_transformers_default():
+    from cachedattention.model.spec import spec_from_hf_config
+
+    granite = spec_from_hf_config({**BASE_CONFIG, "model_type": "granite"})
+    assert granite.attn_scale == 1.0  # attention_multiplier's default, not head_dim ** -0.5
+    assert granite.embed_scale is None and granite.residual_scale is None and granite.logits_scale is None
+    assert spec_from_hf_config({**BASE_CONFIG, "model_type": "phi3"}).rms_norm_eps == 1e-5
+    smollm3 = spec_from_hf_config({k: v for k, v in BASE_CONFIG.items() if k != "max_position_embeddings"}
+                                  | {"model_type": "smollm3"})  # fmt: skip
+    assert (smollm3.rope_theta, smollm3.max_position_embeddings, smollm3.tie_word_embeddings) == (2e6, 32768, True)
+
+
 def test_fields_added_later_keep_the_other_models_fingerprints():
     """Adding Qwen3's flag and GGUF's rope divisors must not change a Llama's fingerprint: its stored
     KV stays servable."""

@@ -34,6 +34,12 @@ def test_a_hub_config_reads_as_transformers_reads_it():
     assert scaled.rope_freq_factors == (8.0,) * 16  # the full layers' linear scaling
 
 
+def test_a_null_window_is_none_and_a_missing_one_gemma_s_default():
+    assert spec_from_hf_config({**HUB_1B, "sliding_window": None}).window_layers == ()
+    missing = {k: v for k, v in HUB_1B.items() if k != "sliding_window"}
+    assert spec_from_hf_config(missing).sliding_window == 4096  # Gemma3TextConfig's
+
+
 @pytest.mark.parametrize("change, match", [
     ({"final_logit_softcapping": 30.0}, "softcapping"),
     ({"attn_logit_softcapping": 50.0}, "softcapping"),

@@ -25,6 +25,16 @@ def test_the_hub_and_transformers_names_of_the_expert_count_both_read():
             assert spec_from_hf_config(cfg).moe.num_experts == 6
 
 
+def test_missing_expert_counts_take_transformers_defaults():
+    qwen3 = spec_from_hf_config({**BASE, "model_type": "qwen3_moe"}).moe
+    qwen2 = spec_from_hf_config({**BASE, "model_type": "qwen2_moe"}).moe
+    mixtral = spec_from_hf_config({**BASE, "model_type": "mixtral"}).moe
+    assert (qwen3.num_experts, qwen3.top_k, qwen3.expert_intermediate_size) == (128, 8, 768)
+    assert (qwen2.num_experts, qwen2.top_k, qwen2.expert_intermediate_size, qwen2.shared_expert_intermediate_size) == (
+        60, 4, 1408, 5632)
+    assert (mixtral.num_experts, mixtral.top_k) == (8, 2)
+
+
 def test_sparse_layers_follow_decoder_sparse_step_and_mlp_only_layers():
     spec = spec_from_hf_config({**QWEN_MOE, "decoder_sparse_step": 2, "mlp_only_layers": [3]})
     assert [spec.is_sparse(i) for i in range(4)] == [False, True, False, False]

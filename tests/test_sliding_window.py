@@ -37,6 +37,10 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
       "layer_types": ["full_attention", "sliding_attention"] * 2}, 128, (1, 3)),
     ({"model_type": "qwen3", "sliding_window": 128, "layer_types": ["sliding_attention"] * 4}, None, ()),
     ({"model_type": "llama", "sliding_window": 128}, None, ()),  # Llama has none
+    ({"model_type": "granite", "sliding_window": 128, "layer_types": ["sliding_attention"] * 4}, None, ()),  # nor Granite
+    ({"model_type": "mistral", "max_position_embeddings": 8192}, 4096, (0, 1, 2, 3)),  # transformers' default window
+    ({"model_type": "qwen3_moe", "use_sliding_window": True, "sliding_window": 128,
+      "layer_types": ["full_attention"] * 4}, 128, (0, 1, 2, 3)),  # its modeling windows every layer
     ({"model_type": "phi3", "sliding_window": 128}, 128, (0, 1, 2, 3)),  # Phi-3-mini-4k's (2047)
     ({"model_type": "ministral", "sliding_window": 128,
       "layer_types": ["sliding_attention", "full_attention"] * 2}, 128, (0, 2)),  # Ministral 8B's interleaving

@@ -74,7 +74,7 @@ def tiny_config(kind: str, **overrides):
                       attention_bias=True, mlp_bias=True, pad_token_id=0)
         cls = transformers.SmolLM3Config
     elif kind == "granite":  # its four multipliers, each away from 1; a tied head
-        common.update(rope_theta=10000.0, embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
+        common.update(rope_theta=10000.0, embedding_multiplier=3.0, attention_multiplier=0.6, residual_multiplier=0.5,
                       logits_scaling=4.0, tie_word_embeddings=True)
         cls = transformers.GraniteConfig
     elif kind == "ministral":  # windows of 8 in layers 0 and 2, layer 1 full (Ministral 8B's interleaving)
@@ -119,6 +119,8 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.5)
             elif "gemma" in kind and name.endswith("norm.weight"):  # Gemma's (1 + w): zeros at init
                 p.uniform_(-0.5, 0.5)
+            elif kind == "smollm3" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)  # sharper attention: a layer rotated by mistake moves the logits well past 1e-4
     model.save_pretrained(path)
     return model
 

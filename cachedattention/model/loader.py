@@ -150,7 +150,8 @@ def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.d
     unplaced = sorted(k for k in state if k not in expected and k.startswith(PLACED) and not k.endswith("inv_freq"))
     if unplaced:  # left out, they would change every answer without a word
         raise ValueError(f"the checkpoint has {len(unplaced)} weights this engine's {spec.model_type} model has no "
-                         f"place for, e.g. {unplaced[:3]}: a config option it does not implement")
+                         f"place for, e.g. {unplaced[:3]}: a config option it does not implement, or a layout it "
+                         "does not read (transformers 5's fused experts: save with save_pretrained)")
     state = {k: v for k, v in state.items() if k in expected or k == "lm_head.weight"}
     missing = expected - set(state)
     if missing:

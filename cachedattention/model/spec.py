@@ -173,8 +173,12 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-# transformers' defaults where a Qwen config that uses its window leaves them out
-QWEN_WINDOW, QWEN_MAX_WINDOW_LAYERS = 4096, 28
+QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default where a Qwen config that uses its window names none
+
+
+# families whose modeling has a sliding window (Llama's and Granite's have none, whatever a config says)
+WINDOWED = ("mistral", "ministral", "mixtral", "phi3", *QWEN, "gemma3_text", "smollm3")
+DEFAULT_WINDOW = 4096  # transformers' where a Qwen (using its window), Mistral or Ministral config names none
 
 
 def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int, ...]] | None:
@@ -182,9 +186,11 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
     (None: every layer sees the whole context). A window no shorter than the model's context never
     cuts, so it is none."""
     qwen = model_type in QWEN
+    if model_type not in WINDOWED:
+        return None
     if (qwen or model_type == "smollm3") and not cfg.get("use_sliding_window"):  # named, used only when asked
         return None
-    window = cfg.get("sliding_window", QWEN_WINDOW if qwen or model_type == "ministral" else None)
+    window = cfg.get("sliding_window", DEFAULT_WINDOW if qwen or model_type in ("mistral", "ministral") else None)
     layers = int(cfg.get("num_hidden_layers", 0))
     if not window:
         return None
@@ -194,7 +200,7 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
         return None
     types = cfg.get("layer_types") or ()
     below = int(cfg.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS))
-    if model_type in ("mistral", "mixtral", "phi3"):  # every layer (their modeling ignores layer_types)
+    if model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):  # every layer (their modeling ignores layer_types)
         windowed = range(layers)
     elif model_type == "gemma3_text" or types:  # as layer_types says (Gemma: five windowed layers, then a full one)
         windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
@@ -202,8 +208,6 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
         windowed = range(layers)
     elif model_type == "smollm3":  # its layers without RoPE
         windowed = _nope_layers(model_type, cfg)
-    elif model_type == "qwen3_moe":
-        windowed = range(layers)
     elif model_type == "qwen2_moe":  # every other layer below max_window_layers
         windowed = [i for i in range(layers) if (i + 1) % 2 and i < below]
     else:  # qwen2, qwen3: from max_window_layers on
@@ -213,6 +217,15 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
 
 # transformers' defaults where a config leaves them out: (experts, per token, an expert's width, the shared one's)
 MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0)}
+
+
+def _attn_scale(cfg: dict[str, Any], gemma: bool) -> float | None:
+    """The attention's softmax scale where the family's is not head_dim ** -0.5 (None: it is)."""
+    if gemma:
+        return float(cfg["query_pre_attn_scalar"]) ** -0.5
+    if cfg.get("model_type") == "granite":  # attention_multiplier itself, 1.0 when not named
+        return _granite(cfg, "attention_multiplier") or 1.0
+    return None
 
 
 def _granite(cfg: dict[str, Any], key: str) -> float | None:
@@ -276,6 +289,9 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
     return moe
 
 
+# transformers' defaults that differ from the generic ones below, where a config leaves them out
+FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5}, "smollm3": {"rope_theta": 2_000_000.0, "max_position_embeddings": 32768}}
+
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -311,6 +327,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         )
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
+    cfg = {**FAMILY_DEFAULTS.get(model_type, {}), **cfg}
     gemma = model_type in ("gemma3", "gemma3_text")
     if gemma:
         cfg = gemma3_text_config(cfg)
@@ -322,7 +339,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
     act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
     if act not in ACTIVATIONS:
         raise ValueError(f"the MLP's activation {act!r} is not implemented; known: {', '.join(ACTIVATIONS)}")
-    window = _window_layers(model_type, cfg) if model_type != "llama" else None
+    window = _window_layers(model_type, cfg)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     theta, scaling, linear = _rope_params(cfg)
@@ -354,7 +371,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         hidden_act=act,
         embed_scale=hidden**0.5 if gemma else _granite(cfg, "embedding_multiplier"),
         sandwich_norms=gemma,
-        attn_scale=float(cfg["query_pre_attn_scalar"]) ** -0.5 if gemma else _granite(cfg, "attention_multiplier"),
+        attn_scale=_attn_scale(cfg, gemma),
         residual_scale=_granite(cfg, "residual_multiplier"),
         logits_scale=_granite(cfg, "logits_scaling"),
         local_rope_theta=float(cfg["rope_local_base_freq"]) if gemma else None,
