@@ -81,6 +81,9 @@ def tiny_config(kind: str, **overrides):
         common.update(rope_theta=10000.0, sliding_window=8, head_dim=16,
                       layer_types=["sliding_attention", "full_attention", "sliding_attention"])
         cls = transformers.MinistralConfig
+    elif kind == "olmo2":  # norms after attention and the MLP only; q/k norms over the whole projection
+        common.update(rope_theta=10000.0, attention_bias=True, pad_token_id=0)
+        cls = transformers.Olmo2Config
     elif kind == "llama-biases":  # attention_bias and mlp_bias: q/k/v/o and gate/up/down have biases
         common.update(rope_theta=10000.0, attention_bias=True, mlp_bias=True)
         cls = transformers.LlamaConfig
@@ -113,7 +116,7 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.2)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            elif name.endswith(("q_norm.weight", "k_norm.weight")) or (kind == "olmo2" and name.endswith("norm.weight")):
                 p.uniform_(0.5, 1.5)
             elif name.endswith((".gate.weight", "shared_expert_gate.weight")):  # routers (zeros in some families)
                 p.normal_(0.0, 0.5)

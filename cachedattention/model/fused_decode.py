@@ -39,8 +39,9 @@ class FusedDecode:
         spec = model.spec
         if spec.moe is not None:
             raise ValueError("the C layers have no mixture-of-experts MLP")
-        if spec.sandwich_norms or spec.hidden_act != "silu":  # (an embedding scale is applied before them)
-            raise ValueError("the C layers are Llama's: no Gemma norms around attention and MLP, no GeGLU")
+        if spec.sandwich_norms or spec.post_norms_only or spec.qk_norm_full or spec.hidden_act != "silu":
+            # (an embedding scale is applied before them)
+            raise ValueError("the C layers are Llama's: no Gemma or OLMo norms around attention and MLP, no GeGLU")
         if spec.window_layers:
             raise ValueError("the C layers attend whole contexts: no sliding window")
         if spec.local_rope_layers or spec.nope_layers:

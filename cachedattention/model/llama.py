@@ -1,5 +1,6 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, the mixtures of experts Mixtral, Qwen2-MoE,
-Qwen3-MoE, and Gemma 3's variation on it) in plain PyTorch over a paged KV pool.
+"""The Llama family (Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, the mixtures
+of experts Mixtral, Qwen2-MoE, Qwen3-MoE, and Gemma 3's and OLMo 2's variations on it) in plain
+PyTorch over a paged KV pool.
 
 Keys are rotated at attention time; each layer hands its pre-RoPE keys to the store hooks
 before rotating them (DESIGN.md, the positional-encoding rule).
@@ -32,9 +33,9 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
         self.v_proj = Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
         self.o_proj = Linear(spec.num_heads * d, h, bias=spec.o_bias)
-        if spec.qk_norm:
-            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
-            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+        if spec.qk_norm:  # each head's (Qwen3, Gemma 3), or the whole projection's (OLMo 2)
+            self.q_norm = RMSNorm(spec.num_heads * d if spec.qk_norm_full else d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.num_kv_heads * d if spec.qk_norm_full else d, spec.rms_norm_eps)
 
     def forward(
         self,
@@ -48,10 +49,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         s = self.spec
         n = x.shape[0]
-        q = self.q_proj(x).view(n, s.num_heads, s.head_dim)
-        k = self.k_proj(x).view(n, s.num_kv_heads, s.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if s.qk_norm_full:  # before RoPE: the stored keys are the normed ones
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(n, s.num_heads, s.head_dim)
+        k = k.view(n, s.num_kv_heads, s.head_dim)
         v = self.v_proj(x).view(n, s.num_kv_heads, s.head_dim)
-        if s.qk_norm:  # per head, before RoPE: the stored keys are the normed ones
+        if s.qk_norm and not s.qk_norm_full:  # per head, before RoPE: the stored keys are the normed ones
             q, k = _head_norm(q, self.q_norm, ops), _head_norm(k, self.k_norm, ops)
         if batch.hooks is not None:
             batch.hooks.save_layer(layer, k, v)  # pre-RoPE: kept as it is
@@ -131,8 +135,12 @@ def _head_norm(x: torch.Tensor, norm: RMSNorm, ops: RowOpsKernel | None) -> torc
     return ops.head_rms_norm(x, norm.weight, norm.eps) if ops is not None else norm(x)
 
 
-def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm, ops: RowOpsKernel | None) -> torch.Tensor:
-    """x += delta (the residual stream, in place; nothing when None), then the norm that reads it."""
+def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm | None,
+              ops: RowOpsKernel | None) -> torch.Tensor:  # fmt: skip
+    """x += delta (the residual stream, in place; nothing when None), then the norm that reads it
+    (none: x itself, which the next sublayer only reads before x is added to again)."""
+    if norm is None:
+        return x.add_(delta) if delta is not None else x
     if ops is not None:
         return ops.add_rms_norm(x, delta, norm.weight, norm.eps)
     if delta is not None:
@@ -163,25 +171,30 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 class DecoderLayer(nn.Module):
     """Attention and MLP, each after a norm. Gemma's (`sandwich`) also norms each one's output before
-    it joins the residual stream, and its post_attention_layernorm is that norm of the attention's."""
+    it joins the residual stream, and its post_attention_layernorm is that norm of the attention's;
+    OLMo 2's has only those output norms."""
 
     def __init__(self, spec: ModelSpec, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(spec)
         self.mlp = (SparseMoE(spec.hidden_size, spec.moe) if spec.is_sparse(index)
                     else GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, spec.mlp_bias))  # fmt: skip
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.sandwich = spec.sandwich_norms
+        h, eps = spec.hidden_size, spec.rms_norm_eps
+        self.input_layernorm = None if spec.post_norms_only else RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.sandwich = spec.sandwich_norms or spec.post_norms_only  # the attention's output normed
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(h, eps)
         if self.sandwich:
-            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(h, eps)
 
     def attention_out(self, out: torch.Tensor) -> torch.Tensor:
         return self.post_attention_layernorm(out) if self.sandwich else out
 
-    def mlp_norm(self) -> RMSNorm:
-        return self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
+    def mlp_norm(self) -> RMSNorm | None:
+        if not self.sandwich:
+            return self.post_attention_layernorm
+        return getattr(self, "pre_feedforward_layernorm", None)  # OLMo 2: none
 
     def mlp_out(self, out: torch.Tensor) -> torch.Tensor:
         return self.post_feedforward_layernorm(out) if self.sandwich else out

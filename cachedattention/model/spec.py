@@ -10,7 +10,7 @@ from typing import Any
 from cachedattention.model.gemma_config import gemma3_text_config
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3_text", "gemma3",
-             "phi3", "smollm3", "granite", "ministral")
+             "phi3", "smollm3", "granite", "ministral", "olmo2")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
@@ -84,6 +84,10 @@ class ModelSpec:
     local_rope_layers: tuple[int, ...] = ()
     # SmolLM3: layers without RoPE (every fourth): their keys are stored and attended as they are
     nope_layers: tuple[int, ...] = ()
+    # OLMo 2: no norm before attention or the MLP, one after each (before the residual add); its q
+    # and k norms span the whole projection, not each head
+    post_norms_only: bool = False
+    qk_norm_full: bool = False
 
     def window(self, layer: int) -> int | None:
         """The layer's sliding window, or None when it attends to the whole context."""
@@ -116,7 +120,8 @@ class ModelSpec:
 LATER_FIELDS = {"qk_norm": False, "o_bias": False, "mlp_bias": False, "rope_freq_factors": None, "moe": None, "sliding_window": None, "window_layers": (),
                 "hidden_act": "silu", "embed_scale": None, "sandwich_norms": False, "attn_scale": None,
                 "residual_scale": None, "logits_scale": None,
-                "local_rope_theta": None, "local_rope_layers": (), "nope_layers": ()}  # fmt: skip
+                "local_rope_theta": None, "local_rope_layers": (), "nope_layers": (),
+                "post_norms_only": False, "qk_norm_full": False}  # fmt: skip
 
 
 def _rope_params(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
@@ -156,7 +161,7 @@ def _freq_factors(cfg: dict[str, Any], head_dim: int, scaling: RopeScaling | Non
 
 
 # families whose attention_bias puts a bias on q, k, v and o (transformers' modeling of each)
-ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma3_text", "smollm3", "granite")
+ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma3_text", "smollm3", "granite", "olmo2")
 
 
 def _qkv_bias(model_type: str, cfg: dict[str, Any]) -> bool:
@@ -290,7 +295,8 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
 
 
 # transformers' defaults that differ from the generic ones below, where a config leaves them out
-FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5}, "smollm3": {"rope_theta": 2_000_000.0, "max_position_embeddings": 32768}}
+FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5}, "olmo2": {"rms_norm_eps": 1e-5},
+                   "smollm3": {"rope_theta": 2_000_000.0, "max_position_embeddings": 32768}}  # fmt: skip
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -360,7 +366,9 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         qkv_bias=_qkv_bias(model_type, cfg),
         o_bias=model_type in ATTENTION_BIAS and bool(cfg.get("attention_bias", False)),
         mlp_bias=model_type in ("llama", "smollm3", "granite") and bool(cfg.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"),
+        qk_norm_full=model_type == "olmo2",
+        post_norms_only=model_type == "olmo2",
         rope_freq_factors=_freq_factors(cfg, head_dim, scaling, linear),
         rope_scaling=scaling,
         bos_token_id=cfg.get("bos_token_id"),

@@ -80,8 +80,9 @@ def layer_theta(cfg, layer: int) -> float | None:
 
 
 # qwen3: the stored keys are normed per head; mistral-window: each layer sees its last 8 keys;
-# gemma3: windowed layers with a RoPE base of their own beside a full one; smollm3: a layer without RoPE
-@pytest.mark.parametrize("kind", ["mistral", "qwen3", "mistral-window", "gemma3", "smollm3"])
+# gemma3: windowed layers with a RoPE base of their own beside a full one; smollm3: a layer without RoPE;
+# olmo2: keys normed over the whole projection
+@pytest.mark.parametrize("kind", ["mistral", "qwen3", "mistral-window", "gemma3", "smollm3", "olmo2"])
 def test_truncated_cache_equals_hand_computed_reference(kind, tiny_dirs, monkeypatch):
     from transformers import DynamicCache
 
