@@ -247,7 +247,7 @@ class LlamaForCausalLM(nn.Module):
 
         `fused`: the layers described over this pool in two C calls each, for a step whose rows are
         all paged decoders; they reproduce the row ops and few-rows kernels, so only with those."""
-        ropes = self._rope_tables(batch.positions)
+        ropes = self.rotary.per_layer(batch.positions, self.spec.num_layers)
         x = self.model.embed_tokens(batch.input_ids)  # the residual stream, added to in place
         if self.spec.embed_scale is not None:  # Gemma's, Granite's: in the model's dtype, as transformers scales it
             x.mul_(torch.tensor(self.spec.embed_scale, dtype=x.dtype))
@@ -258,15 +258,6 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.norm(x[batch.logits_indices])
         logits = self.lm_head(x).float()
         return logits if self.spec.logits_scale is None else logits.div_(self.spec.logits_scale)
-
-    def _rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's cos/sin for the step's positions (looked up once per table)."""
-        looked_up: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i in range(self.spec.num_layers):
-            table = self.rotary.for_layer(i)
-            if id(table) not in looked_up:
-                looked_up[id(table)] = table.tables(positions)
-        return [looked_up[id(self.rotary.for_layer(i))] for i in range(self.spec.num_layers)]
 
     def _layers(self, x: torch.Tensor, batch: ForwardBatch, pool: KVPool,
                 ropes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:  # fmt: skip

@@ -59,6 +59,19 @@ class RotaryEmbedding:
         """The tables this layer rotates with."""
         return self.layer_tables.get(layer, self)
 
+    def per_layer(self, positions: torch.Tensor, num_layers: int,
+                  exact: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """Each layer's cos/sin for these positions, each distinct table looked up once; `exact`:
+        computed in float32 (float_tables)."""
+        looked_up: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out = []
+        for layer in range(num_layers):
+            table = self.for_layer(layer)
+            if id(table) not in looked_up:
+                looked_up[id(table)] = table.float_tables(positions) if exact else table.tables(positions)
+            out.append(looked_up[id(table)])
+        return out
+
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [n, 1, head_dim] for broadcasting over heads."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)

@@ -262,12 +262,9 @@ class StoreConnector:
         slots = KVPool.slots_for(req.pages, self.engine.pool.page_size, lo, hi, dev)
         rotary, positions = self.engine.model.rotary, torch.arange(lo, hi, device=dev)
         f32 = self.engine.pool.k[0].dtype == torch.float32  # else undo in float32: bf16 tables are lossy
-        ks, vs, tables = [], [], {}
-        for layer in range(self.layout.num_layers):
-            table = rotary.for_layer(layer)  # Gemma's windowed layers have their own
-            if id(table) not in tables:
-                tables[id(table)] = table.tables(positions) if f32 else table.float_tables(positions)
-            cos, sin = tables[id(table)]
+        ks, vs = [], []
+        ropes = rotary.per_layer(positions, self.layout.num_layers, exact=not f32)  # a table per layer type
+        for layer, (cos, sin) in enumerate(ropes):
             k, v = self.engine.pool.gather(layer, slots)
             k = apply_rotary(k if f32 else k.float(), cos, -sin)  # rotating by -theta undoes RoPE
             ks.append(k if f32 else k.to(self.layout.dtype))

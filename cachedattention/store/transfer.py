@@ -61,8 +61,8 @@ class LoadJob:
     events: list[threading.Event] = field(default_factory=list)
     cuda_events: list = field(default_factory=list)
     failed: tuple[str, str] | None = None  # (segment, reason) when a read failed its check
-    # cos/sin of `positions` by table (one per model, or Gemma's two), filled by the loader
-    rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # each layer's cos/sin of `positions` (a table per layer type), filled by the loader
+    rope: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     scratch: torch.Tensor | None = None  # rotated keys before a scatter (non-consecutive slots), reused per layer
     # CPU, layer-wise: loads one layer (read, check, rotate, write) on the forward's thread when
     # it reaches that layer (`wait`); the job's files are open and being read ahead by the kernel
@@ -254,10 +254,9 @@ class Loader:
 
     def _write_piece(self, job: LoadJob, layer: int, a: int, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Job tokens [a, b) into the pages; keys rotated to the positions these tokens have now."""
-        rotary = self.rotary.for_layer(layer)
-        if id(rotary) not in job.rope:  # the same positions for every layer: each table looked up once per job
-            job.rope[id(rotary)] = rotary.tables(job.positions)
-        cos, sin = job.rope[id(rotary)]
+        if job.rope is None:  # the same positions for every layer: each table looked up once per job
+            job.rope = self.rotary.per_layer(job.positions, job.num_layers)
+        cos, sin = job.rope[layer]
         k = k.to(self.device, non_blocking=True)
         if job.first_slot is not None:
             s = job.first_slot + a
