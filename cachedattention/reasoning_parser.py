@@ -47,19 +47,21 @@ class ReasoningParser:
         # the tail's last tag opens it: the template's <think>, or a prefilled answer still thinking
         return self.starts_open or prompt_tail.rfind(START) > prompt_tail.rfind(END)
 
-    def opens_after(self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int], structured: bool = False) -> bool:
-        """`opens` for a prompt: where the tags are single tokens, also when its last tag is an open
-        <think> further back than the tail (a long prefilled answer still thinking)."""
+    def answer_start(self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int], tags: tuple[int, int] | None,
+                     structured: bool = False) -> tuple[bool, bool]:  # fmt: skip
+        """(`opens` for a prompt, `closes` for it), its tail decoded once. Where the tags are single
+        tokens (`tags`: their ids, from `reasoning_tags`), the answer also opens inside its reasoning
+        when the prompt's last tag is an open <think> further back than the tail (a long prefilled
+        answer still thinking)."""
         if tokenizer is None:
-            return self.opens("", structured)
+            return self.opens("", structured), False
         tail = prompt_tail(tokenizer, prompt_ids)
+        closed = self.closes(tail)
         if self.opens(tail, structured):
-            return True
-        tags = reasoning_tags(tokenizer)
-        if structured or self.closes(tail) or tags is None:
-            return False
-        start, end = tags
-        return next((t == start for t in reversed(prompt_ids) if t in tags), False)
+            return True, closed
+        if structured or closed or tags is None:
+            return False, closed
+        return next((t == tags[0] for t in reversed(prompt_ids) if t in tags), False), closed
 
     @staticmethod
     def closes(prompt_tail: str) -> bool:

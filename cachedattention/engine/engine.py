@@ -103,12 +103,13 @@ class LLMEngine:
         """How the model writes its reasoning (None: it does not): guided answers reason first when
         the tokenizer has the tags as single tokens (the server sets the one it parses with)."""
         self.reasoning_parser = reasoning_parser(name)
-        self._reasoning_tags = reasoning_tags(self.tokenizer) if self.reasoning_parser is not None else None
+        # the ids of <think> and </think> when each is one token (None: no parser, or not single tokens)
+        self.reasoning_tags = reasoning_tags(self.tokenizer) if self.reasoning_parser is not None else None
 
     @property
     def guided_after_reasoning(self) -> bool:
         """Whether a guided answer is held to its shape only after the model's reasoning."""
-        return self._reasoning_tags is not None
+        return self.reasoning_tags is not None
 
     def _make_pool(self) -> KVPool:
         c = self.config.cache
@@ -293,8 +294,8 @@ class LLMEngine:
         # the end the model itself writes (Llama-3's <|eot_id|>, not the smallest of its end ids)
         end = tok.eos_token_id if tok.eos_token_id in self.eos_token_ids else min(self.eos_token_ids, default=None)
         gate = None
-        if self._reasoning_tags is not None:
-            gate = ReasoningGate.for_prompt(self.reasoning_parser, self._reasoning_tags, tok, prompt_ids)
+        if self.reasoning_tags is not None:
+            gate = ReasoningGate.for_prompt(self.reasoning_parser, self.reasoning_tags, tok, prompt_ids)
         return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte, end,
                                 gate)  # fmt: skip
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cachedattention.reasoning_parser import ReasoningParser, prompt_tail
+from cachedattention.reasoning_parser import ReasoningParser
 
 if TYPE_CHECKING:
     from cachedattention.model.tokenizer import Tokenizer
@@ -33,8 +33,7 @@ class ReasoningGate:
     def for_prompt(cls, parser: ReasoningParser, tags: tuple[int, int], tokenizer: Tokenizer,
                    prompt_ids: Sequence[int]) -> ReasoningGate:  # fmt: skip
         """As the server splits the answer (the same rule on the same prompt tail)."""
-        reasoning = parser.opens_after(tokenizer, prompt_ids)
-        closed = parser.closes(prompt_tail(tokenizer, prompt_ids))
+        reasoning, closed = parser.answer_start(tokenizer, prompt_ids, tags)
         return cls(*tags, reasoning=reasoning, may_open=not reasoning and not closed)
 
     @property

@@ -340,8 +340,10 @@ class OpenAIRoutes:
         if self.reasoning_parser is None:
             return None
         params = parsed.params
-        shaped_from_start = params.guided and not self.loop.engine.guided_after_reasoning
-        return Reasoning(self.reasoning_parser, shaped_from_start, parsed.include_reasoning, params.skip_special_tokens)
+        engine = self.loop.engine
+        shaped_from_start = params.guided and not engine.guided_after_reasoning
+        return Reasoning(self.reasoning_parser, shaped_from_start, parsed.include_reasoning, params.skip_special_tokens,
+                         engine.reasoning_tags)  # fmt: skip
 
     def _check_model(self, model: Any) -> None:
         if model is not None and model not in self.aliases:

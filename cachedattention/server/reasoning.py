@@ -39,6 +39,7 @@ class Reasoning:
     structured: bool = False
     include: bool = True
     skip_special_tokens: bool = True
+    tags: tuple[int, int] | None = None  # the engine's reasoning_tags: <think> and </think> as token ids
     _open: bool | None = field(default=None, repr=False)  # decided once: every choice shares the prompt
 
     def split(self, out: RequestOutput, tokenizer: Tokenizer | None, final: bool = True) -> Split:
@@ -51,7 +52,7 @@ class Reasoning:
 
     def _opens(self, out: RequestOutput, tokenizer: Tokenizer | None) -> bool:
         if self._open is None:
-            self._open = self.parser.opens_after(tokenizer, out.prompt_token_ids, self.structured)
+            self._open = self.parser.answer_start(tokenizer, out.prompt_token_ids, self.tags, self.structured)[0]
         return self._open
 
     def tokens(self, out: RequestOutput, tokenizer: Tokenizer | None) -> int:

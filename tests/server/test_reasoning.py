@@ -74,10 +74,6 @@ class _Tail:
     def decode(ids, skip_special_tokens: bool = True) -> str:
         return "".join(map(chr, ids))
 
-    @staticmethod
-    def single_token_id(text: str) -> None:  # a tag is several characters: several tokens
-        return None
-
 
 def _prompt(text: str) -> list[int]:
     return [ord(c) for c in text]
