@@ -41,9 +41,8 @@ def test_a_null_window_is_none_and_a_missing_one_gemma_s_default():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"final_logit_softcapping": 30.0}, "softcapping"),
-    ({"attn_logit_softcapping": 50.0}, "softcapping"),
     ({"use_bidirectional_attention": True}, "bidirectional"),
+    ({"final_logit_softcapping": -1.0}, "final_logit_softcapping must be a positive number or null"),
     ({"hidden_activation": "relu"}, "activation"),
 ])  # fmt: skip
 def test_what_is_not_implemented_is_refused(change, match, tmp_path):

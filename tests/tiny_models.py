@@ -1,5 +1,6 @@
 """Tiny random-weight Hugging Face models (Llama, Qwen2, Qwen3, Mistral, with and without sliding
-windows, the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, and Gemma 3) used as references in tests."""
+windows, the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma 1, 2 and 3, Phi-3, ...) used as
+references in tests."""
 
 from __future__ import annotations
 
@@ -66,9 +67,26 @@ def tiny_config(kind: str, **overrides):
         if kind == "gemma3-scaled":
             common.update(rope_scaling={"rope_type": "linear", "factor": 8.0})
         cls = transformers.Gemma3TextConfig
+    elif kind == "gemma":  # Gemma 1: (1 + w) norms, GeGLU under its legacy name, a scaled embedding
+        common.update(head_dim=32, hidden_act="gelu", num_key_value_heads=1)
+        cls = transformers.GemmaConfig
+    elif kind == "gemma2":  # windows of 8 in layers 0 and 2; scores and logits capped low enough to bite
+        # (eager: transformers 5.17's default SDPA path for Gemma 2 leaves the scores' cap out)
+        common.update(head_dim=32, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=1.0,
+                      final_logit_softcapping=0.5, attn_implementation="eager")
+        cls = transformers.Gemma2Config
     elif kind in ("phi3", "phi3-window"):  # fused q/k/v and gate/up; "window": Phi-3-mini-4k's window, scaled down
         common.update(rope_theta=10000.0, sliding_window=8 if kind == "phi3-window" else None, pad_token_id=0)
         cls = transformers.Phi3Config
+    elif kind == "phi4-mini":  # three quarters of each head rotate; longrope's factors (Phi-4-mini's, scaled down)
+        common.update(rope_theta=10000.0, pad_token_id=0, partial_rotary_factor=0.75, original_max_position_embeddings=128,
+                      rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.6, 3.1, 4.0],
+                                    "long_factor": [1.5, 2.5, 4.0, 7.0, 11.0, 16.0]})  # fmt: skip
+        cls = transformers.Phi3Config
+    elif kind == "qwen2-yarn":  # YaRN stretching a 64-token pretraining window by 8 (Qwen2.5's long-context setting)
+        common.update(tie_word_embeddings=True, rope_theta=10000.0,
+                      rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64})
+        cls = transformers.Qwen2Config
     elif kind == "smollm3":  # layer 1 without RoPE and with a window of 8 (SmolLM3-3B: every fourth, no window)
         common.update(rope_theta=5000000.0, no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=8,
                       attention_bias=True, mlp_bias=True, pad_token_id=0)
@@ -122,7 +140,7 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.5)
             elif "gemma" in kind and name.endswith("norm.weight"):  # Gemma's (1 + w): zeros at init
                 p.uniform_(-0.5, 0.5)
-            elif kind == "smollm3" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            elif kind in ("smollm3", "gemma2") and name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(8.0)  # sharper attention: a layer rotated by mistake moves the logits well past 1e-4
     model.save_pretrained(path)
     return model

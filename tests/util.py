@@ -12,6 +12,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def last_logits_after(hf, cache, rest: list[int], start: int) -> torch.Tensor:
+    """transformers' logits for the last of `rest`, at positions from `start` on, over a given cache."""
+    with torch.no_grad():
+        return hf(torch.tensor([rest]), past_key_values=cache,
+                  position_ids=torch.arange(start, start + len(rest))[None]).logits[0, -1]  # fmt: skip
+
+
 def capture_logits(monkeypatch) -> list[torch.Tensor]:
     """Record every logits row the engine samples from (in sampling order)."""
     seen: list[torch.Tensor] = []

@@ -162,7 +162,7 @@ def _run_local(
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
         scheduler=SchedulerConfig(long_prefill_token_threshold=args.long_prefill_token_threshold),
     )
-    max_model_len = args.max_model_len or loaded.spec.max_position_embeddings
+    max_model_len = args.max_model_len or loaded.spec.default_context()
     budgets, per_token = plan_budgets(loaded, workload, max_model_len, args.dtype)
     results, systems = [], {}
     with tempfile.TemporaryDirectory(prefix="cachedattention-bench-") as store_root:

@@ -64,7 +64,10 @@ class LLMEngine:
         self.sampling_defaults = generation_defaults(
             config.generation_config, folder if folder and folder.is_dir() else None, config.override_generation_config
         )
-        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        self.max_model_len = config.max_model_len or self.spec.default_context()
+        if self.spec.rope_short_window and self.max_model_len > self.spec.rope_short_window:
+            log.info("longrope: a window of %d, past the pretraining %d, rotates every token with the long factors",
+                     self.max_model_len, self.spec.rope_short_window)
         self.dtype = resolve_dtype(config.dtype)
         self.model = self.loaded.model
         self.model.init_rotary(self.max_model_len)

@@ -44,6 +44,8 @@ class FusedDecode:
             raise ValueError("the C layers are Llama's: no Gemma or OLMo norms around attention and MLP, no GeGLU")
         if spec.window_layers:
             raise ValueError("the C layers attend whole contexts: no sliding window")
+        if spec.attn_softcap is not None:
+            raise ValueError("the C layers are Llama's: no capped attention scores")
         if spec.local_rope_layers or spec.nope_layers:
             raise ValueError("the C layers rotate every layer with one table")
         self.watch = _Watch(model.model.layers, pool)

@@ -1,5 +1,5 @@
 """The Llama family (Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, the mixtures
-of experts Mixtral, Qwen2-MoE, Qwen3-MoE, and Gemma 3's and OLMo 2's variations on it) in plain
+of experts Mixtral, Qwen2-MoE, Qwen3-MoE, and Gemma's and OLMo 2's variations on it) in plain
 PyTorch over a paged KV pool.
 
 Keys are rotated at attention time; each layer hands its pre-RoPE keys to the store hooks
@@ -17,6 +17,7 @@ from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, SeqSlice
+from cachedattention.model.capped_attention import capped_attention
 from cachedattention.model.fused_decode import FusedDecode
 from cachedattention.model.layers import GatedMLP, Linear, OneDNNWeight, RMSNorm, SparseMoE
 from cachedattention.model.rope import RotaryEmbedding, apply_rotary
@@ -73,31 +74,32 @@ class Attention(nn.Module):
         if batch.paged_decode is not None:
             batch.paged_decode.attend(q, out, pool.k[layer], pool.v[layer], windowed=window is not None)
         for group in batch.decode:
-            out[group.rows] = self._attend_decode(q, group, layer, pool, window is not None)
+            out[group.rows] = self._attend_decode(q, group, layer, pool, window is not None, s.attn_softcap)
         for seq in batch.seqs:
-            out[seq.start : seq.start + seq.num_new] = self._attend(q, k, v, seq, layer, pool, window)
+            out[seq.start : seq.start + seq.num_new] = self._attend(q, k, v, seq, layer, pool, window, s.attn_softcap)
         return self.o_proj(out.view(n, -1))
 
     @staticmethod
     def _attend_decode(q: torch.Tensor, group: DecodeGroup, layer: int, pool: KVPool,
-                       windowed: bool = False) -> torch.Tensor:  # fmt: skip
+                       windowed: bool = False, cap: float | None = None) -> torch.Tensor:  # fmt: skip
         b = group.pages.shape[0]
         ks, vs = pool.gather_pages(layer, group.pages.view(-1))
         kv_heads, d = ks.shape[1], ks.shape[2]
         ks = ks.view(b, -1, kv_heads, d).transpose(1, 2)  # [B, kv_heads, P * page_size, d]
         vs = vs.view(b, -1, kv_heads, d).transpose(1, 2)
         mask = group.window_mask if windowed and group.window_mask is not None else group.mask
-        return _one_token_attention(q[group.rows], ks, vs, mask)
+        return _one_token_attention(q[group.rows], ks, vs, mask, cap)
 
     @staticmethod
-    def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool, window: int | None = None) -> torch.Tensor:
-        """`window`: the layer's sliding window (None: the whole context)."""
+    def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool, window: int | None = None,
+                cap: float | None = None) -> torch.Tensor:  # fmt: skip
+        """`window`: the layer's sliding window (None: the whole context); `cap`: Gemma 2's on scores."""
         lo, hi = seq.start, seq.start + seq.num_new
         if seq.is_decode:  # a lone decoder
             ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
             if window is not None:  # the last keys only
                 ks, vs = ks[-window:], vs[-window:]
-            return _one_token_attention(q[lo:hi], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None])
+            return _one_token_attention(q[lo:hi], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], cap=cap)
         band = seq.window_mask if window is not None else None  # where the window cuts this context
         qs = q[lo:hi].transpose(0, 1)  # [heads, n, d]
         if seq.context_len == 0:
@@ -106,7 +108,7 @@ class Attention(nn.Module):
             mask, causal = None, seq.num_new > 1
         else:
             ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
-            if seq.split and band is None:
+            if seq.split and band is None and cap is None:
                 o = attend_history_then_new(qs, ks.transpose(0, 1), vs.transpose(0, 1), seq.context_len)
                 if o is not None:
                     return o.transpose(0, 1)
@@ -118,6 +120,8 @@ class Attention(nn.Module):
         if band is not None:
             mask, causal = band, False
         ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)
+        if cap is not None:
+            return capped_attention(qs, ks, vs, cap, mask, causal).transpose(0, 1)
         # 4-D inputs: the fused CPU kernel only takes (batch, heads, length, dim)
         if q.device.type == "cpu":
             # the CPU flash kernel shares KV heads itself: no copies of K/V per query head
@@ -149,7 +153,7 @@ def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm | None,
 
 
 def _one_token_attention(
-    q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None = None
+    q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None = None, cap: float | None = None
 ) -> torch.Tensor:
     """One new token per sequence over its context: q [B, heads, d], ks/vs [B, kv_heads, L, d].
 
@@ -159,6 +163,8 @@ def _one_token_attention(
     312 us).
     """
     b, kv_heads, d = q.shape[0], ks.shape[1], ks.shape[3]
+    if cap is not None:
+        return capped_attention(q.view(b, kv_heads, -1, d), ks, vs, cap, mask).reshape(b, -1, d)
     o = F.scaled_dot_product_attention(q.view(b, kv_heads, -1, d), ks, vs, attn_mask=mask)
     return o.reshape(b, -1, d)
 
@@ -257,6 +263,8 @@ class LlamaForCausalLM(nn.Module):
             self._layers(x, batch, pool, ropes)
         x = self.model.norm(x[batch.logits_indices])
         logits = self.lm_head(x).float()
+        if self.spec.final_softcap is not None:  # Gemma 2's: cap * tanh(logits / cap)
+            logits = torch.tanh(logits.div_(self.spec.final_softcap)).mul_(self.spec.final_softcap)
         return logits if self.spec.logits_scale is None else logits.div_(self.spec.logits_scale)
 
     def _layers(self, x: torch.Tensor, batch: ForwardBatch, pool: KVPool,

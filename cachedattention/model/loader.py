@@ -217,7 +217,9 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
         state = {_mixtral_name(name): t for name, t in state.items()}
     elif spec.model_type == "phi3":
         state = _split_phi3(state, spec)
-    elif spec.sandwich_norms:
+        if spec.rotary_dim is not None:
+            state = _rotating_dims_apart(state, spec)
+    elif spec.norms_plus_one:
         state = {_gemma_name(name): t for name, t in state.items()}
         state.update({name: t.float() + 1.0 for name, t in state.items()
                       if name.startswith(("model.", "lm_head.")) and name.endswith("norm.weight")})  # fmt: skip
@@ -228,7 +230,28 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
         scales.update(dict.fromkeys((".self_attn.o_proj.", ".mlp.down_proj."), spec.residual_scale))
     for part, factor in scales.items():
         state.update({name: t.float() * factor for name, t in state.items() if part in name})
+    if spec.rope_attention_factor is not None:
+        state = _rope_factor_into_q(state, spec)
     return state
+
+
+def _rope_factor_into_q(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """YaRN's and longrope's factor scales cos and sin, so the rotating part of q and of k: their
+    q.k by its square, folded into q's rotating dimensions (its norm's where q is normed after its
+    projection). A partial rotary's other dimensions are not scaled."""
+    rotating = torch.ones(spec.head_dim)
+    if spec.rotary_dim is not None:  # where the loader put them: the first rotary_dim / 2 of each half
+        rotating.zero_()
+        for start in (0, spec.head_dim // 2):
+            rotating[start : start + spec.rotary_dim // 2] = 1.0
+    scale = 1.0 + (spec.rope_attention_factor**2 - 1.0) * rotating
+    part = ".self_attn.q_norm." if spec.qk_norm else ".self_attn.q_proj."
+    out = dict(state)
+    for name, t in state.items():
+        if part in name:
+            per_dim = scale.reshape(-1, *([1] * (t.dim() - 1)))  # a head's rows, then each later head's
+            out[name] = (t.float().reshape(-1, spec.head_dim, *t.shape[1:]) * per_dim).reshape(t.shape)
+    return out
 
 
 def _split_phi3(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -244,6 +267,24 @@ def _split_phi3(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, to
             out.update({name.replace("gate_up_proj", "gate_proj"): gate, name.replace("gate_up_proj", "up_proj"): up})
         else:
             out[name] = t
+    return out
+
+
+def _rotating_dims_apart(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """A partial rotary's head, [rotating first half, second half, the rest], reordered to [first
+    half, half the rest, second half, the other half of the rest] in q and k: rotate_half over the
+    whole head then pairs the rotating dimensions as over the rotating part alone, and the rest, with
+    frequencies of 0, stay as they are. q.k is the same sum in another order; v is not touched."""
+    d, half = spec.head_dim, spec.rotary_dim // 2
+    rest = (d - spec.rotary_dim) // 2
+    ranges = ((0, half), (2 * half, 2 * half + rest), (half, 2 * half), (2 * half + rest, d))
+    order = torch.cat([torch.arange(a, b) for a, b in ranges])
+    out = dict(state)
+    for name, t in state.items():
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
+                          "self_attn.k_proj.bias")):  # fmt: skip
+            heads = t.shape[0] // d
+            out[name] = t.reshape(heads, d, *t.shape[1:])[:, order].reshape(t.shape)
     return out
 
 

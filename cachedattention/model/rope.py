@@ -1,4 +1,5 @@
-"""Rotary position embedding: frequencies (with Llama-3 scaling) and rotation of pre-RoPE keys."""
+"""Rotary position embedding: frequencies (Llama 3's scaling, or each frequency's divisor) and
+rotation of pre-RoPE keys."""
 
 from __future__ import annotations
 
@@ -7,17 +8,25 @@ from dataclasses import replace
 
 import torch
 
-from cachedattention.model.spec import ModelSpec
+from cachedattention.model.spec import ModelSpec, RopeScaling
 
 
-def inv_frequencies(spec: ModelSpec) -> torch.Tensor:
-    dim = spec.head_dim
+def inv_frequencies(spec: ModelSpec, long: bool = False) -> torch.Tensor:
+    """One frequency per pair of each head's dimensions: the rotating ones' (over rotary_dim, with
+    their divisors: GGUF's rope_freqs, linear, YaRN, longrope's short factors or, `long`, its long
+    ones), then zeros for a partial rotary's other dimensions (the loader puts those in the middle
+    of each half, so one rotate_half over the whole head leaves them as they are)."""
+    dim = spec.rotary_dim or spec.head_dim
     inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    if spec.rope_freq_factors is not None:  # a GGUF file's divisors, as llama.cpp applies them
-        return (inv / torch.tensor(spec.rope_freq_factors, dtype=torch.float64)).float()
-    s = spec.rope_scaling
-    if s is None:
-        return inv.float()
+    divisors = spec.rope_long_freq_factors if long else spec.rope_freq_factors
+    if divisors is not None:
+        inv = inv / torch.tensor(divisors, dtype=torch.float64)
+    elif spec.rope_scaling is not None:
+        inv = _llama3(inv, spec.rope_scaling)
+    return torch.cat([inv, inv.new_zeros((spec.head_dim - dim) // 2)]).float()
+
+
+def _llama3(inv: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv
@@ -27,7 +36,7 @@ def inv_frequencies(spec: ModelSpec) -> torch.Tensor:
     )
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(mid, smoothed, scaled).float()
+    return torch.where(mid, smoothed, scaled)
 
 
 class RotaryEmbedding:
@@ -37,7 +46,11 @@ class RotaryEmbedding:
     def __init__(self, spec: ModelSpec, max_len: int, device: torch.device, dtype: torch.dtype,
                  inv: torch.Tensor | None = None) -> None:  # fmt: skip
         pos = torch.arange(max_len, dtype=torch.float32)
-        self.inv = inv_frequencies(spec) if inv is None else inv
+        # longrope: a window past the pretraining one rotates every token with the long factors, as
+        # transformers does for a sequence that long (so a stored KV cache is another: its deeper
+        # layers' keys came through other rotations)
+        self.long = spec.rope_short_window is not None and max_len > spec.rope_short_window
+        self.inv = inv_frequencies(spec, self.long) if inv is None else inv
         freqs = torch.outer(pos, self.inv)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
@@ -48,6 +61,7 @@ class RotaryEmbedding:
         self.layer_tables: dict[int, RotaryEmbedding] = {}
         if spec.local_rope_layers:
             local = replace(spec, rope_theta=spec.local_rope_theta, rope_scaling=None, rope_freq_factors=None,
+                            rope_long_freq_factors=None, rope_short_window=None,
                             local_rope_layers=(), nope_layers=())  # fmt: skip
             self.layer_tables.update(dict.fromkeys(spec.local_rope_layers, RotaryEmbedding(local, max_len, device, dtype)))
         if spec.nope_layers:

@@ -7,24 +7,15 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cachedattention.model.gemma_config import gemma3_text_config
+from cachedattention.model.gemma_config import GEMMA, gemma_config
+from cachedattention.model.rope_config import RopeScaling, rope_settings
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3_text", "gemma3",
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "gemma3",
              "phi3", "smollm3", "granite", "ministral", "olmo2")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
 ABSOLUTE_POSITION = ("gpt2", "gpt_neo", "gptj", "opt", "bloom", "bert", "gpt_bigcode")
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Llama-3 style frequency scaling ('llama3'); None on the spec means plain RoPE."""
-
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
 
 
 @dataclass(frozen=True)
@@ -84,14 +75,32 @@ class ModelSpec:
     local_rope_layers: tuple[int, ...] = ()
     # SmolLM3: layers without RoPE (every fourth): their keys are stored and attended as they are
     nope_layers: tuple[int, ...] = ()
+    # longrope (Phi-3.5, Phi-4-mini): the divisors past rope_short_window tokens (rope_freq_factors
+    # are those within it); partial rotary (Phi-4-mini): the first rotary_dim dimensions of each head rotate
+    rope_long_freq_factors: tuple[float, ...] | None = None
+    rope_short_window: int | None = None
+    rotary_dim: int | None = None
+    # YaRN's and longrope's factor on cos and sin: q.k of the rotating dimensions scaled by its square,
+    # which the loader folds into those of q (the stored keys stay the model's own)
+    rope_attention_factor: float | None = None
     # OLMo 2: no norm before attention or the MLP, one after each (before the residual add); its q
     # and k norms span the whole projection, not each head
     post_norms_only: bool = False
     qk_norm_full: bool = False
+    # Gemma: its norms scale by (1 + w) (the loader folds the 1 in); Gemma 2's caps: attention scores
+    # and logits x become cap * tanh(x / cap)
+    norms_plus_one: bool = False
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     def window(self, layer: int) -> int | None:
         """The layer's sliding window, or None when it attends to the whole context."""
         return self.sliding_window if layer in self.window_layers else None
+
+    def default_context(self) -> int:
+        """The window served when none is asked: a longrope model's pretraining one, where its short
+        factors rotate every token as transformers does."""
+        return min(self.max_position_embeddings, self.rope_short_window or self.max_position_embeddings)
 
     def is_sparse(self, layer: int) -> bool:
         """Whether the layer's MLP is a mixture of experts."""
@@ -121,47 +130,14 @@ LATER_FIELDS = {"qk_norm": False, "o_bias": False, "mlp_bias": False, "rope_freq
                 "hidden_act": "silu", "embed_scale": None, "sandwich_norms": False, "attn_scale": None,
                 "residual_scale": None, "logits_scale": None,
                 "local_rope_theta": None, "local_rope_layers": (), "nope_layers": (),
-                "post_norms_only": False, "qk_norm_full": False}  # fmt: skip
-
-
-def _rope_params(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
-    """(theta, Llama 3's scaling, linear scaling's factor)."""
-    # transformers 5 nests these under rope_parameters; 4.x used rope_theta + rope_scaling
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or params
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type in (None, "default"):
-        return theta, None, None
-    if rope_type == "linear":  # positions divided by the factor: every frequency is
-        factor = float(scaling["factor"])
-        if not factor > 0:
-            raise ValueError(f"linear rope scaling needs a positive factor, got {factor}")
-        return theta, None, factor
-    if rope_type != "llama3":
-        raise ValueError(f"unsupported rope scaling {rope_type!r}: only default, 'linear' and 'llama3' are implemented")
-    return theta, RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-    ), None
-
-
-def _freq_factors(cfg: dict[str, Any], head_dim: int, scaling: RopeScaling | None,
-                  linear: float | None) -> tuple[float, ...] | None:  # fmt: skip
-    """Each rotary frequency's divisor: a GGUF file's rope_freqs, times linear scaling's factor."""
-    factors = cfg.get("rope_freq_factors")
-    if factors is None and linear is None:
-        return None
-    if factors is not None and (scaling is not None or len(factors) != head_dim // 2
-                                or not all(float(f) > 0 for f in factors)):  # fmt: skip
-        raise ValueError(f"rope_freq_factors must be {head_dim // 2} positive divisors, without Llama 3 scaling")
-    return tuple(float(f) * (linear or 1.0) for f in (factors or [1.0] * (head_dim // 2)))
+                "post_norms_only": False, "qk_norm_full": False,
+                "rope_long_freq_factors": None, "rope_short_window": None, "rotary_dim": None,
+                "rope_attention_factor": None, "norms_plus_one": False, "attn_softcap": None,
+                "final_softcap": None}  # fmt: skip
 
 
 # families whose attention_bias puts a bias on q, k, v and o (transformers' modeling of each)
-ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma3_text", "smollm3", "granite", "olmo2")
+ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "smollm3", "granite", "olmo2")
 
 
 def _qkv_bias(model_type: str, cfg: dict[str, Any]) -> bool:
@@ -182,7 +158,7 @@ QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default where a Qwen config that us
 
 
 # families whose modeling has a sliding window (Llama's and Granite's have none, whatever a config says)
-WINDOWED = ("mistral", "ministral", "mixtral", "phi3", *QWEN, "gemma3_text", "smollm3")
+WINDOWED = ("mistral", "ministral", "mixtral", "phi3", *QWEN, "gemma2", "gemma3_text", "smollm3")
 DEFAULT_WINDOW = 4096  # transformers' where a Qwen (using its window), Mistral or Ministral config names none
 
 
@@ -207,7 +183,8 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
     below = int(cfg.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS))
     if model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):  # every layer (their modeling ignores layer_types)
         windowed = range(layers)
-    elif model_type == "gemma3_text" or types:  # as layer_types says (Gemma: five windowed layers, then a full one)
+    elif model_type in ("gemma2", "gemma3_text") or types:  # as layer_types says (Gemma 3: five windowed layers,
+        # then a full one; Gemma 2: every other one)
         windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
     elif model_type == "ministral":  # without layer_types: every layer
         windowed = range(layers)
@@ -224,13 +201,21 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
 MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0)}
 
 
-def _attn_scale(cfg: dict[str, Any], gemma: bool) -> float | None:
+def _attn_scale(cfg: dict[str, Any]) -> float | None:
     """The attention's softmax scale where the family's is not head_dim ** -0.5 (None: it is)."""
-    if gemma:
+    if cfg.get("model_type") in ("gemma2", "gemma3_text"):
         return float(cfg["query_pre_attn_scalar"]) ** -0.5
     if cfg.get("model_type") == "granite":  # attention_multiplier itself, 1.0 when not named
         return _granite(cfg, "attention_multiplier") or 1.0
     return None
+
+
+def _softcap(cfg: dict[str, Any], key: str) -> float | None:
+    """Gemma's cap on attention scores or logits: cap * tanh(x / cap) (None: no cap)."""
+    value = cfg.get(key)
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+        raise ValueError(f"config.json's {key} must be a positive number or null, got {value!r}")
+    return None if value is None else float(value)
 
 
 def _granite(cfg: dict[str, Any], key: str) -> float | None:
@@ -295,7 +280,7 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
 
 
 # transformers' defaults that differ from the generic ones below, where a config leaves them out
-FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5}, "olmo2": {"rms_norm_eps": 1e-5},
+FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5, "original_max_position_embeddings": 4096}, "olmo2": {"rms_norm_eps": 1e-5},
                    "smollm3": {"rope_theta": 2_000_000.0, "max_position_embeddings": 32768}}  # fmt: skip
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -334,22 +319,20 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
     cfg = {**FAMILY_DEFAULTS.get(model_type, {}), **cfg}
-    gemma = model_type in ("gemma3", "gemma3_text")
+    gemma = model_type in GEMMA
     if gemma:
-        cfg = gemma3_text_config(cfg)
+        cfg = gemma_config(cfg)
         model_type = cfg["model_type"]
     _check_shape(cfg)
-    partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    if float(partial or 1.0) != 1.0:  # Phi-4-mini's: RoPE over a part of each head
-        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not implemented")
-    act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
+    act = cfg.get("hidden_act") or "silu"
     if act not in ACTIVATIONS:
         raise ValueError(f"the MLP's activation {act!r} is not implemented; known: {', '.join(ACTIVATIONS)}")
     window = _window_layers(model_type, cfg)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
-    theta, scaling, linear = _rope_params(cfg)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
+    gemma3 = model_type == "gemma3_text"
+    rope = rope_settings(cfg, head_dim, partial_allowed=model_type == "phi3")
     return ModelSpec(
         model_type=model_type,
         vocab_size=int(cfg["vocab_size"]),
@@ -360,7 +343,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
+        rope_theta=rope.theta,
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "smollm3")),  # transformers' defaults
         qkv_bias=_qkv_bias(model_type, cfg),
@@ -369,8 +352,12 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"),
         qk_norm_full=model_type == "olmo2",
         post_norms_only=model_type == "olmo2",
-        rope_freq_factors=_freq_factors(cfg, head_dim, scaling, linear),
-        rope_scaling=scaling,
+        rope_freq_factors=rope.divisors,
+        rope_long_freq_factors=rope.long_divisors,
+        rope_short_window=rope.short_window,
+        rotary_dim=rope.rotary_dim,
+        rope_attention_factor=None if rope.attention_factor == 1.0 else rope.attention_factor,
+        rope_scaling=rope.llama3,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         moe=_moe(model_type, cfg),
@@ -378,11 +365,15 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         window_layers=window[1] if window else (),
         hidden_act=act,
         embed_scale=hidden**0.5 if gemma else _granite(cfg, "embedding_multiplier"),
-        sandwich_norms=gemma,
-        attn_scale=_attn_scale(cfg, gemma),
+        sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+        norms_plus_one=gemma,
+        # transformers' Gemma 3 names the attention's cap but never applies it
+        attn_softcap=_softcap(cfg, "attn_logit_softcapping") if model_type == "gemma2" else None,
+        final_softcap=_softcap(cfg, "final_logit_softcapping") if gemma else None,
+        attn_scale=_attn_scale(cfg),
         residual_scale=_granite(cfg, "residual_multiplier"),
         logits_scale=_granite(cfg, "logits_scaling"),
-        local_rope_theta=float(cfg["rope_local_base_freq"]) if gemma else None,
-        local_rope_layers=tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention") if gemma else (),
+        local_rope_theta=float(cfg["rope_local_base_freq"]) if gemma3 else None,
+        local_rope_layers=tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention") if gemma3 else (),
         nope_layers=_nope_layers(model_type, cfg),
     )

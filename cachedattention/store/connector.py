@@ -116,7 +116,8 @@ class StoreConnector:
         self.engine = engine
         storage = resolve_dtype(config.storage_dtype or engine.config.dtype)
         self.layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, storage)
-        fingerprint = f"{spec.fingerprint()}-{engine.loaded.weights_id}-{storage}".replace("torch.", "")
+        long = "-longrope" if engine.model.rotary.long else ""  # every token rotated with the long factors
+        fingerprint = f"{spec.fingerprint()}{long}-{engine.loaded.weights_id}-{storage}".replace("torch.", "")
         self.store = AttentionStore(config, self.layout, fingerprint, pin=engine.device.type == "cuda")
         self.loader = Loader(engine.pool, engine.model.rotary, self.layout, engine.device)
         self.saver = Saver(self.layout, self.store.host.allocate, engine.device)
