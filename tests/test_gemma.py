@@ -6,6 +6,7 @@ Gemma 3 with caps too."""
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 from cachedattention import LLM, SamplingParams, SchedulerConfig
@@ -34,10 +35,15 @@ def test_hub_configs_read_as_transformers_reads_them():
     g2 = spec_from_hf_config(HUB_GEMMA2)
     assert g2.window_layers == (0, 2) and g2.sliding_window == 4096  # every other layer, from the first
     assert (g2.attn_softcap, g2.final_softcap) == (50.0, 30.0) and g2.attn_scale == 256**-0.5
-    assert g2.sandwich_norms and g2.norms_plus_one and not g2.qk_norm and g2.local_rope_layers == ()
+    assert g2.sandwich_norms and g2.norms_plus_one() and not g2.qk_norm and g2.local_rope_layers == ()
     assert g2.hidden_act == "gelu_pytorch_tanh" and g2.embed_scale == 8.0 and g2.tie_word_embeddings
     g1 = spec_from_hf_config(HUB_GEMMA)
-    assert g1.hidden_act == "gelu_pytorch_tanh" and g1.norms_plus_one and not g1.sandwich_norms
+    assert g1.hidden_act == "gelu_pytorch_tanh" and g1.norms_plus_one() and not g1.sandwich_norms
+    # transformers' Gemma never caps its logits, whatever the config names; an embedding model's
+    # bidirectional attention is refused
+    assert spec_from_hf_config({**HUB_GEMMA, "final_logit_softcapping": 30.0}).final_softcap is None
+    with pytest.raises(ValueError, match="bidirectional"):
+        spec_from_hf_config({**HUB_GEMMA, "use_bidirectional_attention": True})
     assert g1.attn_scale is None and g1.attn_softcap is None and g1.window_layers == () and g1.embed_scale == 8.0
 
 

@@ -1,5 +1,6 @@
-"""RoPE beyond plain rotation: YaRN, longrope (its short and long factors) and partial rotary (Phi-4-mini),
-read as transformers reads them, served by the engine and reused from the store across the window's change."""
+"""RoPE beyond plain rotation: YaRN, longrope (its short and long factors), partial rotary (Phi-4-mini),
+adjacent pairs (ERNIE 4.5, Helium), a RoPE per layer type (OLMo 3) and layers without it (EXAONE 4),
+read as transformers reads them, served by the engine and reused from the store, truncation included."""
 
 import json
 
@@ -100,14 +101,20 @@ def test_a_session_stored_under_the_short_factors_is_not_reused_under_the_long_o
             assert rel_err(a, b) <= 1e-4
 
 
-def test_truncated_partial_rotary_cache_equals_transformers_rotation(tiny_dirs, monkeypatch):
-    """Overflowing a partial rotary's window (longrope, Phi-4-mini's shape): the retained pre-RoPE
-    keys, rotated at their new positions by transformers' own rotary and fed to it as its cache,
-    give the engine's logits."""
-    from transformers import DynamicCache
-    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+# phi4-mini: partial rotary with longrope; ernie4_5, helium: pairs of adjacent dimensions; glm4: both; olmo3:
+# YaRN on its full layer, its windowed ones unscaled; exaone4: its full layer without RoPE
+@pytest.mark.parametrize("kind", ["phi4-mini", "ernie4_5", "helium", "glm4", "olmo3", "exaone4"])
+def test_truncated_cache_rotated_by_transformers_gives_the_engine_s_logits(kind, tiny_dirs, monkeypatch):
+    """Overflowing the window: the retained pre-RoPE keys, put back in the checkpoint's order of each
+    head's dimensions, rotated at their new positions by transformers' own rotary and fed to it as
+    its cache, give the engine's logits."""
+    import importlib
 
-    path, hf = tiny_dirs["phi4-mini"]
+    from transformers import DynamicCache
+
+    from cachedattention.model.loader import qk_dim_order
+
+    path, hf = tiny_dirs[kind]
     llm = LLM(model=str(path), enable_store=True, cache=CacheConfig(enable_prefix_cache=False), max_model_len=96,
               keep_head_tokens=8)  # fmt: skip
     eng, conv = llm.engine, list(range(5, 45))
@@ -126,11 +133,10 @@ def test_truncated_partial_rotary_cache_equals_transformers_rotation(tiny_dirs, 
     hit = req.metrics.cached_tokens["host"]
     assert hit > 8 and req.metrics.truncated_tokens > 0
     store, spec = eng.store.store, eng.spec
-    d, half = spec.head_dim, spec.rotary_dim // 2
-    # the loader's order of a head's dimensions, undone: [rotating half, rest half, rotating half, rest half]
-    ours = torch.cat([torch.arange(0, half), torch.arange(2 * half, 2 * half + (d - 2 * half) // 2),
-                      torch.arange(half, 2 * half), torch.arange(2 * half + (d - 2 * half) // 2, d)])  # fmt: skip
-    theirs = torch.argsort(ours)
+    order = qk_dim_order(spec)
+    theirs = torch.argsort(order) if order is not None else torch.arange(spec.head_dim)
+    apply = importlib.import_module(type(hf).__module__).apply_rotary_pos_emb
+    types = getattr(hf.config, "layer_types", None)
     cache = DynamicCache()
     positions = torch.arange(hit)[None]
     for layer in range(spec.num_layers):
@@ -138,9 +144,10 @@ def test_truncated_partial_rotary_cache_equals_transformers_rotation(tiny_dirs, 
         k = torch.cat([store.host.get(s.seg_id).k[layer, s.lo:s.hi] for s in spans])[:hit][..., theirs]
         v = torch.cat([store.host.get(s.seg_id).v[layer, s.lo:s.hi] for s in spans])[:hit]
         k = k.transpose(0, 1)[None]  # [1, kv_heads, hit, d], transformers' layout
-        cos, sin = hf.model.rotary_emb(k, positions)
-        _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
-        cache.update(k_rot, v.transpose(0, 1)[None], layer)
+        if not (kind == "exaone4" and types[layer] == "full_attention"):  # EXAONE 4's full layers: no RoPE
+            cos, sin = hf.model.rotary_emb(k, positions, *([types[layer]] if kind == "olmo3" else []))
+            k = apply(k, k, cos, sin)[1]
+        cache.update(k, v.transpose(0, 1)[None], layer)
     assert rel_err(seen[0], last_logits_after(hf, cache, req.prompt_token_ids[hit:], hit)) <= 1e-4
     llm._run([rid])
 
@@ -159,3 +166,24 @@ def test_rope_settings_beyond_what_is_implemented_are_refused(config, match, tmp
     (tmp_path / "config.json").write_text(json.dumps({**base, **config}))
     with pytest.raises(ValueError, match=match):
         LLM(model=str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["smollm3", "gemma3"])
+def test_yarn_leaves_the_layers_that_do_not_rotate_with_it_unscaled(kind, tmp_path, monkeypatch):
+    """YaRN's factor on cos and sin reaches only the layers that rotate with it: not SmolLM3's layers
+    without RoPE (YaRN is its long-context setting), nor Gemma 3's windowed layers (their own RoPE,
+    unscaled); folded into their queries it would sharpen their attention."""
+    from tests.tiny_models import make_tiny_model
+
+    hf = make_tiny_model(kind, tmp_path, rope_scaling=YARN)
+    llm = LLM(model=str(tmp_path))
+    spec = llm.engine.spec
+    assert spec.rope_attention_factor is not None
+    assert (spec.nope_layers, spec.local_rope_layers) == (((1,), ()) if kind == "smollm3" else ((), (0, 1)))
+    seen = capture_logits(monkeypatch)
+    prompt = [(3 * i + 7) % 250 for i in range(90)]  # past the pretraining window of 64
+    out = llm.generate([prompt], GREEDY)[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0]
+    for step, logits in enumerate(seen):
+        assert rel_err(logits, ref[len(prompt) - 1 + step]) <= 1e-4, step

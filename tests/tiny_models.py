@@ -87,6 +87,27 @@ def tiny_config(kind: str, **overrides):
         common.update(tie_word_embeddings=True, rope_theta=10000.0,
                       rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64})
         cls = transformers.Qwen2Config
+    elif kind == "olmo3":  # OLMo 2's norms; windows of 8 but in layer 2; YaRN on the full layer only
+        common.update(rope_theta=10000.0, attention_bias=True, pad_token_id=0, sliding_window=8,
+                      layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                      rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64})
+        cls = transformers.Olmo3Config
+    elif kind == "exaone4":  # norms after attention and the MLP, per-head q/k norms; the full layer without RoPE
+        common.update(rope_theta=10000.0, sliding_window=8, sliding_window_pattern=2, head_dim=32, pad_token_id=0)
+        cls = transformers.Exaone4Config
+    elif kind == "ernie4_5":  # RoPE over adjacent pairs; every linear layer with a bias
+        common.update(rope_theta=10000.0, use_bias=True, head_dim=16, tie_word_embeddings=True, pad_token_id=0)
+        cls = transformers.Ernie4_5Config
+    elif kind == "seed_oss":  # q/k/v biases, none on o; mlp_bias
+        common.update(rope_theta=10000.0, attention_bias=True, attention_out_bias=False, mlp_bias=True,
+                      head_dim=16, pad_token_id=0)
+        cls = transformers.SeedOssConfig
+    elif kind == "helium":  # q/k/v biases, o without
+        common.update(rope_theta=10000.0, attention_bias=True, head_dim=16, pad_token_id=0)
+        cls = transformers.HeliumConfig
+    elif kind in ("glm", "glm4"):  # half of each head rotates, over adjacent pairs; fused gate/up; GLM-4's four norms
+        common.update(rope_theta=10000.0, head_dim=16, partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0)
+        cls = transformers.GlmConfig if kind == "glm" else transformers.Glm4Config
     elif kind == "smollm3":  # layer 1 without RoPE and with a window of 8 (SmolLM3-3B: every fourth, no window)
         common.update(rope_theta=5000000.0, no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=8,
                       attention_bias=True, mlp_bias=True, pad_token_id=0)
@@ -134,7 +155,8 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.2)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")) or (kind == "olmo2" and name.endswith("norm.weight")):
+            elif name.endswith(("q_norm.weight", "k_norm.weight")) or (kind in ("olmo2", "olmo3", "exaone4", "glm4")
+                                                                          and name.endswith("norm.weight")):
                 p.uniform_(0.5, 1.5)
             elif name.endswith((".gate.weight", "shared_expert_gate.weight")):  # routers (zeros in some families)
                 p.normal_(0.0, 0.5)

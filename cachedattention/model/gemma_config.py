@@ -33,7 +33,9 @@ def gemma_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """A Gemma config of any generation in the common keys (the MLP's activation as hidden_act)."""
     if cfg.get("model_type") == "gemma":
         cfg = {**GEMMA_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-        # "gelu" is the first releases' name for the tanh approximation (transformers reads it so)
+        _refuse_bidirectional(cfg)
+        # "gelu" is the first releases' name for the tanh approximation (transformers 5.24 reads it so;
+        # 5.17 took it for the exact GELU)
         act = cfg.get("hidden_act") or "gelu_pytorch_tanh"
         return {**cfg, "hidden_act": "gelu_pytorch_tanh" if act == "gelu" else act}
     if cfg.get("model_type") == "gemma2":

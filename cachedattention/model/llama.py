@@ -1,6 +1,6 @@
-"""The Llama family (Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, the mixtures
-of experts Mixtral, Qwen2-MoE, Qwen3-MoE, and Gemma's and OLMo 2's variations on it) in plain
-PyTorch over a paged KV pool.
+"""The Llama family (Llama 2/3, Mistral, Ministral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, ERNIE 4.5,
+Seed-OSS, Helium, the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, and Gemma's, OLMo 2 and 3's
+and EXAONE 4's variations on it) in plain PyTorch over a paged KV pool.
 
 Keys are rotated at attention time; each layer hands its pre-RoPE keys to the store hooks
 before rotating them (DESIGN.md, the positional-encoding rule).

@@ -200,6 +200,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# GLM-4's four norms as Gemma's: the attention's output norm, the MLP's input and output norms
+GLM4_NORMS = {".post_self_attn_layernorm.": ".post_attention_layernorm.",
+              ".post_attention_layernorm.": ".pre_feedforward_layernorm.",
+              ".post_mlp_layernorm.": ".post_feedforward_layernorm."}  # fmt: skip
 MIXTRAL_NAMES = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
 # a multimodal Gemma 3's language model, under the names of the text-only one (its vision tower is left out)
 GEMMA_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
@@ -215,11 +219,11 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
     residual one into o_proj and down_proj (the store keeps keys and values, which none of these touch)."""
     if spec.model_type == "mixtral":
         state = {_mixtral_name(name): t for name, t in state.items()}
-    elif spec.model_type == "phi3":
-        state = _split_phi3(state, spec)
-        if spec.rotary_dim is not None:
-            state = _rotating_dims_apart(state, spec)
-    elif spec.norms_plus_one:
+    elif spec.model_type in ("phi3", "glm", "glm4"):
+        state = _split_fused(state, spec)
+        if spec.model_type == "glm4":
+            state = {_glm4_name(name): t for name, t in state.items()}
+    elif spec.norms_plus_one():
         state = {_gemma_name(name): t for name, t in state.items()}
         state.update({name: t.float() + 1.0 for name, t in state.items()
                       if name.startswith(("model.", "lm_head.")) and name.endswith("norm.weight")})  # fmt: skip
@@ -230,6 +234,9 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
         scales.update(dict.fromkeys((".self_attn.o_proj.", ".mlp.down_proj."), spec.residual_scale))
     for part, factor in scales.items():
         state.update({name: t.float() * factor for name, t in state.items() if part in name})
+    order = qk_dim_order(spec)
+    if order is not None:
+        state = _qk_dims_reordered(state, spec, order)
     if spec.rope_attention_factor is not None:
         state = _rope_factor_into_q(state, spec)
     return state
@@ -246,16 +253,24 @@ def _rope_factor_into_q(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict
             rotating[start : start + spec.rotary_dim // 2] = 1.0
     scale = 1.0 + (spec.rope_attention_factor**2 - 1.0) * rotating
     part = ".self_attn.q_norm." if spec.qk_norm else ".self_attn.q_proj."
+    unscaled = {*spec.nope_layers, *spec.local_rope_layers}  # not rotated, or by their own unscaled RoPE
     out = dict(state)
     for name, t in state.items():
-        if part in name:
+        if part in name and _layer_index(name) not in unscaled:
             per_dim = scale.reshape(-1, *([1] * (t.dim() - 1)))  # a head's rows, then each later head's
             out[name] = (t.float().reshape(-1, spec.head_dim, *t.shape[1:]) * per_dim).reshape(t.shape)
     return out
 
 
-def _split_phi3(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Phi-3's fused projections, split into ours: qkv_proj's rows are q, k, v; gate_up_proj's gate, up."""
+def _layer_index(name: str) -> int | None:
+    """The decoder layer a weight's name places it in (model.layers.{i}....)."""
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else None
+
+
+def _split_fused(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Fused projections (Phi-3's, GLM's MLP), split into ours: qkv_proj's rows are q, k, v;
+    gate_up_proj's gate, up."""
     q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     out = {}
     for name, t in state.items():
@@ -270,22 +285,40 @@ def _split_phi3(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, to
     return out
 
 
-def _rotating_dims_apart(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """A partial rotary's head, [rotating first half, second half, the rest], reordered to [first
-    half, half the rest, second half, the other half of the rest] in q and k: rotate_half over the
-    whole head then pairs the rotating dimensions as over the rotating part alone, and the rest, with
-    frequencies of 0, stay as they are. q.k is the same sum in another order; v is not touched."""
-    d, half = spec.head_dim, spec.rotary_dim // 2
-    rest = (d - spec.rotary_dim) // 2
-    ranges = ((0, half), (2 * half, 2 * half + rest), (half, 2 * half), (2 * half + rest, d))
-    order = torch.cat([torch.arange(a, b) for a, b in ranges])
+def qk_dim_order(spec: ModelSpec) -> torch.Tensor | None:
+    """Where each of a head's dimensions of q and k goes in our layout, so one rotate_half over the
+    whole head rotates as the model does (None: as the checkpoint has them). q.k is the same sum in
+    another order, and v is not touched.
+    - Partial (Phi-4-mini, GLM): the rotating dimensions come first in each half, then half of the
+      rest (frequencies of 0: they stay as they are).
+    - Halves (Phi-4-mini): rotating dimension i turns with i + rotary_dim / 2.
+    - Interleaved (ERNIE 4.5, Helium, GLM; GPT-J's pairs): dimensions 2i and 2i + 1 turn together,
+      so the even ones go to the first half and the odd ones to the second."""
+    d, rotating = spec.head_dim, spec.rotary_dim or spec.head_dim
+    if not spec.rope_interleaved and rotating == d:
+        return None
+    turning = torch.arange(rotating)
+    first, second = (turning[0::2], turning[1::2]) if spec.rope_interleaved else turning.chunk(2)
+    rest = torch.arange(rotating, d).chunk(2) if rotating < d else (turning[:0], turning[:0])
+    return torch.cat([first, rest[0], second, rest[1]])
+
+
+def _qk_dims_reordered(state: dict[str, torch.Tensor], spec: ModelSpec, order: torch.Tensor) -> dict[str, torch.Tensor]:
+    d = spec.head_dim
     out = dict(state)
     for name, t in state.items():
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
-                          "self_attn.k_proj.bias")):  # fmt: skip
-            heads = t.shape[0] // d
+                          "self_attn.k_proj.bias", "self_attn.q_norm.weight", "self_attn.k_norm.weight")):  # fmt: skip
+            heads = t.shape[0] // d  # (a norm over one head: 1)
             out[name] = t.reshape(heads, d, *t.shape[1:])[:, order].reshape(t.shape)
     return out
+
+
+def _glm4_name(name: str) -> str:
+    for old, new in GLM4_NORMS.items():  # one rename per name: GLM-4's post_attention is our pre_feedforward
+        if old in name:
+            return name.replace(old, new)
+    return name
 
 
 def _mixtral_name(name: str) -> str:

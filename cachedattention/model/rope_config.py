@@ -38,17 +38,20 @@ class RopeSettings:
 SCALED = ("llama3", "yarn", "longrope")  # the types that name a pretraining window
 
 
-def rope_settings(cfg: dict[str, Any], head_dim: int, partial_allowed: bool) -> RopeSettings:
-    """The RoPE a config describes (ValueError for what is not implemented). `partial_allowed`: the
-    family's modeling rotates part of a head when asked (Phi-3's; it also reads 'su' and 'yarn' as longrope)."""
+# the families whose modeling rotates part of each head when the config asks
+PARTIAL = ("phi3", "glm", "glm4")
+
+
+def rope_settings(cfg: dict[str, Any], head_dim: int) -> RopeSettings:
+    """The RoPE a config describes (ValueError for what is not implemented)."""
     # transformers 5 nests these under rope_parameters; 4.x used rope_theta + rope_scaling
     params = dict(cfg.get("rope_parameters") or {})
     scaling = dict(cfg.get("rope_scaling") or params)
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
-    if partial_allowed and rope_type in ("su", "yarn"):
+    if cfg.get("model_type") == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's config reads them so
         rope_type = "longrope"
-    rotary_dim = _rotary_dim(cfg, params, scaling, head_dim, partial_allowed)
+    rotary_dim = _rotary_dim(cfg, params, scaling, head_dim)
     pairs = (rotary_dim or head_dim) // 2
     gguf = cfg.get("rope_freq_factors")  # a GGUF file's divisors, as llama.cpp applies them
     if gguf is not None and (rope_type == "llama3" or len(gguf) != pairs or not all(float(f) > 0 for f in gguf)):
@@ -80,15 +83,15 @@ def rope_settings(cfg: dict[str, Any], head_dim: int, partial_allowed: bool) -> 
     return _longrope(scaling, theta, factor, original, pairs, rotary_dim)
 
 
-def _rotary_dim(cfg: dict[str, Any], params: dict[str, Any], scaling: dict[str, Any], head_dim: int,
-                partial_allowed: bool) -> int | None:  # fmt: skip
-    """How many of each head's dimensions rotate, when not all of them (Phi-4-mini's three quarters)."""
+def _rotary_dim(cfg: dict[str, Any], params: dict[str, Any], scaling: dict[str, Any], head_dim: int) -> int | None:
+    """How many of each head's dimensions rotate, when not all of them (Phi-4-mini's three quarters,
+    GLM's half)."""
     partial = scaling.get("partial_rotary_factor", params.get("partial_rotary_factor", cfg.get("partial_rotary_factor")))
     if partial is None or float(partial) == 1.0:
         return None
-    if not partial_allowed:
+    if cfg.get("model_type") not in PARTIAL:
         raise ValueError(f"partial rotary embeddings (partial_rotary_factor {partial}) are implemented only where "
-                         f"transformers' modeling has them (Phi-3 / Phi-4-mini), not for {cfg.get('model_type')!r}")
+                         f"transformers' modeling has them ({', '.join(PARTIAL)}), not for {cfg.get('model_type')!r}")
     dim = int(head_dim * float(partial))
     if not 0 < dim < head_dim or dim % 2:
         raise ValueError(f"partial_rotary_factor {partial} rotates {dim} of {head_dim} dimensions: it must be an even "

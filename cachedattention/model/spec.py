@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cachedattention.model.gemma_config import GEMMA, gemma_config
+from cachedattention.model.hybrid_config import HYBRID, hybrid_config
 from cachedattention.model.rope_config import RopeScaling, rope_settings
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "gemma3",
-             "phi3", "smollm3", "granite", "ministral", "olmo2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+             "gemma3", "phi3", "smollm3", "granite", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
+             "helium", "glm", "glm4")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
@@ -61,8 +63,9 @@ class ModelSpec:
     sliding_window: int | None = None
     window_layers: tuple[int, ...] = ()
     # Gemma 3: its MLP's activation, the embedding scaled by sqrt(hidden), a norm after attention and
-    # around the MLP (its post_attention_layernorm normalises the attention's output), and the RoPE
-    # base of the layers typed for a window (whether or not the window cuts), unscaled
+    # around the MLP (its post_attention_layernorm normalises the attention's output; GLM-4's too,
+    # under other names), and the RoPE base of the layers typed for a window (whether or not the
+    # window cuts), unscaled
     hidden_act: str = "silu"
     embed_scale: float | None = None  # Gemma's sqrt(hidden), Granite's embedding_multiplier
     sandwich_norms: bool = False
@@ -87,15 +90,20 @@ class ModelSpec:
     # and k norms span the whole projection, not each head
     post_norms_only: bool = False
     qk_norm_full: bool = False
-    # Gemma: its norms scale by (1 + w) (the loader folds the 1 in); Gemma 2's caps: attention scores
-    # and logits x become cap * tanh(x / cap)
-    norms_plus_one: bool = False
+    # Gemma 2's caps (Gemma 3's on logits): attention scores and logits x become cap * tanh(x / cap)
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # ERNIE 4.5, Helium, GLM: RoPE over adjacent pairs of each head's dimensions (GPT-J's), not its halves; the
+    # loader reorders q and k so the rotation of halves serves
+    rope_interleaved: bool = False
 
     def window(self, layer: int) -> int | None:
         """The layer's sliding window, or None when it attends to the whole context."""
         return self.sliding_window if layer in self.window_layers else None
+
+    def norms_plus_one(self) -> bool:
+        """Gemma's norms scale by (1 + w): the loader folds the 1 in."""
+        return self.model_type in ("gemma", "gemma2", "gemma3_text")
 
     def default_context(self) -> int:
         """The window served when none is asked: a longrope model's pretraining one, where its short
@@ -132,12 +140,12 @@ LATER_FIELDS = {"qk_norm": False, "o_bias": False, "mlp_bias": False, "rope_freq
                 "local_rope_theta": None, "local_rope_layers": (), "nope_layers": (),
                 "post_norms_only": False, "qk_norm_full": False,
                 "rope_long_freq_factors": None, "rope_short_window": None, "rotary_dim": None,
-                "rope_attention_factor": None, "norms_plus_one": False, "attn_softcap": None,
-                "final_softcap": None}  # fmt: skip
+                "rope_attention_factor": None, "attn_softcap": None,
+                "final_softcap": None, "rope_interleaved": False}  # fmt: skip
 
 
 # families whose attention_bias puts a bias on q, k, v and o (transformers' modeling of each)
-ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "smollm3", "granite", "olmo2")
+ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "smollm3", "granite", "olmo2", "olmo3")
 
 
 def _qkv_bias(model_type: str, cfg: dict[str, Any]) -> bool:
@@ -145,7 +153,27 @@ def _qkv_bias(model_type: str, cfg: dict[str, Any]) -> bool:
         return True
     if model_type == "qwen2_moe":
         return bool(cfg.get("qkv_bias", True))
+    if model_type == "ernie4_5":  # use_bias: every linear layer has one
+        return bool(cfg.get("use_bias", False))
+    if model_type == "seed_oss":  # on q, k and v by default; o's is attention_out_bias
+        return bool(cfg.get("attention_bias", True))
+    if model_type in ("helium", "glm", "glm4"):  # on q, k and v only
+        return bool(cfg.get("attention_bias", False))
     return model_type in ATTENTION_BIAS and bool(cfg.get("attention_bias", False))
+
+
+def _o_bias(model_type: str, cfg: dict[str, Any]) -> bool:
+    if model_type == "ernie4_5":
+        return bool(cfg.get("use_bias", False))
+    if model_type == "seed_oss":
+        return bool(cfg.get("attention_out_bias", False))
+    return model_type in ATTENTION_BIAS and bool(cfg.get("attention_bias", False))
+
+
+def _mlp_bias(model_type: str, cfg: dict[str, Any]) -> bool:
+    if model_type == "ernie4_5":
+        return bool(cfg.get("use_bias", False))
+    return model_type in ("llama", "smollm3", "granite", "seed_oss", "helium") and bool(cfg.get("mlp_bias", False))
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -158,7 +186,7 @@ QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default where a Qwen config that us
 
 
 # families whose modeling has a sliding window (Llama's and Granite's have none, whatever a config says)
-WINDOWED = ("mistral", "ministral", "mixtral", "phi3", *QWEN, "gemma2", "gemma3_text", "smollm3")
+WINDOWED = ("mistral", "ministral", "mixtral", "phi3", *QWEN, "gemma2", "gemma3_text", "smollm3", *HYBRID)
 DEFAULT_WINDOW = 4096  # transformers' where a Qwen (using its window), Mistral or Ministral config names none
 
 
@@ -183,8 +211,8 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
     below = int(cfg.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS))
     if model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):  # every layer (their modeling ignores layer_types)
         windowed = range(layers)
-    elif model_type in ("gemma2", "gemma3_text") or types:  # as layer_types says (Gemma 3: five windowed layers,
-        # then a full one; Gemma 2: every other one)
+    elif model_type in ("gemma2", "gemma3_text", *HYBRID) or types:  # as layer_types says (Gemma 3: five
+        # windowed layers, then a full one; Gemma 2: every other one; OLMo 3: every fourth full)
         windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
     elif model_type == "ministral":  # without layer_types: every layer
         windowed = range(layers)
@@ -234,7 +262,12 @@ def _int_field(cfg: dict[str, Any], key: str, default: int) -> int:
 
 
 def _nope_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, ...]:
-    """SmolLM3's layers without RoPE: no_rope_layers[i] is 0 (1: RoPE), else every interval-th layer."""
+    """The layers without RoPE. SmolLM3's: no_rope_layers[i] is 0 (1: RoPE), else every interval-th
+    layer; EXAONE 4's: its full layers, where the config names a window (whether or not it cuts)."""
+    if model_type == "exaone4":
+        if cfg.get("sliding_window") is None:
+            return ()
+        return tuple(i for i, t in enumerate(cfg["layer_types"]) if t != "sliding_attention")
     if model_type != "smollm3":
         return ()
     layers = int(cfg["num_hidden_layers"])
@@ -281,7 +314,15 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
 
 # transformers' defaults that differ from the generic ones below, where a config leaves them out
 FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5, "original_max_position_embeddings": 4096}, "olmo2": {"rms_norm_eps": 1e-5},
-                   "smollm3": {"rope_theta": 2_000_000.0, "max_position_embeddings": 32768}}  # fmt: skip
+                   "smollm3": {"rope_theta": 2_000_000.0, "max_position_embeddings": 32768},
+                   "olmo3": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "max_position_embeddings": 2048},
+                   "exaone4": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "max_position_embeddings": 2048},
+                   "ernie4_5": {"rms_norm_eps": 1e-5, "head_dim": 128, "tie_word_embeddings": True,
+                                "rope_theta": 500_000.0, "max_position_embeddings": 131072},
+                   "seed_oss": {"head_dim": 128, "max_position_embeddings": 524288},
+                   "helium": {"rms_norm_eps": 1e-8, "head_dim": 128, "rope_theta": 100_000.0},
+                   **dict.fromkeys(("glm", "glm4"), {"rms_norm_eps": 1.5625e-07, "head_dim": 128, "attention_bias": True,
+                                                     "partial_rotary_factor": 0.5, "max_position_embeddings": 131072})}  # fmt: skip
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -323,6 +364,8 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
     if gemma:
         cfg = gemma_config(cfg)
         model_type = cfg["model_type"]
+    elif model_type in HYBRID:
+        cfg = hybrid_config(cfg)
     _check_shape(cfg)
     act = cfg.get("hidden_act") or "silu"
     if act not in ACTIVATIONS:
@@ -331,8 +374,8 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or hidden // heads)
-    gemma3 = model_type == "gemma3_text"
-    rope = rope_settings(cfg, head_dim, partial_allowed=model_type == "phi3")
+    local_rope = model_type in ("gemma3_text", "olmo3")  # windowed layers with a RoPE of their own
+    rope = rope_settings(cfg, head_dim)
     return ModelSpec(
         model_type=model_type,
         vocab_size=int(cfg["vocab_size"]),
@@ -347,11 +390,12 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "smollm3")),  # transformers' defaults
         qkv_bias=_qkv_bias(model_type, cfg),
-        o_bias=model_type in ATTENTION_BIAS and bool(cfg.get("attention_bias", False)),
-        mlp_bias=model_type in ("llama", "smollm3", "granite") and bool(cfg.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"),
-        qk_norm_full=model_type == "olmo2",
-        post_norms_only=model_type == "olmo2",
+        o_bias=_o_bias(model_type, cfg),
+        mlp_bias=_mlp_bias(model_type, cfg),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2", "olmo3", "exaone4"),
+        qk_norm_full=model_type in ("olmo2", "olmo3"),
+        post_norms_only=model_type in ("olmo2", "olmo3", "exaone4"),
+        rope_interleaved=model_type in ("ernie4_5", "helium", "glm", "glm4"),
         rope_freq_factors=rope.divisors,
         rope_long_freq_factors=rope.long_divisors,
         rope_short_window=rope.short_window,
@@ -365,15 +409,15 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         window_layers=window[1] if window else (),
         hidden_act=act,
         embed_scale=hidden**0.5 if gemma else _granite(cfg, "embedding_multiplier"),
-        sandwich_norms=model_type in ("gemma2", "gemma3_text"),
-        norms_plus_one=gemma,
+        sandwich_norms=model_type in ("gemma2", "gemma3_text", "glm4"),
         # transformers' Gemma 3 names the attention's cap but never applies it
         attn_softcap=_softcap(cfg, "attn_logit_softcapping") if model_type == "gemma2" else None,
-        final_softcap=_softcap(cfg, "final_logit_softcapping") if gemma else None,
+        final_softcap=_softcap(cfg, "final_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
         attn_scale=_attn_scale(cfg),
         residual_scale=_granite(cfg, "residual_multiplier"),
         logits_scale=_granite(cfg, "logits_scaling"),
-        local_rope_theta=float(cfg["rope_local_base_freq"]) if gemma3 else None,
-        local_rope_layers=tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention") if gemma3 else (),
+        local_rope_theta=float(cfg["rope_local_base_freq"]) if local_rope else None,
+        local_rope_layers=tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention")
+        if local_rope else (),
         nope_layers=_nope_layers(model_type, cfg),
     )
