@@ -1,4 +1,4 @@
-"""Configs of OLMo 3, EXAONE 4, ERNIE 4.5, Seed-OSS and Helium read as transformers reads them:
+"""Configs of OLMo 3, EXAONE 4, Cohere, ERNIE 4.5, Seed-OSS, Helium and GLM read as transformers reads them:
 their layer types and windows, the layers without RoPE, each type's RoPE, biases and defaults.
 (Their logits against transformers: test_model_equivalence; through the store: test_store_equivalence
 and test_rope_scaling's truncation.)"""
@@ -64,3 +64,24 @@ def test_defaults_where_a_config_leaves_fields_out():
 def test_a_malformed_layer_pattern_is_refused():
     with pytest.raises(ValueError, match="made of L"):
         spec_from_hf_config({**BASE, "model_type": "exaone4", "sliding_window_pattern": "LLXG"})
+
+
+def test_cohere_norms_blocks_and_logit_scale():
+    cohere = spec_from_hf_config({**BASE, "model_type": "cohere", "layer_norm_eps": 1e-3})
+    assert cohere.layer_norm and cohere.parallel_block and cohere.rope_interleaved and cohere.rms_norm_eps == 1e-3
+    assert cohere.logits_scale == 16.0 and cohere.tie_word_embeddings and cohere.rope_theta == 5e5  # 1 / 0.0625
+    assert cohere.window_layers == () and cohere.nope_layers == ()
+    two = spec_from_hf_config({**BASE, "model_type": "cohere2", "head_dim": 8})
+    assert two.head_dim == 16  # always hidden / heads, whatever the config names
+    assert two.window_layers == (0, 1, 2, 4, 5, 6) and two.nope_layers == (3, 7)  # the full layers go without RoPE
+    unwindowed = spec_from_hf_config({**BASE, "model_type": "cohere2", "sliding_window": None})
+    assert unwindowed.window_layers == () and unwindowed.nope_layers == tuple(range(8))  # as transformers: none rotate
+    with pytest.raises(ValueError, match="use_qk_norm"):
+        spec_from_hf_config({**BASE, "model_type": "cohere", "use_qk_norm": True})
+
+
+def test_glm_rotates_half_of_each_head_by_default():
+    for family in ("glm", "glm4"):
+        spec = spec_from_hf_config({**BASE, "model_type": family})
+        assert spec.rotary_dim == 64 and spec.head_dim == 128 and spec.rope_interleaved and spec.qkv_bias
+        assert not spec.o_bias and spec.sandwich_norms == (family == "glm4")

@@ -102,8 +102,8 @@ def test_a_session_stored_under_the_short_factors_is_not_reused_under_the_long_o
 
 
 # phi4-mini: partial rotary with longrope; ernie4_5, helium: pairs of adjacent dimensions; glm4: both; olmo3:
-# YaRN on its full layer, its windowed ones unscaled; exaone4: its full layer without RoPE
-@pytest.mark.parametrize("kind", ["phi4-mini", "ernie4_5", "helium", "glm4", "olmo3", "exaone4"])
+# YaRN on its full layer, its windowed ones unscaled; exaone4, cohere2: their full layer without RoPE
+@pytest.mark.parametrize("kind", ["phi4-mini", "ernie4_5", "helium", "glm4", "olmo3", "exaone4", "cohere2"])
 def test_truncated_cache_rotated_by_transformers_gives_the_engine_s_logits(kind, tiny_dirs, monkeypatch):
     """Overflowing the window: the retained pre-RoPE keys, put back in the checkpoint's order of each
     head's dimensions, rotated at their new positions by transformers' own rotary and fed to it as
@@ -144,7 +144,7 @@ def test_truncated_cache_rotated_by_transformers_gives_the_engine_s_logits(kind,
         k = torch.cat([store.host.get(s.seg_id).k[layer, s.lo:s.hi] for s in spans])[:hit][..., theirs]
         v = torch.cat([store.host.get(s.seg_id).v[layer, s.lo:s.hi] for s in spans])[:hit]
         k = k.transpose(0, 1)[None]  # [1, kv_heads, hit, d], transformers' layout
-        if not (kind == "exaone4" and types[layer] == "full_attention"):  # EXAONE 4's full layers: no RoPE
+        if not (kind in ("exaone4", "cohere2") and types[layer] == "full_attention"):  # their full layers: no RoPE
             cos, sin = hf.model.rotary_emb(k, positions, *([types[layer]] if kind == "olmo3" else []))
             k = apply(k, k, cos, sin)[1]
         cache.update(k, v.transpose(0, 1)[None], layer)

@@ -108,6 +108,12 @@ def tiny_config(kind: str, **overrides):
     elif kind in ("glm", "glm4"):  # half of each head rotates, over adjacent pairs; fused gate/up; GLM-4's four norms
         common.update(rope_theta=10000.0, head_dim=16, partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0)
         cls = transformers.GlmConfig if kind == "glm" else transformers.Glm4Config
+    elif kind == "cohere":  # LayerNorm, attention and MLP side by side, RoPE over adjacent pairs, logits scaled
+        common.update(rope_theta=10000.0, logit_scale=0.25, layer_norm_eps=1e-5, attention_bias=True, pad_token_id=0)
+        cls = transformers.CohereConfig
+    elif kind == "cohere2":  # Cohere's, with windows of 8 in layers 0 and 1; layer 2 (full) without RoPE
+        common.update(rope_theta=10000.0, logit_scale=0.25, sliding_window=8, sliding_window_pattern=3, pad_token_id=0)
+        cls = transformers.Cohere2Config
     elif kind == "smollm3":  # layer 1 without RoPE and with a window of 8 (SmolLM3-3B: every fourth, no window)
         common.update(rope_theta=5000000.0, no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=8,
                       attention_bias=True, mlp_bias=True, pad_token_id=0)
@@ -155,7 +161,7 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.2)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")) or (kind in ("olmo2", "olmo3", "exaone4", "glm4")
+            elif name.endswith(("q_norm.weight", "k_norm.weight")) or (kind in ("olmo2", "olmo3", "exaone4", "glm4", "cohere", "cohere2")
                                                                           and name.endswith("norm.weight")):
                 p.uniform_(0.5, 1.5)
             elif name.endswith((".gate.weight", "shared_expert_gate.weight")):  # routers (zeros in some families)

@@ -39,9 +39,10 @@ class FusedDecode:
         spec = model.spec
         if spec.moe is not None:
             raise ValueError("the C layers have no mixture-of-experts MLP")
-        if spec.sandwich_norms or spec.post_norms_only or spec.qk_norm_full or spec.hidden_act != "silu":
+        if (spec.sandwich_norms or spec.post_norms_only or spec.qk_norm_full or spec.hidden_act != "silu"
+                or spec.layer_norm or spec.parallel_block):  # fmt: skip
             # (an embedding scale is applied before them)
-            raise ValueError("the C layers are Llama's: no Gemma or OLMo norms around attention and MLP, no GeGLU")
+            raise ValueError("the C layers are Llama's: no Gemma, OLMo or Cohere norms and blocks, no GeGLU")
         if spec.window_layers:
             raise ValueError("the C layers attend whole contexts: no sliding window")
         if spec.attn_softcap is not None:

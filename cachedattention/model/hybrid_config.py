@@ -1,13 +1,13 @@
-"""Configs of families that mix windowed and full layers (OLMo 3, EXAONE 4) read into the common
-keys: each layer's type in layer_types (transformers' defaults where a config names none) and, for
-OLMo 3, the RoPE of each type (the full layers' as rope_theta / rope_scaling, the windowed ones'
-base as rope_local_base_freq, as Gemma 3's)."""
+"""Configs of families that mix windowed and full layers (OLMo 3, EXAONE 4, Cohere 2) read into the
+common keys: each layer's type in layer_types (transformers' defaults where a config names none)
+and, for OLMo 3, the RoPE of each type (the full layers' as rope_theta / rope_scaling, the windowed
+ones' base as rope_local_base_freq, as Gemma 3's)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-HYBRID = ("olmo3", "exaone4")
+HYBRID = ("olmo3", "exaone4", "cohere2")
 
 
 def hybrid_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def _layer_types(cfg: dict[str, Any]) -> list[str]:
         return list(cfg["layer_types"])
     if cfg["model_type"] == "olmo3":  # every fourth layer full
         return ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(layers)]
-    if cfg.get("sliding_window") is None:  # EXAONE 4 without a window: every layer full
+    if cfg["model_type"] == "exaone4" and cfg.get("sliding_window") is None:  # without a window: every layer full
         return ["full_attention"] * layers
     pattern = cfg.get("sliding_window_pattern", 4)
     if isinstance(pattern, str):  # "LLLG": three local (windowed) layers, then a global one, repeated

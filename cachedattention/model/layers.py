@@ -61,6 +61,22 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class LayerNorm(nn.Module):
+    """Cohere's norm: mean and variance over the last dimension, a weight and no bias, in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps).to(x.dtype)
+
+
+def make_norm(dim: int, eps: float, mean_centred: bool) -> RMSNorm | LayerNorm:
+    return LayerNorm(dim, eps) if mean_centred else RMSNorm(dim, eps)
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU (act silu), or Gemma's GeGLU (gelu_pytorch_tanh)."""
 

@@ -19,7 +19,7 @@ from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, SeqSlice
 from cachedattention.model.capped_attention import capped_attention
 from cachedattention.model.fused_decode import FusedDecode
-from cachedattention.model.layers import GatedMLP, Linear, OneDNNWeight, RMSNorm, SparseMoE
+from cachedattention.model.layers import GatedMLP, LayerNorm, Linear, OneDNNWeight, RMSNorm, SparseMoE, make_norm
 from cachedattention.model.rope import RotaryEmbedding, apply_rotary
 from cachedattention.model.spec import ModelSpec
 from cachedattention.model.split_attention import attend_history_then_new
@@ -145,7 +145,7 @@ def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm | None,
     (none: x itself, which the next sublayer only reads before x is added to again)."""
     if norm is None:
         return x.add_(delta) if delta is not None else x
-    if ops is not None:
+    if ops is not None and not isinstance(norm, LayerNorm):
         return ops.add_rms_norm(x, delta, norm.weight, norm.eps)
     if delta is not None:
         x.add_(delta)
@@ -178,7 +178,8 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class DecoderLayer(nn.Module):
     """Attention and MLP, each after a norm. Gemma's (`sandwich`) also norms each one's output before
     it joins the residual stream, and its post_attention_layernorm is that norm of the attention's;
-    OLMo 2's has only those output norms."""
+    OLMo 2's has only those output norms; Cohere's (`parallel`) runs both on one norm's output and
+    adds both to the stream."""
 
     def __init__(self, spec: ModelSpec, index: int) -> None:
         super().__init__()
@@ -186,8 +187,10 @@ class DecoderLayer(nn.Module):
         self.mlp = (SparseMoE(spec.hidden_size, spec.moe) if spec.is_sparse(index)
                     else GatedMLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, spec.mlp_bias))  # fmt: skip
         h, eps = spec.hidden_size, spec.rms_norm_eps
-        self.input_layernorm = None if spec.post_norms_only else RMSNorm(h, eps)
-        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.input_layernorm = None if spec.post_norms_only else make_norm(h, eps, spec.layer_norm)
+        self.parallel = spec.parallel_block
+        if not self.parallel:
+            self.post_attention_layernorm = RMSNorm(h, eps)
         self.sandwich = spec.sandwich_norms or spec.post_norms_only  # the attention's output normed
         if spec.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(h, eps)
@@ -211,7 +214,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = make_norm(spec.hidden_size, spec.rms_norm_eps, spec.layer_norm)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -275,8 +278,11 @@ class LlamaForCausalLM(nn.Module):
         h = _add_norm(x, None, layers[0].input_layernorm, ops)
         for i, layer in enumerate(layers):
             attn = layer.attention_out(layer.self_attn(h, i, batch, pool, *ropes[i], ops))
-            h = _add_norm(x, attn, layer.mlp_norm(), ops)
-            delta = layer.mlp_out(layer.mlp(h, ops))
+            if layer.parallel:  # the MLP reads what attention read; both join the stream
+                delta = attn.add_(layer.mlp(h, ops))
+            else:
+                h = _add_norm(x, attn, layer.mlp_norm(), ops)
+                delta = layer.mlp_out(layer.mlp(h, ops))
             if i + 1 < len(layers):
                 h = _add_norm(x, delta, layers[i + 1].input_layernorm, ops)
             else:

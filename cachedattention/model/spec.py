@@ -13,9 +13,10 @@ from cachedattention.model.rope_config import RopeScaling, rope_settings
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
              "gemma3", "phi3", "smollm3", "granite", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
-             "helium", "glm", "glm4")
+             "helium", "glm", "glm4", "cohere", "cohere2")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+COHERE = ("cohere", "cohere2")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
 ABSOLUTE_POSITION = ("gpt2", "gpt_neo", "gptj", "opt", "bloom", "bert", "gpt_bigcode")
 
@@ -96,6 +97,10 @@ class ModelSpec:
     # ERNIE 4.5, Helium, GLM: RoPE over adjacent pairs of each head's dimensions (GPT-J's), not its halves; the
     # loader reorders q and k so the rotation of halves serves
     rope_interleaved: bool = False
+    # Cohere: norms that centre on the mean (no bias), and layers whose attention and MLP both read
+    # the one norm's output, both added to the stream
+    layer_norm: bool = False
+    parallel_block: bool = False
 
     def window(self, layer: int) -> int | None:
         """The layer's sliding window, or None when it attends to the whole context."""
@@ -141,11 +146,13 @@ LATER_FIELDS = {"qk_norm": False, "o_bias": False, "mlp_bias": False, "rope_freq
                 "post_norms_only": False, "qk_norm_full": False,
                 "rope_long_freq_factors": None, "rope_short_window": None, "rotary_dim": None,
                 "rope_attention_factor": None, "attn_softcap": None,
-                "final_softcap": None, "rope_interleaved": False}  # fmt: skip
+                "final_softcap": None, "rope_interleaved": False,
+                "layer_norm": False, "parallel_block": False}  # fmt: skip
 
 
 # families whose attention_bias puts a bias on q, k, v and o (transformers' modeling of each)
-ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "smollm3", "granite", "olmo2", "olmo3")
+ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "smollm3", "granite", "olmo2", "olmo3",
+                  "cohere", "cohere2")
 
 
 def _qkv_bias(model_type: str, cfg: dict[str, Any]) -> bool:
@@ -246,6 +253,24 @@ def _softcap(cfg: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _cohere_logit_scale(cfg: dict[str, Any]) -> float:
+    value = cfg.get("logit_scale", 0.0625)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"config.json's logit_scale must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _cohere(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Cohere's config in the common keys: its norms' eps; Cohere 2's head size is always hidden /
+    heads. Command R+'s per-head q/k norms (a weight per head) are refused."""
+    if cfg.get("use_qk_norm"):
+        raise ValueError("Cohere's use_qk_norm (Command R+: a LayerNorm weight per head) is not implemented")
+    cfg = {**cfg, "rms_norm_eps": cfg.get("layer_norm_eps") or 1e-5}
+    if cfg["model_type"] == "cohere2":
+        cfg["head_dim"] = int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    return cfg
+
+
 def _granite(cfg: dict[str, Any], key: str) -> float | None:
     """One of Granite's multipliers (None: 1, or not Granite)."""
     value = cfg.get(key, 1.0) if cfg.get("model_type") == "granite" else 1.0
@@ -263,7 +288,11 @@ def _int_field(cfg: dict[str, Any], key: str, default: int) -> int:
 
 def _nope_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, ...]:
     """The layers without RoPE. SmolLM3's: no_rope_layers[i] is 0 (1: RoPE), else every interval-th
-    layer; EXAONE 4's: its full layers, where the config names a window (whether or not it cuts)."""
+    layer; EXAONE 4's: its full layers, where the config names a window (whether or not it cuts);
+    Cohere 2's: those without a window (all of them when the config names none)."""
+    if model_type == "cohere2":
+        windowed = cfg.get("sliding_window") is not None
+        return tuple(i for i, t in enumerate(cfg["layer_types"]) if not (windowed and t == "sliding_attention"))
     if model_type == "exaone4":
         if cfg.get("sliding_window") is None:
             return ()
@@ -321,6 +350,8 @@ FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5, "original_max_position_embeddi
                                 "rope_theta": 500_000.0, "max_position_embeddings": 131072},
                    "seed_oss": {"head_dim": 128, "max_position_embeddings": 524288},
                    "helium": {"rms_norm_eps": 1e-8, "head_dim": 128, "rope_theta": 100_000.0},
+                   "cohere": {"rope_theta": 500_000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192},
+                   "cohere2": {"tie_word_embeddings": True, "sliding_window": 4096, "max_position_embeddings": 8192},
                    **dict.fromkeys(("glm", "glm4"), {"rms_norm_eps": 1.5625e-07, "head_dim": 128, "attention_bias": True,
                                                      "partial_rotary_factor": 0.5, "max_position_embeddings": 131072})}  # fmt: skip
 
@@ -364,9 +395,11 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
     if gemma:
         cfg = gemma_config(cfg)
         model_type = cfg["model_type"]
-    elif model_type in HYBRID:
-        cfg = hybrid_config(cfg)
     _check_shape(cfg)
+    if model_type in COHERE:
+        cfg = _cohere(cfg)
+    if model_type in HYBRID:
+        cfg = hybrid_config(cfg)
     act = cfg.get("hidden_act") or "silu"
     if act not in ACTIVATIONS:
         raise ValueError(f"the MLP's activation {act!r} is not implemented; known: {', '.join(ACTIVATIONS)}")
@@ -395,7 +428,9 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2", "olmo3", "exaone4"),
         qk_norm_full=model_type in ("olmo2", "olmo3"),
         post_norms_only=model_type in ("olmo2", "olmo3", "exaone4"),
-        rope_interleaved=model_type in ("ernie4_5", "helium", "glm", "glm4"),
+        rope_interleaved=model_type in ("ernie4_5", "helium", "glm", "glm4", *COHERE),
+        layer_norm=model_type in COHERE,
+        parallel_block=model_type in COHERE,
         rope_freq_factors=rope.divisors,
         rope_long_freq_factors=rope.long_divisors,
         rope_short_window=rope.short_window,
@@ -415,7 +450,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         final_softcap=_softcap(cfg, "final_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
         attn_scale=_attn_scale(cfg),
         residual_scale=_granite(cfg, "residual_multiplier"),
-        logits_scale=_granite(cfg, "logits_scaling"),
+        logits_scale=_granite(cfg, "logits_scaling") if model_type not in COHERE else 1.0 / _cohere_logit_scale(cfg),
         local_rope_theta=float(cfg["rope_local_base_freq"]) if local_rope else None,
         local_rope_layers=tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention")
         if local_rope else (),
