@@ -73,10 +73,9 @@ class _Format:
 
     def __init__(
         self, request_id: str, model: str, chat: bool, include_usage: bool, tokenizer: Tokenizer | None = None,
-        logprobs: int | None = None, echo: str | None = None, prompt_logprobs: int | None = None,
-        echo_as_sent: bool = True, tool_calls: bool = False, named_tool: bool = False, echo_hidden: int = 0,
-        tool_parser: ToolCallParser = HermesCalls, continuous_usage: bool = False, token_ids: bool = False,
-        reasoning: Reasoning | None = None,
+        logprobs: int | None = None, echoes: list[Echo] | None = None, prompt_logprobs: int | None = None,
+        tool_calls: bool = False, named_tool: bool = False, tool_parser: ToolCallParser = HermesCalls,
+        continuous_usage: bool = False, token_ids: bool = False, reasoning: Reasoning | None = None, n: int = 1,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
@@ -84,9 +83,8 @@ class _Format:
         self.include_usage = include_usage
         self.tokenizer = tokenizer
         self.logprobs = logprobs  # None: the request asked for no logprobs; n: alternatives per token
-        self.echo = echo  # completions' echo: the prompt's text, sent before the answer's
-        self.echo_as_sent = echo_as_sent  # the client's string (else decoded from its token ids)
-        self.echo_hidden = echo_hidden  # tokens the tokenizer put before the client's string (a BOS)
+        self.echoes = echoes  # completions' echo: each choice's prompt, sent before its answer
+        self.n = n  # choices per prompt (a batch's prompts each have n, one after the other)
         self.tool_calls = tool_calls  # chat: answers' tool calls are returned as tool_calls
         self.tool_parser = tool_parser  # how the model writes them (--tool-call-parser)
         self.named_tool = named_tool  # tool_choice named the function: finish_reason stays "stop"
@@ -116,8 +114,9 @@ class _Format:
         """The echoed prompt's tokens in completions' lists (their offsets into the echoed text)."""
         if self.logprobs is None or out.prompt_logprobs is None:
             return None
-        return self._formatter(index).render_prompt(out.prompt_logprobs, out.prompt_token_ids, self.echo, self.logprobs,
-                                                    self.echo_as_sent, bool(joint), self.echo_hidden)  # fmt: skip
+        echo = self.echoes[index]
+        return self._formatter(index).render_prompt(out.prompt_logprobs, out.prompt_token_ids, echo.text, self.logprobs,
+                                                    echo.as_sent, bool(joint), echo.hidden)  # fmt: skip
 
     def _joint(self, out: RequestOutput) -> str:
         """What joins the echoed prompt to the answer: the answer's text is decoded alone, and a
@@ -135,17 +134,19 @@ class _Format:
         return LogprobFormatter(self.tokenizer, False, self.token_ids).prompt_logprobs(out.prompt_logprobs,
                                                                                          self.prompt_logprobs)
 
-    @staticmethod
-    def usage(outs: list[RequestOutput]) -> dict[str, Any]:
-        """The prompt once (every choice shares it), the completions of all choices."""
-        first = outs[0]
-        prompt, completion = first.metrics.prompt_tokens, sum(len(o.token_ids) for o in outs)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": first.metrics.cached_details(),
-        }
+    def usage(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        """Each prompt once (its n choices share it), the completions of all choices."""
+        firsts = outs[:: self.n]
+        prompt, completion = sum(o.metrics.prompt_tokens for o in firsts), sum(len(o.token_ids) for o in outs)
+        details = firsts[0].metrics.cached_details()
+        for other in firsts[1:]:  # a batch's prompts: their reuse summed
+            more = other.metrics.cached_details()
+            details["cached_tokens"] += more["cached_tokens"]
+            details["truncated_tokens"] += more["truncated_tokens"]
+            for tier, count in more["cached_tokens_by_tier"].items():
+                details["cached_tokens_by_tier"][tier] += count
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": details}  # fmt: skip
 
     def full(self, outs: list[RequestOutput]) -> dict[str, Any]:
         choices = []
@@ -154,11 +155,11 @@ class _Format:
             if self.chat:
                 choice = {"index": i, "message": self._message(out)}
                 called = "tool_calls" in choice["message"]
-            elif self.echo is None:
+            elif self.echoes is None:
                 choice = {"index": i, "text": out.text}
             else:
                 joint = self._joint(out)
-                choice = {"index": i, "text": self.echo + joint + out.text}
+                choice = {"index": i, "text": self.echoes[i].text + joint + out.text}
                 head = self._echo_logprobs(i, out, joint)
             logprobs = self._logprobs(i, out.logprobs)
             if head is not None and logprobs is not None:  # the prompt's tokens, then the answer's
@@ -197,8 +198,8 @@ class _Format:
     def echo_chunk(self, index: int, out: RequestOutput) -> str:
         """Completions' streamed echo: the prompt's text (and its tokens' logprobs) before the answer's."""
         joint = self._joint(out)
-        choice = {"index": index, "text": self.echo + joint, "logprobs": self._echo_logprobs(index, out, joint),
-                  "finish_reason": None}  # fmt: skip
+        choice = {"index": index, "text": self.echoes[index].text + joint,
+                  "logprobs": self._echo_logprobs(index, out, joint), "finish_reason": None}  # fmt: skip
         return self._event([choice])
 
     def chunk(
@@ -365,17 +366,15 @@ class OpenAIRoutes:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{parsed.request_id or uuid.uuid4().hex}"
         streams = await self._submit(rid, parsed, parsed.max_tokens_asked if parsed.session_id is None else None)
         tok = self.loop.engine.tokenizer
-        echo, hidden = None, 0
-        if parsed.echo:  # the prompt as sent, or its ids' text
-            echo = parsed.prompt if isinstance(parsed.prompt, str) else (tok.decode(parsed.prompt) if tok else "")
-            if isinstance(parsed.prompt, str) and parsed.add_special_tokens and tok is not None:
-                hidden = tok.added_prefix(parsed.prompt)
+        echoes = None
+        if parsed.echo:  # each choice's prompt, as sent or its ids' text
+            echoes = [Echo.of(prompt, tok, parsed.add_special_tokens)
+                      for prompt in parsed.batch or [parsed.prompt] for _ in range(parsed.n)]  # fmt: skip
         include_usage = parsed.include_usage or (self.force_include_usage and parsed.stream)
-        fmt = _Format(rid, self.model_name, chat, include_usage, tok, parsed.params.logprobs, echo,
-                      parsed.prompt_logprobs, isinstance(parsed.prompt, str), parsed.parse_tool_calls,
-                      parsed.named_tool, hidden, self.tool_parser, include_usage and parsed.continuous_usage,
-                      parsed.token_ids_as_tokens or self.token_ids_as_tokens,
-                      self.reasoning_of(parsed) if chat else None)  # fmt: skip
+        fmt = _Format(rid, self.model_name, chat, include_usage, tok, parsed.params.logprobs, echoes,
+                      parsed.prompt_logprobs, parsed.parse_tool_calls, parsed.named_tool, self.tool_parser,
+                      include_usage and parsed.continuous_usage, parsed.token_ids_as_tokens or self.token_ids_as_tokens,
+                      self.reasoning_of(parsed) if chat else None, parsed.n)  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
@@ -385,18 +384,21 @@ class OpenAIRoutes:
     async def _submit(self, rid: str, parsed: ParsedRequest, check_room: int | None, truncate: bool = True,
                       render_aside: bool = False) -> list[RequestStream]:  # fmt: skip
         """One engine request per choice (n > 1: seeds seed, seed + 1, ... so that seeded choices
-        differ); each accepted, or all withdrawn and the first error raised. `check_room`: the
+        differ), n for each prompt of a batch in turn; each accepted, or all withdrawn and the first
+        error raised. `check_room`: the
         answer's length that must fit in the window after the prompt (None: no check); `truncate`:
         whether a session's conversation may be cut to fit; `render_aside`: render the messages in
         a worker thread (a long conversation must not hold up the engine's thread)."""
         streams: list[RequestStream] = []
         rendered = None
+        prompts = parsed.batch or [parsed.prompt]
+        choices = [(prompt, i) for prompt in prompts for i in range(parsed.n)]
         try:
-            for i in range(parsed.n):
+            for k, (prompt, i) in enumerate(choices):
                 params = parsed.params
                 if params.seed is not None and i:
                     params = replace(params, seed=(params.seed + i) % 2**64)
-                job = Job(rid if parsed.n == 1 else f"{rid}-{i}", params, parsed.session_id, parsed.prompt,
+                job = Job(rid if len(choices) == 1 else f"{rid}-{k}", params, parsed.session_id, prompt,
                           parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
                           check_room=check_room,
                           save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens,
@@ -479,7 +481,7 @@ class OpenAIRoutes:
                 if isinstance(item, RequestOutput):
                     fmt.progress[i] = item  # continuous usage: the tokens so far
                 first = not c.echoed and isinstance(item, RequestOutput) and item.finish_reason != "abort"
-                if fmt.echo is not None and first:
+                if fmt.echoes is not None and first:
                     c.echoed = True  # the first output: the prompt is computed, its logprobs known
                     yield fmt.echo_chunk(i, item)
                 if isinstance(item, BaseException) or item.finish_reason == "abort":
@@ -534,6 +536,22 @@ def _prompt_only(out: RequestOutput) -> RequestOutput:
         return out
     return replace(out, token_ids=[], new_token_ids=[], text="", logprobs=None if out.logprobs is None else [],
                    finish_reason="length" if out.finished else None)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Echo:
+    """Completions' echo of one prompt: its text (the client's string, or its ids decoded), whether
+    that is the client's string, and how many tokens the tokenizer put before it (a BOS)."""
+
+    text: str
+    as_sent: bool
+    hidden: int
+
+    @classmethod
+    def of(cls, prompt: str | list[int], tok: Tokenizer | None, add_special_tokens: bool) -> Echo:
+        if not isinstance(prompt, str):
+            return cls(tok.decode(prompt) if tok else "", False, 0)
+        return cls(prompt, True, tok.added_prefix(prompt) if add_special_tokens and tok is not None else 0)
 
 
 @dataclass

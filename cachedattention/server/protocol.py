@@ -38,6 +38,7 @@ CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_g
                          "include_reasoning", "reasoning_effort"))  # fmt: skip
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 MAX_CHOICES = 16  # most choices (n) one request may ask for
+MAX_BATCH = 256  # most prompts one completions request may batch
 MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
 
@@ -52,6 +53,9 @@ class ParsedRequest:
     include_usage: bool
     session_id: str | None
     prompt: str | list[int] | None = None
+    # completions: a batch of prompts (OpenAI's list of strings or of token lists), each with its n
+    # choices, numbered prompt by prompt; `prompt` is then the first
+    batch: list[str | list[int]] | None = None
     messages: list[dict[str, str]] | None = None
     max_tokens_asked: int | None = None  # the length the client asked for (before the model's bound); None: none
     prompt_only: bool = False  # completions' echo with max_tokens 0: the prompt (and its logprobs), no answer
@@ -508,23 +512,32 @@ def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: boo
 def parse_completion(body: dict, session_header: str | None, max_model_len: int,
                      defaults: Mapping[str, Any] | None = None, max_logprobs: int = MAX_LOGPROBS) -> ParsedRequest:  # fmt: skip
     prompt = body.get("prompt")
-    # a batch of exactly one prompt is the same as that prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    batch = None
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_BATCH:
+            raise bad(f"at most {MAX_BATCH} prompts may be batched in one request, got {len(prompt)}", "prompt")
+        for i, one in enumerate(prompt):
+            _one_prompt(one, f"prompt[{i}]")
+        batch = prompt if len(prompt) > 1 else None  # a batch of one is that prompt
         prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise bad("prompt must not be empty", "prompt")
-        _text(prompt, "prompt")
-    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
-        pass
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise bad("batched prompts are not supported; send one prompt per request", "prompt")
     else:
-        raise bad("prompt must be a non-empty string or a non-empty list of token ids", "prompt", "invalid_type")
+        _one_prompt(prompt, "prompt")
     # as vLLM: a text prompt gets what the tokenizer adds around a text (Llama's BOS) unless told not to
     specials = flag(body, "add_special_tokens", True)
     common = _common(body, session_header, max_model_len, chat=False, defaults=defaults, max_logprobs=max_logprobs)
-    return ParsedRequest(prompt=prompt, add_special_tokens=specials, **common)
+    if batch is not None and common["session_id"] is not None:
+        raise bad("a batch of prompts cannot continue a session: which prompt would be its next turn?", "prompt")
+    return ParsedRequest(prompt=prompt, batch=batch, add_special_tokens=specials, **common)
+
+
+def _one_prompt(prompt: Any, param: str) -> None:
+    """A non-empty text, or a non-empty list of token ids."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad(f"{param} must not be empty", param)
+        _text(prompt, param)
+    elif not (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
+        raise bad(f"{param} must be a non-empty string or a non-empty list of token ids", param, "invalid_type")
 
 
 class BodyLimitMiddleware:

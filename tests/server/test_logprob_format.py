@@ -35,16 +35,13 @@ def test_byte_level_detection_and_added_tokens():
 def _echoed(tok: Tokenizer, prompt: str | list[int], answer: list[int]) -> dict:
     """One non-streamed completion with echo and logprobs=1, formatted as the server does."""
     from cachedattention.outputs import RequestMetrics, RequestOutput
-    from cachedattention.server.app import _Format
+    from cachedattention.server.app import Echo, _Format
 
     ids = tok.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else prompt
     entries = [None] + [TokenLogprob(t, -1.0, 1) for t in ids[1:]]
     out = RequestOutput("r", ids, answer, tok.decode(answer), True, "length", RequestMetrics(0.0, prompt_tokens=len(ids)),
                         logprobs=[TokenLogprob(t, -1.0, 1) for t in answer], prompt_logprobs=entries)  # fmt: skip
-    echo = prompt if isinstance(prompt, str) else tok.decode(prompt)
-    hidden = tok.added_prefix(prompt) if isinstance(prompt, str) else 0
-    fmt = _Format("r", "m", False, False, tok, logprobs=1, echo=echo, echo_as_sent=isinstance(prompt, str),
-                  echo_hidden=hidden)  # fmt: skip
+    fmt = _Format("r", "m", False, False, tok, logprobs=1, echoes=[Echo.of(prompt, tok, add_special_tokens=True)])
     return fmt.full([out])["choices"][0]
 
 

@@ -207,7 +207,43 @@ def test_n_choices_streamed_and_not(server, engine):
     assert greedy.choices[1].logprobs.text_offset[0] == 0  # each choice's offsets start at its own text
 
 
+def test_a_batch_of_prompts_answers_each_as_alone(server, engine):
+    """OpenAI's list of prompts (lm-eval-harness batches its log-likelihood requests so): each
+    prompt's n choices in turn, each as that prompt sent alone, echoes and logprobs included, the
+    usage of all of them; streamed, the same choices by index."""
+    from cachedattention import SamplingParams
+
+    prompts = ["The capital of France is Paris", [5, 9, 13, 17], "Red, green and"]
+    body = {"prompt": prompts, "max_tokens": 3, "temperature": 0, "logprobs": 1, "echo": True, "n": 2}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    assert [c["index"] for c in r["choices"]] == list(range(6))
+    alone = [httpx.post(f"{server.url}/v1/completions", json={**body, "prompt": p, "n": 1}, timeout=60).json()
+             for p in prompts]  # fmt: skip
+    for k, choice in enumerate(r["choices"]):
+        want = alone[k // 2]["choices"][0]
+        assert choice["text"] == want["text"] and choice["logprobs"] == want["logprobs"], k
+    assert r["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)  # each prompt once
+    assert r["usage"]["completion_tokens"] == 2 * sum(a["usage"]["completion_tokens"] for a in alone)
+    ids = engine.tokenizer.encode(prompts[0])
+    first = engine.generate(prompts[0], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert r["choices"][0]["text"] == prompts[0] + first.text and alone[0]["usage"]["prompt_tokens"] == len(ids)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True,
+                      "stream_options": {"include_usage": True}}, timeout=60) as s:  # fmt: skip
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    texts = ["".join(e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["index"] == k)
+             for k in range(6)]  # fmt: skip
+    assert texts == [c["text"] for c in r["choices"]] and events[-1]["usage"] == r["usage"]
+    c = client(server.url)  # the OpenAI client's own batch
+    sdk = c.completions.create(model="default", prompt=["The sky is", "Grass is"], max_tokens=4, temperature=0)
+    assert [ch.text for ch in sdk.choices] == [
+        c.completions.create(model="default", prompt=p, max_tokens=4, temperature=0).choices[0].text
+        for p in ("The sky is", "Grass is")]  # fmt: skip
+
+
 BAD = [
+    ("batch of prompts continuing a session", "/v1/completions", {"prompt": ["a", "b"], "session_id": "s"}, "prompt"),
+    ("an empty prompt in a batch", "/v1/completions", {"prompt": ["a", ""]}, "prompt[1]"),
+    ("a batch too long", "/v1/completions", {"prompt": ["a"] * 257}, "prompt"),
     ("top_logprobs without logprobs", "/v1/chat/completions", {"messages": MSGS, "top_logprobs": 3}, "top_logprobs"),
     ("too many top_logprobs", "/v1/chat/completions", {"messages": MSGS, "logprobs": True, "top_logprobs": 21},
      "top_logprobs"),

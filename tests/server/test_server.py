@@ -290,7 +290,7 @@ BAD_INPUTS = [
     ("completion without prompt", COMP, {"max_tokens": 4}, 400),
     ("completion empty prompt", COMP, {"prompt": ""}, 400),
     ("completion token id out of vocab", COMP, {"prompt": [1, 999999]}, 400),
-    ("completion batched prompts", COMP, {"prompt": ["a", "b"]}, 400),
+    ("completion batched prompts, one of them malformed", COMP, {"prompt": ["a", 5]}, 400),
     ("completion prompt past the window", COMP, {"prompt": list(range(5, 1500))}, 400),
     ("prompt plus max_tokens past the window", COMP, {"prompt": list(range(5, 1020)), "max_tokens": 20}, 400),
     (
