@@ -1,7 +1,8 @@
 """tool_choice "required" or a named function: the answer is one tool call of one of the given
 functions, written as the model writes its calls (its CallForm): Hermes-style
 <tool_call>\n{"name": NAME, "arguments": {...}}\n</tool_call> (Qwen2.5, Hermes), Llama 3.1's
-JSON {"name": NAME, "parameters": {...}}, or Mistral's [TOOL_CALLS][{"name": NAME, "arguments": {...}}].
+JSON {"name": NAME, "parameters": {...}}, Mistral's [TOOL_CALLS][{"name": NAME, "arguments": {...}}],
+or a Python list of one call, [NAME(**{...})] (the pythonic parser's form, its arguments in JSON).
 
 The name is one of the allowed names exactly; the arguments follow that function's parameters
 schema (any JSON object where it has none); the request stops when the call is written whole.
@@ -21,19 +22,28 @@ from cachedattention.engine.schema_compile import compile_schema
 
 @dataclass(frozen=True)
 class CallForm:
-    """How a model writes one call: `opening` NAME `between` ARGUMENTS `closing` (the name and the
-    arguments in JSON)."""
+    """How a model writes one call: `opening` NAME `between` ARGUMENTS `closing` (the arguments in
+    JSON; the name too, or bare where `quoted` is False)."""
 
     name: str
     opening: str
     between: str
     closing: str
+    quoted: bool = True
+
+    def head(self, function: str) -> str:
+        if self.quoted:
+            return f"{self.opening}{json.dumps(function, ensure_ascii=False)}{self.between}"
+        if not all(part.isidentifier() for part in function.split(".")):
+            raise ValueError(f"the function name {function!r} cannot be written as a Python call (pythonic tool calls)")
+        return f"{self.opening}{function}{self.between}"
 
 
 CALL_FORMS = {
     "hermes": CallForm("hermes", '<tool_call>\n{"name": ', ', "arguments": ', "}\n</tool_call>"),
     "llama3_json": CallForm("llama3_json", '{"name": ', ', "parameters": ', "}"),
     "mistral": CallForm("mistral", '[TOOL_CALLS][{"name": ', ', "arguments": ', "}]"),
+    "pythonic": CallForm("pythonic", "[", "(**", ")]", quoted=False),
 }
 
 
@@ -73,10 +83,7 @@ def tool_call_automaton(names: Sequence[str], parameters: Sequence[Any] = (), fo
     call = CALL_FORMS[form]
     tail = call.closing.encode()
     nodes = [parameters_node(p) if p else schema_nodes.ANY_OBJECT for p in parameters or [None] * len(names)]
-    heads = {
-        f"{call.opening}{json.dumps(n, ensure_ascii=False)}{call.between}".encode(): json_schema.automaton(node)
-        for n, node in zip(names, nodes)
-    }
+    heads = {call.head(n).encode(): json_schema.automaton(node) for n, node in zip(names, nodes)}
 
     def step(state: tuple[Any, ...], b: int) -> tuple[Any, ...] | None:
         kind = state[0]

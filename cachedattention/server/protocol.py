@@ -465,8 +465,11 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
             field = next(k for k in asked if body.get(k) not in (None, {"type": "text"}))
             raise bad(f"{field} cannot be combined with a required tool call: the answer is one or the other", field)
         parameters = forced_parameters(tools, forced)
-        common["params"] = replace(common["params"], tool_call_names=forced, tool_call_parameters=parameters,
-                                   tool_call_format=tool_format)  # fmt: skip
+        try:  # e.g. a name the pythonic form cannot write as a call
+            common["params"] = replace(common["params"], tool_call_names=forced, tool_call_parameters=parameters,
+                                       tool_call_format=tool_format)  # fmt: skip
+        except ValueError as e:
+            raise bad(f"tool_choice: {e}", "tool_choice") from None
     if parse_calls and tool_format == "mistral":  # its [TOOL_CALLS] is a special token: kept in the text, as vLLM
         common["params"] = replace(common["params"], skip_special_tokens=False)
     named = isinstance(body.get("tool_choice"), dict)

@@ -7,6 +7,9 @@
 - `mistral` (Mistral 7B v0.3, Mistral Nemo, Small, ...): text, then [TOOL_CALLS] and a JSON array of
   {"name": ..., "arguments": {...}}; or, as the later ones write them, [TOOL_CALLS]NAME{...} (or
   NAME[ARGS]{...}) for each call. Their templates want call ids of 9 letters and digits.
+- `pythonic` (Llama 3.2 and 4 with vLLM's pythonic template, ToolACE, ...): an answer that is a
+  Python list of calls, [get_weather(city="Paris"), ...] (Llama 4 puts it between <|python_start|>
+  and <|python_end|>); literal arguments only, JSON's true/false/null read as Python's.
 
 Each parser gives the answer's text besides its calls, and how much of a streamed answer is plain
 text for sure (the rest may still become a call, and waits).
@@ -14,6 +17,7 @@ text for sure (the rest may still become a call, and waits).
 
 from __future__ import annotations
 
+import ast
 import json
 import secrets
 import string
@@ -24,6 +28,7 @@ from typing import Any
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 MISTRAL_TAG, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 ID_CHARS = string.ascii_letters + string.digits
 
 
@@ -202,7 +207,82 @@ def _mistral_named(body: str) -> list[ToolCall]:
 
 
 ToolCallParser = type[HermesCalls] | type[Llama3JsonCalls] | type[MistralCalls]
-TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesCalls, Llama3JsonCalls, MistralCalls)}
+class PythonicCalls:
+    """An answer that is nothing but a Python list of calls with keyword arguments."""
+
+    name = "pythonic"
+
+    @staticmethod
+    def parse(text: str) -> tuple[str | None, list[ToolCall]]:
+        """No text and the calls, when the whole answer is such a list; else the answer as text, no
+        calls (as vLLM's parser). A call's `**{...}` (how a forced call is written) spreads its keys."""
+        body = text.strip().removeprefix(PYTHON_START).removesuffix(PYTHON_END).strip()
+        if not (body.startswith("[") and body.endswith("]")):
+            return text, []
+        try:
+            tree = ast.parse(body, mode="eval").body
+            calls = [_python_call(node) for node in tree.elts] if isinstance(tree, ast.List) else []
+        except (SyntaxError, ValueError, RecursionError):
+            return text, []
+        return (None, calls) if calls else (text, [])
+
+    @staticmethod
+    def plain_text_end(text: str) -> int:
+        """All of it once it surely does not start with a list of calls; nothing while it may."""
+        head = text.lstrip()
+        if not head or head.startswith(("[", PYTHON_START)) or PYTHON_START.startswith(head):
+            return 0
+        return len(text)
+
+
+def _python_call(node: ast.expr) -> ToolCall:
+    if not isinstance(node, ast.Call) or node.args:
+        raise ValueError("not a call with keyword arguments only")
+    name, args = _dotted(node.func), {}
+    for kw in node.keywords:
+        value = _literal(kw.value)
+        if kw.arg is not None:
+            args[kw.arg] = value
+        elif isinstance(value, dict):  # **{...}
+            args.update(value)
+        else:
+            raise ValueError("** of something that is not a dict")
+    return ToolCall(_openai_id(), name, json.dumps(args, ensure_ascii=False))
+
+
+def _dotted(node: ast.expr) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    raise ValueError("a call of something that is not a name")
+
+
+JSON_NAMES = {"true": True, "false": False, "null": None}
+
+
+def _literal(node: ast.expr) -> Any:
+    """A literal argument (Python's, or JSON's true/false/null) as JSON would hold it."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float, bool))):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in JSON_NAMES:
+        return JSON_NAMES[node.id]
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict) and all(k is not None for k in node.keys):
+        keys = [_literal(k) for k in node.keys]
+        if not all(isinstance(k, str) for k in keys):
+            raise ValueError("a dict argument with keys that are not strings")
+        return dict(zip(keys, (_literal(v) for v in node.values)))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _literal(node.operand)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return -value if isinstance(node.op, ast.USub) else value
+    raise ValueError("an argument that is not a literal")
+
+
+TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesCalls, Llama3JsonCalls, MistralCalls,
+                                                                    PythonicCalls)}  # fmt: skip
 
 
 def tool_call_parser(name: str) -> ToolCallParser:

@@ -343,6 +343,25 @@ def test_llama3_json_calls_are_read_from_an_answer_that_is_nothing_but_calls():
     assert shown("Sure, ") == len("Sure, ")  # a call starts the answer or there is none
 
 
+def _forced_call_whole_and_streamed(srv) -> dict:
+    """tool_choice "required" from the server's random model: one call of get_weather, returned as
+    tool_calls whole, and streamed as that same call with no text."""
+    tok = srv.app.state.engine_loop.engine.tokenizer
+    bias = {str(tok.encode('"')[0]): 8, str(tok.encode("}")[0]): 8}  # a random model then closes its strings
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "tool_choice": "required",
+            "max_tokens": 200, "temperature": 0, "logit_bias": bias}  # fmt: skip
+    r = _chat(srv.url, **body).json()["choices"][0]
+    call = r["message"]["tool_calls"][0]["function"]
+    assert r["finish_reason"] == "tool_calls" and r["message"]["content"] is None
+    assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"]), dict)
+    with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert not "".join(d.get("content") or "" for d in deltas)  # none of the call streamed as text
+    assert [c["function"] for d in deltas for c in d.get("tool_calls", [])] == [call]
+    return call
+
+
 def test_a_forced_call_in_llama3_form_is_written_and_read_back(tool_model_dir, tmp_path):
     """tool_choice "required" with --tool-call-parser llama3_json: the answer is one Llama 3 JSON
     call (even from a random-weight model), returned as tool_calls, whole and streamed."""
@@ -354,19 +373,7 @@ def test_a_forced_call_in_llama3_form_is_written_and_read_back(tool_model_dir, t
     srv = start_server(engine_config(with_template(tool_model_dir, tmp_path / "llama3", LLAMA3_TEMPLATE), False),
                        tool_call_format="llama3_json")  # fmt: skip
     try:
-        tok = srv.app.state.engine_loop.engine.tokenizer
-        bias = {str(tok.encode('"')[0]): 8, str(tok.encode("}")[0]): 8}  # a random model then closes its strings
-        body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "tool_choice": "required",
-                "max_tokens": 200, "temperature": 0, "logit_bias": bias}  # fmt: skip
-        r = _chat(srv.url, **body).json()["choices"][0]
-        call = r["message"]["tool_calls"][0]["function"]
-        assert r["finish_reason"] == "tool_calls" and r["message"]["content"] is None
-        assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"]), dict)
-        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
-            events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
-        deltas = [e["choices"][0]["delta"] for e in events]
-        assert not "".join(d.get("content") or "" for d in deltas)  # none of the call streamed as text
-        assert [c["function"] for d in deltas for c in d.get("tool_calls", [])] == [call]
+        call = _forced_call_whole_and_streamed(srv)
         # the call and its result go back into the conversation as the template writes them
         history = [{"role": "user", "content": "Weather?"},
                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
@@ -436,3 +443,46 @@ def test_long_call_ids_are_cut_to_mistral_s_nine_characters():
     assert mistral[1]["tool_calls"][0]["id"] == mistral[2]["tool_call_id"] == "789abcdef"
     hermes = parse_chat({"messages": history, "tools": [WEATHER]}, None, 1024, tool_format="hermes").messages
     assert hermes[1]["tool_calls"][0]["id"] == "call_0123456789abcdef"  # other formats keep them
+
+
+def test_pythonic_calls_are_read_from_an_answer_that_is_a_python_list_of_calls():
+    from cachedattention.server.tool_calls import PythonicCalls
+
+    parse, shown = PythonicCalls.parse, PythonicCalls.plain_text_end
+    content, calls = parse('[get_weather(city="San Francisco", days=3, metric=True), web.search(q=\'x\', n=-2)]')
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "San Francisco", "days": 3, "metric": True}), ("web.search", {"q": "x", "n": -2})]
+    nested = parse('<|python_start|>[f(a=[1, 2.5, None], b={"k": (true, null)}, **{"c": false})]<|python_end|>')[1]
+    assert json.loads(nested[0].arguments) == {"a": [1, 2.5, None], "b": {"k": [True, None]}, "c": False}
+    assert parse("[f()]")[1][0].arguments == "{}"
+    for text in ("The weather is fine.", "[f(city=", "[1, 2]", "[f(x)]", "[f(x=g())]", "[f(x=y)]", "f(x=1)",
+                 "Sure: [f(x=1)]", "[f(**[1])]", "[(lambda: 1)()]", "[f(x={1: 2})]"):  # fmt: skip
+        assert parse(text) == (text, []), text  # not calls: the answer stays as it was
+    assert shown("") == shown(" [get_w") == shown("<|python_") == 0  # it may still be a call: held
+    assert shown("Sure, ") == len("Sure, ")
+
+
+def test_a_forced_call_in_pythonic_form_is_written_and_read_back(tool_model_dir):
+    """tool_choice "required" with --tool-call-parser pythonic: the answer is [NAME(**{...})], its
+    arguments held to the schema, returned as tool_calls; a function name Python cannot call is refused."""
+    from cachedattention.engine.tool_choice import tool_call_automaton
+    from cachedattention.server.api_error import APIError
+    from cachedattention.server.protocol import parse_chat
+    from cachedattention.server.tool_calls import PythonicCalls
+
+    auto = tool_call_automaton(["get_weather"], [WEATHER["function"]["parameters"]], "pythonic")
+    written = b'[get_weather(**{"city": "Paris"})]'
+    assert auto.is_done(auto.advance(auto.start, written))
+    assert auto.advance(auto.start, b'[get_weather(**{"city": 5') is None  # the schema holds
+    assert json.loads(PythonicCalls.parse(written.decode())[1][0].arguments) == {"city": "Paris"}
+    dashed = {"type": "function", "function": {"name": "get-weather", "parameters": {"type": "object"}}}
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [dashed], "tool_choice": "required"}
+    with pytest.raises(APIError, match="cannot be written as a Python call") as refused:
+        parse_chat(body, None, 1024, tool_format="pythonic")
+    assert refused.value.status == 400 and refused.value.body()["error"]["param"] == "tool_choice"
+    srv = start_server(engine_config(tool_model_dir, False), tool_call_format="pythonic")
+    try:
+        _forced_call_whole_and_streamed(srv)
+    finally:
+        srv.stop()
