@@ -71,8 +71,8 @@ def test_cohere_norms_blocks_and_logit_scale():
     assert cohere.layer_norm and cohere.parallel_block and cohere.rope_interleaved and cohere.rms_norm_eps == 1e-3
     assert cohere.logits_scale == 16.0 and cohere.tie_word_embeddings and cohere.rope_theta == 5e5  # 1 / 0.0625
     assert cohere.window_layers == () and cohere.nope_layers == ()
-    two = spec_from_hf_config({**BASE, "model_type": "cohere2", "head_dim": 8})
-    assert two.head_dim == 16  # always hidden / heads, whatever the config names
+    two = spec_from_hf_config({**BASE, "model_type": "cohere2"})
+    assert two.head_dim == 16 and spec_from_hf_config({**BASE, "model_type": "cohere2", "head_dim": 32}).head_dim == 32
     assert two.window_layers == (0, 1, 2, 4, 5, 6) and two.nope_layers == (3, 7)  # the full layers go without RoPE
     unwindowed = spec_from_hf_config({**BASE, "model_type": "cohere2", "sliding_window": None})
     assert unwindowed.window_layers == () and unwindowed.nope_layers == tuple(range(8))  # as transformers: none rotate

@@ -2,7 +2,8 @@
 functions, written as the model writes its calls (its CallForm): Hermes-style
 <tool_call>\n{"name": NAME, "arguments": {...}}\n</tool_call> (Qwen2.5, Hermes), Llama 3.1's
 JSON {"name": NAME, "parameters": {...}}, Mistral's [TOOL_CALLS][{"name": NAME, "arguments": {...}}],
-or a Python list of one call, [NAME(**{...})] (the pythonic parser's form, its arguments in JSON).
+Granite's <|tool_call|>[...] and Phi-4-mini's functools[...] arrays of one such object, or a Python list
+of one call, [NAME(**{...})] (the pythonic parser's form, its arguments in JSON).
 
 The name is one of the allowed names exactly; the arguments follow that function's parameters
 schema (any JSON object where it has none); the request stops when the call is written whole.
@@ -43,6 +44,8 @@ CALL_FORMS = {
     "hermes": CallForm("hermes", '<tool_call>\n{"name": ', ', "arguments": ', "}\n</tool_call>"),
     "llama3_json": CallForm("llama3_json", '{"name": ', ', "parameters": ', "}"),
     "mistral": CallForm("mistral", '[TOOL_CALLS][{"name": ', ', "arguments": ', "}]"),
+    "granite": CallForm("granite", '<|tool_call|>[{"name": ', ', "arguments": ', "}]"),
+    "phi4_mini_json": CallForm("phi4_mini_json", 'functools[{"name": ', ', "arguments": ', "}]"),
     "pythonic": CallForm("pythonic", "[", "(**", ")]", quoted=False),
 }
 

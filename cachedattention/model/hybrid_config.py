@@ -37,7 +37,9 @@ def _layer_types(cfg: dict[str, Any]) -> list[str]:
 
 def _olmo3_rope(cfg: dict[str, Any]) -> dict[str, Any]:
     """transformers 5 nests the RoPE by layer type; a config written before names one, which is the
-    full layers' (the windowed ones rotate unscaled, with the same base)."""
+    full layers' (here the windowed ones rotate unscaled, with the same base; transformers 5 gives
+    them its default base of 500,000 there, whatever rope_theta says: the released configs name
+    500,000, where both readings agree)."""
     params = dict(cfg.get("rope_parameters") or {})
     if "full_attention" in params or "sliding_attention" in params:
         full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})

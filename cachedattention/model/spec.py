@@ -261,14 +261,11 @@ def _cohere_logit_scale(cfg: dict[str, Any]) -> float:
 
 
 def _cohere(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Cohere's config in the common keys: its norms' eps; Cohere 2's head size is always hidden /
-    heads. Command R+'s per-head q/k norms (a weight per head) are refused."""
+    """Cohere's config in the common keys: its norms' eps. Command R+'s per-head q/k norms (a weight
+    per head) are refused."""
     if cfg.get("use_qk_norm"):
         raise ValueError("Cohere's use_qk_norm (Command R+: a LayerNorm weight per head) is not implemented")
-    cfg = {**cfg, "rms_norm_eps": cfg.get("layer_norm_eps") or 1e-5}
-    if cfg["model_type"] == "cohere2":
-        cfg["head_dim"] = int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
-    return cfg
+    return {**cfg, "rms_norm_eps": cfg.get("layer_norm_eps") or 1e-5}
 
 
 def _granite(cfg: dict[str, Any], key: str) -> float | None:

@@ -631,7 +631,7 @@ def create_app(
     methods and headers, and credentials if allowed. `trust_request_chat_template`: a request's own
     chat_template is rendered (in transformers' sandbox), as vLLM's --trust-request-chat-template.
     /v1/responses keeps stored responses (for previous_response_id) within `responses_store_bytes`.
-    `tool_call_format`: how the model writes tool calls (hermes, llama3_json, mistral, pythonic; vLLM's --tool-call-parser);
+    `tool_call_format`: how the model writes tool calls (hermes, llama3_json, mistral, granite, phi4_mini_json, pythonic; vLLM's --tool-call-parser);
     `return_tokens_as_token_ids`: logprob tokens as "token_id:N" (vLLM's flag; also a request field).
     `reasoning_parser_name`: how the model writes its reasoning (qwen3, deepseek_r1; vLLM's
     --reasoning-parser): chat answers return it apart from their content. `force_include_usage`: every

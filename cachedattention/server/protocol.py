@@ -16,6 +16,7 @@ from cachedattention.model.messages import ChatOptions, validate_messages, valid
 from cachedattention.sampling import MAX_LOGPROBS, GuidedFormError, SamplingParams, is_int, is_number
 from cachedattention.server.api_error import bad, error_body, error_response
 from cachedattention.server.structured import forced_parameters, guided_fields
+from cachedattention.server.tool_calls import KEEP_SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +471,7 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
                                        tool_call_format=tool_format)  # fmt: skip
         except ValueError as e:
             raise bad(f"tool_choice: {e}", "tool_choice") from None
-    if parse_calls and tool_format == "mistral":  # its [TOOL_CALLS] is a special token: kept in the text, as vLLM
+    if parse_calls and tool_format in KEEP_SPECIAL_TOKENS:  # its tag is a special token: kept in the text, as vLLM
         common["params"] = replace(common["params"], skip_special_tokens=False)
     named = isinstance(body.get("tool_choice"), dict)
     return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named,

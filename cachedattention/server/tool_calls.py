@@ -7,6 +7,8 @@
 - `mistral` (Mistral 7B v0.3, Mistral Nemo, Small, ...): text, then [TOOL_CALLS] and a JSON array of
   {"name": ..., "arguments": {...}}; or, as the later ones write them, [TOOL_CALLS]NAME{...} (or
   NAME[ARGS]{...}) for each call. Their templates want call ids of 9 letters and digits.
+- `granite` (Granite 3): an answer that is <|tool_call|> and a JSON array of {"name", "arguments"};
+- `phi4_mini_json` (Phi-4-mini): functools[...] and a JSON array of {"name", "arguments"};
 - `pythonic` (Llama 3.2 and 4 with vLLM's pythonic template, ToolACE, ...): an answer that is a
   Python list of calls, [get_weather(city="Paris"), ...] (Llama 4 puts it between <|python_start|>
   and <|python_end|>); literal arguments only, JSON's true/false/null read as Python's.
@@ -206,7 +208,61 @@ def _mistral_named(body: str) -> list[ToolCall]:
     return calls
 
 
-ToolCallParser = type[HermesCalls] | type[Llama3JsonCalls] | type[MistralCalls]
+class GraniteCalls:
+    """An answer that is <|tool_call|> (or <tool_call>) and a JSON array of calls (Granite 3)."""
+
+    name = "granite"
+    tags = ("<|tool_call|>", "<tool_call>")
+
+    @staticmethod
+    def parse(text: str) -> tuple[str | None, list[ToolCall]]:
+        """No text and the calls when the answer is the tag and the array (as vLLM's parser: the tag
+        starts the answer); else the answer as text."""
+        body = text.strip()
+        for tag in GraniteCalls.tags:
+            body = body.removeprefix(tag)
+        calls = _call_array(body.lstrip()) if body != text.strip() else []
+        return (None, calls) if calls else (text, [])
+
+    @staticmethod
+    def plain_text_end(text: str) -> int:
+        head = text.lstrip()
+        if not head or any(head.startswith(t) or t.startswith(head) for t in GraniteCalls.tags):
+            return 0
+        return len(text)
+
+
+class Phi4MiniCalls:
+    """functools[...] and a JSON array of calls in the answer (Phi-4-mini)."""
+
+    name = "phi4_mini_json"
+    tag = "functools"
+
+    @staticmethod
+    def parse(text: str) -> tuple[str | None, list[ToolCall]]:
+        """No text and the calls when the answer holds functools[...] (as vLLM's parser, wherever it
+        is); else the answer as text."""
+        start = text.find(Phi4MiniCalls.tag + "[")
+        calls = _call_array(text[start + len(Phi4MiniCalls.tag) :]) if start >= 0 else []
+        return (None, calls) if calls else (text, [])
+
+    @staticmethod
+    def plain_text_end(text: str) -> int:
+        return _text_before(text, Phi4MiniCalls.tag + "[")
+
+
+def _call_array(body: str) -> list[ToolCall]:
+    """[{"name": ..., "arguments": {...}}, ...] at the start of body (what follows is ignored)."""
+    try:
+        value, _ = json.JSONDecoder().raw_decode(body)
+    except ValueError:
+        return []
+    if not isinstance(value, list):
+        return []
+    calls = [_call(obj, ("arguments", "parameters"), required=True) for obj in value]
+    return calls if calls and all(calls) else []
+
+
 class PythonicCalls:
     """An answer that is nothing but a Python list of calls with keyword arguments."""
 
@@ -281,8 +337,12 @@ def _literal(node: ast.expr) -> Any:
     raise ValueError("an argument that is not a literal")
 
 
+ToolCallParser = (type[HermesCalls] | type[Llama3JsonCalls] | type[MistralCalls] | type[GraniteCalls]
+                  | type[Phi4MiniCalls] | type[PythonicCalls])  # fmt: skip
 TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesCalls, Llama3JsonCalls, MistralCalls,
-                                                                    PythonicCalls)}  # fmt: skip
+                                                                    GraniteCalls, Phi4MiniCalls, PythonicCalls)}  # fmt: skip
+# whose tag is a special token: a request whose calls are read keeps special tokens in its text (as vLLM)
+KEEP_SPECIAL_TOKENS = ("mistral", "granite")
 
 
 def tool_call_parser(name: str) -> ToolCallParser:

@@ -486,3 +486,40 @@ def test_a_forced_call_in_pythonic_form_is_written_and_read_back(tool_model_dir)
         _forced_call_whole_and_streamed(srv)
     finally:
         srv.stop()
+
+
+def test_granite_and_phi4_mini_calls_are_read_from_their_tagged_arrays():
+    from cachedattention.server.tool_calls import GraniteCalls, Phi4MiniCalls
+
+    granite = GraniteCalls.parse('<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                                 '{"name": "f", "arguments": {}}]')  # fmt: skip
+    assert granite[0] is None and [(c.name, c.arguments) for c in granite[1]] == [
+        ("get_weather", '{"city": "Paris"}'), ("f", "{}")]
+    assert GraniteCalls.parse(' <tool_call> [{"name": "f", "arguments": {"x": 1}}]')[1][0].arguments == '{"x": 1}'
+    phi = Phi4MiniCalls.parse('functools[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}]')
+    assert phi[0] is None and json.loads(phi[1][0].arguments) == {"city": "Paris", "days": [1, 2]}
+    for parse, text in ((GraniteCalls.parse, 'Sure: <|tool_call|>[{"name": "f", "arguments": {}}]'),
+                        (GraniteCalls.parse, '[{"name": "f", "arguments": {}}]'),  # no tag: not a call
+                        (GraniteCalls.parse, "<|tool_call|>[{\"name\": \"f\"}]"),
+                        (Phi4MiniCalls.parse, "functools[not json]"), (Phi4MiniCalls.parse, "The weather is fine.")):  # fmt: skip
+        assert parse(text) == (text, []), text
+    assert GraniteCalls.plain_text_end(" <|tool") == GraniteCalls.plain_text_end("<tool_call>[") == 0
+    assert GraniteCalls.plain_text_end("Sure.") == len("Sure.")
+    assert Phi4MiniCalls.plain_text_end("Let me check. functo") == len("Let me check. ")
+
+
+@pytest.mark.parametrize("form, written", [
+    ("granite", b'<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
+    ("phi4_mini_json", b'functools[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
+])  # fmt: skip
+def test_forced_calls_in_granite_and_phi4_mini_forms_read_back(form, written):
+    from cachedattention.engine.tool_choice import tool_call_automaton
+    from cachedattention.server.protocol import parse_chat
+    from cachedattention.server.tool_calls import tool_call_parser
+
+    auto = tool_call_automaton(["get_weather"], [WEATHER["function"]["parameters"]], form)
+    assert auto.is_done(auto.advance(auto.start, written))
+    assert auto.advance(auto.start, written.replace(b'"Paris"', b"5")) is None  # the schema holds
+    assert json.loads(tool_call_parser(form).parse(written.decode())[1][0].arguments) == {"city": "Paris"}
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER]}
+    assert parse_chat(body, None, 1024, tool_format=form).params.skip_special_tokens == (form != "granite")
