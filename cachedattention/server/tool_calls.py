@@ -181,14 +181,7 @@ class MistralCalls:
 
 def _mistral_array(body: str) -> list[ToolCall]:
     """[{"name": ..., "arguments": {...}}, ...] (what follows it is ignored, as vLLM's parser does)."""
-    try:
-        value, _ = json.JSONDecoder().raw_decode(body)
-    except ValueError:
-        return []
-    if not isinstance(value, list):
-        return []
-    calls = [_call(obj, ("arguments", "parameters"), required=True, new_id=_mistral_id) for obj in value]
-    return calls if calls and all(calls) else []
+    return _call_array(body, new_id=_mistral_id)
 
 
 def _mistral_named(body: str) -> list[ToolCall]:
@@ -251,7 +244,7 @@ class Phi4MiniCalls:
         return _text_before(text, Phi4MiniCalls.tag + "[")
 
 
-def _call_array(body: str) -> list[ToolCall]:
+def _call_array(body: str, new_id=_openai_id) -> list[ToolCall]:
     """[{"name": ..., "arguments": {...}}, ...] at the start of body (what follows is ignored)."""
     try:
         value, _ = json.JSONDecoder().raw_decode(body)
@@ -259,7 +252,7 @@ def _call_array(body: str) -> list[ToolCall]:
         return []
     if not isinstance(value, list):
         return []
-    calls = [_call(obj, ("arguments", "parameters"), required=True) for obj in value]
+    calls = [_call(obj, ("arguments", "parameters"), required=True, new_id=new_id) for obj in value]
     return calls if calls and all(calls) else []
 
 
