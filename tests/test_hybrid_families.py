@@ -61,9 +61,15 @@ def test_defaults_where_a_config_leaves_fields_out():
     assert spec_from_hf_config({**BASE, "model_type": "seed_oss"}).head_dim == 128
 
 
-def test_a_malformed_layer_pattern_is_refused():
-    with pytest.raises(ValueError, match="made of L"):
-        spec_from_hf_config({**BASE, "model_type": "exaone4", "sliding_window_pattern": "LLXG"})
+@pytest.mark.parametrize("config, match", [
+    ({"model_type": "exaone4", "sliding_window_pattern": "LLXG"}, "made of L"),
+    ({"model_type": "olmo3", "layer_types": ["full_attention"] * 3}, "must name each of the 8 layers"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "layer_types": ["chunked_attention"] * 8},
+     "'chunked_attention' is not implemented"),
+])  # fmt: skip
+def test_malformed_or_unknown_layer_types_are_refused(config, match):
+    with pytest.raises(ValueError, match=match):
+        spec_from_hf_config({**BASE, **config})
 
 
 def test_cohere_norms_blocks_and_logit_scale():

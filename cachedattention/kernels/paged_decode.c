@@ -49,6 +49,7 @@ typedef struct {
     const int64_t *starts; /* each context's first token attended (a sliding window's); NULL: token 0 */
     int64_t heads, kv_heads, head_dim, page_size;
     float scale;
+    float cap; /* Gemma 2's cap on scores, cap * tanh(s / cap); 0: none */
 } Call;
 
 typedef struct {
@@ -110,7 +111,7 @@ static void attend_item_generic(const Call *c, const Item *it, float *restrict m
                 const float *kt = kp + t * slot_stride + offset;
                 float dot = 0.0f;
                 for (int64_t i = 0; i < d; i++) dot += qh[i] * kt[i];
-                scores[t] = dot * scale;
+                scores[t] = c->cap > 0.0f ? c->cap * tanhf(dot * scale / c->cap) : dot * scale;
                 page_max = scores[t] > page_max ? scores[t] : page_max;
             }
             const float m_new = page_max > m[h] ? page_max : m[h];
@@ -195,6 +196,8 @@ static void attend_item_avx512_d64(const Call *c, const Item *it, float *restric
                     x = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 32), k2, x);
                     x = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 48), k3, x);
                     scores[j][t] = _mm512_reduce_add_ps(x);
+                    if (c->cap > 0.0f) /* capped, then divided by the scale the page's scores get below */
+                        scores[j][t] = c->cap * tanhf(scores[j][t] * scale / c->cap) / scale;
                 }
             }
             for (int64_t j = 0; j < group; j++) {
@@ -324,11 +327,11 @@ int paged_decode_attention(const float *q, const int64_t *rows, const float *k_p
                            const int64_t *starts, float *out,
                            int64_t num_seqs, int64_t num_rows, int64_t num_pages, int64_t table_len, int64_t heads,
                            int64_t kv_heads, int64_t head_dim, int64_t page_size, int64_t chunk_pages,
-                           int64_t num_threads, float scale) {
+                           int64_t num_threads, float scale, float cap) {
     if (!paged_decode_supports(heads, kv_heads, head_dim, page_size) || chunk_pages <= 0 || num_threads <= 0)
         return PD_UNSUPPORTED_SHAPE;
     const Call c = {q, k_pool, v_pool, rows, pages, page_start, lengths, starts, heads, kv_heads, head_dim, page_size,
-                    scale};
+                    scale, cap};
     int64_t num_items;
     const int status = count_items(&c, num_seqs, num_rows, num_pages, table_len, chunk_pages, &num_items);
     if (status != PD_OK || num_items == 0) return status;

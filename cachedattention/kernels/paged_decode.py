@@ -17,7 +17,7 @@ from cachedattention.kernels.build import load_kernel
 # pages per work item: 512 tokens at page size 16, so one long context still splits across threads
 CHUNK_TOKENS = 512
 
-_ARGTYPES = (*[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 10, ctypes.c_float)
+_ARGTYPES = (*[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 10, ctypes.c_float, ctypes.c_float)
 _FAILURES = {  # the C code's return codes
     1: "unsupported shape",
     2: "an index is out of range (rows, page ids, page_start, lengths or starts)",
@@ -57,10 +57,12 @@ class PagedDecodeKernel:
         lengths: torch.Tensor,
         page_size: int,
         starts: torch.Tensor | None = None,
+        cap: float | None = None,
     ) -> None:
         """Write into out[rows[s]] the attention of q[rows[s]] over sequence s's first lengths[s]
         tokens, held in pages[page_start[s]:page_start[s + 1]]; from its token starts[s] on when
-        given (a sliding window: the tokens before it are not read).
+        given (a sliding window: the tokens before it are not read); `cap`: each score s becomes
+        cap * tanh(s / cap) before the softmax (Gemma 2's).
 
         q, out: [tokens, heads, head_dim]; k_pool, v_pool: [pages * page_size, kv_heads, head_dim];
         the index tensors are int64. Every tensor is a contiguous CPU tensor. The C code checks
@@ -73,6 +75,7 @@ class PagedDecodeKernel:
             page_start.data_ptr(), lengths.data_ptr(), starts.data_ptr() if starts is not None else None, out.data_ptr(), rows.shape[0], q.shape[0],
             k_pool.shape[0] // page_size, pages.shape[0], heads, kv_heads, head_dim, page_size,
             max(1, CHUNK_TOKENS // page_size), torch.get_num_threads(), 1.0 / math.sqrt(head_dim),
+            0.0 if cap is None else float(cap),
         )
         if status == _NO_MEMORY:
             raise MemoryError("paged decode kernel: out of memory for its work items")

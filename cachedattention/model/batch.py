@@ -88,10 +88,10 @@ class PagedDecode:
     window_starts: torch.Tensor | None = None
 
     def attend(self, q: torch.Tensor, out: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-               windowed: bool = False) -> None:  # fmt: skip
+               windowed: bool = False, cap: float | None = None) -> None:  # fmt: skip
         starts = self.window_starts if windowed else None
         self.kernel(q.contiguous(), out, self.rows, k_pool, v_pool, self.pages, self.page_start, self.lengths,
-                    self.page_size, starts)  # fmt: skip
+                    self.page_size, starts, cap)  # fmt: skip
 
 
 @dataclass

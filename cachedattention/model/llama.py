@@ -72,7 +72,7 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         window = s.window(layer)  # None: this layer sees the whole context
         if batch.paged_decode is not None:
-            batch.paged_decode.attend(q, out, pool.k[layer], pool.v[layer], windowed=window is not None)
+            batch.paged_decode.attend(q, out, pool.k[layer], pool.v[layer], window is not None, s.attn_softcap)
         for group in batch.decode:
             out[group.rows] = self._attend_decode(q, group, layer, pool, window is not None, s.attn_softcap)
         for seq in batch.seqs:

@@ -368,6 +368,22 @@ def _check_shape(cfg: dict[str, Any]) -> None:
         raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
 
 
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _check_layer_types(cfg: dict[str, Any]) -> None:
+    """layer_types, where a config names them: one of LAYER_TYPES for each layer (others, such as
+    Llama 4's chunked attention, are not implemented)."""
+    types, layers = cfg.get("layer_types"), cfg["num_hidden_layers"]
+    if types is None:
+        return
+    if not isinstance(types, list) or len(types) != layers:
+        raise ValueError(f"config.json's layer_types must name each of the {layers} layers, got {str(types)[:200]}")
+    unknown = sorted({str(t) for t in types} - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"layer type {unknown[0]!r} is not implemented (known: {', '.join(LAYER_TYPES)})")
+
+
 def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     """Validate a config.json dict and turn it into a ModelSpec (ValueError if we cannot serve it)."""
     try:
@@ -397,6 +413,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         cfg = _cohere(cfg)
     if model_type in HYBRID:
         cfg = hybrid_config(cfg)
+    _check_layer_types(cfg)
     act = cfg.get("hidden_act") or "silu"
     if act not in ACTIVATIONS:
         raise ValueError(f"the MLP's activation {act!r} is not implemented; known: {', '.join(ACTIVATIONS)}")

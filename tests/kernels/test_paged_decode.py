@@ -85,6 +85,38 @@ def test_a_window_attends_from_its_first_token(kernel, heads, kv_heads, head_dim
                    page_size, torch.tensor(bad))  # fmt: skip
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_dim, page_size", [(9, 3, 64, 16), (4, 2, 256, 16)])  # AVX-512, generic
+def test_capped_scores_equal_the_plain_attention_over_capped_scores(kernel, heads, kv_heads, head_dim, page_size):
+    """Gemma 2's cap, cap * tanh(s / cap) on each score before the softmax, in a window too, against
+    the capped attention of the per-operation path."""
+    from cachedattention.model.capped_attention import capped_attention
+
+    gen = torch.Generator().manual_seed(3 + head_dim)
+    num_pages = 100
+    k_pool = torch.randn(num_pages * page_size, kv_heads, head_dim, generator=gen)
+    v_pool = torch.randn(num_pages * page_size, kv_heads, head_dim, generator=gen)
+    cases = [(1, 0), (page_size + 3, 0), (CHUNK_TOKENS + 7, 5), (5 * page_size, 2 * page_size)]
+    order = torch.randperm(num_pages, generator=gen)
+    tables, used = [], 0
+    for n, _ in cases:
+        tables.append(order[used : used + math.ceil(n / page_size)])
+        used += len(tables[-1])
+    q = 4 * torch.randn(len(cases), heads, head_dim, generator=gen)  # scores well past the cap
+    page_start = torch.tensor([0] + [len(t) for t in tables]).cumsum(0)
+    lengths, starts = torch.tensor([n for n, _ in cases]), torch.tensor([w for _, w in cases])
+    for cap in (0.5, 2.0):
+        out = torch.empty_like(q)
+        kernel(q, out, torch.arange(len(cases)), k_pool, v_pool, torch.cat(tables), page_start, lengths, page_size,
+               starts, cap)  # fmt: skip
+        for s, (n, start) in enumerate(cases):
+            slots = (tables[s][:, None] * page_size + torch.arange(page_size)).reshape(-1)[start:n]
+            ks, vs = k_pool[slots].transpose(0, 1)[None], v_pool[slots].transpose(0, 1)[None]
+            ref = capped_attention(q[s].view(1, kv_heads, -1, head_dim), ks, vs, cap).reshape(heads, head_dim)
+            assert (out[s] - ref).abs().max() <= 1e-5 * ref.abs().max(), f"cap {cap}, case {s}"
+            if n > 1:  # the cap bites: uncapped attention is another answer
+                assert (out[s] - reference(q[s], k_pool, v_pool, tables[s], n, page_size, start)).abs().max() > 1e-3
+
+
 def test_refuses_bad_inputs_with_a_clear_error(kernel):
     k_pool = torch.zeros(64, 2, 16)  # 4 pages of 16
     q, out = torch.zeros(2, 4, 16), torch.zeros(2, 4, 16)
