@@ -79,7 +79,7 @@ int decode_layer_out(const DLLayer *l, const DLStep *s, const float *k_pre, cons
         status = paged_decode_attention(s->q, s->seq_rows, l->k_pool, l->v_pool, s->pages, s->page_start, s->lengths,
                                         NULL, s->attn, s->num_seqs, s->rows, s->num_slots / s->page_size, s->table_len,
                                         s->heads, s->kv_heads, s->head_dim, s->page_size, s->chunk_pages,
-                                        s->num_threads, s->scale);
+                                        s->num_threads, s->scale, 0.0f); /* no cap: the fused layers are Llama's */
     if (!status) status = dl_linear(&l->o, s->attn, s->delta, s);
     if (!status) status = add_rms_norm(s->residual, s->delta, l->post_norm, s->h, s->rows, s->hidden, s->eps);
     if (!status) status = dl_linear(&l->gate, s->h, s->gate, s);
