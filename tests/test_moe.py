@@ -91,6 +91,23 @@ def test_mixtral_checkpoint_names_map_to_ours(tiny_dirs):
     assert torch.equal(ours.model.layers[0].mlp.experts[3].gate_proj.weight, w1)
 
 
+def test_granite_moe_experts_are_split_from_its_fused_tensors(tiny_dirs):
+    """Granite MoE (Granite 3 1B-A400M, 3B-A800M): the hub's input_linear holds each expert's gate then
+    up rows, output_linear its down projection, router.layer the router; its residual multiplier
+    reaches every expert's down projection (a logit error of 9e-3 while it did not: test_model_equivalence)."""
+    from safetensors import safe_open
+
+    path, _ = tiny_dirs["granitemoe"]
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        fused = f.get_tensor("model.layers.1.block_sparse_moe.input_linear.weight")
+        down = f.get_tensor("model.layers.1.block_sparse_moe.output_linear.weight")
+    ours = LLM(model=str(path)).engine.model
+    spec, expert = ours.spec, ours.model.layers[1].mlp.experts[5]
+    assert spec.moe.num_experts == 8 and spec.moe.top_k == 2 and spec.moe.normalize_top_k
+    assert torch.equal(expert.gate_proj.weight, fused[5, :48]) and torch.equal(expert.up_proj.weight, fused[5, 48:])
+    assert torch.allclose(expert.down_proj.weight, down[5] * spec.residual_scale)
+
+
 def test_decode_steps_run_per_operation_and_batched_rows_route_independently(tiny_dirs, monkeypatch):
     """No fused C layers for experts; a batch of decoders (each row its own experts) gives each
     prompt the tokens it gets alone."""

@@ -122,6 +122,11 @@ def tiny_config(kind: str, **overrides):
         common.update(rope_theta=10000.0, embedding_multiplier=3.0, attention_multiplier=0.6, residual_multiplier=0.5,
                       logits_scaling=4.0, tie_word_embeddings=True)
         cls = transformers.GraniteConfig
+    elif kind == "granitemoe":  # Granite's multipliers around 8 experts, 2 per token (Granite 3 1B-A400M's shape)
+        common.update(rope_theta=10000.0, embedding_multiplier=3.0, attention_multiplier=0.6, residual_multiplier=0.5,
+                      logits_scaling=4.0, tie_word_embeddings=True, num_local_experts=8, num_experts_per_tok=2,
+                      intermediate_size=48)
+        cls = transformers.GraniteMoeConfig
     elif kind == "ministral":  # windows of 8 in layers 0 and 2, layer 1 full (Ministral 8B's interleaving)
         common.update(rope_theta=10000.0, sliding_window=8, head_dim=16,
                       layer_types=["sliding_attention", "full_attention", "sliding_attention"])
@@ -164,7 +169,7 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
             elif name.endswith(("q_norm.weight", "k_norm.weight")) or (kind in ("olmo2", "olmo3", "exaone4", "glm4", "cohere", "cohere2")
                                                                           and name.endswith("norm.weight")):
                 p.uniform_(0.5, 1.5)
-            elif name.endswith((".gate.weight", "shared_expert_gate.weight")):  # routers (zeros in some families)
+            elif name.endswith((".gate.weight", "shared_expert_gate.weight", "router.weight")):  # routers
                 p.normal_(0.0, 0.5)
             elif "gemma" in kind and name.endswith("norm.weight"):  # Gemma's (1 + w): zeros at init
                 p.uniform_(-0.5, 0.5)

@@ -219,6 +219,8 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
     residual one into o_proj and down_proj (the store keeps keys and values, which none of these touch)."""
     if spec.model_type == "mixtral":
         state = {_mixtral_name(name): t for name, t in state.items()}
+    elif spec.model_type == "granitemoe":
+        state = _granitemoe_experts(state, spec)
     elif spec.model_type in ("phi3", "glm", "glm4"):
         state = _split_fused(state, spec)
         if spec.model_type == "glm4":
@@ -231,7 +233,7 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
     if spec.attn_scale is not None:
         scales[".self_attn.q_norm." if spec.qk_norm else ".self_attn.q_proj."] = spec.attn_scale * spec.head_dim**0.5
     if spec.residual_scale is not None:
-        scales.update(dict.fromkeys((".self_attn.o_proj.", ".mlp.down_proj."), spec.residual_scale))
+        scales.update(dict.fromkeys((".self_attn.o_proj.", ".down_proj."), spec.residual_scale))  # experts' too
     for part, factor in scales.items():
         state.update({name: t.float() * factor for name, t in state.items() if part in name})
     order = qk_dim_order(spec)
@@ -319,6 +321,28 @@ def _glm4_name(name: str) -> str:
         if old in name:
             return name.replace(old, new)
     return name
+
+
+def _granitemoe_experts(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Granite MoE's block_sparse_moe: router.layer is our gate; each expert's rows of input_linear
+    are its gate then up projections, of output_linear its down projection."""
+    out = {}
+    width = spec.moe.expert_intermediate_size
+    for name, t in state.items():
+        if ".block_sparse_moe." not in name:
+            out[name] = t
+            continue
+        prefix = name.split(".block_sparse_moe.")[0] + ".mlp."
+        if name.endswith("router.layer.weight"):
+            out[prefix + "gate.weight"] = t
+        elif name.endswith("input_linear.weight"):
+            for e in range(t.shape[0]):
+                out[f"{prefix}experts.{e}.gate_proj.weight"], out[f"{prefix}experts.{e}.up_proj.weight"] = t[e].split(width)
+        elif name.endswith("output_linear.weight"):
+            out.update({f"{prefix}experts.{e}.down_proj.weight": t[e] for e in range(t.shape[0])})
+        else:
+            out[name] = t  # left for the unplaced-weight check to name
+    return out
 
 
 def _mixtral_name(name: str) -> str:

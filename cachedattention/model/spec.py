@@ -12,10 +12,11 @@ from cachedattention.model.hybrid_config import HYBRID, hybrid_config
 from cachedattention.model.rope_config import RopeScaling, rope_settings
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-             "gemma3", "phi3", "smollm3", "granite", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
+             "gemma3", "phi3", "smollm3", "granite", "granitemoe", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
              "helium", "glm", "glm4", "cohere", "cohere2")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+GRANITE = ("granite", "granitemoe")  # Granite's four multipliers
 COHERE = ("cohere", "cohere2")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
 ABSOLUTE_POSITION = ("gpt2", "gpt_neo", "gptj", "opt", "bloom", "bert", "gpt_bigcode")
@@ -151,7 +152,7 @@ LATER_FIELDS = {"qk_norm": False, "o_bias": False, "mlp_bias": False, "rope_freq
 
 
 # families whose attention_bias puts a bias on q, k, v and o (transformers' modeling of each)
-ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "smollm3", "granite", "olmo2", "olmo3",
+ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "smollm3", *GRANITE, "olmo2", "olmo3",
                   "cohere", "cohere2")
 
 
@@ -233,14 +234,14 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
 
 
 # transformers' defaults where a config leaves them out: (experts, per token, an expert's width, the shared one's)
-MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0)}
+MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "granitemoe": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0)}
 
 
 def _attn_scale(cfg: dict[str, Any]) -> float | None:
     """The attention's softmax scale where the family's is not head_dim ** -0.5 (None: it is)."""
     if cfg.get("model_type") in ("gemma2", "gemma3_text"):
         return float(cfg["query_pre_attn_scalar"]) ** -0.5
-    if cfg.get("model_type") == "granite":  # attention_multiplier itself, 1.0 when not named
+    if cfg.get("model_type") in GRANITE:  # attention_multiplier itself, 1.0 when not named
         return _granite(cfg, "attention_multiplier") or 1.0
     return None
 
@@ -270,7 +271,7 @@ def _cohere(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _granite(cfg: dict[str, Any], key: str) -> float | None:
     """One of Granite's multipliers (None: 1, or not Granite)."""
-    value = cfg.get(key, 1.0) if cfg.get("model_type") == "granite" else 1.0
+    value = cfg.get(key, 1.0) if cfg.get("model_type") in GRANITE else 1.0
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"config.json's {key} must be a positive number, got {value!r}")
     return None if float(value) == 1.0 else float(value)
@@ -315,7 +316,7 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
     key = "num_experts" if "num_experts" in cfg else "num_local_experts"
     experts = _int_field(cfg, key, experts)
     top_k = _int_field(cfg, "num_experts_per_tok", top_k)
-    if model_type == "mixtral":  # every layer sparse; the chosen experts' weights always sum to 1
+    if model_type in ("mixtral", "granitemoe"):  # every layer sparse; the chosen experts' weights sum to 1
         moe = MoESpec(num_experts=experts, top_k=top_k, expert_intermediate_size=int(cfg["intermediate_size"]),
                       normalize_top_k=True)  # fmt: skip
     elif not experts:  # a Qwen MoE config without experts: dense
