@@ -12,6 +12,8 @@ schema (any JSON object where it has none); the request stops when the call is w
 from __future__ import annotations
 
 import json
+import keyword
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +37,14 @@ class CallForm:
     def head(self, function: str) -> str:
         if self.quoted:
             return f"{self.opening}{json.dumps(function, ensure_ascii=False)}{self.between}"
-        if not all(part.isidentifier() for part in function.split(".")):
+        if not all(_callable_name(part) for part in function.split(".")):
             raise ValueError(f"the function name {function!r} cannot be written as a Python call (pythonic tool calls)")
         return f"{self.opening}{function}{self.between}"
+
+
+def _callable_name(name: str) -> bool:
+    """A name Python reads back as itself in a call: an identifier, not a keyword, NFKC-stable."""
+    return name.isidentifier() and not keyword.iskeyword(name) and unicodedata.normalize("NFKC", name) == name
 
 
 CALL_FORMS = {

@@ -185,7 +185,7 @@ static void attend_item_avx512_d64(const Call *c, const Item *it, float *restric
         PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride);
         for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
             const float *qg = qs + kvh * group * 64;
-            for (int64_t t = 0; t < n; t++) {
+            for (int64_t t = t0; t < n; t++) { /* (the window's tokens only: others are never read) */
                 const float *kt = kp + t * slot_stride + kvh * 64;
                 const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16);
                 const __m512 k2 = _mm512_loadu_ps(kt + 32), k3 = _mm512_loadu_ps(kt + 48);
@@ -221,8 +221,8 @@ static void attend_item_avx512_d64(const Call *c, const Item *it, float *restric
                 __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(acc_h), c), a1 = _mm512_mul_ps(_mm512_loadu_ps(acc_h + 16), c);
                 __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(acc_h + 32), c), a3 = _mm512_mul_ps(_mm512_loadu_ps(acc_h + 48), c);
                 __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
-                const float *vt = vp + kvh * 64;
-                int64_t t = 0;
+                int64_t t = t0;
+                const float *vt = vp + t0 * slot_stride + kvh * 64;
                 for (; t + 1 < n; t += 2, vt += 2 * slot_stride) {
                     const __m512 w = _mm512_set1_ps(scores[j][t]), u = _mm512_set1_ps(scores[j][t + 1]);
                     const float *vu = vt + slot_stride;

@@ -367,9 +367,10 @@ class OpenAIRoutes:
         streams = await self._submit(rid, parsed, parsed.max_tokens_asked if parsed.session_id is None else None)
         tok = self.loop.engine.tokenizer
         echoes = None
-        if parsed.echo:  # each choice's prompt, as sent or its ids' text
-            echoes = [Echo.of(prompt, tok, parsed.add_special_tokens)
-                      for prompt in parsed.batch or [parsed.prompt] for _ in range(parsed.n)]  # fmt: skip
+        if parsed.echo:  # each prompt's, as sent or its ids' text (encodes: in a worker thread), for its choices
+            prompts = parsed.batch or [parsed.prompt]
+            once = await asyncio.to_thread(lambda: [Echo.of(p, tok, parsed.add_special_tokens) for p in prompts])
+            echoes = [echo for echo in once for _ in range(parsed.n)]
         include_usage = parsed.include_usage or (self.force_include_usage and parsed.stream)
         fmt = _Format(rid, self.model_name, chat, include_usage, tok, parsed.params.logprobs, echoes,
                       parsed.prompt_logprobs, parsed.parse_tool_calls, parsed.named_tool, self.tool_parser,
@@ -410,9 +411,13 @@ class OpenAIRoutes:
                     job.rendered = rendered
                 streams.append(self.loop.submit(job, asyncio.get_running_loop()))
             firsts = [await s.get() for s in streams]
-            refused = next((f for f in firsts if f is not ACCEPTED), None)
+            refused = next((k for k, f in enumerate(firsts) if f is not ACCEPTED), None)
             if refused is not None:
-                raise as_api_error(refused)
+                error = as_api_error(firsts[refused])
+                if parsed.batch is not None and error.status == 400:  # which prompt of the batch
+                    error.param = f"prompt[{refused // parsed.n}]"
+                    error.message = f"{error.param}: {error.message}"
+                raise error
         except BaseException as e:  # refused, draining, or cancelled (forced shutdown): free the pages
             for s in streams:
                 self.loop.abort(s.request_id)

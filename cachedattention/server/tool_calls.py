@@ -7,8 +7,8 @@
 - `mistral` (Mistral 7B v0.3, Mistral Nemo, Small, ...): text, then [TOOL_CALLS] and a JSON array of
   {"name": ..., "arguments": {...}}; or, as the later ones write them, [TOOL_CALLS]NAME{...} (or
   NAME[ARGS]{...}) for each call. Their templates want call ids of 9 letters and digits.
-- `granite` (Granite 3): an answer that is <|tool_call|> and a JSON array of {"name", "arguments"};
-- `phi4_mini_json` (Phi-4-mini): functools[...] and a JSON array of {"name", "arguments"};
+- `granite` (Granite 3): an answer that is a JSON array of {"name", "arguments"}, <|tool_call|> before it or not;
+- `phi4_mini_json` (Phi-4-mini): text, then functools and a JSON array of {"name", "arguments"};
 - `pythonic` (Llama 3.2 and 4 with vLLM's pythonic template, ToolACE, ...): an answer that is a
   Python list of calls, [get_weather(city="Paris"), ...] (Llama 4 puts it between <|python_start|>
   and <|python_end|>); literal arguments only, JSON's true/false/null read as Python's.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import secrets
 import string
 import uuid
@@ -202,25 +203,25 @@ def _mistral_named(body: str) -> list[ToolCall]:
 
 
 class GraniteCalls:
-    """An answer that is <|tool_call|> (or <tool_call>) and a JSON array of calls (Granite 3)."""
+    """An answer that is a JSON array of calls, <|tool_call|> (or <tool_call>) before it or not (Granite 3)."""
 
     name = "granite"
     tags = ("<|tool_call|>", "<tool_call>")
 
     @staticmethod
     def parse(text: str) -> tuple[str | None, list[ToolCall]]:
-        """No text and the calls when the answer is the tag and the array (as vLLM's parser: the tag
-        starts the answer); else the answer as text."""
+        """No text and the calls when the answer is the array, the tag before it or not (as vLLM's
+        parser); else the answer as text."""
         body = text.strip()
         for tag in GraniteCalls.tags:
             body = body.removeprefix(tag)
-        calls = _call_array(body.lstrip()) if body != text.strip() else []
+        calls = _call_array(body.lstrip()) if body.lstrip().startswith("[") else []
         return (None, calls) if calls else (text, [])
 
     @staticmethod
     def plain_text_end(text: str) -> int:
         head = text.lstrip()
-        if not head or any(head.startswith(t) or t.startswith(head) for t in GraniteCalls.tags):
+        if not head or head.startswith("[") or any(head.startswith(t) or t.startswith(head) for t in GraniteCalls.tags):
             return 0
         return len(text)
 
@@ -233,11 +234,11 @@ class Phi4MiniCalls:
 
     @staticmethod
     def parse(text: str) -> tuple[str | None, list[ToolCall]]:
-        """No text and the calls when the answer holds functools[...] (as vLLM's parser, wherever it
-        is); else the answer as text."""
+        """The text before functools[...] (None when there is none; vLLM's parser drops it, but a
+        stream has shown it by then) and the calls; else the answer as text."""
         start = text.find(Phi4MiniCalls.tag + "[")
         calls = _call_array(text[start + len(Phi4MiniCalls.tag) :]) if start >= 0 else []
-        return (None, calls) if calls else (text, [])
+        return (text[:start] or None, calls) if calls else (text, [])
 
     @staticmethod
     def plain_text_end(text: str) -> int:
@@ -270,8 +271,8 @@ class PythonicCalls:
             return text, []
         try:
             tree = ast.parse(body, mode="eval").body
-            calls = [_python_call(node) for node in tree.elts] if isinstance(tree, ast.List) else []
-        except (SyntaxError, ValueError, RecursionError):
+            calls = [_python_call(node, body) for node in tree.elts] if isinstance(tree, ast.List) else []
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # MemoryError: "too complex" to parse
             return text, []
         return (None, calls) if calls else (text, [])
 
@@ -284,19 +285,36 @@ class PythonicCalls:
         return len(text)
 
 
-def _python_call(node: ast.expr) -> ToolCall:
+def _python_call(node: ast.expr, source: str) -> ToolCall:
     if not isinstance(node, ast.Call) or node.args:
         raise ValueError("not a call with keyword arguments only")
     name, args = _dotted(node.func), {}
     for kw in node.keywords:
-        value = _literal(kw.value)
         if kw.arg is not None:
-            args[kw.arg] = value
-        elif isinstance(value, dict):  # **{...}
-            args.update(value)
-        else:
+            args[kw.arg] = _literal(kw.value)
+            continue
+        # **{...}: a forced call's arguments, written as JSON, read as JSON (its escapes, \/ and
+        # surrogate pairs, are not Python's); else as Python literals
+        try:
+            value = json.loads(ast.get_source_segment(source, kw.value) or "", parse_constant=_no_constant)
+        except ValueError:
+            value = _literal(kw.value)
+        if not isinstance(value, dict):
             raise ValueError("** of something that is not a dict")
-    return ToolCall(_openai_id(), name, json.dumps(args, ensure_ascii=False))
+        args.update(value)
+    return ToolCall(_openai_id(), name, json.dumps(args, ensure_ascii=False, allow_nan=False))
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _joined_surrogates(text: str) -> str:
+    """Python reads "\\ud83d\\ude00" as two lone surrogates, JSON as one character: joined so."""
+    try:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        raise ValueError("a string with a lone surrogate") from None
 
 
 def _dotted(node: ast.expr) -> str:
@@ -311,8 +329,13 @@ JSON_NAMES = {"true": True, "false": False, "null": None}
 
 
 def _literal(node: ast.expr) -> Any:
-    """A literal argument (Python's, or JSON's true/false/null) as JSON would hold it."""
-    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float, bool))):
+    """A literal argument (Python's, or JSON's true/false/null) as JSON would hold it: a string's
+    surrogate pairs joined (none left alone), a number finite."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return _joined_surrogates(node.value)
+    if isinstance(node, ast.Constant) and isinstance(node.value, float) and not math.isfinite(node.value):
+        raise ValueError("a number JSON cannot hold")
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (int, float, bool))):
         return node.value
     if isinstance(node, ast.Name) and node.id in JSON_NAMES:
         return JSON_NAMES[node.id]

@@ -233,6 +233,9 @@ def test_a_batch_of_prompts_answers_each_as_alone(server, engine):
     texts = ["".join(e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["index"] == k)
              for k in range(6)]  # fmt: skip
     assert texts == [c["text"] for c in r["choices"]] and events[-1]["usage"] == r["usage"]
+    too_long = httpx.post(f"{server.url}/v1/completions", json={"prompt": ["Hello", [5] * 1020], "max_tokens": 10},
+                          timeout=60)  # fmt: skip
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt[1]"  # which prompt
     c = client(server.url)  # the OpenAI client's own batch
     sdk = c.completions.create(model="default", prompt=["The sky is", "Grass is"], max_tokens=4, temperature=0)
     assert [ch.text for ch in sdk.choices] == [

@@ -461,6 +461,13 @@ def test_pythonic_calls_are_read_from_an_answer_that_is_a_python_list_of_calls()
         assert parse(text) == (text, []), text  # not calls: the answer stays as it was
     assert shown("") == shown(" [get_w") == shown("<|python_") == 0  # it may still be a call: held
     assert shown("Sure, ") == len("Sure, ")
+    # as JSON would hold them: surrogate pairs joined, a lone one or an infinite number is no call
+    assert json.loads(parse('[f(s="\\ud83d\\ude00")]')[1][0].arguments) == {"s": "\U0001f600"}
+    for text in ('[f(s="\\ud83d")]', "[f(x=1e999)]", "[" + "-" * 6000 + "]"):  # the last: too complex to parse
+        assert parse(text) == (text, [])
+    # a forced call's **{...} is JSON: its escapes are JSON's
+    spread = parse('[f(**{"url": "http:\\/\\/x", "s": "\\ud83d\\ude00", "n": null})]')[1][0]
+    assert json.loads(spread.arguments) == {"url": "http://x", "s": "\U0001f600", "n": None}
 
 
 def test_a_forced_call_in_pythonic_form_is_written_and_read_back(tool_model_dir):
@@ -476,11 +483,12 @@ def test_a_forced_call_in_pythonic_form_is_written_and_read_back(tool_model_dir)
     assert auto.is_done(auto.advance(auto.start, written))
     assert auto.advance(auto.start, b'[get_weather(**{"city": 5') is None  # the schema holds
     assert json.loads(PythonicCalls.parse(written.decode())[1][0].arguments) == {"city": "Paris"}
-    dashed = {"type": "function", "function": {"name": "get-weather", "parameters": {"type": "object"}}}
-    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [dashed], "tool_choice": "required"}
-    with pytest.raises(APIError, match="cannot be written as a Python call") as refused:
-        parse_chat(body, None, 1024, tool_format="pythonic")
-    assert refused.value.status == 400 and refused.value.body()["error"]["param"] == "tool_choice"
+    for name in ("get-weather", "import"):  # not an identifier (OpenAI's names allow -); a keyword
+        tool = {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+        body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [tool], "tool_choice": "required"}
+        with pytest.raises(APIError, match="cannot be written as a Python call") as refused:
+            parse_chat(body, None, 1024, tool_format="pythonic")
+        assert refused.value.status == 400 and refused.value.body()["error"]["param"] == "tool_choice"
     srv = start_server(engine_config(tool_model_dir, False), tool_call_format="pythonic")
     try:
         _forced_call_whole_and_streamed(srv)
@@ -496,14 +504,17 @@ def test_granite_and_phi4_mini_calls_are_read_from_their_tagged_arrays():
     assert granite[0] is None and [(c.name, c.arguments) for c in granite[1]] == [
         ("get_weather", '{"city": "Paris"}'), ("f", "{}")]
     assert GraniteCalls.parse(' <tool_call> [{"name": "f", "arguments": {"x": 1}}]')[1][0].arguments == '{"x": 1}'
+    assert GraniteCalls.parse('[{"name": "f", "arguments": {}}]')[1][0].name == "f"  # without its tag too, as vLLM
     phi = Phi4MiniCalls.parse('functools[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}]')
     assert phi[0] is None and json.loads(phi[1][0].arguments) == {"city": "Paris", "days": [1, 2]}
+    # the text before the tag is content, whole as streamed (plain_text_end shows it)
+    assert Phi4MiniCalls.parse('Sure. functools[{"name": "f", "arguments": {}}]')[0] == "Sure. "
     for parse, text in ((GraniteCalls.parse, 'Sure: <|tool_call|>[{"name": "f", "arguments": {}}]'),
-                        (GraniteCalls.parse, '[{"name": "f", "arguments": {}}]'),  # no tag: not a call
                         (GraniteCalls.parse, "<|tool_call|>[{\"name\": \"f\"}]"),
                         (Phi4MiniCalls.parse, "functools[not json]"), (Phi4MiniCalls.parse, "The weather is fine.")):  # fmt: skip
         assert parse(text) == (text, []), text
     assert GraniteCalls.plain_text_end(" <|tool") == GraniteCalls.plain_text_end("<tool_call>[") == 0
+    assert GraniteCalls.plain_text_end('[{"na') == 0
     assert GraniteCalls.plain_text_end("Sure.") == len("Sure.")
     assert Phi4MiniCalls.plain_text_end("Let me check. functo") == len("Let me check. ")
 
