@@ -10,7 +10,7 @@ import ssl
 from cachedattention.sampling import MAX_LOGPROBS
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder")
 REASONING_PARSERS = ("qwen3", "deepseek_r1")  # server/reasoning.py's
 
 

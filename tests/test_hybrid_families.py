@@ -91,3 +91,9 @@ def test_glm_rotates_half_of_each_head_by_default():
         spec = spec_from_hf_config({**BASE, "model_type": family})
         assert spec.rotary_dim == 64 and spec.head_dim == 128 and spec.rope_interleaved and spec.qkv_bias
         assert not spec.o_bias and spec.sandwich_norms == (family == "glm4")
+
+
+@pytest.mark.parametrize("family, eos", [("glm4", (151329, 151336, 151338)), ("olmo3", (50279,)), ("cohere2", (255001,)),
+                                         ("exaone4", (2,)), ("phi3", (32000,))])  # fmt: skip
+def test_a_config_without_its_end_of_text_takes_the_family_s(family, eos):
+    assert spec_from_hf_config({**BASE, "model_type": family}).eos_token_ids == eos

@@ -340,18 +340,30 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
 
 
 # transformers' defaults that differ from the generic ones below, where a config leaves them out
-FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5, "original_max_position_embeddings": 4096}, "olmo2": {"rms_norm_eps": 1e-5},
-                   "smollm3": {"rope_theta": 2_000_000.0, "max_position_embeddings": 32768},
-                   "olmo3": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "max_position_embeddings": 2048},
-                   "exaone4": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "max_position_embeddings": 2048},
+# (the special tokens' too: a config without them still stops at its family's end of text)
+FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5, "original_max_position_embeddings": 4096, "eos_token_id": 32000,
+                            "bos_token_id": 1},
+                   "olmo2": {"rms_norm_eps": 1e-5, "eos_token_id": 50279},
+                   "smollm3": {"rope_theta": 2_000_000.0, "max_position_embeddings": 32768, "eos_token_id": 128001,
+                               "bos_token_id": 128000},
+                   "olmo3": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "max_position_embeddings": 2048,
+                             "eos_token_id": 50279},
+                   "exaone4": {"rms_norm_eps": 1e-5, "sliding_window": 4096, "max_position_embeddings": 2048,
+                               "eos_token_id": 2, "bos_token_id": 0},
                    "ernie4_5": {"rms_norm_eps": 1e-5, "head_dim": 128, "tie_word_embeddings": True,
-                                "rope_theta": 500_000.0, "max_position_embeddings": 131072},
-                   "seed_oss": {"head_dim": 128, "max_position_embeddings": 524288},
-                   "helium": {"rms_norm_eps": 1e-8, "head_dim": 128, "rope_theta": 100_000.0},
-                   "cohere": {"rope_theta": 500_000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192},
-                   "cohere2": {"tie_word_embeddings": True, "sliding_window": 4096, "max_position_embeddings": 8192},
+                                "rope_theta": 500_000.0, "max_position_embeddings": 131072, "eos_token_id": 2,
+                                "bos_token_id": 1},
+                   "seed_oss": {"head_dim": 128, "max_position_embeddings": 524288, "eos_token_id": 2, "bos_token_id": 0},
+                   "helium": {"rms_norm_eps": 1e-8, "head_dim": 128, "rope_theta": 100_000.0, "eos_token_id": 2,
+                              "bos_token_id": 1},
+                   "cohere": {"rope_theta": 500_000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+                              "eos_token_id": 255001, "bos_token_id": 5},
+                   "cohere2": {"tie_word_embeddings": True, "sliding_window": 4096, "max_position_embeddings": 8192,
+                               "eos_token_id": 255001, "bos_token_id": 5},
+                   **dict.fromkeys(GRANITE, {"eos_token_id": 2, "bos_token_id": 1}),
                    **dict.fromkeys(("glm", "glm4"), {"rms_norm_eps": 1.5625e-07, "head_dim": 128, "attention_bias": True,
-                                                     "partial_rotary_factor": 0.5, "max_position_embeddings": 131072})}  # fmt: skip
+                                                     "partial_rotary_factor": 0.5, "max_position_embeddings": 131072,
+                                                     "eos_token_id": [151329, 151336, 151338]})}  # fmt: skip
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 

@@ -55,7 +55,7 @@ from cachedattention.server.responses import ResponsesRoutes
 from cachedattention.server.responses_store import ResponseStore, SharedResponses
 from cachedattention.server.stream_text import stream_delta
 from cachedattention.server.tokenize import detokenize, tokenize
-from cachedattention.server.tool_calls import HermesCalls, ToolCall, ToolCallParser, tool_call_parser
+from cachedattention.server.tool_calls import HermesCalls, ToolCall, ToolCallParser, for_request, tool_call_parser
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,8 @@ class OpenAIRoutes:
             echoes = [echo for echo in once for _ in range(parsed.n)]
         include_usage = parsed.include_usage or (self.force_include_usage and parsed.stream)
         fmt = _Format(rid, self.model_name, chat, include_usage, tok, parsed.params.logprobs, echoes,
-                      parsed.prompt_logprobs, parsed.parse_tool_calls, parsed.named_tool, self.tool_parser,
+                      parsed.prompt_logprobs, parsed.parse_tool_calls, parsed.named_tool,
+                      for_request(self.tool_parser, parsed.tools),
                       include_usage and parsed.continuous_usage, parsed.token_ids_as_tokens or self.token_ids_as_tokens,
                       self.reasoning_of(parsed) if chat else None, parsed.n)  # fmt: skip
         if parsed.stream:
@@ -636,7 +637,7 @@ def create_app(
     methods and headers, and credentials if allowed. `trust_request_chat_template`: a request's own
     chat_template is rendered (in transformers' sandbox), as vLLM's --trust-request-chat-template.
     /v1/responses keeps stored responses (for previous_response_id) within `responses_store_bytes`.
-    `tool_call_format`: how the model writes tool calls (hermes, llama3_json, mistral, granite, phi4_mini_json, pythonic; vLLM's --tool-call-parser);
+    `tool_call_format`: how the model writes tool calls (hermes, llama3_json, mistral, granite, phi4_mini_json, pythonic, qwen3_coder; vLLM's --tool-call-parser);
     `return_tokens_as_token_ids`: logprob tokens as "token_id:N" (vLLM's flag; also a request field).
     `reasoning_parser_name`: how the model writes its reasoning (qwen3, deepseek_r1; vLLM's
     --reasoning-parser): chat answers return it apart from their content. `force_include_usage`: every

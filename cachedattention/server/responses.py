@@ -33,7 +33,7 @@ from cachedattention.server.responses_request import (
 )
 from cachedattention.server.responses_store import ResponseStore, SharedResponses, StoredResponse
 from cachedattention.server.stream_text import stream_delta
-from cachedattention.server.tool_calls import ToolCall, ToolCallParser
+from cachedattention.server.tool_calls import ToolCall, ToolCallParser, for_request
 
 if TYPE_CHECKING:
     from cachedattention.server.app import OpenAIRoutes
@@ -277,7 +277,8 @@ class ResponsesRoutes:
         session = parsed.session_id or (prev.session_id if prev else None) or (rid if req.store or auto else None)
         parsed = replace(parsed, session_id=session)
         streams = await routes._submit(rid, parsed, _room(parsed, req.truncation), truncate=auto, render_aside=True)
-        answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer, routes.tool_parser,
+        answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer,
+                         for_request(routes.tool_parser, parsed.tools),
                          routes.reasoning_of(parsed))
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -9,6 +9,9 @@
   NAME[ARGS]{...}) for each call. Their templates want call ids of 9 letters and digits.
 - `granite` (Granite 3): an answer that is a JSON array of {"name", "arguments"}, <|tool_call|> before it or not;
 - `phi4_mini_json` (Phi-4-mini): text, then functools and a JSON array of {"name", "arguments"};
+- `qwen3_coder` (Qwen3-Coder): text, then <tool_call><function=NAME><parameter=KEY>VALUE</parameter>...
+  </function></tool_call> blocks, each value typed by the request's function's parameters schema (a
+  string as written, numbers, booleans, JSON objects and arrays);
 - `pythonic` (Llama 3.2 and 4 with vLLM's pythonic template, ToolACE, ...): an answer that is a
   Python list of calls, [get_weather(city="Paris"), ...] (Llama 4 puts it between <|python_start|>
   and <|python_end|>); literal arguments only, JSON's true/false/null read as Python's.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 import secrets
 import string
 import uuid
@@ -257,6 +261,86 @@ def _call_array(body: str, new_id=_openai_id) -> list[ToolCall]:
     return calls if calls and all(calls) else []
 
 
+class Qwen3CoderCalls:
+    """<tool_call> blocks of XML-like functions and parameters after the answer's text. Unlike the
+    other parsers it needs the request's tools (each parameter's type): `for_tools` binds them."""
+
+    name = "qwen3_coder"
+    FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
+    PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        self.types: dict[str, dict[str, Any]] = {}  # function -> parameter -> its schema's type
+        for tool in tools or ():
+            fn = tool.get("function") or {}
+            props = (fn.get("parameters") or {}).get("properties") or {}
+            self.types[fn.get("name")] = {k: (v or {}).get("type", "string") for k, v in props.items()}
+
+    @classmethod
+    def for_tools(cls, tools: list[dict[str, Any]] | None) -> Qwen3CoderCalls:
+        return cls(tools)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """The text before the first <tool_call> (None when there is none) and the calls. A block
+        holding a JSON object is read as Hermes' (how a forced call is written); a block that is
+        neither leaves the whole answer as text."""
+        start = text.find(OPEN)
+        if start < 0:
+            return text, []
+        calls = []
+        for block in text[start + len(OPEN) :].split(OPEN):
+            body = block.split(CLOSE, 1)[0].strip()
+            call = self._call(body) if body.startswith("<function=") else _hermes_block(body)
+            if call is None:
+                return text, []
+            calls.append(call)
+        return text[:start] or None, calls
+
+    def _call(self, body: str) -> ToolCall | None:
+        match = self.FUNCTION.match(body)
+        if match is None:
+            return None
+        name = match.group(1).strip()
+        types = self.types.get(name, {})
+        args = {key.strip(): _typed(value, types.get(key.strip(), "string"))
+                for key, value in self.PARAMETER.findall(match.group(2))}  # fmt: skip
+        return ToolCall(_openai_id(), name, json.dumps(args, ensure_ascii=False))
+
+    @staticmethod
+    def plain_text_end(text: str) -> int:
+        return _text_before(text, OPEN)
+
+
+def _hermes_block(body: str) -> ToolCall | None:
+    try:
+        return _call(json.loads(body), ("arguments", "parameters"))
+    except ValueError:
+        return None
+
+
+def _typed(value: str, kind: Any) -> Any:
+    """A parameter's text as its schema's type says (as vLLM's qwen3_coder parser reads it): one
+    newline around it dropped; null is None; a string as written; what does not read as its type
+    stays a string."""
+    value = value.removeprefix("\n").removesuffix("\n")
+    kind = (kind[0] if kind else "string") if isinstance(kind, list) else str(kind).lower()
+    if value.strip().lower() == "null":
+        return None
+    try:
+        if kind in ("string", "str", "text", "varchar", "char", "enum"):
+            return value
+        if kind.startswith(("int", "uint", "long", "short", "unsigned")):
+            return int(value.strip())
+        if kind.startswith(("num", "float")):
+            number = float(value.strip())
+            return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+        if kind in ("boolean", "bool", "binary"):
+            return value.strip().lower() == "true"
+        return json.loads(value)  # object, array, or a type not known: JSON if it reads as JSON
+    except ValueError:
+        return value
+
+
 class PythonicCalls:
     """An answer that is nothing but a Python list of calls with keyword arguments."""
 
@@ -354,11 +438,17 @@ def _literal(node: ast.expr) -> Any:
 
 
 ToolCallParser = (type[HermesCalls] | type[Llama3JsonCalls] | type[MistralCalls] | type[GraniteCalls]
-                  | type[Phi4MiniCalls] | type[PythonicCalls])  # fmt: skip
+                  | type[Phi4MiniCalls] | type[PythonicCalls] | type[Qwen3CoderCalls] | Qwen3CoderCalls)  # fmt: skip
 TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesCalls, Llama3JsonCalls, MistralCalls,
-                                                                    GraniteCalls, Phi4MiniCalls, PythonicCalls)}  # fmt: skip
+                                                                    GraniteCalls, Phi4MiniCalls, PythonicCalls,
+                                                                    Qwen3CoderCalls)}  # fmt: skip
 # whose tag is a special token: a request whose calls are read keeps special tokens in its text (as vLLM)
 KEEP_SPECIAL_TOKENS = ("mistral", "granite")
+
+
+def for_request(parser: ToolCallParser, tools: list[dict[str, Any]] | None) -> ToolCallParser:
+    """The server's parser as one request reads its answer (qwen3_coder's types come from its tools)."""
+    return parser.for_tools(tools) if hasattr(parser, "for_tools") else parser
 
 
 def tool_call_parser(name: str) -> ToolCallParser:

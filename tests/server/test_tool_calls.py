@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import pytest
@@ -534,3 +535,55 @@ def test_forced_calls_in_granite_and_phi4_mini_forms_read_back(form, written):
     assert json.loads(tool_call_parser(form).parse(written.decode())[1][0].arguments) == {"city": "Paris"}
     body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER]}
     assert parse_chat(body, None, 1024, tool_format=form).params.skip_special_tokens == (form != "granite")
+
+
+def test_qwen3_coder_calls_are_typed_by_the_request_s_function_schema():
+    from cachedattention.engine.tool_choice import tool_call_automaton
+    from cachedattention.server.tool_calls import Qwen3CoderCalls, for_request, tool_call_parser
+
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {
+        "query": {"type": "string"}, "limit": {"type": "integer"}, "score": {"type": "number"},
+        "exact": {"type": "boolean"}, "filters": {"type": "object"}, "tags": {"type": "array"}}}}}]  # fmt: skip
+    parser = for_request(tool_call_parser("qwen3_coder"), tools)
+    answer = ("Let me look.\n<tool_call>\n<function=search>\n<parameter=query>\n42\n</parameter>\n"
+              "<parameter=limit>\n5\n</parameter>\n<parameter=score>\n0.5\n</parameter>\n<parameter=exact>\nTrue\n"
+              "</parameter>\n<parameter=filters>\n{\"lang\": \"en\"}\n</parameter>\n<parameter=tags>\n[1, 2]\n"
+              "<parameter=other>\nnull\n</function>\n</tool_call>")  # fmt: skip
+    content, calls = parser.parse(answer)
+    assert content == "Let me look.\n" and calls[0].name == "search"
+    assert json.loads(calls[0].arguments) == {"query": "42", "limit": 5, "score": 0.5, "exact": True,
+                                              "filters": {"lang": "en"}, "tags": [1, 2], "other": None}  # fmt: skip
+    untyped = Qwen3CoderCalls().parse("<tool_call><function=f><parameter=n>7</parameter></function></tool_call>")[1]
+    assert json.loads(untyped[0].arguments) == {"n": "7"}  # without its schema a value is a string
+    bad_int = parser.parse("<tool_call><function=search><parameter=limit>many</parameter></function></tool_call>")[1]
+    assert json.loads(bad_int[0].arguments) == {"limit": "many"}  # what does not read as its type stays text
+    for text in ("No tools needed.", "<tool_call>\nnot a function\n</tool_call>"):
+        assert parser.parse(text) == (text, [])
+    assert parser.plain_text_end("Sure. <tool_") == len("Sure. ")
+    # a forced call is written as Hermes' JSON block, which this parser reads back
+    auto = tool_call_automaton(["search"], [tools[0]["function"]["parameters"]], "qwen3_coder")
+    forced = b'<tool_call>\n{"name": "search", "arguments": {"query": "x", "limit": 2}}\n</tool_call>'
+    assert auto.is_done(auto.advance(auto.start, forced))
+    assert json.loads(parser.parse(forced.decode())[1][0].arguments) == {"query": "x", "limit": 2}
+
+
+def test_qwen3_coder_over_http_reads_the_request_s_types(tool_model_dir):
+    """A server started with qwen3_coder: an answer held (by a regex) to Qwen3-Coder's XML call comes
+    back typed by that request's tools, whole and streamed; a forced call too."""
+    srv = start_server(engine_config(tool_model_dir, False), tool_call_format="qwen3_coder")
+    counted = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}}}}}  # fmt: skip
+    xml = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"  # fmt: skip
+    try:
+        body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [counted], "max_tokens": 120,
+                "temperature": 0, "structured_outputs": {"regex": re.escape(xml)}}  # fmt: skip
+        r = _chat(srv.url, **body).json()["choices"][0]
+        call = r["message"]["tool_calls"][0]["function"]
+        assert r["finish_reason"] == "tool_calls" and json.loads(call["arguments"]) == {"city": "Paris", "days": 3}
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+            events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert [c["function"] for d in deltas for c in d.get("tool_calls", [])] == [call]
+        _forced_call_whole_and_streamed(srv)
+    finally:
+        srv.stop()

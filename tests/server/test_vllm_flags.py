@@ -147,7 +147,7 @@ def test_a_vllm_command_line_parses_and_reaches_the_engine_config():
     (["-tp", "2"], "this engine runs one device"),
     (["--pipeline-parallel-size", "2"], "this engine runs one device"),
     (["--kv-cache-dtype", "fp8"], "'fp8' is not supported: the device pool keeps the model's dtype"),
-    (["--tool-call-parser", "qwen3_coder"], "supported: hermes, llama3_json, mistral, granite, phi4_mini_json, pythonic"),
+    (["--tool-call-parser", "deepseek_v3"], "supported: hermes, llama3_json, mistral, granite, phi4_mini_json, pythonic, qwen3_coder"),
     (["--no-enable-chunked-prefill"], "always chunks prefill"),
     (["--gpu-memory-utilization", "0"], "in (0, 1]"),
     (["--gpu-memory-utilization", "1.2"], "in (0, 1]"),
