@@ -56,6 +56,7 @@ from cachedattention.server.responses_store import ResponseStore, SharedResponse
 from cachedattention.server.stream_text import stream_delta
 from cachedattention.server.tokenize import detokenize, tokenize
 from cachedattention.server.tool_calls import HermesCalls, ToolCall, ToolCallParser, for_request, tool_call_parser
+from cachedattention.server.vllm_metrics import VLLMStatsCollector
 
 log = logging.getLogger(__name__)
 
@@ -654,10 +655,12 @@ def create_app(
     engine = engine_or_config if isinstance(engine_or_config, LLMEngine) else LLMEngine(engine_or_config)
     if reasoning_parser_name is not None:  # the engine's too: guided answers reason first
         engine.use_reasoning_parser(reasoning_parser_name)
-    metrics = ServerMetrics()
+    model_names = names or [default_model_name(engine)]
+    metrics = ServerMetrics(model_names[0])
     loop = EngineLoop(engine, on_finished=metrics.observe_finished, log_requests=log_requests)
     metrics.registry.register(EngineStatsCollector(loop.stats))
-    routes = OpenAIRoutes(loop, metrics, names or [default_model_name(engine)], engine.max_model_len,
+    metrics.registry.register(VLLMStatsCollector(loop.stats, model_names[0]))
+    routes = OpenAIRoutes(loop, metrics, model_names, engine.max_model_len,
                           trust_request_chat_template, named=bool(names),
                           tool_parser=tool_call_parser(tool_call_format),
                           token_ids_as_tokens=return_tokens_as_token_ids,

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: request counters, TTFT, token counters and gauges read from engine.stats()."""
+"""Prometheus metrics of one server: request counters, TTFT, token counters and gauges read from
+engine.stats(); vLLM's names beside them (vllm_metrics.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cachedattention.outputs import RequestOutput
 from cachedattention.server.auth import route_path
+from cachedattention.server.vllm_metrics import VLLMRequestMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TIERS = ("device", "host", "disk", "remote")
@@ -23,9 +25,10 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 class ServerMetrics:
     """All metrics live in this object's own registry (no global state: several apps may share a process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "default") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.vllm = VLLMRequestMetrics(r, model_name)  # the same requests under vLLM's names
         self.requests = Counter(
             "cachedattention_http_requests",
             "HTTP requests by endpoint and status code",
@@ -60,6 +63,7 @@ class ServerMetrics:
         self.prompt_tokens.inc(m.prompt_tokens)
         self.generation_tokens.inc(len(out.token_ids))
         self.finished.labels(out.finish_reason or "unknown").inc()
+        self.vllm.observe(out)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -464,6 +464,29 @@ def test_metrics_parse_and_count(server):
     assert samples[("cachedattention_time_to_first_token_seconds_count", ())] >= 2
 
 
+def test_vllm_s_metric_names_count_the_same_requests(server):
+    """Dashboards and autoscalers written for vLLM read vllm:* with model_name: the same counts."""
+    before = metric_samples(server.url)
+    converse(server.url, "vllm-metrics-conv", QUESTIONS[:2])
+    after = metric_samples(server.url)
+    model = (("model_name", httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]),)  # the served name
+
+    def grew(name: str, labels: tuple = model) -> float:
+        return after[(name, labels)] - before.get((name, labels), 0.0)
+
+    ours = (("cachedattention_prompt_tokens_total", ()), ("cachedattention_generation_tokens_total", ()))
+    assert grew("vllm:prompt_tokens_total") == after[ours[0]] - before.get(ours[0], 0.0) > 0
+    assert grew("vllm:generation_tokens_total") == after[ours[1]] - before.get(ours[1], 0.0) > 0
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                      "request_prefill_time_seconds", "request_decode_time_seconds", "request_prompt_tokens"):  # fmt: skip
+        assert grew(f"vllm:{histogram}_count") == 2, histogram
+    finished = sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == "vllm:request_success_total")
+    assert finished == 2 and grew("vllm:prefix_cache_hits_total") > 0  # the second turn reuses the first's pages
+    assert 0.0 <= after[("vllm:kv_cache_usage_perc", model)] <= 1.0
+    assert after[("vllm:num_requests_running", model)] >= 0 and ("vllm:num_requests_waiting", model) in after
+    assert ("vllm:num_preemptions_total", model) in after
+
+
 # -- shutdown -------------------------------------------------------------------------------------------
 def test_draining_refuses_new_requests_then_aborts_after_grace(chat_model_dir):
     s = start_server(engine_config(chat_model_dir, store=False))

@@ -1,0 +1,95 @@
+"""vLLM's Prometheus metrics, under vLLM's names and its model_name label, beside this server's own:
+dashboards, alerts and autoscalers written for a vLLM server (vllm:num_requests_waiting,
+vllm:kv_cache_usage_perc, vllm:time_to_first_token_seconds, ...) read this one unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cachedattention.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+class VLLMRequestMetrics:
+    """Counters and histograms observed as each request finishes."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        self.model_name = model_name
+        label = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"vllm:{name}", doc, label, buckets=buckets, registry=registry)
+
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed", label, registry=registry)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed", label,
+                                         registry=registry)  # fmt: skip
+        self.success = Counter("vllm:request_success", "Finished requests, by finish reason",
+                               [*label, "finished_reason"], registry=registry)  # fmt: skip
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      label, registry=registry)  # fmt: skip
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the device prefix cache",
+                                   label, registry=registry)  # fmt: skip
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Request latency, arrival to finish", LATENCY_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds", "Time queued before admission", LATENCY_BUCKETS)
+        self.prefill = histogram("request_prefill_time_seconds", "Admission to first token", LATENCY_BUCKETS)
+        self.decode = histogram("request_decode_time_seconds", "First token to finish", LATENCY_BUCKETS)
+        self.prompt_len = histogram("request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS)
+        self.generation_len = histogram("request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS)
+
+    def observe(self, out: RequestOutput) -> None:
+        m, name = out.metrics, self.model_name
+        generated = len(out.token_ids)
+        self.prompt_tokens.labels(name).inc(m.prompt_tokens)
+        self.generation_tokens.labels(name).inc(generated)
+        self.success.labels(name, out.finish_reason or "abort").inc()
+        self.prefix_queries.labels(name).inc(m.prompt_tokens)
+        self.prefix_hits.labels(name).inc(m.cached_tokens.get("device", 0))
+        self.prompt_len.labels(name).observe(m.prompt_tokens)
+        self.generation_len.labels(name).observe(generated)
+        for histogram, start, end in ((self.ttft, m.arrival_s, m.first_token_s), (self.e2e, m.arrival_s, m.finish_s),
+                                      (self.queue, m.arrival_s, m.scheduled_s),
+                                      (self.prefill, m.scheduled_s, m.first_token_s),
+                                      (self.decode, m.first_token_s, m.finish_s)):  # fmt: skip
+            if start is not None and end is not None:
+                histogram.labels(name).observe(max(0.0, end - start))
+
+
+class VLLMStatsCollector(Collector):
+    """vLLM's gauges (and its preemption counter), read from the engine's stats at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]], model_name: str) -> None:
+        self._stats = stats
+        self.model_name = model_name
+
+    def describe(self) -> list[Metric]:
+        return []  # computed per scrape
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats() or {}
+        label = [self.model_name]
+
+        def gauge(name: str, doc: str, value: Any) -> Iterator[Metric]:
+            if isinstance(value, (int, float)):
+                family = GaugeMetricFamily(f"vllm:{name}", doc, labels=["model_name"])
+                family.add_metric(label, float(value))
+                yield family
+
+        yield from gauge("num_requests_running", "Requests in model execution batches", stats.get("running"))
+        yield from gauge("num_requests_waiting", "Requests waiting to be processed", stats.get("waiting"))
+        total, free = stats.get("pages_total"), stats.get("pages_free")
+        if isinstance(total, int) and isinstance(free, int) and total > 0:
+            usage = 1.0 - free / total  # pages held by requests (cached pages count as free: evictable)
+            yield from gauge("kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent", usage)
+            yield from gauge("gpu_cache_usage_perc", "KV-cache usage (vLLM's V0 name)", usage)
+        if isinstance(stats.get("preemptions"), int):
+            preemptions = CounterMetricFamily("vllm:num_preemptions", "Preemptions so far", labels=["model_name"])
+            preemptions.add_metric(label, float(stats["preemptions"]))
+            yield preemptions
