@@ -11,7 +11,7 @@ from cachedattention.sampling import MAX_LOGPROBS
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder")
-REASONING_PARSERS = ("qwen3", "deepseek_r1")  # server/reasoning.py's
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss")  # server/reasoning.py's
 
 
 def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:

@@ -129,7 +129,7 @@ class EngineConfig:
     generation_config: str = "auto"
     # laid over the generation config's defaults, in its names (vLLM's --override-generation-config)
     override_generation_config: dict | None = None
-    # how the model writes its reasoning (qwen3, deepseek_r1; vLLM's --reasoning-parser): a guided
+    # how the model writes its reasoning (qwen3, deepseek_r1, seed_oss; vLLM's --reasoning-parser): a guided
     # answer is held to its shape only after the reasoning (engine/reasoning_gate.py)
     reasoning_parser: str | None = None
 

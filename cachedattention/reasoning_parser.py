@@ -1,11 +1,11 @@
 """How reasoning models write their thinking (vLLM's --reasoning-parser): between <think> and
-</think>, before the answer. Shared by the server, which splits an answer's text into reasoning and
+</think> (Seed-OSS: <seed:think> and </seed:think>), before the answer. Shared by the server, which splits an answer's text into reasoning and
 content, and the engine, which holds a guided answer to its shape only once the reasoning is over.
 
 The rule, for both parsers: an answer is in its reasoning from its first token when it opens with
 <think> itself (Qwen3's first release), when the prompt's last tag is an open <think> (templates that
 write it for the model: Qwen3.5, DeepSeek-R1's later ones; a prefilled answer still thinking, with
-continue_final_message), or always with `deepseek_r1` (R1 starts
+continue_final_message), or always with `deepseek_r1` and `seed_oss` (they may start
 thinking without a tag). A prompt that ends with a closed block (`<think></think>`, Qwen3's
 enable_thinking=false) leaves the whole answer as content. Reasoning ends at </think>; an answer
 cut before it (max_tokens) is all reasoning. Whitespace between the tags and the texts is dropped.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from cachedattention.model.tokenizer import Tokenizer
 
-START, END = "<think>", "</think>"
+START, END = "<think>", "</think>"  # most models' tags
 PROMPT_TAIL_TOKENS = 8  # enough of the prompt's end to hold an open or closed <think></think>
 
 
@@ -37,6 +37,8 @@ class Split(NamedTuple):
 class ReasoningParser:
     name: str
     starts_open: bool  # the model reasons first even without a tag (DeepSeek-R1)
+    start: str = START
+    end: str = END
 
     def opens(self, prompt_tail: str, structured: bool) -> bool:
         """Whether an answer after a prompt ending in `prompt_tail` begins inside its reasoning
@@ -45,7 +47,7 @@ class ReasoningParser:
         if structured or self.closes(prompt_tail):
             return False
         # the tail's last tag opens it: the template's <think>, or a prefilled answer still thinking
-        return self.starts_open or prompt_tail.rfind(START) > prompt_tail.rfind(END)
+        return self.starts_open or prompt_tail.rfind(self.start) > prompt_tail.rfind(self.end)
 
     def answer_start(self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int], tags: tuple[int, int] | None,
                      structured: bool = False) -> tuple[bool, bool]:  # fmt: skip
@@ -63,10 +65,9 @@ class ReasoningParser:
             return False, closed
         return next((t == tags[0] for t in reversed(prompt_ids) if t in tags), False), closed
 
-    @staticmethod
-    def closes(prompt_tail: str) -> bool:
+    def closes(self, prompt_tail: str) -> bool:
         """Whether the prompt ends with a closed reasoning (Qwen3's enable_thinking=false): the answer has none."""
-        return prompt_tail.rstrip().endswith(END)
+        return prompt_tail.rstrip().endswith(self.end)
 
     def split(self, text: str, open_at_start: bool, final: bool = True) -> Split:
         """The answer's text split into reasoning and content.
@@ -74,15 +75,15 @@ class ReasoningParser:
         Not `final` (text still growing): what may yet become a tag is held back, so that pieces
         shown as the text grows always add up to the final split."""
         body = text.lstrip()
-        if body.startswith(START):
-            body, open_at_start = body[len(START) :], True
-        elif not final and START.startswith(body):  # may still become <think> (blank text may come before one)
+        if body.startswith(self.start):
+            body, open_at_start = body[len(self.start) :], True
+        elif not final and self.start.startswith(body):  # may still become <think> (blank text may come before one)
             return Split("" if open_at_start else None, "", closed=not open_at_start)
         elif not open_at_start:
             return Split(None, text)
-        reasoning, closed, content = body.partition(END)
+        reasoning, closed, content = body.partition(self.end)
         if not closed:
-            held = 0 if final else _tag_prefix_at_end(reasoning, END)
+            held = 0 if final else _tag_prefix_at_end(reasoning, self.end)
             return Split(reasoning[: len(reasoning) - held].strip(), "", closed=False)
         return Split(reasoning.strip(), content.lstrip())
 
@@ -95,7 +96,8 @@ def _tag_prefix_at_end(text: str, tag: str) -> int:
     return 0
 
 
-REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), ReasoningParser("deepseek_r1", True))}
+REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), ReasoningParser("deepseek_r1", True),
+                                         ReasoningParser("seed_oss", True, "<seed:think>", "</seed:think>"))}  # fmt: skip
 
 
 def reasoning_parser(name: str | None) -> ReasoningParser | None:
@@ -106,11 +108,11 @@ def reasoning_parser(name: str | None) -> ReasoningParser | None:
     return REASONING_PARSERS[name]
 
 
-def reasoning_tags(tokenizer: Tokenizer | None) -> tuple[int, int] | None:
-    """The ids of <think> and </think> when each is one token that decodes as itself, else None."""
+def reasoning_tags(tokenizer: Tokenizer | None, parser: ReasoningParser) -> tuple[int, int] | None:
+    """The ids of the parser's tags (<think> and </think>) when each is one token that decodes as itself, else None."""
     if tokenizer is None:
         return None
-    ids = tuple(tokenizer.single_token_id(tag) for tag in (START, END))
+    ids = tuple(tokenizer.single_token_id(tag) for tag in (parser.start, parser.end))
     return None if None in ids else ids
 
 

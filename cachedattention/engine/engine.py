@@ -107,7 +107,8 @@ class LLMEngine:
         the tokenizer has the tags as single tokens (the server sets the one it parses with)."""
         self.reasoning_parser = reasoning_parser(name)
         # the ids of <think> and </think> when each is one token (None: no parser, or not single tokens)
-        self.reasoning_tags = reasoning_tags(self.tokenizer) if self.reasoning_parser is not None else None
+        self.reasoning_tags = (reasoning_tags(self.tokenizer, self.reasoning_parser)
+                               if self.reasoning_parser is not None else None)  # fmt: skip
 
     @property
     def guided_after_reasoning(self) -> bool:

@@ -640,7 +640,7 @@ def create_app(
     /v1/responses keeps stored responses (for previous_response_id) within `responses_store_bytes`.
     `tool_call_format`: how the model writes tool calls (hermes, llama3_json, mistral, granite, phi4_mini_json, pythonic, qwen3_coder; vLLM's --tool-call-parser);
     `return_tokens_as_token_ids`: logprob tokens as "token_id:N" (vLLM's flag; also a request field).
-    `reasoning_parser_name`: how the model writes its reasoning (qwen3, deepseek_r1; vLLM's
+    `reasoning_parser_name`: how the model writes its reasoning (qwen3, deepseek_r1, seed_oss; vLLM's
     --reasoning-parser): chat answers return it apart from their content. `force_include_usage`: every
     streamed answer ends with its usage (vLLM's --enable-force-include-usage). `root_path`: the path
     prefix a proxy serves the app under (kept in the URL or not, both route); `disable_docs`: no

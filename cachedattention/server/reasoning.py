@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cachedattention.reasoning_parser import (  # noqa: F401 (REASONING_PARSERS, reasoning_parser: the server's names)
-    END,
     REASONING_PARSERS,
     ReasoningParser,
     Split,
@@ -60,14 +59,15 @@ class Reasoning:
         </think> (found by bisection: whether a prefix's text holds the tag only grows with the
         prefix), or all of them while the reasoning is not closed; 0 without reasoning."""
         parts = self.parser.split(out.text, self._opens(out, tokenizer)) if tokenizer is not None else None
-        if parts is None or parts.reasoning is None or (not parts.reasoning and END not in out.text):
+        end = self.parser.end
+        if parts is None or parts.reasoning is None or (not parts.reasoning and end not in out.text):
             return 0
-        if END not in out.text:
+        if end not in out.text:
             return len(out.token_ids)
         lo, hi = 1, len(out.token_ids)  # the shortest prefix whose text holds the tag lies in [lo, hi]
         while lo < hi:
             mid = (lo + hi) // 2
-            if END in tokenizer.decode(out.token_ids[:mid], skip_special_tokens=self.skip_special_tokens):
+            if end in tokenizer.decode(out.token_ids[:mid], skip_special_tokens=self.skip_special_tokens):
                 hi = mid
             else:
                 lo = mid + 1

@@ -14,7 +14,7 @@ from cachedattention.server.reasoning import REASONING_PARSERS, Reasoning
 from tests.server.conftest import engine_config, start_server, with_template
 from tests.server.test_tool_calls import CALL, WEATHER
 
-QWEN3, R1 = REASONING_PARSERS["qwen3"], REASONING_PARSERS["deepseek_r1"]
+QWEN3, R1, SEED = REASONING_PARSERS["qwen3"], REASONING_PARSERS["deepseek_r1"], REASONING_PARSERS["seed_oss"]
 THOUGHT = "<think>\nThe user wants the weather.\nI should call the tool.\n</think>\n\n"
 
 
@@ -32,6 +32,10 @@ THOUGHT = "<think>\nThe user wants the weather.\nI should call the tool.\n</thin
         (R1, "<|Assistant|>", "<think>Hmm.</think>Sunny.", ("Hmm.", "Sunny.")),
         (R1, "<|Assistant|>", "cut before the end", ("cut before the end", "")),
         (R1, "<think>\n\n</think>", "Sunny.", (None, "Sunny.")),
+        # Seed-OSS: its own tags, and it may start thinking without one (as R1)
+        (SEED, "<seed:bos>assistant\n", "<seed:think>Hmm.</seed:think>Sunny.", ("Hmm.", "Sunny.")),
+        (SEED, "<seed:bos>assistant\n", "Hmm.\n</seed:think>\n\nSunny.", ("Hmm.", "Sunny.")),
+        (SEED, "<seed:bos>assistant\n", "Sunny. </think> is not its tag", ("Sunny. </think> is not its tag", "")),
     ],
 )
 def test_an_answer_splits_into_reasoning_and_content(parser, prompt_tail, text, expect):
