@@ -83,11 +83,13 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     _accept(g, SERVER_AS_IS)
     g.add_argument("--tool-call-parser", type=tool_call_parser, default="hermes", metavar="NAME",
                    help=f"how the model writes tool calls: {', '.join(TOOL_CALL_PARSERS)} (default hermes: Qwen2.5, "
-                        "Hermes; llama3_json: Llama 3.1 to 3.3; mistral: Mistral 7B v0.3, Nemo, Small); also the "
-                        "form a required or named tool_choice makes the answer take")
+                        "Hermes; llama3_json: Llama 3.1 to 3.3; mistral: Mistral 7B v0.3, Nemo, Small; granite: "
+                        "Granite 3; phi4_mini_json: Phi-4-mini; pythonic: Llama 3.2 and 4; qwen3_coder: Qwen3-Coder); "
+                        "also the form a required or named tool_choice makes the answer take")
     g.add_argument("--reasoning-parser", type=reasoning_parser_name, default=None, metavar="NAME",
                    help=f"how the model writes its reasoning: {', '.join(REASONING_PARSERS)} (<think>...</think>; "
-                        "qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distills, which start without the tag); "
+                        "qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distills, which start without the tag; "
+                        "seed_oss: Seed-OSS's <seed:think>...</seed:think>, also without a tag at first); "
                         "chat answers return it as `reasoning` (and `reasoning_content`) apart from `content`")
     logs = g.add_mutually_exclusive_group()
     logs.add_argument("--enable-log-requests", action="store_true",

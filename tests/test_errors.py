@@ -82,7 +82,7 @@ def test_fields_added_later_keep_the_other_models_fingerprints():
              "sandwich_norms", "attn_scale", "residual_scale", "logits_scale", "local_rope_theta", "local_rope_layers", "o_bias", "mlp_bias",
              "nope_layers", "post_norms_only", "qk_norm_full", "rope_long_freq_factors", "rope_short_window", "rotary_dim",
              "rope_attention_factor", "attn_softcap", "final_softcap", "rope_interleaved", "layer_norm",
-             "parallel_block")
+             "parallel_block", "rope_context")
     before = {k: v for k, v in asdict(llama).items() if k not in later}  # the spec's fields until Qwen3
     assert llama.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert not llama.qk_norm and spec_from_hf_config({**BASE_CONFIG, "model_type": "qwen3"}).qk_norm
@@ -145,3 +145,21 @@ def test_pages_integrity_unit():
     pool.check_integrity()
     assert pool.allocate(6) is not None and pool.evictions == 2
     pool.check_integrity()
+
+
+def test_a_window_past_the_trained_positions_is_refused_unless_asked_for(tiny_dirs, monkeypatch):
+    """As vLLM: max_model_len past max_position_embeddings (512 here) is a clear error; the
+    environment variable (ours, or vLLM's name) serves it anyway."""
+    path, _ = tiny_dirs["qwen2"]
+    with pytest.raises(ValueError, match="past the model's max_position_embeddings .512.*ALLOW_LONG_MAX_MODEL_LEN"):
+        LLM(model=str(path), max_model_len=1024)
+    assert LLM(model=str(path), max_model_len=512).engine.max_model_len == 512
+    # RoPE scaling stretches it, as vLLM derives the window: YaRN's 64 x 8, linear's 512 x 4
+    assert LLM(model=str(tiny_dirs["qwen2-yarn"][0]), max_model_len=512).engine.max_model_len == 512
+    with pytest.raises(ValueError, match="past"):
+        LLM(model=str(tiny_dirs["qwen2-yarn"][0]), max_model_len=513)
+    assert LLM(model=str(tiny_dirs["llama-linear"][0]), max_model_len=2048).engine.max_model_len == 2048
+    for name in ("CACHEDATTENTION_ALLOW_LONG_MAX_MODEL_LEN", "VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
+        with monkeypatch.context() as m:
+            m.setenv(name, "1")
+            assert LLM(model=str(path), max_model_len=1024).engine.max_model_len == 1024

@@ -18,7 +18,7 @@ SHAPES = {
     "llama-110m": dict(
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
         num_attention_heads=12, num_key_value_heads=4, head_dim=64, rope_theta=500000.0,
-        max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,  # the turn bench's 32k history fits
     ),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -36,6 +37,21 @@ from cachedattention.sampling import SamplingParams, make_generator, sample_batc
 from cachedattention.store.session import ANON_PREFIX
 
 log = logging.getLogger(__name__)
+# set to 1 to serve a window past the model's max_position_embeddings anyway (vLLM's name works too)
+ALLOW_LONG_ENV = ("CACHEDATTENTION_ALLOW_LONG_MAX_MODEL_LEN", "VLLM_ALLOW_LONG_MAX_MODEL_LEN")
+
+
+def _check_window(max_model_len: int, trained: int) -> None:
+    """As vLLM: a window past what the model's positions were trained for is refused unless asked for."""
+    if max_model_len <= trained:
+        return
+    if any(os.environ.get(name, "").strip().lower() in ("1", "true") for name in ALLOW_LONG_ENV):
+        log.warning("max_model_len %d is past the model's trained positions (%d): answers there may degrade",
+                    max_model_len, trained)  # fmt: skip
+        return
+    raise ValueError(f"max_model_len {max_model_len} is past the model's max_position_embeddings ({trained}, "
+                     f"RoPE scaling included): its positions were not trained that far; set {ALLOW_LONG_ENV[0]}=1 "
+                     f"(or {ALLOW_LONG_ENV[1]}=1) to serve it anyway")  # fmt: skip
 
 
 def _keep_last(ids: list[int], k: int, head: int) -> list[int]:
@@ -65,6 +81,7 @@ class LLMEngine:
             config.generation_config, folder if folder and folder.is_dir() else None, config.override_generation_config
         )
         self.max_model_len = config.max_model_len or self.spec.default_context()
+        _check_window(self.max_model_len, self.spec.trained_context())
         if self.spec.rope_short_window and self.max_model_len > self.spec.rope_short_window:
             log.info("longrope: a window of %d, past the pretraining %d, rotates every token with the long factors",
                      self.max_model_len, self.spec.rope_short_window)

@@ -8,7 +8,7 @@ frequencies rotate them later."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -33,6 +33,7 @@ class RopeSettings:
     short_window: int | None = None
     attention_factor: float = 1.0  # YaRN's and longrope's scale on cos and sin (so on q.k, squared)
     rotary_dim: int | None = None  # partial rotary: the first rotary_dim of each head's dimensions
+    context: int | None = None  # the window the scaling stretches the model to (YaRN's, linear's), as vLLM derives it
 
 
 SCALED = ("llama3", "yarn", "longrope")  # the types that name a pretraining window
@@ -60,8 +61,9 @@ def rope_settings(cfg: dict[str, Any], head_dim: int) -> RopeSettings:
         return RopeSettings(theta, divisors=_tuple(gguf), rotary_dim=rotary_dim)
     if rope_type == "linear":  # positions divided by the factor: every frequency is
         factor = _positive(scaling, "factor")
+        stretched = int(int(cfg.get("max_position_embeddings") or 4096) * factor)
         return RopeSettings(theta, divisors=tuple(float(f) * factor for f in (gguf or [1.0] * pairs)),
-                            rotary_dim=rotary_dim)  # fmt: skip
+                            rotary_dim=rotary_dim, context=stretched)  # fmt: skip
     if rope_type not in SCALED:
         raise ValueError(f"unsupported rope scaling {rope_type!r}: only default, 'linear', 'llama3', 'yarn' and "
                          "'longrope' are implemented (dynamic ones change every frequency with the sequence's "
@@ -79,7 +81,8 @@ def rope_settings(cfg: dict[str, Any], head_dim: int) -> RopeSettings:
     # both name their factor by the window's growth where the config gives none (DeepSeek's, Phi-3's)
     factor = float(scaling.get("factor") or int(cfg.get("max_position_embeddings") or original) / original)
     if rope_type == "yarn":
-        return _yarn(scaling, theta, factor, original, rotary_dim or head_dim, rotary_dim)
+        return replace(_yarn(scaling, theta, factor, original, rotary_dim or head_dim, rotary_dim),
+                       context=int(original * factor))  # fmt: skip
     return _longrope(scaling, theta, factor, original, pairs, rotary_dim)
 
 

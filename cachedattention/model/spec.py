@@ -88,6 +88,9 @@ class ModelSpec:
     # YaRN's and longrope's factor on cos and sin: q.k of the rotating dimensions scaled by its square,
     # which the loader folds into those of q (the stored keys stay the model's own)
     rope_attention_factor: float | None = None
+    # the window RoPE scaling stretches the model to (YaRN: its window times its factor; linear: the
+    # model's times the factor): what max_model_len may reach; not in the fingerprint (no KV depends on it)
+    rope_context: int | None = None
     # OLMo 2: no norm before attention or the MLP, one after each (before the residual add); its q
     # and k norms span the whole projection, not each head
     post_norms_only: bool = False
@@ -130,9 +133,15 @@ class ModelSpec:
     def kv_bytes_per_token(self, element_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
 
+    def trained_context(self) -> int:
+        """The longest window the model's positions serve: max_position_embeddings, or what its
+        RoPE scaling stretches it to (as vLLM derives max_model_len)."""
+        return max(self.max_position_embeddings, self.rope_context or 0)
+
     def fingerprint(self) -> str:
         """Stable hash of the architecture, part of every stored record's identity."""
         fields = asdict(self)
+        del fields["rope_context"]
         for name, default in LATER_FIELDS.items():  # models without them keep their fingerprints
             if fields[name] == default:
                 del fields[name]
@@ -463,6 +472,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         rope_short_window=rope.short_window,
         rotary_dim=rope.rotary_dim,
         rope_attention_factor=None if rope.attention_factor == 1.0 else rope.attention_factor,
+        rope_context=rope.context,
         rope_scaling=rope.llama3,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),

@@ -266,49 +266,54 @@ class Qwen3CoderCalls:
     other parsers it needs the request's tools (each parameter's type): `for_tools` binds them."""
 
     name = "qwen3_coder"
-    FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
+    FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)(?:</function>|(?=<function=)|$)", re.DOTALL)
     PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
+    STARTS = (OPEN, "<function=")
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        """Never raises: a schema of an odd shape (validated elsewhere, or not) types its values as strings."""
         self.types: dict[str, dict[str, Any]] = {}  # function -> parameter -> its schema's type
-        for tool in tools or ():
-            fn = tool.get("function") or {}
-            props = (fn.get("parameters") or {}).get("properties") or {}
-            self.types[fn.get("name")] = {k: (v or {}).get("type", "string") for k, v in props.items()}
+        for tool in tools if isinstance(tools, list) else ():
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            params = fn.get("parameters") if isinstance(fn, dict) else None
+            props = params.get("properties") if isinstance(params, dict) else None
+            if isinstance(props, dict):
+                self.types[fn.get("name")] = {k: v.get("type", "string") if isinstance(v, dict) else "string"
+                                              for k, v in props.items()}  # fmt: skip
 
     @classmethod
     def for_tools(cls, tools: list[dict[str, Any]] | None) -> Qwen3CoderCalls:
         return cls(tools)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """The text before the first <tool_call> (None when there is none) and the calls. A block
-        holding a JSON object is read as Hermes' (how a forced call is written); a block that is
-        neither leaves the whole answer as text."""
-        start = text.find(OPEN)
-        if start < 0:
+        """The text before the first <tool_call> (or a bare <function=, as vLLM's parser reads it;
+        None when there is none) and every function after it, several in one block too. Without
+        one, <tool_call> blocks holding JSON objects are read as Hermes' (how a forced call is
+        written). A function without a name, or no call at all, leaves the whole answer as text."""
+        starts = [i for i in (text.find(tag) for tag in self.STARTS) if i >= 0]
+        if not starts:
             return text, []
-        calls = []
-        for block in text[start + len(OPEN) :].split(OPEN):
-            body = block.split(CLOSE, 1)[0].strip()
-            call = self._call(body) if body.startswith("<function=") else _hermes_block(body)
-            if call is None:
-                return text, []
-            calls.append(call)
+        start = min(starts)
+        functions = self.FUNCTION.findall(text, start)
+        if functions:
+            calls = [self._call(name.strip(), body) for name, body in functions]
+        else:
+            calls = [_hermes_block(block.split(CLOSE, 1)[0].strip()) for block in text[start:].split(OPEN)[1:]]
+        if not calls or not all(calls):
+            return text, []
         return text[:start] or None, calls
 
-    def _call(self, body: str) -> ToolCall | None:
-        match = self.FUNCTION.match(body)
-        if match is None:
+    def _call(self, name: str, body: str) -> ToolCall | None:
+        if not name:
             return None
-        name = match.group(1).strip()
         types = self.types.get(name, {})
         args = {key.strip(): _typed(value, types.get(key.strip(), "string"))
-                for key, value in self.PARAMETER.findall(match.group(2))}  # fmt: skip
+                for key, value in self.PARAMETER.findall(body)}  # fmt: skip
         return ToolCall(_openai_id(), name, json.dumps(args, ensure_ascii=False))
 
-    @staticmethod
-    def plain_text_end(text: str) -> int:
-        return _text_before(text, OPEN)
+    @classmethod
+    def plain_text_end(cls, text: str) -> int:
+        return min(_text_before(text, tag) for tag in cls.STARTS)
 
 
 def _hermes_block(body: str) -> ToolCall | None:
@@ -333,6 +338,8 @@ def _typed(value: str, kind: Any) -> Any:
             return int(value.strip())
         if kind.startswith(("num", "float")):
             number = float(value.strip())
+            if not math.isfinite(number):  # JSON holds no infinity or NaN: the text as written
+                return value
             return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
         if kind in ("boolean", "bool", "binary"):
             return value.strip().lower() == "true"

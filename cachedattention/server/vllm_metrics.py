@@ -18,7 +18,8 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 
 
 class VLLMRequestMetrics:
-    """Counters and histograms observed as each request finishes."""
+    """Counters and histograms observed as each request finishes (TTFT too: vLLM observes it at the
+    first token, so here it lands one request's decode later)."""
 
     def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
         self.model_name = model_name
@@ -43,6 +44,9 @@ class VLLMRequestMetrics:
         self.decode = histogram("request_decode_time_seconds", "First token to finish", LATENCY_BUCKETS)
         self.prompt_len = histogram("request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS)
         self.generation_len = histogram("request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits, self.ttft,
+                       self.e2e, self.queue, self.prefill, self.decode, self.prompt_len, self.generation_len):  # fmt: skip
+            metric.labels(model_name)  # each series there from the start, at 0 (as vLLM's): rate() works at once
 
     def observe(self, out: RequestOutput) -> None:
         m, name = out.metrics, self.model_name

@@ -557,9 +557,23 @@ def test_qwen3_coder_calls_are_typed_by_the_request_s_function_schema():
     assert json.loads(untyped[0].arguments) == {"n": "7"}  # without its schema a value is a string
     bad_int = parser.parse("<tool_call><function=search><parameter=limit>many</parameter></function></tool_call>")[1]
     assert json.loads(bad_int[0].arguments) == {"limit": "many"}  # what does not read as its type stays text
-    for text in ("No tools needed.", "<tool_call>\nnot a function\n</tool_call>"):
+    for text in ("No tools needed.", "<tool_call>\nnot a function\n</tool_call>",
+                 "<tool_call><function=><parameter=a>1</parameter></function></tool_call>"):  # no name
         assert parser.parse(text) == (text, [])
-    assert parser.plain_text_end("Sure. <tool_") == len("Sure. ")
+    assert parser.plain_text_end("Sure. <tool_") == parser.plain_text_end("Sure. <func") == len("Sure. ")
+    # as vLLM's parser: every function of a block, a bare <function=, the calls after a tag the text mentions
+    two = parser.parse("<tool_call><function=search><parameter=limit>1</parameter></function>"
+                       "<function=search><parameter=limit>2</parameter></function></tool_call>")[1]  # fmt: skip
+    assert [json.loads(c.arguments)["limit"] for c in two] == [1, 2]
+    assert parser.parse("<function=search><parameter=limit>3</parameter></function>")[1][0].arguments == '{"limit": 3}'
+    mention = parser.parse("I answer with <tool_call> blocks.\n<tool_call><function=search></function></tool_call>")
+    assert mention[0] == "I answer with " and mention[1][0].name == "search"
+    assert json.loads(parser.parse("<function=search><parameter=score>inf</parameter></function>")[1][0].arguments) \
+        == {"score": "inf"}  # JSON holds no infinity: the text as written
+    for odd in ({"a": True}, {"a": "integer"}, ["a"], "x", None):  # schemas of odd shapes: values stay strings
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": odd}}}
+        bound = for_request(tool_call_parser("qwen3_coder"), [tool, "not a tool", {"function": None}])
+        assert bound.parse("<function=f><parameter=a>1</parameter></function>")[1][0].arguments == '{"a": "1"}'
     # a forced call is written as Hermes' JSON block, which this parser reads back
     auto = tool_call_automaton(["search"], [tools[0]["function"]["parameters"]], "qwen3_coder")
     forced = b'<tool_call>\n{"name": "search", "arguments": {"query": "x", "limit": 2}}\n</tool_call>'
