@@ -11,7 +11,7 @@ from cachedattention import LLM, SamplingParams, SchedulerConfig
 from cachedattention.kernels.paged_decode import PagedDecodeKernel
 from cachedattention.model.spec import spec_from_hf_config
 from tests.tiny_models import hf_greedy
-from tests.util import capture_logits, rel_err
+from tests.util import assert_logits_match, capture_logits, rel_err
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 HUB_1B = {  # google/gemma-3-1b-it's config.json, layers and vocabulary cut down
@@ -106,10 +106,4 @@ def test_the_text_part_of_a_multimodal_checkpoint_serves(tmp_path, monkeypatch):
     hf.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3"
     llm = LLM(model=str(tmp_path))
-    seen = capture_logits(monkeypatch)
-    prompt = [(11 * i + 5) % 250 + 3 for i in range(29)]
-    out = llm.generate([prompt], GREEDY)[0]
-    with torch.no_grad():
-        ref = hf(input_ids=torch.tensor([prompt + out.token_ids])).logits[0]
-    for step, logits in enumerate(seen):
-        assert rel_err(logits, ref[len(prompt) - 1 + step]) <= 1e-4, f"step {step}"
+    assert_logits_match(llm, hf, [(11 * i + 5) % 250 + 3 for i in range(29)], GREEDY, monkeypatch)

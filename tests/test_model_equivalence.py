@@ -1,11 +1,13 @@
 """Our Llama-family forward equals transformers' (logits and greedy tokens) on tiny random models."""
 
+import json
+
 import pytest
 import torch
 
 from cachedattention import LLM, SamplingParams
 from tests.tiny_models import hf_greedy
-from tests.util import capture_logits, rel_err
+from tests.util import assert_logits_match, capture_logits, rel_err
 
 KINDS = ["llama", "llama-linear", "llama-tied", "qwen2", "qwen3", "mistral", "mixtral", "qwen2-moe", "qwen3-moe",
          "mistral-window", "qwen2-window", "phi3", "phi3-window", "smollm3", "llama-biases",
@@ -185,3 +187,24 @@ def test_onednn_packed_weight_equals_the_plain_linear():
     for rows in (1, 4, 9, 128, 129):  # below, inside and above the packed range
         x = torch.randn(rows, 48)
         assert rel_err(head.linear(x), F.linear(x, weight)) <= 1e-5, f"{rows} rows"
+
+
+@pytest.mark.parametrize("tied", [True, False])  # the head tied as the top level of the config says
+def test_the_language_model_of_a_mistral3_checkpoint_serves(tied, tmp_path, monkeypatch):
+    """Mistral Small 3.1 / 3.2 are Mistral3ForConditionalGeneration: their language model is served
+    (under model.language_model.*, or the hub's language_model.model.*), the vision tower left out."""
+    import transformers
+
+    from tests.tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=32, patch_size=16, head_dim=16)  # fmt: skip
+    hf = transformers.Mistral3ForConditionalGeneration(
+        transformers.Mistral3Config(text_config=tiny_config("mistral"), vision_config=vision,
+                                    tie_word_embeddings=tied)).float().eval()  # fmt: skip
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mistral3"
+    llm = LLM(model=str(tmp_path))
+    assert llm.engine.spec.model_type == "mistral"
+    assert_logits_match(llm, hf, [(11 * i + 5) % 250 + 3 for i in range(29)], GREEDY, monkeypatch)

@@ -19,6 +19,19 @@ def last_logits_after(hf, cache, rest: list[int], start: int) -> torch.Tensor:
                   position_ids=torch.arange(start, start + len(rest))[None]).logits[0, -1]  # fmt: skip
 
 
+def assert_logits_match(llm, hf, prompt: list[int], params, monkeypatch, limit: float = 1e-4) -> None:
+    """Every logits row the engine samples from for this prompt equals transformers' at that
+    position (a multimodal model's language part: called with input_ids only)."""
+    seen = capture_logits(monkeypatch)
+    out = llm.generate([prompt], params)[0]
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([prompt + out.token_ids])).logits[0]
+    monkeypatch.undo()
+    assert len(seen) == len(out.token_ids)
+    for step, logits in enumerate(seen):
+        assert rel_err(logits, ref[len(prompt) - 1 + step]) <= limit, f"step {step}"
+
+
 def capture_logits(monkeypatch) -> list[torch.Tensor]:
     """Record every logits row the engine samples from (in sampling order)."""
     seen: list[torch.Tensor] = []

@@ -205,9 +205,10 @@ GLM4_NORMS = {".post_self_attn_layernorm.": ".post_attention_layernorm.",
               ".post_attention_layernorm.": ".pre_feedforward_layernorm.",
               ".post_mlp_layernorm.": ".post_feedforward_layernorm."}  # fmt: skip
 MIXTRAL_NAMES = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
-# a multimodal Gemma 3's language model, under the names of the text-only one (its vision tower is left out)
-GEMMA_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
-                  "model.language_model.": "model."}  # fmt: skip
+# a multimodal checkpoint's language model (Gemma 3, Mistral 3), under the names of the text-only one
+# (its vision tower is left out)
+LANGUAGE_MODEL_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
+                           "model.language_model.": "model."}  # fmt: skip
 
 
 def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -217,6 +218,7 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
     Scales the model applies where ours does not are folded into the weights before them: the
     attention's (ours is head_dim ** -0.5) into q's norm (Gemma) or projection (Granite), Granite's
     residual one into o_proj and down_proj (the store keeps keys and values, which none of these touch)."""
+    state = {_language_model_name(name): t for name, t in state.items()}
     if spec.model_type == "mixtral":
         state = {_mixtral_name(name): t for name, t in state.items()}
     elif spec.model_type == "granitemoe":
@@ -226,7 +228,6 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
         if spec.model_type == "glm4":
             state = {_glm4_name(name): t for name, t in state.items()}
     elif spec.norms_plus_one():
-        state = {_gemma_name(name): t for name, t in state.items()}
         state.update({name: t.float() + 1.0 for name, t in state.items()
                       if name.startswith(("model.", "lm_head.")) and name.endswith("norm.weight")})  # fmt: skip
     scales = {}
@@ -352,8 +353,8 @@ def _mixtral_name(name: str) -> str:
     return name
 
 
-def _gemma_name(name: str) -> str:
-    for old, new in GEMMA_PREFIXES.items():
+def _language_model_name(name: str) -> str:
+    for old, new in LANGUAGE_MODEL_PREFIXES.items():
         if name.startswith(old):
             return new + name[len(old) :]
     return name

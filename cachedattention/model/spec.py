@@ -13,7 +13,7 @@ from cachedattention.model.rope_config import RopeScaling, rope_settings
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
              "gemma3", "phi3", "smollm3", "granite", "granitemoe", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
-             "helium", "glm", "glm4", "cohere", "cohere2")
+             "helium", "glm", "glm4", "cohere", "cohere2", "mistral3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 GRANITE = ("granite", "granitemoe")  # Granite's four multipliers
@@ -263,6 +263,22 @@ def _softcap(cfg: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _language_model_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A multimodal config's text_config, with the special tokens named at its top level, and its
+    tying (transformers ties the whole model's head by the top level's; images are not read: the
+    vision tower's weights are left out)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict) or text.get("model_type", "mistral") not in SUPPORTED:
+        raise ValueError(f"{cfg.get('model_type')!r}'s text_config must be a supported language model's config")
+    text = {"model_type": "mistral", **text}
+    for key in ("bos_token_id", "eos_token_id"):
+        if key in cfg and key not in text:
+            text[key] = cfg[key]
+    if "tie_word_embeddings" in cfg:
+        text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return text, text["model_type"]
+
+
 def _cohere_logit_scale(cfg: dict[str, Any]) -> float:
     value = cfg.get("logit_scale", 0.0625)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
@@ -426,6 +442,8 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
     cfg = {**FAMILY_DEFAULTS.get(model_type, {}), **cfg}
+    if model_type == "mistral3":  # Mistral Small 3.1 / 3.2: the language model of a multimodal checkpoint
+        cfg, model_type = _language_model_config(cfg)
     gemma = model_type in GEMMA
     if gemma:
         cfg = gemma_config(cfg)
