@@ -111,10 +111,7 @@ class HermesCalls:
             return text, []
         calls = []
         for block in text[start + len(OPEN) :].split(OPEN):
-            try:
-                call = _call(json.loads(block.split(CLOSE, 1)[0].strip()), ("arguments", "parameters"))
-            except ValueError:
-                return text, []
+            call = _hermes_block(block.split(CLOSE, 1)[0].strip())
             if call is None:
                 return text, []
             calls.append(call)
@@ -317,6 +314,7 @@ class Qwen3CoderCalls:
 
 
 def _hermes_block(body: str) -> ToolCall | None:
+    """A <tool_call> block's JSON object (None: not one with a name)."""
     try:
         return _call(json.loads(body), ("arguments", "parameters"))
     except ValueError:
