@@ -20,6 +20,7 @@ from cachedattention.model.gguf_loader import (
 )
 from cachedattention.model.layers import Linear
 from cachedattention.model.llama import LlamaForCausalLM
+from cachedattention.model.rope import inv_frequencies
 from cachedattention.model.spec import ModelSpec, spec_from_hf_config
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.model.weights_id import weights_id
@@ -248,12 +249,9 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
 def _rope_factor_into_q(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """YaRN's and longrope's factor scales cos and sin, so the rotating part of q and of k: their
     q.k by its square, folded into q's rotating dimensions (its norm's where q is normed after its
-    projection). A partial rotary's other dimensions are not scaled."""
-    rotating = torch.ones(spec.head_dim)
-    if spec.rotary_dim is not None:  # where the loader put them: the first rotary_dim / 2 of each half
-        rotating.zero_()
-        for start in (0, spec.head_dim // 2):
-            rotating[start : start + spec.rotary_dim // 2] = 1.0
+    projection). A partial rotary's other dimensions, those of frequency 0 in the tables, are not scaled."""
+    inv = inv_frequencies(spec)
+    rotating = (torch.cat([inv, inv]) != 0).float()  # each dimension as rotate_half pairs it
     scale = 1.0 + (spec.rope_attention_factor**2 - 1.0) * rotating
     part = ".self_attn.q_norm." if spec.qk_norm else ".self_attn.q_proj."
     unscaled = {*spec.nope_layers, *spec.local_rope_layers}  # not rotated, or by their own unscaled RoPE
