@@ -77,6 +77,8 @@ class AttentionStore:
             )
         )
         self.records: dict[str, SessionRecord] = {}
+        self._namers: dict[str, set[str]] = {}  # segment -> keys of the records that name it
+        self._maybe_lost: set[str] = set()  # segments that may have left every tier (settled at the next step)
         self._refs: dict[str, int] = {}  # segment -> spans of records and plans in flight that name it
         self._pending: dict[str, threading.Event] = {}  # segments whose save is still running (write buffer)
         self._anon: dict[int, str] = {}  # block hash -> anonymous record key
@@ -122,6 +124,7 @@ class AttentionStore:
                 if not kept:
                     continue
             self.records[rec.key] = rec
+            self._name_segments(rec, +1)
             self._index_anon(rec)
             for seg in rec.segment_ids():
                 self._refs[seg] = self._refs.get(seg, 0) + 1
@@ -173,17 +176,37 @@ class AttentionStore:
         """A segment no tier can supply (a fetch failed): records naming it end before it, and the
         anonymous index is rebuilt, so a record cut short hides no prefix another record holds."""
         with self._lock:
-            for key, rec in list(self.records.items()):
-                if seg_id not in rec.segment_ids():
-                    continue
-                kept = spans_while(rec.spans, lambda s: s != seg_id)
-                if kept:
-                    self._replace_record(SessionRecord(key, rec.logical, kept, rec.head, rec.dropped_until, rec.stamp))
-                else:
-                    self._drop_record(key)
+            self._cut_records_at(seg_id)
             self._anon.clear()
             for rec in self.records.values():
                 self._index_anon(rec)
+
+    def _cut_records_at(self, seg_id: str) -> None:
+        """Records naming the segment end before it; one left with nothing is dropped. Under the lock."""
+        for key in sorted(self._namers.get(seg_id, ())):
+            rec = self.records[key]
+            kept = spans_while(rec.spans, lambda s: s != seg_id)
+            if kept:
+                self._replace_record(SessionRecord(key, rec.logical, kept, rec.head, rec.dropped_until, rec.stamp))
+                if self.disk is not None:
+                    self._io.put(("record", key))
+            else:
+                self._drop_record(key)
+
+    def _settle_lost(self) -> None:
+        """Segments that may have left the last tier holding them (evicted, unwritable, corrupt, never
+        placed): the records naming a lost one end before it, and a record left with nothing goes, with
+        its index row. So a session whose KV has aged out of every tier costs no memory, and the later
+        segments of a record whose first one is gone (never servable: reuse is a prefix) free their
+        room. Settled at the engine's next step, not inside an eviction: freeing segments there would
+        pull them from under the loop. With a remote tier the server may still hold them: records
+        stay. Under the lock."""
+        lost, self._maybe_lost = self._maybe_lost, set()
+        if self.remote is not None:
+            return
+        for seg in lost:
+            if seg in self._namers and seg not in self._writing and self._tier_of(seg) is None:
+                self._cut_records_at(seg)
 
     def _held(self, spans: Sequence[Span]) -> int:
         """Tokens of the first spans whose segments this replica holds (in a tier, or still saving)."""
@@ -242,7 +265,8 @@ class AttentionStore:
                     done.set()
                 return
             self.stats.bytes_saved += kv.nbytes
-            self._place(seg_id, kv)
+            if not self._place(seg_id, kv):
+                self._maybe_lost.add(seg_id)  # no tier took it
             if done:
                 done.set()
 
@@ -261,6 +285,7 @@ class AttentionStore:
         """The save thread could not build the segment: records naming it end before it."""
         with self._lock:
             done = self._pending.pop(seg_id, None)
+            self._maybe_lost.add(seg_id)
             if done:
                 done.set()
 
@@ -289,6 +314,7 @@ class AttentionStore:
         victims = self.policy.host_victims(self.ledger, need, self._queued_segments(), time.monotonic(), protect)
         for seg in victims:
             self._demote(seg)
+        self._maybe_lost.update(victims)
         return self.ledger.host_free >= need
 
     def _demote(self, seg_id: str, keep_unsaved: bool = False) -> bool:
@@ -372,6 +398,7 @@ class AttentionStore:
             self.disk.remove(seg)
             self.ledger.drop_disk(seg)
             self.stats.disk_evictions += 1
+        self._maybe_lost.update(victims)
         return self.ledger.disk_free >= need
 
     def drop_corrupt(self, seg_id: str, reason: str) -> None:
@@ -389,12 +416,14 @@ class AttentionStore:
             if on_disk:
                 self.disk.remove(seg_id)
                 self.ledger.drop_disk(seg_id)
+            self._maybe_lost.add(seg_id)
 
     # -- look-ahead -------------------------------------------------------------------------
     def on_queue(self, keys: Sequence[str]) -> None:
         """The scheduler's hint: sessions of queued jobs in order. Prefetch the window's disk-only segments."""
         with self._lock:
             self._queue_keys = list(keys)
+            self._settle_lost()
             if self.disk is None:
                 return
             if not self._trim_queued and self.ledger.host_free < self.policy.host_free_target(self.ledger):
@@ -430,7 +459,7 @@ class AttentionStore:
         with self._lock:
             protect = set(self._queued_segments())
             expired = set(self.policy.expired(self.ledger, time.monotonic(), protect))
-            for key in [k for k, rec in self.records.items() if expired & set(rec.segment_ids())]:
+            for key in sorted({k for seg in expired for k in self._namers.get(seg, ())}):
                 self._drop_record(key)
             self.stats.expired_segments += len(expired)
 
@@ -441,8 +470,10 @@ class AttentionStore:
         self._ref_spans(record.spans, +1)
         if old is not None:
             self._unindex_anon(old)
+            self._name_segments(old, -1)
             self._ref_spans(old.spans, -1)
         self.records[record.key] = record
+        self._name_segments(record, +1)
         self._index_anon(record)
 
     def forget(self, key: str) -> bool:
@@ -493,6 +524,7 @@ class AttentionStore:
     def _drop_record(self, key: str) -> None:
         rec = self.records.pop(key)
         self._unindex_anon(rec)
+        self._name_segments(rec, -1)
         self._ref_spans(rec.spans, -1)
         if self.disk is not None:
             self._io.put(("record", key))  # the I/O thread deletes the row: the record is gone
@@ -564,6 +596,8 @@ class AttentionStore:
         if self.remote is not None:
             self.remote.join()
         self._io.join()
+        with self._lock:
+            self._settle_lost()
         if self.disk is None:
             return
         self.disk.writes.resume()  # shutdown is the last chance to persist: try even if writes paused
@@ -593,6 +627,17 @@ class AttentionStore:
                 continue
             self._refs.pop(seg, None)
             self._forget_segment(seg)
+
+    def _name_segments(self, rec: SessionRecord, delta: int) -> None:
+        """Add (+1) or remove (-1) the record's key from the reverse index of the segments it names."""
+        for seg in rec.segment_ids():
+            keys = self._namers.setdefault(seg, set())
+            if delta > 0:
+                keys.add(rec.key)
+            else:
+                keys.discard(rec.key)
+                if not keys:
+                    del self._namers[seg]
 
     def _forget_segment(self, seg_id: str) -> None:
         """No record or plan names it any more: free its bytes everywhere (the remote store's copy is
@@ -685,5 +730,9 @@ class AttentionStore:
             for seg, n in counted.items():
                 if self._refs.get(seg, 0) < n:
                     raise RuntimeError(f"segment {seg} has fewer refs than records naming it")
+                if len(self._namers.get(seg, ())) != n:
+                    raise RuntimeError(f"segment {seg}: the reverse index names {len(self._namers.get(seg, ()))} records, {n} do")
+            if set(self._namers) != set(counted):
+                raise RuntimeError("the reverse index names segments no record names")
         if self.remote is not None:
             self.remote.check_integrity()
