@@ -163,3 +163,20 @@ def test_a_window_past_the_trained_positions_is_refused_unless_asked_for(tiny_di
         with monkeypatch.context() as m:
             m.setenv(name, "1")
             assert LLM(model=str(path), max_model_len=1024).engine.max_model_len == 1024
+
+
+def test_a_refused_window_is_refused_before_any_weight_is_read(tiny_dirs, tmp_path):
+    """As vLLM, the window is checked from the config: a folder whose weights cannot even be read
+    says what is wrong with the window, not with the weights (a large model would have been loaded first)."""
+    import shutil
+
+    path, _ = tiny_dirs["qwen2"]
+    folder = tmp_path / "model"
+    shutil.copytree(path, folder)
+    for f in folder.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="past the model's max_position_embeddings"):
+        LLM(model=str(folder), max_model_len=1024)
+    with pytest.raises(Exception) as caught:  # a window that fits gets as far as the weights
+        LLM(model=str(folder), max_model_len=512)
+    assert "max_position_embeddings" not in str(caught.value)

@@ -31,6 +31,7 @@ from cachedattention.kvcache.kv_pool import (
 from cachedattention.kvcache.page_pool import PagePool
 from cachedattention.model.generation_defaults import generation_defaults
 from cachedattention.model.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
+from cachedattention.model.spec import ModelSpec
 from cachedattention.outputs import RequestMetrics, RequestOutput
 from cachedattention.reasoning_parser import ReasoningParser, reasoning_parser, reasoning_tags
 from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob, token_logprobs
@@ -66,7 +67,13 @@ class LLMEngine:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} asked for but CUDA is not available")
         self.device = torch.device(config.device)
-        self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.tokenizer)
+
+        def check_window(spec: ModelSpec) -> None:  # before any weight is read: a refused window costs no loading
+            _check_window(config.max_model_len or spec.default_context(), spec.trained_context())
+
+        if loaded is not None:
+            check_window(loaded.spec)
+        self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.tokenizer, check_window)
         self.spec = self.loaded.spec
         self.tokenizer = self.loaded.tokenizer
         if loaded is not None and config.tokenizer is not None:  # a model loaded before: its tokenizer replaced
@@ -81,7 +88,6 @@ class LLMEngine:
             config.generation_config, folder if folder and folder.is_dir() else None, config.override_generation_config
         )
         self.max_model_len = config.max_model_len or self.spec.default_context()
-        _check_window(self.max_model_len, self.spec.trained_context())
         if self.spec.rope_short_window and self.max_model_len > self.spec.rope_short_window:
             log.info("longrope: a window of %d, past the pretraining %d, rotates every token with the long factors",
                      self.max_model_len, self.spec.rope_short_window)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +46,11 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(source: str | None, device: str, dtype: str, tokenizer: str | None = None) -> LoadedModel:
+def load_model(source: str | None, device: str, dtype: str, tokenizer: str | None = None,
+               check_spec: Callable[[ModelSpec], None] | None = None) -> LoadedModel:
     """`tokenizer`: another folder's (or GGUF file's) tokenizer instead of the model's own (vLLM's
-    --tokenizer, e.g. a GGUF file's original model folder)."""
+    --tokenizer, e.g. a GGUF file's original model folder). `check_spec` vets the model's shape as
+    soon as its config is read, so a setting it refuses costs no weight loading."""
     embedded = source is None
     if embedded:
         source = str(embedded_model_dir())
@@ -60,11 +63,15 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         reader = open_gguf(str(path))
         config = gguf_config(reader)
         spec = spec_from_hf_config(config)
+        if check_spec is not None:
+            check_spec(spec)
         state = gguf_state_dict(reader, config)
         blocks = lambda: gguf_quantized_weights(reader, config)  # noqa: E731
     else:
         config = _read_config(path)
         spec = spec_from_hf_config(config)
+        if check_spec is not None:
+            check_spec(spec)
         state = _to_our_weights(_read_safetensors(path), spec)
         blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
     # another's (--tokenizer), else its own: one loader for both; a folder may have none (ids only)

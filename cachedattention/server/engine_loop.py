@@ -104,9 +104,12 @@ def _resolve(future: asyncio.Future, result: Any) -> None:
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None,
-                 log_requests: bool = False) -> None:  # fmt: skip
+                 log_requests: bool = False,
+                 on_first_token: Callable[[RequestOutput], None] | None = None) -> None:  # fmt: skip
         self.engine = engine
         self._on_finished = on_finished
+        self._on_first_token = on_first_token  # TTFT is observed when it happens, as vLLM's, not at finish
+        self._first_seen: set[str] = set()  # running requests whose first token was observed (engine thread)
         self.log_requests = log_requests  # vLLM's --enable-log-requests: one INFO line per request received
         self._cmds: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
@@ -305,16 +308,24 @@ class EngineLoop:
     def _deliver(self, outs: list[RequestOutput]) -> None:
         for out in outs:
             stream = self._streams.get(out.request_id)
+            if out.metrics.first_token_s is not None and out.request_id not in self._first_seen:
+                self._first_seen.add(out.request_id)
+                self._observe(self._on_first_token, out)
             if out.finished:
                 self._streams.pop(out.request_id, None)
+                self._first_seen.discard(out.request_id)
                 self._settle(out.request_id)
-                if self._on_finished is not None:
-                    try:
-                        self._on_finished(out)
-                    except Exception:
-                        log.exception("metrics observer failed")
+                self._observe(self._on_finished, out)
             if stream is not None:
                 stream.put(out)
+
+    @staticmethod
+    def _observe(observer: Callable[[RequestOutput], None] | None, out: RequestOutput) -> None:
+        if observer is not None:
+            try:
+                observer(out)
+            except Exception:
+                log.exception("metrics observer failed")
 
     def _safe_abort(self, request_id: str) -> RequestOutput | None:
         try:

@@ -52,11 +52,15 @@ class ServerMetrics:
         for tier in TIERS:
             self.cached_tokens.labels(tier)  # present from the start, at 0
 
+    def observe_first_token(self, out: RequestOutput) -> None:
+        """Called on the engine thread when a request's first token is out (its TTFT is known then)."""
+        if out.metrics.ttft_s is not None:
+            self.ttft.observe(out.metrics.ttft_s)
+        self.vllm.observe_first_token(out)
+
     def observe_finished(self, out: RequestOutput) -> None:
         """Called on the engine thread for every finished request (prometheus_client is thread-safe)."""
         m = out.metrics
-        if m.ttft_s is not None:
-            self.ttft.observe(m.ttft_s)
         for tier, n in m.cached_tokens.items():
             if n:
                 self.cached_tokens.labels(tier).inc(n)

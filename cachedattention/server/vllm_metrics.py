@@ -18,8 +18,7 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 
 
 class VLLMRequestMetrics:
-    """Counters and histograms observed as each request finishes (TTFT too: vLLM observes it at the
-    first token, so here it lands one request's decode later)."""
+    """Counters and histograms observed as each request finishes; TTFT at its first token, as vLLM's."""
 
     def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
         self.model_name = model_name
@@ -48,6 +47,11 @@ class VLLMRequestMetrics:
                        self.e2e, self.queue, self.prefill, self.decode, self.prompt_len, self.generation_len):  # fmt: skip
             metric.labels(model_name)  # each series there from the start, at 0 (as vLLM's): rate() works at once
 
+    def observe_first_token(self, out: RequestOutput) -> None:
+        m = out.metrics
+        if m.first_token_s is not None:
+            self.ttft.labels(self.model_name).observe(max(0.0, m.first_token_s - m.arrival_s))
+
     def observe(self, out: RequestOutput) -> None:
         m, name = out.metrics, self.model_name
         generated = len(out.token_ids)
@@ -58,7 +62,7 @@ class VLLMRequestMetrics:
         self.prefix_hits.labels(name).inc(m.cached_tokens.get("device", 0))
         self.prompt_len.labels(name).observe(m.prompt_tokens)
         self.generation_len.labels(name).observe(generated)
-        for histogram, start, end in ((self.ttft, m.arrival_s, m.first_token_s), (self.e2e, m.arrival_s, m.finish_s),
+        for histogram, start, end in ((self.e2e, m.arrival_s, m.finish_s),
                                       (self.queue, m.arrival_s, m.scheduled_s),
                                       (self.prefill, m.scheduled_s, m.first_token_s),
                                       (self.decode, m.first_token_s, m.finish_s)):  # fmt: skip

@@ -487,6 +487,37 @@ def test_vllm_s_metric_names_count_the_same_requests(server):
     assert ("vllm:num_preemptions_total", model) in after
 
 
+
+def test_ttft_is_observed_at_the_first_token_not_at_finish(server):
+    """As vLLM's: a request still decoding has its TTFT in the histograms already (an alert on TTFT
+    must not wait for long answers to end), and its latency to finish not yet."""
+    model = (("model_name", httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]),)
+    before = metric_samples(server.url)
+    body = {"messages": OK_MSGS, "max_tokens": 300, "ignore_eos": True, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}{CHAT}", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+
+        def has_text(line: str) -> bool:  # the role's chunk, sent at once, has empty content
+            if not line.startswith("data: {"):
+                return False
+            return any(c["delta"].get("content") for c in json.loads(line[6:])["choices"])
+
+        while not has_text(next(lines)):  # until a token is out
+            pass
+        during = metric_samples(server.url)
+        for _ in lines:  # the answer goes on
+            pass
+    after = metric_samples(server.url)
+
+    def grew(at: dict, name: str, labels: tuple = model) -> float:
+        return at.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    assert grew(during, "vllm:time_to_first_token_seconds_count") == 1
+    assert grew(during, "cachedattention_time_to_first_token_seconds_count", ()) == 1
+    assert grew(during, "vllm:e2e_request_latency_seconds_count") == 0  # still running
+    assert grew(after, "vllm:time_to_first_token_seconds_count") == 1  # counted once
+    assert grew(after, "vllm:e2e_request_latency_seconds_count") == 1
+
 # -- shutdown -------------------------------------------------------------------------------------------
 def test_draining_refuses_new_requests_then_aborts_after_grace(chat_model_dir):
     s = start_server(engine_config(chat_model_dir, store=False))
