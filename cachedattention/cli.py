@@ -54,6 +54,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disk-ttl-s", type=float, default=None,
                    help="forget sessions whose KV has not been used for this many seconds (default: keep)")
     g.add_argument("--truncation", default="reuse", choices=["reuse", "recompute", "off"])
+    g.add_argument("--session-branches", type=int, default=StoreConfig.session_branches,
+                   help="earlier branches kept per session (a turn that edits, regenerates or forks the "
+                        "conversation keeps the one it left, so that going back reuses its KV); 0: none")
     g.add_argument("--remote-url", default=None, metavar="URL",
                    help="remote tier shared by replicas: a Redis-protocol server (redis://HOST:PORT/DB, rediss://..., "
                         "unix:///PATH.sock); each turn is published there, and a session another replica served is "
@@ -101,6 +104,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             disk_ttl_s=args.disk_ttl_s,
             write_through=not args.write_back,
             truncation=args.truncation,
+            session_branches=args.session_branches,
             remote_url=args.remote_url,
             remote_wait_s=args.remote_wait_s,
             remote_timeout_s=args.remote_timeout_s,

@@ -76,6 +76,9 @@ class StoreConfig:
     truncation: str = "reuse"  # "reuse" (keep KV at new positions) | "recompute" (paper's baseline) | "off"
     keep_head_tokens: int | None = None  # None: the first turn's system prompt (found by the session)
     drop_fraction: float = 0.5
+    # earlier branches kept per session (a turn that edits, regenerates or forks the conversation
+    # keeps the one it left), so that going back to one reuses its KV; 0: only the latest is kept
+    session_branches: int = 4
     # a Redis-protocol store shared by replicas (redis://HOST:PORT/DB, rediss://, unix:///PATH): every
     # session's turns published there, a session another replica served fetched from there
     remote_url: str | None = None
@@ -95,6 +98,8 @@ class StoreConfig:
             raise ValueError(f"host_free_threshold must be in [0, 1), got {self.host_free_threshold}")
         if self.disk_ttl_s is not None and not self.disk_ttl_s > 0:
             raise ValueError(f"disk_ttl_s must be > 0 seconds or None, got {self.disk_ttl_s}")
+        if self.session_branches < 0:
+            raise ValueError(f"session_branches must be >= 0, got {self.session_branches}")
         if not 0.0 < self.drop_fraction <= 1.0:
             raise ValueError(f"drop_fraction must be in (0, 1], got {self.drop_fraction}")
         if self.remote_url is not None:

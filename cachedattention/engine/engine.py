@@ -35,7 +35,7 @@ from cachedattention.model.spec import ModelSpec
 from cachedattention.outputs import RequestMetrics, RequestOutput
 from cachedattention.reasoning_parser import ReasoningParser, reasoning_parser, reasoning_tags
 from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob, token_logprobs
-from cachedattention.store.session import ANON_PREFIX
+from cachedattention.store.session import ANON_PREFIX, BRANCH_SEP
 
 log = logging.getLogger(__name__)
 # set to 1 to serve a window past the model's max_position_embeddings anyway (vLLM's name works too)
@@ -226,6 +226,9 @@ class LLMEngine:
         if session_id is not None and session_id.startswith(ANON_PREFIX):  # the store's own keys: never a client's
             raise InvalidRequest(f"session_id may not start with {ANON_PREFIX!r}: such keys name the store's "
                                  "anonymous prefixes", "session_id")  # fmt: skip
+        if session_id is not None and BRANCH_SEP in session_id:
+            raise InvalidRequest("session_id may not hold the control character U+001F: the store's keys of a "
+                                 "session's branches use it", "session_id")  # fmt: skip
         ids = self.tokenize(prompt, add_special_tokens)
         # what the tokenizer put before a text prompt (a BOS) stays through truncation of either kind
         cut = session_id is not None or params.truncate_prompt_tokens is not None
@@ -330,7 +333,7 @@ class LLMEngine:
         """Forget a conversation: its device blocks and its KV in the store's tiers (host, disk, the
         remote server); whether anything was held. SessionBusy (a ValueError) while a turn of it
         runs (that turn would save it again); OSError when the remote server cannot be read."""
-        if not isinstance(session_id, str) or not session_id or session_id.startswith(ANON_PREFIX):
+        if not isinstance(session_id, str) or not session_id or session_id.startswith(ANON_PREFIX) or BRANCH_SEP in session_id:
             raise InvalidRequest("session_id must be a non-empty string naming a client's session", "session_id")
         if any(r.session_id == session_id and not r.is_finished for r in self.requests.values()):
             raise SessionBusy(f"session {session_id!r} has a turn in progress; forget it once that turn has finished",
@@ -361,7 +364,7 @@ class LLMEngine:
         queued turn waits for KV from the remote tier), waits a little for a fetch to land unless
         `wait_when_idle` is False (a caller with other engines to step: see `wait_idle`)."""
         if self.store is not None:
-            self.store.publish_queue(self.scheduler.queued_sessions())
+            self.store.publish_queue(self.scheduler.waiting)
         scheduled = self.scheduler.schedule()
         if not scheduled:
             self.idle_steps += 1

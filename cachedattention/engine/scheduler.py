@@ -69,10 +69,6 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def queued_sessions(self) -> list[str]:
-        """Session ids of the waiting jobs in queue order: the store's look-ahead hint."""
-        return [r.session_id for r in self.waiting if r.session_id is not None]
-
     # -- one step -----------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledSeq]:
         out: list[ScheduledSeq] = []

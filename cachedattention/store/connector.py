@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -319,8 +320,10 @@ class StoreConnector:
         self.store.release(plan.reuse)
 
     # -- look-ahead, stats, shutdown -----------------------------------------------------------
-    def publish_queue(self, session_ids: list[str]) -> None:
-        self.store.on_queue(session_ids)
+    def publish_queue(self, waiting: Iterable[Request]) -> None:
+        """The look-ahead hint, every step: for each queued request in order, the record its plan
+        reuses (its session's, an earlier branch of it, or the anonymous prefix it matched)."""
+        self.store.on_queue([st.plan.source for r in waiting if (st := r.store_state) is not None and st.plan.source])
 
     def stats(self) -> dict:
         return self.store.summary()

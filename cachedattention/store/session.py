@@ -13,6 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 ANON_PREFIX = "anon-"  # keys of records of requests without a session id (clients may not use it)
+# an earlier branch of a session, kept beside its record: SESSION + BRANCH_SEP + a suffix (a session
+# id may not hold the separator, a control character)
+BRANCH_SEP = "\x1f"
+
+
+def branch_of(key: str) -> str | None:
+    """The session a branch record's key belongs to; None for a session's (or a prefix's) own key."""
+    return key.split(BRANCH_SEP, 1)[0] if BRANCH_SEP in key else None
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,7 @@ class TurnPlan:
     # when the turn was planned: its record's stamp, so that a turn begun before a forgetting (or
     # before another replica's later turn) never replaces it, however late it ends
     planned_at: float = field(default_factory=time.time)
+    source: str | None = None  # the key of the record the reused KV comes from (the look-ahead fetches it)
 
     @property
     def hit(self) -> int:
@@ -193,4 +202,4 @@ def plan_turn(
             reuse = slice_spans(reuse, 0, min(head, hit))
         dropped = new_dropped
         effective = prompt[:head] + prompt[dropped:]
-    return TurnPlan(effective, reuse, head, dropped, truncated_now)
+    return TurnPlan(effective, reuse, head, dropped, truncated_now, source=record.key if record is not None else None)

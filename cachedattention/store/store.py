@@ -28,9 +28,11 @@ from cachedattention.store.remote_sync import RemoteSync
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 from cachedattention.store.session import (
     ANON_PREFIX,
+    BRANCH_SEP,
     SessionRecord,
     Span,
     TurnPlan,
+    branch_of,
     common_prefix,
     plan_turn,
     spans_while,
@@ -78,6 +80,7 @@ class AttentionStore:
         )
         self.records: dict[str, SessionRecord] = {}
         self._namers: dict[str, set[str]] = {}  # segment -> keys of the records that name it
+        self._branches: dict[str, list[str]] = {}  # session -> keys of its kept earlier branches, oldest first
         self._maybe_lost: set[str] = set()  # segments that may have left every tier (settled at the next step)
         self._refs: dict[str, int] = {}  # segment -> spans of records and plans in flight that name it
         self._pending: dict[str, threading.Event] = {}  # segments whose save is still running (write buffer)
@@ -128,6 +131,9 @@ class AttentionStore:
             self._index_anon(rec)
             for seg in rec.segment_ids():
                 self._refs[seg] = self._refs.get(seg, 0) + 1
+        for rec in sorted(self.records.values(), key=lambda r: r.stamp):
+            if (session := branch_of(rec.key)) is not None:
+                self._branches.setdefault(session, []).append(rec.key)
         for seg in on_disk:
             if seg not in self._refs:
                 self.disk.remove(seg)  # no record names it: an orphan of a turn that never committed
@@ -158,6 +164,12 @@ class AttentionStore:
                 record = self.records.get(key)
                 mode = mode or self.config.truncation
             plan = plan_turn(record, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)
+            for branch in self._branches.get(key, ()) if key is not None else ():
+                # the client went back to an earlier branch (an edited or regenerated message, a fork)
+                theirs = plan_turn(self.records[branch], prompt, window, reserve, head_hint,
+                                   self.config.drop_fraction, mode)  # fmt: skip
+                if self._held(theirs.reuse) > self._held(plan.reuse):
+                    plan = theirs
             if remote is not None:  # adopt it if it serves more of this turn than what this replica holds
                 theirs = plan_turn(remote, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)
                 if theirs.hit > self._held(plan.reuse):
@@ -249,12 +261,33 @@ class AttentionStore:
                 return  # planned before the session was forgotten (on another replica): it stays forgotten
             if new is not None and new.length > 0:
                 self._pending[new.seg_id] = threading.Event()
+            if not key.startswith(ANON_PREFIX):
+                self._keep_branches(key, record)
             self._replace_record(record)
             if self.remote is not None:
                 self.remote.used(reuse)
                 self.remote.publish(key)
         if self.disk is not None:
             self._io.put(("record", key))
+
+    def _keep_branches(self, key: str, new: SessionRecord) -> None:
+        """Before `new` replaces the session's record: keep the old record as a branch when the new
+        turn left it (an edited or regenerated message, a fork of a stored response), so that going
+        back to it reuses its KV; drop the branches `new` continues (it serves them). At most
+        `session_branches` per session, the oldest dropped first. Under the lock."""
+        for branch in [b for b in self._branches.get(key, ()) if _continues(new, self.records[b])]:
+            self._drop_record(branch)
+        old = self.records.get(key)
+        limit = self.config.session_branches
+        if limit == 0 or old is None or old.num_kv == 0 or _continues(new, old):
+            return
+        branch = f"{key}{BRANCH_SEP}{uuid.uuid4().hex[:12]}"
+        self._replace_record(SessionRecord(branch, old.logical, list(old.spans), old.head, old.dropped_until, old.stamp))
+        self._branches.setdefault(key, []).append(branch)
+        if self.disk is not None:
+            self._io.put(("record", branch))
+        while len(self._branches[key]) > limit:
+            self._drop_record(self._branches[key][0])
 
     def add_segment(self, seg_id: str, kv: SegmentKV) -> None:
         """The save thread's hand-off: the segment's KV is complete; place it in the host tier."""
@@ -485,13 +518,14 @@ class AttentionStore:
         with self._lock:
             self._note_forgotten(key, now)
             rec = self.records.get(key)
-            if rec is not None:
-                self._drop_record(key)
+            branches = [self.records[b] for b in self._branches.get(key, ())]
+            for held in [b.key for b in branches] + ([key] if rec is not None else []):
+                self._drop_record(held)
         theirs = self.remote.read_record(key, strict=True) if self.remote is not None else None  # not under the lock
-        if rec is None and theirs is None:
+        if rec is None and theirs is None and not branches:
             return False
         if self.remote is not None:
-            self.remote.forget_session(key, [rec, theirs], now)
+            self.remote.forget_session(key, [rec, theirs, *branches], now)
         with self._lock:
             self.stats.sessions_forgotten += 1
         return True
@@ -504,6 +538,8 @@ class AttentionStore:
             return
         with self._lock:
             self._note_forgotten(key, float(stamp))
+            for branch in [b for b in self._branches.get(key, ()) if self.records[b].stamp < stamp]:
+                self._drop_record(branch)
             rec = self.records.get(key)
             if rec is not None and rec.stamp < stamp:
                 self._drop_record(key)
@@ -523,6 +559,10 @@ class AttentionStore:
 
     def _drop_record(self, key: str) -> None:
         rec = self.records.pop(key)
+        if (session := branch_of(key)) is not None:
+            self._branches[session].remove(key)
+            if not self._branches[session]:
+                del self._branches[session]
         self._unindex_anon(rec)
         self._name_segments(rec, -1)
         self._ref_spans(rec.spans, -1)
@@ -699,7 +739,8 @@ class AttentionStore:
             "threshold_demotions": s.threshold_demotions,
             "expired_segments": s.expired_segments,
             "sessions_forgotten": s.sessions_forgotten,
-            "sessions": len(self.records),
+            "sessions": len(self.records) - (branches := sum(len(b) for b in self._branches.values())),
+            "session_branches": branches,
             **(self.remote.summary() if self.remote is not None else {}),
         }
 
@@ -734,5 +775,16 @@ class AttentionStore:
                     raise RuntimeError(f"segment {seg}: the reverse index names {len(self._namers.get(seg, ()))} records, {n} do")
             if set(self._namers) != set(counted):
                 raise RuntimeError("the reverse index names segments no record names")
+            listed = [b for branches in self._branches.values() for b in branches]
+            if sorted(listed) != sorted(k for k in self.records if branch_of(k) is not None):
+                raise RuntimeError("the branch lists and the branch records differ")
+            for session, branches in self._branches.items():
+                if not branches or any(branch_of(b) != session for b in branches):
+                    raise RuntimeError(f"session {session}'s branch list is empty or names another's")
         if self.remote is not None:
             self.remote.check_integrity()
+
+
+def _continues(new: SessionRecord, old: SessionRecord) -> bool:
+    """Whether `new`'s conversation extends `old`'s (so it serves whatever `old` would)."""
+    return common_prefix(old.logical, new.logical) >= len(old.logical)

@@ -79,6 +79,26 @@ def test_instructions_are_not_carried_over_and_a_branch_answers_as_its_own_conve
     assert b.usage.input_tokens_details.cached_tokens > 0  # the shared turn, verified token by token
 
 
+
+@needs_store
+def test_going_back_to_an_earlier_branch_reuses_it_from_the_store(chat_model_dir, reference):
+    """Two branches from one turn, then the first continued: the store kept the branch the second
+    left, so its whole history is reused (no device prefix cache here to serve it instead)."""
+    s = start_server(engine_config(chat_model_dir, store=True, prefix_cache=False))
+    try:
+        c = client(s.url)
+        root = create(c, "Pick a number.")
+        first = create(c, "Halve it.", root.id, max_tokens=6)
+        create(c, "Triple it.", root.id, max_tokens=6)  # the session's latest branch now
+        back = create(c, "Once more.", first.id, max_tokens=6)
+        assert back.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens  # all of its prompt
+        messages = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": "Pick a number."},
+                    {"role": "assistant", "content": root.output_text}, {"role": "user", "content": "Halve it."},
+                    {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "Once more."}]
+        assert back.output_text == reference(messages, 6)
+    finally:
+        s.stop()
+
 def test_stored_responses_are_retrieved_deleted_and_unknown_ones_are_404(server):
     c = client(server.url)
     r = create(c, "Hello there.")

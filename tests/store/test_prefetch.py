@@ -80,3 +80,35 @@ def test_queue_head_living_on_disk_is_preloaded_into_its_pages(tiny_dirs, tmp_pa
     assert outs[rid_a].token_ids == LLM(model=str(path)).generate([turn2], PARAMS)[0].token_ids
     assert llm.stats()["bytes_loaded"]["disk"] > 0
     store.check_integrity()
+
+
+def test_a_queued_anonymous_prefix_on_disk_is_prefetched_too(tiny_dirs, tmp_path):
+    """Clients of an OpenAI-style API send no session id: the look-ahead hint names the record each
+    queued request's plan reuses, so the anonymous prefix a queued prompt matched is fetched too."""
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path), enable_store=True, cache=CacheConfig(enable_prefix_cache=False),
+              scheduler=SchedulerConfig(max_num_seqs=1), store_dir=str(tmp_path / "st"),
+              host_bytes=60 * PER_TOKEN, prefetch_window=2, preload=False)
+    store = llm.engine.store.store
+    a = list(range(5, 45))
+    out_a = llm.generate([a], PARAMS)[0]
+    store.flush()
+    (key_a,) = store.records
+    seg_a = store.records[key_a].spans[0].seg_id
+    llm.generate([list(range(50, 90))], PARAMS)
+    store.flush()
+    assert not store.host.contains(seg_a) and store.disk.contains(seg_a)
+    eng = llm.engine
+    eng.add_request(list(range(100, 160)), SamplingParams(max_tokens=6, ignore_eos=True))
+    rid_a = eng.add_request(a + out_a.token_ids + [1, 2], PARAMS)
+    eng.step()
+    eng.step()
+    store._io.join()
+    assert eng.requests[rid_a].status.value == "waiting"
+    assert store.host.contains(seg_a), "the prefix A's prompt matched should be in host while it is queued"
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert outs[rid_a].metrics.cached_tokens["host"] > 0 and outs[rid_a].metrics.cached_tokens["disk"] == 0
+    store.check_integrity()
