@@ -13,7 +13,7 @@ PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mixtral", "qwen2-moe", "mistral-window", "qwen2-window",
                                   "gemma3-scaled", "granite", "phi4-mini", "qwen2-yarn", "gemma2", "olmo3", "exaone4",
-                                  "ernie4_5"])
+                                  "ernie4_5", "gpt_oss"])
 def test_cuda_float32_matches_transformers(kind, tiny_dirs, monkeypatch):
     path, hf = tiny_dirs[kind]
     llm = LLM(model=str(path), device="cuda")

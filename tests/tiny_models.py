@@ -149,6 +149,12 @@ def tiny_config(kind: str, **overrides):
         common.update(tie_word_embeddings=True, rope_theta=1000000.0, head_dim=32, num_experts=8,
                       num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
         cls = transformers.Qwen3MoeConfig
+    elif kind == "gpt_oss":  # sinks, windows of 8 in layers 0 and 2, YaRN; 8 biased experts, 2 per token
+        common.update(head_dim=16, intermediate_size=32, sliding_window=8, num_local_experts=8, num_experts_per_tok=2,
+                      rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                       "truncate": False, "original_max_position_embeddings": 64,
+                                       "rope_theta": 150000.0})  # fmt: skip
+        cls = transformers.GptOssConfig
     else:
         raise ValueError(kind)
     common.update(overrides)
@@ -164,8 +170,12 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():  # random biases, head norms and routers so their paths are exercised
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith((".bias", "_bias")):  # (gpt-oss's experts: gate_up_proj_bias, down_proj_bias)
                 p.normal_(0.0, 0.2)
+            elif name.endswith("self_attn.sinks"):  # gpt-oss's: large enough to take a share of each softmax
+                p.uniform_(-1.0, 2.0)
+            elif name.endswith("experts.gate_up_proj"):  # past swiglu_limit (7) often: the clamp bites
+                p.normal_(0.0, 0.6)
             elif name.endswith(("q_norm.weight", "k_norm.weight")) or (kind in ("olmo2", "olmo3", "exaone4", "glm4", "cohere", "cohere2")
                                                                           and name.endswith("norm.weight")):
                 p.uniform_(0.5, 1.5)

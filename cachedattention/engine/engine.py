@@ -29,7 +29,7 @@ from cachedattention.kvcache.kv_pool import (
     pool_bytes_for_utilization,
 )
 from cachedattention.kvcache.page_pool import PagePool
-from cachedattention.model.generation_defaults import generation_defaults
+from cachedattention.model.generation_defaults import EOS_KEY, generation_defaults
 from cachedattention.model.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from cachedattention.model.spec import ModelSpec
 from cachedattention.outputs import RequestMetrics, RequestOutput
@@ -116,6 +116,7 @@ class LLMEngine:
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        eos.update(i for i in self.sampling_defaults.pop(EOS_KEY, ()) if i < self.spec.vocab_size)
         self.eos_token_ids = tuple(sorted(eos))
         # the most logprobs / prompt_logprobs a request may ask for (-1: any, up to the vocabulary)
         self.max_logprobs = self.spec.vocab_size if config.max_logprobs == -1 else config.max_logprobs

@@ -186,6 +186,8 @@ def _load_decode_kernel(model: LlamaForCausalLM, pool: KVPool, device: torch.dev
     if device.type != "cpu" or pool.k[0].dtype != torch.float32 or model.lm_head.weight.dtype != torch.float32:
         return None  # the kernel is float32 C for a CPU; a GPU keeps its fused attention
     spec = model.spec
+    if spec.attn_sinks:  # the kernel's softmax has no sinks: gpt-oss decodes through torch
+        return None
     kernel = PagedDecodeKernel.load()
     if kernel is None or not kernel.supports(spec.num_heads, spec.num_kv_heads, spec.head_dim, pool.page_size):
         return None

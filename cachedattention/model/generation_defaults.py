@@ -1,7 +1,8 @@
 """The model's own sampling defaults, as vLLM's --generation-config: generation_config.json's
 temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens (as max_tokens), used where a
-request (or an LLM call without SamplingParams) sets none. "auto" reads the model's folder, "vllm"
-ignores it, a folder reads that folder's file."""
+request (or an LLM call without SamplingParams) sets none; and its eos_token_id (EOS_KEY: each id it
+lists ends an answer, as vLLM stops at them: gpt-oss's <|call|>, Llama 3.1's <|eom_id|>). "auto"
+reads the model's folder, "vllm" ignores it, a folder reads that folder's file."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 from cachedattention.sampling import is_int, is_number
 
 log = logging.getLogger(__name__)
+
+EOS_KEY = "eos_token_ids"  # the ids generation_config.json's eos_token_id lists (not a request's field)
 
 # generation_config.json's key -> (the request field, whether a value is allowed)
 FIELDS = {
@@ -72,4 +75,11 @@ def _read(source: str, model_dir: Path | None) -> dict[str, Any]:
             log.warning("%s: %s=%r is out of range; the server's default is used instead", path, key, value)
             continue
         out[field] = max(value, 0) if field == "top_k" else value  # -1 and 0 both mean off
+    eos = data.get("eos_token_id")
+    ids = [eos] if is_int(eos) else eos if isinstance(eos, list) else []
+    if all(is_int(i) and i >= 0 for i in ids):
+        if ids:
+            out[EOS_KEY] = tuple(ids)
+    else:
+        log.warning("%s: eos_token_id=%r is not a token id or a list of them; ignored", path, eos)
     return out

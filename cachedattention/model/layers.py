@@ -78,18 +78,26 @@ def make_norm(dim: int, eps: float, mean_centred: bool) -> RMSNorm | LayerNorm:
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU (act silu), or Gemma's GeGLU (gelu_pytorch_tanh)."""
+    """down(act(gate(x)) * up(x)): SwiGLU (act silu), or Gemma's GeGLU (gelu_pytorch_tanh); with
+    `clamp` (alpha, limit), gpt-oss's SwiGLU: gate and up clamped to limit (gate from above only),
+    then (up + 1) * gate * sigmoid(alpha * gate)."""
 
-    def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False) -> None:
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False,
+                 clamp: tuple[float, float] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.gate_proj = Linear(hidden, intermediate, bias=bias)
         self.up_proj = Linear(hidden, intermediate, bias=bias)
         self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act = act
+        self.clamp = clamp
 
     def forward(self, x: torch.Tensor, ops: RowOpsKernel | None = None) -> torch.Tensor:
         """With the row ops (a few rows on a CPU), SiLU-times-up is one C call."""
         gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.clamp is not None:
+            alpha, limit = self.clamp
+            gate, up = gate.clamp_(max=limit), up.clamp_(-limit, limit).add_(1.0)
+            return self.down_proj(torch.sigmoid(gate * alpha).mul_(gate).mul_(up))
         if self.act != "silu":
             return self.down_proj(F.gelu(gate, approximate="tanh").mul_(up))
         act = ops.silu_mul(gate, up) if ops is not None else F.silu(gate, inplace=True).mul_(up)
@@ -98,22 +106,30 @@ class GatedMLP(nn.Module):
 
 class SparseMoE(nn.Module):
     """Each token runs through the top_k experts (gated MLPs) its router picks, their outputs summed
-    with the router's softmax probabilities (rescaled to sum to 1 when the model says so); Qwen2-MoE
-    adds a shared expert every token runs, scaled by a sigmoid gate. Names match the checkpoints."""
+    with the router's softmax probabilities (rescaled to sum to 1 when the model says so; gpt-oss's:
+    the softmax of the top_k logits); Qwen2-MoE adds a shared expert every token runs, scaled by a
+    sigmoid gate. Names match the checkpoints (gpt-oss's router and fused experts are renamed and
+    split at load)."""
 
     def __init__(self, hidden: int, moe: MoESpec) -> None:
         super().__init__()
-        self.top_k, self.normalize_top_k = moe.top_k, moe.normalize_top_k
-        self.gate = Linear(hidden, moe.num_experts, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(hidden, moe.expert_intermediate_size) for _ in range(moe.num_experts))
+        self.top_k, self.normalize_top_k, self.softmax_top_k = moe.top_k, moe.normalize_top_k, moe.softmax_top_k
+        self.gate = Linear(hidden, moe.num_experts, bias=moe.router_bias)
+        clamp = (moe.swiglu_alpha, moe.swiglu_limit) if moe.swiglu_limit is not None else None
+        self.experts = nn.ModuleList(GatedMLP(hidden, moe.expert_intermediate_size, bias=moe.expert_bias, clamp=clamp)
+                                     for _ in range(moe.num_experts))  # fmt: skip
         self.shared_expert: GatedMLP | None = None
         if moe.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(hidden, moe.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(hidden, 1, bias=False)
 
     def forward(self, x: torch.Tensor, ops: RowOpsKernel | None = None) -> torch.Tensor:
-        probs = torch.softmax(self.gate(x).float(), dim=-1)  # in float32 whatever the model's dtype
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        logits = self.gate(x).float()  # in float32 whatever the model's dtype
+        if self.softmax_top_k:
+            weights, chosen = torch.topk(logits, self.top_k, dim=-1)
+            weights = torch.softmax(weights, dim=-1)
+        else:
+            weights, chosen = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
         if self.normalize_top_k:
             weights /= weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)

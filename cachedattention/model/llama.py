@@ -17,9 +17,9 @@ from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, SeqSlice
-from cachedattention.model.capped_attention import capped_attention
 from cachedattention.model.fused_decode import FusedDecode
 from cachedattention.model.layers import GatedMLP, LayerNorm, Linear, OneDNNWeight, RMSNorm, SparseMoE, make_norm
+from cachedattention.model.plain_attention import plain_attention
 from cachedattention.model.rope import RotaryEmbedding, apply_rotary
 from cachedattention.model.spec import ModelSpec
 from cachedattention.model.split_attention import attend_history_then_new
@@ -37,6 +37,7 @@ class Attention(nn.Module):
         if spec.qk_norm:  # each head's (Qwen3, Gemma 3), or the whole projection's (OLMo 2)
             self.q_norm = RMSNorm(spec.num_heads * d if spec.qk_norm_full else d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.num_kv_heads * d if spec.qk_norm_full else d, spec.rms_norm_eps)
+        self.sinks = nn.Parameter(torch.zeros(spec.num_heads)) if spec.attn_sinks else None  # gpt-oss's
 
     def forward(
         self,
@@ -71,35 +72,39 @@ class Attention(nn.Module):
             pool.write(layer, batch.new_slots, k, v)
         out = torch.empty_like(q)
         window = s.window(layer)  # None: this layer sees the whole context
-        if batch.paged_decode is not None:
-            batch.paged_decode.attend(q, out, pool.k[layer], pool.v[layer], window is not None, s.attn_softcap)
+        cap, sinks = s.attn_softcap, self.sinks
+        if batch.paged_decode is not None:  # (never for sinks: the runner keeps the kernel off)
+            batch.paged_decode.attend(q, out, pool.k[layer], pool.v[layer], window is not None, cap)
         for group in batch.decode:
-            out[group.rows] = self._attend_decode(q, group, layer, pool, window is not None, s.attn_softcap)
+            out[group.rows] = self._attend_decode(q, group, layer, pool, window is not None, cap, sinks)
         for seq in batch.seqs:
-            out[seq.start : seq.start + seq.num_new] = self._attend(q, k, v, seq, layer, pool, window, s.attn_softcap)
+            out[seq.start : seq.start + seq.num_new] = self._attend(q, k, v, seq, layer, pool, window, cap, sinks)
         return self.o_proj(out.view(n, -1))
 
     @staticmethod
-    def _attend_decode(q: torch.Tensor, group: DecodeGroup, layer: int, pool: KVPool,
-                       windowed: bool = False, cap: float | None = None) -> torch.Tensor:  # fmt: skip
+    def _attend_decode(q: torch.Tensor, group: DecodeGroup, layer: int, pool: KVPool, windowed: bool = False,
+                       cap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         b = group.pages.shape[0]
         ks, vs = pool.gather_pages(layer, group.pages.view(-1))
         kv_heads, d = ks.shape[1], ks.shape[2]
         ks = ks.view(b, -1, kv_heads, d).transpose(1, 2)  # [B, kv_heads, P * page_size, d]
         vs = vs.view(b, -1, kv_heads, d).transpose(1, 2)
         mask = group.window_mask if windowed and group.window_mask is not None else group.mask
-        return _one_token_attention(q[group.rows], ks, vs, mask, cap)
+        return _one_token_attention(q[group.rows], ks, vs, mask, cap, sinks)
 
     @staticmethod
     def _attend(q, k, v, seq: SeqSlice, layer: int, pool: KVPool, window: int | None = None,
-                cap: float | None = None) -> torch.Tensor:  # fmt: skip
-        """`window`: the layer's sliding window (None: the whole context); `cap`: Gemma 2's on scores."""
+                cap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """`window`: the layer's sliding window (None: the whole context); `cap`: Gemma 2's on scores;
+        `sinks`: gpt-oss's, per head."""
+        plain = cap is not None or sinks is not None  # what the fused kernels do not take
         lo, hi = seq.start, seq.start + seq.num_new
         if seq.is_decode:  # a lone decoder
             ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
             if window is not None:  # the last keys only
                 ks, vs = ks[-window:], vs[-window:]
-            return _one_token_attention(q[lo:hi], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], cap=cap)
+            return _one_token_attention(q[lo:hi], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], cap=cap,
+                                        sinks=sinks)
         band = seq.window_mask if window is not None else None  # where the window cuts this context
         qs = q[lo:hi].transpose(0, 1)  # [heads, n, d]
         if seq.context_len == 0:
@@ -108,7 +113,7 @@ class Attention(nn.Module):
             mask, causal = None, seq.num_new > 1
         else:
             ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
-            if seq.split and band is None and cap is None:
+            if seq.split and band is None and not plain:
                 o = attend_history_then_new(qs, ks.transpose(0, 1), vs.transpose(0, 1), seq.context_len)
                 if o is not None:
                     return o.transpose(0, 1)
@@ -120,8 +125,9 @@ class Attention(nn.Module):
         if band is not None:
             mask, causal = band, False
         ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)
-        if cap is not None:
-            return capped_attention(qs, ks, vs, cap, mask, causal).transpose(0, 1)
+        if plain:
+            sinks = sinks.view(-1, 1, 1) if sinks is not None else None  # [heads, n, L] scores
+            return plain_attention(qs, ks, vs, mask, causal, cap=cap, sinks=sinks).transpose(0, 1)
         # 4-D inputs: the fused CPU kernel only takes (batch, heads, length, dim)
         if q.device.type == "cpu":
             # the CPU flash kernel shares KV heads itself: no copies of K/V per query head
@@ -152,9 +158,8 @@ def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm | None,
     return norm(x)
 
 
-def _one_token_attention(
-    q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None = None, cap: float | None = None
-) -> torch.Tensor:
+def _one_token_attention(q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None = None,
+                         cap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """One new token per sequence over its context: q [B, heads, d], ks/vs [B, kv_heads, L, d].
 
     GQA without copying K/V: the query heads sharing a KV head become that head's query rows (one
@@ -163,8 +168,9 @@ def _one_token_attention(
     312 us).
     """
     b, kv_heads, d = q.shape[0], ks.shape[1], ks.shape[3]
-    if cap is not None:
-        return capped_attention(q.view(b, kv_heads, -1, d), ks, vs, cap, mask).reshape(b, -1, d)
+    if cap is not None or sinks is not None:
+        sinks = sinks.view(kv_heads, -1, 1) if sinks is not None else None  # each KV head's group of query heads
+        return plain_attention(q.view(b, kv_heads, -1, d), ks, vs, mask, cap=cap, sinks=sinks).reshape(b, -1, d)
     o = F.scaled_dot_product_attention(q.view(b, kv_heads, -1, d), ks, vs, attn_mask=mask)
     return o.reshape(b, -1, d)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +231,8 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
         state = {_mixtral_name(name): t for name, t in state.items()}
     elif spec.model_type == "granitemoe":
         state = _granitemoe_experts(state, spec)
+    elif spec.model_type == "gpt_oss":
+        state = _gpt_oss_experts(state)
     elif spec.model_type in ("phi3", "glm", "glm4"):
         state = _split_fused(state, spec)
         if spec.model_type == "glm4":
@@ -349,6 +351,65 @@ def _granitemoe_experts(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict
         else:
             out[name] = t  # left for the unplaced-weight check to name
     return out
+
+
+# MXFP4's 4-bit values (e2m1), by their code: the low nibble of each byte is the first of its two
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 weights as float32: blocks [..., G, 16] (two 4-bit values a byte, 32 a block) and
+    scales [..., G] (each block's power of two, biased by 127) -> [..., G * 32]."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    values = torch.stack([lut[(blocks & 0x0F).int()], lut[(blocks >> 4).int()]], dim=-1).flatten(-2)
+    values = torch.ldexp(values, scales.to(torch.int32).sub(127).unsqueeze(-1))
+    return values.flatten(-2)
+
+
+def _gpt_oss_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gpt-oss's MLP: its router is our gate; its experts are fused, gate and up interleaved on the
+    last dimension of gate_up_proj [E, hidden, 2 * width] and down_proj [E, width, hidden] (each the
+    transpose of a linear layer's weight), or MXFP4 blocks and scales already in linear layout, as
+    the released checkpoints hold them."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if ".mlp.router." in name:
+            out[name.replace(".mlp.router.", ".mlp.gate.")] = t
+        elif ".mlp.experts." in name and not name.split(".mlp.experts.")[1][0].isdigit():
+            fused[name] = t
+        else:
+            out[name] = t
+    for name in [n for n in fused if n.endswith(("gate_up_proj", "down_proj", "gate_up_proj_blocks", "down_proj_blocks"))]:
+        prefix, kind = name.split(".mlp.experts.")
+        prefix, kind = prefix + ".mlp.experts.", kind.removesuffix("_blocks")
+        bias = fused.pop(f"{prefix}{kind}_bias", None)
+        for e, weight in enumerate(_expert_weights(fused, name, f"{prefix}{kind}_scales")):
+            if kind == "gate_up_proj":
+                parts = {"gate_proj": (weight[0::2], None if bias is None else bias[e, 0::2]),
+                         "up_proj": (weight[1::2], None if bias is None else bias[e, 1::2])}  # fmt: skip
+            else:
+                parts = {"down_proj": (weight, None if bias is None else bias[e])}
+            for part, (w, b) in parts.items():
+                out[f"{prefix}{e}.{part}.weight"] = w.contiguous()
+                if b is not None:
+                    out[f"{prefix}{e}.{part}.bias"] = b.contiguous()
+    out.update(fused)  # anything left (a bias without its weight): the unplaced-weight check names it
+    return out
+
+
+def _expert_weights(fused: dict[str, torch.Tensor], name: str, scales: str) -> Iterator[torch.Tensor]:
+    """Each expert's [out, in] weight of a fused tensor, taken out of `fused`: MXFP4 blocks
+    [E, out, in / 32, 16] with their scales [E, out, in / 32] (dequantized one expert at a time), or
+    a tensor [E, in, out]."""
+    weight = fused.pop(name)
+    if name.endswith("_blocks"):
+        blocks, exponents = weight, fused.pop(scales)
+        yield from (mxfp4_dequantize(blocks[e], exponents[e]) for e in range(blocks.shape[0]))
+    else:
+        yield from (weight[e].t() for e in range(weight.shape[0]))
 
 
 def _mixtral_name(name: str) -> str:

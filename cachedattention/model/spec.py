@@ -13,7 +13,7 @@ from cachedattention.model.rope_config import RopeScaling, rope_settings
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
              "gemma3", "phi3", "smollm3", "granite", "granitemoe", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
-             "helium", "glm", "glm4", "cohere", "cohere2", "mistral3")
+             "helium", "glm", "glm4", "cohere", "cohere2", "mistral3", "gpt_oss")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 GRANITE = ("granite", "granitemoe")  # Granite's four multipliers
@@ -33,6 +33,14 @@ class MoESpec:
     normalize_top_k: bool  # the chosen experts' probabilities rescaled to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an expert every token runs, gated by a sigmoid
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP of the spec's intermediate_size
+    # gpt-oss: a router with a bias whose top_k logits are softmaxed (not the top_k of a softmax), and
+    # experts with biases whose SwiGLU is clamped: (up + 1) * g * sigmoid(alpha * g), g and up
+    # clamped to swiglu_limit
+    router_bias: bool = False
+    softmax_top_k: bool = False
+    expert_bias: bool = False
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,9 @@ class ModelSpec:
     # the one norm's output, both added to the stream
     layer_norm: bool = False
     parallel_block: bool = False
+    # gpt-oss: a learned logit per head beside each query's scores, which takes its share of the
+    # softmax and is then dropped (the keys' weights sum to less than 1)
+    attn_sinks: bool = False
 
     def window(self, layer: int) -> int | None:
         """The layer's sliding window, or None when it attends to the whole context."""
@@ -145,6 +156,9 @@ class ModelSpec:
         for name, default in LATER_FIELDS.items():  # models without them keep their fingerprints
             if fields[name] == default:
                 del fields[name]
+        for name, default in LATER_MOE_FIELDS.items():
+            if fields.get("moe") is not None and fields["moe"][name] == default:
+                del fields["moe"][name]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -157,12 +171,14 @@ LATER_FIELDS = {"qk_norm": False, "o_bias": False, "mlp_bias": False, "rope_freq
                 "rope_long_freq_factors": None, "rope_short_window": None, "rotary_dim": None,
                 "rope_attention_factor": None, "attn_softcap": None,
                 "final_softcap": None, "rope_interleaved": False,
-                "layer_norm": False, "parallel_block": False}  # fmt: skip
+                "layer_norm": False, "parallel_block": False, "attn_sinks": False}  # fmt: skip
+LATER_MOE_FIELDS = {"router_bias": False, "softmax_top_k": False, "expert_bias": False, "swiglu_alpha": None,
+                    "swiglu_limit": None}  # fmt: skip
 
 
 # families whose attention_bias puts a bias on q, k, v and o (transformers' modeling of each)
 ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "smollm3", *GRANITE, "olmo2", "olmo3",
-                  "cohere", "cohere2")
+                  "cohere", "cohere2", "gpt_oss")
 
 
 def _qkv_bias(model_type: str, cfg: dict[str, Any]) -> bool:
@@ -203,7 +219,7 @@ QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default where a Qwen config that us
 
 
 # families whose modeling has a sliding window (Llama's and Granite's have none, whatever a config says)
-WINDOWED = ("mistral", "ministral", "mixtral", "phi3", *QWEN, "gemma2", "gemma3_text", "smollm3", *HYBRID)
+WINDOWED = ("mistral", "ministral", "mixtral", "phi3", *QWEN, "gemma2", "gemma3_text", "smollm3", *HYBRID, "gpt_oss")
 DEFAULT_WINDOW = 4096  # transformers' where a Qwen (using its window), Mistral or Ministral config names none
 
 
@@ -228,7 +244,7 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
     below = int(cfg.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS))
     if model_type in ("mistral", "mixtral", "phi3", "qwen3_moe"):  # every layer (their modeling ignores layer_types)
         windowed = range(layers)
-    elif model_type in ("gemma2", "gemma3_text", *HYBRID) or types:  # as layer_types says (Gemma 3: five
+    elif model_type in ("gemma2", "gemma3_text", *HYBRID, "gpt_oss") or types:  # as layer_types says (Gemma 3: five
         # windowed layers, then a full one; Gemma 2: every other one; OLMo 3: every fourth full)
         windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
     elif model_type == "ministral":  # without layer_types: every layer
@@ -243,7 +259,8 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
 
 
 # transformers' defaults where a config leaves them out: (experts, per token, an expert's width, the shared one's)
-MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "granitemoe": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0)}
+MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "granitemoe": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0),
+                "gpt_oss": (128, 4, None, 0)}
 
 
 def _attn_scale(cfg: dict[str, Any]) -> float | None:
@@ -286,6 +303,26 @@ def _cohere_logit_scale(cfg: dict[str, Any]) -> float:
     return float(value)
 
 
+# transformers' RoPE for a gpt-oss config that names none: YaRN stretching 4096 positions by 32
+GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 4096}  # fmt: skip
+
+
+def _gpt_oss(cfg: dict[str, Any]) -> dict[str, Any]:
+    """gpt-oss's config in the common keys, with transformers' defaults: windowed and full layers
+    alternating (windowed first), YaRN. Its MXFP4 experts are dequantized at load."""
+    cfg = dict(cfg)
+    if not cfg.get("rope_scaling") and not (cfg.get("rope_parameters") or {}).get("rope_type"):
+        cfg["rope_parameters"] = {**GPT_OSS_ROPE, "rope_theta": cfg["rope_theta"], **(cfg.get("rope_parameters") or {})}
+    if cfg.get("layer_types") is None:
+        cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                              for i in range(int(cfg["num_hidden_layers"]))]  # fmt: skip
+    quant = cfg.get("quantization_config")
+    if quant is not None and (not isinstance(quant, dict) or quant.get("quant_method") != "mxfp4"):
+        raise ValueError(f"gpt-oss's quantization {quant!r} is not implemented (only its own MXFP4 experts)")
+    return cfg
+
+
 def _cohere(cfg: dict[str, Any]) -> dict[str, Any]:
     """Cohere's config in the common keys: its norms' eps. Command R+'s per-head q/k norms (a weight
     per head) are refused."""
@@ -300,6 +337,13 @@ def _granite(cfg: dict[str, Any], key: str) -> float | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"config.json's {key} must be a positive number, got {value!r}")
     return None if float(value) == 1.0 else float(value)
+
+
+def _positive_number(cfg: dict[str, Any], key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"config.json's {key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _int_field(cfg: dict[str, Any], key: str, default: int) -> int:
@@ -344,6 +388,11 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
     if model_type in ("mixtral", "granitemoe"):  # every layer sparse; the chosen experts' weights sum to 1
         moe = MoESpec(num_experts=experts, top_k=top_k, expert_intermediate_size=int(cfg["intermediate_size"]),
                       normalize_top_k=True)  # fmt: skip
+    elif model_type == "gpt_oss":  # every layer sparse; the softmax of the top_k logits sums to 1 already
+        moe = MoESpec(num_experts=experts, top_k=top_k, expert_intermediate_size=int(cfg["intermediate_size"]),
+                      normalize_top_k=False, router_bias=True, softmax_top_k=True, expert_bias=True,
+                      swiglu_alpha=_positive_number(cfg, "swiglu_alpha", 1.702),
+                      swiglu_limit=_positive_number(cfg, "swiglu_limit", 7.0))  # fmt: skip
     elif not experts:  # a Qwen MoE config without experts: dense
         return None
     else:
@@ -386,6 +435,8 @@ FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5, "original_max_position_embeddi
                    "cohere2": {"tie_word_embeddings": True, "sliding_window": 4096, "max_position_embeddings": 8192,
                                "eos_token_id": 255001, "bos_token_id": 5},
                    **dict.fromkeys(GRANITE, {"eos_token_id": 2, "bos_token_id": 1}),
+                   "gpt_oss": {"rms_norm_eps": 1e-5, "head_dim": 64, "sliding_window": 128, "rope_theta": 150_000.0,
+                               "max_position_embeddings": 131072, "attention_bias": True, "eos_token_id": 200002},
                    **dict.fromkeys(("glm", "glm4"), {"rms_norm_eps": 1.5625e-07, "head_dim": 128, "attention_bias": True,
                                                      "partial_rotary_factor": 0.5, "max_position_embeddings": 131072,
                                                      "eos_token_id": [151329, 151336, 151338]})}  # fmt: skip
@@ -453,6 +504,8 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         cfg = _cohere(cfg)
     if model_type in HYBRID:
         cfg = hybrid_config(cfg)
+    if model_type == "gpt_oss":
+        cfg = _gpt_oss(cfg)
     _check_layer_types(cfg)
     act = cfg.get("hidden_act") or "silu"
     if act not in ACTIVATIONS:
@@ -485,6 +538,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         rope_interleaved=model_type in ("ernie4_5", "helium", "glm", "glm4", *COHERE),
         layer_norm=model_type in COHERE,
         parallel_block=model_type in COHERE,
+        attn_sinks=model_type == "gpt_oss",
         rope_freq_factors=rope.divisors,
         rope_long_freq_factors=rope.long_divisors,
         rope_short_window=rope.short_window,

@@ -92,7 +92,7 @@ def test_a_window_attends_from_its_first_token(kernel, heads, kv_heads, head_dim
 def test_capped_scores_equal_the_plain_attention_over_capped_scores(kernel, heads, kv_heads, head_dim, page_size):
     """Gemma 2's cap, cap * tanh(s / cap) on each score before the softmax, in a window too, against
     the capped attention of the per-operation path."""
-    from cachedattention.model.capped_attention import capped_attention
+    from cachedattention.model.plain_attention import plain_attention
 
     gen = torch.Generator().manual_seed(3 + head_dim)
     num_pages = 100
@@ -114,7 +114,7 @@ def test_capped_scores_equal_the_plain_attention_over_capped_scores(kernel, head
         for s, (n, start) in enumerate(cases):
             slots = (tables[s][:, None] * page_size + torch.arange(page_size)).reshape(-1)[start:n]
             ks, vs = k_pool[slots].transpose(0, 1)[None], v_pool[slots].transpose(0, 1)[None]
-            ref = capped_attention(q[s].view(1, kv_heads, -1, head_dim), ks, vs, cap).reshape(heads, head_dim)
+            ref = plain_attention(q[s].view(1, kv_heads, -1, head_dim), ks, vs, cap=cap).reshape(heads, head_dim)
             assert (out[s] - ref).abs().max() <= 1e-5 * ref.abs().max(), f"cap {cap}, case {s}"
             if n > 1:  # the cap bites: uncapped attention is another answer
                 assert (out[s] - reference(q[s], k_pool, v_pool, tables[s], n, page_size, start)).abs().max() > 1e-3

@@ -79,3 +79,21 @@ def test_a_request_s_own_values_win_over_the_model_s(configured_dir):
         s.stop()
     args = build_parser().parse_args(["serve", str(configured_dir), "--generation-config", "vllm"])
     assert cli_engine_config(args).generation_config == "vllm"
+
+
+def test_every_eos_id_the_generation_config_lists_ends_an_answer(tiny_dirs, tmp_path):
+    """As vLLM: generation_config.json's eos_token_id list stops answers too (gpt-oss ends a tool call
+    with <|call|>, which only that list names); "vllm" ignores it, as it ignores the other defaults."""
+    path, _ = tiny_dirs["llama"]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    prompt = [(7 * i + 3) % 250 for i in range(20)]
+    free = LLM(str(path)).generate([prompt], params)[0].token_ids
+    stop = next(t for t in free[2:] if t not in free[:2])  # a token first generated at step 2 or later
+    folder = tmp_path / "model"
+    shutil.copytree(path, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop]}))
+    out = LLM(str(folder)).generate([prompt], params)[0]
+    assert out.token_ids == free[: free.index(stop) + 1] and out.finish_reason == "stop"
+    assert LLM(str(folder), generation_config="vllm").generate([prompt], params)[0].token_ids == free
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "two"}))
+    assert LLM(str(folder)).generate([prompt], params)[0].token_ids == free  # not ids: ignored, with a warning
