@@ -20,7 +20,7 @@ BRANCH_SEP = "\x1f"
 
 def branch_of(key: str) -> str | None:
     """The session a branch record's key belongs to; None for a session's (or a prefix's) own key."""
-    return key.split(BRANCH_SEP, 1)[0] if BRANCH_SEP in key else None
+    return key.split(BRANCH_SEP, 1)[0] if BRANCH_SEP in key and not key.startswith(ANON_PREFIX) else None
 
 
 @dataclass(frozen=True)

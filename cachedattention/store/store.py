@@ -84,7 +84,7 @@ class AttentionStore:
         self._maybe_lost: set[str] = set()  # segments that may have left every tier (settled at the next step)
         self._refs: dict[str, int] = {}  # segment -> spans of records and plans in flight that name it
         self._pending: dict[str, threading.Event] = {}  # segments whose save is still running (write buffer)
-        self._anon: dict[int, str] = {}  # block hash -> anonymous record key
+        self._anon: dict[int, dict[str, None]] = {}  # block hash -> keys of the anonymous records there, latest last
         self._forgotten: list[str] = []  # sessions another replica forgot, their device blocks still to drop
         self._forgotten_at: OrderedDict[str, float] = OrderedDict()  # when sessions were forgotten (the latest)
         self._queue_keys: list[str] = []
@@ -134,6 +134,8 @@ class AttentionStore:
         for rec in sorted(self.records.values(), key=lambda r: r.stamp):
             if (session := branch_of(rec.key)) is not None:
                 self._branches.setdefault(session, []).append(rec.key)
+        for session in list(self._branches):  # this process's cap (a restart may lower it)
+            self._trim_branches(session)
         for seg in on_disk:
             if seg not in self._refs:
                 self.disk.remove(seg)  # no record names it: an orphan of a turn that never committed
@@ -161,15 +163,9 @@ class AttentionStore:
                 key, record = self._find_anon(prompt)
                 mode = "off"
             else:
-                record = self.records.get(key)
+                record = self._continued_record(key, prompt)
                 mode = mode or self.config.truncation
             plan = plan_turn(record, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)
-            for branch in self._branches.get(key, ()) if key is not None else ():
-                # the client went back to an earlier branch (an edited or regenerated message, a fork)
-                theirs = plan_turn(self.records[branch], prompt, window, reserve, head_hint,
-                                   self.config.drop_fraction, mode)  # fmt: skip
-                if self._held(theirs.reuse) > self._held(plan.reuse):
-                    plan = theirs
             if remote is not None:  # adopt it if it serves more of this turn than what this replica holds
                 theirs = plan_turn(remote, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)
                 if theirs.hit > self._held(plan.reuse):
@@ -178,6 +174,19 @@ class AttentionStore:
             self._ref_spans(plan.reuse, +1)
             return key, plan
 
+    def _continued_record(self, key: str, prompt: list[int]) -> SessionRecord | None:
+        """The session's record, or the kept branch whose conversation the prompt continues furthest
+        (the client went back to it: an edited or regenerated message, a fork). Chosen by the tokens
+        alone, not by what the tiers hold now: the record also decides the prompt's truncation. Ties
+        go to the session's record. Under the lock."""
+        best = self.records.get(key)
+        matched = common_prefix(best.logical, prompt) if best is not None else -1
+        for branch in self._branches.get(key, ()):
+            rec = self.records[branch]
+            if (n := common_prefix(rec.logical, prompt)) > matched:
+                best, matched = rec, n
+        return best
+
     def _anon_hit(self, prompt: list[int], window: int, reserve: int) -> int:
         """Tokens of the prompt the best anonymous prefix this replica holds would serve."""
         with self._lock:
@@ -185,13 +194,9 @@ class AttentionStore:
             return self._held(plan_turn(local, prompt, window, reserve, 0, 1.0, "off").reuse) if local else 0
 
     def cut_records_at(self, seg_id: str) -> None:
-        """A segment no tier can supply (a fetch failed): records naming it end before it, and the
-        anonymous index is rebuilt, so a record cut short hides no prefix another record holds."""
+        """A segment no tier can supply (a fetch failed): records naming it end before it."""
         with self._lock:
             self._cut_records_at(seg_id)
-            self._anon.clear()
-            for rec in self.records.values():
-                self._index_anon(rec)
 
     def _cut_records_at(self, seg_id: str) -> None:
         """Records naming the segment end before it; one left with nothing is dropped. Under the lock."""
@@ -264,6 +269,9 @@ class AttentionStore:
             if not key.startswith(ANON_PREFIX):
                 self._keep_branches(key, record)
             self._replace_record(record)
+            # a reused segment may have left every tier while the turn ran (and been settled before it
+            # was named again): settle it with this record
+            self._maybe_lost.update(s.seg_id for s in reuse if self._tier_of(s.seg_id) is None)
             if self.remote is not None:
                 self.remote.used(reuse)
                 self.remote.publish(key)
@@ -278,16 +286,19 @@ class AttentionStore:
         for branch in [b for b in self._branches.get(key, ()) if _continues(new, self.records[b])]:
             self._drop_record(branch)
         old = self.records.get(key)
-        limit = self.config.session_branches
-        if limit == 0 or old is None or old.num_kv == 0 or _continues(new, old):
-            return
-        branch = f"{key}{BRANCH_SEP}{uuid.uuid4().hex[:12]}"
-        self._replace_record(SessionRecord(branch, old.logical, list(old.spans), old.head, old.dropped_until, old.stamp))
-        self._branches.setdefault(key, []).append(branch)
-        if self.disk is not None:
-            self._io.put(("record", branch))
-        while len(self._branches[key]) > limit:
-            self._drop_record(self._branches[key][0])
+        if self.config.session_branches and old is not None and old.num_kv > 0 and not _continues(new, old):
+            branch = f"{key}{BRANCH_SEP}{uuid.uuid4().hex[:12]}"
+            self._replace_record(SessionRecord(branch, old.logical, list(old.spans), old.head, old.dropped_until,
+                                               old.stamp))  # fmt: skip
+            self._branches.setdefault(key, []).append(branch)
+            if self.disk is not None:
+                self._io.put(("record", branch))
+        self._trim_branches(key)
+
+    def _trim_branches(self, key: str) -> None:
+        """At most `session_branches` kept branches for the session: the oldest go. Under the lock."""
+        while len(branches := self._branches.get(key, ())) > self.config.session_branches:
+            self._drop_record(branches[0])
 
     def add_segment(self, seg_id: str, kv: SegmentKV) -> None:
         """The save thread's hand-off: the segment's KV is complete; place it in the host tier."""
@@ -559,9 +570,9 @@ class AttentionStore:
 
     def _drop_record(self, key: str) -> None:
         rec = self.records.pop(key)
-        if (session := branch_of(key)) is not None:
-            self._branches[session].remove(key)
-            if not self._branches[session]:
+        if (session := branch_of(key)) is not None and key in (branches := self._branches.get(session, [])):
+            branches.remove(key)
+            if not branches:
                 del self._branches[session]
         self._unindex_anon(rec)
         self._name_segments(rec, -1)
@@ -696,11 +707,13 @@ class AttentionStore:
             self.ledger.forget(seg_id)
 
     def _find_anon(self, prompt: list[int]) -> tuple[str, SessionRecord | None]:
-        """The anonymous record sharing the longest block-aligned prefix (verified by tokens)."""
+        """The anonymous record sharing the longest block-aligned prefix (verified by tokens; of
+        several, the latest indexed)."""
         for h in reversed(block_hashes(prompt, ANON_BLOCK)):
-            key = self._anon.get(h)
-            rec = self.records.get(key) if key else None
-            if rec is not None and common_prefix(rec.logical, prompt) >= ANON_BLOCK:
+            for key in reversed(self._anon.get(h, {})):
+                rec = self.records.get(key)
+                if rec is None or common_prefix(rec.logical, prompt) < ANON_BLOCK:
+                    continue  # (a hash collision)
                 # extend that record when this prompt continues it; otherwise start a new one
                 if common_prefix(rec.logical, prompt) == len(rec.logical):
                     return key, rec
@@ -708,16 +721,26 @@ class AttentionStore:
         return f"{ANON_PREFIX}{uuid.uuid4().hex}", None
 
     def _index_anon(self, rec: SessionRecord) -> None:
+        """Every record is indexed under each block of its prefix, so dropping or cutting one hides
+        nothing another holds."""
         if rec.key.startswith(ANON_PREFIX) and not rec.truncated:  # a prefix is served whole, never cut
             for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv):
-                self._anon[h] = rec.key
+                keys = self._anon.setdefault(h, {})
+                keys.pop(rec.key, None)
+                keys[rec.key] = None  # the latest last
 
     def _unindex_anon(self, rec: SessionRecord) -> None:
         for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv):
-            if self._anon.get(h) == rec.key:
-                del self._anon[h]
+            keys = self._anon.get(h)
+            if keys is not None:
+                keys.pop(rec.key, None)
+                if not keys:
+                    del self._anon[h]
 
     def summary(self) -> dict:
+        with self._lock:  # (the I/O and fetch threads drop records and branches)
+            branches = sum(len(b) for b in self._branches.values())
+            sessions = len(self.records) - branches
         s = self.stats
         hits = sum(s.hit_tokens.values())
         return {
@@ -739,7 +762,7 @@ class AttentionStore:
             "threshold_demotions": s.threshold_demotions,
             "expired_segments": s.expired_segments,
             "sessions_forgotten": s.sessions_forgotten,
-            "sessions": len(self.records) - (branches := sum(len(b) for b in self._branches.values())),
+            "sessions": sessions,
             "session_branches": branches,
             **(self.remote.summary() if self.remote is not None else {}),
         }
@@ -775,6 +798,13 @@ class AttentionStore:
                     raise RuntimeError(f"segment {seg}: the reverse index names {len(self._namers.get(seg, ()))} records, {n} do")
             if set(self._namers) != set(counted):
                 raise RuntimeError("the reverse index names segments no record names")
+            for h, keys in self._anon.items():
+                if not keys or any(k not in self.records for k in keys):
+                    raise RuntimeError(f"the anonymous index names no record, or a dropped one, at block {h}")
+            for rec in self.records.values():
+                if rec.key.startswith(ANON_PREFIX) and not rec.truncated and any(
+                        rec.key not in self._anon.get(h, ()) for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv)):  # fmt: skip
+                    raise RuntimeError(f"anonymous record {rec.key} is missing from the index")
             listed = [b for branches in self._branches.values() for b in branches]
             if sorted(listed) != sorted(k for k in self.records if branch_of(k) is not None):
                 raise RuntimeError("the branch lists and the branch records differ")
