@@ -10,8 +10,8 @@ import ssl
 from cachedattention.sampling import MAX_LOGPROBS
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder")
-REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss")  # server/reasoning.py's
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai")
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "openai_gptoss")  # server/reasoning.py's
 
 
 def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
@@ -84,12 +84,14 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tool-call-parser", type=tool_call_parser, default="hermes", metavar="NAME",
                    help=f"how the model writes tool calls: {', '.join(TOOL_CALL_PARSERS)} (default hermes: Qwen2.5, "
                         "Hermes; llama3_json: Llama 3.1 to 3.3; mistral: Mistral 7B v0.3, Nemo, Small; granite: "
-                        "Granite 3; phi4_mini_json: Phi-4-mini; pythonic: Llama 3.2 and 4; qwen3_coder: Qwen3-Coder); "
+                        "Granite 3; phi4_mini_json: Phi-4-mini; pythonic: Llama 3.2 and 4; qwen3_coder: Qwen3-Coder; "
+                        "openai: gpt-oss's harmony, with --reasoning-parser openai_gptoss); "
                         "also the form a required or named tool_choice makes the answer take")
     g.add_argument("--reasoning-parser", type=reasoning_parser_name, default=None, metavar="NAME",
                    help=f"how the model writes its reasoning: {', '.join(REASONING_PARSERS)} (<think>...</think>; "
                         "qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distills, which start without the tag; "
-                        "seed_oss: Seed-OSS's <seed:think>...</seed:think>, also without a tag at first); "
+                        "seed_oss: Seed-OSS's <seed:think>...</seed:think>, also without a tag at first; openai_gptoss: "
+                        "gpt-oss's harmony analysis channel); "
                         "chat answers return it as `reasoning` (and `reasoning_content`) apart from `content`")
     logs = g.add_mutually_exclusive_group()
     logs.add_argument("--enable-log-requests", action="store_true",

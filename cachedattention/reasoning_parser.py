@@ -1,5 +1,6 @@
 """How reasoning models write their thinking (vLLM's --reasoning-parser): between <think> and
-</think> (Seed-OSS: <seed:think> and </seed:think>), before the answer. Shared by the server, which splits an answer's text into reasoning and
+</think> (Seed-OSS: <seed:think> and </seed:think>), before the answer; gpt-oss's (`openai_gptoss`)
+in harmony's analysis channel (cachedattention/harmony.py), read from text that keeps its special tokens. Shared by the server, which splits an answer's text into reasoning and
 content, and the engine, which holds a guided answer to its shape only once the reasoning is over.
 
 The rule, for both parsers: an answer is in its reasoning from its first token when it opens with
@@ -16,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
+
+from cachedattention import harmony
 
 if TYPE_CHECKING:
     from cachedattention.model.tokenizer import Tokenizer
@@ -39,6 +42,7 @@ class ReasoningParser:
     starts_open: bool  # the model reasons first even without a tag (DeepSeek-R1)
     start: str = START
     end: str = END
+    keeps_special_tokens = False  # whether its tags are special tokens (the answer's text must keep them)
 
     def opens(self, prompt_tail: str, structured: bool) -> bool:
         """Whether an answer after a prompt ending in `prompt_tail` begins inside its reasoning
@@ -96,8 +100,38 @@ def _tag_prefix_at_end(text: str, tag: str) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class HarmonyParser(ReasoningParser):
+    """gpt-oss: the analysis channel's messages are the reasoning; the final channel's (and
+    commentary preambles) the content, where a message calling a function stays as written, for
+    the `openai` tool-call parser. The channels say where each part goes: no prompt decides it."""
+
+    keeps_special_tokens = True
+
+    def opens(self, prompt_tail: str, structured: bool) -> bool:
+        return False
+
+    def closes(self, prompt_tail: str) -> bool:
+        return False
+
+    def split(self, text: str, open_at_start: bool, final: bool = True) -> Split:
+        if not harmony.is_harmony(text):  # not (yet) in harmony: all of it is the answer
+            return Split(None, text if final else text[: len(text) - harmony.partial_marker(text)])
+        reasoning, content, closed = [], [], True
+        for m in harmony.messages(text, final):
+            if m.channel == "analysis" and m.recipient is None:
+                reasoning.append(m.body)
+                closed = m.complete
+            else:
+                content.append(m.raw if m.recipient is not None else m.body)
+                closed = True
+        return Split("".join(reasoning) if reasoning else None, "".join(content), closed)
+
+
 REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), ReasoningParser("deepseek_r1", True),
-                                         ReasoningParser("seed_oss", True, "<seed:think>", "</seed:think>"))}  # fmt: skip
+                                         ReasoningParser("seed_oss", True, "<seed:think>", "</seed:think>"),
+                                         HarmonyParser("openai_gptoss", False, "<|channel|>analysis<|message|>",
+                                                       "<|end|>"))}  # fmt: skip
 
 
 def reasoning_parser(name: str | None) -> ReasoningParser | None:

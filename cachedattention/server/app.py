@@ -337,6 +337,13 @@ class OpenAIRoutes:
             raise APIError(400, "this model was loaded without a tokenizer", "no_tokenizer")
         return body, tok
 
+    def keep_tags(self, parsed: ParsedRequest) -> ParsedRequest:
+        """A chat request whose reasoning parser reads special tokens (gpt-oss's harmony) has them
+        kept in its answer's text; the parser takes them out of what the client sees."""
+        if self.reasoning_parser is None or not self.reasoning_parser.keeps_special_tokens:
+            return parsed
+        return replace(parsed, params=replace(parsed.params, skip_special_tokens=False))
+
     def reasoning_of(self, parsed: ParsedRequest) -> Reasoning | None:
         """How a chat request's answers are split into reasoning and content (None: no parser)."""
         if self.reasoning_parser is None:
@@ -364,6 +371,7 @@ class OpenAIRoutes:
         parsed = await asyncio.to_thread(parse, body, request.headers.get("x-session-id"), self.max_model_len,
                                          self.loop.engine.sampling_defaults)  # fmt: skip
         self._check_model(parsed.model)
+        parsed = self.keep_tags(parsed) if chat else parsed
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{parsed.request_id or uuid.uuid4().hex}"
         streams = await self._submit(rid, parsed, parsed.max_tokens_asked if parsed.session_id is None else None)
         tok = self.loop.engine.tokenizer

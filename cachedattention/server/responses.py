@@ -275,7 +275,7 @@ class ResponsesRoutes:
         # truncation needs one even for a response that is not stored)
         auto = req.truncation == "auto"
         session = parsed.session_id or (prev.session_id if prev else None) or (rid if req.store or auto else None)
-        parsed = replace(parsed, session_id=session)
+        parsed = routes.keep_tags(replace(parsed, session_id=session))
         streams = await routes._submit(rid, parsed, _room(parsed, req.truncation), truncate=auto, render_aside=True)
         answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer,
                          for_request(routes.tool_parser, parsed.tools),

@@ -14,7 +14,9 @@
   string as written, numbers, booleans, JSON objects and arrays);
 - `pythonic` (Llama 3.2 and 4 with vLLM's pythonic template, ToolACE, ...): an answer that is a
   Python list of calls, [get_weather(city="Paris"), ...] (Llama 4 puts it between <|python_start|>
-  and <|python_end|>); literal arguments only, JSON's true/false/null read as Python's.
+  and <|python_end|>); literal arguments only, JSON's true/false/null read as Python's;
+- `openai` (gpt-oss): harmony messages to functions.NAME whose body is the arguments' JSON object
+  (with --reasoning-parser openai_gptoss, which leaves them in the content as written).
 
 Each parser gives the answer's text besides its calls, and how much of a streamed answer is plain
 text for sure (the rest may still become a call, and waits).
@@ -31,6 +33,8 @@ import string
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from cachedattention import harmony
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -442,13 +446,36 @@ def _literal(node: ast.expr) -> Any:
     raise ValueError("an argument that is not a literal")
 
 
+class OpenAICalls:
+    """gpt-oss's harmony messages to functions.NAME, their bodies the arguments (a JSON object)."""
+
+    name = "openai"
+
+    @staticmethod
+    def parse(text: str) -> tuple[str | None, list[ToolCall]]:
+        """The text before the first message (None when there is none) and the calls; the answer
+        as text when a message there calls no function or its arguments are no JSON object."""
+        start = harmony.first_message_start(text)
+        found = harmony.messages(text[start:])
+        calls = [ToolCall(_openai_id(), name, m.body.strip()) for m in found
+                 if (name := harmony.function_name(m.recipient)) and _is_object(m.body.strip())]  # fmt: skip
+        if not found or len(calls) != len(found):
+            return text, []
+        return text[:start] or None, calls
+
+    @staticmethod
+    def plain_text_end(text: str) -> int:
+        return harmony.first_message_start(text)
+
+
 ToolCallParser = (type[HermesCalls] | type[Llama3JsonCalls] | type[MistralCalls] | type[GraniteCalls]
-                  | type[Phi4MiniCalls] | type[PythonicCalls] | type[Qwen3CoderCalls] | Qwen3CoderCalls)  # fmt: skip
+                  | type[Phi4MiniCalls] | type[PythonicCalls] | type[Qwen3CoderCalls] | Qwen3CoderCalls
+                  | type[OpenAICalls])  # fmt: skip
 TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesCalls, Llama3JsonCalls, MistralCalls,
                                                                     GraniteCalls, Phi4MiniCalls, PythonicCalls,
-                                                                    Qwen3CoderCalls)}  # fmt: skip
+                                                                    Qwen3CoderCalls, OpenAICalls)}  # fmt: skip
 # whose tag is a special token: a request whose calls are read keeps special tokens in its text (as vLLM)
-KEEP_SPECIAL_TOKENS = ("mistral", "granite")
+KEEP_SPECIAL_TOKENS = ("mistral", "granite", "openai")
 
 
 def for_request(parser: ToolCallParser, tools: list[dict[str, Any]] | None) -> ToolCallParser:
