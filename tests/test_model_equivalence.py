@@ -208,3 +208,49 @@ def test_the_language_model_of_a_mistral3_checkpoint_serves(tied, tmp_path, monk
     llm = LLM(model=str(tmp_path))
     assert llm.engine.spec.model_type == "mistral"
     assert_logits_match(llm, hf, [(11 * i + 5) % 250 + 3 for i in range(29)], GREEDY, monkeypatch)
+
+
+def _tiny_qwen_vl(kind: str):
+    """A tiny Qwen2-VL, Qwen2.5-VL or Qwen3-VL (vision tower and multimodal RoPE sections included)."""
+    import transformers
+
+    from tests.tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    base = "qwen3" if kind == "qwen3_vl" else "qwen2"
+    text = tiny_config(base).to_dict()
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3],
+                               **({"mrope_interleaved": True} if kind == "qwen3_vl" else {})}  # fmt: skip
+    text.pop("model_type", None)
+    if kind == "qwen3_vl":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0])  # fmt: skip
+        return transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(text_config=text, vision_config=vision))
+    if kind == "qwen2_5_vl":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14)
+        return transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(text_config=text,
+                                                                                             vision_config=vision))
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14)
+    return transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(text_config=text, vision_config=vision))
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_the_language_model_of_a_qwen_vl_checkpoint_serves(kind, tmp_path, monkeypatch):
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: their language model serves text (each text token has the same
+    position in the three sections of their multimodal RoPE: plain RoPE), the vision tower left out;
+    also from the hub's Qwen2.5-VL config, whose text fields are at its top level with rope_scaling "mrope"."""
+    hf = _tiny_qwen_vl(kind).float().eval()
+    hf.save_pretrained(tmp_path)
+    llm = LLM(model=str(tmp_path))
+    assert llm.engine.spec.model_type == ("qwen3" if kind == "qwen3_vl" else "qwen2")
+    prompt = [(11 * i + 5) % 250 + 3 for i in range(29)]
+    assert_logits_match(llm, hf, prompt, GREEDY, monkeypatch)
+    if kind != "qwen2_5_vl":
+        return
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    hub = {**cfg, **{k: v for k, v in text.items() if k != "model_type"}, "rope_theta": rope["rope_theta"],
+           "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    assert_logits_match(LLM(model=str(tmp_path)), hf, prompt, GREEDY, monkeypatch)

@@ -13,7 +13,7 @@ from cachedattention.model.rope_config import RopeScaling, rope_settings
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
              "gemma3", "phi3", "smollm3", "granite", "granitemoe", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
-             "helium", "glm", "glm4", "cohere", "cohere2", "mistral3", "gpt_oss")
+             "helium", "glm", "glm4", "cohere", "cohere2", "mistral3", "gpt_oss", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 GRANITE = ("granite", "granitemoe")  # Granite's four multipliers
@@ -296,6 +296,35 @@ def _language_model_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return text, text["model_type"]
 
 
+# Qwen's vision-language checkpoints: the language model each holds (text only: images are not read)
+QWEN_VL = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+MROPE_KEYS = ("mrope_section", "mrope_interleaved")
+
+
+def _qwen_vl_text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The language model's config of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint: its text_config
+    (transformers 5, Qwen3-VL) or its top level (the hub's Qwen2-VL and Qwen2.5-VL), as the Qwen2 or
+    Qwen3 model it is. Its multimodal RoPE gives a text token the same position in each of its three
+    sections, so over text alone it is the plain RoPE of its base."""
+    model_type = QWEN_VL[cfg["model_type"]]
+    text = cfg.get("text_config")
+    text = dict(text) if isinstance(text, dict) else {k: v for k, v in cfg.items() if k != "vision_config"}
+    for key in ("bos_token_id", "eos_token_id"):
+        if cfg.get(key) is not None and text.get(key) is None:
+            text[key] = cfg[key]
+    if "tie_word_embeddings" in cfg:  # transformers ties the whole model's head by the top level's
+        text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = text.get(key)
+        if isinstance(rope, dict):
+            rope = {k: v for k, v in rope.items() if k not in MROPE_KEYS}
+            for name in ("rope_type", "type"):
+                if rope.get(name) == "mrope":
+                    rope[name] = "default"
+            text[key] = rope
+    return {**text, "model_type": model_type}, model_type
+
+
 def _cohere_logit_scale(cfg: dict[str, Any]) -> float:
     value = cfg.get("logit_scale", 0.0625)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
@@ -495,6 +524,8 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
     cfg = {**FAMILY_DEFAULTS.get(model_type, {}), **cfg}
     if model_type == "mistral3":  # Mistral Small 3.1 / 3.2: the language model of a multimodal checkpoint
         cfg, model_type = _language_model_config(cfg)
+    if model_type in QWEN_VL:
+        cfg, model_type = _qwen_vl_text_config(cfg)
     gemma = model_type in GEMMA
     if gemma:
         cfg = gemma_config(cfg)
