@@ -86,7 +86,8 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                         "Hermes; llama3_json: Llama 3.1 to 3.3; mistral: Mistral 7B v0.3, Nemo, Small; granite: "
                         "Granite 3; phi4_mini_json: Phi-4-mini; pythonic: Llama 3.2 and 4; qwen3_coder: Qwen3-Coder; "
                         "openai: gpt-oss's harmony, with --reasoning-parser openai_gptoss); "
-                        "also the form a required or named tool_choice makes the answer take")
+                        "also the form a required or named tool_choice makes the answer take (openai has none: "
+                        "such a request is refused)")
     g.add_argument("--reasoning-parser", type=reasoning_parser_name, default=None, metavar="NAME",
                    help=f"how the model writes its reasoning: {', '.join(REASONING_PARSERS)} (<think>...</think>; "
                         "qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distills, which start without the tag; "

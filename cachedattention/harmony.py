@@ -42,9 +42,18 @@ def messages(text: str, final: bool = True) -> list[Message]:
         at, end = min(ends) if ends else (len(rest), "")
         if not end and not final:  # what may still become a marker ends the body, or starts the next message
             at -= partial_marker(rest)
-        raw = (START if i else "") + header + MESSAGE + rest[:at]
+        # from its <|start|> (the answer's first message has it in the prompt): its header whole, a
+        # recipient written before the channel included
+        raw = START + ("" if i or header.startswith("assistant") else "assistant") + header + MESSAGE + rest[:at]
         out.append(Message(_channel(header), _recipient(header), rest[:at], raw, complete=bool(end) or final))
     return out
+
+
+def may_become_header(text: str) -> bool:
+    """Whether text that is not harmony yet may still be a message's header (a recipient first,
+    maybe after blanks)."""
+    head = text.lstrip()
+    return head.startswith("to=") or "to=".startswith(head)
 
 
 def partial_marker(text: str) -> int:
@@ -54,9 +63,14 @@ def partial_marker(text: str) -> int:
 
 
 def first_message_start(text: str) -> int:
-    """Where the text's first message header begins (len(text): none)."""
+    """Where the text's first message header begins (len(text): none): its <|start|>, or, in an
+    answer's first message, its recipient or channel."""
     found = [i for i in (text.find(START), text.find(CHANNEL)) if i >= 0]
-    return min(found, default=len(text))
+    if not found:
+        return len(text)
+    at = min(found)
+    recipient = RECIPIENT.search(text, 0, at)
+    return text.rfind(" ", 0, recipient.start()) + 1 if recipient else at
 
 
 def function_name(recipient: str | None) -> str | None:

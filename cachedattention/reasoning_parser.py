@@ -73,6 +73,10 @@ class ReasoningParser:
         """Whether the prompt ends with a closed reasoning (Qwen3's enable_thinking=false): the answer has none."""
         return prompt_tail.rstrip().endswith(self.end)
 
+    def reasoning_done(self, text: str, whole: Split) -> bool:
+        """Whether this prefix of the answer's text holds all of its reasoning (`whole`: the answer's split)."""
+        return self.end in text
+
     def split(self, text: str, open_at_start: bool, final: bool = True) -> Split:
         """The answer's text split into reasoning and content.
 
@@ -116,16 +120,23 @@ class HarmonyParser(ReasoningParser):
 
     def split(self, text: str, open_at_start: bool, final: bool = True) -> Split:
         if not harmony.is_harmony(text):  # not (yet) in harmony: all of it is the answer
-            return Split(None, text if final else text[: len(text) - harmony.partial_marker(text)])
-        reasoning, content, closed = [], [], True
+            if final:
+                return Split(None, text)
+            held = len(text) if harmony.may_become_header(text) else harmony.partial_marker(text)
+            return Split(None, text[: len(text) - held])
+        reasoning, content, closed = [], [], final
         for m in harmony.messages(text, final):
             if m.channel == "analysis" and m.recipient is None:
                 reasoning.append(m.body)
-                closed = m.complete
+                closed = final  # another message may follow with more of it
             else:
                 content.append(m.raw if m.recipient is not None else m.body)
-                closed = True
-        return Split("".join(reasoning) if reasoning else None, "".join(content), closed)
+                closed = True  # (an analysis message after the answer begun is a rare model's)
+        return Split("\n".join(reasoning) if reasoning else None, "".join(content), closed)
+
+    def reasoning_done(self, text: str, whole: Split) -> bool:
+        """Whether this prefix of the answer's text holds all of its reasoning."""
+        return self.split(text, False).reasoning == whole.reasoning
 
 
 REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), ReasoningParser("deepseek_r1", True),

@@ -150,3 +150,22 @@ def test_batched_and_chunked_runs_decode_through_torch_and_equal_one_at_a_time(t
         assert got.token_ids == ref.token_ids
         ours, theirs = [t.logprob for t in got.logprobs], [t.logprob for t in ref.logprobs]
         assert torch.allclose(torch.tensor(ours), torch.tensor(theirs), atol=1e-4)
+
+
+def test_mxfp4_experts_are_dequantized_one_at_a_time_straight_to_the_model_s_dtype():
+    """e2m1 times a power of two is exact in bfloat16: gpt-oss-20b's experts never exist as float32."""
+    from cachedattention.model.loader import _gpt_oss_experts
+
+    g = torch.Generator().manual_seed(4)
+    blocks = torch.randint(0, 256, (2, 6, 2, 16), dtype=torch.uint8, generator=g)  # 2 experts, 6 rows, 64 inputs
+    scales = torch.randint(120, 134, (2, 6, 2), dtype=torch.uint8, generator=g)
+    prefix = "model.layers.0.mlp.experts."
+    state = {prefix + "gate_up_proj_blocks": blocks, prefix + "gate_up_proj_scales": scales,
+             prefix + "gate_up_proj_bias": torch.randn(2, 6, generator=g)}  # fmt: skip
+    out = _gpt_oss_experts(state, torch.bfloat16)
+    full = mxfp4_dequantize(blocks, scales)
+    for e in range(2):
+        gate, up = out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"]
+        assert gate.dtype == up.dtype == torch.bfloat16
+        assert torch.equal(gate.float(), full[e, 0::2]) and torch.equal(up.float(), full[e, 1::2])
+        assert torch.equal(out[f"{prefix}{e}.up_proj.bias"], state[prefix + "gate_up_proj_bias"][e, 1::2])

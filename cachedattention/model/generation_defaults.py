@@ -41,8 +41,9 @@ def generation_defaults(source: str, model_dir: Path | None, override: dict[str,
         if not allowed(value):
             raise ValueError(f"override_generation_config: {key}={value!r} is out of range")
         out[field] = max(value, 0) if field == "top_k" else value
-    if out:
-        log.info("sampling defaults from the model's generation config (a request's own values win): %s", out)
+    shown = {k: v for k, v in out.items() if k != EOS_KEY}
+    if shown:
+        log.info("sampling defaults from the model's generation config (a request's own values win): %s", shown)
     return out
 
 

@@ -72,7 +72,7 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         spec = spec_from_hf_config(config)
         if check_spec is not None:
             check_spec(spec)
-        state = _to_our_weights(_read_safetensors(path), spec)
+        state = _to_our_weights(_read_safetensors(path), spec, resolve_dtype(dtype))
         blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
     # another's (--tokenizer), else its own: one loader for both; a folder may have none (ids only)
     no_tokenizer = tokenizer is None and path.is_dir() and not _has_tokenizer(path)
@@ -219,7 +219,8 @@ LANGUAGE_MODEL_PREFIXES = {"language_model.model.": "model.", "language_model.lm
                            "model.language_model.": "model."}  # fmt: skip
 
 
-def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec,
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # fmt: skip
     """A checkpoint's weights as our modules hold them. Phi-3 fuses q/k/v and gate/up. Mixtral's
     sparse MLP is block_sparse_moe with experts' w1/w3/w2; ours is `mlp` with gate_proj/up_proj/
     down_proj, as Qwen's MoE checkpoints have it. Gemma's norms scale by (1 + w): ours hold 1 + w.
@@ -232,7 +233,7 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str
     elif spec.model_type == "granitemoe":
         state = _granitemoe_experts(state, spec)
     elif spec.model_type == "gpt_oss":
-        state = _gpt_oss_experts(state)
+        state = _gpt_oss_experts(state, dtype)
     elif spec.model_type in ("phi3", "glm", "glm4"):
         state = _split_fused(state, spec)
         if spec.model_type == "glm4":
@@ -368,11 +369,13 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return values.flatten(-2)
 
 
-def _gpt_oss_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _gpt_oss_experts(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """gpt-oss's MLP: its router is our gate; its experts are fused, gate and up interleaved on the
     last dimension of gate_up_proj [E, hidden, 2 * width] and down_proj [E, width, hidden] (each the
     transpose of a linear layer's weight), or MXFP4 blocks and scales already in linear layout, as
-    the released checkpoints hold them."""
+    the released checkpoints hold them, dequantized one expert at a time straight to the model's
+    `dtype` (e2m1 times a power of two is exact in bfloat16: the float32 copy of all experts, some
+    80 GB for gpt-oss-20b, is never held)."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, torch.Tensor] = {}
     for name, t in state.items():
@@ -386,7 +389,7 @@ def _gpt_oss_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix, kind = name.split(".mlp.experts.")
         prefix, kind = prefix + ".mlp.experts.", kind.removesuffix("_blocks")
         bias = fused.pop(f"{prefix}{kind}_bias", None)
-        for e, weight in enumerate(_expert_weights(fused, name, f"{prefix}{kind}_scales")):
+        for e, weight in enumerate(_expert_weights(fused, name, f"{prefix}{kind}_scales", dtype)):
             if kind == "gate_up_proj":
                 parts = {"gate_proj": (weight[0::2], None if bias is None else bias[e, 0::2]),
                          "up_proj": (weight[1::2], None if bias is None else bias[e, 1::2])}  # fmt: skip
@@ -400,14 +403,14 @@ def _gpt_oss_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _expert_weights(fused: dict[str, torch.Tensor], name: str, scales: str) -> Iterator[torch.Tensor]:
+def _expert_weights(fused: dict[str, torch.Tensor], name: str, scales: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """Each expert's [out, in] weight of a fused tensor, taken out of `fused`: MXFP4 blocks
     [E, out, in / 32, 16] with their scales [E, out, in / 32] (dequantized one expert at a time), or
     a tensor [E, in, out]."""
     weight = fused.pop(name)
     if name.endswith("_blocks"):
         blocks, exponents = weight, fused.pop(scales)
-        yield from (mxfp4_dequantize(blocks[e], exponents[e]) for e in range(blocks.shape[0]))
+        yield from (mxfp4_dequantize(blocks[e], exponents[e]).to(dtype) for e in range(blocks.shape[0]))
     else:
         yield from (weight[e].t() for e in range(weight.shape[0]))
 

@@ -45,7 +45,8 @@ def _message(i: int, m: Any) -> dict[str, Any]:
     if role == "assistant":
         reasoning = _reasoning(i, m)
         if reasoning is not None:  # a reasoning model's thinking, given back: its template may write it
-            out["reasoning_content"] = reasoning
+            out["reasoning_content"] = reasoning  # (Qwen3's, DeepSeek-R1's name)
+            out["thinking"] = reasoning  # (gpt-oss's)
     if role == "tool":
         for key in ("tool_call_id", "name"):
             v = m.get(key)

@@ -646,9 +646,9 @@ def create_app(
     methods and headers, and credentials if allowed. `trust_request_chat_template`: a request's own
     chat_template is rendered (in transformers' sandbox), as vLLM's --trust-request-chat-template.
     /v1/responses keeps stored responses (for previous_response_id) within `responses_store_bytes`.
-    `tool_call_format`: how the model writes tool calls (hermes, llama3_json, mistral, granite, phi4_mini_json, pythonic, qwen3_coder; vLLM's --tool-call-parser);
+    `tool_call_format`: how the model writes tool calls (hermes, llama3_json, mistral, granite, phi4_mini_json, pythonic, qwen3_coder, openai; vLLM's --tool-call-parser);
     `return_tokens_as_token_ids`: logprob tokens as "token_id:N" (vLLM's flag; also a request field).
-    `reasoning_parser_name`: how the model writes its reasoning (qwen3, deepseek_r1, seed_oss; vLLM's
+    `reasoning_parser_name`: how the model writes its reasoning (qwen3, deepseek_r1, seed_oss, openai_gptoss; vLLM's
     --reasoning-parser): chat answers return it apart from their content. `force_include_usage`: every
     streamed answer ends with its usage (vLLM's --enable-force-include-usage). `root_path`: the path
     prefix a proxy serves the app under (kept in the URL or not, both route); `disable_docs`: no
@@ -663,6 +663,9 @@ def create_app(
     engine = engine_or_config if isinstance(engine_or_config, LLMEngine) else LLMEngine(engine_or_config)
     if reasoning_parser_name is not None:  # the engine's too: guided answers reason first
         engine.use_reasoning_parser(reasoning_parser_name)
+    if engine.spec.model_type == "gpt_oss" and (reasoning_parser_name, tool_call_format) != ("openai_gptoss", "openai"):
+        log.warning("gpt-oss answers in harmony: serve it with --reasoning-parser openai_gptoss and "
+                    "--tool-call-parser openai, or its chat answers keep their channels as text")  # fmt: skip
     model_names = names or [default_model_name(engine)]
     metrics = ServerMetrics(model_names[0])
     loop = EngineLoop(engine, on_finished=metrics.observe_finished, log_requests=log_requests,

@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cachedattention.engine.tool_choice import CALL_FORMS
 from cachedattention.model.chat_template import check_template_syntax
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.sampling import MAX_LOGPROBS, GuidedFormError, SamplingParams, is_int, is_number
@@ -465,6 +466,9 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
             asked = ("response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar", "structured_outputs")
             field = next(k for k in asked if body.get(k) not in (None, {"type": "text"}))
             raise bad(f"{field} cannot be combined with a required tool call: the answer is one or the other", field)
+        if tool_format not in CALL_FORMS:
+            raise bad(f"tool_choice: a required or named call cannot be forced in the {tool_format!r} tool-call "
+                      "format (this server has no form for it); use tool_choice \"auto\"", "tool_choice")  # fmt: skip
         parameters = forced_parameters(tools, forced)
         try:  # e.g. a name the pythonic form cannot write as a call
             common["params"] = replace(common["params"], tool_call_names=forced, tool_call_parameters=parameters,

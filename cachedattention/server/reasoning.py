@@ -56,18 +56,22 @@ class Reasoning:
 
     def tokens(self, out: RequestOutput, tokenizer: Tokenizer | None) -> int:
         """How many of the answer's tokens (so far) are its reasoning: up to the one that completes
-        </think> (found by bisection: whether a prefix's text holds the tag only grows with the
-        prefix), or all of them while the reasoning is not closed; 0 without reasoning."""
+        it (</think>; harmony: its last analysis message's body), found by bisection (whether a
+        prefix holds all of it only grows with the prefix), or all of them while it is not closed;
+        0 without reasoning."""
         parts = self.parser.split(out.text, self._opens(out, tokenizer)) if tokenizer is not None else None
-        end = self.parser.end
-        if parts is None or parts.reasoning is None or (not parts.reasoning and end not in out.text):
+        if parts is None or parts.reasoning is None:
             return 0
-        if end not in out.text:
+        done = self.parser.reasoning_done(out.text, parts)
+        if not parts.reasoning and not done:
+            return 0
+        if not done:
             return len(out.token_ids)
-        lo, hi = 1, len(out.token_ids)  # the shortest prefix whose text holds the tag lies in [lo, hi]
+        lo, hi = 1, len(out.token_ids)  # the shortest prefix holding all of it lies in [lo, hi]
         while lo < hi:
             mid = (lo + hi) // 2
-            if end in tokenizer.decode(out.token_ids[:mid], skip_special_tokens=self.skip_special_tokens):
+            text = tokenizer.decode(out.token_ids[:mid], skip_special_tokens=self.skip_special_tokens)
+            if self.parser.reasoning_done(text, parts):
                 hi = mid
             else:
                 lo = mid + 1

@@ -80,3 +80,64 @@ def test_chat_messages_and_streams_carry_harmony_reasoning_content_and_calls():
     assert _joined(deltas, "content") == "It is sunny in Paris." and _reasoning_first(deltas)
     assert not any("<|" in (d.get("content") or "") + (d.get("reasoning") or "") for d in deltas)
     assert WEATHER["function"]["name"] == "get_weather"
+
+
+def test_a_first_message_with_its_recipient_before_its_channel_is_a_call_not_text():
+    """gpt-oss's template writes past calls as <|start|>assistant to=functions.NAME<|channel|>...: an
+    answer may open that way (its <|start|>assistant is the prompt's)."""
+    answer = ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}'
+    reasoning, content, _ = HARMONY.split(answer, False)
+    text, calls = OpenAICalls.parse(content)
+    assert reasoning is None and text is None and [c.name for c in calls] == ["get_weather"]
+    assert OpenAICalls.parse(answer)[1][0].name == "get_weather"  # without the reasoning parser too
+    for end in range(1, len(answer)):  # streamed: no piece of the header shows as content
+        _, grown, _ = HARMONY.split(answer[:end], False, final=False)
+        assert OpenAICalls.plain_text_end(grown) == 0, answer[:end]
+
+
+def test_reasoning_spans_every_analysis_message_and_closes_when_the_answer_begins():
+    two = THINK + "<|start|>assistant<|channel|>analysis<|message|>Second thought.<|end|>"
+    reasoning, content, closed = HARMONY.split(two, False, final=False)
+    assert reasoning == "User asks the weather. Use the tool.\nSecond thought." and not closed
+    assert HARMONY.split(two + FINAL, False, final=False)[2]  # the final channel began: closed
+
+
+class _Pieces:
+    """A tokenizer stand-in whose token i is the i-th piece of an answer (special tokens atomic)."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_reasoning_tokens_are_counted_to_the_end_of_the_last_analysis_message():
+    from cachedattention.outputs import RequestMetrics, RequestOutput
+
+    pieces = ["<|channel|>", "analysis", "<|message|>", "Think", " more", "<|end|>", "<|start|>", "assistant",
+              "<|channel|>", "final", "<|message|>", "Hi", "."]  # fmt: skip
+    out = RequestOutput("r", [1], list(range(len(pieces))), "".join(pieces), True, "stop", RequestMetrics(0.0))
+    reasoning = Reasoning(HARMONY, skip_special_tokens=False)
+    assert reasoning.tokens(out, _Pieces(pieces)) == 5  # through " more": the analysis body is whole there
+    preamble = ["<|channel|>", "commentary", "<|message|>", "Checking", "<|end|>", "<|start|>", "assistant"] + pieces
+    out = RequestOutput("r", [1], list(range(len(preamble))), "".join(preamble), True, "stop", RequestMetrics(0.0))
+    assert reasoning.tokens(out, _Pieces(preamble)) == 7 + 5  # a preamble first: counted to the analysis' end
+
+
+def test_a_forced_call_in_harmony_is_refused_with_a_reason():
+    from cachedattention.server.api_error import APIError
+    from cachedattention.server.protocol import parse_chat
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "tool_choice": "required"}
+    with pytest.raises(APIError) as e:
+        parse_chat(body, None, 1024, tool_format="openai")
+    assert e.value.status == 400 and "cannot be forced" in str(e.value.message)
+
+
+def test_reasoning_given_back_reaches_gpt_oss_s_template_as_thinking():
+    from cachedattention.model.messages import validate_messages
+
+    (_, turn) = validate_messages([{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": "Hello.", "reasoning": "Greet back."}])  # fmt: skip
+    assert turn["thinking"] == turn["reasoning_content"] == "Greet back."
