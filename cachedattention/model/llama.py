@@ -122,8 +122,9 @@ class Attention(nn.Module):
                 # query i sits at context_len + i: causal aligned to the bottom-right, which the
                 # fused CUDA kernels take without materialising a mask
                 mask = causal_lower_right(seq.num_new, seq.total_len)
-        if band is not None:
-            mask, causal = band, False
+        if band is not None:  # keys older than the first query's window are seen by none: left out
+            first = max(0, seq.context_len - window + 1)
+            ks, vs, mask, causal = ks[first:], vs[first:], band[:, first:], False
         ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)
         if plain:
             sinks = sinks.view(-1, 1, 1) if sinks is not None else None  # [heads, n, L] scores
