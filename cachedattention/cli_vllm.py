@@ -11,7 +11,7 @@ from cachedattention.sampling import MAX_LOGPROBS
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai")
-REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "openai_gptoss")  # server/reasoning.py's
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "mistral", "openai_gptoss")  # server/reasoning.py's
 
 
 def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +91,8 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-parser", type=reasoning_parser_name, default=None, metavar="NAME",
                    help=f"how the model writes its reasoning: {', '.join(REASONING_PARSERS)} (<think>...</think>; "
                         "qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distills, which start without the tag; "
-                        "seed_oss: Seed-OSS's <seed:think>...</seed:think>, also without a tag at first; openai_gptoss: "
+                        "seed_oss: Seed-OSS's <seed:think>...</seed:think>, also without a tag at first; mistral: "
+                        "Magistral's [THINK]...[/THINK]; openai_gptoss: "
                         "gpt-oss's harmony analysis channel); "
                         "chat answers return it as `reasoning` (and `reasoning_content`) apart from `content`")
     logs = g.add_mutually_exclusive_group()

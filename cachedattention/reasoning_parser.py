@@ -1,6 +1,7 @@
 """How reasoning models write their thinking (vLLM's --reasoning-parser): between <think> and
-</think> (Seed-OSS: <seed:think> and </seed:think>), before the answer; gpt-oss's (`openai_gptoss`)
-in harmony's analysis channel (cachedattention/harmony.py), read from text that keeps its special tokens. Shared by the server, which splits an answer's text into reasoning and
+</think> (Seed-OSS: <seed:think> and </seed:think>; Magistral, `mistral`: its special tokens [THINK] and
+[/THINK]), before the answer; gpt-oss's (`openai_gptoss`) in harmony's analysis channel
+(cachedattention/harmony.py). Parsers whose tags are special tokens read text that keeps them. Shared by the server, which splits an answer's text into reasoning and
 content, and the engine, which holds a guided answer to its shape only once the reasoning is over.
 
 The rule, for both parsers: an answer is in its reasoning from its first token when it opens with
@@ -42,7 +43,7 @@ class ReasoningParser:
     starts_open: bool  # the model reasons first even without a tag (DeepSeek-R1)
     start: str = START
     end: str = END
-    keeps_special_tokens = False  # whether its tags are special tokens (the answer's text must keep them)
+    keeps_special_tokens: bool = False  # its tags are special tokens: the answer's text must keep them
 
     def opens(self, prompt_tail: str, structured: bool) -> bool:
         """Whether an answer after a prompt ending in `prompt_tail` begins inside its reasoning
@@ -110,8 +111,6 @@ class HarmonyParser(ReasoningParser):
     commentary preambles) the content, where a message calling a function stays as written, for
     the `openai` tool-call parser. The channels say where each part goes: no prompt decides it."""
 
-    keeps_special_tokens = True
-
     def opens(self, prompt_tail: str, structured: bool) -> bool:
         return False
 
@@ -141,8 +140,9 @@ class HarmonyParser(ReasoningParser):
 
 REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), ReasoningParser("deepseek_r1", True),
                                          ReasoningParser("seed_oss", True, "<seed:think>", "</seed:think>"),
+                                         ReasoningParser("mistral", False, "[THINK]", "[/THINK]", True),
                                          HarmonyParser("openai_gptoss", False, "<|channel|>analysis<|message|>",
-                                                       "<|end|>"))}  # fmt: skip
+                                                       "<|end|>", True))}  # fmt: skip
 
 
 def reasoning_parser(name: str | None) -> ReasoningParser | None:

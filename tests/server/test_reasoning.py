@@ -412,3 +412,25 @@ def test_reasoning_effort_reaches_the_chat_template(reasoning_server):
     r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
                    json={"messages": HELLO, "max_tokens": 1, "reasoning_effort": "max"})  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
+
+
+def test_magistral_s_think_tokens_are_its_tags_and_are_kept_in_the_answer_s_text():
+    """`mistral` (Magistral): [THINK] and [/THINK] are special tokens, so a chat answer's text keeps
+    special tokens for the parser to find them (and take them out of what the client sees)."""
+    from cachedattention.server.app import OpenAIRoutes
+    from cachedattention.server.protocol import parse_chat
+
+    mistral = REASONING_PARSERS["mistral"]
+    assert mistral.split("[THINK]Hmm.[/THINK]Sunny.", mistral.opens("[/INST]", False))[:2] == ("Hmm.", "Sunny.")
+    assert mistral.split("Sunny.", mistral.opens("[/INST]", False))[:2] == (None, "Sunny.")
+    deltas = _stream_chat("[THINK]Hmm.[/THINK]Sunny.", Reasoning(mistral, skip_special_tokens=False), "[/INST]")
+    assert _joined(deltas, "reasoning") == "Hmm." and _joined(deltas, "content") == "Sunny."
+    parsed = parse_chat({"messages": [{"role": "user", "content": "hi"}]}, None, 1024)
+    assert parsed.params.skip_special_tokens
+
+    class Routes:
+        reasoning_parser = mistral
+
+    assert not OpenAIRoutes.keep_tags(Routes(), parsed).params.skip_special_tokens
+    Routes.reasoning_parser = QWEN3  # <think> decodes as text: nothing to keep
+    assert OpenAIRoutes.keep_tags(Routes(), parsed).params.skip_special_tokens
