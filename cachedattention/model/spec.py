@@ -287,13 +287,21 @@ def _language_model_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
     text = cfg.get("text_config")
     if not isinstance(text, dict) or text.get("model_type", "mistral") not in SUPPORTED:
         raise ValueError(f"{cfg.get('model_type')!r}'s text_config must be a supported language model's config")
-    text = {"model_type": "mistral", **text}
+    text = _with_top_level(cfg, {"model_type": "mistral", **text})
+    return text, text["model_type"]
+
+
+def _with_top_level(cfg: dict[str, Any], text: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal config's language model config with what its top level says for the whole
+    model: the special tokens where the text's are not named, and the head's tying (transformers
+    ties the whole model's head by the top level's)."""
+    text = dict(text)
     for key in ("bos_token_id", "eos_token_id"):
-        if key in cfg and key not in text:
+        if cfg.get(key) is not None and text.get(key) is None:
             text[key] = cfg[key]
     if "tie_word_embeddings" in cfg:
         text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
-    return text, text["model_type"]
+    return text
 
 
 # Qwen's vision-language checkpoints: the language model each holds (text only: images are not read)
@@ -308,12 +316,7 @@ def _qwen_vl_text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
     sections, so over text alone it is the plain RoPE of its base."""
     model_type = QWEN_VL[cfg["model_type"]]
     text = cfg.get("text_config")
-    text = dict(text) if isinstance(text, dict) else {k: v for k, v in cfg.items() if k != "vision_config"}
-    for key in ("bos_token_id", "eos_token_id"):
-        if cfg.get(key) is not None and text.get(key) is None:
-            text[key] = cfg[key]
-    if "tie_word_embeddings" in cfg:  # transformers ties the whole model's head by the top level's
-        text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    text = _with_top_level(cfg, text if isinstance(text, dict) else {k: v for k, v in cfg.items() if k != "vision_config"})
     for key in ("rope_parameters", "rope_scaling"):
         rope = text.get(key)
         if isinstance(rope, dict):
