@@ -82,7 +82,7 @@ def test_fields_added_later_keep_the_other_models_fingerprints():
              "sandwich_norms", "attn_scale", "residual_scale", "logits_scale", "local_rope_theta", "local_rope_layers", "o_bias", "mlp_bias",
              "nope_layers", "post_norms_only", "qk_norm_full", "rope_long_freq_factors", "rope_short_window", "rotary_dim",
              "rope_attention_factor", "attn_softcap", "final_softcap", "rope_interleaved", "layer_norm",
-             "parallel_block", "attn_sinks", "rope_context")
+             "parallel_block", "attn_sinks", "qk_norm_per_head", "rope_context")
     before = {k: v for k, v in asdict(llama).items() if k not in later}  # the spec's fields until Qwen3
     assert llama.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert not llama.qk_norm and spec_from_hf_config({**BASE_CONFIG, "model_type": "qwen3"}).qk_norm

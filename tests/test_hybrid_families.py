@@ -82,8 +82,8 @@ def test_cohere_norms_blocks_and_logit_scale():
     assert two.window_layers == (0, 1, 2, 4, 5, 6) and two.nope_layers == (3, 7)  # the full layers go without RoPE
     unwindowed = spec_from_hf_config({**BASE, "model_type": "cohere2", "sliding_window": None})
     assert unwindowed.window_layers == () and unwindowed.nope_layers == tuple(range(8))  # as transformers: none rotate
-    with pytest.raises(ValueError, match="use_qk_norm"):
-        spec_from_hf_config({**BASE, "model_type": "cohere", "use_qk_norm": True})
+    plus = spec_from_hf_config({**BASE, "model_type": "cohere", "use_qk_norm": True})  # Command R+
+    assert plus.qk_norm and plus.qk_norm_per_head and not cohere.qk_norm and not cohere.qk_norm_per_head
 
 
 def test_glm_rotates_half_of_each_head_by_default():

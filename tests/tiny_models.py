@@ -108,8 +108,10 @@ def tiny_config(kind: str, **overrides):
     elif kind in ("glm", "glm4"):  # half of each head rotates, over adjacent pairs; fused gate/up; GLM-4's four norms
         common.update(rope_theta=10000.0, head_dim=16, partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0)
         cls = transformers.GlmConfig if kind == "glm" else transformers.Glm4Config
-    elif kind == "cohere":  # LayerNorm, attention and MLP side by side, RoPE over adjacent pairs, logits scaled
-        common.update(rope_theta=10000.0, logit_scale=0.25, layer_norm_eps=1e-5, attention_bias=True, pad_token_id=0)
+    elif kind in ("cohere", "cohere-qk-norm"):  # LayerNorm, attention and MLP side by side, RoPE over adjacent
+        # pairs, logits scaled; "qk-norm": Command R+'s q and k LayerNorms, a weight for each head
+        common.update(rope_theta=10000.0, logit_scale=0.25, layer_norm_eps=1e-5, attention_bias=True, pad_token_id=0,
+                      use_qk_norm=kind == "cohere-qk-norm")  # fmt: skip
         cls = transformers.CohereConfig
     elif kind == "cohere2":  # Cohere's, with windows of 8 in layers 0 and 1; layer 2 (full) without RoPE
         common.update(rope_theta=10000.0, logit_scale=0.25, sliding_window=8, sliding_window_pattern=3, pad_token_id=0)
@@ -176,7 +178,7 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
                 p.uniform_(-1.0, 2.0)
             elif name.endswith("experts.gate_up_proj"):  # past swiglu_limit (7) often: the clamp bites
                 p.normal_(0.0, 0.6)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")) or (kind in ("olmo2", "olmo3", "exaone4", "glm4", "cohere", "cohere2")
+            elif name.endswith(("q_norm.weight", "k_norm.weight")) or (kind in ("olmo2", "olmo3", "exaone4", "glm4", "cohere", "cohere-qk-norm", "cohere2")
                                                                           and name.endswith("norm.weight")):
                 p.uniform_(0.5, 1.5)
             elif name.endswith((".gate.weight", "shared_expert_gate.weight", "router.weight")):  # routers

@@ -62,15 +62,18 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """Cohere's norm: mean and variance over the last dimension, a weight and no bias, in float32."""
+    """Cohere's norm: mean and variance over the last dimension, a weight and no bias, in float32.
+    `shape` (heads, dim): a weight for each head (Command R+'s q and k norms, over [..., heads, dim])."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, shape: int | tuple[int, int], eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(shape))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps).to(x.dtype)
+        if self.weight.dim() == 1:
+            return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps).to(x.dtype)
+        return (F.layer_norm(x.float(), (x.shape[-1],), None, None, self.eps) * self.weight.float()).to(x.dtype)
 
 
 def make_norm(dim: int, eps: float, mean_centred: bool) -> RMSNorm | LayerNorm:

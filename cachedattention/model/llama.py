@@ -34,7 +34,10 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
         self.v_proj = Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
         self.o_proj = Linear(spec.num_heads * d, h, bias=spec.o_bias)
-        if spec.qk_norm:  # each head's (Qwen3, Gemma 3), or the whole projection's (OLMo 2)
+        if spec.qk_norm_per_head:  # Command R+: a LayerNorm over each head, a weight for each
+            self.q_norm = LayerNorm((spec.num_heads, d), spec.rms_norm_eps)
+            self.k_norm = LayerNorm((spec.num_kv_heads, d), spec.rms_norm_eps)
+        elif spec.qk_norm:  # each head's (Qwen3, Gemma 3), or the whole projection's (OLMo 2)
             self.q_norm = RMSNorm(spec.num_heads * d if spec.qk_norm_full else d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.num_kv_heads * d if spec.qk_norm_full else d, spec.rms_norm_eps)
         self.sinks = nn.Parameter(torch.zeros(spec.num_heads)) if spec.attn_sinks else None  # gpt-oss's
@@ -142,8 +145,8 @@ class Attention(nn.Module):
         return o[0].transpose(0, 1)
 
 
-def _head_norm(x: torch.Tensor, norm: RMSNorm, ops: RowOpsKernel | None) -> torch.Tensor:
-    return ops.head_rms_norm(x, norm.weight, norm.eps) if ops is not None else norm(x)
+def _head_norm(x: torch.Tensor, norm: RMSNorm | LayerNorm, ops: RowOpsKernel | None) -> torch.Tensor:
+    return ops.head_rms_norm(x, norm.weight, norm.eps) if ops is not None and isinstance(norm, RMSNorm) else norm(x)
 
 
 def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm | None,

@@ -320,6 +320,9 @@ def _qk_dims_reordered(state: dict[str, torch.Tensor], spec: ModelSpec, order: t
     for name, t in state.items():
         if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
                           "self_attn.k_proj.bias", "self_attn.q_norm.weight", "self_attn.k_norm.weight")):  # fmt: skip
+            if name.endswith("_norm.weight") and t.dim() == 2:  # a weight per head (Command R+)
+                out[name] = t[:, order]
+                continue
             heads = t.shape[0] // d  # (a norm over one head: 1)
             out[name] = t.reshape(heads, d, *t.shape[1:])[:, order].reshape(t.shape)
     return out

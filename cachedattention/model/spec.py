@@ -113,6 +113,8 @@ class ModelSpec:
     # the one norm's output, both added to the stream
     layer_norm: bool = False
     parallel_block: bool = False
+    # Command R+ (Cohere's use_qk_norm): its q and k norms hold a weight for each head
+    qk_norm_per_head: bool = False
     # gpt-oss: a learned logit per head beside each query's scores, which takes its share of the
     # softmax and is then dropped (the keys' weights sum to less than 1)
     attn_sinks: bool = False
@@ -171,7 +173,7 @@ LATER_FIELDS = {"qk_norm": False, "o_bias": False, "mlp_bias": False, "rope_freq
                 "rope_long_freq_factors": None, "rope_short_window": None, "rotary_dim": None,
                 "rope_attention_factor": None, "attn_softcap": None,
                 "final_softcap": None, "rope_interleaved": False,
-                "layer_norm": False, "parallel_block": False, "attn_sinks": False}  # fmt: skip
+                "layer_norm": False, "parallel_block": False, "attn_sinks": False, "qk_norm_per_head": False}  # fmt: skip
 LATER_MOE_FIELDS = {"router_bias": False, "softmax_top_k": False, "expert_bias": False, "swiglu_alpha": None,
                     "swiglu_limit": None}  # fmt: skip
 
@@ -356,10 +358,7 @@ def _gpt_oss(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cohere(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Cohere's config in the common keys: its norms' eps. Command R+'s per-head q/k norms (a weight
-    per head) are refused."""
-    if cfg.get("use_qk_norm"):
-        raise ValueError("Cohere's use_qk_norm (Command R+: a LayerNorm weight per head) is not implemented")
+    """Cohere's config in the common keys: its norms' eps."""
     return {**cfg, "rms_norm_eps": cfg.get("layer_norm_eps") or 1e-5}
 
 
@@ -566,7 +565,9 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         qkv_bias=_qkv_bias(model_type, cfg),
         o_bias=_o_bias(model_type, cfg),
         mlp_bias=_mlp_bias(model_type, cfg),
-        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2", "olmo3", "exaone4"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2", "olmo3", "exaone4")
+        or (model_type == "cohere" and bool(cfg.get("use_qk_norm"))),
+        qk_norm_per_head=model_type == "cohere" and bool(cfg.get("use_qk_norm")),
         qk_norm_full=model_type in ("olmo2", "olmo3"),
         post_norms_only=model_type in ("olmo2", "olmo3", "exaone4"),
         rope_interleaved=model_type in ("ernie4_5", "helium", "glm", "glm4", *COHERE),
