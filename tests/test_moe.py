@@ -67,7 +67,7 @@ def test_the_moe_families_read_their_windows_as_transformers_does():
     assert spec_from_hf_config({**QWEN_MOE, "sliding_window": 64}).window_layers == ()  # named, not used
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe", "glm4_moe"])
 def test_each_layers_mlp_equals_transformers_block(kind, tiny_dirs):
     """Our sparse block against transformers' on the same hidden states: routing, weights, shared expert."""
     path, hf = tiny_dirs[kind]
@@ -142,3 +142,30 @@ def test_a_gguf_file_with_experts_is_refused(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="GGUF mixture-of-experts files .* not supported"):
         LLM(model=str(tmp_path / "mixtral.gguf"))
+
+
+def test_glm4_moe_reads_its_routing_and_leaves_out_its_multi_token_prediction_layer(tiny_dirs, tmp_path, monkeypatch):
+    """GLM-4.5: sigmoid scores, groups of experts, a bias on the choice, scaled weights, a shared expert
+    and dense first layers, as transformers reads its config; the released checkpoints add a
+    multi-token-prediction layer past the model's (transformers leaves it out, and so do we)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.util import assert_logits_match
+
+    glm = {**BASE, "model_type": "glm4_moe", "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4,
+           "topk_group": 2, "moe_intermediate_size": 16, "first_k_dense_replace": 2, "routed_scaling_factor": 2.5}
+    moe = spec_from_hf_config(glm).moe
+    assert moe.sigmoid_groups == (4, 2) and moe.routed_scale == 2.5 and moe.normalize_top_k
+    assert moe.dense_layers == (0, 1) and moe.shared_experts_intermediate_size == 16
+    with pytest.raises(ValueError, match="n_group 3 must divide"):
+        spec_from_hf_config({**glm, "n_group": 3})
+    path, hf = tiny_dirs["glm4_moe"]
+    folder = tmp_path / "with-mtp"
+    shutil.copytree(path, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state.update({"model.layers.3.eh_proj.weight": torch.zeros(64, 128), "model.layers.3.enorm.weight": torch.ones(64)})
+    save_file(state, str(folder / "model.safetensors"))
+    assert_logits_match(LLM(model=str(folder)), hf, [(5 * i + 2) % 250 for i in range(23)], SamplingParams(
+        max_tokens=4, temperature=0, ignore_eos=True), monkeypatch)  # fmt: skip

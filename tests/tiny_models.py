@@ -151,6 +151,13 @@ def tiny_config(kind: str, **overrides):
         common.update(tie_word_embeddings=True, rope_theta=1000000.0, head_dim=32, num_experts=8,
                       num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
         cls = transformers.Qwen3MoeConfig
+    elif kind == "glm4_moe":  # half of each head rotates (halves); q/k norms; a dense layer, then 8 experts in
+        # 2 groups (1 kept), 2 per token, scaled by 2.5, and a shared expert
+        common.update(head_dim=16, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                      num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
+                      routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+        cls = transformers.Glm4MoeConfig
     elif kind == "gpt_oss":  # sinks, windows of 8 in layers 0 and 2, YaRN; 8 biased experts, 2 per token
         common.update(head_dim=16, intermediate_size=32, sliding_window=8, num_local_experts=8, num_experts_per_tok=2,
                       rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -187,6 +194,9 @@ def make_tiny_model(kind: str, path: Path, seed: int = 0, **overrides):
                 p.uniform_(-0.5, 0.5)
             elif kind in ("smollm3", "gemma2") and name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(8.0)  # sharper attention: a layer rotated by mistake moves the logits well past 1e-4
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # GLM-4.5's: an expert's pick, not its weight
+                b.normal_(0.0, 0.3)
     model.save_pretrained(path)
     return model
 

@@ -117,7 +117,10 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden: int, moe: MoESpec) -> None:
         super().__init__()
         self.top_k, self.normalize_top_k, self.softmax_top_k = moe.top_k, moe.normalize_top_k, moe.softmax_top_k
+        self.sigmoid_groups, self.routed_scale = moe.sigmoid_groups, moe.routed_scale
         self.gate = Linear(hidden, moe.num_experts, bias=moe.router_bias)
+        if moe.sigmoid_groups is not None:  # GLM-4.5's bias on the scores an expert is chosen by (not weighted by)
+            self.gate.register_buffer("e_score_correction_bias", torch.zeros(moe.num_experts))
         clamp = (moe.swiglu_alpha, moe.swiglu_limit) if moe.swiglu_limit is not None else None
         self.experts = nn.ModuleList(GatedMLP(hidden, moe.expert_intermediate_size, bias=moe.expert_bias, clamp=clamp)
                                      for _ in range(moe.num_experts))  # fmt: skip
@@ -125,16 +128,23 @@ class SparseMoE(nn.Module):
         if moe.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(hidden, moe.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(hidden, 1, bias=False)
+        self.shared_experts: GatedMLP | None = None  # GLM-4.5's: ungated
+        if moe.shared_experts_intermediate_size:
+            self.shared_experts = GatedMLP(hidden, moe.shared_experts_intermediate_size)
 
     def forward(self, x: torch.Tensor, ops: RowOpsKernel | None = None) -> torch.Tensor:
         logits = self.gate(x).float()  # in float32 whatever the model's dtype
-        if self.softmax_top_k:
+        if self.sigmoid_groups is not None:
+            weights, chosen = self._sigmoid_route(logits)
+        elif self.softmax_top_k:
             weights, chosen = torch.topk(logits, self.top_k, dim=-1)
             weights = torch.softmax(weights, dim=-1)
         else:
             weights, chosen = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
         if self.normalize_top_k:
-            weights /= weights.sum(dim=-1, keepdim=True)
+            weights /= weights.sum(dim=-1, keepdim=True) + (1e-20 if self.sigmoid_groups else 0.0)
+        if self.routed_scale is not None:
+            weights *= self.routed_scale
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         # one call per expert over the rows that chose it (a decode step: a few experts of one row each)
@@ -144,7 +154,23 @@ class SparseMoE(nn.Module):
             out.index_add_(0, rows, y.mul_(weights[rows, rank, None]))
         if self.shared_expert is not None:
             out.add_(self.shared_expert(x, ops).mul_(torch.sigmoid(self.shared_expert_gate(x))))
+        if self.shared_experts is not None:
+            out.add_(self.shared_experts(x, ops))
         return out
+
+    def _sigmoid_route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GLM-4.5's (DeepSeek-V3's): sigmoid scores; the experts are chosen by score + bias, only in
+        the groups whose two best such scores sum highest; each weighs its own score."""
+        scores = logits.sigmoid()
+        choice = scores + self.gate.e_score_correction_bias.float()
+        groups, kept = self.sigmoid_groups
+        if kept < groups:
+            per_group = choice.view(-1, groups, choice.shape[-1] // groups)
+            best = per_group.topk(min(2, per_group.shape[-1]), dim=-1)[0].sum(dim=-1)
+            keep = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(kept, dim=-1)[1], True)
+            choice = choice.masked_fill(~keep.repeat_interleave(per_group.shape[-1], dim=1), float("-inf"))
+        chosen = choice.topk(self.top_k, dim=-1)[1]
+        return scores.gather(1, chosen), chosen
 
 
 class OneDNNWeight:

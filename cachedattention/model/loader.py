@@ -234,6 +234,8 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec,
         state = _granitemoe_experts(state, spec)
     elif spec.model_type == "gpt_oss":
         state = _gpt_oss_experts(state, dtype)
+    elif spec.model_type == "glm4_moe":  # its multi-token-prediction layers, past the model's: not served
+        state = {k: t for k, t in state.items() if (_layer_index(k) or 0) < spec.num_layers}
     elif spec.model_type in ("phi3", "glm", "glm4"):
         state = _split_fused(state, spec)
         if spec.model_type == "glm4":

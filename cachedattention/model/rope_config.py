@@ -40,7 +40,7 @@ SCALED = ("llama3", "yarn", "longrope")  # the types that name a pretraining win
 
 
 # the families whose modeling rotates part of each head when the config asks
-PARTIAL = ("phi3", "glm", "glm4")
+PARTIAL = ("phi3", "glm", "glm4", "glm4_moe")
 
 
 def rope_settings(cfg: dict[str, Any], head_dim: int) -> RopeSettings:

@@ -13,7 +13,7 @@ from cachedattention.model.rope_config import RopeScaling, rope_settings
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
              "gemma3", "phi3", "smollm3", "granite", "granitemoe", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
-             "helium", "glm", "glm4", "cohere", "cohere2", "mistral3", "gpt_oss", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+             "helium", "glm", "glm4", "cohere", "cohere2", "mistral3", "gpt_oss", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4_moe")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 GRANITE = ("granite", "granitemoe")  # Granite's four multipliers
@@ -41,6 +41,12 @@ class MoESpec:
     expert_bias: bool = False
     swiglu_alpha: float | None = None
     swiglu_limit: float | None = None
+    # GLM-4.5 (DeepSeek-V3's routing): sigmoid scores, chosen with a learned bias among the top
+    # `groups[1]` of `groups[0]` groups of experts, weighted by their own scores (rescaled to sum to 1
+    # when normalize_top_k) times routed_scale; shared experts every token runs, ungated
+    sigmoid_groups: tuple[int, int] | None = None
+    routed_scale: float | None = None
+    shared_experts_intermediate_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,8 @@ class ModelSpec:
         if self.moe is None:
             return self.intermediate_size
         dense = self.intermediate_size if self.moe.dense_layers else 0
-        return max(dense, self.moe.expert_intermediate_size, self.moe.shared_expert_intermediate_size)
+        return max(dense, self.moe.expert_intermediate_size, self.moe.shared_expert_intermediate_size,
+                   self.moe.shared_experts_intermediate_size)
 
     def kv_bytes_per_token(self, element_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
@@ -175,7 +182,8 @@ LATER_FIELDS = {"qk_norm": False, "o_bias": False, "mlp_bias": False, "rope_freq
                 "final_softcap": None, "rope_interleaved": False,
                 "layer_norm": False, "parallel_block": False, "attn_sinks": False, "qk_norm_per_head": False}  # fmt: skip
 LATER_MOE_FIELDS = {"router_bias": False, "softmax_top_k": False, "expert_bias": False, "swiglu_alpha": None,
-                    "swiglu_limit": None}  # fmt: skip
+                    "swiglu_limit": None, "sigmoid_groups": None, "routed_scale": None,
+                    "shared_experts_intermediate_size": 0}  # fmt: skip
 
 
 # families whose attention_bias puts a bias on q, k, v and o (transformers' modeling of each)
@@ -192,7 +200,7 @@ def _qkv_bias(model_type: str, cfg: dict[str, Any]) -> bool:
         return bool(cfg.get("use_bias", False))
     if model_type == "seed_oss":  # on q, k and v by default; o's is attention_out_bias
         return bool(cfg.get("attention_bias", True))
-    if model_type in ("helium", "glm", "glm4"):  # on q, k and v only
+    if model_type in ("helium", "glm", "glm4", "glm4_moe"):  # on q, k and v only
         return bool(cfg.get("attention_bias", False))
     return model_type in ATTENTION_BIAS and bool(cfg.get("attention_bias", False))
 
@@ -262,7 +270,7 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
 
 # transformers' defaults where a config leaves them out: (experts, per token, an expert's width, the shared one's)
 MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "granitemoe": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0),
-                "gpt_oss": (128, 4, None, 0)}
+                "gpt_oss": (128, 4, None, 0), "glm4_moe": (128, 8, 1408, 0)}
 
 
 def _attn_scale(cfg: dict[str, Any]) -> float | None:
@@ -413,7 +421,7 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
     experts, top_k, width, shared = MOE_DEFAULTS[model_type]
     # the hub's configs say num_local_experts (Mixtral) or num_experts (Qwen); transformers 5 writes
     # either name for either family
-    key = "num_experts" if "num_experts" in cfg else "num_local_experts"
+    key = next((k for k in ("num_experts", "n_routed_experts") if k in cfg), "num_local_experts")
     experts = _int_field(cfg, key, experts)
     top_k = _int_field(cfg, "num_experts_per_tok", top_k)
     if model_type in ("mixtral", "granitemoe"):  # every layer sparse; the chosen experts' weights sum to 1
@@ -424,6 +432,19 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
                       normalize_top_k=False, router_bias=True, softmax_top_k=True, expert_bias=True,
                       swiglu_alpha=_positive_number(cfg, "swiglu_alpha", 1.702),
                       swiglu_limit=_positive_number(cfg, "swiglu_limit", 7.0))  # fmt: skip
+    elif model_type == "glm4_moe":  # its first first_k_dense_replace layers dense
+        groups = (_int_field(cfg, "n_group", 1), _int_field(cfg, "topk_group", 1))
+        if groups[0] < 1 or experts % groups[0] or not 0 < groups[1] <= groups[0]:
+            raise ValueError(f"n_group {groups[0]} must divide the {experts} experts, and topk_group {groups[1]} be "
+                             "in [1, n_group]")  # fmt: skip
+        moe = MoESpec(num_experts=experts, top_k=top_k,
+                      expert_intermediate_size=int(cfg.get("moe_intermediate_size") or width),
+                      normalize_top_k=bool(cfg.get("norm_topk_prob", True)), sigmoid_groups=groups,
+                      routed_scale=_positive_number(cfg, "routed_scaling_factor", 1.0),
+                      shared_experts_intermediate_size=int(cfg.get("moe_intermediate_size") or width)
+                      * _int_field(cfg, "n_shared_experts", 1),
+                      dense_layers=tuple(range(min(_int_field(cfg, "first_k_dense_replace", 1),
+                                                   int(cfg["num_hidden_layers"])))))  # fmt: skip
     elif not experts:  # a Qwen MoE config without experts: dense
         return None
     else:
@@ -466,6 +487,9 @@ FAMILY_DEFAULTS = {"phi3": {"rms_norm_eps": 1e-5, "original_max_position_embeddi
                    "cohere2": {"tie_word_embeddings": True, "sliding_window": 4096, "max_position_embeddings": 8192,
                                "eos_token_id": 255001, "bos_token_id": 5},
                    **dict.fromkeys(GRANITE, {"eos_token_id": 2, "bos_token_id": 1}),
+                   "glm4_moe": {"rms_norm_eps": 1e-5, "head_dim": 128, "partial_rotary_factor": 0.5,
+                                "max_position_embeddings": 131072, "intermediate_size": 10944,
+                                "eos_token_id": [151329, 151336, 151338]},
                    "gpt_oss": {"rms_norm_eps": 1e-5, "head_dim": 64, "sliding_window": 128, "rope_theta": 150_000.0,
                                "max_position_embeddings": 131072, "attention_bias": True, "eos_token_id": 200002},
                    **dict.fromkeys(("glm", "glm4"), {"rms_norm_eps": 1.5625e-07, "head_dim": 128, "attention_bias": True,
@@ -566,7 +590,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         o_bias=_o_bias(model_type, cfg),
         mlp_bias=_mlp_bias(model_type, cfg),
         qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2", "olmo3", "exaone4")
-        or (model_type == "cohere" and bool(cfg.get("use_qk_norm"))),
+        or (model_type in ("cohere", "glm4_moe") and bool(cfg.get("use_qk_norm"))),
         qk_norm_per_head=model_type == "cohere" and bool(cfg.get("use_qk_norm")),
         qk_norm_full=model_type in ("olmo2", "olmo3"),
         post_norms_only=model_type in ("olmo2", "olmo3", "exaone4"),

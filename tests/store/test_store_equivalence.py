@@ -36,7 +36,7 @@ def run_turns(llm, session, turns, monkeypatch, last_logits):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "qwen3-moe", "qwen2-window", "gemma3-scaled", "smollm3", "olmo2", "phi4-mini", "qwen2-yarn", "gemma2",
-                                  "olmo3", "exaone4", "ernie4_5", "glm4", "cohere2", "gpt_oss", "cohere-qk-norm"])
+                                  "olmo3", "exaone4", "ernie4_5", "glm4", "cohere2", "gpt_oss", "cohere-qk-norm", "glm4_moe"])
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_cached_turns_equal_recompute(kind, tier, layerwise, tiny_dirs, tmp_path, monkeypatch):
