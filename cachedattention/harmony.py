@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cachedattention.text_tags import tag_prefix_at_end
+
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
 ENDS = (END, "<|return|>", "<|call|>")
 RECIPIENT = re.compile(r"\bto=([^\s<]+)")
@@ -58,8 +60,7 @@ def may_become_header(text: str) -> bool:
 
 def partial_marker(text: str) -> int:
     """The length of the longest end of `text` that may still grow into a marker (0: none)."""
-    return max((k for m in (*ENDS, START, CHANNEL) for k in range(min(len(m) - 1, len(text)), 0, -1)
-                if text.endswith(m[:k])), default=0)  # fmt: skip
+    return tag_prefix_at_end(text, (*ENDS, START, CHANNEL))
 
 
 def first_message_start(text: str) -> int:

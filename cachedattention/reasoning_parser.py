@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from cachedattention import harmony
+from cachedattention.text_tags import tag_prefix_at_end
 
 if TYPE_CHECKING:
     from cachedattention.model.tokenizer import Tokenizer
@@ -92,17 +93,9 @@ class ReasoningParser:
             return Split(None, text)
         reasoning, closed, content = body.partition(self.end)
         if not closed:
-            held = 0 if final else _tag_prefix_at_end(reasoning, self.end)
+            held = 0 if final else tag_prefix_at_end(reasoning, self.end)
             return Split(reasoning[: len(reasoning) - held].strip(), "", closed=False)
         return Split(reasoning.strip(), content.lstrip())
-
-
-def _tag_prefix_at_end(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that starts `tag` (0: none)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cachedattention import harmony
+from cachedattention.text_tags import tag_prefix_at_end
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -91,12 +92,7 @@ def _is_object(value: Any) -> bool:
 def _text_before(text: str, tag: str) -> int:
     """Up to the first `tag`, less a tail that may still grow into one."""
     i = text.find(tag)
-    if i >= 0:
-        return i
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return len(text) - k
-    return len(text)
+    return i if i >= 0 else len(text) - tag_prefix_at_end(text, tag)
 
 
 class HermesCalls:
