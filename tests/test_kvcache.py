@@ -79,6 +79,40 @@ def test_read_is_a_slice_when_consecutive_and_equals_the_gather(tiny_dirs):
     k, v = pool.read(1, scattered, length, None)
     gk, gv = token_gather(scattered)
     assert k.shape == gk.shape and torch.equal(k, gk) and torch.equal(v, gv)
+    for start in (1, ps, ps + 3):  # from a later token: the same tokens, from the page holding it on
+        for pages, first in ((consecutive, 5 * ps), (scattered, None)):
+            k, v = pool.read(1, pages, length, first, start)
+            gk, gv = token_gather(pages)
+            assert torch.equal(k, gk[start:]) and torch.equal(v, gv[start:])
+
+
+def test_partial_pages_are_never_matched_where_a_window_reaches_them():
+    pool = PagePool(8)
+    pages = pool.allocate(4)
+    blocks = [[i] * 4 for i in range(4)]
+    for page, h, block in zip(pages, range(100, 104), blocks):
+        pool.register(page, h, block)
+    pool.mark_partial(pages[:2])  # their windowed layers were left unwritten by a load
+    pool.free(pages)
+    hashes = list(range(100, 104))
+    got = pool.match_prefix(hashes, blocks, window_pages=2)  # the window reaches pages 2 and 3 only
+    assert got == pages
+    pool.free(got)
+    assert pool.match_prefix(hashes, blocks, window_pages=3) == []  # page 1 in every cut's reach
+    assert pool.match_prefix(hashes[:2], blocks[:2], window_pages=1) == []
+    got = pool.match_prefix(hashes[:3], blocks[:3], window_pages=1)
+    assert got == pages[:3]
+    pool.free(got)
+    got = pool.match_prefix(hashes[:2], blocks[:2])  # a model without windows reads them all
+    assert got == pages[:2]
+    pool.free(got)
+    pool.check_integrity()
+    with pytest.raises(RuntimeError, match="not in use"):
+        pool.mark_partial([pages[0]])  # cached, not in use
+    pool.clear_cache()
+    again = pool.allocate(8)  # written anew by their next owner: no longer partial
+    assert not any(pool.is_partial(p) for p in again)
+    pool.check_integrity()
 
 
 @pytest.mark.parametrize("fragment", [False, True])
@@ -95,9 +129,9 @@ def test_scattered_and_consecutive_pages_give_the_same_logits(fragment, tiny_dir
     firsts: list = []
     real = kv_pool_mod.KVPool.read
 
-    def spy(self, layer, pages, length, first_slot):
+    def spy(self, layer, pages, length, first_slot, start=0):
         firsts.append(first_slot)
-        return real(self, layer, pages, length, first_slot)
+        return real(self, layer, pages, length, first_slot, start)
 
     monkeypatch.setattr(kv_pool_mod.KVPool, "read", spy)
     seen = capture_logits(monkeypatch)

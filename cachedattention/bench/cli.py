@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from cachedattention.bench.shapes import SHAPES
 from cachedattention.config import SchedulerConfig
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="workload", choices=["throughput", "turn", "policy", "workload"])
     p.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded SmolLM2)")
-    p.add_argument("--random-shape", default=None, choices=["llama3-8b", "llama-110m"],
+    p.add_argument("--random-shape", default=None, choices=list(SHAPES),
                    help="random weights of this shape instead of a checkpoint (no download)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for --random-shape (default: the embedded one)")
     p.add_argument("--device", default="cpu")

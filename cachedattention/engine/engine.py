@@ -98,7 +98,8 @@ class LLMEngine:
         self.pages = PagePool(self.pool.num_pages)
         self.pool.prefault_start()  # the first requests' pages, at start-up rather than in their TTFT
         self.scheduler = Scheduler(
-            config.scheduler, self.pages, config.cache.page_size, config.cache.enable_prefix_cache
+            config.scheduler, self.pages, config.cache.page_size, config.cache.enable_prefix_cache,
+            window=self.spec.sliding_window if self.spec.window_layers else None,
         )
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self.store = None

@@ -159,23 +159,30 @@ class ModelRunner:
         return groups, grouped
 
     def _group(self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor]) -> DecodeGroup:
-        most = max(len(p) for p in cpu_pages)
-        pages = torch.zeros(len(seqs), most, dtype=torch.long)  # padding reads page 0, masked out
-        mask = torch.zeros(len(seqs), 1, 1, most * self.pool.page_size, dtype=torch.bool)
-        windowed = mask.clone() if self.window is not None else None  # each context's last window tokens
-        for i, (s, p) in enumerate(zip(seqs, cpu_pages)):
-            pages[i, : len(p)] = p
-            mask[i, 0, 0, : s.total_len] = True
-            if windowed is not None:
-                windowed[i, 0, 0, max(0, s.total_len - self.window) : s.total_len] = True
-        rows = torch.tensor([s.start for s in seqs], dtype=torch.long)
+        pages, mask = self._padded(cpu_pages, [(0, s.total_len) for s in seqs])
         dev = self.device
-        return DecodeGroup(
-            rows=rows.to(dev, non_blocking=True),
+        group = DecodeGroup(
+            rows=torch.tensor([s.start for s in seqs], dtype=torch.long).to(dev, non_blocking=True),
             pages=pages.to(dev, non_blocking=True),
             mask=mask.to(dev, non_blocking=True),
-            window_mask=windowed.to(dev, non_blocking=True) if windowed is not None else None,
         )
+        if self.window is not None:  # each context's last window tokens, from the page holding the first
+            pages, mask = self._padded(cpu_pages, [(max(0, s.total_len - self.window), s.total_len) for s in seqs])
+            group.window_pages, group.window_mask = pages.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
+        return group
+
+    def _padded(self, cpu_pages: list[torch.Tensor], spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pages holding each sequence's tokens [a, b), from a's page, padded with page 0; and the
+        mask of those tokens in them."""
+        ps = self.pool.page_size
+        firsts = [a // ps for a, _ in spans]
+        most = max(len(p) - f for p, f in zip(cpu_pages, firsts))
+        pages = torch.zeros(len(spans), most, dtype=torch.long)  # padding reads page 0, masked out
+        mask = torch.zeros(len(spans), 1, 1, most * ps, dtype=torch.bool)
+        for i, (p, f, (a, b)) in enumerate(zip(cpu_pages, firsts, spans)):
+            pages[i, : len(p) - f] = p[f:]
+            mask[i, 0, 0, a - f * ps : b - f * ps] = True
+        return pages, mask
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch, self.pool, self.fused_decode)

@@ -36,11 +36,15 @@ Unstage = Callable[[Request], None]
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pages: PagePool, page_size: int, prefix_cache: bool) -> None:
+    def __init__(self, config: SchedulerConfig, pages: PagePool, page_size: int, prefix_cache: bool,
+                 window: int | None = None) -> None:  # fmt: skip
         self.config = config
         self.pages = pages
         self.page_size = page_size
         self.prefix_cache = prefix_cache
+        # the model's sliding window (None: no layer has one): how many pages before a device hit's end
+        # its first new token reads in those layers, which must all be written there
+        self.window_pages = -(-(window - 1) // page_size) if window is not None else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.store_lookup: StoreLookup | None = None
@@ -164,7 +168,7 @@ class Scheduler:
         if self.prefix_cache and limit:
             hashes = block_hashes(tokens, self.page_size, limit=limit)
             blocks = [tokens[i * self.page_size : (i + 1) * self.page_size] for i in range(len(hashes))]
-            req.pages = self.pages.match_prefix(hashes, blocks, req.session_id)
+            req.pages = self.pages.match_prefix(hashes, blocks, req.session_id, self.window_pages)
             req.block_hashes = hashes[: len(req.pages)]
             req.num_registered_blocks = len(req.pages)
         device_hit = len(req.pages) * self.page_size

@@ -117,15 +117,16 @@ class KVPool:
         return k, v
 
     def read(
-        self, layer: int, pages: torch.Tensor, length: int, first_slot: int | None
+        self, layer: int, pages: torch.Tensor, length: int, first_slot: int | None, start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of a sequence's first `length` tokens, held in these pages: views of the pool when
-        they are consecutive from first_slot, else a gather of the pages."""
+        """K/V of a sequence's tokens [start, length), held in these pages: views of the pool when
+        they are consecutive from first_slot (token 0's), else a gather of the pages holding them."""
         if first_slot is None:
-            k, v = self.gather_pages(layer, pages)
-            return k[:length], v[:length]
-        end = first_slot + length
-        return self.k[layer][first_slot:end], self.v[layer][first_slot:end]
+            first_page = start // self.page_size
+            k, v = self.gather_pages(layer, pages[first_page:])
+            lo, hi = start - first_page * self.page_size, length - first_page * self.page_size
+            return k[lo:hi], v[lo:hi]
+        return self.k[layer][first_slot + start : first_slot + length], self.v[layer][first_slot + start : first_slot + length]
 
     @staticmethod
     def contiguous_start(pages: list[int], page_size: int, start: int, end: int) -> int | None:

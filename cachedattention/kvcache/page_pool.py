@@ -31,6 +31,9 @@ class PagePool:
         # without a session (the block is no one's alone, and is never forgotten)
         self._page_owners: dict[int, set[str | None]] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached pages, LRU first
+        # pages whose sliding-window layers were left unwritten: a store load skips the keys no query
+        # of its request can reach (older than the first query's window); full layers hold them all
+        self._partial: set[int] = set()
         self.evictions = 0
 
     # -- queries -----------------------------------------------------------------------------
@@ -66,6 +69,7 @@ class PagePool:
         pages += sorted(rest)
         for page in pages:
             self._refs[page] = 1
+            self._partial.discard(page)  # a new owner writes it
         return pages
 
     def _pop_free(self) -> int:
@@ -81,6 +85,7 @@ class PagePool:
 
     def _put_free(self, page: int) -> None:
         self._is_free[page] = 1
+        self._partial.discard(page)
         self._num_free += 1
         self._free.append(page)
         if len(self._free) > 2 * self.num_pages:  # too many stale entries: rebuild
@@ -122,15 +127,33 @@ class PagePool:
         self._hash_page[block_hash] = page
         self._page_owners[page] = {owner}
 
-    def match_prefix(self, hashes: Sequence[int], blocks: Sequence[Sequence[int]], owner: str | None = None) -> list[int]:
+    def mark_partial(self, pages: Sequence[int]) -> None:
+        """In-use pages whose sliding-window layers were not written (their full layers were)."""
+        for page in pages:
+            if self._refs[page] <= 0:
+                raise RuntimeError(f"page {page} marked partial while not in use")
+        self._partial.update(pages)
+
+    def is_partial(self, page: int) -> bool:
+        return page in self._partial
+
+    def match_prefix(self, hashes: Sequence[int], blocks: Sequence[Sequence[int]], owner: str | None = None,
+                     window_pages: int | None = None) -> list[int]:  # fmt: skip
         """Longest run of cached blocks, verified by their tokens; each matched page gains a reference
-        (and `owner`, the session reusing it)."""
+        (and `owner`, the session reusing it).
+
+        `window_pages`: how many pages back a sliding window reaches from the first token after the
+        match; the run is cut until none of those is partial (their windowed layers would be read).
+        """
         pages = []
         for h, toks in zip(hashes, blocks):
             page = self._hash_page.get(h)
             if page is None or self._page_tokens[page] != tuple(toks):
                 break
             pages.append(page)
+        if window_pages and self._partial:
+            while pages and any(p in self._partial for p in pages[max(0, len(pages) - window_pages) :]):
+                pages.pop()
         for page in pages:
             if self._refs[page] == 0:
                 del self._evictable[page]
@@ -176,5 +199,7 @@ class PagePool:
                 raise RuntimeError(f"hash map out of sync for page {page}")
         if any(r < 0 for r in self._refs):
             raise RuntimeError("negative refcount")
+        if any(self._is_free[p] for p in self._partial):
+            raise RuntimeError("a free page is marked partial")
         if self._page_owners.keys() != self._page_hash.keys():
             raise RuntimeError("the pages with owners are not the pages holding cached blocks")

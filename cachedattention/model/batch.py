@@ -61,7 +61,9 @@ class DecodeGroup:
     rows: torch.Tensor  # [B] flat indices of their tokens
     pages: torch.Tensor  # [B, P] the pages of each context, padded with page 0
     mask: torch.Tensor  # [B, 1, 1, P * page_size] True where a token is real
-    # the same for a layer with a sliding window: only each context's last window tokens
+    # for a layer with a sliding window: each context's pages from the one holding its window's first
+    # token, padded with page 0 ([B, Pw]), and its last window tokens in them ([B, 1, 1, Pw * page_size])
+    window_pages: torch.Tensor | None = None
     window_mask: torch.Tensor | None = None
 
 

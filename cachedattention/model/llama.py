@@ -87,12 +87,14 @@ class Attention(nn.Module):
     @staticmethod
     def _attend_decode(q: torch.Tensor, group: DecodeGroup, layer: int, pool: KVPool, windowed: bool = False,
                        cap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        b = group.pages.shape[0]
-        ks, vs = pool.gather_pages(layer, group.pages.view(-1))
+        pages, mask = group.pages, group.mask
+        if windowed and group.window_pages is not None:  # only the pages each context's window reaches
+            pages, mask = group.window_pages, group.window_mask
+        b = pages.shape[0]
+        ks, vs = pool.gather_pages(layer, pages.view(-1))
         kv_heads, d = ks.shape[1], ks.shape[2]
         ks = ks.view(b, -1, kv_heads, d).transpose(1, 2)  # [B, kv_heads, P * page_size, d]
         vs = vs.view(b, -1, kv_heads, d).transpose(1, 2)
-        mask = group.window_mask if windowed and group.window_mask is not None else group.mask
         return _one_token_attention(q[group.rows], ks, vs, mask, cap, sinks)
 
     @staticmethod
@@ -102,20 +104,22 @@ class Attention(nn.Module):
         `sinks`: gpt-oss's, per head."""
         plain = cap is not None or sinks is not None  # what the fused kernels do not take
         lo, hi = seq.start, seq.start + seq.num_new
-        if seq.is_decode:  # a lone decoder
-            ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
-            if window is not None:  # the last keys only
-                ks, vs = ks[-window:], vs[-window:]
+        if seq.is_decode:  # a lone decoder: in a windowed layer, its last keys only
+            first = max(0, seq.total_len - window) if window is not None else 0
+            ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot, first)
             return _one_token_attention(q[lo:hi], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], cap=cap,
                                         sinks=sinks)
         band = seq.window_mask if window is not None else None  # where the window cuts this context
+        # keys older than the first query's window are seen by none: never read (a store load may have
+        # left them unwritten in this layer)
+        first = max(0, seq.context_len - window + 1) if band is not None else 0
         qs = q[lo:hi].transpose(0, 1)  # [heads, n, d]
         if seq.context_len == 0:
             # nothing cached: attend over this step's own keys, no gather from the pool
             ks, vs = k[lo:hi], v[lo:hi]
             mask, causal = None, seq.num_new > 1
         else:
-            ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot)
+            ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot, first)
             if seq.split and band is None and not plain:
                 o = attend_history_then_new(qs, ks.transpose(0, 1), vs.transpose(0, 1), seq.context_len)
                 if o is not None:
@@ -125,9 +129,8 @@ class Attention(nn.Module):
                 # query i sits at context_len + i: causal aligned to the bottom-right, which the
                 # fused CUDA kernels take without materialising a mask
                 mask = causal_lower_right(seq.num_new, seq.total_len)
-        if band is not None:  # keys older than the first query's window are seen by none: left out
-            first = max(0, seq.context_len - window + 1)
-            ks, vs, mask, causal = ks[first:], vs[first:], band[:, first:], False
+        if band is not None:
+            mask, causal = band[:, first:], False
         ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)
         if plain:
             sinks = sinks.view(-1, 1, 1) if sinks is not None else None  # [heads, n, L] scores

@@ -50,6 +50,8 @@ class TurnState:
     # recompute this turn without the store (a load failed through no segment's fault, or prompt logprobs)
     bypass: bool = False
     remote_deadline: float | None = None  # admission waits for segments coming from remote until then
+    # False: this turn is not saved (the device pages it would be captured from lack windowed layers)
+    save: bool = True
 
 
 class StepHooks:
@@ -121,6 +123,9 @@ class StoreConnector:
         fingerprint = f"{spec.fingerprint()}{long}-{engine.loaded.weights_id}-{storage}".replace("torch.", "")
         self.store = AttentionStore(config, self.layout, fingerprint, pin=engine.device.type == "cuda")
         self.loader = Loader(engine.pool, engine.model.rotary, self.layout, engine.device)
+        # the layers with a sliding window, which load only what their window reaches
+        self.window = spec.sliding_window if spec.window_layers else None
+        self.windowed = frozenset(spec.window_layers)
         self.saver = Saver(self.layout, self.store.host.allocate, engine.device)
         # a script that never calls close() still gets its saves flushed, and its threads stopped
         # before the interpreter tears down (a thread caught inside torch then aborts the process)
@@ -184,7 +189,7 @@ class StoreConnector:
                 job = self._start_turn(req, st)
                 if job is not None:
                     jobs.append(job)
-            if st is not None:
+            if st is not None and st.save:
                 savers.append((start, s.num_new, st))
             start += s.num_new
         return StepHooks(jobs, savers)
@@ -197,7 +202,12 @@ class StoreConnector:
         st.chunks = []
         st.capture_start = min(st.hit, usable)
         if device_hit > st.hit:
-            self._capture_from_pages(req, st, st.hit, device_hit)
+            if self._partial_pages(req, st.hit, device_hit):
+                # another turn's load left their windowed layers unwritten: nothing to save them from
+                log.debug("store: request %s reused partial device pages; its turn is not saved", req.request_id)
+                st.save = False
+            else:
+                self._capture_from_pages(req, st, st.hit, device_hit)
         if st.pending_load is None and usable > device_hit:
             st.pending_load = self._load_job(req, st, device_hit, usable)
             self.loader.submit(st.pending_load, background=self.config.layerwise)
@@ -241,8 +251,14 @@ class StoreConnector:
             st.bypass = True
 
     def _load_job(self, req: Request, st: TurnState, lo: int, hi: int) -> LoadJob:
+        """Load request tokens [lo, hi); the first token computed is hi."""
+        window_from = self._window_from(lo, hi)
+        all_windowed = len(self.windowed) == self.layout.num_layers
+        full_layers = [i for i in range(self.layout.num_layers) if i not in self.windowed]
         pieces = []
         for span, _tier, a, b, pos in _overlaps(st.tiers, lo, hi):
+            if b <= window_from and all_windowed:
+                continue  # no layer reads these tokens
             host = self.store.segment_host(span.seg_id)
             if host is None and not self.store.wait_saved(span.seg_id, timeout=30):
                 log.warning("store: segment %s still saving after 30 s", span.seg_id)
@@ -250,13 +266,30 @@ class StoreConnector:
             lo_in = span.lo + a - pos
             piece = Piece(span.seg_id, lo_in, lo_in + b - a, a, host)
             if host is None and self.store.disk is not None:
-                piece.open_disk = lambda seg=span.seg_id: self.store.disk.open(seg)
+                layers = full_layers if b <= window_from else None  # what the kernel should read ahead
+                piece.open_disk = lambda seg=span.seg_id, layers=layers: self.store.disk.open(seg, layers)
             pieces.append(piece)
         dev, page_size = self.engine.device, self.engine.pool.page_size
         slots = KVPool.slots_for(req.pages, page_size, lo, hi, dev)
         positions = torch.arange(lo, hi, device=dev)
         first = KVPool.contiguous_start(req.pages, page_size, lo, hi)
-        return LoadJob(pieces, slots, positions, lo, self.layout.num_layers, first_slot=first)
+        self.engine.pages.mark_partial(req.pages[lo // page_size : window_from // page_size])
+        return LoadJob(pieces, slots, positions, lo, self.layout.num_layers, first_slot=first,
+                       windowed=self.windowed, window_from=window_from)  # fmt: skip
+
+    def _window_from(self, lo: int, hi: int) -> int:
+        """The first of request tokens [lo, hi) that a windowed layer loads: the page holding the
+        oldest key the first new token (at hi) sees there. From a page's start, so that each page
+        is either written whole in those layers or partial, which the prefix cache knows."""
+        if self.window is None:
+            return lo
+        page_size = self.engine.pool.page_size
+        return max(lo, (hi - self.window + 1) // page_size * page_size)
+
+    def _partial_pages(self, req: Request, lo: int, hi: int) -> bool:
+        """Whether a page holding request tokens [lo, hi) lacks its windowed layers."""
+        page_size = self.engine.pool.page_size
+        return any(self.engine.pages.is_partial(p) for p in req.pages[lo // page_size : -(-hi // page_size)])
 
     def _capture_from_pages(self, req: Request, st: TurnState, lo: int, hi: int) -> None:
         """Tokens served by another request's device pages: recover their pre-RoPE keys by rotating back."""

@@ -11,6 +11,7 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -152,9 +153,10 @@ class DiskTier:
             os.close(fd)
 
     # -- read ---------------------------------------------------------------------------------
-    def open(self, seg_id: str) -> SegmentReader:
-        """Open and validate a segment's header; CorruptSegment if anything is off."""
-        return SegmentReader(self.path(seg_id), self.fingerprint, self.layout)
+    def open(self, seg_id: str, layers: Sequence[int] | None = None) -> SegmentReader:
+        """Open and validate a segment's header; CorruptSegment if anything is off. `layers`: the
+        ones the kernel reads ahead (default: all)."""
+        return SegmentReader(self.path(seg_id), self.fingerprint, self.layout, layers)
 
     def get(self, seg_id: str) -> SegmentKV:
         """Read a whole segment (all layers, checksums verified)."""
@@ -235,7 +237,7 @@ class DiskTier:
 class SegmentReader:
     """Reads one segment layer by layer, verifying each layer's checksum as it goes."""
 
-    def __init__(self, path: Path, fingerprint: str, layout: KVLayout) -> None:
+    def __init__(self, path: Path, fingerprint: str, layout: KVLayout, layers: Sequence[int] | None = None) -> None:
         try:
             self.f = open(path, "rb")
         except OSError as e:
@@ -252,7 +254,11 @@ class SegmentReader:
         self.layout = layout
         self.n = meta["num_tokens"]
         if hasattr(os, "posix_fadvise"):  # layers are read in order: let the kernel read the rest ahead
-            os.posix_fadvise(self.f.fileno(), self.body, 0, os.POSIX_FADV_WILLNEED)
+            if layers is None:
+                os.posix_fadvise(self.f.fileno(), self.body, 0, os.POSIX_FADV_WILLNEED)
+            for layer in layers or ():
+                os.posix_fadvise(self.f.fileno(), self.body + layer * 2 * self.half, 2 * self.half,
+                                 os.POSIX_FADV_WILLNEED)  # fmt: skip
 
     def read_layer(self, layer: int, into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s K and V, checked. `into`: a uint8 buffer of at least `layer_nbytes` to

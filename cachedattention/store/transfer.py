@@ -58,6 +58,10 @@ class LoadJob:
     start: int
     num_layers: int
     first_slot: int | None = None  # set when the slots are consecutive: pieces land in plain slices
+    # layers with a sliding window load only request tokens from `window_from` on: no query of this
+    # request reaches the older ones there (the pages holding only those are marked partial)
+    windowed: frozenset[int] = frozenset()
+    window_from: int = 0
     events: list[threading.Event] = field(default_factory=list)
     cuda_events: list = field(default_factory=list)
     failed: tuple[str, str] | None = None  # (segment, reason) when a read failed its check
@@ -230,9 +234,13 @@ class Loader:
     def _load_layer(
         self, job: LoadJob, layer: int, readers: dict[str, SegmentReader], into: torch.Tensor | None = None
     ) -> None:
+        first = job.window_from if layer in job.windowed else job.start  # the first request token wanted
         for p in job.pieces:
+            lo = p.lo + max(0, first - p.dst)  # the piece's first token wanted in this layer
+            if lo >= p.hi:
+                continue  # (a file never read for this layer: the windowed layers of an old turn)
             if p.host is not None:
-                k, v = p.host.k[layer, p.lo : p.hi], p.host.v[layer, p.lo : p.hi]
+                k, v = p.host.k[layer, lo : p.hi], p.host.v[layer, lo : p.hi]
                 tier = "host"
             else:
                 if p.seg_id not in readers:
@@ -242,15 +250,15 @@ class Loader:
                 except (CorruptSegment, OSError) as e:  # an unreadable file is as good as corrupt
                     e.seg_id = p.seg_id
                     raise
-                k, v = k_all[p.lo : p.hi], v_all[p.lo : p.hi]
+                k, v = k_all[lo : p.hi], v_all[lo : p.hi]
                 tier = "disk"
-            if k.shape[0] != p.hi - p.lo:  # a record naming tokens its segment does not hold: never broadcast
-                e = CorruptSegment(f"segment {p.seg_id} holds fewer tokens than its record names ({p.lo}..{p.hi})")
+            if k.shape[0] != p.hi - lo:  # a record naming tokens its segment does not hold: never broadcast
+                e = CorruptSegment(f"segment {p.seg_id} holds fewer tokens than its record names ({lo}..{p.hi})")
                 e.seg_id = p.seg_id
                 raise e
             job.bytes_read[tier] += 2 * k.numel() * k.element_size()
-            a, b = p.dst - job.start, p.dst - job.start + p.hi - p.lo
-            self._write_piece(job, layer, a, b, k, v)
+            a = p.dst + lo - p.lo - job.start
+            self._write_piece(job, layer, a, a + p.hi - lo, k, v)
 
     def _write_piece(self, job: LoadJob, layer: int, a: int, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Job tokens [a, b) into the pages; keys rotated to the positions these tokens have now."""

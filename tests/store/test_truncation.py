@@ -106,15 +106,18 @@ def test_truncated_cache_equals_hand_computed_reference(kind, tiny_dirs, monkeyp
     eng.step()  # admission + layer-wise load + prefill of the new tokens
     hit = req.metrics.cached_tokens["host"]
     assert hit > HEAD and req.metrics.truncated_tokens > 0
-    # 1) the pages hold the stored pre-RoPE keys rotated to their new positions 0..hit-1
-    slots = eng.pool.slots_for(req.pages, eng.pool.page_size, 0, hit, eng.device)
+    # 1) the pages hold the stored pre-RoPE keys rotated to their new positions 0..hit-1 (a windowed
+    # layer from the page holding the first key the first new token sees there)
+    ps, window = eng.pool.page_size, eng.spec.sliding_window
+    slots = eng.pool.slots_for(req.pages, ps, 0, hit, eng.device)
     store = eng.store.store
     k_pre = [torch.cat([store.host.get(s.seg_id).k[layer, s.lo:s.hi] for s in state.reuse]) for layer in range(3)]
     v_st = [torch.cat([store.host.get(s.seg_id).v[layer, s.lo:s.hi] for s in state.reuse]) for layer in range(3)]
     for layer in range(3):
+        lo = max(0, (hit - window + 1) // ps * ps) if eng.spec.window(layer) else 0
         expect = hand_rope(k_pre[layer][:hit], torch.arange(hit), layer_theta(hf.config, layer))
-        assert torch.allclose(eng.pool.k[layer][slots], expect, atol=1e-5)
-        assert torch.equal(eng.pool.v[layer][slots], v_st[layer][:hit])
+        assert torch.allclose(eng.pool.k[layer][slots[lo:]], expect[lo:], atol=1e-5)
+        assert torch.equal(eng.pool.v[layer][slots[lo:]], v_st[layer][lo:hit])
     # 2) attention over that cache: transformers fed the same rotated cache gives the same logits
     cache = DynamicCache()
     for layer in range(3):

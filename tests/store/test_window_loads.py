@@ -1,0 +1,124 @@
+"""A store load fills a sliding-window layer only from the page holding the oldest key the turn's
+first new token sees there: the older keys are never read by any query of that request. The pages
+left without them are partial; the device prefix cache never serves them to a query that would read
+them, and a turn is never saved from them."""
+
+import pytest
+import torch
+
+from cachedattention import LLM, CacheConfig, SamplingParams
+from tests.util import capture_logits, rel_err
+
+PARAMS = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+PAGE = 4
+
+
+def _reference(path):
+    return LLM(model=str(path), cache=CacheConfig(enable_prefix_cache=False))
+
+
+def _greedy_and_logits(llm, prompt, monkeypatch, session=None):
+    seen = capture_logits(monkeypatch)
+    out = llm.generate([prompt], PARAMS, session_id=session)[0]
+    monkeypatch.undo()
+    return out, seen[0]
+
+
+def _stored_then_garbled(path, prompt):
+    """An engine that served `prompt` as session "a"'s first turn, stored it in host, then lost its
+    device pages and had every slot of its pool filled with large random values: a read of a slot
+    that no load or forward wrote for a request shows in its tokens."""
+    llm = LLM(model=str(path), enable_store=True, cache=CacheConfig(page_size=PAGE))
+    out = llm.generate([prompt], PARAMS, session_id="a")[0]
+    llm.engine.store.store.flush()
+    llm.engine.pages.clear_cache()
+    gen = torch.Generator().manual_seed(0)
+    for t in (*llm.engine.pool.k, *llm.engine.pool.v):
+        t.copy_(torch.randn(t.shape, generator=gen) * 50)
+    return llm, out
+
+
+@pytest.mark.parametrize("kind", ["gemma3-scaled", "mistral-window", "gpt_oss"])
+def test_windowed_layers_load_only_what_the_first_new_token_sees(kind, tiny_dirs, monkeypatch):
+    path, _ = tiny_dirs[kind]
+    llm = LLM(model=str(path), enable_store=True, cache=CacheConfig(page_size=PAGE, enable_prefix_cache=False))
+    ref = _reference(path)
+    spec, layout = llm.engine.spec, llm.engine.store.layout
+    window, windowed = spec.sliding_window, len(spec.window_layers)
+    token_bytes = 2 * layout.num_kv_heads * layout.head_dim * layout.dtype.itemsize  # K and V of one layer
+    conv, skipped = list(range(5, 45)), 0
+    for turn in range(4):
+        before = llm.stats()["bytes_loaded"]["host"]
+        got, got_logits = _greedy_and_logits(llm, conv, monkeypatch, "s")
+        want, want_logits = _greedy_and_logits(ref, conv, monkeypatch)
+        assert got.token_ids == want.token_ids
+        assert rel_err(got_logits, want_logits) <= 1e-4
+        hit = got.metrics.cached_tokens["host"]
+        assert (hit > 0) == (turn > 0)
+        window_from = max(0, (hit - window + 1) // PAGE * PAGE)
+        loaded = (spec.num_layers - windowed) * hit + windowed * (hit - window_from)
+        assert llm.stats()["bytes_loaded"]["host"] - before == loaded * token_bytes
+        skipped += windowed * window_from
+        llm.engine.store.store.flush()
+        conv = conv + got.token_ids + [10 + turn, 11 + turn, 12 + turn]
+    assert skipped > 0  # the conversation outgrew the window: the loads left keys out
+    llm.engine.pages.check_integrity()
+
+
+@pytest.mark.parametrize("kind", ["gemma3-scaled", "mistral-window"])
+@pytest.mark.parametrize("paged_kernel", [True, False])
+def test_the_device_prefix_cache_never_serves_a_query_keys_a_load_left_out(kind, paged_kernel, tiny_dirs,
+                                                                           monkeypatch):  # fmt: skip
+    """A long conversation's second turn is loaded from host into a pool of garbage: its old pages
+    keep garbage in their windowed layers. It decodes beside another request (through the paged
+    kernel, or gathered in a padded group). Another request sharing the start of its history must
+    not match those pages as far as its own first token's window would read them."""
+    path, _ = tiny_dirs[kind]
+    first = list(range(5, 61))
+    llm, out1 = _stored_then_garbled(path, first)
+    if not paged_kernel:
+        llm.engine.runner.decode_kernel = llm.engine.runner.fused_decode = None
+    ref = _reference(path)
+    second, beside = first + out1.token_ids + [7, 8, 9], list(range(100, 130))
+    got = llm.generate([second, beside], PARAMS, session_id=["a", "c"])
+    want = ref.generate([second, beside], PARAMS)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert got[0].metrics.cached_tokens["host"] >= 56
+    pages = llm.engine.pages
+    assert any(pages.is_partial(p) for p in range(pages.num_pages))  # the old pages' windowed layers: garbage
+
+    # the first 28 tokens' pages are cached and partial; this prompt's first new token would read them
+    other = first[:28] + [200, 201, 202, 203, 204]
+    got, got_logits = _greedy_and_logits(llm, other, monkeypatch, "b")
+    want, want_logits = _greedy_and_logits(ref, other, monkeypatch)
+    assert got.token_ids == want.token_ids and rel_err(got_logits, want_logits) <= 1e-4
+    assert got.metrics.cached_tokens["device"] < 28  # the match was cut before the partial pages
+    pages.check_integrity()
+    llm.engine.store.check_integrity()
+
+
+def test_a_turn_is_never_saved_from_pages_a_load_left_partial(tiny_dirs, monkeypatch):
+    """A new session starting with a conversation whose old pages are partial reuses them from the
+    device; its turn cannot be captured from them (their windowed layers hold garbage), so it is not
+    saved, and a later turn of it that edits its start recomputes rather than load garbage."""
+    path, _ = tiny_dirs["gemma3-scaled"]
+    first = list(range(5, 61))
+    llm, out1 = _stored_then_garbled(path, first)
+    ref = _reference(path)
+    second = first + out1.token_ids + [7, 8, 9]
+    out2 = llm.generate([second], PARAMS, session_id="a")[0]
+    llm.engine.store.store.flush()
+
+    fork = second + out2.token_ids + [20, 21, 22]
+    got = llm.generate([fork], PARAMS, session_id="d")[0]
+    assert got.token_ids == ref.generate([fork], PARAMS)[0].token_ids
+    assert got.metrics.cached_tokens["device"] > 40
+    llm.engine.store.store.flush()
+    llm.engine.pages.clear_cache()
+
+    edited = fork[:30] + [40, 41, 42, 43]  # its first new token's window reaches back into the garbage
+    got, got_logits = _greedy_and_logits(llm, edited, monkeypatch, "d")
+    want, want_logits = _greedy_and_logits(ref, edited, monkeypatch)
+    assert got.token_ids == want.token_ids and rel_err(got_logits, want_logits) <= 1e-4
+    llm.engine.store.check_integrity()
+    llm.engine.pages.check_integrity()
