@@ -106,9 +106,17 @@ def test_partial_pages_are_never_matched_where_a_window_reaches_them():
     got = pool.match_prefix(hashes[:2], blocks[:2])  # a model without windows reads them all
     assert got == pages[:2]
     pool.free(got)
+    assert pool.match_prefix(hashes, blocks, owner="x") == []  # another session's turn could not be saved from it
     pool.check_integrity()
     with pytest.raises(RuntimeError, match="not in use"):
         pool.mark_partial([pages[0]])  # cached, not in use
+    (whole,) = pool.allocate(1)  # block 0 computed again, all layers written: it replaces the partial copy
+    pool.register(whole, 100, blocks[0], owner="x")
+    pool.free([whole])
+    assert pool.match_prefix(hashes, blocks, owner="y") == [whole]  # (block 1 is still partial)
+    pool.free([whole])
+    assert not pool.is_partial(pages[0]) and pool.num_available() == 8  # the partial copy went back to the free list
+    pool.check_integrity()
     pool.clear_cache()
     again = pool.allocate(8)  # written anew by their next owner: no longer partial
     assert not any(pool.is_partial(p) for p in again)

@@ -118,10 +118,15 @@ class PagePool:
 
     # -- prefix cache ------------------------------------------------------------------------
     def register(self, page: int, block_hash: int, tokens: Sequence[int], owner: str | None = None) -> None:
-        """Mark an in-use full page as holding the block with this hash (first writer wins); `owner`:
-        the session it was computed for."""
-        if block_hash in self._hash_page or page in self._page_hash:
+        """Mark an in-use full page as holding the block with this hash (first writer wins, unless the
+        first is partial and this one whole); `owner`: the session it was computed for."""
+        if page in self._page_hash:
             return
+        held = self._hash_page.get(block_hash)
+        if held is not None:
+            if held not in self._partial or page in self._partial:
+                return
+            self._uncache(held)  # the whole copy serves every match from now on
         self._page_hash[page] = block_hash
         self._page_tokens[page] = tuple(tokens)
         self._hash_page[block_hash] = page
@@ -142,13 +147,17 @@ class PagePool:
         """Longest run of cached blocks, verified by their tokens; each matched page gains a reference
         (and `owner`, the session reusing it).
 
-        `window_pages`: how many pages back a sliding window reaches from the first token after the
-        match; the run is cut until none of those is partial (their windowed layers would be read).
+        A partial page is matched only by a session that wrote or reused it (whose stored record
+        holds its tokens whole: another's turn could not be saved from it). `window_pages`: how many
+        pages back a sliding window reaches from the first token after the match; the run is cut
+        until none of those is partial (their windowed layers would be read).
         """
         pages = []
         for h, toks in zip(hashes, blocks):
             page = self._hash_page.get(h)
             if page is None or self._page_tokens[page] != tuple(toks):
+                break
+            if page in self._partial and owner not in self._page_owners[page]:
                 break
             pages.append(page)
         if window_pages and self._partial:
@@ -161,6 +170,13 @@ class PagePool:
             self._page_owners[page].add(owner)
         return pages
 
+    def _uncache(self, page: int) -> None:
+        """Drop a page's block from the prefix cache: freed now if unreferenced, else when released."""
+        self._forget_hash(page)
+        if page in self._evictable:
+            del self._evictable[page]
+            self._put_free(page)
+
     def forget_owner(self, owner: str) -> int:
         """A conversation forgotten: its blocks no other session (nor a request without one) wrote or
         reused are freed when cached, and never cached again when in use. How many it had."""
@@ -170,10 +186,7 @@ class PagePool:
             owners.discard(owner)
             if owners:
                 continue  # another conversation's too
-            self._forget_hash(page)
-            if page in self._evictable:
-                del self._evictable[page]
-                self._put_free(page)
+            self._uncache(page)
         return len(pages)
 
     def clear_cache(self) -> None:

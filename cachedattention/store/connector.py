@@ -199,7 +199,7 @@ class StoreConnector:
         self._count_lookup(req)
         device_hit = req.metrics.cached_tokens["device"]
         usable = max(req.num_computed, device_hit)
-        st.chunks = []
+        st.chunks, st.save = [], True  # (again after a preemption: admitted anew)
         st.capture_start = min(st.hit, usable)
         if device_hit > st.hit:
             if self._partial_pages(req, st.hit, device_hit):

@@ -97,28 +97,56 @@ def test_the_device_prefix_cache_never_serves_a_query_keys_a_load_left_out(kind,
     llm.engine.store.check_integrity()
 
 
-def test_a_turn_is_never_saved_from_pages_a_load_left_partial(tiny_dirs, monkeypatch):
-    """A new session starting with a conversation whose old pages are partial reuses them from the
-    device; its turn cannot be captured from them (their windowed layers hold garbage), so it is not
-    saved, and a later turn of it that edits its start recomputes rather than load garbage."""
-    path, _ = tiny_dirs["gemma3-scaled"]
+def _second_turn_in_garbage(path):
+    """Session "a": its first turn stored, its second loaded from host into a garbled pool (its old
+    pages partial, cached with their garbage in the windowed layers); returns the engine and the
+    conversation so far."""
     first = list(range(5, 61))
     llm, out1 = _stored_then_garbled(path, first)
-    ref = _reference(path)
     second = first + out1.token_ids + [7, 8, 9]
     out2 = llm.generate([second], PARAMS, session_id="a")[0]
     llm.engine.store.store.flush()
+    return llm, second + out2.token_ids + [20, 21, 22]
 
-    fork = second + out2.token_ids + [20, 21, 22]
-    got = llm.generate([fork], PARAMS, session_id="d")[0]
-    assert got.token_ids == ref.generate([fork], PARAMS)[0].token_ids
-    assert got.metrics.cached_tokens["device"] > 40
-    llm.engine.store.store.flush()
+
+def _edited_turn_equals_recompute(llm, ref, session, prompt, monkeypatch):
     llm.engine.pages.clear_cache()
-
-    edited = fork[:30] + [40, 41, 42, 43]  # its first new token's window reaches back into the garbage
-    got, got_logits = _greedy_and_logits(llm, edited, monkeypatch, "d")
-    want, want_logits = _greedy_and_logits(ref, edited, monkeypatch)
+    got, got_logits = _greedy_and_logits(llm, prompt, monkeypatch, session)
+    want, want_logits = _greedy_and_logits(ref, prompt, monkeypatch)
     assert got.token_ids == want.token_ids and rel_err(got_logits, want_logits) <= 1e-4
     llm.engine.store.check_integrity()
     llm.engine.pages.check_integrity()
+    return got
+
+
+def test_another_session_never_reuses_partial_pages(tiny_dirs, monkeypatch):
+    """A new session starting with session a's conversation stops its device match at a's partial
+    pages (its turn could not be saved from them): it computes the rest, all layers, and is saved;
+    a later turn of it that edits its start loads that from host."""
+    path, _ = tiny_dirs["gemma3-scaled"]
+    llm, conv = _second_turn_in_garbage(path)
+    ref = _reference(path)
+    got = llm.generate([conv], PARAMS, session_id="d")[0]
+    assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids
+    assert got.metrics.cached_tokens["device"] == 0  # a's pages are partial from its first one
+    llm.engine.store.store.flush()
+    edited = conv[:30] + [40, 41, 42, 43]  # its first new token's window reaches back into a's garbage
+    assert _edited_turn_equals_recompute(llm, ref, "d", edited, monkeypatch).metrics.cached_tokens["host"] == 30
+
+
+def test_a_turn_is_never_saved_from_partial_pages(tiny_dirs, monkeypatch):
+    """Session a's stored segments are gone while its partial pages are still cached: its next turn
+    reuses them from the device, but cannot be captured from them, so it is not saved, and a later
+    turn that edits its start recomputes rather than load garbage."""
+    path, _ = tiny_dirs["gemma3-scaled"]
+    llm, conv = _second_turn_in_garbage(path)
+    ref = _reference(path)
+    store = llm.engine.store.store
+    for span in store.records["a"].spans:
+        store.drop_corrupt(span.seg_id, "test: lost")
+    got = llm.generate([conv], PARAMS, session_id="a")[0]
+    assert got.token_ids == ref.generate([conv], PARAMS)[0].token_ids
+    assert got.metrics.cached_tokens["device"] > 40
+    store.flush()
+    edited = conv[:30] + [40, 41, 42, 43]
+    assert _edited_turn_equals_recompute(llm, ref, "a", edited, monkeypatch).metrics.num_cached_tokens == 0
