@@ -4,7 +4,9 @@ A diagnostic, not a benchmark mode (CPU, embedded model). To compare two version
 alternate runs with PYTHONPATH pointing at each checkout:
 
     CACHEDATTENTION_HOME=/tmp/cahome PYTHONPATH=/path/to/checkout .venv/bin/python bench/turn_cells.py \\
-        [history] [cell,cell,...]
+        [history] [cell,cell,...] [random shape]
+
+(a random shape, e.g. gemma3-110m, instead of the embedded model: that checkout must know it).
 """
 
 import argparse
@@ -14,9 +16,9 @@ from cachedattention.bench import turn
 from cachedattention.bench.models import bench_model
 
 
-def main(history: int, names: list[str]) -> None:
-    args = argparse.Namespace(model=None, random_shape=None, device="cpu", dtype="float32", repeats=5,
-                              new_tokens=32, seed=0)
+def main(history: int, names: list[str], shape: str | None = None) -> None:
+    args = argparse.Namespace(model=None, random_shape=shape, device="cpu", dtype="float32", repeats=5,
+                              new_tokens=32, seed=0, remote_url=None)  # fmt: skip
     loaded = bench_model(args)
     cells = {c.name: c for c in turn.CELLS}
     runs = {n: turn.CellRun(cells[n], loaded, args, history, 4 * history) for n in ["recompute", *names]}
@@ -33,4 +35,5 @@ def main(history: int, names: list[str]) -> None:
 if __name__ == "__main__":
     argv = sys.argv[1:]
     main(int(argv[0]) if argv else 1024,
-         argv[1].split(",") if len(argv) > 1 else ["host-layerwise", "disk-cold-layerwise"])
+         argv[1].split(",") if len(argv) > 1 else ["host-layerwise", "disk-cold-layerwise"],
+         argv[2] if len(argv) > 2 else None)

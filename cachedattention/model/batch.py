@@ -9,6 +9,19 @@ import torch
 
 
 @dataclass
+class WindowBlock:
+    """New tokens [a, b) of a sequence in a layer with a sliding window: the keys they see are at
+    positions [lo, hi), `mask` [b - a, hi - lo] True where a row sees a key (transformers' rule: a key
+    at or before the query, fewer than `window` positions back)."""
+
+    a: int
+    b: int
+    lo: int
+    hi: int
+    mask: torch.Tensor
+
+
+@dataclass
 class SeqSlice:
     """One sequence's part of a flat batch."""
 
@@ -25,9 +38,9 @@ class SeqSlice:
     # attend the cached history and the new tokens apart, merged by log-sum-exp (CPU, long history:
     # model/split_attention.py); the runner decides, and then builds no mask
     split: bool = False
-    # [num_new, total_len] True where query i may see key j in a layer with a sliding window, when
-    # the window cuts this sequence's context (then no split either); None where it does not
-    window_mask: torch.Tensor | None = None
+    # in a layer with a sliding window, when the window cuts this sequence's context (then no split
+    # either): its new tokens in blocks of rows, each over the keys its rows see; None where it does not
+    window_blocks: list[WindowBlock] | None = None
 
     @property
     def total_len(self) -> int:
@@ -108,9 +121,15 @@ class ForwardBatch:
     paged_decode: PagedDecode | None = None  # its sequences are neither in `seqs` nor in `decode`
 
 
-def window_band(num_new: int, context: int, window: int) -> torch.Tensor:
-    """[num_new, context + num_new]: query i (at position context + i) sees key j when j is at or
-    before it and fewer than `window` positions back, as transformers' sliding-window mask."""
-    query = torch.arange(context, context + num_new)[:, None]
-    key = torch.arange(context + num_new)[None, :]
-    return (key <= query) & (query - key < window)
+def window_blocks(num_new: int, context: int, window: int, block: int, device: torch.device) -> list[WindowBlock]:
+    """New tokens at positions context .. context + num_new - 1 in blocks of `block` rows, each with
+    the keys its rows see: a long prompt then attends about num_new x (window + block) scores, not
+    num_new x (context + num_new) (the masks are built on the device: no transfer of a large one)."""
+    blocks = []
+    for a in range(0, num_new, block):
+        b = min(num_new, a + block)
+        lo, hi = max(0, context + a - window + 1), context + b
+        query = torch.arange(context + a, context + b, device=device)[:, None]
+        key = torch.arange(lo, hi, device=device)[None, :]
+        blocks.append(WindowBlock(a, b, lo, hi, (key <= query) & (query - key < window)))
+    return blocks

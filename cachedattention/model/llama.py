@@ -109,10 +109,10 @@ class Attention(nn.Module):
             ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot, first)
             return _one_token_attention(q[lo:hi], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], cap=cap,
                                         sinks=sinks)
-        band = seq.window_mask if window is not None else None  # where the window cuts this context
+        blocks = seq.window_blocks if window is not None else None  # where the window cuts this context
         # keys older than the first query's window are seen by none: never read (a store load may have
         # left them unwritten in this layer)
-        first = max(0, seq.context_len - window + 1) if band is not None else 0
+        first = blocks[0].lo if blocks else 0
         qs = q[lo:hi].transpose(0, 1)  # [heads, n, d]
         if seq.context_len == 0:
             # nothing cached: attend over this step's own keys, no gather from the pool
@@ -120,7 +120,7 @@ class Attention(nn.Module):
             mask, causal = None, seq.num_new > 1
         else:
             ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot, first)
-            if seq.split and band is None and not plain:
+            if seq.split and blocks is None and not plain:
                 o = attend_history_then_new(qs, ks.transpose(0, 1), vs.transpose(0, 1), seq.context_len)
                 if o is not None:
                     return o.transpose(0, 1)
@@ -129,23 +129,32 @@ class Attention(nn.Module):
                 # query i sits at context_len + i: causal aligned to the bottom-right, which the
                 # fused CUDA kernels take without materialising a mask
                 mask = causal_lower_right(seq.num_new, seq.total_len)
-        if band is not None:
-            mask, causal = band[:, first:], False
         ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)
-        if plain:
-            sinks = sinks.view(-1, 1, 1) if sinks is not None else None  # [heads, n, L] scores
-            return plain_attention(qs, ks, vs, mask, causal, cap=cap, sinks=sinks).transpose(0, 1)
-        # 4-D inputs: the fused CPU kernel only takes (batch, heads, length, dim)
-        if q.device.type == "cpu":
-            # the CPU flash kernel shares KV heads itself: no copies of K/V per query head
-            o = F.scaled_dot_product_attention(
-                qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal, enable_gqa=True
-            )
-        else:
-            # CUDA's masked kernels do not take enable_gqa (they would fall back to the math one)
-            ks, vs = _expand_heads(ks, qs.shape[0]), _expand_heads(vs, qs.shape[0])
-            o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal)
-        return o[0].transpose(0, 1)
+        if blocks is None:
+            return _attention(qs, ks, vs, mask, causal, cap, sinks).transpose(0, 1)
+        out = torch.empty_like(qs)
+        for blk in blocks:  # each block of rows over the keys it sees
+            keys = slice(blk.lo - first, blk.hi - first)
+            out[:, blk.a : blk.b] = _attention(qs[:, blk.a : blk.b], ks[:, keys], vs[:, keys], blk.mask, False, cap, sinks)
+        return out.transpose(0, 1)
+
+
+def _attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+               cap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """qs [heads, n, d] over ks/vs [kv_heads, L, d] -> [heads, n, d]; `cap`: Gemma 2's on scores;
+    `sinks`: gpt-oss's, per head (both in plain torch)."""
+    if cap is not None or sinks is not None:
+        sinks = sinks.view(-1, 1, 1) if sinks is not None else None  # [heads, n, L] scores
+        return plain_attention(qs, ks, vs, mask, causal, cap=cap, sinks=sinks)
+    # 4-D inputs: the fused CPU kernel only takes (batch, heads, length, dim)
+    if qs.device.type == "cpu":
+        # the CPU flash kernel shares KV heads itself: no copies of K/V per query head
+        o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal, enable_gqa=True)
+    else:
+        # CUDA's masked kernels do not take enable_gqa (they would fall back to the math one)
+        ks, vs = _expand_heads(ks, qs.shape[0]), _expand_heads(vs, qs.shape[0])
+        o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, is_causal=causal)
+    return o[0]
 
 
 def _head_norm(x: torch.Tensor, norm: RMSNorm | LayerNorm, ops: RowOpsKernel | None) -> torch.Tensor:
