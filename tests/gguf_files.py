@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cachedattention.model.gguf_kquants import random_rows
 from tests.tiny_models import make_tiny_model
 
 _LAYER_NAMES = {
@@ -40,15 +41,17 @@ def _rope_freqs(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def write_tiny_gguf(kind: str, folder: Path):
+def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None, **overrides):
     """Write `folder/model.gguf` of a tiny random `kind` model (llama, llama-linear, qwen2, qwen3);
-    return the transformers model it holds (float32 tensors: the same weights exactly)."""
+    return the transformers model it holds (float32 tensors: the same weights exactly, unless
+    `types` names a K-quant type for some tensors, by llama.cpp's short name: attn_q, ffn_down,
+    output...; those hold random super-blocks instead). `overrides`: config fields."""
     import gguf
 
     from cachedattention.model.embedded import embedded_gguf_path
 
     arch = "llama" if kind.startswith("llama") else kind
-    hf = make_tiny_model(kind, folder / "hf", vocab_size=49152)
+    hf = make_tiny_model(kind, folder / "hf", vocab_size=49152, **overrides)
     cfg = hf.config
     rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
@@ -79,7 +82,13 @@ def write_tiny_gguf(kind: str, folder: Path):
         w.add_float32(f"{arch}.rope.scale_linear", rope["factor"])
     for name, t in hf.state_dict().items():
         if name != "lm_head.weight" or not cfg.tie_word_embeddings:  # a tied head is the embedding
-            w.add_tensor(*_gguf_tensor(name, t.float().numpy(), cfg, arch))
+            gname, a = _gguf_tensor(name, t.float().numpy(), cfg, arch)
+            qtype = (types or {}).get(gname.split(".")[-2] if gname.startswith("blk.") else gname.split(".")[0])
+            if qtype is None:
+                w.add_tensor(gname, a)
+            else:  # (random super-blocks: gguf's package does not quantize to K-quants)
+                rows = random_rows(qtype, a.shape[0], a.shape[1], np.random.default_rng(len(gname)))
+                w.add_tensor(gname, rows, raw_dtype=gguf.GGMLQuantizationType[qtype])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -45,6 +45,32 @@ def test_a_gguf_file_of_each_family_matches_transformers(kind, gguf_files, monke
         assert rel_err(logits, ref[len(prompt) - 1 + step]) <= 1e-4, f"step {step}"
 
 
+def test_a_k_quant_file_decodes_from_its_blocks_as_from_its_float32_weights(tmp_path, monkeypatch):
+    """A file of K-quant tensors, as llama.cpp's Q4_K_M and Q3_K_M mix them: every linear layer gets
+    the few-rows kernel's blocks, re-expressed exactly, and decodes to the same logits, bit for bit,
+    as the same engine over the float32 weights alone."""
+    from cachedattention.model.layers import Linear
+
+    types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
+             "ffn_gate": "Q3_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}  # fmt: skip
+    write_tiny_gguf("llama", tmp_path, types, hidden_size=256, intermediate_size=512)
+    llm = LLM(model=str(tmp_path / "model.gguf"))
+    layers = [m for n, m in llm.engine.model.named_modules() if isinstance(m, Linear) and ".layers." in n]
+    assert layers and all(m.quantized is not None for m in layers)
+    assert {m.quantized.kind for m in layers} == {"Q4_1", "Q8_M", "Q8_S16"}
+    assert llm.engine.runner.decode_kernel is not None  # (decode steps go through the fused C layers)
+    prompt = [(11 * i + 5) % 3000 + 20 for i in range(24)]  # within the kernel's float32 rows: no GEMM either way
+    seen = capture_logits(monkeypatch)
+    out = llm.generate([prompt], GREEDY)[0]
+    monkeypatch.undo()
+    for m in layers:
+        m.quantized = None  # the same layers over their dequantized float32 weights
+    plain = capture_logits(monkeypatch)
+    again = llm.generate([prompt], GREEDY)[0]
+    assert out.token_ids == again.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(seen, plain))
+
+
 def test_rope_freq_divisors_are_part_of_the_fingerprint(gguf_files):
     from cachedattention.model.gguf_loader import gguf_config
     from cachedattention.model.spec import spec_from_hf_config

@@ -22,7 +22,7 @@
 #include "paged_decode.c"
 #include "row_ops.c"
 
-/* A linear layer's weight: float32 [out, in] (kind 0), or GGUF blocks (KIND_Q4_1, KIND_Q8_0). */
+/* A linear layer's weight: float32 [out, in] (kind 0), or blocks of 32 of one of the few-rows kernel's kinds. */
 typedef struct {
     const float *weight;
     const uint8_t *quants;

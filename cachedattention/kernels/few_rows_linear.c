@@ -139,38 +139,68 @@ int few_rows_linear(const float *x, const float *w, const float *bias, float *y,
     return FRL_OK;
 }
 
-/* Weights kept as GGUF blocks of 32 (the embedded model's layers are Q4_1, its head Q8_0): a decode
- * step then reads 0.75-1.1 bytes per weight (float32 scales included) instead of 4. For up to four
- * input rows, each block is dequantized into registers and multiplied right away (tile_blocks);
- * for more, each thread dequantizes four weight rows at a time into a buffer that stays in L1 and
- * runs the float32 tiles over it, once for all the input rows. The dequantized values are exactly
- * GGUF's (its scales are float16, so scale * q is exact in float32 and adding the min rounds once,
- * fused or not), so either way the result equals the float32 path over the dequantized weight, bit
- * for bit.
- *   Q4_1: quants [out, in / 2] bytes; byte j of a block holds element j (low nibble) and j + 16
- *         (high nibble); value = scale * q + min.
- *   Q8_0: quants [out, in] int8; value = scale * q.
- * scales (and mins) are float32 [out, in / 32]. */
-enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2 };
+/* Weights kept as GGUF blocks of 32 (the embedded model's layers are Q4_1, its head Q8_0; a K-quant
+ * file's super-blocks are re-expressed exactly in these kinds at load): a decode step then reads
+ * 0.75-1.25 bytes per weight (float32 scales included) instead of 4. For up to four input rows,
+ * each block is dequantized into registers and multiplied right away (tile_blocks); for more, each
+ * thread dequantizes four weight rows at a time into a buffer that stays in L1 and runs the float32
+ * tiles over it, once for all the input rows. The dequantized values are exactly GGUF's (scale * q is
+ * exact in float32 wherever a min is added, so adding it rounds once, fused or not), so either way
+ * the result equals the float32 path over the dequantized weight, bit for bit.
+ *   Q4_1:   quants [out, in / 2] bytes; byte j of a block holds element j (low nibble) and j + 16
+ *           (high nibble); value = scale * q + min (Q4_K too).
+ *   Q8_0:   quants [out, in] int8; value = scale * q.
+ *   Q8_M:   as Q8_0, plus a min: value = scale * q + min (Q5_K's 5-bit values).
+ *   Q8_S16: as Q8_0 with a scale for each 16 elements (Q6_K's and Q3_K's sub-blocks).
+ * scales (and mins) are float32 [out, in / 32] ([out, in / 16] for Q8_S16). */
+enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q8_M = 3, KIND_Q8_S16 = 4 };
+
+/* Block b (elements 32b .. 32b + 31) of one weight row as two vectors: elements 0-15 and 16-31.
+ * `q`, `scales` and `mins` point at the row's own. */
+static inline __attribute__((always_inline)) void dequantize_block(const int kind, const uint8_t *restrict q,
+                                                                   const float *restrict scales,
+                                                                   const float *restrict mins, int64_t b,
+                                                                   __m512 *lo, __m512 *hi) {
+    if (kind == KIND_Q4_1) {
+        const __m512 d = _mm512_set1_ps(scales[b]), m = _mm512_set1_ps(mins[b]);
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * b)));
+        *lo = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))), m);
+        *hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))), m);
+        return;
+    }
+    const __m512 qlo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * b))));
+    const __m512 qhi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * b + 16))));
+    if (kind == KIND_Q8_S16) {
+        *lo = _mm512_mul_ps(_mm512_set1_ps(scales[2 * b]), qlo);
+        *hi = _mm512_mul_ps(_mm512_set1_ps(scales[2 * b + 1]), qhi);
+        return;
+    }
+    const __m512 d = _mm512_set1_ps(scales[b]);
+    *lo = _mm512_mul_ps(d, qlo);
+    *hi = _mm512_mul_ps(d, qhi);
+    if (kind == KIND_Q8_M) {
+        const __m512 m = _mm512_set1_ps(mins[b]);
+        *lo = _mm512_add_ps(*lo, m);
+        *hi = _mm512_add_ps(*hi, m);
+    }
+}
 
 static inline void dequantize_row(int kind, const uint8_t *restrict q, const float *restrict scales,
                                   const float *restrict mins, int64_t k_len, float *restrict out) {
     for (int64_t b = 0; b < k_len / 32; b++) {
-        const __m512 d = _mm512_set1_ps(scales[b]);
         __m512 lo, hi;
-        if (kind == KIND_Q4_1) {
-            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * b)));
-            const __m512 m = _mm512_set1_ps(mins[b]);
-            lo = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))), m);
-            hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))), m);
-        } else {
-            lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * b)))));
-            hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(
-                                      _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * b + 16)))));
-        }
+        dequantize_block(kind, q, scales, mins, b, &lo, &hi);
         _mm512_storeu_ps(out + 32 * b, lo);
         _mm512_storeu_ps(out + 32 * b + 16, hi);
     }
+}
+
+/* A kind's bytes of quants, and scales, per weight row. */
+static inline int64_t quant_row_bytes(int kind, int64_t in_features) {
+    return kind == KIND_Q4_1 ? in_features / 2 : in_features;
+}
+static inline int64_t scale_row_len(int kind, int64_t in_features) {
+    return kind == KIND_Q8_S16 ? in_features / 16 : in_features / 32;
 }
 
 /* Ask for the quantized weight rows [first, first + TILE) that exist (contiguous): the next tile's. */
@@ -186,7 +216,7 @@ static inline void prefetch_rows(const uint8_t *quants, int64_t row_bytes, int64
  * without storing and reloading every dequantized weight. The next tile's blocks are asked for ahead. */
 static inline __attribute__((always_inline)) void tile_blocks(const float *restrict x, int64_t x_stride, const int kind,
                                                               const uint8_t *restrict q, int64_t row_bytes,
-                                                              const float *restrict scales,
+                                                              const float *restrict scales, int64_t row_scales,
                                                               const float *restrict mins, int64_t row_blocks,
                                                               float *restrict y, int64_t y_stride,
                                                               const float *restrict bias, const int nr, const int mr) {
@@ -194,19 +224,9 @@ static inline __attribute__((always_inline)) void tile_blocks(const float *restr
     for (int t = 0; t < TILE * TILE; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < row_blocks; b++) {
         __m512 lo[TILE], hi[TILE];
-        for (int i = 0; i < nr; i++) {
-            const __m512 d = _mm512_set1_ps(scales[i * row_blocks + b]);
-            if (kind == KIND_Q4_1) {
-                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i * row_bytes + 16 * b)));
-                const __m512 m = _mm512_set1_ps(mins[i * row_blocks + b]);
-                lo[i] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))), m);
-                hi[i] = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))), m);
-            } else {
-                const uint8_t *row = q + i * row_bytes + 32 * b;
-                lo[i] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)row))));
-                hi[i] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 16)))));
-            }
-        }
+        for (int i = 0; i < nr; i++)
+            dequantize_block(kind, q + i * row_bytes, scales + i * row_scales, mins ? mins + i * row_blocks : 0, b,
+                             &lo[i], &hi[i]);
         for (int j = 0; j < mr; j++) {
             const __m512 xlo = _mm512_loadu_ps(x + j * x_stride + 32 * b);
             for (int i = 0; i < nr; i++) acc[i + TILE * j] = _mm512_fmadd_ps(lo[i], xlo, acc[i + TILE * j]);
@@ -220,10 +240,10 @@ static inline __attribute__((always_inline)) void tile_blocks(const float *restr
 /* tile_blocks with constant kind, nr and mr (each combination its own inlined copy). */
 #define TILE_BLOCKS_MR(KIND, NR)                                                                                      \
     switch (rows) {                                                                                                   \
-        case 4: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 4); break; \
-        case 3: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 3); break; \
-        case 2: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 2); break; \
-        case 1: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, mins, row_blocks, y, y_stride, bias, NR, 1); break; \
+        case 4: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, row_scales, mins, row_blocks, y, y_stride, bias, NR, 4); break; \
+        case 3: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, row_scales, mins, row_blocks, y, y_stride, bias, NR, 3); break; \
+        case 2: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, row_scales, mins, row_blocks, y, y_stride, bias, NR, 2); break; \
+        case 1: tile_blocks(x, x_stride, KIND, q, row_bytes, scales, row_scales, mins, row_blocks, y, y_stride, bias, NR, 1); break; \
         default: break;                                                                                               \
     }
 #define TILE_BLOCKS_NR(KIND)                                    \
@@ -236,12 +256,13 @@ static inline __attribute__((always_inline)) void tile_blocks(const float *restr
     }
 
 static void weight_tile_blocks(const float *x, int64_t x_stride, int kind, const uint8_t *q, int64_t row_bytes,
-                               const float *scales, const float *mins, int64_t row_blocks, float *y, int64_t y_stride,
-                               const float *bias, int64_t rows, int64_t nr) {
-    if (kind == KIND_Q4_1) {
-        TILE_BLOCKS_NR(KIND_Q4_1)
-    } else {
-        TILE_BLOCKS_NR(KIND_Q8_0)
+                               const float *scales, int64_t row_scales, const float *mins, int64_t row_blocks,
+                               float *y, int64_t y_stride, const float *bias, int64_t rows, int64_t nr) {
+    switch (kind) {
+        case KIND_Q4_1: TILE_BLOCKS_NR(KIND_Q4_1) break;
+        case KIND_Q8_0: TILE_BLOCKS_NR(KIND_Q8_0) break;
+        case KIND_Q8_M: TILE_BLOCKS_NR(KIND_Q8_M) break;
+        default: TILE_BLOCKS_NR(KIND_Q8_S16) break;
     }
 }
 #undef TILE_BLOCKS_NR
@@ -251,9 +272,10 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
                               const float *mins, const float *bias, float *y, int64_t rows, int64_t in_features,
                               int64_t out_features, int64_t x_stride, int64_t y_stride, int64_t num_threads) {
     if (bad_call(rows, in_features, out_features, x_stride, y_stride, num_threads) || in_features % 32 ||
-        (kind != KIND_Q4_1 && kind != KIND_Q8_0) || (kind == KIND_Q4_1 && !mins))
+        kind < KIND_Q4_1 || kind > KIND_Q8_S16 || ((kind == KIND_Q4_1 || kind == KIND_Q8_M) && !mins))
         return FRL_UNSUPPORTED;
-    const int64_t row_bytes = kind == KIND_Q4_1 ? in_features / 2 : in_features, row_blocks = in_features / 32;
+    const int64_t row_bytes = quant_row_bytes((int)kind, in_features), row_blocks = in_features / 32;
+    const int64_t row_scales = scale_row_len((int)kind, in_features);
     const int64_t blocks = (out_features + TILE - 1) / TILE;
     if (rows == 0) return FRL_OK;
     if (rows <= TILE) { /* one tile of input rows: dequantize into registers, straight into the products */
@@ -261,9 +283,9 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t n = b * TILE, nr = out_features - n < TILE ? out_features - n : TILE;
             prefetch_rows(quants, row_bytes, n + TILE, out_features);
-            weight_tile_blocks(x, x_stride, (int)kind, quants + n * row_bytes, row_bytes, scales + n * row_blocks,
-                               mins ? mins + n * row_blocks : 0, row_blocks, y + n, y_stride, bias ? bias + n : 0,
-                               rows, nr);
+            weight_tile_blocks(x, x_stride, (int)kind, quants + n * row_bytes, row_bytes, scales + n * row_scales,
+                               row_scales, mins ? mins + n * row_blocks : 0, row_blocks, y + n, y_stride,
+                               bias ? bias + n : 0, rows, nr);
         }
         return FRL_OK;
     }
@@ -281,7 +303,7 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
             const int64_t n = b * TILE, nr = out_features - n < TILE ? out_features - n : TILE;
             prefetch_rows(quants, row_bytes, n + TILE, out_features);
             for (int64_t i = 0; i < nr; i++)
-                dequantize_row((int)kind, quants + (n + i) * row_bytes, scales + (n + i) * row_blocks,
+                dequantize_row((int)kind, quants + (n + i) * row_bytes, scales + (n + i) * row_scales,
                                mins ? mins + (n + i) * row_blocks : 0, in_features, buf + i * in_features);
             weight_rows(x, x_stride, buf, in_features, y + n, y_stride, bias ? bias + n : 0, rows, nr, 0);
         }

@@ -23,48 +23,58 @@ MAX_ROWS_GGUF = 96
 
 _ARGTYPES = (*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 6)
 _QUANTIZED_ARGTYPES = (ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 6)
-_KINDS = {"Q4_1": 1, "Q8_0": 2}  # the GGUF block types the kernel reads; blocks of 32 weights
-QUANTIZED_KINDS = tuple(_KINDS)
+# the block kinds the kernel reads (blocks of 32 weights): GGUF's Q4_1 and Q8_0 as they are; Q8_M
+# (int8 values, a scale and a min a block) and Q8_S16 (int8 values, a scale for each 16) hold K-quant
+# files' super-blocks re-expressed exactly (model/gguf_kquants.py; Q4_K becomes Q4_1)
+_KINDS = {"Q4_1": 1, "Q8_0": 2, "Q8_M": 3, "Q8_S16": 4}
+QUANTIZED_KINDS = ("Q4_1", "Q8_0")  # GGUF types read as they are
+# kind: (dtype of the quants, weights per quant byte, weights per scale, whether there are mins)
+_LAYOUTS = {"Q4_1": (torch.uint8, 2, 32, True), "Q8_0": (torch.int8, 1, 32, False),
+            "Q8_M": (torch.int8, 1, 32, True), "Q8_S16": (torch.int8, 1, 16, False)}  # fmt: skip
 _NO_MEMORY = 3
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A linear weight kept as GGUF blocks of 32, for the kernel to read instead of float32: the
-    quantized values (Q4_1: two per byte, element j of a block in the low nibble of byte j and
-    element j + 16 in its high nibble; Q8_0: int8), and each block's float32 scale (and Q4_1's min).
-    Dequantized, it equals GGUF's float32 values exactly."""
+    """A linear weight kept as blocks of 32, for the kernel to read instead of float32: the quantized
+    values (Q4_1: two per byte, element j of a block in the low nibble of byte j and element j + 16
+    in its high nibble; the others: int8), each block's float32 scale (Q8_S16: one per 16 values)
+    and, for Q4_1 and Q8_M, its min (value = scale * q + min). Dequantized, it equals GGUF's float32
+    values exactly."""
 
     kind: str
-    quants: torch.Tensor  # uint8 [out, in / 2] (Q4_1) or int8 [out, in] (Q8_0)
-    scales: torch.Tensor  # float32 [out, in / 32]
-    mins: torch.Tensor | None  # float32 [out, in / 32] for Q4_1
+    quants: torch.Tensor  # uint8 [out, in / 2] (Q4_1) or int8 [out, in]
+    scales: torch.Tensor  # float32 [out, in / 32] ([out, in / 16] for Q8_S16)
+    mins: torch.Tensor | None  # float32 [out, in / 32] for Q4_1 and Q8_M
     shape: tuple[int, int]  # (out_features, in_features)
 
     def __post_init__(self) -> None:
         # the C code trusts these layouts: a mismatch would read the wrong bytes
         out, k = self.shape
-        per_row = {"Q4_1": (torch.uint8, k // 2), "Q8_0": (torch.int8, k)}.get(self.kind)
-        ok = (
-            per_row is not None
-            and k % 32 == 0
-            and self.quants.dtype == per_row[0]
-            and self.quants.shape == (out, per_row[1])
-            and (self.mins is None) == (self.kind == "Q8_0")
-            and all(
-                t.dtype == torch.float32 and t.shape == (out, k // 32) and t.is_contiguous() and t.device.type == "cpu"
-                for t in (self.scales, *([self.mins] if self.kind == "Q4_1" else []))
+        layout = _LAYOUTS.get(self.kind)
+        ok = layout is not None and k % 32 == 0
+        if ok:
+            dtype, per_byte, per_scale, has_mins = layout
+            ok = (
+                self.quants.dtype == dtype
+                and self.quants.shape == (out, k // per_byte)
+                and (self.mins is not None) == has_mins
+                and _plain_floats(self.scales, (out, k // per_scale))
+                and (self.mins is None or _plain_floats(self.mins, (out, k // 32)))
+                and self.quants.is_contiguous()
+                and self.quants.device.type == "cpu"
             )
-            and self.quants.is_contiguous()
-            and self.quants.device.type == "cpu"
-        )
         if not ok:
             raise ValueError(f"not a valid {self.kind} weight of shape {self.shape} for the few-rows kernel")
+
+    @staticmethod
+    def weights_per_scale(kind: str) -> int:
+        return _LAYOUTS[kind][2]
 
     @classmethod
     def from_gguf_rows(cls, kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
         """From a GGUF tensor's raw rows (uint8 [out, bytes per row]) of type Q4_1 or Q8_0."""
-        if kind not in _KINDS or in_features % 32:
+        if kind not in QUANTIZED_KINDS or in_features % 32:
             raise ValueError(f"the few-rows kernel reads Q4_1 and Q8_0 rows of whole blocks, not {kind} of {in_features}")
         block_bytes = {"Q4_1": 20, "Q8_0": 34}[kind]
         out = rows.shape[0]
@@ -81,12 +91,15 @@ class QuantizedWeight:
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """The float32 weight [out, in], or some of its rows (GGUF's own dequantization, in torch)."""
         k = self.shape[1]
-        scales = self.scales[rows][:, :, None]
         if self.kind == "Q4_1":
             q = self.quants[rows].reshape(-1, k // 32, 16).to(torch.int32)
-            w = scales * torch.cat([q & 15, q >> 4], dim=2).float() + self.mins[rows][:, :, None]
+            q = torch.cat([q & 15, q >> 4], dim=2)
         else:
-            w = scales * self.quants[rows].reshape(-1, k // 32, 32).float()
+            q = self.quants[rows]
+        per_scale = self.weights_per_scale(self.kind)
+        w = self.scales[rows][:, :, None] * q.reshape(-1, k // per_scale, per_scale).float()
+        if self.mins is not None:  # (blocks of 32, as the scales of every kind with mins)
+            w = w + self.mins[rows][:, :, None]
         return w.reshape(-1, k)
 
     def matches(self, weight: torch.Tensor) -> bool:
@@ -96,6 +109,10 @@ class QuantizedWeight:
             return False
         rows = sorted({0, min(1, self.shape[0] - 1), self.shape[0] - 1})
         return all(torch.equal(self.dequantize(slice(r, r + 1)), weight[r : r + 1].detach()) for r in rows)
+
+
+def _plain_floats(t: torch.Tensor, shape: tuple[int, int]) -> bool:
+    return t.dtype == torch.float32 and t.shape == shape and t.is_contiguous() and t.device.type == "cpu"
 
 
 def kind_code(kind: str) -> int:

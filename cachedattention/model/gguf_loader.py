@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from cachedattention.kernels.few_rows_linear import QUANTIZED_KINDS, QuantizedWeight
+from cachedattention.model.gguf_kquants import K_QUANT_BYTES, SUPER, kquant_weight
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -119,18 +120,21 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any]) -> dict[str, torch
 
 
 def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = None) -> dict[str, QuantizedWeight]:
-    """The weights of linear layers stored in block types the few-rows kernel reads (Q4_1, Q8_0), as
-    those blocks, under Hugging Face names and row order (the embedding too: a tied head uses it).
-    `path` is a file name or a reader from open_gguf."""
+    """The weights of linear layers stored in block types the few-rows kernel reads (Q4_1, Q8_0 as
+    they are; Q3_K-Q6_K re-expressed exactly), as blocks, under Hugging Face names and row order (the
+    embedding too: a tied head uses it). `path` is a file name or a reader from open_gguf."""
     reader = _reader(path)
     config = config or gguf_config(reader)
     out: dict[str, QuantizedWeight] = {}
     for name, t in _named_tensors(reader):
-        kind = t.tensor_type.name
-        if kind not in QUANTIZED_KINDS or len(t.shape) != 2 or name.endswith("norm.weight"):
+        kind, in_features = t.tensor_type.name, int(t.shape[0])  # GGUF lists shapes inner first
+        if len(t.shape) != 2 or name.endswith("norm.weight"):
             continue
-        rows = _in_hf_row_order(name, np.asarray(t.data), config)  # a row's blocks move with it
-        out[name] = QuantizedWeight.from_gguf_rows(kind, rows, int(t.shape[0]))  # GGUF lists shapes inner first
+        if kind in QUANTIZED_KINDS:
+            rows = _in_hf_row_order(name, np.asarray(t.data), config)  # a row's blocks move with it
+            out[name] = QuantizedWeight.from_gguf_rows(kind, rows, in_features)
+        elif kind in K_QUANT_BYTES and in_features % SUPER == 0:
+            out[name] = kquant_weight(kind, _in_hf_row_order(name, np.asarray(t.data), config), in_features)
     return out
 
 
@@ -156,8 +160,8 @@ def load_blocks(path: Path) -> dict[str, QuantizedWeight]:
             out = {}
             for name, kind in kinds.items():
                 scales = f.get_tensor(f"{name}.scales")
-                mins = f.get_tensor(f"{name}.mins") if kind == "Q4_1" else None
-                shape = (scales.shape[0], scales.shape[1] * 32)
+                mins = f.get_tensor(f"{name}.mins") if f"{name}.mins" in f.keys() else None
+                shape = (scales.shape[0], scales.shape[1] * QuantizedWeight.weights_per_scale(kind))
                 out[name] = QuantizedWeight(kind, f.get_tensor(f"{name}.quants"), scales, mins, shape)
             return out
     except Exception as e:  # whatever a damaged file raises (safetensors' own error included)

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from cachedattention import LLM, SamplingParams
 from cachedattention.kernels.few_rows_linear import MAX_ROWS, MAX_ROWS_GGUF, FewRowsLinearKernel, QuantizedWeight
+from cachedattention.model.gguf_kquants import kquant_weight, random_rows
 from cachedattention.model.layers import Linear
 from tests.tiny_models import hf_greedy
 from tests.util import rel_err
@@ -133,6 +134,29 @@ def test_on_gguf_blocks_equals_the_float32_path_bit_for_bit(kernel, kind, in_fea
         kernel(torch.randn(MAX_ROWS_GGUF + 1, in_features), weight)
 
 
+def random_kquant_rows(kind: str, out_features: int, in_features: int, seed: int) -> np.ndarray:
+    return random_rows(kind, out_features, in_features, np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("kind", ["Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("in_features, out_features", [(256, 7), (1536, 96), (512, 1)])
+def test_k_quants_are_read_as_blocks_equal_to_gguf_bit_for_bit(kernel, kind, in_features, out_features):
+    """A K-quant tensor re-expressed as the kernel's blocks dequantizes to gguf's own values, and the
+    kernel over it equals the kernel over those values."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rows = random_kquant_rows(kind, out_features, in_features, seed=in_features + out_features)
+    weight = kquant_weight(kind, rows, in_features)
+    assert weight.kind == {"Q3_K": "Q8_S16", "Q4_K": "Q4_1", "Q5_K": "Q8_M", "Q6_K": "Q8_S16"}[kind]
+    reference = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).astype(np.float32))
+    assert torch.equal(weight.dequantize(), reference)
+    bias = torch.randn(out_features)
+    for n in (1, 3, 4, 5, MAX_ROWS):  # up to 4: dequantized in registers; more: via L1
+        x = torch.randn(n, in_features)
+        assert torch.equal(kernel(x, weight, bias), kernel(x, reference, bias)), f"{n} rows"
+
+
 def test_quantized_weights_are_checked_when_made():
     rows = random_gguf_rows("Q4_1", 8, 64, seed=0)
     good = QuantizedWeight.from_gguf_rows("Q4_1", rows, 64)
@@ -144,6 +168,13 @@ def test_quantized_weights_are_checked_when_made():
         QuantizedWeight("Q4_1", good.quants, good.scales, None, good.shape)  # Q4_1 needs its mins
     with pytest.raises(ValueError, match="not a valid"):
         QuantizedWeight("Q8_0", good.quants, good.scales.double(), None, good.shape)
+    six = kquant_weight("Q6_K", random_kquant_rows("Q6_K", 2, 256, seed=0), 256)
+    with pytest.raises(ValueError, match="not a valid"):  # a scale for each 16 weights, not 32
+        QuantizedWeight("Q8_S16", six.quants, six.scales[:, ::2].contiguous(), None, six.shape)
+    with pytest.raises(ValueError, match="not a valid"):
+        QuantizedWeight("Q8_M", six.quants, six.scales[:, ::2].contiguous(), None, six.shape)  # Q8_M needs mins
+    with pytest.raises(ValueError, match="super-blocks"):
+        kquant_weight("Q4_K", random_kquant_rows("Q4_K", 2, 256, seed=0), 128)
 
 
 def test_the_embedded_model_decodes_from_its_gguf_blocks(embedded_llm, caplog):
@@ -171,6 +202,8 @@ def test_blocks_file_round_trip_and_a_damaged_one(tmp_path):
     blocks = {
         "a.weight": QuantizedWeight.from_gguf_rows("Q4_1", random_gguf_rows("Q4_1", 6, 64, seed=1), 64),
         "b.weight": QuantizedWeight.from_gguf_rows("Q8_0", random_gguf_rows("Q8_0", 5, 32, seed=2), 32),
+        "c.weight": kquant_weight("Q5_K", random_kquant_rows("Q5_K", 3, 256, seed=3), 256),  # Q8_M
+        "d.weight": kquant_weight("Q6_K", random_kquant_rows("Q6_K", 2, 512, seed=4), 512),  # Q8_S16
     }
     save_blocks(blocks, tmp_path / "blocks.safetensors")
     loaded = load_blocks(tmp_path / "blocks.safetensors")

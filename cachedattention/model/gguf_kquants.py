@@ -1,0 +1,110 @@
+"""GGUF's K-quant super-blocks (Q3_K, Q4_K, Q5_K, Q6_K: 256 weights each, in sub-blocks of 16 or 32
+with 6- or 8-bit scales under a float16 one) re-expressed exactly as the few-rows kernel's blocks.
+
+Each sub-block's scale (and min) is the float16 super-scale times its small integer, exact in
+float32, so the kernel's scale * q (+ min) gives GGUF's values bit for bit:
+Q4_K -> Q4_1 (nibbles repacked), Q5_K -> Q8_M (5-bit values, a scale and a min a block of 32),
+Q6_K and Q3_K -> Q8_S16 (signed values, a scale for each 16). The bit layouts below follow gguf's
+own dequantization (gguf.quants), which the tests hold these to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cachedattention.kernels.few_rows_linear import QuantizedWeight
+
+SUPER = 256  # weights in a super-block
+K_QUANT_BYTES = {"Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes of one super-block
+
+
+def kquant_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
+    """A GGUF tensor's raw rows (uint8 [out, bytes per row]) of a K-quant type as kernel blocks."""
+    if kind not in K_QUANT_BYTES or in_features % SUPER:
+        raise ValueError(f"K-quant rows are whole super-blocks of {SUPER} of Q3_K, Q4_K, Q5_K or Q6_K, not {kind} of {in_features}")
+    out = rows.shape[0]
+    blocks = np.ascontiguousarray(rows).reshape(-1, K_QUANT_BYTES[kind])
+    q, scales, mins = _UNPACK[kind](blocks)  # per super-block: values [n, 256], scales and mins per sub-block
+
+    def per_row(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a).reshape(out, -1))
+
+    if kind == "Q4_K":  # byte j of each block of 32: element j in its low nibble, j + 16 in its high one
+        q = q.reshape(-1, 2, 16)
+        packed = (q[:, 0] | (q[:, 1] << 4)).astype(np.uint8)
+        return QuantizedWeight("Q4_1", per_row(packed), per_row(scales), per_row(mins), (out, in_features))
+    new_kind = "Q8_M" if kind == "Q5_K" else "Q8_S16"
+    return QuantizedWeight(new_kind, per_row(q.astype(np.int8)), per_row(scales),
+                           per_row(mins) if mins is not None else None, (out, in_features))  # fmt: skip
+
+
+def _halves(fields: np.ndarray) -> np.ndarray:
+    """Super-blocks' float16 scale fields (two bytes each) as float32."""
+    return fields.view(np.float16).astype(np.float32)
+
+
+def _scale_min_6bit(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's and Q5_K's twelve bytes of eight 6-bit scales and eight 6-bit mins."""
+    d, m, m_d = np.split(packed.reshape(-1, 3, 4), 3, axis=1)
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.reshape(-1, 8).astype(np.float32), mn.reshape(-1, 8).astype(np.float32)
+
+
+def _scaled(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's and Q5_K's sub-block scales and mins: d * scale and -(dmin * min), exact in float32."""
+    d, dmin = _halves(blocks[:, 0:2].copy()), _halves(blocks[:, 2:4].copy())
+    sc, mn = _scale_min_6bit(blocks[:, 4:16])
+    return d * sc, -(dmin * mn)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Groups of 32 bytes holding two sub-blocks of 32: the first in the low nibbles, the second in the high."""
+    q = qs.reshape(qs.shape[0], -1, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (q & 0x0F).reshape(qs.shape[0], -1)
+
+
+def _q4_k(blocks: np.ndarray):
+    scales, mins = _scaled(blocks)
+    return _nibbles(blocks[:, 16:144]), scales, mins
+
+
+def _q5_k(blocks: np.ndarray):
+    scales, mins = _scaled(blocks)
+    qh = blocks[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    return _nibbles(blocks[:, 48:176]) | ((qh & 1).reshape(blocks.shape[0], -1) << 4), scales, mins
+
+
+def _q6_k(blocks: np.ndarray):
+    n = blocks.shape[0]
+    ql = blocks[:, 0:128].reshape(n, -1, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    qh = blocks[:, 128:192].reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    q = ((ql & 0x0F).reshape(n, -1) | ((qh & 3).reshape(n, -1) << 4)).astype(np.int8) - np.int8(32)
+    d = _halves(blocks[:, 208:210].copy())
+    return q, d * blocks[:, 192:208].view(np.int8).astype(np.float32), None
+
+
+def _q3_k(blocks: np.ndarray):
+    n = blocks.shape[0]
+    hmask, qs, packed = blocks[:, 0:32], blocks[:, 32:96], blocks[:, 96:108]
+    low = (packed[:, :8].reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
+    high = (packed[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)).reshape(n, 16)
+    sc = ((low & 0x0F) | ((high & 3) << 4)).astype(np.int8) - np.int8(32)
+    d = _halves(blocks[:, 108:110].copy())
+    ql = (qs.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)).reshape(n, -1) & 3
+    qh = ((hmask.reshape(n, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).reshape(n, -1) & 1) ^ 1
+    return ql.astype(np.int8) - (qh << 2).astype(np.int8), d * sc.astype(np.float32), None
+
+
+_UNPACK = {"Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_SCALES_AT = {"Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # each super-block's float16 fields
+
+
+def random_rows(kind: str, out_features: int, in_features: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw rows of random super-blocks (benchmarks and tests: gguf's Python package does not quantize
+    to K-quants): random bytes, except float16 scales between 1e-4 and 1e-2."""
+    blocks = rng.integers(0, 256, (out_features * in_features // SUPER, K_QUANT_BYTES[kind]), dtype=np.uint8)
+    for at in _SCALES_AT[kind]:
+        blocks[:, at : at + 2] = rng.uniform(1e-4, 1e-2, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return blocks.reshape(out_features, -1)
