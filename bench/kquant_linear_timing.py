@@ -2,7 +2,8 @@
 them (Q4_K, with v and down in Q6_K): torch's linear (MKL) and the few-rows kernel on the float32
 weights they dequantize to, against the kernel on the blocks they are re-expressed as at load
 (model/gguf_kquants.py: Q4_K as Q4_1, Q6_K as Q8_S16). The blocks are random super-blocks (finite
-scales), not a quantized checkpoint: only the bytes read matter here. A diagnostic:
+scales), not a quantized checkpoint: only the bytes read matter here. (A Q4_K_M file keeps v and
+down in Q6_K in about half its layers, Q4_K in the rest: this is the heavier kind.) A diagnostic:
 
     CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/kquant_linear_timing.py [rows,...]
 

@@ -41,6 +41,7 @@ class ModelRunner:
         # bench/decode_timing.py), a GPU per kernel launch, so there it keeps one group
         self.group_call_rows = CPU_GROUP_CALL_ROWS if device.type == "cpu" else None
         self.window = model.spec.sliding_window if model.spec.window_layers else None
+        self.all_windowed = len(model.spec.window_layers) == model.spec.num_layers
         # a CPU with a C compiler attends decoders straight over their pages; else padded groups
         self.decode_kernel = _load_decode_kernel(model, pool, device)
         # and runs few-row steps (decode) through kernels that read weights faster and dispatch less
@@ -84,9 +85,11 @@ class ModelRunner:
         seqs, off = [], n
         for (begin, num_new, context), pages in zip(shapes, page_tables):
             split = self._split(num_new, context)
-            mask = None if split else self._mask(num_new, context)
+            blocks = self._window_blocks(num_new, context)
+            # (a model whose every layer the window cuts here reads only its window blocks' masks)
+            mask = None if split or (blocks and self.all_windowed) else self._mask(num_new, context)
             seqs.append(SeqSlice(begin, num_new, context, index[off : off + len(pages)], mask, split=split,
-                                 window_blocks=self._window_blocks(num_new, context)))
+                                 window_blocks=blocks))
             off += len(pages)
         decoders = [i for i, s in enumerate(seqs) if s.is_decode]
         paged, decode = None, []

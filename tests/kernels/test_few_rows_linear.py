@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from cachedattention import LLM, SamplingParams
 from cachedattention.kernels.few_rows_linear import MAX_ROWS, MAX_ROWS_GGUF, FewRowsLinearKernel, QuantizedWeight
-from cachedattention.model.gguf_kquants import kquant_weight, random_rows
+from cachedattention.model.gguf_kquants import K_QUANT_BYTES, kquant_weight, random_rows
 from cachedattention.model.layers import Linear
 from tests.tiny_models import hf_greedy
 from tests.util import rel_err
@@ -155,6 +155,20 @@ def test_k_quants_are_read_as_blocks_equal_to_gguf_bit_for_bit(kernel, kind, in_
     for n in (1, 3, 4, 5, MAX_ROWS):  # up to 4: dequantized in registers; more: via L1
         x = torch.randn(n, in_features)
         assert torch.equal(kernel(x, weight, bias), kernel(x, reference, bias)), f"{n} rows"
+
+
+@pytest.mark.parametrize("kind", ["Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_of_any_bytes_dequantize_as_gguf(kind):
+    """Super-blocks of random bytes throughout (negative and subnormal scales and mins too): every
+    row whose values are finite equals gguf's."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rows = np.random.default_rng(7).integers(0, 256, (64, 2 * K_QUANT_BYTES[kind]), dtype=np.uint8)
+    reference = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).astype(np.float32))
+    finite = reference.isfinite().all(dim=1)
+    assert finite.sum() > 32
+    assert torch.equal(kquant_weight(kind, rows, 512).dequantize()[finite], reference[finite])
 
 
 def test_quantized_weights_are_checked_when_made():
