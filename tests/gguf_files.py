@@ -41,8 +41,12 @@ def _rope_freqs(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
+_MOE_ARCHS = {"mixtral": "llama", "qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3moe"}
+
+
 def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None, **overrides):
-    """Write `folder/model.gguf` of a tiny random `kind` model (llama, llama-linear, qwen2, qwen3);
+    """Write `folder/model.gguf` of a tiny random `kind` model (llama, llama-linear, qwen2, qwen3, and
+    the mixtures mixtral, qwen2-moe, qwen3-moe: each layer's experts stacked in one tensor each);
     return the transformers model it holds (float32 tensors: the same weights exactly, unless
     `types` names a K-quant type for some tensors, by llama.cpp's short name: attn_q, ffn_down,
     output...; those hold random super-blocks instead). `overrides`: config fields."""
@@ -50,7 +54,7 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
 
     from cachedattention.model.embedded import embedded_gguf_path
 
-    arch = "llama" if kind.startswith("llama") else kind
+    arch = _MOE_ARCHS.get(kind) or ("llama" if kind.startswith("llama") else kind)
     hf = make_tiny_model(kind, folder / "hf", vocab_size=49152, **overrides)
     cfg = hf.config
     rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
@@ -68,6 +72,13 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
+    if kind in _MOE_ARCHS:
+        w.add_expert_count(getattr(cfg, "num_local_experts", None) or cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if arch != "llama":
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     src = gguf.GGUFReader(str(embedded_gguf_path()))
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
         w.add_string(key, src.fields[key].contents())
@@ -80,14 +91,18 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
         w.add_tensor("rope_freqs.weight", _rope_freqs(head_dim, theta, rope))
     elif rope.get("rope_type") == "linear":  # as older converters wrote it: the factor, no type
         w.add_float32(f"{arch}.rope.scale_linear", rope["factor"])
-    for name, t in hf.state_dict().items():
+    state = {n: t.float().numpy() for n, t in hf.state_dict().items()}
+    if kind in _MOE_ARCHS:
+        state = _stacked_experts(state)
+    for name, a in state.items():
         if name != "lm_head.weight" or not cfg.tie_word_embeddings:  # a tied head is the embedding
-            gname, a = _gguf_tensor(name, t.float().numpy(), cfg, arch)
+            gname, a = _gguf_tensor(name, a, cfg, arch)
             qtype = (types or {}).get(gname.split(".")[-2] if gname.startswith("blk.") else gname.split(".")[0])
             if qtype is None:
                 w.add_tensor(gname, a)
             else:  # (random super-blocks: gguf's package does not quantize to K-quants)
-                rows = random_rows(qtype, a.shape[0], a.shape[1], np.random.default_rng(len(gname)))
+                rng = np.random.default_rng(len(gname))
+                rows = random_rows(qtype, int(np.prod(a.shape[:-1])), a.shape[-1], rng).reshape(*a.shape[:-1], -1)
                 w.add_tensor(gname, rows, raw_dtype=gguf.GGMLQuantizationType[qtype])
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -96,7 +111,42 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     return hf
 
 
+_MOE_NAMES = {"mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+              "experts.gate": "ffn_gate_exps.weight", "experts.up": "ffn_up_exps.weight",
+              "experts.down": "ffn_down_exps.weight", "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+              "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+              "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+              "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}  # fmt: skip
+
+
+def _stacked_experts(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each layer's experts as llama.cpp stacks them, [experts, out, in] under `experts.gate/up/down`,
+    from transformers' fused gate_up_proj (gate first) and down_proj, or from one tensor per expert
+    (Mixtral's w1 / w3 / w2, the others' gate_proj / up_proj / down_proj)."""
+    out: dict[str, np.ndarray] = {}
+    per_expert: dict[str, dict[int, np.ndarray]] = {}
+    part = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    for name, a in state.items():
+        layer = name.split(".experts.")[0] if ".experts." in name else None
+        if layer is None or ".shared_expert" in name:
+            out[name] = a
+        elif name.endswith("experts.gate_up_proj"):
+            out[f"{layer}.experts.gate"], out[f"{layer}.experts.up"] = np.split(a, 2, axis=1)
+        elif name.endswith("experts.down_proj"):
+            out[f"{layer}.experts.down"] = a
+        else:  # layer.experts.E.w1.weight
+            e, module = name.split(".experts.")[1].split(".")[:2]
+            per_expert.setdefault(f"{layer}.experts.{part[module]}", {})[int(e)] = a
+    for name, experts in per_expert.items():
+        out[name] = np.stack([experts[e] for e in sorted(experts)])
+    return out
+
+
 def _gguf_tensor(name: str, a: np.ndarray, cfg, arch: str) -> tuple[str, np.ndarray]:
+    layer_name = name.split(".", 3)[-1] if name.startswith("model.layers.") else ""
+    for hf, gguf_name in _MOE_NAMES.items():
+        if layer_name.endswith(hf) and (hf.startswith("experts.") or layer_name == hf):
+            return f"blk.{name.split('.')[2]}.{gguf_name}", np.ascontiguousarray(a)
     if name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
         return {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
                 "model.norm.weight": "output_norm.weight"}[name], a  # fmt: skip

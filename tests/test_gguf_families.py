@@ -7,7 +7,7 @@ import torch
 
 from cachedattention import LLM, SamplingParams
 from tests.gguf_files import write_tiny_gguf
-from tests.util import capture_logits, rel_err
+from tests.util import assert_logits_match, capture_logits
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -35,30 +35,40 @@ def test_a_gguf_file_of_each_family_matches_transformers(kind, gguf_files, monke
     assert spec.qkv_bias == (kind == "qwen2")
     # the tiny Llama is Llama-3 scaled (the file's rope_freqs), the other one linearly (its factor)
     assert (spec.rope_freq_factors is not None) == kind.startswith("llama")
-    seen = capture_logits(monkeypatch)
-    prompt = [(11 * i + 5) % 3000 + 20 for i in range(40)]
-    out = llm.generate([prompt], GREEDY)[0]
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0]
-    assert len(seen) == GREEDY.max_tokens
-    for step, logits in enumerate(seen):
-        assert rel_err(logits, ref[len(prompt) - 1 + step]) <= 1e-4, f"step {step}"
+    assert_logits_match(llm, hf, [(11 * i + 5) % 3000 + 20 for i in range(40)], GREEDY, monkeypatch)
 
 
-def test_a_k_quant_file_decodes_from_its_blocks_as_from_its_float32_weights(tmp_path, monkeypatch):
-    """A file of K-quant tensors, as llama.cpp's Q4_K_M and Q3_K_M mix them: every linear layer gets
-    the few-rows kernel's blocks, re-expressed exactly, and decodes to the same logits, bit for bit,
-    as the same engine over the float32 weights alone."""
+@pytest.mark.parametrize("kind, model_type", [("mixtral", "mixtral"), ("qwen2-moe", "qwen2_moe"),
+                                              ("qwen3-moe", "qwen3_moe")])
+def test_a_gguf_mixture_of_experts_matches_transformers(kind, model_type, gguf_files, monkeypatch):
+    """Each layer's experts stacked in one tensor each (llama.cpp's layout), split at load; Mixtral's
+    q/k rows un-permuted (its file is a Llama's), Qwen2-MoE's shared expert and its plain-MLP layer."""
+    folder, hf = gguf_files(kind)
+    llm = LLM(model=str(folder / "model.gguf"))
+    moe = llm.engine.spec.moe
+    assert llm.engine.spec.model_type == model_type and moe.num_experts == 8 and moe.top_k == 2
+    assert moe.normalize_top_k == (kind != "qwen2-moe") and moe.dense_layers == ((1,) if kind == "qwen2-moe" else ())
+    assert_logits_match(llm, hf, [(11 * i + 5) % 3000 + 20 for i in range(40)], GREEDY, monkeypatch)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3-moe"])
+def test_a_k_quant_file_decodes_from_its_blocks_as_from_its_float32_weights(kind, tmp_path, monkeypatch):
+    """A file of K-quant tensors, as llama.cpp's Q4_K_M and Q3_K_M mix them (a mixture's stacked
+    experts too): every linear layer gets the few-rows kernel's blocks, re-expressed exactly, and
+    decodes to the same logits, bit for bit, as the same engine over the float32 weights alone."""
     from cachedattention.model.layers import Linear
 
     types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
-             "ffn_gate": "Q3_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}  # fmt: skip
-    write_tiny_gguf("llama", tmp_path, types, hidden_size=256, intermediate_size=512)
+             "ffn_gate": "Q3_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K",
+             "ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}  # fmt: skip
+    sizes = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, head_dim=64)
+    write_tiny_gguf(kind, tmp_path, types, **(sizes if kind != "llama" else {"hidden_size": 256, "intermediate_size": 512}))
     llm = LLM(model=str(tmp_path / "model.gguf"))
-    layers = [m for n, m in llm.engine.model.named_modules() if isinstance(m, Linear) and ".layers." in n]
+    layers = [m for n, m in llm.engine.model.named_modules()
+              if isinstance(m, Linear) and ".layers." in n and not n.endswith("mlp.gate")]  # (routers stay float32)
     assert layers and all(m.quantized is not None for m in layers)
     assert {m.quantized.kind for m in layers} == {"Q4_1", "Q8_M", "Q8_S16"}
-    assert llm.engine.runner.decode_kernel is not None  # (decode steps go through the fused C layers)
+    assert llm.engine.runner.decode_kernel is not None
     prompt = [(11 * i + 5) % 3000 + 20 for i in range(24)]  # within the kernel's float32 rows: no GEMM either way
     seen = capture_logits(monkeypatch)
     out = llm.generate([prompt], GREEDY)[0]

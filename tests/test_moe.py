@@ -3,6 +3,7 @@ the routing against transformers' own block, and the decode steps that stay off 
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,20 +129,34 @@ def test_decode_steps_run_per_operation_and_batched_rows_route_independently(tin
         assert rel_err(logits, ref[len(prompts[1]) - 1 + step]) <= 1e-4
 
 
-def test_a_gguf_file_with_experts_is_refused(tmp_path):
-    """A Mixtral GGUF says architecture "llama" and counts its experts: refused, not half loaded."""
+def test_a_gguf_file_with_experts_not_stacked_or_without_metadata_is_refused(tmp_path):
+    """A Mixtral GGUF of llama.cpp's layout before 2024 (one tensor per expert) is refused with what to
+    do, not half loaded; so is a file without a model's metadata."""
     import gguf
 
-    w = gguf.GGUFWriter(str(tmp_path / "mixtral.gguf"), "llama")
-    w.add_block_count(2)
-    w.add_expert_count(8)
-    w.add_expert_used_count(2)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(ValueError, match="GGUF mixture-of-experts files .* not supported"):
-        LLM(model=str(tmp_path / "mixtral.gguf"))
+    def write(name: str, arch: str, fill) -> str:
+        w = gguf.GGUFWriter(str(tmp_path / name), arch)
+        fill(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return str(tmp_path / name)
+
+    def old_mixtral(w) -> None:
+        w.add_block_count(1)
+        w.add_embedding_length(32)
+        w.add_feed_forward_length(32)
+        w.add_head_count(4)
+        w.add_vocab_size(64)
+        w.add_expert_count(8)
+        w.add_expert_used_count(2)
+        w.add_tensor("blk.0.ffn_gate.0.weight", np.zeros((32, 32), dtype=np.float32))  # the old per-expert names
+
+    with pytest.raises(ValueError, match="experts are not stacked"):
+        LLM(model=write("mixtral.gguf", "llama", old_mixtral))
+    with pytest.raises(ValueError, match="lacks qwen3moe.block_count"):
+        LLM(model=write("bare.gguf", "qwen3moe", lambda w: None))
 
 
 def test_glm4_moe_reads_its_routing_and_leaves_out_its_multi_token_prediction_layer(tiny_dirs, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
-"""Read a GGUF file of the Llama, Qwen2 or Qwen3 architecture: its config (as a config.json dict),
-dequantized weights, and the linear layers' quantized blocks as they are (for the CPU few-rows kernel)."""
+"""Read a GGUF file of the Llama, Qwen2 or Qwen3 architecture, or a mixture of experts (Mixtral's
+Llama with experts, Qwen2-MoE, Qwen3-MoE): its config (as a config.json dict), dequantized weights,
+and the linear layers' quantized blocks (for the CPU few-rows kernel)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,18 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
     "attn_q_norm": "self_attn.q_norm",  # Qwen3
     "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",  # a mixture's router
+    "ffn_gate_exps": "mlp.experts.{e}.gate_proj",  # every expert's weight in one tensor [experts, out, in]
+    "ffn_up_exps": "mlp.experts.{e}.up_proj",
+    "ffn_down_exps": "mlp.experts.{e}.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",  # Qwen2-MoE's shared expert and its gate
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+# the model type of a file's architecture (a Llama with experts is a Mixtral)
+_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-dimension divisors of the frequencies (Llama 3.1's scaling)
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -67,25 +78,34 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     def p(name: str, default: Any = None) -> Any:
         return _field(r, f"{arch}.{name}", default)
 
-    if p("expert_count"):  # e.g. a Mixtral file: "llama" with experts
-        raise ValueError(f"GGUF mixture-of-experts files ({arch} with {p('expert_count')} experts) are not supported; "
-                         "serve the model's Hugging Face folder")
+    tensors = {t.name: t for t in r.tensors}
+    for name in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
+        if p(name) is None:
+            raise ValueError(f"this GGUF file lacks {arch}.{name}: not a complete model")
+    if "tokenizer.ggml.tokens" not in r.fields and p("vocab_size") is None:
+        raise ValueError("this GGUF file has neither a vocabulary (tokenizer.ggml.tokens) nor a vocab_size")
+
     scaling = p("rope.scaling.type")  # llama.cpp reads a factor without a type as linear scaling
     factor = p("rope.scaling.factor", p("rope.scale_linear"))
     if scaling not in (None, "none", "linear"):
         raise ValueError(f"GGUF rope scaling {scaling!r} is not supported (only linear, and Llama 3.1's rope_freqs)")
     heads = p("attention.head_count")
     vocab = p("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
-    tensors = {t.name: t for t in r.tensors}
     head_dim = p("attention.key_length", p("rope.dimension_count", p("embedding_length") // heads))
     extra: dict[str, Any] = {}
     if scaling != "none" and factor not in (None, 0.0, 1.0):
         extra["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
     if ROPE_FREQS in tensors:  # written as a tensor, not as scaling parameters: the divisors themselves
         extra["rope_freq_factors"] = [float(x) for x in np.asarray(tensors[ROPE_FREQS].data, dtype=np.float32)]
+    model_type = _MODEL_TYPES.get(arch, arch)
+    if p("expert_count"):
+        extra.update(_experts(arch, p, tensors))
+        model_type = "mixtral" if arch == "llama" else model_type
+    elif arch in _MODEL_TYPES:
+        raise ValueError(f"this {arch} GGUF file names no experts (expert_count)")
     return {
         **extra,
-        "model_type": arch,
+        "model_type": model_type,
         "vocab_size": int(vocab),
         "hidden_size": int(p("embedding_length")),
         "intermediate_size": int(p("feed_forward_length")),
@@ -102,6 +122,25 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     }
 
 
+def _experts(arch: str, p, tensors: dict) -> dict[str, Any]:
+    """A mixture's config fields, as its Hugging Face config names them (the layers without a router
+    are plain MLPs: Qwen2-MoE's mlp_only_layers). llama.cpp renormalizes the chosen experts' weights
+    of Mixtral and Qwen3-MoE, not Qwen2-MoE's, as transformers' configs of them say."""
+    layers = int(p("block_count"))
+    if not any(f"blk.{i}.ffn_gate_exps.weight" in tensors for i in range(layers)):
+        raise ValueError("this GGUF file's experts are not stacked one tensor per layer (ffn_gate_exps), as "
+                         "llama.cpp writes them since 2024: convert it again, or serve the Hugging Face folder")
+    out = {"num_experts_per_tok": int(p("expert_used_count", 2))}
+    if arch == "llama":
+        return {**out, "num_local_experts": int(p("expert_count"))}
+    out.update(num_experts=int(p("expert_count")), norm_topk_prob=arch == "qwen3moe",
+               moe_intermediate_size=int(p("expert_feed_forward_length", p("feed_forward_length"))),
+               mlp_only_layers=[i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors])  # fmt: skip
+    if arch == "qwen2moe":
+        out["shared_expert_intermediate_size"] = int(p("expert_shared_feed_forward_length", 0))
+    return out
+
+
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's interleaved rotary row order for q/k projections (HF uses rotate_half)."""
     rows = w.shape[0]
@@ -114,8 +153,8 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any]) -> dict[str, torch
 
     state: dict[str, torch.Tensor] = {}
     for name, t in _named_tensors(_reader(path)):
-        w = _in_hf_row_order(name, dequantize(t.data, t.tensor_type).astype(np.float32), config)
-        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+        for each, w in _each_expert(name, dequantize(t.data, t.tensor_type).astype(np.float32)):
+            state[each] = torch.from_numpy(np.ascontiguousarray(_in_hf_row_order(each, w, config)))
     return state
 
 
@@ -128,13 +167,18 @@ def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = Non
     out: dict[str, QuantizedWeight] = {}
     for name, t in _named_tensors(reader):
         kind, in_features = t.tensor_type.name, int(t.shape[0])  # GGUF lists shapes inner first
-        if len(t.shape) != 2 or name.endswith("norm.weight"):
+        if len(t.shape) not in (2, 3) or name.endswith(("norm.weight", "mlp.gate.weight")):
+            continue  # (a router stays float32: it is small, and read in float32)
+        if name == "model.embed_tokens.weight" and not config.get("tie_word_embeddings"):
+            continue  # looked up, not multiplied: only a tied head reads its blocks
+        if kind not in QUANTIZED_KINDS and not (kind in K_QUANT_BYTES and in_features % SUPER == 0):
             continue
-        if kind in QUANTIZED_KINDS:
-            rows = _in_hf_row_order(name, np.asarray(t.data), config)  # a row's blocks move with it
-            out[name] = QuantizedWeight.from_gguf_rows(kind, rows, in_features)
-        elif kind in K_QUANT_BYTES and in_features % SUPER == 0:
-            out[name] = kquant_weight(kind, _in_hf_row_order(name, np.asarray(t.data), config), in_features)
+        for each, raw in _each_expert(name, np.asarray(t.data)):
+            rows = _in_hf_row_order(each, raw, config)  # a row's blocks move with it
+            if kind in QUANTIZED_KINDS:
+                out[each] = QuantizedWeight.from_gguf_rows(kind, rows, in_features)
+            else:
+                out[each] = kquant_weight(kind, rows, in_features)
     return out
 
 
@@ -180,8 +224,17 @@ def _named_tensors(reader):
             yield f"{_GLOBAL_NAMES[base]}.{suffix}", t
 
 
+def _each_expert(name: str, a: np.ndarray):
+    """(name, array) of a tensor, or of each expert's part of a stacked one (its first axis)."""
+    if "{e}" not in name:
+        yield name, a
+        return
+    for e in range(a.shape[0]):
+        yield name.format(e=e), a[e]
+
+
 def _in_hf_row_order(name: str, rows: np.ndarray, config: dict[str, Any]) -> np.ndarray:
-    if config["model_type"] != "llama":  # llama.cpp permutes the q/k rows of its Llama conversions only
+    if config["model_type"] not in ("llama", "mixtral"):  # llama.cpp permutes the q/k rows of its Llama conversions only
         return rows
     if ".self_attn.q_proj." in name:
         return _unpermute(rows, config["num_attention_heads"])

@@ -165,10 +165,12 @@ def test_k_quants_of_any_bytes_dequantize_as_gguf(kind):
     from gguf.quants import dequantize
 
     rows = np.random.default_rng(7).integers(0, 256, (64, 2 * K_QUANT_BYTES[kind]), dtype=np.uint8)
-    reference = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).astype(np.float32))
+    with np.errstate(invalid="ignore", over="ignore"):  # (NaN and infinite scales among them)
+        reference = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).astype(np.float32))
+        ours = kquant_weight(kind, rows, 512).dequantize()
     finite = reference.isfinite().all(dim=1)
     assert finite.sum() > 32
-    assert torch.equal(kquant_weight(kind, rows, 512).dequantize()[finite], reference[finite])
+    assert torch.equal(ours[finite], reference[finite])
 
 
 def test_quantized_weights_are_checked_when_made():
