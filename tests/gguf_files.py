@@ -75,10 +75,8 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     if kind in _MOE_ARCHS:
         w.add_expert_count(getattr(cfg, "num_local_experts", None) or cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
-        if arch != "llama":
+        if arch == "qwen3moe":  # (Qwen1.5-MoE's early files name neither width: the tensors say it)
             w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-        if arch == "qwen2moe":
-            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     src = gguf.GGUFReader(str(embedded_gguf_path()))
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
         w.add_string(key, src.fields[key].contents())
@@ -146,6 +144,8 @@ def _gguf_tensor(name: str, a: np.ndarray, cfg, arch: str) -> tuple[str, np.ndar
     layer_name = name.split(".", 3)[-1] if name.startswith("model.layers.") else ""
     for hf, gguf_name in _MOE_NAMES.items():
         if layer_name.endswith(hf) and (hf.startswith("experts.") or layer_name == hf):
+            if hf == "mlp.shared_expert_gate.weight":
+                a = a.reshape(-1)  # llama.cpp's shape: {hidden}
             return f"blk.{name.split('.')[2]}.{gguf_name}", np.ascontiguousarray(a)
     if name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
         return {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",

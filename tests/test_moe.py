@@ -143,11 +143,12 @@ def test_a_gguf_file_with_experts_not_stacked_or_without_metadata_is_refused(tmp
         w.close()
         return str(tmp_path / name)
 
-    def old_mixtral(w) -> None:
+    def old_mixtral(w, heads: bool = True) -> None:
         w.add_block_count(1)
         w.add_embedding_length(32)
         w.add_feed_forward_length(32)
-        w.add_head_count(4)
+        if heads:
+            w.add_head_count(4)
         w.add_vocab_size(64)
         w.add_expert_count(8)
         w.add_expert_used_count(2)
@@ -155,8 +156,15 @@ def test_a_gguf_file_with_experts_not_stacked_or_without_metadata_is_refused(tmp
 
     with pytest.raises(ValueError, match="experts are not stacked"):
         LLM(model=write("mixtral.gguf", "llama", old_mixtral))
-    with pytest.raises(ValueError, match="lacks qwen3moe.block_count"):
+    with pytest.raises(ValueError, match="qwen3moe.block_count must be a positive integer, got None"):
         LLM(model=write("bare.gguf", "qwen3moe", lambda w: None))
+
+    def no_heads(w) -> None:
+        old_mixtral(w, heads=False)
+        w.add_head_count(0)
+
+    with pytest.raises(ValueError, match="head_count must be a positive integer, got 0"):
+        LLM(model=write("no-heads.gguf", "llama", no_heads))
 
 
 def test_glm4_moe_reads_its_routing_and_leaves_out_its_multi_token_prediction_layer(tiny_dirs, tmp_path, monkeypatch):

@@ -79,10 +79,11 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
         return _field(r, f"{arch}.{name}", default)
 
     tensors = {t.name: t for t in r.tensors}
-    for name in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
-        if p(name) is None:
-            raise ValueError(f"this GGUF file lacks {arch}.{name}: not a complete model")
-    if "tokenizer.ggml.tokens" not in r.fields and p("vocab_size") is None:
+    for name in ("block_count", "embedding_length", "attention.head_count"):
+        _positive(p(name), f"{arch}.{name}")
+    if p("feed_forward_length") is not None or not p("expert_count"):  # (a mixture's may go without)
+        _positive(p("feed_forward_length"), f"{arch}.feed_forward_length")
+    if "tokenizer.ggml.tokens" not in r.fields and not p("vocab_size"):
         raise ValueError("this GGUF file has neither a vocabulary (tokenizer.ggml.tokens) nor a vocab_size")
 
     scaling = p("rope.scaling.type")  # llama.cpp reads a factor without a type as linear scaling
@@ -104,11 +105,11 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     elif arch in _MODEL_TYPES:
         raise ValueError(f"this {arch} GGUF file names no experts (expert_count)")
     return {
+        "intermediate_size": int(p("feed_forward_length") or extra.get("moe_intermediate_size", 0)),
         **extra,
         "model_type": model_type,
         "vocab_size": int(vocab),
         "hidden_size": int(p("embedding_length")),
-        "intermediate_size": int(p("feed_forward_length")),
         "num_hidden_layers": int(p("block_count")),
         "num_attention_heads": int(heads),
         "num_key_value_heads": int(p("attention.head_count_kv", heads)),
@@ -130,15 +131,25 @@ def _experts(arch: str, p, tensors: dict) -> dict[str, Any]:
     if not any(f"blk.{i}.ffn_gate_exps.weight" in tensors for i in range(layers)):
         raise ValueError("this GGUF file's experts are not stacked one tensor per layer (ffn_gate_exps), as "
                          "llama.cpp writes them since 2024: convert it again, or serve the Hugging Face folder")
-    out = {"num_experts_per_tok": int(p("expert_used_count", 2))}
+    out = {"num_experts_per_tok": _positive(p("expert_used_count"), f"{arch}.expert_used_count")}
+    experts = _positive(p("expert_count"), f"{arch}.expert_count")
+    first = next(i for i in range(layers) if f"blk.{i}.ffn_gate_exps.weight" in tensors)
+    width = int(tensors[f"blk.{first}.ffn_gate_exps.weight"].shape[1])  # each expert's, from its tensor
     if arch == "llama":
-        return {**out, "num_local_experts": int(p("expert_count"))}
-    out.update(num_experts=int(p("expert_count")), norm_topk_prob=arch == "qwen3moe",
-               moe_intermediate_size=int(p("expert_feed_forward_length", p("feed_forward_length"))),
+        return {**out, "num_local_experts": experts, "intermediate_size": width}
+    out.update(num_experts=experts, norm_topk_prob=arch == "qwen3moe", moe_intermediate_size=width,
                mlp_only_layers=[i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors])  # fmt: skip
     if arch == "qwen2moe":
-        out["shared_expert_intermediate_size"] = int(p("expert_shared_feed_forward_length", 0))
+        shared = tensors.get(f"blk.{first}.ffn_gate_shexp.weight")
+        out["shared_expert_intermediate_size"] = int(shared.shape[1]) if shared is not None else 0
     return out
+
+
+def _positive(value: Any, key: str) -> int:
+    """A metadata count that must be a positive integer (not an array of one per layer)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"this GGUF file's {key} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -154,6 +165,8 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any]) -> dict[str, torch
     state: dict[str, torch.Tensor] = {}
     for name, t in _named_tensors(_reader(path)):
         for each, w in _each_expert(name, dequantize(t.data, t.tensor_type).astype(np.float32)):
+            if each.endswith("mlp.shared_expert_gate.weight"):
+                w = w.reshape(1, -1)  # llama.cpp's shape is {hidden}; ours a one-row linear layer
             state[each] = torch.from_numpy(np.ascontiguousarray(_in_hf_row_order(each, w, config)))
     return state
 
