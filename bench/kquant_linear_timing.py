@@ -17,18 +17,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from cachedattention.bench.timing import median_time
+from cachedattention.bench.timing import warm_median_ms
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.model.gguf_kquants import kquant_weight, random_rows
 
 # (out, in, type) of a Llama-3-8B layer's q, k, v, o, gate, up, down in a Q4_K_M file
 LAYER = [(4096, 4096, "Q4_K"), (1024, 4096, "Q4_K"), (1024, 4096, "Q6_K"), (4096, 4096, "Q4_K"),
          (14336, 4096, "Q4_K"), (14336, 4096, "Q4_K"), (4096, 14336, "Q6_K")]  # fmt: skip
-
-
-def median_ms(fn, repeats: int = 9) -> float:
-    fn()  # warm
-    return median_time(fn, repeats, "cpu") * 1000
 
 
 def main(row_counts: list[int]) -> None:
@@ -54,7 +49,7 @@ def main(row_counts: list[int]) -> None:
         cells = {name: [] for name in ways}
         for _ in range(3):
             for name, fn in ways.items():
-                cells[name].append(median_ms(fn))
+                cells[name].append(warm_median_ms(fn))
         m = {k: statistics.median(v) for k, v in cells.items()}
         print(f"| {rows} | {m['mkl']:.2f} | {m['kernel']:.2f} | {m['blocks']:.2f} | {m['kernel'] / m['blocks']:.2f}x |",
               flush=True)  # fmt: skip

@@ -7,7 +7,7 @@ import torch
 
 from cachedattention import LLM, SamplingParams
 from tests.gguf_files import write_tiny_gguf
-from tests.util import assert_logits_match, capture_logits
+from tests.util import assert_logits_match, capture_logits, rel_err
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -73,12 +73,72 @@ def test_a_k_quant_file_decodes_from_its_blocks_as_from_its_float32_weights(kind
     seen = capture_logits(monkeypatch)
     out = llm.generate([prompt], GREEDY)[0]
     monkeypatch.undo()
-    for m in layers:
-        m.quantized = None  # the same layers over their dequantized float32 weights
+    _on_float32(layers)
     plain = capture_logits(monkeypatch)
     again = llm.generate([prompt], GREEDY)[0]
     assert out.token_ids == again.token_ids
     assert all(torch.equal(a, b) for a, b in zip(seen, plain))
+
+
+def test_a_gguf_mixtures_experts_live_only_as_blocks(tmp_path, monkeypatch):
+    """On a CPU a mixture's K-quant experts keep no float32 copy: the kernel serves their calls, a
+    long prompt's too (more rows than it takes for a layer with float32; past MAX_ROWS_BLOCKS_ONLY,
+    here lowered to 100, dequantized for the call), as the float32 path would within rounding, and
+    a decode step's bit for bit."""
+    from cachedattention.kernels import few_rows_linear
+    from cachedattention.model.layers import Linear
+
+    if few_rows_linear.FewRowsLinearKernel.load() is None:
+        pytest.skip("no few-rows kernel here (a C compiler and AVX-512): the experts keep float32")
+    monkeypatch.setattr(few_rows_linear, "MAX_ROWS_BLOCKS_ONLY", 100)
+    types = {"ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}
+    write_tiny_gguf("qwen3-moe", tmp_path, types, hidden_size=256, moe_intermediate_size=256, head_dim=64)
+    llm = LLM(model=str(tmp_path / "model.gguf"))
+    experts = [m for n, m in llm.engine.model.named_modules() if isinstance(m, Linear) and ".experts." in n]
+    assert len(experts) == 3 * 8 * 3 and all(m.blocks_only and m.quantized is not None for m in experts)
+    assert all(m.weight.untyped_storage().nbytes() <= 4 for m in experts)  # a placeholder, no float32
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompts = [[(11 * i + 5) % 3000 + 20 for i in range(24)], [(7 * i + 3) % 3000 + 20 for i in range(400)]]
+    seen = capture_logits(monkeypatch)
+    outs = [llm.generate([p], params)[0] for p in prompts]
+    monkeypatch.undo()  # (the row limit too: the float32 path takes the kernel up to MAX_ROWS_GGUF)
+    _on_float32(experts)
+    plain = capture_logits(monkeypatch)
+    again = [llm.generate([p], params)[0] for p in prompts]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in again]
+    short = slice(0, params.max_tokens)  # 24 rows: the kernel either way
+    assert all(torch.equal(a, b) for a, b in zip(seen[short], plain[short]))
+    assert all(rel_err(a, b) <= 1e-4 for a, b in zip(seen, plain))  # 400 rows: GEMM on float32
+
+
+def test_expert_blocks_that_differ_from_gguf_keep_float32(tmp_path, monkeypatch, caplog):
+    """Blocks of a mixture's experts are checked against gguf's own values at load (they will have no
+    float32 copy to be compared with): blocks that differ leave those experts on float32."""
+    from cachedattention.model import gguf_loader
+    from cachedattention.model.layers import Linear
+
+    real = gguf_loader.kquant_weight
+
+    def wrong(kind, rows, in_features):
+        w = real(kind, rows, in_features)
+        return type(w)(w.kind, w.quants, w.scales * 2, w.mins, w.shape)
+
+    monkeypatch.setattr(gguf_loader, "kquant_weight", wrong)
+    write_tiny_gguf("qwen3-moe", tmp_path, {"ffn_up_exps": "Q4_K"}, hidden_size=256, head_dim=64)
+    llm = LLM(model=str(tmp_path / "model.gguf"))
+    experts = [m for n, m in llm.engine.model.named_modules() if isinstance(m, Linear) and ".experts." in n]
+    assert not any(m.blocks_only or m.quantized is not None for m in experts)
+    assert "do not match gguf's values" in caplog.text
+
+
+def _on_float32(layers) -> None:
+    """The same linear layers over their dequantized float32 weights (a mixture's experts had none)."""
+    from torch import nn
+
+    for m in layers:
+        if m.blocks_only:
+            m.weight, m.blocks_only = nn.Parameter(m.quantized.dequantize(), requires_grad=False), False
+        m.quantized = None
 
 
 def test_rope_freq_divisors_are_part_of_the_fingerprint(gguf_files):

@@ -25,5 +25,11 @@ def median_time(fn: Callable[[], object], repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def warm_median_ms(fn: Callable[[], object], repeats: int = 9) -> float:
+    """One warm-up call, then the median of `repeats` on a CPU, in ms (the diagnostics' cells)."""
+    fn()
+    return median_time(fn, repeats, "cpu") * 1000
+
+
 def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:,.1f}"

@@ -20,6 +20,10 @@ from cachedattention.kernels.build import load_kernel
 # MKL's GEMM, which is compute-bound and good at it.
 MAX_ROWS = 32
 MAX_ROWS_GGUF = 96
+# blocks with no float32 copy (a GGUF mixture's experts): up to this many rows the kernel beats
+# dequantizing them for the call and running MKL (a Q4_K expert of 768 x 2048: 4.6 against 6.2 ms at
+# 256 rows, 9.3 against 5.8 at 384; bench/expert_rows_timing.py); past it, dequantized per call
+MAX_ROWS_BLOCKS_ONLY = 256
 
 _ARGTYPES = (*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 6)
 _QUANTIZED_ARGTYPES = (ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 6)
@@ -141,11 +145,12 @@ class FewRowsLinearKernel:
         return cls(lib)
 
     @staticmethod
-    def takes(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
+    def takes(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, blocks_only: bool = False) -> bool:
         """Whether this call is one for the kernel: a few float32 CPU rows as wide as the weight's
-        input, and a contiguous 2-D float32 CPU weight or GGUF blocks."""
+        input, and a contiguous 2-D float32 CPU weight or GGUF blocks (`blocks_only`: blocks with no
+        float32 copy, for more rows)."""
         if isinstance(weight, QuantizedWeight):
-            max_rows, in_features = MAX_ROWS_GGUF, weight.shape[1]
+            max_rows, in_features = MAX_ROWS_BLOCKS_ONLY if blocks_only else MAX_ROWS_GGUF, weight.shape[1]
         elif weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous() and weight.device.type == "cpu":
             max_rows, in_features = MAX_ROWS, weight.shape[1]
         else:

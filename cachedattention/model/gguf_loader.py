@@ -5,6 +5,7 @@ and the linear layers' quantized blocks (for the CPU few-rows kernel)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -158,12 +159,18 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_state_dict(path: GGUFSource, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Dequantize every tensor to float32 under Hugging Face parameter names."""
+def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """Dequantize every tensor to float32 under Hugging Face parameter names; those in `blocks_only`
+    (served from their blocks alone) get a placeholder of their shape that holds no memory."""
     from gguf.quants import dequantize
 
     state: dict[str, torch.Tensor] = {}
     for name, t in _named_tensors(_reader(path)):
+        if "{e}" in name and name.format(e=0) in blocks_only:  # a mixture's experts: never dequantized
+            shape = (int(t.shape[1]), int(t.shape[0]))  # (GGUF lists shapes inner first)
+            state.update({name.format(e=e): torch.zeros((), dtype=torch.float32).expand(shape)
+                          for e in range(int(t.shape[2]))})  # fmt: skip
+            continue
         for each, w in _each_expert(name, dequantize(t.data, t.tensor_type).astype(np.float32)):
             if each.endswith("mlp.shared_expert_gate.weight"):
                 w = w.reshape(1, -1)  # llama.cpp's shape is {hidden}; ours a one-row linear layer
@@ -193,6 +200,19 @@ def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = Non
             else:
                 out[each] = kquant_weight(kind, rows, in_features)
     return out
+
+
+def gguf_expert_rows(path: GGUFSource):
+    """For each stacked expert tensor: its experts' names, and its first expert's rows 0, 1 and the
+    last as gguf dequantizes them ({row: float32 [1, in]}), to check blocks with no float32 copy."""
+    from gguf.quants import dequantize
+
+    for name, t in _named_tensors(_reader(path)):
+        if "{e}" in name:
+            raw = np.asarray(t.data)
+            rows = sorted({0, min(1, raw.shape[1] - 1), raw.shape[1] - 1})
+            first = {r: torch.from_numpy(dequantize(raw[0, r : r + 1], t.tensor_type).astype(np.float32)) for r in rows}
+            yield [name.format(e=e) for e in range(raw.shape[0])], first
 
 
 def save_blocks(blocks: dict[str, QuantizedWeight], path: Path) -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cachedattention.kernels.few_rows_linear import QuantizedWeight
+from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel, QuantizedWeight
 from cachedattention.model.embedded import BLOCKS_FILE, embedded_model_dir, rewrite_embedded_blocks
 from cachedattention.model.gguf_loader import (
     gguf_config,
+    gguf_expert_rows,
     gguf_quantized_weights,
     gguf_state_dict,
     load_blocks,
@@ -65,20 +66,26 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         spec = spec_from_hf_config(config)
         if check_spec is not None:
             check_spec(spec)
-        state = gguf_state_dict(reader, config)
-        blocks = lambda: gguf_quantized_weights(reader, config)  # noqa: E731
+        cpu_float32 = torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32
+        quantized = _gguf_blocks(reader, config) if cpu_float32 else {}
+        blocks_only = _experts_as_blocks(spec, quantized, reader)
+        state = gguf_state_dict(reader, config, blocks_only)
+        blocks = lambda: quantized  # noqa: E731
     else:
         config = _read_config(path)
         spec = spec_from_hf_config(config)
         if check_spec is not None:
             check_spec(spec)
         state = _to_our_weights(_read_safetensors(path), spec, resolve_dtype(dtype))
+        blocks_only = set()
         blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
     # another's (--tokenizer), else its own: one loader for both; a folder may have none (ids only)
     no_tokenizer = tokenizer is None and path.is_dir() and not _has_tokenizer(path)
     tok = None if no_tokenizer else load_tokenizer(tokenizer or str(path), spec.vocab_size)
     model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
-    if blocks is not None and torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32:
+    if blocks_only:  # no float32 copy to fall back on: attached, or the load fails
+        attach_quantized(model, blocks(), blocks_only)
+    elif blocks is not None and torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32:
         _attach_blocks(model, blocks, path if embedded else None)
     return LoadedModel(model, spec, tok, path.name, weights_id(path))
 
@@ -124,12 +131,41 @@ def _attach_blocks(model: LlamaForCausalLM, blocks, embedded_dir: Path | None) -
         log.warning("GGUF blocks not used: %s", e)
 
 
-def attach_quantized(model: LlamaForCausalLM, quantized: dict[str, QuantizedWeight]) -> int:
+def _gguf_blocks(reader, config: dict) -> dict[str, QuantizedWeight]:
+    """The file's blocks for the few-rows kernel; none when they cannot be read (float32 serves)."""
+    try:
+        return gguf_quantized_weights(reader, config)
+    except ValueError as e:
+        log.warning("GGUF blocks not used: %s", e)
+        return {}
+
+
+def _experts_as_blocks(spec: ModelSpec, quantized: dict[str, QuantizedWeight], reader) -> set[str]:
+    """A GGUF mixture's experts (nearly all its weights) kept only as blocks on a CPU, where the
+    few-rows kernel serves their calls: a quarter of float32's memory or less. Each stacked tensor
+    whose first expert's blocks do not dequantize to gguf's own values (rows 0, 1 and the last)
+    keeps float32, as a dense layer's would."""
+    if spec.moe is None or FewRowsLinearKernel.load() is None:
+        return set()
+    trusted = set()
+    for names, first in gguf_expert_rows(reader):
+        if not all(n in quantized for n in names):
+            continue  # (float32 in the file, or a type the kernel does not read)
+        if all(torch.equal(quantized[names[0]].dequantize(slice(r, r + 1)), row) for r, row in first.items()):
+            trusted.update(names)
+        else:
+            log.warning("the GGUF blocks of %s do not match gguf's values: its experts keep float32", names[0])
+    return trusted
+
+
+def attach_quantized(model: LlamaForCausalLM, quantized: dict[str, QuantizedWeight],
+                     blocks_only: Collection[str] = ()) -> int:  # fmt: skip
     """Give each linear layer the GGUF blocks its float32 weight was dequantized from, for the
     few-rows kernel to read (a quarter of the bytes or less); a tied head shares the embedding's.
     A layer whose blocks do not dequantize to its weight (first and last rows compared) keeps
-    float32 alone. Returns how many layers got blocks."""
-    attached = 0
+    float32 alone. The layers in `blocks_only` have no float32 weight: their blocks serve every
+    call (each must be attached). Returns how many layers got blocks."""
+    attached, left = 0, set(blocks_only)
     for name, module in model.named_modules():
         if not isinstance(module, Linear):
             continue
@@ -137,11 +173,20 @@ def attach_quantized(model: LlamaForCausalLM, quantized: dict[str, QuantizedWeig
         qw = quantized.get("model.embed_tokens.weight" if tied else f"{name}.weight")
         if qw is None:
             continue
+        if f"{name}.weight" in left:
+            if qw.shape != tuple(module.weight.shape):
+                raise ValueError(f"the GGUF blocks of {name} are {qw.shape}, its layer {tuple(module.weight.shape)}")
+            module.quantized, module.blocks_only = qw, True
+            left.discard(f"{name}.weight")
+            attached += 1
+            continue
         if not qw.matches(module.weight):
             log.warning("the GGUF blocks of %s do not match its weights: it keeps float32 alone", name)
             continue
         module.quantized = qw
         attached += 1
+    if left:  # a placeholder left in: its layer would multiply by zeros
+        raise RuntimeError(f"{len(left)} GGUF expert weights found no layer, e.g. {sorted(left)[:2]}")
     return attached
 
 
