@@ -126,6 +126,7 @@ class StoreConnector:
         # the layers with a sliding window, which load only what their window reaches
         self.window = spec.sliding_window if spec.window_layers else None
         self.windowed = frozenset(spec.window_layers)
+        self.full_layers = [i for i in range(spec.num_layers) if i not in self.windowed]
         self.saver = Saver(self.layout, self.store.host.allocate, engine.device)
         # a script that never calls close() still gets its saves flushed, and its threads stopped
         # before the interpreter tears down (a thread caught inside torch then aborts the process)
@@ -253,11 +254,9 @@ class StoreConnector:
     def _load_job(self, req: Request, st: TurnState, lo: int, hi: int) -> LoadJob:
         """Load request tokens [lo, hi); the first token computed is hi."""
         window_from = self._window_from(lo, hi)
-        all_windowed = len(self.windowed) == self.layout.num_layers
-        full_layers = [i for i in range(self.layout.num_layers) if i not in self.windowed]
         pieces = []
         for span, _tier, a, b, pos in _overlaps(st.tiers, lo, hi):
-            if b <= window_from and all_windowed:
+            if b <= window_from and not self.full_layers:
                 continue  # no layer reads these tokens
             host = self.store.segment_host(span.seg_id)
             if host is None and not self.store.wait_saved(span.seg_id, timeout=30):
@@ -266,7 +265,7 @@ class StoreConnector:
             lo_in = span.lo + a - pos
             piece = Piece(span.seg_id, lo_in, lo_in + b - a, a, host)
             if host is None and self.store.disk is not None:
-                layers = full_layers if b <= window_from else None  # what the kernel should read ahead
+                layers = self.full_layers if b <= window_from else None  # what the kernel should read ahead
                 piece.open_disk = lambda seg=span.seg_id, layers=layers: self.store.disk.open(seg, layers)
             pieces.append(piece)
         dev, page_size = self.engine.device, self.engine.pool.page_size
