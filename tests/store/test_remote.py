@@ -504,6 +504,9 @@ def test_an_adopted_prefix_whose_segments_are_gone_hides_nothing_this_replica_ho
     a, b = replica(path, server.url), replica(path, server.url)
     system = list(range(60, 108))  # 48 tokens: three blocks
     a.generate([system + [1, 2, 3]], PARAMS)
+    # A's record on the server first: the blocks both records share name the last record published,
+    # which must be B's (a loaded machine could publish A's after B's: then nothing is adopted)
+    settle(a)
     theirs = b.generate([system + [4, 5, 6]], PARAMS)[0]
     settle(a, b)
     tier = store_of(b).remote.tier
