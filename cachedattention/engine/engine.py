@@ -99,7 +99,7 @@ class LLMEngine:
         self.pool.prefault_start()  # the first requests' pages, at start-up rather than in their TTFT
         self.scheduler = Scheduler(
             config.scheduler, self.pages, config.cache.page_size, config.cache.enable_prefix_cache,
-            window=self.spec.sliding_window if self.spec.window_layers else None,
+            window=self.spec.any_window,
         )
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self.store = None

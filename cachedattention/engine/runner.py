@@ -40,7 +40,7 @@ class ModelRunner:
         # into groups of similar length: a CPU pays per row copied (measured by
         # bench/decode_timing.py), a GPU per kernel launch, so there it keeps one group
         self.group_call_rows = CPU_GROUP_CALL_ROWS if device.type == "cpu" else None
-        self.window = model.spec.sliding_window if model.spec.window_layers else None
+        self.window = model.spec.any_window
         self.all_windowed = len(model.spec.window_layers) == model.spec.num_layers
         # a CPU with a C compiler attends decoders straight over their pages; else padded groups
         self.decode_kernel = _load_decode_kernel(model, pool, device)

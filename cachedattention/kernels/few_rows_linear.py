@@ -107,12 +107,20 @@ class QuantizedWeight:
         return w.reshape(-1, k)
 
     def matches(self, weight: torch.Tensor) -> bool:
-        """Whether `weight` is this weight dequantized, comparing rows 0, 1 and the last exactly (row 1
-        also tells whether q/k rows were put in the same order: llama.cpp's permutation moves it)."""
+        """Whether `weight` is this weight dequantized, comparing its checked rows exactly."""
         if tuple(weight.shape) != self.shape or weight.dtype != torch.float32 or weight.device.type != "cpu":
             return False
-        rows = sorted({0, min(1, self.shape[0] - 1), self.shape[0] - 1})
-        return all(torch.equal(self.dequantize(slice(r, r + 1)), weight[r : r + 1].detach()) for r in rows)
+        return self.matches_rows({r: weight[r : r + 1].detach() for r in self.checked_rows(self.shape[0])})
+
+    def matches_rows(self, rows: dict[int, torch.Tensor]) -> bool:
+        """Whether these rows ({index: float32 [1, in]}) are this weight's, dequantized, exactly."""
+        return all(torch.equal(self.dequantize(slice(r, r + 1)), row) for r, row in rows.items())
+
+    @staticmethod
+    def checked_rows(out_features: int) -> list[int]:
+        """The rows a check compares: 0, 1 and the last (row 1 also tells whether q/k rows were put
+        in the same order: llama.cpp's permutation moves it)."""
+        return sorted({0, min(1, out_features - 1), out_features - 1})
 
 
 def _plain_floats(t: torch.Tensor, shape: tuple[int, int]) -> bool:

@@ -210,7 +210,7 @@ def gguf_expert_rows(path: GGUFSource):
     for name, t in _named_tensors(_reader(path)):
         if "{e}" in name:
             raw = np.asarray(t.data)
-            rows = sorted({0, min(1, raw.shape[1] - 1), raw.shape[1] - 1})
+            rows = QuantizedWeight.checked_rows(raw.shape[1])
             first = {r: torch.from_numpy(dequantize(raw[0, r : r + 1], t.tensor_type).astype(np.float32)) for r in rows}
             yield [name.format(e=e) for e in range(raw.shape[0])], first
 

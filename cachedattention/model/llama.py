@@ -125,7 +125,7 @@ class Attention(nn.Module):
                 if o is not None:
                     return o.transpose(0, 1)
             mask, causal = seq.mask, False
-            if mask is None and seq.num_new > 1:
+            if mask is None and seq.num_new > 1 and blocks is None:
                 # query i sits at context_len + i: causal aligned to the bottom-right, which the
                 # fused CUDA kernels take without materialising a mask
                 mask = causal_lower_right(seq.num_new, seq.total_len)

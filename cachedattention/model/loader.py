@@ -151,7 +151,7 @@ def _experts_as_blocks(spec: ModelSpec, quantized: dict[str, QuantizedWeight], r
     for names, first in gguf_expert_rows(reader):
         if not all(n in quantized for n in names):
             continue  # (float32 in the file, or a type the kernel does not read)
-        if all(torch.equal(quantized[names[0]].dequantize(slice(r, r + 1)), row) for r, row in first.items()):
+        if quantized[names[0]].matches_rows(first):
             trusted.update(names)
         else:
             log.warning("the GGUF blocks of %s do not match gguf's values: its experts keep float32", names[0])

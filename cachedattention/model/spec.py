@@ -129,6 +129,11 @@ class ModelSpec:
         """The layer's sliding window, or None when it attends to the whole context."""
         return self.sliding_window if layer in self.window_layers else None
 
+    @property
+    def any_window(self) -> int | None:
+        """The sliding window of the layers that have one; None when none does."""
+        return self.sliding_window if self.window_layers else None
+
     def norms_plus_one(self) -> bool:
         """Gemma's norms scale by (1 + w): the loader folds the 1 in."""
         return self.model_type in ("gemma", "gemma2", "gemma3_text")

@@ -124,7 +124,7 @@ class StoreConnector:
         self.store = AttentionStore(config, self.layout, fingerprint, pin=engine.device.type == "cuda")
         self.loader = Loader(engine.pool, engine.model.rotary, self.layout, engine.device)
         # the layers with a sliding window, which load only what their window reaches
-        self.window = spec.sliding_window if spec.window_layers else None
+        self.window = spec.any_window
         self.windowed = frozenset(spec.window_layers)
         self.full_layers = [i for i in range(spec.num_layers) if i not in self.windowed]
         self.saver = Saver(self.layout, self.store.host.allocate, engine.device)
