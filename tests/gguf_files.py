@@ -48,9 +48,11 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     """Write `folder/model.gguf` of a tiny random `kind` model (llama, llama-linear, qwen2, qwen3, and
     the mixtures mixtral, qwen2-moe, qwen3-moe: each layer's experts stacked in one tensor each);
     return the transformers model it holds (float32 tensors: the same weights exactly, unless
-    `types` names a K-quant type for some tensors, by llama.cpp's short name: attn_q, ffn_down,
-    output...; those hold random super-blocks instead). `overrides`: config fields."""
+    `types` names a block type for some tensors, by llama.cpp's short name: attn_q, ffn_down,
+    output...; those hold the weights quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), or random
+    super-blocks for a K-quant). `overrides`: config fields."""
     import gguf
+    from gguf.quants import quantize
 
     from cachedattention.model.embedded import embedded_gguf_path
 
@@ -98,6 +100,8 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
             qtype = (types or {}).get(gname.split(".")[-2] if gname.startswith("blk.") else gname.split(".")[0])
             if qtype is None:
                 w.add_tensor(gname, a)
+            elif qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):  # the weights themselves, quantized
+                w.add_tensor(gname, quantize(a, gguf.GGMLQuantizationType[qtype]), raw_dtype=gguf.GGMLQuantizationType[qtype])
             else:  # (random super-blocks: gguf's package does not quantize to K-quants)
                 rng = np.random.default_rng(len(gname))
                 rows = random_rows(qtype, int(np.prod(a.shape[:-1])), a.shape[-1], rng).reshape(*a.shape[:-1], -1)

@@ -51,23 +51,32 @@ def test_a_gguf_mixture_of_experts_matches_transformers(kind, model_type, gguf_f
     assert_logits_match(llm, hf, [(11 * i + 5) % 3000 + 20 for i in range(40)], GREEDY, monkeypatch)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3-moe"])
-def test_a_k_quant_file_decodes_from_its_blocks_as_from_its_float32_weights(kind, tmp_path, monkeypatch):
-    """A file of K-quant tensors, as llama.cpp's Q4_K_M and Q3_K_M mix them (a mixture's stacked
-    experts too): every linear layer gets the few-rows kernel's blocks, re-expressed exactly, and
-    decodes to the same logits, bit for bit, as the same engine over the float32 weights alone."""
+K_QUANTS = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
+            "ffn_gate": "Q3_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K",
+            "ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}  # fmt: skip
+OLDER_QUANTS = {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q5_1", "attn_output": "Q4_0",
+                "ffn_gate": "Q4_0", "ffn_up": "Q5_1", "ffn_down": "Q5_0",
+                "ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q5_1", "ffn_down_exps": "Q5_0"}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind, types, blocks", [("llama", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16"}),
+                                                 ("qwen3-moe", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16"}),
+                                                 ("llama", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
+                                                 ("qwen3-moe", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"})])
+def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(kind, types, blocks, tmp_path, monkeypatch):
+    """A file of K-quant tensors, as llama.cpp's Q4_K_M and Q3_K_M mix them, or of the older Q4_0,
+    Q5_0 and Q5_1 (Gemma 3's QAT files are Q4_0) (a mixture's stacked experts too): every linear
+    layer gets the few-rows kernel's blocks, re-expressed exactly, and decodes to the same logits,
+    bit for bit, as the same engine over the float32 weights alone."""
     from cachedattention.model.layers import Linear
 
-    types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
-             "ffn_gate": "Q3_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K",
-             "ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}  # fmt: skip
     sizes = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, head_dim=64)
     write_tiny_gguf(kind, tmp_path, types, **(sizes if kind != "llama" else {"hidden_size": 256, "intermediate_size": 512}))
     llm = LLM(model=str(tmp_path / "model.gguf"))
     layers = [m for n, m in llm.engine.model.named_modules()
               if isinstance(m, Linear) and ".layers." in n and not n.endswith("mlp.gate")]  # (routers stay float32)
     assert layers and all(m.quantized is not None for m in layers)
-    assert {m.quantized.kind for m in layers} == {"Q4_1", "Q8_M", "Q8_S16"}
+    assert {m.quantized.kind for m in layers} == blocks
     assert llm.engine.runner.decode_kernel is not None
     prompt = [(11 * i + 5) % 3000 + 20 for i in range(24)]  # within the kernel's float32 rows: no GEMM either way
     seen = capture_logits(monkeypatch)
@@ -117,13 +126,13 @@ def test_expert_blocks_that_differ_from_gguf_keep_float32(tmp_path, monkeypatch,
     from cachedattention.model import gguf_loader
     from cachedattention.model.layers import Linear
 
-    real = gguf_loader.kquant_weight
+    real = gguf_loader.reexpressed_weight
 
     def wrong(kind, rows, in_features):
         w = real(kind, rows, in_features)
         return type(w)(w.kind, w.quants, w.scales * 2, w.mins, w.shape)
 
-    monkeypatch.setattr(gguf_loader, "kquant_weight", wrong)
+    monkeypatch.setattr(gguf_loader, "reexpressed_weight", wrong)
     write_tiny_gguf("qwen3-moe", tmp_path, {"ffn_up_exps": "Q4_K"}, hidden_size=256, head_dim=64)
     llm = LLM(model=str(tmp_path / "model.gguf"))
     experts = [m for n, m in llm.engine.model.named_modules() if isinstance(m, Linear) and ".experts." in n]

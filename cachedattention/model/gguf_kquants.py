@@ -1,11 +1,15 @@
-"""GGUF's K-quant super-blocks (Q3_K, Q4_K, Q5_K, Q6_K: 256 weights each, in sub-blocks of 16 or 32
-with 6- or 8-bit scales under a float16 one) re-expressed exactly as the few-rows kernel's blocks.
+"""GGUF's block types that the few-rows kernel does not read as they are, re-expressed exactly as
+its blocks: the K-quant super-blocks (Q3_K, Q4_K, Q5_K, Q6_K: 256 weights each, in sub-blocks of 16
+or 32 with 6- or 8-bit scales under a float16 one) and the older blocks of 32 (Q4_0, Q5_0, Q5_1).
 
 Each sub-block's scale (and min) is the float16 super-scale times its small integer, exact in
 float32, so the kernel's scale * q (+ min) gives GGUF's values bit for bit:
 Q4_K -> Q4_1 (nibbles repacked), Q5_K -> Q8_M (5-bit values, a scale and a min a block of 32),
 Q6_K and Q3_K -> Q8_S16 (signed values, a scale for each 16). The bit layouts below follow gguf's
 own dequantization (gguf.quants), which the tests hold these to.
+
+Q4_0 (d * (q - 8)) is Q4_1 with the min -8d; Q5_0 (d * (q - 16)) is Q8_0's signed values; Q5_1
+(d * q + m) is Q8_M. Each product is exact in float32, so these are bit for bit too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,40 @@ from cachedattention.kernels.few_rows_linear import QuantizedWeight
 
 SUPER = 256  # weights in a super-block
 K_QUANT_BYTES = {"Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes of one super-block
+LEGACY_BYTES = {"Q4_0": 18, "Q5_0": 22, "Q5_1": 24}  # bytes of one block of 32
+
+
+def reexpressible(kind: str, in_features: int) -> bool:
+    """Whether rows of `in_features` weights of this GGUF type can be re-expressed as kernel blocks."""
+    return (kind in K_QUANT_BYTES and in_features % SUPER == 0) or (kind in LEGACY_BYTES and in_features % 32 == 0)
+
+
+def reexpressed_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
+    """A GGUF tensor's raw rows of a K-quant or older block type as kernel blocks."""
+    return legacy_weight(kind, rows, in_features) if kind in LEGACY_BYTES else kquant_weight(kind, rows, in_features)
+
+
+def legacy_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
+    """Raw rows (uint8 [out, bytes per row]) of Q4_0, Q5_0 or Q5_1 as kernel blocks."""
+    if kind not in LEGACY_BYTES or in_features % 32:
+        raise ValueError(f"rows of Q4_0, Q5_0 or Q5_1 are whole blocks of 32, not {kind} of {in_features}")
+    out = rows.shape[0]
+    blocks = np.ascontiguousarray(rows).reshape(-1, LEGACY_BYTES[kind])
+    d = _halves(blocks[:, 0:2].copy())
+
+    def per_row(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a).reshape(out, -1))
+
+    if kind == "Q4_0":  # the nibbles sit as Q4_1's do: element j low, j + 16 high
+        return QuantizedWeight("Q4_1", per_row(blocks[:, 2:18]), per_row(d), per_row(-8 * d), (out, in_features))
+    low = 2 if kind == "Q5_0" else 4  # Q5_1 has its float16 min after the scale
+    fifth = blocks[:, low : low + 4].copy().view("<u4") >> np.arange(32, dtype=np.uint32)  # bit j: element j's
+    qs = blocks[:, low + 4 : low + 20]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1) | ((fifth & 1) << 4).astype(np.uint8)
+    if kind == "Q5_0":
+        return QuantizedWeight("Q8_0", per_row(q.astype(np.int8) - np.int8(16)), per_row(d), None, (out, in_features))
+    m = _halves(blocks[:, 2:4].copy())
+    return QuantizedWeight("Q8_M", per_row(q.astype(np.int8)), per_row(d), per_row(m), (out, in_features))
 
 
 def kquant_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:

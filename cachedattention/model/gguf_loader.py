@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cachedattention.kernels.few_rows_linear import QUANTIZED_KINDS, QuantizedWeight
-from cachedattention.model.gguf_kquants import K_QUANT_BYTES, SUPER, kquant_weight
+from cachedattention.model.gguf_kquants import reexpressed_weight, reexpressible
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -180,7 +180,7 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Colle
 
 def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = None) -> dict[str, QuantizedWeight]:
     """The weights of linear layers stored in block types the few-rows kernel reads (Q4_1, Q8_0 as
-    they are; Q3_K-Q6_K re-expressed exactly), as blocks, under Hugging Face names and row order (the
+    they are; Q3_K-Q6_K, Q4_0, Q5_0 and Q5_1 re-expressed exactly), as blocks, under Hugging Face names and row order (the
     embedding too: a tied head uses it). `path` is a file name or a reader from open_gguf."""
     reader = _reader(path)
     config = config or gguf_config(reader)
@@ -191,14 +191,14 @@ def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = Non
             continue  # (a router stays float32: it is small, and read in float32)
         if name == "model.embed_tokens.weight" and not config.get("tie_word_embeddings"):
             continue  # looked up, not multiplied: only a tied head reads its blocks
-        if kind not in QUANTIZED_KINDS and not (kind in K_QUANT_BYTES and in_features % SUPER == 0):
+        if kind not in QUANTIZED_KINDS and not reexpressible(kind, in_features):
             continue
         for each, raw in _each_expert(name, np.asarray(t.data)):
             rows = _in_hf_row_order(each, raw, config)  # a row's blocks move with it
             if kind in QUANTIZED_KINDS:
                 out[each] = QuantizedWeight.from_gguf_rows(kind, rows, in_features)
             else:
-                out[each] = kquant_weight(kind, rows, in_features)
+                out[each] = reexpressed_weight(kind, rows, in_features)
     return out
 
 

@@ -8,7 +8,13 @@ from torch.nn import functional as F
 
 from cachedattention import LLM, SamplingParams
 from cachedattention.kernels.few_rows_linear import MAX_ROWS, MAX_ROWS_GGUF, FewRowsLinearKernel, QuantizedWeight
-from cachedattention.model.gguf_kquants import K_QUANT_BYTES, kquant_weight, random_rows
+from cachedattention.model.gguf_kquants import (
+    K_QUANT_BYTES,
+    LEGACY_BYTES,
+    kquant_weight,
+    random_rows,
+    reexpressed_weight,
+)
 from cachedattention.model.layers import Linear
 from tests.tiny_models import hf_greedy
 from tests.util import rel_err
@@ -171,6 +177,35 @@ def test_k_quants_of_any_bytes_dequantize_as_gguf(kind):
     finite = reference.isfinite().all(dim=1)
     assert finite.sum() > 32
     assert torch.equal(ours[finite], reference[finite])
+
+
+@pytest.mark.parametrize("kind, as_kind", [("Q4_0", "Q4_1"), ("Q5_0", "Q8_0"), ("Q5_1", "Q8_M")])
+def test_older_block_types_are_read_as_blocks_equal_to_gguf_bit_for_bit(kernel, kind, as_kind):
+    """Q4_0, Q5_0 and Q5_1 (weights quantized by gguf itself, and blocks of random bytes) re-expressed
+    as the kernel's blocks dequantize to gguf's own values, and the kernel over them equals the
+    kernel over those values."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    rng = np.random.default_rng(3)
+    floats = (rng.standard_normal((24, 160)) * rng.uniform(1e-3, 4, (24, 1))).astype(np.float32)
+    for rows in (quantize(floats, GGMLQuantizationType[kind]),
+                 rng.integers(0, 256, (64, 3 * LEGACY_BYTES[kind]), dtype=np.uint8)):
+        in_features = rows.shape[1] // LEGACY_BYTES[kind] * 32
+        with np.errstate(invalid="ignore", over="ignore"):  # (random bytes: NaN and infinite scales among them)
+            reference = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).astype(np.float32))
+            weight = reexpressed_weight(kind, rows, in_features)
+            ours = weight.dequantize()
+        finite = reference.isfinite().all(dim=1)
+        assert weight.kind == as_kind and finite.sum() > 16
+        assert torch.equal(ours[finite], reference[finite])
+    weight = reexpressed_weight(kind, quantize(floats, GGMLQuantizationType[kind]), 160)
+    reference = weight.dequantize()
+    for n in (1, 3, 4, 5, MAX_ROWS):  # up to 4: dequantized in registers; more: via L1
+        x = torch.randn(n, 160)
+        assert torch.equal(kernel(x, weight), kernel(x, reference)), f"{n} rows"
+    with pytest.raises(ValueError, match="whole blocks of 32"):
+        reexpressed_weight(kind, rows, 100)
 
 
 def test_quantized_weights_are_checked_when_made():
