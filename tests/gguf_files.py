@@ -1,6 +1,8 @@
 """A tiny random Hugging Face model written as a GGUF file the way llama.cpp's converter writes it:
-its architecture's metadata, the tensors under llama.cpp's names (a Llama's q/k rows permuted), a
-Llama-3 scaled model's `rope_freqs` divisors, and the embedded model's tokenizer (vocabulary 49152)."""
+its architecture's metadata, the tensors under llama.cpp's names (a Llama's q/k rows permuted,
+Gemma's norms with its 1 added in, Phi-3's fused projections as they are, its longrope factors as
+tensors), a Llama-3 scaled model's `rope_freqs` divisors, and the embedded model's tokenizer
+(vocabulary 49152)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ _LAYER_NAMES = {
     "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate",
     "up_proj": "ffn_up", "down_proj": "ffn_down", "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
+    "qkv_proj": "attn_qkv", "gate_up_proj": "ffn_up",  # Phi-3's, fused as its checkpoints and llama.cpp keep them
 }  # fmt: skip
+_GEMMA_NORMS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}  # fmt: skip
 
 
 def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -42,11 +47,30 @@ def _rope_freqs(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
 
 
 _MOE_ARCHS = {"mixtral": "llama", "qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3moe"}
+# what llama.cpp's runtime assumes of these files: Gemma 3's window in five layers of six, Gemma 2's
+# in one of two (the tiny models' own default), both one's query scale 1/sqrt(head_dim) (hidden /
+# heads for the 27B models' layer counts, 46 and 62)
+_GEMMA3_LAYOUT = dict(num_hidden_layers=6, sliding_window_pattern=6, query_pre_attn_scalar=32,
+                      layer_types=["sliding_attention"] * 5 + ["full_attention"])  # fmt: skip
+_GGUF_SHAPES = {"gemma2": dict(query_pre_attn_scalar=32), "gemma3": _GEMMA3_LAYOUT, "gemma3-scaled": _GEMMA3_LAYOUT,
+                "gemma3-27b-layers": dict(_GEMMA3_LAYOUT, num_hidden_layers=62, query_pre_attn_scalar=16,
+                                          layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 10
+                                          + ["sliding_attention"] * 2)}  # fmt: skip
+
+
+def _arch(kind: str) -> str:
+    if kind in _MOE_ARCHS:
+        return _MOE_ARCHS[kind]
+    for prefix, arch in (("llama", "llama"), ("gemma3", "gemma3"), ("phi", "phi3")):
+        if kind.startswith(prefix):
+            return arch
+    return kind
 
 
 def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None, **overrides):
-    """Write `folder/model.gguf` of a tiny random `kind` model (llama, llama-linear, qwen2, qwen3, and
-    the mixtures mixtral, qwen2-moe, qwen3-moe: each layer's experts stacked in one tensor each);
+    """Write `folder/model.gguf` of a tiny random `kind` model (llama, llama-linear, qwen2, qwen3,
+    gemma2, gemma3, gemma3-scaled, gemma3-27b-layers, phi3-window, phi4-mini, and the
+    mixtures mixtral, qwen2-moe, qwen3-moe: each layer's experts stacked in one tensor each);
     return the transformers model it holds (float32 tensors: the same weights exactly, unless
     `types` names a block type for some tensors, by llama.cpp's short name: attn_q, ffn_down,
     output...; those hold the weights quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), or random
@@ -56,10 +80,12 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
 
     from cachedattention.model.embedded import embedded_gguf_path
 
-    arch = _MOE_ARCHS.get(kind) or ("llama" if kind.startswith("llama") else kind)
-    hf = make_tiny_model(kind, folder / "hf", vocab_size=49152, **overrides)
+    arch = _arch(kind)
+    base = "gemma3" if kind == "gemma3-27b-layers" else kind
+    hf = make_tiny_model(base, folder / "hf", vocab_size=49152, **{**_GGUF_SHAPES.get(kind, {}), **overrides})
     cfg = hf.config
     rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    rope = dict(rope.get("full_attention", rope))  # Gemma 3's by layer type: the full layers' is the model's
     theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w = gguf.GGUFWriter(str(folder / "model.gguf"), arch)
@@ -73,7 +99,22 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(head_dim * getattr(cfg, "partial_rotary_factor", 1.0)))
+    if arch.startswith("gemma") and arch != "gemma":
+        if getattr(cfg, "sliding_window", None):
+            w.add_sliding_window(cfg.sliding_window)
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(cfg, cap, None) is not None:
+                w.add_float32(f"{arch}.{cap}", getattr(cfg, cap))
+    if arch == "gemma3" and rope.get("rope_type") == "linear":  # the full layers' (Gemma 3 4B and up)
+        w.add_string(f"{arch}.rope.scaling.type", "linear")
+        w.add_float32(f"{arch}.rope.scaling.factor", rope["factor"])
+    if arch == "phi3":
+        w.add_sliding_window(getattr(cfg, "sliding_window", None) or 0)
+        if rope.get("rope_type") == "longrope":
+            w.add_uint32(f"{arch}.rope.scaling.original_context_length", cfg.original_max_position_embeddings)
+            w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+            w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     if kind in _MOE_ARCHS:
         w.add_expert_count(getattr(cfg, "num_local_experts", None) or cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
@@ -89,7 +130,7 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     w.add_eos_token_id(2)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _rope_freqs(head_dim, theta, rope))
-    elif rope.get("rope_type") == "linear":  # as older converters wrote it: the factor, no type
+    elif rope.get("rope_type") == "linear" and arch == "llama":  # as older converters wrote it: the factor, no type
         w.add_float32(f"{arch}.rope.scale_linear", rope["factor"])
     state = {n: t.float().numpy() for n, t in hf.state_dict().items()}
     if kind in _MOE_ARCHS:
@@ -151,10 +192,15 @@ def _gguf_tensor(name: str, a: np.ndarray, cfg, arch: str) -> tuple[str, np.ndar
             if hf == "mlp.shared_expert_gate.weight":
                 a = a.reshape(-1)  # llama.cpp's shape: {hidden}
             return f"blk.{name.split('.')[2]}.{gguf_name}", np.ascontiguousarray(a)
+    if name == "model.norm.weight" and arch.startswith("gemma"):
+        return "output_norm.weight", a + np.float32(1.0)
     if name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
         return {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
                 "model.norm.weight": "output_norm.weight"}[name], a  # fmt: skip
     _, _, layer, *_, module, kind = name.split(".")  # model.layers.i.self_attn.q_proj.weight
     if arch == "llama" and module in ("q_proj", "k_proj"):
         a = _permute(a, cfg.num_attention_heads if module == "q_proj" else cfg.num_key_value_heads)
-    return f"blk.{layer}.{_LAYER_NAMES[module]}.{kind}", np.ascontiguousarray(a)
+    if arch.startswith("gemma") and module.endswith("norm"):
+        a = a + np.float32(1.0)  # Gemma's (1 + w), added in by the converter
+    names = {**_LAYER_NAMES, **(_GEMMA_NORMS if arch in ("gemma2", "gemma3") else {})}
+    return f"blk.{layer}.{names[module]}.{kind}", np.ascontiguousarray(a)

@@ -1,5 +1,6 @@
 """GGUF files of each family served (Llama with its q/k rows un-permuted and Llama 3.1's rope_freqs
-divisors or a linear scaling factor, Qwen2 with its biases, Qwen3 with its head norms) match
+divisors or a linear scaling factor, Qwen2 with its biases, Qwen3 with its head norms, Gemma 2 and 3
+with their norms' 1 added in and the windows and query scale llama.cpp assumes, Phi-3 fused) match
 transformers on the same weights."""
 
 import pytest
@@ -38,6 +39,28 @@ def test_a_gguf_file_of_each_family_matches_transformers(kind, gguf_files, monke
     assert_logits_match(llm, hf, [(11 * i + 5) % 3000 + 20 for i in range(40)], GREEDY, monkeypatch)
 
 
+@pytest.mark.parametrize("kind, model_type, windowed, query_scalar", [
+    ("gemma2", "gemma2", (0, 2), 32), ("gemma3", "gemma3_text", (0, 1, 2, 3, 4), 32),
+    ("gemma3-scaled", "gemma3_text", (0, 1, 2, 3, 4), 32),
+    ("gemma3-27b-layers", "gemma3_text", tuple(i for i in range(62) if i % 6 != 5), 16),
+    ("phi3-window", "phi3", (0, 1, 2), None), ("phi4-mini", "phi3", (), None)])  # fmt: skip
+def test_a_gguf_file_of_gemma_or_phi3_matches_transformers(kind, model_type, windowed, query_scalar, gguf_files, monkeypatch):
+    """Gemma's norms are read without the 1 llama.cpp adds in; its windowed layers and query scale,
+    which the file does not say, are llama.cpp's (Gemma 3: five in six, RoPE base 10000 unscaled;
+    Gemma 2: one in two; the 27B models, told by their layer count, scale queries by hidden / heads);
+    Phi-3's fused q/k/v and gate/up are split, its longrope factors read from their tensors."""
+    folder, hf = gguf_files(kind)
+    llm = LLM(model=str(folder / "model.gguf"))
+    spec = llm.engine.spec
+    assert spec.model_type == model_type and spec.window_layers == windowed
+    if query_scalar is not None:
+        assert (spec.attn_scale or spec.head_dim**-0.5) == pytest.approx(query_scalar**-0.5)
+    # 62 random layers add float32 rounding up: 2.4e-4 here, as much as the same engine over the
+    # checkpoint's folder (the wrong query scale: 1.06)
+    limit = 1e-3 if spec.num_layers == 62 else 1e-4
+    assert_logits_match(llm, hf, [(11 * i + 5) % 3000 + 20 for i in range(40)], GREEDY, monkeypatch, limit)
+
+
 @pytest.mark.parametrize("kind, model_type", [("mixtral", "mixtral"), ("qwen2-moe", "qwen2_moe"),
                                               ("qwen3-moe", "qwen3_moe")])
 def test_a_gguf_mixture_of_experts_matches_transformers(kind, model_type, gguf_files, monkeypatch):
@@ -54,7 +77,7 @@ def test_a_gguf_mixture_of_experts_matches_transformers(kind, model_type, gguf_f
 K_QUANTS = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
             "ffn_gate": "Q3_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K",
             "ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}  # fmt: skip
-OLDER_QUANTS = {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q5_1", "attn_output": "Q4_0",
+OLDER_QUANTS = {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q5_1", "attn_output": "Q4_0", "attn_qkv": "Q5_0",
                 "ffn_gate": "Q4_0", "ffn_up": "Q5_1", "ffn_down": "Q5_0",
                 "ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q5_1", "ffn_down_exps": "Q5_0"}  # fmt: skip
 
@@ -62,6 +85,8 @@ OLDER_QUANTS = {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q5_1", "attn_outp
 @pytest.mark.parametrize("kind, types, blocks", [("llama", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16"}),
                                                  ("qwen3-moe", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16"}),
                                                  ("llama", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
+                                                 ("gemma3", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
+                                                 ("phi4-mini", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
                                                  ("qwen3-moe", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"})])
 def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(kind, types, blocks, tmp_path, monkeypatch):
     """A file of K-quant tensors, as llama.cpp's Q4_K_M and Q3_K_M mix them, or of the older Q4_0,
@@ -70,12 +95,17 @@ def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(ki
     bit for bit, as the same engine over the float32 weights alone."""
     from cachedattention.model.layers import Linear
 
-    sizes = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, head_dim=64)
-    write_tiny_gguf(kind, tmp_path, types, **(sizes if kind != "llama" else {"hidden_size": 256, "intermediate_size": 512}))
+    sizes = {"llama": dict(hidden_size=256, intermediate_size=512),  # (K-quants: rows of 256)
+             "qwen3-moe": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, head_dim=64)}
+    write_tiny_gguf(kind, tmp_path, types, **sizes.get(kind, {}))
     llm = LLM(model=str(tmp_path / "model.gguf"))
-    layers = [m for n, m in llm.engine.model.named_modules()
-              if isinstance(m, Linear) and ".layers." in n and not n.endswith("mlp.gate")]  # (routers stay float32)
-    assert layers and all(m.quantized is not None for m in layers)
+    named = [(n, m) for n, m in llm.engine.model.named_modules()
+             if isinstance(m, Linear) and ".layers." in n and not n.endswith("mlp.gate")]  # (routers stay float32)
+    # Phi-4-mini's q has longrope's factor folded in at load, so no blocks; its k's rows are
+    # reordered (a partial rotary), and its blocks with them
+    scaled_q = kind == "phi4-mini"
+    assert named and all((m.quantized is None) == (scaled_q and n.endswith("q_proj")) for n, m in named)
+    layers = [m for _, m in named if m.quantized is not None]
     assert {m.quantized.kind for m in layers} == blocks
     assert llm.engine.runner.decode_kernel is not None
     prompt = [(11 * i + 5) % 3000 + 20 for i in range(24)]  # within the kernel's float32 rows: no GEMM either way
@@ -165,11 +195,11 @@ def test_rope_freq_divisors_are_part_of_the_fingerprint(gguf_files):
 def test_a_gguf_file_of_another_architecture_is_refused(tmp_path):
     import gguf
 
-    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gemma2")
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gemma3n")
     w.add_block_count(1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match="GGUF architecture 'gemma2' is not supported .*qwen3"):
+    with pytest.raises(ValueError, match="GGUF architecture 'gemma3n' is not supported .*qwen3"):
         LLM(model=str(tmp_path / "m.gguf"))

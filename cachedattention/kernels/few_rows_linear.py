@@ -92,6 +92,11 @@ class QuantizedWeight:
             quants = torch.from_numpy(blocks[:, :, 2:].reshape(out, -1).copy().view(np.int8))
         return cls(kind, quants, torch.from_numpy(scales), mins, (out, in_features))
 
+    def take_rows(self, rows: torch.Tensor) -> QuantizedWeight:
+        """The same weight with its rows taken in this order (a row's blocks move with it)."""
+        return QuantizedWeight(self.kind, self.quants[rows].contiguous(), self.scales[rows].contiguous(),
+                               None if self.mins is None else self.mins[rows].contiguous(), (len(rows), self.shape[1]))  # fmt: skip
+
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """The float32 weight [out, in], or some of its rows (GGUF's own dequantization, in torch)."""
         k = self.shape[1]

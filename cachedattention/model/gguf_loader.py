@@ -1,6 +1,14 @@
-"""Read a GGUF file of the Llama, Qwen2 or Qwen3 architecture, or a mixture of experts (Mixtral's
-Llama with experts, Qwen2-MoE, Qwen3-MoE): its config (as a config.json dict), dequantized weights,
-and the linear layers' quantized blocks (for the CPU few-rows kernel)."""
+"""Read a GGUF file of the Llama, Qwen2, Qwen3, Gemma 2, Gemma 3 or Phi-3 architecture, or a mixture of
+experts (Mixtral's Llama with experts, Qwen2-MoE, Qwen3-MoE): its config (as a config.json dict), its
+weights dequantized as a Hugging Face checkpoint holds them, and the linear layers' quantized blocks
+(for the CPU few-rows kernel).
+
+llama.cpp's converters write some things differently from the checkpoints: a Llama's q/k rows
+permuted, Gemma's norms with the 1 of its (1 + w) added in, Phi-3's q/k/v and gate/up fused; and
+some things not at all, which llama.cpp's runtime fixes by architecture and size, as this reader
+does: Gemma 3's windowed layers (five in six, RoPE base 10000 unscaled), Gemma 2's (one in two),
+and both one's query scale (1/sqrt(hidden / heads) for the 27B models, told by their layer count;
+1/sqrt(head_dim) for every other size)."""
 
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
+    "ffn_norm": "post_attention_layernorm",  # the norm before the MLP (Gemma 2 and 3: see below)
     "attn_q_norm": "self_attn.q_norm",  # Qwen3
     "attn_k_norm": "self_attn.k_norm",
     "ffn_gate_inp": "mlp.gate",  # a mixture's router
@@ -41,9 +49,15 @@ _LAYER_NAMES = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
-# the model type of a file's architecture (a Llama with experts is a Mixtral)
-_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# Gemma 2 and 3 normalize after attention and around the MLP: llama.cpp names those norms apart
+_GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}  # fmt: skip
+_PHI3_FUSED = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}  # split by rows when read
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma2", "gemma3", "phi3")
+# the model type of a file's architecture where it is not the same (a Llama with experts is a Mixtral)
+_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
+_MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp tells the 27B models by their layer count
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-dimension divisors of the frequencies (Llama 3.1's scaling)
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -94,6 +108,8 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     heads = p("attention.head_count")
     vocab = p("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
     head_dim = p("attention.key_length", p("rope.dimension_count", p("embedding_length") // heads))
+    if arch == "phi3":  # (its rope.dimension_count is the rotating part of a head)
+        head_dim = p("embedding_length") // heads
     extra: dict[str, Any] = {}
     if scaling != "none" and factor not in (None, 0.0, 1.0):
         extra["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
@@ -103,8 +119,12 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     if p("expert_count"):
         extra.update(_experts(arch, p, tensors))
         model_type = "mixtral" if arch == "llama" else model_type
-    elif arch in _MODEL_TYPES:
+    elif arch in _MOE_ARCHITECTURES:
         raise ValueError(f"this {arch} GGUF file names no experts (expert_count)")
+    if arch.startswith("gemma"):
+        extra.update(_gemma(arch, p, int(head_dim)))  # (Gemma 1's: transformers reads no tokenizer of its files)
+    elif arch == "phi3":
+        extra.update(_phi3(p, tensors, int(head_dim)))
     return {
         "intermediate_size": int(p("feed_forward_length") or extra.get("moe_intermediate_size", 0)),
         **extra,
@@ -146,6 +166,39 @@ def _experts(arch: str, p, tensors: dict) -> dict[str, Any]:
     return out
 
 
+def _gemma(arch: str, p, head_dim: int) -> dict[str, Any]:
+    """Gemma's config fields: those the file holds, and those llama.cpp fixes by architecture and size."""
+    layers, hidden, heads = p("block_count"), p("embedding_length"), p("attention.head_count")
+    out: dict[str, Any] = {"hidden_activation": "gelu_pytorch_tanh"}
+    big = layers == _GEMMA_27B_LAYERS[arch]
+    out["query_pre_attn_scalar"] = hidden // heads if big else head_dim
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # (absent: Gemma 2's defaults, Gemma 3's none)
+        if p(key) is not None:
+            out[key] = float(p(key))
+    window = p("attention.sliding_window")
+    if arch == "gemma2":
+        return {**out, "sliding_window": int(window or 4096)}
+    out["rope_local_base_freq"] = float(p("rope.freq_base_swa", 10000.0))
+    if not window:  # llama.cpp: no window named, every layer full
+        return {**out, "sliding_window": None, "layer_types": ["full_attention"] * int(layers)}
+    return {**out, "sliding_window": int(window), "sliding_window_pattern": 6}
+
+
+def _phi3(p, tensors: dict, head_dim: int) -> dict[str, Any]:
+    """Phi-3's config fields: a partial rotary (Phi-4-mini), its window (0: none), longrope's factors."""
+    out: dict[str, Any] = {"sliding_window": int(p("attention.sliding_window") or 0) or None}
+    rotary = int(p("rope.dimension_count", head_dim))
+    if rotary != head_dim:
+        out["partial_rotary_factor"] = rotary / head_dim
+    if "rope_factors_long.weight" in tensors:
+        factors = {f"{kind}_factor": [float(x) for x in np.asarray(tensors[f"rope_factors_{kind}.weight"].data, dtype=np.float32)]
+                   for kind in ("long", "short")}  # fmt: skip
+        out["rope_scaling"] = {"rope_type": "longrope", **factors}
+        key = "phi3.rope.scaling.original_context_length"
+        out["original_max_position_embeddings"] = _positive(p("rope.scaling.original_context_length"), key)
+    return out
+
+
 def _positive(value: Any, key: str) -> int:
     """A metadata count that must be a positive integer (not an array of one per layer)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
@@ -165,15 +218,18 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Colle
     from gguf.quants import dequantize
 
     state: dict[str, torch.Tensor] = {}
-    for name, t in _named_tensors(_reader(path)):
+    plus_one = config["model_type"].startswith("gemma")  # llama.cpp adds Gemma's 1 into its norms
+    for name, t in _named_tensors(_reader(path), config):
         if "{e}" in name and name.format(e=0) in blocks_only:  # a mixture's experts: never dequantized
             shape = (int(t.shape[1]), int(t.shape[0]))  # (GGUF lists shapes inner first)
             state.update({name.format(e=e): torch.zeros((), dtype=torch.float32).expand(shape)
                           for e in range(int(t.shape[2]))})  # fmt: skip
             continue
-        for each, w in _each_expert(name, dequantize(t.data, t.tensor_type).astype(np.float32)):
+        for each, w in _each_part(name, dequantize(t.data, t.tensor_type).astype(np.float32), config):
             if each.endswith("mlp.shared_expert_gate.weight"):
                 w = w.reshape(1, -1)  # llama.cpp's shape is {hidden}; ours a one-row linear layer
+            if plus_one and each.endswith("norm.weight"):
+                w = w - np.float32(1.0)
             state[each] = torch.from_numpy(np.ascontiguousarray(_in_hf_row_order(each, w, config)))
     return state
 
@@ -185,7 +241,7 @@ def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = Non
     reader = _reader(path)
     config = config or gguf_config(reader)
     out: dict[str, QuantizedWeight] = {}
-    for name, t in _named_tensors(reader):
+    for name, t in _named_tensors(reader, config):
         kind, in_features = t.tensor_type.name, int(t.shape[0])  # GGUF lists shapes inner first
         if len(t.shape) not in (2, 3) or name.endswith(("norm.weight", "mlp.gate.weight")):
             continue  # (a router stays float32: it is small, and read in float32)
@@ -193,7 +249,7 @@ def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = Non
             continue  # looked up, not multiplied: only a tied head reads its blocks
         if kind not in QUANTIZED_KINDS and not reexpressible(kind, in_features):
             continue
-        for each, raw in _each_expert(name, np.asarray(t.data)):
+        for each, raw in _each_part(name, np.asarray(t.data), config):
             rows = _in_hf_row_order(each, raw, config)  # a row's blocks move with it
             if kind in QUANTIZED_KINDS:
                 out[each] = QuantizedWeight.from_gguf_rows(kind, rows, in_features)
@@ -202,12 +258,12 @@ def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = Non
     return out
 
 
-def gguf_expert_rows(path: GGUFSource):
+def gguf_expert_rows(path: GGUFSource, config: dict[str, Any]):
     """For each stacked expert tensor: its experts' names, and its first expert's rows 0, 1 and the
     last as gguf dequantizes them ({row: float32 [1, in]}), to check blocks with no float32 copy."""
     from gguf.quants import dequantize
 
-    for name, t in _named_tensors(_reader(path)):
+    for name, t in _named_tensors(_reader(path), config):
         if "{e}" in name:
             raw = np.asarray(t.data)
             rows = QuantizedWeight.checked_rows(raw.shape[1])
@@ -245,25 +301,41 @@ def load_blocks(path: Path) -> dict[str, QuantizedWeight]:
         raise ValueError(f"{path} is not a readable blocks file: {e}") from e
 
 
-def _named_tensors(reader):
-    """(Hugging Face name, tensor) for every tensor the model uses."""
+def _named_tensors(reader, config: dict[str, Any]):
+    """(Hugging Face name, tensor) for every tensor the model uses (a stacked one's name holds {e},
+    a fused one's is the checkpoint's fused name)."""
+    names = dict(_LAYER_NAMES)
+    if config["model_type"] in ("gemma2", "gemma3_text"):
+        names.update(_GEMMA_NORMS)
+    elif config["model_type"] == "phi3":
+        names.update(_PHI3_FUSED)
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
         if base.startswith("blk."):
             _, idx, kind = base.split(".", 2)
-            if kind in _LAYER_NAMES:
-                yield f"model.layers.{idx}.{_LAYER_NAMES[kind]}.{suffix}", t
+            if kind in names:
+                yield f"model.layers.{idx}.{names[kind]}.{suffix}", t
         elif base in _GLOBAL_NAMES:
             yield f"{_GLOBAL_NAMES[base]}.{suffix}", t
 
 
-def _each_expert(name: str, a: np.ndarray):
-    """(name, array) of a tensor, or of each expert's part of a stacked one (its first axis)."""
-    if "{e}" not in name:
+def _each_part(name: str, a: np.ndarray, config: dict[str, Any]):
+    """(name, array) of a tensor; of each expert's part of a stacked one (its first axis); or of each
+    projection's rows of a fused one (Phi-3's q, k, v and gate, up: a row's blocks move with it)."""
+    if "{e}" in name:
+        for e in range(a.shape[0]):
+            yield name.format(e=e), a[e]
+    elif ".self_attn.qkv_proj." in name:
+        q = config["num_attention_heads"] * config["head_dim"]
+        kv = config["num_key_value_heads"] * config["head_dim"]
+        for part, rows in zip(("q_proj", "k_proj", "v_proj"), np.split(a, [q, q + kv])):
+            yield name.replace("qkv_proj", part), rows
+    elif ".mlp.gate_up_proj." in name:
+        gate, up = np.split(a, 2)
+        yield name.replace("gate_up_proj", "gate_proj"), gate
+        yield name.replace("gate_up_proj", "up_proj"), up
+    else:
         yield name, a
-        return
-    for e in range(a.shape[0]):
-        yield name.format(e=e), a[e]
 
 
 def _in_hf_row_order(name: str, rows: np.ndarray, config: dict[str, Any]) -> np.ndarray:

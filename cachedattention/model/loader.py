@@ -68,8 +68,10 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
             check_spec(spec)
         cpu_float32 = torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32
         quantized = _gguf_blocks(reader, config) if cpu_float32 else {}
-        blocks_only = _experts_as_blocks(spec, quantized, reader)
-        state = gguf_state_dict(reader, config, blocks_only)
+        blocks_only = _experts_as_blocks(spec, config, quantized, reader)
+        read = gguf_state_dict(reader, config, blocks_only)
+        state = _to_our_weights(read, spec)
+        quantized = _blocks_as_loaded(quantized, read, state, spec)
         blocks = lambda: quantized  # noqa: E731
     else:
         config = _read_config(path)
@@ -140,7 +142,26 @@ def _gguf_blocks(reader, config: dict) -> dict[str, QuantizedWeight]:
         return {}
 
 
-def _experts_as_blocks(spec: ModelSpec, quantized: dict[str, QuantizedWeight], reader) -> set[str]:
+def _blocks_as_loaded(quantized: dict[str, QuantizedWeight], read: dict[str, torch.Tensor],
+                      state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, QuantizedWeight]:
+    """The blocks of the weights as the loader left them: a q/k weight whose head dimensions it
+    reordered (a partial rotary's) gets its blocks' rows in that order; one it rescaled (Gemma 2
+    27B's query scale, longrope's factor in q) has blocks no longer, and serves from float32."""
+    order = qk_dim_order(spec)
+    out = {}
+    for name, w in quantized.items():
+        if name in read and state.get(name) is not read[name]:  # changed at load
+            if order is not None and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+                heads = w.shape[0] // spec.head_dim
+                rows = (torch.arange(heads)[:, None] * spec.head_dim + order[None, :]).reshape(-1)
+                w = w.take_rows(rows)
+            if not w.matches(state[name]):
+                continue
+        out[name] = w
+    return out
+
+
+def _experts_as_blocks(spec: ModelSpec, config: dict, quantized: dict[str, QuantizedWeight], reader) -> set[str]:
     """A GGUF mixture's experts (nearly all its weights) kept only as blocks on a CPU, where the
     few-rows kernel serves their calls: a quarter of float32's memory or less. Each stacked tensor
     whose first expert's blocks do not dequantize to gguf's own values (rows 0, 1 and the last)
@@ -148,7 +169,7 @@ def _experts_as_blocks(spec: ModelSpec, quantized: dict[str, QuantizedWeight], r
     if spec.moe is None or FewRowsLinearKernel.load() is None:
         return set()
     trusted = set()
-    for names, first in gguf_expert_rows(reader):
+    for names, first in gguf_expert_rows(reader, config):
         if not all(n in quantized for n in names):
             continue  # (float32 in the file, or a type the kernel does not read)
         if quantized[names[0]].matches_rows(first):
