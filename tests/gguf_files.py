@@ -52,7 +52,8 @@ _MOE_ARCHS = {"mixtral": "llama", "qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3mo
 # heads for the 27B models' layer counts, 46 and 62)
 _GEMMA3_LAYOUT = dict(num_hidden_layers=6, sliding_window_pattern=6, query_pre_attn_scalar=32,
                       layer_types=["sliding_attention"] * 5 + ["full_attention"])  # fmt: skip
-_GGUF_SHAPES = {"gemma2": dict(query_pre_attn_scalar=32), "gemma3": _GEMMA3_LAYOUT, "gemma3-scaled": _GEMMA3_LAYOUT,
+_GGUF_SHAPES = {"gemma2": dict(query_pre_attn_scalar=32), "gemma2-27b-layers": dict(num_hidden_layers=46, query_pre_attn_scalar=16),
+                "gemma3": _GEMMA3_LAYOUT, "gemma3-scaled": _GEMMA3_LAYOUT,
                 "gemma3-27b-layers": dict(_GEMMA3_LAYOUT, num_hidden_layers=62, query_pre_attn_scalar=16,
                                           layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 10
                                           + ["sliding_attention"] * 2)}  # fmt: skip
@@ -61,7 +62,7 @@ _GGUF_SHAPES = {"gemma2": dict(query_pre_attn_scalar=32), "gemma3": _GEMMA3_LAYO
 def _arch(kind: str) -> str:
     if kind in _MOE_ARCHS:
         return _MOE_ARCHS[kind]
-    for prefix, arch in (("llama", "llama"), ("gemma3", "gemma3"), ("phi", "phi3")):
+    for prefix, arch in (("llama", "llama"), ("gemma3", "gemma3"), ("gemma2", "gemma2"), ("phi", "phi3")):
         if kind.startswith(prefix):
             return arch
     return kind
@@ -69,7 +70,7 @@ def _arch(kind: str) -> str:
 
 def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None, **overrides):
     """Write `folder/model.gguf` of a tiny random `kind` model (llama, llama-linear, qwen2, qwen3,
-    gemma2, gemma3, gemma3-scaled, gemma3-27b-layers, phi3-window, phi4-mini, and the
+    gemma2, gemma2-27b-layers, gemma3, gemma3-scaled, gemma3-27b-layers, phi3-window, phi4-mini, and the
     mixtures mixtral, qwen2-moe, qwen3-moe: each layer's experts stacked in one tensor each);
     return the transformers model it holds (float32 tensors: the same weights exactly, unless
     `types` names a block type for some tensors, by llama.cpp's short name: attn_q, ffn_down,
@@ -81,7 +82,7 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     from cachedattention.model.embedded import embedded_gguf_path
 
     arch = _arch(kind)
-    base = "gemma3" if kind == "gemma3-27b-layers" else kind
+    base = kind.removesuffix("-27b-layers")
     hf = make_tiny_model(base, folder / "hf", vocab_size=49152, **{**_GGUF_SHAPES.get(kind, {}), **overrides})
     cfg = hf.config
     rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
@@ -95,10 +96,12 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(theta)
+    if arch != "gemma2":  # (as llama.cpp's converters: Gemma 2's base is llama.cpp's default, 10000)
+        w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
+    if arch != "phi3":  # (Phi-3's head is hidden / heads)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_rope_dimension_count(int(head_dim * getattr(cfg, "partial_rotary_factor", 1.0)))
     if arch.startswith("gemma") and arch != "gemma":
         if getattr(cfg, "sliding_window", None):

@@ -122,7 +122,7 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     elif arch in _MOE_ARCHITECTURES:
         raise ValueError(f"this {arch} GGUF file names no experts (expert_count)")
     if arch.startswith("gemma"):
-        extra.update(_gemma(arch, p, int(head_dim)))  # (Gemma 1's: transformers reads no tokenizer of its files)
+        extra.update(_gemma(arch, p, int(head_dim)))  # (Gemma 1's files: transformers refuses them, tokenizer too)
     elif arch == "phi3":
         extra.update(_phi3(p, tensors, int(head_dim)))
     return {
@@ -190,9 +190,12 @@ def _phi3(p, tensors: dict, head_dim: int) -> dict[str, Any]:
     rotary = int(p("rope.dimension_count", head_dim))
     if rotary != head_dim:
         out["partial_rotary_factor"] = rotary / head_dim
-    if "rope_factors_long.weight" in tensors:
+    named = [kind for kind in ("long", "short") if f"rope_factors_{kind}.weight" in tensors]
+    if len(named) == 1:
+        raise ValueError(f"this phi3 GGUF file has rope_factors_{named[0]} without the other longrope factors")
+    if named:
         factors = {f"{kind}_factor": [float(x) for x in np.asarray(tensors[f"rope_factors_{kind}.weight"].data, dtype=np.float32)]
-                   for kind in ("long", "short")}  # fmt: skip
+                   for kind in named}  # fmt: skip
         out["rope_scaling"] = {"rope_type": "longrope", **factors}
         key = "phi3.rope.scaling.original_context_length"
         out["original_max_position_embeddings"] = _positive(p("rope.scaling.original_context_length"), key)

@@ -72,6 +72,7 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         read = gguf_state_dict(reader, config, blocks_only)
         state = _to_our_weights(read, spec)
         quantized = _blocks_as_loaded(quantized, read, state, spec)
+        del read  # (the weights replaced at load: not held twice while the model is built)
         blocks = lambda: quantized  # noqa: E731
     else:
         config = _read_config(path)
@@ -315,7 +316,8 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec,
     if spec.residual_scale is not None:
         scales.update(dict.fromkeys((".self_attn.o_proj.", ".down_proj."), spec.residual_scale))  # experts' too
     for part, factor in scales.items():
-        state.update({name: t.float() * factor for name, t in state.items() if part in name})
+        if factor != 1.0:  # (Gemma's query scale is often head_dim's own)
+            state.update({name: t.float() * factor for name, t in state.items() if part in name})
     order = qk_dim_order(spec)
     if order is not None:
         state = _qk_dims_reordered(state, spec, order)
