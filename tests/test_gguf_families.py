@@ -193,10 +193,7 @@ def test_a_phi3_file_with_one_of_its_longrope_factors_is_refused(gguf_files, tmp
     for t in reader.tensors:
         if t.name != "rope_factors_short.weight":
             w.add_tensor(t.name, np.asarray(t.data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write(w)
     with pytest.raises(ValueError, match="rope_factors_long without the other"):
         LLM(model=str(tmp_path / "m.gguf"))
 
@@ -218,9 +215,14 @@ def test_a_gguf_file_of_another_architecture_is_refused(tmp_path):
 
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gemma3n")
     w.add_block_count(1)
+    _write(w)
+    with pytest.raises(ValueError, match="GGUF architecture 'gemma3n' is not supported .*qwen3"):
+        LLM(model=str(tmp_path / "m.gguf"))
+
+
+def _write(w) -> None:
+    """Write a GGUFWriter's file: header, metadata, tensors."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match="GGUF architecture 'gemma3n' is not supported .*qwen3"):
-        LLM(model=str(tmp_path / "m.gguf"))
