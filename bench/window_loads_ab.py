@@ -11,6 +11,21 @@ import sys
 
 from cachedattention.bench import turn
 from cachedattention.bench.models import bench_model
+from cachedattention.store import disk
+
+
+def count_file_reads(runs: dict) -> tuple[dict[str, int], list[str]]:
+    """Bytes read from segment files by each run (the one named in the returned list's slot)."""
+    read, current = dict.fromkeys(runs, 0), [""]
+    real = disk._read_into
+
+    def counted(fd, buf, offset):
+        got = real(fd, buf, offset)
+        read[current[0]] += got
+        return got
+
+    disk._read_into = counted
+    return read, current
 
 
 def main(history: int, shape: str) -> None:
@@ -25,19 +40,22 @@ def main(history: int, shape: str) -> None:
         whole = turn.CellRun(cells[name], loaded, args, history, window)
         whole.engine.store._window_from = lambda lo, hi: lo  # every stored token into every layer
         runs[f"{name} (whole)"] = whole
+    read, current = count_file_reads(runs)
     for rep in range(args.repeats + 1):
-        for run in runs.values():
+        for name, run in runs.items():
+            current[0] = name
             run.repeat(rep)
     base = runs["recompute"].result()["ttft_s"]
     print(f"{loaded.name}, history {history}, {args.new_tokens} new tokens, median of {args.repeats}")
-    print("| cell | TTFT ms | vs recompute | load alone ms | MB loaded per turn |")
-    print("|---|---|---|---|---|")
+    print("| cell | TTFT ms | vs recompute | load alone ms | MB loaded per turn | MB read from files per turn |")
+    print("|---|---|---|---|---|---|")
     for name, run in runs.items():
         r = run.result()
         store = run.engine.store
         mb = sum(store.stats()["bytes_loaded"].values()) / (args.repeats + 1) / 1e6 if store else 0.0
+        files = read[name] / (args.repeats + 1) / 1e6
         print(f"| {name} | {r['ttft_s'] * 1000:.1f} | {r['ttft_s'] / base:.3f}x | {r['load_alone_s'] * 1000:.1f} "
-              f"| {mb:.1f} |")  # fmt: skip
+              f"| {mb:.1f} | {files:.1f} |")  # fmt: skip
     for run in runs.values():
         run.close()
 

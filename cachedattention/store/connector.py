@@ -25,7 +25,7 @@ from cachedattention.model.rope import apply_rotary
 from cachedattention.store.segment import KVLayout, SegmentKV
 from cachedattention.store.session import Span, TurnPlan, slice_spans
 from cachedattention.store.store import AttentionStore
-from cachedattention.store.transfer import KVPiece, Loader, LoadJob, Piece, SaveJob, Saver
+from cachedattention.store.transfer import KVPiece, Loader, LoadJob, Piece, SaveJob, Saver, first_read
 
 if TYPE_CHECKING:
     from cachedattention.engine.engine import LLMEngine
@@ -265,8 +265,8 @@ class StoreConnector:
             lo_in = span.lo + a - pos
             piece = Piece(span.seg_id, lo_in, lo_in + b - a, a, host)
             if host is None and self.store.disk is not None:
-                layers = self.full_layers if b <= window_from else None  # what the kernel should read ahead
-                piece.open_disk = lambda seg=span.seg_id, layers=layers: self.store.disk.open(seg, layers)
+                wanted = self._tokens_read(piece, lo, window_from)  # what the kernel should read ahead
+                piece.open_disk = lambda seg=span.seg_id, wanted=wanted: self.store.disk.open(seg, wanted)
             pieces.append(piece)
         dev, page_size = self.engine.device, self.engine.pool.page_size
         slots = KVPool.slots_for(req.pages, page_size, lo, hi, dev)
@@ -275,6 +275,12 @@ class StoreConnector:
         self.engine.pages.mark_partial(req.pages[lo // page_size : window_from // page_size])
         return LoadJob(pieces, slots, positions, lo, self.layout.num_layers, first_slot=first,
                        windowed=self.windowed, window_from=window_from)  # fmt: skip
+
+    def _tokens_read(self, piece: Piece, lo: int, window_from: int) -> dict[int, tuple[int, int]]:
+        """The tokens [start, end) of its segment that a load reads in each layer it reads from it:
+        all the piece's in full layers, from the window's first in windowed ones (as the loader does)."""
+        starts = {layer: first_read(piece, layer, lo, self.windowed, window_from) for layer in range(self.layout.num_layers)}
+        return {layer: (start, piece.hi) for layer, start in starts.items() if start < piece.hi}
 
     def _window_from(self, lo: int, hi: int) -> int:
         """The first of request tokens [lo, hi) that a windowed layer loads: the page holding the

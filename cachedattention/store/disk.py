@@ -1,4 +1,4 @@
-"""Disk tier: one file per segment (header + per-layer K/V with checksums) and an SQLite index.
+"""Disk tier: one file per segment (header + per-layer K/V with checksums of each chunk of tokens) and an SQLite index.
 
 Durability: a file is written to a temporary name, fsynced and renamed before its index row is
 committed, so a crash leaves at most an orphan file (removed at start-up), never a dangling row.
@@ -11,7 +11,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -153,10 +153,11 @@ class DiskTier:
             os.close(fd)
 
     # -- read ---------------------------------------------------------------------------------
-    def open(self, seg_id: str, layers: Sequence[int] | None = None) -> SegmentReader:
-        """Open and validate a segment's header; CorruptSegment if anything is off. `layers`: the
-        ones the kernel reads ahead (default: all)."""
-        return SegmentReader(self.path(seg_id), self.fingerprint, self.layout, layers)
+    def open(self, seg_id: str, wanted: Mapping[int, tuple[int, int]] | None = None) -> SegmentReader:
+        """Open and validate a segment's header; CorruptSegment if anything is off. `wanted`: the
+        token range [start, end) of each layer a load reads, which the kernel reads ahead (default:
+        every token of every layer)."""
+        return SegmentReader(self.path(seg_id), self.fingerprint, self.layout, wanted)
 
     def get(self, seg_id: str) -> SegmentKV:
         """Read a whole segment (all layers, checksums verified)."""
@@ -235,9 +236,11 @@ class DiskTier:
 
 
 class SegmentReader:
-    """Reads one segment layer by layer, verifying each layer's checksum as it goes."""
+    """Reads one segment layer by layer, or a layer's run of tokens (the chunks holding them), each
+    chunk's checksum verified as it goes."""
 
-    def __init__(self, path: Path, fingerprint: str, layout: KVLayout, layers: Sequence[int] | None = None) -> None:
+    def __init__(self, path: Path, fingerprint: str, layout: KVLayout,
+                 wanted: Mapping[int, tuple[int, int]] | None = None) -> None:  # fmt: skip
         try:
             self.f = open(path, "rb")
         except OSError as e:
@@ -254,20 +257,45 @@ class SegmentReader:
         self.layout = layout
         self.n = meta["num_tokens"]
         if hasattr(os, "posix_fadvise"):  # layers are read in order: let the kernel read the rest ahead
-            if layers is None:
+            if wanted is None:
                 os.posix_fadvise(self.f.fileno(), self.body, 0, os.POSIX_FADV_WILLNEED)
-            for layer in layers or ():
-                os.posix_fadvise(self.f.fileno(), self.body + layer * 2 * self.half, 2 * self.half,
-                                 os.POSIX_FADV_WILLNEED)  # fmt: skip
+            for layer, (start, end) in (wanted or {}).items():
+                end = min(end, self.n)  # (a record naming more tokens fails its read, not this hint)
+                if start < end:
+                    for offset, size in self._extents(layer, segment_format.chunk_span(meta, start, end)):
+                        os.posix_fadvise(self.f.fileno(), offset, size, os.POSIX_FADV_WILLNEED)
+
+    def _extents(self, layer: int, chunks: tuple[int, int]) -> list[tuple[int, int]]:
+        """Where a layer's K and V bytes of chunks [c0, c1) lie in the file: (offset, size) of each."""
+        chunk, tb = self.meta["chunk_tokens"], self.layout.token_bytes()
+        lo, hi = chunks[0] * chunk * tb, min(self.n, chunks[1] * chunk) * tb
+        k_at = self.body + layer * 2 * self.half
+        return [(k_at + lo, hi - lo), (k_at + self.half + lo, hi - lo)]
 
     def read_layer(self, layer: int, into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `layer`'s K and V, checked. `into`: a uint8 buffer of at least `layer_nbytes` to
-        read into (reused by a caller that consumes each layer before reading the next: fresh
-        memory costs a page fault per 4 KiB); by default a new tensor."""
-        # straight into the tensor the K and V views share: the read is this layer's only copy
-        raw = torch.empty(2 * self.half, dtype=torch.uint8) if into is None else into[: 2 * self.half]
-        got = _read_into(self.f.fileno(), raw.numpy(), self.body + layer * 2 * self.half)
-        return segment_format.layer_views(raw[:got], self.meta, self.layout, self.half, layer)
+        """Layer `layer`'s K and V, every token, checked (see read_tokens)."""
+        if self.n == 0:
+            shape = (0, self.layout.num_kv_heads, self.layout.head_dim)
+            return torch.empty(shape, dtype=self.layout.dtype), torch.empty(shape, dtype=self.layout.dtype)
+        return self.read_tokens(layer, 0, self.n, into)
+
+    def read_tokens(self, layer: int, start: int, end: int,
+                    into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Layer `layer`'s K and V of tokens [start, end) (0 <= start < end <= the segment's
+        tokens), read with the rest of their chunks and checked. `into`: a uint8 buffer of at least
+        `layer_nbytes` to read into (reused by a caller that consumes each layer before reading the
+        next: fresh memory costs a page fault per 4 KiB); by default a new tensor."""
+        if not 0 <= start < end <= self.n:
+            raise ValueError(f"tokens [{start}, {end}) are not within the segment's {self.n}")
+        chunks = segment_format.chunk_span(self.meta, start, end)
+        (k_at, size), (v_at, _) = self._extents(layer, chunks)
+        # straight into the tensor the K and V views share: the read is these tokens' only copy
+        raw = torch.empty(2 * size, dtype=torch.uint8) if into is None else into[: 2 * size]
+        got_k = _read_into(self.f.fileno(), raw[:size].numpy(), k_at)
+        got_v = _read_into(self.f.fileno(), raw[size:].numpy(), v_at)
+        k, v = segment_format.chunk_views(raw[:got_k], raw[size : size + got_v], self.meta, self.layout, layer, chunks)
+        skip = start - chunks[0] * self.meta["chunk_tokens"]
+        return k[skip : skip + end - start], v[skip : skip + end - start]
 
     @property
     def layer_nbytes(self) -> int:

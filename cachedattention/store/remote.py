@@ -110,7 +110,9 @@ class RemoteTier:
 
     # -- keys -----------------------------------------------------------------------------------
     def segment_key(self, seg_id: str) -> str:
-        return f"{self.prefix}:seg:{seg_id}"
+        # the format's version in the key: replicas of another version (a rolling upgrade) miss
+        # each other's values, rather than finding them unreadable and deleting them as corrupt
+        return f"{self.prefix}:seg{segment_format.VERSION}:{seg_id}"
 
     def record_key(self, key: str) -> str:
         return f"{self.prefix}:rec:{key}"

@@ -1,5 +1,9 @@
-"""A stored segment's bytes: a header (magic, version, model fingerprint, shape, per-layer checksums),
-then each layer's K and V. The disk tier writes them as a file, the remote tier as one value."""
+"""A stored segment's bytes: a header (magic, version, model fingerprint, shape, checksums), then
+each layer's K and V. The disk tier writes them as a file, the remote tier as one value.
+
+Each layer's checksums cover its tokens in chunks of CHUNK_TOKENS (a chunk's K, then its V), so a
+load that needs only a layer's last tokens (a sliding window's) reads and checks only the chunks
+holding them. Version 1 files have one checksum a layer: one chunk of every token, read the same way."""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import torch
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 
 MAGIC = b"CATTNKV\x00"
-VERSION = 1
+VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: a checksum per layer (a chunk of all its tokens)
+CHUNK_TOKENS = 128  # small enough that a window's read wastes little, large enough for a short header
 PREFIX = struct.Struct("<8sI")  # magic, header length
 _ALIGN = 64
 
@@ -24,14 +30,19 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
+def _chunk_sums(kb: memoryview, vb: memoryview, chunk_bytes: int) -> list[int]:
+    """Each chunk's checksum: its K bytes, then its V bytes."""
+    return [zlib.crc32(vb[a : a + chunk_bytes], zlib.crc32(kb[a : a + chunk_bytes])) for a in range(0, len(kb), chunk_bytes)]
+
+
 def encode(seg_id: str, kv: SegmentKV, fingerprint: str, layout: KVLayout, with_body: bool = True) -> tuple[bytes, list[bytes]]:
-    """The header and the body's chunks (K then V of each layer); without the body, just the header's size."""
+    """The header and the body's pieces (K then V of each layer); without the body, just the header's size."""
     body: list[bytes] = []
-    sums: list[int] = []
+    sums: list[list[int]] = []
     if with_body:
         for layer in range(kv.k.shape[0]):
             kb, vb = _to_bytes(kv.k[layer]), _to_bytes(kv.v[layer])
-            sums.append(zlib.crc32(vb, zlib.crc32(kb)))
+            sums.append(_chunk_sums(memoryview(kb), memoryview(vb), CHUNK_TOKENS * layout.token_bytes()))
             body += [kb, vb]
     meta = {
         "version": VERSION,
@@ -42,11 +53,13 @@ def encode(seg_id: str, kv: SegmentKV, fingerprint: str, layout: KVLayout, with_
         "kv_heads": layout.num_kv_heads,
         "head_dim": layout.head_dim,
         "dtype": str(layout.dtype).removeprefix("torch."),
+        "chunk_tokens": CHUNK_TOKENS,
         "checksums": sums,
     }
     text = json.dumps(meta).encode()
     # padded as if every checksum took its widest form: the size is known before they are computed
-    widest = len(json.dumps({**meta, "checksums": [0xFFFFFFFF] * layout.num_layers}).encode())
+    chunks = -(-kv.num_tokens // CHUNK_TOKENS)
+    widest = len(json.dumps({**meta, "checksums": [[0xFFFFFFFF] * chunks] * layout.num_layers}).encode())
     size = PREFIX.size + widest
     size += (-size) % _ALIGN  # the body starts aligned
     return PREFIX.pack(MAGIC, size - PREFIX.size) + text + b" " * (size - PREFIX.size - len(text)), body
@@ -73,9 +86,10 @@ def parse_header(head: bytes, read_meta, name: str) -> tuple[dict, int]:
 
 
 def check_header(meta: dict, body_offset: int, total_size: int, fingerprint: str, layout: KVLayout, name: str) -> int:
-    """Refuse a segment of another version, model or dtype, or of the wrong size; its half-layer bytes."""
+    """Refuse a segment of another version, model or dtype, or of the wrong size or checksums; its
+    half-layer bytes. A version 1 header's checksums are put in version 2's form (a chunk a layer)."""
     problems = []
-    if meta.get("version") != VERSION:
+    if type(meta.get("version")) is not int or meta["version"] not in READ_VERSIONS:
         problems.append(f"version {meta.get('version')}")
     if meta.get("fingerprint") != fingerprint:
         problems.append("model fingerprint differs")
@@ -88,20 +102,41 @@ def check_header(meta: dict, body_offset: int, total_size: int, fingerprint: str
     half = n * layout.token_bytes()
     if total_size != body_offset + 2 * layout.num_layers * half:
         problems.append("wrong size (truncated?)")
-    sums = meta.get("checksums")
-    if not isinstance(sums, list) or len(sums) != layout.num_layers:
+    if meta.get("version") == 1 and isinstance(meta.get("checksums"), list):
+        meta["chunk_tokens"] = max(n, 1)
+        meta["checksums"] = [[s] if n else [] for s in meta["checksums"]]
+    chunk, sums = meta.get("chunk_tokens"), meta.get("checksums")
+    if type(chunk) is not int or chunk <= 0:
+        problems.append("bad chunk size")
+    elif not isinstance(sums, list) or len(sums) != layout.num_layers or not all(
+        isinstance(each, list) and len(each) == -(-n // chunk) for each in sums
+    ):  # fmt: skip
         problems.append("bad checksum list")
     if problems:
         raise CorruptSegment(f"{name}: " + ", ".join(problems))
     return half
 
 
-def layer_views(raw: torch.Tensor, meta: dict, layout: KVLayout, half: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer `layer`'s K and V viewed in `raw` (its 2 * half bytes), after checking the layer's checksum."""
-    if raw.numel() != 2 * half or zlib.crc32(raw.numpy()) != meta["checksums"][layer]:
+def chunk_span(meta: dict, start: int, end: int) -> tuple[int, int]:
+    """The first and past-the-last chunk holding tokens [start, end) of a segment (start < end)."""
+    chunk = meta["chunk_tokens"]
+    return start // chunk, -(-end // chunk)
+
+
+def chunk_views(k_raw: torch.Tensor, v_raw: torch.Tensor, meta: dict, layout: KVLayout, layer: int,
+                chunks: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A layer's K and V of chunks [c0, c1), viewed in `k_raw` and `v_raw` (their bytes), after
+    checking each chunk's checksum."""
+    c0, c1 = chunks
+    chunk, tb = meta["chunk_tokens"], layout.token_bytes()
+    tokens = min(meta["num_tokens"], c1 * chunk) - c0 * chunk
+    if k_raw.numel() != tokens * tb or v_raw.numel() != tokens * tb:
+        raise CorruptSegment(f"segment {meta.get('seg_id')}: layer {layer} is short")
+    got = _chunk_sums(memoryview(k_raw.numpy()), memoryview(v_raw.numpy()), chunk * tb)
+    if got != meta["checksums"][layer][c0:c1]:
         raise CorruptSegment(f"segment {meta.get('seg_id')}: layer {layer} checksum mismatch")
-    shape = (meta["num_tokens"], layout.num_kv_heads, layout.head_dim)
-    return raw[:half].view(layout.dtype).view(shape), raw[half:].view(layout.dtype).view(shape)
+    shape = (tokens, layout.num_kv_heads, layout.head_dim)
+    return k_raw.view(layout.dtype).view(shape), v_raw.view(layout.dtype).view(shape)
 
 
 def encode_bytes(seg_id: str, kv: SegmentKV, fingerprint: str, layout: KVLayout) -> bytes:
@@ -119,8 +154,10 @@ def decode_bytes(blob: bytes, seg_id: str, fingerprint: str, layout: KVLayout, n
     if meta.get("seg_id") != seg_id:
         raise CorruptSegment(f"{name}: holds segment {meta.get('seg_id')!r}")
     raw = torch.frombuffer(bytearray(view[body:]), dtype=torch.uint8) if half else torch.empty(0, dtype=torch.uint8)
+    whole = chunk_span(meta, 0, meta["num_tokens"])
     for layer in range(layout.num_layers):  # every layer checked before any is used
-        layer_views(raw[2 * half * layer : 2 * half * (layer + 1)], meta, layout, half, layer)
+        at = 2 * half * layer
+        chunk_views(raw[at : at + half], raw[at + half : at + 2 * half], meta, layout, layer, whole)
     # K and V of every layer as strided views of the one buffer: no second copy of the segment
     shape = (layout.num_layers, meta["num_tokens"], layout.num_kv_heads, layout.head_dim)
     both = raw.view(layout.num_layers, 2, half).view(layout.dtype) if half else torch.empty(layout.num_layers, 2, 0, dtype=layout.dtype)

@@ -234,9 +234,8 @@ class Loader:
     def _load_layer(
         self, job: LoadJob, layer: int, readers: dict[str, SegmentReader], into: torch.Tensor | None = None
     ) -> None:
-        first = job.window_from if layer in job.windowed else job.start  # the first request token wanted
         for p in job.pieces:
-            lo = p.lo + max(0, first - p.dst)  # the piece's first token wanted in this layer
+            lo = first_read(p, layer, job.start, job.windowed, job.window_from)
             if lo >= p.hi:
                 continue  # (a file never read for this layer: the windowed layers of an old turn)
             if p.host is not None:
@@ -245,12 +244,14 @@ class Loader:
             else:
                 if p.seg_id not in readers:
                     readers[p.seg_id] = _open(p)
+                reader = readers[p.seg_id]
                 try:
-                    k_all, v_all = readers[p.seg_id].read_layer(layer, into)
+                    if p.hi > reader.n:
+                        raise CorruptSegment(f"segment {p.seg_id} holds {reader.n} tokens, its record names {p.hi}")
+                    k, v = reader.read_tokens(layer, lo, p.hi, into)  # only the chunks holding them
                 except (CorruptSegment, OSError) as e:  # an unreadable file is as good as corrupt
                     e.seg_id = p.seg_id
                     raise
-                k, v = k_all[lo : p.hi], v_all[lo : p.hi]
                 tier = "disk"
             if k.shape[0] != p.hi - lo:  # a record naming tokens its segment does not hold: never broadcast
                 e = CorruptSegment(f"segment {p.seg_id} holds fewer tokens than its record names ({lo}..{p.hi})")
@@ -281,6 +282,13 @@ class Loader:
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(timeout=30)
+
+
+def first_read(piece: Piece, layer: int, start: int, windowed: frozenset[int], window_from: int) -> int:
+    """The piece's first segment token a load from request token `start` reads in `layer` (windowed
+    layers: from request token `window_from`); none when it is the piece's end."""
+    first = window_from if layer in windowed else start
+    return piece.lo + max(0, first - piece.dst)
 
 
 def _open(p: Piece) -> SegmentReader:

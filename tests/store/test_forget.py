@@ -78,10 +78,10 @@ def test_forgetting_on_one_replica_reaches_the_remote_server_and_the_other_repli
         b.engine.store.store.flush()
         conv = conv + out.token_ids + [13, 14, 15]
         tier = a.engine.store.store.remote.tier
-        assert len(list(tier.client.scan_iter(match=f"{tier.prefix}:seg:*"))) == 2
+        assert len(list(tier.client.scan_iter(match=tier.segment_key("*")))) == 2
         assert a.forget_session("shared")
         a.engine.store.store.flush()
-        assert tier.get_record("shared")["forgotten"] and not list(tier.client.scan_iter(match=f"{tier.prefix}:seg:*"))
+        assert tier.get_record("shared")["forgotten"] and not list(tier.client.scan_iter(match=tier.segment_key("*")))
         again = b.generate([conv], PARAMS, session_id="shared")[0]  # b learns it from the tombstone
         assert sum(again.metrics.cached_tokens.values()) == 0 and "shared" in b.engine.store.store.records
         b.engine.store.store.flush()  # b's new turn publishes: later than the forgetting, it replaces the tombstone
@@ -141,7 +141,7 @@ def test_a_turn_running_elsewhere_when_the_session_is_forgotten_does_not_bring_i
         assert rid not in b.engine.requests or b.engine.requests[rid].is_finished
         b.engine.store.store.flush()  # b's publish: refused (planned before the forgetting), its uploads gone
         tier = a.engine.store.store.remote.tier
-        assert tier.get_record("raced")["forgotten"] and not list(tier.client.scan_iter(match=f"{tier.prefix}:seg:*"))
+        assert tier.get_record("raced")["forgotten"] and not list(tier.client.scan_iter(match=tier.segment_key("*")))
         again = b.generate([conv], PARAMS, session_id="raced")[0]  # b reads the tombstone: its copy goes
         assert sum(again.metrics.cached_tokens.values()) == 0
     finally:

@@ -150,3 +150,31 @@ def test_a_turn_is_never_saved_from_partial_pages(tiny_dirs, monkeypatch):
     store.flush()
     edited = conv[:30] + [40, 41, 42, 43]
     assert _edited_turn_equals_recompute(llm, ref, "a", edited, monkeypatch).metrics.num_cached_tokens == 0
+
+
+def test_a_cold_disk_load_reads_windowed_layers_only_from_the_window(tiny_dirs, tmp_path, monkeypatch):
+    """From disk too, a windowed layer is read only from the chunk holding the window's first key
+    (checksums cover chunks of tokens, here 4): a turn over a one-segment history reads at most a
+    chunk's tail more than it loads in each layer, where whole layers would be most of the file."""
+    from cachedattention.store import segment_format
+    from tests.store.test_disk_read import _file_reads
+
+    monkeypatch.setattr(segment_format, "CHUNK_TOKENS", 4)
+    path, _ = tiny_dirs["gemma3-scaled"]
+    llm = LLM(model=str(path), enable_store=True, store_dir=str(tmp_path / "store"), host_bytes=0,
+              cache=CacheConfig(page_size=PAGE, enable_prefix_cache=False))  # fmt: skip
+    ref = _reference(path)
+    spec, layout = llm.engine.spec, llm.engine.store.layout
+    first = llm.generate([list(range(5, 65))], PARAMS, session_id="s")[0]
+    llm.engine.store.store.flush()
+    conv = list(range(5, 65)) + first.token_ids + [70, 71, 72]
+    reads = _file_reads(monkeypatch)
+    got, got_logits = _greedy_and_logits(llm, conv, monkeypatch, "s")
+    want, want_logits = _greedy_and_logits(ref, conv, monkeypatch)
+    assert got.token_ids == want.token_ids and rel_err(got_logits, want_logits) <= 1e-4
+    hit = got.metrics.cached_tokens["disk"]
+    assert hit >= 60 and spec.window_layers
+    loaded = llm.stats()["bytes_loaded"]["disk"]
+    token_bytes = 2 * layout.token_bytes()  # K and V of one layer
+    assert loaded < spec.num_layers * hit * token_bytes  # the windowed layers loaded less
+    assert loaded <= sum(reads) <= loaded + spec.num_layers * 2 * 3 * token_bytes  # at most 3 more tokens at each end
