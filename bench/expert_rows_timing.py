@@ -31,7 +31,7 @@ def main(row_counts: list[int]) -> None:
         dense = w.dequantize()
         for rows in row_counts:
             x = torch.randn(rows, inp)
-            ways = [lambda x=x, w=w: kernel.run(x, w, None), lambda x=x, w=w: F.linear(x, w.dequantize()),
+            ways = [lambda x=x, w=w: kernel.run(x, w, None), lambda x=x, w=w: F.linear(x, kernel.dequantize(w)),
                     lambda x=x, dense=dense: F.linear(x, dense)]  # fmt: skip
             cells = [warm_median_ms(fn, 7) for fn in ways]
             print(f"| {kind} | {out} x {inp} | {rows} | " + " | ".join(f"{c:.2f} ms" for c in cells) + " |", flush=True)

@@ -121,8 +121,12 @@ def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(ki
     assert all(torch.equal(a, b) for a, b in zip(seen, plain))
 
 
-def test_a_gguf_mixtures_experts_live_only_as_blocks(tmp_path, monkeypatch):
-    """On a CPU a mixture's K-quant experts keep no float32 copy: the kernel serves their calls, a
+@pytest.mark.parametrize("kind, types, held", [
+    ("qwen3-moe", {"ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}, 3 * 8 * 3),
+    ("llama", K_QUANTS, 3 * 7), ("phi3-window", {**OLDER_QUANTS, "ffn_up": "Q4_0"}, 3 * 7)])  # fmt: skip
+def test_a_gguf_files_layers_live_only_as_blocks(kind, types, held, tmp_path, monkeypatch):
+    """On a CPU the decoder layers' quantized linear weights (a mixture's experts, a dense model's
+    projections, Phi-3's fused ones split) keep no float32 copy: the kernel serves their calls, a
     long prompt's too (more rows than it takes for a layer with float32; past MAX_ROWS_BLOCKS_ONLY,
     here lowered to 100, dequantized for the call), as the float32 path would within rounding, and
     a decode step's bit for bit."""
@@ -130,13 +134,14 @@ def test_a_gguf_mixtures_experts_live_only_as_blocks(tmp_path, monkeypatch):
     from cachedattention.model.layers import Linear
 
     if few_rows_linear.FewRowsLinearKernel.load() is None:
-        pytest.skip("no few-rows kernel here (a C compiler and AVX-512): the experts keep float32")
+        pytest.skip("no few-rows kernel here (a C compiler and AVX-512): the layers keep float32")
     monkeypatch.setattr(few_rows_linear, "MAX_ROWS_BLOCKS_ONLY", 100)
-    types = {"ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}
-    write_tiny_gguf("qwen3-moe", tmp_path, types, hidden_size=256, moe_intermediate_size=256, head_dim=64)
+    sizes = {"qwen3-moe": dict(hidden_size=256, moe_intermediate_size=256, head_dim=64),
+             "llama": dict(hidden_size=256, intermediate_size=512)}.get(kind, {})  # fmt: skip
+    write_tiny_gguf(kind, tmp_path, types, **sizes)
     llm = LLM(model=str(tmp_path / "model.gguf"))
-    experts = [m for n, m in llm.engine.model.named_modules() if isinstance(m, Linear) and ".experts." in n]
-    assert len(experts) == 3 * 8 * 3 and all(m.blocks_only and m.quantized is not None for m in experts)
+    experts = [m for n, m in llm.engine.model.named_modules() if isinstance(m, Linear) and m.blocks_only]
+    assert len(experts) == held and all(m.quantized is not None for m in experts)
     assert all(m.weight.untyped_storage().nbytes() <= 4 for m in experts)  # a placeholder, no float32
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     prompts = [[(11 * i + 5) % 3000 + 20 for i in range(24)], [(7 * i + 3) % 3000 + 20 for i in range(400)]]

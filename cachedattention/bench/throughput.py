@@ -55,7 +55,11 @@ def _hf_model(loaded, device: str, dtype: str):
     cfg.dtype = dtype
     with torch.device(device):  # built where it runs: its rotary buffers must be real tensors
         hf = transformers.AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype))
-    missing, _ = hf.load_state_dict(loaded.model.state_dict(), strict=False)
+    state = loaded.model.state_dict()
+    for name, module in loaded.model.named_modules():  # a GGUF's layers held only as blocks: their values
+        if getattr(module, "blocks_only", False):
+            state[f"{name}.weight"] = module.quantized.dequantize()
+    missing, _ = hf.load_state_dict(state, strict=False)
     if set(missing) - {"lm_head.weight"}:  # a tied head comes with tie_weights below
         raise ValueError(f"the transformers reference lacks our weights for {sorted(missing)[:3]}")
     hf.tie_weights()

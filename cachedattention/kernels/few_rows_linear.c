@@ -312,6 +312,24 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
     return failed ? FRL_NO_MEMORY : FRL_OK;
 }
 
+/* Every row of a weight in blocks dequantized into `out` (float32 [out_features, in_features]), rows
+ * split across threads: a call of more rows than the kernel takes, on a weight held only as blocks,
+ * runs torch's GEMM over this. The same values as the kernel's tiles, and as QuantizedWeight.dequantize:
+ * scale * q, then + min, each rounded once. */
+int few_rows_dequantize(int64_t kind, const uint8_t *quants, const float *scales, const float *mins, float *out,
+                        int64_t in_features, int64_t out_features, int64_t num_threads) {
+    if (in_features <= 0 || in_features % 32 || out_features < 0 || num_threads <= 0 || kind < KIND_Q4_1 ||
+        kind > KIND_Q8_S16 || ((kind == KIND_Q4_1 || kind == KIND_Q8_M) && !mins))
+        return FRL_UNSUPPORTED;
+    const int64_t row_bytes = quant_row_bytes((int)kind, in_features), row_blocks = in_features / 32;
+    const int64_t row_scales = scale_row_len((int)kind, in_features);
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t r = 0; r < out_features; r++)
+        dequantize_row((int)kind, quants + r * row_bytes, scales + r * row_scales, mins ? mins + r * row_blocks : 0,
+                       in_features, out + r * in_features);
+    return FRL_OK;
+}
+
 #else /* no AVX-512: torch's GEMM serves */
 
 int few_rows_linear_supported(void) { return 0; }
@@ -328,6 +346,13 @@ int few_rows_linear(const float *x, const float *w, const float *bias, float *y,
                     int64_t out_features, int64_t x_stride, int64_t y_stride, int64_t num_threads) {
     (void)x, (void)w, (void)bias, (void)y, (void)rows, (void)in_features, (void)out_features, (void)x_stride,
         (void)y_stride, (void)num_threads;
+    return FRL_UNSUPPORTED;
+}
+
+int few_rows_dequantize(int64_t kind, const uint8_t *quants, const float *scales, const float *mins, float *out,
+                        int64_t in_features, int64_t out_features, int64_t num_threads) {
+    (void)kind, (void)quants, (void)scales, (void)mins, (void)out, (void)in_features, (void)out_features,
+        (void)num_threads;
     return FRL_UNSUPPORTED;
 }
 

@@ -27,6 +27,7 @@ MAX_ROWS_BLOCKS_ONLY = 256
 
 _ARGTYPES = (*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 6)
 _QUANTIZED_ARGTYPES = (ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 6)
+_DEQUANTIZE_ARGTYPES = (ctypes.c_int64, *[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3)
 # the block kinds the kernel reads (blocks of 32 weights): GGUF's Q4_1 and Q8_0 as they are; Q8_M
 # (int8 values, a scale and a min a block) and Q8_S16 (int8 values, a scale for each 16) hold K-quant
 # files' super-blocks re-expressed exactly (model/gguf_kquants.py; Q4_K becomes Q4_1)
@@ -148,6 +149,9 @@ class FewRowsLinearKernel:
         self._quantized = lib.few_rows_linear_quantized
         self._quantized.argtypes = _QUANTIZED_ARGTYPES
         self._quantized.restype = ctypes.c_int
+        self._dequantize = lib.few_rows_dequantize
+        self._dequantize.argtypes = _DEQUANTIZE_ARGTYPES
+        self._dequantize.restype = ctypes.c_int
 
     @classmethod
     def load(cls) -> FewRowsLinearKernel | None:
@@ -206,6 +210,20 @@ class FewRowsLinearKernel:
         if status != 0:
             raise ValueError(f"few-rows linear: unsupported call (x {tuple(x.shape)}, weight {_describe(weight)})")
         return y
+
+
+    def dequantize(self, weight: QuantizedWeight) -> torch.Tensor:
+        """The weight's blocks as float32 [out, in], rows split across threads, in a fraction of
+        torch's time (a call of more rows than the kernel takes, on a weight held only as blocks):
+        QuantizedWeight's own values, bit for bit, where scale * q is exact, as it is for every block
+        made from a GGUF file (float16 scales; otherwise the compiler may fuse the min's add)."""
+        out = torch.empty(weight.shape, dtype=torch.float32)
+        mins = weight.mins.data_ptr() if weight.mins is not None else None
+        status = self._dequantize(_KINDS[weight.kind], weight.quants.data_ptr(), weight.scales.data_ptr(), mins,
+                                  out.data_ptr(), weight.shape[1], weight.shape[0], torch.get_num_threads())  # fmt: skip
+        if status != 0:
+            raise ValueError(f"few-rows dequantize: unsupported weight ({_describe(weight)})")
+        return out
 
 
 def _describe(weight: torch.Tensor | QuantizedWeight) -> str:

@@ -223,10 +223,11 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Colle
     state: dict[str, torch.Tensor] = {}
     plus_one = config["model_type"].startswith("gemma")  # llama.cpp adds Gemma's 1 into its norms
     for name, t in _named_tensors(_reader(path), config):
-        if "{e}" in name and name.format(e=0) in blocks_only:  # a mixture's experts: never dequantized
-            shape = (int(t.shape[1]), int(t.shape[0]))  # (GGUF lists shapes inner first)
-            state.update({name.format(e=e): torch.zeros((), dtype=torch.float32).expand(shape)
-                          for e in range(int(t.shape[2]))})  # fmt: skip
+        # each part's rows, from a skeleton of the tensor's outer dimensions (GGUF lists them inner first)
+        skeleton = np.empty((*(int(d) for d in reversed(t.shape[1:])), 0), dtype=np.float32)
+        parts = [(each, part.shape[0]) for each, part in _each_part(name, skeleton, config)]
+        if all(each in blocks_only for each, _ in parts):  # never dequantized
+            state.update({each: torch.zeros((), dtype=torch.float32).expand(rows, int(t.shape[0])) for each, rows in parts})
             continue
         for each, w in _each_part(name, dequantize(t.data, t.tensor_type).astype(np.float32), config):
             if each.endswith("mlp.shared_expert_gate.weight"):
@@ -261,17 +262,23 @@ def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = Non
     return out
 
 
-def gguf_expert_rows(path: GGUFSource, config: dict[str, Any]):
-    """For each stacked expert tensor: its experts' names, and its first expert's rows 0, 1 and the
-    last as gguf dequantizes them ({row: float32 [1, in]}), to check blocks with no float32 copy."""
+def gguf_checked_rows(path: GGUFSource, config: dict[str, Any]):
+    """For each linear tensor of the decoder layers (not a router): its parts' names (each expert of
+    a stacked one, each projection of a fused one), and the rows 0, 1 and the last of each part
+    (a stacked one's first expert only) as gguf dequantizes them ({name: {row: float32 [1, in]}}),
+    in Hugging Face row order: to check blocks that will have no float32 copy."""
     from gguf.quants import dequantize
 
     for name, t in _named_tensors(_reader(path), config):
-        if "{e}" in name:
-            raw = np.asarray(t.data)
-            rows = QuantizedWeight.checked_rows(raw.shape[1])
-            first = {r: torch.from_numpy(dequantize(raw[0, r : r + 1], t.tensor_type).astype(np.float32)) for r in rows}
-            yield [name.format(e=e) for e in range(raw.shape[0])], first
+        if not name.startswith("model.layers.") or len(t.shape) < 2 or name.endswith("mlp.gate.weight"):
+            continue
+        parts = list(_each_part(name, np.asarray(t.data), config))
+        rows = {}
+        for each, raw in parts[:1] if "{e}" in name else parts:
+            raw = _in_hf_row_order(each, raw, config)
+            rows[each] = {r: torch.from_numpy(dequantize(raw[r : r + 1], t.tensor_type).astype(np.float32))
+                          for r in QuantizedWeight.checked_rows(raw.shape[0])}  # fmt: skip
+        yield [each for each, _ in parts], rows
 
 
 def save_blocks(blocks: dict[str, QuantizedWeight], path: Path) -> None:

@@ -27,7 +27,7 @@ class Linear(nn.Linear):
         self.few_rows: FewRowsLinearKernel | None = None
         self.quantized: QuantizedWeight | None = None
         self.packed: OneDNNWeight | None = None
-        # the blocks are the only copy (a GGUF mixture's experts on a CPU): `weight` is a placeholder
+        # the blocks are the only copy (a GGUF's decoder layers on a CPU): `weight` is a placeholder
         self.blocks_only = False
 
     def kernel_weight(self) -> torch.Tensor | QuantizedWeight:
@@ -39,7 +39,8 @@ class Linear(nn.Linear):
         if self.blocks_only:  # every call on the blocks: the kernel, or dequantized for this call alone
             if kernel is not None and kernel.takes(x, self.quantized, blocks_only=True):
                 return kernel.run(x, self.quantized, self.bias)
-            return F.linear(x, self.quantized.dequantize().to(x.dtype), self.bias)
+            weight = kernel.dequantize(self.quantized) if kernel is not None else self.quantized.dequantize()
+            return F.linear(x, weight.to(x.dtype), self.bias)
         weight = self.kernel_weight()
         if kernel is not None and kernel.takes(x, weight) and not _needs_grad(self.weight):
             return kernel.run(x, weight, self.bias)

@@ -13,8 +13,8 @@ import torch
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel, QuantizedWeight
 from cachedattention.model.embedded import BLOCKS_FILE, embedded_model_dir, rewrite_embedded_blocks
 from cachedattention.model.gguf_loader import (
+    gguf_checked_rows,
     gguf_config,
-    gguf_expert_rows,
     gguf_quantized_weights,
     gguf_state_dict,
     load_blocks,
@@ -68,9 +68,13 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
             check_spec(spec)
         cpu_float32 = torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32
         quantized = _gguf_blocks(reader, config) if cpu_float32 else {}
-        blocks_only = _experts_as_blocks(spec, config, quantized, reader)
+        blocks_only = _layers_as_blocks(config, quantized, reader)
         read = gguf_state_dict(reader, config, blocks_only)
         state = _to_our_weights(read, spec)
+        folded = {name for name in blocks_only if state[name] is not read[name]}
+        if folded:  # changed at load (a scale folded in, rows reordered): float32, from their blocks
+            state.update(_to_our_weights({name: quantized[name].dequantize() for name in folded}, spec))
+            blocks_only -= folded
         quantized = _blocks_as_loaded(quantized, read, state, spec)
         del read  # (the weights replaced at load: not held twice while the model is built)
         blocks = lambda: quantized  # noqa: E731
@@ -162,21 +166,21 @@ def _blocks_as_loaded(quantized: dict[str, QuantizedWeight], read: dict[str, tor
     return out
 
 
-def _experts_as_blocks(spec: ModelSpec, config: dict, quantized: dict[str, QuantizedWeight], reader) -> set[str]:
-    """A GGUF mixture's experts (nearly all its weights) kept only as blocks on a CPU, where the
-    few-rows kernel serves their calls: a quarter of float32's memory or less. Each stacked tensor
-    whose first expert's blocks do not dequantize to gguf's own values (rows 0, 1 and the last)
-    keeps float32, as a dense layer's would."""
-    if spec.moe is None or FewRowsLinearKernel.load() is None:
+def _layers_as_blocks(config: dict, quantized: dict[str, QuantizedWeight], reader) -> set[str]:
+    """A GGUF's decoder layers' linear weights (a mixture's experts too: nearly all its weights)
+    kept only as blocks on a CPU, where the few-rows kernel serves their calls: a quarter of
+    float32's memory or less. A tensor whose blocks do not dequantize to gguf's own values (rows 0,
+    1 and the last of each part; a stacked one's first expert) keeps float32."""
+    if not quantized or FewRowsLinearKernel.load() is None:
         return set()
     trusted = set()
-    for names, first in gguf_expert_rows(reader, config):
+    for names, rows in gguf_checked_rows(reader, config):
         if not all(n in quantized for n in names):
             continue  # (float32 in the file, or a type the kernel does not read)
-        if quantized[names[0]].matches_rows(first):
+        if all(quantized[n].matches_rows(checked) for n, checked in rows.items()):
             trusted.update(names)
         else:
-            log.warning("the GGUF blocks of %s do not match gguf's values: its experts keep float32", names[0])
+            log.warning("the GGUF blocks of %s do not match gguf's values: it keeps float32", names[0])
     return trusted
 
 
@@ -208,7 +212,7 @@ def attach_quantized(model: LlamaForCausalLM, quantized: dict[str, QuantizedWeig
         module.quantized = qw
         attached += 1
     if left:  # a placeholder left in: its layer would multiply by zeros
-        raise RuntimeError(f"{len(left)} GGUF expert weights found no layer, e.g. {sorted(left)[:2]}")
+        raise RuntimeError(f"{len(left)} GGUF weights held only as blocks found no layer, e.g. {sorted(left)[:2]}")
     return attached
 
 

@@ -131,7 +131,7 @@ def test_on_gguf_blocks_equals_the_float32_path_bit_for_bit(kernel, kind, in_fea
     assert weight.matches(reference) and not weight.matches(reference + 1e-3)
     bias = torch.randn(out_features)
     for n in (1, 2, 3, 4, 5, 9, MAX_ROWS, MAX_ROWS_GGUF):  # up to 4: dequantized in registers; more: via L1
-        x = torch.randn(n, in_features)
+        x = torch.randn(n, in_features, generator=torch.Generator().manual_seed(n))  # (a seeded draw: a lone dot product may cancel)
         if n <= MAX_ROWS:  # the blocks are dequantized into the same tiles the float32 weight goes through
             assert torch.equal(kernel(x, weight, bias), kernel(x, reference, bias)), f"{n} rows"
             assert torch.equal(kernel(x, weight), kernel(x, reference)), f"{n} rows, no bias"
@@ -281,3 +281,14 @@ def test_a_damaged_blocks_file_leaves_the_model_on_float32(tiny_dirs, tmp_path, 
     assert all(m.quantized is None for m in llm.engine.model.modules() if isinstance(m, Linear))
     out = llm.generate([[5, 9, 13]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(hf, [5, 9, 13], 6)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q5_K", "Q6_K"])  # (Q4_1, Q8_0, Q8_M, Q8_S16 blocks)
+def test_dequantizes_blocks_as_quantized_weight_does_bit_for_bit(kernel, kind):
+    """The kernel's dequantization of a whole weight (for calls of more rows than it takes, on a
+    weight held only as blocks) equals QuantizedWeight.dequantize, bit for bit."""
+    if kind in K_QUANT_BYTES:
+        weight = kquant_weight(kind, random_kquant_rows(kind, 37, 512, seed=5), 512)
+    else:
+        weight = QuantizedWeight.from_gguf_rows(kind, random_gguf_rows(kind, 37, 512, seed=5), 512)
+    assert torch.equal(kernel.dequantize(weight), weight.dequantize())
