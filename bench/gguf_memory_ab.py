@@ -1,6 +1,6 @@
 """The memory and speed of a quantized GGUF model served on a CPU: a 110M Llama shape (12 layers,
-hidden 768, MLP 2048) whose decoder layers are Q4_K_M's mix of K-quants (random super-blocks),
-written once. Prints the bytes its weights hold (float32 tensors and blocks), the process's peak
+hidden 768, MLP 2048) whose decoder layers, embedding and head are Q4_K_M's mix of K-quants (random
+super-blocks), written once. Prints the bytes its weights hold (float32 tensors and blocks), the process's peak
 RSS, a 1,024-token prompt's prefill and a decode step. A diagnostic: to compare two versions of the
 code, alternate runs with PYTHONPATH pointing at each checkout (run from this repository's root:
 it writes the file with the tests' GGUF writer):
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-TYPES = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
-         "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}  # fmt: skip
+TYPES = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
+         "ffn_up": "Q4_K", "ffn_down": "Q6_K", "token_embd": "Q4_K", "output": "Q6_K"}  # fmt: skip
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=4, head_dim=64, max_position_embeddings=4096)  # fmt: skip
 

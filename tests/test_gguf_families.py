@@ -123,15 +123,16 @@ def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(ki
 
 @pytest.mark.parametrize("kind, types, held", [
     ("qwen3-moe", {"ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}, 3 * 8 * 3),
-    ("llama", K_QUANTS, 3 * 7), ("phi3-window", {**OLDER_QUANTS, "ffn_up": "Q4_0"}, 3 * 7)])  # fmt: skip
+    ("llama", {**K_QUANTS, "token_embd": "Q4_K", "output": "Q6_K"}, 3 * 7 + 2),  # its own head
+    ("qwen3", {"attn_q": "Q8_0", "token_embd": "Q4_0"}, 3 + 2),  # a tied head: the embedding's blocks
+    ("phi3-window", {**OLDER_QUANTS, "ffn_up": "Q4_0"}, 3 * 7)])  # fmt: skip
 def test_a_gguf_files_layers_live_only_as_blocks(kind, types, held, tmp_path, monkeypatch):
     """On a CPU the decoder layers' quantized linear weights (a mixture's experts, a dense model's
-    projections, Phi-3's fused ones split) keep no float32 copy: the kernel serves their calls, a
+    projections, Phi-3's fused ones split), the embedding and the head keep no float32 copy: the kernel serves their calls, a
     long prompt's too (more rows than it takes for a layer with float32; past MAX_ROWS_BLOCKS_ONLY,
     here lowered to 100, dequantized for the call), as the float32 path would within rounding, and
     a decode step's bit for bit."""
     from cachedattention.kernels import few_rows_linear
-    from cachedattention.model.layers import Linear
 
     if few_rows_linear.FewRowsLinearKernel.load() is None:
         pytest.skip("no few-rows kernel here (a C compiler and AVX-512): the layers keep float32")
@@ -140,8 +141,9 @@ def test_a_gguf_files_layers_live_only_as_blocks(kind, types, held, tmp_path, mo
              "llama": dict(hidden_size=256, intermediate_size=512)}.get(kind, {})  # fmt: skip
     write_tiny_gguf(kind, tmp_path, types, **sizes)
     llm = LLM(model=str(tmp_path / "model.gguf"))
-    experts = [m for n, m in llm.engine.model.named_modules() if isinstance(m, Linear) and m.blocks_only]
+    experts = [m for m in llm.engine.model.modules() if getattr(m, "blocks_only", False)]
     assert len(experts) == held and all(m.quantized is not None for m in experts)
+    assert llm.engine.model.lm_head.blocks_only == ("token_embd" in types)
     assert all(m.weight.untyped_storage().nbytes() <= 4 for m in experts)  # a placeholder, no float32
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     prompts = [[(11 * i + 5) % 3000 + 20 for i in range(24)], [(7 * i + 3) % 3000 + 20 for i in range(400)]]

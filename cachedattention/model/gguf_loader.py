@@ -241,7 +241,7 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Colle
 def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = None) -> dict[str, QuantizedWeight]:
     """The weights of linear layers stored in block types the few-rows kernel reads (Q4_1, Q8_0 as
     they are; Q3_K-Q6_K, Q4_0, Q5_0 and Q5_1 re-expressed exactly), as blocks, under Hugging Face names and row order (the
-    embedding too: a tied head uses it). `path` is a file name or a reader from open_gguf."""
+    embedding too: a tied head uses it, and a lookup of it held only as blocks). `path` is a file name or a reader from open_gguf."""
     reader = _reader(path)
     config = config or gguf_config(reader)
     out: dict[str, QuantizedWeight] = {}
@@ -249,8 +249,6 @@ def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = Non
         kind, in_features = t.tensor_type.name, int(t.shape[0])  # GGUF lists shapes inner first
         if len(t.shape) not in (2, 3) or name.endswith(("norm.weight", "mlp.gate.weight")):
             continue  # (a router stays float32: it is small, and read in float32)
-        if name == "model.embed_tokens.weight" and not config.get("tie_word_embeddings"):
-            continue  # looked up, not multiplied: only a tied head reads its blocks
         if kind not in QUANTIZED_KINDS and not reexpressible(kind, in_features):
             continue
         for each, raw in _each_part(name, np.asarray(t.data), config):
@@ -263,14 +261,15 @@ def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = Non
 
 
 def gguf_checked_rows(path: GGUFSource, config: dict[str, Any]):
-    """For each linear tensor of the decoder layers (not a router): its parts' names (each expert of
+    """For each linear tensor of the decoder layers (not a router), the embedding and the head: its parts' names (each expert of
     a stacked one, each projection of a fused one), and the rows 0, 1 and the last of each part
     (a stacked one's first expert only) as gguf dequantizes them ({name: {row: float32 [1, in]}}),
     in Hugging Face row order: to check blocks that will have no float32 copy."""
     from gguf.quants import dequantize
 
     for name, t in _named_tensors(_reader(path), config):
-        if not name.startswith("model.layers.") or len(t.shape) < 2 or name.endswith("mlp.gate.weight"):
+        held = name.startswith("model.layers.") or name in ("model.embed_tokens.weight", "lm_head.weight")
+        if not held or len(t.shape) < 2 or name.endswith("mlp.gate.weight"):
             continue
         parts = list(_each_part(name, np.asarray(t.data), config))
         rows = {}

@@ -49,6 +49,21 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding (same parameter and name) that, when it holds only GGUF blocks (`blocks_only`:
+    its weight a placeholder, on a CPU), dequantizes just the rows it looks up."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        self.quantized: QuantizedWeight | None = None
+        self.blocks_only = False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.blocks_only:
+            return self.quantized.dequantize(ids.reshape(-1)).view(*ids.shape, -1).to(self.weight.dtype)
+        return super().forward(ids)
+
+
 def _needs_grad(weight: torch.Tensor) -> bool:
     return weight.requires_grad and torch.is_grad_enabled()  # the C kernel has no backward
 

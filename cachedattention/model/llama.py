@@ -18,7 +18,16 @@ from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, SeqSlice
 from cachedattention.model.fused_decode import FusedDecode
-from cachedattention.model.layers import GatedMLP, LayerNorm, Linear, OneDNNWeight, RMSNorm, SparseMoE, make_norm
+from cachedattention.model.layers import (
+    Embedding,
+    GatedMLP,
+    LayerNorm,
+    Linear,
+    OneDNNWeight,
+    RMSNorm,
+    SparseMoE,
+    make_norm,
+)
 from cachedattention.model.plain_attention import plain_attention
 from cachedattention.model.rope import RotaryEmbedding, apply_rotary
 from cachedattention.model.spec import ModelSpec
@@ -234,7 +243,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = make_norm(spec.hidden_size, spec.rms_norm_eps, spec.layer_norm)
 
@@ -268,8 +277,9 @@ class LlamaForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.few_rows = linear
-        if self.lm_head.packed is None or self.lm_head.packed.weight is not self.lm_head.weight:
-            self.lm_head.packed = OneDNNWeight(self.lm_head.weight, rows=(4, 128))
+        head = self.lm_head
+        if not head.blocks_only and (head.packed is None or head.packed.weight is not head.weight):  # (no float32 to pack)
+            head.packed = OneDNNWeight(head.weight, rows=(4, 128))
         self.row_ops = row_ops
 
     @torch.inference_mode()

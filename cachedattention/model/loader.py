@@ -71,7 +71,7 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         blocks_only = _layers_as_blocks(config, quantized, reader)
         read = gguf_state_dict(reader, config, blocks_only)
         state = _to_our_weights(read, spec)
-        folded = {name for name in blocks_only if state[name] is not read[name]}
+        folded = {name for name in blocks_only if name in read and state[name] is not read[name]}
         if folded:  # changed at load (a scale folded in, rows reordered): float32, from their blocks
             state.update(_to_our_weights({name: quantized[name].dequantize() for name in folded}, spec))
             blocks_only -= folded
@@ -167,9 +167,9 @@ def _blocks_as_loaded(quantized: dict[str, QuantizedWeight], read: dict[str, tor
 
 
 def _layers_as_blocks(config: dict, quantized: dict[str, QuantizedWeight], reader) -> set[str]:
-    """A GGUF's decoder layers' linear weights (a mixture's experts too: nearly all its weights)
-    kept only as blocks on a CPU, where the few-rows kernel serves their calls: a quarter of
-    float32's memory or less. A tensor whose blocks do not dequantize to gguf's own values (rows 0,
+    """A GGUF's decoder layers' linear weights (a mixture's experts too: nearly all its weights),
+    its embedding (looked up a few rows at a time) and head kept only as blocks on a CPU, where the
+    few-rows kernel serves their calls: a quarter of float32's memory or less. A tensor whose blocks do not dequantize to gguf's own values (rows 0,
     1 and the last of each part; a stacked one's first expert) keeps float32."""
     if not quantized or FewRowsLinearKernel.load() is None:
         return set()
@@ -179,6 +179,8 @@ def _layers_as_blocks(config: dict, quantized: dict[str, QuantizedWeight], reade
             continue  # (float32 in the file, or a type the kernel does not read)
         if all(quantized[n].matches_rows(checked) for n, checked in rows.items()):
             trusted.update(names)
+            if names == ["model.embed_tokens.weight"] and config.get("tie_word_embeddings"):
+                trusted.add("lm_head.weight")  # the head is the embedding
         else:
             log.warning("the GGUF blocks of %s do not match gguf's values: it keeps float32", names[0])
     return trusted
@@ -211,6 +213,12 @@ def attach_quantized(model: LlamaForCausalLM, quantized: dict[str, QuantizedWeig
             continue
         module.quantized = qw
         attached += 1
+    embedding, key = model.model.embed_tokens, "model.embed_tokens.weight"
+    if key in left:  # looked up from its blocks
+        if quantized[key].shape != tuple(embedding.weight.shape):
+            raise ValueError(f"the GGUF blocks of the embedding are {quantized[key].shape}, it {tuple(embedding.weight.shape)}")
+        embedding.quantized, embedding.blocks_only = quantized[key], True
+        left.discard(key)
     if left:  # a placeholder left in: its layer would multiply by zeros
         raise RuntimeError(f"{len(left)} GGUF weights held only as blocks found no layer, e.g. {sorted(left)[:2]}")
     return attached
