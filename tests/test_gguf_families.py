@@ -233,3 +233,25 @@ def _write(w) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_a_large_weight_held_only_as_blocks_is_never_dequantized_whole(tmp_path, monkeypatch):
+    """A call of more rows than the kernel takes, on a weight held only as blocks whose float32 copy
+    would be large (a big vocabulary's head, for prompt logprobs), runs through the kernel in slices
+    of rows: the same values as the whole call over the float32 weight, and no dequantization."""
+    from torch.nn import functional as F
+
+    from cachedattention.kernels import few_rows_linear
+    from cachedattention.model import layers
+
+    if few_rows_linear.FewRowsLinearKernel.load() is None:
+        pytest.skip("no few-rows kernel here (a C compiler and AVX-512)")
+    write_tiny_gguf("qwen3", tmp_path, {"token_embd": "Q8_0"})
+    head = LLM(model=str(tmp_path / "model.gguf")).engine.model.lm_head
+    assert head.blocks_only
+    monkeypatch.setattr(few_rows_linear, "MAX_ROWS_BLOCKS_ONLY", 100)
+    monkeypatch.setattr(layers, "MAX_DEQUANTIZED", 1 << 20)  # the tiny head (49152 x 64) counts as large
+    whole = head.quantized.dequantize()
+    monkeypatch.setattr(few_rows_linear.FewRowsLinearKernel, "dequantize", lambda *a: pytest.fail("dequantized"))
+    x = torch.randn(250, 64, generator=torch.Generator().manual_seed(0))
+    assert rel_err(head(x), F.linear(x, whole)) <= 1e-5

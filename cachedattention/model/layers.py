@@ -9,11 +9,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cachedattention.kernels import few_rows_linear
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel, QuantizedWeight
 from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.model.spec import MoESpec
 
 log = logging.getLogger(__name__)
+MAX_DEQUANTIZED = 64 << 20  # weights held only as blocks dequantized for one call at most (256 MB of float32)
 
 
 class Linear(nn.Linear):
@@ -39,6 +41,11 @@ class Linear(nn.Linear):
         if self.blocks_only:  # every call on the blocks: the kernel, or dequantized for this call alone
             if kernel is not None and kernel.takes(x, self.quantized, blocks_only=True):
                 return kernel.run(x, self.quantized, self.bias)
+            limit = few_rows_linear.MAX_ROWS_BLOCKS_ONLY
+            big = self.quantized.shape[0] * self.quantized.shape[1] > MAX_DEQUANTIZED
+            if kernel is not None and big and x.dim() == 2 and x.shape[0] > limit:
+                # a large vocabulary's head (prompt logprobs of a long chunk): never a float32 copy of GBs
+                return torch.cat([self(rows) for rows in x.split(limit)])
             weight = kernel.dequantize(self.quantized) if kernel is not None else self.quantized.dequantize()
             return F.linear(x, weight.to(x.dtype), self.bias)
         weight = self.kernel_weight()
@@ -60,7 +67,7 @@ class Embedding(nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.blocks_only:
-            return self.quantized.dequantize(ids.reshape(-1)).view(*ids.shape, -1).to(self.weight.dtype)
+            return self.quantized.dequantize(ids.reshape(-1)).view(*ids.shape, self.embedding_dim).to(self.weight.dtype)
         return super().forward(ids)
 
 
