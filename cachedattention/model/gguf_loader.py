@@ -234,7 +234,7 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Colle
                 w = w.reshape(1, -1)  # llama.cpp's shape is {hidden}; ours a one-row linear layer
             if plus_one and each.endswith("norm.weight"):
                 w = w - np.float32(1.0)
-            state[each] = torch.from_numpy(np.ascontiguousarray(_in_hf_row_order(each, w, config)))
+            state[each] = torch.from_numpy(np.ascontiguousarray(w))
     return state
 
 
@@ -251,8 +251,7 @@ def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = Non
             continue  # (a router stays float32: it is small, and read in float32)
         if kind not in QUANTIZED_KINDS and not reexpressible(kind, in_features):
             continue
-        for each, raw in _each_part(name, np.asarray(t.data), config):
-            rows = _in_hf_row_order(each, raw, config)  # a row's blocks move with it
+        for each, rows in _each_part(name, np.asarray(t.data), config):  # (a row's blocks move with it)
             if kind in QUANTIZED_KINDS:
                 out[each] = QuantizedWeight.from_gguf_rows(kind, rows, in_features)
             else:
@@ -274,7 +273,6 @@ def gguf_checked_rows(path: GGUFSource, config: dict[str, Any]):
         parts = list(_each_part(name, np.asarray(t.data), config))
         rows = {}
         for each, raw in parts[:1] if "{e}" in name else parts:
-            raw = _in_hf_row_order(each, raw, config)
             rows[each] = {r: torch.from_numpy(dequantize(raw[r : r + 1], t.tensor_type).astype(np.float32))
                           for r in QuantizedWeight.checked_rows(raw.shape[0])}  # fmt: skip
         yield [each for each, _ in parts], rows
@@ -330,7 +328,13 @@ def _named_tensors(reader, config: dict[str, Any]):
 
 def _each_part(name: str, a: np.ndarray, config: dict[str, Any]):
     """(name, array) of a tensor; of each expert's part of a stacked one (its first axis); or of each
-    projection's rows of a fused one (Phi-3's q, k, v and gate, up: a row's blocks move with it)."""
+    projection's rows of a fused one (Phi-3's q, k, v and gate, up); each in Hugging Face row order
+    (a Llama's q/k rows un-permuted). Raw block rows too: a row's blocks move with it."""
+    for each, rows in _parts(name, a, config):
+        yield each, _in_hf_row_order(each, rows, config)
+
+
+def _parts(name: str, a: np.ndarray, config: dict[str, Any]):
     if "{e}" in name:
         for e in range(a.shape[0]):
             yield name.format(e=e), a[e]

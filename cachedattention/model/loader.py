@@ -157,9 +157,7 @@ def _blocks_as_loaded(quantized: dict[str, QuantizedWeight], read: dict[str, tor
     for name, w in quantized.items():
         if name in read and state.get(name) is not read[name]:  # changed at load
             if order is not None and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-                heads = w.shape[0] // spec.head_dim
-                rows = (torch.arange(heads)[:, None] * spec.head_dim + order[None, :]).reshape(-1)
-                w = w.take_rows(rows)
+                w = w.take_rows(_head_rows(order, w.shape[0] // spec.head_dim, spec.head_dim))
             if not w.matches(state[name]):
                 continue
         out[name] = w
@@ -405,9 +403,14 @@ def _qk_dims_reordered(state: dict[str, torch.Tensor], spec: ModelSpec, order: t
             if name.endswith("_norm.weight") and t.dim() == 2:  # a weight per head (Command R+)
                 out[name] = t[:, order]
                 continue
-            heads = t.shape[0] // d  # (a norm over one head: 1)
-            out[name] = t.reshape(heads, d, *t.shape[1:])[:, order].reshape(t.shape)
+            out[name] = t[_head_rows(order, t.shape[0] // d, d)]  # (a norm over one head: 1 head)
     return out
+
+
+def _head_rows(order: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """The rows of a q/k projection (or bias, or norm) of `heads` heads with each head's dimensions
+    taken in `order`."""
+    return (torch.arange(heads)[:, None] * head_dim + order[None, :]).reshape(-1)
 
 
 def _glm4_name(name: str) -> str:
