@@ -27,10 +27,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from cachedattention.sim.clairvoyant import ClairvoyantPolicy
 from cachedattention.sim.trace import TraceTurn, sort_trace
 from cachedattention.store.ledger import TierLedger
 from cachedattention.store.policy import CachePolicy, PolicyConfig, make_policy
@@ -51,6 +53,9 @@ class SimConfig:
     # out the cold start and the drain after the last session arrived; bytes moved cover all.
     measure_from_s: float = 0.0
     measure_until_s: float | None = None
+    # Evict by each session's next arrival, read from the trace (Belady's rule; see clairvoyant.py):
+    # a bound on what eviction can do, not a policy the store can run. Needs policy "lookahead".
+    clairvoyant: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -63,6 +68,10 @@ class SimConfig:
             (
                 self.measure_until_s is None or self.measure_until_s > self.measure_from_s,
                 "measure_until_s must be > measure_from_s or None",
+            ),
+            (
+                not self.clairvoyant or self.policy.name == "lookahead",
+                "clairvoyant eviction extends look-ahead's prefetching: it needs policy 'lookahead'",
             ),
         ]
         for ok, message in checks:
@@ -122,7 +131,11 @@ class _Sim:
     def __init__(self, config: SimConfig, check: bool) -> None:
         self.config = config
         self.check = check
-        self.policy: CachePolicy = make_policy(config.policy)
+        self.next_use: dict[str, float] = {}  # session -> its next job's arrival (clairvoyant eviction)
+        self.upcoming: dict[str, deque[float]] = {}  # open loop: each session's arrivals still to come
+        self.policy: CachePolicy = (
+            ClairvoyantPolicy(config.policy, self.next_use) if config.clairvoyant else make_policy(config.policy)
+        )
         self.ledger = TierLedger(config.host_bytes, config.disk_bytes)
         self.result = SimResult(policy=self.policy.name)
         self.queue: list[_Job] = []
@@ -146,6 +159,7 @@ class _Sim:
             else:
                 later.setdefault(turn.session_id, [])
                 heapq.heappush(arrivals, (turn.arrival_s, next(self.seq), turn))
+                self.upcoming.setdefault(turn.session_id, deque()).append(turn.arrival_s)
         for turns in later.values():
             turns.reverse()
         now = 0.0
@@ -153,13 +167,18 @@ class _Sim:
             arrival = arrivals[0][0] if arrivals else math.inf
             if self.done and self.done[0][0] <= arrival:
                 now, _, job = heapq.heappop(self.done)
+                sid = job.turn.session_id
+                following = later[sid].pop() if self.config.closed_loop and later[sid] else None
+                if following is not None:
+                    heapq.heappush(arrivals, (now + following.think_s, next(self.seq), following))
+                    self.upcoming[sid].append(now + following.think_s)
+                self.foresee(sid)  # before its result is stored: eviction reads it
                 self.finish(job, now)
-                if self.config.closed_loop and later[job.turn.session_id]:
-                    turn = later[job.turn.session_id].pop()
-                    heapq.heappush(arrivals, (now + turn.think_s, next(self.seq), turn))
             else:
                 now, _, turn = heapq.heappop(arrivals)
+                self.upcoming[turn.session_id].popleft()
                 self.queue.append(_Job(turn, now))
+                self.foresee(turn.session_id)
             self.step(now)
         self.result.makespan_s = now
         self.result.mean_wait_s = self.wait_total / max(1, self.result.turns)
@@ -211,6 +230,18 @@ class _Sim:
             self.tally(kind, job, now)
             service_s = job.turn.new_tokens / self.config.service_tok_s + extra_s
             heapq.heappush(self.done, (now + service_s, next(self.seq), job))
+
+    def foresee(self, sid: str) -> None:
+        """Record when `sid` is next used: its first queued job's arrival, else its next arrival to come."""
+        if not self.config.clairvoyant:
+            return  # only the clairvoyant bound reads the future
+        queued = next((job.enqueued_s for job in self.queue if job.turn.session_id == sid), None)
+        ahead = self.upcoming[sid]
+        when = queued if queued is not None else (ahead[0] if ahead else None)
+        if when is None:
+            self.next_use.pop(sid, None)  # never used again
+        else:
+            self.next_use[sid] = when
 
     # ---- one job -----------------------------------------------------------------------
     def lookup(self, turn: TraceTurn, now: float) -> tuple[str, float]:
