@@ -2,7 +2,7 @@
 its architecture's metadata, the tensors under llama.cpp's names (a Llama's q/k rows permuted,
 Gemma's norms with its 1 added in, Phi-3's fused projections as they are, its longrope factors as
 tensors), a Llama-3 scaled model's `rope_freqs` divisors, and the embedded model's tokenizer
-(vocabulary 49152)."""
+(vocabulary 49152) or a small SentencePiece one as Gemma's and Phi-3's files hold theirs."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ _GEMMA3_LAYOUT = dict(num_hidden_layers=6, sliding_window_pattern=6, query_pre_a
                       layer_types=["sliding_attention"] * 5 + ["full_attention"])  # fmt: skip
 _GGUF_SHAPES = {"gemma2": dict(query_pre_attn_scalar=32), "gemma2-27b-layers": dict(num_hidden_layers=46, query_pre_attn_scalar=16),
                 "gemma3": _GEMMA3_LAYOUT, "gemma3-scaled": _GEMMA3_LAYOUT,
+                "gemma3-full": dict(_GEMMA3_LAYOUT, layer_types=["full_attention"] * 6),
                 "gemma3-27b-layers": dict(_GEMMA3_LAYOUT, num_hidden_layers=62, query_pre_attn_scalar=16,
                                           layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 10
                                           + ["sliding_attention"] * 2)}  # fmt: skip
@@ -68,22 +69,84 @@ def _arch(kind: str) -> str:
     return kind
 
 
-def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None, **overrides):
+# what the SentencePiece vocabulary is learned from: chat words, with a few characters only byte pieces spell
+_SPM_CORPUS = ("Hello world! The quick brown fox jumps over the lazy dog. Tell me a short story about a cat. "
+               "Sure, here is a story: once upon a time there was a cat who liked to sleep in the sun. "
+               "What is the capital of France? The capital of France is Paris. Thank you very much.")
+# SentencePiece's special pieces, llama.cpp's token types (1 normal, 2 unknown, 3 control, 6 byte)
+_SPM_SPECIAL = {"gemma3": [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 2), ("<mask>", 3),
+                           ("<start_of_turn>", 3), ("<end_of_turn>", 3)],
+                "phi3": [("<unk>", 2), ("<s>", 3), ("</s>", 3), ("<|endoftext|>", 3), ("<|user|>", 3),
+                         ("<|assistant|>", 3), ("<|end|>", 3), ("<|system|>", 3)]}  # fmt: skip
+# chat templates of their shape (written here): Gemma folds a system prompt into the first user turn
+_SPM_TEMPLATES = {
+    "gemma3": "{{ bos_token }}{% set sys = messages[0]['content'] + '\n\n' if messages[0]['role'] == 'system' else '' %}"
+              "{% for m in messages if m['role'] != 'system' %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
+              "else 'user') + '\n' + (sys if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
+    "phi3": "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}",
+}
+
+
+def sentencepiece_vocab(arch: str, merges: int = 300) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece vocabulary as a GGUF holds one: special pieces, the 256 byte pieces, then pieces
+    learned by BPE over `_SPM_CORPUS` (a word starts with \u2581), best first; tokens, scores, types."""
+    words = [tuple("\u2581" + w) for w in _SPM_CORPUS.split(" ")]
+    pieces = sorted({c for w in words for c in w})
+    for _ in range(merges):
+        pairs: dict[tuple[str, str], int] = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                pairs[pair] = pairs.get(pair, 0) + 1
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        pieces.append(best[0] + best[1])
+        words = [_merged(w, best) for w in words]
+    special = _SPM_SPECIAL[arch]
+    tokens = [t for t, _ in special] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [k for _, k in special] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * (len(special) + 256) + [-float(i) for i in range(len(pieces))]
+    return tokens, scores, types
+
+
+def _merged(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None, sentencepiece: bool = False,
+                    **overrides):
     """Write `folder/model.gguf` of a tiny random `kind` model (llama, llama-linear, qwen2, qwen3,
-    gemma2, gemma2-27b-layers, gemma3, gemma3-scaled, gemma3-27b-layers, phi3-window, phi4-mini, and the
+    gemma2, gemma2-27b-layers, gemma3, gemma3-scaled, gemma3-27b-layers, gemma3-full (no window named:
+    every layer full), phi3-window, phi4-mini, and the
     mixtures mixtral, qwen2-moe, qwen3-moe: each layer's experts stacked in one tensor each);
     return the transformers model it holds (float32 tensors: the same weights exactly, unless
     `types` names a block type for some tensors, by llama.cpp's short name: attn_q, ffn_down,
     output...; those hold the weights quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), or random
-    super-blocks for a K-quant). `overrides`: config fields."""
+    super-blocks for a K-quant). `sentencepiece`: the file holds a SentencePiece vocabulary and a
+    chat template of its family's shape (gemma3, phi3 kinds) instead of the embedded model's
+    byte-level one. `overrides`: config fields."""
     import gguf
     from gguf.quants import quantize
 
     from cachedattention.model.embedded import embedded_gguf_path
 
     arch = _arch(kind)
-    base = kind.removesuffix("-27b-layers")
-    hf = make_tiny_model(base, folder / "hf", vocab_size=49152, **{**_GGUF_SHAPES.get(kind, {}), **overrides})
+    base = kind.removesuffix("-27b-layers").removesuffix("-full")
+    spm = sentencepiece_vocab(arch) if sentencepiece else None
+    if spm:  # (Phi-3's default, 32000, is past this vocabulary)
+        overrides.setdefault("pad_token_id", spm[0].index("<pad>" if arch == "gemma3" else "<|endoftext|>"))
+    hf = make_tiny_model(base, folder / "hf", vocab_size=len(spm[0]) if spm else 49152,
+                         **{**_GGUF_SHAPES.get(kind, {}), **overrides})
     cfg = hf.config
     rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     rope = dict(rope.get("full_attention", rope))  # Gemma 3's by layer type: the full layers' is the model's
@@ -104,7 +167,7 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
         w.add_value_length(head_dim)
     w.add_rope_dimension_count(int(head_dim * getattr(cfg, "partial_rotary_factor", 1.0)))
     if arch.startswith("gemma") and arch != "gemma":
-        if getattr(cfg, "sliding_window", None):
+        if getattr(cfg, "sliding_window", None) and kind != "gemma3-full":  # (transformers' masks need one)
             w.add_sliding_window(cfg.sliding_window)
         for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
             if getattr(cfg, cap, None) is not None:
@@ -123,14 +186,28 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
         w.add_expert_used_count(cfg.num_experts_per_tok)
         if arch == "qwen3moe":  # (Qwen1.5-MoE's early files name neither width: the tensors say it)
             w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    src = gguf.GGUFReader(str(embedded_gguf_path()))
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
-        w.add_string(key, src.fields[key].contents())
-    w.add_token_list(src.fields["tokenizer.ggml.tokens"].contents())
-    w.add_token_types(src.fields["tokenizer.ggml.token_type"].contents())
-    w.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    if spm:
+        tokens, scores, token_types = spm
+        w.add_tokenizer_model("llama")  # (llama.cpp's name for a SentencePiece vocabulary; no merges stored)
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(token_types)
+        bos, eos = ("<bos>", "<end_of_turn>") if arch == "gemma3" else ("<s>", "<|end|>")
+        w.add_bos_token_id(tokens.index(bos))
+        w.add_eos_token_id(tokens.index(eos))
+        w.add_unk_token_id(tokens.index("<unk>"))
+        w.add_pad_token_id(tokens.index("<pad>" if arch == "gemma3" else "<|endoftext|>"))
+        w.add_add_bos_token(True)
+        w.add_chat_template(_SPM_TEMPLATES[arch])
+    else:
+        src = gguf.GGUFReader(str(embedded_gguf_path()))
+        for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
+            w.add_string(key, src.fields[key].contents())
+        w.add_token_list(src.fields["tokenizer.ggml.tokens"].contents())
+        w.add_token_types(src.fields["tokenizer.ggml.token_type"].contents())
+        w.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", _rope_freqs(head_dim, theta, rope))
     elif rope.get("rope_type") == "linear" and arch == "llama":  # as older converters wrote it: the factor, no type
@@ -155,6 +232,20 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     w.write_tensors_to_file()
     w.close()
     return hf
+
+
+def written_once(tmp_path_factory, **options):
+    """A getter of each kind's file, written on first use with `options` (write_tiny_gguf's):
+    kind -> (its folder, the transformers model it holds)."""
+    written = {}
+
+    def get(kind: str):
+        if kind not in written:
+            folder = tmp_path_factory.mktemp(f"gguf-{kind}")
+            written[kind] = (folder, write_tiny_gguf(kind, folder, **options))
+        return written[kind]
+
+    return get
 
 
 _MOE_NAMES = {"mlp.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",

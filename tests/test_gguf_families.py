@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cachedattention import LLM, SamplingParams
-from tests.gguf_files import write_tiny_gguf
+from tests.gguf_files import write_tiny_gguf, written_once
 from tests.util import assert_logits_match, capture_logits, rel_err
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -17,15 +17,7 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def gguf_files(tmp_path_factory):
     """Each family's file, written once: (its folder, the transformers model it holds)."""
-    written = {}
-
-    def get(kind: str):
-        if kind not in written:
-            folder = tmp_path_factory.mktemp(f"gguf-{kind}")
-            written[kind] = (folder, write_tiny_gguf(kind, folder))
-        return written[kind]
-
-    return get
+    return written_once(tmp_path_factory)
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama-linear", "qwen2", "qwen3"])
@@ -45,10 +37,12 @@ def test_a_gguf_file_of_each_family_matches_transformers(kind, gguf_files, monke
     ("gemma3", "gemma3_text", (0, 1, 2, 3, 4), 32),
     ("gemma3-scaled", "gemma3_text", (0, 1, 2, 3, 4), 32),
     ("gemma3-27b-layers", "gemma3_text", tuple(i for i in range(62) if i % 6 != 5), 16),
+    ("gemma3-full", "gemma3_text", (), 32),
     ("phi3-window", "phi3", (0, 1, 2), None), ("phi4-mini", "phi3", (), None)])  # fmt: skip
 def test_a_gguf_file_of_gemma_or_phi3_matches_transformers(kind, model_type, windowed, query_scalar, gguf_files, monkeypatch):
     """Gemma's norms are read without the 1 llama.cpp adds in; its windowed layers and query scale,
-    which the file does not say, are llama.cpp's (Gemma 3: five in six, RoPE base 10000 unscaled;
+    which the file does not say, are llama.cpp's (Gemma 3: five in six, RoPE base 10000 unscaled, none
+    when the file names no window;
     Gemma 2: one in two; the 27B models, told by their layer count, scale queries by hidden / heads);
     Phi-3's fused q/k/v and gate/up are split, its longrope factors read from their tensors."""
     folder, hf = gguf_files(kind)
