@@ -38,7 +38,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.few_rows
-        if self.blocks_only:  # every call on the blocks: the kernel, or dequantized for this call alone
+        if self.blocks_only:  # every call on the blocks: the kernel, or dequantized for the call (into a kept buffer)
             if kernel is not None and kernel.takes(x, self.quantized, blocks_only=True):
                 return kernel.run(x, self.quantized, self.bias)
             limit = few_rows_linear.MAX_ROWS_BLOCKS_ONLY
@@ -46,8 +46,9 @@ class Linear(nn.Linear):
             if kernel is not None and big and x.dim() == 2 and x.shape[0] > limit:
                 # a large vocabulary's head (prompt logprobs of a long chunk): never a float32 copy of GBs
                 return torch.cat([self(rows) for rows in x.split(limit)])
-            weight = kernel.dequantize(self.quantized) if kernel is not None else self.quantized.dequantize()
-            return F.linear(x, weight.to(x.dtype), self.bias)
+            if kernel is not None:
+                return kernel.dequantized_linear(x, self.quantized, self.bias)
+            return F.linear(x, self.quantized.dequantize().to(x.dtype), self.bias)
         weight = self.kernel_weight()
         if kernel is not None and kernel.takes(x, weight) and not _needs_grad(self.weight):
             return kernel.run(x, weight, self.bias)

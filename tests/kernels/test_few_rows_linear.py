@@ -1,6 +1,8 @@
 """The few-rows linear kernel equals torch's linear, and the model's linear layers use it only where
 it applies."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -292,3 +294,28 @@ def test_dequantizes_blocks_as_quantized_weight_does_bit_for_bit(kernel, kind):
     else:
         weight = QuantizedWeight.from_gguf_rows(kind, random_gguf_rows(kind, 37, 512, seed=5), 512)
     assert torch.equal(kernel.dequantize(weight), weight.dequantize())
+
+
+def test_a_dequantized_call_reuses_its_threads_buffer_and_equals_the_dequantized_weights(kernel):
+    """Calls of more rows than the kernel takes on weights held only as blocks dequantize into one
+    buffer per thread, grown to the largest weight: each call's result is its own weight's, whatever
+    the buffer held before, and another thread has its own buffer."""
+    small = QuantizedWeight.from_gguf_rows("Q8_0", random_gguf_rows("Q8_0", 16, 64, seed=1), 64)
+    large = kquant_weight("Q6_K", random_kquant_rows("Q6_K", 40, 256, seed=2), 256)
+    gen = torch.Generator().manual_seed(3)
+    bias = torch.randn(40, generator=gen)
+    for weight, b in [(small, None), (large, bias), (small, None), (large, None)]:
+        x = torch.randn(300, weight.shape[1], generator=gen)
+        assert torch.equal(kernel.dequantized_linear(x, weight, b), F.linear(x, weight.dequantize(), b))
+    buffer = kernel._scratch.buffer
+    assert buffer.numel() == 40 * 256  # grown once, to the larger weight, and kept
+    kernel.dequantized_linear(torch.randn(300, 64, generator=gen), small, None)
+    assert kernel._scratch.buffer is buffer
+    other = []
+    thread = threading.Thread(target=lambda: (kernel.dequantized_linear(torch.ones(300, 64), small, None),
+                                              other.append(kernel._scratch.buffer)))
+    thread.start()
+    thread.join()
+    assert other[0] is not buffer and other[0].numel() == 16 * 64
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        kernel.dequantize(small, torch.empty(64, 16))
