@@ -249,3 +249,5 @@ def test_a_large_weight_held_only_as_blocks_is_never_dequantized_whole(tmp_path,
     monkeypatch.setattr(few_rows_linear.FewRowsLinearKernel, "dequantize", lambda *a: pytest.fail("dequantized"))
     x = torch.randn(250, 64, generator=torch.Generator().manual_seed(0))
     assert rel_err(head(x), F.linear(x, whole)) <= 1e-5
+    assert rel_err(head(x[None]), F.linear(x, whole)[None]) <= 1e-5  # leading dimensions: rows all the same
+    assert head(x[:0]).shape == (0, whole.shape[0])  # a step where no prompt ends asks for no rows

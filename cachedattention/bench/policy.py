@@ -6,8 +6,9 @@ everything else (sessions, arrival rate, service speed and both budgets) by `--s
 so the trace's KV volume keeps the same ratio to the budgets. Hit rates are reported over the
 whole run and over its loaded middle (after a 100 s warm-up, until the last session arrives), and
 how many of look-ahead's disk hits were jobs that started the moment they arrived (an empty queue),
-and a bound: look-ahead with clairvoyant eviction (Belady's rule, each session's next arrival read
-from the trace), what better eviction alone could still win.
+and a reference: look-ahead with clairvoyant eviction (Belady's rule, each session's next arrival
+read from the trace; not an optimum with sessions of different sizes), what eviction with perfect
+foresight of arrivals wins.
 Disk -> host reads are instant unless `--disk-read-gbps` gives the bandwidth at the paper's full
 scale (scaled like the rest); a prefetch still in flight when its job starts is then a disk hit.
 It also prints look-ahead's read demand and the lead time its prefetches get from the queue,
@@ -49,7 +50,7 @@ def run_policy_bench(args: argparse.Namespace) -> int:
           f"default budgets host {host / 1e9:.1f} GB, disk {disk / 1e12:.2f} TB (128 GB : 10 TB scaled by {f:.3f}); {reads}")
     t0 = time.perf_counter()
     default = {p: _simulate(trace, host, disk, p, f, last_arrival, read_bytes_s) for p in POLICIES}
-    bound = _simulate(trace, host, disk, "lookahead", f, last_arrival, read_bytes_s, clairvoyant=True)
+    foresight = _simulate(trace, host, disk, "lookahead", f, last_arrival, read_bytes_s, clairvoyant=True)
     sweep = []
     if not args.quick:
         for hx in (0.25, 0.5, 1.0, 2.0):
@@ -62,13 +63,13 @@ def run_policy_bench(args: argparse.Namespace) -> int:
     look = default["lookahead"]  # where its disk hits come from: the queue cannot help a job that never waits
     print(f"\nlookahead: {look['disk_hits_on_arrival']} of its {look['disk_hits']} disk hits are jobs that started "
           "the moment they arrived (nothing queued to look ahead at)")
-    print(_bound_line(bound, look))
+    print(_foresight_line(foresight, look))
     print(_reads_line(look, f))
     print(f"\n({time.perf_counter() - t0:.0f} s; `cachedattention bench --mode policy"
           f"{' --quick' if args.quick else ''} --sessions {n} --seed {args.seed}"
           f"{f' --disk-read-gbps {gbps}' if gbps else ''}`)")
     if args.json:
-        out = {"policies": default, "bounds": {"clairvoyant": bound}, "sweep": sweep, "setting": {
+        out = {"policies": default, "references": {"clairvoyant": foresight}, "sweep": sweep, "setting": {
             "sessions": n, "turns": len(trace), "kv_volume_bytes": volume, "host_bytes": host, "disk_bytes": disk,
             "bytes_per_token": BYTES_PER_TOKEN, "session_rate": RATE * f, "service_tok_s": SERVICE_TOK_S * f,
             "max_running": RUNNING, "seed": args.seed, "disk_read_gbps_full_scale": gbps}}
@@ -87,11 +88,11 @@ def _simulate(trace, host: int, disk: int, policy: str, f: float, last_arrival: 
     return {**whole, "hit_rate_loaded": loaded["hit_rate"], "host_hit_share_loaded": loaded["host_hit_share"]}
 
 
-def _bound_line(bound: dict, look: dict) -> str:
-    """The clairvoyant bound next to look-ahead: the host share no eviction order can pass here."""
-    return (f"bound: look-ahead with clairvoyant eviction (Belady's rule: each session's next arrival read from the "
-            f"trace; not a policy a server can run): hit rate {bound['hit_rate']:.1%}, {bound['host_hit_share']:.1%} "
-            f"of hits from host ({bound['disk_hits_on_arrival']} of its {bound['disk_hits']} disk hits on arrival), "
+def _foresight_line(r: dict, look: dict) -> str:
+    """Look-ahead with clairvoyant eviction next to look-ahead: what foresight of arrivals wins here."""
+    return (f"with foresight: look-ahead with clairvoyant eviction (Belady's rule: each session's next arrival read "
+            f"from the trace; not a policy a server can run): hit rate {r['hit_rate']:.1%}, {r['host_hit_share']:.1%} "
+            f"of hits from host ({r['disk_hits_on_arrival']} of its {r['disk_hits']} disk hits on arrival), "
             f"against look-ahead's {look['hit_rate']:.1%} and {look['host_hit_share']:.1%}")
 
 

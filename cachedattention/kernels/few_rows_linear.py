@@ -236,7 +236,10 @@ class FewRowsLinearKernel:
         """x @ weight.T (+ bias) for a call of more rows than the kernel takes on a weight held only as
         blocks: dequantized into this thread's buffer, then torch's GEMM. The buffer is kept, grown to
         the largest weight seen: a fresh one of a large weight pays its page faults on every call (a
-        Llama-3-8B MLP weight: 56 ms against 8 ms for the dequantization alone)."""
+        Llama-3-8B MLP weight: 56 ms against 8 ms for the dequantization alone). A call autograd
+        records gets a weight of its own (it keeps the weight for the backward pass)."""
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return F.linear(x, self.dequantize(weight).to(x.dtype), bias)
         numel = weight.shape[0] * weight.shape[1]
         buffer = getattr(self._scratch, "buffer", None)
         if buffer is None or buffer.numel() < numel:

@@ -39,11 +39,15 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.few_rows
         if self.blocks_only:  # every call on the blocks: the kernel, or dequantized for the call (into a kept buffer)
+            if x.dim() != 2:  # rows, as the kernel and the slices below take them
+                return self(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+            if x.shape[0] == 0:  # (a step where no prompt ends yet asks the head for no rows)
+                return x.new_zeros(0, self.out_features)
             if kernel is not None and kernel.takes(x, self.quantized, blocks_only=True):
                 return kernel.run(x, self.quantized, self.bias)
             limit = few_rows_linear.MAX_ROWS_BLOCKS_ONLY
             big = self.quantized.shape[0] * self.quantized.shape[1] > MAX_DEQUANTIZED
-            if kernel is not None and big and x.dim() == 2 and x.shape[0] > limit:
+            if kernel is not None and big and x.shape[0] > limit:
                 # a large vocabulary's head (prompt logprobs of a long chunk): never a float32 copy of GBs
                 return torch.cat([self(rows) for rows in x.split(limit)])
             if kernel is not None:

@@ -54,7 +54,7 @@ class SimConfig:
     measure_from_s: float = 0.0
     measure_until_s: float | None = None
     # Evict by each session's next arrival, read from the trace (Belady's rule; see clairvoyant.py):
-    # a bound on what eviction can do, not a policy the store can run. Needs policy "lookahead".
+    # a reference with foresight, not a policy the store can run. Needs policy "lookahead".
     clairvoyant: bool = False
 
     def __post_init__(self) -> None:
@@ -225,6 +225,7 @@ class _Sim:
                 continue
             blocked.add(sid)
             del self.queue[index]
+            self.foresee(sid)  # its stored copy is read now and replaced when it ends: next used by the job after
             self.running[sid] = job
             kind, extra_s = self.lookup(job.turn, now)
             self.tally(kind, job, now)
@@ -234,7 +235,7 @@ class _Sim:
     def foresee(self, sid: str) -> None:
         """Record when `sid` is next used: its first queued job's arrival, else its next arrival to come."""
         if not self.config.clairvoyant:
-            return  # only the clairvoyant bound reads the future
+            return  # only clairvoyant eviction reads the future
         queued = next((job.enqueued_s for job in self.queue if job.turn.session_id == sid), None)
         ahead = self.upcoming[sid]
         when = queued if queued is not None else (ahead[0] if ahead else None)

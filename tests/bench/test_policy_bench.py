@@ -15,10 +15,10 @@ def test_policy_bench_json(tmp_path, capsys):
     assert data["policies"]["lookahead"]["host_hit_share"] > data["policies"]["lru"]["host_hit_share"]
     printed = capsys.readouterr().out
     assert "| lookahead |" in printed and "lookahead reads disk -> host at" in printed
-    bound = data["bounds"]["clairvoyant"]
-    assert bound["policy"] == "clairvoyant" and bound["turns"] == data["policies"]["lookahead"]["turns"]
-    assert "bound: look-ahead with clairvoyant eviction" in printed
-    assert f"{bound['host_hit_share']:.1%} of hits from host" in printed
+    foresight = data["references"]["clairvoyant"]
+    assert foresight["policy"] == "clairvoyant" and foresight["turns"] == data["policies"]["lookahead"]["turns"]
+    assert "with foresight: look-ahead with clairvoyant eviction" in printed
+    assert f"{foresight['host_hit_share']:.1%} of hits from host" in printed
     look = data["policies"]["lookahead"]
     assert look["prefetches_used"] > 0 and look["prefetch_lead_p10_s"] <= look["prefetch_lead_p50_s"]
     assert 0 < look["prefetch_rate_p50_bytes_s"] <= look["prefetch_rate_p90_bytes_s"]

@@ -319,3 +319,9 @@ def test_a_dequantized_call_reuses_its_threads_buffer_and_equals_the_dequantized
     assert other[0] is not buffer and other[0].numel() == 16 * 64
     with pytest.raises(ValueError, match="out must be a contiguous float32"):
         kernel.dequantize(small, torch.empty(64, 16))
+    # a call autograd records keeps a weight of its own: a later call rewriting the buffer changes nothing
+    x = torch.randn(300, 64, generator=gen, requires_grad=True)
+    y = kernel.dequantized_linear(x, small, None)
+    kernel.dequantized_linear(torch.randn(300, 256, generator=gen), large, None)
+    y.sum().backward()
+    assert rel_err(x.grad, small.dequantize().sum(0).expand(300, -1)) <= 1e-6
