@@ -76,6 +76,9 @@ K_QUANTS = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output":
 OLDER_QUANTS = {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q5_1", "attn_output": "Q4_0", "attn_qkv": "Q5_0",
                 "ffn_gate": "Q4_0", "ffn_up": "Q5_1", "ffn_down": "Q5_0",
                 "ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q5_1", "ffn_down_exps": "Q5_0"}  # fmt: skip
+IQ4_QUANTS = {"attn_q": "IQ4_XS", "attn_k": "IQ4_NL", "attn_v": "IQ4_XS", "attn_output": "IQ4_NL",
+              "ffn_gate": "IQ4_XS", "ffn_up": "IQ4_XS", "ffn_down": "IQ4_NL",
+              "ffn_gate_exps": "IQ4_XS", "ffn_up_exps": "IQ4_NL", "ffn_down_exps": "IQ4_XS"}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind, types, blocks", [("llama", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16"}),
@@ -83,10 +86,12 @@ OLDER_QUANTS = {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q5_1", "attn_outp
                                                  ("llama", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
                                                  ("gemma3", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
                                                  ("phi4-mini", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
-                                                 ("qwen3-moe", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"})])
+                                                 ("qwen3-moe", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
+                                                 ("llama", IQ4_QUANTS, {"Q8_0"}),
+                                                 ("qwen3-moe", IQ4_QUANTS, {"Q8_0"})])
 def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(kind, types, blocks, tmp_path, monkeypatch):
-    """A file of K-quant tensors, as llama.cpp's Q4_K_M and Q3_K_M mix them, or of the older Q4_0,
-    Q5_0 and Q5_1 (Gemma 3's QAT files are Q4_0) (a mixture's stacked experts too): every linear
+    """A file of K-quant tensors, as llama.cpp's Q4_K_M and Q3_K_M mix them, of the older Q4_0,
+    Q5_0 and Q5_1 (Gemma 3's QAT files are Q4_0), or of IQ4_XS and IQ4_NL (a mixture's stacked experts too): every linear
     layer gets the few-rows kernel's blocks, re-expressed exactly, and decodes to the same logits,
     bit for bit, as the same engine over the float32 weights alone."""
     from cachedattention.model.layers import Linear
@@ -119,6 +124,7 @@ def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(ki
     ("qwen3-moe", {"ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}, 3 * 8 * 3),
     ("llama", {**K_QUANTS, "token_embd": "Q4_K", "output": "Q6_K"}, 3 * 7 + 2),  # its own head
     ("qwen3", {"attn_q": "Q8_0", "token_embd": "Q4_0"}, 3 + 2),  # a tied head: the embedding's blocks
+    ("llama", {**IQ4_QUANTS, "token_embd": "IQ4_XS", "output": "IQ4_NL"}, 3 * 7 + 2),
     ("phi3-window", {**OLDER_QUANTS, "ffn_up": "Q4_0"}, 3 * 7)])  # fmt: skip
 def test_a_gguf_files_layers_live_only_as_blocks(kind, types, held, tmp_path, monkeypatch):
     """On a CPU the decoder layers' quantized linear weights (a mixture's experts, a dense model's

@@ -10,6 +10,11 @@ own dequantization (gguf.quants), which the tests hold these to.
 
 Q4_0 (d * (q - 8)) is Q4_1 with the min -8d; Q5_0 (d * (q - 16)) is Q8_0's signed values; Q5_1
 (d * q + m) is Q8_M. Each product is exact in float32, so these are bit for bit too.
+
+IQ4_NL (blocks of 32: d * a non-linear table's value, signed 8-bit, picked by a nibble) and IQ4_XS
+(super-blocks of 256: eight blocks of 32 with 6-bit scales, d * (scale - 32) * the same table) are
+Q8_0: the table's values as int8, d (or d * (scale - 32), exact in float32) the scale of each 32.
+gguf (and llama.cpp) round the scale times the value once in float32, as the kernel does.
 """
 
 from __future__ import annotations
@@ -22,16 +27,43 @@ from cachedattention.kernels.few_rows_linear import QuantizedWeight
 SUPER = 256  # weights in a super-block
 K_QUANT_BYTES = {"Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes of one super-block
 LEGACY_BYTES = {"Q4_0": 18, "Q5_0": 22, "Q5_1": 24}  # bytes of one block of 32
+IQ4_BLOCKS = {"IQ4_NL": (32, 18), "IQ4_XS": (SUPER, 136)}  # (weights, bytes) of one block
+# the sixteen values a nibble of IQ4_NL or IQ4_XS picks (llama.cpp's kvalues_iq4nl)
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
 
 def reexpressible(kind: str, in_features: int) -> bool:
     """Whether rows of `in_features` weights of this GGUF type can be re-expressed as kernel blocks."""
+    if kind in IQ4_BLOCKS:
+        return in_features % IQ4_BLOCKS[kind][0] == 0
     return (kind in K_QUANT_BYTES and in_features % SUPER == 0) or (kind in LEGACY_BYTES and in_features % 32 == 0)
 
 
 def reexpressed_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
-    """A GGUF tensor's raw rows of a K-quant or older block type as kernel blocks."""
+    """A GGUF tensor's raw rows of a K-quant, older or IQ4 block type as kernel blocks."""
+    if kind in IQ4_BLOCKS:
+        return iq4_weight(kind, rows, in_features)
     return legacy_weight(kind, rows, in_features) if kind in LEGACY_BYTES else kquant_weight(kind, rows, in_features)
+
+
+def iq4_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
+    """Raw rows (uint8 [out, bytes per row]) of IQ4_NL or IQ4_XS as Q8_0 blocks."""
+    if kind not in IQ4_BLOCKS or in_features % IQ4_BLOCKS[kind][0]:
+        raise ValueError(f"rows of IQ4_NL (IQ4_XS) are whole blocks of 32 (256), not {kind} of {in_features}")
+    out = rows.shape[0]
+    blocks = np.ascontiguousarray(rows).reshape(-1, IQ4_BLOCKS[kind][1])
+    d = _halves(blocks[:, 0:2].copy())
+    if kind == "IQ4_NL":
+        scales, qs = d, blocks[:, 2:18]
+    else:  # each block of 32's scale: 4 low bits (two a byte, low nibble first) and 2 high ones (a uint16's pairs)
+        low = (blocks[:, 4:8, None] >> np.array([0, 4], dtype=np.uint8)).reshape(-1, 8) & 0x0F
+        high = (blocks[:, 2:4].copy().view("<u2") >> np.arange(0, 16, 2, dtype=np.uint16)) & 3
+        scales, qs = d * ((low | (high << 4)).astype(np.float32) - 32), blocks[:, 8:136]
+    # each 16 bytes hold a block of 32: element j in byte j's low nibble, j + 16 in its high one
+    nibbles = qs.reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)
+    values = IQ4_VALUES[(nibbles & 0x0F).reshape(out, -1)]
+    return QuantizedWeight("Q8_0", torch.from_numpy(values), torch.from_numpy(np.ascontiguousarray(scales).reshape(out, -1)),
+                           None, (out, in_features))  # fmt: skip
 
 
 def legacy_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
@@ -136,13 +168,15 @@ def _q3_k(blocks: np.ndarray):
 
 
 _UNPACK = {"Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
-_SCALES_AT = {"Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # each super-block's float16 fields
+_SCALES_AT = {"Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+              "IQ4_NL": (0,), "IQ4_XS": (0,)}  # each (super-)block's float16 fields
 
 
 def random_rows(kind: str, out_features: int, in_features: int, rng: np.random.Generator) -> np.ndarray:
-    """Raw rows of random super-blocks (benchmarks and tests: gguf's Python package does not quantize
-    to K-quants): random bytes, except float16 scales between 1e-4 and 1e-2."""
-    blocks = rng.integers(0, 256, (out_features * in_features // SUPER, K_QUANT_BYTES[kind]), dtype=np.uint8)
+    """Raw rows of random super-blocks of a K-quant or IQ4 type (benchmarks and tests: gguf's Python
+    package does not quantize to those): random bytes, except float16 scales between 1e-4 and 1e-2."""
+    weights, nbytes = IQ4_BLOCKS.get(kind) or (SUPER, K_QUANT_BYTES[kind])
+    blocks = rng.integers(0, 256, (out_features * in_features // weights, nbytes), dtype=np.uint8)
     for at in _SCALES_AT[kind]:
         blocks[:, at : at + 2] = rng.uniform(1e-4, 1e-2, (blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
     return blocks.reshape(out_features, -1)

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from cachedattention import LLM, SamplingParams
 from cachedattention.kernels.few_rows_linear import MAX_ROWS, MAX_ROWS_GGUF, FewRowsLinearKernel, QuantizedWeight
 from cachedattention.model.gguf_kquants import (
+    IQ4_BLOCKS,
     K_QUANT_BYTES,
     LEGACY_BYTES,
     kquant_weight,
@@ -208,6 +209,35 @@ def test_older_block_types_are_read_as_blocks_equal_to_gguf_bit_for_bit(kernel, 
         assert torch.equal(kernel(x, weight), kernel(x, reference)), f"{n} rows"
     with pytest.raises(ValueError, match="whole blocks of 32"):
         reexpressed_weight(kind, rows, 100)
+
+
+@pytest.mark.parametrize("kind, in_features", [("IQ4_NL", 160), ("IQ4_XS", 512)])
+def test_iq4_blocks_are_read_as_q8_0_equal_to_gguf_bit_for_bit(kernel, kind, in_features):
+    """IQ4_NL and IQ4_XS (random blocks with sane scales, and random bytes throughout) re-expressed
+    as Q8_0 blocks dequantize to gguf's own values, in torch and in C, and the kernel over them
+    equals the kernel over those values."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rng = np.random.default_rng(11)
+    weights, nbytes = IQ4_BLOCKS[kind]
+    for rows in (random_rows(kind, 24, in_features, rng),
+                 rng.integers(0, 256, (64, in_features // weights * nbytes), dtype=np.uint8)):  # fmt: skip
+        with np.errstate(invalid="ignore", over="ignore"):  # (random bytes: NaN and infinite scales among them)
+            reference = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).astype(np.float32))
+            weight = reexpressed_weight(kind, rows, in_features)
+            ours = weight.dequantize()
+        finite = reference.isfinite().all(dim=1)
+        assert weight.kind == "Q8_0" and finite.sum() > 16
+        assert torch.equal(ours[finite], reference[finite])
+    weight = reexpressed_weight(kind, random_rows(kind, 24, in_features, rng), in_features)
+    reference = weight.dequantize()
+    assert torch.equal(kernel.dequantize(weight), reference)
+    for n in (1, 3, 4, 5, MAX_ROWS):  # up to 4: dequantized in registers; more: via L1
+        x = torch.randn(n, in_features)
+        assert torch.equal(kernel(x, weight), kernel(x, reference)), f"{n} rows"
+    with pytest.raises(ValueError, match="whole blocks of 32 \\(256\\)"):
+        reexpressed_weight(kind, rows, in_features + 16)
 
 
 def test_quantized_weights_are_checked_when_made():
