@@ -308,7 +308,9 @@ def adjust_logits(
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
         ids, counts = torch.tensor(list(output_ids), device=dev).unique(return_counts=True)
         row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
-    return row
+    # a tiny repetition penalty divides a logit past float32's range: the largest finite value keeps
+    # such tokens the likeliest without turning the softmax into NaN
+    return row.clamp_(max=torch.finfo(row.dtype).max)
 
 
 def _bad_word_ends(words: Sequence[Sequence[int]], output_ids: Sequence[int]) -> list[int]:
@@ -363,7 +365,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Pick the next token from one row of float32 logits."""
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    logits = (logits.float() / params.temperature).clamp_(max=torch.finfo(torch.float32).max)  # (as above)
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

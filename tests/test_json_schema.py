@@ -272,6 +272,11 @@ def test_bounds_and_numbers_of_any_length_are_never_rounded():
     assert at_least.viable("67.388475041455927442685844702806") and at_least.viable("1" * 29 + ".")
     assert compile_schema({"type": "number", "exclusiveMinimum": 1}).viable("1." + "0" * 27 + "1")
     assert compile_schema({"type": "integer", "minimum": 1e300}).viable("1")  # 1 followed by 300 digits
+    # an integer bound past a float's range (math.isfinite overflowed on it: a 500 from the server)
+    beyond = schema_automaton({"type": "integer", "minimum": 10**400, "multipleOf": 10**399})
+    assert beyond.may_end(beyond.advance(beyond.start, b"2" + b"0" * 400))
+    assert not beyond.may_end(beyond.advance(beyond.start, b"9" * 400))  # below the minimum
+    assert not beyond.may_end(beyond.advance(beyond.start, b"2" + b"0" * 399 + b"1"))  # not a multiple
 
 
 def test_a_root_number_may_end_or_go_on_and_a_choice_ends_where_no_other_goes_on():
@@ -361,6 +366,7 @@ def test_a_large_enum_is_one_state_and_takes_exactly_its_values():
         ({"type": {"a": 1}}, "schema.type must be one of"),
         ({"type": "integer", "enum": ["a", 1.5]}, "no value of the enum or const is of type 'integer'"),
         ({"const": float("nan")}, "NaN or infinite"),
+        ({"enum": ["ok", "a\ud800"]}, "holds a lone surrogate"),
         ({"type": "array", "minItems": 3, "maxItems": 2}, "minItems 3 is above maxItems 2"),
         ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "allOf with more than one"),
         ({"anyOf": [{"type": "string"}], "maxLength": 2}, "'maxLength' beside anyOf"),

@@ -25,6 +25,19 @@ def test_repetition_penalty_matches_transformers():
     assert not torch.equal(ours, row)  # the penalty changed something (tokens 3, 4, 7, 11, 20)
 
 
+def test_a_tiny_repetition_penalty_samples_among_the_seen_tokens_it_lifts_past_float32_range():
+    """logit / 1e-300 overflows float32: those tokens become the likeliest (the largest finite logit),
+    and sampling picks among them instead of failing on NaN probabilities (which aborted the step,
+    and every request in it)."""
+    row = _row(3)
+    seen = [i for i in range(50) if row[i] > 0][:3]
+    params = SamplingParams(temperature=0.5, repetition_penalty=1e-300, seed=0)
+    adjusted = adjust_logits(row, params, seen, [])
+    assert torch.isfinite(adjusted).all() and all(adjusted[i] == torch.finfo(torch.float32).max for i in seen)
+    picks = {sample_batch(row[None], [params], [torch.Generator().manual_seed(k)], [(seen, [])])[0] for k in range(20)}
+    assert picks <= set(seen) and len(picks) > 1
+
+
 def test_presence_and_frequency_penalties_follow_openai_formula():
     row, output = _row(1), [5, 5, 5, 9]
     ours = adjust_logits(row, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [5, 6], output)

@@ -144,6 +144,8 @@ class _Compiler:
                 raise ValueError(f"{where}: no value of the enum or const is of type {s['type']!r}")
         try:
             return json_literals(values)
+        except UnicodeError:  # (a ValueError too) a lone surrogate: no UTF-8 answer can hold it
+            raise ValueError(f"{where}: an enum or const string holds a lone surrogate, which UTF-8 cannot write") from None
         except ValueError:  # NaN or Infinity: not JSON
             raise ValueError(f"{where}: an enum or const value is NaN or infinite, which JSON cannot write") from None
 
@@ -217,7 +219,8 @@ class _Compiler:
         given = {}
         for key in NUMBER_BOUNDS:
             v = s.get(key)
-            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            # (an int is finite however long: math.isfinite would overflow past a float's range)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)):
                 raise ValueError(f"{where}.{key} must be a finite number, got {v!r}")
             if v is not None:
                 given[key] = Fraction(Decimal(str(v)))  # exactly the number as JSON wrote it

@@ -92,7 +92,7 @@ def _tool_calls(i: int, calls: Any) -> list[dict[str, Any]]:
 def _json_object(text: str) -> dict[str, Any] | str:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested past the parser's depth: not read as JSON either)
         return text  # not JSON: the template gets the text as it came
     return value if isinstance(value, dict) else text
 

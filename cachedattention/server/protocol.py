@@ -146,8 +146,10 @@ def _session_id(body: dict, header: str | None) -> str | None:
         v = header  # the body wins over the X-Session-ID header
     if v is None:
         return None
-    if not isinstance(v, str) or not v or len(v) > 256:
-        raise bad("session_id must be a non-empty string of at most 256 characters", "session_id", "invalid_type")
+    # printable: DELETE /v1/sessions/{id} must be able to name it (a path holds no newline)
+    if not isinstance(v, str) or not v or len(v) > 256 or not v.isprintable():
+        raise bad("session_id must be a non-empty printable string of at most 256 characters", "session_id",
+                  "invalid_type")  # fmt: skip
     return _text(v, "session_id")
 
 

@@ -258,7 +258,7 @@ class ResponsesRoutes:
         prev = await self._lookup(prev_id) if prev_id is not None else None
         if prev_id in self._background:
             raise APIError(400, f"Response {prev_id!r} is still in progress: continue it once it has finished.",
-                           "invalid_request_error", "previous_response_id")  # fmt: skip
+                           "invalid_value", "previous_response_id")  # fmt: skip
         if prev_id is not None and prev is None:
             raise _not_found(prev_id, "previous_response_id")
         req = read_request(body, prev.conversation if prev else [], reasons=routes.reasoning_parser is not None)
@@ -333,7 +333,7 @@ class ResponsesRoutes:
         if stored is None:
             raise _not_found(response_id)
         if not stored.body.get("background"):
-            raise APIError(400, "Only a background response can be cancelled.", "invalid_request_error")
+            raise APIError(400, "Only a background response can be cancelled.", "invalid_value")
         return stored.body
 
     async def _finish(self, answer: _Answer, out: RequestOutput, prev: StoredResponse | None) -> dict[str, Any]:

@@ -214,6 +214,8 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
         if kind == "message":
             if item.get("role") not in MESSAGE_ROLES:
                 raise bad(f"{param}.role must be one of {', '.join(MESSAGE_ROLES)}", f"{param}.role")
+            if not isinstance(item.get("content"), (str, list)):  # (the items listed back read it as one of those)
+                raise bad(f"{param}.content must be a string or a list of text parts", f"{param}.content", "invalid_type")
             out.append({"role": item["role"], "content": _content(item.get("content"), f"{param}.content")})
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", param), "type": "function",

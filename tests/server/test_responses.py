@@ -152,6 +152,13 @@ def test_the_response_object_echoes_the_request(server):
         ({"text": {"format": {"type": "yaml"}}}, "text.format"),
         ({"top_logprobs": "many"}, "top_logprobs"),
         ({"reasoning": "high"}, "reasoning"),
+        ({"input": [{"role": "user"}]}, "input[0].content"),  # (these were 500s: found by fuzzing)
+        ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+        ({"input": [{"role": "user", "content": {"a": "b"}}]}, "input[0].content"),
+        ({"input": [{"role": "assistant", "content": None}]}, "input[0].content"),
+        ({"input": [{"role": "user", "content": "x"}], "max_output_tokens": 4,
+          "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "integer", "maximum": 10**400 + 1,
+                                                                              "multipleOf": 0}}}}, "text.format"),
     ],
 )  # fmt: skip
 def test_what_is_not_supported_or_malformed_is_a_400_naming_the_field(server, extra, param):

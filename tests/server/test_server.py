@@ -280,6 +280,7 @@ BAD_INPUTS = [
     ("stream not a bool", CHAT, {"messages": OK_MSGS, "stream": "yes"}, 400),
     ("stream_options without stream", CHAT, {"messages": OK_MSGS, "stream_options": {"include_usage": True}}, 400),
     ("session_id a number", CHAT, {"messages": OK_MSGS, "session_id": 5}, 400),
+    ("session_id with a newline", CHAT, {"messages": OK_MSGS, "session_id": "a\nb"}, 400),  # (no DELETE could name it)
     ("prompt past the window", CHAT, {"messages": [{"role": "user", "content": "word " * 1500}]}, 400),
     (
         "streamed prompt past the window",

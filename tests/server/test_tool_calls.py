@@ -601,3 +601,11 @@ def test_qwen3_coder_over_http_reads_the_request_s_types(tool_model_dir):
         _forced_call_whole_and_streamed(srv)
     finally:
         srv.stop()
+
+
+def test_tool_call_arguments_nested_past_the_json_parser_s_depth_reach_the_template_as_text():
+    """Found by fuzzing: arguments nested deeper than json's recursion limit raised RecursionError (a 500)."""
+    deep = "[" * 5000 + "1" + "]" * 5000
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}]
+    messages = validate_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls}])
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == deep
