@@ -105,7 +105,8 @@ class LLM:
         session_id: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt (text or token ids); outputs come back in prompt order. `params`
-        and `session_id` are one for all prompts or one per prompt (as vLLM's sampling_params)."""
+        and `session_id` are one for all prompts or one per prompt (as vLLM's sampling_params).
+        A request whose own step failed (logged) comes back finished with finish_reason "error"."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts, Sequence) and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:

@@ -48,7 +48,8 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    # "stop" | "length" | "abort" | "error" (this request's own step failed; logged) | None while running
+    finish_reason: str | None
     metrics: RequestMetrics
     session_id: str | None = None
     new_token_ids: list[int] = field(default_factory=list)  # tokens added since the last output (streaming)

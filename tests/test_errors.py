@@ -5,6 +5,7 @@ import json
 import pytest
 
 from cachedattention import LLM, SamplingParams
+from tests.util import fail_sampling_for_seed
 
 
 def test_missing_model_path():
@@ -180,3 +181,37 @@ def test_a_refused_window_is_refused_before_any_weight_is_read(tiny_dirs, tmp_pa
     with pytest.raises(Exception) as caught:  # a window that fits gets as far as the weights
         LLM(model=str(folder), max_model_len=512)
     assert "max_position_embeddings" not in str(caught.value)
+
+
+def test_a_request_whose_own_step_fails_ends_alone_and_its_batch_mates_go_on(tiny_dirs, monkeypatch, caplog):
+    """Sampling (or what follows it: stop strings, the detokenizer) failing for one request ends that
+    request with finish reason "error", logged, nothing of it saved; the others in its batch finish
+    as they would alone, seeded ones with the draws they would have had (before, the whole step
+    failed and the server aborted every running request)."""
+    from cachedattention.engine import engine as engine_module
+
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path), enable_store=True, store_dir=str(path.parent / "errors-store"))
+    good = SamplingParams(max_tokens=6, temperature=0.8, seed=1, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], good)[0].token_ids
+    fail_sampling_for_seed(monkeypatch, 13)
+    bad = SamplingParams(max_tokens=6, temperature=0.8, seed=13, ignore_eos=True)
+    outs = llm.generate([[5, 6, 7], [9, 10, 11, 12]], [good, bad])
+    assert outs[0].token_ids == alone and outs[0].finish_reason == "length"
+    assert outs[1].finish_reason == "error" and outs[1].finished and outs[1].token_ids == []
+    assert "failed after its forward pass" in caplog.text
+    # a failure after sampling (the stop-string search): the same
+    real_stop = engine_module.LLMEngine._hit_stop_string
+    monkeypatch.setattr(engine_module.LLMEngine, "_hit_stop_string",
+                        lambda self, req: 1 / 0 if "boom" in req.params.stop else real_stop(self, req))
+    outs = llm.generate([[5, 6, 7], [9, 10, 11]], [good, SamplingParams(max_tokens=6, stop=["boom"])])
+    assert outs[0].token_ids == alone and outs[1].finish_reason == "error" and len(outs[1].token_ids) == 1
+    pages = llm.engine.pages
+    assert not llm.engine.has_unfinished() and pages.num_available() == pages.num_pages  # every page given back
+    pages.check_integrity()
+    # a turn that ends in an error is not stored (a good one's prompt is: an anonymous record)
+    sessions = llm.stats()["sessions"]
+    assert llm.generate([list(range(100, 140))], bad)[0].finish_reason == "error"
+    assert llm.stats()["sessions"] == sessions
+    assert llm.generate([list(range(200, 240))], good)[0].finish_reason == "length"
+    assert llm.stats()["sessions"] == sessions + 1

@@ -79,3 +79,19 @@ def mutate_json(rng, text: bytes) -> bytes | None:
     except UnicodeDecodeError:
         return None
     return bytes(out)
+
+
+def fail_sampling_for_seed(monkeypatch, seed: int) -> None:
+    """Make the engine's sampler fail for any batch holding a request of this seed (a stand-in for a
+    bug that strikes one request), and sample as usual otherwise."""
+    from cachedattention.engine import engine as engine_module
+
+    real = engine_module.sample_batch
+
+    def failing(logits, params, *args):
+        tokens = real(logits, params, *args)  # (its batch mates' random draws made first, as a bug mid-batch would)
+        if any(p.seed == seed for p in params):
+            raise RuntimeError("a sampler bug for this request")
+        return tokens
+
+    monkeypatch.setattr(engine_module, "sample_batch", failing)

@@ -176,6 +176,8 @@ def replay(
                 compute_s += time.perf_counter() - start
                 for out in outputs:
                     if out.finished and (replica, out.request_id) in active:
+                        if out.finish_reason == "error":  # a benchmark measures answers: never count a failed one
+                            raise RuntimeError(f"request {out.request_id} failed in the engine (logged above)")
                         conv, arrival = active.pop((replica, out.request_id))
                         records.append(_record(conv, out, arrival, t0))
                         bar.update(1)

@@ -90,6 +90,8 @@ def _run(engine: LLMEngine, prompt: list[int], session: str | None) -> object:
     while True:
         for out in engine.step():
             if out.request_id == rid and out.finished:
+                if out.finish_reason == "error":  # (a benchmark measures answers: never time a failed one)
+                    raise RuntimeError(f"request {rid} failed in the engine (logged above)")
                 return out
 
 

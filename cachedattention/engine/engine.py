@@ -393,16 +393,59 @@ class LLMEngine:
         reqs = [scheduled[i].request for i in wants]
         histories = [(r.prompt_token_ids, r.output_token_ids) for r in reqs]
         params, generators, rules = [r.params for r in reqs], [r.generator for r in reqs], [r.json for r in reqs]
-        tokens = sample_batch(logits, params, generators, histories, rules) if reqs else []
+        tokens = self._sample(logits, params, generators, histories, rules) if reqs else []
         outputs = []
         for row, req, token in zip(logits, reqs, tokens):
             if req in failed:  # its logits came from a partly loaded cache: discard them
                 continue
-            if req.logprobs is not None:
-                req.logprobs.append(token_logprob(row, token, req.params.logprobs))
-            self._append_token(req, token)
-            outputs.append(self._output(req))
+            try:  # what fails here fails for this request alone: its batch mates go on
+                if isinstance(token, Exception):
+                    raise token
+                if req.logprobs is not None:
+                    req.logprobs.append(token_logprob(row, token, req.params.logprobs))
+                self._append_token(req, token)
+                outputs.append(self._output(req))
+            except Exception:
+                log.exception("request %s failed after its forward pass; ending it alone", req.request_id)
+                outputs.append(self._fail_request(req))
         return outputs
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, params: list, generators: list, histories: list, rules: list) -> list:
+        """The step's tokens; if sampling fails, each row again alone (seeded rows from the random
+        state they had before), so a row that fails gets its exception in place of a token and the
+        others the tokens they would have had."""
+        states = [g.get_state() if g is not None else None for g in generators]
+        try:
+            return sample_batch(logits, params, generators, histories, rules)
+        except Exception:
+            for g, state in zip(generators, states):
+                if g is not None:
+                    g.set_state(state)
+            out: list = []
+            for i in range(len(params)):
+                try:
+                    out += sample_batch(logits[i : i + 1], params[i : i + 1], generators[i : i + 1], histories[i : i + 1],
+                                        rules[i : i + 1])  # fmt: skip
+                except Exception as e:
+                    out.append(e)
+            return out
+
+    def _fail_request(self, req: Request) -> RequestOutput:
+        """End a request whose own step failed (finish reason "error"): nothing of it is saved, what
+        it wrote so far stays its text where it can still be decoded."""
+        req.finish_reason = "error"
+        req.metrics.finish_s = time.perf_counter()
+        req.metrics.generated_tokens = len(req.output_token_ids)
+        try:
+            req.text = self._decode(req.output_token_ids)
+        except Exception:
+            req.text = ""
+        if self.store is not None:
+            self.store.request_finished(req, saved=False)
+        self.scheduler.finish(req)
+        self.requests.pop(req.request_id, None)
+        return self._output(req)
 
     @staticmethod
     def _add_prompt_logprobs(scheduled: list, spans: list[tuple[int, int, int]], logits: torch.Tensor) -> None:

@@ -316,8 +316,9 @@ class EngineLoop:
                 self._first_seen.discard(out.request_id)
                 self._settle(out.request_id)
                 self._observe(self._on_finished, out)
-            if stream is not None:
-                stream.put(out)
+            if stream is not None:  # (a request that failed alone: its client gets the server's error)
+                stream.put(RuntimeError("the engine failed while running this request")
+                           if out.finish_reason == "error" else out)  # fmt: skip
 
     @staticmethod
     def _observe(observer: Callable[[RequestOutput], None] | None, out: RequestOutput) -> None:

@@ -22,6 +22,7 @@ from tests.server.conftest import (
     start_server,
     store_available,
 )
+from tests.util import fail_sampling_for_seed
 
 MAX_TOKENS = 16
 QUESTIONS = ["Tell me about cats.", "And dogs?", "Which one is better for a flat?"]
@@ -645,3 +646,38 @@ def test_any_origin_may_call_by_default_and_the_flag_reads_vllm_s_json_list(serv
     assert parse(["serve", "m", "--allowed-origins", "[]"]).allowed_origins == [] and parse(["serve", "m"]).allowed_origins == ["*"]
     with pytest.raises(SystemExit):
         parse(["serve", "m", "--allowed-origins", '["unclosed"'])
+
+
+def test_a_request_whose_own_step_fails_gets_a_500_and_its_batch_mates_finish(server, monkeypatch):
+    """One request's sampling failing (here: a stand-in bug for seed 13) ends that request alone with
+    the server's error; a request streaming beside it finishes whole (before: the step failed and
+    every running request was aborted)."""
+
+    fail_sampling_for_seed(monkeypatch, 13)
+    streamed = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+    running = threading.Event()
+
+    def stream_all() -> list[str]:
+        lines = []
+        with httpx.stream("POST", f"{server.url}{COMP}", json=streamed, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    running.set()
+        return lines
+
+    with ThreadPoolExecutor(2) as pool:
+        lines = pool.submit(stream_all)
+        assert running.wait(60)
+        bad = httpx.post(f"{server.url}{COMP}", json={"prompt": "Hi", "max_tokens": 8, "seed": 13, "temperature": 1},
+                         timeout=60)  # fmt: skip
+        chunks = lines.result()
+    assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+    assert chunks[-1] == "data: [DONE]"
+    texts = [json.loads(c[6:]) for c in chunks[:-1]]
+    assert not any("error" in t for t in texts)
+    assert [c["finish_reason"] for t in texts for c in t["choices"] if c["finish_reason"]] == ["length"]
+    assert texts[-1]["usage"]["completion_tokens"] == 400
+    ok = httpx.post(f"{server.url}{COMP}", json={"prompt": "Hi", "max_tokens": 4, "seed": 14, "temperature": 1}, timeout=60)
+    assert ok.status_code == 200  # the server goes on
