@@ -304,7 +304,10 @@ def adjust_logits(
     if params.repetition_penalty != 1.0:
         seen = torch.tensor([*prompt_ids, *output_ids], device=dev).unique()
         vals = row[seen]
-        row[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+        scaled = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+        # a token already ruled out (-inf) stays out, and a 0 stays 0: a penalty of 1e-300 is 0 in
+        # float32, and -inf * 0 (or 0 * a penalty past float32's range) would be NaN
+        row[seen] = torch.where(torch.isfinite(vals) & (vals != 0), scaled, vals)
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
         ids, counts = torch.tensor(list(output_ids), device=dev).unique(return_counts=True)
         row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty

@@ -279,6 +279,11 @@ def test_bounds_and_numbers_of_any_length_are_never_rounded():
     assert not beyond.may_end(beyond.advance(beyond.start, b"2" + b"0" * 399 + b"1"))  # not a multiple
 
 
+def test_a_choice_holding_a_lone_surrogate_is_refused_as_such():
+    with pytest.raises(ValueError, match="a choice holds a lone surrogate"):
+        choice_automaton(["yes", "n\ud800"])
+
+
 def test_a_root_number_may_end_or_go_on_and_a_choice_ends_where_no_other_goes_on():
     integer = schema_automaton({"type": "integer"})
     state = integer.advance(integer.start, b"12")

@@ -38,6 +38,23 @@ def test_a_tiny_repetition_penalty_samples_among_the_seen_tokens_it_lifts_past_f
     assert picks <= set(seen) and len(picks) > 1
 
 
+def test_a_tiny_repetition_penalty_never_brings_back_a_token_ruled_out():
+    """Found by a review: -inf (EOS held back by min_tokens, a token outside allowed_token_ids) times
+    a penalty of 1e-300 (0 in float32) was NaN: sampling failed, greedy picked the banned EOS."""
+    row = _row(4)
+    for params in (SamplingParams(temperature=0, repetition_penalty=1e-300, min_tokens=4, eos_token_ids=(2,)),
+                   SamplingParams(temperature=0.7, seed=3, repetition_penalty=1e-300, min_tokens=4, eos_token_ids=(2,)),
+                   SamplingParams(temperature=0.7, seed=3, repetition_penalty=1e-300, allowed_token_ids=[5, 6])):
+        adjusted = adjust_logits(row, params, [1, 2, 3, 9], [])
+        assert not adjusted.isnan().any()
+        token = sample_batch(row[None], [params], [torch.Generator().manual_seed(0)], [([1, 2, 3, 9], [])])[0]
+        assert token != 2 and (not params.allowed_token_ids or token in (5, 6))
+    logit_zero = row.clone()
+    logit_zero[9] = 0.0
+    huge = adjust_logits(logit_zero, SamplingParams(repetition_penalty=1e39), [9], [])  # (offline: no upper bound)
+    assert huge[9] == 0.0
+
+
 def test_presence_and_frequency_penalties_follow_openai_formula():
     row, output = _row(1), [5, 5, 5, 9]
     ours = adjust_logits(row, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [5, 6], output)

@@ -372,7 +372,10 @@ def choice_automaton(choices: Sequence[str]) -> Automaton:
     """The answers that are exactly one of `choices`."""
     if not choices or not all(isinstance(c, str) and c for c in choices):
         raise ValueError("choice must be a non-empty list of non-empty strings")
-    return automaton(literals(c.encode() for c in choices))
+    try:
+        return automaton(literals(c.encode() for c in choices))
+    except UnicodeEncodeError:
+        raise ValueError("a choice holds a lone surrogate, which no UTF-8 answer can hold") from None
 
 
 JSON_OBJECT = automaton(ANY_OBJECT)

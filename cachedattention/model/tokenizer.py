@@ -81,6 +81,8 @@ class Tokenizer:
         try:
             return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
         except (TypeError, UnicodeError) as e:  # e.g. lone surrogates the tokenizer cannot take
+            if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+                raise ValueError("the text holds a lone surrogate (not valid Unicode), which cannot be tokenized") from None
             raise ValueError(f"the text cannot be tokenized: {e}") from e
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

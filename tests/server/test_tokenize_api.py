@@ -3,6 +3,8 @@ prompt_tokens agree), text round-trips, and bad input gets a 400 naming the fiel
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -88,3 +90,10 @@ def test_a_chat_adds_no_special_tokens(server):
     for path in ("/tokenize", "/v1/chat/completions"):
         r = _post(server, path, **body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "add_special_tokens", r.text
+
+
+def test_a_lone_surrogate_is_named_as_such(server):
+    """Found by fuzzing: the tokenizer library's own message ("TextEncodeInput must be Union[...]") reached the client."""
+    r = httpx.post(f"{server.url}/tokenize", content=json.dumps({"prompt": "a\ud800b"}), timeout=60,
+                   headers={"Content-Type": "application/json"})  # (ASCII JSON: the surrogate as an escape)
+    assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"], r.text
