@@ -215,3 +215,24 @@ def test_a_request_whose_own_step_fails_ends_alone_and_its_batch_mates_go_on(tin
     assert llm.stats()["sessions"] == sessions
     assert llm.generate([list(range(200, 240))], good)[0].finish_reason == "length"
     assert llm.stats()["sessions"] == sessions + 1
+
+
+def test_a_config_json_that_is_no_object_and_a_template_that_fails_while_rendering_are_clear_errors(tiny_dirs, tmp_path):
+    """Found by fuzzing the command line: an AttributeError and jinja2's own errors reached the user."""
+    import shutil
+
+    from cachedattention.errors import InvalidRequest
+    from cachedattention.model.tokenizer import Tokenizer
+    from tests.util import sentencepiece_like
+
+    path, _ = tiny_dirs["llama"]
+    for text, match in (("[1, 2]", "must hold a JSON object, got list"), ("{not json", "is not valid JSON")):
+        folder = tmp_path / f"m{len(text)}"
+        shutil.copytree(path, folder)
+        (folder / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            LLM(model=str(folder))
+    messages = [{"role": "user", "content": "hi"}]
+    for template in ('{{ raise_exception("no system prompts") }}', "{{ messages[7].content }}"):
+        with pytest.raises(InvalidRequest, match="the chat template rejected the messages"):
+            Tokenizer(sentencepiece_like().hf, template).render_chat(messages)

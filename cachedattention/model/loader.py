@@ -267,7 +267,13 @@ def _read_config(path: Path) -> dict:
     cfg = path / "config.json"
     if not cfg.exists():
         raise ValueError(f"{path} has no config.json; is it a Hugging Face model folder?")
-    return json.loads(cfg.read_text())
+    try:
+        config = json.loads(cfg.read_text())
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise ValueError(f"{cfg} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -165,8 +165,12 @@ class Tokenizer:
             kwargs["chat_template"] = options.template
         elif self.chat_template:
             kwargs["chat_template"] = self.chat_template
+        import jinja2
+
         try:
             return self.hf.apply_chat_template(list(messages), tools=tools or None, tokenize=False, **kwargs)
+        except jinja2.TemplateError as e:  # the template's own refusal (raise_exception, role order) or a missing value
+            raise InvalidRequest(f"the chat template rejected the messages: {e}", "messages") from None
         except RENDER_ERRORS as e:  # the template failed at run time: a 400 that says why, not a 500
             if options is not None and options.template_kwargs:  # a variable of the wrong kind, absurdly nested
                 raise InvalidRequest(f"the chat template cannot be rendered with these chat_template_kwargs: {e}",

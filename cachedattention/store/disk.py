@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +40,8 @@ def _read_into(fd: int, buf: np.ndarray, offset: int) -> int:
         done += got
     return done
 
+_SEGMENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a plain file name (ours: uuid4 hex), never a path
+
 
 class DiskTier:
     """Segments as files under `root/segments`, rows in `root/index.db` (segments and session records)."""
@@ -45,6 +49,8 @@ class DiskTier:
     def __init__(self, root: str, budget_bytes: int, fingerprint: str, layout: KVLayout) -> None:
         self.root = Path(root)
         self.seg_dir = self.root / "segments"
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"store_dir {root!r} is a file, not a directory")
         self.seg_dir.mkdir(parents=True, exist_ok=True)
         self.budget = budget_bytes
         self.fingerprint = fingerprint
@@ -74,6 +80,11 @@ class DiskTier:
         """
         named = set()
         for seg_id, nbytes, fp in self._db.execute("SELECT seg_id, nbytes, fingerprint FROM segments").fetchall():
+            if not _SEGMENT_ID.fullmatch(str(seg_id)) or not isinstance(nbytes, int) or nbytes < 0:
+                # (a row naming a path, or a size that is no size, was not written here)
+                log.warning("store: index row %r is not a segment's; dropping it", seg_id)
+                self._db.execute("DELETE FROM segments WHERE seg_id=?", (seg_id,))
+                continue
             named.add(seg_id)
             if fp != self.fingerprint:
                 continue
@@ -208,12 +219,19 @@ class DiskTier:
             raise OSError(f"the store's index could not be written: {e}") from e
         self._wrote()
 
-    def load_records(self) -> list[dict]:
+    def load_records(self) -> list[tuple[str, Any]]:
+        """(key, body) of this model's session records; body None where the row is not JSON text."""
         try:
-            rows = self._db.execute("SELECT body FROM records WHERE fingerprint=?", (self.fingerprint,)).fetchall()
+            rows = self._db.execute("SELECT key, body FROM records WHERE fingerprint=?", (self.fingerprint,)).fetchall()
         except sqlite3.Error as e:
             raise OSError(f"cannot read the store's index {self.root / 'index.db'}: {e}") from e
-        return [json.loads(r[0]) for r in rows]
+        out = []
+        for key, body in rows:
+            try:
+                out.append((key, json.loads(body)))
+            except (TypeError, ValueError, RecursionError):
+                out.append((key, None))
+        return out
 
     def check_integrity(self) -> None:
         with self._lock:  # a consistent snapshot: a write-through in progress adds its row and size together
@@ -247,6 +265,8 @@ class SegmentReader:
             raise CorruptSegment(f"{path.name}: cannot open ({e.strerror})") from e
         try:
             meta, self.body = segment_format.parse_header(self.f.read(segment_format.PREFIX.size), self.f.read, path.name)
+            if meta.get("seg_id") != path.stem:  # (a file copied or renamed over another: another turn's KV)
+                raise CorruptSegment(f"{path.name}: holds segment {meta.get('seg_id')!r}")
             self.half = segment_format.check_header(
                 meta, self.body, os.fstat(self.f.fileno()).st_size, fingerprint, layout, path.name
             )

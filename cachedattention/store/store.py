@@ -111,13 +111,15 @@ class AttentionStore:
         """Rebuild records and the ledger from the disk index (a previous process's sessions)."""
         now = time.monotonic()
         on_disk = set(self.disk.segment_ids())
-        for body in self.disk.load_records():
+        for key, body in self.disk.load_records():
             try:
+                if body is None:
+                    raise ValueError("not JSON")
                 rec = SessionRecord.from_json(body)
             except ValueError as e:  # a damaged row: the session starts over, the others are served
                 log.warning("store: a session record in the index is unreadable (%s); dropping it", e)
-                if isinstance(body, dict) and isinstance(body.get("key"), str):
-                    self._persist_record(body["key"], None)
+                if isinstance(key, str):
+                    self._persist_record(key, None)
                 continue
             # a kill between a record's row and its segment's file leaves a dangling span: cut it
             kept = spans_while(rec.spans, on_disk.__contains__)
@@ -136,6 +138,11 @@ class AttentionStore:
                 self._branches.setdefault(session, []).append(rec.key)
         for session in list(self._branches):  # this process's cap (a restart may lower it)
             self._trim_branches(session)
+        held = sum(self.disk.size(seg) for seg in on_disk if seg in self._refs)
+        if held > self.ledger.disk_bytes:
+            raise ValueError(f"store_dir {str(self.disk.root)!r} holds {held} bytes of this model's KV, more than "
+                             f"disk_bytes={self.ledger.disk_bytes}: give at least that much, or another store_dir "
+                             "(a store's disk budget cannot be lowered below what it holds)")
         for seg in on_disk:
             if seg not in self._refs:
                 self.disk.remove(seg)  # no record names it: an orphan of a turn that never committed

@@ -166,6 +166,9 @@ class Loader:
                     readers[p.seg_id] = _open(p)
         except (CorruptSegment, OSError) as e:
             job.failed = (getattr(e, "seg_id", ""), str(e))
+        except Exception as e:  # never leave the job's events unset: its pages' owner would wait for ever
+            log.exception("store: a load job failed")
+            job.failed = ("", repr(e))
 
         loaded: set[int] = set()
 
@@ -293,6 +296,8 @@ def first_read(piece: Piece, layer: int, start: int, windowed: frozenset[int], w
 
 def _open(p: Piece) -> SegmentReader:
     try:
+        if p.open_disk is None:  # (saved nowhere: a host too small to take it, and no disk tier)
+            raise CorruptSegment(f"segment {p.seg_id} is in no tier")
         return p.open_disk()
     except (CorruptSegment, OSError) as e:
         e.seg_id = p.seg_id

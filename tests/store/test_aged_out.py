@@ -41,7 +41,7 @@ def test_sessions_aged_out_of_every_tier_are_dropped(with_disk, tiny_dirs, tmp_p
     assert "s0" not in store.records and "s29" in store.records
     if with_disk:
         store.flush()  # the rows of dropped records are deleted by the I/O thread
-        assert {r["key"] for r in store.disk.load_records()} == set(store.records)
+        assert {key for key, _ in store.disk.load_records()} == set(store.records)
     # an aged-out session comes back: a miss, answered as a fresh engine answers it, and kept again
     out = llm.generate([_conv(0)], PARAMS, session_id="s0")[0]
     assert sum(out.metrics.cached_tokens.values()) == 0
