@@ -434,17 +434,11 @@ class LLMEngine:
     def _fail_request(self, req: Request) -> RequestOutput:
         """End a request whose own step failed (finish reason "error"): nothing of it is saved, what
         it wrote so far stays its text where it can still be decoded."""
-        req.finish_reason = "error"
-        req.metrics.finish_s = time.perf_counter()
-        req.metrics.generated_tokens = len(req.output_token_ids)
         try:
             req.text = self._decode(req.output_token_ids)
         except Exception:
             req.text = ""
-        if self.store is not None:
-            self.store.request_finished(req, saved=False)
-        self.scheduler.finish(req)
-        self.requests.pop(req.request_id, None)
+        self._end(req, "error", saved=False)
         return self._output(req)
 
     @staticmethod
@@ -504,17 +498,22 @@ class LLMEngine:
         return True
 
     def _finish(self, req: Request, reason: str) -> None:
-        req.finish_reason = reason
-        req.metrics.finish_s = time.perf_counter()
-        req.metrics.generated_tokens = len(req.output_token_ids)
         if not req.stopped_by_string:  # else the text was cut before the stop string (maybe to "")
             # as vLLM: the EOS or stop token ends the answer without being part of its text (it shows
             # with skip_special_tokens false, or for a stop token that is a word) unless asked for
             hide = req.stopped_by_token and not req.params.include_stop_str_in_output
             req.detokenizer.update(req.output_token_ids[:-1] if hide else req.output_token_ids, final=True)
             req.text = req.detokenizer.text
+        self._end(req, reason, saved=reason != "abort" and req.save_to_store)
+
+    def _end(self, req: Request, reason: str, saved: bool) -> None:
+        """A request's last moves, its text settled: its reason and times, its turn to the store (or
+        not), its pages back to the pool."""
+        req.finish_reason = reason
+        req.metrics.finish_s = time.perf_counter()
+        req.metrics.generated_tokens = len(req.output_token_ids)
         if self.store is not None:
-            self.store.request_finished(req, saved=reason != "abort" and req.save_to_store)
+            self.store.request_finished(req, saved=saved)
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
 
