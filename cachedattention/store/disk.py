@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cachedattention.store import segment_format
+from cachedattention.store.dir_lock import StoreDirLock
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 from cachedattention.store.write_pause import WritePause
 
@@ -52,6 +53,14 @@ class DiskTier:
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"store_dir {root!r} is a file, not a directory")
         self.seg_dir.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = StoreDirLock(self.root)
+        try:
+            self._open_index(budget_bytes, fingerprint, layout)
+        except BaseException:
+            self._dir_lock.release()
+            raise
+
+    def _open_index(self, budget_bytes: int, fingerprint: str, layout: KVLayout) -> None:
         self.budget = budget_bytes
         self.fingerprint = fingerprint
         self.layout = layout
@@ -251,6 +260,7 @@ class DiskTier:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._dir_lock.release()
 
 
 class SegmentReader:

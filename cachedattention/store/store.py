@@ -97,14 +97,19 @@ class AttentionStore:
         self._next_expiry_s = 0.0  # monotonic time of the next TTL sweep
         # the remote client first: without the redis package it raises before any thread starts
         tier = None
-        if config.remote_url is not None:
-            tier = RemoteTier(config.remote_url, fingerprint, layout, timeout_s=config.remote_timeout_s,
-                              ttl_s=config.remote_ttl_s, namespace=config.remote_namespace)
-        self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
-        self._io_thread.start()
-        self.remote: RemoteSync | None = RemoteSync(self, tier, ANON_BLOCK) if tier is not None else None
-        if self.disk is not None:
-            self._restore()
+        try:
+            if config.remote_url is not None:
+                tier = RemoteTier(config.remote_url, fingerprint, layout, timeout_s=config.remote_timeout_s,
+                                  ttl_s=config.remote_ttl_s, namespace=config.remote_namespace)
+            self._io_thread = threading.Thread(target=self._io_loop, name="store-io", daemon=True)
+            self._io_thread.start()
+            self.remote: RemoteSync | None = RemoteSync(self, tier, ANON_BLOCK) if tier is not None else None
+            if self.disk is not None:
+                self._restore()
+        except BaseException:  # (the store folder is free again for a corrected start)
+            if self.disk is not None:
+                self.disk.close()
+            raise
 
     # -- restart ----------------------------------------------------------------------------
     def _restore(self) -> None:
