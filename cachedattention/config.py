@@ -2,12 +2,55 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 from cachedattention.sampling import MAX_LOGPROBS
 from cachedattention.store.remote import check_remote_url
 
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _as_type(value: object, kind: object) -> tuple[bool, object]:
+    """Whether `value` is of `kind`, and the value as the field keeps it: a numpy integer or float as
+    Python's, a path as its str."""
+    if kind is type(None):
+        return value is None, value
+    if isinstance(value, bool):  # (JSON's true is an int to isinstance)
+        return kind is bool, value
+    if kind is int:
+        ok = isinstance(value, numbers.Integral)
+        return ok, int(value) if ok else value
+    if kind is float:  # (an int is a number too; ranges are each field's own check)
+        ok = isinstance(value, numbers.Real)
+        return ok, value if not ok or isinstance(value, (int, float)) else float(value)
+    if kind is str and isinstance(value, os.PathLike):
+        return True, os.fspath(value)
+    if kind is dict or typing.get_origin(kind) is dict:
+        return isinstance(value, Mapping), value
+    return (isinstance(value, kind) if isinstance(kind, type) else True), value
+
+
+def _check_types(config: object) -> None:
+    """Every field of a config holds a value of its annotated type (an int that is no bool, a str...):
+    a wrong one is a ValueError naming the field, not a TypeError from deep inside the engine."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        hint, value = hints[f.name], getattr(config, f.name)
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+        for kind in kinds:
+            ok, kept = _as_type(value, kind)
+            if ok:
+                object.__setattr__(config, f.name, kept)
+                break
+        else:
+            names = " or ".join("None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds)
+            raise ValueError(f"{f.name} must be {names}, got {type(value).__name__} {value!r:.80}")
 
 
 @dataclass(frozen=True)
@@ -24,12 +67,16 @@ class CacheConfig:
     gpu_memory_utilization: float | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.page_size <= 0:
             raise ValueError(f"page_size must be positive, got {self.page_size}")
         f = self.gpu_memory_utilization
         if f is not None and not 0.0 < f <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1] of the device's memory "
                              f"(vLLM's default is 0.9), got {f}")  # fmt: skip
+        if self.memory_bytes is not None and self.memory_bytes <= 0:
+            raise ValueError(f"the KV pool's bytes (kv_pool_bytes, --kv-pool-bytes) must be positive, got "
+                             f"{self.memory_bytes}; leave it unset for the default size")
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError(f"num_pages must be at least 2, got {self.num_pages}")
 
@@ -46,6 +93,7 @@ class SchedulerConfig:
     policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
         if self.max_num_batched_tokens <= 0:
@@ -88,6 +136,7 @@ class StoreConfig:
     remote_namespace: str = "cachedattention"  # key prefix: deployments sharing one server keep apart
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.host_bytes < 0 or self.disk_bytes < 0:
             raise ValueError("host_bytes and disk_bytes must be >= 0")
         if self.storage_dtype is not None and self.storage_dtype not in _DTYPES:
@@ -139,15 +188,18 @@ class EngineConfig:
     reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.reasoning_parser is not None:
             from cachedattention.reasoning_parser import reasoning_parser
 
             reasoning_parser(self.reasoning_parser)  # a ValueError naming the known ones
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")
-        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+        if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be an integer >= 0, or -1 for no limit, got {self.max_logprobs!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+        if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")

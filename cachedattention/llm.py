@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, overload
 
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
+from cachedattention.errors import InvalidRequest
+from cachedattention.interrupts import interrupts_between_steps
+from cachedattention.llm_args import sort_options
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.outputs import RequestOutput
@@ -14,6 +18,38 @@ from cachedattention.sampling import MAX_LOGPROBS, SamplingParams
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(t, int) for t in value)
+
+
+def _one_prompt(prompt: Any) -> Prompt:
+    """A text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}, as the engine takes it."""
+    if isinstance(prompt, Mapping):
+        keys = set(prompt)
+        if keys not in ({"prompt"}, {"prompt_token_ids"}):
+            raise InvalidRequest(f'a prompt given as a dict holds "prompt" (a text) or "prompt_token_ids" (token '
+                                 f"ids), one of them only; got the keys {sorted(map(str, keys))}", "prompt")  # fmt: skip
+        key, prompt = next(iter(prompt.items()))
+        if (key == "prompt") != isinstance(prompt, str):
+            raise InvalidRequest(f'a dict prompt\'s "prompt" is a text and its "prompt_token_ids" a list of token '
+                                 f"ids; got {key!r}: {type(prompt).__name__}", "prompt")  # fmt: skip
+    if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and not isinstance(prompt, (bytes, bytearray))):
+        return prompt
+    raise InvalidRequest(f"a prompt is a text, a list of token ids (ints), or a dict of either; got a "
+                         f"{type(prompt).__name__} (an array or tensor of ids: pass .tolist())", "prompt")  # fmt: skip
+
+
+def _prompt_list(prompts: Any) -> list[Prompt]:
+    """One prompt, or a list of them, as a list."""
+    if isinstance(prompts, (str, Mapping)) or _is_token_ids(prompts):
+        return [_one_prompt(prompts)]
+    if not isinstance(prompts, (list, tuple)):
+        return [_one_prompt(prompts)]  # (refused with what a prompt may be)
+    if not prompts:
+        raise InvalidRequest("generate() needs at least one prompt", "prompt")
+    return [_one_prompt(p) for p in prompts]
 
 
 def _one_each(value: Any, n: int, name: str) -> list[Any]:
@@ -24,13 +60,23 @@ def _one_each(value: Any, n: int, name: str) -> list[Any]:
     return each
 
 
+def _check_distinct(sessions: list[str | None], what: str) -> None:
+    named = [s for s in sessions if s is not None]
+    if len(set(named)) < len(named):  # (two turns of one session at once: which would be its next?)
+        raise InvalidRequest(f"{what} run together need distinct session ids (or none)", "session_id")
+
+
 class LLM:
     """Run prompts or chat turns to completion in this process.
 
-    LLM() loads the embedded SmolLM2-135M-Instruct on the CPU in float32. Pass enable_store=True
-    (with host_bytes / store_dir / disk_bytes) to keep every session's KV across turns. As vLLM's:
-    `seed` seeds the sampling of requests without their own seed; `max_logprobs` bounds the
-    logprobs a request may ask for (-1: no bound).
+    LLM() loads the embedded SmolLM2-135M-Instruct on the CPU in float32. Pass store options
+    (store_dir, host_bytes, disk_bytes, or any other StoreConfig field by name) or enable_store=True
+    to keep every session's KV across turns; enable_store=False runs without the store whatever
+    else is given. As vLLM's: `seed` seeds the sampling of requests without their own seed;
+    `max_logprobs` bounds the logprobs a request may ask for (-1: no bound); vLLM's engine
+    arguments (gpu_memory_utilization, enable_prefix_caching, block_size, max_num_seqs,
+    max_num_batched_tokens, scheduling_policy...) and the cache's and scheduler's fields by name
+    set those configs (llm_args.py).
     """
 
     def __init__(
@@ -39,7 +85,7 @@ class LLM:
         device: str = "cpu",
         dtype: str = "float32",
         max_model_len: int | None = None,
-        enable_store: bool = False,
+        enable_store: bool | None = None,
         store_dir: str | None = None,
         host_bytes: int | None = None,
         disk_bytes: int | None = None,
@@ -54,22 +100,27 @@ class LLM:
         seed: int | None = None,
         max_logprobs: int = MAX_LOGPROBS,
         reasoning_parser: str | None = None,
-        **store_options: Any,
+        **options: Any,
     ) -> None:
-        store_cfg = store or StoreConfig(enable=enable_store)
-        overrides = {k: v for k, v in (("store_dir", store_dir), ("host_bytes", host_bytes), ("disk_bytes", disk_bytes)) if v is not None}
-        overrides.update(store_options)
-        if overrides:
-            from dataclasses import replace
-
-            store_cfg = replace(store_cfg, enable=enable_store or store_cfg.enable, **overrides)
+        for name, value, kind in (("cache", cache, CacheConfig), ("scheduler", scheduler, SchedulerConfig),
+                                  ("store", store, StoreConfig)):  # fmt: skip
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        cache, scheduler, store_options = sort_options(options, cache or CacheConfig(), scheduler or SchedulerConfig())
+        store_options.update((k, v) for k, v in (("store_dir", store_dir), ("host_bytes", host_bytes),
+                                                 ("disk_bytes", disk_bytes)) if v is not None)  # fmt: skip
+        if enable_store is not None and not isinstance(enable_store, bool):
+            raise ValueError(f"enable_store must be true or false, got {enable_store!r}")
+        base = store or StoreConfig(enable=False)
+        enable = enable_store if enable_store is not None else (base.enable or any(v is not None for v in store_options.values()))
+        store_cfg = replace(base, enable=enable, **store_options)
         self.config = EngineConfig(
             model=model,
             device=device,
             dtype=dtype,
             max_model_len=max_model_len,
-            cache=cache or CacheConfig(),
-            scheduler=scheduler or SchedulerConfig(),
+            cache=cache,
+            scheduler=scheduler,
             store=store_cfg,
             chat_template=chat_template,
             tokenizer=tokenizer,
@@ -107,13 +158,11 @@ class LLM:
         """Complete every prompt (text or token ids); outputs come back in prompt order. `params`
         and `session_id` are one for all prompts or one per prompt (as vLLM's sampling_params).
         A request whose own step failed (logged) comes back finished with finish_reason "error"."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts, Sequence) and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("generate() needs at least one prompt")
+        prompts = _prompt_list(prompts)
         sessions = _one_each(session_id, len(prompts), "session_id")
+        _check_distinct(sessions, "prompts")
         each = _one_each(params, len(prompts), "params")
-        return self._run(self._submit([(p, sp, s, 0) for p, sp, s in zip(prompts, each, sessions)]))
+        return self._complete([(p, sp, s, 0) for p, sp, s in zip(prompts, each, sessions)])
 
     @overload
     def chat(
@@ -162,45 +211,44 @@ class LLM:
         batch = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
         convs = list(messages) if batch else [messages]
         sessions = _one_each(session_id, len(convs), "session_id")
-        if batch and session_id is not None and len({s for s in sessions if s is not None}) < len(convs):
-            raise ValueError("conversations run together need distinct session ids (or none)")
+        _check_distinct(sessions, "conversations")
         tools = validate_tools(tools)
         items = []
-        for conv, sp, sid in zip(convs, _one_each(params, len(convs), "params"), sessions):
-            conv = validate_messages(conv)
+        for n, (conv, sp, sid) in enumerate(zip(convs, _one_each(params, len(convs), "params"), sessions)):
+            try:
+                conv = validate_messages(conv)
+            except InvalidRequest as e:
+                if not batch:
+                    raise
+                raise InvalidRequest(f"conversation {n}: {e}", e.param) from None
             prompt = tokenizer.encode_chat(conv, tools=tools, options=options)
             head = tokenizer.head_length(conv, prompt, tools, options) if sid is not None else 0
             items.append((prompt, sp, sid, head))
-        outs = self._run(self._submit(items))
+        outs = self._complete(items)
         return outs if batch else outs[0]
 
-    def _submit(self, items: list[tuple[Prompt, SamplingParams | None, str | None, int]]) -> list[str]:
-        """Add every request; if one is refused, withdraw those added before it (they would run
-        unasked during a later call) and raise."""
+    def _complete(self, items: list[tuple[Prompt, SamplingParams | None, str | None, int]]) -> list[RequestOutput]:
+        """Add every request and step the engine until each has finished; outputs in their order.
+        If one is refused, or anything stops the run (Ctrl-C, between steps), the requests added
+        are withdrawn: they would run unasked during a later call."""
         ids: list[str] = []
+        done: dict[str, RequestOutput] = {}
         try:
-            for prompt, sp, sid, head in items:
-                ids.append(self.engine.add_request(prompt, sp, session_id=sid, head_tokens=head))
+            with interrupts_between_steps() as raise_held:
+                for prompt, sp, sid, head in items:
+                    ids.append(self.engine.add_request(prompt, sp, session_id=sid, head_tokens=head))
+                    raise_held()
+                while len(done) < len(ids):
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in ids:
+                            done[out.request_id] = out
+                    raise_held()
         except BaseException:
             for rid in ids:
-                self.engine.abort(rid)
+                if rid not in done:
+                    self.engine.abort(rid)
             raise
-        return ids
-
-    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
-        done: dict[str, RequestOutput] = {}
-        pending = set(request_ids)
-        try:
-            while pending:
-                for out in self.engine.step():
-                    if out.finished and out.request_id in pending:
-                        done[out.request_id] = out
-                        pending.discard(out.request_id)
-        except BaseException:
-            for rid in pending:
-                self.engine.abort(rid)
-            raise
-        return [done[r] for r in request_ids]
+        return [done[r] for r in ids]
 
     def stats(self) -> dict:
         return self.engine.stats()

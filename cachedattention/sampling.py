@@ -85,29 +85,31 @@ class SamplingParams:
     _compiled: tuple[tuple, Automaton | None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        # lists as tuples (a frozen, hashable value); None as none, as vLLM takes it; one string is
+        # one item, not its letters
+        for name in ("stop", "stop_token_ids", "allowed_token_ids", "tool_call_names", "choice", "bad_words",
+                     "tool_call_parameters", "bad_words_ids"):  # fmt: skip
+            object.__setattr__(self, name, _as_tuple(getattr(self, name), name))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
-        for name in ("tool_call_names", "choice", "bad_words"):  # one string is one name, not its letters
-            v = getattr(self, name)
-            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
         object.__setattr__(self, "tool_call_parameters", tuple(_schema_text(p) or "" for p in self.tool_call_parameters))
         object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        if not is_int(self.max_tokens) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not (is_number(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not (is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not (is_number(self.min_p) and 0.0 <= self.min_p <= 1.0):
             raise ValueError(f"min_p must be a number in [0, 1] (0 is off), got {self.min_p!r}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        if self.seed is not None and not (is_int(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "json_object"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._check_guided()
         self._check_adjustments()
 
@@ -162,6 +164,8 @@ class SamplingParams:
     def _check_adjustments(self) -> None:
         if not all(isinstance(w, str) and w.strip() for w in self.bad_words):
             raise ValueError("bad_words must be non-empty strings")
+        if not all(isinstance(w, (list, tuple)) for w in self.bad_words_ids):
+            raise ValueError(f"bad_words_ids must be lists of token ids, got {self.bad_words_ids!r}")
         object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in self.bad_words_ids))
         if not all(w and all(is_int(t) and t >= 0 for t in w) for w in self.bad_words_ids):
             raise ValueError("bad_words_ids must be non-empty sequences of token ids")
@@ -207,6 +211,19 @@ class SamplingParams:
                     or self.frequency_penalty or self.allowed_token_ids or self.bad_words_ids)  # fmt: skip
 
 
+def _as_tuple(value: Any, name: str) -> tuple:
+    """A list field's value as a tuple: None as empty, one string as one item."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    paired = name in ("tool_call_names", "tool_call_parameters")  # (matched by position: a set's order is none)
+    unordered = isinstance(value, (set, frozenset))
+    if isinstance(value, (bytes, bytearray, Mapping)) or not isinstance(value, Sequence) and not unordered or unordered and paired:
+        raise ValueError(f"{name} must be a list, got {type(value).__name__} {value!r:.80}")
+    return tuple(value)
+
+
 def _schema_text(schema: str | Mapping[str, Any] | None) -> str | None:
     """A schema kept as JSON text: a frozen, hashable field."""
     if schema is None or isinstance(schema, str):
@@ -217,6 +234,8 @@ def _schema_text(schema: str | Mapping[str, Any] | None) -> str | None:
         return json.dumps(schema)
     except (TypeError, ValueError) as e:
         raise GuidedFormError(f"the JSON schema cannot be written as JSON: {e}") from None
+    except RecursionError:
+        raise GuidedFormError("the JSON schema is nested too deeply") from None
 
 
 def is_int(v: object) -> bool:
@@ -235,6 +254,8 @@ def is_number(v: object) -> bool:
 
 
 def _bias_pairs(bias: Mapping[int, float] | Sequence[tuple[int, float]] | None) -> tuple[tuple[int, float], ...]:
+    if bias is not None and not isinstance(bias, (Mapping, list, tuple)):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
     pairs = bias.items() if isinstance(bias, Mapping) else (bias or ())
     out = {}
     for pair in pairs:

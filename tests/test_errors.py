@@ -105,6 +105,17 @@ def test_invalid_sampling_params(kwargs, match):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("flag", ["0", "-1"])
+def test_a_kv_pool_of_no_bytes_is_refused_not_sized_by_default(flag, capsys):
+    from cachedattention.cli import main
+    from cachedattention.config import CacheConfig
+
+    with pytest.raises(ValueError, match="must be positive"):
+        CacheConfig(memory_bytes=int(flag))
+    assert main(["generate", "--kv-pool-bytes", flag, "--prompt", "hi"]) == 2  # before any model loads
+    assert "--kv-pool-bytes) must be positive, got " + flag in capsys.readouterr().err
+
+
 def test_prompt_past_window_and_bad_tokens(tiny_dirs):
     path, _ = tiny_dirs["llama"]
     llm = LLM(model=str(path), max_model_len=32)

@@ -128,7 +128,7 @@ def test_scattered_and_consecutive_pages_give_the_same_logits(fragment, tiny_dir
     """The slice path (consecutive pages) and the gather path (pages scattered by other holders) both
     match transformers, and each path is the one actually taken."""
     path, hf = tiny_dirs["llama"]
-    llm = LLM(model=str(path), cache=CacheConfig(page_size=4, num_pages=64, enable_prefix_cache=False))
+    llm = LLM(model=str(path), cache=CacheConfig(page_size=4, num_pages=64, enable_prefix_cache=False), max_model_len=256)
     llm.engine.runner.decode_kernel = None  # the torch path reads the pool (the kernel has its own tests)
     pages = llm.engine.pages
     if fragment:  # hold every other page, so no run of free pages is longer than one

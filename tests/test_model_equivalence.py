@@ -62,7 +62,7 @@ def test_tiny_pool_preempts_and_still_completes_correctly(tiny_dirs):
     single = [LLM(model=str(path)).generate([p], params)[0].token_ids for p in prompts]
     llm = LLM(
         model=str(path),
-        cache=CacheConfig(page_size=4, num_pages=24, enable_prefix_cache=False),
+        cache=CacheConfig(page_size=4, num_pages=24, enable_prefix_cache=False), max_model_len=96,
         scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4),
     )
     outs = llm.generate(prompts, params)
@@ -123,7 +123,8 @@ def test_stats_count_steps_that_left_the_queue_waiting(tiny_dirs):
     stats = one_at_a_time.stats()
     assert stats["steps_blocked_on_max_seqs"] > 0 and stats["steps_blocked_on_pages"] == 0
     # 3 pages of 4 tokens per request (10 prompt + 4 answer tokens), 7 pages in all: two run at once
-    small_pool = LLM(model=str(path), cache=CacheConfig(page_size=4, num_pages=7, enable_prefix_cache=False))
+    small_pool = LLM(model=str(path), cache=CacheConfig(page_size=4, num_pages=7, enable_prefix_cache=False),
+                     max_model_len=28)  # (the window a pool of 28 tokens can hold)
     small_pool.generate(prompts, params)
     stats = small_pool.stats()
     assert stats["steps_blocked_on_pages"] > 0 and stats["steps_blocked_on_max_seqs"] == 0

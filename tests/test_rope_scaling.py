@@ -11,7 +11,7 @@ from cachedattention import LLM, CacheConfig, SamplingParams
 from cachedattention.model.rope import inv_frequencies
 from cachedattention.model.spec import spec_from_hf_config
 from tests.tiny_models import tiny_config
-from tests.util import capture_logits, last_logits_after, rel_err
+from tests.util import capture_logits, last_logits_after, rel_err, run_to_end
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}
@@ -123,7 +123,7 @@ def test_truncated_cache_rotated_by_transformers_gives_the_engine_s_logits(kind,
         req = eng.requests[rid]
         if req.store_state.plan.truncated_now and req.store_state.plan.hit > 8:
             break
-        out = llm._run([rid])[0]
+        out = run_to_end(llm, [rid])[0]
         eng.store.store.flush()
         conv = conv + out.token_ids + list(range(20 + t, 30 + t))
     else:
@@ -149,7 +149,7 @@ def test_truncated_cache_rotated_by_transformers_gives_the_engine_s_logits(kind,
             k = apply(k, k, cos, sin)[1]
         cache.update(k, v.transpose(0, 1)[None], layer)
     assert rel_err(seen[0], last_logits_after(hf, cache, req.prompt_token_ids[hit:], hit)) <= 1e-4
-    llm._run([rid])
+    run_to_end(llm, [rid])
 
 
 @pytest.mark.parametrize("config, match", [

@@ -179,7 +179,7 @@ def test_prompt_logprobs_survive_preemption(tiny_dirs):
     other = [(11 * i + 5) % 250 + 1 for i in range(60)]
     asked = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, prompt_logprobs=1)
     alone = LLM(model=str(path)).generate([asking], asked)[0]
-    llm = LLM(model=str(path), cache=CacheConfig(num_pages=9, enable_prefix_cache=False),
+    llm = LLM(model=str(path), cache=CacheConfig(num_pages=9, enable_prefix_cache=False), max_model_len=144,
               scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4))  # fmt: skip
     _, out = llm.generate([other, asking], [SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), asked])
     assert llm.engine.scheduler.num_preemptions > 0

@@ -95,3 +95,14 @@ def fail_sampling_for_seed(monkeypatch, seed: int) -> None:
         return tokens
 
     monkeypatch.setattr(engine_module, "sample_batch", failing)
+
+
+def run_to_end(llm, request_ids: list[str]) -> list:
+    """Step an LLM's engine until requests already added (engine.add_request) have finished: their
+    outputs, in order."""
+    done: dict = {}
+    while len(done) < len(request_ids):
+        for out in llm.engine.step():
+            if out.finished and out.request_id in request_ids:
+                done[out.request_id] = out
+    return [done[r] for r in request_ids]

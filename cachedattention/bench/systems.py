@@ -29,6 +29,9 @@ HOST_FRACTION = 0.5
 DISK_FRACTION = 2.0
 
 
+PAGE_SIZE = 16  # tokens per page of every system's device pool
+
+
 @dataclass(frozen=True)
 class Budgets:
     """Byte budgets of the device pool, the host tier and the disk tier, shared by every system."""
@@ -95,7 +98,7 @@ def build_systems(
     names: Sequence[str],
     budgets: Budgets,
     store_root: str | Path,
-    page_size: int = 16,
+    page_size: int = PAGE_SIZE,
     replicas: int = 2,
     remote_url: str | None = None,
 ) -> list[SystemSpec]:

@@ -23,9 +23,17 @@ from cachedattention.bench.cost import COST_FORMULA
 from cachedattention.bench.metrics import SystemSummary, summarize
 from cachedattention.bench.replay import ReplayResult, replay, template_overhead
 from cachedattention.bench.report import markdown_table, write_json, write_plots
-from cachedattention.bench.systems import Budgets, SystemSpec, build_systems, parse_system_names, session_tokens
+from cachedattention.bench.systems import (
+    PAGE_SIZE,
+    Budgets,
+    SystemSpec,
+    build_systems,
+    parse_system_names,
+    session_tokens,
+)
 from cachedattention.bench.workload import Workload, WorkloadSpec, generate_workload, load_sharegpt
 from cachedattention.config import EngineConfig, SchedulerConfig
+from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.loader import LoadedModel, load_model, resolve_dtype
 
 DEFAULT_SESSIONS = 30
@@ -164,6 +172,13 @@ def _run_local(
     )
     max_model_len = args.max_model_len or loaded.spec.default_context()
     budgets, per_token = plan_budgets(loaded, workload, max_model_len, args.dtype)
+    # the pool holds every session of the workload (its largest, 1.5 times), not always a whole window:
+    # the engines' window is then what it holds, which every turn fits either way
+    element = torch.tensor([], dtype=resolve_dtype(args.dtype)).element_size()
+    pool_tokens = KVPool.pages_for_budget(loaded.spec, PAGE_SIZE, budgets.device_bytes, element) * PAGE_SIZE
+    if pool_tokens < max_model_len:
+        max_model_len = pool_tokens
+        base = replace(base, max_model_len=max_model_len)
     results, systems = [], {}
     with tempfile.TemporaryDirectory(prefix="cachedattention-bench-") as store_root:
         for spec in build_systems(names, budgets, store_root, replicas=args.replicas, remote_url=args.remote_url):

@@ -88,13 +88,14 @@ class LLMEngine:
             config.generation_config, folder if folder and folder.is_dir() else None, config.override_generation_config
         )
         self.max_model_len = config.max_model_len or self.spec.default_context()
+        self.dtype = resolve_dtype(config.dtype)
+        self.model = self.loaded.model
+        self.pool = self._make_pool()
+        self._fit_window_to_pool()
+        self.model.init_rotary(self.max_model_len)  # (tables as long as the window: once it is settled)
         if self.spec.rope_short_window and self.max_model_len > self.spec.rope_short_window:
             log.info("longrope: a window of %d, past the pretraining %d, rotates every token with the long factors",
                      self.max_model_len, self.spec.rope_short_window)
-        self.dtype = resolve_dtype(config.dtype)
-        self.model = self.loaded.model
-        self.model.init_rotary(self.max_model_len)
-        self.pool = self._make_pool()
         self.pages = PagePool(self.pool.num_pages)
         self.pool.prefault_start()  # the first requests' pages, at start-up rather than in their TTFT
         self.scheduler = Scheduler(
@@ -111,14 +112,18 @@ class LLMEngine:
             self.scheduler.store_ready = self.store.ready
             self.scheduler.on_unstage = self.store.unstage
         self.requests: dict[str, Request] = {}
+        self.closed = False
         self.idle_s = 0.0  # time step() spent waiting with nothing to schedule (not compute)
         self.idle_steps = 0  # steps that scheduled nothing
         self._ids = itertools.count()
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
-        eos.update(i for i in self.sampling_defaults.pop(EOS_KEY, ()) if i < self.spec.vocab_size)
-        self.eos_token_ids = tuple(sorted(eos))
+        eos.update(self.sampling_defaults.pop(EOS_KEY, ()))
+        beyond = sorted(i for i in eos if i >= self.spec.vocab_size)
+        if beyond:  # (no answer could end on them)
+            log.warning("end-of-answer ids %s are past the vocabulary (%d tokens): ignored", beyond, self.spec.vocab_size)
+        self.eos_token_ids = tuple(sorted(i for i in eos if i < self.spec.vocab_size))
         # the most logprobs / prompt_logprobs a request may ask for (-1: any, up to the vocabulary)
         self.max_logprobs = self.spec.vocab_size if config.max_logprobs == -1 else config.max_logprobs
         # vLLM's --seed: sampled requests without their own seed draw from this engine's generator,
@@ -145,6 +150,27 @@ class LLMEngine:
         elt = torch.tensor([], dtype=self.dtype).element_size()
         num_pages = c.num_pages or KVPool.pages_for_budget(self.spec, c.page_size, self._pool_budget(elt), elt)
         return KVPool(self.spec, num_pages, c.page_size, self.device, self.dtype)
+
+    def _fit_window_to_pool(self) -> None:
+        """A request as long as the window must fit in the pool, or it would wait for pages for ever.
+        A default-sized pool lowers a default window to what it holds (a large model's window on a
+        CPU); a pool or a window the user sized is refused, as vLLM refuses it."""
+        c = self.config.cache
+        held = self.pool.num_pages * c.page_size
+        if held >= self.max_model_len:
+            return
+        sized = c.memory_bytes or c.num_pages or (c.gpu_memory_utilization is not None and self.device.type == "cuda")
+        if sized or self.config.max_model_len is not None:
+            more = ("more pages (num_pages)" if c.num_pages else "more memory (kv_pool_bytes, --kv-pool-bytes; "
+                    "gpu_memory_utilization on CUDA)")  # fmt: skip
+            raise ValueError(
+                f"the KV pool holds {held} tokens, fewer than the window (max_model_len {self.max_model_len}): a request "
+                f"that long could never run; give the pool {more}, or lower max_model_len (--max-model-len) to at "
+                f"most {held}"
+            )
+        log.warning("the default KV pool holds %d tokens: max_model_len lowered from %d to %d (give --kv-pool-bytes "
+                    "for a longer window)", held, self.max_model_len, held)  # fmt: skip
+        self.max_model_len = held
 
     def _pool_budget(self, elt: int) -> int:
         """The pool's bytes (when no num_pages is given): memory_bytes if given, else on CUDA what
@@ -215,7 +241,8 @@ class LLMEngine:
         outgrows the window, drops its oldest turns; `truncate=False` serves the prompt whole instead
         (not cut now, nor by an earlier turn's cut): it must then fit the window. `priority`: its
         place under the priority scheduling policy (lower first)."""
-        params = params or self.default_params()
+        self._check_open()
+        params = self.default_params() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
         if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) >= 2**63:
@@ -335,6 +362,7 @@ class LLMEngine:
         """Forget a conversation: its device blocks and its KV in the store's tiers (host, disk, the
         remote server); whether anything was held. SessionBusy (a ValueError) while a turn of it
         runs (that turn would save it again); OSError when the remote server cannot be read."""
+        self._check_open()
         if not isinstance(session_id, str) or not session_id or session_id.startswith(ANON_PREFIX) or BRANCH_SEP in session_id:
             raise InvalidRequest("session_id must be a non-empty string naming a client's session", "session_id")
         if any(r.session_id == session_id and not r.is_finished for r in self.requests.values()):
@@ -412,24 +440,31 @@ class LLMEngine:
 
     @staticmethod
     def _sample(logits: torch.Tensor, params: list, generators: list, histories: list, rules: list) -> list:
-        """The step's tokens; if sampling fails, each row again alone (seeded rows from the random
-        state they had before), so a row that fails gets its exception in place of a token and the
-        others the tokens they would have had."""
+        """The step's tokens; if sampling fails, or a row's logits are NaN, each row again alone
+        (seeded rows from the random state they had before), so a row that fails gets its exception
+        in place of a token and the others the tokens they would have had."""
+        nan = logits.isnan().any(dim=-1).tolist()  # (greedy would pick a token all the same: garbage)
         states = [g.get_state() if g is not None else None for g in generators]
         try:
-            return sample_batch(logits, params, generators, histories, rules)
+            if not any(nan):
+                return sample_batch(logits, params, generators, histories, rules)
         except Exception:
-            for g, state in zip(generators, states):
-                if g is not None:
-                    g.set_state(state)
-            out: list = []
-            for i in range(len(params)):
-                try:
-                    out += sample_batch(logits[i : i + 1], params[i : i + 1], generators[i : i + 1], histories[i : i + 1],
-                                        rules[i : i + 1])  # fmt: skip
-                except Exception as e:
-                    out.append(e)
-            return out
+            pass
+        for g, state in zip(generators, states):
+            if g is not None:
+                g.set_state(state)
+        out: list = []
+        for i in range(len(params)):
+            if nan[i]:
+                out.append(FloatingPointError("the model's logits are NaN: its weights or config hold a value "
+                                              "that is not finite"))  # fmt: skip
+                continue
+            try:
+                out += sample_batch(logits[i : i + 1], params[i : i + 1], generators[i : i + 1], histories[i : i + 1],
+                                    rules[i : i + 1])  # fmt: skip
+            except Exception as e:
+                out.append(e)
+        return out
 
     def _fail_request(self, req: Request) -> RequestOutput:
         """End a request whose own step failed (finish reason "error"): nothing of it is saved, what
@@ -563,6 +598,11 @@ class LLMEngine:
             out.update(self.store.stats())
         return out
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("this engine (LLM) is closed; make a new one")
+
     def close(self) -> None:
+        self.closed = True
         if self.store is not None:
             self.store.close()

@@ -55,6 +55,8 @@ def compile_schema(schema: Any) -> Any:
             schema = json.loads(schema)
         except ValueError as e:
             raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError("the JSON schema is nested too deeply") from None
     try:
         compiler = _Compiler(schema)
         node = compiler.compile(schema, "schema")

@@ -24,17 +24,30 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     return [_message(i, m) for i, m in enumerate(messages)]
 
 
+def _text_parts(i: int, content: Any) -> Any:
+    """OpenAI's content as a list of parts, flattened into its text (text parts only)."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _message(i: int, m: Any) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise InvalidRequest(f"messages[{i}] must be a dict, got {type(m).__name__}", f"messages[{i}]")
-    role = m.get("role")
+    role = "system" if m.get("role") == "developer" else m.get("role")  # (OpenAI's newer name for it)
     if role not in ROLES:
         raise InvalidRequest(
-            f"messages[{i}].role must be one of {', '.join(map(repr, ROLES))}, got {role!r}", f"messages[{i}].role"
+            f"messages[{i}].role must be one of {', '.join(map(repr, ROLES))} (or 'developer', taken as 'system'), "
+            f"got {role!r}", f"messages[{i}].role"
         )
     # an empty list is no calls (some clients send one), as vLLM takes it
     calls = _tool_calls(i, m.get("tool_calls")) if role == "assistant" and m.get("tool_calls") else None
-    content = m.get("content")
+    content = _text_parts(i, m.get("content"))
     if content is None and calls:
         content = ""  # an assistant that only called tools (templates concatenate content)
     if not isinstance(content, str):

@@ -386,18 +386,6 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     )
 
 
-def _content(i: int, content: Any) -> Any:
-    """Flatten OpenAI's list-of-parts content into a string (text parts only)."""
-    if not isinstance(content, list):
-        return content
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
-        texts.append(part["text"])
-    return "".join(texts)
-
-
 def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool, tuple[str, ...]]:
     """The function definitions; whether answers are parsed for calls (tool_choice "auto", the
     default with tools; "none" keeps the tools in the prompt and the answer as text); and the
@@ -447,14 +435,11 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {'role': ..., 'content': ...} objects", "messages")
-    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise bad(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        out.append({**m, "role": role, "content": _content(i, m.get("content"))})
     try:
-        out = validate_messages(out)
+        out = validate_messages(messages)
     except ValueError as e:
         raise bad(str(e), getattr(e, "param", None) or "messages") from None
     for i, m in enumerate(out):

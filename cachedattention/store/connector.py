@@ -122,12 +122,18 @@ class StoreConnector:
         long = "-longrope" if engine.model.rotary.long else ""  # every token rotated with the long factors
         fingerprint = f"{spec.fingerprint()}{long}-{engine.loaded.weights_id}-{storage}".replace("torch.", "")
         self.store = AttentionStore(config, self.layout, fingerprint, pin=engine.device.type == "cuda")
-        self.loader = Loader(engine.pool, engine.model.rotary, self.layout, engine.device)
         # the layers with a sliding window, which load only what their window reaches
         self.window = spec.any_window
         self.windowed = frozenset(spec.window_layers)
         self.full_layers = [i for i in range(spec.num_layers) if i not in self.windowed]
-        self.saver = Saver(self.layout, self.store.host.allocate, engine.device)
+        try:
+            self.loader = Loader(engine.pool, engine.model.rotary, self.layout, engine.device)
+            self.saver = Saver(self.layout, self.store.host.allocate, engine.device)
+        except BaseException:  # (the store's I/O thread would hold it, and its folder's lock, for ever)
+            if hasattr(self, "loader"):
+                self.loader.close()
+            self.store.close()
+            raise
         # a script that never calls close() still gets its saves flushed, and its threads stopped
         # before the interpreter tears down (a thread caught inside torch then aborts the process)
         self._finalizer = weakref.finalize(self, _shutdown, self.store, self.loader, self.saver)

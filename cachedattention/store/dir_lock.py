@@ -9,6 +9,7 @@ process holds it no longer than it lives.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ except ImportError:  # (not on Windows: no lock there)
     fcntl = None
 
 
+log = logging.getLogger(__name__)
 _THIS_PROCESS = " (this process)"
 
 
@@ -51,9 +53,11 @@ class StoreDirLock:
     def _lock(self) -> bool:
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
         except BlockingIOError:
             return False
+        except OSError as e:  # a file system without locks (some network ones): run, and say so
+            log.warning("store_dir %s cannot be locked (%s): make sure no other engine uses it", self.path.parent, e)
+        return True
 
     def _holder(self) -> str:
         self._file.seek(0)

@@ -107,6 +107,7 @@ class AttentionStore:
             if self.disk is not None:
                 self._restore()
         except BaseException:  # (the store folder is free again for a corrected start)
+            self._io.put(None)  # (the I/O thread, if it started, ends)
             if self.disk is not None:
                 self.disk.close()
             raise

@@ -15,7 +15,7 @@ from cachedattention.store import segment_format
 from cachedattention.store.remote import RemoteTier, connect
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 from tests.redis_server import RedisServer
-from tests.util import capture_logits, rel_err
+from tests.util import capture_logits, rel_err, run_to_end
 
 PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 NO_DEVICE = CacheConfig(enable_prefix_cache=False)  # every reuse comes from the store's tiers
@@ -514,7 +514,7 @@ def test_an_adopted_prefix_whose_segments_are_gone_hides_nothing_this_replica_ho
         tier.client.delete(tier.segment_key(seg))  # as the server's eviction would
     # a turn that keeps nothing of its own (its index entries would replace R's): n > 1's other choices
     rid = a.engine.add_request(system + [4, 5, 6] + theirs.token_ids + [7, 8], PARAMS, save_to_store=False)
-    cont = a._run([rid])[0]
+    cont = run_to_end(a, [rid])[0]
     assert cont.metrics.cached_tokens["remote"] == 0
     settle(a)  # the fetch has failed by now (on a loaded machine the turn may not have waited for it)
     assert a.engine.store.stats()["remote_failed_fetches"] >= 1

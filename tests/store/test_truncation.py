@@ -5,7 +5,7 @@ import torch
 
 from cachedattention import LLM, CacheConfig, SamplingParams
 from cachedattention.store.session import SessionRecord, Span, plan_turn
-from tests.util import capture_logits, last_logits_after, rel_err
+from tests.util import capture_logits, last_logits_after, rel_err, run_to_end
 
 WINDOW = 128
 HEAD = 8
@@ -97,7 +97,7 @@ def test_truncated_cache_equals_hand_computed_reference(kind, tiny_dirs, monkeyp
         state = req.store_state
         if state.plan.truncated_now and state.plan.hit > HEAD:
             break
-        out = llm._run([rid])[0]
+        out = run_to_end(llm, [rid])[0]
         eng.store.store.flush()
         conv = grow(conv, out, t)
     else:
@@ -124,7 +124,7 @@ def test_truncated_cache_equals_hand_computed_reference(kind, tiny_dirs, monkeyp
         k = hand_rope(k_pre[layer][:hit], torch.arange(hit), layer_theta(hf.config, layer))
         cache.update(k.transpose(0, 1)[None], v_st[layer][:hit].transpose(0, 1)[None], layer)
     assert rel_err(seen[0], last_logits_after(hf, cache, req.prompt_token_ids[hit:], hit)) <= 1e-4
-    llm._run([rid])
+    run_to_end(llm, [rid])
 
 
 def test_long_conversation_keeps_working_and_reuses_after_overflow(tiny_dirs):

@@ -1,0 +1,298 @@
+"""The offline API given what a vLLM user writes, or gets wrong (found by fuzzing it): vLLM's dict
+prompts and engine arguments, wrong types as ValueErrors naming the argument, a pool too small for
+the window refused at start (a request that long would wait for pages for ever), a closed LLM, two
+turns of one session at once, and Ctrl-C landing between steps."""
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cachedattention import LLM, SamplingParams
+from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
+from cachedattention.errors import InvalidRequest
+from cachedattention.sampling import GuidedFormError
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+IDS = [5, 9, 13, 17, 21]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dirs):
+    return LLM(model=str(tiny_dirs["llama"][0]))
+
+
+def _healthy(llm: LLM) -> None:
+    assert not llm.engine.has_unfinished()
+    assert llm.generate(IDS, GREEDY)[0].finish_reason == "length"
+    llm.engine.pages.check_integrity()
+
+
+def test_vllm_dict_prompts_run_as_their_prompt(llm, chat_model_dir):
+    want = llm.generate(IDS, GREEDY)[0].token_ids
+    assert llm.generate({"prompt_token_ids": IDS}, GREEDY)[0].token_ids == want
+    assert [o.token_ids for o in llm.generate([{"prompt_token_ids": IDS}, IDS], GREEDY)] == [want, want]
+    chat = LLM(model=str(chat_model_dir))
+    text = chat.generate("Hello there", GREEDY)[0]
+    assert chat.generate({"prompt": "Hello there"}, GREEDY)[0].token_ids == text.token_ids
+    assert chat.generate({"prompt": "Hello there"}, GREEDY)[0].prompt_token_ids == chat.engine.tokenize("Hello there")  # (the dict's key was once run as the text)
+
+
+@pytest.mark.parametrize("prompt, match", [
+    (5, "got a int"), (torch.tensor([1, 2]), r"got a Tensor \(an array or tensor of ids: pass .tolist\(\)\)"),
+    (np.array([1, 2]), "got a ndarray"), (b"Hi", "got a bytes"), ({1, 2}, "got a set"),
+    ({"prompt": "a", "prompt_token_ids": [1]}, r"one of them only; got the keys \['prompt', 'prompt_token_ids'\]"),
+    ({"multi_modal_data": {}}, "got the keys"), ([], "at least one prompt"), ([[1, 2], 7], "got a int"),
+    ({"prompt_token_ids": "Hello"}, "got 'prompt_token_ids': str"), ({"prompt": [1, 2]}, "got 'prompt': list"),
+])  # fmt: skip
+def test_a_prompt_of_the_wrong_type_is_refused_naming_it(prompt, match, llm):
+    with pytest.raises(InvalidRequest, match=match) as e:
+        llm.generate(prompt, GREEDY)
+    assert e.value.param == "prompt"
+    _healthy(llm)
+
+
+def test_two_turns_of_one_session_at_once_are_refused(llm):
+    with pytest.raises(InvalidRequest, match="distinct session ids"):
+        llm.generate([IDS, IDS + [3]], GREEDY, session_id="s")
+    outs = llm.generate([IDS, IDS + [3]], GREEDY, session_id=["s", None])  # none for one of them is fine
+    assert len(outs) == 2
+    _healthy(llm)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"seed": "x"}, "seed must be None or an integer"), ({"seed": 1.5}, "seed must"), ({"seed": 2**70}, "seed must"),
+    ({"seed": True}, "seed must"), ({"stop": [5]}, "stop strings must be non-empty strings"),
+    ({"stop": b"x"}, "stop must be a list, got bytes"), ({"stop_token_ids": 5}, "stop_token_ids must be a list"),
+    ({"logit_bias": 5}, "logit_bias must map token ids"), ({"bad_words_ids": [5]}, "bad_words_ids must be lists"),
+    ({"max_tokens": True}, "max_tokens"), ({"top_k": True}, "top_k"), ({"ignore_eos": "no"}, "ignore_eos must be true or false"),
+    ({"json_object": 1}, "json_object must be true or false"), ({"skip_special_tokens": None}, "skip_special_tokens"),
+])  # fmt: skip
+def test_sampling_params_of_the_wrong_type_are_refused_naming_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_take_none_for_a_list_and_deep_schemas_are_a_clear_error():
+    p = SamplingParams(stop=None, stop_token_ids=None, allowed_token_ids=None, bad_words=None, logit_bias=None)
+    assert (p.stop, p.stop_token_ids, p.allowed_token_ids, p.bad_words, p.logit_bias) == ((), (), (), (), ())
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1 and SamplingParams(seed=-(2**63)).seed == -(2**63)
+    deep: dict = {"type": "string"}
+    for _ in range(5000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(GuidedFormError, match="nested too deeply"):
+        SamplingParams(json_schema=deep)
+    with pytest.raises(GuidedFormError, match="nested too deeply"):
+        SamplingParams(json_schema='{"items": ' * 5000 + "{}" + "}" * 5000)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: EngineConfig(max_model_len="100"), "max_model_len must be int or None, got str '100'"),
+    (lambda: EngineConfig(max_model_len=100.5), "max_model_len must be int or None, got float"),
+    (lambda: EngineConfig(max_model_len=True), "max_model_len must be int or None, got bool"),
+    (lambda: EngineConfig(device="bogus"), "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    (lambda: EngineConfig(device="meta"), "device must be"), (lambda: EngineConfig(model=5), "model must be str or None"),
+    (lambda: EngineConfig(max_logprobs=True), "max_logprobs must be int"),
+    (lambda: EngineConfig(seed=True), "seed must be int or None, got bool"),
+    (lambda: EngineConfig(override_generation_config=[1]), "override_generation_config must be dict or None"),
+    (lambda: StoreConfig(host_bytes="1G"), "host_bytes must be int"), (lambda: StoreConfig(host_bytes=1.5), "host_bytes"),
+    (lambda: StoreConfig(store_dir=123), "store_dir must be str or None"),
+    (lambda: CacheConfig(page_size="16"), "page_size must be int"),
+    (lambda: CacheConfig(enable_prefix_cache=1), "enable_prefix_cache must be bool"),
+    (lambda: SchedulerConfig(max_num_seqs=2.0), "max_num_seqs must be int"),
+    (lambda: LLM(cache={}), "cache must be a CacheConfig"),
+    (lambda: LLM(bogus=1), "unknown argument 'bogus': see help"),
+    (lambda: LLM(kv_cache_dtype="fp8"), "kv_cache_dtype: 'fp8' is not supported"),
+    (lambda: LLM(tensor_parallel_size=2), "must be 1: this engine runs one device"),
+    (lambda: LLM(enable_store="yes"), "enable_store must be true or false"),
+])  # fmt: skip
+def test_engine_arguments_of_the_wrong_type_are_refused_naming_them(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_configs_take_numpy_numbers_and_paths_as_python_ones(tmp_path):
+    store = StoreConfig(host_bytes=np.int64(5), drop_fraction=np.float32(0.5), store_dir=tmp_path)
+    assert (type(store.host_bytes), type(store.drop_fraction), store.store_dir) == (int, float, str(tmp_path))
+    assert EngineConfig(seed=np.int64(3), model=tmp_path).model == str(tmp_path)
+
+
+def test_vllm_engine_arguments_and_store_options_are_honoured(tiny_dirs, tmp_path):
+    path = Path(tiny_dirs["llama"][0])  # (a Path, as users pass it)
+    llm = LLM(model=path, max_num_seqs=3, max_num_batched_tokens=64, enable_prefix_caching=False, block_size=8,
+              gpu_memory_utilization=0.5, tensor_parallel_size=1, trust_remote_code=True, enforce_eager=True)
+    c = llm.config
+    assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens) == (3, 64)
+    assert (c.cache.enable_prefix_cache, c.cache.page_size, c.cache.gpu_memory_utilization) == (False, 8, 0.5)
+    assert llm.engine.store is None
+    stored = LLM(model=path, store_dir=tmp_path / "kv", host_bytes=1 << 20)  # store options turn the store on
+    assert stored.engine.store is not None and stored.config.store.store_dir == str(tmp_path / "kv")
+    stored.close()
+    assert LLM(model=path, host_bytes=1 << 20, enable_store=False).engine.store is None  # unless told otherwise
+    vllm_defaults = LLM(model=path, enable_prefix_caching=None, block_size=None, max_num_seqs=None,
+                        kv_cache_dtype="auto", tokenizer_mode="auto", scheduling_policy="priority", page_size=8,
+                        long_prefill_token_threshold=32, remote_url=None)  # fmt: skip
+    c = vllm_defaults.config
+    assert (c.cache.enable_prefix_cache, c.cache.page_size, c.scheduler.max_num_seqs) == (True, 8, 16)
+    assert (c.scheduler.policy, c.scheduler.long_prefill_token_threshold) == ("priority", 32)
+    assert vllm_defaults.engine.store is None  # (a store option left at None turns nothing on)
+
+
+def test_a_pool_smaller_than_the_window_is_refused_unless_the_window_fits(tiny_dirs):
+    path = str(tiny_dirs["llama"][0])
+    with pytest.raises(ValueError, match=r"the KV pool holds 64 tokens, fewer than the window .* at most 64"):
+        LLM(model=path, cache=CacheConfig(num_pages=4, page_size=16))
+    small = LLM(model=path, cache=CacheConfig(num_pages=4, page_size=16), max_model_len=64)
+    out = small.generate([1] * 40, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 24  # the window's end, not a wait for ever
+    with pytest.raises(ValueError, match="window"):
+        small.generate([1] * 100, GREEDY)
+    _healthy(small)
+
+
+def test_a_default_pool_smaller_than_the_window_lowers_the_window(tiny_dirs, monkeypatch, caplog):
+    import cachedattention.engine.engine as engine_module
+
+    per_token = LLM(model=str(tiny_dirs["llama"][0])).engine.spec.kv_bytes_per_token(4)
+    monkeypatch.setattr(engine_module, "default_pool_bytes", lambda device: 96 * per_token)
+    llm = LLM(model=str(tiny_dirs["llama"][0]))
+    assert llm.engine.max_model_len == 96 and "max_model_len lowered from" in caplog.text
+    assert llm.generate([1] * 80, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0].finish_reason == "length"
+    _healthy(llm)
+
+
+def test_a_closed_llm_refuses_work_and_leaves_its_store_whole(tiny_dirs, tmp_path):
+    llm = LLM(model=str(tiny_dirs["llama"][0]), store_dir=str(tmp_path / "kv"))
+    first = llm.generate(IDS, GREEDY, session_id="s")[0]
+    llm.close()
+    with pytest.raises(ValueError, match="closed"):
+        llm.generate(IDS, GREEDY, session_id="t")
+    with pytest.raises(ValueError, match="closed"):
+        llm.forget_session("s")
+    again = LLM(model=str(tiny_dirs["llama"][0]), store_dir=str(tmp_path / "kv"))
+    out = again.generate(IDS + first.token_ids + [3], GREEDY, session_id="s")[0]
+    assert out.metrics.cached_tokens["disk"] > 0
+    again.engine.store.check_integrity()
+    again.close()
+
+
+def test_ctrl_c_lands_between_steps_and_leaves_the_engine_whole(llm, monkeypatch):
+    forwards = []
+    run = llm.engine.runner.run
+
+    def run_and_interrupt(batch):
+        if len(forwards) == 2:  # Ctrl-C in the middle of the third step's forward pass
+            os.kill(os.getpid(), signal.SIGINT)
+        forwards.append(1)
+        return run(batch)
+
+    monkeypatch.setattr(llm.engine.runner, "run", run_and_interrupt)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own (other tests may set theirs)
+    try:
+        assert threading.current_thread() is threading.main_thread()
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([IDS, IDS[::-1]], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        assert len(forwards) == 3  # the step it came in finished its forward pass (and its bookkeeping)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    monkeypatch.undo()
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+    _healthy(llm)
+
+
+def test_chat_takes_openai_content_parts_and_the_developer_role_as_the_server_does(chat_model_dir):
+    chat = LLM(model=str(chat_model_dir))
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]  # fmt: skip
+    want = chat.chat(plain, GREEDY)
+    got = chat.chat(parts, GREEDY)
+    assert got.prompt_token_ids == want.prompt_token_ids and got.token_ids == want.token_ids
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(InvalidRequest, match=r"conversation 1: messages\[0\].content: only text parts") as e:
+        chat.chat([plain, image], GREEDY)
+    assert e.value.param == "messages[0].content"
+    assert not chat.engine.has_unfinished()
+
+
+def test_a_row_of_nan_logits_fails_its_request_alone(llm, monkeypatch, caplog):
+    other = [7, 8, 9, 10]
+    alone = llm.generate(other, GREEDY)[0].token_ids
+    run = llm.engine.runner.run
+
+    steps = []
+
+    def nan_in_first_row(batch):  # (the first step's: both prompts end in it)
+        logits = run(batch).clone()
+        if not steps:
+            logits[0] = float("nan")
+        steps.append(logits.shape[0])
+        return logits
+
+    monkeypatch.setattr(llm.engine.runner, "run", nan_in_first_row)
+    first, second = llm.generate([IDS, other], GREEDY)
+    monkeypatch.undo()
+    assert first.finish_reason == "error" and "logits are NaN" in caplog.text
+    assert steps[0] == 2 and second.finish_reason == "length" and second.token_ids == alone
+    _healthy(llm)
+
+
+def test_ctrl_c_twice_interrupts_at_once_and_a_program_s_own_handler_is_left_alone(llm, monkeypatch):
+    forwards = []
+    run = llm.engine.runner.run
+
+    def run_and_interrupt(batch):
+        if len(forwards) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # (the second inside the step: now)
+            forwards.append("after")
+        forwards.append(1)
+        return run(batch)
+
+    monkeypatch.setattr(llm.engine.runner, "run", run_and_interrupt)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(IDS, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        assert "after" not in forwards  # raised inside the step, by the second
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        caught = []
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))  # the program's own
+        forwards.clear()
+        assert llm.generate(IDS, GREEDY)[0].finish_reason == "length"  # its handler took both, the run went on
+        assert caught == [signal.SIGINT, signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    monkeypatch.undo()
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+    _healthy(llm)
+
+
+def test_end_of_answer_ids_past_the_vocabulary_are_ignored_with_a_warning(tiny_dirs, tmp_path, caplog):
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llama"][0], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [2, 10**6]}))
+    llm = LLM(model=str(folder))
+    assert llm.engine.eos_token_ids == (2,) and "end-of-answer ids [1000000] are past the vocabulary" in caplog.text
+
+
+def test_an_engine_failing_after_its_store_opened_frees_the_folder(tiny_dirs, tmp_path, monkeypatch):
+    import cachedattention.store.connector as connector
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("saver broke")
+
+    monkeypatch.setattr(connector, "Saver", broken)
+    with pytest.raises(RuntimeError, match="saver broke"):
+        LLM(model=str(tiny_dirs["llama"][0]), store_dir=str(tmp_path / "kv"))
+    monkeypatch.undo()
+    LLM(model=str(tiny_dirs["llama"][0]), store_dir=str(tmp_path / "kv")).close()  # not held by the failed one
