@@ -69,9 +69,35 @@ def open_gguf(path: str | Path) -> GGUFReader:
     except ImportError as e:  # pragma: no cover - gguf is a declared dependency
         raise ValueError("reading GGUF files needs the 'gguf' package (pip install gguf)") from e
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or damaged?): {e}") from e
+    _check_data_layout(reader, path)
+    return reader
+
+
+def _check_data_layout(reader: GGUFReader, path: str | Path) -> None:
+    """Each tensor's bytes aligned, in the data section and overlapping no other's:
+    a damaged offset or type would otherwise read another tensor's bytes as its own."""
+    end = int(reader.data_offset)
+    for start, name, size in sorted((int(t.data_offset), t.name, int(t.n_bytes)) for t in reader.tensors):
+        if (start - int(reader.data_offset)) % int(reader.alignment):
+            raise ValueError(f"{path}: tensor {name}'s data is not aligned to {reader.alignment} bytes (a damaged file)")
+        if start < end:
+            raise ValueError(f"{path}: tensor {name}'s data overlaps another tensor's or the metadata (a damaged file)")
+        end = start + size  # (data past the file's end: the reader already failed)
+
+
+def _dequantized(data: np.ndarray, t) -> np.ndarray:
+    """Tensor t's `data` (all or some of its rows) as gguf dequantizes it, float32; a type gguf
+    cannot dequantize is a clear error."""
+    from gguf.quants import dequantize
+
+    try:
+        return dequantize(data, t.tensor_type).astype(np.float32)
+    except NotImplementedError:
+        raise ValueError(f"tensor {t.name} is of GGUF type {t.tensor_type.name}, which cannot be read (gguf cannot "
+                         "dequantize it)") from None
 
 
 def _reader(source: GGUFSource) -> GGUFReader:
@@ -218,7 +244,6 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Dequantize every tensor to float32 under Hugging Face parameter names; those in `blocks_only`
     (served from their blocks alone) get a placeholder of their shape that holds no memory."""
-    from gguf.quants import dequantize
 
     state: dict[str, torch.Tensor] = {}
     plus_one = config["model_type"].startswith("gemma")  # llama.cpp adds Gemma's 1 into its norms
@@ -229,7 +254,7 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Colle
         if all(each in blocks_only for each, _ in parts):  # never dequantized
             state.update({each: torch.zeros((), dtype=torch.float32).expand(rows, int(t.shape[0])) for each, rows in parts})
             continue
-        for each, w in _each_part(name, dequantize(t.data, t.tensor_type).astype(np.float32), config):
+        for each, w in _each_part(name, _dequantized(t.data, t), config):
             if each.endswith("mlp.shared_expert_gate.weight"):
                 w = w.reshape(1, -1)  # llama.cpp's shape is {hidden}; ours a one-row linear layer
             if plus_one and each.endswith("norm.weight"):
@@ -264,7 +289,6 @@ def gguf_checked_rows(path: GGUFSource, config: dict[str, Any]):
     a stacked one, each projection of a fused one), and the rows 0, 1 and the last of each part
     (a stacked one's first expert only) as gguf dequantizes them ({name: {row: float32 [1, in]}}),
     in Hugging Face row order: to check blocks that will have no float32 copy."""
-    from gguf.quants import dequantize
 
     for name, t in _named_tensors(_reader(path), config):
         held = name.startswith("model.layers.") or name in ("model.embed_tokens.weight", "lm_head.weight")
@@ -273,7 +297,7 @@ def gguf_checked_rows(path: GGUFSource, config: dict[str, Any]):
         parts = list(_each_part(name, np.asarray(t.data), config))
         rows = {}
         for each, raw in parts[:1] if "{e}" in name else parts:
-            rows[each] = {r: torch.from_numpy(dequantize(raw[r : r + 1], t.tensor_type).astype(np.float32))
+            rows[each] = {r: torch.from_numpy(_dequantized(raw[r : r + 1], t))
                           for r in QuantizedWeight.checked_rows(raw.shape[0])}  # fmt: skip
         yield [each for each, _ in parts], rows
 

@@ -112,8 +112,8 @@ def load_tokenizer(source: str, vocab_size: int) -> Tokenizer:
             if not _has_tokenizer(path):
                 raise ValueError("the folder has no tokenizer.json, tokenizer.model or tokenizer_config.json")
             tok = Tokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"tokenizer {source!r} cannot be loaded: {e}") from None
+    except Exception as e:  # (transformers' own IndexError or KeyError for a damaged one)
+        raise ValueError(f"tokenizer {source!r} cannot be loaded: {type(e).__name__}: {e}") from None
     if len(tok.hf) > vocab_size:  # e.g. a pad token added without resizing: requests reaching it are refused
         log.warning("tokenizer %r has %d tokens, more than the model's %d: a prompt holding one of those is "
                     "refused", source, len(tok.hf), vocab_size)  # fmt: skip
@@ -227,6 +227,10 @@ PLACED = ("model.layers.", "model.norm.", "model.embed_tokens.")  # where every 
 
 def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
     """Instantiate without initialising (meta device), then adopt the given weights."""
+    held = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    if held and spec.num_layers > max(held) + 1:  # (before building a model of that many layers)
+        raise ValueError(f"the config has {spec.num_layers} layers, but the checkpoint's weights stop at layer "
+                         f"{max(held)}: a shard missing, or a config of another model")  # fmt: skip
     with torch.device("meta"):
         model = LlamaForCausalLM(spec)
     expected = set(model.state_dict())
@@ -241,10 +245,27 @@ def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.d
     missing = expected - set(state)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    _check_weights(state, model.state_dict())
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+FLOAT_WEIGHTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_weights(state: dict[str, torch.Tensor], shapes: dict[str, torch.Tensor]) -> None:
+    """Each weight of the shape the config gives its place, and of a float type (an integer or
+    8-bit one is a quantization this engine does not read: cast, it would answer garbage)."""
+    for name, w in state.items():
+        if w.dtype not in FLOAT_WEIGHTS:
+            raise ValueError(f"weight {name} is {str(w.dtype).replace('torch.', '')}: this engine reads float32, "
+                             "float16 and bfloat16 checkpoints (or a GGUF file's quantized blocks)")  # fmt: skip
+        want = shapes.get(name)
+        if want is not None and tuple(w.shape) != tuple(want.shape):
+            raise ValueError(f"weight {name} is {list(w.shape)}, but the config makes it {list(want.shape)}: the "
+                             "config and the weights are of different models")  # fmt: skip
 
 
 def random_model(spec: ModelSpec, device: str, dtype: str, seed: int = 0) -> LlamaForCausalLM:
@@ -277,18 +298,39 @@ def _read_config(path: Path) -> dict:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(f for f in path.glob("*.safetensors") if f.name != BLOCKS_FILE)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        files = _shards(index)
     if not files:
         raise ValueError(f"{path} has no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except SafetensorError as e:  # (a download cut short, most often)
+            raise ValueError(f"{f} is not a readable safetensors file (truncated or damaged?): {e}") from None
+        except IsADirectoryError:
+            raise ValueError(f"{f} is a directory, not a safetensors file") from None
     return state
+
+
+def _shards(index: Path) -> list[Path]:
+    """The files a sharded checkpoint's index names, each a file name in the folder."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, RecursionError, AttributeError) as e:
+        raise ValueError(f"{index} is not a JSON object: {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index} has no weight_map of weight names to shard files")
+    names = sorted(set(weight_map.values()))
+    outside = [f for f in names if Path(f).name != f or f in (".", "..")]
+    if outside:  # a path that leaves the folder is no shard of this checkpoint
+        raise ValueError(f"{index} names shard files outside its folder: {outside[:3]}")
+    return [index.parent / f for f in names]
 
 
 # GLM-4's four norms as Gemma's: the attention's output norm, the MLP's input and output norms

@@ -49,6 +49,8 @@ def rope_settings(cfg: dict[str, Any], head_dim: int) -> RopeSettings:
     params = dict(cfg.get("rope_parameters") or {})
     scaling = dict(cfg.get("rope_scaling") or params)
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if not 0 < theta < math.inf:  # (NaN too) every frequency would be NaN or infinite
+        raise ValueError(f"rope_theta must be a positive finite number, got {theta}")
     rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
     if cfg.get("model_type") == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's config reads them so
         rope_type = "longrope"
@@ -72,11 +74,12 @@ def rope_settings(cfg: dict[str, Any], head_dim: int) -> RopeSettings:
     original = int(cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
                    or cfg.get("max_position_embeddings") or 4096)  # fmt: skip
     if rope_type == "llama3":
+        low, high = _positive(scaling, "low_freq_factor"), _positive(scaling, "high_freq_factor")
+        if not low < high:  # (the formula divides by their difference)
+            raise ValueError(f"Llama 3's rope scaling needs low_freq_factor < high_freq_factor, got {low} and {high}")
         return RopeSettings(theta, llama3=RopeScaling(
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            factor=_positive(scaling, "factor"), low_freq_factor=low, high_freq_factor=high,
+            original_max_position_embeddings=int(_positive(scaling, "original_max_position_embeddings")),
         ), rotary_dim=rotary_dim)  # fmt: skip
     # both name their factor by the window's growth where the config gives none (DeepSeek's, Phi-3's)
     factor = float(scaling.get("factor") or int(cfg.get("max_position_embeddings") or original) / original)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -227,7 +228,10 @@ def _mlp_bias(model_type: str, cfg: dict[str, Any]) -> bool:
 def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+    ids = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"config.json's eos_token_id must be a token id or a list of them, got {value!r}")
+    return ids
 
 
 QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default where a Qwen config that uses its window names none
@@ -517,6 +521,35 @@ def _check_shape(cfg: dict[str, Any]) -> None:
         raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
 
 
+MAX_CONTEXT = 1 << 27  # past any model's window (Llama 4 Scout's is 10M): a field gone wrong
+
+
+def _check_unquantized(cfg: dict[str, Any]) -> None:
+    """A quantized checkpoint (FP8, AWQ, GPTQ...: its quantization_config, at the top of a multimodal
+    one's too) is not read, but gpt-oss's own MXFP4 experts (_gpt_oss)."""
+    quant = cfg.get("quantization_config")
+    if quant is not None and cfg.get("model_type") != "gpt_oss":
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ValueError(f"a quantized checkpoint ({method!r}) is not read by this engine: give its unquantized "
+                         "weights, or a GGUF file (whose quantized blocks it reads)")  # fmt: skip
+
+
+def _check_scalars(cfg: dict[str, Any]) -> None:
+    """The fields whose wrong value would load and answer garbage (NaN, a head tied by mistake),
+    or allocate a window's tables of absurd size."""
+    window = cfg.get("max_position_embeddings")
+    integral = isinstance(window, (int, float)) and not isinstance(window, bool) and float(window).is_integer()
+    if window is not None and not (integral and 0 < window <= MAX_CONTEXT):
+        raise ValueError(f"config.json's max_position_embeddings must be a positive integer up to {MAX_CONTEXT}, "
+                         f"got {window!r}")  # fmt: skip
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
+        raise ValueError(f"config.json's rms_norm_eps must be a positive finite number, got {eps!r}")
+    tie = cfg.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise ValueError(f"config.json's tie_word_embeddings must be true or false, got {tie!r}")
+
+
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -553,6 +586,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
     cfg = {**FAMILY_DEFAULTS.get(model_type, {}), **cfg}
+    _check_unquantized(cfg)
     if model_type == "mistral3":  # Mistral Small 3.1 / 3.2: the language model of a multimodal checkpoint
         cfg, model_type = _language_model_config(cfg)
     if model_type in QWEN_VL:
@@ -562,6 +596,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         cfg = gemma_config(cfg)
         model_type = cfg["model_type"]
     _check_shape(cfg)
+    _check_scalars(cfg)
     if model_type in COHERE:
         cfg = _cohere(cfg)
     if model_type in HYBRID:
