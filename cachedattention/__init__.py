@@ -2,13 +2,14 @@
 
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.llm import LLM
-from cachedattention.outputs import RequestMetrics, RequestOutput
+from cachedattention.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from cachedattention.sampling import SamplingParams
 
 __all__ = [
     "LLM",
     "SamplingParams",
     "RequestOutput",
+    "CompletionOutput",
     "RequestMetrics",
     "EngineConfig",
     "CacheConfig",

@@ -14,7 +14,7 @@ from cachedattention.llm_args import sort_options
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.outputs import RequestOutput
-from cachedattention.sampling import MAX_LOGPROBS, SamplingParams
+from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, choice_params
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
@@ -58,6 +58,15 @@ def _one_each(value: Any, n: int, name: str) -> list[Any]:
     if len(each) != n:
         raise ValueError(f"{name} must be one for all or one per prompt ({n}), got {len(each)}")
     return each
+
+
+def _as_one(prompt: str | None, choices: list[RequestOutput]) -> RequestOutput:
+    """A prompt's output: its first choice's, with its text prompt, and every choice when n > 1."""
+    out = choices[0]
+    out.prompt = prompt
+    if len(choices) > 1:
+        out.completions = [c.completion(i) for i, c in enumerate(choices)]
+    return out
 
 
 def _check_distinct(sessions: list[str | None], what: str) -> None:
@@ -157,12 +166,15 @@ class LLM:
     ) -> list[RequestOutput]:
         """Complete every prompt (text or token ids); outputs come back in prompt order. `params`
         and `session_id` are one for all prompts or one per prompt (as vLLM's sampling_params).
-        A request whose own step failed (logged) comes back finished with finish_reason "error"."""
+        A request whose own step failed (logged) comes back finished with finish_reason "error".
+        As vLLM's, `out.outputs` lists a prompt's completions (SamplingParams.n of them, seeded
+        choices with seeds seed, seed + 1, ...); `out.text` and `out.token_ids` are the first's."""
         prompts = _prompt_list(prompts)
         sessions = _one_each(session_id, len(prompts), "session_id")
         _check_distinct(sessions, "prompts")
         each = _one_each(params, len(prompts), "params")
-        return self._complete([(p, sp, s, 0) for p, sp, s in zip(prompts, each, sessions)])
+        return self._complete([(p, sp, s, 0, p if isinstance(p, str) else None)
+                               for p, sp, s in zip(prompts, each, sessions)])  # fmt: skip
 
     @overload
     def chat(
@@ -223,32 +235,42 @@ class LLM:
                 raise InvalidRequest(f"conversation {n}: {e}", e.param) from None
             prompt = tokenizer.encode_chat(conv, tools=tools, options=options)
             head = tokenizer.head_length(conv, prompt, tools, options) if sid is not None else 0
-            items.append((prompt, sp, sid, head))
+            items.append((prompt, sp, sid, head, tokenizer.decode(prompt, skip_special_tokens=False)))
         outs = self._complete(items)
         return outs if batch else outs[0]
 
-    def _complete(self, items: list[tuple[Prompt, SamplingParams | None, str | None, int]]) -> list[RequestOutput]:
-        """Add every request and step the engine until each has finished; outputs in their order.
-        If one is refused, or anything stops the run (Ctrl-C, between steps), the requests added
-        are withdrawn: they would run unasked during a later call."""
-        ids: list[str] = []
+    def _complete(self, items: list[tuple[Prompt, SamplingParams | None, str | None, int, str | None]]
+                  ) -> list[RequestOutput]:  # fmt: skip
+        """Add every request (n of each: one per choice) and step the engine until each has
+        finished; one output per item, in their order. If one is refused, or anything stops the run
+        (Ctrl-C, between steps), the requests added are withdrawn: they would run unasked later."""
+        ids: list[list[str]] = []
         done: dict[str, RequestOutput] = {}
         try:
             with interrupts_between_steps() as raise_held:
-                for prompt, sp, sid, head in items:
-                    ids.append(self.engine.add_request(prompt, sp, session_id=sid, head_tokens=head))
-                    raise_held()
-                while len(done) < len(ids):
+                for prompt, sp, sid, head, _ in items:
+                    ids.append([])
+                    sp = self.engine.default_params() if sp is None else sp
+                    if isinstance(sp, SamplingParams) and sp.n > 1 and sid is not None:
+                        raise InvalidRequest("n > 1 cannot continue a session: which choice would be its next "
+                                             "turn?", "n")  # fmt: skip
+                    for i in range(sp.n if isinstance(sp, SamplingParams) else 1):  # (else the engine refuses it)
+                        choice = choice_params(sp, i) if isinstance(sp, SamplingParams) else sp
+                        ids[-1].append(self.engine.add_request(prompt, choice, session_id=sid, head_tokens=head,
+                                                               save_to_store=i == 0))  # fmt: skip
+                        raise_held()
+                wanted = {rid for each in ids for rid in each}
+                while len(done) < len(wanted):
                     for out in self.engine.step():
-                        if out.finished and out.request_id in ids:
+                        if out.finished and out.request_id in wanted:
                             done[out.request_id] = out
                     raise_held()
         except BaseException:
-            for rid in ids:
+            for rid in (rid for each in ids for rid in each):
                 if rid not in done:
                     self.engine.abort(rid)
             raise
-        return [done[r] for r in ids]
+        return [_as_one(items[k][4], [done[rid] for rid in each]) for k, each in enumerate(ids)]
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -42,6 +42,18 @@ class RequestMetrics:
 
 
 @dataclass
+class CompletionOutput:
+    """One completion of a prompt, as vLLM's: `index` among the prompt's n (SamplingParams.n)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None  # the sum of its tokens' logprobs, when they were asked for
+    logprobs: list | None
+    finish_reason: str | None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -57,3 +69,16 @@ class RequestOutput:
     logprobs: list | None = None
     # one per prompt token when SamplingParams.prompt_logprobs was set (None for the first token), else None
     prompt_logprobs: list | None = None
+    prompt: str | None = None  # the prompt's text (a chat's rendered), None for token ids: as vLLM's
+    completions: list[CompletionOutput] | None = None  # with n > 1, every choice (this output is the first)
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """vLLM's view of the answer: the prompt's completions (this one alone unless n > 1), so that
+        `out.outputs[0].text` reads as it does there."""
+        return self.completions if self.completions is not None else [self.completion(0)]
+
+    def completion(self, index: int) -> CompletionOutput:
+        """This output as choice `index` of its prompt."""
+        total = None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
+        return CompletionOutput(index, self.text, self.token_ids, total, self.logprobs, self.finish_reason)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list by default (v
 class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 means greedy."""
 
+    n: int = 1  # vLLM's: completions of the prompt (LLM.generate and chat run one request for each)
     max_tokens: int = 64
     temperature: float = 1.0
     top_k: int = 0  # 0: off
@@ -93,6 +94,8 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         object.__setattr__(self, "tool_call_parameters", tuple(_schema_text(p) or "" for p in self.tool_call_parameters))
         object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
+        if not is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1 (completions of the prompt), got {self.n!r}")
         if not is_int(self.max_tokens) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not (is_number(self.temperature) and self.temperature >= 0):
@@ -209,6 +212,13 @@ class SamplingParams:
         allowed tokens)."""
         return bool(self.logit_bias or self.min_tokens or self.repetition_penalty != 1.0 or self.presence_penalty
                     or self.frequency_penalty or self.allowed_token_ids or self.bad_words_ids)  # fmt: skip
+
+
+def choice_params(params: SamplingParams, i: int) -> SamplingParams:
+    """The params of a prompt's choice i of n: one completion, and seeds seed, seed + 1, ... so that
+    seeded choices differ (and repeat)."""
+    seed = params.seed if params.seed is None or not i else (params.seed + i) % 2**64
+    return replace(params, n=1, seed=seed)
 
 
 def _as_tuple(value: Any, name: str) -> tuple:

@@ -296,3 +296,28 @@ def test_an_engine_failing_after_its_store_opened_frees_the_folder(tiny_dirs, tm
         LLM(model=str(tiny_dirs["llama"][0]), store_dir=str(tmp_path / "kv"))
     monkeypatch.undo()
     LLM(model=str(tiny_dirs["llama"][0]), store_dir=str(tmp_path / "kv")).close()  # not held by the failed one
+
+
+def test_vllm_s_quickstart_reads_outputs_and_n_gives_that_many_completions(llm, chat_model_dir):
+    chat = LLM(model=str(chat_model_dir))
+    [out] = chat.generate(["Hello there"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert out.prompt == "Hello there" and out.outputs[0].text == out.text and out.outputs[0].index == 0
+    assert out.outputs[0].token_ids == out.token_ids and out.outputs[0].cumulative_logprob is None
+    sampled = SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=11, ignore_eos=True, logprobs=0)
+    first, again = llm.generate([IDS, IDS], [sampled, sampled])
+    assert [c.index for c in first.outputs] == [0, 1, 2] and first.token_ids == first.outputs[0].token_ids
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1  # seeds 11, 12, 13: different draws
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in first.outputs]  # and they repeat
+    alone = llm.generate(IDS, SamplingParams(max_tokens=6, temperature=1.0, seed=12, ignore_eos=True))[0]
+    assert first.outputs[1].token_ids == alone.token_ids  # choice 1 is the request seeded 12
+    c = first.outputs[2]
+    assert c.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in c.logprobs)) and len(c.logprobs) == 6
+    with pytest.raises(InvalidRequest, match="n > 1 cannot continue a session"):
+        llm.generate(IDS, sampled, session_id="s")
+    with pytest.raises(InvalidRequest, match="an engine request is one completion"):
+        llm.engine.add_request(IDS, sampled)
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        SamplingParams(n=0)
+    rendered = chat.chat([{"role": "user", "content": "Hi"}], GREEDY)
+    assert rendered.prompt == chat.tokenizer.decode(rendered.prompt_token_ids, skip_special_tokens=False)
+    _healthy(llm)

@@ -245,6 +245,8 @@ class LLMEngine:
         params = self.default_params() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
+        if params.n != 1:  # (each choice is a request of its own: sampling.choice_params)
+            raise InvalidRequest("an engine request is one completion: LLM.generate and chat run n of them", "n")
         if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) >= 2**63:
             raise InvalidRequest(f"priority must be an integer, got {priority!r}", "priority")
         if priority and self.config.scheduler.policy != "priority":  # as vLLM

@@ -32,6 +32,7 @@ from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import SessionBusy
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
+from cachedattention.sampling import choice_params
 from cachedattention.server.api_error import APIError, aborted_error, as_api_error, error_body, error_response
 from cachedattention.server.auth import ApiKeyMiddleware, RootPathMiddleware, api_keys_from, checked_api_keys
 from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
@@ -406,9 +407,7 @@ class OpenAIRoutes:
         choices = [(prompt, i) for prompt in prompts for i in range(parsed.n)]
         try:
             for k, (prompt, i) in enumerate(choices):
-                params = parsed.params
-                if params.seed is not None and i:
-                    params = replace(params, seed=(params.seed + i) % 2**64)
+                params = choice_params(parsed.params, i)
                 job = Job(rid if len(choices) == 1 else f"{rid}-{k}", params, parsed.session_id, prompt,
                           parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
                           check_room=check_room,

@@ -2,7 +2,6 @@
 error before it touches anything (at start-up it would take the first one's files in flight for
 orphans); the folder is free again once the first closes or its process dies, even by SIGKILL."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -94,4 +93,4 @@ def test_the_command_line_reports_a_folder_in_use(tiny_dirs, tmp_path, capsys):
     assert rc == 2  # (a ValueError: the command line names a folder it cannot have)
     err = capsys.readouterr().err
     assert "error:" in err and "in use by another engine (this process)" in err and "Traceback" not in err
-    assert os.path.exists(store / "lock")
+    disk_llm(path, store).close()  # (the refused command held nothing)
