@@ -24,6 +24,7 @@ def interrupts_between_steps() -> Iterator[Callable[[], None]]:
 
     def hold(signum: int, frame) -> None:
         if held:  # asked twice: the user means now
+            held.clear()
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
         held.append(signum)

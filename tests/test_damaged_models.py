@@ -149,3 +149,15 @@ def test_a_gguf_type_gguf_cannot_dequantize_is_named(gguf_file, tmp_path):
 def test_the_untouched_files_load(gguf_file, tiny_dirs, tmp_path):
     assert LLM(model=str(gguf_file)).generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"
     assert np.isfinite(LLM(model=str(_copy(tiny_dirs, tmp_path))).engine.model.lm_head.weight.detach().numpy()).all()
+
+
+def test_a_gguf_metadata_field_at_fault_is_named_with_the_file(gguf_file, tmp_path):
+    import gguf
+
+    copy = tmp_path / "meta.gguf"
+    shutil.copy(gguf_file, copy)
+    reader = gguf.GGUFReader(str(copy), "r+")
+    reader.fields["qwen3.attention.key_length"].parts[-1][0] = 0
+    reader.data.flush()
+    with pytest.raises(ValueError, match=r"^meta.gguf: head_dim must be a positive integer, got 0"):
+        LLM(model=str(copy))

@@ -63,7 +63,11 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
             raise ValueError(f"{source!r} is a file but not a .gguf; give a Hugging Face model folder or a GGUF file")
         reader = open_gguf(str(path))
         config = gguf_config(reader)
-        spec = spec_from_hf_config(config)
+        try:
+            spec = spec_from_hf_config(config)
+        except ValueError as e:  # (its messages name config.json: here the file's metadata, read as one)
+            named = str(e).replace("config.json's ", f"{path.name}: ").replace("config.json ", f"{path.name}: the config ")
+            raise ValueError(named) from None
         if check_spec is not None:
             check_spec(spec)
         cpu_float32 = torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32

@@ -474,6 +474,9 @@ class OpenAIRoutes:
         """The choices' chunks as they come (each tagged with its index), then usage and [DONE]."""
         choices = [_StreamedChoice(i) for i in range(len(streams))]
         merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        # a choice's next output is taken from its stream only once its last one was read: a client
+        # that stops reading leaves one output per choice waiting (its stream merges the later ones)
+        taken = [asyncio.Event() for _ in streams]
 
         async def pump(i: int, stream: RequestStream) -> None:
             while True:
@@ -482,6 +485,8 @@ class OpenAIRoutes:
                 merged.put_nowait((i, _prompt_only(item) if prompt_only else item))
                 if isinstance(item, BaseException) or item.finished:
                     return
+                await taken[i].wait()
+                taken[i].clear()
 
         pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         failed = False
@@ -491,6 +496,7 @@ class OpenAIRoutes:
                     yield fmt.chunk(role=True, index=c.index)
             while not all(c.done for c in choices):
                 i, item = await merged.get()
+                taken[i].set()
                 c = choices[i]
                 if isinstance(item, RequestOutput):
                     fmt.progress[i] = item  # continuous usage: the tokens so far

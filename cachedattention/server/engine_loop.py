@@ -7,8 +7,9 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cachedattention.engine.engine import LLMEngine
@@ -67,22 +68,36 @@ class RequestStream:
     """Events of one request, filled from the engine thread, read on the event loop.
 
     Events: ACCEPTED, then RequestOutputs (the last one finished); or one exception instead
-    (ValueError: the request was invalid; anything else: a server fault).
+    (ValueError: the request was invalid; anything else: a server fault). An output not read yet
+    is replaced by the next one, which holds all it did (its new tokens joined): a reader that
+    falls behind (a client that stops reading its stream) holds one output, not one per step.
     """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
         self._loop = loop
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._items: deque[Any] = deque()
+        self._ready = asyncio.Event()
 
     def put(self, item: Any) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._push, item)
         except RuntimeError:  # the event loop is closed: nobody listens any more
             pass
 
+    def _push(self, item: Any) -> None:
+        last = self._items[-1] if self._items else None
+        if isinstance(item, RequestOutput) and isinstance(last, RequestOutput):
+            self._items[-1] = replace(item, new_token_ids=last.new_token_ids + item.new_token_ids)
+        else:
+            self._items.append(item)
+        self._ready.set()
+
     async def get(self) -> Any:
-        return await self._queue.get()
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
 
 
 def _resolve(future: asyncio.Future, result: Any) -> None:
@@ -127,6 +142,11 @@ class EngineLoop:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    def in_progress(self, request_id: str) -> bool:
+        """Whether a request submitted under this id has not finished yet."""
+        with self._cond:
+            return request_id in self._active
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> RequestStream:
         stream = RequestStream(job.request_id, loop)

@@ -211,7 +211,14 @@ class ResponsesRoutes:
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None, "has_more": start + int(limit) < len(items)}  # fmt: skip
 
+    def _in_progress(self, response_id: str) -> bool:
+        """Still being generated on this replica (streamed, awaited or in the background)."""
+        return response_id in self._background or self.routes.loop.in_progress(response_id)
+
     async def delete(self, response_id: str) -> dict[str, Any]:
+        if self._in_progress(response_id):  # (deleted now, it would be stored when it ends)
+            raise APIError(409, f"Response {response_id!r} is still in progress: delete it once it has finished "
+                           "(a background one can be cancelled first).", "response_in_progress")  # fmt: skip
         held = False
         if self.shared is not None:
             try:
@@ -256,7 +263,7 @@ class ResponsesRoutes:
         body = parse_json_object(await request.body())
         prev_id = previous_id(body)
         prev = await self._lookup(prev_id) if prev_id is not None else None
-        if prev_id in self._background:
+        if prev_id is not None and self._in_progress(prev_id):
             raise APIError(400, f"Response {prev_id!r} is still in progress: continue it once it has finished.",
                            "invalid_value", "previous_response_id")  # fmt: skip
         if prev_id is not None and prev is None:

@@ -519,3 +519,22 @@ def test_a_background_response_is_polled_to_its_end_and_one_can_be_cancelled(ser
     r = httpx.post(f"{server.url}/v1/responses/{foreground.id}/cancel", timeout=30)
     assert r.status_code == 400  # only a background response can be cancelled
     assert httpx.post(f"{server.url}/v1/responses/resp_nope/cancel", timeout=30).status_code == 404
+
+
+def test_a_response_still_streaming_is_neither_deleted_nor_continued_until_it_ends(server):
+    """DELETE of a response still being generated was a 404, and the response was stored when it
+    ended; continuing it was a 404 too. Both now say it is in progress; once it ends, both work."""
+    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=60,
+                      json={"model": "default", "input": "Count to a thousand.", "stream": True, "temperature": 0,
+                            "max_output_tokens": 200, "ignore_eos": True}) as stream:  # fmt: skip
+        lines = stream.iter_lines()
+        created = next(json.loads(line[6:]) for line in lines if line.startswith("data: "))
+        rid = created["response"]["id"]
+        gone = httpx.delete(f"{server.url}/v1/responses/{rid}", timeout=30)
+        assert gone.status_code == 409 and gone.json()["error"]["code"] == "response_in_progress"
+        follow = httpx.post(f"{server.url}/v1/responses", json={"input": "x", "previous_response_id": rid}, timeout=30)
+        assert follow.status_code == 400 and follow.json()["error"]["param"] == "previous_response_id"
+        for _ in lines:  # to its end
+            pass
+    assert client(server.url).responses.retrieve(rid).status == "incomplete"
+    assert httpx.delete(f"{server.url}/v1/responses/{rid}", timeout=30).status_code == 200
