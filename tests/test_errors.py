@@ -228,6 +228,36 @@ def test_a_request_whose_own_step_fails_ends_alone_and_its_batch_mates_go_on(tin
     assert llm.stats()["sessions"] == sessions + 1
 
 
+def test_a_request_whose_prompt_logprobs_fail_ends_alone(tiny_dirs, monkeypatch, caplog):
+    """Its prompt spans several steps (chunked): the step where its logprobs fail ends it, and the
+    request decoding beside it goes on to the tokens it has alone."""
+    import cachedattention.engine.engine as engine_module
+    from cachedattention.config import SchedulerConfig
+
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(model=str(path), scheduler=SchedulerConfig(max_num_batched_tokens=16))
+    good = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], good)[0].token_ids
+    real = engine_module.token_logprobs
+    calls = []
+
+    def fails_on_its_second_chunk(logits, tokens, k):
+        calls.append(len(tokens))
+        if len(calls) == 2:
+            raise RuntimeError("logprobs broke")
+        return real(logits, tokens, k)
+
+    monkeypatch.setattr(engine_module, "token_logprobs", fails_on_its_second_chunk)
+    asked = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    outs = llm.generate([[5, 6, 7], list(range(20, 60))], [good, asked])
+    assert outs[0].token_ids == alone and outs[0].finish_reason == "length"
+    assert outs[1].finish_reason == "error" and outs[1].token_ids == [] and len(calls) == 2
+    assert "its prompt logprobs failed; ending it alone" in caplog.text
+    pages = llm.engine.pages
+    assert not llm.engine.has_unfinished() and pages.num_available() == pages.num_pages  # every page given back
+    pages.check_integrity()
+
+
 def test_a_config_json_that_is_no_object_and_a_template_that_fails_while_rendering_are_clear_errors(tiny_dirs, tmp_path):
     """Found by fuzzing the command line: an AttributeError and jinja2's own errors reached the user."""
     import shutil

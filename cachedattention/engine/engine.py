@@ -410,8 +410,9 @@ class LLMEngine:
                 self.store.preload(staged)
         batch, wants, prompt_rows = self.runner.build_batch(scheduled, hooks)
         logits = self.runner.run(batch)
+        broken: set = set()  # requests whose prompt logprobs failed: they end alone below
         if prompt_rows:  # rows after the sampled ones: prompt positions whose logprobs were asked for
-            self._add_prompt_logprobs(scheduled, prompt_rows, logits[len(wants) :])
+            broken = self._add_prompt_logprobs(scheduled, prompt_rows, logits[len(wants) :])
             logits = logits[: len(wants)]
         failed = self.store.end_step(scheduled) if self.store is not None else []
         for s in scheduled:
@@ -420,13 +421,13 @@ class LLMEngine:
                 self.scheduler.register_full_pages(s.request)
         for req in failed:  # a stored segment failed its check mid-load: recompute, never emit its logits
             self.scheduler.requeue(req)
+        outputs = [self._fail_request(req) for req in broken if req not in failed]
         reqs = [scheduled[i].request for i in wants]
         histories = [(r.prompt_token_ids, r.output_token_ids) for r in reqs]
         params, generators, rules = [r.params for r in reqs], [r.generator for r in reqs], [r.json for r in reqs]
         tokens = self._sample(logits, params, generators, histories, rules) if reqs else []
-        outputs = []
         for row, req, token in zip(logits, reqs, tokens):
-            if req in failed:  # its logits came from a partly loaded cache: discard them
+            if req in failed or req in broken:  # its logits came from a partly loaded cache, or it has ended
                 continue
             try:  # what fails here fails for this request alone: its batch mates go on
                 if isinstance(token, Exception):
@@ -479,16 +480,21 @@ class LLMEngine:
         return self._output(req)
 
     @staticmethod
-    def _add_prompt_logprobs(scheduled: list, spans: list[tuple[int, int, int]], logits: torch.Tensor) -> None:
+    def _add_prompt_logprobs(scheduled: list, spans: list[tuple[int, int, int]], logits: torch.Tensor) -> set:
         """Each span (scheduled index, first prompt token, count) owns the next `count` rows: the
         logits that predicted those prompt tokens. (No store load runs for these requests, so no
-        step of theirs fails midway.)"""
-        row = 0
+        step of theirs fails midway.) The requests whose logprobs failed (logged): they end alone."""
+        row, broken = 0, set()
         for i, first, count in spans:
             req = scheduled[i].request
             tokens = req.prompt_token_ids[first : first + count]
-            req.prompt_logprobs.extend(token_logprobs(logits[row : row + count], tokens, req.params.prompt_logprobs))
+            try:
+                req.prompt_logprobs.extend(token_logprobs(logits[row : row + count], tokens, req.params.prompt_logprobs))
+            except Exception:
+                log.exception("request %s: its prompt logprobs failed; ending it alone", req.request_id)
+                broken.add(req)
             row += count
+        return broken
 
     def _append_token(self, req: Request, token: int) -> None:
         if req.metrics.first_token_s is None:
