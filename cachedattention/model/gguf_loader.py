@@ -244,7 +244,6 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Dequantize every tensor to float32 under Hugging Face parameter names; those in `blocks_only`
     (served from their blocks alone) get a placeholder of their shape that holds no memory."""
-
     state: dict[str, torch.Tensor] = {}
     plus_one = config["model_type"].startswith("gemma")  # llama.cpp adds Gemma's 1 into its norms
     for name, t in _named_tensors(_reader(path), config):
@@ -289,7 +288,6 @@ def gguf_checked_rows(path: GGUFSource, config: dict[str, Any]):
     a stacked one, each projection of a fused one), and the rows 0, 1 and the last of each part
     (a stacked one's first expert only) as gguf dequantizes them ({name: {row: float32 [1, in]}}),
     in Hugging Face row order: to check blocks that will have no float32 copy."""
-
     for name, t in _named_tensors(_reader(path), config):
         held = name.startswith("model.layers.") or name in ("model.embed_tokens.weight", "lm_head.weight")
         if not held or len(t.shape) < 2 or name.endswith("mlp.gate.weight"):

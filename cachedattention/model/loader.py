@@ -237,7 +237,8 @@ def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.d
                          f"{max(held)}: a shard missing, or a config of another model")  # fmt: skip
     with torch.device("meta"):
         model = LlamaForCausalLM(spec)
-    expected = set(model.state_dict())
+    places = model.state_dict()  # (meta tensors: each weight's shape, no memory)
+    expected = set(places)
     if spec.tie_word_embeddings:
         expected.discard("lm_head.weight")
     unplaced = sorted(k for k in state if k not in expected and k.startswith(PLACED) and not k.endswith("inv_freq"))
@@ -249,7 +250,7 @@ def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.d
     missing = expected - set(state)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
-    _check_weights(state, model.state_dict())
+    _check_weights(state, places)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
