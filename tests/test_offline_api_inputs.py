@@ -214,9 +214,9 @@ def test_chat_takes_openai_content_parts_and_the_developer_role_as_the_server_do
     got = chat.chat(parts, GREEDY)
     assert got.prompt_token_ids == want.prompt_token_ids and got.token_ids == want.token_ids
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-    with pytest.raises(InvalidRequest, match=r"conversation 1: messages\[0\].content: only text parts") as e:
+    with pytest.raises(InvalidRequest, match=r"conversation 1: messages\[0\].content\[0\]: only text parts are supported .text., got .image_url.") as e:
         chat.chat([plain, image], GREEDY)
-    assert e.value.param == "messages[0].content"
+    assert e.value.param == "messages[0].content[0]"
     assert not chat.engine.has_unfinished()
 
 

@@ -24,14 +24,18 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     return [_message(i, m) for i, m in enumerate(messages)]
 
 
-def _text_parts(i: int, content: Any) -> Any:
-    """OpenAI's content as a list of parts, flattened into its text (text parts only)."""
+def joined_text_parts(content: Any, param: str, part_types: tuple[str, ...] = ("text",)) -> Any:
+    """OpenAI's content as a list of parts flattened into its text; any other content as it is (its
+    type is the caller's to check). A part not of `part_types`' text is refused, naming it."""
     if not isinstance(content, list):
         return content
     texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise InvalidRequest(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in part_types or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise InvalidRequest(
+                f"{param}[{j}]: only text parts are supported ({', '.join(part_types)}), got {kind!r}", f"{param}[{j}]"
+            )
         texts.append(part["text"])
     return "".join(texts)
 
@@ -47,7 +51,7 @@ def _message(i: int, m: Any) -> dict[str, Any]:
         )
     # an empty list is no calls (some clients send one), as vLLM takes it
     calls = _tool_calls(i, m.get("tool_calls")) if role == "assistant" and m.get("tool_calls") else None
-    content = _text_parts(i, m.get("content"))
+    content = joined_text_parts(m.get("content"), f"messages[{i}].content")
     if content is None and calls:
         content = ""  # an assistant that only called tools (templates concatenate content)
     if not isinstance(content, str):

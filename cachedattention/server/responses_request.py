@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from cachedattention.errors import InvalidRequest
+from cachedattention.model.messages import joined_text_parts
 from cachedattention.sampling import is_int
 from cachedattention.server.api_error import APIError, bad
 from cachedattention.server.protocol import REASONING_EFFORTS, flag
@@ -289,17 +291,11 @@ def _string(item: dict[str, Any], key: str, param: str) -> str:
 
 
 def _content(content: Any, param: str) -> Any:
-    """A message's text: a string, or a list of text parts (input_text, output_text) joined."""
-    if not isinstance(content, list):
-        return content  # strings pass; other types are refused by the chat parser, which names the message
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise bad(f"{param}[{j}]: only text parts are supported (input_text, output_text), got {kind!r}",
-                      f"{param}[{j}]", "unsupported_parameter")  # fmt: skip
-        texts.append(part["text"])
-    return "".join(texts)
+    """A message's text: a string, or a list of text parts (input_text, output_text, text) joined."""
+    try:
+        return joined_text_parts(content, param, TEXT_PARTS)
+    except InvalidRequest as e:
+        raise bad(str(e), e.param, "unsupported_parameter") from None
 
 
 def _logprobs(body: dict[str, Any]) -> dict[str, Any]:
