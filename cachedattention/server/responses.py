@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -172,6 +173,9 @@ class ResponsesRoutes:
         self.shared = shared  # with a remote tier: responses stored there too, for every replica
         self._local_only: set[str] = set()  # stored here, but not on the remote tier's server (its writes failed)
         self._background: dict[str, _Background] = {}  # background responses still being generated here
+        # responses created here whose answer is not stored yet: an entry leaves when the task that
+        # stores it ends, or with the answer itself (a stream whose client left before it started)
+        self._unstored: weakref.WeakValueDictionary[str, _Answer] = weakref.WeakValueDictionary()
 
     def register(self, app: Any) -> None:
         app.add_api_route("/v1/responses", self.create, methods=["POST"])
@@ -212,8 +216,10 @@ class ResponsesRoutes:
                 "last_id": page[-1]["id"] if page else None, "has_more": start + int(limit) < len(items)}  # fmt: skip
 
     def _in_progress(self, response_id: str) -> bool:
-        """Still being generated on this replica (streamed, awaited or in the background)."""
-        return response_id in self._background or self.routes.loop.in_progress(response_id)
+        """Still being generated on this replica (streamed, awaited or in the background), or
+        generated and not stored yet (its engine request has ended; its answer is being stored)."""
+        return (response_id in self._unstored or response_id in self._background
+                or self.routes.loop.in_progress(response_id))  # fmt: skip
 
     async def delete(self, response_id: str) -> dict[str, Any]:
         if self._in_progress(response_id):  # (deleted now, it would be stored when it ends)
@@ -287,6 +293,7 @@ class ResponsesRoutes:
         answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer,
                          for_request(routes.tool_parser, parsed.tools),
                          routes.reasoning_of(parsed))
+        self._unstored[rid] = answer
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             events = self._events(streams[0], answer, prev)
@@ -295,8 +302,11 @@ class ResponsesRoutes:
             running = self._background[rid] = _Background(answer, streams[0])
             running.task = asyncio.create_task(self._run_background(running, prev))
             return JSONResponse(answer.body(None, status="queued"))
-        (out,) = await routes._collect(request, streams)
-        return JSONResponse(await self._finish(answer, out, prev))
+        try:
+            (out,) = await routes._collect(request, streams)
+            return JSONResponse(await self._finish(answer, out, prev))
+        finally:
+            self._unstored.pop(rid, None)
 
     async def _run_background(self, running: _Background, prev: StoredResponse | None) -> None:
         """Generate a background response to its end, then store it: completed (or incomplete),
@@ -320,6 +330,7 @@ class ResponsesRoutes:
                     return
         finally:
             self._background.pop(answer.id, None)
+            self._unstored.pop(answer.id, None)
 
     @staticmethod
     def _stored(answer: _Answer, body: dict[str, Any], prev: StoredResponse | None) -> StoredResponse:
@@ -382,6 +393,7 @@ class ResponsesRoutes:
             kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
             yield events.send(kind, response=body)
         finally:
+            self._unstored.pop(answer.id, None)
             if not done:  # the client went away, or the server is cancelling us
                 self.routes.loop.abort(stream.request_id)
 

@@ -4,13 +4,18 @@ recomputed from scratch does."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
+import threading
+import time
 from dataclasses import replace
 
 import httpx
 import openai
 import pytest
 
+from cachedattention.server.responses import ResponsesRoutes
 from cachedattention.server.responses_store import ResponseStore, StoredResponse
 from tests.server.conftest import engine_config, needs_store, start_server, with_template
 
@@ -538,3 +543,49 @@ def test_a_response_still_streaming_is_neither_deleted_nor_continued_until_it_en
             pass
     assert client(server.url).responses.retrieve(rid).status == "incomplete"
     assert httpx.delete(f"{server.url}/v1/responses/{rid}", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_response_whose_engine_request_ended_is_in_progress_until_it_is_stored(server, monkeypatch, stream):
+    """Between the engine's last token and the response stored (a shared store's write may take a
+    while), DELETE was a 404 and the response was stored after it; it is in progress until stored."""
+    entered, release = threading.Event(), threading.Event()
+    keep, seen = ResponsesRoutes._keep, {}
+
+    async def slow_keep(self, response_id, stored):
+        seen.update(routes=self, rid=response_id)
+        entered.set()
+        await asyncio.to_thread(release.wait, 30)
+        await keep(self, response_id, stored)
+
+    monkeypatch.setattr(ResponsesRoutes, "_keep", slow_keep)
+    body = {"model": "default", "input": "Hi.", "max_output_tokens": 4, "temperature": 0, "stream": stream}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, f"{server.url}/v1/responses", json=body, timeout=60)
+        assert entered.wait(30)
+        rid = seen["rid"]
+        assert not seen["routes"].routes.loop.in_progress(rid)  # the engine request has ended
+        gone = httpx.delete(f"{server.url}/v1/responses/{rid}", timeout=30)
+        assert gone.status_code == 409 and gone.json()["error"]["code"] == "response_in_progress"
+        release.set()
+        assert answer.result().status_code == 200
+    assert client(server.url).responses.retrieve(rid).id == rid
+    assert httpx.delete(f"{server.url}/v1/responses/{rid}", timeout=30).status_code == 200
+    assert not seen["routes"]._unstored
+
+
+def test_a_stream_whose_client_leaves_is_no_longer_in_progress(server, monkeypatch):
+    routes = []
+    in_progress = ResponsesRoutes._in_progress
+    monkeypatch.setattr(ResponsesRoutes, "_in_progress", lambda self, rid: routes.append(self) or in_progress(self, rid))
+    with httpx.stream("POST", f"{server.url}/v1/responses", timeout=60,
+                      json={"model": "default", "input": "Count.", "stream": True, "max_output_tokens": 500,
+                            "ignore_eos": True}) as stream:  # fmt: skip
+        lines = stream.iter_lines()
+        rid = next(json.loads(line[6:]) for line in lines if line.startswith("data: "))["response"]["id"]
+        assert httpx.delete(f"{server.url}/v1/responses/{rid}", timeout=30).status_code == 409
+    deadline = time.monotonic() + 30
+    while routes[0]._in_progress(rid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not routes[0]._in_progress(rid) and rid not in routes[0]._unstored
+    assert httpx.delete(f"{server.url}/v1/responses/{rid}", timeout=30).status_code == 404  # never stored
