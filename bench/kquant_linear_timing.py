@@ -3,9 +3,10 @@ them (Q4_K, with v and down in Q6_K): torch's linear (MKL) and the few-rows kern
 weights they dequantize to, against the kernel on the blocks they are re-expressed as at load
 (model/gguf_kquants.py: Q4_K as Q4_1, Q6_K as Q8_S16). The blocks are random super-blocks (finite
 scales), not a quantized checkpoint: only the bytes read matter here. (A Q4_K_M file keeps v and
-down in Q6_K in about half its layers, Q4_K in the rest: this is the heavier kind.) A diagnostic:
+down in Q6_K in about half its layers, Q4_K in the rest: this is the heavier kind.) With `Q2_K`, a
+layer as llama.cpp's Q2_K mix holds it (Q2_K; v and down in Q3_K; both as Q4_MS16). A diagnostic:
 
-    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/kquant_linear_timing.py [rows,...]
+    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/kquant_linear_timing.py [rows,...] [Q4_K_M|Q2_K]
 
 The ways alternate within one process, so machine noise hits each alike.
 """
@@ -19,24 +20,29 @@ from torch.nn import functional as F
 
 from cachedattention.bench.timing import warm_median_ms
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
-from cachedattention.model.gguf_kquants import kquant_weight, random_rows
+from cachedattention.model.gguf_kquants import K_QUANT_BYTES, kquant_weight, random_rows
 
-# (out, in, type) of a Llama-3-8B layer's q, k, v, o, gate, up, down in a Q4_K_M file
-LAYER = [(4096, 4096, "Q4_K"), (1024, 4096, "Q4_K"), (1024, 4096, "Q6_K"), (4096, 4096, "Q4_K"),
-         (14336, 4096, "Q4_K"), (14336, 4096, "Q4_K"), (4096, 14336, "Q6_K")]  # fmt: skip
+# (out, in) of a Llama-3-8B layer's q, k, v, o, gate, up, down
+SHAPES = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+# each weight's type in a file of each mix
+MIXES = {"Q4_K_M": ["Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q4_K", "Q6_K"],
+         "Q2_K": ["Q2_K", "Q2_K", "Q3_K", "Q2_K", "Q2_K", "Q2_K", "Q3_K"]}  # fmt: skip
 
 
-def main(row_counts: list[int]) -> None:
+def main(row_counts: list[int], mix: str = "Q4_K_M") -> None:
     kernel = FewRowsLinearKernel.load()
     if kernel is None:
         sys.exit("the few-rows kernel cannot be built here (no C compiler or no AVX-512)")
     rng = np.random.default_rng(0)
-    blocks = [kquant_weight(kind, random_rows(kind, out, inp, rng), inp) for out, inp, kind in LAYER]
+    layer = [(out, inp, kind) for (out, inp), kind in zip(SHAPES, MIXES[mix])]
+    blocks = [kquant_weight(kind, random_rows(kind, out, inp, rng), inp) for out, inp, kind in layer]
     dense = [w.dequantize() for w in blocks]
     f32_gb = sum(w.numel() for w in dense) * 4 / 1e9
     q_gb = sum(w.quants.numel() * w.quants.element_size() + w.scales.numel() * 4 +
                (w.mins.numel() * 4 if w.mins is not None else 0) for w in blocks) / 1e9  # fmt: skip
-    print(f"one Llama-3-8B layer: {f32_gb:.3f} GB in float32, {q_gb:.3f} GB as kernel blocks; ms per pass")
+    file_gb = sum(out * inp // 256 * K_QUANT_BYTES[kind] for out, inp, kind in layer) / 1e9
+    print(f"one Llama-3-8B layer of {mix}: {f32_gb:.3f} GB in float32, {q_gb:.3f} GB as kernel blocks "
+          f"({file_gb:.3f} GB in the file); ms per pass")
     print("| rows | MKL, float32 | kernel, float32 | kernel, blocks | blocks vs kernel float32 |")
     print("| --- | --- | --- | --- | --- |")
     for rows in row_counts:
@@ -56,4 +62,4 @@ def main(row_counts: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(r) for r in sys.argv[1].split(",")] if len(sys.argv) > 1 else [1, 4, 8, 16])
+    main([int(r) for r in sys.argv[1].split(",")] if len(sys.argv) > 1 else [1, 4, 8, 16], *sys.argv[2:3])

@@ -70,9 +70,9 @@ def test_a_gguf_mixture_of_experts_matches_transformers(kind, model_type, gguf_f
     assert_logits_match(llm, hf, [(11 * i + 5) % 3000 + 20 for i in range(40)], GREEDY, monkeypatch)
 
 
-K_QUANTS = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
+K_QUANTS = {"attn_q": "Q4_K", "attn_k": "Q2_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
             "ffn_gate": "Q3_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K",
-            "ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}  # fmt: skip
+            "ffn_gate_exps": "Q2_K", "ffn_up_exps": "Q5_K", "ffn_down_exps": "Q6_K"}  # fmt: skip
 OLDER_QUANTS = {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q5_1", "attn_output": "Q4_0", "attn_qkv": "Q5_0",
                 "ffn_gate": "Q4_0", "ffn_up": "Q5_1", "ffn_down": "Q5_0",
                 "ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q5_1", "ffn_down_exps": "Q5_0"}  # fmt: skip
@@ -81,8 +81,8 @@ IQ4_QUANTS = {"attn_q": "IQ4_XS", "attn_k": "IQ4_NL", "attn_v": "IQ4_XS", "attn_
               "ffn_gate_exps": "IQ4_XS", "ffn_up_exps": "IQ4_NL", "ffn_down_exps": "IQ4_XS"}  # fmt: skip
 
 
-@pytest.mark.parametrize("kind, types, blocks", [("llama", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16"}),
-                                                 ("qwen3-moe", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16"}),
+@pytest.mark.parametrize("kind, types, blocks", [("llama", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16", "Q4_MS16"}),
+                                                 ("qwen3-moe", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16", "Q4_MS16"}),
                                                  ("llama", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
                                                  ("gemma3", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
                                                  ("phi4-mini", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
@@ -90,7 +90,7 @@ IQ4_QUANTS = {"attn_q": "IQ4_XS", "attn_k": "IQ4_NL", "attn_v": "IQ4_XS", "attn_
                                                  ("llama", IQ4_QUANTS, {"Q8_0"}),
                                                  ("qwen3-moe", IQ4_QUANTS, {"Q8_0"})])
 def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(kind, types, blocks, tmp_path, monkeypatch):
-    """A file of K-quant tensors, as llama.cpp's Q4_K_M and Q3_K_M mix them, of the older Q4_0,
+    """A file of K-quant tensors, as llama.cpp's Q4_K_M, Q3_K_M and Q2_K mix them, of the older Q4_0,
     Q5_0 and Q5_1 (Gemma 3's QAT files are Q4_0), or of IQ4_XS and IQ4_NL (a mixture's stacked experts too): every linear
     layer gets the few-rows kernel's blocks, re-expressed exactly, and decodes to the same logits,
     bit for bit, as the same engine over the float32 weights alone."""

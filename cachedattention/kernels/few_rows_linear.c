@@ -152,8 +152,12 @@ int few_rows_linear(const float *x, const float *w, const float *bias, float *y,
  *   Q8_0:   quants [out, in] int8; value = scale * q.
  *   Q8_M:   as Q8_0, plus a min: value = scale * q + min (Q5_K's 5-bit values).
  *   Q8_S16: as Q8_0 with a scale for each 16 elements (Q6_K's and Q3_K's sub-blocks).
- * scales (and mins) are float32 [out, in / 32] ([out, in / 16] for Q8_S16). */
-enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q8_M = 3, KIND_Q8_S16 = 4 };
+ *   Q4_MS16: as Q4_1 with a scale and a min for each 16 elements (Q2_K's sub-blocks): the low
+ *           nibbles of a block take its first scale and min, the high nibbles its second.
+ * scales and mins are float32 [out, in / 32] ([out, in / 16] for Q8_S16 and Q4_MS16). */
+enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q8_M = 3, KIND_Q8_S16 = 4, KIND_Q4_MS16 = 5 };
+
+static inline int has_mins(int64_t kind) { return kind == KIND_Q4_1 || kind == KIND_Q8_M || kind == KIND_Q4_MS16; }
 
 /* Block b (elements 32b .. 32b + 31) of one weight row as two vectors: elements 0-15 and 16-31.
  * `q`, `scales` and `mins` point at the row's own. */
@@ -161,11 +165,14 @@ static inline __attribute__((always_inline)) void dequantize_block(const int kin
                                                                    const float *restrict scales,
                                                                    const float *restrict mins, int64_t b,
                                                                    __m512 *lo, __m512 *hi) {
-    if (kind == KIND_Q4_1) {
-        const __m512 d = _mm512_set1_ps(scales[b]), m = _mm512_set1_ps(mins[b]);
+    if (kind == KIND_Q4_1 || kind == KIND_Q4_MS16) {
+        const int64_t s = kind == KIND_Q4_1 ? b : 2 * b, t = kind == KIND_Q4_1 ? b : 2 * b + 1; /* (lo's, hi's) */
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * b)));
-        *lo = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))), m);
-        *hi = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))), m);
+        *lo = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(scales[s]),
+                                          _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))),
+                            _mm512_set1_ps(mins[s]));
+        *hi = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(scales[t]), _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))),
+                            _mm512_set1_ps(mins[t]));
         return;
     }
     const __m512 qlo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * b))));
@@ -197,10 +204,10 @@ static inline void dequantize_row(int kind, const uint8_t *restrict q, const flo
 
 /* A kind's bytes of quants, and scales, per weight row. */
 static inline int64_t quant_row_bytes(int kind, int64_t in_features) {
-    return kind == KIND_Q4_1 ? in_features / 2 : in_features;
+    return kind == KIND_Q4_1 || kind == KIND_Q4_MS16 ? in_features / 2 : in_features;
 }
 static inline int64_t scale_row_len(int kind, int64_t in_features) {
-    return kind == KIND_Q8_S16 ? in_features / 16 : in_features / 32;
+    return kind == KIND_Q8_S16 || kind == KIND_Q4_MS16 ? in_features / 16 : in_features / 32;
 }
 
 /* Ask for the quantized weight rows [first, first + TILE) that exist (contiguous): the next tile's. */
@@ -225,7 +232,7 @@ static inline __attribute__((always_inline)) void tile_blocks(const float *restr
     for (int64_t b = 0; b < row_blocks; b++) {
         __m512 lo[TILE], hi[TILE];
         for (int i = 0; i < nr; i++)
-            dequantize_block(kind, q + i * row_bytes, scales + i * row_scales, mins ? mins + i * row_blocks : 0, b,
+            dequantize_block(kind, q + i * row_bytes, scales + i * row_scales, mins ? mins + i * row_scales : 0, b,
                              &lo[i], &hi[i]);
         for (int j = 0; j < mr; j++) {
             const __m512 xlo = _mm512_loadu_ps(x + j * x_stride + 32 * b);
@@ -262,7 +269,8 @@ static void weight_tile_blocks(const float *x, int64_t x_stride, int kind, const
         case KIND_Q4_1: TILE_BLOCKS_NR(KIND_Q4_1) break;
         case KIND_Q8_0: TILE_BLOCKS_NR(KIND_Q8_0) break;
         case KIND_Q8_M: TILE_BLOCKS_NR(KIND_Q8_M) break;
-        default: TILE_BLOCKS_NR(KIND_Q8_S16) break;
+        case KIND_Q8_S16: TILE_BLOCKS_NR(KIND_Q8_S16) break;
+        default: TILE_BLOCKS_NR(KIND_Q4_MS16) break;
     }
 }
 #undef TILE_BLOCKS_NR
@@ -272,7 +280,7 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
                               const float *mins, const float *bias, float *y, int64_t rows, int64_t in_features,
                               int64_t out_features, int64_t x_stride, int64_t y_stride, int64_t num_threads) {
     if (bad_call(rows, in_features, out_features, x_stride, y_stride, num_threads) || in_features % 32 ||
-        kind < KIND_Q4_1 || kind > KIND_Q8_S16 || ((kind == KIND_Q4_1 || kind == KIND_Q8_M) && !mins))
+        kind < KIND_Q4_1 || kind > KIND_Q4_MS16 || (has_mins(kind) && !mins))
         return FRL_UNSUPPORTED;
     const int64_t row_bytes = quant_row_bytes((int)kind, in_features), row_blocks = in_features / 32;
     const int64_t row_scales = scale_row_len((int)kind, in_features);
@@ -284,7 +292,7 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
             const int64_t n = b * TILE, nr = out_features - n < TILE ? out_features - n : TILE;
             prefetch_rows(quants, row_bytes, n + TILE, out_features);
             weight_tile_blocks(x, x_stride, (int)kind, quants + n * row_bytes, row_bytes, scales + n * row_scales,
-                               row_scales, mins ? mins + n * row_blocks : 0, row_blocks, y + n, y_stride,
+                               row_scales, mins ? mins + n * row_scales : 0, row_blocks, y + n, y_stride,
                                bias ? bias + n : 0, rows, nr);
         }
         return FRL_OK;
@@ -304,7 +312,7 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
             prefetch_rows(quants, row_bytes, n + TILE, out_features);
             for (int64_t i = 0; i < nr; i++)
                 dequantize_row((int)kind, quants + (n + i) * row_bytes, scales + (n + i) * row_scales,
-                               mins ? mins + (n + i) * row_blocks : 0, in_features, buf + i * in_features);
+                               mins ? mins + (n + i) * row_scales : 0, in_features, buf + i * in_features);
             weight_rows(x, x_stride, buf, in_features, y + n, y_stride, bias ? bias + n : 0, rows, nr, 0);
         }
         free(buf);
@@ -319,13 +327,13 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
 int few_rows_dequantize(int64_t kind, const uint8_t *quants, const float *scales, const float *mins, float *out,
                         int64_t in_features, int64_t out_features, int64_t num_threads) {
     if (in_features <= 0 || in_features % 32 || out_features < 0 || num_threads <= 0 || kind < KIND_Q4_1 ||
-        kind > KIND_Q8_S16 || ((kind == KIND_Q4_1 || kind == KIND_Q8_M) && !mins))
+        kind > KIND_Q4_MS16 || (has_mins(kind) && !mins))
         return FRL_UNSUPPORTED;
-    const int64_t row_bytes = quant_row_bytes((int)kind, in_features), row_blocks = in_features / 32;
+    const int64_t row_bytes = quant_row_bytes((int)kind, in_features);
     const int64_t row_scales = scale_row_len((int)kind, in_features);
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t r = 0; r < out_features; r++)
-        dequantize_row((int)kind, quants + r * row_bytes, scales + r * row_scales, mins ? mins + r * row_blocks : 0,
+        dequantize_row((int)kind, quants + r * row_bytes, scales + r * row_scales, mins ? mins + r * row_scales : 0,
                        in_features, out + r * in_features);
     return FRL_OK;
 }

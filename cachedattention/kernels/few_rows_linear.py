@@ -31,28 +31,30 @@ _ARGTYPES = (*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 6)
 _QUANTIZED_ARGTYPES = (ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 6)
 _DEQUANTIZE_ARGTYPES = (ctypes.c_int64, *[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3)
 # the block kinds the kernel reads (blocks of 32 weights): GGUF's Q4_1 and Q8_0 as they are; Q8_M
-# (int8 values, a scale and a min a block) and Q8_S16 (int8 values, a scale for each 16) hold K-quant
-# files' super-blocks re-expressed exactly (model/gguf_kquants.py; Q4_K becomes Q4_1)
-_KINDS = {"Q4_1": 1, "Q8_0": 2, "Q8_M": 3, "Q8_S16": 4}
+# (int8 values, a scale and a min a block), Q8_S16 (int8 values, a scale for each 16) and Q4_MS16
+# (Q4_1's nibbles, a scale and a min for each 16) hold K-quant files' super-blocks re-expressed
+# exactly (model/gguf_kquants.py; Q4_K becomes Q4_1)
+_KINDS = {"Q4_1": 1, "Q8_0": 2, "Q8_M": 3, "Q8_S16": 4, "Q4_MS16": 5}
 QUANTIZED_KINDS = ("Q4_1", "Q8_0")  # GGUF types read as they are
 # kind: (dtype of the quants, weights per quant byte, weights per scale, whether there are mins)
 _LAYOUTS = {"Q4_1": (torch.uint8, 2, 32, True), "Q8_0": (torch.int8, 1, 32, False),
-            "Q8_M": (torch.int8, 1, 32, True), "Q8_S16": (torch.int8, 1, 16, False)}  # fmt: skip
+            "Q8_M": (torch.int8, 1, 32, True), "Q8_S16": (torch.int8, 1, 16, False),
+            "Q4_MS16": (torch.uint8, 2, 16, True)}  # fmt: skip
 _NO_MEMORY = 3
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
     """A linear weight kept as blocks of 32, for the kernel to read instead of float32: the quantized
-    values (Q4_1: two per byte, element j of a block in the low nibble of byte j and element j + 16
-    in its high nibble; the others: int8), each block's float32 scale (Q8_S16: one per 16 values)
-    and, for Q4_1 and Q8_M, its min (value = scale * q + min). Dequantized, it equals GGUF's float32
-    values exactly."""
+    values (Q4_1 and Q4_MS16: two per byte, element j of a block in the low nibble of byte j and
+    element j + 16 in its high nibble; the others: int8), each block's float32 scale (Q8_S16 and
+    Q4_MS16: one per 16 values) and, for Q4_1, Q8_M and Q4_MS16, as many mins (value = scale * q +
+    min). Dequantized, it equals GGUF's float32 values exactly."""
 
     kind: str
-    quants: torch.Tensor  # uint8 [out, in / 2] (Q4_1) or int8 [out, in]
-    scales: torch.Tensor  # float32 [out, in / 32] ([out, in / 16] for Q8_S16)
-    mins: torch.Tensor | None  # float32 [out, in / 32] for Q4_1 and Q8_M
+    quants: torch.Tensor  # uint8 [out, in / 2] (Q4_1, Q4_MS16) or int8 [out, in]
+    scales: torch.Tensor  # float32 [out, in / 32] ([out, in / 16] for Q8_S16 and Q4_MS16)
+    mins: torch.Tensor | None  # float32, as the scales, for Q4_1, Q8_M and Q4_MS16
     shape: tuple[int, int]  # (out_features, in_features)
 
     def __post_init__(self) -> None:
@@ -67,7 +69,7 @@ class QuantizedWeight:
                 and self.quants.shape == (out, k // per_byte)
                 and (self.mins is not None) == has_mins
                 and _plain_floats(self.scales, (out, k // per_scale))
-                and (self.mins is None or _plain_floats(self.mins, (out, k // 32)))
+                and (self.mins is None or _plain_floats(self.mins, (out, k // per_scale)))
                 and self.quants.is_contiguous()
                 and self.quants.device.type == "cpu"
             )
@@ -103,14 +105,14 @@ class QuantizedWeight:
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """The float32 weight [out, in], or some of its rows (GGUF's own dequantization, in torch)."""
         k = self.shape[1]
-        if self.kind == "Q4_1":
+        if self.kind in ("Q4_1", "Q4_MS16"):
             q = self.quants[rows].reshape(-1, k // 32, 16).to(torch.int32)
             q = torch.cat([q & 15, q >> 4], dim=2)
         else:
             q = self.quants[rows]
         per_scale = self.weights_per_scale(self.kind)
         w = self.scales[rows][:, :, None] * q.reshape(-1, k // per_scale, per_scale).float()
-        if self.mins is not None:  # (blocks of 32, as the scales of every kind with mins)
+        if self.mins is not None:  # (one for each scale)
             w = w + self.mins[rows][:, :, None]
         return w.reshape(-1, k)
 

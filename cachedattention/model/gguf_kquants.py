@@ -1,11 +1,15 @@
 """GGUF's block types that the few-rows kernel does not read as they are, re-expressed exactly as
-its blocks: the K-quant super-blocks (Q3_K, Q4_K, Q5_K, Q6_K: 256 weights each, in sub-blocks of 16
-or 32 with 6- or 8-bit scales under a float16 one) and the older blocks of 32 (Q4_0, Q5_0, Q5_1).
+its blocks: the K-quant super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: 256 weights each, in sub-blocks
+of 16 or 32 with 4-, 6- or 8-bit scales under a float16 one) and the older blocks of 32 (Q4_0, Q5_0,
+Q5_1).
 
 Each sub-block's scale (and min) is the float16 super-scale times its small integer, exact in
 float32, so the kernel's scale * q (+ min) gives GGUF's values bit for bit:
 Q4_K -> Q4_1 (nibbles repacked), Q5_K -> Q8_M (5-bit values, a scale and a min a block of 32),
-Q6_K and Q3_K -> Q8_S16 (signed values, a scale for each 16). The bit layouts below follow gguf's
+Q6_K -> Q8_S16 (signed values, a scale for each 16), Q2_K -> Q4_MS16 (its 2-bit values as nibbles,
+a scale and a min for each 16), Q3_K -> Q4_MS16 too (its values -4..3 as nibbles 0..7, each scale's
+min -4 times it: scale * (q + 4) and -4 * scale are exact, so their sum is scale * q, exact as gguf's
+product). The bit layouts below follow gguf's
 own dequantization (gguf.quants), which the tests hold these to.
 
 Q4_0 (d * (q - 8)) is Q4_1 with the min -8d; Q5_0 (d * (q - 16)) is Q8_0's signed values; Q5_1
@@ -25,7 +29,7 @@ import torch
 from cachedattention.kernels.few_rows_linear import QuantizedWeight
 
 SUPER = 256  # weights in a super-block
-K_QUANT_BYTES = {"Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes of one super-block
+K_QUANT_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes of one super-block
 LEGACY_BYTES = {"Q4_0": 18, "Q5_0": 22, "Q5_1": 24}  # bytes of one block of 32
 IQ4_BLOCKS = {"IQ4_NL": (32, 18), "IQ4_XS": (SUPER, 136)}  # (weights, bytes) of one block
 # the sixteen values a nibble of IQ4_NL or IQ4_XS picks (llama.cpp's kvalues_iq4nl)
@@ -92,7 +96,7 @@ def legacy_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWei
 def kquant_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
     """A GGUF tensor's raw rows (uint8 [out, bytes per row]) of a K-quant type as kernel blocks."""
     if kind not in K_QUANT_BYTES or in_features % SUPER:
-        raise ValueError(f"K-quant rows are whole super-blocks of {SUPER} of Q3_K, Q4_K, Q5_K or Q6_K, not {kind} of {in_features}")
+        raise ValueError(f"K-quant rows are whole super-blocks of {SUPER} of Q2_K-Q6_K, not {kind} of {in_features}")
     out = rows.shape[0]
     blocks = np.ascontiguousarray(rows).reshape(-1, K_QUANT_BYTES[kind])
     q, scales, mins = _UNPACK[kind](blocks)  # per super-block: values [n, 256], scales and mins per sub-block
@@ -100,11 +104,14 @@ def kquant_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWei
     def per_row(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a).reshape(out, -1))
 
-    if kind == "Q4_K":  # byte j of each block of 32: element j in its low nibble, j + 16 in its high one
-        q = q.reshape(-1, 2, 16)
+    if kind == "Q3_K":  # (signed values, no min)
+        q, mins = q + np.int8(4), -4 * scales
+    if kind in ("Q4_K", "Q2_K", "Q3_K"):  # byte j of each block of 32: element j in its low nibble, j + 16 in its high one
+        q = q.astype(np.uint8).reshape(-1, 2, 16)
         packed = (q[:, 0] | (q[:, 1] << 4)).astype(np.uint8)
-        return QuantizedWeight("Q4_1", per_row(packed), per_row(scales), per_row(mins), (out, in_features))
-    new_kind = "Q8_M" if kind == "Q5_K" else "Q8_S16"
+        new_kind = "Q4_1" if kind == "Q4_K" else "Q4_MS16"
+        return QuantizedWeight(new_kind, per_row(packed), per_row(scales), per_row(mins), (out, in_features))
+    new_kind = "Q8_M" if kind == "Q5_K" else "Q8_S16"  # (Q6_K's values take 6 bits)
     return QuantizedWeight(new_kind, per_row(q.astype(np.int8)), per_row(scales),
                            per_row(mins) if mins is not None else None, (out, in_features))  # fmt: skip
 
@@ -155,6 +162,16 @@ def _q6_k(blocks: np.ndarray):
     return q, d * blocks[:, 192:208].view(np.int8).astype(np.float32), None
 
 
+def _q2_k(blocks: np.ndarray):
+    """Sixteen bytes of 4-bit scales (low nibble) and mins (high), 64 of 2-bit values (four 32-value
+    runs a 32 bytes, from the low bits up), then the float16 d and dmin: d * scale * q - dmin * min."""
+    n = blocks.shape[0]
+    packed, qs = blocks[:, 0:16], blocks[:, 16:80]
+    d, dmin = _halves(blocks[:, 80:82].copy()), _halves(blocks[:, 82:84].copy())
+    q = (qs.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+    return q.reshape(n, -1), d * (packed & 0x0F).astype(np.float32), -(dmin * (packed >> 4).astype(np.float32))
+
+
 def _q3_k(blocks: np.ndarray):
     n = blocks.shape[0]
     hmask, qs, packed = blocks[:, 0:32], blocks[:, 32:96], blocks[:, 96:108]
@@ -167,8 +184,8 @@ def _q3_k(blocks: np.ndarray):
     return ql.astype(np.int8) - (qh << 2).astype(np.int8), d * sc.astype(np.float32), None
 
 
-_UNPACK = {"Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
-_SCALES_AT = {"Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+_UNPACK = {"Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_SCALES_AT = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
               "IQ4_NL": (0,), "IQ4_XS": (0,)}  # each (super-)block's float16 fields
 
 

@@ -147,7 +147,7 @@ def random_kquant_rows(kind: str, out_features: int, in_features: int, seed: int
     return random_rows(kind, out_features, in_features, np.random.default_rng(seed))
 
 
-@pytest.mark.parametrize("kind", ["Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("in_features, out_features", [(256, 7), (1536, 96), (512, 1)])
 def test_k_quants_are_read_as_blocks_equal_to_gguf_bit_for_bit(kernel, kind, in_features, out_features):
     """A K-quant tensor re-expressed as the kernel's blocks dequantizes to gguf's own values, and the
@@ -157,7 +157,7 @@ def test_k_quants_are_read_as_blocks_equal_to_gguf_bit_for_bit(kernel, kind, in_
 
     rows = random_kquant_rows(kind, out_features, in_features, seed=in_features + out_features)
     weight = kquant_weight(kind, rows, in_features)
-    assert weight.kind == {"Q3_K": "Q8_S16", "Q4_K": "Q4_1", "Q5_K": "Q8_M", "Q6_K": "Q8_S16"}[kind]
+    assert weight.kind == {"Q2_K": "Q4_MS16", "Q3_K": "Q4_MS16", "Q4_K": "Q4_1", "Q5_K": "Q8_M", "Q6_K": "Q8_S16"}[kind]
     reference = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).astype(np.float32))
     assert torch.equal(weight.dequantize(), reference)
     bias = torch.randn(out_features)
@@ -166,7 +166,7 @@ def test_k_quants_are_read_as_blocks_equal_to_gguf_bit_for_bit(kernel, kind, in_
         assert torch.equal(kernel(x, weight, bias), kernel(x, reference, bias)), f"{n} rows"
 
 
-@pytest.mark.parametrize("kind", ["Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quants_of_any_bytes_dequantize_as_gguf(kind):
     """Super-blocks of random bytes throughout (negative and subnormal scales and mins too): every
     row whose values are finite equals gguf's."""
@@ -256,6 +256,11 @@ def test_quantized_weights_are_checked_when_made():
         QuantizedWeight("Q8_S16", six.quants, six.scales[:, ::2].contiguous(), None, six.shape)
     with pytest.raises(ValueError, match="not a valid"):
         QuantizedWeight("Q8_M", six.quants, six.scales[:, ::2].contiguous(), None, six.shape)  # Q8_M needs mins
+    two = kquant_weight("Q2_K", random_kquant_rows("Q2_K", 2, 256, seed=0), 256)
+    with pytest.raises(ValueError, match="not a valid"):  # a min for each 16 weights, as the scales
+        QuantizedWeight("Q4_MS16", two.quants, two.scales, two.mins[:, ::2].contiguous(), two.shape)
+    with pytest.raises(ValueError, match="not a valid"):  # nibbles, not int8
+        QuantizedWeight("Q4_MS16", six.quants, six.scales, six.scales, six.shape)
     with pytest.raises(ValueError, match="super-blocks"):
         kquant_weight("Q4_K", random_kquant_rows("Q4_K", 2, 256, seed=0), 128)
 
@@ -287,6 +292,7 @@ def test_blocks_file_round_trip_and_a_damaged_one(tmp_path):
         "b.weight": QuantizedWeight.from_gguf_rows("Q8_0", random_gguf_rows("Q8_0", 5, 32, seed=2), 32),
         "c.weight": kquant_weight("Q5_K", random_kquant_rows("Q5_K", 3, 256, seed=3), 256),  # Q8_M
         "d.weight": kquant_weight("Q6_K", random_kquant_rows("Q6_K", 2, 512, seed=4), 512),  # Q8_S16
+        "e.weight": kquant_weight("Q2_K", random_kquant_rows("Q2_K", 3, 512, seed=5), 512),  # Q4_MS16
     }
     save_blocks(blocks, tmp_path / "blocks.safetensors")
     loaded = load_blocks(tmp_path / "blocks.safetensors")
@@ -315,7 +321,7 @@ def test_a_damaged_blocks_file_leaves_the_model_on_float32(tiny_dirs, tmp_path, 
     assert out.token_ids == hf_greedy(hf, [5, 9, 13], 6)
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q5_K", "Q6_K"])  # (Q4_1, Q8_0, Q8_M, Q8_S16 blocks)
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q5_K", "Q6_K", "Q2_K"])  # (Q4_1, Q8_0, Q8_M, Q8_S16, Q4_MS16)
 def test_dequantizes_blocks_as_quantized_weight_does_bit_for_bit(kernel, kind):
     """The kernel's dequantization of a whole weight (for calls of more rows than it takes, on a
     weight held only as blocks) equals QuantizedWeight.dequantize, bit for bit."""
