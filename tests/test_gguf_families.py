@@ -79,6 +79,9 @@ OLDER_QUANTS = {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q5_1", "attn_outp
 IQ4_QUANTS = {"attn_q": "IQ4_XS", "attn_k": "IQ4_NL", "attn_v": "IQ4_XS", "attn_output": "IQ4_NL",
               "ffn_gate": "IQ4_XS", "ffn_up": "IQ4_XS", "ffn_down": "IQ4_NL",
               "ffn_gate_exps": "IQ4_XS", "ffn_up_exps": "IQ4_NL", "ffn_down_exps": "IQ4_XS"}  # fmt: skip
+LOW_IQ_QUANTS = {"attn_q": "IQ2_XXS", "attn_k": "IQ1_S", "attn_v": "IQ3_S", "attn_output": "IQ2_XS",
+                 "ffn_gate": "IQ2_S", "ffn_up": "IQ3_XXS", "ffn_down": "IQ1_M",
+                 "ffn_gate_exps": "IQ2_XXS", "ffn_up_exps": "IQ1_M", "ffn_down_exps": "IQ3_S"}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind, types, blocks", [("llama", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16", "Q4_MS16"}),
@@ -88,10 +91,12 @@ IQ4_QUANTS = {"attn_q": "IQ4_XS", "attn_k": "IQ4_NL", "attn_v": "IQ4_XS", "attn_
                                                  ("phi4-mini", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
                                                  ("qwen3-moe", OLDER_QUANTS, {"Q4_1", "Q8_0", "Q8_M"}),
                                                  ("llama", IQ4_QUANTS, {"Q8_0"}),
-                                                 ("qwen3-moe", IQ4_QUANTS, {"Q8_0"})])
+                                                 ("qwen3-moe", IQ4_QUANTS, {"Q8_0"}),
+                                                 ("llama", LOW_IQ_QUANTS, {"Q8_0", "Q8_S16"}),
+                                                 ("qwen3-moe", LOW_IQ_QUANTS, {"Q8_0", "Q8_S16"})])
 def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(kind, types, blocks, tmp_path, monkeypatch):
     """A file of K-quant tensors, as llama.cpp's Q4_K_M, Q3_K_M and Q2_K mix them, of the older Q4_0,
-    Q5_0 and Q5_1 (Gemma 3's QAT files are Q4_0), or of IQ4_XS and IQ4_NL (a mixture's stacked experts too): every linear
+    Q5_0 and Q5_1 (Gemma 3's QAT files are Q4_0), of IQ4_XS and IQ4_NL, or of the IQ1-IQ3 types (a mixture's stacked experts too): every linear
     layer gets the few-rows kernel's blocks, re-expressed exactly, and decodes to the same logits,
     bit for bit, as the same engine over the float32 weights alone."""
     from cachedattention.model.layers import Linear

@@ -19,6 +19,8 @@ IQ4_NL (blocks of 32: d * a non-linear table's value, signed 8-bit, picked by a 
 (super-blocks of 256: eight blocks of 32 with 6-bit scales, d * (scale - 32) * the same table) are
 Q8_0: the table's values as int8, d (or d * (scale - 32), exact in float32) the scale of each 32.
 gguf (and llama.cpp) round the scale times the value once in float32, as the kernel does.
+
+The grid-coded IQ1-IQ3 types are in model/gguf_iquants.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from cachedattention.kernels.few_rows_linear import QuantizedWeight
+from cachedattention.model.gguf_iquants import IQ_BYTES, iq_weight, random_iq_rows
 
 SUPER = 256  # weights in a super-block
 K_QUANT_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes of one super-block
@@ -40,13 +43,15 @@ def reexpressible(kind: str, in_features: int) -> bool:
     """Whether rows of `in_features` weights of this GGUF type can be re-expressed as kernel blocks."""
     if kind in IQ4_BLOCKS:
         return in_features % IQ4_BLOCKS[kind][0] == 0
-    return (kind in K_QUANT_BYTES and in_features % SUPER == 0) or (kind in LEGACY_BYTES and in_features % 32 == 0)
+    return (kind in K_QUANT_BYTES or kind in IQ_BYTES and in_features % SUPER == 0) or (kind in LEGACY_BYTES and in_features % 32 == 0)
 
 
 def reexpressed_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
-    """A GGUF tensor's raw rows of a K-quant, older or IQ4 block type as kernel blocks."""
+    """A GGUF tensor's raw rows of a K-quant, older or IQ block type as kernel blocks."""
     if kind in IQ4_BLOCKS:
         return iq4_weight(kind, rows, in_features)
+    if kind in IQ_BYTES:
+        return iq_weight(kind, rows, in_features)
     return legacy_weight(kind, rows, in_features) if kind in LEGACY_BYTES else kquant_weight(kind, rows, in_features)
 
 
@@ -190,8 +195,10 @@ _SCALES_AT = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), 
 
 
 def random_rows(kind: str, out_features: int, in_features: int, rng: np.random.Generator) -> np.ndarray:
-    """Raw rows of random super-blocks of a K-quant or IQ4 type (benchmarks and tests: gguf's Python
+    """Raw rows of random super-blocks of a K-quant or IQ type (benchmarks and tests: gguf's Python
     package does not quantize to those): random bytes, except float16 scales between 1e-4 and 1e-2."""
+    if kind in IQ_BYTES:
+        return random_iq_rows(kind, out_features, in_features, rng)
     weights, nbytes = IQ4_BLOCKS.get(kind) or (SUPER, K_QUANT_BYTES[kind])
     blocks = rng.integers(0, 256, (out_features * in_features // weights, nbytes), dtype=np.uint8)
     for at in _SCALES_AT[kind]:

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from cachedattention import LLM, SamplingParams
 from cachedattention.kernels.few_rows_linear import MAX_ROWS, MAX_ROWS_GGUF, FewRowsLinearKernel, QuantizedWeight
+from cachedattention.model.gguf_iquants import IQ_BYTES
 from cachedattention.model.gguf_kquants import (
     IQ4_BLOCKS,
     K_QUANT_BYTES,
@@ -238,6 +239,35 @@ def test_iq4_blocks_are_read_as_q8_0_equal_to_gguf_bit_for_bit(kernel, kind, in_
         assert torch.equal(kernel(x, weight), kernel(x, reference)), f"{n} rows"
     with pytest.raises(ValueError, match="whole blocks of 32 \\(256\\)"):
         reexpressed_weight(kind, rows, in_features + 16)
+
+
+@pytest.mark.parametrize("kind, as_kind", [("IQ1_S", "Q8_0"), ("IQ1_M", "Q8_S16"), ("IQ2_XXS", "Q8_0"),
+                                           ("IQ2_XS", "Q8_S16"), ("IQ2_S", "Q8_S16"), ("IQ3_XXS", "Q8_0"),
+                                           ("IQ3_S", "Q8_0")])  # fmt: skip
+def test_grid_coded_iq_types_are_read_as_int8_blocks_equal_to_gguf_bit_for_bit(kernel, kind, as_kind):
+    """IQ1-IQ3 super-blocks (random ones with sane scales, and random bytes throughout) re-expressed
+    as int8 blocks dequantize to gguf's own values, and the kernel over them equals the kernel over
+    those values."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rng = np.random.default_rng(13)
+    for rows in (random_rows(kind, 24, 512, rng), rng.integers(0, 256, (64, 2 * IQ_BYTES[kind]), dtype=np.uint8)):
+        with np.errstate(invalid="ignore", over="ignore"):  # (random bytes: NaN and infinite scales among them)
+            reference = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).astype(np.float32))
+            weight = reexpressed_weight(kind, rows, 512)
+            ours = weight.dequantize()
+        finite = reference.isfinite().all(dim=1)
+        assert weight.kind == as_kind and finite.sum() > 16 and reference[finite].abs().max() > 0
+        assert torch.equal(ours[finite], reference[finite])
+    weight = reexpressed_weight(kind, random_rows(kind, 24, 512, rng), 512)
+    reference = weight.dequantize()
+    assert torch.equal(kernel.dequantize(weight), reference)
+    for n in (1, 4, 5, MAX_ROWS):  # up to 4: dequantized in registers; more: via L1
+        x = torch.randn(n, 512)
+        assert torch.equal(kernel(x, weight), kernel(x, reference)), f"{n} rows"
+    with pytest.raises(ValueError, match="whole super-blocks of 256"):
+        reexpressed_weight(kind, rows, 384)
 
 
 def test_quantized_weights_are_checked_when_made():
