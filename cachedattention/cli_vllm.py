@@ -239,8 +239,12 @@ def model_arg(args: argparse.Namespace) -> str | None:
     if named is not None and args.model is not None and named != args.model:
         raise ValueError(f"two models given: {args.model!r} and --model {named!r}; give one")
     model = args.model if args.model is not None else named
-    fmt = getattr(args, "load_format", "auto")
-    if model is not None and fmt != "auto" and (fmt == "gguf") != model.endswith(".gguf"):
-        raise ValueError(f"--load-format {fmt} does not match the model {model!r} (a .gguf file is gguf, a folder "
-                         "safetensors)")
+    check_load_format(getattr(args, "load_format", "auto"), model, "--load-format")
     return model
+
+
+def check_load_format(fmt: str | None, model: str | None, name: str = "load_format") -> None:
+    """vLLM's load format, when given, must be the model's: a .gguf file's gguf, a folder's safetensors."""
+    if model is not None and fmt not in (None, "auto") and (fmt == "gguf") != str(model).endswith(".gguf"):
+        raise ValueError(f"{name} {fmt} does not match the model {str(model)!r} (a .gguf file is gguf, a folder "
+                         "safetensors)")

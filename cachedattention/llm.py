@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, overload
 
+from cachedattention.cli_vllm import check_load_format
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import InvalidRequest
@@ -116,6 +117,7 @@ class LLM:
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         cache, scheduler, store_options = sort_options(options, cache or CacheConfig(), scheduler or SchedulerConfig())
+        check_load_format(options.get("load_format"), model)
         store_options.update((k, v) for k, v in (("store_dir", store_dir), ("host_bytes", host_bytes),
                                                  ("disk_bytes", disk_bytes)) if v is not None)  # fmt: skip
         if enable_store is not None and not isinstance(enable_store, bool):

@@ -107,6 +107,9 @@ def test_sampling_params_take_none_for_a_list_and_deep_schemas_are_a_clear_error
     (lambda: LLM(cache={}), "cache must be a CacheConfig"),
     (lambda: LLM(bogus=1), "unknown argument 'bogus': see help"),
     (lambda: LLM(kv_cache_dtype="fp8"), "kv_cache_dtype: 'fp8' is not supported"),
+    (lambda: LLM(model="/no/such/model.gguf", load_format="safetensors"), "load_format safetensors does not match"),
+    (lambda: LLM(model="/no/such/folder", load_format="gguf"), "load_format gguf does not match"),
+    (lambda: LLM(load_format="npcache"), "load_format: 'npcache' is not supported"),
     (lambda: LLM(tensor_parallel_size=2), "must be 1: this engine runs one device"),
     (lambda: LLM(enable_store="yes"), "enable_store must be true or false"),
 ])  # fmt: skip
