@@ -218,11 +218,18 @@ def _tiny_qwen_vl(kind: str):
     from tests.tiny_models import tiny_config
 
     torch.manual_seed(0)
-    base = "qwen3" if kind == "qwen3_vl" else "qwen2"
-    text = tiny_config(base).to_dict()
+    base = {"qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3-moe"}.get(kind, "qwen2")
+    # (the experts' width apart from hidden / 2: their stacked layouts' shapes then differ)
+    text = tiny_config(base, **({"moe_intermediate_size": 16} if kind == "qwen3_vl_moe" else {})).to_dict()
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3],
-                               **({"mrope_interleaved": True} if kind == "qwen3_vl" else {})}  # fmt: skip
+                               **({"mrope_interleaved": True} if kind.startswith("qwen3") else {})}  # fmt: skip
     text.pop("model_type", None)
+    if kind == "qwen3_vl_moe":
+        text["norm_topk_prob"] = False  # (its router rescales the top-k all the same)
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0])  # fmt: skip
+        return transformers.Qwen3VLMoeForConditionalGeneration(transformers.Qwen3VLMoeConfig(text_config=text,
+                                                                                             vision_config=vision))
     if kind == "qwen3_vl":
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
                       num_position_embeddings=16, deepstack_visual_indexes=[0])  # fmt: skip
@@ -233,6 +240,32 @@ def _tiny_qwen_vl(kind: str):
                                                                                              vision_config=vision))
     vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14)
     return transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(text_config=text, vision_config=vision))
+
+
+def test_qwen3_vl_moe_serves_its_language_model_from_either_layout_of_its_stacked_experts(tmp_path, monkeypatch):
+    """Qwen3-VL-MoE (Qwen3-VL-30B-A3B's family): a Qwen3-MoE whose experts are stacked in two tensors
+    a layer, as transformers 5 saves them (linear weights) and as the hub's files hold them (their
+    transposes); its router rescales the top-k even when norm_topk_prob says not to."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _tiny_qwen_vl("qwen3_vl_moe").float().eval()
+    hf.save_pretrained(tmp_path)
+    llm = LLM(model=str(tmp_path))
+    spec = llm.engine.spec
+    assert (spec.model_type, spec.moe.num_experts, spec.moe.normalize_top_k) == ("qwen3_moe", 8, True)
+    prompt = [(11 * i + 5) % 250 + 3 for i in range(29)]
+    assert_logits_match(llm, hf, prompt, GREEDY, monkeypatch)
+    llm.close()
+    weights = load_file(tmp_path / "model.safetensors")
+    stacked = [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert stacked and weights[stacked[0]].shape[0] == 8
+    save_file({n: t.transpose(1, 2).contiguous() if n in stacked else t for n, t in weights.items()},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})  # the hub's layout
+    assert_logits_match(LLM(model=str(tmp_path)), hf, prompt, GREEDY, monkeypatch)
+    save_file({n: t[:, :-1].contiguous() if n.endswith("down_proj") else t for n, t in weights.items()},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="are not a layer's stacked experts"):
+        LLM(model=str(tmp_path))
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])

@@ -364,6 +364,8 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec,
         state = _granitemoe_experts(state, spec)
     elif spec.model_type == "gpt_oss":
         state = _gpt_oss_experts(state, dtype)
+    elif spec.model_type == "qwen3_moe":
+        state = _stacked_experts(state, spec)
     elif spec.model_type == "glm4_moe":  # its multi-token-prediction layers, past the model's: not served
         state = {k: t for k, t in state.items() if (_layer_index(k) or 0) < spec.num_layers}
     elif spec.model_type in ("phi3", "glm", "glm4"):
@@ -492,6 +494,32 @@ def _granitemoe_experts(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict
             out.update({f"{prefix}experts.{e}.down_proj.weight": t[e] for e in range(t.shape[0])})
         else:
             out[name] = t  # left for the unplaced-weight check to name
+    return out
+
+
+def _stacked_experts(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Experts stacked in two tensors a layer (Qwen3-VL-MoE's): mlp.experts.gate_up_proj, each expert's
+    gate then up, and mlp.experts.down_proj. The hub's files hold them as a batched product takes
+    them ([E, hidden, 2 * width] and [E, width, hidden]), transformers 5 saves them as linear
+    weights ([E, 2 * width, hidden] and [E, hidden, width]): the pair's shapes tell which (never
+    both: that would need width == hidden == 2 * width)."""
+    out = dict(state)
+    hidden, width = spec.hidden_size, spec.moe.expert_intermediate_size
+    for name in [n for n in state if n.endswith(".mlp.experts.gate_up_proj")]:
+        prefix = name.removesuffix("gate_up_proj")
+        gate_up, down = out.pop(name), out.pop(prefix + "down_proj", None)
+        experts = gate_up.shape[0]
+        linear = ((experts, 2 * width, hidden), (experts, hidden, width))
+        batched = ((experts, hidden, 2 * width), (experts, width, hidden))
+        shapes = (tuple(gate_up.shape), None if down is None else tuple(down.shape))
+        if shapes not in (linear, batched):
+            raise ValueError(f"{name} {shapes[0]} and its down_proj {shapes[1]} are not a layer's stacked experts "
+                             f"of {hidden} x {width}")  # fmt: skip
+        if shapes == batched:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        for e in range(experts):
+            out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate_up[e].split(width)
+            out[f"{prefix}{e}.down_proj.weight"] = down[e]
     return out
 
 

@@ -14,7 +14,7 @@ from cachedattention.model.rope_config import RopeScaling, rope_settings
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
              "gemma3", "phi3", "smollm3", "granite", "granitemoe", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
-             "helium", "glm", "glm4", "cohere", "cohere2", "mistral3", "gpt_oss", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4_moe")
+             "helium", "glm", "glm4", "cohere", "cohere2", "mistral3", "gpt_oss", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4_moe")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 GRANITE = ("granite", "granitemoe")  # Granite's four multipliers
@@ -324,7 +324,7 @@ def _with_top_level(cfg: dict[str, Any], text: dict[str, Any]) -> dict[str, Any]
 
 
 # Qwen's vision-language checkpoints: the language model each holds (text only: images are not read)
-QWEN_VL = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+QWEN_VL = {"qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3_moe"}
 MROPE_KEYS = ("mrope_section", "mrope_interleaved")
 
 
@@ -344,6 +344,8 @@ def _qwen_vl_text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
                 if rope.get(name) == "mrope":
                     rope[name] = "default"
             text[key] = rope
+    if model_type == "qwen3_moe":  # Qwen3-VL-MoE's router rescales its top-k, whatever norm_topk_prob says
+        text["norm_topk_prob"] = True
     return {**text, "model_type": model_type}, model_type
 
 
