@@ -27,7 +27,8 @@ def tiny_dirs(tmp_path_factory):
     for kind in ("llama", "llama-linear", "llama-tied", "qwen2", "qwen3", "mistral", "mixtral", "qwen2-moe",
                  "qwen3-moe", "mistral-window", "qwen2-window", "gemma3", "gemma3-scaled", "phi3", "phi3-window", "smollm3", "llama-biases", "granite",
                  "ministral", "olmo2", "phi4-mini", "qwen2-yarn", "gemma", "gemma2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
-                 "helium", "glm", "glm4", "cohere", "cohere-qk-norm", "cohere2", "granitemoe", "gpt_oss", "glm4_moe"):
+                 "helium", "glm", "glm4", "cohere", "cohere-qk-norm", "cohere2", "granitemoe", "granitemoeshared", "gpt_oss",
+                 "glm4_moe"):
         path = tmp_path_factory.mktemp(kind)
         out[kind] = (path, make_tiny_model(kind, path))
     return out

@@ -12,7 +12,8 @@ from tests.util import assert_logits_match, capture_logits, rel_err
 KINDS = ["llama", "llama-linear", "llama-tied", "qwen2", "qwen3", "mistral", "mixtral", "qwen2-moe", "qwen3-moe",
          "mistral-window", "qwen2-window", "phi3", "phi3-window", "smollm3", "llama-biases",
          "granite", "ministral", "olmo2", "phi4-mini", "qwen2-yarn", "gemma", "gemma2", "olmo3", "exaone4",
-         "ernie4_5", "seed_oss", "helium", "glm", "glm4", "cohere", "cohere-qk-norm", "cohere2", "granitemoe", "gpt_oss", "glm4_moe"]
+         "ernie4_5", "seed_oss", "helium", "glm", "glm4", "cohere", "cohere-qk-norm", "cohere2", "granitemoe", "granitemoeshared", "gpt_oss",
+         "glm4_moe"]
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 

@@ -129,6 +129,11 @@ def tiny_config(kind: str, **overrides):
                       logits_scaling=4.0, tie_word_embeddings=True, num_local_experts=8, num_experts_per_tok=2,
                       intermediate_size=48)
         cls = transformers.GraniteMoeConfig
+    elif kind == "granitemoeshared":  # Granite MoE's, with an ungated shared MLP beside the experts
+        common.update(rope_theta=10000.0, embedding_multiplier=3.0, attention_multiplier=0.6, residual_multiplier=0.5,
+                      logits_scaling=4.0, num_local_experts=8, num_experts_per_tok=2, intermediate_size=48,
+                      shared_intermediate_size=40)
+        cls = transformers.GraniteMoeSharedConfig
     elif kind == "ministral":  # windows of 8 in layers 0 and 2, layer 1 full (Ministral 8B's interleaving)
         common.update(rope_theta=10000.0, sliding_window=8, head_dim=16,
                       layer_types=["sliding_attention", "full_attention", "sliding_attention"])

@@ -360,7 +360,7 @@ def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec,
     state = {_language_model_name(name): t for name, t in state.items()}
     if spec.model_type == "mixtral":
         state = {_mixtral_name(name): t for name, t in state.items()}
-    elif spec.model_type == "granitemoe":
+    elif spec.model_type in ("granitemoe", "granitemoeshared"):
         state = _granitemoe_experts(state, spec)
     elif spec.model_type == "gpt_oss":
         state = _gpt_oss_experts(state, dtype)
@@ -477,10 +477,21 @@ def _glm4_name(name: str) -> str:
 
 def _granitemoe_experts(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Granite MoE's block_sparse_moe: router.layer is our gate; each expert's rows of input_linear
-    are its gate then up projections, of output_linear its down projection."""
+    are its gate then up projections, of output_linear its down projection. Granite MoE shared's
+    shared_mlp, alike, is our ungated shared experts'."""
     out = {}
     width = spec.moe.expert_intermediate_size
     for name, t in state.items():
+        if ".shared_mlp." in name:
+            prefix = name.split(".shared_mlp.")[0] + ".mlp.shared_experts."
+            if name.endswith("input_linear.weight"):  # (any other shape is left to the shape check to name)
+                half = spec.moe.shared_experts_intermediate_size
+                out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = t[:half], t[half:]
+            elif name.endswith("output_linear.weight"):
+                out[prefix + "down_proj.weight"] = t
+            else:
+                out[name] = t
+            continue
         if ".block_sparse_moe." not in name:
             out[name] = t
             continue

@@ -13,11 +13,11 @@ from cachedattention.model.hybrid_config import HYBRID, hybrid_config
 from cachedattention.model.rope_config import RopeScaling, rope_settings
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-             "gemma3", "phi3", "smollm3", "granite", "granitemoe", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
+             "gemma3", "phi3", "smollm3", "granite", "granitemoe", "granitemoeshared", "ministral", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss",
              "helium", "glm", "glm4", "cohere", "cohere2", "mistral3", "gpt_oss", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4_moe")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the gated MLP's: SwiGLU, and Gemma's GeGLU
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
-GRANITE = ("granite", "granitemoe")  # Granite's four multipliers
+GRANITE = ("granite", "granitemoe", "granitemoeshared")  # Granite's four multipliers
 COHERE = ("cohere", "cohere2")
 # Families whose positions are absolute (learned or sinusoidal): a pre-RoPE store cannot decouple them.
 ABSOLUTE_POSITION = ("gpt2", "gpt_neo", "gptj", "opt", "bloom", "bert", "gpt_bigcode")
@@ -278,7 +278,7 @@ def _window_layers(model_type: str, cfg: dict[str, Any]) -> tuple[int, tuple[int
 
 
 # transformers' defaults where a config leaves them out: (experts, per token, an expert's width, the shared one's)
-MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "granitemoe": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0),
+MOE_DEFAULTS = {"mixtral": (8, 2, None, 0), "granitemoe": (8, 2, None, 0), "granitemoeshared": (8, 2, None, 0), "qwen2_moe": (60, 4, 1408, 5632), "qwen3_moe": (128, 8, 768, 0),
                 "gpt_oss": (128, 4, None, 0), "glm4_moe": (128, 8, 1408, 0)}
 
 
@@ -435,9 +435,10 @@ def _moe(model_type: str, cfg: dict[str, Any]) -> MoESpec | None:
     key = next((k for k in ("num_experts", "n_routed_experts") if k in cfg), "num_local_experts")
     experts = _int_field(cfg, key, experts)
     top_k = _int_field(cfg, "num_experts_per_tok", top_k)
-    if model_type in ("mixtral", "granitemoe"):  # every layer sparse; the chosen experts' weights sum to 1
+    if model_type in ("mixtral", "granitemoe", "granitemoeshared"):  # every layer sparse; the top-k's weights sum to 1
         moe = MoESpec(num_experts=experts, top_k=top_k, expert_intermediate_size=int(cfg["intermediate_size"]),
-                      normalize_top_k=True)  # fmt: skip
+                      normalize_top_k=True,  # (Granite MoE shared's: an ungated MLP beside them, 0 for none)
+                      shared_experts_intermediate_size=_int_field(cfg, "shared_intermediate_size", 0))  # fmt: skip
     elif model_type == "gpt_oss":  # every layer sparse; the softmax of the top_k logits sums to 1 already
         moe = MoESpec(num_experts=experts, top_k=top_k, expert_intermediate_size=int(cfg["intermediate_size"]),
                       normalize_top_k=False, router_bias=True, softmax_top_k=True, expert_bias=True,
