@@ -7,6 +7,7 @@ tensors), a Llama-3 scaled model's `rope_freqs` divisors, and the embedded model
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,36 @@ def _gguf_tensor(name: str, a: np.ndarray, cfg, arch: str) -> tuple[str, np.ndar
         a = a + np.float32(1.0)  # Gemma's (1 + w), added in by the converter
     names = {**_LAYER_NAMES, **(_GEMMA_NORMS if arch in ("gemma2", "gemma3") else {})}
     return f"blk.{layer}.{names[module]}.{kind}", np.ascontiguousarray(a)
+
+
+def rewritten_gguf(src: Path, dst: Path, meta: dict[str, int] | None = None, drop: Collection[str] = (),
+                   change: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+                   add: dict[str, np.ndarray] | None = None) -> Path:
+    """A copy of a float32 GGUF file with changes: `meta` uint32 fields set ({arch} in a key: the
+    file's architecture), tensors dropped, changed (each float32 array, GGUF's dimensions reversed,
+    given to a function) or added."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    meta = {k.replace("{arch}", arch): v for k, v in (meta or {}).items()}
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in meta:
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub)
+    for key, value in meta.items():
+        writer.add_uint32(key, value)
+    for t in reader.tensors:
+        if t.name in drop:
+            continue
+        a = np.asarray(t.data).reshape([int(d) for d in reversed(t.shape)])
+        writer.add_tensor(t.name, np.ascontiguousarray((change or {}).get(t.name, lambda x: x)(a)))
+    for name, a in (add or {}).items():
+        writer.add_tensor(name, a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from cachedattention import LLM, SamplingParams
 from cachedattention.cli import main
-from tests.gguf_files import write_tiny_gguf
+from tests.gguf_files import rewritten_gguf, write_tiny_gguf
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
@@ -43,6 +43,13 @@ def test_a_weight_of_another_shape_or_type_is_named(change, match, tiny_dirs, tm
         LLM(model=str(_copy(tiny_dirs, tmp_path, state=change)))
 
 
+def test_a_head_bias_the_model_has_no_place_for_is_refused(tiny_dirs, tmp_path):
+    """lm_head.bias was dropped without a word (only model.* weights were checked for a place)."""
+    head = "lm_head.weight"
+    with pytest.raises(ValueError, match=r"no place for, e.g. \['lm_head.bias'\]"):
+        LLM(model=str(_copy(tiny_dirs, tmp_path, state=lambda s: {**s, "lm_head.bias": s[head][:, 0].clone()})))
+
+
 @pytest.mark.parametrize("config, match", [
     ({"eos_token_id": ["a"]}, "eos_token_id must be a token id or a list of them"),
     ({"max_position_embeddings": -1}, "max_position_embeddings must be a positive integer"),
@@ -54,7 +61,8 @@ def test_a_weight_of_another_shape_or_type_is_named(change, match, tiny_dirs, tm
     ({"quantization_config": {"quant_method": "fp8"}}, r"a quantized checkpoint \('fp8'\) is not read"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 4.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, "low_freq_factor < high"),
-    ({"num_hidden_layers": 100000}, r"the config has 100000 layers, but the checkpoint's weights stop at layer \d+: a shard missing"),
+    ({"num_hidden_layers": 1000}, r"the config has 1000 layers, but the checkpoint's weights stop at layer \d+: a shard missing"),
+    ({"num_hidden_layers": 10**9}, r"num_hidden_layers must be at most 16384, got 1000000000"),  # (before any list a layer)
 ])  # fmt: skip
 def test_a_config_field_that_would_load_garbage_is_refused(config, match, tiny_dirs, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -149,6 +157,39 @@ def test_a_gguf_type_gguf_cannot_dequantize_is_named(gguf_file, tmp_path):
 def test_the_untouched_files_load(gguf_file, tiny_dirs, tmp_path):
     assert LLM(model=str(gguf_file)).generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"
     assert np.isfinite(LLM(model=str(_copy(tiny_dirs, tmp_path))).engine.model.lm_head.weight.detach().numpy()).all()
+
+
+@pytest.fixture(scope="module")
+def moe_gguf_file(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("gguf-moe-damaged")
+    write_tiny_gguf("qwen2-moe", folder)  # (experts stacked; a shared expert; layer 1 a plain MLP)
+    return folder / "model.gguf"
+
+
+SHARED = [f"blk.{i}.ffn_{p}_shexp.weight" for i in (0, 2) for p in ("gate", "up", "down", "gate_inp")]
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(meta={"{arch}.expert_count": 100000}), r"expert_count is 100000, but blk.0.ffn_gate_exps is \[64, 32, 8\]"),
+    (dict(meta={"{arch}.block_count": 10**9}), r"block_count is 1000000000, but its tensors hold the layers 0, 1, 2$"),
+    (dict(drop=["blk.2.attn_q.weight", "blk.2.attn_k.weight"]), None),  # (a layer's tensors partly gone: named at load)
+    (dict(change={"blk.0.ffn_gate_exps.weight": np.ravel}), r"blk.0.ffn_gate_exps is \[\d+\], not \[in, out, 8\]"),
+    (dict(change={"blk.0.ffn_gate_shexp.weight": np.ravel}), r"blk.0.ffn_gate_shexp is \[\d+\], not a matrix"),
+    (dict(drop=SHARED, meta={"{arch}.expert_shared_feed_forward_length": 96}),
+     r"expert_shared_feed_forward_length is 96, but its shared expert \(blk.0.ffn_gate_shexp\) is missing"),
+    (dict(add={f"blk.{i}.exp_probs_b.bias": np.zeros(8, np.float32) for i in range(3)}),
+     r"has 3 tensors its qwen2_moe model has no place for, e.g. \['blk.0.exp_probs_b.bias'"),
+    (dict(add={"output.bias": np.zeros(49152, np.float32)}), r"no place for, e.g. \['lm_head.bias'\]"),
+])  # fmt: skip
+def test_a_mixture_gguf_whose_metadata_and_tensors_disagree_is_refused_at_once(moe_gguf_file, tmp_path, change, match):
+    """Found by fuzzing: an IndexError (a flat expert tensor), loads that built every expert or layer
+    the metadata named before refusing (an expert_count of 10^5: 82 s and 4.6 GB; a block_count of
+    10^9: the OOM killer), tensors left out without a word (an expert-choice bias, a head's bias),
+    and a Qwen2-MoE served without the shared expert its metadata names."""
+    path = rewritten_gguf(moe_gguf_file, tmp_path / "moe.gguf", **change)
+    with pytest.raises(ValueError, match=match or r"checkpoint lacks") as e:
+        LLM(model=str(path))
+    assert str(e.value).startswith("moe.gguf") or "checkpoint" in str(e.value)  # (the file's metadata, or its weights)
 
 
 def test_a_gguf_metadata_field_at_fault_is_named_with_the_file(gguf_file, tmp_path):

@@ -60,6 +60,8 @@ _MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp tells the 27B models by their layer count
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-dimension divisors of the frequencies (Llama 3.1's scaling)
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# tensors read into the config, not weights: Llama 3.1's divisors, Phi-3's longrope factors
+_CONFIG_TENSORS = (ROPE_FREQS, "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
@@ -122,6 +124,7 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     tensors = {t.name: t for t in r.tensors}
     for name in ("block_count", "embedding_length", "attention.head_count"):
         _positive(p(name), f"{arch}.{name}")
+    _check_layers(p("block_count"), arch, tensors)
     if p("feed_forward_length") is not None or not p("expert_count"):  # (a mixture's may go without)
         _positive(p("feed_forward_length"), f"{arch}.feed_forward_length")
     if "tokenizer.ggml.tokens" not in r.fields and not p("vocab_size"):
@@ -151,7 +154,7 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
         extra.update(_gemma(arch, p, int(head_dim)))  # (Gemma 1's files: transformers refuses them, tokenizer too)
     elif arch == "phi3":
         extra.update(_phi3(p, tensors, int(head_dim)))
-    return {
+    config = {
         "intermediate_size": int(p("feed_forward_length") or extra.get("moe_intermediate_size", 0)),
         **extra,
         "model_type": model_type,
@@ -168,12 +171,26 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
         "bos_token_id": _field(r, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(r, "tokenizer.ggml.eos_token_id"),
     }
+    _named_tensors(r, config)  # (every tensor has a place: checked before anything is read)
+    return config
+
+
+def _check_layers(block_count: int, arch: str, tensors: dict) -> None:
+    """block_count must be the number of layers the tensors hold (blk.0 to blk.{block_count - 1}),
+    checked before anything is built per layer (an absurd count would take all memory)."""
+    held = {name.split(".")[1] for name in tensors if name.startswith("blk.")}
+    if held != {str(i) for i in range(len(held))} or len(held) != block_count:
+        named = sorted(held, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
+        raise ValueError(f"this GGUF file's {arch}.block_count is {block_count}, but its tensors hold the layers "
+                         f"{', '.join(named[:3])}{' ... ' + named[-1] if len(named) > 3 else ''}")  # fmt: skip
 
 
 def _experts(arch: str, p, tensors: dict) -> dict[str, Any]:
     """A mixture's config fields, as its Hugging Face config names them (the layers without a router
     are plain MLPs: Qwen2-MoE's mlp_only_layers). llama.cpp renormalizes the chosen experts' weights
-    of Mixtral and Qwen3-MoE, not Qwen2-MoE's, as transformers' configs of them say."""
+    of Mixtral and Qwen3-MoE, not Qwen2-MoE's, as transformers' configs of them say. The expert count
+    and widths are checked against the first sparse layer's tensors (the other layers' shapes are
+    checked at load)."""
     layers = int(p("block_count"))
     if not any(f"blk.{i}.ffn_gate_exps.weight" in tensors for i in range(layers)):
         raise ValueError("this GGUF file's experts are not stacked one tensor per layer (ffn_gate_exps), as "
@@ -181,15 +198,31 @@ def _experts(arch: str, p, tensors: dict) -> dict[str, Any]:
     out = {"num_experts_per_tok": _positive(p("expert_used_count"), f"{arch}.expert_used_count")}
     experts = _positive(p("expert_count"), f"{arch}.expert_count")
     first = next(i for i in range(layers) if f"blk.{i}.ffn_gate_exps.weight" in tensors)
-    width = int(tensors[f"blk.{first}.ffn_gate_exps.weight"].shape[1])  # each expert's, from its tensor
+    stacked = tensors[f"blk.{first}.ffn_gate_exps.weight"]
+    if len(stacked.shape) != 3 or int(stacked.shape[2]) != experts:  # (GGUF lists shapes inner first)
+        raise ValueError(f"this GGUF file's {arch}.expert_count is {experts}, but blk.{first}.ffn_gate_exps is "
+                         f"{[int(d) for d in stacked.shape]}, not [in, out, {experts}]")  # fmt: skip
+    width = int(stacked.shape[1])  # each expert's, from its tensor
     if arch == "llama":
         return {**out, "num_local_experts": experts, "intermediate_size": width}
     out.update(num_experts=experts, norm_topk_prob=arch == "qwen3moe", moe_intermediate_size=width,
                mlp_only_layers=[i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors])  # fmt: skip
     if arch == "qwen2moe":
-        shared = tensors.get(f"blk.{first}.ffn_gate_shexp.weight")
-        out["shared_expert_intermediate_size"] = int(shared.shape[1]) if shared is not None else 0
+        out["shared_expert_intermediate_size"] = _shared_width(p, tensors.get(f"blk.{first}.ffn_gate_shexp.weight"), first)
     return out
+
+
+def _shared_width(p, shared: Any, layer: int) -> int:
+    """Qwen2-MoE's shared expert's width: its tensor's, which the metadata, when it names one, must agree with."""
+    named = p("expert_shared_feed_forward_length")
+    if shared is not None and len(shared.shape) != 2:
+        raise ValueError(f"this GGUF file's blk.{layer}.ffn_gate_shexp is {[int(d) for d in shared.shape]}, "
+                         "not a matrix")  # fmt: skip
+    width = int(shared.shape[1]) if shared is not None else 0
+    if named is not None and named != width:
+        raise ValueError(f"this GGUF file's qwen2moe.expert_shared_feed_forward_length is {named}, but its "
+                         f"shared expert (blk.{layer}.ffn_gate_shexp) is {width or 'missing'}")  # fmt: skip
+    return width
 
 
 def _gemma(arch: str, p, head_dim: int) -> dict[str, Any]:
@@ -330,7 +363,7 @@ def load_blocks(path: Path) -> dict[str, QuantizedWeight]:
         raise ValueError(f"{path} is not a readable blocks file: {e}") from e
 
 
-def _named_tensors(reader, config: dict[str, Any]):
+def _named_tensors(reader, config: dict[str, Any]) -> list[tuple[str, Any]]:
     """(Hugging Face name, tensor) for every tensor the model uses (a stacked one's name holds {e},
     a fused one's is the checkpoint's fused name)."""
     names = dict(_LAYER_NAMES)
@@ -338,14 +371,20 @@ def _named_tensors(reader, config: dict[str, Any]):
         names.update(_GEMMA_NORMS)
     elif config["model_type"] == "phi3":
         names.update(_PHI3_FUSED)
+    named, unknown = [], []
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
-        if base.startswith("blk."):
-            _, idx, kind = base.split(".", 2)
-            if kind in names:
-                yield f"model.layers.{idx}.{names[kind]}.{suffix}", t
+        kind = base.split(".", 2)[2] if base.startswith("blk.") and base.count(".") >= 2 else None
+        if kind in names:
+            named.append((f"model.layers.{base.split('.')[1]}.{names[kind]}.{suffix}", t))
         elif base in _GLOBAL_NAMES:
-            yield f"{_GLOBAL_NAMES[base]}.{suffix}", t
+            named.append((f"{_GLOBAL_NAMES[base]}.{suffix}", t))
+        elif t.name not in _CONFIG_TENSORS:
+            unknown.append(t.name)
+    if unknown:  # left out, they would change every answer without a word (llama.cpp refuses them too)
+        raise ValueError(f"this GGUF file has {len(unknown)} tensors its {config['model_type']} model has no place "
+                         f"for, e.g. {unknown[:3]}: a model this engine does not implement, or a damaged file")
+    return named
 
 
 def _each_part(name: str, a: np.ndarray, config: dict[str, Any]):

@@ -62,11 +62,12 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         if path.suffix != ".gguf":
             raise ValueError(f"{source!r} is a file but not a .gguf; give a Hugging Face model folder or a GGUF file")
         reader = open_gguf(str(path))
-        config = gguf_config(reader)
         try:
+            config = gguf_config(reader)
             spec = spec_from_hf_config(config)
         except ValueError as e:  # (its messages name config.json: here the file's metadata, read as one)
-            named = str(e).replace("config.json's ", f"{path.name}: ").replace("config.json ", f"{path.name}: the config ")
+            named = (str(e).replace("this GGUF file", path.name).replace("config.json's ", f"{path.name}: ")
+                     .replace("config.json ", f"{path.name}: the config "))  # fmt: skip
             raise ValueError(named) from None
         if check_spec is not None:
             check_spec(spec)
@@ -226,7 +227,7 @@ def attach_quantized(model: LlamaForCausalLM, quantized: dict[str, QuantizedWeig
     return attached
 
 
-PLACED = ("model.layers.", "model.norm.", "model.embed_tokens.")  # where every weight must be one of ours
+PLACED = ("model.layers.", "model.norm.", "model.embed_tokens.", "lm_head.")  # where every weight must be one of ours
 
 
 def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
@@ -241,7 +242,8 @@ def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.d
     expected = set(places)
     if spec.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    unplaced = sorted(k for k in state if k not in expected and k.startswith(PLACED) and not k.endswith("inv_freq"))
+    unplaced = sorted(k for k in state if k not in expected and k.startswith(PLACED) and not k.endswith("inv_freq")
+                      and k != "lm_head.weight")  # (a tied head's copy: the embedding serves)
     if unplaced:  # left out, they would change every answer without a word
         raise ValueError(f"the checkpoint has {len(unplaced)} weights this engine's {spec.model_type} model has no "
                          f"place for, e.g. {unplaced[:3]}: a config option it does not implement, or a layout it "

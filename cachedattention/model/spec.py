@@ -525,6 +525,14 @@ def _check_shape(cfg: dict[str, Any]) -> None:
 
 
 MAX_CONTEXT = 1 << 27  # past any model's window (Llama 4 Scout's is 10M): a field gone wrong
+MAX_LAYERS = 1 << 14  # past any model's depth (the largest have about 130): a field gone wrong
+
+
+def _check_layer_count(cfg: dict[str, Any]) -> None:
+    """An absurd layer count is refused before anything is built per layer (tens of GB for 10^9)."""
+    layers = cfg.get("num_hidden_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > MAX_LAYERS:
+        raise ValueError(f"config.json's num_hidden_layers must be at most {MAX_LAYERS}, got {layers}")
 
 
 def _check_unquantized(cfg: dict[str, Any]) -> None:
@@ -594,6 +602,7 @@ def _spec(cfg: dict[str, Any]) -> ModelSpec:
         cfg, model_type = _language_model_config(cfg)
     if model_type in QWEN_VL:
         cfg, model_type = _qwen_vl_text_config(cfg)
+    _check_layer_count(cfg)
     gemma = model_type in GEMMA
     if gemma:
         cfg = gemma_config(cfg)
