@@ -114,16 +114,23 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")  # fmt: skip
+
+
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    """The sampling flags of `generate` and `chat` (greedy by default; see SamplingParams)."""
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    """The sampling flags of `generate` and `chat`. One not given takes the model's generation config's
+    value (or --override-generation-config's), else SamplingParams', but greedy and `max_tokens`."""
+    p.set_defaults(cli_max_tokens=max_tokens)
+    p.add_argument("--max-tokens", type=int, default=None, help=f"default: the generation config's, else {max_tokens}")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy; default: the generation config's, else 0")  # fmt: skip
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="0: off")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="as vLLM's: > 1 discourages repeats")
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None, help="as vLLM's: > 1 discourages repeats")
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--frequency-penalty", type=float, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:

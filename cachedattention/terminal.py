@@ -8,7 +8,7 @@ import sys
 import tempfile
 from dataclasses import replace
 
-from cachedattention.cli import engine_config
+from cachedattention.cli import SAMPLING_FLAGS, engine_config
 from cachedattention.llm import LLM
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import SamplingParams
@@ -37,18 +37,17 @@ def turn_line(out: RequestOutput) -> str:
     )
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    """SamplingParams from the flags of `cli.add_sampling_args`."""
-    return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-    )
+def sampling_params(args: argparse.Namespace, llm: LLM) -> SamplingParams:
+    """The flags of `cli.add_sampling_args` given, over the model's generation config (as vLLM's),
+    over the terminal's own defaults: greedy, and the command's answer length."""
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    own = {"temperature": 0.0, "max_tokens": args.cli_max_tokens}
+    return SamplingParams(**{**own, **llm.engine.sampling_defaults, **given})
 
 
 def run_generate(args: argparse.Namespace) -> int:
     llm = _llm(args)
-    params = sampling_params(args)
+    params = sampling_params(args, llm)
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)
     else:
@@ -60,27 +59,50 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    """A conversation in the terminal. A turn that fails (a line the tokenizer refuses, a prompt past
+    the window) or is stopped with Ctrl-C is reported and left out of the conversation, which goes
+    on; Ctrl-C or Ctrl-D at the prompt ends it."""
     llm = _llm(args)
-    params = sampling_params(args)
+    params = sampling_params(args, llm)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("chat: type a message; /exit or Ctrl-D ends.", file=sys.stderr)
+    print("chat: type a message; /exit, Ctrl-D or Ctrl-C ends; Ctrl-C during an answer stops it.", file=sys.stderr)
     try:
         while True:
-            try:
-                line = input("you> ").strip()
-            except EOFError:
+            line = _read_line()
+            if line is None or line == "/exit":
                 break
-            if line == "/exit":
-                break
-            if not line:
-                continue
-            messages.append({"role": "user", "content": line})
-            out = llm.chat(messages, params, session_id=args.session_id)
-            messages.append({"role": "assistant", "content": out.text})
-            print(f"bot> {out.text}\n{turn_line(out)}", flush=True)
+            if line:
+                _chat_turn(llm, messages, line, params, args.session_id)
     finally:
         llm.close()
     return 0
+
+
+def _read_line() -> str | None:
+    """The user's next line, stripped (empty for one that cannot be read); None at the end."""
+    try:
+        return input("you> ").strip()
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
+        return None
+    except UnicodeDecodeError as e:  # (bytes that are not the terminal's encoding)
+        print(f"error: that line is not valid text ({e.reason}); type it again", file=sys.stderr)
+        return ""
+
+
+def _chat_turn(llm: LLM, messages: list[dict[str, str]], line: str, params: SamplingParams,
+               session_id: str | None) -> None:  # fmt: skip
+    """One turn: answered and kept in `messages`, or reported and left out."""
+    try:
+        out = llm.chat([*messages, {"role": "user", "content": line}], params, session_id=session_id)
+    except KeyboardInterrupt:
+        print("\n[answer stopped: that message is left out of the conversation]", file=sys.stderr)
+        return
+    except ValueError as e:
+        print(f"error: {e} (that message is left out of the conversation)", file=sys.stderr)
+        return
+    messages += [{"role": "user", "content": line}, {"role": "assistant", "content": out.text}]
+    print(f"bot> {out.text}\n{turn_line(out)}", flush=True)
 
 
 def run_demo(args: argparse.Namespace) -> int:

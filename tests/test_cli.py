@@ -54,19 +54,75 @@ def test_a_cuda_benchmark_without_cuda_says_so_before_building_a_model():
     assert proc.returncode == 2 and "sees no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_sampling_flags_reach_sampling_params():
+def test_sampling_flags_reach_sampling_params_over_the_generation_config():
+    from types import SimpleNamespace
+
     from cachedattention.cli import build_parser
     from cachedattention.terminal import sampling_params
+
+    def llm(**defaults):  # (the engine's sampling defaults: the model's generation config, and overrides)
+        return SimpleNamespace(engine=SimpleNamespace(sampling_defaults=defaults))
 
     args = build_parser().parse_args(["generate", "--prompt", "x", "--temperature", "0.7", "--top-p", "0.9",
                                       "--top-k", "40", "--seed", "3", "--repetition-penalty", "1.2",
                                       "--presence-penalty", "0.5", "--frequency-penalty", "0.25"])  # fmt: skip
-    p = sampling_params(args)
-    assert (p.temperature, p.top_p, p.top_k, p.seed, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (
-        0.7, 0.9, 40, 3, 1.2, 0.5, 0.25)
-    assert sampling_params(build_parser().parse_args(["chat"])).greedy  # greedy unless asked
+    p = sampling_params(args, llm(temperature=0.2, top_p=0.5, max_tokens=7))
+    assert (p.temperature, p.top_p, p.top_k, p.seed, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+            p.max_tokens) == (0.7, 0.9, 40, 3, 1.2, 0.5, 0.25, 7)  # fmt: skip
+    chat = build_parser().parse_args(["chat"])
+    assert sampling_params(chat, llm()).greedy and sampling_params(chat, llm()).max_tokens == 128  # greedy unless asked
+    model = sampling_params(chat, llm(temperature=0.6, top_k=20))  # the model's own (Qwen3's, say), as vLLM's
+    assert (model.temperature, model.top_k, model.max_tokens) == (0.6, 20, 128)
     with pytest.raises(ValueError, match="repetition_penalty"):
-        sampling_params(build_parser().parse_args(["chat", "--repetition-penalty", "0"]))
+        sampling_params(build_parser().parse_args(["chat", "--repetition-penalty", "0"]), llm())
+
+
+def test_generate_honours_the_generation_config_override(chat_model_dir, capsys):
+    """--override-generation-config was accepted by generate and chat, and ignored."""
+    from cachedattention.cli import main
+
+    def text(*flags: str) -> str:
+        assert main(["generate", str(chat_model_dir), "--prompt", "Hello", *flags]) == 0
+        return capsys.readouterr().out
+
+    three, five = text("--max-tokens", "3"), text("--max-tokens", "5")
+    assert three != five
+    assert text("--override-generation-config", '{"max_new_tokens": 3}') == three
+    assert text("--override-generation-config", '{"max_new_tokens": 3}', "--max-tokens", "5") == five  # a flag wins
+
+
+def test_a_chat_turn_that_fails_or_is_stopped_is_left_out_and_the_chat_goes_on(chat_model_dir, monkeypatch, capsys):
+    """One Ctrl-C during an answer, a line the tokenizer refuses, or a line that is not text ended the
+    whole chat (a traceback, or an error and exit) and lost the conversation."""
+    import builtins
+
+    from cachedattention.cli import main
+    from cachedattention.llm import LLM
+
+    lines = iter(["Hello", "Stop this one", "bad \ud800 text", UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid"),
+                  "And now?", KeyboardInterrupt()])  # fmt: skip
+
+    def typed(prompt=""):
+        line = next(lines)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+    chat, asked = LLM.chat, []
+
+    def stopped_once(self, messages, *a, **kw):
+        asked.append([m["content"] for m in messages])
+        if messages[-1]["content"] == "Stop this one":
+            raise KeyboardInterrupt  # (Ctrl-C during the answer)
+        return chat(self, messages, *a, **kw)
+
+    monkeypatch.setattr(builtins, "input", typed)
+    monkeypatch.setattr(LLM, "chat", stopped_once)
+    assert main(["chat", str(chat_model_dir), "--max-tokens", "3"]) == 0  # (Ctrl-C at the prompt: the end)
+    out = capsys.readouterr()
+    assert out.out.count("bot> ") == 2
+    assert "[answer stopped" in out.err and "lone surrogate" in out.err and "not valid text" in out.err
+    assert len(asked[-1]) == 3 and asked[-1][0] == "Hello" and asked[-1][2] == "And now?"  # the others left out
 
 
 def test_the_demo_plays_every_turn_and_removes_its_own_store(chat_model_dir, tmp_path, monkeypatch, capsys):
