@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS
 from cachedattention.cli_vllm import add_vllm_engine_args, add_vllm_server_args, model_arg
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 
@@ -157,11 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_vllm_server_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=PORT, default=8000)
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="the names requests may give (as vLLM's: answers carry the first)")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    serve.add_argument("--body-timeout-s", type=float, default=30.0,
+    serve.add_argument("--max-body-bytes", type=POSITIVE, default=1 << 20)
+    serve.add_argument("--body-timeout-s", type=RATE, default=30.0,
                        help="answer 408 when no part of a request body arrives for this long")
     serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
                        help="the /v1 routes answer 401 unless sent 'Authorization: Bearer KEY' (repeat for more keys; "
@@ -178,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trust-request-chat-template", action="store_true",
                        help="render a request's own chat_template (in transformers' sandbox), as vLLM's; "
                             "refused by default")
-    serve.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, wait this long for in-flight requests")
+    serve.add_argument("--shutdown-grace-s", type=SECONDS, default=30.0,
+                       help="on SIGTERM, wait this long for in-flight requests (0: abort them at once)")
     serve.add_argument("--responses-store-bytes", type=int, default=256 << 20, metavar="N",
                        help="memory for /v1/responses' stored responses (previous_response_id, GET), least recently "
                             "used dropped first; 0 keeps none")

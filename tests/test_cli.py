@@ -1,5 +1,6 @@
 """The command line: `chat` on the embedded model (stdin until /exit) and `generate`."""
 
+import re
 import subprocess
 import sys
 
@@ -141,3 +142,50 @@ def test_the_demo_plays_every_turn_and_removes_its_own_store(chat_model_dir, tmp
     kept = tmp_path / "kept"
     assert main(["demo", str(path), "--max-tokens", "3", "--store-dir", str(kept)]) == 0
     assert any(kept.iterdir())  # a store the user named is theirs to keep
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "--repeats", "0"], "--repeats: an integer >= 1 was expected, got 0"),
+    (["bench", "--mode", "policy", "--sessions", "0"], "--sessions: an integer >= 1"),
+    (["bench", "--history", "abc"], "--history: an integer >= 1 was expected, got 'abc'"),
+    (["bench", "--history", "32,0"], "--history: an integer >= 1 was expected, got 0"),
+    (["bench", "--new-tokens", "-20"], "--new-tokens: an integer >= 1"),
+    (["bench", "--max-answer-tokens", "0"], "--max-answer-tokens: an integer >= 1"),
+    (["bench", "--session-rate", "-1"], "--session-rate: a number > 0"),
+    (["bench", "--replicas", "1"], "--replicas: an integer >= 2"),
+    (["serve", "--port", "70000"], r"--port: a port in \[0, 65535\] was expected, got 70000"),
+    (["serve", "--max-body-bytes", "-1"], "--max-body-bytes: an integer >= 1"),
+    (["serve", "--shutdown-grace-s", "-1"], "--shutdown-grace-s: a number >= 0"),
+])  # fmt: skip
+def test_numeric_flags_out_of_range_are_usage_errors_before_any_model_loads(argv, says, capsys):
+    """Found by fuzzing: these failed after the model loaded (a traceback for the port, 'no median for
+    empty data' for no repeats), were taken as the default (no sessions: 1500) or were taken as they
+    came (a negative body limit refused every request)."""
+    from cachedattention.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert re.search(says, capsys.readouterr().err)
+
+
+def test_a_bench_json_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys):
+    from cachedattention.cli import main
+
+    (tmp_path / "file").write_text("")
+    for path, says in ((tmp_path, "is a directory"), (tmp_path / "file" / "x.json", "cannot be written")):
+        assert main(["bench", "--mode", "policy", "--quick", "--json", str(path)]) == 2
+        assert says in capsys.readouterr().err
+
+
+def test_the_quick_workload_takes_the_shape_flags_given():
+    from cachedattention.bench.workload_bench import build_workload
+    from cachedattention.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--quick", "--sessions", "6", "--max-answer-tokens", "2",
+                                      "--think-time", "0"])  # fmt: skip
+    workload = build_workload(args, None)
+    answers = [t.answer_tokens for s in workload.sessions for t in s.turns]
+    assert len(workload.sessions) == 6 and max(answers) <= 2 and len(answers) > 6
+    default = build_workload(build_parser().parse_args(["bench", "--quick", "--sessions", "6"]), None)
+    assert max(t.answer_tokens for s in default.sessions for t in s.turns) > 2  # (the flag made the difference)

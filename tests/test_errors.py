@@ -119,8 +119,10 @@ def test_a_kv_pool_of_no_bytes_is_refused_not_sized_by_default(flag, capsys):
 def test_prompt_past_window_and_bad_tokens(tiny_dirs):
     path, _ = tiny_dirs["llama"]
     llm = LLM(model=str(path), max_model_len=32)
-    with pytest.raises(ValueError, match="window"):
+    with pytest.raises(ValueError, match=r"the model's window is 32; shorten it$"):  # (no session: no other way)
         llm.generate([list(range(40))])
+    with pytest.raises(ValueError, match=r"shorten it \(or let the store truncate the session's history"):
+        llm.generate([list(range(40))], session_id="s")  # (the store off: it could truncate)
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate([[1, 2, 99999]])
     with pytest.raises(ValueError, match="empty"):

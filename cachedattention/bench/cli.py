@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from cachedattention.bench.shapes import SHAPES
+from cachedattention.cli_types import POSITIVE, RATE, SECONDS, lengths, number
 from cachedattention.config import SchedulerConfig
 
 
@@ -20,28 +23,29 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-out", help="folder for plots and saved workloads")
     p.add_argument("--quick", action="store_true", help="a small run that finishes in a couple of minutes on CPU")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per cell (median reported)")
+    p.add_argument("--repeats", type=POSITIVE, default=3, help="timed repetitions per cell (median reported)")
     # turn mode
-    p.add_argument("--history", default=None, help="comma-separated history lengths (turn mode)")
-    p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the timed turn (turn mode)")
+    p.add_argument("--history", type=lengths, default=None, help="comma-separated history lengths (turn mode)")
+    p.add_argument("--new-tokens", type=POSITIVE, default=32, help="new tokens of the timed turn (turn mode)")
     p.add_argument("--cells", default=None, help="comma-separated subset of the turn-mode cells")
     p.add_argument("--remote-url", default=None, metavar="URL",
                    help="a Redis-protocol server: adds the turn-mode cell of a history another replica stored "
                         "there; the replicas+remote system's shared tier (workload mode)")
     # workload mode
-    p.add_argument("--sessions", type=int, default=None, help="number of sessions (workload mode)")
+    p.add_argument("--sessions", type=POSITIVE, default=None, help="number of sessions (workload and policy modes)")
     p.add_argument("--workload", default=None, help="ShareGPT JSON or a saved workload JSON (workload mode)")
     p.add_argument("--systems", default=None,
                    help="comma-separated systems (workload mode; default: all but replicas and replicas+remote)")
-    p.add_argument("--replicas", type=int, default=2, help="replicas of the replicas systems (workload mode)")
+    p.add_argument("--replicas", type=number(int, 2, "an integer >= 2"), default=2,
+                   help="replicas of the replicas systems (workload mode)")
     p.add_argument("--url", default=None, help="drive an OpenAI-compatible server over HTTP instead (workload mode)")
     p.add_argument("--api", default="chat", choices=["chat", "responses"],
                    help="with --url: each turn to /v1/chat/completions with the whole conversation (chat), or to "
                         "/v1/responses with the new message and previous_response_id (responses)")
     p.add_argument("--time-scale", type=float, default=None, help="multiply arrival gaps and think times (workload)")
-    p.add_argument("--max-answer-tokens", type=int, default=None, help="cap answer lengths (workload; CPU runs)")
-    p.add_argument("--session-rate", type=float, default=None, help="sessions arriving per second (workload)")
-    p.add_argument("--think-time", type=float, default=None, help="mean think time between turns, s (workload)")
+    p.add_argument("--max-answer-tokens", type=POSITIVE, default=None, help="cap answer lengths (workload; CPU runs)")
+    p.add_argument("--session-rate", type=RATE, default=None, help="sessions arriving per second (workload)")
+    p.add_argument("--think-time", type=SECONDS, default=None, help="mean think time between turns, s (workload)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--long-prefill-token-threshold", type=int, default=SchedulerConfig.long_prefill_token_threshold,
                    help="most prompt tokens one request computes per step, for every system (workload)")
@@ -50,7 +54,21 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="time disk->host reads at this bandwidth, GB/s at the paper's full scale (policy; default: instant)")
 
 
+def check_writable(path: str | None, flag: str) -> None:
+    """A file the run will write at its end, checked at its start: a run of minutes is not lost to a
+    directory given, or a folder that cannot be written."""
+    if path is None:
+        return
+    target = Path(path).absolute()
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: give a file name")
+    folder = next(p for p in target.parents if p.exists())  # (the folders below it are made for the file)
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path} cannot be written ({folder} is not a folder this user may write in)")
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    check_writable(args.json, "--json")
     if args.mode != "policy" and args.device.startswith("cuda"):
         import torch
 

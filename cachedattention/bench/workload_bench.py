@@ -87,12 +87,12 @@ def run_workload_bench(args: argparse.Namespace) -> int:
 # -- the workload -------------------------------------------------------------------------------
 def build_workload(args: argparse.Namespace, tokenizer: Any | None) -> Workload:
     """`--workload` (a saved workload or ShareGPT JSON) or a synthetic one (`--quick`: small and short)."""
-    if args.quick:
-        spec = WorkloadSpec.quick(num_sessions=args.sessions or QUICK_SESSIONS, seed=args.seed)
+    shape = {k: v for k, v in (("max_answer_tokens", getattr(args, "max_answer_tokens", None)),
+                               ("session_rate", getattr(args, "session_rate", None)),
+                               ("mean_think_time_s", getattr(args, "think_time", None))) if v is not None}
+    if args.quick:  # (the flags given shape it too)
+        spec = replace(WorkloadSpec.quick(num_sessions=args.sessions or QUICK_SESSIONS, seed=args.seed), **shape)
     else:
-        shape = {k: v for k, v in (("max_answer_tokens", getattr(args, "max_answer_tokens", None)),
-                                   ("session_rate", getattr(args, "session_rate", None)),
-                                   ("mean_think_time_s", getattr(args, "think_time", None))) if v is not None}
         spec = WorkloadSpec(num_sessions=args.sessions or DEFAULT_SESSIONS, seed=args.seed, with_text=True, **shape)
     if args.workload is None:
         return generate_workload(spec)

@@ -303,10 +303,11 @@ class LLMEngine:
         if len(req.prompt_token_ids) >= self.max_model_len:
             if self.store is not None:  # the plan holds its history's segments: let them go
                 self.store.request_finished(req, saved=False)
-            raise ValueError(
-                f"the prompt has {len(req.prompt_token_ids)} tokens but the model's window is "
-                f"{self.max_model_len}; shorten it (or enable store truncation for sessions)"
-            )
+            store = self.config.store
+            hint = ("" if session_id is None or (store.enable and store.truncation != "off")
+                    else " (or let the store truncate the session's history: the store on, truncation reuse)")  # fmt: skip
+            raise ValueError(f"the prompt has {len(req.prompt_token_ids)} tokens but the model's window is "
+                             f"{self.max_model_len}; shorten it{hint}")  # fmt: skip
         req.metrics.prompt_tokens = len(req.prompt_token_ids)
         self.requests[request_id] = req
         self.scheduler.add(req)

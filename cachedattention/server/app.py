@@ -661,6 +661,10 @@ def create_app(
     `log_requests`: one INFO line per request received (vLLM's --enable-log-requests)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
+    if not grace_s >= 0:
+        raise ValueError(f"grace_s must be >= 0, got {grace_s}")
     api_keys = checked_api_keys(api_keys)
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     if not all(isinstance(n, str) and n.strip() for n in names):
@@ -736,7 +740,8 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     listening = uvicorn_options(args)  # its files checked before the model loads
-    grace_s = float(getattr(args, "shutdown_grace_s", None) or DEFAULT_GRACE_S)
+    grace_s = getattr(args, "shutdown_grace_s", None)
+    grace_s = DEFAULT_GRACE_S if grace_s is None else float(grace_s)
     keys = api_keys_from(getattr(args, "api_key", None), os.environ)
     app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s=grace_s,
                      body_timeout_s=getattr(args, "body_timeout_s", 30.0), api_keys=keys,

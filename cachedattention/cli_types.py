@@ -1,0 +1,35 @@
+"""argparse types for numeric flags: a wrong value is a usage error naming the flag, given before
+any model loads, not a failure after it (or a value taken that makes no sense)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def number(kind: type, least: float, what: str, most: float | None = None) -> Callable[[str], float]:
+    """A number of `kind` from `least` (to `most`), described as `what` in the error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} was expected, got {text!r}") from None
+        if not (value >= least and (most is None or value <= most)):
+            raise argparse.ArgumentTypeError(f"{what} was expected, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE = number(int, 1, "an integer >= 1")
+RATE = number(float, 1e-12, "a number > 0")
+SECONDS = number(float, 0.0, "a number >= 0")
+PORT = number(int, 0, "a port in [0, 65535]", 65535)
+
+
+def lengths(text: str) -> str:
+    """Comma-separated counts, each >= 1 (kept as the text the caller splits)."""
+    for part in text.split(","):
+        POSITIVE(part.strip())
+    return text
