@@ -64,18 +64,28 @@ def run_chat(args: argparse.Namespace) -> int:
     on; Ctrl-C or Ctrl-D at the prompt ends it."""
     llm = _llm(args)
     params = sampling_params(args, llm)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("chat: type a message; /exit, Ctrl-D or Ctrl-C ends; Ctrl-C during an answer stops it.", file=sys.stderr)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    print(f"chat: type a message; {CHAT_HELP}", file=sys.stderr)
     try:
         while True:
             line = _read_line()
-            if line is None or line == "/exit":
+            if line is None or line in ("/exit", "/quit"):
                 break
-            if line:
+            if line == "/reset":
+                messages = list(start)
+                print("[a new conversation]", file=sys.stderr)
+            elif line == "/help" or (line.startswith("/") and " " not in line):  # (an unknown command: not sent)
+                print(CHAT_HELP if line == "/help" else f"unknown command {line}; {CHAT_HELP}", file=sys.stderr)
+            elif line:
                 _chat_turn(llm, messages, line, params, args.session_id)
     finally:
         llm.close()
     return 0
+
+
+CHAT_HELP = ("/reset starts a new conversation, /help shows this; /exit (or /quit), Ctrl-D or Ctrl-C ends; "
+             "Ctrl-C during an answer stops it")  # fmt: skip
 
 
 def _read_line() -> str | None:

@@ -189,3 +189,25 @@ def test_the_quick_workload_takes_the_shape_flags_given():
     assert len(workload.sessions) == 6 and max(answers) <= 2 and len(answers) > 6
     default = build_workload(build_parser().parse_args(["bench", "--quick", "--sessions", "6"]), None)
     assert max(t.answer_tokens for s in default.sessions for t in s.turns) > 2  # (the flag made the difference)
+
+
+def test_chat_commands_reset_the_conversation_and_are_never_sent_to_the_model(chat_model_dir, monkeypatch, capsys):
+    import builtins
+
+    from cachedattention.cli import main
+    from cachedattention.llm import LLM
+
+    lines = iter(["Hello", "/help", "/bogus", "/reset", "Again", "/quit", "never read"])
+    chat, asked = LLM.chat, []
+
+    def seen(self, messages, *a, **kw):
+        asked.append([m["content"] for m in messages])
+        return chat(self, messages, *a, **kw)
+
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    monkeypatch.setattr(LLM, "chat", seen)
+    assert main(["chat", str(chat_model_dir), "--max-tokens", "2", "--system", "Be brief."]) == 0
+    assert asked == [["Be brief.", "Hello"], ["Be brief.", "Again"]]  # a new conversation, its system prompt kept
+    err = capsys.readouterr().err
+    assert "/reset starts a new conversation" in err and "unknown command /bogus" in err and "[a new conversation]" in err
+    assert next(lines) == "never read"
