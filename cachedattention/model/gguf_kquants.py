@@ -43,7 +43,9 @@ def reexpressible(kind: str, in_features: int) -> bool:
     """Whether rows of `in_features` weights of this GGUF type can be re-expressed as kernel blocks."""
     if kind in IQ4_BLOCKS:
         return in_features % IQ4_BLOCKS[kind][0] == 0
-    return (kind in K_QUANT_BYTES or kind in IQ_BYTES and in_features % SUPER == 0) or (kind in LEGACY_BYTES and in_features % 32 == 0)
+    if kind in K_QUANT_BYTES or kind in IQ_BYTES:
+        return in_features % SUPER == 0
+    return kind in LEGACY_BYTES and in_features % 32 == 0
 
 
 def reexpressed_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
