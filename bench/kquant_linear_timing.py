@@ -4,7 +4,7 @@ weights they dequantize to, against the kernel on the blocks they are re-express
 (model/gguf_kquants.py: Q4_K as Q4_1, Q6_K as Q8_S16). The blocks are random super-blocks (finite
 scales), not a quantized checkpoint: only the bytes read matter here. (A Q4_K_M file keeps v and
 down in Q6_K in about half its layers, Q4_K in the rest: this is the heavier kind.) With `Q2_K`, a
-layer as llama.cpp's Q2_K mix holds it (Q2_K; v and down in Q3_K; both as Q4_MS16). A diagnostic:
+layer as llama.cpp's Q2_K mix holds it (Q2_K, as Q4_MS16; v and down in Q3_K, as Q8_S16). A diagnostic:
 
     CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/kquant_linear_timing.py [rows,...] [Q4_K_M|Q2_K]
 

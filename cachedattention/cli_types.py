@@ -4,18 +4,20 @@ any model loads, not a failure after it (or a value taken that makes no sense)."
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
-def number(kind: type, least: float, what: str, most: float | None = None) -> Callable[[str], float]:
-    """A number of `kind` from `least` (to `most`), described as `what` in the error."""
+def number(kind: type, least: float, what: str, most: float | None = None, above: bool = False) -> Callable[[str], float]:
+    """A finite number of `kind` from `least` (or `above` it) to `most`, described as `what` in the error."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} was expected, got {text!r}") from None
-        if not (value >= least and (most is None or value <= most)):
+        low = value > least if above else value >= least
+        if not (math.isfinite(value) and low and (most is None or value <= most)):
             raise argparse.ArgumentTypeError(f"{what} was expected, got {text}")
         return value
 
@@ -23,8 +25,8 @@ def number(kind: type, least: float, what: str, most: float | None = None) -> Ca
 
 
 POSITIVE = number(int, 1, "an integer >= 1")
-RATE = number(float, 1e-12, "a number > 0")
-SECONDS = number(float, 0.0, "a number >= 0")
+RATE = number(float, 0.0, "a finite number > 0", above=True)
+SECONDS = number(float, 0.0, "a finite number >= 0")
 PORT = number(int, 0, "a port in [0, 65535]", 65535)
 
 

@@ -10,6 +10,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
+class StepInterrupted(KeyboardInterrupt):
+    """A second Ctrl-C that stopped an engine step midway: what it held may be half updated."""
+
+
 @contextmanager
 def interrupts_between_steps() -> Iterator[Callable[[], None]]:
     """Defers SIGINT while the block runs; the callable it gives raises the KeyboardInterrupt held
@@ -26,7 +30,7 @@ def interrupts_between_steps() -> Iterator[Callable[[], None]]:
         if held:  # asked twice: the user means now
             held.clear()
             signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
+            raise StepInterrupted
         held.append(signum)
 
     def raise_held() -> None:

@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import replace
 
 from cachedattention.cli import SAMPLING_FLAGS, engine_config
+from cachedattention.interrupts import StepInterrupted
 from cachedattention.llm import LLM
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import SamplingParams
@@ -75,17 +76,17 @@ def run_chat(args: argparse.Namespace) -> int:
             if line == "/reset":
                 messages = list(start)
                 print("[a new conversation]", file=sys.stderr)
-            elif line == "/help" or (line.startswith("/") and " " not in line):  # (an unknown command: not sent)
-                print(CHAT_HELP if line == "/help" else f"unknown command {line}; {CHAT_HELP}", file=sys.stderr)
-            elif line:
-                _chat_turn(llm, messages, line, params, args.session_id)
+            elif line == "/help":
+                print(CHAT_HELP, file=sys.stderr)
+            elif line and not _chat_turn(llm, messages, line, params, args.session_id):
+                break
     finally:
         llm.close()
     return 0
 
 
 CHAT_HELP = ("/reset starts a new conversation, /help shows this; /exit (or /quit), Ctrl-D or Ctrl-C ends; "
-             "Ctrl-C during an answer stops it")  # fmt: skip
+             "Ctrl-C during an answer stops it (twice: ends the chat)")  # fmt: skip
 
 
 def _read_line() -> str | None:
@@ -101,18 +102,27 @@ def _read_line() -> str | None:
 
 
 def _chat_turn(llm: LLM, messages: list[dict[str, str]], line: str, params: SamplingParams,
-               session_id: str | None) -> None:  # fmt: skip
-    """One turn: answered and kept in `messages`, or reported and left out."""
+               session_id: str | None) -> bool:  # fmt: skip
+    """One turn: answered and kept in `messages`, or reported and left out. False when the chat
+    must end: a second Ctrl-C stopped an engine step midway, which may have left it half updated."""
+    left_out = "that message is left out of the conversation"
     try:
         out = llm.chat([*messages, {"role": "user", "content": line}], params, session_id=session_id)
+    except StepInterrupted:
+        print("\n[stopped in the middle of a step: the chat ends]", file=sys.stderr)
+        return False
     except KeyboardInterrupt:
-        print("\n[answer stopped: that message is left out of the conversation]", file=sys.stderr)
-        return
+        print(f"\n[answer stopped: {left_out}]", file=sys.stderr)
+        return True
     except ValueError as e:
-        print(f"error: {e} (that message is left out of the conversation)", file=sys.stderr)
-        return
+        print(f"error: {e} ({left_out})", file=sys.stderr)
+        return True
+    if out.finish_reason == "error":  # (the engine failed this request alone: logged)
+        print(f"error: the answer failed ({left_out})", file=sys.stderr)
+        return True
     messages += [{"role": "user", "content": line}, {"role": "assistant", "content": out.text}]
     print(f"bot> {out.text}\n{turn_line(out)}", flush=True)
+    return True
 
 
 def run_demo(args: argparse.Namespace) -> int:

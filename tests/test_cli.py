@@ -151,11 +151,14 @@ def test_the_demo_plays_every_turn_and_removes_its_own_store(chat_model_dir, tmp
     (["bench", "--history", "32,0"], "--history: an integer >= 1 was expected, got 0"),
     (["bench", "--new-tokens", "-20"], "--new-tokens: an integer >= 1"),
     (["bench", "--max-answer-tokens", "0"], "--max-answer-tokens: an integer >= 1"),
-    (["bench", "--session-rate", "-1"], "--session-rate: a number > 0"),
+    (["bench", "--session-rate", "-1"], "--session-rate: a finite number > 0"),
+    (["bench", "--think-time", "inf"], "--think-time: a finite number >= 0 was expected, got inf"),
     (["bench", "--replicas", "1"], "--replicas: an integer >= 2"),
     (["serve", "--port", "70000"], r"--port: a port in \[0, 65535\] was expected, got 70000"),
     (["serve", "--max-body-bytes", "-1"], "--max-body-bytes: an integer >= 1"),
-    (["serve", "--shutdown-grace-s", "-1"], "--shutdown-grace-s: a number >= 0"),
+    (["serve", "--shutdown-grace-s", "-1"], "--shutdown-grace-s: a finite number >= 0"),
+    (["serve", "--shutdown-grace-s", "inf"], "--shutdown-grace-s: a finite number >= 0"),
+    (["serve", "--body-timeout-s", "nan"], "--body-timeout-s: a finite number > 0"),
 ])  # fmt: skip
 def test_numeric_flags_out_of_range_are_usage_errors_before_any_model_loads(argv, says, capsys):
     """Found by fuzzing: these failed after the model loaded (a traceback for the port, 'no median for
@@ -197,7 +200,7 @@ def test_chat_commands_reset_the_conversation_and_are_never_sent_to_the_model(ch
     from cachedattention.cli import main
     from cachedattention.llm import LLM
 
-    lines = iter(["Hello", "/help", "/bogus", "/reset", "Again", "/quit", "never read"])
+    lines = iter(["Hello", "/help", "/no_think", "/reset", "Again", "/quit", "never read"])
     chat, asked = LLM.chat, []
 
     def seen(self, messages, *a, **kw):
@@ -207,7 +210,39 @@ def test_chat_commands_reset_the_conversation_and_are_never_sent_to_the_model(ch
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
     monkeypatch.setattr(LLM, "chat", seen)
     assert main(["chat", str(chat_model_dir), "--max-tokens", "2", "--system", "Be brief."]) == 0
-    assert asked == [["Be brief.", "Hello"], ["Be brief.", "Again"]]  # a new conversation, its system prompt kept
+    # (any other line is a message: Qwen3's /no_think is one); /reset: a new conversation, its system prompt kept
+    assert asked == [["Be brief.", "Hello"], ["Be brief.", "Hello", asked[1][2], "/no_think"], ["Be brief.", "Again"]]
     err = capsys.readouterr().err
-    assert "/reset starts a new conversation" in err and "unknown command /bogus" in err and "[a new conversation]" in err
+    assert "/reset starts a new conversation" in err and "[a new conversation]" in err
+    assert next(lines) == "never read"
+
+
+def test_a_chat_turn_that_fails_in_the_engine_is_left_out_and_a_second_ctrl_c_ends_the_chat(chat_model_dir,
+                                                                                              monkeypatch, capsys):
+    """A turn the engine failed alone (finish reason error) was kept as if answered; a second Ctrl-C,
+    which stops a step midway, let the chat go on with an engine it may have left half updated."""
+    import builtins
+
+    from cachedattention.cli import main
+    from cachedattention.interrupts import StepInterrupted
+    from cachedattention.llm import LLM
+
+    lines = iter(["Hello", "Fails", "Again", "Now!", "never read"])
+    chat, asked = LLM.chat, []
+
+    def engine_fails(self, messages, *a, **kw):
+        asked.append([m["content"] for m in messages])
+        if messages[-1]["content"] == "Now!":
+            raise StepInterrupted
+        out = chat(self, messages, *a, **kw)
+        if messages[-1]["content"] == "Fails":
+            out.finish_reason = "error"
+        return out
+
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    monkeypatch.setattr(LLM, "chat", engine_fails)
+    assert main(["chat", str(chat_model_dir), "--max-tokens", "2"]) == 0
+    assert [a[-1] for a in asked] == ["Hello", "Fails", "Again", "Now!"] and len(asked[2]) == 3  # "Fails" left out
+    err = capsys.readouterr().err
+    assert "the answer failed" in err and "the chat ends" in err
     assert next(lines) == "never read"

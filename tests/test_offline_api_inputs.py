@@ -15,6 +15,7 @@ import torch
 from cachedattention import LLM, SamplingParams
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.errors import InvalidRequest
+from cachedattention.interrupts import StepInterrupted
 from cachedattention.sampling import GuidedFormError
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -197,8 +198,9 @@ def test_ctrl_c_lands_between_steps_and_leaves_the_engine_whole(llm, monkeypatch
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own (other tests may set theirs)
     try:
         assert threading.current_thread() is threading.main_thread()
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as e:
             llm.generate([IDS, IDS[::-1]], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        assert type(e.value) is KeyboardInterrupt  # (between steps: not StepInterrupted)
         assert len(forwards) == 3  # the step it came in finished its forward pass (and its bookkeeping)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
@@ -260,7 +262,7 @@ def test_ctrl_c_twice_interrupts_at_once_and_a_program_s_own_handler_is_left_alo
     monkeypatch.setattr(llm.engine.runner, "run", run_and_interrupt)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(StepInterrupted):  # (a KeyboardInterrupt that says the step stopped midway)
             llm.generate(IDS, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
         assert "after" not in forwards  # raised inside the step, by the second
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

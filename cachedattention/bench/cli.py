@@ -57,7 +57,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 def check_writable(path: str | None, flag: str) -> None:
     """A file the run will write at its end, checked at its start: a run of minutes is not lost to a
     directory given, or a folder that cannot be written."""
-    if path is None:
+    if not path:  # (none given, or empty: no file, as before)
         return
     target = Path(path).absolute()
     if target.is_dir():

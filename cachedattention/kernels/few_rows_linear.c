@@ -151,8 +151,8 @@ int few_rows_linear(const float *x, const float *w, const float *bias, float *y,
  *           (high nibble); value = scale * q + min (Q4_K too).
  *   Q8_0:   quants [out, in] int8; value = scale * q.
  *   Q8_M:   as Q8_0, plus a min: value = scale * q + min (Q5_K's 5-bit values).
- *   Q8_S16: as Q8_0 with a scale for each 16 elements (Q6_K's sub-blocks).
- *   Q4_MS16: as Q4_1 with a scale and a min for each 16 elements (Q2_K's and Q3_K's sub-blocks): the low
+ *   Q8_S16: as Q8_0 with a scale for each 16 elements (Q6_K's and Q3_K's sub-blocks).
+ *   Q4_MS16: as Q4_1 with a scale and a min for each 16 elements (Q2_K's sub-blocks): the low
  *           nibbles of a block take its first scale and min, the high nibbles its second.
  * scales and mins are float32 [out, in / 32] ([out, in / 16] for Q8_S16 and Q4_MS16). */
 enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q8_M = 3, KIND_Q8_S16 = 4, KIND_Q4_MS16 = 5 };

@@ -6,14 +6,14 @@ Q5_1).
 Each sub-block's scale (and min) is the float16 super-scale times its small integer, exact in
 float32, so the kernel's scale * q (+ min) gives GGUF's values bit for bit:
 Q4_K -> Q4_1 (nibbles repacked), Q5_K -> Q8_M (5-bit values, a scale and a min a block of 32),
-Q6_K -> Q8_S16 (signed values, a scale for each 16), Q2_K -> Q4_MS16 (its 2-bit values as nibbles,
-a scale and a min for each 16), Q3_K -> Q4_MS16 too (its values -4..3 as nibbles 0..7, each scale's
-min -4 times it: scale * (q + 4) and -4 * scale are exact, so their sum is scale * q, exact as gguf's
-product). The bit layouts below follow gguf's
+Q6_K and Q3_K -> Q8_S16 (signed values, a scale for each 16), Q2_K -> Q4_MS16 (its 2-bit values as
+nibbles, a scale and a min for each 16). The bit layouts below follow gguf's
 own dequantization (gguf.quants), which the tests hold these to.
 
 Q4_0 (d * (q - 8)) is Q4_1 with the min -8d; Q5_0 (d * (q - 16)) is Q8_0's signed values; Q5_1
-(d * q + m) is Q8_M. Each product is exact in float32, so these are bit for bit too.
+(d * q + m) is Q8_M. Each product is exact in float32, so these are bit for bit too, but for Q4_0's
+zeros: d * 8 - 8d is +0.0 where gguf's d * 0 is -0.0 for a negative d (equal as numbers; a sum of
+products differs only if it is zero).
 
 IQ4_NL (blocks of 32: d * a non-linear table's value, signed 8-bit, picked by a nibble) and IQ4_XS
 (super-blocks of 256: eight blocks of 32 with 6-bit scales, d * (scale - 32) * the same table) are
@@ -111,14 +111,13 @@ def kquant_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWei
     def per_row(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a).reshape(out, -1))
 
-    if kind == "Q3_K":  # (signed values, no min)
-        q, mins = q + np.int8(4), -4 * scales
-    if kind in ("Q4_K", "Q2_K", "Q3_K"):  # byte j of each block of 32: element j in its low nibble, j + 16 in its high one
+    if kind in ("Q4_K", "Q2_K"):  # byte j of each block of 32: element j in its low nibble, j + 16 in its high one
         q = q.astype(np.uint8).reshape(-1, 2, 16)
         packed = (q[:, 0] | (q[:, 1] << 4)).astype(np.uint8)
         new_kind = "Q4_1" if kind == "Q4_K" else "Q4_MS16"
         return QuantizedWeight(new_kind, per_row(packed), per_row(scales), per_row(mins), (out, in_features))
-    new_kind = "Q8_M" if kind == "Q5_K" else "Q8_S16"  # (Q6_K's values take 6 bits)
+    # (Q6_K's values take 6 bits; Q3_K's signed ones as nibbles and a min would lose gguf's -0.0 and its inf * 0)
+    new_kind = "Q8_M" if kind == "Q5_K" else "Q8_S16"
     return QuantizedWeight(new_kind, per_row(q.astype(np.int8)), per_row(scales),
                            per_row(mins) if mins is not None else None, (out, in_features))  # fmt: skip
 

@@ -530,9 +530,10 @@ def _stacked_experts(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[st
                              f"of {hidden} x {width}")  # fmt: skip
         if shapes == batched:
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-        for e in range(experts):
-            out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate_up[e].split(width)
-            out[f"{prefix}{e}.down_proj.weight"] = down[e]
+        for e in range(experts):  # (contiguous: the CPU kernel takes only those)
+            gate, up = (w.contiguous() for w in gate_up[e].split(width))
+            out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate, up
+            out[f"{prefix}{e}.down_proj.weight"] = down[e].contiguous()
     return out
 
 

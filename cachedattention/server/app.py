@@ -663,8 +663,8 @@ def create_app(
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
-    if not grace_s >= 0:
-        raise ValueError(f"grace_s must be >= 0, got {grace_s}")
+    if not 0 <= grace_s < math.inf:
+        raise ValueError(f"grace_s must be a finite number >= 0, got {grace_s}")
     api_keys = checked_api_keys(api_keys)
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     if not all(isinstance(n, str) and n.strip() for n in names):

@@ -385,6 +385,7 @@ class ResponsesRoutes:
                     for event in text.progress(item):
                         yield event
             body = await self._finish(answer, item, prev)
+            self._unstored.pop(answer.id, None)  # (stored: deletable, while its last events go out)
             for event in text.finish(body, item):
                 yield event
             first_call = sum(o["type"] != "function_call" for o in body["output"])
