@@ -18,7 +18,7 @@ import torch
 
 from cachedattention.kernels.few_rows_linear import QuantizedWeight
 
-SUPER = 256  # weights in a super-block
+SUPER = 256  # weights in a K-quant's or an IQ type's super-block (gguf_kquants' too)
 IQ_BYTES = {"IQ1_S": 50, "IQ1_M": 56, "IQ2_XXS": 66, "IQ2_XS": 74, "IQ2_S": 82, "IQ3_XXS": 98, "IQ3_S": 110}
 
 
@@ -44,8 +44,8 @@ def iq_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
     return QuantizedWeight(new_kind, per_row(q), per_row(scales), None, (out, in_features))
 
 
-def _halves(fields: np.ndarray) -> np.ndarray:
-    """Float16 fields (two bytes each) as float32."""
+def halves(fields: np.ndarray) -> np.ndarray:
+    """Float16 fields (two bytes each) as float32 (the super-blocks' scales; gguf_kquants' too)."""
     return fields.view(np.float16).astype(np.float32)
 
 
@@ -56,36 +56,36 @@ def _nibbles(packed: np.ndarray) -> np.ndarray:
 
 def _iq2_xxs(blocks: np.ndarray) -> np.ndarray:  # d; then per 32: 4 grid indices, a uint32 of signs and 4-bit scale
     high = blocks[:, 2:66].copy().view("<u4").reshape(-1, 8, 2)[:, :, 1] >> 28
-    return _halves(blocks[:, 0:2].copy()) * (np.float32(0.5) + high.astype(np.float32)) * np.float32(0.25)
+    return halves(blocks[:, 0:2].copy()) * (np.float32(0.5) + high.astype(np.float32)) * np.float32(0.25)
 
 
 def _iq2_xs(blocks: np.ndarray) -> np.ndarray:  # d, 32 uint16 of index and signs, 16 nibbles of scales (per 16)
-    return _halves(blocks[:, 0:2].copy()) * (np.float32(0.5) + _nibbles(blocks[:, 66:74])) * np.float32(0.25)
+    return halves(blocks[:, 0:2].copy()) * (np.float32(0.5) + _nibbles(blocks[:, 66:74])) * np.float32(0.25)
 
 
 def _iq2_s(blocks: np.ndarray) -> np.ndarray:  # d, indices, signs, high index bits, 16 nibbles of scales (per 16)
-    return _halves(blocks[:, 0:2].copy()) * (np.float32(0.5) + _nibbles(blocks[:, 74:82])) * np.float32(0.25)
+    return halves(blocks[:, 0:2].copy()) * (np.float32(0.5) + _nibbles(blocks[:, 74:82])) * np.float32(0.25)
 
 
 def _iq3_xxs(blocks: np.ndarray) -> np.ndarray:  # d, 64 indices, per 32 a uint32 of signs and a 4-bit scale
     high = blocks[:, 66:98].copy().view("<u4") >> 28
-    return _halves(blocks[:, 0:2].copy()) * (np.float32(0.5) + high.astype(np.float32)) * np.float32(0.5)
+    return halves(blocks[:, 0:2].copy()) * (np.float32(0.5) + high.astype(np.float32)) * np.float32(0.5)
 
 
 def _iq3_s(blocks: np.ndarray) -> np.ndarray:  # d, indices, high bits, signs, 8 nibbles of scales (per 32)
-    return _halves(blocks[:, 0:2].copy()) * (1 + 2 * _nibbles(blocks[:, 106:110]))
+    return halves(blocks[:, 0:2].copy()) * (1 + 2 * _nibbles(blocks[:, 106:110]))
 
 
 def _iq1_s(blocks: np.ndarray) -> np.ndarray:  # d, 32 indices, per 32 a uint16 (3-bit scale at bit 12)
     qh = blocks[:, 34:50].copy().view("<u2")
-    dl = _halves(blocks[:, 0:2].copy()) * (2 * ((qh >> 12) & 7) + 1).astype(np.float32)
+    dl = halves(blocks[:, 0:2].copy()) * (2 * ((qh >> 12) & 7) + 1).astype(np.float32)
     return dl / np.float32(8)  # (values: grid point +- 1/8)
 
 
 def _iq1_m(blocks: np.ndarray) -> np.ndarray:  # indices, high bits, 4 uint16: 3-bit scales (per 16), d's nibbles on top
     fields = blocks[:, 48:56].copy().view("<u2")
     d = (fields & 0xF000) >> np.array([12, 8, 4, 0], dtype=np.uint16)
-    d = _halves((d[:, 0] | d[:, 1] | d[:, 2] | d[:, 3]).reshape(-1, 1).copy().view(np.uint8))
+    d = halves((d[:, 0] | d[:, 1] | d[:, 2] | d[:, 3]).reshape(-1, 1).copy().view(np.uint8))
     sc = ((fields[:, :, None] >> np.array([0, 3, 6, 9], dtype=np.uint16)) & 7).reshape(-1, 16)
     return d * (2 * sc + 1).astype(np.float32) / np.float32(8)
 

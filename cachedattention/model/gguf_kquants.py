@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 from cachedattention.kernels.few_rows_linear import QuantizedWeight
-from cachedattention.model.gguf_iquants import IQ_BYTES, iq_weight, random_iq_rows
+from cachedattention.model.gguf_iquants import IQ_BYTES, SUPER, halves, iq_weight, random_iq_rows
 
-SUPER = 256  # weights in a super-block
 K_QUANT_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes of one super-block
 LEGACY_BYTES = {"Q4_0": 18, "Q5_0": 22, "Q5_1": 24}  # bytes of one block of 32
 IQ4_BLOCKS = {"IQ4_NL": (32, 18), "IQ4_XS": (SUPER, 136)}  # (weights, bytes) of one block
@@ -63,7 +62,7 @@ def iq4_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight
         raise ValueError(f"rows of IQ4_NL (IQ4_XS) are whole blocks of 32 (256), not {kind} of {in_features}")
     out = rows.shape[0]
     blocks = np.ascontiguousarray(rows).reshape(-1, IQ4_BLOCKS[kind][1])
-    d = _halves(blocks[:, 0:2].copy())
+    d = halves(blocks[:, 0:2].copy())
     if kind == "IQ4_NL":
         scales, qs = d, blocks[:, 2:18]
     else:  # each block of 32's scale: 4 low bits (two a byte, low nibble first) and 2 high ones (a uint16's pairs)
@@ -83,7 +82,7 @@ def legacy_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWei
         raise ValueError(f"rows of Q4_0, Q5_0 or Q5_1 are whole blocks of 32, not {kind} of {in_features}")
     out = rows.shape[0]
     blocks = np.ascontiguousarray(rows).reshape(-1, LEGACY_BYTES[kind])
-    d = _halves(blocks[:, 0:2].copy())
+    d = halves(blocks[:, 0:2].copy())
 
     def per_row(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a).reshape(out, -1))
@@ -96,7 +95,7 @@ def legacy_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWei
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=1) | ((fifth & 1) << 4).astype(np.uint8)
     if kind == "Q5_0":
         return QuantizedWeight("Q8_0", per_row(q.astype(np.int8) - np.int8(16)), per_row(d), None, (out, in_features))
-    m = _halves(blocks[:, 2:4].copy())
+    m = halves(blocks[:, 2:4].copy())
     return QuantizedWeight("Q8_M", per_row(q.astype(np.int8)), per_row(d), per_row(m), (out, in_features))
 
 
@@ -122,11 +121,6 @@ def kquant_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWei
                            per_row(mins) if mins is not None else None, (out, in_features))  # fmt: skip
 
 
-def _halves(fields: np.ndarray) -> np.ndarray:
-    """Super-blocks' float16 scale fields (two bytes each) as float32."""
-    return fields.view(np.float16).astype(np.float32)
-
-
 def _scale_min_6bit(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K's and Q5_K's twelve bytes of eight 6-bit scales and eight 6-bit mins."""
     d, m, m_d = np.split(packed.reshape(-1, 3, 4), 3, axis=1)
@@ -137,7 +131,7 @@ def _scale_min_6bit(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _scaled(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K's and Q5_K's sub-block scales and mins: d * scale and -(dmin * min), exact in float32."""
-    d, dmin = _halves(blocks[:, 0:2].copy()), _halves(blocks[:, 2:4].copy())
+    d, dmin = halves(blocks[:, 0:2].copy()), halves(blocks[:, 2:4].copy())
     sc, mn = _scale_min_6bit(blocks[:, 4:16])
     return d * sc, -(dmin * mn)
 
@@ -164,7 +158,7 @@ def _q6_k(blocks: np.ndarray):
     ql = blocks[:, 0:128].reshape(n, -1, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
     qh = blocks[:, 128:192].reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
     q = ((ql & 0x0F).reshape(n, -1) | ((qh & 3).reshape(n, -1) << 4)).astype(np.int8) - np.int8(32)
-    d = _halves(blocks[:, 208:210].copy())
+    d = halves(blocks[:, 208:210].copy())
     return q, d * blocks[:, 192:208].view(np.int8).astype(np.float32), None
 
 
@@ -173,7 +167,7 @@ def _q2_k(blocks: np.ndarray):
     runs a 32 bytes, from the low bits up), then the float16 d and dmin: d * scale * q - dmin * min."""
     n = blocks.shape[0]
     packed, qs = blocks[:, 0:16], blocks[:, 16:80]
-    d, dmin = _halves(blocks[:, 80:82].copy()), _halves(blocks[:, 82:84].copy())
+    d, dmin = halves(blocks[:, 80:82].copy()), halves(blocks[:, 82:84].copy())
     q = (qs.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
     return q.reshape(n, -1), d * (packed & 0x0F).astype(np.float32), -(dmin * (packed >> 4).astype(np.float32))
 
@@ -184,7 +178,7 @@ def _q3_k(blocks: np.ndarray):
     low = (packed[:, :8].reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
     high = (packed[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)).reshape(n, 16)
     sc = ((low & 0x0F) | ((high & 3) << 4)).astype(np.int8) - np.int8(32)
-    d = _halves(blocks[:, 108:110].copy())
+    d = halves(blocks[:, 108:110].copy())
     ql = (qs.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)).reshape(n, -1) & 3
     qh = ((hmask.reshape(n, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).reshape(n, -1) & 1) ^ 1
     return ql.astype(np.int8) - (qh << 2).astype(np.int8), d * sc.astype(np.float32), None
