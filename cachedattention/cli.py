@@ -134,6 +134,21 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--frequency-penalty", type=float, default=None)
 
 
+def sampling_flags_given(args: argparse.Namespace) -> dict[str, object]:
+    return {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name, None) is not None}
+
+
+def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The sampling flags given, checked as SamplingParams checks them: a usage error before any model
+    loads (a negative --max-tokens, --top-p 2, a temperature of nan)."""
+    from cachedattention.sampling import SamplingParams
+
+    try:
+        SamplingParams(**sampling_flags_given(args))
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cachedattention", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="scripted multi-turn chat on the embedded model, with per-turn reuse")
     add_engine_args(demo)
-    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--max-tokens", type=POSITIVE, default=48)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(serve)
@@ -218,7 +233,10 @@ def json_object(text: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("generate", "chat"):
+        check_sampling_flags(parser, args)
     try:
         if args.command in ("generate", "chat", "demo"):
             from cachedattention import terminal

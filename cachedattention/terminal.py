@@ -8,7 +8,7 @@ import sys
 import tempfile
 from dataclasses import replace
 
-from cachedattention.cli import SAMPLING_FLAGS, engine_config
+from cachedattention.cli import engine_config, sampling_flags_given
 from cachedattention.interrupts import StepInterrupted
 from cachedattention.llm import LLM
 from cachedattention.outputs import RequestOutput
@@ -41,9 +41,8 @@ def turn_line(out: RequestOutput) -> str:
 def sampling_params(args: argparse.Namespace, llm: LLM) -> SamplingParams:
     """The flags of `cli.add_sampling_args` given, over the model's generation config (as vLLM's),
     over the terminal's own defaults: greedy, and the command's answer length."""
-    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     own = {"temperature": 0.0, "max_tokens": args.cli_max_tokens}
-    return SamplingParams(**{**own, **llm.engine.sampling_defaults, **given})
+    return SamplingParams(**{**own, **llm.engine.sampling_defaults, **sampling_flags_given(args)})
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -146,13 +145,22 @@ def _play_demo(args: argparse.Namespace) -> None:
     base = LLM.from_config(plain, loaded=cached.engine.loaded)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     messages: list[dict[str, str]] = []
+    truncated = False  # whether the store has cut this conversation yet
     print(f"CachedAttention demo on {cached.engine.loaded.name} ({args.device}, {args.dtype}); store in {store_dir}\n")
     for i, user in enumerate(DEMO_TURNS, 1):
         messages.append({"role": "user", "content": user})
-        ref = base.chat(messages, params)
         out = cached.chat(messages, params, session_id="demo")
         cached.engine.store.store.flush()  # so the next turn's lookup sees this turn's segment
-        same = "same tokens as recompute" if out.token_ids == ref.token_ids else "DIFFERENT from recompute"
+        # recompute what the model attended to: the conversation, or what truncation kept of it (a
+        # window too small for the whole conversation: --max-model-len)
+        ref = base.generate([{"prompt_token_ids": out.prompt_token_ids}], params)[0]
+        truncated = truncated or out.metrics.truncated_tokens > 0
+        if out.token_ids == ref.token_ids:
+            same = "same tokens as recompute"
+        elif truncated:  # reuse keeps the history's KV as computed with the dropped turns before it
+            same = "not recompute's tokens, as truncation may give: the kept history's KV was computed before the cut"
+        else:
+            same = "DIFFERENT from recompute"
         print(f"turn {i} you> {user}\nturn {i} bot> {out.text.strip()}")
         print(f"  CachedAttention {turn_line(out)}")
         print(f"  recompute       {turn_line(ref)}")

@@ -142,6 +142,12 @@ def test_the_demo_plays_every_turn_and_removes_its_own_store(chat_model_dir, tmp
     kept = tmp_path / "kept"
     assert main(["demo", str(path), "--max-tokens", "3", "--store-dir", str(kept)]) == 0
     assert any(kept.iterdir())  # a store the user named is theirs to keep
+    capsys.readouterr()
+    # a window too small for the conversation: the store truncates it, and recompute runs what it kept
+    assert main(["demo", str(path), "--max-tokens", "8", "--max-model-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "truncated" in out and "DIFFERENT" not in out
+    assert out.count("same tokens as recompute") + out.count("as truncation may give") == 4
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -168,6 +174,23 @@ def test_numeric_flags_out_of_range_are_usage_errors_before_any_model_loads(argv
 
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert re.search(says, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["generate", "--prompt", "hi", "--max-tokens", "-3"], "max_tokens must be a positive integer, got -3"),
+    (["chat", "--top-p", "2"], r"top_p must be a number in \(0, 1\], got 2.0"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "temperature must be a number >= 0, got nan"),
+    (["demo", "--max-tokens", "0"], "--max-tokens: an integer >= 1 was expected, got 0"),
+])  # fmt: skip
+def test_sampling_flags_out_of_range_are_usage_errors_before_any_model_loads(argv, says, capsys, monkeypatch):
+    from cachedattention import terminal
+    from cachedattention.cli import main
+
+    monkeypatch.setattr(terminal, "_llm", lambda args: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
     assert e.value.code == 2
     assert re.search(says, capsys.readouterr().err)
 

@@ -232,15 +232,17 @@ class LLMEngine:
         session_id: str | None = None,
         stream_text: bool = False,
         head_tokens: int = 0,
+        tail_tokens: int = 0,
         save_to_store: bool = True,
         add_special_tokens: bool = True,
         truncate: bool = True,
         priority: int = 0,
     ) -> str:
         """Queue a prompt. With a session, the store reuses its history and, when the conversation
-        outgrows the window, drops its oldest turns; `truncate=False` serves the prompt whole instead
-        (not cut now, nor by an earlier turn's cut): it must then fit the window. `priority`: its
-        place under the priority scheduling policy (lower first)."""
+        outgrows the window, drops its oldest turns, between its first `head_tokens` (the system prompt)
+        and its last `tail_tokens` (the newest turn), which it keeps; `truncate=False` serves the prompt
+        whole instead (not cut now, nor by an earlier turn's cut): it must then fit the window.
+        `priority`: its place under the priority scheduling policy (lower first)."""
         self._check_open()
         params = self.default_params() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -291,6 +293,7 @@ class LLMEngine:
             stream_text=stream_text,
             detokenizer=IncrementalDetokenizer(partial(self._decode, skip_special_tokens=params.skip_special_tokens)),
             head_tokens=head_tokens,
+            tail_tokens=tail_tokens,
             logprobs=None if params.logprobs is None else [],
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
             json=self._guided_constraint(params, ids),
@@ -304,8 +307,13 @@ class LLMEngine:
             if self.store is not None:  # the plan holds its history's segments: let them go
                 self.store.request_finished(req, saved=False)
             store = self.config.store
-            hint = ("" if session_id is None or (store.enable and store.truncation != "off")
-                    else " (or let the store truncate the session's history: the store on, truncation reuse)")  # fmt: skip
+            truncating = store.enable and store.truncation != "off"
+            if session_id is not None and truncating and truncate and tail_tokens:
+                hint = (f" (its newest turn alone takes {min(tail_tokens, len(req.prompt_token_ids))} tokens, which "
+                        "truncation keeps whole: it drops only older turns)")  # fmt: skip
+            else:
+                hint = ("" if session_id is None or truncating
+                        else " (or let the store truncate the session's history: the store on, truncation reuse)")  # fmt: skip
             raise ValueError(f"the prompt has {len(req.prompt_token_ids)} tokens but the model's window is "
                              f"{self.max_model_len}; shorten it{hint}")  # fmt: skip
         req.metrics.prompt_tokens = len(req.prompt_token_ids)

@@ -11,6 +11,7 @@ from typing import Any
 from cachedattention.errors import InvalidRequest
 from cachedattention.model.chat_template import resolve_chat_template
 from cachedattention.model.messages import ChatOptions
+from cachedattention.store.session import common_prefix
 
 log = logging.getLogger(__name__)
 # what a Jinja template raises while it runs on what it was given (jinja2's own errors are answered apart)
@@ -196,10 +197,32 @@ class Tokenizer:
         except (jinja2.TemplateError, ValueError) as e:  # a template may refuse a lone system turn (no user query)
             log.info("the chat template cannot render the system turn alone (%s); truncation keeps no head", e)
             return 0
-        n = 0
-        while n < min(len(rendered), len(prompt)) and rendered[n] == prompt[n]:
-            n += 1
-        return n
+        return common_prefix(rendered, prompt)
+
+    def kept_lengths(
+        self, messages: Sequence[dict[str, Any]], prompt: Sequence[int], tools: list | None = None,
+        options: ChatOptions | None = None,
+    ) -> tuple[int, int]:  # fmt: skip
+        """What a session's context-overflow truncation keeps of the rendered prompt: its head (the
+        system prompt, `head_length`) and its tail, the newest turn (the messages after the last
+        assistant message, the one a continued final message extends excluded, and the generation
+        prompt). Only the history between them is ever dropped: a message too long for the window is
+        refused, as vLLM refuses a prompt past it, not served cut."""
+        head = self.head_length(messages, prompt, tools, options)
+        answered = len(messages) - 1 if options is not None and options.continue_final_message else len(messages)
+        last = max((i for i in range(answered) if messages[i]["role"] == "assistant"), default=None)
+        if last is None:  # a first turn: all of it after the head is new
+            return head, len(prompt) - head
+        import jinja2
+
+        kwargs, template = (options.template_kwargs, options.template) if options is not None else ({}, None)
+        history = ChatOptions(False, template_kwargs=kwargs, template=template)
+        try:
+            rendered = self.encode_chat(messages[: last + 1], tools=tools, options=history)
+        except (jinja2.TemplateError, ValueError) as e:  # a template may refuse to end on an answer
+            log.info("the chat template cannot render the history alone (%s); truncation keeps only the head", e)
+            return head, 0
+        return head, len(prompt) - common_prefix(rendered, prompt)
 
     def encode_chat(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None,

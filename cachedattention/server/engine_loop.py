@@ -48,8 +48,9 @@ class Job:
     truncate: bool = True  # False: a session's conversation is served whole (the Responses API's truncation "disabled")
     priority: int = 0  # vLLM's: the request's place under --scheduling-policy priority (lower first)
     add_special_tokens: bool = True  # a text prompt gets the tokenizer's own around it (Llama's BOS)
-    # the messages already rendered (a request's own chat template: off the engine thread) and their head
-    rendered: tuple[list[int], int] | None = None
+    # the messages already rendered (a request's own chat template: off the engine thread) and what
+    # truncation keeps of them (its head and its newest turn)
+    rendered: tuple[list[int], tuple[int, int]] | None = None
 
 
 def describe(job: Job) -> str:
@@ -246,18 +247,19 @@ class EngineLoop:
     def _add(self, job: Job, stream: RequestStream) -> None:
         try:
             if job.rendered is not None:
-                prompt, head = job.rendered
+                prompt, (head, tail) = job.rendered
             else:
                 prompt = job.prompt if job.messages is None else self._render(job)
-                # the system prompt, which a session's context-overflow truncation keeps (as LLM.chat does)
-                head = self.head_tokens(job, prompt)
+                # the system prompt and the newest turn, which a session's context-overflow truncation
+                # keeps (as LLM.chat does)
+                head, tail = self.kept_lengths(job, prompt)
             # a session's conversation is checked whole, before the store drops its oldest turns to fit
             before = job.check_room is not None and job.session_id is not None and not isinstance(prompt, str)
             if before:
                 self._check_room(len(prompt), job.check_room)
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
-                head_tokens=head, save_to_store=job.save_to_store, add_special_tokens=job.add_special_tokens,
+                head_tokens=head, tail_tokens=tail, save_to_store=job.save_to_store, add_special_tokens=job.add_special_tokens,
                 truncate=job.truncate, priority=job.priority,
             )
             if job.check_room is not None and not before:
@@ -293,16 +295,16 @@ class EngineLoop:
                 f"window of {window} tokens; shorten the prompt or lower max_tokens"
             )
 
-    def head_tokens(self, job: Job, prompt: list[int]) -> int:
+    def kept_lengths(self, job: Job, prompt: list[int]) -> tuple[int, int]:
         if job.messages is None or job.session_id is None:
-            return 0
-        return self.engine.tokenizer.head_length(job.messages, prompt, job.tools, job.chat_options)
+            return 0, 0
+        return self.engine.tokenizer.kept_lengths(job.messages, prompt, job.tools, job.chat_options)
 
-    def render(self, job: Job) -> tuple[list[int], int]:
-        """The job's prompt ids and head, rendered on the caller's thread (a request's own chat
-        template may run long: not on the engine's thread, where every stream would wait)."""
+    def render(self, job: Job) -> tuple[list[int], tuple[int, int]]:
+        """The job's prompt ids and what truncation keeps of them, rendered on the caller's thread (a
+        request's own chat template may run long: not on the engine's thread, where every stream would wait)."""
         prompt = self._render(job)
-        return prompt, self.head_tokens(job, prompt)
+        return prompt, self.kept_lengths(job, prompt)
 
     def _render(self, job: Job) -> list[int]:
         import jinja2

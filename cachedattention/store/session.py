@@ -157,8 +157,10 @@ def plan_turn(
     head_hint: int,
     drop_fraction: float,
     mode: str,
+    tail: int = 0,
 ) -> TurnPlan:
-    """Match the new prompt against the record and truncate if it overflows the window.
+    """Match the new prompt against the record and truncate if it overflows the window: drop
+    history after the head, never the prompt's last `tail` tokens (the newest turn) nor its last token.
 
     mode: "reuse" keeps the retained pre-RoPE KV at its new positions; "recompute" is the
     baseline that truncates tokens but recomputes the shifted history; "off" never truncates
@@ -188,11 +190,12 @@ def plan_turn(
     effective = prompt[:head] + prompt[dropped:]
     limit = window - reserve
     truncated_now = 0
-    if mode not in ("off", "whole") and len(effective) > limit and len(effective) - head > 1:
+    droppable = len(effective) - head - max(tail, 1)
+    if mode not in ("off", "whole") and len(effective) > limit and droppable > 0:
         history = max(eff_lcp - head, 0)
         need = len(effective) - limit
         # drop a share of the history (not just what overflows) so the next turns do not re-truncate
-        drop = min(len(effective) - head - 1, max(need, int(history * drop_fraction + 0.5)))
+        drop = min(droppable, max(need, int(history * drop_fraction + 0.5)))
         new_dropped = dropped + drop
         truncated_now = drop
         hit = sum(s.length for s in reuse)

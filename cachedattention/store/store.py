@@ -157,9 +157,10 @@ class AttentionStore:
 
     # -- planning a turn --------------------------------------------------------------------
     def plan(self, key: str | None, prompt: list[int], window: int, reserve: int, head_hint: int,
-             mode: str | None = None) -> tuple[str, TurnPlan]:  # fmt: skip
+             mode: str | None = None, tail: int = 0) -> tuple[str, TurnPlan]:  # fmt: skip
         """Match a prompt against its session (or the longest anonymous prefix) and truncate if needed
-        (`mode`: plan_turn's, for a session; None: the configured truncation). With a remote tier, a
+        (`mode`: plan_turn's, for a session; None: the configured truncation; `tail`: the prompt's last
+        tokens truncation keeps, its newest turn). With a remote tier, a
         session (or prefix) that another replica served further is adopted from there."""
         remote = None
         if self.remote is not None and key is not None:
@@ -178,9 +179,9 @@ class AttentionStore:
             else:
                 record = self._continued_record(key, prompt)
                 mode = mode or self.config.truncation
-            plan = plan_turn(record, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)
+            plan = plan_turn(record, prompt, window, reserve, head_hint, self.config.drop_fraction, mode, tail)
             if remote is not None:  # adopt it if it serves more of this turn than what this replica holds
-                theirs = plan_turn(remote, prompt, window, reserve, head_hint, self.config.drop_fraction, mode)
+                theirs = plan_turn(remote, prompt, window, reserve, head_hint, self.config.drop_fraction, mode, tail)
                 if theirs.hit > self._held(plan.reuse):
                     self.remote.adopt(key, remote)
                     plan = theirs

@@ -407,9 +407,14 @@ def test_truncation_disabled_serves_a_conversation_whole_even_after_an_auto_bran
                     {"role": "user", "content": "Why?"}]  # fmt: skip
         assert short.usage.input_tokens_details.truncated_tokens == 0  # ...the other is not
         assert short.output_text == reference(messages, 4)
-        unstored = c.responses.create(model="default", input=text * 2, max_output_tokens=4, temperature=0,
+        items = [{"role": "user", "content": text}, {"role": "assistant", "content": "Sunny."},
+                 {"role": "user", "content": "And what about the rain and the snow? " * 3}]  # fmt: skip
+        unstored = c.responses.create(model="default", input=items, max_output_tokens=4, temperature=0,
                                       truncation="auto", store=False)  # fmt: skip
         assert unstored.usage.input_tokens_details.truncated_tokens > 0  # "auto" cuts without being stored too
+        # "auto" drops the conversation's oldest items, not the newest: one too long for the window is refused
+        with pytest.raises(openai.BadRequestError, match="newest turn alone takes"):
+            c.responses.create(model="default", input=text * 2, max_output_tokens=4, truncation="auto", store=False)
     finally:
         srv.stop()
 

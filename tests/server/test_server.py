@@ -150,6 +150,13 @@ def test_usage_says_how_much_history_a_session_dropped(chat_model_dir, tmp_path)
                 assert by_tier["host"] + by_tier["disk"] > 0, by_tier
         assert dropped[0] == 0 and max(dropped) > 0, dropped  # the first turn fits; a later one overflowed
         engine = srv.app.state.engine_loop.engine
+        turns = engine.store.store.records["overflow"].logical
+        # a message longer than the window is refused (as vLLM refuses such a prompt), not served cut
+        too_long = [*messages, {"role": "user", "content": "tell me more about the weather " * 40}]
+        with pytest.raises(openai.BadRequestError, match="newest turn alone takes"):
+            c.chat.completions.create(model="default", messages=too_long, max_tokens=8,
+                                      extra_body={"session_id": "overflow"})  # fmt: skip
+        assert engine.store.store.records["overflow"].logical == turns  # the session lost nothing
         kept = engine.store.store.records["overflow"].head
         assert kept == engine.tokenizer.head_length([system], engine.tokenizer.encode_chat([system])) > 5
     finally:

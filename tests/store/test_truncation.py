@@ -56,6 +56,68 @@ def test_a_new_head_replaces_the_recorded_one_and_whole_mode_applies_no_cut():
         list(range(HEAD)) + list(range(HEAD + 46, 100)) + [7] * 10)  # "off" keeps the earlier cut
 
 
+def test_plan_turn_never_drops_the_newest_turn():
+    rec = SessionRecord("s", list(range(40)), [Span("a", 0, 40)], head=HEAD, dropped_until=HEAD)
+    prompt = list(range(40)) + [7] * 110  # 32 tokens of history, then a newest turn of 110
+    cut = plan_turn(rec, prompt, WINDOW, 16, 0, 0.5, "reuse")  # no tail given: only the last token is kept
+    assert cut.truncated_now == len(prompt) - (WINDOW - 16) > 32  # into the newest turn, to fit the answer's room
+    plan = plan_turn(rec, prompt, WINDOW, 16, 0, 0.5, "reuse", tail=110)
+    assert plan.truncated_now == 32 and plan.effective_prompt == list(range(HEAD)) + [7] * 110
+    assert plan.reuse == [Span("a", 0, HEAD)]
+    longer = plan_turn(rec, prompt + [7] * 10, WINDOW, 16, 0, 0.5, "reuse", tail=125)  # cuts what it may
+    assert longer.effective_prompt == list(range(HEAD)) + list(range(35, 40)) + [7] * 120
+    whole = plan_turn(rec, prompt, WINDOW, 16, 0, 0.5, "reuse", tail=len(prompt))  # nothing it may drop
+    assert whole.truncated_now == 0 and whole.effective_prompt == prompt
+
+
+def test_the_kept_tail_is_the_newest_turn_after_the_last_answer(chat_model_dir):
+    from cachedattention.model.messages import ChatOptions
+    from cachedattention.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(str(chat_model_dir))
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = tok.encode_chat(first)
+    head, tail = tok.kept_lengths(first, prompt)
+    assert head > 0 and head + tail == len(prompt)  # a first turn: all of it after the system prompt
+    answered = [*first, {"role": "assistant", "content": "Hello."}]
+    history = tok.encode_chat(answered, add_generation_prompt=False)
+    for newest in ([{"role": "user", "content": "More?"}],
+                   [{"role": "user", "content": "More?"}, {"role": "user", "content": "Please."}]):  # fmt: skip
+        prompt = tok.encode_chat([*answered, *newest])
+        assert tok.kept_lengths([*answered, *newest], prompt) == (head, len(prompt) - len(history))
+    # an answer the model goes on with is part of its newest turn, with the message before it
+    going_on = [*answered, {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Well,"}]
+    options = ChatOptions(add_generation_prompt=False, continue_final_message=True)
+    prompt = tok.encode_chat(going_on, options=options)
+    assert tok.kept_lengths(going_on, prompt, options=options) == (head, len(prompt) - len(history))
+
+
+def test_a_chat_message_past_the_window_is_refused_and_a_long_one_keeps_its_whole_turn(chat_model_dir):
+    llm = LLM(model=str(chat_model_dir), enable_store=True, cache=NO_DEVICE, max_model_len=WINDOW)
+    tok, params = llm.engine.tokenizer, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    conv = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Hello there, who are you?"}]
+    conv.append({"role": "assistant", "content": llm.chat(conv, params, session_id="s").outputs[0].text})
+    with pytest.raises(ValueError, match="newest turn alone takes"):
+        llm.chat([*conv, {"role": "user", "content": "word " * 200}], params, session_id="s")
+    short = [*conv, {"role": "user", "content": "And then?"}]
+    out = llm.chat(short, params, session_id="s")  # the refused turn lost nothing of the session
+    assert out.metrics.cached_tokens["host"] > tok.head_length(short, tok.encode_chat(short))
+    conv = [*short, {"role": "assistant", "content": out.outputs[0].text}]
+    for n in range(1, 200):  # a message that fits only with all the history dropped, more than overflows
+        long = [*conv, {"role": "user", "content": "word " * n}]
+        prompt = tok.encode_chat(long)
+        head, tail = tok.kept_lengths(long, prompt)
+        history, overflow = len(prompt) - head - tail, len(prompt) - (WINDOW - 8)
+        if overflow > history and head + tail < WINDOW:
+            break
+    else:
+        raise AssertionError("no message length fits the case")
+    assert prompt[-tail:] == tok.encode_chat([{"role": "user", "content": "word " * n}])[-tail:]
+    out = llm.chat(long, params, session_id="s")
+    assert out.prompt_token_ids == prompt[:head] + prompt[-tail:] and out.metrics.truncated_tokens == history
+    llm.engine.store.check_integrity()
+
+
 def hand_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate [n, heads, d] to positions, written out from the RoPE definition (rotate-half layout);
     a layer without RoPE (theta None) keeps x."""
