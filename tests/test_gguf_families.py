@@ -83,6 +83,10 @@ LOW_IQ_QUANTS = {"attn_q": "IQ2_XXS", "attn_k": "IQ1_S", "attn_v": "IQ3_S", "att
                  "ffn_gate": "IQ2_S", "ffn_up": "IQ3_XXS", "ffn_down": "IQ1_M",
                  "ffn_gate_exps": "IQ2_XXS", "ffn_up_exps": "IQ1_M", "ffn_down_exps": "IQ3_S"}  # fmt: skip
 
+TERNARY_QUANTS = {"attn_q": "TQ1_0", "attn_k": "TQ2_0", "attn_v": "TQ1_0", "attn_output": "TQ2_0",
+                  "ffn_gate": "TQ1_0", "ffn_up": "TQ2_0", "ffn_down": "TQ1_0",
+                  "ffn_gate_exps": "TQ2_0", "ffn_up_exps": "TQ1_0", "ffn_down_exps": "TQ2_0"}  # fmt: skip
+
 
 @pytest.mark.parametrize("kind, types, blocks", [("llama", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16", "Q4_MS16"}),
                                                  ("qwen3-moe", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16", "Q4_MS16"}),
@@ -93,10 +97,13 @@ LOW_IQ_QUANTS = {"attn_q": "IQ2_XXS", "attn_k": "IQ1_S", "attn_v": "IQ3_S", "att
                                                  ("llama", IQ4_QUANTS, {"Q8_0"}),
                                                  ("qwen3-moe", IQ4_QUANTS, {"Q8_0"}),
                                                  ("llama", LOW_IQ_QUANTS, {"Q8_0", "Q8_S16"}),
-                                                 ("qwen3-moe", LOW_IQ_QUANTS, {"Q8_0", "Q8_S16"})])
+                                                 ("qwen3-moe", LOW_IQ_QUANTS, {"Q8_0", "Q8_S16"}),
+                                                 ("llama", TERNARY_QUANTS, {"Q8_0"}),
+                                                 ("qwen3-moe", TERNARY_QUANTS, {"Q8_0"})])
 def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(kind, types, blocks, tmp_path, monkeypatch):
     """A file of K-quant tensors, as llama.cpp's Q4_K_M, Q3_K_M and Q2_K mix them, of the older Q4_0,
-    Q5_0 and Q5_1 (Gemma 3's QAT files are Q4_0), of IQ4_XS and IQ4_NL, or of the IQ1-IQ3 types (a mixture's stacked experts too): every linear
+    Q5_0 and Q5_1 (Gemma 3's QAT files are Q4_0), of IQ4_XS and IQ4_NL, of the IQ1-IQ3 types, or of the
+    ternary TQ1_0 and TQ2_0 (a mixture's stacked experts too): every linear
     layer gets the few-rows kernel's blocks, re-expressed exactly, and decodes to the same logits,
     bit for bit, as the same engine over the float32 weights alone."""
     from cachedattention.model.layers import Linear
@@ -130,6 +137,7 @@ def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(ki
     ("llama", {**K_QUANTS, "token_embd": "Q4_K", "output": "Q6_K"}, 3 * 7 + 2),  # its own head
     ("qwen3", {"attn_q": "Q8_0", "token_embd": "Q4_0"}, 3 + 2),  # a tied head: the embedding's blocks
     ("llama", {**IQ4_QUANTS, "token_embd": "IQ4_XS", "output": "IQ4_NL"}, 3 * 7 + 2),
+    ("llama", {**TERNARY_QUANTS, "token_embd": "TQ2_0", "output": "TQ1_0"}, 3 * 7 + 2),
     ("phi3-window", {**OLDER_QUANTS, "ffn_up": "Q4_0"}, 3 * 7)])  # fmt: skip
 def test_a_gguf_files_layers_live_only_as_blocks(kind, types, held, tmp_path, monkeypatch):
     """On a CPU the decoder layers' quantized linear weights (a mixture's experts, a dense model's

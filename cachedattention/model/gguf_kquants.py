@@ -20,6 +20,9 @@ IQ4_NL (blocks of 32: d * a non-linear table's value, signed 8-bit, picked by a 
 Q8_0: the table's values as int8, d (or d * (scale - 32), exact in float32) the scale of each 32.
 gguf (and llama.cpp) round the scale times the value once in float32, as the kernel does.
 
+The ternary TQ1_0 (base-3 digits, five a byte) and TQ2_0 (2-bit fields) super-blocks of 256 are
+d * q with q in -1..1 (-1..2 for TQ2_0's fields): Q8_0, q as int8 and d the scale of each 32.
+
 The grid-coded IQ1-IQ3 types are in model/gguf_iquants.py.
 """
 
@@ -34,6 +37,7 @@ from cachedattention.model.gguf_iquants import IQ_BYTES, SUPER, halves, iq_weigh
 K_QUANT_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes of one super-block
 LEGACY_BYTES = {"Q4_0": 18, "Q5_0": 22, "Q5_1": 24}  # bytes of one block of 32
 IQ4_BLOCKS = {"IQ4_NL": (32, 18), "IQ4_XS": (SUPER, 136)}  # (weights, bytes) of one block
+TERNARY_BYTES = {"TQ1_0": 54, "TQ2_0": 66}  # bytes of one super-block, its float16 d last
 # the sixteen values a nibble of IQ4_NL or IQ4_XS picks (llama.cpp's kvalues_iq4nl)
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
@@ -42,15 +46,17 @@ def reexpressible(kind: str, in_features: int) -> bool:
     """Whether rows of `in_features` weights of this GGUF type can be re-expressed as kernel blocks."""
     if kind in IQ4_BLOCKS:
         return in_features % IQ4_BLOCKS[kind][0] == 0
-    if kind in K_QUANT_BYTES or kind in IQ_BYTES:
+    if kind in K_QUANT_BYTES or kind in IQ_BYTES or kind in TERNARY_BYTES:
         return in_features % SUPER == 0
     return kind in LEGACY_BYTES and in_features % 32 == 0
 
 
 def reexpressed_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
-    """A GGUF tensor's raw rows of a K-quant, older or IQ block type as kernel blocks."""
+    """A GGUF tensor's raw rows of a K-quant, older, IQ or ternary block type as kernel blocks."""
     if kind in IQ4_BLOCKS:
         return iq4_weight(kind, rows, in_features)
+    if kind in TERNARY_BYTES:
+        return ternary_weight(kind, rows, in_features)
     if kind in IQ_BYTES:
         return iq_weight(kind, rows, in_features)
     return legacy_weight(kind, rows, in_features) if kind in LEGACY_BYTES else kquant_weight(kind, rows, in_features)
@@ -74,6 +80,27 @@ def iq4_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight
     values = IQ4_VALUES[(nibbles & 0x0F).reshape(out, -1)]
     return QuantizedWeight("Q8_0", torch.from_numpy(values), torch.from_numpy(np.ascontiguousarray(scales).reshape(out, -1)),
                            None, (out, in_features))  # fmt: skip
+
+
+def ternary_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:
+    """Raw rows (uint8 [out, bytes per row]) of TQ1_0 or TQ2_0 as Q8_0 blocks."""
+    if kind not in TERNARY_BYTES or in_features % SUPER:
+        raise ValueError(f"rows of TQ1_0 and TQ2_0 are whole super-blocks of 256, not {kind} of {in_features}")
+    out = rows.shape[0]
+    blocks = np.ascontiguousarray(rows).reshape(-1, TERNARY_BYTES[kind])
+    d = halves(blocks[:, -2:].copy()).reshape(-1)
+    if kind == "TQ2_0":  # each 32 bytes hold 128 weights: element j of the four runs in bits 2r of byte j
+        fields = (blocks[:, :64].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+        values = fields.reshape(-1, SUPER).astype(np.int8) - 1
+    else:  # a byte holds five digits: multiplied by 3^k (wrapping), its top bits times 3 give the k-th
+        powers = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+        runs = ((0, 32, 5), (32, 48, 5), (48, 52, 4))  # (bytes, digits in each): each digit's run of bytes in turn
+        scaled = np.concatenate([(blocks[:, None, a:b] * powers[:n, None]).reshape(blocks.shape[0], -1)
+                                 for a, b, n in runs], axis=1)  # fmt: skip
+        values = ((scaled.astype(np.uint16) * 3) >> 8).astype(np.int8) - 1
+    scales = np.repeat(d, SUPER // 32).reshape(out, -1)
+    return QuantizedWeight("Q8_0", torch.from_numpy(np.ascontiguousarray(values.reshape(out, -1))),
+                           torch.from_numpy(scales), None, (out, in_features))  # fmt: skip
 
 
 def legacy_weight(kind: str, rows: np.ndarray, in_features: int) -> QuantizedWeight:

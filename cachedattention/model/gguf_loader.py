@@ -297,7 +297,7 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Colle
 
 def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = None) -> dict[str, QuantizedWeight]:
     """The weights of linear layers stored in block types the few-rows kernel reads (Q4_1, Q8_0 as
-    they are; Q2_K-Q6_K, Q4_0, Q5_0, Q5_1, IQ4_NL and IQ4_XS re-expressed exactly), as blocks, under Hugging Face names and row order (the
+    they are; Q2_K-Q6_K, Q4_0, Q5_0, Q5_1, the IQ and TQ types re-expressed exactly), as blocks, under Hugging Face names and row order (the
     embedding too: a tied head uses it, and a lookup of it held only as blocks). `path` is a file name or a reader from open_gguf."""
     reader = _reader(path)
     config = config or gguf_config(reader)

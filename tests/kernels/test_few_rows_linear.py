@@ -251,6 +251,35 @@ def test_iq4_blocks_are_read_as_q8_0_equal_to_gguf_bit_for_bit(kernel, kind, in_
         reexpressed_weight(kind, rows, in_features + 16)
 
 
+@pytest.mark.parametrize("kind", ["TQ1_0", "TQ2_0"])
+def test_ternary_blocks_are_read_as_q8_0_equal_to_gguf_bit_for_bit(kernel, kind):
+    """TQ1_0 and TQ2_0 (gguf's own quantization of random weights, and random bytes throughout)
+    re-expressed as Q8_0 blocks dequantize to gguf's own values, and the kernel over them equals the
+    kernel over those values."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from cachedattention.model.gguf_kquants import TERNARY_BYTES
+
+    rng = np.random.default_rng(12)
+    quantized = quantize(rng.standard_normal((24, 512)).astype(np.float32), GGMLQuantizationType[kind])
+    for rows in (quantized, rng.integers(0, 256, (64, 2 * TERNARY_BYTES[kind]), dtype=np.uint8)):
+        with np.errstate(invalid="ignore", over="ignore"):  # (random bytes: NaN and infinite scales among them)
+            reference = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).astype(np.float32))
+            weight = reexpressed_weight(kind, rows, 512)
+            ours = weight.dequantize()
+        finite = reference.isfinite().all(dim=1)
+        assert weight.kind == "Q8_0" and finite.sum() > 16 and len(reference[finite].unique()) > 3
+        assert same_bits(ours[finite], reference[finite])
+    weight = reexpressed_weight(kind, quantized, 512)
+    reference = weight.dequantize()
+    for n in (1, 3, 4, 5, MAX_ROWS):
+        x = torch.randn(n, 512)
+        assert torch.equal(kernel(x, weight), kernel(x, reference)), f"{n} rows"
+    with pytest.raises(ValueError, match="whole super-blocks of 256"):
+        reexpressed_weight(kind, quantized, 500)
+
+
 @pytest.mark.parametrize("kind, as_kind", [("IQ1_S", "Q8_0"), ("IQ1_M", "Q8_S16"), ("IQ2_XXS", "Q8_0"),
                                            ("IQ2_XS", "Q8_S16"), ("IQ2_S", "Q8_S16"), ("IQ3_XXS", "Q8_0"),
                                            ("IQ3_S", "Q8_0")])  # fmt: skip
