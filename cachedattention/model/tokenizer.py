@@ -184,18 +184,16 @@ class Tokenizer:
         options: ChatOptions | None = None,
     ) -> int:  # fmt: skip
         """Tokens of the rendered prompt that come before the first non-system message's content:
-        the system prompt (given or the template's default, with any tools) that context truncation keeps."""
-        if messages and messages[0]["role"] == "system":
-            probe = [messages[0]]
-        else:
-            probe = [{"role": "user", "content": "\x00"}]  # the content differs at once: LCP = template head
-        import jinja2
-
+        the system prompt (given or the template's default, with any tools) that context truncation
+        keeps, and the first message's header (a user's), so that what follows a cut reads as a
+        user message, and one whole when truncation dropped all the history before the newest."""
+        stand_in = {"role": "user", "content": "\x00"}  # its content differs at once: LCP = up to a content
+        probe = [messages[0], stand_in] if messages and messages[0]["role"] == "system" else [stand_in]
         try:
             kwargs, template = (options.template_kwargs, options.template) if options is not None else ({}, None)
             rendered = self.encode_chat(probe, tools=tools, options=ChatOptions(False, template_kwargs=kwargs, template=template))
-        except (jinja2.TemplateError, ValueError) as e:  # a template may refuse a lone system turn (no user query)
-            log.info("the chat template cannot render the system turn alone (%s); truncation keeps no head", e)
+        except ValueError as e:  # the template's refusal
+            log.info("the chat template cannot render the system turn with a stand-in message (%s); truncation keeps no head", e)
             return 0
         return common_prefix(rendered, prompt)
 
@@ -204,25 +202,47 @@ class Tokenizer:
         options: ChatOptions | None = None,
     ) -> tuple[int, int]:  # fmt: skip
         """What a session's context-overflow truncation keeps of the rendered prompt: its head (the
-        system prompt, `head_length`) and its tail, the newest turn (the messages after the last
-        assistant message, the one a continued final message extends excluded, and the generation
-        prompt). Only the history between them is ever dropped: a message too long for the window is
-        refused, as vLLM refuses a prompt past it, not served cut."""
+        system prompt, `head_length`: through the first message's header) and its tail, the newest
+        turn (from the content of the first message after the last answer before the last user
+        message: that message, tool calls and results after it, the generation prompt; a continued
+        final answer too). Only the history between them is ever dropped, so what is left reads as
+        a conversation; a newest turn too long for the window is refused (as vLLM refuses a prompt
+        past it), not served cut."""
         head = self.head_length(messages, prompt, tools, options)
         answered = len(messages) - 1 if options is not None and options.continue_final_message else len(messages)
-        last = max((i for i in range(answered) if messages[i]["role"] == "assistant"), default=None)
+        query = max((i for i in range(answered) if messages[i]["role"] == "user"), default=0)
+        last = max((i for i in range(query) if messages[i]["role"] == "assistant"), default=None)
         if last is None:  # a first turn: all of it after the head is new
             return head, len(prompt) - head
-        import jinja2
-
         kwargs, template = (options.template_kwargs, options.template) if options is not None else ({}, None)
-        history = ChatOptions(False, template_kwargs=kwargs, template=template)
+        plain = ChatOptions(False, template_kwargs=kwargs, template=template)
+        # the newest turn after a short stand-in history (a long conversation is not rendered twice),
+        # taken if the prompt ends with exactly its tokens
+        stand_in = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
         try:
-            rendered = self.encode_chat(messages[: last + 1], tools=tools, options=history)
-        except (jinja2.TemplateError, ValueError) as e:  # a template may refuse to end on an answer
-            log.info("the chat template cannot render the history alone (%s); truncation keeps only the head", e)
-            return head, 0
-        return head, len(prompt) - common_prefix(rendered, prompt)
+            short = self.encode_chat([*stand_in, *messages[last + 1 :]], tools=tools, options=options)
+            start = self._leaving(stand_in, short, tools, plain)
+        except ValueError:  # (the template's refusal: a turn opening with tool results the stand-in did not call)
+            start = None
+        if start is not None and 0 < len(short) - start <= len(prompt) - head:
+            if list(prompt[len(prompt) - len(short) + start :]) == short[start:]:
+                return head, len(short) - start
+        # else where the prompt leaves its own history
+        start = self._leaving(list(messages[: last + 1]), prompt, tools, plain)
+        return head, len(prompt) - max(start, head) if start is not None else 0
+
+    def _leaving(self, history: list[dict[str, Any]], ids: Sequence[int], tools: list | None,
+                 plain: ChatOptions) -> int | None:  # fmt: skip
+        """Where `ids` (a rendering of `history` and more) leave `history` followed by a stand-in user
+        message: at the next message's content, its header being the stand-in's. The stand-in also
+        keeps the history's last answer rendered as in a longer conversation (Qwen3's template gives
+        a final answer an empty <think> block). None if the template refuses it."""
+        try:
+            probe = self.encode_chat([*history, {"role": "user", "content": "\x00"}], tools=tools, options=plain)
+        except ValueError as e:  # (the template's refusal)
+            log.info("the chat template cannot render the history with a stand-in message (%s)", e)
+            return None
+        return common_prefix(probe, ids)
 
     def encode_chat(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None,

@@ -176,8 +176,9 @@ def plan_turn(
             # the prompt differs inside the recorded head or its own (a new system prompt): its own head
             # applies; a cut record's KV past its head sits at other positions, so none of it is reused
             eff_lcp = min(lcp, record.head) if record.truncated else lcp
-        elif record.truncated and (lcp < record.dropped_until or mode == "whole"):
-            # the client edited history inside the dropped part (or wants it whole): only the head still matches
+        elif record.truncated and (lcp < record.dropped_until or mode == "whole" or record.dropped_until > len(prompt) - tail):
+            # the client edited history inside the dropped part (or wants it whole, or the cut reaches
+            # into this prompt's newest turn: an answer regenerated): only the head still matches
             head = dropped = record.head
             eff_lcp = head
         elif record.truncated:

@@ -413,7 +413,7 @@ def test_truncation_disabled_serves_a_conversation_whole_even_after_an_auto_bran
                                       truncation="auto", store=False)  # fmt: skip
         assert unstored.usage.input_tokens_details.truncated_tokens > 0  # "auto" cuts without being stored too
         # "auto" drops the conversation's oldest items, not the newest: one too long for the window is refused
-        with pytest.raises(openai.BadRequestError, match="newest turn alone takes"):
+        with pytest.raises(openai.BadRequestError, match="keeping the system prompt and the newest turn"):
             c.responses.create(model="default", input=text * 2, max_output_tokens=4, truncation="auto", store=False)
     finally:
         srv.stop()

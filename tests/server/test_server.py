@@ -153,12 +153,13 @@ def test_usage_says_how_much_history_a_session_dropped(chat_model_dir, tmp_path)
         turns = engine.store.store.records["overflow"].logical
         # a message longer than the window is refused (as vLLM refuses such a prompt), not served cut
         too_long = [*messages, {"role": "user", "content": "tell me more about the weather " * 40}]
-        with pytest.raises(openai.BadRequestError, match="newest turn alone takes"):
+        with pytest.raises(openai.BadRequestError, match="keeping the system prompt and the newest turn"):
             c.chat.completions.create(model="default", messages=too_long, max_tokens=8,
                                       extra_body={"session_id": "overflow"})  # fmt: skip
         assert engine.store.store.records["overflow"].logical == turns  # the session lost nothing
         kept = engine.store.store.records["overflow"].head
-        assert kept == engine.tokenizer.head_length([system], engine.tokenizer.encode_chat([system])) > 5
+        first = messages[:2]
+        assert kept == engine.tokenizer.head_length(first, engine.tokenizer.encode_chat(first)) > 5
     finally:
         srv.stop()
 

@@ -196,8 +196,8 @@ GUARDED = (
 
 
 def test_a_template_that_refuses_a_lone_system_turn_still_serves_sessions(chat_model_dir, tmp_path):
-    """The kept head is measured by rendering the system turn alone; a template refusing that
-    keeps no head (truncation may then drop the system prompt) instead of failing the request."""
+    """The kept head is measured by rendering the system turn with a stand-in user message after it,
+    so a template refusing a lone system turn (Qwen3's) still keeps it."""
     path = with_template(chat_model_dir, tmp_path / "guarded", GUARDED)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     srv = start_server(engine_config(path, store=False))
@@ -205,7 +205,9 @@ def test_a_template_that_refuses_a_lone_system_turn_still_serves_sessions(chat_m
         r = _chat(srv.url, messages=msgs, session_id="guarded")
         assert r.status_code == 200, r.text
         tok = srv.app.state.engine_loop.engine.tokenizer
-        assert tok.head_length(msgs, tok.encode_chat(msgs)) == 0
+        prompt = tok.encode_chat(msgs)
+        head = tok.decode(prompt[: tok.head_length(msgs, prompt)], skip_special_tokens=False)
+        assert head == "<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\n"  # (its {%- takes the newline)
         assert _chat(srv.url, messages=msgs[:1]).status_code == 400  # the template's own refusal: the client's
     finally:
         srv.stop()

@@ -70,26 +70,57 @@ def test_plan_turn_never_drops_the_newest_turn():
     assert whole.truncated_now == 0 and whole.effective_prompt == prompt
 
 
-def test_the_kept_tail_is_the_newest_turn_after_the_last_answer(chat_model_dir):
+# Qwen3's way: an answer after the last user message shows its reasoning (an empty block if none), so a
+# history rendered alone differs from the prompt at its last answer
+QWEN3_LIKE = """{%- set ns = namespace(last_user=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for m in messages %}{{- '<|im_start|>' + m.role + '\n' }}
+{%- if m.role == 'assistant' and loop.index0 > ns.last_user %}{{- '<think>\n' + (m.reasoning_content or '') + '\n</think>\n\n' }}{%- endif %}
+{{- m.content + '<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
+
+
+def test_truncation_keeps_the_system_prompt_to_a_user_header_and_the_newest_turn_from_its_content(chat_model_dir):
+    """What is kept reads as a conversation whatever is dropped between: the head ends with the
+    first user message's header, the tail starts at the newest turn's content (the messages after
+    the last answer before the last user message: a question with its tool calls and results too)."""
     from cachedattention.model.messages import ChatOptions
     from cachedattention.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(str(chat_model_dir))
-    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    prompt = tok.encode_chat(first)
-    head, tail = tok.kept_lengths(first, prompt)
-    assert head > 0 and head + tail == len(prompt)  # a first turn: all of it after the system prompt
-    answered = [*first, {"role": "assistant", "content": "Hello."}]
-    history = tok.encode_chat(answered, add_generation_prompt=False)
-    for newest in ([{"role": "user", "content": "More?"}],
-                   [{"role": "user", "content": "More?"}, {"role": "user", "content": "Please."}]):  # fmt: skip
-        prompt = tok.encode_chat([*answered, *newest])
-        assert tok.kept_lengths([*answered, *newest], prompt) == (head, len(prompt) - len(history))
-    # an answer the model goes on with is part of its newest turn, with the message before it
-    going_on = [*answered, {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Well,"}]
-    options = ChatOptions(add_generation_prompt=False, continue_final_message=True)
-    prompt = tok.encode_chat(going_on, options=options)
-    assert tok.kept_lengths(going_on, prompt, options=options) == (head, len(prompt) - len(history))
+
+    def kept(messages, options=None):
+        prompt = tok.encode_chat(messages, options=options)
+        head, tail = tok.kept_lengths(messages, prompt, options=options)
+        return (tok.decode(prompt[:head], skip_special_tokens=False),
+                tok.decode(prompt[len(prompt) - tail :], skip_special_tokens=False))  # fmt: skip
+
+    system, hi, hello = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Hello."})  # fmt: skip
+    more, please = {"role": "user", "content": "More?"}, {"role": "user", "content": "Please."}
+    head = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    answer = "<|im_end|>\n<|im_start|>assistant\n"
+    assert kept([system, hi]) == (head, "Hi" + answer)  # a first turn: all of it after the head
+    assert kept([system, hi, hello, more]) == (head, "More?" + answer)
+    assert kept([system, hi, hello, more, please]) == (head, "More?<|im_end|>\n<|im_start|>user\nPlease." + answer)
+    going_on = ChatOptions(add_generation_prompt=False, continue_final_message=True)  # an answer the model goes on with
+    assert kept([system, hi, hello, more, {"role": "assistant", "content": "Well,"}], going_on)[1] == "More?" + answer + "Well,"
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]}  # fmt: skip
+    result = {"role": "tool", "content": "Sunny."}
+    assert kept([system, hi, hello, more, call, result])[1].startswith("More?<|im_end|>")  # the question stays with them
+    assert kept([hi, hello, more])[0].endswith("<|im_end|>\n<|im_start|>user\n")  # the template's own system prompt
+    qwen3 = Tokenizer(tok.hf, QWEN3_LIKE)
+    tok = qwen3  # (kept() reads it)
+    assert kept([system, hi, {**hello, "reasoning_content": "Greet."}, more]) == (head, "More?" + answer)
+
+
+def test_plan_turn_drops_an_earlier_cut_that_reaches_into_the_newest_turn():
+    """A regenerated answer: the prompt ends inside what an earlier turn's cut dropped, which is now
+    its newest turn: served whole (it fits), not with that cut applied."""
+    rec = SessionRecord("s", list(range(150)), [Span("a", 0, HEAD), Span("a", 60, 150)], head=HEAD, dropped_until=60)
+    plan = plan_turn(rec, list(range(70)), WINDOW, 16, 0, 0.5, "reuse", tail=30)  # its newest turn: [40, 70)
+    assert plan.effective_prompt == list(range(70)) and plan.reuse == [Span("a", 0, HEAD)]
+    same = plan_turn(rec, list(range(70)), WINDOW, 16, 0, 0.5, "reuse", tail=5)  # the cut before its newest turn
+    assert same.effective_prompt == list(range(HEAD)) + list(range(60, 70)) and same.reuse[-1] == Span("a", 60, 70)
 
 
 def test_a_chat_message_past_the_window_is_refused_and_a_long_one_keeps_its_whole_turn(chat_model_dir):
@@ -97,24 +128,24 @@ def test_a_chat_message_past_the_window_is_refused_and_a_long_one_keeps_its_whol
     tok, params = llm.engine.tokenizer, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     conv = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Hello there, who are you?"}]
     conv.append({"role": "assistant", "content": llm.chat(conv, params, session_id="s").outputs[0].text})
-    with pytest.raises(ValueError, match="newest turn alone takes"):
+    with pytest.raises(ValueError, match="keeping the system prompt and the newest turn"):
         llm.chat([*conv, {"role": "user", "content": "word " * 200}], params, session_id="s")
     short = [*conv, {"role": "user", "content": "And then?"}]
     out = llm.chat(short, params, session_id="s")  # the refused turn lost nothing of the session
     assert out.metrics.cached_tokens["host"] > tok.head_length(short, tok.encode_chat(short))
     conv = [*short, {"role": "assistant", "content": out.outputs[0].text}]
-    for n in range(1, 200):  # a message that fits only with all the history dropped, more than overflows
+    for n in range(200, 1, -1):  # the longest message that fits with all the history dropped
         long = [*conv, {"role": "user", "content": "word " * n}]
         prompt = tok.encode_chat(long)
         head, tail = tok.kept_lengths(long, prompt)
-        history, overflow = len(prompt) - head - tail, len(prompt) - (WINDOW - 8)
-        if overflow > history and head + tail < WINDOW:
+        if head + tail + 8 <= WINDOW:  # (room for the answer's 8 tokens)
             break
-    else:
-        raise AssertionError("no message length fits the case")
     assert prompt[-tail:] == tok.encode_chat([{"role": "user", "content": "word " * n}])[-tail:]
     out = llm.chat(long, params, session_id="s")
-    assert out.prompt_token_ids == prompt[:head] + prompt[-tail:] and out.metrics.truncated_tokens == history
+    assert out.prompt_token_ids == prompt[:head] + prompt[-tail:]
+    assert out.metrics.truncated_tokens == len(prompt) - head - tail > 0
+    with pytest.raises(ValueError, match="keeping the system prompt and the newest turn"):  # one word more
+        llm.chat([*conv, {"role": "user", "content": "word " * (n + 1)}], params, session_id="s")
     llm.engine.store.check_integrity()
 
 
