@@ -222,7 +222,7 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
             qtype = (types or {}).get(gname.split(".")[-2] if gname.startswith("blk.") else gname.split(".")[0])
             if qtype is None:
                 w.add_tensor(gname, a)
-            elif qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0"):  # the weights themselves, quantized
+            elif qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0", "F16", "BF16"):  # the weights themselves, quantized
                 w.add_tensor(gname, quantize(a, gguf.GGMLQuantizationType[qtype]), raw_dtype=gguf.GGMLQuantizationType[qtype])
             else:  # (random super-blocks: gguf's package does not quantize to K-quants)
                 rng = np.random.default_rng(len(gname))

@@ -87,6 +87,9 @@ TERNARY_QUANTS = {"attn_q": "TQ1_0", "attn_k": "TQ2_0", "attn_v": "TQ1_0", "attn
                   "ffn_gate": "TQ1_0", "ffn_up": "TQ2_0", "ffn_down": "TQ1_0",
                   "ffn_gate_exps": "TQ2_0", "ffn_up_exps": "TQ1_0", "ffn_down_exps": "TQ2_0"}  # fmt: skip
 
+HALF_TYPES = {"attn_q": "F16", "attn_k": "BF16", "attn_v": "F16", "attn_output": "BF16", "ffn_gate": "F16",
+              "ffn_up": "BF16", "ffn_down": "F16", "ffn_gate_exps": "BF16", "ffn_up_exps": "F16", "ffn_down_exps": "BF16"}  # fmt: skip
+
 
 @pytest.mark.parametrize("kind, types, blocks", [("llama", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16", "Q4_MS16"}),
                                                  ("qwen3-moe", K_QUANTS, {"Q4_1", "Q8_M", "Q8_S16", "Q4_MS16"}),
@@ -99,7 +102,8 @@ TERNARY_QUANTS = {"attn_q": "TQ1_0", "attn_k": "TQ2_0", "attn_v": "TQ1_0", "attn
                                                  ("llama", LOW_IQ_QUANTS, {"Q8_0", "Q8_S16"}),
                                                  ("qwen3-moe", LOW_IQ_QUANTS, {"Q8_0", "Q8_S16"}),
                                                  ("llama", TERNARY_QUANTS, {"Q8_0"}),
-                                                 ("qwen3-moe", TERNARY_QUANTS, {"Q8_0"})])
+                                                 ("qwen3-moe", TERNARY_QUANTS, {"Q8_0"}),
+                                                 ("llama", HALF_TYPES, {"F16", "BF16"})])
 def test_a_quantized_file_decodes_from_its_blocks_as_from_its_float32_weights(kind, types, blocks, tmp_path, monkeypatch):
     """A file of K-quant tensors, as llama.cpp's Q4_K_M, Q3_K_M and Q2_K mix them, of the older Q4_0,
     Q5_0 and Q5_1 (Gemma 3's QAT files are Q4_0), of IQ4_XS and IQ4_NL, of the IQ1-IQ3 types, or of the

@@ -7,6 +7,12 @@ SHAPES = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
         max_position_embeddings=131072, rms_norm_eps=1e-5,
     ),
+    # Llama-3.2-1B: a small real model's shape, its 128k vocabulary half its parameters
+    "llama3.2-1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    ),
     # ~110M parameters, long window: CPU runs with histories beyond the embedded model's comfort
     "llama-110m": dict(
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,

@@ -33,3 +33,20 @@ def warm_median_ms(fn: Callable[[], object], repeats: int = 9) -> float:
 
 def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1000:,.1f}"
+
+
+def prefill_and_decode_s(llm, prompt: list[int]) -> tuple[float, float, list[int]]:
+    """An engine's prefill of `prompt` (its first token varied so nothing is reused; the median of
+    three after a warm-up) and a decode step (64 tokens after its first 32), in seconds, and the
+    first tokens that decode gave (diagnostics comparing two ways of serving a model)."""
+    from cachedattention import SamplingParams
+
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    llm.generate([prompt[:64]], one)
+    prefill = []
+    for rep in range(3):
+        t = time.perf_counter()
+        llm.generate([[rep + 100, *prompt[1:]]], one)
+        prefill.append(time.perf_counter() - t)
+    out = llm.generate([prompt[:32]], SamplingParams(max_tokens=65, temperature=0, ignore_eos=True))[0]
+    return statistics.median(prefill), (out.metrics.finish_s - out.metrics.first_token_s) / 64, out.token_ids[:8]

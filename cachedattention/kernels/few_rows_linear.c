@@ -141,7 +141,7 @@ int few_rows_linear(const float *x, const float *w, const float *bias, float *y,
 
 /* Weights kept as GGUF blocks of 32 (the embedded model's layers are Q4_1, its head Q8_0; a K-quant
  * file's super-blocks are re-expressed exactly in these kinds at load): a decode step then reads
- * 0.75-1.25 bytes per weight (float32 scales included) instead of 4. For up to four input rows,
+ * 0.75-1.25 bytes per weight (float32 scales included; 2 for 16-bit floats) instead of 4. For up to four input rows,
  * each block is dequantized into registers and multiplied right away (tile_blocks); for more, each
  * thread dequantizes four weight rows at a time into a buffer that stays in L1 and runs the float32
  * tiles over it, once for all the input rows. The dequantized values are exactly GGUF's (scale * q is
@@ -154,8 +154,11 @@ int few_rows_linear(const float *x, const float *w, const float *bias, float *y,
  *   Q8_S16: as Q8_0 with a scale for each 16 elements (Q6_K's and Q3_K's sub-blocks).
  *   Q4_MS16: as Q4_1 with a scale and a min for each 16 elements (Q2_K's sub-blocks): the low
  *           nibbles of a block take its first scale and min, the high nibbles its second.
+ *   BF16, F16: quants [out, in] 16-bit floats, no scales (a checkpoint's bfloat16 or float16
+ *           weights, exact in float32: half float32's bytes).
  * scales and mins are float32 [out, in / 32] ([out, in / 16] for Q8_S16 and Q4_MS16). */
-enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q8_M = 3, KIND_Q8_S16 = 4, KIND_Q4_MS16 = 5 };
+enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q8_M = 3, KIND_Q8_S16 = 4, KIND_Q4_MS16 = 5, KIND_BF16 = 6, KIND_F16 = 7 };
+#define KIND_LAST KIND_F16
 
 static inline int has_mins(int64_t kind) { return kind == KIND_Q4_1 || kind == KIND_Q8_M || kind == KIND_Q4_MS16; }
 
@@ -165,6 +168,18 @@ static inline __attribute__((always_inline)) void dequantize_block(const int kin
                                                                    const float *restrict scales,
                                                                    const float *restrict mins, int64_t b,
                                                                    __m512 *lo, __m512 *hi) {
+    if (kind == KIND_BF16 || kind == KIND_F16) { /* bfloat16 is float32's upper half; float16 converts exactly */
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(q + 64 * b));
+        const __m256i c = _mm256_loadu_si256((const __m256i *)(q + 64 * b + 32));
+        if (kind == KIND_BF16) {
+            *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16));
+            *hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(c), 16));
+        } else {
+            *lo = _mm512_cvtph_ps(a);
+            *hi = _mm512_cvtph_ps(c);
+        }
+        return;
+    }
     if (kind == KIND_Q4_1 || kind == KIND_Q4_MS16) {
         const int64_t s = kind == KIND_Q4_1 ? b : 2 * b, t = kind == KIND_Q4_1 ? b : 2 * b + 1; /* (lo's, hi's) */
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * b)));
@@ -204,9 +219,11 @@ static inline void dequantize_row(int kind, const uint8_t *restrict q, const flo
 
 /* A kind's bytes of quants, and scales, per weight row. */
 static inline int64_t quant_row_bytes(int kind, int64_t in_features) {
+    if (kind == KIND_BF16 || kind == KIND_F16) return 2 * in_features;
     return kind == KIND_Q4_1 || kind == KIND_Q4_MS16 ? in_features / 2 : in_features;
 }
 static inline int64_t scale_row_len(int kind, int64_t in_features) {
+    if (kind == KIND_BF16 || kind == KIND_F16) return 0;
     return kind == KIND_Q8_S16 || kind == KIND_Q4_MS16 ? in_features / 16 : in_features / 32;
 }
 
@@ -270,7 +287,9 @@ static void weight_tile_blocks(const float *x, int64_t x_stride, int kind, const
         case KIND_Q8_0: TILE_BLOCKS_NR(KIND_Q8_0) break;
         case KIND_Q8_M: TILE_BLOCKS_NR(KIND_Q8_M) break;
         case KIND_Q8_S16: TILE_BLOCKS_NR(KIND_Q8_S16) break;
-        default: TILE_BLOCKS_NR(KIND_Q4_MS16) break;
+        case KIND_Q4_MS16: TILE_BLOCKS_NR(KIND_Q4_MS16) break;
+        case KIND_BF16: TILE_BLOCKS_NR(KIND_BF16) break;
+        default: TILE_BLOCKS_NR(KIND_F16) break;
     }
 }
 #undef TILE_BLOCKS_NR
@@ -280,7 +299,7 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
                               const float *mins, const float *bias, float *y, int64_t rows, int64_t in_features,
                               int64_t out_features, int64_t x_stride, int64_t y_stride, int64_t num_threads) {
     if (bad_call(rows, in_features, out_features, x_stride, y_stride, num_threads) || in_features % 32 ||
-        kind < KIND_Q4_1 || kind > KIND_Q4_MS16 || (has_mins(kind) && !mins))
+        kind < KIND_Q4_1 || kind > KIND_LAST || (has_mins(kind) && !mins))
         return FRL_UNSUPPORTED;
     const int64_t row_bytes = quant_row_bytes((int)kind, in_features), row_blocks = in_features / 32;
     const int64_t row_scales = scale_row_len((int)kind, in_features);
@@ -327,7 +346,7 @@ int few_rows_linear_quantized(const float *x, int64_t kind, const uint8_t *quant
 int few_rows_dequantize(int64_t kind, const uint8_t *quants, const float *scales, const float *mins, float *out,
                         int64_t in_features, int64_t out_features, int64_t num_threads) {
     if (in_features <= 0 || in_features % 32 || out_features < 0 || num_threads <= 0 || kind < KIND_Q4_1 ||
-        kind > KIND_Q4_MS16 || (has_mins(kind) && !mins))
+        kind > KIND_LAST || (has_mins(kind) && !mins))
         return FRL_UNSUPPORTED;
     const int64_t row_bytes = quant_row_bytes((int)kind, in_features);
     const int64_t row_scales = scale_row_len((int)kind, in_features);

@@ -33,13 +33,16 @@ _DEQUANTIZE_ARGTYPES = (ctypes.c_int64, *[ctypes.c_void_p] * 4, *[ctypes.c_int64
 # the block kinds the kernel reads (blocks of 32 weights): GGUF's Q4_1 and Q8_0 as they are; Q8_M
 # (int8 values, a scale and a min a block), Q8_S16 (int8 values, a scale for each 16) and Q4_MS16
 # (Q4_1's nibbles, a scale and a min for each 16) hold K-quant files' super-blocks re-expressed
-# exactly (model/gguf_kquants.py; Q4_K becomes Q4_1)
-_KINDS = {"Q4_1": 1, "Q8_0": 2, "Q8_M": 3, "Q8_S16": 4, "Q4_MS16": 5}
+# exactly (model/gguf_kquants.py; Q4_K becomes Q4_1); BF16 and F16 (16-bit floats, no scales) hold
+# a checkpoint's bfloat16 or float16 weights (or a GGUF's) in half float32's bytes
+_KINDS = {"Q4_1": 1, "Q8_0": 2, "Q8_M": 3, "Q8_S16": 4, "Q4_MS16": 5, "BF16": 6, "F16": 7}
 QUANTIZED_KINDS = ("Q4_1", "Q8_0")  # GGUF types read as they are
-# kind: (dtype of the quants, weights per quant byte, weights per scale, whether there are mins)
+HALF_KINDS = {"BF16": torch.bfloat16, "F16": torch.float16}
+# kind: (dtype of the quants, weights per quant, weights per scale (0: none), whether there are mins)
 _LAYOUTS = {"Q4_1": (torch.uint8, 2, 32, True), "Q8_0": (torch.int8, 1, 32, False),
             "Q8_M": (torch.int8, 1, 32, True), "Q8_S16": (torch.int8, 1, 16, False),
-            "Q4_MS16": (torch.uint8, 2, 16, True)}  # fmt: skip
+            "Q4_MS16": (torch.uint8, 2, 16, True), "BF16": (torch.int16, 1, 0, False),
+            "F16": (torch.int16, 1, 0, False)}  # fmt: skip
 _NO_MEMORY = 3
 
 
@@ -47,13 +50,14 @@ _NO_MEMORY = 3
 class QuantizedWeight:
     """A linear weight kept as blocks of 32, for the kernel to read instead of float32: the quantized
     values (Q4_1 and Q4_MS16: two per byte, element j of a block in the low nibble of byte j and
-    element j + 16 in its high nibble; the others: int8), each block's float32 scale (Q8_S16 and
-    Q4_MS16: one per 16 values) and, for Q4_1, Q8_M and Q4_MS16, as many mins (value = scale * q +
-    min). Dequantized, it equals GGUF's float32 values exactly."""
+    element j + 16 in its high nibble; BF16 and F16: the 16-bit floats' bits; the others: int8), each
+    block's float32 scale (Q8_S16 and Q4_MS16: one per 16 values; BF16 and F16: none) and, for Q4_1,
+    Q8_M and Q4_MS16, as many mins (value = scale * q + min). Dequantized, it equals GGUF's float32
+    values exactly (a 16-bit float's, as torch converts it)."""
 
     kind: str
-    quants: torch.Tensor  # uint8 [out, in / 2] (Q4_1, Q4_MS16) or int8 [out, in]
-    scales: torch.Tensor  # float32 [out, in / 32] ([out, in / 16] for Q8_S16 and Q4_MS16)
+    quants: torch.Tensor  # uint8 [out, in / 2] (Q4_1, Q4_MS16), int16 [out, in] (BF16, F16) or int8 [out, in]
+    scales: torch.Tensor  # float32 [out, in / 32] ([out, in / 16] for Q8_S16 and Q4_MS16; [out, 0] for BF16, F16)
     mins: torch.Tensor | None  # float32, as the scales, for Q4_1, Q8_M and Q4_MS16
     shape: tuple[int, int]  # (out_features, in_features)
 
@@ -68,7 +72,7 @@ class QuantizedWeight:
                 self.quants.dtype == dtype
                 and self.quants.shape == (out, k // per_byte)
                 and (self.mins is not None) == has_mins
-                and _plain_floats(self.scales, (out, k // per_scale))
+                and _plain_floats(self.scales, (out, k // per_scale if per_scale else 0))
                 and (self.mins is None or _plain_floats(self.mins, (out, k // per_scale)))
                 and self.quants.is_contiguous()
                 and self.quants.device.type == "cpu"
@@ -97,6 +101,20 @@ class QuantizedWeight:
             quants = torch.from_numpy(blocks[:, :, 2:].reshape(out, -1).copy().view(np.int8))
         return cls(kind, quants, torch.from_numpy(scales), mins, (out, in_features))
 
+    @classmethod
+    def from_halves(cls, weight: torch.Tensor) -> QuantizedWeight | None:
+        """A float32 [out, in] weight as BF16 (else F16) blocks when every value is one of those
+        exactly (a checkpoint's bfloat16 or float16 weights), rows of whole blocks of 32; else None."""
+        if weight.dim() != 2 or weight.shape[1] % 32 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return None
+        weight = weight.detach()
+        for kind, dtype in HALF_KINDS.items():
+            # every bit (-0.0 too), its first row first: a float32 checkpoint's weight fails there, cheaply
+            if all(torch.equal(rows.to(dtype).float().view(torch.int32), rows.view(torch.int32)) for rows in (weight[:1], weight)):
+                return cls(kind, weight.to(dtype).view(torch.int16), torch.empty(weight.shape[0], 0, dtype=torch.float32),
+                           None, tuple(weight.shape))  # fmt: skip
+        return None
+
     def take_rows(self, rows: torch.Tensor) -> QuantizedWeight:
         """The same weight with its rows taken in this order (a row's blocks move with it)."""
         return QuantizedWeight(self.kind, self.quants[rows].contiguous(), self.scales[rows].contiguous(),
@@ -105,6 +123,8 @@ class QuantizedWeight:
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """The float32 weight [out, in], or some of its rows (GGUF's own dequantization, in torch)."""
         k = self.shape[1]
+        if self.kind in HALF_KINDS:
+            return self.quants[rows].view(HALF_KINDS[self.kind]).float().reshape(-1, k)
         if self.kind in ("Q4_1", "Q4_MS16"):
             q = self.quants[rows].reshape(-1, k // 32, 16).to(torch.int32)
             q = torch.cat([q & 15, q >> 4], dim=2)

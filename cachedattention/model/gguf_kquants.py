@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cachedattention.kernels.few_rows_linear import QuantizedWeight
+from cachedattention.kernels.few_rows_linear import HALF_KINDS, QuantizedWeight
 from cachedattention.model.gguf_iquants import IQ_BYTES, SUPER, halves, iq_weight, random_iq_rows
 
 K_QUANT_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # bytes of one super-block
@@ -48,6 +48,8 @@ def reexpressible(kind: str, in_features: int) -> bool:
         return in_features % IQ4_BLOCKS[kind][0] == 0
     if kind in K_QUANT_BYTES or kind in IQ_BYTES or kind in TERNARY_BYTES:
         return in_features % SUPER == 0
+    if kind in HALF_KINDS:  # (held as they are, rows of whole blocks of 32)
+        return in_features % 32 == 0
     return kind in LEGACY_BYTES and in_features % 32 == 0
 
 
@@ -57,6 +59,12 @@ def reexpressed_weight(kind: str, rows: np.ndarray, in_features: int) -> Quantiz
         return iq4_weight(kind, rows, in_features)
     if kind in TERNARY_BYTES:
         return ternary_weight(kind, rows, in_features)
+    if kind in HALF_KINDS:  # 16-bit floats: their bits as they are
+        if in_features % 32:
+            raise ValueError(f"rows of {kind} for the kernel are whole blocks of 32, not {in_features}")
+        halves = torch.from_numpy(np.ascontiguousarray(rows).view(np.int16).reshape(rows.shape[0], in_features).copy())
+        return QuantizedWeight(kind, halves, torch.empty(rows.shape[0], 0, dtype=torch.float32), None,
+                               (rows.shape[0], in_features))  # fmt: skip
     if kind in IQ_BYTES:
         return iq_weight(kind, rows, in_features)
     return legacy_weight(kind, rows, in_features) if kind in LEGACY_BYTES else kquant_weight(kind, rows, in_features)

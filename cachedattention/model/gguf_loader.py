@@ -297,7 +297,7 @@ def gguf_state_dict(path: GGUFSource, config: dict[str, Any], blocks_only: Colle
 
 def gguf_quantized_weights(path: GGUFSource, config: dict[str, Any] | None = None) -> dict[str, QuantizedWeight]:
     """The weights of linear layers stored in block types the few-rows kernel reads (Q4_1, Q8_0 as
-    they are; Q2_K-Q6_K, Q4_0, Q5_0, Q5_1, the IQ and TQ types re-expressed exactly), as blocks, under Hugging Face names and row order (the
+    they are; Q2_K-Q6_K, Q4_0, Q5_0, Q5_1, the IQ and TQ types re-expressed exactly; F16 and BF16 as their 16-bit values), as blocks, under Hugging Face names and row order (the
     embedding too: a tied head uses it, and a lookup of it held only as blocks). `path` is a file name or a reader from open_gguf."""
     reader = _reader(path)
     config = config or gguf_config(reader)
@@ -356,8 +356,10 @@ def load_blocks(path: Path) -> dict[str, QuantizedWeight]:
             for name, kind in kinds.items():
                 scales = f.get_tensor(f"{name}.scales")
                 mins = f.get_tensor(f"{name}.mins") if f"{name}.mins" in f.keys() else None
-                shape = (scales.shape[0], scales.shape[1] * QuantizedWeight.weights_per_scale(kind))
-                out[name] = QuantizedWeight(kind, f.get_tensor(f"{name}.quants"), scales, mins, shape)
+                quants = f.get_tensor(f"{name}.quants")
+                per_scale = QuantizedWeight.weights_per_scale(kind)  # (0: 16-bit values, no scales)
+                shape = (quants.shape[0], scales.shape[1] * per_scale if per_scale else quants.shape[1])
+                out[name] = QuantizedWeight(kind, quants, scales, mins, shape)
             return out
     except Exception as e:  # whatever a damaged file raises (safetensors' own error included)
         raise ValueError(f"{path} is not a readable blocks file: {e}") from e

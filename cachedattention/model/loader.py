@@ -20,7 +20,7 @@ from cachedattention.model.gguf_loader import (
     load_blocks,
     open_gguf,
 )
-from cachedattention.model.layers import Linear
+from cachedattention.model.layers import Embedding, Linear
 from cachedattention.model.llama import LlamaForCausalLM
 from cachedattention.model.rope import inv_frequencies
 from cachedattention.model.spec import ModelSpec, spec_from_hf_config
@@ -72,7 +72,8 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         if check_spec is not None:
             check_spec(spec)
         cpu_float32 = torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32
-        quantized = _gguf_blocks(reader, config) if cpu_float32 else {}
+        # (without the kernel no call reads blocks: none are made)
+        quantized = _gguf_blocks(reader, config) if cpu_float32 and FewRowsLinearKernel.load() is not None else {}
         blocks_only = _layers_as_blocks(config, quantized, reader)
         read = gguf_state_dict(reader, config, blocks_only)
         state = _to_our_weights(read, spec)
@@ -95,10 +96,14 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
     no_tokenizer = tokenizer is None and path.is_dir() and not _has_tokenizer(path)
     tok = None if no_tokenizer else load_tokenizer(tokenizer or str(path), spec.vocab_size)
     model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
+    del state  # (the model holds its weights: one it replaces below is then freed at once)
+    cpu_float32 = torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32
     if blocks_only:  # no float32 copy to fall back on: attached, or the load fails
         attach_quantized(model, blocks(), blocks_only)
-    elif blocks is not None and torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32:
+    elif blocks is not None and cpu_float32:
         _attach_blocks(model, blocks, path if embedded else None)
+    elif cpu_float32 and path.is_dir():
+        hold_as_halves(model)
     return LoadedModel(model, spec, tok, path.name, weights_id(path))
 
 
@@ -141,6 +146,34 @@ def _attach_blocks(model: LlamaForCausalLM, blocks, embedded_dir: Path | None) -
         attach_quantized(model, load_blocks(embedded_dir / BLOCKS_FILE))
     except ValueError as e:  # could not be rewritten (a read-only cache): float32 serves alone
         log.warning("GGUF blocks not used: %s", e)
+
+
+def hold_as_halves(model: LlamaForCausalLM) -> int:
+    """A checkpoint's bfloat16 (or float16) weights, loaded as float32 on a CPU: those of the linear
+    layers (but a mixture's router, read in float32 as a GGUF's is), the embedding and the head kept
+    only as their 16-bit values, which the few-rows kernel reads (half float32's memory, half the
+    bytes a decode step reads; the arithmetic stays float32), each where every value is one exactly.
+    Each float32 copy goes as soon as its blocks are made. Returns how many weights."""
+    if FewRowsLinearKernel.load() is None:  # (the kernel serves blocks-only weights; torch would dequantize each call)
+        return 0
+    embedding, head = model.model.embed_tokens, model.lm_head
+    tied = head.weight is embedding.weight
+    held = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, (Linear, Embedding)) or module.quantized is not None or name.endswith("mlp.gate"):
+            continue
+        if tied and module is head:
+            continue
+        halves = QuantizedWeight.from_halves(module.weight)
+        if halves is None:
+            continue
+        placeholder = torch.nn.Parameter(torch.zeros((), dtype=torch.float32).expand(halves.shape), requires_grad=False)
+        for each in (module, head) if tied and module is embedding else (module,):  # (a tied head reads the embedding's)
+            each.quantized, each.blocks_only, each.weight = halves, True, placeholder
+        held += 1
+    if held:
+        log.info("%d weights held as their 16-bit values (the checkpoint's bfloat16 or float16)", held)
+    return held
 
 
 def _gguf_blocks(reader, config: dict) -> dict[str, QuantizedWeight]:

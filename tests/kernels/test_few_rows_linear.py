@@ -251,6 +251,36 @@ def test_iq4_blocks_are_read_as_q8_0_equal_to_gguf_bit_for_bit(kernel, kind, in_
         reexpressed_weight(kind, rows, in_features + 16)
 
 
+@pytest.mark.parametrize("dtype, kind", [(torch.bfloat16, "BF16"), (torch.float16, "F16")])
+def test_16_bit_weights_are_read_as_they_are_equal_to_float32_bit_for_bit(kernel, dtype, kind):
+    """A checkpoint's bfloat16 or float16 weights held as their 16 bits: the kernel over them equals
+    the kernel over their float32 values (up to four rows in registers, more through L1), and so does
+    a dequantization; weights that are not all such values, or rows not of whole blocks of 32, are not."""
+    w = torch.randn(70, 160).to(dtype).float()
+    w[0, :2] = torch.tensor([-0.0, 0.0])
+    q = QuantizedWeight.from_halves(w)
+    assert q.kind == kind and q.quants.dtype == torch.int16 and q.scales.shape == (70, 0)
+    assert same_bits(q.dequantize(), w) and same_bits(kernel.dequantize(q), w) and same_bits(q.dequantize(slice(3, 5)), w[3:5])
+    for n in (1, 3, 4, 5, MAX_ROWS, 100):
+        x = torch.randn(n, 160)
+        assert torch.equal(kernel.run(x, q, None), kernel.run(x, w, None)), f"{n} rows"
+    assert QuantizedWeight.from_halves(torch.randn(4, 64)) is None
+    assert QuantizedWeight.from_halves(torch.randn(4, 48).to(dtype).float()) is None
+    later = torch.randn(4, 64).to(dtype).float()
+    later[3, 5] = 0.1  # the first rows are 16-bit values, not the last
+    assert QuantizedWeight.from_halves(later) is None
+
+
+@pytest.mark.parametrize("kind", ["F16", "BF16"])
+def test_a_gguf_s_16_bit_tensors_are_held_as_they_are(kind):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    rows = quantize(np.random.default_rng(3).standard_normal((8, 96)).astype(np.float32), GGMLQuantizationType[kind])
+    weight = reexpressed_weight(kind, rows, 96)
+    assert weight.kind == kind and same_bits(weight.dequantize(), torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind])))
+
+
 @pytest.mark.parametrize("kind", ["TQ1_0", "TQ2_0"])
 def test_ternary_blocks_are_read_as_q8_0_equal_to_gguf_bit_for_bit(kernel, kind):
     """TQ1_0 and TQ2_0 (gguf's own quantization of random weights, and random bytes throughout)
@@ -362,6 +392,8 @@ def test_blocks_file_round_trip_and_a_damaged_one(tmp_path):
         "c.weight": kquant_weight("Q5_K", random_kquant_rows("Q5_K", 3, 256, seed=3), 256),  # Q8_M
         "d.weight": kquant_weight("Q6_K", random_kquant_rows("Q6_K", 2, 512, seed=4), 512),  # Q8_S16
         "e.weight": kquant_weight("Q2_K", random_kquant_rows("Q2_K", 3, 512, seed=5), 512),  # Q4_MS16
+        "f.weight": QuantizedWeight.from_halves(torch.randn(3, 96).bfloat16().float()),  # BF16: no scales
+        "g.weight": QuantizedWeight.from_halves(torch.randn(2, 64).half().float()),  # F16
     }
     save_blocks(blocks, tmp_path / "blocks.safetensors")
     loaded = load_blocks(tmp_path / "blocks.safetensors")
