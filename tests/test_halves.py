@@ -29,8 +29,14 @@ def saved_as(kind: str, dtype: torch.dtype, tmp_path):
 def test_a_16_bit_checkpoint_is_served_from_its_16_bit_weights(kind, dtype, kinds, tmp_path, monkeypatch):
     if FewRowsLinearKernel.load() is None:
         pytest.skip("no few-rows kernel here (a C compiler and AVX-512): the weights stay float32")
+    from cachedattention.model import loader
+
     path, hf = saved_as(kind, dtype, tmp_path)
+    late = []  # weights found only after a float32 copy was made: none, they are taken while loading
+    monkeypatch.setattr(loader, "hold_as_halves", lambda m, real=loader.hold_as_halves: late.append(real(m)))
     llm = LLM(model=str(path))
+    monkeypatch.undo()
+    assert late == [0]
     model = llm.engine.model
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (Linear, Embedding))]
     held = [m for n, m in layers if not n.endswith("mlp.gate")]  # (a router stays float32)
@@ -49,6 +55,15 @@ def test_a_16_bit_checkpoint_is_served_from_its_16_bit_weights(kind, dtype, kind
     plain = capture_logits(monkeypatch)
     assert llm.generate([PROMPT], GREEDY)[0].token_ids == out.token_ids
     assert all(torch.equal(a, b) for a, b in zip(seen, plain, strict=True))
+
+
+def test_a_float32_checkpoint_of_16_bit_values_is_held_so_too(tmp_path):
+    """A bfloat16 model saved in float32 (its values still bfloat16's) is held as BF16 after loading."""
+    if FewRowsLinearKernel.load() is None:
+        pytest.skip("no few-rows kernel here")
+    make_tiny_model("llama", tmp_path / "made").to(torch.bfloat16).float().save_pretrained(tmp_path / "upcast")
+    held = [m for m in LLM(model=str(tmp_path / "upcast")).engine.model.modules() if isinstance(m, (Linear, Embedding))]
+    assert all(m.blocks_only and m.quantized.kind == "BF16" for m in held)
 
 
 def test_weights_that_are_not_16_bit_values_stay_float32(tiny_dirs, tmp_path):

@@ -286,10 +286,41 @@ def build_model(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.d
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
     _check_weights(state, places)
+    halves = _take_halves(model, state) if device.type == "cpu" and dtype == torch.float32 else {}
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    for name, weight in halves.items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        module.quantized, module.blocks_only = weight, True
+    if "model.embed_tokens.weight" in halves and model.lm_head.weight is model.model.embed_tokens.weight:
+        model.lm_head.quantized, model.lm_head.blocks_only = halves["model.embed_tokens.weight"], True
     return model.eval()
+
+
+def _take_halves(model: LlamaForCausalLM, state: dict[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
+    """The checkpoint's bfloat16 and float16 weights of the layers that read 16-bit values as they
+    are (linear layers but a mixture's router, the embedding, the head; rows of whole blocks of 32),
+    taken as blocks (a copy of their 16 bits) and replaced in `state` by placeholders: served in
+    float32 (hold_as_halves), they never get a float32 copy, so loading takes about twice the
+    checkpoint's memory at most, not three times. None without the few-rows kernel, which serves them."""
+    if FewRowsLinearKernel.load() is None:
+        return {}
+    taken = {}
+    for name, t in state.items():
+        owner = name.removesuffix(".weight")
+        if t.dtype not in (torch.bfloat16, torch.float16) or t.dim() != 2 or t.shape[1] % 32 or owner.endswith("mlp.gate"):
+            continue
+        if not isinstance(model.get_submodule(owner) if name.endswith(".weight") else None, (Linear, Embedding)):
+            continue
+        kind = "BF16" if t.dtype == torch.bfloat16 else "F16"
+        # a copy of its own: safetensors maps the file, whose pages would be read in by the first
+        # request (and change with the file)
+        taken[name] = QuantizedWeight(kind, t.view(torch.int16).clone(memory_format=torch.contiguous_format),
+                                      torch.empty(t.shape[0], 0, dtype=torch.float32), None, tuple(t.shape))  # fmt: skip
+    for name, weight in taken.items():
+        state[name] = torch.zeros((), dtype=torch.float32).expand(weight.shape)
+    return taken
 
 
 FLOAT_WEIGHTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
