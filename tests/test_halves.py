@@ -57,6 +57,18 @@ def test_a_16_bit_checkpoint_is_served_from_its_16_bit_weights(kind, dtype, kind
     assert all(torch.equal(a, b) for a, b in zip(seen, plain, strict=True))
 
 
+@pytest.mark.parametrize("kind", ["glm", "ernie4_5", "phi4-mini", "gemma2", "cohere", "gpt_oss", "glm4_moe", "granitemoeshared"])
+def test_16_bit_checkpoints_of_families_the_loader_reorders_or_rescales_match_transformers(kind, tmp_path, monkeypatch):
+    """q and k's dimensions reordered (a partial rotary, adjacent pairs), scales folded in (Gemma 2's
+    query, longrope's factor), fused experts split, MXFP4 experts: held where still 16-bit values."""
+    if FewRowsLinearKernel.load() is None:
+        pytest.skip("no few-rows kernel here")
+    path, hf = saved_as(kind, torch.bfloat16, tmp_path)
+    llm = LLM(model=str(path))
+    assert sum(getattr(m, "blocks_only", False) for m in llm.engine.model.modules()) > 10
+    assert_logits_match(llm, hf, PROMPT + PROMPT, GREEDY, monkeypatch)
+
+
 def test_a_float32_checkpoint_of_16_bit_values_is_held_so_too(tmp_path):
     """A bfloat16 model saved in float32 (its values still bfloat16's) is held as BF16 after loading."""
     if FewRowsLinearKernel.load() is None:
