@@ -78,6 +78,22 @@ def test_a_float32_checkpoint_of_16_bit_values_is_held_so_too(tmp_path):
     assert all(m.blocks_only and m.quantized.kind == "BF16" for m in held)
 
 
+def test_a_tied_head_reads_the_embedding_whatever_copy_the_checkpoint_holds(tmp_path):
+    """Found by a review: a tied checkpoint's own bfloat16 lm_head.weight (another tensor) was
+    served where the float32 embedding should be."""
+    from safetensors.torch import load_file, save_file
+
+    if FewRowsLinearKernel.load() is None:
+        pytest.skip("no few-rows kernel here")
+    path, _ = saved_as("llama-tied", torch.bfloat16, tmp_path)
+    state = load_file(str(path / "model.safetensors"))
+    state["model.embed_tokens.weight"] = torch.randn_like(state["model.embed_tokens.weight"].float())  # not 16-bit
+    state["lm_head.weight"] = torch.randn_like(state["model.embed_tokens.weight"]).bfloat16()  # another head
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model = LLM(model=str(path)).engine.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight and not model.lm_head.blocks_only
+
+
 def test_weights_that_are_not_16_bit_values_stay_float32(tiny_dirs, tmp_path):
     """A float32 checkpoint's weights (random values) keep float32; so does, in a bfloat16 one, a
     weight the loader scales (Granite's multipliers folded into q, o and down)."""

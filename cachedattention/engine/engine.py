@@ -316,24 +316,20 @@ class LLMEngine:
 
     def _check_window(self, req: Request) -> None:
         """ValueError if the prompt, as the store planned it, does not fit the window. A session's
-        newest turn, which truncation keeps whole, must also leave the answer the room truncation
-        makes for it (max_tokens, up to a quarter of the window), as vLLM refuses a prompt whose
-        max_tokens do not fit."""
+        system prompt and newest turn, which truncation keeps whole, say so."""
         n, window, store = len(req.prompt_token_ids), self.max_model_len, self.config.store
+        if n < window:
+            return
         truncating = self.store is not None and store.truncation != "off"
         if req.session_id is not None and truncating and req.truncate and req.tail_tokens:
-            room = min(req.params.max_tokens, window // 4)
-            if n + room > window:
-                raise ValueError(
-                    f"the prompt has {n} tokens, past what the model's window of {window} leaves for an answer of "
-                    f"{room}: truncation drops only older turns, keeping the system prompt and the newest turn "
-                    f"({req.store_state.plan.head} and {min(req.tail_tokens, n)} tokens) whole; shorten them or "
-                    "lower max_tokens"
-                )
-        elif n >= window:
-            hint = ("" if req.session_id is None or truncating
-                    else " (or let the store truncate the session's history: the store on, truncation reuse)")  # fmt: skip
-            raise ValueError(f"the prompt has {n} tokens but the model's window is {window}; shorten it{hint}")
+            raise ValueError(
+                f"the prompt has {n} tokens but the model's window is {window}: truncation drops only older "
+                f"turns, keeping the system prompt and the newest turn ({req.store_state.plan.head} and "
+                f"{min(req.tail_tokens, n)} tokens) whole; shorten them"
+            )
+        hint = ("" if req.session_id is None or truncating
+                else " (or let the store truncate the session's history: the store on, truncation reuse)")  # fmt: skip
+        raise ValueError(f"the prompt has {n} tokens but the model's window is {window}; shorten it{hint}")
 
     def _bad_words_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Each bad word's token ids as the tokenizer writes it alone and after a space (a word of its

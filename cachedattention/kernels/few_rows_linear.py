@@ -107,10 +107,13 @@ class QuantizedWeight:
         exactly (a checkpoint's bfloat16 or float16 weights), rows of whole blocks of 32; else None."""
         if weight.dim() != 2 or weight.shape[1] % 32 or weight.dtype != torch.float32 or weight.device.type != "cpu":
             return None
+        if weight.shape[0] == 0:
+            return None
         weight = weight.detach()
         for kind, dtype in HALF_KINDS.items():
-            # every bit (-0.0 too), its first row first: a float32 checkpoint's weight fails there, cheaply
-            if all(torch.equal(rows.to(dtype).float().view(torch.int32), rows.view(torch.int32)) for rows in (weight[:1], weight)):
+            # every bit (-0.0 too), a few rows first: a float32 checkpoint's weight fails there, cheaply
+            few = weight[[0, weight.shape[0] // 2, weight.shape[0] - 1]]
+            if all(torch.equal(rows.to(dtype).float().view(torch.int32), rows.view(torch.int32)) for rows in (few, weight)):
                 return cls(kind, weight.to(dtype).view(torch.int16), torch.empty(weight.shape[0], 0, dtype=torch.float32),
                            None, tuple(weight.shape))  # fmt: skip
         return None

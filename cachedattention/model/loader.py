@@ -309,6 +309,8 @@ def _take_halves(model: LlamaForCausalLM, state: dict[str, torch.Tensor]) -> dic
     taken = {}
     for name, t in state.items():
         owner = name.removesuffix(".weight")
+        if name == "lm_head.weight" and model.spec.tie_word_embeddings:
+            continue  # (a tied head is the embedding, whatever copy the checkpoint also holds)
         if t.dtype not in (torch.bfloat16, torch.float16) or t.dim() != 2 or t.shape[1] % 32 or owner.endswith("mlp.gate"):
             continue
         if not isinstance(model.get_submodule(owner) if name.endswith(".weight") else None, (Linear, Embedding)):

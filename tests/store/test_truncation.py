@@ -134,14 +134,14 @@ def test_a_chat_message_past_the_window_is_refused_and_a_long_one_keeps_its_whol
     out = llm.chat(short, params, session_id="s")  # the refused turn lost nothing of the session
     assert out.metrics.cached_tokens["host"] > tok.head_length(short, tok.encode_chat(short))
     conv = [*short, {"role": "assistant", "content": out.outputs[0].text}]
-    for n in range(200, 1, -1):  # the longest message that fits with all the history dropped
+    for n in range(200, 1, -1):  # the longest message that fits the window with all the history dropped
         long = [*conv, {"role": "user", "content": "word " * n}]
         prompt = tok.encode_chat(long)
         head, tail = tok.kept_lengths(long, prompt)
-        if head + tail + 8 <= WINDOW:  # (room for the answer's 8 tokens)
+        if head + tail < WINDOW:
             break
     assert prompt[-tail:] == tok.encode_chat([{"role": "user", "content": "word " * n}])[-tail:]
-    out = llm.chat(long, params, session_id="s")
+    out = llm.chat(long, params, session_id="s")  # (its answer has less room than truncation makes: cut at the window)
     assert out.prompt_token_ids == prompt[:head] + prompt[-tail:]
     assert out.metrics.truncated_tokens == len(prompt) - head - tail > 0
     with pytest.raises(ValueError, match="keeping the system prompt and the newest turn"):  # one word more
