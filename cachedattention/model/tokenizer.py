@@ -187,15 +187,9 @@ class Tokenizer:
         the system prompt (given or the template's default, with any tools) that context truncation
         keeps, and the first message's header (a user's), so that what follows a cut reads as a
         user message, and one whole when truncation dropped all the history before the newest."""
-        stand_in = {"role": "user", "content": "\x00"}  # its content differs at once: LCP = up to a content
-        probe = [messages[0], stand_in] if messages and messages[0]["role"] == "system" else [stand_in]
-        try:
-            kwargs, template = (options.template_kwargs, options.template) if options is not None else ({}, None)
-            rendered = self.encode_chat(probe, tools=tools, options=ChatOptions(False, template_kwargs=kwargs, template=template))
-        except ValueError as e:  # the template's refusal
-            log.info("the chat template cannot render the system turn with a stand-in message (%s); truncation keeps no head", e)
-            return 0
-        return common_prefix(rendered, prompt)
+        history = [messages[0]] if messages and messages[0]["role"] == "system" else []
+        start = self._leaving(history, prompt, tools, _plain(options))
+        return 0 if start is None else start  # (a template refusing it: truncation keeps no head)
 
     def kept_lengths(
         self, messages: Sequence[dict[str, Any]], prompt: Sequence[int], tools: list | None = None,
@@ -214,8 +208,7 @@ class Tokenizer:
         last = max((i for i in range(query) if messages[i]["role"] == "assistant"), default=None)
         if last is None:  # a first turn: all of it after the head is new
             return head, len(prompt) - head
-        kwargs, template = (options.template_kwargs, options.template) if options is not None else ({}, None)
-        plain = ChatOptions(False, template_kwargs=kwargs, template=template)
+        plain = _plain(options)
         # the newest turn after a short stand-in history (a long conversation is not rendered twice),
         # taken if the prompt ends with exactly its tokens
         stand_in = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
@@ -249,3 +242,9 @@ class Tokenizer:
         options: ChatOptions | None = None,
     ) -> list[int]:  # fmt: skip
         return self.encode(self.render_chat(messages, add_generation_prompt, tools, options))
+
+
+def _plain(options: ChatOptions | None) -> ChatOptions:
+    """The request's template and its variables, without a generation prompt: to render probes."""
+    kwargs, template = (options.template_kwargs, options.template) if options is not None else ({}, None)
+    return ChatOptions(False, template_kwargs=kwargs, template=template)
