@@ -110,13 +110,19 @@ class QuantizedWeight:
         if weight.shape[0] == 0:
             return None
         weight = weight.detach()
-        for kind, dtype in HALF_KINDS.items():
+        for dtype in HALF_KINDS.values():
             # every bit (-0.0 too), a few rows first: a float32 checkpoint's weight fails there, cheaply
             few = weight[[0, weight.shape[0] // 2, weight.shape[0] - 1]]
             if all(torch.equal(rows.to(dtype).float().view(torch.int32), rows.view(torch.int32)) for rows in (few, weight)):
-                return cls(kind, weight.to(dtype).view(torch.int16), torch.empty(weight.shape[0], 0, dtype=torch.float32),
-                           None, tuple(weight.shape))  # fmt: skip
+                return cls.from_16_bit(weight.to(dtype))
         return None
+
+    @classmethod
+    def from_16_bit(cls, values: torch.Tensor) -> QuantizedWeight:
+        """A bfloat16 or float16 [out, in] tensor as BF16 or F16 blocks (its memory when contiguous)."""
+        kind = next(kind for kind, dtype in HALF_KINDS.items() if dtype == values.dtype)
+        return cls(kind, values.contiguous().view(torch.int16), torch.empty(values.shape[0], 0, dtype=torch.float32),
+                   None, tuple(values.shape))  # fmt: skip
 
     def take_rows(self, rows: torch.Tensor) -> QuantizedWeight:
         """The same weight with its rows taken in this order (a row's blocks move with it)."""

@@ -62,9 +62,8 @@ def reexpressed_weight(kind: str, rows: np.ndarray, in_features: int) -> Quantiz
     if kind in HALF_KINDS:  # 16-bit floats: their bits as they are
         if in_features % 32:
             raise ValueError(f"rows of {kind} for the kernel are whole blocks of 32, not {in_features}")
-        halves = torch.from_numpy(np.ascontiguousarray(rows).view(np.int16).reshape(rows.shape[0], in_features).copy())
-        return QuantizedWeight(kind, halves, torch.empty(rows.shape[0], 0, dtype=torch.float32), None,
-                               (rows.shape[0], in_features))  # fmt: skip
+        bits = torch.from_numpy(np.ascontiguousarray(rows).view(np.int16).reshape(rows.shape[0], in_features).copy())
+        return QuantizedWeight.from_16_bit(bits.view(HALF_KINDS[kind]))
     if kind in IQ_BYTES:
         return iq_weight(kind, rows, in_features)
     return legacy_weight(kind, rows, in_features) if kind in LEGACY_BYTES else kquant_weight(kind, rows, in_features)

@@ -315,11 +315,9 @@ def _take_halves(model: LlamaForCausalLM, state: dict[str, torch.Tensor]) -> dic
             continue
         if not isinstance(model.get_submodule(owner) if name.endswith(".weight") else None, (Linear, Embedding)):
             continue
-        kind = "BF16" if t.dtype == torch.bfloat16 else "F16"
         # a copy of its own: safetensors maps the file, whose pages would be read in by the first
         # request (and change with the file)
-        taken[name] = QuantizedWeight(kind, t.view(torch.int16).clone(memory_format=torch.contiguous_format),
-                                      torch.empty(t.shape[0], 0, dtype=torch.float32), None, tuple(t.shape))  # fmt: skip
+        taken[name] = QuantizedWeight.from_16_bit(t.clone(memory_format=torch.contiguous_format))
     for name, weight in taken.items():
         state[name] = torch.zeros((), dtype=torch.float32).expand(weight.shape)
     return taken
