@@ -199,8 +199,8 @@ class Tokenizer:
         system prompt, `head_length`: through the first message's header) and its tail, the newest
         turn (from the content of the first message after the last answer before the last user
         message: that message, tool calls and results after it, the generation prompt; a continued
-        final answer too). Only the history between them is ever dropped (by tokens: what is left of
-        it may start mid-message; all of it dropped, the head and tail join as a conversation); a
+        final answer too). Only the history between them is ever dropped (the store's cut ends where
+        a recorded turn starts, this one's tail included: the head and what follows join as a conversation); a
         newest turn too long for the window is refused (as vLLM refuses a prompt past it), not served cut."""
         head = self.head_length(messages, prompt, tools, options)
         answered = len(messages) - 1 if options is not None and options.continue_final_message else len(messages)

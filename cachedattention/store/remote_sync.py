@@ -17,7 +17,7 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from cachedattention.store.remote import RemoteTier, block_keys
@@ -210,7 +210,7 @@ class RemoteSync:
             rec = store.records.get(key)
             if rec is None:
                 return
-            rec = SessionRecord(key, list(rec.logical), list(rec.spans), rec.head, rec.dropped_until, rec.stamp)
+            rec = replace(rec, logical=list(rec.logical), spans=list(rec.spans))  # (a copy to read unlocked)
         segs = rec.segment_ids()
         for seg in segs:
             store.wait_saved(seg, SAVE_WAIT_S)

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cachedattention.config import StoreConfig
 from cachedattention.kvcache.hashing import block_hashes
@@ -36,6 +36,7 @@ from cachedattention.store.session import (
     common_prefix,
     plan_turn,
     spans_while,
+    turn_starts_fit,
 )
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class AttentionStore:
             rec = self.records[key]
             kept = spans_while(rec.spans, lambda s: s != seg_id)
             if kept:
-                self._replace_record(SessionRecord(key, rec.logical, kept, rec.head, rec.dropped_until, rec.stamp))
+                self._replace_record(replace(rec, spans=kept))
                 if self.disk is not None:
                     self._io.put(("record", key))
             else:
@@ -274,7 +275,8 @@ class AttentionStore:
     def commit(self, key: str, logical: list[int], plan: TurnPlan, reuse: Sequence[Span], new: Span | None) -> None:
         """Replace the session's record: the reused spans, then this turn's new segment (maybe still saving)."""
         spans = list(reuse) + ([new] if new is not None and new.length > 0 else [])
-        record = SessionRecord(key, logical, spans, plan.head, plan.dropped_until, plan.planned_at)
+        starts = tuple(t for t in plan.turn_starts if t < len(logical))  # (a turn that ended inside its prompt)
+        record = SessionRecord(key, logical, spans, plan.head, plan.dropped_until, plan.planned_at, starts)
         with self._lock:
             if plan.planned_at < self._forgotten_at.get(key, float("-inf")):
                 return  # planned before the session was forgotten (on another replica): it stays forgotten
@@ -302,8 +304,7 @@ class AttentionStore:
         old = self.records.get(key)
         if self.config.session_branches and old is not None and old.num_kv > 0 and not _continues(new, old):
             branch = f"{key}{BRANCH_SEP}{uuid.uuid4().hex[:12]}"
-            self._replace_record(SessionRecord(branch, old.logical, list(old.spans), old.head, old.dropped_until,
-                                               old.stamp))  # fmt: skip
+            self._replace_record(replace(old, key=branch, spans=list(old.spans)))
             self._branches.setdefault(key, []).append(branch)
             if self.disk is not None:
                 self._io.put(("record", branch))
@@ -816,6 +817,8 @@ class AttentionStore:
                 if not keys or any(k not in self.records for k in keys):
                     raise RuntimeError(f"the anonymous index names no record, or a dropped one, at block {h}")
             for rec in self.records.values():
+                if not turn_starts_fit(rec.turn_starts, len(rec.logical)):
+                    raise RuntimeError(f"record {rec.key}'s turn starts {rec.turn_starts} are not within its tokens, ascending")
                 if rec.key.startswith(ANON_PREFIX) and not rec.truncated and any(
                         rec.key not in self._anon.get(h, ()) for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv)):  # fmt: skip
                     raise RuntimeError(f"anonymous record {rec.key} is missing from the index")

@@ -123,6 +123,69 @@ def test_plan_turn_drops_an_earlier_cut_that_reaches_into_the_newest_turn():
     assert same.effective_prompt == list(range(HEAD)) + list(range(60, 70)) and same.reuse[-1] == Span("a", 60, 70)
 
 
+def test_plan_turn_cuts_at_the_turn_start_nearest_the_share_it_drops():
+    # a record of three turns past the head, starting at 30, 60 and 90; the prompt adds a newest turn at 100
+    rec = SessionRecord("s", list(range(100)), [Span("a", 0, 100)], head=HEAD, dropped_until=HEAD,
+                        turn_starts=(30, 60, 90))  # fmt: skip
+    prompt = list(range(100)) + [7] * 20
+    plan = plan_turn(rec, prompt, WINDOW, 16, 0, 0.5, "reuse", tail=20)
+    # half the history (46 tokens) would end the cut at 54: the nearest turn start is 60
+    assert plan.truncated_now == 60 - HEAD and plan.effective_prompt == list(range(HEAD)) + list(range(60, 100)) + [7] * 20
+    assert plan.reuse == [Span("a", 0, HEAD), Span("a", 60, 100)] and plan.turn_starts == (30, 60, 90, 100)
+    # a cut must make room: with 100 of 120 tokens to drop, only this turn's own start (all the history) fits
+    tight = plan_turn(rec, prompt, 40, 8, 0, 0.5, "reuse", tail=20)
+    assert tight.effective_prompt == list(range(HEAD)) + [7] * 20
+    # none in reach (a plain prompt's turns: no tail): at the token
+    plain = plan_turn(SessionRecord("p", list(range(100)), [Span("a", 0, 100)], head=HEAD, dropped_until=HEAD),
+                      prompt, WINDOW, 16, 0, 0.5, "reuse")  # fmt: skip
+    assert plain.truncated_now == 46 and plain.turn_starts == ()
+    # an edited history keeps only the turn starts before the edit, and this turn's own
+    edited = plan_turn(rec, list(range(70)) + [9] * 30, WINDOW, 16, 0, 0.5, "reuse", tail=10)
+    assert edited.turn_starts == (30, 60, 90) and edited.truncated_now == 0
+    # a later cut starts from the earlier one, at a later turn start
+    cut = SessionRecord("s", list(range(150)), [Span("a", 0, HEAD), Span("a", 60, 150)], head=HEAD, dropped_until=60,
+                        turn_starts=(30, 60, 90, 100, 125))  # fmt: skip
+    later = plan_turn(cut, list(range(150)) + [7] * 40, WINDOW, 16, 0, 0.5, "reuse", tail=40)
+    assert later.dropped_until in (90, 100, 125, 150) and later.dropped_until - 60 >= 150 + 40 - 60 + HEAD - 112
+    assert later.dropped_until == 100  # (half its 90 history tokens ends at 105: 100 is the nearest)
+
+
+def test_a_record_keeps_its_turn_starts_through_json():
+    rec = SessionRecord("s", list(range(50)), [Span("a", 0, 50)], head=4, dropped_until=4, turn_starts=(10, 30))
+    assert SessionRecord.from_json(rec.to_json()) == rec
+    old = {k: v for k, v in rec.to_json().items() if k != "turn_starts"}  # written before turns were kept
+    assert SessionRecord.from_json(old).turn_starts == ()
+    for bad in ([30, 10], [0, 10], [10, 51], [10, "x"], "10"):
+        with pytest.raises(ValueError, match="not a session record"):
+            SessionRecord.from_json({**rec.to_json(), "turn_starts": bad})
+
+
+def test_a_truncated_chat_keeps_whole_messages(chat_model_dir):
+    """Each cut ends where a user message's content starts: what the model reads after the kept
+    head (the system prompt and a user header) is a message from its beginning, then whole turns."""
+    llm = LLM(model=str(chat_model_dir), enable_store=True, cache=NO_DEVICE, max_model_len=256)
+    tok, params = llm.engine.tokenizer, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    conv, cuts, cut_in_history = [{"role": "system", "content": "You are brief."}], 0, 0
+    for turn in range(10):
+        conv.append({"role": "user", "content": f"Question {turn}: " + "tell me more " * (3 + turn % 4)})
+        out = llm.chat(conv, params, session_id="s")
+        llm.engine.store.store.flush()
+        prompt = tok.encode_chat(conv)
+        head, _ = tok.kept_lengths(conv, prompt)
+        assert out.prompt_token_ids[:head] == prompt[:head]
+        if out.metrics.truncated_tokens:
+            cuts += 1
+            kept = tok.decode(out.prompt_token_ids[head:], skip_special_tokens=False)
+            first = int(kept.removeprefix("Question ").split(":")[0])
+            assert kept.startswith(conv[2 * first + 1]["content"])  # a whole user message, then what followed it
+            cut_in_history += first < turn  # (at an earlier turn's start, which the record kept)
+            assert out.prompt_token_ids[head:] == prompt[len(prompt) - len(out.prompt_token_ids) + head :]
+            assert out.metrics.cached_tokens["host"] > head  # the kept history's KV is reused
+        conv.append({"role": "assistant", "content": out.outputs[0].text})
+    assert cuts >= 2 and cut_in_history >= 1
+    llm.engine.store.check_integrity()
+
+
 def test_a_chat_message_past_the_window_is_refused_and_a_long_one_keeps_its_whole_turn(chat_model_dir):
     llm = LLM(model=str(chat_model_dir), enable_store=True, cache=NO_DEVICE, max_model_len=WINDOW)
     tok, params = llm.engine.tokenizer, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
