@@ -14,6 +14,7 @@ from cachedattention.interrupts import interrupts_between_steps
 from cachedattention.llm_args import sort_options
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
+from cachedattention.model.tokenizer import Kept
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, choice_params
 
@@ -175,7 +176,7 @@ class LLM:
         sessions = _one_each(session_id, len(prompts), "session_id")
         _check_distinct(sessions, "prompts")
         each = _one_each(params, len(prompts), "params")
-        return self._complete([(p, sp, s, (0, 0), p if isinstance(p, str) else None)
+        return self._complete([(p, sp, s, Kept(0, 0), p if isinstance(p, str) else None)
                                for p, sp, s in zip(prompts, each, sessions)])  # fmt: skip
 
     @overload
@@ -236,12 +237,12 @@ class LLM:
                     raise
                 raise InvalidRequest(f"conversation {n}: {e}", e.param) from None
             prompt = tokenizer.encode_chat(conv, tools=tools, options=options)
-            kept = tokenizer.kept_lengths(conv, prompt, tools, options) if sid is not None else (0, 0)
+            kept = tokenizer.kept_lengths(conv, prompt, tools, options) if sid is not None else Kept(0, 0)
             items.append((prompt, sp, sid, kept, tokenizer.decode(prompt, skip_special_tokens=False)))
         outs = self._complete(items)
         return outs if batch else outs[0]
 
-    def _complete(self, items: list[tuple[Prompt, SamplingParams | None, str | None, tuple[int, int], str | None]]
+    def _complete(self, items: list[tuple[Prompt, SamplingParams | None, str | None, Kept, str | None]]
                   ) -> list[RequestOutput]:  # fmt: skip
         """Add every request (n of each: one per choice) and step the engine until each has
         finished; one output per item, in their order. If one is refused, or anything stops the run
@@ -250,7 +251,7 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         try:
             with interrupts_between_steps() as raise_held:
-                for prompt, sp, sid, (head, tail), _ in items:
+                for prompt, sp, sid, (head, tail, starts), _ in items:
                     ids.append([])
                     sp = self.engine.default_params() if sp is None else sp
                     if isinstance(sp, SamplingParams) and sp.n > 1 and sid is not None:
@@ -259,7 +260,8 @@ class LLM:
                     for i in range(sp.n if isinstance(sp, SamplingParams) else 1):  # (else the engine refuses it)
                         choice = choice_params(sp, i) if isinstance(sp, SamplingParams) else sp
                         ids[-1].append(self.engine.add_request(prompt, choice, session_id=sid, head_tokens=head,
-                                                               tail_tokens=tail, save_to_store=i == 0))  # fmt: skip
+                                                               tail_tokens=tail, turn_starts=starts,
+                                                               save_to_store=i == 0))  # fmt: skip
                         raise_held()
                 wanted = {rid for each in ids for rid in each}
                 while len(done) < len(wanted):

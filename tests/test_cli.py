@@ -25,7 +25,8 @@ def test_generate_and_bad_model_path():
     ok = subprocess.run([sys.executable, "-m", "cachedattention.cli", "generate", "--prompt", "Hi", "--chat",
                          "--max-tokens", "4", "--no-store"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and ok.stdout.strip() and "TTFT" in ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "cachedattention.cli", "generate", "/no/such/model", "--prompt", "x"],
+    # (as `python -m cachedattention`, the package's own entry)
+    bad = subprocess.run([sys.executable, "-m", "cachedattention", "generate", "/no/such/model", "--prompt", "x"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 

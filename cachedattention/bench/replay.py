@@ -206,9 +206,10 @@ def _submit(engine: LLMEngine, conv: _Conversation, text_seed: int | None, drop_
     conv.messages.append({"role": "user", "content": user_text(conv.session, conv.turn, text_seed)})
     budget = prompt_budget(engine.max_model_len, turn.answer_tokens)
     ids, conv.messages = fit_prompt(engine.tokenizer, conv.messages, budget, drop_history)
-    head, tail = engine.tokenizer.kept_lengths(conv.messages, ids)
+    head, tail, starts = engine.tokenizer.kept_lengths(conv.messages, ids)
     params = SamplingParams(max_tokens=turn.answer_tokens, temperature=0.0, ignore_eos=True)
-    return engine.add_request(ids, params, session_id=conv.session.session_id, head_tokens=head, tail_tokens=tail)
+    return engine.add_request(ids, params, session_id=conv.session.session_id, head_tokens=head, tail_tokens=tail,
+                              turn_starts=starts)
 
 
 def _record(conv: _Conversation, out: RequestOutput, arrival: float, t0: float) -> TurnRecord:

@@ -55,6 +55,13 @@ def _check_window(max_model_len: int, trained: int) -> None:
                      f"(or {ALLOW_LONG_ENV[1]}=1) to serve it anyway")  # fmt: skip
 
 
+def _token_positions(positions: Sequence[int]) -> tuple[int, ...]:
+    """turn_starts as a tuple, each a position in the prompt (a ValueError for anything else)."""
+    if not all(type(t) is int and t >= 0 for t in positions):
+        raise ValueError(f"turn_starts must be token positions (integers >= 0), got {list(positions)[:5]!r}")
+    return tuple(positions)
+
+
 def _keep_last(ids: list[int], k: int, head: int) -> list[int]:
     """The first `head` ids (a BOS) and the last of the others, k in all."""
     tail, keep = ids[head:], max(k - head, 0)
@@ -233,6 +240,7 @@ class LLMEngine:
         stream_text: bool = False,
         head_tokens: int = 0,
         tail_tokens: int = 0,
+        turn_starts: Sequence[int] = (),
         save_to_store: bool = True,
         add_special_tokens: bool = True,
         truncate: bool = True,
@@ -240,7 +248,8 @@ class LLMEngine:
     ) -> str:
         """Queue a prompt. With a session, the store reuses its history and, when the conversation
         outgrows the window, drops its oldest turns, between its first `head_tokens` (the system prompt)
-        and its last `tail_tokens` (the newest turn), which it keeps; `truncate=False` serves the prompt
+        and its last `tail_tokens` (the newest turn), which it keeps, the cut ending at one of
+        `turn_starts` (where its user messages begin) where one fits; `truncate=False` serves the prompt
         whole instead (not cut now, nor by an earlier turn's cut): it must then fit the window.
         `priority`: its place under the priority scheduling policy (lower first)."""
         self._check_open()
@@ -294,6 +303,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(partial(self._decode, skip_special_tokens=params.skip_special_tokens)),
             head_tokens=head_tokens,
             tail_tokens=tail_tokens,
+            turn_starts=_token_positions(turn_starts),
             logprobs=None if params.logprobs is None else [],
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
             json=self._guided_constraint(params, ids),

@@ -30,6 +30,7 @@ class Request:
     logical_prompt: list[int] | None = None  # the conversation as sent, before truncation (store bookkeeping)
     head_tokens: int = 0  # leading tokens truncation always keeps (the system prompt)
     tail_tokens: int = 0  # last tokens truncation always keeps (the newest turn's messages)
+    turn_starts: tuple[int, ...] = ()  # where the prompt's user messages begin: a truncation's cut ends at one
     truncate: bool = True  # False: a session's prompt is served whole (the store neither cuts it nor applies an old cut)
     priority: int = 0  # the priority scheduling policy's order: lower first (vLLM's)
     generator: torch.Generator | None = None

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from cachedattention.errors import InvalidRequest
 from cachedattention.model.chat_template import resolve_chat_template
@@ -19,6 +19,14 @@ RENDER_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ZeroDivisionEr
                  MemoryError)  # e.g. a request's own template building a huge string
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+class Kept(NamedTuple):
+    """What a session's context-overflow truncation keeps of a rendered chat prompt, and where it may cut."""
+
+    head: int  # its first tokens: the system prompt, through the first user message's header
+    tail: int  # its last tokens: the newest turn, from its first message's content
+    turn_starts: tuple[int, ...] = ()  # where its user messages' contents start, the tail's included
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -194,35 +202,45 @@ class Tokenizer:
     def kept_lengths(
         self, messages: Sequence[dict[str, Any]], prompt: Sequence[int], tools: list | None = None,
         options: ChatOptions | None = None,
-    ) -> tuple[int, int]:  # fmt: skip
+    ) -> Kept:  # fmt: skip
         """What a session's context-overflow truncation keeps of the rendered prompt: its head (the
         system prompt, `head_length`: through the first message's header) and its tail, the newest
         turn (from the content of the first message after the last answer before the last user
         message: that message, tool calls and results after it, the generation prompt; a continued
-        final answer too). Only the history between them is ever dropped (the store's cut ends where
-        a recorded turn starts, this one's tail included: the head and what follows join as a conversation); a
-        newest turn too long for the window is refused (as vLLM refuses a prompt past it), not served cut."""
+        final answer too; an assistant message calling tools is no answer), and where a cut of the
+        history between may end: the starts of its user messages' contents (`user_starts`), so that
+        the head and what follows read as a conversation. A newest turn too long for the window is
+        refused (as vLLM refuses a prompt past it), not served cut."""
         head = self.head_length(messages, prompt, tools, options)
         answered = len(messages) - 1 if options is not None and options.continue_final_message else len(messages)
         query = max((i for i in range(answered) if messages[i]["role"] == "user"), default=0)
-        last = max((i for i in range(query) if messages[i]["role"] == "assistant"), default=None)
+        last = max((i for i in range(query) if messages[i]["role"] == "assistant" and not messages[i].get("tool_calls")),
+                   default=None)  # fmt: skip
         if last is None:  # a first turn: all of it after the head is new
-            return head, len(prompt) - head
-        plain = _plain(options)
-        # the newest turn after a short stand-in history (a long conversation is not rendered twice),
-        # taken if the prompt ends with exactly its tokens
+            return Kept(head, len(prompt) - head)
+        tail = self._newest_turn(messages[last + 1 :], prompt, head, tools, options)
+        if tail is None:  # where the prompt leaves its own history
+            start = self._leaving(list(messages[: last + 1]), prompt, tools, _plain(options))
+            tail = len(prompt) - max(start, head) if start is not None else 0
+        users = (messages[last + 1]["role"] == "user" and 0 < tail < len(prompt) - head
+                 and next(m for m in messages if m["role"] != "system")["role"] == "user")  # fmt: skip
+        return Kept(head, tail, user_starts(prompt, head, len(prompt) - tail) if users else ())
+
+    def _newest_turn(self, turn: Sequence[dict[str, Any]], prompt: Sequence[int], head: int, tools: list | None,
+                     options: ChatOptions | None) -> int | None:  # fmt: skip
+        """The tokens of the newest turn (its messages `turn`) at the prompt's end, found after a short
+        stand-in history (a long conversation is not rendered twice); None if the prompt does not end
+        with exactly those tokens."""
         stand_in = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
         try:
-            short = self.encode_chat([*stand_in, *messages[last + 1 :]], tools=tools, options=options)
-            start = self._leaving(stand_in, short, tools, plain)
+            short = self.encode_chat([*stand_in, *turn], tools=tools, options=options)
+            start = self._leaving(stand_in, short, tools, _plain(options))
         except ValueError:  # (the template's refusal: a turn opening with tool results the stand-in did not call)
-            start = None
+            return None
         if start is not None and 0 < len(short) - start <= len(prompt) - head:
             if list(prompt[len(prompt) - len(short) + start :]) == short[start:]:
-                return head, len(short) - start
-        # else where the prompt leaves its own history
-        start = self._leaving(list(messages[: last + 1]), prompt, tools, plain)
-        return head, len(prompt) - max(start, head) if start is not None else 0
+                return len(short) - start
+        return None
 
     def _leaving(self, history: list[dict[str, Any]], ids: Sequence[int], tools: list | None,
                  plain: ChatOptions) -> int | None:  # fmt: skip
@@ -242,6 +260,27 @@ class Tokenizer:
         options: ChatOptions | None = None,
     ) -> list[int]:  # fmt: skip
         return self.encode(self.render_chat(messages, add_generation_prompt, tools, options))
+
+
+def user_starts(prompt: Sequence[int], head: int, newest: int) -> tuple[int, ...]:
+    """Where the user messages' contents start in a chat prompt whose head ends with the first
+    user message's header and whose newest turn starts at `newest`, after another one: after each
+    run of the tokens both headers end with (two or more; the header and the end of the message
+    before it, where every message is closed alike), between the head and `newest`, which is one."""
+    header = common_suffix(prompt[:head], prompt[:newest])
+    if len(header) < 2:  # (a header of one token may be a word of the text too)
+        return (newest,)
+    n, first = len(header), header[0]
+    found = [i + n for i in range(head, newest - n) if prompt[i] == first and list(prompt[i : i + n]) == header]
+    return (*found, newest)
+
+
+def common_suffix(a: Sequence[int], b: Sequence[int], most: int = 32) -> list[int]:
+    """The last tokens `a` and `b` share, at most `most`."""
+    n = 0
+    while n < min(len(a), len(b), most) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return list(a[len(a) - n :])
 
 
 def _plain(options: ChatOptions | None) -> ChatOptions:

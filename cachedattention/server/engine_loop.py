@@ -15,6 +15,7 @@ from typing import Any
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import InvalidRequest
 from cachedattention.model.messages import ChatOptions
+from cachedattention.model.tokenizer import Kept
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import SamplingParams
 
@@ -50,7 +51,7 @@ class Job:
     add_special_tokens: bool = True  # a text prompt gets the tokenizer's own around it (Llama's BOS)
     # the messages already rendered (a request's own chat template: off the engine thread) and what
     # truncation keeps of them (its head and its newest turn)
-    rendered: tuple[list[int], tuple[int, int]] | None = None
+    rendered: tuple[list[int], Kept] | None = None
 
 
 def describe(job: Job) -> str:
@@ -247,19 +248,20 @@ class EngineLoop:
     def _add(self, job: Job, stream: RequestStream) -> None:
         try:
             if job.rendered is not None:
-                prompt, (head, tail) = job.rendered
+                prompt, (head, tail, starts) = job.rendered
             else:
                 prompt = job.prompt if job.messages is None else self._render(job)
                 # the system prompt and the newest turn, which a session's context-overflow truncation
                 # keeps (as LLM.chat does)
-                head, tail = self.kept_lengths(job, prompt)
+                head, tail, starts = self.kept_lengths(job, prompt)
             # a session's conversation is checked whole, before the store drops its oldest turns to fit
             before = job.check_room is not None and job.session_id is not None and not isinstance(prompt, str)
             if before:
                 self._check_room(len(prompt), job.check_room)
             self.engine.add_request(
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
-                head_tokens=head, tail_tokens=tail, save_to_store=job.save_to_store, add_special_tokens=job.add_special_tokens,
+                head_tokens=head, tail_tokens=tail, turn_starts=starts, save_to_store=job.save_to_store,
+                add_special_tokens=job.add_special_tokens,
                 truncate=job.truncate, priority=job.priority,
             )
             if job.check_room is not None and not before:
@@ -295,12 +297,12 @@ class EngineLoop:
                 f"window of {window} tokens; shorten the prompt or lower max_tokens"
             )
 
-    def kept_lengths(self, job: Job, prompt: list[int]) -> tuple[int, int]:
+    def kept_lengths(self, job: Job, prompt: list[int]) -> Kept:
         if job.messages is None or job.session_id is None:
-            return 0, 0
+            return Kept(0, 0)
         return self.engine.tokenizer.kept_lengths(job.messages, prompt, job.tools, job.chat_options)
 
-    def render(self, job: Job) -> tuple[list[int], tuple[int, int]]:
+    def render(self, job: Job) -> tuple[list[int], Kept]:
         """The job's prompt ids and what truncation keeps of them, rendered on the caller's thread (a
         request's own chat template may run long: not on the engine's thread, where every stream would wait)."""
         prompt = self._render(job)

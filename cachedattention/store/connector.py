@@ -146,7 +146,7 @@ class StoreConnector:
         head = self.config.keep_head_tokens if self.config.keep_head_tokens is not None else req.head_tokens
         mode = None if req.truncate else "whole"
         key, plan = self.store.plan(req.session_id, list(req.logical_prompt), window, reserve, head, mode,
-                                    req.tail_tokens)  # fmt: skip
+                                    req.tail_tokens, req.turn_starts)  # fmt: skip
         for forgotten in self.store.take_forgotten():  # another replica forgot it: its device blocks go too
             self.engine.pages.forget_owner(forgotten)
         req.prompt_token_ids = plan.effective_prompt

@@ -4,8 +4,6 @@ The record keeps the conversation's *logical* tokens (as the client renders it) 
 truncation state: logical tokens [head, dropped_until) were dropped on context overflow.
 The *effective* tokens (what the model attends to) are logical[:head] + logical[dropped_until:],
 and `spans` hold the pre-RoPE KV of every effective token, in order, as slices of segments.
-`turn_starts` are where each chat turn's new messages begin (its first message's content): a
-later truncation ends its cut at one of them, so what it keeps starts with a whole message.
 """
 
 from __future__ import annotations
@@ -46,7 +44,6 @@ class SessionRecord:
     head: int = 0
     dropped_until: int = 0  # == head when nothing was dropped
     stamp: float = field(default_factory=time.time)  # wall time of the turn that wrote it (newest wins remotely)
-    turn_starts: tuple[int, ...] = ()  # logical positions, ascending, where a chat turn's new messages begin
 
     @property
     def effective(self) -> list[int]:
@@ -71,7 +68,6 @@ class SessionRecord:
             "dropped_until": self.dropped_until,
             "spans": [[s.seg_id, s.lo, s.hi] for s in self.spans],
             "stamp": self.stamp,
-            "turn_starts": list(self.turn_starts),
         }
 
     @classmethod
@@ -81,14 +77,11 @@ class SessionRecord:
         try:
             logical, spans = d["logical"], d["spans"]
             head, dropped, stamp = d["head"], d["dropped_until"], d.get("stamp", 0.0)
-            starts = d.get("turn_starts", [])  # (records written before turns were kept have none)
             ok = (
                 isinstance(d["key"], str) and isinstance(logical, list) and isinstance(spans, list)
                 and all(type(t) is int and t >= 0 for t in logical)
                 and type(head) is int and type(dropped) is int and 0 <= head <= dropped <= len(logical)
                 and isinstance(stamp, (int, float))
-                and isinstance(starts, list) and all(type(t) is int for t in starts)
-                and turn_starts_fit(starts, len(logical))
                 and all(isinstance(s, list) and len(s) == 3 and isinstance(s[0], str)
                         and type(s[1]) is int and type(s[2]) is int and 0 <= s[1] < s[2] for s in spans)
             )
@@ -96,15 +89,10 @@ class SessionRecord:
             raise ValueError(f"not a session record ({e!r})") from e
         if not ok:
             raise ValueError("not a session record (a field has the wrong type or is out of range)")
-        rec = cls(d["key"], logical, [Span(*s) for s in spans], head, dropped, float(stamp), tuple(starts))
+        rec = cls(d["key"], logical, [Span(*s) for s in spans], head, dropped, float(stamp))
         if rec.num_kv > len(rec.effective):
             raise ValueError(f"not a session record: KV of {rec.num_kv} tokens for {len(rec.effective)} tokens")
         return rec
-
-
-def turn_starts_fit(starts: Sequence[int], length: int) -> bool:
-    """Whether a record's turn starts ascend strictly within its `length` logical tokens (past 0)."""
-    return all(a < b for a, b in zip([0, *starts], starts)) and (not starts or starts[-1] <= length)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -155,7 +143,6 @@ class TurnPlan:
     # before another replica's later turn) never replaces it, however late it ends
     planned_at: float = field(default_factory=time.time)
     source: str | None = None  # the key of the record the reused KV comes from (the look-ahead fetches it)
-    turn_starts: tuple[int, ...] = ()  # the record's, still this prompt's, and this turn's own (its tail's start)
 
     @property
     def hit(self) -> int:
@@ -171,12 +158,13 @@ def plan_turn(
     drop_fraction: float,
     mode: str,
     tail: int = 0,
+    turn_starts: Sequence[int] = (),
 ) -> TurnPlan:
     """Match the new prompt against the record and truncate if it overflows the window: drop
     history after the head, never the prompt's last `tail` tokens (the newest turn) nor its last token.
-    The cut ends at the turn start (the record's, or this turn's own: where its tail starts) nearest
-    to the share of the history it would drop, among those that make the prompt fit; at a token only
-    if none does (a plain prompt's turns: no tail, no messages known).
+    The cut ends at the turn start (`turn_starts`: where the prompt's user messages begin, their
+    content) nearest to the share of the history it would drop, among those that make the prompt
+    fit, so that what it keeps reads as a conversation; at a token if none does (a plain prompt).
 
     mode: "reuse" keeps the retained pre-RoPE KV at its new positions; "recompute" is the
     baseline that truncates tokens but recomputes the shifted history; "off" never truncates
@@ -185,7 +173,7 @@ def plan_turn(
     """
     head, dropped = head_hint, head_hint
     reuse: list[Span] = []
-    eff_lcp = lcp = 0  # effective tokens shared with the record: the history part of this prompt
+    eff_lcp = 0  # effective tokens shared with the record: the history part of this prompt
     if record is not None:
         lcp = common_prefix(record.logical, prompt)
         if lcp < max(record.head, head_hint):
@@ -204,8 +192,6 @@ def plan_turn(
             head = dropped = max(record.head, head_hint)
             eff_lcp = lcp
         reuse = slice_spans(record.spans, 0, min(eff_lcp, record.num_kv))
-    known = [t for t in record.turn_starts if t <= lcp] if record is not None else []
-    turn_starts = tuple(sorted({*known, len(prompt) - tail})) if 0 < tail < len(prompt) else tuple(known)
     effective = prompt[:head] + prompt[dropped:]
     limit = window - reserve
     truncated_now = 0
@@ -224,12 +210,11 @@ def plan_turn(
             reuse = slice_spans(reuse, 0, min(head, hit))
         dropped = new_dropped
         effective = prompt[:head] + prompt[dropped:]
-    return TurnPlan(effective, reuse, head, dropped, truncated_now, source=record.key if record is not None else None,
-                    turn_starts=turn_starts)
+    return TurnPlan(effective, reuse, head, dropped, truncated_now, source=record.key if record is not None else None)
 
 
 def _turn_start_near(turn_starts: Sequence[int], lowest: int, target: int, highest: int) -> int:
     """Where a cut ends: the turn start in [lowest, highest] nearest to `target` (the later one of
-    two as near), so that what it keeps begins with a message; `target` if there is none."""
+    two as near); `target` if there is none."""
     fits = [t for t in turn_starts if lowest <= t <= highest]
     return min(fits, key=lambda t: (abs(t - target), -t)) if fits else target

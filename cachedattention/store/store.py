@@ -36,7 +36,6 @@ from cachedattention.store.session import (
     common_prefix,
     plan_turn,
     spans_while,
-    turn_starts_fit,
 )
 
 log = logging.getLogger(__name__)
@@ -158,10 +157,10 @@ class AttentionStore:
 
     # -- planning a turn --------------------------------------------------------------------
     def plan(self, key: str | None, prompt: list[int], window: int, reserve: int, head_hint: int,
-             mode: str | None = None, tail: int = 0) -> tuple[str, TurnPlan]:  # fmt: skip
+             mode: str | None = None, tail: int = 0, turn_starts: Sequence[int] = ()) -> tuple[str, TurnPlan]:  # fmt: skip
         """Match a prompt against its session (or the longest anonymous prefix) and truncate if needed
         (`mode`: plan_turn's, for a session; None: the configured truncation; `tail`: the prompt's last
-        tokens truncation keeps, its newest turn). With a remote tier, a
+        tokens truncation keeps, its newest turn; `turn_starts`: where a cut may end). With a remote tier, a
         session (or prefix) that another replica served further is adopted from there."""
         remote = None
         if self.remote is not None and key is not None:
@@ -180,9 +179,10 @@ class AttentionStore:
             else:
                 record = self._continued_record(key, prompt)
                 mode = mode or self.config.truncation
-            plan = plan_turn(record, prompt, window, reserve, head_hint, self.config.drop_fraction, mode, tail)
+            cut = (self.config.drop_fraction, mode, tail, turn_starts)
+            plan = plan_turn(record, prompt, window, reserve, head_hint, *cut)
             if remote is not None:  # adopt it if it serves more of this turn than what this replica holds
-                theirs = plan_turn(remote, prompt, window, reserve, head_hint, self.config.drop_fraction, mode, tail)
+                theirs = plan_turn(remote, prompt, window, reserve, head_hint, *cut)
                 if theirs.hit > self._held(plan.reuse):
                     self.remote.adopt(key, remote)
                     plan = theirs
@@ -275,8 +275,7 @@ class AttentionStore:
     def commit(self, key: str, logical: list[int], plan: TurnPlan, reuse: Sequence[Span], new: Span | None) -> None:
         """Replace the session's record: the reused spans, then this turn's new segment (maybe still saving)."""
         spans = list(reuse) + ([new] if new is not None and new.length > 0 else [])
-        starts = tuple(t for t in plan.turn_starts if t < len(logical))  # (a turn that ended inside its prompt)
-        record = SessionRecord(key, logical, spans, plan.head, plan.dropped_until, plan.planned_at, starts)
+        record = SessionRecord(key, logical, spans, plan.head, plan.dropped_until, plan.planned_at)
         with self._lock:
             if plan.planned_at < self._forgotten_at.get(key, float("-inf")):
                 return  # planned before the session was forgotten (on another replica): it stays forgotten
@@ -817,8 +816,6 @@ class AttentionStore:
                 if not keys or any(k not in self.records for k in keys):
                     raise RuntimeError(f"the anonymous index names no record, or a dropped one, at block {h}")
             for rec in self.records.values():
-                if not turn_starts_fit(rec.turn_starts, len(rec.logical)):
-                    raise RuntimeError(f"record {rec.key}'s turn starts {rec.turn_starts} are not within its tokens, ascending")
                 if rec.key.startswith(ANON_PREFIX) and not rec.truncated and any(
                         rec.key not in self._anon.get(h, ()) for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv)):  # fmt: skip
                     raise RuntimeError(f"anonymous record {rec.key} is missing from the index")

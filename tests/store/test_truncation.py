@@ -89,7 +89,7 @@ def test_truncation_keeps_the_system_prompt_to_a_user_header_and_the_newest_turn
 
     def kept(messages, options=None):
         prompt = tok.encode_chat(messages, options=options)
-        head, tail = tok.kept_lengths(messages, prompt, options=options)
+        head, tail, _ = tok.kept_lengths(messages, prompt, options=options)
         return (tok.decode(prompt[:head], skip_special_tokens=False),
                 tok.decode(prompt[len(prompt) - tail :], skip_special_tokens=False))  # fmt: skip
 
@@ -113,6 +113,33 @@ def test_truncation_keeps_the_system_prompt_to_a_user_header_and_the_newest_turn
     assert kept([system, hi, {**hello, "reasoning_content": "Greet."}, more]) == (head, "More?" + answer)
 
 
+def test_kept_lengths_gives_where_each_user_message_starts_and_a_call_of_tools_is_no_answer(chat_model_dir):
+    from cachedattention.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(str(chat_model_dir))
+    system = {"role": "system", "content": "Be brief."}
+    users = [{"role": "user", "content": f"Question {i}?"} for i in range(4)]
+    answers = [{"role": "assistant", "content": f"Answer {i}."} for i in range(3)]
+    conv = [system, users[0], answers[0], users[1], answers[1], users[2], answers[2], users[3]]
+    prompt = tok.encode_chat(conv)
+    kept = tok.kept_lengths(conv, prompt)
+    assert [tok.decode(prompt[t:], skip_special_tokens=False)[:11] for t in kept.turn_starts] == [
+        "Question 1?", "Question 2?", "Question 3?"]  # (the first's start is the head's end)
+    assert kept.turn_starts[-1] == len(prompt) - kept.tail
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]}  # fmt: skip
+    result = {"role": "tool", "content": "Sunny."}
+    # a question answered by a tool's result, then the next: the newest turn is all since the last answer
+    with_tools = [system, users[0], answers[0], users[1], call, result, users[2]]
+    prompt = tok.encode_chat(with_tools)
+    kept = tok.kept_lengths(with_tools, prompt)
+    assert tok.decode(prompt[len(prompt) - kept.tail :], skip_special_tokens=False).startswith("Question 1?")
+    assert kept.turn_starts == (len(prompt) - kept.tail,)  # (the tool's result is no user message to start at)
+    first = [system, users[0], call, result, users[1]]  # no answer yet: all of it is the newest turn
+    prompt = tok.encode_chat(first)
+    assert tok.kept_lengths(first, prompt) == (kept.head, len(prompt) - kept.head, ())
+
+
 def test_plan_turn_drops_an_earlier_cut_that_reaches_into_the_newest_turn():
     """A regenerated answer: the prompt ends inside what an earlier turn's cut dropped, which is now
     its newest turn: served whole (it fits), not with that cut applied."""
@@ -124,40 +151,38 @@ def test_plan_turn_drops_an_earlier_cut_that_reaches_into_the_newest_turn():
 
 
 def test_plan_turn_cuts_at_the_turn_start_nearest_the_share_it_drops():
-    # a record of three turns past the head, starting at 30, 60 and 90; the prompt adds a newest turn at 100
-    rec = SessionRecord("s", list(range(100)), [Span("a", 0, 100)], head=HEAD, dropped_until=HEAD,
-                        turn_starts=(30, 60, 90))  # fmt: skip
-    prompt = list(range(100)) + [7] * 20
-    plan = plan_turn(rec, prompt, WINDOW, 16, 0, 0.5, "reuse", tail=20)
+    # user messages of the history start at 30, 60 and 90 (after the head); the newest turn at 100
+    rec = SessionRecord("s", list(range(100)), [Span("a", 0, 100)], head=HEAD, dropped_until=HEAD)
+    prompt, starts = list(range(100)) + [7] * 20, (30, 60, 90, 100)
+    plan = plan_turn(rec, prompt, WINDOW, 16, 0, 0.5, "reuse", tail=20, turn_starts=starts)
     # half the history (46 tokens) would end the cut at 54: the nearest turn start is 60
     assert plan.truncated_now == 60 - HEAD and plan.effective_prompt == list(range(HEAD)) + list(range(60, 100)) + [7] * 20
-    assert plan.reuse == [Span("a", 0, HEAD), Span("a", 60, 100)] and plan.turn_starts == (30, 60, 90, 100)
-    # a cut must make room: with 100 of 120 tokens to drop, only this turn's own start (all the history) fits
-    tight = plan_turn(rec, prompt, 40, 8, 0, 0.5, "reuse", tail=20)
+    assert plan.reuse == [Span("a", 0, HEAD), Span("a", 60, 100)]
+    # a cut must make room: with 100 of 120 tokens to drop, only the newest turn's start (all the history) does
+    tight = plan_turn(rec, prompt, 40, 8, 0, 0.5, "reuse", tail=20, turn_starts=starts)
     assert tight.effective_prompt == list(range(HEAD)) + [7] * 20
-    # none in reach (a plain prompt's turns: no tail): at the token
-    plain = plan_turn(SessionRecord("p", list(range(100)), [Span("a", 0, 100)], head=HEAD, dropped_until=HEAD),
-                      prompt, WINDOW, 16, 0, 0.5, "reuse")  # fmt: skip
-    assert plain.truncated_now == 46 and plain.turn_starts == ()
-    # an edited history keeps only the turn starts before the edit, and this turn's own
-    edited = plan_turn(rec, list(range(70)) + [9] * 30, WINDOW, 16, 0, 0.5, "reuse", tail=10)
-    assert edited.turn_starts == (30, 60, 90) and edited.truncated_now == 0
+    # none given (a plain prompt): at the token
+    assert plan_turn(rec, prompt, WINDOW, 16, 0, 0.5, "reuse", tail=20).truncated_now == 46
+    # none that makes room (the newest turn's start not given): at the token too
+    assert plan_turn(rec, prompt, 40, 8, 0, 0.5, "reuse", tail=20, turn_starts=(30, 60)).truncated_now == len(prompt) - (40 - 8)
+    # nor one past what may go: inside the head, the newest turn, or the earlier cut
+    assert plan_turn(rec, prompt, WINDOW, 16, 0, 0.5, "reuse", tail=20, turn_starts=(4, 110)).truncated_now == 46
     # a later cut starts from the earlier one, at a later turn start
-    cut = SessionRecord("s", list(range(150)), [Span("a", 0, HEAD), Span("a", 60, 150)], head=HEAD, dropped_until=60,
-                        turn_starts=(30, 60, 90, 100, 125))  # fmt: skip
-    later = plan_turn(cut, list(range(150)) + [7] * 40, WINDOW, 16, 0, 0.5, "reuse", tail=40)
-    assert later.dropped_until in (90, 100, 125, 150) and later.dropped_until - 60 >= 150 + 40 - 60 + HEAD - 112
+    cut = SessionRecord("s", list(range(150)), [Span("a", 0, HEAD), Span("a", 60, 150)], head=HEAD, dropped_until=60)
+    later = plan_turn(cut, list(range(150)) + [7] * 40, WINDOW, 16, 0, 0.5, "reuse", tail=40,
+                      turn_starts=(30, 60, 90, 100, 125, 150))  # fmt: skip
     assert later.dropped_until == 100  # (half its 90 history tokens ends at 105: 100 is the nearest)
+    assert later.effective_prompt == list(range(HEAD)) + list(range(100, 150)) + [7] * 40
+    assert later.reuse == [Span("a", 0, HEAD), Span("a", 100, 150)]
 
 
-def test_a_record_keeps_its_turn_starts_through_json():
-    rec = SessionRecord("s", list(range(50)), [Span("a", 0, 50)], head=4, dropped_until=4, turn_starts=(10, 30))
-    assert SessionRecord.from_json(rec.to_json()) == rec
-    old = {k: v for k, v in rec.to_json().items() if k != "turn_starts"}  # written before turns were kept
-    assert SessionRecord.from_json(old).turn_starts == ()
-    for bad in ([30, 10], [0, 10], [10, 51], [10, "x"], "10"):
-        with pytest.raises(ValueError, match="not a session record"):
-            SessionRecord.from_json({**rec.to_json(), "turn_starts": bad})
+def test_user_starts_are_found_after_the_user_header():
+    from cachedattention.model.tokenizer import user_starts
+
+    # 5 = the end of a message, 6 = a user header; the head [1, 9, 5, 6] ends with one, the newest turn starts at 20
+    prompt = [1, 9, 5, 6, 3, 3, 5, 8, 4, 4, 5, 6, 3, 6, 3, 5, 8, 4, 5, 6, 3, 3, 5]
+    assert user_starts(prompt, 4, 20) == (12, 20)  # not after a lone 6 (inside a message: no end before it)
+    assert user_starts([1, 9, 6, 3, 3, 8, 4, 6, 3], 3, 8) == (8,)  # a header of one token: only the newest turn
 
 
 def test_a_truncated_chat_keeps_whole_messages(chat_model_dir):
@@ -171,7 +196,7 @@ def test_a_truncated_chat_keeps_whole_messages(chat_model_dir):
         out = llm.chat(conv, params, session_id="s")
         llm.engine.store.store.flush()
         prompt = tok.encode_chat(conv)
-        head, _ = tok.kept_lengths(conv, prompt)
+        head = tok.kept_lengths(conv, prompt).head
         assert out.prompt_token_ids[:head] == prompt[:head]
         if out.metrics.truncated_tokens:
             cuts += 1
@@ -184,6 +209,12 @@ def test_a_truncated_chat_keeps_whole_messages(chat_model_dir):
         conv.append({"role": "assistant", "content": out.outputs[0].text})
     assert cuts >= 2 and cut_in_history >= 1
     llm.engine.store.check_integrity()
+    # a conversation new to the store, past the window: cut at one of its user messages, keeping some history
+    whole = [*conv, {"role": "user", "content": "Question 10: and?"}]
+    out = llm.chat(whole, params, session_id="new")
+    head = tok.kept_lengths(whole, tok.encode_chat(whole)).head
+    kept = tok.decode(out.prompt_token_ids[head:], skip_special_tokens=False)
+    assert out.metrics.truncated_tokens > 0 and kept.startswith("Question ") and not kept.startswith("Question 10")
 
 
 def test_a_chat_message_past_the_window_is_refused_and_a_long_one_keeps_its_whole_turn(chat_model_dir):
@@ -200,7 +231,7 @@ def test_a_chat_message_past_the_window_is_refused_and_a_long_one_keeps_its_whol
     for n in range(200, 1, -1):  # the longest message that fits the window with all the history dropped
         long = [*conv, {"role": "user", "content": "word " * n}]
         prompt = tok.encode_chat(long)
-        head, tail = tok.kept_lengths(long, prompt)
+        head, tail, _ = tok.kept_lengths(long, prompt)
         if head + tail < WINDOW:
             break
     assert prompt[-tail:] == tok.encode_chat([{"role": "user", "content": "word " * n}])[-tail:]
