@@ -266,10 +266,12 @@ def user_starts(prompt: Sequence[int], head: int, newest: int) -> tuple[int, ...
     """Where the user messages' contents start in a chat prompt whose head ends with the first
     user message's header and whose newest turn starts at `newest`, after another one: after each
     run of the tokens both headers end with (two or more; the header and the end of the message
-    before it, where every message is closed alike), between the head and `newest`, which is one."""
+    before it, where every message is closed alike), between the head and `newest`, which is one.
+    None if they share no such run (a template that writes the system prompt into the first user
+    message's content)."""
     header = common_suffix(prompt[:head], prompt[:newest])
-    if len(header) < 2:  # (a header of one token may be a word of the text too)
-        return (newest,)
+    if len(header) < 2:  # no header found (a token may be a word of the text too): a cut anywhere
+        return ()
     n, first = len(header), header[0]
     found = [i + n for i in range(head, newest - n) if prompt[i] == first and list(prompt[i : i + n]) == header]
     return (*found, newest)

@@ -182,7 +182,7 @@ def test_user_starts_are_found_after_the_user_header():
     # 5 = the end of a message, 6 = a user header; the head [1, 9, 5, 6] ends with one, the newest turn starts at 20
     prompt = [1, 9, 5, 6, 3, 3, 5, 8, 4, 4, 5, 6, 3, 6, 3, 5, 8, 4, 5, 6, 3, 3, 5]
     assert user_starts(prompt, 4, 20) == (12, 20)  # not after a lone 6 (inside a message: no end before it)
-    assert user_starts([1, 9, 6, 3, 3, 8, 4, 6, 3], 3, 8) == (8,)  # a header of one token: only the newest turn
+    assert user_starts([1, 9, 6, 3, 3, 8, 4, 6, 3], 3, 8) == ()  # a header of one token: none (a cut anywhere)
 
 
 def test_a_truncated_chat_keeps_whole_messages(chat_model_dir):
