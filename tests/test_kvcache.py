@@ -123,6 +123,37 @@ def test_partial_pages_are_never_matched_where_a_window_reaches_them():
     pool.check_integrity()
 
 
+def test_private_pages_serve_their_session_alone_and_an_exact_copy_replaces_them():
+    pool = PagePool(8)
+    pages = pool.allocate(2)
+    blocks, hashes = [[1] * 4, [2] * 4], [200, 201]
+    pool.register(pages[0], 200, blocks[0], owner="s")
+    pool.register(pages[1], 201, blocks[1], owner="s", private=True)  # KV computed before a cut of its history
+    pool.free(pages)
+    for other in (None, "t"):  # a request without a session, another session: the exact part only
+        got = pool.match_prefix(hashes, blocks, owner=other)
+        assert got == pages[:1]
+        pool.free(got)
+    got = pool.match_prefix(hashes, blocks, owner="s", private=True)  # its own session's next turn: both
+    assert got == pages
+    pool.free(got)
+    got = pool.match_prefix(hashes, blocks, owner="s")  # a turn of it that the store plans as exact (its
+    assert got == pages[:1]  # client cut the history itself): it computes the rest, not reading the cut's KV
+    pool.free(got)
+    pool.check_integrity()
+    (exact,) = pool.allocate(1)  # block 1 computed again over the tokens alone: it serves everyone from now on
+    pool.register(exact, 201, blocks[1], owner=None)
+    pool.free([exact])
+    got = pool.match_prefix(hashes, blocks, owner="t")
+    assert got == [pages[0], exact]
+    pool.free(got)
+    (late,) = pool.allocate(1)  # a private copy never replaces an exact one
+    pool.register(late, 201, blocks[1], owner="s", private=True)
+    pool.free([late])
+    assert pool.match_prefix(hashes, blocks, owner="s", private=True) == [pages[0], exact]
+    pool.check_integrity()
+
+
 @pytest.mark.parametrize("fragment", [False, True])
 def test_scattered_and_consecutive_pages_give_the_same_logits(fragment, tiny_dirs, monkeypatch):
     """The slice path (consecutive pages) and the gather path (pages scattered by other holders) both

@@ -31,6 +31,9 @@ class Request:
     head_tokens: int = 0  # leading tokens truncation always keeps (the system prompt)
     tail_tokens: int = 0  # last tokens truncation always keeps (the newest turn's messages)
     turn_starts: tuple[int, ...] = ()  # where the prompt's user messages begin: a truncation's cut ends at one
+    # the first position whose KV is its session's own: past the head of a history truncation cut and
+    # whose KV it reuses from before the cut (the device prefix cache serves those pages to no one else)
+    private_from: int | None = None
     truncate: bool = True  # False: a session's prompt is served whole (the store neither cuts it nor applies an old cut)
     priority: int = 0  # the priority scheduling policy's order: lower first (vLLM's)
     generator: torch.Generator | None = None

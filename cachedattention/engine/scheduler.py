@@ -168,7 +168,8 @@ class Scheduler:
         if self.prefix_cache and limit:
             hashes = block_hashes(tokens, self.page_size, limit=limit)
             blocks = [tokens[i * self.page_size : (i + 1) * self.page_size] for i in range(len(hashes))]
-            req.pages = self.pages.match_prefix(hashes, blocks, req.session_id, self.window_pages)
+            req.pages = self.pages.match_prefix(hashes, blocks, req.session_id, self.window_pages,
+                                                req.private_from is not None)  # fmt: skip
             req.block_hashes = hashes[: len(req.pages)]
             req.num_registered_blocks = len(req.pages)
         device_hit = len(req.pages) * self.page_size
@@ -250,7 +251,9 @@ class Scheduler:
             block = tokens[i * ps : (i + 1) * ps]
             h = chain_hash(parent, block)
             req.block_hashes.append(h)
-            self.pages.register(req.pages[i], h, block, req.session_id)
+            # a page reaching past the kept head of a history cut with its KV reused is this session's own
+            private = req.private_from is not None and (i + 1) * ps > req.private_from
+            self.pages.register(req.pages[i], h, block, req.session_id, private)
             req.num_registered_blocks += 1
 
     def finish(self, req: Request) -> None:

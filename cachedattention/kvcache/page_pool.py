@@ -34,6 +34,9 @@ class PagePool:
         # pages whose sliding-window layers were left unwritten: a store load skips the keys no query
         # of its request can reach (older than the first query's window); full layers hold them all
         self._partial: set[int] = set()
+        # cached pages whose KV is their sessions' own: computed over, or reused from, a history that
+        # truncation has since cut (another computation of the same tokens would give other values)
+        self._private: set[int] = set()
         self.evictions = 0
 
     # -- queries -----------------------------------------------------------------------------
@@ -113,24 +116,31 @@ class PagePool:
         h = self._page_hash.pop(page)
         self._page_tokens.pop(page)
         self._page_owners.pop(page, None)
+        self._private.discard(page)
         if self._hash_page.get(h) == page:
             del self._hash_page[h]
 
     # -- prefix cache ------------------------------------------------------------------------
-    def register(self, page: int, block_hash: int, tokens: Sequence[int], owner: str | None = None) -> None:
+    def register(self, page: int, block_hash: int, tokens: Sequence[int], owner: str | None = None,
+                 private: bool = False) -> None:  # fmt: skip
         """Mark an in-use full page as holding the block with this hash (first writer wins, unless the
-        first is partial and this one whole); `owner`: the session it was computed for."""
+        first is partial and this one whole, or the first private and this one not); `owner`: the
+        session it was computed for; `private`: matched by that session alone (its KV was computed
+        with a history truncation has cut)."""
         if page in self._page_hash:
             return
         held = self._hash_page.get(block_hash)
         if held is not None:
-            if held not in self._partial or page in self._partial:
+            whole = page not in self._partial
+            if not (whole and (held in self._partial or (held in self._private and not private))):
                 return
-            self._uncache(held)  # the whole copy serves every match from now on
+            self._uncache(held)  # the whole (or exact) copy serves every match from now on
         self._page_hash[page] = block_hash
         self._page_tokens[page] = tuple(tokens)
         self._hash_page[block_hash] = page
         self._page_owners[page] = {owner}
+        if private:
+            self._private.add(page)
 
     def mark_partial(self, pages: Sequence[int]) -> None:
         """In-use pages whose sliding-window layers were not written (their full layers were)."""
@@ -143,14 +153,16 @@ class PagePool:
         return page in self._partial
 
     def match_prefix(self, hashes: Sequence[int], blocks: Sequence[Sequence[int]], owner: str | None = None,
-                     window_pages: int | None = None) -> list[int]:  # fmt: skip
+                     window_pages: int | None = None, private: bool = False) -> list[int]:  # fmt: skip
         """Longest run of cached blocks, verified by their tokens; each matched page gains a reference
         (and `owner`, the session reusing it).
 
         A partial page is matched only by a session that wrote or reused it (whose stored record
-        holds its tokens whole: another's turn could not be saved from it). `window_pages`: how many
-        pages back a sliding window reaches from the first token after the match; the run is cut
-        until none of those is partial (their windowed layers would be read).
+        holds its tokens whole: another's turn could not be saved from it); a private page only by
+        the session that wrote it, for a turn that may read KV from before a cut (`private`; else
+        its turn would be computed, and saved, as exact). `window_pages`: how many pages back a
+        sliding window reaches from the first token after the match; the run is cut until none of
+        those is partial (their windowed layers would be read).
         """
         pages = []
         for h, toks in zip(hashes, blocks):
@@ -158,6 +170,8 @@ class PagePool:
             if page is None or self._page_tokens[page] != tuple(toks):
                 break
             if page in self._partial and owner not in self._page_owners[page]:
+                break
+            if page in self._private and not (private and owner in self._page_owners[page]):
                 break
             pages.append(page)
         if window_pages and self._partial:
@@ -216,3 +230,7 @@ class PagePool:
             raise RuntimeError("a free page is marked partial")
         if self._page_owners.keys() != self._page_hash.keys():
             raise RuntimeError("the pages with owners are not the pages holding cached blocks")
+        if not self._private <= self._page_hash.keys():
+            raise RuntimeError("a page marked private holds no cached block")
+        if any(len(self._page_owners[p]) != 1 or None in self._page_owners[p] for p in self._private):
+            raise RuntimeError("a private page is matched by another than the one session that wrote it")

@@ -218,29 +218,38 @@ class Tokenizer:
                    default=None)  # fmt: skip
         if last is None:  # a first turn: all of it after the head is new
             return Kept(head, len(prompt) - head)
-        tail = self._newest_turn(messages[last + 1 :], prompt, head, tools, options)
+        tail, header = self._newest_turn(messages[last + 1 :], prompt, head, tools, options)
         if tail is None:  # where the prompt leaves its own history
             start = self._leaving(list(messages[: last + 1]), prompt, tools, _plain(options))
             tail = len(prompt) - max(start, head) if start is not None else 0
-        users = (messages[last + 1]["role"] == "user" and 0 < tail < len(prompt) - head
-                 and next(m for m in messages if m["role"] != "system")["role"] == "user")  # fmt: skip
-        return Kept(head, tail, user_starts(prompt, head, len(prompt) - tail) if users else ())
+        newest = len(prompt) - tail
+        if not (messages[last + 1]["role"] == "user" and head < newest < len(prompt)
+                and next(m for m in messages if m["role"] != "system")["role"] == "user"):  # fmt: skip
+            return Kept(head, tail)
+        # the user header: learnt from the stand-in conversation (no longer than the newest turn's own:
+        # a coincidence of texts before them is not taken for it), else what the head and the newest turn end with
+        header = common_suffix(header, prompt[:newest]) if len(header) >= 2 else common_suffix(prompt[:head], prompt[:newest])
+        return Kept(head, tail, user_starts(prompt, header, head, newest))
 
     def _newest_turn(self, turn: Sequence[dict[str, Any]], prompt: Sequence[int], head: int, tools: list | None,
-                     options: ChatOptions | None) -> int | None:  # fmt: skip
+                     options: ChatOptions | None) -> tuple[int | None, list[int]]:  # fmt: skip
         """The tokens of the newest turn (its messages `turn`) at the prompt's end, found after a short
-        stand-in history (a long conversation is not rendered twice); None if the prompt does not end
-        with exactly those tokens."""
-        stand_in = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+        stand-in history (a long conversation is not rendered twice), None if the prompt does not end
+        with exactly those tokens; and the tokens that end both the stand-in's user header and the
+        turn's (its first message a user's), [] if none."""
+        # (an answer whose end no system prompt's is likely to share: the two user headers' common end is the header)
+        stand_in = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         try:
             short = self.encode_chat([*stand_in, *turn], tools=tools, options=options)
             start = self._leaving(stand_in, short, tools, _plain(options))
+            first = self._leaving([], short, tools, _plain(options)) if turn[0]["role"] == "user" else None
         except ValueError:  # (the template's refusal: a turn opening with tool results the stand-in did not call)
-            return None
+            return None, []
+        header = common_suffix(short[:first], short[:start]) if first is not None and start is not None else []
         if start is not None and 0 < len(short) - start <= len(prompt) - head:
             if list(prompt[len(prompt) - len(short) + start :]) == short[start:]:
-                return len(short) - start
-        return None
+                return len(short) - start, header
+        return None, header
 
     def _leaving(self, history: list[dict[str, Any]], ids: Sequence[int], tools: list | None,
                  plain: ChatOptions) -> int | None:  # fmt: skip
@@ -262,15 +271,13 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt, tools, options))
 
 
-def user_starts(prompt: Sequence[int], head: int, newest: int) -> tuple[int, ...]:
-    """Where the user messages' contents start in a chat prompt whose head ends with the first
-    user message's header and whose newest turn starts at `newest`, after another one: after each
-    run of the tokens both headers end with (two or more; the header and the end of the message
-    before it, where every message is closed alike), between the head and `newest`, which is one.
-    None if they share no such run (a template that writes the system prompt into the first user
-    message's content)."""
-    header = common_suffix(prompt[:head], prompt[:newest])
-    if len(header) < 2:  # no header found (a token may be a word of the text too): a cut anywhere
+def user_starts(prompt: Sequence[int], header: Sequence[int], head: int, newest: int) -> tuple[int, ...]:
+    """Where the user messages' contents start in a chat prompt between its head and its newest
+    turn's start (`newest`, one of them): after each run of `header`, the tokens every user
+    message's header ends with. None for a header of fewer than two tokens (one may be a word of
+    the text too): a cut anywhere."""
+    header = list(header)
+    if len(header) < 2:
         return ()
     n, first = len(header), header[0]
     found = [i + n for i in range(head, newest - n) if prompt[i] == first and list(prompt[i : i + n]) == header]

@@ -150,6 +150,7 @@ class StoreConnector:
         for forgotten in self.store.take_forgotten():  # another replica forgot it: its device blocks go too
             self.engine.pages.forget_owner(forgotten)
         req.prompt_token_ids = plan.effective_prompt
+        req.private_from = plan.inexact_from
         req.metrics.truncated_tokens = plan.truncated_now
         # prompt logprobs need every prompt position computed: the store supplies nothing (it still saves)
         req.store_state = TurnState(key=key, plan=plan, bypass=req.params.prompt_logprobs is not None)

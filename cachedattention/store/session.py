@@ -139,6 +139,9 @@ class TurnPlan:
     head: int
     dropped_until: int
     truncated_now: int  # history tokens dropped by this turn's truncation
+    # the first effective position whose KV may differ from a computation of the effective prompt
+    # alone (after a cut whose kept history's KV is reused, computed before it); None if none may
+    inexact_from: int | None = None
     # when the turn was planned: its record's stamp, so that a turn begun before a forgetting (or
     # before another replica's later turn) never replaces it, however late it ends
     planned_at: float = field(default_factory=time.time)
@@ -210,7 +213,11 @@ def plan_turn(
             reuse = slice_spans(reuse, 0, min(head, hit))
         dropped = new_dropped
         effective = prompt[:head] + prompt[dropped:]
-    return TurnPlan(effective, reuse, head, dropped, truncated_now, source=record.key if record is not None else None)
+    # (the recompute baseline's cut now recomputes all after the head; a cut record continued may hold
+    # KV from before its cut, whichever mode cut it)
+    inexact = head if dropped > head and not (mode == "recompute" and truncated_now) else None
+    return TurnPlan(effective, reuse, head, dropped, truncated_now, inexact,
+                    source=record.key if record is not None else None)  # fmt: skip
 
 
 def _turn_start_near(turn_starts: Sequence[int], lowest: int, target: int, highest: int) -> int:

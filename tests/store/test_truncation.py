@@ -78,6 +78,16 @@ QWEN3_LIKE = """{%- set ns = namespace(last_user=-1) %}{%- for m in messages %}{
 {{- m.content + '<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
 
 
+QWEN25_LIKE = """{%- if messages[0].role != 'system' %}{{- '<|im_start|>system\nYou are Qwen. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}
+{%- for m in messages %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
+GEMMA_LIKE = """{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first = messages[0]['content'] + '\n\n' -%}
+{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first = '' -%}{%- set loop_messages = messages -%}{%- endif -%}
+{%- for m in loop_messages -%}{%- set role = 'model' if m['role'] == 'assistant' else m['role'] -%}
+{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + m['content'] + '<end_of_turn>\n' }}{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
+
+
 def test_truncation_keeps_the_system_prompt_to_a_user_header_and_the_newest_turn_from_its_content(chat_model_dir):
     """What is kept reads as a conversation whatever is dropped between: the head ends with the
     first user message's header, the tail starts at the newest turn's content (the messages after
@@ -119,13 +129,29 @@ def test_kept_lengths_gives_where_each_user_message_starts_and_a_call_of_tools_i
     tok = Tokenizer.from_pretrained(str(chat_model_dir))
     system = {"role": "system", "content": "Be brief."}
     users = [{"role": "user", "content": f"Question {i}?"} for i in range(4)]
-    answers = [{"role": "assistant", "content": f"Answer {i}."} for i in range(3)]
+    # answers ending otherwise than the system prompt ("Be brief."), but the last
+    answers = [{"role": "assistant", "content": text} for text in ("Sure!", "```py\nx = 1\n```", "It is.")]
     conv = [system, users[0], answers[0], users[1], answers[1], users[2], answers[2], users[3]]
     prompt = tok.encode_chat(conv)
     kept = tok.kept_lengths(conv, prompt)
     assert [tok.decode(prompt[t:], skip_special_tokens=False)[:11] for t in kept.turn_starts] == [
         "Question 1?", "Question 2?", "Question 3?"]  # (the first's start is the head's end)
     assert kept.turn_starts[-1] == len(prompt) - kept.tail
+    # a default system prompt ending as the stand-in answer of the header's probe may (Qwen2.5's)
+    qwen25_like = Tokenizer(tok.hf, QWEN25_LIKE)
+    for messages in (conv, conv[1:]):  # (its own system prompt, or the default)
+        prompt = qwen25_like.encode_chat(messages)
+        kept = qwen25_like.kept_lengths(messages, prompt)
+        assert [qwen25_like.decode(prompt[t:], skip_special_tokens=False)[:11] for t in kept.turn_starts] == [
+            "Question 1?", "Question 2?", "Question 3?"]
+    # a template that writes the system prompt into the first user message (Gemma's): the header is
+    # learnt from a stand-in conversation, not from the head
+    gemma_like = Tokenizer(tok.hf, GEMMA_LIKE)
+    prompt = gemma_like.encode_chat(conv)
+    kept = gemma_like.kept_lengths(conv, prompt)
+    assert gemma_like.decode(prompt[: kept.head], skip_special_tokens=False).endswith("user\nBe brief.\n\n")
+    assert [gemma_like.decode(prompt[t:], skip_special_tokens=False)[:11] for t in kept.turn_starts] == [
+        "Question 1?", "Question 2?", "Question 3?"]
     call = {"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]}  # fmt: skip
     result = {"role": "tool", "content": "Sunny."}
@@ -181,8 +207,8 @@ def test_user_starts_are_found_after_the_user_header():
 
     # 5 = the end of a message, 6 = a user header; the head [1, 9, 5, 6] ends with one, the newest turn starts at 20
     prompt = [1, 9, 5, 6, 3, 3, 5, 8, 4, 4, 5, 6, 3, 6, 3, 5, 8, 4, 5, 6, 3, 3, 5]
-    assert user_starts(prompt, 4, 20) == (12, 20)  # not after a lone 6 (inside a message: no end before it)
-    assert user_starts([1, 9, 6, 3, 3, 8, 4, 6, 3], 3, 8) == ()  # a header of one token: none (a cut anywhere)
+    assert user_starts(prompt, [5, 6], 4, 20) == (12, 20)  # not after a lone 6 (inside a message: no end before it)
+    assert user_starts([1, 9, 6, 3, 3, 8, 4, 6, 3], [6], 3, 8) == ()  # a header of one token: none (a cut anywhere)
 
 
 def test_a_truncated_chat_keeps_whole_messages(chat_model_dir):
@@ -330,6 +356,44 @@ def test_long_conversation_keeps_working_and_reuses_after_overflow(tiny_dirs):
         conv = grow(conv, out, t)
     assert truncations >= 2 and all(n > HEAD for n in reused_after)
     llm.engine.store.check_integrity()
+
+
+@pytest.mark.parametrize("mode", ["reuse", "recompute"])
+def test_pages_computed_before_a_cut_serve_no_other_request(mode, tiny_dirs):
+    """After a reuse cut, the kept history's KV was computed with the dropped history: the device
+    prefix cache serves those pages (and the turn's own, computed over them) to this session alone;
+    another session or a request without one sending the same tokens gets the plain engine's answer.
+    The recompute baseline's pages are exact: shared."""
+    path, _ = tiny_dirs["llama"]
+    plain = LLM(model=str(path), enable_store=False, max_model_len=96)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    def cut_session():
+        llm = LLM(model=str(path), enable_store=True, max_model_len=96, truncation=mode, keep_head_tokens=4)
+        conv = [1] + list(range(10, 60))
+        for t in range(3):
+            out = llm.generate([conv], params, session_id="s")[0]
+            conv = conv + out.token_ids + [100 + 3 * t + i for i in range(20)]
+        assert out.metrics.truncated_tokens > 0
+        return llm, conv, out.prompt_token_ids + out.token_ids + [7, 8, 9]
+
+    for session in ("other", None):  # (each after a cut of its own: the first computes exact pages, which serve all)
+        llm, conv, probe = cut_session()
+        got = llm.generate([probe], params, session_id=session)[0]
+        assert got.token_ids == plain.generate([probe], params)[0].token_ids
+        assert (got.metrics.cached_tokens["device"] > 4) == (mode == "recompute")  # the head's page only, after a reuse cut
+    # the session's own next turn still reuses its pages on the device
+    own = llm.generate([conv], params, session_id="s")[0]
+    assert own.metrics.cached_tokens["device"] > 4
+    llm.engine.pages.check_integrity()
+    if mode == "reuse":
+        # its client cuts the history itself, where the store did: a turn planned as exact (it edits the
+        # history the record dropped) computes what the cut's pages hold, not reading them
+        llm, _, trimmed = cut_session()
+        mine = llm.generate([trimmed], params, session_id="s")[0]
+        assert mine.metrics.truncated_tokens == 0 and mine.metrics.cached_tokens["device"] <= 4
+        assert mine.token_ids == plain.generate([trimmed], params)[0].token_ids
+        llm.engine.pages.check_integrity()
 
 
 def test_recompute_baseline_truncates_and_recomputes(tiny_dirs):
