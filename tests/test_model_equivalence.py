@@ -73,6 +73,22 @@ def test_tiny_pool_preempts_and_still_completes_correctly(tiny_dirs):
     assert llm.engine.pages.num_available() == 24
 
 
+def test_a_preempted_request_reports_the_reuse_of_its_first_admission(tiny_dirs):
+    """Its prompt and output recomputed after a preemption may come from its own cached pages: its
+    usage still says what its prompt reused when it was first admitted (nothing here), as vLLM's."""
+    from cachedattention import CacheConfig, SchedulerConfig
+
+    path, _ = tiny_dirs["qwen2"]
+    prompts = [list(range(10 + i, 40 + i)) for i in range(4)]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    llm = LLM(model=str(path), cache=CacheConfig(page_size=4, num_pages=24), max_model_len=96,
+              scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4))  # fmt: skip
+    outs = llm.generate(prompts, params)
+    assert llm.stats()["preemptions"] > 0
+    assert [o.metrics.cached_tokens for o in outs] == [{"device": 0, "host": 0, "disk": 0, "remote": 0}] * 4
+    llm.engine.pages.check_integrity()
+
+
 def test_prefix_cache_reuses_pages_and_keeps_tokens(tiny_dirs):
     path, _ = tiny_dirs["mistral"]
     llm = LLM(model=str(path))

@@ -449,6 +449,7 @@ class LLMEngine:
                 s.request.num_computed += s.num_new
                 self.scheduler.register_full_pages(s.request)
         for req in failed:  # a stored segment failed its check mid-load: recompute, never emit its logits
+            req.record_reuse = True  # (what it reuses then, not what the failed load would have)
             self.scheduler.requeue(req)
         outputs = [self._fail_request(req) for req in broken if req not in failed]
         reqs = [scheduled[i].request for i in wants]

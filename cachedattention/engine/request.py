@@ -34,6 +34,10 @@ class Request:
     # the first position whose KV is its session's own: past the head of a history truncation cut and
     # whose KV it reuses from before the cut (the device prefix cache serves those pages to no one else)
     private_from: int | None = None
+    device_hit: int = 0  # tokens the device prefix cache served at its latest admission
+    # whether its next admission records the prompt's reuse (metrics.cached_tokens): the first does, as
+    # vLLM's, not one after a preemption (its output cached too); one after a failed load again
+    record_reuse: bool = True
     truncate: bool = True  # False: a session's prompt is served whole (the store neither cuts it nor applies an old cut)
     priority: int = 0  # the priority scheduling policy's order: lower first (vLLM's)
     generator: torch.Generator | None = None

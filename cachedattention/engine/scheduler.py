@@ -109,6 +109,7 @@ class Scheduler:
                 self.steps_blocked["pages"] += 1
                 break
             req.staged = False
+            req.record_reuse = False  # (its reuse is recorded: a preemption does not change it)
             req.status = Status.RUNNING
             if req.metrics.scheduled_s is None:
                 req.metrics.scheduled_s = time.perf_counter()
@@ -151,7 +152,7 @@ class Scheduler:
         if self.pages.num_available() < self._pages_for(req.num_tokens) + headroom:
             return None
         self._admit(req)
-        if req.num_computed <= req.metrics.cached_tokens["device"] or not self._grow(
+        if req.num_computed <= req.device_hit or not self._grow(
             req, req.num_computed, [], allow_preempt=False
         ):
             self._release(req)
@@ -175,7 +176,9 @@ class Scheduler:
         device_hit = len(req.pages) * self.page_size
         store_hit = self.store_lookup(req, device_hit) if self.store_lookup else 0
         req.num_computed = max(device_hit, min(store_hit, limit))
-        req.metrics.cached_tokens["device"] = device_hit
+        req.device_hit = device_hit
+        if req.record_reuse:
+            req.metrics.cached_tokens["device"] = device_hit
         return req.num_computed
 
     def _pages_for(self, num_tokens: int) -> int:

@@ -52,6 +52,7 @@ class TurnState:
     remote_deadline: float | None = None  # admission waits for segments coming from remote until then
     # False: this turn is not saved (the device pages it would be captured from lack windowed layers)
     save: bool = True
+    counted: bool = False  # its hits are in the store's statistics (at its first admission)
 
 
 class StepHooks:
@@ -167,7 +168,8 @@ class StoreConnector:
         counts = {"host": 0, "disk": 0, "remote": 0}
         for _span, tier, a, b, _pos in _overlaps(st.tiers, device_hit, usable):
             counts[tier] += b - a
-        req.metrics.cached_tokens.update(counts)
+        if req.record_reuse:
+            req.metrics.cached_tokens.update(counts)
         return usable
 
     def ready(self, req: Request) -> bool:
@@ -205,8 +207,10 @@ class StoreConnector:
 
     def _start_turn(self, req: Request, st: TurnState) -> LoadJob | None:
         """A request was just admitted: load what the store supplies (unless preloaded), start capturing the rest."""
-        self._count_lookup(req)
-        device_hit = req.metrics.cached_tokens["device"]
+        if not st.counted:
+            self._count_lookup(req)
+            st.counted = True
+        device_hit = req.device_hit
         usable = max(req.num_computed, device_hit)
         st.chunks, st.save = [], True  # (again after a preemption: admitted anew)
         st.capture_start = min(st.hit, usable)
@@ -223,7 +227,7 @@ class StoreConnector:
         return st.pending_load
 
     def _count_lookup(self, req: Request) -> None:
-        """Hit statistics, once per admitted turn (a staged lookup that is undone does not count)."""
+        """Hit statistics, once per turn, at its first admission (a staged lookup that is undone does not count)."""
         s = self.store.stats
         s.lookups += 1
         s.lookup_tokens += len(req.prompt_token_ids)
@@ -234,7 +238,7 @@ class StoreConnector:
     def preload(self, req: Request) -> None:
         """The scheduler staged the queue head (pages for its stored prefix): load them in the background now."""
         st: TurnState = req.store_state
-        device_hit = req.metrics.cached_tokens["device"]
+        device_hit = req.device_hit
         if any(self.store.saving(span.seg_id) for span, *_ in _overlaps(st.tiers, device_hit, req.num_computed)):
             return  # never block the engine thread on a save in flight: admission loads it instead
         st.pending_load = self._load_job(req, st, device_hit, req.num_computed)
