@@ -223,13 +223,34 @@ class Tokenizer:
             start = self._leaving(list(messages[: last + 1]), prompt, tools, _plain(options))
             tail = len(prompt) - max(start, head) if start is not None else 0
         newest = len(prompt) - tail
-        if not (messages[last + 1]["role"] == "user" and head < newest < len(prompt)
-                and next(m for m in messages if m["role"] != "system")["role"] == "user"):  # fmt: skip
+        first = next(i for i, m in enumerate(messages) if m["role"] != "system")
+        if not (messages[last + 1]["role"] == "user" and head < newest < len(prompt) and messages[first]["role"] == "user"):
             return Kept(head, tail)
         # the user header: learnt from the stand-in conversation (no longer than the newest turn's own:
         # a coincidence of texts before them is not taken for it), else what the head and the newest turn end with
         header = common_suffix(header, prompt[:newest]) if len(header) >= 2 else common_suffix(prompt[:head], prompt[:newest])
-        return Kept(head, tail, user_starts(prompt, header, head, newest))
+        users = [m.get("content") for m in messages[first + 1 : last + 1] if m["role"] == "user"]
+        return Kept(head, tail, self._user_messages(prompt, user_starts(prompt, header, head, newest), users))
+
+    def _user_messages(self, prompt: Sequence[int], starts: Sequence[int], users: list[Any]) -> tuple[int, ...]:
+        """Of the places after a user header (the newest turn's last), those where the history's user
+        messages (`users`, their contents) start, in order: a template may write a tool's result
+        under a user header (Qwen's), a message may hold one. () unless each is found: a cut at a token."""
+        found, wanted = [], iter(users)
+        content = next(wanted, None)
+        for start in starts[:-1]:
+            if content is not None and self._starts_with(prompt, start, content):
+                found.append(start)
+                content = next(wanted, None)
+        return (*found, starts[-1]) if starts and content is None and len(found) == len(users) else ()
+
+    def _starts_with(self, prompt: Sequence[int], start: int, content: Any) -> bool:
+        """Whether the prompt's text from `start` begins with `content` (its first characters)."""
+        if not isinstance(content, str):
+            return False
+        text = self.decode(prompt[start : start + 16], skip_special_tokens=False).rstrip("\ufffd").lstrip()
+        n = min(len(text), len(content.lstrip()), 24)
+        return text[:n] == content.lstrip()[:n]
 
     def _newest_turn(self, turn: Sequence[dict[str, Any]], prompt: Sequence[int], head: int, tools: list | None,
                      options: ChatOptions | None) -> tuple[int | None, list[int]]:  # fmt: skip

@@ -177,15 +177,18 @@ def plan_turn(
     head, dropped = head_hint, head_hint
     reuse: list[Span] = []
     eff_lcp = 0  # effective tokens shared with the record: the history part of this prompt
+    limit = window - reserve
     if record is not None:
         lcp = common_prefix(record.logical, prompt)
         if lcp < max(record.head, head_hint):
             # the prompt differs inside the recorded head or its own (a new system prompt): its own head
             # applies; a cut record's KV past its head sits at other positions, so none of it is reused
             eff_lcp = min(lcp, record.head) if record.truncated else lcp
-        elif record.truncated and (lcp < record.dropped_until or mode == "whole" or record.dropped_until > len(prompt) - tail):
+        elif record.truncated and (lcp < record.dropped_until or mode == "whole" or record.dropped_until > len(prompt) - tail
+                                   or (lcp < len(record.logical) and len(prompt) <= limit)):  # fmt: skip
             # the client edited history inside the dropped part (or wants it whole, or the cut reaches
-            # into this prompt's newest turn: an answer regenerated): only the head still matches
+            # into this prompt's newest turn: an answer regenerated, or edited the conversation so that
+            # it fits whole now): only the head still matches
             head = dropped = record.head
             eff_lcp = head
         elif record.truncated:
@@ -196,7 +199,6 @@ def plan_turn(
             eff_lcp = lcp
         reuse = slice_spans(record.spans, 0, min(eff_lcp, record.num_kv))
     effective = prompt[:head] + prompt[dropped:]
-    limit = window - reserve
     truncated_now = 0
     droppable = len(effective) - head - max(tail, 1)
     if mode not in ("off", "whole") and len(effective) > limit and droppable > 0:

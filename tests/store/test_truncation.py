@@ -78,8 +78,11 @@ QWEN3_LIKE = """{%- set ns = namespace(last_user=-1) %}{%- for m in messages %}{
 {{- m.content + '<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
 
 
+# (a tool's result under a user header, as Qwen2.5's and Qwen3's)
 QWEN25_LIKE = """{%- if messages[0].role != 'system' %}{{- '<|im_start|>system\nYou are Qwen. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}
-{%- for m in messages %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}
+{%- for m in messages %}{%- if m.role == 'tool' %}{{- '<|im_start|>user\n<tool_response>\n' + m.content + '\n</tool_response><|im_end|>\n' }}
+{%- elif m.tool_calls %}{{- '<|im_start|>assistant\n<tool_call>\n' + (m.tool_calls[0].function | tojson) + '\n</tool_call><|im_end|>\n' }}
+{%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"""
 GEMMA_LIKE = """{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first = messages[0]['content'] + '\n\n' -%}
 {%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first = '' -%}{%- set loop_messages = messages -%}{%- endif -%}
@@ -161,6 +164,13 @@ def test_kept_lengths_gives_where_each_user_message_starts_and_a_call_of_tools_i
     kept = tok.kept_lengths(with_tools, prompt)
     assert tok.decode(prompt[len(prompt) - kept.tail :], skip_special_tokens=False).startswith("Question 1?")
     assert kept.turn_starts == (len(prompt) - kept.tail,)  # (the tool's result is no user message to start at)
+    # a tool's result written under a user header (Qwen's templates) is no user message to cut at
+    tools_then = [system, users[0], call, result, answers[0], users[1], answers[1], users[2], call, result,
+                  answers[2], users[3]]  # fmt: skip
+    prompt = qwen25_like.encode_chat(tools_then)
+    kept = qwen25_like.kept_lengths(tools_then, prompt)
+    assert [qwen25_like.decode(prompt[t:], skip_special_tokens=False)[:11] for t in kept.turn_starts] == [
+        "Question 1?", "Question 2?", "Question 3?"]
     first = [system, users[0], call, result, users[1]]  # no answer yet: all of it is the newest turn
     prompt = tok.encode_chat(first)
     assert tok.kept_lengths(first, prompt) == (kept.head, len(prompt) - kept.head, ())
@@ -172,8 +182,9 @@ def test_plan_turn_drops_an_earlier_cut_that_reaches_into_the_newest_turn():
     rec = SessionRecord("s", list(range(150)), [Span("a", 0, HEAD), Span("a", 60, 150)], head=HEAD, dropped_until=60)
     plan = plan_turn(rec, list(range(70)), WINDOW, 16, 0, 0.5, "reuse", tail=30)  # its newest turn: [40, 70)
     assert plan.effective_prompt == list(range(70)) and plan.reuse == [Span("a", 0, HEAD)]
-    same = plan_turn(rec, list(range(70)), WINDOW, 16, 0, 0.5, "reuse", tail=5)  # the cut before its newest turn
-    assert same.effective_prompt == list(range(HEAD)) + list(range(60, 70)) and same.reuse[-1] == Span("a", 60, 70)
+    # the cut before its newest turn (and the prompt too long to serve whole)
+    same = plan_turn(rec, list(range(120)), WINDOW, 16, 0, 0.5, "reuse", tail=5)
+    assert same.effective_prompt == list(range(HEAD)) + list(range(60, 120)) and same.reuse[-1] == Span("a", 60, 120)
 
 
 def test_plan_turn_cuts_at_the_turn_start_nearest_the_share_it_drops():
@@ -241,6 +252,22 @@ def test_a_truncated_chat_keeps_whole_messages(chat_model_dir):
     head = tok.kept_lengths(whole, tok.encode_chat(whole)).head
     kept = tok.decode(out.prompt_token_ids[head:], skip_special_tokens=False)
     assert out.metrics.truncated_tokens > 0 and kept.startswith("Question ") and not kept.startswith("Question 10")
+
+
+def test_an_edit_that_makes_a_cut_conversation_fit_serves_it_whole():
+    """As a plain server would: the earlier cut was made to fit, and the edited conversation fits
+    whole now. A conversation that goes on keeps its cut however short its turn."""
+    rec = SessionRecord("s", list(range(150)), [Span("a", 0, HEAD), Span("a", 60, 150)], head=HEAD, dropped_until=60)
+    edited = list(range(100)) + [9] * 10  # its answers from token 100 replaced by a short message: 110 tokens
+    plan = plan_turn(rec, edited, WINDOW, 16, 0, 0.5, "reuse", tail=10)
+    assert plan.effective_prompt == edited and plan.truncated_now == 0 and plan.inexact_from is None
+    assert plan.reuse == [Span("a", 0, HEAD)]  # the history after the head is computed again, at its positions
+    longer = list(range(100)) + [9] * 20  # one that does not fit whole keeps the cut (and its reused KV)
+    assert plan_turn(rec, longer, WINDOW, 16, 0, 0.5, "reuse", tail=20).reuse == [Span("a", 0, HEAD), Span("a", 60, 100)]
+    short = SessionRecord("t", list(range(100)), [Span("b", 0, HEAD), Span("b", 60, 100)], head=HEAD, dropped_until=60)
+    going_on = plan_turn(short, list(range(100)) + [7] * 5, WINDOW, 16, 0, 0.5, "reuse", tail=5)
+    assert going_on.effective_prompt == list(range(HEAD)) + list(range(60, 100)) + [7] * 5
+    assert going_on.inexact_from == HEAD
 
 
 def test_a_chat_message_past_the_window_is_refused_and_a_long_one_keeps_its_whole_turn(chat_model_dir):
