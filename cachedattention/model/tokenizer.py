@@ -236,13 +236,11 @@ class Tokenizer:
         """Of the places after a user header (the newest turn's last), those where the history's user
         messages (`users`, their contents) start, in order: a template may write a tool's result
         under a user header (Qwen's), a message may hold one. () unless each is found: a cut at a token."""
-        found, wanted = [], iter(users)
-        content = next(wanted, None)
+        found: list[int] = []
         for start in starts[:-1]:
-            if content is not None and self._starts_with(prompt, start, content):
+            if len(found) < len(users) and self._starts_with(prompt, start, users[len(found)]):
                 found.append(start)
-                content = next(wanted, None)
-        return (*found, starts[-1]) if starts and content is None and len(found) == len(users) else ()
+        return (*found, starts[-1]) if starts and len(found) == len(users) else ()
 
     def _starts_with(self, prompt: Sequence[int], start: int, content: Any) -> bool:
         """Whether the prompt's text from `start` begins with `content` (its first characters)."""
@@ -296,7 +294,7 @@ def user_starts(prompt: Sequence[int], header: Sequence[int], head: int, newest:
     """Where the user messages' contents start in a chat prompt between its head and its newest
     turn's start (`newest`, one of them): after each run of `header`, the tokens every user
     message's header ends with. None for a header of fewer than two tokens (one may be a word of
-    the text too): a cut anywhere."""
+    the text too), so a cut falls at a token."""
     header = list(header)
     if len(header) < 2:
         return ()
