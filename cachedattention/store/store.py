@@ -537,8 +537,9 @@ class AttentionStore:
     def forget(self, key: str) -> bool:
         """Drop a session: its record and the segments no other record names (host, disk); on the
         remote tier's server, its record becomes a tombstone and the segments either record names go
-        (also when only other replicas served it). Whether anything was held. OSError when the
-        remote server cannot be read (what was held here is dropped all the same)."""
+        (also when only other replicas served it, and when none holds it yet: a first turn of it
+        running elsewhere, or not yet published, is refused when it publishes). Whether anything
+        was held. OSError when the remote server cannot be read (what was held here is dropped all the same)."""
         now = time.time()
         with self._lock:
             self._note_forgotten(key, now)
@@ -547,10 +548,10 @@ class AttentionStore:
             for held in [b.key for b in branches] + ([key] if rec is not None else []):
                 self._drop_record(held)
         theirs = self.remote.read_record(key, strict=True) if self.remote is not None else None  # not under the lock
-        if rec is None and theirs is None and not branches:
-            return False
         if self.remote is not None:
             self.remote.forget_session(key, [rec, theirs, *branches], now)
+        if rec is None and theirs is None and not branches:
+            return False
         with self._lock:
             self.stats.sessions_forgotten += 1
         return True

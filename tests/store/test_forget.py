@@ -157,3 +157,26 @@ def test_forgetting_one_session_keeps_the_blocks_another_shares(tiny_dirs):
     assert llm.forget_session("u")
     assert llm.generate([system + [120, 121]], PARAMS, session_id="v")[0].metrics.cached_tokens["device"] == 64
     llm.engine.pages.check_integrity()
+
+
+def test_a_first_turn_running_elsewhere_is_refused_though_nothing_was_held(tiny_dirs, tmp_path):
+    """Forgetting a session no replica holds yet (its first turn still running on another, or not
+    yet published) answers that nothing was held, and still leaves the tombstone that refuses that turn."""
+    path, _ = tiny_dirs["llama"]
+    redis = RedisServer(tmp_path)
+    try:
+        a = LLM(model=str(path), enable_store=True, remote_url=redis.url, cache=NO_DEVICE)
+        b = LLM(model=str(path), enable_store=True, remote_url=redis.url, cache=NO_DEVICE)
+        conv = list(range(5, 45))
+        b.engine.add_request(conv, PARAMS, session_id="new")  # planned now, on b
+        b.engine.step()
+        assert not a.forget_session("new")  # (a 404: no replica held it)
+        while b.engine.has_unfinished():
+            b.engine.step()
+        b.engine.store.store.flush()  # b's publish: refused, planned before the forgetting
+        tier = a.engine.store.store.remote.tier
+        assert tier.get_record("new")["forgotten"] and not list(tier.client.scan_iter(match=tier.segment_key("*")))
+        again = a.generate([conv + [7, 8, 9]], PARAMS, session_id="new")[0]
+        assert sum(again.metrics.cached_tokens.values()) == 0
+    finally:
+        redis.stop()
