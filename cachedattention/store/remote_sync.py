@@ -234,6 +234,8 @@ class RemoteSync:
             if self.tier.put_record(key, rec.to_json()):
                 self.stats.records_published += 1
                 if key.startswith(ANON_PREFIX):  # its blocks lead other replicas' prompts to it
+                    if any(seg != segs[-1] for seg in uploaded):  # the server lost earlier ones (flushed,
+                        self._blocks_published.pop(key, None)  # restarted empty): their blocks' keys too
                     self._publish_blocks(key, rec)
             else:  # a later turn (or the session's forgetting) is there: what this one uploaded is no one's
                 self.stats.records_superseded += 1

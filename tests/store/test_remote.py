@@ -482,6 +482,23 @@ def test_anonymous_conversations_move_between_replicas_by_their_prefix(tiny_dirs
         store_of(llm).check_integrity()
 
 
+def test_an_anonymous_conversation_is_found_by_its_first_blocks_after_the_server_lost_them(tiny_dirs, server):
+    """The server flushed (or restarted empty) between two turns: the next publish puts back the
+    earlier turns' segments and their blocks' keys, not only the new ones."""
+    path, _ = tiny_dirs["qwen2"]
+    a, b = replica(path, server.url), replica(path, server.url)
+    conv = list(range(200, 240))
+    out = a.generate([conv], PARAMS)[0]
+    settle(a)
+    store_of(a).remote.tier.client.flushall()
+    a.generate([grow(conv, out, 0)], PARAMS)
+    settle(a)
+    other = b.generate([conv + [1, 2, 3]], PARAMS)[0]  # the first turn's prefix only
+    assert other.metrics.cached_tokens["remote"] >= 32
+    for llm in (a, b):
+        store_of(llm).check_integrity()
+
+
 def test_the_block_keys_are_the_same_everywhere():
     from cachedattention.store.remote import block_keys
 
