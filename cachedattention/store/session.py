@@ -172,7 +172,8 @@ def plan_turn(
     mode: "reuse" keeps the retained pre-RoPE KV at its new positions; "recompute" is the
     baseline that truncates tokens but recomputes the shifted history; "off" never truncates
     (a record's earlier truncation still applies to the history it dropped); "whole" serves the
-    prompt whole: no truncation, a record's earlier one neither.
+    prompt whole: no truncation, a record's earlier one neither. In every mode an edited (or
+    regenerated) prompt that fits the window whole is served whole, as a plain server would.
     """
     head, dropped = head_hint, head_hint
     reuse: list[Span] = []
