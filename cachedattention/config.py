@@ -127,6 +127,10 @@ class StoreConfig:
     # earlier branches kept per session (a turn that edits, regenerates or forks the conversation
     # keeps the one it left), so that going back to one reuses its KV; 0: only the latest is kept
     session_branches: int = 4
+    # a model with sliding-window layers: a segment that no later turn's window can reach (before
+    # its record's newest turn by more than the window, and not its first) keeps only the layers
+    # without one in host memory (and in the files written from there), the windowed ones' KV dropped
+    drop_windowed_history: bool = True
     # a Redis-protocol store shared by replicas (redis://HOST:PORT/DB, rediss://, unix:///PATH): every
     # session's turns published there, a session another replica served fetched from there
     remote_url: str | None = None

@@ -122,10 +122,12 @@ class StoreConnector:
         self.layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, storage)
         long = "-longrope" if engine.model.rotary.long else ""  # every token rotated with the long factors
         fingerprint = f"{spec.fingerprint()}{long}-{engine.loaded.weights_id}-{storage}".replace("torch.", "")
-        self.store = AttentionStore(config, self.layout, fingerprint, pin=engine.device.type == "cuda")
         # the layers with a sliding window, which load only what their window reaches
         self.window = spec.any_window
         self.windowed = frozenset(spec.window_layers)
+        reach = (self.window or 0) + engine.pool.page_size  # a load reads them from a page's start
+        self.store = AttentionStore(config, self.layout, fingerprint, pin=engine.device.type == "cuda",
+                                    windowed=self.windowed, window_reach=reach)  # fmt: skip
         self.full_layers = [i for i in range(spec.num_layers) if i not in self.windowed]
         try:
             self.loader = Loader(engine.pool, engine.model.rotary, self.layout, engine.device)
@@ -161,9 +163,10 @@ class StoreConnector:
         """Tokens the store can supply for this request (the scheduler takes max(device, store))."""
         st: TurnState = req.store_state
         st.tiers = [] if st.bypass else self.store.available(st.plan.reuse)
+        limit = len(req.prompt_token_ids) - 1
+        st.tiers = _tiers_until(st.tiers, self._windows_held(st.tiers, limit))
         st.reuse = [span for span, _ in st.tiers]
         st.hit = sum(s.length for s in st.reuse)
-        limit = len(req.prompt_token_ids) - 1
         usable = min(st.hit, limit)
         counts = {"host": 0, "disk": 0, "remote": 0}
         for _span, tier, a, b, _pos in _overlaps(st.tiers, device_hit, usable):
@@ -303,6 +306,19 @@ class StoreConnector:
         page_size = self.engine.pool.page_size
         return max(lo, (hi - self.window + 1) // page_size * page_size)
 
+    def _windows_held(self, tiers: list[tuple[Span, str]], limit: int) -> int:
+        """The furthest point, up to `limit`, a turn may resume from these spans: where no windowed
+        layer's load reads a segment that dropped them (tokens past every window of its records,
+        which this turn reaches: an edit further back, another conversation's prefix)."""
+        hi = min(sum(span.length for span, _ in tiers), limit)
+        while hi > 0 and self.window is not None:
+            start = self._window_from(0, hi)
+            lacking = [pos for span, _tier, _a, _b, pos in _overlaps(tiers, start, hi) if self.store.windowless(span.seg_id)]
+            if not lacking:
+                return hi
+            hi = max(lacking)  # resume before the last segment lacking them
+        return max(hi, 0)
+
     def _partial_pages(self, req: Request, lo: int, hi: int) -> bool:
         """Whether a page holding request tokens [lo, hi) lacks its windowed layers."""
         page_size = self.engine.pool.page_size
@@ -392,6 +408,18 @@ def _shutdown(store: AttentionStore, loader: Loader, saver: Saver) -> None:
     loader.close()
     saver.close()
     store.close()
+
+
+def _tiers_until(tiers: list[tuple[Span, str]], end: int) -> list[tuple[Span, str]]:
+    """The spans (with their tiers) of request tokens [0, end)."""
+    out, pos = [], 0
+    for span, tier in tiers:
+        if pos >= end:
+            break
+        take = min(span.length, end - pos)
+        out.append((span if take == span.length else Span(span.seg_id, span.lo, span.lo + take), tier))
+        pos += span.length
+    return out
 
 
 def _overlaps(tiers: list[tuple[Span, str]], lo: int, hi: int):

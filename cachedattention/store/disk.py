@@ -74,7 +74,11 @@ class DiskTier:
                 "CREATE TABLE IF NOT EXISTS segments (seg_id TEXT PRIMARY KEY, num_tokens INT, nbytes INT, fingerprint TEXT)"
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, body TEXT, fingerprint TEXT)")
+            # the layers a segment without its windowed ones holds (a table of its own: an older
+            # engine's inserts into `segments` still work)
+            self._db.execute("CREATE TABLE IF NOT EXISTS held_layers (seg_id TEXT PRIMARY KEY, layers TEXT)")
             self._sizes: dict[str, int] = {}
+            self._partial: set[str] = set()  # segments whose file lacks some layers
             self._stale_rows: set[str] = set()  # rows whose file is gone but whose delete failed
             self.writes = WritePause()
             self._recover()
@@ -105,6 +109,11 @@ class DiskTier:
         for f in self.seg_dir.iterdir():
             if f.suffix == ".tmp" or (f.suffix == ".kv" and f.stem not in named):
                 f.unlink(missing_ok=True)
+        for (seg_id,) in self._db.execute("SELECT seg_id FROM held_layers").fetchall():
+            if seg_id in self._sizes:
+                self._partial.add(seg_id)
+            elif seg_id not in named:  # (its segment's row went first, or never came)
+                self._db.execute("DELETE FROM held_layers WHERE seg_id=?", (seg_id,))
 
     # -- queries ------------------------------------------------------------------------------
     def path(self, seg_id: str) -> Path:
@@ -115,6 +124,9 @@ class DiskTier:
 
     def size(self, seg_id: str) -> int:
         return self._sizes[seg_id]
+
+    def holds_every_layer(self, seg_id: str) -> bool:
+        return seg_id not in self._partial
 
     def used_bytes(self) -> int:
         return sum(self._sizes.values())
@@ -144,10 +156,14 @@ class DiskTier:
             self._fsync_dir()
             size = final.stat().st_size
             with self._lock:
+                if kv.layers is not None:  # first: a crash between the two leaves an orphan row, not a wrong one
+                    self._db.execute("INSERT OR REPLACE INTO held_layers VALUES (?, ?)", (seg_id, json.dumps(kv.layers)))
                 self._db.execute(
                     "INSERT OR REPLACE INTO segments VALUES (?, ?, ?, ?)", (seg_id, kv.num_tokens, size, self.fingerprint)
                 )
                 self._sizes[seg_id] = size
+                if kv.layers is not None:
+                    self._partial.add(seg_id)
         except (OSError, sqlite3.Error) as e:
             tmp.unlink(missing_ok=True)
             if seg_id not in self._sizes:
@@ -180,10 +196,14 @@ class DiskTier:
         return SegmentReader(self.path(seg_id), self.fingerprint, self.layout, wanted)
 
     def get(self, seg_id: str) -> SegmentKV:
-        """Read a whole segment (all layers, checksums verified)."""
+        """Read a whole segment (every layer it holds, checksums verified)."""
         with self.open(seg_id) as r:
-            ks, vs = zip(*(r.read_layer(layer) for layer in range(self.layout.num_layers)))
-        return SegmentKV(torch.stack(ks), torch.stack(vs))
+            held = r.meta["layers"]
+            pairs = [r.read_layer(layer) for layer in held]
+        shape = (0, r.n, self.layout.num_kv_heads, self.layout.head_dim)  # (no layer held: still its tokens)
+        ks = torch.stack([k for k, _ in pairs]) if pairs else torch.empty(shape, dtype=self.layout.dtype)
+        vs = torch.stack([v for _, v in pairs]) if pairs else torch.empty(shape, dtype=self.layout.dtype)
+        return SegmentKV(ks, vs, None if len(held) == self.layout.num_layers else tuple(held))
 
     # -- delete -------------------------------------------------------------------------------
     def remove(self, seg_id: str) -> None:
@@ -196,8 +216,10 @@ class DiskTier:
 
     def _delete_row(self, seg_id: str) -> None:
         """Delete a segment's row, or keep it as stale (ignored until deleted) if the index refuses."""
+        self._partial.discard(seg_id)
         try:
             self._db.execute("DELETE FROM segments WHERE seg_id=?", (seg_id,))
+            self._db.execute("DELETE FROM held_layers WHERE seg_id=?", (seg_id,))
             self._stale_rows.discard(seg_id)
         except sqlite3.Error:
             self._stale_rows.add(seg_id)
@@ -291,7 +313,7 @@ class SegmentReader:
                 os.posix_fadvise(self.f.fileno(), self.body, 0, os.POSIX_FADV_WILLNEED)
             for layer, (start, end) in (wanted or {}).items():
                 end = min(end, self.n)  # (a record naming more tokens fails its read, not this hint)
-                if start < end:
+                if start < end and layer in meta["layers"]:  # (a layer not held fails its read)
                     for offset, size in self._extents(layer, segment_format.chunk_span(meta, start, end)):
                         os.posix_fadvise(self.f.fileno(), offset, size, os.POSIX_FADV_WILLNEED)
 
@@ -299,7 +321,7 @@ class SegmentReader:
         """Where a layer's K and V bytes of chunks [c0, c1) lie in the file: (offset, size) of each."""
         chunk, tb = self.meta["chunk_tokens"], self.layout.token_bytes()
         lo, hi = chunks[0] * chunk * tb, min(self.n, chunks[1] * chunk) * tb
-        k_at = self.body + layer * 2 * self.half
+        k_at = self.body + segment_format.layer_slot(self.meta, layer) * 2 * self.half
         return [(k_at + lo, hi - lo), (k_at + self.half + lo, hi - lo)]
 
     def read_layer(self, layer: int, into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

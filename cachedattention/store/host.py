@@ -40,8 +40,17 @@ class HostTier:
         """kv in page-locked memory when this tier pins (CUDA: device copies from it run async).
         Pinning a large segment takes long: do it before taking a lock others wait on."""
         if self.pin and not kv.k.is_pinned():
-            return SegmentKV(kv.k.pin_memory(), kv.v.pin_memory())
+            return SegmentKV(kv.k.pin_memory(), kv.v.pin_memory(), kv.layers)
         return kv
+
+    def shrink(self, seg_id: str, kv: SegmentKV) -> None:
+        """Replace a held segment by a smaller copy of it (one without some layers)."""
+        with self._lock:
+            old = self._segments[seg_id]
+            if kv.nbytes > old.nbytes:
+                raise RuntimeError(f"host tier: {seg_id} would grow from {old.nbytes} to {kv.nbytes} bytes")
+            self._segments[seg_id] = kv
+            self._used += kv.nbytes - old.nbytes
 
     def evict(self, seg_id: str) -> SegmentKV | None:
         with self._lock:

@@ -3,7 +3,9 @@ each layer's K and V. The disk tier writes them as a file, the remote tier as on
 
 Each layer's checksums cover its tokens in chunks of CHUNK_TOKENS (a chunk's K, then its V), so a
 load that needs only a layer's last tokens (a sliding window's) reads and checks only the chunks
-holding them. Version 1 files have one checksum a layer: one chunk of every token, read the same way."""
+holding them. Version 1 files have one checksum a layer: one chunk of every token, read the same way.
+A segment without its windowed layers (see SegmentKV) names the layers it holds in `layers`; an
+older reader finds its size wrong and takes it as missing."""
 
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ def encode(seg_id: str, kv: SegmentKV, fingerprint: str, layout: KVLayout, with_
     body: list[bytes] = []
     sums: list[list[int]] = []
     if with_body:
-        for layer in range(kv.k.shape[0]):
-            kb, vb = _to_bytes(kv.k[layer]), _to_bytes(kv.v[layer])
+        for i in range(kv.k.shape[0]):
+            kb, vb = _to_bytes(kv.k[i]), _to_bytes(kv.v[i])
             sums.append(_chunk_sums(memoryview(kb), memoryview(vb), CHUNK_TOKENS * layout.token_bytes()))
             body += [kb, vb]
     meta = {
@@ -56,10 +58,12 @@ def encode(seg_id: str, kv: SegmentKV, fingerprint: str, layout: KVLayout, with_
         "chunk_tokens": CHUNK_TOKENS,
         "checksums": sums,
     }
+    if kv.layers is not None:
+        meta["layers"] = list(kv.layers)
     text = json.dumps(meta).encode()
     # padded as if every checksum took its widest form: the size is known before they are computed
     chunks = -(-kv.num_tokens // CHUNK_TOKENS)
-    widest = len(json.dumps({**meta, "checksums": [[0xFFFFFFFF] * chunks] * layout.num_layers}).encode())
+    widest = len(json.dumps({**meta, "checksums": [[0xFFFFFFFF] * chunks] * kv.k.shape[0]}).encode())
     size = PREFIX.size + widest
     size += (-size) % _ALIGN  # the body starts aligned
     return PREFIX.pack(MAGIC, size - PREFIX.size) + text + b" " * (size - PREFIX.size - len(text)), body
@@ -86,9 +90,16 @@ def parse_header(head: bytes, read_meta, name: str) -> tuple[dict, int]:
 
 
 def check_header(meta: dict, body_offset: int, total_size: int, fingerprint: str, layout: KVLayout, name: str) -> int:
-    """Refuse a segment of another version, model or dtype, or of the wrong size or checksums; its
-    half-layer bytes. A version 1 header's checksums are put in version 2's form (a chunk a layer)."""
+    """Refuse a segment of another version, model or dtype, or of the wrong size, layers or
+    checksums; its half-layer bytes. A version 1 header's checksums are put in version 2's form (a
+    chunk a layer), and a header without `layers` names every layer."""
     problems = []
+    layers = meta.setdefault("layers", list(range(layout.num_layers)))
+    if not isinstance(layers, list) or not all(type(i) is int for i in layers) or layers != sorted(set(layers)) or (
+        layers and not 0 <= layers[0] <= layers[-1] < layout.num_layers
+    ):  # fmt: skip
+        problems.append("bad layer list")
+        layers = meta["layers"] = []
     if type(meta.get("version")) is not int or meta["version"] not in READ_VERSIONS:
         problems.append(f"version {meta.get('version')}")
     if meta.get("fingerprint") != fingerprint:
@@ -100,7 +111,7 @@ def check_header(meta: dict, body_offset: int, total_size: int, fingerprint: str
         problems.append("bad token count")
         n = 0
     half = n * layout.token_bytes()
-    if total_size != body_offset + 2 * layout.num_layers * half:
+    if total_size != body_offset + 2 * len(layers) * half:
         problems.append("wrong size (truncated?)")
     if meta.get("version") == 1 and isinstance(meta.get("checksums"), list):
         meta["chunk_tokens"] = max(n, 1)
@@ -108,13 +119,21 @@ def check_header(meta: dict, body_offset: int, total_size: int, fingerprint: str
     chunk, sums = meta.get("chunk_tokens"), meta.get("checksums")
     if type(chunk) is not int or chunk <= 0:
         problems.append("bad chunk size")
-    elif not isinstance(sums, list) or len(sums) != layout.num_layers or not all(
+    elif not isinstance(sums, list) or len(sums) != len(layers) or not all(
         isinstance(each, list) and len(each) == -(-n // chunk) for each in sums
     ):  # fmt: skip
         problems.append("bad checksum list")
     if problems:
         raise CorruptSegment(f"{name}: " + ", ".join(problems))
     return half
+
+
+def layer_slot(meta: dict, layer: int) -> int:
+    """Where a layer's K and V lie among a checked header's layers; CorruptSegment if not held."""
+    try:
+        return meta["layers"].index(layer)
+    except ValueError:
+        raise CorruptSegment(f"segment {meta.get('seg_id')}: layer {layer} is not held") from None
 
 
 def chunk_span(meta: dict, start: int, end: int) -> tuple[int, int]:
@@ -133,7 +152,7 @@ def chunk_views(k_raw: torch.Tensor, v_raw: torch.Tensor, meta: dict, layout: KV
     if k_raw.numel() != tokens * tb or v_raw.numel() != tokens * tb:
         raise CorruptSegment(f"segment {meta.get('seg_id')}: layer {layer} is short")
     got = _chunk_sums(memoryview(k_raw.numpy()), memoryview(v_raw.numpy()), chunk * tb)
-    if got != meta["checksums"][layer][c0:c1]:
+    if got != meta["checksums"][layer_slot(meta, layer)][c0:c1]:
         raise CorruptSegment(f"segment {meta.get('seg_id')}: layer {layer} checksum mismatch")
     shape = (tokens, layout.num_kv_heads, layout.head_dim)
     return k_raw.view(layout.dtype).view(shape), v_raw.view(layout.dtype).view(shape)
@@ -153,12 +172,14 @@ def decode_bytes(blob: bytes, seg_id: str, fingerprint: str, layout: KVLayout, n
     half = check_header(meta, body, len(blob), fingerprint, layout, name)
     if meta.get("seg_id") != seg_id:
         raise CorruptSegment(f"{name}: holds segment {meta.get('seg_id')!r}")
-    raw = torch.frombuffer(bytearray(view[body:]), dtype=torch.uint8) if half else torch.empty(0, dtype=torch.uint8)
+    raw = torch.frombuffer(bytearray(view[body:]), dtype=torch.uint8) if len(view) > body else torch.empty(0, dtype=torch.uint8)
     whole = chunk_span(meta, 0, meta["num_tokens"])
-    for layer in range(layout.num_layers):  # every layer checked before any is used
-        at = 2 * half * layer
+    layers = meta["layers"]
+    for i, layer in enumerate(layers):  # every layer checked before any is used
+        at = 2 * half * i
         chunk_views(raw[at : at + half], raw[at + half : at + 2 * half], meta, layout, layer, whole)
     # K and V of every layer as strided views of the one buffer: no second copy of the segment
-    shape = (layout.num_layers, meta["num_tokens"], layout.num_kv_heads, layout.head_dim)
-    both = raw.view(layout.num_layers, 2, half).view(layout.dtype) if half else torch.empty(layout.num_layers, 2, 0, dtype=layout.dtype)
-    return SegmentKV(both[:, 0].view(shape), both[:, 1].view(shape))
+    shape = (len(layers), meta["num_tokens"], layout.num_kv_heads, layout.head_dim)
+    both = raw.view(len(layers), 2, half).view(layout.dtype) if half else torch.empty(len(layers), 2, 0, dtype=layout.dtype)
+    held = None if len(layers) == layout.num_layers else tuple(layers)
+    return SegmentKV(both[:, 0].view(shape), both[:, 1].view(shape), held)

@@ -60,13 +60,19 @@ class StoreStats:
     threshold_demotions: int = 0  # host -> disk moves made ahead of need (free host under the threshold)
     expired_segments: int = 0  # segments forgotten by the disk TTL
     sessions_forgotten: int = 0  # sessions a client asked to forget
+    windowed_bytes_dropped: int = 0  # host bytes freed by dropping windowed layers past every window
 
 
 class AttentionStore:
-    def __init__(self, config: StoreConfig, layout: KVLayout, fingerprint: str, pin: bool) -> None:
+    def __init__(self, config: StoreConfig, layout: KVLayout, fingerprint: str, pin: bool,
+                 windowed: frozenset[int] = frozenset(), window_reach: int = 0) -> None:  # fmt: skip
+        """`windowed`: the layers with a sliding window; `window_reach`: how far back from a turn's
+        first new token a load reads them (the window and a page)."""
         self.config = config
         self.layout = layout
         self.fingerprint = fingerprint
+        self.windowed = windowed if config.drop_windowed_history else frozenset()
+        self.window_reach = window_reach
         self.host = HostTier(config.host_bytes, pin)
         self.disk = DiskTier(config.store_dir, config.disk_bytes, fingerprint, layout) if config.store_dir else None
         self.ledger = TierLedger(config.host_bytes, config.disk_bytes if self.disk else 0)
@@ -82,6 +88,8 @@ class AttentionStore:
         self._namers: dict[str, set[str]] = {}  # segment -> keys of the records that name it
         self._branches: dict[str, list[str]] = {}  # session -> keys of its kept earlier branches, oldest first
         self._maybe_lost: set[str] = set()  # segments that may have left every tier (settled at the next step)
+        self._windowless: set[str] = set()  # segments a copy of which lacks the windowed layers
+        self._window_candidates: set[str] = set()  # segments of records just committed, maybe past every window
         self._refs: dict[str, int] = {}  # segment -> spans of records and plans in flight that name it
         self._pending: dict[str, threading.Event] = {}  # segments whose save is still running (write buffer)
         self._anon: dict[int, dict[str, None]] = {}  # block hash -> keys of the anonymous records there, latest last
@@ -154,6 +162,8 @@ class AttentionStore:
                 self.disk.remove(seg)  # no record names it: an orphan of a turn that never committed
                 continue
             self.ledger.put_disk(seg, self.disk.size(seg), now)
+            if not self.disk.holds_every_layer(seg):
+                self._windowless.add(seg)
 
     # -- planning a turn --------------------------------------------------------------------
     def plan(self, key: str | None, prompt: list[int], window: int, reserve: int, head_hint: int,
@@ -247,6 +257,11 @@ class AttentionStore:
     def release(self, spans: Sequence[Span]) -> None:
         with self._lock:
             self._ref_spans(spans, -1)
+            self._drop_windowed_history()
+
+    def windowless(self, seg_id: str) -> bool:
+        """Whether a copy of the segment lacks the windowed layers (a load must not read them)."""
+        return seg_id in self._windowless
 
     def available(self, spans: Sequence[Span]) -> list[tuple[Span, str]]:
         """The usable prefix of `spans`, each with the tier it will be read from; stops at the first missing segment."""
@@ -284,6 +299,8 @@ class AttentionStore:
             if not key.startswith(ANON_PREFIX):
                 self._keep_branches(key, record)
             self._replace_record(record)
+            if self.windowed:
+                self._window_candidates.update(record.segment_ids())
             # a reused segment may have left every tier while the turn ran (and been settled before it
             # was named again): settle it with this record
             self._maybe_lost.update(s.seg_id for s in reuse if self._tier_of(s.seg_id) is None)
@@ -331,6 +348,8 @@ class AttentionStore:
     def _place(self, seg_id: str, kv: SegmentKV) -> bool:
         """A new segment into host (room made by the policy), written through to disk if so configured;
         straight to disk if host cannot take it. Whether a tier took it. Under the lock."""
+        if kv.layers is not None:  # (a value another replica published without its windowed layers)
+            self._windowless.add(seg_id)
         if kv.nbytes <= self.host.budget and self._make_host_room(kv.nbytes, protect={seg_id}):
             self.host.put(seg_id, kv)
             self.ledger.put_host(seg_id, kv.nbytes, time.monotonic())
@@ -357,6 +376,51 @@ class AttentionStore:
 
     def segment_host(self, seg_id: str) -> SegmentKV | None:
         return self.host.get(seg_id)
+
+    # -- windowed layers past every window --------------------------------------------------
+    def _drop_windowed_history(self) -> None:
+        """Drop the windowed layers' KV from the host copies of candidate segments that no later
+        turn's window reaches. A segment still being saved, written, or read by a turn in flight
+        waits for a later call. Under the lock."""
+        for seg in list(self._window_candidates):
+            state = self._window_state(seg)
+            if state == "wait":
+                continue
+            self._window_candidates.discard(seg)
+            if state == "drop":
+                kv = self.host.get(seg)
+                slim = self.host.pinned(kv.without(self.windowed))  # (on CUDA: the full layers alone, small)
+                self.host.shrink(seg, slim)
+                self.ledger.put_host(seg, slim.nbytes, time.monotonic(), touch=False)
+                self._windowless.add(seg)
+                self.stats.windowed_bytes_dropped += kv.nbytes - slim.nbytes
+
+    def _window_state(self, seg: str) -> str:
+        """"drop" its windowed layers now, "wait" (a turn in flight reads it, or it is being saved or
+        written), or "keep" them (some record's later turns may reach it through a window). Under the lock."""
+        namers = self._namers.get(seg, ())
+        if seg in self._windowless or not namers:
+            return "keep"
+        for key in namers:
+            if not self._past_windows(self.records[key], seg):
+                return "keep"
+        if self._refs.get(seg, 0) > len(namers) or seg in self._pending or seg in self._writing:
+            return "wait"
+        return "drop" if self.host.contains(seg) else "keep"  # (a disk copy is left whole: disk is cheap)
+
+    def _past_windows(self, rec: SessionRecord, seg: str) -> bool:
+        """Whether no turn resuming in the record's newest segment (a follow-up, a regenerated or
+        edited last message) reaches the segment through a window, nor a prompt sharing only its
+        first segment (a system prompt) does."""
+        if rec.spans[0].seg_id == seg:
+            return False
+        newest = rec.num_kv - rec.spans[-1].length
+        pos = 0
+        for span in rec.spans:
+            if span.seg_id == seg and pos + span.length > newest - self.window_reach:
+                return False
+            pos += span.length
+        return True
 
     # -- eviction ---------------------------------------------------------------------------
     def _queued_segments(self) -> list[str]:
@@ -709,6 +773,8 @@ class AttentionStore:
         """No record or plan names it any more: free its bytes everywhere (the remote store's copy is
         shared with other replicas: the server's own eviction ages it out)."""
         self.host.evict(seg_id)
+        self._windowless.discard(seg_id)
+        self._window_candidates.discard(seg_id)
         if self.remote is not None:
             self.remote.forget(seg_id)
         if seg_id in self._writing:  # its file is being written: the writer frees the room it reserved
@@ -792,8 +858,12 @@ class AttentionStore:
                 e = self.ledger.entry(seg)
                 if e is None or not e.in_host:
                     raise RuntimeError(f"host segment {seg} missing from the ledger")
+                if self.host.get(seg).layers is not None and seg not in self._windowless:
+                    raise RuntimeError(f"host segment {seg} lacks layers a load may read")
             if self.disk is not None:
                 for seg in self.disk.segment_ids():
+                    if not self.disk.holds_every_layer(seg) and seg not in self._windowless:
+                        raise RuntimeError(f"disk segment {seg} lacks layers a load may read")
                     e = self.ledger.entry(seg)
                     if e is None or not e.in_disk:
                         raise RuntimeError(f"disk segment {seg} missing from the ledger")

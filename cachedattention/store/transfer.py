@@ -242,7 +242,12 @@ class Loader:
             if lo >= p.hi:
                 continue  # (a file never read for this layer: the windowed layers of an old turn)
             if p.host is not None:
-                k, v = p.host.k[layer, lo : p.hi], p.host.v[layer, lo : p.hi]
+                held = p.host.layer(layer)
+                if held is None:  # (planned around: a turn reads no windowed layer its segment dropped)
+                    e = CorruptSegment(f"segment {p.seg_id} does not hold layer {layer}")
+                    e.seg_id = p.seg_id
+                    raise e
+                k, v = held[0][lo : p.hi], held[1][lo : p.hi]
                 tier = "host"
             else:
                 if p.seg_id not in readers:

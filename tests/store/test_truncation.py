@@ -309,6 +309,24 @@ def hand_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def stored_kv(store, spans, num_layers: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's stored pre-RoPE K and V of the spans' tokens, from host; NaN where a segment
+    dropped that (windowed) layer."""
+    ks, vs = [], []
+    for layer in range(num_layers):
+        parts = []
+        for s in spans:
+            kv = store.host.get(s.seg_id)
+            held = kv.layer(layer)
+            if held is None:
+                nan = torch.full((kv.num_tokens, *kv.k.shape[2:]), float("nan"), dtype=kv.k.dtype)
+                held = (nan, nan)
+            parts.append((held[0][s.lo : s.hi], held[1][s.lo : s.hi]))
+        ks.append(torch.cat([k for k, _ in parts]))
+        vs.append(torch.cat([v for _, v in parts]))
+    return ks, vs
+
+
 def layer_theta(cfg, layer: int) -> float | None:
     """The RoPE base of a layer (None: SmolLM3's layers without RoPE)."""
     if not (getattr(cfg, "no_rope_layers", None) or [1] * 99)[layer]:
@@ -351,15 +369,16 @@ def test_truncated_cache_equals_hand_computed_reference(kind, tiny_dirs, monkeyp
     ps, window = eng.pool.page_size, eng.spec.sliding_window
     slots = eng.pool.slots_for(req.pages, ps, 0, hit, eng.device)
     store = eng.store.store
-    k_pre = [torch.cat([store.host.get(s.seg_id).k[layer, s.lo:s.hi] for s in state.reuse]) for layer in range(3)]
-    v_st = [torch.cat([store.host.get(s.seg_id).v[layer, s.lo:s.hi] for s in state.reuse]) for layer in range(3)]
+    k_pre, v_st = stored_kv(store, state.reuse, 3)
     for layer in range(3):
         lo = max(0, (hit - window + 1) // ps * ps) if eng.spec.window(layer) else 0
+        assert not k_pre[layer][lo:hit].isnan().any()  # a windowed layer's dropped KV lies before its window
         expect = hand_rope(k_pre[layer][:hit], torch.arange(hit), layer_theta(hf.config, layer))
         assert torch.allclose(eng.pool.k[layer][slots[lo:]], expect[lo:], atol=1e-5)
         assert torch.equal(eng.pool.v[layer][slots[lo:]], v_st[layer][lo:hit])
     # 2) attention over that cache: transformers fed the same rotated cache gives the same logits
     cache = DynamicCache()
+    k_pre, v_st = ([t.nan_to_num(0.0) for t in kv] for kv in (k_pre, v_st))  # (keys no query sees there)
     for layer in range(3):
         k = hand_rope(k_pre[layer][:hit], torch.arange(hit), layer_theta(hf.config, layer))
         cache.update(k.transpose(0, 1)[None], v_st[layer][:hit].transpose(0, 1)[None], layer)

@@ -1,0 +1,206 @@
+"""A segment whose tokens no later turn's window reaches (more than the window and a page before
+its record's newest turn, and not the record's first) drops its windowed layers' KV from host
+memory: continuing the conversation, regenerating or editing its last message give the same
+tokens and reuse as much as before; an edit reaching a segment without them resumes before it."""
+
+import pytest
+import torch
+
+from cachedattention import LLM, CacheConfig, SamplingParams
+from cachedattention.store import segment_format
+from cachedattention.store.disk import DiskTier
+from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
+from tests.util import capture_logits, rel_err
+
+PARAMS = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+PAGE = 4  # the tiny models' window is 8: a load reads windowed layers from 12 tokens back at most
+
+
+def _engine(path, **store):
+    return LLM(model=str(path), enable_store=True, cache=CacheConfig(page_size=PAGE, enable_prefix_cache=False), **store)
+
+
+def _reference(path):
+    return LLM(model=str(path), cache=CacheConfig(enable_prefix_cache=False))
+
+
+def _turn(llm, prompt, monkeypatch, session=None, flush=True, params=PARAMS):
+    """One turn (its tokens and last logits); `flush`: its saves landed, every segment on disk too."""
+    seen = capture_logits(monkeypatch)
+    out = llm.generate([prompt], params, session_id=session)[0]
+    monkeypatch.undo()
+    if llm.engine.store is not None and flush:
+        llm.engine.store.store.flush()
+    return out, seen[0]
+
+
+def _same(got, want) -> None:
+    assert got[0].token_ids == want[0].token_ids
+    assert rel_err(got[1], want[1]) <= 1e-4
+
+
+def _converse(engines, ref, monkeypatch, turns=6, flush=True):
+    """The same conversation (session "s") on each engine; every turn's tokens and logits equal the
+    plain engine's. Returns the prompts and each engine's host hits."""
+    conv, prompts, hits = list(range(5, 45)), [], [[] for _ in engines]
+    for turn in range(turns):
+        want = _turn(ref, conv, monkeypatch)
+        for llm, h in zip(engines, hits):
+            got = _turn(llm, conv, monkeypatch, "s", flush)
+            _same(got, want)
+            h.append(got[0].metrics.cached_tokens["host"])
+        prompts.append(conv)
+        conv = conv + want[0].token_ids + [50 + turn, 51 + turn, 52 + turn, 53 + turn, 54 + turn]
+    return prompts, hits
+
+
+def _positions(rec):
+    """(segment, first effective position, length) of each of the record's spans."""
+    out, pos = [], 0
+    for s in rec.spans:
+        out.append((s.seg_id, pos, s.length))
+        pos += s.length
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mistral-window", "gemma3-scaled", "gpt_oss"])
+def test_history_past_every_window_keeps_only_the_full_layers(kind, tiny_dirs, monkeypatch):
+    path, _ = tiny_dirs[kind]
+    llm, whole, ref = _engine(path), _engine(path, drop_windowed_history=False), _reference(path)
+    _, hits = _converse([llm, whole], ref, monkeypatch)
+    assert hits[0] == hits[1] and all(h > 0 for h in hits[0][1:])  # a follow-up reuses all it did
+    store, spec = llm.engine.store.store, llm.engine.spec
+    full = tuple(i for i in range(spec.num_layers) if i not in spec.window_layers)
+    rec = store.records["s"]
+    spans = _positions(rec)
+    newest = spans[-1][1]
+    for i, (seg, pos, length) in enumerate(spans):
+        past = i > 0 and pos + length <= newest - (spec.sliding_window + PAGE)
+        assert store.host.get(seg).layers == (full if past else None), (i, pos, length, newest)
+    dropped = store.stats.windowed_bytes_dropped
+    assert dropped > 0
+    assert store.host.used_bytes() == whole.engine.store.store.host.used_bytes() - dropped
+    store.check_integrity()
+
+
+def test_regenerating_or_editing_the_last_message_reuses_as_before(tiny_dirs, monkeypatch):
+    path, _ = tiny_dirs["gemma3-scaled"]
+    llm, whole, ref = _engine(path), _engine(path, drop_windowed_history=False), _reference(path)
+    prompts, _ = _converse([llm, whole], ref, monkeypatch)
+    last = prompts[-1]
+    long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)  # an answer longer than the window
+    for engine in (ref, llm, whole):
+        _turn(engine, last, monkeypatch, None if engine is ref else "s", params=long)
+    edited = last[:-2] + [99]
+    for prompt in (last, edited):  # the last answer regenerated; its question edited
+        want = _turn(ref, prompt, monkeypatch, params=long)
+        got, got_whole = (_turn(e, prompt, monkeypatch, "s", params=long) for e in (llm, whole))
+        _same(got, want)
+        _same(got_whole, want)
+        assert got[0].metrics.cached_tokens["host"] == got_whole[0].metrics.cached_tokens["host"] > len(prompts[-2])
+    llm.engine.store.check_integrity()
+
+
+def test_an_edit_reaching_a_segment_without_its_windowed_layers_resumes_before_it(tiny_dirs, monkeypatch):
+    path, _ = tiny_dirs["gemma3-scaled"]
+    llm, whole, ref = _engine(path), _engine(path, drop_windowed_history=False), _reference(path)
+    prompts, _ = _converse([llm, whole], ref, monkeypatch)
+    store = llm.engine.store.store
+    slim = [(seg, pos, n) for seg, pos, n in _positions(store.records["s"]) if store.windowless(seg)]
+    seg, pos, n = slim[0]
+    at = pos + n // 2  # a token inside the first segment without them
+    edited = prompts[-1][:at] + [98, 97, 96]
+    want = _turn(ref, edited, monkeypatch)
+    got, got_whole = _turn(llm, edited, monkeypatch, "s"), _turn(whole, edited, monkeypatch, "s")
+    _same(got, want)
+    _same(got_whole, want)
+    assert got_whole[0].metrics.cached_tokens["host"] == at
+    # its first new token's window would read that segment's windowed layers: resume where it starts
+    assert got[0].metrics.cached_tokens["host"] == pos
+    store.check_integrity()
+
+
+def test_segments_without_windowed_layers_are_written_and_served_after_a_restart(tiny_dirs, tmp_path, monkeypatch):
+    """Without write-through, a host copy without its windowed layers is what demotion writes: its
+    file holds the full layers alone, and a new engine on the folder knows it."""
+    path, _ = tiny_dirs["gemma3-scaled"]
+    opts = dict(store_dir=str(tmp_path / "kv"), write_through=False)
+    llm, ref = _engine(path, **opts), _reference(path)
+    prompts, _ = _converse([llm], ref, monkeypatch, flush=False)  # (a flush writes host-only segments)
+    llm.engine.store.store.wait_saved(llm.engine.store.store.records["s"].spans[-1].seg_id)
+    slim = sorted(s for s in llm.engine.store.store.host.segment_ids() if llm.engine.store.store.windowless(s))
+    assert slim
+    llm.engine.store.close()  # writes every host segment to disk
+    del llm
+
+    again = _engine(path, **opts)
+    store = again.engine.store.store
+    assert sorted(s for s in store.disk.segment_ids() if not store.disk.holds_every_layer(s)) == slim
+    assert all(store.windowless(s) for s in slim)
+    store.check_integrity()
+    follow_up = prompts[-1] + [60, 61, 62]
+    got, want = _turn(again, follow_up, monkeypatch, "s"), _turn(ref, follow_up, monkeypatch)
+    _same(got, want)
+    assert got[0].metrics.cached_tokens["disk"] >= len(prompts[-2])
+    edited = prompts[-1][: len(prompts[1]) + 2] + [98, 97]  # reaches back into one without them
+    got, want = _turn(again, edited, monkeypatch, "s"), _turn(ref, edited, monkeypatch)
+    _same(got, want)
+    store.check_integrity()
+
+
+LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+
+
+def _segment(tokens=200):
+    gen = torch.Generator().manual_seed(0)
+    shape = (LAYOUT.num_layers, tokens, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    return SegmentKV(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+
+
+def test_a_segment_without_some_layers_round_trips_through_its_bytes_and_files(tmp_path):
+    kv = _segment()
+    slim = kv.without({0, 2})
+    assert slim.layers == (1, 3) and slim.nbytes == kv.nbytes // 2
+    assert torch.equal(slim.layer(3)[0], kv.k[3]) and slim.layer(2) is None
+    back = segment_format.decode_bytes(segment_format.encode_bytes("s1", slim, "fp", LAYOUT), "s1", "fp", LAYOUT, "s1")
+    assert back.layers == (1, 3) and torch.equal(back.k, slim.k) and torch.equal(back.v, slim.v)
+    whole = segment_format.decode_bytes(segment_format.encode_bytes("s2", kv, "fp", LAYOUT), "s2", "fp", LAYOUT, "s2")
+    assert whole.layers is None and torch.equal(whole.k, kv.k)
+
+    disk = DiskTier(str(tmp_path / "kv"), 1 << 30, "fp", LAYOUT)
+    disk.put("s1", slim)
+    disk.put("s2", kv)
+    assert disk.size("s1") == segment_format.encoded_size("s1", slim, "fp", LAYOUT) < disk.size("s2")
+    got = disk.get("s1")
+    assert got.layers == (1, 3) and torch.equal(got.k, slim.k) and torch.equal(got.v, slim.v)
+    with disk.open("s1") as reader:
+        k, v = reader.read_tokens(3, 150, 200)
+        assert torch.equal(k, kv.k[3, 150:]) and torch.equal(v, kv.v[3, 150:])
+        with pytest.raises(CorruptSegment, match="layer 2 is not held"):
+            reader.read_tokens(2, 150, 200)
+    none = kv.without(range(4))  # (a model whose every layer has a window)
+    disk.put("s3", none)
+    for back in (disk.get("s3"), segment_format.decode_bytes(segment_format.encode_bytes("s3", none, "fp", LAYOUT),
+                                                              "s3", "fp", LAYOUT, "s3")):  # fmt: skip
+        assert back.layers == () and back.num_tokens == 200 and back.nbytes == 0
+    disk.check_integrity()
+    disk.close()
+    disk = DiskTier(str(tmp_path / "kv"), 1 << 30, "fp", LAYOUT)  # a restart reads which it is
+    assert not disk.holds_every_layer("s1") and disk.holds_every_layer("s2")
+    disk.remove("s1")
+    disk.close()
+    disk = DiskTier(str(tmp_path / "kv"), 1 << 30, "fp", LAYOUT)
+    assert disk._db.execute("SELECT seg_id, layers FROM held_layers").fetchall() == [("s3", "[]")]
+    assert not disk.holds_every_layer("s3")
+    disk.close()
+
+
+@pytest.mark.parametrize("layers", [[1, 1], [3, 1], [0, 7], ["1"], "all"])
+def test_a_header_naming_impossible_layers_is_refused(layers):
+    blob = bytearray(segment_format.encode_bytes("s1", _segment(4).without({0, 2}), "fp", LAYOUT))
+    text = b'"layers": [1, 3]'
+    at = blob.index(text)
+    new = f'"layers": {layers!r}'.replace("'", '"').encode()
+    blob[at : at + len(text)] = new.ljust(len(text))  # (the header is padded: room to spare)
+    with pytest.raises(CorruptSegment, match="bad layer list"):
+        segment_format.decode_bytes(bytes(blob), "s1", "fp", LAYOUT, "s1")
