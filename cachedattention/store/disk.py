@@ -101,14 +101,18 @@ class DiskTier:
             named.add(seg_id)
             if fp != self.fingerprint:
                 continue
-            if not self.path(seg_id).exists():
+            if not self.path(seg_id).is_file():
                 log.warning("store: index row %s has no file; dropping it", seg_id)
                 self._delete_row(seg_id)
                 continue
-            self._sizes[seg_id] = nbytes
+            size = self.path(seg_id).stat().st_size
+            if size != nbytes:  # (a damaged row, or a file changed behind it: its read checks it)
+                log.warning("store: index row %s counts %d bytes, its file has %d; counting the file's", seg_id, nbytes, size)
+                self._db.execute("UPDATE segments SET nbytes=? WHERE seg_id=?", (size, seg_id))
+            self._sizes[seg_id] = size
         for f in self.seg_dir.iterdir():
             if f.suffix == ".tmp" or (f.suffix == ".kv" and f.stem not in named):
-                f.unlink(missing_ok=True)
+                self._unlink(f)
         for (seg_id,) in self._db.execute("SELECT seg_id FROM held_layers").fetchall():
             if seg_id in self._sizes:
                 self._partial.add(seg_id)
@@ -212,7 +216,15 @@ class DiskTier:
         with self._lock:
             self._sizes.pop(seg_id, None)
             self._delete_row(seg_id)
-        self.path(seg_id).unlink(missing_ok=True)
+        self._unlink(self.path(seg_id))
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        """Delete a file of ours; something else there (a directory) is left, with a warning."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("store: cannot delete %s (%s); leaving it", path, e)
 
     def _delete_row(self, seg_id: str) -> None:
         """Delete a segment's row, or keep it as stale (ignored until deleted) if the index refuses."""
@@ -252,15 +264,17 @@ class DiskTier:
 
     def load_records(self) -> list[tuple[str, Any]]:
         """(key, body) of this model's session records; body None where the row is not JSON text."""
-        try:
-            rows = self._db.execute("SELECT key, body FROM records WHERE fingerprint=?", (self.fingerprint,)).fetchall()
+        try:  # as bytes: one row that is not UTF-8 text (a damaged index) must not hide the others
+            rows = self._db.execute("SELECT CAST(key AS BLOB), CAST(body AS BLOB) FROM records WHERE fingerprint=?",
+                                    (self.fingerprint,)).fetchall()  # fmt: skip
         except sqlite3.Error as e:
             raise OSError(f"cannot read the store's index {self.root / 'index.db'}: {e}") from e
         out = []
         for key, body in rows:
+            key = key.decode(errors="replace") if isinstance(key, bytes) else key
             try:
-                out.append((key, json.loads(body)))
-            except (TypeError, ValueError, RecursionError):
+                out.append((key, json.loads(body.decode())))
+            except (AttributeError, ValueError, RecursionError):  # (None, not UTF-8, not JSON)
                 out.append((key, None))
         return out
 

@@ -82,7 +82,7 @@ def parse_header(head: bytes, read_meta, name: str) -> tuple[dict, int]:
         if magic != MAGIC:
             raise CorruptSegment(f"{name}: bad magic")
         meta = json.loads(read_meta(hlen))
-    except (struct.error, ValueError) as e:
+    except (struct.error, ValueError, RecursionError) as e:  # (a deeply nested header: no JSON of ours)
         raise CorruptSegment(f"{name}: unreadable header") from e
     if not isinstance(meta, dict):
         raise CorruptSegment(f"{name}: unreadable header")

@@ -130,6 +130,8 @@ class AttentionStore:
                 if body is None:
                     raise ValueError("not JSON")
                 rec = SessionRecord.from_json(body)
+                if rec.key != key:  # (a row copied under another key: forgetting one would leave the other)
+                    raise ValueError(f"its row is keyed {key!r}")
             except ValueError as e:  # a damaged row: the session starts over, the others are served
                 log.warning("store: a session record in the index is unreadable (%s); dropping it", e)
                 if isinstance(key, str):

@@ -85,3 +85,86 @@ def test_a_host_too_small_for_any_segment_and_no_disk_tier_recomputes(tiny_dirs)
         out = llm.generate([conv], PARAMS, session_id="s")[0]
         assert out.token_ids == plain.generate([conv], PARAMS)[0].token_ids
         conv = conv + out.token_ids + [7, 8]
+
+
+def _served_from_disk(path, store, conv, session="s"):
+    """A new engine on the folder starts, serves the session's next turn from disk with the plain
+    engine's tokens, and passes its integrity checks; returns it."""
+    llm = disk_llm(path, store)
+    llm.engine.store.check_integrity()
+    out = llm.generate([conv], PARAMS, session_id=session)[0]
+    assert out.metrics.cached_tokens["disk"] == len(conv) - 4
+    assert out.token_ids == LLM(model=str(path)).generate([conv], PARAMS)[0].token_ids
+    llm.engine.store.check_integrity()
+    return llm
+
+
+@pytest.mark.parametrize("wrong", [1, 1 << 40])
+def test_an_index_row_counting_other_bytes_than_its_file_counts_the_files(wrong, tiny_dirs, tmp_path, caplog):
+    """(Found by fuzzing a damaged store folder: 2**40 refused the start as over budget; one byte
+    more left check_integrity failing for good.)"""
+    path, _ = tiny_dirs["llama"]
+    store = tmp_path / "st"
+    conv = first_turn(path, store, list(range(5, 50)))
+    db = sqlite3.connect(str(store / "index.db"))
+    db.execute("UPDATE segments SET nbytes = nbytes + ?", (wrong,))
+    db.commit()
+    db.close()
+    llm = _served_from_disk(path, store, conv)
+    assert llm.stats()["disk_bytes_used"] == sum(f.stat().st_size for f in segment_files(store))
+    assert "counting the file's" in caplog.text
+    llm.close()
+
+
+def test_a_record_row_that_is_not_text_is_dropped_and_the_rest_served(tiny_dirs, tmp_path, caplog):
+    """(Found by fuzzing: one body that is not UTF-8 made the whole index unreadable.)"""
+    path, _ = tiny_dirs["llama"]
+    store = tmp_path / "st"
+    conv = first_turn(path, store, list(range(5, 50)))
+    first_turn(path, store, list(range(60, 100)), session="other")
+    db = sqlite3.connect(str(store / "index.db"))
+    db.execute("UPDATE records SET body = CAST(X'7bff' AS TEXT) WHERE key='other'")
+    db.commit()
+    db.close()
+    _served_from_disk(path, store, conv).close()
+    assert "unreadable" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["leftover.tmp", "0123456789abcdef.kv"])
+def test_a_folder_inside_the_segments_folder_is_left_alone(name, tiny_dirs, tmp_path, caplog):
+    """(Found by fuzzing: the start-up sweep of orphan files raised IsADirectoryError.)"""
+    path, _ = tiny_dirs["llama"]
+    store = tmp_path / "st"
+    conv = first_turn(path, store, list(range(5, 50)))
+    (store / "segments" / name).mkdir()
+    _served_from_disk(path, store, conv).close()
+    assert (store / "segments" / name).is_dir() and "cannot delete" in caplog.text
+
+
+def test_a_record_row_keyed_otherwise_than_its_record_is_dropped_so_forgetting_forgets(tiny_dirs, tmp_path, caplog):
+    """A row copied under another key (a damaged index) named the session's segments twice: after
+    forget_session, the copy brought the session back at the next start. (Found by fuzzing.)"""
+    path, _ = tiny_dirs["llama"]
+    store = tmp_path / "st"
+    conv = first_turn(path, store, list(range(5, 50)))
+    db = sqlite3.connect(str(store / "index.db"))
+    db.execute("INSERT INTO records SELECT 'other-key', body, fingerprint FROM records WHERE key='s'")
+    db.commit()
+    db.close()
+    llm = _served_from_disk(path, store, conv)
+    assert "keyed 'other-key'" in caplog.text
+    assert llm.forget_session("s")
+    llm.close()
+    assert segment_files(store) == []
+    again = disk_llm(path, store)
+    assert again.generate([conv], PARAMS, session_id="s")[0].metrics.cached_tokens["disk"] == 0
+    again.close()
+
+
+def test_a_deeply_nested_segment_header_is_corrupt():
+    """(Found by fuzzing: json's RecursionError escaped as a load failure, the file kept.)"""
+    from cachedattention.store import segment_format
+
+    deep = b"[" * 200_000
+    with pytest.raises(CorruptSegment, match="unreadable header"):
+        segment_format.parse_header(segment_format.PREFIX.pack(segment_format.MAGIC, len(deep)), lambda n: deep[:n], "x.kv")
