@@ -87,6 +87,13 @@ def test_a_host_too_small_for_any_segment_and_no_disk_tier_recomputes(tiny_dirs)
         conv = conv + out.token_ids + [7, 8]
 
 
+def _edit_index(store, sql: str, *args) -> None:
+    db = sqlite3.connect(str(store / "index.db"))
+    db.execute(sql, args)
+    db.commit()
+    db.close()
+
+
 def _served_from_disk(path, store, conv, session="s"):
     """A new engine on the folder starts, serves the session's next turn from disk with the plain
     engine's tokens, and passes its integrity checks; returns it."""
@@ -106,10 +113,7 @@ def test_an_index_row_counting_other_bytes_than_its_file_counts_the_files(wrong,
     path, _ = tiny_dirs["llama"]
     store = tmp_path / "st"
     conv = first_turn(path, store, list(range(5, 50)))
-    db = sqlite3.connect(str(store / "index.db"))
-    db.execute("UPDATE segments SET nbytes = nbytes + ?", (wrong,))
-    db.commit()
-    db.close()
+    _edit_index(store, "UPDATE segments SET nbytes = nbytes + ?", wrong)
     llm = _served_from_disk(path, store, conv)
     assert llm.stats()["disk_bytes_used"] == sum(f.stat().st_size for f in segment_files(store))
     assert "counting the file's" in caplog.text
@@ -122,10 +126,7 @@ def test_a_record_row_that_is_not_text_is_dropped_and_the_rest_served(tiny_dirs,
     store = tmp_path / "st"
     conv = first_turn(path, store, list(range(5, 50)))
     first_turn(path, store, list(range(60, 100)), session="other")
-    db = sqlite3.connect(str(store / "index.db"))
-    db.execute("UPDATE records SET body = CAST(X'7bff' AS TEXT) WHERE key='other'")
-    db.commit()
-    db.close()
+    _edit_index(store, "UPDATE records SET body = CAST(X'7bff' AS TEXT) WHERE key='other'")
     _served_from_disk(path, store, conv).close()
     assert "unreadable" in caplog.text
 
@@ -147,10 +148,7 @@ def test_a_record_row_keyed_otherwise_than_its_record_is_dropped_so_forgetting_f
     path, _ = tiny_dirs["llama"]
     store = tmp_path / "st"
     conv = first_turn(path, store, list(range(5, 50)))
-    db = sqlite3.connect(str(store / "index.db"))
-    db.execute("INSERT INTO records SELECT 'other-key', body, fingerprint FROM records WHERE key='s'")
-    db.commit()
-    db.close()
+    _edit_index(store, "INSERT INTO records SELECT 'other-key', body, fingerprint FROM records WHERE key='s'")
     llm = _served_from_disk(path, store, conv)
     assert "keyed 'other-key'" in caplog.text
     assert llm.forget_session("s")
