@@ -230,7 +230,8 @@ class Tokenizer:
         # a coincidence of texts before them is not taken for it), else what the head and the newest turn end with
         header = common_suffix(header, prompt[:newest]) if len(header) >= 2 else common_suffix(prompt[:head], prompt[:newest])
         users = [m.get("content") for m in messages[first + 1 : last + 1] if m["role"] == "user"]
-        return Kept(head, tail, self._user_messages(prompt, user_starts(prompt, header, head, newest), users))
+        lone = len(header) == 1 and self.is_special(header[0])  # (Mistral's [INST]: no word of a text)
+        return Kept(head, tail, self._user_messages(prompt, user_starts(prompt, header, head, newest, lone), users))
 
     def _user_messages(self, prompt: Sequence[int], starts: Sequence[int], users: list[Any]) -> tuple[int, ...]:
         """Of the places after a user header (the newest turn's last), those where the history's user
@@ -290,13 +291,15 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt, tools, options))
 
 
-def user_starts(prompt: Sequence[int], header: Sequence[int], head: int, newest: int) -> tuple[int, ...]:
+def user_starts(prompt: Sequence[int], header: Sequence[int], head: int, newest: int,
+                lone: bool = False) -> tuple[int, ...]:  # fmt: skip
     """Where the user messages' contents start in a chat prompt between its head and its newest
     turn's start (`newest`, one of them): after each run of `header`, the tokens every user
     message's header ends with. None for a header of fewer than two tokens (one may be a word of
-    the text too), so a cut falls at a token."""
+    the text too), so a cut falls at a token, unless `lone`: a single special token that no text
+    is written with (Mistral's [INST])."""
     header = list(header)
-    if len(header) < 2:
+    if len(header) < (1 if lone else 2):
         return ()
     n, first = len(header), header[0]
     found = [i + n for i in range(head, newest - n) if prompt[i] == first and list(prompt[i : i + n]) == header]

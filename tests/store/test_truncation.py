@@ -90,6 +90,11 @@ GEMMA_LIKE = """{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set
 {{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + m['content'] + '<end_of_turn>\n' }}{%- endfor -%}
 {%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
 
+# Mistral's: one special token opens a user message ([INST], here <|im_start|>), the begin and end of
+# a text differ (<s> and </s>, here <repo_name> and <|endoftext|>)
+MISTRAL_LIKE = """{{ '<repo_name>' }}{%- for m in messages %}{%- if m.role == 'user' %}{{ '<|im_start|> ' + m.content + '<|im_end|>' }}
+{%- elif m.role == 'system' %}{{ m.content + '\n\n' }}{%- else %}{{ ' ' + m.content + '<|endoftext|>' }}{%- endif %}{%- endfor %}"""
+
 
 def test_truncation_keeps_the_system_prompt_to_a_user_header_and_the_newest_turn_from_its_content(chat_model_dir):
     """What is kept reads as a conversation whatever is dropped between: the head ends with the
@@ -155,6 +160,15 @@ def test_kept_lengths_gives_where_each_user_message_starts_and_a_call_of_tools_i
     assert gemma_like.decode(prompt[: kept.head], skip_special_tokens=False).endswith("user\nBe brief.\n\n")
     assert [gemma_like.decode(prompt[t:], skip_special_tokens=False)[:11] for t in kept.turn_starts] == [
         "Question 1?", "Question 2?", "Question 3?"]
+    # a user header of one special token (Mistral's [INST]); one that is a word of a text is no header
+    mistral_like = Tokenizer(tok.hf, MISTRAL_LIKE)
+    prompt = mistral_like.encode_chat(conv[1:])
+    kept = mistral_like.kept_lengths(conv[1:], prompt)
+    assert [mistral_like.decode(prompt[t:], skip_special_tokens=False)[:12] for t in kept.turn_starts] == [
+        " Question 1?", " Question 2?", " Question 3?"]
+    worded = Tokenizer(tok.hf, MISTRAL_LIKE.replace("<|im_start|> ", "Q"))
+    prompt = worded.encode_chat(conv[1:])
+    assert worded.kept_lengths(conv[1:], prompt).turn_starts == ()
     call = {"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]}  # fmt: skip
     result = {"role": "tool", "content": "Sunny."}
@@ -220,15 +234,18 @@ def test_user_starts_are_found_after_the_user_header():
     prompt = [1, 9, 5, 6, 3, 3, 5, 8, 4, 4, 5, 6, 3, 6, 3, 5, 8, 4, 5, 6, 3, 3, 5]
     assert user_starts(prompt, [5, 6], 4, 20) == (12, 20)  # not after a lone 6 (inside a message: no end before it)
     assert user_starts([1, 9, 6, 3, 3, 8, 4, 6, 3], [6], 3, 8) == ()  # a header of one token: none (a cut anywhere)
+    assert user_starts([1, 9, 6, 3, 3, 8, 4, 6, 3], [6], 3, 8, lone=True) == (8,)  # unless it is a special token
+    assert user_starts([1, 6, 3, 8, 6, 3, 3, 8, 6, 3], [6], 2, 9, lone=True) == (5, 9)
 
 
-def test_a_truncated_chat_keeps_whole_messages(chat_model_dir):
+@pytest.mark.parametrize("template", [None, MISTRAL_LIKE], ids=["chatml", "mistral-like"])
+def test_a_truncated_chat_keeps_whole_messages(template, chat_model_dir):
     """Each cut ends where a user message's content starts: what the model reads after the kept
     head (the system prompt and a user header) is a message from its beginning, then whole turns."""
-    llm = LLM(model=str(chat_model_dir), enable_store=True, cache=NO_DEVICE, max_model_len=256)
+    llm = LLM(model=str(chat_model_dir), enable_store=True, cache=NO_DEVICE, max_model_len=256, chat_template=template)
     tok, params = llm.engine.tokenizer, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     conv, cuts, cut_in_history = [{"role": "system", "content": "You are brief."}], 0, 0
-    for turn in range(10):
+    for turn in range(12):
         conv.append({"role": "user", "content": f"Question {turn}: " + "tell me more " * (3 + turn % 4)})
         out = llm.chat(conv, params, session_id="s")
         llm.engine.store.store.flush()
@@ -237,7 +254,7 @@ def test_a_truncated_chat_keeps_whole_messages(chat_model_dir):
         assert out.prompt_token_ids[:head] == prompt[:head]
         if out.metrics.truncated_tokens:
             cuts += 1
-            kept = tok.decode(out.prompt_token_ids[head:], skip_special_tokens=False)
+            kept = tok.decode(out.prompt_token_ids[head:], skip_special_tokens=False).lstrip()
             first = int(kept.removeprefix("Question ").split(":")[0])
             assert kept.startswith(conv[2 * first + 1]["content"])  # a whole user message, then what followed it
             cut_in_history += first < turn  # (at an earlier turn's start, which the record kept)
@@ -247,11 +264,11 @@ def test_a_truncated_chat_keeps_whole_messages(chat_model_dir):
     assert cuts >= 2 and cut_in_history >= 1
     llm.engine.store.check_integrity()
     # a conversation new to the store, past the window: cut at one of its user messages, keeping some history
-    whole = [*conv, {"role": "user", "content": "Question 10: and?"}]
+    whole = [*conv, {"role": "user", "content": "Question 12: and?"}]
     out = llm.chat(whole, params, session_id="new")
     head = tok.kept_lengths(whole, tok.encode_chat(whole)).head
-    kept = tok.decode(out.prompt_token_ids[head:], skip_special_tokens=False)
-    assert out.metrics.truncated_tokens > 0 and kept.startswith("Question ") and not kept.startswith("Question 10")
+    kept = tok.decode(out.prompt_token_ids[head:], skip_special_tokens=False).lstrip()
+    assert out.metrics.truncated_tokens > 0 and kept.startswith("Question ") and not kept.startswith("Question 12")
 
 
 def test_an_edit_that_makes_a_cut_conversation_fit_serves_it_whole():
