@@ -24,7 +24,7 @@ def _engine(loaded, drop: bool, window: int) -> LLMEngine:
         device="cpu", dtype="float32", max_model_len=window,
         cache=CacheConfig(enable_prefix_cache=False, memory_bytes=per_token * (window + 256)),
         scheduler=SchedulerConfig(max_num_batched_tokens=window, max_num_seqs=1),
-        store=StoreConfig(host_bytes=64 << 30, truncation="off", drop_windowed_history=drop),
+        store=StoreConfig(host_bytes=64 << 30, truncation="off", windowed_history="drop" if drop else "keep"),
     )  # fmt: skip
     return LLMEngine(cfg, loaded=loaded)
 

@@ -58,10 +58,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--session-branches", type=int, default=StoreConfig.session_branches,
                    help="earlier branches kept per session (a turn that edits, regenerates or forks the "
                         "conversation keeps the one it left, so that going back reuses its KV); 0: none")
-    g.add_argument("--keep-windowed-history", action="store_true",
-                   help="sliding-window models: keep every layer's KV of history no later turn's window reaches "
-                        "(default: such segments keep only the layers without a window, in host memory and "
-                        "the files written from there)")
+    g.add_argument("--windowed-history", default=StoreConfig.windowed_history, choices=["disk", "drop", "keep"],
+                   help="sliding-window models: history no later turn's window reaches keeps only the layers "
+                        "without a window in host memory, once its file holds them all (disk: a turn resuming "
+                        "further back reads them there), or also without a disk tier (drop: such a turn resumes "
+                        "before it); keep: every layer stays")
     g.add_argument("--remote-url", default=None, metavar="URL",
                    help="remote tier shared by replicas: a Redis-protocol server (redis://HOST:PORT/DB, rediss://..., "
                         "unix:///PATH.sock); each turn is published there, and a session another replica served is "
@@ -110,7 +111,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             write_through=not args.write_back,
             truncation=args.truncation,
             session_branches=args.session_branches,
-            drop_windowed_history=not args.keep_windowed_history,
+            windowed_history=args.windowed_history,
             remote_url=args.remote_url,
             remote_wait_s=args.remote_wait_s,
             remote_timeout_s=args.remote_timeout_s,

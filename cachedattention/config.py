@@ -127,10 +127,12 @@ class StoreConfig:
     # earlier branches kept per session (a turn that edits, regenerates or forks the conversation
     # keeps the one it left), so that going back to one reuses its KV; 0: only the latest is kept
     session_branches: int = 4
-    # a model with sliding-window layers: a segment that no later turn's window can reach (before
-    # its record's newest turn by more than the window, and not its first) keeps only the layers
-    # without one in host memory (and in the files written from there), the windowed ones' KV dropped
-    drop_windowed_history: bool = True
+    # a model with sliding-window layers: a segment that no later turn's window reaches (before its
+    # record's newest turn by more than the window and a page, and not its first) keeps only the layers
+    # without one in host memory. "disk": once its file holds every layer (a turn resuming further
+    # back reads them from there); "drop": also without a disk tier (such a turn resumes before it);
+    # "keep": every layer stays
+    windowed_history: str = "disk"
     # a Redis-protocol store shared by replicas (redis://HOST:PORT/DB, rediss://, unix:///PATH): every
     # session's turns published there, a session another replica served fetched from there
     remote_url: str | None = None
@@ -145,6 +147,8 @@ class StoreConfig:
             raise ValueError("host_bytes and disk_bytes must be >= 0")
         if self.storage_dtype is not None and self.storage_dtype not in _DTYPES:
             raise ValueError(f"storage_dtype must be one of {_DTYPES}, got {self.storage_dtype!r}")
+        if self.windowed_history not in ("disk", "drop", "keep"):
+            raise ValueError(f"windowed_history must be 'disk', 'drop' or 'keep', got {self.windowed_history!r}")
         if self.truncation not in ("reuse", "recompute", "off"):
             raise ValueError(f"truncation must be 'reuse', 'recompute' or 'off', got {self.truncation!r}")
         if not 0.0 <= self.host_free_threshold < 1.0:

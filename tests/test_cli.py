@@ -36,14 +36,14 @@ def test_store_flags_reach_the_engine_config():
 
     args = build_parser().parse_args([
         "serve", "--store-dir", "/tmp/kv", "--no-preload", "--prefetch-window", "3", "--host-free-threshold", "0.1",
-        "--disk-ttl-s", "60", "--policy", "lru", "--keep-windowed-history",
+        "--disk-ttl-s", "60", "--policy", "lru", "--windowed-history", "keep",
     ])
     store = engine_config(args).store
     assert (store.preload, store.prefetch_window, store.host_free_threshold, store.disk_ttl_s, store.policy,
-            store.drop_windowed_history) == (False, 3, 0.1, 60.0, "lru", False)  # fmt: skip
+            store.windowed_history) == (False, 3, 0.1, 60.0, "lru", "keep")  # fmt: skip
     defaults = engine_config(build_parser().parse_args(["serve"])).store
     assert defaults.preload and defaults.prefetch_window is None and defaults.disk_ttl_s is None
-    assert defaults.drop_windowed_history
+    assert defaults.windowed_history == "disk"
     with pytest.raises(ValueError, match="disk_ttl_s"):
         engine_config(build_parser().parse_args(["serve", "--disk-ttl-s", "0"]))
     with pytest.raises(ValueError, match="host_free_threshold"):

@@ -279,8 +279,10 @@ class StoreConnector:
             host = host or self.store.segment_host(span.seg_id)
             lo_in = span.lo + a - pos
             piece = Piece(span.seg_id, lo_in, lo_in + b - a, a, host)
-            if host is None and self.store.disk is not None:
-                wanted = self._tokens_read(piece, lo, window_from)  # what the kernel should read ahead
+            wanted = self._tokens_read(piece, lo, window_from)  # what the kernel should read ahead
+            if host is not None:  # the layers a copy without its windowed ones lacks, if read: from its file
+                wanted = {layer: run for layer, run in wanted.items() if host.layer(layer) is None}
+            if (host is None or wanted) and self.store.disk is not None:
                 piece.open_disk = lambda seg=span.seg_id, wanted=wanted: self.store.disk.open(seg, wanted)
             pieces.append(piece)
         dev, page_size = self.engine.device, self.engine.pool.page_size
@@ -308,12 +310,12 @@ class StoreConnector:
 
     def _windows_held(self, tiers: list[tuple[Span, str]], limit: int) -> int:
         """The furthest point, up to `limit`, a turn may resume from these spans: where no windowed
-        layer's load reads a segment that dropped them (tokens past every window of its records,
-        which this turn reaches: an edit further back, another conversation's prefix)."""
+        layer's load needs a segment that dropped them with no whole copy on disk (tokens past every
+        window of its records, which this turn reaches: an edit further back, another conversation's prefix)."""
         hi = min(sum(span.length for span, _ in tiers), limit)
         while hi > 0 and self.window is not None:
             start = self._window_from(0, hi)
-            lacking = [pos for span, _tier, _a, _b, pos in _overlaps(tiers, start, hi) if self.store.windowless(span.seg_id)]
+            lacking = [pos for span, _tier, _a, _b, pos in _overlaps(tiers, start, hi) if not self.store.windowed_held(span.seg_id)]
             if not lacking:
                 return hi
             hi = max(lacking)  # resume before the last segment lacking them

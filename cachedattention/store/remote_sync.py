@@ -257,11 +257,16 @@ class RemoteSync:
         with store._lock:
             kv = store.host.get(seg_id)
             on_disk = store.disk is not None and store.disk.contains(seg_id)
+        if kv is not None and kv.layers is not None:  # whole or not at all: other replicas' loads may read every layer
+            kv = None
         if kv is None and on_disk:
             try:
                 kv = store.disk.get(seg_id)
             except (CorruptSegment, OSError) as e:
                 log.debug("store: segment %s not published: its disk copy cannot be read (%s)", seg_id, e)
+        if kv is not None and kv.layers is not None:
+            log.debug("store: segment %s not published: no copy of it holds its windowed layers", seg_id)
+            return None
         return kv
 
     # -- threads -------------------------------------------------------------------------------------

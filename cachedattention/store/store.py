@@ -71,7 +71,7 @@ class AttentionStore:
         self.config = config
         self.layout = layout
         self.fingerprint = fingerprint
-        self.windowed = windowed if config.drop_windowed_history else frozenset()
+        self.windowed = windowed if config.windowed_history != "keep" else frozenset()
         self.window_reach = window_reach
         self.host = HostTier(config.host_bytes, pin)
         self.disk = DiskTier(config.store_dir, config.disk_bytes, fingerprint, layout) if config.store_dir else None
@@ -262,8 +262,18 @@ class AttentionStore:
             self._drop_windowed_history()
 
     def windowless(self, seg_id: str) -> bool:
-        """Whether a copy of the segment lacks the windowed layers (a load must not read them)."""
+        """Whether a copy of the segment lacks the windowed layers."""
         return seg_id in self._windowless
+
+    def windowed_held(self, seg_id: str) -> bool:
+        """Whether a load can read the segment's windowed layers: from host, or from its disk file."""
+        if seg_id not in self._windowless:
+            return True
+        kv = self.host.get(seg_id)
+        return (kv is not None and kv.layers is None) or self._whole_on_disk(seg_id)
+
+    def _whole_on_disk(self, seg_id: str) -> bool:
+        return self.disk is not None and self.disk.contains(seg_id) and self.disk.holds_every_layer(seg_id)
 
     def available(self, spans: Sequence[Span]) -> list[tuple[Span, str]]:
         """The usable prefix of `spans`, each with the tier it will be read from; stops at the first missing segment."""
@@ -391,7 +401,11 @@ class AttentionStore:
             self._window_candidates.discard(seg)
             if state == "drop":
                 kv = self.host.get(seg)
-                slim = self.host.pinned(kv.without(self.windowed))  # (on CUDA: the full layers alone, small)
+                try:
+                    slim = self.host.pinned(kv.without(self.windowed))  # (on CUDA: the full layers alone, small)
+                except (RuntimeError, MemoryError) as e:  # (no memory for the copy: the whole one stays)
+                    log.warning("store: segment %s keeps its windowed layers (%s)", seg, e)
+                    continue
                 self.host.shrink(seg, slim)
                 self.ledger.put_host(seg, slim.nbytes, time.monotonic(), touch=False)
                 self._windowless.add(seg)
@@ -408,6 +422,8 @@ class AttentionStore:
                 return "keep"
         if self._refs.get(seg, 0) > len(namers) or seg in self._pending or seg in self._writing:
             return "wait"
+        if self.config.windowed_history == "disk" and not self._whole_on_disk(seg):
+            return "keep"  # (write-back: until its file is written, host holds its only copy)
         return "drop" if self.host.contains(seg) else "keep"  # (a disk copy is left whole: disk is cheap)
 
     def _past_windows(self, rec: SessionRecord, seg: str) -> bool:
@@ -672,6 +688,8 @@ class AttentionStore:
             return
         finally:
             self._fetching.discard(seg_id)
+        if seg_id in self._windowless and kv.layers is None and self.windowed:  # (its file is whole: host holds less)
+            kv = kv.without(self.windowed)
         kv = self.host.pinned(kv)  # on CUDA: not under the lock, which the engine takes every step
         with self._lock:
             if self.host.contains(seg_id) or seg_id not in self.ledger:
@@ -775,7 +793,8 @@ class AttentionStore:
         """No record or plan names it any more: free its bytes everywhere (the remote store's copy is
         shared with other replicas: the server's own eviction ages it out)."""
         self.host.evict(seg_id)
-        self._windowless.discard(seg_id)
+        if seg_id not in self._writing:  # (else its file may still land, and be named again)
+            self._windowless.discard(seg_id)
         self._window_candidates.discard(seg_id)
         if self.remote is not None:
             self.remote.forget(seg_id)
@@ -840,6 +859,7 @@ class AttentionStore:
             "bytes_loaded": dict(s.bytes_loaded),
             "bytes_written_disk": s.bytes_written_disk,
             "bytes_prefetched": s.bytes_prefetched,
+            "windowed_bytes_dropped": s.windowed_bytes_dropped,
             "corrupt_segments": s.corrupt_segments,
             "preloads": s.preloads,
             "threshold_demotions": s.threshold_demotions,

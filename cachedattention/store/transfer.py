@@ -47,7 +47,8 @@ class Piece:
     hi: int
     dst: int
     host: SegmentKV | None  # set when read from host memory
-    open_disk: Callable[[], SegmentReader] | None = None  # set when read from disk
+    # set when read from disk: every layer, or those a host copy lacks (the windowed ones, past every window)
+    open_disk: Callable[[], SegmentReader] | None = None
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Loader:
             # itself can overlap the forward: the kernel reads the open files ahead while the
             # forward's thread loads each layer before computing it. With nothing to read, the
             # job is written right now.
-            if any(p.host is None for p in job.pieces):
+            if any(p.open_disk is not None or p.host is None for p in job.pieces):
                 self._start_inline(job)
                 return
             background = False
@@ -162,7 +163,7 @@ class Loader:
         readers: dict[str, SegmentReader] = {}
         try:
             for p in job.pieces:
-                if p.host is None and p.seg_id not in readers:
+                if (p.host is None or p.open_disk is not None) and p.seg_id not in readers:
                     readers[p.seg_id] = _open(p)
         except (CorruptSegment, OSError) as e:
             job.failed = (getattr(e, "seg_id", ""), str(e))
@@ -241,12 +242,8 @@ class Loader:
             lo = first_read(p, layer, job.start, job.windowed, job.window_from)
             if lo >= p.hi:
                 continue  # (a file never read for this layer: the windowed layers of an old turn)
-            if p.host is not None:
-                held = p.host.layer(layer)
-                if held is None:  # (planned around: a turn reads no windowed layer its segment dropped)
-                    e = CorruptSegment(f"segment {p.seg_id} does not hold layer {layer}")
-                    e.seg_id = p.seg_id
-                    raise e
+            held = p.host.layer(layer) if p.host is not None else None
+            if held is not None:
                 k, v = held[0][lo : p.hi], held[1][lo : p.hi]
                 tier = "host"
             else:
@@ -302,7 +299,8 @@ def first_read(piece: Piece, layer: int, start: int, windowed: frozenset[int], w
 def _open(p: Piece) -> SegmentReader:
     try:
         if p.open_disk is None:  # (saved nowhere: a host too small to take it, and no disk tier)
-            raise CorruptSegment(f"segment {p.seg_id} is in no tier")
+            raise CorruptSegment(f"segment {p.seg_id} is in no tier" if p.host is None else
+                                 f"segment {p.seg_id}: a layer its host copy lacks has no file to come from")
         return p.open_disk()
     except (CorruptSegment, OSError) as e:
         e.seg_id = p.seg_id

@@ -1,7 +1,9 @@
 """A segment whose tokens no later turn's window reaches (more than the window and a page before
 its record's newest turn, and not the record's first) drops its windowed layers' KV from host
 memory: continuing the conversation, regenerating or editing its last message give the same
-tokens and reuse as much as before; an edit reaching a segment without them resumes before it."""
+tokens and reuse as much as before. An edit reaching further back reads them from the segment's
+file ("disk", the default: once the file holds every layer), or resumes before the first segment
+without them ("drop": a store without a disk tier)."""
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ PAGE = 4  # the tiny models' window is 8: a load reads windowed layers from 12 t
 
 
 def _engine(path, **store):
+    """A store without a disk tier that drops them (or as `store` says)."""
+    store = {"windowed_history": "drop", **store}
     return LLM(model=str(path), enable_store=True, cache=CacheConfig(page_size=PAGE, enable_prefix_cache=False), **store)
 
 
@@ -66,7 +70,7 @@ def _positions(rec):
 @pytest.mark.parametrize("kind", ["mistral-window", "gemma3-scaled", "gpt_oss"])
 def test_history_past_every_window_keeps_only_the_full_layers(kind, tiny_dirs, monkeypatch):
     path, _ = tiny_dirs[kind]
-    llm, whole, ref = _engine(path), _engine(path, drop_windowed_history=False), _reference(path)
+    llm, whole, ref = _engine(path), _engine(path, windowed_history="keep"), _reference(path)
     _, hits = _converse([llm, whole], ref, monkeypatch)
     assert hits[0] == hits[1] and all(h > 0 for h in hits[0][1:])  # a follow-up reuses all it did
     store, spec = llm.engine.store.store, llm.engine.spec
@@ -85,7 +89,7 @@ def test_history_past_every_window_keeps_only_the_full_layers(kind, tiny_dirs, m
 
 def test_regenerating_or_editing_the_last_message_reuses_as_before(tiny_dirs, monkeypatch):
     path, _ = tiny_dirs["gemma3-scaled"]
-    llm, whole, ref = _engine(path), _engine(path, drop_windowed_history=False), _reference(path)
+    llm, whole, ref = _engine(path), _engine(path, windowed_history="keep"), _reference(path)
     prompts, _ = _converse([llm, whole], ref, monkeypatch)
     last = prompts[-1]
     long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)  # an answer longer than the window
@@ -103,7 +107,7 @@ def test_regenerating_or_editing_the_last_message_reuses_as_before(tiny_dirs, mo
 
 def test_an_edit_reaching_a_segment_without_its_windowed_layers_resumes_before_it(tiny_dirs, monkeypatch):
     path, _ = tiny_dirs["gemma3-scaled"]
-    llm, whole, ref = _engine(path), _engine(path, drop_windowed_history=False), _reference(path)
+    llm, whole, ref = _engine(path), _engine(path, windowed_history="keep"), _reference(path)
     prompts, _ = _converse([llm, whole], ref, monkeypatch)
     store = llm.engine.store.store
     slim = [(seg, pos, n) for seg, pos, n in _positions(store.records["s"]) if store.windowless(seg)]
@@ -124,7 +128,7 @@ def test_segments_without_windowed_layers_are_written_and_served_after_a_restart
     """Without write-through, a host copy without its windowed layers is what demotion writes: its
     file holds the full layers alone, and a new engine on the folder knows it."""
     path, _ = tiny_dirs["gemma3-scaled"]
-    opts = dict(store_dir=str(tmp_path / "kv"), write_through=False)
+    opts = dict(store_dir=str(tmp_path / "kv"), write_through=False)  # ("drop": written without a file)
     llm, ref = _engine(path, **opts), _reference(path)
     prompts, _ = _converse([llm], ref, monkeypatch, flush=False)  # (a flush writes host-only segments)
     llm.engine.store.store.wait_saved(llm.engine.store.store.records["s"].spans[-1].seg_id)
@@ -145,6 +149,38 @@ def test_segments_without_windowed_layers_are_written_and_served_after_a_restart
     edited = prompts[-1][: len(prompts[1]) + 2] + [98, 97]  # reaches back into one without them
     got, want = _turn(again, edited, monkeypatch, "s"), _turn(ref, edited, monkeypatch)
     _same(got, want)
+    store.check_integrity()
+
+
+@pytest.mark.parametrize("kind", ["gemma3-scaled", "gpt_oss"])
+def test_with_a_disk_tier_an_edit_further_back_reads_the_windowed_layers_from_the_files(kind, tiny_dirs, tmp_path,
+                                                                                         monkeypatch):  # fmt: skip
+    """The default: host drops them once the file (written through) holds every layer. A fork or an
+    edit two turns back reuses as much as with every layer kept, its windowed layers read from there."""
+    path, _ = tiny_dirs[kind]
+    llm = _engine(path, windowed_history="disk", store_dir=str(tmp_path / "kv"))
+    whole, ref = _engine(path, windowed_history="keep"), _reference(path)
+    prompts, hits = _converse([llm, whole], ref, monkeypatch)
+    assert hits[0] == hits[1]
+    store = llm.engine.store.store
+    slim = [(seg, pos, n) for seg, pos, n in _positions(store.records["s"]) if store.windowless(seg)]
+    assert slim and all(store.host.get(seg).layers is not None and store.disk.holds_every_layer(seg) for seg, _, _ in slim)
+    assert store.host.used_bytes() == whole.engine.store.store.host.used_bytes() - store.stats.windowed_bytes_dropped
+    seg, pos, n = slim[-1]
+    edited = prompts[-1][: pos + n // 2] + [98, 97, 96]  # inside the last segment without them in host
+    before = llm.stats()["bytes_loaded"]["disk"]
+    want = _turn(ref, edited, monkeypatch)
+    got, got_whole = _turn(llm, edited, monkeypatch, "s"), _turn(whole, edited, monkeypatch, "s")
+    _same(got, want)
+    _same(got_whole, want)
+    assert got[0].metrics.cached_tokens["host"] == got_whole[0].metrics.cached_tokens["host"] == pos + n // 2
+    assert llm.stats()["bytes_loaded"]["disk"] > before  # (the windowed layers it lacks in host)
+    store.check_integrity()
+    # a copy brought back from its file by a prefetch holds only the full layers too
+    store.host.evict(seg)
+    store.ledger.drop_host(seg)
+    store._fetch(seg)
+    assert store.host.get(seg).layers is not None
     store.check_integrity()
 
 
