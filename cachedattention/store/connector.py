@@ -259,9 +259,9 @@ class StoreConnector:
         if job.failed is not None:
             self._load_failed(st, *job.failed)
 
-    def _load_failed(self, st: TurnState, seg_id: str, reason: str) -> None:
-        if seg_id:  # a segment failed its check: forget it; a retry serves a shorter hit
-            self.store.drop_corrupt(seg_id, reason)
+    def _load_failed(self, st: TurnState, seg_id: str, reason: str, file_only: bool = False) -> None:
+        if seg_id:  # a segment failed its check: forget it (or its file alone); a retry serves a shorter hit
+            self.store.drop_corrupt(seg_id, reason, file_only)
         else:  # a bug or a device error: the same load could fail again, so the retry skips the store
             log.warning("store: a load failed (%s); recomputing the turn without stored KV", reason)
             st.bypass = True

@@ -522,6 +522,7 @@ class AttentionStore:
         with self._lock:
             self._writing.discard(seg_id)
             if seg_id not in self._refs:  # forgotten while written (_forget_segment left the room reserved)
+                self._windowless.discard(seg_id)  # (and its mark, for its file)
                 if written:
                     self.disk.remove(seg_id)
                 if seg_id in self.ledger:
@@ -541,9 +542,18 @@ class AttentionStore:
         self._maybe_lost.update(victims)
         return self.ledger.disk_free >= need
 
-    def drop_corrupt(self, seg_id: str, reason: str) -> None:
-        """A segment failed a check, or could not be read: forget every copy, so lookups stop before it."""
+    def drop_corrupt(self, seg_id: str, reason: str, file_only: bool = False) -> None:
+        """A segment failed a check, or could not be read: forget every copy, so lookups stop before it.
+        `file_only`: its file failed where a host copy without some layers read from it: the file
+        goes, the host copy stays (lookups then stop before where they would read those layers)."""
         with self._lock:
+            if file_only and self.host.contains(seg_id):
+                log.warning("store: segment %s's file is unreadable (%s); its host copy stays", seg_id, reason)
+                self.stats.corrupt_segments += 1
+                if self.disk is not None and self.disk.contains(seg_id):
+                    self.disk.remove(seg_id)
+                    self.ledger.drop_disk(seg_id)
+                return
             in_host = self.host.evict(seg_id) is not None
             on_disk = self.disk is not None and self.disk.contains(seg_id)
             if not in_host and not on_disk:  # its save found no room in either tier (e.g. a full disk)

@@ -65,7 +65,8 @@ class LoadJob:
     window_from: int = 0
     events: list[threading.Event] = field(default_factory=list)
     cuda_events: list = field(default_factory=list)
-    failed: tuple[str, str] | None = None  # (segment, reason) when a read failed its check
+    # (segment, reason, whether only its file failed: the layers its host copy lacks) when a read failed its check
+    failed: tuple[str, str, bool] | None = None
     # each layer's cos/sin of `positions` (a table per layer type), filled by the loader
     rope: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     scratch: torch.Tensor | None = None  # rotated keys before a scatter (non-consecutive slots), reused per layer
@@ -166,10 +167,10 @@ class Loader:
                 if (p.host is None or p.open_disk is not None) and p.seg_id not in readers:
                     readers[p.seg_id] = _open(p)
         except (CorruptSegment, OSError) as e:
-            job.failed = (getattr(e, "seg_id", ""), str(e))
+            job.failed = _failure(e, str(e))
         except Exception as e:  # never leave the job's events unset: its pages' owner would wait for ever
             log.exception("store: a load job failed")
-            job.failed = ("", repr(e))
+            job.failed = ("", repr(e), False)
 
         loaded: set[int] = set()
 
@@ -212,7 +213,7 @@ class Loader:
             job.read_s = time.perf_counter() - start  # its own field: the forward adds to written_s
         except Exception as e:  # e.g. a CUDA error in a record or a sync: fail the job, keep the thread
             log.exception("store: a load job failed")
-            job.failed = job.failed or ("", repr(e))
+            job.failed = job.failed or ("", repr(e), False)
         finally:
             for r in readers.values():
                 r.close()
@@ -230,10 +231,10 @@ class Loader:
         try:
             self._load_layer(job, layer, readers, into)
         except (CorruptSegment, OSError) as e:  # an unreadable file is as good as corrupt
-            job.failed = (getattr(e, "seg_id", ""), str(e))
+            job.failed = _failure(e, str(e))
         except Exception as e:  # a bug: say where
             log.exception("store: loading layer %d failed", layer)
-            job.failed = (getattr(e, "seg_id", ""), repr(e))
+            job.failed = _failure(e, repr(e))
 
     def _load_layer(
         self, job: LoadJob, layer: int, readers: dict[str, SegmentReader], into: torch.Tensor | None = None
@@ -255,7 +256,7 @@ class Loader:
                         raise CorruptSegment(f"segment {p.seg_id} holds {reader.n} tokens, its record names {p.hi}")
                     k, v = reader.read_tokens(layer, lo, p.hi, into)  # only the chunks holding them
                 except (CorruptSegment, OSError) as e:  # an unreadable file is as good as corrupt
-                    e.seg_id = p.seg_id
+                    e.seg_id, e.file_only = p.seg_id, p.host is not None
                     raise
                 tier = "disk"
             if k.shape[0] != p.hi - lo:  # a record naming tokens its segment does not hold: never broadcast
@@ -303,8 +304,14 @@ def _open(p: Piece) -> SegmentReader:
                                  f"segment {p.seg_id}: a layer its host copy lacks has no file to come from")
         return p.open_disk()
     except (CorruptSegment, OSError) as e:
-        e.seg_id = p.seg_id
+        e.seg_id, e.file_only = p.seg_id, p.host is not None and p.open_disk is not None
         raise
+
+
+def _failure(e: BaseException, reason: str) -> tuple[str, str, bool]:
+    """A load job's failure: the segment at fault (or ""), why, and whether only its file failed
+    (a host copy holds the rest: the file alone is dropped)."""
+    return getattr(e, "seg_id", ""), reason, getattr(e, "file_only", False)
 
 
 @dataclass

@@ -184,6 +184,32 @@ def test_with_a_disk_tier_an_edit_further_back_reads_the_windowed_layers_from_th
     store.check_integrity()
 
 
+def test_an_unreadable_file_costs_a_segment_its_file_not_its_host_copy(tiny_dirs, tmp_path, monkeypatch):
+    """A load that reads the windowed layers a host copy lacks from the file, and finds it damaged
+    (or gone): the turn recomputes, the file goes, and the host copy stays for the turns that need
+    only its full layers. (Found by a review: the whole segment was dropped, cutting the records.)"""
+    path, _ = tiny_dirs["gemma3-scaled"]
+    llm, ref = _engine(path, windowed_history="disk", store_dir=str(tmp_path / "kv")), _reference(path)
+    prompts, _ = _converse([llm], ref, monkeypatch)
+    store = llm.engine.store.store
+    seg, pos, n = [(s, p, k) for s, p, k in _positions(store.records["s"]) if store.windowless(s)][-1]
+    with store.disk.open(seg) as reader:
+        at = reader.body  # layer 0's first K bytes: a windowed layer's
+    damaged = bytearray(store.disk.path(seg).read_bytes())
+    damaged[at : at + 8] = bytes(b ^ 0xFF for b in damaged[at : at + 8])
+    store.disk.path(seg).write_bytes(damaged)
+    edited = prompts[-1][: pos + n // 2] + [98, 97, 96]
+    # (its tokens: the failed load's step is sampled, then thrown away and the turn recomputed)
+    assert _turn(llm, edited, monkeypatch, "s")[0].token_ids == _turn(ref, edited, monkeypatch)[0].token_ids
+    # (the flush after the turn wrote the host copy back: without the windowed layers, as it is)
+    assert store.stats.corrupt_segments == 1 and store.host.contains(seg) and not store.windowed_held(seg)
+    follow_up = prompts[-1] + [60, 61, 62]  # the conversation before the edit, going on: full layers only
+    got = _turn(llm, follow_up, monkeypatch, "s")
+    _same(got, _turn(ref, follow_up, monkeypatch))
+    assert got[0].metrics.cached_tokens["host"] >= len(prompts[-1]) - 1
+    store.check_integrity()
+
+
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 
 
