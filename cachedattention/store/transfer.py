@@ -304,7 +304,7 @@ def _open(p: Piece) -> SegmentReader:
                                  f"segment {p.seg_id}: a layer its host copy lacks has no file to come from")
         return p.open_disk()
     except (CorruptSegment, OSError) as e:
-        e.seg_id, e.file_only = p.seg_id, p.host is not None and p.open_disk is not None
+        e.seg_id, e.file_only = p.seg_id, p.host is not None  # (a host copy's own layers stay good)
         raise
 
 
