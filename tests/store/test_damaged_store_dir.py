@@ -16,6 +16,17 @@ from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 from tests.store.test_durability import NO_DEVICE, PARAMS, disk_llm, first_turn, segment_files
 
 
+def _stored(tiny_dirs, tmp_path, *others: str):
+    """A tiny Llama's store folder holding session "s"'s first turn (and one of each other session):
+    the model's path, the folder, and s's next prompt."""
+    path, _ = tiny_dirs["llama"]
+    store = tmp_path / "st"
+    conv = first_turn(path, store, list(range(5, 50)))
+    for i, session in enumerate(others):
+        first_turn(path, store, list(range(60 + 50 * i, 100 + 50 * i)), session=session)
+    return path, store, conv
+
+
 def test_a_segment_file_copied_over_another_is_corrupt(tmp_path):
     layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float32)
     disk = DiskTier(str(tmp_path), 1 << 20, "fp", layout)
@@ -28,10 +39,7 @@ def test_a_segment_file_copied_over_another_is_corrupt(tmp_path):
 
 
 def test_index_rows_that_are_not_json_or_name_a_path_are_dropped_and_the_rest_served(tiny_dirs, tmp_path, caplog):
-    path, _ = tiny_dirs["llama"]
-    store = tmp_path / "st"
-    conv = first_turn(path, store, list(range(5, 50)))
-    first_turn(path, store, list(range(60, 100)), session="other")
+    path, store, conv = _stored(tiny_dirs, tmp_path, "other")
     victim = tmp_path / "victim.kv"
     victim.write_bytes(b"not the store's")
     db = sqlite3.connect(str(store / "index.db"))
@@ -110,9 +118,7 @@ def _served_from_disk(path, store, conv, session="s"):
 def test_an_index_row_counting_other_bytes_than_its_file_counts_the_files(wrong, tiny_dirs, tmp_path, caplog):
     """(Found by fuzzing a damaged store folder: 2**40 refused the start as over budget; one byte
     more left check_integrity failing for good.)"""
-    path, _ = tiny_dirs["llama"]
-    store = tmp_path / "st"
-    conv = first_turn(path, store, list(range(5, 50)))
+    path, store, conv = _stored(tiny_dirs, tmp_path)
     _edit_index(store, "UPDATE segments SET nbytes = nbytes + ?", wrong)
     llm = _served_from_disk(path, store, conv)
     assert llm.stats()["disk_bytes_used"] == sum(f.stat().st_size for f in segment_files(store))
@@ -122,10 +128,7 @@ def test_an_index_row_counting_other_bytes_than_its_file_counts_the_files(wrong,
 
 def test_a_record_row_that_is_not_text_is_dropped_and_the_rest_served(tiny_dirs, tmp_path, caplog):
     """(Found by fuzzing: one body that is not UTF-8 made the whole index unreadable.)"""
-    path, _ = tiny_dirs["llama"]
-    store = tmp_path / "st"
-    conv = first_turn(path, store, list(range(5, 50)))
-    first_turn(path, store, list(range(60, 100)), session="other")
+    path, store, conv = _stored(tiny_dirs, tmp_path, "other")
     _edit_index(store, "UPDATE records SET body = CAST(X'7bff' AS TEXT) WHERE key='other'")
     _served_from_disk(path, store, conv).close()
     assert "unreadable" in caplog.text
@@ -134,9 +137,7 @@ def test_a_record_row_that_is_not_text_is_dropped_and_the_rest_served(tiny_dirs,
 @pytest.mark.parametrize("name", ["leftover.tmp", "0123456789abcdef.kv"])
 def test_a_folder_inside_the_segments_folder_is_left_alone(name, tiny_dirs, tmp_path, caplog):
     """(Found by fuzzing: the start-up sweep of orphan files raised IsADirectoryError.)"""
-    path, _ = tiny_dirs["llama"]
-    store = tmp_path / "st"
-    conv = first_turn(path, store, list(range(5, 50)))
+    path, store, conv = _stored(tiny_dirs, tmp_path)
     (store / "segments" / name).mkdir()
     _served_from_disk(path, store, conv).close()
     assert (store / "segments" / name).is_dir() and "cannot delete" in caplog.text
@@ -145,9 +146,7 @@ def test_a_folder_inside_the_segments_folder_is_left_alone(name, tiny_dirs, tmp_
 def test_a_record_row_keyed_otherwise_than_its_record_is_dropped_so_forgetting_forgets(tiny_dirs, tmp_path, caplog):
     """A row copied under another key (a damaged index) named the session's segments twice: after
     forget_session, the copy brought the session back at the next start. (Found by fuzzing.)"""
-    path, _ = tiny_dirs["llama"]
-    store = tmp_path / "st"
-    conv = first_turn(path, store, list(range(5, 50)))
+    path, store, conv = _stored(tiny_dirs, tmp_path)
     _edit_index(store, "INSERT INTO records SELECT 'other-key', body, fingerprint FROM records WHERE key='s'")
     llm = _served_from_disk(path, store, conv)
     assert "keyed 'other-key'" in caplog.text
