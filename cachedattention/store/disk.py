@@ -132,6 +132,17 @@ class DiskTier:
     def holds_every_layer(self, seg_id: str) -> bool:
         return seg_id not in self._partial
 
+    def note_partial(self, seg_id: str, layers: tuple[int, ...]) -> None:
+        """A file found to lack some layers that the index did not say so of (a damaged index): say so."""
+        with self._lock:
+            if seg_id not in self._sizes or seg_id in self._partial:
+                return
+            self._partial.add(seg_id)
+            try:
+                self._db.execute("INSERT OR REPLACE INTO held_layers VALUES (?, ?)", (seg_id, json.dumps(layers)))
+            except sqlite3.Error:
+                pass  # (known to this process; the next start learns it again from the file)
+
     def used_bytes(self) -> int:
         return sum(self._sizes.values())
 

@@ -550,6 +550,7 @@ class AttentionStore:
             if file_only and self.host.contains(seg_id):
                 log.warning("store: segment %s's file is unreadable (%s); its host copy stays", seg_id, reason)
                 self.stats.corrupt_segments += 1
+                self._windowless.add(seg_id)  # (what its host copy lacks is nowhere now: a retry stops before it)
                 if self.disk is not None and self.disk.contains(seg_id):
                     self.disk.remove(seg_id)
                     self.ledger.drop_disk(seg_id)
@@ -705,6 +706,9 @@ class AttentionStore:
             if self.host.contains(seg_id) or seg_id not in self.ledger:
                 return
             if self._make_host_room(kv.nbytes, protect=set(self._queued_segments()[:1]) | {seg_id}):
+                if kv.layers is not None:  # (a file without them that the index did not name: a damaged index)
+                    self._windowless.add(seg_id)
+                    self.disk.note_partial(seg_id, kv.layers)
                 self.host.put(seg_id, kv)
                 self.ledger.put_host(seg_id, kv.nbytes, time.monotonic(), touch=False)  # a prefetch is no access
                 self.stats.bytes_prefetched += kv.nbytes

@@ -210,6 +210,46 @@ def test_an_unreadable_file_costs_a_segment_its_file_not_its_host_copy(tiny_dirs
     store.check_integrity()
 
 
+def test_a_file_without_them_that_the_index_does_not_name_is_found_out(tiny_dirs, tmp_path, monkeypatch):
+    """The index lost its held_layers rows (a damaged index): a prefetch brings such a file's copy
+    into host, which marks it, and a turn that would read its windowed layers resumes before it.
+    (Found by fuzzing: the copy went unmarked, the load failed, and the turn retried for ever.)"""
+    import sqlite3
+
+    path, _ = tiny_dirs["gemma3-scaled"]
+    opts = dict(store_dir=str(tmp_path / "kv"), write_through=False)
+    llm, ref = _engine(path, **opts), _reference(path)
+    prompts, _ = _converse([llm], ref, monkeypatch, flush=False)
+    llm.engine.store.close()  # (its slim host copies written as files without them)
+    db = sqlite3.connect(str(tmp_path / "kv" / "index.db"))
+    assert db.execute("DELETE FROM held_layers").rowcount > 0
+    db.commit()
+    db.close()
+    again = _engine(path, **opts)
+    store = again.engine.store.store
+    slim = [seg for seg in store.disk.segment_ids() if store.disk.get(seg).layers is not None]
+    assert slim and not any(store.windowless(seg) for seg in slim)  # (the index says they are whole)
+    for seg in slim:
+        store._fetch(seg)
+    assert all(store.windowless(seg) for seg in slim)
+    store.check_integrity()
+    for prompt in (prompts[-1] + [60, 61, 62], prompts[2][:-2] + [98, 97]):  # a follow-up; an edit further back
+        _same(_turn(again, prompt, monkeypatch, "s"), _turn(ref, prompt, monkeypatch))
+    store.check_integrity()
+
+
+def test_an_unreadable_file_behind_a_host_copy_without_them_marks_it(tiny_dirs, tmp_path):
+    """(So a retry stops before the segment instead of reading the missing layers again.)"""
+    path, _ = tiny_dirs["gemma3-scaled"]
+    llm = _engine(path, windowed_history="disk", store_dir=str(tmp_path / "kv"))
+    llm.generate([list(range(5, 45))], PARAMS, session_id="s")
+    store = llm.engine.store.store
+    store.flush()
+    seg = store.records["s"].spans[0].seg_id
+    store.drop_corrupt(seg, "a test", file_only=True)
+    assert store.host.contains(seg) and not store.disk.contains(seg) and store.windowless(seg)
+
+
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 
 
