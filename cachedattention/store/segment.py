@@ -30,8 +30,8 @@ class KVLayout:
         """Bytes of one token's K (or V) in one layer."""
         return self.num_kv_heads * self.head_dim * self.element_size
 
-    def segment_bytes(self, num_tokens: int, num_layers: int | None = None) -> int:
-        return 2 * (self.num_layers if num_layers is None else num_layers) * num_tokens * self.token_bytes()
+    def segment_bytes(self, num_tokens: int) -> int:
+        return 2 * self.num_layers * num_tokens * self.token_bytes()
 
 
 @dataclass
@@ -64,7 +64,6 @@ class SegmentKV:
 
     def without(self, dropped: Collection[int]) -> SegmentKV:
         """A copy without those layers, in fresh memory (the original's can then be freed)."""
-        held = tuple(i for i in (self.layers or range(self.k.shape[0])) if i not in dropped)
-        rows = [i for i, layer in enumerate(self.layers or range(self.k.shape[0])) if layer not in dropped]
-        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-        return SegmentKV(self.k.index_select(0, index), self.v.index_select(0, index), held)
+        kept = [(row, layer) for row, layer in enumerate(self.layers or range(self.k.shape[0])) if layer not in dropped]
+        index = torch.tensor([row for row, _ in kept], dtype=torch.long, device=self.k.device)
+        return SegmentKV(self.k.index_select(0, index), self.v.index_select(0, index), tuple(layer for _, layer in kept))
