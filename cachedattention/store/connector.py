@@ -169,7 +169,11 @@ class StoreConnector:
         st.hit = sum(s.length for s in st.reuse)
         usable = min(st.hit, limit)
         counts = {"host": 0, "disk": 0, "remote": 0}
-        for _span, tier, a, b, _pos in _overlaps(st.tiers, device_hit, usable):
+        window_from = self._window_from(device_hit, usable)
+        for span, tier, a, b, _pos in _overlaps(st.tiers, device_hit, usable):
+            if tier == "host" and b > window_from and self._host_copy_slim(span.seg_id):
+                counts["disk"] += b - max(a, window_from)  # (their windowed layers read from its file)
+                b = max(a, window_from)
             counts[tier] += b - a
         if req.record_reuse:
             req.metrics.cached_tokens.update(counts)
@@ -298,6 +302,11 @@ class StoreConnector:
         all the piece's in full layers, from the window's first in windowed ones (as the loader does)."""
         starts = {layer: first_read(piece, layer, lo, self.windowed, window_from) for layer in range(self.layout.num_layers)}
         return {layer: (start, piece.hi) for layer, start in starts.items() if start < piece.hi}
+
+    def _host_copy_slim(self, seg_id: str) -> bool:
+        """Whether the segment's host copy lacks the windowed layers (a load reads them from its file)."""
+        host = self.store.segment_host(seg_id)
+        return host is not None and host.layers is not None
 
     def _window_from(self, lo: int, hi: int) -> int:
         """The first of request tokens [lo, hi) that a windowed layer loads: the page holding the
