@@ -11,8 +11,9 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -210,10 +211,11 @@ class DiskTier:
         every token of every layer)."""
         return SegmentReader(self.path(seg_id), self.fingerprint, self.layout, wanted)
 
-    def get(self, seg_id: str) -> SegmentKV:
-        """Read a whole segment (every layer it holds, checksums verified)."""
-        with self.open(seg_id) as r:
-            held = r.meta["layers"]
+    def get(self, seg_id: str, layers: Collection[int] | None = None) -> SegmentKV:
+        """Read a segment: every layer it holds, or those of `layers` it holds (checksums verified)."""
+        wanted = None if layers is None else {layer: (0, sys.maxsize) for layer in layers}  # (read ahead: those alone)
+        with self.open(seg_id, wanted) as r:
+            held = [layer for layer in r.meta["layers"] if layers is None or layer in layers]
             pairs = [r.read_layer(layer) for layer in held]
         shape = (0, r.n, self.layout.num_kv_heads, self.layout.head_dim)  # (no layer held: still its tokens)
         ks = torch.stack([k for k, _ in pairs]) if pairs else torch.empty(shape, dtype=self.layout.dtype)

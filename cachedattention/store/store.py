@@ -689,8 +689,10 @@ class AttentionStore:
             self._io.put(("record", key))  # the I/O thread deletes the row: the record is gone
 
     def _fetch(self, seg_id: str) -> None:
+        slim = seg_id in self._windowless and self.windowed  # (host holds its full layers alone: read only those)
         try:
-            kv = self.disk.get(seg_id)
+            kv = self.disk.get(seg_id, [layer for layer in range(self.layout.num_layers) if layer not in self.windowed]
+                               if slim else None)  # fmt: skip
         except CorruptSegment as e:
             self.drop_corrupt(seg_id, str(e))
             return
@@ -699,14 +701,12 @@ class AttentionStore:
             return
         finally:
             self._fetching.discard(seg_id)
-        if seg_id in self._windowless and kv.layers is None and self.windowed:  # (its file is whole: host holds less)
-            kv = kv.without(self.windowed)
         kv = self.host.pinned(kv)  # on CUDA: not under the lock, which the engine takes every step
         with self._lock:
             if self.host.contains(seg_id) or seg_id not in self.ledger:
                 return
             if self._make_host_room(kv.nbytes, protect=set(self._queued_segments()[:1]) | {seg_id}):
-                if kv.layers is not None:  # (a file without them that the index did not name: a damaged index)
+                if kv.layers is not None and not slim:  # (a file without them that the index did not name: a damaged index)
                     self._windowless.add(seg_id)
                     self.disk.note_partial(seg_id, kv.layers)
                 self.host.put(seg_id, kv)

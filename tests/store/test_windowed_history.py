@@ -10,7 +10,7 @@ import torch
 
 from cachedattention import LLM, CacheConfig, SamplingParams
 from cachedattention.store import segment_format
-from cachedattention.store.disk import DiskTier
+from cachedattention.store.disk import DiskTier, SegmentReader
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 from tests.util import capture_logits, rel_err
 
@@ -181,11 +181,17 @@ def test_with_a_disk_tier_an_edit_further_back_reads_the_windowed_layers_from_th
     assert cached["disk"] == pos + n // 2 - window_from
     assert llm.stats()["bytes_loaded"]["disk"] > before  # (the windowed layers it lacks in host)
     store.check_integrity()
-    # a copy brought back from its file by a prefetch holds only the full layers too
+    # a copy brought back from its file by a prefetch holds only the full layers too, read alone
     store.host.evict(seg)
     store.ledger.drop_host(seg)
+    read = []
+    real_read = SegmentReader.read_tokens
+    monkeypatch.setattr(SegmentReader, "read_tokens", lambda self, layer, *a, **k: read.append(layer) or real_read(self, layer, *a, **k))
     store._fetch(seg)
-    assert store.host.get(seg).layers is not None
+    monkeypatch.undo()
+    full = tuple(layer for layer in range(store.layout.num_layers) if layer not in store.windowed)
+    assert store.host.get(seg).layers == tuple(read) == full
+    assert store.disk.holds_every_layer(seg)  # (the file is still taken as whole)
     store.check_integrity()
 
 
