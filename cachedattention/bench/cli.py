@@ -52,6 +52,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     # policy mode
     p.add_argument("--disk-read-gbps", type=float, default=None,
                    help="time disk->host reads at this bandwidth, GB/s at the paper's full scale (policy; default: instant)")
+    p.add_argument("--windowed-share", type=number(float, 0.0, "a share in [0, 1]", 1.0), default=0.0,
+                   help="share of a token's KV in sliding-window layers, whose history past every window host "
+                        "drops (policy; 0.833 for Gemma 3's 5 windowed layers in 6; default: 0, none)")
+    p.add_argument("--window-reach", type=number(int, 0, "an integer >= 0"), default=1040,
+                   help="how far back a turn's windows read: the window and a page (policy, with --windowed-share)")
 
 
 def check_writable(path: str | None, flag: str) -> None:

@@ -11,6 +11,9 @@ read from the trace; not an optimum with sessions of different sizes), what evic
 foresight of arrivals wins.
 Disk -> host reads are instant unless `--disk-read-gbps` gives the bandwidth at the paper's full
 scale (scaled like the rest); a prefetch still in flight when its job starts is then a disk hit.
+`--windowed-share` models a KV of the same size per token with sliding-window layers holding that share
+of it (Gemma 3: 5 layers in 6): host copies keep those layers only for the turns a later turn's
+windows reach (`--window-reach` tokens back), as the store's `windowed_history` does.
 It also prints look-ahead's read demand and the lead time its prefetches get from the queue,
 against the bytes they carry: the disk bandwidth this trace needs.
 """
@@ -21,6 +24,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from cachedattention.bench.workload import WorkloadSpec, generate_workload
 from cachedattention.sim import SimConfig, simulate, trace_from_workload, trace_kv_bytes
@@ -46,18 +50,22 @@ def run_policy_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--disk-read-gbps must be > 0, got {gbps}")
     read_bytes_s = gbps * 1e9 * f if gbps else None  # I/O demand shrinks with the job rate: scale it alike
     reads = f"disk reads {gbps} GB/s (full scale)" if gbps else "disk reads instant"
+    share, reach = getattr(args, "windowed_share", 0.0), getattr(args, "window_reach", 1040)
+    windows = dict(windowed_share=share, window_reach_tokens=reach)
+    layout = f"; {share:.1%} of the KV in windowed layers, reaching {reach} tokens back" if share else ""
     print(f"trace: {n} sessions, {len(trace)} turns, KV volume {volume / 1e12:.2f} TB; "
-          f"default budgets host {host / 1e9:.1f} GB, disk {disk / 1e12:.2f} TB (128 GB : 10 TB scaled by {f:.3f}); {reads}")
+          f"default budgets host {host / 1e9:.1f} GB, disk {disk / 1e12:.2f} TB (128 GB : 10 TB scaled by {f:.3f}); "
+          f"{reads}{layout}")
     t0 = time.perf_counter()
-    default = {p: _simulate(trace, host, disk, p, f, last_arrival, read_bytes_s) for p in POLICIES}
-    foresight = _simulate(trace, host, disk, "lookahead", f, last_arrival, read_bytes_s, clairvoyant=True)
+    default = {p: _simulate(trace, host, disk, p, f, last_arrival, read_bytes_s, **windows) for p in POLICIES}
+    foresight = _simulate(trace, host, disk, "lookahead", f, last_arrival, read_bytes_s, clairvoyant=True, **windows)
     sweep = []
     if not args.quick:
         for hx in (0.25, 0.5, 1.0, 2.0):
             for dx in (0.5, 1.0):
                 for p in POLICIES:
                     r = default[p] if (hx, dx) == (1.0, 1.0) else _simulate(
-                        trace, int(host * hx), int(disk * dx), p, f, last_arrival, read_bytes_s)
+                        trace, int(host * hx), int(disk * dx), p, f, last_arrival, read_bytes_s, **windows)
                     sweep.append({"host_bytes": int(host * hx), "disk_bytes": int(disk * dx), "policy": p, **r})
     print(_table(default, sweep))
     look = default["lookahead"]  # where its disk hits come from: the queue cannot help a job that never waits
@@ -67,22 +75,23 @@ def run_policy_bench(args: argparse.Namespace) -> int:
     print(_reads_line(look, f))
     print(f"\n({time.perf_counter() - t0:.0f} s; `cachedattention bench --mode policy"
           f"{' --quick' if args.quick else ''} --sessions {n} --seed {args.seed}"
-          f"{f' --disk-read-gbps {gbps}' if gbps else ''}`)")
+          f"{f' --disk-read-gbps {gbps}' if gbps else ''}"
+          f"{f' --windowed-share {share} --window-reach {reach}' if share else ''}`)")
     if args.json:
         out = {"policies": default, "references": {"clairvoyant": foresight}, "sweep": sweep, "setting": {
             "sessions": n, "turns": len(trace), "kv_volume_bytes": volume, "host_bytes": host, "disk_bytes": disk,
             "bytes_per_token": BYTES_PER_TOKEN, "session_rate": RATE * f, "service_tok_s": SERVICE_TOK_S * f,
-            "max_running": RUNNING, "seed": args.seed, "disk_read_gbps_full_scale": gbps}}
+            "max_running": RUNNING, "seed": args.seed, "disk_read_gbps_full_scale": gbps, **windows}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 
 def _simulate(trace, host: int, disk: int, policy: str, f: float, last_arrival: float,
-              read_bytes_s: float | None = None, clairvoyant: bool = False) -> dict:
+              read_bytes_s: float | None = None, clairvoyant: bool = False, **windows: Any) -> dict:
     base = dict(host_bytes=host, disk_bytes=disk, bytes_per_token=BYTES_PER_TOKEN, policy=PolicyConfig(name=policy),
                 service_tok_s=SERVICE_TOK_S * f, max_running=RUNNING, disk_read_bytes_s=read_bytes_s,
-                clairvoyant=clairvoyant)
+                clairvoyant=clairvoyant, **windows)
     whole = simulate(trace, SimConfig(**base)).to_dict()
     loaded = simulate(trace, SimConfig(**base, measure_from_s=100.0, measure_until_s=last_arrival)).to_dict()
     return {**whole, "hit_rate_loaded": loaded["hit_rate"], "host_hit_share_loaded": loaded["host_hit_share"]}

@@ -17,6 +17,13 @@ jobs starting with their KV on disk read first, one after another (the prefetche
 that long more).
 Misses cost no extra time unless `recompute_tok_s` is set.
 
+With `windowed_share` (a model with sliding-window layers: that share of a token's KV bytes is
+theirs), a session's host copy holds the windowed layers only of the turns a later turn's windows
+can reach, as the store's `windowed_history` keeps them: its first turn, its newest, and those
+ending at most `window_reach_tokens` (the window and a page) before the newest starts (each turn one
+segment). Its disk copy holds every layer (written through), and a prefetch or load reads only the
+layers its host copy keeps.
+
 Each prefetch's lead time (issued to its job's start) is recorded with its bytes: the disk
 bandwidth a prefetch needs to land in time is bytes / lead, and the run's read demand is all
 disk -> host bytes over the makespan.
@@ -56,6 +63,10 @@ class SimConfig:
     # Evict by each session's next arrival, read from the trace (Belady's rule; see clairvoyant.py):
     # a reference with foresight, not a policy the store can run. Needs policy "lookahead".
     clairvoyant: bool = False
+    # A model with sliding-window layers: the share of a token's KV bytes in them, and how far back
+    # from a turn's first new token its windows read (the window and a page; see the module's docstring)
+    windowed_share: float = 0.0
+    window_reach_tokens: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -69,6 +80,8 @@ class SimConfig:
                 self.measure_until_s is None or self.measure_until_s > self.measure_from_s,
                 "measure_until_s must be > measure_from_s or None",
             ),
+            (0.0 <= self.windowed_share <= 1.0, "windowed_share must be within [0, 1]"),
+            (self.window_reach_tokens >= 0, "window_reach_tokens must be >= 0"),
             (
                 not self.clairvoyant or self.policy.name == "lookahead",
                 "clairvoyant eviction extends look-ahead's prefetching: it needs policy 'lookahead'",
@@ -148,6 +161,7 @@ class _Sim:
         self.wait_total = 0.0
         self.issued: dict[str, tuple[float, int]] = {}  # prefetched session -> (issued at, bytes)
         self.leads: list[tuple[float, int]] = []  # (lead s, bytes) of prefetches whose job started
+        self.turns_of: dict[str, list[int]] = {}  # session -> its stored turns' tokens (one segment each)
 
     # ---- the event loop ----------------------------------------------------------------
     def run(self, trace: Sequence[TraceTurn]) -> SimResult:
@@ -249,7 +263,7 @@ class _Sim:
         """Look a starting job's session up: ("none" | "host" | "disk" | "miss", extra service s)."""
         if turn.history_tokens == 0:
             return "none", 0.0
-        need = turn.history_tokens * self.config.bytes_per_token
+        need = self.host_nbytes(self.stored_turns(turn.session_id, turn.history_tokens))
         entry = self.ledger.entry(turn.session_id)
         issued = self.issued.pop(turn.session_id, None)
         if issued is not None:
@@ -263,7 +277,7 @@ class _Sim:
             # and a job starting after it reads behind it
             self.demand_free_s = max(self.demand_free_s, now + late_s)
             return "disk", late_s
-        if entry is not None and entry.in_disk and entry.disk_nbytes >= need:
+        if entry is not None and entry.in_disk and entry.disk_nbytes >= turn.history_tokens * self.config.bytes_per_token:
             return "disk", self.load_on_demand(turn.session_id, now)
         recompute_s = turn.history_tokens / self.config.recompute_tok_s if self.config.recompute_tok_s else 0.0
         return "miss", recompute_s
@@ -290,7 +304,7 @@ class _Sim:
             r.disk_hits_on_arrival += now == job.enqueued_s
 
     def load_on_demand(self, sid: str, now: float) -> float:
-        nbytes = self.ledger.entry(sid).disk_nbytes
+        nbytes = self.read_nbytes(sid)
         self.ledger.touch(sid, now)
         self.result.bytes_loaded += nbytes
         hint = self.hint()  # the window stays: serving this job from disk beats demoting the next ones
@@ -313,7 +327,10 @@ class _Sim:
         """Store history + new tokens in host (the disk copy, now stale, is dropped)."""
         sid = job.turn.session_id
         del self.running[sid]
+        turns = self.stored_turns(sid, job.turn.history_tokens) + [job.turn.new_tokens]
+        self.turns_of[sid] = turns
         nbytes = (job.turn.history_tokens + job.turn.new_tokens) * self.config.bytes_per_token
+        in_host = self.host_nbytes(turns)
         self.ready_s.pop(sid, None)
         self.issued.pop(sid, None)  # a prefetch of the copy this job now replaces
         entry = self.ledger.entry(sid)
@@ -323,8 +340,8 @@ class _Sim:
         held = entry.host_nbytes if entry is not None and entry.in_host else 0
         hint = self.hint()
         # The window stays: writing this session straight to disk beats demoting the next jobs'.
-        if self.make_host_room(nbytes - held, hint, now, self.policy.protected(self.ledger, hint) | {sid}):
-            self.ledger.put_host(sid, nbytes, now)
+        if self.make_host_room(in_host - held, hint, now, self.policy.protected(self.ledger, hint) | {sid}):
+            self.ledger.put_host(sid, in_host, now)
             return
         if entry is not None and entry.in_host:  # does not fit in host at all: straight to disk
             self.ledger.drop_host(sid)
@@ -341,7 +358,7 @@ class _Sim:
             entry = self.ledger.entry(sid)
             if entry is None or entry.in_host:
                 continue
-            nbytes = entry.disk_nbytes
+            nbytes = self.read_nbytes(sid)
             if not self.make_host_room(nbytes, hint, now, protect):
                 break
             self.ledger.put_host(sid, nbytes, now, touch=False)
@@ -370,7 +387,8 @@ class _Sim:
         if entry is None or not entry.in_host:
             return
         if not entry.in_disk:
-            nbytes = entry.host_nbytes
+            turns = self.turns_of.get(sid)
+            nbytes = entry.host_nbytes if turns is None else sum(turns) * self.config.bytes_per_token  # (every layer)
             if self.make_disk_room(nbytes, hint, now, self.running.keys() | {sid}):
                 self.ledger.put_disk(sid, nbytes, now, touch=False)
                 self.result.bytes_written_back += nbytes
@@ -398,6 +416,31 @@ class _Sim:
 
     def hint(self) -> list[str]:
         return [job.turn.session_id for job in self.queue]
+
+    # ---- a session's size --------------------------------------------------------------
+    def stored_turns(self, sid: str, history_tokens: int) -> list[int]:
+        """The tokens of each turn the session has stored, `history_tokens` in all (a trace whose
+        history does not add up to them: one segment of them all)."""
+        turns = self.turns_of.get(sid, [])
+        return list(turns) if sum(turns) == history_tokens else ([history_tokens] if history_tokens else [])
+
+    def read_nbytes(self, sid: str) -> int:
+        """What a disk -> host move of the session reads: the layers its host copy keeps."""
+        turns = self.turns_of.get(sid)
+        return self.ledger.entry(sid).disk_nbytes if turns is None else self.host_nbytes(turns)
+
+    def host_nbytes(self, turns: Sequence[int]) -> int:
+        """A host copy's bytes: every layer of the turns a later turn's windows reach, the full layers
+        alone of the rest (the store's windowed_history rule; every layer of all without windows)."""
+        total = sum(turns) * self.config.bytes_per_token
+        if not self.config.windowed_share or len(turns) < 3:
+            return total
+        newest_start, end, past = sum(turns[:-1]), turns[0], 0
+        for tokens in turns[1:-1]:  # (never the first: a prompt other conversations share)
+            end += tokens
+            if newest_start - end > self.config.window_reach_tokens:
+                past += tokens
+        return total - int(past * self.config.bytes_per_token * self.config.windowed_share)
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:

@@ -35,3 +35,19 @@ def test_policy_bench_with_timed_disk_reads(tmp_path, capsys):
     instant = json.loads(out.read_text())["policies"]["lookahead"]
     # reads that take time land late: fewer hits come from host than when they are instant
     assert timed["policies"]["lookahead"]["host_hit_share"] < instant["host_hit_share"]
+
+
+def test_policy_bench_with_windowed_layers(tmp_path, capsys):
+    """A KV of the same size per token, 5/6 of it in windowed layers: host copies of long sessions are
+    smaller, so a load from disk reads less (the layers host keeps)."""
+    out = tmp_path / "p.json"
+    args = ["bench", "--mode", "policy", "--quick", "--sessions", "300", "--json", str(out)]
+    assert main(args) == 0
+    dense = json.loads(out.read_text())["policies"]["lookahead"]
+    assert main(args + ["--windowed-share", "0.833", "--window-reach", "1040"]) == 0
+    data = json.loads(out.read_text())
+    windowed = data["policies"]["lookahead"]
+    assert data["setting"]["windowed_share"] == 0.833 and data["setting"]["window_reach_tokens"] == 1040
+    assert "83.3% of the KV in windowed layers" in capsys.readouterr().out
+    assert windowed["bytes_loaded"] < 0.9 * dense["bytes_loaded"] and windowed["bytes_prefetched"] <= dense["bytes_prefetched"]
+    assert windowed["turns"] == dense["turns"] and windowed["hit_rate"] >= dense["hit_rate"] - 0.01

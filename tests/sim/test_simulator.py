@@ -160,3 +160,52 @@ def test_disk_hits_of_jobs_that_never_waited_are_counted_apart():
     cfg = SimConfig(host_bytes=120, disk_bytes=1000, bytes_per_token=1, service_tok_s=100.0, closed_loop=False)
     r = simulate(trace, cfg, check=True)
     assert (r.disk_hits, r.disk_hits_on_arrival) == (1, 1)
+
+
+def conversation(sid, turns, t0=0.0):
+    """One session's turns of these sizes, back to back."""
+    out, history = [], 0
+    for k, new in enumerate(turns):
+        out.append(TraceTurn(sid, t0 + k, history, new, k))
+        history += new
+    return out
+
+
+def test_a_windowed_models_host_copy_keeps_its_windowed_layers_only_within_reach():
+    from cachedattention.sim.simulator import _Sim
+
+    sim = _Sim(config(1000, 1000, windowed_share=0.5, window_reach_tokens=60), check=True)
+    # newest turn starts at 160: the turn ending at 60 is past reach (100 > 60); first and newest kept whole
+    assert sim.host_nbytes([10, 50, 50, 50, 20]) == 180 - 50 // 2
+    assert sim.host_nbytes([10, 50, 50, 70, 20]) == 200 - 100 // 2  # (newest at 180: ends 60 and 110 past reach)
+    assert sim.host_nbytes([10, 500, 100, 20]) == 630 - 500 // 2
+    assert sim.host_nbytes([10, 500, 20]) == 530  # (the turn before the newest: the newest's window reads it)
+    assert sim.host_nbytes([500, 20]) == 520  # (the first turn: a prompt other conversations share)
+    dense = _Sim(config(1000, 1000), check=True)
+    assert dense.host_nbytes([10, 50, 50, 50, 20]) == 180
+    # demoted, its disk copy holds every layer; read back, a copy reads only the layers host keeps
+    sim.turns_of["x"] = [10, 500, 100, 20]
+    sim.ledger.put_host("x", sim.host_nbytes(sim.turns_of["x"]), 0.0)
+    sim.demote("x", [], 1.0)
+    assert sim.result.bytes_written_back == sim.ledger.entry("x").disk_nbytes == 630
+    sim.load_on_demand("x", 2.0)
+    assert sim.result.bytes_loaded == sim.ledger.entry("x").host_nbytes == 630 - 500 // 2
+    sim.ledger.drop_host("x")
+    sim.prefetch(["x"], 3.0)
+    assert sim.result.bytes_prefetched == sim.ledger.entry("x").host_nbytes == 630 - 500 // 2
+    sim.ledger.check_integrity()
+
+
+def test_a_windowed_model_fits_more_history_in_host():
+    """Two conversations take turns; host holds both only with the windowed layers of history dropped.
+    Disk copies hold every layer; a copy read back into host reads only the layers it keeps."""
+    trace = sorted(conversation("a", [40, 200, 200, 200, 20, 20]) + conversation("b", [40, 200, 200, 200, 20, 20], 0.5),
+                   key=lambda t: t.arrival_s)
+    kw = dict(service_tok_s=1e6, closed_loop=False)
+    dense = simulate(trace, config(1000, 10_000, "lru", **kw), check=True)
+    windowed = simulate(trace, config(1000, 10_000, "lru", windowed_share=5 / 6, window_reach_tokens=50, **kw), check=True)
+    assert dense.hits == windowed.hits == 10
+    assert windowed.host_hits == 10 and dense.host_hits < 8 and dense.host_evictions > 0 == windowed.host_evictions
+    assert windowed.peak_host_used < 1000 < 2 * 680  # (each conversation's 680 tokens, whole)
+    with pytest.raises(ValueError, match="windowed_share"):
+        config(1, 1, windowed_share=1.5)
