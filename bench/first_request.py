@@ -28,7 +28,7 @@ from cachedattention import LLM, SamplingParams
 llm = LLM(enable_store=False)
 init = time.perf_counter() - t0
 params = SamplingParams(max_tokens=8, temperature=0)
-ttfts = [llm.generate([p], params)[0].metrics.ttft_s for p in json.loads(sys.argv[1])]
+ttfts = [llm.generate([p], params, use_tqdm=False)[0].metrics.ttft_s for p in json.loads(sys.argv[1])]
 print(json.dumps({"init_s": init, "ttft_s": ttfts}))
 """
 

@@ -41,7 +41,7 @@ def check(kind: str) -> str:
 
     engine.sample_batch = spy
     try:
-        out = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+        out = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)[0]
     finally:
         engine.sample_batch = real
     with torch.no_grad():

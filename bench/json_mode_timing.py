@@ -20,7 +20,7 @@ def main() -> None:
         for json_mode in (False, True):
             params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, json_object=json_mode)
             start = time.perf_counter()
-            out = llm.chat(question, params)
+            out = llm.chat(question, params, use_tqdm=False)[0]
             times[json_mode].append((time.perf_counter() - start) / len(out.token_ids))
             if json_mode and out.finish_reason == "stop":
                 print(f"(the JSON closed after {len(out.token_ids)} tokens)")

@@ -59,9 +59,9 @@ def engine_main(rounds: int) -> None:
         split_attention.MIN_NEW = min_new if split else 1 << 40
         llm.engine.pages.clear_cache()
         h = [(7 * i + 3) % 30000 + 10 for i in range(history)]
-        llm.generate([h], params)  # the history, into the device prefix cache
+        llm.generate([h], params, use_tqdm=False)  # the history, into the device prefix cache
         t0 = time.perf_counter()
-        out = llm.generate([h + [(11 * i + 5) % 30000 + 10 for i in range(new)]], params)[0]
+        out = llm.generate([h + [(11 * i + 5) % 30000 + 10 for i in range(new)]], params, use_tqdm=False)[0]
         return time.perf_counter() - t0, out.token_ids
 
     print(f"new turn's TTFT on the embedded model, median of {rounds} alternated rounds\n")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, overload
+from typing import Any
 
 from cachedattention.cli_vllm import check_load_format
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
@@ -69,6 +69,36 @@ def _as_one(prompt: str | None, choices: list[RequestOutput]) -> RequestOutput:
     if len(choices) > 1:
         out.completions = [c.completion(i) for i, c in enumerate(choices)]
     return out
+
+
+def _sampling_params(sampling_params: Any, params: Any) -> Any:
+    """vLLM's `sampling_params`, or this engine's older name for it, `params`: one of them."""
+    if sampling_params is not None and params is not None:
+        raise ValueError("give sampling_params or params (its older name), not both")
+    return params if sampling_params is None else sampling_params
+
+
+def _refuse_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise ValueError("LoRA adapters are not supported by this engine: lora_request must be None")
+
+
+def _priorities(priority: Sequence[int] | None, n: int) -> list[int]:
+    """vLLM's `priority`: one per prompt (the engine checks each, and the scheduling policy)."""
+    if priority is None:
+        return [0] * n
+    if not isinstance(priority, (list, tuple)) or len(priority) != n:
+        raise ValueError(f"priority must be a list of one integer per prompt ({n}), got {priority!r:.80}")
+    return list(priority)
+
+
+def _progress_bar(use_tqdm: bool | Callable[..., Any], total: int) -> Any:
+    """vLLM's progress bar over the prompts (tqdm, or the tqdm-like class given), or None."""
+    if not use_tqdm:
+        return None
+    if use_tqdm is True:
+        from tqdm.auto import tqdm as use_tqdm
+    return use_tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
 
 
 def _check_distinct(sessions: list[str | None], what: str) -> None:
@@ -156,6 +186,16 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_tokenizer(self):
+        """vLLM's: the model's tokenizer (None for a model without one)."""
+        return self.engine.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: drop the device prefix cache's blocks no request holds (the store's tiers keep
+        every session's KV: forget_session drops those). True, as vLLM when it could."""
+        self.engine.pages.clear_cache()
+        return True
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What a call without SamplingParams samples with: their defaults, with the model's own
         generation config over them (as vLLM's)."""
@@ -164,59 +204,59 @@ class LLM:
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         session_id: str | Sequence[str | None] | None = None,
+        *,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., Any] = True,
+        lora_request: Any = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Complete every prompt (text or token ids); outputs come back in prompt order. `params`
-        and `session_id` are one for all prompts or one per prompt (as vLLM's sampling_params).
-        A request whose own step failed (logged) comes back finished with finish_reason "error".
-        As vLLM's, `out.outputs` lists a prompt's completions (SamplingParams.n of them, seeded
-        choices with seeds seed, seed + 1, ...); `out.text` and `out.token_ids` are the first's."""
+        """Complete every prompt (text or token ids); outputs come back in prompt order. As vLLM's:
+        `sampling_params` (or `params`) and `session_id` are one for all prompts or one per prompt;
+        `use_tqdm` shows a progress bar over the prompts (or is tqdm's class, or false); `priority`
+        gives each prompt's place under the priority scheduling policy (lower first); LoRA adapters
+        are refused. A request whose own step failed (logged) comes back finished with finish_reason
+        "error". As vLLM's, `out.outputs` lists a prompt's completions (SamplingParams.n of them,
+        seeded choices with seeds seed, seed + 1, ...); `out.text` and `out.token_ids` are the first's."""
         prompts = _prompt_list(prompts)
         sessions = _one_each(session_id, len(prompts), "session_id")
         _check_distinct(sessions, "prompts")
-        each = _one_each(params, len(prompts), "params")
+        each = _one_each(_sampling_params(sampling_params, params), len(prompts), "sampling_params")
+        _refuse_lora(lora_request)
         return self._complete([(p, sp, s, Kept(0, 0), p if isinstance(p, str) else None)
-                               for p, sp, s in zip(prompts, each, sessions)])  # fmt: skip
+                               for p, sp, s in zip(prompts, each, sessions)],
+                              _priorities(priority, len(prompts)), use_tqdm)  # fmt: skip
 
-    @overload
     def chat(
         self,
-        messages: Sequence[Message],
-        params: SamplingParams | None = None,
-        session_id: str | None = None,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        session_id: str | Sequence[str | None] | None = None,
         tools: list[dict] | None = None,
         *,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-        chat_template_kwargs: dict[str, Any] | None = None,
-        chat_template: str | None = None,
-    ) -> RequestOutput: ...
-
-    @overload
-    def chat(
-        self,
-        messages: Sequence[Sequence[Message]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
-        session_id: Sequence[str | None] | None = None,
-        tools: list[dict] | None = None,
-        *,
+        use_tqdm: bool | Callable[..., Any] = True,
+        lora_request: Any = None,
+        chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
-        chat_template: str | None = None,
-    ) -> list[RequestOutput]: ...
-
-    def chat(self, messages, params=None, session_id=None, tools=None, *, add_generation_prompt=True,
-             continue_final_message=False, chat_template_kwargs=None, chat_template=None):  # fmt: skip
-        """One assistant turn for a conversation; with a session_id its KV is reused next turn.
-
-        A list of conversations (as vLLM's chat) runs them together and returns one output each;
-        `params` and `session_id` are then one for all or one per conversation (ids must differ).
-        `tools`: OpenAI-style function definitions, for chat templates that describe them to the model.
-        As vLLM's: `continue_final_message` (with add_generation_prompt False) has the model go on
-        with the last message, the assistant's; `chat_template_kwargs` are extra template variables;
-        `chat_template` (a Jinja template or the file holding one) renders this call's messages."""
+    ) -> list[RequestOutput]:
+        """One assistant turn for each conversation, as vLLM's chat: one output per conversation, in
+        a list (one conversation: a list of one). With a session_id a conversation's KV is reused
+        next turn. `sampling_params` (or `params`) and `session_id` are one for all or one per
+        conversation (ids must differ). `tools`: OpenAI-style function definitions, for chat
+        templates that describe them to the model. As vLLM's: `continue_final_message` (with
+        add_generation_prompt False) has the model go on with the last message, the assistant's;
+        `chat_template_kwargs` are extra template variables; `chat_template` (a Jinja template or
+        the file holding one) renders this call's messages, its text parts joined as one string
+        (`chat_template_content_format` "auto" or "string"); `use_tqdm` and `lora_request` as generate's."""
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat_template_content_format must be 'auto' or 'string' (a message's text parts are "
+                             f"rendered as one string), got {chat_template_content_format!r}")  # fmt: skip
+        _refuse_lora(lora_request)
         options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs or {})
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -229,7 +269,8 @@ class LLM:
         _check_distinct(sessions, "conversations")
         tools = validate_tools(tools)
         items = []
-        for n, (conv, sp, sid) in enumerate(zip(convs, _one_each(params, len(convs), "params"), sessions)):
+        each = _one_each(_sampling_params(sampling_params, params), len(convs), "sampling_params")
+        for n, (conv, sp, sid) in enumerate(zip(convs, each, sessions)):
             try:
                 conv = validate_messages(conv)
             except InvalidRequest as e:
@@ -239,19 +280,19 @@ class LLM:
             prompt = tokenizer.encode_chat(conv, tools=tools, options=options)
             kept = tokenizer.kept_lengths(conv, prompt, tools, options) if sid is not None else Kept(0, 0)
             items.append((prompt, sp, sid, kept, tokenizer.decode(prompt, skip_special_tokens=False)))
-        outs = self._complete(items)
-        return outs if batch else outs[0]
+        return self._complete(items, [0] * len(items), use_tqdm)
 
-    def _complete(self, items: list[tuple[Prompt, SamplingParams | None, str | None, Kept, str | None]]
-                  ) -> list[RequestOutput]:  # fmt: skip
+    def _complete(self, items: list[tuple[Prompt, SamplingParams | None, str | None, Kept, str | None]],
+                  priorities: list[int], use_tqdm: bool | Callable[..., Any] = False) -> list[RequestOutput]:  # fmt: skip
         """Add every request (n of each: one per choice) and step the engine until each has
         finished; one output per item, in their order. If one is refused, or anything stops the run
         (Ctrl-C, between steps), the requests added are withdrawn: they would run unasked later."""
         ids: list[list[str]] = []
         done: dict[str, RequestOutput] = {}
+        bar = _progress_bar(use_tqdm, len(items))
         try:
             with interrupts_between_steps() as raise_held:
-                for prompt, sp, sid, (head, tail, starts), _ in items:
+                for (prompt, sp, sid, (head, tail, starts), _), priority in zip(items, priorities, strict=True):
                     ids.append([])
                     sp = self.engine.default_params() if sp is None else sp
                     if isinstance(sp, SamplingParams) and sp.n > 1 and sid is not None:
@@ -261,19 +302,26 @@ class LLM:
                         choice = choice_params(sp, i) if isinstance(sp, SamplingParams) else sp
                         ids[-1].append(self.engine.add_request(prompt, choice, session_id=sid, head_tokens=head,
                                                                tail_tokens=tail, turn_starts=starts,
-                                                               save_to_store=i == 0))  # fmt: skip
+                                                               save_to_store=i == 0, priority=priority))  # fmt: skip
                         raise_held()
-                wanted = {rid for each in ids for rid in each}
-                while len(done) < len(wanted):
+                item_of = {rid: k for k, each in enumerate(ids) for rid in each}
+                left = [len(each) for each in ids]  # choices still running, per item
+                while len(done) < len(item_of):
                     for out in self.engine.step():
-                        if out.finished and out.request_id in wanted:
+                        if out.finished and out.request_id in item_of:
                             done[out.request_id] = out
+                            left[item_of[out.request_id]] -= 1
+                            if bar is not None and not left[item_of[out.request_id]]:
+                                bar.update(1)
                     raise_held()
         except BaseException:
             for rid in (rid for each in ids for rid in each):
                 if rid not in done:
                     self.engine.abort(rid)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [_as_one(items[k][4], [done[rid] for rid in each]) for k, each in enumerate(ids)]
 
     def stats(self) -> dict:

@@ -51,6 +51,7 @@ class CompletionOutput:
     cumulative_logprob: float | None  # the sum of its tokens' logprobs, when they were asked for
     logprobs: list | None
     finish_reason: str | None
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it, else None
 
 
 @dataclass
@@ -63,6 +64,7 @@ class RequestOutput:
     # "stop" | "length" | "abort" | "error" (this request's own step failed; logged) | None while running
     finish_reason: str | None
     metrics: RequestMetrics
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it, else None
     session_id: str | None = None
     new_token_ids: list[int] = field(default_factory=list)  # tokens added since the last output (streaming)
     # one per token in token_ids when SamplingParams.logprobs was set (sampling.TokenLogprob), else None
@@ -81,4 +83,10 @@ class RequestOutput:
     def completion(self, index: int) -> CompletionOutput:
         """This output as choice `index` of its prompt."""
         total = None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
-        return CompletionOutput(index, self.text, self.token_ids, total, self.logprobs, self.finish_reason)
+        return CompletionOutput(index, self.text, self.token_ids, total, self.logprobs, self.finish_reason,
+                                self.stop_reason)  # fmt: skip
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """vLLM's: prompt tokens whose KV was reused (from the device or the store's tiers)."""
+        return self.metrics.num_cached_tokens

@@ -22,6 +22,10 @@ class GuidedFormError(ValueError):
     names the request field it came from."""
 
 
+# vLLM's StructuredOutputsParams fields, as this engine's SamplingParams fields; and the ones it refuses
+STRUCTURED_FIELDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                     "json_object": "json_object"}  # fmt: skip
+STRUCTURED_UNSUPPORTED = ("structural_tag", "whitespace_pattern", "disable_any_whitespace")
 GUIDED_FIELDS = ("json_object", "json_schema", "choice", "regex", "grammar", "tool_call_names")  # at most one per request
 MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list by default (vLLM's max_logprobs; EngineConfig's)
 
@@ -31,9 +35,9 @@ class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 means greedy."""
 
     n: int = 1  # vLLM's: completions of the prompt (LLM.generate and chat run one request for each)
-    max_tokens: int = 64
+    max_tokens: int | None = 16  # vLLM's default; None: until the end of the context window
     temperature: float = 1.0
-    top_k: int = 0  # 0: off
+    top_k: int = 0  # 0 (or vLLM's -1, kept as 0): off
     top_p: float = 1.0
     min_p: float = 0.0  # vLLM's: tokens less likely than min_p times the most likely one are dropped (0: off)
     seed: int | None = None
@@ -79,6 +83,13 @@ class SamplingParams:
     tool_call_names: tuple[str, ...] = ()
     tool_call_parameters: tuple[str, ...] = ()
     tool_call_format: str = "hermes"  # how the model writes a call: engine/tool_choice.py's CALL_FORMS
+    # vLLM's StructuredOutputsParams (or its older GuidedDecodingParams, or a dict of their fields):
+    # json, regex, choice, grammar, json_object, read into the fields above
+    structured_outputs: Any = field(default=None, repr=False)
+    guided_decoding: Any = field(default=None, repr=False)
+    detokenize: bool = True  # vLLM's: False leaves the answer's text empty (token ids only)
+    extra_args: Mapping[str, Any] | None = field(default=None, compare=False)  # vLLM's: kept for the caller, unused
+    output_kind: Any = field(default=None, compare=False)  # vLLM's RequestOutputKind: LLM returns final outputs
     # filled in by the engine: the model's end-of-sequence ids
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
     # the guided answer's automaton, compiled once: (what it was compiled from, the automaton); kept
@@ -93,15 +104,17 @@ class SamplingParams:
             object.__setattr__(self, name, _as_tuple(getattr(self, name), name))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         object.__setattr__(self, "tool_call_parameters", tuple(_schema_text(p) or "" for p in self.tool_call_parameters))
+        self._read_structured_outputs()
         object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
         if not is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1 (completions of the prompt), got {self.n!r}")
-        if not is_int(self.max_tokens) or self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens <= 0):
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r} (or None: to the window's end)")
         if not (is_number(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
+        object.__setattr__(self, "top_k", max(self.top_k, 0))
         if not (is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not (is_number(self.min_p) and 0.0 <= self.min_p <= 1.0):
@@ -110,11 +123,42 @@ class SamplingParams:
             raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "json_object"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "json_object", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not self.detokenize and self.stop:  # (as vLLM: stop strings are found in the text)
+            raise ValueError("stop strings need the answer's text: they cannot be used with detokenize=False")
+        if self.extra_args is not None and not isinstance(self.extra_args, Mapping):
+            raise ValueError(f"extra_args must be a dict, got {type(self.extra_args).__name__}")
         self._check_guided()
         self._check_adjustments()
+
+    def clone(self) -> SamplingParams:
+        """A copy (vLLM's clone; these params are frozen, so a copy is only for code written for vLLM)."""
+        return replace(self)
+
+    def _read_structured_outputs(self) -> None:
+        """vLLM's structured_outputs (or guided_decoding): its json, regex, choice, grammar or
+        json_object read into this engine's own fields; what this engine does not do is refused."""
+        given = [(n, v) for n, v in (("structured_outputs", self.structured_outputs),
+                                     ("guided_decoding", self.guided_decoding)) if v is not None]  # fmt: skip
+        if len(given) > 1:
+            raise ValueError("structured_outputs and guided_decoding cannot both be given (one is the other's old name)")
+        if not given:
+            return
+        name, spec = given[0]
+        fields = dict(spec) if isinstance(spec, Mapping) else {k: getattr(spec, k) for k in dir(spec) if not k.startswith("_")}
+        for theirs, ours in STRUCTURED_FIELDS.items():
+            value = fields.pop(theirs, None)
+            if value in (None, False, [], ()):
+                continue
+            if getattr(self, ours) not in (None, False, ()):
+                raise ValueError(f"{name}.{theirs} and {ours} cannot both be given")
+            object.__setattr__(self, ours, _as_tuple(value, ours) if ours == "choice" else value)
+        unsupported = sorted(k for k, v in fields.items() if k in STRUCTURED_UNSUPPORTED and v not in (None, False, "", ()))
+        if unsupported:
+            raise ValueError(f"{name}.{unsupported[0]} is not supported by this engine's guided decoding")
+        object.__setattr__(self, name, None)  # (read into the fields above: compared and hashed by them)
 
     def _check_guided(self) -> None:
         if not all(isinstance(n, str) and n for n in self.tool_call_names):
@@ -178,7 +222,7 @@ class SamplingParams:
         k = self.truncate_prompt_tokens
         if k is not None and not (is_int(k) and k >= 1):
             raise ValueError(f"truncate_prompt_tokens must be None or an integer >= 1, got {k!r}")
-        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if not (is_number(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be a number > 0 (1 is off), got {self.repetition_penalty!r}")

@@ -49,9 +49,9 @@ def run_generate(args: argparse.Namespace) -> int:
     llm = _llm(args)
     params = sampling_params(args, llm)
     if args.chat:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params)
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
     else:
-        out = llm.generate(args.prompt, params)[0]
+        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
     print(out.text)
     print(turn_line(out), file=sys.stderr)
     llm.close()
@@ -106,7 +106,7 @@ def _chat_turn(llm: LLM, messages: list[dict[str, str]], line: str, params: Samp
     must end: a second Ctrl-C stopped an engine step midway, which may have left it half updated."""
     left_out = "that message is left out of the conversation"
     try:
-        out = llm.chat([*messages, {"role": "user", "content": line}], params, session_id=session_id)
+        out = llm.chat([*messages, {"role": "user", "content": line}], params, session_id=session_id, use_tqdm=False)[0]
     except StepInterrupted:
         print("\n[stopped in the middle of a step: the chat ends]", file=sys.stderr)
         return False
@@ -149,11 +149,11 @@ def _play_demo(args: argparse.Namespace) -> None:
     print(f"CachedAttention demo on {cached.engine.loaded.name} ({args.device}, {args.dtype}); store in {store_dir}\n")
     for i, user in enumerate(DEMO_TURNS, 1):
         messages.append({"role": "user", "content": user})
-        out = cached.chat(messages, params, session_id="demo")
+        out = cached.chat(messages, params, session_id="demo", use_tqdm=False)[0]
         cached.engine.store.store.flush()  # so the next turn's lookup sees this turn's segment
         # recompute what the model attended to: the conversation, or what truncation kept of it (a
         # window too small for the whole conversation: --max-model-len)
-        ref = base.generate([{"prompt_token_ids": out.prompt_token_ids}], params)[0]
+        ref = base.generate([{"prompt_token_ids": out.prompt_token_ids}], params, use_tqdm=False)[0]
         truncated = truncated or out.metrics.truncated_tokens > 0
         if out.token_ids == ref.token_ids:
             same = "same tokens as recompute"

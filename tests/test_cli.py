@@ -259,10 +259,10 @@ def test_a_chat_turn_that_fails_in_the_engine_is_left_out_and_a_second_ctrl_c_en
         asked.append([m["content"] for m in messages])
         if messages[-1]["content"] == "Now!":
             raise StepInterrupted
-        out = chat(self, messages, *a, **kw)
+        outs = chat(self, messages, *a, **kw)
         if messages[-1]["content"] == "Fails":
-            out.finish_reason = "error"
-        return out
+            outs[0].finish_reason = "error"
+        return outs
 
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
     monkeypatch.setattr(LLM, "chat", engine_fails)

@@ -24,16 +24,16 @@ def test_embedded_greedy_matches_transformers_gguf(embedded_llm):
     for messages in PROMPTS:
         ids = embedded_llm.tokenizer.encode_chat(messages)
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=2)[0, len(ids):]
-        out = embedded_llm.chat(messages, params)
+        out = embedded_llm.chat(messages, params)[0]
         assert out.token_ids == ref.tolist()
         assert len(out.token_ids) > 5
 
 
 @pytest.mark.slow
 def test_embedded_chat_text_and_stop_string(embedded_llm):
-    out = embedded_llm.chat(PROMPTS[0], SamplingParams(max_tokens=32, temperature=0))
+    out = embedded_llm.chat(PROMPTS[0], SamplingParams(max_tokens=32, temperature=0))[0]
     assert out.finish_reason == "stop" and "Red" in out.text
-    cut = embedded_llm.chat(PROMPTS[0], SamplingParams(max_tokens=32, temperature=0, stop=("Blue",)))
+    cut = embedded_llm.chat(PROMPTS[0], SamplingParams(max_tokens=32, temperature=0, stop=("Blue",)))[0]
     assert cut.finish_reason == "stop" and cut.text.endswith("2. ") and "Blue" not in cut.text
     assert cut.metrics.ttft_s > 0 and cut.metrics.prompt_tokens == len(embedded_llm.tokenizer.encode_chat(PROMPTS[0]))
 

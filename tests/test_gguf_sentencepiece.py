@@ -41,8 +41,8 @@ def test_a_sentencepiece_gguf_serves_a_session_as_transformers_tokenizes_it(kind
     tok = cached.engine.tokenizer
     messages, before = list(MESSAGES), None
     for _ in range(3):
-        out = cached.chat(messages, params, session_id="s")
-        ref = plain.chat(messages, params)
+        out = cached.chat(messages, params, session_id="s")[0]
+        ref = plain.chat(messages, params)[0]
         assert out.prompt_token_ids == list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                                    return_dict=False))
         assert out.prompt_token_ids.count(hf.bos_token_id) == (kind == "gemma3")  # the template's own, once

@@ -303,7 +303,7 @@ def test_a_masked_answer_follows_the_grammar_token_by_token():
 def test_the_embedded_model_answers_by_the_grammar(embedded_llm):
     grammar = 'root ::= answer ", because " [a-z ,]{3,60} "."\nanswer ::= "Yes" | "No"'
     question = [{"role": "user", "content": "Is the sky blue? Answer yes or no and say why."}]
-    out = embedded_llm.chat(question, SamplingParams(max_tokens=40, temperature=0, grammar=grammar))
+    out = embedded_llm.chat(question, SamplingParams(max_tokens=40, temperature=0, grammar=grammar))[0]
     assert out.finish_reason == "stop", out.text
     assert re.fullmatch(r"(Yes|No), because [a-z ,]{3,60}\.", out.text), out.text
 

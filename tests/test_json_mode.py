@@ -80,9 +80,9 @@ def test_the_automaton_agrees_with_python_on_mutated_objects():
 
 def test_the_embedded_model_answers_with_a_json_object(embedded_llm):
     question = [{"role": "user", "content": "Give me a JSON object listing three fruits and their prices."}]
-    free = embedded_llm.chat(question, SamplingParams(max_tokens=60, temperature=0))
+    free = embedded_llm.chat(question, SamplingParams(max_tokens=60, temperature=0))[0]
     assert not free.text.lstrip().startswith("{")  # left alone it writes a Markdown code block
-    out = embedded_llm.chat(question, SamplingParams(max_tokens=200, temperature=0, json_object=True))
+    out = embedded_llm.chat(question, SamplingParams(max_tokens=200, temperature=0, json_object=True))[0]
     assert out.finish_reason == "stop" and isinstance(json.loads(out.text), dict)
 
 

@@ -444,11 +444,11 @@ def test_the_embedded_model_answers_by_the_schema(embedded_llm):
         "required": ["name", "age", "colors"],
     }  # fmt: skip
     question = [{"role": "user", "content": "Describe a cat as JSON with its name, age and colors."}]
-    out = embedded_llm.chat(question, SamplingParams(max_tokens=80, temperature=0, json_schema=schema))
+    out = embedded_llm.chat(question, SamplingParams(max_tokens=80, temperature=0, json_schema=schema))[0]
     assert out.finish_reason == "stop", out.text
     jsonschema.validate(json.loads(out.text), strict(schema))
     sentiment = [{"role": "user", "content": "Is 'I love this film!' positive or negative?"}]
-    out = embedded_llm.chat(sentiment, SamplingParams(max_tokens=8, temperature=0, choice=["positive", "negative"]))
+    out = embedded_llm.chat(sentiment, SamplingParams(max_tokens=8, temperature=0, choice=["positive", "negative"]))[0]
     assert out.finish_reason == "stop" and out.text == "positive"
 
 

@@ -215,8 +215,8 @@ def test_chat_takes_openai_content_parts_and_the_developer_role_as_the_server_do
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
              {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]  # fmt: skip
-    want = chat.chat(plain, GREEDY)
-    got = chat.chat(parts, GREEDY)
+    want = chat.chat(plain, GREEDY)[0]
+    got = chat.chat(parts, GREEDY)[0]
     assert got.prompt_token_ids == want.prompt_token_ids and got.token_ids == want.token_ids
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     with pytest.raises(InvalidRequest, match=r"conversation 1: messages\[0\].content\[0\]: only text parts are supported .text., got .image_url.") as e:
@@ -323,6 +323,6 @@ def test_vllm_s_quickstart_reads_outputs_and_n_gives_that_many_completions(llm, 
         llm.engine.add_request(IDS, sampled)
     with pytest.raises(ValueError, match="n must be an integer >= 1"):
         SamplingParams(n=0)
-    rendered = chat.chat([{"role": "user", "content": "Hi"}], GREEDY)
+    rendered = chat.chat([{"role": "user", "content": "Hi"}], GREEDY)[0]
     assert rendered.prompt == chat.tokenizer.decode(rendered.prompt_token_ids, skip_special_tokens=False)
     _healthy(llm)

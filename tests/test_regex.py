@@ -199,11 +199,11 @@ def test_a_masked_answer_follows_the_pattern_token_by_token():
 def test_the_embedded_model_answers_by_the_pattern(embedded_llm):
     question = [{"role": "user", "content": "Give a phone number in the form 555-1234."}]
     pattern = r"\d{3}-\d{4}"
-    out = embedded_llm.chat(question, SamplingParams(max_tokens=16, temperature=0, regex=pattern))
+    out = embedded_llm.chat(question, SamplingParams(max_tokens=16, temperature=0, regex=pattern))[0]
     assert out.finish_reason == "stop" and re.fullmatch(pattern, out.text), out.text
     date = [{"role": "user", "content": "When did the Apollo 11 landing happen? Answer with the date."}]
     pattern = r"(19|20)\d\d-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
-    out = embedded_llm.chat(date, SamplingParams(max_tokens=16, temperature=0, regex=pattern))
+    out = embedded_llm.chat(date, SamplingParams(max_tokens=16, temperature=0, regex=pattern))[0]
     assert out.finish_reason == "stop" and re.fullmatch(pattern, out.text), out.text
 
 
@@ -270,7 +270,7 @@ def test_the_embedded_model_writes_a_date_where_the_schema_says_so(embedded_llm)
                                                "born": {"type": "string", "format": "date"}},
               "required": ["name", "born"]}  # fmt: skip
     question = [{"role": "user", "content": "Who was Albert Einstein and when was he born? Answer as JSON."}]
-    out = embedded_llm.chat(question, SamplingParams(max_tokens=48, temperature=0, json_schema=schema))
+    out = embedded_llm.chat(question, SamplingParams(max_tokens=48, temperature=0, json_schema=schema))[0]
     assert out.finish_reason == "stop", out.text
     datetime.date.fromisoformat(json.loads(out.text)["born"])
 

@@ -252,7 +252,7 @@ def test_chat_runs_a_list_of_conversations_together(embedded_llm):
     convs = [[{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "Name a fruit."}]]
     each = [SamplingParams(max_tokens=4, temperature=0), SamplingParams(max_tokens=6, temperature=0)]
     outs = llm.chat(convs, each, session_id=["c1", "c2"])
-    assert [o.text for o in outs] == [llm.chat(c, sp).text for c, sp in zip(convs, each)]
+    assert [o.text for o in outs] == [llm.chat(c, sp)[0].text for c, sp in zip(convs, each)]
     assert [o.session_id for o in outs] == ["c1", "c2"]
     with pytest.raises(ValueError, match="distinct session ids"):
         llm.chat(convs, each, session_id=["same", "same"])

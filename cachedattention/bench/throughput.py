@@ -31,7 +31,7 @@ def _ours(loaded, args, prompts: list[list[int]], new: int) -> float:
     )
     llm = LLM.from_config(cfg, loaded=loaded)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-    return median_time(lambda: llm.generate(prompts, params), args.repeats, args.device)
+    return median_time(lambda: llm.generate(prompts, params, use_tqdm=False), args.repeats, args.device)
 
 
 def _hf_model(loaded, device: str, dtype: str):

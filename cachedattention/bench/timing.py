@@ -42,11 +42,11 @@ def prefill_and_decode_s(llm, prompt: list[int]) -> tuple[float, float, list[int
     from cachedattention import SamplingParams
 
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    llm.generate([prompt[:64]], one)
+    llm.generate([prompt[:64]], one, use_tqdm=False)
     prefill = []
     for rep in range(3):
         t = time.perf_counter()
-        llm.generate([[rep + 100, *prompt[1:]]], one)
+        llm.generate([[rep + 100, *prompt[1:]]], one, use_tqdm=False)
         prefill.append(time.perf_counter() - t)
-    out = llm.generate([prompt[:32]], SamplingParams(max_tokens=65, temperature=0, ignore_eos=True))[0]
+    out = llm.generate([prompt[:32]], SamplingParams(max_tokens=65, temperature=0, ignore_eos=True), use_tqdm=False)[0]
     return statistics.median(prefill), (out.metrics.finish_s - out.metrics.first_token_s) / 64, out.token_ids[:8]

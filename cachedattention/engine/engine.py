@@ -536,11 +536,13 @@ class LLMEngine:
             req.json.accept(token)
         if token in p.stop_token_ids or token in p.eos_token_ids:
             reason, req.stopped_by_token = "stop", True
+            # vLLM's stop_reason: the stop token's id (an end-of-sequence token's is None)
+            req.stop_reason = token if token not in p.eos_token_ids else None
         elif req.json is not None and req.json.done:
             reason = "stop"  # a guided answer is complete (the JSON object, the tool call)
         elif p.stop and self._hit_stop_string(req):
             reason = "stop"
-        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+        elif (p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens) or req.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
             self._finish(req, reason)
@@ -567,11 +569,13 @@ class LLMEngine:
             return False
         cut, stop = min(hits, key=lambda hit: hit[0])  # the first to start (of those, the first listed)
         end = cut + len(stop) if req.params.include_stop_str_in_output else cut
-        req.text, req.stopped_by_string = text[:end], True
+        req.text, req.stopped_by_string, req.stop_reason = text[:end], True, stop
         return True
 
     def _finish(self, req: Request, reason: str) -> None:
-        if not req.stopped_by_string:  # else the text was cut before the stop string (maybe to "")
+        if not req.params.detokenize:  # (vLLM's detokenize=False: token ids only)
+            req.text = ""
+        elif not req.stopped_by_string:  # else the text was cut before the stop string (maybe to "")
             # as vLLM: the EOS or stop token ends the answer without being part of its text (it shows
             # with skip_special_tokens false, or for a stop token that is a word) unless asked for
             hide = req.stopped_by_token and not req.params.include_stop_str_in_output
@@ -598,7 +602,7 @@ class LLMEngine:
         req.num_sent = len(req.output_token_ids)
         if req.is_finished:
             text = req.text
-        elif req.stream_text:
+        elif req.stream_text and req.params.detokenize:
             req.detokenizer.update(req.output_token_ids)
             text = req.detokenizer.text
         else:
@@ -610,6 +614,7 @@ class LLMEngine:
             text=text,
             finished=req.status is Status.FINISHED,
             finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
             metrics=req.metrics,
             session_id=req.session_id,
             new_token_ids=new,

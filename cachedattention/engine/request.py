@@ -61,6 +61,7 @@ class Request:
     stop_searched_to: int = 0  # output text already searched for stop strings
     stopped_by_string: bool = False  # `text` was cut before a stop string
     stopped_by_token: bool = False  # the last token is an EOS or stop token: not in `text` (as vLLM)
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it (None: EOS, length)
     save_to_store: bool = True  # False: reuse stored KV but save none (e.g. a second choice of one prompt)
 
     @property

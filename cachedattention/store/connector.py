@@ -145,7 +145,7 @@ class StoreConnector:
     def prepare(self, req: Request) -> None:
         """Plan the turn: match the session's record, truncate an overflowing conversation."""
         window = self.engine.max_model_len
-        reserve = min(req.params.max_tokens, window // 4)
+        reserve = min(req.params.max_tokens or window, window // 4)
         head = self.config.keep_head_tokens if self.config.keep_head_tokens is not None else req.head_tokens
         mode = None if req.truncate else "whole"
         key, plan = self.store.plan(req.session_id, list(req.logical_prompt), window, reserve, head, mode,

@@ -114,7 +114,7 @@ def reference(chat_model_dir):
     llm = LLM(str(chat_model_dir), cache=CacheConfig(num_pages=PAGES, enable_prefix_cache=False))
 
     def chat(messages: list[dict[str, str]], max_tokens: int) -> str:
-        return llm.chat(messages, SamplingParams(max_tokens=max_tokens, temperature=0.0)).text
+        return llm.chat(messages, SamplingParams(max_tokens=max_tokens, temperature=0.0))[0].text
 
     yield chat
     llm.close()

@@ -65,10 +65,10 @@ def test_chat_template_kwargs_reach_the_template(chat_model_dir, tmp_path):
     llm = LLM(str(with_template(chat_model_dir, tmp_path / "thinking", THINKING)))
     user = OPEN[:1]
     params = SamplingParams(max_tokens=1, temperature=0)
-    plain = llm.chat(user, params).prompt_token_ids
-    quiet = llm.chat(user, params, chat_template_kwargs={"enable_thinking": False}).prompt_token_ids
+    plain = llm.chat(user, params)[0].prompt_token_ids
+    quiet = llm.chat(user, params, chat_template_kwargs={"enable_thinking": False})[0].prompt_token_ids
     assert quiet[: len(plain)] == plain and llm.tokenizer.decode(quiet[len(plain) :]).strip() == "<think>\n\n</think>"
-    going_on = llm.chat(OPEN, params, add_generation_prompt=False, continue_final_message=True)
+    going_on = llm.chat(OPEN, params, add_generation_prompt=False, continue_final_message=True)[0]
     assert llm.tokenizer.decode(going_on.prompt_token_ids).endswith("The capital is")
     with pytest.raises(ValueError, match="must be the assistant's"):
         llm.chat(user, params, add_generation_prompt=False, continue_final_message=True)
@@ -87,13 +87,13 @@ def test_a_chat_template_given_to_the_engine_replaces_the_tokenizer_s(chat_model
     messages = [{"role": "user", "content": "Hi there"}]
     inline = LLM(str(chat_model_dir), chat_template=PLAIN)
     assert inline.tokenizer.render_chat(messages) == "[user] Hi there\n[assistant]"
-    assert inline.chat(messages, SamplingParams(max_tokens=3, temperature=0)).metrics.prompt_tokens == len(
+    assert inline.chat(messages, SamplingParams(max_tokens=3, temperature=0))[0].metrics.prompt_tokens == len(
         inline.tokenizer.encode("[user] Hi there\n[assistant]"))  # fmt: skip
     assert inline.engine.loaded.tokenizer.render_chat(messages) != "[user] Hi there\n[assistant]"  # the model's own stays
     inline.close()
     own = LLM(str(chat_model_dir))  # vLLM's per-call chat(..., chat_template=...): that call alone
-    once = own.chat(messages, SamplingParams(max_tokens=2, temperature=0), chat_template=PLAIN)
-    after = own.chat(messages, SamplingParams(max_tokens=2, temperature=0))
+    once = own.chat(messages, SamplingParams(max_tokens=2, temperature=0), chat_template=PLAIN)[0]
+    after = own.chat(messages, SamplingParams(max_tokens=2, temperature=0))[0]
     assert once.metrics.prompt_tokens == len(own.tokenizer.encode("[user] Hi there\n[assistant]"))
     assert after.metrics.prompt_tokens == len(own.tokenizer.encode_chat(messages)) != once.metrics.prompt_tokens
     with pytest.raises(ValueError, match="not valid Jinja"):

@@ -22,17 +22,17 @@ def test_a_random_model_in_json_mode_writes_only_json_object_prefixes(chat_model
 
     llm = LLM(str(chat_model_dir))
     prompt = [{"role": "user", "content": "Anything."}]
-    free = llm.chat(prompt, SamplingParams(max_tokens=24, temperature=0))
+    free = llm.chat(prompt, SamplingParams(max_tokens=24, temperature=0))[0]
     assert JSON_OBJECT.advance(JSON_OBJECT.start, free.text.encode()) is None  # left alone: not JSON
     finished = 0
     for seed in range(6):
         params = SamplingParams(max_tokens=48, temperature=1.0, seed=seed, json_object=True)
-        out = llm.chat(prompt, params)
+        out = llm.chat(prompt, params)[0]
         assert JSON_OBJECT.advance(JSON_OBJECT.start, out.text.encode()) is not None, out.text  # a prefix of a JSON object
         if out.finish_reason == "stop":
             finished += 1
             assert isinstance(json.loads(out.text), dict)
-    greedy = llm.chat(prompt, SamplingParams(max_tokens=48, temperature=0, json_object=True, logprobs=1))
+    greedy = llm.chat(prompt, SamplingParams(max_tokens=48, temperature=0, json_object=True, logprobs=1))[0]
     assert JSON_OBJECT.advance(JSON_OBJECT.start, greedy.text.encode()) is not None
     assert greedy.text.startswith("{") and greedy.logprobs[0].rank > 1  # logprobs: the model's own distribution
     llm.close()

@@ -35,7 +35,7 @@ def test_chat_logprobs_match_the_engine_and_stream_the_same(server, engine):
     r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=8, temperature=0, logprobs=True,
                                   top_logprobs=3)  # fmt: skip
     content = r.choices[0].logprobs.content
-    want = engine.chat(MSGS, SamplingParams(max_tokens=8, temperature=0, logprobs=3))
+    want = engine.chat(MSGS, SamplingParams(max_tokens=8, temperature=0, logprobs=3))[0]
     assert len(content) == r.usage.completion_tokens == len(want.token_ids)
     for got, lp in zip(content, want.logprobs):
         assert got.token == engine.tokenizer.token_text(lp.token_id)
@@ -174,7 +174,7 @@ def test_penalties_and_bias_reach_the_sampler(server, engine):
     for fields in ({"repetition_penalty": 10.0}, {"presence_penalty": 2.0, "frequency_penalty": 2.0}):
         r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=6, temperature=0, logit_bias=bias,
                                       extra_body=fields)  # fmt: skip
-        want = engine.chat(MSGS, SamplingParams(max_tokens=6, temperature=0, logit_bias={blue: 10}, **fields))
+        want = engine.chat(MSGS, SamplingParams(max_tokens=6, temperature=0, logit_bias={blue: 10}, **fields))[0]
         assert r.choices[0].message.content == want.text != forced.choices[0].message.content, fields
     eos = engine.tokenizer.eos_token_id
     forced = c.completions.create(model="default", prompt="Hello", max_tokens=8, temperature=0,
@@ -190,7 +190,7 @@ def test_n_choices_streamed_and_not(server, engine):
                                   logprobs=True)  # fmt: skip
     texts = [ch.message.content for ch in r.choices]
     assert [ch.index for ch in r.choices] == [0, 1, 2] and len(set(texts)) == 3  # seeds 5, 6, 7
-    assert texts[1] == engine.chat(MSGS, SamplingParams(max_tokens=8, temperature=1.0, seed=6)).text
+    assert texts[1] == engine.chat(MSGS, SamplingParams(max_tokens=8, temperature=1.0, seed=6))[0].text
     assert r.usage.completion_tokens == sum(len(ch.logprobs.content) for ch in r.choices)  # every choice's tokens
     assert r.usage.prompt_tokens == len(engine.tokenizer.encode_chat(MSGS))  # the prompt counted once
     stream = c.chat.completions.create(model="default", messages=MSGS, max_tokens=8, temperature=1.0, seed=5, n=3,

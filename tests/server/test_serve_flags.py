@@ -29,8 +29,8 @@ def test_another_folder_s_tokenizer_serves_a_model_without_one(chat_model_dir, t
     for f in ("config.json", "model.safetensors"):
         shutil.copy(chat_model_dir / f, bare / f)
     params = SamplingParams(max_tokens=3, temperature=0)
-    own = LLM(model=str(chat_model_dir)).chat(HELLO, params)
-    borrowed = LLM(model=str(bare), tokenizer=str(chat_model_dir)).chat(HELLO, params)
+    own = LLM(model=str(chat_model_dir)).chat(HELLO, params)[0]
+    borrowed = LLM(model=str(bare), tokenizer=str(chat_model_dir)).chat(HELLO, params)[0]
     assert borrowed.prompt_token_ids == own.prompt_token_ids and borrowed.token_ids == own.token_ids
     # more tokens than the model (a pad token added without resizing): served, its ids refused per request
     small = LLM(model=str(tiny_dirs["llama"][0]), tokenizer=str(chat_model_dir))

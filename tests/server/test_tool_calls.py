@@ -73,13 +73,13 @@ def test_llm_chat_takes_tools_and_tool_messages(tool_model_dir):
     llm = LLM(str(tool_model_dir))
     user = [{"role": "user", "content": "Weather in Paris?"}]
     params = SamplingParams(max_tokens=2, temperature=0)
-    with_tools = llm.chat(user, params, tools=[WEATHER])
+    with_tools = llm.chat(user, params, tools=[WEATHER])[0]
     assert with_tools.prompt_token_ids == llm.tokenizer.encode_chat(user, tools=[WEATHER])
-    assert len(with_tools.prompt_token_ids) > len(llm.chat(user, params).prompt_token_ids)
+    assert len(with_tools.prompt_token_ids) > len(llm.chat(user, params)[0].prompt_token_ids)
     result = [*user, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}]  # fmt: skip
-    assert "Sunny" in llm.tokenizer.decode(llm.chat(result, params, tools=[WEATHER]).prompt_token_ids)
+    assert "Sunny" in llm.tokenizer.decode(llm.chat(result, params, tools=[WEATHER])[0].prompt_token_ids)
     # clients send arguments as JSON text: the template gets the object (as vLLM does), as the model wrote it
     as_text = [dict(m) for m in result]
     as_text[1] = {**result[1], "tool_calls": [{**result[1]["tool_calls"][0], "function": {
@@ -89,7 +89,7 @@ def test_llm_chat_takes_tools_and_tool_messages(tool_model_dir):
     rendered = llm.tokenizer.render_chat(validate_messages(as_text), tools=[WEATHER])
     assert '"arguments": {"city": "Paris"}' in rendered
     empty = [*user, {"role": "assistant", "content": "Hi.", "tool_calls": []}, *user]  # no calls, as vLLM takes it
-    assert llm.chat(empty, params).finished
+    assert llm.chat(empty, params)[0].finished
     with pytest.raises(ValueError, match="tools"):
         llm.chat(user, params, tools=[{"type": "function"}])
     llm.close()

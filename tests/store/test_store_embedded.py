@@ -14,7 +14,7 @@ def chat(llm, session, monkeypatch):
     for user in TURNS:
         messages.append({"role": "user", "content": user})
         seen = capture_logits(monkeypatch)
-        out = llm.chat(messages, params, session_id=session)
+        out = llm.chat(messages, params, session_id=session)[0]
         monkeypatch.undo()
         logits.append(seen[0])
         outs.append(out)

@@ -247,7 +247,7 @@ def test_a_truncated_chat_keeps_whole_messages(template, chat_model_dir):
     conv, cuts, cut_in_history = [{"role": "system", "content": "You are brief."}], 0, 0
     for turn in range(12):
         conv.append({"role": "user", "content": f"Question {turn}: " + "tell me more " * (3 + turn % 4)})
-        out = llm.chat(conv, params, session_id="s")
+        out = llm.chat(conv, params, session_id="s")[0]
         llm.engine.store.store.flush()
         prompt = tok.encode_chat(conv)
         head = tok.kept_lengths(conv, prompt).head
@@ -265,7 +265,7 @@ def test_a_truncated_chat_keeps_whole_messages(template, chat_model_dir):
     llm.engine.store.check_integrity()
     # a conversation new to the store, past the window: cut at one of its user messages, keeping some history
     whole = [*conv, {"role": "user", "content": "Question 12: and?"}]
-    out = llm.chat(whole, params, session_id="new")
+    out = llm.chat(whole, params, session_id="new")[0]
     head = tok.kept_lengths(whole, tok.encode_chat(whole)).head
     kept = tok.decode(out.prompt_token_ids[head:], skip_special_tokens=False).lstrip()
     assert out.metrics.truncated_tokens > 0 and kept.startswith("Question ") and not kept.startswith("Question 12")
@@ -291,11 +291,11 @@ def test_a_chat_message_past_the_window_is_refused_and_a_long_one_keeps_its_whol
     llm = LLM(model=str(chat_model_dir), enable_store=True, cache=NO_DEVICE, max_model_len=WINDOW)
     tok, params = llm.engine.tokenizer, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     conv = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Hello there, who are you?"}]
-    conv.append({"role": "assistant", "content": llm.chat(conv, params, session_id="s").outputs[0].text})
+    conv.append({"role": "assistant", "content": llm.chat(conv, params, session_id="s")[0].outputs[0].text})
     with pytest.raises(ValueError, match="keeping the system prompt and the newest turn"):
         llm.chat([*conv, {"role": "user", "content": "word " * 200}], params, session_id="s")
     short = [*conv, {"role": "user", "content": "And then?"}]
-    out = llm.chat(short, params, session_id="s")  # the refused turn lost nothing of the session
+    out = llm.chat(short, params, session_id="s")[0]  # the refused turn lost nothing of the session
     assert out.metrics.cached_tokens["host"] > tok.head_length(short, tok.encode_chat(short))
     conv = [*short, {"role": "assistant", "content": out.outputs[0].text}]
     for n in range(200, 1, -1):  # the longest message that fits the window with all the history dropped
@@ -305,7 +305,7 @@ def test_a_chat_message_past_the_window_is_refused_and_a_long_one_keeps_its_whol
         if head + tail < WINDOW:
             break
     assert prompt[-tail:] == tok.encode_chat([{"role": "user", "content": "word " * n}])[-tail:]
-    out = llm.chat(long, params, session_id="s")  # (its answer has less room than truncation makes: cut at the window)
+    out = llm.chat(long, params, session_id="s")[0]  # (its answer has less room than truncation makes: cut at the window)
     assert out.prompt_token_ids == prompt[:head] + prompt[-tail:]
     assert out.metrics.truncated_tokens == len(prompt) - head - tail > 0
     with pytest.raises(ValueError, match="keeping the system prompt and the newest turn"):  # one word more

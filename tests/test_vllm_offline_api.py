@@ -1,0 +1,151 @@
+"""What a script written for vLLM's offline API calls: `sampling_params=`, `use_tqdm`, `lora_request`,
+`priority`, `chat` returning a list, `stop_reason`, `num_cached_tokens`, `get_tokenizer`,
+`reset_prefix_cache`, and SamplingParams' vLLM fields (a default of 16 tokens, `max_tokens=None`,
+`top_k=-1`, `clone`, `structured_outputs` / `guided_decoding`, `detokenize`, `extra_args`)."""
+
+import pytest
+
+from cachedattention import LLM, SamplingParams
+from cachedattention.errors import InvalidRequest
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+IDS = [5, 9, 13, 17, 21]
+HI = [{"role": "user", "content": "Hi there"}]
+
+
+@pytest.fixture(scope="module")
+def llm(chat_model_dir):
+    return LLM(model=str(chat_model_dir), max_model_len=64)
+
+
+class Bar:
+    """A tqdm-like progress bar that records what it was told."""
+
+    made: list["Bar"] = []
+
+    def __init__(self, total, **kw):
+        self.total, self.done, self.closed = total, 0, False
+        Bar.made.append(self)
+
+    def update(self, n):
+        self.done += n
+
+    def close(self):
+        self.closed = True
+
+
+def test_sampling_params_by_vllms_keyword_or_ours_not_both(llm):
+    want = llm.generate(IDS, GREEDY)[0].token_ids
+    assert llm.generate(IDS, sampling_params=GREEDY)[0].token_ids == want
+    assert llm.generate(IDS, params=GREEDY)[0].token_ids == want
+    with pytest.raises(ValueError, match="not both"):
+        llm.generate(IDS, sampling_params=GREEDY, params=GREEDY)
+    assert llm.chat(HI, sampling_params=GREEDY)[0].token_ids == llm.chat(HI, GREEDY)[0].token_ids
+
+
+def test_chat_returns_a_list_as_vllm(llm):
+    outs = llm.chat(HI, GREEDY)
+    assert isinstance(outs, list) and len(outs) == 1 and len(outs[0].token_ids) == 6
+    both = llm.chat([HI, HI], GREEDY)
+    assert [o.token_ids for o in both] == [outs[0].token_ids] * 2
+    with pytest.raises(ValueError, match="chat_template_content_format"):
+        llm.chat(HI, GREEDY, chat_template_content_format="openai")
+    assert llm.chat(HI, GREEDY, chat_template_content_format="string")[0].token_ids == outs[0].token_ids
+
+
+def test_a_progress_bar_counts_the_prompts_or_none(llm):
+    Bar.made.clear()
+    params = [GREEDY, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, n=2)]
+    llm.generate([IDS, IDS[:3]], params, use_tqdm=Bar)
+    (bar,) = Bar.made
+    assert (bar.total, bar.done, bar.closed) == (2, 2, True)  # (the n=2 prompt counted once, when both ended)
+    llm.generate(IDS, GREEDY, use_tqdm=False)
+    llm.chat(HI, GREEDY, use_tqdm=Bar)
+    assert len(Bar.made) == 2 and Bar.made[1].done == 1
+
+
+def test_lora_is_refused_and_priority_is_one_per_prompt(llm, chat_model_dir):
+    with pytest.raises(ValueError, match="LoRA"):
+        llm.generate(IDS, GREEDY, lora_request=object())
+    with pytest.raises(ValueError, match="LoRA"):
+        llm.chat(HI, GREEDY, lora_request=object())
+    with pytest.raises(ValueError, match="one integer per prompt"):
+        llm.generate([IDS, IDS], GREEDY, priority=[1])
+    with pytest.raises(InvalidRequest, match="priority scheduling policy"):  # (as vLLM, under FCFS)
+        llm.generate([IDS, IDS], GREEDY, priority=[1, 0])
+    ranked = LLM(model=str(chat_model_dir), scheduling_policy="priority", max_num_seqs=1)
+    outs = ranked.generate([IDS, IDS[:4]], GREEDY, priority=[1, 0])
+    assert outs[1].metrics.first_token_s < outs[0].metrics.first_token_s  # (one at a time: the lower first)
+
+
+def test_stop_reason_names_the_stop_token_or_string(llm):
+    free = llm.generate(IDS, GREEDY)[0]
+    assert free.finish_reason == "length" and free.stop_reason is None and free.outputs[0].stop_reason is None
+    token = free.token_ids[2]
+    by_token = llm.generate(IDS, SamplingParams(max_tokens=6, temperature=0, stop_token_ids=[token]))[0]
+    assert by_token.finish_reason == "stop" and by_token.stop_reason == token == by_token.outputs[0].stop_reason
+    text = llm.generate("Hello there", GREEDY)[0].text
+    stop = text.strip()[2:5]
+    by_string = llm.generate("Hello there", SamplingParams(max_tokens=6, temperature=0, stop=[stop]))[0]
+    assert by_string.stop_reason == stop and by_string.outputs[0].stop_reason == stop
+
+
+def test_cached_tokens_tokenizer_and_resetting_the_prefix_cache(llm):
+    llm.reset_prefix_cache()
+    prompt = list(range(100, 140))
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 0
+    again = llm.generate(prompt, GREEDY)[0]
+    assert again.num_cached_tokens == again.metrics.num_cached_tokens > 0  # (the device prefix cache's blocks)
+    assert llm.reset_prefix_cache() is True
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 0
+    assert llm.get_tokenizer() is llm.tokenizer is not None
+
+
+def test_sampling_params_take_vllms_values():
+    assert SamplingParams().max_tokens == 16  # (vLLM's default)
+    assert SamplingParams(top_k=-1) == SamplingParams(top_k=0)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-2)
+    p = SamplingParams(max_tokens=7, stop=["x"], extra_args={"mine": 1})
+    assert p.clone() == p and p.clone() is not p and p.clone().extra_args == {"mine": 1}
+    with pytest.raises(ValueError, match="extra_args"):
+        SamplingParams(extra_args=[1])
+
+
+def test_max_tokens_none_runs_to_the_end_of_the_window(llm):
+    out = llm.generate(IDS, SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(IDS) + len(out.token_ids) == 64
+
+
+class StructuredOutputs:
+    """Shaped as vLLM's StructuredOutputsParams (its fields as attributes, unset ones None)."""
+
+    def __init__(self, **given):
+        for name in ("json", "regex", "choice", "grammar", "json_object", "structural_tag", "whitespace_pattern"):
+            setattr(self, name, given.pop(name, None))
+        self.disable_any_whitespace, self.backend = given.pop("disable_any_whitespace", False), None
+        assert not given
+
+
+def test_structured_outputs_read_into_the_guided_fields(llm):
+    choices = ["yes", "no", "maybe"]
+    p = SamplingParams(max_tokens=8, temperature=0, structured_outputs=StructuredOutputs(choice=choices))
+    assert p.choice == tuple(choices) and p.guided_field == "choice" and p == SamplingParams(
+        max_tokens=8, temperature=0, choice=choices)
+    assert llm.generate("Answer:", p)[0].text in choices
+    assert SamplingParams(guided_decoding={"regex": "[0-9]+"}).regex == "[0-9]+"
+    assert SamplingParams(structured_outputs={"json": {"type": "object"}}).json_schema == '{"type": "object"}'
+    with pytest.raises(ValueError, match="cannot both be given"):
+        SamplingParams(structured_outputs={"regex": "a"}, guided_decoding={"regex": "a"})
+    with pytest.raises(ValueError, match="cannot both be given"):
+        SamplingParams(structured_outputs={"regex": "a"}, regex="b")
+    with pytest.raises(ValueError, match="whitespace_pattern is not supported"):
+        SamplingParams(structured_outputs=StructuredOutputs(json={}, whitespace_pattern=" "))
+
+
+def test_detokenize_false_gives_token_ids_only(llm):
+    want = llm.generate("Hello there", GREEDY)[0]
+    out = llm.generate("Hello there", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, detokenize=False))[0]
+    assert out.token_ids == want.token_ids and want.text and out.text == "" == out.outputs[0].text
+    with pytest.raises(ValueError, match="detokenize=False"):
+        SamplingParams(stop=["x"], detokenize=False)
