@@ -71,6 +71,22 @@ def _as_one(prompt: str | None, choices: list[RequestOutput]) -> RequestOutput:
     return out
 
 
+def _decode_logprobs(out: RequestOutput, tokenizer: Any, texts: dict[int, str]) -> None:
+    """vLLM's decoded_token in an output's logprobs: each listed token's own text (`texts`: those
+    decoded so far)."""
+    if tokenizer is None:
+        return
+    for name in ("logprobs", "prompt_logprobs"):
+        entries = getattr(out, name)
+        if not entries:
+            continue
+        for entry in entries:
+            for token in entry or ():
+                if token not in texts:
+                    texts[token] = tokenizer.decode([token], skip_special_tokens=False)
+        setattr(out, name, [None if e is None else replace(e, decoded={t: texts[t] for t in e}) for e in entries])
+
+
 def _sampling_params(sampling_params: Any, params: Any) -> Any:
     """vLLM's `sampling_params`, or this engine's older name for it, `params`: one of them."""
     if sampling_params is not None and params is not None:
@@ -322,6 +338,9 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
+        texts: dict[int, str] = {}
+        for out in done.values():
+            _decode_logprobs(out, self.engine.tokenizer, texts)
         return [_as_one(items[k][4], [done[rid] for rid in each]) for k, each in enumerate(ids)]
 
     def stats(self) -> dict:

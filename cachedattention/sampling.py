@@ -325,14 +325,42 @@ def _bias_pairs(bias: Mapping[int, float] | Sequence[tuple[int, float]] | None) 
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
+class Logprob:
+    """vLLM's Logprob: a token's log-probability, its rank (1: the most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob(Mapping):
     """A generated token's log-probability under the model, its rank (1: the most likely token) and
-    the most likely tokens with theirs, most likely first."""
+    the most likely tokens with theirs, most likely first. Read as vLLM's logprobs too: a dict of
+    token id to Logprob, the token's own first, then the most likely ones (`decoded`: their texts,
+    filled in by LLM's outputs)."""
 
     token_id: int
     logprob: float
     rank: int
     top: tuple[tuple[int, float], ...] = ()
+    decoded: Mapping[int, str] | None = field(default=None, compare=False, repr=False)
+
+    def _entries(self) -> dict[int, Logprob]:
+        text = (self.decoded or {}).get
+        entries = {self.token_id: Logprob(self.logprob, self.rank, text(self.token_id))}
+        for rank, (token, logprob) in enumerate(self.top, 1):
+            entries.setdefault(token, Logprob(logprob, rank, text(token)))
+        return entries
+
+    def __getitem__(self, token: int) -> Logprob:
+        return self._entries()[token]
+
+    def __iter__(self):
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
 
 
 def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:

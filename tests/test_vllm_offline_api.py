@@ -149,3 +149,18 @@ def test_detokenize_false_gives_token_ids_only(llm):
     assert out.token_ids == want.token_ids and want.text and out.text == "" == out.outputs[0].text
     with pytest.raises(ValueError, match="detokenize=False"):
         SamplingParams(stop=["x"], detokenize=False)
+
+
+def test_logprobs_read_as_vllms_dicts_of_logprob(llm):
+    out = llm.generate("Hello there", SamplingParams(max_tokens=4, temperature=0, logprobs=3, prompt_logprobs=2))[0]
+    tok = llm.get_tokenizer()
+    for token, entry in zip(out.token_ids, out.outputs[0].logprobs):
+        assert entry[token].rank == 1 and entry[token].logprob == entry.logprob  # (greedy: its own is the top)
+        assert len(entry) == 3 and [lp.rank for lp in entry.values()] == [1, 2, 3]
+        assert all(lp.decoded_token == tok.decode([t], skip_special_tokens=False) for t, lp in entry.items())
+        ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)
+        assert [t for t, _ in ranked] == [t for t, _ in entry.top]
+    assert out.prompt_logprobs[0] is None
+    second = out.prompt_logprobs[1]
+    assert out.prompt_token_ids[1] in second and 2 <= len(second) <= 3
+    assert second[out.prompt_token_ids[1]].decoded_token == tok.decode([out.prompt_token_ids[1]], skip_special_tokens=False)
