@@ -31,6 +31,25 @@ MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list by default (v
 
 
 @dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's: the one form an answer is held to, given as SamplingParams(structured_outputs=...):
+    a JSON schema (`json`, a dict or its text), a pattern, a choice, a GBNF grammar, or any JSON
+    object. Read into SamplingParams' own fields; whitespace options and structural tags are refused."""
+
+    json: str | Mapping[str, Any] | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+
+GuidedDecodingParams = StructuredOutputsParams  # (vLLM's older name)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 means greedy."""
 

@@ -5,7 +5,7 @@
 
 import pytest
 
-from cachedattention import LLM, SamplingParams
+from cachedattention import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 from cachedattention.errors import InvalidRequest
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -134,6 +134,11 @@ def test_structured_outputs_read_into_the_guided_fields(llm):
         max_tokens=8, temperature=0, choice=choices)
     assert llm.generate("Answer:", p)[0].text in choices
     assert SamplingParams(guided_decoding={"regex": "[0-9]+"}).regex == "[0-9]+"
+    assert SamplingParams(guided_decoding=GuidedDecodingParams(regex="[0-9]+")).regex == "[0-9]+"
+    ours = SamplingParams(max_tokens=8, temperature=0, structured_outputs=StructuredOutputsParams(choice=choices))
+    assert ours == p
+    with pytest.raises(ValueError, match="disable_any_whitespace is not supported"):
+        SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True, disable_any_whitespace=True))
     assert SamplingParams(structured_outputs={"json": {"type": "object"}}).json_schema == '{"type": "object"}'
     with pytest.raises(ValueError, match="cannot both be given"):
         SamplingParams(structured_outputs={"regex": "a"}, guided_decoding={"regex": "a"})
