@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from cachedattention.cli_vllm import check_load_format
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
@@ -22,18 +22,33 @@ Prompt = str | Sequence[int]
 Message = dict[str, str]
 
 
+class _Item(NamedTuple):
+    """One prompt to complete: what the engine runs, its params and session, what truncation keeps
+    whole, its text (vLLM's out.prompt) and its cache salt."""
+
+    prompt: Prompt
+    params: SamplingParams | None
+    session_id: str | None
+    kept: Kept
+    text: str | None
+    cache_salt: str | None = None
+
+
 def _is_token_ids(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(t, int) for t in value)
 
 
 def _one_prompt(prompt: Any) -> Prompt:
-    """A text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}, as the engine takes it."""
+    """A text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids} (with its
+    "cache_salt", read by _cache_salt), as the engine takes it."""
     if isinstance(prompt, Mapping):
-        keys = set(prompt)
+        keys = set(prompt) - {"cache_salt"}
         if keys not in ({"prompt"}, {"prompt_token_ids"}):
             raise InvalidRequest(f'a prompt given as a dict holds "prompt" (a text) or "prompt_token_ids" (token '
-                                 f"ids), one of them only; got the keys {sorted(map(str, keys))}", "prompt")  # fmt: skip
-        key, prompt = next(iter(prompt.items()))
+                                 f'ids), one of them only, and may hold a "cache_salt"; got the keys '
+                                 f"{sorted(map(str, set(prompt)))}", "prompt")  # fmt: skip
+        key = keys.pop()
+        prompt = prompt[key]
         if (key == "prompt") != isinstance(prompt, str):
             raise InvalidRequest(f'a dict prompt\'s "prompt" is a text and its "prompt_token_ids" a list of token '
                                  f"ids; got {key!r}: {type(prompt).__name__}", "prompt")  # fmt: skip
@@ -43,15 +58,20 @@ def _one_prompt(prompt: Any) -> Prompt:
                          f"{type(prompt).__name__} (an array or tensor of ids: pass .tolist())", "prompt")  # fmt: skip
 
 
-def _prompt_list(prompts: Any) -> list[Prompt]:
+def _cache_salt(prompt: Any) -> str | None:
+    """vLLM's cache_salt of a dict prompt: only prompts of the same salt share cached KV."""
+    return prompt.get("cache_salt") if isinstance(prompt, Mapping) else None
+
+
+def _prompt_list(prompts: Any) -> list[Any]:
     """One prompt, or a list of them, as a list."""
-    if isinstance(prompts, (str, Mapping)) or _is_token_ids(prompts):
-        return [_one_prompt(prompts)]
-    if not isinstance(prompts, (list, tuple)):
-        return [_one_prompt(prompts)]  # (refused with what a prompt may be)
+    if isinstance(prompts, (str, Mapping)) or _is_token_ids(prompts) or not isinstance(prompts, (list, tuple)):
+        prompts = [prompts]  # (one prompt; anything else is refused with what a prompt may be)
     if not prompts:
         raise InvalidRequest("generate() needs at least one prompt", "prompt")
-    return [_one_prompt(p) for p in prompts]
+    for p in prompts:
+        _one_prompt(p)  # (each checked before any runs)
+    return list(prompts)
 
 
 def _one_each(value: Any, n: int, name: str) -> list[Any]:
@@ -235,14 +255,16 @@ class LLM:
         are refused. A request whose own step failed (logged) comes back finished with finish_reason
         "error". As vLLM's, `out.outputs` lists a prompt's completions (SamplingParams.n of them,
         seeded choices with seeds seed, seed + 1, ...); `out.text` and `out.token_ids` are the first's."""
-        prompts = _prompt_list(prompts)
-        sessions = _one_each(session_id, len(prompts), "session_id")
+        given = _prompt_list(prompts)
+        sessions = _one_each(session_id, len(given), "session_id")
         _check_distinct(sessions, "prompts")
-        each = _one_each(_sampling_params(sampling_params, params), len(prompts), "sampling_params")
+        each = _one_each(_sampling_params(sampling_params, params), len(given), "sampling_params")
         _refuse_lora(lora_request)
-        return self._complete([(p, sp, s, Kept(0, 0), p if isinstance(p, str) else None)
-                               for p, sp, s in zip(prompts, each, sessions)],
-                              _priorities(priority, len(prompts)), use_tqdm)  # fmt: skip
+        items = []
+        for g, sp, s in zip(given, each, sessions):
+            p = _one_prompt(g)
+            items.append(_Item(p, sp, s, Kept(0, 0), p if isinstance(p, str) else None, _cache_salt(g)))
+        return self._complete(items, _priorities(priority, len(items)), use_tqdm)
 
     def chat(
         self,
@@ -295,11 +317,11 @@ class LLM:
                 raise InvalidRequest(f"conversation {n}: {e}", e.param) from None
             prompt = tokenizer.encode_chat(conv, tools=tools, options=options)
             kept = tokenizer.kept_lengths(conv, prompt, tools, options) if sid is not None else Kept(0, 0)
-            items.append((prompt, sp, sid, kept, tokenizer.decode(prompt, skip_special_tokens=False)))
+            items.append(_Item(prompt, sp, sid, kept, tokenizer.decode(prompt, skip_special_tokens=False)))
         return self._complete(items, [0] * len(items), use_tqdm)
 
-    def _complete(self, items: list[tuple[Prompt, SamplingParams | None, str | None, Kept, str | None]],
-                  priorities: list[int], use_tqdm: bool | Callable[..., Any] = False) -> list[RequestOutput]:  # fmt: skip
+    def _complete(self, items: list[_Item], priorities: list[int],
+                  use_tqdm: bool | Callable[..., Any] = False) -> list[RequestOutput]:  # fmt: skip
         """Add every request (n of each: one per choice) and step the engine until each has
         finished; one output per item, in their order. If one is refused, or anything stops the run
         (Ctrl-C, between steps), the requests added are withdrawn: they would run unasked later."""
@@ -308,7 +330,7 @@ class LLM:
         bar = _progress_bar(use_tqdm, len(items))
         try:
             with interrupts_between_steps() as raise_held:
-                for (prompt, sp, sid, (head, tail, starts), _), priority in zip(items, priorities, strict=True):
+                for (prompt, sp, sid, (head, tail, starts), _, salt), priority in zip(items, priorities, strict=True):
                     ids.append([])
                     sp = self.engine.default_params() if sp is None else sp
                     if isinstance(sp, SamplingParams) and sp.n > 1 and sid is not None:
@@ -318,7 +340,8 @@ class LLM:
                         choice = choice_params(sp, i) if isinstance(sp, SamplingParams) else sp
                         ids[-1].append(self.engine.add_request(prompt, choice, session_id=sid, head_tokens=head,
                                                                tail_tokens=tail, turn_starts=starts,
-                                                               save_to_store=i == 0, priority=priority))  # fmt: skip
+                                                               save_to_store=i == 0, priority=priority,
+                                                               cache_salt=salt))  # fmt: skip
                         raise_held()
                 item_of = {rid: k for k, each in enumerate(ids) for rid in each}
                 left = [len(each) for each in ids]  # choices still running, per item
@@ -341,15 +364,16 @@ class LLM:
         texts: dict[int, str] = {}
         for out in done.values():
             _decode_logprobs(out, self.engine.tokenizer, texts)
-        return [_as_one(items[k][4], [done[rid] for rid in each]) for k, each in enumerate(ids)]
+        return [_as_one(items[k].text, [done[rid] for rid in each]) for k, each in enumerate(ids)]
 
     def stats(self) -> dict:
         return self.engine.stats()
 
-    def forget_session(self, session_id: str) -> bool:
+    def forget_session(self, session_id: str, cache_salt: str | None = None) -> bool:
         """Forget a conversation's KV everywhere it is kept (device pages, host, disk, the remote
-        server): its next turn is computed whole. Whether the store held it."""
-        return self.engine.forget_session(session_id)
+        server): its next turn is computed whole. Whether the store held it. `cache_salt`: the salt
+        its turns had, if any (a session of each salt is a conversation of its own)."""
+        return self.engine.forget_session(session_id, cache_salt)
 
     def close(self) -> None:
         self.engine.close()

@@ -46,7 +46,7 @@ def test_vllm_dict_prompts_run_as_their_prompt(llm, chat_model_dir):
 @pytest.mark.parametrize("prompt, match", [
     (5, "got a int"), (torch.tensor([1, 2]), r"got a Tensor \(an array or tensor of ids: pass .tolist\(\)\)"),
     (np.array([1, 2]), "got a ndarray"), (b"Hi", "got a bytes"), ({1, 2}, "got a set"),
-    ({"prompt": "a", "prompt_token_ids": [1]}, r"one of them only; got the keys \['prompt', 'prompt_token_ids'\]"),
+    ({"prompt": "a", "prompt_token_ids": [1]}, r"one of them only, and may hold a \"cache_salt\"; got the keys \['prompt', 'prompt_token_ids'\]"),
     ({"multi_modal_data": {}}, "got the keys"), ([], "at least one prompt"), ([[1, 2], 7], "got a int"),
     ({"prompt_token_ids": "Hello"}, "got 'prompt_token_ids': str"), ({"prompt": [1, 2]}, "got 'prompt': list"),
 ])  # fmt: skip

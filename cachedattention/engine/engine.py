@@ -35,7 +35,7 @@ from cachedattention.model.spec import ModelSpec
 from cachedattention.outputs import RequestMetrics, RequestOutput
 from cachedattention.reasoning_parser import ReasoningParser, reasoning_parser, reasoning_tags
 from cachedattention.sampling import SamplingParams, make_generator, sample_batch, token_logprob, token_logprobs
-from cachedattention.store.session import ANON_PREFIX, BRANCH_SEP
+from cachedattention.store.session import ANON_PREFIX, BRANCH_SEP, SALT_SEP, session_key
 
 log = logging.getLogger(__name__)
 # set to 1 to serve a window past the model's max_position_embeddings anyway (vLLM's name works too)
@@ -245,13 +245,16 @@ class LLMEngine:
         add_special_tokens: bool = True,
         truncate: bool = True,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> str:
         """Queue a prompt. With a session, the store reuses its history and, when the conversation
         outgrows the window, drops its oldest turns, between its first `head_tokens` (the system prompt)
         and its last `tail_tokens` (the newest turn), which it keeps, the cut ending at one of
         `turn_starts` (where its user messages begin) where one fits; `truncate=False` serves the prompt
         whole instead (not cut now, nor by an earlier turn's cut): it must then fit the window.
-        `priority`: its place under the priority scheduling policy (lower first)."""
+        `priority`: its place under the priority scheduling policy (lower first). `cache_salt` (vLLM's):
+        it shares cached KV only with requests of the same salt (device blocks, a session's turns; the
+        store's anonymous prefixes are unsalted: it neither reuses nor adds one)."""
         self._check_open()
         params = self.default_params() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -268,9 +271,11 @@ class LLMEngine:
         if session_id is not None and session_id.startswith(ANON_PREFIX):  # the store's own keys: never a client's
             raise InvalidRequest(f"session_id may not start with {ANON_PREFIX!r}: such keys name the store's "
                                  "anonymous prefixes", "session_id")  # fmt: skip
-        if session_id is not None and BRANCH_SEP in session_id:
-            raise InvalidRequest("session_id may not hold the control character U+001F: the store's keys of a "
-                                 "session's branches use it", "session_id")  # fmt: skip
+        if session_id is not None and (BRANCH_SEP in session_id or SALT_SEP in session_id):
+            raise InvalidRequest("session_id may not hold the control characters U+001E and U+001F: the store's "
+                                 "keys of a session's salted turns and branches use them", "session_id")  # fmt: skip
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequest(f"cache_salt must be a non-empty string, got {cache_salt!r:.60}", "cache_salt")
         ids = self.tokenize(prompt, add_special_tokens)
         # what the tokenizer put before a text prompt (a BOS) stays through truncation of either kind
         cut = session_id is not None or params.truncate_prompt_tokens is not None
@@ -310,6 +315,7 @@ class LLMEngine:
             save_to_store=save_to_store,
             truncate=truncate,
             priority=priority,
+            cache_salt=cache_salt,
         )
         if self.store is not None:
             self.store.prepare(req)  # may truncate an overflowing conversation
@@ -389,18 +395,23 @@ class LLMEngine:
         return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte, end,
                                 gate)  # fmt: skip
 
-    def forget_session(self, session_id: str) -> bool:
-        """Forget a conversation: its device blocks and its KV in the store's tiers (host, disk, the
-        remote server); whether anything was held. SessionBusy (a ValueError) while a turn of it
-        runs (that turn would save it again); OSError when the remote server cannot be read."""
+    def forget_session(self, session_id: str, cache_salt: str | None = None) -> bool:
+        """Forget a conversation (the one of that cache salt, if its turns had one): its device blocks
+        and its KV in the store's tiers (host, disk, the remote server); whether anything was held.
+        SessionBusy (a ValueError) while a turn of it runs (that turn would save it again); OSError
+        when the remote server cannot be read."""
         self._check_open()
-        if not isinstance(session_id, str) or not session_id or session_id.startswith(ANON_PREFIX) or BRANCH_SEP in session_id:
+        if (not isinstance(session_id, str) or not session_id or session_id.startswith(ANON_PREFIX)
+                or BRANCH_SEP in session_id or SALT_SEP in session_id):  # fmt: skip
             raise InvalidRequest("session_id must be a non-empty string naming a client's session", "session_id")
-        if any(r.session_id == session_id and not r.is_finished for r in self.requests.values()):
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequest(f"cache_salt must be a non-empty string, got {cache_salt!r:.60}", "cache_salt")
+        key = session_key(session_id, cache_salt)
+        if any(r.cache_key == key and not r.is_finished for r in self.requests.values()):
             raise SessionBusy(f"session {session_id!r} has a turn in progress; forget it once that turn has finished",
                               "session_id")  # fmt: skip
-        on_device = self.pages.forget_owner(session_id) > 0  # every device block its requests wrote
-        return (self.store is not None and self.store.store.forget(session_id)) or on_device
+        on_device = self.pages.forget_owner(key) > 0  # every device block its requests wrote
+        return (self.store is not None and self.store.store.forget(key)) or on_device
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

@@ -12,6 +12,7 @@ from cachedattention.engine.detokenizer import IncrementalDetokenizer
 from cachedattention.engine.guided import GuidedConstraint
 from cachedattention.outputs import RequestMetrics
 from cachedattention.sampling import SamplingParams, TokenLogprob
+from cachedattention.store.session import session_key
 
 
 class Status(enum.Enum):
@@ -27,6 +28,7 @@ class Request:
     params: SamplingParams
     metrics: RequestMetrics
     session_id: str | None = None
+    cache_salt: str | None = None  # vLLM's: only requests of the same salt share cached KV
     logical_prompt: list[int] | None = None  # the conversation as sent, before truncation (store bookkeeping)
     head_tokens: int = 0  # leading tokens truncation always keeps (the system prompt)
     tail_tokens: int = 0  # last tokens truncation always keeps (the newest turn's messages)
@@ -63,6 +65,11 @@ class Request:
     stopped_by_token: bool = False  # the last token is an EOS or stop token: not in `text` (as vLLM)
     stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it (None: EOS, length)
     save_to_store: bool = True  # False: reuse stored KV but save none (e.g. a second choice of one prompt)
+
+    @property
+    def cache_key(self) -> str | None:
+        """The session's key in the store and the device prefix cache (salted by its cache salt)."""
+        return session_key(self.session_id, self.cache_salt)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from cachedattention.config import SchedulerConfig
 from cachedattention.engine.request import Request, Status
-from cachedattention.kvcache.hashing import block_hashes, chain_hash
+from cachedattention.kvcache.hashing import block_hashes, chain_hash, salt_seed
 from cachedattention.kvcache.page_pool import PagePool
 
 # most prompt tokens a request asking for prompt logprobs computes per step: each brings a row of
@@ -167,9 +167,9 @@ class Scheduler:
         if req.prompt_logprobs is not None:  # every prompt position's logits are wanted: compute them all
             limit = 0
         if self.prefix_cache and limit:
-            hashes = block_hashes(tokens, self.page_size, limit=limit)
+            hashes = block_hashes(tokens, self.page_size, limit=limit, seed=salt_seed(req.cache_salt))
             blocks = [tokens[i * self.page_size : (i + 1) * self.page_size] for i in range(len(hashes))]
-            req.pages = self.pages.match_prefix(hashes, blocks, req.session_id, self.window_pages,
+            req.pages = self.pages.match_prefix(hashes, blocks, req.cache_key, self.window_pages,
                                                 req.private_from is not None)  # fmt: skip
             req.block_hashes = hashes[: len(req.pages)]
             req.num_registered_blocks = len(req.pages)
@@ -250,13 +250,13 @@ class Scheduler:
         ps = self.page_size
         while (req.num_registered_blocks + 1) * ps <= req.num_computed:
             i = req.num_registered_blocks
-            parent = req.block_hashes[-1] if req.block_hashes else 0
+            parent = req.block_hashes[-1] if req.block_hashes else salt_seed(req.cache_salt)
             block = tokens[i * ps : (i + 1) * ps]
             h = chain_hash(parent, block)
             req.block_hashes.append(h)
             # a page reaching past the kept head of a history cut with its KV reused is this session's own
             private = req.private_from is not None and (i + 1) * ps > req.private_from
-            self.pages.register(req.pages[i], h, block, req.session_id, private)
+            self.pages.register(req.pages[i], h, block, req.cache_key, private)
             req.num_registered_blocks += 1
 
     def finish(self, req: Request) -> None:

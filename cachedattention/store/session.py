@@ -8,6 +8,7 @@ and `spans` hold the pre-RoPE KV of every effective token, in order, as slices o
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,18 @@ ANON_PREFIX = "anon-"  # keys of records of requests without a session id (clien
 # an earlier branch of a session, kept beside its record: SESSION + BRANCH_SEP + a suffix (a session
 # id may not hold the separator, a control character)
 BRANCH_SEP = "\x1f"
+
+
+# a session of requests with a cache salt (vLLM's cache_salt): SESSION + SALT_SEP + the salt's digest,
+# so that another salt's requests naming the same session id never reuse (or learn of) its KV
+SALT_SEP = "\x1e"
+
+
+def session_key(session_id: str | None, cache_salt: str | None) -> str | None:
+    """The key the store and the device prefix cache know a session by: its id, salted if it has a salt."""
+    if session_id is None or cache_salt is None:
+        return session_id
+    return f"{session_id}{SALT_SEP}{hashlib.sha256(cache_salt.encode()).hexdigest()[:32]}"
 
 
 def branch_of(key: str) -> str | None:
