@@ -42,6 +42,7 @@ REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 MAX_CHOICES = 16  # most choices (n) one request may ask for
 MAX_BATCH = 256  # most prompts one completions request may batch
 MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
+COMPLETION_MAX_TOKENS = 16  # completions' max_tokens when none is given (vLLM's CompletionRequest default)
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
 
 
@@ -258,8 +259,8 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
     presence = _number(body, "presence_penalty", -2.0, 2.0)
     frequency = _number(body, "frequency_penalty", -2.0, 2.0)
     repetition = _number(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, lo_open=True)
-    if max_tokens is None:  # generate until EOS or the end of the window (the engine stops there), or the model's own bound
-        max_tokens = min(defaults.get("max_tokens", max_model_len), max_model_len)
+    if max_tokens is None:
+        max_tokens = _default_max_tokens(chat, max_model_len, defaults)
     elif "max_tokens" in defaults:  # the generation config's max_new_tokens: a limit for every request (vLLM)
         max_tokens = min(max_tokens, defaults["max_tokens"])
     min_tokens = _integer(body, "min_tokens")
@@ -289,6 +290,14 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
         raise bad(f"{guided_param}: {e}", guided_param) from None
     except ValueError as e:  # what the fields checked here let through, SamplingParams' own checks catch
         raise bad(str(e)) from None
+
+
+def _default_max_tokens(chat: bool, max_model_len: int, defaults: Mapping[str, Any]) -> int:
+    """A request's length when it gives none, as vLLM's: chat until EOS or the end of the window (the
+    engine stops there), completions 16 tokens; either within the model's own bound (its generation
+    config's max_new_tokens)."""
+    own = max_model_len if chat else min(COMPLETION_MAX_TOKENS, max_model_len)
+    return min(defaults.get("max_tokens", own), own)
 
 
 def _vllm_sampling(body: dict, max_model_len: int) -> dict[str, Any]:

@@ -1,0 +1,68 @@
+"""Where vLLM's server documents a behaviour a client may rely on, this one behaves so: completions'
+default length, refused beam search and logits processors, vLLM's value ranges, content parts
+joined by lines, null content, RAG documents for the chat template, and /v1/models' cards."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from cachedattention.server.api_error import APIError
+from cachedattention.server.protocol import COMPLETION_MAX_TOKENS, parse_chat, parse_completion
+from tests.server.conftest import RunningServer, engine_config, start_server, with_template
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+HI = [{"role": "user", "content": "hi"}]
+# writes each document's fields before the conversation, as RAG templates (Command R's, Granite's) do
+DOCUMENTS = (
+    "{% if documents %}{% for d in documents %}<doc {{ d.title }}>{{ d.text }}</doc>\n{% endfor %}{% endif %}"
+    "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+DOCS = [{"title": "moon", "text": "The moon is made of rock."}, {"title": "sun", "text": "The sun is a star."}]
+
+
+@pytest.fixture(scope="module")
+def docs_server(chat_model_dir, tmp_path_factory) -> Iterator[RunningServer]:
+    """The tiny chat model behind a template that writes the request's documents."""
+    model = with_template(chat_model_dir, tmp_path_factory.mktemp("docs-model"), DOCUMENTS)
+    s = start_server(engine_config(model, store=False))
+    yield s
+    s.stop()
+
+
+def _post(server: RunningServer, path: str, body: dict) -> httpx.Response:
+    """As a client's JSON library may write it: NaN too (Python's does, as vLLM's server reads it)."""
+    headers = {"content-type": "application/json"}
+    return httpx.post(f"{server.url}{path}", content=json.dumps(body), headers=headers, timeout=60)
+
+
+def _error_param(r: httpx.Response) -> str | None:
+    assert r.status_code == 400, r.text
+    return r.json()["error"]["param"]
+
+
+# -- 1. completions' default length ----------------------------------------------------------------
+def test_completions_default_to_16_tokens_and_chat_to_the_window():
+    assert parse_completion({"prompt": "a"}, None, 1024).params.max_tokens == COMPLETION_MAX_TOKENS == 16
+    assert parse_chat({"messages": HI}, None, 1024).params.max_tokens == 1024
+    # the model's generation config bounds both (its max_new_tokens), as before
+    assert parse_completion({"prompt": "a"}, None, 1024, defaults={"max_tokens": 3}).params.max_tokens == 3
+    assert parse_completion({"prompt": "a"}, None, 1024, defaults={"max_tokens": 100}).params.max_tokens == 16
+    assert parse_chat({"messages": HI}, None, 1024, defaults={"max_tokens": 100}).params.max_tokens == 100
+    assert parse_completion({"prompt": "a"}, None, 8).params.max_tokens == 8  # never past the window
+    asked = parse_completion({"prompt": "a", "max_tokens": 40}, None, 1024)
+    assert asked.params.max_tokens == 40 and asked.max_tokens_asked == 40
+    # the default is no length asked for: a long prompt is cut short by the window, not refused
+    assert parse_completion({"prompt": "a"}, None, 1024).max_tokens_asked is None
+    with pytest.raises(APIError, match="min_tokens"):  # above the default length, as vLLM refuses it
+        parse_completion({"prompt": "a", "min_tokens": 17}, None, 1024)
+
+
+def test_a_completion_without_max_tokens_answers_16_tokens_over_http(docs_server):
+    r = _post(docs_server, COMP, {"prompt": "Once upon a time", "ignore_eos": True, "temperature": 0}).json()
+    assert r["usage"]["completion_tokens"] == 16 and r["choices"][0]["finish_reason"] == "length"
