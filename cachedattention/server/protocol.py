@@ -33,7 +33,7 @@ FIELDS = frozenset((
     "best_of", "suffix", "response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar",
     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "allowed_token_ids",
     "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens", "skip_special_tokens",
-    "request_id", "return_tokens_as_token_ids", "bad_words", "priority",
+    "request_id", "return_tokens_as_token_ids", "bad_words", "priority", "use_beam_search", "logits_processors",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs", "chat_template",
@@ -171,7 +171,15 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
+    "use_beam_search": (False,),
+    "logits_processors": ([],),
 }
+# why a field is refused, where "not supported" alone would leave a vLLM user guessing
+_WHY_UNSUPPORTED = {
+    "use_beam_search": "this engine has no beam search",
+    "logits_processors": "a request's own logits processors are not run (vLLM's need --logits-processor-pattern, "
+                         "which this server does not have)",
+}  # fmt: skip
 
 
 def _reject_unsupported(body: dict, chat: bool) -> None:
@@ -182,7 +190,14 @@ def _reject_unsupported(body: dict, chat: bool) -> None:
             continue
         v = body.get(key)
         if v is not None and not any(v == o for o in ok):
-            raise bad(f"{key}={v!r} is not supported by this server", key, "unsupported_parameter")
+            why = f": {_WHY_UNSUPPORTED[key]}" if key in _WHY_UNSUPPORTED else ""
+            raise bad(f"{key}={_short_repr(v)} is not supported by this server{why}", key, "unsupported_parameter")
+
+
+def _short_repr(v: Any, most: int = 80) -> str:
+    """A value as the client sent it, cut short (a list of processors or tools may be long)."""
+    text = repr(v)
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def _logit_bias(body: dict) -> dict[int, float]:

@@ -66,3 +66,15 @@ def test_completions_default_to_16_tokens_and_chat_to_the_window():
 def test_a_completion_without_max_tokens_answers_16_tokens_over_http(docs_server):
     r = _post(docs_server, COMP, {"prompt": "Once upon a time", "ignore_eos": True, "temperature": 0}).json()
     assert r["usage"]["completion_tokens"] == 16 and r["choices"][0]["finish_reason"] == "length"
+
+
+# -- 2, 3. what this server cannot do is refused, naming the field ---------------------------------------
+@pytest.mark.parametrize("path, base", [(CHAT, {"messages": HI}), (COMP, {"prompt": "hi"})])
+def test_beam_search_and_logits_processors_are_refused_by_name(docs_server, path, base):
+    beam = _post(docs_server, path, {**base, "max_tokens": 2, "use_beam_search": True})
+    assert _error_param(beam) == "use_beam_search" and "no beam search" in beam.json()["error"]["message"]
+    procs = _post(docs_server, path, {**base, "max_tokens": 2, "logits_processors": ["my.module:Processor"]})
+    assert _error_param(procs) == "logits_processors"
+    assert "--logits-processor-pattern" in procs.json()["error"]["message"]
+    neutral = _post(docs_server, path, {**base, "max_tokens": 2, "use_beam_search": False, "logits_processors": []})
+    assert neutral.status_code == 200, neutral.text
