@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -14,7 +15,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cachedattention.engine.tool_choice import CALL_FORMS
 from cachedattention.model.chat_template import check_template_syntax
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
-from cachedattention.sampling import MAX_LOGPROBS, GuidedFormError, SamplingParams, is_int, is_number
+from cachedattention.sampling import (
+    MAX_ABS_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    GuidedFormError,
+    SamplingParams,
+    is_int,
+    is_number,
+)
 from cachedattention.server.api_error import bad, error_body, error_response
 from cachedattention.server.structured import forced_parameters, guided_fields
 from cachedattention.server.tool_calls import KEEP_SPECIAL_TOKENS
@@ -39,9 +47,8 @@ CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_g
                          "continue_final_message", "chat_template_kwargs", "chat_template",
                          "include_reasoning", "reasoning_effort"))  # fmt: skip
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
-MAX_CHOICES = 16  # most choices (n) one request may ask for
+MAX_CHOICES = 16  # most choices (n) one request may ask for: each is a sequence in the batch
 MAX_BATCH = 256  # most prompts one completions request may batch
-MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
 COMPLETION_MAX_TOKENS = 16  # completions' max_tokens when none is given (vLLM's CompletionRequest default)
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
 
@@ -97,16 +104,22 @@ def _text(v: str, param: str) -> str:
     return v
 
 
-def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+def _number(body: dict, key: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> float | None:
+    """A finite number in [lo, hi] ((lo, hi] when lo_open); hi infinite: no upper bound."""
     v = body.get(key)
     if v is None:
         return None
     if not is_number(v):
         raise bad(f"{key} must be a finite number", key, "invalid_type")
     if v < lo or v > hi or (lo_open and v == lo):
-        left = "(" if lo_open else "["
-        raise bad(f"{key} must be in {left}{lo}, {hi}], got {v}", key)
+        raise bad(f"{key} must be {_range_text(lo, hi, lo_open)}, got {v}", key)
     return float(v)
+
+
+def _range_text(lo: float, hi: float, lo_open: bool) -> str:
+    if math.isinf(hi):
+        return f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}]"
 
 
 def _integer(body: dict, key: str) -> int | None:
@@ -212,8 +225,9 @@ def _logit_bias(body: dict) -> dict[int, float]:
     for key, bias in v.items():
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
             raise bad(f"logit_bias keys must be token ids (non-negative integers), got {key[:20]!r}", "logit_bias")
-        if not (is_number(bias) and -100 <= bias <= 100):
-            raise bad(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {key}", "logit_bias")
+        if not (is_number(bias) and abs(bias) <= MAX_ABS_LOGIT_BIAS):  # any finite bias, as vLLM
+            raise bad(f"logit_bias values must be finite numbers (float32's range), got {bias!r} for token {key}",
+                      "logit_bias")  # fmt: skip
         out[int(key)] = float(bias)
     return out
 
@@ -262,7 +276,7 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
         max_tokens, key = _integer(body, "max_tokens"), "max_tokens"
     if max_tokens is not None and max_tokens <= 0:
         raise bad(f"{key} must be a positive integer, got {max_tokens}", key)
-    temperature = _number(body, "temperature", 0.0, 2.0)
+    temperature = _number(body, "temperature", 0.0)  # as vLLM: any finite value >= 0
     top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
     top_k = _integer(body, "top_k")
     if top_k is not None and top_k < -1:
@@ -273,7 +287,7 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
     ignore_eos = flag(body, "ignore_eos")
     presence = _number(body, "presence_penalty", -2.0, 2.0)
     frequency = _number(body, "frequency_penalty", -2.0, 2.0)
-    repetition = _number(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, lo_open=True)
+    repetition = _number(body, "repetition_penalty", 0.0, lo_open=True)  # as vLLM: any finite value > 0
     if max_tokens is None:
         max_tokens = _default_max_tokens(chat, max_model_len, defaults)
     elif "max_tokens" in defaults:  # the generation config's max_new_tokens: a limit for every request (vLLM)
@@ -372,7 +386,8 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     session_id = _session_id(body, session_header)
     n = _integer(body, "n")
     if n is not None and not 1 <= n <= MAX_CHOICES:
-        raise bad(f"n must be an integer in [1, {MAX_CHOICES}], got {n}", "n")
+        raise bad(f"n must be an integer in [1, {MAX_CHOICES}] (this server's most choices for one request), got {n}",
+                  "n")  # fmt: skip
     if (n or 1) > 1 and session_id is not None:
         raise bad("n > 1 cannot continue a session: which choice would be its next turn?", "n")
     echo = not chat and flag(body, "echo")

@@ -5,11 +5,13 @@ joined by lines, null content, RAG documents for the chat template, and /v1/mode
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from cachedattention import SamplingParams
 from cachedattention.server.api_error import APIError
 from cachedattention.server.protocol import COMPLETION_MAX_TOKENS, parse_chat, parse_completion
 from tests.server.conftest import RunningServer, engine_config, start_server, with_template
@@ -78,3 +80,28 @@ def test_beam_search_and_logits_processors_are_refused_by_name(docs_server, path
     assert "--logits-processor-pattern" in procs.json()["error"]["message"]
     neutral = _post(docs_server, path, {**base, "max_tokens": 2, "use_beam_search": False, "logits_processors": []})
     assert neutral.status_code == 200, neutral.text
+
+
+# -- 4. vLLM's value ranges ----------------------------------------------------------------------------------
+def test_vllm_s_ranges_of_temperature_repetition_penalty_and_logit_bias(docs_server):
+    tok = docs_server.app.state.engine_loop.engine.tokenizer
+    forced = tok.encode(" moon")[0]
+    body = {"prompt": "The", "max_tokens": 3, "seed": 3}
+    assert _post(docs_server, COMP, {**body, "temperature": 7.5}).status_code == 200  # vLLM: any finite value >= 0
+    assert _post(docs_server, COMP, {**body, "repetition_penalty": 40.0}).status_code == 200  # any value > 0
+    # a bias past OpenAI's 100 is taken and acts (vLLM refuses none): the token it lifts is every token
+    lifted = _post(docs_server, COMP, {**body, "temperature": 5.0, "logit_bias": {str(forced): 1000}}).json()
+    assert lifted["choices"][0]["text"] == tok.decode([forced] * 3)
+    for field, value in (("temperature", math.nan), ("temperature", -0.5), ("repetition_penalty", 0)):
+        assert _error_param(_post(docs_server, COMP, {**body, field: value})) == field
+    # a bias past float32's range would be an infinite logit: refused, as a non-finite one
+    assert _error_param(_post(docs_server, COMP, {**body, "logit_bias": {str(forced): 1e39}})) == "logit_bias"
+    many = _post(docs_server, COMP, {**body, "n": 17})
+    assert _error_param(many) == "n" and "most choices" in many.json()["error"]["message"]
+
+
+def test_sampling_params_take_any_finite_logit_bias():
+    assert dict(SamplingParams(logit_bias={3: 1000.0, 4: -250}).logit_bias) == {3: 1000.0, 4: -250.0}
+    for value in (math.inf, 1e39, math.nan):
+        with pytest.raises(ValueError, match="logit_bias values must be finite"):
+            SamplingParams(logit_bias={3: value})
