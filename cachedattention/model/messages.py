@@ -17,16 +17,18 @@ ROLES = ("system", "user", "assistant", "tool")
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """The messages as the chat template takes them; InvalidRequest (a ValueError) names what is wrong.
 
-    An assistant message may carry `tool_calls` (then its content may be null); a `tool` message
-    is a tool's result, with the `tool_call_id` it answers."""
+    A null content is an empty one (as vLLM takes it; an assistant that only calls tools sends
+    one); an assistant message may carry `tool_calls`; a `tool` message is a tool's result, with
+    the `tool_call_id` it answers."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {'role': ..., 'content': ...} dicts", "messages")
     return [_message(i, m) for i, m in enumerate(messages)]
 
 
 def joined_text_parts(content: Any, param: str, part_types: tuple[str, ...] = ("text",)) -> Any:
-    """OpenAI's content as a list of parts flattened into its text; any other content as it is (its
-    type is the caller's to check). A part not of `part_types`' text is refused, naming it."""
+    """OpenAI's content as a list of parts flattened into its text, one part a line (as vLLM joins
+    them); any other content as it is (its type is the caller's to check). A part not of
+    `part_types`' text is refused, naming it."""
     if not isinstance(content, list):
         return content
     texts = []
@@ -37,7 +39,7 @@ def joined_text_parts(content: Any, param: str, part_types: tuple[str, ...] = ("
                 f"{param}[{j}]: only text parts are supported ({', '.join(part_types)}), got {kind!r}", f"{param}[{j}]"
             )
         texts.append(part["text"])
-    return "".join(texts)
+    return "\n".join(texts)
 
 
 def _message(i: int, m: Any) -> dict[str, Any]:
@@ -51,11 +53,14 @@ def _message(i: int, m: Any) -> dict[str, Any]:
         )
     # an empty list is no calls (some clients send one), as vLLM takes it
     calls = _tool_calls(i, m.get("tool_calls")) if role == "assistant" and m.get("tool_calls") else None
+    if "content" not in m and not calls:  # (a client bug worth telling; null is fine)
+        raise InvalidRequest(f"messages[{i}].content is missing", f"messages[{i}].content")
     content = joined_text_parts(m.get("content"), f"messages[{i}].content")
-    if content is None and calls:
-        content = ""  # an assistant that only called tools (templates concatenate content)
+    if content is None:
+        content = ""  # as vLLM: null content is empty (templates concatenate content)
     if not isinstance(content, str):
-        raise InvalidRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
+        raise InvalidRequest(f"messages[{i}].content must be a string, a list of text parts or null",
+                             f"messages[{i}].content")  # fmt: skip
     out: dict[str, Any] = {"role": role, "content": content}
     if calls:
         out["tool_calls"] = calls

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from cachedattention import SamplingParams
+from cachedattention.model.messages import validate_messages
 from cachedattention.server.api_error import APIError
 from cachedattention.server.protocol import COMPLETION_MAX_TOKENS, parse_chat, parse_completion
 from tests.server.conftest import RunningServer, engine_config, start_server, with_template
@@ -105,3 +106,31 @@ def test_sampling_params_take_any_finite_logit_bias():
     for value in (math.inf, 1e39, math.nan):
         with pytest.raises(ValueError, match="logit_bias values must be finite"):
             SamplingParams(logit_bias={3: value})
+
+
+# -- 5, 6. content parts and null content --------------------------------------------------------------------
+def test_text_parts_are_joined_by_lines_and_null_content_is_empty():
+    parts = [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]
+    assert validate_messages([{"role": "user", "content": parts}])[0]["content"] == "A\nB"
+    for role in ("system", "user", "assistant", "tool"):
+        assert validate_messages([{"role": role, "content": None}])[0]["content"] == ""
+    called = validate_messages([{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}])
+    assert called[0]["content"] == "" and called[0]["tool_calls"][0]["function"]["name"] == "f"
+    with pytest.raises(ValueError, match=r"messages\[0\].content is missing"):  # no content at all: a client bug
+        validate_messages([{"role": "user"}])
+    with pytest.raises(ValueError, match="a string, a list of text parts or null"):
+        validate_messages([{"role": "user", "content": 5}])
+
+
+def test_parts_and_null_content_reach_the_prompt_as_vllm_renders_them(docs_server):
+    def ids(messages: list[dict]) -> list[int]:
+        r = _post(docs_server, "/tokenize", {"messages": messages})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    parts = [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]
+    assert ids([{"role": "user", "content": parts}]) == ids([{"role": "user", "content": "A\nB"}])
+    nulls = [{"role": "system", "content": None}, {"role": "user", "content": None}]
+    assert ids(nulls) == ids([{"role": "system", "content": ""}, {"role": "user", "content": ""}])
+    r = _post(docs_server, CHAT, {"messages": [{"role": "user", "content": None}], "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
