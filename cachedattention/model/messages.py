@@ -162,12 +162,14 @@ class ChatOptions:
     """How a conversation becomes a prompt beyond its messages (vLLM's chat fields): the assistant's
     header at the end (add_generation_prompt), or the last message, the assistant's, left open for
     the model to go on with (continue_final_message); extra variables for the chat template
-    (chat_template_kwargs, e.g. Qwen3's enable_thinking)."""
+    (chat_template_kwargs, e.g. Qwen3's enable_thinking); documents for retrieval-augmented
+    templates (the template's `documents`, a list of objects)."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     template: str | None = None  # a request's own chat template (a server started to trust them), checked
+    documents: Sequence[Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         for name in ("add_generation_prompt", "continue_final_message"):
@@ -184,6 +186,7 @@ class ChatOptions:
         if taken:
             raise InvalidRequest(f"chat_template_kwargs may not set {taken[0]!r}: it has its own field",
                                  "chat_template_kwargs")  # fmt: skip
+        _check_documents(self.documents)
 
     def check(self, messages: Sequence[dict[str, Any]]) -> None:
         if self.continue_final_message and messages[-1]["role"] != "assistant":
@@ -192,5 +195,19 @@ class ChatOptions:
 
     def render_kwargs(self) -> dict[str, Any]:
         """apply_chat_template's keyword arguments."""
-        return {"add_generation_prompt": self.add_generation_prompt,
-                "continue_final_message": self.continue_final_message, **self.template_kwargs}  # fmt: skip
+        kwargs = {"add_generation_prompt": self.add_generation_prompt,
+                  "continue_final_message": self.continue_final_message, **self.template_kwargs}  # fmt: skip
+        if self.documents is not None:  # (transformers' own argument: the template's `documents`)
+            kwargs["documents"] = list(self.documents)
+        return kwargs
+
+
+def _check_documents(documents: Any) -> None:
+    """vLLM's `documents`: a list of objects (a retrieved text's fields, as the template reads them)."""
+    if documents is None:
+        return
+    if not isinstance(documents, (list, tuple)):
+        raise InvalidRequest("documents must be a list of objects", "documents")
+    for j, doc in enumerate(documents):
+        if not isinstance(doc, Mapping) or not all(isinstance(k, str) for k in doc):
+            raise InvalidRequest(f"documents[{j}] must be an object", f"documents[{j}]")

@@ -45,7 +45,7 @@ FIELDS = frozenset((
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs", "chat_template",
-                         "include_reasoning", "reasoning_effort"))  # fmt: skip
+                         "include_reasoning", "reasoning_effort", "documents"))  # fmt: skip
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 MAX_CHOICES = 16  # most choices (n) one request may ask for: each is a sequence in the batch
 MAX_BATCH = 256  # most prompts one completions request may batch
@@ -511,8 +511,8 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
 
 def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: bool = False) -> ChatOptions:
     """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs (and
-    reasoning_effort, one of them), and chat_template when the server trusts requests' templates (as
-    vLLM's --trust-request-chat-template)."""
+    reasoning_effort, one of them), documents, and chat_template when the server trusts requests'
+    templates (as vLLM's --trust-request-chat-template)."""
     if flag(body, "add_special_tokens"):
         raise bad("add_special_tokens: a chat template writes its own special tokens; none are added to a chat",
                   "add_special_tokens")  # fmt: skip
@@ -536,7 +536,7 @@ def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: boo
             kwargs = {"reasoning_effort": effort, **(kwargs or {})}  # chat_template_kwargs' own value wins
     try:
         options = ChatOptions(flag(body, "add_generation_prompt", True), flag(body, "continue_final_message"),
-                              {} if kwargs is None else kwargs, template)  # fmt: skip
+                              {} if kwargs is None else kwargs, template, body.get("documents"))  # fmt: skip
         options.check(messages)
     except ValueError as e:
         raise bad(str(e), getattr(e, "param", None)) from None

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from cachedattention import SamplingParams
-from cachedattention.model.messages import validate_messages
+from cachedattention.model.messages import ChatOptions, validate_messages
 from cachedattention.server.api_error import APIError
 from cachedattention.server.protocol import COMPLETION_MAX_TOKENS, parse_chat, parse_completion
 from tests.server.conftest import RunningServer, engine_config, start_server, with_template
@@ -134,3 +134,35 @@ def test_parts_and_null_content_reach_the_prompt_as_vllm_renders_them(docs_serve
     assert ids(nulls) == ids([{"role": "system", "content": ""}, {"role": "user", "content": ""}])
     r = _post(docs_server, CHAT, {"messages": [{"role": "user", "content": None}], "max_tokens": 2})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+
+
+# -- 7. documents -----------------------------------------------------------------------------------------------
+def test_documents_reach_the_chat_template_in_chat_and_tokenize(docs_server):
+    tok = docs_server.app.state.engine_loop.engine.tokenizer
+    body = {"messages": HI, "documents": DOCS}
+    tokens = _post(docs_server, "/tokenize", body).json()["tokens"]
+    text = tok.decode(tokens, skip_special_tokens=False)
+    assert text.startswith("<doc moon>The moon is made of rock.</doc>\n<doc sun>The sun is a star.</doc>\n[user] hi")
+    without = _post(docs_server, "/tokenize", {"messages": HI}).json()["tokens"]
+    assert tok.decode(without, skip_special_tokens=False).startswith("[user] hi")
+    r = _post(docs_server, CHAT, {**body, "max_tokens": 2}).json()
+    assert r["usage"]["prompt_tokens"] == len(tokens)  # the chat's prompt is the one rendered with them
+
+
+@pytest.mark.parametrize(
+    "documents, param",
+    [("The moon is made of rock.", "documents"), ({"text": "x"}, "documents"), ([DOCS[0], "x"], "documents[1]")],
+)
+def test_documents_other_than_a_list_of_objects_are_refused_by_name(docs_server, documents, param):
+    for path in (CHAT, "/tokenize"):
+        assert _error_param(_post(docs_server, path, {"messages": HI, "documents": documents, "max_tokens": 2})) == param
+
+
+def test_truncation_keeps_the_documents_a_template_writes_in_its_head(docs_server):
+    """A session cut to fit the window keeps the prompt's head: with the documents written there."""
+    tok = docs_server.app.state.engine_loop.engine.tokenizer
+    options = ChatOptions(documents=DOCS)
+    messages = validate_messages([*HI, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}])
+    prompt = tok.encode_chat(messages, options=options)
+    head = tok.head_length(messages, prompt, options=options)
+    assert "The sun is a star.</doc>" in tok.decode(prompt[:head], skip_special_tokens=False)
