@@ -166,3 +166,18 @@ def test_truncation_keeps_the_documents_a_template_writes_in_its_head(docs_serve
     prompt = tok.encode_chat(messages, options=options)
     head = tok.head_length(messages, prompt, options=options)
     assert "The sun is a star.</doc>" in tok.decode(prompt[:head], skip_special_tokens=False)
+
+
+# -- 8. /v1/models -------------------------------------------------------------------------------------------------
+def test_model_cards_carry_vllm_s_root_parent_and_permission(docs_server):
+    card = httpx.get(f"{docs_server.url}/v1/models", timeout=30).json()["data"][0]
+    assert card["root"] == docs_server.app.state.engine_loop.engine.config.model and card["parent"] is None
+    assert card["max_model_len"] == 1024 and card["object"] == "model"
+    (permission,) = card["permission"]
+    assert permission["id"].startswith("modelperm-") and permission["object"] == "model_permission"
+    assert {k: permission[k] for k in ("allow_create_engine", "allow_sampling", "allow_logprobs",
+                                       "allow_search_indices", "allow_view", "allow_fine_tuning", "organization",
+                                       "group", "is_blocking")} == {  # fmt: skip
+        "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True, "allow_search_indices": False,
+        "allow_view": True, "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
+    assert isinstance(permission["created"], int)
