@@ -347,7 +347,8 @@ def test_a_long_prompt_fits_by_its_session_or_without_an_explicit_max_tokens(ser
 
 def test_odd_but_valid_requests(server):
     c = client(server.url)
-    greedy = c.chat.completions.create(model="default", messages=OK_MSGS, max_tokens=6, temperature=0)
+    joined = [{"role": "user", "content": "h\ni"}]  # content parts, one a line (as vLLM joins them)
+    greedy = c.chat.completions.create(model="default", messages=joined, max_tokens=6, temperature=0)
     parts = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
     tiny_t = c.chat.completions.create(
         model="default", messages=parts, max_tokens=6, temperature=1e-40, extra_body={"top_k": -1}
