@@ -77,7 +77,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    # added to a token's logit, {token id: bias in [-100, 100]} (kept as sorted pairs: hashable)
+    # added to a token's logit, {token id: a finite bias} (kept as sorted pairs: hashable)
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
     # None: no logprobs; n: each generated token's log-probability and the n most likely tokens'
     # (under the model's own distribution: before penalties, bias and temperature, as vLLM)
@@ -326,6 +326,10 @@ def is_number(v: object) -> bool:
         return False
 
 
+# any finite bias, as vLLM takes it; float32's range so that a bias added to a logit stays a number
+MAX_ABS_LOGIT_BIAS = float(torch.finfo(torch.float32).max)
+
+
 def _bias_pairs(bias: Mapping[int, float] | Sequence[tuple[int, float]] | None) -> tuple[tuple[int, float], ...]:
     if bias is not None and not isinstance(bias, (Mapping, list, tuple)):
         raise ValueError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
@@ -337,8 +341,8 @@ def _bias_pairs(bias: Mapping[int, float] | Sequence[tuple[int, float]] | None) 
         token, value = pair
         if not (is_int(token) and token >= 0):
             raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
-        if not (is_number(value) and -100.0 <= value <= 100.0):
-            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {token}")
+        if not (is_number(value) and abs(value) <= MAX_ABS_LOGIT_BIAS):
+            raise ValueError(f"logit_bias values must be finite numbers (float32's range), got {value!r} for token {token}")
         out[token] = float(value)
     return tuple(sorted(out.items()))
 

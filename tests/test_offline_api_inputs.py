@@ -212,8 +212,9 @@ def test_ctrl_c_lands_between_steps_and_leaves_the_engine_whole(llm, monkeypatch
 
 def test_chat_takes_openai_content_parts_and_the_developer_role_as_the_server_does(chat_model_dir):
     chat = LLM(model=str(chat_model_dir))
-    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+    plain = [{"role": "system", "content": "Be brief.\nBe kind."}, {"role": "user", "content": "Hello there"}]
+    # (one part a line, as vLLM joins them)
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}]},
              {"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]  # fmt: skip
     want = chat.chat(plain, GREEDY)[0]
     got = chat.chat(parts, GREEDY)[0]

@@ -109,7 +109,7 @@ def test_token_logprob_rank_and_alternatives():
         (dict(logprobs=-1), "logprobs"),  # the most a request may ask for is the engine's max_logprobs
         (dict(logprobs=True), "logprobs"),
         (dict(logit_bias={-1: 1.0}), "logit_bias"),
-        (dict(logit_bias={3: 101}), "logit_bias"),
+        (dict(logit_bias={3: float("inf")}), "logit_bias"),
         (dict(logit_bias={"3": 1.0}), "logit_bias"),
         (dict(stop_token_ids=(-1,)), "stop_token_ids"),
         (dict(temperature=float("nan")), "temperature"),

@@ -17,16 +17,18 @@ ROLES = ("system", "user", "assistant", "tool")
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """The messages as the chat template takes them; InvalidRequest (a ValueError) names what is wrong.
 
-    An assistant message may carry `tool_calls` (then its content may be null); a `tool` message
-    is a tool's result, with the `tool_call_id` it answers."""
+    A null content is an empty one (as vLLM takes it; an assistant that only calls tools sends
+    one); an assistant message may carry `tool_calls`; a `tool` message is a tool's result, with
+    the `tool_call_id` it answers."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {'role': ..., 'content': ...} dicts", "messages")
     return [_message(i, m) for i, m in enumerate(messages)]
 
 
 def joined_text_parts(content: Any, param: str, part_types: tuple[str, ...] = ("text",)) -> Any:
-    """OpenAI's content as a list of parts flattened into its text; any other content as it is (its
-    type is the caller's to check). A part not of `part_types`' text is refused, naming it."""
+    """OpenAI's content as a list of parts flattened into its text, one part a line (as vLLM joins
+    them); any other content as it is (its type is the caller's to check). A part not of
+    `part_types`' text is refused, naming it."""
     if not isinstance(content, list):
         return content
     texts = []
@@ -37,7 +39,7 @@ def joined_text_parts(content: Any, param: str, part_types: tuple[str, ...] = ("
                 f"{param}[{j}]: only text parts are supported ({', '.join(part_types)}), got {kind!r}", f"{param}[{j}]"
             )
         texts.append(part["text"])
-    return "".join(texts)
+    return "\n".join(texts)
 
 
 def _message(i: int, m: Any) -> dict[str, Any]:
@@ -51,11 +53,14 @@ def _message(i: int, m: Any) -> dict[str, Any]:
         )
     # an empty list is no calls (some clients send one), as vLLM takes it
     calls = _tool_calls(i, m.get("tool_calls")) if role == "assistant" and m.get("tool_calls") else None
+    if "content" not in m and not calls:  # (a client bug worth telling; null is fine)
+        raise InvalidRequest(f"messages[{i}].content is missing", f"messages[{i}].content")
     content = joined_text_parts(m.get("content"), f"messages[{i}].content")
-    if content is None and calls:
-        content = ""  # an assistant that only called tools (templates concatenate content)
+    if content is None:
+        content = ""  # as vLLM: null content is empty (templates concatenate content)
     if not isinstance(content, str):
-        raise InvalidRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
+        raise InvalidRequest(f"messages[{i}].content must be a string, a list of text parts or null",
+                             f"messages[{i}].content")  # fmt: skip
     out: dict[str, Any] = {"role": role, "content": content}
     if calls:
         out["tool_calls"] = calls
@@ -157,12 +162,14 @@ class ChatOptions:
     """How a conversation becomes a prompt beyond its messages (vLLM's chat fields): the assistant's
     header at the end (add_generation_prompt), or the last message, the assistant's, left open for
     the model to go on with (continue_final_message); extra variables for the chat template
-    (chat_template_kwargs, e.g. Qwen3's enable_thinking)."""
+    (chat_template_kwargs, e.g. Qwen3's enable_thinking); documents for retrieval-augmented
+    templates (the template's `documents`, a list of objects)."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     template: str | None = None  # a request's own chat template (a server started to trust them), checked
+    documents: Sequence[Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         for name in ("add_generation_prompt", "continue_final_message"):
@@ -179,6 +186,7 @@ class ChatOptions:
         if taken:
             raise InvalidRequest(f"chat_template_kwargs may not set {taken[0]!r}: it has its own field",
                                  "chat_template_kwargs")  # fmt: skip
+        _check_documents(self.documents)
 
     def check(self, messages: Sequence[dict[str, Any]]) -> None:
         if self.continue_final_message and messages[-1]["role"] != "assistant":
@@ -187,5 +195,19 @@ class ChatOptions:
 
     def render_kwargs(self) -> dict[str, Any]:
         """apply_chat_template's keyword arguments."""
-        return {"add_generation_prompt": self.add_generation_prompt,
-                "continue_final_message": self.continue_final_message, **self.template_kwargs}  # fmt: skip
+        kwargs = {"add_generation_prompt": self.add_generation_prompt,
+                  "continue_final_message": self.continue_final_message, **self.template_kwargs}  # fmt: skip
+        if self.documents is not None:  # (transformers' own argument: the template's `documents`)
+            kwargs["documents"] = list(self.documents)
+        return kwargs
+
+
+def _check_documents(documents: Any) -> None:
+    """vLLM's `documents`: a list of objects (a retrieved text's fields, as the template reads them)."""
+    if documents is None:
+        return
+    if not isinstance(documents, (list, tuple)):
+        raise InvalidRequest("documents must be a list of objects", "documents")
+    for j, doc in enumerate(documents):
+        if not isinstance(doc, Mapping) or not all(isinstance(k, str) for k in doc):
+            raise InvalidRequest(f"documents[{j}] must be an object", f"documents[{j}]")

@@ -315,6 +315,9 @@ def common_suffix(a: Sequence[int], b: Sequence[int], most: int = 32) -> list[in
 
 
 def _plain(options: ChatOptions | None) -> ChatOptions:
-    """The request's template and its variables, without a generation prompt: to render probes."""
-    kwargs, template = (options.template_kwargs, options.template) if options is not None else ({}, None)
-    return ChatOptions(False, template_kwargs=kwargs, template=template)
+    """The request's template, its variables and documents, without a generation prompt: to render probes."""
+    if options is None:
+        return ChatOptions(False)
+    # (its documents too: a template may write them in the head that truncation keeps)
+    return ChatOptions(False, template_kwargs=options.template_kwargs, template=options.template,
+                       documents=options.documents)  # fmt: skip

@@ -70,6 +70,20 @@ def default_model_name(engine: LLMEngine) -> str:
     return EMBEDDED_NAME if engine.config.model is None else engine.loaded.name
 
 
+def model_root(engine: LLMEngine) -> str:
+    """What /v1/models' cards give as `root`: the model as the server was told it (vLLM's, its path
+    or hub id); the embedded model's name when it was given none."""
+    return EMBEDDED_NAME if engine.config.model is None else engine.config.model
+
+
+def model_permission(created: int) -> dict[str, Any]:
+    """vLLM's ModelPermission, as its cards carry one: what a client may do with the model."""
+    return {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": created,
+            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False, "organization": "*",
+            "group": None, "is_blocking": False}  # fmt: skip
+
+
 class _Format:
     """OpenAI's response and chunk objects for one request (one choice per engine request)."""
 
@@ -290,8 +304,10 @@ class OpenAIRoutes:
         return await self._generate(request, chat=False)
 
     async def models(self) -> dict[str, Any]:
-        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "cachedattention",
-                  "max_model_len": self.max_model_len} for name in self.model_names]  # fmt: skip
+        root = model_root(self.loop.engine)
+        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "cachedattention", "root": root,
+                  "parent": None, "max_model_len": self.max_model_len, "permission": [model_permission(self.created)]}
+                 for name in self.model_names]  # fmt: skip
         return {"object": "list", "data": cards}
 
     async def health(self) -> JSONResponse:

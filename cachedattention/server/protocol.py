@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -14,7 +15,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cachedattention.engine.tool_choice import CALL_FORMS
 from cachedattention.model.chat_template import check_template_syntax
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
-from cachedattention.sampling import MAX_LOGPROBS, GuidedFormError, SamplingParams, is_int, is_number
+from cachedattention.sampling import (
+    MAX_ABS_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    GuidedFormError,
+    SamplingParams,
+    is_int,
+    is_number,
+)
 from cachedattention.server.api_error import bad, error_body, error_response
 from cachedattention.server.structured import forced_parameters, guided_fields
 from cachedattention.server.tool_calls import KEEP_SPECIAL_TOKENS
@@ -33,15 +41,15 @@ FIELDS = frozenset((
     "best_of", "suffix", "response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar",
     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "allowed_token_ids",
     "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens", "skip_special_tokens",
-    "request_id", "return_tokens_as_token_ids", "bad_words", "priority",
+    "request_id", "return_tokens_as_token_ids", "bad_words", "priority", "use_beam_search", "logits_processors",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs", "chat_template",
-                         "include_reasoning", "reasoning_effort"))  # fmt: skip
+                         "include_reasoning", "reasoning_effort", "documents"))  # fmt: skip
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
-MAX_CHOICES = 16  # most choices (n) one request may ask for
+MAX_CHOICES = 16  # most choices (n) one request may ask for: each is a sequence in the batch
 MAX_BATCH = 256  # most prompts one completions request may batch
-MAX_REPETITION_PENALTY = 10.0  # vLLM takes any value > 0; past this it only garbles the output
+COMPLETION_MAX_TOKENS = 16  # completions' max_tokens when none is given (vLLM's CompletionRequest default)
 GREEDY_BELOW = 1e-5  # a smaller temperature would overflow logits / T; it means greedy anyway
 
 
@@ -96,16 +104,22 @@ def _text(v: str, param: str) -> str:
     return v
 
 
-def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+def _number(body: dict, key: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> float | None:
+    """A finite number in [lo, hi] ((lo, hi] when lo_open); hi infinite: no upper bound."""
     v = body.get(key)
     if v is None:
         return None
     if not is_number(v):
         raise bad(f"{key} must be a finite number", key, "invalid_type")
     if v < lo or v > hi or (lo_open and v == lo):
-        left = "(" if lo_open else "["
-        raise bad(f"{key} must be in {left}{lo}, {hi}], got {v}", key)
+        raise bad(f"{key} must be {_range_text(lo, hi, lo_open)}, got {v}", key)
     return float(v)
+
+
+def _range_text(lo: float, hi: float, lo_open: bool) -> str:
+    if math.isinf(hi):
+        return f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}]"
 
 
 def _integer(body: dict, key: str) -> int | None:
@@ -170,7 +184,15 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
+    "use_beam_search": (False,),
+    "logits_processors": ([],),
 }
+# why a field is refused, where "not supported" alone would leave a vLLM user guessing
+_WHY_UNSUPPORTED = {
+    "use_beam_search": "this engine has no beam search",
+    "logits_processors": "a request's own logits processors are not run (vLLM's need --logits-processor-pattern, "
+                         "which this server does not have)",
+}  # fmt: skip
 
 
 def _reject_unsupported(body: dict, chat: bool) -> None:
@@ -181,7 +203,14 @@ def _reject_unsupported(body: dict, chat: bool) -> None:
             continue
         v = body.get(key)
         if v is not None and not any(v == o for o in ok):
-            raise bad(f"{key}={v!r} is not supported by this server", key, "unsupported_parameter")
+            why = f": {_WHY_UNSUPPORTED[key]}" if key in _WHY_UNSUPPORTED else ""
+            raise bad(f"{key}={_short_repr(v)} is not supported by this server{why}", key, "unsupported_parameter")
+
+
+def _short_repr(v: Any, most: int = 80) -> str:
+    """A value as the client sent it, cut short (a list of processors or tools may be long)."""
+    text = repr(v)
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def _logit_bias(body: dict) -> dict[int, float]:
@@ -196,8 +225,9 @@ def _logit_bias(body: dict) -> dict[int, float]:
     for key, bias in v.items():
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
             raise bad(f"logit_bias keys must be token ids (non-negative integers), got {key[:20]!r}", "logit_bias")
-        if not (is_number(bias) and -100 <= bias <= 100):
-            raise bad(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {key}", "logit_bias")
+        if not (is_number(bias) and abs(bias) <= MAX_ABS_LOGIT_BIAS):  # any finite bias, as vLLM
+            raise bad(f"logit_bias values must be finite numbers (float32's range), got {bias!r} for token {key}",
+                      "logit_bias")  # fmt: skip
         out[int(key)] = float(bias)
     return out
 
@@ -246,7 +276,7 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
         max_tokens, key = _integer(body, "max_tokens"), "max_tokens"
     if max_tokens is not None and max_tokens <= 0:
         raise bad(f"{key} must be a positive integer, got {max_tokens}", key)
-    temperature = _number(body, "temperature", 0.0, 2.0)
+    temperature = _number(body, "temperature", 0.0)  # as vLLM: any finite value >= 0
     top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
     top_k = _integer(body, "top_k")
     if top_k is not None and top_k < -1:
@@ -257,9 +287,9 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
     ignore_eos = flag(body, "ignore_eos")
     presence = _number(body, "presence_penalty", -2.0, 2.0)
     frequency = _number(body, "frequency_penalty", -2.0, 2.0)
-    repetition = _number(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, lo_open=True)
-    if max_tokens is None:  # generate until EOS or the end of the window (the engine stops there), or the model's own bound
-        max_tokens = min(defaults.get("max_tokens", max_model_len), max_model_len)
+    repetition = _number(body, "repetition_penalty", 0.0, lo_open=True)  # as vLLM: any finite value > 0
+    if max_tokens is None:
+        max_tokens = _default_max_tokens(chat, max_model_len, defaults)
     elif "max_tokens" in defaults:  # the generation config's max_new_tokens: a limit for every request (vLLM)
         max_tokens = min(max_tokens, defaults["max_tokens"])
     min_tokens = _integer(body, "min_tokens")
@@ -289,6 +319,14 @@ def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults:
         raise bad(f"{guided_param}: {e}", guided_param) from None
     except ValueError as e:  # what the fields checked here let through, SamplingParams' own checks catch
         raise bad(str(e)) from None
+
+
+def _default_max_tokens(chat: bool, max_model_len: int, defaults: Mapping[str, Any]) -> int:
+    """A request's length when it gives none, as vLLM's: chat until EOS or the end of the window (the
+    engine stops there), completions 16 tokens; either within the model's own bound (its generation
+    config's max_new_tokens)."""
+    own = max_model_len if chat else min(COMPLETION_MAX_TOKENS, max_model_len)
+    return min(defaults.get("max_tokens", own), own)
 
 
 def _vllm_sampling(body: dict, max_model_len: int) -> dict[str, Any]:
@@ -348,7 +386,8 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     session_id = _session_id(body, session_header)
     n = _integer(body, "n")
     if n is not None and not 1 <= n <= MAX_CHOICES:
-        raise bad(f"n must be an integer in [1, {MAX_CHOICES}], got {n}", "n")
+        raise bad(f"n must be an integer in [1, {MAX_CHOICES}] (this server's most choices for one request), got {n}",
+                  "n")  # fmt: skip
     if (n or 1) > 1 and session_id is not None:
         raise bad("n > 1 cannot continue a session: which choice would be its next turn?", "n")
     echo = not chat and flag(body, "echo")
@@ -472,8 +511,8 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
 
 def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: bool = False) -> ChatOptions:
     """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs (and
-    reasoning_effort, one of them), and chat_template when the server trusts requests' templates (as
-    vLLM's --trust-request-chat-template)."""
+    reasoning_effort, one of them), documents, and chat_template when the server trusts requests'
+    templates (as vLLM's --trust-request-chat-template)."""
     if flag(body, "add_special_tokens"):
         raise bad("add_special_tokens: a chat template writes its own special tokens; none are added to a chat",
                   "add_special_tokens")  # fmt: skip
@@ -497,7 +536,7 @@ def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: boo
             kwargs = {"reasoning_effort": effort, **(kwargs or {})}  # chat_template_kwargs' own value wins
     try:
         options = ChatOptions(flag(body, "add_generation_prompt", True), flag(body, "continue_final_message"),
-                              {} if kwargs is None else kwargs, template)  # fmt: skip
+                              {} if kwargs is None else kwargs, template, body.get("documents"))  # fmt: skip
         options.check(messages)
     except ValueError as e:
         raise bad(str(e), getattr(e, "param", None)) from None

@@ -13,7 +13,7 @@ from cachedattention.server.protocol import flag, parse_chat
 
 def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_template: bool = False) -> dict[str, Any]:
     """{"prompt": text} or {"messages": [...]} with chat's tools, add_generation_prompt,
-    continue_final_message and chat_template_kwargs; with "return_token_strs": true, each token's
+    continue_final_message, chat_template_kwargs and documents; with "return_token_strs": true, each token's
     text too."""
     if "messages" in body:
         ids = _chat_ids(tok, body, max_model_len, trust_template)
@@ -35,7 +35,7 @@ def _chat_ids(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_te
     import jinja2
 
     fields = ("messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
-              "add_special_tokens", "chat_template", "reasoning_effort")  # a request's own chat_template: as in chat
+              "add_special_tokens", "chat_template", "reasoning_effort", "documents")  # as in chat
     parsed = parse_chat({k: body[k] for k in fields if k in body}, None, max_model_len, trust_template=trust_template)
     try:
         return tok.encode_chat(parsed.messages, tools=parsed.tools, options=parsed.chat_options)

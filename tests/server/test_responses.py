@@ -260,7 +260,7 @@ def test_items_in_the_input_become_the_conversation_they_stand_for():
         {"type": "reasoning", "summary": []},
     ]  # fmt: skip
     out = input_messages(items)
-    assert out[0] == {"role": "developer", "content": "Be brief."} and out[1] == {"role": "user", "content": "ab"}
+    assert out[0] == {"role": "developer", "content": "Be brief."} and out[1] == {"role": "user", "content": "a\nb"}
     assert [c["id"] for c in out[2]["tool_calls"]] == ["c1", "c2"] and out[2]["role"] == "assistant"
     assert out[3] == {"role": "tool", "tool_call_id": "c1", "content": "one"} and len(out) == 4
 

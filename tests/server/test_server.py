@@ -330,8 +330,9 @@ def test_bad_input_gets_openai_error(server, name, path, body, status):
 
 
 def test_a_long_prompt_fits_by_its_session_or_without_an_explicit_max_tokens(server):
-    """As vLLM: an explicit max_tokens past the window is refused (above). Without one, generation
-    stops at the window; with a session, old history is dropped instead."""
+    """As vLLM: an explicit max_tokens past the window is refused (above). Without one (a
+    completion's 16 tokens), generation stops at the window; with a session, old history is
+    dropped instead."""
     prompt = list(range(5, 1020))  # 1,015 of the window's 1,024 tokens
     r = httpx.post(f"{server.url}{COMP}", json={"prompt": prompt, "max_tokens": 20}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
@@ -346,7 +347,8 @@ def test_a_long_prompt_fits_by_its_session_or_without_an_explicit_max_tokens(ser
 
 def test_odd_but_valid_requests(server):
     c = client(server.url)
-    greedy = c.chat.completions.create(model="default", messages=OK_MSGS, max_tokens=6, temperature=0)
+    joined = [{"role": "user", "content": "h\ni"}]  # content parts, one a line (as vLLM joins them)
+    greedy = c.chat.completions.create(model="default", messages=joined, max_tokens=6, temperature=0)
     parts = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
     tiny_t = c.chat.completions.create(
         model="default", messages=parts, max_tokens=6, temperature=1e-40, extra_body={"top_k": -1}
