@@ -12,6 +12,8 @@ from cachedattention.sampling import MAX_LOGPROBS
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai")
 REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "mistral", "openai_gptoss")  # server/reasoning.py's
+# vLLM's --dtype names (llm_args.VLLM_DTYPES, named here so that parsing needs no config imports)
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
 def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +25,13 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="another tokenizer than the model's: a Hugging Face folder, or a GGUF file (e.g. a GGUF "
                         "model's original folder, for its exact tokenizer and chat template)")
+    g.add_argument("--revision", default=None, metavar="REV",
+                   help="a model id's branch, tag or commit in the local Hugging Face cache (default: main); "
+                        "nothing is downloaded")
+    g.add_argument("--tokenizer-revision", default=None, metavar="REV", help="the same for --tokenizer's model id")
+    g.add_argument("--download-dir", default=None, metavar="DIR",
+                   help="the Hugging Face cache folder a model id is read from, instead of HF_HUB_CACHE's (as "
+                        "vLLM's, which downloads there; nothing is downloaded here)")
     g.add_argument("--tokenizer-mode", type=tokenizer_mode, default="auto",
                    help="auto only: transformers' fast tokenizer of the model (or of --tokenizer)")
     g.add_argument("--load-format", type=load_format, default="auto",
@@ -195,6 +204,7 @@ tokenizer_mode = only(("auto",), "the model's own (fast) tokenizer serves; --tok
 load_format = only(("auto", "safetensors", "gguf"), "weights load from safetensors folders or GGUF files")
 tool_call_parser = only(TOOL_CALL_PARSERS, "this server reads the tool call formats it knows")
 reasoning_parser_name = only(REASONING_PARSERS, "this server reads the reasoning formats it knows")
+dtype_name = only(DTYPES, "vLLM's dtypes (half is float16, float is float32)")
 response_role = only(("assistant",), "chat answers' role is always 'assistant' here")
 
 
