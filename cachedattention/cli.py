@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from cachedattention.cli_config import ConfigFileParser
 from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS
 from cachedattention.cli_vllm import DTYPES as DTYPE_CHOICES
 from cachedattention.cli_vllm import add_vllm_engine_args, add_vllm_server_args, dtype_name, model_arg
@@ -167,7 +168,7 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cachedattention", description=__doc__)
+    parser = ConfigFileParser(prog="cachedattention", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete one prompt")
