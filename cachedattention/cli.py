@@ -7,15 +7,21 @@ import json
 import sys
 from collections.abc import Sequence
 
+from cachedattention.cli_config import ConfigFileParser
 from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS
-from cachedattention.cli_vllm import add_vllm_engine_args, add_vllm_server_args, model_arg
+from cachedattention.cli_vllm import DTYPES as DTYPE_CHOICES
+from cachedattention.cli_vllm import add_vllm_engine_args, add_vllm_server_args, dtype_name, model_arg
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a Hugging Face folder, a .gguf file, or a model id (ORG/NAME) in the local Hugging Face "
+                        "cache (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", type=dtype_name, default="float32", metavar="|".join(DTYPE_CHOICES),
+                   help="float32 (the default), bfloat16 or float16 (half), or vLLM's auto: float32 on a CPU; on "
+                        "CUDA the checkpoint's 16-bit dtype, float16 for a float32 one")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
                    help="sampling defaults where a request sets none: the model's generation_config.json (auto), "
@@ -78,11 +84,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    from cachedattention.llm_args import local_model_args
+
+    model, tokenizer, dtype = local_model_args(
+        model_arg(args), getattr(args, "tokenizer", None), args.dtype, args.device, revision=getattr(args, "revision", None),
+        tokenizer_revision=getattr(args, "tokenizer_revision", None), download_dir=getattr(args, "download_dir", None),
+    )
     return EngineConfig(
-        model=model_arg(args),
-        tokenizer=getattr(args, "tokenizer", None),
+        model=model,
+        tokenizer=tokenizer,
         device=args.device,
-        dtype=args.dtype,
+        dtype=dtype,
         max_model_len=args.max_model_len,
         seed=getattr(args, "engine_seed", None),  # serve's --seed (generate's and chat's is a request's)
         max_logprobs=args.max_logprobs,
@@ -156,7 +168,7 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cachedattention", description=__doc__)
+    parser = ConfigFileParser(prog="cachedattention", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete one prompt")

@@ -7,11 +7,16 @@ import argparse
 import os
 import ssl
 
+from cachedattention.cli_types import POSITIVE, number
 from cachedattention.sampling import MAX_LOGPROBS
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai")
 REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "mistral", "openai_gptoss")  # server/reasoning.py's
+# vLLM's --dtype names (llm_args.VLLM_DTYPES, named here so that parsing needs no config imports)
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+# vLLM's structured-output backends, over its releases (lm-format-enforcer until 0.10)
+GUIDED_DECODING_BACKENDS = ("auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer")
 
 
 def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +28,13 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="another tokenizer than the model's: a Hugging Face folder, or a GGUF file (e.g. a GGUF "
                         "model's original folder, for its exact tokenizer and chat template)")
+    g.add_argument("--revision", default=None, metavar="REV",
+                   help="a model id's branch, tag or commit in the local Hugging Face cache (default: main); "
+                        "nothing is downloaded")
+    g.add_argument("--tokenizer-revision", default=None, metavar="REV", help="the same for --tokenizer's model id")
+    g.add_argument("--download-dir", default=None, metavar="DIR",
+                   help="the Hugging Face cache folder a model id is read from, instead of HF_HUB_CACHE's (as "
+                        "vLLM's, which downloads there; nothing is downloaded here)")
     g.add_argument("--tokenizer-mode", type=tokenizer_mode, default="auto",
                    help="auto only: transformers' fast tokenizer of the model (or of --tokenizer)")
     g.add_argument("--load-format", type=load_format, default="auto",
@@ -52,6 +64,18 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enable-chunked-prefill", action=Refuse, nargs=0,
                    help="refused: this scheduler always chunks prefill; to compute a prompt in as few steps as "
                         "it can, raise --max-num-batched-tokens (with --long-prefill-token-threshold 0)")
+    g.add_argument("--swap-space", type=GIB, default=None, metavar="GiB",
+                   help="accepted: this engine preempts by recompute and never swaps a request's KV out to the "
+                        "CPU (the store's host tier keeps finished turns' KV: --host-bytes)")
+    g.add_argument("--max-seq-len-to-capture", type=POSITIVE, default=None, metavar="N",
+                   help="accepted: this engine captures no CUDA graphs (it always runs eagerly)")
+    g.add_argument("--guided-decoding-backend", type=guided_decoding_backend, default="auto", metavar="NAME",
+                   help=f"accepted, any of vLLM's ({', '.join(GUIDED_DECODING_BACKENDS)}): this engine's own "
+                        "guided decoding serves every structured answer, held to the whole schema, regex or "
+                        "grammar, or refused saying what it cannot hold to")
+    g.add_argument("--logits-processor-pattern", action=Refuse, metavar="REGEX",
+                   help="refused: this engine loads no logits processors (a request's logits_processors are "
+                        "refused too)")
 
 
 # flags that ask for what this engine always does: accepted, their help says so
@@ -65,6 +89,8 @@ SERVER_AS_IS = {
     "--enable-auto-tool-choice": "tool_choice 'auto' is always on here (answers' calls become tool_calls)",
     "--disable-log-stats": "this server logs no periodic stats (they are at /metrics and /health)",
     "--enable-prompt-tokens-details": "usage always has prompt_tokens_details (cached tokens, and by tier here)",
+    "--disable-frontend-multiprocessing": "this server is one process: the HTTP front end and the engine's "
+                                          "thread share it",
 }
 
 
@@ -76,6 +102,18 @@ def _accept(group: argparse._ArgumentGroup, flags: dict[str, str]) -> None:
 def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     """vLLM's server flags for `serve` (see add_vllm_engine_args)."""
     g = p.add_argument_group("vLLM's server flags")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="a YAML file of flag values, as vLLM's: each key a flag's name without its dashes "
+                        "(`port: 8000`, `enable-prefix-caching: false`); flags on the command line win")
+    g.add_argument("--api-server-count", "-asc", type=one_server, default=1, metavar="N",
+                   help="1 only: this server is one process")
+    g.add_argument("--chat-template-content-format", type=content_format, default="auto", metavar="auto|string",
+                   help="auto or string: a message's text parts reach the chat template joined into one "
+                        "string (vLLM's string format, which its auto picks for templates that take text)")
+    g.add_argument("--enable-request-id-headers", action=Refuse, nargs=0,
+                   help="not supported yet: answers carry no X-Request-Id header")
+    g.add_argument("--default-chat-template-kwargs", action=Refuse, metavar="JSON",
+                   help="not supported yet: give chat_template_kwargs in each request")
     g.add_argument("--seed", dest="engine_seed", type=seed_value, default=None, metavar="N",
                    help="seed of the sampling of requests without their own seed, so that a restarted server "
                         "answers them alike (default: none, a new random state each start; vLLM's V1 engine "
@@ -156,6 +194,18 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"an integer was expected, got {text!r}") from None
 
 
+GIB = number(float, 0.0, "a number of GiB >= 0")
+
+
+def one_server(text: str) -> int:
+    """--api-server-count: 1, the one process this server runs in."""
+    value = _integer(text)
+    if value != 1:
+        raise argparse.ArgumentTypeError(f"this server is one process: only 1 is accepted, got {value} (run "
+                                         "several servers instead, sharing sessions with --remote-url)")  # fmt: skip
+    return value
+
+
 def one_device(text: str) -> int:
     """--tensor-parallel-size, --pipeline-parallel-size: 1, the one device this engine runs on."""
     value = _integer(text)
@@ -195,6 +245,11 @@ tokenizer_mode = only(("auto",), "the model's own (fast) tokenizer serves; --tok
 load_format = only(("auto", "safetensors", "gguf"), "weights load from safetensors folders or GGUF files")
 tool_call_parser = only(TOOL_CALL_PARSERS, "this server reads the tool call formats it knows")
 reasoning_parser_name = only(REASONING_PARSERS, "this server reads the reasoning formats it knows")
+dtype_name = only(DTYPES, "vLLM's dtypes (half is float16, float is float32)")
+guided_decoding_backend = only(GUIDED_DECODING_BACKENDS, "vLLM's backends, each served by this engine's own "
+                                                         "guided decoding (a backend's options are not taken)")
+content_format = only(("auto", "string"), "a message's text parts reach the chat template as one string here, "
+                                          "never as a list of OpenAI parts (vLLM's openai format)")
 response_role = only(("assistant",), "chat answers' role is always 'assistant' here")
 
 

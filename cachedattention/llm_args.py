@@ -1,15 +1,19 @@
 """`LLM(...)`'s extra keyword arguments sorted into the configs: the store's options by their
 StoreConfig names, the cache's and scheduler's by theirs, and vLLM's engine arguments by vLLM's
-names (its defaults, None, leave ours), or checked where this engine only behaves one way."""
+names (its defaults, None, leave ours), or checked where this engine only behaves one way; and
+the model, tokenizer and dtype as vLLM names them (a hub id, `auto`, `half`) made ours."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
 from cachedattention.cli_vllm import kv_cache_dtype, load_format, tokenizer_mode
 from cachedattention.config import CacheConfig, SchedulerConfig, StoreConfig
+from cachedattention.model.hub_cache import local_model_path
 
 STORE_FIELDS = frozenset(f.name for f in fields(StoreConfig)) - {"enable"}
 # vLLM's names (and our fields not named alike in the store's): (config, field)
@@ -24,6 +28,8 @@ _CONFIG_ARGS = {
 # vLLM's arguments that ask for what this engine does anyway (each its own check of the value)
 _ONE_WAY = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, "load_format": load_format}
 _ACCEPTED = ("trust_remote_code", "enforce_eager")  # it never runs a model's own code, and always runs eagerly
+# vLLM's arguments that pick where a model id is read from: the command line takes them, LLM() not yet
+_HUB_ARGS = ("revision", "tokenizer_revision", "download_dir")
 
 
 def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: SchedulerConfig
@@ -43,6 +49,10 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
         elif name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if value != 1:
                 raise ValueError(f"{name} must be 1: this engine runs one device")
+        elif name in _HUB_ARGS:
+            raise ValueError(f"LLM({name}=...) is not supported yet: give the snapshot's folder as the model "
+                             f"(models--ORG--NAME/snapshots/COMMIT in the Hugging Face cache), or serve with "
+                             f"--{name.replace('_', '-')}")  # fmt: skip
         elif name in _ONE_WAY:
             try:
                 _ONE_WAY[name](value)
@@ -53,3 +63,73 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
                              "StoreConfig's fields, the cache's and scheduler's CacheConfig's and "
                              "SchedulerConfig's (or give cache=, scheduler=, store=)")  # fmt: skip
     return replace(cache, **given["cache"]), replace(scheduler, **given["scheduler"]), store
+
+
+# vLLM's --dtype names: ours, or None for auto
+VLLM_DTYPES = {"auto": None, "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
+               "float32": "float32"}  # fmt: skip
+
+
+def engine_dtype(name: str, device: str, model: str | None) -> str:
+    """The dtype this engine runs `model` in for vLLM's dtype `name` on `device` (`model`: a folder,
+    a GGUF file, or None for the embedded model)."""
+    if name not in VLLM_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(VLLM_DTYPES)}, got {name!r}")
+    exact = VLLM_DTYPES[name]
+    return exact if exact is not None else auto_dtype(device.split(":")[0], checkpoint_dtype(model))
+
+
+def auto_dtype(device_type: str, checkpoint: str | None) -> str:
+    """vLLM's `auto`: on CUDA the checkpoint's 16-bit dtype, float16 for a float32 (or unsaid) one.
+    On a CPU float32: this engine computes in float32 there (16-bit arithmetic is 4-6x slower on
+    a CPU; a 16-bit checkpoint's weights are still held as they are)."""
+    if device_type == "cpu":
+        return "float32"
+    return checkpoint if checkpoint in ("bfloat16", "float16") else "float16"
+
+
+def checkpoint_dtype(model: str | None) -> str | None:
+    """config.json's torch_dtype (transformers' newer name: dtype; a multimodal model's text
+    config's) of a model folder; None where none says (a GGUF file, the embedded model)."""
+    if model is None or not Path(model).expanduser().is_dir():
+        return None
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):  # (the loader refuses the folder, saying why)
+        return None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for place in (config, text):
+        for key in ("torch_dtype", "dtype"):
+            if isinstance(place.get(key), str):
+                return place[key].removeprefix("torch.")
+    return None
+
+
+def local_model_args(model: str | None, tokenizer: str | None, dtype: str, device: str,
+                     revision: str | None = None, tokenizer_revision: str | None = None,
+                     download_dir: str | None = None) -> tuple[str | None, str | None, str]:  # fmt: skip
+    """The model and tokenizer as paths (a Hugging Face model id read from the local hub cache, at
+    vLLM's revision; `download_dir`: vLLM's --download-dir, the cache to look in) and the dtype as
+    ours (vLLM's auto, half, float resolved for the model)."""
+    if model is None and revision is not None:
+        raise ValueError(f"a revision ({revision!r}) picks a version of a Hugging Face model id: give the model's id")
+    if tokenizer is None and tokenizer_revision is not None:
+        raise ValueError("--tokenizer-revision picks a version of --tokenizer's model id: give --tokenizer")
+    if model is not None:
+        model = _local_path(model, "model", revision, download_dir)
+    if tokenizer is not None:
+        tokenizer = _local_path(tokenizer, "tokenizer", tokenizer_revision, download_dir)
+    return model, tokenizer, engine_dtype(dtype, device, model)
+
+
+def _local_path(source: str, what: str, revision: str | None, cache_dir: str | None) -> str:
+    """`source` as local_model_path finds it; an id the default cache lacks, with no revision or
+    cache named, stays as given (the loader refuses it, saying how to get it, when it loads)."""
+    if revision is None and cache_dir is None:
+        try:
+            return local_model_path(source, what)
+        except ValueError:
+            return source
+    return local_model_path(source, what, revision, cache_dir)

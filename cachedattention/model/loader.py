@@ -20,6 +20,7 @@ from cachedattention.model.gguf_loader import (
     load_blocks,
     open_gguf,
 )
+from cachedattention.model.hub_cache import local_model_path, model_id_of_snapshot
 from cachedattention.model.layers import Embedding, Linear
 from cachedattention.model.llama import LlamaForCausalLM
 from cachedattention.model.rope import inv_frequencies
@@ -49,12 +50,13 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def load_model(source: str | None, device: str, dtype: str, tokenizer: str | None = None,
                check_spec: Callable[[ModelSpec], None] | None = None) -> LoadedModel:
-    """`tokenizer`: another folder's (or GGUF file's) tokenizer instead of the model's own (vLLM's
+    """`source`: a folder, a GGUF file, or a Hugging Face model id in the local hub cache (a path wins);
+    None: the embedded model. `tokenizer`: another folder's (or GGUF file's) tokenizer instead of the model's own (vLLM's
     --tokenizer, e.g. a GGUF file's original model folder). `check_spec` vets the model's shape as
     soon as its config is read, so a setting it refuses costs no weight loading."""
     embedded = source is None
-    if embedded:
-        source = str(embedded_model_dir())
+    # a Hugging Face model id that is no path: its snapshot in the local hub cache
+    source = str(embedded_model_dir()) if embedded else local_model_path(source)
     path = Path(source).expanduser()
     if not path.exists():
         raise ValueError(f"model path {source!r} does not exist (give a Hugging Face folder or a .gguf file)")
@@ -104,13 +106,14 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         _attach_blocks(model, blocks, path if embedded else None)
     elif cpu_float32 and path.is_dir():
         hold_as_halves(model)
-    return LoadedModel(model, spec, tok, path.name, weights_id(path))
+    return LoadedModel(model, spec, tok, model_id_of_snapshot(path) or path.name, weights_id(path))
 
 
 def load_tokenizer(source: str, vocab_size: int) -> Tokenizer:
     """The tokenizer of a Hugging Face folder or a GGUF file, for a model of `vocab_size` tokens (one
-    with more is served with a warning: each request's ids are checked against the vocabulary)."""
-    path = Path(source).expanduser()
+    with more is served with a warning: each request's ids are checked against the vocabulary). A
+    Hugging Face model id that is no path reads its snapshot in the local hub cache."""
+    path = Path(local_model_path(source, "tokenizer")).expanduser()
     if not path.exists():
         raise ValueError(f"tokenizer path {source!r} does not exist (give a folder with a tokenizer, or a .gguf file)")
     try:

@@ -1,0 +1,139 @@
+"""vLLM's flags a compatibility sweep found refused with "invalid choice" or "unrecognized arguments":
+--dtype auto/half/float, the flags accepted where this engine already behaves so, those refused
+saying why, and --config's YAML file of flag values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cachedattention.cli import build_parser, engine_config
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("name, ours", [
+    ("auto", "float32"), ("half", "float16"), ("float16", "float16"), ("bfloat16", "bfloat16"), ("float", "float32"),
+    ("float32", "float32"),
+])  # fmt: skip
+def test_vllm_s_dtype_names_reach_the_engine_as_ours_on_a_cpu(name, ours):
+    assert engine_config(parse("serve", "--dtype", name)).dtype == ours
+
+
+def test_the_default_dtype_stays_float32_on_every_device():
+    assert engine_config(parse("serve")).dtype == "float32"
+    assert engine_config(parse("serve", "--device", "cuda")).dtype == "float32"  # (auto's would be 16-bit)
+
+
+def test_auto_on_cuda_is_the_checkpoint_s_16_bit_dtype_else_float16(tmp_path):
+    from cachedattention.llm_args import auto_dtype, checkpoint_dtype, engine_dtype
+
+    assert [auto_dtype("cuda", d) for d in ("bfloat16", "float16", "float32", None)] == [
+        "bfloat16", "float16", "float16", "float16"]  # fmt: skip
+    assert auto_dtype("cpu", "bfloat16") == "float32"  # this engine computes in float32 on a CPU
+    for config, says in (({"torch_dtype": "bfloat16"}, "bfloat16"), ({"dtype": "float16"}, "float16"),
+                         ({"text_config": {"torch_dtype": "bfloat16"}}, "bfloat16"), ({}, None)):  # fmt: skip
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert checkpoint_dtype(str(tmp_path)) == says
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert engine_dtype("auto", "cuda:1", str(tmp_path)) == "bfloat16"
+    assert engine_dtype("auto", "cuda", None) == "float16"  # the embedded GGUF: no torch_dtype, as float32
+    assert engine_dtype("half", "cuda", str(tmp_path)) == "float16"  # (only auto reads the checkpoint)
+    with pytest.raises(ValueError, match="dtype must be one of auto, half"):
+        engine_dtype("fp8", "cpu", None)
+
+
+def test_vllm_s_quickstart_line_runs(chat_model_dir, capsys):
+    """`vllm serve MODEL --dtype auto --api-key token-abc123`: --dtype auto was an invalid choice."""
+    from cachedattention.cli import main
+
+    args = parse("serve", str(chat_model_dir), "--dtype", "auto", "--api-key", "token-abc123")
+    assert engine_config(args).dtype == "float32" and args.api_key == ["token-abc123"]
+    assert main(["generate", str(chat_model_dir), "--dtype", "auto", "--prompt", "Hi", "--max-tokens", "2",
+                 "--no-store"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--swap-space", "4"], ["--swap-space", "0"], ["--max-seq-len-to-capture", "8192"],
+    ["--disable-frontend-multiprocessing"], ["--api-server-count", "1"], ["-asc", "1"],
+    ["--guided-decoding-backend", "xgrammar"], ["--guided-decoding-backend", "lm-format-enforcer"],
+    ["--chat-template-content-format", "string"], ["--chat-template-content-format", "auto"],
+])  # fmt: skip
+def test_what_this_engine_already_does_is_accepted(flags):
+    before = engine_config(parse("serve", "m"))
+    assert engine_config(parse("serve", "m", *flags)) == before  # (nothing it asks for differs here)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--logits-processor-pattern", "my_mod.*"], "loads no logits processors"),
+    (["--enable-request-id-headers"], "--enable-request-id-headers: not supported yet"),
+    (["--default-chat-template-kwargs", '{"enable_thinking": false}'], "not supported yet: give chat_template_kwargs"),
+    (["--api-server-count", "4"], "this server is one process: only 1 is accepted, got 4"),
+    (["--chat-template-content-format", "openai"], "never as a list of OpenAI parts"),
+    (["--guided-decoding-backend", "xgrammar:disable-any-whitespace"], "a backend's options are not taken"),
+    (["--guided-decoding-backend", "llguidance"], "supported: auto, xgrammar, guidance, outlines, lm-format-enforcer"),
+    (["--swap-space", "-1"], "a number of GiB >= 0"),
+    (["--max-seq-len-to-capture", "0"], "an integer >= 1"),
+    (["--dtype", "fp8"], "supported: auto, half, float16, bfloat16, float, float32"),
+])  # fmt: skip
+def test_what_this_engine_cannot_do_is_a_usage_error_saying_why(flags, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("serve", "m", *flags)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def write(tmp_path, text: str, name: str = "config.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_vllm_config_file_sets_the_flags_and_the_command_line_wins(tmp_path):
+    config = write(tmp_path, """
+model: from-file
+port: 6379
+uvicorn-log-level: "warning"
+max_num_seqs: 4
+enable-prefix-caching: false
+enforce-eager: true
+trust-remote-code: false
+served-model-name: [a, b]
+api-key: [k1, k2]
+max-logprobs: -1
+override-generation-config: {temperature: 0.5}
+dtype: half
+""")
+    args = parse("serve", "--config", config, "--port", "9000")
+    assert (args.model_option, args.port, args.uvicorn_log_level, args.max_num_seqs) == ("from-file", 9000, "warning", 4)
+    assert not args.enable_prefix_caching and args.enforce_eager and not args.trust_remote_code
+    assert (args.served_model_name, args.api_key, args.max_logprobs) == (["a", "b"], ["k1", "k2"], -1)
+    assert engine_config(args).override_generation_config == {"temperature": 0.5}
+    assert engine_config(args).dtype == "float16"
+    on_line = parse("serve", "cli-model", f"--config={config}", "--enable-prefix-caching")
+    assert engine_config(on_line).model == "cli-model" and on_line.enable_prefix_caching  # the command line's
+
+
+@pytest.mark.parametrize("text, name, says", [
+    ("prot: 8000\n", "c.yaml", "--config {path}: 'prot' is not a flag of `cachedattention serve`"),
+    ("port: 8000\n", "c.json", "a YAML file (.yaml or .yml) was expected"),
+    ("- port\n", "c.yaml", "a mapping of flag names to values was expected, got list"),
+    ("port: [\n", "c.yaml", "not valid YAML"),
+    ("port:\n", "c.yaml", "port has no value"),
+    ("enable-chunked-prefill: false\n", "c.yaml", "always chunks prefill"),  # (its --no- form is refused)
+    ("tensor-parallel-size: 2\n", "c.yaml", "this engine runs one device"),
+])  # fmt: skip
+def test_a_config_file_this_engine_cannot_follow_is_a_usage_error(tmp_path, capsys, text, name, says):
+    path = write(tmp_path, text, name)
+    with pytest.raises(SystemExit) as e:
+        parse("serve", "m", "--config", path)
+    assert e.value.code == 2 and says.format(path=path) in capsys.readouterr().err
+
+
+def test_a_missing_config_file_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse("serve", "m", "--config", str(tmp_path / "none.yaml"))
+    assert "cannot be read" in capsys.readouterr().err
