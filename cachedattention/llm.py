@@ -11,7 +11,7 @@ from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, S
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import InvalidRequest
 from cachedattention.interrupts import interrupts_between_steps
-from cachedattention.llm_args import sort_options
+from cachedattention.llm_args import local_model_args, sort_options
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.model.tokenizer import Kept
@@ -177,6 +177,9 @@ class LLM:
         seed: int | None = None,
         max_logprobs: int = MAX_LOGPROBS,
         reasoning_parser: str | None = None,
+        revision: str | None = None,
+        tokenizer_revision: str | None = None,
+        download_dir: str | None = None,
         **options: Any,
     ) -> None:
         for name, value, kind in (("cache", cache, CacheConfig), ("scheduler", scheduler, SchedulerConfig),
@@ -184,6 +187,9 @@ class LLM:
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         cache, scheduler, store_options = sort_options(options, cache or CacheConfig(), scheduler or SchedulerConfig())
+        # a Hugging Face id from the local hub cache (at vLLM's revision), vLLM's dtype names as ours
+        model, tokenizer, dtype = local_model_args(model, tokenizer, dtype, device, revision, tokenizer_revision,
+                                                   download_dir)  # fmt: skip
         check_load_format(options.get("load_format"), model)
         store_options.update((k, v) for k, v in (("store_dir", store_dir), ("host_bytes", host_bytes),
                                                  ("disk_bytes", disk_bytes)) if v is not None)  # fmt: skip

@@ -28,8 +28,6 @@ _CONFIG_ARGS = {
 # vLLM's arguments that ask for what this engine does anyway (each its own check of the value)
 _ONE_WAY = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, "load_format": load_format}
 _ACCEPTED = ("trust_remote_code", "enforce_eager")  # it never runs a model's own code, and always runs eagerly
-# vLLM's arguments that pick where a model id is read from: the command line takes them, LLM() not yet
-_HUB_ARGS = ("revision", "tokenizer_revision", "download_dir")
 
 
 def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: SchedulerConfig
@@ -49,10 +47,6 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
         elif name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if value != 1:
                 raise ValueError(f"{name} must be 1: this engine runs one device")
-        elif name in _HUB_ARGS:
-            raise ValueError(f"LLM({name}=...) is not supported yet: give the snapshot's folder as the model "
-                             f"(models--ORG--NAME/snapshots/COMMIT in the Hugging Face cache), or serve with "
-                             f"--{name.replace('_', '-')}")  # fmt: skip
         elif name in _ONE_WAY:
             try:
                 _ONE_WAY[name](value)

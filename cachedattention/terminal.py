@@ -146,7 +146,7 @@ def _play_demo(args: argparse.Namespace) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     messages: list[dict[str, str]] = []
     truncated = False  # whether the store has cut this conversation yet
-    print(f"CachedAttention demo on {cached.engine.loaded.name} ({args.device}, {args.dtype}); store in {store_dir}\n")
+    print(f"CachedAttention demo on {cached.engine.loaded.name} ({args.device}, {cached.config.dtype}); store in {store_dir}\n")
     for i, user in enumerate(DEMO_TURNS, 1):
         messages.append({"role": "user", "content": user})
         out = cached.chat(messages, params, session_id="demo", use_tqdm=False)[0]

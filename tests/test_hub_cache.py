@@ -128,8 +128,14 @@ def test_the_hub_cache_is_found_as_huggingface_hub_finds_it(monkeypatch, tmp_pat
         assert not looks_like_model_id(not_an_id)
 
 
-def test_llm_takes_no_revision_until_it_can_pass_one_on():
+def test_llm_takes_vllms_revision_and_dtype_names(hub_cache):
+    """LLM(revision=...) reads that branch's snapshot (its generation config's sampling defaults too),
+    and vLLM's dtype names resolve as on the command line (auto and float: float32 on a CPU)."""
     from cachedattention import LLM
 
-    with pytest.raises(ValueError, match=r"LLM\(revision=...\) is not supported yet"):
-        LLM(model=MODEL_ID, revision="dev")
+    dev = LLM(model=MODEL_ID, revision="dev", dtype="auto")
+    assert dev.config.model == snapshot_of(hub_cache, DEV) and dev.config.dtype == "float32"
+    assert dev.get_default_sampling_params().temperature == 0.25
+    assert LLM(model=MODEL_ID, dtype="float").config.model == snapshot_of(hub_cache, MAIN)
+    with pytest.raises(ValueError, match="revision"):
+        LLM(model=MODEL_ID, revision="no-such-branch")
