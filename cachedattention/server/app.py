@@ -180,7 +180,7 @@ class _Format:
             logprobs = self._logprobs(i, out.logprobs)
             if head is not None and logprobs is not None:  # the prompt's tokens, then the answer's
                 logprobs = {k: head[k] + logprobs[k] for k in head}
-            choice.update(logprobs=logprobs, finish_reason=self.finish_reason(out, called))
+            choice.update(logprobs=logprobs, finish_reason=self.finish_reason(out, called), stop_reason=out.stop_reason)
             if not self.chat and self.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out)
             choices.append(choice)
@@ -220,10 +220,11 @@ class _Format:
 
     def chunk(
         self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
-        logprobs: list | None = None, index: int = 0, reasoning: str | None = None,
+        logprobs: list | None = None, index: int = 0, reasoning: str | None = None, stop_reason: int | str | None = None,
     ) -> str:  # fmt: skip
         """One streamed choice; `logprobs`: those of the tokens generated since the last chunk;
-        `reasoning`: more of the answer's reasoning (chat, with a reasoning parser)."""
+        `reasoning`: more of the answer's reasoning (chat, with a reasoning parser); the last one's
+        `stop_reason` (vLLM's: the stop token id or string that ended the answer)."""
         lps = self._logprobs(index, logprobs)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
@@ -234,6 +235,8 @@ class _Format:
             choice = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text or "", "logprobs": lps, "finish_reason": finish_reason}
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
         return self._event([choice])
 
     def usage_chunk(self, outs: list[RequestOutput]) -> str:
@@ -319,10 +322,11 @@ class OpenAIRoutes:
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
-    async def forget_session(self, session_id: str) -> dict[str, Any]:
-        """Forget a conversation's KV wherever it is kept (this server's tiers and the remote one)."""
+    async def forget_session(self, session_id: str, cache_salt: str | None = None) -> dict[str, Any]:
+        """Forget a conversation's KV wherever it is kept (this server's tiers and the remote one);
+        `?cache_salt=`: the one its turns were salted with."""
         try:
-            held = await self.loop.forget_session(session_id)
+            held = await self.loop.forget_session(session_id, cache_salt)
         except SessionBusy as e:
             raise APIError(409, str(e), "session_busy", "session_id") from None
         except (ServerDraining, ValueError) as e:
@@ -428,7 +432,7 @@ class OpenAIRoutes:
                           parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
                           check_room=check_room,
                           save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens,
-                          truncate=truncate, priority=parsed.priority)  # fmt: skip
+                          truncate=truncate, priority=parsed.priority, cache_salt=parsed.cache_salt)  # fmt: skip
                 own_template = parsed.chat_options is not None and parsed.chat_options.template is not None
                 if parsed.messages is not None and (own_template or render_aside):
                     if rendered is None:  # a request's own template may run long: in a worker thread, once
@@ -540,7 +544,7 @@ class OpenAIRoutes:
                     if calls:
                         yield fmt.tool_calls_chunk(calls, i)
                     reason = fmt.finish_reason(item, bool(calls))
-                    yield fmt.chunk(None if fmt.chat else "", finish_reason=reason, index=i)
+                    yield fmt.chunk(None if fmt.chat else "", finish_reason=reason, index=i, stop_reason=item.stop_reason)
                     continue
                 split = fmt.split(item, final=False)
                 reasoning, answer = split.reasoning, split.content

@@ -48,6 +48,7 @@ class Job:
     save_to_store: bool = True  # n > 1: only the first choice saves its KV (the prompt's is the same)
     truncate: bool = True  # False: a session's conversation is served whole (the Responses API's truncation "disabled")
     priority: int = 0  # vLLM's: the request's place under --scheduling-policy priority (lower first)
+    cache_salt: str | None = None  # vLLM's: cached KV is shared only with requests of the same salt
     add_special_tokens: bool = True  # a text prompt gets the tokenizer's own around it (Llama's BOS)
     # the messages already rendered (a request's own chat template: off the engine thread) and what
     # truncation keeps of them (its head and its newest turn)
@@ -171,13 +172,13 @@ class EngineLoop:
                 return
         self._cmds.put(("abort", request_id))
 
-    def forget_session(self, session_id: str) -> asyncio.Future:
-        """Forget a session on the engine's thread (its page pool is that thread's); the future
-        resolves to whether it was held, or to the engine's error."""
+    def forget_session(self, session_id: str, cache_salt: str | None = None) -> asyncio.Future:
+        """Forget a session (of that cache salt) on the engine's thread (its page pool is that
+        thread's); the future resolves to whether it was held, or to the engine's error."""
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         if not self._accepting:
             raise ServerDraining("the server is shutting down")
-        self._cmds.put(("forget", session_id, future))
+        self._cmds.put(("forget", session_id, future, cache_salt))
         return future
 
     def stats(self) -> dict[str, Any]:
@@ -262,7 +263,7 @@ class EngineLoop:
                 prompt, job.params, request_id=job.request_id, session_id=job.session_id, stream_text=job.stream_text,
                 head_tokens=head, tail_tokens=tail, turn_starts=starts, save_to_store=job.save_to_store,
                 add_special_tokens=job.add_special_tokens,
-                truncate=job.truncate, priority=job.priority,
+                truncate=job.truncate, priority=job.priority, cache_salt=job.cache_salt,
             )
             if job.check_room is not None and not before:
                 try:  # as the engine holds it: tokenized, cut to truncate_prompt_tokens
@@ -279,9 +280,9 @@ class EngineLoop:
         self._streams[job.request_id] = stream
         stream.put(ACCEPTED)
 
-    def _forget(self, session_id: str, future: asyncio.Future) -> None:
+    def _forget(self, session_id: str, future: asyncio.Future, cache_salt: str | None = None) -> None:
         try:
-            result: Any = self.engine.forget_session(session_id)
+            result: Any = self.engine.forget_session(session_id, cache_salt)
         except Exception as e:  # ValueError: the client's (-> 4xx); OSError: the remote store's (-> 503)
             if not isinstance(e, (ValueError, OSError)):
                 log.exception("forgetting session %r failed", session_id)

@@ -42,6 +42,7 @@ FIELDS = frozenset((
     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "allowed_token_ids",
     "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens", "skip_special_tokens",
     "request_id", "return_tokens_as_token_ids", "bad_words", "priority", "use_beam_search", "logits_processors",
+    "cache_salt",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs", "chat_template",
@@ -79,6 +80,7 @@ class ParsedRequest:
     add_special_tokens: bool = True  # completions: a text prompt gets the tokenizer's own (Llama's BOS)
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     request_id: str | None = None  # vLLM's: the client's id for the request (the response's id ends with it)
+    cache_salt: str | None = None  # vLLM's: cached KV is shared only with requests of the same salt
     token_ids_as_tokens: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
     priority: int = 0  # vLLM's: the request's place under --scheduling-policy priority (lower first)
     include_reasoning: bool = True  # chat, vLLM's: with a reasoning parser, the answer's reasoning is returned
@@ -165,6 +167,14 @@ def _session_id(body: dict, header: str | None) -> str | None:
         raise bad("session_id must be a non-empty printable string of at most 256 characters", "session_id",
                   "invalid_type")  # fmt: skip
     return _text(v, "session_id")
+
+
+def cache_salt(body: dict) -> str | None:
+    """vLLM's cache_salt: a non-empty string (a tenant's), or none."""
+    v = body.get("cache_salt")
+    if v is not None and (not isinstance(v, str) or not v):
+        raise bad("cache_salt must be a non-empty string", "cache_salt", "invalid_type")
+    return v if v is None else _text(v, "cache_salt")
 
 
 def _request_id(body: dict) -> str | None:
@@ -416,6 +426,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
         include_usage=include_usage,
         continuous_usage=continuous_usage,  # as vLLM: with include_usage only (asked for, or forced)
         session_id=session_id,
+        cache_salt=cache_salt(body),
         request_id=_request_id(body),
         priority=_integer(body, "priority") or 0,
         token_ids_as_tokens=flag(body, "return_tokens_as_token_ids"),

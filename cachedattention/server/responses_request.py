@@ -22,7 +22,7 @@ from cachedattention.server.protocol import REASONING_EFFORTS, flag
 # sampling fields passed to the chat parser as they are (vLLM's Responses request takes these too)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "logit_bias", "min_tokens", "ignore_eos", "skip_special_tokens",
-                   "stop_token_ids", "include_stop_str_in_output", "bad_words", "priority", "session_id")  # fmt: skip
+                   "stop_token_ids", "include_stop_str_in_output", "bad_words", "priority", "session_id", "cache_salt")  # fmt: skip
 # read here, or accepted at their neutral values; anything else is refused (the API is young and
 # a field silently dropped would change what the client gets)
 FIELDS = frozenset((

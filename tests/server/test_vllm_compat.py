@@ -181,3 +181,51 @@ def test_model_cards_carry_vllm_s_root_parent_and_permission(docs_server):
         "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True, "allow_search_indices": False,
         "allow_view": True, "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
     assert isinstance(permission["created"], int)
+
+
+# -- vLLM's cache_salt and stop_reason -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def store_server(chat_model_dir, tmp_path_factory) -> Iterator[RunningServer]:
+    s = start_server(engine_config(chat_model_dir, store=True, store_dir=str(tmp_path_factory.mktemp("kv"))))
+    yield s
+    s.stop()
+
+
+def _cached(server: RunningServer, body: dict) -> int:
+    r = _post(server, COMP, {"prompt": "One two three four five six seven eight nine ten eleven twelve " * 3,
+                             "max_tokens": 2, "temperature": 0, **body})  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_cache_salt_keeps_tenants_apart(store_server):
+    assert _cached(store_server, {"cache_salt": "a"}) == 0
+    assert _cached(store_server, {"cache_salt": "a"}) > 0
+    assert _cached(store_server, {"cache_salt": "b"}) == 0  # (another tenant's: the same prompt, nothing cached)
+    assert _error_param(_post(store_server, COMP, {"prompt": "x", "cache_salt": ""})) == "cache_salt"
+    # a session under a salt is that salt's; forgotten by naming it
+    turn = {"messages": HI, "max_tokens": 2, "temperature": 0, "session_id": "t", "cache_salt": "a"}
+    assert _post(store_server, CHAT, turn).status_code == 200
+    assert httpx.delete(f"{store_server.url}/v1/sessions/t", params={"cache_salt": "b"}).status_code == 404
+    assert httpx.delete(f"{store_server.url}/v1/sessions/t", params={"cache_salt": "a"}).status_code == 200
+
+
+def test_stop_reason_names_the_stop_string_or_token(store_server):
+    free = _post(store_server, COMP, {"prompt": "Hello there", "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+    choice = free.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["stop_reason"] is None
+    stop = choice["text"].strip()[:3]
+    by_string = _post(store_server, COMP, {"prompt": "Hello there", "max_tokens": 6, "temperature": 0, "stop": [stop]})
+    assert by_string.json()["choices"][0]["stop_reason"] == stop
+    body = {"prompt": "Hello there", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    ids = _post(store_server, COMP, {**body, "logprobs": 0, "return_tokens_as_token_ids": True}).json()
+    token = int(ids["choices"][0]["logprobs"]["tokens"][2].removeprefix("token_id:"))
+    by_token = _post(store_server, COMP, {**body, "stop_token_ids": [token]}).json()["choices"][0]
+    assert by_token["finish_reason"] == "stop" and by_token["stop_reason"] == token
+    chat = _post(store_server, CHAT, {"messages": HI, "max_tokens": 2, "temperature": 0}).json()["choices"][0]
+    assert "stop_reason" in chat and chat["stop_reason"] is None
+    with httpx.stream("POST", f"{store_server.url}{COMP}", json={"prompt": "Hello there", "max_tokens": 6,
+                      "temperature": 0, "stop": [stop], "stream": True}, timeout=60) as r:  # fmt: skip
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    last = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert [c["stop_reason"] for c in last] == [stop]
