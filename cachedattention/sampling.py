@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -166,7 +167,8 @@ class SamplingParams:
         if not given:
             return
         name, spec = given[0]
-        fields = dict(spec) if isinstance(spec, Mapping) else {k: getattr(spec, k) for k in dir(spec) if not k.startswith("_")}
+        read = (*STRUCTURED_FIELDS, *STRUCTURED_UNSUPPORTED)
+        fields = {k: spec.get(k) if isinstance(spec, Mapping) else getattr(spec, k, None) for k in read}
         for theirs, ours in STRUCTURED_FIELDS.items():
             value = fields.pop(theirs, None)
             if value in (None, False, [], ()):
@@ -369,7 +371,9 @@ class TokenLogprob(Mapping):
     top: tuple[tuple[int, float], ...] = ()
     decoded: Mapping[int, str] | None = field(default=None, compare=False, repr=False)
 
+    @cached_property
     def _entries(self) -> dict[int, Logprob]:
+        """Built once, on first read as a dict (a frozen entry's never change)."""
         text = (self.decoded or {}).get
         entries = {self.token_id: Logprob(self.logprob, self.rank, text(self.token_id))}
         for rank, (token, logprob) in enumerate(self.top, 1):
@@ -377,13 +381,13 @@ class TokenLogprob(Mapping):
         return entries
 
     def __getitem__(self, token: int) -> Logprob:
-        return self._entries()[token]
+        return self._entries[token]
 
     def __iter__(self):
-        return iter(self._entries())
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._entries())
+        return len(self._entries)
 
 
 def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
