@@ -62,6 +62,11 @@ def _token_positions(positions: Sequence[int]) -> tuple[int, ...]:
     return tuple(positions)
 
 
+def _check_cache_salt(cache_salt: object) -> None:
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+        raise InvalidRequest(f"cache_salt must be a non-empty string, got {cache_salt!r:.60}", "cache_salt")
+
+
 def _keep_last(ids: list[int], k: int, head: int) -> list[int]:
     """The first `head` ids (a BOS) and the last of the others, k in all."""
     tail, keep = ids[head:], max(k - head, 0)
@@ -274,8 +279,7 @@ class LLMEngine:
         if session_id is not None and (BRANCH_SEP in session_id or SALT_SEP in session_id):
             raise InvalidRequest("session_id may not hold the control characters U+001E and U+001F: the store's "
                                  "keys of a session's salted turns and branches use them", "session_id")  # fmt: skip
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise InvalidRequest(f"cache_salt must be a non-empty string, got {cache_salt!r:.60}", "cache_salt")
+        _check_cache_salt(cache_salt)
         ids = self.tokenize(prompt, add_special_tokens)
         # what the tokenizer put before a text prompt (a BOS) stays through truncation of either kind
         cut = session_id is not None or params.truncate_prompt_tokens is not None
@@ -404,8 +408,7 @@ class LLMEngine:
         if (not isinstance(session_id, str) or not session_id or session_id.startswith(ANON_PREFIX)
                 or BRANCH_SEP in session_id or SALT_SEP in session_id):  # fmt: skip
             raise InvalidRequest("session_id must be a non-empty string naming a client's session", "session_id")
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise InvalidRequest(f"cache_salt must be a non-empty string, got {cache_salt!r:.60}", "cache_salt")
+        _check_cache_salt(cache_salt)
         key = session_key(session_id, cache_salt)
         if any(r.cache_key == key and not r.is_finished for r in self.requests.values()):
             raise SessionBusy(f"session {session_id!r} has a turn in progress; forget it once that turn has finished",
