@@ -1,7 +1,7 @@
 """vLLM's cache_salt: requests share cached KV only with requests of the same salt, so that one
 tenant cannot learn another's prompts from its cached tokens: device prefix blocks, a session's turns
 in the store (the same session id under another salt is another conversation), and the store's
-anonymous prefixes (which a salted request neither reuses nor adds to)."""
+anonymous prefixes (each salt's found only by its requests, also after a restart and on other replicas)."""
 
 import pytest
 
@@ -45,14 +45,23 @@ def test_a_session_of_another_salt_is_another_conversation(tiny_dirs, tmp_path):
     store.check_integrity()
 
 
-def test_a_salted_request_neither_reuses_nor_adds_an_anonymous_prefix(tiny_dirs, tmp_path):
-    llm = LLM(model=str(tiny_dirs["llama"][0]), store_dir=str(tmp_path / "kv"), enable_prefix_caching=False)
+def test_anonymous_prefixes_are_reused_only_within_a_salt_and_after_a_restart(tiny_dirs, tmp_path):
+    path, kv = str(tiny_dirs["llama"][0]), str(tmp_path / "kv")
+    llm = LLM(model=path, store_dir=kv, enable_prefix_caching=False)
+    store = llm.engine.store.store
     assert sum(_cached(llm, PROMPT, "a").values()) == 0
-    llm.engine.store.store.flush()
-    assert not llm.engine.store.store.records  # (nothing saved for it)
-    assert sum(_cached(llm, PROMPT).values()) == 0
-    llm.engine.store.store.flush()
-    assert _cached(llm, PROMPT)["host"] > 0  # (the unsalted one's prefix, for unsalted requests)
-    assert sum(_cached(llm, PROMPT, "a").values()) == 0
+    store.flush()
+    assert sum(_cached(llm, PROMPT).values()) == 0  # (tenant a's prefix, unsalted)
+    store.flush()
+    assert sum(_cached(llm, PROMPT, "b").values()) == 0  # (and another salt's)
+    store.flush()
+    assert _cached(llm, PROMPT, "a")["host"] >= 48  # (its own)
+    assert _cached(llm, PROMPT)["host"] >= 48 and _cached(llm, PROMPT, "b")["host"] >= 48
+    store.check_integrity()
+    llm.close()
+    again = LLM(model=path, store_dir=kv, enable_prefix_caching=False)  # the index rebuilt from disk
+    assert _cached(again, PROMPT, "a")["disk"] >= 48
+    assert sum(_cached(again, PROMPT, "c").values()) == 0
+    again.engine.store.store.check_integrity()
     with pytest.raises(InvalidRequest, match="cache_salt"):
-        llm.generate({"prompt_token_ids": PROMPT, "cache_salt": ""}, GREEDY)
+        again.generate({"prompt_token_ids": PROMPT, "cache_salt": ""}, GREEDY)

@@ -258,8 +258,8 @@ class LLMEngine:
         `turn_starts` (where its user messages begin) where one fits; `truncate=False` serves the prompt
         whole instead (not cut now, nor by an earlier turn's cut): it must then fit the window.
         `priority`: its place under the priority scheduling policy (lower first). `cache_salt` (vLLM's):
-        it shares cached KV only with requests of the same salt (device blocks, a session's turns; the
-        store's anonymous prefixes are unsalted: it neither reuses nor adds one)."""
+        it shares cached KV only with requests of the same salt (device blocks, a session's turns, the
+        store's anonymous prefixes)."""
         self._check_open()
         params = self.default_params() if params is None else params
         if not isinstance(params, SamplingParams):

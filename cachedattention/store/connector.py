@@ -23,7 +23,7 @@ from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.loader import resolve_dtype
 from cachedattention.model.rope import apply_rotary
 from cachedattention.store.segment import KVLayout, SegmentKV
-from cachedattention.store.session import Span, TurnPlan, plan_turn, slice_spans
+from cachedattention.store.session import Span, TurnPlan, slice_spans
 from cachedattention.store.store import AttentionStore
 from cachedattention.store.transfer import KVPiece, Loader, LoadJob, Piece, SaveJob, Saver, first_read
 
@@ -148,13 +148,8 @@ class StoreConnector:
         reserve = min(req.params.max_tokens or window, window // 4)
         head = self.config.keep_head_tokens if self.config.keep_head_tokens is not None else req.head_tokens
         mode = None if req.truncate else "whole"
-        if req.cache_salt is not None and req.session_id is None:
-            # (the anonymous prefixes are every salt's: such a request neither reuses nor adds one)
-            plan = plan_turn(None, list(req.logical_prompt), window, reserve, 0, 1.0, "off")
-            req.store_state, req.save_to_store = TurnState(key="", plan=plan, bypass=True), False
-            return
         key, plan = self.store.plan(req.cache_key, list(req.logical_prompt), window, reserve, head, mode,
-                                    req.tail_tokens, req.turn_starts)  # fmt: skip
+                                    req.tail_tokens, req.turn_starts, req.cache_salt)  # fmt: skip
         for forgotten in self.store.take_forgotten():  # another replica forgot it: its device blocks go too
             self.engine.pages.forget_owner(forgotten)
         req.prompt_token_ids = plan.effective_prompt

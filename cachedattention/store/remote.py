@@ -29,10 +29,11 @@ _CHECKED_WRITES = 4096  # the latest writes check_integrity() verifies
 RECORD_READ_TIMEOUT_S = 0.25  # the engine's thread reads records: a hung server holds it at most this long
 
 
-def block_keys(tokens: list[int], block: int) -> list[str]:
+def block_keys(tokens: list[int], block: int, tag: str = "") -> list[str]:
     """Chained hashes of the full blocks of `tokens`, the same in every process and on every machine
-    (Python's hash() is not promised to be): a prompt's blocks find the records that share them."""
-    out, chain = [], b""
+    (Python's hash() is not promised to be): a prompt's blocks find the records that share them. The
+    chain starts from a salted prefix's tag (store.session.salt_tag), so only its salt's prompts find it."""
+    out, chain = [], tag.encode()
     for lo in range(0, len(tokens) - block + 1, block):
         chain = hashlib.blake2b(chain + struct.pack(f"<{block}q", *tokens[lo : lo + block]), digest_size=16).digest()
         out.append(chain.hex())

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from cachedattention.store.remote import RemoteTier, block_keys
 from cachedattention.store.segment import CorruptSegment, SegmentKV
-from cachedattention.store.session import ANON_PREFIX, SessionRecord, Span, common_prefix, spans_while
+from cachedattention.store.session import ANON_PREFIX, SessionRecord, Span, common_prefix, key_salt_tag, spans_while
 
 if TYPE_CHECKING:
     from cachedattention.store.store import AttentionStore
@@ -92,10 +92,11 @@ class RemoteSync:
         rec.key = key
         return rec
 
-    def read_prefix(self, prompt: list[int]) -> SessionRecord | None:
-        """The anonymous record (any replica's) that shares the longest block-aligned prefix with the
-        prompt, verified token by token; None if none (or unreachable). Not under the store lock."""
-        keys = block_keys(prompt[: len(prompt) - 1], self.block)  # one token is always computed
+    def read_prefix(self, prompt: list[int], tag: str = "") -> SessionRecord | None:
+        """The anonymous record (any replica's) of the salt tagged `tag` that shares the longest
+        block-aligned prefix with the prompt, verified token by token; None if none (or unreachable).
+        Not under the store lock."""
+        keys = block_keys(prompt[: len(prompt) - 1], self.block, tag)  # one token is always computed
         if not keys:
             return None
         try:
@@ -109,7 +110,7 @@ class RemoteSync:
                 continue
             tried.add(owner)
             rec = self.read_record(owner)
-            ok = rec is not None and rec.key.startswith(ANON_PREFIX) and not rec.truncated
+            ok = rec is not None and rec.key.startswith(ANON_PREFIX) and key_salt_tag(rec.key) == tag and not rec.truncated
             if ok and common_prefix(rec.logical, prompt) >= self.block:
                 return rec
         return None
@@ -245,7 +246,7 @@ class RemoteSync:
 
     def _publish_blocks(self, key: str, rec: SessionRecord) -> None:
         """The record's blocks not published under this key before (an extended record: its new ones)."""
-        blocks = block_keys(rec.logical[: rec.num_kv], self.block)
+        blocks = block_keys(rec.logical[: rec.num_kv], self.block, key_salt_tag(key))
         done = self._blocks_published.pop(key, 0)
         self.tier.put_block_owners(blocks[done:], key)
         self._blocks_published[key] = len(blocks)

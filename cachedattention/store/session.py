@@ -19,16 +19,26 @@ ANON_PREFIX = "anon-"  # keys of records of requests without a session id (clien
 BRANCH_SEP = "\x1f"
 
 
-# a session of requests with a cache salt (vLLM's cache_salt): SESSION + SALT_SEP + the salt's digest,
-# so that another salt's requests naming the same session id never reuse (or learn of) its KV
+# a session (or an anonymous prefix) of requests with a cache salt (vLLM's cache_salt): KEY + SALT_SEP +
+# the salt's digest, so that another salt's requests never reuse (or learn of) its KV
 SALT_SEP = "\x1e"
+
+
+def salt_tag(cache_salt: str | None) -> str:
+    """What the keys of a salt's sessions and anonymous prefixes end with: SALT_SEP and the salt's
+    digest ("" without a salt)."""
+    return "" if cache_salt is None else f"{SALT_SEP}{hashlib.sha256(cache_salt.encode()).hexdigest()[:32]}"
+
+
+def key_salt_tag(key: str) -> str:
+    """The salt tag a record's key carries ("" for an unsalted one's)."""
+    at = key.find(SALT_SEP)
+    return key[at:] if at >= 0 else ""
 
 
 def session_key(session_id: str | None, cache_salt: str | None) -> str | None:
     """The key the store and the device prefix cache know a session by: its id, salted if it has a salt."""
-    if session_id is None or cache_salt is None:
-        return session_id
-    return f"{session_id}{SALT_SEP}{hashlib.sha256(cache_salt.encode()).hexdigest()[:32]}"
+    return None if session_id is None else session_id + salt_tag(cache_salt)
 
 
 def branch_of(key: str) -> str | None:

@@ -34,7 +34,9 @@ from cachedattention.store.session import (
     TurnPlan,
     branch_of,
     common_prefix,
+    key_salt_tag,
     plan_turn,
+    salt_tag,
     spans_while,
 )
 
@@ -169,16 +171,18 @@ class AttentionStore:
 
     # -- planning a turn --------------------------------------------------------------------
     def plan(self, key: str | None, prompt: list[int], window: int, reserve: int, head_hint: int,
-             mode: str | None = None, tail: int = 0, turn_starts: Sequence[int] = ()) -> tuple[str, TurnPlan]:  # fmt: skip
-        """Match a prompt against its session (or the longest anonymous prefix) and truncate if needed
-        (`mode`: plan_turn's, for a session; None: the configured truncation; `tail`: the prompt's last
-        tokens truncation keeps, its newest turn; `turn_starts`: where a cut may end). With a remote tier, a
-        session (or prefix) that another replica served further is adopted from there."""
-        remote = None
+             mode: str | None = None, tail: int = 0, turn_starts: Sequence[int] = (),
+             cache_salt: str | None = None) -> tuple[str, TurnPlan]:  # fmt: skip
+        """Match a prompt against its session (or, without one, the longest anonymous prefix of its cache
+        salt's) and truncate if needed (`mode`: plan_turn's, for a session; None: the configured
+        truncation; `tail`: the prompt's last tokens truncation keeps, its newest turn; `turn_starts`:
+        where a cut may end). With a remote tier, a session (or prefix) that another replica served
+        further is adopted from there."""
+        remote, tag = None, salt_tag(cache_salt)
         if self.remote is not None and key is not None:
             remote = self.remote.read_record(key)
-        elif self.remote is not None and (held := self._anon_hit(prompt, window, reserve)) < len(prompt) - 1:
-            remote = self.remote.read_prefix(prompt)  # another replica may hold a longer prefix
+        elif self.remote is not None and (held := self._anon_hit(prompt, tag, window, reserve)) < len(prompt) - 1:
+            remote = self.remote.read_prefix(prompt, tag)  # another replica may hold a longer prefix
         with self._lock:
             if key is None:
                 # another replica's anonymous record, if it serves more than what this one holds: the index then finds it
@@ -186,7 +190,7 @@ class AttentionStore:
                     if plan_turn(remote, prompt, window, reserve, 0, 1.0, "off").hit > held:
                         self.remote.adopt(remote.key, remote)
                 remote = None
-                key, record = self._find_anon(prompt)
+                key, record = self._find_anon(prompt, tag)
                 mode = "off"
             else:
                 record = self._continued_record(key, prompt)
@@ -214,10 +218,10 @@ class AttentionStore:
                 best, matched = rec, n
         return best
 
-    def _anon_hit(self, prompt: list[int], window: int, reserve: int) -> int:
-        """Tokens of the prompt the best anonymous prefix this replica holds would serve."""
+    def _anon_hit(self, prompt: list[int], tag: str, window: int, reserve: int) -> int:
+        """Tokens of the prompt the best anonymous prefix (of the salt tagged `tag`) this replica holds would serve."""
         with self._lock:
-            _, local = self._find_anon(prompt)
+            _, local = self._find_anon(prompt, tag)
             return self._held(plan_turn(local, prompt, window, reserve, 0, 1.0, "off").reuse) if local else 0
 
     def cut_records_at(self, seg_id: str) -> None:
@@ -822,31 +826,30 @@ class AttentionStore:
         if seg_id in self.ledger:
             self.ledger.forget(seg_id)
 
-    def _find_anon(self, prompt: list[int]) -> tuple[str, SessionRecord | None]:
-        """The anonymous record sharing the longest block-aligned prefix (verified by tokens; of
-        several, the latest indexed)."""
-        for h in reversed(block_hashes(prompt, ANON_BLOCK)):
+    def _find_anon(self, prompt: list[int], tag: str) -> tuple[str, SessionRecord | None]:
+        """The anonymous record of the salt tagged `tag` sharing the longest block-aligned prefix
+        (verified by tokens; of several, the latest indexed)."""
+        fresh = f"{ANON_PREFIX}{uuid.uuid4().hex}{tag}"
+        for h in reversed(_anon_hashes(prompt, tag)):
             for key in reversed(self._anon.get(h, {})):
                 rec = self.records.get(key)
-                if rec is None or common_prefix(rec.logical, prompt) < ANON_BLOCK:
+                if rec is None or key_salt_tag(key) != tag or common_prefix(rec.logical, prompt) < ANON_BLOCK:
                     continue  # (a hash collision)
                 # extend that record when this prompt continues it; otherwise start a new one
-                if common_prefix(rec.logical, prompt) == len(rec.logical):
-                    return key, rec
-                return f"{ANON_PREFIX}{uuid.uuid4().hex}", rec
-        return f"{ANON_PREFIX}{uuid.uuid4().hex}", None
+                return (key, rec) if common_prefix(rec.logical, prompt) == len(rec.logical) else (fresh, rec)
+        return fresh, None
 
     def _index_anon(self, rec: SessionRecord) -> None:
         """Every record is indexed under each block of its prefix, so dropping or cutting one hides
         nothing another holds."""
         if rec.key.startswith(ANON_PREFIX) and not rec.truncated:  # a prefix is served whole, never cut
-            for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv):
+            for h in _anon_hashes(rec.logical, key_salt_tag(rec.key), rec.num_kv):
                 keys = self._anon.setdefault(h, {})
                 keys.pop(rec.key, None)
                 keys[rec.key] = None  # the latest last
 
     def _unindex_anon(self, rec: SessionRecord) -> None:
-        for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv):
+        for h in _anon_hashes(rec.logical, key_salt_tag(rec.key), rec.num_kv):
             keys = self._anon.get(h)
             if keys is not None:
                 keys.pop(rec.key, None)
@@ -924,7 +927,7 @@ class AttentionStore:
                     raise RuntimeError(f"the anonymous index names no record, or a dropped one, at block {h}")
             for rec in self.records.values():
                 if rec.key.startswith(ANON_PREFIX) and not rec.truncated and any(
-                        rec.key not in self._anon.get(h, ()) for h in block_hashes(rec.logical, ANON_BLOCK, limit=rec.num_kv)):  # fmt: skip
+                        rec.key not in self._anon.get(h, ()) for h in _anon_hashes(rec.logical, key_salt_tag(rec.key), rec.num_kv)):  # fmt: skip
                     raise RuntimeError(f"anonymous record {rec.key} is missing from the index")
             listed = [b for branches in self._branches.values() for b in branches]
             if sorted(listed) != sorted(k for k in self.records if branch_of(k) is not None):
@@ -934,6 +937,12 @@ class AttentionStore:
                     raise RuntimeError(f"session {session}'s branch list is empty or names another's")
         if self.remote is not None:
             self.remote.check_integrity()
+
+
+def _anon_hashes(tokens: list[int], tag: str, limit: int | None = None) -> list[int]:
+    """The anonymous index's block hashes of `tokens`, chained from the salt's seed (a salt's prefixes
+    are found only by its requests)."""
+    return block_hashes(tokens, ANON_BLOCK, limit=limit, seed=int(tag[1:17], 16) | 1 if tag else 0)
 
 
 def _continues(new: SessionRecord, old: SessionRecord) -> bool:

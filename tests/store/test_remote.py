@@ -14,6 +14,7 @@ from cachedattention.config import StoreConfig
 from cachedattention.store import segment_format
 from cachedattention.store.remote import RemoteTier, connect
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
+from cachedattention.store.session import salt_tag
 from tests.redis_server import RedisServer
 from tests.util import capture_logits, rel_err, run_to_end
 
@@ -482,6 +483,29 @@ def test_anonymous_conversations_move_between_replicas_by_their_prefix(tiny_dirs
         store_of(llm).check_integrity()
 
 
+def test_an_anonymous_prefix_moves_between_replicas_only_within_its_cache_salt(tiny_dirs, server):
+    path, _ = tiny_dirs["qwen2"]
+    a, b = replica(path, server.url), replica(path, server.url)
+    system = list(range(60, 108))
+
+    def ask(llm, question, salt=None):
+        item = {"prompt_token_ids": system + question, **({"cache_salt": salt} if salt else {})}
+        return llm.generate([item], PARAMS)[0].metrics.cached_tokens
+
+    ask(a, [7, 8, 9], "tenant-a")
+    settle(a)
+    sync = store_of(b).remote  # (the server's block index leads only tenant a's prompts to its record)
+    assert sync.read_prefix(system + [1, 2, 3]) is None
+    assert sync.read_prefix(system + [1, 2, 3], salt_tag("tenant-b")) is None
+    assert sync.read_prefix(system + [1, 2, 3], salt_tag("tenant-a")).num_kv >= 48
+    assert sum(ask(b, [1, 2, 3]).values()) == 0  # (unsalted: tenant a's blocks are not found)
+    settle(b)
+    assert sum(ask(b, [4, 5, 6], "tenant-b").values()) == 0
+    assert ask(b, [1, 2, 4], "tenant-a")["remote"] == 48  # (its own salt's, from the other replica)
+    for llm in (a, b):
+        store_of(llm).check_integrity()
+
+
 def test_an_anonymous_conversation_is_found_by_its_first_blocks_after_the_server_lost_them(tiny_dirs, server):
     """The server flushed (or restarted empty) between two turns: the next publish puts back the
     earlier turns' segments and their blocks' keys, not only the new ones."""
@@ -506,6 +530,8 @@ def test_the_block_keys_are_the_same_everywhere():
     assert len(keys) == 2 and keys == block_keys(list(range(40)), 16)
     assert keys[0] == block_keys(list(range(16)) + [99] * 16, 16)[0] and keys[1] != block_keys(list(range(16)) + [99] * 16, 16)[1]
     assert all(len(k) == 32 and int(k, 16) >= 0 for k in keys)  # 128 bits, hex
+    salted = block_keys(list(range(40)), 16, "\x1etag")
+    assert len(salted) == 2 and not set(salted) & set(keys)  # (a salted prefix's chain is its own)
 
 
 def test_a_client_may_not_name_a_session_like_the_store_s_anonymous_records(tiny_dirs):
