@@ -1,4 +1,4 @@
-"""`cachedattention serve | chat | generate | demo | bench`: the command line."""
+"""`cachedattention serve | chat | generate | demo | router | bench`: the command line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS
 from cachedattention.cli_vllm import DTYPES as DTYPE_CHOICES
 from cachedattention.cli_vllm import add_vllm_engine_args, add_vllm_server_args, dtype_name, model_arg
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
+from cachedattention.router.replicas import DEFAULT_LOAD_FACTOR
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -218,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory for /v1/responses' stored responses (previous_response_id, GET), least recently "
                             "used dropped first; 0 keeps none")
 
+    router = sub.add_parser("router", help="one address in front of several servers, each conversation kept on one")
+    router.add_argument("--replica", action="append", required=True, metavar="URL",
+                        help="a server's base URL, e.g. http://10.0.0.5:8000 (repeat for each replica)")
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=PORT, default=8000)
+    router.add_argument("--load-factor", type=float, default=DEFAULT_LOAD_FACTOR,
+                        help="a replica takes at most this times the average requests in flight before a "
+                             "conversation of its moves on (0: never moves while the replica is up)")
+    router.add_argument("--health-interval-s", type=RATE, default=5.0, help="how often each replica's /health is asked")
+    router.add_argument("--max-body-bytes", type=POSITIVE, default=64 << 20,
+                        help="a larger request body is answered 413 (the replicas' own limit may be smaller)")
+
     bench = sub.add_parser("bench", help="benchmarks: throughput | turn | policy | workload")
     from cachedattention.bench.cli import add_bench_args
 
@@ -264,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cachedattention.server.app import serve
 
             return serve(args)
+        if args.command == "router":
+            from cachedattention.router.app import run_router
+
+            return run_router(args)
         from cachedattention.bench.cli import run_bench
 
         return run_bench(args)

@@ -24,6 +24,8 @@ from cachedattention.bench.workload import Session, Workload, synthetic_text
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
+from cachedattention.router.affinity import bounded_load_order, rendezvous_order
+from cachedattention.router.replicas import DEFAULT_LOAD_FACTOR as ROUTER_LOAD_FACTOR
 from cachedattention.sampling import SamplingParams
 
 Messages = list[dict[str, str]]
@@ -135,12 +137,14 @@ def replay(
     time_scale: float = 1.0,
     text_seed: int | None = 0,
     progress: bool = True,
+    routing: str = "random",
 ) -> ReplayResult:
     """Run every turn of `workload` through `engine` in real time; returns one TurnRecord per turn.
 
-    Given several engines (replicas), each turn goes to one drawn at random (seeded, the same for
-    every system): a load balancer that does not keep a conversation on one replica. They step in
-    turn on this one machine."""
+    Given several engines (replicas), each turn goes to one drawn at random (`routing` "random":
+    seeded, the same for every system; a load balancer that does not keep a conversation on one
+    replica), or, with "affinity", to its session's replica as `cachedattention router` places it.
+    They step in turn on this one machine."""
     engines = [engine] if isinstance(engine, LLMEngine) else list(engine)
     if any(e.tokenizer is None for e in engines):
         raise ValueError("the workload benchmark renders chat messages, so the model needs a tokenizer")
@@ -162,7 +166,8 @@ def replay(
             now = time.perf_counter() - t0
             while arrivals and arrivals[0][0] <= now:
                 _, _, conv = heapq.heappop(arrivals)
-                replica = _route(conv, len(engines), text_seed)
+                replica = _route(conv, len(engines), text_seed, routing, [sum(1 for r, _ in active if r == i)
+                                                                          for i in range(len(engines))])
                 rid = _submit(engines[replica], conv, text_seed, drop_history)
                 active[replica, rid] = (conv, t0 + conv.due_s)
             if not active:
@@ -194,10 +199,15 @@ def replay(
     return ReplayResult(system, records, wall_s, compute_s, stats=stats)
 
 
-def _route(conv: _Conversation, replicas: int, seed: int | None) -> int:
-    """The replica a turn goes to: drawn per (session, turn), so every system sees the same routing."""
+def _route(conv: _Conversation, replicas: int, seed: int | None, routing: str, in_flight: list[int]) -> int:
+    """The replica a turn goes to: drawn per (session, turn), so every system sees the same routing;
+    or the router's choice for its session id, given each replica's turns in flight."""
     if replicas == 1:
         return 0
+    if routing == "affinity":
+        names = [str(i) for i in range(replicas)]
+        order = rendezvous_order(conv.session.session_id, names)
+        return int(bounded_load_order(order, dict(zip(names, in_flight)), ROUTER_LOAD_FACTOR)[0])
     return random.Random(f"{seed}:route:{conv.session.session_id}:{conv.turn}").randrange(replicas)
 
 

@@ -5,7 +5,8 @@ default); device+host adds the store's host tier; CachedAttention adds the disk 
 look-ahead policy; lru and fifo are CachedAttention with those eviction policies instead.
 Only when named: "replicas" is CachedAttention on several replicas (each with the budgets above)
 behind a load balancer that does not keep a conversation on one replica; "replicas+remote" adds
-the remote tier they share (`--remote-url`).
+the remote tier they share (`--remote-url`); "replicas+router" places turns as `cachedattention
+router` does: each session on one replica (rendezvous hashing with bounded loads).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cachedattention.bench.workload import Workload
 from cachedattention.config import CacheConfig, EngineConfig, StoreConfig
 
 SYSTEM_NAMES = ("RE", "device-only", "device+host", "CachedAttention", "lru", "fifo")
-REPLICA_NAMES = ("replicas", "replicas+remote")  # run only when named (the second needs a server)
+REPLICA_NAMES = ("replicas", "replicas+remote", "replicas+router")  # run only when named (+remote needs a server)
 _STORE_POLICIES = {"CachedAttention": "lookahead", "lru": "lru", "fifo": "fifo"}
 
 # Fractions of the workload's total KV given to each tier: no tier but disk can hold every session,
@@ -58,6 +59,7 @@ class SystemSpec:
     cache: CacheConfig
     store: StoreConfig
     replicas: int = 1  # engines, each with these budgets (and its own disk folder)
+    routing: str = "random"  # how turns find a replica: "random" (per turn) or "affinity" (the router's)
 
     @property
     def billed_host_bytes(self) -> int:
@@ -130,7 +132,8 @@ def build_systems(
             )
             if name == "replicas+remote":  # a fresh namespace: an earlier run's sessions are not this run's
                 store = replace(store, remote_url=remote_url, remote_namespace=f"bench-{uuid.uuid4().hex[:12]}")
-            out.append(SystemSpec(name, device, store, replicas if name in REPLICA_NAMES else 1))
+            routing = "affinity" if name == "replicas+router" else "random"
+            out.append(SystemSpec(name, device, store, replicas if name in REPLICA_NAMES else 1, routing))
         else:
             raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEM_NAMES + REPLICA_NAMES)}")
     return out

@@ -210,7 +210,7 @@ def _run_system(
     engines = []
     try:
         engines.extend(LLMEngine(config, loaded=loaded) for config in spec.engine_configs(base))
-        result = replay(engines, workload, spec.name, time_scale=time_scale, text_seed=seed)
+        result = replay(engines, workload, spec.name, time_scale=time_scale, text_seed=seed, routing=spec.routing)
         if spec.store.remote_url is not None:  # the shared tier's memory is billed too; then the run's keys go
             for engine in engines:
                 engine.store.store.flush()

@@ -235,6 +235,19 @@ def test_replicas_share_sessions_through_the_remote_tier(tiny_chat_dir, tmp_path
     assert remote["hit_rate"] > alone["hit_rate"] and alone["hit_rate_by_tier"]["remote"] == 0
 
 
+def test_the_router_s_placement_keeps_each_session_on_one_replica(tiny_chat_dir, tmp_path, capsys):
+    """replicas+router places turns as `cachedattention router` does: every later turn finds its
+    history on its session's replica, where per-turn random placement often misses it."""
+    wl = tmp_path / "input.json"
+    WORKLOAD.to_json(wl)
+    _, data = _bench(capsys, tiny_chat_dir, wl, tmp_path / "out", "--systems", "replicas,replicas+router")
+    routed = data["records"]["replicas+router"]
+    assert len(routed) == WORKLOAD.num_turns
+    assert all(sum(r["cached_tokens"].values()) > 0 for r in routed if r["turn_index"])
+    assert data["config"]["systems"]["replicas+router"]["replicas"] == 2
+    assert data["systems"]["replicas+router"]["hit_rate"] > data["systems"]["replicas"]["hit_rate"]
+
+
 def test_replica_systems_need_their_arguments(tmp_path):
     budgets = Budgets.for_workload(1000, 100)
     with pytest.raises(ValueError, match="--remote-url"):

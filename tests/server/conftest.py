@@ -67,12 +67,16 @@ class RunningServer:
 
 
 def start_server(config: EngineConfig, **app_kwargs) -> RunningServer:
-    """uvicorn on 127.0.0.1, port chosen by the OS, in a background thread (lifespan on)."""
-    import uvicorn
-
+    """Our server's app for `config` under uvicorn (serve_app)."""
     from cachedattention.server.app import create_app
 
-    app = create_app(config, **app_kwargs)
+    return serve_app(create_app(config, **app_kwargs))
+
+
+def serve_app(app) -> RunningServer:
+    """An ASGI app under uvicorn on 127.0.0.1, port chosen by the OS, in a background thread (lifespan on)."""
+    import uvicorn
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

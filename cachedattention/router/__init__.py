@@ -1,0 +1,1 @@
+"""The router in front of several replicas: one conversation, one replica (rendezvous hashing with bounded loads)."""
