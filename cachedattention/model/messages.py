@@ -163,16 +163,19 @@ class ChatOptions:
     header at the end (add_generation_prompt), or the last message, the assistant's, left open for
     the model to go on with (continue_final_message); extra variables for the chat template
     (chat_template_kwargs, e.g. Qwen3's enable_thinking); documents for retrieval-augmented
-    templates (the template's `documents`, a list of objects)."""
+    templates (the template's `documents`, a list of objects); add_special_tokens: the rendered
+    text encoded with what the tokenizer adds around a text (Llama's BOS) on top of the template's
+    own, as vLLM's field asks (off: the template writes its own)."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     template: str | None = None  # a request's own chat template (a server started to trust them), checked
     documents: Sequence[Mapping[str, Any]] | None = None
+    add_special_tokens: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("add_generation_prompt", "continue_final_message"):
+        for name in ("add_generation_prompt", "continue_final_message", "add_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name} must be true or false", name)
         if self.add_generation_prompt and self.continue_final_message:

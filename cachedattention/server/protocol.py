@@ -522,11 +522,8 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
 
 def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: bool = False) -> ChatOptions:
     """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs (and
-    reasoning_effort, one of them), documents, and chat_template when the server trusts requests'
-    templates (as vLLM's --trust-request-chat-template)."""
-    if flag(body, "add_special_tokens"):
-        raise bad("add_special_tokens: a chat template writes its own special tokens; none are added to a chat",
-                  "add_special_tokens")  # fmt: skip
+    reasoning_effort, one of them), documents, add_special_tokens, and chat_template when the server
+    trusts requests' templates (as vLLM's --trust-request-chat-template)."""
     template = body.get("chat_template")
     if template is not None and not trust_template:  # vLLM too refuses one unless told to trust requests' templates
         raise bad("a request's own chat_template is not run by this server: start it with --chat-template, or "
@@ -547,7 +544,8 @@ def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: boo
             kwargs = {"reasoning_effort": effort, **(kwargs or {})}  # chat_template_kwargs' own value wins
     try:
         options = ChatOptions(flag(body, "add_generation_prompt", True), flag(body, "continue_final_message"),
-                              {} if kwargs is None else kwargs, template, body.get("documents"))  # fmt: skip
+                              {} if kwargs is None else kwargs, template, body.get("documents"),
+                              flag(body, "add_special_tokens"))  # fmt: skip
         options.check(messages)
     except ValueError as e:
         raise bad(str(e), getattr(e, "param", None)) from None

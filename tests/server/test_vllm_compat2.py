@@ -1,0 +1,88 @@
+"""More of vLLM's OpenAI-compatible server, as it documents and behaves: chat's add_special_tokens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.conftest import RunningServer, engine_config, start_server
+
+CHAT = "/v1/chat/completions"
+OPEN = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time"}]
+GREEDY = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+
+def _post(server: RunningServer, path: str, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=60)
+
+
+def _streamed(server: RunningServer, **body) -> list[dict]:
+    """A streamed chat's chunks (the [DONE] line left out)."""
+    with httpx.stream("POST", f"{server.url}{CHAT}", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def _text(chunks: list[dict]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+# -- 2. chat's add_special_tokens ------------------------------------------------------------------------
+BOS = 0  # <|endoftext|>: what the copy's tokenizer puts before an encoded text
+
+
+def with_bos(chat_model_dir: Path, path: Path) -> Path:
+    """A copy of the tiny chat model whose tokenizer puts a BOS before every text it encodes with its
+    special tokens (as Llama's do); its chat template writes none."""
+    import shutil
+
+    shutil.copytree(chat_model_dir, path, dirs_exist_ok=True)
+    tok = json.loads((path / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+    tok["post_processor"] = {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                             "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                             "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [BOS],
+                                                                  "tokens": ["<|endoftext|>"]}}}  # fmt: skip
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bos_server(chat_model_dir, tmp_path_factory) -> Iterator[RunningServer]:
+    s = start_server(engine_config(with_bos(chat_model_dir, tmp_path_factory.mktemp("bos-model")), store=False))
+    yield s
+    s.stop()
+
+
+def test_add_special_tokens_puts_the_tokenizer_s_bos_before_the_template_s_text(bos_server):
+    """vLLM's chat field: the rendered chat encoded with the tokenizer's special tokens too (off by
+    default: the template writes its own); /tokenize gives the ids generation uses either way."""
+    messages = OPEN[:1]
+    plain = _post(bos_server, "/tokenize", messages=messages).json()["tokens"]
+    added = _post(bos_server, "/tokenize", messages=messages, add_special_tokens=True).json()["tokens"]
+    assert plain[0] != BOS and added == [BOS, *plain]
+    for specials, ids in ((False, plain), (True, added)):
+        r = _post(bos_server, CHAT, messages=messages, add_special_tokens=specials, max_tokens=1).json()
+        assert r["usage"]["prompt_tokens"] == len(ids)
+    assert _post(bos_server, "/tokenize", prompt="Hi").json()["tokens"][0] == BOS  # (a text prompt's, as before)
+    r = _post(bos_server, CHAT, messages=messages, add_special_tokens="yes")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "add_special_tokens", r.text
+
+
+def test_a_session_s_truncation_keeps_the_added_bos_with_its_head(chat_model_dir, tmp_path):
+    """What a session's overflow truncation keeps is learnt from probes rendered as the prompt is:
+    with the BOS too, so the head (the system prompt) still ends where it did, one token later."""
+    from cachedattention.model.messages import ChatOptions
+    from cachedattention.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(str(with_bos(chat_model_dir, tmp_path / "m")))
+    messages = [{"role": "system", "content": "Be brief."}, *OPEN, {"role": "user", "content": "Go on."}]
+    heads = []
+    for options in (ChatOptions(), ChatOptions(add_special_tokens=True)):
+        prompt = tok.encode_chat(messages, options=options)
+        heads.append(tok.kept_lengths(messages, prompt, options=options))
+    assert heads[1].head == heads[0].head + 1 > 1 and heads[1].tail == heads[0].tail > 0
