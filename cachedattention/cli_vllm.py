@@ -145,7 +145,8 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--uvicorn-log-level", default=None, choices=UVICORN_LOG_LEVELS,
                    help="uvicorn's log level (default: info)")
     g.add_argument("--response-role", type=response_role, default="assistant", metavar="ROLE",
-                   help="assistant only: chat answers' role is always 'assistant' here")
+                   help="assistant only: a chat answer after the generation prompt is the assistant's here "
+                        "(without one, the last message's role, as vLLM's)")
     g.add_argument("--enable-force-include-usage", action="store_true",
                    help="every streamed answer ends with its usage, whether or not the request's stream_options "
                         "asks for it (answers not streamed always carry it)")
@@ -250,7 +251,7 @@ guided_decoding_backend = only(GUIDED_DECODING_BACKENDS, "vLLM's backends, each 
                                                          "guided decoding (a backend's options are not taken)")
 content_format = only(("auto", "string"), "a message's text parts reach the chat template as one string here, "
                                           "never as a list of OpenAI parts (vLLM's openai format)")
-response_role = only(("assistant",), "chat answers' role is always 'assistant' here")
+response_role = only(("assistant",), "a chat answer after the generation prompt is the assistant's here")
 
 
 def root_path(text: str) -> str:

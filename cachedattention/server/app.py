@@ -92,6 +92,7 @@ class _Format:
         logprobs: int | None = None, echoes: list[Echo] | None = None, prompt_logprobs: int | None = None,
         tool_calls: bool = False, named_tool: bool = False, tool_parser: ToolCallParser = HermesCalls,
         continuous_usage: bool = False, token_ids: bool = False, reasoning: Reasoning | None = None, n: int = 1,
+        role: str = "assistant", chat_echo: str | None = None,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
@@ -110,6 +111,8 @@ class _Format:
         self.continuous_usage = continuous_usage  # vLLM's continuous_usage_stats: usage on every chunk
         self.progress: dict[int, RequestOutput] = {}  # each streamed choice's latest output (its usage so far)
         self.reasoning = reasoning  # chat, with --reasoning-parser: thinking apart from the answer
+        self.role = role  # chat: the answer's role
+        self.chat_echo = chat_echo  # chat, vLLM's echo: the text each answer's content starts with
         self.created = int(time.time())
 
     def split(self, out: RequestOutput, final: bool = True) -> Split:
@@ -194,10 +197,12 @@ class _Format:
     def _message(self, out: RequestOutput) -> dict[str, Any]:
         reasoning, text, _ = self.split(out)
         content, calls = self.tool_parser.parse(text) if self.tool_calls else (text, [])
-        message: dict[str, Any] = {"role": "assistant", "content": content if calls else text}
+        message: dict[str, Any] = {"role": self.role, "content": content if calls else text}
         if self.reasoning is not None:
             message.update(self.reasoning.fields(reasoning))
             message["content"] = message["content"] or None  # as vLLM's: no text after the reasoning is none
+        if self.chat_echo is not None:  # as vLLM's: before whatever content the answer has (none: "")
+            message["content"] = self.chat_echo + (message["content"] or "")
         if calls:
             message["tool_calls"] = [c.as_json() for c in calls]
         return message
@@ -227,7 +232,7 @@ class _Format:
         `stop_reason` (vLLM's: the stop token id or string that ended the answer)."""
         lps = self._logprobs(index, logprobs)
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            delta: dict[str, Any] = {"role": self.role, "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
             if reasoning is not None and self.reasoning is not None:
@@ -406,7 +411,8 @@ class OpenAIRoutes:
                       parsed.prompt_logprobs, parsed.parse_tool_calls, parsed.named_tool,
                       for_request(self.tool_parser, parsed.tools),
                       include_usage and parsed.continuous_usage, parsed.token_ids_as_tokens or self.token_ids_as_tokens,
-                      self.reasoning_of(parsed) if chat else None, parsed.n)  # fmt: skip
+                      self.reasoning_of(parsed) if chat else None, parsed.n, parsed.role,
+                      parsed.chat_echo)  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
@@ -514,6 +520,8 @@ class OpenAIRoutes:
             if fmt.chat:
                 for c in choices:
                     yield fmt.chunk(role=True, index=c.index)
+                for c in choices if fmt.chat_echo else ():  # vLLM's echo: the last message's text, once
+                    yield fmt.chunk(fmt.chat_echo, index=c.index)
             while not all(c.done for c in choices):
                 i, item = await merged.get()
                 taken[i].set()

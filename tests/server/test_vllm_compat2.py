@@ -1,4 +1,5 @@
-"""More of vLLM's OpenAI-compatible server, as it documents and behaves: chat's add_special_tokens."""
+"""More of vLLM's OpenAI-compatible server, as it documents and behaves: chat's echo and the answer's
+role, chat's add_special_tokens."""
 
 from __future__ import annotations
 
@@ -29,6 +30,42 @@ def _streamed(server: RunningServer, **body) -> list[dict]:
 
 def _text(chunks: list[dict]) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+# -- 1. chat's echo ----------------------------------------------------------------------------------------
+def test_echo_starts_a_continued_answer_with_the_message_it_goes_on_with(server):
+    """vLLM's echo: the last message's content before the answer, when its role is the answer's (a
+    final message continued); whole and streamed, each choice."""
+    body = {"messages": OPEN, "add_generation_prompt": False, "continue_final_message": True, **GREEDY}
+    plain = _post(server, CHAT, **body).json()["choices"][0]["message"]["content"]
+    echoed = _post(server, CHAT, **body, echo=True, n=2).json()
+    assert [c["message"]["content"] for c in echoed["choices"]] == ["Once upon a time" + plain] * 2
+    assert echoed["usage"]["completion_tokens"] == 2 * GREEDY["max_tokens"]  # the echo is no generated text
+    chunks = _streamed(server, **body, echo=True)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[1]["choices"][0]["delta"] == {"content": "Once upon a time"}  # at once, before the answer
+    assert _text(chunks) == "Once upon a time" + plain
+
+
+def test_echo_after_a_generation_prompt_adds_nothing_to_a_user_s_turn(server):
+    """The answer is the assistant's, the last message the user's: nothing is echoed, as vLLM."""
+    body = {"messages": OPEN[:1], **GREEDY}
+    plain = _post(server, CHAT, **body).json()["choices"][0]["message"]["content"]
+    assert _post(server, CHAT, **body, echo=True).json()["choices"][0]["message"]["content"] == plain
+    assert _text(_streamed(server, **body, echo=True)) == plain
+
+
+def test_without_a_generation_prompt_the_answer_takes_the_last_message_s_role(server):
+    """vLLM's rule: the answer goes on with the last message, in its role (and echoes it)."""
+    body = {"messages": OPEN[:1], "add_generation_prompt": False, **GREEDY}
+    message = _post(server, CHAT, **body, echo=True).json()["choices"][0]["message"]
+    assert message["role"] == "user" and message["content"].startswith("Tell me a story.")
+    assert _streamed(server, **body)[0]["choices"][0]["delta"]["role"] == "user"
+
+
+def test_echo_must_be_a_boolean(server):
+    r = _post(server, CHAT, messages=OPEN[:1], echo="yes")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo", r.text
 
 
 # -- 2. chat's add_special_tokens ------------------------------------------------------------------------
