@@ -51,9 +51,11 @@ def _message(i: int, m: Any) -> dict[str, Any]:
             f"messages[{i}].role must be one of {', '.join(map(repr, ROLES))} (or 'developer', taken as 'system'), "
             f"got {role!r}", f"messages[{i}].role"
         )
-    # an empty list is no calls (some clients send one), as vLLM takes it
+    # an empty list is no calls (some clients send one, older vLLM answers carry one): left out, as vLLM
+    # drops it, so a template stays on the plain answer's path
     calls = _tool_calls(i, m.get("tool_calls")) if role == "assistant" and m.get("tool_calls") else None
-    if "content" not in m and not calls:  # (a client bug worth telling; null is fine)
+    sends_calls = role == "assistant" and m.get("tool_calls") is not None  # (its content may be left out)
+    if "content" not in m and not sends_calls:  # (a client bug worth telling; null is fine)
         raise InvalidRequest(f"messages[{i}].content is missing", f"messages[{i}].content")
     content = joined_text_parts(m.get("content"), f"messages[{i}].content")
     if content is None:

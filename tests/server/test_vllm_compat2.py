@@ -123,3 +123,36 @@ def test_a_session_s_truncation_keeps_the_added_bos_with_its_head(chat_model_dir
         prompt = tok.encode_chat(messages, options=options)
         heads.append(tok.kept_lengths(messages, prompt, options=options))
     assert heads[1].head == heads[0].head + 1 > 1 and heads[1].tail == heads[0].tail > 0
+
+
+# -- 3. an assistant message with "tool_calls": [] ------------------------------------------------------
+# a template that tells a message with tool_calls (even empty) from one without, as Llama 3's checks them
+DEFINED = ("{% for m in messages %}[{{ m.role }}]{% if m.tool_calls is defined %}<calls {{ m.tool_calls | length }}>"
+           "{% else %}{{ m.content }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def test_empty_tool_calls_are_no_calls_to_the_template(chat_model_dir):
+    """vLLM drops an assistant's empty tool_calls before rendering (templates stay on the plain
+    answer's path: Llama 3's would fail on them); content may then be left out, as with calls."""
+    from cachedattention.model.messages import validate_messages
+    from cachedattention.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(str(chat_model_dir)).with_chat_template(DEFINED)
+    sent_back = [*OPEN[:1], {"role": "assistant", "content": "Hi.", "tool_calls": []}, *OPEN[:1]]
+    plain = [*OPEN[:1], {"role": "assistant", "content": "Hi."}, *OPEN[:1]]
+    assert tok.render_chat(validate_messages(sent_back)) == tok.render_chat(validate_messages(plain))
+    assert "[assistant]Hi.[user]" in tok.render_chat(validate_messages(sent_back))  # (not <calls 0>)
+    bare = validate_messages([*OPEN[:1], {"role": "assistant", "tool_calls": []}, *OPEN[:1]])
+    assert bare[1] == {"role": "assistant", "content": ""}
+
+
+def test_an_answer_without_calls_carries_no_tool_calls(server):
+    """As vLLM's since it fixed its empty list (vllm-project/vllm#44105: an OpenAI client took a
+    present `tool_calls: []` for calls): the key is left out, whole and streamed, and a message sent
+    back with one is served."""
+    messages = [*OPEN[:1], {"role": "assistant", "tool_calls": []}, *OPEN[:1]]
+    whole = _post(server, CHAT, messages=messages, **GREEDY)
+    assert whole.status_code == 200, whole.text
+    assert "tool_calls" not in whole.json()["choices"][0]["message"]
+    assert not any("tool_calls" in c["choices"][0]["delta"] for c in _streamed(server, messages=messages, **GREEDY)
+                   if c["choices"])  # fmt: skip
