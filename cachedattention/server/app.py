@@ -706,7 +706,7 @@ def create_app(
     model_names = names or [default_model_name(engine)]
     metrics = ServerMetrics(model_names[0])
     loop = EngineLoop(engine, on_finished=metrics.observe_finished, log_requests=log_requests,
-                      on_first_token=metrics.observe_first_token)
+                      on_first_token=metrics.observe_first_token, on_token=metrics.observe_token)
     metrics.registry.register(EngineStatsCollector(loop.stats))
     metrics.registry.register(VLLMStatsCollector(loop.stats, model_names[0]))
     routes = OpenAIRoutes(loop, metrics, model_names, engine.max_model_len,

@@ -58,6 +58,10 @@ class ServerMetrics:
             self.ttft.observe(out.metrics.ttft_s)
         self.vllm.observe_first_token(out)
 
+    def observe_token(self, out: RequestOutput) -> None:
+        """Called on the engine thread for each output with new tokens."""
+        self.vllm.observe_token(out)
+
     def observe_finished(self, out: RequestOutput) -> None:
         """Called on the engine thread for every finished request (prometheus_client is thread-safe)."""
         m = out.metrics

@@ -1,5 +1,6 @@
 """More of vLLM's OpenAI-compatible server, as it documents and behaves: chat's echo and the answer's
-role, chat's add_special_tokens."""
+role, chat's add_special_tokens, assistant messages sent back with empty tool_calls, the time between
+tokens in vLLM's metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import RunningServer, engine_config, start_server
 
@@ -156,3 +158,34 @@ def test_an_answer_without_calls_carries_no_tool_calls(server):
     assert "tool_calls" not in whole.json()["choices"][0]["message"]
     assert not any("tool_calls" in c["choices"][0]["delta"] for c in _streamed(server, messages=messages, **GREEDY)
                    if c["choices"])  # fmt: skip
+
+
+# -- 4. the time between tokens in vLLM's metrics ----------------------------------------------------------
+def _samples(server: RunningServer) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=60).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+
+def test_the_time_between_tokens_is_observed_per_gap_and_per_request(server):
+    """vLLM's inter_token_latency_seconds (and its earlier name, time_per_output_token_seconds): one
+    observation per gap between a request's tokens; request_time_per_output_token_seconds: one per
+    request, its first token to its last over the tokens after the first; vLLM's buckets."""
+    model = httpx.get(f"{server.url}/v1/models", timeout=60).json()["data"][0]["id"]
+    label = (("model_name", model),)
+    before = _samples(server)
+    for n in (6, 1):  # a one-token answer has no gap: it observes 0 per request, as vLLM's
+        _post(server, CHAT, messages=OPEN[:1], **{**GREEDY, "max_tokens": n})
+    after = _samples(server)
+
+    def grew(name: str) -> float:
+        return after[(name, label)] - before.get((name, label), 0.0)
+
+    for gaps in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):
+        assert grew(f"{gaps}_count") == 5 and grew(f"{gaps}_sum") > 0, gaps
+    assert grew("vllm:request_time_per_output_token_seconds_count") == 2
+    mean = grew("vllm:request_time_per_output_token_seconds_sum")  # the 6-token answer's (the other's is 0)
+    assert mean * 5 == pytest.approx(grew("vllm:inter_token_latency_seconds_sum"), rel=1e-6)
+    bounds = sorted(float(dict(labels)["le"]) for name, labels in after
+                    if name == "vllm:inter_token_latency_seconds_bucket")  # fmt: skip
+    assert bounds[:3] == [0.01, 0.025, 0.05] and bounds[-2:] == [80.0, float("inf")] and len(bounds) == 20
