@@ -33,7 +33,7 @@ from cachedattention.errors import SessionBusy
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import choice_params
-from cachedattention.server.api_error import APIError, aborted_error, as_api_error, error_body, error_response
+from cachedattention.server.api_error import APIError, aborted_error, as_api_error, bad, error_body, error_response
 from cachedattention.server.auth import ApiKeyMiddleware, RootPathMiddleware, api_keys_from, checked_api_keys
 from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
 from cachedattention.server.logprobs import LogprobFormatter
@@ -304,12 +304,26 @@ class OpenAIRoutes:
         app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
         app.add_api_route("/version", self.version, methods=["GET"])
         app.add_api_route("/v1/sessions/{session_id:path}", self.forget_session, methods=["DELETE"])
+        # SageMaker's routes, as vLLM serves them: its probe (GET; POST too, its own route out of the
+        # schema) and one route for inference
+        app.add_api_route("/ping", self.health, methods=["GET"])
+        app.add_api_route("/ping", self.health, methods=["POST"], include_in_schema=False)
+        app.add_api_route("/invocations", self.invocations, methods=["POST"])
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, chat=False)
+
+    async def invocations(self, request: Request) -> Response:
+        """SageMaker's inference route, as vLLM's: by the body's shape, a chat (messages) or a
+        completion (prompt), answered as that route answers it."""
+        body = parse_json_object(await request.body())  # (Starlette keeps the body for the route's own read)
+        if "messages" in body or "prompt" in body:
+            return await self._generate(request, chat="messages" in body)
+        raise bad("/invocations serves a chat completion request (with messages) or a completion request "
+                  "(with a prompt); this body has neither", "messages")  # fmt: skip
 
     async def models(self) -> dict[str, Any]:
         root = model_root(self.loop.engine)

@@ -1,6 +1,6 @@
 """More of vLLM's OpenAI-compatible server, as it documents and behaves: chat's echo and the answer's
 role, chat's add_special_tokens, assistant messages sent back with empty tool_calls, the time between
-tokens in vLLM's metrics."""
+tokens in vLLM's metrics, SageMaker's /ping and /invocations."""
 
 from __future__ import annotations
 
@@ -189,3 +189,43 @@ def test_the_time_between_tokens_is_observed_per_gap_and_per_request(server):
     bounds = sorted(float(dict(labels)["le"]) for name, labels in after
                     if name == "vllm:inter_token_latency_seconds_bucket")  # fmt: skip
     assert bounds[:3] == [0.01, 0.025, 0.05] and bounds[-2:] == [80.0, float("inf")] and len(bounds) == 20
+
+
+# -- 5. SageMaker's /ping and /invocations -----------------------------------------------------------------
+def test_ping_answers_as_health_does(server):
+    for method in ("GET", "POST"):  # SageMaker probes with GET; vLLM takes POST too
+        r = httpx.request(method, f"{server.url}/ping", timeout=60)
+        assert r.status_code == 200 and r.json()["status"] == "ok", (method, r.text)
+    paths = httpx.get(f"{server.url}/openapi.json", timeout=60).json()["paths"]
+    assert list(paths["/ping"]) == ["get"] and list(paths["/invocations"]) == ["post"]  # one operation id each
+
+
+def test_invocations_routes_by_the_body_s_shape(server):
+    """vLLM's rule: a body with messages is a chat completion, one with a prompt a completion, each
+    answered as its own route answers it (streamed too); neither is a 400."""
+    chat = {"messages": OPEN[:1], **GREEDY}
+    via = _post(server, "/invocations", **chat).json()
+    direct = _post(server, CHAT, **chat).json()
+    assert via["object"] == "chat.completion" and via["choices"][0]["message"] == direct["choices"][0]["message"]
+    completion = {"prompt": "Once upon a time", **GREEDY}
+    via = _post(server, "/invocations", **completion).json()
+    assert via["object"] == "text_completion"
+    assert via["choices"][0]["text"] == _post(server, "/v1/completions", **completion).json()["choices"][0]["text"]
+    with httpx.stream("POST", f"{server.url}/invocations", json={**chat, "stream": True}, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert _text(chunks) == direct["choices"][0]["message"]["content"]
+    r = _post(server, "/invocations", input="Hi")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_invocations_needs_the_api_key_and_ping_does_not(chat_model_dir):
+    """/invocations generates: with --api-key it is guarded as /v1 is (as vLLM guards it); the probe is open."""
+    s = start_server(engine_config(chat_model_dir, store=False), api_keys=["k-1"])
+    try:
+        body = {"messages": OPEN[:1], "max_tokens": 1}
+        assert httpx.post(f"{s.url}/invocations", json=body, timeout=60).status_code == 401
+        keyed = httpx.post(f"{s.url}/invocations", json=body, headers={"Authorization": "Bearer k-1"}, timeout=60)
+        assert keyed.status_code == 200, keyed.text
+        assert httpx.get(f"{s.url}/ping", timeout=60).status_code == 200
+    finally:
+        s.stop()
