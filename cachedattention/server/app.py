@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from cachedattention.cli_vllm import uvicorn_options
 from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import SessionBusy
+from cachedattention.model.messages import ChatOptions
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import choice_params
@@ -52,6 +53,7 @@ from cachedattention.server.reasoning import (
     reasoning_delta,
     split_answer,
 )
+from cachedattention.server.request_id import RequestIdMiddleware
 from cachedattention.server.responses import ResponsesRoutes
 from cachedattention.server.responses_store import ResponseStore, SharedResponses
 from cachedattention.server.stream_text import stream_delta
@@ -276,9 +278,10 @@ class OpenAIRoutes:
     def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_names: Sequence[str], max_model_len: int,
                  trust_request_chat_template: bool = False, named: bool = True,
                  tool_parser: ToolCallParser = HermesCalls, token_ids_as_tokens: bool = False,
-                 reasoning_parser: ReasoningParser | None = None,
-                 force_include_usage: bool = False) -> None:  # fmt: skip
+                 reasoning_parser: ReasoningParser | None = None, force_include_usage: bool = False,
+                 template_defaults: Mapping[str, Any] | None = None) -> None:  # fmt: skip
         self.loop = loop
+        self.template_defaults = dict(template_defaults or {})  # chat_template_kwargs' (--default-chat-template-kwargs)
         self.token_ids_as_tokens = token_ids_as_tokens  # vLLM's --return-tokens-as-token-ids
         self.trust_template = trust_request_chat_template
         self.tool_parser = tool_parser  # how the model writes tool calls (--tool-call-parser)
@@ -363,7 +366,8 @@ class OpenAIRoutes:
     async def tokenize(self, request: Request) -> dict[str, Any]:
         body, tok = await self._tokenizer_request(request)
         # off the event loop: a long prompt takes a while, and answers stream meanwhile
-        return await asyncio.to_thread(tokenize, tok, body, self.max_model_len, self.trust_template)
+        return await asyncio.to_thread(tokenize, tok, body, self.max_model_len, self.trust_template,
+                                       self.template_defaults)  # fmt: skip
 
     async def detokenize(self, request: Request) -> dict[str, Any]:
         body, tok = await self._tokenizer_request(request)
@@ -404,7 +408,8 @@ class OpenAIRoutes:
     # -- generation -------------------------------------------------------------------------------
     async def _generate(self, request: Request, chat: bool) -> Response:
         body = parse_json_object(await request.body())
-        parse = (functools.partial(parse_chat, trust_template=self.trust_template, tool_format=self.tool_parser.name)
+        parse = (functools.partial(parse_chat, trust_template=self.trust_template, tool_format=self.tool_parser.name,
+                                   template_defaults=self.template_defaults)
                  if chat else parse_completion)  # fmt: skip
         parse = functools.partial(parse, max_logprobs=self.loop.engine.max_logprobs)  # --max-logprobs
         # in a worker thread: compiling a large schema or grammar must not hold up other requests' streams
@@ -685,6 +690,8 @@ def create_app(
     force_include_usage: bool = False,
     root_path: str = "",
     disable_docs: bool = False,
+    request_id_headers: bool = False,
+    default_chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
@@ -700,7 +707,10 @@ def create_app(
     streamed answer ends with its usage (vLLM's --enable-force-include-usage). `root_path`: the path
     prefix a proxy serves the app under (kept in the URL or not, both route); `disable_docs`: no
     /openapi.json either (vLLM's --disable-fastapi-docs; /docs and /redoc are never served).
-    `log_requests`: one INFO line per request received (vLLM's --enable-log-requests)."""
+    `log_requests`: one INFO line per request received (vLLM's --enable-log-requests). `request_id_headers`:
+    every answer carries X-Request-Id (vLLM's --enable-request-id-headers); `default_chat_template_kwargs`:
+    chat template variables every chat gets unless its own chat_template_kwargs set them (vLLM's
+    --default-chat-template-kwargs)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
@@ -708,6 +718,7 @@ def create_app(
     if not 0 <= grace_s < math.inf:
         raise ValueError(f"grace_s must be a finite number >= 0, got {grace_s}")
     api_keys = checked_api_keys(api_keys)
+    ChatOptions(template_kwargs=default_chat_template_kwargs or {})  # its names checked before the model loads
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     if not all(isinstance(n, str) and n.strip() for n in names):
         raise ValueError(f"served model names must be non-empty strings, got {names!r}")
@@ -728,7 +739,8 @@ def create_app(
                           tool_parser=tool_call_parser(tool_call_format),
                           token_ids_as_tokens=return_tokens_as_token_ids,
                           reasoning_parser=engine.reasoning_parser,
-                          force_include_usage=force_include_usage)  # fmt: skip
+                          force_include_usage=force_include_usage,
+                          template_defaults=default_chat_template_kwargs)  # fmt: skip
     if allow_credentials and "*" in allowed_origins:
         log.warning("--allow-credentials with any origin: every web page may call this server with its users' "
                     "cookies; name the origins (--allowed-origins)")  # fmt: skip
@@ -759,6 +771,8 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=list(allowed_methods),
                            allow_headers=list(allowed_headers), allow_credentials=allow_credentials)
     app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # also counts the 413s and 401s
+    if request_id_headers:  # outside the others: their own answers (401, 413) carry it too
+        app.add_middleware(RequestIdMiddleware)
     if root_path:  # outermost: every layer reads the route path under it (auth.route_path)
         app.add_middleware(RootPathMiddleware, root_path=root_path)
     return app
@@ -799,7 +813,9 @@ def serve(args: argparse.Namespace) -> int:
                      force_include_usage=getattr(args, "enable_force_include_usage", False),
                      root_path=getattr(args, "root_path", ""),
                      disable_docs=getattr(args, "disable_fastapi_docs", False),
-                     log_requests=getattr(args, "enable_log_requests", False))
+                     log_requests=getattr(args, "enable_log_requests", False),
+                     request_id_headers=getattr(args, "enable_request_id_headers", False),
+                     default_chat_template_kwargs=getattr(args, "default_chat_template_kwargs", None))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s)),

@@ -481,9 +481,10 @@ def _mistral_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def parse_chat(body: dict, session_header: str | None, max_model_len: int, defaults: Mapping[str, Any] | None = None,
-               trust_template: bool = False, max_logprobs: int = MAX_LOGPROBS,
-               tool_format: str = "hermes") -> ParsedRequest:  # fmt: skip
-    """A chat request; `tool_format`: how the model writes a call a tool_choice forces (--tool-call-parser)."""
+               trust_template: bool = False, max_logprobs: int = MAX_LOGPROBS, tool_format: str = "hermes",
+               template_defaults: Mapping[str, Any] | None = None) -> ParsedRequest:  # fmt: skip
+    """A chat request; `tool_format`: how the model writes a call a tool_choice forces (--tool-call-parser);
+    `template_defaults`: the server's chat_template_kwargs (--default-chat-template-kwargs)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {'role': ..., 'content': ...} objects", "messages")
@@ -517,7 +518,7 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
     if parse_calls and tool_format in KEEP_SPECIAL_TOKENS:  # its tag is a special token: kept in the text, as vLLM
         common["params"] = replace(common["params"], skip_special_tokens=False)
     named = isinstance(body.get("tool_choice"), dict)
-    options = chat_options(body, out, trust_template)
+    options = chat_options(body, out, trust_template, template_defaults)
     role = answer_role(messages, options)
     return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named,
                          chat_options=options, include_reasoning=flag(body, "include_reasoning", True),
@@ -539,10 +540,11 @@ def _chat_echo(body: dict, sent: list[dict[str, Any]], messages: list[dict[str, 
     return messages[-1]["content"] if sent[-1]["role"] == role else ""
 
 
-def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: bool = False) -> ChatOptions:
-    """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs (and
-    reasoning_effort, one of them), documents, add_special_tokens, and chat_template when the server
-    trusts requests' templates (as vLLM's --trust-request-chat-template)."""
+def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: bool = False,
+                 template_defaults: Mapping[str, Any] | None = None) -> ChatOptions:  # fmt: skip
+    """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs (over
+    the server's `template_defaults`; reasoning_effort is one of them), documents, add_special_tokens,
+    and chat_template when the server trusts requests' templates (as vLLM's --trust-request-chat-template)."""
     template = body.get("chat_template")
     if template is not None and not trust_template:  # vLLM too refuses one unless told to trust requests' templates
         raise bad("a request's own chat_template is not run by this server: start it with --chat-template, or "
@@ -561,6 +563,8 @@ def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: boo
             raise bad(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", "reasoning_effort")
         if kwargs is None or isinstance(kwargs, dict):
             kwargs = {"reasoning_effort": effort, **(kwargs or {})}  # chat_template_kwargs' own value wins
+    if template_defaults and (kwargs is None or isinstance(kwargs, dict)):  # as vLLM's: the request's own win
+        kwargs = {**template_defaults, **(kwargs or {})}
     try:
         options = ChatOptions(flag(body, "add_generation_prompt", True), flag(body, "continue_final_message"),
                               {} if kwargs is None else kwargs, template, body.get("documents"),

@@ -1,6 +1,7 @@
 """More of vLLM's OpenAI-compatible server, as it documents and behaves: chat's echo and the answer's
 role, chat's add_special_tokens, assistant messages sent back with empty tool_calls, the time between
-tokens in vLLM's metrics, SageMaker's /ping and /invocations."""
+tokens in vLLM's metrics, SageMaker's /ping and /invocations, --enable-request-id-headers and
+--default-chat-template-kwargs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import RunningServer, engine_config, start_server
+from tests.server.conftest import RunningServer, engine_config, start_server, with_template
 
 CHAT = "/v1/chat/completions"
 OPEN = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time"}]
@@ -229,3 +230,82 @@ def test_invocations_needs_the_api_key_and_ping_does_not(chat_model_dir):
         assert httpx.get(f"{s.url}/ping", timeout=60).status_code == 200
     finally:
         s.stop()
+
+
+# -- 6. --enable-request-id-headers and --default-chat-template-kwargs ------------------------------------
+GREETS = ("{% if greeting is defined %}<{{ greeting }}|{{ tone }}>{% endif %}"
+          "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def flagged(chat_model_dir, tmp_path_factory) -> Iterator[RunningServer]:
+    """A server started with both flags, its model's template writing two variables."""
+    model = with_template(chat_model_dir, tmp_path_factory.mktemp("greets-model"), GREETS)
+    s = start_server(engine_config(model, store=False), request_id_headers=True,
+                     default_chat_template_kwargs={"greeting": "Ahoy", "tone": "plain"})  # fmt: skip
+    yield s
+    s.stop()
+
+
+def test_answers_carry_the_request_s_id_or_a_new_one(flagged, server):
+    given = httpx.post(f"{flagged.url}{CHAT}", json={"messages": OPEN[:1], "max_tokens": 1},
+                       headers={"X-Request-Id": "gw-42"}, timeout=60)  # fmt: skip
+    assert given.headers["x-request-id"] == "gw-42"
+    new = httpx.post(f"{flagged.url}{CHAT}", json={"messages": OPEN[:1], "max_tokens": 1}, timeout=60)
+    assert len(new.headers["x-request-id"]) == 32 and new.headers["x-request-id"] != given.headers["x-request-id"]
+    body = {"messages": OPEN[:1], "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", f"{flagged.url}{CHAT}", json=body, headers={"X-Request-Id": "s-1"}, timeout=60) as r:
+        assert r.headers["x-request-id"] == "s-1"  # with the stream's start
+    missing = httpx.get(f"{flagged.url}/v1/nothing-here", headers={"X-Request-Id": "e-1"}, timeout=60)
+    assert missing.status_code == 404 and missing.headers["x-request-id"] == "e-1"  # errors too
+    assert "x-request-id" not in httpx.get(f"{server.url}/health", timeout=60).headers  # not without the flag
+
+
+def test_the_server_s_template_variables_lie_under_the_request_s(flagged):
+    """vLLM's --default-chat-template-kwargs: every chat (and /tokenize) renders with them; a
+    request's own chat_template_kwargs win, name by name."""
+
+    def rendered(**body) -> str:
+        ids = _post(flagged, "/tokenize", messages=OPEN[:1], **body).json()["tokens"]
+        return _post(flagged, "/detokenize", tokens=ids).json()["prompt"]
+
+    assert rendered().startswith("<Ahoy|plain>[user]")
+    assert rendered(chat_template_kwargs={"tone": "loud"}).startswith("<Ahoy|loud>[user]")
+    plain = _post(flagged, "/tokenize", messages=OPEN[:1]).json()["count"]
+    assert _post(flagged, CHAT, messages=OPEN[:1], max_tokens=1).json()["usage"]["prompt_tokens"] == plain
+    answer = _post(flagged, "/v1/responses", input=OPEN[0]["content"], max_output_tokens=1, store=False).json()
+    assert answer["usage"]["input_tokens"] == plain  # the Responses API's chats too
+
+
+def test_serve_makes_both_flags_real(chat_model_dir, monkeypatch):
+    """From the command line through serve(): the middleware and the routes' defaults."""
+    from cachedattention.cli import build_parser
+    from cachedattention.server import app as app_module
+    from cachedattention.server.request_id import RequestIdMiddleware
+
+    seen = {}
+
+    class FakeServer:  # what serve() would run, without binding a port
+        def __init__(self, config, loop) -> None:
+            chat = next(r for r in config.app.routes if getattr(r, "path", "") == CHAT)
+            seen.update(ids=any(m.cls is RequestIdMiddleware for m in config.app.user_middleware),
+                        defaults=chat.endpoint.__self__.template_defaults)  # fmt: skip
+            self.started = True
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(app_module, "_DrainingServer", FakeServer)
+    argv = ["serve", str(chat_model_dir), "--kv-pool-bytes", str(4 << 20), "--enable-request-id-headers",
+            "--default-chat-template-kwargs", '{"enable_thinking": false}']  # fmt: skip
+    assert app_module.serve(build_parser().parse_args(argv)) == 0
+    assert seen == {"ids": True, "defaults": {"enable_thinking": False}}
+    assert app_module.serve(build_parser().parse_args(argv[:4])) == 0
+    assert seen == {"ids": False, "defaults": {}}
+
+
+def test_the_server_s_template_variables_are_checked_before_the_model_loads(chat_model_dir):
+    from cachedattention.server.app import create_app
+
+    with pytest.raises(ValueError, match="may not set 'messages'"):
+        create_app(engine_config(chat_model_dir, store=False), default_chat_template_kwargs={"messages": []})
