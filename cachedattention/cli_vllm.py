@@ -4,10 +4,12 @@ does in vLLM, is accepted where this engine already behaves so, or is a usage er
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import ssl
 
 from cachedattention.cli_types import POSITIVE, number
+from cachedattention.model.messages import ChatOptions
 from cachedattention.sampling import MAX_LOGPROBS
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
@@ -110,10 +112,11 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template-content-format", type=content_format, default="auto", metavar="auto|string",
                    help="auto or string: a message's text parts reach the chat template joined into one "
                         "string (vLLM's string format, which its auto picks for templates that take text)")
-    g.add_argument("--enable-request-id-headers", action=Refuse, nargs=0,
-                   help="not supported yet: answers carry no X-Request-Id header")
-    g.add_argument("--default-chat-template-kwargs", action=Refuse, metavar="JSON",
-                   help="not supported yet: give chat_template_kwargs in each request")
+    g.add_argument("--enable-request-id-headers", action="store_true",
+                   help="every answer carries an X-Request-Id header: the request's own, else a new id")
+    g.add_argument("--default-chat-template-kwargs", type=template_kwargs, default=None, metavar="JSON",
+                   help="chat template variables every chat gets unless its own chat_template_kwargs set them, "
+                        "a JSON object (e.g. '{\"enable_thinking\": false}'), as vLLM's")
     g.add_argument("--seed", dest="engine_seed", type=seed_value, default=None, metavar="N",
                    help="seed of the sampling of requests without their own seed, so that a restarted server "
                         "answers them alike (default: none, a new random state each start; vLLM's V1 engine "
@@ -145,7 +148,8 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--uvicorn-log-level", default=None, choices=UVICORN_LOG_LEVELS,
                    help="uvicorn's log level (default: info)")
     g.add_argument("--response-role", type=response_role, default="assistant", metavar="ROLE",
-                   help="assistant only: chat answers' role is always 'assistant' here")
+                   help="assistant only: a chat answer after the generation prompt is the assistant's here "
+                        "(without one, the last message's role, as vLLM's)")
     g.add_argument("--enable-force-include-usage", action="store_true",
                    help="every streamed answer ends with its usage, whether or not the request's stream_options "
                         "asks for it (answers not streamed always carry it)")
@@ -250,7 +254,24 @@ guided_decoding_backend = only(GUIDED_DECODING_BACKENDS, "vLLM's backends, each 
                                                          "guided decoding (a backend's options are not taken)")
 content_format = only(("auto", "string"), "a message's text parts reach the chat template as one string here, "
                                           "never as a list of OpenAI parts (vLLM's openai format)")
-response_role = only(("assistant",), "chat answers' role is always 'assistant' here")
+response_role = only(("assistant",), "a chat answer after the generation prompt is the assistant's here")
+
+
+def template_kwargs(text: str) -> dict:
+    """--default-chat-template-kwargs: a JSON object of chat template variables, named as a
+    request's chat_template_kwargs may name them."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object of template variables was expected, e.g. "
+                                         "'{\"enable_thinking\": false}'")  # fmt: skip
+    try:
+        ChatOptions(template_kwargs=value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def root_path(text: str) -> str:

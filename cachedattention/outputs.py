@@ -15,6 +15,8 @@ class RequestMetrics:
     arrival_s: float
     scheduled_s: float | None = None  # first admitted into a running batch (the end of its queue wait)
     first_token_s: float | None = None
+    last_token_s: float | None = None  # when its newest token was sampled
+    token_gap_s: float | None = None  # from the token before to the newest (None before a second token)
     finish_s: float | None = None
     prompt_tokens: int = 0
     generated_tokens: int = 0

@@ -70,8 +70,9 @@ def test_what_this_engine_already_does_is_accepted(flags):
 
 @pytest.mark.parametrize("flags, says", [
     (["--logits-processor-pattern", "my_mod.*"], "loads no logits processors"),
-    (["--enable-request-id-headers"], "--enable-request-id-headers: not supported yet"),
-    (["--default-chat-template-kwargs", '{"enable_thinking": false}'], "not supported yet: give chat_template_kwargs"),
+    (["--default-chat-template-kwargs", "[1]"], "a JSON object of template variables was expected"),
+    (["--default-chat-template-kwargs", "{nope"], "not a JSON object"),
+    (["--default-chat-template-kwargs", '{"tools": []}'], "may not set 'tools': it has its own field"),
     (["--api-server-count", "4"], "this server is one process: only 1 is accepted, got 4"),
     (["--chat-template-content-format", "openai"], "never as a list of OpenAI parts"),
     (["--guided-decoding-backend", "xgrammar:disable-any-whitespace"], "a backend's options are not taken"),
@@ -84,6 +85,16 @@ def test_what_this_engine_cannot_do_is_a_usage_error_saying_why(flags, says, cap
     with pytest.raises(SystemExit) as e:
         parse("serve", "m", *flags)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_the_request_id_and_template_variable_flags_parse_as_vllm_s(tmp_path):
+    args = parse("serve", "m", "--enable-request-id-headers", "--default-chat-template-kwargs", '{"enable_thinking": false}')
+    assert args.enable_request_id_headers and args.default_chat_template_kwargs == {"enable_thinking": False}
+    plain = parse("serve", "m")
+    assert not plain.enable_request_id_headers and plain.default_chat_template_kwargs is None
+    config = write(tmp_path, "enable-request-id-headers: true\ndefault-chat-template-kwargs: {enable_thinking: false}\n")
+    args = parse("serve", "m", "--config", config)
+    assert args.enable_request_id_headers and args.default_chat_template_kwargs == {"enable_thinking": False}
 
 
 def write(tmp_path, text: str, name: str = "config.yaml") -> str:

@@ -541,8 +541,11 @@ class LLMEngine:
         return broken
 
     def _append_token(self, req: Request, token: int) -> None:
-        if req.metrics.first_token_s is None:
-            req.metrics.first_token_s = time.perf_counter()
+        m, now = req.metrics, time.perf_counter()
+        if m.first_token_s is None:
+            m.first_token_s = now
+        m.token_gap_s = None if m.last_token_s is None else now - m.last_token_s  # (vLLM's inter-token latency)
+        m.last_token_s = now
         req.output_token_ids.append(token)
         p = req.params
         reason = None

@@ -51,9 +51,11 @@ def _message(i: int, m: Any) -> dict[str, Any]:
             f"messages[{i}].role must be one of {', '.join(map(repr, ROLES))} (or 'developer', taken as 'system'), "
             f"got {role!r}", f"messages[{i}].role"
         )
-    # an empty list is no calls (some clients send one), as vLLM takes it
+    # an empty list is no calls (some clients send one, older vLLM answers carry one): left out, as vLLM
+    # drops it, so a template stays on the plain answer's path
     calls = _tool_calls(i, m.get("tool_calls")) if role == "assistant" and m.get("tool_calls") else None
-    if "content" not in m and not calls:  # (a client bug worth telling; null is fine)
+    sends_calls = role == "assistant" and m.get("tool_calls") is not None  # (its content may be left out)
+    if "content" not in m and not sends_calls:  # (a client bug worth telling; null is fine)
         raise InvalidRequest(f"messages[{i}].content is missing", f"messages[{i}].content")
     content = joined_text_parts(m.get("content"), f"messages[{i}].content")
     if content is None:
@@ -163,16 +165,19 @@ class ChatOptions:
     header at the end (add_generation_prompt), or the last message, the assistant's, left open for
     the model to go on with (continue_final_message); extra variables for the chat template
     (chat_template_kwargs, e.g. Qwen3's enable_thinking); documents for retrieval-augmented
-    templates (the template's `documents`, a list of objects)."""
+    templates (the template's `documents`, a list of objects); add_special_tokens: the rendered
+    text encoded with what the tokenizer adds around a text (Llama's BOS) on top of the template's
+    own, as vLLM's field asks (off: the template writes its own)."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     template: str | None = None  # a request's own chat template (a server started to trust them), checked
     documents: Sequence[Mapping[str, Any]] | None = None
+    add_special_tokens: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("add_generation_prompt", "continue_final_message"):
+        for name in ("add_generation_prompt", "continue_final_message", "add_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name} must be true or false", name)
         if self.add_generation_prompt and self.continue_final_message:

@@ -288,7 +288,8 @@ class Tokenizer:
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None,
         options: ChatOptions | None = None,
     ) -> list[int]:  # fmt: skip
-        return self.encode(self.render_chat(messages, add_generation_prompt, tools, options))
+        specials = options is not None and options.add_special_tokens  # (vLLM's chat field: a BOS before the template's)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools, options), add_special_tokens=specials)
 
 
 def user_starts(prompt: Sequence[int], header: Sequence[int], head: int, newest: int,
@@ -318,6 +319,7 @@ def _plain(options: ChatOptions | None) -> ChatOptions:
     """The request's template, its variables and documents, without a generation prompt: to render probes."""
     if options is None:
         return ChatOptions(False)
-    # (its documents too: a template may write them in the head that truncation keeps)
+    # (its documents too: a template may write them in the head that truncation keeps; and the
+    # tokenizer's BOS when the request adds it, so that probes and the prompt start alike)
     return ChatOptions(False, template_kwargs=options.template_kwargs, template=options.template,
-                       documents=options.documents)  # fmt: skip
+                       documents=options.documents, add_special_tokens=options.add_special_tokens)  # fmt: skip

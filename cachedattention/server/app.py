@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,11 @@ from cachedattention.cli_vllm import uvicorn_options
 from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import SessionBusy
+from cachedattention.model.messages import ChatOptions
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import choice_params
-from cachedattention.server.api_error import APIError, aborted_error, as_api_error, error_body, error_response
+from cachedattention.server.api_error import APIError, aborted_error, as_api_error, bad, error_body, error_response
 from cachedattention.server.auth import ApiKeyMiddleware, RootPathMiddleware, api_keys_from, checked_api_keys
 from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
 from cachedattention.server.logprobs import LogprobFormatter
@@ -52,6 +53,7 @@ from cachedattention.server.reasoning import (
     reasoning_delta,
     split_answer,
 )
+from cachedattention.server.request_id import RequestIdMiddleware
 from cachedattention.server.responses import ResponsesRoutes
 from cachedattention.server.responses_store import ResponseStore, SharedResponses
 from cachedattention.server.stream_text import stream_delta
@@ -92,6 +94,7 @@ class _Format:
         logprobs: int | None = None, echoes: list[Echo] | None = None, prompt_logprobs: int | None = None,
         tool_calls: bool = False, named_tool: bool = False, tool_parser: ToolCallParser = HermesCalls,
         continuous_usage: bool = False, token_ids: bool = False, reasoning: Reasoning | None = None, n: int = 1,
+        role: str = "assistant", chat_echo: str | None = None,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.model = model
@@ -110,6 +113,8 @@ class _Format:
         self.continuous_usage = continuous_usage  # vLLM's continuous_usage_stats: usage on every chunk
         self.progress: dict[int, RequestOutput] = {}  # each streamed choice's latest output (its usage so far)
         self.reasoning = reasoning  # chat, with --reasoning-parser: thinking apart from the answer
+        self.role = role  # chat: the answer's role
+        self.chat_echo = chat_echo  # chat, vLLM's echo: the text each answer's content starts with
         self.created = int(time.time())
 
     def split(self, out: RequestOutput, final: bool = True) -> Split:
@@ -194,10 +199,12 @@ class _Format:
     def _message(self, out: RequestOutput) -> dict[str, Any]:
         reasoning, text, _ = self.split(out)
         content, calls = self.tool_parser.parse(text) if self.tool_calls else (text, [])
-        message: dict[str, Any] = {"role": "assistant", "content": content if calls else text}
+        message: dict[str, Any] = {"role": self.role, "content": content if calls else text}
         if self.reasoning is not None:
             message.update(self.reasoning.fields(reasoning))
             message["content"] = message["content"] or None  # as vLLM's: no text after the reasoning is none
+        if self.chat_echo is not None:  # as vLLM's: before whatever content the answer has (none: "")
+            message["content"] = self.chat_echo + (message["content"] or "")
         if calls:
             message["tool_calls"] = [c.as_json() for c in calls]
         return message
@@ -227,7 +234,7 @@ class _Format:
         `stop_reason` (vLLM's: the stop token id or string that ended the answer)."""
         lps = self._logprobs(index, logprobs)
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            delta: dict[str, Any] = {"role": self.role, "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
             if reasoning is not None and self.reasoning is not None:
@@ -271,9 +278,10 @@ class OpenAIRoutes:
     def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_names: Sequence[str], max_model_len: int,
                  trust_request_chat_template: bool = False, named: bool = True,
                  tool_parser: ToolCallParser = HermesCalls, token_ids_as_tokens: bool = False,
-                 reasoning_parser: ReasoningParser | None = None,
-                 force_include_usage: bool = False) -> None:  # fmt: skip
+                 reasoning_parser: ReasoningParser | None = None, force_include_usage: bool = False,
+                 template_defaults: Mapping[str, Any] | None = None) -> None:  # fmt: skip
         self.loop = loop
+        self.template_defaults = dict(template_defaults or {})  # chat_template_kwargs' (--default-chat-template-kwargs)
         self.token_ids_as_tokens = token_ids_as_tokens  # vLLM's --return-tokens-as-token-ids
         self.trust_template = trust_request_chat_template
         self.tool_parser = tool_parser  # how the model writes tool calls (--tool-call-parser)
@@ -299,12 +307,26 @@ class OpenAIRoutes:
         app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
         app.add_api_route("/version", self.version, methods=["GET"])
         app.add_api_route("/v1/sessions/{session_id:path}", self.forget_session, methods=["DELETE"])
+        # SageMaker's routes, as vLLM serves them: its probe (GET; POST too, its own route out of the
+        # schema) and one route for inference
+        app.add_api_route("/ping", self.health, methods=["GET"])
+        app.add_api_route("/ping", self.health, methods=["POST"], include_in_schema=False)
+        app.add_api_route("/invocations", self.invocations, methods=["POST"])
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, chat=False)
+
+    async def invocations(self, request: Request) -> Response:
+        """SageMaker's inference route, as vLLM's: by the body's shape, a chat (messages) or a
+        completion (prompt), answered as that route answers it."""
+        body = parse_json_object(await request.body())  # (Starlette keeps the body for the route's own read)
+        if "messages" in body or "prompt" in body:
+            return await self._generate(request, chat="messages" in body)
+        raise bad("/invocations serves a chat completion request (with messages) or a completion request "
+                  "(with a prompt); this body has neither", "messages")  # fmt: skip
 
     async def models(self) -> dict[str, Any]:
         root = model_root(self.loop.engine)
@@ -344,7 +366,8 @@ class OpenAIRoutes:
     async def tokenize(self, request: Request) -> dict[str, Any]:
         body, tok = await self._tokenizer_request(request)
         # off the event loop: a long prompt takes a while, and answers stream meanwhile
-        return await asyncio.to_thread(tokenize, tok, body, self.max_model_len, self.trust_template)
+        return await asyncio.to_thread(tokenize, tok, body, self.max_model_len, self.trust_template,
+                                       self.template_defaults)  # fmt: skip
 
     async def detokenize(self, request: Request) -> dict[str, Any]:
         body, tok = await self._tokenizer_request(request)
@@ -385,7 +408,8 @@ class OpenAIRoutes:
     # -- generation -------------------------------------------------------------------------------
     async def _generate(self, request: Request, chat: bool) -> Response:
         body = parse_json_object(await request.body())
-        parse = (functools.partial(parse_chat, trust_template=self.trust_template, tool_format=self.tool_parser.name)
+        parse = (functools.partial(parse_chat, trust_template=self.trust_template, tool_format=self.tool_parser.name,
+                                   template_defaults=self.template_defaults)
                  if chat else parse_completion)  # fmt: skip
         parse = functools.partial(parse, max_logprobs=self.loop.engine.max_logprobs)  # --max-logprobs
         # in a worker thread: compiling a large schema or grammar must not hold up other requests' streams
@@ -406,7 +430,8 @@ class OpenAIRoutes:
                       parsed.prompt_logprobs, parsed.parse_tool_calls, parsed.named_tool,
                       for_request(self.tool_parser, parsed.tools),
                       include_usage and parsed.continuous_usage, parsed.token_ids_as_tokens or self.token_ids_as_tokens,
-                      self.reasoning_of(parsed) if chat else None, parsed.n)  # fmt: skip
+                      self.reasoning_of(parsed) if chat else None, parsed.n, parsed.role,
+                      parsed.chat_echo)  # fmt: skip
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._events(streams, fmt, parsed), media_type="text/event-stream", headers=headers)
@@ -514,6 +539,8 @@ class OpenAIRoutes:
             if fmt.chat:
                 for c in choices:
                     yield fmt.chunk(role=True, index=c.index)
+                for c in choices if fmt.chat_echo else ():  # vLLM's echo: the last message's text, once
+                    yield fmt.chunk(fmt.chat_echo, index=c.index)
             while not all(c.done for c in choices):
                 i, item = await merged.get()
                 taken[i].set()
@@ -663,6 +690,8 @@ def create_app(
     force_include_usage: bool = False,
     root_path: str = "",
     disable_docs: bool = False,
+    request_id_headers: bool = False,
+    default_chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
@@ -678,7 +707,10 @@ def create_app(
     streamed answer ends with its usage (vLLM's --enable-force-include-usage). `root_path`: the path
     prefix a proxy serves the app under (kept in the URL or not, both route); `disable_docs`: no
     /openapi.json either (vLLM's --disable-fastapi-docs; /docs and /redoc are never served).
-    `log_requests`: one INFO line per request received (vLLM's --enable-log-requests)."""
+    `log_requests`: one INFO line per request received (vLLM's --enable-log-requests). `request_id_headers`:
+    every answer carries X-Request-Id (vLLM's --enable-request-id-headers); `default_chat_template_kwargs`:
+    chat template variables every chat gets unless its own chat_template_kwargs set them (vLLM's
+    --default-chat-template-kwargs)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
@@ -686,6 +718,7 @@ def create_app(
     if not 0 <= grace_s < math.inf:
         raise ValueError(f"grace_s must be a finite number >= 0, got {grace_s}")
     api_keys = checked_api_keys(api_keys)
+    ChatOptions(template_kwargs=default_chat_template_kwargs or {})  # its names checked before the model loads
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     if not all(isinstance(n, str) and n.strip() for n in names):
         raise ValueError(f"served model names must be non-empty strings, got {names!r}")
@@ -698,7 +731,7 @@ def create_app(
     model_names = names or [default_model_name(engine)]
     metrics = ServerMetrics(model_names[0])
     loop = EngineLoop(engine, on_finished=metrics.observe_finished, log_requests=log_requests,
-                      on_first_token=metrics.observe_first_token)
+                      on_first_token=metrics.observe_first_token, on_token=metrics.observe_token)
     metrics.registry.register(EngineStatsCollector(loop.stats))
     metrics.registry.register(VLLMStatsCollector(loop.stats, model_names[0]))
     routes = OpenAIRoutes(loop, metrics, model_names, engine.max_model_len,
@@ -706,7 +739,8 @@ def create_app(
                           tool_parser=tool_call_parser(tool_call_format),
                           token_ids_as_tokens=return_tokens_as_token_ids,
                           reasoning_parser=engine.reasoning_parser,
-                          force_include_usage=force_include_usage)  # fmt: skip
+                          force_include_usage=force_include_usage,
+                          template_defaults=default_chat_template_kwargs)  # fmt: skip
     if allow_credentials and "*" in allowed_origins:
         log.warning("--allow-credentials with any origin: every web page may call this server with its users' "
                     "cookies; name the origins (--allowed-origins)")  # fmt: skip
@@ -737,6 +771,8 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=list(allowed_methods),
                            allow_headers=list(allowed_headers), allow_credentials=allow_credentials)
     app.add_middleware(RequestCounterMiddleware, metrics=metrics)  # also counts the 413s and 401s
+    if request_id_headers:  # outside the others: their own answers (401, 413) carry it too
+        app.add_middleware(RequestIdMiddleware)
     if root_path:  # outermost: every layer reads the route path under it (auth.route_path)
         app.add_middleware(RootPathMiddleware, root_path=root_path)
     return app
@@ -777,7 +813,9 @@ def serve(args: argparse.Namespace) -> int:
                      force_include_usage=getattr(args, "enable_force_include_usage", False),
                      root_path=getattr(args, "root_path", ""),
                      disable_docs=getattr(args, "disable_fastapi_docs", False),
-                     log_requests=getattr(args, "enable_log_requests", False))
+                     log_requests=getattr(args, "enable_log_requests", False),
+                     request_id_headers=getattr(args, "enable_request_id_headers", False),
+                     default_chat_template_kwargs=getattr(args, "default_chat_template_kwargs", None))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s)),

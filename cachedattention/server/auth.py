@@ -1,7 +1,7 @@
-"""vLLM's `--api-key`: requests to the OpenAI routes (/v1/...) must carry `Authorization: Bearer
-KEY` for one of the server's keys, or are answered 401 in OpenAI's format before their body is read.
-/health, /metrics, /version, /tokenize and /detokenize stay open, as in vLLM (a load balancer's
-probes and a metrics scraper carry no key)."""
+"""vLLM's `--api-key`: requests to the OpenAI routes (/v1/...) and to SageMaker's /invocations
+must carry `Authorization: Bearer KEY` for one of the server's keys, or are answered 401 in OpenAI's
+format before their body is read. /health, /ping, /metrics, /version, /tokenize and /detokenize stay
+open, as in vLLM (a load balancer's probes and a metrics scraper carry no key)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cachedattention.server.api_error import error_body, error_response
 
-PROTECTED_PREFIX = "/v1"
+PROTECTED_PREFIXES = ("/v1", "/invocations")  # every route that generates
 
 
 class RootPathMiddleware:
@@ -58,7 +58,7 @@ def api_keys_from(flags: Sequence[str] | None, environ: Mapping[str, str]) -> tu
 
 
 class ApiKeyMiddleware:
-    """Answers 401 to a /v1 request whose Authorization header is not `Bearer <one of the keys>`
+    """Answers 401 to a /v1 or /invocations request whose Authorization header is not `Bearer <one of the keys>`
     (compared in constant time, so the answer's timing tells nothing of a key)."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
@@ -69,7 +69,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS":  # CORS preflights carry no credentials
             return True
         path = route_path(scope)
-        if path != PROTECTED_PREFIX and not path.startswith(PROTECTED_PREFIX + "/"):
+        if not any(path == p or path.startswith(p + "/") for p in PROTECTED_PREFIXES):
             return True
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
         # every key compared, whichever matches, so the time taken does not tell which one did

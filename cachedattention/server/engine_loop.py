@@ -122,11 +122,12 @@ def _resolve(future: asyncio.Future, result: Any) -> None:
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None,
-                 log_requests: bool = False,
-                 on_first_token: Callable[[RequestOutput], None] | None = None) -> None:  # fmt: skip
+                 log_requests: bool = False, on_first_token: Callable[[RequestOutput], None] | None = None,
+                 on_token: Callable[[RequestOutput], None] | None = None) -> None:  # fmt: skip
         self.engine = engine
         self._on_finished = on_finished
         self._on_first_token = on_first_token  # TTFT is observed when it happens, as vLLM's, not at finish
+        self._on_token = on_token  # each output with new tokens (inter-token latencies, as they happen)
         self._first_seen: set[str] = set()  # running requests whose first token was observed (engine thread)
         self.log_requests = log_requests  # vLLM's --enable-log-requests: one INFO line per request received
         self._cmds: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -336,6 +337,8 @@ class EngineLoop:
             if out.metrics.first_token_s is not None and out.request_id not in self._first_seen:
                 self._first_seen.add(out.request_id)
                 self._observe(self._on_first_token, out)
+            if out.new_token_ids:
+                self._observe(self._on_token, out)
             if out.finished:
                 self._streams.pop(out.request_id, None)
                 self._first_seen.discard(out.request_id)

@@ -18,7 +18,8 @@ from cachedattention.server.vllm_metrics import VLLMRequestMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TIERS = ("device", "host", "disk", "remote")
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics",
+             "/invocations", "/ping")  # fmt: skip
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -57,6 +58,10 @@ class ServerMetrics:
         if out.metrics.ttft_s is not None:
             self.ttft.observe(out.metrics.ttft_s)
         self.vllm.observe_first_token(out)
+
+    def observe_token(self, out: RequestOutput) -> None:
+        """Called on the engine thread for each output with new tokens."""
+        self.vllm.observe_token(out)
 
     def observe_finished(self, out: RequestOutput) -> None:
         """Called on the engine thread for every finished request (prometheus_client is thread-safe)."""

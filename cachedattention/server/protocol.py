@@ -72,6 +72,10 @@ class ParsedRequest:
     prompt_only: bool = False  # completions' echo with max_tokens 0: the prompt (and its logprobs), no answer
     n: int = 1  # choices to generate for the prompt
     echo: bool = False  # completions: the prompt's text (and its tokens' logprobs) before the answer's
+    # chat, vLLM's echo: the last message's content the answer starts with ("" when that message's role
+    # is not the answer's); None: not asked for
+    chat_echo: str | None = None
+    role: str = "assistant"  # chat: the answer's role (vLLM's: the last message's without a generation prompt)
     prompt_logprobs: int | None = None  # vLLM's field: each prompt token's logprob and the top n, as a list
     tools: list[dict[str, Any]] | None = None  # chat: function definitions for the template
     parse_tool_calls: bool = False  # chat: answers' <tool_call> blocks become tool_calls (tool_choice auto)
@@ -191,7 +195,6 @@ def _request_id(body: dict) -> str | None:
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tools": ([],),
     "functions": ([],),
-    "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
     "use_beam_search": (False,),
@@ -206,8 +209,7 @@ _WHY_UNSUPPORTED = {
 
 
 def _reject_unsupported(body: dict, chat: bool) -> None:
-    # completions echo the prompt (chat's echo, of the last message, is not supported); chat takes tools
-    taken = {"echo": not chat, "tools": chat}
+    taken = {"tools": chat}  # chat takes tools
     for key, ok in _NEUTRAL.items():
         if taken.get(key):
             continue
@@ -479,9 +481,10 @@ def _mistral_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def parse_chat(body: dict, session_header: str | None, max_model_len: int, defaults: Mapping[str, Any] | None = None,
-               trust_template: bool = False, max_logprobs: int = MAX_LOGPROBS,
-               tool_format: str = "hermes") -> ParsedRequest:  # fmt: skip
-    """A chat request; `tool_format`: how the model writes a call a tool_choice forces (--tool-call-parser)."""
+               trust_template: bool = False, max_logprobs: int = MAX_LOGPROBS, tool_format: str = "hermes",
+               template_defaults: Mapping[str, Any] | None = None) -> ParsedRequest:  # fmt: skip
+    """A chat request; `tool_format`: how the model writes a call a tool_choice forces (--tool-call-parser);
+    `template_defaults`: the server's chat_template_kwargs (--default-chat-template-kwargs)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {'role': ..., 'content': ...} objects", "messages")
@@ -515,18 +518,33 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
     if parse_calls and tool_format in KEEP_SPECIAL_TOKENS:  # its tag is a special token: kept in the text, as vLLM
         common["params"] = replace(common["params"], skip_special_tokens=False)
     named = isinstance(body.get("tool_choice"), dict)
+    options = chat_options(body, out, trust_template, template_defaults)
+    role = answer_role(messages, options)
     return ParsedRequest(messages=out, tools=tools, parse_tool_calls=parse_calls, named_tool=named,
-                         chat_options=chat_options(body, out, trust_template),
-                         include_reasoning=flag(body, "include_reasoning", True), **common)  # fmt: skip
+                         chat_options=options, include_reasoning=flag(body, "include_reasoning", True),
+                         role=role, chat_echo=_chat_echo(body, messages, out, role), **common)  # fmt: skip
 
 
-def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: bool = False) -> ChatOptions:
-    """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs (and
-    reasoning_effort, one of them), documents, and chat_template when the server trusts requests'
-    templates (as vLLM's --trust-request-chat-template)."""
-    if flag(body, "add_special_tokens"):
-        raise bad("add_special_tokens: a chat template writes its own special tokens; none are added to a chat",
-                  "add_special_tokens")  # fmt: skip
+def answer_role(messages: list[dict[str, Any]], options: ChatOptions) -> str:
+    """A chat answer's role, as vLLM's: the assistant's after a generation prompt, else the last
+    message's own (the answer goes on with it)."""
+    return "assistant" if options.add_generation_prompt else messages[-1]["role"]
+
+
+def _chat_echo(body: dict, sent: list[dict[str, Any]], messages: list[dict[str, Any]], role: str) -> str | None:
+    """vLLM's chat echo: the answer starts with the last message's content (its text parts joined,
+    as the template saw it) when that message's role, as sent, is the answer's; else with nothing.
+    None: not asked for."""
+    if not flag(body, "echo"):
+        return None
+    return messages[-1]["content"] if sent[-1]["role"] == role else ""
+
+
+def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: bool = False,
+                 template_defaults: Mapping[str, Any] | None = None) -> ChatOptions:  # fmt: skip
+    """vLLM's chat fields: add_generation_prompt, continue_final_message, chat_template_kwargs (over
+    the server's `template_defaults`; reasoning_effort is one of them), documents, add_special_tokens,
+    and chat_template when the server trusts requests' templates (as vLLM's --trust-request-chat-template)."""
     template = body.get("chat_template")
     if template is not None and not trust_template:  # vLLM too refuses one unless told to trust requests' templates
         raise bad("a request's own chat_template is not run by this server: start it with --chat-template, or "
@@ -545,9 +563,12 @@ def chat_options(body: dict, messages: list[dict[str, Any]], trust_template: boo
             raise bad(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", "reasoning_effort")
         if kwargs is None or isinstance(kwargs, dict):
             kwargs = {"reasoning_effort": effort, **(kwargs or {})}  # chat_template_kwargs' own value wins
+    if template_defaults and (kwargs is None or isinstance(kwargs, dict)):  # as vLLM's: the request's own win
+        kwargs = {**template_defaults, **(kwargs or {})}
     try:
         options = ChatOptions(flag(body, "add_generation_prompt", True), flag(body, "continue_final_message"),
-                              {} if kwargs is None else kwargs, template, body.get("documents"))  # fmt: skip
+                              {} if kwargs is None else kwargs, template, body.get("documents"),
+                              flag(body, "add_special_tokens"))  # fmt: skip
         options.check(messages)
     except ValueError as e:
         raise bad(str(e), getattr(e, "param", None)) from None

@@ -279,7 +279,7 @@ class ResponsesRoutes:
             parsed = await asyncio.to_thread(parse_chat, req.chat_body, request.headers.get("x-session-id"),
                                              routes.max_model_len, routes.loop.engine.sampling_defaults,
                                              routes.trust_template, routes.loop.engine.max_logprobs,
-                                             routes.tool_parser.name)  # fmt: skip
+                                             routes.tool_parser.name, routes.template_defaults)  # fmt: skip
         except APIError as e:
             raise in_responses_terms(e) from None
         routes._check_model(parsed.model)

@@ -3,6 +3,7 @@ the generation endpoints would feed them to the model), and the text of token id
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from cachedattention.model.tokenizer import Tokenizer
@@ -11,12 +12,13 @@ from cachedattention.server.api_error import bad
 from cachedattention.server.protocol import flag, parse_chat
 
 
-def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_template: bool = False) -> dict[str, Any]:
+def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_template: bool = False,
+             template_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """{"prompt": text} or {"messages": [...]} with chat's tools, add_generation_prompt,
-    continue_final_message, chat_template_kwargs and documents; with "return_token_strs": true, each token's
-    text too."""
+    continue_final_message, chat_template_kwargs (over the server's `template_defaults`), documents and
+    add_special_tokens; with "return_token_strs": true, each token's text too."""
     if "messages" in body:
-        ids = _chat_ids(tok, body, max_model_len, trust_template)
+        ids = _chat_ids(tok, body, max_model_len, trust_template, template_defaults)
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
@@ -31,12 +33,14 @@ def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_tem
     return out
 
 
-def _chat_ids(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_template: bool) -> list[int]:
+def _chat_ids(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_template: bool,
+              template_defaults: Mapping[str, Any] | None) -> list[int]:  # fmt: skip
     import jinja2
 
     fields = ("messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
               "add_special_tokens", "chat_template", "reasoning_effort", "documents")  # as in chat
-    parsed = parse_chat({k: body[k] for k in fields if k in body}, None, max_model_len, trust_template=trust_template)
+    parsed = parse_chat({k: body[k] for k in fields if k in body}, None, max_model_len, trust_template=trust_template,
+                        template_defaults=template_defaults)  # fmt: skip
     try:
         return tok.encode_chat(parsed.messages, tools=parsed.tools, options=parsed.chat_options)
     except jinja2.TemplateError as e:

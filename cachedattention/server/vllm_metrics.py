@@ -11,14 +11,18 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cachedattention.outputs import RequestOutput
+from cachedattention.outputs import RequestMetrics, RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+# vLLM's for the time between tokens (inter-token latency, time per output token)
+TOKEN_GAP_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                     40.0, 80.0)  # fmt: skip
 
 
 class VLLMRequestMetrics:
-    """Counters and histograms observed as each request finishes; TTFT at its first token, as vLLM's."""
+    """Counters and histograms observed as each request finishes; TTFT at its first token and the
+    time between tokens at each token, as vLLM's."""
 
     def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
         self.model_name = model_name
@@ -43,14 +47,28 @@ class VLLMRequestMetrics:
         self.decode = histogram("request_decode_time_seconds", "First token to finish", LATENCY_BUCKETS)
         self.prompt_len = histogram("request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS)
         self.generation_len = histogram("request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time from a request's token to its next", TOKEN_GAP_BUCKETS)
+        # vLLM's name for the same (until its 0.11; dropped in 0.13): dashboards of its earlier releases read it
+        self.tpot = histogram("time_per_output_token_seconds", "Time from a request's token to its next (vLLM's "
+                              "name before inter_token_latency_seconds)", TOKEN_GAP_BUCKETS)  # fmt: skip
+        self.request_tpot = histogram("request_time_per_output_token_seconds", "Per request: first token to last, "
+                                      "over the tokens after the first", TOKEN_GAP_BUCKETS)  # fmt: skip
         for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_queries, self.prefix_hits, self.ttft,
-                       self.e2e, self.queue, self.prefill, self.decode, self.prompt_len, self.generation_len):  # fmt: skip
+                       self.e2e, self.queue, self.prefill, self.decode, self.prompt_len, self.generation_len,
+                       self.itl, self.tpot, self.request_tpot):  # fmt: skip
             metric.labels(model_name)  # each series there from the start, at 0 (as vLLM's): rate() works at once
 
     def observe_first_token(self, out: RequestOutput) -> None:
         m = out.metrics
         if m.first_token_s is not None:
             self.ttft.labels(self.model_name).observe(max(0.0, m.first_token_s - m.arrival_s))
+
+    def observe_token(self, out: RequestOutput) -> None:
+        """A request's newest token: its gap from the one before (none for its first)."""
+        gap = out.metrics.token_gap_s
+        if gap is not None:
+            self.itl.labels(self.model_name).observe(max(0.0, gap))
+            self.tpot.labels(self.model_name).observe(max(0.0, gap))
 
     def observe(self, out: RequestOutput) -> None:
         m, name = out.metrics, self.model_name
@@ -62,12 +80,21 @@ class VLLMRequestMetrics:
         self.prefix_hits.labels(name).inc(m.cached_tokens.get("device", 0))
         self.prompt_len.labels(name).observe(m.prompt_tokens)
         self.generation_len.labels(name).observe(generated)
+        self.request_tpot.labels(name).observe(mean_token_time(m, generated))
         for histogram, start, end in ((self.e2e, m.arrival_s, m.finish_s),
                                       (self.queue, m.arrival_s, m.scheduled_s),
                                       (self.prefill, m.scheduled_s, m.first_token_s),
                                       (self.decode, m.first_token_s, m.finish_s)):  # fmt: skip
             if start is not None and end is not None:
                 histogram.labels(name).observe(max(0.0, end - start))
+
+
+def mean_token_time(m: RequestMetrics, generated: int) -> float:
+    """vLLM's time per output token of one request: its first token to its last, over the tokens
+    after the first (the first comes with the prompt); 0 for fewer than two tokens, as vLLM's."""
+    if generated < 2 or m.first_token_s is None or m.last_token_s is None:
+        return 0.0
+    return max(0.0, m.last_token_s - m.first_token_s) / (generated - 1)
 
 
 class VLLMStatsCollector(Collector):

@@ -274,7 +274,7 @@ BAD = [
     ("prompt_logprobs streamed", "/v1/completions", {"prompt": "a", "prompt_logprobs": 1, "stream": True},
      "prompt_logprobs"),
     ("too many prompt_logprobs", "/v1/chat/completions", {"messages": MSGS, "prompt_logprobs": 21}, "prompt_logprobs"),
-    ("chat echo", "/v1/chat/completions", {"messages": MSGS, "echo": True}, "echo"),
+    ("chat echo not a boolean", "/v1/chat/completions", {"messages": MSGS, "echo": 1}, "echo"),  # (true: served)
     ("min_p past 1", "/v1/chat/completions", {"messages": MSGS, "min_p": 1.5}, "min_p"),
     ("allowed_token_ids not ids", "/v1/chat/completions", {"messages": MSGS, "allowed_token_ids": ["a"]},
      "allowed_token_ids"),

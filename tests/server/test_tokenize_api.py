@@ -85,11 +85,13 @@ def test_a_text_prompt_gets_the_tokenizer_s_bos_as_vllm_encodes_it(tiny_dirs, tm
     llm.close()
 
 
-def test_a_chat_adds_no_special_tokens(server):
-    body = {"messages": MESSAGES, "add_special_tokens": True}
-    for path in ("/tokenize", "/v1/chat/completions"):
-        r = _post(server, path, **body)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "add_special_tokens", r.text
+def test_a_chat_takes_add_special_tokens_as_vllm(server):
+    """Accepted, as vLLM's field (this tokenizer adds nothing around a text: the same ids; one that
+    adds a BOS: tests/server/test_vllm_compat2.py)."""
+    plain = _post(server, "/tokenize", messages=MESSAGES).json()["tokens"]
+    assert _post(server, "/tokenize", messages=MESSAGES, add_special_tokens=True).json()["tokens"] == plain
+    r = _post(server, "/v1/chat/completions", messages=MESSAGES, add_special_tokens=True, max_tokens=1)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(plain), r.text
 
 
 def test_a_lone_surrogate_is_named_as_such(server):
