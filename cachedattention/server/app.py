@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -60,6 +59,7 @@ from cachedattention.server.stream_text import stream_delta
 from cachedattention.server.tokenize import detokenize, tokenize
 from cachedattention.server.tool_calls import HermesCalls, ToolCall, ToolCallParser, for_request, tool_call_parser
 from cachedattention.server.vllm_metrics import VLLMStatsCollector
+from cachedattention.uvicorn_run import run_until_signal
 
 log = logging.getLogger(__name__)
 
@@ -822,18 +822,10 @@ def serve(args: argparse.Namespace) -> int:
         log_level=getattr(args, "uvicorn_log_level", None),  # None: uvicorn's own (info)
         **listening,
     )
-    server = _DrainingServer(config, loop)
-    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean exit 0
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
-    except SystemExit as e:  # uvicorn exits this way when startup fails (port taken, ...)
-        return e.code if isinstance(e.code, int) else 1
+        return run_until_signal(_DrainingServer(config, loop))
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         loop.shutdown(0.0)  # no-op after the lifespan shutdown; after a forced exit it still flushes the store
-    return 0 if server.started else 1
 
 
 class _DrainingServer(uvicorn.Server):
