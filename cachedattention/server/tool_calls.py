@@ -31,6 +31,7 @@ import re
 import secrets
 import string
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,7 +360,9 @@ class PythonicCalls:
         if not (body.startswith("[") and body.endswith("]")):
             return text, []
         try:
-            tree = ast.parse(body, mode="eval").body
+            with warnings.catch_warnings():  # a string's invalid escape ("a\/b") is the model's, not ours to report
+                warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+                tree = ast.parse(body, mode="eval").body
             calls = [_python_call(node, body) for node in tree.elts] if isinstance(tree, ast.List) else []
         except (SyntaxError, ValueError, RecursionError, MemoryError):  # MemoryError: "too complex" to parse
             return text, []
