@@ -188,6 +188,7 @@ class LLM:
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         cache, scheduler, store_options = sort_options(options, cache or CacheConfig(), scheduler or SchedulerConfig())
         # a Hugging Face id from the local hub cache (at vLLM's revision), vLLM's dtype names as ours
+        given = model
         model, tokenizer, dtype = local_model_args(model, tokenizer, dtype, device, revision, tokenizer_revision,
                                                    download_dir)  # fmt: skip
         check_load_format(options.get("load_format"), model)
@@ -200,6 +201,7 @@ class LLM:
         store_cfg = replace(base, enable=enable, **store_options)
         self.config = EngineConfig(
             model=model,
+            model_given=given,
             device=device,
             dtype=dtype,
             max_model_len=max_model_len,
