@@ -3,10 +3,14 @@
 `reset_prefix_cache`, and SamplingParams' vLLM fields (a default of 16 tokens, `max_tokens=None`,
 `top_k=-1`, `clone`, `structured_outputs` / `guided_decoding`, `detokenize`, `extra_args`)."""
 
+import json
+import shutil
+
 import pytest
 
 from cachedattention import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 from cachedattention.errors import InvalidRequest
+from cachedattention.model.loader import load_tokenizer
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 IDS = [5, 9, 13, 17, 21]
@@ -88,6 +92,26 @@ def test_stop_reason_names_the_stop_token_or_string(llm):
     stop = text.strip()[2:5]
     by_string = llm.generate("Hello there", SamplingParams(max_tokens=6, temperature=0, stop=[stop]))[0]
     assert by_string.stop_reason == stop and by_string.outputs[0].stop_reason == stop
+
+
+def test_stop_reason_of_the_generation_configs_other_end_ids(chat_model_dir, tmp_path):
+    """As vLLM: only the tokenizer's own EOS leaves stop_reason None; generation_config.json's other
+    end ids (Llama 3.1's <|eom_id|>) are stop tokens there, so an answer they end names its id."""
+    model = tmp_path / "model"
+    shutil.copytree(chat_model_dir, model)
+    own = load_tokenizer(str(chat_model_dir), 49152).eos_token_id
+    other = 0 if own != 0 else 1
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [own, other]}))
+    llm = LLM(model=str(model))
+
+    def ended_by(token: int, **kw) -> object:
+        out = llm.generate(IDS, SamplingParams(max_tokens=4, temperature=0, logit_bias={token: 100}, **kw))[0]
+        assert out.token_ids == [token] and out.finish_reason == "stop"
+        return out.stop_reason
+
+    assert ended_by(other) == other
+    assert ended_by(own) is None
+    assert ended_by(own, ignore_eos=True, stop_token_ids=[own]) == own  # (no EOS then: a stop token)
 
 
 def test_cached_tokens_tokenizer_and_resetting_the_prefix_cache(llm):
