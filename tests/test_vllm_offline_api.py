@@ -172,6 +172,24 @@ def test_structured_outputs_read_into_the_guided_fields(llm):
         SamplingParams(structured_outputs=StructuredOutputs(json={}, whitespace_pattern=" "))
 
 
+def test_structured_outputs_naming_no_constraint_are_refused():
+    """As vLLM's StructuredOutputsParams: one kind of constraint, exactly; a dict's misspelt key is
+    named (it would leave the answer unconstrained)."""
+    for empty in (StructuredOutputsParams, GuidedDecodingParams):
+        with pytest.raises(ValueError, match="none are specified"):
+            empty()
+    with pytest.raises(ValueError, match="multiple are specified: regex, choice"):
+        StructuredOutputsParams(regex="a", choice=["b"])
+    for name in ("structured_outputs", "guided_decoding"):
+        for nothing in ({}, {"json_object": False}, StructuredOutputs(), StructuredOutputs(json_object=False)):
+            with pytest.raises(ValueError, match=f"{name}: You must use one kind .* none are specified"):
+                SamplingParams(**{name: nothing})
+        with pytest.raises(ValueError, match=f"{name} has unknown key.* 'choices': its keys are .*choice"):
+            SamplingParams(**{name: {"choices": ["yes", "no"]}})
+    with pytest.raises(ValueError, match="'jsn'"):
+        SamplingParams(structured_outputs={"jsn": {"type": "integer"}, "json_object": None})
+
+
 def test_detokenize_false_gives_token_ids_only(llm):
     want = llm.generate("Hello there", GREEDY)[0]
     out = llm.generate("Hello there", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, detokenize=False))[0]
