@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+import torch
+
 from cachedattention.cli_vllm import check_load_format
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
@@ -160,7 +162,7 @@ class LLM:
         self,
         model: str | None = None,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str | torch.dtype = "float32",
         max_model_len: int | None = None,
         enable_store: bool | None = None,
         store_dir: str | None = None,

@@ -11,6 +11,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cachedattention.cli_vllm import kv_cache_dtype, load_format, tokenizer_mode
 from cachedattention.config import CacheConfig, SchedulerConfig, StoreConfig
 from cachedattention.model.hub_cache import local_model_path
@@ -64,13 +66,26 @@ VLLM_DTYPES = {"auto": None, "half": "float16", "float16": "float16", "bfloat16"
                "float32": "float32"}  # fmt: skip
 
 
-def engine_dtype(name: str, device: str, model: str | None) -> str:
-    """The dtype this engine runs `model` in for vLLM's dtype `name` on `device` (`model`: a folder,
-    a GGUF file, or None for the embedded model)."""
+def engine_dtype(dtype: str | torch.dtype, device: str, model: str | None) -> str:
+    """The dtype this engine runs `model` in for vLLM's dtype on `device` (`model`: a folder, a GGUF
+    file, or None for the embedded model): one of vLLM's names in any case, or a torch dtype."""
+    name = _vllm_dtype_name(dtype)
     if name not in VLLM_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(VLLM_DTYPES)}, got {name!r}")
+        raise ValueError(f"dtype must be one of {', '.join(VLLM_DTYPES)} (or torch.float16, torch.bfloat16, "
+                         f"torch.float32), got {dtype!r}")  # fmt: skip
     exact = VLLM_DTYPES[name]
     return exact if exact is not None else auto_dtype(device.split(":")[0], checkpoint_dtype(model))
+
+
+def _vllm_dtype_name(dtype: str | torch.dtype) -> str:
+    """As vLLM reads LLM(dtype=...): a name lowercased, a torch dtype as its own name (float64's is
+    then refused, as it is on vLLM's platforms)."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, str):
+        raise ValueError(f"dtype must be a name (auto, half, float16, bfloat16, float, float32) or a torch dtype, "
+                         f"got {type(dtype).__name__}")  # fmt: skip
+    return dtype.lower()
 
 
 def auto_dtype(device_type: str, checkpoint: str | None) -> str:
@@ -101,7 +116,7 @@ def checkpoint_dtype(model: str | None) -> str | None:
     return None
 
 
-def local_model_args(model: str | None, tokenizer: str | None, dtype: str, device: str,
+def local_model_args(model: str | None, tokenizer: str | None, dtype: str | torch.dtype, device: str,
                      revision: str | None = None, tokenizer_revision: str | None = None,
                      download_dir: str | None = None) -> tuple[str | None, str | None, str]:  # fmt: skip
     """The model and tokenizer as paths (a Hugging Face model id read from the local hub cache, at

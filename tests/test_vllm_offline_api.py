@@ -7,9 +7,11 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from cachedattention import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 from cachedattention.errors import InvalidRequest
+from cachedattention.llm_args import engine_dtype
 from cachedattention.model.loader import load_tokenizer
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -92,6 +94,17 @@ def test_stop_reason_names_the_stop_token_or_string(llm):
     stop = text.strip()[2:5]
     by_string = llm.generate("Hello there", SamplingParams(max_tokens=6, temperature=0, stop=[stop]))[0]
     assert by_string.stop_reason == stop and by_string.outputs[0].stop_reason == stop
+
+
+def test_dtype_may_be_a_torch_dtype_or_a_name_in_any_case(chat_model_dir):
+    """As vLLM's LLM(dtype=...): torch.float32 as "float32", "HALF" as "half"; float64 is refused."""
+    assert LLM(model=str(chat_model_dir), dtype=torch.float32).config.dtype == "float32"
+    for dtype, ours in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16"), ("HALF", "float16"), ("Auto", "float16")):
+        assert engine_dtype(dtype, "cuda", None) == ours
+    with pytest.raises(ValueError, match="dtype must be one of .*got torch.float64"):
+        LLM(model=str(chat_model_dir), dtype=torch.float64)
+    with pytest.raises(ValueError, match="dtype must be a name .* or a torch dtype, got int"):
+        LLM(model=str(chat_model_dir), dtype=32)
 
 
 def test_stop_reason_of_the_generation_configs_other_end_ids(chat_model_dir, tmp_path):
