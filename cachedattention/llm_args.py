@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cachedattention.cli_vllm import kv_cache_dtype, load_format, tokenizer_mode
+from cachedattention.cli_vllm import IGNORED_ENGINE_ARGS, kv_cache_dtype, load_format, tokenizer_mode
 from cachedattention.config import CacheConfig, SchedulerConfig, StoreConfig
 from cachedattention.model.hub_cache import local_model_path
 
@@ -27,9 +27,12 @@ _CONFIG_ARGS = {
     "long_prefill_token_threshold": ("scheduler", "long_prefill_token_threshold"),
     "scheduling_policy": ("scheduler", "policy"),
 }  # fmt: skip
-# vLLM's arguments that ask for what this engine does anyway (each its own check of the value)
-_ONE_WAY = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, "load_format": load_format}
-_ACCEPTED = ("trust_remote_code", "enforce_eager")  # it never runs a model's own code, and always runs eagerly
+# vLLM's arguments that ask for what this engine does anyway, or that change nothing here (swap_space,
+# max_seq_len_to_capture, guided_decoding_backend): each checked as the command line checks its flag
+_CHECKED = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, "load_format": load_format,
+            **{name: check for name, (check, _, _) in IGNORED_ENGINE_ARGS.items()}}  # fmt: skip
+# true or false: it never runs a model's own code, always runs eagerly, and logs no periodic stats
+_ACCEPTED = ("trust_remote_code", "enforce_eager", "disable_log_stats")
 
 
 def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: SchedulerConfig
@@ -49,16 +52,25 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
         elif name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if value != 1:
                 raise ValueError(f"{name} must be 1: this engine runs one device")
-        elif name in _ONE_WAY:
-            try:
-                _ONE_WAY[name](value)
-            except argparse.ArgumentTypeError as e:
-                raise ValueError(f"{name}: {e}") from None
-        elif name not in _ACCEPTED:
+        elif name in _CHECKED:
+            _check_as_its_flag(name, value)
+        elif name in _ACCEPTED:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        else:
             raise ValueError(f"LLM() got an unknown argument {name!r}: see help(LLM); the store's options are "
                              "StoreConfig's fields, the cache's and scheduler's CacheConfig's and "
                              "SchedulerConfig's (or give cache=, scheduler=, store=)")  # fmt: skip
     return replace(cache, **given["cache"]), replace(scheduler, **given["scheduler"]), store
+
+
+def _check_as_its_flag(name: str, value: Any) -> None:
+    """A ValueError naming `name` where the command line would refuse its flag given this value (as
+    text: 8192.0 is no integer there either)."""
+    try:
+        _CHECKED[name](str(value))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 # vLLM's --dtype names: ours, or None for auto
