@@ -372,8 +372,11 @@ class LLM:
             if bar is not None:
                 bar.close()
         texts: dict[int, str] = {}
-        for out in done.values():
-            _decode_logprobs(out, self.engine.tokenizer, texts)
+        for item, each in zip(items, ids):
+            # as vLLM: detokenize=False leaves the logprobs' decoded_token None too
+            tokenizer = None if item.params is not None and not item.params.detokenize else self.engine.tokenizer
+            for rid in each:
+                _decode_logprobs(done[rid], tokenizer, texts)
         return [_as_one(items[k].text, [done[rid] for rid in each]) for k, each in enumerate(ids)]
 
     def stats(self) -> dict:

@@ -207,6 +207,12 @@ def test_detokenize_false_gives_token_ids_only(llm):
     want = llm.generate("Hello there", GREEDY)[0]
     out = llm.generate("Hello there", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, detokenize=False))[0]
     assert out.token_ids == want.token_ids and want.text and out.text == "" == out.outputs[0].text
+    # as vLLM: no logprob entry's decoded_token either (those of a detokenized request have them)
+    asked = dict(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=1)
+    plain, texted = llm.generate(["Hello there"] * 2, [SamplingParams(**asked, detokenize=False), SamplingParams(**asked)])
+    for out, decoded in ((plain, False), (texted, True)):
+        entries = [*out.outputs[0].logprobs, *out.prompt_logprobs[1:]]
+        assert entries and all((lp.decoded_token is not None) == decoded for e in entries for lp in e.values())
     with pytest.raises(ValueError, match="detokenize=False"):
         SamplingParams(stop=["x"], detokenize=False)
 
