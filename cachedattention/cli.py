@@ -87,12 +87,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     from cachedattention.llm_args import local_model_args
 
+    given = model_arg(args)
     model, tokenizer, dtype = local_model_args(
-        model_arg(args), getattr(args, "tokenizer", None), args.dtype, args.device, revision=getattr(args, "revision", None),
+        given, getattr(args, "tokenizer", None), args.dtype, args.device, revision=getattr(args, "revision", None),
         tokenizer_revision=getattr(args, "tokenizer_revision", None), download_dir=getattr(args, "download_dir", None),
     )
     return EngineConfig(
         model=model,
+        model_given=given,
         tokenizer=tokenizer,
         device=args.device,
         dtype=dtype,

@@ -66,15 +66,8 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enable-chunked-prefill", action=Refuse, nargs=0,
                    help="refused: this scheduler always chunks prefill; to compute a prompt in as few steps as "
                         "it can, raise --max-num-batched-tokens (with --long-prefill-token-threshold 0)")
-    g.add_argument("--swap-space", type=GIB, default=None, metavar="GiB",
-                   help="accepted: this engine preempts by recompute and never swaps a request's KV out to the "
-                        "CPU (the store's host tier keeps finished turns' KV: --host-bytes)")
-    g.add_argument("--max-seq-len-to-capture", type=POSITIVE, default=None, metavar="N",
-                   help="accepted: this engine captures no CUDA graphs (it always runs eagerly)")
-    g.add_argument("--guided-decoding-backend", type=guided_decoding_backend, default="auto", metavar="NAME",
-                   help=f"accepted, any of vLLM's ({', '.join(GUIDED_DECODING_BACKENDS)}): this engine's own "
-                        "guided decoding serves every structured answer, held to the whole schema, regex or "
-                        "grammar, or refused saying what it cannot hold to")
+    for name, (check, metavar, why) in IGNORED_ENGINE_ARGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=check, default=None, metavar=metavar, help=f"accepted: {why}")
     g.add_argument("--logits-processor-pattern", action=Refuse, metavar="REGEX",
                    help="refused: this engine loads no logits processors (a request's logits_processors are "
                         "refused too)")
@@ -252,6 +245,17 @@ reasoning_parser_name = only(REASONING_PARSERS, "this server reads the reasoning
 dtype_name = only(DTYPES, "vLLM's dtypes (half is float16, float is float32)")
 guided_decoding_backend = only(GUIDED_DECODING_BACKENDS, "vLLM's backends, each served by this engine's own "
                                                          "guided decoding (a backend's options are not taken)")
+# vLLM's engine arguments taken and ignored, by the command line and by LLM(...) (llm_args.py): each
+# one's check of its value (a usage error there, a ValueError here), its metavar, and why it changes nothing
+IGNORED_ENGINE_ARGS = {
+    "swap_space": (GIB, "GiB", "this engine preempts by recompute and never swaps a request's KV out to the CPU "
+                               "(the store's host tier keeps finished turns' KV: --host-bytes)"),
+    "max_seq_len_to_capture": (POSITIVE, "N", "this engine captures no CUDA graphs (it always runs eagerly)"),
+    "guided_decoding_backend": (guided_decoding_backend, "NAME",
+                                f"any of vLLM's ({', '.join(GUIDED_DECODING_BACKENDS)}): this engine's own guided "
+                                "decoding serves every structured answer, held to the whole schema, regex or "
+                                "grammar, or refused saying what it cannot hold to"),
+}  # fmt: skip
 content_format = only(("auto", "string"), "a message's text parts reach the chat template as one string here, "
                                           "never as a list of OpenAI parts (vLLM's openai format)")
 response_role = only(("assistant",), "a chat answer after the generation prompt is the assistant's here")

@@ -174,6 +174,9 @@ class EngineConfig:
     """Everything the engine needs; built by LLM(...) or the CLI."""
 
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    # the model as it was given (a Hugging Face id, or a path as typed) where `model` is its local
+    # path (a hub id's snapshot): what /v1/models' cards give as `root`, as vLLM's; None: `model`
+    model_given: str | None = None
     tokenizer: str | None = None  # vLLM's --tokenizer: a folder (or GGUF file) whose tokenizer serves instead of the model's
     device: str = "cpu"
     dtype: str = "float32"

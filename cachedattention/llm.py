@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+import torch
+
 from cachedattention.cli_vllm import check_load_format
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
@@ -160,7 +162,7 @@ class LLM:
         self,
         model: str | None = None,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str | torch.dtype = "float32",
         max_model_len: int | None = None,
         enable_store: bool | None = None,
         store_dir: str | None = None,
@@ -188,6 +190,7 @@ class LLM:
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         cache, scheduler, store_options = sort_options(options, cache or CacheConfig(), scheduler or SchedulerConfig())
         # a Hugging Face id from the local hub cache (at vLLM's revision), vLLM's dtype names as ours
+        given = model
         model, tokenizer, dtype = local_model_args(model, tokenizer, dtype, device, revision, tokenizer_revision,
                                                    download_dir)  # fmt: skip
         check_load_format(options.get("load_format"), model)
@@ -200,6 +203,7 @@ class LLM:
         store_cfg = replace(base, enable=enable, **store_options)
         self.config = EngineConfig(
             model=model,
+            model_given=given,
             device=device,
             dtype=dtype,
             max_model_len=max_model_len,
@@ -368,8 +372,11 @@ class LLM:
             if bar is not None:
                 bar.close()
         texts: dict[int, str] = {}
-        for out in done.values():
-            _decode_logprobs(out, self.engine.tokenizer, texts)
+        for item, each in zip(items, ids):
+            # as vLLM: detokenize=False leaves the logprobs' decoded_token None too
+            tokenizer = None if item.params is not None and not item.params.detokenize else self.engine.tokenizer
+            for rid in each:
+                _decode_logprobs(done[rid], tokenizer, texts)
         return [_as_one(items[k].text, [done[rid] for rid in each]) for k, each in enumerate(ids)]
 
     def stats(self) -> dict:

@@ -11,7 +11,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from cachedattention.cli_vllm import kv_cache_dtype, load_format, tokenizer_mode
+import torch
+
+from cachedattention.cli_vllm import IGNORED_ENGINE_ARGS, kv_cache_dtype, load_format, tokenizer_mode
 from cachedattention.config import CacheConfig, SchedulerConfig, StoreConfig
 from cachedattention.model.hub_cache import local_model_path
 
@@ -25,9 +27,12 @@ _CONFIG_ARGS = {
     "long_prefill_token_threshold": ("scheduler", "long_prefill_token_threshold"),
     "scheduling_policy": ("scheduler", "policy"),
 }  # fmt: skip
-# vLLM's arguments that ask for what this engine does anyway (each its own check of the value)
-_ONE_WAY = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, "load_format": load_format}
-_ACCEPTED = ("trust_remote_code", "enforce_eager")  # it never runs a model's own code, and always runs eagerly
+# vLLM's arguments that ask for what this engine does anyway, or that change nothing here (swap_space,
+# max_seq_len_to_capture, guided_decoding_backend): each checked as the command line checks its flag
+_CHECKED = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, "load_format": load_format,
+            **{name: check for name, (check, _, _) in IGNORED_ENGINE_ARGS.items()}}  # fmt: skip
+# true or false: it never runs a model's own code, always runs eagerly, and logs no periodic stats
+_ACCEPTED = ("trust_remote_code", "enforce_eager", "disable_log_stats")
 
 
 def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: SchedulerConfig
@@ -47,16 +52,25 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
         elif name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if value != 1:
                 raise ValueError(f"{name} must be 1: this engine runs one device")
-        elif name in _ONE_WAY:
-            try:
-                _ONE_WAY[name](value)
-            except argparse.ArgumentTypeError as e:
-                raise ValueError(f"{name}: {e}") from None
-        elif name not in _ACCEPTED:
+        elif name in _CHECKED:
+            _check_as_its_flag(name, value)
+        elif name in _ACCEPTED:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        else:
             raise ValueError(f"LLM() got an unknown argument {name!r}: see help(LLM); the store's options are "
                              "StoreConfig's fields, the cache's and scheduler's CacheConfig's and "
                              "SchedulerConfig's (or give cache=, scheduler=, store=)")  # fmt: skip
     return replace(cache, **given["cache"]), replace(scheduler, **given["scheduler"]), store
+
+
+def _check_as_its_flag(name: str, value: Any) -> None:
+    """A ValueError naming `name` where the command line would refuse its flag given this value (as
+    text: 8192.0 is no integer there either)."""
+    try:
+        _CHECKED[name](str(value))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 # vLLM's --dtype names: ours, or None for auto
@@ -64,13 +78,26 @@ VLLM_DTYPES = {"auto": None, "half": "float16", "float16": "float16", "bfloat16"
                "float32": "float32"}  # fmt: skip
 
 
-def engine_dtype(name: str, device: str, model: str | None) -> str:
-    """The dtype this engine runs `model` in for vLLM's dtype `name` on `device` (`model`: a folder,
-    a GGUF file, or None for the embedded model)."""
+def engine_dtype(dtype: str | torch.dtype, device: str, model: str | None) -> str:
+    """The dtype this engine runs `model` in for vLLM's dtype on `device` (`model`: a folder, a GGUF
+    file, or None for the embedded model): one of vLLM's names in any case, or a torch dtype."""
+    name = _vllm_dtype_name(dtype)
     if name not in VLLM_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(VLLM_DTYPES)}, got {name!r}")
+        raise ValueError(f"dtype must be one of {', '.join(VLLM_DTYPES)} (or torch.float16, torch.bfloat16, "
+                         f"torch.float32), got {dtype!r}")  # fmt: skip
     exact = VLLM_DTYPES[name]
     return exact if exact is not None else auto_dtype(device.split(":")[0], checkpoint_dtype(model))
+
+
+def _vllm_dtype_name(dtype: str | torch.dtype) -> str:
+    """As vLLM reads LLM(dtype=...): a name lowercased, a torch dtype as its own name (float64's is
+    then refused, as it is on vLLM's platforms)."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, str):
+        raise ValueError(f"dtype must be a name (auto, half, float16, bfloat16, float, float32) or a torch dtype, "
+                         f"got {type(dtype).__name__}")  # fmt: skip
+    return dtype.lower()
 
 
 def auto_dtype(device_type: str, checkpoint: str | None) -> str:
@@ -101,7 +128,7 @@ def checkpoint_dtype(model: str | None) -> str | None:
     return None
 
 
-def local_model_args(model: str | None, tokenizer: str | None, dtype: str, device: str,
+def local_model_args(model: str | None, tokenizer: str | None, dtype: str | torch.dtype, device: str,
                      revision: str | None = None, tokenizer_revision: str | None = None,
                      download_dir: str | None = None) -> tuple[str | None, str | None, str]:  # fmt: skip
     """The model and tokenizer as paths (a Hugging Face model id read from the local hub cache, at

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
 
@@ -27,6 +27,9 @@ class GuidedFormError(ValueError):
 STRUCTURED_FIELDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
                      "json_object": "json_object"}  # fmt: skip
 STRUCTURED_UNSUPPORTED = ("structural_tag", "whitespace_pattern", "disable_any_whitespace")
+# vLLM's words, for a StructuredOutputsParams that names no constraint
+NO_STRUCTURED_CONSTRAINT = ("You must use one kind of structured outputs constraint but none are specified "
+                            f"(one of {', '.join(STRUCTURED_FIELDS)})")  # fmt: skip
 GUIDED_FIELDS = ("json_object", "json_schema", "choice", "regex", "grammar", "tool_call_names")  # at most one per request
 MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list by default (vLLM's max_logprobs; EngineConfig's)
 
@@ -45,6 +48,15 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False
     whitespace_pattern: str | None = None
     structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        # as vLLM's: exactly one kind of constraint is named (None: not named)
+        named = [k for k in (*STRUCTURED_FIELDS, "structural_tag") if getattr(self, k) is not None]
+        if not named:
+            raise ValueError(NO_STRUCTURED_CONSTRAINT)
+        if len(named) > 1:
+            raise ValueError(f"You can only use one kind of structured outputs constraint but multiple are "
+                             f"specified: {', '.join(named)}")  # fmt: skip
 
 
 GuidedDecodingParams = StructuredOutputsParams  # (vLLM's older name)
@@ -167,18 +179,18 @@ class SamplingParams:
         if not given:
             return
         name, spec = given[0]
-        read = (*STRUCTURED_FIELDS, *STRUCTURED_UNSUPPORTED)
-        fields = {k: spec.get(k) if isinstance(spec, Mapping) else getattr(spec, k, None) for k in read}
-        for theirs, ours in STRUCTURED_FIELDS.items():
-            value = fields.pop(theirs, None)
-            if value in (None, False, [], ()):
-                continue
-            if getattr(self, ours) not in (None, False, ()):
-                raise ValueError(f"{name}.{theirs} and {ours} cannot both be given")
-            object.__setattr__(self, ours, _as_tuple(value, ours) if ours == "choice" else value)
-        unsupported = sorted(k for k, v in fields.items() if k in STRUCTURED_UNSUPPORTED and v not in (None, False, "", ()))
+        values = _structured_values(name, spec)
+        unsupported = sorted(k for k in STRUCTURED_UNSUPPORTED if values[k] not in (None, False, "", ()))
         if unsupported:
             raise ValueError(f"{name}.{unsupported[0]} is not supported by this engine's guided decoding")
+        named = [k for k in STRUCTURED_FIELDS if values[k] not in (None, False, [], ())]
+        if not named:  # (else the answer would silently go unconstrained)
+            raise ValueError(f"{name}: {NO_STRUCTURED_CONSTRAINT}")
+        for theirs in named:
+            ours = STRUCTURED_FIELDS[theirs]
+            if getattr(self, ours) not in (None, False, ()):
+                raise ValueError(f"{name}.{theirs} and {ours} cannot both be given")
+            object.__setattr__(self, ours, _as_tuple(values[theirs], ours) if ours == "choice" else values[theirs])
         object.__setattr__(self, name, None)  # (read into the fields above: compared and hashed by them)
 
     def _check_guided(self) -> None:
@@ -297,6 +309,21 @@ def _as_tuple(value: Any, name: str) -> tuple:
     if isinstance(value, (bytes, bytearray, Mapping)) or not isinstance(value, Sequence) and not unordered or unordered and paired:
         raise ValueError(f"{name} must be a list, got {type(value).__name__} {value!r:.80}")
     return tuple(value)
+
+
+def _structured_values(name: str, spec: Any) -> dict[str, Any]:
+    """The constraint fields (and the refused options) of vLLM's StructuredOutputsParams, read from
+    its object (by name: its other fields are its own business) or from a dict of them, whose keys
+    must be StructuredOutputsParams' fields: a misspelt one would leave the answer unconstrained."""
+    read = (*STRUCTURED_FIELDS, *STRUCTURED_UNSUPPORTED)
+    if not isinstance(spec, Mapping):
+        return {k: getattr(spec, k, None) for k in read}
+    known = [f.name for f in fields(StructuredOutputsParams)]
+    unknown = sorted(str(k) for k in spec if k not in known)
+    if unknown:
+        raise ValueError(f"{name} has unknown key(s) {', '.join(map(repr, unknown))}: its keys are "
+                         f"StructuredOutputsParams' fields ({', '.join(known)})")  # fmt: skip
+    return {k: spec.get(k) for k in read}
 
 
 def _schema_text(schema: str | Mapping[str, Any] | None) -> str | None:

@@ -77,6 +77,26 @@ def test_a_revision_picks_a_branch_or_a_commit_of_the_cache(hub_cache):
         engine_config(build_parser().parse_args(["serve", snapshot_of(hub_cache, MAIN), "--revision", "dev"]))
 
 
+def test_model_cards_give_the_model_as_the_server_was_given_it(hub_cache, chat_model_dir, tmp_path, monkeypatch):
+    """/v1/models' `root` is vLLM's args.model: the hub id served, not the cache's snapshot folder it
+    loaded; a folder as typed (here a relative one)."""
+    import httpx
+
+    from tests.server.conftest import start_server
+
+    def root(model: str) -> str:
+        server = start_server(engine_config(build_parser().parse_args(["serve", model, "--no-store"])))
+        try:
+            return httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["root"]
+        finally:
+            server.stop()
+
+    assert root(MODEL_ID) == MODEL_ID
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(chat_model_dir, tmp_path / "here")
+    assert root("here") == "here"
+
+
 def test_a_model_id_not_in_the_cache_says_so_and_how_to_get_it(hub_cache, capsys):
     from cachedattention import LLM
 
@@ -135,6 +155,7 @@ def test_llm_takes_vllms_revision_and_dtype_names(hub_cache):
 
     dev = LLM(model=MODEL_ID, revision="dev", dtype="auto")
     assert dev.config.model == snapshot_of(hub_cache, DEV) and dev.config.dtype == "float32"
+    assert dev.config.model_given == MODEL_ID  # (a server over this config names the id, as vLLM's)
     assert dev.get_default_sampling_params().temperature == 0.25
     assert LLM(model=MODEL_ID, dtype="float").config.model == snapshot_of(hub_cache, MAIN)
     with pytest.raises(ValueError, match="revision"):

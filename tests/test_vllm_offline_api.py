@@ -3,10 +3,16 @@
 `reset_prefix_cache`, and SamplingParams' vLLM fields (a default of 16 tokens, `max_tokens=None`,
 `top_k=-1`, `clone`, `structured_outputs` / `guided_decoding`, `detokenize`, `extra_args`)."""
 
+import json
+import shutil
+
 import pytest
+import torch
 
 from cachedattention import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 from cachedattention.errors import InvalidRequest
+from cachedattention.llm_args import engine_dtype
+from cachedattention.model.loader import load_tokenizer
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 IDS = [5, 9, 13, 17, 21]
@@ -90,6 +96,37 @@ def test_stop_reason_names_the_stop_token_or_string(llm):
     assert by_string.stop_reason == stop and by_string.outputs[0].stop_reason == stop
 
 
+def test_dtype_may_be_a_torch_dtype_or_a_name_in_any_case(chat_model_dir):
+    """As vLLM's LLM(dtype=...): torch.float32 as "float32", "HALF" as "half"; float64 is refused."""
+    assert LLM(model=str(chat_model_dir), dtype=torch.float32).config.dtype == "float32"
+    for dtype, ours in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16"), ("HALF", "float16"), ("Auto", "float16")):
+        assert engine_dtype(dtype, "cuda", None) == ours
+    with pytest.raises(ValueError, match="dtype must be one of .*got torch.float64"):
+        LLM(model=str(chat_model_dir), dtype=torch.float64)
+    with pytest.raises(ValueError, match="dtype must be a name .* or a torch dtype, got int"):
+        LLM(model=str(chat_model_dir), dtype=32)
+
+
+def test_stop_reason_of_the_generation_configs_other_end_ids(chat_model_dir, tmp_path):
+    """As vLLM: only the tokenizer's own EOS leaves stop_reason None; generation_config.json's other
+    end ids (Llama 3.1's <|eom_id|>) are stop tokens there, so an answer they end names its id."""
+    model = tmp_path / "model"
+    shutil.copytree(chat_model_dir, model)
+    own = load_tokenizer(str(chat_model_dir), 49152).eos_token_id
+    other = 0 if own != 0 else 1
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [own, other]}))
+    llm = LLM(model=str(model))
+
+    def ended_by(token: int, **kw) -> object:
+        out = llm.generate(IDS, SamplingParams(max_tokens=4, temperature=0, logit_bias={token: 100}, **kw))[0]
+        assert out.token_ids == [token] and out.finish_reason == "stop"
+        return out.stop_reason
+
+    assert ended_by(other) == other
+    assert ended_by(own) is None
+    assert ended_by(own, ignore_eos=True, stop_token_ids=[own]) == own  # (no EOS then: a stop token)
+
+
 def test_cached_tokens_tokenizer_and_resetting_the_prefix_cache(llm):
     llm.reset_prefix_cache()
     prompt = list(range(100, 140))
@@ -148,10 +185,34 @@ def test_structured_outputs_read_into_the_guided_fields(llm):
         SamplingParams(structured_outputs=StructuredOutputs(json={}, whitespace_pattern=" "))
 
 
+def test_structured_outputs_naming_no_constraint_are_refused():
+    """As vLLM's StructuredOutputsParams: one kind of constraint, exactly; a dict's misspelt key is
+    named (it would leave the answer unconstrained)."""
+    for empty in (StructuredOutputsParams, GuidedDecodingParams):
+        with pytest.raises(ValueError, match="none are specified"):
+            empty()
+    with pytest.raises(ValueError, match="multiple are specified: regex, choice"):
+        StructuredOutputsParams(regex="a", choice=["b"])
+    for name in ("structured_outputs", "guided_decoding"):
+        for nothing in ({}, {"json_object": False}, StructuredOutputs(), StructuredOutputs(json_object=False)):
+            with pytest.raises(ValueError, match=f"{name}: You must use one kind .* none are specified"):
+                SamplingParams(**{name: nothing})
+        with pytest.raises(ValueError, match=f"{name} has unknown key.* 'choices': its keys are .*choice"):
+            SamplingParams(**{name: {"choices": ["yes", "no"]}})
+    with pytest.raises(ValueError, match="'jsn'"):
+        SamplingParams(structured_outputs={"jsn": {"type": "integer"}, "json_object": None})
+
+
 def test_detokenize_false_gives_token_ids_only(llm):
     want = llm.generate("Hello there", GREEDY)[0]
     out = llm.generate("Hello there", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, detokenize=False))[0]
     assert out.token_ids == want.token_ids and want.text and out.text == "" == out.outputs[0].text
+    # as vLLM: no logprob entry's decoded_token either (those of a detokenized request have them)
+    asked = dict(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=1)
+    plain, texted = llm.generate(["Hello there"] * 2, [SamplingParams(**asked, detokenize=False), SamplingParams(**asked)])
+    for out, decoded in ((plain, False), (texted, True)):
+        entries = [*out.outputs[0].logprobs, *out.prompt_logprobs[1:]]
+        assert entries and all((lp.decoded_token is not None) == decoded for e in entries for lp in e.values())
     with pytest.raises(ValueError, match="detokenize=False"):
         SamplingParams(stop=["x"], detokenize=False)
 

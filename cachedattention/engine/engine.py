@@ -136,6 +136,10 @@ class LLMEngine:
         if beyond:  # (no answer could end on them)
             log.warning("end-of-answer ids %s are past the vocabulary (%d tokens): ignored", beyond, self.spec.vocab_size)
         self.eos_token_ids = tuple(sorted(i for i in eos if i < self.spec.vocab_size))
+        # the tokenizer's own EOS, the end the model itself writes (Llama 3's <|eot_id|>): an answer
+        # it ends has vLLM's stop_reason None; the other end ids act as vLLM's stop_token_ids
+        own = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        self.own_eos_token_id: int | None = own if own in self.eos_token_ids else None
         # the most logprobs / prompt_logprobs a request may ask for (-1: any, up to the vocabulary)
         self.max_logprobs = self.spec.vocab_size if config.max_logprobs == -1 else config.max_logprobs
         # vLLM's --seed: sampled requests without their own seed draw from this engine's generator,
@@ -392,7 +396,7 @@ class LLMEngine:
         enders = (*params.eos_token_ids, *params.stop_token_ids)
         tok = self.tokenizer
         # the end the model itself writes (Llama-3's <|eot_id|>, not the smallest of its end ids)
-        end = tok.eos_token_id if tok.eos_token_id in self.eos_token_ids else min(self.eos_token_ids, default=None)
+        end = self.own_eos_token_id if self.own_eos_token_id is not None else min(self.eos_token_ids, default=None)
         gate = None
         if self.reasoning_tags is not None:
             gate = ReasoningGate.for_prompt(self.reasoning_parser, self.reasoning_tags, tok, prompt_ids)
@@ -553,8 +557,10 @@ class LLMEngine:
             req.json.accept(token)
         if token in p.stop_token_ids or token in p.eos_token_ids:
             reason, req.stopped_by_token = "stop", True
-            # vLLM's stop_reason: the stop token's id (an end-of-sequence token's is None)
-            req.stop_reason = token if token not in p.eos_token_ids else None
+            # vLLM's stop_reason: the stop token's id; None for the tokenizer's own EOS, but the
+            # generation config's other end ids are stop tokens there (so is the EOS with ignore_eos)
+            own_eos = token == self.own_eos_token_id and token in p.eos_token_ids
+            req.stop_reason = None if own_eos else token
         elif req.json is not None and req.json.done:
             reason = "stop"  # a guided answer is complete (the JSON object, the tool call)
         elif p.stop and self._hit_stop_string(req):

@@ -74,8 +74,11 @@ def default_model_name(engine: LLMEngine) -> str:
 
 def model_root(engine: LLMEngine) -> str:
     """What /v1/models' cards give as `root`: the model as the server was told it (vLLM's, its path
-    or hub id); the embedded model's name when it was given none."""
-    return EMBEDDED_NAME if engine.config.model is None else engine.config.model
+    or hub id, not the hub cache's snapshot it loaded); the embedded model's name when it was given none."""
+    config = engine.config
+    if config.model is None:
+        return EMBEDDED_NAME
+    return config.model_given if config.model_given is not None else config.model
 
 
 def model_permission(created: int) -> dict[str, Any]:

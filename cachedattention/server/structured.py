@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from cachedattention.engine.tool_choice import parameters_node
+from cachedattention.sampling import NO_STRUCTURED_CONSTRAINT
 from cachedattention.server.api_error import bad
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def _structured_outputs(v: Any) -> dict[str, dict[str, Any]]:
         asked["structured_outputs.grammar"] = {"grammar": v["grammar"]}
     if v.get("json_object"):
         asked["structured_outputs.json_object"] = {"json_object": True}
+    if not asked:  # (as vLLM's StructuredOutputsParams; else the answer would silently go unconstrained)
+        raise bad(f"structured_outputs: {NO_STRUCTURED_CONSTRAINT}", "structured_outputs")
     return asked
 
 

@@ -116,6 +116,8 @@ def test_guided_grammar_answers_are_derived_by_the_grammar(server, field):
         ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "the rule 'x' is used but not defined"),
         ({"guided_grammar": "expr ::= expr \"+\" [0-9] | [0-9]"}, "guided_grammar", "no 'root' rule"),
         ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs", "structured_outputs.whitespace_pattern"),
+        ({"structured_outputs": {}}, "structured_outputs", "none are specified"),
+        ({"structured_outputs": {"json_object": False}}, "structured_outputs", "none are specified"),
         ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice", "cannot be combined"),
     ],
 )
