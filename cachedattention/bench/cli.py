@@ -35,7 +35,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sessions", type=POSITIVE, default=None, help="number of sessions (workload and policy modes)")
     p.add_argument("--workload", default=None, help="ShareGPT JSON or a saved workload JSON (workload mode)")
     p.add_argument("--systems", default=None,
-                   help="comma-separated systems (workload mode; default: all but replicas, replicas+remote, replicas+router)")
+                   help="comma-separated systems (workload mode; default: all but the replicas systems)")
     p.add_argument("--replicas", type=number(int, 2, "an integer >= 2"), default=2,
                    help="replicas of the replicas systems (workload mode)")
     p.add_argument("--url", default=None, help="drive an OpenAI-compatible server over HTTP instead (workload mode)")

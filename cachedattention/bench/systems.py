@@ -6,7 +6,9 @@ look-ahead policy; lru and fifo are CachedAttention with those eviction policies
 Only when named: "replicas" is CachedAttention on several replicas (each with the budgets above)
 behind a load balancer that does not keep a conversation on one replica; "replicas+remote" adds
 the remote tier they share (`--remote-url`); "replicas+router" places turns as `cachedattention
-router` does: each session on one replica (rendezvous hashing with bounded loads).
+router` does: each session on one replica (rendezvous hashing with bounded loads), and
+"replicas+router+remote" adds the shared remote tier to that (what a turn moved off its replica
+takes from there).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from cachedattention.bench.workload import Workload
 from cachedattention.config import CacheConfig, EngineConfig, StoreConfig
 
 SYSTEM_NAMES = ("RE", "device-only", "device+host", "CachedAttention", "lru", "fifo")
-REPLICA_NAMES = ("replicas", "replicas+remote", "replicas+router")  # run only when named (+remote needs a server)
+# run only when named (those with +remote need a server)
+REPLICA_NAMES = ("replicas", "replicas+remote", "replicas+router", "replicas+router+remote")
 _STORE_POLICIES = {"CachedAttention": "lookahead", "lru": "lru", "fifo": "fifo"}
 
 # Fractions of the workload's total KV given to each tier: no tier but disk can hold every session,
@@ -105,11 +108,11 @@ def build_systems(
     remote_url: str | None = None,
 ) -> list[SystemSpec]:
     """One SystemSpec per name; each disk-tier system gets its own fresh folder under `store_root`.
-    "replicas+remote" needs `remote_url`; its keys get a namespace of their own for this run."""
+    The +remote systems need `remote_url`; their keys get a namespace of their own for this run."""
     if replicas < 2 and any(n in REPLICA_NAMES for n in names):
         raise ValueError(f"--replicas must be >= 2 for {', '.join(REPLICA_NAMES)}, got {replicas}")
-    if "replicas+remote" in names and not remote_url:
-        raise ValueError("the replicas+remote system needs --remote-url (a Redis-protocol server)")
+    if any(n.endswith("+remote") for n in names) and not remote_url:
+        raise ValueError("the +remote replica systems need --remote-url (a Redis-protocol server)")
     device = CacheConfig(page_size=page_size, memory_bytes=budgets.device_bytes)
     off = StoreConfig(enable=False)
     out = []
@@ -130,9 +133,9 @@ def build_systems(
                 disk_bytes=budgets.disk_bytes,
                 policy=_STORE_POLICIES.get(name, "lookahead"),
             )
-            if name == "replicas+remote":  # a fresh namespace: an earlier run's sessions are not this run's
+            if name.endswith("+remote"):  # a fresh namespace: an earlier run's sessions are not this run's
                 store = replace(store, remote_url=remote_url, remote_namespace=f"bench-{uuid.uuid4().hex[:12]}")
-            routing = "affinity" if name == "replicas+router" else "random"
+            routing = "affinity" if "+router" in name else "random"
             out.append(SystemSpec(name, device, store, replicas if name in REPLICA_NAMES else 1, routing))
         else:
             raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEM_NAMES + REPLICA_NAMES)}")

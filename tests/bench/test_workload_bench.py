@@ -252,6 +252,10 @@ def test_replica_systems_need_their_arguments(tmp_path):
     budgets = Budgets.for_workload(1000, 100)
     with pytest.raises(ValueError, match="--remote-url"):
         build_systems(("replicas+remote",), budgets, tmp_path)
+    with pytest.raises(ValueError, match="--remote-url"):
+        build_systems(("replicas+router+remote",), budgets, tmp_path)
     with pytest.raises(ValueError, match="--replicas"):
         build_systems(("replicas",), budgets, tmp_path, replicas=1)
+    routed = build_systems(("replicas", "replicas+router", "replicas+router+remote"), budgets, tmp_path, remote_url="unix:///x")
+    assert [s.routing for s in routed] == ["random", "affinity", "affinity"] and routed[2].store.remote_url
     assert parse_system_names("replicas, RE") == ("RE", "replicas")
