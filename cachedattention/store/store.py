@@ -350,16 +350,17 @@ class AttentionStore:
     def add_segment(self, seg_id: str, kv: SegmentKV) -> None:
         """The save thread's hand-off: the segment's KV is complete; place it in the host tier."""
         with self._lock:
-            done = self._pending.pop(seg_id, None)
-            if seg_id not in self._refs:  # superseded before its save finished
-                if done:
+            try:
+                if seg_id not in self._refs:  # superseded before its save finished
+                    return
+                self.stats.bytes_saved += kv.nbytes
+                if not self._place(seg_id, kv):
+                    self._maybe_lost.add(seg_id)  # no tier took it
+            finally:
+                # saving until placed: a load that waits for it (unlocked) must then find it in a tier,
+                # not read a file that placing (moving older segments out of host first) has not written
+                if (done := self._pending.pop(seg_id, None)) is not None:
                     done.set()
-                return
-            self.stats.bytes_saved += kv.nbytes
-            if not self._place(seg_id, kv):
-                self._maybe_lost.add(seg_id)  # no tier took it
-            if done:
-                done.set()
 
     def _place(self, seg_id: str, kv: SegmentKV) -> bool:
         """A new segment into host (room made by the policy), written through to disk if so configured;
@@ -698,7 +699,10 @@ class AttentionStore:
             kv = self.disk.get(seg_id, [layer for layer in range(self.layout.num_layers) if layer not in self.windowed]
                                if slim else None)  # fmt: skip
         except CorruptSegment as e:
-            self.drop_corrupt(seg_id, str(e))
+            with self._lock:  # its file removed since the fetch was queued (forgotten, replaced, evicted): no damage
+                gone = seg_id not in self.ledger or not self.disk.contains(seg_id)
+            if not gone:
+                self.drop_corrupt(seg_id, str(e))
             return
         except OSError as e:  # perhaps passing (EIO, EMFILE): keep the file; a load checks it again
             log.warning("store: prefetching segment %s failed (%s)", seg_id, e)
