@@ -57,6 +57,10 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
         elif name in _ACCEPTED:
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
+        elif name == "enable_chunked_prefill":  # (None, vLLM's default, was skipped above)
+            if value is not True:
+                raise ValueError("enable_chunked_prefill must be True: this scheduler always chunks prefill; to "
+                                 "compute a prompt in as few steps as it can, raise max_num_batched_tokens")  # fmt: skip
         else:
             raise ValueError(f"LLM() got an unknown argument {name!r}: see help(LLM); the store's options are "
                              "StoreConfig's fields, the cache's and scheduler's CacheConfig's and "

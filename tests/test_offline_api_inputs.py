@@ -118,6 +118,7 @@ def test_sampling_params_take_none_for_a_list_and_deep_schemas_are_a_clear_error
     (lambda: LLM(max_seq_len_to_capture=8192.5), "max_seq_len_to_capture: an integer >= 1 was expected"),
     (lambda: LLM(guided_decoding_backend="llguidance"), "guided_decoding_backend: 'llguidance' is not supported"),
     (lambda: LLM(disable_log_stats="no"), "disable_log_stats must be true or false"),
+    (lambda: LLM(enable_chunked_prefill=False), "enable_chunked_prefill must be True: this scheduler always chunks"),
 ])  # fmt: skip
 def test_engine_arguments_of_the_wrong_type_are_refused_naming_them(make, match):
     with pytest.raises(ValueError, match=match):
@@ -134,7 +135,8 @@ def test_vllm_engine_arguments_and_store_options_are_honoured(tiny_dirs, tmp_pat
     path = Path(tiny_dirs["llama"][0])  # (a Path, as users pass it)
     llm = LLM(model=path, max_num_seqs=3, max_num_batched_tokens=64, enable_prefix_caching=False, block_size=8,
               gpu_memory_utilization=0.5, tensor_parallel_size=1, trust_remote_code=True, enforce_eager=True,
-              swap_space=4, max_seq_len_to_capture=8192, guided_decoding_backend="xgrammar", disable_log_stats=True)
+              swap_space=4, max_seq_len_to_capture=8192, guided_decoding_backend="xgrammar", disable_log_stats=True,
+              enable_chunked_prefill=True)
     c = llm.config
     assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens) == (3, 64)
     assert (c.cache.enable_prefix_cache, c.cache.page_size, c.cache.gpu_memory_utilization) == (False, 8, 0.5)
