@@ -5,6 +5,7 @@ replica that goes down is failed over."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -139,6 +140,19 @@ def test_stored_responses_are_found_where_they_were_made(router):
         assert httpx.get(f"{router.url}/v1/responses/{rid}", timeout=30).json()["id"] == rid
     router_state = router.app.state.router
     assert all(router_state.response_homes.get(rid) is not None for rid in ids)
+
+
+def test_a_streamed_response_s_id_is_learned_from_its_first_event(router):
+    body = {"model": "default", "input": "Stream me a line.", "max_output_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{router.url}/v1/responses", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line.startswith("data:")]
+    rid = json.loads(events[0][5:])["response"]["id"]
+    homes = router.app.state.router.response_homes
+    assert homes.get(rid) is not None
+    nxt = httpx.post(f"{router.url}/v1/responses", timeout=60, json={
+        "model": "default", "input": "And another.", "previous_response_id": rid, "max_output_tokens": 8})  # fmt: skip
+    assert nxt.status_code == 200 and nxt.json()["previous_response_id"] == rid
 
 
 def test_a_replica_that_goes_down_is_failed_over_and_none_left_is_a_503(chat_model_dir, reference):
