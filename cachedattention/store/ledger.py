@@ -23,6 +23,7 @@ class LedgerEntry:
     last_access_s: float  # last lookup/put (LRU order)
     host_nbytes: int = 0  # bytes of the host copy (== nbytes unless the copies differ)
     disk_nbytes: int = 0  # bytes of the disk copy
+    seq: int = 0  # when it entered the ledger: sessions() order, which host_sessions() keeps
 
 
 class TierLedger:
@@ -38,6 +39,10 @@ class TierLedger:
         self.host_bytes = int(host_bytes)
         self.disk_bytes = int(disk_bytes)
         self._entries: dict[str, LedgerEntry] = {}
+        # the entries with a host copy: host eviction and prefetch look only at these, not at every
+        # disk record (a disk tier may hold a hundred times the segments host does)
+        self._in_host: dict[str, LedgerEntry] = {}
+        self._next_seq = 0
         self._host_used = 0
         self._disk_used = 0
         self._nbytes_sum = 0  # sum of entry.nbytes, for mean_nbytes in O(1)
@@ -72,6 +77,10 @@ class TierLedger:
         """All entries, in insertion order (a copy of the list; entries are live)."""
         return list(self._entries.values())
 
+    def host_sessions(self) -> list[LedgerEntry]:
+        """The entries with a host copy, in insertion order (as sessions() lists them)."""
+        return sorted(self._in_host.values(), key=lambda e: e.seq)
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -94,6 +103,7 @@ class TierLedger:
         self._host_used += nbytes - old
         entry.in_host, entry.host_nbytes = True, nbytes
         self._commit_put(entry, nbytes, now, touch)
+        self._in_host[session_id] = entry
 
     def put_disk(self, session_id: str, nbytes: int, now: float, *, touch: bool = True) -> None:
         """Add or replace the disk copy. ValueError if it does not fit (make room first).
@@ -118,6 +128,7 @@ class TierLedger:
             raise ValueError(f"session {session_id!r} has no host copy to drop")
         self._host_used -= entry.host_nbytes
         entry.in_host, entry.host_nbytes = False, 0
+        del self._in_host[session_id]
         self._settle(entry)
 
     def drop_disk(self, session_id: str) -> None:
@@ -136,6 +147,7 @@ class TierLedger:
         self._disk_used -= entry.disk_nbytes if entry.in_disk else 0
         self._nbytes_sum -= entry.nbytes
         del self._entries[session_id]
+        self._in_host.pop(session_id, None)
 
     def touch(self, session_id: str, now: float) -> None:
         """Record an access (lookup) for LRU order."""
@@ -156,6 +168,8 @@ class TierLedger:
             problems.append(f"host holds {host} > budget {self.host_bytes}")
         if disk > self.disk_bytes:
             problems.append(f"disk holds {disk} > budget {self.disk_bytes}")
+        if self._in_host != {sid: e for sid, e in self._entries.items() if e.in_host}:
+            problems.append("the host index does not list exactly the entries with a host copy")
         for sid, e in self._entries.items():
             if sid != e.session_id:
                 problems.append(f"entry keyed {sid!r} names {e.session_id!r}")
@@ -182,7 +196,9 @@ class TierLedger:
         return entry
 
     def _commit_put(self, entry: LedgerEntry, nbytes: int, now: float, touch: bool) -> None:
-        self._entries.setdefault(entry.session_id, entry)
+        if entry.session_id not in self._entries:
+            entry.seq, self._next_seq = self._next_seq, self._next_seq + 1
+            self._entries[entry.session_id] = entry
         self._set_nbytes(entry, nbytes)  # the newest copy defines the session's size
         if touch:
             entry.last_access_s = now

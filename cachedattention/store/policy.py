@@ -81,7 +81,7 @@ class CachePolicy(ABC):
     ) -> list[str]:
         if ledger.host_free >= need_bytes:
             return []
-        cands = [e for e in ledger.sessions() if e.in_host and e.session_id not in protect]
+        cands = [e for e in ledger.host_sessions() if e.session_id not in protect]
         order = _ordered(cands, self._host_key(ledger, queue))
         return _take(order, need_bytes - ledger.host_free, lambda e: e.host_nbytes)
 
@@ -164,11 +164,10 @@ class LookaheadPolicy(CachePolicy):
         wanted = [sid for sid in window if _disk_only(ledger.entry(sid))]
         if not wanted:
             return []
-        # Room = free host + host copies that could be displaced without touching the window.
+        # room: free host plus the host copies that could be displaced without touching the window
+        # (the budget less what the window holds)
         inside = set(window)
-        room = ledger.host_free + sum(
-            e.host_nbytes for e in ledger.sessions() if e.in_host and e.session_id not in inside
-        )
+        room = ledger.host_bytes - sum(e.host_nbytes for sid in inside if (e := ledger.entry(sid)) and e.in_host)
         chosen = []
         for sid in wanted:  # queue order: stop at the first that does not fit (no overtaking)
             nbytes = ledger.entry(sid).disk_nbytes
