@@ -103,3 +103,20 @@ def test_check_integrity_reports_drift():
     led.entry("a").host_nbytes = 200  # a copy larger than the budget
     with pytest.raises(RuntimeError, match="budget"):
         led.check_integrity()
+
+
+def test_the_host_index_lists_the_host_copies_in_the_ledger_s_order():
+    led = TierLedger(host_bytes=100, disk_bytes=1000)
+    for sid in "abcd":
+        led.put_disk(sid, 10, now=0.0)
+    for sid in "dbc":  # into host in another order than the ledger's
+        led.put_host(sid, 10, now=1.0)
+    assert [e.session_id for e in led.host_sessions()] == ["b", "c", "d"]  # (as sessions() lists them)
+    led.drop_host("c")
+    led.forget("d")
+    led.put_host("e", 10, now=2.0)
+    assert [e.session_id for e in led.host_sessions()] == ["b", "e"]
+    led.check_integrity()
+    led._in_host.pop("b")  # simulate a bookkeeping bug
+    with pytest.raises(RuntimeError, match="host index"):
+        led.check_integrity()
