@@ -3,7 +3,9 @@ plans a new session, commits it, hands its segment over (host full: one moves to
 releases it; then the scheduler's hint with one queued session whose segment is disk-only (the
 prefetch check). fsync is stubbed out so that what grows is the CPU's scans, not the disk.
 
-    python bench/store_scale_timing.py [SEGMENTS,...]        (default 1000,16000)
+    python bench/store_scale_timing.py [SEGMENTS,...] [DISK_BYTES]   (default 1000,16000; disk: 1 TiB)
+
+A DISK_BYTES the segments fill (each file here is 512 bytes) times a full disk tier making room.
 
 Run it with PYTHONPATH at two checkouts to compare them."""
 
@@ -32,7 +34,8 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="store-scale-")
     layout = KVLayout(1, 1, 8, torch.float32)
     kv = SegmentKV(torch.zeros(1, TOKENS, 1, 8), torch.zeros(1, TOKENS, 1, 8), None)
-    config = StoreConfig(enable=True, store_dir=root, host_bytes=64 * kv.nbytes, disk_bytes=1 << 40, write_through=False)
+    disk_bytes = int(sys.argv[2]) if len(sys.argv) > 2 else 1 << 40
+    config = StoreConfig(enable=True, store_dir=root, host_bytes=64 * kv.nbytes, disk_bytes=disk_bytes, write_through=False)
     store = AttentionStore(config, layout, "fp", pin=False)
 
     def turn(i: int) -> None:
