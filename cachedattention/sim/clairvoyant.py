@@ -25,6 +25,7 @@ class ClairvoyantPolicy(LookaheadPolicy):
     """
 
     name = "clairvoyant"
+    disk_order = None  # (its order is by the next use, which no kept order follows)
 
     def __init__(self, config: PolicyConfig, next_use: Mapping[str, float]) -> None:
         if config.name != "lookahead":

@@ -8,6 +8,8 @@ ValueError, so callers make room first.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 
@@ -24,6 +26,13 @@ class LedgerEntry:
     host_nbytes: int = 0  # bytes of the host copy (== nbytes unless the copies differ)
     disk_nbytes: int = 0  # bytes of the disk copy
     seq: int = 0  # when it entered the ledger: sessions() order, which host_sessions() keeps
+
+
+# the orders disk_in_order() keeps: an entry's key in each (ties: the ledger's own order, seq)
+DISK_ORDERS: dict[str, Callable[[LedgerEntry], tuple]] = {
+    "lru": lambda e: (e.last_access_s, e.created_s),
+    "fifo": lambda e: (e.created_s, e.last_access_s),
+}
 
 
 class TierLedger:
@@ -43,6 +52,10 @@ class TierLedger:
         # disk record (a disk tier may hold a hundred times the segments host does)
         self._in_host: dict[str, LedgerEntry] = {}
         self._next_seq = 0
+        # per order asked for: a heap of (key, seq, id) over the disk copies, kept across calls (a full
+        # disk makes room at every write: ordering every segment each time cost ~2 us a segment);
+        # an entry's old items stay until popped, and are then skipped as stale
+        self._disk_heaps: dict[str, list[tuple[tuple, int, str]]] = {}
         self._host_used = 0
         self._disk_used = 0
         self._nbytes_sum = 0  # sum of entry.nbytes, for mean_nbytes in O(1)
@@ -81,6 +94,40 @@ class TierLedger:
         """The entries with a host copy, in insertion order (as sessions() lists them)."""
         return sorted(self._in_host.values(), key=lambda e: e.seq)
 
+    def disk_in_order(self, order: str) -> Iterator[LedgerEntry]:
+        """The entries with a disk copy in DISK_ORDERS[order]'s order (ties in insertion order),
+        lazily: a caller that stops early pays for what it read. Do not mutate the ledger while
+        iterating; what was read is put back when the iteration ends."""
+        heap = self._disk_heap(order)
+        key = DISK_ORDERS[order]
+        read: dict[str, LedgerEntry] = {}
+        try:
+            while heap:
+                k, seq, sid = heapq.heappop(heap)
+                e = self._entries.get(sid)
+                if e is None or not e.in_disk or e.seq != seq or key(e) != k or sid in read:
+                    continue  # stale (dropped, re-entered, touched since) or a duplicate
+                read[sid] = e
+                yield e
+        finally:
+            for e in read.values():  # (still valid for later calls; a victim the caller drops goes stale)
+                heapq.heappush(heap, (key(e), e.seq, e.session_id))
+
+    def _disk_heap(self, order: str) -> list[tuple[tuple, int, str]]:
+        heap = self._disk_heaps.get(order)
+        if heap is None or len(heap) > 2 * len(self._entries) + 64:  # first use, or mostly stale: rebuild
+            key = DISK_ORDERS[order]
+            heap = [(key(e), e.seq, e.session_id) for e in self._entries.values() if e.in_disk]
+            heapq.heapify(heap)
+            self._disk_heaps[order] = heap
+        return heap
+
+    def _note_disk_key(self, entry: LedgerEntry) -> None:
+        """An entry's disk copy came, or its key changed: its new place in each kept order."""
+        if entry.in_disk:
+            for order, heap in self._disk_heaps.items():
+                heapq.heappush(heap, (DISK_ORDERS[order](entry), entry.seq, entry.session_id))
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -118,8 +165,11 @@ class TierLedger:
                 f"of {self.disk_bytes} free; evict first"
             )
         self._disk_used += nbytes - old
+        was_on_disk = entry.in_disk
         entry.in_disk, entry.disk_nbytes = True, nbytes
         self._commit_put(entry, nbytes, now, touch)
+        if not was_on_disk:
+            self._note_disk_key(entry)
 
     def drop_host(self, session_id: str) -> None:
         """Remove the host copy (the disk copy, if any, stays)."""
@@ -151,7 +201,10 @@ class TierLedger:
 
     def touch(self, session_id: str, now: float) -> None:
         """Record an access (lookup) for LRU order."""
-        self._require(session_id).last_access_s = now
+        entry = self._require(session_id)
+        if entry.last_access_s != now:
+            entry.last_access_s = now
+            self._note_disk_key(entry)
 
     def check_integrity(self) -> None:
         """Recompute used bytes from the entries; RuntimeError with detail on any mismatch."""
@@ -200,8 +253,9 @@ class TierLedger:
             entry.seq, self._next_seq = self._next_seq, self._next_seq + 1
             self._entries[entry.session_id] = entry
         self._set_nbytes(entry, nbytes)  # the newest copy defines the session's size
-        if touch:
+        if touch and entry.last_access_s != now:
             entry.last_access_s = now
+            self._note_disk_key(entry)
 
     def _settle(self, entry: LedgerEntry) -> None:
         if not (entry.in_host or entry.in_disk):

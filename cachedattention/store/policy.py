@@ -53,7 +53,8 @@ class PolicyConfig:
 class CachePolicy(ABC):
     """Contract shared by every policy (the store and the simulator rely on it).
 
-    - Methods are pure: they read the ledger and return session ids; they never mutate it.
+    - Methods are pure: they read the ledger and return session ids; they never change its
+      accounting (reading its kept disk order only reorders that cache).
     - ``queue``: session ids of the waiting jobs in queue order (first runs first).
     - ``host_victims``: sessions holding a host copy, in demotion order, just enough that
       ``ledger.host_free`` plus their host bytes reaches ``need_bytes`` ([] if it already
@@ -67,6 +68,12 @@ class CachePolicy(ABC):
     """
 
     name: str
+    # the ledger's kept order (ledger.DISK_ORDERS) that is this policy's disk order without a TTL, so
+    # that a full disk's room is found without a key for every segment (None: the key over every
+    # candidate, for a policy whose order the ledger does not keep); queued sessions, where the
+    # policy puts them after the others (`queue_last`), go farthest back first
+    disk_order: str | None = "lru"
+    queue_last: bool = False
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
@@ -95,6 +102,8 @@ class CachePolicy(ABC):
     ) -> list[str]:
         if self.config.disk_ttl_s is None and ledger.disk_free >= need_bytes:
             return []  # fast path: the common case needs no scan
+        if self.config.disk_ttl_s is None and self.disk_order is not None:
+            return self._disk_victims_in_order(ledger, need_bytes - ledger.disk_free, queue, protect)
         cands = [e for e in ledger.sessions() if e.in_disk and e.session_id not in protect]
         expired = [e for e in cands if self._expired(e, now)]
         expired.sort(key=lambda e: (e.last_access_s, e.created_s))
@@ -103,6 +112,34 @@ class CachePolicy(ABC):
         rest = [e for e in cands if not self._expired(e, now)]
         order = _ordered(rest, self._disk_key(ledger, queue))
         victims += _take(order, need_bytes - ledger.disk_free - freed, lambda e: e.disk_nbytes)
+        return victims
+
+    def _disk_victims_in_order(self, ledger: TierLedger, short: int, queue: Sequence[str],
+                               protect: Collection[str]) -> list[str]:  # fmt: skip
+        """disk_victims without a TTL, read lazily from the ledger's kept order: the same victims
+        as ordering every candidate by the policy's key (ties in the ledger's order)."""
+        pos = _positions(queue) if self.queue_last else {}
+        victims: list[str] = []
+        queued: list[LedgerEntry] = []
+        order = ledger.disk_in_order(self.disk_order)
+        try:
+            for e in order:
+                if short <= 0:
+                    break
+                if e.session_id in protect:
+                    continue
+                if e.session_id in pos:
+                    queued.append(e)
+                    continue
+                victims.append(e.session_id)
+                short -= e.disk_nbytes
+        finally:
+            order.close()  # (puts back what it read before the caller drops the victims)
+        for e in sorted(queued, key=lambda e: -pos[e.session_id]):  # (all of them: the order ran out)
+            if short <= 0:
+                break
+            victims.append(e.session_id)
+            short -= e.disk_nbytes
         return victims
 
     def expired(self, ledger: TierLedger, now: float, protect: Collection[str] = ()) -> list[str]:
@@ -148,6 +185,7 @@ class LookaheadPolicy(CachePolicy):
     """Scheduler-aware: keeps what queued jobs need, most of all the next ones (the window)."""
 
     name = "lookahead"
+    queue_last = True
 
     def _host_key(self, ledger: TierLedger, queue: Sequence[str]) -> Callable[[LedgerEntry], tuple]:
         # (0, lru) for sessions with no queued job, then (1, -position): farthest back first.
@@ -197,6 +235,7 @@ class LRUPolicy(CachePolicy):
 
 class FIFOPolicy(CachePolicy):
     name = "fifo"
+    disk_order = "fifo"
 
     def _host_key(self, ledger: TierLedger, queue: Sequence[str]) -> Callable[[LedgerEntry], tuple]:
         return lambda e: (e.created_s, e.last_access_s)

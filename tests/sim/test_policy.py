@@ -138,3 +138,39 @@ def test_host_free_target_is_the_threshold_share_of_host():
     led = TierLedger(host_bytes=200, disk_bytes=1000)
     assert policy("lookahead").host_free_target(led) == 10  # 5% by default
     assert policy("lru", host_free_threshold=0.25).host_free_target(led) == 50
+
+
+@pytest.mark.parametrize("name", ["lookahead", "lru", "fifo"])
+def test_a_full_disk_s_victims_from_the_kept_order_equal_ordering_every_segment(name):
+    """Without a TTL, disk_victims reads the ledger's kept order lazily; the victims must be those of
+    the policy's key over every candidate (the path a TTL takes), through puts, touches and drops."""
+    rng = random.Random(7)
+    fast = make_policy(PolicyConfig(name=name))
+    full = make_policy(PolicyConfig(name=name))
+    full.disk_order = None  # (the key over every candidate)
+    led = TierLedger(host_bytes=400, disk_bytes=2000)
+    now = 0.0
+    for step in range(3000):
+        now += rng.choice([0.0, 0.5, 1.0])  # (equal times: ties fall to the ledger's order)
+        sid = f"s{rng.randrange(120)}"
+        op = rng.random()
+        e = led.entry(sid)
+        if op < 0.3 and led.disk_free >= 40 and (e is None or not e.in_disk):
+            led.put_disk(sid, 40, now, touch=rng.random() < 0.5)
+        elif op < 0.45 and led.host_free >= 40 and (e is None or not e.in_host):
+            led.put_host(sid, 40, now)
+        elif op < 0.7 and e is not None:
+            led.touch(sid, now)
+        elif op < 0.8 and e is not None and e.in_disk:
+            led.drop_disk(sid)
+        elif op < 0.85 and e is not None:
+            led.forget(sid)
+        queue = rng.sample([f"s{i}" for i in range(120)], rng.randrange(6))
+        protect = set(rng.sample([f"s{i}" for i in range(120)], rng.randrange(4)))
+        need = rng.choice([40, 200, 2500])
+        got = fast.disk_victims(led, need, queue, now, protect)
+        assert got == full.disk_victims(led, need, queue, now, protect), step
+        if step % 500 == 0:
+            led.check_integrity()
+    assert [e.session_id for e in led.disk_in_order("lru")] == [
+        e.session_id for e in sorted((e for e in led.sessions() if e.in_disk), key=lambda e: (e.last_access_s, e.created_s, e.seq))]
