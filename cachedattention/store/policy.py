@@ -102,8 +102,8 @@ class CachePolicy(ABC):
     ) -> list[str]:
         if self.config.disk_ttl_s is None and ledger.disk_free >= need_bytes:
             return []  # fast path: the common case needs no scan
-        if self.config.disk_ttl_s is None and self.disk_order is not None:
-            return self._disk_victims_in_order(ledger, need_bytes - ledger.disk_free, queue, protect)
+        if self.disk_order is not None:
+            return self._disk_victims_in_order(ledger, need_bytes - ledger.disk_free, queue, now, protect)
         cands = [e for e in ledger.sessions() if e.in_disk and e.session_id not in protect]
         expired = [e for e in cands if self._expired(e, now)]
         expired.sort(key=lambda e: (e.last_access_s, e.created_s))
@@ -114,19 +114,33 @@ class CachePolicy(ABC):
         victims += _take(order, need_bytes - ledger.disk_free - freed, lambda e: e.disk_nbytes)
         return victims
 
-    def _disk_victims_in_order(self, ledger: TierLedger, short: int, queue: Sequence[str],
+    def _disk_victims_in_order(self, ledger: TierLedger, short: int, queue: Sequence[str], now: float,
                                protect: Collection[str]) -> list[str]:  # fmt: skip
-        """disk_victims without a TTL, read lazily from the ledger's kept order: the same victims
-        as ordering every candidate by the policy's key (ties in the ledger's order)."""
-        pos = _positions(queue) if self.queue_last else {}
+        """disk_victims read lazily from the ledger's kept orders: the same victims as ordering every
+        candidate by the policy's key (ties in the ledger's order). Expired ones first: the oldest
+        accesses, the head of the LRU order."""
         victims: list[str] = []
+        expired: set[str] = set()
+        if self.config.disk_ttl_s is not None:
+            order = ledger.disk_in_order("lru")
+            try:
+                for e in order:
+                    if not self._expired(e, now):
+                        break
+                    if e.session_id not in protect:
+                        victims.append(e.session_id)
+                        expired.add(e.session_id)
+                        short -= e.disk_nbytes
+            finally:
+                order.close()
+        pos = _positions(queue) if self.queue_last else {}
         queued: list[LedgerEntry] = []
         order = ledger.disk_in_order(self.disk_order)
         try:
             for e in order:
                 if short <= 0:
                     break
-                if e.session_id in protect:
+                if e.session_id in protect or e.session_id in expired:
                     continue
                 if e.session_id in pos:
                     queued.append(e)

@@ -140,13 +140,14 @@ def test_host_free_target_is_the_threshold_share_of_host():
     assert policy("lru", host_free_threshold=0.25).host_free_target(led) == 50
 
 
+@pytest.mark.parametrize("ttl", [None, 40.0])
 @pytest.mark.parametrize("name", ["lookahead", "lru", "fifo"])
-def test_a_full_disk_s_victims_from_the_kept_order_equal_ordering_every_segment(name):
-    """Without a TTL, disk_victims reads the ledger's kept order lazily; the victims must be those of
-    the policy's key over every candidate (the path a TTL takes), through puts, touches and drops."""
+def test_a_full_disk_s_victims_from_the_kept_order_equal_ordering_every_segment(name, ttl):
+    """disk_victims reads the ledger's kept orders lazily; the victims (expired ones first, with a
+    TTL) must be those of the policy's key over every candidate, through puts, touches and drops."""
     rng = random.Random(7)
-    fast = make_policy(PolicyConfig(name=name))
-    full = make_policy(PolicyConfig(name=name))
+    fast = make_policy(PolicyConfig(name=name, disk_ttl_s=ttl))
+    full = make_policy(PolicyConfig(name=name, disk_ttl_s=ttl))
     full.disk_order = None  # (the key over every candidate)
     led = TierLedger(host_bytes=400, disk_bytes=2000)
     now = 0.0
@@ -167,9 +168,10 @@ def test_a_full_disk_s_victims_from_the_kept_order_equal_ordering_every_segment(
             led.forget(sid)
         queue = rng.sample([f"s{i}" for i in range(120)], rng.randrange(6))
         protect = set(rng.sample([f"s{i}" for i in range(120)], rng.randrange(4)))
-        need = rng.choice([40, 200, 2500])
+        need = rng.choice([0, 40, 200, 2500])
         got = fast.disk_victims(led, need, queue, now, protect)
         assert got == full.disk_victims(led, need, queue, now, protect), step
+        assert fast.expired(led, now, protect) == full.expired(led, now, protect), step
         if step % 500 == 0:
             led.check_integrity()
     assert [e.session_id for e in led.disk_in_order("lru")] == [
