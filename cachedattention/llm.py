@@ -116,6 +116,12 @@ def _sampling_params(sampling_params: Any, params: Any) -> Any:
     return params if sampling_params is None else sampling_params
 
 
+def _vllm_positional(session_id: Any, use_tqdm: bool | Callable[..., Any]) -> tuple[Any, bool | Callable[..., Any]]:
+    """vLLM's generate and chat take use_tqdm third, where these take session_id: a bool there (never
+    a session id) is a script written for vLLM saying whether to show the bar."""
+    return (None, session_id) if isinstance(session_id, bool) else (session_id, use_tqdm)
+
+
 def _refuse_lora(lora_request: Any) -> None:
     if lora_request is not None:
         raise ValueError("LoRA adapters are not supported by this engine: lora_request must be None")
@@ -264,7 +270,9 @@ class LLM:
         gives each prompt's place under the priority scheduling policy (lower first); LoRA adapters
         are refused. A request whose own step failed (logged) comes back finished with finish_reason
         "error". As vLLM's, `out.outputs` lists a prompt's completions (SamplingParams.n of them,
-        seeded choices with seeds seed, seed + 1, ...); `out.text` and `out.token_ids` are the first's."""
+        seeded choices with seeds seed, seed + 1, ...); `out.text` and `out.token_ids` are the first's.
+        A bool in session_id's place is vLLM's third positional argument, use_tqdm."""
+        session_id, use_tqdm = _vllm_positional(session_id, use_tqdm)
         given = _prompt_list(prompts)
         sessions = _one_each(session_id, len(given), "session_id")
         _check_distinct(sessions, "prompts")
@@ -300,7 +308,9 @@ class LLM:
         add_generation_prompt False) has the model go on with the last message, the assistant's;
         `chat_template_kwargs` are extra template variables; `chat_template` (a Jinja template or
         the file holding one) renders this call's messages, its text parts joined as one string
-        (`chat_template_content_format` "auto" or "string"); `use_tqdm` and `lora_request` as generate's."""
+        (`chat_template_content_format` "auto" or "string"); `use_tqdm` and `lora_request` as generate's
+        (a bool in session_id's place is vLLM's third positional argument, use_tqdm)."""
+        session_id, use_tqdm = _vllm_positional(session_id, use_tqdm)
         if chat_template_content_format not in ("auto", "string"):
             raise ValueError(f"chat_template_content_format must be 'auto' or 'string' (a message's text parts are "
                              f"rendered as one string), got {chat_template_content_format!r}")  # fmt: skip

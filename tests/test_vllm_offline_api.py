@@ -70,6 +70,14 @@ def test_a_progress_bar_counts_the_prompts_or_none(llm):
     assert len(Bar.made) == 2 and Bar.made[1].done == 1
 
 
+def test_vllms_third_positional_argument_is_use_tqdm(llm, capsys):
+    out = llm.generate(IDS, GREEDY, False)[0]  # (vLLM's generate(prompts, sampling_params, use_tqdm))
+    assert out.token_ids and "Processed prompts" not in capsys.readouterr().err
+    llm.chat(HI, GREEDY, True)
+    assert "Processed prompts" in capsys.readouterr().err
+    assert llm.chat(HI, GREEDY, False)[0].text and "Processed prompts" not in capsys.readouterr().err
+
+
 def test_lora_is_refused_and_priority_is_one_per_prompt(llm, chat_model_dir):
     with pytest.raises(ValueError, match="LoRA"):
         llm.generate(IDS, GREEDY, lora_request=object())
