@@ -115,18 +115,24 @@ class TierLedger:
 
     def _disk_heap(self, order: str) -> list[tuple[tuple, int, str]]:
         heap = self._disk_heaps.get(order)
-        if heap is None or len(heap) > 2 * len(self._entries) + 64:  # first use, or mostly stale: rebuild
-            key = DISK_ORDERS[order]
-            heap = [(key(e), e.seq, e.session_id) for e in self._entries.values() if e.in_disk]
-            heapq.heapify(heap)
-            self._disk_heaps[order] = heap
+        return self._rebuilt(order) if heap is None else heap
+
+    def _rebuilt(self, order: str) -> list[tuple[tuple, int, str]]:
+        """The order's heap made anew from the entries (first use, or mostly stale items)."""
+        key = DISK_ORDERS[order]
+        heap = [(key(e), e.seq, e.session_id) for e in self._entries.values() if e.in_disk]
+        heapq.heapify(heap)
+        self._disk_heaps[order] = heap
         return heap
 
     def _note_disk_key(self, entry: LedgerEntry) -> None:
-        """An entry's disk copy came, or its key changed: its new place in each kept order."""
+        """An entry's disk copy came, or its key changed: its new place in each kept order (a heap
+        grown to twice the entries is rebuilt, so that touches between reads cannot grow it unbounded)."""
         if entry.in_disk:
             for order, heap in self._disk_heaps.items():
                 heapq.heappush(heap, (DISK_ORDERS[order](entry), entry.seq, entry.session_id))
+                if len(heap) > 2 * len(self._entries) + 64:
+                    self._rebuilt(order)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -120,3 +120,14 @@ def test_the_host_index_lists_the_host_copies_in_the_ledger_s_order():
     led._in_host.pop("b")  # simulate a bookkeeping bug
     with pytest.raises(RuntimeError, match="host index"):
         led.check_integrity()
+
+
+def test_the_kept_disk_order_stays_bounded_through_touches():
+    led = TierLedger(host_bytes=0, disk_bytes=1000)
+    for i in range(10):
+        led.put_disk(f"s{i}", 10, now=0.0)
+    assert [e.session_id for e in led.disk_in_order("lru")][:2] == ["s0", "s1"]
+    for t in range(1, 5000):  # touches between reads push the entry's new place
+        led.touch(f"s{t % 10}", now=float(t))
+    assert len(led._disk_heaps["lru"]) <= 2 * len(led) + 64
+    assert [e.session_id for e in led.disk_in_order("lru")] == [f"s{i}" for i in range(10)]  # (last touched: s9)
