@@ -38,6 +38,7 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _error(status: int, message: str, code: str) -> Response:
+    """The router's own error in OpenAI's format (not server.api_error's: that module loads the engine)."""
     body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     return Response(json.dumps(body), status_code=status, media_type="application/json")
 
