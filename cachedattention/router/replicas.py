@@ -3,7 +3,6 @@ connections), and how many requests each has in flight through this router."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -50,14 +49,9 @@ class ReplicaSet:
         self.urls = normalized(urls)
         self.load_factor = load_factor
         self.up = dict.fromkeys(self.urls, True)  # until a health check or a connection says otherwise
-        self.down_since: dict[str, float] = {}
         self.in_flight = dict.fromkeys(self.urls, 0)
 
     def mark(self, url: str, up: bool) -> None:
-        if up:
-            self.down_since.pop(url, None)
-        elif self.up[url]:
-            self.down_since[url] = time.monotonic()
         self.up[url] = up
 
     def healthy(self) -> list[str]:
