@@ -52,7 +52,7 @@ from cachedattention.server.reasoning import (
     reasoning_delta,
     split_answer,
 )
-from cachedattention.server.request_id import RequestIdMiddleware
+from cachedattention.server.request_id import RequestIdMiddleware, client_request_id, engine_request_id
 from cachedattention.server.responses import ResponsesRoutes
 from cachedattention.server.responses_store import ResponseStore, SharedResponses
 from cachedattention.server.stream_text import stream_delta
@@ -420,8 +420,10 @@ class OpenAIRoutes:
                                          self.loop.engine.sampling_defaults)  # fmt: skip
         self._check_model(parsed.model)
         parsed = self.keep_tags(parsed) if chat else parsed
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{parsed.request_id or uuid.uuid4().hex}"
-        streams = await self._submit(rid, parsed, parsed.max_tokens_asked if parsed.session_id is None else None)
+        given = client_request_id(request.headers, parsed.request_id)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{given or uuid.uuid4().hex}"
+        streams = await self._submit(engine_request_id(rid, given is not None), parsed,
+                                     parsed.max_tokens_asked if parsed.session_id is None else None)  # fmt: skip
         tok = self.loop.engine.tokenizer
         echoes = None
         if parsed.echo:  # each prompt's, as sent or its ids' text (encodes: in a worker thread), for its choices

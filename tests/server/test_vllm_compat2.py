@@ -261,6 +261,27 @@ def test_answers_carry_the_request_s_id_or_a_new_one(flagged, server):
     assert "x-request-id" not in httpx.get(f"{server.url}/health", timeout=60).headers  # not without the flag
 
 
+def test_the_x_request_id_header_is_the_answer_s_id(server):
+    """vLLM's: the header (a gateway's id) names the answer, with or without the flag, over the
+    body's request_id; an empty one is none; one that cannot be an id is refused."""
+    heads = {"X-Request-Id": "gw-7"}
+    chat = httpx.post(f"{server.url}{CHAT}", json={"messages": OPEN[:1], "max_tokens": 1, "request_id": "body-1"},
+                      headers=heads, timeout=60)  # fmt: skip
+    assert chat.status_code == 200 and chat.json()["id"] == "chatcmpl-gw-7", chat.text
+    done = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers=heads, timeout=60)
+    assert done.json()["id"] == "cmpl-gw-7"
+    with httpx.stream("POST", f"{server.url}{CHAT}", json={"messages": OPEN[:1], "max_tokens": 2, "stream": True},
+                      headers=heads, timeout=60) as r:  # fmt: skip
+        ids = {json.loads(line[6:])["id"] for line in r.iter_lines() if line.startswith("data: {")}
+    assert ids == {"chatcmpl-gw-7"}
+    empty = httpx.post(f"{server.url}{CHAT}", json={"messages": OPEN[:1], "max_tokens": 1, "request_id": "body-1"},
+                       headers={"X-Request-Id": ""}, timeout=60)  # fmt: skip
+    assert empty.json()["id"] == "chatcmpl-body-1"
+    long = httpx.post(f"{server.url}{CHAT}", json={"messages": OPEN[:1], "max_tokens": 1},
+                      headers={"X-Request-Id": "x" * 257}, timeout=60)  # fmt: skip
+    assert long.status_code == 400 and long.json()["error"]["param"] == "X-Request-Id"
+
+
 def test_the_server_s_template_variables_lie_under_the_request_s(flagged):
     """vLLM's --default-chat-template-kwargs: every chat (and /tokenize) renders with them; a
     request's own chat_template_kwargs win, name by name."""

@@ -376,19 +376,25 @@ def test_vllm_s_request_id_continuous_usage_and_token_ids(named, chat_model_dir)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop", r.text
 
 
-def test_a_request_id_in_use_is_refused_and_the_first_request_keeps_it(named):
+def test_a_client_s_id_given_twice_at_once_runs_both_and_each_answer_keeps_it(named):
+    """vLLM's: a client's request_id (or X-Request-Id) is the answer's, not the engine's key; two
+    requests in flight with it both run. The engine's own ids stay unique."""
     from cachedattention.server.engine_loop import Job
+
+    body = {"prompt": "Hi", "max_tokens": 2, "request_id": "taken"}
+
+    async def both():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{named.url}/v1/completions", json=body) for _ in range(2)))
 
     loop = named.app.state.engine_loop
     with loop._cond:
-        loop._active.add("cmpl-taken")  # as if a request with that id were streaming
+        loop._active.add("cmpl-taken")  # as if a request with the bare id were streaming
     try:
-        r = httpx.post(f"{named.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "request_id": "taken"},
-                       timeout=60)  # fmt: skip
-        assert r.status_code == 400 and r.json()["error"]["param"] == "request_id"
-        with loop._cond:
-            assert "cmpl-taken" in loop._active  # still the first one's: its abort and the shutdown's wait work
-        with pytest.raises(ValueError, match="already in use"):
+        answers = asyncio.run(both())
+        assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+        assert [r.json()["id"] for r in answers] == ["cmpl-taken", "cmpl-taken"]
+        with pytest.raises(ValueError, match="already in use"):  # the engine's key itself is never shared
             asyncio.run(_submit_now(loop, Job("cmpl-taken", SamplingParams(max_tokens=1), prompt=[1, 2])))
     finally:
         with loop._cond:
