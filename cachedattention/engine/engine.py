@@ -561,10 +561,12 @@ class LLMEngine:
             # generation config's other end ids are stop tokens there (so is the EOS with ignore_eos)
             own_eos = token == self.own_eos_token_id and token in p.eos_token_ids
             req.stop_reason = None if own_eos else token
-        elif req.json is not None and req.json.done:
-            reason = "stop"  # a guided answer is complete (the JSON object, the tool call)
+        # a stop string before a guided answer's completion: the token that completes it may also hold
+        # one, and as vLLM (whose grammar ends the answer only with the end token after it) it cuts the text
         elif p.stop and self._hit_stop_string(req):
             reason = "stop"
+        elif req.json is not None and req.json.done:
+            reason = "stop"  # a guided answer is complete (the JSON object, the tool call)
         elif (p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens) or req.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:

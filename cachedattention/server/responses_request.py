@@ -60,7 +60,7 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]], reasons: b
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise bad(f"{unknown[0]} is not supported by this server's Responses API", unknown[0], "unsupported_parameter")
-    _check_unicode(body)
+    _check_json_values(body)
     _refuse_unsupported(body, reasons)
     instructions = _optional_text(body, "instructions")
     new = input_messages(body.get("input"))
@@ -101,13 +101,17 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]], reasons: b
                             truncation, echo)  # fmt: skip
 
 
-def _check_unicode(body: dict[str, Any]) -> None:
-    """JSON may carry lone surrogates; what is echoed, stored or tokenized must be valid text."""
+def _check_json_values(body: dict[str, Any]) -> None:
+    """What is echoed, stored or tokenized must be writable as JSON again: JSON may carry lone
+    surrogates (UTF-8 has none), and Python's reader takes NaN and Infinity (JSON has neither: the
+    response repeating them could not be sent, nor a stored one read back)."""
     for key, value in body.items():
         try:
-            json.dumps(value, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
+            json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+        except UnicodeEncodeError:  # (a ValueError too: first)
             raise bad(f"{key} is not valid Unicode text (it has a lone surrogate)", key) from None
+        except ValueError:
+            raise bad(f"{key} holds NaN or Infinity, which JSON has no value for", key) from None
 
 
 def in_responses_terms(e: APIError) -> APIError:

@@ -45,17 +45,32 @@ PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 ID_CHARS = string.ascii_letters + string.digits
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 @dataclass(frozen=True)
 class ToolCall:
     id: str
     name: str
     arguments: str  # a JSON object, as text
 
+    def __post_init__(self) -> None:
+        # a model's JSON may escape a lone surrogate (\ud800): decoded, it cannot be sent as UTF-8 (the
+        # answer was a 500); escaped again, the client's JSON parser still reads the value written
+        object.__setattr__(self, "name", _escape_surrogates(self.name))
+        object.__setattr__(self, "arguments", _escape_surrogates(self.arguments))
+
     def as_json(self, index: int | None = None) -> dict[str, Any]:
         """OpenAI's form; `index` for a streamed chunk's delta."""
         out: dict[str, Any] = {"id": self.id, "type": "function",
                                "function": {"name": self.name, "arguments": self.arguments}}  # fmt: skip
         return out if index is None else {"index": index, **out}
+
+
+def _escape_surrogates(text: str) -> str:
+    """Lone surrogates as JSON's \\uXXXX escapes (only a JSON string can hold one, so the arguments'
+    JSON reads back the same)."""
+    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _openai_id() -> str:

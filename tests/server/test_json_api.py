@@ -140,3 +140,18 @@ def test_an_answer_that_can_only_end_ends_even_with_ignore_eos_and_min_tokens(ch
     out = llm.generate(["Count:"], params)[0]
     assert out.text == "0" and out.finish_reason == "stop"
     llm.close()
+
+
+@pytest.mark.parametrize("include, text", [(False, "hello "), (True, "hello wor")])
+def test_a_stop_string_in_the_token_that_completes_a_guided_answer_still_cuts_it(server, include, text):
+    """The guided choice's last token holds the stop string: as vLLM (the grammar ends the answer
+    only with the end token that follows), the stop string cuts the text and is its stop_reason,
+    streamed or not."""
+    body = {"prompt": "Say:", "max_tokens": 16, "temperature": 0, "guided_choice": ["hello world"], "stop": ["wor"],
+            "include_stop_str_in_output": include}  # fmt: skip
+    choice = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (text, "stop", "wor")
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == text
+    assert chunks[-1]["choices"][0]["stop_reason"] == "wor"

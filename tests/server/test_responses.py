@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import math
 import threading
 import time
 from dataclasses import replace
@@ -164,6 +165,17 @@ def test_the_response_object_echoes_the_request(server):
         ({"input": [{"role": "user", "content": "x"}], "max_output_tokens": 4,
           "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "integer", "maximum": 10**400 + 1,
                                                                               "multipleOf": 0}}}}, "text.format"),
+        # NaN and Infinity (which Python's JSON reads, as vLLM's server does) in what the response
+        # repeats or the server stores: these were 500s (a stream carried them as bare NaN, not JSON)
+        ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {
+            "a": {"type": "number", "default": math.nan}}}}]}, "tools"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {"maximum": math.inf}}], "stream": True}, "tools"),
+        ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "f", "x": -math.inf}},
+         "tool_choice"),
+        ({"text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "number", "default": math.nan}}}},
+         "text"),
+        ({"input": [{"role": "user", "content": "x", "extra": math.nan}]}, "input"),
+        ({"temperature": math.nan}, "temperature"),
     ],
 )  # fmt: skip
 def test_what_is_not_supported_or_malformed_is_a_400_naming_the_field(server, extra, param):

@@ -614,3 +614,32 @@ def test_tool_call_arguments_nested_past_the_json_parser_s_depth_reach_the_templ
     calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}]
     messages = validate_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls}])
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == deep
+
+
+def test_a_call_whose_json_escapes_a_lone_surrogate_is_answered_as_valid_json(server):
+    """A model may write a call whose JSON holds an escaped lone surrogate (\\ud800): decoded and
+    written back it could not be encoded as UTF-8, and the answer was a 500 (a stream cut short).
+    Its arguments keep the escape: the client's JSON parser reads the value the model wrote."""
+    written = '<tool_call>{"name": "get_weather", "arguments": {"city": "\\ud800x"}}</tool_call>'
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "max_tokens": 64,
+            "temperature": 0, "guided_regex": re.escape(written)}  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "\ud800x"}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    calls = [c for e in events for ch in e["choices"] for c in ch["delta"].get("tool_calls") or []]
+    assert [c["function"]["arguments"] for c in calls] == [call["function"]["arguments"]]
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_calls_read_from_json_are_utf8_text():
+    """The JSON parsers decode escapes: a lone surrogate stays escaped in a call's name and
+    arguments, which then encode as UTF-8 and still decode to the value written."""
+    (hermes,) = HermesCalls.parse('<tool_call>{"name": "f\\udfff", "arguments": "{\\"a\\": \\"\\ud800\\"}"}</tool_call>')[1]
+    (llama,) = Llama3JsonCalls.parse('{"name": "f", "parameters": {"a": "\\ud800"}}')[1]
+    for call in (hermes, llama):
+        call.name.encode()
+        assert json.loads(call.arguments.encode()) == {"a": "\ud800"}
+    assert json.loads(f'"{hermes.name}"') == "f\udfff"
