@@ -128,13 +128,23 @@ def _range_text(lo: float, hi: float, lo_open: bool) -> str:
     return f"in {'(' if lo_open else '['}{lo}, {hi}]"
 
 
+def whole_number(v: object) -> int | None:
+    """An integer field's value as vLLM's request models (pydantic) read one: an int, or a float
+    without a fraction (`100.0`: some clients write every number as a float); None otherwise."""
+    if is_int(v):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return None
+
+
 def _integer(body: dict, key: str) -> int | None:
     v = body.get(key)
     if v is None:
         return None
-    if not is_int(v):
+    if (n := whole_number(v)) is None:
         raise bad(f"{key} must be an integer", key, "invalid_type")
-    return v
+    return n
 
 
 def flag(body: dict, key: str, default: bool = False) -> bool:
@@ -259,20 +269,20 @@ def _logprobs(body: dict, chat: bool, limit: int = MAX_LOGPROBS) -> int | None:
     v = body.get("logprobs")
     if v is None or v is False:  # a neutral false, as some clients send
         return None
-    if not is_int(v) or not 0 <= v <= limit:
+    if (n := whole_number(v)) is None or not 0 <= n <= limit:
         raise bad(f"logprobs must be an integer in [0, {limit}] for completions, got {v!r}", "logprobs")
-    return v
+    return n
 
 
 def _prompt_logprobs(body: dict, stream: bool, limit: int = MAX_LOGPROBS) -> int | None:
     v = body.get("prompt_logprobs")
     if v is None:
         return None
-    if not is_int(v) or not 0 <= v <= limit:
+    if (n := whole_number(v)) is None or not 0 <= n <= limit:
         raise bad(f"prompt_logprobs must be an integer in [0, {limit}], got {v!r}", "prompt_logprobs")
     if stream:  # as vLLM
         raise bad("prompt_logprobs are not available when stream is true", "prompt_logprobs")
-    return v
+    return n
 
 
 def sampling_params(body: dict, max_model_len: int, chat: bool = True, defaults: Mapping[str, Any] | None = None,
@@ -348,6 +358,9 @@ def _vllm_sampling(body: dict, max_model_len: int) -> dict[str, Any]:
     truncate = _integer(body, "truncate_prompt_tokens")
     if truncate is not None and not (truncate == -1 or truncate >= 1):
         raise bad("truncate_prompt_tokens must be -1 (the model's window) or an integer >= 1", "truncate_prompt_tokens")
+    if truncate is not None and truncate > max_model_len:  # as vLLM: a cut the window itself would refuse
+        raise bad(f"truncate_prompt_tokens ({truncate}) is greater than the model's window (max_model_len "
+                  f"{max_model_len}); ask for at most that, or -1 for the window", "truncate_prompt_tokens")  # fmt: skip
     return dict(
         min_p=_number(body, "min_p", 0.0, 1.0) or 0.0,
         stop_token_ids=_token_ids(body, "stop_token_ids"),
@@ -410,7 +423,7 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
     # one token is computed with the prompt at no extra forward pass, and left out of the answer
     asked = body.get("max_completion_tokens")  # it wins over max_tokens, as sampling_params reads them
     asked = body.get("max_tokens") if asked is None else asked
-    prompt_only = echo and is_int(asked) and asked == 0
+    prompt_only = echo and whole_number(asked) == 0
     if prompt_only:
         body = {**body, "max_tokens": 1, "max_completion_tokens": None}
     params = sampling_params(body, max_model_len, chat, defaults, max_logprobs)

@@ -15,9 +15,8 @@ from typing import Any
 
 from cachedattention.errors import InvalidRequest
 from cachedattention.model.messages import joined_text_parts
-from cachedattention.sampling import is_int
 from cachedattention.server.api_error import APIError, bad
-from cachedattention.server.protocol import REASONING_EFFORTS, flag
+from cachedattention.server.protocol import REASONING_EFFORTS, flag, whole_number
 
 # sampling fields passed to the chat parser as they are (vLLM's Responses request takes these too)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
@@ -305,7 +304,7 @@ def _content(content: Any, param: str) -> Any:
 def _logprobs(body: dict[str, Any]) -> dict[str, Any]:
     """Logprobs come with the text when `include` asks for them, top_logprobs alternatives each."""
     top = body.get("top_logprobs")
-    if top is not None and not is_int(top):
+    if top is not None and (top := whole_number(top)) is None:
         raise bad("top_logprobs must be an integer", "top_logprobs", "invalid_type")
     if LOGPROBS_INCLUDE not in (body.get("include") or []):
         return {}

@@ -286,7 +286,28 @@ BAD = [
      "truncate_prompt_tokens"),
     ("echo of a truncated prompt", "/v1/completions", {"prompt": "a b", "echo": True, "truncate_prompt_tokens": 1},
      "truncate_prompt_tokens"),
+    ("truncate_prompt_tokens past the window", "/v1/completions", {"prompt": "a", "truncate_prompt_tokens": 10**6},
+     "truncate_prompt_tokens"),
+    ("max_tokens with a fraction", "/v1/completions", {"prompt": "a", "max_tokens": 2.5}, "max_tokens"),
+    ("seed past 64 bits, as a float", "/v1/completions", {"prompt": "a", "seed": 1e300}, "seed"),
 ]
+
+
+def test_integer_fields_take_floats_without_a_fraction(server):
+    """As vLLM's request models (pydantic) read them: 3.0 is 3 (clients that write every number as
+    a float); the answer is the one the integers give."""
+    ints = {"prompt": "Hello", "max_tokens": 3, "n": 2, "seed": 5, "logprobs": 2, "prompt_logprobs": 1,
+            "temperature": 1.0}  # fmt: skip
+    floats = {k: float(v) if k != "prompt" else v for k, v in ints.items()}
+    got = [httpx.post(f"{server.url}/v1/completions", json=body, timeout=60) for body in (ints, floats)]
+    assert [r.status_code for r in got] == [200, 200], got[1].text
+    texts = [[c["text"] for c in r.json()["choices"]] for r in got]
+    assert texts[0] == texts[1] and len(texts[0]) == 2
+    tops = [[len(top) for top in r.json()["choices"][0]["logprobs"]["top_logprobs"]] for r in got]
+    assert tops[0] == tops[1] and min(tops[0]) >= 2  # (the chosen token too where it is not among them)
+    chat = {"messages": MSGS, "max_tokens": 2.0, "logprobs": True, "top_logprobs": 1.0}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 1
 
 
 @pytest.mark.parametrize("name,path,body,param", BAD, ids=[b[0] for b in BAD])
