@@ -71,13 +71,13 @@ def _message(i: int, m: Any) -> dict[str, Any]:
         if reasoning is not None:  # a reasoning model's thinking, given back: its template may write it
             out["reasoning_content"] = reasoning  # (Qwen3's, DeepSeek-R1's name)
             out["thinking"] = reasoning  # (gpt-oss's)
-    if role == "tool":
-        for key in ("tool_call_id", "name"):
-            v = m.get(key)
-            if v is not None and not isinstance(v, str):
-                raise InvalidRequest(f"messages[{i}].{key} must be a string", f"messages[{i}].{key}")
-            if v is not None:
-                out[key] = v
+    # a speaker's name, any role's (as vLLM passes it: some templates write it); a tool result's call id
+    for key in ("tool_call_id", "name") if role == "tool" else ("name",):
+        v = m.get(key)
+        if v is not None and not isinstance(v, str):
+            raise InvalidRequest(f"messages[{i}].{key} must be a string", f"messages[{i}].{key}")
+        if v is not None:
+            out[key] = v
     return out
 
 

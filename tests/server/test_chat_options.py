@@ -78,6 +78,28 @@ def test_chat_template_kwargs_reach_the_template(chat_model_dir, tmp_path):
 PLAIN = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
 
 
+NAMED = ("{% for m in messages %}[{{ m.role }}{% if m.name %} {{ m.name }}{% endif %}] {{ m.content }}\n{% endfor %}"
+         "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def test_a_message_s_name_reaches_the_template_whatever_its_role(chat_model_dir):
+    """As vLLM passes it (a speaker's name in a group chat; some templates write it); a name that is
+    not a string is refused, naming it."""
+    messages = [{"role": "system", "content": "Be brief", "name": "rules"},
+                {"role": "user", "content": "Hi", "name": "ana"},
+                {"role": "assistant", "content": "Hello", "name": "bot"},
+                {"role": "user", "content": "Bye", "name": None}]  # fmt: skip
+    text = "[system rules] Be brief\n[user ana] Hi\n[assistant bot] Hello\n[user] Bye\n[assistant]"
+    llm = LLM(str(chat_model_dir), chat_template=NAMED)
+    try:
+        out = llm.chat(messages, SamplingParams(max_tokens=1, temperature=0))[0]
+        assert out.metrics.prompt_tokens == len(llm.tokenizer.encode(text))
+        with pytest.raises(ValueError, match=r"messages\[1\]\.name must be a string"):
+            llm.chat([messages[0], {"role": "user", "content": "Hi", "name": 7}], SamplingParams(max_tokens=1))
+    finally:
+        llm.close()
+
+
 def test_a_chat_template_given_to_the_engine_replaces_the_tokenizer_s(chat_model_dir, tmp_path):
     """vLLM's --chat-template: the template itself or a file that holds it; the loaded tokenizer keeps
     its own; a template with a Jinja error, or a name that is neither a template nor a file, is
