@@ -402,6 +402,8 @@ class OpenAIRoutes:
                          engine.reasoning_tags)  # fmt: skip
 
     def _check_model(self, model: Any) -> None:
+        if model is not None and not isinstance(model, str):  # (every route's answer, /tokenize's too)
+            raise bad("model must be a string", "model", "invalid_type")
         if model is not None and model not in self.aliases:
             raise APIError(
                 404, f"the model {model!r} does not exist; this server serves {' or '.join(map(repr, self.model_names))}",

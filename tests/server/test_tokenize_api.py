@@ -52,6 +52,8 @@ def test_detokenize_round_trips_and_version_answers(server):
         ("/detokenize", {"tokens": [1, "2"]}, "tokens"),
         ("/detokenize", {"tokens": [10**9]}, "tokens"),
         ("/detokenize", {}, "tokens"),
+        ("/tokenize", {"prompt": "x", "model": 5}, "model"),  # (not a 404: no model is named)
+        ("/detokenize", {"tokens": [1], "model": ["m"]}, "model"),
     ],
 )
 def test_bad_tokenizer_requests_get_400_naming_the_field(server, path, body, param):
