@@ -59,7 +59,7 @@ from cachedattention.server.stream_text import stream_delta
 from cachedattention.server.tokenize import detokenize, tokenize
 from cachedattention.server.tool_calls import HermesCalls, ToolCall, ToolCallParser, for_request, tool_call_parser
 from cachedattention.server.vllm_metrics import VLLMStatsCollector
-from cachedattention.uvicorn_run import run_until_signal
+from cachedattention.uvicorn_run import check_port_free, run_until_signal
 
 log = logging.getLogger(__name__)
 
@@ -799,6 +799,7 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     listening = uvicorn_options(args)  # its files checked before the model loads
+    check_port_free(args.host, args.port)  # a port in use said now, not once the model has loaded
     grace_s = getattr(args, "shutdown_grace_s", None)
     grace_s = DEFAULT_GRACE_S if grace_s is None else float(grace_s)
     keys = api_keys_from(getattr(args, "api_key", None), os.environ)
