@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GRACE_S = 30.0
+ABORT_ANSWER_S = 5.0  # after the grace, time for aborted requests' handlers to answer before uvicorn cancels them
 DEFAULT_RESPONSES_STORE_BYTES = 256 << 20
 
 
@@ -822,12 +824,15 @@ def serve(args: argparse.Namespace) -> int:
                      default_chat_template_kwargs=getattr(args, "default_chat_template_kwargs", None))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s)),
+        app, host=args.host, port=args.port, lifespan="on",
+        # past the grace the engine aborts what runs, and each handler answers so; only after that margin
+        # does uvicorn cancel the handlers (a cancelled one answers a bare 500, or cuts its stream)
+        timeout_graceful_shutdown=int(math.ceil(grace_s + ABORT_ANSWER_S)),
         log_level=getattr(args, "uvicorn_log_level", None),  # None: uvicorn's own (info)
         **listening,
     )
     try:
-        return run_until_signal(_DrainingServer(config, loop))
+        return run_until_signal(_DrainingServer(config, loop, grace_s))
     finally:
         loop.shutdown(0.0)  # no-op after the lifespan shutdown; after a forced exit it still flushes the store
 
@@ -838,10 +843,18 @@ class _DrainingServer(uvicorn.Server):
     uvicorn stops listening at once, so a new connection is refused; the 503 reaches requests that
     arrive on connections already open (keep-alive), while the in-flight ones finish."""
 
-    def __init__(self, config: uvicorn.Config, loop: EngineLoop) -> None:
+    def __init__(self, config: uvicorn.Config, loop: EngineLoop, grace_s: float) -> None:
         super().__init__(config)
         self.engine_loop = loop
+        self.grace_s = grace_s
+        self._abort_timer: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.engine_loop.begin_drain()
+        if self._abort_timer is None:  # the first signal starts the grace period; a second one forces exit
+            # the requests still running when it ends are aborted here, not by uvicorn's cancelling
+            # their handlers (at grace + ABORT_ANSWER_S), so that each client is told why
+            self._abort_timer = threading.Timer(self.grace_s, self.engine_loop.abort_in_flight)
+            self._abort_timer.daemon = True
+            self._abort_timer.start()
         super().handle_exit(sig, frame)
