@@ -801,11 +801,12 @@ def serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     listening = uvicorn_options(args)  # its files checked before the model loads
-    check_port_free(args.host, args.port)  # a port in use said now, not once the model has loaded
     grace_s = getattr(args, "shutdown_grace_s", None)
     grace_s = DEFAULT_GRACE_S if grace_s is None else float(grace_s)
     keys = api_keys_from(getattr(args, "api_key", None), os.environ)
-    app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s=grace_s,
+    engine_cfg = engine_config(args)  # the flags checked first: a usage error is said whatever the port
+    check_port_free(args.host, args.port)  # a port in use said now, not once the model has loaded
+    app = create_app(engine_cfg, args.served_model_name, args.max_body_bytes, grace_s=grace_s,
                      body_timeout_s=getattr(args, "body_timeout_s", 30.0), api_keys=keys,
                      allowed_origins=getattr(args, "allowed_origins", ("*",)),
                      allowed_methods=getattr(args, "allowed_methods", ("*",)),
