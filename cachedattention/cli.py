@@ -292,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # (a store index the disk or SQLite cannot read, a folder that cannot be made...)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while a model loads (or an answer's second one): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130  # the shell's code for a command ended by SIGINT
 
 
 if __name__ == "__main__":

@@ -80,6 +80,20 @@ def test_sampling_flags_reach_sampling_params_over_the_generation_config():
         sampling_params(build_parser().parse_args(["chat", "--repetition-penalty", "0"]), llm())
 
 
+def test_ctrl_c_while_the_model_loads_ends_quietly_with_130(monkeypatch, capsys):
+    """Ctrl-C while a command loaded its model printed a KeyboardInterrupt traceback from deep inside
+    transformers' imports."""
+    from cachedattention import terminal
+    from cachedattention.cli import main
+
+    def loading(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(terminal, "run_generate", loading)
+    assert main(["generate", "--prompt", "hi"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_generate_honours_the_generation_config_override(chat_model_dir, capsys):
     """--override-generation-config was accepted by generate and chat, and ignored."""
     from cachedattention.cli import main

@@ -134,6 +134,21 @@ def test_prompt_past_window_and_bad_tokens(tiny_dirs):
     assert not llm.engine.has_unfinished()
 
 
+def test_a_newest_turn_past_the_window_is_not_told_to_turn_truncation_on(chat_model_dir):
+    """With the store off, a session's prompt past the window was always told to let the store
+    truncate it, even when its newest message alone fills the window (truncation keeps it whole)."""
+    llm = LLM(model=str(chat_model_dir), max_model_len=64, enable_store=False)
+    long_turn = [{"role": "user", "content": "word " * 200}]
+    with pytest.raises(ValueError, match="newest turn alone, .* tokens, are past the window") as refused:
+        llm.chat(long_turn, SamplingParams(max_tokens=2), session_id="s", use_tqdm=False)
+    assert "let the store truncate" not in str(refused.value)
+    history = [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"},
+               {"role": "user", "content": "hi"}]  # fmt: skip
+    with pytest.raises(ValueError, match="let the store truncate"):  # older turns dropped, it would fit
+        llm.chat(history, SamplingParams(max_tokens=2), session_id="s", use_tqdm=False)
+    llm.close()
+
+
 def test_pages_integrity_unit():
     from cachedattention.kvcache.hashing import block_hashes
     from cachedattention.kvcache.page_pool import PagePool

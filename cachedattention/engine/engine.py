@@ -67,6 +67,17 @@ def _check_cache_salt(cache_salt: object) -> None:
         raise InvalidRequest(f"cache_salt must be a non-empty string, got {cache_salt!r:.60}", "cache_salt")
 
 
+def _truncation_hint(req: Request, window: int) -> str:
+    """What to add to a session's prompt past the window with the store's truncation off: turn it on,
+    where dropping older turns could make the prompt fit. Its system prompt and newest turn, which
+    truncation keeps, may fill the window alone (a long last message): then the hint would mislead."""
+    kept = req.head_tokens + min(req.tail_tokens, len(req.prompt_token_ids))
+    if req.tail_tokens and kept >= window:
+        return (f" (its system prompt and newest turn alone, {kept} tokens, are past the window: dropping "
+                "older turns would not make it fit)")
+    return " (or let the store truncate the session's history: the store on, truncation reuse)"
+
+
 def _keep_last(ids: list[int], k: int, head: int) -> list[int]:
     """The first `head` ids (a BOS) and the last of the others, k in all."""
     tail, keep = ids[head:], max(k - head, 0)
@@ -351,9 +362,8 @@ class LLMEngine:
                 f"turns, keeping the system prompt and the newest turn ({req.store_state.plan.head} and "
                 f"{min(req.tail_tokens, n)} tokens) whole; shorten them"
             )
-        hint = ("" if req.session_id is None or truncating
-                else " (or let the store truncate the session's history: the store on, truncation reuse)")  # fmt: skip
-        raise ValueError(f"the prompt has {n} tokens but the model's window is {window}; shorten it{hint}")
+        raise ValueError(f"the prompt has {n} tokens but the model's window is {window}; shorten it"
+                         f"{'' if req.session_id is None or truncating else _truncation_hint(req, window)}")
 
     def _bad_words_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Each bad word's token ids as the tokenizer writes it alone and after a space (a word of its

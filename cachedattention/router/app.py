@@ -303,6 +303,9 @@ def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: each relayed one and each replica's health check (two lines
+    # every 5 s with two replicas); the router's own lines say what matters (a replica down or up)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     config = RouterConfig(tuple(args.replica), load_factor=args.load_factor, health_interval_s=args.health_interval_s,
                           max_body_bytes=args.max_body_bytes)  # fmt: skip
     # (uvicorn's info level: its "running on" line names the port; no line per request)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -59,12 +60,13 @@ from cachedattention.server.stream_text import stream_delta
 from cachedattention.server.tokenize import detokenize, tokenize
 from cachedattention.server.tool_calls import HermesCalls, ToolCall, ToolCallParser, for_request, tool_call_parser
 from cachedattention.server.vllm_metrics import VLLMStatsCollector
-from cachedattention.uvicorn_run import run_until_signal
+from cachedattention.uvicorn_run import check_port_free, run_until_signal
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GRACE_S = 30.0
+ABORT_ANSWER_S = 5.0  # after the grace, time for aborted requests' handlers to answer before uvicorn cancels them
 DEFAULT_RESPONSES_STORE_BYTES = 256 << 20
 
 
@@ -806,7 +808,9 @@ def serve(args: argparse.Namespace) -> int:
     grace_s = getattr(args, "shutdown_grace_s", None)
     grace_s = DEFAULT_GRACE_S if grace_s is None else float(grace_s)
     keys = api_keys_from(getattr(args, "api_key", None), os.environ)
-    app = create_app(engine_config(args), args.served_model_name, args.max_body_bytes, grace_s=grace_s,
+    engine_cfg = engine_config(args)  # the flags checked first: a usage error is said whatever the port
+    check_port_free(args.host, args.port)  # a port in use said now, not once the model has loaded
+    app = create_app(engine_cfg, args.served_model_name, args.max_body_bytes, grace_s=grace_s,
                      body_timeout_s=getattr(args, "body_timeout_s", 30.0), api_keys=keys,
                      allowed_origins=getattr(args, "allowed_origins", ("*",)),
                      allowed_methods=getattr(args, "allowed_methods", ("*",)),
@@ -825,12 +829,15 @@ def serve(args: argparse.Namespace) -> int:
                      default_chat_template_kwargs=getattr(args, "default_chat_template_kwargs", None))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=int(math.ceil(grace_s)),
+        app, host=args.host, port=args.port, lifespan="on",
+        # past the grace the engine aborts what runs, and each handler answers so; only after that margin
+        # does uvicorn cancel the handlers (a cancelled one answers a bare 500, or cuts its stream)
+        timeout_graceful_shutdown=int(math.ceil(grace_s + ABORT_ANSWER_S)),
         log_level=getattr(args, "uvicorn_log_level", None),  # None: uvicorn's own (info)
         **listening,
     )
     try:
-        return run_until_signal(_DrainingServer(config, loop))
+        return run_until_signal(_DrainingServer(config, loop, grace_s))
     finally:
         loop.shutdown(0.0)  # no-op after the lifespan shutdown; after a forced exit it still flushes the store
 
@@ -841,10 +848,18 @@ class _DrainingServer(uvicorn.Server):
     uvicorn stops listening at once, so a new connection is refused; the 503 reaches requests that
     arrive on connections already open (keep-alive), while the in-flight ones finish."""
 
-    def __init__(self, config: uvicorn.Config, loop: EngineLoop) -> None:
+    def __init__(self, config: uvicorn.Config, loop: EngineLoop, grace_s: float) -> None:
         super().__init__(config)
         self.engine_loop = loop
+        self.grace_s = grace_s
+        self._abort_timer: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.engine_loop.begin_drain()
+        if self._abort_timer is None:  # the first signal starts the grace period; a second one forces exit
+            # the requests still running when it ends are aborted here, not by uvicorn's cancelling
+            # their handlers (at grace + ABORT_ANSWER_S), so that each client is told why
+            self._abort_timer = threading.Timer(self.grace_s, self.engine_loop.abort_in_flight)
+            self._abort_timer.daemon = True
+            self._abort_timer.start()
         super().handle_exit(sig, frame)

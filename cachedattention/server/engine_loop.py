@@ -190,6 +190,11 @@ class EngineLoop:
         # no lock: this runs inside a signal handler, and a plain assignment is atomic
         self._accepting = False
 
+    def abort_in_flight(self) -> None:
+        """Abort every running and queued request (on the engine's thread): each answers as aborted
+        (503 `request_aborted`, a stream's error event), while its handler is still there to say so."""
+        self._cmds.put(("abort_all",))
+
     def shutdown(self, grace_s: float) -> None:
         """Refuse new requests, let in-flight ones finish for up to grace_s, abort the rest, flush the store."""
         with self._cond:
@@ -238,6 +243,8 @@ class EngineLoop:
                 self._add(cmd[1], cmd[2])
             elif cmd[0] == "forget":
                 self._forget(*cmd[1:])
+            elif cmd[0] == "abort_all":
+                self._abort_all()
             else:
                 out = self._safe_abort(cmd[1])
                 if out is not None:

@@ -202,3 +202,5 @@ def test_the_router_command_relays_to_its_replicas_and_stops_on_sigterm(router, 
     finally:
         if proc.poll() is None:
             proc.kill()
+    # no line per relayed request or health check (httpx's INFO lines): a router's log stays readable
+    assert "HTTP Request:" not in log.read_text(errors="replace")

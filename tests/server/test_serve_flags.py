@@ -53,6 +53,22 @@ def test_the_load_format_must_match_the_model_s_files(capsys, tmp_path):
     assert main(["serve", str(tmp_path / "m.gguf"), "--load-format", "safetensors"]) == 2
 
 
+def test_a_port_in_use_is_said_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    import cachedattention.server.app as server_app
+
+    def no_model(*_args, **_kwargs):  # reached only if the port was not checked first
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(server_app, "create_app", no_model)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "another --port" in err
+
+
 def _listening(argv: list[str]) -> dict:
     return uvicorn_options(build_parser().parse_args(["serve", "m", *argv]))
 

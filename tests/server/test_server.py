@@ -561,6 +561,42 @@ def test_draining_refuses_new_requests_then_aborts_after_grace(chat_model_dir):
         s.stop()
 
 
+def test_requests_past_the_grace_are_told_they_were_aborted(chat_model_dir, tmp_path):
+    """SIGTERM to `cachedattention serve` with requests that outlast --shutdown-grace-s: each is
+    answered as aborted (503 `request_aborted`; a stream's error event, then [DONE]). Before, uvicorn
+    cancelled their handlers at the same moment: a plain-text 500 and a traceback, a stream cut."""
+    srv = launch_cli_server(chat_model_dir, tmp_path / "server.log", "--no-store", "--shutdown-grace-s", "0")
+    long = {"messages": OK_MSGS, "max_tokens": 900, "ignore_eos": True, "temperature": 0}
+    events: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{srv.url}{CHAT}", json={**long, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    started.set()
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            streamed = pool.submit(stream)
+            assert started.wait(30)
+            whole = pool.submit(httpx.post, f"{srv.url}{CHAT}", json=long, timeout=60)
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{srv.url}/health").json()["running"] < 2:  # both in flight at SIGTERM
+                assert time.monotonic() < deadline and not whole.done()
+                time.sleep(0.05)
+            srv.proc.send_signal(signal.SIGTERM)
+            r = whole.result(timeout=60)
+            streamed.result(timeout=60)
+        assert srv.proc.wait(timeout=45) == 0
+    finally:
+        srv.kill()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "request_aborted", r.text
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["code"] == "request_aborted"
+
+
 def test_served_name_and_stream_delta_rules():
     from types import SimpleNamespace
 

@@ -307,7 +307,7 @@ def test_serve_makes_both_flags_real(chat_model_dir, monkeypatch):
     seen = {}
 
     class FakeServer:  # what serve() would run, without binding a port
-        def __init__(self, config, loop) -> None:
+        def __init__(self, config, loop, *_grace) -> None:
             chat = next(r for r in config.app.routes if getattr(r, "path", "") == CHAT)
             seen.update(ids=any(m.cls is RequestIdMiddleware for m in config.app.user_middleware),
                         defaults=chat.endpoint.__self__.template_defaults)  # fmt: skip
@@ -317,11 +317,12 @@ def test_serve_makes_both_flags_real(chat_model_dir, monkeypatch):
             pass
 
     monkeypatch.setattr(app_module, "_DrainingServer", FakeServer)
-    argv = ["serve", str(chat_model_dir), "--kv-pool-bytes", str(4 << 20), "--enable-request-id-headers",
+    # (port 0: serve() checks a port before the model loads, and 8000 may be taken here)
+    argv = ["serve", str(chat_model_dir), "--kv-pool-bytes", str(4 << 20), "--port", "0", "--enable-request-id-headers",
             "--default-chat-template-kwargs", '{"enable_thinking": false}']  # fmt: skip
     assert app_module.serve(build_parser().parse_args(argv)) == 0
     assert seen == {"ids": True, "defaults": {"enable_thinking": False}}
-    assert app_module.serve(build_parser().parse_args(argv[:4])) == 0
+    assert app_module.serve(build_parser().parse_args(argv[:6])) == 0
     assert seen == {"ids": False, "defaults": {}}
 
 

@@ -302,7 +302,7 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch):
     seen = {}
 
     class FakeServer:  # records what serve() would run, without binding a port
-        def __init__(self, config, loop) -> None:
+        def __init__(self, config, loop, *_grace) -> None:
             chat = next(r for r in config.app.routes if getattr(r, "path", "") == "/v1/chat/completions")
             seen.update(log_level=config.log_level, log_requests=loop.log_requests, seed=loop.engine.config.seed,
                         tool_parser=chat.endpoint.__self__.tool_parser.name,
@@ -313,7 +313,8 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch):
             pass
 
     monkeypatch.setattr(app_module, "_DrainingServer", FakeServer)
-    args = build_parser().parse_args(["serve", str(chat_model_dir), "--kv-pool-bytes", str(4 << 20), "--seed", "5",
+    args = build_parser().parse_args(["serve", str(chat_model_dir), "--kv-pool-bytes", str(4 << 20), "--port", "0",
+                                      "--seed", "5",
                                       "--uvicorn-log-level", "warning", "--enable-log-requests",
                                       "--tool-call-parser", "llama3_json", "--reasoning-parser", "deepseek_r1"])  # fmt: skip
     assert app_module.serve(args) == 0
