@@ -34,8 +34,10 @@ def _turn(store: AttentionStore, key: str, first: int, kv: SegmentKV | None = No
 
 def test_a_segment_being_placed_is_waited_for_not_read_from_a_missing_file(tmp_path, monkeypatch):
     kv = _kv()
-    store = AttentionStore(StoreConfig(enable=True, store_dir=str(tmp_path), host_bytes=kv.nbytes, disk_bytes=1 << 30),
-                           LAYOUT, "fp", pin=False)  # fmt: skip
+    # write-back: A's file is written only when B's placing demotes it (written through, the I/O
+    # thread could still be writing A then, on a loaded machine: B would go straight to disk)
+    store = AttentionStore(StoreConfig(enable=True, store_dir=str(tmp_path), host_bytes=kv.nbytes, disk_bytes=1 << 30,
+                                       write_through=False), LAYOUT, "fp", pin=False)  # fmt: skip
     _turn(store, "A", 1, kv)  # host is full with A's segment
     slow_put = disk_mod.DiskTier.put
     monkeypatch.setattr(disk_mod.DiskTier, "put", lambda self, seg, kv: (time.sleep(0.3), slow_put(self, seg, kv))[1])
