@@ -136,7 +136,7 @@ def test_gguf_tensor_data_out_of_place_is_refused(gguf_file, tmp_path):
     cases = [(q, 5, _offset(gguf_file, k), "overlaps another tensor's"),
              (q, 5, _offset(gguf_file, q) + 3, "is not aligned to 32 bytes"),
              (q, 4, 0, "overlaps another tensor's"),  # Q8_0 read as F32: 4 bytes a weight, into the next tensor
-             (k, 5, 2**64 - 32, "overlaps another tensor's or the metadata")]  # (wraps round into the header)
+             (k, 5, 2**64 - 32, "data runs past the file's end")]  # (no wrapping round into the header)
     for tensor, part, value, match in cases:
         with pytest.raises(ValueError, match=match):
             LLM(model=_patched(gguf_file, tmp_path, tensor, part, value))

@@ -22,11 +22,12 @@ import torch
 
 from cachedattention.kernels.few_rows_linear import QUANTIZED_KINDS, QuantizedWeight
 from cachedattention.model.gguf_kquants import reexpressed_weight, reexpressible
+from cachedattention.model.gguf_reader import BigEndianFile, FastGGUFReader
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
-GGUFSource = Union[str, Path, "GGUFReader"]  # a file name, or a reader from open_gguf (parsed once)
+GGUFSource = Union[str, Path, "GGUFReader", FastGGUFReader]  # a file name, or a reader from open_gguf (parsed once)
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -64,21 +65,24 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 _CONFIG_TENSORS = (ROPE_FREQS, "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
-    """A reader of the file, to share between the calls below (parsing its metadata takes seconds)."""
+def open_gguf(path: str | Path) -> FastGGUFReader | GGUFReader:
+    """A reader of the file, to share between the calls below (the metadata read once)."""
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - gguf is a declared dependency
         raise ValueError("reading GGUF files needs the 'gguf' package (pip install gguf)") from e
     try:
-        reader = gguf.GGUFReader(path)
+        try:
+            reader = FastGGUFReader(path)
+        except BigEndianFile:
+            reader = gguf.GGUFReader(path)
     except Exception as e:
         raise ValueError(f"{path} is not a readable GGUF file (truncated or damaged?): {e}") from e
     _check_data_layout(reader, path)
     return reader
 
 
-def _check_data_layout(reader: GGUFReader, path: str | Path) -> None:
+def _check_data_layout(reader: FastGGUFReader | GGUFReader, path: str | Path) -> None:
     """Each tensor's bytes aligned, in the data section and overlapping no other's:
     a damaged offset or type would otherwise read another tensor's bytes as its own."""
     end = int(reader.data_offset)
@@ -102,7 +106,7 @@ def _dequantized(data: np.ndarray, t) -> np.ndarray:
                          "dequantize it)") from None
 
 
-def _reader(source: GGUFSource) -> GGUFReader:
+def _reader(source: GGUFSource) -> FastGGUFReader | GGUFReader:
     return open_gguf(source) if isinstance(source, (str, Path)) else source
 
 
@@ -135,7 +139,7 @@ def gguf_config(path: GGUFSource) -> dict[str, Any]:
     if scaling not in (None, "none", "linear"):
         raise ValueError(f"GGUF rope scaling {scaling!r} is not supported (only linear, and Llama 3.1's rope_freqs)")
     heads = p("attention.head_count")
-    vocab = p("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
+    vocab = p("vocab_size") or len(_field(r, "tokenizer.ggml.tokens"))
     head_dim = p("attention.key_length", p("rope.dimension_count", p("embedding_length") // heads))
     if arch == "phi3":  # (its rope.dimension_count is the rotating part of a head)
         head_dim = p("embedding_length") // heads

@@ -20,6 +20,7 @@ from cachedattention.model.gguf_loader import (
     load_blocks,
     open_gguf,
 )
+from cachedattention.model.gguf_tokenizer import gguf_tokenizer
 from cachedattention.model.hub_cache import local_model_path, model_id_of_snapshot
 from cachedattention.model.layers import Embedding, Linear
 from cachedattention.model.llama import LlamaForCausalLM
@@ -120,7 +121,7 @@ def load_tokenizer(source: str, vocab_size: int) -> Tokenizer:
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ValueError("a file must be a .gguf")
-            tok = Tokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tok = gguf_tokenizer(path)  # converted once, then from the cache folder
         else:
             if not _has_tokenizer(path):
                 raise ValueError("the folder has no tokenizer.json, tokenizer.model or tokenizer_config.json")

@@ -1,0 +1,148 @@
+"""The fast GGUF reader against gguf's own `GGUFReader` (every metadata value, every tensor's type,
+shape, offset and data), and a GGUF file's tokenizer read from the cache folder against
+transformers' conversion of the file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cachedattention.model.gguf_loader import open_gguf
+from cachedattention.model.gguf_reader import FastGGUFReader
+from cachedattention.model.gguf_tokenizer import CACHE_FOLDER, gguf_tokenizer, tokenizer_key
+from cachedattention.model.tokenizer import Tokenizer
+from tests.gguf_files import write_tiny_gguf
+
+FILES = {  # what each exercises: a byte-level or SentencePiece vocabulary, block types, stacked experts
+    "qwen3-q8": dict(kind="qwen3", types={"attn_q": "Q8_0"}),
+    "llama-rope-freqs": dict(kind="llama", types={"attn_q": "Q4_K", "attn_k": "Q5_1", "attn_v": "Q6_K",
+                                                  "attn_output": "BF16", "ffn_gate": "F16", "ffn_down": "IQ4_NL"},
+                             hidden_size=256, intermediate_size=512),  # (K-quants: rows of 256)
+    "gemma3-spm": dict(kind="gemma3", sentencepiece=True),
+    "phi3-spm": dict(kind="phi3-window", sentencepiece=True),
+    "qwen3-moe": dict(kind="qwen3-moe", types={"ffn_up_exps": "Q4_0"}),
+}
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for name, options in FILES.items():
+        folder = tmp_path_factory.mktemp(name)
+        options = dict(options)
+        write_tiny_gguf(options.pop("kind"), folder, **options)
+        out[name] = folder / "model.gguf"
+    return out
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_the_fast_reader_reads_what_gguf_s_reader_reads(gguf_files, name):
+    import gguf
+
+    path = gguf_files[name]
+    ours, theirs = FastGGUFReader(path), gguf.GGUFReader(path)
+    their_keys = [k for k in theirs.fields if not k.startswith("GGUF.")]  # (its header as pseudo-fields)
+    assert list(ours.fields) == their_keys
+    for key in their_keys:
+        assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+    assert (ours.alignment, ours.data_offset) == (theirs.alignment, theirs.data_offset)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.tensor_type, a.shape.tolist(), a.n_elements, a.n_bytes, a.data_offset) == (
+            b.tensor_type, b.shape.tolist(), b.n_elements, b.n_bytes, b.data_offset), a.name  # fmt: skip
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        assert np.array_equal(a.data.view(np.uint8), b.data.view(np.uint8)), a.name
+    assert {t.tensor_type.name for t in ours.tensors} >= {"F32"}
+
+
+def test_a_file_cut_anywhere_in_its_metadata_is_refused(gguf_files, tmp_path):
+    data = gguf_files["qwen3-q8"].read_bytes()
+    reader = FastGGUFReader(gguf_files["qwen3-q8"])
+    vocab = reader.fields["tokenizer.ggml.tokens"]
+    for cut in (6, 20, (vocab.start + vocab.end) // 2, reader.data_offset - 3, len(data) - 1):
+        short = tmp_path / f"cut-{cut}.gguf"
+        short.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="is not a readable GGUF file"):
+            open_gguf(short)
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + data[4:])
+    with pytest.raises(ValueError, match="magic"):
+        open_gguf(tmp_path / "not.gguf")
+
+
+def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> None:
+    ha, hb = a.hf, b.hf
+    assert type(ha) is type(hb)
+    assert ha.get_vocab() == hb.get_vocab()
+    assert (ha.bos_token_id, ha.eos_token_id, ha.pad_token_id, ha.unk_token_id) == (
+        hb.bos_token_id, hb.eos_token_id, hb.pad_token_id, hb.unk_token_id)  # fmt: skip
+    assert sorted(ha.all_special_ids) == sorted(hb.all_special_ids)
+    assert {i: str(t) for i, t in ha.added_tokens_decoder.items()} == {i: str(t) for i, t in hb.added_tokens_decoder.items()}
+    assert ha.chat_template == hb.chat_template
+    texts = ["Hello world", "  two  spaces\nand a line", "naïve café 日本語 🙂", "<|im_start|>user\nhi<|im_end|>",
+             "<start_of_turn>model<end_of_turn>", "<|user|>x<|end|>", ""]  # fmt: skip
+    for text in texts:
+        assert a.encode(text) == b.encode(text), text
+        for special in (True, False):
+            assert ha(text, add_special_tokens=special)["input_ids"] == hb(text, add_special_tokens=special)["input_ids"]
+    ids = a.encode(" ".join(texts))
+    assert ha.decode(ids) == hb.decode(ids)
+    if ha.chat_template:
+        messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "Bye"}]  # fmt: skip
+        assert a.render_chat(messages) == b.render_chat(messages)
+
+
+@pytest.mark.parametrize("name", ["qwen3-q8", "gemma3-spm", "phi3-spm"])
+def test_a_gguf_tokenizer_from_the_cache_is_the_one_transformers_converts(gguf_files, name, tmp_path, monkeypatch):
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
+    path = gguf_files[name]
+    direct = Tokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    first = gguf_tokenizer(path)  # converted and saved
+    folder = tmp_path / CACHE_FOLDER / tokenizer_key(FastGGUFReader(path))
+    assert (folder / "converted").is_file()
+    second = gguf_tokenizer(path)  # from the cache folder
+    assert second.hf.name_or_path == str(folder)
+    _same_tokenizer(direct, first)
+    _same_tokenizer(direct, second)
+
+
+def test_the_cache_key_is_the_vocabulary_and_template_not_the_weights(gguf_files, tmp_path):
+    import gguf
+
+    keys = {name: tokenizer_key(FastGGUFReader(p)) for name, p in gguf_files.items()}
+    assert keys["qwen3-q8"] != keys["gemma3-spm"] != keys["phi3-spm"]
+    assert keys["qwen3-q8"] != keys["llama-rope-freqs"]  # (the same vocabulary, another architecture)
+    again = tmp_path / "again"
+    write_tiny_gguf("qwen3", again)  # other random weights, other block types: the same tokenizer
+    assert tokenizer_key(FastGGUFReader(again / "model.gguf")) == keys["qwen3-q8"]
+    copy = tmp_path / "edited.gguf"  # one byte of one merge changed: another tokenizer
+    copy.write_bytes(gguf_files["qwen3-q8"].read_bytes())
+    reader = gguf.GGUFReader(str(copy), "r+")
+    merges = reader.fields["tokenizer.ggml.merges"]
+    merges.parts[merges.data[0]][0] ^= 1
+    reader.data.flush()
+    assert tokenizer_key(FastGGUFReader(copy)) != keys["qwen3-q8"]
+
+
+def test_a_damaged_cache_entry_is_converted_again_and_an_unwritable_cache_costs_nothing(
+        gguf_files, tmp_path, monkeypatch, caplog):  # fmt: skip
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path / "home"))
+    path = gguf_files["qwen3-q8"]
+    direct = gguf_tokenizer(path)
+    folder = tmp_path / "home" / CACHE_FOLDER / tokenizer_key(FastGGUFReader(path))
+    (folder / "tokenizer.json").write_text("{ not json")
+    with caplog.at_level(logging.WARNING, logger="cachedattention.model.gguf_tokenizer"):
+        again = gguf_tokenizer(path)
+    assert "cannot be read" in caplog.text
+    _same_tokenizer(direct, again)
+    assert Tokenizer.from_pretrained(str(folder)).encode("Hello") == direct.encode("Hello")  # (replaced)
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(blocked))  # no folder can be made under a file
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cachedattention.model.gguf_tokenizer"):
+        _same_tokenizer(direct, gguf_tokenizer(path))
+    assert "cannot be kept" in caplog.text
