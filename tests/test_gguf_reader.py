@@ -67,6 +67,14 @@ def test_a_file_cut_anywhere_in_its_metadata_is_refused(gguf_files, tmp_path):
         short.write_bytes(data[:cut])
         with pytest.raises(ValueError, match="is not a readable GGUF file"):
             open_gguf(short)
+    key = "tokenizer.ggml.tokens"
+    count_at = vocab.start + 8 + len(key) + 4 + 4  # the key, the value's type, the items' type
+    for at, count in ((count_at, 2**60), (16, 2**40), (8, 2**40)):  # the vocabulary's, the keys', the tensors'
+        damaged = bytearray(data)
+        damaged[at : at + 8] = count.to_bytes(8, "little")
+        (tmp_path / "count.gguf").write_bytes(bytes(damaged))
+        with pytest.raises(ValueError, match="cannot fit in the file"):  # at once, not read to the file's end
+            open_gguf(tmp_path / "count.gguf")
     (tmp_path / "not.gguf").write_bytes(b"GGML" + data[4:])
     with pytest.raises(ValueError, match="magic"):
         open_gguf(tmp_path / "not.gguf")

@@ -21,6 +21,8 @@ import numpy as np
 GGUF_MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+MIN_FIELD_BYTES = 8 + 4 + 1  # a key's length, its value's type, the smallest value
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # a name's length, the dimensions' count, the type, the offset
 
 # GGUF's value types (gguf.GGUFValueType), the scalars by their struct format
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -62,6 +64,8 @@ class FastGGUFReader:
         self.alignment = DEFAULT_ALIGNMENT
         offset = self._read_header()
         tensor_count, kv_count = self._unpack("<QQ", offset)
+        self._check_count(kv_count, MIN_FIELD_BYTES, offset + 16, "metadata keys")
+        self._check_count(tensor_count, MIN_TENSOR_INFO_BYTES, offset + 16, "tensors")
         offset = self._read_fields(offset + 16, kv_count)
         offset, infos = self._read_tensor_infos(offset, tensor_count)
         self._set_alignment()
@@ -73,6 +77,11 @@ class FastGGUFReader:
         if offset + struct.calcsize(fmt) > self._size:
             raise ValueError(f"the file ends at byte {self._size}, inside its metadata (truncated?)")
         return struct.unpack_from(fmt, self._buf, offset)
+
+    def _check_count(self, n: int, min_bytes: int, offset: int, what: str) -> None:
+        """A damaged count is refused at once, not found out after reading to the file's end."""
+        if n * min_bytes > self._size - offset:
+            raise ValueError(f"{n} {what} at byte {offset} cannot fit in the file's {self._size} bytes (damaged?)")
 
     def _string(self, offset: int) -> tuple[str, int]:
         (n,) = self._unpack("<Q", offset)
@@ -114,10 +123,9 @@ class FastGGUFReader:
         raise ValueError(f"unknown GGUF value type {kind} at byte {offset}")
 
     def _array(self, kind: int, n: int, offset: int) -> tuple[list, int]:
+        self._check_count(n, struct.calcsize(_SCALARS[kind]) if kind in _SCALARS else 8, offset, "array items")
         if (fmt := _SCALARS.get(kind)) is not None:  # numbers: one view, as Python values
             end = offset + n * struct.calcsize(fmt)
-            if end > self._size:
-                raise ValueError(f"an array of {n} values at byte {offset} runs past the file's end (truncated?)")
             return np.frombuffer(self._buf, np.dtype(_NUMPY[fmt]).newbyteorder("<"), n, offset).tolist(), end
         read: Callable[[int], tuple[Any, int]] = (self._string if kind == _STRING
                                                   else lambda at: self._value(kind, at))  # fmt: skip
