@@ -46,7 +46,7 @@ def gguf_tokenizer(path: Path) -> Tokenizer:
         folder = cache_home() / CACHE_FOLDER / tokenizer_key(FastGGUFReader(path))
     except ValueError:  # (a big-endian file, or a damaged one: transformers says what it makes of it)
         return _converted(path)
-    if (folder / DONE).is_file():
+    if _done(folder):
         try:
             return Tokenizer.from_pretrained(str(folder))
         except Exception as e:  # a damaged cache entry: converted again, and replaced
@@ -55,6 +55,24 @@ def gguf_tokenizer(path: Path) -> Tokenizer:
     tok = _converted(path)
     _save(tok, folder)
     return tok
+
+
+def _done(folder: Path) -> bool:
+    """Whether the folder holds a whole saved tokenizer; False where it cannot be looked into (another
+    user's entry in a shared cache home: is_file raises PermissionError there, it does not say False)."""
+    try:
+        return (folder / DONE).is_file()
+    except OSError:
+        return False
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread a moment)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
 
 
 def _converted(path: Path) -> Tokenizer:
@@ -69,11 +87,12 @@ def _save(tok: Tokenizer, folder: Path) -> None:
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".save-"))
         tok.hf.save_pretrained(str(tmp))
         (tmp / DONE).write_text("")
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep the entry from other users of the home
         shutil.rmtree(folder, ignore_errors=True)  # (a damaged one)
         os.replace(tmp, folder)
         tmp = None
     except OSError as e:  # a read-only or full cache folder: the next start converts again
-        if (folder / DONE).is_file():
+        if _done(folder):
             return  # another process saved the same one meanwhile
         log.warning("the converted tokenizer cannot be kept in %s (%s); the next start converts it again",
                     folder, e)  # fmt: skip
