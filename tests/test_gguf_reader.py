@@ -196,3 +196,21 @@ def test_a_cache_entry_is_readable_by_the_home_s_other_users_and_an_unreadable_o
 
     monkeypatch.setattr(Path, "is_file", denied)
     _same_tokenizer(direct, gguf_tokenizer(path))  # converted again, not a PermissionError
+
+
+def test_a_save_killed_midway_leaves_no_folder_for_good(gguf_files, tmp_path, monkeypatch):
+    """A process killed while saving leaves its temporary folder; the next save removes one that is
+    stale (an hour old), and leaves a recent one (another process's save in progress) alone."""
+    import os
+    import time
+
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
+    cache = tmp_path / CACHE_FOLDER
+    stale, recent = cache / ".save-killed", cache / ".save-running"
+    for folder in (stale, recent):
+        folder.mkdir(parents=True)
+        (folder / "tokenizer.json").write_text("{}")
+    hours_ago = time.time() - 7200
+    os.utime(stale, (hours_ago, hours_ago))
+    gguf_tokenizer(gguf_files["qwen3-q8"])  # converted and saved
+    assert not stale.exists() and recent.exists()

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from cachedattention.model.embedded import cache_home
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FOLDER = "gguf-tokenizers"
 FORMAT = b"cachedattention gguf tokenizer v1"
+STALE_SAVE_S = 3600.0  # a temporary save folder this old was left by a killed process
 DONE = "converted"  # written last: a folder without it is an interrupted save
 
 
@@ -66,6 +68,18 @@ def _done(folder: Path) -> bool:
         return False
 
 
+def _sweep_stale_saves(cache: Path) -> None:
+    """Remove the temporary folders of saves killed midway (a save takes seconds: one an hour old is
+    no other process's save in progress); each would otherwise stay, megabytes, for good."""
+    now = time.time()
+    for old in cache.glob(".save-*"):
+        try:
+            if now - old.stat().st_mtime > STALE_SAVE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _umask() -> int:
     """The process's umask, read without setting it (os.umask would change it for every thread a moment)."""
     try:
@@ -84,6 +98,7 @@ def _save(tok: Tokenizer, folder: Path) -> None:
     tmp: Path | None = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale_saves(folder.parent)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".save-"))
         tok.hf.save_pretrained(str(tmp))
         (tmp / DONE).write_text("")
