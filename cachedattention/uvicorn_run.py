@@ -13,18 +13,31 @@ def check_port_free(host: str, port: int) -> None:
     """A ValueError saying so when `host:port` cannot be listened on, found before a model loads.
 
     uvicorn binds only after the app is built, so a port another server holds was said once a
-    model had loaded (minutes for a large one). This binds as uvicorn will (SO_REUSEADDR, so a port
-    in TIME_WAIT is free) and lets go at once; port 0 (any free one) needs no check."""
+    model had loaded (minutes for a large one). This binds as uvicorn's `loop.create_server(host=,
+    port=)` will: every address the host resolves to (localhost: 127.0.0.1 and ::1 where both are
+    named), SO_REUSEADDR (a port in TIME_WAIT is free), an IPv6 socket for IPv6 only (so `::` is
+    free while another server holds 0.0.0.0), and lets go at once; port 0 (any free one) needs no check."""
     if port == 0:
         return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as e:
-            hint = " (another server holds the port: stop it, or give another --port)" if e.errno == errno.EADDRINUSE else ""
-            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # (each address once, as asyncio)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this machine lacks (IPv6 off): asyncio skips it too
+                continue
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as e:
+        hint = " (another server holds the port: stop it, or give another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def run_until_signal(server: uvicorn.Server) -> int:

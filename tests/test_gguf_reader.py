@@ -154,3 +154,96 @@ def test_a_damaged_cache_entry_is_converted_again_and_an_unwritable_cache_costs_
     with caplog.at_level(logging.WARNING, logger="cachedattention.model.gguf_tokenizer"):
         _same_tokenizer(direct, gguf_tokenizer(path))
     assert "cannot be kept" in caplog.text
+
+
+def _metadata_only(path: Path, *fields: bytes) -> Path:
+    import struct
+
+    def text(s: str) -> bytes:
+        return struct.pack("<Q", len(s.encode())) + s.encode()
+
+    arch = text("general.architecture") + struct.pack("<I", 8) + text("llama")
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1 + len(fields)) + arch + b"".join(fields))
+    return path
+
+
+def test_a_non_uint32_alignment_and_arrays_nested_past_the_stack_are_refused(tmp_path):
+    """As gguf's reader and llama.cpp: general.alignment is a uint32 (a uint64 64 is refused); arrays
+    of arrays nested thousands deep are a ValueError, not a RecursionError past open_gguf's callers."""
+    import struct
+
+    key = struct.pack("<Q", 17) + b"general.alignment"
+    with pytest.raises(ValueError, match="uint32"):
+        FastGGUFReader(_metadata_only(tmp_path / "a.gguf", key + struct.pack("<IQ", 10, 64)))
+    assert FastGGUFReader(_metadata_only(tmp_path / "b.gguf", key + struct.pack("<II", 4, 64))).alignment == 64
+    nested = struct.pack("<Q", 1) + b"k" + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0)
+    with pytest.raises(ValueError, match="nested"):
+        FastGGUFReader(_metadata_only(tmp_path / "c.gguf", nested))
+    with pytest.raises(ValueError):  # (the tokenizer's cache reads the file with the same reader)
+        gguf_tokenizer(tmp_path / "c.gguf")
+
+
+def test_a_cache_entry_is_readable_by_the_home_s_other_users_and_an_unreadable_one_is_a_miss(
+        gguf_files, tmp_path, monkeypatch):  # fmt: skip
+    import os
+    import stat
+
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path / "home"))
+    path = gguf_files["qwen3-q8"]
+    direct = gguf_tokenizer(path)
+    folder = tmp_path / "home" / CACHE_FOLDER / tokenizer_key(FastGGUFReader(path))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # (mkdtemp's 0700: other users shut out)
+    real_is_file = Path.is_file
+
+    def denied(self: Path) -> bool:  # another user's 0700 entry: stat is EACCES, which is_file raises
+        if self.name == "converted":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    _same_tokenizer(direct, gguf_tokenizer(path))  # converted again, not a PermissionError
+
+
+def test_a_save_killed_midway_leaves_no_folder_for_good(gguf_files, tmp_path, monkeypatch):
+    """A process killed while saving leaves its temporary folder; the next save removes one that is
+    stale (an hour old), and leaves a recent one (another process's save in progress) alone."""
+    import os
+    import time
+
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
+    cache = tmp_path / CACHE_FOLDER
+    stale, recent = cache / ".save-killed", cache / ".save-running"
+    for folder in (stale, recent):
+        folder.mkdir(parents=True)
+        (folder / "tokenizer.json").write_text("{}")
+    hours_ago = time.time() - 7200
+    os.utime(stale, (hours_ago, hours_ago))
+    gguf_tokenizer(gguf_files["qwen3-q8"])  # converted and saved
+    assert not stale.exists() and recent.exists()
+
+
+def _named_file(path: Path, name: str | None) -> Path:
+    """A GGUF file of metadata alone: a llama architecture, a four-token vocabulary, a model name."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if name is not None:
+        writer.add_name(name)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b", "ab", "<s>"])
+    writer.add_token_merges(["a b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_model_s_name_is_in_the_key(tmp_path):
+    """transformers reads a llama file named "mistral" as a Mistral model, whose tokenizer class may
+    differ: the name is part of the key."""
+    keys = [tokenizer_key(FastGGUFReader(_named_file(tmp_path / f"{i}.gguf", name)))
+            for i, name in enumerate(["mistral", "Llama", "Llama", None])]  # fmt: skip
+    assert keys[0] != keys[1] == keys[2] != keys[3]

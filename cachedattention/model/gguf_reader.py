@@ -23,6 +23,7 @@ VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MIN_FIELD_BYTES = 8 + 4 + 1  # a key's length, its value's type, the smallest value
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # a name's length, the dimensions' count, the type, the offset
+MAX_NESTING = 16  # arrays of arrays this deep at most (llama.cpp writes none; a damaged file could nest past the stack)
 
 # GGUF's value types (gguf.GGUFValueType), the scalars by their struct format
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -106,29 +107,33 @@ class FastGGUFReader:
             start = offset
             key, offset = self._string(offset)
             (kind,) = self._unpack("<I", offset)
+            if key == "general.alignment" and kind != 4:  # a uint32, as gguf's reader and llama.cpp require
+                raise ValueError(f"general.alignment must be a uint32, not of GGUF value type {kind}")
             value, offset = self._value(kind, offset + 4)
             if key in self.fields:
                 raise ValueError(f"the metadata key {key!r} is given twice")
             self.fields[key] = Field(value, start, offset)
         return offset
 
-    def _value(self, kind: int, offset: int) -> tuple[Any, int]:
+    def _value(self, kind: int, offset: int, depth: int = 0) -> tuple[Any, int]:
         if kind == _STRING:
             return self._string(offset)
         if (fmt := _SCALARS.get(kind)) is not None:
             return self._unpack("<" + fmt, offset)[0], offset + struct.calcsize(fmt)
         if kind == _ARRAY:
+            if depth >= MAX_NESTING:
+                raise ValueError(f"arrays nested more than {MAX_NESTING} deep at byte {offset} (a damaged file?)")
             item_kind, n = self._unpack("<IQ", offset)
-            return self._array(item_kind, n, offset + 12)
+            return self._array(item_kind, n, offset + 12, depth + 1)
         raise ValueError(f"unknown GGUF value type {kind} at byte {offset}")
 
-    def _array(self, kind: int, n: int, offset: int) -> tuple[list, int]:
+    def _array(self, kind: int, n: int, offset: int, depth: int) -> tuple[list, int]:
         self._check_count(n, struct.calcsize(_SCALARS[kind]) if kind in _SCALARS else 8, offset, "array items")
         if (fmt := _SCALARS.get(kind)) is not None:  # numbers: one view, as Python values
             end = offset + n * struct.calcsize(fmt)
             return np.frombuffer(self._buf, np.dtype(_NUMPY[fmt]).newbyteorder("<"), n, offset).tolist(), end
         read: Callable[[int], tuple[Any, int]] = (self._string if kind == _STRING
-                                                  else lambda at: self._value(kind, at))  # fmt: skip
+                                                  else lambda at: self._value(kind, at, depth))  # fmt: skip
         values: list = []
         for _ in range(n):
             value, offset = read(offset)

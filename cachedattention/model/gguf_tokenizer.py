@@ -3,8 +3,9 @@
 transformers builds a GGUF file's tokenizer by reading the whole file's metadata with gguf's reader
 and converting its vocabulary: seconds for a 50,000-token vocabulary, far more for a 150,000-token
 one, at every start. The converted tokenizer is saved (as the embedded model's is) under a key of
-everything the conversion reads: the architecture (which picks the converter and the tokenizer
-class), every `tokenizer.*` metadata value as the file's bytes hold it, and transformers' version.
+everything the conversion reads: the architecture and the model's name (which pick the converter and
+the tokenizer class), every `tokenizer.*` metadata value as the file's bytes hold it, and
+transformers' version.
 A file with the same vocabulary and template (another quantization of the same model) shares it."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from cachedattention.model.embedded import cache_home
@@ -24,6 +26,10 @@ log = logging.getLogger(__name__)
 
 CACHE_FOLDER = "gguf-tokenizers"
 FORMAT = b"cachedattention gguf tokenizer v1"
+STALE_SAVE_S = 3600.0  # a temporary save folder this old was left by a killed process
+# besides the tokenizer's own values: the architecture picks the converter and the tokenizer class,
+# and transformers reads a llama file named "mistral" as a Mistral model (another tokenizer class there)
+KEYED_GENERAL = ("general.architecture", "general.name")
 DONE = "converted"  # written last: a folder without it is an interrupted save
 
 
@@ -34,7 +40,7 @@ def tokenizer_key(reader: FastGGUFReader) -> str:
     digest = hashlib.sha256(FORMAT + b"\0" + transformers.__version__.encode())
     raw = memoryview(reader.data)
     for key, field in reader.fields.items():  # (the file's order)
-        if key == "general.architecture" or key.startswith("tokenizer."):
+        if key in KEYED_GENERAL or key.startswith("tokenizer."):
             digest.update(raw[field.start : field.end])
     return digest.hexdigest()[:32]
 
@@ -46,7 +52,7 @@ def gguf_tokenizer(path: Path) -> Tokenizer:
         folder = cache_home() / CACHE_FOLDER / tokenizer_key(FastGGUFReader(path))
     except ValueError:  # (a big-endian file, or a damaged one: transformers says what it makes of it)
         return _converted(path)
-    if (folder / DONE).is_file():
+    if _done(folder):
         try:
             return Tokenizer.from_pretrained(str(folder))
         except Exception as e:  # a damaged cache entry: converted again, and replaced
@@ -55,6 +61,36 @@ def gguf_tokenizer(path: Path) -> Tokenizer:
     tok = _converted(path)
     _save(tok, folder)
     return tok
+
+
+def _done(folder: Path) -> bool:
+    """Whether the folder holds a whole saved tokenizer; False where it cannot be looked into (another
+    user's entry in a shared cache home: is_file raises PermissionError there, it does not say False)."""
+    try:
+        return (folder / DONE).is_file()
+    except OSError:
+        return False
+
+
+def _sweep_stale_saves(cache: Path) -> None:
+    """Remove the temporary folders of saves killed midway (a save takes seconds: one an hour old is
+    no other process's save in progress); each would otherwise stay, megabytes, for good."""
+    now = time.time()
+    for old in cache.glob(".save-*"):
+        try:
+            if now - old.stat().st_mtime > STALE_SAVE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread a moment)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
 
 
 def _converted(path: Path) -> Tokenizer:
@@ -66,14 +102,16 @@ def _save(tok: Tokenizer, folder: Path) -> None:
     tmp: Path | None = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale_saves(folder.parent)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".save-"))
         tok.hf.save_pretrained(str(tmp))
         (tmp / DONE).write_text("")
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep the entry from other users of the home
         shutil.rmtree(folder, ignore_errors=True)  # (a damaged one)
         os.replace(tmp, folder)
         tmp = None
     except OSError as e:  # a read-only or full cache folder: the next start converts again
-        if (folder / DONE).is_file():
+        if _done(folder):
             return  # another process saved the same one meanwhile
         log.warning("the converted tokenizer cannot be kept in %s (%s); the next start converts it again",
                     folder, e)  # fmt: skip

@@ -138,6 +138,15 @@ def whole_number(v: object) -> int | None:
     return None
 
 
+def whole_numbers(v: object) -> list[int] | None:
+    """A list of integers as vLLM's `list[int]` fields read one (each an int or a float without a
+    fraction, given back as ints); None when `v` is not such a list."""
+    if not isinstance(v, list):
+        return None
+    out = [whole_number(t) for t in v]
+    return None if any(t is None for t in out) else out  # type: ignore[return-value]
+
+
 def _integer(body: dict, key: str) -> int | None:
     v = body.get(key)
     if v is None:
@@ -385,9 +394,10 @@ def _token_ids(body: dict, key: str) -> tuple[int, ...]:
     v = body.get(key)
     if v is None:
         return ()
-    if not isinstance(v, list) or len(v) > MAX_TOKEN_IDS or not all(is_int(t) and t >= 0 for t in v):
+    ids = whole_numbers(v)
+    if ids is None or len(ids) > MAX_TOKEN_IDS or not all(t >= 0 for t in ids):
         raise bad(f"{key} must be a list of at most {MAX_TOKEN_IDS} token ids (integers >= 0)", key)
-    return tuple(v)
+    return tuple(ids)
 
 
 def _common(body: dict, session_header: str | None, max_model_len: int, chat: bool,
@@ -595,12 +605,11 @@ def parse_completion(body: dict, session_header: str | None, max_model_len: int,
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         if len(prompt) > MAX_BATCH:
             raise bad(f"at most {MAX_BATCH} prompts may be batched in one request, got {len(prompt)}", "prompt")
-        for i, one in enumerate(prompt):
-            _one_prompt(one, f"prompt[{i}]")
+        prompt = [_one_prompt(one, f"prompt[{i}]") for i, one in enumerate(prompt)]
         batch = prompt if len(prompt) > 1 else None  # a batch of one is that prompt
         prompt = prompt[0]
     else:
-        _one_prompt(prompt, "prompt")
+        prompt = _one_prompt(prompt, "prompt")
     # as vLLM: a text prompt gets what the tokenizer adds around a text (Llama's BOS) unless told not to
     specials = flag(body, "add_special_tokens", True)
     common = _common(body, session_header, max_model_len, chat=False, defaults=defaults, max_logprobs=max_logprobs)
@@ -609,14 +618,17 @@ def parse_completion(body: dict, session_header: str | None, max_model_len: int,
     return ParsedRequest(prompt=prompt, batch=batch, add_special_tokens=specials, **common)
 
 
-def _one_prompt(prompt: Any, param: str) -> None:
-    """A non-empty text, or a non-empty list of token ids."""
+def _one_prompt(prompt: Any, param: str) -> str | list[int]:
+    """A non-empty text, or a non-empty list of token ids (floats without a fraction as ints, as vLLM's)."""
     if isinstance(prompt, str):
         if not prompt:
             raise bad(f"{param} must not be empty", param)
         _text(prompt, param)
-    elif not (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
+        return prompt
+    ids = whole_numbers(prompt)
+    if not ids:
         raise bad(f"{param} must be a non-empty string or a non-empty list of token ids", param, "invalid_type")
+    return ids
 
 
 class BodyLimitMiddleware:

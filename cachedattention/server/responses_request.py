@@ -82,7 +82,7 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]], reasons: b
         raise bad(f"truncation must be 'disabled' or 'auto', got {truncation!r}", "truncation")
     echo = {
         "instructions": instructions,
-        "max_output_tokens": tokens,
+        "max_output_tokens": _as_int(tokens),  # (as vLLM's echo: 100.0 is 100, checked by the chat parser)
         "metadata": _metadata(body.get("metadata")),
         "parallel_tool_calls": flag(body, "parallel_tool_calls", True),
         "previous_response_id": body.get("previous_response_id"),
@@ -91,7 +91,7 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]], reasons: b
         "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
         "tool_choice": body.get("tool_choice") or ("auto" if body.get("tools") else "none"),
         "tools": body.get("tools") or [],
-        "top_logprobs": body.get("top_logprobs"),
+        "top_logprobs": _as_int(body.get("top_logprobs")),
         "truncation": truncation,
         "user": _optional_text(body, "user"),
     }  # fmt: skip
@@ -299,6 +299,13 @@ def _content(content: Any, param: str) -> Any:
         return joined_text_parts(content, param, TEXT_PARTS)
     except InvalidRequest as e:
         raise bad(str(e), e.param, "unsupported_parameter") from None
+
+
+def _as_int(v: Any) -> Any:
+    """An integer field's value as the response repeats it: 100.0 as 100 (a typed client's int
+    field could not read 100.0); anything else as it came (the chat parser has said what is wrong)."""
+    n = whole_number(v)
+    return v if n is None else n
 
 
 def _logprobs(body: dict[str, Any]) -> dict[str, Any]:

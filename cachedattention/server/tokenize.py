@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from cachedattention.model.tokenizer import Tokenizer
-from cachedattention.sampling import is_int
 from cachedattention.server.api_error import bad
-from cachedattention.server.protocol import flag, parse_chat
+from cachedattention.server.protocol import flag, parse_chat, whole_numbers
 
 
 def tokenize(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_template: bool = False,
@@ -52,8 +51,8 @@ def _chat_ids(tok: Tokenizer, body: dict[str, Any], max_model_len: int, trust_te
 def detokenize(tok: Tokenizer, body: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """{"tokens": [ids]} -> {"prompt": their text}, special tokens kept (as vLLM: /tokenize's ids of a
     chat come back as the rendered chat)."""
-    ids = body.get("tokens")
-    if not isinstance(ids, list) or not all(is_int(t) for t in ids):
+    ids = whole_numbers(body.get("tokens"))  # (3.0 is 3, as vLLM's list[int])
+    if ids is None:
         raise bad("tokens must be a list of token ids (integers)", "tokens")
     outside = [t for t in ids if not 0 <= t < vocab_size]
     if outside:

@@ -164,3 +164,29 @@ def test_forced_usage_ends_every_streamed_answer(chat_model_dir):
         assert content and all(e["usage"] is not None for e in content)  # forced usage, asked for on every chunk
     finally:
         srv.stop()
+
+
+def test_the_port_check_binds_as_uvicorn_does():
+    """uvicorn listens through asyncio's create_server: an IPv6 address's socket is IPv6 only, so
+    `--host ::` serves while another server holds 0.0.0.0 on the port (a dual-stack check refused it)."""
+    from cachedattention.uvicorn_run import check_port_free
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as v4:
+        v4.bind(("0.0.0.0", 0))
+        v4.listen()
+        port = v4.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("IPv6 is off here")
+        check_port_free("::", port)  # (uvicorn serves here)
+        with pytest.raises(ValueError, match="another --port"):
+            check_port_free("0.0.0.0", port)
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6:
+        v6.bind(("::", 0))
+        v6.listen()
+        with pytest.raises(ValueError, match="another --port"):
+            check_port_free("::", v6.getsockname()[1])

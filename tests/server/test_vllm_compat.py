@@ -229,3 +229,35 @@ def test_stop_reason_names_the_stop_string_or_token(store_server):
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     last = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
     assert [c["stop_reason"] for c in last] == [stop]
+
+
+def test_token_id_lists_take_floats_without_a_fraction_as_ints():
+    """As vLLM's `list[int]` fields (pydantic) read them: a client writing every number as a float
+    sends [1.0, 2.0]; the engine gets ints, and 2.5 is still refused."""
+    from cachedattention.server.responses_request import read_request
+    from cachedattention.server.tokenize import detokenize
+
+    parsed = parse_completion({"prompt": [1.0, 2.0], "stop_token_ids": [3.0], "allowed_token_ids": [4.0, 5]}, None, 64)
+    assert parsed.prompt == [1, 2] and all(type(t) is int for t in parsed.prompt)
+    assert parsed.params.stop_token_ids == (3,) and parsed.params.allowed_token_ids == (4, 5)
+    assert all(type(t) is int for t in parsed.params.stop_token_ids + parsed.params.allowed_token_ids)
+    batch = parse_completion({"prompt": [[1.0], [2.0, 3.0]]}, None, 64).batch
+    assert batch == [[1], [2, 3]] and all(type(t) is int for ids in batch for t in ids)
+    for body, param in (({"prompt": [1.5]}, "prompt"), ({"prompt": "a", "stop_token_ids": [2.5]}, "stop_token_ids"),
+                        ({"prompt": [[1], [True]]}, "prompt[1]")):  # fmt: skip
+        with pytest.raises(APIError) as e:
+            parse_completion(body, None, 64)
+        assert e.value.param == param
+
+    class Decoder:
+        def decode(self, ids, skip_special_tokens):
+            assert all(type(t) is int for t in ids)
+            return " ".join(map(str, ids))
+
+    assert detokenize(Decoder(), {"tokens": [1.0, 2]}, 10) == {"prompt": "1 2"}
+    with pytest.raises(APIError):
+        detokenize(Decoder(), {"tokens": [1.5]}, 10)
+    # the Responses API repeats its integer fields as integers (a typed client's int field cannot read 100.0)
+    req = read_request({"input": "hi", "max_output_tokens": 100.0, "top_logprobs": 2.0}, [], False)
+    assert type(req.echo["max_output_tokens"]) is int and type(req.echo["top_logprobs"]) is int
+    assert (req.echo["max_output_tokens"], req.echo["top_logprobs"]) == (100, 2)
