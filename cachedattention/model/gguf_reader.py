@@ -26,10 +26,9 @@ MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # a name's length, the dimensions' count,
 MAX_NESTING = 16  # arrays of arrays this deep at most (llama.cpp writes none; a damaged file could nest past the stack)
 
 # GGUF's value types (gguf.GGUFValueType), the scalars by their struct format
+# (numpy's codes for these are struct's: an array of them is one numpy view)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
-_NUMPY = {"B": np.uint8, "b": np.int8, "H": np.uint16, "h": np.int16, "I": np.uint32, "i": np.int32,
-          "f": np.float32, "?": np.bool_, "Q": np.uint64, "q": np.int64, "d": np.float64}  # fmt: skip
 # tensor types whose data gguf's reader gives as numbers (the others as bytes, a row's blocks together)
 _ELEMENT_TYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
                   "I32": np.int32, "I64": np.int64}  # fmt: skip
@@ -57,8 +56,7 @@ class FastGGUFReader:
     `tensors` (gguf's `ReaderTensor`s, without their info fields), `alignment`, `data_offset`."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        self.data = np.memmap(self.path, mode="r")
+        self.data = np.memmap(str(path), mode="r")
         self._buf = memoryview(self.data)
         self._size = len(self._buf)
         self.fields: dict[str, Field] = {}
@@ -131,7 +129,7 @@ class FastGGUFReader:
         self._check_count(n, struct.calcsize(_SCALARS[kind]) if kind in _SCALARS else 8, offset, "array items")
         if (fmt := _SCALARS.get(kind)) is not None:  # numbers: one view, as Python values
             end = offset + n * struct.calcsize(fmt)
-            return np.frombuffer(self._buf, np.dtype(_NUMPY[fmt]).newbyteorder("<"), n, offset).tolist(), end
+            return np.frombuffer(self._buf, np.dtype("<" + fmt), n, offset).tolist(), end
         read: Callable[[int], tuple[Any, int]] = (self._string if kind == _STRING
                                                   else lambda at: self._value(kind, at, depth))  # fmt: skip
         values: list = []
