@@ -24,6 +24,7 @@ from tests.server.conftest import engine_config, serve_app, start_server
 from tests.server.test_server import MAX_TOKENS, client, metric_samples
 
 FIRST_QUESTIONS = ["Tell me about cats.", "What is rain?", "Name a colour.", "How do ships float?"]
+SPARE_QUESTIONS = [f"Tell me about the number {n}." for n in range(64)]  # (to find one homed on a replica)
 FOLLOW_UPS = ["And dogs?", "Why?"]
 
 
@@ -64,7 +65,10 @@ def routed(router_url: str) -> dict[str, float]:
 
 
 def test_conversations_keep_their_replica_reuse_their_history_and_spread(router, replicas, reference):
-    conversations = [[{"role": "user", "content": q}] for q in FIRST_QUESTIONS]
+    # The replicas' ports are random, so which of them a question hashes to is too: two questions
+    # homed on each replica (else 1 run in 8 sent all four to one of them).
+    questions = [q for s in replicas for q in _homed_on(router, s.url, 2)]
+    conversations = [[{"role": "user", "content": q}] for q in questions]
     last_prompt = [0] * len(conversations)
     before = routed(router.url)
     for turn in range(1 + len(FOLLOW_UPS)):
@@ -159,7 +163,7 @@ def test_a_replica_that_goes_down_is_failed_over_and_none_left_is_a_503(chat_mod
     servers = [start_server(engine_config(chat_model_dir, store=False)) for _ in range(2)]
     r = start_router([s.url for s in servers], health_interval_s=600)  # (a failed connection tells it first)
     try:
-        question = next(q for q in FIRST_QUESTIONS if _home(r, q) == servers[0].url)  # (one whose replica we stop)
+        question = _homed_on(r, servers[0].url, 1)[0]  # (one whose replica we stop)
         messages = [{"role": "user", "content": question}]
         assert chat(r.url, messages).choices[0].message.content == reference(messages, MAX_TOKENS)
         servers[0].stop()
@@ -181,6 +185,13 @@ def test_a_replica_that_goes_down_is_failed_over_and_none_left_is_a_503(chat_mod
 def _home(router, question: str) -> str:
     key = route_key("/v1/chat/completions", {}, {"messages": [{"role": "user", "content": question}]})
     return rendezvous_order(key.value, router.app.state.router.replicas.urls)[0]
+
+
+def _homed_on(router, url: str, n: int) -> list[str]:
+    """`n` first questions whose conversations the router sends to the replica at `url`."""
+    found = [q for q in FIRST_QUESTIONS + SPARE_QUESTIONS if _home(router, q) == url][:n]
+    assert len(found) == n, f"fewer than {n} of {len(FIRST_QUESTIONS + SPARE_QUESTIONS)} questions hash to {url}"
+    return found
 
 
 def test_the_router_command_relays_to_its_replicas_and_stops_on_sigterm(router, replicas, tmp_path):
