@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a replica takes at most this times the average requests in flight before a "
                              "conversation of its moves on (0: never moves while the replica is up)")
     router.add_argument("--health-interval-s", type=RATE, default=5.0, help="how often each replica's /health is asked")
+    router.add_argument("--health-timeout-s", type=RATE, default=5.0,
+                        help="a /health slower than this is a failed probe (a refused connection fails at once)")
+    router.add_argument("--health-failures", type=POSITIVE, default=3,
+                        help="timed-out health probes in a row that mark a replica down")
     router.add_argument("--max-body-bytes", type=POSITIVE, default=64 << 20,
                         help="a larger request body is answered 413 (the replicas' own limit may be smaller)")
 

@@ -83,6 +83,7 @@ class Router:
         self.metrics = RouterMetrics(self.replicas.urls)
         self.response_homes = BoundedMap(config.memory_entries)  # stored response id -> the replica holding it
         self.prefixes = PrefixTable(config.memory_entries)
+        self.slow_probes = dict.fromkeys(self.replicas.urls, 0)  # health probes timed out in a row
         self.client: httpx.AsyncClient | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -105,10 +106,18 @@ class Router:
             await asyncio.sleep(self.config.health_interval_s)
 
     async def check_health(self) -> None:
+        """Ask every replica's /health. A refused connection or an error status marks it down at
+        once; a probe that times out only after `health_failures` in a row, since a replica busy
+        with a long prefill (or a router on a loaded host) can be slow to answer and is not down."""
+
         async def probe(url: str) -> None:
             try:
-                r = await self.client.get(f"{url}/health", timeout=min(2.0, self.config.health_interval_s))
+                r = await self.client.get(f"{url}/health", timeout=self.config.health_timeout_s)
                 up = r.status_code == 200
+                self.slow_probes[url] = 0
+            except httpx.TimeoutException:
+                self.slow_probes[url] += 1
+                up = self.slow_probes[url] < self.config.health_failures and self.replicas.up[url]
             except httpx.HTTPError:
                 up = False
             if up != self.replicas.up[url]:
@@ -307,6 +316,7 @@ def run_router(args: argparse.Namespace) -> int:
     # every 5 s with two replicas); the router's own lines say what matters (a replica down or up)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = RouterConfig(tuple(args.replica), load_factor=args.load_factor, health_interval_s=args.health_interval_s,
+                          health_timeout_s=args.health_timeout_s, health_failures=args.health_failures,
                           max_body_bytes=args.max_body_bytes)  # fmt: skip
     # (uvicorn's info level: its "running on" line names the port; no line per request)
     app = create_router_app(config)

@@ -17,6 +17,8 @@ class RouterConfig:
     replicas: tuple[str, ...]  # base URLs (http://host:port), each an OpenAI-compatible server
     load_factor: float = DEFAULT_LOAD_FACTOR  # bounded loads: at most this times the average in flight per replica (0: off)
     health_interval_s: float = 5.0  # how often every replica's /health is asked
+    health_timeout_s: float = 5.0  # a /health slower than this counts as a failed probe
+    health_failures: int = 3  # timed-out probes in a row that mark a replica down (busy is not down)
     connect_timeout_s: float = 5.0
     memory_entries: int = 100_000  # responses' and prefixes' replicas remembered (least recently used dropped)
     max_body_bytes: int = 64 << 20  # a larger request body is refused (413) before it is read whole
@@ -32,8 +34,10 @@ class RouterConfig:
             raise ValueError(f"a replica is named twice in {list(self.replicas)}")
         if self.load_factor != 0 and self.load_factor < 1:
             raise ValueError(f"load_factor must be >= 1 (or 0: no bound), got {self.load_factor}")
-        if self.health_interval_s <= 0 or self.connect_timeout_s <= 0:
-            raise ValueError("health_interval_s and connect_timeout_s must be > 0")
+        if self.health_interval_s <= 0 or self.health_timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError("health_interval_s, health_timeout_s and connect_timeout_s must be > 0")
+        if self.health_failures < 1:
+            raise ValueError(f"health_failures must be >= 1, got {self.health_failures}")
         if self.memory_entries < 1 or self.max_body_bytes < 1:
             raise ValueError("memory_entries and max_body_bytes must be >= 1")
 
