@@ -18,6 +18,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def patient_remote_record_reads():
+    """A remote record read that takes over 0.25 s pauses record reads for 5 s (a hung server must
+    not hold the engine's thread); a Redis server not scheduled for that long on a loaded 2-core
+    machine is not hung, and tests that count remote hits would miss by chance."""
+    import cachedattention.store.remote as remote
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(remote, "RECORD_READ_TIMEOUT_S", 5.0)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """One saved tiny model per family, with its transformers reference."""

@@ -7,6 +7,7 @@ tensors), a Llama-3 scaled model's `rope_freqs` divisors, and the embedded model
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -140,6 +141,7 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     from gguf.quants import quantize
 
     from cachedattention.model.embedded import embedded_gguf_path
+    from cachedattention.model.gguf_reader import FastGGUFReader
 
     arch = _arch(kind)
     base = kind.removesuffix("-27b-layers").removesuffix("-full")
@@ -201,7 +203,7 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
         w.add_add_bos_token(True)
         w.add_chat_template(_SPM_TEMPLATES[arch])
     else:
-        src = gguf.GGUFReader(str(embedded_gguf_path()))
+        src = FastGGUFReader(embedded_gguf_path())  # (gguf's own reader takes 4 s over this vocabulary)
         for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
             w.add_string(key, src.fields[key].contents())
         w.add_token_list(src.fields["tokenizer.ggml.tokens"].contents())
@@ -304,31 +306,69 @@ def _gguf_tensor(name: str, a: np.ndarray, cfg, arch: str) -> tuple[str, np.ndar
 def rewritten_gguf(src: Path, dst: Path, meta: dict[str, int] | None = None, drop: Collection[str] = (),
                    change: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None,
                    add: dict[str, np.ndarray] | None = None) -> Path:
-    """A copy of a float32 GGUF file with changes: `meta` uint32 fields set ({arch} in a key: the
-    file's architecture), tensors dropped, changed (each float32 array, GGUF's dimensions reversed,
-    given to a function) or added."""
-    import gguf
+    """A copy of a GGUF file with changes: `meta` uint32 fields set ({arch} in a key: the file's
+    architecture), tensors dropped, changed (each a float32 array, GGUF's dimensions reversed, given
+    to a function) or added (float32). The other fields' and tensors' bytes are copied as they are
+    (gguf's reader and writer took seconds over a 49,152-token vocabulary)."""
+    from cachedattention.model.gguf_reader import FastGGUFReader
 
-    reader = gguf.GGUFReader(str(src))
+    reader = FastGGUFReader(src)
+    raw = reader.data
     arch = reader.fields["general.architecture"].contents()
     meta = {k.replace("{arch}", arch): v for k, v in (meta or {}).items()}
-    writer = gguf.GGUFWriter(str(dst), arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in meta:
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub)
-    for key, value in meta.items():
-        writer.add_uint32(key, value)
+    fields = [bytes(raw[f.start : f.end]) for k, f in reader.fields.items() if k not in meta]
+    fields += [_gguf_string(k) + struct.pack("<II", 4, v) for k, v in meta.items()]  # (4: uint32)
+    tensors = []  # (name, GGUF dimensions, GGML type, data)
     for t in reader.tensors:
         if t.name in drop:
             continue
-        a = np.asarray(t.data).reshape([int(d) for d in reversed(t.shape)])
-        writer.add_tensor(t.name, np.ascontiguousarray((change or {}).get(t.name, lambda x: x)(a)))
-    for name, a in (add or {}).items():
-        writer.add_tensor(name, a)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        if t.name in (change or {}):
+            a = change[t.name](np.asarray(t.data).reshape([int(d) for d in reversed(t.shape)]))
+            tensors.append((t.name, list(reversed(a.shape)), 0, np.ascontiguousarray(a, np.float32).tobytes()))
+        else:
+            tensors.append((t.name, [int(d) for d in t.shape], int(t.tensor_type), np.asarray(t.data).tobytes()))
+    tensors += [(n, list(reversed(a.shape)), 0, np.ascontiguousarray(a, np.float32).tobytes()) for n, a in (add or {}).items()]
+    align = reader.alignment
+    infos, offset = [], 0
+    for name, dims, kind, data in tensors:
+        infos.append(_gguf_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, kind, offset))
+        offset += len(data) + (-len(data) % align)
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(fields)) + b"".join(fields) + b"".join(infos)
+    with open(dst, "wb") as f:
+        f.write(head + bytes(-len(head) % align))
+        for *_, data in tensors:
+            f.write(data + bytes(-len(data) % align))
     return dst
+
+
+def _gguf_string(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def tensor_info_at(path: Path, tensor: str) -> tuple[int, int, int]:
+    """Where `tensor`'s info in the file holds its GGML type (a uint32) and its data's offset (a
+    uint64), and that offset: to damage a copy of the file in place."""
+    from cachedattention.model.gguf_reader import FastGGUFReader
+
+    reader = FastGGUFReader(path)
+    at = max(f.end for f in reader.fields.values())  # (the tensors' infos follow the metadata)
+    buf = memoryview(reader.data)
+    for _ in reader.tensors:
+        (n,) = struct.unpack_from("<Q", buf, at)
+        name = str(buf[at + 8 : at + 8 + n], "utf-8")
+        at += 8 + n
+        (n_dims,) = struct.unpack_from("<I", buf, at)
+        type_at = at + 4 + 8 * n_dims
+        (offset,) = struct.unpack_from("<Q", buf, type_at + 4)
+        if name == tensor:
+            return type_at, type_at + 4, offset
+        at = type_at + 12
+    raise KeyError(tensor)
+
+
+def patched(path: Path, at: int, fmt: str, value: int) -> None:
+    """Write `value` (a struct format's) at byte `at` of the file."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(struct.pack(fmt, value))

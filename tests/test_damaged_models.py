@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from cachedattention import LLM, SamplingParams
 from cachedattention.cli import main
-from tests.gguf_files import rewritten_gguf, write_tiny_gguf
+from tests.gguf_files import patched, rewritten_gguf, tensor_info_at, write_tiny_gguf
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
@@ -113,22 +113,15 @@ def gguf_file(tmp_path_factory) -> Path:
 
 def _patched(gguf_file: Path, tmp_path: Path, tensor: str, part: int, value: int) -> str:
     """A copy of the file with one field of a tensor's info changed (part 4: its type, 5: its offset)."""
-    import gguf
-
     copy = tmp_path / "damaged.gguf"
     shutil.copy(gguf_file, copy)
-    reader = gguf.GGUFReader(str(copy), "r+")
-    info = next(t for t in reader.tensors if t.name == tensor)
-    info.field.parts[part][0] = value
-    reader.data.flush()
+    type_at, offset_at, _ = tensor_info_at(copy, tensor)
+    patched(copy, type_at if part == 4 else offset_at, "<I" if part == 4 else "<Q", value)
     return str(copy)
 
 
 def _offset(gguf_file: Path, tensor: str) -> int:
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_file))
-    return int(next(t for t in reader.tensors if t.name == tensor).field.parts[5][0])
+    return tensor_info_at(gguf_file, tensor)[2]
 
 
 def test_gguf_tensor_data_out_of_place_is_refused(gguf_file, tmp_path):
@@ -193,12 +186,11 @@ def test_a_mixture_gguf_whose_metadata_and_tensors_disagree_is_refused_at_once(m
 
 
 def test_a_gguf_metadata_field_at_fault_is_named_with_the_file(gguf_file, tmp_path):
-    import gguf
+    from cachedattention.model.gguf_reader import FastGGUFReader
 
     copy = tmp_path / "meta.gguf"
     shutil.copy(gguf_file, copy)
-    reader = gguf.GGUFReader(str(copy), "r+")
-    reader.fields["qwen3.attention.key_length"].parts[-1][0] = 0
-    reader.data.flush()
+    field = FastGGUFReader(copy).fields["qwen3.attention.key_length"]
+    patched(copy, field.end - 4, "<I", 0)  # (a uint32: the pair's last 4 bytes)
     with pytest.raises(ValueError, match=r"^meta.gguf: head_dim must be a positive integer, got 0"):
         LLM(model=str(copy))

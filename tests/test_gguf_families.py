@@ -3,12 +3,11 @@ divisors or a linear scaling factor, Qwen2 with its biases, Qwen3 with its head 
 with their norms' 1 added in and the windows and query scale llama.cpp assumes, Phi-3 fused) match
 transformers on the same weights."""
 
-import numpy as np
 import pytest
 import torch
 
 from cachedattention import LLM, SamplingParams
-from tests.gguf_files import write_tiny_gguf, written_once
+from tests.gguf_files import rewritten_gguf, write_tiny_gguf, written_once
 from tests.util import assert_logits_match, capture_logits, rel_err
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -207,17 +206,7 @@ def _on_float32(layers) -> None:
 
 
 def test_a_phi3_file_with_one_of_its_longrope_factors_is_refused(gguf_files, tmp_path):
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_files("phi4-mini")[0] / "model.gguf"))
-    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "phi3")
-    for key, field in reader.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            w.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
-    for t in reader.tensors:
-        if t.name != "rope_factors_short.weight":
-            w.add_tensor(t.name, np.asarray(t.data))
-    _write(w)
+    rewritten_gguf(gguf_files("phi4-mini")[0] / "model.gguf", tmp_path / "m.gguf", drop=["rope_factors_short.weight"])
     with pytest.raises(ValueError, match="rope_factors_long without the other"):
         LLM(model=str(tmp_path / "m.gguf"))
 

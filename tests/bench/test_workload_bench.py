@@ -209,8 +209,9 @@ def test_replicas_share_sessions_through_the_remote_tier(tiny_chat_dir, tmp_path
     from tests.redis_server import RedisServer
 
     wl = tmp_path / "input.json"
-    # users think for a while: a replica's publish lands before the session's next turn arrives
-    thinking = [Session(s.session_id, s.arrival_s, tuple(Turn(t.user_tokens, t.answer_tokens, 0.3) for t in s.turns))
+    # users think for a while: a replica's publish (a background save, encode and SET) lands before
+    # the session's next turn arrives, with room for a loaded machine
+    thinking = [Session(s.session_id, s.arrival_s, tuple(Turn(t.user_tokens, t.answer_tokens, 1.5) for t in s.turns))
                 for s in WORKLOAD.sessions]
     Workload(sessions=tuple(thinking), seed=7, source="test").to_json(wl)
     redis = RedisServer(tmp_path)

@@ -156,8 +156,9 @@ sys.exit(serve(p.parse_args()))
 """
 
 
-def launch_cli_server(model_dir: Path, log: Path, *flags: str, timeout_s: float = 60.0) -> CliServer:
-    """`python -m cachedattention.cli serve MODEL --port 0 ...`; the bound port is read from uvicorn's log."""
+def launch_cli_server(model_dir: Path, log: Path, *flags: str, timeout_s: float = 300.0) -> CliServer:
+    """`python -m cachedattention.cli serve MODEL --port 0 ...`; the bound port is read from uvicorn's log
+    (a start takes seconds; the deadline is for a machine loaded many times over)."""
     args = ["serve", str(model_dir), "--host", "127.0.0.1", "--port", "0", "--kv-pool-bytes", str(4 << 20), *flags]
     if importlib.util.find_spec("cachedattention.bench.cli") is not None:
         cmd = [sys.executable, "-m", "cachedattention.cli", *args]

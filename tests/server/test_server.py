@@ -385,15 +385,15 @@ def _raw_post(port: int, declared: int, parts: list[bytes], pause_s: float = 0.0
 def test_a_stalled_body_gets_408_and_a_slow_one_is_served(chat_model_dir):
     """No part of the body for body_timeout_s: 408 (413 when it is also too big); a body sent in
     parts, more slowly than the timeout in all but never pausing that long, is served."""
-    s = start_server(engine_config(chat_model_dir, store=False), body_timeout_s=0.5, max_body_bytes=1000)
+    s = start_server(engine_config(chat_model_dir, store=False), body_timeout_s=1.0, max_body_bytes=1000)
     try:
         reply, waited = _raw_post(s.port, 100, [b'{"prompt":'])
-        assert reply.startswith("HTTP/1.1 408") and '"request_timeout"' in reply and 0.3 < waited < 5, reply
+        assert reply.startswith("HTTP/1.1 408") and '"request_timeout"' in reply and 0.8 < waited < 10, reply
         reply, waited = _raw_post(s.port, 5000, [b"{}"])
         assert reply.startswith("HTTP/1.1 413") and waited < 5, reply
         body = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
         parts = [body[i : i + 8] for i in range(0, len(body), 8)]  # 5 parts, 0.3 s apart: 1.5 s in all
-        reply, _ = _raw_post(s.port, len(body), parts, pause_s=0.3)
+        reply, _ = _raw_post(s.port, len(body), parts, pause_s=0.3)  # (0.7 s to spare for each part)
         assert reply.startswith("HTTP/1.1 200"), reply
     finally:
         s.stop()
@@ -620,7 +620,8 @@ def sigterm_run(chat_model_dir, tmp_path_factory):
     """A CLI server (with a disk store when the store exists): one turn, then SIGTERM during a long stream."""
     tmp = tmp_path_factory.mktemp("cli")
     store_flags = ["--store-dir", str(tmp / "store")] if store_available() else ["--no-store"]
-    srv = launch_cli_server(chat_model_dir, tmp / "server1.log", *store_flags)
+    # (the grace, 30 s by default, is the longest the stream may take: room for a loaded machine)
+    srv = launch_cli_server(chat_model_dir, tmp / "server1.log", *store_flags, "--shutdown-grace-s", "150")
     try:
         first = converse(srv.url, SESSION, QUESTIONS[:1])
         events: list[str] = []
@@ -639,9 +640,9 @@ def sigterm_run(chat_model_dir, tmp_path_factory):
         assert started.wait(30)
         t0 = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
-        rc = srv.proc.wait(timeout=45)
+        rc = srv.proc.wait(timeout=200)
         took = time.monotonic() - t0
-        reader.join(timeout=30)
+        reader.join(timeout=60)
     finally:
         srv.kill()
     return dict(tmp=tmp, flags=store_flags, first=first, events=events, rc=rc, took=took, log=srv.log)
@@ -650,7 +651,7 @@ def sigterm_run(chat_model_dir, tmp_path_factory):
 def test_sigterm_finishes_in_flight_and_exits_zero(sigterm_run):
     r = sigterm_run
     assert r["rc"] == 0, r["log"].read_text()[-3000:]
-    assert r["took"] < 40
+    assert r["took"] < 120  # (it exits when the stream ends, not at the grace's end, 150 s)
     assert "Waiting for connections to close" in r["log"].read_text()  # the stream was still running at SIGTERM
     assert r["events"][-1] == "data: [DONE]"  # the in-flight stream ran to its end
     finals = [json.loads(e[6:]) for e in r["events"][:-1]]

@@ -21,7 +21,7 @@ def threads():
     return len(os.listdir("/proc/self/task"))
 
 def settled(target):
-    for _ in range(100):  # exiting threads leave /proc a moment after a join
+    for _ in range(1000):  # exiting threads leave /proc a moment after a join (up to 10 s: a loaded machine)
         if threads() <= target:
             break
         time.sleep(0.01)

@@ -1,5 +1,6 @@
 """Scheduler-aware fetching: a queued session living on disk is in host memory before its job runs."""
 
+import threading
 import time
 
 import pytest
@@ -59,15 +60,18 @@ def test_a_slow_prefetch_never_stalls_the_job(tiny_dirs, tmp_path, monkeypatch):
     path, _ = tiny_dirs["llama"]
     llm, store, seg_a, turn2 = engine_with_a_on_disk(path, tmp_path)
     real = store._fetch
+    release = threading.Event()
 
-    def slow_fetch(seg_id):
-        time.sleep(3.0)
+    def held_fetch(seg_id):
+        release.wait(120)  # (held until the job is done: a job waiting for it would take 120 s)
         real(seg_id)
 
-    monkeypatch.setattr(store, "_fetch", slow_fetch)
+    monkeypatch.setattr(store, "_fetch", held_fetch)
     t = time.perf_counter()
     out = llm.generate([turn2], PARAMS, session_id="A")[0]
-    assert time.perf_counter() - t < 2.5  # did not wait for the 3 s prefetch
+    took = time.perf_counter() - t
+    release.set()
+    assert took < 60  # did not wait for the held prefetch
     assert out.metrics.cached_tokens["disk"] == len(turn2) - 3  # read from disk directly instead
     assert out.token_ids == LLM(model=str(path)).generate([turn2], PARAMS)[0].token_ids
     store._io.join()

@@ -189,23 +189,29 @@ def test_preload_waits_for_no_save_in_flight(tiny_dirs, monkeypatch):
     eng.pages.check_integrity()
 
 
-def test_disk_ttl_forgets_sessions_not_used_for_that_long(tiny_dirs, tmp_path):
+def test_disk_ttl_forgets_sessions_not_used_for_that_long(tiny_dirs, tmp_path, monkeypatch):
     import time
+    from types import SimpleNamespace
+
+    import cachedattention.store.store as store_module
 
     path, _ = tiny_dirs["llama"]
-    llm = _store_llm(path, store_dir=str(tmp_path / "st"), disk_ttl_s=0.2)
+    llm = _store_llm(path, store_dir=str(tmp_path / "st"), disk_ttl_s=60)
     store = llm.engine.store.store
     a = list(range(5, 45))
     out = llm.generate([a], PARAMS, session_id="A")[0]
-    store.flush()
+    store.flush()  # (fsyncs: a busy disk may take seconds, so the TTL is long and the clock is moved)
     seg = store.records["A"].spans[0].seg_id
-    store.on_queue([])
-    store._io.join()
-    assert "A" in store.records and store.disk.contains(seg)  # younger than the TTL: kept
-    time.sleep(0.3)
     store._next_expiry_s = 0.0  # the sweep runs at most once a second; do not wait for it here
     store.on_queue([])
     store._io.join()
+    assert "A" in store.records and store.disk.contains(seg)  # younger than the TTL: kept
+    later = time.monotonic() + 120
+    monkeypatch.setattr(store_module, "time", SimpleNamespace(monotonic=lambda: later, time=time.time))
+    store._next_expiry_s = 0.0
+    store.on_queue([])
+    store._io.join()
+    monkeypatch.undo()
     assert "A" not in store.records and not store.disk.contains(seg) and not store.host.contains(seg)
     assert llm.stats()["expired_segments"] == 1
     store.check_integrity()
