@@ -1,21 +1,43 @@
-"""CachedAttention: an LLM serving engine that keeps every conversation's KV cache across turns."""
+"""CachedAttention: an LLM serving engine that keeps every conversation's KV cache across turns.
 
-from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
-from cachedattention.llm import LLM
-from cachedattention.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from cachedattention.sampling import GuidedDecodingParams, Logprob, SamplingParams, StructuredOutputsParams
+The names below are imported on first use (PEP 562): `cachedattention router`, `--help` and the
+command line's errors do not pay for torch and the engine."""
 
-__all__ = [
-    "LLM",
-    "SamplingParams",
-    "StructuredOutputsParams",
-    "GuidedDecodingParams",
-    "Logprob",
-    "RequestOutput",
-    "CompletionOutput",
-    "RequestMetrics",
-    "EngineConfig",
-    "CacheConfig",
-    "SchedulerConfig",
-    "StoreConfig",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # (for type checkers and editors: the same names, imported eagerly)
+    from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
+    from cachedattention.llm import LLM
+    from cachedattention.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from cachedattention.sampling import GuidedDecodingParams, Logprob, SamplingParams, StructuredOutputsParams
+
+_HOMES = {
+    "LLM": "cachedattention.llm",
+    "SamplingParams": "cachedattention.sampling",
+    "StructuredOutputsParams": "cachedattention.sampling",
+    "GuidedDecodingParams": "cachedattention.sampling",
+    "Logprob": "cachedattention.sampling",
+    "RequestOutput": "cachedattention.outputs",
+    "CompletionOutput": "cachedattention.outputs",
+    "RequestMetrics": "cachedattention.outputs",
+    "EngineConfig": "cachedattention.config",
+    "CacheConfig": "cachedattention.config",
+    "SchedulerConfig": "cachedattention.config",
+    "StoreConfig": "cachedattention.config",
+}
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "Logprob", "RequestOutput",
+           "CompletionOutput", "RequestMetrics", "EngineConfig", "CacheConfig", "SchedulerConfig", "StoreConfig"]  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'cachedattention' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

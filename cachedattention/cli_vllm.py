@@ -9,8 +9,8 @@ import os
 import ssl
 
 from cachedattention.cli_types import POSITIVE, number
+from cachedattention.config import MAX_LOGPROBS
 from cachedattention.model.messages import ChatOptions
-from cachedattention.sampling import MAX_LOGPROBS
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai")

@@ -10,10 +10,10 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from cachedattention.sampling import MAX_LOGPROBS
-from cachedattention.store.remote import check_remote_url
+from cachedattention.store.remote_url import check_remote_url
 
 _DTYPES = ("float32", "bfloat16", "float16")
+MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list by default (vLLM's max_logprobs)
 
 
 def _as_type(value: object, kind: object) -> tuple[bool, object]:

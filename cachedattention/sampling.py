@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from cachedattention.config import MAX_LOGPROBS  # noqa: F401 (the limit's name where callers look for it)
 from cachedattention.engine import json_schema
 from cachedattention.engine.grammar import grammar_automaton
 from cachedattention.engine.guided import Automaton
@@ -31,7 +32,6 @@ STRUCTURED_UNSUPPORTED = ("structural_tag", "whitespace_pattern", "disable_any_w
 NO_STRUCTURED_CONSTRAINT = ("You must use one kind of structured outputs constraint but none are specified "
                             f"(one of {', '.join(STRUCTURED_FIELDS)})")  # fmt: skip
 GUIDED_FIELDS = ("json_object", "json_schema", "choice", "regex", "grammar", "tool_call_names")  # at most one per request
-MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list by default (vLLM's max_logprobs; EngineConfig's)
 
 
 @dataclass(frozen=True)

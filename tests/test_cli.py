@@ -31,6 +31,27 @@ def test_generate_and_bad_model_path():
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
+def test_the_router_and_the_parser_start_without_torch():
+    """A router process relays HTTP: it never loads torch or the engine (seconds and hundreds of MB
+    per process), nor does `--help` or a usage error."""
+    script = (
+        "import sys\n"
+        "from cachedattention.cli import build_parser\n"
+        "from cachedattention.router.app import create_router_app\n"
+        "from cachedattention.router.replicas import RouterConfig\n"
+        "import cachedattention\n"
+        "args = build_parser().parse_args(['router', '--replica', 'http://127.0.0.1:9'])\n"
+        "create_router_app(RouterConfig(tuple(args.replica)))\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'cachedattention.llm') if m in sys.modules)\n"
+        "print(heavy)\n"
+        "from cachedattention import LLM, SamplingParams\n"  # (the package's names, loaded on first use)
+        "print(LLM.__module__, SamplingParams.__module__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["[]", "cachedattention.llm cachedattention.sampling"]
+
+
 def test_store_flags_reach_the_engine_config():
     from cachedattention.cli import build_parser, engine_config
 

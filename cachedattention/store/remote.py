@@ -16,15 +16,14 @@ import logging
 import struct
 import threading
 from collections import OrderedDict
-from urllib.parse import urlsplit
 
 from cachedattention.store import segment_format
+from cachedattention.store.remote_url import check_remote_url
 from cachedattention.store.segment import KVLayout, SegmentKV
 from cachedattention.store.write_pause import WritePause
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("redis", "rediss", "unix")
 _CHECKED_WRITES = 4096  # the latest writes check_integrity() verifies
 RECORD_READ_TIMEOUT_S = 0.25  # the engine's thread reads records: a hung server holds it at most this long
 
@@ -42,19 +41,6 @@ def block_keys(tokens: list[int], block: int, tag: str = "") -> list[str]:
 
 class RemoteError(OSError):
     """A call to the remote store failed (down, unreachable, timed out, refused the value)."""
-
-
-def check_remote_url(url: str) -> None:
-    """ValueError unless `url` names a Redis-protocol server (redis://, rediss://, unix://)."""
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES:
-        raise ValueError(
-            f"remote_url must be a Redis-protocol URL (redis://HOST:PORT/DB, rediss://..., unix:///PATH.sock), got {url!r}"
-        )
-    if parts.scheme == "unix" and not parts.path:
-        raise ValueError(f"remote_url {url!r} names no socket path (unix:///PATH.sock)")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError(f"remote_url {url!r} names no host ({parts.scheme}://HOST:PORT)")
 
 
 def connect(url: str, timeout_s: float):
