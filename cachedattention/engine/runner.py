@@ -36,6 +36,8 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.device = device
+        if device.type == "cuda":  # (bottom_right_causal's, imported here: not in the first turn's prefill)
+            import torch.nn.attention.bias  # noqa: F401
         # what one more attention call costs, in padded context rows, when splitting the decoders
         # into groups of similar length: a CPU pays per row copied (measured by
         # bench/decode_timing.py), a GPU per kernel launch, so there it keeps one group

@@ -66,7 +66,9 @@ class Embedding(nn.Embedding):
     its weight a placeholder, on a CPU), dequantizes just the rows it looks up."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
-        super().__init__(num_embeddings, embedding_dim)
+        # no random init: the loader adopts the checkpoint's weight (and init's normal_ on the meta
+        # device imports torch._dynamo, 1.3 s of every start)
+        super().__init__(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
         self.quantized: QuantizedWeight | None = None
         self.blocks_only = False
 

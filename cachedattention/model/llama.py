@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.kernels.row_ops import RowOpsKernel
@@ -135,9 +134,7 @@ class Attention(nn.Module):
                     return o.transpose(0, 1)
             mask, causal = seq.mask, False
             if mask is None and seq.num_new > 1 and blocks is None:
-                # query i sits at context_len + i: causal aligned to the bottom-right, which the
-                # fused CUDA kernels take without materialising a mask
-                mask = causal_lower_right(seq.num_new, seq.total_len)
+                mask = bottom_right_causal(seq.num_new, seq.total_len, qs.device)
         ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)
         if blocks is None:
             return _attention(qs, ks, vs, mask, causal, cap, sinks).transpose(0, 1)
@@ -146,6 +143,18 @@ class Attention(nn.Module):
             keys = slice(blk.lo - first, blk.hi - first)
             out[:, blk.a : blk.b] = _attention(qs[:, blk.a : blk.b], ks[:, keys], vs[:, keys], blk.mask, False, cap, sinks)
         return out.transpose(0, 1)
+
+
+def bottom_right_causal(n: int, total: int, device: torch.device):
+    """The mask of n queries at the end of `total` keys (query i sits at total - n + i). On CUDA,
+    SDPA's CausalBias, which the fused kernels take without materialising a mask; elsewhere the
+    boolean mask SDPA would materialise from it (its module imports torch._dynamo: 1.3 s of every
+    start, for nothing on a CPU)."""
+    if device.type == "cuda":
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(n, total)
+    return torch.ones(n, total, dtype=torch.bool, device=device).tril_(total - n)
 
 
 def _attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None, causal: bool,

@@ -4,24 +4,25 @@ softmax and is then dropped)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch.nn.attention.bias import CausalBias
 
 SCORE_BYTES = 256 << 20  # the most float32 scores held at once: longer queries go in blocks of rows
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    mask: torch.Tensor | CausalBias | None = None, causal: bool = False, *,
+                    mask: torch.Tensor | Any | None = None, causal: bool = False, *,
                     cap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """q [..., heads, n, d] over k, v [..., kv_heads, L, d] (each KV head shared by a group of query
     heads). `mask`: bool (True: attend) or added to the scores, or causal (bottom-right aligned, as
-    SDPA's causal_lower_right); `causal`: query i sees keys up to i (n == L); `sinks`: a logit per
+    SDPA's causal_lower_right, CUDA's only non-tensor mask); `causal`: query i sees keys up to i (n == L); `sinks`: a logit per
     query head, shaped to broadcast against the scores' [..., heads, n, 1]."""
     group = q.shape[-3] // k.shape[-3]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     n, length = q.shape[-2], k.shape[-2]
-    if causal or isinstance(mask, CausalBias):
+    if causal or (mask is not None and not isinstance(mask, torch.Tensor)):  # (a CausalBias)
         mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril_(length - n)
     rows = max(1, SCORE_BYTES // (4 * length * q[..., :1, :1].numel()))
     if n <= rows:

@@ -20,10 +20,9 @@ from cachedattention.store.fresh_thread import call_in_fresh_thread
 def threads():
     return len(os.listdir("/proc/self/task"))
 
-def settled(target):
-    for _ in range(1000):  # exiting threads leave /proc a moment after a join (up to 10 s: a loaded machine)
-        if threads() <= target:
-            break
+def settled(target, wait_s):
+    deadline = time.monotonic() + wait_s  # exiting threads leave /proc a moment after a join
+    while threads() > target and time.monotonic() < deadline:
         time.sleep(0.01)
     return threads()
 
@@ -34,7 +33,7 @@ def kernel():
 kernel()  # the main thread's own team exists from here on
 before = threads()
 assert call_in_fresh_thread(kernel) == 2.0 * (1 << 21)
-after_fresh = settled(before)
+after_fresh = settled(before, 10.0)  # (expected to settle: room for a loaded machine)
 jobs, done = queue.Queue(), threading.Event()
 
 def worker():
@@ -46,7 +45,7 @@ t = threading.Thread(target=worker, daemon=True)
 t.start()
 jobs.put(1)
 done.wait()
-print(before, after_fresh, settled(before + 1))
+print(before, after_fresh, settled(before + 1, 1.0))  # (expected not to: a second is enough to see it)
 jobs.put(None)
 t.join()
 """
