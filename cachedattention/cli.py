@@ -269,12 +269,27 @@ def json_object(text: str) -> dict:
     return value
 
 
+def _check_model_paths(args: argparse.Namespace) -> None:
+    """A model or tokenizer given that is neither a path nor a model id in the local cache is named
+    at once, as the loader would name it."""
+    from cachedattention.model.hub_cache import existing_local_path
+
+    cache_dir = getattr(args, "download_dir", None)
+    for what, source, revision in (("model", model_arg(args), getattr(args, "revision", None)),
+                                   ("tokenizer", getattr(args, "tokenizer", None),
+                                    getattr(args, "tokenizer_revision", None))):  # fmt: skip
+        if source is not None:
+            existing_local_path(source, what, revision, cache_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("generate", "chat"):
-        check_sampling_flags(parser, args)
     try:
+        if args.command in ("generate", "chat", "serve"):
+            _check_model_paths(args)  # (before torch and the engine load: seconds)
+        if args.command in ("generate", "chat"):
+            check_sampling_flags(parser, args)
         if args.command in ("generate", "chat", "demo"):
             from cachedattention import terminal
 

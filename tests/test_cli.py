@@ -25,10 +25,14 @@ def test_generate_and_bad_model_path():
     ok = subprocess.run([sys.executable, "-m", "cachedattention.cli", "generate", "--prompt", "Hi", "--chat",
                          "--max-tokens", "4", "--no-store"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and ok.stdout.strip() and "TTFT" in ok.stderr
-    # (as `python -m cachedattention`, the package's own entry)
-    bad = subprocess.run([sys.executable, "-m", "cachedattention", "generate", "/no/such/model", "--prompt", "x"],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    # (as `python -m cachedattention`, the package's own entry; named before torch loads: -X importtime lists it)
+    bad = subprocess.run([sys.executable, "-X", "importtime", "-m", "cachedattention", "generate", "/no/such/model",
+                          "--prompt", "x"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "error: model path '/no/such/model' does not exist" in bad.stderr
+    assert "| cachedattention.cli" in bad.stderr and not re.search(r"\| +torch$", bad.stderr, re.M)
+    tok = subprocess.run([sys.executable, "-m", "cachedattention", "serve", "--tokenizer", "/no/tok"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert tok.returncode == 2 and "error: tokenizer path '/no/tok' does not exist" in tok.stderr
 
 
 def test_the_router_and_the_parser_start_without_torch():

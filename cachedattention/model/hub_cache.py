@@ -56,6 +56,16 @@ def local_model_path(source: str, what: str = "model", revision: str | None = No
     return snapshot
 
 
+def existing_local_path(source: str, what: str = "model", revision: str | None = None,
+                        cache_dir: str | None = None) -> Path:  # fmt: skip
+    """`source` as local_model_path finds it, as a path that exists; a ValueError says what to give."""
+    path = Path(local_model_path(source, what, revision, cache_dir)).expanduser()
+    if not path.exists():
+        wanted = "a Hugging Face folder or a .gguf file" if what == "model" else "a folder with a tokenizer, or a .gguf file"
+        raise ValueError(f"{what} path {source!r} does not exist (give {wanted})")
+    return path
+
+
 def _cached_snapshot(model_id: str, revision: str | None, cache: Path) -> str | None:
     """The snapshot folder of `model_id` at `revision` in the cache `cache`, or None: the commit a
     branch or tag names in refs/, or the commit itself, as huggingface_hub looks it up offline."""

@@ -21,7 +21,7 @@ from cachedattention.model.gguf_loader import (
     open_gguf,
 )
 from cachedattention.model.gguf_tokenizer import gguf_tokenizer
-from cachedattention.model.hub_cache import local_model_path, model_id_of_snapshot
+from cachedattention.model.hub_cache import existing_local_path, model_id_of_snapshot
 from cachedattention.model.layers import Embedding, Linear
 from cachedattention.model.llama import LlamaForCausalLM
 from cachedattention.model.rope import inv_frequencies
@@ -57,13 +57,10 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
     soon as its config is read, so a setting it refuses costs no weight loading."""
     embedded = source is None
     # a Hugging Face model id that is no path: its snapshot in the local hub cache
-    source = str(embedded_model_dir()) if embedded else local_model_path(source)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ValueError(f"model path {source!r} does not exist (give a Hugging Face folder or a .gguf file)")
+    path = Path(embedded_model_dir()) if embedded else existing_local_path(source)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"{source!r} is a file but not a .gguf; give a Hugging Face model folder or a GGUF file")
+            raise ValueError(f"{str(path)!r} is a file but not a .gguf; give a Hugging Face model folder or a GGUF file")
         reader = open_gguf(str(path))
         try:
             config = gguf_config(reader)
@@ -114,9 +111,7 @@ def load_tokenizer(source: str, vocab_size: int) -> Tokenizer:
     """The tokenizer of a Hugging Face folder or a GGUF file, for a model of `vocab_size` tokens (one
     with more is served with a warning: each request's ids are checked against the vocabulary). A
     Hugging Face model id that is no path reads its snapshot in the local hub cache."""
-    path = Path(local_model_path(source, "tokenizer")).expanduser()
-    if not path.exists():
-        raise ValueError(f"tokenizer path {source!r} does not exist (give a folder with a tokenizer, or a .gguf file)")
+    path = existing_local_path(source, "tokenizer")
     try:
         if path.is_file():
             if path.suffix != ".gguf":
