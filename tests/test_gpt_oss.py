@@ -169,3 +169,21 @@ def test_mxfp4_experts_are_dequantized_one_at_a_time_straight_to_the_model_s_dty
         assert gate.dtype == up.dtype == torch.bfloat16
         assert torch.equal(gate.float(), full[e, 0::2]) and torch.equal(up.float(), full[e, 1::2])
         assert torch.equal(out[f"{prefix}{e}.up_proj.bias"], state[prefix + "gate_up_proj_bias"][e, 1::2])
+
+
+def test_a_bottom_right_causal_bias_is_the_boolean_mask_it_stands_for():
+    """On CUDA a cached prefill's mask is SDPA's CausalBias (a torch.Tensor subclass), and Gemma 2's
+    cap and gpt-oss's sinks take it to plain_attention: it must mean the bottom-right causal mask."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from cachedattention.model.llama import bottom_right_causal
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(4, 5, 8, generator=g), torch.randn(2, 12, 8, generator=g), torch.randn(2, 12, 8, generator=g)
+    sinks = torch.randn(4, generator=g).view(-1, 1, 1)
+    boolean = bottom_right_causal(5, 12, q.device)
+    assert torch.equal(boolean, torch.ones(5, 12, dtype=torch.bool).tril(7))
+    for kw in ({"cap": 5.0}, {"sinks": sinks}):
+        want = plain_attention(q, k, v, boolean, **kw)
+        assert rel_err(plain_attention(q, k, v, causal_lower_right(5, 12), **kw), want) <= 1e-6
+        assert rel_err(want, plain_attention(q, k, v, **kw)) > 1e-2  # (the mask matters here)

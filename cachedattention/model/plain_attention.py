@@ -4,6 +4,7 @@ softmax and is then dropped)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -16,13 +17,14 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """q [..., heads, n, d] over k, v [..., kv_heads, L, d] (each KV head shared by a group of query
     heads). `mask`: bool (True: attend) or added to the scores, or causal (bottom-right aligned, as
-    SDPA's causal_lower_right, CUDA's only non-tensor mask); `causal`: query i sees keys up to i (n == L); `sinks`: a logit per
-    query head, shaped to broadcast against the scores' [..., heads, n, 1]."""
+    SDPA's causal_lower_right: the CausalBias a cached prefill's mask is on CUDA); `causal`: query i
+    sees keys up to i (n == L); `sinks`: a logit per query head, shaped to broadcast against the
+    scores' [..., heads, n, 1]."""
     group = q.shape[-3] // k.shape[-3]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     n, length = q.shape[-2], k.shape[-2]
-    if causal or (mask is not None and not isinstance(mask, torch.Tensor)):  # (a CausalBias)
+    if causal or _is_causal_bias(mask):
         mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril_(length - n)
     rows = max(1, SCORE_BYTES // (4 * length * q[..., :1, :1].numel()))
     if n <= rows:
@@ -30,6 +32,14 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     blocks = [_attend_rows(q[..., i : i + rows, :], k, v, _rows(mask, i, rows, n), cap, _rows(sinks, i, rows, n))
               for i in range(0, n, rows)]  # fmt: skip
     return torch.cat(blocks, dim=-2)
+
+
+def _is_causal_bias(mask: object) -> bool:
+    """Whether `mask` is SDPA's CausalBias (a torch.Tensor subclass, so no isinstance test on
+    Tensor tells it apart). Its module imports torch._dynamo: not imported here, since no CausalBias
+    exists before it is."""
+    bias = sys.modules.get("torch.nn.attention.bias")
+    return bias is not None and isinstance(mask, bias.CausalBias)
 
 
 def _rows(t: torch.Tensor | None, start: int, rows: int, n: int) -> torch.Tensor | None:
