@@ -6,6 +6,7 @@ command line's errors do not pay for torch and the engine."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # (for type checkers and editors: the same names, imported eagerly)
@@ -34,9 +35,13 @@ __all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingPa
 
 def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'cachedattention' has no attribute {name!r}")
-    return getattr(importlib.import_module(home), name)
+    if home is not None:
+        return getattr(importlib.import_module(home), name)
+    # a submodule, as `import cachedattention` made the ones it imported before it was lazy
+    # (cachedattention.config, .sampling, .llm...)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'cachedattention' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -56,6 +56,20 @@ def test_the_router_and_the_parser_start_without_torch():
     assert proc.stdout.split("\n")[:2] == ["[]", "cachedattention.llm cachedattention.sampling"]
 
 
+def test_the_lazy_package_still_reaches_its_submodules_after_a_plain_import():
+    """`import cachedattention` then `cachedattention.config...`, as when the package imported its
+    submodules eagerly; nothing is imported for a name that is neither."""
+    script = (
+        "import cachedattention, sys\n"
+        "print(cachedattention.config.MAX_LOGPROBS, 'torch' in sys.modules)\n"
+        "print(cachedattention.sampling.SamplingParams is cachedattention.SamplingParams)\n"
+        "print(hasattr(cachedattention, 'no_such_name'), hasattr(cachedattention, '__main__'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:3] == ["20 False", "True", "False False"]
+
+
 def test_store_flags_reach_the_engine_config():
     from cachedattention.cli import build_parser, engine_config
 
