@@ -106,15 +106,18 @@ class Router:
             await asyncio.sleep(self.config.health_interval_s)
 
     async def check_health(self) -> None:
-        """Ask every replica's /health. A refused connection or an error status marks it down at
-        once; a probe that times out only after `health_failures` in a row, since a replica busy
-        with a long prefill (or a router on a loaded host) can be slow to answer and is not down."""
+        """Ask every replica's /health. A connection refused or never accepted (the host's kernel
+        accepts for a busy server too) or an error status marks it down at once; an answer that
+        times out only after `health_failures` in a row, since a replica busy with a long prefill
+        (or a router on a loaded host) can be slow to answer and is not down."""
 
         async def probe(url: str) -> None:
             try:
                 r = await self.client.get(f"{url}/health", timeout=self.config.health_timeout_s)
                 up = r.status_code == 200
                 self.slow_probes[url] = 0
+            except httpx.ConnectTimeout:
+                up = False
             except httpx.TimeoutException:
                 self.slow_probes[url] += 1
                 up = self.slow_probes[url] < self.config.health_failures and self.replicas.up[url]

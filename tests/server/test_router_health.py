@@ -1,6 +1,6 @@
 """The router's health checks: a replica slow to answer /health (busy, or on a loaded host) stays up
-until `health_failures` probes in a row time out; a refused connection or an error status marks it
-down at once; an answer brings it back."""
+until `health_failures` probes in a row time out; a connection refused or never accepted, or an
+error status, marks it down at once; an answer brings it back."""
 
 from __future__ import annotations
 
@@ -34,11 +34,28 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # (closed on leaving: a connection to it is refused)
 
 
+def _unaccepting() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket whose accept queue is full: a new connection is never accepted (a host
+    that is gone, or cut off, as a client sees it)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    held = []
+    for _ in range(4):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(server.getsockname())
+        held.append(c)
+    return server, held
+
+
 def test_slow_probes_mark_a_replica_down_only_after_several_in_a_row():
     state = {"delay_s": 0.0, "status": 200}
     replica = _replica(state)
     refused = f"http://127.0.0.1:{_closed_port()}"
-    config = RouterConfig((replica.url, refused), health_timeout_s=0.2, health_failures=3)
+    server, held = _unaccepting()
+    gone = f"http://127.0.0.1:{server.getsockname()[1]}"
+    config = RouterConfig((replica.url, refused, gone), health_timeout_s=1.0, health_failures=3)
     router = Router(config)
     up = router.replicas.up
 
@@ -47,7 +64,8 @@ def test_slow_probes_mark_a_replica_down_only_after_several_in_a_row():
         async with httpx.AsyncClient() as router.client:
             await router.check_health()
             seen.append((up[replica.url], up[refused]))
-            state["delay_s"] = 1.0  # slower than the probe's timeout
+            assert not up[gone]  # (its connection timed out: down at once)
+            state["delay_s"] = 2.0  # slower than the probe's timeout
             for _ in range(3):
                 await router.check_health()
                 seen.append((up[replica.url], up[refused]))
@@ -55,7 +73,7 @@ def test_slow_probes_mark_a_replica_down_only_after_several_in_a_row():
             await router.check_health()
             seen.append((up[replica.url], up[refused]))
             await router.check_health()  # (a slow probe after an answer counts from one again)
-            state["delay_s"] = 1.0
+            state["delay_s"] = 2.0
             for _ in range(2):
                 await router.check_health()
                 seen.append((up[replica.url], up[refused]))
@@ -68,5 +86,7 @@ def test_slow_probes_mark_a_replica_down_only_after_several_in_a_row():
         seen = asyncio.run(probes())
     finally:
         replica.stop()
+        for s in [server, *held]:
+            s.close()
     assert seen == [(True, False), (True, False), (True, False), (False, False), (True, False),
                     (True, False), (True, False), (False, False)]  # fmt: skip
