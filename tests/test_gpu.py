@@ -109,3 +109,17 @@ def test_cuda_layerwise_host_hit_reports_its_load_time(tiny_dirs):
     llm.engine.store.store.flush()
     out = llm.generate([conv + first.token_ids + [3, 4, 5]], PARAMS, session_id="s")[0]
     assert out.metrics.cached_tokens["host"] > 0 and out.metrics.load_busy_s > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gpt_oss"])
+def test_cuda_a_prefill_after_cached_tokens_matches_transformers(kind, tiny_dirs):
+    """New tokens after a cached context take the bottom-right causal mask: SDPA's CausalBias on
+    CUDA, which Gemma 2's cap and gpt-oss's sinks take through plain attention."""
+    path, hf = tiny_dirs[kind]
+    llm = LLM(model=str(path), device="cuda")  # (the device prefix cache on, as by default)
+    first = list(range(5, 60))
+    llm.generate([first], PARAMS)
+    second = first + [7, 8, 9, 10, 11]
+    out = llm.generate([second], PARAMS)[0]
+    assert out.metrics.cached_tokens["device"] >= 32  # (whole pages of the first prompt)
+    assert out.token_ids == hf_greedy(hf, second, 8)
