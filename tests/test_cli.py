@@ -35,6 +35,7 @@ def test_generate_and_bad_model_path():
     assert tok.returncode == 2 and "error: tokenizer path '/no/tok' does not exist" in tok.stderr
 
 
+@pytest.mark.slow
 def test_the_router_and_the_parser_start_without_torch():
     """A router process relays HTTP: it never loads torch or the engine (seconds and hundreds of MB
     per process), nor does `--help` or a usage error."""
@@ -56,6 +57,7 @@ def test_the_router_and_the_parser_start_without_torch():
     assert proc.stdout.split("\n")[:2] == ["[]", "cachedattention.llm cachedattention.sampling"]
 
 
+@pytest.mark.slow
 def test_the_lazy_package_still_reaches_its_submodules_after_a_plain_import():
     """`import cachedattention` then `cachedattention.config...`, as when the package imported its
     submodules eagerly; nothing is imported for a name that is neither."""
@@ -90,6 +92,7 @@ def test_store_flags_reach_the_engine_config():
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.slow
 def test_a_cuda_benchmark_without_cuda_says_so_before_building_a_model():
     proc = subprocess.run([sys.executable, "-m", "cachedattention.cli", "bench", "--mode", "turn", "--device", "cuda",
                            "--random-shape", "llama3-8b"], capture_output=True, text=True, timeout=120)
@@ -181,6 +184,7 @@ def test_a_chat_turn_that_fails_or_is_stopped_is_left_out_and_the_chat_goes_on(c
     assert len(asked[-1]) == 3 and asked[-1][0] == "Hello" and asked[-1][2] == "And now?"  # the others left out
 
 
+@pytest.mark.slow
 def test_the_demo_plays_every_turn_and_removes_its_own_store(chat_model_dir, tmp_path, monkeypatch, capsys):
     import tempfile
 

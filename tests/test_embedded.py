@@ -38,6 +38,7 @@ def test_embedded_chat_text_and_stop_string(embedded_llm):
     assert cut.metrics.ttft_s > 0 and cut.metrics.prompt_tokens == len(embedded_llm.tokenizer.encode_chat(PROMPTS[0]))
 
 
+@pytest.mark.slow
 def test_a_gguf_file_loads_with_its_blocks_and_matches_the_converted_folder(embedded_llm):
     """LLM(model="x.gguf") parses the file once for config, weights and blocks; it decodes from the
     blocks and gives the converted folder's tokens."""
@@ -81,6 +82,7 @@ def test_a_folder_converted_before_the_blocks_gets_them_and_keeps_its_weights(tm
     assert _weights_id(old) == before == _weights_id(current)
 
 
+@pytest.mark.slow
 def test_a_damaged_blocks_file_in_the_cache_is_written_again(tmp_path, monkeypatch, caplog):
     """The converted folder is our own cache: a blocks file that cannot be read (a truncated write
     from outside, a bad disk) is rebuilt from the GGUF at the next load, and decoding reads blocks again."""

@@ -10,6 +10,7 @@ from cachedattention import LLM, SamplingParams
 from tests.gguf_files import rewritten_gguf, write_tiny_gguf, written_once
 from tests.util import assert_logits_match, capture_logits, rel_err
 
+pytestmark = pytest.mark.slow  # (writing, quantizing and loading a GGUF file per test: seconds each)
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
 

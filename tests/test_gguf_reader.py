@@ -41,6 +41,7 @@ def gguf_files(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FILES)
 def test_the_fast_reader_reads_what_gguf_s_reader_reads(gguf_files, name):
     import gguf
@@ -106,6 +107,7 @@ def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> None:
         assert a.render_chat(messages) == b.render_chat(messages)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3-q8", "gemma3-spm", "phi3-spm"])
 def test_a_gguf_tokenizer_from_the_cache_is_the_one_transformers_converts(gguf_files, name, tmp_path, monkeypatch):
     monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))

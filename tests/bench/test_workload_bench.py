@@ -178,6 +178,7 @@ def _free_port_server(model_dir: Path):
     importlib.util.find_spec("cachedattention.server.app") is None or importlib.util.find_spec("openai") is None,
     reason="needs cachedattention.server.app and the openai client",
 )
+@pytest.mark.slow
 def test_http_replay_against_a_real_server(tiny_chat_dir, tmp_path, capsys):
     server, thread, url = _free_port_server(tiny_chat_dir)
     try:
@@ -203,6 +204,7 @@ def test_http_replay_against_a_real_server(tiny_chat_dir, tmp_path, capsys):
     assert data["systems"][url]["hit_rate"] > 0  # the server's device prefix cache serves later turns
 
 
+@pytest.mark.slow
 def test_replicas_share_sessions_through_the_remote_tier(tiny_chat_dir, tmp_path, capsys):
     """Two replicas behind a load balancer that does not keep conversations on one replica: alone, a
     replica misses what the other served; with the remote tier, every later turn reuses its history."""

@@ -56,6 +56,7 @@ def _held_to(schema: dict, text: str, finish: str) -> None:
         jsonschema.validate(json.loads(text), schema)
 
 
+@pytest.mark.slow
 def test_response_format_json_schema_and_vllm_guided_json_over_http(server):
     """A close bias makes the random model end its integer (left alone it may write digits for ever)."""
     close = server.app.state.engine_loop.engine.tokenizer.encode("}")[0]

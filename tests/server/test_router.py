@@ -194,6 +194,7 @@ def _homed_on(router, url: str, n: int) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_the_router_command_relays_to_its_replicas_and_stops_on_sigterm(router, replicas, tmp_path):
     log = tmp_path / "router.log"
     cmd = [sys.executable, "-m", "cachedattention.cli", "router", "--port", "0",

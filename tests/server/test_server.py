@@ -561,6 +561,7 @@ def test_draining_refuses_new_requests_then_aborts_after_grace(chat_model_dir):
         s.stop()
 
 
+@pytest.mark.slow
 def test_requests_past_the_grace_are_told_they_were_aborted(chat_model_dir, tmp_path):
     """SIGTERM to `cachedattention serve` with requests that outlast --shutdown-grace-s: each is
     answered as aborted (503 `request_aborted`; a stream's error event, then [DONE]). Before, uvicorn
@@ -648,6 +649,7 @@ def sigterm_run(chat_model_dir, tmp_path_factory):
     return dict(tmp=tmp, flags=store_flags, first=first, events=events, rc=rc, took=took, log=srv.log)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_and_exits_zero(sigterm_run):
     r = sigterm_run
     assert r["rc"] == 0, r["log"].read_text()[-3000:]
@@ -659,6 +661,7 @@ def test_sigterm_finishes_in_flight_and_exits_zero(sigterm_run):
 
 
 @needs_store
+@pytest.mark.slow
 def test_restart_on_same_store_dir_reuses_the_session(sigterm_run, chat_model_dir, reference):
     r = sigterm_run
     srv = launch_cli_server(chat_model_dir, r["tmp"] / "server2.log", *r["flags"], "--api-key", "x")  # client() sends "x"

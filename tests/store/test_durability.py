@@ -155,6 +155,7 @@ print("cached", out.metrics.cached_tokens["host"], flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_script_that_never_closes_exits_cleanly_and_keeps_its_sessions(tiny_dirs, tmp_path):
     path, _ = tiny_dirs["llama"]
     store = tmp_path / "st"

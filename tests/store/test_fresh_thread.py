@@ -60,6 +60,7 @@ def test_returns_the_value_and_reraises_the_error():
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2,
                     reason="needs Linux /proc and a multi-threaded PyTorch")
+@pytest.mark.slow
 def test_no_openmp_team_outlives_the_job():
     out = subprocess.run([sys.executable, "-c", _CHECK], capture_output=True, text=True, timeout=120, check=True)
     before, after_fresh, with_live_worker = map(int, out.stdout.split())

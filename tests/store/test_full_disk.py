@@ -77,6 +77,7 @@ def _files_match_rows(store) -> bool:
     return rows == {p.stem for p in (store / "segments").glob("*.kv")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("host_bytes", [8 << 20, 70_000])  # roomy; or so small that it demotes while full
 def test_a_full_disk_loses_no_answer(host_bytes, tiny_dirs, tmp_path):
     path, _ = tiny_dirs["llama"]

@@ -41,6 +41,7 @@ def test_a_second_disk_tier_in_this_process_is_refused_until_the_first_closes(tm
     second.close()
 
 
+@pytest.mark.slow
 def test_another_process_holding_the_folder_is_named_and_its_death_frees_it(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(tmp_path)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
