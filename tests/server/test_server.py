@@ -219,7 +219,10 @@ def test_stop_string_streams_and_cuts_the_same(server):
 
 # -- concurrency and disconnects ------------------------------------------------------------------------
 def test_eight_concurrent_sessions_are_unmixed(server, reference):
-    topics = ["apples", "rivers", "robots", "violins", "deserts", "comets", "bridges", "owls"]
+    # (batches form as requests arrive, and a batch's sums differ from one request's in the last bits:
+    # topics whose greedy answers have no near-tie, the top two logprobs at least 2e-3 apart at every
+    # step; "owls" and "violins" had 2.4e-4 and 8e-4)
+    topics = ["apples", "rivers", "robots", "castles", "deserts", "comets", "bridges", "oceans"]
     convs = [[f"Tell me about {t}.", f"Why do people like {t}?"] for t in topics]
     expected = [reference_conversation(reference, qs) for qs in convs]
     assert len({tuple(e) for e in expected}) == len(convs)  # distinct answers, so a mix-up would show
