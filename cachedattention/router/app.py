@@ -235,6 +235,7 @@ class Router:
                     self.metrics.failovers.labels(url).inc()
                 continue
             self._mark(url, True)  # (one marked down that answers is up again)
+            self.slow_probes[url] = 0  # (and its slow health probes are no longer in a row)
             self.metrics.routed.labels(url, placed_by).inc()
             if after is not None and upstream.status_code < 400:
                 after(url)
