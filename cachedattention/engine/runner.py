@@ -19,6 +19,7 @@ from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, PagedDecode, SeqSlice, window_blocks
 from cachedattention.model.fused_decode import FusedDecode
 from cachedattention.model.llama import LlamaForCausalLM
+from cachedattention.model.plain_attention import bottom_right_mask
 from cachedattention.model.split_attention import split_applies
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class ModelRunner:
         """
         if self.device.type != "cpu" or context == 0 or num_new == 1:
             return None
-        return torch.ones(num_new, context + num_new, dtype=torch.bool).tril(context)
+        return bottom_right_mask(num_new, context + num_new, self.device)
 
     def _window_blocks(self, num_new: int, context: int) -> list | None:
         """A prompt (chunk) whose context the sliding window cuts, in blocks of rows over the keys

@@ -27,7 +27,7 @@ from cachedattention.model.layers import (
     SparseMoE,
     make_norm,
 )
-from cachedattention.model.plain_attention import plain_attention
+from cachedattention.model.plain_attention import bottom_right_mask, plain_attention
 from cachedattention.model.rope import RotaryEmbedding, apply_rotary
 from cachedattention.model.spec import ModelSpec
 from cachedattention.model.split_attention import attend_history_then_new
@@ -154,7 +154,7 @@ def bottom_right_causal(n: int, total: int, device: torch.device):
         from torch.nn.attention.bias import causal_lower_right
 
         return causal_lower_right(n, total)
-    return torch.ones(n, total, dtype=torch.bool, device=device).tril_(total - n)
+    return bottom_right_mask(n, total, device)
 
 
 def _attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None, causal: bool,

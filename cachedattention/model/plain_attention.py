@@ -25,13 +25,18 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     n, length = q.shape[-2], k.shape[-2]
     if causal or _is_causal_bias(mask):
-        mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril_(length - n)
+        mask = bottom_right_mask(n, length, q.device)
     rows = max(1, SCORE_BYTES // (4 * length * q[..., :1, :1].numel()))
     if n <= rows:
         return _attend_rows(q, k, v, mask, cap, sinks)
     blocks = [_attend_rows(q[..., i : i + rows, :], k, v, _rows(mask, i, rows, n), cap, _rows(sinks, i, rows, n))
               for i in range(0, n, rows)]  # fmt: skip
     return torch.cat(blocks, dim=-2)
+
+
+def bottom_right_mask(n: int, length: int, device: torch.device) -> torch.Tensor:
+    """n queries at the end of `length` keys, query i at length - n + i: True where it may attend."""
+    return torch.ones(n, length, dtype=torch.bool, device=device).tril_(length - n)
 
 
 def _is_causal_bias(mask: object) -> bool:
