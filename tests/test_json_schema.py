@@ -507,3 +507,41 @@ def test_max_properties_leaves_room_for_the_required_ones():
     state = automaton.advance(automaton.start, b'{"x": 1, "')
     assert [chr(b) for b in range(256) if automaton.step(state, b) is not None] == ["r"]
     assert not _complete(automaton, b"{}") and automaton.advance(automaton.start, b'{"r": 1, "x": 2, "') is None
+
+
+@pytest.mark.parametrize("form", ["object", "integer", "person", "regex"])
+def test_the_vocabulary_walk_finds_the_tokens_each_one_tried_alone_finds(embedded_llm, form):
+    """Where none of the likeliest tokens fits, the guided mask looks through the whole vocabulary by
+    walking its tokens in byte order: at every state of random guided answers (whitespace runs
+    included) it finds exactly the tokens that trying each one's bytes finds."""
+    from cachedattention.engine.json_schema import JSON_OBJECT
+    from cachedattention.engine.regex import regex_automaton
+
+    tok = embedded_llm.tokenizer
+    automaton = {"object": JSON_OBJECT, "integer": schema_automaton({"type": "integer"}),
+                 "person": schema_automaton(PERSON), "regex": regex_automaton(r"[a-z ]{2,9}-\d+( ok)?")}[form]  # fmt: skip
+    groups = tok.tokens_by_first_byte()
+    g = torch.Generator().manual_seed(len(form))
+    checked = 0
+    for _ in range(2):
+        rule = GuidedConstraint(automaton, tok.token_bytes, tok.is_special, [tok.eos_token_id], tok.tokens_by_first_byte)
+        for _ in range(6):
+            firsts = [b for b in range(256) if automaton.step(rule.state, b) is not None]
+            rule._recall()  # (what _fits remembers is the current state's, as when the mask asks)
+            tried = {t for b in firsts for t in groups.get(b, ()) if rule._fits(t, False)}
+            assert rule._fitting(groups, firsts) == tried
+            checked += len(tried)
+            allowed = rule.mask(torch.randn(len(tok.hf), generator=g)).isfinite().nonzero().flatten()
+            if rule.done or not len(allowed):
+                break
+            rule.accept(int(allowed[torch.randint(len(allowed), (1,), generator=g)]))
+    assert checked > 100
+    if form == "object":  # near the whitespace limit: whitespace-only tokens, and only they, run out
+        rule = GuidedConstraint(automaton, tok.token_bytes, tok.is_special, [tok.eos_token_id], tok.tokens_by_first_byte)
+        for t in tok.encode("{") + tok.encode("  ") * 10:
+            rule.accept(t)
+        assert rule._whitespace >= 20
+        firsts = [b for b in range(256) if automaton.step(rule.state, b) is not None]
+        rule._recall()
+        tried = {t for b in firsts for t in groups.get(b, ()) if rule._fits(t, False)}
+        assert rule._fitting(groups, firsts) == tried and any(tok.token_bytes(t)[:1] == b" " for t in tried)
