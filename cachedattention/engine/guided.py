@@ -96,8 +96,8 @@ class GuidedConstraint:
         data = self._bytes(token)
         if not data:
             return False
-        if (self._whitespace + len(data) > (self.automaton.max_whitespace or 0) and all(b in WHITESPACE for b in data)
-                and self.automaton.counts_whitespace(self.state)):  # fmt: skip
+        room = self._whitespace_room()
+        if room is not None and len(data) > room and all(b in WHITESPACE for b in data):
             return False
         fits = self._known.get(token)
         if fits is None:
@@ -105,6 +105,13 @@ class GuidedConstraint:
             if remember:  # (not the fallback's scans of the vocabulary: memory)
                 self._known[token] = fits
         return fits
+
+    def _whitespace_room(self) -> int | None:
+        """Whitespace bytes that may still come in a row here (None: not counted, as inside a string):
+        a whitespace-only token longer than this is refused (no endless padding)."""
+        if not self.automaton.counts_whitespace(self.state):
+            return None
+        return (self.automaton.max_whitespace or 0) - self._whitespace
 
     def _recall(self) -> None:
         """Point _known at what is known about the tokens in the current state."""
@@ -172,15 +179,14 @@ class GuidedConstraint:
         found by walking each group's tokens in byte order: a byte the automaton refuses drops every
         token that goes on from it at once (after a space, tens of thousands), where trying each
         token stepped through its bytes (60 ms a step for a 49k vocabulary)."""
-        limit = self.automaton.max_whitespace or 0
-        counted = self.automaton.counts_whitespace(self.state)
+        room = self._whitespace_room()
         out: set[int] = set()
 
         def walk(keys: list[bytes], ids: list[int], lo: int, hi: int, depth: int, state: Any, blank: bool) -> None:
             # keys[lo:hi] share their first `depth` bytes, after which the automaton is at `state`;
             # `blank`: those bytes are all whitespace
             while lo < hi and len(keys[lo]) == depth:  # (the tokens that end here sort first)
-                if not (blank and counted and self._whitespace + depth > limit):
+                if not (blank and room is not None and depth > room):
                     out.add(ids[lo])
                 lo += 1
             while lo < hi:
