@@ -23,7 +23,12 @@ DEMO_TURNS = [  # answered coherently by the 135M model under greedy decoding (s
 
 
 def _llm(args: argparse.Namespace) -> LLM:
-    return LLM.from_config(engine_config(args))
+    from cachedattention.model.embedded import embedded_model_converted
+
+    config = engine_config(args)
+    if config.model is None and not embedded_model_converted():  # (else half a minute of silence)
+        print("first run: converting the embedded model (once, about half a minute)...", file=sys.stderr, flush=True)
+    return LLM.from_config(config)
 
 
 def turn_line(out: RequestOutput) -> str:

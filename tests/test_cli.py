@@ -136,6 +136,27 @@ def test_ctrl_c_while_the_model_loads_ends_quietly_with_130(monkeypatch, capsys)
     assert capsys.readouterr().err == "interrupted\n"
 
 
+def test_a_first_run_says_that_it_converts_the_embedded_model(tmp_path, monkeypatch, capsys):
+    """The first use of the embedded model converts it (half a minute on 2 cores): the terminal
+    commands say so before that silence; later runs, and other models, say nothing."""
+    from cachedattention import terminal
+    from cachedattention.cli import build_parser
+    from cachedattention.model import embedded
+
+    embedded.embedded_model_dir()  # (the test session's cache home holds it converted)
+    assert embedded.embedded_model_converted()
+    monkeypatch.setattr(terminal.LLM, "from_config", lambda config: config)  # (not the conversion itself)
+    for argv in (["demo"], ["generate", "--prompt", "hi", "some/model"]):
+        terminal._llm(build_parser().parse_args(argv))
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))  # a fresh machine's
+    assert not embedded.embedded_model_converted()
+    terminal._llm(build_parser().parse_args(["demo"]))
+    assert "converting the embedded model" in capsys.readouterr().err
+    terminal._llm(build_parser().parse_args(["generate", "--prompt", "hi", "some/model"]))
+    assert capsys.readouterr().err == ""
+
+
 def test_generate_honours_the_generation_config_override(chat_model_dir, capsys):
     """--override-generation-config was accepted by generate and chat, and ignored."""
     from cachedattention.cli import main

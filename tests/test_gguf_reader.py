@@ -110,15 +110,19 @@ def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3-q8", "gemma3-spm", "phi3-spm"])
 def test_a_gguf_tokenizer_from_the_cache_is_the_one_transformers_converts(gguf_files, name, tmp_path, monkeypatch):
+    import cachedattention.model.gguf_tokenizer as gguf_tokenizer_module
+
     monkeypatch.setenv("CACHEDATTENTION_HOME", str(tmp_path))
     path = gguf_files[name]
     direct = Tokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    conversions = []  # (transformers' conversion of a 150,000-token vocabulary takes seconds: once here)
+    monkeypatch.setattr(gguf_tokenizer_module, "_converted", lambda p: conversions.append(p) or direct)
     first = gguf_tokenizer(path)  # converted and saved
+    assert conversions == [path] and first is direct
     folder = tmp_path / CACHE_FOLDER / tokenizer_key(FastGGUFReader(path))
     assert (folder / "converted").is_file()
     second = gguf_tokenizer(path)  # from the cache folder
-    assert second.hf.name_or_path == str(folder)
-    _same_tokenizer(direct, first)
+    assert second.hf.name_or_path == str(folder) and conversions == [path]
     _same_tokenizer(direct, second)
 
 

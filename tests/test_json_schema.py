@@ -523,7 +523,7 @@ def test_the_vocabulary_walk_finds_the_tokens_each_one_tried_alone_finds(embedde
     groups = tok.tokens_by_first_byte()
     g = torch.Generator().manual_seed(len(form))
     checked = 0
-    for _ in range(2):
+    for _ in range(1 if form == "object" else 2):  # (an object's states let most of the vocabulary through: seconds each)
         rule = GuidedConstraint(automaton, tok.token_bytes, tok.is_special, [tok.eos_token_id], tok.tokens_by_first_byte)
         for _ in range(6):
             firsts = [b for b in range(256) if automaton.step(rule.state, b) is not None]

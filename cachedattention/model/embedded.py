@@ -38,12 +38,27 @@ def embedded_model_dir() -> Path:
     """A Hugging Face style folder with the dequantized weights, the linear layers' GGUF blocks and the
     tokenizer, built on first use."""
     gguf = embedded_gguf_path()
-    target = cache_home() / f"{CONVERTED_NAME}-{gguf.stat().st_size}"
+    target = _converted_dir(gguf)
     if not (target / "model.safetensors").exists():
+        log.info("first use: converting the embedded model into %s (once)", target)
         _convert(gguf, target)
     elif not (target / BLOCKS_FILE).exists():
         _add_blocks(gguf, target)  # a folder converted before the blocks were kept
     return target
+
+
+def embedded_model_converted() -> bool:
+    """Whether the embedded model's folder is whole (its first use converts it: about half a minute
+    on 2 cores, the tokenizer's conversion by transformers most of it); True where it is not installed."""
+    try:
+        target = _converted_dir(embedded_gguf_path())
+    except ValueError:  # (not installed: loading it says so)
+        return True
+    return (target / "model.safetensors").exists() and (target / BLOCKS_FILE).exists()
+
+
+def _converted_dir(gguf: Path) -> Path:
+    return cache_home() / f"{CONVERTED_NAME}-{gguf.stat().st_size}"
 
 
 def rewrite_embedded_blocks(target: Path) -> None:
