@@ -6,6 +6,7 @@ tensors), a Llama-3 scaled model's `rope_freqs` divisors, and the embedded model
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Callable, Collection
@@ -125,6 +126,43 @@ def _merged(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+class _PackedOnce(list):
+    """One of the embedded vocabulary's arrays (its 49,152 tokens, their types, its merges): gguf's
+    writer packs it value by value, a second for the three each time; `_Writer` keeps its bytes."""
+
+    def __init__(self, values) -> None:
+        super().__init__(values)
+        self.packed: dict[tuple, bytes] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_vocabulary() -> dict[str, object]:
+    from cachedattention.model.embedded import embedded_gguf_path
+    from cachedattention.model.gguf_reader import FastGGUFReader
+
+    src = FastGGUFReader(embedded_gguf_path())  # (gguf's own reader takes 4 s over this vocabulary)
+    return {key: (_PackedOnce(field.value) if isinstance(field.value, list) else field.value)
+            for key, field in src.fields.items() if key.startswith("tokenizer.ggml.")}  # fmt: skip
+
+
+def _writer_class():
+    import gguf
+
+    class _Writer(gguf.GGUFWriter):
+        """gguf's writer, packing each `_PackedOnce` array once per process: the same bytes every time
+        (were `_pack_val` renamed in gguf, this is never called and the writer packs as before)."""
+
+        def _pack_val(self, val, *args, **kwargs):
+            if not isinstance(val, _PackedOnce):
+                return super()._pack_val(val, *args, **kwargs)
+            key = (args, tuple(sorted(kwargs.items())))
+            if key not in val.packed:
+                val.packed[key] = bytes(super()._pack_val(list(val), *args, **kwargs))
+            return val.packed[key]
+
+    return _Writer
+
+
 def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None, sentencepiece: bool = False,
                     **overrides):
     """Write `folder/model.gguf` of a tiny random `kind` model (llama, llama-linear, qwen2, qwen3,
@@ -140,8 +178,6 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     import gguf
     from gguf.quants import quantize
 
-    from cachedattention.model.embedded import embedded_gguf_path
-    from cachedattention.model.gguf_reader import FastGGUFReader
 
     arch = _arch(kind)
     base = kind.removesuffix("-27b-layers").removesuffix("-full")
@@ -155,7 +191,7 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
     rope = dict(rope.get("full_attention", rope))  # Gemma 3's by layer type: the full layers' is the model's
     theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w = gguf.GGUFWriter(str(folder / "model.gguf"), arch)
+    w = _writer_class()(str(folder / "model.gguf"), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -203,12 +239,12 @@ def write_tiny_gguf(kind: str, folder: Path, types: dict[str, str] | None = None
         w.add_add_bos_token(True)
         w.add_chat_template(_SPM_TEMPLATES[arch])
     else:
-        src = FastGGUFReader(embedded_gguf_path())  # (gguf's own reader takes 4 s over this vocabulary)
+        vocabulary = _embedded_vocabulary()
         for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
-            w.add_string(key, src.fields[key].contents())
-        w.add_token_list(src.fields["tokenizer.ggml.tokens"].contents())
-        w.add_token_types(src.fields["tokenizer.ggml.token_type"].contents())
-        w.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
+            w.add_string(key, vocabulary[key])
+        w.add_token_list(vocabulary["tokenizer.ggml.tokens"])
+        w.add_token_types(vocabulary["tokenizer.ggml.token_type"])
+        w.add_token_merges(vocabulary["tokenizer.ggml.merges"])
         w.add_bos_token_id(1)
         w.add_eos_token_id(2)
     if rope.get("rope_type") == "llama3":

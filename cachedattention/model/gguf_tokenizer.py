@@ -45,11 +45,13 @@ def tokenizer_key(reader: FastGGUFReader) -> str:
     return digest.hexdigest()[:32]
 
 
-def gguf_tokenizer(path: Path) -> Tokenizer:
+def gguf_tokenizer(path: Path, reader=None) -> Tokenizer:
     """The file's tokenizer: from the cache folder when it was converted before, else converted by
-    transformers and saved there (a cache that cannot be written is only logged)."""
+    transformers and saved there (a cache that cannot be written is only logged). `reader`: the
+    file's, already open (gguf's own reader, taken for a big-endian file, is not this one's)."""
     try:
-        folder = cache_home() / CACHE_FOLDER / tokenizer_key(FastGGUFReader(path))
+        reader = reader if isinstance(reader, FastGGUFReader) else FastGGUFReader(path)
+        folder = cache_home() / CACHE_FOLDER / tokenizer_key(reader)
     except ValueError:  # (a big-endian file, or a damaged one: transformers says what it makes of it)
         return _converted(path)
     if _done(folder):

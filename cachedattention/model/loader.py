@@ -85,6 +85,7 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         del read  # (the weights replaced at load: not held twice while the model is built)
         blocks = lambda: quantized  # noqa: E731
     else:
+        reader = None
         config = _read_config(path)
         spec = spec_from_hf_config(config)
         if check_spec is not None:
@@ -94,7 +95,8 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
     # another's (--tokenizer), else its own: one loader for both; a folder may have none (ids only)
     no_tokenizer = tokenizer is None and path.is_dir() and not _has_tokenizer(path)
-    tok = None if no_tokenizer else load_tokenizer(tokenizer or str(path), spec.vocab_size)
+    own_file = reader if tokenizer is None else None  # (its metadata read once: 150,000 tokens' take a second)
+    tok = None if no_tokenizer else load_tokenizer(tokenizer or str(path), spec.vocab_size, own_file)
     model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
     del state  # (the model holds its weights: one it replaces below is then freed at once)
     cpu_float32 = torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32
@@ -107,16 +109,17 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
     return LoadedModel(model, spec, tok, model_id_of_snapshot(path) or path.name, weights_id(path))
 
 
-def load_tokenizer(source: str, vocab_size: int) -> Tokenizer:
+def load_tokenizer(source: str, vocab_size: int, gguf_reader=None) -> Tokenizer:
     """The tokenizer of a Hugging Face folder or a GGUF file, for a model of `vocab_size` tokens (one
     with more is served with a warning: each request's ids are checked against the vocabulary). A
-    Hugging Face model id that is no path reads its snapshot in the local hub cache."""
+    Hugging Face model id that is no path reads its snapshot in the local hub cache. `gguf_reader`:
+    the GGUF file's, already open."""
     path = existing_local_path(source, "tokenizer")
     try:
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ValueError("a file must be a .gguf")
-            tok = gguf_tokenizer(path)  # converted once, then from the cache folder
+            tok = gguf_tokenizer(path, gguf_reader)  # converted once, then from the cache folder
         else:
             if not _has_tokenizer(path):
                 raise ValueError("the folder has no tokenizer.json, tokenizer.model or tokenizer_config.json")
