@@ -251,6 +251,12 @@ def test_chat_takes_openai_content_parts_and_the_developer_role_as_the_server_do
     with pytest.raises(InvalidRequest, match=r"conversation 1: messages\[0\].content\[0\]: only text parts are supported .text., got .image_url.") as e:
         chat.chat([plain, image], GREEDY)
     assert e.value.param == "messages[0].content[0]"
+    # a text part without a string text named as that (the input audit: it said "only text parts are
+    # supported (text), got 'text'")
+    for text in (None, 5, ["x"]):
+        with pytest.raises(InvalidRequest, match=r"messages\[0\].content\[1\].text must be a string, got ") as e:
+            chat.chat([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": text}]}])
+        assert e.value.param == "messages[0].content[1].text"
     assert not chat.engine.has_unfinished()
 
 
