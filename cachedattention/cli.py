@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from cachedattention.cli_config import ConfigFileParser
-from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS
+from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS, name, text
 from cachedattention.cli_vllm import DTYPES as DTYPE_CHOICES
 from cachedattention.cli_vllm import add_vllm_engine_args, add_vllm_server_args, dtype_name, model_arg
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
@@ -176,15 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="complete one prompt")
     add_engine_args(gen)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", type=text, required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message")
     add_sampling_args(gen, max_tokens=64)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
     add_engine_args(chat)
     add_sampling_args(chat, max_tokens=128)
-    chat.add_argument("--system", default=None)
-    chat.add_argument("--session-id", default="terminal")
+    chat.add_argument("--system", type=text, default=None)
+    chat.add_argument("--session-id", type=name, default="terminal")
 
     demo = sub.add_parser("demo", help="scripted multi-turn chat on the embedded model, with per-turn reuse")
     add_engine_args(demo)

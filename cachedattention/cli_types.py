@@ -35,3 +35,19 @@ def lengths(text: str) -> str:
     for part in text.split(","):
         POSITIVE(part.strip())
     return text
+
+
+def text(value: str) -> str:
+    """Text the tokenizer can take: argv bytes that are not UTF-8 arrive as lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("the text is not valid UTF-8") from None
+    return value
+
+
+def name(value: str) -> str:
+    """A non-empty name (a session id): an empty one would fail every turn after the model loaded."""
+    if not value:
+        raise argparse.ArgumentTypeError("a non-empty name was expected")
+    return text(value)

@@ -32,6 +32,11 @@ STRUCTURED_UNSUPPORTED = ("structural_tag", "whitespace_pattern", "disable_any_w
 NO_STRUCTURED_CONSTRAINT = ("You must use one kind of structured outputs constraint but none are specified "
                             f"(one of {', '.join(STRUCTURED_FIELDS)})")  # fmt: skip
 GUIDED_FIELDS = ("json_object", "json_schema", "choice", "regex", "grammar", "tool_call_names")  # at most one per request
+# most choices (n) of one prompt: each is an engine request, all added before the first step, so
+# n=10**30 (a typo, a wrong field) would fill memory for hours instead of failing
+MAX_N = 1 << 16
+# the float fields, kept as floats: an int past int64 (temperature=10**30) is no scalar torch takes
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)
@@ -138,8 +143,8 @@ class SamplingParams:
         object.__setattr__(self, "tool_call_parameters", tuple(_schema_text(p) or "" for p in self.tool_call_parameters))
         self._read_structured_outputs()
         object.__setattr__(self, "json_schema", _schema_text(self.json_schema))
-        if not is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1 (completions of the prompt), got {self.n!r}")
+        if not is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}] (completions of the prompt), got {self.n!r}")
         if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens <= 0):
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r} (or None: to the window's end)")
         if not (is_number(self.temperature) and self.temperature >= 0):
@@ -164,6 +169,8 @@ class SamplingParams:
             raise ValueError(f"extra_args must be a dict, got {type(self.extra_args).__name__}")
         self._check_guided()
         self._check_adjustments()
+        for name in FLOAT_FIELDS:  # (each checked above: a finite number)
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     def clone(self) -> SamplingParams:
         """A copy (vLLM's clone; these params are frozen, so a copy is only for code written for vLLM)."""
@@ -196,7 +203,7 @@ class SamplingParams:
     def _check_guided(self) -> None:
         if not all(isinstance(n, str) and n for n in self.tool_call_names):
             raise ValueError("tool_call_names must be non-empty function names")
-        if self.tool_call_format not in CALL_FORMS:
+        if not isinstance(self.tool_call_format, str) or self.tool_call_format not in CALL_FORMS:
             raise ValueError(f"tool_call_format must be one of {', '.join(CALL_FORMS)}, got {self.tool_call_format!r}")
         if self.tool_call_parameters and len(self.tool_call_parameters) != len(self.tool_call_names):
             raise ValueError("tool_call_parameters must hold one schema per name in tool_call_names (or none)")

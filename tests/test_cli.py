@@ -263,6 +263,10 @@ def test_numeric_flags_out_of_range_are_usage_errors_before_any_model_loads(argv
     (["chat", "--top-p", "2"], r"top_p must be a number in \(0, 1\], got 2.0"),
     (["generate", "--prompt", "hi", "--temperature", "nan"], "temperature must be a number >= 0, got nan"),
     (["demo", "--max-tokens", "0"], "--max-tokens: an integer >= 1 was expected, got 0"),
+    # found by the input audit: these failed every chat turn after the model loaded, the chat going on
+    (["chat", "--session-id", ""], "--session-id: a non-empty name was expected"),
+    (["chat", "--system", "\udcff"], "--system: the text is not valid UTF-8"),  # (argv bytes that are not UTF-8)
+    (["generate", "--prompt", "\udcff"], "--prompt: the text is not valid UTF-8"),
 ])  # fmt: skip
 def test_sampling_flags_out_of_range_are_usage_errors_before_any_model_loads(argv, says, capsys, monkeypatch):
     from cachedattention import terminal

@@ -72,10 +72,23 @@ def test_two_turns_of_one_session_at_once_are_refused(llm):
     ({"logit_bias": 5}, "logit_bias must map token ids"), ({"bad_words_ids": [5]}, "bad_words_ids must be lists"),
     ({"max_tokens": True}, "max_tokens"), ({"top_k": True}, "top_k"), ({"ignore_eos": "no"}, "ignore_eos must be true or false"),
     ({"json_object": 1}, "json_object must be true or false"), ({"skip_special_tokens": None}, "skip_special_tokens"),
+    # found by the input audit: n=10**30 was taken, and LLM.generate then added requests until memory ran
+    # out; a list as tool_call_format was a TypeError (unhashable), not a ValueError naming it
+    ({"n": 10**30}, r"n must be an integer in \[1, 65536\]"), ({"tool_call_format": ["hermes"]}, "tool_call_format must be"),
 ])  # fmt: skip
 def test_sampling_params_of_the_wrong_type_are_refused_naming_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("field", ["temperature", "repetition_penalty"])
+def test_a_huge_integer_for_a_float_field_samples_as_its_float(field, llm):
+    """Found by the input audit: temperature=10**30 (an int past int64) was taken, then failed in the
+    sampler (torch cannot take it as a scalar), the request ending with finish reason error."""
+    params = SamplingParams(max_tokens=4, seed=3, ignore_eos=True, **{field: 10**30})
+    assert isinstance(getattr(params, field), float)
+    assert llm.generate(IDS, params)[0].finish_reason == "length"
+    _healthy(llm)
 
 
 def test_sampling_params_take_none_for_a_list_and_deep_schemas_are_a_clear_error():
@@ -152,6 +165,13 @@ def test_vllm_engine_arguments_and_store_options_are_honoured(tiny_dirs, tmp_pat
     assert (c.cache.enable_prefix_cache, c.cache.page_size, c.scheduler.max_num_seqs) == (True, 8, 16)
     assert (c.scheduler.policy, c.scheduler.long_prefill_token_threshold) == ("priority", 32)
     assert vllm_defaults.engine.store is None  # (a store option left at None turns nothing on)
+
+
+def test_a_page_larger_than_half_the_pool_s_budget_is_refused(tiny_dirs):
+    """Found by the input audit: --page-size 100000000 allocated two such pages whatever the budget,
+    a RuntimeError (can't allocate memory) and a traceback from the command line."""
+    with pytest.raises(ValueError, match=r"a KV page of 1000000000 tokens \(page_size, --page-size or --block-size\)"):
+        LLM(model=str(tiny_dirs["llama"][0]), page_size=10**9)
 
 
 def test_a_pool_smaller_than_the_window_is_refused_unless_the_window_fits(tiny_dirs):
@@ -231,6 +251,12 @@ def test_chat_takes_openai_content_parts_and_the_developer_role_as_the_server_do
     with pytest.raises(InvalidRequest, match=r"conversation 1: messages\[0\].content\[0\]: only text parts are supported .text., got .image_url.") as e:
         chat.chat([plain, image], GREEDY)
     assert e.value.param == "messages[0].content[0]"
+    # a text part without a string text named as that (the input audit: it said "only text parts are
+    # supported (text), got 'text'")
+    for text in (None, 5, ["x"]):
+        with pytest.raises(InvalidRequest, match=r"messages\[0\].content\[1\].text must be a string, got ") as e:
+            chat.chat([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": text}]}])
+        assert e.value.param == "messages[0].content[1].text"
     assert not chat.engine.has_unfinished()
 
 
@@ -330,7 +356,7 @@ def test_vllm_s_quickstart_reads_outputs_and_n_gives_that_many_completions(llm, 
         llm.generate(IDS, sampled, session_id="s")
     with pytest.raises(InvalidRequest, match="an engine request is one completion"):
         llm.engine.add_request(IDS, sampled)
-    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+    with pytest.raises(ValueError, match="n must be an integer in"):
         SamplingParams(n=0)
     rendered = chat.chat([{"role": "user", "content": "Hi"}], GREEDY)[0]
     assert rendered.prompt == chat.tokenizer.decode(rendered.prompt_token_ids, skip_special_tokens=False)

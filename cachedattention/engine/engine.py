@@ -175,8 +175,19 @@ class LLMEngine:
     def _make_pool(self) -> KVPool:
         c = self.config.cache
         elt = torch.tensor([], dtype=self.dtype).element_size()
-        num_pages = c.num_pages or KVPool.pages_for_budget(self.spec, c.page_size, self._pool_budget(elt), elt)
+        num_pages = c.num_pages or self._budget_pages(elt)
         return KVPool(self.spec, num_pages, c.page_size, self.device, self.dtype)
+
+    def _budget_pages(self, elt: int) -> int:
+        """The pages the pool's budget holds; at least two, so a budget that holds fewer is refused
+        (else a page size of 10**8 would allocate two such pages, whatever the budget)."""
+        budget, page_size = self._pool_budget(elt), self.config.cache.page_size
+        page_bytes = self.spec.kv_bytes_per_token(elt) * page_size
+        if budget < 2 * page_bytes:
+            raise ValueError(f"a KV page of {page_size} tokens (page_size, --page-size or --block-size) takes "
+                             f"{page_bytes} bytes, more than half the KV pool's {budget} bytes: lower the page size, or "
+                             "give the pool more memory (kv_pool_bytes, --kv-pool-bytes)")  # fmt: skip
+        return KVPool.pages_for_budget(self.spec, page_size, budget, elt)
 
     def _fit_window_to_pool(self) -> None:
         """A request as long as the window must fit in the pool, or it would wait for pages for ever.

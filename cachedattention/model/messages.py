@@ -33,11 +33,14 @@ def joined_text_parts(content: Any, param: str, part_types: tuple[str, ...] = ("
         return content
     texts = []
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in part_types or not isinstance(part.get("text"), str):
+        if not isinstance(part, dict) or part.get("type") not in part_types:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise InvalidRequest(
                 f"{param}[{j}]: only text parts are supported ({', '.join(part_types)}), got {kind!r}", f"{param}[{j}]"
             )
+        if not isinstance(part.get("text"), str):  # (a text part without its text is no other kind of part)
+            raise InvalidRequest(f"{param}[{j}].text must be a string, got {type(part.get('text')).__name__}",
+                                 f"{param}[{j}].text")  # fmt: skip
         texts.append(part["text"])
     return "\n".join(texts)
 
