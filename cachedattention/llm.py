@@ -138,10 +138,12 @@ def _priorities(priority: Sequence[int] | None, n: int) -> list[int]:
 
 def _progress_bar(use_tqdm: bool | Callable[..., Any], total: int) -> Any:
     """vLLM's progress bar over the prompts (tqdm, or the tqdm-like class given), or None."""
-    if not use_tqdm:
+    if use_tqdm is False or use_tqdm is None:
         return None
     if use_tqdm is True:
         from tqdm.auto import tqdm as use_tqdm
+    elif not callable(use_tqdm):
+        raise ValueError(f"use_tqdm must be true, false or a tqdm-like class, got {use_tqdm!r}")
     return use_tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
 
 

@@ -167,11 +167,14 @@ def test_vllm_engine_arguments_and_store_options_are_honoured(tiny_dirs, tmp_pat
     assert vllm_defaults.engine.store is None  # (a store option left at None turns nothing on)
 
 
-def test_a_page_larger_than_half_the_pool_s_budget_is_refused(tiny_dirs):
+def test_a_page_larger_than_half_the_pool_s_budget_or_a_pool_past_memory_is_refused(tiny_dirs):
     """Found by the input audit: --page-size 100000000 allocated two such pages whatever the budget,
     a RuntimeError (can't allocate memory) and a traceback from the command line."""
     with pytest.raises(ValueError, match=r"a KV page of 1000000000 tokens \(page_size, --page-size or --block-size\)"):
         LLM(model=str(tiny_dirs["llama"][0]), page_size=10**9)
+    # and a pool of more pages than the machine can hold: a ValueError saying what to lower, not torch's RuntimeError
+    with pytest.raises(ValueError, match=r"the KV pool of 1000000000000 pages .* cannot be allocated on cpu: lower num_pages"):
+        LLM(model=str(tiny_dirs["llama"][0]), cache=CacheConfig(num_pages=10**12))
 
 
 def test_a_pool_smaller_than_the_window_is_refused_unless_the_window_fits(tiny_dirs):

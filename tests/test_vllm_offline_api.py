@@ -68,6 +68,9 @@ def test_a_progress_bar_counts_the_prompts_or_none(llm):
     llm.generate(IDS, GREEDY, use_tqdm=False)
     llm.chat(HI, GREEDY, use_tqdm=Bar)
     assert len(Bar.made) == 2 and Bar.made[1].done == 1
+    with pytest.raises(ValueError, match="use_tqdm must be"):  # (was a TypeError: 'str' object is not callable)
+        llm.chat(HI, GREEDY, use_tqdm="x")
+    assert not llm.engine.has_unfinished()
 
 
 def test_vllms_third_positional_argument_is_use_tqdm(llm, capsys):

@@ -176,7 +176,15 @@ class LLMEngine:
         c = self.config.cache
         elt = torch.tensor([], dtype=self.dtype).element_size()
         num_pages = c.num_pages or self._budget_pages(elt)
-        return KVPool(self.spec, num_pages, c.page_size, self.device, self.dtype)
+        try:
+            return KVPool(self.spec, num_pages, c.page_size, self.device, self.dtype)
+        except (MemoryError, RuntimeError) as e:  # (torch's out-of-memory errors are RuntimeErrors)
+            if not isinstance(e, MemoryError) and "alloc" not in str(e) and "out of memory" not in str(e):
+                raise
+            nbytes = num_pages * c.page_size * self.spec.kv_bytes_per_token(elt)
+            raise ValueError(f"the KV pool of {num_pages} pages of {c.page_size} tokens ({nbytes / 2**30:.1f} GiB) "
+                             f"cannot be allocated on {self.device}: lower num_pages, or size the pool by memory "
+                             "(kv_pool_bytes, --kv-pool-bytes)") from None  # fmt: skip
 
     def _budget_pages(self, elt: int) -> int:
         """The pages the pool's budget holds; at least two, so a budget that holds fewer is refused

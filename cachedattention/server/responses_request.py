@@ -77,8 +77,8 @@ def read_request(body: dict[str, Any], history: list[dict[str, Any]], reasons: b
     fmt = _text_format(body.get("text"))
     if fmt is not None:
         chat["response_format"] = fmt
-    truncation = body.get("truncation") or "disabled"
-    if truncation not in ("disabled", "auto"):
+    truncation = "disabled" if body.get("truncation") is None else body["truncation"]
+    if not isinstance(truncation, str) or truncation not in ("disabled", "auto"):  # (0, "" or [] is no setting)
         raise bad(f"truncation must be 'disabled' or 'auto', got {truncation!r}", "truncation")
     echo = {
         "instructions": instructions,
@@ -165,7 +165,7 @@ def _refuse_unsupported(body: dict[str, Any], reasons: bool) -> None:
     if reasoning and any(v is not None for v in reasoning.values()) and not reasons:
         raise bad("reasoning options are not supported: this server reads no reasoning from its model (start it "
                   "with --reasoning-parser for a reasoning model)", "reasoning", "unsupported_parameter")  # fmt: skip
-    include = body.get("include") or []
+    include = [] if body.get("include") is None else body["include"]
     if not isinstance(include, list) or any(i != LOGPROBS_INCLUDE for i in include):
         raise bad(f"include may only list {LOGPROBS_INCLUDE!r} on this server", "include", "unsupported_parameter")
 
@@ -313,6 +313,8 @@ def _logprobs(body: dict[str, Any]) -> dict[str, Any]:
     top = body.get("top_logprobs")
     if top is not None and (top := whole_number(top)) is None:
         raise bad("top_logprobs must be an integer", "top_logprobs", "invalid_type")
+    if top is not None and top < 0:  # (checked against the server's limit where include asks for logprobs)
+        raise bad(f"top_logprobs must be >= 0, got {top}", "top_logprobs")
     if LOGPROBS_INCLUDE not in (body.get("include") or []):
         return {}
     return {"logprobs": True, "top_logprobs": top or 0}

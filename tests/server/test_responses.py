@@ -157,6 +157,9 @@ def test_the_response_object_echoes_the_request(server):
         ({"tool_choice": "required"}, "tool_choice"),
         ({"text": {"format": {"type": "yaml"}}}, "text.format"),
         ({"top_logprobs": "many"}, "top_logprobs"),
+        # found by the input audit: empty or zero values were taken as the defaults, -1 echoed back
+        ({"truncation": 0}, "truncation"), ({"truncation": ""}, "truncation"), ({"truncation": []}, "truncation"),
+        ({"include": {}}, "include"), ({"include": ""}, "include"), ({"top_logprobs": -1}, "top_logprobs"),
         ({"reasoning": "high"}, "reasoning"),
         ({"input": [{"role": "user"}]}, "input[0].content"),  # (these were 500s: found by fuzzing)
         ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
