@@ -39,7 +39,7 @@ def embedded_model_dir() -> Path:
     tokenizer, built on first use."""
     gguf = embedded_gguf_path()
     target = _converted_dir(gguf)
-    if not (target / "model.safetensors").exists():
+    if not _is_converted(target):
         log.info("first use: converting the embedded model into %s (once)", target)
         _convert(gguf, target)
     elif not (target / BLOCKS_FILE).exists():
@@ -48,17 +48,20 @@ def embedded_model_dir() -> Path:
 
 
 def embedded_model_converted() -> bool:
-    """Whether the embedded model's folder is whole (its first use converts it: about half a minute
-    on 2 cores, the tokenizer's conversion by transformers most of it); True where it is not installed."""
+    """Whether the embedded model was converted (its first use converts it: about half a minute on
+    2 cores, the tokenizer's conversion by transformers most of it); True where it is not installed."""
     try:
-        target = _converted_dir(embedded_gguf_path())
+        return _is_converted(_converted_dir(embedded_gguf_path()))
     except ValueError:  # (not installed: loading it says so)
         return True
-    return (target / "model.safetensors").exists() and (target / BLOCKS_FILE).exists()
 
 
 def _converted_dir(gguf: Path) -> Path:
     return cache_home() / f"{CONVERTED_NAME}-{gguf.stat().st_size}"
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / "model.safetensors").exists()  # (written last, by the folder's rename)
 
 
 def rewrite_embedded_blocks(target: Path) -> None:
