@@ -168,6 +168,18 @@ def _refuse_unsupported(body: dict[str, Any], reasons: bool) -> None:
     include = [] if body.get("include") is None else body["include"]
     if not isinstance(include, list) or any(i != LOGPROBS_INCLUDE for i in include):
         raise bad(f"include may only list {LOGPROBS_INCLUDE!r} on this server", "include", "unsupported_parameter")
+    _check_ignored(body)
+
+
+def _check_ignored(body: dict[str, Any]) -> None:
+    """The fields accepted and not acted on must still be of their type (a client's bug is said, not hidden)."""
+    for key in ("service_tier", "prompt_cache_key", "safety_identifier"):
+        _optional_text(body, key)
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise bad("stream_options must be an object", "stream_options", "invalid_type")
+    calls = body.get("max_tool_calls")
+    if calls is not None and ((n := whole_number(calls)) is None or n < 1):
+        raise bad(f"max_tool_calls must be a positive integer, got {calls!r}", "max_tool_calls")
 
 
 REASONING_SUMMARIES = ("auto", "concise", "detailed")
@@ -232,6 +244,9 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             output = item.get("output")
             content = output if isinstance(output, str) else _content(output, f"{param}.output")
+            if not isinstance(content, str):  # (else the chat's check would name a messages[i].content never sent)
+                raise bad(f"{param}.output must be a string or a list of text parts, got {type(output).__name__}",
+                          f"{param}.output", "invalid_type")  # fmt: skip
             out.append({"role": "tool", "tool_call_id": _string(item, "call_id", param), "content": content})
         else:
             raise bad(f"{param}.type {kind!r} is not supported: use message, function_call, function_call_output "

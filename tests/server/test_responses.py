@@ -160,6 +160,11 @@ def test_the_response_object_echoes_the_request(server):
         # found by the input audit: empty or zero values were taken as the defaults, -1 echoed back
         ({"truncation": 0}, "truncation"), ({"truncation": ""}, "truncation"), ({"truncation": []}, "truncation"),
         ({"include": {}}, "include"), ({"include": ""}, "include"), ({"top_logprobs": -1}, "top_logprobs"),
+        ({"service_tier": 5}, "service_tier"), ({"prompt_cache_key": []}, "prompt_cache_key"),
+        ({"safety_identifier": {}}, "safety_identifier"), ({"stream_options": "x"}, "stream_options"),
+        ({"max_tool_calls": "many"}, "max_tool_calls"), ({"max_tool_calls": 0}, "max_tool_calls"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, "input[0].output"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": {"a": 1}}]}, "input[0].output"),
         ({"reasoning": "high"}, "reasoning"),
         ({"input": [{"role": "user"}]}, "input[0].content"),  # (these were 500s: found by fuzzing)
         ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
@@ -188,6 +193,15 @@ def test_what_is_not_supported_or_malformed_is_a_400_naming_the_field(server, ex
                    headers={"Content-Type": "application/json"})  # fmt: skip
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_the_fields_accepted_and_not_acted_on_are_served_when_of_their_type(server):
+    body = {"model": "default", "input": "Hi.", "max_output_tokens": 2, "service_tier": "auto", "prompt_cache_key": "k",
+            "safety_identifier": "u1", "stream_options": {"include_obfuscation": False}, "max_tool_calls": 3.0,
+            "truncation": "disabled", "include": [], "store": False}  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] in ("completed", "incomplete")
 
 
 def test_a_conversation_past_the_window_is_refused_unless_truncation_is_auto(chat_model_dir, tmp_path):
