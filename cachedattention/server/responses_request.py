@@ -36,6 +36,7 @@ CHAT_NAMES = (("max_completion_tokens", "max_output_tokens"), ("max_tokens", "ma
               ("response_format", "text.format"), ("logprobs", "include"))  # fmt: skip
 TEXT_PARTS = ("input_text", "output_text", "text")
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
+ITEM_STATUSES = ("in_progress", "completed", "incomplete")
 MAX_METADATA_KEYS = 16
 
 
@@ -225,6 +226,8 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise bad(f"{param} must be an object", param, "invalid_type")
         kind = item.get("type", "message")
+        if item.get("status") is not None and item["status"] not in ITEM_STATUSES:  # (listed back as it came)
+            raise bad(f"{param}.status must be one of {', '.join(ITEM_STATUSES)}", f"{param}.status")
         if kind == "reasoning":
             thought = _reasoning_text(item, param)
             continue

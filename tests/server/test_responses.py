@@ -165,6 +165,8 @@ def test_the_response_object_echoes_the_request(server):
         ({"max_tool_calls": "many"}, "max_tool_calls"), ({"max_tool_calls": 0}, "max_tool_calls"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, "input[0].output"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": {"a": 1}}]}, "input[0].output"),
+        ({"input": [{"role": "user", "content": "x", "status": 5}]}, "input[0].status"),
+        ({"input": [{"role": "user", "content": "x", "status": "done"}]}, "input[0].status"),
         ({"reasoning": "high"}, "reasoning"),
         ({"input": [{"role": "user"}]}, "input[0].content"),  # (these were 500s: found by fuzzing)
         ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
