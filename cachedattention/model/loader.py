@@ -12,6 +12,7 @@ import torch
 
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel, QuantizedWeight
 from cachedattention.model.embedded import BLOCKS_FILE, embedded_model_dir, rewrite_embedded_blocks
+from cachedattention.model.fp8 import dequantize_fp8, fp8_scheme, refuse_fp8
 from cachedattention.model.gguf_loader import (
     gguf_checked_rows,
     gguf_config,
@@ -90,7 +91,13 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         spec = spec_from_hf_config(config)
         if check_spec is not None:
             check_spec(spec)
-        state = _to_our_weights(_read_safetensors(path), spec, resolve_dtype(dtype))
+        state = _read_safetensors(path)
+        scheme = None if spec.model_type == "gpt_oss" else fp8_scheme(config)
+        if scheme is not None:  # FP8 weights times their scales, as float32
+            state = dequantize_fp8(state, scheme)
+        else:
+            refuse_fp8(state)
+        state = _to_our_weights(state, spec, resolve_dtype(dtype))
         blocks_only = set()
         blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
     # another's (--tokenizer), else its own: one loader for both; a folder may have none (ids only)
@@ -334,7 +341,7 @@ def _check_weights(state: dict[str, torch.Tensor], shapes: dict[str, torch.Tenso
     for name, w in state.items():
         if w.dtype not in FLOAT_WEIGHTS:
             raise ValueError(f"weight {name} is {str(w.dtype).replace('torch.', '')}: this engine reads float32, "
-                             "float16 and bfloat16 checkpoints (or a GGUF file's quantized blocks)")  # fmt: skip
+                             "float16 and bfloat16 checkpoints, FP8 ones, or a GGUF file's quantized blocks")  # fmt: skip
         want = shapes.get(name)
         if want is not None and tuple(w.shape) != tuple(want.shape):
             raise ValueError(f"weight {name} is {list(w.shape)}, but the config makes it {list(want.shape)}: the "

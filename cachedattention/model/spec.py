@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cachedattention.model.fp8 import fp8_scheme
 from cachedattention.model.gemma_config import GEMMA, gemma_config
 from cachedattention.model.hybrid_config import HYBRID, hybrid_config
 from cachedattention.model.rope_config import RopeScaling, rope_settings
@@ -536,13 +537,11 @@ def _check_layer_count(cfg: dict[str, Any]) -> None:
 
 
 def _check_unquantized(cfg: dict[str, Any]) -> None:
-    """A quantized checkpoint (FP8, AWQ, GPTQ...: its quantization_config, at the top of a multimodal
-    one's too) is not read, but gpt-oss's own MXFP4 experts (_gpt_oss)."""
-    quant = cfg.get("quantization_config")
-    if quant is not None and cfg.get("model_type") != "gpt_oss":
-        method = quant.get("quant_method") if isinstance(quant, dict) else quant
-        raise ValueError(f"a quantized checkpoint ({method!r}) is not read by this engine: give its unquantized "
-                         "weights, or a GGUF file (whose quantized blocks it reads)")  # fmt: skip
+    """A quantized checkpoint (AWQ, GPTQ...: its quantization_config, at the top of a multimodal one's
+    too) is not read, but FP8 weights (model/fp8.py: widened at load) and gpt-oss's own MXFP4 experts
+    (_gpt_oss)."""
+    if cfg.get("model_type") != "gpt_oss":
+        fp8_scheme(cfg)
 
 
 def _check_scalars(cfg: dict[str, Any]) -> None:
