@@ -58,7 +58,7 @@ def test_a_head_bias_the_model_has_no_place_for_is_refused(tiny_dirs, tmp_path):
     ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta must be"),
     ({"rms_norm_eps": -1}, "rms_norm_eps must be a positive finite number"),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
-    ({"quantization_config": {"quant_method": "awq"}}, r"a quantized checkpoint \('awq'\) is not read"),
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, r"a quantized checkpoint \('bitsandbytes'\) is not read"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 4.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, "low_freq_factor < high"),
     ({"num_hidden_layers": 1000}, r"the config has 1000 layers, but the checkpoint's weights stop at layer \d+: a shard missing"),

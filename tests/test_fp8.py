@@ -1,21 +1,20 @@
 """FP8 checkpoints (transformers' fp8 with blocks or a scale a tensor, fbgemm_fp8, compressed-tensors):
-each weight widened and scaled at load gives transformers' logits over the same values; what is not
-FP8 weights is refused by name."""
+each weight widened and scaled at load gives transformers' logits over the same values; quantizations
+this engine does not read are refused by name (4-bit ones: tests/test_int4.py)."""
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cachedattention import LLM, CacheConfig, SamplingParams
-from cachedattention.model.fp8 import dequantize_fp8, fp8_scheme
+from cachedattention import LLM, SamplingParams
+from cachedattention.model.fp8 import dequantize_fp8
+from cachedattention.model.quant_config import checkpoint_scheme as fp8_scheme
 from cachedattention.model.spec import spec_from_hf_config
-from tests.store.test_store_equivalence import run_turns
 from tests.tiny_models import make_tiny_model, tiny_config
-from tests.util import assert_logits_match, rel_err
+from tests.util import assert_logits_match, assert_stored_turns_equal_recompute, quantized_checkpoint
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PROMPT = [(7 * i + 3) % 200 + 20 for i in range(40)]
@@ -66,8 +65,6 @@ def fp8_checkpoint(kind: str, scheme: str, path, **overrides):
     """A tiny model saved with its decoder layers' projections as FP8, the FP8 values each stands
     for, and transformers' model over those values."""
     config, scale_name, block, scale_dtype, static = SCHEMES[scheme]
-    import transformers
-
     make_tiny_model(kind, path, **overrides)
     weights = load_file(str(path / "model.safetensors"))
     plain = dict(weights)
@@ -86,16 +83,7 @@ def fp8_checkpoint(kind: str, scheme: str, path, **overrides):
         weights[f"{owner}.{scale_name}"] = scales
         if static:
             weights[f"{owner}.input_scale"] = torch.tensor([0.05])
-    # transformers' model over the same values, from a float32 checkpoint of them (its own layout)
-    reference = path / "float32"
-    reference.mkdir()
-    shutil.copy(path / "config.json", reference / "config.json")
-    save_file({**plain, **values}, str(reference / "model.safetensors"), metadata={"format": "pt"})
-    hf = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
-    save_file(weights, str(path / "model.safetensors"))
-    saved = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**saved, "quantization_config": config}))
-    return hf, values
+    return quantized_checkpoint(path, plain, weights, values, config), values
 
 
 @pytest.mark.parametrize("kind, scheme, overrides", [
@@ -117,14 +105,7 @@ def test_an_fp8_checkpoint_gives_transformers_logits_over_its_values(kind, schem
 
 def test_an_fp8_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):
     fp8_checkpoint("qwen3", "fp8-blocks", tmp_path)
-    ref_logits, got_logits = [], []
-    ref = run_turns(LLM(model=str(tmp_path), cache=CacheConfig(enable_prefix_cache=False)), None, 3, monkeypatch, ref_logits)
-    llm = LLM(model=str(tmp_path), enable_store=True, cache=CacheConfig(enable_prefix_cache=False))
-    got = run_turns(llm, "fp8", 3, monkeypatch, got_logits)
-    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
-    assert all(rel_err(a, b) <= 1e-4 for a, b in zip(got_logits, ref_logits, strict=True))
-    assert all(out.metrics.cached_tokens["host"] > 0 for out in got[1:])
-    llm.engine.store.check_integrity()
+    assert_stored_turns_equal_recompute(tmp_path, monkeypatch)
 
 
 def _config(**quant) -> dict:
@@ -132,13 +113,13 @@ def _config(**quant) -> dict:
 
 
 @pytest.mark.parametrize("quant, match", [
-    ({"quant_method": "awq", "bits": 4}, r"a quantized checkpoint \('awq'\) is not read"),
-    ({"quant_method": "gptq"}, r"\('gptq'\) is not read by this engine: give its unquantized weights, an FP8"),
+    ({"quant_method": "hqq"}, r"a quantized checkpoint \('hqq'\) is not read"),
+    ({"quant_method": "torchao"}, r"\('torchao'\) is not read by this engine: give its unquantized weights, an FP8, AWQ"),
     ({"quant_method": "fp8", "fmt": "e3m4"}, "fmt must be e4m3 or e5m2"),
     ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be two positive integers"),
     ({"quant_method": "fp8", "weight_block_size": [0, 128]}, "weight_block_size must be two positive integers"),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int",
-      "strategy": "group", "group_size": 128}}}, "format": "pack-quantized"}, "read only with 8-bit float weights"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 2, "type": "int",
+      "strategy": "group", "group_size": 128}}}, "format": "pack-quantized"}, "read with 8-bit float weights"),
     ({"quant_method": "compressed-tensors"}, "has no config_groups"),
     ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float",
       "strategy": "token"}}}}, "weight strategy 'token'"),
@@ -147,7 +128,7 @@ def _config(**quant) -> dict:
     ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-24-bitmask"},
       "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}, "sparse"),
 ])  # fmt: skip
-def test_quantizations_other_than_fp8_weights_are_refused_by_name(quant, match):
+def test_quantizations_this_engine_does_not_read_are_refused_by_name(quant, match):
     with pytest.raises(ValueError, match=match):
         spec_from_hf_config(_config(**quant))
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import torch
 
 import cachedattention.engine.engine as engine_mod
@@ -106,3 +110,38 @@ def run_to_end(llm, request_ids: list[str]) -> list:
             if out.finished and out.request_id in request_ids:
                 done[out.request_id] = out
     return [done[r] for r in request_ids]
+
+
+def quantized_checkpoint(path: Path, plain: dict, packed: dict, values: dict, quantization_config: dict):
+    """Write `packed` (a quantized checkpoint's tensors) and its quantization_config over the tiny
+    model saved in `path`; return transformers' model over `values` (the float32 values the packed
+    weights stand for), loaded from a float32 checkpoint of them beside it (`path`/float32)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    reference = path / "float32"
+    reference.mkdir()
+    shutil.copy(path / "config.json", reference / "config.json")
+    save_file({**plain, **values}, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
+    save_file(packed, str(path / "model.safetensors"))
+    saved = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**saved, "quantization_config": quantization_config}))
+    return hf
+
+
+def assert_stored_turns_equal_recompute(path: Path, monkeypatch) -> None:
+    """Three turns of a session served from the store's host tier give recompute's tokens and
+    logits, every turn after the first reusing its history."""
+    from cachedattention import LLM, CacheConfig
+    from tests.store.test_store_equivalence import run_turns
+
+    ref_logits, got_logits = [], []
+    no_device = CacheConfig(enable_prefix_cache=False)
+    ref = run_turns(LLM(model=str(path), cache=no_device), None, 3, monkeypatch, ref_logits)
+    llm = LLM(model=str(path), enable_store=True, cache=no_device)
+    got = run_turns(llm, "session", 3, monkeypatch, got_logits)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert all(rel_err(a, b) <= 1e-4 for a, b in zip(got_logits, ref_logits, strict=True))
+    assert all(out.metrics.cached_tokens["host"] > 0 for out in got[1:])
+    llm.engine.store.check_integrity()

@@ -6,87 +6,22 @@ Meta's `fbgemm_fp8` (a scale a row) and compressed-tensors' float-quantized weig
 FP8 and FP8-dynamic releases: a scale a tensor, a row or a block). Each FP8 weight is widened to
 float32 and multiplied by its scale at load, as vLLM's weight-only FP8 path does on GPUs without FP8
 arithmetic: the weights are the checkpoint's, the activations and the KV cache stay in the model's
-dtype (the scales for quantizing those, where the checkpoint has them, are not used). No torch at
-import: the config's check runs before the command line loads torch."""
+dtype (the scales for quantizing those, where the checkpoint has them, are not used). The config is
+read in model/quant_config.py."""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
+
+from cachedattention.model.quant_config import Fp8Scheme
 
 log = logging.getLogger(__name__)
 
-METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors")
 SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale")
 # the scales for quantizing activations and the KV cache: not used (both stay in the model's dtype)
 UNUSED_SUFFIXES = (".input_scale", ".activation_scale", ".k_scale", ".v_scale", ".kv_scale")
-STRATEGIES = ("tensor", "channel", "block")
-
-
-@dataclass(frozen=True)
-class Fp8Scheme:
-    """How a checkpoint's FP8 weights are scaled. `block`: the rows and columns each scale covers
-    (blocks at the right and bottom edges may be smaller); None: a scale a tensor or a row, as the
-    scale's own shape says."""
-
-    method: str
-    block: tuple[int, int] | None = None
-
-
-def fp8_scheme(cfg: dict[str, Any]) -> Fp8Scheme | None:
-    """The FP8 scheme a config's quantization_config describes; None without one. A quantization
-    that is not FP8 weights (AWQ, GPTQ, 4-bit compressed-tensors...) is a ValueError saying so."""
-    quant = cfg.get("quantization_config")
-    if quant is None:
-        return None
-    method = quant.get("quant_method") if isinstance(quant, dict) else quant
-    if method not in METHODS:
-        raise ValueError(f"a quantized checkpoint ({method!r}) is not read by this engine: give its unquantized "
-                         "weights, an FP8 checkpoint, or a GGUF file (whose quantized blocks it reads)")  # fmt: skip
-    if method == "compressed-tensors":
-        return _compressed_tensors(quant)
-    if method == "fp8":
-        fmt = quant.get("fmt", "e4m3")
-        if fmt not in ("e4m3", "e5m2"):
-            raise ValueError(f"quantization_config's fmt must be e4m3 or e5m2, got {fmt!r}")
-        block = quant.get("weight_block_size")
-        return Fp8Scheme(method, None if block is None else _block(block, "weight_block_size"))
-    return Fp8Scheme(method)
-
-
-def _compressed_tensors(quant: dict[str, Any]) -> Fp8Scheme:
-    """compressed-tensors' config: every group's weights 8-bit floats, one strategy and block for all."""
-    unread = "compressed-tensors checkpoints are read only with 8-bit float weights (FP8, FP8-dynamic)"
-    if quant.get("sparsity_config"):
-        raise ValueError(f"a sparse compressed-tensors checkpoint is not read: {unread}")
-    groups = quant.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        raise ValueError(f"quantization_config has no config_groups: {unread}")
-    schemes = set()
-    for name, group in groups.items():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        if not isinstance(weights, dict) or weights.get("type") != "float" or weights.get("num_bits") != 8:
-            raise ValueError(f"quantization_config's group {name!r} quantizes its weights as {weights!r}: {unread}")
-        if weights.get("symmetric") is False:  # (zero points: not FP8 weights as vLLM reads them)
-            raise ValueError(f"quantization_config's group {name!r} quantizes its weights asymmetrically: {unread}")
-        strategy = weights.get("strategy")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"quantization_config's group {name!r} has weight strategy {strategy!r}: one of "
-                             f"{', '.join(STRATEGIES)} is read")  # fmt: skip
-        block = weights.get("block_structure")
-        schemes.add(_block(block, "block_structure") if strategy == "block" else None)
-    if len(schemes) > 1:
-        raise ValueError("quantization_config's groups scale their weights in different blocks: not read")
-    return Fp8Scheme("compressed-tensors", schemes.pop())
-
-
-def _block(block: Any, field: str) -> tuple[int, int]:
-    if not (isinstance(block, (list, tuple)) and len(block) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):  # fmt: skip
-        raise ValueError(f"quantization_config's {field} must be two positive integers, got {block!r}")
-    return int(block[0]), int(block[1])
 
 
 def dequantize_fp8(state: dict[str, Any], scheme: Fp8Scheme) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel, QuantizedWeight
 from cachedattention.model.embedded import BLOCKS_FILE, embedded_model_dir, rewrite_embedded_blocks
-from cachedattention.model.fp8 import dequantize_fp8, fp8_scheme, refuse_fp8
+from cachedattention.model.fp8 import dequantize_fp8, refuse_fp8
 from cachedattention.model.gguf_loader import (
     gguf_checked_rows,
     gguf_config,
@@ -23,8 +23,10 @@ from cachedattention.model.gguf_loader import (
 )
 from cachedattention.model.gguf_tokenizer import gguf_tokenizer
 from cachedattention.model.hub_cache import existing_local_path, model_id_of_snapshot
+from cachedattention.model.int4 import unpack_int4
 from cachedattention.model.layers import Embedding, Linear
 from cachedattention.model.llama import LlamaForCausalLM
+from cachedattention.model.quant_config import Fp8Scheme, Int4Scheme, checkpoint_scheme
 from cachedattention.model.rope import inv_frequencies
 from cachedattention.model.spec import ModelSpec, spec_from_hf_config
 from cachedattention.model.tokenizer import Tokenizer
@@ -59,6 +61,7 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
     embedded = source is None
     # a Hugging Face model id that is no path: its snapshot in the local hub cache
     path = Path(embedded_model_dir()) if embedded else existing_local_path(source)
+    cpu_float32 = torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{str(path)!r} is a file but not a .gguf; give a Hugging Face model folder or a GGUF file")
@@ -72,7 +75,6 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
             raise ValueError(named) from None
         if check_spec is not None:
             check_spec(spec)
-        cpu_float32 = torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32
         # (without the kernel no call reads blocks: none are made)
         quantized = _gguf_blocks(reader, config) if cpu_float32 and FewRowsLinearKernel.load() is not None else {}
         blocks_only = _layers_as_blocks(config, quantized, reader)
@@ -91,22 +93,18 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         spec = spec_from_hf_config(config)
         if check_spec is not None:
             check_spec(spec)
-        state = _read_safetensors(path)
-        scheme = None if spec.model_type == "gpt_oss" else fp8_scheme(config)
-        if scheme is not None:  # FP8 weights times their scales, as float32
-            state = dequantize_fp8(state, scheme)
+        state, int4_blocks = _read_checkpoint(path, config, spec, resolve_dtype(dtype), cpu_float32)
+        blocks_only = set(int4_blocks)
+        if int4_blocks:
+            blocks = lambda: int4_blocks  # noqa: E731
         else:
-            refuse_fp8(state)
-        state = _to_our_weights(state, spec, resolve_dtype(dtype))
-        blocks_only = set()
-        blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
+            blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
     # another's (--tokenizer), else its own: one loader for both; a folder may have none (ids only)
     no_tokenizer = tokenizer is None and path.is_dir() and not _has_tokenizer(path)
     own_file = reader if tokenizer is None else None  # (its metadata read once: 0.3 s for 49,152 tokens, more for larger vocabularies)
     tok = None if no_tokenizer else load_tokenizer(tokenizer or str(path), spec.vocab_size, own_file)
     model = build_model(spec, state, torch.device(device), resolve_dtype(dtype))
     del state  # (the model holds its weights: one it replaces below is then freed at once)
-    cpu_float32 = torch.device(device).type == "cpu" and resolve_dtype(dtype) == torch.float32
     if blocks_only:  # no float32 copy to fall back on: attached, or the load fails
         attach_quantized(model, blocks(), blocks_only)
     elif blocks is not None and cpu_float32:
@@ -114,6 +112,35 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
     elif cpu_float32 and path.is_dir():
         hold_as_halves(model)
     return LoadedModel(model, spec, tok, model_id_of_snapshot(path) or path.name, weights_id(path))
+
+
+def _read_checkpoint(path: Path, config: dict, spec: ModelSpec, dtype: torch.dtype,
+                     cpu_float32: bool) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:  # fmt: skip
+    """A Hugging Face folder's weights as our modules hold them: FP8 ones widened and scaled; 4-bit
+    ones held only as the few-rows kernel's blocks (a placeholder in the state, and the blocks under
+    the name the loader gave the weight) where the kernel serves them and the loader leaves the
+    weight as it is, else widened."""
+    state = _read_safetensors(path)
+    scheme = None if spec.model_type == "gpt_oss" else checkpoint_scheme(config)
+    if isinstance(scheme, Fp8Scheme):  # FP8 weights times their scales, as float32
+        return _to_our_weights(dequantize_fp8(state, scheme), spec, dtype), {}
+    if not isinstance(scheme, Int4Scheme):
+        refuse_fp8(state)
+        return _to_our_weights(state, spec, dtype), {}
+    as_blocks = cpu_float32 and FewRowsLinearKernel.load() is not None
+    blocks = {}
+    for name, w in unpack_int4(state, scheme):
+        b = w.blocks() if as_blocks else None
+        if b is not None:
+            blocks[name] = b
+        state[name] = w.dequantize() if b is None else torch.zeros((), dtype=torch.float32).expand(b.shape)
+    read, state = state, _to_our_weights(state, spec, dtype)
+    placed = {id(t): name for name, t in state.items()}  # (a weight the loader only renamed keeps its blocks)
+    kept = {placed[id(read[name])]: b for name, b in blocks.items() if id(read[name]) in placed}
+    changed = [name for name in blocks if id(read[name]) not in placed]
+    if changed:  # reordered or rescaled at load: widened, then through the same changes
+        state.update(_to_our_weights({name: blocks[name].dequantize() for name in changed}, spec, dtype))
+    return state, kept
 
 
 def load_tokenizer(source: str, vocab_size: int, gguf_reader=None) -> Tokenizer:

@@ -8,9 +8,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cachedattention.model.fp8 import fp8_scheme
 from cachedattention.model.gemma_config import GEMMA, gemma_config
 from cachedattention.model.hybrid_config import HYBRID, hybrid_config
+from cachedattention.model.quant_config import checkpoint_scheme
 from cachedattention.model.rope_config import RopeScaling, rope_settings
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
@@ -537,11 +537,11 @@ def _check_layer_count(cfg: dict[str, Any]) -> None:
 
 
 def _check_unquantized(cfg: dict[str, Any]) -> None:
-    """A quantized checkpoint (AWQ, GPTQ...: its quantization_config, at the top of a multimodal one's
-    too) is not read, but FP8 weights (model/fp8.py: widened at load) and gpt-oss's own MXFP4 experts
-    (_gpt_oss)."""
+    """A quantized checkpoint (its quantization_config, at the top of a multimodal one's too) is read
+    only where its scheme is FP8 or 4-bit integer weights (model/quant_config.py), or gpt-oss's own
+    MXFP4 experts (_gpt_oss)."""
     if cfg.get("model_type") != "gpt_oss":
-        fp8_scheme(cfg)
+        checkpoint_scheme(cfg)
 
 
 def _check_scalars(cfg: dict[str, Any]) -> None:

@@ -1,0 +1,139 @@
+"""A checkpoint's quantization_config, read into the scheme its weights are stored in.
+
+Read: FP8 weights (transformers' `fp8`, Meta's `fbgemm_fp8`, compressed-tensors' 8-bit floats;
+model/fp8.py) and 4-bit integer weights in groups (AutoAWQ's GEMM layout, GPTQ's, compressed-tensors'
+pack-quantized; model/int4.py). Anything else is refused by name. No torch here: the config's check
+runs before the command line loads torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "awq", "gptq")
+FLOAT_STRATEGIES = ("tensor", "channel", "block")
+INT_STRATEGIES = ("group", "channel")
+GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # v1 stores each zero point minus one
+
+
+@dataclass(frozen=True)
+class Fp8Scheme:
+    """How a checkpoint's FP8 weights are scaled. `block`: the rows and columns each scale covers
+    (blocks at the right and bottom edges may be smaller); None: a scale a tensor or a row, as the
+    scale's own shape says."""
+
+    method: str
+    block: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Int4Scheme:
+    """How a checkpoint's 4-bit weights are packed and scaled: each value is (q - zero) * scale, with
+    a scale and a zero point for each `group_size` inputs of a row (None: one for the whole row).
+    `zero_offset`: added to the stored zero points (GPTQ's first format stores them minus one);
+    `symmetric`: no zero points stored, every one 8 (compressed-tensors')."""
+
+    method: str
+    group_size: int | None
+    zero_offset: int = 0
+    symmetric: bool = False
+
+
+def checkpoint_scheme(cfg: dict[str, Any]) -> Fp8Scheme | Int4Scheme | None:
+    """The scheme a config's quantization_config describes; None without one. A quantization that
+    is neither FP8 nor 4-bit integer weights in groups is a ValueError saying what is read."""
+    quant = cfg.get("quantization_config")
+    if quant is None:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    if method not in METHODS:
+        raise ValueError(f"a quantized checkpoint ({method!r}) is not read by this engine: give its unquantized "
+                         "weights, an FP8, AWQ, GPTQ or compressed-tensors (FP8 or 4-bit) checkpoint, or a GGUF file "
+                         "(whose quantized blocks it reads)")  # fmt: skip
+    if method == "compressed-tensors":
+        return _compressed_tensors(quant)
+    if method == "awq":
+        return _awq(quant)
+    if method == "gptq":
+        return _gptq(quant)
+    if method == "fp8":
+        fmt = quant.get("fmt", "e4m3")
+        if fmt not in ("e4m3", "e5m2"):
+            raise ValueError(f"quantization_config's fmt must be e4m3 or e5m2, got {fmt!r}")
+        block = quant.get("weight_block_size")
+        return Fp8Scheme(method, None if block is None else _block(block, "weight_block_size"))
+    return Fp8Scheme(method)
+
+
+def _awq(quant: dict[str, Any]) -> Int4Scheme:
+    """AutoAWQ's config: 4 bits, its GEMM layout (the one transformers and vLLM read), zero points."""
+    bits = quant.get("bits", quant.get("w_bit"))
+    version = str(quant.get("version", "gemm")).lower()
+    if bits != 4 or version != "gemm" or quant.get("zero_point", True) is not True:
+        raise ValueError(f"AWQ checkpoints are read with 4-bit weights in the GEMM layout with zero points, not "
+                         f"bits={bits!r}, version={version!r}, zero_point={quant.get('zero_point')!r}")  # fmt: skip
+    return Int4Scheme("awq", _group_size(quant.get("group_size", quant.get("q_group_size"))))
+
+
+def _gptq(quant: dict[str, Any]) -> Int4Scheme:
+    """GPTQ's config: 4 bits, the gptq or gptq_v2 checkpoint format."""
+    fmt = quant.get("checkpoint_format", quant.get("format", "gptq"))
+    if quant.get("bits") != 4 or fmt not in GPTQ_FORMATS:
+        raise ValueError(f"GPTQ checkpoints are read with 4-bit weights in the gptq or gptq_v2 format, not "
+                         f"bits={quant.get('bits')!r}, format={fmt!r}")  # fmt: skip
+    return Int4Scheme("gptq", _group_size(quant.get("group_size")), zero_offset=GPTQ_FORMATS[fmt])
+
+
+def _group_size(size: Any) -> int | None:
+    if size == -1:
+        return None
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise ValueError(f"quantization_config's group_size must be a positive integer or -1, got {size!r}")
+    return size
+
+
+def _compressed_tensors(quant: dict[str, Any]) -> Fp8Scheme | Int4Scheme:
+    """compressed-tensors' config: every group's weights 8-bit floats, or every group's symmetric
+    4-bit integers packed in int32s, one strategy and block (or group size) for all."""
+    unread = ("compressed-tensors checkpoints are read with 8-bit float weights (FP8, FP8-dynamic) or symmetric "
+              "4-bit integer ones (W4A16)")  # fmt: skip
+    if quant.get("sparsity_config"):
+        raise ValueError(f"a sparse compressed-tensors checkpoint is not read: {unread}")
+    groups = quant.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"quantization_config has no config_groups: {unread}")
+    schemes = set()
+    for name, group in groups.items():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        kind = (weights.get("type"), weights.get("num_bits")) if isinstance(weights, dict) else None
+        if kind not in (("float", 8), ("int", 4)):
+            raise ValueError(f"quantization_config's group {name!r} quantizes its weights as {weights!r}: {unread}")
+        if weights.get("symmetric") is False:  # (zero points: not read)
+            raise ValueError(f"quantization_config's group {name!r} quantizes its weights asymmetrically: {unread}")
+        strategy = weights.get("strategy")
+        if kind == ("float", 8):
+            if strategy not in FLOAT_STRATEGIES:
+                raise ValueError(f"quantization_config's group {name!r} has weight strategy {strategy!r}: one of "
+                                 f"{', '.join(FLOAT_STRATEGIES)} is read")  # fmt: skip
+            block = weights.get("block_structure")
+            schemes.add(Fp8Scheme("compressed-tensors", _block(block, "block_structure") if strategy == "block" else None))
+            continue
+        if strategy not in INT_STRATEGIES:
+            raise ValueError(f"quantization_config's group {name!r} has weight strategy {strategy!r}: one of "
+                             f"{', '.join(INT_STRATEGIES)} is read for 4-bit weights")  # fmt: skip
+        fmt = group.get("format") or quant.get("format")
+        if fmt != "pack-quantized":
+            raise ValueError(f"quantization_config's group {name!r} stores its 4-bit weights as {fmt!r}: "
+                             "pack-quantized is read")  # fmt: skip
+        size = _group_size(weights.get("group_size")) if strategy == "group" else None
+        schemes.add(Int4Scheme("compressed-tensors", size, symmetric=True))
+    if len(schemes) > 1:
+        raise ValueError("quantization_config's groups store their weights in different ways: not read")
+    return schemes.pop()
+
+
+def _block(block: Any, field: str) -> tuple[int, int]:
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):  # fmt: skip
+        raise ValueError(f"quantization_config's {field} must be two positive integers, got {block!r}")
+    return int(block[0]), int(block[1])

@@ -1,0 +1,135 @@
+"""4-bit integer checkpoints (AutoAWQ's GEMM layout, GPTQ's two formats, compressed-tensors'
+pack-quantized): each weight's values give transformers' logits over the same values; on a CPU with
+the few-rows kernel a weight whose groups hold whole blocks of 32 inputs is held only as Q4_1 blocks,
+which give the same tokens and logits as float32 copies of its values."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cachedattention import LLM, SamplingParams
+from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
+from cachedattention.model.int4 import unpack_int4
+from cachedattention.model.layers import Linear
+from cachedattention.model.quant_config import Int4Scheme, checkpoint_scheme
+from cachedattention.model.spec import spec_from_hf_config
+from tests.int4_files import SCHEMES, packed_weights
+from tests.tiny_models import make_tiny_model, tiny_config
+from tests.util import assert_logits_match, assert_stored_turns_equal_recompute, capture_logits, quantized_checkpoint
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+PROMPT = [(7 * i + 3) % 200 + 20 for i in range(40)]
+
+
+def int4_checkpoint(kind: str, scheme: str, path, **overrides):
+    """A tiny model saved with its decoder layers' projections as 4-bit values, the values each
+    stands for, and transformers' model over those values."""
+    make_tiny_model(kind, path, **overrides)
+    plain = load_file(str(path / "model.safetensors"))
+    weights, values = packed_weights(plain, scheme)
+    return quantized_checkpoint(path, plain, weights, values, SCHEMES[scheme]), values
+
+
+def _held_as_blocks(llm) -> dict[str, bool]:
+    return {n: bool(m.blocks_only) for n, m in llm.engine.model.named_modules()
+            if isinstance(m, Linear) and n.startswith("model.layers.") and not n.endswith("mlp.gate")}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind, scheme, overrides, as_blocks", [
+    ("llama", "awq", {}, "all"),
+    ("qwen3", "gptq", {}, "all"),  # the first format's zero points stored minus one; sym
+    ("mistral", "compressed", {}, "all"),
+    ("mixtral", "awq", {"intermediate_size": 64}, "all"),  # experts renamed at load keep their blocks
+    ("phi4-mini", "awq", {}, "some"),  # fused q/k/v and gate/up split at load: widened; o and down blocks
+    ("llama", "gptq-v2-act-order", {}, "none"),  # shuffled groups: blocks of 32 span several, widened
+])  # fmt: skip
+def test_a_4_bit_checkpoint_gives_transformers_logits_over_its_values(kind, scheme, overrides, as_blocks, tmp_path, monkeypatch):
+    if FewRowsLinearKernel.load() is None:
+        pytest.skip("no few-rows kernel here (a C compiler and AVX-512): every weight is widened to float32")
+    hf, values = int4_checkpoint(kind, scheme, tmp_path, **overrides)
+    config = json.loads((tmp_path / "config.json").read_text())
+    unpacked = dict(unpack_int4(load_file(str(tmp_path / "model.safetensors")), checkpoint_scheme(config)))
+    assert unpacked.keys() == values.keys()
+    assert all(torch.equal(unpacked[name].dequantize(), v) for name, v in values.items())
+    llm = LLM(model=str(tmp_path))
+    held = _held_as_blocks(llm)
+    assert {"all": all(held.values()), "some": any(held.values()) and not all(held.values()),
+            "none": not any(held.values())}[as_blocks], held  # fmt: skip
+    assert_logits_match(llm, hf, PROMPT, GREEDY, monkeypatch)
+    seen = capture_logits(monkeypatch)
+    out = llm.generate([PROMPT], GREEDY)[0]
+    monkeypatch.undo()
+    for m in llm.engine.model.modules():  # the same layers over float32 copies of the same values
+        if isinstance(m, Linear) and m.blocks_only:
+            assert m.quantized.kind == "Q4_1" and m.weight.untyped_storage().nbytes() <= 4
+            m.weight = torch.nn.Parameter(m.quantized.dequantize(), requires_grad=False)
+            m.blocks_only, m.quantized = False, None
+    plain = capture_logits(monkeypatch)
+    assert llm.generate([PROMPT], GREEDY)[0].token_ids == out.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(seen, plain, strict=True))
+
+
+def test_a_4_bit_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):
+    int4_checkpoint("qwen3", "awq", tmp_path)
+    assert_stored_turns_equal_recompute(tmp_path, monkeypatch)
+
+
+def test_on_a_gpu_dtype_every_4_bit_weight_is_widened(tmp_path, monkeypatch):
+    """(Blocks are for the CPU's float32 path: in bfloat16 each weight is its values, rounded.)"""
+    hf, values = int4_checkpoint("llama", "awq", tmp_path)
+    llm = LLM(model=str(tmp_path), dtype="bfloat16")
+    assert not any(_held_as_blocks(llm).values())
+    weight = llm.engine.model.get_submodule("model.layers.1.mlp.down_proj").weight
+    assert torch.equal(weight, values["model.layers.1.mlp.down_proj.weight"].to(torch.bfloat16))
+
+
+def _config(**quant) -> dict:
+    return {**tiny_config("llama").to_dict(), "quantization_config": quant}
+
+
+@pytest.mark.parametrize("quant, match", [
+    ({"quant_method": "awq", "bits": 8, "version": "gemm"}, "AWQ checkpoints are read with 4-bit weights in the GEMM layout"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemv", "group_size": 128}, "version='gemv'"),
+    ({"quant_method": "awq", "bits": 4, "zero_point": False, "group_size": 128}, "zero_point=False"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 0}, "group_size must be a positive integer or -1"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "GPTQ checkpoints are read with 4-bit weights"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, "format='marlin'"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights": {
+      "num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": False}}}}, "asymmetrically"),
+    ({"quant_method": "compressed-tensors", "format": "naive-quantized", "config_groups": {"g": {"weights": {
+      "num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}}}}, "pack-quantized is read"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"weights": {
+      "num_bits": 8, "type": "int", "strategy": "channel"}}}}, "symmetric 4-bit integer ones"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+      "a": {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}},
+      "b": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}, "in different ways"),
+    ({"quant_method": "bitsandbytes"}, r"a quantized checkpoint \('bitsandbytes'\) is not read"),
+])  # fmt: skip
+def test_4_bit_schemes_this_engine_does_not_read_are_refused_by_name(quant, match):
+    with pytest.raises(ValueError, match=match):
+        spec_from_hf_config(_config(**quant))
+
+
+def test_4_bit_configs_read_as_their_groups():
+    assert checkpoint_scheme(_config(**SCHEMES["awq"])) == Int4Scheme("awq", 32)
+    assert checkpoint_scheme(_config(**SCHEMES["gptq"])) == Int4Scheme("gptq", 32, zero_offset=1)
+    assert checkpoint_scheme(_config(**SCHEMES["gptq-v2-act-order"])) == Int4Scheme("gptq", 32)
+    assert checkpoint_scheme(_config(quant_method="gptq", bits=4, group_size=-1)) == Int4Scheme("gptq", None, 1)
+    assert checkpoint_scheme(_config(**SCHEMES["compressed"])) == Int4Scheme("compressed-tensors", 32, symmetric=True)
+
+
+def test_a_packed_weight_missing_a_part_or_of_misfit_parts_is_named(tmp_path):
+    int4_checkpoint("llama", "awq", tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    zeros = weights.pop(f"{name}.qzeros")
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"awq weight {name} has no qzeros"):
+        LLM(model=str(tmp_path))
+    weights[f"{name}.qzeros"] = zeros
+    weights[f"{name}.scales"] = weights[f"{name}.scales"][:1].contiguous()
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"{name} has 1 groups of scales, but 128 inputs in groups of 32 make 4"):
+        LLM(model=str(tmp_path))
