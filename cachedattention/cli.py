@@ -271,15 +271,18 @@ def json_object(text: str) -> dict:
 
 def _check_model_paths(args: argparse.Namespace) -> None:
     """A model or tokenizer given that is neither a path nor a model id in the local cache is named
-    at once, as the loader would name it."""
+    at once, as the loader would name it; so is a --quantization that is not the model's own."""
     from cachedattention.model.hub_cache import existing_local_path
+    from cachedattention.model.quant_config import check_quantization
 
     cache_dir = getattr(args, "download_dir", None)
+    found = {}
     for what, source, revision in (("model", model_arg(args), getattr(args, "revision", None)),
                                    ("tokenizer", getattr(args, "tokenizer", None),
                                     getattr(args, "tokenizer_revision", None))):  # fmt: skip
         if source is not None:
-            existing_local_path(source, what, revision, cache_dir)
+            found[what] = existing_local_path(source, what, revision, cache_dir)
+    check_quantization(getattr(args, "quantization", None), found.get("model"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import ssl
 from cachedattention.cli_types import POSITIVE, number
 from cachedattention.config import MAX_LOGPROBS
 from cachedattention.model.messages import ChatOptions
+from cachedattention.model.quant_config import VLLM_QUANTIZATION
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai")
@@ -59,6 +60,10 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
     for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
         g.add_argument(flag, short, type=one_device, default=1, metavar="N",
                        help="1 only: this engine runs one device")
+    g.add_argument("--quantization", "-q", type=quantization_method, default=None, metavar="METHOD",
+                   help="the checkpoint's own quantization (awq, gptq, their _marlin names, fp8, fbgemm_fp8, "
+                        "compressed-tensors, gguf): read from the checkpoint without it; another, or one for an "
+                        "unquantized checkpoint (vLLM's online quantization), is refused at start")
     g.add_argument("--kv-cache-dtype", type=kv_cache_dtype, default="auto",
                    help="auto only: the device pool keeps the model's dtype (--dtype); --storage-dtype sets the "
                         "store's")
@@ -238,6 +243,7 @@ def only(allowed: tuple[str, ...], why: str):
 
 
 kv_cache_dtype = only(("auto",), "the device pool keeps the model's dtype (--dtype)")
+quantization_method = only(("None", *VLLM_QUANTIZATION), "the checkpoints this engine reads (it quantizes none at load)")
 tokenizer_mode = only(("auto",), "the model's own (fast) tokenizer serves; --tokenizer names another one")
 load_format = only(("auto", "safetensors", "gguf"), "weights load from safetensors folders or GGUF files")
 tool_call_parser = only(TOOL_CALL_PARSERS, "this server reads the tool call formats it knows")

@@ -16,6 +16,7 @@ from cachedattention.interrupts import interrupts_between_steps
 from cachedattention.llm_args import local_model_args, sort_options
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
+from cachedattention.model.quant_config import check_quantization
 from cachedattention.model.tokenizer import Kept
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import MAX_LOGPROBS, SamplingParams, choice_params
@@ -202,6 +203,7 @@ class LLM:
         model, tokenizer, dtype = local_model_args(model, tokenizer, dtype, device, revision, tokenizer_revision,
                                                    download_dir)  # fmt: skip
         check_load_format(options.get("load_format"), model)
+        check_quantization(options.get("quantization"), model)
         store_options.update((k, v) for k, v in (("store_dir", store_dir), ("host_bytes", host_bytes),
                                                  ("disk_bytes", disk_bytes)) if v is not None)  # fmt: skip
         if enable_store is not None and not isinstance(enable_store, bool):

@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 
-from cachedattention.cli_vllm import IGNORED_ENGINE_ARGS, kv_cache_dtype, load_format, tokenizer_mode
+from cachedattention.cli_vllm import (
+    IGNORED_ENGINE_ARGS,
+    kv_cache_dtype,
+    load_format,
+    quantization_method,
+    tokenizer_mode,
+)
 from cachedattention.config import CacheConfig, SchedulerConfig, StoreConfig
 from cachedattention.model.hub_cache import local_model_path
 
@@ -30,6 +36,7 @@ _CONFIG_ARGS = {
 # vLLM's arguments that ask for what this engine does anyway, or that change nothing here (swap_space,
 # max_seq_len_to_capture, guided_decoding_backend): each checked as the command line checks its flag
 _CHECKED = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, "load_format": load_format,
+            "quantization": quantization_method,
             **{name: check for name, (check, _, _) in IGNORED_ENGINE_ARGS.items()}}  # fmt: skip
 # true or false: it never runs a model's own code, always runs eagerly, and logs no periodic stats
 _ACCEPTED = ("trust_remote_code", "enforce_eager", "disable_log_stats")

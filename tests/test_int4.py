@@ -133,3 +133,26 @@ def test_a_packed_weight_missing_a_part_or_of_misfit_parts_is_named(tmp_path):
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=rf"{name} has 1 groups of scales, but 128 inputs in groups of 32 make 4"):
         LLM(model=str(tmp_path))
+
+
+def test_vllm_s_quantization_names_the_checkpoint_s_own_or_is_refused(tmp_path, capsys):
+    from cachedattention.cli import main
+    from cachedattention.model.quant_config import check_quantization
+
+    int4_checkpoint("llama", "awq", tmp_path / "awq")
+    make_tiny_model("llama", tmp_path / "plain")
+    llm = LLM(model=str(tmp_path / "awq"), quantization="awq")
+    assert any(_held_as_blocks(llm).values())
+    for method in ("awq_marlin", "None"):  # (vLLM's Marlin kernels read the same checkpoints)
+        check_quantization(method, tmp_path / "awq")
+    check_quantization("gguf", None)  # the embedded model is a GGUF file
+    with pytest.raises(ValueError, match=r"quantization gptq does not match the model's own \(awq\)"):
+        LLM(model=str(tmp_path / "awq"), quantization="gptq")
+    with pytest.raises(ValueError, match="is not quantized, and this engine quantizes no weights at load"):
+        LLM(model=str(tmp_path / "plain"), quantization="fp8")
+    with pytest.raises(ValueError, match="quantization: 'bitsandbytes' is not supported"):
+        LLM(model=str(tmp_path / "awq"), quantization="bitsandbytes")
+    assert main(["serve", str(tmp_path / "awq"), "-q", "gptq_marlin"]) == 2  # refused before the model loads
+    assert "quantization gptq_marlin does not match the model's own (awq)" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "plain"), "--quantization", "fp8", "--prompt", "hi"]) == 2
+    assert "is not quantized" in capsys.readouterr().err

@@ -7,13 +7,20 @@ runs before the command line loads torch."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "awq", "gptq")
 FLOAT_STRATEGIES = ("tensor", "channel", "block")
 INT_STRATEGIES = ("group", "channel")
 GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # v1 stores each zero point minus one
+# vLLM's --quantization values for the checkpoints read here, by the quant_method each reads (its
+# Marlin kernels' names read the same checkpoints); gguf: a GGUF file
+VLLM_QUANTIZATION = {"awq": "awq", "awq_marlin": "awq", "gptq": "gptq", "gptq_marlin": "gptq", "marlin": "gptq",
+                     "fp8": "fp8", "fbgemm_fp8": "fbgemm_fp8", "compressed-tensors": "compressed-tensors",
+                     "compressed_tensors": "compressed-tensors", "gguf": "gguf"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -137,3 +144,36 @@ def _block(block: Any, field: str) -> tuple[int, int]:
             and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):  # fmt: skip
         raise ValueError(f"quantization_config's {field} must be two positive integers, got {block!r}")
     return int(block[0]), int(block[1])
+
+
+def check_quantization(method: str | None, model: str | Path | None) -> None:
+    """vLLM's `quantization`, when given, must name the checkpoint's own method (this engine
+    quantizes nothing at load, as vLLM's online fp8 would): a ValueError otherwise. `model`: a local
+    folder or .gguf file; None, the embedded model (a GGUF file)."""
+    if method is None or method == "None":
+        return
+    if method not in VLLM_QUANTIZATION:
+        raise ValueError(f"quantization {method!r} is not read by this engine (supported: {', '.join(VLLM_QUANTIZATION)})")
+    own = checkpoint_method(model)
+    if own is None:
+        raise ValueError(f"quantization {method}: the model {str(model)!r} is not quantized, and this engine "
+                         "quantizes no weights at load (vLLM's online quantization): give a checkpoint quantized "
+                         "so, or leave quantization out")  # fmt: skip
+    if VLLM_QUANTIZATION[method] != own:
+        raise ValueError(f"quantization {method} does not match the model's own ({own}): leave it out, and the "
+                         "checkpoint's is read")  # fmt: skip
+
+
+def checkpoint_method(model: str | Path | None) -> str | None:
+    """The quantization a local model's files hold: gguf for a GGUF file (the embedded model's too),
+    a folder's quantization_config's quant_method, None for an unquantized folder (or one whose
+    config cannot be read: the loader says why)."""
+    if model is None or str(model).endswith(".gguf"):
+        return "gguf"
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    return method if isinstance(method, str) else None
