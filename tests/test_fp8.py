@@ -3,104 +3,60 @@ each weight widened and scaled at load gives transformers' logits over the same 
 this engine does not read are refused by name (4-bit ones: tests/test_int4.py)."""
 
 import json
-import math
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from cachedattention import LLM, SamplingParams
-from cachedattention.model.fp8 import dequantize_fp8
-from cachedattention.model.quant_config import checkpoint_scheme as fp8_scheme
+from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
+from cachedattention.model.fp8 import fp8_weights
+from cachedattention.model.quant_config import checkpoint_scheme
 from cachedattention.model.spec import spec_from_hf_config
+from tests.quantized_files import FP8_SCHEMES, fp8_packed_weights
 from tests.tiny_models import make_tiny_model, tiny_config
-from tests.util import assert_logits_match, assert_stored_turns_equal_recompute, quantized_checkpoint
+from tests.util import (
+    assert_blocks_equal_float32_copies,
+    assert_logits_match,
+    assert_stored_turns_equal_recompute,
+    held_as_blocks,
+    quantized_checkpoint,
+)
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PROMPT = [(7 * i + 3) % 200 + 20 for i in range(40)]
-FP8_MAX = 448.0  # e4m3's largest value
-
-
-def quantized(w: torch.Tensor, rows: int, cols: int, scale_dtype: torch.dtype):
-    """`w` [..., R, C] as e4m3 with one scale for each rows x cols block (cut at the edges), the
-    scales, and the values they stand for (each block's, one at a time: no broadcasting shared with
-    the code under test)."""
-    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
-    values = torch.empty(w.shape)
-    R, C = w.shape[-2:]
-    scales = torch.empty((*w.shape[:-2], math.ceil(R / rows), math.ceil(C / cols)), dtype=scale_dtype)
-    for i in range(0, R, rows):
-        for j in range(0, C, cols):
-            part = w[..., i : i + rows, j : j + cols]
-            s = (part.abs().amax(dim=(-2, -1)) / FP8_MAX).clamp(min=1e-8).to(scale_dtype)
-            q[..., i : i + rows, j : j + cols] = (part / s.float()[..., None, None]).to(torch.float8_e4m3fn)
-            scales[..., i // rows, j // cols] = s
-            values[..., i : i + rows, j : j + cols] = q[..., i : i + rows, j : j + cols].float() * s.float()[..., None, None]
-    return q, scales, values
-
-
-# how each way writes its weights: the config, the scales' name and layout, activation scales
-SCHEMES = {
-    "fp8-blocks": ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 32]},
-                   "weight_scale_inv", (16, 32), torch.float32, False),
-    "fp8-tensor-static": ({"quant_method": "fp8", "activation_scheme": "static"}, "weight_scale", None, torch.float32, True),
-    "fbgemm-rows": ({"quant_method": "fbgemm_fp8", "modules_to_not_convert": ["lm_head"]}, "weight_scale", (1, None),
-                    torch.float32, False),
-    "compressed-channel": ({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
-                            "quantization_status": "compressed",
-                            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-                                "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
-                                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}},
-                           "weight_scale", (1, None), torch.bfloat16, False),
-    "compressed-blocks": ({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
-                           "quantization_status": "compressed",
-                           "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-                               "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [32, 16],
-                               "symmetric": True}}}},
-                          "weight_scale", (32, 16), torch.bfloat16, False),
-}  # fmt: skip
-
-
 def fp8_checkpoint(kind: str, scheme: str, path, **overrides):
     """A tiny model saved with its decoder layers' projections as FP8, the FP8 values each stands
     for, and transformers' model over those values."""
-    config, scale_name, block, scale_dtype, static = SCHEMES[scheme]
     make_tiny_model(kind, path, **overrides)
-    weights = load_file(str(path / "model.safetensors"))
-    plain = dict(weights)
-    values = {}
-    for name, w in list(weights.items()):
-        if not name.startswith("model.layers.") or not name.endswith("_proj.weight") or ".mlp.gate." in name:
-            continue
-        rows, cols = (w.shape[-2], w.shape[-1]) if block is None else (block[0], block[1] or w.shape[-1])
-        q, scales, values[name] = quantized(w, rows, cols, scale_dtype)
-        if block is not None and block[1] is None:
-            scales = scales.reshape(*w.shape[:-1], 1)  # a scale a row, as [rows, 1]
-        elif block is None:
-            scales = scales.reshape(1)  # one for the tensor
-        weights[name] = q
-        owner = name.removesuffix(".weight")
-        weights[f"{owner}.{scale_name}"] = scales
-        if static:
-            weights[f"{owner}.input_scale"] = torch.tensor([0.05])
-    return quantized_checkpoint(path, plain, weights, values, config), values
+    plain = load_file(str(path / "model.safetensors"))
+    weights, values = fp8_packed_weights(plain, scheme)
+    return quantized_checkpoint(path, plain, weights, values, FP8_SCHEMES[scheme][0]), values
 
 
-@pytest.mark.parametrize("kind, scheme, overrides", [
-    ("qwen3", "fp8-blocks", {"intermediate_size": 120}),  # blocks cut at the edges
-    ("llama", "fp8-tensor-static", {}),
-    ("phi4-mini", "fbgemm-rows", {}),  # fused q/k/v and gate/up rows split after widening
-    ("mistral", "compressed-channel", {}),
-    ("qwen3-moe", "compressed-blocks", {}),  # each expert's weight (or the stacked experts') by blocks
+@pytest.mark.parametrize("kind, scheme, overrides, as_blocks", [
+    ("qwen3", "fp8-blocks", {"intermediate_size": 120}, "some"),  # blocks cut at the edges; down's 120 inputs widened
+    ("llama", "fp8-tensor-static", {}, "all"),
+    ("phi4-mini", "fbgemm-rows", {}, "some"),  # fused q/k/v and gate/up rows split at load: widened
+    ("mistral", "compressed-channel", {}, "all"),
+    ("qwen3-moe", "compressed-blocks", {}, "none"),  # experts' scales for each 16 inputs: widened
 ])  # fmt: skip
-def test_an_fp8_checkpoint_gives_transformers_logits_over_its_values(kind, scheme, overrides, tmp_path, monkeypatch):
+def test_an_fp8_checkpoint_gives_transformers_logits_over_its_values(kind, scheme, overrides, as_blocks, tmp_path, monkeypatch):
+    if FewRowsLinearKernel.load() is None:
+        pytest.skip("no few-rows kernel here (a C compiler and AVX-512): every weight is widened to float32")
     hf, values = fp8_checkpoint(kind, scheme, tmp_path, **overrides)
     config = json.loads((tmp_path / "config.json").read_text())
-    read = dequantize_fp8(load_file(str(tmp_path / "model.safetensors")), fp8_scheme(config))
-    assert values and all(torch.equal(read[name], v) for name, v in values.items())
-    assert not any(name.endswith(("_scale", "_scale_inv")) for name in read)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    read = dict(fp8_weights(state, checkpoint_scheme(config)))
+    assert values and read.keys() == values.keys()
+    assert all(torch.equal(read[name].dequantize(), v) for name, v in values.items())
+    assert not any(name.endswith((".weight_scale", ".weight_scale_inv")) for name in state)  # (each taken with its weight)
     llm = LLM(model=str(tmp_path))
+    held = held_as_blocks(llm, "F8")
+    assert {"all": all(held.values()), "some": any(held.values()) and not all(held.values()),
+            "none": not any(held.values())}[as_blocks], held  # fmt: skip
     assert_logits_match(llm, hf, PROMPT, GREEDY, monkeypatch)
+    assert_blocks_equal_float32_copies(llm, PROMPT, GREEDY, monkeypatch)
 
 
 def test_an_fp8_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):
@@ -134,10 +90,10 @@ def test_quantizations_this_engine_does_not_read_are_refused_by_name(quant, matc
 
 
 def test_fp8_configs_read_as_their_blocks():
-    assert fp8_scheme(_config(quant_method="fp8", weight_block_size=[128, 128])).block == (128, 128)
-    assert fp8_scheme(_config(quant_method="fp8")).block is None
-    assert fp8_scheme(_config(**SCHEMES["compressed-blocks"][0])).block == (32, 16)
-    assert fp8_scheme({"model_type": "llama"}) is None
+    assert checkpoint_scheme(_config(quant_method="fp8", weight_block_size=[128, 128])).block == (128, 128)
+    assert checkpoint_scheme(_config(quant_method="fp8")).block is None
+    assert checkpoint_scheme(_config(**FP8_SCHEMES["compressed-blocks"][0])).block == (32, 16)
+    assert checkpoint_scheme({"model_type": "llama"}) is None
 
 
 def test_an_fp8_weight_without_its_scale_or_with_a_misshapen_one_is_named(tmp_path):

@@ -12,12 +12,17 @@ from safetensors.torch import load_file, save_file
 from cachedattention import LLM, SamplingParams
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.model.int4 import unpack_int4
-from cachedattention.model.layers import Linear
 from cachedattention.model.quant_config import Int4Scheme, checkpoint_scheme
 from cachedattention.model.spec import spec_from_hf_config
-from tests.int4_files import SCHEMES, packed_weights
+from tests.quantized_files import INT4_SCHEMES, int4_packed_weights
 from tests.tiny_models import make_tiny_model, tiny_config
-from tests.util import assert_logits_match, assert_stored_turns_equal_recompute, capture_logits, quantized_checkpoint
+from tests.util import (
+    assert_blocks_equal_float32_copies,
+    assert_logits_match,
+    assert_stored_turns_equal_recompute,
+    held_as_blocks,
+    quantized_checkpoint,
+)
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PROMPT = [(7 * i + 3) % 200 + 20 for i in range(40)]
@@ -28,13 +33,8 @@ def int4_checkpoint(kind: str, scheme: str, path, **overrides):
     stands for, and transformers' model over those values."""
     make_tiny_model(kind, path, **overrides)
     plain = load_file(str(path / "model.safetensors"))
-    weights, values = packed_weights(plain, scheme)
-    return quantized_checkpoint(path, plain, weights, values, SCHEMES[scheme]), values
-
-
-def _held_as_blocks(llm) -> dict[str, bool]:
-    return {n: bool(m.blocks_only) for n, m in llm.engine.model.named_modules()
-            if isinstance(m, Linear) and n.startswith("model.layers.") and not n.endswith("mlp.gate")}  # fmt: skip
+    weights, values = int4_packed_weights(plain, scheme)
+    return quantized_checkpoint(path, plain, weights, values, INT4_SCHEMES[scheme]), values
 
 
 @pytest.mark.parametrize("kind, scheme, overrides, as_blocks", [
@@ -54,21 +54,11 @@ def test_a_4_bit_checkpoint_gives_transformers_logits_over_its_values(kind, sche
     assert unpacked.keys() == values.keys()
     assert all(torch.equal(unpacked[name].dequantize(), v) for name, v in values.items())
     llm = LLM(model=str(tmp_path))
-    held = _held_as_blocks(llm)
+    held = held_as_blocks(llm, "Q4_1")
     assert {"all": all(held.values()), "some": any(held.values()) and not all(held.values()),
             "none": not any(held.values())}[as_blocks], held  # fmt: skip
     assert_logits_match(llm, hf, PROMPT, GREEDY, monkeypatch)
-    seen = capture_logits(monkeypatch)
-    out = llm.generate([PROMPT], GREEDY)[0]
-    monkeypatch.undo()
-    for m in llm.engine.model.modules():  # the same layers over float32 copies of the same values
-        if isinstance(m, Linear) and m.blocks_only:
-            assert m.quantized.kind == "Q4_1" and m.weight.untyped_storage().nbytes() <= 4
-            m.weight = torch.nn.Parameter(m.quantized.dequantize(), requires_grad=False)
-            m.blocks_only, m.quantized = False, None
-    plain = capture_logits(monkeypatch)
-    assert llm.generate([PROMPT], GREEDY)[0].token_ids == out.token_ids
-    assert all(torch.equal(a, b) for a, b in zip(seen, plain, strict=True))
+    assert_blocks_equal_float32_copies(llm, PROMPT, GREEDY, monkeypatch)
 
 
 def test_a_4_bit_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):
@@ -76,13 +66,71 @@ def test_a_4_bit_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):
     assert_stored_turns_equal_recompute(tmp_path, monkeypatch)
 
 
-def test_on_a_gpu_dtype_every_4_bit_weight_is_widened(tmp_path, monkeypatch):
-    """(Blocks are for the CPU's float32 path: in bfloat16 each weight is its values, rounded.)"""
+def test_on_a_gpu_dtype_every_4_bit_weight_is_widened_straight_to_it(tmp_path, monkeypatch):
+    """(Blocks are for the CPU's float32 path: in bfloat16 each weight is its values, rounded, and
+    the weights handed to the model are bfloat16 already: a large model never holds all of them as
+    float32 at once.)"""
+    from cachedattention.model import loader
+
     hf, values = int4_checkpoint("llama", "awq", tmp_path)
+    handed = {}
+    real = loader.build_model
+    monkeypatch.setattr(loader, "build_model", lambda spec, state, *a: handed.update(state) or real(spec, state, *a))
     llm = LLM(model=str(tmp_path), dtype="bfloat16")
-    assert not any(_held_as_blocks(llm).values())
+    assert not any(held_as_blocks(llm, "Q4_1").values())
+    assert {handed[name].dtype for name in values} == {torch.bfloat16}
     weight = llm.engine.model.get_submodule("model.layers.1.mlp.down_proj").weight
     assert torch.equal(weight, values["model.layers.1.mlp.down_proj.weight"].to(torch.bfloat16))
+
+
+def _rewrite(path, change) -> None:
+    """The checkpoint's tensors, changed by `change` (a dict in place)."""
+    weights = load_file(str(path / "model.safetensors"))
+    change(weights)
+    save_file(weights, str(path / "model.safetensors"))
+
+
+def test_zero_biases_of_early_gptq_checkpoints_are_left_out_and_others_refused(tmp_path, monkeypatch):
+    """Early AutoGPTQ saved a bias of zeros for every quantized layer, even a Llama's (vLLM skips them)."""
+    hf, _ = int4_checkpoint("llama", "gptq", tmp_path)
+    _rewrite(tmp_path, lambda w: w.update({n.replace(".qweight", ".bias"): torch.zeros(w[n].shape[1], dtype=torch.float16)
+                                           for n in list(w) if n.endswith(".qweight")}))  # fmt: skip
+    assert_logits_match(LLM(model=str(tmp_path)), hf, PROMPT, GREEDY, monkeypatch)
+    _rewrite(tmp_path, lambda w: w["model.layers.0.mlp.up_proj.bias"].fill_(0.5))
+    with pytest.raises(ValueError, match=r"has no place for, e.g. \['model.layers.0.mlp.up_proj.bias'\]"):
+        LLM(model=str(tmp_path))
+
+
+def test_a_quantized_head_of_a_tied_model_and_kv_cache_scales_are_set_aside(tmp_path, monkeypatch):
+    """A tied model's quantized head copy (the embedding serves) and compressed-tensors' KV-cache
+    scales (the KV cache stays in the model's dtype) load as the bfloat16 path loads them."""
+    hf, _ = int4_checkpoint("llama-tied", "compressed", tmp_path)
+
+    def add(w):
+        head = int4_packed_weights({"model.layers.0.x_proj.weight": w["model.embed_tokens.weight"]}, "compressed")[0]
+        w.update({k.replace("model.layers.0.x_proj", "lm_head"): t for k, t in head.items()})
+        w.update({f"model.layers.{i}.self_attn.{kv}_scale": torch.tensor(0.1) for i in range(3) for kv in "kv"})
+    _rewrite(tmp_path, add)
+    assert_logits_match(LLM(model=str(tmp_path)), hf, PROMPT, GREEDY, monkeypatch)
+
+
+@pytest.mark.parametrize("where", ["quantize_config.json", "quant_config.json", "compression_config"])
+def test_a_quantization_config_kept_where_vllm_finds_it_is_read(where, tmp_path, monkeypatch):
+    """AutoGPTQ's quantize_config.json and AutoAWQ's quant_config.json beside config.json (their
+    method told by their fields), compressed-tensors' earlier compression_config."""
+    from cachedattention.model.quant_config import checkpoint_method
+
+    scheme = {"quantize_config.json": "gptq", "quant_config.json": "awq", "compression_config": "compressed"}[where]
+    hf, _ = int4_checkpoint("llama", scheme, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    quant = config.pop("quantization_config")
+    if where == "compression_config":
+        config[where] = quant
+    else:
+        (tmp_path / where).write_text(json.dumps({k: v for k, v in quant.items() if k != "quant_method"}))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert checkpoint_method(tmp_path) == quant["quant_method"]
+    assert_logits_match(LLM(model=str(tmp_path)), hf, PROMPT, GREEDY, monkeypatch)
 
 
 def _config(**quant) -> dict:
@@ -106,18 +154,24 @@ def _config(**quant) -> dict:
       "a": {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}},
       "b": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}, "in different ways"),
     ({"quant_method": "bitsandbytes"}, r"a quantized checkpoint \('bitsandbytes'\) is not read"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": ["gptq"]}, r"format=\['gptq'\]"),
 ])  # fmt: skip
 def test_4_bit_schemes_this_engine_does_not_read_are_refused_by_name(quant, match):
     with pytest.raises(ValueError, match=match):
         spec_from_hf_config(_config(**quant))
 
 
+def test_a_quantization_config_that_is_no_object_is_refused():
+    with pytest.raises(ValueError, match="quantization_config must be an object, got 'awq'"):
+        spec_from_hf_config({**tiny_config("llama").to_dict(), "quantization_config": "awq"})
+
+
 def test_4_bit_configs_read_as_their_groups():
-    assert checkpoint_scheme(_config(**SCHEMES["awq"])) == Int4Scheme("awq", 32)
-    assert checkpoint_scheme(_config(**SCHEMES["gptq"])) == Int4Scheme("gptq", 32, zero_offset=1)
-    assert checkpoint_scheme(_config(**SCHEMES["gptq-v2-act-order"])) == Int4Scheme("gptq", 32)
+    assert checkpoint_scheme(_config(**INT4_SCHEMES["awq"])) == Int4Scheme("awq", 32)
+    assert checkpoint_scheme(_config(**INT4_SCHEMES["gptq"])) == Int4Scheme("gptq", 32, zero_offset=1)
+    assert checkpoint_scheme(_config(**INT4_SCHEMES["gptq-v2-act-order"])) == Int4Scheme("gptq", 32)
     assert checkpoint_scheme(_config(quant_method="gptq", bits=4, group_size=-1)) == Int4Scheme("gptq", None, 1)
-    assert checkpoint_scheme(_config(**SCHEMES["compressed"])) == Int4Scheme("compressed-tensors", 32, symmetric=True)
+    assert checkpoint_scheme(_config(**INT4_SCHEMES["compressed"])) == Int4Scheme("compressed-tensors", 32, symmetric=True)
 
 
 def test_a_packed_weight_missing_a_part_or_of_misfit_parts_is_named(tmp_path):
@@ -127,6 +181,10 @@ def test_a_packed_weight_missing_a_part_or_of_misfit_parts_is_named(tmp_path):
     zeros = weights.pop(f"{name}.qzeros")
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=rf"awq weight {name} has no qzeros"):
+        LLM(model=str(tmp_path))
+    weights[f"{name}.qzeros"] = zeros.float()
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"{name}.qzeros must hold integers, got torch.float32"):
         LLM(model=str(tmp_path))
     weights[f"{name}.qzeros"] = zeros
     weights[f"{name}.scales"] = weights[f"{name}.scales"][:1].contiguous()
@@ -142,7 +200,7 @@ def test_vllm_s_quantization_names_the_checkpoint_s_own_or_is_refused(tmp_path, 
     int4_checkpoint("llama", "awq", tmp_path / "awq")
     make_tiny_model("llama", tmp_path / "plain")
     llm = LLM(model=str(tmp_path / "awq"), quantization="awq")
-    assert any(_held_as_blocks(llm).values())
+    assert any(held_as_blocks(llm, "Q4_1").values())
     for method in ("awq_marlin", "None"):  # (vLLM's Marlin kernels read the same checkpoints)
         check_quantization(method, tmp_path / "awq")
     check_quantization("gguf", None)  # the embedded model is a GGUF file

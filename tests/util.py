@@ -145,3 +145,32 @@ def assert_stored_turns_equal_recompute(path: Path, monkeypatch) -> None:
     assert all(rel_err(a, b) <= 1e-4 for a, b in zip(got_logits, ref_logits, strict=True))
     assert all(out.metrics.cached_tokens["host"] > 0 for out in got[1:])
     llm.engine.store.check_integrity()
+
+
+def held_as_blocks(llm, kind: str) -> dict[str, bool]:
+    """Whether each decoder layer's linear layer (a router aside) is held only as kernel blocks of
+    `kind` (a float32 weight of 16-bit values only is held as BF16 or F16 ones instead)."""
+    from cachedattention.model.layers import Linear
+
+    return {n: bool(m.blocks_only) and m.quantized.kind == kind for n, m in llm.engine.model.named_modules()
+            if isinstance(m, Linear) and n.startswith("model.layers.") and not n.endswith("mlp.gate")}  # fmt: skip
+
+
+def assert_blocks_equal_float32_copies(llm, prompt: list[int], params, monkeypatch) -> None:
+    """The layers held only as blocks (with no float32 copy) give the same tokens and logits, bit for
+    bit, as the same layers over float32 copies of their values."""
+    from cachedattention.model.layers import Linear
+
+    seen = capture_logits(monkeypatch)
+    out = llm.generate([prompt], params)[0]
+    monkeypatch.undo()
+    for m in llm.engine.model.modules():
+        if isinstance(m, Linear) and m.blocks_only:
+            assert m.weight.untyped_storage().nbytes() <= 4
+            m.weight = torch.nn.Parameter(m.quantized.dequantize(), requires_grad=False)
+            m.blocks_only, m.quantized = False, None
+    plain = capture_logits(monkeypatch)
+    assert llm.generate([prompt], params)[0].token_ids == out.token_ids
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(seen, plain, strict=True))
+

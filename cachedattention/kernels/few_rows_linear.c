@@ -157,8 +157,9 @@ int few_rows_linear(const float *x, const float *w, const float *bias, float *y,
  *   BF16, F16: quants [out, in] 16-bit floats, no scales (a checkpoint's bfloat16 or float16
  *           weights, exact in float32: half float32's bytes).
  * scales and mins are float32 [out, in / 32] ([out, in / 16] for Q8_S16 and Q4_MS16). */
-enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q8_M = 3, KIND_Q8_S16 = 4, KIND_Q4_MS16 = 5, KIND_BF16 = 6, KIND_F16 = 7 };
-#define KIND_LAST KIND_F16
+enum { KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q8_M = 3, KIND_Q8_S16 = 4, KIND_Q4_MS16 = 5, KIND_BF16 = 6, KIND_F16 = 7,
+       KIND_F8 = 8 };
+#define KIND_LAST KIND_F8
 
 static inline int has_mins(int64_t kind) { return kind == KIND_Q4_1 || kind == KIND_Q8_M || kind == KIND_Q4_MS16; }
 
@@ -177,6 +178,18 @@ static inline __attribute__((always_inline)) void dequantize_block(const int kin
         } else {
             *lo = _mm512_cvtph_ps(a);
             *hi = _mm512_cvtph_ps(c);
+        }
+        return;
+    }
+    if (kind == KIND_F8) {
+        /* e4m3's 7 magnitude bits shifted into a float16's exponent and mantissa are the value / 256 (subnormals
+         * too: the conversion takes them exactly), its sign bit a float16's; the scale's 256 gives the value back */
+        const __m512 d = _mm512_set1_ps(scales[b] * 256.0f);
+        for (int half = 0; half < 2; half++) {
+            const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * b + 16 * half)));
+            const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7),
+                                              _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8));
+            *(half ? hi : lo) = _mm512_mul_ps(d, _mm512_cvtph_ps(h));
         }
         return;
     }
@@ -289,6 +302,7 @@ static void weight_tile_blocks(const float *x, int64_t x_stride, int kind, const
         case KIND_Q8_S16: TILE_BLOCKS_NR(KIND_Q8_S16) break;
         case KIND_Q4_MS16: TILE_BLOCKS_NR(KIND_Q4_MS16) break;
         case KIND_BF16: TILE_BLOCKS_NR(KIND_BF16) break;
+        case KIND_F8: TILE_BLOCKS_NR(KIND_F8) break;
         default: TILE_BLOCKS_NR(KIND_F16) break;
     }
 }

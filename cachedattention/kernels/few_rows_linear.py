@@ -34,15 +34,16 @@ _DEQUANTIZE_ARGTYPES = (ctypes.c_int64, *[ctypes.c_void_p] * 4, *[ctypes.c_int64
 # (int8 values, a scale and a min a block), Q8_S16 (int8 values, a scale for each 16) and Q4_MS16
 # (Q4_1's nibbles, a scale and a min for each 16) hold K-quant files' super-blocks re-expressed
 # exactly (model/gguf_kquants.py; Q4_K becomes Q4_1); BF16 and F16 (16-bit floats, no scales) hold
-# a checkpoint's bfloat16 or float16 weights (or a GGUF's) in half float32's bytes
-_KINDS = {"Q4_1": 1, "Q8_0": 2, "Q8_M": 3, "Q8_S16": 4, "Q4_MS16": 5, "BF16": 6, "F16": 7}
+# a checkpoint's bfloat16 or float16 weights (or a GGUF's) in half float32's bytes; F8 (FP8 e4m3 values,
+# a scale a block) an FP8 checkpoint's (model/fp8.py)
+_KINDS = {"Q4_1": 1, "Q8_0": 2, "Q8_M": 3, "Q8_S16": 4, "Q4_MS16": 5, "BF16": 6, "F16": 7, "F8": 8}
 QUANTIZED_KINDS = ("Q4_1", "Q8_0")  # GGUF types read as they are
 HALF_KINDS = {"BF16": torch.bfloat16, "F16": torch.float16}
 # kind: (dtype of the quants, weights per quant, weights per scale (0: none), whether there are mins)
 _LAYOUTS = {"Q4_1": (torch.uint8, 2, 32, True), "Q8_0": (torch.int8, 1, 32, False),
             "Q8_M": (torch.int8, 1, 32, True), "Q8_S16": (torch.int8, 1, 16, False),
             "Q4_MS16": (torch.uint8, 2, 16, True), "BF16": (torch.int16, 1, 0, False),
-            "F16": (torch.int16, 1, 0, False)}  # fmt: skip
+            "F16": (torch.int16, 1, 0, False), "F8": (torch.uint8, 1, 32, False)}  # fmt: skip
 _NO_MEMORY = 3
 
 
@@ -137,6 +138,8 @@ class QuantizedWeight:
         if self.kind in ("Q4_1", "Q4_MS16"):
             q = self.quants[rows].reshape(-1, k // 32, 16).to(torch.int32)
             q = torch.cat([q & 15, q >> 4], dim=2)
+        elif self.kind == "F8":
+            q = self.quants[rows].view(torch.float8_e4m3fn)
         else:
             q = self.quants[rows]
         per_scale = self.weights_per_scale(self.kind)

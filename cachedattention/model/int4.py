@@ -83,6 +83,10 @@ def _unpacked(owner: str, scheme: Int4Scheme, parts: dict[str, torch.Tensor]) ->
     if packed.dtype != torch.int32 or packed.dim() != 2 or s.dim() != 2:
         raise ValueError(f"{owner}.{values} must be a 2-D int32 tensor and its {scales} 2-D, got "
                          f"{packed.dtype} {list(packed.shape)} and {list(s.shape)}")  # fmt: skip
+    for part in (zeros, groups):
+        t = parts.get(part) if part else None
+        if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+            raise ValueError(f"{owner}.{part} must hold integers, got {t.dtype}")
     if scheme.method == "awq":  # [in, out / 8], columns packed out of order; scales [groups, out]
         q = _columns(_nibbles(packed), AWQ_NIBBLE_OF_COLUMN).t()
         z = _columns(_nibbles(parts[zeros]), AWQ_NIBBLE_OF_COLUMN).t()

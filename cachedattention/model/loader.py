@@ -12,7 +12,7 @@ import torch
 
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel, QuantizedWeight
 from cachedattention.model.embedded import BLOCKS_FILE, embedded_model_dir, rewrite_embedded_blocks
-from cachedattention.model.fp8 import dequantize_fp8, refuse_fp8
+from cachedattention.model.fp8 import fp8_weights, refuse_fp8
 from cachedattention.model.gguf_loader import (
     gguf_checked_rows,
     gguf_config,
@@ -26,7 +26,12 @@ from cachedattention.model.hub_cache import existing_local_path, model_id_of_sna
 from cachedattention.model.int4 import unpack_int4
 from cachedattention.model.layers import Embedding, Linear
 from cachedattention.model.llama import LlamaForCausalLM
-from cachedattention.model.quant_config import Fp8Scheme, Int4Scheme, checkpoint_scheme
+from cachedattention.model.quant_config import (
+    Fp8Scheme,
+    checkpoint_scheme,
+    unused_scales_set_aside,
+    with_quantization_config,
+)
 from cachedattention.model.rope import inv_frequencies
 from cachedattention.model.spec import ModelSpec, spec_from_hf_config
 from cachedattention.model.tokenizer import Tokenizer
@@ -116,31 +121,55 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
 
 def _read_checkpoint(path: Path, config: dict, spec: ModelSpec, dtype: torch.dtype,
                      cpu_float32: bool) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:  # fmt: skip
-    """A Hugging Face folder's weights as our modules hold them: FP8 ones widened and scaled; 4-bit
-    ones held only as the few-rows kernel's blocks (a placeholder in the state, and the blocks under
+    """A Hugging Face folder's weights as our modules hold them; a quantized checkpoint's (FP8 or
+    4-bit) held only as the few-rows kernel's blocks (a placeholder in the state, and the blocks under
     the name the loader gave the weight) where the kernel serves them and the loader leaves the
-    weight as it is, else widened."""
+    weight as it is, else widened to float32."""
     state = _read_safetensors(path)
     scheme = None if spec.model_type == "gpt_oss" else checkpoint_scheme(config)
-    if isinstance(scheme, Fp8Scheme):  # FP8 weights times their scales, as float32
-        return _to_our_weights(dequantize_fp8(state, scheme), spec, dtype), {}
-    if not isinstance(scheme, Int4Scheme):
+    if scheme is None:
         refuse_fp8(state)
         return _to_our_weights(state, spec, dtype), {}
+    if unused := unused_scales_set_aside(state):
+        log.info("the checkpoint's %d activation and KV-cache scales are not used: activations and the KV cache "
+                 "stay in the model's dtype", unused)  # fmt: skip
     as_blocks = cpu_float32 and FewRowsLinearKernel.load() is not None
-    blocks = {}
-    for name, w in unpack_int4(state, scheme):
+    blocks, zero_biases = {}, set()
+    weights = fp8_weights(state, scheme) if isinstance(scheme, Fp8Scheme) else unpack_int4(state, scheme)
+    for name, w in weights:
+        bias = state.get(name.removesuffix(".weight") + ".bias")
+        if bias is not None and not bool(bias.any()):
+            zero_biases.add(id(bias))
         b = w.blocks() if as_blocks else None
         if b is not None:
             blocks[name] = b
-        state[name] = w.dequantize() if b is None else torch.zeros((), dtype=torch.float32).expand(b.shape)
+        # (widened straight to the model's dtype: a GPU's bfloat16 model never holds every weight as float32)
+        state[name] = w.dequantize().to(dtype) if b is None else torch.zeros((), dtype=torch.float32).expand(b.shape)
     read, state = state, _to_our_weights(state, spec, dtype)
+    _drop_loose_zero_biases(state, zero_biases, spec)
     placed = {id(t): name for name, t in state.items()}  # (a weight the loader only renamed keeps its blocks)
-    kept = {placed[id(read[name])]: b for name, b in blocks.items() if id(read[name]) in placed}
+    ours = {name for name in placed.values() if name.startswith(PLACED)} - ({"lm_head.weight"} if spec.tie_word_embeddings else set())
+    # (blocks of weights the model leaves out, a multimodal checkpoint's vision tower's, are dropped with them)
+    kept = {placed[id(read[name])]: b for name, b in blocks.items() if placed.get(id(read[name])) in ours}
     changed = [name for name in blocks if id(read[name]) not in placed]
     if changed:  # reordered or rescaled at load: widened, then through the same changes
         state.update(_to_our_weights({name: blocks[name].dequantize() for name in changed}, spec, dtype))
     return state, kept
+
+
+def _drop_loose_zero_biases(state: dict[str, torch.Tensor], zero_biases: set[int], spec: ModelSpec) -> None:
+    """A quantized layer's bias of zeros where the model has none (early AutoGPTQ saved one for every
+    layer, a Llama's too: vLLM skips them) is left out: adding zeros changes nothing. Any other weight
+    without a place is still refused (build_model)."""
+    if not zero_biases:
+        return
+    with torch.device("meta"):
+        places = set(LlamaForCausalLM(spec).state_dict())
+    loose = [name for name, t in state.items() if id(t) in zero_biases and name not in places]
+    for name in loose:
+        del state[name]
+    if loose:
+        log.info("%d quantized layers' biases of zeros, which the model has no place for, are left out", len(loose))
 
 
 def load_tokenizer(source: str, vocab_size: int, gguf_reader=None) -> Tokenizer:
@@ -401,7 +430,7 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{cfg} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{cfg} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return with_quantization_config(config, path)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

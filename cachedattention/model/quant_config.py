@@ -16,6 +16,8 @@ METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "awq", "gptq")
 FLOAT_STRATEGIES = ("tensor", "channel", "block")
 INT_STRATEGIES = ("group", "channel")
 GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # v1 stores each zero point minus one
+# the scales for quantizing activations and the KV cache: not used (both stay in the model's dtype)
+UNUSED_SUFFIXES = (".input_scale", ".activation_scale", ".k_scale", ".v_scale", ".kv_scale")
 # vLLM's --quantization values for the checkpoints read here, by the quant_method each reads (its
 # Marlin kernels' names read the same checkpoints); gguf: a GGUF file
 VLLM_QUANTIZATION = {"awq": "awq", "awq_marlin": "awq", "gptq": "gptq", "gptq_marlin": "gptq", "marlin": "gptq",
@@ -46,14 +48,40 @@ class Int4Scheme:
     symmetric: bool = False
 
 
+def with_quantization_config(config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """config.json's dict with its quantization_config where the checkpoint keeps it elsewhere, as
+    vLLM finds it: compressed-tensors' earlier `compression_config`, a multimodal text_config's, or
+    the quantize_config.json (AutoGPTQ) or quant_config.json (AutoAWQ) beside it, whose method is told
+    by its fields where it does not say (GPTQ's desc_act, AWQ's w_bit or zero_point)."""
+    if not isinstance(config, dict) or config.get("quantization_config") is not None:
+        return config
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    quant = config.get("compression_config") or text.get("quantization_config")
+    for name in ("quantize_config.json", "quant_config.json"):
+        if quant is not None:
+            break
+        try:
+            quant = json.loads((folder / name).read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, RecursionError) as e:
+            raise ValueError(f"{folder / name} is not valid JSON: {e}") from None
+        if isinstance(quant, dict) and "quant_method" not in quant:
+            awq = "w_bit" in quant or "zero_point" in quant or "version" in quant
+            quant = {**quant, "quant_method": "awq" if awq else "gptq"}
+    return config if quant is None else {**config, "quantization_config": quant}
+
+
 def checkpoint_scheme(cfg: dict[str, Any]) -> Fp8Scheme | Int4Scheme | None:
     """The scheme a config's quantization_config describes; None without one. A quantization that
     is neither FP8 nor 4-bit integer weights in groups is a ValueError saying what is read."""
     quant = cfg.get("quantization_config")
     if quant is None:
         return None
-    method = quant.get("quant_method") if isinstance(quant, dict) else quant
-    if method not in METHODS:
+    if not isinstance(quant, dict):
+        raise ValueError(f"config.json's quantization_config must be an object, got {quant!r}")
+    method = quant.get("quant_method")
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"a quantized checkpoint ({method!r}) is not read by this engine: give its unquantized "
                          "weights, an FP8, AWQ, GPTQ or compressed-tensors (FP8 or 4-bit) checkpoint, or a GGUF file "
                          "(whose quantized blocks it reads)")  # fmt: skip
@@ -65,7 +93,7 @@ def checkpoint_scheme(cfg: dict[str, Any]) -> Fp8Scheme | Int4Scheme | None:
         return _gptq(quant)
     if method == "fp8":
         fmt = quant.get("fmt", "e4m3")
-        if fmt not in ("e4m3", "e5m2"):
+        if not isinstance(fmt, str) or fmt not in ("e4m3", "e5m2"):
             raise ValueError(f"quantization_config's fmt must be e4m3 or e5m2, got {fmt!r}")
         block = quant.get("weight_block_size")
         return Fp8Scheme(method, None if block is None else _block(block, "weight_block_size"))
@@ -75,7 +103,7 @@ def checkpoint_scheme(cfg: dict[str, Any]) -> Fp8Scheme | Int4Scheme | None:
 def _awq(quant: dict[str, Any]) -> Int4Scheme:
     """AutoAWQ's config: 4 bits, its GEMM layout (the one transformers and vLLM read), zero points."""
     bits = quant.get("bits", quant.get("w_bit"))
-    version = str(quant.get("version", "gemm")).lower()
+    version = str(quant.get("version", "gemm")).lower()  # (AutoAWQ writes GEMM)
     if bits != 4 or version != "gemm" or quant.get("zero_point", True) is not True:
         raise ValueError(f"AWQ checkpoints are read with 4-bit weights in the GEMM layout with zero points, not "
                          f"bits={bits!r}, version={version!r}, zero_point={quant.get('zero_point')!r}")  # fmt: skip
@@ -85,7 +113,7 @@ def _awq(quant: dict[str, Any]) -> Int4Scheme:
 def _gptq(quant: dict[str, Any]) -> Int4Scheme:
     """GPTQ's config: 4 bits, the gptq or gptq_v2 checkpoint format."""
     fmt = quant.get("checkpoint_format", quant.get("format", "gptq"))
-    if quant.get("bits") != 4 or fmt not in GPTQ_FORMATS:
+    if quant.get("bits") != 4 or not isinstance(fmt, str) or fmt not in GPTQ_FORMATS:
         raise ValueError(f"GPTQ checkpoints are read with 4-bit weights in the gptq or gptq_v2 format, not "
                          f"bits={quant.get('bits')!r}, format={fmt!r}")  # fmt: skip
     return Int4Scheme("gptq", _group_size(quant.get("group_size")), zero_offset=GPTQ_FORMATS[fmt])
@@ -166,14 +194,24 @@ def check_quantization(method: str | None, model: str | Path | None) -> None:
 
 def checkpoint_method(model: str | Path | None) -> str | None:
     """The quantization a local model's files hold: gguf for a GGUF file (the embedded model's too),
-    a folder's quantization_config's quant_method, None for an unquantized folder (or one whose
-    config cannot be read: the loader says why)."""
+    a folder's quantization_config's quant_method (wherever the folder keeps it), None for an
+    unquantized folder (or one whose config cannot be read: the loader says why)."""
     if model is None or str(model).endswith(".gguf"):
         return "gguf"
+    folder = Path(model).expanduser()
     try:
-        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+        config = with_quantization_config(json.loads((folder / "config.json").read_text()), folder)
     except (OSError, ValueError, RecursionError):
         return None
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     return method if isinstance(method, str) else None
+
+
+def unused_scales_set_aside(state: dict[str, Any]) -> int:
+    """Take the checkpoint's activation and KV-cache scales out of `state` (activations and the KV
+    cache stay in the model's dtype here); how many there were."""
+    unused = [name for name in state if name.endswith(UNUSED_SUFFIXES)]
+    for name in unused:
+        del state[name]
+    return len(unused)

@@ -462,3 +462,23 @@ def test_a_dequantized_call_reuses_its_threads_buffer_and_equals_the_dequantized
     kernel.dequantized_linear(torch.randn(300, 256, generator=gen), large, None)
     y.sum().backward()
     assert rel_err(x.grad, small.dequantize().sum(0).expand(300, -1)) <= 1e-6
+
+
+def test_fp8_blocks_are_read_as_their_values_times_their_scales_bit_for_bit(kernel):
+    """FP8 e4m3 bytes with a float32 scale for each 32 (every byte but NaN's: subnormals, both zeros,
+    448): the kernel over them equals the kernel over float32 copies of the values, for a few rows in
+    registers and more through L1, and so does its dequantization of the whole weight."""
+    codes = torch.arange(256, dtype=torch.int32)
+    codes = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)  # (0x7F and 0xFF are e4m3's NaN)
+    quants = codes[torch.randint(len(codes), (70, 320), generator=torch.Generator().manual_seed(3))]
+    quants[0, : len(codes)] = codes
+    scales = torch.rand(70, 10, generator=torch.Generator().manual_seed(4)) * 1e-2 + 1e-4
+    scales[1, 0] = 2.0**-20  # subnormal values times a small scale
+    q = QuantizedWeight("F8", quants.contiguous(), scales, None, (70, 320))
+    w = (quants.view(torch.float8_e4m3fn).float().view(70, 10, 32) * scales[:, :, None]).reshape(70, 320)
+    assert same_bits(q.dequantize(), w) and same_bits(kernel.dequantize(q), w)
+    for n in (1, 3, 4, 5, MAX_ROWS, 100):
+        x = torch.randn(n, 320)
+        assert torch.equal(kernel.run(x, q, None), kernel.run(x, w, None)), f"{n} rows"
+    with pytest.raises(ValueError, match="not a valid F8 weight"):
+        QuantizedWeight("F8", quants.contiguous(), scales[:, :5].contiguous(), None, (70, 320))

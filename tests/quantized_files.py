@@ -1,5 +1,9 @@
-"""4-bit checkpoints written as AutoAWQ, GPTQ and compressed-tensors write them (their layouts checked
-once against autoawq's, gptqmodel's and compressed-tensors' own code), for tests and benchmarks."""
+"""Quantized checkpoints written as their tools write them, for tests and benchmarks: FP8 (transformers'
+fp8 with blocks or a scale a tensor, fbgemm_fp8, compressed-tensors) and 4-bit (AutoAWQ, GPTQ and
+compressed-tensors; their layouts checked once against autoawq's, gptqmodel's and compressed-tensors'
+own code)."""
+
+import math
 
 import numpy as np
 import torch
@@ -8,7 +12,7 @@ GROUP = 32  # inputs a scale and zero point cover (every scheme below)
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # the column each nibble of an AutoAWQ word holds, of its eight
 
 
-def quantized(w: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype, g_idx=None):
+def int4_quantized(w: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype, g_idx=None):
     """`w` [out, in] as 4-bit values in groups of inputs (or the groups g_idx gives): q (0-15), zero
     points and scales [out, groups], and the values they stand for, group by group."""
     out, k = w.shape
@@ -67,7 +71,7 @@ def compressed_tensors(q, zeros, scales):
             "weight_shape": torch.tensor(list(q.shape))}  # fmt: skip
 
 
-SCHEMES = {  # each scheme's quantization_config
+INT4_SCHEMES = {  # each scheme's quantization_config
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
             "modules_to_not_convert": None},
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True},
@@ -80,7 +84,7 @@ SCHEMES = {  # each scheme's quantization_config
 }  # fmt: skip
 
 
-def packed_weights(weights: dict[str, torch.Tensor], scheme: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def int4_packed_weights(weights: dict[str, torch.Tensor], scheme: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A checkpoint's decoder-layer projections as `scheme` packs them (the other weights as they
     are), and the float32 values each packed weight stands for."""
     weights, values = dict(weights), {}
@@ -94,7 +98,7 @@ def packed_weights(weights: dict[str, torch.Tensor], scheme: str) -> tuple[dict[
             g_idx = (torch.randperm(k, generator=rng) // GROUP).long()
         symmetric = scheme in ("compressed", "gptq")
         scale_dtype = torch.bfloat16 if scheme == "compressed" else torch.float16
-        q, zeros, scales, values[name] = quantized(w.float(), GROUP, symmetric, scale_dtype, g_idx)
+        q, zeros, scales, values[name] = int4_quantized(w.float(), GROUP, symmetric, scale_dtype, g_idx)
         if scheme == "awq":
             parts = awq_tensors(q, zeros, scales)
         elif scheme.startswith("gptq"):
@@ -104,4 +108,71 @@ def packed_weights(weights: dict[str, torch.Tensor], scheme: str) -> tuple[dict[
             parts = compressed_tensors(q, zeros, scales)
         del weights[name]
         weights.update({f"{owner}.{part}": t for part, t in parts.items()})
+    return weights, values
+
+
+FP8_MAX = 448.0  # e4m3's largest value
+
+
+def fp8_quantized(w: torch.Tensor, rows: int, cols: int, scale_dtype: torch.dtype):
+    """`w` [..., R, C] as e4m3 with one scale for each rows x cols block (cut at the edges), the
+    scales, and the values they stand for (each block's, one at a time: no broadcasting shared with
+    the code under test)."""
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    values = torch.empty(w.shape)
+    R, C = w.shape[-2:]
+    scales = torch.empty((*w.shape[:-2], math.ceil(R / rows), math.ceil(C / cols)), dtype=scale_dtype)
+    for i in range(0, R, rows):
+        for j in range(0, C, cols):
+            part = w[..., i : i + rows, j : j + cols]
+            s = (part.abs().amax(dim=(-2, -1)) / FP8_MAX).clamp(min=1e-8).to(scale_dtype)
+            q[..., i : i + rows, j : j + cols] = (part / s.float()[..., None, None]).to(torch.float8_e4m3fn)
+            scales[..., i // rows, j // cols] = s
+            values[..., i : i + rows, j : j + cols] = q[..., i : i + rows, j : j + cols].float() * s.float()[..., None, None]
+    return q, scales, values
+
+
+# how each FP8 way writes its weights: the config, the scales' name and layout, activation scales
+FP8_SCHEMES = {
+    "fp8-blocks": ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 32]},
+                   "weight_scale_inv", (16, 32), torch.float32, False),
+    "fp8-blocks-128": ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+                       "weight_scale_inv", (128, 128), torch.float32, False),  # (Qwen3's and DeepSeek's FP8 releases)
+    "fp8-tensor-static": ({"quant_method": "fp8", "activation_scheme": "static"}, "weight_scale", None, torch.float32, True),
+    "fbgemm-rows": ({"quant_method": "fbgemm_fp8", "modules_to_not_convert": ["lm_head"]}, "weight_scale", (1, None),
+                    torch.float32, False),
+    "compressed-channel": ({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+                            "quantization_status": "compressed",
+                            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                                "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+                                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}},
+                           "weight_scale", (1, None), torch.bfloat16, False),
+    "compressed-blocks": ({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+                           "quantization_status": "compressed",
+                           "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                               "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [32, 16],
+                               "symmetric": True}}}},
+                          "weight_scale", (32, 16), torch.bfloat16, False),
+}  # fmt: skip
+
+
+def fp8_packed_weights(weights: dict[str, torch.Tensor], scheme: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's decoder-layer projections as `scheme` writes them in FP8 (the other weights as
+    they are), and the float32 values each FP8 weight stands for."""
+    _, scale_name, block, scale_dtype, static = FP8_SCHEMES[scheme]
+    weights, values = dict(weights), {}
+    for name, w in list(weights.items()):
+        if not name.startswith("model.layers.") or not name.endswith("_proj.weight") or ".mlp.gate." in name:
+            continue
+        rows, cols = (w.shape[-2], w.shape[-1]) if block is None else (block[0], block[1] or w.shape[-1])
+        q, scales, values[name] = fp8_quantized(w.float(), rows, cols, scale_dtype)
+        if block is not None and block[1] is None:
+            scales = scales.reshape(*w.shape[:-1], 1)  # a scale a row, as [rows, 1]
+        elif block is None:
+            scales = scales.reshape(1)  # one for the tensor
+        weights[name] = q
+        owner = name.removesuffix(".weight")
+        weights[f"{owner}.{scale_name}"] = scales
+        if static:
+            weights[f"{owner}.input_scale"] = torch.tensor([0.05])
     return weights, values

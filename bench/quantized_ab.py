@@ -1,9 +1,10 @@
-"""A 4-bit checkpoint (AutoAWQ's GEMM layout, groups of 32) served on a CPU from the few-rows kernel's
-Q4_1 blocks, against a float32 checkpoint of the same values: the bytes its weights hold, RSS once
-loaded and at peak, a 1,024-token prompt's prefill and a decode step, each in its own process, the two
-alternated. Random weights of a named shape (bench/shapes.py), written once:
+"""A quantized checkpoint served on a CPU from the few-rows kernel's blocks (AutoAWQ's 4 bits in groups
+of 32 as Q4_1; FP8 with Qwen3's blocks of 128 x 128 as F8), against a float32 checkpoint of the same
+values: the bytes its weights hold, RSS once loaded, after the run and at peak, a 1,024-token prompt's
+prefill and a decode step, each in its own process, the two alternated. Random weights of a named
+shape (bench/shapes.py), written once:
 
-    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/int4_ab.py [shape] [rounds] [folder]
+    CACHEDATTENTION_HOME=/tmp/cahome .venv/bin/python bench/quantized_ab.py [awq|fp8] [shape] [rounds] [folder]
 """
 
 import json
@@ -12,16 +13,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # (tests.int4_files: the AWQ writer)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # (tests.quantized_files: the writers)
+WRITERS = {"awq": ("int4_packed_weights", "INT4_SCHEMES", "awq"), "fp8": ("fp8_packed_weights", "FP8_SCHEMES", "fp8-blocks-128")}
 
 
-def write_checkpoints(shape: str, folder: Path) -> None:
+def write_checkpoints(method: str, shape: str, folder: Path) -> None:
     import torch
     import transformers
     from safetensors.torch import save_file
 
     from cachedattention.bench.shapes import SHAPES
-    from tests.int4_files import SCHEMES, packed_weights
+    from tests import quantized_files
 
     fields = dict(SHAPES[shape])
     cfg = transformers.AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
@@ -32,12 +34,15 @@ def write_checkpoints(shape: str, folder: Path) -> None:
             torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
     model.save_pretrained(folder / "float32")
     plain = {k: v.contiguous() for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    weights, values = packed_weights(plain, "awq")
+    writer, schemes, scheme = WRITERS[method]
+    weights, values = getattr(quantized_files, writer)(plain, scheme)
+    quant = getattr(quantized_files, schemes)[scheme]
     save_file({**plain, **values}, str(folder / "float32" / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "awq").mkdir()
-    save_file(weights, str(folder / "awq" / "model.safetensors"), metadata={"format": "pt"})
+    (folder / method).mkdir()
+    save_file(weights, str(folder / method / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((folder / "float32" / "config.json").read_text())
-    (folder / "awq" / "config.json").write_text(json.dumps({**config, "quantization_config": SCHEMES["awq"]}))
+    quant = quant[0] if isinstance(quant, tuple) else quant  # (an FP8 scheme: its config and how it writes)
+    (folder / method / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
 
 
 def measure(folder: Path) -> dict:
@@ -64,14 +69,17 @@ def main() -> None:
     if sys.argv[1:2] == ["--measure"]:
         print(json.dumps(measure(Path(sys.argv[2]))))
         return
-    shape = sys.argv[1] if len(sys.argv) > 1 else "llama-110m"
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-    folder = Path(sys.argv[3] if len(sys.argv) > 3 else f"/tmp/int4-ab-{shape}")
-    if not (folder / "awq" / "config.json").exists():
-        write_checkpoints(shape, folder)
-    print(f"{shape}: AWQ (4 bits, groups of 32) and a float32 checkpoint of the same values, in {folder}")
+    method = sys.argv[1] if len(sys.argv) > 1 else "awq"
+    shape = sys.argv[2] if len(sys.argv) > 2 else "llama-110m"
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    folder = Path(sys.argv[4] if len(sys.argv) > 4 else f"/tmp/{method}-ab-{shape}")
+    if method not in WRITERS:
+        raise SystemExit(f"the method is one of {', '.join(WRITERS)}")
+    if not (folder / method / "config.json").exists():
+        write_checkpoints(method, shape, folder)
+    print(f"{shape}: {method} ({WRITERS[method][2]}) and a float32 checkpoint of the same values, in {folder}")
     for _ in range(rounds):
-        for way in ("float32", "awq"):
+        for way in ("float32", method):
             run = subprocess.run([sys.executable, __file__, "--measure", str(folder / way)], capture_output=True, text=True)
             if run.returncode:
                 raise SystemExit(run.stderr)
