@@ -56,9 +56,10 @@ class Fp8Weight:
 
 
 def fp8_weights(state: dict[str, torch.Tensor], scheme: Fp8Scheme) -> Iterator[tuple[str, Fp8Weight]]:
-    """Each FP8 weight of the checkpoint with its scale, both taken out of `state` as it goes. An FP8 weight without its scale, or a
-    scale of a shape that does not fit its weight, is a ValueError naming it; a scale without an FP8
-    weight is left for the loader to refuse as a weight with no place."""
+    """Each FP8 weight of the checkpoint with its scale, both taken out of `state` as it goes. An FP8
+    weight without its scale, or a scale of a shape that does not fit its weight, is a ValueError
+    naming it; a scale without an FP8 weight is left for the loader to refuse as a weight with no
+    place."""
     for name in [n for n, t in state.items() if _is_fp8(t)]:
         owner = name.removesuffix(".weight")
         scale_name = next((owner + s for s in SCALE_SUFFIXES if owner + s in state), None)
