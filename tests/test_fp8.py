@@ -1,6 +1,8 @@
 """FP8 checkpoints (transformers' fp8 with blocks or a scale a tensor, fbgemm_fp8, compressed-tensors):
-each weight widened and scaled at load gives transformers' logits over the same values; quantizations
-this engine does not read are refused by name (4-bit ones: tests/test_int4.py)."""
+each weight's values give transformers' logits over the same values; on a CPU with the few-rows kernel
+a weight whose scales hold for whole runs of 32 inputs is held only as F8 blocks, which give what
+float32 copies of its values give, bit for bit; quantizations this engine does not read are refused by
+name (4-bit ones: tests/test_int4.py)."""
 
 import json
 
@@ -9,22 +11,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cachedattention import LLM, SamplingParams
-from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.model.fp8 import fp8_weights
 from cachedattention.model.quant_config import checkpoint_scheme
 from cachedattention.model.spec import spec_from_hf_config
 from tests.quantized_files import FP8_SCHEMES, fp8_packed_weights
 from tests.tiny_models import make_tiny_model, tiny_config
 from tests.util import (
-    assert_blocks_equal_float32_copies,
-    assert_logits_match,
+    assert_quantized_model_matches,
     assert_stored_turns_equal_recompute,
-    held_as_blocks,
     quantized_checkpoint,
 )
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PROMPT = [(7 * i + 3) % 200 + 20 for i in range(40)]
+
+
 def fp8_checkpoint(kind: str, scheme: str, path, **overrides):
     """A tiny model saved with its decoder layers' projections as FP8, the FP8 values each stands
     for, and transformers' model over those values."""
@@ -42,8 +43,6 @@ def fp8_checkpoint(kind: str, scheme: str, path, **overrides):
     ("qwen3-moe", "compressed-blocks", {}, "none"),  # experts' scales for each 16 inputs: widened
 ])  # fmt: skip
 def test_an_fp8_checkpoint_gives_transformers_logits_over_its_values(kind, scheme, overrides, as_blocks, tmp_path, monkeypatch):
-    if FewRowsLinearKernel.load() is None:  # (no C compiler or AVX-512 here: every weight is widened)
-        as_blocks = "none"
     hf, values = fp8_checkpoint(kind, scheme, tmp_path, **overrides)
     config = json.loads((tmp_path / "config.json").read_text())
     state = load_file(str(tmp_path / "model.safetensors"))
@@ -51,12 +50,7 @@ def test_an_fp8_checkpoint_gives_transformers_logits_over_its_values(kind, schem
     assert values and read.keys() == values.keys()
     assert all(torch.equal(read[name].dequantize(), v) for name, v in values.items())
     assert not any(name.endswith((".weight_scale", ".weight_scale_inv")) for name in state)  # (each taken with its weight)
-    llm = LLM(model=str(tmp_path))
-    held = held_as_blocks(llm, "F8")
-    assert {"all": all(held.values()), "some": any(held.values()) and not all(held.values()),
-            "none": not any(held.values())}[as_blocks], held  # fmt: skip
-    assert_logits_match(llm, hf, PROMPT, GREEDY, monkeypatch)
-    assert_blocks_equal_float32_copies(llm, PROMPT, GREEDY, monkeypatch)
+    assert_quantized_model_matches(tmp_path, hf, "F8", as_blocks, PROMPT, GREEDY, monkeypatch)
 
 
 def test_an_fp8_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):

@@ -10,15 +10,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cachedattention import LLM, SamplingParams
-from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.model.int4 import unpack_int4
 from cachedattention.model.quant_config import Int4Scheme, checkpoint_scheme
 from cachedattention.model.spec import spec_from_hf_config
 from tests.quantized_files import INT4_SCHEMES, int4_packed_weights
 from tests.tiny_models import make_tiny_model, tiny_config
 from tests.util import (
-    assert_blocks_equal_float32_copies,
     assert_logits_match,
+    assert_quantized_model_matches,
     assert_stored_turns_equal_recompute,
     held_as_blocks,
     quantized_checkpoint,
@@ -46,19 +45,12 @@ def int4_checkpoint(kind: str, scheme: str, path, **overrides):
     ("llama", "gptq-v2-act-order", {}, "none"),  # shuffled groups: blocks of 32 span several, widened
 ])  # fmt: skip
 def test_a_4_bit_checkpoint_gives_transformers_logits_over_its_values(kind, scheme, overrides, as_blocks, tmp_path, monkeypatch):
-    if FewRowsLinearKernel.load() is None:  # (no C compiler or AVX-512 here: every weight is widened)
-        as_blocks = "none"
     hf, values = int4_checkpoint(kind, scheme, tmp_path, **overrides)
     config = json.loads((tmp_path / "config.json").read_text())
     unpacked = dict(unpack_int4(load_file(str(tmp_path / "model.safetensors")), checkpoint_scheme(config)))
     assert unpacked.keys() == values.keys()
     assert all(torch.equal(unpacked[name].dequantize(), v) for name, v in values.items())
-    llm = LLM(model=str(tmp_path))
-    held = held_as_blocks(llm, "Q4_1")
-    assert {"all": all(held.values()), "some": any(held.values()) and not all(held.values()),
-            "none": not any(held.values())}[as_blocks], held  # fmt: skip
-    assert_logits_match(llm, hf, PROMPT, GREEDY, monkeypatch)
-    assert_blocks_equal_float32_copies(llm, PROMPT, GREEDY, monkeypatch)
+    assert_quantized_model_matches(tmp_path, hf, "Q4_1", as_blocks, PROMPT, GREEDY, monkeypatch)
 
 
 def test_a_4_bit_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):

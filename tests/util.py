@@ -174,3 +174,21 @@ def assert_blocks_equal_float32_copies(llm, prompt: list[int], params, monkeypat
     monkeypatch.undo()
     assert all(torch.equal(a, b) for a, b in zip(seen, plain, strict=True))
 
+
+def assert_quantized_model_matches(path: Path, hf, kind: str, as_blocks: str, prompt: list[int], params,
+                                   monkeypatch) -> None:  # fmt: skip
+    """The quantized checkpoint in `path` served: its decoder layers held as `kind` blocks in `all`,
+    `some` or `none` of them (none without the few-rows kernel), transformers' logits over the same
+    values, and the blocks giving what float32 copies of them give, bit for bit."""
+    from cachedattention import LLM
+    from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
+
+    if FewRowsLinearKernel.load() is None:  # (no C compiler or AVX-512 here: every weight is widened)
+        as_blocks = "none"
+    llm = LLM(model=str(path))
+    held = held_as_blocks(llm, kind)
+    assert {"all": all(held.values()), "some": any(held.values()) and not all(held.values()),
+            "none": not any(held.values())}[as_blocks], held  # fmt: skip
+    assert_logits_match(llm, hf, prompt, params, monkeypatch)
+    assert_blocks_equal_float32_copies(llm, prompt, params, monkeypatch)
+
