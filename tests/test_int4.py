@@ -163,7 +163,7 @@ def test_4_bit_configs_read_as_their_groups():
     assert checkpoint_scheme(_config(**INT4_SCHEMES["gptq"])) == Int4Scheme("gptq", 32, zero_offset=1)
     assert checkpoint_scheme(_config(**INT4_SCHEMES["gptq-v2-act-order"])) == Int4Scheme("gptq", 32)
     assert checkpoint_scheme(_config(quant_method="gptq", bits=4, group_size=-1)) == Int4Scheme("gptq", None, 1)
-    assert checkpoint_scheme(_config(**INT4_SCHEMES["compressed"])) == Int4Scheme("compressed-tensors", 32, symmetric=True)
+    assert checkpoint_scheme(_config(**INT4_SCHEMES["compressed"])) == Int4Scheme("compressed-tensors", 32)
 
 
 def test_a_packed_weight_missing_a_part_or_of_misfit_parts_is_named(tmp_path):

@@ -39,13 +39,12 @@ class Fp8Scheme:
 class Int4Scheme:
     """How a checkpoint's 4-bit weights are packed and scaled: each value is (q - zero) * scale, with
     a scale and a zero point for each `group_size` inputs of a row (None: one for the whole row).
-    `zero_offset`: added to the stored zero points (GPTQ's first format stores them minus one);
-    `symmetric`: no zero points stored, every one 8 (compressed-tensors')."""
+    `zero_offset`: added to the stored zero points (GPTQ's first format stores them minus one;
+    compressed-tensors' symmetric weights store none: every one is 8)."""
 
     method: str
     group_size: int | None
     zero_offset: int = 0
-    symmetric: bool = False
 
 
 def with_quantization_config(config: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -161,7 +160,7 @@ def _compressed_tensors(quant: dict[str, Any]) -> Fp8Scheme | Int4Scheme:
             raise ValueError(f"quantization_config's group {name!r} stores its 4-bit weights as {fmt!r}: "
                              "pack-quantized is read")  # fmt: skip
         size = _group_size(weights.get("group_size")) if strategy == "group" else None
-        schemes.add(Int4Scheme("compressed-tensors", size, symmetric=True))
+        schemes.add(Int4Scheme("compressed-tensors", size))
     if len(schemes) > 1:
         raise ValueError("quantization_config's groups store their weights in different ways: not read")
     return schemes.pop()
