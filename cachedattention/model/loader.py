@@ -98,10 +98,10 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         spec = spec_from_hf_config(config)
         if check_spec is not None:
             check_spec(spec)
-        state, int4_blocks = _read_checkpoint(path, config, spec, resolve_dtype(dtype), cpu_float32)
-        blocks_only = set(int4_blocks)
-        if int4_blocks:
-            blocks = lambda: int4_blocks  # noqa: E731
+        state, checkpoint_blocks = _read_checkpoint(path, config, spec, resolve_dtype(dtype), cpu_float32)
+        blocks_only = set(checkpoint_blocks)
+        if checkpoint_blocks:
+            blocks = lambda: checkpoint_blocks  # noqa: E731
         else:
             blocks = (lambda: load_blocks(path / BLOCKS_FILE)) if (path / BLOCKS_FILE).exists() else None
     # another's (--tokenizer), else its own: one loader for both; a folder may have none (ids only)
