@@ -111,3 +111,30 @@ def test_fp8_weights_under_a_config_that_does_not_say_so_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"is float8_e4m3fn, but config.json has no quantization_config saying how"):
         LLM(model=str(tmp_path))
+
+
+def test_f8_blocks_are_copies_and_scales_past_the_kernel_s_range_are_widened(tmp_path):
+    """The blocks own their bytes (the loaded tensor maps the checkpoint's file, which may change or
+    be cut short while the server runs); a scale whose 256-fold overflows float32 is widened instead."""
+    from cachedattention.model.fp8 import LARGEST_SCALE, Fp8Weight
+
+    values = torch.randn(4, 64).to(torch.float8_e4m3fn)
+    weight = Fp8Weight(values, torch.tensor([2.0]), None, "w")
+    blocks = weight.blocks()
+    assert blocks.quants.untyped_storage().data_ptr() != values.untyped_storage().data_ptr()
+    assert torch.equal(blocks.dequantize(), weight.dequantize())
+    assert Fp8Weight(values, torch.tensor([LARGEST_SCALE]), None, "w").blocks() is not None
+    assert Fp8Weight(values, torch.tensor([LARGEST_SCALE * 2]), None, "w").blocks() is None
+    assert Fp8Weight(values, torch.full((4, 1), 1e37), None, "w").blocks() is None
+
+
+def test_weights_the_loader_changes_are_widened_one_at_a_time(tmp_path, monkeypatch):
+    """(A mixture's left-out prediction layer, or every split of fused rows, never all float32 at once.)"""
+    from cachedattention.model import loader
+
+    fp8_checkpoint("phi4-mini", "fbgemm-rows", tmp_path)
+    calls = []
+    real = loader._to_our_weights
+    monkeypatch.setattr(loader, "_to_our_weights", lambda state, *a: calls.append(len(state)) or real(state, *a))
+    LLM(model=str(tmp_path))
+    assert len(calls) > 1 and all(n == 1 for n in calls[1:])  # (the first: the whole checkpoint)

@@ -23,6 +23,7 @@ from cachedattention.kernels.few_rows_linear import QuantizedWeight
 from cachedattention.model.quant_config import Fp8Scheme
 
 SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale")
+LARGEST_SCALE = torch.finfo(torch.float32).max / 256  # the kernel's F8 blocks read scale * 256
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class Fp8Weight:
     def blocks(self) -> QuantizedWeight | None:
         """The few-rows kernel's F8 blocks (the e4m3 bytes, a float32 scale for each 32 inputs), the
         same values as `dequantize()` bit for bit; None for a weight of other than two dimensions or
-        of e4m3, rows not of whole blocks of 32, scales that change within 32 inputs, or a NaN."""
+        of e4m3, rows not of whole blocks of 32, scales that change within 32 inputs or past
+        LARGEST_SCALE, or a NaN."""
         out, k = self.values.shape[-2:]
         if self.values.dim() != 2 or self.values.dtype != torch.float8_e4m3fn or k % 32:
             return None
@@ -51,8 +53,13 @@ class Fp8Weight:
         if not bool(torch.isfinite(self.values.to(torch.float32)).all()):  # (the kernel reads e4m3's NaN as 480)
             return None
         grid = _scales(self.values.shape, self.scale, self.block, self.name)
+        if not bool((grid.abs() <= LARGEST_SCALE).all()):  # (the kernel multiplies by scale * 256)
+            return None
         per_block = grid.expand(out, k)[:, ::32].contiguous()
-        return QuantizedWeight("F8", self.values.contiguous().view(torch.uint8), per_block, None, (out, k))
+        # a copy: the loaded tensor maps the checkpoint's file, whose pages would be read in by the first
+        # request, change with the file, and fault if it were cut short
+        quants = self.values.contiguous().view(torch.uint8).clone()
+        return QuantizedWeight("F8", quants, per_block, None, (out, k))
 
 
 def fp8_weights(state: dict[str, torch.Tensor], scheme: Fp8Scheme) -> Iterator[tuple[str, Fp8Weight]]:

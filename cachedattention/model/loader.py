@@ -152,8 +152,9 @@ def _read_checkpoint(path: Path, config: dict, spec: ModelSpec, dtype: torch.dty
     # (blocks of weights the model leaves out, a multimodal checkpoint's vision tower's, are dropped with them)
     kept = {placed[id(read[name])]: b for name, b in blocks.items() if placed.get(id(read[name])) in ours}
     changed = [name for name in blocks if id(read[name]) not in placed]
-    if changed:  # reordered or rescaled at load: widened, then through the same changes
-        state.update(_to_our_weights({name: blocks[name].dequantize() for name in changed}, spec, dtype))
+    for name in changed:  # reordered, rescaled or left out at load: widened, then through the same changes,
+        # one at a time (a mixture's left-out layers, GLM-4.5's prediction layer, are never all float32 at once)
+        state.update(_to_our_weights({name: blocks.pop(name).dequantize()}, spec, dtype))
     return state, kept
 
 
