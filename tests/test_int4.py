@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cachedattention import LLM, SamplingParams
+from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.model.int4 import unpack_int4
 from cachedattention.model.quant_config import Int4Scheme, checkpoint_scheme
 from cachedattention.model.spec import spec_from_hf_config
@@ -51,6 +52,14 @@ def test_a_4_bit_checkpoint_gives_transformers_logits_over_its_values(kind, sche
     assert unpacked.keys() == values.keys()
     assert all(torch.equal(unpacked[name].dequantize(), v) for name, v in values.items())
     assert_quantized_model_matches(tmp_path, hf, "Q4_1", as_blocks, PROMPT, GREEDY, monkeypatch)
+
+
+def test_the_load_says_how_many_quantized_weights_are_held_as_blocks(tmp_path, caplog):
+    int4_checkpoint("phi4-mini", "awq", tmp_path)  # q/k/v and gate/up split at load: widened
+    with caplog.at_level("INFO", logger="cachedattention.model.loader"):
+        LLM(model=str(tmp_path))
+    held = 3 * 2 if FewRowsLinearKernel.load() is not None else 0  # o_proj and down_proj, in each of 3 layers
+    assert f"awq checkpoint: {held} of its 12 quantized weights held as the few-rows kernel's Q4_1 blocks" in caplog.text
 
 
 def test_a_4_bit_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):

@@ -134,9 +134,10 @@ def _read_checkpoint(path: Path, config: dict, spec: ModelSpec, dtype: torch.dty
         log.info("the checkpoint's %d activation and KV-cache scales are not used: activations and the KV cache "
                  "stay in the model's dtype", unused)  # fmt: skip
     as_blocks = cpu_float32 and FewRowsLinearKernel.load() is not None
-    blocks, zero_biases = {}, set()
+    blocks, zero_biases, count = {}, set(), 0
     weights = fp8_weights(state, scheme) if isinstance(scheme, Fp8Scheme) else unpack_int4(state, scheme)
     for name, w in weights:
+        count += 1
         bias = state.get(name.removesuffix(".weight") + ".bias")
         if bias is not None and not bool(bias.any()):
             zero_biases.add(id(bias))
@@ -155,6 +156,9 @@ def _read_checkpoint(path: Path, config: dict, spec: ModelSpec, dtype: torch.dty
     for name in changed:  # reordered, rescaled or left out at load: widened, then through the same changes,
         # one at a time (a mixture's left-out layers, GLM-4.5's prediction layer, are never all float32 at once)
         state.update(_to_our_weights({name: blocks.pop(name).dequantize()}, spec, dtype))
+    log.info("%s checkpoint: %d of its %d quantized weights held as the few-rows kernel's %s blocks, the others "
+             "widened to %s", scheme.method, len(kept), count, "F8" if isinstance(scheme, Fp8Scheme) else "Q4_1",
+             str(dtype).removeprefix("torch."))  # fmt: skip
     return state, kept
 
 
