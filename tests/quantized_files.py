@@ -176,3 +176,22 @@ def fp8_packed_weights(weights: dict[str, torch.Tensor], scheme: str) -> tuple[d
         if static:
             weights[f"{owner}.input_scale"] = torch.tensor([0.05])
     return weights, values
+
+
+def tiny_quantized_checkpoint(kind: str, scheme: str, path, **overrides):
+    """A tiny model of `kind` saved in `path` with its decoder layers' projections quantized as
+    `scheme` (one of FP8_SCHEMES' or INT4_SCHEMES'), the float32 values each quantized weight stands
+    for, and transformers' model over those values."""
+    from safetensors.torch import load_file
+
+    from tests.tiny_models import make_tiny_model
+    from tests.util import quantized_checkpoint
+
+    make_tiny_model(kind, path, **overrides)
+    plain = load_file(str(path / "model.safetensors"))
+    if scheme in FP8_SCHEMES:
+        (weights, values), config = fp8_packed_weights(plain, scheme), FP8_SCHEMES[scheme][0]
+    else:
+        (weights, values), config = int4_packed_weights(plain, scheme), INT4_SCHEMES[scheme]
+    return quantized_checkpoint(path, plain, weights, values, config), values
+

@@ -14,25 +14,15 @@ from cachedattention import LLM, SamplingParams
 from cachedattention.model.fp8 import fp8_weights
 from cachedattention.model.quant_config import checkpoint_scheme
 from cachedattention.model.spec import spec_from_hf_config
-from tests.quantized_files import FP8_SCHEMES, fp8_packed_weights
-from tests.tiny_models import make_tiny_model, tiny_config
+from tests.quantized_files import FP8_SCHEMES, tiny_quantized_checkpoint
+from tests.tiny_models import tiny_config
 from tests.util import (
     assert_quantized_model_matches,
     assert_stored_turns_equal_recompute,
-    quantized_checkpoint,
 )
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PROMPT = [(7 * i + 3) % 200 + 20 for i in range(40)]
-
-
-def fp8_checkpoint(kind: str, scheme: str, path, **overrides):
-    """A tiny model saved with its decoder layers' projections as FP8, the FP8 values each stands
-    for, and transformers' model over those values."""
-    make_tiny_model(kind, path, **overrides)
-    plain = load_file(str(path / "model.safetensors"))
-    weights, values = fp8_packed_weights(plain, scheme)
-    return quantized_checkpoint(path, plain, weights, values, FP8_SCHEMES[scheme][0]), values
 
 
 @pytest.mark.parametrize("kind, scheme, overrides, as_blocks", [
@@ -43,7 +33,7 @@ def fp8_checkpoint(kind: str, scheme: str, path, **overrides):
     ("qwen3-moe", "compressed-blocks", {}, "none"),  # experts' scales for each 16 inputs: widened
 ])  # fmt: skip
 def test_an_fp8_checkpoint_gives_transformers_logits_over_its_values(kind, scheme, overrides, as_blocks, tmp_path, monkeypatch):
-    hf, values = fp8_checkpoint(kind, scheme, tmp_path, **overrides)
+    hf, values = tiny_quantized_checkpoint(kind, scheme, tmp_path, **overrides)
     config = json.loads((tmp_path / "config.json").read_text())
     state = load_file(str(tmp_path / "model.safetensors"))
     read = dict(fp8_weights(state, checkpoint_scheme(config)))
@@ -54,7 +44,7 @@ def test_an_fp8_checkpoint_gives_transformers_logits_over_its_values(kind, schem
 
 
 def test_an_fp8_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):
-    fp8_checkpoint("qwen3", "fp8-blocks", tmp_path)
+    tiny_quantized_checkpoint("qwen3", "fp8-blocks", tmp_path)
     assert_stored_turns_equal_recompute(tmp_path, monkeypatch)
 
 
@@ -91,7 +81,7 @@ def test_fp8_configs_read_as_their_blocks():
 
 
 def test_an_fp8_weight_without_its_scale_or_with_a_misshapen_one_is_named(tmp_path):
-    fp8_checkpoint("llama", "fp8-blocks", tmp_path)
+    tiny_quantized_checkpoint("llama", "fp8-blocks", tmp_path)
     weights = load_file(str(tmp_path / "model.safetensors"))
     name = "model.layers.1.mlp.down_proj"
     scale = weights.pop(f"{name}.weight_scale_inv")
@@ -105,7 +95,7 @@ def test_an_fp8_weight_without_its_scale_or_with_a_misshapen_one_is_named(tmp_pa
 
 
 def test_fp8_weights_under_a_config_that_does_not_say_so_are_refused(tmp_path):
-    fp8_checkpoint("llama", "fp8-blocks", tmp_path)
+    tiny_quantized_checkpoint("llama", "fp8-blocks", tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["quantization_config"]
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -132,7 +122,7 @@ def test_weights_the_loader_changes_are_widened_one_at_a_time(tmp_path, monkeypa
     """(A mixture's left-out prediction layer, or every split of fused rows, never all float32 at once.)"""
     from cachedattention.model import loader
 
-    fp8_checkpoint("phi4-mini", "fbgemm-rows", tmp_path)
+    tiny_quantized_checkpoint("phi4-mini", "fbgemm-rows", tmp_path)
     calls = []
     real = loader._to_our_weights
     monkeypatch.setattr(loader, "_to_our_weights", lambda state, *a: calls.append(len(state)) or real(state, *a))

@@ -14,27 +14,17 @@ from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.model.int4 import unpack_int4
 from cachedattention.model.quant_config import Int4Scheme, checkpoint_scheme
 from cachedattention.model.spec import spec_from_hf_config
-from tests.quantized_files import INT4_SCHEMES, int4_packed_weights
+from tests.quantized_files import INT4_SCHEMES, int4_packed_weights, tiny_quantized_checkpoint
 from tests.tiny_models import make_tiny_model, tiny_config
 from tests.util import (
     assert_logits_match,
     assert_quantized_model_matches,
     assert_stored_turns_equal_recompute,
     held_as_blocks,
-    quantized_checkpoint,
 )
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PROMPT = [(7 * i + 3) % 200 + 20 for i in range(40)]
-
-
-def int4_checkpoint(kind: str, scheme: str, path, **overrides):
-    """A tiny model saved with its decoder layers' projections as 4-bit values, the values each
-    stands for, and transformers' model over those values."""
-    make_tiny_model(kind, path, **overrides)
-    plain = load_file(str(path / "model.safetensors"))
-    weights, values = int4_packed_weights(plain, scheme)
-    return quantized_checkpoint(path, plain, weights, values, INT4_SCHEMES[scheme]), values
 
 
 @pytest.mark.parametrize("kind, scheme, overrides, as_blocks", [
@@ -46,7 +36,7 @@ def int4_checkpoint(kind: str, scheme: str, path, **overrides):
     ("llama", "gptq-v2-act-order", {}, "none"),  # shuffled groups: blocks of 32 span several, widened
 ])  # fmt: skip
 def test_a_4_bit_checkpoint_gives_transformers_logits_over_its_values(kind, scheme, overrides, as_blocks, tmp_path, monkeypatch):
-    hf, values = int4_checkpoint(kind, scheme, tmp_path, **overrides)
+    hf, values = tiny_quantized_checkpoint(kind, scheme, tmp_path, **overrides)
     config = json.loads((tmp_path / "config.json").read_text())
     unpacked = dict(unpack_int4(load_file(str(tmp_path / "model.safetensors")), checkpoint_scheme(config)))
     assert unpacked.keys() == values.keys()
@@ -55,7 +45,7 @@ def test_a_4_bit_checkpoint_gives_transformers_logits_over_its_values(kind, sche
 
 
 def test_the_load_says_how_many_quantized_weights_are_held_as_blocks(tmp_path, caplog):
-    int4_checkpoint("phi4-mini", "awq", tmp_path)  # q/k/v and gate/up split at load: widened
+    tiny_quantized_checkpoint("phi4-mini", "awq", tmp_path)  # q/k/v and gate/up split at load: widened
     with caplog.at_level("INFO", logger="cachedattention.model.loader"):
         LLM(model=str(tmp_path))
     held = 3 * 2 if FewRowsLinearKernel.load() is not None else 0  # o_proj and down_proj, in each of 3 layers
@@ -63,7 +53,7 @@ def test_the_load_says_how_many_quantized_weights_are_held_as_blocks(tmp_path, c
 
 
 def test_a_4_bit_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):
-    int4_checkpoint("qwen3", "awq", tmp_path)
+    tiny_quantized_checkpoint("qwen3", "awq", tmp_path)
     assert_stored_turns_equal_recompute(tmp_path, monkeypatch)
 
 
@@ -73,7 +63,7 @@ def test_on_a_gpu_dtype_every_4_bit_weight_is_widened_straight_to_it(tmp_path, m
     float32 at once.)"""
     from cachedattention.model import loader
 
-    hf, values = int4_checkpoint("llama", "awq", tmp_path)
+    hf, values = tiny_quantized_checkpoint("llama", "awq", tmp_path)
     handed = {}
     real = loader.build_model
     monkeypatch.setattr(loader, "build_model", lambda spec, state, *a: handed.update(state) or real(spec, state, *a))
@@ -93,7 +83,7 @@ def _rewrite(path, change) -> None:
 
 def test_zero_biases_of_early_gptq_checkpoints_are_left_out_and_others_refused(tmp_path, monkeypatch):
     """Early AutoGPTQ saved a bias of zeros for every quantized layer, even a Llama's (vLLM skips them)."""
-    hf, _ = int4_checkpoint("llama", "gptq", tmp_path)
+    hf, _ = tiny_quantized_checkpoint("llama", "gptq", tmp_path)
     _rewrite(tmp_path, lambda w: w.update({n.replace(".qweight", ".bias"): torch.zeros(w[n].shape[1], dtype=torch.float16)
                                            for n in list(w) if n.endswith(".qweight")}))  # fmt: skip
     assert_logits_match(LLM(model=str(tmp_path)), hf, PROMPT, GREEDY, monkeypatch)
@@ -105,7 +95,7 @@ def test_zero_biases_of_early_gptq_checkpoints_are_left_out_and_others_refused(t
 def test_a_quantized_head_of_a_tied_model_and_kv_cache_scales_are_set_aside(tmp_path, monkeypatch):
     """A tied model's quantized head copy (the embedding serves) and compressed-tensors' KV-cache
     scales (the KV cache stays in the model's dtype) load as the bfloat16 path loads them."""
-    hf, _ = int4_checkpoint("llama-tied", "compressed", tmp_path)
+    hf, _ = tiny_quantized_checkpoint("llama-tied", "compressed", tmp_path)
 
     def add(w):
         head = int4_packed_weights({"model.layers.0.x_proj.weight": w["model.embed_tokens.weight"]}, "compressed")[0]
@@ -122,7 +112,7 @@ def test_a_quantization_config_kept_where_vllm_finds_it_is_read(where, tmp_path,
     from cachedattention.model.quant_config import checkpoint_method
 
     scheme = {"quantize_config.json": "gptq", "quant_config.json": "awq", "compression_config": "compressed"}[where]
-    hf, _ = int4_checkpoint("llama", scheme, tmp_path)
+    hf, _ = tiny_quantized_checkpoint("llama", scheme, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     quant = config.pop("quantization_config")
     if where == "compression_config":
@@ -176,7 +166,7 @@ def test_4_bit_configs_read_as_their_groups():
 
 
 def test_a_packed_weight_missing_a_part_or_of_misfit_parts_is_named(tmp_path):
-    int4_checkpoint("llama", "awq", tmp_path)
+    tiny_quantized_checkpoint("llama", "awq", tmp_path)
     weights = load_file(str(tmp_path / "model.safetensors"))
     name = "model.layers.1.mlp.down_proj"
     zeros = weights.pop(f"{name}.qzeros")
@@ -198,7 +188,7 @@ def test_vllm_s_quantization_names_the_checkpoint_s_own_or_is_refused(tmp_path, 
     from cachedattention.cli import main
     from cachedattention.model.quant_config import check_quantization
 
-    int4_checkpoint("llama", "awq", tmp_path / "awq")
+    tiny_quantized_checkpoint("llama", "awq", tmp_path / "awq")
     make_tiny_model("llama", tmp_path / "plain")
     llm = LLM(model=str(tmp_path / "awq"), quantization="awq")
     assert any(held_as_blocks(llm, "Q4_1").values())
