@@ -195,3 +195,10 @@ def tiny_quantized_checkpoint(kind: str, scheme: str, path, **overrides):
         (weights, values), config = int4_packed_weights(plain, scheme), INT4_SCHEMES[scheme]
     return quantized_checkpoint(path, plain, weights, values, config), values
 
+
+def llama_config_with(**quantization_config) -> dict:
+    """A tiny Llama's config.json dict with the given quantization_config."""
+    from tests.tiny_models import tiny_config
+
+    return {**tiny_config("llama").to_dict(), "quantization_config": quantization_config}
+

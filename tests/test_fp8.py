@@ -14,8 +14,7 @@ from cachedattention import LLM, SamplingParams
 from cachedattention.model.fp8 import fp8_weights
 from cachedattention.model.quant_config import checkpoint_scheme
 from cachedattention.model.spec import spec_from_hf_config
-from tests.quantized_files import FP8_SCHEMES, tiny_quantized_checkpoint
-from tests.tiny_models import tiny_config
+from tests.quantized_files import FP8_SCHEMES, llama_config_with, tiny_quantized_checkpoint
 from tests.util import (
     assert_quantized_model_matches,
     assert_stored_turns_equal_recompute,
@@ -48,10 +47,6 @@ def test_an_fp8_model_s_cached_turns_equal_recompute(tmp_path, monkeypatch):
     assert_stored_turns_equal_recompute(tmp_path, monkeypatch)
 
 
-def _config(**quant) -> dict:
-    return {**tiny_config("llama").to_dict(), "quantization_config": quant}
-
-
 @pytest.mark.parametrize("quant, match", [
     ({"quant_method": "hqq"}, r"a quantized checkpoint \('hqq'\) is not read"),
     ({"quant_method": "torchao"}, r"\('torchao'\) is not read by this engine: give its unquantized weights, an FP8, AWQ"),
@@ -70,13 +65,13 @@ def _config(**quant) -> dict:
 ])  # fmt: skip
 def test_quantizations_this_engine_does_not_read_are_refused_by_name(quant, match):
     with pytest.raises(ValueError, match=match):
-        spec_from_hf_config(_config(**quant))
+        spec_from_hf_config(llama_config_with(**quant))
 
 
 def test_fp8_configs_read_as_their_blocks():
-    assert checkpoint_scheme(_config(quant_method="fp8", weight_block_size=[128, 128])).block == (128, 128)
-    assert checkpoint_scheme(_config(quant_method="fp8")).block is None
-    assert checkpoint_scheme(_config(**FP8_SCHEMES["compressed-blocks"][0])).block == (32, 16)
+    assert checkpoint_scheme(llama_config_with(quant_method="fp8", weight_block_size=[128, 128])).block == (128, 128)
+    assert checkpoint_scheme(llama_config_with(quant_method="fp8")).block is None
+    assert checkpoint_scheme(llama_config_with(**FP8_SCHEMES["compressed-blocks"][0])).block == (32, 16)
     assert checkpoint_scheme({"model_type": "llama"}) is None
 
 

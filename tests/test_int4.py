@@ -14,8 +14,8 @@ from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.model.int4 import unpack_int4
 from cachedattention.model.quant_config import Int4Scheme, checkpoint_scheme
 from cachedattention.model.spec import spec_from_hf_config
-from tests.quantized_files import INT4_SCHEMES, int4_packed_weights, tiny_quantized_checkpoint
-from tests.tiny_models import make_tiny_model, tiny_config
+from tests.quantized_files import INT4_SCHEMES, int4_packed_weights, llama_config_with, tiny_quantized_checkpoint
+from tests.tiny_models import make_tiny_model
 from tests.util import (
     assert_logits_match,
     assert_quantized_model_matches,
@@ -124,10 +124,6 @@ def test_a_quantization_config_kept_where_vllm_finds_it_is_read(where, tmp_path,
     assert_logits_match(LLM(model=str(tmp_path)), hf, PROMPT, GREEDY, monkeypatch)
 
 
-def _config(**quant) -> dict:
-    return {**tiny_config("llama").to_dict(), "quantization_config": quant}
-
-
 @pytest.mark.parametrize("quant, match", [
     ({"quant_method": "awq", "bits": 8, "version": "gemm"}, "AWQ checkpoints are read with 4-bit weights in the GEMM layout"),
     ({"quant_method": "awq", "bits": 4, "version": "gemv", "group_size": 128}, "version='gemv'"),
@@ -149,20 +145,20 @@ def _config(**quant) -> dict:
 ])  # fmt: skip
 def test_4_bit_schemes_this_engine_does_not_read_are_refused_by_name(quant, match):
     with pytest.raises(ValueError, match=match):
-        spec_from_hf_config(_config(**quant))
+        spec_from_hf_config(llama_config_with(**quant))
 
 
 def test_a_quantization_config_that_is_no_object_is_refused():
     with pytest.raises(ValueError, match="quantization_config must be an object, got 'awq'"):
-        spec_from_hf_config({**tiny_config("llama").to_dict(), "quantization_config": "awq"})
+        spec_from_hf_config({**llama_config_with(), "quantization_config": "awq"})
 
 
 def test_4_bit_configs_read_as_their_groups():
-    assert checkpoint_scheme(_config(**INT4_SCHEMES["awq"])) == Int4Scheme("awq", 32)
-    assert checkpoint_scheme(_config(**INT4_SCHEMES["gptq"])) == Int4Scheme("gptq", 32, zero_offset=1)
-    assert checkpoint_scheme(_config(**INT4_SCHEMES["gptq-v2-act-order"])) == Int4Scheme("gptq", 32)
-    assert checkpoint_scheme(_config(quant_method="gptq", bits=4, group_size=-1)) == Int4Scheme("gptq", None, 1)
-    assert checkpoint_scheme(_config(**INT4_SCHEMES["compressed"])) == Int4Scheme("compressed-tensors", 32)
+    assert checkpoint_scheme(llama_config_with(**INT4_SCHEMES["awq"])) == Int4Scheme("awq", 32)
+    assert checkpoint_scheme(llama_config_with(**INT4_SCHEMES["gptq"])) == Int4Scheme("gptq", 32, zero_offset=1)
+    assert checkpoint_scheme(llama_config_with(**INT4_SCHEMES["gptq-v2-act-order"])) == Int4Scheme("gptq", 32)
+    assert checkpoint_scheme(llama_config_with(quant_method="gptq", bits=4, group_size=-1)) == Int4Scheme("gptq", None, 1)
+    assert checkpoint_scheme(llama_config_with(**INT4_SCHEMES["compressed"])) == Int4Scheme("compressed-tensors", 32)
 
 
 def test_a_packed_weight_missing_a_part_or_of_misfit_parts_is_named(tmp_path):
