@@ -10,8 +10,9 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # (for type checkers and editors: the same names, imported eagerly)
-    from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
+    from cachedattention.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, StoreConfig
     from cachedattention.llm import LLM
+    from cachedattention.lora.request import LoRARequest
     from cachedattention.outputs import CompletionOutput, RequestMetrics, RequestOutput
     from cachedattention.sampling import GuidedDecodingParams, Logprob, SamplingParams, StructuredOutputsParams
 
@@ -28,9 +29,12 @@ _HOMES = {
     "CacheConfig": "cachedattention.config",
     "SchedulerConfig": "cachedattention.config",
     "StoreConfig": "cachedattention.config",
+    "LoRAConfig": "cachedattention.config",
+    "LoRARequest": "cachedattention.lora.request",
 }
 __all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "Logprob", "RequestOutput",
-           "CompletionOutput", "RequestMetrics", "EngineConfig", "CacheConfig", "SchedulerConfig", "StoreConfig"]  # fmt: skip
+           "CompletionOutput", "RequestMetrics", "EngineConfig", "CacheConfig", "SchedulerConfig", "StoreConfig",
+           "LoRAConfig", "LoRARequest"]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,7 @@ from cachedattention.cli_config import ConfigFileParser
 from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS, name, text
 from cachedattention.cli_vllm import DTYPES as DTYPE_CHOICES
 from cachedattention.cli_vllm import add_vllm_engine_args, add_vllm_server_args, dtype_name, model_arg
-from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
+from cachedattention.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, StoreConfig
 from cachedattention.router.replicas import DEFAULT_LOAD_FACTOR
 
 
@@ -84,6 +84,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="the remote server forgets values not written again for this long (default: its own eviction)")
 
 
+def lora_flags(args: argparse.Namespace) -> LoRAConfig:
+    """--enable-lora and its limits; --lora-modules without it is refused."""
+    enable = getattr(args, "enable_lora", False)
+    if getattr(args, "lora_modules", None) and not enable:
+        raise ValueError("--lora-modules needs --enable-lora")
+    return LoRAConfig(enable=enable, max_loras=getattr(args, "max_loras", 1),
+                      max_lora_rank=getattr(args, "max_lora_rank", 16),
+                      max_cpu_loras=getattr(args, "max_cpu_loras", None))  # fmt: skip
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     from cachedattention.llm_args import local_model_args
 
@@ -111,6 +121,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         generation_config=getattr(args, "generation_config", "auto"),
         override_generation_config=getattr(args, "override_generation_config", None),
         reasoning_parser=getattr(args, "reasoning_parser", None),
+        lora=lora_flags(args),
         store=StoreConfig(
             enable=not args.no_store,
             store_dir=args.store_dir,

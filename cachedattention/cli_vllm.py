@@ -64,6 +64,17 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
                    help="the checkpoint's own quantization (awq, gptq, their _marlin names, fp8, fbgemm_fp8, "
                         "compressed-tensors, gguf): read from the checkpoint without it; another, or one for an "
                         "unquantized checkpoint (vLLM's online quantization), is refused at start")
+    g.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters (PEFT folders) beside the model: a request names one (the server's "
+                        "`model` field, --lora-modules; LLM's lora_request); their KV is kept apart by adapter")
+    g.add_argument("--max-loras", type=POSITIVE, default=1, metavar="N",
+                   help="the most LoRA adapters running in one step (default 1, as vLLM); a request of another "
+                        "waits")
+    g.add_argument("--max-lora-rank", type=POSITIVE, default=16, metavar="R",
+                   help="the highest rank of an adapter (default 16, as vLLM); a higher one is refused")
+    g.add_argument("--max-cpu-loras", type=POSITIVE, default=None, metavar="N",
+                   help="adapters kept loaded (default --max-loras); the least recently used is read again when "
+                        "asked for")
     g.add_argument("--kv-cache-dtype", type=kv_cache_dtype, default="auto",
                    help="auto only: the device pool keeps the model's dtype (--dtype); --storage-dtype sets the "
                         "store's")
@@ -119,6 +130,10 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                    help="seed of the sampling of requests without their own seed, so that a restarted server "
                         "answers them alike (default: none, a new random state each start; vLLM's V1 engine "
                         "defaults to 0)")
+    g.add_argument("--lora-modules", type=lora_module, nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters a request names by its `model` field (with --enable-lora): NAME=PATH, or "
+                        "vLLM's JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; each is read at "
+                        "start")
     _accept(g, SERVER_AS_IS)
     g.add_argument("--tool-call-parser", type=tool_call_parser, default="hermes", metavar="NAME",
                    help=f"how the model writes tool calls: {', '.join(TOOL_CALL_PARSERS)} (default hermes: Qwen2.5, "
@@ -222,6 +237,25 @@ def logprobs_limit(text: str) -> int:
     if value < -1:
         raise argparse.ArgumentTypeError(f"an integer >= 0, or -1 for no limit, was expected, got {value}")
     return value
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """vLLM's --lora-modules entry: NAME=PATH, or a JSON object with "name" and "path" (and an
+    informative "base_model_name"); (name, path)."""
+    if text.lstrip().startswith("{"):
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {text!r:.80}") from None
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry[k] for k in ("name", "path")):
+            raise argparse.ArgumentTypeError(f'a JSON entry needs "name" and "path" strings, got {text!r:.80}')
+        if set(entry) - {"name", "path", "base_model_name"}:
+            raise argparse.ArgumentTypeError(f"unknown keys {sorted(set(entry) - {'name', 'path', 'base_model_name'})}")
+        return entry["name"], entry["path"]
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"NAME=PATH (or a JSON object) was expected, got {text!r:.80}")
+    return name.strip(), path.strip()
 
 
 def seed_value(text: str) -> int:

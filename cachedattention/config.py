@@ -170,6 +170,31 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (vLLM's --enable-lora and its limits): `max_loras` adapters in one step,
+    each of rank at most `max_lora_rank`; `max_cpu_loras` kept loaded (None: max_loras), the least
+    recently used read again from its folder when asked for once more."""
+
+    enable: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be at least 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+
+    @property
+    def kept_loaded(self) -> int:
+        return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs; built by LLM(...) or the CLI."""
 
@@ -188,6 +213,7 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     store: StoreConfig = StoreConfig(enable=False)
+    lora: LoRAConfig = LoRAConfig()
     chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the tokenizer's
     # the model's sampling defaults (vLLM's --generation-config): "auto" reads generation_config.json
     # beside the weights, "vllm" ignores it, a folder reads that folder's file

@@ -13,7 +13,8 @@ from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, S
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import InvalidRequest
 from cachedattention.interrupts import interrupts_between_steps
-from cachedattention.llm_args import local_model_args, sort_options
+from cachedattention.llm_args import local_model_args, lora_config, sort_options
+from cachedattention.lora.request import LoRARequest
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.model.quant_config import check_quantization
@@ -27,7 +28,7 @@ Message = dict[str, str]
 
 class _Item(NamedTuple):
     """One prompt to complete: what the engine runs, its params and session, what truncation keeps
-    whole, its text (vLLM's out.prompt) and its cache salt."""
+    whole, its text (vLLM's out.prompt), its cache salt and its LoRA adapter."""
 
     prompt: Prompt
     params: SamplingParams | None
@@ -35,6 +36,7 @@ class _Item(NamedTuple):
     kept: Kept
     text: str | None
     cache_salt: str | None = None
+    lora_request: LoRARequest | None = None
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -123,9 +125,14 @@ def _vllm_positional(session_id: Any, use_tqdm: bool | Callable[..., Any]) -> tu
     return (None, session_id) if isinstance(session_id, bool) else (session_id, use_tqdm)
 
 
-def _refuse_lora(lora_request: Any) -> None:
-    if lora_request is not None:
-        raise ValueError("LoRA adapters are not supported by this engine: lora_request must be None")
+def _lora_requests(lora_request: Any, n: int) -> list[LoRARequest | None]:
+    """vLLM's `lora_request`: one LoRARequest (or None) for all prompts, or a list of one per prompt."""
+    each = _one_each(lora_request, n, "lora_request")
+    for r in each:
+        if r is not None and not isinstance(r, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest (cachedattention.LoRARequest), a list of one per "
+                             f"prompt, or None; got {type(r).__name__}")  # fmt: skip
+    return each
 
 
 def _priorities(priority: Sequence[int] | None, n: int) -> list[int]:
@@ -197,6 +204,7 @@ class LLM:
                                   ("store", store, StoreConfig)):  # fmt: skip
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        lora = lora_config(options)
         cache, scheduler, store_options = sort_options(options, cache or CacheConfig(), scheduler or SchedulerConfig())
         # a Hugging Face id from the local hub cache (at vLLM's revision), vLLM's dtype names as ours
         given = model
@@ -220,6 +228,7 @@ class LLM:
             cache=cache,
             scheduler=scheduler,
             store=store_cfg,
+            lora=lora,
             chat_template=chat_template,
             tokenizer=tokenizer,
             generation_config=generation_config,
@@ -265,14 +274,14 @@ class LLM:
         *,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., Any] = True,
-        lora_request: Any = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt (text or token ids); outputs come back in prompt order. As vLLM's:
         `sampling_params` (or `params`) and `session_id` are one for all prompts or one per prompt;
         `use_tqdm` shows a progress bar over the prompts (or is tqdm's class, or false); `priority`
-        gives each prompt's place under the priority scheduling policy (lower first); LoRA adapters
-        are refused. A request whose own step failed (logged) comes back finished with finish_reason
+        gives each prompt's place under the priority scheduling policy (lower first); `lora_request`
+        the LoRA adapter each runs with, one for all or one per prompt (with enable_lora). A request whose own step failed (logged) comes back finished with finish_reason
         "error". As vLLM's, `out.outputs` lists a prompt's completions (SamplingParams.n of them,
         seeded choices with seeds seed, seed + 1, ...); `out.text` and `out.token_ids` are the first's.
         A bool in session_id's place is vLLM's third positional argument, use_tqdm."""
@@ -281,11 +290,11 @@ class LLM:
         sessions = _one_each(session_id, len(given), "session_id")
         _check_distinct(sessions, "prompts")
         each = _one_each(_sampling_params(sampling_params, params), len(given), "sampling_params")
-        _refuse_lora(lora_request)
+        loras = _lora_requests(lora_request, len(given))
         items = []
-        for g, sp, s in zip(given, each, sessions):
+        for g, sp, s, lora in zip(given, each, sessions, loras):
             p = _one_prompt(g)
-            items.append(_Item(p, sp, s, Kept(0, 0), p if isinstance(p, str) else None, _cache_salt(g)))
+            items.append(_Item(p, sp, s, Kept(0, 0), p if isinstance(p, str) else None, _cache_salt(g), lora))
         return self._complete(items, _priorities(priority, len(items)), use_tqdm)
 
     def chat(
@@ -297,7 +306,7 @@ class LLM:
         *,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., Any] = True,
-        lora_request: Any = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         chat_template: str | None = None,
         chat_template_content_format: str = "auto",
         add_generation_prompt: bool = True,
@@ -318,7 +327,6 @@ class LLM:
         if chat_template_content_format not in ("auto", "string"):
             raise ValueError(f"chat_template_content_format must be 'auto' or 'string' (a message's text parts are "
                              f"rendered as one string), got {chat_template_content_format!r}")  # fmt: skip
-        _refuse_lora(lora_request)
         options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs or {})
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -329,10 +337,11 @@ class LLM:
         convs = list(messages) if batch else [messages]
         sessions = _one_each(session_id, len(convs), "session_id")
         _check_distinct(sessions, "conversations")
+        loras = _lora_requests(lora_request, len(convs))
         tools = validate_tools(tools)
         items = []
         each = _one_each(_sampling_params(sampling_params, params), len(convs), "sampling_params")
-        for n, (conv, sp, sid) in enumerate(zip(convs, each, sessions)):
+        for n, (conv, sp, sid, lora) in enumerate(zip(convs, each, sessions, loras)):
             try:
                 conv = validate_messages(conv)
             except InvalidRequest as e:
@@ -341,7 +350,7 @@ class LLM:
                 raise InvalidRequest(f"conversation {n}: {e}", e.param) from None
             prompt = tokenizer.encode_chat(conv, tools=tools, options=options)
             kept = tokenizer.kept_lengths(conv, prompt, tools, options) if sid is not None else Kept(0, 0)
-            items.append(_Item(prompt, sp, sid, kept, tokenizer.decode(prompt, skip_special_tokens=False)))
+            items.append(_Item(prompt, sp, sid, kept, tokenizer.decode(prompt, skip_special_tokens=False), None, lora))
         return self._complete(items, [0] * len(items), use_tqdm)
 
     def _complete(self, items: list[_Item], priorities: list[int],
@@ -354,7 +363,8 @@ class LLM:
         bar = _progress_bar(use_tqdm, len(items))
         try:
             with interrupts_between_steps() as raise_held:
-                for (prompt, sp, sid, (head, tail, starts), _, salt), priority in zip(items, priorities, strict=True):
+                for (prompt, sp, sid, (head, tail, starts), _, salt, lora), priority in zip(items, priorities,
+                                                                                            strict=True):  # fmt: skip
                     ids.append([])
                     sp = self.engine.default_params() if sp is None else sp
                     if isinstance(sp, SamplingParams) and sp.n > 1 and sid is not None:
@@ -365,7 +375,7 @@ class LLM:
                         ids[-1].append(self.engine.add_request(prompt, choice, session_id=sid, head_tokens=head,
                                                                tail_tokens=tail, turn_starts=starts,
                                                                save_to_store=i == 0, priority=priority,
-                                                               cache_salt=salt))  # fmt: skip
+                                                               cache_salt=salt, lora_request=lora))  # fmt: skip
                         raise_held()
                 item_of = {rid: k for k, each in enumerate(ids) for rid in each}
                 left = [len(each) for each in ids]  # choices still running, per item
@@ -396,11 +406,13 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
-    def forget_session(self, session_id: str, cache_salt: str | None = None) -> bool:
+    def forget_session(self, session_id: str, cache_salt: str | None = None,
+                       lora_request: LoRARequest | None = None) -> bool:  # fmt: skip
         """Forget a conversation's KV everywhere it is kept (device pages, host, disk, the remote
-        server): its next turn is computed whole. Whether the store held it. `cache_salt`: the salt
-        its turns had, if any (a session of each salt is a conversation of its own)."""
-        return self.engine.forget_session(session_id, cache_salt)
+        server): its next turn is computed whole. Whether the store held it. `cache_salt` and
+        `lora_request`: the salt and adapter its turns had, if any (a session of each salt and
+        adapter is a conversation of its own)."""
+        return self.engine.forget_session(session_id, cache_salt, lora_request)
 
     def close(self) -> None:
         self.engine.close()

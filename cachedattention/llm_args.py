@@ -20,7 +20,7 @@ from cachedattention.cli_vllm import (
     quantization_method,
     tokenizer_mode,
 )
-from cachedattention.config import CacheConfig, SchedulerConfig, StoreConfig
+from cachedattention.config import CacheConfig, LoRAConfig, SchedulerConfig, StoreConfig
 from cachedattention.model.hub_cache import local_model_path
 
 STORE_FIELDS = frozenset(f.name for f in fields(StoreConfig)) - {"enable"}
@@ -73,6 +73,25 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
                              "StoreConfig's fields, the cache's and scheduler's CacheConfig's and "
                              "SchedulerConfig's (or give cache=, scheduler=, store=)")  # fmt: skip
     return replace(cache, **given["cache"]), replace(scheduler, **given["scheduler"]), store
+
+
+# vLLM's LoRA arguments, by LoRAConfig's names
+_LORA_ARGS = {"enable_lora": "enable", "max_loras": "max_loras", "max_lora_rank": "max_lora_rank",
+              "max_cpu_loras": "max_cpu_loras"}  # fmt: skip
+
+
+def lora_config(options: dict[str, Any]) -> LoRAConfig:
+    """The LoRA config from vLLM's LoRA arguments, taken out of `options` (None: vLLM's default);
+    `lora_dtype` must be "auto" (adapters run in the model's dtype), `fully_sharded_loras` changes
+    nothing on one device."""
+    given = {_LORA_ARGS[k]: options.pop(k) for k in list(options) if k in _LORA_ARGS}
+    dtype = options.pop("lora_dtype", None)
+    if dtype not in (None, "auto"):
+        raise ValueError(f"lora_dtype must be 'auto': adapters run in the model's dtype, got {dtype!r}")
+    sharded = options.pop("fully_sharded_loras", None)
+    if sharded is not None and not isinstance(sharded, bool):
+        raise ValueError(f"fully_sharded_loras must be true or false, got {sharded!r}")
+    return LoRAConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def _check_as_its_flag(name: str, value: Any) -> None:

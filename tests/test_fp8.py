@@ -119,7 +119,7 @@ def test_weights_the_loader_changes_are_widened_one_at_a_time(tmp_path, monkeypa
 
     tiny_quantized_checkpoint("phi4-mini", "fbgemm-rows", tmp_path)
     calls = []
-    real = loader._to_our_weights
-    monkeypatch.setattr(loader, "_to_our_weights", lambda state, *a: calls.append(len(state)) or real(state, *a))
+    real = loader.to_our_weights
+    monkeypatch.setattr(loader, "to_our_weights", lambda state, *a: calls.append(len(state)) or real(state, *a))
     LLM(model=str(tmp_path))
     assert len(calls) > 1 and all(n == 1 for n in calls[1:])  # (the first: the whole checkpoint)

@@ -123,3 +123,21 @@ def test_cuda_a_prefill_after_cached_tokens_matches_transformers(kind, tiny_dirs
     out = llm.generate([second], PARAMS)[0]
     assert out.metrics.cached_tokens["device"] >= 32  # (whole pages of the first prompt)
     assert out.token_ids == hf_greedy(hf, second, 8)
+
+
+def test_cuda_lora_adapter_equals_its_merged_weights_beside_the_base_model(tiny_dirs, tmp_path):
+    """A LoRA adapter on CUDA (PEFT's layout, written without PEFT) gives the logits of its weights
+    merged into the checkpoint, in one batch with a base-model request that gives the base model's."""
+    import transformers
+
+    from cachedattention import LoRARequest
+    from tests.lora_files import hand_written_adapter, llama_adapter_pairs, merged_checkpoint
+
+    path, hf = tiny_dirs["llama"]
+    hand_written_adapter(tmp_path / "a", llama_adapter_pairs(hf.config, [0, 1, 2]))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_checkpoint(path, tmp_path / "a", tmp_path / "m"))
+    llm = LLM(model=str(path), device="cuda", enable_lora=True)
+    prompt = list(range(5, 60))
+    outs = llm.generate([prompt, prompt], PARAMS, lora_request=[LoRARequest("a", 1, str(tmp_path / "a")), None])
+    for out, ref_model in zip(outs, (merged.eval(), hf)):
+        assert out.token_ids == hf_greedy(ref_model, prompt, 8)

@@ -81,10 +81,10 @@ def test_vllms_third_positional_argument_is_use_tqdm(llm, capsys):
     assert llm.chat(HI, GREEDY, False)[0].text and "Processed prompts" not in capsys.readouterr().err
 
 
-def test_lora_is_refused_and_priority_is_one_per_prompt(llm, chat_model_dir):
-    with pytest.raises(ValueError, match="LoRA"):
+def test_a_lora_request_of_another_type_is_refused_and_priority_is_one_per_prompt(llm, chat_model_dir):
+    with pytest.raises(ValueError, match="must be a LoRARequest"):  # (adapters themselves: tests/test_lora.py)
         llm.generate(IDS, GREEDY, lora_request=object())
-    with pytest.raises(ValueError, match="LoRA"):
+    with pytest.raises(ValueError, match="must be a LoRARequest"):
         llm.chat(HI, GREEDY, lora_request=object())
     with pytest.raises(ValueError, match="one integer per prompt"):
         llm.generate([IDS, IDS], GREEDY, priority=[1])

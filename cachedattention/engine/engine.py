@@ -29,6 +29,9 @@ from cachedattention.kvcache.kv_pool import (
     pool_bytes_for_utilization,
 )
 from cachedattention.kvcache.page_pool import PagePool
+from cachedattention.lora.adapter import LoRAAdapter
+from cachedattention.lora.registry import LoRARegistry, kv_salt
+from cachedattention.lora.request import LoRARequest
 from cachedattention.model.generation_defaults import EOS_KEY, generation_defaults
 from cachedattention.model.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from cachedattention.model.spec import ModelSpec
@@ -65,6 +68,8 @@ def _token_positions(positions: Sequence[int]) -> tuple[int, ...]:
 def _check_cache_salt(cache_salt: object) -> None:
     if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
         raise InvalidRequest(f"cache_salt must be a non-empty string, got {cache_salt!r:.60}", "cache_salt")
+    if cache_salt is not None and "\0" in cache_salt:  # (the keys of LoRA adapters' KV use it: lora.registry.kv_salt)
+        raise InvalidRequest("cache_salt may not hold a NUL character", "cache_salt")
 
 
 def _truncation_hint(req: Request, window: int) -> str:
@@ -123,9 +128,12 @@ class LLMEngine:
         self.pool.prefault_start()  # the first requests' pages, at start-up rather than in their TTFT
         self.scheduler = Scheduler(
             config.scheduler, self.pages, config.cache.page_size, config.cache.enable_prefix_cache,
-            window=self.spec.any_window,
+            window=self.spec.any_window, max_loras=config.lora.max_loras if config.lora.enable else None,
         )
         self.runner = ModelRunner(self.model, self.pool, self.device)
+        self.loras: LoRARegistry | None = None  # vLLM's --enable-lora
+        if config.lora.enable:
+            self.loras = LoRARegistry(config.lora, self.spec, self.model.enable_lora(), self.dtype, self.device)
         self.store = None
         if config.store.enable:
             from cachedattention.store.connector import StoreConnector
@@ -285,6 +293,7 @@ class LLMEngine:
         truncate: bool = True,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Queue a prompt. With a session, the store reuses its history and, when the conversation
         outgrows the window, drops its oldest turns, between its first `head_tokens` (the system prompt)
@@ -293,7 +302,8 @@ class LLMEngine:
         whole instead (not cut now, nor by an earlier turn's cut): it must then fit the window.
         `priority`: its place under the priority scheduling policy (lower first). `cache_salt` (vLLM's):
         it shares cached KV only with requests of the same salt (device blocks, a session's turns, the
-        store's anonymous prefixes)."""
+        store's anonymous prefixes). `lora_request` (vLLM's): the LoRA adapter it runs with (with
+        LoRA enabled); its KV is shared only with requests of the same adapter's files."""
         self._check_open()
         params = self.default_params() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -314,6 +324,7 @@ class LLMEngine:
             raise InvalidRequest("session_id may not hold the control characters U+001E and U+001F: the store's "
                                  "keys of a session's salted turns and branches use them", "session_id")  # fmt: skip
         _check_cache_salt(cache_salt)
+        adapter = self._adapter(lora_request)
         ids = self.tokenize(prompt, add_special_tokens)
         # what the tokenizer put before a text prompt (a BOS) stays through truncation of either kind
         cut = session_id is not None or params.truncate_prompt_tokens is not None
@@ -353,7 +364,8 @@ class LLMEngine:
             save_to_store=save_to_store,
             truncate=truncate,
             priority=priority,
-            cache_salt=cache_salt,
+            cache_salt=kv_salt(cache_salt, adapter),
+            lora=adapter,
         )
         if self.store is not None:
             self.store.prepare(req)  # may truncate an overflowing conversation
@@ -367,6 +379,17 @@ class LLMEngine:
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def _adapter(self, lora_request: LoRARequest | None) -> LoRAAdapter | None:
+        """The adapter a request names (None: the base model); refused with LoRA off."""
+        if lora_request is None:
+            return None
+        if self.loras is None:
+            raise InvalidRequest("LoRA adapters need LoRA enabled (LLM(enable_lora=True), --enable-lora)", "lora_request")
+        try:
+            return self.loras.adapter(lora_request)
+        except ValueError as e:
+            raise InvalidRequest(str(e), "lora_request") from None
 
     def _check_window(self, req: Request) -> None:
         """ValueError if the prompt, as the store planned it, does not fit the window. A session's
@@ -432,9 +455,11 @@ class LLMEngine:
         return GuidedConstraint(automaton, tok.token_bytes, tok.is_special, enders, tok.tokens_by_first_byte, end,
                                 gate)  # fmt: skip
 
-    def forget_session(self, session_id: str, cache_salt: str | None = None) -> bool:
-        """Forget a conversation (the one of that cache salt, if its turns had one): its device blocks
-        and its KV in the store's tiers (host, disk, the remote server); whether anything was held.
+    def forget_session(self, session_id: str, cache_salt: str | None = None,
+                       lora_request: LoRARequest | None = None) -> bool:  # fmt: skip
+        """Forget a conversation (the one of that cache salt and LoRA adapter, if its turns had them):
+        its device blocks and its KV in the store's tiers (host, disk, the remote server); whether
+        anything was held.
         SessionBusy (a ValueError) while a turn of it runs (that turn would save it again); OSError
         when the remote server cannot be read."""
         self._check_open()
@@ -442,7 +467,7 @@ class LLMEngine:
                 or BRANCH_SEP in session_id or SALT_SEP in session_id):  # fmt: skip
             raise InvalidRequest("session_id must be a non-empty string naming a client's session", "session_id")
         _check_cache_salt(cache_salt)
-        key = session_key(session_id, cache_salt)
+        key = session_key(session_id, kv_salt(cache_salt, self._adapter(lora_request)))
         if any(r.cache_key == key and not r.is_finished for r in self.requests.values()):
             raise SessionBusy(f"session {session_id!r} has a turn in progress; forget it once that turn has finished",
                               "session_id")  # fmt: skip

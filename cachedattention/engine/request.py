@@ -10,6 +10,7 @@ import torch
 
 from cachedattention.engine.detokenizer import IncrementalDetokenizer
 from cachedattention.engine.guided import GuidedConstraint
+from cachedattention.lora.adapter import LoRAAdapter
 from cachedattention.outputs import RequestMetrics
 from cachedattention.sampling import SamplingParams, TokenLogprob
 from cachedattention.store.session import session_key
@@ -28,7 +29,10 @@ class Request:
     params: SamplingParams
     metrics: RequestMetrics
     session_id: str | None = None
-    cache_salt: str | None = None  # vLLM's: only requests of the same salt share cached KV
+    # what its KV is keyed by: vLLM's cache_salt (only requests of the same salt share cached KV), with
+    # its LoRA adapter's fingerprint folded in when it has one (lora.registry.kv_salt)
+    cache_salt: str | None = None
+    lora: LoRAAdapter | None = None  # the LoRA adapter it runs with (None: the base model)
     logical_prompt: list[int] | None = None  # the conversation as sent, before truncation (store bookkeeping)
     head_tokens: int = 0  # leading tokens truncation always keeps (the system prompt)
     tail_tokens: int = 0  # last tokens truncation always keeps (the newest turn's messages)

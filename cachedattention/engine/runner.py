@@ -16,6 +16,7 @@ from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.kernels.paged_decode import PagedDecodeKernel
 from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
+from cachedattention.lora.batch import group_rows
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, LayerHooks, PagedDecode, SeqSlice, window_blocks
 from cachedattention.model.fused_decode import FusedDecode
 from cachedattention.model.llama import LlamaForCausalLM
@@ -61,7 +62,7 @@ class ModelRunner:
         all computed); and the prompt positions whose logits give asked-for prompt logprobs, as
         spans (scheduled index, first prompt token predicted, count), their rows after the sampled ones."""
         ids, positions, new_slots, page_tables, logit_rows, wants, shapes = [], [], [], [], [], [], []
-        prompt_rows, prompt_spans = [], []
+        prompt_rows, prompt_spans, adapters = [], [], []
         start, page_size = 0, self.pool.page_size
         for i, s in enumerate(scheduled):
             req = s.request
@@ -71,6 +72,7 @@ class ModelRunner:
             new_slots.append(KVPool.slots_for(req.pages, page_size, lo, hi, torch.device("cpu")))
             page_tables.append(torch.tensor(req.pages[: -(-hi // page_size)], dtype=torch.long))
             shapes.append((start, s.num_new, lo))
+            adapters.append((req.lora, start, start + s.num_new))
             if hi == req.num_tokens:
                 logit_rows.append(start + s.num_new - 1)
                 wants.append(i)
@@ -113,6 +115,7 @@ class ModelRunner:
             hooks=hooks,
             decode=decode,
             paged_decode=paged,
+            lora=group_rows(adapters, n, dev),
         )
         return batch, wants, prompt_spans
 

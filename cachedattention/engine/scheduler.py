@@ -37,7 +37,7 @@ Unstage = Callable[[Request], None]
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pages: PagePool, page_size: int, prefix_cache: bool,
-                 window: int | None = None) -> None:  # fmt: skip
+                 window: int | None = None, max_loras: int | None = None) -> None:  # fmt: skip
         self.config = config
         self.pages = pages
         self.page_size = page_size
@@ -45,6 +45,7 @@ class Scheduler:
         # the model's sliding window (None: no layer has one): how many pages before a device hit's end
         # its first new token reads in those layers, which must all be written there
         self.window_pages = -(-(window - 1) // page_size) if window is not None else None
+        self.max_loras = max_loras  # most LoRA adapters running at once (vLLM's --max-loras; None: no LoRA)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.store_lookup: StoreLookup | None = None
@@ -99,6 +100,9 @@ class Scheduler:
             if not req.staged and self.store_ready is not None and not self.store_ready(req):
                 not_ready.append(req)
                 continue
+            if not self._lora_fits(req):  # (as vLLM: it waits; requests behind it may run)
+                not_ready.append(req)
+                continue
             if not req.staged:
                 self._admit(req)
             n = self._chunk(req, budget)
@@ -120,6 +124,13 @@ class Scheduler:
         if self.waiting and len(self.running) >= self.config.max_num_seqs:
             self.steps_blocked["seqs"] += 1
         return out
+
+    def _lora_fits(self, req: Request) -> bool:
+        """Whether req's adapter runs already or one more adapter is allowed to."""
+        if req.lora is None or self.max_loras is None:
+            return True
+        running = {id(r.lora) for r in self.running if r.lora is not None}
+        return id(req.lora) in running or len(running) < self.max_loras
 
     def _budget_left(self, scheduled: list[ScheduledSeq]) -> int:
         return self.config.max_num_batched_tokens - sum(s.num_new for s in scheduled)

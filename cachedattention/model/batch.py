@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from cachedattention.lora.batch import LoRABatch
 
 
 @dataclass
@@ -119,6 +122,7 @@ class ForwardBatch:
     hooks: LayerHooks | None = None
     decode: list[DecodeGroup] = field(default_factory=list)  # their sequences are not in `seqs`
     paged_decode: PagedDecode | None = None  # its sequences are neither in `seqs` nor in `decode`
+    lora: LoRABatch | None = None  # the rows that run with a LoRA adapter, by adapter (None: none do)
 
 
 def window_blocks(num_new: int, context: int, window: int, block: int, device: torch.device) -> list[WindowBlock]:

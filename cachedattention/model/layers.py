@@ -4,6 +4,7 @@ RMSNorm, the gated MLP and the sparse mixture of them; a oneDNN-packed weight.""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,6 +14,9 @@ from cachedattention.kernels import few_rows_linear
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel, QuantizedWeight
 from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.model.spec import MoESpec
+
+if TYPE_CHECKING:
+    from cachedattention.lora.batch import LoRASlot
 
 log = logging.getLogger(__name__)
 MAX_DEQUANTIZED = 64 << 20  # weights held only as blocks dequantized for one call at most (256 MB of float32)
@@ -31,16 +35,27 @@ class Linear(nn.Linear):
         self.packed: OneDNNWeight | None = None
         # the blocks are the only copy (a GGUF's decoder layers on a CPU): `weight` is a placeholder
         self.blocks_only = False
+        # with LoRA enabled: where this layer finds the step's adapters, and its name in theirs
+        self.lora_slot: LoRASlot | None = None
+        self.lora_key = ""
 
     def kernel_weight(self) -> torch.Tensor | QuantizedWeight:
         """What the few-rows kernel reads: the GGUF blocks when attached, else the float32 weight."""
         return self.quantized if self.quantized is not None else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.lora_slot
+        if slot is None or slot.batch is None:
+            return self._base(x)
+        y = self._base(x)
+        slot.batch.add_to(self.lora_key, x, y)  # each adapter's scale * (x A^T) B^T, on its rows
+        return y
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.few_rows
         if self.blocks_only:  # every call on the blocks: the kernel, or dequantized for the call (into a kept buffer)
             if x.dim() != 2:  # rows, as the kernel and the slices below take them
-                return self(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+                return self._base(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
             if x.shape[0] == 0:  # (a step where no prompt ends yet asks the head for no rows)
                 return x.new_zeros(0, self.out_features)
             if kernel is not None and kernel.takes(x, self.quantized, blocks_only=True):
@@ -49,7 +64,7 @@ class Linear(nn.Linear):
             big = self.quantized.shape[0] * self.quantized.shape[1] > MAX_DEQUANTIZED
             if kernel is not None and big and x.shape[0] > limit:
                 # a large vocabulary's head (prompt logprobs of a long chunk): never a float32 copy of GBs
-                return torch.cat([self(rows) for rows in x.split(limit)])
+                return torch.cat([self._base(rows) for rows in x.split(limit)])
             if kernel is not None:
                 return kernel.dequantized_linear(x, self.quantized, self.bias)
             return F.linear(x, self.quantized.dequantize().to(x.dtype), self.bias)

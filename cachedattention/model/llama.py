@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from cachedattention.kernels.few_rows_linear import FewRowsLinearKernel
 from cachedattention.kernels.row_ops import RowOpsKernel
 from cachedattention.kvcache.kv_pool import KVPool
+from cachedattention.lora.batch import ADAPTABLE, LoRASlot
 from cachedattention.model.batch import DecodeGroup, ForwardBatch, SeqSlice
 from cachedattention.model.fused_decode import FusedDecode
 from cachedattention.model.layers import (
@@ -267,6 +268,19 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
         self.row_ops: RowOpsKernel | None = None
+        self.lora_slot: LoRASlot | None = None  # set by enable_lora
+
+    def enable_lora(self) -> dict[str, tuple[int, int]]:
+        """Let LoRA adapters add to the layers they may target (each call of which sees every row of
+        a step: attention's projections, dense MLPs); their (out, in) shapes by name."""
+        if self.lora_slot is None:
+            self.lora_slot = LoRASlot()
+        shapes = {}
+        for name, m in self.named_modules():
+            if isinstance(m, Linear) and ADAPTABLE.fullmatch(name):
+                m.lora_slot, m.lora_key = self.lora_slot, name
+                shapes[name] = (m.out_features, m.in_features)
+        return shapes
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -296,7 +310,19 @@ class LlamaForCausalLM(nn.Module):
         """Run the flat batch through every layer; return float32 logits at batch.logits_indices.
 
         `fused`: the layers described over this pool in two C calls each, for a step whose rows are
-        all paged decoders; they reproduce the row ops and few-rows kernels, so only with those."""
+        all paged decoders and run no LoRA adapter; they reproduce the row ops and few-rows kernels,
+        so only with those."""
+        if batch.lora is not None:
+            if self.lora_slot is None:
+                raise RuntimeError("a step with LoRA adapters on a model without enable_lora()")
+            self.lora_slot.batch = batch.lora
+            try:
+                return self._forward(batch, pool, None)
+            finally:
+                self.lora_slot.batch = None
+        return self._forward(batch, pool, fused)
+
+    def _forward(self, batch: ForwardBatch, pool: KVPool, fused: FusedDecode | None) -> torch.Tensor:
         ropes = self.rotary.per_layer(batch.positions, self.spec.num_layers)
         x = self.model.embed_tokens(batch.input_ids)  # the residual stream, added to in place
         if self.spec.embed_scale is not None:  # Gemma's, Granite's: in the model's dtype, as transformers scales it

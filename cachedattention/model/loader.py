@@ -84,10 +84,10 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         quantized = _gguf_blocks(reader, config) if cpu_float32 and FewRowsLinearKernel.load() is not None else {}
         blocks_only = _layers_as_blocks(config, quantized, reader)
         read = gguf_state_dict(reader, config, blocks_only)
-        state = _to_our_weights(read, spec)
+        state = to_our_weights(read, spec)
         folded = {name for name in blocks_only if name in read and state[name] is not read[name]}
         if folded:  # changed at load (a scale folded in, rows reordered): float32, from their blocks
-            state.update(_to_our_weights({name: quantized[name].dequantize() for name in folded}, spec))
+            state.update(to_our_weights({name: quantized[name].dequantize() for name in folded}, spec))
             blocks_only -= folded
         quantized = _blocks_as_loaded(quantized, read, state, spec)
         del read  # (the weights replaced at load: not held twice while the model is built)
@@ -129,7 +129,7 @@ def _read_checkpoint(path: Path, config: dict, spec: ModelSpec, dtype: torch.dty
     scheme = None if spec.model_type == "gpt_oss" else checkpoint_scheme(config)
     if scheme is None:
         refuse_fp8(state)
-        return _to_our_weights(state, spec, dtype), {}
+        return to_our_weights(state, spec, dtype), {}
     if unused := unused_scales_set_aside(state):
         log.info("the checkpoint's %d activation and KV-cache scales are not used: activations and the KV cache "
                  "stay in the model's dtype", unused)  # fmt: skip
@@ -146,7 +146,7 @@ def _read_checkpoint(path: Path, config: dict, spec: ModelSpec, dtype: torch.dty
             blocks[name] = b
         # (widened straight to the model's dtype: a GPU's bfloat16 model never holds every weight as float32)
         state[name] = w.dequantize().to(dtype) if b is None else torch.zeros((), dtype=torch.float32).expand(b.shape)
-    read, state = state, _to_our_weights(state, spec, dtype)
+    read, state = state, to_our_weights(state, spec, dtype)
     _drop_loose_zero_biases(state, zero_biases, spec)
     placed = {id(t): name for name, t in state.items()}  # (a weight the loader only renamed keeps its blocks)
     ours = {name for name in placed.values() if name.startswith(PLACED)} - ({"lm_head.weight"} if spec.tie_word_embeddings else set())
@@ -155,7 +155,7 @@ def _read_checkpoint(path: Path, config: dict, spec: ModelSpec, dtype: torch.dty
     changed = [name for name in blocks if id(read[name]) not in placed]
     for name in changed:  # reordered, rescaled or left out at load: widened, then through the same changes,
         # one at a time (a mixture's left-out layers, GLM-4.5's prediction layer, are never all float32 at once)
-        state.update(_to_our_weights({name: blocks.pop(name).dequantize()}, spec, dtype))
+        state.update(to_our_weights({name: blocks.pop(name).dequantize()}, spec, dtype))
     log.info("%s checkpoint: %d of its %d quantized weights held as the few-rows kernel's %s blocks, the others "
              "widened to %s", scheme.method, len(kept), count, "F8" if isinstance(scheme, Fp8Scheme) else "Q4_1",
              str(dtype).removeprefix("torch."))  # fmt: skip
@@ -485,7 +485,7 @@ LANGUAGE_MODEL_PREFIXES = {"language_model.model.": "model.", "language_model.lm
                            "model.language_model.": "model."}  # fmt: skip
 
 
-def _to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec,
+def to_our_weights(state: dict[str, torch.Tensor], spec: ModelSpec,
                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # fmt: skip
     """A checkpoint's weights as our modules hold them. Phi-3 fuses q/k/v and gate/up. Mixtral's
     sparse MLP is block_sparse_moe with experts' w1/w3/w2; ours is `mlp` with gate_proj/up_proj/

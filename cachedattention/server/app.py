@@ -30,6 +30,7 @@ from cachedattention.cli_vllm import uvicorn_options
 from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import SessionBusy
+from cachedattention.lora.request import LoRARequest
 from cachedattention.model.messages import ChatOptions
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
@@ -284,8 +285,10 @@ class OpenAIRoutes:
                  trust_request_chat_template: bool = False, named: bool = True,
                  tool_parser: ToolCallParser = HermesCalls, token_ids_as_tokens: bool = False,
                  reasoning_parser: ReasoningParser | None = None, force_include_usage: bool = False,
-                 template_defaults: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+                 template_defaults: Mapping[str, Any] | None = None,
+                 loras: Sequence[LoRARequest] = ()) -> None:  # fmt: skip
         self.loop = loop
+        self.loras = {r.lora_name: r for r in loras}  # the adapters a request's `model` may name (--lora-modules)
         self.template_defaults = dict(template_defaults or {})  # chat_template_kwargs' (--default-chat-template-kwargs)
         self.token_ids_as_tokens = token_ids_as_tokens  # vLLM's --return-tokens-as-token-ids
         self.trust_template = trust_request_chat_template
@@ -338,6 +341,9 @@ class OpenAIRoutes:
         cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "cachedattention", "root": root,
                   "parent": None, "max_model_len": self.max_model_len, "permission": [model_permission(self.created)]}
                  for name in self.model_names]  # fmt: skip
+        cards += [{"id": name, "object": "model", "created": self.created, "owned_by": "cachedattention",
+                   "root": lora.path, "parent": self.model_name, "max_model_len": self.max_model_len,
+                   "permission": [model_permission(self.created)]} for name, lora in self.loras.items()]  # fmt: skip
         return {"object": "list", "data": cards}
 
     async def health(self) -> JSONResponse:
@@ -349,11 +355,13 @@ class OpenAIRoutes:
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
-    async def forget_session(self, session_id: str, cache_salt: str | None = None) -> dict[str, Any]:
+    async def forget_session(self, session_id: str, cache_salt: str | None = None,
+                             model: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Forget a conversation's KV wherever it is kept (this server's tiers and the remote one);
-        `?cache_salt=`: the one its turns were salted with."""
+        `?cache_salt=`: the one its turns were salted with; `?model=`: the LoRA adapter they ran with."""
+        lora = self.check_model(model)
         try:
-            held = await self.loop.forget_session(session_id, cache_salt)
+            held = await self.loop.forget_session(session_id, cache_salt, lora)
         except SessionBusy as e:
             raise APIError(409, str(e), "session_busy", "session_id") from None
         except (ServerDraining, ValueError) as e:
@@ -380,7 +388,7 @@ class OpenAIRoutes:
 
     async def _tokenizer_request(self, request: Request) -> tuple[dict[str, Any], Tokenizer]:
         body = parse_json_object(await request.body())
-        self._check_model(body.get("model"))
+        self.check_model(body.get("model"))  # (an adapter's tokenizer is the model's)
         tok = self.loop.engine.tokenizer
         if tok is None:
             raise APIError(400, "this model was loaded without a tokenizer", "no_tokenizer")
@@ -403,14 +411,22 @@ class OpenAIRoutes:
         return Reasoning(self.reasoning_parser, shaped_from_start, parsed.include_reasoning, params.skip_special_tokens,
                          engine.reasoning_tags)  # fmt: skip
 
-    def _check_model(self, model: Any) -> None:
+    def check_model(self, model: Any) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names (None: the model itself); 404 for a name this
+        server does not serve."""
         if model is not None and not isinstance(model, str):  # (every route's answer, /tokenize's too)
             raise bad("model must be a string", "model", "invalid_type")
+        if model is not None and model in self.loras:
+            return self.loras[model]
         if model is not None and model not in self.aliases:
-            raise APIError(
-                404, f"the model {model!r} does not exist; this server serves {' or '.join(map(repr, self.model_names))}",
-                "model_not_found", "model",
-            )  # fmt: skip
+            served = " or ".join(map(repr, [*self.model_names, *self.loras]))
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {served}", "model_not_found",
+                           "model")  # fmt: skip
+        return None
+
+    def answer_model(self, lora: LoRARequest | None) -> str:
+        """The model an answer names: the adapter's name, as vLLM's, or the model's first name."""
+        return self.model_name if lora is None else lora.lora_name
 
     # -- generation -------------------------------------------------------------------------------
     async def _generate(self, request: Request, chat: bool) -> Response:
@@ -422,12 +438,13 @@ class OpenAIRoutes:
         # in a worker thread: compiling a large schema or grammar must not hold up other requests' streams
         parsed = await asyncio.to_thread(parse, body, request.headers.get("x-session-id"), self.max_model_len,
                                          self.loop.engine.sampling_defaults)  # fmt: skip
-        self._check_model(parsed.model)
+        lora = self.check_model(parsed.model)
         parsed = self.keep_tags(parsed) if chat else parsed
         given = client_request_id(request.headers, parsed.request_id)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{given or uuid.uuid4().hex}"
         streams = await self._submit(engine_request_id(rid, given is not None), parsed,
-                                     parsed.max_tokens_asked if parsed.session_id is None else None)  # fmt: skip
+                                     parsed.max_tokens_asked if parsed.session_id is None else None,
+                                     lora=lora)  # fmt: skip
         tok = self.loop.engine.tokenizer
         echoes = None
         if parsed.echo:  # each prompt's, as sent or its ids' text (encodes: in a worker thread), for its choices
@@ -435,7 +452,7 @@ class OpenAIRoutes:
             once = await asyncio.to_thread(lambda: [Echo.of(p, tok, parsed.add_special_tokens) for p in prompts])
             echoes = [echo for echo in once for _ in range(parsed.n)]
         include_usage = parsed.include_usage or (self.force_include_usage and parsed.stream)
-        fmt = _Format(rid, self.model_name, chat, include_usage, tok, parsed.params.logprobs, echoes,
+        fmt = _Format(rid, self.answer_model(lora), chat, include_usage, tok, parsed.params.logprobs, echoes,
                       parsed.prompt_logprobs, parsed.parse_tool_calls, parsed.named_tool,
                       for_request(self.tool_parser, parsed.tools),
                       include_usage and parsed.continuous_usage, parsed.token_ids_as_tokens or self.token_ids_as_tokens,
@@ -448,13 +465,14 @@ class OpenAIRoutes:
         return JSONResponse(fmt.full([_prompt_only(o) for o in outs] if parsed.prompt_only else outs))
 
     async def _submit(self, rid: str, parsed: ParsedRequest, check_room: int | None, truncate: bool = True,
-                      render_aside: bool = False) -> list[RequestStream]:  # fmt: skip
+                      render_aside: bool = False, lora: LoRARequest | None = None) -> list[RequestStream]:  # fmt: skip
         """One engine request per choice (n > 1: seeds seed, seed + 1, ... so that seeded choices
         differ), n for each prompt of a batch in turn; each accepted, or all withdrawn and the first
         error raised. `check_room`: the
         answer's length that must fit in the window after the prompt (None: no check); `truncate`:
         whether a session's conversation may be cut to fit; `render_aside`: render the messages in
-        a worker thread (a long conversation must not hold up the engine's thread)."""
+        a worker thread (a long conversation must not hold up the engine's thread); `lora`: the
+        adapter its `model` names."""
         streams: list[RequestStream] = []
         rendered = None
         prompts = parsed.batch or [parsed.prompt]
@@ -466,7 +484,8 @@ class OpenAIRoutes:
                           parsed.messages, parsed.tools, parsed.chat_options, stream_text=parsed.stream,
                           check_room=check_room,
                           save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens,
-                          truncate=truncate, priority=parsed.priority, cache_salt=parsed.cache_salt)  # fmt: skip
+                          truncate=truncate, priority=parsed.priority, cache_salt=parsed.cache_salt,
+                          lora_request=lora)  # fmt: skip
                 own_template = parsed.chat_options is not None and parsed.chat_options.template is not None
                 if parsed.messages is not None and (own_template or render_aside):
                     if rendered is None:  # a request's own template may run long: in a worker thread, once
@@ -701,6 +720,7 @@ def create_app(
     disable_docs: bool = False,
     request_id_headers: bool = False,
     default_chat_template_kwargs: Mapping[str, Any] | None = None,
+    lora_modules: Sequence[tuple[str, str]] = (),
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
@@ -719,7 +739,8 @@ def create_app(
     `log_requests`: one INFO line per request received (vLLM's --enable-log-requests). `request_id_headers`:
     every answer carries X-Request-Id (vLLM's --enable-request-id-headers); `default_chat_template_kwargs`:
     chat template variables every chat gets unless its own chat_template_kwargs set them (vLLM's
-    --default-chat-template-kwargs)."""
+    --default-chat-template-kwargs). `lora_modules`: (name, folder) of each LoRA adapter a request's
+    `model` may name (vLLM's --lora-modules; the engine's LoRA enabled), each read at start."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
@@ -738,6 +759,7 @@ def create_app(
         log.warning("gpt-oss answers in harmony: serve it with --reasoning-parser openai_gptoss and "
                     "--tool-call-parser openai, or its chat answers keep their channels as text")  # fmt: skip
     model_names = names or [default_model_name(engine)]
+    loras = _lora_modules(engine, lora_modules, model_names)
     metrics = ServerMetrics(model_names[0])
     loop = EngineLoop(engine, on_finished=metrics.observe_finished, log_requests=log_requests,
                       on_first_token=metrics.observe_first_token, on_token=metrics.observe_token)
@@ -749,7 +771,7 @@ def create_app(
                           token_ids_as_tokens=return_tokens_as_token_ids,
                           reasoning_parser=engine.reasoning_parser,
                           force_include_usage=force_include_usage,
-                          template_defaults=default_chat_template_kwargs)  # fmt: skip
+                          template_defaults=default_chat_template_kwargs, loras=loras)  # fmt: skip
     if allow_credentials and "*" in allowed_origins:
         log.warning("--allow-credentials with any origin: every web page may call this server with its users' "
                     "cookies; name the origins (--allowed-origins)")  # fmt: skip
@@ -799,6 +821,20 @@ def _shared_responses(engine: LLMEngine) -> SharedResponses | None:
     return SharedResponses(remote.tier) if remote is not None else None
 
 
+def _lora_modules(engine: LLMEngine, modules: Sequence[tuple[str, str]], model_names: list[str]) -> list[LoRARequest]:
+    """--lora-modules' adapters as LoRARequests (ids 1, 2, ... in order), each read now: a folder
+    that cannot be served stops the start, not its first request."""
+    if modules and engine.loras is None:
+        raise ValueError("LoRA modules need LoRA enabled (--enable-lora)")
+    names = [name for name, _ in modules]
+    if len(set(names)) < len(names) or set(names) & {*model_names, "default"}:
+        raise ValueError(f"each LoRA module needs a name of its own, not the model's: got {names}")
+    loras = [LoRARequest(name, i, path) for i, (name, path) in enumerate(modules, start=1)]
+    for lora in loras:  # (past --max-cpu-loras the earliest are let go again, and read when asked for)
+        engine.loras.adapter(lora)
+    return loras
+
+
 def serve(args: argparse.Namespace) -> int:
     """`cachedattention serve`: run until SIGTERM/SIGINT, then drain in-flight requests and flush the store."""
     from cachedattention.cli import engine_config
@@ -826,7 +862,8 @@ def serve(args: argparse.Namespace) -> int:
                      disable_docs=getattr(args, "disable_fastapi_docs", False),
                      log_requests=getattr(args, "enable_log_requests", False),
                      request_id_headers=getattr(args, "enable_request_id_headers", False),
-                     default_chat_template_kwargs=getattr(args, "default_chat_template_kwargs", None))
+                     default_chat_template_kwargs=getattr(args, "default_chat_template_kwargs", None),
+                     lora_modules=getattr(args, "lora_modules", None) or ())
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on",

@@ -14,6 +14,7 @@ from typing import Any
 
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import InvalidRequest
+from cachedattention.lora.request import LoRARequest
 from cachedattention.model.messages import ChatOptions
 from cachedattention.model.tokenizer import Kept
 from cachedattention.outputs import RequestOutput
@@ -49,6 +50,7 @@ class Job:
     truncate: bool = True  # False: a session's conversation is served whole (the Responses API's truncation "disabled")
     priority: int = 0  # vLLM's: the request's place under --scheduling-policy priority (lower first)
     cache_salt: str | None = None  # vLLM's: cached KV is shared only with requests of the same salt
+    lora_request: LoRARequest | None = None  # the LoRA adapter its `model` names (None: the base model)
     add_special_tokens: bool = True  # a text prompt gets the tokenizer's own around it (Llama's BOS)
     # the messages already rendered (a request's own chat template: off the engine thread) and what
     # truncation keeps of them (its head and its newest turn)
@@ -173,13 +175,14 @@ class EngineLoop:
                 return
         self._cmds.put(("abort", request_id))
 
-    def forget_session(self, session_id: str, cache_salt: str | None = None) -> asyncio.Future:
-        """Forget a session (of that cache salt) on the engine's thread (its page pool is that
+    def forget_session(self, session_id: str, cache_salt: str | None = None,
+                       lora_request: LoRARequest | None = None) -> asyncio.Future:  # fmt: skip
+        """Forget a session (of that cache salt and LoRA adapter) on the engine's thread (its page pool is that
         thread's); the future resolves to whether it was held, or to the engine's error."""
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         if not self._accepting:
             raise ServerDraining("the server is shutting down")
-        self._cmds.put(("forget", session_id, future, cache_salt))
+        self._cmds.put(("forget", session_id, future, cache_salt, lora_request))
         return future
 
     def stats(self) -> dict[str, Any]:
@@ -272,6 +275,7 @@ class EngineLoop:
                 head_tokens=head, tail_tokens=tail, turn_starts=starts, save_to_store=job.save_to_store,
                 add_special_tokens=job.add_special_tokens,
                 truncate=job.truncate, priority=job.priority, cache_salt=job.cache_salt,
+                lora_request=job.lora_request,
             )
             if job.check_room is not None and not before:
                 try:  # as the engine holds it: tokenized, cut to truncate_prompt_tokens
@@ -288,9 +292,10 @@ class EngineLoop:
         self._streams[job.request_id] = stream
         stream.put(ACCEPTED)
 
-    def _forget(self, session_id: str, future: asyncio.Future, cache_salt: str | None = None) -> None:
+    def _forget(self, session_id: str, future: asyncio.Future, cache_salt: str | None = None,
+                lora_request: LoRARequest | None = None) -> None:  # fmt: skip
         try:
-            result: Any = self.engine.forget_session(session_id, cache_salt)
+            result: Any = self.engine.forget_session(session_id, cache_salt, lora_request)
         except Exception as e:  # ValueError: the client's (-> 4xx); OSError: the remote store's (-> 503)
             if not isinstance(e, (ValueError, OSError)):
                 log.exception("forgetting session %r failed", session_id)

@@ -282,15 +282,16 @@ class ResponsesRoutes:
                                              routes.tool_parser.name, routes.template_defaults)  # fmt: skip
         except APIError as e:
             raise in_responses_terms(e) from None
-        routes._check_model(parsed.model)
+        lora = routes.check_model(parsed.model)
         rid = f"resp_{uuid.uuid4().hex}"
         # the conversation's turns share one session of the KV store: the one it started in ("auto"
         # truncation needs one even for a response that is not stored)
         auto = req.truncation == "auto"
         session = parsed.session_id or (prev.session_id if prev else None) or (rid if req.store or auto else None)
         parsed = routes.keep_tags(replace(parsed, session_id=session))
-        streams = await routes._submit(rid, parsed, _room(parsed, req.truncation), truncate=auto, render_aside=True)
-        answer = _Answer(rid, routes.model_name, req, parsed, routes.loop.engine.tokenizer,
+        streams = await routes._submit(rid, parsed, _room(parsed, req.truncation), truncate=auto, render_aside=True,
+                                       lora=lora)  # fmt: skip
+        answer = _Answer(rid, routes.answer_model(lora), req, parsed, routes.loop.engine.tokenizer,
                          for_request(routes.tool_parser, parsed.tools),
                          routes.reasoning_of(parsed))
         self._unstored[rid] = answer

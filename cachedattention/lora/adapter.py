@@ -1,0 +1,191 @@
+"""A PEFT LoRA adapter folder read into our module layout.
+
+PEFT saves, for each adapted linear layer W (out x in), A (r x in) and B (out x r); the layer then
+computes x W^T + scale * (x A^T) B^T, scale = alpha / r (alpha / sqrt(r) with rsLoRA). The loader
+changes some weights on their way to our modules (fused q/k/v and gate/up split, scales folded in,
+q/k dimensions reordered for the rotation): every one of those acts on a weight's rows, so B (with
+the scale folded in) goes through the very same changes, and A, over the inputs, stays as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cachedattention.lora.batch import ADAPTABLE
+from cachedattention.model.loader import to_our_weights
+from cachedattention.model.spec import ModelSpec
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# PEFT's names: base_model.model.<module>.lora_A.weight (an adapter's name may sit before .weight)
+_PEFT_NAME = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)(\.[^.]+)?\.weight")
+_REFUSED_OPTIONS = {  # adapter_config.json options that change what is computed: (the refusal's reason)
+    "use_dora": "DoRA adapters (use_dora) are not supported",
+    "use_qalora": "QALoRA adapters (use_qalora) are not supported",
+    "fan_in_fan_out": "fan_in_fan_out adapters (GPT-2's Conv1D layers) are not supported",
+    "lora_bias": "adapters with a bias on lora_B (lora_bias) are not supported",
+    "modules_to_save": "adapters that replace whole modules (modules_to_save) are not supported",
+    "trainable_token_indices": "adapters that train token embeddings (trainable_token_indices) are not supported",
+    "target_parameters": "adapters on parameters (target_parameters: a mixture's experts) are not supported",
+    "layer_replication": "adapters that replicate layers (layer_replication) are not supported",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class LoRAAdapter:
+    """An adapter as the linear layers use it: for each of our module names, A (r x in) and B (out x r)
+    with the adapter's scale already in B. `fingerprint`: a digest of its config and weights, so a
+    conversation's KV computed with it is found again by any engine (or replica) serving the same
+    files, whatever name they give it."""
+
+    name: str
+    path: str
+    rank: int
+    fingerprint: str
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def read_adapter(name: str, folder: str, spec: ModelSpec, shapes: dict[str, tuple[int, int]], max_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> LoRAAdapter:  # fmt: skip
+    """The PEFT adapter in `folder` for the model of `spec`, whose adaptable linear layers have the
+    (out, in) `shapes`; a ValueError that says why for anything it cannot serve exactly."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"LoRA adapter {name!r}: {folder} is not a folder (a PEFT adapter's: {CONFIG_FILE} and "
+                         f"{WEIGHT_FILES[0]})")  # fmt: skip
+    config_bytes, config = _read_config(name, path)
+    weights_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    if weights_file is None:
+        raise ValueError(f"LoRA adapter {name!r}: {folder} has neither {' nor '.join(WEIGHT_FILES)}")
+    weights_bytes = weights_file.read_bytes()
+    state = _read_weights(name, weights_file)
+    pairs = _pairs(name, state)
+    ours: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    rank = 0
+    for module, (a, b) in sorted(pairs.items()):
+        r = a.shape[0]
+        if r > max_rank:
+            raise ValueError(f"LoRA adapter {name!r}: its rank {r} (at {module}) is greater than max_lora_rank "
+                             f"{max_rank} (raise --max-lora-rank)")  # fmt: skip
+        rank = max(rank, r)
+        b = b.float() * _scale(config, module, r)
+        for weight_name, part_b in to_our_weights({f"{module}.weight": b}, spec).items():
+            target = weight_name.removesuffix(".weight")
+            _check_target(name, module, target, a, part_b, shapes)
+            ours[target] = (a.to(device, dtype).contiguous(), part_b.to(device, dtype).contiguous())
+    _check_no_strays(name, state)  # (after the pairs: a head's or embedding's copy beside a pair refused there)
+    if not ours:
+        raise ValueError(f"LoRA adapter {name!r}: {weights_file} holds no LoRA weights")
+    digest = hashlib.sha256(config_bytes + b"\0" + weights_bytes).hexdigest()
+    return LoRAAdapter(name, str(path), rank, digest, ours)
+
+
+def _read_config(name: str, path: Path) -> tuple[bytes, dict]:
+    file = path / CONFIG_FILE
+    try:
+        raw = file.read_bytes()
+        config = json.loads(raw)
+    except OSError as e:
+        raise ValueError(f"LoRA adapter {name!r}: cannot read {file}: {e.strerror or e}") from None
+    except (ValueError, RecursionError):
+        raise ValueError(f"LoRA adapter {name!r}: {file} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"LoRA adapter {name!r}: {file} must hold a JSON object")
+    kind = config.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise ValueError(f"LoRA adapter {name!r}: {file} describes a {kind} adapter; only LoRA adapters are served")
+    for option, reason in _REFUSED_OPTIONS.items():
+        if config.get(option):
+            raise ValueError(f"LoRA adapter {name!r}: {reason}")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"LoRA adapter {name!r}: adapters that train biases (bias={config['bias']!r}) are not supported")
+    for key in ("r", "lora_alpha"):
+        v = config.get(key)
+        if key in config and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+            raise ValueError(f"LoRA adapter {name!r}: {key} in {file} must be a positive number, got {v!r:.40}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise ValueError(f"LoRA adapter {name!r}: {key} in {file} must be an object")
+    return raw, config
+
+
+def _read_weights(name: str, file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                return load_file(str(file))
+            except SafetensorError as e:
+                raise ValueError(f"LoRA adapter {name!r}: {file} is not a readable safetensors file: {e}") from None
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ValueError(f"LoRA adapter {name!r}: cannot read {file}: {e.strerror or e}") from None
+    except (RuntimeError, EOFError, ValueError) as e:  # torch.load's damaged or foreign pickles
+        raise ValueError(f"LoRA adapter {name!r}: {file} is not a readable PyTorch state dict: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"LoRA adapter {name!r}: {file} is not a state dict of tensors")
+    return state
+
+
+def _pairs(name: str, state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each adapted module's (A, B), by its name in the base model's checkpoint (other weights:
+    _check_no_strays)."""
+    embedding = next((key for key in state if "lora_embedding" in key), None)
+    if embedding is not None:
+        raise ValueError(f"LoRA adapter {name!r}: {embedding} is an embedding LoRA's; only linear layers' "
+                         "lora_A and lora_B are served")  # fmt: skip
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        m = _PEFT_NAME.fullmatch(key)
+        if m is not None:
+            parts.setdefault(m["module"], {})[m["part"]] = t
+    pairs = {}
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"LoRA adapter {name!r}: {module} has lora_{''.join(ab)} without its other half")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.is_floating_point():
+            raise ValueError(f"LoRA adapter {name!r}: {module}'s lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                             "are not an (r x in, out x r) pair of float matrices")  # fmt: skip
+        pairs[module] = (a, b)
+    return pairs
+
+
+def _check_no_strays(name: str, state: dict[str, torch.Tensor]) -> None:
+    stray = next((key for key in state if _PEFT_NAME.fullmatch(key) is None), None)
+    if stray is not None:
+        raise ValueError(f"LoRA adapter {name!r}: {stray} is no LoRA pair's weight (a whole module saved beside "
+                         "them?); only linear layers' lora_A and lora_B are served")  # fmt: skip
+
+
+def _scale(config: dict, module: str, rank: int) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA; alpha by alpha_pattern where one of its keys
+    matches the module's name as PEFT matches them (the whole name, or its end after a dot)."""
+    alpha = config.get("lora_alpha", 8)
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        if key == module or re.match(rf"(.*\.)?({key})$", module):
+            alpha = value
+            break
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _check_target(name: str, module: str, target: str, a: torch.Tensor, b: torch.Tensor,
+                  shapes: dict[str, tuple[int, int]]) -> None:  # fmt: skip
+    if not ADAPTABLE.fullmatch(target) or target not in shapes:
+        raise ValueError(f"LoRA adapter {name!r}: {module} is not a layer adapters may target here (the "
+                         "attention's q/k/v/o projections and the dense MLPs' gate/up/down, fused or not; "
+                         "not a mixture's experts or router, the embedding or the head)")  # fmt: skip
+    out_features, in_features = shapes[target]
+    if a.shape[1] != in_features or b.shape[0] != out_features:
+        raise ValueError(f"LoRA adapter {name!r}: {module}'s lora_A {tuple(a.shape)} and lora_B (as {target}: "
+                         f"{tuple(b.shape)}) do not fit the model's layer ({out_features} x {in_features}): an "
+                         "adapter for another base model?")  # fmt: skip

@@ -1,0 +1,103 @@
+"""LoRA adapters over HTTP, as vLLM serves them: --lora-modules names them, a request's `model`
+picks one, /v1/models lists them, and a session's KV is kept apart by adapter."""
+
+from __future__ import annotations
+
+import argparse
+
+import httpx
+import pytest
+
+from cachedattention.cli_vllm import lora_module
+from cachedattention.config import CacheConfig, EngineConfig, LoRAConfig, StoreConfig
+from tests.lora_files import ATTENTION, MLP, write_adapter
+from tests.server.conftest import PAGES, start_server
+from tests.server.test_server import client
+
+
+@pytest.fixture(scope="module")
+def adapters(chat_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapters")
+    write_adapter(chat_model_dir, folder / "sql", ATTENTION + MLP, r=8, seed=3)
+    write_adapter(chat_model_dir, folder / "poet", ["q_proj", "v_proj"], r=4, seed=4)
+    return folder
+
+
+def lora_config(model_dir, store_dir=None) -> EngineConfig:
+    return EngineConfig(model=str(model_dir), cache=CacheConfig(num_pages=PAGES),
+                        store=StoreConfig(enable=store_dir is not None, store_dir=store_dir),
+                        lora=LoRAConfig(enable=True, max_loras=2))  # fmt: skip
+
+
+def test_a_request_s_model_picks_its_adapter(chat_model_dir, adapters, tmp_path):
+    from cachedattention import LLM, LoRARequest, SamplingParams
+
+    server = start_server(lora_config(chat_model_dir, str(tmp_path / "store")),
+                          lora_modules=[("sql", str(adapters / "sql")), ("poet", str(adapters / "poet"))])  # fmt: skip
+    try:
+        c = client(server.url)
+
+        def turn(model):
+            return c.chat.completions.create(model=model, messages=conv, max_tokens=6, temperature=0,
+                                             extra_body={"session_id": "u"})  # fmt: skip
+
+        conv = [{"role": "user", "content": "Write a query."}]
+        first = turn("sql")
+        conv += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "Now sort it."}]  # fmt: skip
+        assert turn("sql").usage.prompt_tokens_details.cached_tokens > 0
+        # another adapter's KV is not this one's (nothing ran with it yet: not even the template's head)
+        assert turn("poet").usage.prompt_tokens_details.cached_tokens == 0
+        gone = httpx.delete(f"{server.url}/v1/sessions/u", params={"model": "sql"}, timeout=30)
+        assert gone.status_code == 200
+        again = httpx.delete(f"{server.url}/v1/sessions/u", params={"model": "sql"}, timeout=30)
+        assert again.status_code == 404
+        assert httpx.delete(f"{server.url}/v1/sessions/u", params={"model": "poet"}, timeout=30).status_code == 200
+        cards = {m.id: m for m in c.models.list().data}
+        assert cards["sql"].parent == cards["poet"].parent != "sql" and cards["sql"].root == str(adapters / "sql")
+        messages = [{"role": "user", "content": "Tell me about the sea."}]
+        ref = LLM(str(chat_model_dir), enable_lora=True)
+        params = SamplingParams(max_tokens=8, temperature=0)
+        answers = {}
+        for name in ("sql", "poet"):
+            got = c.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+            want = ref.chat(messages, params, lora_request=LoRARequest(name, 1, str(adapters / name)))[0]
+            assert got.model == name and got.choices[0].message.content == want.text
+            answers[name] = want.text
+        base = c.chat.completions.create(model=cards["sql"].parent, messages=messages, max_tokens=8, temperature=0)
+        assert base.choices[0].message.content == ref.chat(messages, params)[0].text != answers["sql"]
+        with pytest.raises(Exception, match="'sql' or 'poet'"):
+            c.chat.completions.create(model="nope", messages=messages, max_tokens=4)
+        completion = c.completions.create(model="poet", prompt="Once upon", max_tokens=5, temperature=0)
+        assert completion.model == "poet"
+        assert completion.choices[0].text == ref.generate(["Once upon"], SamplingParams(max_tokens=5, temperature=0),
+                                                          lora_request=LoRARequest("poet", 1, str(adapters / "poet")),
+                                                          use_tqdm=False)[0].text  # fmt: skip
+    finally:
+        server.stop()
+
+
+def test_lora_modules_that_cannot_be_served_stop_the_start(chat_model_dir, adapters, tmp_path):
+    from cachedattention.server.app import create_app
+
+    with pytest.raises(ValueError, match="--enable-lora"):
+        create_app(EngineConfig(model=str(chat_model_dir)), lora_modules=[("sql", str(adapters / "sql"))])
+    with pytest.raises(ValueError, match="is not a folder"):
+        create_app(lora_config(chat_model_dir), lora_modules=[("x", str(tmp_path / "missing"))])
+    with pytest.raises(ValueError, match="a name of its own"):
+        create_app(lora_config(chat_model_dir), lora_modules=[("a", str(adapters / "sql")), ("a", str(adapters / "poet"))])
+
+
+def test_lora_module_flags_read_as_vllm_s():
+    assert lora_module("sql=/adapters/sql") == ("sql", "/adapters/sql")
+    assert lora_module('{"name": "sql", "path": "/a", "base_model_name": "m"}') == ("sql", "/a")
+    for bad in ("sql", "=/a", '{"name": "sql"}', '{"name": "s", "path": "/a", "extra": 1}', "{"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            lora_module(bad)
+
+
+def test_lora_modules_without_enable_lora_is_refused_before_loading(chat_model_dir, capsys):
+    from cachedattention.cli import main
+
+    assert main(["serve", str(chat_model_dir), "--lora-modules", "sql=/nowhere", "--port", "0"]) == 2
+    assert "--lora-modules needs --enable-lora" in capsys.readouterr().err
