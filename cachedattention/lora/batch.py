@@ -41,11 +41,10 @@ class LoRABatch:
                 continue
             a, b = pair
             rows = group.rows
-            delta = (x[rows] @ a.T) @ b.T
-            if isinstance(rows, slice):
-                y[rows] += delta
+            if isinstance(rows, slice):  # (y's rows as a view: added to in place, one call)
+                y[rows].addmm_(x[rows] @ a.T, b.T)
             else:
-                y.index_add_(0, rows, delta)
+                y.index_add_(0, rows, (x[rows] @ a.T) @ b.T)
 
 
 class LoRASlot:

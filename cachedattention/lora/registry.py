@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 
 import torch
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 
 class LoRARegistry:
     """Adapters by (name, folder), at most `config.kept_loaded` of them (a request holds its own
-    adapter while it runs, so letting one go never pulls it from under a running request)."""
+    adapter while it runs, so letting one go never pulls it from under a running request). The
+    engine's thread reads them; a server's thread may read one (`read`), add it or let names go."""
 
     def __init__(self, config: LoRAConfig, spec: ModelSpec, shapes: dict[str, tuple[int, int]],
                  dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
@@ -29,6 +31,7 @@ class LoRARegistry:
         self.dtype = dtype
         self.device = device
         self._loaded: OrderedDict[tuple[str, str], LoRAAdapter] = OrderedDict()
+        self._lock = threading.Lock()  # (held for the table only: files are read outside it)
 
     def adapter(self, request: LoRARequest) -> LoRAAdapter:
         """The adapter `request` names, read from its folder (or a Hugging Face id in the local cache)
@@ -36,21 +39,39 @@ class LoRARegistry:
         if not isinstance(request, LoRARequest):
             raise ValueError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
         key = (request.lora_name, request.path)
-        if key in self._loaded:
-            self._loaded.move_to_end(key)
-            return self._loaded[key]
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+        adapter = self.read(request)
+        self.add(request, adapter)
+        return adapter
+
+    def read(self, request: LoRARequest) -> LoRAAdapter:
+        """`request`'s adapter read from its folder (or a model id in the local cache), not kept."""
         folder = local_model_path(request.path, what=f"LoRA adapter {request.lora_name!r}")  # (read_adapter: a folder?)
         adapter = read_adapter(request.lora_name, folder, self.spec, self.shapes, self.config.max_lora_rank,
                                self.dtype, self.device)  # fmt: skip
         log.info("LoRA adapter %r read from %s: rank %d, %d layers", adapter.name, adapter.path, adapter.rank,
                  len(adapter.weights))  # fmt: skip
-        self._loaded[key] = adapter
-        while len(self._loaded) > self.config.kept_loaded:
-            self._loaded.popitem(last=False)
         return adapter
 
+    def add(self, request: LoRARequest, adapter: LoRAAdapter) -> None:
+        """Keep `adapter` as `request`'s, letting the least recently used go past the limit."""
+        with self._lock:
+            self._loaded[(request.lora_name, request.path)] = adapter
+            while len(self._loaded) > self.config.kept_loaded:
+                self._loaded.popitem(last=False)
+
+    def forget(self, name: str) -> None:
+        """Let every adapter of this name go (its files may have changed: the next use reads them)."""
+        with self._lock:
+            for key in [key for key in self._loaded if key[0] == name]:
+                del self._loaded[key]
+
     def loaded(self) -> list[LoRAAdapter]:
-        return list(self._loaded.values())
+        with self._lock:
+            return list(self._loaded.values())
 
 
 def kv_salt(cache_salt: str | None, adapter: LoRAAdapter | None) -> str | None:

@@ -64,6 +64,8 @@ from cachedattention.server.vllm_metrics import VLLMStatsCollector
 from cachedattention.uvicorn_run import check_port_free, run_until_signal
 
 log = logging.getLogger(__name__)
+# vLLM's variable (and ours) that opens the routes adding and taking away LoRA adapters at run time
+RUNTIME_LORA_ENV = ("CACHEDATTENTION_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GRACE_S = 30.0
@@ -289,6 +291,9 @@ class OpenAIRoutes:
                  loras: Sequence[LoRARequest] = ()) -> None:  # fmt: skip
         self.loop = loop
         self.loras = {r.lora_name: r for r in loras}  # the adapters a request's `model` may name (--lora-modules)
+        # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, with LoRA on and its variable set
+        self.runtime_lora = loop.engine.loras is not None and any(
+            os.environ.get(name, "").strip().lower() in ("1", "true") for name in RUNTIME_LORA_ENV)
         self.template_defaults = dict(template_defaults or {})  # chat_template_kwargs' (--default-chat-template-kwargs)
         self.token_ids_as_tokens = token_ids_as_tokens  # vLLM's --return-tokens-as-token-ids
         self.trust_template = trust_request_chat_template
@@ -315,6 +320,9 @@ class OpenAIRoutes:
         app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
         app.add_api_route("/version", self.version, methods=["GET"])
         app.add_api_route("/v1/sessions/{session_id:path}", self.forget_session, methods=["DELETE"])
+        if self.runtime_lora:
+            app.add_api_route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"])
+            app.add_api_route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"])
         # SageMaker's routes, as vLLM serves them: its probe (GET; POST too, its own route out of the
         # schema) and one route for inference
         app.add_api_route("/ping", self.health, methods=["GET"])
@@ -372,6 +380,39 @@ class OpenAIRoutes:
         if not held:
             raise APIError(404, f"session {session_id!r} is not held by this server", "not_found", "session_id")
         return {"id": session_id, "object": "session", "deleted": True}
+
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """vLLM's: {"lora_name", "lora_path", "load_inplace"} adds an adapter requests may name, read
+        now (in a worker thread): one that cannot be served is a 400 here, not at its first request.
+        `load_inplace` replaces one of that name (its conversations' KV stays theirs: it is keyed by
+        the files' fingerprint)."""
+        body = parse_json_object(await request.body())
+        name, path = _lora_field(body, "lora_name"), _lora_field(body, "lora_path")
+        inplace = body.get("load_inplace", False)
+        if not isinstance(inplace, bool):
+            raise bad("load_inplace must be true or false", "load_inplace", "invalid_type")
+        if name in self.aliases:
+            raise bad(f"{name!r} is this server's model's name, not an adapter's", "lora_name")
+        if name in self.loras and not inplace:
+            raise bad(f"The lora adapter {name!r} has already been loaded.", "lora_name")
+        lora = LoRARequest(name, max((r.lora_int_id for r in self.loras.values()), default=0) + 1, path)
+        registry = self.loop.engine.loras
+        try:
+            adapter = await asyncio.to_thread(registry.read, lora)
+        except ValueError as e:
+            raise bad(str(e), "lora_path") from None
+        registry.forget(name)
+        registry.add(lora, adapter)
+        self.loras[name] = lora
+        return Response(f"Success: LoRA adapter {name!r} added successfully.", media_type="text/plain")
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """vLLM's: {"lora_name"} takes an adapter away (requests running with it finish with it)."""
+        name = _lora_field(parse_json_object(await request.body()), "lora_name")
+        if self.loras.pop(name, None) is None:
+            raise APIError(404, f"The lora adapter {name!r} cannot be found.", "not_found", "lora_name")
+        self.loop.engine.loras.forget(name)
+        return Response(f"Success: LoRA adapter {name!r} removed successfully.", media_type="text/plain")
 
     async def version(self) -> dict[str, str]:
         return {"version": package_version()}
@@ -819,6 +860,13 @@ def _shared_responses(engine: LLMEngine) -> SharedResponses | None:
     """With a remote tier, stored responses are on its server too, for every replica."""
     remote = engine.store.store.remote if engine.store is not None else None
     return SharedResponses(remote.tier) if remote is not None else None
+
+
+def _lora_field(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise bad(f"{name} must be a non-empty string", name, "invalid_type" if value is not None else "missing")
+    return value.strip()
 
 
 def _lora_modules(engine: LLMEngine, modules: Sequence[tuple[str, str]], model_names: list[str]) -> list[LoRARequest]:

@@ -101,3 +101,43 @@ def test_lora_modules_without_enable_lora_is_refused_before_loading(chat_model_d
 
     assert main(["serve", str(chat_model_dir), "--lora-modules", "sql=/nowhere", "--port", "0"]) == 2
     assert "--lora-modules needs --enable-lora" in capsys.readouterr().err
+
+
+def test_adapters_added_and_taken_away_at_run_time(chat_model_dir, adapters, tmp_path, monkeypatch):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, opened by its variable."""
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    server = start_server(lora_config(chat_model_dir))
+    try:
+        c = client(server.url)
+        messages = [{"role": "user", "content": "Tell me about the sea."}]
+
+        def post(route, body):
+            return httpx.post(f"{server.url}/v1/{route}", json=body, timeout=60)
+
+        loaded = post("load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters / "sql")})
+        assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'sql' added successfully."
+        assert "sql" in {m.id for m in c.models.list().data}
+        first = c.chat.completions.create(model="sql", messages=messages, max_tokens=6, temperature=0)
+        again = post("load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters / "poet")})
+        assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+        # in place: the name now runs the other adapter's files
+        assert post("load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters / "poet"),
+                                          "load_inplace": True}).status_code == 200  # fmt: skip
+        replaced = c.chat.completions.create(model="sql", messages=messages, max_tokens=6, temperature=0)
+        assert replaced.choices[0].message.content != first.choices[0].message.content
+        broken = post("load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "missing")})
+        assert broken.status_code == 400 and "is not a folder" in broken.json()["error"]["message"]
+        assert post("load_lora_adapter", {"lora_name": "x"}).status_code == 400
+        gone = post("unload_lora_adapter", {"lora_name": "sql"})
+        assert gone.status_code == 200 and gone.text == "Success: LoRA adapter 'sql' removed successfully."
+        assert post("unload_lora_adapter", {"lora_name": "sql"}).status_code == 404
+        with pytest.raises(Exception, match="does not exist"):
+            c.chat.completions.create(model="sql", messages=messages, max_tokens=4)
+    finally:
+        server.stop()
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+    closed = start_server(lora_config(chat_model_dir))  # without the variable: no such routes, as vLLM
+    try:
+        assert httpx.post(f"{closed.url}/v1/load_lora_adapter", json={}, timeout=30).status_code == 404
+    finally:
+        closed.stop()
