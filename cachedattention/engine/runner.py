@@ -115,7 +115,7 @@ class ModelRunner:
             hooks=hooks,
             decode=decode,
             paged_decode=paged,
-            lora=group_rows(adapters, n, dev),
+            lora=group_rows(adapters, n, dev, self.model.row_ops),
         )
         return batch, wants, prompt_spans
 

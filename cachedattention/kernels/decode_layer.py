@@ -17,6 +17,7 @@ import torch
 from cachedattention.kernels.build import load_kernel
 from cachedattention.kernels.few_rows_linear import MAX_ROWS, QuantizedWeight, kind_code
 from cachedattention.kernels.paged_decode import CHUNK_TOKENS
+from cachedattention.kernels.row_ops import LORA_MAX_RANK
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 _FAILURES = {1: "unsupported shape", 2: "a slot or page index is out of range", 3: "out of memory"}
@@ -33,6 +34,7 @@ class _Layer(ctypes.Structure):
     _fields_ = [
         *[(name, _Linear) for name in LINEARS],
         *[(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "k_pool", "v_pool", "q_norm", "k_norm")],
+        ("index", ctypes.c_int64),
     ]
 
 
@@ -45,6 +47,8 @@ class _Step(ctypes.Structure):
         *[(name, ctypes.c_void_p) for name in ("cos", "sin", "slots", "seq_rows", "pages", "page_start", "lengths")],
         *[(name, ctypes.c_int64) for name in ("num_seqs", "table_len", "page_size", "chunk_pages")],
         *[(name, ctypes.c_void_p) for name in ("residual", "delta", "h", "q", "attn", "k_rot", "gate", "up")],
+        ("lora_groups", ctypes.c_int64),
+        *[(name, ctypes.c_void_p) for name in ("lora_rows", "lora_start", "lora_rank", "lora_a", "lora_bt")],
     ]
 
 
@@ -79,9 +83,11 @@ class LayerArgs:
         norms: tuple[torch.Tensor, torch.Tensor],
         pools: tuple[torch.Tensor, torch.Tensor],
         head_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+        index: int = 0,
     ) -> None:
+        """`index`: the layer's place in the model (its row of a step's LoRA tables)."""
         self.keep = (linears, norms, pools, head_norms)  # the tensors the struct points at
-        self.struct = _Layer()
+        self.struct = _Layer(index=index)
         for name, (out, inp) in shape.linear_shapes().items():
             weight, bias = linears[name]
             setattr(self.struct, name, _linear(name, weight, bias, out, inp))
@@ -146,6 +152,52 @@ class StepArgs:
             setattr(s, name, work[at:].data_ptr())
             at += rows * width
         self.delta = work[: rows * shape.hidden].view(rows, shape.hidden)
+
+    def set_lora(self, tables: LoRATables, rows: torch.Tensor, starts: torch.Tensor) -> None:
+        """The step's LoRA adapters: `tables` (one per group, in order), each group's rows
+        rows[starts[g]:starts[g + 1]] (contiguous int64 CPU tensors, checked against the step)."""
+        for t in (rows, starts):
+            if t.dtype != torch.int64 or t.dim() != 1 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("LoRA rows and starts must be contiguous 1-D int64 CPU tensors")
+        if starts.shape[0] != tables.groups + 1 or int(starts[-1]) != rows.shape[0]:
+            raise ValueError("one start per LoRA group, and one past the last, are needed")
+        if rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < self.struct.rows:
+            raise ValueError("a LoRA row is outside the step")
+        self.keep = (*self.keep, tables, rows, starts)
+        s = self.struct
+        s.lora_groups, s.lora_rows, s.lora_start = tables.groups, rows.data_ptr(), starts.data_ptr()
+        s.lora_rank = tables.ranks.data_ptr()
+        s.lora_a, s.lora_bt = ctypes.addressof(tables.a), ctypes.addressof(tables.bt)
+
+
+class LoRATables:
+    """For the adapters of a step's groups, in order: each layer's linear layers' A and B^T by address
+    ([layers][LINEARS][groups], null where an adapter leaves one alone), and each group's rank.
+    `weights(layer, linear, group)` gives (A [rank, in], B^T [rank, out]) or None; every pair is checked
+    against the layer's shape, and kept alive with the tables."""
+
+    def __init__(self, shape: LayerShape, layers: int, ranks: list[int], weights) -> None:
+        self.groups = len(ranks)
+        self.ranks = torch.tensor(ranks, dtype=torch.int64)
+        if any(not 1 <= r <= LORA_MAX_RANK for r in ranks):
+            raise ValueError(f"LoRA ranks must be 1-{LORA_MAX_RANK}, got {ranks}")
+        size = layers * len(LINEARS) * self.groups
+        self.a, self.bt = (ctypes.c_void_p * size)(), (ctypes.c_void_p * size)()
+        self.keep = []
+        shapes = shape.linear_shapes()
+        for layer in range(layers):
+            for i, name in enumerate(LINEARS):
+                out, inp = shapes[name]
+                for g, rank in enumerate(ranks):
+                    pair = weights(layer, name, g)
+                    if pair is None:
+                        continue
+                    a, bt = pair
+                    _need(a, (rank, inp), f"layer {layer}'s {name} LoRA A")
+                    _need(bt, (rank, out), f"layer {layer}'s {name} LoRA B^T")
+                    at = (layer * len(LINEARS) + i) * self.groups + g
+                    self.a[at], self.bt[at] = a.data_ptr(), bt.data_ptr()
+                    self.keep.append(pair)
 
 
 class DecodeLayerKernel:

@@ -13,16 +13,20 @@
  *   head_rms_norm: x = x * rsqrt(mean(x^2) + eps) * weight for each row of dim, in place: Qwen3's
  *       norm of each head's q and k (rows = tokens x heads, dim = head_dim), before the rotation.
  *   silu_mul: gate = silu(gate) * up, elementwise: the gated MLP's activation.
+ *   lora_add: y[r] += (A x[r]) B for each listed row r: a LoRA adapter's share of a linear layer's
+ *       output (A [rank, in]; bt, B transposed, [rank, out], the adapter's scale in it). The rank
+ *       sums over the inputs first, then each of them times its row of bt, added in rank order.
  *
  * Layouts: float32, contiguous rows; q [rows, heads, head_dim], k, v, k_out [rows, kv_heads,
- * head_dim]; the pools [num_slots, kv_heads, head_dim]. Every slot is checked before it is used.
- * Returns 0, or RO_BAD_INDEX.
+ * head_dim]; the pools [num_slots, kv_heads, head_dim]. Every slot (and row) is checked before it
+ * is used. Returns 0, RO_UNSUPPORTED (a LoRA rank past LORA_MAX_RANK) or RO_BAD_INDEX.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-enum { RO_OK = 0, RO_BAD_INDEX = 2 };
+enum { RO_OK = 0, RO_UNSUPPORTED = 1, RO_BAD_INDEX = 2 };
+#define LORA_MAX_RANK 512 /* vLLM's largest --max-lora-rank */
 
 int add_rms_norm(float *restrict residual, const float *restrict delta, const float *restrict weight,
                  float *restrict out, int64_t rows, int64_t dim, float eps) {
@@ -90,6 +94,30 @@ int silu_mul(float *restrict gate, const float *restrict up, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         const float g = gate[i], e = expf(-fabsf(g));
         gate[i] = g * (g >= 0.0f ? 1.0f : e) / (1.0f + e) * up[i];
+    }
+    return RO_OK;
+}
+
+int lora_add(const float *restrict x, const float *restrict a, const float *restrict bt, float *restrict y,
+             const int64_t *restrict rows, int64_t count, int64_t num_rows, int64_t in, int64_t out, int64_t rank) {
+    if (rank < 1 || rank > LORA_MAX_RANK) return RO_UNSUPPORTED;
+    for (int64_t i = 0; i < count; i++)
+        if (rows[i] < 0 || rows[i] >= num_rows) return RO_BAD_INDEX;
+    float t[LORA_MAX_RANK];
+    for (int64_t i = 0; i < count; i++) {
+        const float *xr = x + rows[i] * in;
+        for (int64_t j = 0; j < rank; j++) {
+            const float *aj = a + j * in;
+            float s = 0.0f;
+            for (int64_t k = 0; k < in; k++) s += aj[k] * xr[k];
+            t[j] = s;
+        }
+        float *yr = y + rows[i] * out;
+        for (int64_t j = 0; j < rank; j++) {
+            const float *bj = bt + j * out;
+            const float tj = t[j];
+            for (int64_t o = 0; o < out; o++) yr[o] += tj * bj[o];
+        }
     }
     return RO_OK;
 }

@@ -1,6 +1,7 @@
 """The small per-layer operations of a decode step in one C call each (row_ops.c): the residual add
 with the RMSNorm that follows it, Qwen3's norm of each head's q and k, the rotation of q and k with
-the KV write into the pool, and the gated MLP's activation.
+the KV write into the pool, the gated MLP's activation, and a LoRA adapter's share of a linear
+layer's output.
 
 For a few rows, torch spends its time dispatching operators, not computing; the model uses these
 for steps of at most MAX_ROWS tokens on a CPU in float32.
@@ -16,6 +17,7 @@ from cachedattention.kernels.build import load_kernel
 from cachedattention.kernels.few_rows_linear import MAX_ROWS  # the same few-row steps (decode)
 
 _BAD_INDEX = 2
+LORA_MAX_RANK = 512  # row_ops.c's
 
 
 class RowOpsKernel:
@@ -32,6 +34,9 @@ class RowOpsKernel:
         self._silu_mul = lib.silu_mul
         self._silu_mul.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
         self._silu_mul.restype = ctypes.c_int
+        self._lora_add = lib.lora_add
+        self._lora_add.argtypes = (*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 5)
+        self._lora_add.restype = ctypes.c_int
 
     @classmethod
     def load(cls) -> RowOpsKernel | None:
@@ -105,6 +110,24 @@ class RowOpsKernel:
             raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
         self._silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel())
         return gate
+
+
+    def lora_add(self, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> None:
+        """y[r] += (a @ x[r]) @ bt for each row r in `rows` (in place): a [rank, in], bt [rank, out]
+        (an adapter's B transposed, its scale in it), x [n, in], y [n, out], rows int64 on the CPU."""
+        _need_float32(x, a, bt, y)
+        rank, n = a.shape[0], x.shape[0]
+        if (a.dim() != 2 or bt.dim() != 2 or bt.shape[0] != rank or a.shape[1] != x.shape[1]
+                or y.shape != (n, bt.shape[1])):  # fmt: skip
+            raise ValueError(f"lora_add: x {tuple(x.shape)}, a {tuple(a.shape)}, bt {tuple(bt.shape)} and y "
+                             f"{tuple(y.shape)} disagree")  # fmt: skip
+        if rows.dtype != torch.int64 or rows.dim() != 1 or not rows.is_contiguous() or rows.device.type != "cpu":
+            raise ValueError("lora_add: rows must be a contiguous 1-D int64 CPU tensor")
+        status = self._lora_add(x.data_ptr(), a.data_ptr(), bt.data_ptr(), y.data_ptr(), rows.data_ptr(),
+                                rows.shape[0], n, x.shape[1], y.shape[1], rank)  # fmt: skip
+        if status:
+            raise ValueError("lora_add: " + ("a row out of range" if status == _BAD_INDEX else
+                                             f"a rank of {rank}, past the kernel's {LORA_MAX_RANK}"))
 
 
 def _need_float32(*tensors: torch.Tensor) -> None:

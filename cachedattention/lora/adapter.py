@@ -40,8 +40,8 @@ _REFUSED_OPTIONS = {  # adapter_config.json options that change what is computed
 
 @dataclass(frozen=True, eq=False)
 class LoRAAdapter:
-    """An adapter as the linear layers use it: for each of our module names, A (r x in) and B (out x r)
-    with the adapter's scale already in B. `fingerprint`: a digest of its config and weights, so a
+    """An adapter as the linear layers use it: for each of our module names, A (r x in) and B
+    transposed (r x out) with the adapter's scale already in it. `fingerprint`: a digest of its config and weights, so a
     conversation's KV computed with it is found again by any engine (or replica) serving the same
     files, whatever name they give it."""
 
@@ -79,7 +79,7 @@ def read_adapter(name: str, folder: str, spec: ModelSpec, shapes: dict[str, tupl
         for weight_name, part_b in to_our_weights({f"{module}.weight": b}, spec).items():
             target = weight_name.removesuffix(".weight")
             _check_target(name, module, target, a, part_b, shapes)
-            ours[target] = (a.to(device, dtype).contiguous(), part_b.to(device, dtype).contiguous())
+            ours[target] = (a.to(device, dtype).contiguous(), part_b.T.to(device, dtype).contiguous())
     _check_no_strays(name, state)  # (after the pairs: a head's or embedding's copy beside a pair refused there)
     if not ours:
         raise ValueError(f"LoRA adapter {name!r}: {weights_file} holds no LoRA weights")

@@ -9,13 +9,14 @@ fused path turns itself off for good (logged) and steps go one operation at a ti
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 from typing import TYPE_CHECKING
 
 import torch
 
-from cachedattention.kernels.decode_layer import DecodeLayerKernel, LayerArgs, LayerShape, StepArgs
+from cachedattention.kernels.decode_layer import DecodeLayerKernel, LayerArgs, LayerShape, LoRATables, StepArgs
 from cachedattention.kernels.few_rows_linear import MAX_ROWS
 from cachedattention.kvcache.kv_pool import KVPool
 from cachedattention.model.batch import ForwardBatch
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from cachedattention.model.llama import DecoderLayer, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
+MAX_LORA_TABLES = 8  # the C tables of the last few sets of adapters steps ran with
+# our names of the linear layers the C layers run (decode_layer.LINEARS), within a decoder layer
+LINEAR_PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
 
 
 class FusedDecode:
@@ -58,9 +63,10 @@ class FusedDecode:
         self.layers = [
             LayerArgs(self.shape, _linears(layer),
                       (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()),
-                      (pool.k[i], pool.v[i]), _head_norms(layer))
+                      (pool.k[i], pool.v[i]), _head_norms(layer), index=i)
             for i, layer in enumerate(model.model.layers)
         ]
+        self._lora_tables: dict[tuple[int, ...], tuple[list, LoRATables]] = {}  # by the step's adapters
         if len({layer.num_slots for layer in self.layers}) > 1:
             raise ValueError("the layers' pools differ in size")
 
@@ -92,6 +98,10 @@ class FusedDecode:
         step = StepArgs(self.shape, x, cos, sin, batch.new_slots,
                         (paged.rows, paged.pages, paged.page_start, paged.lengths), paged.page_size,
                         self.layers[0].num_slots)
+        if batch.lora is not None:
+            groups = batch.lora.groups
+            starts = torch.tensor([0, *itertools.accumulate(g.index.shape[0] for g in groups)], dtype=torch.int64)
+            step.set_lora(self._tables([g.adapter for g in groups]), torch.cat([g.index for g in groups]), starts)
         s = self.shape
         # pre-RoPE K/V, which the store keeps
         kv = torch.empty(2, len(self.layers), x.shape[0], s.kv_heads, s.head_dim, dtype=torch.float32)
@@ -110,10 +120,23 @@ class FusedDecode:
             hooks.save_layers(kv[0], kv[1])
 
 
+    def _tables(self, adapters: list) -> LoRATables:
+        """The C tables of these adapters' weights, in this order (kept for the next steps of the same
+        adapters, a few at a time: decode steps repeat them)."""
+        key = tuple(map(id, adapters))
+        if key not in self._lora_tables:
+            if len(self._lora_tables) >= MAX_LORA_TABLES:
+                self._lora_tables.pop(next(iter(self._lora_tables)))
+            modules = [{name: f"model.layers.{i}.{path}" for name, path in LINEAR_PATHS.items()}
+                       for i in range(len(self.layers))]  # fmt: skip
+            tables = LoRATables(self.shape, len(self.layers), [a.rank for a in adapters],
+                                lambda i, name, g: adapters[g].weights.get(modules[i][name]))  # fmt: skip
+            self._lora_tables[key] = (adapters, tables)  # (the adapters kept: their ids stay theirs)
+        return self._lora_tables[key][1]
+
+
 def _linear_modules(layer: DecoderLayer) -> dict[str, Linear]:
-    a, m = layer.self_attn, layer.mlp
-    return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
-            "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+    return {name: layer.get_submodule(path) for name, path in LINEAR_PATHS.items()}
 
 
 def _linears(layer: DecoderLayer) -> dict:

@@ -310,17 +310,18 @@ class LlamaForCausalLM(nn.Module):
         """Run the flat batch through every layer; return float32 logits at batch.logits_indices.
 
         `fused`: the layers described over this pool in two C calls each, for a step whose rows are
-        all paged decoders and run no LoRA adapter; they reproduce the row ops and few-rows kernels,
-        so only with those."""
-        if batch.lora is not None:
-            if self.lora_slot is None:
+        all paged decoders; they reproduce the row ops and few-rows kernels (LoRA adapters' shares
+        included), so only with those."""
+        slot = self.lora_slot
+        if slot is None:
+            if batch.lora is not None:
                 raise RuntimeError("a step with LoRA adapters on a model without enable_lora()")
-            self.lora_slot.batch = batch.lora
-            try:
-                return self._forward(batch, pool, None)
-            finally:
-                self.lora_slot.batch = None
-        return self._forward(batch, pool, fused)
+            return self._forward(batch, pool, fused)
+        slot.batch = batch.lora  # (None: the base model alone)
+        try:
+            return self._forward(batch, pool, fused)
+        finally:
+            slot.batch = None
 
     def _forward(self, batch: ForwardBatch, pool: KVPool, fused: FusedDecode | None) -> torch.Tensor:
         ropes = self.rotary.per_layer(batch.positions, self.spec.num_layers)

@@ -7,7 +7,7 @@ import torch
 from cachedattention import LLM, CacheConfig, SamplingParams
 from cachedattention.kernels.decode_layer import DecodeLayerKernel, LayerArgs, LayerShape, StepArgs
 from cachedattention.model.fused_decode import FusedDecode
-from tests.util import capture_logits
+from tests.util import capture_logits, rel_err
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 NO_PREFIX_CACHE = CacheConfig(enable_prefix_cache=False)  # a second run computes exactly what the first did
@@ -168,3 +168,27 @@ def test_refuses_bad_layouts_and_slots_with_a_clear_error(kernel):
     with pytest.raises(ValueError, match="out of range"):
         kernel.layer_out(layer, step, k_pre, v)  # slot 32 of a 32-slot pool
     assert all(torch.equal(a, b) for a, b in zip(pools, layer.keep[2]))  # found before anything was written
+
+
+def test_steps_with_lora_adapters_fused_equal_the_per_operation_path_bit_for_bit(tiny_dirs, tmp_path, monkeypatch):
+    """Decoders of two adapters (one of them on rows apart) and of the base model in one fused step:
+    each linear layer adds its adapters' shares in C, as the per-operation path adds them."""
+    from cachedattention import LoRARequest
+    from tests.lora_files import hand_written_adapter, llama_adapter_pairs
+
+    path, hf = tiny_dirs["qwen3"]  # (head norms between the projections and the rotation)
+    pairs = llama_adapter_pairs(hf.config, [0, 1, 2])
+    hand_written_adapter(tmp_path / "a", pairs, r=8, seed=1)
+    hand_written_adapter(tmp_path / "b", {k: v for k, v in pairs.items() if "layers.1." not in k}, r=4, seed=2)
+    a, b = LoRARequest("a", 1, str(tmp_path / "a")), LoRARequest("b", 2, str(tmp_path / "b"))
+    llm = LLM(model=str(path), cache=NO_PREFIX_CACHE, enable_lora=True, max_loras=2)
+    prompts, loras = [*PROMPTS, PROMPTS[0]], [a, None, a, b]
+    runner = llm.engine.runner
+    steps = count_fused_steps(monkeypatch)
+    with_fused = logits_of(llm, monkeypatch, lambda m: m.generate(prompts, GREEDY, lora_request=loras))
+    assert steps == [4] * (GREEDY.max_tokens - 1)
+    runner.fused_decode = None
+    per_op = logits_of(llm, monkeypatch, lambda m: m.generate(prompts, GREEDY, lora_request=loras))
+    assert len(with_fused) == len(per_op) == len(prompts) * GREEDY.max_tokens
+    assert all(torch.equal(x, y) for x, y in zip(with_fused, per_op))
+    assert rel_err(with_fused[-4], with_fused[-1]) > 1e-3  # (one prompt, adapters a and b: they change the logits)

@@ -76,3 +76,28 @@ def test_silu_mul_matches_torch_even_far_out(ops):
     assert rel_err(out, expected) <= 1e-6
     with pytest.raises(ValueError, match="differ"):
         ops.silu_mul(torch.zeros(2, 4), torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("rank", [1, 16, 512])
+def test_lora_add_adds_each_listed_row_s_share_only(ops, rank):
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 96, generator=gen), torch.randn(6, 40, generator=gen)
+    a, bt = torch.randn(rank, 96, generator=gen) / 10, torch.randn(rank, 40, generator=gen) / 10
+    rows = torch.tensor([4, 1, 2])
+    expected = y.clone()
+    expected[rows] += (x[rows] @ a.T) @ bt
+    ops.lora_add(x, a, bt, y, rows)
+    assert rel_err(y, expected) <= 1e-5
+    assert torch.equal(y[[0, 3, 5]], expected[[0, 3, 5]])  # rows not listed: untouched
+
+
+def test_lora_add_refuses_what_it_cannot_take(ops):
+    x, y, a, bt = torch.zeros(2, 8), torch.zeros(2, 4), torch.zeros(3, 8), torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.lora_add(x, a, bt, y, torch.tensor([2]))
+    with pytest.raises(ValueError, match="disagree"):
+        ops.lora_add(x, a, torch.zeros(2, 4), y, torch.tensor([0]))
+    with pytest.raises(ValueError, match="past the kernel's 512"):
+        ops.lora_add(x, torch.zeros(513, 8), torch.zeros(513, 4), y, torch.tensor([0]))
+    with pytest.raises(ValueError, match="int64"):
+        ops.lora_add(x, a, bt, y, torch.tensor([0], dtype=torch.int32))
