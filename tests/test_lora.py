@@ -201,6 +201,10 @@ def damage(folder, kind):
     elif kind == "bias":
         config = json.loads((folder / "adapter_config.json").read_text())
         (folder / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
+    elif kind in ("alpha-not-a-number", "alpha-not-a-regex"):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        pattern = {"down_proj": "3"} if kind == "alpha-not-a-number" else {"down_proj(": 3}
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": pattern}))
     elif kind == "not-json":
         (folder / "adapter_config.json").write_text("{")
     elif kind == "no-weights":
@@ -218,6 +222,7 @@ def damage(folder, kind):
 
 @pytest.mark.parametrize(("kind", "says"), [
     ("dora", "DoRA"), ("bias", "biases"), ("not-json", "not valid JSON"), ("no-weights", "has neither"),
+    ("alpha-not-a-number", "must be a positive number"), ("alpha-not-a-regex", "not a regular expression"),
     ("truncated", "not a readable safetensors"), ("half-a-pair", "without its other half"),
 ])  # fmt: skip
 def test_a_damaged_or_unsupported_adapter_is_refused_saying_why(kind, says, tiny_dirs, tmp_path):
@@ -304,3 +309,42 @@ def test_an_adapter_equals_its_weights_merged_into_the_checkpoint(tiny_dirs, tmp
     merged = transformers.AutoModelForCausalLM.from_pretrained(merged_checkpoint(path, tmp_path / "a", tmp_path / "m"))
     llm = LLM(model=str(path), enable_lora=True)
     assert_matches_peft(llm, merged.eval(), PROMPT, LoRARequest("a", 1, str(tmp_path / "a")), monkeypatch)
+
+
+@pytest.mark.parametrize(("config", "says"), [
+    ({"alora_invocation_tokens": [33, 70], "task_type": "CAUSAL_LM"}, "activated LoRA"),
+    ({"init_lora_weights": "pissa"}, "initialised by 'pissa'"), ({"init_lora_weights": "olora"}, "initialised by 'olora'"),
+])  # fmt: skip
+def test_adapters_peft_computes_otherwise_are_refused(config, says, tiny_dirs, tmp_path):
+    """aLoRA leaves the tokens before its invocation to the base model; PiSSA and OLoRA take the
+    adapter's start out of the base weights, which PEFT rewrites when it loads them: served as a plain
+    LoRA over the checkpoint's weights, each would answer otherwise than PEFT."""
+    path, _ = tiny_dirs["llama"]
+    write_adapter(path, tmp_path / "a", ["q_proj", "v_proj"], **config)
+    llm = LLM(model=str(path), enable_lora=True)
+    with pytest.raises(InvalidRequest, match=says):
+        llm.generate([PROMPT], GREEDY, lora_request=LoRARequest("a", 1, str(tmp_path / "a")), use_tqdm=False)
+
+
+def test_requests_of_an_adapter_let_go_meanwhile_still_run_together_on_one_copy(tiny_dirs, tmp_path):
+    """With vLLM's defaults (one adapter a step, one kept loaded), requests alternating between two
+    adapters: each adapter is read once while requests hold it, and its requests run together."""
+    path, _ = tiny_dirs["llama"]
+    write_adapter(path, tmp_path / "a", ATTENTION, seed=1)
+    write_adapter(path, tmp_path / "b", ATTENTION, seed=2)
+    a, b = LoRARequest("a", 1, str(tmp_path / "a")), LoRARequest("b", 2, str(tmp_path / "b"))
+    llm = LLM(model=str(path), enable_lora=True)
+    reads = []
+    real_read = llm.engine.loras.read
+    llm.engine.loras.read = lambda request: reads.append(request.lora_name) or real_read(request)
+    rows_a = []
+    real = llm.engine.runner.build_batch
+
+    def spy(scheduled, hooks):
+        rows_a.append(sum(1 for s in scheduled if s.request.lora is not None and s.request.lora.name == "a"))
+        return real(scheduled, hooks)
+
+    llm.engine.runner.build_batch = spy
+    outs = llm.generate([PROMPT] * 8, GREEDY, lora_request=[a, b] * 4, use_tqdm=False)
+    assert sorted(reads) == ["a", "b"] and max(rows_a) == 4
+    assert len({tuple(o.token_ids) for o in outs[0::2]}) == 1 and outs[0].token_ids != outs[1].token_ids

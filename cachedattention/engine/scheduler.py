@@ -129,8 +129,8 @@ class Scheduler:
         """Whether req's adapter runs already or one more adapter is allowed to."""
         if req.lora is None or self.max_loras is None:
             return True
-        running = {id(r.lora) for r in self.running if r.lora is not None}
-        return id(req.lora) in running or len(running) < self.max_loras
+        running = {r.lora.fingerprint for r in self.running if r.lora is not None}  # (its files: one adapter)
+        return req.lora.fingerprint in running or len(running) < self.max_loras
 
     def _budget_left(self, scheduled: list[ScheduledSeq]) -> int:
         return self.config.max_num_batched_tokens - sum(s.num_new for s in scheduled)

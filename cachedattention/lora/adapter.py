@@ -35,7 +35,18 @@ _REFUSED_OPTIONS = {  # adapter_config.json options that change what is computed
     "trainable_token_indices": "adapters that train token embeddings (trainable_token_indices) are not supported",
     "target_parameters": "adapters on parameters (target_parameters: a mixture's experts) are not supported",
     "layer_replication": "adapters that replicate layers (layer_replication) are not supported",
+    "alora_invocation_tokens": "activated LoRA adapters (alora_invocation_tokens: the base model before the "
+                               "invocation) are not supported",
+    "arrow_config": "Arrow routing among adapters (arrow_config) is not supported",
+    "use_bdlora": "block-diagonal LoRA adapters (use_bdlora) are not supported",
+    "kasa_config": "KaSA adapters (kasa_config) are not supported",
+    "velora_config": "VeLoRA adapters (velora_config) are not supported",
+    "monteclora_config": "MonteCLoRA adapters (monteclora_config) are not supported",
 }
+# PEFT's initialisations that leave the base model's weights as they are; the others (PiSSA, OLoRA, CorDA,
+# LoftQ, LoRA-GA) take the adapter's start out of them, so the adapter is served only once PEFT has
+# converted it to a plain LoRA (its path_initial_model_for_weight_conversion, which saves it as such)
+_PLAIN_INITS = (True, False, None, "gaussian", "eva", "orthogonal")
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +115,11 @@ def _read_config(name: str, path: Path) -> tuple[bytes, dict]:
     for option, reason in _REFUSED_OPTIONS.items():
         if config.get(option):
             raise ValueError(f"LoRA adapter {name!r}: {reason}")
+    init = config.get("init_lora_weights", True)
+    if not any(init is plain or (isinstance(init, str) and init == plain) for plain in _PLAIN_INITS):
+        raise ValueError(f"LoRA adapter {name!r}: it was initialised by {init!r:.40}, which changes the base "
+                         "model's weights; convert it to a plain LoRA first (PEFT's "
+                         "path_initial_model_for_weight_conversion when saving)")  # fmt: skip
     if config.get("bias", "none") != "none":
         raise ValueError(f"LoRA adapter {name!r}: adapters that train biases (bias={config['bias']!r}) are not supported")
     for key in ("r", "lora_alpha"):
@@ -111,9 +127,21 @@ def _read_config(name: str, path: Path) -> tuple[bytes, dict]:
         if key in config and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
             raise ValueError(f"LoRA adapter {name!r}: {key} in {file} must be a positive number, got {v!r:.40}")
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise ValueError(f"LoRA adapter {name!r}: {key} in {file} must be an object")
+        _check_pattern(name, file, key, config.get(key) or {})
     return raw, config
+
+
+def _check_pattern(name: str, file: Path, key: str, pattern: object) -> None:
+    """rank_pattern's and alpha_pattern's keys are regular expressions, their values positive numbers."""
+    if not isinstance(pattern, dict):
+        raise ValueError(f"LoRA adapter {name!r}: {key} in {file} must be an object")
+    for k, v in pattern.items():
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise ValueError(f"LoRA adapter {name!r}: {key} in {file}: {k!r} is not a regular expression ({e})") from None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise ValueError(f"LoRA adapter {name!r}: {key} in {file}: {k!r} must be a positive number, got {v!r:.40}")
 
 
 def _read_weights(name: str, file: Path) -> dict[str, torch.Tensor]:

@@ -68,10 +68,10 @@ def group_rows(spans: list[tuple[LoRAAdapter | None, int, int]], num_rows: int, 
                ops: RowOpsKernel | None = None) -> LoRABatch | None:  # fmt: skip
     """The step's LoRABatch from each scheduled request's adapter and rows [lo, hi) (`ops`: the
     model's row ops, on a CPU); None when no row has an adapter."""
-    by_adapter: dict[int, tuple[LoRAAdapter, list[int]]] = {}
+    by_adapter: dict[str, tuple[LoRAAdapter, list[int]]] = {}
     for adapter, lo, hi in spans:
-        if adapter is not None and hi > lo:
-            by_adapter.setdefault(id(adapter), (adapter, []))[1].extend(range(lo, hi))
+        if adapter is not None and hi > lo:  # (by its files: two names of one folder are one adapter)
+            by_adapter.setdefault(adapter.fingerprint, (adapter, []))[1].extend(range(lo, hi))
     if not by_adapter:
         return None
     groups = []

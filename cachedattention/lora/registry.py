@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -19,9 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class LoRARegistry:
-    """Adapters by (name, folder), at most `config.kept_loaded` of them (a request holds its own
-    adapter while it runs, so letting one go never pulls it from under a running request). The
-    engine's thread reads them; a server's thread may read one (`read`), add it or let names go."""
+    """Adapters by (name, folder), at most `config.kept_loaded` of them kept (a request holds its own
+    adapter while it waits and runs, so letting one go never pulls it from under a request; and one
+    let go while requests still hold it is found again, not read into a second copy). The engine's
+    thread reads them; a server's thread may read one (`read`), add it or let names go."""
 
     def __init__(self, config: LoRAConfig, spec: ModelSpec, shapes: dict[str, tuple[int, int]],
                  dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
@@ -31,6 +33,8 @@ class LoRARegistry:
         self.dtype = dtype
         self.device = device
         self._loaded: OrderedDict[tuple[str, str], LoRAAdapter] = OrderedDict()
+        # every adapter some request (or the table above) still holds
+        self._alive: weakref.WeakValueDictionary[tuple[str, str], LoRAAdapter] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()  # (held for the table only: files are read outside it)
 
     def adapter(self, request: LoRARequest) -> LoRAAdapter:
@@ -43,7 +47,9 @@ class LoRARegistry:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
                 return self._loaded[key]
-        adapter = self.read(request)
+            adapter = self._alive.get(key)
+        if adapter is None:
+            adapter = self.read(request)
         self.add(request, adapter)
         return adapter
 
@@ -59,15 +65,16 @@ class LoRARegistry:
     def add(self, request: LoRARequest, adapter: LoRAAdapter) -> None:
         """Keep `adapter` as `request`'s, letting the least recently used go past the limit."""
         with self._lock:
-            self._loaded[(request.lora_name, request.path)] = adapter
+            self._loaded[(request.lora_name, request.path)] = self._alive[(request.lora_name, request.path)] = adapter
             while len(self._loaded) > self.config.kept_loaded:
                 self._loaded.popitem(last=False)
 
     def forget(self, name: str) -> None:
         """Let every adapter of this name go (its files may have changed: the next use reads them)."""
         with self._lock:
-            for key in [key for key in self._loaded if key[0] == name]:
-                del self._loaded[key]
+            for table in (self._loaded, self._alive):
+                for key in [key for key in table if key[0] == name]:
+                    del table[key]
 
     def loaded(self) -> list[LoRAAdapter]:
         with self._lock:
