@@ -67,11 +67,12 @@ def test_an_adapter_s_logits_equal_peft_s(kind, tiny_dirs, tmp_path, monkeypatch
     assert out.token_ids  # (decode steps ran through the adapter too: every logits row was compared)
 
 
-def test_rslora_alpha_pattern_and_some_layers(tiny_dirs, tmp_path, monkeypatch):
-    """rsLoRA's alpha / sqrt(r), alpha_pattern's own alpha for a module, an adapter on some layers only."""
+def test_rslora_alpha_pattern_rank_pattern_and_some_layers(tiny_dirs, tmp_path, monkeypatch):
+    """rsLoRA's alpha / sqrt(r), alpha_pattern's own alpha and rank_pattern's own rank for a module
+    (decode steps through the fused layers: each linear layer's rank its own), some layers only."""
     path, _ = tiny_dirs["llama"]
     peft = write_adapter(path, tmp_path / "a", ["q_proj", "v_proj", "down_proj"], r=8, use_rslora=True,
-                         alpha_pattern={"down_proj": 3}, layers_to_transform=[0, 2])  # fmt: skip
+                         alpha_pattern={"down_proj": 3}, rank_pattern={"q_proj": 2}, layers_to_transform=[0, 2])  # fmt: skip
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert saved["use_rslora"] and saved["alpha_pattern"] == {"down_proj": 3}
     llm = LLM(model=str(path), enable_lora=True, max_lora_rank=8)
@@ -201,9 +202,10 @@ def damage(folder, kind):
     elif kind == "bias":
         config = json.loads((folder / "adapter_config.json").read_text())
         (folder / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
-    elif kind in ("alpha-not-a-number", "alpha-not-a-regex"):
+    elif kind in ("alpha-not-a-number", "alpha-not-a-regex", "alpha-flags-inside"):
         config = json.loads((folder / "adapter_config.json").read_text())
-        pattern = {"down_proj": "3"} if kind == "alpha-not-a-number" else {"down_proj(": 3}
+        pattern = {"alpha-not-a-number": {"down_proj": "3"}, "alpha-not-a-regex": {"down_proj(": 3},
+                   "alpha-flags-inside": {"(?i)down_proj": 3}}[kind]  # (flags: not where PEFT's pattern puts them)
         (folder / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": pattern}))
     elif kind == "not-json":
         (folder / "adapter_config.json").write_text("{")
@@ -212,6 +214,15 @@ def damage(folder, kind):
     elif kind == "truncated":
         data = (folder / "adapter_model.safetensors").read_bytes()
         (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    elif kind == "bin-not-a-pickle":
+        (folder / "adapter_model.safetensors").unlink()
+        (folder / "adapter_model.bin").write_bytes(b"\x80\x02garbage" * 10)
+    elif kind == "rank-zero":
+        from safetensors.torch import save_file
+
+        save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(0, 64),
+                   "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 0)},
+                  folder / "adapter_model.safetensors")  # fmt: skip
     elif kind == "half-a-pair":
         from safetensors.torch import load_file, save_file
 
@@ -223,6 +234,8 @@ def damage(folder, kind):
 @pytest.mark.parametrize(("kind", "says"), [
     ("dora", "DoRA"), ("bias", "biases"), ("not-json", "not valid JSON"), ("no-weights", "has neither"),
     ("alpha-not-a-number", "must be a positive number"), ("alpha-not-a-regex", "not a regular expression"),
+    ("alpha-flags-inside", "not a regular expression"), ("bin-not-a-pickle", "not a readable PyTorch state dict"),
+    ("rank-zero", "are not an"),
     ("truncated", "not a readable safetensors"), ("half-a-pair", "without its other half"),
 ])  # fmt: skip
 def test_a_damaged_or_unsupported_adapter_is_refused_saying_why(kind, says, tiny_dirs, tmp_path):
@@ -266,8 +279,10 @@ def test_requests_and_settings_lora_cannot_serve_are_refused(tiny_dirs, tmp_path
         small.generate([PROMPT], GREEDY, lora_request=a, use_tqdm=False)
     with pytest.raises(InvalidRequest, match="another base model"):
         llm.generate([PROMPT], GREEDY, lora_request=LoRARequest("q", 2, str(tmp_path / "q")), use_tqdm=False)
-    with pytest.raises(InvalidRequest, match="is not a folder"):
-        llm.generate([PROMPT], GREEDY, lora_request=LoRARequest("x", 3, str(tmp_path / "none")), use_tqdm=False)
+    for folder, says in ((str(tmp_path / "none"), "is not a folder"), ("/" + "x" * 300, "is not a folder"),
+                         ("~no-such-user-here/a", "names no user")):  # fmt: skip
+        with pytest.raises(InvalidRequest, match=says):
+            llm.generate([PROMPT], GREEDY, lora_request=LoRARequest("x", 3, folder), use_tqdm=False)
     with pytest.raises(ValueError, match="LoRARequest"):
         llm.generate([PROMPT], GREEDY, lora_request=str(tmp_path / "a"), use_tqdm=False)
     with pytest.raises(ValueError, match="one per prompt"):
@@ -348,3 +363,30 @@ def test_requests_of_an_adapter_let_go_meanwhile_still_run_together_on_one_copy(
     outs = llm.generate([PROMPT] * 8, GREEDY, lora_request=[a, b] * 4, use_tqdm=False)
     assert sorted(reads) == ["a", "b"] and max(rows_a) == 4
     assert len({tuple(o.token_ids) for o in outs[0::2]}) == 1 and outs[0].token_ids != outs[1].token_ids
+
+
+def test_a_read_under_way_when_its_adapter_is_replaced_is_not_kept(tiny_dirs, tmp_path):
+    """The server replaces an adapter's files in place (load_inplace) while the engine's thread is
+    reading the old ones: later requests get the new files, not the read that finished last."""
+    import shutil
+
+    path, _ = tiny_dirs["llama"]
+    write_adapter(path, tmp_path / "v1", ATTENTION, seed=1)
+    write_adapter(path, tmp_path / "v2", ATTENTION, seed=2)
+    shutil.copytree(tmp_path / "v1", tmp_path / "live")
+    llm = LLM(model=str(path), enable_lora=True)
+    registry, lora = llm.engine.loras, LoRARequest("x", 1, str(tmp_path / "live"))
+    real = registry.read
+
+    def read_then_replaced(request):
+        old = real(request)
+        shutil.copytree(tmp_path / "v2", tmp_path / "live", dirs_exist_ok=True)  # the operator's new files
+        registry.replace(request, real(request))  # the route's load_inplace
+        return old
+
+    registry.read = read_then_replaced
+    old = registry.adapter(lora)
+    registry.read = real
+    new = registry.adapter(lora)
+    assert old.fingerprint != new.fingerprint and registry.loaded() == [new]
+    assert registry.fingerprints("x") == {old.fingerprint, new.fingerprint}  # (a request ran with the old one)

@@ -364,7 +364,7 @@ class LLMEngine:
             save_to_store=save_to_store,
             truncate=truncate,
             priority=priority,
-            cache_salt=kv_salt(cache_salt, adapter),
+            cache_salt=kv_salt(cache_salt, adapter.fingerprint if adapter is not None else None),
             lora=adapter,
         )
         if self.store is not None:
@@ -467,12 +467,29 @@ class LLMEngine:
                 or BRANCH_SEP in session_id or SALT_SEP in session_id):  # fmt: skip
             raise InvalidRequest("session_id must be a non-empty string naming a client's session", "session_id")
         _check_cache_salt(cache_salt)
-        key = session_key(session_id, kv_salt(cache_salt, self._adapter(lora_request)))
-        if any(r.cache_key == key and not r.is_finished for r in self.requests.values()):
+        keys = [session_key(session_id, kv_salt(cache_salt, fp)) for fp in self._fingerprints(lora_request)]
+        if any(r.cache_key in keys and not r.is_finished for r in self.requests.values()):
             raise SessionBusy(f"session {session_id!r} has a turn in progress; forget it once that turn has finished",
                               "session_id")  # fmt: skip
-        on_device = self.pages.forget_owner(key) > 0  # every device block its requests wrote
-        return (self.store is not None and self.store.store.forget(key)) or on_device
+        held = False
+        for key in keys:
+            on_device = self.pages.forget_owner(key) > 0  # every device block its requests wrote
+            held = (self.store is not None and self.store.store.forget(key)) or on_device or held
+        return held
+
+    def _fingerprints(self, lora_request: LoRARequest | None) -> list[str | None]:
+        """The fingerprints a session's KV may be keyed by under this adapter name (None: the base
+        model's): its files' now and every earlier version this engine served under the name (an
+        adapter replaced or taken away since); its folder need not be readable if it served any."""
+        if lora_request is None:
+            return [None]
+        try:
+            now = {self._adapter(lora_request).fingerprint}
+        except InvalidRequest:
+            if self.loras is None or not self.loras.fingerprints(lora_request.lora_name):
+                raise
+            now = set()
+        return sorted(now | self.loras.fingerprints(lora_request.lora_name))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

@@ -56,8 +56,9 @@ typedef struct {
      * [rows, kv_heads * head_dim]; gate, up [rows, intermediate] */
     float *residual, *delta, *h, *q, *attn, *k_rot, *gate, *up;
     /* the step's LoRA adapters (lora_groups 0: none): group g's rows are lora_rows[lora_start[g] ..
-     * lora_start[g + 1]), its rank lora_rank[g]; layer l's linear i has A and B^T lora_a[t], lora_bt[t]
-     * from group g's adapter at t = (l * DL_LINEARS + i) * lora_groups + g (null: not adapted) */
+     * lora_start[g + 1]); layer l's linear i has A, B^T and their rank lora_a[t], lora_bt[t],
+     * lora_rank[t] from group g's adapter at t = (l * DL_LINEARS + i) * lora_groups + g (A null: not
+     * adapted; an adapter's rank may differ from one linear layer to another) */
     int64_t lora_groups;
     const int64_t *lora_rows, *lora_start, *lora_rank;
     const float *const *lora_a;
@@ -91,7 +92,7 @@ static int dl_linear(const DLLayer *layer, int which, const float *x, float *y, 
         if (s->lora_a[t])
             status = lora_add(x, s->lora_a[t], s->lora_bt[t], y, s->lora_rows + s->lora_start[g],
                               s->lora_start[g + 1] - s->lora_start[g], s->rows, l->in_features, l->out_features,
-                              s->lora_rank[g]);
+                              s->lora_rank[t]);
     }
     return status;
 }

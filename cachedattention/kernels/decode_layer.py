@@ -171,32 +171,33 @@ class StepArgs:
 
 
 class LoRATables:
-    """For the adapters of a step's groups, in order: each layer's linear layers' A and B^T by address
-    ([layers][LINEARS][groups], null where an adapter leaves one alone), and each group's rank.
-    `weights(layer, linear, group)` gives (A [rank, in], B^T [rank, out]) or None; every pair is checked
-    against the layer's shape, and kept alive with the tables."""
+    """For the adapters of a step's `groups`, in order: each layer's linear layers' A, B^T (by address)
+    and rank ([layers][LINEARS][groups], A null where an adapter leaves one alone). `weights(layer,
+    linear, group)` gives (A [rank, in], B^T [rank, out]) or None; every pair is checked against the
+    layer's shape (its rank its own: PEFT's rank_pattern), and kept alive with the tables."""
 
-    def __init__(self, shape: LayerShape, layers: int, ranks: list[int], weights) -> None:
-        self.groups = len(ranks)
-        self.ranks = torch.tensor(ranks, dtype=torch.int64)
-        if any(not 1 <= r <= LORA_MAX_RANK for r in ranks):
-            raise ValueError(f"LoRA ranks must be 1-{LORA_MAX_RANK}, got {ranks}")
-        size = layers * len(LINEARS) * self.groups
+    def __init__(self, shape: LayerShape, layers: int, groups: int, weights) -> None:
+        self.groups = groups
+        size = layers * len(LINEARS) * groups
         self.a, self.bt = (ctypes.c_void_p * size)(), (ctypes.c_void_p * size)()
+        self.ranks = torch.zeros(size, dtype=torch.int64)
         self.keep = []
         shapes = shape.linear_shapes()
         for layer in range(layers):
             for i, name in enumerate(LINEARS):
                 out, inp = shapes[name]
-                for g, rank in enumerate(ranks):
+                for g in range(groups):
                     pair = weights(layer, name, g)
                     if pair is None:
                         continue
                     a, bt = pair
+                    rank = a.shape[0]
+                    if not 1 <= rank <= LORA_MAX_RANK:
+                        raise ValueError(f"layer {layer}'s {name} LoRA rank must be 1-{LORA_MAX_RANK}, got {rank}")
                     _need(a, (rank, inp), f"layer {layer}'s {name} LoRA A")
                     _need(bt, (rank, out), f"layer {layer}'s {name} LoRA B^T")
-                    at = (layer * len(LINEARS) + i) * self.groups + g
-                    self.a[at], self.bt[at] = a.data_ptr(), bt.data_ptr()
+                    at = (layer * len(LINEARS) + i) * groups + g
+                    self.a[at], self.bt[at], self.ranks[at] = a.data_ptr(), bt.data_ptr(), rank
                     self.keep.append(pair)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cachedattention.lora.batch import ADAPTABLE
+from cachedattention.model.hub_cache import expanded
 from cachedattention.model.loader import to_our_weights
 from cachedattention.model.spec import ModelSpec
 
@@ -67,8 +68,8 @@ def read_adapter(name: str, folder: str, spec: ModelSpec, shapes: dict[str, tupl
                  dtype: torch.dtype, device: torch.device) -> LoRAAdapter:  # fmt: skip
     """The PEFT adapter in `folder` for the model of `spec`, whose adaptable linear layers have the
     (out, in) `shapes`; a ValueError that says why for anything it cannot serve exactly."""
-    path = Path(folder).expanduser()
-    if not path.is_dir():
+    path = expanded(folder, f"LoRA adapter {name!r}")
+    if not _is_dir(path):
         raise ValueError(f"LoRA adapter {name!r}: {folder} is not a folder (a PEFT adapter's: {CONFIG_FILE} and "
                          f"{WEIGHT_FILES[0]})")  # fmt: skip
     config_bytes, config = _read_config(name, path)
@@ -96,6 +97,13 @@ def read_adapter(name: str, folder: str, spec: ModelSpec, shapes: dict[str, tupl
         raise ValueError(f"LoRA adapter {name!r}: {weights_file} holds no LoRA weights")
     digest = hashlib.sha256(config_bytes + b"\0" + weights_bytes).hexdigest()
     return LoRAAdapter(name, str(path), rank, digest, ours)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # (a name the system refuses, too long...: no folder)
+        return False
 
 
 def _read_config(name: str, path: Path) -> tuple[bytes, dict]:
@@ -137,8 +145,8 @@ def _check_pattern(name: str, file: Path, key: str, pattern: object) -> None:
         raise ValueError(f"LoRA adapter {name!r}: {key} in {file} must be an object")
     for k, v in pattern.items():
         try:
-            re.compile(k)
-        except re.error as e:
+            re.compile(rf"(.*\.)?({k})$")  # (as _scale matches it)
+        except (re.error, TypeError) as e:
             raise ValueError(f"LoRA adapter {name!r}: {key} in {file}: {k!r} is not a regular expression ({e})") from None
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
             raise ValueError(f"LoRA adapter {name!r}: {key} in {file}: {k!r} must be a positive number, got {v!r:.40}")
@@ -157,7 +165,7 @@ def _read_weights(name: str, file: Path) -> dict[str, torch.Tensor]:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except OSError as e:
         raise ValueError(f"LoRA adapter {name!r}: cannot read {file}: {e.strerror or e}") from None
-    except (RuntimeError, EOFError, ValueError) as e:  # torch.load's damaged or foreign pickles
+    except Exception as e:  # (a damaged or foreign pickle raises anything: UnpicklingError, IndexError, ...)
         raise ValueError(f"LoRA adapter {name!r}: {file} is not a readable PyTorch state dict: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise ValueError(f"LoRA adapter {name!r}: {file} is not a state dict of tensors")
@@ -181,7 +189,7 @@ def _pairs(name: str, state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.T
         if set(ab) != {"A", "B"}:
             raise ValueError(f"LoRA adapter {name!r}: {module} has lora_{''.join(ab)} without its other half")
         a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.is_floating_point():
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.shape[0] or not a.is_floating_point():
             raise ValueError(f"LoRA adapter {name!r}: {module}'s lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
                              "are not an (r x in, out x r) pair of float matrices")  # fmt: skip
         pairs[module] = (a, b)

@@ -23,7 +23,9 @@ class LoRARegistry:
     """Adapters by (name, folder), at most `config.kept_loaded` of them kept (a request holds its own
     adapter while it waits and runs, so letting one go never pulls it from under a request; and one
     let go while requests still hold it is found again, not read into a second copy). The engine's
-    thread reads them; a server's thread may read one (`read`), add it or let names go."""
+    thread reads them; a server's thread may read one (`read`), add it or let names go (`forget`),
+    and a read under way meanwhile is not kept. Each name's fingerprints, every one it has served
+    here, stay known, so its conversations can be forgotten after it changes."""
 
     def __init__(self, config: LoRAConfig, spec: ModelSpec, shapes: dict[str, tuple[int, int]],
                  dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
@@ -35,7 +37,9 @@ class LoRARegistry:
         self._loaded: OrderedDict[tuple[str, str], LoRAAdapter] = OrderedDict()
         # every adapter some request (or the table above) still holds
         self._alive: weakref.WeakValueDictionary[tuple[str, str], LoRAAdapter] = weakref.WeakValueDictionary()
-        self._lock = threading.Lock()  # (held for the table only: files are read outside it)
+        self._generation: dict[str, int] = {}  # each name's forget count: a read begun before one is not kept
+        self._fingerprints: dict[str, set[str]] = {}
+        self._lock = threading.Lock()  # (held for the tables only: files are read outside it)
 
     def adapter(self, request: LoRARequest) -> LoRAAdapter:
         """The adapter `request` names, read from its folder (or a Hugging Face id in the local cache)
@@ -47,10 +51,14 @@ class LoRARegistry:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
                 return self._loaded[key]
-            adapter = self._alive.get(key)
+            adapter, generation = self._alive.get(key), self._generation.get(request.lora_name, 0)
         if adapter is None:
             adapter = self.read(request)
-        self.add(request, adapter)
+        with self._lock:
+            if self._generation.get(request.lora_name, 0) == generation:  # (else: replaced meanwhile)
+                self._keep(key, adapter)
+            else:  # (served all the same, to the request that asked: its conversation's KV keyed by it)
+                self._fingerprints.setdefault(request.lora_name, set()).add(adapter.fingerprint)
         return adapter
 
     def read(self, request: LoRARequest) -> LoRAAdapter:
@@ -62,30 +70,45 @@ class LoRARegistry:
                  len(adapter.weights))  # fmt: skip
         return adapter
 
-    def add(self, request: LoRARequest, adapter: LoRAAdapter) -> None:
-        """Keep `adapter` as `request`'s, letting the least recently used go past the limit."""
+    def replace(self, request: LoRARequest, adapter: LoRAAdapter) -> None:
+        """Let every adapter of `request`'s name go, and keep `adapter` (read by `read`) as its."""
         with self._lock:
-            self._loaded[(request.lora_name, request.path)] = self._alive[(request.lora_name, request.path)] = adapter
-            while len(self._loaded) > self.config.kept_loaded:
-                self._loaded.popitem(last=False)
+            self._forget(request.lora_name)
+            self._keep((request.lora_name, request.path), adapter)
 
     def forget(self, name: str) -> None:
         """Let every adapter of this name go (its files may have changed: the next use reads them)."""
         with self._lock:
-            for table in (self._loaded, self._alive):
-                for key in [key for key in table if key[0] == name]:
-                    del table[key]
+            self._forget(name)
+
+    def fingerprints(self, name: str) -> set[str]:
+        """The fingerprints of every adapter this name has named here."""
+        with self._lock:
+            return set(self._fingerprints.get(name, ()))
 
     def loaded(self) -> list[LoRAAdapter]:
         with self._lock:
             return list(self._loaded.values())
 
+    def _keep(self, key: tuple[str, str], adapter: LoRAAdapter) -> None:
+        """(under the lock) Keep `adapter`, letting the least recently used go past the limit."""
+        self._loaded[key] = self._alive[key] = adapter
+        self._fingerprints.setdefault(key[0], set()).add(adapter.fingerprint)
+        while len(self._loaded) > self.config.kept_loaded:
+            self._loaded.popitem(last=False)
 
-def kv_salt(cache_salt: str | None, adapter: LoRAAdapter | None) -> str | None:
+    def _forget(self, name: str) -> None:
+        self._generation[name] = self._generation.get(name, 0) + 1
+        for table in (self._loaded, self._alive):
+            for key in [key for key in table if key[0] == name]:
+                del table[key]
+
+
+def kv_salt(cache_salt: str | None, fingerprint: str | None) -> str | None:
     """The salt a request's KV is keyed by: its own cache salt, and its adapter's fingerprint when it
     has one (an adapter's KV is another model's: never shared with the base model's or another
     adapter's). A client's salt holds no NUL (the engine refuses one), so none equals these."""
-    if adapter is None:
+    if fingerprint is None:
         return cache_salt
-    digest = hashlib.sha256(f"{adapter.fingerprint}\0{cache_salt or ''}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{fingerprint}\0{cache_salt or ''}".encode()).hexdigest()
     return f"\0lora\0{digest}"

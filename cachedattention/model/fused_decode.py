@@ -129,7 +129,7 @@ class FusedDecode:
                 self._lora_tables.pop(next(iter(self._lora_tables)))
             modules = [{name: f"model.layers.{i}.{path}" for name, path in LINEAR_PATHS.items()}
                        for i in range(len(self.layers))]  # fmt: skip
-            tables = LoRATables(self.shape, len(self.layers), [a.rank for a in adapters],
+            tables = LoRATables(self.shape, len(self.layers), len(adapters),
                                 lambda i, name, g: adapters[g].weights.get(modules[i][name]))  # fmt: skip
             self._lora_tables[key] = (adapters, tables)  # (the adapters kept: their ids stay theirs)
         return self._lora_tables[key][1]

@@ -26,6 +26,22 @@ def hub_cache_dir() -> Path:
     return Path(cache_home).expanduser() / "huggingface" / "hub"
 
 
+def expanded(source: str, what: str = "model") -> Path:
+    """`source` as a path, ~ and ~user expanded; a ValueError for a ~user that is no user."""
+    try:
+        return Path(source).expanduser()
+    except RuntimeError:  # (pathlib's "Could not determine home directory")
+        raise ValueError(f"{what} path {source!r}: its ~ names no user of this machine") from None
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; a name the system refuses (too long, ...) names nothing that does."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def looks_like_model_id(source: str) -> bool:
     """Whether `source` could name a model on the hub (a path that does not exist may still)."""
     return (len(source) <= 96 and bool(_REPO_ID.fullmatch(source)) and "--" not in source and ".." not in source
@@ -38,7 +54,7 @@ def local_model_path(source: str, what: str = "model", revision: str | None = No
     of the model id `source` at `revision` (a branch, tag or commit; default main) in the local
     Hugging Face cache (`cache_dir`, else hub_cache_dir()). A ValueError says how to get one
     that is not there; a source that is neither a path nor an id is left to the loader to refuse."""
-    if Path(source).expanduser().exists() or not looks_like_model_id(source):
+    if _exists(expanded(source, what)) or not looks_like_model_id(source):
         if revision is not None:
             raise ValueError(f"a revision ({revision!r}) picks a version of a Hugging Face model id, but {what} "
                              f"{source!r} is a path, not a model id: give the id, or no revision")  # fmt: skip
@@ -59,8 +75,8 @@ def local_model_path(source: str, what: str = "model", revision: str | None = No
 def existing_local_path(source: str, what: str = "model", revision: str | None = None,
                         cache_dir: str | None = None) -> Path:  # fmt: skip
     """`source` as local_model_path finds it, as a path that exists; a ValueError says what to give."""
-    path = Path(local_model_path(source, what, revision, cache_dir)).expanduser()
-    if not path.exists():
+    path = expanded(local_model_path(source, what, revision, cache_dir), what)
+    if not _exists(path):
         wanted = "a Hugging Face folder or a .gguf file" if what == "model" else "a folder with a tokenizer, or a .gguf file"
         raise ValueError(f"{what} path {source!r} does not exist (give {wanted})")
     return path

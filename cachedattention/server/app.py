@@ -291,8 +291,9 @@ class OpenAIRoutes:
                  loras: Sequence[LoRARequest] = ()) -> None:  # fmt: skip
         self.loop = loop
         self.loras = {r.lora_name: r for r in loras}  # the adapters a request's `model` may name (--lora-modules)
+        self.unloaded: dict[str, LoRARequest] = {}  # taken away at run time: their sessions may still be forgotten
         # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, with LoRA on and its variable set
-        self.runtime_lora = loop.engine.loras is not None and any(
+        self.runtime_lora = loop is not None and loop.engine.loras is not None and any(
             os.environ.get(name, "").strip().lower() in ("1", "true") for name in RUNTIME_LORA_ENV)
         self.template_defaults = dict(template_defaults or {})  # chat_template_kwargs' (--default-chat-template-kwargs)
         self.token_ids_as_tokens = token_ids_as_tokens  # vLLM's --return-tokens-as-token-ids
@@ -366,8 +367,9 @@ class OpenAIRoutes:
     async def forget_session(self, session_id: str, cache_salt: str | None = None,
                              model: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Forget a conversation's KV wherever it is kept (this server's tiers and the remote one);
-        `?cache_salt=`: the one its turns were salted with; `?model=`: the LoRA adapter they ran with."""
-        lora = self.check_model(model)
+        `?cache_salt=`: the one its turns were salted with; `?model=`: the LoRA adapter they ran with
+        (its earlier files too, or one taken away since)."""
+        lora = self.unloaded.get(model) if model not in self.loras and model in self.unloaded else self.check_model(model)
         try:
             held = await self.loop.forget_session(session_id, cache_salt, lora)
         except SessionBusy as e:
@@ -401,16 +403,18 @@ class OpenAIRoutes:
             adapter = await asyncio.to_thread(registry.read, lora)
         except ValueError as e:
             raise bad(str(e), "lora_path") from None
-        registry.forget(name)
-        registry.add(lora, adapter)
+        registry.replace(lora, adapter)
         self.loras[name] = lora
+        self.unloaded.pop(name, None)
         return Response(f"Success: LoRA adapter {name!r} added successfully.", media_type="text/plain")
 
     async def unload_lora_adapter(self, request: Request) -> Response:
         """vLLM's: {"lora_name"} takes an adapter away (requests running with it finish with it)."""
         name = _lora_field(parse_json_object(await request.body()), "lora_name")
-        if self.loras.pop(name, None) is None:
+        lora = self.loras.pop(name, None)
+        if lora is None:
             raise APIError(404, f"The lora adapter {name!r} cannot be found.", "not_found", "lora_name")
+        self.unloaded[name] = lora
         self.loop.engine.loras.forget(name)
         return Response(f"Success: LoRA adapter {name!r} removed successfully.", media_type="text/plain")
 

@@ -120,17 +120,24 @@ def test_adapters_added_and_taken_away_at_run_time(chat_model_dir, adapters, tmp
         first = c.chat.completions.create(model="sql", messages=messages, max_tokens=6, temperature=0)
         again = post("load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters / "poet")})
         assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+        c.chat.completions.create(model="sql", messages=messages, max_tokens=6, temperature=0,
+                                  extra_body={"session_id": "s1"})  # fmt: skip
         # in place: the name now runs the other adapter's files
         assert post("load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters / "poet"),
                                           "load_inplace": True}).status_code == 200  # fmt: skip
-        replaced = c.chat.completions.create(model="sql", messages=messages, max_tokens=6, temperature=0)
+        replaced = c.chat.completions.create(model="sql", messages=messages, max_tokens=6, temperature=0,
+                                             extra_body={"session_id": "s2"})  # fmt: skip
         assert replaced.choices[0].message.content != first.choices[0].message.content
+        # a session kept with the files the name had before is still the name's to forget
+        assert httpx.delete(f"{server.url}/v1/sessions/s1", params={"model": "sql"}, timeout=30).status_code == 200
         broken = post("load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "missing")})
         assert broken.status_code == 400 and "is not a folder" in broken.json()["error"]["message"]
         assert post("load_lora_adapter", {"lora_name": "x"}).status_code == 400
         gone = post("unload_lora_adapter", {"lora_name": "sql"})
         assert gone.status_code == 200 and gone.text == "Success: LoRA adapter 'sql' removed successfully."
         assert post("unload_lora_adapter", {"lora_name": "sql"}).status_code == 404
+        # and once the name is taken away
+        assert httpx.delete(f"{server.url}/v1/sessions/s2", params={"model": "sql"}, timeout=30).status_code == 200
         with pytest.raises(Exception, match="does not exist"):
             c.chat.completions.create(model="sql", messages=messages, max_tokens=4)
     finally:
