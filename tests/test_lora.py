@@ -12,7 +12,7 @@ import torch
 from cachedattention import LLM, LoRARequest, SamplingParams
 from cachedattention.errors import InvalidRequest
 from tests.lora_files import ATTENTION, MLP, hand_written_adapter, write_adapter
-from tests.util import capture_logits, rel_err
+from tests.util import capture_logits, rel_err, run_to_end
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PROMPT = [1, 5, 9, 33, 70, 2, 17, 40, 41, 8]
@@ -121,7 +121,12 @@ def test_max_loras_bounds_the_adapters_of_a_step(tiny_dirs, tmp_path):
         return real(scheduled, hooks)
 
     llm.engine.runner.build_batch = spy
-    outs = llm.generate([PROMPT, PROMPT, PROMPT], GREEDY, lora_request=[a, b, None], use_tqdm=False)
+    queued = [llm.engine.add_request(PROMPT, GREEDY, lora_request=r) for r in (a, b, None)]
+    stats = llm.engine.stats()  # (vLLM's lora_requests_info: the adapters waiting and running)
+    assert (stats["lora_max"], stats["lora_waiting"], stats["lora_running"]) == (1, ["a", "b"], [])
+    llm.engine.step()
+    assert (llm.engine.stats()["lora_waiting"], llm.engine.stats()["lora_running"]) == (["b"], ["a"])
+    outs = run_to_end(llm, queued)
     assert all(len(names - {None}) <= 1 for names in per_step), per_step
     assert any(names == {"a", None} for names in per_step)  # the base model's request runs beside an adapter's
     llm.engine.runner.build_batch = real

@@ -733,6 +733,10 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
         }
+        if self.loras is not None:  # (vLLM's lora_requests_info: the adapters of running and waiting requests)
+            out["lora_max"] = self.config.lora.max_loras
+            for state, queue in (("running", self.scheduler.running), ("waiting", self.scheduler.waiting)):
+                out[f"lora_{state}"] = sorted({r.lora.name for r in queue if r.lora is not None})
         if self.store is not None:
             out.update(self.store.stats())
         return out

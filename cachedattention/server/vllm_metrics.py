@@ -4,6 +4,7 @@ vllm:kv_cache_usage_perc, vllm:time_to_first_token_seconds, ...) read this one u
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -124,6 +125,12 @@ class VLLMStatsCollector(Collector):
             usage = 1.0 - free / total  # pages held by requests (cached pages count as free: evictable)
             yield from gauge("kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent", usage)
             yield from gauge("gpu_cache_usage_perc", "KV-cache usage (vLLM's V0 name)", usage)
+        if isinstance(stats.get("lora_max"), int):  # vLLM's: its labels say it, its value when they did
+            info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests",
+                                     labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])  # fmt: skip
+            info.add_metric([str(stats["lora_max"]), ",".join(stats.get("lora_waiting", ())),
+                             ",".join(stats.get("lora_running", ()))], time.time())  # fmt: skip
+            yield info
         if isinstance(stats.get("preemptions"), int):
             preemptions = CounterMetricFamily("vllm:num_preemptions", "Preemptions so far", labels=["model_name"])
             preemptions.add_metric(label, float(stats["preemptions"]))

@@ -53,6 +53,8 @@ def test_a_request_s_model_picks_its_adapter(chat_model_dir, adapters, tmp_path)
         again = httpx.delete(f"{server.url}/v1/sessions/u", params={"model": "sql"}, timeout=30)
         assert again.status_code == 404
         assert httpx.delete(f"{server.url}/v1/sessions/u", params={"model": "poet"}, timeout=30).status_code == 200
+        scraped = httpx.get(f"{server.url}/metrics", timeout=30).text  # vLLM's gauge of the adapters in use
+        assert 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}' in scraped
         cards = {m.id: m for m in c.models.list().data}
         assert cards["sql"].parent == cards["poet"].parent != "sql" and cards["sql"].root == str(adapters / "sql")
         messages = [{"role": "user", "content": "Tell me about the sea."}]
