@@ -187,6 +187,33 @@ def test_another_model_never_sees_the_session(tiny_dirs, server):
     assert other.engine.store.stats()["remote_records_adopted"] == 0
 
 
+def test_an_adapter_s_session_moves_between_replicas_serving_its_files(tiny_dirs, server, tmp_path):
+    """Two replicas with the same adapter files (under other names): its session's KV goes from one
+    to the other through the remote tier; the base model, or another adapter, of the same session id
+    there reuses none of it."""
+    from cachedattention import LoRARequest
+    from tests.lora_files import ATTENTION, MLP, write_adapter
+
+    path, _ = tiny_dirs["llama"]
+    write_adapter(path, tmp_path / "a", ATTENTION + MLP, seed=1)
+    write_adapter(path, tmp_path / "b", ATTENTION + MLP, seed=2)
+    ref = LLM(model=str(path), cache=NO_DEVICE, enable_lora=True)
+    first, second = (replica(path, server.url, enable_lora=True) for _ in range(2))
+    conv = list(range(5, 45))
+    out = first.generate([conv], PARAMS, session_id="tuned", lora_request=LoRARequest("a", 1, str(tmp_path / "a")))[0]
+    settle(first)
+    conv = grow(conv, out, 0)
+    other = LoRARequest("b", 2, str(tmp_path / "b"))
+    for lora in (None, other):  # another model: nothing of the adapter's conversation
+        got = second.generate([conv], PARAMS, session_id="tuned", lora_request=lora)[0]
+        assert got.metrics.num_cached_tokens == 0
+        assert got.token_ids == ref.generate([conv], PARAMS, lora_request=lora)[0].token_ids
+    same = LoRARequest("renamed", 3, str(tmp_path / "a"))
+    got = second.generate([conv], PARAMS, session_id="tuned", lora_request=same)[0]
+    assert got.metrics.cached_tokens["remote"] >= 40
+    assert got.token_ids == ref.generate([conv], PARAMS, lora_request=same)[0].token_ids
+
+
 def test_a_record_of_another_model_under_our_key_is_not_served(tiny_dirs, server, caplog):
     path, _ = tiny_dirs["llama"]
     a = replica(path, server.url)
