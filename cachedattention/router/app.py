@@ -142,6 +142,8 @@ class Router:
         app.add_api_route("/v1/responses/{response_id}", self.stored_response, methods=["GET", "DELETE"])
         app.add_api_route("/v1/responses/{response_id}/{action}", self.stored_response, methods=["GET", "POST"])
         app.add_api_route("/v1/sessions/{session_id:path}", self.forget_session, methods=["DELETE"])
+        for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):  # (vLLM's runtime LoRA routes)
+            app.add_api_route(path, self.every_replica, methods=["POST"])
         app.add_api_route("/{path:path}", self.anywhere, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
 
     async def health(self) -> Response:
@@ -202,6 +204,16 @@ class Router:
             if (found := next((a for a in answers if a.status_code == status), None)) is not None:
                 return found
         return answers[0] if answers else _error(503, "no replica is reachable", "no_replica")
+
+    async def every_replica(self, request: Request) -> Response:
+        """Sent to every replica (a LoRA adapter added or taken away at run time: any replica may serve
+        a conversation's next turn): the first refusal among their answers, else the first answer."""
+        body = await self._body(request)
+        answers = await asyncio.gather(*(self._send_whole(request, url, body) for url in self.replicas.healthy()))
+        answers = [a for a in answers if a is not None]
+        if not answers:
+            return _error(503, "no replica is reachable", "no_replica")
+        return next((a for a in answers if a.status_code >= 300), answers[0])
 
     async def anywhere(self, request: Request, path: str) -> Response:
         return await self._relay(request, await self._body(request), self.replicas.order(None), "load")

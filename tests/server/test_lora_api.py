@@ -150,3 +150,30 @@ def test_adapters_added_and_taken_away_at_run_time(chat_model_dir, adapters, tmp
         assert httpx.post(f"{closed.url}/v1/load_lora_adapter", json={}, timeout=30).status_code == 404
     finally:
         closed.stop()
+
+
+def test_the_router_adds_and_takes_away_an_adapter_on_every_replica(chat_model_dir, adapters, tmp_path, monkeypatch):
+    """Any replica may serve a conversation's next turn: the runtime LoRA routes reach them all."""
+    from cachedattention.router.app import create_router_app
+    from cachedattention.router.replicas import RouterConfig
+    from tests.server.conftest import serve_app
+
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+    replicas = [start_server(lora_config(chat_model_dir)) for _ in range(2)]
+    router = serve_app(create_router_app(RouterConfig(tuple(r.url for r in replicas), max_body_bytes=1 << 20)))
+    try:
+        def models(url):
+            return {m.id for m in client(url).models.list().data}
+
+        loaded = httpx.post(f"{router.url}/v1/load_lora_adapter", timeout=60,
+                            json={"lora_name": "sql", "lora_path": str(adapters / "sql")})  # fmt: skip
+        assert loaded.status_code == 200 and all("sql" in models(r.url) for r in replicas)
+        refused = httpx.post(f"{router.url}/v1/load_lora_adapter", timeout=60,
+                             json={"lora_name": "x", "lora_path": str(tmp_path / "missing")})  # fmt: skip
+        assert refused.status_code == 400 and "is not a folder" in refused.json()["error"]["message"]
+        gone = httpx.post(f"{router.url}/v1/unload_lora_adapter", json={"lora_name": "sql"}, timeout=60)
+        assert gone.status_code == 200 and not any("sql" in models(r.url) for r in replicas)
+    finally:
+        router.stop()
+        for r in replicas:
+            r.stop()
