@@ -517,7 +517,13 @@ class OpenAIRoutes:
         answer's length that must fit in the window after the prompt (None: no check); `truncate`:
         whether a session's conversation may be cut to fit; `render_aside`: render the messages in
         a worker thread (a long conversation must not hold up the engine's thread); `lora`: the
-        adapter its `model` names."""
+        adapter its `model` names, read in a worker thread if it is not loaded (an adapter's files
+        read on the engine's thread would hold up every stream)."""
+        if lora is not None:
+            try:
+                await asyncio.to_thread(self.loop.engine.loras.adapter, lora)
+            except ValueError as e:
+                raise bad(str(e), "model") from None
         streams: list[RequestStream] = []
         rendered = None
         prompts = parsed.batch or [parsed.prompt]

@@ -177,3 +177,23 @@ def test_the_router_adds_and_takes_away_an_adapter_on_every_replica(chat_model_d
         router.stop()
         for r in replicas:
             r.stop()
+
+
+def test_an_adapter_not_loaded_is_read_off_the_engine_s_thread(chat_model_dir, adapters):
+    """Past --max-cpu-loras an adapter is read again when asked for: in a worker thread, not on the
+    engine's (whose every stream would wait for the files)."""
+    import threading
+
+    one_kept = EngineConfig(model=str(chat_model_dir), cache=CacheConfig(num_pages=PAGES), lora=LoRAConfig(enable=True))
+    server = start_server(one_kept, lora_modules=[("sql", str(adapters / "sql")), ("poet", str(adapters / "poet"))])
+    try:
+        registry = server.app.state.engine_loop.engine.loras
+        readers = []
+        real = registry.read
+        registry.read = lambda request: readers.append(threading.current_thread().name) or real(request)
+        c = client(server.url)
+        for name in ("sql", "poet", "sql"):  # (one kept loaded: each read again here)
+            c.completions.create(model=name, prompt="Once upon", max_tokens=2, temperature=0)
+        assert readers and "engine-loop" not in readers
+    finally:
+        server.stop()
