@@ -10,6 +10,7 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # (for type checkers and editors: the same names, imported eagerly)
+    from cachedattention.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
     from cachedattention.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, StoreConfig
     from cachedattention.llm import LLM
     from cachedattention.lora.request import LoRARequest
@@ -31,10 +32,13 @@ _HOMES = {
     "StoreConfig": "cachedattention.config",
     "LoRAConfig": "cachedattention.config",
     "LoRARequest": "cachedattention.lora.request",
+    "BeamSearchParams": "cachedattention.beam_search",
+    "BeamSearchOutput": "cachedattention.beam_search",
+    "BeamSearchSequence": "cachedattention.beam_search",
 }
 __all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "Logprob", "RequestOutput",
            "CompletionOutput", "RequestMetrics", "EngineConfig", "CacheConfig", "SchedulerConfig", "StoreConfig",
-           "LoRAConfig", "LoRARequest"]  # fmt: skip
+           "LoRAConfig", "LoRARequest", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

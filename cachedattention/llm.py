@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from cachedattention.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from cachedattention.cli_vllm import check_load_format
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
@@ -402,6 +403,33 @@ class LLM:
             for rid in each:
                 _decode_logprobs(done[rid], tokenizer, texts)
         return [_as_one(items[k].text, [done[rid] for rid in each]) for k, each in enumerate(ids)]
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
+                    lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:  # fmt: skip
+        """vLLM's: the `params.beam_width` best continuations of each prompt (a text, token ids, or
+        vLLM's {"prompt": ...} / {"prompt_token_ids": ...}), best first, each as a
+        BeamSearchSequence (its tokens and text include the prompt, as vLLM's). Each step runs every
+        beam one token further; their shared prefixes come from the device prefix cache.
+        `lora_request`: one adapter for all prompts or one each; `use_tqdm` and `concurrency_limit`
+        are accepted (every prompt's beams run together)."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if concurrency_limit is not None and (not isinstance(concurrency_limit, int) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
+        given = _prompt_list(prompts)
+        loras = _lora_requests(lora_request, len(given))
+        ids = [self.engine.tokenize(_one_prompt(p), True) for p in given]
+        results: list[BeamSearchOutput] = []
+        tokenizer = self.engine.tokenizer
+        eos = tokenizer.eos_token_id if tokenizer is not None else None
+        for lora in dict.fromkeys(loras):  # (each adapter's prompts in a search of their own)
+            mine = [k for k, r in enumerate(loras) if r == lora]
+            found = beam_search([ids[k] for k in mine], params, eos,
+                                lambda beams, sp, lora=lora: self.generate(beams, sp, use_tqdm=False, lora_request=lora),
+                                lambda tokens: tokenizer.decode(tokens) if tokenizer is not None else "")  # fmt: skip
+            results.extend(zip(mine, found))
+        return [out for _, out in sorted(results, key=lambda pair: pair[0])]
 
     def stats(self) -> dict:
         return self.engine.stats()
