@@ -228,6 +228,12 @@ def damage(folder, kind):
         save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(0, 64),
                    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 0)},
                   folder / "adapter_model.safetensors")  # fmt: skip
+    elif kind in ("alpha-infinite", "alpha-past-float"):
+        text = (folder / "adapter_config.json").read_text()
+        config = json.loads(text)
+        huge = "1e400" if kind == "alpha-infinite" else "1" + "0" * 400
+        (folder / "adapter_config.json").write_text(text.replace(f'"lora_alpha": {config["lora_alpha"]}',
+                                                                 f'"lora_alpha": {huge}'))  # fmt: skip
     elif kind == "half-a-pair":
         from safetensors.torch import load_file, save_file
 
@@ -240,7 +246,8 @@ def damage(folder, kind):
     ("dora", "DoRA"), ("bias", "biases"), ("not-json", "not valid JSON"), ("no-weights", "has neither"),
     ("alpha-not-a-number", "must be a positive number"), ("alpha-not-a-regex", "not a regular expression"),
     ("alpha-flags-inside", "not a regular expression"), ("bin-not-a-pickle", "not a readable PyTorch state dict"),
-    ("rank-zero", "are not an"),
+    ("rank-zero", "are not an"), ("alpha-infinite", "must be a positive number"),
+    ("alpha-past-float", "must be a positive number"),
     ("truncated", "not a readable safetensors"), ("half-a-pair", "without its other half"),
 ])  # fmt: skip
 def test_a_damaged_or_unsupported_adapter_is_refused_saying_why(kind, says, tiny_dirs, tmp_path):
@@ -284,6 +291,11 @@ def test_requests_and_settings_lora_cannot_serve_are_refused(tiny_dirs, tmp_path
         small.generate([PROMPT], GREEDY, lora_request=a, use_tqdm=False)
     with pytest.raises(InvalidRequest, match="another base model"):
         llm.generate([PROMPT], GREEDY, lora_request=LoRARequest("q", 2, str(tmp_path / "q")), use_tqdm=False)
+    phi3, _ = tiny_dirs["phi3"]  # a fused weight's rows the model cannot split
+    hand_written_adapter(tmp_path / "fused", {"model.layers.0.self_attn.qkv_proj": (100, 64)})
+    with pytest.raises(InvalidRequest, match="another base model"):
+        LLM(model=str(phi3), enable_lora=True).generate([PROMPT], GREEDY, use_tqdm=False,
+                                                        lora_request=LoRARequest("f", 4, str(tmp_path / "fused")))
     for folder, says in ((str(tmp_path / "none"), "is not a folder"), ("/" + "x" * 300, "is not a folder"),
                          ("~no-such-user-here/a", "names no user")):  # fmt: skip
         with pytest.raises(InvalidRequest, match=says):
@@ -395,3 +407,54 @@ def test_a_read_under_way_when_its_adapter_is_replaced_is_not_kept(tiny_dirs, tm
     new = registry.adapter(lora)
     assert old.fingerprint != new.fingerprint and registry.loaded() == [new]
     assert registry.fingerprints("x") == {old.fingerprint, new.fingerprint}  # (a request ran with the old one)
+
+
+def test_a_queue_head_whose_adapter_must_wait_holds_no_read_buffer(tiny_dirs, tmp_path):
+    """With max_loras 1, a session's next turn with adapter b waits while a's request runs; it is not
+    staged (its stored prefix's pages would hold up the requests behind it), so the base model's
+    request behind it runs beside a's at once."""
+    from cachedattention.engine.request import Status
+
+    path, _ = tiny_dirs["llama"]
+    write_adapter(path, tmp_path / "a", ATTENTION, seed=1)
+    write_adapter(path, tmp_path / "b", ATTENTION, seed=2)
+    a, b = LoRARequest("a", 1, str(tmp_path / "a")), LoRARequest("b", 2, str(tmp_path / "b"))
+    llm = LLM(model=str(path), enable_lora=True, max_loras=1, store_dir=str(tmp_path / "store"), num_pages=48,
+              block_size=4, max_model_len=128, enable_prefix_caching=False)  # fmt: skip
+    engine, conv = llm.engine, list(range(5, 75))
+    first = llm.generate([conv], GREEDY, lora_request=b, session_id="s", use_tqdm=False)[0]
+    engine.store.store.flush()
+    long_a = engine.add_request([1, 5, 9, 33, 2, 7, 8], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True),
+                                lora_request=a)  # fmt: skip
+    engine.step()
+    turn = engine.add_request(conv + first.token_ids + [10, 11], GREEDY, lora_request=b, session_id="s")
+    engine.step()
+    assert not engine.requests[turn].staged
+    base = engine.add_request([(7 * i) % 250 + 3 for i in range(120)], GREEDY)
+    engine.step()
+    assert engine.requests[base].status is Status.RUNNING and engine.requests[long_a].status is Status.RUNNING
+    run_to_end(llm, [long_a, turn, base])
+    engine.pages.check_integrity()
+
+
+def test_adapters_past_max_cpu_loras_leave_memory_after_fused_steps(tiny_dirs, tmp_path):
+    """The fused decode layers' tables of earlier steps' adapters keep none of them alive: past
+    max_cpu_loras an adapter no request holds is let go, and read again from its folder."""
+    import gc
+    import shutil
+
+    path, _ = tiny_dirs["llama"]
+    write_adapter(path, tmp_path / "a", ATTENTION, seed=1)
+    llm = LLM(model=str(path), enable_lora=True)
+    assert llm.engine.runner.fused_decode is not None
+    loras = []
+    for i in range(4):
+        shutil.copytree(tmp_path / "a", tmp_path / f"c{i}")
+        loras.append(LoRARequest(f"c{i}", i + 1, str(tmp_path / f"c{i}")))
+        llm.generate([PROMPT], GREEDY, lora_request=loras[-1], use_tqdm=False)
+    gc.collect()
+    assert len(llm.engine.loras.loaded()) == 1 and len(llm.engine.loras._alive) == 1
+    write_adapter(path, tmp_path / "c0", ATTENTION, seed=2)  # c0's files change: it is read again
+    again = llm.generate([PROMPT], GREEDY, lora_request=loras[0], use_tqdm=False)[0]
+    assert again.token_ids == LLM(model=str(path), enable_lora=True).generate(
+        [PROMPT], GREEDY, lora_request=LoRARequest("fresh", 9, str(tmp_path / "c0")), use_tqdm=False)[0].token_ids

@@ -100,7 +100,9 @@ class Scheduler:
             if not req.staged and self.store_ready is not None and not self.store_ready(req):
                 not_ready.append(req)
                 continue
-            if not self._lora_fits(req):  # (as vLLM: it waits; requests behind it may run)
+            if not self._lora_fits(req):  # (as vLLM: it waits; requests behind it may run, in its read buffer too)
+                if req.staged:
+                    self._release(req)
                 not_ready.append(req)
                 continue
             if not req.staged:
@@ -157,6 +159,8 @@ class Scheduler:
             return None
         req = self.waiting[0]
         if self.store_ready is not None and not self.store_ready(req):
+            return None
+        if not self._lora_fits(req):  # (it waits: its pages would hold up the requests behind it)
             return None
         # what the running requests can take next step: the rest of their prompt and one token more
         headroom = sum(max(0, self._pages_for(r.num_tokens + 1) - len(r.pages)) for r in self.running)

@@ -174,14 +174,14 @@ class LoRATables:
     """For the adapters of a step's `groups`, in order: each layer's linear layers' A, B^T (by address)
     and rank ([layers][LINEARS][groups], A null where an adapter leaves one alone). `weights(layer,
     linear, group)` gives (A [rank, in], B^T [rank, out]) or None; every pair is checked against the
-    layer's shape (its rank its own: PEFT's rank_pattern), and kept alive with the tables."""
+    layer's shape (its rank its own: PEFT's rank_pattern). The tables do not keep the tensors alive:
+    whoever uses them must hold the adapters (the step's batch does)."""
 
     def __init__(self, shape: LayerShape, layers: int, groups: int, weights) -> None:
         self.groups = groups
         size = layers * len(LINEARS) * groups
         self.a, self.bt = (ctypes.c_void_p * size)(), (ctypes.c_void_p * size)()
         self.ranks = torch.zeros(size, dtype=torch.int64)
-        self.keep = []
         shapes = shape.linear_shapes()
         for layer in range(layers):
             for i, name in enumerate(LINEARS):
@@ -198,7 +198,6 @@ class LoRATables:
                     _need(bt, (rank, out), f"layer {layer}'s {name} LoRA B^T")
                     at = (layer * len(LINEARS) + i) * groups + g
                     self.a[at], self.bt[at], self.ranks[at] = a.data_ptr(), bt.data_ptr(), rank
-                    self.keep.append(pair)
 
 
 class DecodeLayerKernel:

@@ -88,7 +88,12 @@ def read_adapter(name: str, folder: str, spec: ModelSpec, shapes: dict[str, tupl
                              f"{max_rank} (raise --max-lora-rank)")  # fmt: skip
         rank = max(rank, r)
         b = b.float() * _scale(config, module, r)
-        for weight_name, part_b in to_our_weights({f"{module}.weight": b}, spec).items():
+        try:
+            ours_b = to_our_weights({f"{module}.weight": b}, spec)
+        except RuntimeError as e:  # (a fused weight's rows split by the model's shapes: another model's)
+            raise ValueError(f"LoRA adapter {name!r}: {module}'s lora_B {tuple(b.shape)} does not fit the model's "
+                             f"layers ({e}): an adapter for another base model?") from None  # fmt: skip
+        for weight_name, part_b in ours_b.items():
             target = weight_name.removesuffix(".weight")
             _check_target(name, module, target, a, part_b, shapes)
             ours[target] = (a.to(device, dtype).contiguous(), part_b.T.to(device, dtype).contiguous())
@@ -132,7 +137,7 @@ def _read_config(name: str, path: Path) -> tuple[bytes, dict]:
         raise ValueError(f"LoRA adapter {name!r}: adapters that train biases (bias={config['bias']!r}) are not supported")
     for key in ("r", "lora_alpha"):
         v = config.get(key)
-        if key in config and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+        if key in config and not _positive_number(v):
             raise ValueError(f"LoRA adapter {name!r}: {key} in {file} must be a positive number, got {v!r:.40}")
     for key in ("rank_pattern", "alpha_pattern"):
         _check_pattern(name, file, key, config.get(key) or {})
@@ -148,8 +153,18 @@ def _check_pattern(name: str, file: Path, key: str, pattern: object) -> None:
             re.compile(rf"(.*\.)?({k})$")  # (as _scale matches it)
         except (re.error, TypeError) as e:
             raise ValueError(f"LoRA adapter {name!r}: {key} in {file}: {k!r} is not a regular expression ({e})") from None
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+        if not _positive_number(v):
             raise ValueError(f"LoRA adapter {name!r}: {key} in {file}: {k!r} must be a positive number, got {v!r:.40}")
+
+
+def _positive_number(v: object) -> bool:
+    """A JSON number > 0 that is finite as a float (no bool, no inf or NaN, no integer past float's range)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v)) and v > 0
+    except OverflowError:
+        return False
 
 
 def _read_weights(name: str, file: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -66,7 +67,8 @@ class FusedDecode:
                       (pool.k[i], pool.v[i]), _head_norms(layer), index=i)
             for i, layer in enumerate(model.model.layers)
         ]
-        self._lora_tables: dict[tuple[int, ...], tuple[list, LoRATables]] = {}  # by the step's adapters
+        # by the step's adapters (weakly: a table keeps no adapter in memory past the registry's limit)
+        self._lora_tables: dict[tuple[int, ...], tuple[list[weakref.ref], LoRATables]] = {}
         if len({layer.num_slots for layer in self.layers}) > 1:
             raise ValueError("the layers' pools differ in size")
 
@@ -122,8 +124,14 @@ class FusedDecode:
 
     def _tables(self, adapters: list) -> LoRATables:
         """The C tables of these adapters' weights, in this order (kept for the next steps of the same
-        adapters, a few at a time: decode steps repeat them)."""
+        adapters, a few at a time: decode steps repeat them). A table holds the adapters' tensors by
+        address only: the step's batch holds the adapters while it runs, and a table is used again
+        only while every adapter it was made from is alive and the same object (an id may be reused)."""
         key = tuple(map(id, adapters))
+        cached = self._lora_tables.get(key)
+        if cached is not None and all(ref() is a for ref, a in zip(cached[0], adapters, strict=True)):
+            return cached[1]
+        self._lora_tables = {k: v for k, v in self._lora_tables.items() if all(ref() is not None for ref in v[0])}
         if key not in self._lora_tables:
             if len(self._lora_tables) >= MAX_LORA_TABLES:
                 self._lora_tables.pop(next(iter(self._lora_tables)))
@@ -131,7 +139,7 @@ class FusedDecode:
                        for i in range(len(self.layers))]  # fmt: skip
             tables = LoRATables(self.shape, len(self.layers), len(adapters),
                                 lambda i, name, g: adapters[g].weights.get(modules[i][name]))  # fmt: skip
-            self._lora_tables[key] = (adapters, tables)  # (the adapters kept: their ids stay theirs)
+            self._lora_tables[key] = ([weakref.ref(a) for a in adapters], tables)
         return self._lora_tables[key][1]
 
 
