@@ -10,6 +10,7 @@ the scale folded in) goes through the very same changes, and A, over the inputs,
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -53,9 +54,9 @@ _PLAIN_INITS = (True, False, None, "gaussian", "eva", "orthogonal")
 @dataclass(frozen=True, eq=False)
 class LoRAAdapter:
     """An adapter as the linear layers use it: for each of our module names, A (r x in) and B
-    transposed (r x out) with the adapter's scale already in it. `fingerprint`: a digest of its config and weights, so a
-    conversation's KV computed with it is found again by any engine (or replica) serving the same
-    files, whatever name they give it."""
+    transposed (r x out) with the adapter's scale already in it. `fingerprint`: a digest of its
+    config and weights, so a conversation's KV computed with it is found again by any engine (or
+    replica) serving the same files, whatever name they give it."""
 
     name: str
     path: str
@@ -76,8 +77,11 @@ def read_adapter(name: str, folder: str, spec: ModelSpec, shapes: dict[str, tupl
     weights_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
     if weights_file is None:
         raise ValueError(f"LoRA adapter {name!r}: {folder} has neither {' nor '.join(WEIGHT_FILES)}")
-    weights_bytes = weights_file.read_bytes()
-    state = _read_weights(name, weights_file)
+    try:
+        weights_bytes = weights_file.read_bytes()  # (read once: for the fingerprint and the tensors)
+    except OSError as e:
+        raise ValueError(f"LoRA adapter {name!r}: cannot read {weights_file}: {e.strerror or e}") from None
+    state = _read_weights(name, weights_file, weights_bytes)
     pairs = _pairs(name, state)
     ours: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     rank = 0
@@ -150,7 +154,7 @@ def _check_pattern(name: str, file: Path, key: str, pattern: object) -> None:
         raise ValueError(f"LoRA adapter {name!r}: {key} in {file} must be an object")
     for k, v in pattern.items():
         try:
-            re.compile(rf"(.*\.)?({k})$")  # (as _scale matches it)
+            _pattern(k)
         except (re.error, TypeError) as e:
             raise ValueError(f"LoRA adapter {name!r}: {key} in {file}: {k!r} is not a regular expression ({e})") from None
         if not _positive_number(v):
@@ -167,19 +171,18 @@ def _positive_number(v: object) -> bool:
         return False
 
 
-def _read_weights(name: str, file: Path) -> dict[str, torch.Tensor]:
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
+def _read_weights(name: str, file: Path, data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors in `data`, the bytes of `file` (safetensors, or a PyTorch state dict)."""
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load
 
-            try:
-                return load_file(str(file))
-            except SafetensorError as e:
-                raise ValueError(f"LoRA adapter {name!r}: {file} is not a readable safetensors file: {e}") from None
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise ValueError(f"LoRA adapter {name!r}: cannot read {file}: {e.strerror or e}") from None
+        try:
+            return load(data)
+        except SafetensorError as e:
+            raise ValueError(f"LoRA adapter {name!r}: {file} is not a readable safetensors file: {e}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # (a damaged or foreign pickle raises anything: UnpicklingError, IndexError, ...)
         raise ValueError(f"LoRA adapter {name!r}: {file} is not a readable PyTorch state dict: {e}") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
@@ -223,10 +226,16 @@ def _scale(config: dict, module: str, rank: int) -> float:
     matches the module's name as PEFT matches them (the whole name, or its end after a dot)."""
     alpha = config.get("lora_alpha", 8)
     for key, value in (config.get("alpha_pattern") or {}).items():
-        if key == module or re.match(rf"(.*\.)?({key})$", module):
+        if key == module or _pattern(key).match(module):
             alpha = value
             break
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _pattern(key: str) -> re.Pattern:
+    """A rank_pattern or alpha_pattern key as PEFT matches it: the module's whole name, or its end
+    after a dot."""
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def _check_target(name: str, module: str, target: str, a: torch.Tensor, b: torch.Tensor,

@@ -369,7 +369,7 @@ class OpenAIRoutes:
         """Forget a conversation's KV wherever it is kept (this server's tiers and the remote one);
         `?cache_salt=`: the one its turns were salted with; `?model=`: the LoRA adapter they ran with
         (its earlier files too, or one taken away since)."""
-        lora = self.unloaded.get(model) if model not in self.loras and model in self.unloaded else self.check_model(model)
+        lora = self.unloaded.get(model) or self.check_model(model)  # (a name loaded again is no longer unloaded)
         try:
             held = await self.loop.forget_session(session_id, cache_salt, lora)
         except SessionBusy as e:
