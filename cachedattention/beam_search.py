@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachedattention.sampling import SamplingParams
+from cachedattention.sampling import SamplingParams, is_int, is_number
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,11 @@ class BeamSearchParams:
     def __post_init__(self) -> None:
         for name in ("beam_width", "max_tokens"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an integer of at least 1, got {v!r:.40}")
         for name in ("temperature", "length_penalty"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or abs(v) == float("inf"):
+            if not is_number(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r:.40}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
@@ -98,8 +98,8 @@ def beam_search(prompts: list[list[int]], params: BeamSearchParams, eos_token_id
         beams = [sorted(each, key=score, reverse=True)[: params.beam_width] for each in grown]
     results = []
     for done, left in zip(completed, beams):
-        for beam in left:
-            beam.finish_reason = beam.finish_reason or "length"
+        for beam in left:  # (the ends written were set aside: these ran out of tokens)
+            beam.finish_reason = "length"
         best = sorted(done + left, key=score, reverse=True)[: params.beam_width]
         for beam in best:
             beam.text = decode(beam.tokens)

@@ -23,6 +23,7 @@ from cachedattention.lora.batch import ADAPTABLE
 from cachedattention.model.hub_cache import expanded
 from cachedattention.model.loader import to_our_weights
 from cachedattention.model.spec import ModelSpec
+from cachedattention.sampling import is_number
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -163,12 +164,7 @@ def _check_pattern(name: str, file: Path, key: str, pattern: object) -> None:
 
 def _positive_number(v: object) -> bool:
     """A JSON number > 0 that is finite as a float (no bool, no inf or NaN, no integer past float's range)."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(float(v)) and v > 0
-    except OverflowError:
-        return False
+    return is_number(v) and v > 0
 
 
 def _read_weights(name: str, file: Path, data: bytes) -> dict[str, torch.Tensor]:
