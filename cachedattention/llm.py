@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from cachedattention.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from cachedattention.beam_search import BeamSearchOutput, BeamSearchParams, beam_search, check_width
 from cachedattention.cli_vllm import check_load_format
 from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
@@ -417,6 +417,7 @@ class LLM:
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         if concurrency_limit is not None and (not isinstance(concurrency_limit, int) or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be a positive integer or None, got {concurrency_limit!r}")
+        check_width(params, self.engine.max_logprobs)
         given = _prompt_list(prompts)
         loras = _lora_requests(lora_request, len(given))
         ids = [self.engine.tokenize(_one_prompt(p), True) for p in given]

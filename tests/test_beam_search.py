@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cachedattention import LLM, BeamSearchParams
-from cachedattention.beam_search import beam_score, beam_search
+from cachedattention.beam_search import BeamSearch, beam_score, beam_search
 from cachedattention.errors import InvalidRequest
-from cachedattention.sampling import Logprob
+from cachedattention.sampling import Logprob, TokenLogprob
 
 
 def reference_search(hf, prompt: list[int], width: int, steps: int) -> list[tuple[list[int], float]]:
@@ -83,5 +83,26 @@ def test_what_beam_search_cannot_take_is_refused(tiny_dirs):
             BeamSearchParams(**bad)
     with pytest.raises(ValueError, match="BeamSearchParams"):
         llm.beam_search([[1, 2]], {"beam_width": 2, "max_tokens": 4})
-    with pytest.raises(InvalidRequest, match="max_logprobs"):  # (2 x 11 alternatives a step, past vLLM's 20)
+    with pytest.raises(InvalidRequest, match="beam width of at most 10"):  # (2 x 11 a step, past vLLM's 20)
         llm.beam_search([[1, 2]], BeamSearchParams(beam_width=11, max_tokens=2))
+
+
+def test_alternatives_read_for_an_answer_s_logprobs_are_no_candidates():
+    """A server's request asking for more logprobs than 2 x beam_width reads them at each step, but
+    its beams grow only by the 2 x beam_width most likely tokens (and the one drawn), as vLLM's: an
+    end of sequence ranked third, for one beam, is not set aside as a finished beam."""
+    entry = TokenLogprob(4, -0.1, 1, ((4, -0.1), (5, -0.2), (2, -0.3), (6, -5.0)))
+
+    class Out:
+        logprobs = [entry]
+
+    search = BeamSearch([[7]], BeamSearchParams(beam_width=1, max_tokens=1), 2, logprobs=4)
+    assert search.one_token.logprobs == 4
+    while beams := search.pending():
+        search.advance([Out() for _ in beams])
+    assert [s.tokens for s in search.best(str)[0].sequences] == [[7, 4]]
+    assert search.completed == [[]]  # (without the bound: [7, 2] set aside, scored -0.3 / 1, the best)
+    wide = BeamSearch([[7]], BeamSearchParams(beam_width=2, max_tokens=1), 2, logprobs=4)
+    while beams := wide.pending():
+        wide.advance([Out() for _ in beams])
+    assert [s.tokens for s in wide.completed[0]] == [[7, 2]]  # (ranked third: within 2 x 2)

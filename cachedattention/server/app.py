@@ -26,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cachedattention.beam_search import one_token_params
 from cachedattention.cli_vllm import uvicorn_options
 from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
@@ -37,6 +38,7 @@ from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import choice_params
 from cachedattention.server.api_error import APIError, aborted_error, as_api_error, bad, error_body, error_response
 from cachedattention.server.auth import ApiKeyMiddleware, RootPathMiddleware, api_keys_from, checked_api_keys
+from cachedattention.server.beam import BeamSearches
 from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
 from cachedattention.server.logprobs import LogprobFormatter
 from cachedattention.server.metrics import CONTENT_TYPE, EngineStatsCollector, RequestCounterMiddleware, ServerMetrics
@@ -307,6 +309,7 @@ class OpenAIRoutes:
         # names given by the operator are answered exactly (as vLLM); the default (a file's name) also without its suffix
         self.aliases = {*self.model_names, "default"} | (set() if named else {Path(self.model_name).stem})
         self.max_model_len = max_model_len
+        self.beams = BeamSearches(loop, max_model_len)  # use_beam_search's searches under way
         self.created = int(time.time())
 
     def register(self, app: FastAPI) -> None:
@@ -487,9 +490,10 @@ class OpenAIRoutes:
         parsed = self.keep_tags(parsed) if chat else parsed
         given = client_request_id(request.headers, parsed.request_id)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{given or uuid.uuid4().hex}"
-        streams = await self._submit(engine_request_id(rid, given is not None), parsed,
-                                     parsed.max_tokens_asked if parsed.session_id is None else None,
-                                     lora=lora)  # fmt: skip
+        submit = self._search if parsed.beam is not None else self._submit
+        streams = await submit(engine_request_id(rid, given is not None), parsed,
+                               parsed.max_tokens_asked if parsed.session_id is None else None,
+                               lora=lora)  # fmt: skip
         tok = self.loop.engine.tokenizer
         echoes = None
         if parsed.echo:  # each prompt's, as sent or its ids' text (encodes: in a worker thread), for its choices
@@ -559,6 +563,25 @@ class OpenAIRoutes:
             raise
         return streams
 
+    async def _search(self, rid: str, parsed: ParsedRequest, check_room: int | None,
+                      lora: LoRARequest | None = None) -> list[RequestStream]:  # fmt: skip
+        """use_beam_search: the search's first step submitted as any request (one per prompt: its
+        prompt rendered, checked and cut as any), the rest run by the search; its choices' streams."""
+        first = replace(one_token_params(parsed.beam, parsed.params.logprobs or 0),
+                        truncate_prompt_tokens=parsed.params.truncate_prompt_tokens)  # fmt: skip
+        self.loop.hold(rid)  # (shutdown waits for the search, not only for the step under way)
+        try:
+            firsts = await self._submit(f"{rid}-first", replace(parsed, n=1, params=first), check_room, lora=lora)
+        except BaseException:
+            self.loop.release(rid)
+            raise
+        return self.beams.start(rid, firsts, parsed, lora)  # (which releases it when the search ends)
+
+    def _abort(self, request_id: str) -> None:
+        """Abort a choice's engine request, or cancel the beam search it is a choice of."""
+        if not self.beams.cancel(request_id):
+            self.loop.abort(request_id)
+
     async def _collect(self, request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
         watcher = asyncio.create_task(self._abort_on_disconnect(request, [s.request_id for s in streams]))
         outs: list[RequestOutput | None] = [None] * len(streams)
@@ -582,7 +605,7 @@ class OpenAIRoutes:
             watcher.cancel()
             for stream, out in zip(streams, outs):
                 if out is None or not out.finished:
-                    self.loop.abort(stream.request_id)
+                    self._abort(stream.request_id)
         if any(out.finish_reason == "abort" for out in outs):
             # 499 (nginx's "client closed request") keeps these apart from shutdown aborts in /metrics
             raise APIError(499, "the client closed the request", "client_closed") if client_gone else aborted_error()
@@ -592,7 +615,7 @@ class OpenAIRoutes:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         for rid in request_ids:
-            self.loop.abort(rid)
+            self._abort(rid)
 
     async def _events(self, streams: list[RequestStream], fmt: _Format, parsed: ParsedRequest) -> AsyncIterator[str]:
         """The choices' chunks as they come (each tagged with its index), then usage and [DONE]."""
@@ -673,7 +696,7 @@ class OpenAIRoutes:
                 task.cancel()
             for c, stream in zip(choices, streams):
                 if not c.done:  # the client went away, a sibling failed, or the server cancelled us
-                    self.loop.abort(stream.request_id)
+                    self._abort(stream.request_id)
 
 
 def _prompt_only(out: RequestOutput) -> RequestOutput:

@@ -138,6 +138,7 @@ class EngineLoop:
         self._active: set[str] = set()  # submitted, not yet finished (guarded by _cond)
         self._accepting = True
         self._closed = False
+        self._stopped = False  # the engine's thread has stopped: nothing more is taken (guarded by _cond)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stats: dict[str, Any] = self._read_stats()
 
@@ -154,19 +155,36 @@ class EngineLoop:
         with self._cond:
             return request_id in self._active
 
-    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> RequestStream:
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop, follow_up: bool = False) -> RequestStream:
+        """`follow_up`: a later step of a request in progress (a beam search's), taken while the
+        server drains, until the engine's thread stops."""
         stream = RequestStream(job.request_id, loop)
         with self._cond:
-            if not self._accepting:
+            if self._stopped or not (self._accepting or follow_up):
                 raise ServerDraining("the server is shutting down and takes no new requests")
             if job.request_id in self._active:  # a client's request_id given twice: the first keeps it
                 raise InvalidRequest(f"request id {job.request_id!r} is already in use by a request in progress",
                                      "request_id")  # fmt: skip
             self._active.add(job.request_id)
+            # (under the lock: a command put once the thread stopped would never be answered)
+            self._cmds.put(("add", job, stream))
         if self.log_requests:
             log.info("%s", describe(job))
-        self._cmds.put(("add", job, stream))
         return stream
+
+    def hold(self, request_id: str) -> None:
+        """A request in progress between its engine requests (a beam search's steps): shutdown waits
+        for it as for any, and its id is taken until `release`. ServerDraining when draining."""
+        with self._cond:
+            if self._stopped or not self._accepting:
+                raise ServerDraining("the server is shutting down and takes no new requests")
+            if request_id in self._active:
+                raise InvalidRequest(f"request id {request_id!r} is already in use by a request in progress",
+                                     "request_id")  # fmt: skip
+            self._active.add(request_id)
+
+    def release(self, request_id: str) -> None:
+        self._settle(request_id)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its pages (no-op when it already finished)."""
@@ -228,6 +246,7 @@ class EngineLoop:
         finally:
             with self._cond:
                 self._accepting = False  # nobody would serve a new request now
+                self._stopped = True
             self._abort_all()
             self._fail_queued()
             self._stats = self._read_stats()

@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cachedattention.beam_search import BeamSearchParams, check_width
 from cachedattention.engine.tool_choice import CALL_FORMS
 from cachedattention.model.chat_template import check_template_syntax
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
@@ -42,7 +43,7 @@ FIELDS = frozenset((
     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs", "allowed_token_ids",
     "include_stop_str_in_output", "truncate_prompt_tokens", "user", "add_special_tokens", "skip_special_tokens",
     "request_id", "return_tokens_as_token_ids", "bad_words", "priority", "use_beam_search", "logits_processors",
-    "cache_salt",
+    "cache_salt", "length_penalty",
 ))  # fmt: skip
 CHAT_FIELDS = frozenset(("messages", "tools", "tool_choice", "functions", "add_generation_prompt",
                          "continue_final_message", "chat_template_kwargs", "chat_template",
@@ -88,6 +89,7 @@ class ParsedRequest:
     token_ids_as_tokens: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
     priority: int = 0  # vLLM's: the request's place under --scheduling-policy priority (lower first)
     include_reasoning: bool = True  # chat, vLLM's: with a reasoning parser, the answer's reasoning is returned
+    beam: BeamSearchParams | None = None  # vLLM's use_beam_search: n beams, the choices the best n of them
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -216,12 +218,10 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "functions": ([],),
     "best_of": (1,),
     "suffix": ("",),
-    "use_beam_search": (False,),
     "logits_processors": ([],),
 }
 # why a field is refused, where "not supported" alone would leave a vLLM user guessing
 _WHY_UNSUPPORTED = {
-    "use_beam_search": "this engine has no beam search",
     "logits_processors": "a request's own logits processors are not run (vLLM's need --logits-processor-pattern, "
                          "which this server does not have)",
 }  # fmt: skip
@@ -458,7 +458,49 @@ def _common(body: dict, session_header: str | None, max_model_len: int, chat: bo
         max_tokens_asked=_integer(body, "max_completion_tokens") or _integer(body, "max_tokens"),  # checked above
         prompt_only=prompt_only,
         n=n or 1,
+        beam=_beam_search(body, params, n or 1, session_id, echo, prompt_logprobs, max_logprobs),
     )
+
+
+# what a beam search cannot honour: its beams grow by the model's most likely tokens, ranked by
+# the model's own log-probabilities (the fields that would change those, or end an answer early)
+_BEAM_REFUSED = ("stop", "stop_token_ids", "min_tokens", "logit_bias", "bad_words", "allowed_token_ids",
+                 "presence_penalty", "frequency_penalty", "repetition_penalty")  # fmt: skip
+
+
+def _guided_field(body: dict) -> str:
+    """The field that asked for structured output (the first, when several did)."""
+    asked = ("response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar", "structured_outputs")
+    return next(k for k in asked if body.get(k) not in (None, {"type": "text"}))
+
+
+def _beam_search(body: dict, params: SamplingParams, n: int, session_id: str | None, echo: bool,
+                 prompt_logprobs: int | None, max_logprobs: int) -> BeamSearchParams | None:  # fmt: skip
+    """vLLM's use_beam_search: n beams of at most max_tokens tokens, length_penalty (their scores'
+    exponent), ignore_eos and include_stop_str_in_output; None when not asked for. What the search
+    cannot honour is refused by name (vLLM's would ignore it)."""
+    length_penalty = _number(body, "length_penalty", -math.inf)
+    if not flag(body, "use_beam_search"):
+        return None
+    neutral = SamplingParams()
+    asked = {"session_id": session_id is not None, "echo": echo, "prompt_logprobs": prompt_logprobs is not None,
+             **{k: getattr(params, k) != getattr(neutral, k) for k in _BEAM_REFUSED}}  # fmt: skip
+    field = next((k for k, v in asked.items() if v), None)
+    if field is not None:
+        raise bad(f"{field} cannot be combined with use_beam_search: its beams grow by the model's most likely "
+                  "tokens, ranked by their log-probabilities, and each is a choice of one answer", field)  # fmt: skip
+    if params.guided:
+        field = _guided_field(body)
+        raise bad(f"{field} cannot be combined with use_beam_search: its beams grow by the model's most likely "
+                  "tokens, whatever their form", field)  # fmt: skip
+    beam = BeamSearchParams(beam_width=n, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
+                            temperature=params.temperature, length_penalty=1.0 if length_penalty is None else length_penalty,
+                            include_stop_str_in_output=params.include_stop_str_in_output)  # fmt: skip
+    try:
+        check_width(beam, max_logprobs)
+    except ValueError as e:
+        raise bad(str(e), "n") from None
+    return beam
 
 
 def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, bool, tuple[str, ...]]:
@@ -525,9 +567,11 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
     tools, parse_calls, forced = _tools(body)
     common = _common(body, session_header, max_model_len, chat=True, defaults=defaults, max_logprobs=max_logprobs)
     if forced:
+        if common["beam"] is not None:
+            raise bad("a required or named tool_choice cannot be combined with use_beam_search: its beams grow by "
+                      "the model's most likely tokens, whatever their form", "tool_choice")  # fmt: skip
         if common["params"].guided:
-            asked = ("response_format", "guided_json", "guided_choice", "guided_regex", "guided_grammar", "structured_outputs")
-            field = next(k for k in asked if body.get(k) not in (None, {"type": "text"}))
+            field = _guided_field(body)
             raise bad(f"{field} cannot be combined with a required tool call: the answer is one or the other", field)
         if tool_format not in CALL_FORMS:
             raise bad(f"tool_choice: a required or named call cannot be forced in the {tool_format!r} tool-call "

@@ -1,5 +1,5 @@
 """Where vLLM's server documents a behaviour a client may rely on, this one behaves so: completions'
-default length, refused beam search and logits processors, vLLM's value ranges, content parts
+default length, refused logits processors, vLLM's value ranges, content parts
 joined by lines, null content, RAG documents for the chat template, and /v1/models' cards."""
 
 from __future__ import annotations
@@ -73,9 +73,7 @@ def test_a_completion_without_max_tokens_answers_16_tokens_over_http(docs_server
 
 # -- 2, 3. what this server cannot do is refused, naming the field ---------------------------------------
 @pytest.mark.parametrize("path, base", [(CHAT, {"messages": HI}), (COMP, {"prompt": "hi"})])
-def test_beam_search_and_logits_processors_are_refused_by_name(docs_server, path, base):
-    beam = _post(docs_server, path, {**base, "max_tokens": 2, "use_beam_search": True})
-    assert _error_param(beam) == "use_beam_search" and "no beam search" in beam.json()["error"]["message"]
+def test_logits_processors_are_refused_by_name(docs_server, path, base):
     procs = _post(docs_server, path, {**base, "max_tokens": 2, "logits_processors": ["my.module:Processor"]})
     assert _error_param(procs) == "logits_processors"
     assert "--logits-processor-pattern" in procs.json()["error"]["message"]
