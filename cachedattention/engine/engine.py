@@ -293,7 +293,7 @@ class LLMEngine:
         truncate: bool = True,
         priority: int = 0,
         cache_salt: str | None = None,
-        lora_request: LoRARequest | None = None,
+        lora_request: LoRARequest | LoRAAdapter | None = None,
     ) -> str:
         """Queue a prompt. With a session, the store reuses its history and, when the conversation
         outgrows the window, drops its oldest turns, between its first `head_tokens` (the system prompt)
@@ -303,7 +303,9 @@ class LLMEngine:
         `priority`: its place under the priority scheduling policy (lower first). `cache_salt` (vLLM's):
         it shares cached KV only with requests of the same salt (device blocks, a session's turns, the
         store's anonymous prefixes). `lora_request` (vLLM's): the LoRA adapter it runs with (with
-        LoRA enabled); its KV is shared only with requests of the same adapter's files."""
+        LoRA enabled), or the adapter itself, read already (a server's, read off the engine's thread;
+        a beam search's later steps, which keep their first one's); its KV is shared only with
+        requests of the same adapter's files."""
         self._check_open()
         params = self.default_params() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -380,12 +382,15 @@ class LLMEngine:
         self.scheduler.add(req)
         return request_id
 
-    def _adapter(self, lora_request: LoRARequest | None) -> LoRAAdapter | None:
-        """The adapter a request names (None: the base model); refused with LoRA off."""
+    def _adapter(self, lora_request: LoRARequest | LoRAAdapter | None) -> LoRAAdapter | None:
+        """The adapter a request names (None: the base model), or the one given, read already (by this
+        engine's registry); refused with LoRA off."""
         if lora_request is None:
             return None
         if self.loras is None:
             raise InvalidRequest("LoRA adapters need LoRA enabled (LLM(enable_lora=True), --enable-lora)", "lora_request")
+        if isinstance(lora_request, LoRAAdapter):
+            return lora_request
         try:
             return self.loras.adapter(lora_request)
         except ValueError as e:

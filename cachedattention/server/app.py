@@ -31,6 +31,7 @@ from cachedattention.cli_vllm import uvicorn_options
 from cachedattention.config import EngineConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import SessionBusy
+from cachedattention.lora.adapter import LoRAAdapter
 from cachedattention.lora.request import LoRARequest
 from cachedattention.model.messages import ChatOptions
 from cachedattention.model.tokenizer import Tokenizer
@@ -514,7 +515,8 @@ class OpenAIRoutes:
         return JSONResponse(fmt.full([_prompt_only(o) for o in outs] if parsed.prompt_only else outs))
 
     async def _submit(self, rid: str, parsed: ParsedRequest, check_room: int | None, truncate: bool = True,
-                      render_aside: bool = False, lora: LoRARequest | None = None) -> list[RequestStream]:  # fmt: skip
+                      render_aside: bool = False, lora: LoRARequest | LoRAAdapter | None = None
+                      ) -> list[RequestStream]:  # fmt: skip
         """One engine request per choice (n > 1: seeds seed, seed + 1, ... so that seeded choices
         differ), n for each prompt of a batch in turn; each accepted, or all withdrawn and the first
         error raised. `check_room`: the
@@ -522,12 +524,8 @@ class OpenAIRoutes:
         whether a session's conversation may be cut to fit; `render_aside`: render the messages in
         a worker thread (a long conversation must not hold up the engine's thread); `lora`: the
         adapter its `model` names, read in a worker thread if it is not loaded (an adapter's files
-        read on the engine's thread would hold up every stream)."""
-        if lora is not None:
-            try:
-                await asyncio.to_thread(self.loop.engine.loras.adapter, lora)
-            except ValueError as e:
-                raise bad(str(e), "model") from None
+        read on the engine's thread would hold up every stream), or the adapter, read already."""
+        lora = await self._read_adapter(lora)
         streams: list[RequestStream] = []
         rendered = None
         prompts = parsed.batch or [parsed.prompt]
@@ -563,19 +561,33 @@ class OpenAIRoutes:
             raise
         return streams
 
+    async def _read_adapter(self, lora: LoRARequest | LoRAAdapter | None) -> LoRAAdapter | None:
+        """The adapter a request's `model` names, read in a worker thread (400 if it cannot be)."""
+        if lora is None or isinstance(lora, LoRAAdapter):
+            return lora
+        try:
+            return await asyncio.to_thread(self.loop.engine.loras.adapter, lora)
+        except ValueError as e:
+            raise bad(str(e), "model") from None
+
     async def _search(self, rid: str, parsed: ParsedRequest, check_room: int | None,
                       lora: LoRARequest | None = None) -> list[RequestStream]:  # fmt: skip
         """use_beam_search: the search's first step submitted as any request (one per prompt: its
-        prompt rendered, checked and cut as any), the rest run by the search; its choices' streams."""
+        prompt rendered, checked and cut as any), the rest run by the search with the same adapter
+        object (one unloaded meanwhile is not read again); its choices' streams."""
         first = replace(one_token_params(parsed.beam, parsed.params.logprobs or 0),
                         truncate_prompt_tokens=parsed.params.truncate_prompt_tokens)  # fmt: skip
-        self.loop.hold(rid)  # (shutdown waits for the search, not only for the step under way)
+        adapter = await self._read_adapter(lora)
+        try:  # (shutdown waits for the search, not only for the step under way)
+            self.loop.hold(rid)
+        except (ServerDraining, ValueError) as e:
+            raise as_api_error(e) from None
         try:
-            firsts = await self._submit(f"{rid}-first", replace(parsed, n=1, params=first), check_room, lora=lora)
+            firsts = await self._submit(f"{rid}-first", replace(parsed, n=1, params=first), check_room, lora=adapter)
         except BaseException:
             self.loop.release(rid)
             raise
-        return self.beams.start(rid, firsts, parsed, lora)  # (which releases it when the search ends)
+        return self.beams.start(rid, firsts, parsed, adapter)  # (which releases it when the search ends)
 
     def _abort(self, request_id: str) -> None:
         """Abort a choice's engine request, or cancel the beam search it is a choice of."""

@@ -9,10 +9,10 @@ import time
 from dataclasses import replace
 
 from cachedattention.beam_search import BeamSearch, BeamSearchSequence
-from cachedattention.lora.request import LoRARequest
-from cachedattention.outputs import RequestOutput
+from cachedattention.lora.adapter import LoRAAdapter
+from cachedattention.outputs import RequestMetrics, RequestOutput
 from cachedattention.sampling import TokenLogprob
-from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream
+from cachedattention.server.engine_loop import ACCEPTED, EngineLoop, Job, RequestStream, ServerDraining
 from cachedattention.server.protocol import ParsedRequest
 
 
@@ -26,7 +26,7 @@ class BeamSearches:
         self._tasks: dict[str, asyncio.Task] = {}
 
     def start(self, request_id: str, firsts: list[RequestStream], parsed: ParsedRequest,
-              lora: LoRARequest | None) -> list[RequestStream]:  # fmt: skip
+              lora: LoRAAdapter | None) -> list[RequestStream]:  # fmt: skip
         """The choices' streams (n per prompt, the best beam first) of the search `parsed` asks for,
         whose first step (one engine request per prompt, accepted) is `firsts`, held under
         `request_id` (released when it ends). Each stream gets its choice's finished output, or the
@@ -61,6 +61,10 @@ async def _deliver(search: _Search, firsts: list[RequestStream], ids: list[str],
     tasks = [asyncio.create_task(search.run(first, ids[k * w : (k + 1) * w])) for k, first in enumerate(firsts)]
     try:
         found = await asyncio.gather(*tasks)
+    except asyncio.CancelledError:  # the client went away: a reader still there sees its choices aborted
+        for out in outs:
+            out.put(_aborted(out.request_id))
+        raise
     except Exception as e:  # a step refused, or a fault: every choice reports it
         for out in outs:
             out.put(e)
@@ -77,7 +81,7 @@ async def _deliver(search: _Search, firsts: list[RequestStream], ids: list[str],
 class _Search:
     """One request's search, prompt by prompt (each with its own steps, run side by side)."""
 
-    def __init__(self, loop: EngineLoop, max_model_len: int, parsed: ParsedRequest, lora: LoRARequest | None) -> None:
+    def __init__(self, loop: EngineLoop, max_model_len: int, parsed: ParsedRequest, lora: LoRAAdapter | None) -> None:
         self.loop = loop
         self.max_model_len = max_model_len
         self.beam = parsed.beam
@@ -123,6 +127,8 @@ class _Search:
                           priority=self.priority, cache_salt=self.cache_salt, lora_request=self.lora)  # fmt: skip
                 streams.append(self.loop.submit(job, loop, follow_up=True))  # (a drain lets the search end)
             return list(await asyncio.gather(*(_finished(s) for s in streams)))
+        except ServerDraining:  # the grace is over (abort_in_flight), or the engine stopped: aborted
+            return [_aborted(request_id) for _ in beams]
         finally:
             for s in streams:
                 self.loop.abort(s.request_id)  # (nothing to do for one finished)
@@ -155,6 +161,12 @@ async def _finished(stream: RequestStream) -> RequestOutput:
             raise item
         if item is not ACCEPTED and item.finished:
             return item
+
+
+def _aborted(request_id: str) -> RequestOutput:
+    """A choice that ends aborted, with no answer."""
+    metrics = RequestMetrics(arrival_s=time.perf_counter())
+    return RequestOutput(request_id, [], [], "", True, "abort", metrics)
 
 
 def _failed(out: RequestOutput, request_id: str) -> RequestOutput:

@@ -14,6 +14,7 @@ from typing import Any
 
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import InvalidRequest
+from cachedattention.lora.adapter import LoRAAdapter
 from cachedattention.lora.request import LoRARequest
 from cachedattention.model.messages import ChatOptions
 from cachedattention.model.tokenizer import Kept
@@ -50,7 +51,8 @@ class Job:
     truncate: bool = True  # False: a session's conversation is served whole (the Responses API's truncation "disabled")
     priority: int = 0  # vLLM's: the request's place under --scheduling-policy priority (lower first)
     cache_salt: str | None = None  # vLLM's: cached KV is shared only with requests of the same salt
-    lora_request: LoRARequest | None = None  # the LoRA adapter its `model` names (None: the base model)
+    # the LoRA adapter its `model` names, or that adapter read already (None: the base model)
+    lora_request: LoRARequest | LoRAAdapter | None = None
     add_special_tokens: bool = True  # a text prompt gets the tokenizer's own around it (Llama's BOS)
     # the messages already rendered (a request's own chat template: off the engine thread) and what
     # truncation keeps of them (its head and its newest turn)
@@ -139,6 +141,7 @@ class EngineLoop:
         self._accepting = True
         self._closed = False
         self._stopped = False  # the engine's thread has stopped: nothing more is taken (guarded by _cond)
+        self._aborting = False  # abort_in_flight was called: no follow-up is taken (guarded by _cond)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stats: dict[str, Any] = self._read_stats()
 
@@ -160,7 +163,7 @@ class EngineLoop:
         server drains, until the engine's thread stops."""
         stream = RequestStream(job.request_id, loop)
         with self._cond:
-            if self._stopped or not (self._accepting or follow_up):
+            if self._stopped or not (self._accepting or (follow_up and not self._aborting)):
                 raise ServerDraining("the server is shutting down and takes no new requests")
             if job.request_id in self._active:  # a client's request_id given twice: the first keeps it
                 raise InvalidRequest(f"request id {job.request_id!r} is already in use by a request in progress",
@@ -213,7 +216,10 @@ class EngineLoop:
 
     def abort_in_flight(self) -> None:
         """Abort every running and queued request (on the engine's thread): each answers as aborted
-        (503 `request_aborted`, a stream's error event), while its handler is still there to say so."""
+        (503 `request_aborted`, a stream's error event), while its handler is still there to say so;
+        a request between its engine requests (a beam search's steps) is refused its next one."""
+        with self._cond:
+            self._aborting = True
         self._cmds.put(("abort_all",))
 
     def shutdown(self, grace_s: float) -> None:

@@ -484,7 +484,8 @@ def _beam_search(body: dict, params: SamplingParams, n: int, session_id: str | N
         return None
     neutral = SamplingParams()
     asked = {"session_id": session_id is not None, "echo": echo, "prompt_logprobs": prompt_logprobs is not None,
-             **{k: getattr(params, k) != getattr(neutral, k) for k in _BEAM_REFUSED}}  # fmt: skip
+             # (sent by the client: a model's generation config may set a penalty every request gets)
+             **{k: body.get(k) is not None and getattr(params, k) != getattr(neutral, k) for k in _BEAM_REFUSED}}  # fmt: skip
     field = next((k for k, v in asked.items() if v), None)
     if field is not None:
         raise bad(f"{field} cannot be combined with use_beam_search: its beams grow by the model's most likely "

@@ -5,6 +5,7 @@ cannot honour is refused by name; a client that goes away stops the search and i
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from types import SimpleNamespace
@@ -12,9 +13,9 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from cachedattention import LLM, BeamSearchParams
+from cachedattention import LLM, BeamSearchParams, LoRARequest
 from cachedattention.beam_search import BeamSearchSequence
-from cachedattention.config import CacheConfig
+from cachedattention.config import CacheConfig, EngineConfig, LoRAConfig, StoreConfig
 from cachedattention.sampling import TokenLogprob
 from cachedattention.server.beam import _Search
 from cachedattention.server.protocol import parse_completion
@@ -179,5 +180,104 @@ def test_a_search_under_way_finishes_while_the_server_drains(chat_model_dir):
         assert answers[0].status_code == 200, out
         assert [c["finish_reason"] for c in out["choices"]] == ["length", "length"]
         assert out["usage"]["completion_tokens"] == 2 * 60
+    finally:
+        s.stop()
+
+
+def test_a_search_sent_while_the_server_drains_is_refused_as_any_request(chat_model_dir):
+    s = start_server(engine_config(chat_model_dir, store=False))
+    try:
+        s.app.state.engine_loop.begin_drain()
+        for body in ({"prompt": "hi", "max_tokens": 2}, {"prompt": "hi", "max_tokens": 2, "use_beam_search": True}):
+            r = _post(s, COMP, body)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
+    finally:
+        s.stop()
+
+
+def test_a_search_is_aborted_when_the_grace_ends_between_two_steps(chat_model_dir):
+    """SIGTERM's grace over (abort_in_flight) while no step of the search is in the engine: its next
+    step is refused, and the client is told the request was aborted."""
+    s = start_server(engine_config(chat_model_dir, store=False))
+    loop = s.app.state.engine_loop
+    submit = loop.submit
+
+    def grace_over_before_step_3(job, event_loop, follow_up=False):
+        if job.request_id.endswith("-step3-0"):
+            loop.begin_drain()
+            loop.abort_in_flight()
+        return submit(job, event_loop, follow_up=follow_up)
+
+    loop.submit = grace_over_before_step_3
+    try:
+        body = {"prompt": "Once upon a time", "use_beam_search": True, "n": 2, "max_tokens": 40, "ignore_eos": True}
+        r = _post(s, COMP, body)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "request_aborted", r.text
+    finally:
+        s.stop()
+
+
+def test_a_non_streamed_search_whose_client_left_ends_its_handler(server):
+    tasks = server.server.server_state.tasks  # (uvicorn's: the requests it is still answering)
+    registry = server.app.state.metrics.registry
+    before = registry.get_sample_value("cachedattention_generation_tokens_total")
+    body = {"prompt": "Once upon a time", "use_beam_search": True, "n": 4, "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}{COMP}", json=body, timeout=httpx.Timeout(60, read=1.5))
+    assert registry.get_sample_value("cachedattention_generation_tokens_total") > before  # (it was searching)
+    deadline = time.monotonic() + 20
+    while (server.app.state.engine_loop.engine.requests or tasks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.app.state.engine_loop.engine.requests and not tasks
+
+
+def test_a_generation_config_s_penalty_does_not_refuse_a_search(chat_model_dir):
+    """A model's generation config may set repetition_penalty for every request: the search, which
+    cannot honour it, is not refused for what its client did not send (vLLM's ignores it)."""
+    config = EngineConfig(model=str(chat_model_dir), cache=CacheConfig(num_pages=PAGES),
+                          store=StoreConfig(enable=False), override_generation_config={"repetition_penalty": 1.1})  # fmt: skip
+    s = start_server(config)
+    try:
+        body = {"prompt": "Once upon a time", "use_beam_search": True, "n": 2, "max_tokens": 3}
+        assert _post(s, COMP, body).status_code == 200
+        refused = _post(s, COMP, {**body, "repetition_penalty": 1.1})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "repetition_penalty"
+    finally:
+        s.stop()
+
+
+def test_a_search_keeps_its_adapter_when_it_is_unloaded_meanwhile(chat_model_dir, tmp_path, monkeypatch):
+    """Every step runs with the adapter the search began with: unloaded (its folder removed too)
+    while the search runs, it is not read again, and the answer equals the offline search's."""
+    from tests.lora_files import ATTENTION, MLP, write_adapter
+
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    folder = tmp_path / "sql"
+    write_adapter(chat_model_dir, folder, ATTENTION + MLP, r=8, seed=3)
+    config = EngineConfig(model=str(chat_model_dir), cache=CacheConfig(num_pages=PAGES),
+                          store=StoreConfig(enable=False), lora=LoRAConfig(enable=True))  # fmt: skip
+    llm = LLM(str(chat_model_dir), cache=CacheConfig(num_pages=PAGES), enable_lora=True)
+    tok = llm.get_tokenizer()
+    params = BeamSearchParams(beam_width=2, max_tokens=120, ignore_eos=True)
+    want = llm.beam_search(["Once upon a time"], params, lora_request=LoRARequest("sql", 1, str(folder)))[0]
+    llm.close()
+    s = start_server(config, lora_modules=[("sql", str(folder))])
+    answers: list[httpx.Response] = []
+    try:
+        body = {"model": "sql", "prompt": "Once upon a time", "use_beam_search": True, "n": 2, "max_tokens": 120,
+                "ignore_eos": True}  # fmt: skip
+        reader = threading.Thread(target=lambda: answers.append(_post(s, COMP, body)))
+        reader.start()
+        registry = s.app.state.metrics.registry
+        deadline = time.monotonic() + 30
+        while (registry.get_sample_value("cachedattention_generation_tokens_total") or 0) < 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert httpx.post(f"{s.url}/v1/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 200
+        shutil.rmtree(folder)
+        reader.join(timeout=120)
+        assert answers[0].status_code == 200, answers[0].text
+        prompt = len(tok.encode("Once upon a time"))
+        assert [c["text"] for c in answers[0].json()["choices"]] == [tok.decode(b.tokens[prompt:]) for b in want.sequences]
     finally:
         s.stop()
