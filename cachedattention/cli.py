@@ -122,6 +122,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         override_generation_config=getattr(args, "override_generation_config", None),
         reasoning_parser=getattr(args, "reasoning_parser", None),
         lora=lora_flags(args),
+        speculative=getattr(args, "speculative_config", None),
         store=StoreConfig(
             enable=not args.no_store,
             store_dir=args.store_dir,

@@ -9,7 +9,7 @@ import os
 import ssl
 
 from cachedattention.cli_types import POSITIVE, number
-from cachedattention.config import MAX_LOGPROBS
+from cachedattention.config import MAX_LOGPROBS, SpeculativeConfig
 from cachedattention.model.messages import ChatOptions
 from cachedattention.model.quant_config import VLLM_QUANTIZATION
 
@@ -78,6 +78,11 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", type=kv_cache_dtype, default="auto",
                    help="auto only: the device pool keeps the model's dtype (--dtype); --storage-dtype sets the "
                         "store's")
+    g.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                   help="vLLM's speculative decoding, its n-gram method: '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}': a greedy answer's next tokens "
+                        "proposed from the conversation's earlier text and checked in one forward pass (sampled "
+                        "and guided answers go a token a step)")
     _accept(g, ENGINE_AS_IS)
     g.add_argument("--no-enable-chunked-prefill", action=Refuse, nargs=0,
                    help="refused: this scheduler always chunks prefill; to compute a prompt in as few steps as "
@@ -299,6 +304,19 @@ IGNORED_ENGINE_ARGS = {
 content_format = only(("auto", "string"), "a message's text parts reach the chat template as one string here, "
                                           "never as a list of OpenAI parts (vLLM's openai format)")
 response_role = only(("assistant",), "a chat answer after the generation prompt is the assistant's here")
+
+
+def speculative_config(text: str) -> SpeculativeConfig:
+    """--speculative-config: vLLM's JSON object, its n-gram method ('{"method": "ngram",
+    "num_speculative_tokens": 4, "prompt_lookup_max": 4}')."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    try:
+        return SpeculativeConfig.of(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def template_kwargs(text: str) -> dict:

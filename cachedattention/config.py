@@ -194,6 +194,49 @@ class LoRAConfig:
         return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
 
 
+SPEC_METHODS = ("ngram",)  # speculative decoding's proposers (vLLM's names)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's speculative_config, its n-gram method (prompt lookup): a greedy request's next
+    `num_speculative_tokens` are proposed from the tokens that followed the latest earlier match of
+    its last n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`), and one forward pass
+    checks them all. As vLLM's: both bounds 5 when neither is given, one given sets the other."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative method {self.method!r} is not supported: {', '.join(SPEC_METHODS)} "
+                             "(a draft model, EAGLE or MTP need weights this engine does not load)")  # fmt: skip
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError(f"num_speculative_tokens must be 1-32, got {self.num_speculative_tokens}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        lo, hi = (5, 5) if lo is None and hi is None else (hi if lo is None else lo, lo if hi is None else hi)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"prompt_lookup_min ({lo}) and prompt_lookup_max ({hi}) must be 1 <= min <= max")
+        object.__setattr__(self, "prompt_lookup_min", lo)
+        object.__setattr__(self, "prompt_lookup_max", hi)
+
+    @classmethod
+    def of(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
+        """vLLM's speculative_config as a dict (its keys), ours, or None; unknown keys refused by name."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: {unknown[0]!r} is not supported (known: {', '.join(sorted(known))})")
+        return cls(**value)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs; built by LLM(...) or the CLI."""
@@ -214,6 +257,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     store: StoreConfig = StoreConfig(enable=False)
     lora: LoRAConfig = LoRAConfig()
+    speculative: SpeculativeConfig | None = None  # vLLM's speculative_config (None: one token a step)
     chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the tokenizer's
     # the model's sampling defaults (vLLM's --generation-config): "auto" reads generation_config.json
     # beside the weights, "vllm" ignores it, a folder reads that folder's file

@@ -10,7 +10,7 @@ import torch
 
 from cachedattention.beam_search import BeamSearchOutput, BeamSearchParams, beam_search, check_width
 from cachedattention.cli_vllm import check_load_format
-from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, StoreConfig
+from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, StoreConfig
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import InvalidRequest
 from cachedattention.interrupts import interrupts_between_steps
@@ -172,7 +172,8 @@ class LLM:
     `max_logprobs` bounds the logprobs a request may ask for (-1: no bound); vLLM's engine
     arguments (gpu_memory_utilization, enable_prefix_caching, block_size, max_num_seqs,
     max_num_batched_tokens, scheduling_policy...) and the cache's and scheduler's fields by name
-    set those configs (llm_args.py).
+    set those configs (llm_args.py); vLLM's `speculative_config={"method": "ngram", ...}` speculates
+    greedy answers' next tokens by n-gram lookup.
     """
 
     def __init__(
@@ -206,6 +207,7 @@ class LLM:
             if value is not None and not isinstance(value, kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         lora = lora_config(options)
+        speculative = SpeculativeConfig.of(options.pop("speculative_config", None))  # vLLM's dict
         cache, scheduler, store_options = sort_options(options, cache or CacheConfig(), scheduler or SchedulerConfig())
         # a Hugging Face id from the local hub cache (at vLLM's revision), vLLM's dtype names as ours
         given = model
@@ -230,6 +232,7 @@ class LLM:
             scheduler=scheduler,
             store=store_cfg,
             lora=lora,
+            speculative=speculative,
             chat_template=chat_template,
             tokenizer=tokenizer,
             generation_config=generation_config,

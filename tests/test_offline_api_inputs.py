@@ -57,6 +57,15 @@ def test_a_prompt_of_the_wrong_type_is_refused_naming_it(prompt, match, llm):
     _healthy(llm)
 
 
+@pytest.mark.parametrize("kw", [{"head_tokens": "3"}, {"head_tokens": None}, {"head_tokens": -2}, {"head_tokens": True},
+                                {"tail_tokens": 1.5}, {"tail_tokens": -3}])  # fmt: skip
+def test_an_engine_request_s_kept_head_and_tail_must_be_token_counts(kw, llm):
+    """(What LLM.chat and the server work out themselves, given wrong by a direct engine caller.)"""
+    with pytest.raises(InvalidRequest, match=f"{next(iter(kw))} must be a whole number") as e:
+        llm.engine.add_request(IDS, GREEDY, session_id="ht", **kw)
+    assert e.value.param == next(iter(kw)) and not llm.engine.requests
+
+
 def test_two_turns_of_one_session_at_once_are_refused(llm):
     with pytest.raises(InvalidRequest, match="distinct session ids"):
         llm.generate([IDS, IDS + [3]], GREEDY, session_id="s")

@@ -49,6 +49,14 @@ def capture_logits(monkeypatch) -> list[torch.Tensor]:
     return seen
 
 
+def generate_capturing(llm, prompt, params, monkeypatch, **kw) -> tuple:
+    """One prompt's output and every logits row the engine sampled from for it."""
+    seen = capture_logits(monkeypatch)
+    out = llm.generate([prompt], params, **kw)[0]
+    monkeypatch.undo()
+    return out, seen
+
+
 def sentencepiece_like(add_bos: bool = False) -> Tokenizer:
     """A SentencePiece-style tokenizer built in memory: a word-start mark for spaces, byte pieces for
     characters outside the vocabulary (\u4e2d is <0xE4> <0xB8> <0xAD>); add_bos: <s> goes before

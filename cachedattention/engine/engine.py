@@ -16,6 +16,7 @@ import torch
 from cachedattention.config import EngineConfig
 from cachedattention.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from cachedattention.engine.guided import GuidedConstraint
+from cachedattention.engine.ngram import propose
 from cachedattention.engine.reasoning_gate import ReasoningGate
 from cachedattention.engine.request import Request, Status
 from cachedattention.engine.runner import ModelRunner
@@ -146,6 +147,10 @@ class LLMEngine:
         self.closed = False
         self.idle_s = 0.0  # time step() spent waiting with nothing to schedule (not compute)
         self.idle_steps = 0  # steps that scheduled nothing
+        # n-gram speculation (vLLM's speculative_config; None: off, which a benchmark may set between requests)
+        self.speculative = config.speculative
+        # proposals made, tokens proposed, tokens the model wrote alike
+        self.spec_counts = {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0}
         self._ids = itertools.count()
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -326,6 +331,9 @@ class LLMEngine:
             raise InvalidRequest("session_id may not hold the control characters U+001E and U+001F: the store's "
                                  "keys of a session's salted turns and branches use them", "session_id")  # fmt: skip
         _check_cache_salt(cache_salt)
+        for name, value in (("head_tokens", head_tokens), ("tail_tokens", tail_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidRequest(f"{name} must be a whole number of tokens (>= 0), got {value!r:.40}", name)
         adapter = self._adapter(lora_request)
         ids = self.tokenize(prompt, add_special_tokens)
         # what the tokenizer put before a text prompt (a BOS) stays through truncation of either kind
@@ -520,6 +528,8 @@ class LLMEngine:
         `wait_when_idle` is False (a caller with other engines to step: see `wait_idle`)."""
         if self.store is not None:
             self.store.publish_queue(self.scheduler.waiting)
+        if self.speculative is not None:
+            self._propose_drafts()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             self.idle_steps += 1
@@ -531,28 +541,37 @@ class LLMEngine:
             staged = self.scheduler.stage_head()  # after this step's own loads: they go first
             if staged is not None:
                 self.store.preload(staged)
-        batch, wants, prompt_rows = self.runner.build_batch(scheduled, hooks)
+        batch, wants, prompt_rows, draft_rows = self.runner.build_batch(scheduled, hooks)
         logits = self.runner.run(batch)
         broken: set = set()  # requests whose prompt logprobs failed: they end alone below
+        counted = len(wants) + sum(count for _, _, count in prompt_rows)
         if prompt_rows:  # rows after the sampled ones: prompt positions whose logprobs were asked for
-            broken = self._add_prompt_logprobs(scheduled, prompt_rows, logits[len(wants) :])
-            logits = logits[: len(wants)]
+            broken = self._add_prompt_logprobs(scheduled, prompt_rows, logits[len(wants) : counted])
+        # a speculating decoder's rows (those checking its speculated tokens, then its last): checked apart
+        checks = self._draft_rows(scheduled, wants, draft_rows, logits[: len(wants)], logits[counted:])
+        sampled = [k for k, i in enumerate(wants) if scheduled[i].request not in checks]
+        logits, wants = logits[sampled] if checks else logits[: len(wants)], [wants[k] for k in sampled]
         failed = self.store.end_step(scheduled) if self.store is not None else []
         for s in scheduled:
-            if s.request not in failed:
+            if s.request not in failed and s.request not in checks:  # (a speculating one: once checked)
                 s.request.num_computed += s.num_new
                 self.scheduler.register_full_pages(s.request)
         for req in failed:  # a stored segment failed its check mid-load: recompute, never emit its logits
             req.record_reuse = True  # (what it reuses then, not what the failed load would have)
             self.scheduler.requeue(req)
         outputs = [self._fail_request(req) for req in broken if req not in failed]
+        for req, rows in checks.items():
+            outputs.append(self._check_draft(req, rows))
+        # rows whose request recomputes (a failed load) or has ended are not sampled: a seeded
+        # request's random state (or the engine's --seed one) must not move for a token never kept
+        live = [k for k, i in enumerate(wants) if scheduled[i].request not in failed and scheduled[i].request not in broken]
+        if len(live) != len(wants):
+            logits, wants = logits[live], [wants[k] for k in live]
         reqs = [scheduled[i].request for i in wants]
         histories = [(r.prompt_token_ids, r.output_token_ids) for r in reqs]
         params, generators, rules = [r.params for r in reqs], [r.generator for r in reqs], [r.json for r in reqs]
         tokens = self._sample(logits, params, generators, histories, rules) if reqs else []
         for row, req, token in zip(logits, reqs, tokens):
-            if req in failed or req in broken:  # its logits came from a partly loaded cache, or it has ended
-                continue
             try:  # what fails here fails for this request alone: its batch mates go on
                 if isinstance(token, Exception):
                     raise token
@@ -564,6 +583,71 @@ class LLMEngine:
                 log.exception("request %s failed after its forward pass; ending it alone", req.request_id)
                 outputs.append(self._fail_request(req))
         return outputs
+
+    # -- n-gram speculation --------------------------------------------------------------------------
+    def _propose_drafts(self) -> None:
+        """Each greedy decoder's speculated next tokens (n-gram lookup over its prompt and output), as
+        many as its answer and the window still take."""
+        spec = self.speculative
+        for req in self.scheduler.running:
+            if req.num_to_compute != 1 or not req.params.greedy or req.json is not None or req.is_finished:
+                continue  # (sampled or guided answers, and prompts still computing, go one token a step)
+            room = self.max_model_len - req.num_tokens - 1
+            if req.params.max_tokens is not None:
+                room = min(room, req.params.max_tokens - len(req.output_token_ids) - 1)
+            k = min(req.spec_len or spec.num_speculative_tokens, room)
+            if k > 0:
+                req.draft = propose(req.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+
+    @staticmethod
+    def _draft_rows(scheduled: list, wants: list[int], spans: list[tuple[int, int]], last: torch.Tensor,
+                    rows: torch.Tensor) -> dict[Request, torch.Tensor]:  # fmt: skip
+        """Each speculating request's logits rows: those before its last (`rows`, span by span), then its last."""
+        out, at = {}, 0
+        for i, count in spans:
+            out[scheduled[i].request] = torch.cat([rows[at : at + count], last[wants.index(i)][None]])
+            at += count
+        return out
+
+    def _check_draft(self, req: Request, rows: torch.Tensor) -> RequestOutput:
+        """The tokens the model writes after a speculating step: its speculated ones while each is the
+        one it would have written (greedy, its processors over the history so far), then its own. Each
+        is added as a decode step adds its token (stop conditions, logprobs), its row's KV kept in the
+        pages, the prefix cache and the store's capture, the rest of the step's rows dropped."""
+        draft, base = list(req.draft), req.num_computed
+        req.draft.clear()
+        try:
+            n = len(draft) + 1
+            histories = [(req.prompt_token_ids, req.output_token_ids + draft[:j]) for j in range(n)]
+            targets = self._sample(rows, [req.params] * n, [req.generator] * n, histories, [None] * n)
+            accepted = 0
+            while accepted < len(draft) and targets[accepted] == draft[accepted]:
+                accepted += 1
+            tokens = draft[:accepted] + [targets[accepted]]
+            self.spec_counts["drafts"] += 1
+            self.spec_counts["draft_tokens"] += len(draft)
+            self.spec_counts["accepted_tokens"] += accepted
+            # a step checking speculated tokens costs more the more it checks (on a CPU, 5 of them about
+            # 2.2 plain steps: bench/spec_ab.py): after a miss a request proposes less, after a run kept more
+            longest = self.speculative.num_speculative_tokens if self.speculative is not None else len(draft)
+            req.spec_len = min(longest, 2 * len(draft)) if accepted == len(draft) else accepted + 1
+            keep = self.store.draft_capture(req) if self.store is not None else None
+            for j, token in enumerate(tokens, 1):
+                if isinstance(token, Exception):
+                    raise token
+                req.num_computed = base + j  # (the rows of the tokens before this one, and of the last token)
+                if keep is not None:
+                    keep(j)
+                self.scheduler.register_full_pages(req)
+                if req.logprobs is not None:
+                    req.logprobs.append(token_logprob(rows[j - 1], token, req.params.logprobs))
+                self._append_token(req, token)
+                if req.is_finished:
+                    break
+            return self._output(req)
+        except Exception:
+            log.exception("request %s failed after its forward pass; ending it alone", req.request_id)
+            return self._fail_request(req)
 
     @staticmethod
     def _sample(logits: torch.Tensor, params: list, generators: list, histories: list, rules: list) -> list:
@@ -742,6 +826,8 @@ class LLMEngine:
             out["lora_max"] = self.config.lora.max_loras
             for state, queue in (("running", self.scheduler.running), ("waiting", self.scheduler.waiting)):
                 out[f"lora_{state}"] = sorted({r.lora.name for r in queue if r.lora is not None})
+        if self.config.speculative is not None:  # (vLLM's spec_decode_num_drafts, _num_draft_tokens, _num_accepted_tokens)
+            out.update({f"spec_{name}": count for name, count in self.spec_counts.items()})
         if self.store is not None:
             out.update(self.store.stats())
         return out

@@ -69,6 +69,12 @@ class Request:
     stopped_by_token: bool = False  # the last token is an EOS or stop token: not in `text` (as vLLM)
     stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it (None: EOS, length)
     save_to_store: bool = True  # False: reuse stored KV but save none (e.g. a second choice of one prompt)
+    # speculated tokens this step checks (n-gram speculation), after the output's: computed as its
+    # own, then those the model would not have written dropped (empty between steps)
+    draft: list[int] = field(default_factory=list)
+    # the most tokens it proposes next (0: num_speculative_tokens): a proposal the model wrote alike
+    # doubles it, one it did not cuts it to what was kept and one more (rows checking tokens cost time)
+    spec_len: int = 0
 
     @property
     def cache_key(self) -> str | None:
@@ -77,11 +83,11 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        return self.prompt_token_ids + self.output_token_ids + self.draft
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.draft)
 
     @property
     def num_to_compute(self) -> int:

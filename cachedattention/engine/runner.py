@@ -57,12 +57,14 @@ class ModelRunner:
 
     def build_batch(
         self, scheduled: list[ScheduledSeq], hooks: LayerHooks | None
-    ) -> tuple[ForwardBatch, list[int], list[tuple[int, int, int]]]:
+    ) -> tuple[ForwardBatch, list[int], list[tuple[int, int, int]], list[tuple[int, int]]]:
         """The flat batch; which scheduled entries get logits to sample from (those whose tokens are
-        all computed); and the prompt positions whose logits give asked-for prompt logprobs, as
-        spans (scheduled index, first prompt token predicted, count), their rows after the sampled ones."""
-        ids, positions, new_slots, page_tables, logit_rows, wants, shapes = [], [], [], [], [], [], []
-        prompt_rows, prompt_spans, adapters = [], [], []
+        all computed); the prompt positions whose logits give asked-for prompt logprobs, as
+        spans (scheduled index, first prompt token predicted, count), their rows after the sampled
+        ones; and the rows before a speculating decoder's last, which check its speculated tokens, as
+        (scheduled index, count), their rows after the prompts' ones."""
+        ids, positions, new_slots, page_tables, logit_rows, wants, shapes, owners = [], [], [], [], [], [], [], []
+        prompt_rows, prompt_spans, adapters, draft_rows, draft_spans = [], [], [], [], []
         start, page_size = 0, self.pool.page_size
         for i, s in enumerate(scheduled):
             req = s.request
@@ -70,12 +72,20 @@ class ModelRunner:
             ids.extend(req.all_token_ids[lo:hi])
             positions.extend(range(lo, hi))
             new_slots.append(KVPool.slots_for(req.pages, page_size, lo, hi, torch.device("cpu")))
-            page_tables.append(torch.tensor(req.pages[: -(-hi // page_size)], dtype=torch.long))
-            shapes.append((start, s.num_new, lo))
+            # a decoder checking speculated tokens: each of its rows a decoder of its own over the
+            # pages (causal: each attends up to its own position), so the step stays one of decoders
+            speculating = bool(req.draft) and s.num_new > 1 and hi == req.num_tokens
+            for a, b in [(lo + j, lo + j + 1) for j in range(s.num_new)] if speculating else [(lo, hi)]:
+                page_tables.append(torch.tensor(req.pages[: -(-b // page_size)], dtype=torch.long))
+                shapes.append((start + a - lo, b - a, a))
+                owners.append(i)
             adapters.append((req.lora, start, start + s.num_new))
             if hi == req.num_tokens:
                 logit_rows.append(start + s.num_new - 1)
                 wants.append(i)
+                if speculating:
+                    draft_rows.extend(range(start, start + s.num_new - 1))
+                    draft_spans.append((i, s.num_new - 1))
             if req.prompt_logprobs is not None:
                 # row r predicts token r + 1; the prompt's last row samples; a recomputed row is not counted twice
                 first, last = max(lo + 1, len(req.prompt_logprobs)), min(hi, len(req.prompt_token_ids) - 1)
@@ -84,7 +94,8 @@ class ModelRunner:
                     prompt_spans.append((i, first, last - first + 1))
             start += s.num_new
         dev = self.device
-        small = torch.tensor(ids + positions + logit_rows + prompt_rows, dtype=torch.long).to(dev, non_blocking=True)
+        small = torch.tensor(ids + positions + logit_rows + prompt_rows + draft_rows, dtype=torch.long).to(
+            dev, non_blocking=True)
         n = len(ids)
         index = torch.cat(new_slots + page_tables).to(dev, non_blocking=True)
         seqs, off = [], n
@@ -104,7 +115,8 @@ class ModelRunner:
             decode, grouped = self._decode_groups(seqs, page_tables, decoders)
         alone = [i for i in range(len(seqs)) if i not in grouped]  # attended through pool.read
         for i in alone:
-            seqs[i].first_slot = KVPool.contiguous_start(scheduled[i].request.pages, page_size, 0, seqs[i].total_len)
+            seqs[i].first_slot = KVPool.contiguous_start(scheduled[owners[i]].request.pages, page_size, 0,
+                                                         seqs[i].total_len)  # fmt: skip
         seqs = [seqs[i] for i in alone]
         batch = ForwardBatch(
             input_ids=small[:n],
@@ -117,7 +129,7 @@ class ModelRunner:
             paged_decode=paged,
             lora=group_rows(adapters, n, dev, self.model.row_ops),
         )
-        return batch, wants, prompt_spans
+        return batch, wants, prompt_spans, draft_spans
 
     def _paged_decode(self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor], dec: list[int]) -> PagedDecode:
         """The decoding sequences `dec` (indices into seqs) for the paged kernel."""

@@ -86,7 +86,7 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:
                 continue  # preempted by a request ahead of it this step
-            n = self._chunk(req, budget)
+            n = self._chunk(req, budget) if not req.draft else self._speculate(req, budget, out)
             if not self._grow(req, req.num_computed + n, out):
                 continue
             out.append(ScheduledSeq(req, n, fresh=False))
@@ -126,6 +126,15 @@ class Scheduler:
         if self.waiting and len(self.running) >= self.config.max_num_seqs:
             self.steps_blocked["seqs"] += 1
         return out
+
+    def _speculate(self, req: Request, budget: int, scheduled: list[ScheduledSeq]) -> int:
+        """A decoder's tokens this step with its speculated ones: as many of them as the budget and
+        the pool's free pages take (speculation never preempts a request); none if none fit."""
+        n = self._chunk(req, budget)
+        del req.draft[max(0, n - 1) :]
+        if req.draft and not self._grow(req, req.num_computed + n, scheduled, allow_preempt=False):
+            req.draft.clear()
+        return self._chunk(req, budget)
 
     def _lora_fits(self, req: Request) -> bool:
         """Whether req's adapter runs already or one more adapter is allowed to."""
@@ -250,6 +259,7 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self._unstage(req)
+        req.draft.clear()
         self.pages.free(req.pages)
         req.pages = []
         req.num_computed = 0
@@ -280,6 +290,7 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self._unstage(req)
+        req.draft.clear()
         self.pages.free(req.pages)
         req.pages = []
         req.status = Status.FINISHED

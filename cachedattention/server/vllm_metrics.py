@@ -131,7 +131,12 @@ class VLLMStatsCollector(Collector):
             info.add_metric([str(stats["lora_max"]), ",".join(stats.get("lora_waiting", ())),
                              ",".join(stats.get("lora_running", ()))], time.time())  # fmt: skip
             yield info
-        if isinstance(stats.get("preemptions"), int):
-            preemptions = CounterMetricFamily("vllm:num_preemptions", "Preemptions so far", labels=["model_name"])
-            preemptions.add_metric(label, float(stats["preemptions"]))
-            yield preemptions
+        counters = [("num_preemptions", "Preemptions so far", "preemptions"),
+                    ("spec_decode_num_drafts", "Speculative proposals checked", "spec_drafts"),
+                    ("spec_decode_num_draft_tokens", "Speculated tokens checked", "spec_draft_tokens"),
+                    ("spec_decode_num_accepted_tokens", "Speculated tokens the model wrote alike", "spec_accepted_tokens")]  # fmt: skip
+        for name, doc, key in counters:  # (a counter only where the engine counts it: speculation on)
+            if isinstance(stats.get(key), int):
+                family = CounterMetricFamily(f"vllm:{name}", doc, labels=["model_name"])
+                family.add_metric(label, float(stats[key]))
+                yield family

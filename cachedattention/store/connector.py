@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -368,6 +368,23 @@ class StoreConnector:
                 self._load_failed(st, *job.failed)
                 failed.append(s.request)
         return failed
+
+    def draft_capture(self, req: Request) -> Callable[[int], None] | None:
+        """For a request whose step checked speculated tokens: a function keeping the first `rows` of
+        the KV this step captured for it (the rows of the tokens it keeps); None when it captures none."""
+        st: TurnState | None = req.store_state
+        if st is None or not st.save or not st.chunks:
+            return None
+        whole = st.chunks[-1]  # (this step's: every saver gets its piece at the forward's first layer)
+
+        def keep(rows: int) -> None:
+            ks, vs = whole
+            if isinstance(ks, list):  # layer by layer
+                st.chunks[-1] = ([k[:rows] for k in ks], [v[:rows] for v in vs])
+            else:  # every layer in one tensor
+                st.chunks[-1] = (ks[:, :rows], vs[:, :rows])
+
+        return keep
 
     # -- finish --------------------------------------------------------------------------------
     def request_finished(self, req: Request, saved: bool) -> None:

@@ -128,16 +128,20 @@ VLLM_LINE = ["serve", "--model", "m", "--gpu-memory-utilization", "0.85", "--no-
              "--max-logprobs", "5", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "-tp", "1",
              "--pipeline-parallel-size", "1", "--kv-cache-dtype", "auto", "--enforce-eager", "--enable-chunked-prefill",
              "--block-size", "32", "--disable-log-requests", "--disable-log-stats", "--uvicorn-log-level", "warning",
-             "--trust-remote-code", "--response-role", "assistant"]  # fmt: skip
+             "--trust-remote-code", "--response-role", "assistant",
+             "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}']  # fmt: skip
 
 
 def test_a_vllm_command_line_parses_and_reaches_the_engine_config():
     config = cli_engine_config(build_parser().parse_args(VLLM_LINE))
     assert (config.model, config.seed, config.max_logprobs) == ("m", 3, 5)
     assert (config.cache.gpu_memory_utilization, config.cache.enable_prefix_cache, config.cache.page_size) == (0.85, False, 32)
+    spec = config.speculative
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) == ("ngram", 5, 4, 4)
     defaults = cli_engine_config(build_parser().parse_args(["serve", "m"]))
     assert (defaults.seed, defaults.max_logprobs, defaults.cache.gpu_memory_utilization) == (None, 20, None)
     assert defaults.cache.enable_prefix_cache and defaults.cache.page_size == 16
+    assert defaults.speculative is None
     # generate's --seed stays a request's seed, not the engine's
     gen = build_parser().parse_args(["generate", "--prompt", "x", "--seed", "4", "--enable-prefix-caching"])
     assert gen.seed == 4 and cli_engine_config(gen).seed is None
@@ -158,6 +162,9 @@ def test_a_vllm_command_line_parses_and_reaches_the_engine_config():
     (["--tokenizer-mode", "mistral"], "supported: auto"),
     (["--load-format", "pt"], "supported: auto, safetensors, gguf"),
     (["--ssl-cert-reqs", "3"], "invalid choice"),
+    (["--speculative-config", '{"method": "eagle", "model": "x"}'], "'model' is not supported"),
+    (["--speculative-config", '{"method": "eagle3"}'], "need weights this engine does not load"),
+    (["--speculative-config", "ngram"], "not a JSON object"),
 ])  # fmt: skip
 def test_what_this_engine_cannot_do_is_a_usage_error_saying_why(flags, says, capsys):
     with pytest.raises(SystemExit) as exit_:

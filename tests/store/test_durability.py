@@ -79,6 +79,22 @@ def test_damaged_segment_is_a_miss_with_the_same_output(damage, tiny_dirs, tmp_p
     assert again.metrics.cached_tokens["disk"] > 0
 
 
+def test_a_seeded_turn_whose_load_fails_midway_draws_as_without_the_store(tiny_dirs, tmp_path):
+    """A flipped byte found mid-load (a layer's checksum): the turn is recomputed, and its seeded
+    draws are those the seed gives without the store (the failed step's row is never sampled: the
+    request's random state does not move for a token it never keeps)."""
+    path, _ = tiny_dirs["llama"]
+    store = tmp_path / "st"
+    conv = first_turn(path, store, list(range(5, 50)))
+    corrupt_flip(segment_files(store)[0])
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=1234, ignore_eos=True)
+    llm = disk_llm(path, store)
+    got = llm.generate([conv], seeded, session_id="s")[0]
+    assert got.token_ids == LLM(model=str(path), cache=NO_DEVICE).generate([conv], seeded)[0].token_ids
+    assert llm.engine.store.store.stats.corrupt_segments == 1
+    llm.engine.store.check_integrity()
+
+
 def test_budgets_are_never_exceeded(tiny_dirs, tmp_path):
     path, _ = tiny_dirs["llama"]
     per_token = 2 * 3 * 2 * 16 * 4  # layers * kv heads * head dim * fp32, K and V

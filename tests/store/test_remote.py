@@ -16,7 +16,7 @@ from cachedattention.store.remote import RemoteTier, connect
 from cachedattention.store.segment import CorruptSegment, KVLayout, SegmentKV
 from cachedattention.store.session import salt_tag
 from tests.redis_server import RedisServer
-from tests.util import capture_logits, rel_err, run_to_end
+from tests.util import generate_capturing, rel_err, run_to_end
 
 PARAMS = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 NO_DEVICE = CacheConfig(enable_prefix_cache=False)  # every reuse comes from the store's tiers
@@ -53,12 +53,8 @@ def test_turns_alternating_between_replicas_equal_recompute(tiny_dirs, server, m
     a, b = replica(path, server.url), replica(path, server.url)
     conv = list(range(5, 45))
     for t, llm in enumerate([a, b, a, b]):
-        seen = capture_logits(monkeypatch)
-        out = llm.generate([conv], PARAMS, session_id="alternating")[0]
-        monkeypatch.undo()
-        want = capture_logits(monkeypatch)
-        expect = ref.generate([conv], PARAMS)[0]
-        monkeypatch.undo()
+        out, seen = generate_capturing(llm, conv, PARAMS, monkeypatch, session_id="alternating")
+        expect, want = generate_capturing(ref, conv, PARAMS, monkeypatch)
         assert out.token_ids == expect.token_ids
         assert max(rel_err(x, y) for x, y in zip(seen, want)) <= 1e-4
         cached = out.metrics.cached_tokens
@@ -487,12 +483,9 @@ def test_anonymous_conversations_move_between_replicas_by_their_prefix(tiny_dirs
     a, b = replica(path, server.url), replica(path, server.url)
     conv = list(range(100, 140))
     for t, llm in enumerate([a, b, a]):
-        seen = capture_logits(monkeypatch)
-        out = llm.generate([conv], PARAMS)[0]
-        monkeypatch.undo()
-        want = capture_logits(monkeypatch)
-        assert out.token_ids == ref.generate([conv], PARAMS)[0].token_ids
-        monkeypatch.undo()
+        out, seen = generate_capturing(llm, conv, PARAMS, monkeypatch)
+        expect, want = generate_capturing(ref, conv, PARAMS, monkeypatch)
+        assert out.token_ids == expect.token_ids
         assert max(rel_err(x, y) for x, y in zip(seen, want)) <= 1e-4
         if t:  # the other replica served the turn before: what it added comes from the remote store
             cached = out.metrics.cached_tokens
