@@ -129,10 +129,15 @@ class Scheduler:
 
     def _speculate(self, req: Request, budget: int, scheduled: list[ScheduledSeq]) -> int:
         """A decoder's tokens this step with its speculated ones: as many of them as the budget and
-        the pool's free pages take (speculation never preempts a request); none if none fit."""
+        the pool's free pages take, less the pages the running requests after it need for what they
+        have to compute (a proposal never makes a request be preempted); none if none fit."""
         n = self._chunk(req, budget)
-        del req.draft[max(0, n - 1) :]
-        if req.draft and not self._grow(req, req.num_computed + n, scheduled, allow_preempt=False):
+        later = self.running[self.running.index(req) + 1 :]
+        reserve = sum(max(0, self._pages_for(r.num_tokens - len(r.draft)) - len(r.pages)) for r in later)
+        spare = max(0, self.pages.num_available() - reserve)
+        fits = (len(req.pages) + spare) * self.page_size - req.num_computed  # tokens its pages could then hold
+        del req.draft[max(0, min(n, fits) - 1) :]
+        if req.draft and not self._grow(req, req.num_computed + 1 + len(req.draft), scheduled, allow_preempt=False):
             req.draft.clear()
         return self._chunk(req, budget)
 
