@@ -549,8 +549,6 @@ class LLMEngine:
             broken = self._add_prompt_logprobs(scheduled, prompt_rows, logits[len(wants) : counted])
         # a speculating decoder's rows (those checking its speculated tokens, then its last): checked apart
         checks = self._draft_rows(scheduled, wants, draft_rows, logits[: len(wants)], logits[counted:])
-        sampled = [k for k, i in enumerate(wants) if scheduled[i].request not in checks]
-        logits, wants = logits[sampled] if checks else logits[: len(wants)], [wants[k] for k in sampled]
         failed = self.store.end_step(scheduled) if self.store is not None else []
         for s in scheduled:
             if s.request not in failed and s.request not in checks:  # (a speculating one: once checked)
@@ -562,11 +560,13 @@ class LLMEngine:
         outputs = [self._fail_request(req) for req in broken if req not in failed]
         for req, rows in checks.items():
             outputs.append(self._check_draft(req, rows))
-        # rows whose request recomputes (a failed load) or has ended are not sampled: a seeded
-        # request's random state (or the engine's --seed one) must not move for a token never kept
-        live = [k for k, i in enumerate(wants) if scheduled[i].request not in failed and scheduled[i].request not in broken]
-        if len(live) != len(wants):
-            logits, wants = logits[live], [wants[k] for k in live]
+        # sampled: the rows of neither a speculating request (checked above) nor one that recomputes (a
+        # failed load) or has ended: a seeded request's random state (or the engine's --seed one) must
+        # not move for a token never kept
+        skip = set(checks) | set(failed) | broken
+        sampled = [k for k, i in enumerate(wants) if scheduled[i].request not in skip]
+        logits = logits[sampled] if len(sampled) != len(wants) else logits[: len(wants)]
+        wants = [wants[k] for k in sampled]
         reqs = [scheduled[i].request for i in wants]
         histories = [(r.prompt_token_ids, r.output_token_ids) for r in reqs]
         params, generators, rules = [r.params for r in reqs], [r.generator for r in reqs], [r.json for r in reqs]
