@@ -65,10 +65,10 @@ def main() -> None:
 
     for _ in range(rounds):
         for name, r in (("base", None), ("lora", lora)):
-            timed(f"prefill 512 {name}", lambda: llm.generate([long_prompt], one, lora_request=r, use_tqdm=False))
-            timed(f"decode 1x64 {name}", lambda: llm.generate([prompts[1]], decode, lora_request=r, use_tqdm=False))
+            timed(f"prefill 512 {name}", lambda r=r: llm.generate([long_prompt], one, lora_request=r, use_tqdm=False))
+            timed(f"decode 1x64 {name}", lambda r=r: llm.generate([prompts[1]], decode, lora_request=r, use_tqdm=False))
         for name, mix in mixes.items():
-            timed(f"decode 8x64 {name}", lambda: llm.generate(prompts, decode, lora_request=mix, use_tqdm=False))
+            timed(f"decode 8x64 {name}", lambda mix=mix: llm.generate(prompts, decode, lora_request=mix, use_tqdm=False))
     print(f"rank {rank}, {rounds} rounds, medians (each round's times in brackets)")
     print("| run | base | with the adapter | ratio |\n|---|---|---|---|")
     for key, base, other in (("prefill 512", "base", "lora"), ("decode 1x64", "base", "lora"),
@@ -76,7 +76,7 @@ def main() -> None:
         a, b = times[f"{key} {base}"], times[f"{key} {other}"]
         steps = 64 if key.startswith("decode") else 1  # (a decode run: its prompt's step, then 64 decode steps)
         unit, scale = ("ms/step", 1000 / steps) if steps > 1 else ("ms", 1000)
-        each = lambda xs: ", ".join(f"{x * scale:.1f}" for x in xs)  # noqa: E731
+        each = lambda xs, scale=scale: ", ".join(f"{x * scale:.1f}" for x in xs)  # noqa: E731
         label = key if other == "lora" else f"{key} ({other} of the 8 with it)"
         print(f"| {label} ({unit}) | {statistics.median(a) * scale:.1f} [{each(a)}] | "
               f"{statistics.median(b) * scale:.1f} [{each(b)}] | {statistics.median(b) / statistics.median(a):.2f} |")

@@ -80,9 +80,9 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
                         "store's")
     g.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
                    help="vLLM's speculative decoding, its n-gram method: '{\"method\": \"ngram\", "
-                        "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}': a greedy answer's next tokens "
-                        "proposed from the conversation's earlier text and checked in one forward pass (sampled "
-                        "and guided answers go a token a step)")
+                        "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}': an answer's next tokens "
+                        "proposed from the conversation's earlier text and checked in one forward pass (guided "
+                        "answers go a token a step)")
     _accept(g, ENGINE_AS_IS)
     g.add_argument("--no-enable-chunked-prefill", action=Refuse, nargs=0,
                    help="refused: this scheduler always chunks prefill; to compute a prompt in as few steps as "

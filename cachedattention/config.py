@@ -199,7 +199,7 @@ SPEC_METHODS = ("ngram",)  # speculative decoding's proposers (vLLM's names)
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's speculative_config, its n-gram method (prompt lookup): a greedy request's next
+    """vLLM's speculative_config, its n-gram method (prompt lookup): a request's next
     `num_speculative_tokens` are proposed from the tokens that followed the latest earlier match of
     its last n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`), and one forward pass
     checks them all. As vLLM's: both bounds 5 when neither is given, one given sets the other."""

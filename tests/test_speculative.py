@@ -1,7 +1,8 @@
 """N-gram speculation (vLLM's speculative_config, method "ngram"): the proposer, its config, and the
-contract: a greedy answer is the same, token for token (logprobs within float32's noise), with
-speculation on as off, whatever the proposals; the KV the store and the prefix cache keep after a
-speculating step is that of the tokens kept, so a cached turn still equals recompute."""
+contract: a greedy answer (and a sampled one drawn from the same random state) is the same, token for
+token (logprobs within float32's noise), with speculation on as off, whatever the proposals; the KV
+the store and the prefix cache keep after a speculating step is that of the tokens kept, so a cached
+turn still equals recompute."""
 
 from __future__ import annotations
 
@@ -119,14 +120,35 @@ def test_answers_that_end_inside_a_proposal_end_as_without_it(tiny_dirs, loopy_c
     assert llm.engine.spec_counts["accepted_tokens"] > 0
 
 
-def test_sampled_and_guided_answers_are_not_speculated(tiny_dirs, loopy_chat_model):
+SAMPLED = [SamplingParams(max_tokens=40, temperature=0.5, seed=3, ignore_eos=True, logprobs=1),
+           SamplingParams(max_tokens=40, temperature=1.0, top_k=4, seed=5, ignore_eos=True),
+           SamplingParams(max_tokens=40, temperature=0.7, top_p=0.9, min_p=0.05, repetition_penalty=1.1, seed=7,
+                          ignore_eos=True),
+           SamplingParams(max_tokens=40, temperature=0.6, ignore_eos=True)]  # (the engine's --seed generator)
+
+
+def test_sampled_answers_are_the_ones_drawn_without_speculation(tiny_dirs):
+    """A sampled answer draws its checked rows one by one up to the first that differs from the
+    proposal: its random state moves once per token, so a seeded answer (and, alone, one drawn from
+    the engine's --seed generator) is token for token the one drawn a token a step, and the same
+    beside other requests. A proposed token is kept with the model's probability for it."""
     path, _ = tiny_dirs["llama"]
-    llm = LLM(model=str(path), speculative_config=NGRAM)
-    base = LLM(model=str(path))
-    sampled = SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True)
-    assert (llm.generate([LOOP], sampled, use_tqdm=False)[0].token_ids
-            == base.generate([LOOP], sampled, use_tqdm=False)[0].token_ids)  # fmt: skip
-    assert llm.engine.spec_counts["drafts"] == 0
+    prompts = [LOOP, LOOP[3:] + [40, 41], LOOP[1:], LOOP[2:]]
+    base = LLM(model=str(path), seed=0)
+    want = [base.generate([p], s, use_tqdm=False)[0] for p, s in zip(prompts, SAMPLED)]
+    llm = LLM(model=str(path), seed=0, speculative_config=NGRAM)
+    alone = [llm.generate([p], s, use_tqdm=False)[0] for p, s in zip(prompts, SAMPLED)]
+    assert [o.token_ids for o in alone] == [o.token_ids for o in want]
+    assert [(x.token_id, round(x.logprob, 4)) for x in alone[0].logprobs] == [
+        (x.token_id, round(x.logprob, 4)) for x in want[0].logprobs]  # fmt: skip
+    counts = llm.engine.spec_counts
+    assert 0 < counts["accepted_tokens"] < counts["draft_tokens"], counts
+    together = llm.generate(prompts[:3], SAMPLED[:3], use_tqdm=False)  # (seeded ones: their own generators)
+    assert [o.token_ids for o in together] == [o.token_ids for o in want[:3]]
+    llm.engine.pages.check_integrity()
+
+
+def test_guided_answers_are_not_speculated(loopy_chat_model):
     llm = LLM(model=str(loopy_chat_model), speculative_config=NGRAM)
     guided = SamplingParams(max_tokens=20, temperature=0, regex="(ab)+c")
     assert llm.generate(["ab ab ab ab ab"], guided, use_tqdm=False)[0].text.startswith("ab")

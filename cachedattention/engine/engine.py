@@ -586,12 +586,12 @@ class LLMEngine:
 
     # -- n-gram speculation --------------------------------------------------------------------------
     def _propose_drafts(self) -> None:
-        """Each greedy decoder's speculated next tokens (n-gram lookup over its prompt and output), as
-        many as its answer and the window still take."""
+        """Each decoder's speculated next tokens (n-gram lookup over its prompt and output), as many as
+        its answer and the window still take."""
         spec = self.speculative
         for req in self.scheduler.running:
-            if req.num_to_compute != 1 or not req.params.greedy or req.json is not None or req.is_finished:
-                continue  # (sampled or guided answers, and prompts still computing, go one token a step)
+            if req.num_to_compute != 1 or req.json is not None or req.is_finished:
+                continue  # (guided answers, and prompts still computing, go one token a step)
             room = self.max_model_len - req.num_tokens - 1
             if req.params.max_tokens is not None:
                 room = min(room, req.params.max_tokens - len(req.output_token_ids) - 1)
@@ -611,18 +611,15 @@ class LLMEngine:
 
     def _check_draft(self, req: Request, rows: torch.Tensor) -> RequestOutput:
         """The tokens the model writes after a speculating step: its speculated ones while each is the
-        one it would have written (greedy, its processors over the history so far), then its own. Each
-        is added as a decode step adds its token (stop conditions, logprobs), its row's KV kept in the
-        pages, the prefix cache and the store's capture, the rest of the step's rows dropped."""
+        one it would have written (its processors over the history so far, then greedy or its sampler),
+        then its own. Each is added as a decode step adds its token (stop conditions, logprobs), its
+        row's KV kept in the pages, the prefix cache and the store's capture, the rest of the step's
+        rows dropped."""
         draft, base = list(req.draft), req.num_computed
         req.draft.clear()
         try:
-            n = len(draft) + 1
-            histories = [(req.prompt_token_ids, req.output_token_ids + draft[:j]) for j in range(n)]
-            targets = self._sample(rows, [req.params] * n, [req.generator] * n, histories, [None] * n)
-            accepted = 0
-            while accepted < len(draft) and targets[accepted] == draft[accepted]:
-                accepted += 1
+            targets = self._draft_targets(req, draft, rows)
+            accepted = len(targets) - 1
             tokens = draft[:accepted] + [targets[accepted]]
             self.spec_counts["drafts"] += 1
             self.spec_counts["draft_tokens"] += len(draft)
@@ -648,6 +645,26 @@ class LLMEngine:
         except Exception:
             log.exception("request %s failed after its forward pass; ending it alone", req.request_id)
             return self._fail_request(req)
+
+    def _draft_targets(self, req: Request, draft: list[int], rows: torch.Tensor) -> list:
+        """The model's token at each checked row, up to the first that differs from the speculated one.
+        A sampled answer draws row by row and stops there: its random state moves once per token it
+        keeps, as decoding a token a step moves it, so a seeded answer is the one it has without
+        speculation (and without its batch mates). A speculated token is then kept with the
+        probability the model gives it, else the model's token is drawn from the rest: what
+        speculative sampling's rejection rule gives for a proposal that is one token for certain."""
+        n = len(draft) + 1
+        histories = [(req.prompt_token_ids, req.output_token_ids + draft[:j]) for j in range(n)]
+        if req.params.greedy:  # (no random state: every row at once)
+            targets = self._sample(rows, [req.params] * n, [None] * n, histories, [None] * n)
+            kept = next((j for j in range(len(draft)) if targets[j] != draft[j]), len(draft))
+            return targets[: kept + 1]
+        targets = []
+        for j in range(n):
+            targets += self._sample(rows[j : j + 1], [req.params], [req.generator], histories[j : j + 1], [None])
+            if j < len(draft) and targets[j] != draft[j]:
+                break
+        return targets
 
     @staticmethod
     def _sample(logits: torch.Tensor, params: list, generators: list, histories: list, rules: list) -> list:
