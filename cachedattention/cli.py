@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from cachedattention.cli_config import ConfigFileParser
 from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS, name, text
 from cachedattention.cli_vllm import DTYPES as DTYPE_CHOICES
-from cachedattention.cli_vllm import add_vllm_engine_args, add_vllm_server_args, dtype_name, model_arg
+from cachedattention.cli_vllm import (
+    add_vllm_engine_args,
+    add_vllm_server_args,
+    dtype_name,
+    model_arg,
+    offloading_host_bytes,
+)
 from cachedattention.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, StoreConfig
 from cachedattention.router.replicas import DEFAULT_LOAD_FACTOR
 
@@ -48,7 +54,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("AttentionStore")
     g.add_argument("--no-store", action="store_true", help="plain engine: recompute every turn's history")
     g.add_argument("--store-dir", default=None, help="disk tier folder (default: no disk tier)")
-    g.add_argument("--host-bytes", type=int, default=StoreConfig.host_bytes)
+    g.add_argument("--host-bytes", type=int, default=None,
+                   help=f"the host tier's budget (default {StoreConfig.host_bytes}; vLLM's --kv-offloading-size "
+                        "sets it in GiB)")
     g.add_argument("--disk-bytes", type=int, default=StoreConfig.disk_bytes)
     g.add_argument("--storage-dtype", default=None, choices=["float32", "bfloat16", "float16"])
     g.add_argument("--policy", default="lookahead", choices=["lookahead", "lru", "fifo"])
@@ -94,6 +102,16 @@ def lora_flags(args: argparse.Namespace) -> LoRAConfig:
                       max_cpu_loras=getattr(args, "max_cpu_loras", None))  # fmt: skip
 
 
+def host_bytes(args: argparse.Namespace) -> int:
+    """--host-bytes, or vLLM's --kv-offloading-size in GiB (both: they must agree)."""
+    size = getattr(args, "kv_offloading_size", None)
+    if size is None:
+        return args.host_bytes if args.host_bytes is not None else StoreConfig.host_bytes
+    if args.no_store:
+        raise ValueError("--kv-offloading-size keeps KV in the store's host tier, which --no-store switches off")
+    return offloading_host_bytes(size, args.host_bytes)
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     from cachedattention.llm_args import local_model_args
 
@@ -126,7 +144,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         store=StoreConfig(
             enable=not args.no_store,
             store_dir=args.store_dir,
-            host_bytes=args.host_bytes,
+            host_bytes=host_bytes(args),
             disk_bytes=args.disk_bytes,
             storage_dtype=args.storage_dtype,
             policy=args.policy,

@@ -83,6 +83,17 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
                         "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}': an answer's next tokens "
                         "proposed from the conversation's earlier text and checked in one forward pass (guided "
                         "answers go a token a step)")
+    g.add_argument("--kv-offloading-size", type=OFFLOAD_GIB, default=None, metavar="GiB",
+                   help="vLLM's KV offloading to CPU memory: the store's host tier holds this many GiB (as "
+                        "--host-bytes): finished turns' KV kept there and read back for later turns and prompts "
+                        "sharing their prefix")
+    g.add_argument("--kv-offloading-backend", type=offloading_backend, default="native", metavar="NAME",
+                   help="native or lmcache: either is this engine's store (its host tier, with --store-dir's "
+                        "disk and --remote-url's shared tiers)")
+    g.add_argument("--kv-transfer-config", action=Refuse, metavar="JSON",
+                   help="refused: this engine runs no KV connectors; its store is its KV offloading "
+                        "(--kv-offloading-size GiB or --host-bytes; --store-dir for a disk tier, --remote-url for "
+                        "one shared by replicas)")
     _accept(g, ENGINE_AS_IS)
     g.add_argument("--no-enable-chunked-prefill", action=Refuse, nargs=0,
                    help="refused: this scheduler always chunks prefill; to compute a prompt in as few steps as "
@@ -217,6 +228,17 @@ def _integer(text: str) -> int:
 
 
 GIB = number(float, 0.0, "a number of GiB >= 0")
+OFFLOAD_GIB = number(float, 0.0, "a number of GiB > 0", above=True)
+
+
+def offloading_host_bytes(size_gib: float, host_bytes: int | None) -> int:
+    """vLLM's kv_offloading_size (GiB) as the store's host tier budget in bytes; a host_bytes given
+    beside it must say the same."""
+    wanted = int(size_gib * (1 << 30))
+    if host_bytes is not None and host_bytes != wanted:
+        raise ValueError(f"kv_offloading_size ({size_gib:g} GiB, {wanted} bytes) and host_bytes ({host_bytes}) both "
+                         "set the store's host tier: give one")  # fmt: skip
+    return wanted
 
 
 def one_server(text: str) -> int:
@@ -283,6 +305,7 @@ def only(allowed: tuple[str, ...], why: str):
 
 kv_cache_dtype = only(("auto",), "the device pool keeps the model's dtype (--dtype)")
 quantization_method = only(("None", *VLLM_QUANTIZATION), "the checkpoints this engine reads (it quantizes none at load)")
+offloading_backend = only(("native", "lmcache"), "either is this engine's store")
 tokenizer_mode = only(("auto",), "the model's own (fast) tokenizer serves; --tokenizer names another one")
 load_format = only(("auto", "safetensors", "gguf"), "weights load from safetensors folders or GGUF files")
 tool_call_parser = only(TOOL_CALL_PARSERS, "this server reads the tool call formats it knows")

@@ -14,7 +14,7 @@ from cachedattention.config import CacheConfig, EngineConfig, SchedulerConfig, S
 from cachedattention.engine.engine import LLMEngine
 from cachedattention.errors import InvalidRequest
 from cachedattention.interrupts import interrupts_between_steps
-from cachedattention.llm_args import local_model_args, lora_config, sort_options
+from cachedattention.llm_args import local_model_args, lora_config, offloaded_host_bytes, sort_options
 from cachedattention.lora.request import LoRARequest
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
@@ -172,8 +172,9 @@ class LLM:
     `max_logprobs` bounds the logprobs a request may ask for (-1: no bound); vLLM's engine
     arguments (gpu_memory_utilization, enable_prefix_caching, block_size, max_num_seqs,
     max_num_batched_tokens, scheduling_policy...) and the cache's and scheduler's fields by name
-    set those configs (llm_args.py); vLLM's `speculative_config={"method": "ngram", ...}` speculates
-    greedy answers' next tokens by n-gram lookup.
+    set those configs (llm_args.py); vLLM's `kv_offloading_size` (GiB) is the store's host_bytes;
+    vLLM's `speculative_config={"method": "ngram", ...}` speculates answers' next tokens by n-gram
+    lookup.
     """
 
     def __init__(
@@ -208,6 +209,7 @@ class LLM:
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         lora = lora_config(options)
         speculative = SpeculativeConfig.of(options.pop("speculative_config", None))  # vLLM's dict
+        host_bytes = offloaded_host_bytes(options, host_bytes)  # (vLLM's kv_offloading_size, in GiB)
         cache, scheduler, store_options = sort_options(options, cache or CacheConfig(), scheduler or SchedulerConfig())
         # a Hugging Face id from the local hub cache (at vLLM's revision), vLLM's dtype names as ours
         given = model

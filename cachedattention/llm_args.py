@@ -15,8 +15,11 @@ import torch
 
 from cachedattention.cli_vllm import (
     IGNORED_ENGINE_ARGS,
+    OFFLOAD_GIB,
     kv_cache_dtype,
     load_format,
+    offloading_backend,
+    offloading_host_bytes,
     quantization_method,
     tokenizer_mode,
 )
@@ -36,7 +39,8 @@ _CONFIG_ARGS = {
 # vLLM's arguments that ask for what this engine does anyway, or that change nothing here (swap_space,
 # max_seq_len_to_capture, guided_decoding_backend): each checked as the command line checks its flag
 _CHECKED = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, "load_format": load_format,
-            "quantization": quantization_method,
+            "quantization": quantization_method, "kv_offloading_size": OFFLOAD_GIB,
+            "kv_offloading_backend": offloading_backend,
             **{name: check for name, (check, _, _) in IGNORED_ENGINE_ARGS.items()}}  # fmt: skip
 # true or false: it never runs a model's own code, always runs eagerly, and logs no periodic stats
 _ACCEPTED = ("trust_remote_code", "enforce_eager", "disable_log_stats")
@@ -73,6 +77,19 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
                              "StoreConfig's fields, the cache's and scheduler's CacheConfig's and "
                              "SchedulerConfig's (or give cache=, scheduler=, store=)")  # fmt: skip
     return replace(cache, **given["cache"]), replace(scheduler, **given["scheduler"]), store
+
+
+def offloaded_host_bytes(options: dict[str, Any], host_bytes: int | None) -> int | None:
+    """The store's host budget: `host_bytes`, or vLLM's kv_offloading_size (GiB) taken out of
+    `options` (both: they must agree); its kv_offloading_backend (native or lmcache) is checked."""
+    size = options.pop("kv_offloading_size", None)
+    backend = options.pop("kv_offloading_backend", None)
+    if backend is not None:
+        _check_as_its_flag("kv_offloading_backend", backend)
+    if size is None:
+        return host_bytes
+    _check_as_its_flag("kv_offloading_size", size)
+    return offloading_host_bytes(float(size), host_bytes)
 
 
 # vLLM's LoRA arguments, by LoRAConfig's names

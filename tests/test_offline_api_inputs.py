@@ -140,6 +140,9 @@ def test_sampling_params_take_none_for_a_list_and_deep_schemas_are_a_clear_error
     (lambda: LLM(max_seq_len_to_capture=8192.5), "max_seq_len_to_capture: an integer >= 1 was expected"),
     (lambda: LLM(guided_decoding_backend="llguidance"), "guided_decoding_backend: 'llguidance' is not supported"),
     (lambda: LLM(disable_log_stats="no"), "disable_log_stats must be true or false"),
+    (lambda: LLM(kv_offloading_size=0), "kv_offloading_size: a number of GiB > 0 was expected, got 0"),
+    (lambda: LLM(kv_offloading_backend="mooncake"), "kv_offloading_backend: 'mooncake' is not supported"),
+    (lambda: LLM(kv_offloading_size=1, host_bytes=5), r"kv_offloading_size \(1 GiB, 1073741824 bytes\) and host_bytes"),
     (lambda: LLM(enable_chunked_prefill=False), "enable_chunked_prefill must be True: this scheduler always chunks"),
 ])  # fmt: skip
 def test_engine_arguments_of_the_wrong_type_are_refused_naming_them(make, match):
@@ -174,6 +177,21 @@ def test_vllm_engine_arguments_and_store_options_are_honoured(tiny_dirs, tmp_pat
     assert (c.cache.enable_prefix_cache, c.cache.page_size, c.scheduler.max_num_seqs) == (True, 8, 16)
     assert (c.scheduler.policy, c.scheduler.long_prefill_token_threshold) == ("priority", 32)
     assert vllm_defaults.engine.store is None  # (a store option left at None turns nothing on)
+
+
+def test_vllm_s_kv_offloading_size_turns_the_store_s_host_tier_on(tiny_dirs):
+    """vLLM's KV offloading (kv_offloading_size GiB, native or lmcache): the store's host tier of
+    that size keeps a turn's KV, and the next turn reads it back from there."""
+    path = str(tiny_dirs["llama"][0])
+    llm = LLM(model=path, kv_offloading_size=0.01, kv_offloading_backend="lmcache", enable_prefix_caching=False)
+    assert llm.config.store.enable and llm.config.store.host_bytes == int(0.01 * (1 << 30))
+    params = SamplingParams(max_tokens=4, temperature=0)
+    conv = list(range(5, 70))
+    first = llm.generate([conv], params, session_id="s", use_tqdm=False)[0]
+    second = llm.generate([conv + first.token_ids + [1]], params, session_id="s", use_tqdm=False)[0]
+    assert second.metrics.cached_tokens["host"] == len(conv) + len(first.token_ids) - 1  # (the last: never fed)
+    llm.engine.store.check_integrity()
+    assert LLM(model=path, kv_offloading_size=1, host_bytes=1 << 30).config.store.host_bytes == 1 << 30
 
 
 def test_a_page_larger_than_half_the_pool_s_budget_or_a_pool_past_memory_is_refused(tiny_dirs):

@@ -8,7 +8,10 @@ import json
 
 import pytest
 
+from dataclasses import replace
+
 from cachedattention.cli import build_parser, engine_config
+from cachedattention.config import StoreConfig
 
 
 def parse(*argv: str):
@@ -78,6 +81,10 @@ def test_what_this_engine_already_does_is_accepted(flags):
     (["--guided-decoding-backend", "xgrammar:disable-any-whitespace"], "a backend's options are not taken"),
     (["--guided-decoding-backend", "llguidance"], "supported: auto, xgrammar, guidance, outlines, lm-format-enforcer"),
     (["--swap-space", "-1"], "a number of GiB >= 0"),
+    (["--kv-offloading-size", "0"], "a number of GiB > 0 was expected, got 0"),
+    (["--kv-offloading-backend", "mooncake"], "either is this engine's store (supported: native, lmcache)"),
+    (["--kv-transfer-config", '{"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}'],
+     "runs no KV connectors; its store is its KV offloading (--kv-offloading-size GiB or --host-bytes"),
     (["--max-seq-len-to-capture", "0"], "an integer >= 1"),
     (["--dtype", "fp8"], "supported: auto, half, float16, bfloat16, float, float32"),
 ])  # fmt: skip
@@ -85,6 +92,21 @@ def test_what_this_engine_cannot_do_is_a_usage_error_saying_why(flags, says, cap
     with pytest.raises(SystemExit) as e:
         parse("serve", "m", *flags)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_vllm_s_kv_offloading_size_is_the_store_s_host_tier():
+    default = engine_config(parse("serve", "m")).store
+    assert default.enable and default.host_bytes == StoreConfig.host_bytes
+    for backend in ("native", "lmcache"):
+        store = engine_config(parse("serve", "m", "--kv-offloading-size", "1.5", "--kv-offloading-backend", backend)).store
+        assert store.enable and store.host_bytes == 3 << 29 and replace(store, host_bytes=default.host_bytes) == default
+    both = parse("serve", "m", "--kv-offloading-size", "1", "--host-bytes", str(1 << 30))
+    assert engine_config(both).store.host_bytes == 1 << 30
+    assert engine_config(parse("serve", "m", "--host-bytes", "4096")).store.host_bytes == 4096
+    with pytest.raises(ValueError, match=r"kv_offloading_size \(1 GiB, 1073741824 bytes\) and host_bytes \(4096\)"):
+        engine_config(parse("serve", "m", "--kv-offloading-size", "1", "--host-bytes", "4096"))
+    with pytest.raises(ValueError, match="which --no-store switches off"):
+        engine_config(parse("serve", "m", "--kv-offloading-size", "1", "--no-store"))
 
 
 def test_the_request_id_and_template_variable_flags_parse_as_vllm_s(tmp_path):
