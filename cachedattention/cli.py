@@ -138,6 +138,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         chat_template=getattr(args, "chat_template", None),
         generation_config=getattr(args, "generation_config", "auto"),
         override_generation_config=getattr(args, "override_generation_config", None),
+        hf_overrides=getattr(args, "hf_overrides", None),
         reasoning_parser=getattr(args, "reasoning_parser", None),
         lora=lora_flags(args),
         speculative=getattr(args, "speculative_config", None),

@@ -10,6 +10,7 @@ import ssl
 
 from cachedattention.cli_types import POSITIVE, number
 from cachedattention.config import MAX_LOGPROBS, SpeculativeConfig
+from cachedattention.model.hf_overrides import check_hf_overrides
 from cachedattention.model.messages import ChatOptions
 from cachedattention.model.quant_config import VLLM_QUANTIZATION
 
@@ -83,6 +84,9 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
                         "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}': an answer's next tokens "
                         "proposed from the conversation's earlier text and checked in one forward pass (guided "
                         "answers go a token a step)")
+    g.add_argument("--hf-overrides", type=hf_overrides_json, default=None, metavar="JSON",
+                   help="values laid over the model's config.json before it is read, as vLLM's (e.g. "
+                        "'{\"max_position_embeddings\": 8192}'); an object over an object merges key by key")
     g.add_argument("--kv-offloading-size", type=OFFLOAD_GIB, default=None, metavar="GiB",
                    help="vLLM's KV offloading to CPU memory: the store's host tier holds this many GiB (as "
                         "--host-bytes): finished turns' KV kept there and read back for later turns and prompts "
@@ -338,6 +342,18 @@ def speculative_config(text: str) -> SpeculativeConfig:
         raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
     try:
         return SpeculativeConfig.of(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def hf_overrides_json(text: str) -> dict:
+    """--hf-overrides: a JSON object of config.json's names."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    try:
+        return check_hf_overrides(value) or {}
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

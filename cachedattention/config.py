@@ -10,6 +10,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from cachedattention.model.hf_overrides import check_hf_overrides
 from cachedattention.store.remote_url import check_remote_url
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -264,12 +265,15 @@ class EngineConfig:
     generation_config: str = "auto"
     # laid over the generation config's defaults, in its names (vLLM's --override-generation-config)
     override_generation_config: dict | None = None
+    # laid over the model's config.json before its shape is read (vLLM's --hf-overrides)
+    hf_overrides: dict | None = None
     # how the model writes its reasoning (qwen3, deepseek_r1, seed_oss; vLLM's --reasoning-parser): a guided
     # answer is held to its shape only after the reasoning (engine/reasoning_gate.py)
     reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
+        check_hf_overrides(self.hf_overrides)
         if self.reasoning_parser is not None:
             from cachedattention.reasoning_parser import reasoning_parser
 

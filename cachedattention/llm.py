@@ -16,6 +16,7 @@ from cachedattention.errors import InvalidRequest
 from cachedattention.interrupts import interrupts_between_steps
 from cachedattention.llm_args import local_model_args, lora_config, offloaded_host_bytes, sort_options
 from cachedattention.lora.request import LoRARequest
+from cachedattention.model.hf_overrides import check_hf_overrides
 from cachedattention.model.loader import LoadedModel
 from cachedattention.model.messages import ChatOptions, validate_messages, validate_tools
 from cachedattention.model.quant_config import check_quantization
@@ -173,6 +174,7 @@ class LLM:
     arguments (gpu_memory_utilization, enable_prefix_caching, block_size, max_num_seqs,
     max_num_batched_tokens, scheduling_policy...) and the cache's and scheduler's fields by name
     set those configs (llm_args.py); vLLM's `kv_offloading_size` (GiB) is the store's host_bytes;
+    vLLM's `hf_overrides` dict is laid over the model's config.json before its shape is read;
     vLLM's `speculative_config={"method": "ngram", ...}` speculates answers' next tokens by n-gram
     lookup.
     """
@@ -209,6 +211,7 @@ class LLM:
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         lora = lora_config(options)
         speculative = SpeculativeConfig.of(options.pop("speculative_config", None))  # vLLM's dict
+        hf_overrides = check_hf_overrides(options.pop("hf_overrides", None))
         host_bytes = offloaded_host_bytes(options, host_bytes)  # (vLLM's kv_offloading_size, in GiB)
         cache, scheduler, store_options = sort_options(options, cache or CacheConfig(), scheduler or SchedulerConfig())
         # a Hugging Face id from the local hub cache (at vLLM's revision), vLLM's dtype names as ours
@@ -239,6 +242,7 @@ class LLM:
             tokenizer=tokenizer,
             generation_config=generation_config,
             override_generation_config=override_generation_config,
+            hf_overrides=hf_overrides,
             reasoning_parser=reasoning_parser,
             seed=seed,
             max_logprobs=max_logprobs,

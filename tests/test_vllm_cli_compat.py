@@ -5,10 +5,9 @@ saying why, and --config's YAML file of flag values."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
-
-from dataclasses import replace
 
 from cachedattention.cli import build_parser, engine_config
 from cachedattention.config import StoreConfig

@@ -102,7 +102,8 @@ class LLMEngine:
 
         if loaded is not None:
             check_window(loaded.spec)
-        self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.tokenizer, check_window)
+        self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.tokenizer, check_window,
+                                           config.hf_overrides)  # fmt: skip
         self.spec = self.loaded.spec
         self.tokenizer = self.loaded.tokenizer
         if loaded is not None and config.tokenizer is not None:  # a model loaded before: its tokenizer replaced

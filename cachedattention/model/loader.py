@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ from cachedattention.model.gguf_loader import (
     open_gguf,
 )
 from cachedattention.model.gguf_tokenizer import gguf_tokenizer
+from cachedattention.model.hf_overrides import apply_hf_overrides
 from cachedattention.model.hub_cache import existing_local_path, model_id_of_snapshot
 from cachedattention.model.int4 import unpack_int4
 from cachedattention.model.layers import Embedding, Linear
@@ -58,11 +60,23 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_model(source: str | None, device: str, dtype: str, tokenizer: str | None = None,
-               check_spec: Callable[[ModelSpec], None] | None = None) -> LoadedModel:
+               check_spec: Callable[[ModelSpec], None] | None = None,
+               hf_overrides: dict[str, Any] | None = None) -> LoadedModel:  # fmt: skip
     """`source`: a folder, a GGUF file, or a Hugging Face model id in the local hub cache (a path wins);
     None: the embedded model. `tokenizer`: another folder's (or GGUF file's) tokenizer instead of the model's own (vLLM's
     --tokenizer, e.g. a GGUF file's original model folder). `check_spec` vets the model's shape as
-    soon as its config is read, so a setting it refuses costs no weight loading."""
+    soon as its config is read, so a setting it refuses costs no weight loading. `hf_overrides`
+    (vLLM's) are laid over the config before its shape is read."""
+    try:
+        return _load_model(source, device, dtype, tokenizer, check_spec, hf_overrides)
+    except ValueError as e:
+        if not hf_overrides:
+            raise
+        raise ValueError(f"{e} (its config with hf_overrides of {', '.join(sorted(hf_overrides))})") from None
+
+
+def _load_model(source: str | None, device: str, dtype: str, tokenizer: str | None,
+                check_spec: Callable[[ModelSpec], None] | None, hf_overrides: dict[str, Any] | None) -> LoadedModel:  # fmt: skip
     embedded = source is None
     # a Hugging Face model id that is no path: its snapshot in the local hub cache
     path = Path(embedded_model_dir()) if embedded else existing_local_path(source)
@@ -72,7 +86,7 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
             raise ValueError(f"{str(path)!r} is a file but not a .gguf; give a Hugging Face model folder or a GGUF file")
         reader = open_gguf(str(path))
         try:
-            config = gguf_config(reader)
+            config = apply_hf_overrides(gguf_config(reader), hf_overrides)
             spec = spec_from_hf_config(config)
         except ValueError as e:  # (its messages name config.json: here the file's metadata, read as one)
             named = (str(e).replace("this GGUF file", path.name).replace("config.json's ", f"{path.name}: ")
@@ -94,7 +108,7 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
         blocks = lambda: quantized  # noqa: E731
     else:
         reader = None
-        config = _read_config(path)
+        config = apply_hf_overrides(_read_config(path), hf_overrides)
         spec = spec_from_hf_config(config)
         if check_spec is not None:
             check_spec(spec)

@@ -1,0 +1,64 @@
+"""vLLM's hf_overrides (`--hf-overrides JSON`): values laid over config.json before the model's
+shape is read, the served model then the one transformers builds from the same overridden config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cachedattention import LLM, SamplingParams
+from cachedattention.cli import build_parser, engine_config
+from cachedattention.model.hf_overrides import apply_hf_overrides
+from tests.util import assert_logits_match
+
+
+def test_an_object_over_an_object_merges_key_by_key_and_the_config_is_left_alone():
+    config = {"a": 1, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "b": {"c": 1}}
+    got = apply_hf_overrides(config, {"a": 2, "rope_scaling": {"factor": 8.0}, "b": 3, "new": [1]})
+    assert got == {"a": 2, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}, "b": 3, "new": [1]}
+    assert config == {"a": 1, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "b": {"c": 1}}
+    assert apply_hf_overrides(config, None) is config
+
+
+def test_the_served_model_is_the_one_of_the_overridden_config(tiny_dirs, monkeypatch):
+    import transformers
+
+    path, _ = tiny_dirs["llama"]
+    overrides = {"rms_norm_eps": 0.5, "max_position_embeddings": 96}
+    llm = LLM(model=str(path), hf_overrides=overrides)
+    assert llm.engine.max_model_len == 96  # (the window follows the overridden config)
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    config.rms_norm_eps = 0.5
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch.float32).eval()
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert_logits_match(llm, hf, list(range(3, 40)), params, monkeypatch)
+    plain = LLM(model=str(path))
+    assert plain.engine.spec.fingerprint() != llm.engine.spec.fingerprint()  # (stored KV is kept apart)
+    assert plain.engine.max_model_len == 512
+
+
+def test_the_command_line_takes_a_json_object_and_refuses_anything_else(capsys):
+    args = build_parser().parse_args(["serve", "m", "--hf-overrides", '{"rope_scaling": {"factor": 2.0}}'])
+    assert engine_config(args).hf_overrides == {"rope_scaling": {"factor": 2.0}}
+    assert engine_config(build_parser().parse_args(["serve", "m"])).hf_overrides is None
+    for bad, says in (("{nope", "not a JSON object"), ("[1]", "must be a dict of config.json's names, got list")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "m", "--hf-overrides", bad])
+        assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (lambda config: config, "a function over transformers' config is not taken here"),
+    ("max_position_embeddings=8", "must be a dict of config.json's names, got str"),
+    ({1: 2}, "keys must be config.json's names"),
+])  # fmt: skip
+def test_what_is_no_dict_of_names_is_refused_before_loading(overrides, says):
+    with pytest.raises(ValueError, match=says):
+        LLM(model="/no/such/model", hf_overrides=overrides)
+
+
+def test_an_override_the_weights_do_not_fit_is_a_clear_error(tiny_dirs):
+    path, _ = tiny_dirs["llama"]
+    with pytest.raises(ValueError, match=r"the config makes it \[256, 48\].* \(its config with hf_overrides of "
+                                         r"hidden_size\)"):
+        LLM(model=str(path), hf_overrides={"hidden_size": 48})
