@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from cachedattention.cli_config import ConfigFileParser
-from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS, name, text
+from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS, context_length, name, text
 from cachedattention.cli_vllm import DTYPES as DTYPE_CHOICES
 from cachedattention.cli_vllm import (
     add_vllm_engine_args,
@@ -29,7 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=dtype_name, default="float32", metavar="|".join(DTYPE_CHOICES),
                    help="float32 (the default), bfloat16 or float16 (half), or vLLM's auto: float32 on a CPU; on "
                         "CUDA the checkpoint's 16-bit dtype, float16 for a float32 one")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=context_length, default=None, metavar="N",
+                   help="the window in tokens, as vLLM's: 32768, 32k (x1000), 32K (x1024), or auto / -1 for the "
+                        "model's window lowered to what the KV pool holds (default: the model's window)")
     p.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
                    help="sampling defaults where a request sets none: the model's generation_config.json (auto), "
                         "none (vllm), or a folder's (as vLLM's)")

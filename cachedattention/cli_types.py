@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 
 
@@ -28,6 +29,29 @@ POSITIVE = number(int, 1, "an integer >= 1")
 RATE = number(float, 0.0, "a finite number > 0", above=True)
 SECONDS = number(float, 0.0, "a finite number >= 0")
 PORT = number(int, 0, "a port in [0, 65535]", 65535)
+
+
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def context_length(text: str) -> int:
+    """--max-model-len as vLLM reads it: tokens (>= 1), with k/m/g (powers of 1000, decimals allowed:
+    25.6k) or K/M/G (powers of 1024, whole numbers: 32K), or auto / -1 for the model's window lowered
+    to what the KV pool holds (-1)."""
+    value = text.strip()
+    if value in ("auto", "-1"):
+        return -1
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG])", value)
+    if found is None:
+        return POSITIVE(value)
+    number_text, suffix = found.groups()
+    if suffix in _BINARY:
+        if "." in number_text:
+            raise argparse.ArgumentTypeError(f"decimals are not taken with {suffix} (powers of 1024): {text!r}; "
+                                             f"{number_text}{suffix.lower()} is in thousands")  # fmt: skip
+        return POSITIVE(str(int(number_text) * _BINARY[suffix]))
+    return POSITIVE(str(int(float(number_text) * _DECIMAL[suffix])))
 
 
 def lengths(text: str) -> str:

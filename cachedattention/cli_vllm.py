@@ -104,6 +104,10 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
                         "it can, raise --max-num-batched-tokens (with --long-prefill-token-threshold 0)")
     for name, (check, metavar, why) in IGNORED_ENGINE_ARGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=check, default=None, metavar=metavar, help=f"accepted: {why}")
+    g.add_argument("-O", "--compilation-config", type=compilation_config, default=None, metavar="LEVEL|JSON",
+                   help=f"accepted: {NOT_COMPILED}")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"accepted: {NOT_OVERLAPPED}")
     g.add_argument("--logits-processor-pattern", action=Refuse, metavar="REGEX",
                    help="refused: this engine loads no logits processors (a request's logits_processors are "
                         "refused too)")
@@ -328,6 +332,27 @@ IGNORED_ENGINE_ARGS = {
                                 "decoding serves every structured answer, held to the whole schema, regex or "
                                 "grammar, or refused saying what it cannot hold to"),
 }  # fmt: skip
+NOT_COMPILED = ("this engine compiles no graphs (a CPU's decode layers are its own C kernels, built at first "
+                "use; CUDA runs eagerly): any level or JSON object changes nothing")
+NOT_OVERLAPPED = ("each step is scheduled once the last one's tokens are in, as without it: the answers are "
+                  "the same")
+
+
+def compilation_config(text: str) -> str:
+    """-O / --compilation-config: vLLM's level (-O3, -O 3), a dotted field (-O.level=3) or a JSON object."""
+    value = text.strip()
+    if value.isdigit() or value.startswith("."):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"a level (0-3), a dotted field (.level=3) or a JSON object was expected, "
+                                         f"got {text!r}")  # fmt: skip
+    return value
+
+
 content_format = only(("auto", "string"), "a message's text parts reach the chat template as one string here, "
                                           "never as a list of OpenAI parts (vLLM's openai format)")
 response_role = only(("assistant",), "a chat answer after the generation prompt is the assistant's here")

@@ -249,7 +249,8 @@ class EngineConfig:
     tokenizer: str | None = None  # vLLM's --tokenizer: a folder (or GGUF file) whose tokenizer serves instead of the model's
     device: str = "cpu"
     dtype: str = "float32"
-    max_model_len: int | None = None  # None: the model's window
+    # None: the model's window; -1 (vLLM's auto): the model's window, lowered to what the KV pool holds
+    max_model_len: int | None = None
     # vLLM's --seed: the random state of sampled requests without their own seed, so that they repeat
     # from one start to the next (None: torch's global state, different each start)
     seed: int | None = None
@@ -271,6 +272,11 @@ class EngineConfig:
     # answer is held to its shape only after the reasoning (engine/reasoning_gate.py)
     reasoning_parser: str | None = None
 
+    @property
+    def window_given(self) -> int | None:
+        """The window the user sized (None: the model's, or -1's auto)."""
+        return self.max_model_len if self.max_model_len is not None and self.max_model_len > 0 else None
+
     def __post_init__(self) -> None:
         _check_types(self)
         check_hf_overrides(self.hf_overrides)
@@ -282,8 +288,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.max_model_len is not None and self.max_model_len <= 0:
-            raise ValueError("max_model_len must be positive")
+        if self.max_model_len is not None and self.max_model_len <= 0 and self.max_model_len != -1:
+            raise ValueError(f"max_model_len must be positive, or -1 for the model's window lowered to what the KV "
+                             f"pool holds (vLLM's auto), got {self.max_model_len}")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be an integer >= 0, or -1 for no limit, got {self.max_logprobs!r}")
         if self.seed is not None and not 0 <= self.seed < 2**64:

@@ -42,8 +42,9 @@ _CHECKED = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, 
             "quantization": quantization_method, "kv_offloading_size": OFFLOAD_GIB,
             "kv_offloading_backend": offloading_backend,
             **{name: check for name, (check, _, _) in IGNORED_ENGINE_ARGS.items()}}  # fmt: skip
-# true or false: it never runs a model's own code, always runs eagerly, and logs no periodic stats
-_ACCEPTED = ("trust_remote_code", "enforce_eager", "disable_log_stats")
+# true or false: it never runs a model's own code, always runs eagerly, logs no periodic stats, and
+# schedules a step once the last one's tokens are in (async_scheduling changes nothing)
+_ACCEPTED = ("trust_remote_code", "enforce_eager", "disable_log_stats", "async_scheduling")
 
 
 def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: SchedulerConfig
@@ -65,6 +66,9 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
                 raise ValueError(f"{name} must be 1: this engine runs one device")
         elif name in _CHECKED:
             _check_as_its_flag(name, value)
+        elif name == "compilation_config":  # (vLLM's level, dict or CompilationConfig: nothing compiles here)
+            if isinstance(value, bool) or not isinstance(value, int | dict) and type(value).__name__ != "CompilationConfig":
+                raise ValueError(f"compilation_config must be a level or a dict, got {type(value).__name__}")
         elif name in _ACCEPTED:
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")

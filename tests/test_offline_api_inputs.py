@@ -140,6 +140,8 @@ def test_sampling_params_take_none_for_a_list_and_deep_schemas_are_a_clear_error
     (lambda: LLM(max_seq_len_to_capture=8192.5), "max_seq_len_to_capture: an integer >= 1 was expected"),
     (lambda: LLM(guided_decoding_backend="llguidance"), "guided_decoding_backend: 'llguidance' is not supported"),
     (lambda: LLM(disable_log_stats="no"), "disable_log_stats must be true or false"),
+    (lambda: LLM(compilation_config="3"), "compilation_config must be a level or a dict, got str"),
+    (lambda: LLM(async_scheduling=1), "async_scheduling must be true or false"),
     (lambda: LLM(kv_offloading_size=0), "kv_offloading_size: a number of GiB > 0 was expected, got 0"),
     (lambda: LLM(kv_offloading_backend="mooncake"), "kv_offloading_backend: 'mooncake' is not supported"),
     (lambda: LLM(kv_offloading_size=1, host_bytes=5), r"kv_offloading_size \(1 GiB, 1073741824 bytes\) and host_bytes"),
@@ -161,7 +163,7 @@ def test_vllm_engine_arguments_and_store_options_are_honoured(tiny_dirs, tmp_pat
     llm = LLM(model=path, max_num_seqs=3, max_num_batched_tokens=64, enable_prefix_caching=False, block_size=8,
               gpu_memory_utilization=0.5, tensor_parallel_size=1, trust_remote_code=True, enforce_eager=True,
               swap_space=4, max_seq_len_to_capture=8192, guided_decoding_backend="xgrammar", disable_log_stats=True,
-              enable_chunked_prefill=True)
+              enable_chunked_prefill=True, compilation_config={"level": 3}, async_scheduling=True)
     c = llm.config
     assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens) == (3, 64)
     assert (c.cache.enable_prefix_cache, c.cache.page_size, c.cache.gpu_memory_utilization) == (False, 8, 0.5)
@@ -209,6 +211,10 @@ def test_a_pool_smaller_than_the_window_is_refused_unless_the_window_fits(tiny_d
     with pytest.raises(ValueError, match=r"the KV pool holds 64 tokens, fewer than the window .* at most 64"):
         LLM(model=path, cache=CacheConfig(num_pages=4, page_size=16))
     small = LLM(model=path, cache=CacheConfig(num_pages=4, page_size=16), max_model_len=64)
+    auto = LLM(model=path, cache=CacheConfig(num_pages=4, page_size=16), max_model_len=-1)  # (vLLM's auto)
+    assert auto.engine.max_model_len == 64 and LLM(model=path, max_model_len=-1).engine.max_model_len == 512
+    with pytest.raises(ValueError, match=r"max_model_len must be positive, or -1 .*got -2"):
+        LLM(model=path, max_model_len=-2)
     out = small.generate([1] * 40, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 24  # the window's end, not a wait for ever
     with pytest.raises(ValueError, match="window"):

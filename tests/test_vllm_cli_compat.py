@@ -64,6 +64,8 @@ def test_vllm_s_quickstart_line_runs(chat_model_dir, capsys):
     ["--disable-frontend-multiprocessing"], ["--api-server-count", "1"], ["-asc", "1"],
     ["--guided-decoding-backend", "xgrammar"], ["--guided-decoding-backend", "lm-format-enforcer"],
     ["--chat-template-content-format", "string"], ["--chat-template-content-format", "auto"],
+    ["-O3"], ["-O", "0"], ["-O.level=3"], ["--compilation-config", '{"level": 3}'], ["--async-scheduling"],
+    ["--no-async-scheduling"],
 ])  # fmt: skip
 def test_what_this_engine_already_does_is_accepted(flags):
     before = engine_config(parse("serve", "m"))
@@ -81,6 +83,7 @@ def test_what_this_engine_already_does_is_accepted(flags):
     (["--guided-decoding-backend", "llguidance"], "supported: auto, xgrammar, guidance, outlines, lm-format-enforcer"),
     (["--swap-space", "-1"], "a number of GiB >= 0"),
     (["--kv-offloading-size", "0"], "a number of GiB > 0 was expected, got 0"),
+    (["-O", "fast"], "a level (0-3), a dotted field (.level=3) or a JSON object was expected, got 'fast'"),
     (["--kv-offloading-backend", "mooncake"], "either is this engine's store (supported: native, lmcache)"),
     (["--kv-transfer-config", '{"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}'],
      "runs no KV connectors; its store is its KV offloading (--kv-offloading-size GiB or --host-bytes"),
@@ -106,6 +109,24 @@ def test_vllm_s_kv_offloading_size_is_the_store_s_host_tier():
         engine_config(parse("serve", "m", "--kv-offloading-size", "1", "--host-bytes", "4096"))
     with pytest.raises(ValueError, match="which --no-store switches off"):
         engine_config(parse("serve", "m", "--kv-offloading-size", "1", "--no-store"))
+
+
+@pytest.mark.parametrize("given, window", [
+    ("32768", 32768), ("32k", 32000), ("25.6k", 25600), ("32K", 32768), ("1m", 10**6), ("1M", 2**20), ("auto", -1),
+    ("-1", -1),
+])  # fmt: skip
+def test_max_model_len_reads_vllm_s_forms(given, window):
+    assert engine_config(parse("serve", "m", "--max-model-len", given)).max_model_len == window
+
+
+@pytest.mark.parametrize("given, says", [
+    ("1.5K", "decimals are not taken with K (powers of 1024): '1.5K'; 1.5k is in thousands"),
+    ("0", "an integer >= 1 was expected, got 0"), ("-2", "an integer >= 1"), ("lots", "got 'lots'"),
+])  # fmt: skip
+def test_a_max_model_len_vllm_would_refuse_is_a_usage_error(given, says, capsys):
+    with pytest.raises(SystemExit):
+        parse("serve", "m", "--max-model-len", given)
+    assert says in capsys.readouterr().err
 
 
 def test_the_request_id_and_template_variable_flags_parse_as_vllm_s(tmp_path):

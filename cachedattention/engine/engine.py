@@ -98,7 +98,7 @@ class LLMEngine:
         self.device = torch.device(config.device)
 
         def check_window(spec: ModelSpec) -> None:  # before any weight is read: a refused window costs no loading
-            _check_window(config.max_model_len or spec.default_context(), spec.trained_context())
+            _check_window(config.window_given or spec.default_context(), spec.trained_context())
 
         if loaded is not None:
             check_window(loaded.spec)
@@ -117,7 +117,7 @@ class LLMEngine:
         self.sampling_defaults = generation_defaults(
             config.generation_config, folder if folder and folder.is_dir() else None, config.override_generation_config
         )
-        self.max_model_len = config.max_model_len or self.spec.default_context()
+        self.max_model_len = config.window_given or self.spec.default_context()
         self.dtype = resolve_dtype(config.dtype)
         self.model = self.loaded.model
         self.pool = self._make_pool()
@@ -214,13 +214,15 @@ class LLMEngine:
     def _fit_window_to_pool(self) -> None:
         """A request as long as the window must fit in the pool, or it would wait for pages for ever.
         A default-sized pool lowers a default window to what it holds (a large model's window on a
-        CPU); a pool or a window the user sized is refused, as vLLM refuses it."""
+        CPU), any pool an auto window (vLLM's max_model_len -1); a pool or a window the user sized is
+        refused, as vLLM refuses it."""
         c = self.config.cache
         held = self.pool.num_pages * c.page_size
         if held >= self.max_model_len:
             return
         sized = c.memory_bytes or c.num_pages or (c.gpu_memory_utilization is not None and self.device.type == "cuda")
-        if sized or self.config.max_model_len is not None:
+        auto = self.config.max_model_len == -1
+        if (sized and not auto) or self.config.window_given is not None:
             more = ("more pages (num_pages)" if c.num_pages else "more memory (kv_pool_bytes, --kv-pool-bytes; "
                     "gpu_memory_utilization on CUDA)")  # fmt: skip
             raise ValueError(
@@ -228,8 +230,8 @@ class LLMEngine:
                 f"that long could never run; give the pool {more}, or lower max_model_len (--max-model-len) to at "
                 f"most {held}"
             )
-        log.warning("the default KV pool holds %d tokens: max_model_len lowered from %d to %d (give --kv-pool-bytes "
-                    "for a longer window)", held, self.max_model_len, held)  # fmt: skip
+        log.warning("the %sKV pool holds %d tokens: max_model_len lowered from %d to %d (give --kv-pool-bytes "
+                    "for a longer window)", "" if auto else "default ", held, self.max_model_len, held)  # fmt: skip
         self.max_model_len = held
 
     def _pool_budget(self, elt: int) -> int:
