@@ -121,6 +121,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     model, tokenizer, dtype = local_model_args(
         given, getattr(args, "tokenizer", None), args.dtype, args.device, revision=getattr(args, "revision", None),
         tokenizer_revision=getattr(args, "tokenizer_revision", None), download_dir=getattr(args, "download_dir", None),
+        hf_overrides=getattr(args, "hf_overrides", None),
     )
     return EngineConfig(
         model=model,

@@ -243,6 +243,8 @@ def offloading_host_bytes(size_gib: float, host_bytes: int | None) -> int:
     """vLLM's kv_offloading_size (GiB) as the store's host tier budget in bytes; a host_bytes given
     beside it must say the same."""
     wanted = int(size_gib * (1 << 30))
+    if wanted < 1:
+        raise ValueError(f"kv_offloading_size ({size_gib:g} GiB) is less than a byte")
     if host_bytes is not None and host_bytes != wanted:
         raise ValueError(f"kv_offloading_size ({size_gib:g} GiB, {wanted} bytes) and host_bytes ({host_bytes}) both "
                          "set the store's host tier: give one")  # fmt: skip

@@ -212,12 +212,15 @@ class LLM:
         lora = lora_config(options)
         speculative = SpeculativeConfig.of(options.pop("speculative_config", None))  # vLLM's dict
         hf_overrides = check_hf_overrides(options.pop("hf_overrides", None))
+        offloading = options.get("kv_offloading_size") is not None
         host_bytes = offloaded_host_bytes(options, host_bytes)  # (vLLM's kv_offloading_size, in GiB)
+        if offloading and enable_store is False:
+            raise ValueError("kv_offloading_size keeps KV in the store's host tier, which enable_store=False switches off")
         cache, scheduler, store_options = sort_options(options, cache or CacheConfig(), scheduler or SchedulerConfig())
         # a Hugging Face id from the local hub cache (at vLLM's revision), vLLM's dtype names as ours
         given = model
         model, tokenizer, dtype = local_model_args(model, tokenizer, dtype, device, revision, tokenizer_revision,
-                                                   download_dir)  # fmt: skip
+                                                   download_dir, hf_overrides)  # fmt: skip
         check_load_format(options.get("load_format"), model)
         check_quantization(options.get("quantization"), model)
         store_options.update((k, v) for k, v in (("store_dir", store_dir), ("host_bytes", host_bytes),

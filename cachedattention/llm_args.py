@@ -24,6 +24,7 @@ from cachedattention.cli_vllm import (
     tokenizer_mode,
 )
 from cachedattention.config import CacheConfig, LoRAConfig, SchedulerConfig, StoreConfig
+from cachedattention.model.hf_overrides import apply_hf_overrides
 from cachedattention.model.hub_cache import local_model_path
 
 STORE_FIELDS = frozenset(f.name for f in fields(StoreConfig)) - {"enable"}
@@ -66,6 +67,10 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
                 raise ValueError(f"{name} must be 1: this engine runs one device")
         elif name in _CHECKED:
             _check_as_its_flag(name, value)
+        elif name == "kv_transfer_config":
+            raise ValueError("kv_transfer_config is not taken: this engine runs no KV connectors; its store is its KV "
+                             "offloading (kv_offloading_size in GiB or host_bytes; store_dir for a disk tier, "
+                             "remote_url for one shared by replicas)")  # fmt: skip
         elif name == "compilation_config":  # (vLLM's level, dict or CompilationConfig: nothing compiles here)
             if isinstance(value, bool) or not isinstance(value, int | dict) and type(value).__name__ != "CompilationConfig":
                 raise ValueError(f"compilation_config must be a level or a dict, got {type(value).__name__}")
@@ -129,15 +134,17 @@ VLLM_DTYPES = {"auto": None, "half": "float16", "float16": "float16", "bfloat16"
                "float32": "float32"}  # fmt: skip
 
 
-def engine_dtype(dtype: str | torch.dtype, device: str, model: str | None) -> str:
+def engine_dtype(dtype: str | torch.dtype, device: str, model: str | None,
+                 hf_overrides: dict[str, Any] | None = None) -> str:  # fmt: skip
     """The dtype this engine runs `model` in for vLLM's dtype on `device` (`model`: a folder, a GGUF
-    file, or None for the embedded model): one of vLLM's names in any case, or a torch dtype."""
+    file, or None for the embedded model; its config with `hf_overrides` laid over it): one of vLLM's
+    names in any case, or a torch dtype."""
     name = _vllm_dtype_name(dtype)
     if name not in VLLM_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(VLLM_DTYPES)} (or torch.float16, torch.bfloat16, "
                          f"torch.float32), got {dtype!r}")  # fmt: skip
     exact = VLLM_DTYPES[name]
-    return exact if exact is not None else auto_dtype(device.split(":")[0], checkpoint_dtype(model))
+    return exact if exact is not None else auto_dtype(device.split(":")[0], checkpoint_dtype(model, hf_overrides))
 
 
 def _vllm_dtype_name(dtype: str | torch.dtype) -> str:
@@ -160,9 +167,10 @@ def auto_dtype(device_type: str, checkpoint: str | None) -> str:
     return checkpoint if checkpoint in ("bfloat16", "float16") else "float16"
 
 
-def checkpoint_dtype(model: str | None) -> str | None:
+def checkpoint_dtype(model: str | None, hf_overrides: dict[str, Any] | None = None) -> str | None:
     """config.json's torch_dtype (transformers' newer name: dtype; a multimodal model's text
-    config's) of a model folder; None where none says (a GGUF file, the embedded model)."""
+    config's) of a model folder, with `hf_overrides` laid over it; None where none says (a GGUF
+    file, the embedded model)."""
     if model is None or not Path(model).expanduser().is_dir():
         return None
     try:
@@ -171,6 +179,7 @@ def checkpoint_dtype(model: str | None) -> str | None:
         return None
     if not isinstance(config, dict):
         return None
+    config = apply_hf_overrides(config, hf_overrides)
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     for place in (config, text):
         for key in ("torch_dtype", "dtype"):
@@ -181,10 +190,11 @@ def checkpoint_dtype(model: str | None) -> str | None:
 
 def local_model_args(model: str | None, tokenizer: str | None, dtype: str | torch.dtype, device: str,
                      revision: str | None = None, tokenizer_revision: str | None = None,
-                     download_dir: str | None = None) -> tuple[str | None, str | None, str]:  # fmt: skip
+                     download_dir: str | None = None,
+                     hf_overrides: dict[str, Any] | None = None) -> tuple[str | None, str | None, str]:  # fmt: skip
     """The model and tokenizer as paths (a Hugging Face model id read from the local hub cache, at
     vLLM's revision; `download_dir`: vLLM's --download-dir, the cache to look in) and the dtype as
-    ours (vLLM's auto, half, float resolved for the model)."""
+    ours (vLLM's auto, half, float resolved for the model and its `hf_overrides`)."""
     if model is None and revision is not None:
         raise ValueError(f"a revision ({revision!r}) picks a version of a Hugging Face model id: give the model's id")
     if tokenizer is None and tokenizer_revision is not None:
@@ -193,7 +203,7 @@ def local_model_args(model: str | None, tokenizer: str | None, dtype: str | torc
         model = _local_path(model, "model", revision, download_dir)
     if tokenizer is not None:
         tokenizer = _local_path(tokenizer, "tokenizer", tokenizer_revision, download_dir)
-    return model, tokenizer, engine_dtype(dtype, device, model)
+    return model, tokenizer, engine_dtype(dtype, device, model, hf_overrides)
 
 
 def _local_path(source: str, what: str, revision: str | None, cache_dir: str | None) -> str:

@@ -8,6 +8,7 @@ import torch
 
 from cachedattention import LLM, SamplingParams
 from cachedattention.cli import build_parser, engine_config
+from cachedattention.llm_args import engine_dtype
 from cachedattention.model.hf_overrides import apply_hf_overrides
 from tests.util import assert_logits_match
 
@@ -37,6 +38,12 @@ def test_the_served_model_is_the_one_of_the_overridden_config(tiny_dirs, monkeyp
     assert plain.engine.max_model_len == 512
 
 
+def test_vllm_s_auto_dtype_reads_the_overridden_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"torch_dtype": "float32"}')
+    assert engine_dtype("auto", "cuda", str(tmp_path)) == "float16"
+    assert engine_dtype("auto", "cuda", str(tmp_path), {"torch_dtype": "bfloat16"}) == "bfloat16"
+
+
 def test_the_command_line_takes_a_json_object_and_refuses_anything_else(capsys):
     args = build_parser().parse_args(["serve", "m", "--hf-overrides", '{"rope_scaling": {"factor": 2.0}}'])
     assert engine_config(args).hf_overrides == {"rope_scaling": {"factor": 2.0}}
@@ -58,7 +65,11 @@ def test_what_is_no_dict_of_names_is_refused_before_loading(overrides, says):
 
 
 def test_an_override_the_weights_do_not_fit_is_a_clear_error(tiny_dirs):
+    """(And a refusal of the settings, not of the overridden config, does not name the overrides.)"""
     path, _ = tiny_dirs["llama"]
+    with pytest.raises(ValueError, match="max_position_embeddings") as refused:
+        LLM(model=str(path), hf_overrides={"rms_norm_eps": 0.5}, max_model_len=10**6)
+    assert "hf_overrides" not in str(refused.value)
     with pytest.raises(ValueError, match=r"the config makes it \[256, 48\].* \(its config with hf_overrides of "
                                          r"hidden_size\)"):
         LLM(model=str(path), hf_overrides={"hidden_size": 48})

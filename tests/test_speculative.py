@@ -6,7 +6,10 @@ turn still equals recompute."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import torch
 
 from cachedattention import LLM, CacheConfig, SamplingParams
 from cachedattention.config import SpeculativeConfig
@@ -146,6 +149,28 @@ def test_sampled_answers_are_the_ones_drawn_without_speculation(tiny_dirs):
     together = llm.generate(prompts[:3], SAMPLED[:3], use_tqdm=False)  # (seeded ones: their own generators)
     assert [o.token_ids for o in together] == [o.token_ids for o in want[:3]]
     llm.engine.pages.check_integrity()
+
+
+def test_a_sampled_answer_that_ends_inside_a_proposal_draws_no_further(tiny_dirs):
+    """Found by review: a sampled answer whose stop token was a kept proposed token drew the rows
+    after it all the same, moving the engine's --seed generator, so the next unseeded request's
+    answer differed from the one it has without speculation."""
+    path, _ = tiny_dirs["llama"]
+    base, llm = LLM(model=str(path), seed=0), LLM(model=str(path), seed=0, speculative_config=NGRAM)
+    loop = base.generate([LOOP], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    prompt = LOOP + loop.token_ids + LOOP
+    cold = SamplingParams(max_tokens=30, temperature=0.01, ignore_eos=True)
+    free = base.generate([prompt], cold, use_tqdm=False)[0].token_ids
+    after = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    for stop in dict.fromkeys(free[2:10]):
+        for engine in (base, llm):
+            engine.engine.rng.manual_seed(0)
+        ended = [e.generate([prompt], replace(cold, stop_token_ids=[stop]), use_tqdm=False)[0] for e in (base, llm)]
+        assert ended[0].token_ids == ended[1].token_ids and ended[1].finish_reason == "stop"
+        assert torch.equal(base.engine.rng.get_state(), llm.engine.rng.get_state()), stop
+        nxt = [e.generate([LOOP[1:]], after, use_tqdm=False)[0].token_ids for e in (base, llm)]
+        assert nxt[0] == nxt[1]
+    assert llm.engine.spec_counts["accepted_tokens"] > 0
 
 
 def test_guided_answers_are_not_speculated(loopy_chat_model):

@@ -614,16 +614,42 @@ class LLMEngine:
 
     def _check_draft(self, req: Request, rows: torch.Tensor) -> RequestOutput:
         """The tokens the model writes after a speculating step: its speculated ones while each is the
-        one it would have written (its processors over the history so far, then greedy or its sampler),
-        then its own. Each is added as a decode step adds its token (stop conditions, logprobs), its
-        row's KV kept in the pages, the prefix cache and the store's capture, the rest of the step's
-        rows dropped."""
+        one it would have written (its processors over the history so far, then greedy or its
+        sampler), then its own. Each is added as a decode step adds its token (stop conditions,
+        logprobs), its row's KV kept in the pages, the prefix cache and the store's capture, the rest
+        of the step's rows dropped. A sampled answer draws row by row, each after the token before it
+        is added, and stops where the answer ends or the draw differs from the proposal: its random
+        state (its seed's, or the engine's --seed one) moves once per token, as decoding a token a
+        step moves it, so a seeded answer is the one it has without speculation. A speculated token
+        is then kept with the probability the model gives it, else the model's token is drawn from
+        the rest: speculative sampling's rejection rule for a proposal that is one token for certain."""
         draft, base = list(req.draft), req.num_computed
         req.draft.clear()
         try:
-            targets = self._draft_targets(req, draft, rows)
-            accepted = len(targets) - 1
-            tokens = draft[:accepted] + [targets[accepted]]
+            n = len(draft) + 1
+            histories = [(req.prompt_token_ids, req.output_token_ids + draft[:j]) for j in range(n)]
+            greedy = self._sample(rows, [req.params] * n, [None] * n, histories, [None] * n) if req.params.greedy else None
+            keep = self.store.draft_capture(req) if self.store is not None else None
+            accepted = 0
+            for j in range(n):
+                if greedy is not None:
+                    token = greedy[j]
+                else:
+                    token = self._sample(rows[j : j + 1], [req.params], [req.generator], histories[j : j + 1], [None])[0]
+                if isinstance(token, Exception):
+                    raise token
+                req.num_computed = base + j + 1  # (the rows of the tokens before this one, and of the last token)
+                if keep is not None:
+                    keep(j + 1)
+                self.scheduler.register_full_pages(req)
+                if req.logprobs is not None:
+                    req.logprobs.append(token_logprob(rows[j], token, req.params.logprobs))
+                self._append_token(req, token)
+                if j == len(draft) or token != draft[j]:
+                    break
+                accepted += 1
+                if req.is_finished:
+                    break
             self.spec_counts["drafts"] += 1
             self.spec_counts["draft_tokens"] += len(draft)
             self.spec_counts["accepted_tokens"] += accepted
@@ -631,43 +657,10 @@ class LLMEngine:
             # 2.2 plain steps: bench/spec_ab.py): after a miss a request proposes less, after a run kept more
             longest = self.speculative.num_speculative_tokens if self.speculative is not None else len(draft)
             req.spec_len = min(longest, 2 * len(draft)) if accepted == len(draft) else accepted + 1
-            keep = self.store.draft_capture(req) if self.store is not None else None
-            for j, token in enumerate(tokens, 1):
-                if isinstance(token, Exception):
-                    raise token
-                req.num_computed = base + j  # (the rows of the tokens before this one, and of the last token)
-                if keep is not None:
-                    keep(j)
-                self.scheduler.register_full_pages(req)
-                if req.logprobs is not None:
-                    req.logprobs.append(token_logprob(rows[j - 1], token, req.params.logprobs))
-                self._append_token(req, token)
-                if req.is_finished:
-                    break
             return self._output(req)
         except Exception:
             log.exception("request %s failed after its forward pass; ending it alone", req.request_id)
             return self._fail_request(req)
-
-    def _draft_targets(self, req: Request, draft: list[int], rows: torch.Tensor) -> list:
-        """The model's token at each checked row, up to the first that differs from the speculated one.
-        A sampled answer draws row by row and stops there: its random state moves once per token it
-        keeps, as decoding a token a step moves it, so a seeded answer is the one it has without
-        speculation (and without its batch mates). A speculated token is then kept with the
-        probability the model gives it, else the model's token is drawn from the rest: what
-        speculative sampling's rejection rule gives for a proposal that is one token for certain."""
-        n = len(draft) + 1
-        histories = [(req.prompt_token_ids, req.output_token_ids + draft[:j]) for j in range(n)]
-        if req.params.greedy:  # (no random state: every row at once)
-            targets = self._sample(rows, [req.params] * n, [None] * n, histories, [None] * n)
-            kept = next((j for j in range(len(draft)) if targets[j] != draft[j]), len(draft))
-            return targets[: kept + 1]
-        targets = []
-        for j in range(n):
-            targets += self._sample(rows[j : j + 1], [req.params], [req.generator], histories[j : j + 1], [None])
-            if j < len(draft) and targets[j] != draft[j]:
-                break
-        return targets
 
     @staticmethod
     def _sample(logits: torch.Tensor, params: list, generators: list, histories: list, rules: list) -> list:

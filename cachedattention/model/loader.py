@@ -67,10 +67,19 @@ def load_model(source: str | None, device: str, dtype: str, tokenizer: str | Non
     --tokenizer, e.g. a GGUF file's original model folder). `check_spec` vets the model's shape as
     soon as its config is read, so a setting it refuses costs no weight loading. `hf_overrides`
     (vLLM's) are laid over the config before its shape is read."""
+    refused: list[ValueError] = []  # (check_spec's own refusal: about the settings, not the overrides)
+
+    def checked(spec: ModelSpec) -> None:
+        try:
+            check_spec(spec)
+        except ValueError as e:
+            refused.append(e)
+            raise
+
     try:
-        return _load_model(source, device, dtype, tokenizer, check_spec, hf_overrides)
+        return _load_model(source, device, dtype, tokenizer, checked if check_spec else None, hf_overrides)
     except ValueError as e:
-        if not hf_overrides:
+        if not hf_overrides or e in refused:
             raise
         raise ValueError(f"{e} (its config with hf_overrides of {', '.join(sorted(hf_overrides))})") from None
 
