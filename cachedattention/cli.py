@@ -8,7 +8,17 @@ import sys
 from collections.abc import Sequence
 
 from cachedattention.cli_config import ConfigFileParser
-from cachedattention.cli_types import PORT, POSITIVE, RATE, SECONDS, context_length, name, text
+from cachedattention.cli_types import (
+    PORT,
+    POSITIVE,
+    RATE,
+    SECONDS,
+    context_length,
+    human_count,
+    json_object,
+    name,
+    text,
+)
 from cachedattention.cli_vllm import DTYPES as DTYPE_CHOICES
 from cachedattention.cli_vllm import (
     add_vllm_engine_args,
@@ -35,16 +45,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
                    help="sampling defaults where a request sets none: the model's generation_config.json (auto), "
                         "none (vllm), or a folder's (as vLLM's)")
-    p.add_argument("--override-generation-config", type=json_object, default=None, metavar="JSON",
+    p.add_argument("--override-generation-config", type=generation_overrides, default=None, metavar="JSON",
                    help="sampling defaults laid over the generation config's, in its names, e.g. "
                         "'{\"temperature\": 0.5}' (as vLLM's)")
     p.add_argument("--chat-template", default=None, metavar="TEMPLATE",
                    help="a Jinja chat template, or a file holding one, instead of the tokenizer's (as vLLM's)")
     p.add_argument("--page-size", "--block-size", type=int, default=16, help="tokens per KV page (vLLM's --block-size)")
-    p.add_argument("--kv-pool-bytes", type=int, default=None,
+    p.add_argument("--kv-pool-bytes", "--kv-cache-memory-bytes", type=human_count, default=None,
                    help="device KV pool budget; wins over --gpu-memory-utilization (default: on CUDA half the free "
                         "memory, on a CPU 1 GiB, no more than --max-num-seqs full windows take)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=human_count, default=512,
+                   help="tokens computed per step (default 512; vLLM's 8k, 8K forms)")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="the waiting queue's order: arrival (fcfs), or each request's `priority` (lower first, "
@@ -114,6 +125,18 @@ def host_bytes(args: argparse.Namespace) -> int:
     return offloading_host_bytes(size, args.host_bytes)
 
 
+def rope_overrides(args: argparse.Namespace) -> dict | None:
+    """--hf-overrides with vLLM's older --rope-scaling and --rope-theta laid over it (as its own
+    config.json keys, and transformers 5's rope_parameters for the base)."""
+    overrides = dict(getattr(args, "hf_overrides", None) or {})
+    if getattr(args, "rope_scaling", None) is not None:
+        overrides["rope_scaling"] = args.rope_scaling
+    if getattr(args, "rope_theta", None) is not None:
+        overrides["rope_theta"] = args.rope_theta
+        overrides["rope_parameters"] = {**(overrides.get("rope_parameters") or {}), "rope_theta": args.rope_theta}
+    return overrides or None
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     from cachedattention.llm_args import local_model_args
 
@@ -121,7 +144,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     model, tokenizer, dtype = local_model_args(
         given, getattr(args, "tokenizer", None), args.dtype, args.device, revision=getattr(args, "revision", None),
         tokenizer_revision=getattr(args, "tokenizer_revision", None), download_dir=getattr(args, "download_dir", None),
-        hf_overrides=getattr(args, "hf_overrides", None),
+        hf_overrides=rope_overrides(args),
     )
     return EngineConfig(
         model=model,
@@ -141,7 +164,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         chat_template=getattr(args, "chat_template", None),
         generation_config=getattr(args, "generation_config", "auto"),
         override_generation_config=getattr(args, "override_generation_config", None),
-        hf_overrides=getattr(args, "hf_overrides", None),
+        hf_overrides=rope_overrides(args),
         reasoning_parser=getattr(args, "reasoning_parser", None),
         lora=lora_flags(args),
         speculative=getattr(args, "speculative_config", None),
@@ -292,15 +315,9 @@ def json_list(text: str) -> list[str]:
 
 
 
-def json_object(text: str) -> dict:
+def generation_overrides(text: str) -> dict:
     """--override-generation-config: a JSON object."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("a JSON object was expected, e.g. '{\"temperature\": 0.5}'")
-    return value
+    return json_object(text, example='{"temperature": 0.5}')
 
 
 def _check_model_paths(args: argparse.Namespace) -> None:

@@ -10,17 +10,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from cachedattention.cli_argv import vllm_argv
+
 
 class ConfigFileParser(argparse.ArgumentParser):
     """An ArgumentParser that reads `--config FILE` where it has that flag (its subcommands are
-    parsers of this class too)."""
+    parsers of this class too), and vLLM's other forms (cli_argv.py)."""
 
     def parse_known_args(self, args: Sequence[str] | None = None,
                          namespace: argparse.Namespace | None = None):  # fmt: skip
         args = list(sys.argv[1:] if args is None else args)
         if "--config" in self._option_string_actions and _config_flag_at(args) is not None:
             args = with_config_file(self, args)
-        return super().parse_known_args(args, namespace)
+        return super().parse_known_args(vllm_argv(self, args), namespace)
 
 
 def _config_flag_at(args: list[str]) -> int | None:

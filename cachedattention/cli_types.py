@@ -4,9 +4,11 @@ any model loads, not a failure after it (or a value taken that makes no sense)."
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 
 def number(kind: type, least: float, what: str, most: float | None = None, above: bool = False) -> Callable[[str], float]:
@@ -26,6 +28,7 @@ def number(kind: type, least: float, what: str, most: float | None = None, above
 
 
 POSITIVE = number(int, 1, "an integer >= 1")
+GIB = number(float, 0.0, "a number of GiB >= 0")
 RATE = number(float, 0.0, "a finite number > 0", above=True)
 SECONDS = number(float, 0.0, "a finite number >= 0")
 PORT = number(int, 0, "a port in [0, 65535]", 65535)
@@ -36,12 +39,15 @@ _BINARY = {"K": 2**10, "M": 2**20, "G": 2**30}
 
 
 def context_length(text: str) -> int:
-    """--max-model-len as vLLM reads it: tokens (>= 1), with k/m/g (powers of 1000, decimals allowed:
-    25.6k) or K/M/G (powers of 1024, whole numbers: 32K), or auto / -1 for the model's window lowered
-    to what the KV pool holds (-1)."""
+    """--max-model-len as vLLM reads it: a count (human_count), or auto / -1 for the model's window
+    lowered to what the KV pool holds (-1)."""
+    return -1 if text.strip() in ("auto", "-1") else human_count(text)
+
+
+def human_count(text: str) -> int:
+    """A count >= 1 as vLLM reads it: digits, with k/m/g (powers of 1000, decimals allowed: 25.6k) or
+    K/M/G (powers of 1024, whole numbers: 32K)."""
     value = text.strip()
-    if value in ("auto", "-1"):
-        return -1
     found = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG])", value)
     if found is None:
         return POSITIVE(value)
@@ -52,6 +58,51 @@ def context_length(text: str) -> int:
                                              f"{number_text}{suffix.lower()} is in thousands")  # fmt: skip
         return POSITIVE(str(int(number_text) * _BINARY[suffix]))
     return POSITIVE(str(int(float(number_text) * _DECIMAL[suffix])))
+
+
+def json_value(text: str) -> Any:
+    """A flag's JSON value, or a usage error saying where it does not parse."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+
+
+def json_object(text: str, what: str = "a JSON object", example: str | None = None) -> dict:
+    """A flag's JSON object, or a usage error saying `what` was expected (with an `example`)."""
+    value = json_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{what} was expected" + (f", e.g. '{example}'" if example else "") +
+                                         f", got {text!r}")  # fmt: skip
+    return value
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer was expected, got {text!r}") from None
+
+
+def one_device(text: str) -> int:
+    """--tensor-parallel-size, --pipeline-parallel-size, --data-parallel-size: 1, the one device
+    this engine runs on."""
+    value = integer(text)
+    if value != 1:
+        raise argparse.ArgumentTypeError(f"this engine runs one device: only 1 is accepted, got {value} "
+                                         "(run several servers instead, sharing sessions with --remote-url)")  # fmt: skip
+    return value
+
+
+def only(allowed: tuple[str, ...], why: str) -> Callable[[str], str]:
+    """An argument type that takes what this engine does (`allowed`) and refuses the rest, saying why."""
+
+    def check(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(f"{text!r} is not supported: {why} (supported: {', '.join(allowed)})")
+        return text
+
+    return check
 
 
 def lengths(text: str) -> str:

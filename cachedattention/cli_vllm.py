@@ -8,19 +8,19 @@ import json
 import os
 import ssl
 
-from cachedattention.cli_types import POSITIVE, number
+from cachedattention.cli_types import POSITIVE, integer, json_object, json_value, number, one_device, only
+from cachedattention.cli_vllm_ignored import Refuse, add_ignored_engine_args
 from cachedattention.config import MAX_LOGPROBS, SpeculativeConfig
 from cachedattention.model.hf_overrides import check_hf_overrides
 from cachedattention.model.messages import ChatOptions
 from cachedattention.model.quant_config import VLLM_QUANTIZATION
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai",
+                     "qwen3_xml", "llama4_json")  # (the last two: vLLM's other names for qwen3_coder and llama3_json)
 REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "mistral", "openai_gptoss")  # server/reasoning.py's
 # vLLM's --dtype names (llm_args.VLLM_DTYPES, named here so that parsing needs no config imports)
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-# vLLM's structured-output backends, over its releases (lm-format-enforcer until 0.10)
-GUIDED_DECODING_BACKENDS = ("auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer")
 
 
 def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
@@ -87,6 +87,12 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hf-overrides", type=hf_overrides_json, default=None, metavar="JSON",
                    help="values laid over the model's config.json before it is read, as vLLM's (e.g. "
                         "'{\"max_position_embeddings\": 8192}'); an object over an object merges key by key")
+    g.add_argument("--rope-scaling", type=rope_scaling, default=None, metavar="JSON",
+                   help="vLLM's older flag: the model's rope_scaling replaced (as --hf-overrides "
+                        "'{\"rope_scaling\": ...}'), e.g. '{\"rope_type\": \"yarn\", \"factor\": 4.0, "
+                        "\"original_max_position_embeddings\": 32768}'")
+    g.add_argument("--rope-theta", type=number(float, 0.0, "a number > 0", above=True), default=None, metavar="F",
+                   help="vLLM's older flag: the model's RoPE base (as --hf-overrides '{\"rope_theta\": F}')")
     g.add_argument("--kv-offloading-size", type=OFFLOAD_GIB, default=None, metavar="GiB",
                    help="vLLM's KV offloading to CPU memory: the store's host tier holds this many GiB (as "
                         "--host-bytes): finished turns' KV kept there and read back for later turns and prompts "
@@ -102,12 +108,7 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enable-chunked-prefill", action=Refuse, nargs=0,
                    help="refused: this scheduler always chunks prefill; to compute a prompt in as few steps as "
                         "it can, raise --max-num-batched-tokens (with --long-prefill-token-threshold 0)")
-    for name, (check, metavar, why) in IGNORED_ENGINE_ARGS.items():
-        g.add_argument("--" + name.replace("_", "-"), type=check, default=None, metavar=metavar, help=f"accepted: {why}")
-    g.add_argument("-O", "--compilation-config", type=compilation_config, default=None, metavar="LEVEL|JSON",
-                   help=f"accepted: {NOT_COMPILED}")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"accepted: {NOT_OVERLAPPED}")
+    add_ignored_engine_args(g)
     g.add_argument("--logits-processor-pattern", action=Refuse, metavar="REGEX",
                    help="refused: this engine loads no logits processors (a request's logits_processors are "
                         "refused too)")
@@ -159,7 +160,7 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                         "vLLM's JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; each is read at "
                         "start")
     _accept(g, SERVER_AS_IS)
-    g.add_argument("--tool-call-parser", type=tool_call_parser, default="hermes", metavar="NAME",
+    g.add_argument("--tool-call-parser", type=tool_call_parser, default=None, metavar="NAME",
                    help=f"how the model writes tool calls: {', '.join(TOOL_CALL_PARSERS)} (default hermes: Qwen2.5, "
                         "Hermes; llama3_json: Llama 3.1 to 3.3; mistral: Mistral 7B v0.3, Nemo, Small; granite: "
                         "Granite 3; phi4_mini_json: Phi-4-mini; pythonic: Llama 3.2 and 4; qwen3_coder: Qwen3-Coder; "
@@ -206,14 +207,6 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                    help="no /openapi.json schema either (/docs and /redoc are never served here)")
 
 
-class Refuse(argparse.Action):
-    """A flag that asks for what this engine cannot do: a usage error saying why (its help)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
-                 option_string: str | None = None) -> None:  # fmt: skip
-        parser.error(f"{option_string}: {self.help}")
-
-
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -228,14 +221,6 @@ def fraction(text: str) -> float:
     return value
 
 
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"an integer was expected, got {text!r}") from None
-
-
-GIB = number(float, 0.0, "a number of GiB >= 0")
 OFFLOAD_GIB = number(float, 0.0, "a number of GiB > 0", above=True)
 
 
@@ -253,24 +238,15 @@ def offloading_host_bytes(size_gib: float, host_bytes: int | None) -> int:
 
 def one_server(text: str) -> int:
     """--api-server-count: 1, the one process this server runs in."""
-    value = _integer(text)
+    value = integer(text)
     if value != 1:
         raise argparse.ArgumentTypeError(f"this server is one process: only 1 is accepted, got {value} (run "
                                          "several servers instead, sharing sessions with --remote-url)")  # fmt: skip
     return value
 
 
-def one_device(text: str) -> int:
-    """--tensor-parallel-size, --pipeline-parallel-size: 1, the one device this engine runs on."""
-    value = _integer(text)
-    if value != 1:
-        raise argparse.ArgumentTypeError(f"this engine runs one device: only 1 is accepted, got {value} "
-                                         "(run several servers instead, sharing sessions with --remote-url)")  # fmt: skip
-    return value
-
-
 def logprobs_limit(text: str) -> int:
-    value = _integer(text)
+    value = integer(text)
     if value < -1:
         raise argparse.ArgumentTypeError(f"an integer >= 0, or -1 for no limit, was expected, got {value}")
     return value
@@ -296,65 +272,20 @@ def lora_module(text: str) -> tuple[str, str]:
 
 
 def seed_value(text: str) -> int:
-    value = _integer(text)
+    value = integer(text)
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"an integer in [0, 2**64) was expected, got {value}")
     return value
 
 
-def only(allowed: tuple[str, ...], why: str):
-    """An argument type that takes what this engine does (`allowed`) and refuses the rest, saying why."""
-
-    def check(text: str) -> str:
-        if text not in allowed:
-            raise argparse.ArgumentTypeError(f"{text!r} is not supported: {why} (supported: {', '.join(allowed)})")
-        return text
-
-    return check
-
-
 kv_cache_dtype = only(("auto",), "the device pool keeps the model's dtype (--dtype)")
 quantization_method = only(("None", *VLLM_QUANTIZATION), "the checkpoints this engine reads (it quantizes none at load)")
 offloading_backend = only(("native", "lmcache"), "either is this engine's store")
-tokenizer_mode = only(("auto",), "the model's own (fast) tokenizer serves; --tokenizer names another one")
+tokenizer_mode = only(("auto", "hf"), "the model's own (fast) tokenizer serves; --tokenizer names another one")
 load_format = only(("auto", "safetensors", "gguf"), "weights load from safetensors folders or GGUF files")
 tool_call_parser = only(TOOL_CALL_PARSERS, "this server reads the tool call formats it knows")
 reasoning_parser_name = only(REASONING_PARSERS, "this server reads the reasoning formats it knows")
 dtype_name = only(DTYPES, "vLLM's dtypes (half is float16, float is float32)")
-guided_decoding_backend = only(GUIDED_DECODING_BACKENDS, "vLLM's backends, each served by this engine's own "
-                                                         "guided decoding (a backend's options are not taken)")
-# vLLM's engine arguments taken and ignored, by the command line and by LLM(...) (llm_args.py): each
-# one's check of its value (a usage error there, a ValueError here), its metavar, and why it changes nothing
-IGNORED_ENGINE_ARGS = {
-    "swap_space": (GIB, "GiB", "this engine preempts by recompute and never swaps a request's KV out to the CPU "
-                               "(the store's host tier keeps finished turns' KV: --host-bytes)"),
-    "max_seq_len_to_capture": (POSITIVE, "N", "this engine captures no CUDA graphs (it always runs eagerly)"),
-    "guided_decoding_backend": (guided_decoding_backend, "NAME",
-                                f"any of vLLM's ({', '.join(GUIDED_DECODING_BACKENDS)}): this engine's own guided "
-                                "decoding serves every structured answer, held to the whole schema, regex or "
-                                "grammar, or refused saying what it cannot hold to"),
-}  # fmt: skip
-NOT_COMPILED = ("this engine compiles no graphs (a CPU's decode layers are its own C kernels, built at first "
-                "use; CUDA runs eagerly): any level or JSON object changes nothing")
-NOT_OVERLAPPED = ("each step is scheduled once the last one's tokens are in, as without it: the answers are "
-                  "the same")
-
-
-def compilation_config(text: str) -> str:
-    """-O / --compilation-config: vLLM's level (-O3, -O 3), a dotted field (-O.level=3) or a JSON object."""
-    value = text.strip()
-    if value.isdigit() or value.startswith("."):
-        return value
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError(f"a level (0-3), a dotted field (.level=3) or a JSON object was expected, "
-                                         f"got {text!r}")  # fmt: skip
-    return value
-
-
 content_format = only(("auto", "string"), "a message's text parts reach the chat template as one string here, "
                                           "never as a list of OpenAI parts (vLLM's openai format)")
 response_role = only(("assistant",), "a chat answer after the generation prompt is the assistant's here")
@@ -363,22 +294,21 @@ response_role = only(("assistant",), "a chat answer after the generation prompt 
 def speculative_config(text: str) -> SpeculativeConfig:
     """--speculative-config: vLLM's JSON object, its n-gram method ('{"method": "ngram",
     "num_speculative_tokens": 4, "prompt_lookup_max": 4}')."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    value = json_value(text)
     try:
         return SpeculativeConfig.of(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def rope_scaling(text: str) -> dict:
+    """--rope-scaling: a JSON object, the model's rope_scaling."""
+    return json_object(text, example='{"rope_type": "yarn", "factor": 4.0}')
+
+
 def hf_overrides_json(text: str) -> dict:
     """--hf-overrides: a JSON object of config.json's names."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+    value = json_value(text)
     try:
         return check_hf_overrides(value) or {}
     except ValueError as e:
@@ -388,13 +318,7 @@ def hf_overrides_json(text: str) -> dict:
 def template_kwargs(text: str) -> dict:
     """--default-chat-template-kwargs: a JSON object of chat template variables, named as a
     request's chat_template_kwargs may name them."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("a JSON object of template variables was expected, e.g. "
-                                         "'{\"enable_thinking\": false}'")  # fmt: skip
+    value = json_object(text, "a JSON object of template variables", '{"enable_thinking": false}')
     try:
         ChatOptions(template_kwargs=value)
     except ValueError as e:

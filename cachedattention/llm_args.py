@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from cachedattention.cli_vllm import (
-    IGNORED_ENGINE_ARGS,
     OFFLOAD_GIB,
     kv_cache_dtype,
     load_format,
@@ -23,6 +22,7 @@ from cachedattention.cli_vllm import (
     quantization_method,
     tokenizer_mode,
 )
+from cachedattention.cli_vllm_ignored import ACCEPTED_ENGINE_FLAGS, IGNORED_ENGINE_ARGS
 from cachedattention.config import CacheConfig, LoRAConfig, SchedulerConfig, StoreConfig
 from cachedattention.model.hf_overrides import apply_hf_overrides
 from cachedattention.model.hub_cache import local_model_path
@@ -33,6 +33,7 @@ _CONFIG_ARGS = {
     "gpu_memory_utilization": ("cache", "gpu_memory_utilization"), "enable_prefix_caching": ("cache", "enable_prefix_cache"),
     "enable_prefix_cache": ("cache", "enable_prefix_cache"), "block_size": ("cache", "page_size"),
     "page_size": ("cache", "page_size"), "num_pages": ("cache", "num_pages"), "kv_pool_bytes": ("cache", "memory_bytes"),
+    "kv_cache_memory_bytes": ("cache", "memory_bytes"),
     "max_num_seqs": ("scheduler", "max_num_seqs"), "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "long_prefill_token_threshold": ("scheduler", "long_prefill_token_threshold"),
     "scheduling_policy": ("scheduler", "policy"),
@@ -45,7 +46,7 @@ _CHECKED = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, 
             **{name: check for name, (check, _, _) in IGNORED_ENGINE_ARGS.items()}}  # fmt: skip
 # true or false: it never runs a model's own code, always runs eagerly, logs no periodic stats, and
 # schedules a step once the last one's tokens are in (async_scheduling changes nothing)
-_ACCEPTED = ("trust_remote_code", "enforce_eager", "disable_log_stats", "async_scheduling")
+_ACCEPTED = ("trust_remote_code", "enforce_eager", "disable_log_stats", "async_scheduling", *ACCEPTED_ENGINE_FLAGS)
 
 
 def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: SchedulerConfig
@@ -122,9 +123,9 @@ def lora_config(options: dict[str, Any]) -> LoRAConfig:
 
 def _check_as_its_flag(name: str, value: Any) -> None:
     """A ValueError naming `name` where the command line would refuse its flag given this value (as
-    text: 8192.0 is no integer there either)."""
+    text: 8192.0 is no integer there either; a dict or list as JSON)."""
     try:
-        _CHECKED[name](str(value))
+        _CHECKED[name](json.dumps(value) if isinstance(value, dict | list) else str(value))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"{name}: {e}") from None
 

@@ -140,6 +140,10 @@ def test_sampling_params_take_none_for_a_list_and_deep_schemas_are_a_clear_error
     (lambda: LLM(max_seq_len_to_capture=8192.5), "max_seq_len_to_capture: an integer >= 1 was expected"),
     (lambda: LLM(guided_decoding_backend="llguidance"), "guided_decoding_backend: 'llguidance' is not supported"),
     (lambda: LLM(disable_log_stats="no"), "disable_log_stats must be true or false"),
+    (lambda: LLM(limit_mm_per_prompt={"image": 2}), "limit_mm_per_prompt: .* images, video and audio in messages"),
+    (lambda: LLM(cpu_offload_gb=4), "cpu_offload_gb: weights stay on the device"),
+    (lambda: LLM(data_parallel_size=2), "data_parallel_size: this engine runs one device"),
+    (lambda: LLM(enable_expert_parallel="yes"), "enable_expert_parallel must be true or false"),
     (lambda: LLM(compilation_config="3"), "compilation_config must be a level or a dict, got str"),
     (lambda: LLM(async_scheduling=1), "async_scheduling must be true or false"),
     (lambda: LLM(kv_transfer_config={"kv_connector": "LMCacheConnectorV1"}), "runs no KV connectors; its store is"),
@@ -166,7 +170,10 @@ def test_vllm_engine_arguments_and_store_options_are_honoured(tiny_dirs, tmp_pat
     llm = LLM(model=path, max_num_seqs=3, max_num_batched_tokens=64, enable_prefix_caching=False, block_size=8,
               gpu_memory_utilization=0.5, tensor_parallel_size=1, trust_remote_code=True, enforce_eager=True,
               swap_space=4, max_seq_len_to_capture=8192, guided_decoding_backend="xgrammar", disable_log_stats=True,
-              enable_chunked_prefill=True, compilation_config={"level": 3}, async_scheduling=True)
+              enable_chunked_prefill=True, compilation_config={"level": 3}, async_scheduling=True,
+              enable_expert_parallel=True, disable_hybrid_kv_cache_manager=True, data_parallel_size=1,
+              distributed_executor_backend="mp", limit_mm_per_prompt={"image": 0}, language_model_only=True,
+              config_format="hf", cpu_offload_gb=0, runner="generate", structured_outputs_config={"backend": "auto"})
     c = llm.config
     assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens) == (3, 64)
     assert (c.cache.enable_prefix_cache, c.cache.page_size, c.cache.gpu_memory_utilization) == (False, 8, 0.5)
@@ -197,6 +204,7 @@ def test_vllm_s_kv_offloading_size_turns_the_store_s_host_tier_on(tiny_dirs):
     assert second.metrics.cached_tokens["host"] == len(conv) + len(first.token_ids) - 1  # (the last: never fed)
     llm.engine.store.check_integrity()
     assert LLM(model=path, kv_offloading_size=1, host_bytes=1 << 30).config.store.host_bytes == 1 << 30
+    assert LLM(model=path, kv_cache_memory_bytes=1 << 24).config.cache.memory_bytes == 1 << 24  # (vLLM's name)
 
 
 def test_a_page_larger_than_half_the_pool_s_budget_or_a_pool_past_memory_is_refused(tiny_dirs):

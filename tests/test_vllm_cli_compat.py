@@ -65,7 +65,18 @@ def test_vllm_s_quickstart_line_runs(chat_model_dir, capsys):
     ["--guided-decoding-backend", "xgrammar"], ["--guided-decoding-backend", "lm-format-enforcer"],
     ["--chat-template-content-format", "string"], ["--chat-template-content-format", "auto"],
     ["-O3"], ["-O", "0"], ["-O.level=3"], ["--compilation-config", '{"level": 3}'], ["--async-scheduling"],
-    ["--no-async-scheduling"],
+    ["--no-async-scheduling"], ["-cc", '{"cudagraph_mode": "NONE"}'], ["--optimization-level", "2"],
+    ["--enable-expert-parallel"], ["--disable-hybrid-kv-cache-manager"], ["--disable-custom-all-reduce"],
+    ["-dp", "1"], ["--data-parallel-size", "1"], ["--distributed-executor-backend", "mp"],
+    ["--cudagraph-capture-sizes", "1", "2", "4"], ["--cuda-graph-sizes", "8"], ["--max-cudagraph-capture-size", "64"],
+    ["--attention-backend", "FLASH_ATTN"], ["--runner", "generate"], ["--convert", "none"], ["--task", "generate"],
+    ["--hf-token"], ["--hf-token", "hf_abc"], ["--limit-mm-per-prompt", '{"image": 0, "video": 0}'],
+    ["--limit-mm-per-prompt", '{"image": {"count": 0}}'], ["--limit-mm-per-prompt", "image=0,video=0"],
+    ["--limit-mm-per-prompt.image", "0"], ["--language-model-only"], ["--config-format", "hf"],
+    ["--config-format", "auto"], ["--tokenizer-mode", "hf"], ["--cpu-offload-gb", "0"],
+    ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": false}'],
+    ["--structured-outputs-config.backend", "guidance"], ["--tool-call-parser", "qwen3_xml"],
+    ["--tool-call-parser", "llama4_json"],
 ])  # fmt: skip
 def test_what_this_engine_already_does_is_accepted(flags):
     before = engine_config(parse("serve", "m"))
@@ -84,6 +95,20 @@ def test_what_this_engine_already_does_is_accepted(flags):
     (["--swap-space", "-1"], "a number of GiB >= 0"),
     (["--kv-offloading-size", "0"], "a number of GiB > 0 was expected, got 0"),
     (["-O", "fast"], "a level (0-3), a dotted field (.level=3) or a JSON object was expected, got 'fast'"),
+    (["-dp", "2"], "this engine runs one device: only 1 is accepted, got 2"),
+    (["--distributed-executor-backend", "slurm"], "'slurm' is not supported"),
+    (["--task", "embed"], "this engine generates text (supported: auto, generate)"),
+    (["--limit-mm-per-prompt", '{"image": 4}'], "images, video and audio in messages are refused; give 0"),
+    (["--limit-mm-per-prompt", "[0]"], "a JSON object of limits per modality was expected"),
+    (["--config-format", "mistral"], "'mistral' is not read: this engine reads a model's Hugging Face config.json"),
+    (["--cpu-offload-gb", "8"], "weights stay on the device here, none are offloaded to the CPU"),
+    (["--structured-outputs-config", '{"disable_any_whitespace": true}'], "changes the structured answers"),
+    (["--structured-outputs-config", '{"backend": "llguidance"}'], "'llguidance' is not supported"),
+    (["--enable-sleep-mode"], "this server has no sleep mode"),
+    (["--tool-server", "demo"], "this server calls no tools itself"),
+    (["--logits-processors", "my.Proc"], "loads no logits processors"),
+    (["--optimization-level", "4"], "a level from 0 to 3"),
+    (["--max-num-batched-tokens", "1.5K"], "decimals are not taken with K"),
     (["--kv-offloading-backend", "mooncake"], "either is this engine's store (supported: native, lmcache)"),
     (["--kv-transfer-config", '{"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}'],
      "runs no KV connectors; its store is its KV offloading (--kv-offloading-size GiB or --host-bytes"),
@@ -94,6 +119,29 @@ def test_what_this_engine_cannot_do_is_a_usage_error_saying_why(flags, says, cap
     with pytest.raises(SystemExit) as e:
         parse("serve", "m", *flags)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_vllm_s_older_rope_flags_and_human_counts_set_ours():
+    config = engine_config(parse("serve", "m", "--rope-scaling", '{"rope_type": "yarn", "factor": 4.0}',
+                                 "--rope-theta", "1e6", "--hf-overrides", '{"rms_norm_eps": 0.1}'))  # fmt: skip
+    assert config.hf_overrides == {"rms_norm_eps": 0.1, "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+                                   "rope_theta": 1e6, "rope_parameters": {"rope_theta": 1e6}}  # fmt: skip
+    sized = engine_config(parse("serve", "m", "--kv-cache-memory-bytes", "2G", "--max-num-batched-tokens", "8k"))
+    assert (sized.cache.memory_bytes, sized.scheduler.max_num_batched_tokens) == (2 << 30, 8000)
+    assert engine_config(parse("serve", "m", "--kv-pool-bytes", "80m")).cache.memory_bytes == 80 * 10**6
+
+
+def test_vllm_s_other_parser_names_and_gpt_oss_s_mxfp4(tmp_path):
+    from cachedattention.model.quant_config import check_quantization
+    from cachedattention.server.tool_calls import tool_call_parser
+
+    assert tool_call_parser("qwen3_xml") is tool_call_parser("qwen3_coder")
+    assert tool_call_parser("llama4_json") is tool_call_parser("llama3_json")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mxfp4"}}))
+    check_quantization("mxfp4", tmp_path)  # (gpt-oss's own checkpoints)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="quantization mxfp4: the model .* is not quantized"):
+        check_quantization("mxfp4", tmp_path)
 
 
 def test_vllm_s_kv_offloading_size_is_the_store_s_host_tier():

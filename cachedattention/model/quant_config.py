@@ -22,7 +22,7 @@ UNUSED_SUFFIXES = (".input_scale", ".activation_scale", ".k_scale", ".v_scale", 
 # Marlin kernels' names read the same checkpoints); gguf: a GGUF file
 VLLM_QUANTIZATION = {"awq": "awq", "awq_marlin": "awq", "gptq": "gptq", "gptq_marlin": "gptq", "marlin": "gptq",
                      "fp8": "fp8", "fbgemm_fp8": "fbgemm_fp8", "compressed-tensors": "compressed-tensors",
-                     "compressed_tensors": "compressed-tensors", "gguf": "gguf"}  # fmt: skip
+                     "compressed_tensors": "compressed-tensors", "gguf": "gguf", "mxfp4": "mxfp4"}  # fmt: skip
 
 
 @dataclass(frozen=True)

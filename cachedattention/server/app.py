@@ -947,7 +947,7 @@ def serve(args: argparse.Namespace) -> int:
                      allow_credentials=getattr(args, "allow_credentials", False),
                      trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
                      responses_store_bytes=getattr(args, "responses_store_bytes", DEFAULT_RESPONSES_STORE_BYTES),
-                     tool_call_format=getattr(args, "tool_call_parser", "hermes"),
+                     tool_call_format=getattr(args, "tool_call_parser", None) or "hermes",
                      return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
                      reasoning_parser_name=getattr(args, "reasoning_parser", None),
                      force_include_usage=getattr(args, "enable_force_include_usage", False),

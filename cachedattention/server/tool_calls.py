@@ -485,9 +485,12 @@ class OpenAICalls:
 ToolCallParser = (type[HermesCalls] | type[Llama3JsonCalls] | type[MistralCalls] | type[GraniteCalls]
                   | type[Phi4MiniCalls] | type[PythonicCalls] | type[Qwen3CoderCalls] | Qwen3CoderCalls
                   | type[OpenAICalls])  # fmt: skip
-TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesCalls, Llama3JsonCalls, MistralCalls,
-                                                                    GraniteCalls, Phi4MiniCalls, PythonicCalls,
-                                                                    Qwen3CoderCalls, OpenAICalls)}  # fmt: skip
+# by name; then vLLM's other names for the same formats (its same parser classes)
+TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {
+    **{p.name: p for p in (HermesCalls, Llama3JsonCalls, MistralCalls, GraniteCalls, Phi4MiniCalls, PythonicCalls,
+                           Qwen3CoderCalls, OpenAICalls)},
+    "qwen3_xml": Qwen3CoderCalls, "llama4_json": Llama3JsonCalls,
+}  # fmt: skip
 # whose tag is a special token: a request whose calls are read keeps special tokens in its text (as vLLM)
 KEEP_SPECIAL_TOKENS = ("mistral", "granite", "openai")
 
