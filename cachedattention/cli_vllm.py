@@ -17,8 +17,8 @@ from cachedattention.model.quant_config import VLLM_QUANTIZATION
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai",
-                     "qwen3_xml", "llama4_json")  # (the last two: vLLM's other names for qwen3_coder and llama3_json)
-REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "mistral", "openai_gptoss")  # server/reasoning.py's
+                     "glm45", "seed_oss", "qwen3_xml", "llama4_json", "glm47")  # (the last three: vLLM's other names)
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "mistral", "openai_gptoss", "glm45", "glm47", "olmo3")  # server/reasoning.py's
 # vLLM's --dtype names (llm_args.VLLM_DTYPES, named here so that parsing needs no config imports)
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
@@ -163,7 +163,8 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tool-call-parser", type=tool_call_parser, default=None, metavar="NAME",
                    help=f"how the model writes tool calls: {', '.join(TOOL_CALL_PARSERS)} (default hermes: Qwen2.5, "
                         "Hermes; llama3_json: Llama 3.1 to 3.3; mistral: Mistral 7B v0.3, Nemo, Small; granite: "
-                        "Granite 3; phi4_mini_json: Phi-4-mini; pythonic: Llama 3.2 and 4; qwen3_coder: Qwen3-Coder; "
+                        "Granite 3; phi4_mini_json: Phi-4-mini; pythonic: Llama 3.2 and 4; qwen3_coder (or qwen3_xml): "
+                        "Qwen3-Coder; glm45 (or glm47): GLM-4.5 to 4.7; seed_oss: Seed-OSS; "
                         "openai: gpt-oss's harmony, with --reasoning-parser openai_gptoss); "
                         "also the form a required or named tool_choice makes the answer take (openai has none: "
                         "such a request is refused)")
@@ -172,7 +173,7 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                         "qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distills, which start without the tag; "
                         "seed_oss: Seed-OSS's <seed:think>...</seed:think>, also without a tag at first; mistral: "
                         "Magistral's [THINK]...[/THINK]; openai_gptoss: "
-                        "gpt-oss's harmony analysis channel); "
+                        "gpt-oss's harmony analysis channel; glm45, glm47: GLM-4.5 to 4.7; olmo3: OLMo 3); "
                         "chat answers return it as `reasoning` (and `reasoning_content`) apart from `content`")
     logs = g.add_mutually_exclusive_group()
     logs.add_argument("--enable-log-requests", action="store_true",

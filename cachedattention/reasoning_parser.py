@@ -135,7 +135,10 @@ REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), Reason
                                          ReasoningParser("seed_oss", True, "<seed:think>", "</seed:think>"),
                                          ReasoningParser("mistral", False, "[THINK]", "[/THINK]", True),
                                          HarmonyParser("openai_gptoss", False, "<|channel|>analysis<|message|>",
-                                                       "<|end|>", True))}  # fmt: skip
+                                                       "<|end|>", True),
+                                         # GLM-4.5 to 4.7 and OLMo 3 think between <think> and </think> as Qwen3
+                                         ReasoningParser("glm45", False), ReasoningParser("glm47", False),
+                                         ReasoningParser("olmo3", False))}  # fmt: skip
 
 
 def reasoning_parser(name: str | None) -> ReasoningParser | None:

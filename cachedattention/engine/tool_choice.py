@@ -56,6 +56,8 @@ CALL_FORMS = {
     "pythonic": CallForm("pythonic", "[", "(**", ")]", quoted=False),
     # Qwen3-Coder's parameters are untyped text: a forced call is written in Hermes' JSON, which its parser reads too
     "qwen3_coder": CallForm("qwen3_coder", '<tool_call>\n{"name": ', ', "arguments": ', "}\n</tool_call>"),
+    "seed_oss": CallForm("seed_oss", '<seed:tool_call>\n{"name": ', ', "arguments": ', "}\n</seed:tool_call>"),
+    "glm45": CallForm("glm45", '<tool_call>\n{"name": ', ', "arguments": ', "}\n</tool_call>"),
 }
 
 

@@ -281,6 +281,7 @@ class Qwen3CoderCalls:
     name = "qwen3_coder"
     FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)(?:</function>|(?=<function=)|$)", re.DOTALL)
     PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
+    BLOCK = (OPEN, CLOSE)  # a call's tags (around XML functions, or the JSON of a forced call)
     STARTS = (OPEN, "<function=")
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
@@ -298,6 +299,11 @@ class Qwen3CoderCalls:
     def for_tools(cls, tools: list[dict[str, Any]] | None) -> Qwen3CoderCalls:
         return cls(tools)
 
+    def _json_calls(self, text: str) -> list[ToolCall | None]:
+        """The calls of blocks that hold JSON objects, as Hermes' are (how a forced call is written)."""
+        opening, closing = self.BLOCK
+        return [_hermes_block(block.split(closing, 1)[0].strip()) for block in text.split(opening)[1:]]
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The text before the first <tool_call> (or a bare <function=, as vLLM's parser reads it;
         None when there is none) and every function after it, several in one block too. Without
@@ -311,7 +317,7 @@ class Qwen3CoderCalls:
         if functions:
             calls = [self._call(name.strip(), body) for name, body in functions]
         else:
-            calls = [_hermes_block(block.split(CLOSE, 1)[0].strip()) for block in text[start:].split(OPEN)[1:]]
+            calls = self._json_calls(text[start:])
         if not calls or not all(calls):
             return text, []
         return text[:start] or None, calls
@@ -327,6 +333,63 @@ class Qwen3CoderCalls:
     @classmethod
     def plain_text_end(cls, text: str) -> int:
         return min(_text_before(text, tag) for tag in cls.STARTS)
+
+
+class SeedOssCalls(Qwen3CoderCalls):
+    """Seed-OSS's calls: Qwen3-Coder's functions and parameters, in <seed:tool_call> blocks."""
+
+    name = "seed_oss"
+    BLOCK = ("<seed:tool_call>", "</seed:tool_call>")
+    STARTS = ("<seed:tool_call>", "<function=")
+
+
+class Glm45Calls(Qwen3CoderCalls):
+    """GLM-4.5 to 4.7's <tool_call> blocks: the function's name, then <arg_key>K</arg_key>
+    <arg_value>V</arg_value> pairs (GLM-4.7 writes no newline after the name). As vLLM's glm45
+    parser reads a value: as written where its parameter's schema says string, else JSON or a
+    Python literal where it reads as one, else as written. A block holding a JSON object is read as
+    Hermes' (how a forced call is written)."""
+
+    name = "glm45"
+    CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+    ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+    STARTS = (OPEN,)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """The text before the first <tool_call> (None when there is none) and the calls; a block
+        without a function's name leaves the whole answer as text."""
+        start = text.find(OPEN)
+        if start < 0:
+            return text, []
+        calls = [self._block(body) for body in self.CALL.findall(text, start)]
+        if not calls or not all(calls):
+            return text, []
+        return text[:start] or None, calls
+
+    def _block(self, body: str) -> ToolCall | None:
+        if body.strip().startswith("{"):
+            return _hermes_block(body.split(CLOSE, 1)[0].strip())
+        name = body.split("<arg_key>", 1)[0].strip().split("\n", 1)[0].strip()
+        if not name:
+            return None
+        types = self.types.get(name, {})
+        args = {key.strip(): _glm_value(value.strip(), types.get(key.strip())) for key, value in self.ARGUMENT.findall(body)}
+        return ToolCall(_openai_id(), name, json.dumps(args, ensure_ascii=False))
+
+
+def _glm_value(value: str, kind: Any) -> Any:
+    if kind == "string":
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        pass
+    try:
+        literal = ast.literal_eval(value)
+        json.dumps(literal)  # (a tuple is a list in JSON; a set or bytes is no JSON value: the text stays)
+        return literal
+    except Exception:  # (literal_eval's SyntaxError, ValueError, MemoryError, RecursionError...)
+        return value
 
 
 def _hermes_block(body: str) -> ToolCall | None:
@@ -488,8 +551,8 @@ ToolCallParser = (type[HermesCalls] | type[Llama3JsonCalls] | type[MistralCalls]
 # by name; then vLLM's other names for the same formats (its same parser classes)
 TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {
     **{p.name: p for p in (HermesCalls, Llama3JsonCalls, MistralCalls, GraniteCalls, Phi4MiniCalls, PythonicCalls,
-                           Qwen3CoderCalls, OpenAICalls)},
-    "qwen3_xml": Qwen3CoderCalls, "llama4_json": Llama3JsonCalls,
+                           Qwen3CoderCalls, OpenAICalls, Glm45Calls, SeedOssCalls)},
+    "qwen3_xml": Qwen3CoderCalls, "llama4_json": Llama3JsonCalls, "glm47": Glm45Calls,
 }  # fmt: skip
 # whose tag is a special token: a request whose calls are read keeps special tokens in its text (as vLLM)
 KEEP_SPECIAL_TOKENS = ("mistral", "granite", "openai")

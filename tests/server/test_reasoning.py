@@ -42,6 +42,17 @@ def test_an_answer_splits_into_reasoning_and_content(parser, prompt_tail, text, 
     assert parser.split(text, parser.opens(prompt_tail, structured=False))[:2] == expect
 
 
+@pytest.mark.parametrize("name", ["glm45", "glm47", "olmo3"])
+def test_glm_and_olmo3_think_as_qwen3(name):
+    """GLM-4.5 to 4.7 (whose templates close an empty block when thinking is off) and OLMo 3."""
+    parser = REASONING_PARSERS[name]
+    for tail, text, expect in (("<|assistant|>", "<think>Hmm.</think>Sunny.", ("Hmm.", "Sunny.")),
+                               ("<|assistant|><think></think>", "Sunny.", (None, "Sunny.")),
+                               ("<|assistant|>\n<think>", "Hmm.</think>Sunny.", ("Hmm.", "Sunny.")),
+                               ("<|assistant|>", "Sunny.", (None, "Sunny."))):  # fmt: skip
+        assert parser.split(text, parser.opens(tail, structured=False))[:2] == expect
+
+
 def test_a_structured_answer_has_no_reasoning():
     assert not R1.opens("<|Assistant|>", structured=True) and not QWEN3.opens("<think>\n", structured=True)
     assert R1.split('{"a": 1}', R1.opens("<|Assistant|>", structured=True))[:2] == (None, '{"a": 1}')

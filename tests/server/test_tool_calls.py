@@ -589,16 +589,23 @@ def test_qwen3_coder_calls_are_typed_by_the_request_s_function_schema():
 def test_qwen3_coder_over_http_reads_the_request_s_types(tool_model_dir):
     """A server started with qwen3_coder: an answer held (by a regex) to Qwen3-Coder's XML call comes
     back typed by that request's tools, whole and streamed; a forced call too."""
-    srv = start_server(engine_config(tool_model_dir, False), tool_call_format="qwen3_coder")
+    xml = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"  # fmt: skip
+    _typed_call_over_http(tool_model_dir, "qwen3_coder", xml, {"city": "Paris", "days": 3})
+
+
+def _typed_call_over_http(tool_model_dir, form: str, answer: str, arguments: dict) -> None:
+    """A server started with `form`: an answer held (by a regex) to `answer`, a call of get_weather
+    (city a string, days an integer), comes back with these `arguments`, whole and streamed; a
+    forced call too."""
+    srv = start_server(engine_config(tool_model_dir, False), tool_call_format=form)
     counted = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
         "city": {"type": "string"}, "days": {"type": "integer"}}}}}  # fmt: skip
-    xml = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"  # fmt: skip
     try:
         body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [counted], "max_tokens": 120,
-                "temperature": 0, "structured_outputs": {"regex": re.escape(xml)}}  # fmt: skip
+                "temperature": 0, "structured_outputs": {"regex": re.escape(answer)}}  # fmt: skip
         r = _chat(srv.url, **body).json()["choices"][0]
         call = r["message"]["tool_calls"][0]["function"]
-        assert r["finish_reason"] == "tool_calls" and json.loads(call["arguments"]) == {"city": "Paris", "days": 3}
+        assert r["finish_reason"] == "tool_calls" and json.loads(call["arguments"]) == arguments
         with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
             events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
         deltas = [e["choices"][0]["delta"] for e in events]
@@ -606,6 +613,58 @@ def test_qwen3_coder_over_http_reads_the_request_s_types(tool_model_dir):
         _forced_call_whole_and_streamed(srv)
     finally:
         srv.stop()
+
+
+def test_glm45_calls_are_read_as_vllm_s_glm45_parser_reads_them():
+    from cachedattention.engine.tool_choice import tool_call_automaton
+    from cachedattention.server.tool_calls import for_request, tool_call_parser
+
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {
+        "query": {"type": "string"}, "limit": {"type": "integer"}, "filters": {"type": "object"}}}}}]  # fmt: skip
+    parser = for_request(tool_call_parser("glm45"), tools)
+    assert tool_call_parser("glm47") is tool_call_parser("glm45")
+    answer = ("Let me look.<tool_call>search\n<arg_key>query</arg_key>\n<arg_value>42</arg_value>\n"
+              "<arg_key>limit</arg_key>\n<arg_value>5</arg_value>\n<arg_key>filters</arg_key>\n"
+              "<arg_value>{\"lang\": \"en\"}</arg_value>\n<arg_key>other</arg_key><arg_value>['a', 1]</arg_value>\n"
+              "</tool_call><tool_call>search<arg_key>query</arg_key><arg_value> two </arg_value></tool_call>")  # fmt: skip
+    content, calls = parser.parse(answer)
+    assert content == "Let me look." and [c.name for c in calls] == ["search", "search"]
+    # the string parameter as written, the others as JSON or a Python literal; GLM-4.7's name without a newline
+    assert json.loads(calls[0].arguments) == {"query": "42", "limit": 5, "filters": {"lang": "en"}, "other": ["a", 1]}
+    assert json.loads(calls[1].arguments) == {"query": "two"}
+    unknown = parser.parse("<tool_call>f\n<arg_key>a</arg_key><arg_value>not json</arg_value></tool_call>")[1]
+    assert json.loads(unknown[0].arguments) == {"a": "not json"}
+    cut = parser.parse("<tool_call>search\n<arg_key>limit</arg_key><arg_value>3</arg_value>")[1]  # (stopped early)
+    assert json.loads(cut[0].arguments) == {"limit": 3}
+    for text in ("No tools needed.", "<tool_call>\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>"):
+        assert parser.parse(text) == (text, [])
+    assert parser.plain_text_end("Sure. <tool_") == len("Sure. ")
+    auto = tool_call_automaton(["search"], [tools[0]["function"]["parameters"]], "glm45")
+    forced = b'<tool_call>\n{"name": "search", "arguments": {"query": "x", "limit": 2}}\n</tool_call>'
+    assert auto.is_done(auto.advance(auto.start, forced))
+    assert json.loads(parser.parse(forced.decode())[1][0].arguments) == {"query": "x", "limit": 2}
+
+
+def test_seed_oss_calls_are_qwen3_coder_s_in_seed_tags():
+    from cachedattention.engine.tool_choice import tool_call_automaton
+    from cachedattention.server.tool_calls import for_request, tool_call_parser
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "n": {"type": "integer"}}}}}]  # fmt: skip
+    parser = for_request(tool_call_parser("seed_oss"), tools)
+    content, calls = parser.parse("Sure.<seed:tool_call>\n<function=f>\n<parameter=n>\n7\n</parameter>\n</function>\n"
+                                  "</seed:tool_call>")  # fmt: skip
+    assert content == "Sure." and json.loads(calls[0].arguments) == {"n": 7}
+    assert parser.plain_text_end("Sure.<seed:tool") == len("Sure.")
+    auto = tool_call_automaton(["f"], [tools[0]["function"]["parameters"]], "seed_oss")
+    forced = b'<seed:tool_call>\n{"name": "f", "arguments": {"n": 2}}\n</seed:tool_call>'
+    assert auto.is_done(auto.advance(auto.start, forced))
+    assert json.loads(parser.parse(forced.decode())[1][0].arguments) == {"n": 2}
+
+
+def test_glm45_over_http_reads_the_request_s_types(tool_model_dir):
+    glm = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>7</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"  # fmt: skip
+    _typed_call_over_http(tool_model_dir, "glm45", glm, {"city": "7", "days": 3})  # (city: a string as written)
 
 
 def test_tool_call_arguments_nested_past_the_json_parser_s_depth_reach_the_template_as_text():
