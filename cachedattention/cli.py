@@ -257,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=POSITIVE, default=1 << 20)
     serve.add_argument("--body-timeout-s", type=RATE, default=30.0,
                        help="answer 408 when no part of a request body arrives for this long")
-    serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                       help="the /v1 routes answer 401 unless sent 'Authorization: Bearer KEY' (repeat for more keys; "
+    serve.add_argument("--api-key", action="extend", nargs="+", default=None, metavar="KEY",
+                       help="the /v1 routes answer 401 unless sent 'Authorization: Bearer KEY' (several keys, or the "
+                            "flag repeated; "
                             "as vLLM's --api-key; default: $CACHEDATTENTION_API_KEY or $VLLM_API_KEY, if set)")
     serve.add_argument("--allowed-origins", type=json_list, default=["*"], metavar="ORIGINS",
                        help="origins whose pages may call the server (CORS): a JSON list as vLLM takes it, or "

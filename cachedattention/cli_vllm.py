@@ -181,6 +181,11 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                            "whether streamed (never the prompt's text)")
     logs.add_argument("--disable-log-requests", action="store_true",
                       help="accepted (deprecated in vLLM): requests are not logged unless --enable-log-requests")
+    g.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="a chat whose tool_choice is \"none\" is rendered without its tools (by default the "
+                        "template still describes them, and the answer is read as text)")
+    g.add_argument("--uds", default=None, metavar="PATH",
+                   help="listen on this Unix domain socket instead of --host and --port (as vLLM's)")
     g.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help="logprobs name each token as 'token_id:N' (tokens that are not valid text stay "
                         "identifiable); also a request field")
@@ -359,7 +364,9 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
                 context.load_verify_locations(files["ssl_ca_certs"])
             except (ssl.SSLError, OSError) as e:
                 raise ValueError(f"--ssl-ca-certs {files['ssl_ca_certs']!r} cannot be used: {e}") from None
-    return {**files, "ssl_cert_reqs": reqs, "access_log": not getattr(args, "disable_uvicorn_access_log", False)}
+    uds = {"uds": args.uds} if getattr(args, "uds", None) is not None else {}
+    return {**files, "ssl_cert_reqs": reqs, "access_log": not getattr(args, "disable_uvicorn_access_log", False),
+            **uds}
 
 
 def model_arg(args: argparse.Namespace) -> str | None:

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -291,8 +291,9 @@ class OpenAIRoutes:
                  tool_parser: ToolCallParser = HermesCalls, token_ids_as_tokens: bool = False,
                  reasoning_parser: ReasoningParser | None = None, force_include_usage: bool = False,
                  template_defaults: Mapping[str, Any] | None = None,
-                 loras: Sequence[LoRARequest] = ()) -> None:  # fmt: skip
+                 loras: Sequence[LoRARequest] = (), exclude_tools_when_none: bool = False) -> None:  # fmt: skip
         self.loop = loop
+        self.exclude_tools_when_none = exclude_tools_when_none  # vLLM's --exclude-tools-when-tool-choice-none
         self.loras = {r.lora_name: r for r in loras}  # the adapters a request's `model` may name (--lora-modules)
         self.unloaded: dict[str, LoRARequest] = {}  # taken away at run time: their sessions may still be forgotten
         # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, with LoRA on and its variable set
@@ -478,12 +479,16 @@ class OpenAIRoutes:
         return self.model_name if lora is None else lora.lora_name
 
     # -- generation -------------------------------------------------------------------------------
+    def chat_parser(self) -> Callable[..., ParsedRequest]:
+        """parse_chat with this server's settings (body, session header, window, sampling defaults to give)."""
+        return functools.partial(parse_chat, trust_template=self.trust_template, tool_format=self.tool_parser.name,
+                                 template_defaults=self.template_defaults, max_logprobs=self.loop.engine.max_logprobs,
+                                 exclude_tools_when_none=self.exclude_tools_when_none)  # fmt: skip
+
     async def _generate(self, request: Request, chat: bool) -> Response:
         body = parse_json_object(await request.body())
-        parse = (functools.partial(parse_chat, trust_template=self.trust_template, tool_format=self.tool_parser.name,
-                                   template_defaults=self.template_defaults)
-                 if chat else parse_completion)  # fmt: skip
-        parse = functools.partial(parse, max_logprobs=self.loop.engine.max_logprobs)  # --max-logprobs
+        parse = self.chat_parser() if chat else functools.partial(parse_completion,
+                                                                     max_logprobs=self.loop.engine.max_logprobs)
         # in a worker thread: compiling a large schema or grammar must not hold up other requests' streams
         parsed = await asyncio.to_thread(parse, body, request.headers.get("x-session-id"), self.max_model_len,
                                          self.loop.engine.sampling_defaults)  # fmt: skip
@@ -807,6 +812,7 @@ def create_app(
     request_id_headers: bool = False,
     default_chat_template_kwargs: Mapping[str, Any] | None = None,
     lora_modules: Sequence[tuple[str, str]] = (),
+    exclude_tools_when_none: bool = False,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
@@ -826,7 +832,9 @@ def create_app(
     every answer carries X-Request-Id (vLLM's --enable-request-id-headers); `default_chat_template_kwargs`:
     chat template variables every chat gets unless its own chat_template_kwargs set them (vLLM's
     --default-chat-template-kwargs). `lora_modules`: (name, folder) of each LoRA adapter a request's
-    `model` may name (vLLM's --lora-modules; the engine's LoRA enabled), each read at start."""
+    `model` may name (vLLM's --lora-modules; the engine's LoRA enabled), each read at start.
+    `exclude_tools_when_none`: a chat whose tool_choice is "none" renders without its tools (vLLM's
+    --exclude-tools-when-tool-choice-none)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
@@ -857,7 +865,8 @@ def create_app(
                           token_ids_as_tokens=return_tokens_as_token_ids,
                           reasoning_parser=engine.reasoning_parser,
                           force_include_usage=force_include_usage,
-                          template_defaults=default_chat_template_kwargs, loras=loras)  # fmt: skip
+                          template_defaults=default_chat_template_kwargs, loras=loras,
+                          exclude_tools_when_none=exclude_tools_when_none)  # fmt: skip
     if allow_credentials and "*" in allowed_origins:
         log.warning("--allow-credentials with any origin: every web page may call this server with its users' "
                     "cookies; name the origins (--allowed-origins)")  # fmt: skip
@@ -938,7 +947,8 @@ def serve(args: argparse.Namespace) -> int:
     grace_s = DEFAULT_GRACE_S if grace_s is None else float(grace_s)
     keys = api_keys_from(getattr(args, "api_key", None), os.environ)
     engine_cfg = engine_config(args)  # the flags checked first: a usage error is said whatever the port
-    check_port_free(args.host, args.port)  # a port in use said now, not once the model has loaded
+    if getattr(args, "uds", None) is None:
+        check_port_free(args.host, args.port)  # a port in use said now, not once the model has loaded
     app = create_app(engine_cfg, args.served_model_name, args.max_body_bytes, grace_s=grace_s,
                      body_timeout_s=getattr(args, "body_timeout_s", 30.0), api_keys=keys,
                      allowed_origins=getattr(args, "allowed_origins", ("*",)),
@@ -956,7 +966,8 @@ def serve(args: argparse.Namespace) -> int:
                      log_requests=getattr(args, "enable_log_requests", False),
                      request_id_headers=getattr(args, "enable_request_id_headers", False),
                      default_chat_template_kwargs=getattr(args, "default_chat_template_kwargs", None),
-                     lora_modules=getattr(args, "lora_modules", None) or ())
+                     lora_modules=getattr(args, "lora_modules", None) or (),
+                     exclude_tools_when_none=getattr(args, "exclude_tools_when_tool_choice_none", False))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on",

@@ -548,9 +548,11 @@ def _mistral_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def parse_chat(body: dict, session_header: str | None, max_model_len: int, defaults: Mapping[str, Any] | None = None,
                trust_template: bool = False, max_logprobs: int = MAX_LOGPROBS, tool_format: str = "hermes",
-               template_defaults: Mapping[str, Any] | None = None) -> ParsedRequest:  # fmt: skip
+               template_defaults: Mapping[str, Any] | None = None,
+               exclude_tools_when_none: bool = False) -> ParsedRequest:  # fmt: skip
     """A chat request; `tool_format`: how the model writes a call a tool_choice forces (--tool-call-parser);
-    `template_defaults`: the server's chat_template_kwargs (--default-chat-template-kwargs)."""
+    `template_defaults`: the server's chat_template_kwargs (--default-chat-template-kwargs);
+    `exclude_tools_when_none`: tool_choice "none" renders without the tools (vLLM's flag)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {'role': ..., 'content': ...} objects", "messages")
@@ -566,6 +568,8 @@ def parse_chat(body: dict, session_header: str | None, max_model_len: int, defau
     if tool_format == "mistral":
         out = _mistral_call_ids(out)
     tools, parse_calls, forced = _tools(body)
+    if exclude_tools_when_none and body.get("tool_choice") == "none":
+        tools = None
     common = _common(body, session_header, max_model_len, chat=True, defaults=defaults, max_logprobs=max_logprobs)
     if forced:
         if common["beam"] is not None:

@@ -23,7 +23,7 @@ from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
 from cachedattention.server.api_error import APIError, aborted_error, as_api_error, bad
 from cachedattention.server.logprobs import LogprobFormatter
-from cachedattention.server.protocol import ParsedRequest, parse_chat, parse_json_object
+from cachedattention.server.protocol import ParsedRequest, parse_json_object
 from cachedattention.server.reasoning import Reasoning, Split, reasoning_delta, split_answer
 from cachedattention.server.responses_request import (
     ResponsesRequest,
@@ -276,10 +276,8 @@ class ResponsesRoutes:
             raise _not_found(prev_id, "previous_response_id")
         req = read_request(body, prev.conversation if prev else [], reasons=routes.reasoning_parser is not None)
         try:  # in a worker thread, as chat's: a large schema or grammar compiles there
-            parsed = await asyncio.to_thread(parse_chat, req.chat_body, request.headers.get("x-session-id"),
-                                             routes.max_model_len, routes.loop.engine.sampling_defaults,
-                                             routes.trust_template, routes.loop.engine.max_logprobs,
-                                             routes.tool_parser.name, routes.template_defaults)  # fmt: skip
+            parsed = await asyncio.to_thread(routes.chat_parser(), req.chat_body, request.headers.get("x-session-id"),
+                                             routes.max_model_len, routes.loop.engine.sampling_defaults)  # fmt: skip
         except APIError as e:
             raise in_responses_terms(e) from None
         lora = routes.check_model(parsed.model)

@@ -145,6 +145,30 @@ def test_https_is_served_with_the_given_key_and_certificate(chat_model_dir):
         thread.join(timeout=30)
 
 
+def test_a_unix_socket_is_served_with_uds(chat_model_dir, tmp_path):
+    import uvicorn
+
+    from cachedattention.server.app import create_app
+
+    path = str(tmp_path / "llm.sock")
+    opts = _listening(["--uds", path])
+    assert opts["uds"] == path and "uds" not in _listening([])
+    server = uvicorn.Server(uvicorn.Config(create_app(engine_config(chat_model_dir, store=False)), lifespan="on",
+                                           log_level="warning", **opts))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://llm") as client:
+            r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def test_forced_usage_ends_every_streamed_answer(chat_model_dir):
     srv = start_server(engine_config(chat_model_dir, store=False), force_include_usage=True)
     try:

@@ -615,6 +615,17 @@ def _typed_call_over_http(tool_model_dir, form: str, answer: str, arguments: dic
         srv.stop()
 
 
+def test_tool_choice_none_renders_without_the_tools_when_the_server_says_so():
+    from cachedattention.server.protocol import parse_chat
+
+    body = {"messages": [{"role": "user", "content": "Hi"}], "tools": [WEATHER], "tool_choice": "none"}
+    kept = parse_chat(body, None, 512)
+    assert kept.tools and not kept.parse_tool_calls  # (vLLM's default: described, the answer read as text)
+    dropped = parse_chat(body, None, 512, exclude_tools_when_none=True)
+    assert dropped.tools is None and not dropped.parse_tool_calls
+    assert parse_chat({**body, "tool_choice": "auto"}, None, 512, exclude_tools_when_none=True).tools
+
+
 def test_glm45_calls_are_read_as_vllm_s_glm45_parser_reads_them():
     from cachedattention.engine.tool_choice import tool_call_automaton
     from cachedattention.server.tool_calls import for_request, tool_call_parser

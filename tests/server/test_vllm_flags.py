@@ -313,7 +313,8 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch):
             chat = next(r for r in config.app.routes if getattr(r, "path", "") == "/v1/chat/completions")
             seen.update(log_level=config.log_level, log_requests=loop.log_requests, seed=loop.engine.config.seed,
                         tool_parser=chat.endpoint.__self__.tool_parser.name,
-                        reasoning=chat.endpoint.__self__.reasoning_parser.name)
+                        reasoning=chat.endpoint.__self__.reasoning_parser.name, uds=config.uds,
+                        exclude_tools=chat.endpoint.__self__.exclude_tools_when_none)
             self.started = True
 
         def run(self) -> None:
@@ -323,10 +324,14 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch):
     args = build_parser().parse_args(["serve", str(chat_model_dir), "--kv-pool-bytes", str(4 << 20), "--port", "0",
                                       "--seed", "5",
                                       "--uvicorn-log-level", "warning", "--enable-log-requests",
-                                      "--tool-call-parser", "llama3_json", "--reasoning-parser", "deepseek_r1"])  # fmt: skip
+                                      "--tool-call-parser", "llama3_json", "--reasoning-parser", "deepseek_r1",
+                                      "--uds", "/tmp/no-such-dir/x.sock", "--exclude-tools-when-tool-choice-none"])  # fmt: skip
     assert app_module.serve(args) == 0
     assert seen == {"log_level": "warning", "log_requests": True, "seed": 5, "tool_parser": "llama3_json",
-                    "reasoning": "deepseek_r1"}
+                    "reasoning": "deepseek_r1", "uds": "/tmp/no-such-dir/x.sock", "exclude_tools": True}
+    keys = [build_parser().parse_args(["serve", "m", *flags]).api_key for flags in
+            (["--api-key", "k1", "k2"], ["--api-key", "k1", "--api-key", "k2"])]  # fmt: skip
+    assert keys == [["k1", "k2"], ["k1", "k2"]]  # (vLLM's several keys, or the flag repeated)
     from cachedattention.cli_vllm import TOOL_CALL_PARSERS
     from cachedattention.server.tool_calls import TOOL_CALL_PARSERS as IMPLEMENTED
 
