@@ -165,6 +165,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         generation_config=getattr(args, "generation_config", "auto"),
         override_generation_config=getattr(args, "override_generation_config", None),
         hf_overrides=rope_overrides(args),
+        disable_sliding_window=getattr(args, "disable_sliding_window", False),
         reasoning_parser=getattr(args, "reasoning_parser", None),
         lora=lora_flags(args),
         speculative=getattr(args, "speculative_config", None),

@@ -93,6 +93,9 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
                         "\"original_max_position_embeddings\": 32768}'")
     g.add_argument("--rope-theta", type=number(float, 0.0, "a number > 0", above=True), default=None, metavar="F",
                    help="vLLM's older flag: the model's RoPE base (as --hf-overrides '{\"rope_theta\": F}')")
+    g.add_argument("--disable-sliding-window", action="store_true",
+                   help="the window capped at the model's sliding window (where windowed attention is full "
+                        "attention), as vLLM's; a model without one is served as it is")
     g.add_argument("--kv-offloading-size", type=OFFLOAD_GIB, default=None, metavar="GiB",
                    help="vLLM's KV offloading to CPU memory: the store's host tier holds this many GiB (as "
                         "--host-bytes): finished turns' KV kept there and read back for later turns and prompts "

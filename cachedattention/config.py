@@ -268,6 +268,9 @@ class EngineConfig:
     override_generation_config: dict | None = None
     # laid over the model's config.json before its shape is read (vLLM's --hf-overrides)
     hf_overrides: dict | None = None
+    # vLLM's --disable-sliding-window: the window capped at the model's sliding window, where windowed
+    # attention is full attention
+    disable_sliding_window: bool = False
     # how the model writes its reasoning (qwen3, deepseek_r1, seed_oss; vLLM's --reasoning-parser): a guided
     # answer is held to its shape only after the reasoning (engine/reasoning_gate.py)
     reasoning_parser: str | None = None

@@ -212,6 +212,7 @@ class LLM:
         lora = lora_config(options)
         speculative = SpeculativeConfig.of(options.pop("speculative_config", None))  # vLLM's dict
         hf_overrides = check_hf_overrides(options.pop("hf_overrides", None))
+        disable_sliding_window = options.pop("disable_sliding_window", False)  # (vLLM's; a bool: EngineConfig checks)
         offloading = options.get("kv_offloading_size") is not None
         host_bytes = offloaded_host_bytes(options, host_bytes)  # (vLLM's kv_offloading_size, in GiB)
         if offloading and enable_store is False:
@@ -246,6 +247,7 @@ class LLM:
             generation_config=generation_config,
             override_generation_config=override_generation_config,
             hf_overrides=hf_overrides,
+            disable_sliding_window=disable_sliding_window,
             reasoning_parser=reasoning_parser,
             seed=seed,
             max_logprobs=max_logprobs,

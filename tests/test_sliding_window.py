@@ -111,3 +111,22 @@ def test_a_long_prompt_over_a_long_history_splits_only_its_full_layers(tmp_path,
         ref = hf(torch.tensor([prompt + out.token_ids])).logits[0]
     for step, logits in enumerate(seen):
         assert rel_err(logits, ref[len(prompt) - 1 + step]) <= 1e-4
+
+
+def test_vllm_s_disable_sliding_window_caps_the_window_at_the_model_s(tiny_dirs):
+    """vLLM's disable_sliding_window: the window no longer than the sliding window (8 tokens here),
+    where the answers are those of the windowed model; a longer window asked for is refused, and a
+    model without a window is served as it is."""
+    from cachedattention.cli import build_parser, engine_config
+
+    path = str(tiny_dirs["mistral-window"][0])
+    capped = LLM(model=path, disable_sliding_window=True)
+    assert capped.engine.max_model_len == 8 and LLM(model=path).engine.max_model_len == 512
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    assert (capped.generate([[3, 4, 5, 6]], params, use_tqdm=False)[0].token_ids
+            == LLM(model=path).generate([[3, 4, 5, 6]], params, use_tqdm=False)[0].token_ids)  # fmt: skip
+    assert LLM(model=path, disable_sliding_window=True, max_model_len=6).engine.max_model_len == 6
+    with pytest.raises(ValueError, match="max_model_len 9 is past the sliding window .8 tokens."):
+        LLM(model=path, disable_sliding_window=True, max_model_len=9)
+    assert LLM(model=str(tiny_dirs["llama"][0]), disable_sliding_window=True).engine.max_model_len == 512
+    assert engine_config(build_parser().parse_args(["serve", "m", "--disable-sliding-window"])).disable_sliding_window

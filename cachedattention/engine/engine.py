@@ -59,6 +59,18 @@ def _check_window(max_model_len: int, trained: int) -> None:
                      f"(or {ALLOW_LONG_ENV[1]}=1) to serve it anyway")  # fmt: skip
 
 
+def _window(config: EngineConfig, spec: ModelSpec) -> int:
+    """The window served: the one asked for, else the model's; with vLLM's --disable-sliding-window,
+    no longer than the model's sliding window (a longer one asked for is refused)."""
+    cap = spec.any_window if config.disable_sliding_window else None
+    if cap is None:
+        return config.window_given or spec.default_context()
+    if config.window_given is not None and config.window_given > cap:
+        raise ValueError(f"max_model_len {config.window_given} is past the sliding window ({cap} tokens) that "
+                         "disable_sliding_window (--disable-sliding-window) caps the window at")  # fmt: skip
+    return config.window_given or min(spec.default_context(), cap)
+
+
 def _token_positions(positions: Sequence[int]) -> tuple[int, ...]:
     """turn_starts as a tuple, each a position in the prompt (a ValueError for anything else)."""
     if not all(type(t) is int and t >= 0 for t in positions):
@@ -98,7 +110,7 @@ class LLMEngine:
         self.device = torch.device(config.device)
 
         def check_window(spec: ModelSpec) -> None:  # before any weight is read: a refused window costs no loading
-            _check_window(config.window_given or spec.default_context(), spec.trained_context())
+            _check_window(_window(config, spec), spec.trained_context())
 
         if loaded is not None:
             check_window(loaded.spec)
@@ -117,7 +129,7 @@ class LLMEngine:
         self.sampling_defaults = generation_defaults(
             config.generation_config, folder if folder and folder.is_dir() else None, config.override_generation_config
         )
-        self.max_model_len = config.window_given or self.spec.default_context()
+        self.max_model_len = _window(config, self.spec)
         self.dtype = resolve_dtype(config.dtype)
         self.model = self.loaded.model
         self.pool = self._make_pool()
