@@ -21,6 +21,7 @@ from cachedattention.cli_types import (
 )
 from cachedattention.cli_vllm import DTYPES as DTYPE_CHOICES
 from cachedattention.cli_vllm import (
+    add_negations,
     add_vllm_engine_args,
     add_vllm_server_args,
     dtype_name,
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--responses-store-bytes", type=int, default=256 << 20, metavar="N",
                        help="memory for /v1/responses' stored responses (previous_response_id, GET), least recently "
                             "used dropped first; 0 keeps none")
+
+    for p in (gen, chat, demo, serve):
+        add_negations(p)
 
     router = sub.add_parser("router", help="one address in front of several servers, each conversation kept on one")
     router.add_argument("--replica", action="append", required=True, metavar="URL",

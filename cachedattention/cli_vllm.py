@@ -133,6 +133,21 @@ SERVER_AS_IS = {
 }
 
 
+def add_negations(p: argparse.ArgumentParser) -> None:
+    """vLLM's --no-X for each switch --X that is off by default (its boolean flags all have one): the
+    default again. Not for the switches accepted as what this engine always does, whose --no- would
+    ask for what it does not (--no-enable-auto-tool-choice, --no-enable-chunked-prefill's refusal), nor
+    --disable-log-requests (vLLM's --no- form logs them)."""
+    always = {*ENGINE_AS_IS, *SERVER_AS_IS, "--disable-log-requests"} - {"--enforce-eager", "--trust-remote-code"}
+    for action in list(p._actions):
+        if not isinstance(action, argparse._StoreTrueAction) or action.default is not False:
+            continue
+        for flag in action.option_strings:
+            negative = "--no-" + flag[2:]
+            if flag.startswith("--") and flag not in always and negative not in p._option_string_actions:
+                p.add_argument(negative, dest=action.dest, action="store_false", help=argparse.SUPPRESS)
+
+
 def _accept(group: argparse._ArgumentGroup, flags: dict[str, str]) -> None:
     for flag, why in flags.items():
         group.add_argument(flag, action="store_true", help=f"accepted: {why}")

@@ -55,6 +55,18 @@ def test_a_json_flag_given_key_by_key_badly_is_a_usage_error(argv, says, capsys)
     assert says in capsys.readouterr().err
 
 
+def test_vllm_s_no_forms_of_switches_are_their_defaults(capsys):
+    for flag in ("--no-enforce-eager", "--no-trust-remote-code", "--no-enable-lora", "--no-enable-log-requests",
+                 "--no-return-tokens-as-token-ids", "--no-disable-sliding-window", "--no-enable-request-id-headers",
+                 "--no-allow-credentials"):  # fmt: skip
+        assert vars(parse(flag)) == vars(parse()), flag
+    assert not parse("--enable-lora", "--no-enable-lora").enable_lora  # (the last one wins, as argparse's)
+    for flag in ("--no-enable-auto-tool-choice", "--no-enable-prompt-tokens-details", "--no-disable-log-requests"):
+        with pytest.raises(SystemExit):  # (this engine always does these: their --no- asks for what it does not)
+            parse(flag)
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_a_flag_left_empty_or_none_is_a_flag_not_given():
     """As vLLM reads an optional flag's '' or None (a script filling it from an empty variable)."""
     empty = parse("--seed", "None", "--max-model-len", "", "--tool-call-parser", "", "--quantization=None",
