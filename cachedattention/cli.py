@@ -52,7 +52,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, metavar="TEMPLATE",
                    help="a Jinja chat template, or a file holding one, instead of the tokenizer's (as vLLM's)")
     p.add_argument("--page-size", "--block-size", type=int, default=16, help="tokens per KV page (vLLM's --block-size)")
-    p.add_argument("--kv-pool-bytes", "--kv-cache-memory-bytes", type=human_count, default=None,
+    p.add_argument("--kv-cache-memory-bytes", type=human_count, default=None, metavar="BYTES",
+                   help="vLLM's name for --kv-pool-bytes (both given: they must agree)")
+    p.add_argument("--kv-pool-bytes", type=human_count, default=None,
                    help="device KV pool budget; wins over --gpu-memory-utilization (default: on CUDA half the free "
                         "memory, on a CPU 1 GiB, no more than --max-num-seqs full windows take)")
     p.add_argument("--max-num-batched-tokens", type=human_count, default=512,
@@ -126,15 +128,22 @@ def host_bytes(args: argparse.Namespace) -> int:
     return offloading_host_bytes(size, args.host_bytes)
 
 
+def pool_bytes(args: argparse.Namespace) -> int | None:
+    """--kv-pool-bytes, or vLLM's --kv-cache-memory-bytes (both: they must agree)."""
+    ours, theirs = args.kv_pool_bytes, getattr(args, "kv_cache_memory_bytes", None)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ValueError(f"--kv-pool-bytes ({ours}) and --kv-cache-memory-bytes ({theirs}) both size the KV pool: "
+                         "give one")  # fmt: skip
+    return ours if ours is not None else theirs
+
+
 def rope_overrides(args: argparse.Namespace) -> dict | None:
-    """--hf-overrides with vLLM's older --rope-scaling and --rope-theta laid over it (as its own
-    config.json keys, and transformers 5's rope_parameters for the base)."""
+    """--hf-overrides with vLLM's older --rope-scaling and --rope-theta laid over it, as vLLM lays them."""
     overrides = dict(getattr(args, "hf_overrides", None) or {})
     if getattr(args, "rope_scaling", None) is not None:
         overrides["rope_scaling"] = args.rope_scaling
     if getattr(args, "rope_theta", None) is not None:
         overrides["rope_theta"] = args.rope_theta
-        overrides["rope_parameters"] = {**(overrides.get("rope_parameters") or {}), "rope_theta": args.rope_theta}
     return overrides or None
 
 
@@ -156,7 +165,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         seed=getattr(args, "engine_seed", None),  # serve's --seed (generate's and chat's is a request's)
         max_logprobs=args.max_logprobs,
-        cache=CacheConfig(page_size=args.page_size, memory_bytes=args.kv_pool_bytes,
+        cache=CacheConfig(page_size=args.page_size, memory_bytes=pool_bytes(args),
                           enable_prefix_cache=args.enable_prefix_caching,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
@@ -259,9 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=POSITIVE, default=1 << 20)
     serve.add_argument("--body-timeout-s", type=RATE, default=30.0,
                        help="answer 408 when no part of a request body arrives for this long")
-    serve.add_argument("--api-key", action="extend", nargs="+", default=None, metavar="KEY",
-                       help="the /v1 routes answer 401 unless sent 'Authorization: Bearer KEY' (several keys, or the "
-                            "flag repeated; "
+    serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                       help="the /v1 routes answer 401 unless sent 'Authorization: Bearer KEY' (repeat for more keys; "
                             "as vLLM's --api-key; default: $CACHEDATTENTION_API_KEY or $VLLM_API_KEY, if set)")
     serve.add_argument("--allowed-origins", type=json_list, default=["*"], metavar="ORIGINS",
                        help="origins whose pages may call the server (CORS): a JSON list as vLLM takes it, or "

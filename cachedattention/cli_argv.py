@@ -10,6 +10,9 @@ import argparse
 import json
 from typing import Any
 
+from cachedattention.cli_types import name as name_type
+from cachedattention.cli_types import text as text_type
+
 
 def vllm_argv(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
     """`args` with vLLM's forms rewritten for `parser` (a flag it does not know stays as it is, for
@@ -29,6 +32,9 @@ def vllm_argv(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
         if flag is None:
             out.append(arg)
             i += 1
+            if _takes_one_value(parser._option_string_actions.get(arg)):  # (a short flag's value: kept as it is)
+                out += args[i : i + 1]
+                i += 1
             continue
         if "." in flag and flag.split(".", 1)[0] in parser._option_string_actions:
             base, keys = flag.split(".", 1)
@@ -49,6 +55,9 @@ def vllm_argv(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
         out.append(f"{flag}={value}" if joined else flag)
         whole.add(flag)
         i += 1
+        if not joined and _takes_one_value(action):  # its value, whatever it looks like, is no flag
+            out += args[i : i + 1]
+            i += 1
     for base in dotted.keys() & whole:
         parser.error(f"{base}: give it as one JSON object or key by key ({base}.KEY VALUE), not both")
     return [f"{a}={json.dumps(dotted.pop(a))}" if a in dotted else a for a in out]
@@ -57,9 +66,9 @@ def vllm_argv(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
 def _split(parser: argparse.ArgumentParser, arg: str) -> tuple[str | None, str | None, bool]:
     """A long flag's name (its underscores made dashes where the dashed name is the parser's), its
     joined value (`--flag=value`), and whether it had one; (None, None, False) for anything else."""
-    if not arg.startswith("--") or arg == "--":
-        return None, None, False
     name, joined, value = arg.partition("=")
+    if not arg.startswith("--") or arg == "--" or " " in name:  # (argparse reads a name with a space as no flag)
+        return None, None, False
     head, dot, rest = name.partition(".")
     dashed = "--" + head[2:].replace("_", "-")
     if head not in parser._option_string_actions and dashed in parser._option_string_actions:
@@ -72,8 +81,15 @@ def _empty_optional(action: argparse.Action, value: str | None, joined: bool, ar
     the flag not given. (A flag of ours with a default, such as --session-id, keeps its own check.)"""
     if action.nargs is not None or type(action) is not argparse._StoreAction or action.default is not None:
         return False
+    if action.required or action.type in (text_type, name_type):  # (a prompt, a system message: text, whatever it says)
+        return False
     given = value if joined else (args[i + 1] if i + 1 < len(args) else None)
     return given in ("", "None")
+
+
+def _takes_one_value(action: argparse.Action | None) -> bool:
+    """Whether the flag's next argument is its value (a store of one value, not a switch)."""
+    return action is not None and action.nargs is None and isinstance(action, argparse._StoreAction)
 
 
 def _json_or_text(value: str) -> Any:

@@ -34,8 +34,8 @@ SECONDS = number(float, 0.0, "a finite number >= 0")
 PORT = number(int, 0, "a port in [0, 65535]", 65535)
 
 
-_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9}
-_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30}
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def context_length(text: str) -> int:
@@ -45,10 +45,10 @@ def context_length(text: str) -> int:
 
 
 def human_count(text: str) -> int:
-    """A count >= 1 as vLLM reads it: digits, with k/m/g (powers of 1000, decimals allowed: 25.6k) or
-    K/M/G (powers of 1024, whole numbers: 32K)."""
+    """A count >= 1 as vLLM reads it: digits, with k/m/g/t (powers of 1000, decimals allowed: 25.6k) or
+    K/M/G/T (powers of 1024, whole numbers: 32K)."""
     value = text.strip()
-    found = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG])", value)
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT])", value)
     if found is None:
         return POSITIVE(value)
     number_text, suffix = found.groups()
@@ -65,7 +65,7 @@ def json_value(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
 
 
 def json_object(text: str, what: str = "a JSON object", example: str | None = None) -> dict:

@@ -383,6 +383,8 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
             except (ssl.SSLError, OSError) as e:
                 raise ValueError(f"--ssl-ca-certs {files['ssl_ca_certs']!r} cannot be used: {e}") from None
     uds = {"uds": args.uds} if getattr(args, "uds", None) is not None else {}
+    if uds and not os.path.isdir(os.path.dirname(os.path.abspath(args.uds))):  # (said now, not once the model loaded)
+        raise ValueError(f"--uds {args.uds!r}: its folder does not exist")
     return {**files, "ssl_cert_reqs": reqs, "access_log": not getattr(args, "disable_uvicorn_access_log", False),
             **uds}
 

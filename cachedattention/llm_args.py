@@ -60,6 +60,9 @@ def sort_options(options: dict[str, Any], cache: CacheConfig, scheduler: Schedul
             continue
         if name in _CONFIG_ARGS:
             config, field = _CONFIG_ARGS[name]
+            if given[config].get(field, value) != value:  # (vLLM's name and ours both given: block_size and page_size)
+                named = [n for n, (c, f) in _CONFIG_ARGS.items() if (c, f) == (config, field) and n in options]
+                raise ValueError(f"{' and '.join(named)} both set the {config}'s {field}, to different values: give one")
             given[config][field] = value
         elif name in STORE_FIELDS:
             store[name] = value

@@ -67,6 +67,29 @@ def test_vllm_s_no_forms_of_switches_are_their_defaults(capsys):
         assert "unrecognized arguments" in capsys.readouterr().err
 
 
+def test_values_are_left_as_argparse_reads_them():
+    """From a review: a value that looks like a dotted flag, and a text flag's None, are values."""
+    p = build_parser()
+    prompt = p.parse_args(["generate", "m", "--prompt", "--hf-overrides.rope_theta is what? Explain", "--max-tokens", "5"])
+    assert prompt.prompt == "--hf-overrides.rope_theta is what? Explain" and prompt.max_tokens == 5
+    assert p.parse_args(["generate", "m", "--prompt", "None"]).prompt == "None"
+    assert p.parse_args(["generate", "m", "--prompt=None"]).prompt == "None"
+    assert p.parse_args(["chat", "m", "--system", "None"]).system == "None"
+    assert parse("--chat-template", "--seed.x is odd").chat_template == "--seed.x is odd"
+    assert parse("-q", "None").quantization == "None"  # (a short flag's value left to its own check: no quantization)
+
+
+def test_both_names_of_the_pool_s_size_must_agree():
+    from cachedattention import LLM
+
+    assert engine_config(parse("--kv-cache-memory-bytes", "2G")).cache.memory_bytes == 2 << 30
+    assert engine_config(parse("--kv-cache-memory-bytes", "1T", "--kv-pool-bytes", "1T")).cache.memory_bytes == 1 << 40
+    with pytest.raises(ValueError, match=r"--kv-pool-bytes \(1073741824\) and --kv-cache-memory-bytes \(4294967296\)"):
+        engine_config(parse("--kv-pool-bytes", "1G", "--kv-cache-memory-bytes", "4G"))
+    with pytest.raises(ValueError, match="kv_pool_bytes and kv_cache_memory_bytes both set the cache's memory_bytes"):
+        LLM(kv_pool_bytes=1 << 30, kv_cache_memory_bytes=4 << 30)
+
+
 def test_a_flag_left_empty_or_none_is_a_flag_not_given():
     """As vLLM reads an optional flag's '' or None (a script filling it from an empty variable)."""
     empty = parse("--seed", "None", "--max-model-len", "", "--tool-call-parser", "", "--quantization=None",

@@ -13,12 +13,21 @@ from cachedattention.model.hf_overrides import apply_hf_overrides
 from tests.util import assert_logits_match
 
 
-def test_an_object_over_an_object_merges_key_by_key_and_the_config_is_left_alone():
-    config = {"a": 1, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "b": {"c": 1}}
-    got = apply_hf_overrides(config, {"a": 2, "rope_scaling": {"factor": 8.0}, "b": 3, "new": [1]})
-    assert got == {"a": 2, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}, "b": 3, "new": [1]}
-    assert config == {"a": 1, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "b": {"c": 1}}
+def test_values_replace_the_config_s_and_a_sub_config_takes_them_key_by_key():
+    """As vLLM lays them over transformers' config: a dict such as rope_scaling replaced whole, a
+    sub-config merged all the way down; the config itself left alone."""
+    config = {"a": 1, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "b": {"c": 1},
+              "text_config": {"x": 1, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}}  # fmt: skip
+    got = apply_hf_overrides(config, {"a": 2, "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "b": 3,
+                                      "new": [1], "text_config": {"rope_scaling": {"factor": 8.0}}})  # fmt: skip
+    assert got == {"a": 2, "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "b": 3, "new": [1],
+                   "text_config": {"x": 1, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}}}  # fmt: skip
+    assert config["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0} and config["text_config"]["x"] == 1
     assert apply_hf_overrides(config, None) is config
+    # transformers 5 keeps the base in rope_parameters: a rope_theta sets it there too
+    nested = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}
+    assert apply_hf_overrides(nested, {"rope_theta": 5e5})["rope_parameters"] == {"rope_type": "yarn",
+                                                                                  "rope_theta": 5e5, "factor": 2.0}
 
 
 def test_the_served_model_is_the_one_of_the_overridden_config(tiny_dirs, monkeypatch):
@@ -48,7 +57,7 @@ def test_the_command_line_takes_a_json_object_and_refuses_anything_else(capsys):
     args = build_parser().parse_args(["serve", "m", "--hf-overrides", '{"rope_scaling": {"factor": 2.0}}'])
     assert engine_config(args).hf_overrides == {"rope_scaling": {"factor": 2.0}}
     assert engine_config(build_parser().parse_args(["serve", "m"])).hf_overrides is None
-    for bad, says in (("{nope", "not a JSON object"), ("[1]", "must be a dict of config.json's names, got list")):
+    for bad, says in (("{nope", "not JSON"), ("[1]", "must be a dict of config.json's names, got list")):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "m", "--hf-overrides", bad])
         assert says in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """vLLM's hf_overrides (`--hf-overrides JSON`): values laid over the model's config.json (or a GGUF
 file's metadata read as one) before the model's shape is read from it, e.g. a longer
-`max_position_embeddings` or another `rope_scaling`. An object over an object merges key by key
-(as vLLM updates a nested config), anything else replaces the value."""
+`max_position_embeddings` or another `rope_scaling`. As vLLM lays them over transformers' config: a
+value replaces the config's (a dict such as rope_scaling whole), except over a sub-config
+(text_config, vision_config...), whose keys are laid over its own, key by key all the way down. A
+rope_theta also sets the one transformers 5 keeps in rope_parameters."""
 
 from __future__ import annotations
 
@@ -30,8 +32,17 @@ def apply_hf_overrides(config: dict[str, Any], overrides: dict[str, Any] | None)
         return config
     out = dict(config)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = apply_hf_overrides(out[key], value)
-        else:
-            out[key] = value
+        sub_config = key.endswith("_config") and key != "quantization_config" and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if sub_config and isinstance(value, dict) else value
+    params = out.get("rope_parameters")
+    if "rope_theta" in overrides and isinstance(params, dict) and "rope_theta" in params:
+        out["rope_parameters"] = {**params, "rope_theta": overrides["rope_theta"]}
+    return out
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid over `base` key by key, objects over objects all the way down."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out

@@ -291,8 +291,8 @@ class Qwen3CoderCalls:
             fn = tool.get("function") if isinstance(tool, dict) else None
             params = fn.get("parameters") if isinstance(fn, dict) else None
             props = params.get("properties") if isinstance(params, dict) else None
-            if isinstance(props, dict):
-                self.types[fn.get("name")] = {k: v.get("type", "string") if isinstance(v, dict) else "string"
+            if isinstance(props, dict):  # (None: the schema says no type)
+                self.types[fn.get("name")] = {k: v.get("type") if isinstance(v, dict) else None
                                               for k, v in props.items()}  # fmt: skip
 
     @classmethod
@@ -326,7 +326,7 @@ class Qwen3CoderCalls:
         if not name:
             return None
         types = self.types.get(name, {})
-        args = {key.strip(): _typed(value, types.get(key.strip(), "string"))
+        args = {key.strip(): _typed(value, types.get(key.strip()) or "string")
                 for key, value in self.PARAMETER.findall(body)}  # fmt: skip
         return ToolCall(_openai_id(), name, json.dumps(args, ensure_ascii=False))
 
@@ -346,12 +346,13 @@ class SeedOssCalls(Qwen3CoderCalls):
 class Glm45Calls(Qwen3CoderCalls):
     """GLM-4.5 to 4.7's <tool_call> blocks: the function's name, then <arg_key>K</arg_key>
     <arg_value>V</arg_value> pairs (GLM-4.7 writes no newline after the name). As vLLM's glm45
-    parser reads a value: as written where its parameter's schema says string, else JSON or a
-    Python literal where it reads as one, else as written. A block holding a JSON object is read as
-    Hermes' (how a forced call is written)."""
+    parser reads them: only closed blocks; a value as written where its parameter's schema says
+    string, else JSON or a Python literal where it reads as one (a number JSON holds: no NaN or
+    infinity), else as written. A block holding a JSON object is read as Hermes' (how a forced call
+    is written)."""
 
     name = "glm45"
-    CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+    CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # (closed: a cut one, or a mention, is text)
     ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
     STARTS = (OPEN,)
 
@@ -380,16 +381,14 @@ class Glm45Calls(Qwen3CoderCalls):
 def _glm_value(value: str, kind: Any) -> Any:
     if kind == "string":
         return value
-    try:
-        return json.loads(value)
-    except ValueError:
-        pass
-    try:
-        literal = ast.literal_eval(value)
-        json.dumps(literal)  # (a tuple is a list in JSON; a set or bytes is no JSON value: the text stays)
-        return literal
-    except Exception:  # (literal_eval's SyntaxError, ValueError, MemoryError, RecursionError...)
-        return value
+    for read in (json.loads, ast.literal_eval):
+        try:
+            parsed = read(value)
+            json.dumps(parsed, allow_nan=False)  # (a set or bytes, NaN or infinity: no JSON value, the text stays)
+            return parsed
+        except Exception:  # (literal_eval's SyntaxError, ValueError, MemoryError, RecursionError...)
+            continue
+    return value
 
 
 def _hermes_block(body: str) -> ToolCall | None:

@@ -645,10 +645,20 @@ def test_glm45_calls_are_read_as_vllm_s_glm45_parser_reads_them():
     assert json.loads(calls[1].arguments) == {"query": "two"}
     unknown = parser.parse("<tool_call>f\n<arg_key>a</arg_key><arg_value>not json</arg_value></tool_call>")[1]
     assert json.loads(unknown[0].arguments) == {"a": "not json"}
-    cut = parser.parse("<tool_call>search\n<arg_key>limit</arg_key><arg_value>3</arg_value>")[1]  # (stopped early)
-    assert json.loads(cut[0].arguments) == {"limit": 3}
-    for text in ("No tools needed.", "<tool_call>\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>"):
+    # from a review: a block never closed (cut by max_tokens, or a tag the text mentions) stays text, as
+    # vLLM's; a parameter whose schema names no type (pydantic's Optional) is read as JSON; NaN and
+    # infinity, which JSON does not hold, stay as written
+    for text in ("No tools needed.", "<tool_call>\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>",
+                 "<tool_call>search\n<arg_key>limit</arg_key><arg_value>3",
+                 "Models emit a <tool_call> tag when they call a function."):  # fmt: skip
         assert parser.parse(text) == (text, [])
+    loose = for_request(tool_call_parser("glm45"), [{"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"n": {"description": "a count"},
+                                         "u": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}}}}])  # fmt: skip
+    odd = loose.parse("<tool_call>g\n<arg_key>n</arg_key><arg_value>5</arg_value><arg_key>u</arg_key><arg_value>7"
+                      "</arg_value><arg_key>z</arg_key><arg_value>NaN</arg_value><arg_key>w</arg_key><arg_value>1e999"
+                      "</arg_value></tool_call>")[1]  # fmt: skip
+    assert odd[0].arguments == '{"n": 5, "u": 7, "z": "NaN", "w": "1e999"}'
     assert parser.plain_text_end("Sure. <tool_") == len("Sure. ")
     auto = tool_call_automaton(["search"], [tools[0]["function"]["parameters"]], "glm45")
     forced = b'<tool_call>\n{"name": "search", "arguments": {"query": "x", "limit": 2}}\n</tool_call>'
