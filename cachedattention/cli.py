@@ -14,7 +14,7 @@ from cachedattention.cli_types import (
     RATE,
     SECONDS,
     context_length,
-    human_count,
+    human_int,
     json_object,
     name,
     text,
@@ -52,12 +52,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, metavar="TEMPLATE",
                    help="a Jinja chat template, or a file holding one, instead of the tokenizer's (as vLLM's)")
     p.add_argument("--page-size", "--block-size", type=int, default=16, help="tokens per KV page (vLLM's --block-size)")
-    p.add_argument("--kv-cache-memory-bytes", type=human_count, default=None, metavar="BYTES",
+    p.add_argument("--kv-cache-memory-bytes", type=human_int, default=None, metavar="BYTES",
                    help="vLLM's name for --kv-pool-bytes (both given: they must agree)")
-    p.add_argument("--kv-pool-bytes", type=human_count, default=None,
+    p.add_argument("--kv-pool-bytes", type=human_int, default=None,
                    help="device KV pool budget; wins over --gpu-memory-utilization (default: on CUDA half the free "
                         "memory, on a CPU 1 GiB, no more than --max-num-seqs full windows take)")
-    p.add_argument("--max-num-batched-tokens", type=human_count, default=512,
+    p.add_argument("--max-num-batched-tokens", type=human_int, default=512,
                    help="tokens computed per step (default 512; vLLM's 8k, 8K forms)")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],

@@ -45,19 +45,24 @@ def context_length(text: str) -> int:
 
 
 def human_count(text: str) -> int:
-    """A count >= 1 as vLLM reads it: digits, with k/m/g/t (powers of 1000, decimals allowed: 25.6k) or
-    K/M/G/T (powers of 1024, whole numbers: 32K)."""
+    """A count >= 1 as vLLM reads it (human_int)."""
+    return POSITIVE(str(human_int(text)))
+
+
+def human_int(text: str) -> int:
+    """An integer as vLLM reads it: digits, with k/m/g/t (powers of 1000, decimals allowed: 25.6k) or
+    K/M/G/T (powers of 1024, whole numbers: 32K); one out of range is left to the config's own check."""
     value = text.strip()
     found = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT])", value)
     if found is None:
-        return POSITIVE(value)
+        return integer(value)
     number_text, suffix = found.groups()
     if suffix in _BINARY:
         if "." in number_text:
             raise argparse.ArgumentTypeError(f"decimals are not taken with {suffix} (powers of 1024): {text!r}; "
                                              f"{number_text}{suffix.lower()} is in thousands")  # fmt: skip
-        return POSITIVE(str(int(number_text) * _BINARY[suffix]))
-    return POSITIVE(str(int(float(number_text) * _DECIMAL[suffix])))
+        return int(number_text) * _BINARY[suffix]
+    return int(float(number_text) * _DECIMAL[suffix])
 
 
 def json_value(text: str) -> Any:
