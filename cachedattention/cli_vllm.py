@@ -215,8 +215,12 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-force-include-usage", action="store_true",
                    help="every streamed answer ends with its usage, whether or not the request's stream_options "
                         "asks for it (answers not streamed always carry it)")
-    g.add_argument("--max-log-len", type=int, default=None, metavar="N",
-                   help="accepted: the requests logged (--enable-log-requests) never show their prompt here")
+    g.add_argument("--enable-log-outputs", action="store_true",
+                   help="log one INFO line per request finished: its id, token count, finish reason and text "
+                        "(--max-log-len characters of it)")
+    g.add_argument("--max-log-len", type=number(int, 0, "an integer >= 0"), default=None, metavar="N",
+                   help="the most characters of an answer --enable-log-outputs logs (requests received are "
+                        "logged without their prompt)")
     g.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="serve HTTPS with this private key (PEM)")
     g.add_argument("--ssl-certfile", default=None, metavar="FILE", help="and this certificate (PEM)")
     g.add_argument("--ssl-ca-certs", default=None, metavar="FILE",

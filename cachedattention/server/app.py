@@ -813,6 +813,8 @@ def create_app(
     default_chat_template_kwargs: Mapping[str, Any] | None = None,
     lora_modules: Sequence[tuple[str, str]] = (),
     exclude_tools_when_none: bool = False,
+    log_outputs: bool = False,
+    max_log_len: int | None = None,
 ) -> FastAPI:
     """A FastAPI app that owns the engine: the engine loop starts with the app and stops (flushing the
     store) with it. `served_model_name`: the names requests may give (answers carry the first). With
@@ -834,7 +836,8 @@ def create_app(
     --default-chat-template-kwargs). `lora_modules`: (name, folder) of each LoRA adapter a request's
     `model` may name (vLLM's --lora-modules; the engine's LoRA enabled), each read at start.
     `exclude_tools_when_none`: a chat whose tool_choice is "none" renders without its tools (vLLM's
-    --exclude-tools-when-tool-choice-none)."""
+    --exclude-tools-when-tool-choice-none). `log_outputs`: one INFO line per request finished, with
+    its text, the first `max_log_len` characters of it (vLLM's --enable-log-outputs, --max-log-len)."""
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
@@ -856,7 +859,8 @@ def create_app(
     loras = _lora_modules(engine, lora_modules, model_names)
     metrics = ServerMetrics(model_names[0])
     loop = EngineLoop(engine, on_finished=metrics.observe_finished, log_requests=log_requests,
-                      on_first_token=metrics.observe_first_token, on_token=metrics.observe_token)
+                      on_first_token=metrics.observe_first_token, on_token=metrics.observe_token,
+                      log_outputs=log_outputs, max_log_len=max_log_len)  # fmt: skip
     metrics.registry.register(EngineStatsCollector(loop.stats))
     metrics.registry.register(VLLMStatsCollector(loop.stats, model_names[0]))
     routes = OpenAIRoutes(loop, metrics, model_names, engine.max_model_len,
@@ -967,7 +971,9 @@ def serve(args: argparse.Namespace) -> int:
                      request_id_headers=getattr(args, "enable_request_id_headers", False),
                      default_chat_template_kwargs=getattr(args, "default_chat_template_kwargs", None),
                      lora_modules=getattr(args, "lora_modules", None) or (),
-                     exclude_tools_when_none=getattr(args, "exclude_tools_when_tool_choice_none", False))
+                     exclude_tools_when_none=getattr(args, "exclude_tools_when_tool_choice_none", False),
+                     log_outputs=getattr(args, "enable_log_outputs", False),
+                     max_log_len=getattr(args, "max_log_len", None))
     loop: EngineLoop = app.state.engine_loop
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on",

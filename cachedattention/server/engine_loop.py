@@ -127,13 +127,18 @@ def _resolve(future: asyncio.Future, result: Any) -> None:
 class EngineLoop:
     def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None,
                  log_requests: bool = False, on_first_token: Callable[[RequestOutput], None] | None = None,
-                 on_token: Callable[[RequestOutput], None] | None = None) -> None:  # fmt: skip
+                 on_token: Callable[[RequestOutput], None] | None = None, log_outputs: bool = False,
+                 max_log_len: int | None = None) -> None:  # fmt: skip
         self.engine = engine
         self._on_finished = on_finished
         self._on_first_token = on_first_token  # TTFT is observed when it happens, as vLLM's, not at finish
         self._on_token = on_token  # each output with new tokens (inter-token latencies, as they happen)
         self._first_seen: set[str] = set()  # running requests whose first token was observed (engine thread)
         self.log_requests = log_requests  # vLLM's --enable-log-requests: one INFO line per request received
+        # vLLM's --enable-log-outputs: one INFO line per request finished, with its text (the first
+        # max_log_len characters of it, --max-log-len)
+        self.log_outputs = log_outputs
+        self.max_log_len = max_log_len
         self._cmds: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._cond = threading.Condition()
@@ -381,6 +386,10 @@ class EngineLoop:
                 self._first_seen.discard(out.request_id)
                 self._settle(out.request_id)
                 self._observe(self._on_finished, out)
+                if self.log_outputs:
+                    text = out.text if self.max_log_len is None else out.text[: self.max_log_len]
+                    log.info("finished request %s: %d tokens, finish reason %s, output %r", out.request_id,
+                             len(out.token_ids), out.finish_reason, text)  # fmt: skip
             if stream is not None:  # (a request that failed alone: its client gets the server's error)
                 stream.put(RuntimeError("the engine failed while running this request")
                            if out.finish_reason == "error" else out)  # fmt: skip

@@ -303,6 +303,21 @@ def test_requests_are_logged_only_when_asked(chat_model_dir, named, caplog):
     assert "received request" not in caplog.text
 
 
+def test_finished_requests_are_logged_with_their_text_only_when_asked(chat_model_dir, caplog):
+    import logging
+
+    s = start_server(engine_config(chat_model_dir, store=False), log_outputs=True, max_log_len=4)
+    try:
+        with caplog.at_level(logging.INFO, logger="cachedattention.server.engine_loop"):
+            body = {"messages": HELLO, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+            r = httpx.post(f"{s.url}{CHAT}", json=body, timeout=60).json()
+    finally:
+        s.stop()
+    text = r["choices"][0]["message"]["content"]
+    assert f"finished request {r['id']}: 6 tokens, finish reason length, output {text[:4]!r}" in caplog.text
+    assert "received request" not in caplog.text  # (each flag logs its own)
+
+
 def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch, tmp_path):
     from cachedattention.server import app as app_module
 
@@ -314,7 +329,8 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch, tmp_path):
             seen.update(log_level=config.log_level, log_requests=loop.log_requests, seed=loop.engine.config.seed,
                         tool_parser=chat.endpoint.__self__.tool_parser.name,
                         reasoning=chat.endpoint.__self__.reasoning_parser.name, uds=config.uds,
-                        exclude_tools=chat.endpoint.__self__.exclude_tools_when_none)
+                        exclude_tools=chat.endpoint.__self__.exclude_tools_when_none,
+                        log_outputs=(loop.log_outputs, loop.max_log_len))
             self.started = True
 
         def run(self) -> None:
@@ -325,10 +341,12 @@ def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch, tmp_path):
                                       "--seed", "5",
                                       "--uvicorn-log-level", "warning", "--enable-log-requests",
                                       "--tool-call-parser", "llama3_json", "--reasoning-parser", "deepseek_r1",
-                                      "--uds", str(tmp_path / "x.sock"), "--exclude-tools-when-tool-choice-none"])  # fmt: skip
+                                      "--uds", str(tmp_path / "x.sock"), "--exclude-tools-when-tool-choice-none",
+                                      "--enable-log-outputs", "--max-log-len", "80"])  # fmt: skip
     assert app_module.serve(args) == 0
     assert seen == {"log_level": "warning", "log_requests": True, "seed": 5, "tool_parser": "llama3_json",
-                    "reasoning": "deepseek_r1", "uds": str(tmp_path / "x.sock"), "exclude_tools": True}
+                    "reasoning": "deepseek_r1", "uds": str(tmp_path / "x.sock"), "exclude_tools": True,
+                    "log_outputs": (True, 80)}
     with pytest.raises(ValueError, match="--uds '/no/such/dir/x.sock': its folder does not exist"):
         app_module.serve(build_parser().parse_args(["serve", "m", "--uds", "/no/such/dir/x.sock"]))
     from cachedattention.cli_vllm import TOOL_CALL_PARSERS
