@@ -18,7 +18,8 @@ from cachedattention.model.quant_config import VLLM_QUANTIZATION
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai",
                      "glm45", "seed_oss", "qwen3_xml", "llama4_json", "glm47")  # (the last three: vLLM's other names)
-REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "mistral", "openai_gptoss", "glm45", "glm47", "olmo3")  # server/reasoning.py's
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "mistral", "openai_gptoss", "glm45", "glm47", "olmo3",
+                     "granite")  # server/reasoning.py's
 # vLLM's --dtype names (llm_args.VLLM_DTYPES, named here so that parsing needs no config imports)
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
@@ -191,7 +192,8 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                         "qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distills, which start without the tag; "
                         "seed_oss: Seed-OSS's <seed:think>...</seed:think>, also without a tag at first; mistral: "
                         "Magistral's [THINK]...[/THINK]; openai_gptoss: "
-                        "gpt-oss's harmony analysis channel; glm45, glm47: GLM-4.5 to 4.7; olmo3: OLMo 3); "
+                        "gpt-oss's harmony analysis channel; glm45, glm47: GLM-4.5 to 4.7; olmo3: OLMo 3; granite: "
+                        "Granite 3.2 and 3.3's 'Here is my thought process:' ... 'Here is my response:'); "
                         "chat answers return it as `reasoning` (and `reasoning_content`) apart from `content`")
     logs = g.add_mutually_exclusive_group()
     logs.add_argument("--enable-log-requests", action="store_true",

@@ -131,6 +131,40 @@ class HarmonyParser(ReasoningParser):
         return self.split(text, False).reasoning == whole.reasoning
 
 
+@dataclass(frozen=True)
+class PhraseParser(ReasoningParser):
+    """Granite 3.2 and 3.3: the reasoning after "Here is my thought process:" (or "Here's"), the
+    answer after "Here is my response:" (or "Here's"): phrases, not tokens, each in either form."""
+
+    starts: tuple[str, ...] = ()
+    ends: tuple[str, ...] = ()
+
+    def closes(self, prompt_tail: str) -> bool:
+        return any(prompt_tail.rstrip().endswith(end) for end in self.ends)
+
+    def reasoning_done(self, text: str, whole: Split) -> bool:
+        return any(end in text for end in self.ends)
+
+    def split(self, text: str, open_at_start: bool, final: bool = True) -> Split:
+        body = text.lstrip()
+        start = next((s for s in self.starts if body.startswith(s)), None)
+        if start is not None:
+            body, open_at_start = body[len(start) :], True
+        elif not final and any(s.startswith(body) for s in self.starts):  # may still become the phrase
+            return Split("" if open_at_start else None, "", closed=not open_at_start)
+        elif not open_at_start:
+            return Split(None, text)
+        found = [(at, end) for end in self.ends if (at := body.find(end)) >= 0]
+        if not found:
+            held = 0 if final else max(tag_prefix_at_end(body, end) for end in self.ends)
+            return Split(body[: len(body) - held].strip(), "", closed=False)
+        at, end = min(found)
+        return Split(body[:at].strip(), body[at + len(end) :].lstrip())
+
+
+GRANITE = PhraseParser("granite", False, "Here is my thought process:", "Here is my response:",
+                       starts=("Here is my thought process:", "Here's my thought process:"),
+                       ends=("Here is my response:", "Here's my response:"))  # fmt: skip
 REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), ReasoningParser("deepseek_r1", True),
                                          ReasoningParser("seed_oss", True, "<seed:think>", "</seed:think>"),
                                          ReasoningParser("mistral", False, "[THINK]", "[/THINK]", True),
@@ -138,7 +172,7 @@ REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), Reason
                                                        "<|end|>", True),
                                          # GLM-4.5 to 4.7 and OLMo 3 think between <think> and </think> as Qwen3
                                          ReasoningParser("glm45", False), ReasoningParser("glm47", False),
-                                         ReasoningParser("olmo3", False))}  # fmt: skip
+                                         ReasoningParser("olmo3", False), GRANITE)}  # fmt: skip
 
 
 def reasoning_parser(name: str | None) -> ReasoningParser | None:

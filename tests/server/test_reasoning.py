@@ -53,6 +53,23 @@ def test_glm_and_olmo3_think_as_qwen3(name):
         assert parser.split(text, parser.opens(tail, structured=False))[:2] == expect
 
 
+def test_granite_s_phrases_split_its_answer_and_its_pieces_add_up():
+    """Granite 3.2 and 3.3 (vLLM's granite parser): phrases in either form, "Here is" or "Here's"."""
+    granite = REASONING_PARSERS["granite"]
+    tail = "<|start_of_role|>assistant<|end_of_role|>"
+    for text, expect in (("Here is my thought process: Hmm.\nHere is my response: Sunny.", ("Hmm.", "Sunny.")),
+                         ("Here's my thought process:\nHmm.\n\nHere's my response:\nSunny.", ("Hmm.", "Sunny.")),
+                         ("Sunny, no thinking.", (None, "Sunny, no thinking.")),
+                         ("Here is my thought process: cut", ("cut", ""))):  # fmt: skip
+        assert granite.split(text, granite.opens(tail, structured=False))[:2] == expect
+    text = "Here's my thought process: A, not Here is my resp.\nHere is my response: B."
+    final = granite.split(text, False)
+    assert final == ("A, not Here is my resp.", "B.", True)
+    for end in range(len(text) + 1):
+        reasoning, content, _ = granite.split(text[:end], False, final=False)
+        assert final.reasoning.startswith(reasoning or "") and final.content.startswith(content), text[:end]
+
+
 def test_a_structured_answer_has_no_reasoning():
     assert not R1.opens("<|Assistant|>", structured=True) and not QWEN3.opens("<think>\n", structured=True)
     assert R1.split('{"a": 1}', R1.opens("<|Assistant|>", structured=True))[:2] == (None, '{"a": 1}')
