@@ -19,6 +19,7 @@ def vllm_argv(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
     argparse to name)."""
     out: list[str] = []
     dotted: dict[str, dict[str, Any]] = {}  # a JSON flag given key by key: its object so far
+    places: dict[str, int] = {}  # where each such flag stands in `out`
     whole: set[str] = set()  # the flags given as they are
     i = 0
     while i < len(args):
@@ -43,7 +44,7 @@ def vllm_argv(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
                     parser.error(f"{flag}: expected a value")
                 value, i = args[i + 1], i + 1
             if base not in dotted:
-                dotted[base] = {}
+                dotted[base], places[base] = {}, len(out)
                 out.append(base)  # (its place: the object is filled in below)
             _set(dotted[base], keys.split("."), _json_or_text(value), parser, flag)
             i += 1
@@ -60,7 +61,9 @@ def vllm_argv(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
             i += 1
     for base in dotted.keys() & whole:
         parser.error(f"{base}: give it as one JSON object or key by key ({base}.KEY VALUE), not both")
-    return [f"{a}={json.dumps(dotted.pop(a))}" if a in dotted else a for a in out]
+    for base, at in places.items():
+        out[at] = f"{base}={json.dumps(dotted[base])}"
+    return out
 
 
 def _split(parser: argparse.ArgumentParser, arg: str) -> tuple[str | None, str | None, bool]:
