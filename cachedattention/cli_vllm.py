@@ -193,7 +193,7 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                         "seed_oss: Seed-OSS's <seed:think>...</seed:think>, also without a tag at first; mistral: "
                         "Magistral's [THINK]...[/THINK]; openai_gptoss: "
                         "gpt-oss's harmony analysis channel; glm45, glm47: GLM-4.5 to 4.7; olmo3: OLMo 3; granite: "
-                        "Granite 3.2 and 3.3's 'Here is my thought process:' ... 'Here is my response:'); "
+                        "Granite 3.2's 'Here is my thought process:' ... 'Here is my response:'); "
                         "chat answers return it as `reasoning` (and `reasoning_content`) apart from `content`")
     logs = g.add_mutually_exclusive_group()
     logs.add_argument("--enable-log-requests", action="store_true",

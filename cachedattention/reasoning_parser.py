@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from cachedattention import harmony
 from cachedattention.text_tags import tag_prefix_at_end
@@ -45,6 +45,7 @@ class ReasoningParser:
     start: str = START
     end: str = END
     keeps_special_tokens: bool = False  # its tags are special tokens: the answer's text must keep them
+    tail_tokens: ClassVar[int] = PROMPT_TAIL_TOKENS  # how much of the prompt's end `opens` reads
 
     def opens(self, prompt_tail: str, structured: bool) -> bool:
         """Whether an answer after a prompt ending in `prompt_tail` begins inside its reasoning
@@ -63,7 +64,7 @@ class ReasoningParser:
         answer still thinking)."""
         if tokenizer is None:
             return self.opens("", structured), False
-        tail = prompt_tail(tokenizer, prompt_ids)
+        tail = prompt_tail(tokenizer, prompt_ids, self.tail_tokens)
         closed = self.closes(tail)
         if self.opens(tail, structured):
             return True, closed
@@ -133,11 +134,20 @@ class HarmonyParser(ReasoningParser):
 
 @dataclass(frozen=True)
 class PhraseParser(ReasoningParser):
-    """Granite 3.2 and 3.3: the reasoning after "Here is my thought process:" (or "Here's"), the
-    answer after "Here is my response:" (or "Here's"): phrases, not tokens, each in either form."""
+    """Granite 3.2: the reasoning after "Here is my thought process:" (or "Here's"), the answer
+    after "Here is my response:" (or "Here's"): phrases, not tokens, each in either form. A prompt
+    whose last phrase opens the reasoning (a prefilled answer still thinking, within the prompt's
+    last 512 tokens) makes the answer begin inside it."""
 
     starts: tuple[str, ...] = ()
     ends: tuple[str, ...] = ()
+    tail_tokens: ClassVar[int] = 512  # (a prefill after the phrase; the system prompt names both phrases)
+
+    def opens(self, prompt_tail: str, structured: bool) -> bool:
+        if structured or self.closes(prompt_tail):
+            return False
+        last_start = max(prompt_tail.rfind(start) for start in self.starts)
+        return self.starts_open or last_start > max(prompt_tail.rfind(end) for end in self.ends)
 
     def closes(self, prompt_tail: str) -> bool:
         return any(prompt_tail.rstrip().endswith(end) for end in self.ends)
@@ -191,6 +201,6 @@ def reasoning_tags(tokenizer: Tokenizer | None, parser: ReasoningParser) -> tupl
     return None if None in ids else ids
 
 
-def prompt_tail(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> str:
+def prompt_tail(tokenizer: Tokenizer, prompt_ids: Sequence[int], tokens: int = PROMPT_TAIL_TOKENS) -> str:
     """The end of a prompt as text, special tokens kept: enough to hold an open or closed <think></think>."""
-    return tokenizer.decode(list(prompt_ids[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False)
+    return tokenizer.decode(list(prompt_ids[-tokens:]), skip_special_tokens=False)

@@ -113,7 +113,7 @@ def test_a_long_prompt_over_a_long_history_splits_only_its_full_layers(tmp_path,
         assert rel_err(logits, ref[len(prompt) - 1 + step]) <= 1e-4
 
 
-def test_vllm_s_disable_sliding_window_caps_the_window_at_the_model_s(tiny_dirs):
+def test_vllm_s_disable_sliding_window_caps_the_window_at_the_model_s(tiny_dirs, monkeypatch):
     """vLLM's disable_sliding_window: the window no longer than the sliding window (8 tokens here),
     where the answers are those of the windowed model; a longer window asked for is refused, and a
     model without a window is served as it is."""
@@ -128,5 +128,7 @@ def test_vllm_s_disable_sliding_window_caps_the_window_at_the_model_s(tiny_dirs)
     assert LLM(model=path, disable_sliding_window=True, max_model_len=6).engine.max_model_len == 6
     with pytest.raises(ValueError, match="max_model_len 9 is past the sliding window .8 tokens."):
         LLM(model=path, disable_sliding_window=True, max_model_len=9)
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # (as vLLM: the variable lets it past the cap)
+    assert LLM(model=path, disable_sliding_window=True, max_model_len=9).engine.max_model_len == 9
     assert LLM(model=str(tiny_dirs["llama"][0]), disable_sliding_window=True).engine.max_model_len == 512
     assert engine_config(build_parser().parse_args(["serve", "m", "--disable-sliding-window"])).disable_sliding_window

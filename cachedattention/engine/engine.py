@@ -46,11 +46,15 @@ log = logging.getLogger(__name__)
 ALLOW_LONG_ENV = ("CACHEDATTENTION_ALLOW_LONG_MAX_MODEL_LEN", "VLLM_ALLOW_LONG_MAX_MODEL_LEN")
 
 
+def _long_allowed() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true") for name in ALLOW_LONG_ENV)
+
+
 def _check_window(max_model_len: int, trained: int) -> None:
     """As vLLM: a window past what the model's positions were trained for is refused unless asked for."""
     if max_model_len <= trained:
         return
-    if any(os.environ.get(name, "").strip().lower() in ("1", "true") for name in ALLOW_LONG_ENV):
+    if _long_allowed():
         log.warning("max_model_len %d is past the model's trained positions (%d): answers there may degrade",
                     max_model_len, trained)  # fmt: skip
         return
@@ -66,8 +70,13 @@ def _window(config: EngineConfig, spec: ModelSpec) -> int:
     if cap is None:
         return config.window_given or spec.default_context()
     if config.window_given is not None and config.window_given > cap:
+        if _long_allowed():  # (as vLLM, which lets that variable take a window past the cap too)
+            log.warning("max_model_len %d is past the sliding window (%d) that disable_sliding_window caps it "
+                        "at: attention past it is windowed", config.window_given, cap)  # fmt: skip
+            return config.window_given
         raise ValueError(f"max_model_len {config.window_given} is past the sliding window ({cap} tokens) that "
-                         "disable_sliding_window (--disable-sliding-window) caps the window at")  # fmt: skip
+                         f"disable_sliding_window (--disable-sliding-window) caps the window at; set "
+                         f"{ALLOW_LONG_ENV[0]}=1 to serve it anyway")  # fmt: skip
     return config.window_given or min(spec.default_context(), cap)
 
 

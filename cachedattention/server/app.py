@@ -520,8 +520,8 @@ class OpenAIRoutes:
         return JSONResponse(fmt.full([_prompt_only(o) for o in outs] if parsed.prompt_only else outs))
 
     async def _submit(self, rid: str, parsed: ParsedRequest, check_room: int | None, truncate: bool = True,
-                      render_aside: bool = False, lora: LoRARequest | LoRAAdapter | None = None
-                      ) -> list[RequestStream]:  # fmt: skip
+                      render_aside: bool = False, lora: LoRARequest | LoRAAdapter | None = None,
+                      log_output: bool = True) -> list[RequestStream]:  # fmt: skip
         """One engine request per choice (n > 1: seeds seed, seed + 1, ... so that seeded choices
         differ), n for each prompt of a batch in turn; each accepted, or all withdrawn and the first
         error raised. `check_room`: the
@@ -543,7 +543,7 @@ class OpenAIRoutes:
                           check_room=check_room,
                           save_to_store=i == 0, add_special_tokens=parsed.add_special_tokens,
                           truncate=truncate, priority=parsed.priority, cache_salt=parsed.cache_salt,
-                          lora_request=lora)  # fmt: skip
+                          lora_request=lora, log_output=log_output)  # fmt: skip
                 own_template = parsed.chat_options is not None and parsed.chat_options.template is not None
                 if parsed.messages is not None and (own_template or render_aside):
                     if rendered is None:  # a request's own template may run long: in a worker thread, once
@@ -588,7 +588,8 @@ class OpenAIRoutes:
         except (ServerDraining, ValueError) as e:
             raise as_api_error(e) from None
         try:
-            firsts = await self._submit(f"{rid}-first", replace(parsed, n=1, params=first), check_room, lora=adapter)
+            firsts = await self._submit(f"{rid}-first", replace(parsed, n=1, params=first), check_room, lora=adapter,
+                                        log_output=False)  # fmt: skip
         except BaseException:
             self.loop.release(rid)
             raise

@@ -115,7 +115,10 @@ class _Search:
         best = search.best(lambda tokens: "")[0].sequences
         if len(best) < self.width:  # (a vocabulary of fewer than 2 x beam_width tokens)
             raise RuntimeError(f"the search found {len(best)} beams, fewer than the {self.width} asked for")
-        return [self._choice(rid, beam, out, len(prompt), eos) for rid, beam in zip(ids, best, strict=True)]
+        choices = [self._choice(rid, beam, out, len(prompt), eos) for rid, beam in zip(ids, best, strict=True)]
+        for choice in choices:  # (each as the search built it: its steps are not logged)
+            self.loop.log_output(choice)
+        return choices
 
     async def _step(self, request_id: str, beams: list[list[int]], search: BeamSearch) -> list[RequestOutput]:
         """Each beam one token further: one engine request each, aborted if the search is cancelled."""
@@ -124,7 +127,8 @@ class _Search:
         try:
             for b, tokens in enumerate(beams):
                 job = Job(f"{request_id}-{b}", search.one_token, prompt=tokens, save_to_store=False,
-                          priority=self.priority, cache_salt=self.cache_salt, lora_request=self.lora)  # fmt: skip
+                          priority=self.priority, cache_salt=self.cache_salt, lora_request=self.lora,
+                          log_output=False)  # fmt: skip
                 streams.append(self.loop.submit(job, loop, follow_up=True))  # (a drain lets the search end)
             return list(await asyncio.gather(*(_finished(s) for s in streams)))
         except ServerDraining:  # the grace is over (abort_in_flight), or the engine stopped: aborted

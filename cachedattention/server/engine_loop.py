@@ -57,6 +57,7 @@ class Job:
     # the messages already rendered (a request's own chat template: off the engine thread) and what
     # truncation keeps of them (its head and its newest turn)
     rendered: tuple[list[int], Kept] | None = None
+    log_output: bool = True  # --enable-log-outputs logs it when it finishes (a beam search's steps: no)
 
 
 def describe(job: Job) -> str:
@@ -139,6 +140,7 @@ class EngineLoop:
         # max_log_len characters of it, --max-log-len)
         self.log_outputs = log_outputs
         self.max_log_len = max_log_len
+        self._unlogged: set[str] = set()  # running requests whose outputs are not logged (a beam search's steps)
         self._cmds: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._cond = threading.Condition()
@@ -174,6 +176,8 @@ class EngineLoop:
                 raise InvalidRequest(f"request id {job.request_id!r} is already in use by a request in progress",
                                      "request_id")  # fmt: skip
             self._active.add(job.request_id)
+            if not job.log_output:  # (under the lock, as _settle takes it away)
+                self._unlogged.add(job.request_id)
             # (under the lock: a command put once the thread stopped would never be answered)
             self._cmds.put(("add", job, stream))
         if self.log_requests:
@@ -384,15 +388,21 @@ class EngineLoop:
             if out.finished:
                 self._streams.pop(out.request_id, None)
                 self._first_seen.discard(out.request_id)
+                logged = out.request_id not in self._unlogged
                 self._settle(out.request_id)
                 self._observe(self._on_finished, out)
-                if self.log_outputs:
-                    text = out.text if self.max_log_len is None else out.text[: self.max_log_len]
-                    log.info("finished request %s: %d tokens, finish reason %s, output %r", out.request_id,
-                             len(out.token_ids), out.finish_reason, text)  # fmt: skip
+                if logged:
+                    self.log_output(out)
             if stream is not None:  # (a request that failed alone: its client gets the server's error)
                 stream.put(RuntimeError("the engine failed while running this request")
                            if out.finish_reason == "error" else out)  # fmt: skip
+
+    def log_output(self, out: RequestOutput) -> None:
+        """vLLM's --enable-log-outputs: one INFO line for a finished request, its text cut at --max-log-len."""
+        if self.log_outputs:
+            text = out.text if self.max_log_len is None else out.text[: self.max_log_len]
+            log.info("finished request %s: %d tokens, finish reason %s, output %r", out.request_id,
+                     len(out.token_ids), out.finish_reason, text)  # fmt: skip
 
     @staticmethod
     def _observe(observer: Callable[[RequestOutput], None] | None, out: RequestOutput) -> None:
@@ -438,6 +448,7 @@ class EngineLoop:
     def _settle(self, request_id: str) -> None:
         with self._cond:
             self._active.discard(request_id)
+            self._unlogged.discard(request_id)
             self._cond.notify_all()
 
     def _read_stats(self) -> dict[str, Any]:

@@ -54,9 +54,15 @@ def test_glm_and_olmo3_think_as_qwen3(name):
 
 
 def test_granite_s_phrases_split_its_answer_and_its_pieces_add_up():
-    """Granite 3.2 and 3.3 (vLLM's granite parser): phrases in either form, "Here is" or "Here's"."""
+    """Granite 3.2 (vLLM's granite parser): phrases in either form, "Here is" or "Here's"; a prompt
+    whose last phrase opens the reasoning (a prefill still thinking) begins the answer inside it."""
     granite = REASONING_PARSERS["granite"]
     tail = "<|start_of_role|>assistant<|end_of_role|>"
+    system = "Write your thoughts after 'Here is my thought process:' and your answer after 'Here is my response:'."
+    assert not granite.opens(system + tail, False) and not granite.opens(tail, False)
+    for prefill in ("Here is my thought process:", "Here's my thought process:", "Here's my thought process: first"):
+        assert granite.opens(system + tail + prefill, False), prefill
+    assert not granite.opens(tail + "Here's my thought process: A. Here is my response:", False)
     for text, expect in (("Here is my thought process: Hmm.\nHere is my response: Sunny.", ("Hmm.", "Sunny.")),
                          ("Here's my thought process:\nHmm.\n\nHere's my response:\nSunny.", ("Hmm.", "Sunny.")),
                          ("Sunny, no thinking.", (None, "Sunny, no thinking.")),

@@ -318,6 +318,23 @@ def test_finished_requests_are_logged_with_their_text_only_when_asked(chat_model
     assert "received request" not in caplog.text  # (each flag logs its own)
 
 
+def test_a_beam_search_logs_its_choices_not_its_steps(chat_model_dir, caplog):
+    """From a review: each step of a search is an engine request of one token; only the choices it
+    builds are logged."""
+    import logging
+
+    s = start_server(engine_config(chat_model_dir, store=False), log_outputs=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="cachedattention.server.engine_loop"):
+            body = {"prompt": "Hello", "max_tokens": 3, "use_beam_search": True, "n": 2, "temperature": 0}
+            r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).json()
+    finally:
+        s.stop()
+    lines = [m for m in caplog.messages if m.startswith("finished request")]
+    assert len(lines) == 2 and not any("-step" in m or "-first" in m for m in lines), lines
+    assert sorted(m.split("output ", 1)[1] for m in lines) == sorted(repr(c["text"]) for c in r["choices"])
+
+
 def test_serve_passes_the_log_flags_on(chat_model_dir, monkeypatch, tmp_path):
     from cachedattention.server import app as app_module
 
