@@ -87,7 +87,8 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
                         "answers go a token a step)")
     g.add_argument("--hf-overrides", type=hf_overrides_json, default=None, metavar="JSON",
                    help="values laid over the model's config.json before it is read, as vLLM's (e.g. "
-                        "'{\"max_position_embeddings\": 8192}'); an object over an object merges key by key")
+                        "'{\"max_position_embeddings\": 8192}'): a value replaces the config's (rope_scaling "
+                        "whole), a sub-config (text_config...) takes its keys one by one")
     g.add_argument("--rope-scaling", type=rope_scaling, default=None, metavar="JSON",
                    help="vLLM's older flag: the model's rope_scaling replaced (as --hf-overrides "
                         "'{\"rope_scaling\": ...}'), e.g. '{\"rope_type\": \"yarn\", \"factor\": 4.0, "
