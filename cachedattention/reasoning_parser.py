@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from cachedattention import harmony
 from cachedattention.text_tags import tag_prefix_at_end
@@ -45,7 +45,19 @@ class ReasoningParser:
     start: str = START
     end: str = END
     keeps_special_tokens: bool = False  # its tags are special tokens: the answer's text must keep them
-    tail_tokens: ClassVar[int] = PROMPT_TAIL_TOKENS  # how much of the prompt's end `opens` reads
+    # other forms of its tags (Granite's "Here's my thought process:" beside "Here is ..."), and how
+    # much of the prompt's end `opens` reads (a phrase's prefill runs longer than a tag's)
+    also_starts: tuple[str, ...] = ()
+    also_ends: tuple[str, ...] = ()
+    tail_tokens: int = PROMPT_TAIL_TOKENS
+
+    @property
+    def starts(self) -> tuple[str, ...]:
+        return (self.start, *self.also_starts)
+
+    @property
+    def ends(self) -> tuple[str, ...]:
+        return (self.end, *self.also_ends)
 
     def opens(self, prompt_tail: str, structured: bool) -> bool:
         """Whether an answer after a prompt ending in `prompt_tail` begins inside its reasoning
@@ -54,7 +66,8 @@ class ReasoningParser:
         if structured or self.closes(prompt_tail):
             return False
         # the tail's last tag opens it: the template's <think>, or a prefilled answer still thinking
-        return self.starts_open or prompt_tail.rfind(self.start) > prompt_tail.rfind(self.end)
+        last_start = max(prompt_tail.rfind(start) for start in self.starts)
+        return self.starts_open or last_start > max(prompt_tail.rfind(end) for end in self.ends)
 
     def answer_start(self, tokenizer: Tokenizer | None, prompt_ids: Sequence[int], tags: tuple[int, int] | None,
                      structured: bool = False) -> tuple[bool, bool]:  # fmt: skip
@@ -74,11 +87,11 @@ class ReasoningParser:
 
     def closes(self, prompt_tail: str) -> bool:
         """Whether the prompt ends with a closed reasoning (Qwen3's enable_thinking=false): the answer has none."""
-        return prompt_tail.rstrip().endswith(self.end)
+        return any(prompt_tail.rstrip().endswith(end) for end in self.ends)
 
     def reasoning_done(self, text: str, whole: Split) -> bool:
         """Whether this prefix of the answer's text holds all of its reasoning (`whole`: the answer's split)."""
-        return self.end in text
+        return any(end in text for end in self.ends)
 
     def split(self, text: str, open_at_start: bool, final: bool = True) -> Split:
         """The answer's text split into reasoning and content.
@@ -86,17 +99,19 @@ class ReasoningParser:
         Not `final` (text still growing): what may yet become a tag is held back, so that pieces
         shown as the text grows always add up to the final split."""
         body = text.lstrip()
-        if body.startswith(self.start):
-            body, open_at_start = body[len(self.start) :], True
-        elif not final and self.start.startswith(body):  # may still become <think> (blank text may come before one)
+        start = next((s for s in self.starts if body.startswith(s)), None)
+        if start is not None:
+            body, open_at_start = body[len(start) :], True
+        elif not final and any(s.startswith(body) for s in self.starts):  # may still become <think> (blank text may come before one)
             return Split("" if open_at_start else None, "", closed=not open_at_start)
         elif not open_at_start:
             return Split(None, text)
-        reasoning, closed, content = body.partition(self.end)
-        if not closed:
-            held = 0 if final else tag_prefix_at_end(reasoning, self.end)
-            return Split(reasoning[: len(reasoning) - held].strip(), "", closed=False)
-        return Split(reasoning.strip(), content.lstrip())
+        found = [(at, end) for end in self.ends if (at := body.find(end)) >= 0]
+        if not found:
+            held = 0 if final else max(tag_prefix_at_end(body, end) for end in self.ends)
+            return Split(body[: len(body) - held].strip(), "", closed=False)
+        at, end = min(found)
+        return Split(body[:at].strip(), body[at + len(end) :].lstrip())
 
 
 @dataclass(frozen=True)
@@ -132,49 +147,11 @@ class HarmonyParser(ReasoningParser):
         return self.split(text, False).reasoning == whole.reasoning
 
 
-@dataclass(frozen=True)
-class PhraseParser(ReasoningParser):
-    """Granite 3.2: the reasoning after "Here is my thought process:" (or "Here's"), the answer
-    after "Here is my response:" (or "Here's"): phrases, not tokens, each in either form. A prompt
-    whose last phrase opens the reasoning (a prefilled answer still thinking, within the prompt's
-    last 512 tokens) makes the answer begin inside it."""
-
-    starts: tuple[str, ...] = ()
-    ends: tuple[str, ...] = ()
-    tail_tokens: ClassVar[int] = 512  # (a prefill after the phrase; the system prompt names both phrases)
-
-    def opens(self, prompt_tail: str, structured: bool) -> bool:
-        if structured or self.closes(prompt_tail):
-            return False
-        last_start = max(prompt_tail.rfind(start) for start in self.starts)
-        return self.starts_open or last_start > max(prompt_tail.rfind(end) for end in self.ends)
-
-    def closes(self, prompt_tail: str) -> bool:
-        return any(prompt_tail.rstrip().endswith(end) for end in self.ends)
-
-    def reasoning_done(self, text: str, whole: Split) -> bool:
-        return any(end in text for end in self.ends)
-
-    def split(self, text: str, open_at_start: bool, final: bool = True) -> Split:
-        body = text.lstrip()
-        start = next((s for s in self.starts if body.startswith(s)), None)
-        if start is not None:
-            body, open_at_start = body[len(start) :], True
-        elif not final and any(s.startswith(body) for s in self.starts):  # may still become the phrase
-            return Split("" if open_at_start else None, "", closed=not open_at_start)
-        elif not open_at_start:
-            return Split(None, text)
-        found = [(at, end) for end in self.ends if (at := body.find(end)) >= 0]
-        if not found:
-            held = 0 if final else max(tag_prefix_at_end(body, end) for end in self.ends)
-            return Split(body[: len(body) - held].strip(), "", closed=False)
-        at, end = min(found)
-        return Split(body[:at].strip(), body[at + len(end) :].lstrip())
-
-
-GRANITE = PhraseParser("granite", False, "Here is my thought process:", "Here is my response:",
-                       starts=("Here is my thought process:", "Here's my thought process:"),
-                       ends=("Here is my response:", "Here's my response:"))  # fmt: skip
+# Granite 3.2: the reasoning after "Here is my thought process:", the answer after "Here is my
+# response:", each also with "Here's"; phrases, not tokens, whose prefill runs longer than a tag's
+GRANITE = ReasoningParser("granite", False, "Here is my thought process:", "Here is my response:",
+                          also_starts=("Here's my thought process:",), also_ends=("Here's my response:",),
+                          tail_tokens=512)  # fmt: skip
 REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), ReasoningParser("deepseek_r1", True),
                                          ReasoningParser("seed_oss", True, "<seed:think>", "</seed:think>"),
                                          ReasoningParser("mistral", False, "[THINK]", "[/THINK]", True),

@@ -369,7 +369,7 @@ class Glm45Calls(Qwen3CoderCalls):
 
     def _block(self, body: str) -> ToolCall | None:
         if body.strip().startswith("{"):
-            return _hermes_block(body.split(CLOSE, 1)[0].strip())
+            return _hermes_block(body.strip())
         name = body.split("<arg_key>", 1)[0].strip().split("\n", 1)[0].strip()
         if not name:
             return None
