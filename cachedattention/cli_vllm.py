@@ -10,16 +10,16 @@ import ssl
 
 from cachedattention.cli_types import POSITIVE, integer, json_object, json_value, number, one_device, only
 from cachedattention.cli_vllm_ignored import Refuse, add_ignored_engine_args
-from cachedattention.config import MAX_LOGPROBS, SpeculativeConfig
+from cachedattention.config import CONTENT_FORMATS, KV_CACHE_DTYPES, MAX_LOGPROBS, SpeculativeConfig
 from cachedattention.model.hf_overrides import check_hf_overrides
 from cachedattention.model.messages import ChatOptions
 from cachedattention.model.quant_config import VLLM_QUANTIZATION
 
 # server/tool_calls.py's parsers, named here so that the command line starts without the server's imports
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "granite", "phi4_mini_json", "pythonic", "qwen3_coder", "openai",
-                     "glm45", "seed_oss", "qwen3_xml", "llama4_json", "glm47")  # (the last three: vLLM's other names)
+                     "glm45", "seed_oss", "olmo3", "xlam", "qwen3_xml", "llama4_json", "glm47", "ernie45")  # (the last four: vLLM's other names)
 REASONING_PARSERS = ("qwen3", "deepseek_r1", "seed_oss", "mistral", "openai_gptoss", "glm45", "glm47", "olmo3",
-                     "granite")  # server/reasoning.py's
+                     "granite", "ernie45")  # server/reasoning.py's
 # vLLM's --dtype names (llm_args.VLLM_DTYPES, named here so that parsing needs no config imports)
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
@@ -78,8 +78,10 @@ def add_vllm_engine_args(p: argparse.ArgumentParser) -> None:
                    help="adapters kept loaded (default --max-loras); the least recently used is read again when "
                         "asked for")
     g.add_argument("--kv-cache-dtype", type=kv_cache_dtype, default="auto",
-                   help="auto only: the device pool keeps the model's dtype (--dtype); --storage-dtype sets the "
-                        "store's")
+                   help="what the device pool's pages hold: auto (the model's dtype), bfloat16, or fp8 (fp8_e4m3; "
+                        "or fp8_e5m2), a scale of 1 as vLLM's default: 2 or 4 times the tokens in the same memory, "
+                        "attention reading them back in the model's dtype (on a CPU through torch, slower than "
+                        "its float32 kernels). The store keeps the model's dtype (--storage-dtype sets it)")
     g.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
                    help="vLLM's speculative decoding, its n-gram method: '{\"method\": \"ngram\", "
                         "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}': an answer's next tokens "
@@ -163,9 +165,11 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                         "(`port: 8000`, `enable-prefix-caching: false`); flags on the command line win")
     g.add_argument("--api-server-count", "-asc", type=one_server, default=1, metavar="N",
                    help="1 only: this server is one process")
-    g.add_argument("--chat-template-content-format", type=content_format, default="auto", metavar="auto|string",
-                   help="auto or string: a message's text parts reach the chat template joined into one "
-                        "string (vLLM's string format, which its auto picks for templates that take text)")
+    g.add_argument("--chat-template-content-format", type=content_format, default="auto",
+                   metavar="auto|string|openai",
+                   help="how a message's content reaches the chat template: one string (its text parts joined "
+                        "a line each), OpenAI's list of text parts, or auto (the list for a template that loops "
+                        "over a message's content, else the string), as vLLM's")
     g.add_argument("--enable-request-id-headers", action="store_true",
                    help="every answer carries an X-Request-Id header: the request's own, else a new id")
     g.add_argument("--default-chat-template-kwargs", type=template_kwargs, default=None, metavar="JSON",
@@ -184,7 +188,7 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                    help=f"how the model writes tool calls: {', '.join(TOOL_CALL_PARSERS)} (default hermes: Qwen2.5, "
                         "Hermes; llama3_json: Llama 3.1 to 3.3; mistral: Mistral 7B v0.3, Nemo, Small; granite: "
                         "Granite 3; phi4_mini_json: Phi-4-mini; pythonic: Llama 3.2 and 4; qwen3_coder (or qwen3_xml): "
-                        "Qwen3-Coder; glm45 (or glm47): GLM-4.5 to 4.7; seed_oss: Seed-OSS; "
+                        "Qwen3-Coder; glm45 (or glm47): GLM-4.5 to 4.7; seed_oss: Seed-OSS; ernie45: ERNIE 4.5 (Hermes' blocks); olmo3: OLMo 3's Python calls a line each in <function_calls>; xlam: xLAM's JSON array of calls; "
                         "openai: gpt-oss's harmony, with --reasoning-parser openai_gptoss); "
                         "also the form a required or named tool_choice makes the answer take (openai has none: "
                         "such a request is refused)")
@@ -194,7 +198,8 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
                         "seed_oss: Seed-OSS's <seed:think>...</seed:think>, also without a tag at first; mistral: "
                         "Magistral's [THINK]...[/THINK]; openai_gptoss: "
                         "gpt-oss's harmony analysis channel; glm45, glm47: GLM-4.5 to 4.7; olmo3: OLMo 3; granite: "
-                        "Granite 3.2's 'Here is my thought process:' ... 'Here is my response:'); "
+                        "Granite 3.2's 'Here is my thought process:' ... 'Here is my response:'; ernie45: ERNIE 4.5 Thinking, "
+                        "which starts without the tag, its answer's <response> tags dropped); "
                         "chat answers return it as `reasoning` (and `reasoning_content`) apart from `content`")
     logs = g.add_mutually_exclusive_group()
     logs.add_argument("--enable-log-requests", action="store_true",
@@ -234,6 +239,11 @@ def add_vllm_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--root-path", type=root_path, default="", metavar="PATH",
                    help="the path prefix a proxy serves this server under (FastAPI's root_path), as vLLM's")
     g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no access log line per request")
+    g.add_argument("--disable-access-log-for-endpoints", type=endpoint_paths, default=(), metavar="PATHS",
+                   help="no access log line for these paths, comma-separated (e.g. /health,/metrics), as vLLM's")
+    g.add_argument("--log-config-file", type=log_config_file, default=None, metavar="FILE",
+                   help="a JSON logging configuration (Python's dictConfig schema) for this server's loggers "
+                        "and uvicorn's, applied before the model loads, as vLLM's")
     g.add_argument("--disable-fastapi-docs", action="store_true",
                    help="no /openapi.json schema either (/docs and /redoc are never served here)")
 
@@ -309,7 +319,8 @@ def seed_value(text: str) -> int:
     return value
 
 
-kv_cache_dtype = only(("auto",), "the device pool keeps the model's dtype (--dtype)")
+kv_cache_dtype = only(KV_CACHE_DTYPES, "the pages hold the model's dtype, bfloat16 or FP8 (fp8_inc is Intel "
+                                       "Gaudi's, fp8_ds_mla DeepSeek MLA's layout)")
 quantization_method = only(("None", *VLLM_QUANTIZATION), "the checkpoints this engine reads (it quantizes none at load)")
 offloading_backend = only(("native", "lmcache"), "either is this engine's store")
 tokenizer_mode = only(("auto", "hf"), "the model's own (fast) tokenizer serves; --tokenizer names another one")
@@ -317,8 +328,7 @@ load_format = only(("auto", "safetensors", "gguf"), "weights load from safetenso
 tool_call_parser = only(TOOL_CALL_PARSERS, "this server reads the tool call formats it knows")
 reasoning_parser_name = only(REASONING_PARSERS, "this server reads the reasoning formats it knows")
 dtype_name = only(DTYPES, "vLLM's dtypes (half is float16, float is float32)")
-content_format = only(("auto", "string"), "a message's text parts reach the chat template as one string here, "
-                                          "never as a list of OpenAI parts (vLLM's openai format)")
+content_format = only(CONTENT_FORMATS, "vLLM's content formats")
 response_role = only(("assistant",), "a chat answer after the generation prompt is the assistant's here")
 
 
@@ -357,6 +367,30 @@ def template_kwargs(text: str) -> dict:
     return value
 
 
+def endpoint_paths(text: str) -> tuple[str, ...]:
+    """Comma-separated paths, each starting with '/'."""
+    paths = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not paths or any(not p.startswith("/") for p in paths):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated paths each starting with '/' were expected "
+                                         "(e.g. /health,/metrics)")  # fmt: skip
+    return paths
+
+
+def log_config_file(path: str) -> dict:
+    """A logging configuration file: a JSON object (Python's dictConfig schema), read now."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{path!r} cannot be read: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{path!r} is not JSON: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("version"), int):
+        raise argparse.ArgumentTypeError(f"{path!r} must hold a JSON object in Python's logging dictConfig schema, "
+                                         "with its \"version\": 1")  # fmt: skip
+    return config
+
+
 def root_path(text: str) -> str:
     if text and (not text.startswith("/") or text.endswith("/")):
         raise argparse.ArgumentTypeError(f"{text!r} must start with '/' and not end with one (e.g. /llm)")
@@ -392,8 +426,9 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
     uds = {"uds": args.uds} if getattr(args, "uds", None) is not None else {}
     if uds and not os.path.isdir(os.path.dirname(os.path.abspath(args.uds))):  # (said now, not once the model loaded)
         raise ValueError(f"--uds {args.uds!r}: its folder does not exist")
+    logs = {"log_config": args.log_config_file} if getattr(args, "log_config_file", None) is not None else {}
     return {**files, "ssl_cert_reqs": reqs, "access_log": not getattr(args, "disable_uvicorn_access_log", False),
-            **uds}
+            **uds, **logs}
 
 
 def model_arg(args: argparse.Namespace) -> str | None:

@@ -131,6 +131,8 @@ REFUSED_ENGINE_FLAGS = {
     "--headless": (0, "this engine runs its own front end in one process"),
     "--tool-server": (None, "this server calls no tools itself: a request's tools come back as tool_calls"),
     "--middleware": (None, "no ASGI middleware is loaded"),
+    "--calculate-kv-scales": (0, "FP8 pages (--kv-cache-dtype fp8) have a scale of 1 here, as vLLM's default: "
+                                 "no scales are computed"),
 }
 
 

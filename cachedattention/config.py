@@ -14,6 +14,8 @@ from cachedattention.model.hf_overrides import check_hf_overrides
 from cachedattention.store.remote_url import check_remote_url
 
 _DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's, but for Gaudi's and MLA's
+CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's chat template content formats
 MAX_LOGPROBS = 20  # most alternatives a token's logprobs may list by default (vLLM's max_logprobs)
 
 
@@ -66,9 +68,13 @@ class CacheConfig:
     # weights, activations and the pool together (the pool takes what is left); None: the default size.
     # memory_bytes and num_pages win over it; on a CPU it does not apply (see kvcache.kv_pool)
     gpu_memory_utilization: float | None = None
+    # vLLM's kv_cache_dtype: what the pages hold ("auto": the model's dtype; fp8 is e4m3, scale 1)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.page_size <= 0:
             raise ValueError(f"page_size must be positive, got {self.page_size}")
         f = self.gpu_memory_utilization
@@ -261,6 +267,9 @@ class EngineConfig:
     lora: LoRAConfig = LoRAConfig()
     speculative: SpeculativeConfig | None = None  # vLLM's speculative_config (None: one token a step)
     chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the tokenizer's
+    # how a message's content reaches the template (vLLM's --chat-template-content-format): one string,
+    # OpenAI's list of text parts, or as the template reads it (auto)
+    chat_template_content_format: str = "auto"
     # the model's sampling defaults (vLLM's --generation-config): "auto" reads generation_config.json
     # beside the weights, "vllm" ignores it, a folder reads that folder's file
     generation_config: str = "auto"
@@ -289,6 +298,9 @@ class EngineConfig:
             reasoning_parser(self.reasoning_parser)  # a ValueError naming the known ones
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.chat_template_content_format not in CONTENT_FORMATS:
+            raise ValueError(f"chat_template_content_format must be one of {', '.join(CONTENT_FORMATS)}, got "
+                             f"{self.chat_template_content_format!r}")  # fmt: skip
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len <= 0 and self.max_model_len != -1:

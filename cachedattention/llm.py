@@ -335,19 +335,18 @@ class LLM:
         templates that describe them to the model. As vLLM's: `continue_final_message` (with
         add_generation_prompt False) has the model go on with the last message, the assistant's;
         `chat_template_kwargs` are extra template variables; `chat_template` (a Jinja template or
-        the file holding one) renders this call's messages, its text parts joined as one string
-        (`chat_template_content_format` "auto" or "string"); `use_tqdm` and `lora_request` as generate's
+        the file holding one) renders this call's messages; `chat_template_content_format`: a message's
+        content reaches the template as one string ("string", its text parts joined a line each), as
+        OpenAI's list of text parts ("openai"), or as the template reads it ("auto"); `use_tqdm` and `lora_request` as generate's
         (a bool in session_id's place is vLLM's third positional argument, use_tqdm)."""
         session_id, use_tqdm = _vllm_positional(session_id, use_tqdm)
-        if chat_template_content_format not in ("auto", "string"):
-            raise ValueError(f"chat_template_content_format must be 'auto' or 'string' (a message's text parts are "
-                             f"rendered as one string), got {chat_template_content_format!r}")  # fmt: skip
         options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs or {})
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("this model has no tokenizer, so chat() cannot render messages")
         if chat_template is not None:
             tokenizer = tokenizer.with_chat_template(chat_template)
+        tokenizer = tokenizer.with_content_format(chat_template_content_format)  # (a ValueError naming it)
         batch = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
         convs = list(messages) if batch else [messages]
         sessions = _one_each(session_id, len(convs), "session_id")

@@ -15,7 +15,6 @@ import torch
 
 from cachedattention.cli_vllm import (
     OFFLOAD_GIB,
-    kv_cache_dtype,
     load_format,
     offloading_backend,
     offloading_host_bytes,
@@ -33,14 +32,14 @@ _CONFIG_ARGS = {
     "gpu_memory_utilization": ("cache", "gpu_memory_utilization"), "enable_prefix_caching": ("cache", "enable_prefix_cache"),
     "enable_prefix_cache": ("cache", "enable_prefix_cache"), "block_size": ("cache", "page_size"),
     "page_size": ("cache", "page_size"), "num_pages": ("cache", "num_pages"), "kv_pool_bytes": ("cache", "memory_bytes"),
-    "kv_cache_memory_bytes": ("cache", "memory_bytes"),
+    "kv_cache_memory_bytes": ("cache", "memory_bytes"), "kv_cache_dtype": ("cache", "kv_cache_dtype"),
     "max_num_seqs": ("scheduler", "max_num_seqs"), "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "long_prefill_token_threshold": ("scheduler", "long_prefill_token_threshold"),
     "scheduling_policy": ("scheduler", "policy"),
 }  # fmt: skip
 # vLLM's arguments that ask for what this engine does anyway, or that change nothing here (swap_space,
 # max_seq_len_to_capture, guided_decoding_backend): each checked as the command line checks its flag
-_CHECKED = {"kv_cache_dtype": kv_cache_dtype, "tokenizer_mode": tokenizer_mode, "load_format": load_format,
+_CHECKED = {"tokenizer_mode": tokenizer_mode, "load_format": load_format,
             "quantization": quantization_method, "kv_offloading_size": OFFLOAD_GIB,
             "kv_offloading_backend": offloading_backend,
             **{name: check for name, (check, _, _) in IGNORED_ENGINE_ARGS.items()}}  # fmt: skip

@@ -147,6 +147,36 @@ class HarmonyParser(ReasoningParser):
         return self.split(text, False).reasoning == whole.reasoning
 
 
+@dataclass(frozen=True)
+class Ernie45Parser(ReasoningParser):
+    """ERNIE 4.5 Thinking: reasoning from the answer's first token (its template opens <think>) to
+    </think>; the answer after it may come wrapped in <response> and </response>, which are dropped
+    (what follows </response> too), with the whitespace between them and the answer."""
+
+    def split(self, text: str, open_at_start: bool, final: bool = True) -> Split:
+        whole = super().split(text, open_at_start, final)
+        if whole.reasoning is None or not whole.closed:
+            return whole
+        return whole._replace(content=_unwrapped(whole.content, final))
+
+
+RESPONSE_OPEN, RESPONSE_CLOSE = "<response>", "</response>"
+
+
+def _unwrapped(content: str, final: bool) -> str:
+    """ERNIE's answer without its <response> tags; still growing (not `final`), without what may yet
+    become one or be whitespace before one."""
+    if not content.startswith(RESPONSE_OPEN):
+        return "" if not final and RESPONSE_OPEN.startswith(content) else content  # (may still become it)
+    body = content[len(RESPONSE_OPEN) :].lstrip()
+    end = body.rfind(RESPONSE_CLOSE)
+    if end >= 0:
+        return body[:end].rstrip()
+    if final:  # (cut before its closing tag: max_tokens)
+        return body
+    return body[: len(body) - tag_prefix_at_end(body, RESPONSE_CLOSE)].rstrip()
+
+
 # Granite 3.2: the reasoning after "Here is my thought process:", the answer after "Here is my
 # response:", each also with "Here's"; phrases, not tokens, whose prefill runs longer than a tag's
 GRANITE = ReasoningParser("granite", False, "Here is my thought process:", "Here is my response:",
@@ -159,7 +189,8 @@ REASONING_PARSERS = {p.name: p for p in (ReasoningParser("qwen3", False), Reason
                                                        "<|end|>", True),
                                          # GLM-4.5 to 4.7 and OLMo 3 think between <think> and </think> as Qwen3
                                          ReasoningParser("glm45", False), ReasoningParser("glm47", False),
-                                         ReasoningParser("olmo3", False), GRANITE)}  # fmt: skip
+                                         ReasoningParser("olmo3", False), GRANITE,
+                                         Ernie45Parser("ernie45", True))}  # fmt: skip
 
 
 def reasoning_parser(name: str | None) -> ReasoningParser | None:

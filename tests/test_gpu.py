@@ -43,11 +43,12 @@ def test_cuda_concurrent_decoders_in_one_padded_group_match_transformers(tiny_di
             assert rel_err(seen[step * len(prompts) + j].cpu(), ref[len(prompt) - 1 + step]) <= 1e-3
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])  # fp8: the pages in e4m3, the store in float32
 @pytest.mark.parametrize("layerwise", [True, False])
 @pytest.mark.parametrize("tier", ["host", "disk"])
-def test_cuda_store_turns_equal_recompute(tier, layerwise, tiny_dirs, tmp_path):
+def test_cuda_store_turns_equal_recompute(tier, layerwise, kv_cache_dtype, tiny_dirs, tmp_path):
     path, _ = tiny_dirs["llama"]
-    no_dev = CacheConfig(enable_prefix_cache=False)
+    no_dev = CacheConfig(enable_prefix_cache=False, kv_cache_dtype=kv_cache_dtype)
     base = LLM(model=str(path), device="cuda", cache=no_dev)
     kw = {"store_dir": str(tmp_path), "host_bytes": 0} if tier == "disk" else {}
     llm = LLM(model=str(path), device="cuda", cache=no_dev, enable_store=True, layerwise=layerwise, **kw)

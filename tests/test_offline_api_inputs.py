@@ -129,7 +129,8 @@ def test_sampling_params_take_none_for_a_list_and_deep_schemas_are_a_clear_error
     (lambda: SchedulerConfig(max_num_seqs=2.0), "max_num_seqs must be int"),
     (lambda: LLM(cache={}), "cache must be a CacheConfig"),
     (lambda: LLM(bogus=1), "unknown argument 'bogus': see help"),
-    (lambda: LLM(kv_cache_dtype="fp8"), "kv_cache_dtype: 'fp8' is not supported"),
+    (lambda: LLM(kv_cache_dtype="fp8_ds_mla"), "kv_cache_dtype must be one of auto, bfloat16, fp8, fp8_e4m3, fp8_e5m2, "
+                                               "got 'fp8_ds_mla'"),
     (lambda: LLM(model="/no/such/model.gguf", load_format="safetensors"), "load_format safetensors does not match"),
     (lambda: LLM(model="/no/such/folder", load_format="gguf"), "load_format gguf does not match"),
     (lambda: LLM(load_format="npcache"), "load_format: 'npcache' is not supported"),

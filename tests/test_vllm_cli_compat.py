@@ -63,7 +63,7 @@ def test_vllm_s_quickstart_line_runs(chat_model_dir, capsys):
     ["--swap-space", "4"], ["--swap-space", "0"], ["--max-seq-len-to-capture", "8192"],
     ["--disable-frontend-multiprocessing"], ["--api-server-count", "1"], ["-asc", "1"],
     ["--guided-decoding-backend", "xgrammar"], ["--guided-decoding-backend", "lm-format-enforcer"],
-    ["--chat-template-content-format", "string"], ["--chat-template-content-format", "auto"],
+    ["--chat-template-content-format", "auto"],
     ["-O3"], ["-O", "0"], ["-O.level=3"], ["--compilation-config", '{"level": 3}'], ["--async-scheduling"],
     ["--no-async-scheduling"], ["-cc", '{"cudagraph_mode": "NONE"}'], ["--optimization-level", "2"],
     ["--enable-expert-parallel"], ["--disable-hybrid-kv-cache-manager"], ["--disable-custom-all-reduce"],
@@ -89,7 +89,7 @@ def test_what_this_engine_already_does_is_accepted(flags):
     (["--default-chat-template-kwargs", "{nope"], "not JSON"),
     (["--default-chat-template-kwargs", '{"tools": []}'], "may not set 'tools': it has its own field"),
     (["--api-server-count", "4"], "this server is one process: only 1 is accepted, got 4"),
-    (["--chat-template-content-format", "openai"], "never as a list of OpenAI parts"),
+    (["--chat-template-content-format", "parts"], "vLLM's content formats (supported: auto, string, openai)"),
     (["--guided-decoding-backend", "xgrammar:disable-any-whitespace"], "a backend's options are not taken"),
     (["--guided-decoding-backend", "llguidance"], "supported: auto, xgrammar, guidance, outlines, lm-format-enforcer"),
     (["--swap-space", "-1"], "a number of GiB >= 0"),
@@ -137,6 +137,14 @@ def test_vllm_s_other_parser_names_and_gpt_oss_s_mxfp4(tmp_path):
 
     assert tool_call_parser("qwen3_xml") is tool_call_parser("qwen3_coder")
     assert tool_call_parser("llama4_json") is tool_call_parser("llama3_json")
+    # ERNIE 4.5 writes Hermes' blocks after its reasoning (vLLM's ernie45 parsers, reasoning then tools)
+    from cachedattention.reasoning_parser import reasoning_parser
+
+    answer = 'Weather needed.\n</think>\n\n\n<tool_call>\n{"name": "get", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+    reasoning, content, _ = reasoning_parser("ernie45").split(answer, True)
+    text, calls = tool_call_parser("ernie45").parse(content)
+    assert reasoning == "Weather needed." and text is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get", {"city": "Oslo"})]
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mxfp4"}}))
     check_quantization("mxfp4", tmp_path)  # (gpt-oss's own checkpoints)
     (tmp_path / "config.json").write_text("{}")

@@ -54,9 +54,11 @@ def test_chat_returns_a_list_as_vllm(llm):
     assert isinstance(outs, list) and len(outs) == 1 and len(outs[0].token_ids) == 6
     both = llm.chat([HI, HI], GREEDY)
     assert [o.token_ids for o in both] == [outs[0].token_ids] * 2
-    with pytest.raises(ValueError, match="chat_template_content_format"):
-        llm.chat(HI, GREEDY, chat_template_content_format="openai")
+    with pytest.raises(ValueError, match="chat_template_content_format must be one of auto, string, openai"):
+        llm.chat(HI, GREEDY, chat_template_content_format="parts")
     assert llm.chat(HI, GREEDY, chat_template_content_format="string")[0].token_ids == outs[0].token_ids
+    with pytest.raises(ValueError, match="failed to render"):  # its template adds the content to a string
+        llm.chat(HI, GREEDY, chat_template_content_format="openai")
 
 
 def test_a_progress_bar_counts_the_prompts_or_none(llm):

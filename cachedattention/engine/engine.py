@@ -27,6 +27,7 @@ from cachedattention.kvcache.kv_pool import (
     KVPool,
     activation_bytes,
     default_pool_bytes,
+    kv_storage_dtype,
     pool_bytes_for_utilization,
 )
 from cachedattention.kvcache.page_pool import PagePool
@@ -133,6 +134,8 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("a chat template needs the model's tokenizer, and this model has none")
             self.tokenizer = self.tokenizer.with_chat_template(config.chat_template)
+        if self.tokenizer is not None:
+            self.tokenizer = self.tokenizer.with_content_format(config.chat_template_content_format)
         folder = Path(config.model).expanduser() if config.model is not None else None
         # the request fields the model's generation config sets: where a request sets none
         self.sampling_defaults = generation_defaults(
@@ -209,10 +212,15 @@ class LLMEngine:
 
     def _make_pool(self) -> KVPool:
         c = self.config.cache
-        elt = torch.tensor([], dtype=self.dtype).element_size()
+        storage = kv_storage_dtype(c.kv_cache_dtype, self.dtype)
+        elt = storage.itemsize
         num_pages = c.num_pages or self._budget_pages(elt)
+        if storage != self.dtype:  # (said at start, as vLLM says it: the accuracy traded is the user's to judge)
+            limit = f", with a scale of 1: values past ±{torch.finfo(storage).max:g} saturate" if storage.itemsize == 1 else ""
+            log.info("the KV pages hold %s values (kv_cache_dtype %s), read back as %s%s", str(storage)[6:],
+                     c.kv_cache_dtype, str(self.dtype)[6:], limit)  # fmt: skip
         try:
-            return KVPool(self.spec, num_pages, c.page_size, self.device, self.dtype)
+            return KVPool(self.spec, num_pages, c.page_size, self.device, self.dtype, storage)
         except (MemoryError, RuntimeError) as e:  # (torch's out-of-memory errors are RuntimeErrors)
             if not isinstance(e, MemoryError) and "alloc" not in str(e) and "out of memory" not in str(e):
                 raise
@@ -272,7 +280,8 @@ class LLMEngine:
                 raise ValueError(f"gpu_memory_utilization {util} asks for {util * total / 2**30:.2f} GiB of the device, "
                                  f"but only {(free + ours) / 2**30:.2f} GiB is free for this engine (other processes "
                                  f"use the rest); lower --gpu-memory-utilization")  # fmt: skip
-            headroom = activation_bytes(self.spec, s.max_num_batched_tokens, s.max_num_seqs, self.max_model_len, elt)
+            headroom = activation_bytes(self.spec, s.max_num_batched_tokens, s.max_num_seqs, self.max_model_len,
+                                        self.dtype.itemsize)  # fmt: skip
             page_bytes = self.spec.kv_bytes_per_token(elt) * c.page_size
             return pool_bytes_for_utilization(util, total, ours, headroom, min_bytes=2 * page_bytes)
         if util is not None and self.device.type != "cuda":

@@ -143,6 +143,7 @@ class ModelRunner:
             lengths=lengths,
             page_size=self.pool.page_size,
             window_starts=(lengths - self.window).clamp_(min=0) if self.window is not None else None,
+            storage=self.pool.storage,
         )
 
     def _mask(self, num_new: int, context: int) -> torch.Tensor | None:
@@ -164,7 +165,7 @@ class ModelRunner:
 
     def _split(self, num_new: int, context: int) -> bool:
         """Whether this prompt attends its history and its own tokens apart (then needing no mask)."""
-        return self.device.type == "cpu" and context > 0 and split_applies(num_new, context, self.pool.k[0].dtype)
+        return self.device.type == "cpu" and context > 0 and split_applies(num_new, context, self.pool.dtype)
 
     def _decode_groups(
         self, seqs: list[SeqSlice], cpu_pages: list[torch.Tensor], dec: list[int]
@@ -216,8 +217,8 @@ class ModelRunner:
 
 def _load_decode_kernel(model: LlamaForCausalLM, pool: KVPool, device: torch.device) -> PagedDecodeKernel | None:
     """The paged decode kernel when it serves this engine: float32 on a CPU, a shape it takes."""
-    if device.type != "cpu" or pool.k[0].dtype != torch.float32 or model.lm_head.weight.dtype != torch.float32:
-        return None  # the kernel is float32 C for a CPU; a GPU keeps its fused attention
+    if device.type != "cpu" or pool.dtype != torch.float32 or model.lm_head.weight.dtype != torch.float32:
+        return None  # the kernel is float32 C for a CPU (over narrower pages too); a GPU keeps its fused attention
     spec = model.spec
     if spec.attn_sinks:  # the kernel's softmax has no sinks: gpt-oss decodes through torch
         return None

@@ -54,6 +54,8 @@ CALL_FORMS = {
     "granite": CallForm("granite", '<|tool_call|>[{"name": ', ', "arguments": ', "}]"),
     "phi4_mini_json": CallForm("phi4_mini_json", 'functools[{"name": ', ', "arguments": ', "}]"),
     "pythonic": CallForm("pythonic", "[", "(**", ")]", quoted=False),
+    "xlam": CallForm("xlam", '[{"name": ', ', "arguments": ', "}]"),
+    "olmo3": CallForm("olmo3", "<function_calls>\n", "(**", ")\n</function_calls>", quoted=False),
     # Qwen3-Coder's parameters are untyped text: a forced call is written in Hermes' JSON, which its parser reads too
     "qwen3_coder": CallForm("qwen3_coder", '<tool_call>\n{"name": ', ', "arguments": ', "}\n</tool_call>"),
     "seed_oss": CallForm("seed_oss", '<seed:tool_call>\n{"name": ', ', "arguments": ', "}\n</seed:tool_call>"),

@@ -72,11 +72,14 @@ def _build(source: Path, compiler: list[str]) -> Path:
     return target
 
 
-def _source_with_includes(source: Path) -> bytes:
-    """The source and the local files it includes directly (`#include "x.c"`), for the build's key."""
+def _source_with_includes(source: Path, seen: set[Path] | None = None) -> bytes:
+    """The source and the local files it includes (`#include "x.c"`, and what those include), each
+    once, for the build's key."""
+    seen = set() if seen is None else seen
+    seen.add(source)
     code = source.read_bytes()
-    included = re.findall(rb'^\s*#\s*include\s*"([^"]+)"', code, flags=re.MULTILINE)
-    return code + b"".join((source.parent / name.decode()).read_bytes() for name in included)
+    included = [source.parent / name.decode() for name in re.findall(rb'^\s*#\s*include\s*"([^"]+)"', code, flags=re.MULTILINE)]
+    return code + b"".join(_source_with_includes(path, seen) for path in included if path not in seen)
 
 
 def _remove_older_builds(current: Path) -> None:

@@ -36,9 +36,10 @@ typedef struct {
 typedef struct {
     DLLinear q, k, v, o, gate, up, down;
     const float *input_norm, *post_norm;
-    float *k_pool, *v_pool;         /* [num_slots, kv_heads, head_dim] */
+    void *k_pool, *v_pool;          /* [num_slots, kv_heads, head_dim] of kv_type values */
     const float *q_norm, *k_norm;   /* [head_dim] each, or both null: no per-head norm */
     int64_t index;                  /* the layer's place in the model: its row of the step's LoRA tables */
+    int64_t kv_type;                /* what the pools hold (kv_types.h) */
 } DLLayer;
 
 enum { DL_Q, DL_K, DL_V, DL_O, DL_GATE, DL_UP, DL_DOWN, DL_LINEARS };
@@ -110,14 +111,15 @@ int decode_layer_in(const DLLayer *l, const DLStep *s, int add_delta, float *k_p
 }
 
 int decode_layer_out(const DLLayer *l, const DLStep *s, const float *k_pre, const float *v) {
-    int status = rope_store(s->q, k_pre, v, s->cos, s->sin, s->slots, s->k_rot, l->k_pool, l->v_pool, s->rows,
-                            s->heads, s->kv_heads, s->head_dim, s->num_slots);
+    int status = rope_store_kv(s->q, k_pre, v, s->cos, s->sin, s->slots, s->k_rot, l->k_pool, l->v_pool, s->rows,
+                               s->heads, s->kv_heads, s->head_dim, s->num_slots, l->kv_type);
     if (!status)
         /* whole contexts: the fused layers are not built for a model with a sliding window */
-        status = paged_decode_attention(s->q, s->seq_rows, l->k_pool, l->v_pool, s->pages, s->page_start, s->lengths,
-                                        NULL, s->attn, s->num_seqs, s->rows, s->num_slots / s->page_size, s->table_len,
-                                        s->heads, s->kv_heads, s->head_dim, s->page_size, s->chunk_pages,
-                                        s->num_threads, s->scale, 0.0f); /* no cap: the fused layers are Llama's */
+        status = paged_decode_attention_kv(s->q, s->seq_rows, l->k_pool, l->v_pool, s->pages, s->page_start,
+                                           s->lengths, NULL, s->attn, s->num_seqs, s->rows, s->num_slots / s->page_size,
+                                           s->table_len, s->heads, s->kv_heads, s->head_dim, s->page_size,
+                                           s->chunk_pages, s->num_threads, s->scale, 0.0f, /* no cap: Llama's */
+                                           l->kv_type);
     if (!status) status = dl_linear(l, DL_O, s->attn, s->delta, s);
     if (!status) status = add_rms_norm(s->residual, s->delta, l->post_norm, s->h, s->rows, s->hidden, s->eps);
     if (!status) status = dl_linear(l, DL_GATE, s->h, s->gate, s);

@@ -16,6 +16,7 @@ import torch
 
 from cachedattention.kernels.build import load_kernel
 from cachedattention.kernels.few_rows_linear import MAX_ROWS, QuantizedWeight, kind_code
+from cachedattention.kernels.kv_types import kv_type
 from cachedattention.kernels.paged_decode import CHUNK_TOKENS
 from cachedattention.kernels.row_ops import LORA_MAX_RANK
 
@@ -35,6 +36,7 @@ class _Layer(ctypes.Structure):
         *[(name, _Linear) for name in LINEARS],
         *[(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "k_pool", "v_pool", "q_norm", "k_norm")],
         ("index", ctypes.c_int64),
+        ("kv_type", ctypes.c_int64),
     ]
 
 
@@ -84,18 +86,21 @@ class LayerArgs:
         pools: tuple[torch.Tensor, torch.Tensor],
         head_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
         index: int = 0,
+        storage: torch.dtype = torch.float32,
     ) -> None:
-        """`index`: the layer's place in the model (its row of a step's LoRA tables)."""
+        """`index`: the layer's place in the model (its row of a step's LoRA tables); `storage`: what
+        the pools' pages hold (vLLM's --kv-cache-dtype; FP8 as its bytes)."""
         self.keep = (linears, norms, pools, head_norms)  # the tensors the struct points at
-        self.struct = _Layer(index=index)
+        self.struct = _Layer(index=index, kv_type=kv_type(storage, pools, "the fused decode layers"))
         for name, (out, inp) in shape.linear_shapes().items():
             weight, bias = linears[name]
             setattr(self.struct, name, _linear(name, weight, bias, out, inp))
         for t in norms:
             _need(t, (shape.hidden,), "a norm weight")
         k_pool, v_pool = pools
-        _need(k_pool, (k_pool.shape[0], shape.kv_heads, shape.head_dim), "the K pool")
-        _need(v_pool, tuple(k_pool.shape), "the V pool")
+        if tuple(k_pool.shape[1:]) != (shape.kv_heads, shape.head_dim) or v_pool.shape != k_pool.shape:
+            raise ValueError(f"the K and V pools must be [slots, {shape.kv_heads}, {shape.head_dim}], got "
+                             f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")  # fmt: skip
         self.num_slots = k_pool.shape[0]
         self.struct.input_norm, self.struct.post_norm = norms[0].data_ptr(), norms[1].data_ptr()
         self.struct.k_pool, self.struct.v_pool = k_pool.data_ptr(), v_pool.data_ptr()

@@ -14,9 +14,13 @@
  * With AVX-512, head_dim 64, pages of at most 16 tokens and at most 16 query heads per KV head
  * take a hand-vectorised path; other shapes a plain C one that the compiler vectorises.
  *
- * Layouts (float32, contiguous):
+ * Pages may hold narrower values than float32 (vLLM's --kv-cache-dtype: bfloat16, FP8 e4m3 or
+ * e5m2, a scale of 1): each page's tokens are widened to float32 into the thread's buffer, exactly
+ * as torch widens them, then attended as float32 pages are; reading a quarter of the bytes.
+ *
+ * Layouts (contiguous; float32 but for the pool's values):
  *   q, out      [rows, heads, head_dim]; sequence s uses row rows[s]
- *   k_pool, v_pool  [num_slots, kv_heads, head_dim], slot = page * page_size + offset
+ *   k_pool, v_pool  [num_slots, kv_heads, head_dim] of kv_type, slot = page * page_size + offset
  *   pages       the page tables of all sequences, concatenated; sequence s owns
  *               pages[page_start[s] .. page_start[s + 1])
  *   lengths     [num_seqs] tokens of context (including the new one) of each sequence
@@ -26,6 +30,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kv_types.h"
 #if defined(__SSE__)
 #include <xmmintrin.h>
 /* the intrinsic, not __builtin_prefetch: GCC deletes a loop that holds only the latter */
@@ -44,13 +53,38 @@ enum { PD_OK = 0, PD_UNSUPPORTED_SHAPE = 1, PD_BAD_INDEX = 2, PD_NO_MEMORY = 3 }
 
 /* What every work item reads: the call's arguments. */
 typedef struct {
-    const float *q, *k_pool, *v_pool;
+    const float *q;
+    const uint8_t *k_pool, *v_pool; /* values of kv_type */
     const int64_t *rows, *pages, *page_start, *lengths;
     const int64_t *starts; /* each context's first token attended (a sliding window's); NULL: token 0 */
     int64_t heads, kv_heads, head_dim, page_size;
     float scale;
     float cap; /* Gemma 2's cap on scores, cap * tanh(s / cap); 0: none */
+    int64_t kv_type;
+    float *widened; /* narrow pages: per thread, a page's keys then its values in float32 */
 } Call;
+
+/* Page `page`'s first n tokens of keys and values as float32: in place, or widened into the
+ * thread's buffer. */
+static inline void page_values(const Call *c, int64_t page, int64_t n, const float **kp, const float **vp) {
+    const int64_t page_values = c->page_size * c->kv_heads * c->head_dim;
+    const int64_t offset = page * page_values * kv_bytes(c->kv_type);
+    if (c->kv_type == KV_F32) {
+        *kp = (const float *)(c->k_pool + offset);
+        *vp = (const float *)(c->v_pool + offset);
+        return;
+    }
+#ifdef _OPENMP
+    float *buffer = c->widened + (int64_t)omp_get_thread_num() * 2 * page_values;
+#else
+    float *buffer = c->widened;
+#endif
+    const int64_t count = n * c->kv_heads * c->head_dim;
+    kv_widen(c->kv_type, c->k_pool + offset, buffer, count);
+    kv_widen(c->kv_type, c->v_pool + offset, buffer + page_values, count);
+    *kp = buffer;
+    *vp = buffer + page_values;
+}
 
 typedef struct {
     int64_t seq;
@@ -67,12 +101,13 @@ int paged_decode_supports(int64_t heads, int64_t kv_heads, int64_t head_dim, int
 
 /* Ask for every cache line of the item's next page, keys and values. A macro, not a function:
  * GCC counts a function that only prefetches as free of effects and deletes its calls. */
-#define PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_floats)                              \
+#define PREFETCH_NEXT_PAGE(c, it, p, table)                                                         \
     do {                                                                                          \
         if ((p) + 1 < (it)->page_hi) {                                                            \
-            const float *next_k = (k_pool) + (table)[(p) + 1] * (page_floats);                    \
-            const float *next_v = (v_pool) + (table)[(p) + 1] * (page_floats);                    \
-            for (int64_t line = 0; line < (page_floats); line += 16) { /* 16 floats: 64 bytes */ \
+            const int64_t page_bytes = (c)->page_size * (c)->kv_heads * (c)->head_dim * kv_bytes((c)->kv_type); \
+            const uint8_t *next_k = (c)->k_pool + (table)[(p) + 1] * page_bytes;                  \
+            const uint8_t *next_v = (c)->v_pool + (table)[(p) + 1] * page_bytes;                  \
+            for (int64_t line = 0; line < page_bytes; line += 64) {                               \
                 PREFETCH(next_k + line);                                                          \
                 PREFETCH(next_v + line);                                                          \
             }                                                                                     \
@@ -83,7 +118,6 @@ int paged_decode_supports(int64_t heads, int64_t kv_heads, int64_t head_dim, int
  * Writes, per head, the running max m, the sum l and the unnormalised output acc[head_dim]. */
 static void attend_item_generic(const Call *c, const Item *it, float *restrict m, float *restrict l,
                                 float *restrict acc) {
-    const float *restrict k_pool = c->k_pool, *restrict v_pool = c->v_pool;
     const int64_t *table = c->pages + c->page_start[it->seq], length = c->lengths[it->seq];
     const int64_t heads = c->heads, kv_heads = c->kv_heads, d = c->head_dim, page_size = c->page_size;
     const float scale = c->scale;
@@ -100,9 +134,9 @@ static void attend_item_generic(const Call *c, const Item *it, float *restrict m
     for (int64_t p = it->page_lo; p < it->page_hi; p++) {
         const int64_t n = length - p * page_size < page_size ? length - p * page_size : page_size;
         const int64_t t0 = first > p * page_size ? first - p * page_size : 0; /* tokens before the window */
-        const float *kp = k_pool + table[p] * page_size * slot_stride;
-        const float *vp = v_pool + table[p] * page_size * slot_stride;
-        PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride);
+        const float *kp, *vp;
+        page_values(c, table[p], n, &kp, &vp);
+        PREFETCH_NEXT_PAGE(c, it, p, table);
         for (int64_t h = 0; h < heads; h++) {
             const float *qh = qs + h * d;
             const int64_t offset = (h / group) * d; /* this head's KV head within a slot */
@@ -159,7 +193,6 @@ static inline __m512 exp16(__m512 x) {
  * value row is four registers, a page's scores for one head one register. */
 static void attend_item_avx512_d64(const Call *c, const Item *it, float *restrict m, float *restrict l,
                                    float *restrict acc) {
-    const float *restrict k_pool = c->k_pool, *restrict v_pool = c->v_pool;
     const int64_t *table = c->pages + c->page_start[it->seq], length = c->lengths[it->seq];
     const int64_t heads = c->heads, kv_heads = c->kv_heads, page_size = c->page_size;
     const float scale = c->scale;
@@ -180,9 +213,9 @@ static void attend_item_avx512_d64(const Call *c, const Item *it, float *restric
         const int64_t t0 = first > p * page_size ? first - p * page_size : 0; /* tokens before the window */
         /* the page's tokens in the window: their weights, the others' 0 (their scores are not used) */
         const __mmask16 valid = (__mmask16)(((1u << n) - 1u) & ~((1u << t0) - 1u));
-        const float *kp = k_pool + table[p] * page_size * slot_stride;
-        const float *vp = v_pool + table[p] * page_size * slot_stride;
-        PREFETCH_NEXT_PAGE(it, p, table, k_pool, v_pool, page_size * slot_stride);
+        const float *kp, *vp;
+        page_values(c, table[p], n, &kp, &vp);
+        PREFETCH_NEXT_PAGE(c, it, p, table);
         for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
             const float *qg = qs + kvh * group * 64;
             for (int64_t t = t0; t < n; t++) { /* (the window's tokens only: others are never read) */
@@ -322,16 +355,18 @@ static void merge_sequence(const Call *c, const float *partial, int64_t stats, i
     }
 }
 
-int paged_decode_attention(const float *q, const int64_t *rows, const float *k_pool, const float *v_pool,
-                           const int64_t *pages, const int64_t *page_start, const int64_t *lengths,
-                           const int64_t *starts, float *out,
-                           int64_t num_seqs, int64_t num_rows, int64_t num_pages, int64_t table_len, int64_t heads,
-                           int64_t kv_heads, int64_t head_dim, int64_t page_size, int64_t chunk_pages,
-                           int64_t num_threads, float scale, float cap) {
-    if (!paged_decode_supports(heads, kv_heads, head_dim, page_size) || chunk_pages <= 0 || num_threads <= 0)
+/* As paged_decode_attention, over pages of kv_type values. */
+int paged_decode_attention_kv(const float *q, const int64_t *rows, const void *k_pool, const void *v_pool,
+                              const int64_t *pages, const int64_t *page_start, const int64_t *lengths,
+                              const int64_t *starts, float *out,
+                              int64_t num_seqs, int64_t num_rows, int64_t num_pages, int64_t table_len, int64_t heads,
+                              int64_t kv_heads, int64_t head_dim, int64_t page_size, int64_t chunk_pages,
+                              int64_t num_threads, float scale, float cap, int64_t kv_type) {
+    if (!paged_decode_supports(heads, kv_heads, head_dim, page_size) || chunk_pages <= 0 || num_threads <= 0 ||
+        kv_type < KV_F32 || kv_type > KV_E5M2)
         return PD_UNSUPPORTED_SHAPE;
-    const Call c = {q, k_pool, v_pool, rows, pages, page_start, lengths, starts, heads, kv_heads, head_dim, page_size,
-                    scale, cap};
+    Call c = {q, k_pool, v_pool, rows, pages, page_start, lengths, starts, heads, kv_heads, head_dim, page_size,
+              scale, cap, kv_type, NULL};
     int64_t num_items;
     const int status = count_items(&c, num_seqs, num_rows, num_pages, table_len, chunk_pages, &num_items);
     if (status != PD_OK || num_items == 0) return status;
@@ -339,10 +374,13 @@ int paged_decode_attention(const float *q, const int64_t *rows, const float *k_p
     Item *items = malloc(sizeof(Item) * (size_t)num_items);
     int64_t *first_item = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1));
     float *partial = malloc(sizeof(float) * (size_t)(num_items * stats));
-    if (!items || !first_item || !partial) {
+    const int64_t widened = kv_type == KV_F32 ? 0 : num_threads * 2 * page_size * kv_heads * head_dim;
+    c.widened = widened ? malloc(sizeof(float) * (size_t)widened) : NULL;
+    if (!items || !first_item || !partial || (widened && !c.widened)) {
         free(items);
         free(first_item);
         free(partial);
+        free(c.widened);
         return PD_NO_MEMORY;
     }
     build_items(&c, num_seqs, chunk_pages, items, first_item);
@@ -357,5 +395,17 @@ int paged_decode_attention(const float *q, const int64_t *rows, const float *k_p
     free(items);
     free(first_item);
     free(partial);
+    free(c.widened);
     return PD_OK;
+}
+
+int paged_decode_attention(const float *q, const int64_t *rows, const float *k_pool, const float *v_pool,
+                           const int64_t *pages, const int64_t *page_start, const int64_t *lengths,
+                           const int64_t *starts, float *out,
+                           int64_t num_seqs, int64_t num_rows, int64_t num_pages, int64_t table_len, int64_t heads,
+                           int64_t kv_heads, int64_t head_dim, int64_t page_size, int64_t chunk_pages,
+                           int64_t num_threads, float scale, float cap) {
+    return paged_decode_attention_kv(q, rows, k_pool, v_pool, pages, page_start, lengths, starts, out, num_seqs,
+                                     num_rows, num_pages, table_len, heads, kv_heads, head_dim, page_size,
+                                     chunk_pages, num_threads, scale, cap, KV_F32);
 }

@@ -13,11 +13,12 @@ import math
 import torch
 
 from cachedattention.kernels.build import load_kernel
+from cachedattention.kernels.kv_types import kv_type
 
 # pages per work item: 512 tokens at page size 16, so one long context still splits across threads
 CHUNK_TOKENS = 512
 
-_ARGTYPES = (*[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 10, ctypes.c_float, ctypes.c_float)
+_ARGTYPES = (*[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 10, ctypes.c_float, ctypes.c_float, ctypes.c_int64)
 _FAILURES = {  # the C code's return codes
     1: "unsupported shape",
     2: "an index is out of range (rows, page ids, page_start, lengths or starts)",
@@ -26,10 +27,11 @@ _NO_MEMORY = 3
 
 
 class PagedDecodeKernel:
-    """Attention of one new token per sequence over its pages (float32, CPU)."""
+    """Attention of one new token per sequence over its pages (float32 queries, CPU; pages of
+    float32, bfloat16 or FP8)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self._fn = lib.paged_decode_attention
+        self._fn = lib.paged_decode_attention_kv
         self._fn.argtypes = _ARGTYPES
         self._fn.restype = ctypes.c_int
         self._supports = lib.paged_decode_supports
@@ -58,24 +60,26 @@ class PagedDecodeKernel:
         page_size: int,
         starts: torch.Tensor | None = None,
         cap: float | None = None,
+        storage: torch.dtype = torch.float32,
     ) -> None:
         """Write into out[rows[s]] the attention of q[rows[s]] over sequence s's first lengths[s]
         tokens, held in pages[page_start[s]:page_start[s + 1]]; from its token starts[s] on when
         given (a sliding window: the tokens before it are not read); `cap`: each score s becomes
         cap * tanh(s / cap) before the softmax (Gemma 2's).
 
-        q, out: [tokens, heads, head_dim]; k_pool, v_pool: [pages * page_size, kv_heads, head_dim];
-        the index tensors are int64. Every tensor is a contiguous CPU tensor. The C code checks
-        every index before it follows one.
+        q, out: float32 [tokens, heads, head_dim]; k_pool, v_pool: [pages * page_size, kv_heads,
+        head_dim] of `storage` values (FP8 as their bytes: uint8); the index tensors are int64.
+        Every tensor is a contiguous CPU tensor. The C code checks every index before it follows one.
         """
         _check(q, out, k_pool, v_pool, rows, pages, page_start, lengths, page_size, starts)
+        values = kv_type(storage, (k_pool, v_pool), "the paged decode kernel")
         heads, head_dim, kv_heads = q.shape[1], q.shape[2], k_pool.shape[1]
         status = self._fn(
             q.data_ptr(), rows.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), pages.data_ptr(),
             page_start.data_ptr(), lengths.data_ptr(), starts.data_ptr() if starts is not None else None, out.data_ptr(), rows.shape[0], q.shape[0],
             k_pool.shape[0] // page_size, pages.shape[0], heads, kv_heads, head_dim, page_size,
             max(1, CHUNK_TOKENS // page_size), torch.get_num_threads(), 1.0 / math.sqrt(head_dim),
-            0.0 if cap is None else float(cap),
+            0.0 if cap is None else float(cap), values,
         )
         if status == _NO_MEMORY:
             raise MemoryError("paged decode kernel: out of memory for its work items")
@@ -87,8 +91,10 @@ class PagedDecodeKernel:
 def _check(q, out, k_pool, v_pool, rows, pages, page_start, lengths, page_size: int, starts=None) -> None:
     # the C code trusts dtypes, layouts and shapes: a mismatch would read the wrong bytes
     for t in (q, out, k_pool, v_pool):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 3:
-            raise ValueError("the paged decode kernel takes contiguous 3-D float32 CPU tensors")
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 3:
+            raise ValueError("the paged decode kernel takes contiguous 3-D CPU tensors")
+    if q.dtype != torch.float32 or out.dtype != torch.float32:
+        raise ValueError("the paged decode kernel takes float32 queries and outputs")
     if starts is not None and starts.shape != lengths.shape:
         raise ValueError("starts needs one entry per sequence, as lengths")
     for t in (rows, pages, page_start, lengths, *([starts] if starts is not None else [])):

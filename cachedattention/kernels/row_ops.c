@@ -9,7 +9,8 @@
  *   rope_store: rotate q in place; rotate k into k_out and into the pool at each row's slot; copy v
  *       into the pool at that slot. cos/sin hold each row's table row ([rows, head_dim], the Hugging
  *       Face layout: both halves of a row carry the same frequencies). The pre-RoPE k is left alone:
- *       the store saves it.
+ *       the store saves it. rope_store_kv: the same into a pool of narrower values (kv_types.h), each
+ *       written as torch casts it.
  *   head_rms_norm: x = x * rsqrt(mean(x^2) + eps) * weight for each row of dim, in place: Qwen3's
  *       norm of each head's q and k (rows = tokens x heads, dim = head_dim), before the rotation.
  *   silu_mul: gate = silu(gate) * up, elementwise: the gated MLP's activation.
@@ -24,6 +25,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "kv_types.h"
 
 enum { RO_OK = 0, RO_UNSUPPORTED = 1, RO_BAD_INDEX = 2 };
 #define LORA_MAX_RANK 512 /* vLLM's largest --max-lora-rank */
@@ -65,10 +68,11 @@ static inline void rotate(float *out, const float *x, const float *cos, const fl
     }
 }
 
-int rope_store(float *restrict q, const float *restrict k, const float *restrict v, const float *restrict cos,
-               const float *restrict sin, const int64_t *restrict slots, float *restrict k_out,
-               float *restrict k_pool, float *restrict v_pool, int64_t rows, int64_t heads, int64_t kv_heads,
-               int64_t head_dim, int64_t num_slots) {
+int rope_store_kv(float *restrict q, const float *restrict k, const float *restrict v, const float *restrict cos,
+                  const float *restrict sin, const int64_t *restrict slots, float *restrict k_out,
+                  void *restrict k_pool, void *restrict v_pool, int64_t rows, int64_t heads, int64_t kv_heads,
+                  int64_t head_dim, int64_t num_slots, int64_t kv_type) {
+    if (kv_type < KV_F32 || kv_type > KV_E5M2) return RO_UNSUPPORTED;
     for (int64_t r = 0; r < rows; r++)
         if (slots[r] < 0 || slots[r] >= num_slots) return RO_BAD_INDEX;
     const int64_t half = head_dim / 2, kv_row = kv_heads * head_dim;
@@ -78,15 +82,23 @@ int rope_store(float *restrict q, const float *restrict k, const float *restrict
             float *qh = q + (r * heads + h) * head_dim;
             rotate(qh, qh, c, s, half);
         }
-        float *pk = k_pool + slots[r] * kv_row;
         for (int64_t h = 0; h < kv_heads; h++) {
             const int64_t at = h * head_dim;
             rotate(k_out + r * kv_row + at, k + r * kv_row + at, c, s, half);
         }
-        memcpy(pk, k_out + r * kv_row, sizeof(float) * (size_t)kv_row);
-        memcpy(v_pool + slots[r] * kv_row, v + r * kv_row, sizeof(float) * (size_t)kv_row);
+        const int64_t at = slots[r] * kv_row * kv_bytes(kv_type);
+        kv_encode(kv_type, k_out + r * kv_row, (uint8_t *)k_pool + at, kv_row);
+        kv_encode(kv_type, v + r * kv_row, (uint8_t *)v_pool + at, kv_row);
     }
     return RO_OK;
+}
+
+int rope_store(float *restrict q, const float *restrict k, const float *restrict v, const float *restrict cos,
+               const float *restrict sin, const int64_t *restrict slots, float *restrict k_out,
+               float *restrict k_pool, float *restrict v_pool, int64_t rows, int64_t heads, int64_t kv_heads,
+               int64_t head_dim, int64_t num_slots) {
+    return rope_store_kv(q, k, v, cos, sin, slots, k_out, k_pool, v_pool, rows, heads, kv_heads, head_dim, num_slots,
+                         KV_F32);
 }
 
 /* exp of -|x| only: it never overflows, which -ffast-math (no infinities) needs */

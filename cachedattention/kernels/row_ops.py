@@ -15,6 +15,7 @@ import torch
 
 from cachedattention.kernels.build import load_kernel
 from cachedattention.kernels.few_rows_linear import MAX_ROWS  # the same few-row steps (decode)
+from cachedattention.kernels.kv_types import kv_type
 
 _BAD_INDEX = 2
 LORA_MAX_RANK = 512  # row_ops.c's
@@ -25,8 +26,8 @@ class RowOpsKernel:
         self._norm = lib.add_rms_norm
         self._norm.argtypes = (*[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64, ctypes.c_float)
         self._norm.restype = ctypes.c_int
-        self._rope = lib.rope_store
-        self._rope.argtypes = (*[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 5)
+        self._rope = lib.rope_store_kv
+        self._rope.argtypes = (*[ctypes.c_void_p] * 9, *[ctypes.c_int64] * 6)
         self._rope.restype = ctypes.c_int
         self._head_norm = lib.head_rms_norm
         self._head_norm.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float)
@@ -81,15 +82,18 @@ class RowOpsKernel:
         slots: torch.Tensor,
         k_pool: torch.Tensor,
         v_pool: torch.Tensor,
+        storage: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Rotates q in place, writes rotated k and v into the pools at `slots`; returns rotated k.
 
         q [rows, heads, d]; k, v [rows, kv_heads, d]; cos, sin [rows, 1, d] or [rows, d];
-        slots int64 [rows]; pools [num_slots, kv_heads, d]. k itself (pre-RoPE) is not changed.
+        slots int64 [rows]; pools [num_slots, kv_heads, d] of `storage` values (FP8 as its bytes),
+        written as torch casts them. k itself (pre-RoPE) is not changed.
         """
         rows, heads, d = q.shape
         kv_heads = k.shape[1]
-        _need_float32(q, k, v, cos, sin, k_pool, v_pool)
+        _need_float32(q, k, v, cos, sin)
+        values = kv_type(storage, (k_pool, v_pool), "rope_store")
         if (k.shape != (rows, kv_heads, d) or v.shape != k.shape or k_pool.shape[1:] != k.shape[1:]
                 or v_pool.shape != k_pool.shape or cos.numel() != rows * d or sin.numel() != rows * d or d % 2):
             raise ValueError("rope_store: shapes of q, k, v, cos, sin and the pools do not agree")
@@ -98,7 +102,7 @@ class RowOpsKernel:
         k_rot = torch.empty_like(k)
         status = self._rope(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                             slots.data_ptr(), k_rot.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
-                            rows, heads, kv_heads, d, k_pool.shape[0])
+                            rows, heads, kv_heads, d, k_pool.shape[0], values)
         if status == _BAD_INDEX:
             raise ValueError(f"rope_store: a slot is outside the pool's {k_pool.shape[0]} slots")
         return k_rot

@@ -77,19 +77,59 @@ def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> 
     return flat[start : start + nbytes].view(dtype).view(shape), True
 
 
-class KVPool:
-    """Slot s = page * page_size + offset. Pages hold keys after RoPE (DESIGN.md)."""
+# what the pool stores for each of vLLM's --kv-cache-dtype names ("auto": the model's dtype)
+_STORAGE = {"auto": None, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+            "fp8_e5m2": torch.float8_e5m2}  # fmt: skip
 
-    def __init__(
-        self, spec: ModelSpec, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
+
+def kv_storage_dtype(name: str, compute: torch.dtype) -> torch.dtype:
+    """The dtype the pool stores for vLLM's --kv-cache-dtype `name` (CacheConfig checked it) when
+    the model computes in `compute`."""
+    return _STORAGE[name] or compute
+
+
+class KVPool:
+    """Slot s = page * page_size + offset. Pages hold keys after RoPE (DESIGN.md).
+
+    `storage` (default `dtype`): what the pages hold. A narrower one (vLLM's --kv-cache-dtype fp8 or
+    bfloat16) is written by `write` and read back in `dtype` by `read` / `gather` / `gather_pages`;
+    FP8 with a scale of 1, as vLLM's default, values past the format's largest saturating to it. Only
+    an exact pool (`storage == dtype`) may be written or read through `k` / `v` directly: a narrower
+    one keeps FP8 as its bytes (CPU copies take no FP8 tensors)."""
+
+    def __init__(self, spec: ModelSpec, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype,
+                 storage: torch.dtype | None = None) -> None:  # fmt: skip
         self.num_pages = num_pages
         self.page_size = page_size
+        self.dtype, self.storage = dtype, storage or dtype
+        self.exact = self.storage == dtype
+        self._fp8 = self.storage.itemsize == 1
+        held = torch.uint8 if self._fp8 else self.storage
         shape = (num_pages * page_size, spec.num_kv_heads, spec.head_dim)
-        k = [_zeros(shape, device, dtype) for _ in range(spec.num_layers)]
-        v = [_zeros(shape, device, dtype) for _ in range(spec.num_layers)]
+        k = [_zeros(shape, device, held) for _ in range(spec.num_layers)]
+        v = [_zeros(shape, device, held) for _ in range(spec.num_layers)]
         self.k, self.v = [t for t, _ in k], [t for t, _ in v]
         self._lazy = all(is_lazy for _, is_lazy in k + v)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the pages hold it."""
+        if self.exact:
+            return x.to(self.dtype)
+        if not self._fp8:
+            return x.to(self.storage)
+        limit = torch.finfo(self.storage).max  # saturate (e5m2's cast would give infinities)
+        return x.clamp(-limit, limit).to(self.storage).view(torch.uint8)
+
+    def decode(self, held: torch.Tensor) -> torch.Tensor:
+        """Values as the pages hold them, in the model's dtype."""
+        if self.exact:
+            return held
+        return (held.view(self.storage) if self._fp8 else held).to(self.dtype)
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        """x as attention reads it back from the pages: a prompt attending its own new keys directly
+        sees what it would see in the pool, so a recomputed turn equals one served from the cache."""
+        return x if self.exact else self.decode(self.encode(x))
 
     def prefault_start(self) -> bool:
         """Back the first huge page of every layer's K and V now, where the OS backs the pool on first
@@ -102,11 +142,17 @@ class KVPool:
         return max(2, budget_bytes // (spec.kv_bytes_per_token(element_size) * page_size))
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        self.k[layer].index_copy_(0, slots, self.encode(k))
+        self.v[layer].index_copy_(0, slots, self.encode(v))
+
+    def write_run(self, layer: int, first_slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens into consecutive slots from first_slot."""
+        n = k.shape[0]
+        self.k[layer][first_slot : first_slot + n].copy_(self.encode(k), non_blocking=True)
+        self.v[layer][first_slot : first_slot + n].copy_(self.encode(v), non_blocking=True)
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
+        return self.decode(self.k[layer].index_select(0, slots)), self.decode(self.v[layer].index_select(0, slots))
 
     def gather_pages(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of whole pages in the given order: [len(pages) * page_size, kv_heads, head_dim] each
@@ -114,7 +160,7 @@ class KVPool:
         token_shape = (-1, *self.k[layer].shape[1:])
         k = self.k[layer].view(self.num_pages, -1).index_select(0, pages).view(token_shape)
         v = self.v[layer].view(self.num_pages, -1).index_select(0, pages).view(token_shape)
-        return k, v
+        return self.decode(k), self.decode(v)
 
     def read(
         self, layer: int, pages: torch.Tensor, length: int, first_slot: int | None, start: int = 0
@@ -126,7 +172,8 @@ class KVPool:
             k, v = self.gather_pages(layer, pages[first_page:])
             lo, hi = start - first_page * self.page_size, length - first_page * self.page_size
             return k[lo:hi], v[lo:hi]
-        return self.k[layer][first_slot + start : first_slot + length], self.v[layer][first_slot + start : first_slot + length]
+        run = slice(first_slot + start, first_slot + length)
+        return self.decode(self.k[layer][run]), self.decode(self.v[layer][run])
 
     @staticmethod
     def contiguous_start(pages: list[int], page_size: int, start: int, end: int) -> int | None:

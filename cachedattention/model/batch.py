@@ -88,7 +88,8 @@ class DecodeKernel(Protocol):
 
     def __call__(self, q: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, k_pool: torch.Tensor,
                  v_pool: torch.Tensor, pages: torch.Tensor, page_start: torch.Tensor, lengths: torch.Tensor,
-                 page_size: int, starts: torch.Tensor | None = None) -> None: ...
+                 page_size: int, starts: torch.Tensor | None = None, cap: float | None = None,
+                 storage: torch.dtype = torch.float32) -> None: ...
 
 
 @dataclass
@@ -104,12 +105,13 @@ class PagedDecode:
     page_size: int
     # [S] each context's first token in a layer with a sliding window (None: the model has none)
     window_starts: torch.Tensor | None = None
+    storage: torch.dtype = torch.float32  # what the pages hold (vLLM's --kv-cache-dtype)
 
     def attend(self, q: torch.Tensor, out: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                windowed: bool = False, cap: float | None = None) -> None:  # fmt: skip
         starts = self.window_starts if windowed else None
         self.kernel(q.contiguous(), out, self.rows, k_pool, v_pool, self.pages, self.page_start, self.lengths,
-                    self.page_size, starts, cap)  # fmt: skip
+                    self.page_size, starts, cap, self.storage)  # fmt: skip
 
 
 @dataclass

@@ -64,7 +64,7 @@ class FusedDecode:
         self.layers = [
             LayerArgs(self.shape, _linears(layer),
                       (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()),
-                      (pool.k[i], pool.v[i]), _head_norms(layer), index=i)
+                      (pool.k[i], pool.v[i]), _head_norms(layer), index=i, storage=pool.storage)
             for i, layer in enumerate(model.model.layers)
         ]
         # by the step's adapters (weakly: a table keeps no adapter in memory past the registry's limit)

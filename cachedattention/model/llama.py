@@ -79,7 +79,7 @@ class Attention(nn.Module):
         if batch.hooks is not None:
             batch.hooks.wait_layer(layer)
         if ops is not None:  # a few rows on a CPU: rotate and write the pool in one call
-            k = ops.rope_store(q, k, v, cos, sin, batch.new_slots, pool.k[layer], pool.v[layer])
+            k = ops.rope_store(q, k, v, cos, sin, batch.new_slots, pool.k[layer], pool.v[layer], pool.storage)
         else:
             pool.write(layer, batch.new_slots, k, v)
         out = torch.empty_like(q)
@@ -124,8 +124,8 @@ class Attention(nn.Module):
         first = blocks[0].lo if blocks else 0
         qs = q[lo:hi].transpose(0, 1)  # [heads, n, d]
         if seq.context_len == 0:
-            # nothing cached: attend over this step's own keys, no gather from the pool
-            ks, vs = k[lo:hi], v[lo:hi]
+            # nothing cached: attend over this step's own keys (as the pages hold them), no gather from the pool
+            ks, vs = pool.round_trip(k[lo:hi]), pool.round_trip(v[lo:hi])
             mask, causal = None, seq.num_new > 1
         else:
             ks, vs = pool.read(layer, seq.pages, seq.total_len, seq.first_slot, first)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cachedattention.errors import InvalidRequest
+from cachedattention.model.content_format import TEXT_PARTS
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -60,13 +61,16 @@ def _message(i: int, m: Any) -> dict[str, Any]:
     sends_calls = role == "assistant" and m.get("tool_calls") is not None  # (its content may be left out)
     if "content" not in m and not sends_calls:  # (a client bug worth telling; null is fine)
         raise InvalidRequest(f"messages[{i}].content is missing", f"messages[{i}].content")
-    content = joined_text_parts(m.get("content"), f"messages[{i}].content")
+    given = m.get("content")
+    content = joined_text_parts(given, f"messages[{i}].content")
     if content is None:
         content = ""  # as vLLM: null content is empty (templates concatenate content)
     if not isinstance(content, str):
         raise InvalidRequest(f"messages[{i}].content must be a string, a list of text parts or null",
                              f"messages[{i}].content")  # fmt: skip
     out: dict[str, Any] = {"role": role, "content": content}
+    if isinstance(given, list) and len(given) > 1:  # the parts as given, for a template that reads them
+        out[TEXT_PARTS] = [part["text"] for part in given]
     if calls:
         out["tool_calls"] = calls
     if role == "assistant":

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 from cachedattention.errors import InvalidRequest
 from cachedattention.model.chat_template import resolve_chat_template
+from cachedattention.model.content_format import CONTENT_FORMATS, as_parts, as_string, detect_content_format
 from cachedattention.model.messages import ChatOptions
 from cachedattention.store.session import common_prefix
 
@@ -65,9 +66,15 @@ def _decoder_json(backend: Any) -> dict:
 
 
 class Tokenizer:
-    def __init__(self, hf_tokenizer: Any, chat_template: str | None = None) -> None:
+    def __init__(self, hf_tokenizer: Any, chat_template: str | None = None, content_format: str = "auto") -> None:
+        if content_format not in CONTENT_FORMATS:
+            raise ValueError(f"chat_template_content_format must be one of {', '.join(CONTENT_FORMATS)}, got "
+                             f"{content_format!r}")  # fmt: skip
         self.hf = hf_tokenizer
         self.chat_template = chat_template  # a template that replaces the tokenizer's own (vLLM's --chat-template)
+        # how a message's content reaches the template: one string, OpenAI's parts, or as it reads it (auto)
+        self.content_format = content_format
+        self._formats: dict[str, str] = {}  # auto's reading of each template rendered
         self._alphabet = _byte_level_alphabet() if _decodes_byte_level(hf_tokenizer) else None
         self._special = set(getattr(hf_tokenizer, "all_special_ids", ()) or ())
         # added tokens (special or not) are their text as written, not pieces of the vocabulary's alphabet
@@ -87,7 +94,12 @@ class Tokenizer:
     def with_chat_template(self, template_or_file: str) -> Tokenizer:
         """The same tokenizer with another chat template, given as a Jinja template or the file that
         holds one, checked as transformers compiles it (the loaded model's is left as it is)."""
-        return Tokenizer(self.hf, resolve_chat_template(template_or_file))
+        return Tokenizer(self.hf, resolve_chat_template(template_or_file), self.content_format)
+
+    def with_content_format(self, content_format: str) -> Tokenizer:
+        """The same tokenizer and template, a message's content reaching the template as
+        `content_format` says (vLLM's --chat-template-content-format: auto, string or openai)."""
+        return self if content_format == self.content_format else Tokenizer(self.hf, self.chat_template, content_format)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -185,8 +197,9 @@ class Tokenizer:
             kwargs["chat_template"] = self.chat_template
         import jinja2
 
+        as_it_reads = as_parts if self._format(kwargs.get("chat_template")) == "openai" else _as_strings
         try:
-            return self.hf.apply_chat_template(list(messages), tools=tools or None, tokenize=False, **kwargs)
+            return self.hf.apply_chat_template(as_it_reads(messages), tools=tools or None, tokenize=False, **kwargs)
         except jinja2.TemplateError as e:  # the template's own refusal (raise_exception, role order) or a missing value
             raise InvalidRequest(f"the chat template rejected the messages: {e}", "messages") from None
         except RENDER_ERRORS as e:  # the template failed at run time: a 400 that says why, not a 500
@@ -195,6 +208,19 @@ class Tokenizer:
                                      "chat_template_kwargs") from None  # fmt: skip
             raise InvalidRequest(f"the chat template failed to render these messages: {type(e).__name__}: {e}",
                                  "messages") from None  # fmt: skip
+
+    def _format(self, template: str | None) -> str:
+        """How the template in use reads a message's content: as set, or as auto reads the template."""
+        if self.content_format != "auto":
+            return self.content_format
+        template = template or getattr(self.hf, "chat_template", None)
+        if isinstance(template, dict):  # (named templates: the default one renders a chat)
+            template = template.get("default")
+        if not isinstance(template, str):
+            return "string"
+        if template not in self._formats:
+            self._formats[template] = detect_content_format(template)
+        return self._formats[template]
 
     def head_length(
         self, messages: Sequence[dict[str, Any]], prompt: Sequence[int], tools: list | None = None,
@@ -332,3 +358,7 @@ def _plain(options: ChatOptions | None) -> ChatOptions:
     # tokenizer's BOS when the request adds it, so that probes and the prompt start alike)
     return ChatOptions(False, template_kwargs=options.template_kwargs, template=options.template,
                        documents=options.documents, add_special_tokens=options.add_special_tokens)  # fmt: skip
+
+
+def _as_strings(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [as_string(m) for m in messages]

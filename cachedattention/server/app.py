@@ -9,6 +9,7 @@ import functools
 import importlib.metadata
 import json
 import logging
+import logging.config
 import math
 import os
 import threading
@@ -37,6 +38,7 @@ from cachedattention.model.messages import ChatOptions
 from cachedattention.model.tokenizer import Tokenizer
 from cachedattention.outputs import RequestOutput
 from cachedattention.sampling import choice_params
+from cachedattention.server.access_log import quiet_endpoints
 from cachedattention.server.api_error import APIError, aborted_error, as_api_error, bad, error_body, error_response
 from cachedattention.server.auth import ApiKeyMiddleware, RootPathMiddleware, api_keys_from, checked_api_keys
 from cachedattention.server.beam import BeamSearches
@@ -63,7 +65,7 @@ from cachedattention.server.responses_store import ResponseStore, SharedResponse
 from cachedattention.server.stream_text import stream_delta
 from cachedattention.server.tokenize import detokenize, tokenize
 from cachedattention.server.tool_calls import HermesCalls, ToolCall, ToolCallParser, for_request, tool_call_parser
-from cachedattention.server.vllm_metrics import VLLMStatsCollector
+from cachedattention.server.vllm_metrics import VLLMStatsCollector, cache_config_info
 from cachedattention.uvicorn_run import check_port_free, run_until_signal
 
 log = logging.getLogger(__name__)
@@ -863,7 +865,8 @@ def create_app(
                       on_first_token=metrics.observe_first_token, on_token=metrics.observe_token,
                       log_outputs=log_outputs, max_log_len=max_log_len)  # fmt: skip
     metrics.registry.register(EngineStatsCollector(loop.stats))
-    metrics.registry.register(VLLMStatsCollector(loop.stats, model_names[0]))
+    cache_info = cache_config_info(engine.config.cache, engine.pool.num_pages)
+    metrics.registry.register(VLLMStatsCollector(loop.stats, model_names[0], cache_info))
     routes = OpenAIRoutes(loop, metrics, model_names, engine.max_model_len,
                           trust_request_chat_template, named=bool(names),
                           tool_parser=tool_call_parser(tool_call_format),
@@ -942,12 +945,24 @@ def _lora_modules(engine: LLMEngine, modules: Sequence[tuple[str, str]], model_n
     return loras
 
 
+def _configure_logging(config: dict | None) -> None:
+    """This server's log lines as --log-config-file says (uvicorn applies it to its own loggers
+    again), or INFO lines on stderr; a configuration logging cannot apply is said before the model loads."""
+    if config is None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    try:
+        logging.config.dictConfig(config)
+    except (ValueError, TypeError, AttributeError, ImportError) as e:
+        raise ValueError(f"--log-config-file: Python's logging cannot apply it: {e}") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     """`cachedattention serve`: run until SIGTERM/SIGINT, then drain in-flight requests and flush the store."""
     from cachedattention.cli import engine_config
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     listening = uvicorn_options(args)  # its files checked before the model loads
+    _configure_logging(listening.get("log_config"))
     grace_s = getattr(args, "shutdown_grace_s", None)
     grace_s = DEFAULT_GRACE_S if grace_s is None else float(grace_s)
     keys = api_keys_from(getattr(args, "api_key", None), os.environ)
@@ -984,6 +999,7 @@ def serve(args: argparse.Namespace) -> int:
         log_level=getattr(args, "uvicorn_log_level", None),  # None: uvicorn's own (info)
         **listening,
     )
+    quiet_endpoints(getattr(args, "disable_access_log_for_endpoints", ()), getattr(args, "root_path", ""))
     try:
         return run_until_signal(_DrainingServer(config, loop, grace_s))
     finally:

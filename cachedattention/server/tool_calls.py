@@ -175,6 +175,53 @@ class Llama3JsonCalls:
         return len(text)
 
 
+# where xLAM models put their array of calls: a code block, the rest of a [TOOL_CALLS] line, <tool_call> tags
+XLAM_BLOCKS = (re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL), re.compile(r"\[TOOL_CALLS\](.*?)(?=\n|$)", re.DOTALL),
+               re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL))  # fmt: skip
+XLAM_MARKERS = ("```", "[TOOL_CALLS]", "<tool_call>")
+THINK_END = "</think>"
+
+
+class XlamCalls:
+    """xLAM: a JSON array of {"name", "arguments"} objects, the whole answer (or all of it after
+    </think>), or in a code block, after [TOOL_CALLS] on its line, or in <tool_call> tags, the text
+    around the block being the answer's (vLLM's xlam parser); objects that are no call are skipped."""
+
+    name = "xlam"
+
+    @staticmethod
+    def parse(text: str) -> tuple[str | None, list[ToolCall]]:
+        think = text.find(THINK_END)
+        if think >= 0 and (calls := _xlam_array(text[think + len(THINK_END) :])):
+            return text[: think + len(THINK_END)].strip() or None, calls
+        for block in XLAM_BLOCKS:
+            for found in block.finditer(text):
+                if calls := _xlam_array(found.group(1)):
+                    return block.sub("", text).strip() or None, calls
+        return (None, calls) if (calls := _xlam_array(text)) else (text, [])
+
+    @staticmethod
+    def plain_text_end(text: str) -> int:
+        """The text before a block (or what may still become one); nothing while the answer may be an array."""
+        head = text.lstrip()
+        if not head or head.startswith("["):
+            return 0
+        return min(_text_before(text, marker) for marker in XLAM_MARKERS)
+
+
+def _xlam_array(text: str) -> list[ToolCall]:
+    """The calls of a JSON array of {"name", "arguments"} objects (none: not such an array)."""
+    body = text.strip()
+    if not body.startswith("["):
+        return []
+    try:
+        items = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    calls = [_call(item, ("arguments",), required=True) for item in items] if isinstance(items, list) else []
+    return [call for call in calls if call is not None]
+
+
 class MistralCalls:
     """[TOOL_CALLS] and the calls after the answer's text (the tag is a special token: the server
     keeps special tokens in the text of requests whose calls it reads)."""
@@ -454,6 +501,45 @@ class PythonicCalls:
         return len(text)
 
 
+FUNCTION_CALLS_OPEN, FUNCTION_CALLS_CLOSE = "<function_calls>", "</function_calls>"
+_CALL_START = re.compile(r"\s*[A-Za-z_][\w.]*(\(|$)")  # a line that may still be a call: NAME(...
+
+
+class Olmo3Calls:
+    """OLMo 3: Python calls with keyword arguments, one a line, in <function_calls> tags (the text
+    before them is the answer's), or an answer that is nothing but such lines; JSON's true, false
+    and null read as literals (vLLM's olmo3 parser)."""
+
+    name = "olmo3"
+
+    @staticmethod
+    def parse(text: str) -> tuple[str | None, list[ToolCall]]:
+        start = text.find(FUNCTION_CALLS_OPEN)
+        end = text.find(FUNCTION_CALLS_CLOSE, start + 1) if start >= 0 else -1
+        head, block = (text[:start].strip() or None, text[start + len(FUNCTION_CALLS_OPEN) : end]) if end >= 0 else (None, text)
+        block = block.strip()
+        try:  # statements, not lines: a call's JSON arguments (a forced call's) may span lines
+            with warnings.catch_warnings():  # a string's invalid escape ("a\/b") is the model's, not ours to report
+                warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+                statements = ast.parse(block).body
+            if not statements or not all(isinstance(st, ast.Expr) for st in statements):
+                return text, []
+            return head, [_python_call(st.value, block) for st in statements]
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # MemoryError: "too complex" to parse
+            return text, []
+
+    @staticmethod
+    def plain_text_end(text: str) -> int:
+        """The text before a <function_calls> block (or what may still become one); nothing while the
+        answer may still be bare call lines."""
+        if _CALL_START.match(text):  # (held whole: the answer may be bare call lines, said at its end)
+            return 0
+        start = text.find(FUNCTION_CALLS_OPEN)
+        if start >= 0:
+            return start
+        return len(text) - tag_prefix_at_end(text, FUNCTION_CALLS_OPEN)
+
+
 def _python_call(node: ast.expr, source: str) -> ToolCall:
     if not isinstance(node, ast.Call) or node.args:
         raise ValueError("not a call with keyword arguments only")
@@ -546,12 +632,13 @@ class OpenAICalls:
 
 ToolCallParser = (type[HermesCalls] | type[Llama3JsonCalls] | type[MistralCalls] | type[GraniteCalls]
                   | type[Phi4MiniCalls] | type[PythonicCalls] | type[Qwen3CoderCalls] | Qwen3CoderCalls
-                  | type[OpenAICalls])  # fmt: skip
+                  | type[OpenAICalls] | type[Olmo3Calls] | type[XlamCalls])  # fmt: skip
 # by name; then vLLM's other names for the same formats (its same parser classes)
 TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {
     **{p.name: p for p in (HermesCalls, Llama3JsonCalls, MistralCalls, GraniteCalls, Phi4MiniCalls, PythonicCalls,
-                           Qwen3CoderCalls, OpenAICalls, Glm45Calls, SeedOssCalls)},
+                           Qwen3CoderCalls, OpenAICalls, Glm45Calls, SeedOssCalls, Olmo3Calls, XlamCalls)},
     "qwen3_xml": Qwen3CoderCalls, "llama4_json": Llama3JsonCalls, "glm47": Glm45Calls,
+    "ernie45": HermesCalls,  # (ERNIE 4.5 writes Hermes' <tool_call> blocks)
 }  # fmt: skip
 # whose tag is a special token: a request whose calls are read keeps special tokens in its text (as vLLM)
 KEEP_SPECIAL_TOKENS = ("mistral", "granite", "openai")

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cachedattention.config import CacheConfig
 from cachedattention.outputs import RequestMetrics, RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -98,12 +99,21 @@ def mean_token_time(m: RequestMetrics, generated: int) -> float:
     return max(0.0, m.last_token_s - m.first_token_s) / (generated - 1)
 
 
+def cache_config_info(cache: CacheConfig, num_pages: int) -> dict[str, str]:
+    """vllm:cache_config_info's labels: the cache's settings as vLLM names them, each a string."""
+    return {"block_size": str(cache.page_size), "cache_dtype": cache.kv_cache_dtype,
+            "enable_prefix_caching": str(cache.enable_prefix_cache),
+            "gpu_memory_utilization": str(cache.gpu_memory_utilization), "num_gpu_blocks": str(num_pages)}  # fmt: skip
+
+
 class VLLMStatsCollector(Collector):
     """vLLM's gauges (and its preemption counter), read from the engine's stats at scrape time."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]], model_name: str) -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]], model_name: str,
+                 cache_info: dict[str, str] | None = None) -> None:  # fmt: skip
         self._stats = stats
         self.model_name = model_name
+        self.cache_info = cache_info or {}
 
     def describe(self) -> list[Metric]:
         return []  # computed per scrape
@@ -130,6 +140,11 @@ class VLLMStatsCollector(Collector):
                                      labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])  # fmt: skip
             info.add_metric([str(stats["lora_max"]), ",".join(stats.get("lora_waiting", ())),
                              ",".join(stats.get("lora_running", ()))], time.time())  # fmt: skip
+            yield info
+        if self.cache_info:  # vLLM's: the cache's configuration in its labels (cache_dtype, block_size, ...), 1
+            info = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache's configuration",
+                                     labels=list(self.cache_info))  # fmt: skip
+            info.add_metric(list(self.cache_info.values()), 1.0)
             yield info
         counters = [("num_preemptions", "Preemptions so far", "preemptions"),
                     ("spec_decode_num_drafts", "Speculative proposals checked", "spec_drafts"),

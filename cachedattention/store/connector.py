@@ -340,7 +340,7 @@ class StoreConnector:
         dev = self.engine.device
         slots = KVPool.slots_for(req.pages, self.engine.pool.page_size, lo, hi, dev)
         rotary, positions = self.engine.model.rotary, torch.arange(lo, hi, device=dev)
-        f32 = self.engine.pool.k[0].dtype == torch.float32  # else undo in float32: bf16 tables are lossy
+        f32 = self.engine.pool.dtype == torch.float32  # else undo in float32: bf16 tables are lossy
         ks, vs = [], []
         ropes = rotary.per_layer(positions, self.layout.num_layers, exact=not f32)  # a table per layer type
         for layer, (cos, sin) in enumerate(ropes):

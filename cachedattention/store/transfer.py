@@ -273,16 +273,21 @@ class Loader:
             job.rope = self.rotary.per_layer(job.positions, job.num_layers)
         cos, sin = job.rope[layer]
         k = k.to(self.device, non_blocking=True)
-        if job.first_slot is not None:
+        pool = self.pool
+        if job.first_slot is not None and pool.exact:  # rotated straight into the pages
             s = job.first_slot + a
-            rotate_into(self.pool.k[layer][s : s + b - a], k, cos[a:b], sin[a:b])
-            self.pool.v[layer][s : s + b - a].copy_(v, non_blocking=True)
+            rotate_into(pool.k[layer][s : s + b - a], k, cos[a:b], sin[a:b])
+            pool.v[layer][s : s + b - a].copy_(v, non_blocking=True)
             return
-        pool_k = self.pool.k[layer]
         if job.scratch is None:
-            job.scratch = torch.empty((job.slots.numel(), *pool_k.shape[1:]), dtype=pool_k.dtype, device=self.device)
+            shape = (job.slots.numel(), *pool.k[layer].shape[1:])
+            job.scratch = torch.empty(shape, dtype=pool.dtype, device=self.device)
         k_rot = rotate_into(job.scratch[: b - a], k, cos[a:b], sin[a:b])
-        self.pool.write(layer, job.slots[a:b], k_rot, v.to(self.device, non_blocking=True).to(pool_k.dtype))
+        v = v.to(self.device, non_blocking=True).to(pool.dtype)
+        if job.first_slot is not None:
+            pool.write_run(layer, job.first_slot + a, k_rot, v)
+        else:
+            pool.write(layer, job.slots[a:b], k_rot, v)
 
     def close(self) -> None:
         if self._thread is not None:

@@ -55,6 +55,39 @@ def test_matches_torch_over_scattered_pages(kernel, heads, kv_heads, head_dim, p
     assert torch.all(out[others] == 7.0)  # rows of other tokens are left alone
 
 
+NARROW = [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("storage", NARROW)
+@pytest.mark.parametrize("heads, kv_heads, head_dim, page_size", [(9, 3, 64, 16), (8, 2, 32, 4)])  # AVX-512, generic
+def test_narrow_pages_are_widened_as_torch_widens_them(kernel, storage, heads, kv_heads, head_dim, page_size):
+    """vLLM's --kv-cache-dtype: pages of bfloat16 or FP8 values (FP8 held as bytes) attended as
+    torch attends the same pages widened to float32, subnormal FP8 values and a window included."""
+    gen = torch.Generator().manual_seed(head_dim + page_size)
+    num_pages = 300
+    shape = (num_pages * page_size, kv_heads, head_dim)
+    # values near 0 too: FP8's subnormals (below 2^-6 in e4m3, 2^-14 in e5m2)
+    k, v = torch.randn(shape, generator=gen) * 2, torch.randn(shape, generator=gen) * 0.01
+    k_pool, v_pool = k.to(storage), v.to(storage)
+    held = (lambda t: t.view(torch.uint8)) if storage.itemsize == 1 else (lambda t: t)
+    lengths = [1, page_size + 3, 2 * CHUNK_TOKENS + 5]
+    order = torch.randperm(num_pages, generator=gen)
+    tables = [order[0:1], order[1:3], order[3 : 3 + math.ceil(lengths[2] / page_size)]]
+    rows = torch.tensor([0, 1, 2])
+    q = 3 * torch.randn(3, heads, head_dim, generator=gen)
+    page_start = torch.tensor([0] + [len(t) for t in tables]).cumsum(0)
+    for starts in (None, torch.tensor([0, 2, CHUNK_TOKENS + 1])):
+        out = torch.empty_like(q)
+        kernel(q, out, rows, held(k_pool), held(v_pool), torch.cat(tables), page_start, torch.tensor(lengths), page_size,
+               starts, storage=storage)  # fmt: skip
+        for s, n in enumerate(lengths):
+            first = 0 if starts is None else int(starts[s])
+            ref = reference(q[s], k_pool.float(), v_pool.float(), tables[s], n, page_size, first)
+            assert (out[s] - ref).abs().max() <= 1e-5 * ref.abs().max(), (storage, s, starts)
+    with pytest.raises(ValueError, match="pages of"):  # FP8 pages given as FP8, bfloat16 as float32: refused
+        kernel(q, out, rows, k, v, torch.cat(tables), page_start, torch.tensor(lengths), page_size, storage=storage)
+
+
 @pytest.mark.parametrize("heads, kv_heads, head_dim, page_size", [(9, 3, 64, 16), (8, 2, 32, 4)])  # AVX-512, generic
 def test_a_window_attends_from_its_first_token(kernel, heads, kv_heads, head_dim, page_size):
     """starts[s]: the first token a sliding window leaves; mid-page, on a page's first token, 0, and the
@@ -180,3 +213,15 @@ def test_without_a_compiler_the_kernel_is_off_with_a_warning(tmp_path, monkeypat
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert PagedDecodeKernel.load() is None
     assert "attention uses torch" in caplog.text
+
+
+def test_a_build_is_keyed_by_every_file_its_source_includes(tmp_path):
+    """decode_layer.c includes paged_decode.c, which includes kv_types.h: a change to the header
+    must build decode_layer again, not load the build of the older header."""
+    (tmp_path / "outer.c").write_text('#include "middle.c"\nint outer;\n')
+    (tmp_path / "middle.c").write_text('#include "inner.h"\n#include "inner.h"\nint middle;\n')
+    (tmp_path / "inner.h").write_text("enum { A = 0 };\n")
+    before = build._source_with_includes(tmp_path / "outer.c")
+    assert before.count(b"enum { A = 0 }") == 1  # each file once
+    (tmp_path / "inner.h").write_text("enum { A = 1 };\n")
+    assert build._source_with_includes(tmp_path / "outer.c") != before

@@ -50,6 +50,45 @@ def test_rope_store_rotates_and_writes_the_pool(ops, heads, kv_heads, head_dim):
     assert torch.all(k_pool[others] == 5.0) and torch.all(v_pool[others] == 6.0)
 
 
+def _crafted(dtype: torch.dtype) -> torch.Tensor:
+    """Values whose casts are easy to get wrong: ties between two neighbours (normal and subnormal),
+    subnormals, the largest value and past it, negative zero, float32 subnormals."""
+    info = torch.finfo(dtype)
+    step, largest = info.eps, info.max  # a mantissa unit at 1
+    tiny = info.smallest_normal * step  # the smallest subnormal
+    values = [1 + step / 2, 1 + 3 * step / 2, -(1 + step / 2), tiny / 2, 3 * tiny / 2, 5 * tiny / 2, tiny, -tiny / 3,
+              largest, -largest, largest * 1.02, -largest * 3, 1e30, -0.0, 0.0, 1e-40, -1e-42, 2.0 ** -20]
+    return torch.tensor(values, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_rope_store_writes_narrow_pages_as_torch_casts_them(ops, storage):
+    """vLLM's --kv-cache-dtype: the rotated keys and the values written as bfloat16 or FP8 (saturated
+    at the format's largest, FP8 kept as bytes) bit for bit as the pool's torch writes cast them: a
+    decoded token's page holds what a prefill of it would."""
+    from cachedattention.kvcache.kv_pool import KVPool
+
+    gen = torch.Generator().manual_seed(5)
+    rows, heads, kv_heads, d, num_slots = 6, 4, 2, 32, 20
+    q = torch.randn(rows, heads, d, generator=gen)
+    k = torch.randn(rows, kv_heads, d, generator=gen) * torch.logspace(-8, 3, rows)[:, None, None]  # 1e-8 to 1e3
+    v = torch.randn(rows, kv_heads, d, generator=gen) * 0.01
+    crafted = _crafted(storage)
+    v.view(-1)[: crafted.numel()] = crafted
+    angles = torch.randn(rows, 1, d // 2, generator=gen).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    held = torch.uint8 if storage.itemsize == 1 else storage
+    k_pool, v_pool = torch.zeros(num_slots, kv_heads, d, dtype=held), torch.zeros(num_slots, kv_heads, d, dtype=held)
+    slots = torch.tensor([3, 0, 19, 7, 8, 12])
+    k_rot = ops.rope_store(q, k, v, cos, sin, slots, k_pool, v_pool, storage)
+    torch_pool = KVPool.__new__(KVPool)  # its encode alone: clamp to the format's largest, then torch's cast
+    torch_pool.dtype, torch_pool.storage, torch_pool.exact, torch_pool._fp8 = torch.float32, storage, False, held == torch.uint8
+    assert torch.equal(k_pool[slots], torch_pool.encode(k_rot)) and torch.equal(v_pool[slots], torch_pool.encode(v))
+    assert rel_err(k_rot, apply_rotary(k, cos, sin)) <= 1e-5  # the rotated keys themselves stay float32
+    with pytest.raises(ValueError, match="pages of"):
+        ops.rope_store(q, k, v, cos, sin, slots, k_pool.float(), v_pool.float(), storage)
+
+
 def test_refuses_bad_inputs_with_a_clear_error(ops):
     q, k, v = torch.zeros(2, 4, 8), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8)
     cos = sin = torch.zeros(2, 1, 8)

@@ -76,6 +76,27 @@ def test_granite_s_phrases_split_its_answer_and_its_pieces_add_up():
         assert final.reasoning.startswith(reasoning or "") and final.content.startswith(content), text[:end]
 
 
+@pytest.mark.parametrize("text, expect", [
+    ("abc\n</think>\n\n<response>\ndef\n</response>\n", ("abc", "def")),
+    ("abc\n</think>\ndef", ("abc", "def")),
+    ("abc\nABC</think>def\nDEF", ("abc\nABC", "def\nDEF")),
+    ("abc</think>", ("abc", "")),
+    ("abc", ("abc", "")),  # cut before </think>: all reasoning
+    ("abc</think><response>\ncut before its end", ("abc", "cut before its end")),
+    ("<think>abc</think><response>a <response> in it</response>", ("abc", "a <response> in it")),
+])  # fmt: skip
+def test_ernie45_thinks_from_its_first_token_and_its_response_tags_are_dropped(text, expect):
+    """vLLM's ernie45 parser: ERNIE 4.5 Thinking's template opens <think>; its answer may come in
+    <response> tags; every prefix's split is a prefix of the final one."""
+    ernie = REASONING_PARSERS["ernie45"]
+    assert ernie.opens("<|im_start|>assistant\n", structured=False)
+    final = ernie.split(text, True)
+    assert final[:2] == expect
+    for end in range(len(text) + 1):
+        reasoning, content, _ = ernie.split(text[:end], True, final=False)
+        assert final.reasoning.startswith(reasoning or "") and final.content.startswith(content), text[:end]
+
+
 def test_a_structured_answer_has_no_reasoning():
     assert not R1.opens("<|Assistant|>", structured=True) and not QWEN3.opens("<think>\n", structured=True)
     assert R1.split('{"a": 1}', R1.opens("<|Assistant|>", structured=True))[:2] == (None, '{"a": 1}')

@@ -214,3 +214,88 @@ def test_the_port_check_binds_as_uvicorn_does():
         v6.listen()
         with pytest.raises(ValueError, match="another --port"):
             check_port_free("::", v6.getsockname()[1])
+
+
+def test_access_lines_of_the_endpoints_named_are_left_out(chat_model_dir):
+    """vLLM's --disable-access-log-for-endpoints: uvicorn's access lines of those paths (a query
+    string aside) are dropped, every other request's kept, read from uvicorn's own records."""
+    import logging
+
+    import uvicorn
+
+    from cachedattention.server.access_log import ACCESS_LOGGER, quiet_endpoints
+    from cachedattention.server.app import create_app
+
+    args = build_parser().parse_args(["serve", "m", "--disable-access-log-for-endpoints", "/health, /metrics"])
+    assert args.disable_access_log_for_endpoints == ("/health", "/metrics")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine_config(chat_model_dir, store=False)), lifespan="on",
+                                           log_level="info"))  # fmt: skip
+    quiet = quiet_endpoints(args.disable_access_log_for_endpoints)
+    lines: list[str] = []
+    catch = logging.Handler()
+    catch.emit = lambda record: lines.append(record.getMessage())
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.addHandler(catch)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        for path in ("/health", "/health?probe=1", "/metrics", "/v1/models"):
+            assert httpx.get(url + path, timeout=30).status_code == 200
+        deadline = time.monotonic() + 5
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(lines) == 1 and '"GET /v1/models HTTP/1.1" 200' in lines[0], lines
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        access.removeHandler(catch)
+        access.removeFilter(quiet)
+
+
+def test_the_access_filter_reads_paths_under_a_root_path_and_keeps_other_lines():
+    import logging
+
+    from cachedattention.server.access_log import QuietEndpoints
+
+    def line(path: str) -> logging.LogRecord:  # as uvicorn's access logger writes one
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:5000", "GET", path, "1.1", 200), None)  # fmt: skip
+
+    quiet = QuietEndpoints(["/health"], root_path="/llm")
+    assert not quiet.filter(line("/health")) and not quiet.filter(line("/llm/health?x=1"))
+    assert quiet.filter(line("/v1/models")) and quiet.filter(line("/llm/v1/models")) and quiet.filter(line("/healthz"))
+    assert quiet.filter(logging.LogRecord("uvicorn.access", logging.INFO, "", 0, "plain text", None, None))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m", "--disable-access-log-for-endpoints", "health"])
+
+
+def test_a_logging_config_file_is_read_before_the_model_and_reaches_uvicorn(tmp_path, capsys):
+    from cachedattention.server.app import _configure_logging
+
+    config = {"version": 1, "disable_existing_loggers": False,
+              "handlers": {"file": {"class": "logging.FileHandler", "filename": str(tmp_path / "server.log")}},
+              "loggers": {"cachedattention.test": {"handlers": ["file"], "level": "INFO"}}}  # fmt: skip
+    path = tmp_path / "logging.json"
+    path.write_text(json.dumps(config))
+    assert _listening(["--log-config-file", str(path)])["log_config"] == config and "log_config" not in _listening([])
+    _configure_logging(config)
+    import logging
+
+    logging.getLogger("cachedattention.test").info("configured")
+    for handler in logging.getLogger("cachedattention.test").handlers:
+        handler.flush()
+    assert "configured" in (tmp_path / "server.log").read_text()
+    bad = dict(config, handlers={"file": {"class": "no.such.Handler"}})
+    with pytest.raises(ValueError, match="--log-config-file: Python's logging cannot apply it"):
+        _configure_logging(bad)
+    (tmp_path / "not.json").write_text("handlers:\n  - x")
+    for argv, says in (([str(tmp_path / "not.json")], "is not JSON"), ([str(tmp_path / "none.json")], "cannot be read")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "m", "--log-config-file", *argv])
+        assert says in capsys.readouterr().err

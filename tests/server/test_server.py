@@ -500,6 +500,9 @@ def test_vllm_s_metric_names_count_the_same_requests(server):
     assert 0.0 <= after[("vllm:kv_cache_usage_perc", model)] <= 1.0
     assert after[("vllm:num_requests_running", model)] >= 0 and ("vllm:num_requests_waiting", model) in after
     assert ("vllm:num_preemptions_total", model) in after
+    info = [labels for name, labels in after if name == "vllm:cache_config_info"]
+    assert len(info) == 1 and after[("vllm:cache_config_info", info[0])] == 1.0
+    assert {"cache_dtype": "auto", "block_size": "16"}.items() <= dict(info[0]).items()
 
 
 

@@ -683,6 +683,69 @@ def test_seed_oss_calls_are_qwen3_coder_s_in_seed_tags():
     assert json.loads(parser.parse(forced.decode())[1][0].arguments) == {"n": 2}
 
 
+def test_olmo3_calls_are_python_lines_in_function_calls_tags():
+    """vLLM's olmo3 parser: calls a line each, keyword arguments, JSON's true/false/null as literals;
+    in <function_calls> tags (the text before them kept) or bare; a forced call in its form."""
+    from cachedattention.server.tool_calls import tool_call_parser
+
+    olmo = tool_call_parser("olmo3")
+    content, calls = olmo.parse('<function_calls>\nget_weather(city="Oslo", days=3)\nget_time(utc=true, zone=null)\n'
+                                "</function_calls>")  # fmt: skip
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo", "days": 3}), ("get_time", {"utc": True, "zone": None})]
+    content, calls = olmo.parse("Checking.\n<function_calls>\nf(x=[1, 'a'])\n</function_calls>")
+    assert content == "Checking." and json.loads(calls[0].arguments) == {"x": [1, "a"]}
+    assert olmo.parse("f(x=1)\ng(y=2)")[0] is None and len(olmo.parse("f(x=1)\ng(y=2)")[1]) == 2  # bare lines
+    for text in ("No tools needed.", "print(x) is how you print.", "<function_calls>\nf(x=1)",  # (never closed)
+                 "<function_calls>\nnot a call\n</function_calls>", "<function_calls>\nf(x=g())\n</function_calls>"):
+        assert olmo.parse(text) == (text, []), text
+    # streamed: text before the tags shows; an answer that may be bare call lines is held until it cannot be
+    assert olmo.plain_text_end("Checking.\n<function_ca") == len("Checking.\n")
+    assert olmo.plain_text_end("Checking.\n<function_calls>\nf(") == len("Checking.\n")
+    assert olmo.plain_text_end("get_weather(ci") == 0 and olmo.plain_text_end("Hello there") == len("Hello there")
+    _forced_call_reads_back("olmo3", b'<function_calls>\nf(**{"n": 2})\n</function_calls>')
+
+
+def _forced_call_reads_back(form: str, forced: bytes) -> None:
+    """A forced call of f(n=2) written in `form` finishes its automaton and is read back by its parser."""
+    from cachedattention.engine.tool_choice import tool_call_automaton
+    from cachedattention.server.tool_calls import tool_call_parser
+
+    auto = tool_call_automaton(["f"], [{"type": "object", "properties": {"n": {"type": "integer"}}}], form)
+    assert auto.is_done(auto.advance(auto.start, forced))
+    assert json.loads(tool_call_parser(form).parse(forced.decode())[1][0].arguments) == {"n": 2}
+
+
+def test_xlam_calls_are_a_json_array_bare_or_in_its_wrappers():
+    """vLLM's xlam parser: an array of {"name", "arguments"}: the whole answer, after </think>, or in
+    a code block, after [TOOL_CALLS] on its line, or in <tool_call> tags, the text around it kept."""
+    from cachedattention.server.tool_calls import tool_call_parser
+
+    xlam = tool_call_parser("xlam")
+    array = '[{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", "arguments": {}}]'
+    expected = [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    for text, content in ((array, None), ("I will check.\n```json\n" + array + "\n```", "I will check."),
+                          ("Checking.[TOOL_CALLS]" + array + "\nDone.", "Checking.\nDone."),
+                          ("<tool_call>" + array + "</tool_call>", None),
+                          ("Think first.</think>\n" + array, "Think first.</think>")):  # fmt: skip
+        got, calls = xlam.parse(text)
+        assert got == content and [(c.name, json.loads(c.arguments)) for c in calls] == expected, text
+    # an object that is no call is skipped; an array of none, or no array, is text
+    assert [c.name for c in xlam.parse('[{"name": "f", "arguments": {}}, {"x": 1}]')[1]] == ["f"]
+    for text in ("The weather is fine.", "[1, 2, 3]", '[{"name": "f"}]', "```json\n{\"a\": 1}\n```", "[not json"):
+        assert xlam.parse(text) == (text, []), text
+    assert xlam.plain_text_end("I will check.\n``") == len("I will check.\n")
+    assert xlam.plain_text_end('  [{"na') == 0 and xlam.plain_text_end("Sure.") == len("Sure.")
+    _forced_call_reads_back("xlam", b'[{"name": "f", "arguments": {"n": 2}}]')
+
+
+def test_olmo3_and_xlam_over_http_whole_and_streamed(tool_model_dir):
+    olmo = '<function_calls>\nget_weather(city="Oslo", days=3)\n</function_calls>'
+    _typed_call_over_http(tool_model_dir, "olmo3", olmo, {"city": "Oslo", "days": 3})
+    xlam = 'Checking.\n```json\n[{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}]\n```'
+    _typed_call_over_http(tool_model_dir, "xlam", xlam, {"city": "Oslo", "days": 3})
+
+
 def test_glm45_over_http_reads_the_request_s_types(tool_model_dir):
     glm = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>7</arg_value>\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"  # fmt: skip
     _typed_call_over_http(tool_model_dir, "glm45", glm, {"city": "7", "days": 3})  # (city: a string as written)

@@ -126,7 +126,7 @@ def test_credentials_for_any_origin_are_warned_of(chat_model_dir, caplog):
 # -- a `vllm serve` command line: the engine and server flags vLLM users pass ---------------------------
 VLLM_LINE = ["serve", "--model", "m", "--gpu-memory-utilization", "0.85", "--no-enable-prefix-caching", "--seed", "3",
              "--max-logprobs", "5", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "-tp", "1",
-             "--pipeline-parallel-size", "1", "--kv-cache-dtype", "auto", "--enforce-eager", "--enable-chunked-prefill",
+             "--pipeline-parallel-size", "1", "--kv-cache-dtype", "fp8", "--enforce-eager", "--enable-chunked-prefill",
              "--block-size", "32", "--disable-log-requests", "--disable-log-stats", "--uvicorn-log-level", "warning",
              "--trust-remote-code", "--response-role", "assistant",
              "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}']  # fmt: skip
@@ -136,12 +136,13 @@ def test_a_vllm_command_line_parses_and_reaches_the_engine_config():
     config = cli_engine_config(build_parser().parse_args(VLLM_LINE))
     assert (config.model, config.seed, config.max_logprobs) == ("m", 3, 5)
     assert (config.cache.gpu_memory_utilization, config.cache.enable_prefix_cache, config.cache.page_size) == (0.85, False, 32)
+    assert config.cache.kv_cache_dtype == "fp8"
     spec = config.speculative
     assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) == ("ngram", 5, 4, 4)
     defaults = cli_engine_config(build_parser().parse_args(["serve", "m"]))
     assert (defaults.seed, defaults.max_logprobs, defaults.cache.gpu_memory_utilization) == (None, 20, None)
     assert defaults.cache.enable_prefix_cache and defaults.cache.page_size == 16
-    assert defaults.speculative is None
+    assert defaults.speculative is None and defaults.cache.kv_cache_dtype == "auto"
     # generate's --seed stays a request's seed, not the engine's
     gen = build_parser().parse_args(["generate", "--prompt", "x", "--seed", "4", "--enable-prefix-caching"])
     assert gen.seed == 4 and cli_engine_config(gen).seed is None
@@ -150,7 +151,9 @@ def test_a_vllm_command_line_parses_and_reaches_the_engine_config():
 @pytest.mark.parametrize("flags, says", [
     (["-tp", "2"], "this engine runs one device"),
     (["--pipeline-parallel-size", "2"], "this engine runs one device"),
-    (["--kv-cache-dtype", "fp8"], "'fp8' is not supported: the device pool keeps the model's dtype"),
+    (["--calculate-kv-scales"], "--calculate-kv-scales: refused: FP8 pages (--kv-cache-dtype fp8) have a scale of 1"),
+    (["--kv-cache-dtype", "fp8_inc"], "'fp8_inc' is not supported: the pages hold the model's dtype, bfloat16 or FP8 "
+                                      "(fp8_inc is Intel Gaudi's"),
     (["--tool-call-parser", "deepseek_v3"], "supported: hermes, llama3_json, mistral, granite, phi4_mini_json, pythonic, qwen3_coder"),
     (["--no-enable-chunked-prefill"], "always chunks prefill"),
     (["--gpu-memory-utilization", "0"], "in (0, 1]"),
